@@ -1,0 +1,145 @@
+"""QEMU's option grammar: ``value,key=val,key=val`` with ``,,`` escaping a comma.
+
+Used by `appliance run`, `storage-daemon` and `net-daemon` so that every
+command takes QEMU's syntax exactly. Unknown keys are refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from appliance.errors import ConfigError
+
+
+class OptionDict(dict[str, str]):
+    """Parsed ``key=val`` pairs that remember which keys were consumed."""
+
+    def __init__(self, option: str, pairs: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.option = option
+        self.repeated: dict[str, list[str]] = {}
+        for k, v in pairs:
+            self.repeated.setdefault(k, []).append(v)
+            self[k] = v
+
+    def take(self, key: str, default: str | None = None) -> str | None:
+        return self.pop(key, default)
+
+    def take_all(self, key: str) -> list[str]:
+        self.pop(key, None)
+        return self.repeated.get(key, [])
+
+    def take_bool(self, key: str, default: bool = False) -> bool:
+        v = self.pop(key, None)
+        if v is None:
+            return default
+        return parse_bool(v, f"{self.option} {key}")
+
+    def take_int(self, key: str, default: int | None = None, *, minimum: int | None = None) -> int | None:
+        v = self.pop(key, None)
+        if v is None:
+            return default
+        try:
+            n = int(v, 0)
+        except ValueError:
+            raise ConfigError(f"{self.option}: '{key}' expects a number, got '{v}'") from None
+        if minimum is not None and n < minimum:
+            raise ConfigError(f"{self.option}: '{key}' must be at least {minimum}, got '{v}'")
+        return n
+
+    def require(self, key: str) -> str:
+        v = self.pop(key, None)
+        if v is None:
+            raise ConfigError(f"{self.option}: parameter '{key}' is missing")
+        return v
+
+    def finish(self) -> None:
+        """Refuse any key nobody consumed, naming it."""
+        if self:
+            key = next(iter(self))
+            raise ConfigError(f"{self.option}: invalid parameter '{key}'")
+
+
+def split_option(text: str) -> list[str]:
+    """Split on single commas; ``,,`` stands for a literal comma."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_option(
+    option: str, text: str, *, implied: str | None = None, flags: Iterable[str] = ()
+) -> OptionDict:
+    """Parse ``text`` of ``option`` (e.g. ``-drive``).
+
+    :param implied: key for a leading bare value (``-netdev tap,id=n0`` → ``type=tap``).
+    :param flags: keys allowed bare (``server`` → ``server=on``; ``nowait`` → ``wait=off``).
+    :raises ConfigError: on a malformed pair.
+    """
+    flagset = set(flags)
+    pairs: list[tuple[str, str]] = []
+    for idx, part in enumerate(split_option(text)):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            if not k:
+                raise ConfigError(f"{option}: invalid parameter '{part}'")
+            pairs.append((k, v))
+        elif idx == 0 and implied is not None:
+            pairs.append((implied, part))
+        elif part == "" and idx > 0:
+            continue
+        elif part in flagset:
+            pairs.append((part, "on"))
+        elif part.startswith("no") and part[2:] in flagset:
+            pairs.append((part[2:], "off"))
+        else:
+            raise ConfigError(f"{option}: invalid parameter '{part}'")
+    return OptionDict(option, pairs)
+
+
+_TRUE = {"on", "yes", "true", "y"}
+_FALSE = {"off", "no", "false", "n"}
+
+
+def parse_bool(value: str, what: str) -> bool:
+    v = value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{what}: '{value}' is not on or off")
+
+
+_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(value: str, what: str, *, default_suffix: str = "") -> int:
+    """Parse ``512M``, ``1G``, ``4096`` (QEMU size syntax; decimals allowed with a suffix)."""
+    v = value.strip()
+    if not v:
+        raise ConfigError(f"{what}: size is empty")
+    suffix = v[-1].lower() if v[-1].isalpha() else default_suffix.lower()
+    num = v[:-1] if v[-1].isalpha() else v
+    if suffix not in _SUFFIX:
+        raise ConfigError(f"{what}: invalid size '{value}'")
+    try:
+        n = float(num) if "." in num else int(num, 10)
+    except ValueError:
+        raise ConfigError(f"{what}: invalid size '{value}'") from None
+    if n < 0:
+        raise ConfigError(f"{what}: invalid size '{value}'")
+    return int(n * _SUFFIX[suffix])

@@ -1,0 +1,49 @@
+"""The FrameBackend protocol: the host side of one virtio-net queue pair.
+
+Implemented by taps and UDP/stream links (:mod:`appliance.net`) and by the
+user-mode stack (:mod:`appliance.nat`). It is a *pull* interface so the device
+only takes a frame when the guest has posted a buffer for it: with no rx
+buffers the device stops pulling, the backend's own bounded queue (or the
+kernel's tap queue) fills and drops, and memory stays bounded.
+
+When ``vnet_hdr_len`` is non-zero every frame in either direction starts with a
+``struct virtio_net_hdr_v1`` of that length (virtio 1.2 §5.1.6), so offloads
+pass through untouched; otherwise frames are plain Ethernet and the device
+must not negotiate offloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class FrameBackend(Protocol):
+    vnet_hdr_len: int
+
+    def set_ready_callback(self, ready: Callable[[], None]) -> None:
+        """Call ``ready()`` on the loop whenever ``recv_into`` may return a frame."""
+        ...
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        """Scatter the next frame into ``bufs`` without blocking.
+
+        :returns: the frame's length (which may exceed the buffers' total; the
+            excess is dropped and counted by the caller), or -1 when none is ready.
+        """
+        ...
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        """Gather one frame from ``bufs`` and send it without blocking.
+
+        :returns: False when the frame was dropped (backpressure or error).
+        """
+        ...
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        """Tell the backend which offloads the guest accepts on receive."""
+        ...
+
+    def close(self) -> None:
+        ...
