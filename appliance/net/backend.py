@@ -22,8 +22,12 @@ from typing import Protocol, runtime_checkable
 class FrameBackend(Protocol):
     vnet_hdr_len: int
 
-    def set_ready_callback(self, ready: Callable[[], None]) -> None:
-        """Call ``ready()`` on the loop whenever ``recv_into`` may return a frame."""
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        """Call ``ready()`` on the loop whenever ``recv_into`` may return a frame.
+
+        ``None`` stops the calls: a device with no rx buffers posted pauses its
+        backend this way instead of being woken for frames it cannot take.
+        """
         ...
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:

@@ -1,0 +1,84 @@
+"""Packet capture around any FrameBackend (``-object filter-dump``).
+
+The wrapper sees every frame the device sends and receives, strips the
+virtio-net header if the backend carries one, and appends the Ethernet frame to
+a pcap. Capture can be started and stopped while the VM runs (QMP). A capture
+target may be a regular file, a FIFO (Wireshark ``-k -i FIFO``) or a unix
+stream socket path that a reader is listening on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from appliance.net.backend import FrameBackend
+from appliance.net.errors import NetError
+from appliance.net.pcap import PcapWriter
+
+
+def open_capture(path: Path, *, maxlen: int = 65535) -> PcapWriter:
+    """Open ``path`` for capture: a unix socket is connected to, anything else written."""
+    try:
+        st = os.stat(path)
+        is_sock = stat.S_ISSOCK(st.st_mode)
+    except FileNotFoundError:
+        is_sock = False
+    try:
+        stream: BinaryIO
+        if is_sock:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(path))
+            stream = s.makefile("wb")
+            s.close()
+        else:
+            # A FIFO opens only when a reader is there, as with QEMU.
+            stream = open(path, "wb")  # noqa: SIM115 - owned by the writer
+    except OSError as err:
+        raise NetError(f"cannot open capture file '{path}'") from err
+    return PcapWriter(stream, snaplen=maxlen)
+
+
+class CapturingBackend:
+    """A FrameBackend that forwards to ``inner`` and records frames to ``writers``."""
+
+    def __init__(self, inner: FrameBackend) -> None:
+        self.inner = inner
+        self.writers: list[PcapWriter] = []
+
+    @property
+    def vnet_hdr_len(self) -> int:
+        return self.inner.vnet_hdr_len
+
+    def _record(self, bufs: Sequence[memoryview], length: int) -> None:
+        data = b"".join(bufs)[self.inner.vnet_hdr_len : length]
+        for w in self.writers:
+            w.write(data)
+        self.writers = [w for w in self.writers if not w.closed]
+
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        self.inner.set_ready_callback(ready)
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        n = self.inner.recv_into(bufs)
+        if n > 0 and self.writers:
+            self._record(bufs, min(n, sum(len(b) for b in bufs)))
+        return n
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        if self.writers:
+            self._record(bufs, sum(len(b) for b in bufs))
+        return self.inner.send(bufs)
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+        self.inner.close()

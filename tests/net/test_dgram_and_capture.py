@@ -1,0 +1,111 @@
+"""UDP links carry one frame per datagram; captures are pcaps tshark and scapy read."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import ARP, Ether
+from scapy.utils import rdpcap
+
+from appliance.net.capture import CapturingBackend, open_capture
+from appliance.net.dgram import DgramLink
+
+
+def free_udp_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+async def pull(link, timeout: float = 2.0) -> bytes:
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    buf = bytearray(2048)
+
+    def ready() -> None:
+        n = link.recv_into([memoryview(buf)])
+        if n > 0:
+            got.put_nowait(bytes(buf[:n]))
+
+    link.set_ready_callback(ready)
+    try:
+        return await asyncio.wait_for(got.get(), timeout)
+    finally:
+        link.set_ready_callback(None)
+
+
+async def test_two_udp_links_exchange_frames_both_ways() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    a = DgramLink(("127.0.0.1", pa), ("127.0.0.1", pb))
+    b = DgramLink(("127.0.0.1", pb), ("127.0.0.1", pa))
+    try:
+        f1 = bytes(Ether(src="52:54:00:00:00:01") / ARP(pdst="10.0.0.2"))
+        assert a.send([memoryview(f1[:10]), memoryview(f1[10:])])
+        assert await pull(b) == f1
+        f2 = bytes(Ether(src="52:54:00:00:00:02") / IP(dst="10.0.0.1") / ICMP())
+        assert b.send([memoryview(f2)])
+        assert await pull(a) == f2
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_datagrams_from_strangers_are_dropped_and_counted() -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    a = DgramLink(("127.0.0.1", pa), ("127.0.0.1", pb))
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        stranger.sendto(b"garbage" * 10, ("127.0.0.1", pa))
+        with pytest.raises(TimeoutError):
+            await pull(a, timeout=0.3)
+        assert a.rx_foreign == 1 and a.rx_frames == 0
+    finally:
+        stranger.close()
+        a.close()
+
+
+async def test_capture_holds_both_directions_in_order(tmp_path: Path) -> None:
+    pa, pb = free_udp_port(), free_udp_port()
+    a = CapturingBackend(DgramLink(("127.0.0.1", pa), ("127.0.0.1", pb)))
+    b = DgramLink(("127.0.0.1", pb), ("127.0.0.1", pa))
+    pcap = tmp_path / "cap.pcap"
+    a.writers.append(open_capture(pcap))
+    frames = [
+        bytes(Ether(src="52:54:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, psrc="10.0.0.1", pdst="10.0.0.2")),
+        bytes(Ether(src="52:54:00:00:00:02", dst="52:54:00:00:00:01") / ARP(op=2, psrc="10.0.0.2", pdst="10.0.0.1")),
+        bytes(Ether(src="52:54:00:00:00:01", dst="52:54:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8)),
+    ]
+    try:
+        assert a.send([memoryview(frames[0])])
+        assert await pull(b) == frames[0]
+        assert b.send([memoryview(frames[1])])
+        assert await pull(a) == frames[1]
+        assert a.send([memoryview(frames[2])])
+        assert await pull(b) == frames[2]
+    finally:
+        a.close()
+        b.close()
+    assert [bytes(p) for p in rdpcap(str(pcap))] == frames
+    if shutil.which("tshark"):
+        out = subprocess.run(
+            ["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.protocols"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        assert out == ["eth:ethertype:arp", "eth:ethertype:arp", "eth:ethertype:ip:icmp"]
+
+
+def test_capture_truncates_to_maxlen_and_keeps_original_length(tmp_path: Path) -> None:
+    pcap = tmp_path / "short.pcap"
+    w = open_capture(pcap, maxlen=64)
+    frame = bytes(Ether() / IP() / (b"z" * 500))
+    w.write(frame)
+    w.close()
+    (pkt,) = rdpcap(str(pcap))
+    assert len(bytes(pkt)) == 64 and pkt.wirelen == len(frame)
