@@ -80,7 +80,11 @@ async def test_capture_holds_both_directions_in_order(tmp_path: Path) -> None:
     frames = [
         bytes(Ether(src="52:54:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, psrc="10.0.0.1", pdst="10.0.0.2")),
         bytes(Ether(src="52:54:00:00:00:02", dst="52:54:00:00:00:01") / ARP(op=2, psrc="10.0.0.2", pdst="10.0.0.1")),
-        bytes(Ether(src="52:54:00:00:00:01", dst="52:54:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(type=8)),
+        bytes(
+            Ether(src="52:54:00:00:00:01", dst="52:54:00:00:00:02")
+            / IP(src="10.0.0.1", dst="10.0.0.2")
+            / ICMP(type=8)
+        ),
     ]
     try:
         assert a.send([memoryview(frames[0])])

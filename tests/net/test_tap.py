@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
@@ -56,7 +57,8 @@ async def test_kernel_answers_arp_and_ping_through_the_tap(vnet_hdr: bool) -> No
             assert reply[ARP].op == 2 and reply[ARP].psrc == "10.77.0.1"
             host_mac = reply[ARP].hwsrc
 
-            ping = Ether(src=GUEST_MAC, dst=host_mac) / IP(src="10.77.0.2", dst="10.77.0.1") / ICMP(id=7, seq=1) / (b"x" * 100)
+            ip = IP(src="10.77.0.2", dst="10.77.0.1")
+            ping = Ether(src=GUEST_MAC, dst=host_mac) / ip / ICMP(id=7, seq=1) / (b"x" * 100)
             assert q.send([memoryview(pre), memoryview(bytes(ping))])  # header and frame in two buffers
             echo = await answer(q, hdr, ICMP)
             assert echo[ICMP].type == 0 and echo[ICMP].id == 7 and bytes(echo[ICMP].payload) == b"x" * 100
