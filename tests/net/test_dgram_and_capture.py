@@ -26,17 +26,20 @@ def free_udp_port() -> int:
 
 
 async def pull(link, timeout: float = 2.0) -> bytes:
-    got: asyncio.Queue[bytes] = asyncio.Queue()
+    """Take one frame, pulling only while we want one (as a device with one rx buffer would)."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     buf = bytearray(2048)
 
     def ready() -> None:
+        if got.done():
+            return
         n = link.recv_into([memoryview(buf)])
         if n > 0:
-            got.put_nowait(bytes(buf[:n]))
+            got.set_result(bytes(buf[:n]))
 
     link.set_ready_callback(ready)
     try:
-        return await asyncio.wait_for(got.get(), timeout)
+        return await asyncio.wait_for(got, timeout)
     finally:
         link.set_ready_callback(None)
 
@@ -113,3 +116,71 @@ def test_capture_truncates_to_maxlen_and_keeps_original_length(tmp_path: Path) -
     w.close()
     (pkt,) = rdpcap(str(pcap))
     assert len(bytes(pkt)) == 64 and pkt.wirelen == len(frame)
+
+
+async def test_stream_link_frames_are_length_prefixed_like_qemu(tmp_path: Path) -> None:
+    from appliance.net.stream import StreamLink
+
+    path = str(tmp_path / "link.sock")
+    listener = StreamLink(path, listen=True)
+    await listener.start()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(path)
+    try:
+        frame = bytes(Ether(src="52:54:00:00:00:09") / IP(dst="10.9.9.9") / ICMP())
+        # Two frames in one write, then one split across writes: framing must hold.
+        peer.sendall(len(frame).to_bytes(4, "big") + frame + len(frame).to_bytes(4, "big") + frame)
+        assert await pull(listener) == frame
+        assert await pull(listener) == frame
+        blob = len(frame).to_bytes(4, "big") + frame
+        peer.sendall(blob[:7])
+        await asyncio.sleep(0.05)
+        peer.sendall(blob[7:])
+        assert await pull(listener) == frame
+        assert listener.send([memoryview(frame)])
+        peer.settimeout(2)
+        got = peer.recv(4 + len(frame), socket.MSG_WAITALL)
+        assert got == len(frame).to_bytes(4, "big") + frame
+    finally:
+        peer.close()
+        listener.close()
+
+
+async def test_stream_link_drops_a_peer_claiming_a_giant_frame(tmp_path: Path) -> None:
+    from appliance.net.stream import StreamLink
+
+    path = str(tmp_path / "bad.sock")
+    listener = StreamLink(path, listen=True)
+    await listener.start()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(path)
+    try:
+        peer.sendall((1 << 31).to_bytes(4, "big") + b"junk")
+        with pytest.raises(TimeoutError):
+            await pull(listener, timeout=0.3)
+        assert listener.rx_errors == 1 and listener.sock is None
+    finally:
+        peer.close()
+        listener.close()
+
+
+async def test_stream_connect_side_reaches_a_listener_started_later(tmp_path: Path) -> None:
+    from appliance.net.stream import StreamLink
+
+    path = str(tmp_path / "late.sock")
+    client = StreamLink(path, listen=False, reconnect=0.05)
+    await client.start()
+    await asyncio.sleep(0.1)
+    server = StreamLink(path, listen=True)
+    await server.start()
+    try:
+        for _ in range(100):
+            if client.sock is not None and server.sock is not None:
+                break
+            await asyncio.sleep(0.02)
+        frame = bytes(Ether() / ARP())
+        assert client.send([memoryview(frame)])
+        assert await pull(server) == frame
+    finally:
+        client.close()
+        server.close()
