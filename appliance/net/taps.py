@@ -19,7 +19,7 @@ class TapOwner:
 
 
 def _tun_fds(pid: str) -> list[int]:
-    fds = []
+    fds: list[int] = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
