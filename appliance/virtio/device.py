@@ -10,12 +10,15 @@ configured queues and one :class:`Interrupt` per queue.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from appliance.kvm.memory import GuestMemory
     from appliance.virtio.queue import Virtqueue
+
+_log = logging.getLogger(__name__)
 
 # virtio 1.2 §6: reserved feature bits common to all devices.
 VIRTIO_F_INDIRECT_DESC = 28
@@ -49,7 +52,9 @@ class VirtioDevice(abc.ABC):
     """
 
     device_id: ClassVar[int]
-    queue_sizes: ClassVar[tuple[int, ...]] = (256,)
+    # Maximum size of each queue; a device whose queue count is a constructor
+    # argument (virtio-blk num-queues) sets it per instance.
+    queue_sizes: tuple[int, ...] = (256,)
 
     def __init__(self) -> None:
         self.driver_features = 0
@@ -85,7 +90,7 @@ class VirtioDevice(abc.ABC):
         chunk = data[offset : offset + size]
         return chunk + bytes(size - len(chunk))
 
-    def write_config(self, offset: int, data: bytes) -> None:
+    def write_config(self, offset: int, data: bytes) -> None:  # noqa: B027
         """Most config fields are read-only; writes to them are ignored."""
 
     @abc.abstractmethod
@@ -94,16 +99,24 @@ class VirtioDevice(abc.ABC):
     ) -> None:
         """Start serving: ``queues[i]`` is set up, ``interrupts[i]`` signals it."""
 
-    def queue_notify(self, index: int) -> None:
+    def queue_notify(self, index: int) -> None:  # noqa: B027
         """The driver kicked queue ``index`` (called on the loop)."""
 
+    async def quiesce(self) -> None:  # noqa: B027
+        """Wait until no request is in flight (before guest memory is unmapped)."""
+
     def reset(self) -> None:
-        """Drop all queue state; the transport calls this on a status write of 0."""
+        """Drop all queue state; the transport calls this on a status write of 0.
+
+        Requests still in flight finish into guest memory but are not
+        returned to the (new) rings; await :meth:`quiesce` to wait for them.
+        """
         self.driver_features = 0
         self.needs_reset = False
 
     def fail(self, reason: str) -> None:
         """Mark the device broken (a ring-level impossibility): DEVICE_NEEDS_RESET."""
         if not self.needs_reset:
+            _log.warning("%s needs reset: %s", type(self).__name__, reason)
             self.needs_reset = True
             self.on_needs_reset()

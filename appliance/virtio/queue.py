@@ -1,0 +1,397 @@
+"""The split virtqueue, device side (virtio 1.2 §2.7).
+
+A :class:`Virtqueue` knows guest memory and the three ring areas, nothing of
+the device using it nor the transport that set it up. It hands out
+:class:`DescriptorChain` s that are already validated: every descriptor was
+copied out of guest memory exactly once, every buffer lies inside guest RAM,
+device-writable buffers follow device-readable ones, chains are bounded (so a
+loop cannot hang us) and indirect tables follow §2.7.5.3. A chain that breaks
+these rules is returned to the driver with a written length of 0 and counted
+(a dropped request); a ring that cannot be trusted any more (the avail index
+running more than the queue size ahead, a head index out of range) raises
+:class:`QueueError`, after which the queue stays dead until the device is
+reset and the owning device should call ``fail()``.
+
+Memory ordering. The driver runs on other CPUs while we read and write the
+rings. CPython gives no fences, but every ring access here is a single
+``struct`` load or store on an x86-64 host (TSO): loads are not reordered with
+loads, stores not with stores. So writing a used element before the used
+index publishes it in order (§2.7.8), and reading the avail index before the
+ring entries it covers sees them (§2.7.13). The one reordering x86 does allow,
+a later load passing an earlier store, matters where we store then check the
+other side's event index; there :func:`_full_fence` takes a lock, whose
+atomic read-modify-write is a full barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from appliance.kvm.memory import GuestMemory, GuestMemoryError
+from appliance.virtio.errors import ChainError, QueueError
+
+log = logging.getLogger(__name__)
+
+# virtio 1.2 §2.7.5: descriptor flags.
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# §2.7.6 / §2.7.8: ring flags.
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+# An indirect table longer than this is refused. Linux sizes its tables by the
+# device's seg_max (at most the queue size); 1024 matches QEMU's own ceiling.
+MAX_INDIRECT_DESCRIPTORS = 1024
+# A used element's length is a le32 (§2.7.8).
+_MAX_CHAIN_BYTES = 0xFFFF_FFFF
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+_fence_lock = threading.Lock()
+
+
+def _full_fence() -> None:
+    """A full memory barrier: the lock's atomic RMW orders our store before our next load."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class _RateLimitedLog:
+    """At most ``burst`` guest-error lines per ``period`` seconds, then a summary."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 5.0) -> None:
+        self._log = logger
+        self._burst = burst
+        self._period = period
+        self._window = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window > self._period:
+            if self._suppressed:
+                self._log.warning("%d similar guest errors suppressed", self._suppressed)
+            self._window, self._count, self._suppressed = now, 0, 0
+        if self._count < self._burst:
+            self._count += 1
+            self._log.warning(msg, *args)
+        else:
+            self._suppressed += 1
+
+
+guest_error_log = _RateLimitedLog(log)
+
+
+@dataclass(slots=True, eq=False)
+class DescriptorChain:
+    """One validated request from the driver.
+
+    :param head: index of the head descriptor, returned in the used ring.
+    :param descriptors: ``(addr, len, writable)`` of every data descriptor, in
+        chain order (indirect tables flattened).
+    :param readable: zero-copy views of the device-readable buffers (zero-length
+        ones omitted), in order.
+    :param writable: the same for device-writable buffers.
+    """
+
+    head: int
+    descriptors: list[tuple[int, int, bool]] = field(default_factory=list)
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+    readable_len: int = 0
+    writable_len: int = 0
+
+    def readable_views(self) -> list[memoryview]:
+        return self.readable
+
+    def writable_views(self) -> list[memoryview]:
+        return self.writable
+
+
+def _views(mem: GuestMemory, addr: int, length: int) -> list[memoryview]:
+    """Views covering ``[addr, addr+length)``, split only where regions touch.
+
+    :raises GuestMemoryError: when any byte lies outside guest RAM.
+    """
+    try:
+        return [mem.view(addr, length)]
+    except GuestMemoryError:
+        pass
+    # A buffer may straddle two adjacent regions (vhost-user front ends can
+    # hand us touching regions); anything else is outside RAM.
+    out: list[memoryview] = []
+    pos, remaining = addr, length
+    for r in mem.regions:
+        if r.start <= pos < r.end:
+            n = min(remaining, r.end - pos)
+            out.append(mem.view(pos, n))
+            pos += n
+            remaining -= n
+            if remaining == 0:
+                return out
+    raise GuestMemoryError(addr, length)
+
+
+class Virtqueue:
+    """Device side of one split virtqueue.
+
+    :param mem: guest memory; all ring and buffer accesses go through it.
+    :param size: queue size (a power of 2, at most 32768).
+    :param desc_addr: guest physical address of the descriptor table.
+    :param avail_addr: guest physical address of the driver (avail) ring.
+    :param used_addr: guest physical address of the device (used) ring.
+    :param event_idx: VIRTIO_RING_F_EVENT_IDX was negotiated.
+    :param indirect: VIRTIO_F_INDIRECT_DESC was negotiated.
+    :raises QueueError: When the size is invalid or a ring is misaligned or
+        not inside guest RAM (the transport then sets DEVICE_NEEDS_RESET).
+
+    The used index starts from what the used ring holds (0 for a fresh ring;
+    the previous value when a vhost-user back end reconnects), and so does the
+    next avail index to consume; vhost-user's SET_VRING_BASE overrides it
+    through :attr:`last_avail_idx`.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        # §2.7: descriptor table 16-byte, avail 2-byte, used 4-byte aligned.
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise QueueError("virtqueue ring is misaligned")
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        try:
+            self._desc = mem.view(desc_addr, 16 * size)
+            self._avail = mem.view(avail_addr, 6 + 2 * size)
+            self._used = mem.view(used_addr, 6 + 8 * size)
+        except GuestMemoryError as err:
+            raise QueueError("virtqueue ring lies outside guest memory") from err
+        self._mask = size - 1
+        self._used_event_off = 4 + 2 * size
+        self._avail_event_off = 4 + 8 * size
+        self._used_idx = _U16.unpack_from(self._used, 2)[0]
+        self._last_avail = self._used_idx
+        self._avail_seen = self._last_avail
+        self._signalled_used = self._used_idx
+        self._unsignalled = False
+        self.broken = False
+        self.invalid_chains = 0
+
+    # -- indices (vhost-user GET/SET_VRING_BASE) ---------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The next avail ring index the device will consume (free-running u16)."""
+        return self._last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        self._last_avail = value & 0xFFFF
+        self._avail_seen = self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        """The used index the device last published."""
+        return self._used_idx
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        self._used_idx = value & 0xFFFF
+        self._signalled_used = self._used_idx
+        _U16.pack_into(self._used, 2, self._used_idx)
+
+    def avail_idx(self) -> int:
+        """The driver's current avail index (a fresh read of guest memory)."""
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    # -- consuming requests ------------------------------------------------
+
+    def has_available(self) -> bool:
+        return not self.broken and self.avail_idx() != self._last_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next valid chain, or ``None`` when the driver has offered nothing more.
+
+        Malformed chains are returned to the driver (used length 0), counted in
+        :attr:`invalid_chains` and skipped.
+
+        :raises QueueError: When the ring is broken (avail index too far ahead,
+            head index out of range); the queue is dead from then on.
+        """
+        while not self.broken:
+            if self._last_avail == self._avail_seen:
+                # Guest-controlled: the avail index; it may only run ahead of
+                # what we consumed by at most the queue size (§2.7.13.3).
+                self._avail_seen = int(_U16.unpack_from(self._avail, 2)[0])
+                pending = (self._avail_seen - self._last_avail) & 0xFFFF
+                if pending == 0:
+                    return None
+                if pending > self.size:
+                    self.broken = True
+                    raise QueueError(
+                        f"avail index {self._avail_seen} is {pending} entries ahead of "
+                        f"{self._last_avail} in a queue of {self.size}"
+                    )
+            slot = self._last_avail & self._mask
+            head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+            self._last_avail = (self._last_avail + 1) & 0xFFFF
+            if head >= self.size:
+                self.broken = True
+                raise QueueError(f"avail ring names descriptor {head} in a queue of {self.size}")
+            try:
+                return self._walk(head)
+            except ChainError as err:
+                self.invalid_chains += 1
+                guest_error_log.warning("virtqueue: dropping request: %s", err)
+                self.push_used(head, 0)
+        return None
+
+    def _walk(self, head: int) -> DescriptorChain:
+        chain = DescriptorChain(head)
+        descs = chain.descriptors
+        readable, writable = chain.readable, chain.writable
+        mem = self.mem
+        table = self._desc
+        table_len = self.size
+        idx = head
+        visited = 0
+        in_indirect = False
+        rlen = wlen = 0
+        while True:
+            visited += 1
+            if visited > table_len:
+                raise ChainError("descriptor chain is longer than its table (a loop?)", head=head)
+            # Guest-controlled: one copy of the descriptor, validated below.
+            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                # §2.7.5.3.1: only with the feature, never inside an indirect
+                # table, never together with NEXT; its WRITE flag is ignored.
+                if not self.indirect:
+                    raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC", head=head)
+                if in_indirect:
+                    raise ChainError("nested indirect descriptor table", head=head)
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise ChainError("indirect descriptor also has NEXT set", head=head)
+                if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_DESCRIPTORS:
+                    raise ChainError(f"indirect table of {length} bytes", head=head)
+                try:
+                    table = mem.view(addr, length)
+                except GuestMemoryError:
+                    raise ChainError("indirect table outside guest memory", head=head) from None
+                table_len = length // 16
+                in_indirect = True
+                idx = 0
+                visited = 0
+                continue
+            if length:
+                try:
+                    views = _views(mem, addr, length)
+                except GuestMemoryError:
+                    raise ChainError(
+                        f"buffer {addr:#x}+{length:#x} outside guest memory", head=head
+                    ) from None
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.extend(views)
+                    wlen += length
+                else:
+                    # §2.7.4.2: device-writable buffers come after device-readable ones.
+                    if writable:
+                        raise ChainError("device-readable buffer after a writable one", head=head)
+                    readable.extend(views)
+                    rlen += length
+            elif not flags & VIRTQ_DESC_F_WRITE and writable:
+                raise ChainError("device-readable buffer after a writable one", head=head)
+            descs.append((addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= table_len:
+                raise ChainError(f"next descriptor {nxt} outside a table of {table_len}", head=head)
+            idx = nxt
+        if rlen > _MAX_CHAIN_BYTES or wlen > _MAX_CHAIN_BYTES:
+            raise ChainError("descriptor chain is larger than 4 GiB", head=head)
+        chain.readable_len = rlen
+        chain.writable_len = wlen
+        return chain
+
+    # -- completing requests -----------------------------------------------
+
+    def push_used(self, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver, saying ``written`` bytes were written.
+
+        The element is stored before the index that publishes it; on x86-64
+        stores stay in program order, so the driver never sees the new index
+        without the element (§2.7.8, §2.7.14 "used buffer notification").
+        """
+        if self.broken:
+            return
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (self._used_idx & self._mask), head, written)
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, 2, self._used_idx)
+        self._unsignalled = True
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call.
+
+        With EVENT_IDX, the driver asks to be told once the used index passes
+        its ``used_event`` (§2.7.10); otherwise it may set NO_INTERRUPT
+        (§2.7.7). Returns False when nothing was pushed since the last call.
+        """
+        if not self._unsignalled or self.broken:
+            return False
+        self._unsignalled = False
+        # Our used-idx store must be visible before we read the driver's
+        # used_event/flags, or we could miss the interrupt it asks for.
+        _full_fence()
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            new, old = self._used_idx, self._signalled_used
+            self._signalled_used = new
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        flags = _U16.unpack_from(self._avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def set_avail_event(self, value: int) -> None:
+        """Ask the driver to kick once the avail index passes ``value`` (EVENT_IDX only)."""
+        if self.event_idx and not self.broken:
+            _U16.pack_into(self._used, self._avail_event_off, value & 0xFFFF)
+
+    def enable_notification(self) -> bool:
+        """Re-arm driver kicks after draining; returns True if more requests already came.
+
+        With EVENT_IDX the avail event is moved to the next index we will
+        consume; the driver may have added requests before seeing it, so the
+        avail index is read again after a fence (§2.7.10).
+        """
+        if self.broken:
+            return False
+        if self.event_idx:
+            _U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+            _full_fence()
+        return self.avail_idx() != self._last_avail
+
+    def close(self) -> None:
+        """Let go of the ring views (before guest memory is unmapped)."""
+        self.broken = True
+        for v in (self._desc, self._avail, self._used):
+            v.release()

@@ -1,0 +1,59 @@
+"""virtio-rng through the fake driver."""
+
+from __future__ import annotations
+
+from appliance.virtio.rng import MAX_BYTES_PER_REQUEST, VirtioRng
+from appliance.virtio.testing import WRITE, FakeDriver
+
+
+def test_fills_writable_buffers_with_random_bytes() -> None:
+    rng = VirtioRng()
+    drv = FakeDriver(rng)
+    drv.activate()
+    buf = drv.alloc(64)
+    buf2 = drv.alloc(64)
+    head = drv.queues[0].add_chain([(buf, 32, WRITE), (buf2, 64, WRITE)])
+    drv.kick(0)
+    assert drv.queues[0].used() == [(head, 96)]
+    assert drv.mem.read(buf, 32) != bytes(32)
+    assert drv.mem.read(buf2, 64) != bytes(64)
+    assert drv.interrupts[0].count == 1
+    rng.close()
+
+
+def test_reads_from_the_named_file(tmp_path) -> None:
+    src = tmp_path / "entropy"
+    src.write_bytes(b"\xab" * 100)
+    rng = VirtioRng(str(src))
+    drv = FakeDriver(rng)
+    drv.activate()
+    buf = drv.alloc(16)
+    drv.queues[0].add_chain([(buf, 16, WRITE)])
+    drv.kick(0)
+    assert drv.mem.read(buf, 16) == b"\xab" * 16
+    rng.close()
+
+
+def test_readable_only_chain_gets_zero_bytes_and_huge_request_is_capped() -> None:
+    rng = VirtioRng()
+    drv = FakeDriver(rng, mem_size=1 << 20)
+    drv.activate()
+    small = drv.alloc(16)
+    big = drv.alloc(MAX_BYTES_PER_REQUEST * 2)
+    h1 = drv.queues[0].add_chain([(small, 16, 0)])
+    h2 = drv.queues[0].add_chain([(big, MAX_BYTES_PER_REQUEST * 2, WRITE)])
+    drv.kick(0)
+    assert drv.queues[0].used() == [(h1, 0), (h2, MAX_BYTES_PER_REQUEST)]
+    rng.close()
+
+
+def test_broken_ring_sets_needs_reset() -> None:
+    rng = VirtioRng()
+    resets = []
+    rng.on_needs_reset = lambda: resets.append(1)
+    drv = FakeDriver(rng, queue_size=16)
+    drv.activate()
+    drv.queues[0].set_avail_idx(100)
+    drv.kick(0)
+    assert rng.needs_reset and resets == [1]
+    rng.close()
