@@ -1,0 +1,596 @@
+"""The glue that turns a :class:`VirtioDevice` into a vhost-user back end.
+
+The front end (QEMU) owns the virtio transport: it negotiates features with
+the guest and hands us the result, shares guest RAM as fds (SET_MEM_TABLE), and
+describes each ring by its user-space addresses plus a kick eventfd (the guest's
+notifications) and a call eventfd (our interrupts). This class keeps that state
+per ring, maps the memory into a :class:`GuestMemory`, and whenever the set of
+started rings changes it (re)activates the device with fresh
+:class:`Virtqueue` objects — the device never learns it is not on PCI.
+
+Ring life cycle (vhost-user.rst "Ring states"): a ring starts when its kick fd
+arrives and stops on GET_VRING_BASE, which answers with the next avail index to
+process. Enable/disable is tracked but, for a block device, a started ring is
+always served: nothing QEMU does leaves a disabled ring with guest requests.
+
+Everything here runs on the event loop. Messages are handled one at a time, so
+no locking is needed; fds we receive are ours to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.kvm.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from appliance.virtio.device import (
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VirtioDevice,
+)
+from appliance.virtio.errors import QueueError
+from appliance.virtio.queue import Virtqueue
+from appliance.virtio.vhost_user import protocol as p
+from appliance.virtio.vhost_user.errors import MemoryMapError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+# What we offer on top of the device's own needs. CONFIGURE_MEM_SLOTS,
+# INFLIGHT_SHMFD, LOG_SHMFD and BACKEND_REQ stay off: QEMU 7.2's vhost-user-blk
+# needs only CONFIG (it refuses to start without it) and MQ for num-queues > 1.
+PROTOCOL_FEATURES = (
+    (1 << p.ProtocolFeature.MQ)
+    | (1 << p.ProtocolFeature.REPLY_ACK)
+    | (1 << p.ProtocolFeature.CONFIG)
+)
+
+MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7: split ring sizes are powers of two up to 32768.
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@dataclass
+class RingState:
+    """What the front end told us about one ring, plus counters."""
+
+    index: int
+    num: int = 0
+    addr: p.VringAddr | None = None
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    enabled: bool = False
+    started: bool = False
+    kicks: int = 0
+    interrupts: int = 0
+
+    def close_fds(self) -> None:
+        for name in ("kick", "call", "err"):
+            _close(getattr(self, name))
+            setattr(self, name, -1)
+
+
+class CallInterrupt:
+    """Signals one ring through whatever call eventfd the front end set last.
+
+    QEMU swaps a ring's call fd at run time (MSI-X vector masking), so the fd
+    is looked up on every notification instead of being captured once.
+    """
+
+    def __init__(self, ring: RingState) -> None:
+        self._ring = ring
+
+    def notify(self) -> None:
+        fd = self._ring.call
+        if fd < 0:
+            return
+        self._ring.interrupts += 1
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as err:
+            # A full or closed eventfd is the front end's problem; never raise into the device.
+            log.debug("call eventfd write failed on ring %d: %s", self._ring.index, err)
+
+
+def map_regions(regions: Sequence[p.MemRegion], fds: Sequence[int]) -> GuestMemory:
+    """Map each region from its fd into a new :class:`GuestMemory`.
+
+    The fds are not closed here (mmap keeps its own reference).
+
+    :raises MemoryMapError: when an fd cannot be mapped, an offset is unaligned,
+        or regions overlap.
+    """
+    mem = GuestMemory()
+    try:
+        for region, fd in zip(regions, fds, strict=True):
+            if region.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                raise MemoryMapError(f"mmap offset {region.mmap_offset:#x} is not page aligned")
+            try:
+                buf = mmap.mmap(
+                    fd,
+                    region.size,
+                    flags=mmap.MAP_SHARED,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=region.mmap_offset,
+                )
+            except (OSError, ValueError, OverflowError) as err:
+                raise MemoryMapError(
+                    f"cannot map region at {region.guest_addr:#x} ({region.size:#x} bytes)"
+                ) from err
+            try:
+                mem.add_region(MemoryRegion(region.guest_addr, buf, user_addr=region.user_addr))
+            except ValueError as err:
+                buf.close()
+                raise MemoryMapError("memory regions overlap") from err
+    except BaseException:
+        unmap(mem)
+        raise
+    return mem
+
+
+def unmap(mem: GuestMemory) -> None:
+    """Release a mapped memory table.
+
+    A region still exported to an in-flight I/O cannot be closed now; dropping
+    our references lets the mmap go when that I/O's memoryview does.
+    """
+    for r in mem.regions:
+        try:
+            r.view.release()
+            if isinstance(r.buf, mmap.mmap):
+                r.buf.close()
+        except BufferError:
+            log.debug("region at %#x still in use; unmapping when released", r.start)
+    try:
+        mem.close()
+    except BufferError:
+        pass
+
+
+@dataclass
+class Reply:
+    """What a handler answers: a payload for the request's own reply, or an ack."""
+
+    payload: bytes | None = None
+
+
+@dataclass
+class _Connection:
+    features: int = 0
+    protocol_features: int = 0
+    features_set: bool = False
+    owner: bool = False
+    mem: GuestMemory | None = None
+    rings: list[RingState] = field(default_factory=list)
+
+
+class VhostUserBackend:
+    """Serves one :class:`VirtioDevice` to one front end at a time.
+
+    :param device: the device model; it is activated with queues built from
+        the front end's rings and reset when the front end goes away.
+    :param num_queues: how many queues to announce (GET_QUEUE_NUM); defaults
+        to the device's queue count.
+    """
+
+    def __init__(self, device: VirtioDevice, *, num_queues: int | None = None) -> None:
+        self.device = device
+        self.num_queues = device.num_queues if num_queues is None else num_queues
+        self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
+        self._active: tuple[int, ...] = ()
+        self._queues: list[Virtqueue] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.errors = 0
+        device.on_needs_reset = self._signal_error
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def rings(self) -> tuple[RingState, ...]:
+        return tuple(self._c.rings)
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        return self._c.mem
+
+    @property
+    def active_queues(self) -> tuple[int, ...]:
+        """Indices of the rings the device is currently serving."""
+        return self._active
+
+    # -- message dispatch ----------------------------------------------------
+
+    async def handle(self, header: p.Header, payload: bytes, fds: list[int]) -> bytes | None:
+        """Handle one message; returns the framed reply to send, if any.
+
+        Takes ownership of ``fds``. Never raises for a bad message: the error
+        becomes a failed ack (if one was asked for) and a log line.
+
+        :raises ProtocolError: only with ``fatal`` set, when the connection must drop.
+        """
+        self._loop = asyncio.get_running_loop()
+        fds = list(fds)
+        try:
+            value = p.decode(header.request, payload)
+            handler = _HANDLERS[p.Request(header.request)]
+            reply: Reply | None = await handler(self, value, fds)
+            status = 0
+        except ProtocolError as err:
+            if err.fatal:
+                raise
+            self.errors += 1
+            log.warning("vhost-user request %s refused: %s", _name(header.request), err)
+            reply, status = None, 1
+        except (MemoryMapError, GuestMemoryError) as err:
+            self.errors += 1
+            log.warning("vhost-user request %s failed: %s", _name(header.request), err)
+            reply, status = None, 1
+        finally:
+            for fd in fds:
+                _close(fd)
+        return self._answer(header, reply, status)
+
+    def refuse(self, header: p.Header, reason: str) -> bytes | None:
+        """The reply for a message refused before decoding (e.g. too many fds)."""
+        self.errors += 1
+        log.warning("vhost-user request %s refused: %s", _name(header.request), reason)
+        return self._answer(header, None, 1)
+
+    def _answer(self, header: p.Header, reply: Reply | None, status: int) -> bytes | None:
+        if reply is not None and reply.payload is not None:
+            return p.encode(header.request, reply.payload)
+        if header.request in p.REPLYING:
+            # A request that must be answered but failed: the front end treats
+            # a reply of the wrong size as an error, which is what this is.
+            if status:
+                return p.encode(header.request, b"")
+        if header.need_reply:
+            # Even without REPLY_ACK negotiated: a front end that asked is waiting.
+            return p.encode(header.request, p.u64(status))
+        return None
+
+    # -- features ------------------------------------------------------------
+
+    def offered_features(self) -> int:
+        return self.device.device_features() | 1 << p.VHOST_USER_F_PROTOCOL_FEATURES
+
+    async def _get_features(self, _v: object, _fds: list[int]) -> Reply:
+        return Reply(p.u64(self.offered_features()))
+
+    async def _set_features(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, int)
+        offered = self.offered_features()
+        if value & ~offered:
+            raise ProtocolError(f"features {value & ~offered:#x} were not offered")
+        self._c.features = value
+        self._c.features_set = True
+        self.device.ack_features(value & ~(1 << p.VHOST_USER_F_PROTOCOL_FEATURES))
+        if not value >> p.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            # "Ring states": without protocol features every ring is enabled at once.
+            for ring in self._c.rings:
+                ring.enabled = True
+
+    async def _get_protocol_features(self, _v: object, _fds: list[int]) -> Reply:
+        return Reply(p.u64(PROTOCOL_FEATURES))
+
+    async def _set_protocol_features(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, int)
+        if value & ~PROTOCOL_FEATURES:
+            raise ProtocolError(f"protocol features {value & ~PROTOCOL_FEATURES:#x} were not offered")
+        self._c.protocol_features = value
+
+    async def _get_queue_num(self, _v: object, _fds: list[int]) -> Reply:
+        return Reply(p.u64(self.num_queues))
+
+    async def _set_owner(self, _v: object, _fds: list[int]) -> None:
+        self._c.owner = True
+
+    async def _reset_owner(self, _v: object, _fds: list[int]) -> None:
+        await self.reset()
+
+    # -- memory --------------------------------------------------------------
+
+    async def _set_mem_table(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, tuple)
+        regions: tuple[p.MemRegion, ...] = value
+        if len(fds) != len(regions):
+            raise ProtocolError(f"SET_MEM_TABLE has {len(regions)} regions but {len(fds)} fds")
+        new = map_regions(regions, fds)
+        # Rings are rebuilt on the new table: their addresses are user
+        # addresses, which stay valid when the table changes (hotplug).
+        await self._deactivate()
+        old, self._c.mem = self._c.mem, new
+        if old is not None:
+            unmap(old)
+        await self._reconcile()
+
+    # -- rings ---------------------------------------------------------------
+
+    def _ring(self, index: int) -> RingState:
+        if index >= len(self._c.rings):
+            raise ProtocolError(f"ring {index} does not exist")
+        return self._c.rings[index]
+
+    async def _set_vring_num(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.VringState)
+        ring = self._ring(value.index)
+        n = value.num
+        if n == 0 or n > MAX_QUEUE_SIZE or n & (n - 1):
+            raise ProtocolError(f"ring size {n} is not a power of two up to 32768")
+        ring.num = n
+
+    async def _set_vring_addr(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.VringAddr)
+        ring = self._ring(value.index)
+        ring.addr = value
+        if ring.started:
+            # Moving a live ring (QEMU does this only around logging): rebuild it.
+            await self._deactivate()
+            await self._reconcile()
+
+    async def _set_vring_base(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.VringState)
+        ring = self._ring(value.index)
+        if value.num > 0xFFFF:
+            raise ProtocolError(f"ring base {value.num} does not fit a split ring index")
+        ring.base = value.num
+
+    async def _get_vring_base(self, value: object, _fds: list[int]) -> Reply:
+        assert isinstance(value, p.VringState)
+        ring = self._ring(value.index)
+        if value.index in self._active:
+            await self._deactivate()
+        self._stop_ring(ring)
+        await self._reconcile()
+        return Reply(p.vring_state(ring.index, ring.base))
+
+    async def _set_vring_kick(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, p.VringFd)
+        ring = self._ring(value.index)
+        fd = self._take_fd(value, fds)
+        if ring.kick >= 0:
+            self._unwatch(ring)
+            _close(ring.kick)
+            ring.kick = -1
+        if fd < 0:
+            raise ProtocolError("polling rings (no kick fd) are not supported")
+        os.set_blocking(fd, False)
+        try:
+            asyncio.get_running_loop().add_reader(fd, self._on_kick, ring)
+        except (OSError, ValueError) as err:
+            _close(fd)
+            raise ProtocolError(f"kick fd for ring {ring.index} cannot be watched") from err
+        ring.kick = fd
+        ring.started = True
+        await self._reconcile()
+
+    async def _set_vring_call(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, p.VringFd)
+        ring = self._ring(value.index)
+        fd = self._take_fd(value, fds)
+        _close(ring.call)
+        ring.call = fd
+
+    async def _set_vring_err(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, p.VringFd)
+        ring = self._ring(value.index)
+        fd = self._take_fd(value, fds)
+        _close(ring.err)
+        ring.err = fd
+
+    async def _set_vring_enable(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.VringState)
+        ring = self._ring(value.index)
+        if value.num > 1:
+            raise ProtocolError(f"SET_VRING_ENABLE value {value.num} is not 0 or 1")
+        ring.enabled = bool(value.num)
+
+    @staticmethod
+    def _take_fd(value: p.VringFd, fds: list[int]) -> int:
+        if value.nofd:
+            return -1
+        if len(fds) != 1:
+            raise ProtocolError(f"expected one fd, got {len(fds)}")
+        fd = fds.pop()
+        try:
+            os.fstat(fd)
+        except OSError as err:
+            raise ProtocolError("received fd is not open") from err
+        return fd
+
+    # -- config --------------------------------------------------------------
+
+    async def _get_config(self, value: object, _fds: list[int]) -> Reply:
+        assert isinstance(value, p.ConfigAccess)
+        data = self.device.read_config(value.offset, value.size)
+        return Reply(p.config(value.offset, value.size, value.flags, bytes(data[: value.size])))
+
+    async def _set_config(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.ConfigAccess)
+        self.device.write_config(value.offset, value.data)
+
+    # -- refused -------------------------------------------------------------
+
+    async def _refuse(self, _v: object, _fds: list[int]) -> None:
+        raise ProtocolError("not supported by this back end")
+
+    # -- kicks, activation ---------------------------------------------------
+
+    def _on_kick(self, ring: RingState) -> None:
+        try:
+            os.eventfd_read(ring.kick)
+        except BlockingIOError:
+            return
+        except OSError:
+            # The fd went bad under us; stop watching rather than spin.
+            self._unwatch(ring)
+            return
+        ring.kicks += 1
+        if ring.index in self._active:
+            try:
+                self.device.queue_notify(ring.index)
+            except Exception:  # the device must not take the loop down
+                log.exception("device failed handling a notify on queue %d", ring.index)
+                self.device.fail("notify handler raised")
+
+    def _unwatch(self, ring: RingState) -> None:
+        if ring.kick >= 0 and self._loop is not None:
+            try:
+                self._loop.remove_reader(ring.kick)
+            except (OSError, ValueError):
+                pass
+
+    def _stop_ring(self, ring: RingState) -> None:
+        self._unwatch(ring)
+        ring.close_fds()
+        ring.started = False
+
+    def _wanted(self) -> tuple[int, ...]:
+        """The contiguous run of started, fully described rings from ring 0."""
+        out: list[int] = []
+        if self._c.mem is None:
+            return ()
+        for ring in self._c.rings:
+            if not (ring.started and ring.addr is not None and ring.num):
+                break
+            out.append(ring.index)
+        return tuple(out)
+
+    async def _deactivate(self) -> None:
+        """Quiesce the device and save each live ring's next avail index."""
+        if not self._active:
+            return
+        await self.device.quiesce()
+        for i, q in zip(self._active, self._queues, strict=True):
+            self._c.rings[i].base = int(q.last_avail_idx) & 0xFFFF
+            q.close()
+        self._active = ()
+        self._queues = []
+        self.device.reset()
+        if self._c.features_set:
+            self.device.ack_features(self._c.features & ~(1 << p.VHOST_USER_F_PROTOCOL_FEATURES))
+
+    async def _reconcile(self) -> None:
+        wanted = self._wanted()
+        if wanted == self._active:
+            return
+        await self._deactivate()
+        if not wanted:
+            return
+        mem = self._c.mem
+        assert mem is not None
+        try:
+            queues = [self._build_queue(mem, self._c.rings[i]) for i in wanted]
+        except (GuestMemoryError, QueueError) as err:
+            # Rings that do not lie in the shared memory: leave the device idle.
+            raise ProtocolError("a ring lies outside the memory table") from err
+        interrupts = [CallInterrupt(self._c.rings[i]) for i in wanted]
+        self.device.activate(mem, queues, interrupts)
+        self._queues = queues
+        self._active = wanted
+        # Pick up anything the driver queued while the ring was not served.
+        for i in wanted:
+            try:
+                self.device.queue_notify(i)
+            except Exception:
+                log.exception("device failed its first notify on queue %d", i)
+                self.device.fail("notify handler raised")
+
+    def _build_queue(self, mem: GuestMemory, ring: RingState) -> Virtqueue:
+        addr = ring.addr
+        assert addr is not None
+        n = ring.num
+        desc = mem.translate_user(addr.desc, 16 * n)
+        avail = mem.translate_user(addr.avail, 6 + 2 * n)
+        used = mem.translate_user(addr.used, 6 + 8 * n)
+        q = Virtqueue(
+            mem,
+            n,
+            desc,
+            avail,
+            used,
+            event_idx=self.device.has_feature(VIRTIO_F_EVENT_IDX),
+            indirect=self.device.has_feature(VIRTIO_F_INDIRECT_DESC),
+        )
+        # The used index continues from what the ring holds; the avail index
+        # from what the front end says (SET_VRING_BASE).
+        q.last_avail_idx = ring.base
+        return q
+
+    def _signal_error(self) -> None:
+        for ring in self._c.rings:
+            if ring.err >= 0:
+                try:
+                    os.eventfd_write(ring.err, 1)
+                except OSError:
+                    pass
+
+    # -- teardown ------------------------------------------------------------
+
+    async def reset(self) -> None:
+        """Stop every ring and forget the negotiation (RESET_OWNER, disconnect)."""
+        await self._deactivate()
+        for ring in self._c.rings:
+            self._stop_ring(ring)
+        self.device.reset()
+        if self._c.mem is not None:
+            unmap(self._c.mem)
+        self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
+
+    async def disconnect(self) -> None:
+        """The front end went away: stop rings, unmap memory, be ready for the next one."""
+        try:
+            await self.reset()
+        except Exception:
+            log.exception("error while cleaning up after a front end")
+
+
+def _name(request: int) -> str:
+    try:
+        return p.Request(request).name
+    except ValueError:
+        return str(request)
+
+
+_Handler = Any
+_HANDLERS: dict[p.Request, _Handler] = {
+    p.Request.GET_FEATURES: VhostUserBackend._get_features,
+    p.Request.SET_FEATURES: VhostUserBackend._set_features,
+    p.Request.GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
+    p.Request.SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
+    p.Request.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
+    p.Request.SET_OWNER: VhostUserBackend._set_owner,
+    p.Request.RESET_OWNER: VhostUserBackend._reset_owner,
+    p.Request.SET_MEM_TABLE: VhostUserBackend._set_mem_table,
+    p.Request.SET_VRING_NUM: VhostUserBackend._set_vring_num,
+    p.Request.SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
+    p.Request.SET_VRING_BASE: VhostUserBackend._set_vring_base,
+    p.Request.GET_VRING_BASE: VhostUserBackend._get_vring_base,
+    p.Request.SET_VRING_KICK: VhostUserBackend._set_vring_kick,
+    p.Request.SET_VRING_CALL: VhostUserBackend._set_vring_call,
+    p.Request.SET_VRING_ERR: VhostUserBackend._set_vring_err,
+    p.Request.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
+    p.Request.GET_CONFIG: VhostUserBackend._get_config,
+    p.Request.SET_CONFIG: VhostUserBackend._set_config,
+    # We never offer VHOST_F_LOG_ALL or LOG_SHMFD, so logging is refused.
+    p.Request.SET_LOG_BASE: VhostUserBackend._refuse,
+    p.Request.SET_LOG_FD: VhostUserBackend._refuse,
+    p.Request.RESET_DEVICE: VhostUserBackend._reset_owner,
+    p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._refuse,
+    p.Request.ADD_MEM_REG: VhostUserBackend._refuse,
+    p.Request.REM_MEM_REG: VhostUserBackend._refuse,
+    p.Request.SET_STATUS: VhostUserBackend._refuse,
+    p.Request.GET_STATUS: VhostUserBackend._refuse,
+}

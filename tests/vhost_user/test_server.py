@@ -1,0 +1,290 @@
+"""The vhost-user server and back end against a Python front end.
+
+The front end shares a memfd as guest RAM, lays out rings with the fake guest
+driver and speaks the protocol over the unix socket, including the malformed
+messages, bad fds and abrupt disconnects a real front end might produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from appliance.virtio.testing import WRITE
+from appliance.virtio.vhost_user import VhostUserBackend, VhostUserServer
+from appliance.virtio.vhost_user import protocol as p
+from tests.vhost_user.device import UpperDevice
+from tests.vhost_user.frontend import FrontEnd
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[VhostUserServer, UpperDevice, str]]:
+    dev = UpperDevice(num_queues=2)
+    server = VhostUserServer(tmp_path / "vu.sock", VhostUserBackend(dev))
+    await server.start()
+    yield server, dev, str(server.path)
+    await server.close()
+
+
+async def _until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+async def _roundtrip(fe: FrontEnd, index: int, text: bytes) -> bytes:
+    q = fe.queues[index]
+    src = fe.alloc(len(text))
+    dst = fe.alloc(len(text))
+    fe.mem.write(src, text)
+    head = q.add_chain([(src, len(text), 0), (dst, len(text), WRITE)])
+    fe.kick(index)
+    await fe.wait_call(index)
+    assert q.used() == [(head, len(text))]
+    return fe.mem.read(dst, len(text))
+
+
+async def test_negotiation_offers_protocol_features_mq_and_config(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    feats = int.from_bytes(await fe.call(p.Request.GET_FEATURES), "little")
+    assert feats >> p.VHOST_USER_F_PROTOCOL_FEATURES & 1
+    assert feats & dev.device_features() == dev.device_features()
+    proto = int.from_bytes(await fe.call(p.Request.GET_PROTOCOL_FEATURES), "little")
+    for bit in (p.ProtocolFeature.MQ, p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.CONFIG):
+        assert proto >> bit & 1
+    assert not proto >> p.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
+    fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(proto))
+    assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+    body = await fe.call(p.Request.GET_CONFIG, p.config(0, 8))
+    assert body == p.config(0, 8, 0, b"UPPERCFG")
+    assert await fe.acked(p.Request.SET_CONFIG, p.config(0, 2, 0, b"up")) == 0
+    assert dev.config == bytearray(b"upPERCFG")
+    fe.close()
+
+
+async def test_requests_flow_through_both_rings_with_interrupts(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0)
+    await fe.start_ring(1)
+    assert server.backend.active_queues == (0, 1)
+    assert await _roundtrip(fe, 0, b"hello ring zero") == b"HELLO RING ZERO"
+    assert await _roundtrip(fe, 1, b"and ring one") == b"AND RING ONE"
+    assert dev.requests == [1, 1]
+    assert [r.kicks for r in server.backend.rings] == [1, 1]
+    fe.close()
+
+
+async def test_unknown_request_gets_a_failed_ack_and_the_session_continues(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    assert await fe.acked(999, b"junk") != 0
+    assert await fe.acked(p.Request.SET_VRING_NUM, b"\x01\x02\x03") != 0  # wrong size
+    assert await fe.acked(p.Request.SET_VRING_NUM, p.vring_state(0, 100)) != 0  # not a power of 2
+    assert await fe.acked(p.Request.SET_VRING_NUM, p.vring_state(7, 64)) != 0  # no such ring
+    # Logging is never offered; SET_LOG_BASE expects a reply, and gets an empty (failed) one.
+    assert await fe.call(p.Request.SET_LOG_BASE, p.u64(0)) == b""
+    assert await fe.acked(p.Request.SET_VRING_ENABLE, p.vring_state(0, 1)) == 0
+    assert server.backend.errors >= 4
+    await fe.start_ring(0)
+    assert await _roundtrip(fe, 0, b"still alive") == b"STILL ALIVE"
+    fe.close()
+
+
+async def test_bad_version_drops_the_connection_and_the_next_one_is_served(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    fe.send_raw(struct.pack("<III", p.Request.GET_FEATURES, 0x2, 0))
+    with pytest.raises(ConnectionResetError):
+        await fe.recv_reply()
+    fe.close()
+    fe2 = await FrontEnd.connect(path)
+    assert int.from_bytes(await fe2.call(p.Request.GET_QUEUE_NUM), "little") == 2
+    fe2.close()
+    assert server.connections == 2
+
+
+async def test_oversized_payload_drops_the_connection(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    fe.send_raw(struct.pack("<III", p.Request.SET_MEM_TABLE, 0x1, 1 << 30))
+    with pytest.raises(ConnectionResetError):
+        await fe.recv_reply()
+    fe.close()
+
+
+async def test_too_many_fds_are_refused_and_closed(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    before = _open_fds()
+    fds = [os.eventfd(0) for _ in range(12)]
+    status = await fe.acked(p.Request.SET_VRING_CALL, p.u64(0), fds)
+    assert status != 0
+    for fd in fds:
+        os.close(fd)
+    await asyncio.sleep(0.05)
+    assert _open_fds() <= before
+    fe.close()
+
+
+async def test_unmappable_memory_fd_fails_the_mem_table(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    r, w = os.pipe()
+    region = p.MemRegion(0, 1 << 20, 0x1000_0000, 0)
+    assert await fe.acked(p.Request.SET_MEM_TABLE, p.mem_table([region]), [r]) != 0
+    # Region larger than the memfd behind it.
+    big = p.MemRegion(0, 64 << 20, 0x1000_0000, 0)
+    assert await fe.acked(p.Request.SET_MEM_TABLE, p.mem_table([big]), [fe.memfd]) != 0
+    # Fewer fds than regions.
+    assert await fe.acked(p.Request.SET_MEM_TABLE, p.mem_table([fe.region]), []) != 0
+    assert server.backend.memory is None
+    os.close(r)
+    os.close(w)
+    fe.close()
+
+
+async def test_kick_fd_that_cannot_be_polled_is_refused(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    f = tmp_path / "regular"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_RDONLY)
+    assert await fe.acked(p.Request.SET_VRING_KICK, p.u64(0), [fd]) != 0
+    os.close(fd)
+    assert await fe.acked(p.Request.SET_VRING_KICK, p.u64(0x1FF)) != 0  # nofd: polling unsupported
+    assert await fe.acked(p.Request.SET_VRING_KICK, p.u64(0x1000)) != 0  # unknown bits
+    fe.close()
+
+
+async def test_ring_outside_shared_memory_is_refused(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    assert await fe.acked(p.Request.SET_VRING_NUM, p.vring_state(0, 64)) == 0
+    assert await fe.acked(p.Request.SET_VRING_ADDR, p.vring_addr(0, 0, 0x1000, 0x2000, 0x3000)) == 0
+    kick = os.eventfd(0)
+    assert await fe.acked(p.Request.SET_VRING_KICK, p.u64(0), [kick]) != 0
+    os.close(kick)
+    assert server.backend.active_queues == ()
+    fe.close()
+
+
+async def test_get_vring_base_stops_the_ring_and_reports_next_avail(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0)
+    for i in range(3):
+        assert await _roundtrip(fe, 0, b"x%d" % i) == b"X%d" % i
+    assert await fe.get_vring_base(0) == 3
+    assert server.backend.active_queues == ()
+    # A stopped ring is not served: a new request stays unanswered.
+    q = fe.queues[0]
+    src = fe.alloc(4)
+    q.add_chain([(src, 4, 0), (fe.alloc(4), 4, WRITE)])
+    await asyncio.sleep(0.05)
+    assert q.pending() == 0
+    fe.close()
+
+
+async def test_front_end_vanishing_mid_request_is_cleaned_up(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    dev.delay = 0.1
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    q = await fe.start_ring(0)
+    src, dst = fe.alloc(8), fe.alloc(8)
+    fe.mem.write(src, b"inflight")
+    q.add_chain([(src, 8, 0), (dst, 8, WRITE)])
+    fe.kick(0)
+    await _until(lambda: dev.requests[0] == 1)
+    # Half a message, then gone: the server must stop the ring and unmap.
+    fe.send_raw(struct.pack("<III", p.Request.SET_VRING_NUM, 0x1, 8) + b"\x00\x00")
+    fe.close()
+    await _until(lambda: not server.connected and server.backend.memory is None)
+    assert server.backend.active_queues == ()
+    assert not any(r.started or r.kick >= 0 or r.call >= 0 for r in server.backend.rings)
+
+    dev.delay = 0.0
+    fe2 = await FrontEnd.connect(path)
+    await fe2.negotiate()
+    await fe2.start_ring(0)
+    assert await _roundtrip(fe2, 0, b"second life") == b"SECOND LIFE"
+    fe2.close()
+
+
+async def test_reconnect_resumes_a_ring_from_its_base(served) -> None:  # type: ignore[no-untyped-def]
+    """A restarted front end hands back the ring where the old one stopped."""
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0, base=40)
+    assert await _roundtrip(fe, 0, b"resumed") == b"RESUMED"
+    assert await fe.get_vring_base(0) == 41
+    fe.close()
+
+
+async def test_mem_table_replaced_while_running_keeps_rings_working(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0)
+    assert await _roundtrip(fe, 0, b"before") == b"BEFORE"
+    assert await fe.acked(p.Request.SET_MEM_TABLE, p.mem_table([fe.region]), [fe.memfd]) == 0
+    assert await _roundtrip(fe, 0, b"after") == b"AFTER"
+    assert dev.activations == 2
+    fe.close()
+
+
+async def test_reset_owner_forgets_everything(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0)
+    assert await fe.acked(p.Request.RESET_OWNER) == 0
+    assert server.backend.memory is None
+    assert server.backend.active_queues == ()
+    fe.close()
+
+
+async def test_set_features_refuses_bits_not_offered(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(1 << p.ProtocolFeature.REPLY_ACK))
+    assert await fe.acked(p.Request.SET_FEATURES, p.u64(1 << 63)) != 0
+    assert await fe.acked(p.Request.SET_PROTOCOL_FEATURES, p.u64(1 << 20)) != 0
+    fe.close()
+
+
+async def test_server_close_removes_socket(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    path.write_bytes(b"")  # a stale regular file is not ours to delete
+    server = VhostUserServer(path, VhostUserBackend(UpperDevice()))
+    with pytest.raises(Exception, match="cannot listen"):
+        await server.start()
+    path.unlink()
+    async with VhostUserServer(path, VhostUserBackend(UpperDevice())):
+        assert path.is_socket()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.close()
+    assert not path.exists()
