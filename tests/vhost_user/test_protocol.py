@@ -32,7 +32,10 @@ def test_vring_addr_layout_is_index_flags_desc_used_avail_log() -> None:
 
 
 def test_mem_table_round_trips() -> None:
-    regions = (p.MemRegion(0, 0xA0000, 0x7F00_0000_0000, 0), p.MemRegion(0xC0000, 0x1FF40000, 0x7F00_000C_0000, 0xC0000))
+    regions = (
+        p.MemRegion(0, 0xA0000, 0x7F00_0000_0000, 0),
+        p.MemRegion(0xC0000, 0x1FF40000, 0x7F00_000C_0000, 0xC0000),
+    )
     assert p.decode(p.Request.SET_MEM_TABLE, p.mem_table(regions)) == regions
 
 
