@@ -1,0 +1,494 @@
+"""The virtio-net device (virtio 1.2 §5.1): multiqueue, control queue, offloads,
+mergeable receive buffers.
+
+Each queue pair has its own :class:`~appliance.net.backend.FrameBackend` and is
+served on the loop from its own kicks: transmit drains the tx ring, receive
+pulls frames from the backend straight into the buffers the guest posted (the
+backend does ``readv`` on the guest's memoryviews), and each batch ends with
+at most one interrupt. When the guest has posted no receive buffers the
+backend is paused, so a flood from the host side waits in the backend's
+bounded queue (or the kernel's tap queue) instead of in our memory.
+
+Offloads (checksum, TSO) are offered only when the backend carries
+virtio-net headers itself (a tap with IFF_VNET_HDR): then headers pass through
+untouched and the host kernel does the work. Otherwise the device writes a
+plain header on receive and strips it on transmit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from appliance.net.backend import FrameBackend
+from appliance.nic import constants as C
+from appliance.virtio.device import Interrupt, VirtioDevice
+from appliance.virtio.errors import QueueError
+from appliance.virtio.queue import DescriptorChain, guest_error_log
+
+if TYPE_CHECKING:
+    from appliance.kvm.memory import GuestMemory
+    from appliance.virtio.queue import Virtqueue
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_NET = 1
+DEFAULT_QUEUE_SIZE = 256
+CTRL_QUEUE_SIZE = 64
+# The MAC filter table the guest may install (CTRL_MAC_TABLE_SET); Linux asks
+# for every unicast/multicast address the interface has, QEMU keeps 64.
+MAC_TABLE_ENTRIES = 64
+BROADCAST = b"\xff" * 6
+
+
+def skip_bytes(views: Sequence[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes (the header), without copying."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+def gather(views: Sequence[memoryview], n: int) -> bytes:
+    """Copy the first ``n`` bytes of ``views`` (small control payloads only)."""
+    out = bytearray()
+    for v in views:
+        if len(out) >= n:
+            break
+        out += v[: n - len(out)]
+    return bytes(out)
+
+
+def scatter(views: Sequence[memoryview], data: bytes) -> int:
+    """Copy ``data`` into ``views`` in order; returns bytes written."""
+    off = 0
+    for v in views:
+        if off >= len(data):
+            break
+        take = min(len(v), len(data) - off)
+        v[:take] = data[off : off + take]
+        off += take
+    return off
+
+
+@dataclass
+class QueueStats:
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+    rx_filtered: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+
+
+class RxFilter:
+    """The receive filter the guest programs through CTRL_RX and CTRL_MAC (§5.1.6.5.1-2)."""
+
+    def __init__(self, mac: bytes) -> None:
+        self.mac = mac
+        self.reset()
+
+    def reset(self) -> None:
+        # Before the guest says otherwise the device is promiscuous (§5.1.6.5.1):
+        # a driver without CTRL_RX must still receive what it expects.
+        self.promisc = True
+        self.allmulti = False
+        self.alluni = False
+        self.nomulti = False
+        self.nouni = False
+        self.nobcast = False
+        self.uni: set[bytes] = set()
+        self.multi: set[bytes] = set()
+
+    def accepts(self, dst: bytes) -> bool:
+        if self.promisc:
+            return True
+        if dst == BROADCAST:
+            return not self.nobcast
+        if dst[0] & 1:
+            if self.nomulti:
+                return False
+            return self.allmulti or dst in self.multi
+        if self.nouni:
+            return False
+        return self.alluni or dst == self.mac or dst in self.uni
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net NIC with ``len(backends)`` queue pairs.
+
+    :param backends: one frame backend per queue pair.
+    :param mac: the NIC's MAC address (6 bytes).
+    :param mtu: advertised MTU (VIRTIO_NET_F_MTU) or ``None``.
+    :param queue_size: maximum size of each rx/tx queue.
+    """
+
+    device_id: ClassVar[int] = VIRTIO_ID_NET
+
+    def __init__(
+        self,
+        backends: Sequence[FrameBackend],
+        mac: bytes,
+        *,
+        mtu: int | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        link_up: bool = True,
+    ) -> None:
+        super().__init__()
+        if not backends:
+            raise ValueError("virtio-net needs at least one backend")
+        if len(mac) != 6:
+            raise ValueError("MAC address must be 6 bytes")
+        self.backends = list(backends)
+        self.pairs = len(backends)
+        self.mac = bytes(mac)
+        self.mtu = mtu
+        self.link_up = link_up
+        self.queue_sizes = (queue_size,) * (2 * self.pairs) + (CTRL_QUEUE_SIZE,)  # type: ignore[misc]
+        vnet = {b.vnet_hdr_len for b in self.backends}
+        if len(vnet) != 1 or vnet.pop() not in (0, C.HDR_LEN):
+            raise ValueError("all backends must agree on a 0- or 12-byte virtio-net header")
+        self.passthrough_hdr = self.backends[0].vnet_hdr_len == C.HDR_LEN
+        self.filter = RxFilter(self.mac)
+        self.stats = [QueueStats() for _ in range(self.pairs)]
+        self.ctrl_errors = 0
+        self._mem: GuestMemory | None = None
+        self._queues: list[Virtqueue] = []
+        self._irqs: list[Interrupt] = []
+        self._rx_spare: list[deque[DescriptorChain]] = []
+        self._active_pairs = 1
+        self._usable_pairs = 1
+        self._ctrl_index = 2
+        self._max_rx_frame = 0
+
+    # -- feature and config space -------------------------------------------
+
+    def device_features(self) -> int:
+        f = super().device_features()
+        for bit in (C.F_MAC, C.F_STATUS, C.F_CTRL_VQ, C.F_CTRL_RX, C.F_MRG_RXBUF, C.F_CTRL_MAC_ADDR):
+            f |= 1 << bit
+        if self.pairs > 1:
+            f |= 1 << C.F_MQ
+        if self.mtu is not None:
+            f |= 1 << C.F_MTU
+        if self.passthrough_hdr:
+            for bit in (
+                C.F_CSUM, C.F_GUEST_CSUM, C.F_CTRL_GUEST_OFFLOADS,
+                C.F_HOST_TSO4, C.F_HOST_TSO6, C.F_HOST_ECN,
+                C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_ECN,
+            ):
+                f |= 1 << bit
+        return f
+
+    def config_bytes(self) -> bytes:
+        # §5.1.4: mac[6], status, max_virtqueue_pairs, mtu.
+        status = C.S_LINK_UP if self.link_up else 0
+        return self.mac + status.to_bytes(2, "little") + self.pairs.to_bytes(2, "little") + (
+            (self.mtu or 1500).to_bytes(2, "little")
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        # Legacy drivers without CTRL_MAC_ADDR set the MAC by writing config (§5.1.4.2).
+        if offset + len(data) <= 6 and not self.has_feature(C.F_CTRL_MAC_ADDR):
+            mac = bytearray(self.mac)
+            mac[offset : offset + len(data)] = data
+            self.mac = bytes(mac)
+            self.filter.mac = self.mac
+
+    def set_link(self, up: bool) -> None:
+        """Carrier up or down (QMP ``set_link``); the guest hears a config change."""
+        if up != self.link_up:
+            self.link_up = up
+            self.on_config_change()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def activate(
+        self, mem: GuestMemory, queues: Sequence[Virtqueue], interrupts: Sequence[Interrupt]
+    ) -> None:
+        self._mem = mem
+        self._queues = list(queues)
+        self._irqs = list(interrupts)
+        self._rx_spare = [deque() for _ in range(self.pairs)]
+        # §5.1.2: without MQ the driver uses one pair and the control queue is queue 2.
+        self._usable_pairs = self.pairs if self.has_feature(C.F_MQ) else 1
+        self._ctrl_index = 2 * self._usable_pairs
+        self._active_pairs = 1
+        self.filter.reset()
+        gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
+        self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if gso else (self.mtu or 1500) + 18)
+        self._apply_offloads(self.driver_features)
+        for pair in range(self.pairs):
+            self._set_rx_armed(pair, pair < self._active_pairs)
+
+    def reset(self) -> None:
+        for pair in range(self.pairs):
+            try:
+                self.backends[pair].set_ready_callback(None)
+            except RuntimeError:
+                pass
+        for q in self._queues:
+            q.close()
+        self._queues = []
+        self._irqs = []
+        self._rx_spare = []
+        self._mem = None
+        super().reset()
+
+    def close(self) -> None:
+        self.reset()
+        for b in self.backends:
+            b.close()
+
+    def _apply_offloads(self, features: int) -> None:
+        if not self.passthrough_hdr:
+            return
+
+        def on(bit: int) -> bool:
+            return bool(features >> bit & 1)
+
+        for b in self.backends:
+            b.set_offloads(
+                on(C.F_GUEST_CSUM), on(C.F_GUEST_TSO4), on(C.F_GUEST_TSO6), on(C.F_GUEST_ECN), on(C.F_GUEST_UFO)
+            )
+
+    def _set_rx_armed(self, pair: int, armed: bool) -> None:
+        cb = (lambda p=pair: self._rx(p)) if armed and self._queues else None
+        self.backends[pair].set_ready_callback(cb)
+
+    # -- queue kicks --------------------------------------------------------
+
+    def queue_notify(self, index: int) -> None:
+        if not self._queues or self.needs_reset or index >= len(self._queues):
+            return
+        try:
+            if index == self._ctrl_index:
+                self._ctrl()
+            elif index > self._ctrl_index:
+                return
+            elif index % 2 == 0:
+                pair = index // 2
+                if pair < self._active_pairs:
+                    # New rx buffers: take frames again (the backend was
+                    # paused if we ran out).
+                    self._set_rx_armed(pair, True)
+                    self._rx(pair)
+            else:
+                self._tx(index // 2)
+        except QueueError as err:
+            guest_error_log.warning("virtio-net: queue %d broken: %s", index, err)
+            self.fail(str(err))
+
+    def _notify(self, index: int) -> None:
+        if self._queues[index].needs_notification():
+            self._irqs[index].notify()
+
+    # -- transmit -----------------------------------------------------------
+
+    def _tx(self, pair: int) -> None:
+        q = self._queues[2 * pair + 1]
+        backend = self.backends[pair]
+        st = self.stats[pair]
+        while True:
+            while (chain := q.pop()) is not None:
+                if chain.readable_len < C.HDR_LEN or chain.readable_len - C.HDR_LEN > C.MAX_GSO_FRAME:
+                    st.tx_dropped += 1
+                    guest_error_log.warning("virtio-net: tx chain of %d bytes dropped", chain.readable_len)
+                elif self.passthrough_hdr:
+                    if backend.send(chain.readable):
+                        st.tx_frames += 1
+                        st.tx_bytes += chain.readable_len - C.HDR_LEN
+                    else:
+                        st.tx_dropped += 1
+                else:
+                    frame = skip_bytes(chain.readable, C.HDR_LEN)
+                    if backend.send(frame):
+                        st.tx_frames += 1
+                        st.tx_bytes += chain.readable_len - C.HDR_LEN
+                    else:
+                        st.tx_dropped += 1
+                q.push_used(chain.head, 0)
+            if not q.enable_notification():
+                break
+        self._notify(2 * pair + 1)
+
+    # -- receive ------------------------------------------------------------
+
+    def _take_rx_chain(self, pair: int) -> DescriptorChain | None:
+        spare = self._rx_spare[pair]
+        if spare:
+            return spare.popleft()
+        return self._queues[2 * pair].pop()
+
+    def _rx(self, pair: int) -> None:
+        if not self._queues or self.needs_reset:
+            return
+        try:
+            self._rx_batch(pair)
+        except QueueError as err:
+            guest_error_log.warning("virtio-net: rx queue %d broken: %s", 2 * pair, err)
+            self.backends[pair].set_ready_callback(None)
+            self.fail(str(err))
+
+    def _rx_batch(self, pair: int) -> None:
+        q = self._queues[2 * pair]
+        backend = self.backends[pair]
+        st = self.stats[pair]
+        mergeable = self.has_feature(C.F_MRG_RXBUF)
+        spare = self._rx_spare[pair]
+        delivered = False
+        while True:
+            chains: list[DescriptorChain] = []
+            room = 0
+            while room < self._max_rx_frame:
+                chain = self._take_rx_chain(pair)
+                if chain is None:
+                    break
+                if chain.writable_len < C.HDR_LEN:
+                    # A buffer that cannot even hold the header: return it unused.
+                    st.rx_dropped += 1
+                    q.push_used(chain.head, 0)
+                    continue
+                chains.append(chain)
+                room += chain.writable_len
+                if not mergeable:
+                    break
+            if not chains:
+                # Out of buffers: pause the backend until the guest posts more.
+                if not q.enable_notification():
+                    backend.set_ready_callback(None)
+                    break
+                continue
+            bufs: list[memoryview] = []
+            for c in chains:
+                bufs.extend(c.writable)
+            if self.passthrough_hdr:
+                n = backend.recv_into(bufs)
+                frame_len = n - C.HDR_LEN
+            else:
+                n = backend.recv_into(skip_bytes(bufs, C.HDR_LEN))
+                frame_len = n
+                if n >= 0:
+                    n += C.HDR_LEN
+            if n < 0:
+                spare.extendleft(reversed(chains))
+                break
+            if n > room or frame_len < 14:
+                # Larger than the posted buffers (or runt): the tail is lost,
+                # so the frame is dropped; the buffers are reused.
+                st.rx_dropped += 1
+                spare.extendleft(reversed(chains))
+                continue
+            dst = gather(skip_bytes(bufs, C.HDR_LEN), 6)
+            if not self.filter.accepts(dst):
+                st.rx_filtered += 1
+                spare.extendleft(reversed(chains))
+                continue
+            # Hand out as many chains as the frame filled (§5.1.6.4.2).
+            used = 0
+            left = n
+            for c in chains:
+                take = min(left, c.writable_len)
+                left -= take
+                used += 1
+                if left == 0:
+                    break
+            if not self.passthrough_hdr:
+                scatter(chains[0].writable, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
+            elif mergeable:
+                # The tap wrote num_buffers = 0 or 1; only we know how many we used.
+                scatter(skip_bytes(chains[0].writable, 10), used.to_bytes(2, "little"))
+            left = n
+            for c in chains[:used]:
+                take = min(left, c.writable_len)
+                q.push_used(c.head, take)
+                left -= take
+            spare.extendleft(reversed(chains[used:]))
+            st.rx_frames += 1
+            st.rx_bytes += frame_len
+            delivered = True
+        if delivered:
+            self._notify(2 * pair)
+
+    # -- control queue ------------------------------------------------------
+
+    def _ctrl(self) -> None:
+        q = self._queues[self._ctrl_index]
+        while (chain := q.pop()) is not None:
+            ack = C.CTRL_ERR
+            if chain.readable_len >= 2 and chain.writable_len >= 1:
+                data = gather(chain.readable, min(chain.readable_len, 8 + 6 * 2 * MAC_TABLE_ENTRIES + 16))
+                try:
+                    ack = self._ctrl_command(data[0], data[1], data[2:])
+                except (ValueError, IndexError):
+                    ack = C.CTRL_ERR
+            if ack != C.CTRL_OK:
+                self.ctrl_errors += 1
+            if chain.writable_len >= 1:
+                # The ack is the last device-writable byte (§5.1.6.5).
+                last = chain.writable[-1]
+                last[len(last) - 1] = ack
+            q.push_used(chain.head, 1 if chain.writable_len else 0)
+        self._notify(self._ctrl_index)
+
+    def _ctrl_command(self, cls: int, cmd: int, arg: bytes) -> int:
+        if cls == C.CTRL_RX and self.has_feature(C.F_CTRL_RX):
+            if cmd > C.CTRL_RX_NOBCAST or len(arg) < 1:
+                return C.CTRL_ERR
+            name = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")[cmd]
+            setattr(self.filter, name, bool(arg[0]))
+            return C.CTRL_OK
+        if cls == C.CTRL_MAC:
+            if cmd == C.CTRL_MAC_ADDR_SET and self.has_feature(C.F_CTRL_MAC_ADDR) and len(arg) >= 6:
+                self.mac = bytes(arg[:6])
+                self.filter.mac = self.mac
+                return C.CTRL_OK
+            if cmd == C.CTRL_MAC_TABLE_SET and self.has_feature(C.F_CTRL_RX):
+                # Two tables: le32 count then count MACs, unicast first (§5.1.6.5.2).
+                uni, off = self._mac_table(arg, 0)
+                multi, off = self._mac_table(arg, off)
+                self.filter.uni, self.filter.multi = uni, multi
+                return C.CTRL_OK
+            return C.CTRL_ERR
+        if cls == C.CTRL_MQ and cmd == C.CTRL_MQ_VQ_PAIRS_SET and self.has_feature(C.F_MQ):
+            n = int.from_bytes(arg[:2], "little")
+            if len(arg) < 2 or not C.CTRL_MQ_VQ_PAIRS_MIN <= n <= self._usable_pairs:
+                return C.CTRL_ERR
+            self._active_pairs = n
+            for pair in range(self.pairs):
+                self._set_rx_armed(pair, pair < n)
+            return C.CTRL_OK
+        if cls == C.CTRL_GUEST_OFFLOADS and cmd == C.CTRL_GUEST_OFFLOADS_SET:
+            if not self.has_feature(C.F_CTRL_GUEST_OFFLOADS) or len(arg) < 8:
+                return C.CTRL_ERR
+            wanted = int.from_bytes(arg[:8], "little")
+            # Only offloads negotiated at feature time may be switched on (§5.1.6.5.6.1).
+            if wanted & ~self.driver_features:
+                return C.CTRL_ERR
+            self._apply_offloads(wanted)
+            return C.CTRL_OK
+        if cls == C.CTRL_ANNOUNCE and cmd == C.CTRL_ANNOUNCE_ACK:
+            return C.CTRL_OK
+        if cls == C.CTRL_VLAN:
+            # VLAN filtering is not offered (no CTRL_VLAN feature): all VLANs pass.
+            return C.CTRL_ERR
+        return C.CTRL_ERR
+
+    @staticmethod
+    def _mac_table(arg: bytes, off: int) -> tuple[set[bytes], int]:
+        if len(arg) < off + 4:
+            raise ValueError("short MAC table")
+        # Guest-controlled count: bounded by our table size and the payload.
+        count = int.from_bytes(arg[off : off + 4], "little")
+        if count > MAC_TABLE_ENTRIES or len(arg) < off + 4 + 6 * count:
+            raise ValueError("MAC table too large")
+        macs = {bytes(arg[off + 4 + 6 * i : off + 10 + 6 * i]) for i in range(count)}
+        return macs, off + 4 + 6 * count

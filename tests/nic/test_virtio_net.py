@@ -1,0 +1,212 @@
+"""virtio-net through the fake guest driver: tx, rx, mergeable buffers, control queue."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from appliance.net.memory import MemoryLink
+from appliance.nic import constants as C
+from appliance.nic.virtio_net import VirtioNet
+from appliance.virtio.testing import WRITE, FakeDriver
+
+MAC = bytes.fromhex("525400123456")
+OTHER = bytes.fromhex("525400abcdef")
+
+
+def eth(dst: bytes, payload: bytes = b"p" * 50, src: bytes = OTHER) -> bytes:
+    return dst + src + b"\x08\x00" + payload
+
+
+def hdr(num_buffers: int = 0, flags: int = 0) -> bytes:
+    return C.HDR.pack(flags, 0, 0, 0, 0, 0, num_buffers)
+
+
+def make(pairs: int = 1, vnet: int = 0, *, features_off: tuple[int, ...] = ()) -> tuple[VirtioNet, FakeDriver, list]:
+    links = [MemoryLink(vnet_hdr_len=vnet) for _ in range(pairs)]
+    dev = VirtioNet(links, MAC)
+    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20)
+    for bit in features_off:
+        drv.features &= ~(1 << bit)
+    drv.activate()
+    return dev, drv, links
+
+
+def post_rx(drv: FakeDriver, queue: int, size: int, count: int = 1) -> list[tuple[int, int]]:
+    out = []
+    for _ in range(count):
+        addr = drv.alloc(size)
+        head = drv.queues[queue].add_chain([(addr, size, WRITE)])
+        out.append((head, addr))
+    return out
+
+
+def send_tx(drv: FakeDriver, queue: int, data: bytes, split: int | None = None) -> int:
+    addr = drv.alloc(len(data))
+    drv.mem.write(addr, data)
+    if split is None:
+        return drv.queues[queue].add_chain([(addr, len(data), 0)])
+    return drv.queues[queue].add_chain([(addr, split, 0), (addr + split, len(data) - split, 0)])
+
+
+async def test_tx_strips_the_header_for_a_plain_backend() -> None:
+    dev, drv, (link,) = make()
+    frame = eth(OTHER)
+    head = send_tx(drv, 1, hdr() + frame, split=C.HDR_LEN)
+    drv.kick(1)
+    assert drv.queues[1].used() == [(head, 0)]
+    assert link.sent == [frame]
+    assert dev.stats[0].tx_frames == 1
+    assert drv.interrupts[1].count == 1
+
+
+async def test_tx_passes_the_header_to_a_vnet_backend() -> None:
+    dev, drv, (link,) = make(vnet=C.HDR_LEN)
+    frame = eth(OTHER)
+    h = C.HDR.pack(C.HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16, 0)
+    send_tx(drv, 1, h + frame, split=5)  # header split across descriptors
+    drv.kick(1)
+    assert link.sent == [h + frame]
+
+
+async def test_rx_writes_header_and_frame_into_posted_buffer() -> None:
+    dev, drv, (link,) = make()
+    ((head, addr),) = post_rx(drv, 0, 2048)
+    drv.kick(0)
+    frame = eth(MAC)
+    link.inject(frame)
+    await drv.wait_used(0)
+    assert drv.queues[0].used() == [(head, C.HDR_LEN + len(frame))]
+    got = drv.mem.read(addr, C.HDR_LEN + len(frame))
+    assert C.HDR.unpack(got[: C.HDR_LEN])[6] == 1
+    assert got[C.HDR_LEN :] == frame
+    assert drv.interrupts[0].count == 1
+
+
+async def test_frames_wait_in_the_backend_until_buffers_are_posted() -> None:
+    dev, drv, (link,) = make()
+    for i in range(3):
+        link.inject(eth(MAC, bytes([i]) * 60))
+    await asyncio.sleep(0.01)
+    assert drv.queues[0].pending() == 0 and len(link.inbound) == 3
+    post_rx(drv, 0, 2048, count=2)
+    drv.kick(0)
+    await drv.wait_used(0, 2)
+    assert len(link.inbound) == 1
+    post_rx(drv, 0, 2048)
+    drv.kick(0)
+    await drv.wait_used(0, 3)
+    assert not link.inbound and dev.stats[0].rx_frames == 3
+
+
+async def test_mergeable_buffers_carry_a_gso_frame_across_chains() -> None:
+    dev, drv, (link,) = make(vnet=C.HDR_LEN)
+    bufs = post_rx(drv, 0, 1024, count=4)
+    drv.kick(0)
+    frame = eth(MAC, bytes(range(256)) * 10)  # 2574 bytes + header: three buffers
+    link.inject(hdr(num_buffers=1) + frame)
+    await drv.wait_used(0, 3)
+    used = drv.queues[0].used()
+    assert [h for h, _ in used] == [h for h, _ in bufs[:3]]
+    total = C.HDR_LEN + len(frame)
+    assert [n for _, n in used] == [1024, 1024, total - 2048]
+    data = b"".join(drv.mem.read(a, 1024) for _, a in bufs[:3])[:total]
+    assert struct.unpack_from("<H", data, 10)[0] == 3
+    assert data[C.HDR_LEN :] == frame
+    # The fourth buffer is still the guest's, for the next frame.
+    link.inject(hdr() + eth(MAC))
+    await drv.wait_used(0, 1)
+    assert drv.queues[0].used()[0][0] == bufs[3][0]
+
+
+async def test_frame_larger_than_buffers_without_mergeable_is_dropped() -> None:
+    dev, drv, (link,) = make(features_off=(C.F_MRG_RXBUF,))
+    post_rx(drv, 0, 256)
+    drv.kick(0)
+    link.inject(eth(MAC, b"x" * 1000))
+    link.inject(eth(MAC, b"y" * 100))
+    await drv.wait_used(0)
+    ((head, n),) = drv.queues[0].used()
+    assert n == C.HDR_LEN + 14 + 100
+    assert dev.stats[0].rx_dropped == 1
+
+
+async def test_rx_filter_drops_other_unicast_once_promisc_is_off() -> None:
+    dev, drv, (link,) = make()
+    ctrl = 2
+    ack_addr = drv.alloc(1)
+
+    def command(cls: int, cmd: int, arg: bytes) -> int:
+        a = drv.alloc(2 + len(arg))
+        drv.mem.write(a, bytes([cls, cmd]) + arg)
+        drv.queues[ctrl].add_chain([(a, 2 + len(arg), 0), (ack_addr, 1, WRITE)])
+        drv.kick(ctrl)
+        drv.queues[ctrl].used()
+        return drv.mem.read(ack_addr, 1)[0]
+
+    assert command(C.CTRL_RX, C.CTRL_RX_PROMISC, b"\x00") == C.CTRL_OK
+    post_rx(drv, 0, 2048, count=2)
+    drv.kick(0)
+    link.inject(eth(OTHER))           # not for us: filtered
+    link.inject(eth(b"\xff" * 6))     # broadcast: accepted
+    await drv.wait_used(0)
+    await asyncio.sleep(0.01)
+    assert len(drv.queues[0].used()) == 1
+    assert dev.stats[0].rx_filtered == 1
+    assert command(C.CTRL_RX, 9, b"\x00") == C.CTRL_ERR
+    assert command(C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, (1).to_bytes(4, "little") + OTHER + bytes(4)) == C.CTRL_OK
+    link.inject(eth(OTHER))
+    await drv.wait_used(0)
+
+
+async def test_multiqueue_pairs_are_enabled_by_the_control_queue() -> None:
+    dev, drv, links = make(pairs=2)
+    ctrl = 4
+    ack = drv.alloc(1)
+    a = drv.alloc(4)
+    drv.mem.write(a, bytes([C.CTRL_MQ, C.CTRL_MQ_VQ_PAIRS_SET]) + (2).to_bytes(2, "little"))
+    drv.queues[ctrl].add_chain([(a, 4, 0), (ack, 1, WRITE)])
+    drv.kick(ctrl)
+    assert drv.mem.read(ack, 1)[0] == C.CTRL_OK
+    post_rx(drv, 2, 2048)
+    drv.kick(2)
+    links[1].inject(eth(MAC))
+    await drv.wait_used(2)
+    send_tx(drv, 3, hdr() + eth(OTHER))
+    drv.kick(3)
+    assert links[1].sent and not links[0].sent
+    assert dev.stats[1].rx_frames == 1 and dev.stats[1].tx_frames == 1
+    # Asking for more pairs than exist is refused.
+    drv.mem.write(a + 2, (3).to_bytes(2, "little"))
+    drv.queues[ctrl].add_chain([(a, 4, 0), (ack, 1, WRITE)])
+    drv.kick(ctrl)
+    assert drv.mem.read(ack, 1)[0] == C.CTRL_ERR
+
+
+async def test_offloads_offered_only_with_a_vnet_header_backend() -> None:
+    plain, _, _ = make()
+    assert not plain.device_features() >> C.F_CSUM & 1
+    dev, drv, (link,) = make(vnet=C.HDR_LEN)
+    assert dev.device_features() >> C.F_HOST_TSO4 & 1
+    assert link.offloads == (True, True, True, True, False)
+
+
+async def test_broken_rx_ring_marks_the_device_for_reset_only() -> None:
+    dev, drv, (link,) = make()
+    drv.queues[0].set_avail_idx(500)
+    drv.kick(0)
+    assert dev.needs_reset
+    # The tx queue of a broken device is not touched any more; nothing raised.
+    drv.kick(1)
+
+
+@pytest.mark.parametrize("length", [0, 5, C.HDR_LEN - 1])
+async def test_tx_chain_shorter_than_the_header_is_dropped(length: int) -> None:
+    dev, drv, (link,) = make()
+    addr = drv.alloc(16)
+    head = drv.queues[1].add_chain([(addr, length, 0)])
+    drv.kick(1)
+    assert drv.queues[1].used() == [(head, 0)]
+    assert link.sent == [] and dev.stats[0].tx_dropped == 1
