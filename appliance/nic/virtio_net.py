@@ -141,6 +141,7 @@ class VirtioNet(VirtioDevice):
         mtu: int | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         link_up: bool = True,
+        control_queue: bool = True,
     ) -> None:
         super().__init__()
         if not backends:
@@ -152,7 +153,10 @@ class VirtioNet(VirtioDevice):
         self.mac = bytes(mac)
         self.mtu = mtu
         self.link_up = link_up
-        self.queue_sizes = (queue_size,) * (2 * self.pairs) + (CTRL_QUEUE_SIZE,)  # type: ignore[misc]
+        # A vhost-user front end keeps the control queue to itself and tells
+        # us which pairs run by starting and enabling their rings.
+        self.control_queue = control_queue
+        self.queue_sizes = (queue_size,) * (2 * self.pairs) + ((CTRL_QUEUE_SIZE,) if control_queue else ())
         vnet = {b.vnet_hdr_len for b in self.backends}
         if len(vnet) != 1 or vnet.pop() not in (0, C.HDR_LEN):
             raise ValueError("all backends must agree on a 0- or 12-byte virtio-net header")
@@ -173,8 +177,9 @@ class VirtioNet(VirtioDevice):
 
     def device_features(self) -> int:
         f = super().device_features()
-        for bit in (C.F_MAC, C.F_STATUS, C.F_CTRL_VQ, C.F_CTRL_RX, C.F_MRG_RXBUF, C.F_CTRL_MAC_ADDR):
-            f |= 1 << bit
+        f |= (1 << C.F_MAC) | (1 << C.F_STATUS) | (1 << C.F_MRG_RXBUF)
+        if self.control_queue:
+            f |= (1 << C.F_CTRL_VQ) | (1 << C.F_CTRL_RX) | (1 << C.F_CTRL_MAC_ADDR)
         if self.pairs > 1:
             f |= 1 << C.F_MQ
         if self.mtu is not None:
@@ -221,7 +226,7 @@ class VirtioNet(VirtioDevice):
         # §5.1.2: without MQ the driver uses one pair and the control queue is queue 2.
         self._usable_pairs = self.pairs if self.has_feature(C.F_MQ) else 1
         self._ctrl_index = 2 * self._usable_pairs
-        self._active_pairs = 1
+        self._active_pairs = 1 if self.control_queue else min(self.pairs, len(queues) // 2)
         self.filter.reset()
         gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
         self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if gso else (self.mtu or 1500) + 18)

@@ -210,3 +210,17 @@ async def test_tx_chain_shorter_than_the_header_is_dropped(length: int) -> None:
     drv.kick(1)
     assert drv.queues[1].used() == [(head, 0)]
     assert link.sent == [] and dev.stats[0].tx_dropped == 1
+
+
+async def test_without_control_queue_every_started_pair_runs() -> None:
+    links = [MemoryLink() for _ in range(2)]
+    dev = VirtioNet(links, MAC, control_queue=False)
+    assert dev.num_queues == 4
+    assert not dev.device_features() >> C.F_CTRL_VQ & 1
+    drv = FakeDriver(dev, queue_size=64)
+    drv.activate()
+    post_rx(drv, 2, 2048)
+    drv.kick(2)
+    links[1].inject(eth(MAC))
+    await drv.wait_used(2)
+    assert dev.stats[1].rx_frames == 1
