@@ -61,3 +61,10 @@ def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
     if mem_size > low:
         ranges.append((HIGH_RAM_START, mem_size - low))
     return ranges
+
+
+# Boot-time structures added for the loaders (appliance.kvm.boot).
+BOOT_STACK_ADDR = 0x8FF0          # initial rsp/esp: top of the page below PML4_ADDR
+PDPT_ADDR = PML4_ADDR + 0x1000    # one page directory pointer table
+PD_ADDR = PML4_ADDR + 0x2000      # four page directories: identity map of 0-4 GiB, 2 MiB pages
+PAGE_TABLES_END = PD_ADDR + 4 * 0x1000
