@@ -1,0 +1,287 @@
+"""``-netdev`` in QEMU's syntax: parse each type to a config, open it to backends.
+
+Types: ``tap``, ``bridge``, ``dgram``, ``socket`` (``udp=``/``listen=``/
+``connect=``), ``stream`` and ``user``. :func:`parse_netdev` refuses unknown
+types and keys by name (exit code 2 through :class:`ConfigError`);
+:func:`open_netdev` turns a config into one :class:`FrameBackend` per queue
+pair. Only taps carry more than one queue; QEMU's other backends are
+single-queue too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from appliance.cli.options import OptionDict, parse_option
+from appliance.errors import ConfigError
+from appliance.net.backend import FrameBackend
+
+_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+MAX_TAP_QUEUES = 16
+
+
+def _check_id(what: str, ident: str) -> str:
+    if not _ID.match(ident):
+        raise ConfigError(f"{what}: invalid id '{ident}'")
+    return ident
+
+
+def _ifname(what: str, key: str, name: str | None) -> str | None:
+    if name is not None and not _IFNAME.match(name):
+        raise ConfigError(f"{what}: invalid {key} '{name}'")
+    return name
+
+
+def _port(what: str, key: str, text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{what}: invalid {key} '{text}'") from None
+    if not 0 <= n <= 65535:
+        raise ConfigError(f"{what}: invalid {key} '{text}'")
+    return n
+
+
+def _host(what: str, key: str, text: str) -> str:
+    if text in ("", "localhost"):
+        return "127.0.0.1" if text == "localhost" else "0.0.0.0"
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", text):
+            raise ConfigError(f"{what}: invalid {key} '{text}'") from None
+    return text
+
+
+def _hostport(what: str, key: str, text: str, *, host_optional: bool = False) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or (not host and not host_optional):
+        raise ConfigError(f"{what}: {key} '{text}' is not HOST:PORT")
+    return _host(what, key, host), _port(what, key, port)
+
+
+@dataclass(frozen=True, slots=True)
+class TapNetdev:
+    SYNTAX: ClassVar[str] = (
+        "tap,id=str[,ifname=name][,br=bridge][,script=no][,downscript=no][,vnet_hdr=on|off]"
+        "[,queues=n][,vhost=off]"
+    )
+    id: str
+    ifname: str | None = None
+    bridge: str | None = None
+    vnet_hdr: bool = True
+    queues: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeNetdev:
+    SYNTAX: ClassVar[str] = "bridge,id=str[,br=bridge]"
+    id: str
+    bridge: str = "br0"
+
+
+@dataclass(frozen=True, slots=True)
+class DgramNetdev:
+    SYNTAX: ClassVar[str] = (
+        "dgram,id=str,local.type=inet,local.host=addr,local.port=port"
+        "[,remote.type=inet,remote.host=addr,remote.port=port]"
+    )
+    id: str
+    local: tuple[str, int]
+    remote: tuple[str, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamNetdev:
+    SYNTAX: ClassVar[str] = (
+        "stream,id=str,server=on|off,addr.type=inet,addr.host=host,addr.port=port[,reconnect=s]"
+        " | stream,id=str,server=on|off,addr.type=unix,addr.path=path"
+    )
+    id: str
+    address: tuple[str, int] | str
+    listen: bool
+    reconnect: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class UserNetdev:
+    id: str
+    config: Any = field(compare=False)
+
+
+NetdevConfig = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
+NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
+TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
+
+
+def parse_netdev(text: str, option: str = "-netdev") -> NetdevConfig:
+    """Parse ``TYPE,id=…,…``.
+
+    :raises ConfigError: naming the bad type, key or value.
+    """
+    opts = parse_option(option, text, implied="type")
+    kind = opts.take("type")
+    if kind is None:
+        raise ConfigError(f"{option}: netdev type is missing")
+    if kind not in TYPES:
+        raise ConfigError(f"{option}: netdev type '{kind}' is not supported")
+    what = f"{option} {kind}"
+    opts.option = what
+    if kind == "user":
+        from appliance.nat.config import UserNetConfig
+
+        ident = _check_id(what, opts.require("id"))
+        opts["id"] = ident
+        opts["type"] = "user"
+        return UserNetdev(ident, UserNetConfig.parse(opts))
+    ident = _check_id(what, opts.require("id"))
+    cfg: NetdevConfig
+    if kind == "tap":
+        cfg = _tap(what, ident, opts)
+    elif kind == "bridge":
+        cfg = BridgeNetdev(ident, _ifname(what, "br", opts.take("br", "br0")) or "br0")
+        if opts.take("helper") is not None:
+            raise ConfigError(f"{what}: 'helper' is not supported (the appliance bridges taps itself)")
+    elif kind == "dgram":
+        cfg = _dgram(what, ident, opts)
+    elif kind == "socket":
+        cfg = _socket(what, ident, opts)
+    else:
+        cfg = _stream(what, ident, opts)
+    opts.finish()
+    return cfg
+
+
+def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
+    for key in ("script", "downscript"):
+        v = opts.take(key)
+        if v not in (None, "no", ""):
+            raise ConfigError(f"{what}: {key}='{v}' is not supported; use {key}=no")
+    if opts.take_bool("vhost", False):
+        raise ConfigError(f"{what}: 'vhost=on' is not supported (no vhost-net here)")
+    for key in ("fd", "fds", "helper", "vhostfd", "vhostfds"):
+        if opts.take(key) is not None:
+            raise ConfigError(f"{what}: '{key}' is not supported")
+    queues = opts.take_int("queues", 1, minimum=1) or 1
+    if queues > MAX_TAP_QUEUES:
+        raise ConfigError(f"{what}: queues={queues} exceeds {MAX_TAP_QUEUES}")
+    return TapNetdev(
+        ident,
+        ifname=_ifname(what, "ifname", opts.take("ifname")),
+        bridge=_ifname(what, "br", opts.take("br")),
+        vnet_hdr=opts.take_bool("vnet_hdr", True),
+        queues=queues,
+    )
+
+
+def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[str, int] | None:
+    kind = opts.take(f"{prefix}.type")
+    host = opts.take(f"{prefix}.host")
+    port = opts.take(f"{prefix}.port")
+    if kind is None and host is None and port is None:
+        if required:
+            raise ConfigError(f"{what}: parameter '{prefix}.type' is missing")
+        return None
+    if kind != "inet":
+        raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use inet)")
+    if port is None:
+        raise ConfigError(f"{what}: parameter '{prefix}.port' is missing")
+    return _host(what, f"{prefix}.host", host or ""), _port(what, f"{prefix}.port", port)
+
+
+def _dgram(what: str, ident: str, opts: OptionDict) -> DgramNetdev:
+    local = _inet(what, opts, "local", required=True)
+    remote = _inet(what, opts, "remote", required=False)
+    assert local is not None
+    if remote is not None and remote[0] == "0.0.0.0":
+        raise ConfigError(f"{what}: remote.host is missing")
+    return DgramNetdev(ident, local, remote)
+
+
+def _socket(what: str, ident: str, opts: OptionDict) -> DgramNetdev | StreamNetdev:
+    udp = opts.take("udp")
+    listen = opts.take("listen")
+    connect = opts.take("connect")
+    localaddr = opts.take("localaddr")
+    if opts.take("mcast") is not None or opts.take("fd") is not None:
+        raise ConfigError(f"{what}: only udp=, listen= and connect= are supported")
+    chosen = [k for k, v in (("udp", udp), ("listen", listen), ("connect", connect)) if v is not None]
+    if len(chosen) != 1:
+        raise ConfigError(f"{what}: exactly one of udp=, listen=, connect= is needed")
+    if udp is not None:
+        if localaddr is None:
+            raise ConfigError(f"{what}: udp= needs localaddr=")
+        return DgramNetdev(ident, _hostport(what, "localaddr", localaddr, host_optional=True),
+                           _hostport(what, "udp", udp))
+    if localaddr is not None:
+        raise ConfigError(f"{what}: localaddr= goes only with udp=")
+    if listen is not None:
+        return StreamNetdev(ident, _hostport(what, "listen", listen, host_optional=True), listen=True)
+    assert connect is not None
+    return StreamNetdev(ident, _hostport(what, "connect", connect), listen=False)
+
+
+def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
+    server = opts.take_bool("server", False)
+    reconnect = opts.take_int("reconnect", 1, minimum=0)
+    kind = opts.take("addr.type")
+    address: tuple[str, int] | str
+    if kind == "inet":
+        host = opts.take("addr.host") or ""
+        port = opts.require("addr.port")
+        address = (_host(what, "addr.host", host), _port(what, "addr.port", port))
+        if not server and address[0] == "0.0.0.0":
+            raise ConfigError(f"{what}: addr.host is missing")
+        for key in ("addr.numeric", "addr.to", "addr.ipv4", "addr.ipv6"):
+            opts.take(key)
+    elif kind == "unix":
+        address = opts.require("addr.path")
+        opts.take("addr.abstract")
+    elif kind is None:
+        raise ConfigError(f"{what}: parameter 'addr.type' is missing")
+    else:
+        raise ConfigError(f"{what}: addr.type '{kind}' is not supported (use inet or unix)")
+    return StreamNetdev(ident, address, listen=server, reconnect=float(reconnect or 1))
+
+
+async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[FrameBackend], Any]:
+    """Open ``cfg`` as ``queues`` backends (one per queue pair).
+
+    :returns: the backends and an owner object whose ``close()`` (sync or
+        async) releases what was made (tap, sockets, the user-mode stack).
+    :raises ConfigError: when the netdev cannot carry ``queues`` pairs.
+    :raises NetError: when the host refuses (no such bridge, port in use…).
+    """
+    if queues > 1 and not isinstance(cfg, TapNetdev | BridgeNetdev):
+        raise ConfigError(f"netdev '{cfg.id}' of this type has one queue; mq needs a tap")
+    if isinstance(cfg, TapNetdev | BridgeNetdev):
+        from appliance.net.tap import Tap
+
+        if isinstance(cfg, TapNetdev):
+            if queues != cfg.queues and cfg.queues != 1:
+                queues = cfg.queues
+            tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr, bridge=cfg.bridge)
+        else:
+            tap = Tap(None, queues=queues, bridge=cfg.bridge)
+        backends: list[FrameBackend] = list(await tap.open())
+        return backends, tap
+    if isinstance(cfg, DgramNetdev):
+        from appliance.net.dgram import DgramLink
+
+        link = DgramLink(cfg.local, cfg.remote)
+        return [link], link
+    if isinstance(cfg, StreamNetdev):
+        from appliance.net.stream import StreamLink
+
+        stream = StreamLink(cfg.address, listen=cfg.listen, reconnect=cfg.reconnect)
+        await stream.start()
+        return [stream], stream
+    from appliance.nat.stack import UserNetwork
+
+    user = UserNetwork(cfg.config)
+    await user.start()
+    return [user], user

@@ -1,0 +1,108 @@
+"""-netdev parsing in QEMU's syntax, and opening links from it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.errors import ConfigError
+from appliance.net.netdev import (
+    BridgeNetdev,
+    DgramNetdev,
+    StreamNetdev,
+    TapNetdev,
+    UserNetdev,
+    open_netdev,
+    parse_netdev,
+)
+
+
+def test_tap_with_qemu_options() -> None:
+    cfg = parse_netdev("tap,id=n0,ifname=tap7,script=no,downscript=no,queues=4,vnet_hdr=off,br=lab0")
+    assert cfg == TapNetdev("n0", ifname="tap7", bridge="lab0", vnet_hdr=False, queues=4)
+
+
+def test_bridge_defaults_to_br0() -> None:
+    assert parse_netdev("bridge,id=b") == BridgeNetdev("b", "br0")
+    assert parse_netdev("bridge,id=b,br=virbr0") == BridgeNetdev("b", "virbr0")
+
+
+def test_dgram_inet_pair() -> None:
+    cfg = parse_netdev(
+        "dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=4000,"
+        "remote.type=inet,remote.host=127.0.0.1,remote.port=4001"
+    )
+    assert cfg == DgramNetdev("d", ("127.0.0.1", 4000), ("127.0.0.1", 4001))
+
+
+def test_old_socket_udp_form_is_a_dgram_link() -> None:
+    cfg = parse_netdev("socket,id=s,udp=127.0.0.1:5001,localaddr=127.0.0.1:5000")
+    assert cfg == DgramNetdev("s", ("127.0.0.1", 5000), ("127.0.0.1", 5001))
+
+
+def test_socket_listen_and_connect_are_streams() -> None:
+    assert parse_netdev("socket,id=s,listen=:7000") == StreamNetdev("s", ("0.0.0.0", 7000), listen=True)
+    assert parse_netdev("socket,id=s,connect=127.0.0.1:7000") == StreamNetdev(
+        "s", ("127.0.0.1", 7000), listen=False
+    )
+
+
+def test_stream_unix_and_inet() -> None:
+    assert parse_netdev("stream,id=x,server=on,addr.type=unix,addr.path=/tmp/s") == StreamNetdev(
+        "x", "/tmp/s", listen=True
+    )
+    cfg = parse_netdev("stream,id=x,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=9000,reconnect=2")
+    assert cfg == StreamNetdev("x", ("127.0.0.1", 9000), listen=False, reconnect=2.0)
+
+
+def test_user_netdev_takes_slirp_options() -> None:
+    cfg = parse_netdev("user,id=u,hostfwd=tcp::2222-:22,net=10.1.0.0/24")
+    assert isinstance(cfg, UserNetdev) and cfg.id == "u"
+    assert str(cfg.config.net) == "10.1.0.0/24"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tap", "parameter 'id' is missing"),
+        ("vde,id=x", "netdev type 'vde' is not supported"),
+        ("tap,id=n,bogus=1", "invalid parameter 'bogus'"),
+        ("tap,id=n,queues=0", "'queues' must be at least 1"),
+        ("tap,id=n,queues=x", "'queues' expects a number, got 'x'"),
+        ("tap,id=n,script=/etc/qemu-ifup", "script='/etc/qemu-ifup' is not supported"),
+        ("tap,id=n,vhost=on", "'vhost=on' is not supported"),
+        ("tap,id=n,ifname=much-too-long-name0", "invalid ifname 'much-too-long-name0'"),
+        ("tap,id=1bad", "invalid id '1bad'"),
+        ("dgram,id=d,local.type=unix,local.port=1", "local.type 'unix' is not supported"),
+        ("dgram,id=d,local.type=inet,local.port=99999", "invalid local.port '99999'"),
+        ("socket,id=s", "exactly one of udp=, listen=, connect= is needed"),
+        ("socket,id=s,udp=1.2.3.4:5", "udp= needs localaddr="),
+        ("socket,id=s,connect=nohostport", "connect 'nohostport' is not HOST:PORT"),
+        ("stream,id=x,addr.type=vsock", "addr.type 'vsock' is not supported"),
+        ("bridge,id=b,helper=/usr/lib/qemu/qemu-bridge-helper", "'helper' is not supported"),
+    ],
+)
+def test_bad_netdevs_are_refused_by_name(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_netdev(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["tap", "bridge", "dgram", "socket", "stream", "user", "x"]), st.text(max_size=60))
+def test_any_netdev_text_parses_or_is_a_config_error(kind: str, rest: str) -> None:
+    try:
+        parse_netdev(f"{kind},{rest}")
+    except ConfigError:
+        pass
+
+
+async def test_open_dgram_netdev_gives_one_backend() -> None:
+    cfg = parse_netdev("dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=0")
+    backends, owner = await open_netdev(cfg)
+    try:
+        assert len(backends) == 1 and backends[0].vnet_hdr_len == 0
+        with pytest.raises(ConfigError, match="mq needs a tap"):
+            await open_netdev(cfg, queues=2)
+    finally:
+        owner.close()
