@@ -1,0 +1,165 @@
+"""Turns a :class:`MachineConfig` into a running VM: the one place that knows everything.
+
+One :class:`Instance` is one boot: a fresh KVM VM, fresh guest RAM with the
+ACPI tables and the kernel loaded, the platform devices on their ports, and
+one :class:`~appliance.kvm.vcpu.Vcpu` per CPU. A reset throws the instance
+away and builds a new one from the same config, which is exactly what a cold
+boot sees. Adding a device is an ``attach_x()`` method here (STYLE.md, "Config
+is data").
+
+Machine-level events (power off, reset) come from device callbacks and vCPU
+exits on vCPU threads; the builder hands them to ``post_event``, which the
+machine makes thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.devices.acpi_pm import AcpiPm, ResetRegister
+from appliance.devices.i8042 import I8042
+from appliance.devices.rtc import Rtc
+from appliance.devices.uart16550 import Uart16550
+from appliance.kvm import layout
+from appliance.kvm.boot import BootPlan, load_kernel
+from appliance.kvm.bus import BusDevice
+from appliance.kvm.memory import GuestMemory
+from appliance.kvm.system import Kvm
+from appliance.kvm.vcpu import Vcpu
+from appliance.kvm.vm import Vm
+from appliance.machine.config import MachineConfig
+from appliance.machine.console import Console
+
+log = logging.getLogger(__name__)
+
+# (kind, detail): kind is "poweroff", "reset" or "error".
+EventSink = Callable[[str, str], None]
+
+
+@dataclass(eq=False)
+class Instance:
+    """Everything that lives for one boot of the machine."""
+
+    vm: Vm
+    memory: GuestMemory
+    vcpus: list[Vcpu]
+    plan: BootPlan
+    uart: Uart16550
+    pm: AcpiPm
+    pci: Any = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception:
+                log.exception("closing a device failed")
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        try:
+            self.memory.close()
+        except BufferError:
+            # A device still holds a view of guest RAM; the mapping goes with the
+            # last reference instead.
+            log.debug("guest memory still referenced at close")
+
+
+class MachineBuilder:
+    """Builds :class:`Instance` s for one config.
+
+    :param post_event: thread-safe sink for power events.
+    :param console: receives UART output and feeds UART input.
+    """
+
+    def __init__(self, config: MachineConfig, kvm: Kvm, console: Console, post_event: EventSink) -> None:
+        self.config = config
+        self.kvm = kvm
+        self.console = console
+        self.post_event = post_event
+
+    def build(self) -> Instance:
+        """A complete, not yet running VM with the kernel loaded into vCPU 0.
+
+        :raises BootError: When the kernel or initrd cannot be loaded.
+        :raises KvmError: When KVM refuses part of the set-up.
+        """
+        cfg = self.config
+        memory = GuestMemory.anonymous(layout.ram_ranges(cfg.mem_size))
+        vm: Vm | None = None
+        try:
+            rsdp = self._build_acpi(memory)
+            plan = load_kernel(
+                memory,
+                cfg.kernel,
+                initrd=cfg.initrd,
+                cmdline=cfg.cmdline,
+                num_cpus=cfg.num_cpus,
+                rsdp_addr=rsdp,
+            )
+            vm = Vm(self.kvm)
+            vm.set_memory(memory)
+            inst = self._attach_platform(vm, memory, plan)
+            self.attach_pci(inst)
+            for index in range(cfg.num_cpus):
+                vcpu = Vcpu(vm, index)
+                inst.vcpus.append(vcpu)
+                vcpu.configure(cfg.num_cpus)
+            inst.vcpus[0].apply_boot_plan(plan)
+            return inst
+        except BaseException:
+            if vm is not None:
+                vm.close()
+            memory.close()
+            raise
+
+    def _build_acpi(self, memory: GuestMemory) -> int:
+        try:
+            from appliance.kvm.acpi import build_acpi
+        except ImportError:
+            log.warning("ACPI tables are not available in this build; booting without them")
+            return 0
+        return build_acpi(memory, num_cpus=self.config.num_cpus, mem_size=self.config.mem_size)
+
+    def _attach_platform(self, vm: Vm, memory: GuestMemory, plan: BootPlan) -> Instance:
+        def irq_line(irq: int) -> Callable[[bool], None]:
+            return lambda level: vm.set_irq_line(irq, level)
+
+        uart = Uart16550(irq_line(layout.UART_COM1_IRQ), self.console.guest_output, self.console.rx_drained)
+        vm.pio_bus.register(layout.UART_COM1, 8, uart)
+        pm = AcpiPm(lambda: self.post_event("poweroff", "ACPI S5"), irq_line(layout.SCI_IRQ))
+        vm.pio_bus.register(layout.PM_BASE, 12, pm)
+        i8042 = I8042(lambda: self.post_event("reset", "i8042 reset line"))
+        vm.pio_bus.register(layout.I8042_DATA, 1, i8042.data_port)
+        vm.pio_bus.register(layout.I8042_CMD, 1, i8042.command_port)
+        vm.pio_bus.register(layout.RTC_PORT, 2, Rtc(self.config.mem_size))
+        inst = Instance(vm=vm, memory=memory, vcpus=[], plan=plan, uart=uart, pm=pm)
+        self.console.attach_uart(uart)
+        inst.closers.append(lambda: self.console.attach_uart(None))
+        return inst
+
+    def attach_pci(self, inst: Instance) -> None:
+        """PCI bus 0 behind config mechanism #1 on 0xCF8-0xCFF (0xCF9 is the reset register).
+
+        Devices are plugged into ``inst.pci`` (an :class:`appliance.pci.bus.PciBus`);
+        their BARs register on ``inst.vm.mmio_bus`` themselves.
+        """
+        reset = ResetRegister(lambda: self.post_event("reset", "reset register"))
+        try:
+            from appliance.pci.bus import PciBus
+        except ImportError:
+            inst.vm.pio_bus.register(layout.RESET_PORT, 1, reset)
+            return
+        pci = PciBus(inst.vm.mmio_bus)
+        pci.on_reset_port = lambda value: reset.write(0, bytes([value]))
+        self.register_config_ports(inst, pci)
+        inst.pci = pci
+        inst.closers.append(pci.close)
+
+    @staticmethod
+    def register_config_ports(inst: Instance, device: BusDevice) -> None:
+        inst.vm.pio_bus.register(layout.PCI_CONFIG_ADDRESS, 8, device)

@@ -1,0 +1,264 @@
+"""A virtual machine as a Python object: start it, talk to its console, wait for it to end.
+
+::
+
+    async with Machine(MachineConfig(kernel=Path("guest.elf"), num_cpus=4)) as vm:
+        await vm.console.expect(r"TESTGUEST-READY cpus=(\\d+)")
+        vm.console.send("poweroff\\n")
+        assert await vm.wait() == 0
+
+The machine's runstate is a small table (``TRANSITIONS``). vCPU threads and
+device callbacks report events with :meth:`Machine.post_event` from any
+thread; the machine acts on them on its loop: power off ends it with status
+0, a reset rebuilds the VM from its config (or ends it, with ``no_reboot``),
+an error ends it with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from typing import Any
+
+from appliance.kvm.system import Kvm
+from appliance.kvm.vcpu import VcpuExit
+from appliance.machine.builder import Instance, MachineBuilder
+from appliance.machine.config import MachineConfig
+from appliance.machine.console import Console, make_backend
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+class Runstate(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    REBOOTING = "rebooting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
+    Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.STOPPED}),
+    Runstate.RUNNING: frozenset({Runstate.REBOOTING, Runstate.STOPPING}),
+    Runstate.REBOOTING: frozenset({Runstate.RUNNING, Runstate.STOPPING}),
+    Runstate.STOPPING: frozenset({Runstate.STOPPED}),
+    Runstate.STOPPED: frozenset(),
+}
+
+
+class Machine:
+    """One VM built from ``config``.
+
+    :param kvm: an open /dev/kvm to share (one is opened otherwise).
+    """
+
+    def __init__(self, config: MachineConfig, *, kvm: Kvm | None = None) -> None:
+        self.config = config
+        self._kvm = kvm
+        self._own_kvm = kvm is None
+        self.console = Console(make_backend(config.serial))
+        self.console.on_quit = lambda: self.post_event("quit", "console escape")
+        self.runstate = Runstate.CREATED
+        self.boots = 0
+        self.exit_code: int | None = None
+        self.exit_reason = ""
+        self._inst: Instance | None = None
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+        self._generation = 0
+        self._builder: MachineBuilder | None = None
+        self._event_task: asyncio.Task[None] | None = None
+        self._events: asyncio.Queue[tuple[int, str, str]] | None = None
+
+    # --- public API ---------------------------------------------------------------
+
+    @property
+    def instance(self) -> Instance | None:
+        """The current boot's VM, memory, vCPUs and devices (None when not running)."""
+        return self._inst
+
+    async def start(self) -> None:
+        """Open KVM, start the console backend, build the VM and run its vCPUs.
+
+        :raises ConfigError: When the config or the kernel is unusable.
+        :raises KvmError: When KVM cannot run this VM.
+        """
+        self._set_state(Runstate.RUNNING)
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        self._events = asyncio.Queue()
+        try:
+            if self._kvm is None:
+                self._kvm = Kvm()
+            self._builder = MachineBuilder(self.config, self._kvm, self.console, self.post_event)
+            await self.console.start(self._loop)
+            self._boot()
+        except BaseException:
+            self.runstate = Runstate.STOPPING
+            await self._finish(EXIT_ERROR, "start failed")
+            raise
+        self._event_task = asyncio.ensure_future(self._event_loop())
+
+    async def wait(self) -> int:
+        """Wait until the machine ends; returns its exit status (0 after power-off)."""
+        assert self._done is not None, "start() first"
+        await self._done.wait()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    async def stop(self) -> int:
+        """Stop the VM now (as if its power cord was pulled); returns the exit status."""
+        if self.runstate in (Runstate.RUNNING, Runstate.REBOOTING):
+            self.post_event("quit", "stopped by host")
+        if self._done is not None:
+            await self._done.wait()
+        if self._event_task is not None:
+            await asyncio.gather(self._event_task, return_exceptions=True)
+        return self.exit_code if self.exit_code is not None else EXIT_OK
+
+    def reset(self) -> None:
+        """Reset the guest as its reset button would."""
+        self.post_event("reset", "reset by host")
+
+    def powerdown(self) -> None:
+        """Press the ACPI power button; the guest decides what to do."""
+        inst = self._inst
+        if inst is not None:
+            inst.pm.press_power_button()
+
+    def post_event(self, kind: str, detail: str = "", generation: int | None = None) -> None:
+        """Report ``poweroff``/``reset``/``shutdown``/``error``/``quit``; callable from any thread."""
+        loop, events = self._loop, self._events
+        if loop is None or events is None:
+            return
+        gen = self._generation if generation is None else generation
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (gen, kind, detail))
+        except RuntimeError:
+            pass  # loop closed
+
+    async def __aenter__(self) -> Machine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- internals ---------------------------------------------------------------
+
+    def _set_state(self, new: Runstate) -> None:
+        if new not in TRANSITIONS[self.runstate]:
+            raise RuntimeError(f"machine cannot go from {self.runstate.value} to {new.value}")
+        self.runstate = new
+
+    def _boot(self) -> None:
+        assert self._builder is not None
+        self._generation += 1
+        gen = self._generation
+        inst = self._builder.build()
+        self._inst = inst
+        self.boots += 1
+        self._threads = []
+        for vcpu in inst.vcpus:
+            t = threading.Thread(
+                target=self._vcpu_main, args=(inst, vcpu.index, gen), name=f"CPU {vcpu.index}/KVM", daemon=True
+            )
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    def _vcpu_main(self, inst: Instance, index: int, gen: int) -> None:
+        vcpu = inst.vcpus[index]
+        try:
+            result = vcpu.run(inst.vm.pio_bus, inst.vm.mmio_bus)
+        except Exception as err:  # a bug of ours: end the machine, say why
+            log.exception("vCPU %d crashed", index)
+            result = VcpuExit("error", f"vCPU {index}: {err!r}")
+        if result.kind != "stopped":
+            self.post_event(result.kind, f"vCPU {index}: {result.detail}", gen)
+
+    async def _event_loop(self) -> None:
+        assert self._events is not None
+        while self.runstate in (Runstate.RUNNING, Runstate.REBOOTING):
+            gen, kind, detail = await self._events.get()
+            if gen != self._generation and kind != "quit":
+                continue  # from a boot already torn down
+            log.debug("machine event %s: %s", kind, detail)
+            if kind == "poweroff":
+                await self._end(EXIT_OK, f"guest powered off ({detail})")
+            elif kind in ("reset", "shutdown"):
+                if self.config.no_reboot:
+                    await self._end(EXIT_OK, f"guest reset with -no-reboot ({detail})")
+                else:
+                    await self._reboot(detail)
+            elif kind == "quit":
+                await self._end(EXIT_OK, detail)
+            else:
+                log.error("guest stopped: %s", detail)
+                await self._end(EXIT_ERROR, detail)
+
+    async def _reboot(self, detail: str) -> None:
+        log.info("rebooting: %s", detail)
+        self._set_state(Runstate.REBOOTING)
+        await self._teardown()
+        try:
+            self._boot()
+        except Exception as err:
+            log.error("reboot failed: %s", err)
+            await self._end(EXIT_ERROR, f"reboot failed: {err}")
+            return
+        self._set_state(Runstate.RUNNING)
+
+    async def _end(self, code: int, reason: str) -> None:
+        self._set_state(Runstate.STOPPING)
+        await self._finish(code, reason)
+
+    async def _finish(self, code: int, reason: str) -> None:
+        await self._teardown()
+        await self.console.close()
+        if self._own_kvm and self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+        self.exit_code = code
+        self.exit_reason = reason
+        self.runstate = Runstate.STOPPED
+        if self._done is not None:
+            self._done.set()
+
+    async def _teardown(self) -> None:
+        inst, threads = self._inst, self._threads
+        self._inst, self._threads = None, []
+        self._generation += 1
+        if inst is None:
+            return
+        for vcpu in inst.vcpus:
+            vcpu.kick()
+
+        def join() -> bool:
+            for t in threads:
+                t.join(5.0)
+            return all(not t.is_alive() for t in threads)
+
+        if not await asyncio.to_thread(join):
+            log.error("a vCPU thread did not stop; leaking its VM")
+            return
+        # Output the guest wrote just before stopping is still pending.
+        self.console.output  # noqa: B018  (flushes)
+        inst.close()
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.config.name or self.config.kernel.name} {self.runstate.value}>"
+
+    def stats(self) -> dict[str, Any]:
+        inst = self._inst
+        return {
+            "runstate": self.runstate.value,
+            "boots": self.boots,
+            "vcpu_exits": [v.exits for v in inst.vcpus] if inst else [],
+        }
