@@ -1,0 +1,190 @@
+"""DNS proxy at the ``dns=`` address (RFC 1035): local names answered here, the rest forwarded.
+
+Upstream servers come from the host's ``/etc/resolv.conf`` (IPv4 entries), or
+from the config for tests. Each forwarded query gets a fresh transaction id of
+ours, so ids chosen by the guest can neither collide with each other nor be
+used to inject answers; pending queries are bounded and time out.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.nat.stack import UserNetwork
+
+DNS_PORT = 53
+QUERY_TIMEOUT = 5.0
+MAX_PENDING = 512
+_HEADER = struct.Struct("!HHHHHH")
+TYPE_A = 1
+TYPE_ANY = 255
+CLASS_IN = 1
+
+
+def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """IPv4 ``nameserver`` lines of a resolv.conf (resolv.conf(5))."""
+    servers: list[tuple[str, int]] = []
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return servers
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                socket.inet_aton(parts[1])
+            except OSError:
+                continue
+            servers.append((parts[1], DNS_PORT))
+    return servers
+
+
+def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
+    """(id, flags, name, qtype, qclass, end offset) of a one-question query, or None."""
+    if len(msg) < _HEADER.size:
+        return None
+    qid, flags, qd, _an, _ns, _ar = _HEADER.unpack_from(msg)
+    if flags & 0x8000 or qd != 1:
+        return None
+    labels: list[str] = []
+    i = _HEADER.size
+    while True:
+        if i >= len(msg):
+            return None
+        n = msg[i]
+        if n == 0:
+            i += 1
+            break
+        if n & 0xC0 or i + 1 + n > len(msg):
+            return None  # a query's only name cannot be compressed
+        labels.append(msg[i + 1 : i + 1 + n].decode("ascii", "replace").lower())
+        i += 1 + n
+        if len(labels) > 127:
+            return None
+    if i + 4 > len(msg):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", msg, i)
+    return qid, flags, ".".join(labels), qtype, qclass, i + 4
+
+
+def answer(msg: bytes, qend: int, qid: int, flags: int, addr: bytes | None, qtype: int) -> bytes:
+    """A response echoing the question with one A record (or none: NODATA)."""
+    rd = flags & 0x0100
+    with_a = addr is not None and qtype in (TYPE_A, TYPE_ANY)
+    head = _HEADER.pack(qid, 0x8400 | 0x0080 | rd, 1, 1 if with_a else 0, 0, 0)
+    body = msg[_HEADER.size : qend]
+    if with_a:
+        assert addr is not None
+        body += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, 3600, 4) + addr
+    return head + body
+
+
+class DnsProxy:
+    def __init__(self, net: UserNetwork) -> None:
+        self.net = net
+        cfg = net.config
+        self.servers = list(cfg.nameservers) if cfg.nameservers is not None else host_nameservers()
+        self.local: dict[str, bytes] = {}
+        for name in ("gateway", "_gateway", "host"):
+            self.local[name] = cfg.host.packed
+        self.local["dns"] = cfg.dns.packed
+        for name, addr in cfg.hosts.items():
+            self.local[name.lower().rstrip(".")] = addr.packed
+        if cfg.domainname:
+            for name, packed in list(self.local.items()):
+                self.local[f"{name}.{cfg.domainname.lower()}"] = packed
+        self._sock: socket.socket | None = None
+        self._pending: dict[int, tuple[bytes, int, int, bytes, float, tuple[str, int]]] = {}
+        self._next_id = int.from_bytes(os.urandom(2), "big")
+
+    def input(self, src: bytes, sport: int, dst: bytes, payload: memoryview) -> None:
+        c = self.net.stats
+        msg = bytes(payload)
+        q = parse_question(msg)
+        if q is None:
+            c.dns_dropped += 1
+            return
+        qid, flags, name, qtype, _qclass, qend = q
+        addr = self.local.get(name)
+        if addr is not None:
+            c.dns_local += 1
+            self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype))
+            return
+        self._forward(src, sport, dst, msg, qid)
+
+    def _forward(self, src: bytes, sport: int, dst: bytes, msg: bytes, qid: int) -> None:
+        c = self.net.stats
+        if not self.servers:
+            c.dns_dropped += 1
+            return
+        self._expire(time.monotonic())
+        if len(self._pending) >= MAX_PENDING:
+            c.dns_dropped += 1
+            return
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)
+            self.net.loop.add_reader(self._sock.fileno(), self._readable)
+        for _ in range(8):
+            our_id = self._next_id = (self._next_id + 1) & 0xFFFF
+            if our_id not in self._pending:
+                break
+        else:
+            c.dns_dropped += 1
+            return
+        server = self.servers[0]
+        self._pending[our_id] = (src, sport, qid, dst, time.monotonic() + QUERY_TIMEOUT, server)
+        try:
+            self._sock.sendto(struct.pack("!H", our_id) + msg[2:], server)
+            c.dns_forwarded += 1
+        except OSError:
+            del self._pending[our_id]
+            c.dns_dropped += 1
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        for _ in range(64):
+            try:
+                data, peer = self._sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            if len(data) < _HEADER.size:
+                continue
+            our_id = int.from_bytes(data[:2], "big")
+            p = self._pending.get(our_id)
+            if p is None or p[5] != (peer[0], peer[1]):
+                self.net.stats.dns_dropped += 1
+                continue
+            del self._pending[our_id]
+            src, sport, qid, dst, _deadline, _server = p
+            self._reply(src, sport, dst, struct.pack("!H", qid) + data[2:])
+
+    def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
+        self.net.emit_udp(guest, gport, dns_ip, DNS_PORT, msg)
+
+    def _expire(self, now: float) -> None:
+        for k in [k for k, p in self._pending.items() if p[4] < now]:
+            del self._pending[k]
+
+    def expire(self, now: float) -> None:
+        self._expire(now)
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self.net.loop.remove_reader(self._sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self._sock.close()
+            self._sock = None

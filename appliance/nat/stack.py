@@ -1,0 +1,388 @@
+"""``UserNetwork``: the user-mode stack as a :class:`~appliance.net.backend.FrameBackend`.
+
+The guest's frames arrive through :meth:`UserNetwork.send` and are handled to
+completion synchronously (ARP, DHCP, DNS, ICMP, UDP, TCP); what the stack has
+for the guest waits in one bounded queue drained by :meth:`recv_into`. Host
+sockets are served by the asyncio loop that :meth:`start` runs on. Nothing a
+guest sends can raise out of :meth:`send`: malformed input is counted and
+dropped, and any internal failure is caught at that boundary and counted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from appliance.nat import arp
+from appliance.nat.config import UserNetConfig
+from appliance.nat.dhcp import CLIENT_PORT, SERVER_PORT, DhcpServer
+from appliance.nat.dns import DNS_PORT, DnsProxy
+from appliance.nat.frames import (
+    ETH_HLEN,
+    ETH_P_ARP,
+    ETH_P_IPV4,
+    IP_MF,
+    IP_OFFMASK,
+    IPPROTO_ICMP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Ipv4,
+    build_ipv4,
+    build_udp,
+    parse_arp,
+    parse_eth,
+    parse_ipv4,
+    parse_udp,
+)
+from appliance.nat.icmp import Icmp
+from appliance.nat.ipv4 import Reassembler
+from appliance.nat.stats import Counters, FlowInfo
+from appliance.nat.tcp_nat import TcpNat
+from appliance.nat.udp_nat import UdpNat
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_LIMIT = 2048
+_LOOPBACK = b"\x7f\x00\x00\x01"
+_LOG_INTERVAL = 10.0
+
+
+class UserNetwork:
+    """The outside world of one guest NIC: a router, DHCP and DNS server, and NAT.
+
+    :param config: the parsed ``-netdev user`` options.
+    :param queue_limit: frames the stack may hold for the guest before dropping.
+    """
+
+    vnet_hdr_len = 0
+
+    def __init__(self, config: UserNetConfig | None = None, *, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
+        self.config = config or UserNetConfig()
+        cfg = self.config
+        self.stats = Counters()
+        self.host_mac = cfg.host_mac
+        self.gateway_ip = cfg.host.packed
+        self.dns_ip = cfg.dns.packed
+        self.local_ips = {self.gateway_ip, self.dns_ip} | {g.server.packed for g in cfg.guestfwd}
+        self._net_int = int(cfg.net.network_address)
+        self._mask_int = int(cfg.net.netmask)
+        self._bcast = cfg.net.broadcast_address.packed
+        self.guest_mac: bytes | None = None
+        self.arp_table = arp.ArpTable()
+        self.queue_limit = queue_limit
+        self._out: collections.deque[bytes | bytearray] = collections.deque()
+        self._ready: Callable[[], None] | None = None
+        self._ready_pending = False
+        self._space_waiters: dict[object, Callable[[], None]] = {}
+        self._kick_pending = False
+        self._ident = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._last_log = 0.0
+        self._closed = False
+        self.reassembler = Reassembler()
+        self.icmp = Icmp(self)
+        self.dhcp = DhcpServer(self)
+        self.dns = DnsProxy(self)
+        self.udp = UdpNat(self)
+        self.tcp = TcpNat(self)
+
+    # -- lifecycle -------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def start(self) -> None:
+        """Bind the ``hostfwd`` listeners and start timers on the running loop.
+
+        :raises NatError: when a forward's host port cannot be bound.
+        """
+        self._loop = asyncio.get_running_loop()
+        try:
+            for fwd in self.config.hostfwd:
+                if fwd.proto == "udp":
+                    self.udp.listen(fwd)
+                else:
+                    await self.tcp.listen(fwd)
+        except BaseException:
+            await self.stop()
+            raise
+        self._housekeeping = self._loop.call_later(1.0, self._tick)
+
+    async def stop(self) -> None:
+        self.close()
+        await self.tcp.wait_closed()
+
+    async def __aenter__(self) -> UserNetwork:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        self.tcp.close()
+        self.udp.close()
+        self.icmp.close()
+        self.dns.close()
+        self._out.clear()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        try:
+            self.reassembler.expire(now)
+            self.udp.expire(now)
+            self.icmp.expire(now)
+            self.dns.expire(now)
+            self.tcp.expire(now)
+        except Exception:  # noqa: BLE001 - housekeeping must outlive any bug
+            self._internal_error()
+        if not self._closed:
+            self._housekeeping = self.loop.call_later(1.0, self._tick)
+
+    # -- FrameBackend ----------------------------------------------------
+    def set_ready_callback(self, ready: Callable[[], None]) -> None:
+        self._ready = ready
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        """Frames are built whole with checksums, so offloads change nothing here."""
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        if not self._out:
+            return -1
+        frame = self._out.popleft()
+        n = len(frame)
+        self.stats.tx_frames += 1
+        if len(bufs) == 1:
+            b = bufs[0]
+            k = min(len(b), n)
+            b[:k] = memoryview(frame)[:k]
+        else:
+            off = 0
+            mv = memoryview(frame)
+            for b in bufs:
+                if off >= n:
+                    break
+                k = min(len(b), n - off)
+                b[:k] = mv[off : off + k]
+                off += k
+        if self._space_waiters and not self._kick_pending and len(self._out) <= self.queue_limit // 2:
+            self._kick_pending = True
+            self.loop.call_soon(self._kick)
+        return n
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        if self._closed:
+            return False
+        frame = bytes(bufs[0]) if len(bufs) == 1 else b"".join(bufs)  # the one copy out of the guest
+        self.stats.rx_frames += 1
+        try:
+            self._input(memoryview(frame))
+        except Exception:  # noqa: BLE001 - no guest input may escape the frame boundary
+            self._internal_error()
+        return True
+
+    # -- output helpers used by the protocol modules ---------------------
+    def output(self, frame: bytes | bytearray) -> bool:
+        """Queue one frame for the guest; False (and counted) when the queue is full."""
+        if len(self._out) >= self.queue_limit or self._closed:
+            self.stats.tx_queue_drops += 1
+            return False
+        self._out.append(frame)
+        if len(self._out) == 1 and self._ready is not None and not self._ready_pending:
+            self._ready_pending = True
+            self.loop.call_soon(self._call_ready)
+        return True
+
+    def tx_space(self) -> int:
+        return self.queue_limit - len(self._out)
+
+    def wait_tx_space(self, who: object, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` once the guest has drained the queue to half."""
+        self._space_waiters[who] = wake
+
+    def _kick(self) -> None:
+        self._kick_pending = False
+        waiters, self._space_waiters = self._space_waiters, {}
+        for wake in waiters.values():
+            try:
+                wake()
+            except Exception:  # noqa: BLE001
+                self._internal_error()
+
+    def _call_ready(self) -> None:
+        self._ready_pending = False
+        if self._ready is not None and self._out:
+            self._ready()
+
+    def next_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+    def mac_for(self, ip: bytes) -> bytes | None:
+        """The guest MAC for ``ip``; on a miss, ask with ARP and fall back to the last guest MAC."""
+        mac = self.arp_table.lookup(ip)
+        if mac is not None:
+            return mac
+        self.output(arp.request_for(self.host_mac, self.gateway_ip, ip))
+        return self.guest_mac
+
+    def emit_ipv4(self, dst: bytes, src: bytes, proto: int, payload: bytes | bytearray) -> bool:
+        mac = self.mac_for(dst)
+        if mac is None:
+            self.stats.tx_queue_drops += 1
+            return False
+        frame = build_ipv4(mac, self.host_mac, src, dst, proto, len(payload), ident=self.next_ident())
+        frame += payload
+        return self.output(frame)
+
+    def emit_udp(self, dst: bytes, dport: int, src: bytes, sport: int, payload: bytes | bytearray) -> bool:
+        mac = self.mac_for(dst)
+        if mac is None:
+            self.stats.tx_queue_drops += 1
+            return False
+        if len(payload) > 65535 - 28:
+            self.stats.udp_dropped += 1
+            return False
+        return self.output(build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident()))
+
+    def in_net(self, ip: bytes) -> bool:
+        return int.from_bytes(ip, "big") & self._mask_int == self._net_int
+
+    def routable(self, dst: bytes) -> bool:
+        """Whether guest traffic to ``dst`` may leave through a host socket."""
+        if dst == self.gateway_ip:
+            return True
+        if self.in_net(dst) or dst == b"\xff\xff\xff\xff" or dst[0] >= 224 or dst[0] == 0:
+            return False
+        return True
+
+    def host_side(self, dst: bytes) -> bytes:
+        """The address a host socket uses for ``dst``: the gateway means host loopback (as QEMU)."""
+        return _LOOPBACK if dst == self.gateway_ip else dst
+
+    # -- input -----------------------------------------------------------
+    def _input(self, frame: memoryview) -> None:
+        c = self.stats
+        eth = parse_eth(frame)
+        if eth is None:
+            c.truncated += 1
+            return
+        dst_mac, src_mac, ethertype = eth
+        if src_mac[0] & 1:
+            c.not_for_us += 1
+            return
+        if dst_mac != self.host_mac and dst_mac != b"\xff\xff\xff\xff\xff\xff":
+            c.not_for_us += 1
+            return
+        body = frame[ETH_HLEN:]
+        if ethertype == ETH_P_IPV4:
+            self._ipv4_input(body, src_mac)
+        elif ethertype == ETH_P_ARP:
+            self._arp_input(body, src_mac)
+        else:
+            c.unsupported += 1
+
+    def _arp_input(self, body: memoryview, src_mac: bytes) -> None:
+        a = parse_arp(body)
+        if a is None:
+            self.stats.truncated += 1
+            return
+        if a.sha != src_mac:
+            self.stats.not_for_us += 1
+            return
+        if self.in_net(a.spa) and a.spa not in self.local_ips:
+            self.arp_table.learn(a.spa, a.sha)
+            self.guest_mac = a.sha
+        if a.op == arp.ARP_REQUEST and a.tpa in self.local_ips:
+            self.stats.arp_replies += 1
+            self.output(arp.reply_for(a.sha, a.spa, self.host_mac, a.tpa))
+
+    def _ipv4_input(self, body: memoryview, src_mac: bytes) -> None:
+        c = self.stats
+        ip = parse_ipv4(body)
+        if ip is None:
+            if len(body) >= 20:
+                c.bad_checksum += 1
+            else:
+                c.truncated += 1
+            return
+        if ip.src == b"\0\0\0\0":
+            # Only a DHCP client without an address may send from 0.0.0.0 (RFC 2131 §4.1).
+            if ip.proto == IPPROTO_UDP and not ip.frag & (IP_MF | IP_OFFMASK):
+                u = parse_udp(ip)
+                if u is not None and u[1] == SERVER_PORT:
+                    self.guest_mac = src_mac
+                    self.dhcp.input(u[2])
+                    return
+            c.not_for_us += 1
+            return
+        if not self.in_net(ip.src) or ip.src in self.local_ips or ip.src == self._bcast:
+            c.not_for_us += 1
+            return
+        self.arp_table.learn(ip.src, src_mac)
+        self.guest_mac = src_mac
+        if ip.frag & (IP_MF | IP_OFFMASK):
+            whole = self.reassembler.add(ip)
+            c.frag_dropped = self.reassembler.dropped
+            if whole is None:
+                return
+            c.frag_reassembled += 1
+            ip = whole
+        if ip.proto == IPPROTO_TCP:
+            self.tcp.input(ip, src_mac)
+        elif ip.proto == IPPROTO_UDP:
+            self._udp_input(ip)
+        elif ip.proto == IPPROTO_ICMP:
+            self.icmp.input(ip)
+        else:
+            c.unsupported += 1
+
+    def _udp_input(self, ip: Ipv4) -> None:
+        c = self.stats
+        u = parse_udp(ip)
+        if u is None:
+            if len(ip.payload) >= 8:
+                c.bad_checksum += 1
+            else:
+                c.truncated += 1
+            return
+        sport, dport, payload = u
+        if dport == SERVER_PORT and sport == CLIENT_PORT:
+            self.dhcp.input(payload)
+        elif ip.dst == self.dns_ip:
+            if dport == DNS_PORT:
+                self.dns.input(ip.src, sport, ip.dst, payload)
+            else:
+                c.not_for_us += 1
+        else:
+            self.udp.input(ip.src, sport, ip.dst, dport, payload)
+
+    def _internal_error(self) -> None:
+        self.stats.errors += 1
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_INTERVAL:
+            self._last_log = now
+            log.exception("user-mode network: internal error handling a frame")
+
+    # -- observability ---------------------------------------------------
+    def flows(self) -> list[FlowInfo]:
+        """The flow table (``info usernet``)."""
+        return self.tcp.flows() + self.udp.flows()
+
+    def counters(self) -> dict[str, int]:
+        """Drop and error counters by name (see :class:`~appliance.nat.stats.Counters`)."""
+        return self.stats.as_dict()
+
+    def queued(self) -> int:
+        return len(self._out)

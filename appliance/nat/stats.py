@@ -1,0 +1,67 @@
+"""Counters and the per-flow table (the data behind QEMU's ``info usernet``).
+
+Every frame the stack refuses lands in exactly one named counter, so tests
+and operators can tell "the guest sent garbage" from "the host was slow".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class Counters:
+    rx_frames: int = 0  # guest → stack
+    tx_frames: int = 0  # stack → guest (delivered through recv_into)
+    tx_queue_drops: int = 0  # outgoing queue to the guest was full
+    truncated: int = 0  # shorter than its headers say
+    bad_checksum: int = 0
+    not_for_us: int = 0  # wrong MAC, unknown ethertype, spoofed source
+    unsupported: int = 0  # protocol or option we do not handle
+    frag_reassembled: int = 0
+    frag_dropped: int = 0  # overlaps, timeouts, too many, too large
+    arp_replies: int = 0
+    icmp_echo_local: int = 0
+    icmp_echo_forwarded: int = 0
+    icmp_unpermitted: int = 0  # host forbids unprivileged ping sockets
+    dhcp_replies: int = 0
+    dhcp_bad: int = 0
+    dns_local: int = 0
+    dns_forwarded: int = 0
+    dns_dropped: int = 0
+    udp_flows: int = 0
+    udp_dropped: int = 0
+    tcp_conns: int = 0
+    tcp_refused: int = 0  # host connect failed → RST to the guest
+    tcp_syn_dropped: int = 0  # connection limits (SYN flood)
+    tcp_rst_sent: int = 0
+    tcp_retransmits: int = 0
+    tcp_bad: int = 0  # out-of-window, bad ACK, challenge ACKs
+    restricted: int = 0  # restrict=on refused a flow
+    errors: int = 0  # internal failures caught at the frame boundary
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowInfo:
+    """One row of the flow table, like ``info usernet``."""
+
+    proto: str  # "TCP", "TCP[HOST_FORWARD]", "UDP", "UDP[HOST_FORWARD]", "ICMP"
+    state: str
+    host_addr: str  # the host-side socket (local or remote end, as QEMU shows)
+    host_port: int
+    guest_addr: str
+    guest_port: int
+    recv_q: int  # bytes waiting to go to the host
+    send_q: int  # bytes waiting to go to the guest (including unacked)
+
+    def line(self) -> str:
+        return (
+            f"  {self.proto:<18} {self.state:<12} {self.host_addr:>15} {self.host_port:5d} "
+            f"{self.guest_addr:>15} {self.guest_port:5d} {self.recv_q:6d} {self.send_q:6d}"
+        )
+
+
+HEADER = "  Protocol[State]    FD-state     Source Address  Port   Dest. Address  Port RecvQ SendQ"

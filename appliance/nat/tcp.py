@@ -1,0 +1,759 @@
+"""A TCP endpoint facing the guest (RFC 9293), whose other end is a host socket.
+
+The guest talks to a real TCP implementation: three-way handshake, MSS and
+window scaling (RFC 7323 §2), cumulative ACKs, retransmission with an RTT
+estimate and exponential backoff (RFC 6298), fast retransmit on three
+duplicate ACKs with a NewReno-style congestion window (RFC 5681), an
+out-of-order queue bounded by the advertised window, FIN and RST both ways,
+half-close, zero-window probing (RFC 9293 §3.8.6.1) and RST/SYN checks
+against blind injection (RFC 5961).
+
+Sequence numbers are kept as unbounded integers counted from the initial
+sequence numbers, so comparisons are plain ``<``; they are wrapped to 32 bits
+only on the wire.
+
+Memory is bounded both ways: bytes from the host wait in a send buffer of at
+most ``SNDBUF`` (the host socket stops being read when it is full), and bytes
+from the guest are accepted only inside a window that is the free room in the
+host socket's write buffer, so a slow host reader closes the guest's window
+instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from appliance.nat.frames import IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
+
+if TYPE_CHECKING:
+    from appliance.nat.stack import UserNetwork
+
+M32 = 0xFFFFFFFF
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+OUR_MSS = 1460  # Ethernet MTU 1500 - 40
+DEFAULT_GUEST_MSS = 536  # RFC 9293 §3.7.1: assume this without an MSS option
+RCVBUF = 512 * 1024
+RCV_WSCALE = 4  # 65535 << 4 covers RCVBUF
+SNDBUF = 512 * 1024
+INITIAL_RTO = 1.0
+MIN_RTO = 0.2
+MAX_RTO = 60.0
+MAX_RETRIES = 10
+MAX_SYN_RETRIES = 5
+MAX_PROBES = 15
+MAX_OOO_SEGMENTS = 256
+TIME_WAIT = 2.0
+ACK_EVERY = 8 * OUR_MSS
+
+_TCP = struct.Struct("!HHIIHHHH")
+
+CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT, CLOSING, LAST_ACK, \
+    TIME_WAIT_STATE, CLOSED = range(11)  # fmt: skip
+STATE_NAMES = (
+    "CONNECTING", "SYN_SENT", "SYN_RCVD", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2",
+    "CLOSE_WAIT", "CLOSING", "LAST_ACK", "TIME_WAIT", "CLOSED",
+)  # fmt: skip
+_SYNCHRONIZED = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT_STATE})
+_CAN_SEND = frozenset({ESTABLISHED, CLOSE_WAIT})
+_CAN_RECV = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
+
+
+class HostTransport(Protocol):
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def get_write_buffer_size(self) -> int: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+class Owner(Protocol):
+    """What a connection needs from its table (:class:`appliance.nat.tcp_nat.TcpNat`)."""
+
+    def forget(self, conn: TcpConn) -> None: ...
+    def ack_later(self, conn: TcpConn) -> None: ...
+
+
+def parse_options(opts: bytes) -> tuple[int | None, int | None]:
+    """(MSS, window scale) from SYN options (RFC 9293 §3.1, RFC 7323 §2.2); malformed → ignored."""
+    mss = wscale = None
+    i = 0
+    while i < len(opts):
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(opts):
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > len(opts):
+            break
+        if kind == 2 and length == 4:
+            mss = int.from_bytes(opts[i + 2 : i + 4], "big")
+        elif kind == 3 and length == 3:
+            wscale = min(opts[i + 2], 14)  # RFC 7323 §2.3: larger shifts are treated as 14
+        i += length
+    return mss, wscale
+
+
+def unwrap(wire: int, base: int, ref: int) -> int:
+    """The unbounded sequence number closest to ``ref`` whose wire form is ``wire``."""
+    d = (wire - base - ref) & M32
+    if d >= 0x80000000:
+        d -= 0x100000000
+    return ref + d
+
+
+class TcpConn:
+    """One guest-facing TCP connection.
+
+    ``gip:gport`` is the guest, ``rip:rport`` the remote end as the guest sees it.
+    """
+
+    def __init__(
+        self,
+        net: UserNetwork,
+        owner: Owner,
+        gip: bytes,
+        gport: int,
+        rip: bytes,
+        rport: int,
+        *,
+        inbound: bool,
+    ) -> None:
+        self.net = net
+        self.owner = owner
+        self.key = (gip, gport, rip, rport)
+        self.gip, self.gport, self.rip, self.rport = gip, gport, rip, rport
+        self.inbound = inbound
+        self.state = SYN_SENT if inbound else CONNECTING
+        self.transport: HostTransport | None = None
+        self.mac: bytes | None = None
+        self._pseudo = int.from_bytes(rip, "big") + int.from_bytes(gip, "big") + IPPROTO_TCP
+        self._loop = net.loop
+        self.created = time.monotonic()
+        # Send side: sequence numbers relative to our ISS; SYN is seq 0.
+        self.iss = int.from_bytes(os.urandom(4), "big")
+        self.snd_una = 0
+        self.snd_nxt = 0
+        self.snd_max = 0
+        self.snd_wnd = 0
+        self.snd_wl1 = -1
+        self.snd_wl2 = 0
+        self.snd_shift = 0
+        self.mss = DEFAULT_GUEST_MSS
+        self.sndbuf = bytearray()
+        self._sndoff = 0  # bytes at the front of sndbuf already acknowledged
+        self.fin_queued = False  # the host finished sending
+        self.cwnd = 10 * OUR_MSS
+        self.ssthresh = 1 << 30
+        self.dupacks = 0
+        self.recover = 0
+        # Receive side: relative to the guest's ISN; its SYN is seq 0.
+        self.irs = 0
+        self.rcv_nxt = 0
+        self.rcv_shift = 0
+        self.ws_ok = False
+        self._ooo: dict[int, bytes] = {}
+        self._ooo_bytes = 0
+        self._acked_to = 0
+        self._adv_edge = 0
+        self.fin_received = False
+        # Timers: one handle, re-armed lazily from a deadline.
+        self.rto = INITIAL_RTO
+        self.srtt = 0.0
+        self.rttvar = 0.0
+        self._rtt_seq = -1
+        self._rtt_time = 0.0
+        self.retries = 0
+        self.probes = 0
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.host_paused = False
+        self.host_gone = False
+        self._window_limited = False
+        self.retransmits = 0
+        self._probe_end = 0  # a zero-window probe byte the guest may acknowledge
+
+    # -- accounting ------------------------------------------------------
+    def _data_end(self) -> int:
+        base = max(self.snd_una, 1)
+        return base + len(self.sndbuf) - self._sndoff
+
+    def send_queue(self) -> int:
+        return len(self.sndbuf) - self._sndoff
+
+    def recv_queue(self) -> int:
+        t = self.transport
+        return (t.get_write_buffer_size() if t is not None else 0) + self._ooo_bytes
+
+    def _rcv_space(self) -> int:
+        t = self.transport
+        buffered = t.get_write_buffer_size() if t is not None and not self.host_gone else 0
+        return max(0, RCVBUF - buffered - self._ooo_bytes)
+
+    def _window_field(self) -> int:
+        space = self._rcv_space()
+        # Never move the right edge left (RFC 9293 §3.8.6.2.2).
+        edge = max(self.rcv_nxt + space, self._adv_edge)
+        self._adv_edge = edge
+        space = edge - self.rcv_nxt
+        return min(space >> self.rcv_shift, 0xFFFF)
+
+    # -- building segments -----------------------------------------------
+    def _emit(self, flags: int, seq: int, payload: bytes | bytearray | memoryview = b"", opts: bytes = b"") -> bool:
+        mac = self.mac
+        if mac is None:
+            mac = self.mac = self.net.mac_for(self.gip)
+            if mac is None:
+                return False
+        hlen = 20 + len(opts)
+        n = len(payload)
+        frame = build_ipv4(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n,
+                           ident=self.net.next_ident(), frag=IP_DF)  # fmt: skip
+        if flags & ACK:
+            ack_wire = (self.irs + self.rcv_nxt) & M32
+            self._acked_to = self.rcv_nxt
+        else:
+            ack_wire = 0
+        if flags & SYN:
+            win = min(self._rcv_space(), 0xFFFF)  # never scaled in a SYN (RFC 7323 §2.2)
+            self._adv_edge = max(self._adv_edge, self.rcv_nxt + win)
+        else:
+            win = self._window_field()
+        frame += _TCP.pack(
+            self.rport, self.gport, (self.iss + seq) & M32, ack_wire,
+            (hlen << 10) | flags, win, 0, 0,
+        )  # fmt: skip
+        if opts:
+            frame += opts
+        if n:
+            frame += payload
+        total = self._pseudo + hlen + n + ones_sum(memoryview(frame)[34:])
+        struct.pack_into("!H", frame, 50, fold(total))
+        return self.net.output(frame)
+
+    def send_ack(self) -> None:
+        self._emit(ACK, self.snd_nxt)
+
+    def send_rst(self) -> None:
+        self.net.stats.tcp_rst_sent += 1
+        self._emit(RST | ACK, self.snd_nxt)
+
+    def _syn_options(self) -> bytes:
+        opts = struct.pack("!BBH", 2, 4, OUR_MSS)
+        if self.inbound or self.ws_ok:
+            opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
+        return opts
+
+    def _send_syn(self) -> None:
+        flags = SYN if self.state == SYN_SENT else SYN | ACK
+        self._emit(flags, 0, opts=self._syn_options())
+        self.snd_nxt = max(self.snd_nxt, 1)
+        self.snd_max = max(self.snd_max, 1)
+        self._arm(self.rto)
+
+    # -- timers ----------------------------------------------------------
+    def _arm(self, delay: float) -> None:
+        self._deadline = time.monotonic() + delay
+        if self._timer is None or self._timer_at > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        self._deadline = 0.0
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._deadline == 0.0 or self.state == CLOSED:
+            return
+        now = time.monotonic()
+        if now < self._deadline:
+            delay = self._deadline - now
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
+            return
+        self._deadline = 0.0
+        try:
+            self._timeout()
+        except Exception:  # noqa: BLE001 - a timer must not kill the loop
+            self.net._internal_error()
+
+    def _timeout(self) -> None:
+        if self.state == TIME_WAIT_STATE:
+            self._finish()
+            return
+        flight = self.snd_nxt - self.snd_una
+        if flight == 0 and self.state in _CAN_SEND and self.snd_wnd == 0 and self.send_queue():
+            self._probe()
+            return
+        if flight == 0 and self.state not in (SYN_SENT, SYN_RCVD):
+            return
+        self.retries += 1
+        limit = MAX_SYN_RETRIES if self.state in (SYN_SENT, SYN_RCVD) else MAX_RETRIES
+        if self.retries > limit:
+            self.abort(send_rst=True)
+            return
+        self.net.stats.tcp_retransmits += 1
+        self.retransmits += 1
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self._rtt_seq = -1  # Karn: no RTT samples from retransmitted data
+        if self.state in (SYN_SENT, SYN_RCVD):
+            self._send_syn()
+            return
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.mss
+        self.dupacks = 0
+        self.recover = self.snd_max
+        self.snd_nxt = self.snd_una  # go back N
+        self.output()
+        if self.snd_nxt == self.snd_una:
+            self._arm(self.rto)
+
+    def _probe(self) -> None:
+        """Zero-window probe: one byte past the window, never counted as sent."""
+        self.probes += 1
+        if self.probes > MAX_PROBES:
+            self.abort(send_rst=True)
+            return
+        off = self._sndoff + (self.snd_nxt - self.snd_una)
+        self._emit(ACK, self.snd_nxt, memoryview(self.sndbuf)[off : off + 1])
+        self._probe_end = max(self._probe_end, self.snd_nxt + 1)
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self._arm(self.rto)
+
+    # -- host side events ------------------------------------------------
+    def host_connected(self, transport: HostTransport) -> None:
+        """The outbound connect succeeded: answer the guest's SYN."""
+        self.transport = transport
+        self.state = SYN_RCVD
+        self._send_syn()
+
+    def host_data(self, data: bytes) -> None:
+        self.sndbuf += data
+        if self.send_queue() >= SNDBUF and not self.host_paused and self.transport is not None:
+            self.host_paused = True
+            self.transport.pause_reading()
+        self.output()
+
+    def host_eof(self) -> None:
+        self.fin_queued = True
+        self.output()
+
+    def host_lost(self, exc: Exception | None) -> None:
+        self.host_gone = True
+        self.transport = None
+        if self.state == CLOSED:
+            return
+        if exc is not None and not self.fin_queued:
+            self.abort(send_rst=True)  # a host RST becomes a guest RST
+            return
+        self.fin_queued = True
+        if self.state in (SYN_SENT, CONNECTING):
+            self._finish()
+            return
+        self.output()
+
+    def host_drained(self) -> None:
+        if self._window_limited:
+            self._window_limited = False
+            self.send_ack()
+
+    # -- guest segments --------------------------------------------------
+    def input(self, seq_w: int, ack_w: int, flags: int, win: int, payload: memoryview, opts: bytes) -> None:
+        st = self.state
+        if st == CONNECTING:
+            if flags & RST:
+                self._finish()
+            return  # retransmitted SYNs wait for the host connect
+        if st == SYN_SENT:
+            self._input_syn_sent(seq_w, ack_w, flags, win, opts)
+            return
+        seq = unwrap(seq_w, self.irs, self.rcv_nxt)
+        n = len(payload)
+        if flags & SYN and st == SYN_RCVD and seq == 0:
+            self._send_syn()  # our SYN-ACK was lost
+            return
+        # RFC 9293 §3.10.7.4 first check: is the segment in the window?
+        wnd = max(self._adv_edge - self.rcv_nxt, 0)
+        seglen = n + (1 if flags & FIN else 0)
+        if not self._acceptable(seq, seglen, wnd):
+            if not flags & RST:
+                self.net.stats.tcp_bad += 1
+                self.send_ack()
+            return
+        if flags & RST:
+            if seq == self.rcv_nxt:
+                self.abort(send_rst=False)
+            else:
+                self.net.stats.tcp_bad += 1
+                self.send_ack()  # RFC 5961 §3.2 challenge ACK
+            return
+        if flags & SYN:
+            self.net.stats.tcp_bad += 1
+            self.send_ack()  # RFC 5961 §4.2
+            return
+        if not flags & ACK:
+            return
+        ack = unwrap(ack_w, self.iss, self.snd_una)
+        if st == SYN_RCVD:
+            if ack != 1:
+                self.net.stats.tcp_bad += 1
+                self._emit_rst_for(ack_w)
+                return
+            self.state = st = ESTABLISHED
+            self.snd_una = 1
+            self.retries = 0
+            self._disarm()
+            self.snd_wnd = win << self.snd_shift
+            self.snd_wl1, self.snd_wl2 = seq, ack
+            self.output()
+        if not self._process_ack(ack, seq, win, n, flags):
+            return
+        if self.state == CLOSED:
+            return
+        # Trim what is before rcv_nxt or beyond the window.
+        if seq < self.rcv_nxt:
+            cut = self.rcv_nxt - seq
+            if cut >= n:
+                payload = payload[:0]
+                if flags & FIN and seq + n < self.rcv_nxt:
+                    flags &= ~FIN
+            else:
+                payload = payload[cut:]
+            seq = self.rcv_nxt
+            n = len(payload)
+        if seq + n > self.rcv_nxt + wnd:
+            payload = payload[: max(0, self.rcv_nxt + wnd - seq)]
+            n = len(payload)
+            flags &= ~FIN
+        if n and self.host_gone:
+            # Data after the host socket closed cannot be delivered: reset (RFC 9293 §3.6).
+            self.abort(send_rst=True)
+            return
+        if n and self.state in _CAN_RECV:
+            if seq == self.rcv_nxt:
+                self._deliver(payload)
+                if self._ooo:
+                    self._drain_ooo()
+            else:
+                self._queue_ooo(seq, payload, flags & FIN)
+                self.send_ack()  # duplicate ACK tells the guest what is missing
+                return
+        if flags & FIN and seq + n == self.rcv_nxt and not self.fin_received:
+            self._fin_in()
+            return
+        if self.rcv_nxt - self._acked_to >= ACK_EVERY:
+            self.send_ack()
+        elif self.rcv_nxt != self._acked_to:
+            self.owner.ack_later(self)
+
+    def _acceptable(self, seq: int, seglen: int, wnd: int) -> bool:
+        nxt = self.rcv_nxt
+        if seglen == 0:
+            return (seq == nxt) if wnd == 0 else nxt <= seq < nxt + wnd or seq == nxt
+        if wnd == 0:
+            return False
+        return nxt <= seq < nxt + wnd or nxt <= seq + seglen - 1 < nxt + wnd or (seq < nxt < seq + seglen)
+
+    def _emit_rst_for(self, ack_w: int) -> None:
+        self.net.stats.tcp_rst_sent += 1
+        self._emit(RST, (ack_w - self.iss) & M32)
+
+    def _input_syn_sent(self, seq_w: int, ack_w: int, flags: int, win: int, opts: bytes) -> None:
+        if flags & ACK and (ack_w - self.iss) & M32 != 1:
+            if not flags & RST:
+                self._emit_rst_for(ack_w)
+            return
+        if flags & RST:
+            if flags & ACK:
+                self.abort(send_rst=False)
+            return
+        if not (flags & SYN and flags & ACK):
+            return
+        self.irs = seq_w
+        self.rcv_nxt = 1
+        self._adv_edge = 1
+        mss, ws = parse_options(opts)
+        self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
+        if ws is not None:
+            self.snd_shift = ws
+            self.rcv_shift = RCV_WSCALE
+        self.snd_una = 1
+        self.snd_nxt = max(self.snd_nxt, 1)
+        self.snd_wnd = win << 0  # window in a SYN-ACK is never scaled (RFC 7323 §2.2)
+        self.snd_wl1, self.snd_wl2 = 0, 1
+        self.retries = 0
+        self._disarm()
+        self.state = ESTABLISHED
+        self.rto = INITIAL_RTO
+        self.send_ack()
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self.output()
+
+    def accept_syn(self, seq_w: int, win: int, opts: bytes) -> None:
+        """Record the guest's SYN for an outbound connection."""
+        self.irs = seq_w
+        self.rcv_nxt = 1
+        self._adv_edge = 1
+        mss, ws = parse_options(opts)
+        self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
+        if ws is not None:
+            self.ws_ok = True
+            self.snd_shift = ws
+            self.rcv_shift = RCV_WSCALE
+        self.snd_wnd = win
+
+    def _process_ack(self, ack: int, seq: int, win: int, n: int, flags: int) -> bool:
+        if ack > self.snd_max:
+            if ack <= self._probe_end:
+                self.snd_max = self.snd_nxt = ack
+            else:
+                self.net.stats.tcp_bad += 1
+                self.send_ack()
+                return False
+        wnd = win << self.snd_shift
+        if ack > self.snd_una:
+            self._ack_advance(ack)
+            self.probes = 0
+        elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and \
+                self.snd_max > self.snd_una:  # fmt: skip
+            self.dupacks += 1
+            if self.dupacks == 3:
+                self._fast_retransmit()
+            elif self.dupacks > 3:
+                self.cwnd += self.mss
+                self.output()
+        # RFC 9293 §3.10.7.4: take the window only from segments no older than the last update.
+        if seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2):
+            opened = wnd > self.snd_wnd
+            self.snd_wnd = wnd
+            self.snd_wl1, self.snd_wl2 = seq, ack
+            if wnd:
+                self.probes = 0
+            if opened:
+                self.output()
+        return True
+
+    def _ack_advance(self, ack: int) -> None:
+        acked = ack - self.snd_una
+        data_end = self._data_end()
+        data_acked = min(ack, data_end) - max(self.snd_una, 1) if ack > 1 else 0
+        if data_acked > 0:
+            self._sndoff += data_acked
+            if self._sndoff > 65536 and self._sndoff * 2 > len(self.sndbuf):
+                del self.sndbuf[: self._sndoff]
+                self._sndoff = 0
+        self.snd_una = ack
+        if self.snd_nxt < ack:
+            self.snd_nxt = ack
+        self.retries = 0
+        # RFC 6298 §2: one RTT sample at a time, never from retransmitted data.
+        if self._rtt_seq >= 0 and ack > self._rtt_seq:
+            r = time.monotonic() - self._rtt_time
+            if self.srtt == 0.0:
+                self.srtt, self.rttvar = r, r / 2
+            else:
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+                self.srtt = 0.875 * self.srtt + 0.125 * r
+            self._rtt_seq = -1
+        self.rto = min(max(MIN_RTO, self.srtt + 4 * self.rttvar), MAX_RTO)
+        if self.dupacks >= 3:
+            if ack >= self.recover:
+                self.cwnd = self.ssthresh  # full recovery (RFC 6582 §3.2 step 3)
+                self.dupacks = 0
+            else:
+                self._retransmit_una()  # partial ACK: next hole
+        else:
+            self.dupacks = 0
+            if self.cwnd < self.ssthresh:
+                self.cwnd += acked  # a link inside this host: grow by all that was acked
+            else:
+                self.cwnd += max(1, self.mss * self.mss // self.cwnd)
+        if self.snd_una >= self.snd_max:
+            self._disarm()
+        else:
+            self._arm(self.rto)
+        if self.host_paused and self.send_queue() < SNDBUF // 2 and self.transport is not None:
+            self.host_paused = False
+            self.transport.resume_reading()
+        fin_acked = self.fin_queued and ack == data_end + 1
+        if fin_acked:
+            if self.state == FIN_WAIT_1:
+                self.state = FIN_WAIT_2
+            elif self.state == CLOSING:
+                self._enter_time_wait()
+            elif self.state == LAST_ACK:
+                self._finish()
+                return
+        self.output()
+
+    def _fast_retransmit(self) -> None:
+        flight = self.snd_max - self.snd_una
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh + 3 * self.mss
+        self.recover = self.snd_max
+        self._retransmit_una()
+
+    def _retransmit_una(self) -> None:
+        self.net.stats.tcp_retransmits += 1
+        self.retransmits += 1
+        self._rtt_seq = -1
+        data_end = self._data_end()
+        if self.snd_una >= data_end:
+            if self.fin_queued:
+                self._emit(FIN | ACK, data_end)
+            return
+        off = self._sndoff
+        k = min(self.mss, data_end - self.snd_una)
+        self._emit(ACK | PSH, self.snd_una, memoryview(self.sndbuf)[off : off + k])
+        self._arm(self.rto)
+
+    # -- delivering guest data to the host ---------------------------------
+    def _deliver(self, data: memoryview) -> None:
+        self.rcv_nxt += len(data)
+        t = self.transport
+        if t is not None and not self.host_gone:
+            t.write(data)
+            if t.get_write_buffer_size() > RCVBUF // 2:
+                self._window_limited = True
+
+    def _queue_ooo(self, seq: int, data: memoryview, fin: int) -> None:
+        if seq in self._ooo and len(self._ooo[seq]) >= len(data):
+            return
+        if len(self._ooo) >= MAX_OOO_SEGMENTS:
+            return
+        old = self._ooo.get(seq)
+        if old is not None:
+            self._ooo_bytes -= len(old)
+        self._ooo[seq] = bytes(data)
+        self._ooo_bytes += len(data)
+
+    def _drain_ooo(self) -> None:
+        for s in sorted(self._ooo):
+            if s > self.rcv_nxt:
+                break
+            d = self._ooo.pop(s)
+            self._ooo_bytes -= len(d)
+            if s + len(d) > self.rcv_nxt:
+                self._deliver(memoryview(d)[self.rcv_nxt - s :])
+
+    def _fin_in(self) -> None:
+        self.fin_received = True
+        self.rcv_nxt += 1
+        t = self.transport
+        if t is not None and not self.host_gone:
+            try:
+                if t.can_write_eof():
+                    t.write_eof()
+            except OSError:
+                pass
+        st = self.state
+        if st == ESTABLISHED:
+            self.state = CLOSE_WAIT
+        elif st == FIN_WAIT_1:
+            self.state = CLOSING
+        elif st == FIN_WAIT_2:
+            self._enter_time_wait()
+        self.send_ack()
+        self.output()
+
+    # -- sending host data to the guest ------------------------------------
+    def output(self) -> None:
+        st = self.state
+        if st not in _CAN_SEND and not (st in (FIN_WAIT_1, CLOSING, LAST_ACK) and self.snd_nxt < self.snd_max):
+            return
+        net = self.net
+        data_end = self._data_end()
+        wnd = min(self.snd_wnd, self.cwnd)
+        sent = False
+        mss = self.mss
+        while True:
+            if net.tx_space() < 4:
+                net.wait_tx_space(self, self.output)
+                break
+            avail = data_end - self.snd_nxt
+            room = self.snd_una + wnd - self.snd_nxt
+            k = min(mss, avail, room)
+            if k > 0:
+                # Sender-side silly window avoidance (RFC 9293 §3.8.6.2.1).
+                if k < mss and k < avail and self.snd_nxt > self.snd_una:
+                    break
+                off = self._sndoff + (self.snd_nxt - self.snd_una)
+                flags = ACK | PSH if k == avail else ACK
+                if not self._emit(flags, self.snd_nxt, memoryview(self.sndbuf)[off : off + k]):
+                    break
+                if self._rtt_seq < 0 and self.snd_nxt >= self.snd_max:
+                    self._rtt_seq, self._rtt_time = self.snd_nxt + k, time.monotonic()
+                self.snd_nxt += k
+                sent = True
+                if self.snd_nxt > self.snd_max:
+                    self.snd_max = self.snd_nxt
+                continue
+            if avail == 0 and self.fin_queued and self.snd_nxt == data_end and room >= 0:
+                if self._emit(FIN | ACK, data_end):
+                    self.snd_nxt = data_end + 1
+                    if self.snd_nxt > self.snd_max:
+                        self.snd_max = self.snd_nxt
+                    sent = True
+                    if self.state == ESTABLISHED:
+                        self.state = FIN_WAIT_1
+                    elif self.state == CLOSE_WAIT:
+                        self.state = LAST_ACK
+            break
+        if self.snd_nxt > self.snd_una:
+            if self._deadline == 0.0:
+                self._arm(self.rto)
+        elif self.snd_wnd == 0 and data_end > self.snd_nxt and self._deadline == 0.0:
+            self._arm(max(self.rto, MIN_RTO))  # persist timer
+        if sent:
+            self._acked_to = self.rcv_nxt
+
+    # -- teardown --------------------------------------------------------
+    def _enter_time_wait(self) -> None:
+        self.state = TIME_WAIT_STATE
+        self._arm(TIME_WAIT)
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, *, send_rst: bool) -> None:
+        if send_rst and self.state not in (CONNECTING, CLOSED):
+            self.send_rst()
+        t = self.transport
+        self.transport = None
+        if t is not None:
+            t.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.state = CLOSED
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        t = self.transport
+        self.transport = None
+        if t is not None:
+            t.close()
+        self.sndbuf = bytearray()
+        self._ooo.clear()
+        self._ooo_bytes = 0
+        self.owner.forget(self)
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]

@@ -1,0 +1,301 @@
+"""TCP NAT: the table of guest-facing :class:`~appliance.nat.tcp.TcpConn` and their host sockets.
+
+Outbound: a guest SYN starts a host connect; only when it succeeds does the
+guest get its SYN-ACK, so "connection refused" reaches the guest as a RST,
+as it would on a real network. The gateway address means host loopback, the
+DNS address on port 53 means the first upstream resolver, and ``guestfwd``
+addresses mean their configured targets.
+
+Inbound: each ``hostfwd=tcp:`` listener turns an accepted host connection
+into a connection the stack opens towards the guest; the host socket is not
+read until the guest completes the handshake.
+
+Host sockets are asyncio transports driven by a small :class:`asyncio.Protocol`
+(the layer under asyncio streams), so bytes move between the socket and the
+TCP endpoint without extra tasks or copies, and flow control is the
+transport's own pause/resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING, cast
+
+from appliance.nat.config import HostForward
+from appliance.nat.errors import NatError
+from appliance.nat.frames import IPPROTO_TCP, Ipv4, ip_str, pseudo_sum, verify
+from appliance.nat.stats import FlowInfo
+from appliance.nat.tcp import ACK, CLOSED, CONNECTING, FIN, RCVBUF, RST, SYN, HostTransport, TcpConn
+
+if TYPE_CHECKING:
+    from appliance.nat.stack import UserNetwork
+
+MAX_CONNS = 1024
+MAX_CONNECTING = 64  # half-open outbound connects: a SYN flood stops here
+CONNECT_TIMEOUT = 20.0
+_TCP = struct.Struct("!HHIIHHHH")
+
+
+class _HostSide(asyncio.Protocol):
+    __slots__ = ("conn", "nat", "fwd", "transport")
+
+    def __init__(self, nat: TcpNat, conn: TcpConn | None = None, fwd: HostForward | None = None) -> None:
+        self.nat = nat
+        self.conn = conn
+        self.fwd = fwd
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=RCVBUF // 2, low=RCVBUF // 8)
+        if self.fwd is not None:
+            self.conn = self.nat._accepted(self, t, self.fwd)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None and conn.state != CLOSED:
+            self.nat._guard(conn.host_data, data)
+
+    def eof_received(self) -> bool:
+        conn = self.conn
+        if conn is not None and conn.state != CLOSED:
+            self.nat._guard(conn.host_eof)
+        return True  # keep our half open: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None and conn.state != CLOSED:
+            self.nat._guard(conn.host_lost, exc)
+
+    def resume_writing(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.state != CLOSED:
+            self.nat._guard(conn.host_drained)
+
+
+class TcpNat:
+    def __init__(self, net: UserNetwork) -> None:
+        self.net = net
+        self.conns: dict[tuple[bytes, int, bytes, int], TcpConn] = {}
+        self._connecting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[tuple[asyncio.Server, HostForward]] = []
+        self._ack_set: dict[TcpConn, None] = {}
+        self._ack_scheduled = False
+        self._next_port = 49152
+        self._guestfwd = {(g.server.packed, g.port): (g.target_host, g.target_port) for g in net.config.guestfwd}
+
+    # -- Owner protocol --------------------------------------------------
+    def forget(self, conn: TcpConn) -> None:
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        self._ack_set.pop(conn, None)
+
+    def ack_later(self, conn: TcpConn) -> None:
+        self._ack_set[conn] = None
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self.net.loop.call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        conns, self._ack_set = self._ack_set, {}
+        for conn in conns:
+            if conn.state != CLOSED and conn.rcv_nxt != conn._acked_to:
+                self._guard(conn.send_ack)
+
+    def _guard(self, fn: object, *args: object) -> None:
+        try:
+            fn(*args)  # type: ignore[operator]
+        except Exception:  # noqa: BLE001 - host events must not break the loop
+            self.net._internal_error()
+
+    # -- guest segments --------------------------------------------------
+    def input(self, ip: Ipv4, src_mac: bytes) -> None:
+        seg = ip.payload
+        st = self.net.stats
+        if len(seg) < 20:
+            st.truncated += 1
+            return
+        sport, dport, seq, ack, offflags, win, _csum, _urg = _TCP.unpack_from(seg)
+        doff = (offflags >> 12) * 4
+        if doff < 20 or doff > len(seg):
+            st.truncated += 1
+            return
+        if not verify(seg, pseudo_sum(ip.src, ip.dst, IPPROTO_TCP, len(seg))):
+            st.bad_checksum += 1
+            return
+        flags = offflags & 0x3F
+        key = (ip.src, sport, ip.dst, dport)
+        conn = self.conns.get(key)
+        if conn is None:
+            self._no_conn(ip, sport, dport, seq, ack, flags, win, seg[20:doff], len(seg) - doff, src_mac)
+            return
+        opts = bytes(seg[20:doff]) if flags & SYN else b""
+        conn.input(seq, ack, flags, win, seg[doff:], opts)
+
+    def _no_conn(
+        self, ip: Ipv4, sport: int, dport: int, seq: int, ack: int, flags: int, win: int,
+        opts: memoryview, datalen: int, src_mac: bytes,
+    ) -> None:  # fmt: skip
+        st = self.net.stats
+        if flags & RST:
+            return
+        if flags & SYN and not flags & ACK:
+            target = self._target(ip.dst, dport)
+            if target is None:
+                st.restricted += 1
+                self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
+                return
+            if self._connecting >= MAX_CONNECTING or len(self.conns) >= MAX_CONNS:
+                st.tcp_syn_dropped += 1
+                return
+            if sport == 0 or dport == 0:
+                st.tcp_bad += 1
+                return
+            conn = TcpConn(self.net, self, ip.src, sport, ip.dst, dport, inbound=False)
+            conn.mac = src_mac
+            conn.accept_syn(seq, win, bytes(opts))
+            self.conns[conn.key] = conn
+            st.tcp_conns += 1
+            self._connecting += 1
+            task = self.net.loop.create_task(self._connect(conn, target))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
+
+    def _reset_reply(
+        self, ip: Ipv4, sport: int, dport: int, seq: int, ack: int, flags: int, datalen: int, src_mac: bytes
+    ) -> None:
+        """RST for a segment without a connection (RFC 9293 §3.10.7.1)."""
+        tmp = TcpConn(self.net, _NullOwner(), ip.src, sport, ip.dst, dport, inbound=False)
+        tmp.mac = src_mac
+        if flags & ACK:
+            tmp.iss = ack
+            tmp._emit(RST, 0)
+        else:
+            tmp.irs = seq
+            tmp.rcv_nxt = datalen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            tmp.iss = 0
+            tmp._emit(RST | ACK, 0)
+        self.net.stats.tcp_rst_sent += 1
+
+    def _target(self, dst: bytes, dport: int) -> tuple[str, int] | None:
+        """Where a guest connection to ``dst:dport`` goes on the host, or None when refused."""
+        fwd = self._guestfwd.get((dst, dport))
+        if fwd is not None:
+            return fwd
+        net = self.net
+        if net.config.restrict:
+            return None
+        if dst == net.dns_ip:
+            if dport == 53 and net.dns.servers:
+                return net.dns.servers[0]
+            return None
+        if not net.routable(dst):
+            return None
+        return ip_str(net.host_side(dst)), dport
+
+    async def _connect(self, conn: TcpConn, target: tuple[str, int]) -> None:
+        loop = self.net.loop
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _HostSide(self, conn), target[0], target[1]), CONNECT_TIMEOUT
+            )
+        except (TimeoutError, OSError):
+            self._connecting -= 1
+            if conn.state == CONNECTING:
+                self.net.stats.tcp_refused += 1
+                conn.rcv_nxt = 1
+                conn._emit(RST | ACK, 0)
+                self.net.stats.tcp_rst_sent += 1
+                conn._finish()
+            return
+        except asyncio.CancelledError:
+            self._connecting -= 1
+            raise
+        self._connecting -= 1
+        if conn.state != CONNECTING:
+            transport.abort()  # the guest gave up (RST) while we were connecting
+            return
+        self._guard(conn.host_connected, cast(HostTransport, transport))
+
+    # -- hostfwd=tcp -------------------------------------------------------
+    async def listen(self, fwd: HostForward) -> None:
+        try:
+            server = await self.net.loop.create_server(
+                lambda: _HostSide(self, None, fwd), fwd.host_addr or None, fwd.host_port, reuse_address=True
+            )
+        except OSError as err:
+            raise NatError(f"Could not set up host forwarding rule 'tcp:{fwd.host_addr}:{fwd.host_port}'") from err
+        self._servers.append((server, fwd))
+
+    def listener_ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s, _ in self._servers if s.sockets]
+
+    def _accepted(self, side: _HostSide, transport: asyncio.Transport, fwd: HostForward) -> TcpConn | None:
+        if len(self.conns) >= MAX_CONNS:
+            self.net.stats.tcp_syn_dropped += 1
+            transport.abort()
+            return None
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        gip = fwd.guest_addr.packed
+        port = int(peer[1]) or self._alloc_port(gip, fwd.guest_port)
+        if (gip, fwd.guest_port, self.net.gateway_ip, port) in self.conns:
+            port = self._alloc_port(gip, fwd.guest_port)
+        conn = TcpConn(self.net, self, gip, fwd.guest_port, self.net.gateway_ip, port, inbound=True)
+        conn.transport = cast(HostTransport, transport)
+        transport.pause_reading()
+        self.conns[conn.key] = conn
+        self.net.stats.tcp_conns += 1
+        self._guard(conn._send_syn)
+        return conn
+
+    def _alloc_port(self, gip: bytes, gport: int) -> int:
+        for _ in range(16384):
+            self._next_port = 49152 + (self._next_port - 49151) % 16384
+            if (gip, gport, self.net.gateway_ip, self._next_port) not in self.conns:
+                return self._next_port
+        return self._next_port
+
+    # -- housekeeping ----------------------------------------------------
+    def expire(self, now: float) -> None:
+        """Nothing periodic: every connection runs its own timer."""
+
+    def flows(self) -> list[FlowInfo]:
+        out = []
+        for c in self.conns.values():
+            if c.inbound:
+                out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, ip_str(c.rip), c.rport,
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue()))  # fmt: skip
+            else:
+                out.append(FlowInfo("TCP", c.state_name, ip_str(c.rip), c.rport,
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue()))  # fmt: skip
+        return out
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.abort(send_rst=False)
+        for task in list(self._tasks):
+            task.cancel()
+        for server, _ in self._servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for server, _ in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+
+class _NullOwner:
+    def forget(self, conn: TcpConn) -> None:
+        pass
+
+    def ack_later(self, conn: TcpConn) -> None:
+        pass

@@ -1,0 +1,176 @@
+"""UDP NAT: one host socket per guest flow, closed after an idle timeout.
+
+A flow is (guest address, guest port, destination address, destination
+port). Its socket is connected to the destination, so only that peer's
+datagrams come back (endpoint-dependent filtering, RFC 4787 §5). Inbound
+``hostfwd=udp:`` listeners make flows the other way: datagrams from a host
+client appear to come from the gateway address with the client's port.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from appliance.nat.config import HostForward
+from appliance.nat.errors import NatError
+from appliance.nat.frames import ip_str
+from appliance.nat.stats import FlowInfo
+
+if TYPE_CHECKING:
+    from appliance.nat.stack import UserNetwork
+
+IDLE_TIMEOUT = 120.0
+MAX_FLOWS = 512
+_BATCH = 64
+
+FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip (as the guest sees it), remote port
+
+
+class _Flow:
+    __slots__ = ("key", "sock", "peer", "last", "inbound", "rx", "tx")
+
+    def __init__(self, key: FlowKey, sock: socket.socket, peer: tuple[str, int] | None, inbound: bool) -> None:
+        self.key = key
+        self.sock = sock
+        self.peer = peer  # None: connected socket; else sendto this address (hostfwd)
+        self.last = time.monotonic()
+        self.inbound = inbound
+        self.rx = 0
+        self.tx = 0
+
+
+class UdpNat:
+    def __init__(self, net: UserNetwork) -> None:
+        self.net = net
+        self._flows: dict[FlowKey, _Flow] = {}
+        self._listeners: list[tuple[socket.socket, HostForward]] = []
+
+    # -- guest → host ----------------------------------------------------
+    def input(self, src: bytes, sport: int, dst: bytes, dport: int, payload: memoryview) -> None:
+        key = (src, sport, dst, dport)
+        flow = self._flows.get(key)
+        c = self.net.stats
+        if flow is None:
+            if self.net.config.restrict or not self.net.routable(dst):
+                c.restricted += 1
+                return
+            target = self.net.host_side(dst)
+            if len(self._flows) >= MAX_FLOWS:
+                self._close(min(self._flows.values(), key=lambda f: f.last))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect((ip_str(target), dport))
+            except OSError:
+                sock.close()
+                c.udp_dropped += 1
+                return
+            flow = self._flows[key] = _Flow(key, sock, None, False)
+            c.udp_flows += 1
+            self.net.loop.add_reader(sock.fileno(), self._readable, flow)
+        flow.last = time.monotonic()
+        try:
+            if flow.peer is None:
+                flow.sock.send(payload)
+            else:
+                flow.sock.sendto(payload, flow.peer)
+            flow.tx += len(payload)
+        except OSError:
+            c.udp_dropped += 1  # ICMP errors surface here as ECONNREFUSED; the guest retries
+
+    def _readable(self, flow: _Flow) -> None:
+        gip, gport, rip, rport = flow.key
+        for _ in range(_BATCH):
+            try:
+                data = flow.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # a queued ICMP error for an earlier datagram
+            flow.last = time.monotonic()
+            flow.rx += len(data)
+            self.net.emit_udp(gip, gport, rip, rport, data)
+
+    # -- hostfwd=udp -----------------------------------------------------
+    def listen(self, fwd: HostForward) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((fwd.host_addr or "0.0.0.0", fwd.host_port))
+            sock.setblocking(False)
+        except OSError as err:
+            sock.close()
+            raise NatError(f"Could not set up host forwarding rule 'udp:{fwd.host_addr}:{fwd.host_port}'") from err
+        self._listeners.append((sock, fwd))
+        self.net.loop.add_reader(sock.fileno(), self._listener_readable, sock, fwd)
+
+    def listener_ports(self) -> list[int]:
+        return [s.getsockname()[1] for s, _ in self._listeners]
+
+    def _listener_readable(self, sock: socket.socket, fwd: HostForward) -> None:
+        for _ in range(_BATCH):
+            try:
+                data, peer = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            gip = fwd.guest_addr.packed
+            key = (gip, fwd.guest_port, self.net.gateway_ip, peer[1])
+            flow = self._flows.get(key)
+            if flow is None or flow.peer != peer:
+                if flow is not None:
+                    self._flows.pop(key)
+                elif len(self._flows) >= MAX_FLOWS:
+                    self._close(min(self._flows.values(), key=lambda f: f.last))
+                flow = self._flows[key] = _Flow(key, sock, peer, True)
+                self.net.stats.udp_flows += 1
+            flow.last = time.monotonic()
+            flow.rx += len(data)
+            self.net.emit_udp(gip, fwd.guest_port, self.net.gateway_ip, peer[1], data)
+
+    # -- housekeeping ----------------------------------------------------
+    def _close(self, flow: _Flow) -> None:
+        self._flows.pop(flow.key, None)
+        if not flow.inbound:
+            try:
+                self.net.loop.remove_reader(flow.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            flow.sock.close()
+
+    def expire(self, now: float) -> None:
+        for flow in [f for f in self._flows.values() if now - f.last > IDLE_TIMEOUT]:
+            self._close(flow)
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def flows(self) -> list[FlowInfo]:
+        out = []
+        for f in self._flows.values():
+            gip, gport, rip, rport = f.key
+            if f.inbound:
+                assert f.peer is not None
+                host = f.sock.getsockname()
+                out.append(FlowInfo("UDP[HOST_FORWARD]", "", host[0], host[1], ip_str(gip), gport, 0, 0))
+            else:
+                try:
+                    host = f.sock.getsockname()
+                except OSError:
+                    host = ("?", 0)
+                out.append(FlowInfo("UDP", f"{ip_str(rip)}:{rport}", host[0], host[1], ip_str(gip), gport, 0, 0))
+        return out
+
+    def close(self) -> None:
+        for flow in list(self._flows.values()):
+            self._close(flow)
+        for sock, _ in self._listeners:
+            try:
+                self.net.loop.remove_reader(sock.fileno())
+            except (ValueError, OSError):
+                pass
+            sock.close()
+        self._listeners.clear()
