@@ -1,0 +1,61 @@
+"""`appliance net-daemon` command line: QEMU-storage-daemon-style options, refused by name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from appliance.cli.net_daemon import NetExport, parse_args
+from appliance.errors import ConfigError
+
+
+def test_export_and_netdev_parse() -> None:
+    netdevs, exports = parse_args(
+        [
+            "--netdev", "tap,id=t0,ifname=tap9,queues=2",
+            "--export=type=vhost-user-net,id=e0,netdev=t0,addr.type=unix,addr.path=/tmp/n.sock,queues=2",
+        ]
+    )
+    assert set(netdevs) == {"t0"}
+    assert exports == [NetExport("e0", "t0", "/tmp/n.sock", 2)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "nothing to do"),
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--export", "type=vhost-user-blk,id=e,netdev=n,addr.type=unix,addr.path=p"], "type 'vhost-user-blk'"),
+        (["--export", "type=vhost-user-net,id=e,netdev=n,addr.type=unix,addr.path=p"], "no netdev 'n'"),
+        (
+            [
+                "--netdev", "user,id=n",
+                "--export", "type=vhost-user-net,id=e,netdev=n,addr.type=unix,addr.path=p,queues=2",
+            ],
+            "needs a tap netdev",
+        ),
+        (["--export", "type=vhost-user-net,id=e,netdev=n,addr.type=inet,addr.path=p"], "addr.type 'inet'"),
+        (["--netdev"], "needs a value"),
+    ],
+)
+def test_bad_command_lines_are_config_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_bad_command_line_exits_2_with_one_line() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "net-daemon", "--netdev", "tap,id=x,queues=abc"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "'queues' expects a number, got 'abc'" in r.stderr
+
+
+def test_help_names_the_options() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "net-daemon", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "--netdev" in r.stdout and "vhost-user-net" in r.stdout
