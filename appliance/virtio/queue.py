@@ -64,7 +64,7 @@ def _full_fence() -> None:
     _fence_lock.release()
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
     """At most ``burst`` guest-error lines per ``period`` seconds, then a summary."""
 
     def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 5.0) -> None:
@@ -88,7 +88,7 @@ class _RateLimitedLog:
             self._suppressed += 1
 
 
-guest_error_log = _RateLimitedLog(log)
+guest_error_log = RateLimitedLog(log)
 
 
 @dataclass(slots=True, eq=False)
