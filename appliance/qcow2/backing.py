@@ -1,0 +1,161 @@
+"""Backing chains and the small raw reader/writer used inside them.
+
+Relative backing names are resolved against the directory of the overlay's
+path as given (not its real path), as QEMU does; every layer's real path is
+remembered so a chain that comes back to itself is refused instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.qcow2.errors import ErrorKind, Qcow2Error
+from appliance.qcow2.image import _preadv_full, _pwritev_full, io_pool, probe_format
+
+MAX_CHAIN_DEPTH = 64
+
+
+class RawImage:
+    """A raw file as a BlockBackend (used for raw backing files, raw convert targets)."""
+
+    logical_block_size = 512
+    supports_discard = True
+
+    def __init__(self, path: Path, fd: int, read_only: bool, direct_fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._dfd = direct_fd
+        self.read_only = read_only
+        self.size = os.fstat(fd).st_size
+        self.backing = None
+        self.snapshots: list[Any] = []
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, read_only: bool,
+                   cache: str = "writeback") -> RawImage:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags)
+            dfd = os.open(path, flags | os.O_DIRECT) if cache in ("none", "directsync") else fd
+        except OSError as err:
+            raise Qcow2Error(f"could not open '{path}': {err.strerror}", kind=ErrorKind.IO) from err
+        return cls(Path(path), fd, read_only, dfd)
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        total = sum(len(b) for b in bufs)
+        n = max(0, min(total, self.size - offset))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(io_pool(), _preadv_full, self._dfd, list(bufs), offset)
+        return n
+
+    async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        if self.read_only:
+            raise Qcow2Error("image is read-only", kind=ErrorKind.READ_ONLY)
+        total = sum(len(b) for b in bufs)
+        if offset + total > self.size:
+            raise Qcow2Error("write past the end of the disk", kind=ErrorKind.RANGE)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(io_pool(), _pwritev_full, self._dfd, list(bufs), offset)
+        return total
+
+    async def flush(self) -> None:
+        if not self.read_only:
+            await asyncio.get_running_loop().run_in_executor(io_pool(), os.fdatasync, self._fd)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.write_zeroes(offset, length, may_unmap=True)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        if self.read_only:
+            raise Qcow2Error("image is read-only", kind=ErrorKind.READ_ONLY)
+        try:
+            _punch(self._fd, offset, length)
+        except OSError:
+            pos = offset
+            zero = bytes(1 << 20)
+            while pos < offset + length:
+                n = min(len(zero), offset + length - pos)
+                os.pwrite(self._fd, zero[:n], pos)
+                pos += n
+
+    async def close(self) -> None:
+        if self._dfd != self._fd:
+            os.close(self._dfd)
+        os.close(self._fd)
+        self._fd = self._dfd = -1
+
+    async def block_status(self, offset: int, length: int) -> list[list[int]]:
+        from appliance.qcow2.image import K_DATA, K_ZERO
+
+        out: list[list[int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            try:
+                d = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError:
+                d = end
+            d = min(d, end)
+            if d > pos:
+                out.append([K_ZERO, pos, d - pos, -1])
+                pos = d
+                if pos >= end:
+                    break
+            try:
+                h = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            except OSError:
+                h = end
+            h = min(h, end)
+            out.append([K_DATA, pos, h - pos, pos])
+            pos = h
+        return out
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+    r = libc.fallocate(ctypes.c_int(fd), ctypes.c_int(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE),
+                       ctypes.c_long(offset), ctypes.c_long(length))
+    if r != 0:
+        raise OSError(ctypes.get_errno(), "fallocate")
+
+
+def resolve_backing(overlay: Path, name: str) -> Path:
+    if os.path.isabs(name) or ":" in name.split("/")[0] and name.startswith("file:"):
+        return Path(name.removeprefix("file:"))
+    return Path(os.path.join(os.path.dirname(str(overlay)), name))
+
+
+async def open_backing_file(overlay: Path, name: str, fmt: str | None, *, cache: str,
+                            chain: tuple[str, ...]) -> Any:
+    path = resolve_backing(overlay, name)
+    if not path.exists():
+        raise Qcow2Error(f"could not open backing file '{path}': No such file or directory",
+                         kind=ErrorKind.IO)
+    real = os.path.realpath(path)
+    if real in chain:
+        raise Qcow2Error(f"backing chain loop: '{path}' is its own backing file")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise Qcow2Error(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+    return await open_any(path, fmt, read_only=True, cache=cache, chain=chain)
+
+
+async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: bool,
+                   cache: str = "writeback", chain: tuple[str, ...] = (),
+                   backing_override: Any = None, **kw: Any) -> Any:
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt == "raw":
+        return await RawImage.open(path, read_only=read_only, cache=cache)
+    if fmt == "qcow2":
+        from appliance.qcow2.image import Qcow2Image
+
+        return await Qcow2Image.open(path, read_only=read_only, cache=cache,
+                                     backing_override=backing_override, _chain=chain, **kw)
+    raise Qcow2Error(f"unknown image format '{fmt}'")

@@ -1,0 +1,256 @@
+"""Consistency check and repair (what ``qemu-img check`` does for qcow2).
+
+The check walks every reference (header, L1 tables, L2 tables, data and
+compressed clusters, refcount table and blocks, snapshot table) and compares
+the reference count it computes with the one stored. Repair rebuilds the whole
+refcount structure from the computed counts in fresh clusters past the end of
+the file, then points the header at it: the old structure is never edited in
+place, so a crash during repair leaves the old (consistent or leaky) one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from appliance.qcow2 import header as H
+from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from appliance.qcow2.refcount import encode_block
+
+if TYPE_CHECKING:
+    from appliance.qcow2.image import Qcow2Image
+
+
+@dataclass
+class CheckResult:
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+class _Walker:
+    def __init__(self, img: Qcow2Image, res: CheckResult) -> None:
+        self.img = img
+        self.res = res
+        self.cs = img._cs
+        self.cb = img._cb
+        self.nclusters = -(-img.file_size // self.cs)
+        self.refs = [0] * self.nclusters
+        self.copied_errors: list[str] = []
+
+    def inc(self, off: int, length: int, what: str) -> bool:
+        if length <= 0:
+            return True
+        first, last = off >> self.cb, (off + length - 1) >> self.cb
+        if last >= self.nclusters:
+            self.res.corruptions += 1
+            self.res.messages.append(
+                f"ERROR {what} at offset {off:#x} is beyond the end of the image file")
+            return False
+        for c in range(first, last + 1):
+            self.refs[c] += 1
+        return True
+
+    async def walk_l1(self, l1: list[int], active: bool) -> None:
+        img = self.img
+        cs, cb = self.cs, self.cb
+        next_contig = 0
+        for l1i, e in enumerate(l1):
+            off = e & OFFSET_MASK
+            if not off:
+                continue
+            if off & (cs - 1):
+                self.res.corruptions += 1
+                self.res.messages.append(
+                    f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted")
+                continue
+            if not self.inc(off, cs, "L2 table"):
+                continue
+            raw = await img._pread(off, cs)
+            t = struct.unpack(f">{cs // 8}Q", raw)
+            if active:
+                self.l2_active.append((l1i, e, off, t))
+            for i in range(0, len(t), img._stride):
+                le = t[i]
+                if le & COMPRESSED:
+                    coff, csize = img._compressed_span(le)
+                    self.inc(coff, csize, "compressed cluster")
+                    if active:
+                        self.res.allocated_clusters += 1
+                        self.res.compressed_clusters += 1
+                    continue
+                host = le & OFFSET_MASK
+                if not host:
+                    continue
+                if host & (cs - 1):
+                    self.res.corruptions += 1
+                    self.res.messages.append(
+                        f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry "
+                        "corrupted.")
+                    continue
+                self.inc(host, cs, "data cluster")
+                if active:
+                    if img._ext or not le & ZERO_FLAG or True:
+                        self.res.allocated_clusters += 1
+                        if next_contig and host != next_contig:
+                            self.res.fragmented_clusters += 1
+                        next_contig = host + cs
+        del cb
+
+
+async def compute_refs(img: Qcow2Image, res: CheckResult, *, with_refcount_structs: bool = True
+                       ) -> _Walker:
+    w = _Walker(img, res)
+    w.l2_active = []  # type: ignore[attr-defined]
+    cs = img._cs
+    h = img.header
+    w.inc(0, cs, "header")
+    w.inc(h.l1_table_offset, h.l1_size * 8, "L1 table")
+    await w.walk_l1(img._l1, True)
+    for s in img.snapshots:
+        w.inc(s.l1_table_offset, s.l1_size * 8, f"snapshot {s.id} L1 table")
+        raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
+        await w.walk_l1(list(struct.unpack(f">{s.l1_size}Q", raw)), False)
+    if h.nb_snapshots:
+        from appliance.qcow2.snapops import _table_len
+
+        w.inc(h.snapshots_offset, _table_len(img), "snapshot table")
+    if with_refcount_structs:
+        w.inc(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+        for e in img._rt:
+            off = e & OFFSET_MASK
+            if not off:
+                continue
+            if off & (cs - 1):
+                res.corruptions += 1
+                res.messages.append(f"ERROR refcount block is not cluster aligned ({off:#x})")
+                continue
+            w.inc(off, cs, "refcount block")
+    return w
+
+
+async def check_image(img: Qcow2Image) -> CheckResult:
+    """Compare computed and stored refcounts and the COPIED flags. Read-only."""
+    res = CheckResult()
+    if not img.read_only and not img._failed:
+        await img.flush()
+    async with img._lock:
+        w = await compute_refs(img, res)
+        stored_max = len(img._rt) * img._rb_entries
+        highest = 0
+        for c in range(max(w.nclusters, 0)):
+            ref = w.refs[c]
+            stored = await img.refcount(c) if c < stored_max else 0
+            if ref:
+                highest = c
+            if stored < ref:
+                res.corruptions += 1
+                res.messages.append(f"ERROR cluster {c} refcount={stored} reference={ref}")
+            elif stored > ref:
+                res.leaks += 1
+                res.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
+        for l1i, e, off, t in w.l2_active:  # type: ignore[attr-defined]
+            rc = await img.refcount(off >> img._cb)
+            if (rc == 1) != bool(e & COPIED):
+                res.corruptions += 1
+                res.messages.append(
+                    f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}")
+            for i in range(0, len(t), img._stride):
+                le = t[i]
+                host = le & OFFSET_MASK
+                if le & COMPRESSED or not host or host & (img._cs - 1):
+                    continue
+                rc2 = await img.refcount(host >> img._cb)
+                if (rc2 == 1) != bool(le & COPIED):
+                    res.corruptions += 1
+                    res.messages.append(
+                        f"ERROR OFLAG_COPIED data cluster: l2_entry={le:x} refcount={rc2}")
+        res.image_end_offset = (highest + 1) * img._cs
+        res.total_clusters = -(-img.size // img._cs)
+    return res
+
+
+async def rebuild_refcounts(img: Qcow2Image) -> None:
+    """Replace the refcount table and blocks with ones computed from the metadata."""
+    res = CheckResult()
+    w = await compute_refs(img, res, with_refcount_structs=False)
+    refs = w.refs
+    while refs and refs[-1] == 0:
+        refs.pop()
+    cs, cb = img._cs, img._cb
+    E = img._rb_entries
+    start = max(len(refs), -(-img.file_size // cs))
+    # Grow the new structure until it covers itself.
+    nblocks, tclusters = 1, 1
+    while True:
+        total = start + tclusters + nblocks
+        need_blocks = -(-total // E)
+        need_t = max(1, -(-need_blocks * 8 // cs))
+        if need_blocks <= nblocks and need_t <= tclusters:
+            break
+        nblocks, tclusters = max(nblocks, need_blocks), max(tclusters, need_t)
+    refs += [0] * (start + tclusters + nblocks - len(refs))
+    for c in range(start, start + tclusters + nblocks):
+        refs[c] = 1
+    table = [0] * (tclusters * cs // 8)
+    blocks: dict[int, list[int]] = {}
+    for b in range(nblocks):
+        chunk = refs[b * E : (b + 1) * E]
+        chunk += [0] * (E - len(chunk))
+        blocks[b] = chunk
+        table[b] = (start + tclusters + b) << cb
+    for b, chunk in blocks.items():
+        await img._pwrite(table[b], encode_block(chunk, img._rc_order))
+    await img._pwrite(start << cb, struct.pack(f">{len(table)}Q", *table))
+    await img._sync()
+    h = img.header
+    h.refcount_table_offset = start << cb
+    h.refcount_table_clusters = tclusters
+    await img._write_header()
+    await img._sync()
+    img._rt = table
+    img._rb = blocks
+    img._rb_dirty.clear()
+    img._rt_dirty = False
+    img._rt_reloc = None
+    img._rc_dirty = False
+    img._pending_frees.clear()
+    img._free_hint = 1
+    img._build_meta_set()
+
+
+async def repair_image(img: Qcow2Image, mode: str) -> tuple[CheckResult, CheckResult]:
+    """Check, repair (``leaks`` or ``all``), check again. Returns (before, after)."""
+    from appliance.qcow2.snapops import fix_copied_flags
+
+    before = await check_image(img)
+    fix = before.leaks or (mode == "all" and before.corruptions)
+    if fix and not (before.corruptions and mode == "leaks"):
+        async with img._lock:
+            await rebuild_refcounts(img)
+            if mode == "all":
+                img._l2.clear()
+                await fix_copied_flags(img)
+            await img._flush_locked()
+    elif fix and before.leaks:
+        async with img._lock:
+            await rebuild_refcounts(img)
+            await img._flush_locked()
+    after = await check_image(img)
+    before.leaks_fixed = max(0, before.leaks - after.leaks)
+    before.corruptions_fixed = max(0, before.corruptions - after.corruptions)
+    if mode == "all" and img.header.corrupt and after.corruptions == 0:
+        img.header.incompatible_features &= ~H.INCOMPAT_CORRUPT
+        img._failed = False
+        await img._write_header()
+        await img._sync()
+    return before, after

@@ -1,0 +1,173 @@
+"""Creating images: ``appliance img create`` and the ``-snapshot`` overlay.
+
+The layout matches what QEMU writes: header in cluster 0, refcount table in
+cluster 1, the first refcount block in cluster 2, the L1 table from cluster 3.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.qcow2 import header as H
+from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.refcount import encode_block
+
+
+@dataclass
+class CreateOptions:
+    size: int
+    cluster_size: int = 65536
+    compat: str = "1.1"
+    lazy_refcounts: bool = False
+    refcount_bits: int = 16
+    compression_type: str = "zlib"
+    extended_l2: bool = False
+    preallocation: str = "off"
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+
+
+def build_image(opts: CreateOptions) -> bytes:
+    """The bytes of an empty qcow2 image (before any preallocation)."""
+    cs = opts.cluster_size
+    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+        raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
+    cb = cs.bit_length() - 1
+    rb = opts.refcount_bits
+    if rb < 1 or rb > 64 or rb & (rb - 1):
+        raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+    if opts.compat not in ("0.10", "1.1", "v2", "v3"):
+        raise Qcow2Error(f"Invalid compatibility level: '{opts.compat}'")
+    version = 2 if opts.compat in ("0.10", "v2") else 3
+    if version == 2 and (opts.lazy_refcounts or rb != 16 or opts.extended_l2
+                         or opts.compression_type != "zlib"):
+        raise Qcow2Error("this option requires compat=1.1 or later")
+    if opts.extended_l2 and cs < 16384:
+        raise Qcow2Error("Extended L2 entries are only supported with cluster sizes of at "
+                         "least 16384 bytes")
+    if opts.compression_type not in ("zlib", "zstd"):
+        raise Qcow2Error(f"Invalid compression type '{opts.compression_type}'")
+    if opts.size < 0 or opts.size >= 1 << 63:
+        raise Qcow2Error("Image size must be less than 8 EiB!")
+    l2_entries = cs // (16 if opts.extended_l2 else 8)
+    l1_size = -(-opts.size // (cs * l2_entries))
+    if l1_size * 8 > H.MAX_L1_BYTES:
+        raise Qcow2Error("Image size is too large for this cluster size")
+    l1_clusters = max(1, -(-l1_size * 8 // cs))
+    order = rb.bit_length() - 1
+    h = H.Header(
+        version=version, cluster_bits=cb, size=opts.size, l1_size=l1_size,
+        l1_table_offset=3 * cs, refcount_table_offset=cs, refcount_table_clusters=1,
+        refcount_order=order,
+    )
+    if version == 3:
+        if opts.lazy_refcounts:
+            h.compatible_features |= H.COMPAT_LAZY_REFCOUNTS
+        if opts.extended_l2:
+            h.incompatible_features |= H.INCOMPAT_EXTL2
+        if opts.compression_type == "zstd":
+            h.incompatible_features |= H.INCOMPAT_COMPRESSION
+            h.compression_type = H.COMPRESSION_ZSTD
+        h.extensions.append((H.EXT_FEATURE_TABLE, H.feature_table()))
+    if opts.backing_file is not None:
+        h.backing_file = opts.backing_file
+        if opts.backing_fmt:
+            h.set_ext(H.EXT_BACKING_FORMAT, opts.backing_fmt.encode())
+    used = 3 + l1_clusters
+    entries = cs * 8 // rb
+    if used > entries:
+        raise Qcow2Error("cluster size too small for this refcount width and image size")
+    rc = [1] * used + [0] * (entries - used)
+    out = bytearray(used * cs)
+    head = h.serialize()
+    out[: len(head)] = head
+    struct.pack_into(">Q", out, cs, 2 * cs)
+    out[2 * cs : 3 * cs] = encode_block(rc, order)
+    return bytes(out)
+
+
+async def create_image(path: str | os.PathLike[str], opts: CreateOptions) -> None:
+    data = build_image(opts)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if opts.preallocation != "off":
+        from appliance.qcow2.image import Qcow2Image
+
+        img = await Qcow2Image.open(path, read_only=False, backing_override=False)
+        try:
+            await preallocate(img, opts.preallocation)
+        finally:
+            await img.close()
+
+
+async def preallocate(img: object, mode: str) -> None:
+    """Allocate L2 tables and data clusters for the whole disk (metadata|falloc|full)."""
+    from appliance.qcow2.image import COPIED, Qcow2Image
+
+    assert isinstance(img, Qcow2Image)
+    if mode not in ("metadata", "falloc", "full"):
+        raise Qcow2Error(f"Invalid preallocation mode: '{mode}'")
+    cs, cb = img._cs, img._cb
+    nclusters = -(-img.size // cs)
+    async with img._lock:
+        gc = 0
+        while gc < nclusters:
+            l1i = gc >> img._l2_bits
+            n = min(nclusters - gc, img._l2_entries - (gc & (img._l2_entries - 1)))
+            l2off, t = await img._l2_for_write(l1i)
+            start = await img._alloc_clusters(n)
+            for k in range(n):
+                i = ((gc + k) & (img._l2_entries - 1)) * img._stride
+                t[i] = ((start + k) << cb) | COPIED
+                if img._ext:
+                    t[i + 1] = 0xFFFFFFFF
+            img._l2_dirty.add(l2off)
+            gc += n
+        await img._flush_locked()
+    end = img.file_size
+    for off in [img.header.l1_table_offset]:
+        del off
+    last = 0
+    # The allocator hands out clusters up to this point; make the file that long.
+    c = 0
+    while True:
+        rc = await img.refcount(c)
+        if rc:
+            last = c
+        if c > (img.file_size >> cb) + nclusters + 16:
+            break
+        c += 1
+    end = (last + 1) << cb
+    if mode == "metadata":
+        os.ftruncate(img._fd, max(end, img.file_size))
+    elif mode == "falloc":
+        os.posix_fallocate(img._fd, 0, end)
+    else:
+        zero = bytes(1 << 20)
+        pos = img.file_size
+        os.ftruncate(img._fd, max(end, img.file_size))
+        pos = 0
+        while pos < end:
+            n = min(len(zero), end - pos)
+            # Only fill where the file has no data yet (holes past the metadata).
+            try:
+                d = os.lseek(img._fd, pos, os.SEEK_HOLE)
+            except OSError:
+                d = pos
+            if d >= end:
+                break
+            n = min(len(zero), end - d)
+            os.pwrite(img._fd, zero[:n], d)
+            pos = d + n
+    img.file_size = max(end, img.file_size)
+
+
+def temp_overlay_options(base: Path, base_fmt: str, size: int) -> CreateOptions:
+    return CreateOptions(size=size, backing_file=str(base.resolve()), backing_fmt=base_fmt)

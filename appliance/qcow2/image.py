@@ -1,0 +1,1338 @@
+"""The async qcow2 engine: :class:`Qcow2Image` is a BlockBackend.
+
+Shape (STYLE.md example 10): a request first maps its guest range to extents
+under one asyncio.Lock (L1/L2 lookups, allocation), then moves data with
+``os.preadv``/``os.pwritev`` in a bounded thread pool straight from/to the
+caller's memoryviews, outside the lock. An allocating write registers its
+guest clusters as in flight, so a second write to the same cluster waits and
+re-plans instead of allocating twice; it publishes its L2 entries only after
+the data is written.
+
+Crash consistency (qcow2.txt, "Host cluster management"): metadata is cached
+and written back in dependency order, with fdatasync barriers between:
+refcount blocks, then the refcount table (and header on relocation), then L2
+tables, then the L1 table. Refcount *increments* may therefore reach the disk
+at any time (an early increment is only a leak). Decrements are held back as
+pending frees until every L2 table that dropped the reference is durable, so a
+crash can leak clusters but never leaves an L2 entry pointing at a free cluster.
+With lazy refcounts the image is marked dirty instead and refcounts are
+rebuilt on the next writable open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import mmap
+import os
+import struct
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from appliance.qcow2 import header as H
+from appliance.qcow2.compress import compress as _compress
+from appliance.qcow2.compress import decompress as _decompress
+from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
+from appliance.qcow2.refcount import decode_block, encode_block
+from appliance.qcow2.snapshot import Snapshot, parse_snapshots
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+ZERO_FLAG = 1
+EXT_ALL_ALLOC = 0xFFFFFFFF
+EXT_ALL_ZERO = 0xFFFFFFFF << 32
+
+# Extent kinds produced by mapping a guest range.
+K_UNALLOC = 0  # not in this layer: backing file, or zeroes without one
+K_ZERO = 1  # reads as zeroes (zero flag / zero subclusters)
+K_DATA = 2  # host bytes at ``host``
+K_COMPRESSED = 3  # ``host`` is the raw L2 entry
+
+IOV_MAX = 1024
+DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
+ALIGN = 4096
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """The shared, bounded pool that runs blocking file I/O."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="qcow2-io")
+    return _POOL
+
+
+def _preadv_full(fd: int, views: Sequence[memoryview], off: int) -> None:
+    """Fill every view from ``off``; bytes past EOF read as zeroes."""
+    views = list(views)
+    while views:
+        batch = views[:IOV_MAX]
+        want = sum(len(v) for v in batch)
+        got = os.preadv(fd, batch, off)
+        if got == want:
+            views = views[IOV_MAX:]
+            off += got
+            continue
+        if got == 0:
+            for v in views:
+                v[:] = bytes(len(v))
+            return
+        off += got
+        rest: list[memoryview] = []
+        for v in views:
+            if got >= len(v):
+                got -= len(v)
+                continue
+            rest.append(v[got:])
+            got = 0
+        views = rest
+
+
+def _pwritev_full(fd: int, views: Sequence[Any], off: int) -> None:
+    views = list(views)
+    while views:
+        batch = views[:IOV_MAX]
+        want = sum(len(v) for v in batch)
+        done = os.pwritev(fd, batch, off)
+        off += done
+        if done == want:
+            views = views[IOV_MAX:]
+            continue
+        rest: list[memoryview] = []
+        for v in views:
+            mv = memoryview(v)
+            if done >= len(mv):
+                done -= len(mv)
+                continue
+            rest.append(mv[done:])
+            done = 0
+        views = rest
+
+
+class _Splitter:
+    """Slices a list of caller buffers by byte ranges without copying."""
+
+    def __init__(self, bufs: Sequence[memoryview]) -> None:
+        self.bufs = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+        self.starts: list[int] = []
+        pos = 0
+        for b in self.bufs:
+            if b.ndim != 1 or b.itemsize != 1:
+                raise Qcow2Error("buffers must be byte-addressed memoryviews")
+            self.starts.append(pos)
+            pos += len(b)
+        self.total = pos
+
+    def take(self, start: int, length: int) -> list[memoryview]:
+        if len(self.bufs) == 1:
+            return [self.bufs[0][start : start + length]]
+        out = []
+        i = bisect.bisect_right(self.starts, start) - 1
+        end = start + length
+        while start < end:
+            b = self.bufs[i]
+            s = start - self.starts[i]
+            n = min(len(b) - s, end - start)
+            if n > 0:
+                out.append(b[s : s + n])
+            start += n
+            i += 1
+        return out
+
+
+def _zero_views(views: Sequence[memoryview]) -> None:
+    for v in views:
+        n = len(v)
+        if n <= len(_ZEROS):
+            v[:] = _ZEROS[:n]
+        else:
+            v[:] = bytes(n)
+
+
+_ZEROS = bytes(1 << 21)
+
+
+class Qcow2Image:
+    """An open qcow2 image; implements :class:`appliance.storage.backend.BlockBackend`.
+
+    Open with :meth:`open`, never the constructor.
+    """
+
+    logical_block_size = 512
+    supports_discard = True
+
+    def __init__(self) -> None:
+        self.path = Path()
+        self.read_only = True
+        self.size = 0
+        self.header = H.Header()
+        self.backing: Any = None
+        self.backing_fmt: str | None = None
+        self.snapshots: list[Snapshot] = []
+        self._fd = -1
+        self._dfd = -1
+        self._direct = False
+        self._lock = asyncio.Lock()
+        self._l1: list[int] = []
+        self._l1_dirty = False
+        self._l2: OrderedDict[int, list[int]] = OrderedDict()
+        self._l2_dirty: set[int] = set()
+        self._l2_cap = 16
+        self._rt: list[int] = []
+        self._rt_dirty = False
+        self._rt_reloc: tuple[int, int] | None = None
+        self._rb: dict[int, list[int]] = {}
+        self._rb_dirty: set[int] = set()
+        self._rc_dirty = False
+        self._pending_frees: list[int] = []
+        self._free_hint = 0
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._io_count = 0
+        self._needs_sync = False
+        self._failed = False
+        self._closed = False
+        self._meta: set[int] = set()
+        self._lazy_dirty = False
+        self._comp_cache: tuple[int, bytes] | None = None
+        self._comp_tail = 0  # host byte offset where the next compressed cluster may go
+        self.file_size = 0
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool,
+        cache: str = "writeback",
+        backing_override: Any = None,
+        l2_cache_size: int | None = None,
+        open_backing: bool = True,
+        repair_dirty: bool = True,
+        _chain: tuple[str, ...] = (),
+    ) -> Qcow2Image:
+        """Open an image.
+
+        :param backing_override: ``None`` to follow the header, ``False`` for no backing,
+            or an already open BlockBackend to use instead.
+        :param l2_cache_size: bytes of L2 cache (QEMU's l2-cache-size); default covers
+            the whole disk up to 32 MiB.
+        :raises Qcow2Error: When the file is not an image we can open safely.
+        """
+        self = cls()
+        self.path = Path(path)
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags)
+        except OSError as err:
+            raise Qcow2Error(f"could not open '{path}': {err.strerror}", kind=ErrorKind.IO) from err
+        try:
+            await self._open(cache, backing_override, l2_cache_size, open_backing,
+                             repair_dirty, _chain)
+        except BaseException:
+            self._close_fds()
+            raise
+        return self
+
+    async def _open(self, cache: str, backing_override: Any, l2_cache_size: int | None,
+                    open_backing: bool, repair_dirty: bool, chain: tuple[str, ...]) -> None:
+        st = os.fstat(self._fd)
+        self.file_size = st.st_size
+        first = await self._pread(0, min(st.st_size, 1 << 21))
+        h = H.parse_header(first, st.st_size)
+        self.header = h
+        self.size = h.size
+        cs = h.cluster_size
+        self._cs = cs
+        self._cb = h.cluster_bits
+        self._ext = h.extended_l2
+        self._l2_entries = h.l2_entries
+        self._l2_bits = (h.l2_entries).bit_length() - 1
+        self._stride = 2 if self._ext else 1
+        self._sc_size = cs // 32 if self._ext else cs
+        self._rc_order = h.refcount_order
+        self._rc_max = (1 << h.refcount_bits) - 1
+        self._rb_entries = cs * 8 // h.refcount_bits
+        self._csize_shift = 62 - (h.cluster_bits - 8)
+        self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self._coff_mask = (1 << self._csize_shift) - 1
+        self._l2_fmt = struct.Struct(f">{cs // 8}Q")
+        if cache in ("none", "directsync"):
+            self._direct = True
+            self._dfd = os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR)
+                                | os.O_DIRECT | os.O_CLOEXEC)
+        else:
+            self._dfd = self._fd
+        self._writethrough = cache in ("writethrough", "directsync")
+        if h.l1_size:
+            raw = await self._pread(h.l1_table_offset, h.l1_size * 8)
+            self._l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
+        n_rt = h.refcount_table_clusters * cs // 8
+        raw = await self._pread(h.refcount_table_offset, n_rt * 8)
+        self._rt = list(struct.unpack(f">{n_rt}Q", raw))
+        if h.nb_snapshots:
+            raw = await self._pread(h.snapshots_offset, min(self.file_size - h.snapshots_offset,
+                                                            64 << 20))
+            self.snapshots = parse_snapshots(raw, h.nb_snapshots, cs)
+        want = l2_cache_size
+        if want is None:
+            need = (-(-self.size // cs)) * self._stride * 8
+            want = min(max(need, 1 << 20), DEFAULT_L2_CACHE_MAX)
+        self._l2_cap = max(2, want // cs)
+        self._build_meta_set()
+        self._free_hint = 1
+        if not self.read_only:
+            if h.corrupt:
+                raise CorruptImage("image is marked corrupt; it can only be opened read-only "
+                                   "(or repaired with 'appliance img check -r all')")
+            changed = False
+            if h.autoclear_features:
+                # We maintain neither bitmaps nor raw external data: clear the bits
+                # before the first write, as the spec demands of such writers.
+                h.autoclear_features = 0
+                changed = True
+            if h.dirty and repair_dirty:
+                from appliance.qcow2.check import rebuild_refcounts
+
+                await rebuild_refcounts(self)
+                h.incompatible_features &= ~H.INCOMPAT_DIRTY
+                changed = True
+            if changed:
+                await self._write_header()
+                await self._sync()
+        if backing_override is False or not open_backing:
+            self.backing = None
+        elif backing_override is not None:
+            self.backing = backing_override
+        elif h.backing_file:
+            from appliance.qcow2.backing import open_backing_file
+
+            self.backing_fmt = h.backing_format
+            self.backing = await open_backing_file(
+                self.path, h.backing_file, self.backing_fmt, cache=cache,
+                chain=chain + (os.path.realpath(self.path),),
+            )
+
+    def _build_meta_set(self) -> None:
+        cs = self._cs
+        h = self.header
+        m = {0}
+        for base, length in (
+            (h.l1_table_offset, h.l1_size * 8),
+            (h.refcount_table_offset, h.refcount_table_clusters * cs),
+        ):
+            if length:
+                m.update(range(base // cs, (base + length + cs - 1) // cs))
+        for e in self._rt:
+            if e & OFFSET_MASK:
+                m.add((e & OFFSET_MASK) >> self._cb)
+        for e in self._l1:
+            if e & OFFSET_MASK:
+                m.add((e & OFFSET_MASK) >> self._cb)
+        for s in self.snapshots:
+            m.update(range(s.l1_table_offset // cs, (s.l1_table_offset + s.l1_size * 8 + cs - 1)
+                           // cs))
+        if h.nb_snapshots:
+            m.add(h.snapshots_offset // cs)
+        self._meta = m
+
+    # ------------------------------------------------------------------ raw file I/O
+
+    async def _pread(self, off: int, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        data: bytes = await loop.run_in_executor(io_pool(), os.pread, self._fd, n, off)
+        if len(data) < n:
+            data += bytes(n - len(data))
+        return data
+
+    async def _pwrite(self, off: int, data: bytes) -> None:
+        if self._failed and off != 0:
+            raise Qcow2Error("image is marked corrupt; refusing to write",
+                             kind=ErrorKind.READ_ONLY)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(io_pool(), _pwritev_full, self._fd, [data], off)
+        self._needs_sync = True
+        if off + len(data) > self.file_size:
+            self.file_size = off + len(data)
+
+    async def _sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(io_pool(), os.fdatasync, self._fd)
+        self._needs_sync = False
+
+    def _buffer(self, n: int) -> memoryview:
+        """A scratch buffer; page-aligned when data goes through O_DIRECT."""
+        if self._direct:
+            m = mmap.mmap(-1, max(ALIGN, (n + ALIGN - 1) & ~(ALIGN - 1)))
+            return memoryview(m)[:n]
+        return memoryview(bytearray(n))
+
+    async def _write_header(self) -> None:
+        data = self.header.serialize()
+        await self._pwrite(0, data)
+
+    async def mark_corrupt(self, message: str, offset: int | None = None) -> CorruptImage:
+        """Set the corrupt bit (if writable), stop all writes, and return the error to raise."""
+        if not self.read_only and not self._failed:
+            self._failed = True
+            self.header.incompatible_features |= H.INCOMPAT_CORRUPT
+            try:
+                await self._write_header()
+                await self._sync()
+            except OSError:
+                pass
+        self._failed = True
+        return CorruptImage(message, offset=offset)
+
+    # ------------------------------------------------------------------ refcounts
+
+    async def _refblock(self, ti: int) -> list[int] | None:
+        blk = self._rb.get(ti)
+        if blk is not None:
+            return blk
+        if ti >= len(self._rt):
+            return None
+        off = self._rt[ti] & OFFSET_MASK
+        if not off:
+            return None
+        if off % self._cs:
+            raise await self.mark_corrupt("refcount block offset is not cluster-aligned", off)
+        if off >= self.file_size:
+            raise await self.mark_corrupt("refcount block lies past the end of the file", off)
+        blk = decode_block(await self._pread(off, self._cs), self._rc_order)
+        self._rb[ti] = blk
+        return blk
+
+    async def refcount(self, cluster: int) -> int:
+        ti, bi = divmod(cluster, self._rb_entries)
+        blk = self._rb.get(ti)
+        if blk is None:
+            blk = await self._refblock(ti)
+            if blk is None:
+                return 0
+        return blk[bi]
+
+    async def _update_refcount(self, cluster: int, delta: int) -> None:
+        ti, bi = divmod(cluster, self._rb_entries)
+        blk = self._rb.get(ti)
+        if blk is None:
+            blk = await self._refblock(ti)
+            if blk is None:
+                blk = await self._new_refblock(ti)
+        v = blk[bi] + delta
+        if v < 0:
+            raise await self.mark_corrupt(f"refcount of cluster {cluster} would go negative",
+                                          cluster * self._cs)
+        if v > self._rc_max:
+            raise Qcow2Error(f"refcount of cluster {cluster} would overflow "
+                             f"{self.header.refcount_bits} bits", kind=ErrorKind.RANGE)
+        blk[bi] = v
+        self._rb_dirty.add(ti)
+        self._rc_dirty = True
+        if v == 0 and cluster < self._free_hint:
+            self._free_hint = cluster
+
+    async def _new_refblock(self, ti: int) -> list[int]:
+        """Create refcount block ``ti`` in memory and place it in a free cluster.
+
+        The block exists (all zero) before its own cluster is allocated, so the
+        allocator can account for that cluster, possibly inside the new block.
+        """
+        if ti >= len(self._rt):
+            await self._grow_reftable(ti)
+        blk = [0] * self._rb_entries
+        self._rb[ti] = blk
+        c = await self._alloc_clusters(1)
+        self._rt[ti] = c << self._cb
+        self._rt_dirty = True
+        self._rb_dirty.add(ti)
+        self._rc_dirty = True
+        self._meta.add(c)
+        return blk
+
+    async def _grow_reftable(self, min_index: int) -> None:
+        cs = self._cs
+        per = cs // 8
+        want = max(min_index + 1, len(self._rt) * 2)
+        want = -(-want // per) * per
+        if want * 8 > H.MAX_REFTABLE_BYTES:
+            raise Qcow2Error("refcount table would exceed its size limit", kind=ErrorKind.RANGE)
+        if self._rt_reloc is not None:
+            start, n = self._rt_reloc
+            self._rt_reloc = None
+            for c in range(start, start + n):
+                self._meta.discard(c)
+                await self._update_refcount(c, -1)
+        self._rt.extend([0] * (want - len(self._rt)))
+        n = want * 8 // cs
+        start = await self._alloc_clusters(n)
+        self._rt_reloc = (start, n)
+        self._meta.update(range(start, start + n))
+        self._rc_dirty = True
+
+    async def _alloc_clusters(self, n: int) -> int:
+        """Reserve ``n`` contiguous free clusters (refcount 0 → 1); returns the first index.
+
+        Refcount blocks covering the run must exist before the run is taken:
+        creating one allocates its own cluster, which may land inside the run,
+        so the search starts over after creating any.
+        """
+        E = self._rb_entries
+        while True:
+            run_start = await self._find_free_run(n)
+            missing = []
+            for ti in range(run_start // E, (run_start + n - 1) // E + 1):
+                if self._rb.get(ti) is None and await self._refblock(ti) is None:
+                    missing.append(ti)
+            if not missing:
+                break
+            for ti in missing:
+                if self._rb.get(ti) is None:
+                    await self._new_refblock(ti)
+        if run_start + n > (1 << 56) >> self._cb:
+            raise Qcow2Error("image file would grow past 64 PiB", kind=ErrorKind.RANGE)
+        for i in range(run_start, run_start + n):
+            await self._update_refcount(i, 1)
+        if run_start == self._free_hint:
+            self._free_hint = run_start + n
+        return run_start
+
+    async def _find_free_run(self, n: int) -> int:
+        c = self._free_hint
+        run_start, run = c, 0
+        E = self._rb_entries
+        while run < n:
+            ti, bi = divmod(c, E)
+            blk = self._rb.get(ti)
+            if blk is None:
+                blk = await self._refblock(ti)
+            if blk is None:
+                # No block: everything it would cover is free.
+                take = min(n - run, E - bi)
+                if run == 0:
+                    run_start = c
+                run += take
+                c += take
+                continue
+            if blk[bi] == 0:
+                if run == 0:
+                    run_start = c
+                run += 1
+            else:
+                run = 0
+                if c == self._free_hint:
+                    self._free_hint = c + 1
+            c += 1
+        return run_start
+
+    async def _flush_refcounts(self) -> None:
+        """Write dirty refcount blocks, then table/header changes, with barriers."""
+        while self._rc_dirty:
+            self._rc_dirty = False
+            dirty = sorted(self._rb_dirty)
+            self._rb_dirty.clear()
+            for ti in dirty:
+                off = self._rt[ti] & OFFSET_MASK
+                await self._pwrite(off, encode_block(self._rb[ti], self._rc_order))
+            if dirty or self._needs_sync:
+                await self._sync()
+            if self._rt_reloc is not None:
+                start, n = self._rt_reloc
+                raw = struct.pack(f">{len(self._rt)}Q", *self._rt)
+                await self._pwrite(start << self._cb, raw)
+                await self._sync()
+                h = self.header
+                old_off, old_n = h.refcount_table_offset, h.refcount_table_clusters
+                h.refcount_table_offset, h.refcount_table_clusters = start << self._cb, n
+                await self._write_header()
+                await self._sync()
+                self._rt_reloc = None
+                self._rt_dirty = False
+                for c in range(old_off >> self._cb, (old_off >> self._cb) + old_n):
+                    self._meta.discard(c)
+                    await self._update_refcount(c, -1)
+            elif self._rt_dirty:
+                self._rt_dirty = False
+                raw = struct.pack(f">{len(self._rt)}Q", *self._rt)
+                await self._pwrite(self.header.refcount_table_offset, raw)
+                await self._sync()
+
+    # ------------------------------------------------------------------ L1/L2
+
+    async def _load_l2(self, off: int) -> list[int]:
+        t = self._l2.get(off)
+        if t is not None:
+            self._l2.move_to_end(off)
+            return t
+        if off % self._cs:
+            raise await self.mark_corrupt(f"L2 table offset {off:#x} is not cluster-aligned", off)
+        if off + self._cs > self.file_size:
+            raise await self.mark_corrupt(f"L2 table at {off:#x} lies past the end of the file",
+                                          off)
+        raw = await self._pread(off, self._cs)
+        t = self._l2.get(off)
+        if t is not None:
+            return t
+        t = list(self._l2_fmt.unpack(raw))
+        self._l2[off] = t
+        while len(self._l2) > self._l2_cap:
+            old, table = next(iter(self._l2.items()))
+            if old in self._l2_dirty:
+                await self._write_l2(old, table)
+            self._l2.pop(old, None)
+        return t
+
+    async def _write_l2(self, off: int, table: list[int]) -> None:
+        if self._rc_dirty and not self._lazy_dirty:
+            await self._flush_refcounts()
+        self._l2_dirty.discard(off)
+        await self._pwrite(off, self._l2_fmt.pack(*table))
+
+    async def _l2_for_write(self, l1i: int) -> tuple[int, list[int]]:
+        """The L2 table for ``l1i``, allocated or copied so it may be modified."""
+        if l1i >= len(self._l1):
+            raise await self.mark_corrupt("write past the L1 table")
+        e = self._l1[l1i]
+        off = e & OFFSET_MASK
+        if off and e & COPIED:
+            return off, await self._load_l2(off)
+        if off:
+            src = await self._load_l2(off)
+            if await self.refcount(off >> self._cb) == 1:
+                self._l1[l1i] = off | COPIED
+                self._l1_dirty = True
+                return off, src
+            table = list(src)
+        else:
+            table = [0] * (self._cs // 8)
+        await self._mark_lazy_dirty()
+        new = (await self._alloc_clusters(1)) << self._cb
+        self._meta.add(new >> self._cb)
+        self._l2[new] = table
+        self._l2_dirty.add(new)
+        self._l1[l1i] = new | COPIED
+        self._l1_dirty = True
+        if off:
+            self._pending_frees.append(off >> self._cb)
+        while len(self._l2) > self._l2_cap:
+            old, t = next(iter(self._l2.items()))
+            if old == new:
+                break
+            if old in self._l2_dirty:
+                await self._write_l2(old, t)
+            self._l2.pop(old, None)
+        return new, table
+
+    async def _mark_lazy_dirty(self) -> None:
+        h = self.header
+        if h.lazy_refcounts and h.version >= 3 and not self._lazy_dirty:
+            h.incompatible_features |= H.INCOMPAT_DIRTY
+            await self._write_header()
+            await self._sync()
+            self._lazy_dirty = True
+
+    async def _entry(self, gc: int) -> tuple[int, int]:
+        """(L2 entry, extended bitmap) of guest cluster ``gc``; (0, 0) if no L2 table."""
+        l1i = gc >> self._l2_bits
+        if l1i >= len(self._l1):
+            return 0, 0
+        off = self._l1[l1i] & OFFSET_MASK
+        if not off:
+            return 0, 0
+        t = self._l2.get(off)
+        if t is None:
+            t = await self._load_l2(off)
+        i = (gc & (self._l2_entries - 1)) * self._stride
+        return t[i], (t[i + 1] if self._ext else 0)
+
+    # ------------------------------------------------------------------ mapping
+
+    def _classify(self, gc: int, e: int, bm: int, a: int, b: int,
+                  out: list[list[int]]) -> None:
+        """Append extents [kind, guest_start, length, host] for bytes [a, b) of cluster gc."""
+        base = gc << self._cb
+        if e & COMPRESSED:
+            _append(out, K_COMPRESSED, base + a, b - a, e)
+            return
+        host = e & OFFSET_MASK
+        if not self._ext:
+            if e & ZERO_FLAG and self.header.version >= 3:
+                _append(out, K_ZERO, base + a, b - a, -1)
+            elif host:
+                _append(out, K_DATA, base + a, b - a, host + a)
+            else:
+                _append(out, K_UNALLOC, base + a, b - a, -1)
+            return
+        sc = self._sc_size
+        pos = a
+        while pos < b:
+            i = pos // sc
+            end = min(b, (i + 1) * sc)
+            if bm >> i & 1:
+                _append(out, K_DATA, base + pos, end - pos, host + pos)
+            elif bm >> (32 + i) & 1:
+                _append(out, K_ZERO, base + pos, end - pos, -1)
+            else:
+                _append(out, K_UNALLOC, base + pos, end - pos, -1)
+            pos = end
+
+    async def map_range(self, offset: int, length: int) -> list[list[int]]:
+        """Extents covering [offset, offset+length) of this layer. Call under the lock."""
+        out: list[list[int]] = []
+        cb, cs = self._cb, self._cs
+        l2n = self._l2_entries
+        pos, end = offset, offset + length
+        while pos < end:
+            gc = pos >> cb
+            l1i = gc >> self._l2_bits
+            off = self._l1[l1i] & OFFSET_MASK if l1i < len(self._l1) else 0
+            table_end = min(end, (l1i + 1) << (self._l2_bits + cb))
+            if not off:
+                _append(out, K_UNALLOC, pos, table_end - pos, -1)
+                pos = table_end
+                continue
+            t = self._l2.get(off)
+            if t is None:
+                t = await self._load_l2(off)
+            else:
+                self._l2.move_to_end(off)
+            stride = self._stride
+            ext = self._ext
+            while pos < table_end:
+                gc = pos >> cb
+                a = pos & (cs - 1)
+                b = min(cs, table_end - (gc << cb))
+                i = (gc & (l2n - 1)) * stride
+                e = t[i]
+                if not ext and not e & (COMPRESSED | ZERO_FLAG):
+                    host = e & OFFSET_MASK
+                    if host:
+                        if host & (cs - 1):
+                            raise await self.mark_corrupt("data cluster offset is not aligned",
+                                                          host)
+                        _append(out, K_DATA, pos, b - a, host + a)
+                    else:
+                        _append(out, K_UNALLOC, pos, b - a, -1)
+                else:
+                    if e & OFFSET_MASK & (cs - 1) and not e & COMPRESSED:
+                        raise await self.mark_corrupt("data cluster offset is not aligned",
+                                                      e & OFFSET_MASK)
+                    self._classify(gc, e, t[i + 1] if ext else 0, a, b, out)
+                pos = (gc << cb) + b
+        return out
+
+    # ------------------------------------------------------------------ reads
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise Qcow2Error(f"request [{offset}, +{length}) is outside the disk",
+                             kind=ErrorKind.RANGE)
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        sp = _Splitter(bufs)
+        total = sp.total
+        if offset >= self.size or total == 0:
+            return 0
+        if offset < 0:
+            raise Qcow2Error("negative offset", kind=ErrorKind.RANGE)
+        n = min(total, self.size - offset)
+        async with self._lock:
+            extents = await self.map_range(offset, n)
+        await self._read_extents(extents, offset, sp)
+        return n
+
+    async def _read_extents(self, extents: list[list[int]], base: int, sp: _Splitter) -> None:
+        loop = asyncio.get_running_loop()
+        waits = []
+        self._io_count += 1
+        try:
+            for kind, start, length, host in extents:
+                views = sp.take(start - base, length)
+                if kind == K_DATA:
+                    waits.append(loop.run_in_executor(io_pool(), _preadv_full, self._dfd,
+                                                      views, host))
+                elif kind == K_UNALLOC and self.backing is not None:
+                    waits.append(self._read_backing(start, length, views))
+                elif kind == K_COMPRESSED:
+                    waits.append(self._read_compressed(start, length, host, views))
+                else:
+                    _zero_views(views)
+            if len(waits) == 1:
+                await waits[0]
+            elif waits:
+                await asyncio.gather(*waits)
+        finally:
+            self._io_count -= 1
+
+    async def _read_backing(self, start: int, length: int, views: list[memoryview]) -> None:
+        bsize = self.backing.size
+        if start >= bsize:
+            _zero_views(views)
+            return
+        if start + length <= bsize:
+            await self.backing.readv(start, views)
+            return
+        sp = _Splitter(views)
+        n = bsize - start
+        await self.backing.readv(start, sp.take(0, n))
+        _zero_views(sp.take(n, length - n))
+
+    async def _read_compressed(self, start: int, length: int, entry: int,
+                               views: list[memoryview]) -> None:
+        data = await self._inflate(entry)
+        a = start & (self._cs - 1)
+        pos = a
+        for v in views:
+            v[:] = data[pos : pos + len(v)]
+            pos += len(v)
+
+    def _compressed_span(self, entry: int) -> tuple[int, int]:
+        coff = entry & self._coff_mask
+        nsec = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        return coff, nsec * 512 - (coff & 511)
+
+    async def _inflate(self, entry: int) -> bytes:
+        cached = self._comp_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        coff, csize = self._compressed_span(entry)
+        if coff + 1 > self.file_size:
+            raise await self.mark_corrupt("compressed cluster lies past the end of the file",
+                                          coff)
+        raw = await self._pread(coff, csize)
+        data = _decompress(raw, self._cs, self.header.compression_type, coff)
+        self._comp_cache = (entry, data)
+        return data
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise Qcow2Error("image is closed", kind=ErrorKind.IO)
+        if self.read_only:
+            raise Qcow2Error("image is read-only", kind=ErrorKind.READ_ONLY)
+        if self._failed:
+            raise Qcow2Error("image is marked corrupt; writes are refused",
+                             kind=ErrorKind.READ_ONLY)
+
+    async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        self._check_writable()
+        sp = _Splitter(bufs)
+        total = sp.total
+        self._check_range(offset, total)
+        if total == 0:
+            return 0
+        while True:
+            async with self._lock:
+                plan = await self._plan_write(offset, total)
+            if isinstance(plan, asyncio.Future):
+                await asyncio.shield(plan)
+                continue
+            break
+        segments, allocs = plan
+        self._io_count += 1
+        try:
+            if len(segments) == 1:
+                await self._write_segment(segments[0], offset, sp)
+            else:
+                await asyncio.gather(*(self._write_segment(s, offset, sp) for s in segments))
+        except BaseException:
+            async with self._lock:
+                for item in allocs:
+                    if item[5] != item[6]:
+                        await self._update_refcount(item[5] >> self._cb, -1)
+                    fut = self._inflight.pop(item[0], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+            raise
+        finally:
+            self._io_count -= 1
+        if allocs:
+            async with self._lock:
+                await self._commit(allocs)
+        if self._writethrough:
+            await self.flush()
+        return total
+
+    async def _plan_write(self, offset: int, total: int) -> Any:
+        """Map a write. Returns (segments, allocations) or a future to wait for.
+
+        A segment is [host, pieces]; a piece is ("d", guest_start, n) for caller data
+        or ("f", gc, entry, bitmap, a, b) for bytes copied from the cluster's old contents.
+        """
+        cb, cs = self._cb, self._cs
+        end = offset + total
+        gc0, gc1 = offset >> cb, (end - 1) >> cb
+        for gc in range(gc0, gc1 + 1):
+            fut = self._inflight.get(gc)
+            if fut is not None:
+                return fut
+        segments: list[list[Any]] = []
+        allocs: list[list[Any]] = []
+        need_new: list[list[Any]] = []
+        for gc in range(gc0, gc1 + 1):
+            cstart = gc << cb
+            a = max(offset, cstart) - cstart
+            b = min(end, cstart + cs) - cstart
+            e, bm = await self._entry(gc)
+            host = e & OFFSET_MASK
+            fast = (e & COPIED and host and not e & COMPRESSED
+                    and (not e & ZERO_FLAG or self._ext))
+            if fast and self._ext:
+                need = _sc_mask(a, b, self._sc_size)
+                fast = bm & need == need
+            if fast:
+                if host & (cs - 1) or (host >> cb) in self._meta:
+                    raise await self.mark_corrupt(
+                        f"L2 entry for guest cluster {gc} points at metadata or is unaligned",
+                        host)
+                _add_segment(segments, host + a, ("d", cstart + a, b - a))
+                continue
+            reuse = False
+            if host and not e & COMPRESSED and not host & (cs - 1):
+                if (host >> cb) in self._meta:
+                    raise await self.mark_corrupt(
+                        f"L2 entry for guest cluster {gc} points at metadata", host)
+                reuse = e & COPIED or await self.refcount(host >> cb) == 1
+            item = [gc, a, b, e, bm, host if reuse else -1, host if reuse else -2]
+            allocs.append(item)
+            if not reuse:
+                need_new.append(item)
+        # Allocate runs of consecutive new clusters contiguously in the file.
+        i = 0
+        while i < len(need_new):
+            j = i + 1
+            while j < len(need_new) and need_new[j][0] == need_new[j - 1][0] + 1:
+                j += 1
+            start = await self._alloc_clusters(j - i)
+            for k in range(i, j):
+                need_new[k][5] = (start + k - i) << cb
+            i = j
+        loop = asyncio.get_running_loop()
+        for item in allocs:
+            self._inflight[item[0]] = loop.create_future()
+        # Turn allocations into segments (in guest order, merged when host-contiguous).
+        if allocs:
+            segments = self._segments_with_allocs(offset, end, segments, allocs)
+        return segments, allocs
+
+    def _segments_with_allocs(self, offset: int, end: int, fast: list[list[Any]],
+                              allocs: list[list[Any]]) -> list[list[Any]]:
+        cb, cs = self._cb, self._cs
+        by_gc = {item[0]: item for item in allocs}
+        out: list[list[Any]] = []
+        for gc in range(offset >> cb, ((end - 1) >> cb) + 1):
+            cstart = gc << cb
+            a = max(offset, cstart) - cstart
+            b = min(end, cstart + cs) - cstart
+            item = by_gc.get(gc)
+            if item is None:
+                e_host = self._fast_host(fast, cstart + a)
+                _add_segment(out, e_host, ("d", cstart + a, b - a))
+                continue
+            _, a, b, e, bm, host, old = item
+            if self._ext and host == old:
+                sc = self._sc_size
+                lo, hi = a, b
+                if a % sc and not bm >> (a // sc) & 1:
+                    lo = a - a % sc
+                if b % sc and not bm >> ((b - 1) // sc) & 1:
+                    hi = b + (-b % sc)
+                lo_fill, hi_fill = lo, min(hi, cs)
+            elif host == old and not e & ZERO_FLAG:
+                lo_fill, hi_fill = a, b
+            else:
+                lo_fill, hi_fill = 0, cs
+            if lo_fill < a:
+                _add_segment(out, host + lo_fill, ("f", gc, e, bm, lo_fill, a))
+            _add_segment(out, host + a, ("d", cstart + a, b - a))
+            if b < hi_fill:
+                _add_segment(out, host + b, ("f", gc, e, bm, b, hi_fill))
+        return out
+
+    @staticmethod
+    def _fast_host(fast: list[list[Any]], guest: int) -> int:
+        for seg in fast:
+            pos = seg[0]
+            for p in seg[1]:
+                if p[0] == "d" and p[1] == guest:
+                    return pos
+                pos += p[2] if p[0] == "d" else p[5] - p[4]
+        raise AssertionError("fast segment not found")
+
+    async def _write_segment(self, seg: list[Any], base: int, sp: _Splitter) -> None:
+        host, pieces, length = seg
+        views: list[Any] = []
+        fills = []
+        for p in pieces:
+            if p[0] == "d":
+                views.extend(sp.take(p[1] - base, p[2]))
+            else:
+                buf = self._buffer(p[5] - p[4])
+                views.append(buf)
+                fills.append(self._read_old(p[1], p[2], p[3], p[4], p[5], buf))
+        if fills:
+            await asyncio.gather(*fills)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(io_pool(), _pwritev_full, self._dfd, views, host)
+        self._needs_sync = True
+        if host + length > self.file_size:
+            self.file_size = host + length
+
+    async def _read_old(self, gc: int, e: int, bm: int, a: int, b: int,
+                        buf: memoryview) -> None:
+        out: list[list[int]] = []
+        self._classify(gc, e, bm, a, b, out)
+        await self._read_extents(out, (gc << self._cb) + a, _Splitter([buf]))
+
+    async def _commit(self, allocs: list[list[Any]]) -> None:
+        """Publish allocating writes in their L2 tables and wake waiters."""
+        try:
+            await self._mark_lazy_dirty()
+            cb = self._cb
+            for gc, a, b, e, bm, host, old in allocs:
+                l1i = gc >> self._l2_bits
+                _, t = await self._l2_for_write(l1i)
+                i = (gc & (self._l2_entries - 1)) * self._stride
+                cur = t[i]
+                if self._ext:
+                    if host == old:
+                        need = _sc_mask(a, b, self._sc_size)
+                        alloc = (bm | need) & EXT_ALL_ALLOC
+                        zero = (bm >> 32) & ~need & EXT_ALL_ALLOC
+                        # Partially written subclusters were filled around the data.
+                        t[i + 1] = alloc | (zero << 32)
+                    else:
+                        t[i + 1] = EXT_ALL_ALLOC
+                t[i] = host | COPIED
+                self._l2_dirty.add(_l2_off(self._l1[l1i]))
+                if host != old:
+                    self._free_entry(cur)
+            if len(self._l2_dirty) > self._l2_cap // 2:
+                for off in list(self._l2_dirty):
+                    t2 = self._l2.get(off)
+                    if t2 is not None:
+                        await self._write_l2(off, t2)
+        finally:
+            for item in allocs:
+                fut = self._inflight.pop(item[0], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        del cb
+
+    def _free_entry(self, e: int) -> None:
+        """Queue the host clusters an old L2 entry referenced for freeing."""
+        if e & COMPRESSED:
+            coff, csize = self._compressed_span(e)
+            first = coff >> self._cb
+            last = (coff + csize - 1) >> self._cb
+            self._pending_frees.extend(range(first, last + 1))
+        else:
+            host = e & OFFSET_MASK
+            if host:
+                self._pending_frees.append(host >> self._cb)
+
+    # ------------------------------------------------------------------ zeroes and discard
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        await self._zero_whole(offset, length, "discard")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        self._check_writable()
+        self._check_range(offset, length)
+        cs = self._cs
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end // cs * cs
+        if end == self.size:
+            last = end  # the disk's partial last cluster counts as whole
+        if first >= last:
+            await self._write_zero_bytes(offset, length)
+            return
+        if offset < first:
+            await self._write_zero_bytes(offset, first - offset)
+        if last < end:
+            await self._write_zero_bytes(last, end - last)
+        if self.header.version < 3:
+            if self.backing is None and may_unmap:
+                await self._zero_whole(first, last - first, "discard")
+                return
+            # No zero flag in v2: write real zeroes.
+            pos = first
+            while pos < last:
+                n = min(last - pos, len(_ZEROS))
+                await self._write_zero_bytes(pos, n)
+                pos += n
+            return
+        await self._zero_whole(first, last - first, "unmap" if may_unmap else "zero")
+
+    async def _write_zero_bytes(self, offset: int, length: int) -> None:
+        if self._direct:
+            buf = self._buffer(length)
+        elif length <= len(_ZEROS):
+            buf = memoryview(_ZEROS)[:length]
+        else:
+            buf = memoryview(bytes(length))
+        await self.writev(offset, [buf])
+
+    async def _zero_whole(self, offset: int, length: int, mode: str) -> None:
+        """Apply discard/zero to every whole cluster in the range (partial ones are skipped)."""
+        cs, cb = self._cs, self._cb
+        gc0 = -(-offset // cs)
+        end = offset + length
+        gc1 = end // cs if end < self.size else -(-end // cs)
+        if gc0 >= gc1:
+            return
+        while True:
+            async with self._lock:
+                waits = [self._inflight[g] for g in range(gc0, gc1) if g in self._inflight]
+                if not waits:
+                    await self._zero_locked(gc0, gc1, mode)
+                    break
+            await asyncio.gather(*(asyncio.shield(w) for w in waits))
+        del cb
+        if self._writethrough:
+            await self.flush()
+
+    async def _zero_locked(self, gc0: int, gc1: int, mode: str) -> None:
+        has_backing = self.backing is not None
+        v3 = self.header.version >= 3
+        gc = gc0
+        while gc < gc1:
+            l1i = gc >> self._l2_bits
+            table_end = min(gc1, (l1i + 1) << self._l2_bits)
+            l1e = self._l1[l1i] if l1i < len(self._l1) else 0
+            if not l1e & OFFSET_MASK and (mode == "discard" or not has_backing):
+                gc = table_end
+                continue
+            await self._mark_lazy_dirty()
+            l2off, t = await self._l2_for_write(l1i)
+            for g in range(gc, table_end):
+                i = (g & (self._l2_entries - 1)) * self._stride
+                e = t[i]
+                bm = t[i + 1] if self._ext else 0
+                host = e & OFFSET_MASK
+                keep = False
+                if mode == "zero" and host and not e & COMPRESSED:
+                    keep = bool(e & COPIED) or await self.refcount(host >> self._cb) == 1
+                    # refcount() may have evicted nothing: tables are only evicted on load
+                if self._ext:
+                    if keep:
+                        new_e, new_bm = e | COPIED, EXT_ALL_ZERO
+                    elif has_backing or mode != "discard":
+                        new_e, new_bm = 0, EXT_ALL_ZERO if has_backing else 0
+                    else:
+                        new_e, new_bm = 0, 0
+                    t[i + 1] = new_bm
+                else:
+                    if keep:
+                        new_e = host | COPIED | ZERO_FLAG
+                    elif has_backing and v3:
+                        new_e = ZERO_FLAG
+                    else:
+                        new_e = 0
+                if new_e == e and (not self._ext or bm == t[i + 1]):
+                    continue
+                t[i] = new_e
+                self._l2_dirty.add(l2off)
+                if not keep:
+                    self._free_entry(e)
+            gc = table_end
+
+    # ------------------------------------------------------------------ flush and close
+
+    async def flush(self) -> None:
+        if self.read_only or self._closed:
+            return
+        async with self._lock:
+            await self._flush_locked()
+        if self.backing is not None and not self.backing.read_only:
+            await self.backing.flush()
+
+    async def _flush_locked(self) -> None:
+        if self._failed:
+            return
+        for _ in range(4):
+            if not self._lazy_dirty:
+                await self._flush_refcounts()
+            wrote = False
+            for off in sorted(self._l2_dirty):
+                t = self._l2.get(off)
+                if t is not None:
+                    await self._write_l2(off, t)
+                    wrote = True
+            self._l2_dirty.clear()
+            if wrote or self._needs_sync:
+                await self._sync()
+            if self._l1_dirty:
+                self._l1_dirty = False
+                await self._pwrite(self.header.l1_table_offset,
+                                   struct.pack(f">{len(self._l1)}Q", *self._l1))
+                await self._sync()
+            if self._pending_frees and self._io_count == 0:
+                frees, self._pending_frees = self._pending_frees, []
+                for c in frees:
+                    self._meta.discard(c)
+                    await self._update_refcount(c, -1)
+                if self._comp_tail and (self._comp_tail >> self._cb) in frees:
+                    self._comp_tail = 0
+                continue
+            break
+        if not self._lazy_dirty:
+            await self._flush_refcounts()
+        if self._needs_sync:
+            await self._sync()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only and not self._failed:
+                async with self._lock:
+                    await self._flush_locked()
+                    if self._lazy_dirty:
+                        self._lazy_dirty = False
+                        await self._flush_refcounts()
+                        await self._sync()
+                        self.header.incompatible_features &= ~H.INCOMPAT_DIRTY
+                        await self._write_header()
+                        await self._sync()
+        finally:
+            self._closed = True
+            self._close_fds()
+            if self.backing is not None:
+                await self.backing.close()
+
+    def _close_fds(self) -> None:
+        if self._dfd >= 0 and self._dfd != self._fd:
+            os.close(self._dfd)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = self._dfd = -1
+
+    async def __aenter__(self) -> Qcow2Image:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ compressed writes
+
+    async def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write one whole cluster compressed (used by ``convert -c``).
+
+        The cluster must be unallocated in this layer. Falls back to a normal write
+        when compression does not save space.
+        """
+        self._check_writable()
+        cs, cb = self._cs, self._cb
+        if offset % cs or len(data) != min(cs, self.size - offset):
+            raise Qcow2Error("compressed writes must cover exactly one cluster")
+        if len(data) < cs:
+            data = data + bytes(cs - len(data))
+        blob = _compress(data, self.header.compression_type)
+        if len(blob) >= cs - 512:
+            await self.writev(offset, [memoryview(data)[: min(cs, self.size - offset)]])
+            return
+        gc = offset >> cb
+        async with self._lock:
+            tail = self._comp_tail
+            if not tail or (tail & (cs - 1)) + len(blob) > cs:
+                start = await self._alloc_clusters(1)
+                tail = start << cb
+            else:
+                await self._update_refcount(tail >> cb, 1)
+            n = len(blob)
+            nsec = ((tail + n - 1) >> 9) - (tail >> 9)
+            await self._pwrite(tail, blob)
+            self._comp_tail = tail + n if (tail + n) & (cs - 1) else 0
+            await self._mark_lazy_dirty()
+            l2off, t = await self._l2_for_write(gc >> self._l2_bits)
+            i = (gc & (self._l2_entries - 1)) * self._stride
+            self._free_entry(t[i])
+            t[i] = COMPRESSED | (nsec << self._csize_shift) | tail
+            if self._ext:
+                t[i + 1] = 0
+            self._l2_dirty.add(l2off)
+
+    # ------------------------------------------------------------------ whole-image operations
+
+    async def block_status(self, offset: int, length: int) -> list[list[int]]:
+        """Extents of this layer (kinds K_*) for ``map`` and ``convert``."""
+        async with self._lock:
+            return await self.map_range(offset, length)
+
+    async def snapshot_create(self, name: str, *, vm_clock_nsec: int = 0) -> Snapshot:
+        from appliance.qcow2.snapops import create_snapshot
+
+        return await create_snapshot(self, name, vm_clock_nsec=vm_clock_nsec)
+
+    async def set_header_field(self, **changes: Any) -> None:
+        """Update header fields and write the header durably (after a full flush)."""
+        async with self._lock:
+            await self._flush_locked()
+            for k, v in changes.items():
+                setattr(self.header, k, v)
+            await self._write_header()
+            await self._sync()
+            self.size = self.header.size
+
+    def now(self) -> tuple[int, int]:
+        t = time.time_ns()
+        return t // 1_000_000_000, t % 1_000_000_000
+
+
+def _append(out: list[list[int]], kind: int, start: int, length: int, host: int) -> None:
+    if out:
+        last = out[-1]
+        if last[0] == kind and last[1] + last[2] == start and (
+            kind in (K_UNALLOC, K_ZERO) or kind == K_DATA and last[3] + last[2] == host
+        ):
+            last[2] += length
+            return
+    out.append([kind, start, length, host])
+
+
+def _add_segment(segs: list[list[Any]], host: int, piece: tuple[Any, ...]) -> None:
+    n = piece[2] if piece[0] == "d" else piece[5] - piece[4]
+    if segs:
+        last = segs[-1]
+        if last[0] + last[2] == host:
+            last[1].append(piece)
+            last[2] += n
+            return
+    segs.append([host, [piece], n])
+
+
+def _sc_mask(a: int, b: int, sc: int) -> int:
+    first, last = a // sc, (b - 1) // sc
+    return ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+
+
+def _l2_off(l1e: int) -> int:
+    return l1e & OFFSET_MASK
+
+
+def probe_format(path: str | os.PathLike[str]) -> str:
+    """'qcow2' if the file starts with the qcow2 magic, else 'raw' (with a warning)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == H.MAGIC:
+        return "qcow2"
+    warnings.warn(
+        f"Image format was not specified for '{path}' and probing guessed raw. "
+        "Specify the 'raw' format explicitly to remove the restrictions.",
+        stacklevel=2,
+    )
+    return "raw"

@@ -1,0 +1,209 @@
+"""Internal snapshot operations: create, apply, delete (qcow2.txt, "Snapshots").
+
+Each operation runs on a flushed image under the metadata lock, and orders its
+writes so a crash leaves leaks at worst: references are added (refcount
+increments, durable) before anything points at them, and removed (header and
+snapshot table, durable) before the refcounts drop.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from appliance.qcow2 import header as H
+from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from appliance.qcow2.image import Qcow2Image
+
+from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
+
+
+async def _tree_refs(img: Qcow2Image, l1: list[int], delta: int) -> None:
+    """Add ``delta`` to every L2 table and data cluster reachable from ``l1``."""
+    cb = img._cb
+    for e in l1:
+        off = e & OFFSET_MASK
+        if not off:
+            continue
+        table = list(await img._load_l2(off))
+        await img._update_refcount(off >> cb, delta)
+        for i in range(0, len(table), img._stride):
+            le = table[i]
+            if le & COMPRESSED:
+                coff, csize = img._compressed_span(le)
+                for c in range(coff >> cb, ((coff + csize - 1) >> cb) + 1):
+                    await img._update_refcount(c, delta)
+            elif le & OFFSET_MASK:
+                await img._update_refcount((le & OFFSET_MASK) >> cb, delta)
+
+
+async def fix_copied_flags(img: Qcow2Image) -> None:
+    """Set bit 63 of active L1/L2 entries exactly where the refcount is 1."""
+    cb = img._cb
+    for l1i, e in enumerate(img._l1):
+        off = e & OFFSET_MASK
+        if not off:
+            if e:
+                img._l1[l1i] = 0
+                img._l1_dirty = True
+            continue
+        rc = await img.refcount(off >> cb)
+        want = off | (COPIED if rc == 1 else 0)
+        if want != e:
+            img._l1[l1i] = want
+            img._l1_dirty = True
+        if rc != 1:
+            continue
+        t = await img._load_l2(off)
+        changed = False
+        for i in range(0, len(t), img._stride):
+            le = t[i]
+            if le & COMPRESSED:
+                if le & COPIED:
+                    t[i] = le & ~COPIED
+                    changed = True
+                continue
+            host = le & OFFSET_MASK
+            if not host:
+                if le & COPIED:
+                    t[i] = le & ~COPIED
+                    changed = True
+                continue
+            rc2 = await img.refcount(host >> cb)
+            new = (le | COPIED) if rc2 == 1 else (le & ~COPIED)
+            if new != le:
+                t[i] = new
+                changed = True
+        if changed:
+            img._l2[off] = t
+            img._l2_dirty.add(off)
+
+
+async def _write_table(img: Qcow2Image, snaps: list[Snapshot]) -> None:
+    """Write a new snapshot table and point the header at it; free the old one."""
+    cs, cb = img._cs, img._cb
+    h = img.header
+    blob = b"".join(s.serialize(h.version) for s in snaps)
+    old_off = h.snapshots_offset
+    old_n = -(-_table_len(img) // cs) if h.nb_snapshots else 0
+    new_off = 0
+    if snaps:
+        n = max(1, -(-len(blob) // cs))
+        new_off = (await img._alloc_clusters(n)) << cb
+        await img._flush_refcounts()
+        await img._pwrite(new_off, blob)
+        await img._sync()
+    h.nb_snapshots = len(snaps)
+    h.snapshots_offset = new_off
+    await img._write_header()
+    await img._sync()
+    img.snapshots = snaps
+    img._table_bytes = len(blob)
+    for c in range(old_off >> cb, (old_off >> cb) + old_n):
+        await img._update_refcount(c, -1)
+    await img._flush_refcounts()
+
+
+def _table_len(img: Qcow2Image) -> int:
+    known = getattr(img, "_table_bytes", None)
+    if known is not None:
+        return int(known)
+    return sum(len(s.serialize(img.header.version)) for s in img.snapshots)
+
+
+def find(img: Qcow2Image, name: str) -> Snapshot | None:
+    for s in img.snapshots:
+        if s.id == name:
+            return s
+    for s in img.snapshots:
+        if s.name == name:
+            return s
+    return None
+
+
+async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0) -> Snapshot:
+    img._check_writable()
+    async with img._lock:
+        await img._flush_locked()
+        if any(s.name == name for s in img.snapshots):
+            raise Qcow2Error(f"a snapshot named '{name}' already exists")
+        ids = [int(s.id) for s in img.snapshots if s.id.isdigit()]
+        sid = str(max(ids, default=0) + 1)
+        cs, cb = img._cs, img._cb
+        l1 = [e & ~COPIED for e in img._l1]
+        n = max(1, -(-len(l1) * 8 // cs))
+        l1_off = (await img._alloc_clusters(n)) << cb
+        await _tree_refs(img, img._l1, +1)
+        await img._flush_refcounts()
+        await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
+        await img._sync()
+        sec, nsec = img.now()
+        snap = Snapshot(l1_off, len(l1), sid, name, sec, nsec, vm_clock_nsec, 0,
+                        disk_size=img.size, icount=None)
+        await _write_table(img, img.snapshots + [snap])
+        img._l2.clear()
+        await fix_copied_flags(img)
+        await img._flush_locked()
+        img._build_meta_set()
+    return snap
+
+
+async def delete_snapshot(img: Qcow2Image, name: str) -> None:
+    img._check_writable()
+    async with img._lock:
+        await img._flush_locked()
+        snap = find(img, name)
+        if snap is None:
+            raise Qcow2Error(f"snapshot '{name}' not found")
+        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
+        l1 = list(struct.unpack(f">{snap.l1_size}Q", raw))
+        await _write_table(img, [s for s in img.snapshots if s is not snap])
+        await _tree_refs(img, l1, -1)
+        cb = img._cb
+        for c in range(snap.l1_table_offset >> cb,
+                       ((snap.l1_table_offset + max(1, snap.l1_size * 8) - 1) >> cb) + 1):
+            await img._update_refcount(c, -1)
+        img._l2.clear()
+        await fix_copied_flags(img)
+        await img._flush_locked()
+        img._build_meta_set()
+
+
+async def apply_snapshot(img: Qcow2Image, name: str) -> None:
+    img._check_writable()
+    async with img._lock:
+        await img._flush_locked()
+        snap = find(img, name)
+        if snap is None:
+            raise Qcow2Error(f"snapshot '{name}' not found")
+        cs, cb = img._cs, img._cb
+        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
+        new_l1 = [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
+        h = img.header
+        size = snap.disk_size if snap.disk_size else h.size
+        need = -(-size // (cs * img._l2_entries))
+        if len(new_l1) < need:
+            new_l1 += [0] * (need - len(new_l1))
+        await _tree_refs(img, new_l1, +1)
+        n = max(1, -(-len(new_l1) * 8 // cs))
+        l1_off = (await img._alloc_clusters(n)) << cb
+        await img._flush_refcounts()
+        await img._pwrite(l1_off, struct.pack(f">{len(new_l1)}Q", *new_l1))
+        await img._sync()
+        old_l1, old_off, old_size = img._l1, h.l1_table_offset, h.l1_size
+        h.l1_table_offset, h.l1_size, h.size = l1_off, len(new_l1), size
+        await img._write_header()
+        await img._sync()
+        img._l1 = new_l1
+        img.size = size
+        await _tree_refs(img, old_l1, -1)
+        for c in range(old_off >> cb, ((old_off + max(1, old_size * 8) - 1) >> cb) + 1):
+            await img._update_refcount(c, -1)
+        img._l2.clear()
+        await fix_copied_flags(img)
+        await img._flush_locked()
+        img._build_meta_set()
+

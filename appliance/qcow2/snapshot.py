@@ -1,0 +1,85 @@
+"""The internal snapshot table (qcow2.txt, "Snapshots").
+
+Each entry names an L1 table. Creating a snapshot copies the active L1 and
+adds one reference to every L2 table and data cluster it reaches; deleting one
+drops them again; applying one swaps the active L1. The operations live on
+:class:`appliance.qcow2.image.Qcow2Image`; this module is the table codec.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from appliance.qcow2.errors import CorruptImage
+
+_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
+MAX_SNAPSHOTS = 65536
+
+
+@dataclass
+class Snapshot:
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int | None = None
+    icount: int | None = None
+    extra_unknown: bytes = b""
+
+    def serialize(self, version: int) -> bytes:
+        extra = bytearray(struct.pack(">QQ", self.vm_state_size, self.disk_size or 0))
+        if self.icount is not None or version >= 3:
+            extra += struct.pack(">Q", (1 << 64) - 1 if self.icount is None else self.icount)
+        extra += self.extra_unknown
+        idb, nameb = self.id.encode(), self.name.encode()
+        out = _ENTRY.pack(
+            self.l1_table_offset, self.l1_size, len(idb), len(nameb), self.date_sec,
+            self.date_nsec, self.vm_clock_nsec, min(self.vm_state_size, 0xFFFFFFFF), len(extra),
+        ) + bytes(extra) + idb + nameb
+        return out + bytes(-len(out) % 8)
+
+
+def parse_snapshots(data: bytes, count: int, cluster_size: int) -> list[Snapshot]:
+    """Parse ``count`` entries from ``data``; raise CorruptImage on any overrun."""
+    if count > MAX_SNAPSHOTS:
+        raise CorruptImage(f"too many snapshots ({count})")
+    out: list[Snapshot] = []
+    pos = 0
+    for _ in range(count):
+        if pos + _ENTRY.size > len(data):
+            raise CorruptImage("snapshot table is truncated")
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
+         extra_len) = _ENTRY.unpack_from(data, pos)
+        pos += _ENTRY.size
+        if extra_len > 1024 or pos + extra_len + id_len + name_len > len(data):
+            raise CorruptImage("snapshot table entry runs past the table")
+        extra = data[pos : pos + extra_len]
+        pos += extra_len
+        snap = Snapshot(l1_off, l1_size, "", "", dsec, dnsec, vmclock, vmsize)
+        if len(extra) >= 8:
+            snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        if len(extra) >= 16:
+            snap.disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if len(extra) >= 24:
+            snap.icount = struct.unpack_from(">Q", extra, 16)[0]
+            if snap.icount == (1 << 64) - 1:
+                snap.icount = None
+        snap.extra_unknown = bytes(extra[24:])
+        snap.id = bytes(data[pos : pos + id_len]).decode("utf-8", "replace")
+        pos += id_len
+        snap.name = bytes(data[pos : pos + name_len]).decode("utf-8", "replace")
+        pos += name_len
+        pos += -pos % 8
+        if l1_off % cluster_size or l1_size > (32 << 20) // 8:
+            raise CorruptImage(f"snapshot {snap.id} has an invalid L1 table", offset=l1_off)
+        out.append(snap)
+    return out
+
+
+def table_size(data_len: int) -> int:
+    return data_len
