@@ -200,7 +200,7 @@ class Machine:
             elif kind == "quit":
                 await self._end(EXIT_OK, detail)
             else:
-                log.error("guest stopped: %s", detail)
+                log.info("guest stopped: %s", detail)
                 await self._end(EXIT_ERROR, detail)
 
     async def _reboot(self, detail: str) -> None:

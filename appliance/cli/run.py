@@ -1,0 +1,440 @@
+"""`appliance run`: boot a VM from a qemu-kvm style command line.
+
+Options are a table (:data:`OPTIONS`): each entry knows whether it takes an
+argument and how to apply it to a :class:`RunArgs`. Anything not in the table
+is refused by name, as is any sub-option an entry does not consume, so
+nothing is ever silently ignored. Other packages add options with
+:func:`option` from a module listed in :data:`OPTION_MODULES`.
+
+Exit status: 0 after the guest powers off (or resets with ``-no-reboot``, or
+the user quits), 1 when the VM fails, 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.cli.options import parse_option, parse_size
+from appliance.errors import ConfigError
+from appliance.kvm import layout
+from appliance.machine.config import ChardevConfig, MachineConfig
+
+log = logging.getLogger(__name__)
+
+PROG = "appliance run"
+
+
+@dataclass
+class RunArgs:
+    """Options gathered from the command line, before they become a :class:`MachineConfig`."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    mem_size: int = 128 * layout.MiB
+    num_cpus: int = 1
+    name: str = ""
+    serials: list[str] = field(default_factory=list)
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    nographic: bool = False
+    no_reboot: bool = False
+    machine_type: str = "q35"
+    verbose: int = 0
+    # Options registered by other packages keep their raw values here.
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunOption:
+    name: str
+    metavar: str | None       # None: a flag without argument
+    help: str
+    apply: Callable[[RunArgs, str], None]
+
+
+OPTIONS: dict[str, RunOption] = {}
+OPTION_MODULES: tuple[str, ...] = ()
+
+
+Applier = Callable[[RunArgs, str], None]
+
+
+def option(name: str, metavar: str | None, help: str) -> Callable[[Applier], Applier]:
+    """Register ``-name`` for `appliance run`."""
+
+    def deco(fn: Applier) -> Applier:
+        OPTIONS[name] = RunOption(name, metavar, help, fn)
+        return fn
+
+    return deco
+
+
+# --- the options -------------------------------------------------------------------
+
+
+@option("-kernel", "bzImage|vmlinux|pvh.elf", "kernel to boot (Linux bzImage, ELF vmlinux or PVH ELF)")
+def _kernel(a: RunArgs, v: str) -> None:
+    a.kernel = Path(v)
+
+
+@option("-initrd", "file", "initial ram disk")
+def _initrd(a: RunArgs, v: str) -> None:
+    a.initrd = Path(v)
+
+
+@option("-append", "cmdline", "kernel command line")
+def _append(a: RunArgs, v: str) -> None:
+    a.append = v
+
+
+@option("-m", "[size=]megs[M|G]", "guest RAM (default 128M; a bare number is MiB)")
+def _mem(a: RunArgs, v: str) -> None:
+    opts = parse_option("-m", v, implied="size")
+    size = opts.require("size")
+    opts.finish()
+    a.mem_size = parse_size(size, "-m", default_suffix="M")
+
+
+@option("-smp", "[cpus=]n[,cores=,threads=,sockets=,maxcpus=]", "number of vCPUs and their topology")
+def _smp(a: RunArgs, v: str) -> None:
+    opts = parse_option("-smp", v, implied="cpus")
+    cpus = opts.take_int("cpus")
+    topo = [opts.take_int(k, 1, minimum=1) or 1 for k in ("sockets", "dies", "cores", "threads")]
+    maxcpus = opts.take_int("maxcpus")
+    opts.finish()
+    product = topo[0] * topo[1] * topo[2] * topo[3]
+    if cpus is None:
+        cpus = product
+    if cpus < 1:
+        raise ConfigError(f"-smp {v}: the number of vCPUs must be at least 1")
+    if any(k in v for k in ("sockets=", "cores=", "threads=", "dies=")) and product < cpus:
+        raise ConfigError(f"-smp {v}: topology {product} is smaller than cpus={cpus}")
+    if maxcpus is not None and maxcpus != cpus:
+        raise ConfigError(f"-smp {v}: maxcpus other than cpus (CPU hotplug) is not supported")
+    a.num_cpus = cpus
+
+
+@option("-name", "[guest=]name[,debug-threads=on|off]", "VM name (vCPU threads are always named)")
+def _name(a: RunArgs, v: str) -> None:
+    opts = parse_option("-name", v, implied="guest")
+    a.name = opts.take("guest", "") or ""
+    opts.take_bool("debug-threads")
+    opts.finish()
+
+
+@option(
+    "-serial",
+    "stdio|mon:stdio|file:path|unix:path[,server=on,wait=off]|tcp:host:port[,...]|chardev:id|null|none",
+    "COM1's host side",
+)
+def _serial(a: RunArgs, v: str) -> None:
+    a.serials.append(v)
+
+
+@option("-chardev", "socket|stdio|file|null,id=id[,...]", "a character device for -serial chardev:id")
+def _chardev(a: RunArgs, v: str) -> None:
+    opts = parse_option("-chardev", v, implied="backend", flags=("server", "wait", "signal", "mux", "append"))
+    backend = opts.require("backend")
+    cid = opts.require("id")
+    if cid in a.chardevs:
+        raise ConfigError(f"-chardev: duplicate id '{cid}'")
+    if backend == "socket":
+        cfg = _socket_chardev(opts, cid, path=opts.take("path"), host=opts.take("host"), port=opts.take("port"))
+    elif backend == "stdio":
+        cfg = ChardevConfig(
+            "stdio", id=cid, signal=opts.take_bool("signal", True), mux=opts.take_bool("mux", False)
+        )
+    elif backend == "file":
+        cfg = ChardevConfig("file", id=cid, path=Path(opts.require("path")), append=opts.take_bool("append"))
+    elif backend == "null":
+        cfg = ChardevConfig("null", id=cid)
+    else:
+        raise ConfigError(f"-chardev: backend '{backend}' is not supported")
+    opts.finish()
+    cfg.validate()
+    a.chardevs[cid] = cfg
+
+
+@option("-nographic", None, "no display; the serial console goes to stdio (Ctrl-A x quits)")
+def _nographic(a: RunArgs, v: str) -> None:
+    a.nographic = True
+
+
+@option("-display", "none", "display back end (only 'none')")
+def _display(a: RunArgs, v: str) -> None:
+    opts = parse_option("-display", v, implied="type")
+    kind = opts.require("type")
+    opts.finish()
+    if kind != "none":
+        raise ConfigError(f"-display: '{kind}' is not supported (only 'none')")
+
+
+@option("-no-reboot", None, "exit instead of rebooting when the guest resets")
+def _no_reboot(a: RunArgs, v: str) -> None:
+    a.no_reboot = True
+
+
+@option("-enable-kvm", None, "use KVM (always on)")
+def _enable_kvm(a: RunArgs, v: str) -> None:
+    pass
+
+
+@option("-accel", "kvm", "accelerator (only 'kvm')")
+def _accel(a: RunArgs, v: str) -> None:
+    opts = parse_option("-accel", v, implied="accel")
+    accel = opts.require("accel")
+    opts.finish()
+    if accel != "kvm":
+        raise ConfigError(f"-accel: '{accel}' is not supported (only 'kvm')")
+
+
+_MACHINES = {"q35": "q35", "pc": "pc", "microvm": "microvm"}
+
+
+@option("-machine", "q35|pc|microvm[,accel=kvm]", "machine type (all give the same ACPI PC platform)")
+def _machine(a: RunArgs, v: str) -> None:
+    opts = parse_option("-machine", v, implied="type")
+    kind = opts.take("type")
+    accel = opts.take("accel")
+    opts.finish()
+    if accel is not None and accel != "kvm":
+        raise ConfigError(f"-machine: accel '{accel}' is not supported (only 'kvm')")
+    if kind is not None:
+        base = "q35" if kind.startswith("pc-q35") else "pc" if kind.startswith("pc-i440fx") else kind
+        if base not in _MACHINES:
+            raise ConfigError(f"-machine: type '{kind}' is not supported (q35, pc or microvm)")
+        a.machine_type = base
+
+
+OPTIONS["-M"] = RunOption("-M", OPTIONS["-machine"].metavar, "same as -machine", _machine)
+
+
+@option("-cpu", "host", "CPU model (only 'host': what KVM supports)")
+def _cpu(a: RunArgs, v: str) -> None:
+    opts = parse_option("-cpu", v, implied="model")
+    model = opts.require("model")
+    opts.finish()
+    if model not in ("host", "max"):
+        raise ConfigError(f"-cpu: model '{model}' is not supported (only 'host')")
+
+
+@option("-d", "guest_errors|...", "(accepted) log more: any value turns on debug logging")
+def _debug(a: RunArgs, v: str) -> None:
+    a.verbose += 1
+
+
+# --- -serial / -chardev -> ChardevConfig ---------------------------------------------------
+
+
+def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | None, port: str | None) -> ChardevConfig:
+    from appliance.cli.options import OptionDict
+
+    assert isinstance(opts, OptionDict)
+    server = opts.take_bool("server", False)
+    wait = opts.take_bool("wait", True)
+    if path is not None:
+        return ChardevConfig("socket", id=cid, path=Path(path), server=server, wait=wait)
+    if port is None:
+        raise ConfigError(f"{opts.option}: socket needs 'path' or 'port'")
+    try:
+        port_n = int(port, 10)
+    except ValueError:
+        raise ConfigError(f"{opts.option}: port '{port}' is not a number") from None
+    return ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait)
+
+
+def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bool) -> ChardevConfig | None:
+    """QEMU's ``-serial`` forms; ``None`` for ``none``."""
+    if spec == "none":
+        return None
+    if spec == "null":
+        return ChardevConfig("null")
+    if spec in ("stdio", "mon:stdio"):
+        mux = nographic or spec == "mon:stdio"
+        return ChardevConfig("stdio", mux=mux, signal=not mux)
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"-serial: '{spec}' is not supported")
+    if kind == "chardev":
+        cfg = chardevs.get(rest)
+        if cfg is None:
+            raise ConfigError(f"-serial: chardev '{rest}' not found")
+        return cfg
+    if kind == "file":
+        return ChardevConfig("file", path=Path(rest))
+    if kind == "unix":
+        opts = parse_option("-serial", rest, implied="path", flags=("server", "wait"))
+        cfg = _socket_chardev(opts, "", path=opts.require("path"), host=None, port=None)
+        opts.finish()
+        return cfg
+    if kind == "tcp":
+        opts = parse_option("-serial", rest, implied="addr", flags=("server", "wait"))
+        addr = opts.require("addr")
+        host, colon, port = addr.rpartition(":")
+        if not colon:
+            raise ConfigError(f"-serial: '{addr}' is not host:port")
+        cfg = _socket_chardev(opts, "", path=None, host=host, port=port)
+        opts.finish()
+        return cfg
+    raise ConfigError(f"-serial: '{kind}' is not supported")
+
+
+# --- command line -----------------------------------------------------------------
+
+
+def usage() -> str:
+    lines = [
+        f"usage: {PROG} -kernel FILE [options]",
+        "",
+        "Boots a VM under KVM. Options follow qemu-system-x86_64; any other option is refused.",
+        "",
+    ]
+    for name in sorted(OPTIONS, key=str.lower):
+        o = OPTIONS[name]
+        head = f"  {o.name}" + (f" {o.metavar}" if o.metavar else "")
+        lines.append(head if len(head) < 30 else head)
+        lines.append(f"        {o.help}")
+    lines.append("")
+    lines.append("Exit status: 0 after power-off, 1 if the VM fails, 2 for bad options.")
+    return "\n".join(lines) + "\n"
+
+
+def _load_option_modules() -> None:
+    for mod in OPTION_MODULES:
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(mod)
+
+
+def parse_args(argv: list[str]) -> RunArgs:
+    """Parse a qemu-style argument list.
+
+    :raises ConfigError: On an unknown option, a missing argument or a bad value.
+    """
+    _load_option_modules()
+    args = RunArgs()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-") or word == "-":
+            raise ConfigError(f"unexpected argument '{word}' (disk images need -drive)")
+        name = "-" + word.lstrip("-")
+        opt = OPTIONS.get(name)
+        if opt is None:
+            raise ConfigError(f"option '{word}' is not supported")
+        if opt.metavar is None:
+            opt.apply(args, "")
+            i += 1
+            continue
+        if i + 1 >= len(argv):
+            raise ConfigError(f"{name} requires an argument")
+        opt.apply(args, argv[i + 1])
+        i += 2
+    return args
+
+
+def to_config(args: RunArgs) -> MachineConfig:
+    if args.kernel is None:
+        raise ConfigError("-kernel is required (the appliance has no firmware to boot disks)")
+    if len(args.serials) > 1:
+        raise ConfigError("-serial: only one serial port (COM1) is supported")
+    if args.serials:
+        serial = parse_serial(args.serials[0], args.chardevs, nographic=args.nographic)
+    else:
+        # No display exists: the console goes to the terminal unless told otherwise.
+        serial = ChardevConfig("stdio", mux=args.nographic, signal=not args.nographic)
+    return MachineConfig(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.append,
+        mem_size=args.mem_size,
+        num_cpus=args.num_cpus,
+        name=args.name,
+        serial=serial,
+        no_reboot=args.no_reboot,
+        machine_type=args.machine_type,  # type: ignore[arg-type]
+    )
+
+
+def pvm_warning(config: MachineConfig) -> str | None:
+    """A warning when a Linux kernel without PVM support is booted on a PVM host."""
+    from appliance.kvm.system import host_kind
+
+    if host_kind() != "pvm":
+        return None
+    try:
+        with open(config.kernel, "rb") as f:
+            head = f.read(0x210)
+            f.seek(0)
+            data = f.read(64 << 20)
+    except OSError:
+        return None
+    is_bzimage = head[0x202:0x206] == b"HdrS"
+    is_linux = is_bzimage or (data[:4] == b"\x7fELF" and b"Linux version " in data)
+    if not is_linux:
+        return None
+    try:
+        from appliance.kvm.boot import kernel_is_pvm_capable
+    except ImportError:
+        return None
+    if kernel_is_pvm_capable(config.kernel):
+        return None
+    return (
+        f"warning: {config.kernel} is a Linux kernel without PVM support and this host's KVM is PVM: "
+        "it will run under KVM's instruction emulator (very slowly)"
+    )
+
+
+async def run_machine(config: MachineConfig) -> int:
+    """Run ``config`` until the guest ends; SIGINT/SIGTERM stop it with status 0."""
+    from appliance.machine.machine import Machine
+
+    machine = Machine(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, machine.post_event, "quit", f"terminating on signal {sig}")
+    await machine.start()
+    code = await machine.wait()
+    if code != 0:
+        print(f"{PROG}: {machine.exit_reason}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        sys.stdout.write(usage())
+        return 0
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="appliance run: %(message)s",
+    )
+    config = to_config(args)
+    from appliance.kvm import KvmError
+    from appliance.kvm.system import Kvm
+
+    try:
+        kvm = Kvm()
+    except KvmError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    try:
+        config.validate(max_cpus=kvm.max_vcpus)
+    finally:
+        kvm.close()
+    warning = pvm_warning(config)
+    if warning:
+        print(f"{PROG}: {warning}", file=sys.stderr)
+    try:
+        return asyncio.run(run_machine(config))
+    except KvmError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
