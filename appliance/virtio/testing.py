@@ -106,6 +106,13 @@ class DriverQueue:
     def write_desc(self, index: int, addr: int, length: int, flags: int = 0, next: int = 0) -> None:
         self.mem.write(self.desc_addr + 16 * index, _DESC.pack(addr, length, flags, next))
 
+    def claim(self, *indices: int) -> None:
+        """Take descriptors off the free list for a hand-written chain."""
+        for i in indices:
+            self._free.remove(i)
+        if indices:
+            self._chains[indices[0]] = list(indices)
+
     def publish(self, head: int) -> None:
         """Put ``head`` in the next avail slot and bump the avail index."""
         slot = self.next_avail % self.size
