@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import dataclass
 
@@ -88,6 +89,9 @@ class BlkRig:
     ) -> Result:
         head, data, status = self.submit(rtype, sector, payload=payload, read_len=read_len, qi=qi)
         await self.drv.wait_used(qi)
+        # The interrupt for a batch is raised from a callback one loop turn later.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         used = self.drv.queues[qi].used()
         assert len(used) == 1 and used[0][0] == head, used
         return Result(
