@@ -230,6 +230,9 @@ class Msix:
                     try:
                         self.platform.remove_irqfd(gsi, fd)
                         self.platform.remove_route(gsi)
+                        release = getattr(self.platform, "release_gsi", None)
+                        if release is not None:
+                            release(gsi)
                     except Exception:
                         log.exception("MSI-X vector %d teardown failed", v)
                 os.close(fd)

@@ -526,6 +526,11 @@ class VirtioPciTransport(PciDevice):
             for i, q in enumerate(self._queues):
                 self._attach_ioeventfd(i, q)
 
+    @property
+    def active(self) -> bool:
+        """The device model has been activated (DRIVER_OK processed on the loop)."""
+        return self._active
+
     def doorbell_fd(self, index: int) -> int:
         """The eventfd behind queue ``index`` 's doorbell (-1 until enabled)."""
         return self._queues[index].efd
