@@ -185,6 +185,7 @@ class TcpConn:
         self._window_limited = False
         self.retransmits = 0
         self._probe_end = 0  # a zero-window probe byte the guest may acknowledge
+        self._tlp_done = False  # one tail loss probe per flight (RFC 8985 §7)
 
     # -- accounting ------------------------------------------------------
     def _data_end(self) -> int:
@@ -273,6 +274,12 @@ class TcpConn:
             self._timer_at = self._deadline
             self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
 
+    def _arm_retransmit(self) -> None:
+        if self._tlp_done or self.srtt == 0.0:
+            self._arm(self.rto)
+        else:
+            self._arm(min(max(2 * self.srtt, 0.01), self.rto))
+
     def _disarm(self) -> None:
         self._deadline = 0.0
 
@@ -288,6 +295,11 @@ class TcpConn:
             return
         self._deadline = 0.0
         try:
+            if not self._tlp_done and self.state in _SYNCHRONIZED and self.snd_nxt > self.snd_una:
+                # Tail loss probe: resend the first unacked segment before the RTO proper.
+                self._tlp_done = True
+                self._retransmit_una()
+                return
             self._timeout()
         except Exception:  # noqa: BLE001 - a timer must not kill the loop
             self.net._internal_error()
@@ -307,7 +319,7 @@ class TcpConn:
         if self.retries > limit:
             self.abort(send_rst=True)
             return
-        self.net.stats.tcp_retransmits += 1
+        self.net.stats.tcp_timeouts += 1
         self.retransmits += 1
         self.rto = min(self.rto * 2, MAX_RTO)
         self._rtt_seq = -1  # Karn: no RTT samples from retransmitted data
@@ -584,10 +596,11 @@ class TcpConn:
                 self.cwnd += acked  # a link inside this host: grow by all that was acked
             else:
                 self.cwnd += max(1, self.mss * self.mss // self.cwnd)
+        self._tlp_done = False
         if self.snd_una >= self.snd_max:
             self._disarm()
         else:
-            self._arm(self.rto)
+            self._arm_retransmit()
         if self.host_paused and self.send_queue() < SNDBUF // 2 and self.transport is not None:
             self.host_paused = False
             self.transport.resume_reading()
@@ -717,7 +730,7 @@ class TcpConn:
             break
         if self.snd_nxt > self.snd_una:
             if self._deadline == 0.0:
-                self._arm(self.rto)
+                self._arm_retransmit()
         elif self.snd_wnd == 0 and data_end > self.snd_nxt and self._deadline == 0.0:
             self._arm(max(self.rto, MIN_RTO))  # persist timer
         if sent:

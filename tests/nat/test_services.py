@@ -1,0 +1,248 @@
+"""ARP, ICMP echo, the DNS proxy and UDP NAT, driven with scapy-built frames against loopback services."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from scapy.layers.dns import DNS, DNSQR, DNSRR
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import ARP, Ether
+
+from appliance.nat import UserNetConfig, UserNetwork
+
+from .conftest import GUEST_MAC, GW_MAC, drain, feed
+
+GUEST = "10.0.2.15"
+
+
+def ping_allowed() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+        return True
+    except OSError:
+        return False
+
+
+async def wait_frames(net: UserNetwork, pred, timeout: float = 5.0) -> list[Ether]:
+    got: list[Ether] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            got += [Ether(f) for f in drain(net)]
+            hits = [p for p in got if pred(p)]
+            if hits:
+                return hits
+            await asyncio.sleep(0.005)
+
+
+def to_gw(pkt) -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / pkt)
+
+
+async def test_arp_for_gateway_and_dns_answered_with_gateway_mac(net: UserNetwork) -> None:
+    for target in ("10.0.2.2", "10.0.2.3"):
+        feed(net, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
+                        / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst=target)))  # fmt: skip
+        [reply] = [Ether(f) for f in drain(net)]
+        assert reply[ARP].op == 2
+        assert reply[ARP].hwsrc == GW_MAC
+        assert reply[ARP].psrc == target
+        assert reply[ARP].hwdst == GUEST_MAC
+        assert reply[Ether].dst == GUEST_MAC
+    assert net.arp_table.lookup(bytes([10, 0, 2, 15])) == bytes.fromhex("525400123456")
+
+
+async def test_arp_for_other_addresses_is_ignored(net: UserNetwork) -> None:
+    feed(net, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.77")))
+    assert drain(net) == []
+
+
+async def test_ping_gateway_is_answered_locally(net: UserNetwork) -> None:
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / ICMP(type=8, id=77, seq=3) / (b"x" * 56)))
+    [reply] = [Ether(f) for f in drain(net)]
+    assert reply[ICMP].type == 0
+    assert (reply[ICMP].id, reply[ICMP].seq) == (77, 3)
+    assert bytes(reply[ICMP].payload) == b"x" * 56
+    assert reply[IP].src == "10.0.2.2" and reply[IP].dst == GUEST
+    again = Ether(bytes(reply))
+    del again[IP].chksum, again[ICMP].chksum
+    assert Ether(bytes(again))[ICMP].chksum == reply[ICMP].chksum
+    assert Ether(bytes(again))[IP].chksum == reply[IP].chksum
+
+
+async def test_ping_with_bad_checksum_is_dropped(net: UserNetwork) -> None:
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / ICMP(type=8, id=1, seq=1, chksum=0x1234)))
+    assert drain(net) == []
+    assert net.counters()["bad_checksum"] == 1
+
+
+@pytest.mark.skipif(not ping_allowed(), reason="net.ipv4.ping_group_range forbids unprivileged ping here")
+async def test_ping_to_the_outside_goes_through_a_ping_socket(net: UserNetwork) -> None:
+    feed(net, to_gw(IP(src=GUEST, dst="127.0.0.1") / ICMP(type=8, id=4242, seq=9) / b"hello"))
+    [reply] = await wait_frames(net, lambda p: ICMP in p)
+    assert reply[ICMP].type == 0 and reply[ICMP].id == 4242 and reply[IP].src == "127.0.0.1"
+
+
+async def test_ping_to_the_outside_is_counted_when_host_forbids_it(net: UserNetwork) -> None:
+    if ping_allowed():
+        pytest.skip("this host allows unprivileged ping")
+    feed(net, to_gw(IP(src=GUEST, dst="127.0.0.1") / ICMP(type=8, id=1, seq=1)))
+    assert net.counters()["icmp_unpermitted"] == 1
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    """A test DNS server on loopback: answers every A query with 192.0.2.1."""
+
+    def __init__(self) -> None:
+        self.queries: list[DNS] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        q = DNS(data)
+        self.queries.append(q)
+        reply = DNS(id=q.id, qr=1, aa=1, rd=q.rd, qd=q.qd, an=DNSRR(rrname=q.qd[0].qname, rdata="192.0.2.1"))
+        self.transport.sendto(bytes(reply), addr)
+
+
+@pytest.fixture
+async def dns_net() -> AsyncIterator[tuple[UserNetwork, _Upstream]]:
+    loop = asyncio.get_running_loop()
+    transport, upstream = await loop.create_datagram_endpoint(_Upstream, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    cfg = UserNetConfig.from_string("user,domainname=lab.test")
+    cfg = dataclasses.replace(
+        cfg, nameservers=(("127.0.0.1", port),), hosts={"files.internal": ipaddress.IPv4Address("10.0.2.2")}
+    )
+    n = UserNetwork(cfg)
+    await n.start()
+    yield n, upstream
+    await n.stop()
+    transport.close()
+
+
+def dns_query(name: str, qid: int, qtype: str = "A") -> bytes:
+    return to_gw(IP(src=GUEST, dst="10.0.2.3") / UDP(sport=5353, dport=53) / DNS(id=qid, rd=1, qd=DNSQR(qname=name, qtype=qtype)))
+
+
+async def test_dns_query_is_forwarded_to_the_upstream_and_answered(dns_net) -> None:
+    net, upstream = dns_net
+    feed(net, dns_query("www.example.com", 0xBEEF))
+    [reply] = await wait_frames(net, lambda p: DNS in p)
+    assert reply[DNS].id == 0xBEEF
+    assert reply[DNS].an[0].rdata == "192.0.2.1"
+    assert reply[IP].src == "10.0.2.3" and reply[UDP].sport == 53 and reply[UDP].dport == 5353
+    assert upstream.queries[0].qd[0].qname == b"www.example.com."
+    assert net.counters()["dns_forwarded"] == 1
+
+
+async def test_dns_gateway_names_and_hosts_table_are_answered_locally(dns_net) -> None:
+    net, upstream = dns_net
+    for name, qid in (("gateway", 1), ("files.internal", 2), ("gateway.lab.test", 3)):
+        feed(net, dns_query(name, qid))
+        [reply] = [Ether(f) for f in drain(net)]
+        assert reply[DNS].id == qid and reply[DNS].an[0].rdata == "10.0.2.2"
+    feed(net, dns_query("gateway", 4, "AAAA"))
+    [reply] = [Ether(f) for f in drain(net)]
+    assert reply[DNS].rcode == 0 and reply[DNS].ancount == 0
+    assert upstream.queries == []
+
+
+async def test_dns_garbage_is_dropped_and_counted(dns_net) -> None:
+    net, _ = dns_net
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.3") / UDP(sport=5353, dport=53) / b"\x01\x02\x03"))
+    assert drain(net) == []
+    assert net.counters()["dns_dropped"] == 1
+
+
+async def test_udp_round_trip_through_a_loopback_echo_server(net: UserNetwork) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3333, dport=port) / b"ping-1"))
+        data, peer = await loop.sock_recvfrom(srv, 2048)
+        assert data == b"ping-1"
+        await loop.sock_sendto(srv, b"pong-1", peer)
+        [reply] = await wait_frames(net, lambda p: UDP in p)
+        assert bytes(reply[UDP].payload) == b"pong-1"
+        assert reply[IP].src == "10.0.2.2" and reply[UDP].sport == port and reply[UDP].dport == 3333
+        assert net.flows()[0].proto == "UDP"
+        # The same flow reuses its socket.
+        feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3333, dport=port) / b"ping-2"))
+        data, peer2 = await loop.sock_recvfrom(srv, 2048)
+        assert data == b"ping-2" and peer2 == peer
+        assert net.counters()["udp_flows"] == 1
+    finally:
+        srv.close()
+
+
+async def test_udp_flow_expires_when_idle(net: UserNetwork, monkeypatch) -> None:
+    from appliance.nat import udp_nat
+
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3333, dport=9) / b"x"))
+    assert len(net.udp) == 1
+    monkeypatch.setattr(udp_nat, "IDLE_TIMEOUT", 0.0)
+    net.udp.expire(time.monotonic() + 1)
+    assert len(net.udp) == 0
+
+
+async def test_udp_hostfwd_delivers_host_datagrams_to_the_guest_and_back() -> None:
+    net = UserNetwork(UserNetConfig.from_string("user,hostfwd=udp:127.0.0.1:0-:5000"))
+    await net.start()
+    cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cli.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        hp = net.udp.listener_ports()[0]
+        feed(net, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.2")))
+        drain(net)
+        cli.sendto(b"to-guest", ("127.0.0.1", hp))
+        [pkt] = await wait_frames(net, lambda p: UDP in p)
+        assert pkt[IP].dst == GUEST and pkt[UDP].dport == 5000 and bytes(pkt[UDP].payload) == b"to-guest"
+        assert pkt[IP].src == "10.0.2.2"
+        feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=5000, dport=pkt[UDP].sport) / b"to-host"))
+        data = await asyncio.wait_for(loop.sock_recv(cli, 2048), 5)
+        assert data == b"to-host"
+    finally:
+        cli.close()
+        await net.stop()
+
+
+async def test_restrict_on_refuses_outbound_udp() -> None:
+    net = UserNetwork(UserNetConfig.from_string("user,restrict=on"))
+    await net.start()
+    try:
+        feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3333, dport=9) / b"x"))
+        assert net.counters()["restricted"] == 1 and len(net.udp) == 0
+    finally:
+        await net.stop()
+
+
+async def test_fragmented_udp_datagram_is_reassembled_and_forwarded(net: UserNetwork) -> None:
+    from scapy.layers.inet import fragment
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    try:
+        payload = bytes(range(256)) * 12
+        pkt = IP(src=GUEST, dst="10.0.2.2", id=99) / UDP(sport=4444, dport=port) / payload
+        frags = fragment(pkt, fragsize=800)
+        assert len(frags) == 4
+        for f in reversed(frags):
+            feed(net, to_gw(f))
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(srv, 65535), 5)
+        assert data == payload
+        assert net.counters()["frag_reassembled"] == 1
+    finally:
+        srv.close()
