@@ -36,3 +36,19 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
         else:
             entries.append((start, size, E820_RAM))
     return [e for e in entries if e[1] > 0]
+
+
+_LINUX_TYPE_NAMES = {E820_RAM: "usable", E820_RESERVED: "reserved", E820_ACPI: "ACPI data",
+                     E820_NVS: "ACPI NVS"}
+
+
+def linux_e820_lines(mem_size: int) -> list[str]:
+    """The ``BIOS-e820:`` lines Linux prints for our map (``e820__print_table``).
+
+    E.g. ``BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable``; a
+    test that boots Linux compares the console against these.
+    """
+    return [
+        f"BIOS-e820: [mem {addr:#018x}-{addr + size - 1:#018x}] {_LINUX_TYPE_NAMES[kind]}"
+        for addr, size, kind in e820_map(mem_size)
+    ]

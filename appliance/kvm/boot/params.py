@@ -73,7 +73,7 @@ def write_boot_params(
     struct.pack_into("<H", page, VID_MODE, VID_MODE_NORMAL)
     page[hdr.TYPE_OF_LOADER] = hdr.LOADER_TYPE_UNDEFINED
     page[hdr.LOADFLAGS] |= hdr.LOADED_HIGH
-    struct.pack_into("<I", page, hdr.CODE32_START, code32_start)
+    struct.pack_into("<I", page, hdr.CODE32_START, code32_start & 0xFFFFFFFF)
     struct.pack_into("<I", page, hdr.CMD_LINE_PTR, cmdline_addr & 0xFFFFFFFF)
     struct.pack_into("<I", page, EXT_CMD_LINE_PTR, cmdline_addr >> 32)
     if initrd is not None:
