@@ -98,8 +98,16 @@ class PciBus:
         return self.devices.get(address)
 
     def close(self) -> None:
+        """Close every device (virtio transports drop doorbells and MSI routes).
+
+        Call it on the loop thread: transports remove their loop readers.
+        """
         for device in self.devices.values():
-            device.detach()
+            try:
+                device.close()
+            except Exception:
+                log.exception("%s: close failed", device.name)
+        self.devices.clear()
 
     # -- configuration mechanism #1 (vCPU threads) ---------------------------------
 

@@ -123,6 +123,10 @@ class PciDevice:
             self.config.set_u16(COMMAND, self.config.get(COMMAND, 2) | COMMAND_MEMORY)
             self._update_mappings()
 
+    def close(self) -> None:
+        """Release what the device holds (its BAR windows here; more in subclasses)."""
+        self.detach()
+
     def detach(self) -> None:
         with self._config_lock:
             for index in list(self._mapped):

@@ -212,6 +212,7 @@ class VirtioPciTransport(PciDevice):
         self._epoch = 0
         self._active = False
         self._readers: list[int] = []
+        self._closed = False
         self.kicks = 0
 
         self.add_bar(VIRTIO_BAR, VIRTIO_BAR_SIZE, kind=BarKind.MEM64)
@@ -672,7 +673,13 @@ class VirtioPciTransport(PciDevice):
             self._reset_transport_state()
 
     def close(self) -> None:
-        """Tear down doorbells and MSI-X routes (call on the loop at machine stop)."""
+        """Tear down doorbells and MSI-X routes (call on the loop at machine stop).
+
+        The device model is reset but not closed: its owner closes its backend.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self._epoch += 1
         self._finish_reset()
         if self.msix is not None:

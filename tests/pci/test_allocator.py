@@ -73,3 +73,16 @@ def test_second_function_marks_the_slot_multifunction() -> None:
     pci.add(head, PciAddress(4, 0))
     pci.add(Dummy(), PciAddress(4, 2))
     assert head.config.read(0x0E, 1) & 0x80
+
+
+def test_closing_the_bus_unmaps_every_bar() -> None:
+    from tests.pci.fakes import FakePlatform
+
+    plat = FakePlatform()
+    pci = PciBus(plat.mmio_bus)
+    dev = Dummy()
+    pci.add(dev)
+    base = dev.config.bar_address(0)
+    assert plat.mmio_bus.read(base, 1) == b"\x10"
+    pci.close()
+    assert plat.mmio_bus.read(base, 1) == b"\xff"
