@@ -52,7 +52,7 @@ def total_len(bufs: Sequence[memoryview]) -> int:
     return sum(b.nbytes for b in bufs)
 
 
-def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+def advance(bufs: list[memoryview], n: int) -> list[memoryview]:
     """The part of ``bufs`` after the first ``n`` bytes."""
     i = 0
     while i < len(bufs) and n >= bufs[i].nbytes:
@@ -64,33 +64,33 @@ def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
-def _bytes_view(b: memoryview) -> memoryview:
+def byte_view(b: memoryview) -> memoryview:
     return b if b.format == "B" and b.ndim == 1 else b.cast("B")
 
 
 def preadv_full(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
     """Fill ``bufs`` from ``offset``, retrying short reads; returns bytes read (less only at EOF)."""
-    pending = [_bytes_view(b) for b in bufs if b.nbytes]
+    pending = [byte_view(b) for b in bufs if b.nbytes]
     done = 0
     while pending:
         n = os.preadv(fd, pending[:IOV_MAX], offset + done)
         if n == 0:
             break
         done += n
-        pending = _advance(pending, n)
+        pending = advance(pending, n)
     return done
 
 
 def pwritev_full(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
     """Write all of ``bufs`` at ``offset``, retrying short writes; returns bytes written."""
-    pending = [_bytes_view(b) for b in bufs if b.nbytes]
+    pending = [byte_view(b) for b in bufs if b.nbytes]
     done = 0
     while pending:
         n = os.pwritev(fd, pending[:IOV_MAX], offset + done)
         if n == 0:
             raise OSError(28, "short write")
         done += n
-        pending = _advance(pending, n)
+        pending = advance(pending, n)
     return done
 
 
@@ -101,7 +101,7 @@ def zero_from(bufs: Sequence[memoryview], start: int) -> None:
         n = b.nbytes
         if pos + n > start:
             skip = max(0, start - pos)
-            bv = _bytes_view(b)
+            bv = byte_view(b)
             bv[skip:] = bytes(n - skip)
         pos += n
 

@@ -143,3 +143,12 @@ def test_bad_option_values_are_config_errors(image: Path, option: dict[str, str]
     with pytest.raises(ConfigError) as info:
         open_raw(image, **option)  # type: ignore[arg-type]
     assert list(option.values())[0] in str(info.value)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+async def test_read_across_end_of_file_is_short(image: Path, cache: str) -> None:
+    b = RawBackend(image, cache=cache)
+    buf = mmap.mmap(-1, 8192)
+    assert await b.readv(SIZE - 4096, [memoryview(buf)]) == 4096
+    await b.close()
+    buf.close()
