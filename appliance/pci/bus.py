@@ -23,6 +23,7 @@ from appliance.pci.errors import SlotError
 log = logging.getLogger(__name__)
 
 CONFIG_PORT_SPAN = 8
+ECAM_BUS_SPAN = 1 << 20  # 32 devices x 8 functions x 4 KiB (PCIe 4.0 §7.2.2)
 _ENABLE = 1 << 31
 
 # Intel's q35 host bridge ids (the MCH), which guests know as a plain host bridge.
@@ -94,6 +95,14 @@ class PciBus:
         device.attach(self.mmio_bus)
         return address
 
+    def ecam(self) -> PciEcam:
+        """A BusDevice for bus 0's ECAM window (register ``ECAM_BUS_SPAN`` bytes).
+
+        Only useful when the ACPI tables carry an MCFG entry for it; guests
+        without one use ports 0xCF8/0xCFC.
+        """
+        return PciEcam(self)
+
     def device_at(self, address: PciAddress) -> PciDevice | None:
         return self.devices.get(address)
 
@@ -145,3 +154,31 @@ class PciBus:
                 device, reg = self._target(self._latch)
             if device is not None:
                 device.config_write(reg + offset - 4, size, int.from_bytes(data, "little"))
+
+
+class PciEcam:
+    """Enhanced configuration access for bus 0: one 4 KiB page per function.
+
+    Our functions are conventional PCI, so the extended space above 256 bytes
+    reads as zeros; absent functions read as all ones.
+    """
+
+    def __init__(self, bus: PciBus) -> None:
+        self.bus = bus
+
+    def _split(self, offset: int) -> tuple[PciDevice | None, int]:
+        devfn, reg = offset >> 12, offset & 0xFFF
+        return self.bus.devices.get(PciAddress(devfn >> 3 & 0x1F, devfn & 7)), reg
+
+    def read(self, offset: int, size: int) -> bytes:
+        device, reg = self._split(offset)
+        if device is None or size not in (1, 2, 4) or reg + size > 0x1000:
+            return b"\xff" * size
+        if reg >= 256:
+            return bytes(size)
+        return device.config_read(reg, size).to_bytes(size, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        device, reg = self._split(offset)
+        if device is not None and len(data) in (1, 2, 4) and reg < 256:
+            device.config_write(reg, len(data), int.from_bytes(data, "little"))

@@ -194,3 +194,22 @@ def _bar(index: int, size: int, kind: BarKind, prefetchable: bool = False):  # t
     from appliance.pci.config import Bar
 
     return Bar(index, size, kind, prefetchable)
+
+
+def test_ecam_window_reaches_the_same_config_space() -> None:
+    from appliance.pci.bus import ECAM_BUS_SPAN
+
+    plat = FakePlatform()
+    pci = PciBus(plat.mmio_bus)
+    dev = Dummy()
+    slot = pci.add(dev).slot
+    base = 0xB000_0000
+    plat.mmio_bus.register(base, ECAM_BUS_SPAN, pci.ecam())
+    guest = GuestPci(pci, plat)
+    assert guest.mmio_read(base, 4) == 0x29C0_8086
+    fn = base + (slot << 15)
+    assert guest.mmio_read(fn, 4) == 0x0001_1234
+    guest.mmio_write(fn + 0x3C, 0x0A, 1)
+    assert guest.cfg_read(slot, 0x3C, 1) == 0x0A
+    assert guest.mmio_read(fn + 0x100, 4) == 0  # extended space of a conventional function
+    assert guest.mmio_read(base + (7 << 15), 4) == 0xFFFF_FFFF
