@@ -50,11 +50,17 @@ def host_kind(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/pro
     return "pvm" if pvm else "unknown"
 
 
-def open_kvm(path: str = KVM_DEVICE) -> int:
+def kvm_device() -> str:
+    """The KVM device to open: ``$APPLIANCE_KVM_DEVICE`` or /dev/kvm."""
+    return os.environ.get("APPLIANCE_KVM_DEVICE") or KVM_DEVICE
+
+
+def open_kvm(path: str | None = None) -> int:
     """Open /dev/kvm read-write, turning the usual failures into one clear sentence.
 
     :raises KvmUnavailable: When the device is absent or not permitted.
     """
+    path = path or kvm_device()
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -99,7 +105,8 @@ class CpuidEntry:
 class Kvm:
     """An open /dev/kvm: the system-wide ioctls."""
 
-    def __init__(self, path: str = KVM_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or kvm_device()
         self.path = path
         self.fd = open_kvm(path)
         try:

@@ -1,0 +1,245 @@
+"""`appliance run` and `appliance info` as a user drives them: options, consoles, exit status."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import run
+from appliance.errors import ConfigError
+from appliance.kvm import layout
+from tests.conftest import needs_kvm
+from tests.machine import tinyguest
+
+APPLIANCE = [sys.executable, "-m", "appliance.cli.main"]
+
+
+def appliance(*args: str, stdin: bytes | None = None, timeout: float = 30, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*APPLIANCE, *args], input=stdin, capture_output=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not tinyguest.have_toolchain():
+        pytest.skip("binutils missing")
+    return tinyguest.build(tmp_path_factory.mktemp("tiny"))
+
+
+# --- parsing (no VM) -----------------------------------------------------------------
+
+
+def test_options_become_a_machine_config() -> None:
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-initrd", "i", "-append", "console=ttyS0", "-m", "1G", "-smp", "cpus=4,cores=4",
+        "-name", "guest=vm1,debug-threads=on", "-no-reboot", "-enable-kvm", "-machine", "q35,accel=kvm",
+        "-cpu", "host", "-display", "none", "-nographic",
+    ]))
+    assert (cfg.kernel, cfg.initrd, cfg.cmdline) == (Path("k"), Path("i"), "console=ttyS0")
+    assert (cfg.mem_size, cfg.num_cpus, cfg.name, cfg.no_reboot) == (1 << 30, 4, "vm1", True)
+    assert cfg.serial is not None and cfg.serial.backend == "stdio" and cfg.serial.mux
+
+
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [
+        ("stdio", ("stdio", None, None, None, False, True)),
+        ("file:/tmp/x", ("file", Path("/tmp/x"), None, None, False, True)),
+        ("unix:/tmp/s,server=on,wait=off", ("socket", Path("/tmp/s"), None, None, True, False)),
+        ("unix:/tmp/s,server,nowait", ("socket", Path("/tmp/s"), None, None, True, False)),
+        ("tcp:127.0.0.1:4444,server=on,wait=off", ("socket", None, "127.0.0.1", 4444, True, False)),
+        ("tcp:127.0.0.1:4444", ("socket", None, "127.0.0.1", 4444, False, True)),
+    ],
+)
+def test_serial_forms(spec: str, expect: tuple[object, ...]) -> None:
+    c = run.parse_serial(spec, {}, nographic=False)
+    assert c is not None
+    assert (c.backend, c.path, c.host, c.port, c.server, c.wait) == expect
+
+
+def test_serial_chardev_reference() -> None:
+    args = run.parse_args(["-kernel", "k", "-chardev", "socket,id=c0,path=/tmp/s,server=on,wait=off",
+                           "-serial", "chardev:c0"])
+    cfg = run.to_config(args)
+    assert cfg.serial is not None and cfg.serial.id == "c0" and cfg.serial.server
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-kernel", "k", "-smp", "abc"], "-smp"),
+        (["-kernel", "k", "-smp", "0"], "-smp 0"),
+        (["-kernel", "k", "-smp", "4,sockets=1,cores=2"], "topology"),
+        (["-kernel", "k", "-m", "64,slots=2"], "'slots'"),
+        (["-kernel", "k", "-m", "lots"], "-m"),
+        (["-kernel", "k", "-frobnicate"], "'-frobnicate'"),
+        (["-kernel", "k", "-serial", "pty"], "'pty'"),
+        (["-kernel", "k", "-serial", "chardev:nope"], "'nope'"),
+        (["-kernel", "k", "-chardev", "socket,id=a,path=/x,telnet=on"], "'telnet'"),
+        (["-kernel", "k", "-machine", "virt"], "'virt'"),
+        (["-kernel", "k", "-machine", "q35,usb=on"], "'usb'"),
+        (["-kernel", "k", "-accel", "tcg"], "'tcg'"),
+        (["-kernel", "k", "-cpu", "qemu64"], "'qemu64'"),
+        (["-kernel", "k", "-display", "gtk"], "'gtk'"),
+        (["-kernel", "k", "-serial", "stdio", "-serial", "null"], "one serial"),
+        (["-kernel", "k", "disk.img"], "'disk.img'"),
+        (["-kernel"], "requires an argument"),
+        ([], "-kernel is required"),
+    ],
+)
+def test_bad_options_are_refused_by_name(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        run.to_config(run.parse_args(argv))
+
+
+def test_help_lists_every_option() -> None:
+    text = run.usage()
+    for name in run.OPTIONS:
+        assert name in text
+
+
+# --- the command --------------------------------------------------------------------
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess[bytes], needle: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert needle in err
+
+
+def test_missing_kernel_exits_2(tmp_path: Path) -> None:
+    _one_line_exit_2(appliance("run", "-kernel", str(tmp_path / "nope")), "no such file")
+
+
+@needs_kvm
+def test_file_that_is_no_kernel_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\0" * 4096)
+    _one_line_exit_2(appliance("run", "-kernel", str(bad)), "neither a bzImage nor")
+
+
+@needs_kvm
+@pytest.mark.parametrize(("mem", "needle"), [("0", "-m 0"), ("10T", "-m 10T")])
+def test_impossible_memory_sizes_exit_2(tiny_elf: Path, mem: str, needle: str) -> None:
+    _one_line_exit_2(appliance("run", "-kernel", str(tiny_elf), "-m", mem), needle)
+
+
+@needs_kvm
+def test_initrd_larger_than_ram_exits_2(tiny_elf: Path, tmp_path: Path) -> None:
+    big = tmp_path / "initrd"
+    with open(big, "wb") as f:
+        f.truncate(40 * layout.MiB)
+    _one_line_exit_2(appliance("run", "-kernel", str(tiny_elf), "-m", "32", "-initrd", str(big)), "does not fit")
+
+
+@pytest.mark.parametrize("args", [["-smp", "0"], ["-smp", "abc"], ["-bogus"], ["-machine", "q35,bogus=1"]])
+def test_bad_values_exit_2_with_one_line(tmp_path: Path, args: list[str]) -> None:
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    proc = appliance("run", "-kernel", str(k), *args)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().count("\n") == 1 and b"Traceback" not in proc.stderr
+
+
+def test_missing_kvm_device_gets_a_clear_message(tiny_elf: Path) -> None:
+    proc = appliance("run", "-kernel", str(tiny_elf), env={"APPLIANCE_KVM_DEVICE": "/nonexistent/kvm"})
+    assert proc.returncode == 1
+    assert "does not exist" in proc.stderr.decode() and b"Traceback" not in proc.stderr
+
+
+def test_unpermitted_kvm_device_gets_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.kvm import KvmUnavailable, system
+
+    def deny(*_a: object, **_k: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(system.os, "open", deny)
+    with pytest.raises(KvmUnavailable, match="permission denied"):
+        system.open_kvm("/dev/kvm")
+
+
+def test_info_says_which_kind_of_kvm() -> None:
+    proc = appliance("info")
+    first = proc.stdout.decode().splitlines()[0]
+    assert first in ("kvm: pvm", "kvm: hardware", "kvm: unknown")
+
+
+@needs_kvm
+def test_stdin_console_answers_and_poweroff_exits_0(tiny_elf: Path) -> None:
+    proc = subprocess.Popen([*APPLIANCE, "run", "-kernel", str(tiny_elf), "-nographic", "-smp", "2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    assert b"TINY-READY" in proc.stdout.readline()
+    proc.stdin.write(b"hello")
+    proc.stdin.flush()
+    assert proc.stdout.read(5) == b"hello"
+    proc.stdin.write(b"q")
+    proc.stdin.flush()
+    assert proc.wait(10) == 0
+
+
+@needs_kvm
+def test_reset_with_no_reboot_exits_0(tiny_elf: Path) -> None:
+    proc = appliance("run", "-kernel", str(tiny_elf), "-no-reboot", "-serial", "stdio", stdin=b"r", timeout=20)
+    assert proc.returncode == 0
+    assert proc.stdout.count(b"TINY-READY") == 1
+
+
+def _connect(make: object, addr: object, deadline: float) -> socket.socket:
+    while True:
+        s = make()  # type: ignore[operator]
+        try:
+            s.connect(addr)
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@needs_kvm
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_socket_serial_console_takes_commands(tiny_elf: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "unix":
+        path = tmp_path / "console.sock"
+        spec = f"unix:{path},server=on,wait=on"
+        make = lambda: socket.socket(socket.AF_UNIX)  # noqa: E731
+        addr: object = str(path)
+    else:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        spec = f"tcp:127.0.0.1:{port},server=on,wait=on"
+        make = lambda: socket.socket()  # noqa: E731
+        addr = ("127.0.0.1", port)
+    proc = subprocess.Popen([*APPLIANCE, "run", "-kernel", str(tiny_elf), "-serial", spec],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        s = _connect(make, addr, time.monotonic() + 10)
+        s.settimeout(10)
+        buf = b""
+        while b"TINY-READY" not in buf:
+            buf += s.recv(100)
+        s.sendall(b"abc")
+        buf = b""
+        while b"abc" not in buf:
+            buf += s.recv(100)
+        s.sendall(b"q")
+        assert proc.wait(10) == 0
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

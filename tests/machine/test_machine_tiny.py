@@ -1,0 +1,79 @@
+"""The Machine lifecycle with a tiny PVH guest: console both ways, power-off, reset, reboot."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.machine import MachineConfig
+from appliance.machine.console import ConsoleTimeout
+from appliance.machine.machine import Machine, Runstate
+from tests.conftest import needs_kvm
+from tests.machine import tinyguest
+
+pytestmark = [needs_kvm, pytest.mark.skipif(not tinyguest.have_toolchain(), reason="binutils missing")]
+
+
+@pytest.fixture(scope="module")
+def tiny_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinyguest.build(tmp_path_factory.mktemp("tiny"))
+
+
+async def test_guest_prints_echoes_input_and_powers_off_with_status_0(tiny_elf: Path) -> None:
+    async with Machine(MachineConfig(kernel=tiny_elf)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        vm.console.send("ping")
+        await vm.console.expect("ping", timeout=5)
+        vm.console.send("q")
+        assert await asyncio.wait_for(vm.wait(), 10) == 0
+        assert "ACPI S5" in vm.exit_reason
+        assert vm.runstate is Runstate.STOPPED
+
+
+async def test_reset_reboots_and_the_banner_appears_again(tiny_elf: Path) -> None:
+    async with Machine(MachineConfig(kernel=tiny_elf, num_cpus=2)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        vm.console.send("r")
+        await vm.console.expect("TINY-READY", timeout=10)
+        assert vm.boots == 2
+        vm.console.send("q")
+        assert await asyncio.wait_for(vm.wait(), 10) == 0
+
+
+async def test_reset_with_no_reboot_ends_the_machine(tiny_elf: Path) -> None:
+    async with Machine(MachineConfig(kernel=tiny_elf, no_reboot=True)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        vm.console.send("r")
+        assert await asyncio.wait_for(vm.wait(), 10) == 0
+        assert vm.boots == 1
+        assert "no-reboot" in vm.exit_reason
+
+
+async def test_host_reset_and_stop(tiny_elf: Path) -> None:
+    vm = Machine(MachineConfig(kernel=tiny_elf))
+    await vm.start()
+    await vm.console.expect("TINY-READY", timeout=10)
+    vm.reset()
+    await vm.console.expect("TINY-READY", timeout=10)
+    assert await vm.stop() == 0
+    assert vm.runstate is Runstate.STOPPED
+    assert vm.instance is None
+
+
+async def test_expect_timeout_says_what_was_printed(tiny_elf: Path) -> None:
+    async with Machine(MachineConfig(kernel=tiny_elf)) as vm:
+        with pytest.raises(ConsoleTimeout) as info:
+            await vm.console.expect("NEVER", timeout=0.5)
+        assert "TINY-READY" in info.value.output
+
+
+async def test_unloadable_kernel_fails_start_with_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not a kernel" * 100)
+    vm = Machine(MachineConfig(kernel=bad))
+    with pytest.raises(ConfigError):
+        await vm.start()
+    assert vm.runstate is Runstate.STOPPED
