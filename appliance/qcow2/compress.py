@@ -21,9 +21,9 @@ def decompress(data: bytes, cluster_size: int, kind: int, offset: int) -> bytes:
             d = zlib.decompressobj(-12)
             out = d.decompress(data, cluster_size)
         elif kind == COMPRESSION_ZSTD:
-            import zstandard
-
             import io
+
+            import zstandard
 
             reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
             parts = []

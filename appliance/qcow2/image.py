@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import mmap
 import os
 import struct
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +217,7 @@ class Qcow2Image:
         l2_cache_size: int | None = None,
         open_backing: bool = True,
         repair_dirty: bool = True,
+        allow_corrupt: bool = False,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Image:
         """Open an image.
@@ -237,14 +238,15 @@ class Qcow2Image:
             raise Qcow2Error(f"could not open '{path}': {err.strerror}", kind=ErrorKind.IO) from err
         try:
             await self._open(cache, backing_override, l2_cache_size, open_backing,
-                             repair_dirty, _chain)
+                             repair_dirty, allow_corrupt, _chain)
         except BaseException:
             self._close_fds()
             raise
         return self
 
     async def _open(self, cache: str, backing_override: Any, l2_cache_size: int | None,
-                    open_backing: bool, repair_dirty: bool, chain: tuple[str, ...]) -> None:
+                    open_backing: bool, repair_dirty: bool, allow_corrupt: bool,
+                    chain: tuple[str, ...]) -> None:
         st = os.fstat(self._fd)
         self.file_size = st.st_size
         first = await self._pread(0, min(st.st_size, 1 << 21))
@@ -291,7 +293,7 @@ class Qcow2Image:
         self._build_meta_set()
         self._free_hint = 1
         if not self.read_only:
-            if h.corrupt:
+            if h.corrupt and not allow_corrupt:
                 raise CorruptImage("image is marked corrupt; it can only be opened read-only "
                                    "(or repaired with 'appliance img check -r all')")
             changed = False
@@ -999,7 +1001,7 @@ class Qcow2Image:
         try:
             await self._mark_lazy_dirty()
             cb = self._cb
-            for gc, a, b, e, bm, host, old in allocs:
+            for gc, a, b, _e, bm, host, old in allocs:
                 l1i = gc >> self._l2_bits
                 _, t = await self._l2_for_write(l1i)
                 i = (gc & (self._l2_entries - 1)) * self._stride
@@ -1047,6 +1049,13 @@ class Qcow2Image:
         self._check_writable()
         self._check_range(offset, length)
         await self._zero_whole(offset, length, "discard")
+
+    async def make_empty(self, offset: int = 0, length: int | None = None) -> None:
+        """Drop every whole cluster of the range so reads fall through to the backing file."""
+        self._check_writable()
+        if length is None:
+            length = self.size - offset
+        await self._zero_whole(offset, length, "empty")
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         self._check_writable()
@@ -1113,7 +1122,7 @@ class Qcow2Image:
             l1i = gc >> self._l2_bits
             table_end = min(gc1, (l1i + 1) << self._l2_bits)
             l1e = self._l1[l1i] if l1i < len(self._l1) else 0
-            if not l1e & OFFSET_MASK and (mode == "discard" or not has_backing):
+            if not l1e & OFFSET_MASK and (mode in ("discard", "empty") or not has_backing):
                 gc = table_end
                 continue
             await self._mark_lazy_dirty()
@@ -1127,7 +1136,12 @@ class Qcow2Image:
                 if mode == "zero" and host and not e & COMPRESSED:
                     keep = bool(e & COPIED) or await self.refcount(host >> self._cb) == 1
                     # refcount() may have evicted nothing: tables are only evicted on load
-                if self._ext:
+                if mode == "empty":
+                    # make_empty (commit): the cluster goes back to the backing file.
+                    new_e = 0
+                    if self._ext:
+                        t[i + 1] = 0
+                elif self._ext:
                     if keep:
                         new_e, new_bm = e | COPIED, EXT_ALL_ZERO
                     elif has_backing or mode != "discard":
@@ -1241,7 +1255,9 @@ class Qcow2Image:
             raise Qcow2Error("compressed writes must cover exactly one cluster")
         if len(data) < cs:
             data = data + bytes(cs - len(data))
-        blob = _compress(data, self.header.compression_type)
+        loop = asyncio.get_running_loop()
+        blob = await loop.run_in_executor(io_pool(), _compress, data,
+                                          self.header.compression_type)
         if len(blob) >= cs - 512:
             await self.writev(offset, [memoryview(data)[: min(cs, self.size - offset)]])
             return
@@ -1330,9 +1346,9 @@ def probe_format(path: str | os.PathLike[str]) -> str:
         magic = f.read(4)
     if magic == H.MAGIC:
         return "qcow2"
-    warnings.warn(
-        f"Image format was not specified for '{path}' and probing guessed raw. "
-        "Specify the 'raw' format explicitly to remove the restrictions.",
-        stacklevel=2,
-    )
+    logging.getLogger("appliance.qcow2").warning(
+        "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+        "         Automatically detecting the format is dangerous for raw images, write "
+        "operations on block 0 will be restricted.\n"
+        "         Specify the 'raw' format explicitly to remove the restrictions.", path)
     return "raw"

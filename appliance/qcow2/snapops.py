@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.qcow2 import header as H
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.snapshot import Snapshot
 

@@ -1,0 +1,685 @@
+"""``appliance img``: the qemu-img work-alike.
+
+Subcommands, options, human output and JSON field names follow qemu-img so
+scripts written against it keep working. Exit codes: 0 success, 1 failure;
+``check`` returns 2 for corruptions and 3 for leaks only; ``compare`` returns
+1 for a mismatch and 2 for an error. Bad option values raise ConfigError (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+from appliance.qcow2 import header as H
+from appliance.qcow2.backing import RawImage, open_any
+from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image
+
+USAGE = """usage: appliance img <command> [options]
+
+commands: create, info, check, map, convert, snapshot, resize, commit, rebase,
+          compare, amend, bench   (same options as qemu-img)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _parser(prog: str) -> _Parser:
+    return _Parser(prog=f"appliance img {prog}", add_help=True, allow_abbrev=False)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    handler = COMMANDS.get(cmd)
+    if handler is None:
+        raise ConfigError(f"Command not found: {cmd}")
+    try:
+        return int(asyncio.run(handler(rest)))
+    except Qcow2Error as err:
+        print(f"appliance img: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"appliance img: {err}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def size_to_str(val: int) -> str:
+    """QEMU's size_to_str: three significant digits, binary suffixes."""
+    if val == 0:
+        return "0 B"
+    _, e = math.frexp(val / (1000.0 / 1024.0))
+    i = (e - 1) // 10
+    suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+    return f"{val / (1 << (i * 10)):0.3g} {suffixes[i]}B"
+
+
+def parse_size_arg(text: str) -> int:
+    from appliance.cli.options import parse_size
+
+    t = text.strip()
+    if t.lower().endswith("b") and len(t) > 1 and t[-2].isalpha():
+        t = t[:-1]
+    if t and t[-1] in "bB":
+        t = t[:-1]
+    return parse_size(t, "size", default_suffix="")
+
+
+def parse_o(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        if not part:
+            continue
+        if "=" in part:
+            k, v = part.split("=", 1)
+        else:
+            k, v = part, "on"
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _bool(v: str, what: str) -> bool:
+    if v in ("on", "yes", "true"):
+        return True
+    if v in ("off", "no", "false"):
+        return False
+    raise ConfigError(f"Parameter '{what}' expects 'on' or 'off'")
+
+
+async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "writeback",
+                backing: bool = True, **kw: Any) -> Any:
+    if not os.path.exists(path):
+        raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+    return await open_any(path, fmt, read_only=read_only, cache=cache,
+                          backing_override=None if backing else False, **kw)
+
+
+def _chain(img: Any) -> list[Any]:
+    out = []
+    while img is not None:
+        out.append(img)
+        img = getattr(img, "backing", None)
+    return out
+
+
+# ---------------------------------------------------------------- create
+
+
+def _create_options(o: dict[str, str], size: int | None) -> Any:
+    from appliance.qcow2.create import CreateOptions
+
+    opts = CreateOptions(size=size or 0)
+    for k, v in list(o.items()):
+        if k == "cluster_size":
+            opts.cluster_size = parse_size_arg(v)
+        elif k == "compat":
+            opts.compat = v
+        elif k == "lazy_refcounts":
+            opts.lazy_refcounts = _bool(v, k)
+        elif k == "refcount_bits":
+            opts.refcount_bits = int(v)
+        elif k == "compression_type":
+            opts.compression_type = v
+        elif k == "extended_l2":
+            opts.extended_l2 = _bool(v, k)
+        elif k == "preallocation":
+            if v not in ("off", "metadata", "falloc", "full"):
+                raise ConfigError(f"Parameter 'preallocation' does not accept value '{v}'")
+            opts.preallocation = v
+        elif k == "backing_file":
+            opts.backing_file = v
+        elif k == "backing_fmt":
+            opts.backing_fmt = v
+        elif k == "size":
+            opts.size = parse_size_arg(v)
+        else:
+            raise ConfigError(f"Invalid parameter '{k}'")
+    return opts
+
+
+async def cmd_create(argv: list[str]) -> int:
+    p = _parser("create")
+    p.add_argument("-f", dest="fmt", default="raw")
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?")
+    a = p.parse_args(argv)
+    o: dict[str, str] = {}
+    for text in a.options:
+        o.update(parse_o(text))
+    size = parse_size_arg(a.size) if a.size is not None else None
+    if a.fmt == "raw":
+        extra = set(o) - {"preallocation", "size"}
+        if extra:
+            raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
+        if size is None:
+            size = parse_size_arg(o["size"]) if "size" in o else None
+        if size is None:
+            raise ConfigError("Image creation needs a size parameter")
+        if not a.quiet:
+            print(f"Formatting '{a.filename}', fmt=raw size={size}")
+        fd = os.open(a.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            mode = o.get("preallocation", "off")
+            if mode == "falloc" and size:
+                os.posix_fallocate(fd, 0, size)
+            elif mode == "full":
+                zero = bytes(1 << 20)
+                pos = 0
+                while pos < size:
+                    pos += os.pwrite(fd, zero[: min(len(zero), size - pos)], pos)
+        finally:
+            os.close(fd)
+        return 0
+    if a.fmt != "qcow2":
+        raise ConfigError(f"Unknown file format '{a.fmt}'")
+    opts = _create_options(o, size)
+    if a.backing is not None:
+        opts.backing_file = a.backing
+    if a.backing_fmt is not None:
+        opts.backing_fmt = a.backing_fmt
+    if opts.backing_file:
+        from appliance.qcow2.backing import resolve_backing
+
+        bpath = resolve_backing(Path(a.filename), opts.backing_file)
+        if size is None or not a.unsafe:
+            try:
+                b = await _open(str(bpath), opts.backing_fmt, read_only=True)
+            except Qcow2Error:
+                if size is None or not a.unsafe:
+                    raise
+            else:
+                if opts.backing_fmt is None:
+                    opts.backing_fmt = "qcow2" if isinstance(b, Qcow2Image) else "raw"
+                if size is None:
+                    opts.size = b.size
+                await b.close()
+    elif size is None:
+        raise ConfigError("Image creation needs a size parameter")
+    if not a.quiet:
+        parts = [f"Formatting '{a.filename}', fmt=qcow2 cluster_size={opts.cluster_size}"]
+        if opts.compat not in ("1.1", "v3"):
+            parts.append(f"compat={opts.compat}")
+        if opts.preallocation != "off":
+            parts.append(f"preallocation={opts.preallocation}")
+        parts.append(f"extended_l2={'on' if opts.extended_l2 else 'off'}")
+        parts.append(f"compression_type={opts.compression_type}")
+        parts.append(f"size={opts.size}")
+        if opts.backing_file:
+            parts.append(f"backing_file={opts.backing_file}")
+            if opts.backing_fmt:
+                parts.append(f"backing_fmt={opts.backing_fmt}")
+        parts.append(f"lazy_refcounts={'on' if opts.lazy_refcounts else 'off'}")
+        parts.append(f"refcount_bits={opts.refcount_bits}")
+        print(" ".join(parts))
+    from appliance.qcow2.create import create_image
+
+    await create_image(a.filename, opts)
+    return 0
+
+
+# ---------------------------------------------------------------- info
+
+
+def _info_dict(img: Any, filename: str) -> dict[str, Any]:
+    st = os.stat(img.path)
+    d: dict[str, Any] = {}
+    if isinstance(img, Qcow2Image):
+        h = img.header
+        if h.backing_file and h.backing_format:
+            d["backing-filename-format"] = h.backing_format
+        if img.snapshots:
+            d["snapshots"] = [
+                {
+                    "icount": s.icount if s.icount is not None else 0,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "name": s.name,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                    "id": s.id,
+                    "vm-state-size": s.vm_state_size,
+                }
+                for s in img.snapshots
+            ]
+        d["virtual-size"] = img.size
+        d["filename"] = filename
+        d["cluster-size"] = h.cluster_size
+        d["format"] = "qcow2"
+        d["actual-size"] = st.st_blocks * 512
+        data: dict[str, Any] = {"compat": h.compat_name(),
+                                "compression-type": H.COMPRESSION_NAMES[h.compression_type]}
+        if h.version >= 3:
+            data["lazy-refcounts"] = h.lazy_refcounts
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = h.corrupt
+            data["extended-l2"] = h.extended_l2
+        d["format-specific"] = {"type": "qcow2", "data": data}
+        if h.backing_file:
+            from appliance.qcow2.backing import resolve_backing
+
+            d["full-backing-filename"] = str(resolve_backing(Path(filename), h.backing_file))
+            d["backing-filename"] = h.backing_file
+        d["dirty-flag"] = h.dirty
+    else:
+        d["virtual-size"] = img.size
+        d["filename"] = filename
+        d["format"] = "raw"
+        d["actual-size"] = st.st_blocks * 512
+        d["dirty-flag"] = False
+    return d
+
+
+def _fmt_clock(nsec: int) -> str:
+    ms = nsec // 1_000_000
+    s, ms = divmod(ms, 1000)
+    m, s = divmod(s, 60)
+    h, m = divmod(m, 60)
+    return f"{h:02d}:{m:02d}:{s:02d}.{ms:03d}"
+
+
+def snapshot_table(snaps: list[Any]) -> str:
+    lines = [f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        icount = "" if s.icount is None else str(s.icount)
+        lines.append(f"{s.id:<9} {s.name:<16} {size_to_str(s.vm_state_size):>8}{date:>20}"
+                     f"{_fmt_clock(s.vm_clock_nsec):>13}{icount:>11}")
+    return "\n".join(lines) + "\n"
+
+
+def _info_human(d: dict[str, Any], img: Any) -> str:
+    out = [f"image: {d['filename']}", f"file format: {d['format']}",
+           f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)",
+           f"disk size: {size_to_str(d['actual-size'])}"]
+    if "cluster-size" in d:
+        out.append(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        bf = d["backing-filename"]
+        if d["full-backing-filename"] != bf:
+            bf += f" (actual path: {d['full-backing-filename']})"
+        out.append(f"backing file: {bf}")
+        if "backing-filename-format" in d:
+            out.append(f"backing file format: {d['backing-filename-format']}")
+    text = "\n".join(out) + "\n"
+    if d.get("snapshots"):
+        text += "Snapshot list:\n" + snapshot_table(img.snapshots)
+    if "format-specific" in d:
+        text += "Format specific information:\n"
+        for k, v in d["format-specific"]["data"].items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            text += f"    {k.replace('-', ' ')}: {v}\n"
+    return text
+
+
+async def cmd_info(argv: list[str]) -> int:
+    p = _parser("info")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--output", default="human", choices=["human", "json"])
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain)
+    try:
+        infos = []
+        names = [a.filename]
+        chain = _chain(img) if a.backing_chain else [img]
+        for i, layer in enumerate(chain):
+            if i > 0:
+                prev = chain[i - 1]
+                names.append(_info_dict(prev, names[i - 1])["full-backing-filename"])
+            infos.append(_info_dict(layer, names[i]))
+        if a.output == "json":
+            print(json.dumps(infos if a.backing_chain else infos[0], indent=4))
+        else:
+            print("\n".join(_info_human(d, layer) for d, layer in zip(infos, chain, strict=False)), end="")
+    finally:
+        await img.close()
+    return 0
+
+
+def _is_qcow2(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == H.MAGIC
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- check
+
+
+async def cmd_check(argv: list[str]) -> int:
+    from appliance.qcow2.check import check_image, repair_image
+
+    p = _parser("check")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-r", dest="repair", choices=["leaks", "all"])
+    p.add_argument("--output", default="human", choices=["human", "json"])
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    if a.fmt not in (None, "qcow2") or not _is_qcow2(a.filename):
+        if not os.path.exists(a.filename):
+            raise Qcow2Error(f"Could not open '{a.filename}': No such file or directory")
+        print("This image format does not support checks", file=sys.stderr)
+        return 63
+    try:
+        img = await Qcow2Image.open(a.filename, read_only=a.repair is None, open_backing=False,
+                                    repair_dirty=False, allow_corrupt=True)
+    except Qcow2Error as err:
+        print(f"appliance img: Could not open '{a.filename}': {err}", file=sys.stderr)
+        return 1
+    try:
+        if a.repair:
+            before, res = await repair_image(img, a.repair)
+        else:
+            before = res = await check_image(img)
+    except Qcow2Error as err:
+        print(f"appliance img: Check failed: {err}", file=sys.stderr)
+        await img.close()
+        return 1
+    await img.close()
+    if a.output == "json":
+        d: dict[str, Any] = {"image-end-offset": res.image_end_offset,
+                             "total-clusters": res.total_clusters,
+                             "check-errors": res.check_errors}
+        if res.leaks:
+            d["leaks"] = res.leaks
+        if res.corruptions:
+            d["corruptions"] = res.corruptions
+        if before.leaks_fixed:
+            d["leaks-fixed"] = before.leaks_fixed
+        if before.corruptions_fixed:
+            d["corruptions-fixed"] = before.corruptions_fixed
+        d["allocated-clusters"] = res.allocated_clusters
+        d["filename"] = a.filename
+        d["format"] = "qcow2"
+        if res.fragmented_clusters:
+            d["fragmented-clusters"] = res.fragmented_clusters
+        if res.compressed_clusters:
+            d["compressed-clusters"] = res.compressed_clusters
+        print(json.dumps(d, indent=4))
+    elif not a.quiet:
+        if a.repair and (before.leaks or before.corruptions):
+            for m in before.messages:
+                print(m.replace("Leaked cluster", "Repairing cluster")
+                      .replace("ERROR cluster", "Repairing cluster"), file=sys.stderr)
+            print("The following inconsistencies were found and repaired:\n\n"
+                  f"    {before.leaks_fixed} leaked clusters\n"
+                  f"    {before.corruptions_fixed} corruptions\n\n"
+                  "Double checking the fixed image now...")
+        for m in res.messages:
+            print(m, file=sys.stderr)
+        if not res.corruptions and not res.leaks and not res.check_errors:
+            print("No errors were found on the image.")
+        else:
+            if res.corruptions:
+                print(f"\n{res.corruptions} errors were found on the image.\n"
+                      "Data may be corrupted, or further writes to the image may corrupt it.")
+            if res.leaks:
+                print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                      "This means waste of disk space, but no harm to data.")
+        if res.total_clusters:
+            t = res.total_clusters
+            print(f"{res.allocated_clusters}/{t} = {res.allocated_clusters * 100 / t:0.2f}% "
+                  f"allocated, {res.fragmented_clusters * 100 / t:0.2f}% fragmented, "
+                  f"{res.compressed_clusters * 100 / t:0.2f}% compressed clusters")
+        print(f"Image end offset: {res.image_end_offset}")
+    if res.check_errors:
+        return 1
+    if res.corruptions:
+        return 2
+    if res.leaks:
+        return 3
+    return 0
+
+
+# ---------------------------------------------------------------- map
+
+
+async def chain_status(img: Any, offset: int, length: int, depth: int = 0
+                       ) -> list[tuple[int, int, int, bool, bool, int, Any]]:
+    """(start, length, depth, present, zero/data kind, host, layer) through the chain.
+
+    kind: K_DATA, K_ZERO, K_COMPRESSED, or K_UNALLOC (nothing anywhere: reads zero).
+    """
+    out: list[tuple[int, int, int, bool, bool, int, Any]] = []
+    ext = await img.block_status(offset, length)
+    for kind, start, n, host in ext:
+        if kind == K_UNALLOC:
+            b = getattr(img, "backing", None)
+            if b is not None and start < b.size:
+                m = min(n, b.size - start)
+                out.extend(await chain_status(b, start, m, depth + 1))
+                if m < n:
+                    out.append((start + m, n - m, depth + 1, False, False, K_UNALLOC, None))
+            else:
+                out.append((start, n, depth if b is None else depth + 1, False, False,
+                            K_UNALLOC, None))
+        else:
+            out.append((start, n, depth, True, False, kind, (host, img)))
+    return out
+
+
+async def cmd_map(argv: list[str]) -> int:
+    p = _parser("map")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--output", default="human", choices=["human", "json"])
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("--start-offset", default="0")
+    p.add_argument("--max-length")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    img = await _open(a.filename, a.fmt, read_only=True)
+    try:
+        start = parse_size_arg(a.start_offset)
+        length = img.size - start if a.max_length is None else min(
+            parse_size_arg(a.max_length), img.size - start)
+        items = await chain_status(img, start, max(0, length))
+        rows: list[dict[str, Any]] = []
+        for s, n, depth, present, _, kind, hi in items:
+            row: dict[str, Any] = {"start": s, "length": n, "depth": depth, "present": present,
+                                   "zero": kind in (K_ZERO, K_UNALLOC),
+                                   "data": kind in (K_DATA, K_COMPRESSED)}
+            if kind == K_DATA or kind == K_ZERO and isinstance(hi and hi[1], RawImage):
+                row["offset"] = hi[0]
+            row["_file"] = str(hi[1].path) if hi else None
+            if rows:
+                last = rows[-1]
+                same = all(last[k] == row[k] for k in ("depth", "present", "zero", "data"))
+                contiguous = ("offset" in last) == ("offset" in row) and (
+                    "offset" not in row or last["offset"] + last["length"] == row["offset"])
+                if same and contiguous and last["start"] + last["length"] == s and (
+                        last["_file"] == row["_file"]):
+                    last["length"] += n
+                    continue
+            rows.append(row)
+        if a.output == "json":
+            lines = []
+            for r in rows:
+                r.pop("_file")
+                body = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in r.items())
+                lines.append("{ " + body + "}")
+            print("[" + ",\n".join(lines) + "]")
+        else:
+            print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+            for r in rows:
+                if "offset" in r and r["data"]:
+                    print(f"{_hx(r['start']):<15} {_hx(r['length']):<15} {_hx(r['offset']):<15} "
+                          f"{r['_file'] if r['_file'] else ''}")
+    finally:
+        await img.close()
+    return 0
+
+
+def _hx(v: int) -> str:
+    return "0" if v == 0 else f"{v:#x}"
+
+
+# ---------------------------------------------------------------- snapshot / resize / amend
+
+
+async def cmd_snapshot(argv: list[str]) -> int:
+    from appliance.qcow2 import snapops
+
+    p = _parser("snapshot")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-l", dest="list", action="store_true")
+    p.add_argument("-a", dest="apply")
+    p.add_argument("-c", dest="create")
+    p.add_argument("-d", dest="delete")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    ro = not (a.apply or a.create or a.delete)
+    img = await _open(a.filename, a.fmt or "qcow2", read_only=ro, backing=False)
+    try:
+        if a.list or ro:
+            if img.snapshots:
+                print("Snapshot list:")
+                print(snapshot_table(img.snapshots), end="")
+        elif a.create:
+            await snapops.create_snapshot(img, a.create)
+        elif a.delete:
+            await snapops.delete_snapshot(img, a.delete)
+        elif a.apply:
+            await snapops.apply_snapshot(img, a.apply)
+    finally:
+        await img.close()
+    return 0
+
+
+async def cmd_resize(argv: list[str]) -> int:
+    p = _parser("resize")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("--shrink", action="store_true")
+    p.add_argument("--preallocation", default="off")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filename")
+    p.add_argument("size")
+    a = p.parse_args(argv[:-1] + ["--", argv[-1]] if argv and argv[-1][:1] in "+-" else argv)
+    img = await _open(a.filename, a.fmt, read_only=False, backing=False)
+    try:
+        text = a.size
+        if text[0] in "+-":
+            delta = parse_size_arg(text[1:])
+            new = img.size + delta if text[0] == "+" else img.size - delta
+        else:
+            new = parse_size_arg(text)
+        if new < 0:
+            raise ConfigError("New image size must be positive")
+        if new < img.size and not a.shrink:
+            print("appliance img: Use the --shrink option to perform a shrink operation.",
+                  file=sys.stderr)
+            return 1
+        if isinstance(img, Qcow2Image):
+            from appliance.qcow2.ops import resize
+
+            await resize(img, new)
+        else:
+            os.ftruncate(img._fd, new)
+    finally:
+        await img.close()
+    if not a.quiet:
+        print("Image resized.")
+    return 0
+
+
+async def cmd_amend(argv: list[str]) -> int:
+    from appliance.qcow2.ops import amend
+
+    p = _parser("amend")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    o: dict[str, str] = {}
+    for t in a.options:
+        o.update(parse_o(t))
+    if not o:
+        raise ConfigError("Must specify options (-o)")
+    img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+    try:
+        await amend(img, o)
+    finally:
+        await img.close()
+    return 0
+
+
+async def _lazy(name: str, argv: list[str]) -> int:
+    from appliance.qcow2 import img_ops
+
+    fn: Callable[[list[str]], Any] = getattr(img_ops, name)
+    return int(await fn(argv))
+
+
+async def cmd_convert(argv: list[str]) -> int:
+    return await _lazy("cmd_convert", argv)
+
+
+async def cmd_commit(argv: list[str]) -> int:
+    return await _lazy("cmd_commit", argv)
+
+
+async def cmd_rebase(argv: list[str]) -> int:
+    return await _lazy("cmd_rebase", argv)
+
+
+async def cmd_compare(argv: list[str]) -> int:
+    return await _lazy("cmd_compare", argv)
+
+
+async def cmd_bench(argv: list[str]) -> int:
+    from appliance.qcow2.img_bench import cmd_bench as bench
+
+    return int(await bench(argv))
+
+
+COMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "create": cmd_create,
+    "info": cmd_info,
+    "check": cmd_check,
+    "map": cmd_map,
+    "convert": cmd_convert,
+    "snapshot": cmd_snapshot,
+    "resize": cmd_resize,
+    "commit": cmd_commit,
+    "rebase": cmd_rebase,
+    "compare": cmd_compare,
+    "amend": cmd_amend,
+    "bench": cmd_bench,
+}

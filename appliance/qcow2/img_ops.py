@@ -1,0 +1,439 @@
+"""``appliance img`` data-moving subcommands: convert, commit, rebase, compare.
+
+They move data through the same BlockBackend calls the VMM uses, in large
+chunks with a few requests in flight, and keep outputs sparse: ranges the
+source reports as unallocated or zero are skipped, and data chunks are scanned
+for all-zero blocks (``-S``, default 4 KiB) that need not be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+from appliance.qcow2.backing import RawImage, open_any, resolve_backing
+from appliance.qcow2.cli import _open, _parser, chain_status, parse_o, parse_size_arg
+from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image
+
+CHUNK = 2 * 1024 * 1024
+
+
+def _aligned(n: int) -> memoryview:
+    return memoryview(mmap.mmap(-1, max(4096, (n + 4095) & ~4095)))[:n]
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = max(1, total)
+        self.done = 0
+        self.shown = -1.0
+
+    def add(self, n: int) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        pct = self.done * 100.0 / self.total
+        if pct - self.shown >= 1.0 or self.done >= self.total:
+            self.shown = pct
+            sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stdout.write("    (100.00/100%)\n")
+
+
+def _nonzero_runs(buf: memoryview, gran: int) -> list[tuple[int, int]]:
+    """Byte ranges of ``buf`` holding non-zero ``gran``-sized blocks (merged)."""
+    n = len(buf)
+    zero = bytes(gran)
+    raw = buf.obj if isinstance(buf.obj, bytearray) and len(buf.obj) == n else bytes(buf)
+    if raw.find(zero) < 0:  # no zero block anywhere (aligned or not): all data
+        return [(0, n)]
+    if raw == bytes(n):
+        return []
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    while pos < n:
+        end = min(n, pos + gran)
+        if buf[pos:end] != zero[: end - pos]:
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((pos, end))
+        pos = end
+    return runs
+
+
+# ---------------------------------------------------------------- convert
+
+
+async def cmd_convert(argv: list[str]) -> int:
+    p = _parser("convert")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-c", dest="compress", action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-S", dest="sparse", default="4k")
+    p.add_argument("-t", dest="cache", default="unsafe")
+    p.add_argument("-T", dest="src_cache", default="writeback")
+    p.add_argument("-n", dest="no_create", action="store_true")
+    p.add_argument("-B", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-m", dest="coroutines", type=int, default=8)
+    p.add_argument("-W", dest="out_of_order", action="store_true")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("files", nargs="+")
+    a = p.parse_args(argv)
+    if len(a.files) != 2:
+        raise ConfigError("convert takes exactly one source and one destination here")
+    src_name, dst_name = a.files
+    if a.out_fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"Unknown file format '{a.out_fmt}'")
+    if a.compress and a.out_fmt != "qcow2":
+        raise ConfigError("Compression not supported for this file format")
+    if not 1 <= a.coroutines <= 16:
+        raise ConfigError("Invalid number of coroutines. Allowed number of coroutines is "
+                          "between 1 and 16")
+    sparse = parse_size_arg(a.sparse)
+    if sparse and sparse % 512:
+        raise ConfigError("Invalid buffer size for sparse output specified")
+    o: dict[str, str] = {}
+    for t in a.options:
+        o.update(parse_o(t))
+    src = await _open(src_name, a.fmt, read_only=True, cache=a.src_cache)
+    try:
+        if not a.no_create:
+            await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
+        dst = await open_any(dst_name, a.out_fmt, read_only=False,
+                             cache="writeback" if a.cache == "unsafe" else a.cache)
+        try:
+            await convert(src, dst, compress=a.compress, sparse=sparse,
+                          explicit_zeroes=a.no_create or a.backing is not None,
+                          progress=a.progress and not a.quiet, workers=a.coroutines)
+        finally:
+            await dst.close()
+    finally:
+        await src.close()
+    return 0
+
+
+async def _create_target(name: str, fmt: str, size: int, o: dict[str, str],
+                         backing: str | None, backing_fmt: str | None) -> None:
+    if fmt == "raw":
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, size)
+        os.close(fd)
+        return
+    from appliance.qcow2.cli import _create_options
+    from appliance.qcow2.create import create_image
+
+    opts = _create_options(dict(o), size)
+    opts.size = size
+    if backing:
+        opts.backing_file = backing
+        opts.backing_fmt = backing_fmt or opts.backing_fmt
+        if opts.backing_fmt is None:
+            from appliance.qcow2.image import probe_format
+
+            opts.backing_fmt = probe_format(resolve_backing(Path(name), backing))
+    await create_image(name, opts)
+
+
+async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
+                  explicit_zeroes: bool = False, progress: bool = False,
+                  workers: int = 8) -> None:
+    """Copy every byte of ``src`` into ``dst`` (same size or larger)."""
+    size = min(src.size, dst.size)
+    prog = _Progress(progress, size)
+    cs = dst._cs if isinstance(dst, Qcow2Image) else 4096
+    gran = max(sparse, cs) if isinstance(dst, Qcow2Image) else sparse
+    jobs: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+    pos = 0
+    while pos < size:
+        n = min(CHUNK * 8, size - pos)
+        for start, length, _, _, _, kind, _ in await chain_status(src, pos, n):
+            if kind in (K_UNALLOC, K_ZERO):
+                if explicit_zeroes:
+                    await dst.write_zeroes(start, length, may_unmap=True)
+                prog.add(length)
+                continue
+            # Split data extents into chunks aligned to the target's clusters.
+            s = start
+            while s < start + length:
+                e = min(start + length, (s // CHUNK + 1) * CHUNK)
+                jobs.put_nowait((s, e - s))
+                s = e
+        pos += n
+    direct = getattr(src, "_direct", False) or getattr(dst, "_direct", False)
+
+    async def worker() -> None:
+        buf = _aligned(CHUNK) if direct else memoryview(bytearray(CHUNK))
+        while True:
+            job = jobs.get_nowait() if not jobs.empty() else None
+            if job is None:
+                return
+            start, length = job
+            view = buf[:length]
+            await src.readv(start, [view])
+            if compress:
+                await _write_compressed_chunk(dst, start, view)
+            else:
+                runs = _nonzero_runs(view, gran) if gran else [(0, length)]
+                for a, b in runs:
+                    await dst.writev(start + a, [view[a:b]])
+                if explicit_zeroes:
+                    prev = 0
+                    for a, b in runs + [(length, length)]:
+                        if a > prev:
+                            await dst.write_zeroes(start + prev, a - prev, may_unmap=True)
+                        prev = b
+            prog.add(length)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    await dst.flush()
+    prog.finish()
+
+
+async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview) -> None:
+    cs = dst._cs
+    pos = 0
+    zero = bytes(cs)
+    while pos < len(view):
+        off = start + pos
+        head = off % cs
+        n = min(cs - head, len(view) - pos)
+        piece = view[pos : pos + n]
+        if head or (n < cs and off + n < dst.size):
+            await dst.writev(off, [piece])
+        elif piece != zero[:n]:
+            await dst.write_compressed(off, bytes(piece))
+        pos += n
+
+
+# ---------------------------------------------------------------- compare
+
+
+async def cmd_compare(argv: list[str]) -> int:
+    p = _parser("compare")
+    p.add_argument("-f", dest="fmt1")
+    p.add_argument("-F", dest="fmt2")
+    p.add_argument("-s", dest="strict", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-T", dest="cache", default="writeback")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("file1")
+    p.add_argument("file2")
+    a = p.parse_args(argv)
+    try:
+        i1 = await _open(a.file1, a.fmt1, read_only=True, cache=a.cache)
+        i2 = await _open(a.file2, a.fmt2, read_only=True, cache=a.cache)
+    except Qcow2Error as err:
+        print(f"appliance img: {err}", file=sys.stderr)
+        return 2
+    try:
+        return await compare(i1, i2, strict=a.strict, quiet=a.quiet)
+    except Qcow2Error as err:
+        print(f"appliance img: {err}", file=sys.stderr)
+        return 2
+    finally:
+        await i1.close()
+        await i2.close()
+
+
+async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False) -> int:
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg)
+
+    common = min(i1.size, i2.size)
+    if i1.size != i2.size:
+        if strict:
+            say("Strict mode: Image size mismatch!")
+            return 1
+        say("Warning: Image size mismatch!")
+    b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
+    pos = 0
+    while pos < common:
+        n = min(CHUNK, common - pos)
+        v1, v2 = memoryview(b1)[:n], memoryview(b2)[:n]
+        await asyncio.gather(i1.readv(pos, [v1]), i2.readv(pos, [v2]))
+        if v1 != v2:
+            at = _first_diff(v1, v2)
+            say(f"Content mismatch at offset {pos + at}!")
+            return 1
+        pos += n
+    bigger = i1 if i1.size > i2.size else i2
+    zero = bytes(CHUNK)
+    while pos < bigger.size:
+        n = min(CHUNK, bigger.size - pos)
+        v1 = memoryview(b1)[:n]
+        await bigger.readv(pos, [v1])
+        if v1 != zero[:n]:
+            at = _first_diff(v1, memoryview(zero)[:n])
+            say(f"Content mismatch at offset {pos + at}!")
+            return 1
+        pos += n
+    say("Images are identical.")
+    return 0
+
+
+def _first_diff(a: memoryview, b: memoryview) -> int:
+    lo, hi = 0, len(a)
+    while hi - lo > 512:
+        mid = (lo + (hi - lo) // 2) // 512 * 512
+        if mid <= lo:
+            break
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+# ---------------------------------------------------------------- commit
+
+
+async def cmd_commit(argv: list[str]) -> int:
+    p = _parser("commit")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-t", dest="cache", default="writeback")
+    p.add_argument("-b", dest="base")
+    p.add_argument("-d", dest="keep", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-r", dest="rate")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    top = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+    try:
+        if not isinstance(top, Qcow2Image) or not top.header.backing_file:
+            raise Qcow2Error("Image does not have a backing file")
+        bpath = resolve_backing(top.path, top.header.backing_file)
+        if a.base and os.path.realpath(a.base) != os.path.realpath(bpath):
+            raise Qcow2Error("only committing into the immediate backing file is supported")
+        base = await open_any(bpath, top.header.backing_format, read_only=False, cache=a.cache)
+        top.backing = base
+        prog = _Progress(a.progress and not a.quiet, top.size)
+        size = min(top.size, base.size)
+        buf = memoryview(bytearray(CHUNK))
+        for kind, start, n, _ in await top.block_status(0, size):
+            if kind == K_ZERO:
+                await base.write_zeroes(start, n)
+            elif kind in (K_DATA, K_COMPRESSED):
+                s = start
+                while s < start + n:
+                    m = min(CHUNK, start + n - s)
+                    await top.readv(s, [buf[:m]])
+                    await base.writev(s, [buf[:m]])
+                    s += m
+            prog.add(n)
+        await base.flush()
+        if not a.keep:
+            await top.make_empty()
+        await top.flush()
+        prog.finish()
+    finally:
+        await top.close()
+    if not a.quiet:
+        print("Image committed.")
+    return 0
+
+
+# ---------------------------------------------------------------- rebase
+
+
+async def cmd_rebase(argv: list[str]) -> int:
+    p = _parser("rebase")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-t", dest="cache", default="writeback")
+    p.add_argument("-T", dest="src_cache", default="writeback")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("-b", dest="backing", required=True)
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("filename")
+    a = p.parse_args(argv)
+    new_name = a.backing or None
+    if a.unsafe:
+        img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+        try:
+            fmt = a.backing_fmt
+            if new_name and fmt is None:
+                from appliance.qcow2.image import probe_format
+
+                bp = resolve_backing(img.path, new_name)
+                fmt = probe_format(bp) if bp.exists() else None
+            await _set_backing(img, new_name, fmt)
+        finally:
+            await img.close()
+        return 0
+    img = await _open(a.filename, a.fmt or "qcow2", read_only=False, cache=a.cache)
+    new: Any = None
+    try:
+        if new_name:
+            new = await open_any(resolve_backing(img.path, new_name), a.backing_fmt,
+                                 read_only=True, cache=a.src_cache)
+        fmt = a.backing_fmt or (None if new is None else
+                                ("qcow2" if isinstance(new, Qcow2Image) else "raw"))
+        prog = _Progress(a.progress and not a.quiet, img.size)
+        old_buf = memoryview(bytearray(CHUNK))
+        new_buf = memoryview(bytearray(CHUNK))
+        cs = img._cs
+        for kind, start, n, _ in await img.block_status(0, img.size):
+            if kind != K_UNALLOC:
+                prog.add(n)
+                continue
+            s = start
+            while s < start + n:
+                m = min(CHUNK, start + n - s)
+                ov, nv = old_buf[:m], new_buf[:m]
+                await img.readv(s, [ov])
+                if new is not None and s < new.size:
+                    k = min(m, new.size - s)
+                    await new.readv(s, [nv[:k]])
+                    nv[k:] = bytes(m - k)
+                else:
+                    nv[:] = bytes(m)
+                if ov != nv:
+                    pos = 0
+                    while pos < m:
+                        e = min(m, (s + pos) // cs * cs + cs - s)
+                        if ov[pos:e] != nv[pos:e]:
+                            await img.writev(s + pos, [ov[pos:e]])
+                        pos = e
+                s += m
+            prog.add(n)
+        await img.flush()
+        await _set_backing(img, new_name, fmt)
+        prog.finish()
+    finally:
+        if new is not None:
+            await new.close()
+        await img.close()
+    return 0
+
+
+async def _set_backing(img: Any, name: str | None, fmt: str | None) -> None:
+    from appliance.qcow2 import header as H
+
+    if not isinstance(img, Qcow2Image):
+        raise Qcow2Error("only qcow2 images have a backing file")
+    img.header.backing_file = name
+    img.header.set_ext(H.EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+    await img.set_header_field()
+
+
+__all__ = ["RawImage", "cmd_commit", "cmd_compare", "cmd_convert", "cmd_rebase", "convert"]

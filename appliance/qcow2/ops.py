@@ -1,0 +1,129 @@
+"""Whole-image qcow2 operations: resize and amend.
+
+Both run on a flushed image under the metadata lock and write the new
+structure before the header points at it, then free the old one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from appliance.errors import ConfigError
+from appliance.qcow2 import header as H
+from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.image import COMPRESSED, OFFSET_MASK, ZERO_FLAG, Qcow2Image
+
+
+async def resize(img: Qcow2Image, new: int) -> None:
+    """Grow (or, with the caller's consent, shrink) the virtual disk."""
+    img._check_writable()
+    if img.snapshots:
+        raise Qcow2Error("Can't resize an image which has snapshots")
+    if new >= 1 << 63:
+        raise Qcow2Error("Image size is too large")
+    cs, cb = img._cs, img._cb
+    if new < img.size:
+        first = -(-new // cs) * cs
+        if first < img.size:
+            await img._zero_whole(first, img.size - first, "empty")
+    async with img._lock:
+        await img._flush_locked()
+        h = img.header
+        need = -(-new // (cs * img._l2_entries))
+        if need * 8 > H.MAX_L1_BYTES:
+            raise Qcow2Error("Image size is too large for this cluster size")
+        if need > len(img._l1):
+            new_l1 = img._l1 + [0] * (need - len(img._l1))
+            n = -(-need * 8 // cs)
+            off = (await img._alloc_clusters(n)) << cb
+            await img._flush_refcounts()
+            await img._pwrite(off, struct.pack(f">{need}Q", *new_l1))
+            await img._sync()
+            old_off, old_size = h.l1_table_offset, h.l1_size
+            h.l1_table_offset, h.l1_size, h.size = off, need, new
+            await img._write_header()
+            await img._sync()
+            img._l1 = new_l1
+            if old_size:
+                for c in range(old_off >> cb, ((old_off + old_size * 8 - 1) >> cb) + 1):
+                    await img._update_refcount(c, -1)
+            await img._flush_refcounts()
+        else:
+            h.size = new
+            await img._write_header()
+            await img._sync()
+        img.size = new
+        img._build_meta_set()
+
+
+async def _has_zero_clusters(img: Qcow2Image) -> bool:
+    l1s = [img._l1]
+    for s in img.snapshots:
+        raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
+        l1s.append(list(struct.unpack(f">{s.l1_size}Q", raw)))
+    for l1 in l1s:
+        for e in l1:
+            off = e & OFFSET_MASK
+            if not off:
+                continue
+            t = await img._load_l2(off)
+            for v in t[:: img._stride]:
+                if v & ZERO_FLAG and not v & COMPRESSED:
+                    return True
+    return False
+
+
+async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
+    """Change compat, lazy_refcounts, backing file or size of an existing image."""
+    img._check_writable()
+    h = img.header
+    compat = opts.pop("compat", None)
+    lazy = opts.pop("lazy_refcounts", None)
+    size = opts.pop("size", None)
+    bfile = opts.pop("backing_file", None)
+    bfmt = opts.pop("backing_fmt", None)
+    for k, v in list(opts.items()):
+        cur = {"cluster_size": str(h.cluster_size), "refcount_bits": str(h.refcount_bits),
+               "compression_type": H.COMPRESSION_NAMES[h.compression_type],
+               "extended_l2": "on" if h.extended_l2 else "off"}.get(k)
+        if cur is None:
+            raise ConfigError(f"Invalid parameter '{k}'")
+        if v != cur:
+            raise Qcow2Error(f"Changing {k} is not supported")
+    async with img._lock:
+        await img._flush_locked()
+        if compat in ("1.1", "v3") and h.version == 2:
+            h.version = 3
+            h.refcount_order = 4
+            h.set_ext(H.EXT_FEATURE_TABLE, H.feature_table())
+        elif compat in ("0.10", "v2") and h.version == 3:
+            if (h.lazy_refcounts and lazy != "off") or h.extended_l2 or h.compression_type \
+                    or h.refcount_order != 4:
+                raise Qcow2Error("Cannot downgrade an image with features that need compat=1.1")
+            if await _has_zero_clusters(img):
+                raise Qcow2Error("Cannot downgrade an image with zero clusters")
+            h.version = 2
+            h.compatible_features = h.autoclear_features = h.incompatible_features = 0
+            h.extra_fields = b""
+            h.set_ext(H.EXT_FEATURE_TABLE, None)
+        elif compat not in (None, "1.1", "v3", "0.10", "v2"):
+            raise ConfigError(f"Invalid compatibility level: '{compat}'")
+        if lazy is not None:
+            on = lazy in ("on", "yes", "true")
+            if on and h.version < 3:
+                raise Qcow2Error("Lazy refcounts only supported with compatibility level 1.1 "
+                                 "and above (use compat=1.1 or greater)")
+            if on:
+                h.compatible_features |= H.COMPAT_LAZY_REFCOUNTS
+            else:
+                h.compatible_features &= ~H.COMPAT_LAZY_REFCOUNTS
+        if bfile is not None:
+            h.backing_file = bfile or None
+        if bfmt is not None:
+            h.set_ext(H.EXT_BACKING_FORMAT, bfmt.encode() if bfmt else None)
+        await img._write_header()
+        await img._sync()
+    if size is not None:
+        from appliance.qcow2.cli import parse_size_arg
+
+        await resize(img, parse_size_arg(size))
