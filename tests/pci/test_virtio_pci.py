@@ -122,8 +122,8 @@ async def wait_used(q: DriverQueue, count: int = 1) -> None:
     raise TimeoutError
 
 
-def test_ids_class_and_capabilities_are_modern_virtio() -> None:
-    r = Rig(asyncio.new_event_loop())
+async def test_ids_class_and_capabilities_are_modern_virtio() -> None:
+    r = Rig(asyncio.get_running_loop())
     g, s = r.guest, r.slot
     assert g.cfg_read(s, 0x00) == (0x1040 + 4) << 16 | 0x1AF4
     assert g.cfg_read(s, 0x08) >> 8 == 0xFF0000 and g.cfg_read(s, 0x08, 1) == 1
