@@ -1,0 +1,81 @@
+"""Real Linux virtio_net drivers (QEMU TCG) on our virtio-net through vhost-user.
+
+Our net-daemon runs in the test's own loop, its tap inside a namespace the test
+made; QEMU connects to the daemon's socket and has no network of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from appliance.kit.tcg import TcgGuest
+from appliance.net.netdev import TapNetdev, open_netdev
+from appliance.nic.virtio_net import VirtioNet
+from appliance.virtio.vhost_user.backend import VhostUserBackend
+from appliance.virtio.vhost_user.server import VhostUserServer
+from tests.conftest import needs_qemu, needs_root
+from tests.net.netns import inside, namespace, ns_exec
+
+pytestmark = [needs_root, needs_qemu]
+
+
+@contextlib.asynccontextmanager
+async def daemon(ns: str, sock: Path, ifname: str, queues: int = 1) -> AsyncIterator[VirtioNet]:
+    with inside(ns):
+        backends, tap = await open_netdev(TapNetdev("n0", ifname=ifname, queues=queues), queues=queues)
+    dev = VirtioNet(backends, bytes.fromhex("525400123456"), control_queue=False)
+    server = VhostUserServer(sock, VhostUserBackend(dev))
+    await server.start()
+    try:
+        yield dev
+    finally:
+        await server.close()
+        with inside(ns):
+            await tap.close()
+
+
+def nic_args(sock: Path, mac: str, queues: int = 1) -> list[str]:
+    # vectors=0: QEMU 7.2 (Debian 12) under TCG segfaults in its MSI-X vector
+    # notifier path (msix_set_vector_notifiers → virtio_pci_vector_unmask) when a
+    # vhost-user NIC starts; with INTx the same guest and back end run fine.
+    mq = ",mq=on" if queues > 1 else ""
+    return [
+        "-chardev", f"socket,id=c0,path={sock}",
+        "-netdev", f"vhost-user,id=n0,chardev=c0,queues={queues}",
+        "-device", f"virtio-net-pci,netdev=n0,mac={mac},vectors=0{mq}",
+    ]
+
+
+async def test_linux_guest_pings_the_namespace_host(tmp_path: Path) -> None:
+    sock = tmp_path / "net.sock"
+    with namespace() as ns:
+        async with daemon(ns, sock, "vhnet0") as dev:
+            ns_exec(ns, "ip", "addr", "add", "10.91.0.1/24", "dev", "vhnet0")
+            async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
+                await g.run("ip link set eth0 up && ip addr add 10.91.0.2/24 dev eth0")
+                out = await g.run("ping -c 3 -W 2 10.91.0.1", timeout=30)
+                assert "3 packets received" in out
+                await g.poweroff()
+            assert dev.stats[0].tx_frames >= 3 and dev.stats[0].rx_frames >= 3
+
+
+async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
+    sock = tmp_path / "mq.sock"
+    with namespace() as ns:
+        async with daemon(ns, sock, "vhmq0", queues=2) as dev:
+            ns_exec(ns, "ip", "addr", "add", "10.92.0.1/24", "dev", "vhmq0")
+            async with TcgGuest(nic_args(sock, "52:54:00:12:34:57", queues=2), machine="q35", smp=2) as g:
+                await g.run("ip link set eth0 up && ip addr add 10.92.0.2/24 dev eth0")
+                assert (await g.run("ls /sys/class/net/eth0/queues")).split() == ["rx-0", "rx-1", "tx-0", "tx-1"]
+                # One sender pinned to each CPU: XPS maps CPU n to tx queue n.
+                await g.run(
+                    "taskset 1 ping -c 20 -i 0.05 -W 2 10.92.0.1 >/tmp/p0 & "
+                    "taskset 2 ping -c 20 -i 0.05 -W 2 10.92.0.1 >/tmp/p1 & wait; cat /tmp/p0 /tmp/p1",
+                    timeout=60,
+                )
+                await g.poweroff()
+            assert dev.stats[0].tx_frames > 0 and dev.stats[1].tx_frames > 0, dev.stats
+            assert dev.stats[0].rx_frames + dev.stats[1].rx_frames >= 40
