@@ -79,3 +79,31 @@ async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
                 await g.poweroff()
             assert dev.stats[0].tx_frames > 0 and dev.stats[1].tx_frames > 0, dev.stats
             assert dev.stats[0].rx_frames + dev.stats[1].rx_frames >= 40
+
+
+async def test_two_guests_on_one_bridge_move_100_mb_intact(tmp_path: Path) -> None:
+    """Two Linux guests, each on its own net-daemon tap, both taps in one bridge."""
+    with namespace() as ns:
+        ns_exec(ns, "ip", "link", "add", "labbr", "type", "bridge")
+        ns_exec(ns, "ip", "link", "set", "labbr", "up")
+        async with daemon(ns, tmp_path / "a.sock", "vha0") as dev_a, daemon(ns, tmp_path / "b.sock", "vhb0") as dev_b:
+            for tap in ("vha0", "vhb0"):
+                ns_exec(ns, "ip", "link", "set", tap, "master", "labbr")
+            a_args = nic_args(tmp_path / "a.sock", "52:54:00:00:0a:01")
+            b_args = nic_args(tmp_path / "b.sock", "52:54:00:00:0b:01")
+            async with TcgGuest(a_args, machine="q35") as a, TcgGuest(b_args, machine="q35") as b:
+                await a.run("ip link set eth0 up && ip addr add 10.93.0.1/24 dev eth0")
+                await b.run("ip link set eth0 up && ip addr add 10.93.0.2/24 dev eth0")
+                assert "0% packet loss" in await b.run("ping -c 2 -W 3 10.93.0.1", timeout=30)
+                await b.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=100 2>/dev/null", timeout=120)
+                sent = (await b.run("sha256sum /tmp/blob", timeout=120)).split()[0]
+                await a.write("nc -l -p 5001 > /tmp/got; echo RECEIVED-DONE\n")
+                await asyncio.sleep(0.5)
+                await b.run("nc 10.93.0.1 5001 < /tmp/blob", timeout=240)
+                await a.expect("RECEIVED-DONE", 240)
+                got = (await a.run("sha256sum /tmp/got", timeout=120)).split()[0]
+                assert got == sent
+                await a.poweroff()
+                await b.poweroff()
+            assert dev_b.stats[0].tx_bytes >= 100 * 1024 * 1024
+            assert dev_a.stats[0].rx_bytes >= 100 * 1024 * 1024
