@@ -214,6 +214,8 @@ class VirtioPciTransport(PciDevice):
         self._readers: list[int] = []
         self._closed = False
         self.kicks = 0
+        # Doorbells that arrived as MMIO exits rather than through an ioeventfd.
+        self.mmio_doorbells = 0
 
         self.add_bar(VIRTIO_BAR, VIRTIO_BAR_SIZE, kind=BarKind.MEM64)
         vectors = device.num_queues + 1
@@ -318,6 +320,7 @@ class VirtioPciTransport(PciDevice):
             # write wider than it covers): ring the queue's eventfd instead.
             index = (offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER
             with self._lock:
+                self.mmio_doorbells += 1
                 efd = self._queues[index].efd
                 if efd >= 0:
                     os.eventfd_write(efd, 1)
