@@ -36,6 +36,7 @@ class Counters:
     tcp_syn_dropped: int = 0  # connection limits (SYN flood)
     tcp_rst_sent: int = 0
     tcp_retransmits: int = 0
+    tcp_window_probes: int = 0
     tcp_timeouts: int = 0  # retransmission timer expiries (RTO or SYN)
     tcp_bad: int = 0  # out-of-window, bad ACK, challenge ACKs
     restricted: int = 0  # restrict=on refused a flow

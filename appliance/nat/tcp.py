@@ -338,6 +338,7 @@ class TcpConn:
     def _probe(self) -> None:
         """Zero-window probe: one byte past the window, never counted as sent."""
         self.probes += 1
+        self.net.stats.tcp_window_probes += 1
         if self.probes > MAX_PROBES:
             self.abort(send_rst=True)
             return
@@ -539,9 +540,9 @@ class TcpConn:
                 self.send_ack()
                 return False
         wnd = win << self.snd_shift
+        self.probes = 0  # any acceptable ACK answers our probes, even with a zero window (as Linux)
         if ack > self.snd_una:
             self._ack_advance(ack)
-            self.probes = 0
         elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and \
                 self.snd_max > self.snd_una:  # fmt: skip
             self.dupacks += 1
@@ -555,10 +556,14 @@ class TcpConn:
             opened = wnd > self.snd_wnd
             self.snd_wnd = wnd
             self.snd_wl1, self.snd_wl2 = seq, ack
-            if wnd:
-                self.probes = 0
-            if opened:
-                self.output()
+            if not wnd and self.snd_nxt > self.snd_una and self.state in _CAN_SEND:
+                # The window shrank to zero under data in flight: take it back and probe instead of
+                # letting retransmissions time the connection out (RFC 9293 §3.8.6.1).
+                self.snd_nxt = self.snd_una
+                self.dupacks = 0
+                self._disarm()
+            if opened or not wnd:
+                self.output()  # send more, or arm the persist timer (RFC 9293 §3.8.6.1)
         return True
 
     def _ack_advance(self, ack: int) -> None:

@@ -153,6 +153,7 @@ class GuestTcp:
         self.dup = 0
         self.on_data: Callable[[bytes], None] | None = None
         self.window_override: int | None = None
+        self.probes_seen = 0
         self.changed = asyncio.Event()
 
     # wire helpers
@@ -294,6 +295,10 @@ class GuestTcp:
         self.peer_wnd = win << self.peer_shift
         # data
         seq = self.rcv_nxt + (((seq_w - self.irs - self.rcv_nxt) + 0x80000000) & M32) - 0x80000000
+        if payload and self.window_override == 0:
+            self.probes_seen += 1
+            self._send(ACK, self.snd_nxt)  # a closed window: the byte is refused, the window restated
+            return
         need_ack = bool(payload)
         if payload:
             if seq <= self.rcv_nxt < seq + len(payload):

@@ -58,7 +58,10 @@ async def test_arp_for_gateway_and_dns_answered_with_gateway_mac(net: UserNetwor
 
 
 async def test_arp_for_other_addresses_is_ignored(net: UserNetwork) -> None:
-    feed(net, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.77")))
+    feed(
+        net,
+        bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.77")),
+    )
     assert drain(net) == []
 
 
@@ -128,7 +131,9 @@ async def dns_net() -> AsyncIterator[tuple[UserNetwork, _Upstream]]:
 
 
 def dns_query(name: str, qid: int, qtype: str = "A") -> bytes:
-    return to_gw(IP(src=GUEST, dst="10.0.2.3") / UDP(sport=5353, dport=53) / DNS(id=qid, rd=1, qd=DNSQR(qname=name, qtype=qtype)))
+    return to_gw(
+        IP(src=GUEST, dst="10.0.2.3") / UDP(sport=5353, dport=53) / DNS(id=qid, rd=1, qd=DNSQR(qname=name, qtype=qtype))
+    )
 
 
 async def test_dns_query_is_forwarded_to_the_upstream_and_answered(dns_net) -> None:
@@ -203,7 +208,12 @@ async def test_udp_hostfwd_delivers_host_datagrams_to_the_guest_and_back() -> No
     loop = asyncio.get_running_loop()
     try:
         hp = net.udp.listener_ports()[0]
-        feed(net, bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.2")))
+        feed(
+            net,
+            bytes(
+                Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="10.0.2.2")
+            ),
+        )
         drain(net)
         cli.sendto(b"to-guest", ("127.0.0.1", hp))
         [pkt] = await wait_frames(net, lambda p: UDP in p)

@@ -1,0 +1,332 @@
+"""TCP NAT end to end: the test guest's TCP against loopback servers through the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+
+from appliance.nat import UserNetConfig, UserNetwork
+from appliance.nat import tcp as tcpmod
+
+from .peer import GW_IP, Guest, GuestTcp
+
+MB = 1 << 20
+
+
+class Sink:
+    """A loopback server that hashes everything it receives, then closes."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.n = 0
+        self.done = asyncio.Event()
+        self.eof_then: bytes = b""
+
+    async def handler(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while chunk := await r.read(MB):
+            self.hash.update(chunk)
+            self.n += len(chunk)
+        if self.eof_then:
+            w.write(self.eof_then)
+            await w.drain()
+        w.close()
+        self.done.set()
+
+
+async def serve(handler) -> tuple[asyncio.Server, int]:
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[UserNetwork]:
+    n = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7777"))
+    await n.start()
+    yield n
+    await n.stop()
+
+
+async def established(c: GuestTcp) -> None:
+    await c.wait(lambda: c.state == "ESTABLISHED" or c.reset, 10)
+    assert c.state == "ESTABLISHED"
+
+
+async def test_upload_50mb_to_loopback_server_matches_sha256_and_closes(net: UserNetwork) -> None:
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    data = os.urandom(50 * MB)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.write(data)
+        c.shutdown()
+        await asyncio.wait_for(sink.done.wait(), 60)
+        assert sink.n == len(data)
+        assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+        await c.wait(lambda: c.fin_rcvd and c.fin_acked, 10)
+    await asyncio.sleep(0.05)
+    assert [f for f in net.flows() if f.state not in ("TIME_WAIT", "CLOSED")] == []
+    assert net.counters()["errors"] == 0
+    srv.close()
+
+
+async def test_download_50mb_from_loopback_server_matches_sha256(net: UserNetwork) -> None:
+    data = os.urandom(50 * MB)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        w.close()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        h = hashlib.sha256()
+        c.on_data = h.update
+        await c.wait(lambda: c.fin_rcvd, 60)
+        assert c.rcv_nxt - 2 == len(data)
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+        c.shutdown()
+        await c.wait(lambda: c.fin_acked, 10)
+    srv.close()
+
+
+async def test_segments_respect_the_guest_mss(net: UserNetwork) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"z" * 20000)
+        await w.drain()
+        w.close()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        sizes: list[int] = []
+        c = g.connect(GW_IP, port, mss=536)
+        c.on_data = lambda d: sizes.append(len(d))
+        await c.wait(lambda: c.fin_rcvd, 10)
+        assert max(sizes) <= 536 and sum(sizes) == 20000
+    srv.close()
+
+
+async def test_connection_refused_becomes_rst(net: UserNetwork) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await c.wait(lambda: c.reset, 10)
+    assert net.counters()["tcp_refused"] == 1
+    assert net.tcp.conns == {}
+
+
+async def test_hostfwd_connection_reaches_guest_listener_both_ways(net: UserNetwork) -> None:
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        hp = net.tcp.listener_ports()[0]
+        r, w = await asyncio.open_connection("127.0.0.1", hp)
+        w.write(b"hello guest")
+        async with asyncio.timeout(10):
+            while not accepted:
+                await asyncio.sleep(0.01)
+        gc = accepted[0]
+        await gc.wait(lambda: len(gc.rx) >= 11)
+        assert gc.read() == b"hello guest"
+        assert gc.rip == GW_IP
+        assert any(f.proto == "TCP[HOST_FORWARD]" and f.state == "ESTABLISHED" for f in net.flows())
+        big = os.urandom(3 * MB)
+        gc.write(big)
+        gc.shutdown()
+        got = await asyncio.wait_for(r.read(), 20)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+        w.write(b"bye")
+        w.write_eof()
+        await gc.wait(lambda: gc.fin_rcvd and gc.fin_acked)
+        assert gc.read() == b"bye"
+        w.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_transfers_complete_with_5pct_drop_dup_reorder_each_way(net: UserNetwork, seed: int) -> None:
+    sink = Sink()
+    down = os.urandom(MB)
+    sink.eof_then = down
+    srv, port = await serve(sink.handler)
+    up = os.urandom(MB)
+    async with Guest(net, loss=0.05, seed=seed) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        h = hashlib.sha256()
+        c.on_data = h.update
+        c.write(up)
+        c.shutdown()
+        await asyncio.wait_for(sink.done.wait(), 60)
+        assert sink.hash.hexdigest() == hashlib.sha256(up).hexdigest()
+        await c.wait(lambda: c.fin_rcvd, 60)
+        assert h.hexdigest() == hashlib.sha256(down).hexdigest()
+    assert net.counters()["tcp_retransmits"] > 0
+    srv.close()
+
+
+async def test_half_close_guest_keeps_receiving_after_its_fin(net: UserNetwork) -> None:
+    sink = Sink()
+    sink.eof_then = b"after your FIN" * 1000
+    srv, port = await serve(sink.handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.write(b"request")
+        c.shutdown()
+        await c.wait(lambda: c.fin_rcvd, 10)
+        assert bytes(c.rx) == sink.eof_then
+        assert sink.n == 7
+    srv.close()
+
+
+async def test_half_close_host_eof_still_accepts_guest_data(net: UserNetwork) -> None:
+    got = bytearray()
+    done = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"banner")
+        w.write_eof()
+        while chunk := await r.read(MB):
+            got.extend(chunk)
+        w.close()
+        done.set()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await c.wait(lambda: c.fin_rcvd, 10)
+        assert c.read() == b"banner"
+        c.write(b"x" * 100000)
+        c.shutdown()
+        await asyncio.wait_for(done.wait(), 10)
+        assert bytes(got) == b"x" * 100000
+    srv.close()
+
+
+async def test_host_reset_becomes_guest_rst(net: UserNetwork) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(5)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.write(b"hello")
+        await c.wait(lambda: c.reset, 10)
+    srv.close()
+
+
+async def test_guest_reset_closes_host_socket(net: UserNetwork) -> None:
+    closed = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await r.read()
+        except ConnectionError:
+            pass
+        closed.set()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.abort()
+        await asyncio.wait_for(closed.wait(), 5)
+    assert net.tcp.conns == {}
+    srv.close()
+
+
+async def test_zero_window_is_probed_and_host_reading_pauses(net: UserNetwork, monkeypatch) -> None:
+    """The guest closes its window; the stack probes, stops reading the host, and resumes when it opens."""
+    monkeypatch.setattr(tcpmod, "MAX_RTO", 0.5)
+    data = os.urandom(24 * MB)  # more than loopback socket buffers can absorb
+    writer_done = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        w.close()
+        writer_done.set()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.window_override = 0
+        c._send(0x10, c.snd_nxt)
+        await asyncio.sleep(2.5)
+        [conn] = net.tcp.conns.values()
+        assert conn.send_queue() <= tcpmod.SNDBUF + 256 * 1024
+        assert conn.host_paused
+        assert conn.state == tcpmod.ESTABLISHED
+        assert net.counters()["tcp_window_probes"] >= 2 and c.probes_seen >= 2
+        assert not writer_done.is_set()
+        c.window_override = None
+        h = hashlib.sha256()
+        h.update(c.read())
+        c.on_data = h.update
+        c._send(0x10, c.snd_nxt)
+        await c.wait(lambda: c.fin_rcvd, 30)
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    srv.close()
+
+
+async def test_slow_host_reader_closes_the_guest_window(net: UserNetwork) -> None:
+    """A host server that does not read: the stack's buffering stays bounded by its window."""
+    release = asyncio.Event()
+    sink = Sink()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await release.wait()
+        await sink.handler(r, w)
+
+    srv, port = await serve(handler)
+    data = os.urandom(16 * MB)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.write(data)
+        c.shutdown()
+        await asyncio.sleep(1.0)
+        [conn] = net.tcp.conns.values()
+        assert conn.recv_queue() <= tcpmod.RCVBUF + 64 * 1024
+        assert c.unacked() > 8 * MB  # the guest is held back by the window
+        release.set()
+        await asyncio.wait_for(sink.done.wait(), 30)
+        assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
+    srv.close()
+
+
+async def test_many_parallel_connections_each_complete(net: UserNetwork) -> None:
+    sinks: list[Sink] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        s = Sink()
+        sinks.append(s)
+        await s.handler(r, w)
+
+    srv, port = await serve(handler)
+    payloads = [os.urandom(100_000 + i) for i in range(20)]
+    async with Guest(net) as g:
+        conns = [g.connect(GW_IP, port) for _ in payloads]
+        for c, p in zip(conns, payloads, strict=True):
+            await established(c)
+            c.write(p)
+            c.shutdown()
+        for c in conns:
+            await c.wait(lambda c=c: c.fin_rcvd, 20)
+    assert sorted(s.n for s in sinks) == sorted(len(p) for p in payloads)
+    assert {s.hash.hexdigest() for s in sinks} == {hashlib.sha256(p).hexdigest() for p in payloads}
+    srv.close()
