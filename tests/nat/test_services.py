@@ -40,6 +40,10 @@ async def wait_frames(net: UserNetwork, pred, timeout: float = 5.0) -> list[Ethe
             await asyncio.sleep(0.005)
 
 
+def arp_request(target: str) -> bytes:
+    return bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst=target))
+
+
 def to_gw(pkt) -> bytes:
     return bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / pkt)
 
