@@ -243,3 +243,36 @@ def test_socket_serial_console_takes_commands(tiny_elf: Path, tmp_path: Path, ki
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_kvm
+def test_sigterm_stops_the_vm_with_status_0(tiny_elf: Path, tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    proc = subprocess.Popen([*APPLIANCE, "run", "-kernel", str(tiny_elf), "-serial", f"file:{log}"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while b"TINY-READY" not in (log.read_bytes() if log.exists() else b""):
+            assert time.monotonic() < deadline, "no banner in the serial log file"
+            time.sleep(0.05)
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pvm_warning_only_for_linux_kernels_without_pvm(tiny_elf: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.kvm import system
+    from appliance.machine import MachineConfig
+
+    monkeypatch.setattr(system, "host_kind", lambda: "pvm")
+    assert run.pvm_warning(MachineConfig(kernel=tiny_elf)) is None
+    fake_linux = tmp_path / "vmlinux"
+    fake_linux.write_bytes(b"\x7fELF" + bytes(60) + b"Linux version 6.1.0 (fake)")
+    warning = run.pvm_warning(MachineConfig(kernel=fake_linux))
+    assert warning is not None and "PVM" in warning
+    monkeypatch.setattr(system, "host_kind", lambda: "hardware")
+    assert run.pvm_warning(MachineConfig(kernel=fake_linux)) is None
