@@ -37,7 +37,9 @@ def _tables(num_cpus: int) -> tuple[int, bytes, dict[str, bytes]]:
         found[table[:4].decode()] = table
     fadt = found["FACP"]
     found["DSDT"] = _table(mem, struct.unpack_from("<Q", fadt, 140)[0])
-    found["FACS"] = mem.read(struct.unpack_from("<Q", fadt, 132)[0], 64)
+    assert struct.unpack_from("<Q", fadt, 132)[0] == 0    # X_FIRMWARE_CTRL unused below 4 GiB
+    found["FACS"] = mem.read(struct.unpack_from("<I", fadt, 36)[0], 64)
+    assert found["FACS"][:4] == b"FACS"
     return rsdp_addr, rsdp, found
 
 

@@ -78,3 +78,17 @@ def test_command_line_with_nul_is_refused(tmp_path: Path, mem: GuestMemory) -> N
     kernel.write_bytes(images.bzimage())
     with pytest.raises(BootError, match="NUL"):
         load_kernel(mem, kernel, initrd=None, cmdline="a\0b", num_cpus=1, rsdp_addr=0)
+
+
+def test_ram_too_small_for_the_boot_area_is_refused(tmp_path: Path) -> None:
+    from appliance.kvm.memory import MemoryRegion
+
+    tiny = GuestMemory([MemoryRegion(0, bytearray(0x4000))])
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(images.bzimage())
+    with pytest.raises(BootError):
+        _load(tiny, kernel)
+    guest = tmp_path / "guest.elf"
+    guest.write_bytes(images.pvh_elf())
+    with pytest.raises(BootError, match="does not fit"):
+        _load(tiny, guest)

@@ -124,7 +124,9 @@ def fadt(*, dsdt_addr: int, facs_addr: int) -> bytes:
     body[116 - HEADER.size : 128 - HEADER.size] = _gas_io(layout.RESET_PORT, 8, ACCESS_BYTE)
     put("<B", 128, layout.RESET_VALUE)
     put("<B", 131, FADT_MINOR_REVISION)
-    put("<QQ", 132, facs_addr, dsdt_addr)              # X_FIRMWARE_CTRL, X_DSDT
+    # X_FIRMWARE_CTRL stays 0: it "must be zero" when FIRMWARE_CTRL is set
+    # (Table 5.9), and Linux would otherwise map the FACS twice.
+    put("<Q", 140, dsdt_addr)                          # X_DSDT
     for offset, port, width, access in (
         (148, layout.PM1A_EVT_BLK, 32, ACCESS_WORD),   # X_PM1a_EVT_BLK: status + enable words
         (172, layout.PM1A_CNT_BLK, 16, ACCESS_WORD),   # X_PM1a_CNT_BLK

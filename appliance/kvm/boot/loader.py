@@ -62,6 +62,18 @@ def load_kernel(
     if num_cpus < 1:
         raise BootError(f"cannot boot with {num_cpus} vCPUs")
     data = _read(kernel, "kernel")
+    try:
+        return _load(mem, kernel, data, initrd, cmdline, rsdp_addr, protocol)
+    except GuestMemoryError as err:
+        # Sizes are checked up front; this is the backstop for a RAM too small
+        # to hold even the boot structures in the first MiB.
+        raise BootError(f"guest RAM ({_mib(mem.size)} MiB) is too small for kernel {kernel}") from err
+
+
+def _load(
+    mem: GuestMemory, kernel: Path, data: bytes, initrd: Path | None, cmdline: str,
+    rsdp_addr: int, protocol: Protocol,
+) -> BootPlan:
     if is_elf(data):
         image = parse_elf(data)
         if image.pvh_entry is not None and protocol != "linux":
@@ -222,10 +234,7 @@ def _load_initrd(
     data = _read(path, "initrd")
     if len(data) != size:
         raise BootError(f"initrd {path} changed size while being read")
-    try:
-        mem.write(addr, data)
-    except GuestMemoryError as err:
-        raise BootError(f"initrd {path} does not fit in guest RAM") from err
+    mem.write(addr, data)
     return addr, size
 
 
