@@ -189,3 +189,38 @@ def test_kick_stops_an_ap_waiting_for_sipi(tmp_path: Path) -> None:
         assert done.is_set()
     finally:
         vm.close()
+
+
+def test_ap_starts_on_init_sipi_from_the_bsp_lapic(tmp_path: Path) -> None:
+    """The BSP sends INIT and SIPI (vector 8) through its in-kernel LAPIC; the AP wakes
+    in real mode at 0x8000 and writes to a port."""
+    bsp = assemble(tmp_path, """
+        mov $0xfee00000, %edi
+        mov 0xf0(%edi), %eax
+        or $0x100, %eax
+        mov %eax, 0xf0(%edi)
+        movl $0x01000000, 0x310(%edi)
+        movl $0x00004500, 0x300(%edi)
+        movl $0x01000000, 0x310(%edi)
+        movl $0x00004608, 0x300(%edi)
+        jmp .
+    """)
+    ap = assemble(tmp_path, ".code16\n mov $0x3f8, %dx\n mov $0x41, %al\n out %al, %dx\n jmp .")
+    vm = CodeVm(bsp, num_cpus=2)
+    vm.mem.write(0x8000, ap)
+    rec = Recorder()
+    vm.vm.pio_bus.register(0x3F8, 8, rec)
+    threads = [threading.Thread(target=v.run, args=(vm.vm.pio_bus, vm.vm.mmio_bus)) for v in vm.vcpus]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while not rec.writes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.writes == [(0, b"A")]
+    finally:
+        for v in vm.vcpus:
+            v.kick()
+        for t in threads:
+            t.join(5)
+        vm.close()
