@@ -1,0 +1,179 @@
+"""virtio-blk throughput and IOPS, the appliance side by side with QEMU.
+
+Part (b) — implemented here: a real Linux guest (the Linux kit in QEMU TCG)
+drives a ``vhost-user-blk-pci`` disk with the kit's ``kitio`` tool (Linux
+native AIO on O_DIRECT, like fio's libaio engine). The disk's back end is
+either ``appliance storage-daemon`` or ``qemu-storage-daemon``, both started
+with the same command line on the same raw image, one after the other in one
+run. Only the back end differs, so the ratios compare our vhost-user server,
+virtio-blk device and raw backend against QEMU's.
+
+Part (a) — TODO: the test guest's ``blk bench`` on ``appliance run`` vs on
+``qemu-system-x86_64 -enable-kvm -M q35 -drive if=virtio,cache=none,aio=threads``.
+It needs our vCPUs to run the test guest with a virtio-blk-pci disk and the
+guest's ``blk bench`` command; add it here once those exist (same table).
+
+Usage: ``.venv/bin/python bench/blk.py [--seconds 3] [--size-mb 256] [--smp 2] [--queues 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance.kit.tcg import TcgGuest  # noqa: E402
+
+# (name, kitio mode, block size, queue depth)
+WORKLOADS = [
+    ("seq read 1M qd4", "read", 1 << 20, 4),
+    ("seq write 1M qd4", "write", 1 << 20, 4),
+    ("rand read 4K qd1", "randread", 4096, 1),
+    ("rand read 4K qd32", "randread", 4096, 32),
+    ("rand write 4K qd1", "randwrite", 4096, 1),
+    ("rand write 4K qd32", "randwrite", 4096, 32),
+]
+
+_KITIO = re.compile(
+    r"KITIO mode=\S+ bs=\d+ qd=\d+ seconds=\S+ ios=(\d+) mbps=([\d.]+) iops=([\d.]+) "
+    r"p50_us=([\d.]+) p99_us=([\d.]+)"
+)
+
+
+@dataclass
+class Result:
+    mbps: float
+    iops: float
+    p50: float
+    p99: float
+
+
+def daemon_argv(which: str, image: Path, sock: Path, queues: int) -> list[str]:
+    """Identical qemu-storage-daemon syntax for both daemons."""
+    args = [
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=on",
+        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--export",
+        f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        f"writable=on,num-queues={queues}",
+    ]
+    if which == "appliance":
+        return [sys.executable, "-m", "appliance.cli.main", "storage-daemon", *args]
+    return ["qemu-storage-daemon", *args]
+
+
+async def run_one(which: str, image: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Result]:
+    sock = workdir / f"{which}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    proc = await asyncio.create_subprocess_exec(
+        *daemon_argv(which, image, sock, args.queues), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    results: dict[str, Result] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                err = await proc.stderr.read() if proc.stderr else b""
+                raise RuntimeError(f"{which} daemon did not start: {err.decode(errors='replace')}")
+            await asyncio.sleep(0.05)
+        guest = TcgGuest(
+            ["-chardev", f"socket,id=vu,path={sock}",
+             "-device", f"vhost-user-blk-pci,chardev=vu,num-queues={args.queues}"],
+            smp=args.smp,
+        )
+        async with guest as g:
+            size = args.size_mb << 20
+            for name, mode, bs, qd in WORKLOADS:
+                out = await g.run(
+                    f"kitio bench --dev /dev/vda --mode {mode} --bs {bs} --qd {qd} "
+                    f"--seconds {args.seconds} --size {size}",
+                    timeout=args.seconds * 4 + 60,
+                )
+                m = _KITIO.search(out)
+                if m is None:
+                    raise RuntimeError(f"{which}/{name}: unexpected kitio output: {out!r}")
+                results[name] = Result(float(m[2]), float(m[3]), float(m[4]), float(m[5]))
+                print(f"  {which:<10} {name:<20} {m[2]:>9} MB/s {m[3]:>10} IOPS "
+                      f"p50 {m[4]} us p99 {m[5]} us", flush=True)
+            await g.poweroff()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    return results
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def table(ours: dict[str, Result], qemu: dict[str, Result]) -> str:
+    head = (
+        f"| {'workload':<20} | {'MB/s ours':>9} | {'MB/s qsd':>9} | {'ratio':>6} | {'IOPS ours':>9} | "
+        f"{'IOPS qsd':>9} | {'ratio':>6} | {'p50 us ours/qsd':>17} | {'p99 us ours/qsd':>17} |"
+    )
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for name, *_ in WORKLOADS:
+        a, b = ours[name], qemu[name]
+        lines.append(
+            f"| {name:<20} | {a.mbps:>9.1f} | {b.mbps:>9.1f} | {_ratio(a.mbps, b.mbps):>6} | "
+            f"{a.iops:>9.0f} | {b.iops:>9.0f} | {_ratio(a.iops, b.iops):>6} | "
+            f"{f'{a.p50:.0f}/{b.p50:.0f}':>17} | {f'{a.p99:.0f}/{b.p99:.0f}':>17} |"
+        )
+    return "\n".join(lines)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if shutil.which("qemu-storage-daemon") is None:
+        print("qemu-storage-daemon is not installed (Debian: qemu-system-common)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="blkbench-", dir=args.dir) as d:
+        workdir = Path(d)
+        image = workdir / "disk.raw"
+        # A fully allocated image so neither side pays for filling holes.
+        with open(image, "wb") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(args.size_mb):
+                f.write(chunk)
+        print(f"(b) Linux kit in QEMU TCG, -smp {args.smp}, vhost-user-blk num-queues={args.queues}, "
+              f"raw {args.size_mb} MiB image, cache.direct=on, {args.seconds:g} s per workload")
+        ours = await run_one("appliance", image, workdir, args)
+        qemu = await run_one("qsd", image, workdir, args)
+    print()
+    print(table(ours, qemu))
+    print()
+    print("(a) test guest on our vCPUs vs QEMU KVM: TODO (needs `appliance run` with the test guest's "
+          "`blk bench`)")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--queues", type=int, default=1)
+    ap.add_argument("--dir", default=None, help="where to put the image (default: $TMPDIR)")
+    return asyncio.run(main_async(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
