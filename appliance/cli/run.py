@@ -48,8 +48,10 @@ class RunArgs:
     no_reboot: bool = False
     machine_type: str = "q35"
     verbose: int = 0
-    # Options registered by other packages keep their raw values here.
+    # Options registered by other packages keep their raw values here, and
+    # put the devices they make (DeviceSpec objects) in ``devices``.
     extra: dict[str, list[str]] = field(default_factory=dict)
+    devices: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,7 @@ def to_config(args: RunArgs) -> MachineConfig:
         serial=serial,
         no_reboot=args.no_reboot,
         machine_type=args.machine_type,  # type: ignore[arg-type]
+        devices=list(args.devices),
     )
 
 

@@ -105,6 +105,7 @@ class MachineBuilder:
             vm.set_memory(memory)
             inst = self._attach_platform(vm, memory, plan)
             self.attach_pci(inst)
+            self.attach_devices(inst)
             for index in range(cfg.num_cpus):
                 vcpu = Vcpu(vm, index)
                 inst.vcpus.append(vcpu)
@@ -159,6 +160,11 @@ class MachineBuilder:
         self.register_config_ports(inst, pci)
         inst.pci = pci
         inst.closers.append(pci.close)
+
+    def attach_devices(self, inst: Instance) -> None:
+        """Plug in every :class:`~appliance.machine.config.DeviceSpec` of the config."""
+        for spec in self.config.devices:
+            spec.attach(self, inst)
 
     @staticmethod
     def register_config_ports(inst: Instance, device: BusDevice) -> None:

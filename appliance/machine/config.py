@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from appliance.errors import ConfigError
 from appliance.kvm import layout
+
+if TYPE_CHECKING:
+    from appliance.machine.builder import Instance, MachineBuilder
 
 MIN_MEM = 2 * layout.MiB
 DEFAULT_MEM = 128 * layout.MiB
@@ -68,6 +71,19 @@ class ChardevConfig:
                 raise ConfigError(f"chardev '{self.id or 'socket'}': port {self.port} is out of range")
 
 
+@runtime_checkable
+class DeviceSpec(Protocol):
+    """A device to plug into the machine, contributed by another package (disk, NIC…).
+
+    ``open()`` runs once when the machine starts (open backends, taps, files),
+    ``attach()`` on every boot (a reset rebuilds the VM), ``close()`` once at
+    the end. ``open``/``close`` may be coroutines or plain functions; any of
+    the three may be omitted except ``attach``.
+    """
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None: ...
+
+
 @dataclass(slots=True)
 class MachineConfig:
     """A whole machine.
@@ -86,6 +102,7 @@ class MachineConfig:
     serial: ChardevConfig | None = None
     no_reboot: bool = False
     machine_type: Literal["q35", "pc", "microvm"] = "q35"
+    devices: list[Any] = field(default_factory=list)   # DeviceSpec objects
     # Where to tell the user about things that are not errors (PVM warning).
     warnings: list[str] = field(default_factory=list)
 

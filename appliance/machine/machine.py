@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
 import threading
 from typing import Any
@@ -32,6 +33,14 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+
+
+async def _maybe_await(fn: Any) -> None:
+    if fn is None:
+        return
+    result = fn()
+    if inspect.isawaitable(result):
+        await result
 
 
 class Runstate(enum.Enum):
@@ -98,6 +107,8 @@ class Machine:
                 self._kvm = Kvm()
             self._builder = MachineBuilder(self.config, self._kvm, self.console, self.post_event)
             await self.console.start(self._loop)
+            for spec in self.config.devices:
+                await _maybe_await(getattr(spec, "open", None))
             self._boot()
         except BaseException:
             self.runstate = Runstate.STOPPING
@@ -221,6 +232,11 @@ class Machine:
 
     async def _finish(self, code: int, reason: str) -> None:
         await self._teardown()
+        for spec in self.config.devices:
+            try:
+                await _maybe_await(getattr(spec, "close", None))
+            except Exception:
+                log.exception("closing device %r failed", spec)
         await self.console.close()
         if self._own_kvm and self._kvm is not None:
             self._kvm.close()

@@ -77,3 +77,28 @@ async def test_unloadable_kernel_fails_start_with_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError):
         await vm.start()
     assert vm.runstate is Runstate.STOPPED
+
+
+class CountingDevice:
+    """A DeviceSpec that records its lifecycle calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def open(self) -> None:
+        self.calls.append("open")
+
+    def attach(self, builder: object, inst: object) -> None:
+        self.calls.append("attach")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+async def test_device_specs_open_once_attach_every_boot_close_once(tiny_elf: Path) -> None:
+    dev = CountingDevice()
+    async with Machine(MachineConfig(kernel=tiny_elf, devices=[dev])) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        vm.reset()
+        await vm.console.expect("TINY-READY", timeout=10)
+    assert dev.calls == ["open", "attach", "attach", "close"]
