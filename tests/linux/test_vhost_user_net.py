@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from appliance.kit.tcg import TcgGuest
-from appliance.net.netdev import TapNetdev, open_netdev
+from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev
 from appliance.nic.virtio_net import VirtioNet
 from appliance.virtio.vhost_user.backend import VhostUserBackend
 from appliance.virtio.vhost_user.server import VhostUserServer
@@ -23,9 +23,13 @@ pytestmark = [needs_root, needs_qemu]
 
 
 @contextlib.asynccontextmanager
-async def daemon(ns: str, sock: Path, ifname: str, queues: int = 1) -> AsyncIterator[VirtioNet]:
+async def daemon(
+    ns: str, sock: Path, ifname: str, queues: int = 1, netdev: NetdevConfig | None = None
+) -> AsyncIterator[VirtioNet]:
+    """Our net-daemon, in this process: a vhost-user-net export of a tap made inside ``ns``."""
+    cfg = netdev or TapNetdev("n0", ifname=ifname, queues=queues)
     with inside(ns):
-        backends, tap = await open_netdev(TapNetdev("n0", ifname=ifname, queues=queues), queues=queues)
+        backends, tap = await open_netdev(cfg, queues=queues)
     dev = VirtioNet(backends, bytes.fromhex("525400123456"), control_queue=False)
     server = VhostUserServer(sock, VhostUserBackend(dev))
     await server.start()
