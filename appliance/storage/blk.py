@@ -187,7 +187,8 @@ class VirtioBlk(VirtioDevice):
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        """Requests handed to the backend and not yet completed, all queues."""
+        return sum(s["in_flight"] for s in self.stats)
 
     # -- the data path -------------------------------------------------------
 

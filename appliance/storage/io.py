@@ -11,13 +11,15 @@ engine for its data clusters.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import mmap
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -29,23 +31,133 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_pool: ThreadPoolExecutor | None = None
+class IoPool:
+    """A bounded pool of I/O threads whose completions reach the loop in batches.
+
+    ``loop.run_in_executor`` costs a ``call_soon_threadsafe`` (a self-pipe
+    write and a loop wake-up) per job; at queue depth 32 that dominated a
+    4 KiB write (45 us against 17 us here). Workers append results to a
+    deque and write the pool's eventfd only when the loop has not been told
+    yet, so one wake-up completes every job finished meanwhile. Threads are
+    started on demand, up to ``workers``.
+
+    The pool delivers through the first live loop that used it; a job from
+    another loop falls back to ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, workers: int = DEFAULT_WORKERS) -> None:
+        self._max = workers
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._done: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
+            collections.deque()
+        )
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._signalled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if self._loop is loop:
+            return True
+        if self._loop is None or self._loop.is_closed():
+            loop.add_reader(self._efd, self._drain)
+            self._loop = loop
+            return True
+        return False
+
+    def _drain(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        # Reset before draining: a worker that appends after this point sees
+        # False and signals again; one that appended before is drained below.
+        self._signalled = False
+        done = self._done
+        while done:
+            fut, result, exc = done.popleft()
+            _complete(fut, result, exc)
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                return
+            fut, fn, args, local = job
+            result: Any = None
+            exc: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as err:  # delivered to the awaiting coroutine
+                exc = err
+            # Drop the arguments before the waiter can resume: they are often
+            # views of guest RAM, and an mmap cannot be closed (or unmapped by
+            # vhost-user) while any view of it lives.
+            del job, fn, args
+            if local:
+                self._done.append((fut, result, exc))
+                if not self._signalled:
+                    self._signalled = True
+                    os.eventfd_write(self._efd, 1)
+            else:
+                try:
+                    fut.get_loop().call_soon_threadsafe(_complete, fut, result, exc)
+                except RuntimeError:
+                    pass  # that loop is closed; nobody waits any more
+            del fut, result, exc
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on a pool thread and await its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fut, fn, args, self._bind(loop)))
+        if self._idle == 0 and len(self._threads) < self._max:
+            t = threading.Thread(target=self._worker, name="blk-io", daemon=True)
+            self._threads.append(t)
+            t.start()
+        return await fut
+
+    def shutdown(self) -> None:
+        """Stop the threads once queued jobs are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._efd)
+        self._loop = None
 
 
-def io_pool() -> ThreadPoolExecutor:
+_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[object, ...], bool]
+
+
+def _complete(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+_pool: IoPool | None = None
+
+
+def io_pool() -> IoPool:
     """The process-wide pool for blocking block I/O (created on first use)."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=DEFAULT_WORKERS, thread_name_prefix="blk-io")
+        _pool = IoPool()
     return _pool
 
 
-async def run_blocking(
-    fn: Callable[..., T], *args: object, pool: ThreadPoolExecutor | None = None
-) -> T:
+async def run_blocking(fn: Callable[..., T], *args: object, pool: IoPool | None = None) -> T:
     """Run ``fn(*args)`` in the I/O pool and await its result."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(pool or io_pool(), fn, *args)
+    return await (pool or io_pool()).run(fn, *args)
 
 
 def total_len(bufs: Sequence[memoryview]) -> int:

@@ -28,7 +28,6 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from appliance.errors import ConfigError
@@ -88,7 +87,7 @@ class RawBackend:
         discard: str = "ignore",
         aio: str = "threads",
         locking: bool = True,
-        pool: ThreadPoolExecutor | None = None,
+        pool: io.IoPool | None = None,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ConfigError(f"cache={cache} is not one of {', '.join(CACHE_MODES)}")

@@ -190,7 +190,7 @@ async def test_indirect_chains_carry_requests(backend: BlockBackend) -> None:
     assert q.used() == [(head, 20 * 512 + 1)]
 
 
-async def test_many_requests_in_flight_complete_with_few_interrupts(backend: BlockBackend) -> None:
+async def test_many_requests_in_flight_all_complete(backend: BlockBackend) -> None:
     rig = BlkRig(backend, queue_size=256, mem_size=16 << 20)
     n = 64
     heads = [rig.submit(VIRTIO_BLK_T_OUT, i * 8, payload=pattern(4096, i), kick=False) for i in range(n)]
@@ -199,10 +199,21 @@ async def test_many_requests_in_flight_complete_with_few_interrupts(backend: Blo
     used = rig.drv.queues[0].used()
     assert sorted(h for h, _ in used) == sorted(h for h, _, _ in heads)
     assert all(rig.mem.read(st, 1) == b"\0" for _, _, st in heads)
-    assert rig.drv.interrupts[0].count < n
+    await asyncio.sleep(0.01)  # the batch interrupt is raised a loop turn later
+    assert 1 <= rig.drv.interrupts[0].count <= n
     for i in (0, 17, 63):
         assert await read_back(backend, i * 4096, 4096) == pattern(4096, i)
     assert rig.dev.in_flight == 0
+
+
+async def test_completions_in_one_loop_turn_raise_one_interrupt() -> None:
+    rig = BlkRig(MemoryBackend(DISK_SIZE), queue_size=256)
+    for i in range(32):
+        rig.submit(VIRTIO_BLK_T_IN, i, read_len=512, kick=False)
+    rig.drv.kick(0)
+    await rig.drv.wait_used(0, 32)
+    await asyncio.sleep(0.01)
+    assert rig.drv.interrupts[0].count == 1
 
 
 async def test_multiqueue_each_queue_carries_io(backend: BlockBackend) -> None:
