@@ -288,3 +288,18 @@ async def test_server_close_removes_socket(tmp_path: Path) -> None:
         s.connect(str(path))
         s.close()
     assert not path.exists()
+
+
+class _BrokenConfigDevice(UpperDevice):
+    def read_config(self, offset: int, size: int) -> bytes:
+        raise RuntimeError("device bug")
+
+
+async def test_device_bug_in_a_request_is_answered_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "b.sock"
+    async with VhostUserServer(path, VhostUserBackend(_BrokenConfigDevice())) as server:
+        fe = await FrontEnd.connect(str(path))
+        assert await fe.call(p.Request.GET_CONFIG, p.config(0, 8)) == b""
+        assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+        assert server.backend.errors == 1
+        fe.close()

@@ -237,6 +237,13 @@ class VhostUserBackend:
             self.errors += 1
             log.warning("vhost-user request %s failed: %s", _name(header.request), err)
             reply, status = None, 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A device bug (config access, activate) must not take the server down.
+            self.errors += 1
+            log.exception("vhost-user request %s failed in the device", _name(header.request))
+            reply, status = None, 1
         finally:
             for fd in fds:
                 _close(fd)

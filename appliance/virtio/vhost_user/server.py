@@ -96,12 +96,20 @@ class VhostUserServer:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as err:
+                # Out of fds or similar: wait for it to pass rather than stop serving.
+                log.warning("vhost-user accept failed: %s", err)
+                await asyncio.sleep(0.5)
+                continue
             conn.setblocking(False)
             self.connections += 1
             self._conn = conn
             try:
                 await self._session(conn)
+            except Exception:
+                log.exception("vhost-user session failed; waiting for the next front end")
             finally:
                 self._conn = None
                 conn.close()
@@ -113,7 +121,7 @@ class VhostUserServer:
             fds: list[int] = []
             try:
                 try:
-                    raw, truncated = await _recv(conn, p.HEADER_SIZE, fds, eof_ok=True)
+                    raw, truncated = await _recv(conn, p.HEADER_SIZE, fds)
                 except _Closed:
                     log.info("vhost-user front end disconnected")
                     return
@@ -161,13 +169,11 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(fd)
 
 
-async def _recv(
-    sock: socket.socket, n: int, fds: list[int], *, eof_ok: bool = False
-) -> tuple[bytes, bool]:
+async def _recv(sock: socket.socket, n: int, fds: list[int]) -> tuple[bytes, bool]:
     """Read exactly ``n`` bytes, collecting any fds into ``fds``.
 
     :returns: the bytes and whether ancillary data was truncated (too many fds).
-    :raises _Closed: on EOF (before the first byte only when ``eof_ok``).
+    :raises _Closed: on EOF.
     """
     buf = bytearray()
     truncated = False
