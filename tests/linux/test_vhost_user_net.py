@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from appliance.kit.tcg import TcgGuest
 from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev
+from appliance.nic import constants as C
 from appliance.nic.virtio_net import VirtioNet
 from appliance.virtio.vhost_user.backend import VhostUserBackend
 from appliance.virtio.vhost_user.server import VhostUserServer
@@ -111,3 +116,52 @@ async def test_two_guests_on_one_bridge_move_100_mb_intact(tmp_path: Path) -> No
                 await b.poweroff()
             assert dev_b.stats[0].tx_bytes >= 100 * 1024 * 1024
             assert dev_a.stats[0].rx_bytes >= 100 * 1024 * 1024
+
+
+SINK = """
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5002)); s.listen(1); print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+OFFLOADS_OFF = ",csum=off,guest_csum=off,host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off,mrg_rxbuf=off"
+
+
+@pytest.mark.parametrize(
+    ("vnet_hdr", "props"),
+    [(True, ""), (True, OFFLOADS_OFF), (False, "")],
+    ids=["offloads-on", "offloads-off", "tap-without-vnet-hdr"],
+)
+async def test_guest_sends_20_mb_to_the_host_intact(tmp_path: Path, vnet_hdr: bool, props: str) -> None:
+    sock = tmp_path / "tx.sock"
+    with namespace() as ns:
+        cfg = TapNetdev("n0", ifname="vhtx0", vnet_hdr=vnet_hdr)
+        async with daemon(ns, sock, "vhtx0", netdev=cfg) as dev:
+            ns_exec(ns, "ip", "addr", "add", "10.94.0.1/24", "dev", "vhtx0")
+            sink = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", SINK, "10.94.0.1"],
+                stdout=subprocess.PIPE, text=True,
+            )
+            try:
+                assert sink.stdout is not None and sink.stdout.readline().strip() == "listening"
+                args = nic_args(sock, "52:54:00:12:34:58")
+                args[-1] += props
+                async with TcgGuest(args, machine="q35") as g:
+                    await g.run("ip link set eth0 up && ip addr add 10.94.0.2/24 dev eth0")
+                    await g.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=20 2>/dev/null", timeout=60)
+                    want = (await g.run("sha256sum /tmp/blob", timeout=60)).split()[0]
+                    await g.run("nc 10.94.0.1 5002 < /tmp/blob", timeout=120)
+                    n, got = (await asyncio.to_thread(sink.stdout.readline)).split()
+                    assert (int(n), got) == (20 << 20, want)
+                    # Offloads reach the guest only when the tap carries vnet headers.
+                    assert dev.has_feature(C.F_HOST_TSO4) == (vnet_hdr and not props)
+                    await g.poweroff()
+            finally:
+                sink.kill()
+                sink.wait()
