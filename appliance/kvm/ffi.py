@@ -12,11 +12,15 @@ packages add what they need here, additively.
 
 from __future__ import annotations
 
-import cffi
+import contextlib
+import hashlib
+import importlib.util
+import io
+import os
+from pathlib import Path
+from typing import Any
 
-ffi = cffi.FFI()
-ffi.cdef(
-    """
+CDEF = """
     struct kvm_regs {
         uint64_t rax, rbx, rcx, rdx;
         uint64_t rsi, rdi, rsp, rbp;
@@ -239,8 +243,46 @@ ffi.cdef(
             char padding[256];
         };
     };
+"""
+
+
+def _load_ffi() -> Any:
+    """The FFI for :data:`CDEF`, without parsing C at every start when possible.
+
+    Parsing the declarations (pycparser) costs tens of milliseconds of every
+    `appliance run`. cffi's out-of-line ABI mode serialises the parsed types
+    into a small Python module; we generate it once into ``__pycache__`` (keyed
+    by the declarations' hash) and import that. Where that directory is not
+    writable, we parse in-line as before.
     """
-)
+    digest = hashlib.sha256(CDEF.encode()).hexdigest()[:16]
+    cache = Path(__file__).resolve().parent / "__pycache__" / f"kvm_abi_{digest}.py"
+    if not cache.exists():
+        try:
+            import cffi
+
+            builder = cffi.FFI()
+            builder.cdef(CDEF)
+            builder.set_source(f"kvm_abi_{digest}", None)
+            cache.parent.mkdir(exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            with contextlib.redirect_stdout(io.StringIO()):   # cffi says "generating …"
+                builder.emit_python_code(str(tmp))
+            os.replace(tmp, cache)
+        except Exception:
+            import cffi
+
+            inline = cffi.FFI()
+            inline.cdef(CDEF)
+            return inline
+    spec = importlib.util.spec_from_file_location(f"appliance.kvm._kvm_abi_{digest}", cache)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ffi
+
+
+ffi = _load_ffi()
 
 # --- ioctl numbers (include/uapi/asm-generic/ioctl.h) --------------------------
 
@@ -370,6 +412,6 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
-def new(ctype: str, init: object = None) -> object:
+def new(ctype: str, init: object = None) -> Any:
     """``ffi.new`` with the type spelled once (``new("struct kvm_regs *")``)."""
     return ffi.new(ctype, init)
