@@ -49,6 +49,8 @@ kinds = st.sampled_from(
 
 
 class HostileDriver(RuleBasedStateMachine):
+    event_idx = False
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
@@ -64,7 +66,7 @@ class HostileDriver(RuleBasedStateMachine):
         self.resets += 1
 
     def _new_driver(self) -> None:
-        self.drv = FakeDriver(self.dev, mem=self.mem, queue_size=QSIZE)
+        self.drv = FakeDriver(self.dev, mem=self.mem, queue_size=QSIZE, event_idx=self.event_idx)
         self.q = self.drv.queues[0]
 
         async def activate() -> None:
@@ -109,6 +111,11 @@ class HostileDriver(RuleBasedStateMachine):
     @rule(delta=st.integers(1, 2 * QSIZE))
     def move_avail_index(self, delta: int) -> None:
         self.q.set_avail_idx(self.q.next_avail + delta)
+
+    @rule(value=st.integers(0, 0xFFFF), no_interrupt=st.booleans())
+    def suppress_interrupts(self, value: int, no_interrupt: bool) -> None:
+        self.q.set_used_event(value)
+        self.q.set_no_interrupt(no_interrupt)
 
     @rule()
     def kick(self) -> None:
@@ -158,16 +165,23 @@ class HostileDriver(RuleBasedStateMachine):
             self.loop.close()
 
     def _new_driver_sync(self) -> None:
-        self.drv = FakeDriver(self.dev, mem=self.mem, queue_size=QSIZE)
+        self.drv = FakeDriver(self.dev, mem=self.mem, queue_size=QSIZE, event_idx=self.event_idx)
         self.q = self.drv.queues[0]
         self.drv.activate()
 
 
-HostileDriver.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
+class HostileDriverEventIdx(HostileDriver):
+    event_idx = True
+
+
+_settings = settings(
+    max_examples=50, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+HostileDriver.TestCase.settings = _settings
+HostileDriverEventIdx.TestCase.settings = _settings
 TestHostileDriver = HostileDriver.TestCase
+TestHostileDriverEventIdx = HostileDriverEventIdx.TestCase
 
 
 def _chain(parts: list[tuple[bytes, bool]]) -> DescriptorChain:

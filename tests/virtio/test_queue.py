@@ -283,3 +283,15 @@ def test_closed_queue_pops_nothing(mem: GuestMemory) -> None:
     vq.close()
     assert vq.pop() is None
     assert not vq.has_available()
+
+
+def test_guest_error_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from appliance.virtio.queue import RateLimitedLog
+
+    limited = RateLimitedLog(logging.getLogger("test.ratelimit"), burst=3, period=60)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for i in range(100):
+            limited.warning("bad thing %d", i)
+    assert len(caplog.records) == 3
