@@ -25,7 +25,7 @@ from pathlib import Path
 from appliance.cli.options import parse_option, parse_size
 from appliance.errors import ConfigError
 from appliance.kvm import layout
-from appliance.machine.config import ChardevConfig, MachineConfig
+from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def _mem(a: RunArgs, v: str) -> None:
     size = opts.require("size")
     opts.finish()
     a.mem_size = parse_size(size, "-m", default_suffix="M")
+    if a.mem_size < MIN_MEM:
+        raise ConfigError(f"-m {size}: guest memory must be at least {MIN_MEM >> 20} MiB")
 
 
 @option("-smp", "[cpus=]n[,cores=,threads=,sockets=,maxcpus=]", "number of vCPUs and their topology")
