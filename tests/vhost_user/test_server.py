@@ -66,7 +66,7 @@ async def test_negotiation_offers_protocol_features_mq_and_config(served) -> Non
     proto = int.from_bytes(await fe.call(p.Request.GET_PROTOCOL_FEATURES), "little")
     for bit in (p.ProtocolFeature.MQ, p.ProtocolFeature.REPLY_ACK, p.ProtocolFeature.CONFIG):
         assert proto >> bit & 1
-    assert not proto >> p.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
+    assert not proto >> p.ProtocolFeature.LOG_SHMFD & 1  # no migration support
     fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(proto))
     assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
     body = await fe.call(p.Request.GET_CONFIG, p.config(0, 8))
@@ -303,3 +303,43 @@ async def test_device_bug_in_a_request_is_answered_not_fatal(tmp_path: Path) -> 
         assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
         assert server.backend.errors == 1
         fe.close()
+
+
+async def test_memory_regions_added_and_removed_one_at_a_time(served) -> None:  # type: ignore[no-untyped-def]
+    """CONFIGURE_MEM_SLOTS: ADD_MEM_REG builds the table, REM_MEM_REG shrinks it.
+
+    Guest RAM is split into two regions of the same memfd; a buffer that
+    straddles the boundary still works, and removing the second region leaves
+    rings in the first one running.
+    """
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    proto = int.from_bytes(await fe.call(p.Request.GET_PROTOCOL_FEATURES), "little")
+    assert proto >> p.ProtocolFeature.CONFIGURE_MEM_SLOTS & 1
+    fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(proto))
+    assert int.from_bytes(await fe.call(p.Request.GET_MAX_MEM_SLOTS), "little") >= 8
+    offered = int.from_bytes(await fe.call(p.Request.GET_FEATURES), "little")
+    assert await fe.acked(p.Request.SET_FEATURES, p.u64(offered & ~(1 << 29))) == 0
+    half = fe.region.size // 2
+    lo = p.MemRegion(fe.region.guest_addr, half, fe.region.user_addr, 0)
+    hi = p.MemRegion(fe.region.guest_addr + half, half, fe.region.user_addr + half, half)
+    assert await fe.acked(p.Request.ADD_MEM_REG, p.mem_region(lo), [fe.memfd]) == 0
+    assert await fe.acked(p.Request.ADD_MEM_REG, p.mem_region(hi), [fe.memfd]) == 0
+    assert await fe.acked(p.Request.ADD_MEM_REG, p.mem_region(hi), [fe.memfd]) != 0  # overlaps
+    assert len(server.backend.memory.regions) == 2
+    q = await fe.start_ring(0)
+    # A request whose buffers straddle the boundary between the two regions.
+    src, dst = lo.guest_addr + half - 8, lo.guest_addr + half + 4096 - 4
+    fe.mem.write(src, b"straddling bytes")
+    head = q.add_chain([(src, 16, 0), (dst, 16, WRITE)])
+    fe.kick(0)
+    await fe.wait_call(0)
+    assert q.used() == [(head, 16)]
+    assert fe.mem.read(dst, 16) == b"STRADDLING BYTES"
+
+    assert await fe.acked(p.Request.REM_MEM_REG, p.mem_region(hi)) == 0
+    assert await fe.acked(p.Request.REM_MEM_REG, p.mem_region(hi)) != 0  # already gone
+    assert len(server.backend.memory.regions) == 1
+    assert server.backend.active_queues == (0,)
+    assert await _roundtrip(fe, 0, b"low region only") == b"LOW REGION ONLY"
+    fe.close()

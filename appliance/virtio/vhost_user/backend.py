@@ -40,14 +40,19 @@ from appliance.virtio.vhost_user.errors import MemoryMapError, ProtocolError
 
 log = logging.getLogger(__name__)
 
-# What we offer on top of the device's own needs. CONFIGURE_MEM_SLOTS,
-# INFLIGHT_SHMFD, LOG_SHMFD and BACKEND_REQ stay off: QEMU 7.2's vhost-user-blk
-# needs only CONFIG (it refuses to start without it) and MQ for num-queues > 1.
+# What we offer. QEMU 7.2's vhost-user-blk needs CONFIG (it refuses to start
+# without it) and MQ for num-queues > 1; CONFIGURE_MEM_SLOTS lets it add and
+# remove regions one at a time (more than 8, memory hotplug). INFLIGHT_SHMFD,
+# LOG_SHMFD and BACKEND_REQ stay off: no migration, no back-end-initiated messages.
 PROTOCOL_FEATURES = (
     (1 << p.ProtocolFeature.MQ)
     | (1 << p.ProtocolFeature.REPLY_ACK)
     | (1 << p.ProtocolFeature.CONFIG)
+    | (1 << p.ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
+
+# GET_MAX_MEM_SLOTS: how many regions ADD_MEM_REG may build up.
+MAX_MEM_SLOTS = 64
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7: split ring sizes are powers of two up to 32768.
 
@@ -323,6 +328,45 @@ class VhostUserBackend:
             unmap(old)
         await self._reconcile()
 
+    async def _replace_memory(self, new: GuestMemory, dropped: Sequence[MemoryRegion]) -> None:
+        """Swap in ``new`` (sharing surviving regions) and unmap ``dropped``."""
+        await self._deactivate()
+        self._c.mem = new
+        if dropped:
+            unmap(GuestMemory(dropped))
+        await self._reconcile()
+
+    async def _get_max_mem_slots(self, _v: object, _fds: list[int]) -> Reply:
+        return Reply(p.u64(MAX_MEM_SLOTS))
+
+    async def _add_mem_reg(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, p.MemRegion)
+        if len(fds) != 1:
+            raise ProtocolError(f"ADD_MEM_REG needs one fd, got {len(fds)}")
+        old = self._c.mem.regions if self._c.mem is not None else ()
+        if len(old) >= MAX_MEM_SLOTS:
+            raise ProtocolError(f"more than {MAX_MEM_SLOTS} memory regions")
+        added = map_regions([value], fds)
+        new = GuestMemory(old)
+        try:
+            new.add_region(added.regions[0])
+        except ValueError as err:
+            unmap(added)
+            raise MemoryMapError("memory regions overlap") from err
+        await self._replace_memory(new, ())
+
+    async def _rem_mem_reg(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, p.MemRegion)
+        # Matched by guest address, size and user address; the fd (if any) is ignored.
+        old = self._c.mem.regions if self._c.mem is not None else ()
+        gone = [
+            r for r in old
+            if r.start == value.guest_addr and r.size == value.size and r.user_addr == value.user_addr
+        ]
+        if not gone:
+            raise ProtocolError(f"no memory region at {value.guest_addr:#x} to remove")
+        await self._replace_memory(GuestMemory(r for r in old if r not in gone), gone)
+
     # -- rings ---------------------------------------------------------------
 
     def _ring(self, index: int) -> RingState:
@@ -595,9 +639,9 @@ _HANDLERS: dict[p.Request, _Handler] = {
     p.Request.SET_LOG_BASE: VhostUserBackend._refuse,
     p.Request.SET_LOG_FD: VhostUserBackend._refuse,
     p.Request.RESET_DEVICE: VhostUserBackend._reset_owner,
-    p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._refuse,
-    p.Request.ADD_MEM_REG: VhostUserBackend._refuse,
-    p.Request.REM_MEM_REG: VhostUserBackend._refuse,
+    p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
+    p.Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
+    p.Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
     p.Request.SET_STATUS: VhostUserBackend._refuse,
     p.Request.GET_STATUS: VhostUserBackend._refuse,
 }
