@@ -174,6 +174,10 @@ class Header:
         else:
             self.backing_file_offset = self.backing_file_size = 0
         struct.pack_into(">QI", out, 8, self.backing_file_offset, self.backing_file_size)
+        if len(out) > self.cluster_size and self.ext(EXT_FEATURE_TABLE) is not None:
+            # The feature name table is optional: small clusters may have no room for it.
+            self.set_ext(EXT_FEATURE_TABLE, None)
+            return self.serialize()
         if len(out) > self.cluster_size:
             raise Qcow2Error("header, extensions and backing file name do not fit in one cluster")
         return bytes(out)

@@ -54,8 +54,7 @@ async def fix_copied_flags(img: Qcow2Image) -> None:
         if want != e:
             img._l1[l1i] = want
             img._l1_dirty = True
-        if rc != 1:
-            continue
+        # Entries of shared tables are fixed too: only the active L1 reads the flag.
         t = await img._load_l2(off)
         changed = False
         for i in range(0, len(t), img._stride):
