@@ -313,18 +313,12 @@ class StorageDaemon:
 
 
 async def _open_qcow2(path: str, *, read_only: bool, cache: str) -> BlockBackend:
-    import appliance.qcow2 as qcow2
+    from pathlib import Path
 
-    opener = getattr(qcow2, "open_image", None)
-    if opener is not None:
-        result = opener(path, read_only=read_only, cache=cache)
-    else:
-        from appliance.qcow2.image import Qcow2Image
+    from appliance.qcow2 import open_image
 
-        result = Qcow2Image.open(path, read_only=read_only, cache=cache)
-    if asyncio.iscoroutine(result):
-        result = await result
-    return result  # type: ignore[no-any-return]
+    backend: BlockBackend = await open_image(Path(path), read_only=read_only, fmt="qcow2", cache=cache)
+    return backend
 
 
 def _make_device(e: ExportConfig, backend: BlockBackend) -> Any:
