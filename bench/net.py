@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""virtio-net benchmark, side by side with QEMU in one run (issue 5).
+
+(b) The Linux kit in QEMU TCG moves a TCP stream to and from a host inside a
+network namespace, once through our virtio-net (``appliance net-daemon`` over
+vhost-user on a tap) and once through QEMU's own virtio-net on the same kind
+of tap (``-netdev tap,vhost=off``). The guest CPU is emulated, so both sides
+pay the same guest cost; the ratio shows what our device path adds or saves.
+
+(a) (the test guest's ``net bench`` on ``appliance run`` vs QEMU + KVM) needs
+the test guest's virtio-net driver and is reported as not run until it exists.
+
+Run as root: ``.venv/bin/python bench/net.py [--mb 200] [--runs 3]``.
+The whole run happens inside a namespace this script creates and deletes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HOST_IP = "10.95.0.1"
+GUEST_IP = "10.95.0.2"
+TAP = "bnt0"
+
+
+async def host_sink(port: int) -> tuple[asyncio.AbstractServer, asyncio.Future[tuple[int, float]]]:
+    """Accept one connection and time it from first byte to EOF."""
+    done: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = 0
+        first = None
+        while True:
+            b = await r.read(1 << 20)
+            if not b:
+                break
+            if first is None:
+                first = time.perf_counter()
+            n += len(b)
+        w.close()
+        if not done.done():
+            done.set_result((n, time.perf_counter() - (first or time.perf_counter())))
+
+    server = await asyncio.start_server(handle, HOST_IP, port)
+    return server, done
+
+
+async def host_send(port: int, nbytes: int) -> float:
+    """Connect to the guest's listener and push ``nbytes``; returns seconds."""
+    for _ in range(100):
+        try:
+            r, w = await asyncio.open_connection(GUEST_IP, port)
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("guest listener never came up")
+    chunk = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < nbytes:
+        w.write(chunk)
+        await w.drain()
+        sent += len(chunk)
+    w.close()
+    await w.wait_closed()
+    await r.read()
+    return time.perf_counter() - t0
+
+
+async def one_run(kind: str, mb: int, tmp: Path) -> dict[str, float]:
+    from appliance.kit.tcg import TcgGuest
+    from appliance.net.netdev import TapNetdev, open_netdev
+    from appliance.nic.virtio_net import VirtioNet
+    from appliance.virtio.vhost_user.backend import VhostUserBackend
+    from appliance.virtio.vhost_user.server import VhostUserServer
+
+    mac = "52:54:00:be:ec:01"
+    server = None
+    tap = None
+    if kind == "appliance":
+        sock = tmp / f"bench-{uuid.uuid4().hex[:6]}.sock"
+        backends, tap = await open_netdev(TapNetdev("n0", ifname=TAP), queues=1)
+        dev = VirtioNet(backends, bytes.fromhex(mac.replace(":", "")), control_queue=False)
+        server = VhostUserServer(sock, VhostUserBackend(dev))
+        await server.start()
+        # vectors=0: see tests/linux/test_vhost_user_net.py (QEMU 7.2 TCG MSI-X crash).
+        args = ["-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
+                "-device", f"virtio-net-pci,netdev=n0,mac={mac},vectors=0"]
+    else:
+        subprocess.run(["ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"], check=True)
+        subprocess.run(["ip", "link", "set", TAP, "up"], check=True)
+        args = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
+                "-device", f"virtio-net-pci,netdev=n0,mac={mac}" + os.environ.get("QEMU_NIC_EXTRA", "")]
+    try:
+        subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP], check=True)
+        async with TcgGuest(args, machine="q35") as g:
+            await g.run(f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0")
+            # guest -> host
+            srv, done = await host_sink(5003)
+            await g.run(f"dd if=/dev/zero bs=1M count={mb} 2>/dev/null | nc {HOST_IP} 5003", timeout=600)
+            n, secs = await asyncio.wait_for(done, 60)
+            srv.close()
+            tx = n * 8 / secs / 1e9
+            # host -> guest
+            await g.write("nc -l -p 5004 > /dev/null; echo SINK-DONE\n")
+            secs = await host_send(5004, mb << 20)
+            await g.expect("SINK-DONE", 120)
+            rx = (mb << 20) * 8 / secs / 1e9
+            await g.poweroff()
+        return {"guest_to_host_gbps": tx, "host_to_guest_gbps": rx}
+    finally:
+        if server is not None:
+            await server.close()
+        if tap is not None:
+            await tap.close()
+        else:
+            subprocess.run(["ip", "link", "del", TAP], check=False, capture_output=True)
+
+
+async def inner(mb: int, runs: int) -> None:
+    tmp = Path("/tmp")
+    results: dict[str, list[dict[str, float]]] = {"appliance": [], "qemu": []}
+    for _ in range(runs):
+        for kind in ("appliance", "qemu"):
+            results[kind].append(await one_run(kind, mb, tmp))
+    print(f"\n(b) Linux kit in QEMU TCG, TCP through virtio-net, {mb} MiB, median of {runs}")
+    print(f"{'metric':<24}{'appliance':>12}{'qemu':>12}{'ratio':>8}")
+    for metric in ("guest_to_host_gbps", "host_to_guest_gbps"):
+        a = statistics.median(r[metric] for r in results["appliance"])
+        q = statistics.median(r[metric] for r in results["qemu"])
+        print(f"{metric:<24}{a:>12.3f}{q:>12.3f}{a / q:>8.2f}")
+    print("\n(a) test guest `net bench` on appliance run vs QEMU+KVM: not run "
+          "(the test guest has no virtio-net driver yet)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=int, default=200)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.inner:
+        asyncio.run(inner(a.mb, a.runs))
+        return 0
+    if os.geteuid() != 0:
+        print("bench/net.py needs root (it makes a network namespace)", file=sys.stderr)
+        return 2
+    ns = f"aplbench-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", "--mb", str(a.mb), "--runs", str(a.runs)]
+        ).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
