@@ -305,7 +305,11 @@ class Qcow2Image:
             if h.dirty and repair_dirty:
                 from appliance.qcow2.check import rebuild_refcounts
 
+                from appliance.qcow2.snapops import fix_copied_flags
+
                 await rebuild_refcounts(self)
+                await fix_copied_flags(self)
+                await self._flush_locked()
                 h.incompatible_features &= ~H.INCOMPAT_DIRTY
                 changed = True
             if changed:

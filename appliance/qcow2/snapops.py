@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from appliance.qcow2 import header as H
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.snapshot import Snapshot
 
@@ -80,6 +81,30 @@ async def fix_copied_flags(img: Qcow2Image) -> None:
             img._l2_dirty.add(off)
 
 
+async def _begin(img: Qcow2Image) -> None:
+    """Mark the image dirty for the span of a snapshot operation (v3 only).
+
+    Adding or dropping a snapshot changes refcounts and the COPIED flags of the
+    active tables in separate writes; no order makes every intermediate state
+    pass a strict check, so a crash in between must look like a lazy-refcount
+    crash: the dirty bit tells the next writable open to rebuild refcounts.
+    """
+    h = img.header
+    if h.version >= 3 and not h.dirty:
+        h.incompatible_features |= H.INCOMPAT_DIRTY
+        await img._write_header()
+        await img._sync()
+
+
+async def _end(img: Qcow2Image) -> None:
+    await img._flush_locked()
+    h = img.header
+    if h.dirty and not img._lazy_dirty:
+        h.incompatible_features &= ~H.INCOMPAT_DIRTY
+        await img._write_header()
+        await img._sync()
+
+
 async def _write_table(img: Qcow2Image, snaps: list[Snapshot]) -> None:
     """Write a new snapshot table and point the header at it; free the old one."""
     cs, cb = img._cs, img._cb
@@ -126,6 +151,7 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
     img._check_writable()
     async with img._lock:
         await img._flush_locked()
+        await _begin(img)
         if any(s.name == name for s in img.snapshots):
             raise Qcow2Error(f"a snapshot named '{name}' already exists")
         ids = [int(s.id) for s in img.snapshots if s.id.isdigit()]
@@ -144,7 +170,7 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
         await _write_table(img, img.snapshots + [snap])
         img._l2.clear()
         await fix_copied_flags(img)
-        await img._flush_locked()
+        await _end(img)
         img._build_meta_set()
     return snap
 
@@ -153,6 +179,7 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
     async with img._lock:
         await img._flush_locked()
+        await _begin(img)
         snap = find(img, name)
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
@@ -166,7 +193,7 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
             await img._update_refcount(c, -1)
         img._l2.clear()
         await fix_copied_flags(img)
-        await img._flush_locked()
+        await _end(img)
         img._build_meta_set()
 
 
@@ -174,6 +201,7 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
     async with img._lock:
         await img._flush_locked()
+        await _begin(img)
         snap = find(img, name)
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
@@ -202,6 +230,6 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
             await img._update_refcount(c, -1)
         img._l2.clear()
         await fix_copied_flags(img)
-        await img._flush_locked()
+        await _end(img)
         img._build_meta_set()
 
