@@ -89,6 +89,66 @@ class QueueStats:
     tx_dropped: int = 0
 
 
+class RxWindow:
+    """Receive buffers taken from the rx ring but not yet filled.
+
+    A frame's size is only known once it is read, so enough buffers for the
+    largest frame are kept ready, with their views in one flat list handed to
+    ``readv``. Chains a frame did not fill stay for the next one; only the
+    chains a frame used leave the window, so a small frame costs O(1) chain
+    moves however many buffers a 64 KiB frame needs (§5.1.6.4.2).
+    """
+
+    __slots__ = ("chains", "views", "room")
+
+    def __init__(self) -> None:
+        self.chains: deque[DescriptorChain] = deque()
+        self.views: list[memoryview] = []
+        self.room = 0
+
+    def fill(self, q: Virtqueue, want: int) -> bool:
+        """Take chains until ``want`` bytes fit; returns whether any buffer is ready."""
+        while self.room < want:
+            chain = q.pop()
+            if chain is None:
+                break
+            if chain.writable_len < C.HDR_LEN:
+                # Too small to hold even the header: hand it back unused.
+                q.push_used(chain.head, 0)
+                continue
+            self.chains.append(chain)
+            self.views.extend(chain.writable)
+            self.room += chain.writable_len
+        return bool(self.chains)
+
+    def count_chains(self, n: int) -> int:
+        """How many chains from the front an ``n``-byte frame filled."""
+        used = 0
+        for c in self.chains:
+            used += 1
+            n -= c.writable_len
+            if n <= 0:
+                break
+        return used
+
+    def consume(self, q: Virtqueue, used: int, n: int) -> None:
+        """Return the first ``used`` chains to the driver holding ``n`` bytes."""
+        nviews = 0
+        for _ in range(used):
+            c = self.chains.popleft()
+            take = min(n, c.writable_len)
+            q.push_used(c.head, take)
+            n -= take
+            nviews += len(c.writable)
+            self.room -= c.writable_len
+        del self.views[:nviews]
+
+    def clear(self) -> None:
+        self.chains.clear()
+        self.views.clear()
+        self.room = 0
+
+
 class RxFilter:
     """The receive filter the guest programs through CTRL_RX and CTRL_MAC (§5.1.6.5.1-2)."""
 
@@ -167,7 +227,7 @@ class VirtioNet(VirtioDevice):
         self._mem: GuestMemory | None = None
         self._queues: list[Virtqueue] = []
         self._irqs: list[Interrupt] = []
-        self._rx_spare: list[deque[DescriptorChain]] = []
+        self._rx_windows: list[RxWindow] = []
         self._active_pairs = 1
         self._usable_pairs = 1
         self._ctrl_index = 2
@@ -222,7 +282,7 @@ class VirtioNet(VirtioDevice):
         self._mem = mem
         self._queues = list(queues)
         self._irqs = list(interrupts)
-        self._rx_spare = [deque() for _ in range(self.pairs)]
+        self._rx_windows = [RxWindow() for _ in range(self.pairs)]
         # §5.1.2: without MQ the driver uses one pair and the control queue is queue 2.
         self._usable_pairs = self.pairs if self.has_feature(C.F_MQ) else 1
         self._ctrl_index = 2 * self._usable_pairs
@@ -244,7 +304,7 @@ class VirtioNet(VirtioDevice):
             q.close()
         self._queues = []
         self._irqs = []
-        self._rx_spare = []
+        self._rx_windows = []
         self._mem = None
         super().reset()
 
@@ -327,12 +387,6 @@ class VirtioNet(VirtioDevice):
 
     # -- receive ------------------------------------------------------------
 
-    def _take_rx_chain(self, pair: int) -> DescriptorChain | None:
-        spare = self._rx_spare[pair]
-        if spare:
-            return spare.popleft()
-        return self._queues[2 * pair].pop()
-
     def _rx(self, pair: int) -> None:
         if not self._queues or self.needs_reset:
             return
@@ -347,78 +401,51 @@ class VirtioNet(VirtioDevice):
         q = self._queues[2 * pair]
         backend = self.backends[pair]
         st = self.stats[pair]
+        win = self._rx_windows[pair]
         mergeable = self.has_feature(C.F_MRG_RXBUF)
-        spare = self._rx_spare[pair]
+        passthrough = self.passthrough_hdr
+        want = self._max_rx_frame if mergeable else 1
         delivered = False
         while True:
-            chains: list[DescriptorChain] = []
-            room = 0
-            while room < self._max_rx_frame:
-                chain = self._take_rx_chain(pair)
-                if chain is None:
-                    break
-                if chain.writable_len < C.HDR_LEN:
-                    # A buffer that cannot even hold the header: return it unused.
-                    st.rx_dropped += 1
-                    q.push_used(chain.head, 0)
-                    continue
-                chains.append(chain)
-                room += chain.writable_len
-                if not mergeable:
-                    break
-            if not chains:
-                # Out of buffers: pause the backend until the guest posts more.
-                if not q.enable_notification():
+            if not win.fill(q, want):
+                # Out of buffers: pause the backend until the guest posts more
+                # (re-checking after re-arming, as §2.7.10 asks).
+                if not q.enable_notification() or not win.fill(q, want):
                     backend.set_ready_callback(None)
                     break
-                continue
-            bufs: list[memoryview] = []
-            for c in chains:
-                bufs.extend(c.writable)
-            if self.passthrough_hdr:
+            if mergeable:
+                bufs = win.views
+                room = win.room
+            else:
+                bufs = win.chains[0].writable
+                room = win.chains[0].writable_len
+            if passthrough:
                 n = backend.recv_into(bufs)
-                frame_len = n - C.HDR_LEN
             else:
                 n = backend.recv_into(skip_bytes(bufs, C.HDR_LEN))
-                frame_len = n
                 if n >= 0:
                     n += C.HDR_LEN
             if n < 0:
-                spare.extendleft(reversed(chains))
                 break
-            if n > room or frame_len < 14:
-                # Larger than the posted buffers (or runt): the tail is lost,
-                # so the frame is dropped; the buffers are reused.
+            if n > room or n < C.HDR_LEN + 14:
+                # Larger than the posted buffers (or a runt): the tail is lost,
+                # so the frame is dropped and the buffers are reused.
                 st.rx_dropped += 1
-                spare.extendleft(reversed(chains))
                 continue
-            dst = gather(skip_bytes(bufs, C.HDR_LEN), 6)
-            if not self.filter.accepts(dst):
+            flt = self.filter
+            if not flt.promisc and not flt.accepts(gather(skip_bytes(bufs, C.HDR_LEN), 6)):
                 st.rx_filtered += 1
-                spare.extendleft(reversed(chains))
                 continue
-            # Hand out as many chains as the frame filled (§5.1.6.4.2).
-            used = 0
-            left = n
-            for c in chains:
-                take = min(left, c.writable_len)
-                left -= take
-                used += 1
-                if left == 0:
-                    break
-            if not self.passthrough_hdr:
-                scatter(chains[0].writable, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
+            used = win.count_chains(n)
+            first = win.chains[0]
+            if not passthrough:
+                scatter(first.writable, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
             elif mergeable:
                 # The tap wrote num_buffers = 0 or 1; only we know how many we used.
-                scatter(skip_bytes(chains[0].writable, 10), used.to_bytes(2, "little"))
-            left = n
-            for c in chains[:used]:
-                take = min(left, c.writable_len)
-                q.push_used(c.head, take)
-                left -= take
-            spare.extendleft(reversed(chains[used:]))
+                scatter(skip_bytes(first.writable, 10), used.to_bytes(2, "little"))
+            win.consume(q, used, n)
             st.rx_frames += 1
-            st.rx_bytes += frame_len
+            st.rx_bytes += n - C.HDR_LEN
             delivered = True
         if delivered:
             self._notify(2 * pair)
