@@ -90,10 +90,18 @@ async def make_raw_direct(tmp_path: Path, size: int, *, read_only: bool = False)
     return RawBackend(path, read_only=read_only, cache="none", discard="unmap")
 
 
+async def make_raw_native(tmp_path: Path, size: int, *, read_only: bool = False) -> BlockBackend:
+    path = tmp_path / "disk-native.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return RawBackend(path, read_only=read_only, cache="none", aio="native", discard="unmap")
+
+
 BACKENDS: dict[str, Factory] = {
     "memory": make_memory,
     "raw": make_raw,
     "raw-cache-none": make_raw_direct,
+    "raw-aio-native": make_raw_native,
 }
 
 

@@ -137,7 +137,8 @@ def test_directory_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "option", [{"cache": "sometimes"}, {"discard": "maybe"}, {"aio": "native"}]
+    "option",
+    [{"cache": "sometimes"}, {"discard": "maybe"}, {"aio": "io_uring"}, {"aio": "native"}],
 )
 def test_bad_option_values_are_config_errors(image: Path, option: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as info:
@@ -152,3 +153,50 @@ async def test_read_across_end_of_file_is_short(image: Path, cache: str) -> None
     assert await b.readv(SIZE - 4096, [memoryview(buf)]) == 4096
     await b.close()
     buf.close()
+
+
+async def test_aio_native_round_trips_aligned_and_unaligned_buffers(image: Path) -> None:
+    b = RawBackend(image, cache="none", aio="native")
+    ram = mmap.mmap(-1, 1 << 16)
+    view = memoryview(ram)
+    data = os.urandom(8192)
+    view[:8192] = data
+    # Aligned, two iovecs: kernel AIO. Then an odd address: the bounce path.
+    assert await b.writev(4096, [view[:4096], view[4096:8192]]) == 8192
+    assert b._aio is not None and b._aio.depth > 0  # went through kernel AIO
+    assert await b.writev(65536, [memoryview(b"z" * 512)]) == 512
+    out = view[16384 : 16384 + 8192]
+    assert await b.readv(4096, [out]) == 8192
+    assert bytes(out) == data
+    many = [view[32768 + i * 512 : 32768 + (i + 1) * 512] for i in range(64)]
+    assert await b.readv(0, many) == 64 * 512  # more iovecs than a slot holds
+    assert await read_back(b, 65536, 512) == b"z" * 512
+    del out, many
+    view.release()
+    await b.close()
+    ram.close()
+    assert image.read_bytes()[4096 : 4096 + 8192] == data
+
+
+async def test_aio_native_queues_beyond_its_depth(image: Path) -> None:
+    import asyncio
+
+    from appliance.storage.aio import IOCB_CMD_PREADV, LinuxAio
+
+    aio = LinuxAio(depth=4)
+    fd = os.open(image, os.O_RDONLY | os.O_DIRECT)
+    ram = mmap.mmap(-1, 32 * 4096)
+    views = [memoryview(ram)[i * 4096 : (i + 1) * 4096] for i in range(32)]
+    try:
+        got = await asyncio.gather(
+            *(aio.submit(IOCB_CMD_PREADV, fd, [v], i * 4096) for i, v in enumerate(views))
+        )
+        assert got == [4096] * 32
+        with pytest.raises(OSError):
+            await aio.submit(IOCB_CMD_PREADV, -1 & 0xFFFFFFFF, [views[0]], 0)
+    finally:
+        aio.close()
+        os.close(fd)
+        for v in views:
+            v.release()
+        ram.close()
