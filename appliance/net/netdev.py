@@ -25,7 +25,7 @@ MAX_TAP_QUEUES = 16
 
 
 def _check_id(what: str, ident: str) -> str:
-    if not _ID.match(ident):
+    if not _ID.match(ident) and not ident.startswith("__nic"):
         raise ConfigError(f"{what}: invalid id '{ident}'")
     return ident
 
@@ -118,12 +118,18 @@ NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
 TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
 
 
-def parse_netdev(text: str, option: str = "-netdev") -> NetdevConfig:
+def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
+    :param implicit_id: the id for a netdev made by ``-nic`` (which takes no
+        ``id=`` of its own); it may use names a user cannot.
     :raises ConfigError: naming the bad type, key or value.
     """
     opts = parse_option(option, text, implied="type")
+    if implicit_id is not None:
+        if "id" in opts:
+            raise ConfigError(f"{option}: invalid parameter 'id'")
+        opts["id"] = implicit_id
     kind = opts.take("type")
     if kind is None:
         raise ConfigError(f"{option}: netdev type is missing")

@@ -1,0 +1,65 @@
+"""NIC command-line options as QEMU spells them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.net.netdev import TapNetdev, UserNetdev
+from appliance.nic.config import FilterDumpConfig, NicConfig, default_mac, parse_nic
+
+
+def test_device_options() -> None:
+    cfg = NicConfig.parse_device(
+        "virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:cc,mq=on,vectors=10,host_mtu=9000,addr=0x5"
+    )
+    assert cfg == NicConfig("n0", mac=bytes.fromhex("525400aabbcc"), mq=True, vectors=10, host_mtu=9000, addr="0x5")
+
+
+def test_default_macs_follow_qemu() -> None:
+    assert default_mac(0).hex(":") == "52:54:00:12:34:56"
+    assert default_mac(1).hex(":") == "52:54:00:12:34:57"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("virtio-net-pci", "parameter 'netdev' is missing"),
+        ("virtio-net-pci,netdev=n,mac=zz:54:00:aa:bb:cc", "invalid MAC address 'zz:54:00:aa:bb:cc'"),
+        ("virtio-net-pci,netdev=n,mac=01:00:5e:00:00:01", "is multicast"),
+        ("virtio-net-pci,netdev=n,host_mtu=20", "'host_mtu' must be at least 68"),
+        ("virtio-net-pci,netdev=n,frob=1", "invalid parameter 'frob'"),
+        ("e1000,netdev=n", "'e1000' is not a NIC"),
+    ],
+)
+def test_bad_device_options(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NicConfig.parse_device(text)
+
+
+def test_nic_shorthand_makes_netdev_and_device() -> None:
+    nd, nic = parse_nic("tap,ifname=tap3,script=no,downscript=no,model=virtio-net-pci,mac=52:54:00:00:00:09", 0)
+    assert nd == TapNetdev("__nic0", ifname="tap3")
+    assert nic == NicConfig("__nic0", mac=bytes.fromhex("525400000009"))
+
+
+def test_nic_user_with_hostfwd() -> None:
+    nd, nic = parse_nic("user,hostfwd=tcp::2222-:22", 1)
+    assert isinstance(nd, UserNetdev) and nd.id == "__nic1" and nic is not None and nic.netdev == "__nic1"
+
+
+def test_nic_none_and_bad_model() -> None:
+    assert parse_nic("none", 0) == (None, None)
+    with pytest.raises(ConfigError, match="model 'e1000' is not supported"):
+        parse_nic("user,model=e1000", 0)
+
+
+def test_filter_dump() -> None:
+    cfg = FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0,file=/tmp/x.pcap,maxlen=128")
+    assert cfg == FilterDumpConfig("f0", "n0", Path("/tmp/x.pcap"), 128)
+    with pytest.raises(ConfigError, match="parameter 'file' is missing"):
+        FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0")
+    with pytest.raises(ConfigError, match="queue 'rx' is not supported"):
+        FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0,file=x,queue=rx")
