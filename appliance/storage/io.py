@@ -136,7 +136,9 @@ _Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[object, ...], bool
 
 
 def _complete(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if fut.cancelled():
+    # A job can outlive the loop that awaited it (a test's loop closed
+    # mid-flight); nobody is left to tell.
+    if fut.done() or fut.get_loop().is_closed():
         return
     if exc is None:
         fut.set_result(result)

@@ -279,8 +279,10 @@ class RawBackend:
         loop = asyncio.get_running_loop()
         if aio is not None and aio.loop is loop and not aio.closed:
             return aio
-        if aio is not None and not aio.loop.is_closed():
-            return None  # in use by another live loop
+        if aio is not None:
+            if not aio.loop.is_closed():
+                return None  # in use by another live loop
+            aio.close()
         try:
             self._aio = LinuxAio()
         except AioUnavailable:
