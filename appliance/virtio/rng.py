@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from appliance.errors import ConfigError
 from appliance.kvm.memory import GuestMemory
 from appliance.virtio.device import Interrupt, VirtioDevice
 from appliance.virtio.errors import QueueError
@@ -37,6 +38,7 @@ class VirtioRng(VirtioDevice):
     """Entropy device.
 
     :param filename: the entropy source (``rng-random,filename=``).
+    :raises ConfigError: When it cannot be opened.
     """
 
     device_id = VIRTIO_ID_ENTROPY
@@ -45,16 +47,14 @@ class VirtioRng(VirtioDevice):
     def __init__(self, filename: str = "/dev/urandom") -> None:
         super().__init__()
         self.filename = filename
-        self._fd = -1
+        try:
+            self._fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            raise ConfigError(f"rng-random: cannot open {filename}: {err.strerror}") from None
         self._queue: Virtqueue | None = None
         self._irq: Interrupt | None = None
         self.bytes_served = 0
         self.requests = 0
-
-    def _source(self) -> int:
-        if self._fd < 0:
-            self._fd = os.open(self.filename, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        return self._fd
 
     def activate(
         self, mem: GuestMemory, queues: Sequence[Virtqueue], interrupts: Sequence[Interrupt]
@@ -85,7 +85,7 @@ class VirtioRng(VirtioDevice):
         if not views:
             return 0
         try:
-            return os.readv(self._source(), views)
+            return os.readv(self._fd, views)
         except BlockingIOError:
             # /dev/random can run dry; an empty answer tells the driver to retry.
             return 0

@@ -57,3 +57,13 @@ def test_broken_ring_sets_needs_reset() -> None:
     drv.kick(0)
     assert rng.needs_reset and resets == [1]
     rng.close()
+
+
+def test_missing_source_is_a_config_error(tmp_path) -> None:
+    import pytest
+
+    from appliance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        VirtioRng(str(tmp_path / "nope"))
+    assert "nope" in str(info.value)
