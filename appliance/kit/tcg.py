@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import re
 import secrets
 import shutil
 from pathlib import Path
-from types import TracebackType
 
 from appliance.kit.build import KitPaths, build, paths
-from appliance.kit.errors import TcgCommandError, TcgError, TcgTimeout
+from appliance.kit.console import ConsoleProcess
+from appliance.kit.errors import TcgCommandError, TcgError
 from appliance.kit.initramfs import READY_LINE
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_MACHINE = "microvm,pcie=on"
-TAIL = 3000  # characters of console output quoted in errors
 
 
 def host_tsc_khz() -> int | None:
@@ -54,7 +52,7 @@ def host_tsc_khz() -> int | None:
     return None
 
 
-class TcgGuest:
+class TcgGuest(ConsoleProcess):
     """A QEMU TCG VM running the Linux kit, driven through its serial console.
 
     ::
@@ -91,6 +89,7 @@ class TcgGuest:
         console_log: Path | None = None,
         kit: KitPaths | None = None,
     ) -> None:
+        super().__init__(console_log=console_log)
         self.extra_args = list(extra_args or [])
         self.memory_mb = memory_mb
         self.smp = smp
@@ -99,22 +98,13 @@ class TcgGuest:
         self.machine = machine
         self.boot_timeout = boot_timeout
         self.wait_ready = wait_ready
-        self.console_log = console_log
         self.kit = kit
-        self.proc: asyncio.subprocess.Process | None = None
-        self._buf = ""
-        self._pos = 0
-        self._changed = asyncio.Event()
-        self._eof = False
-        self._reader: asyncio.Task[None] | None = None
-        self._stderr_task: asyncio.Task[bytes] | None = None
-        self._log: object | None = None
         self._counter = itertools.count(1)
         self._shell_ready = False
 
     # -- lifecycle ---------------------------------------------------------
 
-    def argv(self, kit: KitPaths) -> list[str]:
+    def qemu_argv(self, kit: KitPaths) -> list[str]:
         """The QEMU command line this guest runs."""
         words = ["console=ttyS0 quiet panic=-1"]
         khz = host_tsc_khz() if self.machine.startswith("microvm") else None
@@ -143,138 +133,14 @@ class TcgGuest:
             kit = paths()
             if not (kit.bzimage.exists() and kit.initramfs.exists()):
                 kit = await asyncio.to_thread(build, guest=False)
-        if self.console_log is not None:
-            self._log = open(self.console_log, "w", encoding="utf-8")  # noqa: SIM115
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv(kit),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        self._reader = asyncio.create_task(self._read_console())
-        assert self.proc.stderr is not None
-        self._stderr_task = asyncio.create_task(self.proc.stderr.read())
+        await self.spawn(self.qemu_argv(kit))
         if self.wait_ready:
             await self.expect(re.escape(READY_LINE), self.boot_timeout)
-
-    async def __aenter__(self) -> TcgGuest:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Stop QEMU if it still runs (SIGTERM, then SIGKILL) and release everything."""
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        for task in (self._reader, self._stderr_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._log is not None:
-            self._log.close()  # type: ignore[attr-defined]
-            self._log = None
-
-    async def wait(self, timeout: float = 30.0) -> int:
-        """Wait for QEMU to exit; returns its exit status."""
-        assert self.proc is not None
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            raise TcgTimeout(f"QEMU still running after {timeout:g} s{self._tail()}") from None
 
     async def poweroff(self, timeout: float = 30.0) -> int:
         """Power the guest off from its shell; returns QEMU's exit status (0 on success)."""
         await self.write("sync; poweroff -f\n")
         return await self.wait(timeout)
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.returncode
-
-    # -- console -----------------------------------------------------------
-
-    @property
-    def output(self) -> str:
-        """Everything the console printed so far (``\\r`` removed)."""
-        return self._buf
-
-    async def _read_console(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        try:
-            while chunk := await self.proc.stdout.read(65536):
-                text = chunk.decode("utf-8", "replace").replace("\r", "")
-                self._buf += text
-                if self._log is not None:
-                    self._log.write(text)  # type: ignore[attr-defined]
-                    self._log.flush()  # type: ignore[attr-defined]
-                self._changed.set()
-        finally:
-            self._eof = True
-            self._changed.set()
-
-    def _tail(self) -> str:
-        stderr = ""
-        if self._stderr_task is not None and self._stderr_task.done() and not self._stderr_task.cancelled():
-            with contextlib.suppress(Exception):
-                stderr = self._stderr_task.result().decode("utf-8", "replace").strip()
-        text = f"\n--- console (last {TAIL} chars) ---\n{self._buf[-TAIL:]}"
-        if stderr:
-            text += f"\n--- qemu stderr ---\n{stderr[-TAIL:]}"
-        return text
-
-    async def expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
-        """Wait until ``pattern`` appears in console output after the cursor.
-
-        The cursor moves past the match, so consecutive calls see consecutive output.
-
-        :raises TcgTimeout: When the text does not appear in ``timeout`` seconds.
-        :raises TcgError: When QEMU exits first.
-        """
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            m = rx.search(self._buf, self._pos)
-            if m is not None:
-                self._pos = m.end()
-                return m
-            if self._eof:
-                if self._stderr_task is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.shield(self._stderr_task), 2)
-                raise TcgError(f"QEMU exited before {rx.pattern!r} appeared{self._tail()}")
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TcgTimeout(f"{rx.pattern!r} did not appear within {timeout:g} s{self._tail()}")
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-
-    async def write(self, text: str) -> None:
-        """Type ``text`` on the guest's console."""
-        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
-            raise TcgError(f"QEMU is not running{self._tail()}")
-        self.proc.stdin.write(text.encode())
-        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
-            await self.proc.stdin.drain()
 
     # -- shell -------------------------------------------------------------
 
@@ -310,7 +176,7 @@ class TcgGuest:
         status = int(end.group(1))
         if check and status != 0:
             raise TcgCommandError(
-                f"guest command {cmd!r} exited with status {status}:\n{output[-TAIL:]}",
+                f"guest command {cmd!r} exited with status {status}:\n{output[-3000:]}",
                 status=status, output=output,
             )
         return output
