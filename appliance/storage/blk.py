@@ -193,16 +193,18 @@ class VirtioBlk(VirtioDevice):
     # -- the data path -------------------------------------------------------
 
     def queue_notify(self, index: int) -> None:
+        """Drain queue ``index``; must run on the event loop (requests become tasks)."""
         if self.needs_reset or index >= len(self._queues):
             return
         q = self._queues[index]
         if q is None:
             return
         limits = self.limits()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 while (chain := q.pop()) is not None:
-                    self._start(index, q, chain, limits)
+                    self._start(index, q, chain, limits, loop)
                 if not q.enable_notification():
                     break
         except QueueError as err:
@@ -210,7 +212,14 @@ class VirtioBlk(VirtioDevice):
             return
         self._signal(index)
 
-    def _start(self, qi: int, q: Virtqueue, chain: DescriptorChain, limits: BlkLimits) -> None:
+    def _start(
+        self,
+        qi: int,
+        q: Virtqueue,
+        chain: DescriptorChain,
+        limits: BlkLimits,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         st = self.stats[qi]
         st["requests"] += 1
         try:
@@ -234,7 +243,7 @@ class VirtioBlk(VirtioDevice):
             q.push_used(chain.head, n + 1)
             return
         st["in_flight"] += 1
-        task = asyncio.get_running_loop().create_task(
+        task = loop.create_task(
             self._execute(qi, q, self._generation, chain.head, req)
         )
         self._tasks.add(task)

@@ -118,14 +118,10 @@ class DescriptorChain:
 
 
 def _views(mem: GuestMemory, addr: int, length: int) -> list[memoryview]:
-    """Views covering ``[addr, addr+length)``, split only where regions touch.
+    """Views covering ``[addr, addr+length)`` across touching regions.
 
     :raises GuestMemoryError: when any byte lies outside guest RAM.
     """
-    try:
-        return [mem.view(addr, length)]
-    except GuestMemoryError:
-        pass
     # A buffer may straddle two adjacent regions (vhost-user front ends can
     # hand us touching regions); anything else is outside RAM.
     out: list[memoryview] = []
@@ -306,19 +302,22 @@ class Virtqueue:
                 continue
             if length:
                 try:
-                    views = _views(mem, addr, length)
+                    views = [mem.view(addr, length)]
                 except GuestMemoryError:
-                    raise ChainError(
-                        f"buffer {addr:#x}+{length:#x} outside guest memory", head=head
-                    ) from None
+                    try:
+                        views = _views(mem, addr, length)
+                    except GuestMemoryError:
+                        raise ChainError(
+                            f"buffer {addr:#x}+{length:#x} outside guest memory", head=head
+                        ) from None
                 if flags & VIRTQ_DESC_F_WRITE:
-                    writable.extend(views)
+                    writable += views
                     wlen += length
                 else:
                     # §2.7.4.2: device-writable buffers come after device-readable ones.
                     if writable:
                         raise ChainError("device-readable buffer after a writable one", head=head)
-                    readable.extend(views)
+                    readable += views
                     rlen += length
             elif not flags & VIRTQ_DESC_F_WRITE and writable:
                 raise ChainError("device-readable buffer after a writable one", head=head)
