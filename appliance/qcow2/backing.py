@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.qcow2.errors import ErrorKind, Qcow2Error
-from appliance.qcow2.image import _preadv_full, _pwritev_full, io_pool, probe_format
+from appliance.qcow2.image import _preadv_full, _pwritev_full, probe_format
+from appliance.qcow2.iopool import run as _iorun
 
 MAX_CHAIN_DEPTH = 64
 
@@ -48,8 +49,8 @@ class RawImage:
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
         total = sum(len(b) for b in bufs)
         n = max(0, min(total, self.size - offset))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(io_pool(), _preadv_full, self._dfd, list(bufs), offset)
+        asyncio.get_running_loop()
+        await _iorun(_preadv_full, self._dfd, list(bufs), offset)
         return n
 
     async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
@@ -58,13 +59,13 @@ class RawImage:
         total = sum(len(b) for b in bufs)
         if offset + total > self.size:
             raise Qcow2Error("write past the end of the disk", kind=ErrorKind.RANGE)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(io_pool(), _pwritev_full, self._dfd, list(bufs), offset)
+        asyncio.get_running_loop()
+        await _iorun(_pwritev_full, self._dfd, list(bufs), offset)
         return total
 
     async def flush(self) -> None:
         if not self.read_only:
-            await asyncio.get_running_loop().run_in_executor(io_pool(), os.fdatasync, self._fd)
+            await _iorun(os.fdatasync, self._fd)
 
     async def discard(self, offset: int, length: int) -> None:
         await self.write_zeroes(offset, length, may_unmap=True)

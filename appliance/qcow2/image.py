@@ -38,6 +38,7 @@ from appliance.qcow2 import header as H
 from appliance.qcow2.compress import compress as _compress
 from appliance.qcow2.compress import decompress as _decompress
 from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
+from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
 from appliance.qcow2.snapshot import Snapshot, parse_snapshots
 
@@ -304,7 +305,6 @@ class Qcow2Image:
                 changed = True
             if h.dirty and repair_dirty:
                 from appliance.qcow2.check import rebuild_refcounts
-
                 from appliance.qcow2.snapops import fix_copied_flags
 
                 await rebuild_refcounts(self)
@@ -354,8 +354,8 @@ class Qcow2Image:
     # ------------------------------------------------------------------ raw file I/O
 
     async def _pread(self, off: int, n: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        data: bytes = await loop.run_in_executor(io_pool(), os.pread, self._fd, n, off)
+        asyncio.get_running_loop()
+        data: bytes = await _iorun(os.pread, self._fd, n, off)
         if len(data) < n:
             data += bytes(n - len(data))
         return data
@@ -364,15 +364,15 @@ class Qcow2Image:
         if self._failed and off != 0:
             raise Qcow2Error("image is marked corrupt; refusing to write",
                              kind=ErrorKind.READ_ONLY)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(io_pool(), _pwritev_full, self._fd, [data], off)
+        asyncio.get_running_loop()
+        await _iorun(_pwritev_full, self._fd, [data], off)
         self._needs_sync = True
         if off + len(data) > self.file_size:
             self.file_size = off + len(data)
 
     async def _sync(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(io_pool(), os.fdatasync, self._fd)
+        asyncio.get_running_loop()
+        await _iorun(os.fdatasync, self._fd)
         self._needs_sync = False
 
     def _buffer(self, n: int) -> memoryview:
@@ -757,14 +757,14 @@ class Qcow2Image:
         return n
 
     async def _read_extents(self, extents: list[list[int]], base: int, sp: _Splitter) -> None:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
         waits = []
         self._io_count += 1
         try:
             for kind, start, length, host in extents:
                 views = sp.take(start - base, length)
                 if kind == K_DATA:
-                    waits.append(loop.run_in_executor(io_pool(), _preadv_full, self._dfd,
+                    waits.append(_iorun(_preadv_full, self._dfd,
                                                       views, host))
                 elif kind == K_UNALLOC and self.backing is not None:
                     waits.append(self._read_backing(start, length, views))
@@ -988,8 +988,8 @@ class Qcow2Image:
                 fills.append(self._read_old(p[1], p[2], p[3], p[4], p[5], buf))
         if fills:
             await asyncio.gather(*fills)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(io_pool(), _pwritev_full, self._dfd, views, host)
+        asyncio.get_running_loop()
+        await _iorun(_pwritev_full, self._dfd, views, host)
         self._needs_sync = True
         if host + length > self.file_size:
             self.file_size = host + length
@@ -1259,8 +1259,8 @@ class Qcow2Image:
             raise Qcow2Error("compressed writes must cover exactly one cluster")
         if len(data) < cs:
             data = data + bytes(cs - len(data))
-        loop = asyncio.get_running_loop()
-        blob = await loop.run_in_executor(io_pool(), _compress, data,
+        asyncio.get_running_loop()
+        blob = await _iorun(_compress, data,
                                           self.header.compression_type)
         if len(blob) >= cs - 512:
             await self.writev(offset, [memoryview(data)[: min(cs, self.size - offset)]])
