@@ -6,6 +6,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
+from appliance.kvm.memory import GuestMemory
 from appliance.storage.backend import BlockBackend
 from appliance.storage.blk import VirtioBlk
 from appliance.storage.blk_request import HEADER, SEGMENT
@@ -42,11 +43,21 @@ class BlkRig:
         event_idx: bool = False,
         mem_size: int = 8 << 20,
         queue_size: int = 64,
+        mem: GuestMemory | None = None,
     ) -> None:
         self.dev = VirtioBlk(backend, num_queues=num_queues, serial=serial)
-        self.drv = FakeDriver(self.dev, mem_size=mem_size, event_idx=event_idx, queue_size=queue_size)
-        self.drv.activate()
+        self.drv = FakeDriver(
+            self.dev, mem_size=mem_size, event_idx=event_idx, queue_size=queue_size, mem=mem
+        )
+        self.vqs = self.drv.activate()
         self.mem = self.drv.mem
+
+    async def close(self) -> None:
+        """Finish requests, let go of the rings and unmap guest RAM."""
+        await self.dev.quiesce()
+        for q in self.vqs:
+            q.close()
+        self.mem.close()
 
     def submit(
         self,
