@@ -79,6 +79,7 @@ class Owner(Protocol):
     """What a connection needs from its table (:class:`appliance.nat.tcp_nat.TcpNat`)."""
 
     def forget(self, conn: TcpConn) -> None: ...
+    def established(self, conn: TcpConn) -> None: ...
     def ack_later(self, conn: TcpConn) -> None: ...
 
 
@@ -404,8 +405,8 @@ class TcpConn:
         wnd = max(self._adv_edge - self.rcv_nxt, 0)
         seglen = n + (1 if flags & FIN else 0)
         if not self._acceptable(seq, seglen, wnd):
+            self.net.stats.tcp_bad += 1
             if not flags & RST:
-                self.net.stats.tcp_bad += 1
                 self.send_ack()
             return
         if flags & RST:
@@ -428,6 +429,7 @@ class TcpConn:
                 self._emit_rst_for(ack_w)
                 return
             self.state = st = ESTABLISHED
+            self.owner.established(self)
             self.snd_una = 1
             self.retries = 0
             self._disarm()

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
 MAX_CONNS = 1024
-MAX_CONNECTING = 64  # half-open outbound connects: a SYN flood stops here
+MAX_CONNECTING = 64  # host connects in progress at once
+MAX_HALF_OPEN = 128  # guest handshakes not yet complete; beyond, the oldest is dropped (a SYN cache)
 CONNECT_TIMEOUT = 20.0
 _TCP = struct.Struct("!HHIIHHHH")
 
@@ -80,6 +81,7 @@ class TcpNat:
         self.net = net
         self.conns: dict[tuple[bytes, int, bytes, int], TcpConn] = {}
         self._connecting = 0
+        self._half_open: dict[TcpConn, None] = {}  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[tuple[asyncio.Server, HostForward]] = []
         self._ack_set: dict[TcpConn, None] = {}
@@ -92,6 +94,10 @@ class TcpNat:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         self._ack_set.pop(conn, None)
+        self._half_open.pop(conn, None)
+
+    def established(self, conn: TcpConn) -> None:
+        self._half_open.pop(conn, None)
 
     def ack_later(self, conn: TcpConn) -> None:
         self._ack_set[conn] = None
@@ -149,6 +155,10 @@ class TcpNat:
                 st.restricted += 1
                 self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
                 return
+            if len(self._half_open) >= MAX_HALF_OPEN:
+                # A SYN flood: forget the oldest half-open connection, as a SYN cache would.
+                st.tcp_syn_dropped += 1
+                next(iter(self._half_open)).abort(send_rst=False)
             if self._connecting >= MAX_CONNECTING or len(self.conns) >= MAX_CONNS:
                 st.tcp_syn_dropped += 1
                 return
@@ -159,6 +169,7 @@ class TcpNat:
             conn.mac = src_mac
             conn.accept_syn(seq, win, bytes(opts))
             self.conns[conn.key] = conn
+            self._half_open[conn] = None
             st.tcp_conns += 1
             self._connecting += 1
             task = self.net.loop.create_task(self._connect(conn, target))
@@ -295,6 +306,9 @@ class TcpNat:
 
 class _NullOwner:
     def forget(self, conn: TcpConn) -> None:
+        pass
+
+    def established(self, conn: TcpConn) -> None:
         pass
 
     def ack_later(self, conn: TcpConn) -> None:

@@ -381,6 +381,7 @@ class Guest:
         self._task: asyncio.Task[None] | None = None
         self._next_port = 40000
         self.bad_checksums = 0
+        self._closing = False
 
     async def __aenter__(self) -> Guest:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -388,11 +389,10 @@ class Guest:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        # A flag rather than cancel(): 3.11's wait_for() can swallow a cancellation.
+        self._closing = True
+        self.link.ready.set()
+        await self._task
 
     def ack_soon(self, c: GuestTcp) -> None:
         self._acks[c] = None
@@ -408,7 +408,7 @@ class Guest:
         return self.listeners.setdefault(port, [])
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self.link.ready.wait(), 0.01)
             except TimeoutError:
