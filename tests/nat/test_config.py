@@ -1,0 +1,88 @@
+"""``-netdev user`` option parsing: QEMU's names, defaults and one-line errors."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from appliance.cli.options import parse_option
+from appliance.errors import ConfigError
+from appliance.nat import UserNetConfig
+
+
+def test_defaults_are_slirps() -> None:
+    c = UserNetConfig.from_string("user")
+    assert str(c.net) == "10.0.2.0/24"
+    assert str(c.host) == "10.0.2.2" and str(c.dns) == "10.0.2.3" and str(c.dhcpstart) == "10.0.2.15"
+    assert c.host_mac == bytes.fromhex("52550a000202")
+    assert c.lease_time == 86400 and not c.restrict and c.hostfwd == ()
+
+
+def test_net_option_moves_every_default_address() -> None:
+    c = UserNetConfig.from_string("user,net=192.168.76.0/24")
+    assert (str(c.host), str(c.dns), str(c.dhcpstart)) == ("192.168.76.2", "192.168.76.3", "192.168.76.15")
+    c = UserNetConfig.from_string("user,net=10.9.0.0/255.255.0.0,host=10.9.0.1,dns=10.9.0.53,dhcpstart=10.9.1.10")
+    assert c.net.prefixlen == 16 and str(c.host) == "10.9.0.1" and str(c.dhcpstart) == "10.9.1.10"
+
+
+def test_all_options_parse() -> None:
+    c = UserNetConfig.from_string(
+        "user,id=n0,hostname=guest1,domainname=lab.test,dnssearch=a.test,dnssearch=b.test,restrict=on,"
+        "hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22,hostfwd=udp::6000-:53,hostfwd=::8080-:80,"
+        "guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:5555,ipv6=off,ipv6-net=fd00::/64"
+    )
+    assert c.id == "n0" and c.hostname == "guest1" and c.domainname == "lab.test"
+    assert c.dnssearch == ("a.test", "b.test") and c.restrict and not c.ipv6
+    assert c.ipv6_net == ipaddress.IPv6Network("fd00::/64")
+    f0, f1, f2 = c.hostfwd
+    assert (f0.proto, f0.host_addr, f0.host_port, str(f0.guest_addr), f0.guest_port) == (
+        "tcp", "127.0.0.1", 2222, "10.0.2.15", 22,
+    )  # fmt: skip
+    assert (f1.proto, f1.host_addr, f1.host_port, str(f1.guest_addr), f1.guest_port) == (
+        "udp",
+        "",
+        6000,
+        "10.0.2.15",
+        53,
+    )
+    assert (f2.proto, f2.host_port, f2.guest_port) == ("tcp", 8080, 80)
+    [g] = c.guestfwd
+    assert (str(g.server), g.port, g.target_host, g.target_port) == ("10.0.2.100", 1234, "127.0.0.1", 5555)
+
+
+def test_parse_consumes_keys_from_a_shared_option_dict() -> None:
+    opts = parse_option("-netdev", "user,id=u1,hostfwd=tcp::1-:2", implied="type")
+    c = UserNetConfig.parse(opts)
+    assert c.id == "u1" and len(opts) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("user,net=10.0.2.0/33", "net"),
+        ("user,net=banana", "banana"),
+        ("user,host=10.0.3.2", "10.0.3.2"),
+        ("user,dns=10.0.2.2", "must differ"),
+        ("user,dhcpstart=10.0.2.255", "10.0.2.255"),
+        ("user,hostfwd=tcp:127.0.0.1:22", "hostfwd"),
+        ("user,hostfwd=sctp::1-:2", "hostfwd"),
+        ("user,hostfwd=tcp::70000-:22", "70000"),
+        ("user,hostfwd=tcp::22-:0", "'0'"),
+        ("user,hostfwd=tcp:1.2.3:22-:22", "1.2.3"),
+        ("user,hostfwd=tcp::22-10.0.2:22", "10.0.2"),
+        ("user,restrict=maybe", "maybe"),
+        ("user,hostname=bad_name!", "bad_name!"),
+        ("user,dnssearch=..", ".."),
+        ("user,guestfwd=tcp:10.0.2.100:1-cmd:netcat", "guestfwd"),
+        ("user,ipv6-net=zz::/64", "zz::/64"),
+        ("user,tftp=/srv", "tftp"),
+        ("user,ipv4=off", "ipv4"),
+        ("tap,ifname=x", "tap"),
+    ],
+)
+def test_bad_values_raise_one_line_config_error_naming_them(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        UserNetConfig.from_string(text)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
