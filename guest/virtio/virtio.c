@@ -132,7 +132,8 @@ int virtio_negotiate(struct virtio_dev *d, uint64_t wanted)
 }
 
 /* Ring memory: one page-aligned area per queue slot we support. */
-#define MAX_QUEUES 8
+/* Never freed: a re-initialised device gets fresh rings (after its reset). */
+#define MAX_QUEUES 32
 static uint8_t ring_mem[MAX_QUEUES][3][4096 * 2] __attribute__((aligned(4096)));
 static unsigned rings_used;
 

@@ -23,23 +23,26 @@ def guest_elf():
     return build(linux=False).guest_elf
 
 
-def qemu(elf: Path, *drives: str) -> list[str]:
+def qemu(elf: Path, *drives: str, extra: tuple[str, ...] = ()) -> list[str]:
     argv = ["qemu-system-x86_64", "-enable-kvm", "-M", "q35", "-nographic", "-nodefaults",
             "-serial", "stdio", "-kernel", str(elf), "-smp", "1", "-m", "128", "-no-reboot"]
     for d in drives:
         argv += ["-drive", d]
-    return argv
+    return argv + list(extra)
 
 
 async def test_guest_reads_host_data_writes_flushes_and_benchmarks(guest_elf, tmp_path) -> None:
     img = tmp_path / "disk.img"
     pattern = bytes((i * 7 + i // 512) & 0xFF for i in range(1 << 20))
     img.write_bytes(pattern + bytes(7 << 20))
-    async with GuestConsole(qemu(guest_elf, f"file={img},if=virtio,format=raw,cache=none,aio=threads")) as g:
+    drive = f"file={img},if=none,id=d0,format=raw,cache=none,aio=threads"
+    device = ("-device", "virtio-blk-pci,drive=d0,num-queues=2")
+    async with GuestConsole(qemu(guest_elf, drive, extra=device)) as g:
         await g.ready(timeout=40)
         info = await g.command("blk info", re.compile(r"BLK info (.*)\n"))
         fields = dict(kv.split("=") for kv in info.group(1).split())
         assert fields["capacity"] == str((8 << 20) // SECTOR) and fields["ro"] == "0"
+        assert fields["queues"] == "2"
         # 300 sectors cross the driver's 64 KiB request size and page boundaries.
         m = await g.command("blk read 3 300", re.compile(r"BLK read sector=3 count=300 crc32=(0x[0-9a-f]+)\n"))
         assert int(m.group(1), 16) == zlib.crc32(pattern[3 * SECTOR : 303 * SECTOR])
@@ -49,6 +52,8 @@ async def test_guest_reads_host_data_writes_flushes_and_benchmarks(guest_elf, tm
         bench = await g.command("blk bench randread 4096 4 1", re.compile(r"BLK bench (.*)\n"))
         stats = dict(kv.split("=") for kv in bench.group(1).split())
         assert int(stats["ios"]) > 0 and float(stats["iops"]) > 0 and stats["qd"] == "4"
+        # Requests are spread over both queues.
+        assert all(int(n) > 0 for n in stats["per_queue"].split(",")) and stats["queues"] == "2"
         await g.write("poweroff\n")
         assert await g.wait(10) == 0
     data = img.read_bytes()
