@@ -194,7 +194,7 @@ class Qcow2Image:
         self._rc_dirty = False
         self._pending_frees: list[int] = []
         self._free_hint = 0
-        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._inflight: dict[int, _Alloc] = {}
         self._io_count = 0
         self._needs_sync = False
         self._failed = False
@@ -203,6 +203,11 @@ class Qcow2Image:
         self._lazy_dirty = False
         self._comp_cache: tuple[int, bytes] | None = None
         self._comp_tail = 0  # host byte offset where the next compressed cluster may go
+        self._alloc_end = 0  # end of the highest cluster ever allocated
+        self._no_falloc = False
+        self._written_end = 0  # end of the highest byte we wrote
+        self._open_size = 0  # file size at open
+        self._falloc_end = 0  # file space reserved ahead of allocation
         self.file_size = 0
 
     # ------------------------------------------------------------------ open
@@ -250,6 +255,7 @@ class Qcow2Image:
                     chain: tuple[str, ...]) -> None:
         st = os.fstat(self._fd)
         self.file_size = st.st_size
+        self._open_size = self._falloc_end = st.st_size
         first = await self._pread(0, min(st.st_size, 1 << 21))
         h = H.parse_header(first, st.st_size)
         self.header = h
@@ -367,8 +373,10 @@ class Qcow2Image:
         asyncio.get_running_loop()
         await _iorun(_pwritev_full, self._fd, [data], off)
         self._needs_sync = True
-        if off + len(data) > self.file_size:
-            self.file_size = off + len(data)
+        if off + len(data) > self._written_end:
+            self._written_end = off + len(data)
+            if off + len(data) > self.file_size:
+                self.file_size = off + len(data)
 
     async def _sync(self) -> None:
         asyncio.get_running_loop()
@@ -508,6 +516,9 @@ class Qcow2Image:
             raise Qcow2Error("image file would grow past 64 PiB", kind=ErrorKind.RANGE)
         for i in range(run_start, run_start + n):
             await self._update_refcount(i, 1)
+        end = (run_start + n) << self._cb
+        if end > self._alloc_end:
+            self._alloc_end = end
         if run_start == self._free_hint:
             self._free_hint = run_start + n
         return run_start
@@ -844,7 +855,7 @@ class Qcow2Image:
                 await asyncio.shield(plan)
                 continue
             break
-        segments, allocs = plan
+        segments, allocs, deps = plan
         self._io_count += 1
         try:
             if len(segments) == 1:
@@ -856,15 +867,21 @@ class Qcow2Image:
                 for item in allocs:
                     if item[5] != item[6]:
                         await self._update_refcount(item[5] >> self._cb, -1)
-                    fut = self._inflight.pop(item[0], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+                    inf = self._inflight.pop(item[0], None)
+                    if inf is not None and not inf.fut.done():
+                        inf.fut.set_result(None)
             raise
         finally:
             self._io_count -= 1
         if allocs:
             async with self._lock:
                 await self._commit(allocs)
+        for inf in deps:
+            # Our bytes went into a cluster another write is allocating: done only
+            # once that allocation is published; if it failed, write again.
+            await asyncio.shield(inf.fut)
+            if not inf.ok:
+                return await self.writev(offset, bufs)
         if self._writethrough:
             await self.flush()
         return total
@@ -878,17 +895,23 @@ class Qcow2Image:
         cb, cs = self._cb, self._cs
         end = offset + total
         gc0, gc1 = offset >> cb, (end - 1) >> cb
-        for gc in range(gc0, gc1 + 1):
-            fut = self._inflight.get(gc)
-            if fut is not None:
-                return fut
         segments: list[list[Any]] = []
         allocs: list[list[Any]] = []
         need_new: list[list[Any]] = []
+        deps: list[_Alloc] = []
+        inflight = self._inflight
         for gc in range(gc0, gc1 + 1):
             cstart = gc << cb
             a = max(offset, cstart) - cstart
             b = min(end, cstart + cs) - cstart
+            if inflight:
+                inf = inflight.get(gc)
+                if inf is not None:
+                    if not inf.piggy:
+                        return inf.fut
+                    _add_segment(segments, inf.host + a, ("d", cstart + a, b - a))
+                    deps.append(inf)
+                    continue
             e, bm = await self._entry(gc)
             host = e & OFFSET_MASK
             fast = (e & COPIED and host and not e & COMPRESSED
@@ -909,7 +932,7 @@ class Qcow2Image:
                     raise await self.mark_corrupt(
                         f"L2 entry for guest cluster {gc} points at metadata", host)
                 reuse = e & COPIED or await self.refcount(host >> cb) == 1
-            item = [gc, a, b, e, bm, host if reuse else -1, host if reuse else -2]
+            item = [gc, a, b, e, bm, host if reuse else -1, host if reuse else -2, False]
             allocs.append(item)
             if not reuse:
                 need_new.append(item)
@@ -919,17 +942,23 @@ class Qcow2Image:
             j = i + 1
             while j < len(need_new) and need_new[j][0] == need_new[j - 1][0] + 1:
                 j += 1
+            fresh = max(self._written_end, self._alloc_end, self._open_size)
             start = await self._alloc_clusters(j - i)
             for k in range(i, j):
                 need_new[k][5] = (start + k - i) << cb
+                # Never handed out before: the file reads zeroes there without our help.
+                need_new[k][7] = need_new[k][5] >= fresh
+            if need_new[i][7]:
+                self._reserve_space((start + j - i) << cb)
             i = j
         loop = asyncio.get_running_loop()
         for item in allocs:
-            self._inflight[item[0]] = loop.create_future()
+            piggy = item[7] and self._fill_is_zero(item[3], item[4])
+            self._inflight[item[0]] = _Alloc(loop.create_future(), item[5], piggy)
         # Turn allocations into segments (in guest order, merged when host-contiguous).
         if allocs:
             segments = self._segments_with_allocs(offset, end, segments, allocs)
-        return segments, allocs
+        return segments, allocs, deps
 
     def _segments_with_allocs(self, offset: int, end: int, fast: list[list[Any]],
                               allocs: list[list[Any]]) -> list[list[Any]]:
@@ -945,8 +974,10 @@ class Qcow2Image:
                 e_host = self._fast_host(fast, cstart + a)
                 _add_segment(out, e_host, ("d", cstart + a, b - a))
                 continue
-            _, a, b, e, bm, host, old = item
-            if self._ext and host == old:
+            _, a, b, e, bm, host, old, fresh = item
+            if fresh and self._fill_is_zero(e, bm):
+                lo_fill, hi_fill = a, b
+            elif self._ext and host == old:
                 sc = self._sc_size
                 lo, hi = a, b
                 if a % sc and not bm >> (a // sc) & 1:
@@ -964,6 +995,34 @@ class Qcow2Image:
             if b < hi_fill:
                 _add_segment(out, host + b, ("f", gc, e, bm, b, hi_fill))
         return out
+
+    def _reserve_space(self, end: int) -> None:
+        """Allocate file space ahead of fresh clusters, 2 MiB at a time.
+
+        Partial writes into fresh clusters then land inside the file: ext4
+        serializes O_DIRECT writes that extend a file, and the parts we skip
+        read as zeroes. Runs on the loop: one short fallocate per 2 MiB.
+        """
+        if end <= self._falloc_end or self._no_falloc:
+            return
+        new_end = max(end, self._falloc_end + (2 << 20))
+        try:
+            os.posix_fallocate(self._fd, self._falloc_end, new_end - self._falloc_end)
+        except OSError:
+            self._no_falloc = True
+            return
+        self._falloc_end = new_end
+        if new_end > self.file_size:
+            self.file_size = new_end
+
+    def _fill_is_zero(self, e: int, bm: int) -> bool:
+        if e & COMPRESSED:
+            return False
+        if self._ext:
+            return not bm & EXT_ALL_ALLOC and (self.backing is None or bm >> 32 == EXT_ALL_ALLOC)
+        if e & ZERO_FLAG and self.header.version >= 3:
+            return True
+        return not e & OFFSET_MASK and self.backing is None
 
     @staticmethod
     def _fast_host(fast: list[list[Any]], guest: int) -> int:
@@ -991,8 +1050,10 @@ class Qcow2Image:
         asyncio.get_running_loop()
         await _iorun(_pwritev_full, self._dfd, views, host)
         self._needs_sync = True
-        if host + length > self.file_size:
-            self.file_size = host + length
+        if host + length > self._written_end:
+            self._written_end = host + length
+            if host + length > self.file_size:
+                self.file_size = host + length
 
     async def _read_old(self, gc: int, e: int, bm: int, a: int, b: int,
                         buf: memoryview) -> None:
@@ -1002,10 +1063,11 @@ class Qcow2Image:
 
     async def _commit(self, allocs: list[list[Any]]) -> None:
         """Publish allocating writes in their L2 tables and wake waiters."""
+        ok = False
         try:
             await self._mark_lazy_dirty()
             cb = self._cb
-            for gc, a, b, _e, bm, host, old in allocs:
+            for gc, a, b, _e, bm, host, old, _ in allocs:
                 l1i = gc >> self._l2_bits
                 _, t = await self._l2_for_write(l1i)
                 i = (gc & (self._l2_entries - 1)) * self._stride
@@ -1028,11 +1090,13 @@ class Qcow2Image:
                     t2 = self._l2.get(off)
                     if t2 is not None:
                         await self._write_l2(off, t2)
+            ok = True
         finally:
             for item in allocs:
-                fut = self._inflight.pop(item[0], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+                inf = self._inflight.pop(item[0], None)
+                if inf is not None and not inf.fut.done():
+                    inf.ok = ok
+                    inf.fut.set_result(None)
         del cb
 
     def _free_entry(self, e: int) -> None:
@@ -1109,7 +1173,7 @@ class Qcow2Image:
             return
         while True:
             async with self._lock:
-                waits = [self._inflight[g] for g in range(gc0, gc1) if g in self._inflight]
+                waits = [self._inflight[g].fut for g in range(gc0, gc1) if g in self._inflight]
                 if not waits:
                     await self._zero_locked(gc0, gc1, mode)
                     break
@@ -1209,6 +1273,11 @@ class Qcow2Image:
             break
         if not self._lazy_dirty:
             await self._flush_refcounts()
+        if self._alloc_end > self.file_size:
+            # Fresh clusters written only in part: make the file cover them.
+            await _iorun(os.ftruncate, self._fd, self._alloc_end)
+            self.file_size = self._alloc_end
+            self._needs_sync = True
         if self._needs_sync:
             await self._sync()
 
@@ -1219,6 +1288,10 @@ class Qcow2Image:
             if not self.read_only and not self._failed:
                 async with self._lock:
                     await self._flush_locked()
+                    keep = max(self._alloc_end, self._written_end, self._open_size)
+                    if self._falloc_end > keep and self.file_size > keep:
+                        await _iorun(os.ftruncate, self._fd, keep)
+                        self.file_size = keep
                     if self._lazy_dirty:
                         self._lazy_dirty = False
                         await self._flush_refcounts()
@@ -1311,6 +1384,22 @@ class Qcow2Image:
     def now(self) -> tuple[int, int]:
         t = time.time_ns()
         return t // 1_000_000_000, t % 1_000_000_000
+
+
+class _Alloc:
+    """A guest cluster whose allocating write is in flight.
+
+    ``piggy``: the allocation writes only its own bytes into a fresh cluster,
+    so other writes to the same cluster may put theirs at ``host`` meanwhile.
+    """
+
+    __slots__ = ("fut", "host", "piggy", "ok")
+
+    def __init__(self, fut: asyncio.Future[None], host: int, piggy: bool) -> None:
+        self.fut = fut
+        self.host = host
+        self.piggy = piggy
+        self.ok = False
 
 
 def _append(out: list[list[int]], kind: int, start: int, length: int, host: int) -> None:
