@@ -73,8 +73,8 @@ def modinfo(elf: bytes) -> dict[str, list[str]]:
         name_off, offset, size = section(i)
         if name_off >= strsize:
             continue
-        end = elf.index(b"\0", stroff + name_off)
-        if elf[stroff + name_off : end] != b".modinfo":
+        end = elf.find(b"\0", stroff + name_off, stroff + strsize)
+        if end < 0 or elf[stroff + name_off : end] != b".modinfo":
             continue
         info: dict[str, list[str]] = {}
         for entry in elf[offset : offset + size].split(b"\0"):
