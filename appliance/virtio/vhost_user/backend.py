@@ -10,8 +10,12 @@ started rings changes it (re)activates the device with fresh
 
 Ring life cycle (vhost-user.rst "Ring states"): a ring starts when its kick fd
 arrives and stops on GET_VRING_BASE, which answers with the next avail index to
-process. Enable/disable is tracked but, for a block device, a started ring is
-always served: nothing QEMU does leaves a disabled ring with guest requests.
+process. The device is handed the leading run of rings that are started *and*
+enabled (SET_VRING_ENABLE, or all of them when protocol features were not
+negotiated). The spec would have a started but disabled ring processed
+"without side effects"; not processing it at all is the same for a guest,
+which only uses the rings its front end enabled (virtio-net's extra queue
+pairs stay disabled until the driver asks for them).
 
 Everything here runs on the event loop. Messages are handled one at a time, so
 no locking is needed; fds we receive are ours to close.
@@ -176,6 +180,10 @@ class _Connection:
     features: int = 0
     protocol_features: int = 0
     features_set: bool = False
+    # ADD_MEM_REG count per region (guest addr, size, user addr): QEMU's
+    # multiqueue vhost-user-net drives one connection from several vhost
+    # devices, each adding (and later removing) the same regions.
+    region_refs: dict[tuple[int, int, int], int] = field(default_factory=dict)
     owner: bool = False
     mem: GuestMemory | None = None
     rings: list[RingState] = field(default_factory=list)
@@ -293,6 +301,7 @@ class VhostUserBackend:
             # "Ring states": without protocol features every ring is enabled at once.
             for ring in self._c.rings:
                 ring.enabled = True
+            await self._reconcile()
 
     async def _get_protocol_features(self, _v: object, _fds: list[int]) -> Reply:
         return Reply(p.u64(PROTOCOL_FEATURES))
@@ -320,6 +329,7 @@ class VhostUserBackend:
         if len(fds) != len(regions):
             raise ProtocolError(f"SET_MEM_TABLE has {len(regions)} regions but {len(fds)} fds")
         new = map_regions(regions, fds)
+        self._c.region_refs = {(r.guest_addr, r.size, r.user_addr): 1 for r in regions}
         # Rings are rebuilt on the new table: their addresses are user
         # addresses, which stay valid when the table changes (hotplug).
         await self._deactivate()
@@ -343,6 +353,11 @@ class VhostUserBackend:
         assert isinstance(value, p.MemRegion)
         if len(fds) != 1:
             raise ProtocolError(f"ADD_MEM_REG needs one fd, got {len(fds)}")
+        key = (value.guest_addr, value.size, value.user_addr)
+        refs = self._c.region_refs
+        if key in refs and self._c.mem is not None:
+            refs[key] += 1  # the same region again, from another vhost device
+            return
         old = self._c.mem.regions if self._c.mem is not None else ()
         if len(old) >= MAX_MEM_SLOTS:
             raise ProtocolError(f"more than {MAX_MEM_SLOTS} memory regions")
@@ -353,18 +368,22 @@ class VhostUserBackend:
         except ValueError as err:
             unmap(added)
             raise MemoryMapError("memory regions overlap") from err
+        refs[key] = 1
         await self._replace_memory(new, ())
 
     async def _rem_mem_reg(self, value: object, _fds: list[int]) -> None:
         assert isinstance(value, p.MemRegion)
         # Matched by guest address, size and user address; the fd (if any) is ignored.
+        key = (value.guest_addr, value.size, value.user_addr)
+        refs = self._c.region_refs
         old = self._c.mem.regions if self._c.mem is not None else ()
-        gone = [
-            r for r in old
-            if r.start == value.guest_addr and r.size == value.size and r.user_addr == value.user_addr
-        ]
+        gone = [r for r in old if (r.start, r.size, r.user_addr) == key]
         if not gone:
             raise ProtocolError(f"no memory region at {value.guest_addr:#x} to remove")
+        refs[key] = refs.get(key, 1) - 1
+        if refs[key] > 0:
+            return
+        del refs[key]
         await self._replace_memory(GuestMemory(r for r in old if r not in gone), gone)
 
     # -- rings ---------------------------------------------------------------
@@ -447,6 +466,7 @@ class VhostUserBackend:
         if value.num > 1:
             raise ProtocolError(f"SET_VRING_ENABLE value {value.num} is not 0 or 1")
         ring.enabled = bool(value.num)
+        await self._reconcile()
 
     @staticmethod
     def _take_fd(value: p.VringFd, fds: list[int]) -> int:
@@ -509,12 +529,12 @@ class VhostUserBackend:
         ring.started = False
 
     def _wanted(self) -> tuple[int, ...]:
-        """The contiguous run of started, fully described rings from ring 0."""
+        """The contiguous run of started, enabled, fully described rings from ring 0."""
         out: list[int] = []
         if self._c.mem is None:
             return ()
         for ring in self._c.rings:
-            if not (ring.started and ring.addr is not None and ring.num):
+            if not (ring.started and ring.enabled and ring.addr is not None and ring.num):
                 break
             out.append(ring.index)
         return tuple(out)
