@@ -39,7 +39,7 @@ from appliance.nat.frames import (
 )
 from appliance.nat.icmp import Icmp
 from appliance.nat.ipv4 import Reassembler
-from appliance.nat.stats import Counters, FlowInfo
+from appliance.nat.stats import Counters, FlowInfo, format_flows
 from appliance.nat.tcp_nat import TcpNat
 from appliance.nat.udp_nat import UdpNat
 
@@ -71,6 +71,7 @@ class UserNetwork:
         self._mask_int = int(cfg.net.netmask)
         self._bcast = cfg.net.broadcast_address.packed
         self.guest_mac: bytes | None = None
+        self._last_src = b""
         self.arp_table = arp.ArpTable()
         self.queue_limit = queue_limit
         self._out: collections.deque[bytes | bytearray] = collections.deque()
@@ -302,8 +303,11 @@ class UserNetwork:
             self.stats.not_for_us += 1
             return
         if self.in_net(a.spa) and a.spa not in self.local_ips:
+            known = self.arp_table.lookup(a.spa)
             self.arp_table.learn(a.spa, a.sha)
             self.guest_mac = a.sha
+            if known is None:
+                self.tcp.address_resolved(a.spa)
         if a.op == arp.ARP_REQUEST and a.tpa in self.local_ips:
             self.stats.arp_replies += 1
             self.output(arp.reply_for(a.sha, a.spa, self.host_mac, a.tpa))
@@ -330,8 +334,10 @@ class UserNetwork:
         if not self.in_net(ip.src) or ip.src in self.local_ips or ip.src == self._bcast:
             c.not_for_us += 1
             return
-        self.arp_table.learn(ip.src, src_mac)
-        self.guest_mac = src_mac
+        if ip.src != self._last_src or src_mac != self.guest_mac:
+            self.arp_table.learn(ip.src, src_mac)
+            self.guest_mac = src_mac
+            self._last_src = ip.src
         if ip.frag & (IP_MF | IP_OFFMASK):
             whole = self.reassembler.add(ip)
             c.frag_dropped = self.reassembler.dropped
@@ -379,6 +385,10 @@ class UserNetwork:
     def flows(self) -> list[FlowInfo]:
         """The flow table (``info usernet``)."""
         return self.tcp.flows() + self.udp.flows()
+
+    def info(self) -> str:
+        """The flow table as text, like QEMU's ``info usernet``."""
+        return format_flows(self.flows())
 
     def counters(self) -> dict[str, int]:
         """Drop and error counters by name (see :class:`~appliance.nat.stats.Counters`)."""

@@ -67,3 +67,7 @@ class FlowInfo:
 
 
 HEADER = "  Protocol[State]    FD-state     Source Address  Port   Dest. Address  Port RecvQ SendQ"
+
+
+def format_flows(flows: list[FlowInfo]) -> str:
+    return "\n".join([HEADER, *(f.line() for f in flows)]) + "\n"

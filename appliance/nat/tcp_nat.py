@@ -26,7 +26,7 @@ from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_TCP, Ipv4, ip_str, pseudo_sum, verify
 from appliance.nat.stats import FlowInfo
-from appliance.nat.tcp import ACK, CLOSED, CONNECTING, FIN, RCVBUF, RST, SYN, HostTransport, TcpConn
+from appliance.nat.tcp import ACK, CLOSED, CONNECTING, FIN, RCVBUF, RST, SYN, SYN_SENT, HostTransport, TcpConn
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -271,6 +271,12 @@ class TcpNat:
             if (gip, gport, self.net.gateway_ip, self._next_port) not in self.conns:
                 return self._next_port
         return self._next_port
+
+    def address_resolved(self, gip: bytes) -> None:
+        """ARP found ``gip``: send the SYNs that were waiting for its MAC now, not at the next RTO."""
+        for conn in list(self.conns.values()):
+            if conn.gip == gip and conn.mac is None and conn.state == SYN_SENT:
+                self._guard(conn._send_syn)
 
     # -- housekeeping ----------------------------------------------------
     def expire(self, now: float) -> None:

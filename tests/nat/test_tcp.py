@@ -330,3 +330,63 @@ async def test_many_parallel_connections_each_complete(net: UserNetwork) -> None
     assert sorted(s.n for s in sinks) == sorted(len(p) for p in payloads)
     assert {s.hash.hexdigest() for s in sinks} == {hashlib.sha256(p).hexdigest() for p in payloads}
     srv.close()
+
+
+async def test_guestfwd_sends_guest_connections_to_the_configured_host_service() -> None:
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    net = UserNetwork(UserNetConfig.from_string(f"user,guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:{port}"))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            c = g.connect(bytes([10, 0, 2, 100]), 1234)
+            await established(c)
+            c.write(b"via guestfwd")
+            c.shutdown()
+            await asyncio.wait_for(sink.done.wait(), 10)
+        assert sink.n == len(b"via guestfwd")
+    finally:
+        await net.stop()
+        srv.close()
+
+
+async def test_restrict_on_refuses_outbound_tcp_but_keeps_hostfwd() -> None:
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    net = UserNetwork(UserNetConfig.from_string("user,restrict=on,hostfwd=tcp:127.0.0.1:0-:7777"))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            c = g.connect(GW_IP, port)
+            await c.wait(lambda: c.reset, 5)
+            assert sink.n == 0 and net.counters()["restricted"] == 1
+            accepted = g.listen(7777)
+            r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+            async with asyncio.timeout(5):
+                while not accepted:
+                    await asyncio.sleep(0.01)
+            await established(accepted[0])
+            w.close()
+    finally:
+        await net.stop()
+        srv.close()
+
+
+async def test_connection_to_an_unused_lan_address_is_reset(net: UserNetwork) -> None:
+    async with Guest(net) as g:
+        c = g.connect(bytes([10, 0, 2, 99]), 80)
+        await c.wait(lambda: c.reset, 5)
+
+
+async def test_info_lists_established_flows(net: UserNetwork) -> None:
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        text = net.info()
+        assert "Protocol[State]" in text.splitlines()[0]
+        [row] = [line for line in text.splitlines()[1:] if "ESTABLISHED" in line]
+        assert "10.0.2.15" in row and str(port) in row
+        c.abort()
+    srv.close()

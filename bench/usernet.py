@@ -1,0 +1,259 @@
+"""User-mode networking (``-netdev user``) throughput and connection rate.
+
+Part 1 — implemented here: the stack driven directly from the host. A frame
+generator (the test suite's guest TCP, ``tests/nat/peer.py``) plays the guest
+side in the same process, so no guest CPU or virtio is in the path; each row
+says how much of the time was spent inside the stack itself (``send``,
+``recv_into`` and the host-socket callbacks), the rest being the generator
+and the loopback peer.
+
+Rows:
+- guest→host TCP: the guest uploads to a loopback sink through 10.0.2.2.
+- guest→host TCP, 64 KiB segments: as if the guest had TSO (a later virtio-net offload).
+- host→guest TCP (hostfwd): a host client pushes to a guest listener.
+- guest→host TCP download: a loopback server pushes to the guest.
+- connection setup rate, guest→host and host→guest (hostfwd): handshake, FIN both ways.
+
+Part 2 — left: the Linux kit in QEMU TCG with ``appliance net-daemon
+--netdev user`` (vhost-user-net) against QEMU's own ``-netdev user``
+(libslirp) and passt, on the same guest. It needs the vhost-user-net daemon.
+
+Usage: ``.venv/bin/python bench/usernet.py [--mb 64] [--conns 300]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from appliance.nat import (  # noqa: E402
+    UserNetConfig,
+    UserNetwork,
+    tcp_nat,  # noqa: E402
+)
+from tests.nat.peer import GW_IP, Guest  # noqa: E402
+
+MB = 1 << 20
+
+
+class StackClock:
+    """Accumulates wall time spent inside the stack's entry points."""
+
+    def __init__(self, net: UserNetwork) -> None:
+        self.t = 0.0
+        for name in ("send", "recv_into"):
+            orig = getattr(net, name)
+            setattr(net, name, self._wrap(orig))
+        side = tcp_nat._HostSide
+        for name in ("data_received", "eof_received", "connection_lost", "resume_writing"):
+            orig = getattr(side, name)
+            setattr(side, name, self._wrap_method(orig))
+
+    def _wrap(self, fn):
+        def inner(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                self.t += time.perf_counter() - t0
+
+        return inner
+
+    def _wrap_method(self, fn):
+        clock = self
+
+        def inner(self, *a):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *a)
+            finally:
+                clock.t += time.perf_counter() - t0
+
+        inner.__wrapped__ = fn  # type: ignore[attr-defined]
+        return inner
+
+
+def restore_hostside() -> None:
+    side = tcp_nat._HostSide
+    for name in ("data_received", "eof_received", "connection_lost", "resume_writing"):
+        f = getattr(side, name)
+        while hasattr(f, "__wrapped__"):
+            f = f.__wrapped__
+        setattr(side, name, f)
+
+
+async def with_net(cfg: str):
+    net = UserNetwork(UserNetConfig.from_string(cfg))
+    await net.start()
+    return net
+
+
+async def upload(size: int, mss: int) -> tuple[float, float]:
+    data = os.urandom(size)
+    done = asyncio.Event()
+    h = hashlib.sha256()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while chunk := await r.read(MB):
+            h.update(chunk)
+        w.close()
+        done.set()
+
+    srv = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    net = await with_net("user")
+    clock = StackClock(net)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port, mss=mss)
+        await c.wait(lambda: c.state == "ESTABLISHED")
+        c.peer_mss = mss
+        t0 = time.perf_counter()
+        c.write(data)
+        c.shutdown()
+        await asyncio.wait_for(done.wait(), 300)
+        dt = time.perf_counter() - t0
+    assert h.digest() == hashlib.sha256(data).digest()
+    await net.stop()
+    restore_hostside()
+    srv.close()
+    return size / dt, clock.t / dt
+
+
+async def download(size: int) -> tuple[float, float]:
+    data = os.urandom(size)
+
+    async def source(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(source, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    net = await with_net("user")
+    clock = StackClock(net)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        h = hashlib.sha256()
+        c.on_data = h.update
+        t0 = time.perf_counter()
+        await c.wait(lambda: c.fin_rcvd, 300)
+        dt = time.perf_counter() - t0
+    assert h.digest() == hashlib.sha256(data).digest()
+    await net.stop()
+    restore_hostside()
+    srv.close()
+    return size / dt, clock.t / dt
+
+
+async def hostfwd_push(size: int) -> tuple[float, float]:
+    data = os.urandom(size)
+    net = await with_net("user,hostfwd=tcp:127.0.0.1:0-:5001")
+    clock = StackClock(net)
+    port = net.tcp.listener_ports()[0]
+    async with Guest(net) as g:
+        accepted = g.listen(5001)
+        h = hashlib.sha256()
+        t0 = time.perf_counter()
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        while not accepted:
+            await asyncio.sleep(0.001)
+        c = accepted[0]
+        c.on_data = h.update
+        w.write(data)
+        w.write_eof()
+        await c.wait(lambda: c.fin_rcvd, 300)
+        dt = time.perf_counter() - t0
+        w.close()
+    assert h.digest() == hashlib.sha256(data).digest()
+    await net.stop()
+    restore_hostside()
+    return size / dt, clock.t / dt
+
+
+async def connect_rate(n: int) -> tuple[float, float]:
+    async def echo_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()
+        w.close()
+
+    srv = await asyncio.start_server(echo_close, "127.0.0.1", 0, backlog=1024)
+    port = srv.sockets[0].getsockname()[1]
+    net = await with_net("user")
+    clock = StackClock(net)
+    async with Guest(net) as g:
+        t0 = time.perf_counter()
+        batch = 32
+        for i in range(0, n, batch):
+            conns = [g.connect(GW_IP, port) for _ in range(min(batch, n - i))]
+            for c in conns:
+                await c.wait(lambda c=c: c.state == "ESTABLISHED")
+                c.shutdown()
+            for c in conns:
+                await c.wait(lambda c=c: c.fin_rcvd and c.fin_acked)
+                del g.tcp[(c.lport, c.rip, c.rport)]
+        dt = time.perf_counter() - t0
+    await net.stop()
+    restore_hostside()
+    srv.close()
+    return n / dt, clock.t / dt
+
+
+async def hostfwd_rate(n: int) -> tuple[float, float]:
+    net = await with_net("user,hostfwd=tcp:127.0.0.1:0-:5002")
+    clock = StackClock(net)
+    port = net.tcp.listener_ports()[0]
+    async with Guest(net) as g:
+        accepted = g.listen(5002)
+        t0 = time.perf_counter()
+        batch = 32
+        for i in range(0, n, batch):
+            k = min(batch, n - i)
+            streams = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(k)))
+            while len(accepted) < k:
+                await asyncio.sleep(0.0005)
+            for c in accepted:
+                await c.wait(lambda c=c: c.state == "ESTABLISHED")
+                c.shutdown()
+            for r, w in streams:
+                await r.read()
+                w.close()
+            for c in accepted:
+                await c.wait(lambda c=c: c.fin_acked)
+                g.tcp.pop((c.lport, c.rip, c.rport), None)
+            accepted.clear()
+        dt = time.perf_counter() - t0
+    await net.stop()
+    restore_hostside()
+    return n / dt, clock.t / dt
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mb", type=int, default=64, help="bytes per throughput run (MiB)")
+    ap.add_argument("--conns", type=int, default=300, help="connections per rate run")
+    args = ap.parse_args()
+    size = args.mb * MB
+    rows = [
+        ("guest→host TCP (MSS 1460)", "MB/s", await upload(size, 1460)),
+        ("guest→host TCP (64 KiB segments)", "MB/s", await upload(size, 65000)),
+        ("host→guest TCP download (MSS 1460)", "MB/s", await download(size)),
+        ("host→guest TCP via hostfwd", "MB/s", await hostfwd_push(size)),
+        ("guest→host connections", "conn/s", await connect_rate(args.conns)),
+        ("host→guest connections via hostfwd", "conn/s", await hostfwd_rate(args.conns)),
+    ]
+    print(f"{'workload (stack driven from the host)':<40} {'rate':>10}  unit    stack share")
+    for name, unit, (rate, share) in rows:
+        value = rate / 1e6 if unit == "MB/s" else rate
+        print(f"{name:<40} {value:>10.1f}  {unit:<7} {share * 100:5.0f}%")
+    print("libslirp / passt side by side (QEMU TCG + vhost-user-net): not yet — needs net-daemon")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
