@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -345,8 +346,6 @@ async def serve(config: DaemonConfig) -> int:
     try:
         async with StorageDaemon(config):
             if config.pidfile:
-                import os
-
                 with open(config.pidfile, "w", encoding="ascii") as f:
                     f.write(f"{os.getpid()}\n")
             await stop.wait()
@@ -355,8 +354,6 @@ async def serve(config: DaemonConfig) -> int:
             loop.remove_signal_handler(sig)
         if config.pidfile:
             with contextlib.suppress(OSError):
-                import os
-
                 os.unlink(config.pidfile)
     return 0
 

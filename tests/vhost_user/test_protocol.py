@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 
@@ -123,3 +124,100 @@ def test_server_survives_random_message_streams(tmp_path: Path, messages: list[t
             assert server.connections == 2
 
     asyncio.run(run())
+
+
+def _op_strategy() -> st.SearchStrategy[tuple[str, int, int, int]]:
+    ops = ["num", "addr_ok", "addr_bad", "base", "kick", "call", "enable", "disable", "get_base",
+           "mem", "features", "reset", "request", "config", "start", "start"]
+    return st.tuples(st.sampled_from(ops), st.integers(0, 3), st.integers(0, 300), st.booleans().map(int))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op_strategy(), max_size=25))
+def test_server_survives_random_well_formed_sessions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ops: list[tuple[str, int, int, int]]
+) -> None:
+    """Well-formed messages in random order and with random values, mixed with
+    driver requests: every request gets its reply, nothing raises inside the
+    server, and a fresh front end is served afterwards."""
+    from appliance.virtio.testing import WRITE, DriverQueue
+
+    served: list[tuple[int, ...]] = []
+
+    async def run() -> None:
+        dev = UpperDevice(num_queues=2)
+        path = tmp_path / "sm.sock"
+        async with VhostUserServer(path, VhostUserBackend(dev)) as server:
+            fe = await FrontEnd.connect(str(path), mem_size=1 << 20)
+            u = 0x7F00_0000_0000 - 0x10_0000
+            rings = [DriverQueue.at(fe.mem, fe.alloc(DriverQueue.ring_bytes(64), 4096), 64) for _ in range(2)]
+            fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(0xF))
+            for op, ring, value, need in ops:
+                r = rings[ring % 2]
+                if op == "num":
+                    size = value if value % 3 else 64
+                    fe.send(p.Request.SET_VRING_NUM, p.vring_state(ring, size), need_reply=bool(need))
+                elif op == "addr_ok":
+                    fe.send(p.Request.SET_VRING_ADDR,
+                            p.vring_addr(ring, 0, r.desc_addr + u, r.used_addr + u, r.avail_addr + u),
+                            need_reply=bool(need))
+                elif op == "addr_bad":
+                    bad = p.vring_addr(ring, 0, value * 4096, 8, value)
+                    fe.send(p.Request.SET_VRING_ADDR, bad, need_reply=bool(need))
+                elif op == "base":
+                    fe.send(p.Request.SET_VRING_BASE, p.vring_state(ring, value), need_reply=bool(need))
+                elif op in ("kick", "call"):
+                    efd = os.eventfd(0)
+                    req = p.Request.SET_VRING_KICK if op == "kick" else p.Request.SET_VRING_CALL
+                    fe.send(req, p.u64(ring), [efd], need_reply=bool(need))
+                    os.close(efd)
+                elif op in ("enable", "disable"):
+                    fe.send(p.Request.SET_VRING_ENABLE, p.vring_state(ring, int(op == "enable")), need_reply=bool(need))
+                elif op == "get_base":
+                    await fe.call(p.Request.GET_VRING_BASE, p.vring_state(ring, 0))
+                    continue
+                elif op == "mem":
+                    fe.send(p.Request.SET_MEM_TABLE, p.mem_table([fe.region]), [fe.memfd], need_reply=bool(need))
+                elif op == "features":
+                    fe.send(p.Request.SET_FEATURES, p.u64((1 << 32) | (1 << 30) | (value << 28 & (1 << 28))),
+                            need_reply=bool(need))
+                elif op == "reset":
+                    fe.send(p.Request.RESET_OWNER, need_reply=bool(need))
+                elif op == "config":
+                    await fe.call(p.Request.GET_CONFIG, p.config(value % 16, 8))
+                    continue
+                elif op == "start":
+                    # A whole valid ring set-up, so runs reach served rings often.
+                    fe.send(p.Request.SET_MEM_TABLE, p.mem_table([fe.region]), [fe.memfd])
+                    fe.send(p.Request.SET_VRING_NUM, p.vring_state(ring % 2, 64))
+                    fe.send(p.Request.SET_VRING_ADDR,
+                            p.vring_addr(ring % 2, 0, r.desc_addr + u, r.used_addr + u, r.avail_addr + u))
+                    efd = os.eventfd(0)
+                    fe.send(p.Request.SET_VRING_KICK, p.u64(ring % 2), [efd])
+                    os.eventfd_write(efd, 1)
+                    os.close(efd)
+                    fe.send(p.Request.SET_VRING_ENABLE, p.vring_state(ring % 2, 1))
+                    await fe.call(p.Request.GET_QUEUE_NUM)
+                    served.append(server.backend.active_queues)
+                    continue
+                elif op == "request":
+                    if r.free_descriptors >= 2:
+                        a = fe.alloc(8)
+                        r.add_chain([(a, 8, 0), (a, 8, WRITE)])
+                    efd = os.eventfd(0)
+                    fe.send(p.Request.SET_VRING_CALL, p.u64(ring), [efd])
+                    os.close(efd)
+                    continue
+                if need:
+                    await fe.recv_reply()
+            assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+            fe.close()
+            fe2 = await FrontEnd.connect(str(path), mem_size=1 << 20)
+            assert int.from_bytes(await fe2.call(p.Request.GET_QUEUE_NUM), "little") == 2
+            fe2.close()
+            assert server.connections == 2
+
+    with caplog.at_level("ERROR"):
+        caplog.clear()
+        asyncio.run(run())
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
