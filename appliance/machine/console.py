@@ -143,6 +143,10 @@ class Console:
     async def expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """Wait until the guest prints something matching ``pattern`` (a regex).
 
+        Output arrives in pieces, so a pattern that ends in a variable part
+        (``cpus=(\\d+)``) may match half a number: end such patterns with
+        ``\\r?\\n``.
+
         :returns: the match; the search position moves past it.
         :raises ConsoleTimeout: When ``timeout`` seconds pass without a match.
         """

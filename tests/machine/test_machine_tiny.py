@@ -102,3 +102,20 @@ async def test_device_specs_open_once_attach_every_boot_close_once(tiny_elf: Pat
         vm.reset()
         await vm.console.expect("TINY-READY", timeout=10)
     assert dev.calls == ["open", "attach", "attach", "close"]
+
+
+async def test_pci_host_bridge_answers_on_cf8_and_cf9_resets(tiny_elf: Path) -> None:
+    """Config mechanism #1 reaches the host bridge at 00.0; a byte 6 to 0xCF9 reboots."""
+    async with Machine(MachineConfig(kernel=tiny_elf)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        inst = vm.instance
+        assert inst is not None
+        pio = inst.vm.pio_bus
+        pio.write(0xCF8, (0x8000_0000).to_bytes(4, "little"))
+        vendor = int.from_bytes(pio.read(0xCFC, 2), "little")
+        assert vendor == 0x8086
+        pio.write(0xCF8, (0x8000_0000 | 5 << 11).to_bytes(4, "little"))
+        assert pio.read(0xCFC, 4) == b"\xff\xff\xff\xff"
+        pio.write(0xCF9, b"\x06")
+        await vm.console.expect("TINY-READY", timeout=10)
+        assert vm.boots == 2
