@@ -1,0 +1,91 @@
+"""Console: output history and expect cursor, input backpressure, Ctrl-A escapes, socket chardev."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from appliance.machine.config import ChardevConfig
+from appliance.machine.console import Console, ConsoleTimeout, SocketBackend, StdioBackend
+
+
+class FakeUart:
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got = bytearray()
+
+    def receive(self, data: bytes) -> int:
+        take = data[: self.room]
+        self.got += take
+        self.room -= len(take)
+        return len(take)
+
+
+async def test_expect_consumes_matches_in_order() -> None:
+    c = Console()
+    await c.start()
+    c.guest_output(b"one\ntwo\none\n")
+    assert (await c.expect("one", timeout=1)).start() == 0
+    await c.expect("two", timeout=1)
+    m = await c.expect("one", timeout=1)
+    assert m.group(0) == "one"
+    with pytest.raises(ConsoleTimeout):
+        await c.expect("one", timeout=0.05)
+    assert c.output == "one\ntwo\none\n"
+
+
+async def test_expect_wakes_on_output_from_another_thread() -> None:
+    c = Console()
+    await c.start()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, lambda: loop.run_in_executor(None, c.guest_output, b"late line\n"))
+    await c.expect(r"late line\n", timeout=2)
+
+
+async def test_input_waits_until_the_uart_drains() -> None:
+    c = Console()
+    await c.start()
+    uart = FakeUart(room=3)
+    c.attach_uart(uart)
+    c.send("abcdef")
+    assert bytes(uart.got) == b"abc"
+    uart.room = 10
+    c.rx_drained()
+    await asyncio.sleep(0.01)
+    assert bytes(uart.got) == b"abcdef"
+
+
+def test_ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one() -> None:
+    quits: list[int] = []
+    c = Console()
+    c.on_quit = lambda: quits.append(1)
+    b = StdioBackend(mux=True)
+    b._console = c
+    assert b._demux(b"ab\x01\x01c") == b"ab\x01c"
+    assert b._demux(b"\x01") == b""
+    assert b._demux(b"x") == b""
+    assert quits == [1]
+
+
+async def test_unix_socket_server_passes_bytes_both_ways(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    c = Console(SocketBackend(ChardevConfig("socket", path=path, server=True, wait=False)))
+    await c.start()
+    uart = FakeUart(room=100)
+    c.attach_uart(uart)
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    await asyncio.sleep(0.02)
+    c.guest_output(b"hello\n")
+    assert await asyncio.wait_for(reader.readline(), 2) == b"hello\n"
+    writer.write(b"typed")
+    await writer.drain()
+    for _ in range(100):
+        if uart.got:
+            break
+        await asyncio.sleep(0.01)
+    assert bytes(uart.got) == b"typed"
+    writer.close()
+    await c.close()
+    assert not path.exists()
