@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.cli import run
 from appliance.errors import ConfigError
@@ -276,3 +278,16 @@ def test_pvm_warning_only_for_linux_kernels_without_pvm(tiny_elf: Path, tmp_path
     assert warning is not None and "PVM" in warning
     monkeypatch.setattr(system, "host_kind", lambda: "hardware")
     assert run.pvm_warning(MachineConfig(kernel=fake_linux)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([
+    "-m", "-smp", "-kernel", "-serial", "-chardev", "-machine", "-name", "-append", "-nographic", "-accel",
+    "-cpu", "-display", "-no-reboot", "--help-not", "x", "", "0", "1G", "abc", "stdio", "unix:/x,server",
+    "tcp::1,server=on,wait=off", "socket,id=a,path=/p", "chardev:a", "q35,accel=kvm", "4,cores=2", ",,", "=",
+]), max_size=8))
+def test_any_command_line_parses_or_raises_config_error(argv: list[str]) -> None:
+    try:
+        run.to_config(run.parse_args(argv))
+    except ConfigError:
+        pass
