@@ -54,6 +54,7 @@ int parse_u64(const char *s, uint64_t *out);
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 uint32_t crc32(uint32_t crc, const void *data, size_t n);
+void sort_u32(uint32_t *a, size_t n);
 
 /* ---- console (16550 UART on COM1, polled) ---- */
 void uart_init(void);
@@ -65,6 +66,14 @@ size_t uart_readline(char *buf, size_t size);
 typedef struct { volatile uint32_t locked; } spinlock_t;
 void spin_lock(spinlock_t *l);
 void spin_unlock(spinlock_t *l);
+
+/* ---- time (TSC calibrated against the PIT) and idle work ---- */
+uint64_t tsc_khz(void);
+int tsc_khz_measured(void);
+uint64_t now_us(void);
+/* Functions run while the command loop waits for a line (e.g. answering ARP). */
+void idle_hook_add(void (*fn)(void));
+void idle_poll(void);
 
 /* ---- boot facts ---- */
 struct memrange { uint64_t addr, size; uint32_t type; };

@@ -69,7 +69,7 @@ size_t uart_readline(char *buf, size_t size)
     int overflow = 0;
     for (;;) {
         while (!(inb(COM1 + UART_LSR) & LSR_DR))
-            cpu_relax();
+            idle_poll();
         char c = (char)inb(COM1 + UART_RBR);
         if (c == '\n' || c == '\r') {
             if (len == 0 && !overflow)

@@ -41,7 +41,6 @@ static struct blk_req_hdr hdrs[SLOTS] __attribute__((aligned(64)));
 static volatile uint8_t statuses[SLOTS];
 static uint8_t data[BUF_BYTES] __attribute__((aligned(4096)));
 static uint32_t samples[MAX_SAMPLES];
-static uint64_t tsc_khz;
 
 static int blk_init(void)
 {
@@ -151,69 +150,6 @@ static void blk_rw(int is_write, uint64_t sector, uint64_t count, uint8_t fill)
     println("BLK %s sector=%lu count=%lu crc32=0x%08x", is_write ? "write" : "read", sector, count, crc);
 }
 
-/* TSC rate against PIT channel 2 over 10 ms (gate and output via port 0x61).
- * Each poll of port 0x61 is a VM exit; on a busy host one can return late,
- * which only ever lengthens the measured window, so the minimum of several
- * runs is the estimate. */
-static uint64_t calibrate_once(void)
-{
-    uint8_t p61 = inb(0x61);
-    outb(0x61, (uint8_t)((p61 & ~0x02) | 0x01));
-    outb(0x43, 0xB0);                       /* channel 2, lo/hi byte, mode 0 */
-    outb(0x42, 11932 & 0xFF);               /* 1193182 Hz / 100 */
-    outb(0x42, 11932 >> 8);
-    uint64_t t0 = rdtsc();
-    unsigned polls = 0;
-    while (!(inb(0x61) & 0x20) && polls < 10000000)
-        polls++;
-    uint64_t t1 = rdtsc();
-    outb(0x61, p61);
-    uint64_t khz = (t1 - t0) / 10;
-    /* No PIT (port 0x61 floats) or a broken count: assume 1 GHz, flagged in output. */
-    if (polls < 10 || khz < 100000 || khz > 10000000)
-        return 0;
-    return khz;
-}
-
-static uint64_t calibrate_tsc_khz(void)
-{
-    uint64_t best = 0;
-    for (int i = 0; i < 5; i++) {
-        uint64_t k = calibrate_once();
-        if (!k)
-            return 0;
-        if (!best || k < best)
-            best = k;
-    }
-    return best;
-}
-
-static void sort_u32(uint32_t *a, size_t n)
-{
-    /* Heapsort: no recursion, no extra memory. */
-    for (size_t start = n / 2; start-- > 0;) {
-        for (size_t root = start;;) {
-            size_t child = 2 * root + 1;
-            if (child >= n) break;
-            if (child + 1 < n && a[child] < a[child + 1]) child++;
-            if (a[root] >= a[child]) break;
-            uint32_t t = a[root]; a[root] = a[child]; a[child] = t;
-            root = child;
-        }
-    }
-    for (size_t end = n; end-- > 1;) {
-        uint32_t t = a[0]; a[0] = a[end]; a[end] = t;
-        for (size_t root = 0;;) {
-            size_t child = 2 * root + 1;
-            if (child >= end) break;
-            if (child + 1 < end && a[child] < a[child + 1]) child++;
-            if (a[root] >= a[child]) break;
-            t = a[root]; a[root] = a[child]; a[child] = t;
-            root = child;
-        }
-    }
-}
-
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
 static uint64_t next_rand(void)
 {
@@ -247,9 +183,7 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
         println("ERR blk device smaller than the block size");
         return;
     }
-    if (!tsc_khz)
-        tsc_khz = calibrate_tsc_khz();
-    uint64_t khz = tsc_khz ? tsc_khz : 1000000;
+    uint64_t khz = tsc_khz();
     uint32_t type = is_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
     static uint16_t head_slot[BLK_MAX_QUEUES][VQ_MAX];
     uint64_t start_tsc[SLOTS];
@@ -328,7 +262,7 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
             "iops=%lu.%lu p50_us=%lu p99_us=%lu queues=%u per_queue=%s tsc_khz=%lu%s",
             mode, bs, qd, elapsed_us / 1000000, (elapsed_us / 1000) % 1000, ios, kbps / 1000,
             kbps % 1000, iops_x10 / 10, iops_x10 % 10, p50, p99, B.nq, pq, khz,
-            tsc_khz ? "" : " tsc=assumed");
+            tsc_khz_measured() ? "" : " tsc=assumed");
 }
 
 static void cmd_blk(int argc, char **argv, const char *rest)
