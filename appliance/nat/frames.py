@@ -14,6 +14,7 @@ arithmetic modulo 2**16 - 1). Both steps run in C.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -69,7 +70,11 @@ def verify(data: bytes | bytearray | memoryview, initial: int = 0) -> bool:
 
 
 def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Sum of the IPv4 pseudo-header (RFC 793 §3.1, RFC 768)."""
+    """Sum of the pseudo-header (RFC 793 §3.1, RFC 768; RFC 8200 §8.1 for 16-byte addresses).
+
+    Word sums are what the checksum needs, and a 128-bit address or a 32-bit
+    length contributes the same value modulo 0xFFFF as its 16-bit words.
+    """
     return int.from_bytes(src, "big") + int.from_bytes(dst, "big") + proto + length
 
 
@@ -78,6 +83,8 @@ def mac_str(mac: bytes) -> str:
 
 
 def ip_str(addr: bytes) -> str:
+    if len(addr) == 16:
+        return socket.inet_ntop(socket.AF_INET6, addr)
     return ".".join(str(b) for b in addr)
 
 
@@ -169,6 +176,8 @@ def parse_udp(ip: Ipv4) -> tuple[int, int, memoryview] | None:
     if length < 8 or length > len(seg):
         return None
     seg = seg[:length]
+    if csum == 0 and len(ip.src) == 16:
+        return None  # RFC 8200 §8.1: the checksum is mandatory over IPv6
     if csum and not verify(seg, pseudo_sum(ip.src, ip.dst, IPPROTO_UDP, length)):
         return None
     return sport, dport, seg[8:]

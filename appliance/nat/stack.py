@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 
@@ -24,6 +25,7 @@ from appliance.nat.frames import (
     ETH_HLEN,
     ETH_P_ARP,
     ETH_P_IPV4,
+    ETH_P_IPV6,
     IP_MF,
     IP_OFFMASK,
     IPPROTO_ICMP,
@@ -39,6 +41,7 @@ from appliance.nat.frames import (
 )
 from appliance.nat.icmp import Icmp
 from appliance.nat.ipv4 import Reassembler
+from appliance.nat.ipv6 import Ipv6, build_l4_v6
 from appliance.nat.stats import Counters, FlowInfo, format_flows
 from appliance.nat.tcp_nat import TcpNat
 from appliance.nat.udp_nat import UdpNat
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_LIMIT = 2048
 _LOOPBACK = b"\x7f\x00\x00\x01"
+_LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
 
 
@@ -90,6 +94,9 @@ class UserNetwork:
         self.dns = DnsProxy(self)
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
+        self.ipv6 = Ipv6(self) if cfg.ipv6 else None
+        if self.ipv6 is not None:
+            self.local_ips |= self.ipv6.local
 
     # -- lifecycle -------------------------------------------------------
     @property
@@ -235,8 +242,20 @@ class UserNetwork:
         mac = self.arp_table.lookup(ip)
         if mac is not None:
             return mac
-        self.output(arp.request_for(self.host_mac, self.gateway_ip, ip))
+        if len(ip) == 16:
+            if self.ipv6 is not None:
+                self.ipv6.solicit(ip)
+        else:
+            self.output(arp.request_for(self.host_mac, self.gateway_ip, ip))
         return self.guest_mac
+
+    def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
+        known = self.arp_table.lookup(ip)
+        if known != mac:
+            self.arp_table.learn(ip, mac)
+            if known is None:
+                self.tcp.address_resolved(ip)
+        self.guest_mac = mac
 
     def emit_ipv4(self, dst: bytes, src: bytes, proto: int, payload: bytes | bytearray) -> bool:
         mac = self.mac_for(dst)
@@ -252,9 +271,12 @@ class UserNetwork:
         if mac is None:
             self.stats.tx_queue_drops += 1
             return False
-        if len(payload) > 65535 - 28:
+        if len(payload) > 65535 - 48:
             self.stats.udp_dropped += 1
             return False
+        if len(dst) == 16:
+            msg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+            return self.output(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
         return self.output(build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident()))
 
     def in_net(self, ip: bytes) -> bool:
@@ -264,13 +286,25 @@ class UserNetwork:
         """Whether guest traffic to ``dst`` may leave through a host socket."""
         if dst == self.gateway_ip:
             return True
+        if len(dst) == 16:
+            if self.ipv6 is None:
+                return False
+            if dst == self.ipv6.router:
+                return True
+            return not (
+                dst[0] == 0xFF or dst[:2] == b"\xfe\x80" or self.ipv6.in_prefix(dst) or dst in (_LOOPBACK6, bytes(16))
+            )
         if self.in_net(dst) or dst == b"\xff\xff\xff\xff" or dst[0] >= 224 or dst[0] == 0:
             return False
         return True
 
     def host_side(self, dst: bytes) -> bytes:
         """The address a host socket uses for ``dst``: the gateway means host loopback (as QEMU)."""
-        return _LOOPBACK if dst == self.gateway_ip else dst
+        if dst == self.gateway_ip:
+            return _LOOPBACK
+        if self.ipv6 is not None and dst == self.ipv6.router:
+            return _LOOPBACK6
+        return dst
 
     # -- input -----------------------------------------------------------
     def _input(self, frame: memoryview) -> None:
@@ -283,7 +317,7 @@ class UserNetwork:
         if src_mac[0] & 1:
             c.not_for_us += 1
             return
-        if dst_mac != self.host_mac and dst_mac != b"\xff\xff\xff\xff\xff\xff":
+        if dst_mac != self.host_mac and dst_mac != b"\xff\xff\xff\xff\xff\xff" and dst_mac[:2] != b"\x33\x33":
             c.not_for_us += 1
             return
         body = frame[ETH_HLEN:]
@@ -291,6 +325,8 @@ class UserNetwork:
             self._ipv4_input(body, src_mac)
         elif ethertype == ETH_P_ARP:
             self._arp_input(body, src_mac)
+        elif ethertype == ETH_P_IPV6 and self.ipv6 is not None:
+            self.ipv6.input(body, src_mac)
         else:
             c.unsupported += 1
 
@@ -345,14 +381,19 @@ class UserNetwork:
                 return
             c.frag_reassembled += 1
             ip = whole
+        if ip.proto == IPPROTO_ICMP:
+            self.icmp.input(ip)
+        else:
+            self.l4_input(ip, src_mac)
+
+    def l4_input(self, ip: Ipv4, src_mac: bytes) -> None:
+        """TCP and UDP over either IP version."""
         if ip.proto == IPPROTO_TCP:
             self.tcp.input(ip, src_mac)
         elif ip.proto == IPPROTO_UDP:
             self._udp_input(ip)
-        elif ip.proto == IPPROTO_ICMP:
-            self.icmp.input(ip)
         else:
-            c.unsupported += 1
+            self.stats.unsupported += 1
 
     def _udp_input(self, ip: Ipv4) -> None:
         c = self.stats
@@ -364,9 +405,9 @@ class UserNetwork:
                 c.truncated += 1
             return
         sport, dport, payload = u
-        if dport == SERVER_PORT and sport == CLIENT_PORT:
+        if dport == SERVER_PORT and sport == CLIENT_PORT and len(ip.src) == 4:
             self.dhcp.input(payload)
-        elif ip.dst == self.dns_ip:
+        elif ip.dst == self.dns_ip or (self.ipv6 is not None and ip.dst == self.ipv6.dns):
             if dport == DNS_PORT:
                 self.dns.input(ip.src, sport, ip.dst, payload)
             else:

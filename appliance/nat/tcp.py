@@ -27,7 +27,8 @@ import struct
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.nat.frames import IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
+from appliance.nat.frames import ETH_HLEN, IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
+from appliance.nat.ipv6 import build_ipv6
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -141,6 +142,8 @@ class TcpConn:
         self.transport: HostTransport | None = None
         self.mac: bytes | None = None
         self._pseudo = int.from_bytes(rip, "big") + int.from_bytes(gip, "big") + IPPROTO_TCP
+        self._v6 = len(gip) == 16
+        self._l4 = ETH_HLEN + (40 if self._v6 else 20)  # where the TCP header starts in a frame
         self._loop = net.loop
         self.created = time.monotonic()
         # Send side: sequence numbers relative to our ISS; SYN is seq 0.
@@ -222,8 +225,11 @@ class TcpConn:
                 return False
         hlen = 20 + len(opts)
         n = len(payload)
-        frame = build_ipv4(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n,
-                           ident=self.net.next_ident(), frag=IP_DF)  # fmt: skip
+        if self._v6:
+            frame = build_ipv6(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n)
+        else:
+            frame = build_ipv4(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n,
+                               ident=self.net.next_ident(), frag=IP_DF)  # fmt: skip
         if flags & ACK:
             ack_wire = (self.irs + self.rcv_nxt) & M32
             self._acked_to = self.rcv_nxt
@@ -242,8 +248,9 @@ class TcpConn:
             frame += opts
         if n:
             frame += payload
-        total = self._pseudo + hlen + n + ones_sum(memoryview(frame)[34:])
-        struct.pack_into("!H", frame, 50, fold(total))
+        l4 = self._l4
+        total = self._pseudo + hlen + n + ones_sum(memoryview(frame)[l4:])
+        struct.pack_into("!H", frame, l4 + 16, fold(total))
         return self.net.output(frame)
 
     def send_ack(self) -> None:
@@ -254,7 +261,7 @@ class TcpConn:
         self._emit(RST | ACK, self.snd_nxt)
 
     def _syn_options(self) -> bytes:
-        opts = struct.pack("!BBH", 2, 4, OUR_MSS)
+        opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if self._v6 else OUR_MSS)
         if self.inbound or self.ws_ok:
             opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
         return opts

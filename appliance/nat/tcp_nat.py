@@ -202,7 +202,7 @@ class TcpNat:
         net = self.net
         if net.config.restrict:
             return None
-        if dst == net.dns_ip:
+        if dst == net.dns_ip or (net.ipv6 is not None and dst == net.ipv6.dns):
             if dport == 53 and net.dns.servers:
                 return net.dns.servers[0]
             return None

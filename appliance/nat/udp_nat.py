@@ -59,7 +59,8 @@ class UdpNat:
             target = self.net.host_side(dst)
             if len(self._flows) >= MAX_FLOWS:
                 self._close(min(self._flows.values(), key=lambda f: f.last))
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            family = socket.AF_INET6 if len(target) == 16 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
                 sock.connect((ip_str(target), dport))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RS, IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import fuzz
 
@@ -124,6 +125,11 @@ FUZZ_TEMPLATES = {
     ),
     "icmp": lambda: IP(src="10.0.2.15", dst="10.0.2.2") / fuzz(ICMP()),
     "ip": lambda: fuzz(IP(src="10.0.2.15", dst="10.0.2.2")),
+    "ipv6-nd": lambda: IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255) / fuzz(ICMPv6ND_NS(tgt="fec0::2")),
+    "ipv6-rs": lambda: IPv6(src="fe80::1", dst="ff02::2", hlim=255) / fuzz(ICMPv6ND_RS()),
+    "ipv6-echo": lambda: IPv6(src="fec0::15", dst="fec0::2") / fuzz(ICMPv6EchoRequest()),
+    "ipv6-tcp": lambda: IPv6(src="fec0::15", dst="fec0::2") / fuzz(TCP(dport=9)),
+    "ipv6-udp": lambda: IPv6(src="fec0::15", dst="fec0::3") / UDP(sport=1000, dport=53) / fuzz(DNS()),
 }
 
 
