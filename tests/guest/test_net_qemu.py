@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import struct
 
 import pytest
 
@@ -26,6 +27,20 @@ def qemu(elf, netdev: str, mac: str) -> list[str]:
     return ["qemu-system-x86_64", "-enable-kvm", "-M", "q35", "-nographic", "-nodefaults",
             "-serial", "stdio", "-kernel", str(elf), "-smp", "1", "-m", "128", "-no-reboot",
             "-netdev", f"{netdev},id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+
+
+def ip_checksum(b: bytes) -> int:
+    s = sum(int.from_bytes(b[i : i + 2], "big") for i in range(0, len(b), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def udp_frame(dst_mac: str, src_mac: str, src_ip: bytes, dst_ip: bytes, sport: int, payload: bytes) -> bytes:
+    udp = struct.pack(">HHHH", sport, 7, 8 + len(payload), 0) + payload
+    ip = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src_ip, dst_ip))
+    struct.pack_into(">H", ip, 10, ip_checksum(bytes(ip)))
+    return bytes.fromhex(dst_mac.replace(":", "") + src_mac.replace(":", "")) + b"\x08\x00" + bytes(ip) + udp
 
 
 def free_udp_ports(n: int) -> list[int]:
@@ -67,6 +82,14 @@ async def test_two_guests_on_a_udp_wire_echo_and_exchange_frames(guest_elf) -> N
         await a.command(f"net send {frame}", f"NET sent len={len(frame) // 2}\n")
         m = await b.command("net recv 2000", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
         assert m.group(2) == frame
+        # UDP to b's port 7 comes back with the ports swapped and the payload intact.
+        udp = udp_frame("52:54:00:00:00:0b", "52:54:00:00:00:0a", bytes([10, 9, 0, 1]),
+                        bytes([10, 9, 0, 2]), 40000, b"echo me, please")
+        await a.command(f"net send {udp.hex()}", "NET sent")
+        m = await a.command("net recv 2000", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
+        back = bytes.fromhex(m.group(2))
+        assert back[:6] == udp[6:12] and back[23] == 17
+        assert struct.unpack(">HH", back[34:38]) == (7, 40000) and back[42:57] == b"echo me, please"
         # a blasts at b's MAC while b counts.
         await b.write("net bench rx 2\n")
         await asyncio.sleep(0.2)
