@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -260,3 +264,44 @@ async def test_fragmented_udp_datagram_is_reassembled_and_forwarded(net: UserNet
         assert net.counters()["frag_reassembled"] == 1
     finally:
         srv.close()
+
+
+PING_IN_NETNS = r"""
+import asyncio, pathlib, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+# This network namespace is private to this process, so its sysctl is ours to set.
+pathlib.Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647")
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
+from appliance.nat import UserNetwork
+from tests.nat.conftest import drain
+
+async def main():
+    net = UserNetwork()
+    await net.start()
+    frame = Ether(src="52:54:00:12:34:56", dst="52:55:0a:00:02:02") / IP(src="10.0.2.15", dst="127.0.0.1")
+    net.send([memoryview(bytes(frame / ICMP(type=8, id=4242, seq=9) / b"netns ping"))])
+    for _ in range(200):
+        for raw in drain(net):
+            p = Ether(raw)
+            if ICMP in p:
+                print(p[ICMP].type, p[ICMP].id, p[ICMP].seq, p[IP].src, bytes(p[ICMP].payload).decode())
+                await net.stop()
+                return
+        await asyncio.sleep(0.01)
+    print("no reply", net.counters())
+    await net.stop()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_ping_forwarded_through_a_ping_socket_in_a_private_netns(project_root) -> None:
+    """A private network namespace allows ping sockets; the guest's echo to 127.0.0.1 comes back."""
+    out = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", PING_IN_NETNS, str(project_root)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.strip() == "0 4242 9 127.0.0.1 netns ping", out.stderr[-2000:]
