@@ -265,6 +265,11 @@ class Vcpu:
             except (ProcessLookupError, OSError):
                 pass
 
+    def rearm(self) -> None:
+        """Undo :meth:`kick` so :meth:`run` can be called again (resume after pause)."""
+        self._stop.clear()
+        self._run_struct.immediate_exit = 0
+
     def run(self, pio_bus: Bus, mmio_bus: Bus) -> VcpuExit:
         """Run the guest until it stops on something the machine must handle.
 

@@ -21,6 +21,7 @@ import enum
 import inspect
 import logging
 import threading
+import time
 from typing import Any
 
 from appliance.kvm.system import Kvm
@@ -46,6 +47,7 @@ async def _maybe_await(fn: Any) -> None:
 class Runstate(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     REBOOTING = "rebooting"
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -53,11 +55,15 @@ class Runstate(enum.Enum):
 
 TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
     Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.STOPPED}),
-    Runstate.RUNNING: frozenset({Runstate.REBOOTING, Runstate.STOPPING}),
+    Runstate.RUNNING: frozenset({Runstate.PAUSED, Runstate.REBOOTING, Runstate.STOPPING}),
+    Runstate.PAUSED: frozenset({Runstate.RUNNING, Runstate.REBOOTING, Runstate.STOPPING}),
     Runstate.REBOOTING: frozenset({Runstate.RUNNING, Runstate.STOPPING}),
     Runstate.STOPPING: frozenset({Runstate.STOPPED}),
     Runstate.STOPPED: frozenset(),
 }
+
+
+_LIVE = frozenset({Runstate.RUNNING, Runstate.PAUSED, Runstate.REBOOTING})
 
 
 class Machine:
@@ -84,6 +90,8 @@ class Machine:
         self._builder: MachineBuilder | None = None
         self._event_task: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[tuple[int, str, str]] | None = None
+        # Serialises runstate changes: guest events, pause/resume.
+        self._lock = asyncio.Lock()
 
     # --- public API ---------------------------------------------------------------
 
@@ -125,7 +133,7 @@ class Machine:
 
     async def stop(self) -> int:
         """Stop the VM now (as if its power cord was pulled); returns the exit status."""
-        if self.runstate in (Runstate.RUNNING, Runstate.REBOOTING):
+        if self.runstate in _LIVE:
             self.post_event("quit", "stopped by host")
         if self._done is not None:
             await self._done.wait()
@@ -133,8 +141,26 @@ class Machine:
             await asyncio.gather(self._event_task, return_exceptions=True)
         return self.exit_code if self.exit_code is not None else EXIT_OK
 
+    async def pause(self) -> None:
+        """Stop the vCPUs where they are (QMP ``stop``); devices and console stay up."""
+        async with self._lock:
+            if self.runstate is not Runstate.RUNNING:
+                return
+            self._set_state(Runstate.PAUSED)
+            await self._stop_threads()
+
+    async def resume(self) -> None:
+        """Let paused vCPUs run again (QMP ``cont``)."""
+        async with self._lock:
+            if self.runstate is not Runstate.PAUSED or self._inst is None:
+                return
+            for vcpu in self._inst.vcpus:
+                vcpu.rearm()
+            self._start_threads(self._inst, self._generation)
+            self._set_state(Runstate.RUNNING)
+
     def reset(self) -> None:
-        """Reset the guest as its reset button would."""
+        """Reset the guest as its reset button would (a paused machine reboots running)."""
         self.post_event("reset", "reset by host")
 
     def powerdown(self) -> None:
@@ -175,6 +201,9 @@ class Machine:
         inst = self._builder.build()
         self._inst = inst
         self.boots += 1
+        self._start_threads(inst, gen)
+
+    def _start_threads(self, inst: Instance, gen: int) -> None:
         self._threads = []
         for vcpu in inst.vcpus:
             t = threading.Thread(
@@ -196,23 +225,29 @@ class Machine:
 
     async def _event_loop(self) -> None:
         assert self._events is not None
-        while self.runstate in (Runstate.RUNNING, Runstate.REBOOTING):
+        while self.runstate in _LIVE:
             gen, kind, detail = await self._events.get()
-            if gen != self._generation and kind != "quit":
-                continue  # from a boot already torn down
-            log.debug("machine event %s: %s", kind, detail)
-            if kind == "poweroff":
-                await self._end(EXIT_OK, f"guest powered off ({detail})")
-            elif kind in ("reset", "shutdown"):
-                if self.config.no_reboot:
-                    await self._end(EXIT_OK, f"guest reset with -no-reboot ({detail})")
-                else:
-                    await self._reboot(detail)
-            elif kind == "quit":
-                await self._end(EXIT_OK, detail)
+            async with self._lock:
+                await self._handle(gen, kind, detail)
+
+    async def _handle(self, gen: int, kind: str, detail: str) -> None:
+        if self.runstate not in _LIVE:
+            return
+        if gen != self._generation and kind != "quit":
+            return  # from a boot already torn down
+        log.debug("machine event %s: %s", kind, detail)
+        if kind == "poweroff":
+            await self._end(EXIT_OK, f"guest powered off ({detail})")
+        elif kind in ("reset", "shutdown"):
+            if self.config.no_reboot:
+                await self._end(EXIT_OK, f"guest reset with -no-reboot ({detail})")
             else:
-                log.info("guest stopped: %s", detail)
-                await self._end(EXIT_ERROR, detail)
+                await self._reboot(detail)
+        elif kind == "quit":
+            await self._end(EXIT_OK, detail)
+        else:
+            log.info("guest stopped: %s", detail)
+            await self._end(EXIT_ERROR, detail)
 
     async def _reboot(self, detail: str) -> None:
         log.info("rebooting: %s", detail)
@@ -247,21 +282,30 @@ class Machine:
         if self._done is not None:
             self._done.set()
 
-    async def _teardown(self) -> None:
+    async def _stop_threads(self) -> bool:
+        """Kick every vCPU out of KVM_RUN and wait for its thread; False if one hangs."""
         inst, threads = self._inst, self._threads
-        self._inst, self._threads = None, []
+        self._threads = []
+        if inst is None:
+            return True
+        for vcpu in inst.vcpus:
+            vcpu.kick()
+        deadline = time.monotonic() + 5.0
+        # Kicked threads leave within microseconds; polling spares a helper thread.
+        while any(t.is_alive() for t in threads):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.0005)
+        return True
+
+    async def _teardown(self) -> None:
+        stopped = await self._stop_threads()
+        inst = self._inst
+        self._inst = None
         self._generation += 1
         if inst is None:
             return
-        for vcpu in inst.vcpus:
-            vcpu.kick()
-
-        def join() -> bool:
-            for t in threads:
-                t.join(5.0)
-            return all(not t.is_alive() for t in threads)
-
-        if not await asyncio.to_thread(join):
+        if not stopped:
             log.error("a vCPU thread did not stop; leaking its VM")
             return
         # Output the guest wrote just before stopping is still pending.

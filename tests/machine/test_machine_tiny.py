@@ -119,3 +119,21 @@ async def test_pci_host_bridge_answers_on_cf8_and_cf9_resets(tiny_elf: Path) -> 
         pio.write(0xCF9, b"\x06")
         await vm.console.expect("TINY-READY", timeout=10)
         assert vm.boots == 2
+
+
+async def test_pause_holds_the_guest_and_resume_lets_it_go_on(tiny_elf: Path) -> None:
+    async with Machine(MachineConfig(kernel=tiny_elf, num_cpus=2)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        await vm.pause()
+        assert vm.runstate is Runstate.PAUSED
+        vm.console.send("zz")
+        with pytest.raises(ConsoleTimeout):
+            await vm.console.expect("zz", timeout=0.3)
+        await vm.resume()
+        assert vm.runstate is Runstate.RUNNING
+        await vm.console.expect("zz", timeout=5)
+        await vm.pause()
+        vm.reset()
+        await vm.console.expect("TINY-READY", timeout=10)
+        assert vm.runstate is Runstate.RUNNING
+    assert vm.runstate is Runstate.STOPPED
