@@ -63,7 +63,7 @@ async def test_kit_boots_runs_commands_and_powers_off(kit, tmp_path: Path) -> No
         line = await g.run("kitio bench --dev /dev/vda --mode randread --bs 4096 --qd 4 --seconds 0.5")
         fields = dict(kv.split("=") for kv in line.split()[1:])
         assert line.startswith("KITIO ") and float(fields["iops"]) > 0 and fields["qd"] == "4"
-        lease = await g.run("udhcpc -i eth0 -q -n -t 5 -T 1 && ip -4 addr show eth0", timeout=30)
+        lease = await g.run("udhcpc -i eth0 -q -n -t 10 -T 2 && ip -4 addr show eth0", timeout=60)
         assert "inet 10.0.2.15/24" in lease
         # QEMU's restricted user network offers no router; apply a lease by hand.
         await g.run("interface=eth0 ip=10.9.0.5 mask=24 router=10.9.0.1 dns=10.9.0.3 "
