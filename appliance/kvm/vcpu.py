@@ -152,7 +152,8 @@ class Vcpu:
         except BaseException:
             os.close(self.fd)
             raise
-        self._run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self._mm))
+        self._run_buf = ffi.from_buffer(self._mm)
+        self._run_struct = ffi.cast("struct kvm_run *", self._run_buf)
         self._stop = threading.Event()
         self._thread_id: int | None = None
         self._can_kick = _install_kick_handler()
@@ -257,6 +258,8 @@ class Vcpu:
     def kick(self) -> None:
         """Make :meth:`run` return ``stopped`` soon; callable from any thread."""
         self._stop.set()
+        if self.fd < 0:
+            return  # closed: kvm_run is unmapped
         self._run_struct.immediate_exit = 1
         tid = self._thread_id
         if tid is not None and self._can_kick:
@@ -267,6 +270,8 @@ class Vcpu:
 
     def rearm(self) -> None:
         """Undo :meth:`kick` so :meth:`run` can be called again (resume after pause)."""
+        if self.fd < 0:
+            raise KvmError(f"vCPU {self.index} is closed")
         self._stop.clear()
         self._run_struct.immediate_exit = 0
 
@@ -349,10 +354,12 @@ class Vcpu:
 
     def close(self) -> None:
         if self.fd >= 0:
+            # The kvm_run page keeps the vCPU (and so the VM) alive until unmapped.
+            ffi.release(self._run_buf)
             try:
                 self._mm.close()
             except BufferError:
-                pass
+                log.debug("vCPU %d: kvm_run page still referenced", self.index)
             os.close(self.fd)
             self.fd = -1
 
