@@ -63,7 +63,10 @@ class RunOption:
 
 
 OPTIONS: dict[str, RunOption] = {}
-OPTION_MODULES: tuple[str, ...] = ()
+OPTION_MODULES: tuple[str, ...] = ("appliance.cli.run_devices",)
+# Called by to_config() once the whole line is read: options whose values
+# refer to each other (-device drive=, netdev=) are resolved there.
+FINALIZERS: list[Callable[[RunArgs], None]] = []
 
 
 Applier = Callable[[RunArgs, str], None]
@@ -295,6 +298,7 @@ def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bo
 
 
 def usage() -> str:
+    _load_option_modules()
     lines = [
         f"usage: {PROG} -kernel FILE [options]",
         "",
@@ -345,6 +349,8 @@ def parse_args(argv: list[str]) -> RunArgs:
 
 
 def to_config(args: RunArgs) -> MachineConfig:
+    for finish in FINALIZERS:
+        finish(args)
     if args.kernel is None:
         raise ConfigError("-kernel is required (the appliance has no firmware to boot disks)")
     if len(args.serials) > 1:

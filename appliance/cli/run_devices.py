@@ -1,0 +1,416 @@
+"""`appliance run` options for virtio devices, in QEMU's syntax.
+
+``-drive``, ``-hda``…``-hdd``, ``-blockdev``, ``-snapshot``, ``-device``
+(virtio-blk-pci, virtio-rng-pci, virtio-net-pci), ``-object`` (rng-random,
+rng-builtin, filter-dump), ``-netdev``, ``-nic`` and ``-net none``.
+
+Each option is parsed when it is met (so a bad value is reported against the
+option that carries it) into a :class:`DevicePlan` kept in ``RunArgs.devices``.
+References between options (``drive=``, ``netdev=``, ``rng=``, a filter's
+``netdev=``) may point forward on the command line, as in QEMU, so they are
+resolved only once the whole line has been read (:func:`finalize`), which
+replaces the plan with the machine's DeviceSpecs, in command-line order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from appliance.cli.options import OptionDict, parse_option
+from appliance.cli.run import FINALIZERS, RunArgs, option
+from appliance.errors import ConfigError
+from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
+from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
+from appliance.pci.errors import PciError
+from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource, resolve_blockdev
+
+MAX_BLK_QUEUES = 64
+MAX_QUEUE_SIZE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlkDeviceConfig:
+    """``-device virtio-blk-pci``."""
+
+    SYNTAX = "virtio-blk-pci,drive=<id|node>[,num-queues=n][,queue-size=n][,serial=str][,addr=slot][,id=str]"
+    drive: str
+    num_queues: int | None = None
+    queue_size: int = 256
+    serial: str | None = None
+    addr: str | None = None
+    id: str | None = None
+
+    @classmethod
+    def parse(cls, o: OptionDict) -> BlkDeviceConfig:
+        what = o.option
+        drive = o.require("drive")
+        num_queues = o.take_int("num-queues", None, minimum=1)
+        if num_queues is not None and num_queues > MAX_BLK_QUEUES:
+            raise ConfigError(f"{what}: num-queues={num_queues} is more than {MAX_BLK_QUEUES}")
+        queue_size = o.take_int("queue-size", 256, minimum=2) or 256
+        if queue_size & (queue_size - 1) or queue_size > MAX_QUEUE_SIZE:
+            raise ConfigError(
+                f"{what}: queue-size={queue_size} must be a power of 2 between 2 and {MAX_QUEUE_SIZE}"
+            )
+        cfg = cls(drive, num_queues, queue_size, o.take("serial"), o.take("addr"), o.take("id"))
+        o.take("bootindex")  # firmware-only: there is no firmware to boot from a disk
+        o.finish()
+        return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class RngDeviceConfig:
+    """``-device virtio-rng-pci``."""
+
+    SYNTAX = "virtio-rng-pci[,rng=<object id>][,addr=slot][,id=str]"
+    rng: str | None = None
+    addr: str | None = None
+    id: str | None = None
+
+    @classmethod
+    def parse(cls, o: OptionDict) -> RngDeviceConfig:
+        cfg = cls(o.take("rng"), o.take("addr"), o.take("id"))
+        o.finish()
+        return cfg
+
+
+# One entry per PCI device, in command-line order.
+PlanEntry = DriveConfig | BlkDeviceConfig | RngDeviceConfig | tuple[str, object]
+
+
+@dataclass
+class DevicePlan:
+    """Everything the device options said, before references are resolved."""
+
+    entries: list[PlanEntry] = field(default_factory=list)
+    drives: dict[str, DriveConfig] = field(default_factory=dict)
+    blockdevs: dict[str, BlockdevConfig] = field(default_factory=dict)
+    netdevs: dict[str, object] = field(default_factory=dict)
+    rng_objects: dict[str, str] = field(default_factory=dict)
+    dumps: list[object] = field(default_factory=list)
+    snapshot: bool = False
+    net_none: bool = False
+    nic_count: int = 0
+    drive_count: int = 0
+
+    def add_drive(self, drive: DriveConfig) -> None:
+        ident = drive.id or f"{drive.interface}{self.drive_count}"
+        self.drive_count += 1
+        if ident in self.drives or ident in self.blockdevs:
+            raise ConfigError(f"-drive: duplicate ID '{ident}' for drive")
+        drive = replace(drive, id=ident)
+        self.drives[ident] = drive
+        if drive.interface == "virtio":
+            self.entries.append(drive)
+
+
+def plan_of(args: RunArgs) -> DevicePlan:
+    for d in args.devices:
+        if isinstance(d, DevicePlan):
+            return d
+    plan = DevicePlan()
+    args.devices.append(plan)
+    return plan
+
+
+# --- options ------------------------------------------------------------------------------
+
+
+@option(
+    "-drive",
+    "file=path[,format=raw|qcow2][,if=virtio|none][,id=][,cache=][,aio=][,readonly=][,discard=]"
+    "[,serial=][,snapshot=][,addr=]",
+    "a disk image; if=virtio (the default here: there is no IDE) makes a virtio-blk-pci disk, "
+    "if=none leaves it for -device virtio-blk-pci,drive=ID",
+)
+def _drive(a: RunArgs, v: str) -> None:
+    plan_of(a).add_drive(DriveConfig.parse(v))
+
+
+def _hd(letter: str) -> None:
+    def apply(a: RunArgs, v: str) -> None:
+        src = ImageSource(Path(v), what=f"-hd{letter} {v}")
+        src.validate()
+        plan_of(a).add_drive(DriveConfig(src, "virtio"))
+
+    option(
+        f"-hd{letter}", "file",
+        "same as -drive file=FILE,if=virtio (a virtio disk here, not IDE)" if letter == "a"
+        else "same as -hda",
+    )(apply)
+
+
+for _letter in "abcd":
+    _hd(_letter)
+
+
+@option(
+    "-blockdev",
+    "driver=file,node-name=N,filename=PATH[,...] | driver=raw|qcow2,node-name=N,file=FILE-NODE",
+    "a block node for -device virtio-blk-pci,drive=NODE (qcow2/raw over a file node, or a file node alone)",
+)
+def _blockdev(a: RunArgs, v: str) -> None:
+    node = BlockdevConfig.parse(v)
+    plan = plan_of(a)
+    if node.node_name in plan.blockdevs or node.node_name in plan.drives:
+        raise ConfigError(f"-blockdev: duplicate node name '{node.node_name}'")
+    plan.blockdevs[node.node_name] = node
+
+
+@option("-snapshot", None, "write every -drive into a temporary qcow2 overlay, discarded at exit")
+def _snapshot(a: RunArgs, v: str) -> None:
+    plan_of(a).snapshot = True
+
+
+_NIC_DRIVERS = ("virtio-net-pci", "virtio-net")
+_BLK_DRIVERS = ("virtio-blk-pci", "virtio-blk")
+_RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
+
+
+@option(
+    "-device",
+    "virtio-blk-pci,drive=ID[,num-queues=N][,queue-size=N][,serial=S][,addr=SLOT] | "
+    "virtio-rng-pci[,rng=ID][,addr=SLOT] | virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
+    "[,host_mtu=N][,addr=SLOT]",
+    "a virtio device on PCI (num-queues defaults to one per vCPU)",
+)
+def _device(a: RunArgs, v: str) -> None:
+    from appliance.nic.config import NicConfig
+
+    o = parse_option("-device", v, implied="driver")
+    driver = o.get("driver")
+    if driver is None:
+        raise ConfigError("-device: parameter 'driver' is missing")
+    plan = plan_of(a)
+    if driver in _NIC_DRIVERS:
+        plan.entries.append(("nic", NicConfig.parse_device(v)))
+        return
+    o.take("driver")
+    o.option = f"-device {driver}"
+    if driver in _BLK_DRIVERS:
+        plan.entries.append(BlkDeviceConfig.parse(o))
+    elif driver in _RNG_DRIVERS:
+        plan.entries.append(RngDeviceConfig.parse(o))
+    else:
+        raise ConfigError(f"-device: driver '{driver}' is not supported")
+
+
+@option(
+    "-object",
+    "rng-random,id=ID,filename=PATH | rng-builtin,id=ID | filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]",
+    "an entropy source for virtio-rng-pci, or a pcap capture of a netdev",
+)
+def _object(a: RunArgs, v: str) -> None:
+    from appliance.nic.config import FilterDumpConfig
+
+    plan = plan_of(a)
+    o = parse_option("-object", v, implied="qom-type")
+    kind = o.get("qom-type")
+    if kind == "filter-dump":
+        plan.dumps.append(FilterDumpConfig.parse(v))
+        return
+    if kind not in ("rng-random", "rng-builtin"):
+        raise ConfigError(f"-object: type '{kind}' is not supported (rng-random, rng-builtin, filter-dump)")
+    o.take("qom-type")
+    o.option = f"-object {kind}"
+    ident = o.require("id")
+    filename = o.take("filename", "/dev/urandom") if kind == "rng-random" else "/dev/urandom"
+    o.finish()
+    if ident in plan.rng_objects:
+        raise ConfigError(f"-object: duplicate id '{ident}'")
+    if not filename:
+        raise ConfigError(f"-object {kind}: filename is empty")
+    plan.rng_objects[ident] = filename
+
+
+@option(
+    "-netdev", "tap|bridge|dgram|socket|stream|user,id=ID[,...]",
+    "a host network back end for -device virtio-net-pci",
+)
+def _netdev(a: RunArgs, v: str) -> None:
+    from appliance.net.netdev import parse_netdev
+
+    cfg = parse_netdev(v)
+    plan = plan_of(a)
+    if cfg.id in plan.netdevs:
+        raise ConfigError(f"-netdev: duplicate id '{cfg.id}'")
+    plan.netdevs[cfg.id] = cfg
+
+
+@option("-nic", "TYPE[,netdev options][,model=virtio-net-pci][,mac=][,addr=] | none", "a NIC and its netdev in one")
+def _nic(a: RunArgs, v: str) -> None:
+    from appliance.nic.config import parse_nic
+
+    plan = plan_of(a)
+    netdev, nic = parse_nic(v, plan.nic_count)
+    plan.nic_count += 1
+    if netdev is None or nic is None:
+        plan.net_none = True
+        return
+    plan.netdevs[netdev.id] = netdev
+    plan.entries.append(("nic", nic))
+
+
+@option("-net", "none", "no NICs (which is also the default: no NIC is made unless asked for)")
+def _net(a: RunArgs, v: str) -> None:
+    o = parse_option("-net", v, implied="type")
+    kind = o.take("type")
+    o.finish()
+    if kind != "none":
+        raise ConfigError(f"-net: '{kind}' is not supported (use -nic, or -netdev with -device)")
+    plan_of(a).net_none = True
+
+
+# --- resolving ----------------------------------------------------------------------------
+
+
+def _address(text: str | None, what: str) -> PciAddress | None:
+    if text is None:
+        return None
+    try:
+        return parse_pci_address(text)
+    except PciError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
+def resolve(plan: DevicePlan) -> list[object]:
+    """The DeviceSpecs of ``plan`` in command-line order.
+
+    virtio-blk ``num-queues`` left unset becomes one per vCPU when the disk
+    is attached (the machine config knows the vCPU count).
+
+    :raises ConfigError: On a dangling or doubly used reference, a slot
+        clash, too many NICs, or one file written by two devices.
+    """
+    from appliance.nic.config import MAX_NICS, FilterDumpConfig, NicConfig, default_mac
+
+    specs: list[object] = []
+    addrs: list[PciAddress | None] = []
+    used_drives: dict[str, str] = {}
+    used_netdevs: set[str] = set()
+    writers: dict[str, str] = {}
+    macs = 0
+    nics = 0
+
+    def claim(name: str, by: str) -> None:
+        if name in used_drives:
+            raise ConfigError(f"{by}: drive '{name}' is already in use by {used_drives[name]}")
+        used_drives[name] = by
+
+    def check_writer(src: ImageSource, by: str) -> None:
+        if not src.writes_file:
+            return
+        key = str(src.path.resolve())
+        if key in writers:
+            raise ConfigError(
+                f"{by}: '{src.path}' is already opened for writing by {writers[key]} "
+                "(Failed to get \"write\" lock)"
+            )
+        writers[key] = by
+
+    for entry in plan.entries:
+        if isinstance(entry, DriveConfig):
+            assert entry.id is not None
+            what = f"-drive {entry.id}"
+            claim(entry.id, what)
+            src = _with_global_snapshot(entry.source, plan.snapshot)
+            check_writer(src, what)
+            addr = _address(entry.addr, what)
+            specs.append(BlkSpec(src, num_queues=None, serial=entry.serial, addr=addr,
+                                 name=f"virtio-blk {entry.id}"))
+            addrs.append(addr)
+        elif isinstance(entry, BlkDeviceConfig):
+            what = "-device virtio-blk-pci"
+            drive = plan.drives.get(entry.drive)
+            if drive is not None:
+                if drive.interface != "none":
+                    raise ConfigError(
+                        f"{what}: drive '{entry.drive}' is already in use because it has been "
+                        "automatically connected to another device (use if=none)"
+                    )
+                src = _with_global_snapshot(drive.source, plan.snapshot)
+                serial = drive.serial
+            else:
+                src = resolve_blockdev(plan.blockdevs, entry.drive, what=f"{what},drive={entry.drive}")
+                serial = ""
+            claim(entry.drive, what)
+            check_writer(src, f"{what},drive={entry.drive}")
+            addr = _address(entry.addr, what)
+            specs.append(BlkSpec(
+                src, num_queues=entry.num_queues, queue_size=entry.queue_size,
+                serial=entry.serial if entry.serial is not None else serial, addr=addr,
+                name=f"virtio-blk {entry.id or entry.drive}",
+            ))
+            addrs.append(addr)
+        elif isinstance(entry, RngDeviceConfig):
+            what = "-device virtio-rng-pci"
+            filename = "/dev/urandom"
+            if entry.rng is not None:
+                if entry.rng not in plan.rng_objects:
+                    raise ConfigError(f"{what}: rng object '{entry.rng}' not found")
+                filename = plan.rng_objects[entry.rng]
+            addr = _address(entry.addr, what)
+            specs.append(RngSpec(filename, addr=addr, name=f"virtio-rng {entry.id or ''}".rstrip()))
+            addrs.append(addr)
+        else:
+            nic = entry[1]
+            assert isinstance(nic, NicConfig)
+            what = "-device virtio-net-pci" if not nic.netdev.startswith("__nic") else "-nic"
+            nics += 1
+            if nics > MAX_NICS:
+                raise ConfigError(f"{what}: more than {MAX_NICS} NICs (the limit of one VM)")
+            netdev = plan.netdevs.get(nic.netdev)
+            if netdev is None:
+                raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
+            if nic.netdev in used_netdevs:
+                raise ConfigError(f"{what}: netdev '{nic.netdev}' is already used by another NIC")
+            used_netdevs.add(nic.netdev)
+            queues = int(getattr(netdev, "queues", 1) or 1)
+            if queues > 1 and not nic.mq:
+                raise ConfigError(
+                    f"{what}: netdev '{nic.netdev}' has queues={queues}; add mq=on to use them"
+                )
+            if nic.vectors is not None and nic.vectors < 2 * queues + 2:
+                raise ConfigError(
+                    f"{what}: vectors={nic.vectors} is fewer than the {2 * queues + 2} this NIC needs "
+                    "(MSI-X only; INTx is not supported)"
+                )
+            mac = nic.mac
+            if mac is None:
+                mac = default_mac(macs)
+                macs += 1
+            captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == nic.netdev]
+            addr = _address(nic.addr, what)
+            specs.append(NicSpec(
+                netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
+                name=f"virtio-net {nic.id or nic.netdev}",
+            ))
+            addrs.append(addr)
+    for d in plan.dumps:
+        assert isinstance(d, FilterDumpConfig)
+        if d.netdev not in plan.netdevs:
+            raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' not found")
+        if d.netdev not in used_netdevs:
+            raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' has no NIC")
+    try:
+        plan_slots(addrs)
+    except PciError as err:
+        raise ConfigError(f"-device: {err}") from None
+    return specs
+
+
+def _with_global_snapshot(src: ImageSource, snapshot: bool) -> ImageSource:
+    return replace(src, snapshot=True) if snapshot and not src.snapshot else src
+
+
+def finalize(args: RunArgs) -> None:
+    """Replace the plan in ``args.devices`` with its DeviceSpecs."""
+    for i, d in enumerate(args.devices):
+        if isinstance(d, DevicePlan):
+            args.devices[i : i + 1] = resolve(d)
+            return
+
+
+if finalize not in FINALIZERS:
+    FINALIZERS.append(finalize)

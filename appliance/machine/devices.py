@@ -1,0 +1,265 @@
+"""virtio devices on PCI for our own vCPUs: disks, entropy, NICs, as machine DeviceSpecs.
+
+Each spec follows the machine's device lifecycle
+(:class:`~appliance.machine.config.DeviceSpec`): ``open()`` once when the
+machine starts (image files, taps, sockets, the user-mode stack, capture
+files), ``attach()`` on every boot (a fresh :class:`VirtioPciTransport` over
+the same device model, plugged into this boot's PCI bus), ``close()`` once at
+the end (in-flight I/O drained, backends closed, owned taps removed).
+
+Slots are stable: a spec with ``addr`` gets that slot; the others take the
+lowest free slot not reserved by any spec of the config, in config order, so
+a boot always lays the bus out the same way (:func:`appliance.pci.plan_slots`
+semantics). The device model lives across reboots; a reboot resets it
+through its transport like a cold boot's driver would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.errors import ApplianceError, ConfigError
+from appliance.pci.allocator import MAX_SLOT, PciAddress
+from appliance.storage.blockdev import ImageSource, OpenImage, open_image_source
+
+if TYPE_CHECKING:
+    from appliance.machine.builder import Instance, MachineBuilder
+    from appliance.net.netdev import NetdevConfig
+    from appliance.nic.config import FilterDumpConfig
+    from appliance.virtio.device import VirtioDevice
+    from appliance.virtio.queue import Virtqueue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 256
+
+
+def fresh_queue(mem: Any, size: int, desc: int, driver: int, device: int, **kw: Any) -> Virtqueue:
+    """A virtqueue whose indices start at 0, as after a device reset.
+
+    The queue normally resumes from the used index found in guest memory
+    (vhost-user reconnects need that); a PCI device starts from 0 every
+    time the driver sets it up (virtio 1.2 §2.7.1).
+    """
+    from appliance.virtio.queue import Virtqueue
+
+    q = Virtqueue(mem, size, desc, driver, device, **kw)
+    q.used_idx = 0
+    q.last_avail_idx = 0
+    return q
+
+
+def _slot_for(builder: MachineBuilder, inst: Instance, want: PciAddress | None) -> PciAddress:
+    if want is not None:
+        return want
+    reserved = {a.slot for a in inst.pci.devices}
+    for spec in builder.config.devices:
+        addr = getattr(spec, "addr", None)
+        if isinstance(addr, PciAddress):
+            reserved.add(addr.slot)
+    for slot in range(MAX_SLOT + 1):
+        if slot not in reserved:
+            return PciAddress(slot, 0)
+    raise ConfigError("no free PCI slot is left on bus 0")
+
+
+def plug_virtio(
+    builder: MachineBuilder, inst: Instance, device: VirtioDevice, *, addr: PciAddress | None, name: str
+) -> Any:
+    """Put ``device`` on this boot's PCI bus behind a virtio-pci transport; returns the transport.
+
+    Call on the machine's loop (the builder runs there).
+
+    :raises ConfigError: When the machine has no PCI bus or the slot is taken.
+    """
+    from appliance.pci.errors import PciError
+    from appliance.virtio.pci import VirtioPciTransport
+
+    if inst.pci is None:
+        raise ConfigError(f"{name}: this machine has no PCI bus")
+    transport = VirtioPciTransport(
+        device, mem=inst.memory, platform=inst.vm, loop=asyncio.get_running_loop(),
+        name=name, queue_factory=fresh_queue,
+    )
+    try:
+        inst.pci.add(transport, _slot_for(builder, inst, addr))
+    except PciError as err:
+        transport.close()
+        raise ConfigError(f"{name}: {err}") from None
+    return transport
+
+
+# --- virtio-blk ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class BlkSpec:
+    """A virtio-blk-pci disk.
+
+    :param source: the image and how to open it.
+    :param num_queues: request queues; ``None`` means one per vCPU (QEMU's default).
+    :param read_only: present the disk read-only (also when the image is writable).
+    """
+
+    source: ImageSource
+    num_queues: int | None = None
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    serial: str = ""
+    addr: PciAddress | None = None
+    name: str = "virtio-blk"
+    read_only: bool = False
+    image: OpenImage | None = field(default=None, repr=False)
+    device: Any = field(default=None, repr=False)
+    transport: Any = field(default=None, repr=False)
+
+    async def open(self) -> None:
+        self.image = await open_image_source(self.source)
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None:
+        attach_blk(builder, inst, self)
+
+    async def close(self) -> None:
+        if self.device is not None:
+            await self.device.quiesce()
+        if self.image is not None:
+            image, self.image = self.image, None
+            await image.close()
+
+
+def attach_blk(builder: MachineBuilder, inst: Instance, spec: BlkSpec) -> None:
+    """Plug ``spec`` 's disk in (the device model is made on the first boot)."""
+    from appliance.storage.blk import VirtioBlk
+
+    if spec.image is None:
+        raise ConfigError(f"{spec.name}: the disk was not opened")
+    if spec.device is None:
+        spec.device = VirtioBlk(
+            spec.image.backend,
+            num_queues=spec.num_queues or builder.config.num_cpus,
+            queue_size=spec.queue_size,
+            serial=spec.serial,
+            read_only=spec.read_only or spec.source.read_only,
+        )
+    spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
+
+
+# --- virtio-rng ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RngSpec:
+    """A virtio-rng-pci entropy device reading ``filename``."""
+
+    filename: str = "/dev/urandom"
+    addr: PciAddress | None = None
+    name: str = "virtio-rng"
+    device: Any = field(default=None, repr=False)
+    transport: Any = field(default=None, repr=False)
+
+    def open(self) -> None:
+        from appliance.virtio.rng import VirtioRng
+
+        self.device = VirtioRng(self.filename)
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None:
+        attach_rng(builder, inst, self)
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+
+def attach_rng(builder: MachineBuilder, inst: Instance, spec: RngSpec) -> None:
+    if spec.device is None:
+        spec.open()
+    spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
+
+
+# --- virtio-net ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class NicSpec:
+    """A virtio-net-pci NIC on a netdev, with the netdev's packet captures.
+
+    :param queues: queue pairs; the netdev is opened with this many (a
+        multiqueue tap has one fd per pair).
+    :param captures: ``-object filter-dump`` s on this NIC's netdev; one pcap
+        writer each, shared by every queue pair.
+    """
+
+    netdev: NetdevConfig
+    mac: bytes
+    queues: int = 1
+    mtu: int | None = None
+    addr: PciAddress | None = None
+    name: str = "virtio-net"
+    captures: list[FilterDumpConfig] = field(default_factory=list)
+    owner: Any = field(default=None, repr=False)
+    backends: list[Any] = field(default_factory=list, repr=False)
+    writers: list[Any] = field(default_factory=list, repr=False)
+    device: Any = field(default=None, repr=False)
+    transport: Any = field(default=None, repr=False)
+
+    async def open(self) -> None:
+        from appliance.net.capture import CapturingBackend, open_capture
+        from appliance.net.netdev import open_netdev
+
+        what = f"-netdev {self.netdev.id}"
+        try:
+            backends, self.owner = await open_netdev(self.netdev, queues=self.queues)
+            for c in self.captures:
+                self.writers.append(await asyncio.to_thread(open_capture, Path(c.file), maxlen=c.maxlen))
+        except ConfigError:
+            await self.close()
+            raise
+        except (ApplianceError, OSError) as err:
+            await self.close()
+            raise ConfigError(f"{what}: {err}") from err
+        if self.writers:
+            wrapped: list[Any] = []
+            for b in backends:
+                cap = CapturingBackend(b)
+                cap.writers = list(self.writers)
+                wrapped.append(cap)
+            backends = wrapped
+        self.backends = list(backends)
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None:
+        attach_nic(builder, inst, self)
+
+    async def close(self) -> None:
+        if self.device is not None:
+            self.device.reset()
+            self.device = None
+        for w in self.writers:
+            try:
+                w.close()
+            except Exception:
+                log.exception("%s: closing a capture failed", self.name)
+        self.writers.clear()
+        owner, self.owner = self.owner, None
+        self.backends = []
+        if owner is not None:
+            result = owner.close()
+            if inspect.isawaitable(result):
+                await result
+
+
+def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
+    from appliance.nic.virtio_net import VirtioNet
+
+    if not spec.backends:
+        raise ConfigError(f"{spec.name}: the netdev was not opened")
+    if spec.device is None:
+        spec.device = VirtioNet(spec.backends, spec.mac, mtu=spec.mtu)
+    spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
+
+
+__all__ = ["BlkSpec", "NicSpec", "RngSpec", "attach_blk", "attach_nic", "attach_rng", "fresh_queue", "plug_virtio"]

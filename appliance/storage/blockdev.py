@@ -1,0 +1,462 @@
+"""Disk images named on a command line: ``-drive``, ``-blockdev`` and ``-hda``, parsed and opened.
+
+Parsing gives an :class:`ImageSource` (file, format, cache mode, locking,
+snapshot): everything needed to open the image, so the VMM and the storage
+daemon open disks the same way. :func:`open_image_source` turns one into a
+:class:`BlockBackend`: raw files through :mod:`appliance.storage.raw` (image
+locking, ``aio=native``, hole punching), qcow2 through :mod:`appliance.qcow2`
+with the same QEMU-compatible locks taken on a separate descriptor.
+
+Format probing follows QEMU: without ``format=`` a file starting with the
+qcow2 magic is qcow2, anything else raw with a warning, and then a guest
+write that would make block 0 look like a qcow2 header is refused (QEMU's
+``raw`` driver does the same, so a guest cannot turn its disk into an image
+header that points at host files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+from appliance.cli.options import OptionDict, parse_bool, parse_option
+from appliance.errors import ApplianceError, ConfigError
+from appliance.storage.backend import BlockBackend
+from appliance.storage.errors import ReadOnlyError
+
+QCOW2_MAGIC = b"QFI\xfb"
+FORMATS = ("raw", "qcow2")
+CACHE_MODES = ("none", "writeback", "writethrough", "unsafe", "directsync")
+AIO_MODES = ("threads", "native")
+DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
+INTERFACES = ("virtio", "none")
+# BLOCK_PROBE_BUF_SIZE in QEMU: the bytes a probe looks at, and that a guest
+# may not rewrite into another format's header on a probed raw image.
+PROBE_BYTES = 512
+
+Warn = Callable[[str], None]
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def probe_warning(path: str) -> str:
+    """QEMU's warning, word for word, for a raw image opened without ``format=``."""
+    return (
+        f"WARNING: Image format was not specified for '{path}' and probing guessed raw.\n"
+        "         Automatically detecting the format is dangerous for raw images, "
+        "write operations on block 0 will be restricted.\n"
+        "         Specify the 'raw' format explicitly to remove the restrictions."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSource:
+    """One image to open, with file-level options (QEMU's format node over its file node).
+
+    :param fmt: ``raw``, ``qcow2`` or ``None`` (probe, warning when raw).
+    :param snapshot: write into a temporary qcow2 overlay, discarded at close.
+    :param what: the option it came from, to prefix error messages.
+    """
+
+    path: Path
+    fmt: str | None = None
+    read_only: bool = False
+    cache: str = "writeback"
+    aio: str = "threads"
+    discard: str = "ignore"
+    locking: bool = True
+    snapshot: bool = False
+    what: str = "-drive"
+
+    def validate(self) -> None:
+        """Checks that need no file access but the path's existence.
+
+        :raises ConfigError: When a value cannot work.
+        """
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise ConfigError(f"{self.what}: format '{self.fmt}' is not supported (raw or qcow2)")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"{self.what}: invalid cache option '{self.cache}'")
+        if self.aio not in AIO_MODES:
+            raise ConfigError(f"{self.what}: invalid aio option '{self.aio}' (threads or native)")
+        if self.aio == "native" and self.cache not in ("none", "directsync"):
+            raise ConfigError(f"{self.what}: aio=native was specified, but it requires cache.direct=on")
+        if self.aio == "native" and self.fmt == "qcow2":
+            raise ConfigError(f"{self.what}: aio=native is supported for raw images only")
+        if self.discard not in ("ignore", "unmap"):
+            raise ConfigError(f"{self.what}: invalid discard option '{self.discard}'")
+        if not self.path.exists():
+            raise ConfigError(f"{self.what}: Could not open '{self.path}': No such file or directory")
+        if self.path.is_dir():
+            raise ConfigError(f"{self.what}: Could not open '{self.path}': Is a directory")
+
+    @property
+    def writes_file(self) -> bool:
+        """Whether the file itself is opened for writing (not with ``snapshot``)."""
+        return not self.read_only and not self.snapshot
+
+
+# --- -drive -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DriveConfig:
+    """One ``-drive`` (or ``-hda``)."""
+
+    SYNTAX: ClassVar[str] = (
+        "file=<path>[,format=raw|qcow2][,if=virtio|none][,id=<id>][,cache=none|writeback|"
+        "writethrough|unsafe|directsync][,aio=threads|native][,readonly=on|off]"
+        "[,discard=ignore|unmap][,serial=<str>][,snapshot=on|off][,addr=<slot>]"
+    )
+    source: ImageSource
+    interface: str = "virtio"
+    id: str | None = None
+    serial: str = ""
+    addr: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, option: str = "-drive") -> DriveConfig:
+        """Parse the text after ``-drive``.
+
+        ``if=`` defaults to ``virtio``: this machine has no IDE or SCSI
+        controller for QEMU's other defaults to land on.
+
+        :raises ConfigError: On an unknown key or a bad value, naming it.
+        """
+        o = parse_option(option, text)
+        file = o.take("file")
+        if file is None or file == "":
+            raise ConfigError(f"{option}: parameter 'file' is missing (empty drives are not supported)")
+        interface = o.take("if", "virtio") or "virtio"
+        if interface not in INTERFACES:
+            raise ConfigError(f"{option}: interface if={interface} is not supported (virtio or none)")
+        media = o.take("media", "disk")
+        if media != "disk":
+            raise ConfigError(f"{option}: media={media} is not supported (disk only)")
+        ident = o.take("id")
+        if ident is not None:
+            _check_id(option, ident)
+        source = ImageSource(
+            Path(file),
+            fmt=o.take("format"),
+            read_only=o.take_bool("readonly", False) or o.take_bool("read-only", False),
+            cache=o.take("cache", "writeback") or "",
+            aio=o.take("aio", "threads") or "",
+            discard=_discard(o, option),
+            locking=_locking(o, "file.locking"),
+            snapshot=o.take_bool("snapshot", False),
+            what=f"{option} file={file}",
+        )
+        serial = o.take("serial", "") or ""
+        addr = o.take("addr")
+        if addr is not None and interface != "virtio":
+            raise ConfigError(f"{option}: addr= needs if=virtio")
+        o.finish()
+        cfg = cls(source, interface, ident, serial, addr)
+        cfg.source.validate()
+        return cfg
+
+
+def _check_id(option: str, ident: str) -> None:
+    if not ident or not (ident[0].isalpha()) or not all(c.isalnum() or c in "-._" for c in ident):
+        raise ConfigError(f"{option}: invalid id '{ident}'")
+
+
+def _discard(o: OptionDict, option: str) -> str:
+    value = o.take("discard", "ignore") or "ignore"
+    if value not in DISCARD_MODES:
+        raise ConfigError(f"{option}: invalid discard option '{value}' (ignore or unmap)")
+    return DISCARD_MODES[value]
+
+
+def _locking(o: OptionDict, key: str) -> bool:
+    value = o.take(key, "auto") or "auto"
+    if value == "auto":
+        return True
+    return parse_bool(value, f"{o.option} {key}")
+
+
+# --- -blockdev ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlockdevConfig:
+    """One ``-blockdev``: a ``file`` node (an image file) or a ``raw``/``qcow2`` node over one."""
+
+    SYNTAX: ClassVar[str] = (
+        "driver=file,node-name=<name>,filename=<path>[,read-only=on|off][,cache.direct=on|off]"
+        "[,cache.no-flush=on|off][,aio=threads|native][,discard=ignore|unmap][,locking=on|off|auto]"
+        " | driver=raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off][,discard=…]"
+    )
+    driver: str
+    node_name: str
+    filename: Path | None = None
+    file: str | None = None
+    read_only: bool = False
+    cache_direct: bool = False
+    no_flush: bool = False
+    aio: str = "threads"
+    discard: str = "ignore"
+    locking: bool = True
+
+    @classmethod
+    def parse(cls, text: str, *, option: str = "-blockdev") -> BlockdevConfig:
+        """Parse the dotted key=value form (QEMU's JSON form is refused by name).
+
+        :raises ConfigError: On an unknown driver or key, or a bad value.
+        """
+        if text.lstrip().startswith("{"):
+            raise ConfigError(f"{option}: JSON syntax is not supported; use key=value")
+        o = parse_option(option, text)
+        driver = o.require("driver")
+        node = o.require("node-name")
+        _check_id(option, node)
+        what = f"{option} node-name={node}"
+        o.option = what
+        read_only = o.take_bool("read-only", False)
+        o.take("auto-read-only")  # only steers QEMU's reopen logic
+        if driver == "file":
+            filename = o.require("filename")
+            aio = o.take("aio", "threads") or "threads"
+            if aio not in AIO_MODES:
+                raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
+            cfg = cls(
+                driver, node, filename=Path(filename), read_only=read_only,
+                cache_direct=o.take_bool("cache.direct", False),
+                no_flush=o.take_bool("cache.no-flush", False), aio=aio,
+                discard=_discard(o, what), locking=_locking(o, "locking"),
+            )
+            o.finish()
+            if cfg.aio == "native" and not cfg.cache_direct:
+                raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
+            return cfg
+        if driver in FORMATS:
+            file = o.require("file")
+            discard = _discard(o, what)
+            o.finish()
+            return cls(driver, node, file=file, read_only=read_only, discard=discard)
+        raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
+
+
+def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) -> ImageSource:
+    """The :class:`ImageSource` a device gets when it names node ``name``.
+
+    :raises ConfigError: When the node or the file node below it is missing or wrong.
+    """
+    node = nodes.get(name)
+    if node is None:
+        raise ConfigError(f"{what}: no drive or block node named '{name}'")
+    if node.driver == "file":
+        file, fmt = node, "raw"
+    else:
+        below = nodes.get(node.file or "")
+        if below is None:
+            raise ConfigError(f"-blockdev node-name={name}: file node '{node.file}' does not exist")
+        if below.driver != "file":
+            raise ConfigError(f"-blockdev node-name={name}: '{node.file}' is not a driver=file node")
+        file, fmt = below, node.driver
+    assert file.filename is not None
+    cache = "writeback"
+    if file.cache_direct:
+        cache = "none"
+    elif file.no_flush:
+        cache = "unsafe"
+    discard = "unmap" if node.discard == "unmap" or file.discard == "unmap" else "ignore"
+    src = ImageSource(
+        file.filename, fmt=fmt, read_only=node.read_only or file.read_only, cache=cache,
+        aio=file.aio, discard=discard, locking=file.locking,
+        what=f"-blockdev node-name={name}",
+    )
+    src.validate()
+    return src
+
+
+# --- opening ------------------------------------------------------------------------------
+
+
+class ProbedRawGuard:
+    """A raw image whose format was guessed: writes that would give block 0 a qcow2 header fail.
+
+    Everything else passes straight to the backend underneath.
+    """
+
+    def __init__(self, inner: BlockBackend) -> None:
+        self.inner = inner
+        self.size = inner.size
+        self.read_only = inner.read_only
+        self.logical_block_size = inner.logical_block_size
+        self.supports_discard = inner.supports_discard
+        self.refused_writes = 0
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        return await self.inner.readv(offset, bufs)
+
+    async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        if offset < len(QCOW2_MAGIC):
+            head = bytearray()
+            for b in bufs:
+                head += b[: len(QCOW2_MAGIC) - len(head)]
+                if len(head) >= len(QCOW2_MAGIC):
+                    break
+            # Bytes the write does not cover keep their old value.
+            current = bytearray(len(QCOW2_MAGIC))
+            if offset + len(head) < len(QCOW2_MAGIC):
+                await self.inner.readv(0, [memoryview(current)])
+            current[offset : offset + len(head)] = head
+            if bytes(current[: len(QCOW2_MAGIC)]) == QCOW2_MAGIC:
+                self.refused_writes += 1
+                raise ReadOnlyError("write to block 0 of a probed raw image refused (it would look like qcow2)")
+        return await self.inner.writev(offset, bufs)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.inner.discard(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        await self.inner.write_zeroes(offset, length, may_unmap=may_unmap)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass(eq=False)
+class OpenImage:
+    """An opened :class:`ImageSource`: the backend and what has to go with it."""
+
+    source: ImageSource
+    backend: BlockBackend
+    fmt: str
+    lock_fds: list[int]
+
+    async def close(self) -> None:
+        """Close the backend, then drop the image locks."""
+        try:
+            await self.backend.close()
+        finally:
+            for fd in self.lock_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.lock_fds.clear()
+
+
+def probe_format(path: Path) -> str:
+    """``qcow2`` when the file starts with its magic, else ``raw``."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC else "raw"
+
+
+def _lock(path: Path, *, write: bool) -> int:
+    from appliance.storage.locking import lock_image
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        lock_image(fd, str(path), write=write)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def open_image_source(src: ImageSource, *, warn: Warn = _stderr) -> OpenImage:
+    """Open ``src`` as a BlockBackend (in the running loop).
+
+    :param warn: where the probing warning goes (stderr by default).
+    :raises ConfigError: With a one-line message naming the option when the
+        image cannot be opened: missing, locked by another user, not the
+        format given, corrupt.
+    """
+    src.validate()
+    try:
+        return await _open(src, warn)
+    except ConfigError:
+        raise
+    except (ApplianceError, OSError) as err:
+        text = getattr(err, "strerror", None) if isinstance(err, OSError) else None
+        raise ConfigError(f"{src.what}: {text or err}") from err
+
+
+async def _open(src: ImageSource, warn: Warn) -> OpenImage:
+    fmt = src.fmt
+    probed = False
+    if fmt is None:
+        fmt = await asyncio.to_thread(probe_format, src.path)
+        probed = fmt == "raw"
+        if probed:
+            warn(probe_warning(str(src.path)))
+    locks: list[int] = []
+    try:
+        backend: BlockBackend
+        if src.snapshot and not src.read_only:
+            backend = await _open_snapshot(src, fmt, locks)
+        elif fmt == "raw":
+            from appliance.storage.raw import open_raw
+
+            backend = await asyncio.to_thread(
+                open_raw, src.path, read_only=src.read_only, cache=src.cache,
+                discard=src.discard, aio=src.aio, locking=src.locking,
+            )
+            if probed and not src.read_only:
+                backend = ProbedRawGuard(backend)
+        else:
+            if src.locking:
+                locks.append(await asyncio.to_thread(_lock, src.path, write=not src.read_only))
+            backend = await _open_qcow2(src.path, read_only=src.read_only, cache=src.cache)
+            _set_discard(backend, src.discard)
+    except BaseException:
+        for fd in locks:
+            os.close(fd)
+        raise
+    return OpenImage(src, backend, fmt, locks)
+
+
+async def _open_qcow2(path: Path, *, read_only: bool, cache: str) -> BlockBackend:
+    from appliance.qcow2 import open_image
+
+    backend: BlockBackend = await open_image(path, read_only=read_only, fmt="qcow2", cache=cache)
+    return backend
+
+
+def _set_discard(backend: BlockBackend, discard: str) -> None:
+    # QEMU's default discard=ignore keeps the guest from unmapping; the
+    # device offers DISCARD only when the backend says it supports it.
+    if discard != "unmap" and backend.supports_discard:
+        backend.supports_discard = False
+
+
+async def _open_snapshot(src: ImageSource, fmt: str, locks: list[int]) -> BlockBackend:
+    """``-snapshot``: a temporary qcow2 overlay over the image, unlinked once open."""
+    from appliance.qcow2 import create_temporary_overlay
+
+    if src.locking:
+        locks.append(await asyncio.to_thread(_lock, src.path, write=False))
+    overlay = await asyncio.to_thread(create_temporary_overlay, src.path, fmt)
+    try:
+        backend = await _open_qcow2(overlay, read_only=False, cache=src.cache)
+    finally:
+        # The open descriptors keep the overlay alive; nothing is left behind
+        # however the VMM ends.
+        with contextlib.suppress(OSError):
+            os.unlink(overlay)
+    _set_discard(backend, src.discard)
+    return backend
+
+
+def with_snapshot(src: ImageSource) -> ImageSource:
+    """``src`` under the global ``-snapshot``."""
+    return replace(src, snapshot=True)
+
+
+__all__ = [
+    "BlockdevConfig", "DriveConfig", "ImageSource", "OpenImage", "ProbedRawGuard",
+    "open_image_source", "probe_format", "probe_warning", "resolve_blockdev", "with_snapshot",
+]
