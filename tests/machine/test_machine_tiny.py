@@ -137,3 +137,18 @@ async def test_pause_holds_the_guest_and_resume_lets_it_go_on(tiny_elf: Path) ->
         await vm.console.expect("TINY-READY", timeout=10)
         assert vm.runstate is Runstate.RUNNING
     assert vm.runstate is Runstate.STOPPED
+
+
+async def test_reboots_do_not_leak_file_descriptors(tiny_elf: Path) -> None:
+    import os
+
+    async with Machine(MachineConfig(kernel=tiny_elf, num_cpus=2)) as vm:
+        await vm.console.expect("TINY-READY", timeout=10)
+        vm.reset()
+        await vm.console.expect("TINY-READY", timeout=10)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(10):
+            vm.console.send("r")
+            await vm.console.expect("TINY-READY", timeout=10)
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert vm.boots == 12
