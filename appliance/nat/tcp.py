@@ -50,6 +50,7 @@ MAX_PROBES = 15
 MAX_OOO_SEGMENTS = 256
 TIME_WAIT = 2.0
 ACK_EVERY = 8 * OUR_MSS
+HOST_WRITE_BATCH = 64 * 1024
 
 _TCP = struct.Struct("!HHIIHHHH")
 
@@ -170,6 +171,8 @@ class TcpConn:
         self.ws_ok = False
         self._ooo: dict[int, bytes] = {}
         self._ooo_bytes = 0
+        self._wq: list[memoryview | bytes] = []
+        self._wq_len = 0
         self._acked_to = 0
         self._adv_edge = 0
         self.fin_received = False
@@ -201,12 +204,12 @@ class TcpConn:
 
     def recv_queue(self) -> int:
         t = self.transport
-        return (t.get_write_buffer_size() if t is not None else 0) + self._ooo_bytes
+        return (t.get_write_buffer_size() if t is not None else 0) + self._wq_len + self._ooo_bytes
 
     def _rcv_space(self) -> int:
         t = self.transport
         buffered = t.get_write_buffer_size() if t is not None and not self.host_gone else 0
-        return max(0, RCVBUF - buffered - self._ooo_bytes)
+        return max(0, RCVBUF - buffered - self._wq_len - self._ooo_bytes)
 
     def _window_field(self) -> int:
         space = self._rcv_space()
@@ -653,7 +656,23 @@ class TcpConn:
     # -- delivering guest data to the host ---------------------------------
     def _deliver(self, data: memoryview) -> None:
         self.rcv_nxt += len(data)
+        if self.transport is not None and not self.host_gone:
+            # Segments of one batch from the guest go to the host socket in one write (one syscall).
+            self._wq.append(data)
+            self._wq_len += len(data)
+            if self._wq_len >= HOST_WRITE_BATCH:
+                self.flush_host()
+            else:
+                self.owner.ack_later(self)
+
+    def flush_host(self) -> None:
+        """Write what the guest sent in this batch to the host socket."""
+        if not self._wq:
+            return
         t = self.transport
+        data = self._wq[0] if len(self._wq) == 1 else b"".join(self._wq)
+        self._wq = []
+        self._wq_len = 0
         if t is not None and not self.host_gone:
             t.write(data)
             if t.get_write_buffer_size() > RCVBUF // 2:
@@ -682,6 +701,7 @@ class TcpConn:
     def _fin_in(self) -> None:
         self.fin_received = True
         self.rcv_nxt += 1
+        self.flush_host()
         t = self.transport
         if t is not None and not self.host_gone:
             try:
@@ -772,6 +792,7 @@ class TcpConn:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.flush_host()
         t = self.transport
         self.transport = None
         if t is not None:

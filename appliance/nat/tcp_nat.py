@@ -109,8 +109,10 @@ class TcpNat:
         self._ack_scheduled = False
         conns, self._ack_set = self._ack_set, {}
         for conn in conns:
-            if conn.state != CLOSED and conn.rcv_nxt != conn._acked_to:
-                self._guard(conn.send_ack)
+            if conn.state != CLOSED:
+                self._guard(conn.flush_host)
+                if conn.rcv_nxt != conn._acked_to:
+                    self._guard(conn.send_ack)
 
     def _guard(self, fn: object, *args: object) -> None:
         try:
