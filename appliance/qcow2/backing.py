@@ -34,6 +34,7 @@ class RawImage:
         self.size = os.fstat(fd).st_size
         self.backing = None
         self.snapshots: list[Any] = []
+        self._unsafe = False
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, read_only: bool,
@@ -44,7 +45,9 @@ class RawImage:
             dfd = os.open(path, flags | os.O_DIRECT) if cache in ("none", "directsync") else fd
         except OSError as err:
             raise Qcow2Error(f"could not open '{path}': {err.strerror}", kind=ErrorKind.IO) from err
-        return cls(Path(path), fd, read_only, dfd)
+        img = cls(Path(path), fd, read_only, dfd)
+        img._unsafe = cache == "unsafe"
+        return img
 
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
         total = sum(len(b) for b in bufs)
@@ -64,7 +67,7 @@ class RawImage:
         return total
 
     async def flush(self) -> None:
-        if not self.read_only:
+        if not self.read_only and not self._unsafe:
             await _iorun(os.fdatasync, self._fd)
 
     async def discard(self, offset: int, length: int) -> None:

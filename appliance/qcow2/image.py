@@ -205,6 +205,8 @@ class Qcow2Image:
         self._comp_tail = 0  # host byte offset where the next compressed cluster may go
         self._alloc_end = 0  # end of the highest cluster ever allocated
         self._no_falloc = False
+        self._unsafe = False
+        self._writethrough = False
         self._written_end = 0  # end of the highest byte we wrote
         self._open_size = 0  # file size at open
         self._falloc_end = 0  # file space reserved ahead of allocation
@@ -282,6 +284,7 @@ class Qcow2Image:
         else:
             self._dfd = self._fd
         self._writethrough = cache in ("writethrough", "directsync")
+        self._unsafe = cache == "unsafe"
         if h.l1_size:
             raw = await self._pread(h.l1_table_offset, h.l1_size * 8)
             self._l1 = list(struct.unpack(f">{h.l1_size}Q", raw))
@@ -379,6 +382,10 @@ class Qcow2Image:
                 self.file_size = off + len(data)
 
     async def _sync(self) -> None:
+        if self._unsafe:
+            # cache=unsafe (qemu-img convert's default): order writes, skip the barriers.
+            self._needs_sync = False
+            return
         asyncio.get_running_loop()
         await _iorun(os.fdatasync, self._fd)
         self._needs_sync = False
@@ -948,7 +955,8 @@ class Qcow2Image:
                 need_new[k][5] = (start + k - i) << cb
                 # Never handed out before: the file reads zeroes there without our help.
                 need_new[k][7] = need_new[k][5] >= fresh
-            if need_new[i][7]:
+            if need_new[i][7] and (need_new[i][1] or need_new[j - 1][2] < cs):
+                # Partial writes will skip their zero fills: back them with file space.
                 self._reserve_space((start + j - i) << cb)
             i = j
         loop = asyncio.get_running_loop()

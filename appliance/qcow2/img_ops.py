@@ -51,24 +51,28 @@ class _Progress:
 
 
 def _nonzero_runs(buf: memoryview, gran: int) -> list[tuple[int, int]]:
-    """Byte ranges of ``buf`` holding non-zero ``gran``-sized blocks (merged)."""
+    """Byte ranges of ``buf`` holding non-zero ``gran``-sized blocks (merged).
+
+    Most data blocks have a non-zero first or last byte, which two index
+    operations find; only the rest get a full comparison.
+    """
     n = len(buf)
     zero = bytes(gran)
-    raw = buf.obj if isinstance(buf.obj, bytearray) and len(buf.obj) == n else bytes(buf)
-    if raw.find(zero) < 0:  # no zero block anywhere (aligned or not): all data
-        return [(0, n)]
-    if raw == bytes(n):
-        return []
     runs: list[tuple[int, int]] = []
     pos = 0
+    start = -1
     while pos < n:
         end = min(n, pos + gran)
-        if buf[pos:end] != zero[: end - pos]:
-            if runs and runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], end)
-            else:
-                runs.append((pos, end))
+        data = buf[pos] or buf[end - 1] or buf[pos:end] != zero[: end - pos]
+        if data:
+            if start < 0:
+                start = pos
+        elif start >= 0:
+            runs.append((start, pos))
+            start = -1
         pos = end
+    if start >= 0:
+        runs.append((start, n))
     return runs
 
 
@@ -114,8 +118,7 @@ async def cmd_convert(argv: list[str]) -> int:
     try:
         if not a.no_create:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
-        dst = await open_any(dst_name, a.out_fmt, read_only=False,
-                             cache="writeback" if a.cache == "unsafe" else a.cache)
+        dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
         try:
             await convert(src, dst, compress=a.compress, sparse=sparse,
                           explicit_zeroes=a.no_create or a.backing is not None,
