@@ -104,6 +104,8 @@ extern struct machine M;
 
 void memmap_init(uint64_t start_info_pa);
 void acpi_init(void);
+/* RAM above the image from the memory map (never freed); NULL if none fits. */
+void *ram_alloc(uint64_t size, uint64_t align);
 void acpi_poweroff(void);
 void machine_reset(void) NORETURN;
 void smp_init(void);

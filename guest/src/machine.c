@@ -238,3 +238,30 @@ void machine_reset(void)
     for (;;)
         ;
 }
+
+/* Hands out guest RAM above the image for large buffers, so they are neither
+ * part of the ELF (which every loader zero-fills) nor touched at boot. Bump
+ * allocation inside a RAM range of the memory map, below the identity map's end. */
+extern char __image_end[];
+static uint64_t heap_next;
+
+void *ram_alloc(uint64_t size, uint64_t align)
+{
+    if (!heap_next)
+        heap_next = (uint64_t)(uintptr_t)__image_end;
+    for (unsigned i = 0; i < M.nmem; i++) {
+        const struct memrange *r = &M.mem[i];
+        if (r->type != 1)
+            continue;
+        uint64_t start = heap_next > r->addr ? heap_next : r->addr;
+        start = (start + align - 1) & ~(align - 1);
+        uint64_t end = r->addr + r->size;
+        if (end > MAP_LIMIT)
+            end = MAP_LIMIT;
+        if (start >= heap_next && start + size <= end) {
+            heap_next = start + size;
+            return (void *)(uintptr_t)start;
+        }
+    }
+    return NULL;
+}

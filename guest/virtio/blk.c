@@ -21,7 +21,8 @@
 #define BLK_MAX_QUEUES     8
 
 #define SLOTS      32
-#define BUF_BYTES  (4u << 20)       /* all in-flight data */
+#define SMALL_BUF  (4u << 20)       /* in the image: read/write commands, fallback */
+#define BIG_BUF    (32u << 20)      /* from RAM: bench with up to 32 x 1 MiB in flight */
 #define CHUNK      (64u << 10)      /* per request for read/write commands */
 #define MAX_SAMPLES (256u * 1024)
 
@@ -39,7 +40,25 @@ static struct {
 
 static struct blk_req_hdr hdrs[SLOTS] __attribute__((aligned(64)));
 static volatile uint8_t statuses[SLOTS];
-static uint8_t data[BUF_BYTES] __attribute__((aligned(4096)));
+static uint8_t small_buf[SMALL_BUF] __attribute__((aligned(4096)));
+static uint8_t *data = small_buf;
+static uint64_t data_bytes = SMALL_BUF;
+
+/* The bench buffer: BIG_BUF from free RAM if the guest has it (pre-touched so
+ * first-use page faults stay out of the measurement), else the small one. */
+static void grow_buffer(void)
+{
+    static int tried;
+    if (tried)
+        return;
+    tried = 1;
+    uint8_t *big = ram_alloc(BIG_BUF, 2u << 20);
+    if (big) {
+        memset(big, 0, BIG_BUF);
+        data = big;
+        data_bytes = BIG_BUF;
+    }
+}
 static uint32_t samples[MAX_SAMPLES];
 
 static int blk_init(void)
@@ -167,14 +186,15 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
         println("ERR blk bench mode must be read|write|randread|randwrite");
         return;
     }
-    if (!bs || bs % 512 || bs > BUF_BYTES || !qd || !seconds || seconds > 600) {
+    grow_buffer();
+    if (!bs || bs % 512 || bs > data_bytes || !qd || !seconds || seconds > 600) {
         println("ERR blk bench bad size, depth or duration");
         return;
     }
     if (qd > SLOTS)
         qd = SLOTS;
-    if (qd * bs > BUF_BYTES)
-        qd = BUF_BYTES / bs;
+    if (qd * bs > data_bytes)
+        qd = data_bytes / bs;
     /* Slot s uses queue s % nq; each request takes 3 descriptors. */
     if (qd > (uint64_t)(VQ0->size / 3) * B.nq)
         qd = (uint64_t)(VQ0->size / 3) * B.nq;
