@@ -26,7 +26,19 @@ from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_TCP, Ipv4, ip_str, pseudo_sum, verify
 from appliance.nat.stats import FlowInfo
-from appliance.nat.tcp import ACK, CLOSED, CONNECTING, FIN, RCVBUF, RST, SYN, SYN_SENT, HostTransport, TcpConn
+from appliance.nat.tcp import (
+    ACK,
+    CLOSED,
+    CONNECTING,
+    FIN,
+    RCVBUF,
+    RST,
+    SYN,
+    SYN_SENT,
+    TIME_WAIT_STATE,
+    HostTransport,
+    TcpConn,
+)
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -138,6 +150,10 @@ class TcpNat:
         flags = offflags & 0x3F
         key = (ip.src, sport, ip.dst, dport)
         conn = self.conns.get(key)
+        if conn is not None and conn.state == TIME_WAIT_STATE and flags & (SYN | ACK) == SYN:
+            # A new incarnation of a connection in TIME-WAIT (RFC 9293 §3.10.7.4, RFC 6191 idea).
+            conn._finish()
+            conn = None
         if conn is None:
             self._no_conn(ip, sport, dport, seq, ack, flags, win, seg[20:doff], len(seg) - doff, src_mac)
             return

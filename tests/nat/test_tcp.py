@@ -390,3 +390,50 @@ async def test_info_lists_established_flows(net: UserNetwork) -> None:
         assert "10.0.2.15" in row and str(port) in row
         c.abort()
     srv.close()
+
+
+async def test_small_guest_queue_backpressures_downloads_without_loss() -> None:
+    """With a 16-frame queue toward the guest, the sender waits for the guest to drain it."""
+    net = UserNetwork(UserNetConfig(), queue_limit=16)
+    await net.start()
+    data = os.urandom(4 * MB)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        w.close()
+
+    srv, port = await serve(handler)
+    try:
+        async with Guest(net) as g:
+            c = g.connect(GW_IP, port)
+            h = hashlib.sha256()
+            c.on_data = h.update
+            await c.wait(lambda: c.fin_rcvd, 30)
+            assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert net.queued() <= 16
+    finally:
+        await net.stop()
+        srv.close()
+
+
+async def test_reconnect_from_same_port_during_time_wait_starts_a_new_connection(net: UserNetwork) -> None:
+    async def closer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.close()  # the host closes first, so the stack's side ends in TIME-WAIT
+
+    srv, port = await serve(closer)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await c.wait(lambda: c.fin_rcvd)
+        c.shutdown()
+        await c.wait(lambda: c.fin_acked)
+        [old] = net.tcp.conns.values()
+        assert old.state == tcpmod.TIME_WAIT_STATE
+        del g.tcp[(c.lport, c.rip, c.rport)]
+        g._next_port = c.lport - 1  # same source port again
+        c2 = g.connect(GW_IP, port)
+        assert c2.lport == c.lport
+        await c2.wait(lambda: c2.state == "ESTABLISHED", 1.5)  # not after TIME-WAIT's 2 s
+        assert net.tcp.conns[old.key] is not old
+        c2.abort()
+    srv.close()
