@@ -86,3 +86,18 @@ async def test_script_action_runs_the_script_and_powers_off(kit) -> None:
 async def test_poweroff_action_exits_right_after_readiness(kit) -> None:
     async with TcgGuest(memory_mb=256, append="appliance.action=poweroff", kit=kit) as g:
         assert await g.wait() == 0
+
+
+async def test_filesystem_made_in_one_boot_is_read_in_the_next(kit, tmp_path: Path) -> None:
+    """busybox mke2fs makes ext2, which Debian's built-in ext4 driver mounts."""
+    disk = tmp_path / "fs.img"
+    disk.write_bytes(bytes(32 << 20))
+    args = ["-drive", f"file={disk},if=none,id=d0,format=raw,cache=unsafe",
+            "-device", "virtio-blk-pci,drive=d0"]
+    async with TcgGuest(args, memory_mb=256, kit=kit) as g:
+        await g.run("mke2fs -q /dev/vda >/dev/null && mount /dev/vda /mnt && echo kept > /mnt/f "
+                    "&& umount /mnt", timeout=60)
+        assert await g.poweroff() == 0
+    async with TcgGuest(args, memory_mb=256, kit=kit) as g:
+        assert await g.run("mount /dev/vda /mnt && cat /mnt/f") == "kept"
+        assert await g.poweroff() == 0
