@@ -69,8 +69,11 @@ class Icmp:
             c.icmp_echo_local += 1
             self.net.emit_ipv4(ip.src, ip.dst, IPPROTO_ICMP, echo_reply(msg))
             return
-        if self.net.config.restrict or not self.net.routable(ip.dst):
+        if self.net.config.restrict:
             c.restricted += 1
+            return
+        if not self.net.routable(ip.dst):
+            c.not_for_us += 1
             return
         self._forward(ip, bytes(msg))
 

@@ -564,7 +564,7 @@ class TcpConn:
                 self.cwnd += self.mss
                 self.output()
         # RFC 9293 §3.10.7.4: take the window only from segments no older than the last update.
-        if seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2):
+        if ack >= self.snd_una and (seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2)):
             opened = wnd > self.snd_wnd
             self.snd_wnd = wnd
             self.snd_wl1, self.snd_wl2 = seq, ack

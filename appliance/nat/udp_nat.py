@@ -53,8 +53,11 @@ class UdpNat:
         flow = self._flows.get(key)
         c = self.net.stats
         if flow is None:
-            if self.net.config.restrict or not self.net.routable(dst):
+            if self.net.config.restrict:
                 c.restricted += 1
+                return
+            if not self.net.routable(dst):
+                c.not_for_us += 1
                 return
             target = self.net.host_side(dst)
             if len(self._flows) >= MAX_FLOWS:
