@@ -201,3 +201,39 @@ async def test_qcow2_overlay_reads_base_and_keeps_it_unchanged(tmp_path: Path) -
         off = ((3 * MiB) // 3584 + 1) * 3584
         assert _sha(flat[off : off + 358400]) == sha_w
     os.sync()
+
+
+async def test_qemu_killed_mid_io_then_a_new_qemu_is_served(tmp_path: Path, image: Path) -> None:
+    """SIGKILL QEMU while its guest streams writes: the daemon drops the rings and
+    the mapping, and the next QEMU on the same socket gets a working disk."""
+    import asyncio
+
+    sock = tmp_path / "vu.sock"
+    async with StorageDaemon(parse_args(_daemon_args(image, sock, queues=2))) as d:
+        server = d.exports["exp0"].server
+        device = d.exports["exp0"].device
+        async with _guest(sock, queues=2, smp=2) as g:
+            await g.write("while true; do dd if=/dev/urandom of=/dev/vda bs=64k count=64 oflag=direct "
+                          "2>/dev/null; done &\n")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while sum(s["write_bytes"] for s in device.stats) < (4 << 20):
+                assert loop.time() < deadline, device.stats
+                await asyncio.sleep(0.05)
+            assert g.proc is not None
+            g.proc.kill()
+            await g.proc.wait()
+        deadline = asyncio.get_running_loop().time() + 10
+        while server.connected or server.backend.memory is not None:
+            assert asyncio.get_running_loop().time() < deadline, "daemon did not clean up"
+            await asyncio.sleep(0.05)
+        assert server.backend.active_queues == ()
+        assert device.in_flight == 0
+        with open(image, "r+b") as f:
+            f.seek(60 * MiB)
+            f.write(b"after the crash")
+        async with _guest(sock, queues=2, smp=2) as g:
+            out = await g.run(f"dd if=/dev/vda bs=512 skip={60 * MiB // 512} count=1 2>/dev/null | head -c 15")
+            assert out == "after the crash"
+            assert await g.poweroff() == 0
+        assert server.connections == 2
