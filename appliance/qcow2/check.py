@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
-from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
 from appliance.qcow2.refcount import encode_block
 
 if TYPE_CHECKING:
@@ -79,14 +79,17 @@ class _Walker:
             t = struct.unpack(f">{cs // 8}Q", raw)
             if active:
                 self.l2_active.append((l1i, e, off, t))
+            next_contig = 0  # qemu-img counts fragmentation within each L2 table
             for i in range(0, len(t), img._stride):
                 le = t[i]
                 if le & COMPRESSED:
                     coff, csize = img._compressed_span(le)
                     self.inc(coff, csize, "compressed cluster")
                     if active:
+                        # Compressed clusters count as fragmented, as in qemu-img.
                         self.res.allocated_clusters += 1
                         self.res.compressed_clusters += 1
+                        self.res.fragmented_clusters += 1
                     continue
                 host = le & OFFSET_MASK
                 if not host:
@@ -99,11 +102,10 @@ class _Walker:
                     continue
                 self.inc(host, cs, "data cluster")
                 if active:
-                    if img._ext or not le & ZERO_FLAG or True:
-                        self.res.allocated_clusters += 1
-                        if next_contig and host != next_contig:
-                            self.res.fragmented_clusters += 1
-                        next_contig = host + cs
+                    self.res.allocated_clusters += 1
+                    if next_contig and host != next_contig:
+                        self.res.fragmented_clusters += 1
+                    next_contig = host + cs
         del cb
 
 

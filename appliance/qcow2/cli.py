@@ -221,15 +221,19 @@ async def cmd_create(argv: list[str]) -> int:
                 await b.close()
     elif size is None:
         raise ConfigError("Image creation needs a size parameter")
+    if opts.backing_file and opts.preallocation != "off" and not opts.extended_l2:
+        raise Qcow2Error("Backing file and preallocation can only be used at the same time "
+                         "if extended_l2 is on")
     if not a.quiet:
-        parts = [f"Formatting '{a.filename}', fmt=qcow2 cluster_size={opts.cluster_size}"]
-        if opts.compat not in ("1.1", "v3"):
-            parts.append(f"compat={opts.compat}")
-        if opts.preallocation != "off":
+        # qemu-img's order; compat and preallocation only when given.
+        parts = [f"Formatting '{a.filename}', fmt=qcow2 cluster_size={opts.cluster_size}",
+                 f"extended_l2={'on' if opts.extended_l2 else 'off'}"]
+        if "preallocation" in o:
             parts.append(f"preallocation={opts.preallocation}")
-        parts.append(f"extended_l2={'on' if opts.extended_l2 else 'off'}")
         parts.append(f"compression_type={opts.compression_type}")
         parts.append(f"size={opts.size}")
+        if "compat" in o:
+            parts.append(f"compat={opts.compat}")
         if opts.backing_file:
             parts.append(f"backing_file={opts.backing_file}")
             if opts.backing_fmt:
@@ -482,10 +486,9 @@ async def chain_status(img: Any, offset: int, length: int, depth: int = 0
                 m = min(n, b.size - start)
                 out.extend(await chain_status(b, start, m, depth + 1))
                 if m < n:
-                    out.append((start + m, n - m, depth + 1, False, False, K_UNALLOC, None))
+                    out.append((start + m, n - m, depth, False, False, K_UNALLOC, None))
             else:
-                out.append((start, n, depth if b is None else depth + 1, False, False,
-                            K_UNALLOC, None))
+                out.append((start, n, depth, False, False, K_UNALLOC, None))
         else:
             out.append((start, n, depth, True, False, kind, (host, img)))
     return out

@@ -1,0 +1,235 @@
+"""`appliance img` against `qemu-img`: same JSON fields and values, same exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.qcow2 import open_image
+from tests.conftest import ROOT, needs_qemu_img
+from tests.qcow2.helpers import check_clean, oracle_raw, qemu_img, qemu_io
+
+pytestmark = needs_qemu_img
+
+
+def img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", *args], cwd=ROOT,
+                       capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"appliance img {' '.join(args)}: rc {r.returncode}\n"
+                             f"{r.stdout}{r.stderr}")
+    return r
+
+
+def both_json(*args: str) -> tuple[object, object]:
+    ours = json.loads(img(*args, check=False).stdout)
+    theirs = json.loads(qemu_img(*args, check=False).stdout)
+    return ours, theirs
+
+
+def _drop(d: object, *keys: str) -> object:
+    if isinstance(d, list):
+        return [_drop(x, *keys) for x in d]
+    if isinstance(d, dict):
+        return {k: _drop(v, *keys) for k, v in d.items() if k not in keys}
+    return d
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4k", str(base), "8M")
+    qemu_io(base, "write -P 1 0 1M", "write -z 2M 64k", "write -P 2 3M 12k")
+    qemu_img("snapshot", "-c", "snap1", str(base))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top), "10M")
+    qemu_io(top, "write -P 3 512k 1M", "write -z 4M 8k", "discard 0 64k")
+    return top
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1",
+                                  "extended_l2=on,compression_type=zstd,lazy_refcounts=on"])
+def test_info_json_matches_qemu(tmp_path: Path, opts: str) -> None:
+    p = tmp_path / "i.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", opts, str(p), "5G")
+    ours, theirs = both_json("info", "--output=json", str(p))
+    assert _drop(ours, "actual-size") == _drop(theirs, "actual-size")
+
+
+def test_info_backing_chain_and_snapshots_match_qemu(chain: Path) -> None:
+    ours, theirs = both_json("info", "--output=json", "--backing-chain", str(chain))
+    assert _drop(ours, "actual-size") == _drop(theirs, "actual-size")
+    human = img("info", "--backing-chain", str(chain)).stdout
+    assert "Snapshot list:" in human and "snap1" in human
+    assert "backing file: base.qcow2" in human
+
+
+def test_map_json_matches_qemu(chain: Path) -> None:
+    ours = img("map", "--output=json", str(chain)).stdout
+    theirs = qemu_img("map", "--output=json", str(chain)).stdout
+    assert json.loads(ours) == json.loads(theirs)
+
+
+def test_check_json_matches_qemu(chain: Path) -> None:
+    for path in (chain, chain.parent / "base.qcow2"):
+        ours, theirs = both_json("check", "--output=json", str(path))
+        assert ours == theirs
+
+
+def test_create_matches_qemu_create(tmp_path: Path) -> None:
+    for opts in ("cluster_size=16k,refcount_bits=8", "compat=0.10", "extended_l2=on"):
+        a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+        ours = img("create", "-f", "qcow2", "-o", opts, str(a), "3G").stdout
+        theirs = qemu_img("create", "-f", "qcow2", "-o", opts, str(b), "3G").stdout
+        assert ours.replace("a.qcow2", "b.qcow2") == theirs
+        check_clean(a)
+        x, y = both_json("info", "--output=json", str(a))
+        z = json.loads(qemu_img("info", "--output=json", str(b)).stdout)
+        assert _drop(x, "actual-size", "filename") == _drop(z, "actual-size", "filename")
+        a.unlink()
+        b.unlink()
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_create_preallocated_is_clean(tmp_path: Path, mode: str) -> None:
+    p = tmp_path / "p.qcow2"
+    img("create", "-f", "qcow2", "-o", f"preallocation={mode},cluster_size=4k", str(p), "2M")
+    check_clean(p)
+    m = json.loads(qemu_img("map", "--output=json", str(p)).stdout)
+    assert all(e["data"] for e in m)
+    qemu_io(p, "read -P 0 0 2M")
+
+
+async def _leak(path: Path) -> None:
+    im = await open_image(path, read_only=False, fmt="qcow2")
+    async with im._lock:
+        c = await im._alloc_clusters(2)
+        await im._pwrite(c << im._cb, bytes(2 * im._cs))  # inside the file, as leaks are
+        await im._flush_refcounts()
+    im._closed = True
+    im._close_fds()
+
+
+def test_check_leaks_exit_3_and_repair(tmp_path: Path) -> None:
+    import asyncio
+
+    p = tmp_path / "l.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "4M")
+    qemu_io(p, "write -P 9 0 200k")
+    asyncio.run(_leak(p))
+    assert qemu_img("check", str(p), check=False).returncode == 3
+    r = img("check", str(p), check=False)
+    assert r.returncode == 3 and "2 leaked clusters were found" in r.stdout
+    j = json.loads(img("check", "--output=json", str(p), check=False).stdout)
+    assert j["leaks"] == 2
+    r = img("check", "-r", "leaks", str(p), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_clean(p)
+    qemu_io(p, "read -P 9 0 200k")
+
+
+def test_check_corruption_exit_2_and_repair_all(tmp_path: Path) -> None:
+    p = tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "4M")
+    qemu_io(p, "write -P 9 0 64k")
+    raw = bytearray(p.read_bytes())
+    # Refcount block at 0x20000 (16-bit entries); zero the refcount of the data cluster.
+    data_cluster = 5  # header, reftable, refblock, L1, L2, then data
+    raw[0x20000 + 2 * data_cluster : 0x20000 + 2 * data_cluster + 2] = b"\0\0"
+    p.write_bytes(bytes(raw))
+    assert qemu_img("check", str(p), check=False).returncode == 2
+    assert img("check", str(p), check=False).returncode == 2
+    r = img("check", "-r", "all", str(p), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_clean(p)
+    qemu_io(p, "read -P 9 0 64k")
+
+
+def test_convert_compare_commit_rebase_resize_amend(chain: Path, tmp_path: Path) -> None:
+    expect = oracle_raw(chain, tmp_path)
+    out = tmp_path / "flat.qcow2"
+    img("convert", "-O", "qcow2", "-o", "cluster_size=16k", str(chain), str(out))
+    check_clean(out)
+    assert img("compare", str(chain), str(out)).returncode == 0
+    zc = tmp_path / "z.qcow2"
+    img("convert", "-c", "-O", "qcow2", str(chain), str(zc))
+    check_clean(zc)
+    assert oracle_raw(zc, tmp_path) == expect
+    raw = tmp_path / "flat.raw"
+    img("convert", "-O", "raw", str(chain), str(raw))
+    assert raw.read_bytes() == expect
+    # Mismatch exit code and message.
+    qemu_io(out, "write -P 0x42 4096 1")
+    r = img("compare", str(chain), str(out), check=False)
+    assert r.returncode == 1 and "Content mismatch at offset 4096!" in r.stdout
+    # Rebase the top onto nothing (safe): contents stay.
+    img("rebase", "-b", "", str(chain))
+    assert "backing" not in json.dumps(json.loads(qemu_img("info", "--output=json",
+                                                            str(chain)).stdout))
+    assert oracle_raw(chain, tmp_path) == expect
+    check_clean(chain)
+    # Resize grow, then amend to v2 is refused (zero clusters), lazy refcounts on.
+    img("resize", str(chain), "+3M")
+    info = json.loads(qemu_img("info", "--output=json", str(chain)).stdout)
+    assert info["virtual-size"] == 13 * 1024 * 1024
+    img("amend", "-o", "lazy_refcounts=on", str(chain))
+    assert json.loads(qemu_img("info", "--output=json", str(chain)).stdout)[
+        "format-specific"]["data"]["lazy-refcounts"] is True
+    check_clean(chain)
+
+
+def test_commit_moves_top_into_base(tmp_path: Path) -> None:
+    base = tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 1 0 4M")
+    top = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 2 100k 300k", "write -z 2M 64k")
+    expect = oracle_raw(top, tmp_path)
+    assert "Image committed." in img("commit", str(top)).stdout
+    assert oracle_raw(base, tmp_path) == expect
+    assert oracle_raw(top, tmp_path) == expect
+    check_clean(base)
+    check_clean(top)
+    m = json.loads(qemu_img("map", "--output=json", str(top)).stdout)
+    assert all(e["depth"] == 1 for e in m if e["data"])
+
+
+def test_snapshot_subcommand_round_trip(tmp_path: Path) -> None:
+    p = tmp_path / "s.qcow2"
+    img("create", "-f", "qcow2", str(p), "4M")
+    qemu_io(p, "write -P 5 0 1M")
+    img("snapshot", "-c", "first", str(p))
+    qemu_io(p, "write -P 6 0 1M")
+    listed = img("snapshot", "-l", str(p)).stdout
+    assert "first" in listed and listed == qemu_img("snapshot", "-l", str(p)).stdout
+    img("snapshot", "-a", "first", str(p))
+    qemu_io(p, "read -P 5 0 1M")
+    img("snapshot", "-d", "first", str(p))
+    check_clean(p)
+    assert qemu_img("snapshot", "-l", str(p)).stdout == ""
+
+
+def test_bench_runs_and_leaves_a_clean_image(tmp_path: Path) -> None:
+    p = tmp_path / "b.qcow2"
+    img("create", "-q", "-f", "qcow2", str(p), "64M")
+    r = img("bench", "-w", "-c", "1000", "-d", "8", "-s", "4k", "-S", "64k", "--pattern=0x33",
+            "-t", "none", str(p))
+    assert "Sending 1000 write requests, 4096 bytes each, 8 in parallel" in r.stdout
+    assert "Run completed in" in r.stdout
+    check_clean(p)
+    qemu_io(p, "read -P 0x33 0 4k", "read -P 0 4k 60k", "read -P 0x33 64k 4k")
+    r = img("bench", "-c", "500", "-d", "32", "-s", "64k", str(p))
+    assert "500 read requests" in r.stdout
+
+
+def test_bad_option_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    r = img("create", "-f", "qcow2", "-o", "cluster_size=3k", str(tmp_path / "x"), "1M",
+            check=False)
+    assert r.returncode == 1 and "Cluster size must be a power of two" in r.stderr
+    r = img("create", "-f", "qcow2", "-o", "bogus=1", str(tmp_path / "x"), "1M", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
