@@ -53,7 +53,7 @@ class BlkDeviceConfig:
             raise ConfigError(
                 f"{what}: queue-size={queue_size} must be a power of 2 between 2 and {MAX_QUEUE_SIZE}"
             )
-        cfg = cls(drive, num_queues, queue_size, o.take("serial"), o.take("addr"), o.take("id"))
+        cfg = cls(drive, num_queues, queue_size, o.take("serial"), _checked_addr(o, what), o.take("id"))
         o.take("bootindex")  # firmware-only: there is no firmware to boot from a disk
         o.finish()
         return cfg
@@ -70,9 +70,15 @@ class RngDeviceConfig:
 
     @classmethod
     def parse(cls, o: OptionDict) -> RngDeviceConfig:
-        cfg = cls(o.take("rng"), o.take("addr"), o.take("id"))
+        cfg = cls(o.take("rng"), _checked_addr(o, o.option), o.take("id"))
         o.finish()
         return cfg
+
+
+def _checked_addr(o: OptionDict, what: str) -> str | None:
+    text = o.take("addr")
+    _address(text, what)
+    return text
 
 
 # One entry per PCI device, in command-line order.

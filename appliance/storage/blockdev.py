@@ -157,8 +157,16 @@ class DriveConfig:
         )
         serial = o.take("serial", "") or ""
         addr = o.take("addr")
-        if addr is not None and interface != "virtio":
-            raise ConfigError(f"{option}: addr= needs if=virtio")
+        if addr is not None:
+            if interface != "virtio":
+                raise ConfigError(f"{option}: addr= needs if=virtio")
+            from appliance.pci.allocator import parse_pci_address
+            from appliance.pci.errors import PciError
+
+            try:
+                parse_pci_address(addr)
+            except PciError as err:
+                raise ConfigError(f"{option}: {err}") from None
         o.finish()
         cfg = cls(source, interface, ident, serial, addr)
         cfg.source.validate()

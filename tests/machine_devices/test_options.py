@@ -1,0 +1,201 @@
+"""Device options of `appliance run` in QEMU's syntax: what they build, and one-line refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cli.run import parse_args, to_config
+from appliance.errors import ConfigError
+from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
+from appliance.nic.config import MAX_NICS
+from appliance.pci.allocator import PciAddress
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    p.write_bytes(bytes(1 << 20))
+    return p
+
+
+@pytest.fixture
+def qcow(tmp_path: Path) -> Path:
+    from appliance.qcow2.create import CreateOptions, build_image
+
+    p = tmp_path / "disk.qcow2"
+    p.write_bytes(build_image(CreateOptions(size=1 << 20)))
+    return p
+
+
+def devices(*argv: str) -> list[object]:
+    return to_config(parse_args(["-kernel", "/dev/null", *argv])).devices
+
+
+def test_drive_if_virtio_is_a_blk_with_its_file_options(disk: Path) -> None:
+    [d] = devices("-drive", f"file={disk},format=raw,if=virtio,cache=none,aio=native,readonly=on,"
+                  "discard=unmap,serial=S1,id=root")
+    assert isinstance(d, BlkSpec)
+    s = d.source
+    assert (s.path, s.fmt, s.cache, s.aio, s.read_only, s.discard) == (disk, "raw", "none", "native", True, "unmap")
+    assert d.serial == "S1" and d.num_queues is None and d.addr is None
+
+
+def test_hda_is_a_virtio_disk_and_drive_defaults_to_virtio(disk: Path) -> None:
+    a, b = devices("-hda", str(disk), "-drive", f"file={disk},readonly=on")
+    assert isinstance(a, BlkSpec) and isinstance(b, BlkSpec)
+    assert a.source.fmt is None  # probed at open
+
+
+def test_device_may_name_a_drive_defined_later_and_takes_its_options(disk: Path) -> None:
+    [d] = devices("-device", "virtio-blk-pci,drive=d0,num-queues=4,queue-size=128,addr=0x1f,serial=X",
+                  "-drive", f"file={disk},format=raw,if=none,id=d0,serial=Y")
+    assert isinstance(d, BlkSpec)
+    assert (d.num_queues, d.queue_size, d.addr, d.serial) == (4, 128, PciAddress(0x1F, 0), "X")
+
+
+def test_blockdev_qcow2_over_file_node(qcow: Path) -> None:
+    [d] = devices("-blockdev", f"driver=file,node-name=f0,filename={qcow},cache.direct=on",
+                  "-blockdev", "driver=qcow2,node-name=q0,file=f0,read-only=on",
+                  "-device", "virtio-blk-pci,drive=q0")
+    assert isinstance(d, BlkSpec)
+    assert (d.source.fmt, d.source.cache, d.source.read_only) == ("qcow2", "none", True)
+
+
+def test_snapshot_applies_to_drives(disk: Path) -> None:
+    [d] = devices("-snapshot", "-drive", f"file={disk},format=raw")
+    assert isinstance(d, BlkSpec) and d.source.snapshot
+    [e] = devices("-drive", f"file={disk},format=raw,snapshot=on")
+    assert isinstance(e, BlkSpec) and e.source.snapshot
+
+
+def test_the_same_file_twice_is_fine_when_snapshot_or_read_only(disk: Path) -> None:
+    assert len(devices("-drive", f"file={disk},format=raw,readonly=on",
+                       "-drive", f"file={disk},format=raw,readonly=on")) == 2
+    assert len(devices("-snapshot", "-drive", f"file={disk},format=raw", "-drive", f"file={disk},format=raw")) == 2
+
+
+def test_rng_with_object_and_default(tmp_path: Path) -> None:
+    a, b = devices("-object", "rng-random,id=r0,filename=/dev/random", "-device", "virtio-rng-pci,rng=r0,addr=7",
+                   "-device", "virtio-rng-pci")
+    assert isinstance(a, RngSpec) and isinstance(b, RngSpec)
+    assert (a.filename, a.addr, b.filename) == ("/dev/random", PciAddress(7, 0), "/dev/urandom")
+
+
+def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
+    a, b, c = devices(
+        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,host_mtu=9000",
+        "-nic", "user,mac=52:54:00:aa:bb:cc",
+        "-netdev", "tap,id=t0,queues=4", "-device", "virtio-net-pci,netdev=t0,mq=on,vectors=10",
+        "-object", f"filter-dump,id=f0,netdev=t0,file={tmp_path / 'x.pcap'},maxlen=128",
+    )
+    assert isinstance(a, NicSpec) and isinstance(b, NicSpec) and isinstance(c, NicSpec)
+    assert a.mac.hex(":") == "52:54:00:12:34:56" and a.mtu == 9000
+    assert b.mac.hex(":") == "52:54:00:aa:bb:cc"
+    assert c.mac.hex(":") == "52:54:00:12:34:57"
+    assert c.queues == 4 and [f.id for f in c.captures] == ["f0"] and a.captures == []
+
+
+def test_net_none_and_nic_none_make_no_nic() -> None:
+    assert devices("-net", "none") == []
+    assert devices("-nic", "none") == []
+
+
+def test_help_lists_the_device_options() -> None:
+    from appliance.cli.run import usage
+
+    text = usage()
+    for name in ("-drive", "-blockdev", "-device", "-netdev", "-nic", "-object", "-snapshot", "-hda", "-net"):
+        assert f"\n  {name} " in text or f"\n  {name}\n" in text
+    assert "not IDE" in text
+
+
+BAD = [
+    (["-drive", "file={disk},format=vmdk"], "format 'vmdk'"),
+    (["-drive", "file={disk},if=ide"], "if=ide"),
+    (["-drive", "file={disk},cache=fast"], "cache option 'fast'"),
+    (["-drive", "file={disk},aio=io_uring"], "aio option 'io_uring'"),
+    (["-drive", "file={disk},aio=native"], "aio=native"),
+    (["-drive", "file={disk},readonly=maybe"], "'maybe'"),
+    (["-drive", "file={disk},discard=trim"], "discard option 'trim'"),
+    (["-drive", "file={disk},werror=stop"], "'werror'"),
+    (["-drive", "file=/nonexistent.img"], "/nonexistent.img"),
+    (["-drive", "format=raw"], "'file'"),
+    (["-drive", "file={disk},id=9x"], "invalid id '9x'"),
+    (["-drive", "file={disk},id=a", "-drive", "file={disk},id=a,readonly=on"], "duplicate ID 'a'"),
+    (["-drive", "file={disk}", "-drive", "file={disk}"], "write"),
+    (["-drive", "file={disk},if=none,id=d", "-device", "virtio-blk-pci,drive=d",
+      "-device", "virtio-blk-pci,drive=d"], "already in use"),
+    (["-drive", "file={disk},id=d", "-device", "virtio-blk-pci,drive=d"], "automatically connected"),
+    (["-device", "virtio-blk-pci"], "'drive'"),
+    (["-device", "virtio-blk-pci,drive=nothere"], "'nothere'"),
+    (["-device", "virtio-blk-pci,drive=d,num-queues=0"], "num-queues"),
+    (["-device", "virtio-blk-pci,drive=d,num-queues=x"], "'x'"),
+    (["-device", "virtio-blk-pci,drive=d,queue-size=100"], "queue-size=100"),
+    (["-device", "virtio-blk-pci,drive=d,queue-size=2048"], "queue-size=2048"),
+    (["-device", "virtio-blk-pci,drive=d,addr=0x20"], "0x20"),
+    (["-device", "virtio-blk-pci,drive=d,addr=zz"], "'zz'"),
+    (["-device", "virtio-blk-pci,drive=d,scsi=on"], "'scsi'"),
+    (["-device", "e1000,netdev=n"], "'e1000'"),
+    (["-device", "virtio-rng-pci,rng=r9"], "'r9'"),
+    (["-device", "virtio-rng-pci,max-bytes=1024"], "'max-bytes'"),
+    (["-object", "memory-backend-ram,id=m,size=1G"], "memory-backend-ram"),
+    (["-object", "rng-egd,id=r,chardev=c"], "rng-egd"),
+    (["-object", "rng-random,id=r", "-object", "rng-random,id=r"], "duplicate id 'r'"),
+    (["-blockdev", "driver=nbd,node-name=n"], "'nbd'"),
+    (["-blockdev", "driver=file,filename={disk}"], "'node-name'"),
+    (["-blockdev", "driver=file,node-name=f,filename={disk},aio=native"], "cache.direct"),
+    (["-blockdev", '{"driver":"file"}'], "JSON"),
+    (["-drive", "file={disk},format=qcow2,cache=none,aio=native"], "raw images only"),
+    (["-blockdev", "driver=qcow2,node-name=q,file=nofile", "-device", "virtio-blk-pci,drive=q"], "'nofile'"),
+    (["-blockdev", "driver=raw,node-name=a,file=b", "-blockdev", "driver=raw,node-name=b,file=a",
+      "-device", "virtio-blk-pci,drive=a"], "not a driver=file node"),
+    (["-blockdev", "driver=file,node-name=f,filename={disk}", "-blockdev", "driver=file,node-name=f,filename={disk}"],
+     "duplicate node name 'f'"),
+    (["-netdev", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),
+    (["-netdev", "carrier-pigeon,id=n0"], "carrier-pigeon"),
+    (["-device", "virtio-net-pci,netdev=nope"], "'nope'"),
+    (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"],
+     "already used"),
+    (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t"], "mq=on"),
+    (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t,mq=on,vectors=3"], "vectors=3"),
+    (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01"], "multicast"),
+    (["-object", "filter-dump,id=f,netdev=ghost,file=/tmp/x.pcap"], "'ghost'"),
+    (["-netdev", "user,id=n0", "-object", "filter-dump,id=f,netdev=n0,file=/tmp/x.pcap"], "has no NIC"),
+    (["-net", "user"], "-net"),
+    (["-nic", "user,model=e1000"], "e1000"),
+    (["-drive", "file={disk},addr=3", "-device", "virtio-rng-pci,addr=3"], "03.0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_values_are_one_line_config_errors_naming_the_value(
+    argv: list[str], needle: str, disk: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        devices(*[a.replace("{disk}", str(disk)) for a in argv])
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_too_many_nics_are_refused() -> None:
+    argv: list[str] = []
+    for _ in range(MAX_NICS + 1):
+        argv += ["-nic", "user"]
+    with pytest.raises(ConfigError, match=f"more than {MAX_NICS} NICs"):
+        devices(*argv)
+    assert len(devices(*argv[: 2 * MAX_NICS])) == MAX_NICS
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "run", "-kernel", "/dev/null",
+         "-device", "virtio-blk-pci,drive=missing"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "'missing'" in proc.stderr
