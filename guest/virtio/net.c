@@ -6,7 +6,7 @@
  *   net ip A.B.C.D [GW]            our address (the responder answers ARP for it,
  *                                  ICMP echo to it, UDP to port 7 is echoed)
  *   net send HEX                   transmit one raw Ethernet frame
- *   net recv [MS]                  print the next frame the responder did not consume
+ *   net recv [MS] [ETHERTYPE]      print the next frame the responder did not consume
  *   net ping A.B.C.D [COUNT]       ICMP echo; NET ping reply from=... seq=... time_us=...
  *   net dhcp                       DHCP client; NET dhcp ip=... mask=... router=... dns=...
  *   net bench tx SIZE SECONDS [DSTMAC]   transmit blaster
@@ -46,7 +46,12 @@ static unsigned tx_nfree;
 static uint16_t tx_head_buf[VQ_MAX];
 static uint16_t rx_head_buf[VQ_MAX];
 
-/* A frame the responder did not consume, kept for `net recv` / the DHCP client. */
+/* Frames the responder did not consume wait in a small queue (a bridge brings
+ * IPv6 neighbour discovery and the like at any time); `pending` is the one a
+ * command is looking at, copied out of the queue. */
+#define PQ 64
+static uint8_t pq[PQ][RXBUF];
+static unsigned pq_len[PQ], pq_head, pq_n;
 static uint8_t pending[RXBUF];
 static unsigned pending_len;
 
@@ -305,9 +310,10 @@ static void net_poll(void)
             break;
         got = 1;
         if (len && !respond(f, len)) {
-            if (!pending_len) {
-                memcpy(pending, f, len);
-                pending_len = len;
+            if (pq_n < PQ) {
+                unsigned slot = (pq_head + pq_n++) % PQ;
+                memcpy(pq[slot], f, len);
+                pq_len[slot] = len;
             } else {
                 N.rx_dropped++;
             }
@@ -323,9 +329,17 @@ static void net_poll(void)
 static unsigned wait_pending(uint64_t ms)
 {
     uint64_t end = now_us() + ms * 1000;
-    while (!pending_len && now_us() < end)
+    for (;;) {
+        if (!pending_len && pq_n) {
+            memcpy(pending, pq[pq_head], pq_len[pq_head]);
+            pending_len = pq_len[pq_head];
+            pq_head = (pq_head + 1) % PQ;
+            pq_n--;
+        }
+        if (pending_len || now_us() >= end)
+            return pending_len;
         net_poll();
-    return pending_len;
+    }
 }
 
 static void print_hex_frame(const char *prefix, const uint8_t *f, unsigned len)
@@ -615,6 +629,7 @@ static void cmd_net(int argc, char **argv, const char *rest)
         N.which = (unsigned)a[0];
         N.ready = 0;
         pending_len = 0;
+        pq_n = 0;
         if (!net_init())
             println("NET use %u ok", N.which);
         return;
@@ -664,16 +679,24 @@ static void cmd_net(int argc, char **argv, const char *rest)
         else
             println("NET sent len=%u", (unsigned)(n / 2));
     } else if (!strcmp(sub, "recv")) {
-        uint64_t ms = 1000;
-        if (argc == 3 && parse_u64(argv[2], &ms)) {
-            println("ERR usage: net recv [MS]");
+        uint64_t ms = 1000, type = 0;
+        if (argc > 4 || (argc >= 3 && parse_u64(argv[2], &ms)) || (argc == 4 && parse_u64(argv[3], &type))) {
+            println("ERR usage: net recv [MS] [ETHERTYPE]");
             return;
         }
-        if (wait_pending(ms)) {
-            print_hex_frame("NET frame", pending, pending_len);
+        uint64_t end = now_us() + ms * 1000;
+        for (;;) {
+            uint64_t now = now_us();
+            if (now >= end || !wait_pending((end - now + 999) / 1000)) {
+                println("NET recv timeout");
+                break;
+            }
+            int match = !type || (pending_len >= 14 && be16(pending + 12) == type);
+            if (match)
+                print_hex_frame("NET frame", pending, pending_len);
             pending_len = 0;
-        } else {
-            println("NET recv timeout");
+            if (match)
+                break;
         }
     } else if (!strcmp(sub, "ping")) {
         uint32_t ip;
@@ -701,4 +724,4 @@ static void cmd_net(int argc, char **argv, const char *rest)
         println("ERR unknown net command");
     }
 }
-COMMAND("net", cmd_net, "net info|use N|ip A [GW]|send HEX|recv [MS]|ping A [N]|dhcp|bench tx SIZE S [MAC]|bench rx S");
+COMMAND("net", cmd_net, "net info|use N|ip A [GW]|send HEX|recv [MS] [TYPE]|ping A [N]|dhcp|bench tx SIZE S [MAC]|bench rx S");

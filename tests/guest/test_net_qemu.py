@@ -80,13 +80,13 @@ async def test_two_guests_on_a_udp_wire_echo_and_exchange_frames(guest_elf) -> N
         # A raw frame from a reaches b unchanged (ethertype 0x88b5, not for the responder).
         frame = "52540000000b" "52540000000a" "88b5" + "00112233445566778899aabbccddeeff" * 3
         await a.command(f"net send {frame}", f"NET sent len={len(frame) // 2}\n")
-        m = await b.command("net recv 2000", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
+        m = await b.command("net recv 2000 0x88b5", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
         assert m.group(2) == frame
         # UDP to b's port 7 comes back with the ports swapped and the payload intact.
         udp = udp_frame("52:54:00:00:00:0b", "52:54:00:00:00:0a", bytes([10, 9, 0, 1]),
                         bytes([10, 9, 0, 2]), 40000, b"echo me, please")
         await a.command(f"net send {udp.hex()}", "NET sent")
-        m = await a.command("net recv 2000", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
+        m = await a.command("net recv 2000 0x0800", re.compile(r"NET frame len=(\d+) ([0-9a-f]+)\n"))
         back = bytes.fromhex(m.group(2))
         assert back[:6] == udp[6:12] and back[23] == 17
         assert struct.unpack(">HH", back[34:38]) == (7, 40000) and back[42:57] == b"echo me, please"
