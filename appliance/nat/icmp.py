@@ -15,13 +15,14 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from appliance.nat.frames import IPPROTO_ICMP, Ipv4, checksum, ip_str, verify
+from appliance.nat.frames import IPPROTO_ICMP, IPPROTO_UDP, Ipv4, checksum, ip_str, verify
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
 ECHO_REPLY = 0
 ECHO_REQUEST = 8
+DEST_UNREACHABLE = 3
 IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 64
 
@@ -32,6 +33,20 @@ def echo_reply(request: bytes | memoryview) -> bytes:
     msg[0] = ECHO_REPLY
     msg[1] = 0
     msg[2:4] = b"\0\0"
+    struct.pack_into("!H", msg, 2, checksum(msg))
+    return bytes(msg)
+
+
+def port_unreachable(gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> bytes:
+    """Destination unreachable, code 3, quoting the guest's datagram header (RFC 792).
+
+    The quoted IP and UDP headers are rebuilt from the flow: the guest matches
+    the error to its socket by addresses and ports, which is all they carry.
+    """
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + length, 0, 0, 64, IPPROTO_UDP, 0, gip, rip)
+    quoted = quoted[:10] + struct.pack("!H", checksum(quoted)) + quoted[12:]
+    quoted += struct.pack("!HHHH", gport, rport, 8 + length, 0)
+    msg = bytearray(struct.pack("!BBHI", DEST_UNREACHABLE, 3, 0, 0) + quoted)
     struct.pack_into("!H", msg, 2, checksum(msg))
     return bytes(msg)
 

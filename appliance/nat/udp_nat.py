@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
-from appliance.nat.frames import ip_str
+from appliance.nat.frames import IPPROTO_ICMP, ip_str
+from appliance.nat.icmp import port_unreachable
 from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip (as t
 
 
 class _Flow:
-    __slots__ = ("key", "sock", "peer", "last", "inbound", "rx", "tx")
+    __slots__ = ("key", "sock", "peer", "last", "inbound", "rx", "tx", "last_len")
 
     def __init__(self, key: FlowKey, sock: socket.socket, peer: tuple[str, int] | None, inbound: bool) -> None:
         self.key = key
@@ -39,6 +40,7 @@ class _Flow:
         self.inbound = inbound
         self.rx = 0
         self.tx = 0
+        self.last_len = 0
 
 
 class UdpNat:
@@ -81,8 +83,12 @@ class UdpNat:
             else:
                 flow.sock.sendto(payload, flow.peer)
             flow.tx += len(payload)
+            flow.last_len = len(payload)
+        except ConnectionRefusedError:
+            c.udp_dropped += 1
+            self._refused(flow)
         except OSError:
-            c.udp_dropped += 1  # ICMP errors surface here as ECONNREFUSED; the guest retries
+            c.udp_dropped += 1
 
     def _readable(self, flow: _Flow) -> None:
         gip, gport, rip, rport = flow.key
@@ -91,11 +97,20 @@ class UdpNat:
                 data = flow.sock.recv(65535)
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionRefusedError:
+                self._refused(flow)  # the host got "port unreachable" for an earlier datagram
+                continue
             except OSError:
-                continue  # a queued ICMP error for an earlier datagram
+                continue
             flow.last = time.monotonic()
             flow.rx += len(data)
             self.net.emit_udp(gip, gport, rip, rport, data)
+
+    def _refused(self, flow: _Flow) -> None:
+        """Tell the guest, as the host was told, that nobody listens there (RFC 792, RFC 1122 §3.2.2.1)."""
+        gip, gport, rip, rport = flow.key
+        if len(gip) == 4 and not flow.inbound:
+            self.net.emit_ipv4(gip, rip, IPPROTO_ICMP, port_unreachable(gip, gport, rip, rport, flow.last_len))
 
     # -- hostfwd=udp -----------------------------------------------------
     def listen(self, fwd: HostForward) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
-from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.layers.l2 import ARP, Ether
 
 from appliance.nat import UserNetConfig, UserNetwork
@@ -305,3 +305,18 @@ def test_ping_forwarded_through_a_ping_socket_in_a_private_netns(project_root) -
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.stdout.strip() == "0 4242 9 127.0.0.1 netns ping", out.stderr[-2000:]
+
+
+async def test_udp_to_a_closed_host_port_returns_icmp_port_unreachable(net: UserNetwork) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3456, dport=port) / b"anyone?"))
+    [err] = await wait_frames(net, lambda p: ICMP in p)
+    assert (err[ICMP].type, err[ICMP].code) == (3, 3)
+    assert err[IPerror].src == GUEST and err[IPerror].dst == "10.0.2.2"
+    assert err[UDPerror].sport == 3456 and err[UDPerror].dport == port
+    again = Ether(bytes(err))
+    del again[ICMP].chksum
+    assert Ether(bytes(again))[ICMP].chksum == err[ICMP].chksum
