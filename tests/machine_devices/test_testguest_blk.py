@@ -224,3 +224,17 @@ def test_cli_run_with_hda_writes_the_file(tmp_path: Path) -> None:
     assert f"WARNING: Image format was not specified for '{img}' and probing guessed raw." in err
     data[8 * SECTOR : 10 * SECTOR] = b"\xc8" * 2 * SECTOR
     assert img.read_bytes() == bytes(data)
+
+
+async def test_disk_works_again_after_a_guest_reset(tmp_path: Path) -> None:
+    """The device model outlives a reboot; the new boot's driver starts its rings from 0."""
+    img = tmp_path / "d.img"
+    data = raw_disk(img, 9)
+    async with guest("-smp", "2", "-drive", f"file={img},format=raw") as g:
+        assert await g.read_crc(0, 64) == crc(data[: 64 * SECTOR])
+        g.vm.console.send("reset\n")
+        await g.vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
+        assert g.vm.boots == 2
+        assert await g.read_crc(64, 64) == crc(data[64 * SECTOR : 128 * SECTOR])
+        await g.ok("blk write 0 1 1")
+    assert img.read_bytes()[:SECTOR] == b"\x01" * SECTOR

@@ -1,0 +1,135 @@
+"""Opening images named by -drive/-blockdev: probing, the probed-raw guard, locking, -snapshot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.qcow2.create import CreateOptions, build_image
+from appliance.storage.blockdev import (
+    ImageSource,
+    ProbedRawGuard,
+    open_image_source,
+    probe_warning,
+)
+from appliance.storage.errors import ReadOnlyError
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    p = tmp_path / "r.img"
+    p.write_bytes(b"\x11" * (1 << 20))
+    return p
+
+
+@pytest.fixture
+def qcow(tmp_path: Path) -> Path:
+    p = tmp_path / "q.qcow2"
+    p.write_bytes(build_image(CreateOptions(size=1 << 20)))
+    return p
+
+
+async def test_probing_finds_qcow2_silently_and_warns_for_raw(raw: Path, qcow: Path) -> None:
+    said: list[str] = []
+    q = await open_image_source(ImageSource(qcow), warn=said.append)
+    r = await open_image_source(ImageSource(raw), warn=said.append)
+    try:
+        assert (q.fmt, r.fmt) == ("qcow2", "raw")
+        assert said == [probe_warning(str(raw))]
+        assert said[0].splitlines()[0] == (
+            f"WARNING: Image format was not specified for '{raw}' and probing guessed raw."
+        )
+        assert isinstance(r.backend, ProbedRawGuard)
+    finally:
+        await q.close()
+        await r.close()
+
+
+async def test_probed_raw_refuses_a_qcow2_header_in_block_0_only(raw: Path) -> None:
+    img = await open_image_source(ImageSource(raw), warn=lambda _: None)
+    try:
+        b = img.backend
+        with pytest.raises(ReadOnlyError):
+            await b.writev(0, [memoryview(bytearray(b"QFI\xfb" + bytes(508)))])
+        with pytest.raises(ReadOnlyError):  # split across buffers
+            await b.writev(0, [memoryview(bytearray(b"QF")), memoryview(bytearray(b"I\xfb" + bytes(508)))])
+        assert await b.writev(0, [memoryview(bytearray(b"QFI\x00" + bytes(508)))]) == 512
+        assert await b.writev(512, [memoryview(bytearray(b"QFI\xfb" + bytes(508)))]) == 512
+    finally:
+        await img.close()
+    data = raw.read_bytes()
+    assert data[:4] == b"QFI\x00" and data[512:516] == b"QFI\xfb"
+
+
+async def test_explicit_raw_format_has_no_guard(raw: Path) -> None:
+    img = await open_image_source(ImageSource(raw, fmt="raw"))
+    try:
+        assert not isinstance(img.backend, ProbedRawGuard)
+        await img.backend.writev(0, [memoryview(bytearray(b"QFI\xfb" + bytes(508)))])
+    finally:
+        await img.close()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_second_writer_and_reader_beside_a_writer_are_refused(raw: Path, qcow: Path, fmt: str) -> None:
+    path = raw if fmt == "raw" else qcow
+    first = await open_image_source(ImageSource(path, fmt=fmt))
+    try:
+        with pytest.raises(ConfigError, match="lock"):
+            await open_image_source(ImageSource(path, fmt=fmt))
+        with pytest.raises(ConfigError, match="lock"):
+            await open_image_source(ImageSource(path, fmt=fmt, read_only=True))
+    finally:
+        await first.close()
+    again = await open_image_source(ImageSource(path, fmt=fmt))
+    await again.close()
+
+
+async def test_readers_share(qcow: Path) -> None:
+    a = await open_image_source(ImageSource(qcow, fmt="qcow2", read_only=True))
+    b = await open_image_source(ImageSource(qcow, fmt="qcow2", read_only=True))
+    await a.close()
+    await b.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io is not installed")
+async def test_qemu_io_cannot_write_while_we_hold_the_image(qcow: Path) -> None:
+    img = await open_image_source(ImageSource(qcow, fmt="qcow2"))
+    try:
+        proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 512", str(qcow)],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0 and "lock" in proc.stderr
+    finally:
+        await img.close()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+async def test_snapshot_writes_go_to_a_vanished_overlay(raw: Path, qcow: Path, fmt: str) -> None:
+    path = raw if fmt == "raw" else qcow
+    before = path.read_bytes()
+    tmp_before = set(Path("/tmp").glob("appliance-snapshot-*"))
+    img = await open_image_source(ImageSource(path, fmt=fmt, snapshot=True))
+    try:
+        assert set(Path("/tmp").glob("appliance-snapshot-*")) <= tmp_before
+        buf = bytearray(b"\x99" * 4096)
+        await img.backend.writev(4096, [memoryview(buf)])
+        out = bytearray(4096)
+        await img.backend.readv(4096, [memoryview(out)])
+        assert out == buf
+        # The base is only read: another writer elsewhere is still refused.
+        with pytest.raises(ConfigError, match="lock"):
+            await open_image_source(ImageSource(path, fmt=fmt))
+    finally:
+        await img.close()
+    assert path.read_bytes() == before
+
+
+async def test_open_errors_are_config_errors_naming_the_option(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(100))
+    with pytest.raises(ConfigError, match=r"^-drive file=x: "):
+        await open_image_source(ImageSource(bad, fmt="qcow2", what="-drive file=x"))
