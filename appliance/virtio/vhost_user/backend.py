@@ -543,12 +543,14 @@ class VhostUserBackend:
         """Quiesce the device and save each live ring's next avail index."""
         if not self._active:
             return
+        # Kicks that arrive while we wait are not passed on, so the avail
+        # indices stop moving; the next activation looks at every ring again.
+        active, queues = self._active, self._queues
+        self._active, self._queues = (), []
         await self.device.quiesce()
-        for i, q in zip(self._active, self._queues, strict=True):
+        for i, q in zip(active, queues, strict=True):
             self._c.rings[i].base = int(q.last_avail_idx) & 0xFFFF
             q.close()
-        self._active = ()
-        self._queues = []
         self.device.reset()
         if self._c.features_set:
             self.device.ack_features(self._c.features & ~(1 << p.VHOST_USER_F_PROTOCOL_FEATURES))
