@@ -37,13 +37,13 @@ usage: appliance storage-daemon [options]
 Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
 
   -h, --help             show this help and exit
-  --blockdev driver=file,node-name=<name>,filename=<path>[,read-only=on|off]
+  --blockdev [driver=]file,node-name=<name>,filename=<path>[,read-only=on|off]
              [,cache.direct=on|off][,cache.no-flush=on|off][,aio=threads]
              [,discard=ignore|unmap][,locking=on|off]
                          an image file
-  --blockdev driver=raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off]
+  --blockdev [driver=]raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off]
                          a format layered on a file node
-  --export type=vhost-user-blk,id=<id>,node-name=<name>,addr.type=unix,
+  --export [type=]vhost-user-blk,id=<id>,node-name=<name>,addr.type=unix,
            addr.path=<socket>[,writable=on|off][,num-queues=<n>]
            [,logical-block-size=<bytes>][,serial=<str>]
                          serve a node as a vhost-user-blk device
@@ -72,11 +72,15 @@ class BlockdevConfig:
     def parse(cls, text: str) -> BlockdevConfig:
         if text.lstrip().startswith("{"):
             raise ConfigError("--blockdev: JSON syntax is not supported; use key=value")
-        o = parse_option("--blockdev", text)
+        o = parse_option("--blockdev", text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")
         read_only = o.take_bool("read-only")
         o.take("auto-read-only")  # only matters to QEMU's own reopen logic
+        for key in ("detect-zeroes", "force-share"):
+            v = o.take(key, "off")
+            if v != "off":
+                raise ConfigError(f"--blockdev: {key}={v} is not supported")
         if driver == "file":
             filename = o.require("filename")
             direct = o.take_bool("cache.direct")
@@ -126,7 +130,7 @@ class ExportConfig:
     def parse(cls, text: str) -> ExportConfig:
         if text.lstrip().startswith("{"):
             raise ConfigError("--export: JSON syntax is not supported; use key=value")
-        o = parse_option("--export", text)
+        o = parse_option("--export", text, implied="type")
         kind = o.require("type")
         if kind != "vhost-user-blk":
             raise ConfigError(f"--export: type '{kind}' is not supported (vhost-user-blk)")

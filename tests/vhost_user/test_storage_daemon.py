@@ -80,6 +80,7 @@ def test_help_lists_blockdev_and_export(capsys: pytest.CaptureFixture[str]) -> N
             "node 'g' does not exist",
         ),
         (["--export"], "requires an argument"),
+        (["--blockdev", "file,node-name=f,filename=x,detect-zeroes=unmap"], "detect-zeroes=unmap"),
         ([], "no --export"),
     ],
 )
@@ -185,3 +186,18 @@ def test_storage_daemon_config_validates_on_construction(img: Path) -> None:
     )
     with pytest.raises(ConfigError, match="does not exist"):
         StorageDaemon(cfg)
+
+
+async def test_implied_keys_and_logical_block_size_reach_the_guest(tmp_path: Path, img: Path) -> None:
+    """``--blockdev file,…`` and ``--export vhost-user-blk,…`` as qemu-storage-daemon's help shows them."""
+    sock = tmp_path / "lbs.sock"
+    cfg = parse_args(
+        ["--blockdev", f"file,node-name=f,filename={img}",
+         "--export", f"vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},logical-block-size=4096"]
+    )
+    async with StorageDaemon(cfg):
+        fe = await FrontEnd.connect(str(sock), mem_size=1 << 20)
+        config = await fe.call(p.Request.GET_CONFIG, p.config(0, 60))
+        blk_size = int(struct.unpack_from("<I", config, 12 + 20)[0])  # virtio 1.2 §5.2.4 blk_size
+        assert blk_size == 4096
+        fe.close()
