@@ -46,6 +46,7 @@ class _Walker:
         self.nclusters = -(-img.file_size // self.cs)
         self.refs = [0] * self.nclusters
         self.copied_errors: list[str] = []
+        self.l2_active: list[tuple[int, int, int, tuple[int, ...]]] = []
 
     def inc(self, off: int, length: int, what: str) -> bool:
         if length <= 0:
@@ -112,7 +113,6 @@ class _Walker:
 async def compute_refs(img: Qcow2Image, res: CheckResult, *, with_refcount_structs: bool = True
                        ) -> _Walker:
     w = _Walker(img, res)
-    w.l2_active = []  # type: ignore[attr-defined]
     cs = img._cs
     h = img.header
     w.inc(0, cs, "header")
@@ -160,7 +160,7 @@ async def check_image(img: Qcow2Image) -> CheckResult:
             elif stored > ref:
                 res.leaks += 1
                 res.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
-        for l1i, e, off, t in w.l2_active:  # type: ignore[attr-defined]
+        for l1i, e, off, t in w.l2_active:
             rc = await img.refcount(off >> img._cb)
             if (rc == 1) != bool(e & COPIED):
                 res.corruptions += 1

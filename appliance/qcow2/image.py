@@ -40,7 +40,7 @@ from appliance.qcow2.compress import decompress as _decompress
 from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
 from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
-from appliance.qcow2.snapshot import Snapshot, parse_snapshots
+from appliance.qcow2.snapshot import Snapshot, parse_snapshot_table
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
@@ -202,6 +202,7 @@ class Qcow2Image:
         self._meta: set[int] = set()
         self._lazy_dirty = False
         self._comp_cache: tuple[int, bytes] | None = None
+        self._table_bytes: int | None = None  # snapshot table length as last written
         self._comp_tail = 0  # host byte offset where the next compressed cluster may go
         self._alloc_end = 0  # end of the highest cluster ever allocated
         self._no_falloc = False
@@ -294,7 +295,7 @@ class Qcow2Image:
         if h.nb_snapshots:
             raw = await self._pread(h.snapshots_offset, min(self.file_size - h.snapshots_offset,
                                                             64 << 20))
-            self.snapshots = parse_snapshots(raw, h.nb_snapshots, cs)
+            self.snapshots, self._table_bytes = parse_snapshot_table(raw, h.nb_snapshots, cs)
         want = l2_cache_size
         if want is None:
             need = (-(-self.size // cs)) * self._stride * 8
@@ -357,7 +358,8 @@ class Qcow2Image:
             m.update(range(s.l1_table_offset // cs, (s.l1_table_offset + s.l1_size * 8 + cs - 1)
                            // cs))
         if h.nb_snapshots:
-            m.add(h.snapshots_offset // cs)
+            n = max(1, -(-(self._table_bytes or 1) // cs))
+            m.update(range(h.snapshots_offset // cs, h.snapshots_offset // cs + n))
         self._meta = m
 
     # ------------------------------------------------------------------ raw file I/O
@@ -776,7 +778,7 @@ class Qcow2Image:
 
     async def _read_extents(self, extents: list[list[int]], base: int, sp: _Splitter) -> None:
         asyncio.get_running_loop()
-        waits = []
+        waits: list[Any] = []
         self._io_count += 1
         try:
             for kind, start, length, host in extents:
@@ -938,7 +940,7 @@ class Qcow2Image:
                 if (host >> cb) in self._meta:
                     raise await self.mark_corrupt(
                         f"L2 entry for guest cluster {gc} points at metadata", host)
-                reuse = e & COPIED or await self.refcount(host >> cb) == 1
+                reuse = bool(e & COPIED) or await self.refcount(host >> cb) == 1
             item = [gc, a, b, e, bm, host if reuse else -1, host if reuse else -2, False]
             allocs.append(item)
             if not reuse:
@@ -961,7 +963,7 @@ class Qcow2Image:
             i = j
         loop = asyncio.get_running_loop()
         for item in allocs:
-            piggy = item[7] and self._fill_is_zero(item[3], item[4])
+            piggy = bool(item[7]) and self._fill_is_zero(item[3], item[4])
             self._inflight[item[0]] = _Alloc(loop.create_future(), item[5], piggy)
         # Turn allocations into segments (in guest order, merged when host-contiguous).
         if allocs:

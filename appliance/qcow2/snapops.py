@@ -131,9 +131,8 @@ async def _write_table(img: Qcow2Image, snaps: list[Snapshot]) -> None:
 
 
 def _table_len(img: Qcow2Image) -> int:
-    known = getattr(img, "_table_bytes", None)
-    if known is not None:
-        return int(known)
+    if img._table_bytes is not None:
+        return img._table_bytes
     return sum(len(s.serialize(img.header.version)) for s in img.snapshots)
 
 

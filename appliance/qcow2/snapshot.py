@@ -46,6 +46,12 @@ class Snapshot:
 
 def parse_snapshots(data: bytes, count: int, cluster_size: int) -> list[Snapshot]:
     """Parse ``count`` entries from ``data``; raise CorruptImage on any overrun."""
+    return parse_snapshot_table(data, count, cluster_size)[0]
+
+
+def parse_snapshot_table(data: bytes, count: int, cluster_size: int
+                         ) -> tuple[list[Snapshot], int]:
+    """Like :func:`parse_snapshots`, also returning the table's length in bytes."""
     if count > MAX_SNAPSHOTS:
         raise CorruptImage(f"too many snapshots ({count})")
     out: list[Snapshot] = []
@@ -78,8 +84,4 @@ def parse_snapshots(data: bytes, count: int, cluster_size: int) -> list[Snapshot
         if l1_off % cluster_size or l1_size > (32 << 20) // 8:
             raise CorruptImage(f"snapshot {snap.id} has an invalid L1 table", offset=l1_off)
         out.append(snap)
-    return out
-
-
-def table_size(data_len: int) -> int:
-    return data_len
+    return out, pos

@@ -1,0 +1,158 @@
+"""The engine as the VMM sees it: BlockBackend API, concurrency, cache modes, growth."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from appliance.qcow2 import Qcow2Backend, create_temporary_overlay, open_image
+from appliance.qcow2.create import CreateOptions, create_image
+from appliance.storage.backend import BlockBackend
+from tests.conftest import needs_qemu_img
+from tests.qcow2.helpers import check_clean, oracle_raw, qemu_img, qemu_io, read_all
+
+MiB = 1 << 20
+
+
+async def test_qcow2_backend_is_a_block_backend(tmp_path: Path) -> None:
+    p = tmp_path / "a.qcow2"
+    await create_image(p, CreateOptions(size=8 * MiB))
+    img = await open_image(p, read_only=False, fmt="qcow2")
+    assert isinstance(img, Qcow2Backend) and isinstance(img, BlockBackend)
+    assert (img.size, img.read_only, img.logical_block_size, img.supports_discard) == (
+        8 * MiB, False, 512, True)
+    buf = bytearray(4096)
+    assert await img.readv(8 * MiB - 1024, [memoryview(buf)]) == 1024  # short only at EOF
+    await img.close()
+
+
+async def test_probing_warns_only_for_raw(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                          ) -> None:
+    q = tmp_path / "a.qcow2"
+    await create_image(q, CreateOptions(size=MiB))
+    r = tmp_path / "a.raw"
+    r.write_bytes(bytes(MiB))
+    with caplog.at_level(logging.WARNING, logger="appliance.qcow2"):
+        a = await open_image(q, read_only=True)
+        assert not caplog.records
+        b = await open_image(r, read_only=True)
+        assert "probing guessed raw" in caplog.text
+    assert isinstance(a, Qcow2Backend) and not isinstance(b, Qcow2Backend)
+    await a.close()
+    await b.close()
+
+
+async def test_temporary_overlay_keeps_the_base_unchanged(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * (2 * MiB))
+    ov = create_temporary_overlay(base, "raw")
+    try:
+        img = await open_image(ov, read_only=False, fmt="qcow2")
+        assert img.size == 2 * MiB
+        await img.writev(1000, [memoryview(b"\x01" * 5000)])
+        buf = bytearray(8192)
+        await img.readv(0, [memoryview(buf)])
+        assert buf[:1000] == b"\x5a" * 1000 and buf[1000:6000] == b"\x01" * 5000
+        assert buf[6000:] == b"\x5a" * 2192
+        await img.close()
+    finally:
+        ov.unlink()
+    assert base.read_bytes() == b"\x5a" * (2 * MiB)
+
+
+@pytest.mark.parametrize("backing", [False, True])
+async def test_concurrent_writes_to_one_cluster_all_land(tmp_path: Path, backing: bool) -> None:
+    """32 writes into two fresh clusters at once: every one is there afterwards."""
+    p = tmp_path / "c.qcow2"
+    opts = CreateOptions(size=4 * MiB)
+    if backing:
+        (tmp_path / "b.raw").write_bytes(b"\x77" * (4 * MiB))
+        opts.backing_file, opts.backing_fmt = "b.raw", "raw"
+    await create_image(p, opts)
+    img = await open_image(p, read_only=False, fmt="qcow2")
+    await asyncio.gather(*(img.writev(i * 4096, [memoryview(bytes([i + 1]) * 4096)])
+                           for i in range(32)))
+    buf = bytearray(32 * 4096 + 4096)
+    await img.readv(0, [memoryview(buf)])
+    for i in range(32):
+        assert buf[i * 4096 : (i + 1) * 4096] == bytes([i + 1]) * 4096, i
+    assert buf[-4096:] == (b"\x77" if backing else b"\0") * 4096
+    await img.close()
+    if backing:
+        return
+    r = qemu_img("check", str(p), check=False)
+    assert r.returncode == 0, r.stdout
+
+
+async def test_cache_none_uses_o_direct(tmp_path: Path) -> None:
+    p = tmp_path / "d.qcow2"
+    await create_image(p, CreateOptions(size=4 * MiB))
+    img = await open_image(p, read_only=False, fmt="qcow2", cache="none")
+    assert img._direct and img._dfd != img._fd
+    m = mmap.mmap(-1, 8192)
+    m.write(b"\x42" * 8192)
+    await img.writev(4096, [memoryview(m)])
+    await img.write_zeroes(64 * 1024 + 512, 1024)
+    out = mmap.mmap(-1, 8192)
+    await img.readv(4096, [memoryview(out)])
+    assert out[:] == b"\x42" * 8192
+    await img.close()
+    assert (await read_all(p))[4096:12288] == b"\x42" * 8192
+
+
+@needs_qemu_img
+async def test_refcount_table_grows_and_stays_consistent(tmp_path: Path) -> None:
+    p = tmp_path / "g.qcow2"
+    await create_image(p, CreateOptions(size=16 * MiB, cluster_size=512))
+    rt_before = struct.unpack(">Q", p.read_bytes()[48:56])[0]
+    img = await open_image(p, read_only=False, fmt="qcow2")
+    data = os.urandom(12 * MiB)
+    for off in range(0, len(data), 256 * 1024):
+        await img.writev(off, [memoryview(data)[off : off + 256 * 1024]])
+    await img.close()
+    rt_after = struct.unpack(">Q", p.read_bytes()[48:56])[0]
+    assert rt_after != rt_before
+    check_clean(p)
+    assert oracle_raw(p, tmp_path)[: len(data)] == data
+
+
+@needs_qemu_img
+async def test_tiny_l2_cache_writes_back_in_order(tmp_path: Path) -> None:
+    p = tmp_path / "l2.qcow2"
+    await create_image(p, CreateOptions(size=64 * MiB, cluster_size=4096))
+    img = await Qcow2Backend.open(p, read_only=False, l2_cache_size=2 * 4096)
+    model = bytearray(64 * MiB)
+    rnd = __import__("random").Random(5)
+    for _ in range(300):
+        off = rnd.randrange(0, 64 * MiB - 70_000)
+        b = bytes([rnd.randrange(1, 255)]) * rnd.randrange(1, 70_000)
+        await img.writev(off, [memoryview(b)])
+        model[off : off + len(b)] = b
+    await img.close()
+    check_clean(p)
+    assert oracle_raw(p, tmp_path) == bytes(model)
+
+
+@needs_qemu_img
+async def test_extended_l2_subcluster_writes_keep_backing_data(tmp_path: Path) -> None:
+    base = tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", str(base), "4M")
+    qemu_io(base, "write -P 0x11 0 4M")
+    top = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", "-b",
+             "b.qcow2", "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 0x22 4k 2k")  # qemu allocates one subcluster
+    img = await open_image(top, read_only=False, fmt="qcow2")
+    await img.writev(6144, [memoryview(b"\x33" * 1000)])  # same cluster, next subcluster
+    await img.writev(200_000, [memoryview(b"\x44" * 3000)])
+    await img.write_zeroes(1 * MiB, 64 * 1024)
+    await img.close()
+    check_clean(top)
+    qemu_io(top, "read -P 0x11 0 4k", "read -P 0x22 4k 2k", "read -P 0x33 6144 1000",
+            "read -P 0x11 7144 56392", "read -P 0x44 200000 3000", "read -P 0 1M 64k")
