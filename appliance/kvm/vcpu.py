@@ -158,6 +158,7 @@ class Vcpu:
         self._thread_id: int | None = None
         self._can_kick = _install_kick_handler()
         self.exits = 0
+        self.device_errors = 0
 
     # --- set-up -----------------------------------------------------------------
 
@@ -308,7 +309,7 @@ class Vcpu:
                             p = off + i * size
                             mm[p : p + size] = _fit(pio_bus.read(port, size), size)
                 except Exception:
-                    log.exception("vCPU %d: port %#x device failed", self.index, port)
+                    self._device_failed("port", port)
             elif reason == k.KVM_EXIT_MMIO:
                 addr, data, length, is_write = _MMIO.unpack_from(mm, union)
                 if not 0 < length <= 8:
@@ -319,7 +320,7 @@ class Vcpu:
                     else:
                         mm[union + 8 : union + 8 + length] = _fit(mmio_bus.read(addr, length), length)
                 except Exception:
-                    log.exception("vCPU %d: MMIO %#x device failed", self.index, addr)
+                    self._device_failed("MMIO", addr)
             elif reason == k.KVM_EXIT_INTR:
                 continue
             elif reason == k.KVM_EXIT_HLT:
@@ -344,6 +345,16 @@ class Vcpu:
             else:
                 return VcpuExit("error", f"unexpected KVM exit {reason}{self._where()}")
         return VcpuExit("stopped")
+
+    def _device_failed(self, space: str, addr: int) -> None:
+        # A guest can hit a broken device in a loop: log the first few
+        # failures in full, then one line per thousand.
+        self.device_errors += 1
+        n = self.device_errors
+        if n <= 5:
+            log.exception("vCPU %d: %s %#x device failed", self.index, space, addr)
+        elif n % 1000 == 0:
+            log.error("vCPU %d: %d device failures so far (last at %s %#x)", self.index, n, space, addr)
 
     def _where(self) -> str:
         try:

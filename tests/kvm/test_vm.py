@@ -224,3 +224,17 @@ def test_ap_starts_on_init_sipi_from_the_bsp_lapic(tmp_path: Path) -> None:
         for t in threads:
             t.join(5)
         vm.close()
+
+
+def test_a_failing_device_does_not_stop_the_vcpu(code_vm) -> None:  # type: ignore[no-untyped-def]
+    class Broken:
+        def read(self, offset: int, size: int) -> bytes:
+            raise RuntimeError("device bug")
+
+        def write(self, offset: int, data: bytes) -> None:
+            raise RuntimeError("device bug")
+
+    vm = code_vm("mov $0x3f8, %dx\n mov $20, %ecx\n1: out %al, %dx\n in %dx, %al\n loop 1b")
+    vm.vm.pio_bus.register(0x3F8, 8, Broken())
+    assert vm.run().kind == "stopped"
+    assert vm.vcpus[0].device_errors == 40
