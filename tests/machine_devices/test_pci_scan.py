@@ -177,3 +177,14 @@ def test_scan_parser_rejects_trailing_values() -> None:
     with pytest.raises(AssertionError):
         parse_scan([NO_DEVICE] * 32 + [1])
     assert parse_scan([0x1234, 0, *([NO_DEVICE] * 31)]) == {0: (0x1234, 0, None)}
+
+
+async def test_max_nics_fill_the_bus_in_order(scan_elf: Path) -> None:
+    from appliance.nic.config import MAX_NICS
+
+    argv: list[str] = []
+    for _ in range(MAX_NICS):
+        argv += ["-nic", "user"]
+    found = await run_scan(scan_elf, argv)
+    assert sorted(found) == list(range(MAX_NICS + 1))
+    assert all(found[s][0] == virtio(0x1041) for s in range(1, MAX_NICS + 1))

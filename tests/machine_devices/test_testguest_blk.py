@@ -84,10 +84,11 @@ def crc(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFF_FFFF
 
 
-async def test_raw_disk_reads_host_pattern_and_host_sees_guest_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("aio", ["threads", "native"])
+async def test_raw_disk_reads_host_pattern_and_host_sees_guest_writes(tmp_path: Path, aio: str) -> None:
     img = tmp_path / "d.img"
     data = bytearray(raw_disk(img, 1))
-    async with guest("-drive", f"file={img},format=raw,if=virtio,cache=none", "-m", "64") as g:
+    async with guest("-drive", f"file={img},format=raw,if=virtio,cache=none,aio={aio}", "-m", "64") as g:
         info = await g.ok("blk info")
         assert int(info["capacity"]) == DISK_BYTES // SECTOR
         # 1000 sectors span several 64 KiB guest requests and cross page boundaries.
