@@ -291,3 +291,15 @@ def test_any_command_line_parses_or_raises_config_error(argv: list[str]) -> None
         run.to_config(run.parse_args(argv))
     except ConfigError:
         pass
+
+
+def test_info_json_has_kind_and_limits() -> None:
+    import json
+
+    proc = appliance("info", "--json")
+    info = json.loads(proc.stdout)
+    assert info["kvm"] in ("pvm", "hardware", "unknown")
+    if proc.returncode == 0:
+        assert info["max_vcpus"] >= 1
+    _ = appliance("info", "--bogus")
+    assert _.returncode == 2
