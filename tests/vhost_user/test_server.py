@@ -384,3 +384,18 @@ async def test_without_protocol_features_rings_are_enabled_by_set_features(serve
     assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2  # a sync point
     assert all(r.enabled for r in server.backend.rings)
     fe.close()
+
+
+async def test_set_features_on_live_rings_rebuilds_them(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    feats = await fe.negotiate()
+    await fe.start_ring(0)
+    assert not dev.queues[0].event_idx
+    assert await _roundtrip(fe, 0, b"one") == b"ONE"
+    assert await fe.acked(p.Request.SET_FEATURES, p.u64(feats | 1 << 29)) == 0  # EVENT_IDX on
+    assert dev.queues[0].event_idx and dev.activations == 2
+    # The rebuilt ring continues where the old one stopped.
+    fe.queues[0].set_used_event(1)
+    assert await _roundtrip(fe, 0, b"two") == b"TWO"
+    fe.close()

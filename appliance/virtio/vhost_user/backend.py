@@ -294,6 +294,9 @@ class VhostUserBackend:
         offered = self.offered_features()
         if value & ~offered:
             raise ProtocolError(f"features {value & ~offered:#x} were not offered")
+        if self._active and value != self._c.features:
+            # Live rings were built for the old features (EVENT_IDX, INDIRECT_DESC).
+            await self._deactivate()
         self._c.features = value
         self._c.features_set = True
         self.device.ack_features(value & ~(1 << p.VHOST_USER_F_PROTOCOL_FEATURES))
@@ -301,7 +304,7 @@ class VhostUserBackend:
             # "Ring states": without protocol features every ring is enabled at once.
             for ring in self._c.rings:
                 ring.enabled = True
-            await self._reconcile()
+        await self._reconcile()
 
     async def _get_protocol_features(self, _v: object, _fds: list[int]) -> Reply:
         return Reply(p.u64(PROTOCOL_FEATURES))
