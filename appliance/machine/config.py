@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 MIN_MEM = 2 * layout.MiB
 DEFAULT_MEM = 128 * layout.MiB
-MAX_CPUS = 255  # xAPIC ids are 8 bits; the MADT lists one local APIC per vCPU
+MAX_CPUS = 254  # xAPIC ids are 8 bits, 0xFF is broadcast; the MADT lists one local APIC per vCPU
 
 
 def host_memory() -> int:
