@@ -5,15 +5,18 @@ linked by a loopback UDP (`-netdev dgram`) wire exchanging frames."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import struct
+import subprocess
+import uuid
 
 import pytest
 
 from appliance.kit import build
 from appliance.kit.console import GuestConsole
-from tests.conftest import needs_kvm, needs_qemu
+from tests.conftest import needs_kvm, needs_qemu, needs_root
 
 pytestmark = [needs_kvm, needs_qemu, pytest.mark.kvm, pytest.mark.qemu, pytest.mark.slow]
 
@@ -90,6 +93,8 @@ async def test_two_guests_on_a_udp_wire_echo_and_exchange_frames(guest_elf) -> N
         back = bytes.fromhex(m.group(2))
         assert back[:6] == udp[6:12] and back[23] == 17
         assert struct.unpack(">HH", back[34:38]) == (7, 40000) and back[42:57] == b"echo me, please"
+        # A UDP socket backend carries no virtio-net header: no TSO offered.
+        await a.command("net bench tso 1", "ERR net bench tso: the device does not offer")
         # a blasts at b's MAC while b counts.
         await b.write("net bench rx 2\n")
         await asyncio.sleep(0.2)
@@ -101,3 +106,27 @@ async def test_two_guests_on_a_udp_wire_echo_and_exchange_frames(guest_elf) -> N
         for g in (a, b):
             await g.write("poweroff\n")
             assert await g.wait(10) == 0
+
+
+@needs_root
+async def test_tso_frames_reach_a_tap_whole(guest_elf) -> None:
+    """With a tap (vnet headers) QEMU offers CSUM + HOST_TSO4: 64 KiB frames arrive on the tap."""
+    ns = f"tg{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "tuntap", "add", "tap0", "mode", "tap"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"], check=True)
+        argv = ["ip", "netns", "exec", ns] + qemu(
+            guest_elf, "tap,ifname=tap0,script=no,downscript=no,vhost=off", "52:54:00:00:00:0c")
+        async with GuestConsole(argv) as g:
+            await g.ready(timeout=40)
+            m = await g.command("net bench tso 1", re.compile(r"NET bench dir=tso (.*)\n"), timeout=30)
+            frames = int(dict(kv.split("=") for kv in m.group(1).split())["frames"])
+            await g.write("poweroff\n")
+            assert await g.wait(10) == 0
+        stats = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "tap0"], check=True,
+                               capture_output=True, text=True).stdout
+        rx = json.loads(stats)[0]["stats64"]["rx"]
+        assert frames > 0 and rx["bytes"] >= frames * 65000
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
