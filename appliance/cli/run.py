@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.cli.options import parse_option, parse_size
-from appliance.errors import ConfigError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.kvm import layout
 from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
 
@@ -446,6 +446,8 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: {warning}", file=sys.stderr)
     try:
         return asyncio.run(run_machine(config))
-    except KvmError as err:
+    except ConfigError:
+        raise
+    except ApplianceError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from appliance.devices.acpi_pm import AcpiPm, ResetRegister
 from appliance.devices.i8042 import I8042
 from appliance.devices.rtc import Rtc
 from appliance.devices.uart16550 import Uart16550
-from appliance.kvm import layout
+from appliance.kvm import KvmError, layout
 from appliance.kvm.boot import BootPlan, load_kernel
 from appliance.kvm.bus import BusDevice
 from appliance.kvm.memory import GuestMemory
@@ -89,7 +89,10 @@ class MachineBuilder:
         :raises KvmError: When KVM refuses part of the set-up.
         """
         cfg = self.config
-        memory = GuestMemory.anonymous(layout.ram_ranges(cfg.mem_size))
+        try:
+            memory = GuestMemory.anonymous(layout.ram_ranges(cfg.mem_size))
+        except OSError as err:
+            raise KvmError(f"cannot allocate {cfg.mem_size >> 20} MiB of guest memory") from err
         vm: Vm | None = None
         try:
             rsdp = self._build_acpi(memory)
