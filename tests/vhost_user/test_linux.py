@@ -237,3 +237,38 @@ async def test_qemu_killed_mid_io_then_a_new_qemu_is_served(tmp_path: Path, imag
             assert out == "after the crash"
             assert await g.poweroff() == 0
         assert server.connections == 2
+
+
+async def test_daemon_restart_is_survived_by_a_reconnecting_qemu(tmp_path: Path, image: Path) -> None:
+    """The other direction: the daemon goes away and comes back; QEMU's
+    ``reconnect=1`` chardev sets the rings up again and the guest's disk works on."""
+    import asyncio
+
+    sock = tmp_path / "vu.sock"
+    args = parse_args(_daemon_args(image, sock))
+    d = StorageDaemon(args)
+    await d.start()
+    try:
+        guest = TcgGuest(
+            ["-chardev", f"socket,id=vu,path={sock},reconnect=1",
+             "-device", "vhost-user-blk-pci,chardev=vu,num-queues=1"],
+        )
+        async with guest as g:
+            await g.run("echo before | dd of=/dev/vda bs=512 conv=sync oflag=direct 2>/dev/null")
+            await d.close()
+            d = StorageDaemon(parse_args(_daemon_args(image, sock)))
+            await d.start()
+            server = d.exports["exp0"].server
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while server.backend.active_queues == ():
+                assert loop.time() < deadline, "QEMU did not reconnect"
+                await asyncio.sleep(0.1)
+            await g.run("echo after | dd of=/dev/vda bs=512 seek=1 conv=sync oflag=direct 2>/dev/null")
+            out = await g.run("dd if=/dev/vda bs=512 count=2 iflag=direct 2>/dev/null | strings")
+            assert out.split() == ["before", "after"]
+            assert await g.poweroff() == 0
+    finally:
+        await d.close()
+    data = image.read_bytes()
+    assert data[:7] == b"before\n" and data[512:518] == b"after\n"
