@@ -12,6 +12,18 @@ lowest free slot not reserved by any spec of the config, in config order, so
 a boot always lays the bus out the same way (:func:`appliance.pci.plan_slots`
 semantics). The device model lives across reboots; a reboot resets it
 through its transport like a cold boot's driver would.
+
+From Python (the CLI builds the same objects from ``-drive``/``-device``)::
+
+    from appliance.storage.blockdev import ImageSource
+    from appliance.net.netdev import parse_netdev
+    from appliance.nic.config import default_mac
+
+    cfg = MachineConfig(kernel=Path("guest.elf"), num_cpus=2, devices=[
+        BlkSpec(ImageSource(Path("disk.qcow2"), fmt="qcow2")),           # 2 queues: one per vCPU
+        NicSpec(parse_netdev("user,id=n0"), default_mac(0), addr=PciAddress(5)),
+        RngSpec(),
+    ])
 """
 
 from __future__ import annotations

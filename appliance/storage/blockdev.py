@@ -203,6 +203,7 @@ class BlockdevConfig:
         "driver=file,node-name=<name>,filename=<path>[,read-only=on|off][,cache.direct=on|off]"
         "[,cache.no-flush=on|off][,aio=threads|native][,discard=ignore|unmap][,locking=on|off|auto]"
         " | driver=raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off][,discard=…]"
+        " | driver=raw|qcow2,node-name=<name>,file.driver=file,file.filename=<path>[,file.<file option>=…]"
     )
     driver: str
     node_name: str
@@ -247,11 +248,44 @@ class BlockdevConfig:
                 raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
             return cfg
         if driver in FORMATS:
-            file = o.require("file")
             discard = _discard(o, what)
+            if "file" not in o and "file.driver" in o:
+                return cls._inline_file(driver, node, read_only, discard, o)
+            file = o.require("file")
             o.finish()
             return cls(driver, node, file=file, read_only=read_only, discard=discard)
         raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
+
+
+    @classmethod
+    def _inline_file(cls, driver: str, node: str, read_only: bool, discard: str, o: OptionDict) -> BlockdevConfig:
+        """``driver=qcow2,file.driver=file,file.filename=…``: the file node written inside."""
+        what = o.option
+        inner = o.take("file.driver")
+        if inner != "file":
+            raise ConfigError(f"{what}: file.driver={inner} is not supported (file)")
+        aio = o.take("file.aio", "threads") or "threads"
+        if aio not in AIO_MODES:
+            raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
+        cfg = cls(
+            driver, node, filename=Path(o.require("file.filename")),
+            read_only=read_only or o.take_bool("file.read-only", False),
+            cache_direct=o.take_bool("file.cache.direct", False) or o.take_bool("cache.direct", False),
+            no_flush=o.take_bool("file.cache.no-flush", False) or o.take_bool("cache.no-flush", False),
+            aio=aio, discard=discard if "file.discard" not in o else _discard_key(o, "file.discard", what),
+            locking=_locking(o, "file.locking"),
+        )
+        o.finish()
+        if cfg.aio == "native" and not cfg.cache_direct:
+            raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
+        return cfg
+
+
+def _discard_key(o: OptionDict, key: str, what: str) -> str:
+    value = o.take(key, "ignore") or "ignore"
+    if value not in DISCARD_MODES:
+        raise ConfigError(f"{what}: invalid discard option '{value}' (ignore or unmap)")
+    return DISCARD_MODES[value]
 
 
 def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) -> ImageSource:
@@ -264,6 +298,8 @@ def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) 
         raise ConfigError(f"{what}: no drive or block node named '{name}'")
     if node.driver == "file":
         file, fmt = node, "raw"
+    elif node.filename is not None:
+        file, fmt = node, node.driver
     else:
         below = nodes.get(node.file or "")
         if below is None:

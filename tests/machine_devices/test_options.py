@@ -65,6 +65,13 @@ def test_blockdev_qcow2_over_file_node(qcow: Path) -> None:
     assert (d.source.fmt, d.source.cache, d.source.read_only) == ("qcow2", "none", True)
 
 
+def test_blockdev_with_the_file_node_written_inline(qcow: Path) -> None:
+    [d] = devices("-blockdev", f"driver=qcow2,node-name=q0,file.driver=file,file.filename={qcow},"
+                  "file.cache.direct=on,file.locking=off", "-device", "virtio-blk-pci,drive=q0")
+    assert isinstance(d, BlkSpec)
+    assert (d.source.path, d.source.fmt, d.source.cache, d.source.locking) == (qcow, "qcow2", "none", False)
+
+
 def test_snapshot_applies_to_drives(disk: Path) -> None:
     [d] = devices("-snapshot", "-drive", f"file={disk},format=raw")
     assert isinstance(d, BlkSpec) and d.source.snapshot
@@ -149,6 +156,8 @@ BAD = [
     (["-blockdev", "driver=file,filename={disk}"], "'node-name'"),
     (["-blockdev", "driver=file,node-name=f,filename={disk},aio=native"], "cache.direct"),
     (["-blockdev", '{"driver":"file"}'], "JSON"),
+    (["-blockdev", "driver=qcow2,node-name=q,file.driver=nbd"], "file.driver=nbd"),
+    (["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename={disk},file.bogus=1"], "'file.bogus'"),
     (["-drive", "file={disk},format=qcow2,cache=none,aio=native"], "raw images only"),
     (["-blockdev", "driver=qcow2,node-name=q,file=nofile", "-device", "virtio-blk-pci,drive=q"], "'nofile'"),
     (["-blockdev", "driver=raw,node-name=a,file=b", "-blockdev", "driver=raw,node-name=b,file=a",
