@@ -315,7 +315,16 @@ def usage() -> str:
     return "\n".join(lines) + "\n"
 
 
+_loaded_option_modules = False
+
+
 def _load_option_modules() -> None:
+    # Loaded on the first option the core table lacks: a plain
+    # `run -kernel …` does not pay for importing every device package.
+    global _loaded_option_modules
+    if _loaded_option_modules:
+        return
+    _loaded_option_modules = True
     for mod in OPTION_MODULES:
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(mod)
@@ -326,7 +335,6 @@ def parse_args(argv: list[str]) -> RunArgs:
 
     :raises ConfigError: On an unknown option, a missing argument or a bad value.
     """
-    _load_option_modules()
     args = RunArgs()
     i = 0
     while i < len(argv):
@@ -335,6 +343,9 @@ def parse_args(argv: list[str]) -> RunArgs:
             raise ConfigError(f"unexpected argument '{word}' (disk images need -drive)")
         name = "-" + word.lstrip("-")
         opt = OPTIONS.get(name)
+        if opt is None:
+            _load_option_modules()
+            opt = OPTIONS.get(name)
         if opt is None:
             raise ConfigError(f"option '{word}' is not supported")
         if opt.metavar is None:
