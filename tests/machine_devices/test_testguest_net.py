@@ -122,3 +122,12 @@ async def test_guest_pings_host_and_host_gets_udp_echo_over_a_tap_in_a_namespace
             with inside(ns):
                 await cm.__aexit__(None, None, None)
         assert "vmtap0" not in ns_exec(ns, "ip", "link")
+
+
+async def test_nic_works_again_after_a_guest_reset() -> None:
+    async with guest("-nic", "user") as g:
+        assert (await g.net("net dhcp", "dhcp"))["ip"] == "10.0.2.15"
+        g.vm.console.send("reset\n")
+        await g.vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
+        assert (await g.net("net dhcp", "dhcp"))["ip"] == "10.0.2.15"
+        assert (await g.net("net ping 10.0.2.2 1", "ping done"))["received"] == "1"
