@@ -119,6 +119,25 @@ def test_cli_stdin_commands_reset_with_no_reboot_exits_0() -> None:
             proc.wait()
 
 
+def test_cli_reset_reboots_and_the_ready_line_comes_again() -> None:
+    proc = subprocess.Popen([*APPLIANCE, "run", "-kernel", str(GUEST), "-smp", "2", "-serial", "stdio"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        out = Lines(proc.stdout)
+        out.until(b"TESTGUEST-READY cpus=2")
+        proc.stdin.write(b"reset\n")
+        proc.stdin.flush()
+        out.until(b"TESTGUEST-READY cpus=2")
+        proc.stdin.write(b"poweroff\n")
+        proc.stdin.flush()
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cli_unix_socket_console_and_poweroff_exit_0(tmp_path: Path) -> None:
     path = tmp_path / "serial.sock"
     proc = subprocess.Popen(
