@@ -230,23 +230,27 @@ async def rebuild_refcounts(img: Qcow2Image) -> None:
     img._build_meta_set()
 
 
+def after_rebuild(before: CheckResult, mode: str) -> bool:
+    """Whether a repair in ``mode`` rebuilt the refcounts (so a dirty bit may go)."""
+    return bool(before.leaks or mode == "all")
+
+
 async def repair_image(img: Qcow2Image, mode: str) -> tuple[CheckResult, CheckResult]:
     """Check, repair (``leaks`` or ``all``), check again. Returns (before, after)."""
     from appliance.qcow2.snapops import fix_copied_flags
 
     before = await check_image(img)
-    fix = before.leaks or (mode == "all" and before.corruptions)
-    if fix and not (before.corruptions and mode == "leaks"):
+    if before.leaks or (mode == "all" and before.corruptions):
         async with img._lock:
             await rebuild_refcounts(img)
             if mode == "all":
                 img._l2.clear()
                 await fix_copied_flags(img)
             await img._flush_locked()
-    elif fix and before.leaks:
-        async with img._lock:
-            await rebuild_refcounts(img)
-            await img._flush_locked()
+    if img.header.dirty and after_rebuild(before, mode):
+        img.header.incompatible_features &= ~H.INCOMPAT_DIRTY
+        await img._write_header()
+        await img._sync()
     after = await check_image(img)
     before.leaks_fixed = max(0, before.leaks - after.leaks)
     before.corruptions_fixed = max(0, before.corruptions - after.corruptions)

@@ -156,3 +156,38 @@ async def test_extended_l2_subcluster_writes_keep_backing_data(tmp_path: Path) -
     check_clean(top)
     qemu_io(top, "read -P 0x11 0 4k", "read -P 0x22 4k 2k", "read -P 0x33 6144 1000",
             "read -P 0x11 7144 56392", "read -P 0x44 200000 3000", "read -P 0 1M 64k")
+
+
+async def test_unknown_header_extension_survives_header_rewrites(tmp_path: Path) -> None:
+    from appliance.qcow2.create import build_image
+    from appliance.qcow2.header import parse_header
+    from appliance.qcow2.ops import resize
+
+    data = bytearray(build_image(CreateOptions(size=MiB)))
+    h = parse_header(bytes(data[:65536]), len(data))
+    h.extensions.append((0x12345678, b"hello, future"))
+    head = h.serialize()
+    data[: len(head)] = head
+    p = tmp_path / "x.qcow2"
+    p.write_bytes(bytes(data))
+    img = await open_image(p, read_only=False, fmt="qcow2")
+    await resize(img, 2 * MiB)
+    await img.close()
+    h2 = parse_header(p.read_bytes()[:65536])
+    assert h2.size == 2 * MiB and h2.ext(0x12345678) == b"hello, future"
+
+
+async def test_writable_open_clears_autoclear_bits(tmp_path: Path) -> None:
+    from appliance.qcow2.create import build_image
+    from appliance.qcow2.header import parse_header
+
+    data = bytearray(build_image(CreateOptions(size=MiB)))
+    struct.pack_into(">Q", data, 88, 0b11)  # bitmaps + raw external data
+    p = tmp_path / "x.qcow2"
+    p.write_bytes(bytes(data))
+    ro = await open_image(p, read_only=True, fmt="qcow2")
+    await ro.close()
+    assert parse_header(p.read_bytes()[:65536]).autoclear_features == 0b11
+    rw = await open_image(p, read_only=False, fmt="qcow2")
+    await rw.close()
+    assert parse_header(p.read_bytes()[:65536]).autoclear_features == 0
