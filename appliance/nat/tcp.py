@@ -461,7 +461,8 @@ class TcpConn:
                 payload = payload[cut:]
             seq = self.rcv_nxt
             n = len(payload)
-        if seq + n > self.rcv_nxt + wnd:
+        beyond = seq + n > self.rcv_nxt + wnd
+        if beyond:
             payload = payload[: max(0, self.rcv_nxt + wnd - seq)]
             n = len(payload)
             flags &= ~FIN
@@ -481,8 +482,8 @@ class TcpConn:
         if flags & FIN and seq + n == self.rcv_nxt and not self.fin_received:
             self._fin_in()
             return
-        if self.rcv_nxt - self._acked_to >= ACK_EVERY:
-            self.send_ack()
+        if beyond or self.rcv_nxt - self._acked_to >= ACK_EVERY:
+            self.send_ack()  # a window probe (or overrun) is answered at once with the window
         elif self.rcv_nxt != self._acked_to:
             self.owner.ack_later(self)
 
@@ -491,7 +492,9 @@ class TcpConn:
         if seglen == 0:
             return (seq == nxt) if wnd == 0 else nxt <= seq < nxt + wnd or seq == nxt
         if wnd == 0:
-            return False
+            # As Linux: a segment at RCV.NXT is processed for its ACK and FIN even when the
+            # window is closed; its data is trimmed away below (RFC 9293 §3.10.7.4 allows ACKs).
+            return seq == nxt
         return nxt <= seq < nxt + wnd or nxt <= seq + seglen - 1 < nxt + wnd or (seq < nxt < seq + seglen)
 
     def _emit_rst_for(self, ack_w: int) -> None:

@@ -437,3 +437,28 @@ async def test_reconnect_from_same_port_during_time_wait_starts_a_new_connection
         assert net.tcp.conns[old.key] is not old
         c2.abort()
     srv.close()
+
+
+async def test_guest_window_probe_into_our_closed_window_is_answered(net: UserNetwork) -> None:
+    """When our receive window is closed, a probe at RCV.NXT is not taken but answered with window 0."""
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        [conn] = net.tcp.conns.values()
+        conn._adv_edge = conn.rcv_nxt  # as if the host reader had stalled and the window closed
+        conn._rcv_space = lambda: 0  # type: ignore[method-assign]
+        c.peer_wnd = 1
+        c.write(b"P")
+        async with asyncio.timeout(5):
+            while c.peer_wnd != 0:  # until the ACK restating a closed window comes back
+                await asyncio.sleep(0.005)
+        assert conn.rcv_nxt == 1  # and the byte was not taken
+        del conn._rcv_space  # the window opens again; the stack says so
+        conn.send_ack()
+        await c.wait(lambda: c.unacked() == 0, 5)
+        c.shutdown()
+        await asyncio.wait_for(sink.done.wait(), 5)
+        assert sink.n == 1
+    srv.close()
