@@ -21,6 +21,7 @@ from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, RunArgs, option
 from appliance.errors import ConfigError
 from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
+from appliance.nic.config import MAX_NICS
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
 from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource, resolve_blockdev
@@ -128,7 +129,9 @@ def plan_of(args: RunArgs) -> DevicePlan:
     "file=path[,format=raw|qcow2][,if=virtio|none][,id=][,cache=][,aio=][,readonly=][,discard=]"
     "[,serial=][,snapshot=][,addr=]",
     "a disk image; if=virtio (the default here: there is no IDE) makes a virtio-blk-pci disk, "
-    "if=none leaves it for -device virtio-blk-pci,drive=ID",
+    "if=none leaves it for -device virtio-blk-pci,drive=ID; cache=none|writeback|writethrough|unsafe|"
+    "directsync, aio=threads|native; without format= the image is probed (with QEMU's warning, and "
+    "a probed raw image's block 0 cannot be given a qcow2 header)",
 )
 def _drive(a: RunArgs, v: str) -> None:
     plan_of(a).add_drive(DriveConfig.parse(v))
@@ -179,7 +182,8 @@ _RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
     "virtio-blk-pci,drive=ID[,num-queues=N][,queue-size=N][,serial=S][,addr=SLOT] | "
     "virtio-rng-pci[,rng=ID][,addr=SLOT] | virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
     "[,host_mtu=N][,addr=SLOT]",
-    "a virtio device on PCI (num-queues defaults to one per vCPU)",
+    "a virtio device on PCI, slots in command-line order (num-queues defaults to one per vCPU; "
+    f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N)",
 )
 def _device(a: RunArgs, v: str) -> None:
     from appliance.nic.config import NicConfig
@@ -289,7 +293,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     :raises ConfigError: On a dangling or doubly used reference, a slot
         clash, too many NICs, or one file written by two devices.
     """
-    from appliance.nic.config import MAX_NICS, FilterDumpConfig, NicConfig, default_mac
+    from appliance.nic.config import FilterDumpConfig, NicConfig, default_mac
 
     specs: list[object] = []
     addrs: list[PciAddress | None] = []
