@@ -23,6 +23,7 @@ QUERY_TIMEOUT = 5.0
 MAX_PENDING = 512
 _HEADER = struct.Struct("!HHHHHH")
 TYPE_A = 1
+TYPE_AAAA = 28
 TYPE_ANY = 255
 CLASS_IN = 1
 
@@ -73,16 +74,21 @@ def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
     return qid, flags, ".".join(labels), qtype, qclass, i + 4
 
 
-def answer(msg: bytes, qend: int, qid: int, flags: int, addr: bytes | None, qtype: int) -> bytes:
-    """A response echoing the question with one A record (or none: NODATA)."""
+def answer(
+    msg: bytes, qend: int, qid: int, flags: int, addr: bytes | None, qtype: int, addr6: bytes | None = None
+) -> bytes:
+    """A response echoing the question with an A and/or AAAA record (or none: NODATA)."""
     rd = flags & 0x0100
-    with_a = addr is not None and qtype in (TYPE_A, TYPE_ANY)
-    head = _HEADER.pack(qid, 0x8400 | 0x0080 | rd, 1, 1 if with_a else 0, 0, 0)
-    body = msg[_HEADER.size : qend]
-    if with_a:
-        assert addr is not None
-        body += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, 3600, 4) + addr
-    return head + body
+    records = b""
+    count = 0
+    if addr is not None and qtype in (TYPE_A, TYPE_ANY):
+        records += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, 3600, 4) + addr
+        count += 1
+    if addr6 is not None and qtype in (TYPE_AAAA, TYPE_ANY):
+        records += struct.pack("!HHHIH", 0xC00C, TYPE_AAAA, CLASS_IN, 3600, 16) + addr6
+        count += 1
+    head = _HEADER.pack(qid, 0x8400 | 0x0080 | rd, 1, count, 0, 0)
+    return head + msg[_HEADER.size : qend] + records
 
 
 class DnsProxy:
@@ -96,9 +102,16 @@ class DnsProxy:
         self.local["dns"] = cfg.dns.packed
         for name, addr in cfg.hosts.items():
             self.local[name.lower().rstrip(".")] = addr.packed
+        self.local6: dict[str, bytes] = {}
+        if cfg.ipv6:
+            base = cfg.ipv6_net.network_address
+            for name in ("gateway", "_gateway", "host"):
+                self.local6[name] = (base + 2).packed
+            self.local6["dns"] = (base + 3).packed
         if cfg.domainname:
-            for name, packed in list(self.local.items()):
-                self.local[f"{name}.{cfg.domainname.lower()}"] = packed
+            for table in (self.local, self.local6):
+                for name, packed in list(table.items()):
+                    table[f"{name}.{cfg.domainname.lower()}"] = packed
         self._sock: socket.socket | None = None
         self._pending: dict[int, tuple[bytes, int, int, bytes, float, tuple[str, int]]] = {}
         self._next_id = int.from_bytes(os.urandom(2), "big")
@@ -114,7 +127,7 @@ class DnsProxy:
         addr = self.local.get(name)
         if addr is not None:
             c.dns_local += 1
-            self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype))
+            self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype, self.local6.get(name)))
             return
         self._forward(src, sport, dst, msg, qid)
 

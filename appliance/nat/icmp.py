@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 ECHO_REPLY = 0
 ECHO_REQUEST = 8
+ECHO_REPLY_V6 = 129
 DEST_UNREACHABLE = 3
 IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 64
@@ -90,12 +91,13 @@ class Icmp:
         if not self.net.routable(ip.dst):
             c.not_for_us += 1
             return
-        self._forward(ip, bytes(msg))
+        self.forward(ip.src, ip.dst, bytes(msg))
 
-    def _forward(self, ip: Ipv4, msg: bytes) -> None:
+    def forward(self, src: bytes, dst: bytes, msg: bytes) -> None:
+        """Send a guest's echo request (ICMP or ICMPv6) out through a host ping socket."""
         c = self.net.stats
         ident = int.from_bytes(msg[4:6], "big")
-        key = (ip.src, ident, ip.dst)
+        key = (src, ident, dst)
         flow = self._flows.get(key)
         if flow is None:
             if not self._allowed:
@@ -104,17 +106,20 @@ class Icmp:
             if len(self._flows) >= MAX_FLOWS:
                 self._close(min(self._flows.values(), key=lambda f: f.last))
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                if len(dst) == 16:
+                    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+                else:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
             except OSError:
                 self._allowed = False  # ping_group_range excludes us; do not retry per packet
                 c.icmp_unpermitted += 1
                 return
             sock.setblocking(False)
-            flow = self._flows[key] = _PingFlow(ip.src, ident, ip.dst, sock)
+            flow = self._flows[key] = _PingFlow(src, ident, dst, sock)
             self.net.loop.add_reader(sock.fileno(), self._readable, flow)
         flow.last = time.monotonic()
         try:
-            flow.sock.sendto(msg, (ip_str(self.net.host_side(ip.dst)), 0))
+            flow.sock.sendto(msg, (ip_str(self.net.host_side(dst)), 0))
             c.icmp_echo_forwarded += 1
         except OSError:
             c.udp_dropped += 1
@@ -128,12 +133,17 @@ class Icmp:
             except OSError:
                 self._close(flow)
                 return
-            if len(data) < 8 or data[0] != ECHO_REPLY:
+            v6 = len(flow.dst) == 16
+            if len(data) < 8 or data[0] != (ECHO_REPLY_V6 if v6 else ECHO_REPLY):
                 continue
             msg = bytearray(data)
             struct.pack_into("!HH", msg, 2, 0, flow.ident)
-            struct.pack_into("!H", msg, 2, checksum(msg))
             flow.last = time.monotonic()
+            if v6:
+                if self.net.ipv6 is not None:
+                    self.net.ipv6.emit_icmp(flow.dst, flow.guest, msg)  # checksummed with its pseudo-header
+                continue
+            struct.pack_into("!H", msg, 2, checksum(msg))
             self.net.emit_ipv4(flow.guest, flow.dst, IPPROTO_ICMP, msg)
 
     def _close(self, flow: _PingFlow) -> None:

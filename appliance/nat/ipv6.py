@@ -154,6 +154,13 @@ class Ipv6:
             reply = bytearray(msg)
             reply[0] = ECHO_REPLY
             self._send_icmp(pkt.dst, pkt.src, src_mac, reply)
+        elif kind == ECHO_REQUEST and len(msg) >= 8:
+            if self.net.config.restrict:
+                st.restricted += 1
+            elif not self.net.routable(pkt.dst):
+                st.not_for_us += 1
+            else:
+                self.net.icmp.forward(pkt.src, pkt.dst, bytes(msg))
         elif kind == NEIGHBOR_ADVERT:
             pass  # already learned from the Ethernet source
         else:
@@ -186,6 +193,11 @@ class Ipv6:
     def _send_icmp(self, src: bytes, dst: bytes, dst_mac: bytes, msg: bytearray, *, hop: int = 64) -> None:
         frame = build_l4_v6(dst_mac, self.net.host_mac, src, dst, IPPROTO_ICMPV6, msg, 2, hop=hop)
         self.net.output(frame)
+
+    def emit_icmp(self, src: bytes, dst: bytes, msg: bytearray) -> None:
+        mac = self.net.mac_for(dst)
+        if mac is not None:
+            self._send_icmp(src, dst, mac, msg)
 
     def solicit(self, target: bytes) -> None:
         """Ask for a guest address's MAC (RFC 4861 §7.2.2)."""

@@ -163,6 +163,9 @@ async def test_dns_gateway_names_and_hosts_table_are_answered_locally(dns_net) -
         assert reply[DNS].id == qid and reply[DNS].an[0].rdata == "10.0.2.2"
     feed(net, dns_query("gateway", 4, "AAAA"))
     [reply] = [Ether(f) for f in drain(net)]
+    assert reply[DNS].rcode == 0 and reply[DNS].ancount == 1 and reply[DNS].an[0].rdata == "fec0::2"
+    feed(net, dns_query("files.internal", 5, "AAAA"))
+    [reply] = [Ether(f) for f in drain(net)]
     assert reply[DNS].rcode == 0 and reply[DNS].ancount == 0
     assert upstream.queries == []
 
@@ -273,6 +276,7 @@ subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 # This network namespace is private to this process, so its sysctl is ours to set.
 pathlib.Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647")
 from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from appliance.nat import UserNetwork
 from tests.nat.conftest import drain
@@ -282,15 +286,21 @@ async def main():
     await net.start()
     frame = Ether(src="52:54:00:12:34:56", dst="52:55:0a:00:02:02") / IP(src="10.0.2.15", dst="127.0.0.1")
     net.send([memoryview(bytes(frame / ICMP(type=8, id=4242, seq=9) / b"netns ping"))])
-    for _ in range(200):
+    frame6 = Ether(src="52:54:00:12:34:56", dst="52:55:0a:00:02:02") / IPv6(src="fec0::15", dst="fec0::2")
+    net.send([memoryview(bytes(frame6 / ICMPv6EchoRequest(id=4343, seq=7, data=b"netns ping6")))])
+    got = []
+    for _ in range(300):
         for raw in drain(net):
             p = Ether(raw)
             if ICMP in p:
-                print(p[ICMP].type, p[ICMP].id, p[ICMP].seq, p[IP].src, bytes(p[ICMP].payload).decode())
-                await net.stop()
-                return
+                got.append(f"{p[ICMP].type} {p[ICMP].id} {p[ICMP].seq} {p[IP].src} {bytes(p[ICMP].payload).decode()}")
+            if ICMPv6EchoReply in p:
+                r = p[ICMPv6EchoReply]
+                got.append(f"{r.type} {r.id} {r.seq} {p[IPv6].src} {r.data.decode()}")
+        if len(got) == 2:
+            break
         await asyncio.sleep(0.01)
-    print("no reply", net.counters())
+    print("\n".join(sorted(got)) if got else f"no reply {net.counters()}")
     await net.stop()
 
 asyncio.run(main())
@@ -304,7 +314,9 @@ def test_ping_forwarded_through_a_ping_socket_in_a_private_netns(project_root) -
         ["unshare", "-n", sys.executable, "-c", PING_IN_NETNS, str(project_root)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert out.stdout.strip() == "0 4242 9 127.0.0.1 netns ping", out.stderr[-2000:]
+    assert out.stdout.strip().splitlines() == ["0 4242 9 127.0.0.1 netns ping", "129 4343 7 fec0::2 netns ping6"], (
+        out.stdout + out.stderr[-2000:]
+    )
 
 
 async def test_udp_to_a_closed_host_port_returns_icmp_port_unreachable(net: UserNetwork) -> None:
