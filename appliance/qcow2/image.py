@@ -1400,7 +1400,10 @@ class Qcow2Image:
         gc = offset >> cb
         async with self._lock:
             tail = self._comp_tail
-            if not tail or (tail & (cs - 1)) + len(blob) > cs:
+            # Each compressed cluster holds one reference on every host cluster it
+            # touches; a narrow refcount may run out before the cluster fills up.
+            if not tail or (tail & (cs - 1)) + len(blob) > cs or \
+                    await self.refcount(tail >> cb) >= self._rc_max:
                 start = await self._alloc_clusters(1)
                 tail = start << cb
             else:

@@ -191,3 +191,17 @@ async def test_writable_open_clears_autoclear_bits(tmp_path: Path) -> None:
     rw = await open_image(p, read_only=False, fmt="qcow2")
     await rw.close()
     assert parse_header(p.read_bytes()[:65536]).autoclear_features == 0
+
+
+@needs_qemu_img
+async def test_compressed_writes_respect_narrow_refcounts(tmp_path: Path) -> None:
+    """With 2-bit refcounts at most 3 compressed clusters may share a host cluster."""
+    p = tmp_path / "z.qcow2"
+    await create_image(p, CreateOptions(size=MiB, refcount_bits=2))
+    img = await open_image(p, read_only=False, fmt="qcow2")
+    for i in range(16):
+        await img.write_compressed(i * 65536, bytes([i + 1]) * 65536)
+    await img.close()
+    check_clean(p)
+    raw = oracle_raw(p, tmp_path)
+    assert all(raw[i * 65536 : (i + 1) * 65536] == bytes([i + 1]) * 65536 for i in range(16))

@@ -197,7 +197,7 @@ async def test_backing_chain_loop_is_detected(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ fuzzing
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.binary(min_size=0, max_size=600))
 def test_header_parser_only_raises_qcow2_errors(data: bytes) -> None:
     try:
@@ -206,7 +206,7 @@ def test_header_parser_only_raises_qcow2_errors(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=12))
 def test_mutated_headers_only_raise_qcow2_errors(edits: list[tuple[int, int]]) -> None:
     data = image(backing_file="base.raw", backing_fmt="raw")
@@ -218,7 +218,7 @@ def test_mutated_headers_only_raise_qcow2_errors(edits: list[tuple[int, int]]) -
         pass
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=400), st.integers(0, 20))
 def test_snapshot_table_parser_only_raises_corrupt(data: bytes, count: int) -> None:
     try:
@@ -227,7 +227,7 @@ def test_snapshot_table_parser_only_raises_corrupt(data: bytes, count: int) -> N
         pass
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
 @given(st.integers(0, 6), st.binary(min_size=64, max_size=64))
 def test_refcount_blocks_round_trip_every_width(order: int, data: bytes) -> None:
     values = decode_block(data, order)
@@ -235,7 +235,7 @@ def test_refcount_blocks_round_trip_every_width(order: int, data: bytes) -> None
     assert encode_block(values, order) == data
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(0, 4 * CS + 64), st.integers(0, 255)), min_size=1,
                 max_size=8))
 def test_mutated_images_read_or_fail_cleanly(tmp_path_factory: pytest.TempPathFactory,
