@@ -399,3 +399,28 @@ async def test_set_features_on_live_rings_rebuilds_them(served) -> None:  # type
     fe.queues[0].set_used_event(1)
     assert await _roundtrip(fe, 0, b"two") == b"TWO"
     fe.close()
+
+
+async def test_many_front_ends_in_turn_leak_no_fds_or_mappings(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("guest-ram" in line for line in f)
+
+    async def one_session() -> None:
+        fe = await FrontEnd.connect(path, mem_size=1 << 20)
+        await fe.negotiate()
+        await fe.start_ring(0)
+        await fe.start_ring(1)
+        assert await _roundtrip(fe, 1, b"cycle") == b"CYCLE"
+        fe.close()
+        await _until(lambda: server.backend.memory is None and not server.connected)
+
+    await one_session()
+    fds, mapped = len(_open_fds()), maps()
+    for _ in range(20):
+        await one_session()
+    assert len(_open_fds()) <= fds
+    assert maps() <= mapped
+    assert server.connections == 21
