@@ -96,6 +96,9 @@ struct machine {
     int reset_supported;
     int s5_found;
     uint8_t s5_typ;
+    /* PCI Express ECAM from the MCFG (segment 0), 0 if none: then 0xCF8/0xCFC. */
+    uint64_t ecam_base;
+    uint8_t ecam_bus_start, ecam_bus_end;
     /* SMP */
     unsigned cpus_up;             /* BSP plus APs that reported alive */
     uint32_t bsp_apic_id;

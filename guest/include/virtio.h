@@ -11,6 +11,8 @@ uint16_t pci_read16(unsigned bus, unsigned dev, unsigned fn, unsigned off);
 uint8_t pci_read8(unsigned bus, unsigned dev, unsigned fn, unsigned off);
 void pci_write32(unsigned bus, unsigned dev, unsigned fn, unsigned off, uint32_t v);
 void pci_write16(unsigned bus, unsigned dev, unsigned fn, unsigned off, uint16_t v);
+/* Gives unassigned memory BARs addresses (firmware-less machines); enables decode. */
+void pci_assign_bars(unsigned bus, unsigned dev, unsigned fn);
 
 #define VIRTIO_STATUS_ACK         1
 #define VIRTIO_STATUS_DRIVER      2

@@ -126,6 +126,28 @@ static int find_s5(const uint8_t *aml, uint32_t len, uint8_t *typ)
     return 0;
 }
 
+/* A host bridge's _CBA (ACPI 6.5 §6.5.12), the ECAM base for firmware that
+ * has no MCFG (QEMU microvm with pcie=on): either Name(_CBA, base) or a
+ * Method(_CBA) whose body is just Return(base). */
+static uint64_t cba_base;
+
+static void find_cba(const uint8_t *aml, uint32_t len)
+{
+    for (uint32_t i = 36; i + 13 < len; i++) {
+        if (memcmp(aml + i, "_CBA", 4))
+            continue;
+        const uint8_t *v = aml + i + 4;
+        if (v[1] == 0xA4)                                       /* MethodFlags, ReturnOp */
+            v += 2;
+        if (v[0] == 0x0C)                                       /* DWordPrefix */
+            cba_base = u32at(v + 1);
+        else if (v[0] == 0x0E)                                  /* QWordPrefix */
+            cba_base = u64at(v + 1);
+        if (cba_base)
+            return;
+    }
+}
+
 static void gas(const uint8_t *g, uint8_t *space, uint8_t *width, uint64_t *addr)
 {
     *space = g[0];
@@ -158,8 +180,25 @@ static void parse_fadt(const uint8_t *t)
     if (!dsdt_pa && len >= 44)
         dsdt_pa = u32at(t + 40);
     const uint8_t *dsdt = sdt(dsdt_pa, "DSDT");
-    if (dsdt)
+    if (dsdt) {
         M.s5_found = find_s5(dsdt, u32at(dsdt + 4), &M.s5_typ);
+        find_cba(dsdt, u32at(dsdt + 4));
+    }
+}
+
+/* MCFG (PCI Firmware 3.2 §4.1.2): 8 reserved bytes, then 16-byte entries. */
+static void parse_mcfg(const uint8_t *t)
+{
+    uint32_t len = u32at(t + 4);
+    for (uint32_t off = 44; off + 16 <= len; off += 16) {
+        uint64_t base = u64at(t + off);
+        uint16_t seg = (uint16_t)(t[off + 8] | t[off + 9] << 8);
+        if (seg == 0 && base && base < MAP_LIMIT && !M.ecam_base) {
+            M.ecam_base = base;
+            M.ecam_bus_start = t[off + 10];
+            M.ecam_bus_end = t[off + 11];
+        }
+    }
 }
 
 void acpi_init(void)
@@ -201,6 +240,13 @@ void acpi_init(void)
             parse_madt(t);
         else if (!memcmp(t, "FACP", 4))
             parse_fadt(t);
+        else if (!memcmp(t, "MCFG", 4))
+            parse_mcfg(t);
+    }
+    if (!M.ecam_base && cba_base && cba_base < MAP_LIMIT) {
+        M.ecam_base = cba_base;
+        M.ecam_bus_start = 0;
+        M.ecam_bus_end = 255;
     }
 }
 

@@ -39,11 +39,11 @@ static void cmd_info(int argc, char **argv, const char *rest)
     if (!o)
         snprintf(ids, sizeof(ids), "none");
     println("INFO cpus=%u madt_cpus=%u mem=%u apic_ids=%s bsp_apic=%u lapic=0x%lx rsdp=0x%lx "
-            "acpi=%s hw_reduced=%d pm1a_cnt=0x%x sleep_ctl=%u:0x%lx s5=%d reset=%s%u:0x%lx=0x%x",
+            "acpi=%s hw_reduced=%d pm1a_cnt=0x%x sleep_ctl=%u:0x%lx s5=%d reset=%s%u:0x%lx=0x%x ecam=0x%lx",
             M.cpus_up, M.ncpus, mem_mib(), ids, M.bsp_apic_id, M.lapic_base, M.rsdp_pa,
             M.acpi_ok ? "ok" : "none", M.hw_reduced, M.pm1a_cnt, M.sleep_ctl.space,
             M.sleep_ctl.addr, M.s5_found ? M.s5_typ : -1, M.reset_supported ? "" : "unsupported/",
-            M.reset_reg.space, M.reset_reg.addr, M.reset_value);
+            M.reset_reg.space, M.reset_reg.addr, M.reset_value, M.ecam_base);
 }
 COMMAND("info", cmd_info, "info: CPUs, memory and ACPI facts");
 

@@ -69,6 +69,7 @@ int virtio_find(unsigned type, unsigned n, struct virtio_dev *d)
                 d->device_id = (uint16_t)(id >> 16);
                 if (!(pci_read16(0, dev, fn, 0x06) & 0x10))
                     return -1;                       /* no capability list */
+                pci_assign_bars(0, dev, fn);
                 unsigned cap = pci_read8(0, dev, fn, 0x34) & 0xFC;
                 for (int guard = 0; cap && guard < 48; guard++) {
                     if (pci_read8(0, dev, fn, cap) == 0x09) {

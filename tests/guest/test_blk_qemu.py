@@ -82,3 +82,24 @@ async def test_readonly_disk_refuses_guest_writes(guest_elf, tmp_path) -> None:
         await g.write("poweroff\n")
         assert await g.wait(10) == 0
     assert img.read_bytes() == b"\x11" * (1 << 20)
+
+
+async def test_microvm_pcie_without_firmware_gets_bars_assigned_by_the_guest(guest_elf, tmp_path) -> None:
+    """microvm,pcie=on has no firmware and no 0xCF8: the guest finds ECAM through
+    the host bridge's _CBA, places the BARs itself and drives the disk."""
+    img = tmp_path / "m.img"
+    img.write_bytes(b"\x5a" * (1 << 20))
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-M", "microvm,pcie=on", "-nographic",
+            "-nodefaults", "-serial", "stdio", "-kernel", str(guest_elf), "-m", "128",
+            "-no-reboot", "-drive", f"file={img},if=none,id=d0,format=raw",
+            "-device", "virtio-blk-pci,drive=d0"]
+    async with GuestConsole(argv) as g:
+        await g.ready(timeout=20)
+        info = await g.info()
+        assert info["ecam"] == "0xe0000000"
+        m = await g.command("blk read 0 4", re.compile(r"crc32=(0x[0-9a-f]+)\n"))
+        assert int(m.group(1), 16) == zlib.crc32(b"\x5a" * 4 * SECTOR)
+        bench = await g.command("blk bench randread 4096 2 1", re.compile(r"BLK bench (.*)\n"))
+        assert "tsc=assumed" not in bench.group(1)
+        await g.write("poweroff\n")
+        assert await g.wait(10) == 0
