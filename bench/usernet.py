@@ -3,9 +3,10 @@
 Part 1 — implemented here: the stack driven directly from the host. A frame
 generator (the test suite's guest TCP, ``tests/nat/peer.py``) plays the guest
 side in the same process, so no guest CPU or virtio is in the path; each row
-says how much of the time was spent inside the stack itself (``send``,
-``recv_into`` and the host-socket callbacks), the rest being the generator
-and the loopback peer.
+says how much of the wall time was spent inside the stack itself (``send``,
+``recv_into``, the end-of-batch ACK/write flush and the host-socket
+callbacks; timers are not counted), the rest being the generator, the
+loopback peer and the event loop.
 
 Rows:
 - guest→host TCP: the guest uploads to a loopback sink through 10.0.2.2.
@@ -49,9 +50,10 @@ class StackClock:
 
     def __init__(self, net: UserNetwork) -> None:
         self.t = 0.0
-        for name in ("send", "recv_into"):
+        for name in ("send", "recv_into", "_kick"):
             orig = getattr(net, name)
             setattr(net, name, self._wrap(orig))
+        net.tcp._flush_acks = self._wrap(net.tcp._flush_acks)  # type: ignore[method-assign]
         side = tcp_nat._HostSide
         for name in ("data_received", "eof_received", "connection_lost", "resume_writing"):
             orig = getattr(side, name)
