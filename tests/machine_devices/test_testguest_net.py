@@ -131,3 +131,24 @@ async def test_nic_works_again_after_a_guest_reset() -> None:
         await g.vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
         assert (await g.net("net dhcp", "dhcp"))["ip"] == "10.0.2.15"
         assert (await g.net("net ping 10.0.2.2 1", "ping done"))["received"] == "1"
+
+
+@needs_root
+async def test_two_vms_on_one_bridge_ping_each_other() -> None:
+    """``-netdev bridge,br=`` and ``-nic bridge``: each VM gets its own tap enslaved to the
+    bridge; both taps are gone after the VMs end (closing a tap's last fd removes it)."""
+    with namespace() as ns:
+        ns_exec(ns, "ip", "link", "add", "labbr0", "type", "bridge")
+        async with AsyncExitStack() as stack:
+            with inside(ns):
+                a = await stack.enter_async_context(
+                    guest("-netdev", "bridge,id=b0,br=labbr0", "-device", "virtio-net-pci,netdev=b0"))
+                b = await stack.enter_async_context(
+                    guest("-nic", "bridge,br=labbr0,mac=52:54:00:12:34:77"))
+            links = ns_exec(ns, "ip", "-o", "link", "show", "master", "labbr0")
+            assert links.count("master labbr0") == 2
+            await a.net("net ip 10.8.0.1", "ip")
+            await b.net("net ip 10.8.0.2", "ip")
+            assert (await a.net("net ping 10.8.0.2 2", "ping done"))["received"] == "2"
+            assert (await b.net("net ping 10.8.0.1 2", "ping done"))["received"] == "2"
+        assert ns_exec(ns, "ip", "-o", "link", "show", "master", "labbr0").strip() == ""
