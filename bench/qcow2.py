@@ -40,6 +40,7 @@ def ours(*args: str) -> list[str]:
 
 
 def bench_seconds(tool: list[str]) -> float:
+    os.sync()  # start each run without the previous run's dirty pages in flight
     out = run(tool)
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if not m:
@@ -48,6 +49,7 @@ def bench_seconds(tool: list[str]) -> float:
 
 
 def timed(argv: list[str]) -> float:
+    os.sync()
     t0 = time.perf_counter()
     run(argv)
     return time.perf_counter() - t0
@@ -127,7 +129,7 @@ def main() -> int:
         ]
         for name, opts, src in conv:
             best = {"qemu": 1e9, "ours": 1e9}
-            for _ in range(a.repeat if "-c" not in opts else 1):
+            for _ in range(a.repeat + 1 if "-c" not in opts else 1):
                 for who in ("qemu", "ours"):
                     out = work / f"out-{who}"
                     if out.exists():
