@@ -401,3 +401,42 @@ async def test_out_of_order_flood_is_bounded() -> None:
     finally:
         srv.close()
         await net.stop()
+
+
+async def test_memory_stays_bounded_under_mixed_floods() -> None:
+    """Fragments, SYNs, junk TCP and UDP from a hostile guest: the stack's heap growth stays small."""
+    import gc
+    import tracemalloc
+
+    net = make_net()
+    await net.start()
+    rng = random.Random(11)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(6000):
+            kind = i % 4
+            if kind == 0:
+                feed_raw(net, fragment(rng.getrandbits(16), rng.randrange(0, 8000) * 8, bytes(1024), True))
+            elif kind == 1:
+                feed_raw(net, tcp_frame(GUEST_IP, rng.randrange(1, 65535), GW_IP, 9, rng.getrandbits(32), 0, 2, 1000))
+            elif kind == 2:
+                feed_raw(net, tcp_frame(GUEST_IP, rng.randrange(1, 65535), GW_IP, 9, rng.getrandbits(32),
+                                        rng.getrandbits(32), 0x18, 1000, bytes(rng.randrange(1, 1400))))  # fmt: skip
+            else:
+                udp = struct.pack("!HHHH", rng.randrange(1000, 1050), 9, 8 + 64, 0) + bytes(64)
+                feed_raw(net, eth(GW_MAC_B, GUEST_MAC_B, 0x0800, ip_packet(GUEST_IP, GW_IP, 17, udp)))
+            if i % 500 == 0:
+                await asyncio.sleep(0.01)
+                drain(net)
+        await asyncio.sleep(0.1)
+        drain(net)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+        assert grown < 8 * MB, f"heap grew by {grown} bytes"
+        assert net.reassembler.buffered <= ipv4mod.MAX_BYTES
+        assert_clean(net)
+    finally:
+        tracemalloc.stop()
+        await net.stop()
