@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
                          serve a node as a vhost-user-blk device
   --pidfile <path>       write the daemon's pid to this file
 
+Each --blockdev/--export also takes its JSON form, as qemu-storage-daemon does.
 Runs until SIGTERM or SIGINT.
 """
 
@@ -70,9 +72,7 @@ class BlockdevConfig:
 
     @classmethod
     def parse(cls, text: str) -> BlockdevConfig:
-        if text.lstrip().startswith("{"):
-            raise ConfigError("--blockdev: JSON syntax is not supported; use key=value")
-        o = parse_option("--blockdev", text, implied="driver")
+        o = _parse("--blockdev", text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")
         read_only = o.take_bool("read-only")
@@ -106,6 +106,35 @@ class BlockdevConfig:
         raise ConfigError(f"--blockdev: driver '{driver}' is not supported (file, raw, qcow2)")
 
 
+def _parse(option: str, text: str, *, implied: str) -> OptionDict:
+    """``key=val,…`` or, as qemu-storage-daemon also takes, a JSON object."""
+    if not text.lstrip().startswith("{"):
+        return parse_option(option, text, implied=implied)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{option}: invalid JSON") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{option}: JSON value must be an object")
+    pairs: list[tuple[str, str]] = []
+
+    # Nested objects become dotted keys ({"cache": {"direct": true}} is
+    # cache.direct=on), as QEMU's keyval grammar defines them.
+    def flatten(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}{k}.", v)
+        elif isinstance(value, bool):
+            pairs.append((prefix[:-1], "on" if value else "off"))
+        elif isinstance(value, int | str):
+            pairs.append((prefix[:-1], str(value)))
+        else:
+            raise ConfigError(f"{option}: unsupported JSON value for '{prefix[:-1]}'")
+
+    flatten("", obj)
+    return OptionDict(option, pairs)
+
+
 def _locking(o: OptionDict) -> bool:
     v = o.take("locking", "on") or "on"
     if v == "auto":
@@ -128,9 +157,7 @@ class ExportConfig:
 
     @classmethod
     def parse(cls, text: str) -> ExportConfig:
-        if text.lstrip().startswith("{"):
-            raise ConfigError("--export: JSON syntax is not supported; use key=value")
-        o = parse_option("--export", text, implied="type")
+        o = _parse("--export", text, implied="type")
         kind = o.require("type")
         if kind != "vhost-user-blk":
             raise ConfigError(f"--export: type '{kind}' is not supported (vhost-user-blk)")

@@ -201,3 +201,19 @@ async def test_implied_keys_and_logical_block_size_reach_the_guest(tmp_path: Pat
         blk_size = int(struct.unpack_from("<I", config, 12 + 20)[0])  # virtio 1.2 §5.2.4 blk_size
         assert blk_size == 4096
         fe.close()
+
+
+def test_json_forms_parse_like_key_value(img: Path) -> None:
+    cfg = parse_args(
+        ["--blockdev", f'{{"driver": "file", "node-name": "f", "filename": "{img}", "cache": {{"direct": true}}}}',
+         "--blockdev", '{"driver": "qcow2", "node-name": "q", "file": "f"}',
+         "--export", '{"type": "vhost-user-blk", "id": "e", "node-name": "q", '
+                     '"addr": {"type": "unix", "path": "/tmp/j.sock"}, "writable": true, "num-queues": 2}']
+    )
+    assert cfg.blockdevs[0].cache_direct and cfg.blockdevs[1].driver == "qcow2"
+    e = cfg.exports[0]
+    assert (e.path, e.writable, e.num_queues) == ("/tmp/j.sock", True, 2)
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        parse_args(["--blockdev", "{nope"])
+    with pytest.raises(ConfigError, match="invalid parameter 'colour'"):
+        parse_args(["--blockdev", '{"driver": "file", "node-name": "f", "filename": "x", "colour": "red"}'])
