@@ -23,8 +23,8 @@ def guest_elf():
     return build(linux=False).guest_elf
 
 
-def qemu(elf: Path, *drives: str, extra: tuple[str, ...] = ()) -> list[str]:
-    argv = ["qemu-system-x86_64", "-enable-kvm", "-M", "q35", "-nographic", "-nodefaults",
+def qemu(elf: Path, *drives: str, extra: tuple[str, ...] = (), machine: str = "q35") -> list[str]:
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-M", machine, "-nographic", "-nodefaults",
             "-serial", "stdio", "-kernel", str(elf), "-smp", "1", "-m", "128", "-no-reboot"]
     for d in drives:
         argv += ["-drive", d]
@@ -69,8 +69,10 @@ async def test_readonly_disk_refuses_guest_writes(guest_elf, tmp_path) -> None:
     img.write_bytes(b"\x11" * (1 << 20))
     second = tmp_path / "second.img"
     second.write_bytes(b"\x22" * (2 << 20))
-    async with GuestConsole(qemu(guest_elf, f"file={img},if=virtio,format=raw,readonly=on",
-                                 f"file={second},if=virtio,format=raw")) as g:
+    async with GuestConsole(qemu(guest_elf, f"file={img},if=none,id=d0,format=raw,readonly=on",
+                                 f"file={second},if=none,id=d1,format=raw", machine="microvm,pcie=on",
+                                 extra=("-device", "virtio-blk-pci,drive=d0",
+                                        "-device", "virtio-blk-pci,drive=d1"))) as g:
         await g.ready(timeout=40)
         info = await g.command("blk info", re.compile(r"BLK info (.*)\n"))
         assert "ro=1" in info.group(1)
