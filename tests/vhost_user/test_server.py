@@ -257,12 +257,26 @@ async def test_mem_table_replaced_while_running_keeps_rings_working(served) -> N
     fe.close()
 
 
-async def test_reset_owner_forgets_everything(served) -> None:  # type: ignore[no-untyped-def]
+async def test_reset_owner_disables_the_rings(served) -> None:  # type: ignore[no-untyped-def]
+    """RESET_OWNER is deprecated; as the spec recommends, it only disables rings."""
     server, dev, path = served
     fe = await FrontEnd.connect(path)
     await fe.negotiate()
     await fe.start_ring(0)
     assert await fe.acked(p.Request.RESET_OWNER) == 0
+    assert server.backend.active_queues == ()
+    assert server.backend.memory is not None
+    assert await fe.acked(p.Request.SET_VRING_ENABLE, p.vring_state(0, 1)) == 0
+    assert await _roundtrip(fe, 0, b"again") == b"AGAIN"
+    fe.close()
+
+
+async def test_reset_device_forgets_everything(served) -> None:  # type: ignore[no-untyped-def]
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    await fe.start_ring(0)
+    assert await fe.acked(p.Request.RESET_DEVICE) == 0
     assert server.backend.memory is None
     assert server.backend.active_queues == ()
     fe.close()

@@ -322,6 +322,13 @@ class VhostUserBackend:
         self._c.owner = True
 
     async def _reset_owner(self, _v: object, _fds: list[int]) -> None:
+        # Deprecated; the spec recommends reading it as "disable all rings"
+        # (dropping connection state on it led to bugs in other back ends).
+        for ring in self._c.rings:
+            ring.enabled = False
+        await self._reconcile()
+
+    async def _reset_device(self, _v: object, _fds: list[int]) -> None:
         await self.reset()
 
     # -- memory --------------------------------------------------------------
@@ -663,7 +670,7 @@ _HANDLERS: dict[p.Request, _Handler] = {
     # We never offer VHOST_F_LOG_ALL or LOG_SHMFD, so logging is refused.
     p.Request.SET_LOG_BASE: VhostUserBackend._refuse,
     p.Request.SET_LOG_FD: VhostUserBackend._refuse,
-    p.Request.RESET_DEVICE: VhostUserBackend._reset_owner,
+    p.Request.RESET_DEVICE: VhostUserBackend._reset_device,
     p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
     p.Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
     p.Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
