@@ -35,7 +35,6 @@ from appliance.nat.frames import (
     build_ipv4,
     build_udp,
     parse_arp,
-    parse_eth,
     parse_ipv4,
     parse_udp,
 )
@@ -52,6 +51,7 @@ DEFAULT_QUEUE_LIMIT = 2048
 _LOOPBACK = b"\x7f\x00\x00\x01"
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
+_ETH = struct.Struct("!6s6sH")
 
 
 class UserNetwork:
@@ -309,11 +309,10 @@ class UserNetwork:
     # -- input -----------------------------------------------------------
     def _input(self, frame: memoryview) -> None:
         c = self.stats
-        eth = parse_eth(frame)
-        if eth is None:
+        if len(frame) < ETH_HLEN:
             c.truncated += 1
             return
-        dst_mac, src_mac, ethertype = eth
+        dst_mac, src_mac, ethertype = _ETH.unpack_from(frame)
         if src_mac[0] & 1:
             c.not_for_us += 1
             return

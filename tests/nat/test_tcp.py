@@ -302,7 +302,7 @@ async def test_slow_host_reader_closes_the_guest_window(net: UserNetwork) -> Non
         await asyncio.sleep(1.0)
         [conn] = net.tcp.conns.values()
         assert conn.recv_queue() <= tcpmod.RCVBUF + 64 * 1024
-        assert c.unacked() > 8 * MB  # the guest is held back by the window
+        assert c.unacked() > 2 * MB  # the guest is held back by the window
         release.set()
         await asyncio.wait_for(sink.done.wait(), 30)
         assert sink.hash.hexdigest() == hashlib.sha256(data).hexdigest()
@@ -433,8 +433,9 @@ async def test_reconnect_from_same_port_during_time_wait_starts_a_new_connection
         g._next_port = c.lport - 1  # same source port again
         c2 = g.connect(GW_IP, port)
         assert c2.lport == c.lport
-        await c2.wait(lambda: c2.state == "ESTABLISHED", 1.5)  # not after TIME-WAIT's 2 s
-        assert net.tcp.conns[old.key] is not old
+        # The SYN went through send() synchronously: the TIME-WAIT entry is already replaced.
+        assert net.tcp.conns[old.key] is not old and old.state == tcpmod.CLOSED
+        await established(c2)
         c2.abort()
     srv.close()
 
