@@ -204,5 +204,40 @@ class GuestConsole(ConsoleProcess):
 
     async def info(self, timeout: float = 30.0) -> dict[str, str]:
         """The ``info`` command's ``key=value`` fields."""
-        m = await self.command("info", re.compile(r"INFO (.*)\n"), timeout)
+        return await self.fields("info", "INFO", timeout)
+
+    async def fields(self, line: str, prefix: str, timeout: float = 30.0) -> dict[str, str]:
+        """Send ``line``; parse the ``key=value`` words of the reply starting with ``prefix``.
+
+        :raises TcgError: When the guest answers with an ``ERR`` line instead.
+        """
+        rx = re.compile(rf"(?:{re.escape(prefix)} (.*)|(ERR .*))\n")
+        m = await self.command(line, rx, timeout)
+        if m.group(2):
+            raise TcgError(f"guest answered {line!r} with: {m.group(2)}")
         return dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+
+    async def blk_read(self, sector: int, count: int, timeout: float = 60.0) -> int:
+        """CRC-32 (zlib's) of ``count`` sectors read from ``sector``."""
+        f = await self.fields(f"blk read {sector} {count}", "BLK read", timeout)
+        return int(f["crc32"], 16)
+
+    async def blk_bench(self, mode: str, bs: int, qd: int, seconds: int) -> dict[str, str]:
+        """``blk bench``: mode, bs, qd, ios, mbps, iops, p50_us, p99_us, per_queue, tsc_khz."""
+        return await self.fields(f"blk bench {mode} {bs} {qd} {seconds}", "BLK bench", seconds + 60)
+
+    async def net_bench(
+        self, direction: str, seconds: int, size: int | None = None, mac: str | None = None
+    ) -> dict[str, str]:
+        """``net bench tx|rx|tso``: frames, fps, gbps (and bytes or payload_bytes).
+
+        :param direction: ``tx`` (needs ``size``), ``rx`` or ``tso``.
+        :param mac: destination MAC for ``tx``/``tso`` (broadcast if omitted).
+        """
+        words = ["net bench", direction]
+        if size is not None:
+            words.append(str(size))
+        words.append(str(seconds))
+        if mac:
+            words.append(mac)
+        return await self.fields(" ".join(words), f"NET bench dir={direction}", seconds + 60)
