@@ -169,7 +169,7 @@ async def test_transfers_complete_with_5pct_drop_dup_reorder_each_way(net: UserN
         assert sink.hash.hexdigest() == hashlib.sha256(up).hexdigest()
         await c.wait(lambda: c.fin_rcvd, 60)
         assert h.hexdigest() == hashlib.sha256(down).hexdigest()
-    assert net.counters()["tcp_retransmits"] > 0
+    assert net.counters()["tcp_retransmits"] + net.counters()["tcp_timeouts"] > 0
     srv.close()
 
 
@@ -462,4 +462,35 @@ async def test_guest_window_probe_into_our_closed_window_is_answered(net: UserNe
         c.shutdown()
         await asyncio.wait_for(sink.done.wait(), 5)
         assert sink.n == 1
+    srv.close()
+
+
+async def test_window_closing_under_data_in_flight_probes_instead_of_timing_out(net: UserNetwork, monkeypatch) -> None:
+    """The guest closes its window with our data in flight and keeps it closed: no abort, no timeouts."""
+    monkeypatch.setattr(tcpmod, "MAX_RETRIES", 2)
+    monkeypatch.setattr(tcpmod, "MAX_RTO", 0.2)
+    monkeypatch.setattr(tcpmod, "INITIAL_RTO", 0.2)
+    data = os.urandom(2 * MB)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(data)
+        await w.drain()
+        w.close()
+
+    srv, port = await serve(handler)
+    async with Guest(net) as g:
+        c = g.connect(GW_IP, port)
+        await established(c)
+        c.window_override = 0  # refuse everything from now on, acking with a zero window
+        await asyncio.sleep(1.5)  # several RTOs' worth at MAX_RTO = 0.2 s
+        [conn] = net.tcp.conns.values()
+        assert conn.state == tcpmod.ESTABLISHED and not c.reset
+        assert net.counters()["tcp_timeouts"] == 0  # the in-flight data was taken back, then probed
+        c.window_override = None
+        h = hashlib.sha256()
+        h.update(c.read())
+        c.on_data = h.update
+        c._send(0x10, c.snd_nxt)
+        await c.wait(lambda: c.fin_rcvd, 30)
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest()
     srv.close()
