@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   busybox-static cpio kmod
   qemu-utils qemu-system-x86 qemu-system-common
   acpica-tools iproute2 nftables tcpdump tshark
+  passt
 )
 
 missing=()

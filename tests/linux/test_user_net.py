@@ -1,0 +1,83 @@
+"""Real Linux (QEMU TCG) on our user-mode network through `net-daemon --netdev user`.
+
+Only loopback services the test starts are ever contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from appliance.kit.tcg import TcgGuest
+from appliance.net.netdev import UserNetdev, open_netdev, parse_netdev
+from appliance.nic.virtio_net import VirtioNet
+from appliance.virtio.vhost_user.backend import VhostUserBackend
+from appliance.virtio.vhost_user.server import VhostUserServer
+from tests.conftest import needs_qemu
+from tests.linux.test_vhost_user_net import nic_args
+
+pytestmark = needs_qemu
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def user_daemon(sock: Path, options: str) -> AsyncIterator[object]:
+    cfg = parse_netdev(f"user,id=u0,{options}" if options else "user,id=u0")
+    assert isinstance(cfg, UserNetdev)
+    backends, stack = await open_netdev(cfg)
+    dev = VirtioNet(backends, bytes.fromhex("525400123456"), control_queue=False)
+    server = VhostUserServer(sock, VhostUserBackend(dev))
+    await server.start()
+    try:
+        yield stack
+    finally:
+        await server.close()
+        await stack.stop()
+
+
+async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
+    blob = os.urandom(int(os.environ.get("APL_BLOB_MB", "20")) << 20)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "blob").write_bytes(blob)
+    http_port, fwd_port = free_port(), free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1", "--directory", str(tmp_path / "www")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    sock = tmp_path / "user.sock"
+    try:
+        async with user_daemon(sock, f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000") as stack:
+            async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
+                out = await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
+                assert "10.0.2.15" in out
+                assert "default via 10.0.2.2" in await g.run("ip route")
+                got = await g.run(f"wget -q -O - http://10.0.2.2:{http_port}/blob | sha256sum", timeout=180)
+                assert got.split()[0] == hashlib.sha256(blob).hexdigest()
+                # Inbound: a host client reaches a guest listener through hostfwd.
+                await g.write("echo from-guest | nc -l -p 7000 > /tmp/in; echo NC-DONE\n")
+                await asyncio.sleep(1)
+                r, w = await asyncio.open_connection("127.0.0.1", fwd_port)
+                w.write(b"from-host\n")
+                await w.drain()
+                assert (await asyncio.wait_for(r.readline(), 30)) == b"from-guest\n"
+                w.close()
+                await g.expect("NC-DONE", 30)
+                assert (await g.run("cat /tmp/in")).strip() == "from-host"
+                flows = stack.flows()  # type: ignore[attr-defined]
+                assert flows, "the flow table lists the guest's connections"
+                await g.poweroff()
+    finally:
+        web.terminate()
+        web.wait()
