@@ -294,6 +294,20 @@ class VirtioNet(VirtioDevice):
         for pair in range(self.pairs):
             self._set_rx_armed(pair, pair < self._active_pairs)
 
+    async def quiesce(self) -> None:
+        """Give back the rx buffers we hold but never filled.
+
+        They are the most recent chains taken from each rx ring, so moving the
+        ring's next-avail index back by their number makes a rebuilt queue (a
+        vhost-user front end stopping and restarting rings) offer them again
+        instead of leaking them.
+        """
+        for pair, win in enumerate(self._rx_windows):
+            if win.chains and 2 * pair < len(self._queues):
+                q = self._queues[2 * pair]
+                q.last_avail_idx = (q.last_avail_idx - len(win.chains)) & 0xFFFF
+            win.clear()
+
     def reset(self) -> None:
         for pair in range(self.pairs):
             try:

@@ -224,3 +224,15 @@ async def test_without_control_queue_every_started_pair_runs() -> None:
     links[1].inject(eth(MAC))
     await drv.wait_used(2)
     assert dev.stats[1].rx_frames == 1
+
+
+async def test_quiesce_hands_unfilled_rx_buffers_back_to_the_ring() -> None:
+    dev, drv, (link,) = make(vnet=C.HDR_LEN)
+    post_rx(drv, 0, 1024, count=4)
+    drv.kick(0)
+    link.inject(hdr() + eth(MAC))
+    await drv.wait_used(0)
+    q0 = dev._queues[0]
+    assert q0.last_avail_idx == 4  # all four taken into the window, one filled
+    await dev.quiesce()
+    assert q0.last_avail_idx == 1  # the three unfilled ones will be offered again
