@@ -44,7 +44,8 @@ class UserNetConfig:
         "user[,id=str][,ipv4=on|off][,net=addr[/mask]][,host=addr][,restrict=on|off]"
         "[,hostname=name][,dhcpstart=addr][,dns=addr][,domainname=dom][,dnssearch=dom]..."
         "[,hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport]..."
-        "[,guestfwd=tcp:server:port-tcp:host:port]...[,ipv6=on|off][,ipv6-net=addr/len]"
+        "[,guestfwd=tcp:server:port-tcp:host:port]...[,ipv6=on|off][,ipv6-net=addr[/len]]"
+        "[,ipv6-host=addr][,ipv6-dns=addr]"
     )
 
     net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.0.2.0/24")
@@ -59,6 +60,8 @@ class UserNetConfig:
     guestfwd: tuple[GuestForward, ...] = ()
     ipv6: bool = True
     ipv6_net: ipaddress.IPv6Network = ipaddress.IPv6Network("fec0::/64")
+    ipv6_host: ipaddress.IPv6Address = ipaddress.IPv6Address("fec0::2")
+    ipv6_dns: ipaddress.IPv6Address = ipaddress.IPv6Address("fec0::3")
     id: str | None = None
     # Not a QEMU option: extra names the DNS proxy answers itself (Python API).
     hosts: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
@@ -99,11 +102,22 @@ class UserNetConfig:
         fwds = tuple(_parse_hostfwd(v, dhcp, what) for v in opts.take_all("hostfwd"))
         gfwds = tuple(_parse_guestfwd(v, what) for v in opts.take_all("guestfwd"))
         ipv6 = opts.take_bool("ipv6", True)
-        v6net_text = opts.take("ipv6-net", "fec0::/64") or ""
+        v6net_text = opts.take("ipv6-net")
+        prefix, plen = opts.take("ipv6-prefix"), opts.take("ipv6-prefixlen")  # QEMU's older spelling
+        if v6net_text is None:
+            v6net_text = f"{prefix or 'fec0::'}/{plen or 64}"
+        elif prefix is not None or plen is not None:
+            raise ConfigError(f"{what}: 'ipv6-net' and 'ipv6-prefix' are mutually exclusive")
         try:
-            v6net = ipaddress.IPv6Network(v6net_text, strict=False)
+            v6net = ipaddress.IPv6Network(v6net_text if "/" in v6net_text else v6net_text + "/64", strict=False)
         except ValueError:
             raise ConfigError(f"{what}: invalid ipv6-net '{v6net_text}'") from None
+        if v6net.prefixlen > 126:
+            raise ConfigError(f"{what}: ipv6-net '{v6net_text}' is too small")
+        v6host = _addr6_in(opts.take("ipv6-host"), v6net, 2, "ipv6-host", what)
+        v6dns = _addr6_in(opts.take("ipv6-dns"), v6net, 3, "ipv6-dns", what)
+        if v6host == v6dns:
+            raise ConfigError(f"{what}: 'ipv6-host' and 'ipv6-dns' must differ")
         opts.finish()
         return cls(
             net=net,
@@ -118,6 +132,8 @@ class UserNetConfig:
             guestfwd=gfwds,
             ipv6=ipv6,
             ipv6_net=v6net,
+            ipv6_host=v6host,
+            ipv6_dns=v6dns,
             id=ident,
         )
 
@@ -142,6 +158,18 @@ def _addr_in(text: str | None, net: ipaddress.IPv4Network, offset: int, key: str
         raise ConfigError(f"{what}: invalid {key} '{text}'") from None
     if addr not in net or addr in (net.network_address, net.broadcast_address):
         raise ConfigError(f"{what}: {key} '{text}' is not a host address in {net}")
+    return addr
+
+
+def _addr6_in(text: str | None, net: ipaddress.IPv6Network, offset: int, key: str, what: str) -> ipaddress.IPv6Address:
+    if text is None:
+        return net.network_address + offset
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise ConfigError(f"{what}: invalid {key} '{text}'") from None
+    if addr not in net:
+        raise ConfigError(f"{what}: {key} '{text}' is not in {net}")
     return addr
 
 

@@ -104,10 +104,9 @@ class DnsProxy:
             self.local[name.lower().rstrip(".")] = addr.packed
         self.local6: dict[str, bytes] = {}
         if cfg.ipv6:
-            base = cfg.ipv6_net.network_address
             for name in ("gateway", "_gateway", "host"):
-                self.local6[name] = (base + 2).packed
-            self.local6["dns"] = (base + 3).packed
+                self.local6[name] = cfg.ipv6_host.packed
+            self.local6["dns"] = cfg.ipv6_dns.packed
         if cfg.domainname:
             for table in (self.local, self.local6):
                 for name, packed in list(table.items()):

@@ -8,8 +8,8 @@ configures itself by SLAAC (RFC 4862 §5.5), and the DNS server address
 (RDNSS, RFC 8106); and it answers echo requests to its own addresses
 (RFC 4443 §4.1). TCP and UDP over IPv6 go through the same NAT as IPv4.
 
-Addresses: the router is ``prefix::2`` (link-local ``fe80::2``), DNS is
-``prefix::3``. Extension headers are not followed: packets carrying them are
+Addresses: the router is ``ipv6-host`` (default ``prefix::2``, link-local
+``fe80::2``), DNS is ``ipv6-dns`` (default ``prefix::3``). Extension headers are not followed: packets carrying them are
 dropped and counted.
 """
 
@@ -97,10 +97,9 @@ class Ipv6:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
         cfg = net.config
-        base = cfg.ipv6_net.network_address
         self.prefix = cfg.ipv6_net
-        self.router = (base + 2).packed
-        self.dns = (base + 3).packed
+        self.router = cfg.ipv6_host.packed
+        self.dns = cfg.ipv6_dns.packed
         self.local = {self.router, self.dns, LINK_LOCAL_ROUTER}
 
     def in_prefix(self, addr: bytes) -> bool:

@@ -76,6 +76,9 @@ def test_parse_consumes_keys_from_a_shared_option_dict() -> None:
         ("user,dnssearch=..", ".."),
         ("user,guestfwd=tcp:10.0.2.100:1-cmd:netcat", "guestfwd"),
         ("user,ipv6-net=zz::/64", "zz::/64"),
+        ("user,ipv6-net=fd00::/64,ipv6-host=fd01::2", "fd01::2"),
+        ("user,ipv6-net=fd00::/64,ipv6-prefix=fd00::", "mutually exclusive"),
+        ("user,ipv6-dns=fec0::2", "must differ"),
         ("user,tftp=/srv", "tftp"),
         ("user,ipv4=off", "ipv4"),
         ("tap,ifname=x", "tap"),
@@ -86,3 +89,10 @@ def test_bad_values_raise_one_line_config_error_naming_them(text: str, needle: s
         UserNetConfig.from_string(text)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_ipv6_addresses_follow_the_prefix_and_take_qemus_spellings() -> None:
+    c = UserNetConfig.from_string("user,ipv6-net=fd00:1::/64")
+    assert (str(c.ipv6_host), str(c.ipv6_dns)) == ("fd00:1::2", "fd00:1::3")
+    c = UserNetConfig.from_string("user,ipv6-prefix=fd00:2::,ipv6-prefixlen=48,ipv6-host=fd00:2::1,ipv6-dns=fd00:2::53")
+    assert str(c.ipv6_net) == "fd00:2::/48" and str(c.ipv6_host) == "fd00:2::1" and str(c.ipv6_dns) == "fd00:2::53"
