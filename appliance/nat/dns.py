@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
 DNS_PORT = 53
-QUERY_TIMEOUT = 5.0
+PER_SERVER_TIMEOUT = 2.0
 MAX_PENDING = 512
 _HEADER = struct.Struct("!HHHHHH")
 TYPE_A = 1
@@ -91,6 +91,21 @@ def answer(
     return head + msg[_HEADER.size : qend] + records
 
 
+class _Query:
+    """A forwarded query: who asked, with which id, and where it was sent."""
+
+    __slots__ = ("guest", "gport", "qid", "dns_ip", "wire", "server", "deadline")
+
+    def __init__(self, guest: bytes, gport: int, qid: int, dns_ip: bytes, wire: bytes) -> None:
+        self.guest = guest
+        self.gport = gport
+        self.qid = qid
+        self.dns_ip = dns_ip
+        self.wire = wire  # the query with our transaction id
+        self.server = 0
+        self.deadline = 0.0
+
+
 class DnsProxy:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
@@ -112,7 +127,7 @@ class DnsProxy:
                 for name, packed in list(table.items()):
                     table[f"{name}.{cfg.domainname.lower()}"] = packed
         self._sock: socket.socket | None = None
-        self._pending: dict[int, tuple[bytes, int, int, bytes, float, tuple[str, int]]] = {}
+        self._pending: dict[int, _Query] = {}
         self._next_id = int.from_bytes(os.urandom(2), "big")
 
     def input(self, src: bytes, sport: int, dst: bytes, payload: memoryview) -> None:
@@ -150,14 +165,19 @@ class DnsProxy:
         else:
             c.dns_dropped += 1
             return
-        server = self.servers[0]
-        self._pending[our_id] = (src, sport, qid, dst, time.monotonic() + QUERY_TIMEOUT, server)
+        q = _Query(src, sport, qid, dst, struct.pack("!H", our_id) + msg[2:])
+        self._pending[our_id] = q
+        c.dns_forwarded += 1
+        self._send(our_id, q, time.monotonic())
+
+    def _send(self, our_id: int, q: _Query, now: float) -> None:
+        """Send (or resend) a query to its current upstream server."""
+        assert self._sock is not None
+        q.deadline = now + PER_SERVER_TIMEOUT
         try:
-            self._sock.sendto(struct.pack("!H", our_id) + msg[2:], server)
-            c.dns_forwarded += 1
+            self._sock.sendto(q.wire, self.servers[q.server])
         except OSError:
-            del self._pending[our_id]
-            c.dns_dropped += 1
+            self.net.stats.dns_dropped += 1
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -172,19 +192,24 @@ class DnsProxy:
                 continue
             our_id = int.from_bytes(data[:2], "big")
             p = self._pending.get(our_id)
-            if p is None or p[5] != (peer[0], peer[1]):
+            if p is None or self.servers[p.server] != (peer[0], peer[1]):
                 self.net.stats.dns_dropped += 1
                 continue
             del self._pending[our_id]
-            src, sport, qid, dst, _deadline, _server = p
-            self._reply(src, sport, dst, struct.pack("!H", qid) + data[2:])
+            self._reply(p.guest, p.gport, p.dns_ip, struct.pack("!H", p.qid) + data[2:])
 
     def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
         self.net.emit_udp(guest, gport, dns_ip, DNS_PORT, msg)
 
     def _expire(self, now: float) -> None:
-        for k in [k for k, p in self._pending.items() if p[4] < now]:
-            del self._pending[k]
+        """Move unanswered queries on to the next upstream server (as resolv.conf(5)); then drop them."""
+        for k, q in [(k, q) for k, q in self._pending.items() if q.deadline < now]:
+            if q.server + 1 < len(self.servers):
+                q.server += 1
+                self._send(k, q, now)
+            else:
+                del self._pending[k]
+                self.net.stats.dns_dropped += 1
 
     def expire(self, now: float) -> None:
         self._expire(now)

@@ -155,6 +155,28 @@ async def test_dns_query_is_forwarded_to_the_upstream_and_answered(dns_net) -> N
     assert net.counters()["dns_forwarded"] == 1
 
 
+async def test_dns_query_moves_on_to_the_next_upstream_when_the_first_is_silent(monkeypatch) -> None:
+    from appliance.nat import dns as dnsmod
+
+    monkeypatch.setattr(dnsmod, "PER_SERVER_TIMEOUT", 0.1)
+    loop = asyncio.get_running_loop()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # bound but never answers
+    transport, upstream = await loop.create_datagram_endpoint(_Upstream, local_addr=("127.0.0.1", 0))
+    servers = (("127.0.0.1", silent.getsockname()[1]), ("127.0.0.1", transport.get_extra_info("sockname")[1]))
+    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=servers))
+    await net.start()
+    try:
+        feed(net, dns_query("slow.example", 0x4321))
+        [reply] = await wait_frames(net, lambda p: DNS in p, timeout=5.0)
+        assert reply[DNS].id == 0x4321 and reply[DNS].an[0].rdata == "192.0.2.1"
+        assert len(upstream.queries) == 1
+    finally:
+        await net.stop()
+        transport.close()
+        silent.close()
+
+
 async def test_dns_gateway_names_and_hosts_table_are_answered_locally(dns_net) -> None:
     net, upstream = dns_net
     for name, qid in (("gateway", 1), ("files.internal", 2), ("gateway.lab.test", 3)):

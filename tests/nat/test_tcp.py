@@ -494,3 +494,23 @@ async def test_window_closing_under_data_in_flight_probes_instead_of_timing_out(
         await c.wait(lambda: c.fin_rcvd, 30)
         assert h.hexdigest() == hashlib.sha256(data).hexdigest()
     srv.close()
+
+
+async def test_dns_over_tcp_to_the_dns_address_reaches_the_upstream_resolver() -> None:
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    net = UserNetwork(UserNetConfig(nameservers=(("127.0.0.1", port),)))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            c = g.connect(bytes([10, 0, 2, 3]), 53)
+            await established(c)
+            c.write(b"\x00\x05query")
+            c.shutdown()
+            await asyncio.wait_for(sink.done.wait(), 10)
+            assert sink.n == 7
+            other = g.connect(bytes([10, 0, 2, 3]), 80)  # only port 53 is served there
+            await other.wait(lambda: other.reset, 5)
+    finally:
+        await net.stop()
+        srv.close()
