@@ -155,7 +155,11 @@ class DnsProxy:
             c.dns_dropped += 1
             return
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            except OSError:
+                c.dns_dropped += 1
+                return
             self._sock.setblocking(False)
             self.net.loop.add_reader(self._sock.fileno(), self._readable)
         for _ in range(8):

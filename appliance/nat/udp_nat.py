@@ -65,7 +65,11 @@ class UdpNat:
             if len(self._flows) >= MAX_FLOWS:
                 self._close(min(self._flows.values(), key=lambda f: f.last))
             family = socket.AF_INET6 if len(target) == 16 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+            except OSError:
+                c.udp_dropped += 1  # out of descriptors: drop, as a full NAT table would
+                return
             try:
                 sock.setblocking(False)
                 sock.connect((ip_str(target), dport))
