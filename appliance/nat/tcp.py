@@ -399,6 +399,25 @@ class TcpConn:
     # -- guest segments --------------------------------------------------
     def input(self, seq_w: int, ack_w: int, flags: int, win: int, payload: memoryview, opts: bytes) -> None:
         st = self.state
+        n = len(payload)
+        if (
+            st == ESTABLISHED
+            and flags & ~PSH == ACK
+            and n
+            and (seq_w - self.irs - self.rcv_nxt) & M32 == 0
+            and (ack_w - self.iss - self.snd_una) & M32 == 0
+            and win << self.snd_shift == self.snd_wnd
+            and not self._ooo
+            and self.rcv_nxt + n <= self._adv_edge
+            and not self.host_gone
+        ):
+            # Header prediction (RFC 9293 §3.10.7.4 in its common case): in-order data, no news in
+            # the ACK or window. Everything the general path would check is known to hold.
+            self.snd_wl1 = self.rcv_nxt
+            self._deliver(payload)
+            if self.rcv_nxt - self._acked_to >= ACK_EVERY:
+                self.send_ack()
+            return
         if st == CONNECTING:
             if flags & RST:
                 self._finish()
