@@ -147,6 +147,9 @@ class DnsProxy:
 
     def _forward(self, src: bytes, sport: int, dst: bytes, msg: bytes, qid: int) -> None:
         c = self.net.stats
+        if self.net.config.restrict:
+            c.restricted += 1  # restrict=on: nothing reaches the host's resolvers (local names still answer)
+            return
         if not self.servers:
             c.dns_dropped += 1
             return

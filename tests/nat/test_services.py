@@ -260,12 +260,17 @@ async def test_udp_hostfwd_delivers_host_datagrams_to_the_guest_and_back() -> No
         await net.stop()
 
 
-async def test_restrict_on_refuses_outbound_udp() -> None:
+async def test_restrict_on_refuses_outbound_udp_and_dns_forwarding() -> None:
     net = UserNetwork(UserNetConfig.from_string("user,restrict=on"))
     await net.start()
     try:
         feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=3333, dport=9) / b"x"))
         assert net.counters()["restricted"] == 1 and len(net.udp) == 0
+        feed(net, dns_query("www.example.com", 7))
+        assert net.counters()["restricted"] == 2 and net.dns.pending() == 0
+        feed(net, dns_query("gateway", 8))
+        [reply] = [Ether(f) for f in drain(net)]
+        assert reply[DNS].an[0].rdata == "10.0.2.2"
     finally:
         await net.stop()
 
