@@ -57,6 +57,20 @@ _ETH = struct.Struct("!6s6sH")
 class UserNetwork:
     """The outside world of one guest NIC: a router, DHCP and DNS server, and NAT.
 
+    Use::
+
+        net = UserNetwork(UserNetConfig.parse(opts))
+        await net.start()                  # binds hostfwd listeners; NatError if a port is taken
+        net.set_ready_callback(device.rx_ready)
+        net.send([frame_view])             # guest → stack, never raises
+        n = net.recv_into([buffer_view])   # stack → guest, -1 when nothing is queued
+        net.flows(); net.counters(); net.info()
+        await net.stop()
+
+    ``ready()`` is called (soon, on the loop) when the queue toward the guest
+    goes from empty to non-empty; a device that stops pulling for lack of rx
+    buffers must pull again when the guest posts more.
+
     :param config: the parsed ``-netdev user`` options.
     :param queue_limit: frames the stack may hold for the guest before dropping.
     """
@@ -190,6 +204,7 @@ class UserNetwork:
         return n
 
     def send(self, bufs: Sequence[memoryview]) -> bool:
+        """Take one frame from the guest; True unless closed (refusals are in :meth:`counters`)."""
         if self._closed:
             return False
         frame = bytes(bufs[0]) if len(bufs) == 1 else b"".join(bufs)  # the one copy out of the guest
