@@ -297,7 +297,9 @@ class StorageDaemon:
             for e in self.config.exports:
                 backend = await self._open(e.node_name, write=e.node_name in writable)
                 device = _make_device(e, backend)
-                server = VhostUserServer(e.path, VhostUserBackend(device))
+                # Block requests may be replayed, so a restarted daemon can take
+                # over what a killed one had in flight.
+                server = VhostUserServer(e.path, VhostUserBackend(device, inflight=True))
                 await server.start()
                 self.exports[e.id] = Export(e, backend, device, server)
         except BaseException:

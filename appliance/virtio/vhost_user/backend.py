@@ -41,6 +41,7 @@ from appliance.virtio.errors import QueueError
 from appliance.virtio.queue import Virtqueue
 from appliance.virtio.vhost_user import protocol as p
 from appliance.virtio.vhost_user.errors import MemoryMapError, ProtocolError
+from appliance.virtio.vhost_user.inflight import InflightArea, TrackedQueue
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,17 @@ def unmap(mem: GuestMemory) -> None:
 
 @dataclass
 class Reply:
-    """What a handler answers: a payload for the request's own reply, or an ack."""
+    """What a handler answers: a payload for the request's own reply, or an ack.
+
+    ``fds`` ride along with the reply and are closed once sent.
+    """
 
     payload: bytes | None = None
+    fds: list[int] = field(default_factory=list)
+
+
+# A framed message to send and the fds to pass with it (closed after sending).
+Outgoing = tuple[bytes, list[int]]
 
 
 @dataclass
@@ -196,10 +205,19 @@ class VhostUserBackend:
         the front end's rings and reset when the front end goes away.
     :param num_queues: how many queues to announce (GET_QUEUE_NUM); defaults
         to the device's queue count.
+    :param inflight: offer INFLIGHT_SHMFD, so requests in flight when this
+        process dies are resubmitted by the next one (block devices; not for
+        virtio-net, whose requests must not be replayed).
     """
 
-    def __init__(self, device: VirtioDevice, *, num_queues: int | None = None) -> None:
+    def __init__(
+        self, device: VirtioDevice, *, num_queues: int | None = None, inflight: bool = False
+    ) -> None:
         self.device = device
+        self.protocol_features = PROTOCOL_FEATURES | (
+            1 << p.ProtocolFeature.INFLIGHT_SHMFD if inflight else 0
+        )
+        self._inflight: InflightArea | None = None
         self.num_queues = device.num_queues if num_queues is None else num_queues
         self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
         self._active: tuple[int, ...] = ()
@@ -225,8 +243,8 @@ class VhostUserBackend:
 
     # -- message dispatch ----------------------------------------------------
 
-    async def handle(self, header: p.Header, payload: bytes, fds: list[int]) -> bytes | None:
-        """Handle one message; returns the framed reply to send, if any.
+    async def handle(self, header: p.Header, payload: bytes, fds: list[int]) -> Outgoing | None:
+        """Handle one message; returns the framed reply (and fds) to send, if any.
 
         Takes ownership of ``fds``. Never raises for a bad message: the error
         becomes a failed ack (if one was asked for) and a log line.
@@ -262,23 +280,23 @@ class VhostUserBackend:
                 _close(fd)
         return self._answer(header, reply, status)
 
-    def refuse(self, header: p.Header, reason: str) -> bytes | None:
+    def refuse(self, header: p.Header, reason: str) -> Outgoing | None:
         """The reply for a message refused before decoding (e.g. too many fds)."""
         self.errors += 1
         log.warning("vhost-user request %s refused: %s", _name(header.request), reason)
         return self._answer(header, None, 1)
 
-    def _answer(self, header: p.Header, reply: Reply | None, status: int) -> bytes | None:
+    def _answer(self, header: p.Header, reply: Reply | None, status: int) -> Outgoing | None:
         if reply is not None and reply.payload is not None:
-            return p.encode(header.request, reply.payload)
+            return p.encode(header.request, reply.payload), reply.fds
         if header.request in p.REPLYING:
             # A request that must be answered but failed: the front end treats
             # a reply of the wrong size as an error, which is what this is.
             if status:
-                return p.encode(header.request, b"")
+                return p.encode(header.request, b""), []
         if header.need_reply:
             # Even without REPLY_ACK negotiated: a front end that asked is waiting.
-            return p.encode(header.request, p.u64(status))
+            return p.encode(header.request, p.u64(status)), []
         return None
 
     # -- features ------------------------------------------------------------
@@ -307,13 +325,42 @@ class VhostUserBackend:
         await self._reconcile()
 
     async def _get_protocol_features(self, _v: object, _fds: list[int]) -> Reply:
-        return Reply(p.u64(PROTOCOL_FEATURES))
+        return Reply(p.u64(self.protocol_features))
 
     async def _set_protocol_features(self, value: object, _fds: list[int]) -> None:
         assert isinstance(value, int)
-        if value & ~PROTOCOL_FEATURES:
-            raise ProtocolError(f"protocol features {value & ~PROTOCOL_FEATURES:#x} were not offered")
+        if value & ~self.protocol_features:
+            raise ProtocolError(f"protocol features {value & ~self.protocol_features:#x} were not offered")
         self._c.protocol_features = value
+
+    # -- inflight tracking ---------------------------------------------------
+
+    def _inflight_negotiated(self) -> bool:
+        return bool(self._c.protocol_features >> p.ProtocolFeature.INFLIGHT_SHMFD & 1)
+
+    async def _get_inflight_fd(self, value: object, _fds: list[int]) -> Reply:
+        assert isinstance(value, p.Inflight)
+        if not self._inflight_negotiated():
+            raise ProtocolError("INFLIGHT_SHMFD was not negotiated")
+        area, fd = InflightArea.create(value.num_queues, value.queue_size)
+        if self._inflight is not None:
+            self._inflight.close()
+        self._inflight = area
+        size = len(area.buf)
+        return Reply(p.inflight(size, 0, value.num_queues, value.queue_size), [fd])
+
+    async def _set_inflight_fd(self, value: object, fds: list[int]) -> None:
+        assert isinstance(value, p.Inflight)
+        if not self._inflight_negotiated():
+            raise ProtocolError("INFLIGHT_SHMFD was not negotiated")
+        if len(fds) != 1:
+            raise ProtocolError(f"SET_INFLIGHT_FD needs one fd, got {len(fds)}")
+        area = InflightArea.attach(fds[0], value.mmap_size, value.mmap_offset, value.num_queues, value.queue_size)
+        await self._deactivate()
+        if self._inflight is not None:
+            self._inflight.close()
+        self._inflight = area
+        await self._reconcile()
 
     async def _get_queue_num(self, _v: object, _fds: list[int]) -> Reply:
         return Reply(p.u64(self.num_queues))
@@ -598,15 +645,16 @@ class VhostUserBackend:
         desc = mem.translate_user(addr.desc, 16 * n)
         avail = mem.translate_user(addr.avail, 6 + 2 * n)
         used = mem.translate_user(addr.used, 6 + 8 * n)
-        q = Virtqueue(
-            mem,
-            n,
-            desc,
-            avail,
-            used,
-            event_idx=self.device.has_feature(VIRTIO_F_EVENT_IDX),
-            indirect=self.device.has_feature(VIRTIO_F_INDIRECT_DESC),
-        )
+        event_idx = self.device.has_feature(VIRTIO_F_EVENT_IDX)
+        indirect = self.device.has_feature(VIRTIO_F_INDIRECT_DESC)
+        region = None
+        if self._inflight is not None and self._inflight.queue_size == n:
+            region = self._inflight.region(ring.index)
+        q: Virtqueue
+        if region is not None:
+            q = TrackedQueue(mem, n, desc, avail, used, region=region, event_idx=event_idx, indirect=indirect)
+        else:
+            q = Virtqueue(mem, n, desc, avail, used, event_idx=event_idx, indirect=indirect)
         # The used index continues from what the ring holds; the avail index
         # from what the front end says (SET_VRING_BASE).
         q.last_avail_idx = ring.base
@@ -630,6 +678,9 @@ class VhostUserBackend:
         self.device.reset()
         if self._c.mem is not None:
             unmap(self._c.mem)
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
         self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
 
     async def disconnect(self) -> None:
@@ -674,6 +725,8 @@ _HANDLERS: dict[p.Request, _Handler] = {
     p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
     p.Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
     p.Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
+    p.Request.GET_INFLIGHT_FD: VhostUserBackend._get_inflight_fd,
+    p.Request.SET_INFLIGHT_FD: VhostUserBackend._set_inflight_fd,
     p.Request.SET_STATUS: VhostUserBackend._refuse,
     p.Request.GET_STATUS: VhostUserBackend._refuse,
 }

@@ -189,7 +189,20 @@ class ConfigAccess:
     data: bytes
 
 
-Payload = int | VringState | VringAddr | VringFd | tuple[MemRegion, ...] | MemRegion | ConfigAccess | None
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """GET/SET_INFLIGHT_FD: ``{mmap_size u64, mmap_offset u64, num_queues u16, queue_size u16}``."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
+Payload = (
+    int | VringState | VringAddr | VringFd | tuple[MemRegion, ...] | MemRegion | ConfigAccess
+    | Inflight | None
+)
 
 _U64 = struct.Struct("<Q")
 _STATE = struct.Struct("<II")
@@ -197,6 +210,8 @@ _ADDR = struct.Struct("<IIQQQQ")
 _REGION = struct.Struct("<QQQQ")
 _MEM_HDR = struct.Struct("<II")
 _CONFIG_HDR = struct.Struct("<III")
+# QEMU's VhostUserInflight is 20 bytes of fields padded to 24.
+_INFLIGHT = struct.Struct("<QQHH4x")
 
 
 def parse_header(data: bytes) -> Header:
@@ -303,6 +318,11 @@ def decode(request: int, payload: bytes) -> Payload:
             if offset > MAX_CONFIG_SIZE or offset + size > MAX_CONFIG_SIZE:
                 raise ProtocolError(f"{req.name} range {offset}+{size} is out of bounds")
             return ConfigAccess(offset, size, flags, bytes(payload[_CONFIG_HDR.size :]))
+        case Request.GET_INFLIGHT_FD | Request.SET_INFLIGHT_FD:
+            if len(payload) not in (_INFLIGHT.size - 4, _INFLIGHT.size):
+                raise ProtocolError(f"{req.name} payload is {len(payload)} bytes, expected 24")
+            size, offset, nq, qs = _INFLIGHT.unpack(payload.ljust(_INFLIGHT.size, b"\0"))
+            return Inflight(size, offset, nq, qs)
         case _:
             # Known to the protocol, but nothing we implement or offer.
             raise ProtocolError(f"request {req.name} is not supported")
@@ -342,3 +362,7 @@ def mem_region(region: MemRegion) -> bytes:
 def config(offset: int, size: int, flags: int = 0, data: bytes | None = None) -> bytes:
     body = bytes(size) if data is None else data
     return _CONFIG_HDR.pack(offset, size, flags) + body
+
+
+def inflight(mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int) -> bytes:
+    return _INFLIGHT.pack(mmap_size, mmap_offset, num_queues, queue_size)

@@ -137,7 +137,16 @@ class VhostUserServer:
                     reply = await self.backend.handle(header, payload, fds)
                 fds = []
                 if reply is not None:
-                    await loop.sock_sendall(conn, reply)
+                    data, out_fds = reply
+                    try:
+                        if out_fds:
+                            await _send_with_fds(conn, data, out_fds)
+                        else:
+                            await loop.sock_sendall(conn, data)
+                    finally:
+                        for fd in out_fds:
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
             except _Closed:
                 log.warning("vhost-user front end disconnected mid-message")
                 return
@@ -151,6 +160,35 @@ class VhostUserServer:
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+
+
+async def _send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send a (small) reply with fds attached to its first byte."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            n = sock.sendmsg([data], anc)
+            break
+        except (BlockingIOError, InterruptedError):
+            await _writable(sock)
+    if n < len(data):
+        await loop.sock_sendall(sock, data[n:])
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(sock.fileno())
 
 
 async def _readable(sock: socket.socket) -> None:
