@@ -99,7 +99,7 @@ class UserNetConfig:
         domain = _name(opts.take("domainname"), "domainname", what)
         search = tuple(_name(s, "dnssearch", what) or "" for s in opts.take_all("dnssearch"))
         restrict = opts.take_bool("restrict", False)
-        fwds = tuple(_parse_hostfwd(v, dhcp, what) for v in opts.take_all("hostfwd"))
+        fwds = tuple(parse_hostfwd(v, dhcp, what) for v in opts.take_all("hostfwd"))
         gfwds = tuple(_parse_guestfwd(v, what) for v in opts.take_all("guestfwd"))
         ipv6 = opts.take_bool("ipv6", True)
         v6net_text = opts.take("ipv6-net")
@@ -191,7 +191,7 @@ def _port(text: str, key: str, what: str, *, allow_zero: bool = False) -> int:
     return port
 
 
-def _parse_hostfwd(text: str, default_guest: ipaddress.IPv4Address, what: str) -> HostForward:
+def parse_hostfwd(text: str, default_guest: ipaddress.IPv4Address, what: str) -> HostForward:
     """``[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport`` (QEMU's slirp_hostfwd)."""
     proto = "tcp"
     rest = text

@@ -17,8 +17,9 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
+from appliance.errors import ConfigError
 from appliance.nat import arp
-from appliance.nat.config import UserNetConfig
+from appliance.nat.config import HostForward, UserNetConfig, parse_hostfwd
 from appliance.nat.dhcp import CLIENT_PORT, SERVER_PORT, DhcpServer
 from appliance.nat.dns import DNS_PORT, DnsProxy
 from appliance.nat.frames import (
@@ -135,6 +136,34 @@ class UserNetwork:
             await self.stop()
             raise
         self._housekeeping = self._loop.call_later(1.0, self._tick)
+
+    async def add_hostfwd(self, rule: str) -> HostForward:
+        """Add a forward at run time, like QEMU's ``hostfwd_add`` (same rule syntax).
+
+        :raises ConfigError: when the rule is malformed.
+        :raises NatError: when its host port cannot be bound.
+        """
+        fwd = parse_hostfwd(rule, self.config.dhcpstart, "hostfwd_add")
+        if fwd.proto == "udp":
+            self.udp.listen(fwd)
+        else:
+            await self.tcp.listen(fwd)
+        return fwd
+
+    def remove_hostfwd(self, rule: str) -> bool:
+        """Remove a forward, like QEMU's ``hostfwd_remove [tcp|udp]:[hostaddr]:hostport``.
+
+        :returns: False when no such forward exists.
+        :raises ConfigError: when the rule is malformed.
+        """
+        proto, sep, rest = rule.partition(":")
+        if not sep or proto not in ("tcp", "udp", ""):
+            proto, rest = "tcp", rule
+        addr, sep, port_text = rest.rpartition(":")
+        if not port_text.isdigit():
+            raise ConfigError(f"hostfwd_remove: invalid rule '{rule}'")
+        nat = self.udp if proto == "udp" else self.tcp
+        return nat.unlisten(addr, int(port_text))
 
     async def stop(self) -> None:
         self.close()

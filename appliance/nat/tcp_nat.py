@@ -265,6 +265,16 @@ class TcpNat:
     def listener_ports(self) -> list[int]:
         return [s.sockets[0].getsockname()[1] for s, _ in self._servers if s.sockets]
 
+    def unlisten(self, host_addr: str, host_port: int) -> bool:
+        """Close the listener bound to ``host_addr:host_port``; connections already made stay."""
+        for i, (server, fwd) in enumerate(self._servers):
+            bound = server.sockets[0].getsockname() if server.sockets else ("", 0)
+            if (fwd.host_addr or "0.0.0.0") == (host_addr or "0.0.0.0") and host_port in (fwd.host_port, bound[1]):
+                server.close()
+                del self._servers[i]
+                return True
+        return False
+
     def _accepted(self, side: _HostSide, transport: asyncio.Transport, fwd: HostForward) -> TcpConn | None:
         if len(self.conns) >= MAX_CONNS:
             self.net.stats.tcp_syn_dropped += 1

@@ -132,6 +132,23 @@ class UdpNat:
     def listener_ports(self) -> list[int]:
         return [s.getsockname()[1] for s, _ in self._listeners]
 
+    def unlisten(self, host_addr: str, host_port: int) -> bool:
+        for i, (sock, fwd) in enumerate(self._listeners):
+            if (fwd.host_addr or "0.0.0.0") == (host_addr or "0.0.0.0") and host_port in (
+                fwd.host_port,
+                sock.getsockname()[1],
+            ):
+                for flow in [f for f in self._flows.values() if f.sock is sock]:
+                    self._flows.pop(flow.key, None)
+                try:
+                    self.net.loop.remove_reader(sock.fileno())
+                except (ValueError, OSError):
+                    pass
+                sock.close()
+                del self._listeners[i]
+                return True
+        return False
+
     def _listener_readable(self, sock: socket.socket, fwd: HostForward) -> None:
         for _ in range(_BATCH):
             try:

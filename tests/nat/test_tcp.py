@@ -514,3 +514,21 @@ async def test_dns_over_tcp_to_the_dns_address_reaches_the_upstream_resolver() -
     finally:
         await net.stop()
         srv.close()
+
+
+async def test_hostfwd_added_and_removed_at_run_time(net: UserNetwork) -> None:
+    async with Guest(net) as g:
+        accepted = g.listen(8080)
+        fwd = await net.add_hostfwd("tcp:127.0.0.1:0-:8080")
+        assert fwd.guest_port == 8080
+        port = net.tcp.listener_ports()[-1]
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):
+            while not accepted:
+                await asyncio.sleep(0.01)
+        await established(accepted[0])
+        w.close()
+        assert net.remove_hostfwd(f"tcp:127.0.0.1:{port}") is True
+        assert net.remove_hostfwd(f"tcp:127.0.0.1:{port}") is False
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
