@@ -18,6 +18,7 @@ from appliance.errors import ConfigError
 from appliance.kvm import layout
 from tests.conftest import needs_kvm
 from tests.machine import tinyguest
+from tests.machine.procio import Lines
 
 APPLIANCE = [sys.executable, "-m", "appliance.cli.main"]
 
@@ -181,13 +182,19 @@ def test_stdin_console_answers_and_poweroff_exits_0(tiny_elf: Path) -> None:
     proc = subprocess.Popen([*APPLIANCE, "run", "-kernel", str(tiny_elf), "-nographic", "-smp", "2"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
-    assert b"TINY-READY" in proc.stdout.readline()
-    proc.stdin.write(b"hello")
-    proc.stdin.flush()
-    assert proc.stdout.read(5) == b"hello"
-    proc.stdin.write(b"q")
-    proc.stdin.flush()
-    assert proc.wait(10) == 0
+    try:
+        out = Lines(proc.stdout)
+        out.until(b"TINY-READY")
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        out.until(b"hello")
+        proc.stdin.write(b"q")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @needs_kvm

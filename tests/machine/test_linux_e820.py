@@ -5,6 +5,7 @@ boot_params. Under PVM its CPL-0 code runs in KVM's instruction emulator; it
 prints the e820 map (earlyprintk replays it) some seconds in, and later stops
 on an instruction the emulator lacks, so the test stops the VM once the lines
 are checked. On a hardware-virtualization host the same test passes quickly.
+The lines take 12-20 s here; the timeouts leave room for a loaded machine.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ pytestmark = [
 
 async def test_linux_prints_the_e820_map_we_built() -> None:
     async with Machine(MachineConfig(kernel=VMLINUX, mem_size=MEM, cmdline=CMDLINE)) as vm:
-        await vm.console.expect("Linux version", timeout=60)
+        await vm.console.expect("Linux version", timeout=150)
         await vm.console.expect("BIOS-provided physical RAM map", timeout=60)
         expected = linux_e820_lines(MEM)
         seen: list[str] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from appliance.kvm import layout
 from appliance.machine import MachineConfig
 from appliance.machine.machine import Machine
 from tests.conftest import needs_kvm
+from tests.machine.procio import Lines
 
 GUEST = paths().guest_elf
 APPLIANCE = [sys.executable, "-m", "appliance.cli.main"]
@@ -62,41 +62,6 @@ async def test_reset_reboots_until_poweroff() -> None:
         await vm.console.expect(r"still-here\r?\n", timeout=10)
         vm.console.send("poweroff\n")
         assert await asyncio.wait_for(vm.wait(), 20) == 0
-
-
-class Lines:
-    """Lines from a child's stdout, with a deadline instead of a blocking readline."""
-
-    def __init__(self, stream: object, timeout: float = 30.0) -> None:
-        self.fd = stream.fileno()  # type: ignore[attr-defined]
-        os.set_blocking(self.fd, False)
-        self.buf = b""
-        self.timeout = timeout
-
-    def until(self, needle: bytes) -> bytes:
-        """Read up to and including the first line containing ``needle``; returns that line."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                if needle in line:
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no line with {needle!r} in time")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                data = os.read(self.fd, 65536)
-                if not data:
-                    raise AssertionError(f"output ended before {needle!r}")
-                self.buf += data
-
-    def rest(self) -> bytes:
-        os.set_blocking(self.fd, True)
-        data = self.buf
-        while chunk := os.read(self.fd, 65536):
-            data += chunk
-        return data
 
 
 def test_cli_stdin_commands_reset_with_no_reboot_exits_0() -> None:
