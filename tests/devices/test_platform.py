@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 import time
 
+import pytest
+
 from appliance.devices import acpi_pm
 from appliance.devices.i8042 import I8042
 from appliance.devices.rtc import Rtc
@@ -105,11 +107,18 @@ def test_power_button_raises_sci_only_when_enabled_and_clears_on_write_one() -> 
 
 def test_pm_timer_counts_at_3_58_mhz() -> None:
     p = Pm()
+    t0 = time.monotonic()
     a = struct.unpack("<I", p.pm.read(acpi_pm.PM_TMR, 4))[0]
+    t1 = time.monotonic()
     time.sleep(0.05)
+    t2 = time.monotonic()
     b = struct.unpack("<I", p.pm.read(acpi_pm.PM_TMR, 4))[0]
+    t3 = time.monotonic()
+    if t3 - t0 > 4.0:
+        pytest.skip("the machine is too loaded to time a 24-bit counter")
     ticks = (b - a) & acpi_pm.PM_TIMER_MASK
-    assert 0.04 * acpi_pm.PM_TIMER_HZ < ticks < 0.5 * acpi_pm.PM_TIMER_HZ
+    slack = 0.002 * acpi_pm.PM_TIMER_HZ
+    assert (t2 - t1) * acpi_pm.PM_TIMER_HZ - slack <= ticks <= (t3 - t0) * acpi_pm.PM_TIMER_HZ + slack
     assert b <= acpi_pm.PM_TIMER_MASK
 
 
