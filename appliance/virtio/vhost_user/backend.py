@@ -17,6 +17,11 @@ negotiated). The spec would have a started but disabled ring processed
 which only uses the rings its front end enabled (virtio-net's extra queue
 pairs stay disabled until the driver asks for them).
 
+With INFLIGHT_SHMFD (block devices) each ring is a
+:class:`~appliance.virtio.vhost_user.inflight.TrackedQueue`, which records
+fetched requests in an area the front end keeps, so a daemon that is killed
+and restarted resubmits what was in flight.
+
 Everything here runs on the event loop. Messages are handled one at a time, so
 no locking is needed; fds we receive are ours to close.
 """
@@ -47,8 +52,9 @@ log = logging.getLogger(__name__)
 
 # What we offer. QEMU 7.2's vhost-user-blk needs CONFIG (it refuses to start
 # without it) and MQ for num-queues > 1; CONFIGURE_MEM_SLOTS lets it add and
-# remove regions one at a time (more than 8, memory hotplug). INFLIGHT_SHMFD,
-# LOG_SHMFD and BACKEND_REQ stay off: no migration, no back-end-initiated messages.
+# remove regions one at a time (more than 8, memory hotplug). INFLIGHT_SHMFD is
+# added per back end (``inflight=True``). LOG_SHMFD and BACKEND_REQ stay off: no
+# migration, no back-end-initiated messages.
 PROTOCOL_FEATURES = (
     (1 << p.ProtocolFeature.MQ)
     | (1 << p.ProtocolFeature.REPLY_ACK)
