@@ -39,7 +39,7 @@ def _bcd(n: int) -> int:
 class Rtc:
     """A CMOS RTC (2 ports: index, data)."""
 
-    def __init__(self, mem_size: int = 0, clock: type[time.struct_time] | None = None) -> None:
+    def __init__(self, mem_size: int = 0) -> None:
         self._lock = threading.Lock()
         self._index = 0
         self._ram = bytearray(128)
