@@ -25,19 +25,23 @@ __all__ = [
 
 
 async def open_image(path: Path, *, read_only: bool, fmt: str | None = None,
-                     cache: str = "writeback", backing_override: Any = None) -> Any:
+                     cache: str = "writeback", backing_override: Any = None,
+                     l2_cache_size: int | None = None) -> Any:
     """Open a disk image as a BlockBackend.
 
     :param fmt: "qcow2" or "raw"; ``None`` probes the file and warns, like QEMU.
     :param cache: writeback (default), writethrough, none/directsync (O_DIRECT), unsafe.
     :param backing_override: ``None`` follows the header, ``False`` opens no backing file,
         a BlockBackend is used as the backing file.
+    :param l2_cache_size: bytes of L2 table cache (QEMU's l2-cache-size); by default
+        enough for the whole disk, at most 32 MiB.
     :raises Qcow2Error: When the image cannot be opened safely.
     """
     from appliance.qcow2.backing import open_any
 
+    kw: dict[str, Any] = {} if l2_cache_size is None else {"l2_cache_size": l2_cache_size}
     return await open_any(path, fmt, read_only=read_only, cache=cache,
-                          backing_override=backing_override)
+                          backing_override=backing_override, **kw)
 
 
 def create_temporary_overlay(base: Path, base_fmt: str) -> Path:

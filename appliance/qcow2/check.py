@@ -10,6 +10,7 @@ place, so a crash during repair leaves the old (consistent or leaky) one.
 
 from __future__ import annotations
 
+import array
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,7 +45,8 @@ class _Walker:
         self.cs = img._cs
         self.cb = img._cb
         self.nclusters = -(-img.file_size // self.cs)
-        self.refs = [0] * self.nclusters
+        # 4 bytes per host cluster, like QEMU's in-memory refcount table.
+        self.refs = array.array("I", bytes(4 * self.nclusters))
         self.copied_errors: list[str] = []
         self.l2_active: list[tuple[int, int, int, tuple[int, ...]]] = []
 
@@ -200,13 +202,13 @@ async def rebuild_refcounts(img: Qcow2Image) -> None:
         if need_blocks <= nblocks and need_t <= tclusters:
             break
         nblocks, tclusters = max(nblocks, need_blocks), max(tclusters, need_t)
-    refs += [0] * (start + tclusters + nblocks - len(refs))
+    refs.extend([0] * (start + tclusters + nblocks - len(refs)))
     for c in range(start, start + tclusters + nblocks):
         refs[c] = 1
     table = [0] * (tclusters * cs // 8)
     blocks: dict[int, list[int]] = {}
     for b in range(nblocks):
-        chunk = refs[b * E : (b + 1) * E]
+        chunk = list(refs[b * E : (b + 1) * E])
         chunk += [0] * (E - len(chunk))
         blocks[b] = chunk
         table[b] = (start + tclusters + b) << cb

@@ -461,6 +461,10 @@ class Qcow2Image:
         blk[bi] = v
         self._rb_dirty.add(ti)
         self._rc_dirty = True
+        if delta < 0 and self._comp_tail and self._comp_tail >> self._cb == cluster:
+            # The cluster compressed data was being packed into lost a reference:
+            # it may be freed and reused, so never pack into it again.
+            self._comp_tail = 0
         if v == 0 and cluster < self._free_hint:
             self._free_hint = cluster
 
@@ -1326,8 +1330,6 @@ class Qcow2Image:
                 for c in frees:
                     self._meta.discard(c)
                     await self._update_refcount(c, -1)
-                if self._comp_tail and (self._comp_tail >> self._cb) in frees:
-                    self._comp_tail = 0
                 continue
             break
         if not self._lazy_dirty:

@@ -233,3 +233,40 @@ def test_bad_option_value_exits_2_with_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and "Cluster size must be a power of two" in r.stderr
     r = img("create", "-f", "qcow2", "-o", "bogus=1", str(tmp_path / "x"), "1M", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resize_shrink_needs_the_flag_and_frees_clusters(tmp_path: Path) -> None:
+    p = tmp_path / "r.qcow2"
+    img("create", "-q", "-f", "qcow2", str(p), "8M")
+    qemu_io(p, "write -P 7 0 8M")
+    r = img("resize", str(p), "4M", check=False)
+    assert r.returncode == 1 and "--shrink" in r.stderr
+    assert "Image resized." in img("resize", "--shrink", str(p), "4M").stdout
+    check_clean(p)
+    info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
+    assert info["virtual-size"] == 4 * 1024 * 1024
+    qemu_io(p, "read -P 7 0 4M")
+    img("resize", str(p), "+4M")
+    qemu_io(p, "read -P 0 4M 4M")  # grown space reads as zeroes, old data is gone
+    check_clean(p)
+
+
+def test_rebase_unsafe_only_rewrites_the_header(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(b"\1" * 1024 * 1024)
+    b.write_bytes(b"\2" * 1024 * 1024)
+    top = tmp_path / "t.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "a.raw", "-F", "raw", str(top))
+    img("rebase", "-u", "-b", "b.raw", "-F", "raw", str(top))
+    info = json.loads(qemu_img("info", "--output=json", str(top)).stdout)
+    assert info["backing-filename"] == "b.raw" and info["backing-filename-format"] == "raw"
+    qemu_io(top, "read -P 2 0 1M")
+    check_clean(top)
+
+
+def test_convert_progress_reaches_100(tmp_path: Path) -> None:
+    src = tmp_path / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", str(src), "4M")
+    qemu_io(src, "write -P 1 0 1M")
+    r = img("convert", "-p", "-O", "raw", str(src), str(tmp_path / "o.raw"))
+    assert "(100.00/100%)" in r.stdout
