@@ -360,7 +360,13 @@ async def test_zero_window_forever_connections_stay_bounded_while_others_work(mo
                 s.window_override = 0
                 s._send(16, s.snd_nxt)
                 stuck.append(s)
-            await asyncio.sleep(1.0)
+            async with asyncio.timeout(20):  # until every stuck connection has stopped reading its host
+                while not all(
+                    k.host_paused
+                    for k in net.tcp.conns.values()
+                    if k.rport == hose_port and k.state == tcpmod.ESTABLISHED
+                ):
+                    await asyncio.sleep(0.05)
 
         await _transfer_during(net, stall)
         hosed = [k for k in net.tcp.conns.values() if k.rport == hose_port]
