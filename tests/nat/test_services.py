@@ -316,7 +316,7 @@ async def main():
     frame6 = Ether(src="52:54:00:12:34:56", dst="52:55:0a:00:02:02") / IPv6(src="fec0::15", dst="fec0::2")
     net.send([memoryview(bytes(frame6 / ICMPv6EchoRequest(id=4343, seq=7, data=b"netns ping6")))])
     got = []
-    for _ in range(300):
+    for _ in range(2000):
         for raw in drain(net):
             p = Ether(raw)
             if ICMP in p:
