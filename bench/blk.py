@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.kit.console import GuestConsole  # noqa: E402
+from appliance.kit.errors import KitError  # noqa: E402
 from appliance.kit.tcg import TcgGuest  # noqa: E402
 
 # (name, kitio mode, block size, queue depth)
@@ -138,9 +139,15 @@ def table(ours: dict[str, Result], qemu: dict[str, Result], them: str = "qsd") -
         f"{'IOPS ' + t:>9} | {'ratio':>6} | {'p50 us ours/' + t:>17} | {'p99 us ours/' + t:>17} |"
     )
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
-    missing = Result(0.0, 0.0, 0.0, 0.0)
     for name, *_ in WORKLOADS:
-        a, b = ours.get(name, missing), qemu[name]
+        b = qemu[name]
+        a = ours.get(name)
+        if a is None:
+            lines.append(
+                f"| {name:<20} | {'-':>9} | {b.mbps:>9.1f} | {'-':>6} | {'-':>9} | {b.iops:>9.0f} | {'-':>6} | "
+                f"{f'-/{b.p50:.0f}':>17} | {f'-/{b.p99:.0f}':>17} |"
+            )
+            continue
         lines.append(
             f"| {name:<20} | {a.mbps:>9.1f} | {b.mbps:>9.1f} | {_ratio(a.mbps, b.mbps):>6} | "
             f"{a.iops:>9.0f} | {b.iops:>9.0f} | {_ratio(a.iops, b.iops):>6} | "
@@ -178,12 +185,18 @@ async def run_testguest(which: str, elf: Path, image: Path, args: argparse.Names
         await g.ready(timeout=60)
         for name, mode, bs, qd in WORKLOADS:
             secs = max(1, int(args.seconds))
-            m = await g.command(f"blk bench {mode} {bs} {qd} {secs}", _GUEST_BENCH, timeout=secs * 4 + 30)
+            try:
+                m = await g.command(f"blk bench {mode} {bs} {qd} {secs}", _GUEST_BENCH, timeout=secs * 4 + 30)
+            except (KitError, TimeoutError) as err:
+                # A stuck disk is a result too; report it and keep what was measured.
+                print(f"  {which:<10} {name:<20} FAILED: {str(err).splitlines()[0]}", flush=True)
+                return results
             results[name] = Result(float(m[2]), float(m[3]), float(m[4]), float(m[5]))
             print(f"  {which:<10} {name:<20} {m[2]:>9} MB/s {m[3]:>10} IOPS p50 {m[4]} us p99 {m[5]} us",
                   flush=True)
         await g.write("poweroff\n")
-        await g.wait(20)
+        with contextlib.suppress(KitError, TimeoutError):
+            await g.wait(20)
     return results
 
 
