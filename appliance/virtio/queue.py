@@ -52,7 +52,6 @@ MAX_INDIRECT_DESCRIPTORS = 1024
 _MAX_CHAIN_BYTES = 0xFFFF_FFFF
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 _fence_lock = threading.Lock()
@@ -184,9 +183,18 @@ class Virtqueue:
         except GuestMemoryError as err:
             raise QueueError("virtqueue ring lies outside guest memory") from err
         self._mask = size - 1
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + 8 * size
-        self._used_idx = _U16.unpack_from(self._used, 2)[0]
+        # Indices the driver reads or writes concurrently are accessed as whole
+        # 16-bit words. ``struct`` packs and unpacks little-endian fields one
+        # byte at a time, so a driver polling the used index on another CPU
+        # could see half an update (0x00ff -> 0x0100 read as 0x0000) and
+        # consume stale entries, and we could see half of its avail index.
+        # A memoryview cast to 'H' moves each item with one 2-byte memcpy,
+        # which is a single load or store on x86-64.
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._used_event_i = 2 + size
+        self._avail_event_i = 2 + 4 * size
+        self._used_idx = int(self._used16[1])
         self._last_avail = self._used_idx
         self._avail_seen = self._last_avail
         self._signalled_used = self._used_idx
@@ -215,11 +223,11 @@ class Virtqueue:
     def used_idx(self, value: int) -> None:
         self._used_idx = value & 0xFFFF
         self._signalled_used = self._used_idx
-        _U16.pack_into(self._used, 2, self._used_idx)
+        self._used16[1] = self._used_idx
 
     def avail_idx(self) -> int:
         """The driver's current avail index (a fresh read of guest memory)."""
-        return int(_U16.unpack_from(self._avail, 2)[0])
+        return int(self._avail16[1])
 
     # -- consuming requests ------------------------------------------------
 
@@ -239,7 +247,7 @@ class Virtqueue:
             if self._last_avail == self._avail_seen:
                 # Guest-controlled: the avail index; it may only run ahead of
                 # what we consumed by at most the queue size (§2.7.13.3).
-                self._avail_seen = int(_U16.unpack_from(self._avail, 2)[0])
+                self._avail_seen = int(self._avail16[1])
                 pending = (self._avail_seen - self._last_avail) & 0xFFFF
                 if pending == 0:
                     return None
@@ -250,7 +258,7 @@ class Virtqueue:
                         f"{self._last_avail} in a queue of {self.size}"
                     )
             slot = self._last_avail & self._mask
-            head = int(_U16.unpack_from(self._avail, 4 + 2 * slot)[0])
+            head = int(self._avail16[2 + slot])
             self._last_avail = (self._last_avail + 1) & 0xFFFF
             if head >= self.size:
                 self.broken = True
@@ -346,7 +354,7 @@ class Virtqueue:
             return
         _USED_ELEM.pack_into(self._used, 4 + 8 * (self._used_idx & self._mask), head, written)
         self._used_idx = (self._used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self._used_idx)
+        self._used16[1] = self._used_idx
         self._unsignalled = True
 
     def needs_notification(self) -> bool:
@@ -363,17 +371,17 @@ class Virtqueue:
         # used_event/flags, or we could miss the interrupt it asks for.
         _full_fence()
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            used_event = self._avail16[self._used_event_i]
             new, old = self._used_idx, self._signalled_used
             self._signalled_used = new
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        flags = _U16.unpack_from(self._avail, 0)[0]
+        flags = self._avail16[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_avail_event(self, value: int) -> None:
         """Ask the driver to kick once the avail index passes ``value`` (EVENT_IDX only)."""
         if self.event_idx and not self.broken:
-            _U16.pack_into(self._used, self._avail_event_off, value & 0xFFFF)
+            self._used16[self._avail_event_i] = value & 0xFFFF
 
     def enable_notification(self) -> bool:
         """Re-arm driver kicks after draining; returns True if more requests already came.
@@ -385,12 +393,12 @@ class Virtqueue:
         if self.broken:
             return False
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self._last_avail)
+            self._used16[self._avail_event_i] = self._last_avail
             _full_fence()
         return self.avail_idx() != self._last_avail
 
     def close(self) -> None:
         """Let go of the ring views (before guest memory is unmapped)."""
         self.broken = True
-        for v in (self._desc, self._avail, self._used):
+        for v in (self._avail16, self._used16, self._desc, self._avail, self._used):
             v.release()
