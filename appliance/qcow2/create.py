@@ -56,12 +56,26 @@ def build_image(opts: CreateOptions) -> bytes:
     l1_size = -(-opts.size // (cs * l2_entries))
     if l1_size * 8 > H.MAX_L1_BYTES:
         raise Qcow2Error("Image size is too large for this cluster size")
-    l1_clusters = max(1, -(-l1_size * 8 // cs))
+    l1_clusters = -(-l1_size * 8 // cs)  # an empty disk has no L1 table at all
     order = rb.bit_length() - 1
+    entries = cs * 8 // rb
+    # Header, refcount table, first refcount block, L1 table, then any further
+    # refcount blocks (QEMU's layout), grown until the structure covers itself.
+    rt_clusters, n_rb = 1, 1
+    while True:
+        total = 2 + rt_clusters + l1_clusters + (n_rb - 1)
+        need_rb = -(-total // entries)
+        need_rt = -(-need_rb * 8 // cs)
+        if need_rb <= n_rb and need_rt <= rt_clusters:
+            break
+        n_rb, rt_clusters = max(n_rb, need_rb), max(rt_clusters, need_rt)
+    if rt_clusters * cs > H.MAX_REFTABLE_BYTES:
+        raise Qcow2Error("Image size is too large for this cluster size and refcount width")
+    l1_off = (2 + rt_clusters) * cs
     h = H.Header(
         version=version, cluster_bits=cb, size=opts.size, l1_size=l1_size,
-        l1_table_offset=3 * cs, refcount_table_offset=cs, refcount_table_clusters=1,
-        refcount_order=order,
+        l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=cs,
+        refcount_table_clusters=rt_clusters, refcount_order=order,
     )
     if version == 3:
         if opts.lazy_refcounts:
@@ -76,16 +90,19 @@ def build_image(opts: CreateOptions) -> bytes:
         h.backing_file = opts.backing_file
         if opts.backing_fmt:
             h.set_ext(H.EXT_BACKING_FORMAT, opts.backing_fmt.encode())
-    used = 3 + l1_clusters
-    entries = cs * 8 // rb
-    if used > entries:
-        raise Qcow2Error("cluster size too small for this refcount width and image size")
-    rc = [1] * used + [0] * (entries - used)
-    out = bytearray(used * cs)
+    total = 2 + rt_clusters + l1_clusters + (n_rb - 1)
+    rb_clusters = [1 + rt_clusters] + [2 + rt_clusters + l1_clusters + i for i in range(n_rb - 1)]
+    out = bytearray(total * cs)
     head = h.serialize()
     out[: len(head)] = head
-    struct.pack_into(">Q", out, cs, 2 * cs)
-    out[2 * cs : 3 * cs] = encode_block(rc, order)
+    for i, c in enumerate(rb_clusters):
+        struct.pack_into(">Q", out, cs + 8 * i, c * cs)
+        first = i * entries
+        rc = [1 if first + k < total else 0 for k in range(entries)]
+        out[c * cs : (c + 1) * cs] = encode_block(rc, order)
+    if n_rb == 1:
+        # Like QEMU, the file ends with the L1 table rather than its cluster.
+        return bytes(out[: l1_off + l1_size * 8] if l1_size else out[: l1_off])
     return bytes(out)
 
 

@@ -157,11 +157,12 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
         sid = str(max(ids, default=0) + 1)
         cs, cb = img._cs, img._cb
         l1 = [e & ~COPIED for e in img._l1]
-        n = max(1, -(-len(l1) * 8 // cs))
-        l1_off = (await img._alloc_clusters(n)) << cb
+        n = -(-len(l1) * 8 // cs)
+        l1_off = (await img._alloc_clusters(n)) << cb if n else 0
         await _tree_refs(img, img._l1, +1)
         await img._flush_refcounts()
-        await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
+        if l1:
+            await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
         await img._sync()
         sec, nsec = img.now()
         snap = Snapshot(l1_off, len(l1), sid, name, sec, nsec, vm_clock_nsec, 0,
@@ -187,9 +188,10 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
         await _write_table(img, [s for s in img.snapshots if s is not snap])
         await _tree_refs(img, l1, -1)
         cb = img._cb
-        for c in range(snap.l1_table_offset >> cb,
-                       ((snap.l1_table_offset + max(1, snap.l1_size * 8) - 1) >> cb) + 1):
-            await img._update_refcount(c, -1)
+        if snap.l1_size:
+            for c in range(snap.l1_table_offset >> cb,
+                           ((snap.l1_table_offset + snap.l1_size * 8 - 1) >> cb) + 1):
+                await img._update_refcount(c, -1)
         img._l2.clear()
         await fix_copied_flags(img)
         await _end(img)
@@ -213,10 +215,11 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
         if len(new_l1) < need:
             new_l1 += [0] * (need - len(new_l1))
         await _tree_refs(img, new_l1, +1)
-        n = max(1, -(-len(new_l1) * 8 // cs))
-        l1_off = (await img._alloc_clusters(n)) << cb
+        n = -(-len(new_l1) * 8 // cs)
+        l1_off = (await img._alloc_clusters(n)) << cb if n else 0
         await img._flush_refcounts()
-        await img._pwrite(l1_off, struct.pack(f">{len(new_l1)}Q", *new_l1))
+        if new_l1:
+            await img._pwrite(l1_off, struct.pack(f">{len(new_l1)}Q", *new_l1))
         await img._sync()
         old_l1, old_off, old_size = img._l1, h.l1_table_offset, h.l1_size
         h.l1_table_offset, h.l1_size, h.size = l1_off, len(new_l1), size
@@ -225,8 +228,9 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
         img._l1 = new_l1
         img.size = size
         await _tree_refs(img, old_l1, -1)
-        for c in range(old_off >> cb, ((old_off + max(1, old_size * 8) - 1) >> cb) + 1):
-            await img._update_refcount(c, -1)
+        if old_size:
+            for c in range(old_off >> cb, ((old_off + old_size * 8 - 1) >> cb) + 1):
+                await img._update_refcount(c, -1)
         img._l2.clear()
         await fix_copied_flags(img)
         await _end(img)

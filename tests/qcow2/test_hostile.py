@@ -24,7 +24,9 @@ CS = 65536
 
 
 def image(**kw: object) -> bytearray:
-    return bytearray(build_image(CreateOptions(size=kw.pop("size", 8 << 20), **kw)))  # type: ignore[arg-type]
+    """A fresh image padded to whole clusters (header, reftable, refblock, L1)."""
+    data = bytearray(build_image(CreateOptions(size=kw.pop("size", 8 << 20), **kw)))  # type: ignore[arg-type]
+    return data + bytes(-len(data) % CS)
 
 
 def put(buf: bytearray, off: int, fmt: str, *vals: int) -> bytearray:
