@@ -21,6 +21,7 @@ from appliance.errors import ApplianceError
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_DROP_MIN = 1 << 20
 
 
 class GuestMemoryError(ApplianceError):
@@ -46,6 +47,8 @@ class MemoryRegion:
     buf: mmap.mmap | bytearray
     user_addr: int = -1
     fd: int = -1
+    # A MAP_PRIVATE|MAP_ANONYMOUS mapping: zeroing may drop pages instead of writing them.
+    private_anonymous: bool = False
     view: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ class GuestMemory:
         regions = []
         for start, size in layout:
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            regions.append(MemoryRegion(start, buf))
+            regions.append(MemoryRegion(start, buf, private_anonymous=True))
         return cls(regions)
 
     def add_region(self, region: MemoryRegion) -> None:
@@ -148,6 +151,16 @@ class GuestMemory:
 
     def fill(self, addr: int, size: int, byte: int = 0) -> None:
         r, off = self._locate(addr, size)
+        if byte == 0 and r.private_anonymous and size >= _DROP_MIN and isinstance(r.buf, mmap.mmap):
+            # Dropped pages of a private anonymous mapping read back as zeros
+            # (madvise(2), MADV_DONTNEED): zeroing a kernel's .bss this way
+            # neither writes nor makes resident megabytes of guest RAM.
+            first = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = (off + size) // mmap.PAGESIZE * mmap.PAGESIZE
+            r.view[off:first] = bytes(first - off)
+            r.view[last : off + size] = bytes(off + size - last)
+            r.buf.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
         r.view[off : off + size] = bytes([byte]) * size
 
     def read_u16(self, addr: int) -> int:
