@@ -669,6 +669,7 @@ class TcpConn:
         if self.snd_una >= data_end:
             if self.fin_queued:
                 self._emit(FIN | ACK, data_end)
+                self._arm(self.rto)  # found by the lossy test: a lost retransmitted FIN once stalled here
             return
         off = self._sndoff
         k = min(self.mss, data_end - self.snd_una)

@@ -74,6 +74,7 @@ class Link:
         self._held_out: bytes | None = None
         self._buf = bytearray(256 * 1024)
         self._mv = memoryview(self._buf)
+        self.drop_from_stack: Callable[[bytes], bool] | None = None  # targeted loss for tests
         self.ready = asyncio.Event()
         net.set_ready_callback(self.ready.set)
         self.sent = 0
@@ -108,7 +109,10 @@ class Link:
             n = self.net.recv_into([self._mv])
             if n < 0:
                 break
-            frames, self._held_out = self._mangle(bytes(self._mv[:n]), self._held_out)
+            frame = bytes(self._mv[:n])
+            if self.drop_from_stack is not None and self.drop_from_stack(frame):
+                continue
+            frames, self._held_out = self._mangle(frame, self._held_out)
             out.extend(frames)
         if self._held_out is not None and not out:
             out.append(self._held_out)
@@ -212,7 +216,8 @@ class GuestTcp:
         if self.fin_wanted and self.snd_nxt == end:
             self._send(FIN | ACK, end)
             self.snd_nxt = end + 1
-        if self.snd_nxt > self.snd_una and not self.deadline:
+        if (self.snd_nxt > self.snd_una or self.snd_nxt < end) and not self.deadline:
+            # Retransmission timer, or the persist timer when a closed window holds data back.
             self.deadline = time.monotonic() + self.rto
 
     def timer(self, now: float) -> None:
@@ -223,13 +228,18 @@ class GuestTcp:
             self._send(SYN, 0, opts=self._syn_opts())
             self.deadline = now + 0.2
             return
+        if self.state not in ("ESTABLISHED", "CLOSE_WAIT"):
+            return
         if self.snd_nxt > self.snd_una:
             self.snd_nxt = self.snd_una
             self.rto = min(self.rto * 2, 1.0)
             self.pump()
-            if self.snd_nxt == self.snd_una and self.fin_wanted and not self.fin_acked:
-                pass
-        if self.snd_nxt > self.snd_una:
+        unsent = self._data_base() + len(self.sndbuf) - self.snd_nxt
+        if self.snd_nxt == self.snd_una and unsent > 0:
+            # Zero-window probe: one byte, so a lost window update cannot stall us.
+            off = self.snd_nxt - self._data_base()
+            self._send(ACK, self.snd_nxt, bytes(self.sndbuf[off : off + 1]))
+        if self.snd_nxt > self.snd_una or unsent > 0:
             self.deadline = now + self.rto
 
     def segment(self, seq_w: int, ack_w: int, flags: int, win: int, payload: bytes, opts: bytes) -> None:

@@ -532,3 +532,30 @@ async def test_hostfwd_added_and_removed_at_run_time(net: UserNetwork) -> None:
         assert net.remove_hostfwd(f"tcp:127.0.0.1:{port}") is False
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_lost_fin_and_lost_fin_retransmissions_are_sent_again(net: UserNetwork) -> None:
+    """Fuzz finding (lossy transfer, seed 23): after the tail-loss probe resent a lost FIN, no timer was
+    left running, so losing that copy too stalled the close forever."""
+
+    async def closer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"last words")
+        await w.drain()
+        w.close()
+
+    srv, port = await serve(closer)
+    async with Guest(net) as g:
+        dropped = []
+
+        def drop_first_fins(frame: bytes) -> bool:
+            is_fin = frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[14 + 20 + 13] & 0x01
+            if is_fin and len(dropped) < 3:
+                dropped.append(frame)
+                return True
+            return False
+
+        g.link.drop_from_stack = drop_first_fins
+        c = g.connect(GW_IP, port)
+        await c.wait(lambda: c.fin_rcvd, 30)
+        assert len(dropped) == 3 and bytes(c.rx) == b"last words"
+    srv.close()
