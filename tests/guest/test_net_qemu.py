@@ -100,7 +100,7 @@ async def test_two_guests_on_a_udp_wire_echo_and_exchange_frames(guest_elf) -> N
         with pytest.raises(TcgError, match="does not offer CSUM and HOST_TSO4"):
             await a.net_bench("tso", 1)
         # a blasts at b's MAC while b counts.
-        rx_task = asyncio.create_task(b.net_bench("rx", 2))
+        rx_task = asyncio.create_task(b.net_bench("rx", 4))
         await asyncio.sleep(0.2)
         tx = await a.net_bench("tx", 1, size=256, mac="52:54:00:00:00:0b")
         rx = await rx_task
