@@ -218,7 +218,7 @@ async def test_qemu_killed_mid_io_then_a_new_qemu_is_served(tmp_path: Path, imag
                           "2>/dev/null; done &\n")
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
-            while sum(s["write_bytes"] for s in device.stats) < (4 << 20):
+            while sum(s["write_bytes"] for s in device.stats) < (1 << 20):
                 assert loop.time() < deadline, device.stats
                 await asyncio.sleep(0.05)
             assert g.proc is not None
@@ -309,21 +309,27 @@ async def test_daemon_killed_mid_io_is_replaced_without_guest_errors(tmp_path: P
             await g.run("dd if=/dev/urandom of=/tmp/pat bs=1M count=4 2>/dev/null")
             pat = (await g.run("sha256sum /tmp/pat")).split()[0]
             await g.write(
-                "i=0; while [ $i -lt 30 ]; do dd if=/tmp/pat of=/dev/vda bs=1M count=4 oflag=direct "
-                "2>/dev/null || echo DD-FAILED; i=$((i+1)); done; echo LOOP-DONE\n"
+                "w() { dd if=/tmp/pat of=/dev/vda bs=1M count=4 seek=$1 oflag=direct 2>/dev/null "
+                "|| echo DD-FAILED; }; "
+                "i=0; while [ $i -lt 12 ]; do w 0 & w 4 & wait; i=$((i+1)); echo ITER-$i; done; echo LOOP-DONE\n"
             )
-            await asyncio.sleep(1.0)
+            # Kill it while the loop is surely running: two writers, each 1 MiB
+            # split into several requests, keep requests in flight nearly always.
+            await g.expect("ITER-2\n", timeout=60)
+            await asyncio.sleep(0.05)
             daemon.send_signal(signal.SIGKILL)
             await daemon.wait()
             await asyncio.sleep(0.3)
             daemon = await start_daemon()
             await g.expect("LOOP-DONE", timeout=120)
             assert "DD-FAILED" not in g.output and "I/O error" not in g.output
-            out = await g.run("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum")
-            assert out.split()[0] == pat
+            for seek in (0, 4):
+                out = await g.run(f"dd if=/dev/vda bs=1M skip={seek} count=4 iflag=direct 2>/dev/null | sha256sum")
+                assert out.split()[0] == pat
             assert await g.poweroff() == 0
     finally:
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGTERM)
             await daemon.wait()
-    assert _sha(image.read_bytes()[: 4 * MiB]) == pat
+    data = image.read_bytes()
+    assert _sha(data[: 4 * MiB]) == pat and _sha(data[4 * MiB : 8 * MiB]) == pat
