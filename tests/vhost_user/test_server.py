@@ -438,3 +438,22 @@ async def test_many_front_ends_in_turn_leak_no_fds_or_mappings(served) -> None: 
     assert len(_open_fds()) <= fds
     assert maps() <= mapped
     assert server.connections == 21
+
+
+async def test_broken_ring_signals_the_error_eventfd(served) -> None:  # type: ignore[no-untyped-def]
+    """An avail index running past the ring size breaks it: the device fails
+    and the front end hears of it on the ring's error eventfd (SET_VRING_ERR)."""
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    q = await fe.start_ring(0)
+    err = os.eventfd(0, os.EFD_NONBLOCK)
+    assert await fe.acked(p.Request.SET_VRING_ERR, p.u64(0), [err]) == 0
+    q.set_avail_idx(q.size + 5)
+    fe.kick(0)
+    await _until(lambda: dev.needs_reset)
+    assert os.eventfd_read(err) == 1
+    os.close(err)
+    # The session is still fine.
+    assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+    fe.close()
