@@ -224,8 +224,9 @@ class GuestTcp:
         if not self.deadline or now < self.deadline:
             return
         self.deadline = 0.0
-        if self.state == "SYN_SENT":
-            self._send(SYN, 0, opts=self._syn_opts())
+        if self.state in ("SYN_SENT", "LISTEN_SYN"):
+            flags = SYN if self.state == "SYN_SENT" else SYN | ACK
+            self._send(flags, 0, opts=self._syn_opts())
             self.deadline = now + 0.2
             return
         if self.state not in ("ESTABLISHED", "CLOSE_WAIT"):
@@ -481,6 +482,7 @@ class Guest:
                     self.tcp[(dport, src, sport)] = c
                     c._send(SYN | ACK, 0, opts=c._syn_opts())
                     c.snd_nxt = 1
+                    c.deadline = time.monotonic() + 0.2
                     self.listeners[dport].append(c)
                 return
             c.segment(seq, ack, flags, win, body[doff:], body[20:doff])

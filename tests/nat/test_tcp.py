@@ -559,3 +559,26 @@ async def test_lost_fin_and_lost_fin_retransmissions_are_sent_again(net: UserNet
         await c.wait(lambda: c.fin_rcvd, 30)
         assert len(dropped) == 3 and bytes(c.rx) == b"last words"
     srv.close()
+
+
+async def test_hostfwd_transfer_completes_with_5pct_drop_dup_reorder_each_way(net: UserNetwork) -> None:
+    up, down = os.urandom(MB), os.urandom(MB)
+    async with Guest(net, loss=0.05, seed=6) as g:
+        accepted = g.listen(7777)
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        async with asyncio.timeout(60):
+            while not accepted:
+                await asyncio.sleep(0.01)
+            c = accepted[0]
+            h = hashlib.sha256()
+            c.on_data = h.update
+            w.write(up)
+            w.write_eof()
+            await c.wait(lambda: c.state in ("ESTABLISHED", "CLOSE_WAIT"))
+            c.write(down)
+            c.shutdown()
+            got = await r.read()
+            await c.wait(lambda: c.fin_rcvd)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
+        assert h.digest() == hashlib.sha256(up).digest()
+        w.close()
