@@ -38,6 +38,7 @@ from appliance.kit.initramfs import READY_LINE
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_MACHINE = "microvm,pcie=on"
+CHUNK = 2048  # base64 characters per console line
 
 
 def host_tsc_khz() -> int | None:
@@ -166,8 +167,13 @@ class TcgGuest(ConsoleProcess):
             await self._quiet_shell(timeout)
         tag = f"{next(self._counter)}x{secrets.token_hex(4)}"
         encoded = base64.b64encode(cmd.encode()).decode()
+        # The tty takes at most 4095 characters per line in canonical mode, so a
+        # long command travels in pieces collected in a shell variable.
+        chunks = [encoded[i : i + CHUNK] for i in range(0, len(encoded), CHUNK)] or [""]
+        lines = ["_kit_cmd="] + [f"_kit_cmd=\"${{_kit_cmd}}{c}\"" for c in chunks]
+        await self.write("\n".join(lines) + "\n")
         await self.write(
-            f"printf '@@%s@@\\n' S{tag}; eval \"$(echo {encoded} | base64 -d)\" 2>&1; "
+            f"printf '@@%s@@\\n' S{tag}; eval \"$(echo \"$_kit_cmd\" | base64 -d)\" 2>&1; "
             f"printf '@@%s:%s@@\\n' E{tag} $?\n"
         )
         start = await self.expect(f"@@S{tag}@@\n", timeout)

@@ -101,3 +101,13 @@ async def test_filesystem_made_in_one_boot_is_read_in_the_next(kit, tmp_path: Pa
     async with TcgGuest(args, memory_mb=256, kit=kit) as g:
         assert await g.run("mount /dev/vda /mnt && cat /mnt/f") == "kept"
         assert await g.poweroff() == 0
+
+
+async def test_long_multiline_commands_survive_the_console(kit) -> None:
+    """A command far beyond the tty's 4095-character line limit, with quotes and newlines."""
+    body = "".join(f"echo 'line {i} \"quoted\" $HOME'\n" for i in range(400))
+    async with TcgGuest(memory_mb=256, kit=kit, shared_memory=False) as g:
+        out = await g.run(body + "x=$((6*7)); echo \"done $x\"")
+        lines = out.splitlines()
+        assert len(lines) == 401 and lines[0] == "line 0 \"quoted\" $HOME" and lines[-1] == "done 42"
+        assert await g.poweroff() == 0
