@@ -20,7 +20,9 @@ from typing import Any
 
 from appliance.cli.options import parse_option
 from appliance.errors import ApplianceError, ConfigError
+from appliance.net.backend import FrameBackend
 from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev, parse_netdev
+from appliance.nic.config import FilterDumpConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
                                 tap, bridge, dgram, socket, stream, user
   --export type=vhost-user-net,id=ID,netdev=ID,addr.type=unix,addr.path=PATH[,queues=N]
                                 serve netdev ID on a unix socket with N queue pairs
+  --object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
+                                capture the netdev's frames to a pcap (a file, a FIFO
+                                or a listening unix socket), as QEMU's filter-dump
   -h, --help                    show this help
 
 Runs until SIGINT or SIGTERM, then removes its sockets.
@@ -64,13 +69,19 @@ def parse_export(text: str) -> NetExport:
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport]]:
+    netdevs, exports, _ = parse_all(argv)
+    return netdevs, exports
+
+
+def parse_all(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport], list[FilterDumpConfig]]:
     netdevs: dict[str, NetdevConfig] = {}
     exports: list[NetExport] = []
+    dumps: list[FilterDumpConfig] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
-        if name in ("--netdev", "--export"):
+        if name in ("--netdev", "--export", "--object"):
             if eq:
                 value = inline
             elif i + 1 < len(argv):
@@ -83,6 +94,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport
                 if cfg.id in netdevs:
                     raise ConfigError(f"--netdev: duplicate id '{cfg.id}'")
                 netdevs[cfg.id] = cfg
+            elif name == "--object":
+                dumps.append(FilterDumpConfig.parse(value))
             else:
                 exports.append(parse_export(value))
         else:
@@ -104,7 +117,10 @@ def parse_args(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport
     dup = {n for n in used if used.count(n) > 1}
     if dup:
         raise ConfigError(f"--export: netdev '{dup.pop()}' is exported twice")
-    return netdevs, exports
+    for d in dumps:
+        if d.netdev not in netdevs:
+            raise ConfigError(f"--object filter-dump,id={d.id}: no netdev '{d.netdev}'")
+    return netdevs, exports, dumps
 
 
 async def _close(owner: Any) -> None:
@@ -117,8 +133,14 @@ async def _close(owner: Any) -> None:
             return
 
 
-async def serve(netdevs: dict[str, NetdevConfig], exports: list[NetExport], stop: asyncio.Event) -> None:
+async def serve(
+    netdevs: dict[str, NetdevConfig],
+    exports: list[NetExport],
+    stop: asyncio.Event,
+    dumps: list[FilterDumpConfig] | None = None,
+) -> None:
     """Open every export's netdev, serve it until ``stop`` is set, then tear down."""
+    from appliance.net.capture import CapturingBackend, open_capture
     from appliance.nic.virtio_net import VirtioNet
     from appliance.virtio.vhost_user.backend import VhostUserBackend
     from appliance.virtio.vhost_user.server import VhostUserServer
@@ -133,6 +155,16 @@ async def serve(netdevs: dict[str, NetdevConfig], exports: list[NetExport], stop
                 queues = cfg.queues
             backends, owner = await open_netdev(cfg, queues=queues)
             owners.append(owner)
+            mine = [d for d in dumps or () if d.netdev == e.netdev]
+            if mine:
+                # One pcap per filter, shared by every queue pair of the netdev.
+                writers = [await asyncio.to_thread(open_capture, d.file, maxlen=d.maxlen) for d in mine]
+                wrapped: list[FrameBackend] = []
+                for b in backends:
+                    cap = CapturingBackend(b)
+                    cap.writers.extend(writers)
+                    wrapped.append(cap)
+                backends = wrapped
             mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, 0x56 + n])
             device = VirtioNet(backends, mac, control_queue=False)
             server = VhostUserServer(e.path, VhostUserBackend(device))
@@ -151,7 +183,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         sys.stdout.write(USAGE)
         return 0
-    netdevs, exports = parse_args(argv)
+    netdevs, exports, dumps = parse_all(argv)
     logging.basicConfig(level=logging.INFO, format="net-daemon: %(message)s")
 
     async def run() -> None:
@@ -159,7 +191,7 @@ def main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(netdevs, exports, stop)
+        await serve(netdevs, exports, stop, dumps)
 
     try:
         asyncio.run(run())

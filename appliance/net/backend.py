@@ -20,7 +20,10 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class FrameBackend(Protocol):
-    vnet_hdr_len: int
+    @property
+    def vnet_hdr_len(self) -> int:
+        """12 when frames carry a ``virtio_net_hdr_v1``, else 0."""
+        ...
 
     def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
         """Call ``ready()`` on the loop whenever ``recv_into`` may return a frame.

@@ -53,7 +53,8 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
     (tmp_path / "www" / "blob").write_bytes(blob)
     http_port, fwd_port = free_port(), free_port()
     web = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1", "--directory", str(tmp_path / "www")],
+        [sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1",
+         "--directory", str(tmp_path / "www")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     sock = tmp_path / "user.sock"
