@@ -49,6 +49,7 @@ from appliance.nat.udp_nat import UdpNat
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_LIMIT = 2048
+MTU = 1500  # the guest's link MTU: what our TCP MSS and IPv4 fragmentation assume
 _LOOPBACK = b"\x7f\x00\x00\x01"
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
@@ -306,8 +307,10 @@ class UserNetwork:
         if mac is None:
             self.stats.tx_queue_drops += 1
             return False
-        frame = build_ipv4(mac, self.host_mac, src, dst, proto, len(payload), ident=self.next_ident())
+        frame = build_ipv4(mac, self.host_mac, src, dst, proto, len(payload), ident=self.next_ident(), frag=0)
         frame += payload
+        if len(frame) > ETH_HLEN + MTU:
+            return self._output_fragments(frame)
         return self.output(frame)
 
     def emit_udp(self, dst: bytes, dport: int, src: bytes, sport: int, payload: bytes | bytearray) -> bool:
@@ -321,7 +324,33 @@ class UserNetwork:
         if len(dst) == 16:
             msg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
             return self.output(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
-        return self.output(build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident()))
+        frame = build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident())
+        if len(frame) > ETH_HLEN + MTU:
+            return self._output_fragments(frame)
+        return self.output(frame)
+
+    def _output_fragments(self, frame: bytearray) -> bool:
+        """Split an IPv4 packet larger than the guest's MTU (RFC 791 §3.2, "fragmentation").
+
+        Big UDP replies (EDNS0 DNS answers, for one) and large echo replies
+        would otherwise be dropped by the guest's driver.
+        """
+        payload = memoryview(frame)[ETH_HLEN + 20 :]
+        step = (MTU - 20) // 8 * 8
+        count = -(-len(payload) // step)
+        if self.tx_space() < count:
+            self.stats.tx_queue_drops += 1  # all or nothing: a partial datagram is useless
+            return False
+        hdr = bytes(frame[ETH_HLEN : ETH_HLEN + 20])
+        ident = int.from_bytes(hdr[4:6], "big")
+        for off in range(0, len(payload), step):
+            chunk = payload[off : off + step]
+            more = IP_MF if off + step < len(payload) else 0
+            piece = build_ipv4(bytes(frame[:6]), self.host_mac, hdr[12:16], hdr[16:20], hdr[9], len(chunk),
+                               ident=ident, frag=more | off // 8)  # fmt: skip
+            piece += chunk
+            self.output(piece)
+        return True
 
     def in_net(self, ip: bytes) -> bool:
         return int.from_bytes(ip, "big") & self._mask_int == self._net_int

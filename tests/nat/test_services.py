@@ -8,6 +8,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from scapy.layers.l2 import ARP, Ether
 from appliance.nat import UserNetConfig, UserNetwork
 
 from .conftest import GUEST_MAC, GW_MAC, drain, feed
+from .peer import csum
 
 GUEST = "10.0.2.15"
 
@@ -359,3 +361,57 @@ async def test_udp_to_a_closed_host_port_returns_icmp_port_unreachable(net: User
     again = Ether(bytes(err))
     del again[ICMP].chksum
     assert Ether(bytes(again))[ICMP].chksum == err[ICMP].chksum
+
+
+async def collect(net: UserNetwork, enough, timeout: float = 5.0) -> list[Ether]:
+    got: list[Ether] = []
+    async with asyncio.timeout(timeout):
+        while not enough(got):
+            got += [Ether(f) for f in drain(net)]
+            await asyncio.sleep(0.005)
+    return got
+
+
+def reassemble(frames: list[Ether]) -> bytes:
+    """Independent of the stack: put IPv4 fragments back together by offset."""
+    parts = sorted((p[IP].frag * 8, bytes(p[IP].payload)) for p in frames if IP in p)
+    out = b""
+    for off, data in parts:
+        assert off == len(out)
+        out += data
+    return out
+
+
+async def test_big_udp_reply_is_fragmented_to_the_mtu(net: UserNetwork) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / UDP(sport=5353, dport=port) / b"q"))
+        _, peer = await loop.sock_recvfrom(srv, 100)
+        big = bytes(range(256)) * 16  # 4096 bytes, like an EDNS0 answer
+        await loop.sock_sendto(srv, big, peer)
+        frags = await collect(net, lambda got: any(IP in p and p[IP].frag and not p[IP].flags.MF for p in got))
+        assert len(frags) == 3 and all(len(bytes(p)) <= 1514 for p in frags)
+        assert len({p[IP].id for p in frags}) == 1
+        raw = reassemble(frags)
+        udp = UDP(raw)
+        assert bytes(udp.payload) == big and udp.sport == port and udp.dport == 5353
+        pseudo = socket.inet_aton("10.0.2.2") + socket.inet_aton(GUEST) + struct.pack("!BBH", 0, 17, len(raw))
+        assert csum(pseudo + raw) == 0  # the checksum covers the whole datagram
+    finally:
+        srv.close()
+
+
+async def test_big_ping_to_gateway_is_reassembled_and_answered_in_fragments(net: UserNetwork) -> None:
+    from scapy.layers.inet import fragment
+
+    req = IP(src=GUEST, dst="10.0.2.2", id=77) / ICMP(type=8, id=9, seq=1) / (b"p" * 3000)
+    for f in fragment(req, fragsize=1480):
+        feed(net, to_gw(f))
+    frags = await collect(net, lambda got: any(IP in p and p[IP].frag and not p[IP].flags.MF for p in got))
+    assert len(frags) == 3
+    reply = ICMP(reassemble(frags))
+    assert reply.type == 0 and reply.id == 9 and bytes(reply.payload) == b"p" * 3000
