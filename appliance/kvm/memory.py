@@ -127,6 +127,13 @@ class GuestMemory:
             raise GuestMemoryError(addr, size)
         return r, off
 
+    def region_at(self, addr: int) -> MemoryRegion | None:
+        """The region holding byte ``addr``, or None."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0 or addr >= self._regions[i].end:
+            return None
+        return self._regions[i]
+
     def check(self, addr: int, size: int) -> bool:
         """Whether ``[addr, addr+size)`` lies inside one region."""
         try:

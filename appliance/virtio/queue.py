@@ -29,7 +29,6 @@ import logging
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 
 from appliance.kvm.memory import GuestMemory, GuestMemoryError
 from appliance.virtio.errors import ChainError, QueueError
@@ -55,6 +54,7 @@ _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 _fence_lock = threading.Lock()
+_NO_REGION = (0, 0, memoryview(b""))
 
 
 def _full_fence() -> None:
@@ -90,7 +90,6 @@ class RateLimitedLog:
 guest_error_log = RateLimitedLog(log)
 
 
-@dataclass(slots=True, eq=False)
 class DescriptorChain:
     """One validated request from the driver.
 
@@ -102,12 +101,32 @@ class DescriptorChain:
     :param writable: the same for device-writable buffers.
     """
 
-    head: int
-    descriptors: list[tuple[int, int, bool]] = field(default_factory=list)
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
-    readable_len: int = 0
-    writable_len: int = 0
+    # A plain slotted class rather than a dataclass: one is built per request,
+    # and the generated __init__ with default factories cost ~0.3 us of the
+    # ~2.5 us a pop took.
+    __slots__ = ("head", "descriptors", "readable", "writable", "readable_len", "writable_len")
+
+    def __init__(
+        self,
+        head: int,
+        descriptors: list[tuple[int, int, bool]] | None = None,
+        readable: list[memoryview] | None = None,
+        writable: list[memoryview] | None = None,
+        readable_len: int = 0,
+        writable_len: int = 0,
+    ) -> None:
+        self.head = head
+        self.descriptors = [] if descriptors is None else descriptors
+        self.readable = [] if readable is None else readable
+        self.writable = [] if writable is None else writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def __repr__(self) -> str:
+        return (
+            f"DescriptorChain(head={self.head}, descriptors={self.descriptors!r}, "
+            f"readable_len={self.readable_len}, writable_len={self.writable_len})"
+        )
 
     def readable_views(self) -> list[memoryview]:
         return self.readable
@@ -201,6 +220,8 @@ class Virtqueue:
         self._unsignalled = False
         self.broken = False
         self.invalid_chains = 0
+        # (start, end, view) of the region the last buffer lay in; see _walk.
+        self._buf_region: tuple[int, int, memoryview] = _NO_REGION
 
     # -- indices (vhost-user GET/SET_VRING_BASE) ---------------------------
 
@@ -244,22 +265,22 @@ class Virtqueue:
             head index out of range); the queue is dead from then on.
         """
         while not self.broken:
-            if self._last_avail == self._avail_seen:
+            last = self._last_avail
+            if last == self._avail_seen:
                 # Guest-controlled: the avail index; it may only run ahead of
                 # what we consumed by at most the queue size (§2.7.13.3).
-                self._avail_seen = int(self._avail16[1])
-                pending = (self._avail_seen - self._last_avail) & 0xFFFF
+                seen = self._avail_seen = self._avail16[1]
+                pending = (seen - last) & 0xFFFF
                 if pending == 0:
                     return None
                 if pending > self.size:
                     self.broken = True
                     raise QueueError(
-                        f"avail index {self._avail_seen} is {pending} entries ahead of "
-                        f"{self._last_avail} in a queue of {self.size}"
+                        f"avail index {seen} is {pending} entries ahead of "
+                        f"{last} in a queue of {self.size}"
                     )
-            slot = self._last_avail & self._mask
-            head = int(self._avail16[2 + slot])
-            self._last_avail = (self._last_avail + 1) & 0xFFFF
+            head = self._avail16[2 + (last & self._mask)]
+            self._last_avail = (last + 1) & 0xFFFF
             if head >= self.size:
                 self.broken = True
                 raise QueueError(f"avail ring names descriptor {head} in a queue of {self.size}")
@@ -272,10 +293,14 @@ class Virtqueue:
         return None
 
     def _walk(self, head: int) -> DescriptorChain:
-        chain = DescriptorChain(head)
-        descs = chain.descriptors
-        readable, writable = chain.readable, chain.writable
-        mem = self.mem
+        descs: list[tuple[int, int, bool]] = []
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        # The region the last buffer fell in: nearly every buffer lies in the
+        # same one, so the bounds check is two comparisons here instead of a
+        # bisect in GuestMemory per descriptor. Misses go through GuestMemory.
+        rstart, rend, rview = self._buf_region
+        unpack = _DESC.unpack_from
         table = self._desc
         table_len = self.size
         idx = head
@@ -287,7 +312,7 @@ class Virtqueue:
             if visited > table_len:
                 raise ChainError("descriptor chain is longer than its table (a loop?)", head=head)
             # Guest-controlled: one copy of the descriptor, validated below.
-            addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
+            addr, length, flags, nxt = unpack(table, idx << 4)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 # §2.7.5.3.1: only with the feature, never inside an indirect
                 # table, never together with NEXT; its WRITE flag is ignored.
@@ -300,7 +325,7 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_INDIRECT_DESCRIPTORS:
                     raise ChainError(f"indirect table of {length} bytes", head=head)
                 try:
-                    table = mem.view(addr, length)
+                    table = self.mem.view(addr, length)
                 except GuestMemoryError:
                     raise ChainError("indirect table outside guest memory", head=head) from None
                 table_len = length // 16
@@ -308,17 +333,14 @@ class Virtqueue:
                 idx = 0
                 visited = 0
                 continue
+            writes = flags & VIRTQ_DESC_F_WRITE
             if length:
-                try:
-                    views = [mem.view(addr, length)]
-                except GuestMemoryError:
-                    try:
-                        views = _views(mem, addr, length)
-                    except GuestMemoryError:
-                        raise ChainError(
-                            f"buffer {addr:#x}+{length:#x} outside guest memory", head=head
-                        ) from None
-                if flags & VIRTQ_DESC_F_WRITE:
+                if rstart <= addr and addr + length <= rend:
+                    views = [rview[addr - rstart : addr - rstart + length]]
+                else:
+                    views = self._buffer_views(addr, length, head)
+                    rstart, rend, rview = self._buf_region
+                if writes:
                     writable += views
                     wlen += length
                 else:
@@ -327,9 +349,9 @@ class Virtqueue:
                         raise ChainError("device-readable buffer after a writable one", head=head)
                     readable += views
                     rlen += length
-            elif not flags & VIRTQ_DESC_F_WRITE and writable:
+            elif not writes and writable:
                 raise ChainError("device-readable buffer after a writable one", head=head)
-            descs.append((addr, length, bool(flags & VIRTQ_DESC_F_WRITE)))
+            descs.append((addr, length, writes != 0))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
@@ -337,9 +359,21 @@ class Virtqueue:
             idx = nxt
         if rlen > _MAX_CHAIN_BYTES or wlen > _MAX_CHAIN_BYTES:
             raise ChainError("descriptor chain is larger than 4 GiB", head=head)
-        chain.readable_len = rlen
-        chain.writable_len = wlen
-        return chain
+        return DescriptorChain(head, descs, readable, writable, rlen, wlen)
+
+    def _buffer_views(self, addr: int, length: int, head: int) -> list[memoryview]:
+        """Views of a buffer outside the cached region; caches the region it starts in."""
+        region = self.mem.region_at(addr)
+        if region is not None:
+            self._buf_region = (region.start, region.end, region.view)
+        try:
+            return [self.mem.view(addr, length)]
+        except GuestMemoryError:
+            pass
+        try:
+            return _views(self.mem, addr, length)
+        except GuestMemoryError:
+            raise ChainError(f"buffer {addr:#x}+{length:#x} outside guest memory", head=head) from None
 
     # -- completing requests -----------------------------------------------
 
@@ -400,5 +434,6 @@ class Virtqueue:
     def close(self) -> None:
         """Let go of the ring views (before guest memory is unmapped)."""
         self.broken = True
+        self._buf_region = _NO_REGION
         for v in (self._avail16, self._used16, self._desc, self._avail, self._used):
             v.release()
