@@ -70,8 +70,8 @@ class UserNetwork:
         await net.stop()
 
     ``ready()`` is called (soon, on the loop) when the queue toward the guest
-    goes from empty to non-empty; a device that stops pulling for lack of rx
-    buffers must pull again when the guest posts more.
+    goes from empty to non-empty, and when a callback is set while frames wait;
+    a device without rx buffers pauses with ``set_ready_callback(None)``.
 
     :param config: the parsed ``-netdev user`` options.
     :param queue_limit: frames the stack may hold for the guest before dropping.
@@ -203,8 +203,12 @@ class UserNetwork:
             self._housekeeping = self.loop.call_later(1.0, self._tick)
 
     # -- FrameBackend ----------------------------------------------------
-    def set_ready_callback(self, ready: Callable[[], None]) -> None:
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        """Set (or with None, pause) the wake-up; frames already queued wake the new callback at once."""
         self._ready = ready
+        if ready is not None and self._out and not self._ready_pending and self._loop is not None:
+            self._ready_pending = True
+            self._loop.call_soon(self._call_ready)
 
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
         """Frames are built whole with checksums, so offloads change nothing here."""

@@ -415,3 +415,18 @@ async def test_big_ping_to_gateway_is_reassembled_and_answered_in_fragments(net:
     assert len(frags) == 3
     reply = ICMP(reassemble(frags))
     assert reply.type == 0 and reply.id == 9 and bytes(reply.payload) == b"p" * 3000
+
+
+async def test_ready_callback_is_paused_by_none_and_fires_when_set_again(net: UserNetwork) -> None:
+    calls: list[int] = []
+    net.set_ready_callback(None)
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / ICMP(type=8, id=1, seq=1)))
+    await asyncio.sleep(0.01)
+    assert calls == [] and net.queued() == 1
+    net.set_ready_callback(lambda: calls.append(1))
+    await asyncio.sleep(0.01)
+    assert calls == [1]
+    assert len(drain(net)) == 1
+    feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / ICMP(type=8, id=1, seq=2)))
+    await asyncio.sleep(0.01)
+    assert calls == [1, 1]
