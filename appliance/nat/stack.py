@@ -509,6 +509,7 @@ class UserNetwork:
 
     def counters(self) -> dict[str, int]:
         """Drop and error counters by name (see :class:`~appliance.nat.stats.Counters`)."""
+        self.stats.frag_dropped = self.reassembler.dropped  # timeouts happen between frames
         return self.stats.as_dict()
 
     def queued(self) -> int:
