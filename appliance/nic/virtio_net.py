@@ -133,9 +133,17 @@ class RxWindow:
 
     def consume(self, q: Virtqueue, used: int, n: int) -> None:
         """Return the first ``used`` chains to the driver holding ``n`` bytes."""
+        chains = self.chains
+        if used == 1:
+            # The common case (a frame that fits its first buffer) without the loop.
+            c = chains.popleft()
+            q.push_used(c.head, min(n, c.writable_len))
+            self.room -= c.writable_len
+            del self.views[: len(c.writable)]
+            return
         nviews = 0
         for _ in range(used):
-            c = self.chains.popleft()
+            c = chains.popleft()
             take = min(n, c.writable_len)
             q.push_used(c.head, take)
             n -= take
@@ -374,29 +382,34 @@ class VirtioNet(VirtioDevice):
 
     def _tx(self, pair: int) -> None:
         q = self._queues[2 * pair + 1]
-        backend = self.backends[pair]
-        st = self.stats[pair]
-        while True:
-            while (chain := q.pop()) is not None:
-                if chain.readable_len < C.HDR_LEN or chain.readable_len - C.HDR_LEN > C.MAX_GSO_FRAME:
-                    st.tx_dropped += 1
-                    guest_error_log.warning("virtio-net: tx chain of %d bytes dropped", chain.readable_len)
-                elif self.passthrough_hdr:
-                    if backend.send(chain.readable):
-                        st.tx_frames += 1
-                        st.tx_bytes += chain.readable_len - C.HDR_LEN
+        # The per-frame loop runs on locals and counts into locals: at ~2 us a
+        # frame, attribute lookups and dataclass updates were a tenth of it.
+        send = self.backends[pair].send
+        pop, push_used = q.pop, q.push_used
+        passthrough = self.passthrough_hdr
+        hdr_len = C.HDR_LEN
+        max_len = C.HDR_LEN + C.MAX_GSO_FRAME
+        frames = nbytes = dropped = 0
+        try:
+            while True:
+                while (chain := pop()) is not None:
+                    n = chain.readable_len
+                    if n < hdr_len or n > max_len:
+                        dropped += 1
+                        guest_error_log.warning("virtio-net: tx chain of %d bytes dropped", n)
+                    elif send(chain.readable if passthrough else skip_bytes(chain.readable, hdr_len)):
+                        frames += 1
+                        nbytes += n - hdr_len
                     else:
-                        st.tx_dropped += 1
-                else:
-                    frame = skip_bytes(chain.readable, C.HDR_LEN)
-                    if backend.send(frame):
-                        st.tx_frames += 1
-                        st.tx_bytes += chain.readable_len - C.HDR_LEN
-                    else:
-                        st.tx_dropped += 1
-                q.push_used(chain.head, 0)
-            if not q.enable_notification():
-                break
+                        dropped += 1
+                    push_used(chain.head, 0)
+                if not q.enable_notification():
+                    break
+        finally:
+            st = self.stats[pair]
+            st.tx_frames += frames
+            st.tx_bytes += nbytes
+            st.tx_dropped += dropped
         self._notify(2 * pair + 1)
 
     # -- receive ------------------------------------------------------------
@@ -414,54 +427,67 @@ class VirtioNet(VirtioDevice):
     def _rx_batch(self, pair: int) -> None:
         q = self._queues[2 * pair]
         backend = self.backends[pair]
-        st = self.stats[pair]
+        recv_into = backend.recv_into
         win = self._rx_windows[pair]
+        chains = win.chains
         mergeable = self.has_feature(C.F_MRG_RXBUF)
         passthrough = self.passthrough_hdr
+        flt = self.filter
+        hdr_len = C.HDR_LEN
         want = self._max_rx_frame if mergeable else 1
-        delivered = False
-        while True:
-            if not win.fill(q, want):
-                # Out of buffers: pause the backend until the guest posts more
-                # (re-checking after re-arming, as §2.7.10 asks).
-                if not q.enable_notification() or not win.fill(q, want):
-                    backend.set_ready_callback(None)
+        frames = nbytes = dropped = filtered = 0
+        try:
+            while True:
+                if win.room < want and not win.fill(q, want):
+                    # Out of buffers: pause the backend until the guest posts more
+                    # (re-checking after re-arming, as §2.7.10 asks).
+                    if not q.enable_notification() or not win.fill(q, want):
+                        backend.set_ready_callback(None)
+                        break
+                first = chains[0]
+                if mergeable:
+                    bufs = win.views
+                    room = win.room
+                else:
+                    bufs = first.writable
+                    room = first.writable_len
+                if passthrough:
+                    n = recv_into(bufs)
+                else:
+                    n = recv_into(skip_bytes(bufs, hdr_len))
+                    if n >= 0:
+                        n += hdr_len
+                if n < 0:
                     break
-            if mergeable:
-                bufs = win.views
-                room = win.room
-            else:
-                bufs = win.chains[0].writable
-                room = win.chains[0].writable_len
-            if passthrough:
-                n = backend.recv_into(bufs)
-            else:
-                n = backend.recv_into(skip_bytes(bufs, C.HDR_LEN))
-                if n >= 0:
-                    n += C.HDR_LEN
-            if n < 0:
-                break
-            if n > room or n < C.HDR_LEN + 14:
-                # Larger than the posted buffers (or a runt): the tail is lost,
-                # so the frame is dropped and the buffers are reused.
-                st.rx_dropped += 1
-                continue
-            flt = self.filter
-            if not flt.promisc and not flt.accepts(gather(skip_bytes(bufs, C.HDR_LEN), 6)):
-                st.rx_filtered += 1
-                continue
-            used = win.count_chains(n)
-            first = win.chains[0]
-            if not passthrough:
-                scatter(first.writable, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
-            elif mergeable:
-                # The tap wrote num_buffers = 0 or 1; only we know how many we used.
-                scatter(skip_bytes(first.writable, 10), used.to_bytes(2, "little"))
-            win.consume(q, used, n)
-            st.rx_frames += 1
-            st.rx_bytes += n - C.HDR_LEN
-            delivered = True
-        if delivered:
+                if n > room or n < hdr_len + 14:
+                    # Larger than the posted buffers (or a runt): the tail is lost,
+                    # so the frame is dropped and the buffers are reused.
+                    dropped += 1
+                    continue
+                if not flt.promisc and not flt.accepts(gather(skip_bytes(bufs, hdr_len), 6)):
+                    filtered += 1
+                    continue
+                used = 1 if n <= first.writable_len else win.count_chains(n)
+                if not passthrough:
+                    scatter(first.writable, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
+                elif mergeable:
+                    # The tap wrote num_buffers = 0 or 1; only we know how many we used.
+                    w0 = first.writable[0]
+                    if len(w0) >= hdr_len:
+                        w0[10] = used & 0xFF
+                        w0[11] = used >> 8
+                    else:
+                        scatter(skip_bytes(first.writable, 10), used.to_bytes(2, "little"))
+                win.consume(q, used, n)
+                frames += 1
+                nbytes += n - hdr_len
+        finally:
+            st = self.stats[pair]
+            st.rx_frames += frames
+            st.rx_bytes += nbytes
+            st.rx_dropped += dropped
+            st.rx_filtered += filtered
+        if frames:
             self._notify(2 * pair)
 
     # -- control queue ------------------------------------------------------
