@@ -21,7 +21,8 @@ async def cmd_bench(argv: list[str]) -> int:
     p.add_argument("-d", dest="depth", type=int, default=64)
     p.add_argument("-f", dest="fmt")
     p.add_argument("-n", dest="native", action="store_true")
-    p.add_argument("-i", dest="aio", default="threads")
+    # Our default under -t none is kernel AIO (-i native); -i threads uses the pool.
+    p.add_argument("-i", dest="aio", default="native")
     p.add_argument("-o", dest="offset", default="0")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-s", dest="bufsize", default="4096")
@@ -43,7 +44,10 @@ async def cmd_bench(argv: list[str]) -> int:
         raise ConfigError("--pattern is only for write tests")
     if a.flush_interval and not a.write:
         raise ConfigError("--flush-interval is only available in write tests")
-    img = await _open(a.filename, a.fmt, read_only=not a.write, cache=a.cache)
+    if a.aio not in ("threads", "native"):
+        raise ConfigError(f"Invalid aio option: {a.aio}")
+    kw = {"aio": a.aio} if a.aio == "threads" and (a.fmt or "qcow2") == "qcow2" else {}
+    img = await _open(a.filename, a.fmt, read_only=not a.write, cache=a.cache, **kw)
     try:
         size = img.size
         if not a.quiet:

@@ -289,3 +289,23 @@ def test_edge_case_backing_name_past_cluster() -> None:
     ])
     with pytest.raises(Qcow2Error, match="backing file name"):
         parse_header(bytes(data[:CS]), len(data))
+
+
+async def test_data_cluster_past_eof_reads_as_zeroes_with_o_direct(tmp_path: Path) -> None:
+    """A data cluster beyond the end of the file (truncated image): zeroes, no hang,
+    through the kernel AIO path as well as the thread pool."""
+    import mmap
+
+    data = image(size=CS * 4)
+    put(data, 3 * CS, ">Q", (1 << 63) | (4 * CS))
+    data.extend(bytes(CS))
+    put(data, 4 * CS, ">Q", (1 << 63) | (9 * CS))  # guest cluster 0 -> past EOF
+    p = tmp_path / "h.qcow2"
+    p.write_bytes(bytes(data))
+    for cache in ("writeback", "none"):
+        img = await open_image(p, read_only=True, fmt="qcow2", cache=cache)
+        buf = mmap.mmap(-1, CS)
+        buf.write(b"\xff" * CS)
+        await img.readv(0, [memoryview(buf)])
+        assert buf[:] == bytes(CS)
+        await img.close()
