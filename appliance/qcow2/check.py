@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
+from appliance.qcow2.errors import CorruptImage
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
 from appliance.qcow2.refcount import encode_block
 
@@ -151,9 +152,24 @@ async def check_image(img: Qcow2Image) -> CheckResult:
         w = await compute_refs(img, res)
         stored_max = len(img._rt) * img._rb_entries
         highest = 0
+        bad_blocks: set[int] = set()
+
+        async def stored_refcount(c: int) -> int:
+            ti = c // img._rb_entries
+            if c >= stored_max or ti in bad_blocks:
+                return 0
+            try:
+                return await img.refcount(c)
+            except CorruptImage as err:
+                # An unreadable refcount block is one corruption, not one per cluster.
+                bad_blocks.add(ti)
+                res.corruptions += 1
+                res.messages.append(f"ERROR refcount block {ti}: {err}")
+                return 0
+
         for c in range(max(w.nclusters, 0)):
             ref = w.refs[c]
-            stored = await img.refcount(c) if c < stored_max else 0
+            stored = await stored_refcount(c)
             if ref:
                 highest = c
             if stored < ref:
@@ -163,7 +179,7 @@ async def check_image(img: Qcow2Image) -> CheckResult:
                 res.leaks += 1
                 res.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
         for l1i, e, off, t in w.l2_active:
-            rc = await img.refcount(off >> img._cb)
+            rc = await stored_refcount(off >> img._cb)
             if (rc == 1) != bool(e & COPIED):
                 res.corruptions += 1
                 res.messages.append(
@@ -173,7 +189,7 @@ async def check_image(img: Qcow2Image) -> CheckResult:
                 host = le & OFFSET_MASK
                 if le & COMPRESSED or not host or host & (img._cs - 1):
                     continue
-                rc2 = await img.refcount(host >> img._cb)
+                rc2 = await stored_refcount(host >> img._cb)
                 if (rc2 == 1) != bool(le & COPIED):
                     res.corruptions += 1
                     res.messages.append(
@@ -243,6 +259,8 @@ async def repair_image(img: Qcow2Image, mode: str) -> tuple[CheckResult, CheckRe
 
     before = await check_image(img)
     if before.leaks or (mode == "all" and before.corruptions):
+        # Reading a broken structure marked the image failed; repairing is the way out.
+        img._failed = False
         async with img._lock:
             await rebuild_refcounts(img)
             if mode == "all":

@@ -142,6 +142,10 @@ def test_check_corruption_exit_2_and_repair_all(tmp_path: Path) -> None:
     raw[0x20000 + 2 * data_cluster : 0x20000 + 2 * data_cluster + 2] = b"\0\0"
     p.write_bytes(bytes(raw))
     assert qemu_img("check", str(p), check=False).returncode == 2
+    r = img("check", "-r", "all", str(p), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_clean(p)
+    qemu_io(p, "read -P 9 0 64k")
     assert img("check", str(p), check=False).returncode == 2
     r = img("check", "-r", "all", str(p), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -270,3 +274,19 @@ def test_convert_progress_reaches_100(tmp_path: Path) -> None:
     qemu_io(src, "write -P 1 0 1M")
     r = img("convert", "-p", "-O", "raw", str(src), str(tmp_path / "o.raw"))
     assert "(100.00/100%)" in r.stdout
+
+
+def test_check_counts_an_unreadable_refcount_block_as_corruption(tmp_path: Path) -> None:
+    p = tmp_path / "rb.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "4M")
+    qemu_io(p, "write -P 9 0 64k")
+    raw = bytearray(p.read_bytes())
+    raw[0x10000 : 0x10008] = (0x7FFF0000).to_bytes(8, "big")  # refblock 0 far past EOF
+    p.write_bytes(bytes(raw))
+    r = img("check", str(p), check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert qemu_img("check", str(p), check=False).returncode == 2
+    r = img("check", "-r", "all", str(p), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_clean(p)
+    qemu_io(p, "read -P 9 0 64k")
