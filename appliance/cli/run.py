@@ -63,7 +63,7 @@ class RunOption:
 
 
 OPTIONS: dict[str, RunOption] = {}
-OPTION_MODULES: tuple[str, ...] = ("appliance.cli.run_devices",)
+OPTION_MODULES: tuple[str, ...] = ("appliance.cli.run_devices", "appliance.cli.run_qmp")
 # Called by to_config() once the whole line is read: options whose values
 # refer to each other (-device drive=, netdev=) are resolved there.
 FINALIZERS: list[Callable[[RunArgs], None]] = []

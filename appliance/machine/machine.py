@@ -22,6 +22,7 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from appliance.kvm.system import Kvm
@@ -92,6 +93,10 @@ class Machine:
         self._events: asyncio.Queue[tuple[int, str, str]] | None = None
         # Serialises runstate changes: guest events, pause/resume.
         self._lock = asyncio.Lock()
+        # Told on the loop what the machine is about to act on (the QMP
+        # monitor turns it into events): (kind, detail) with kind one of
+        # post_event's kinds, or "stop"/"resume" from pause()/resume().
+        self.observers: list[Callable[[str, str], None]] = []
 
     # --- public API ---------------------------------------------------------------
 
@@ -115,6 +120,11 @@ class Machine:
                 self._kvm = Kvm()
             self._builder = MachineBuilder(self.config, self._kvm, self.console, self.post_event)
             await self.console.start(self._loop)
+            for spec in self.config.devices:
+                # Specs that drive the machine itself (the QMP monitor) get it before open().
+                bind = getattr(spec, "bind_machine", None)
+                if bind is not None:
+                    bind(self)
             for spec in self.config.devices:
                 await _maybe_await(getattr(spec, "open", None))
             self._boot()
@@ -148,6 +158,7 @@ class Machine:
                 return
             self._set_state(Runstate.PAUSED)
             await self._stop_threads()
+            self._tell("stop", "")
 
     async def resume(self) -> None:
         """Let paused vCPUs run again (QMP ``cont``)."""
@@ -158,6 +169,7 @@ class Machine:
                 vcpu.rearm()
             self._start_threads(self._inst, self._generation)
             self._set_state(Runstate.RUNNING)
+            self._tell("resume", "")
 
     def reset(self) -> None:
         """Reset the guest as its reset button would (a paused machine reboots running)."""
@@ -188,6 +200,13 @@ class Machine:
         await self.stop()
 
     # --- internals ---------------------------------------------------------------
+
+    def _tell(self, kind: str, detail: str) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(kind, detail)
+            except Exception:
+                log.exception("machine observer failed")
 
     def _set_state(self, new: Runstate) -> None:
         if new not in TRANSITIONS[self.runstate]:
@@ -236,6 +255,7 @@ class Machine:
         if gen != self._generation and kind != "quit":
             return  # from a boot already torn down
         log.debug("machine event %s: %s", kind, detail)
+        self._tell(kind, detail)
         if kind == "poweroff":
             await self._end(EXIT_OK, f"guest powered off ({detail})")
         elif kind in ("reset", "shutdown"):

@@ -1,0 +1,234 @@
+"""The QMP commands the appliance answers, as a table.
+
+Each entry names its arguments with their JSON types, so argument errors are
+found before a handler runs and read like QEMU's (``Parameter 'up' is
+missing``, ``Invalid parameter type for 'up', expected: boolean``). Handlers
+get the :class:`Context` (the machine and what the session knows) and the
+checked arguments, and return the ``"return"`` value (``None`` becomes ``{}``,
+as QEMU answers commands without a result).
+
+Semantics follow QEMU's QAPI schema (qapi/run-state.json, qapi/net.json,
+qapi/qom.json, qapi/machine.json) for the subset listed in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.qmp import netops
+from appliance.qmp.errors import CommandNotFound, GenericError
+
+# The QEMU release whose QMP behaviour we follow (Debian 12's qemu-system-x86).
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+
+
+class Context(Protocol):
+    """What a command may touch: the machine, and the session that sent it."""
+
+    machine: Any
+    negotiated: bool
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None: ...
+
+
+Handler = Callable[[Context, dict[str, Any]], Awaitable[Any]]
+
+# JSON type names as QEMU's input visitor spells them in errors.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "boolean": (bool,),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "array": (list,),
+    "object": (dict,),
+    "any": (object,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    handler: Handler
+    # argument name -> (JSON type name, required)
+    args: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    # object-add takes the object's own properties beside its fixed arguments.
+    extra_args: bool = False
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, args: dict[str, tuple[str, bool]] | None = None, *, extra_args: bool = False
+) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(name, fn, dict(args or {}), extra_args)
+        return fn
+
+    return deco
+
+
+def check_args(cmd: Command, args: dict[str, Any]) -> dict[str, Any]:
+    """Check ``args`` against ``cmd``'s table.
+
+    :raises GenericError: On a missing, unexpected or mistyped argument.
+    """
+    for key, value in args.items():
+        spec = cmd.args.get(key)
+        if spec is None:
+            if cmd.extra_args:
+                continue
+            raise GenericError(f"Parameter '{key}' is unexpected")
+        kind, _ = spec
+        ok = isinstance(value, _TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+        if not ok:
+            raise GenericError(f"Invalid parameter type for '{key}', expected: {kind}")
+    for key, (_, required) in cmd.args.items():
+        if required and key not in args:
+            raise GenericError(f"Parameter '{key}' is missing")
+    return args
+
+
+def lookup(name: str) -> Command:
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise CommandNotFound(f"The command {name} has not been found")
+    return cmd
+
+
+# --- session ------------------------------------------------------------------------
+
+
+@command("qmp_capabilities", {"enable": ("array", False)})
+async def _qmp_capabilities(ctx: Context, args: dict[str, Any]) -> None:
+    if ctx.negotiated:
+        raise CommandNotFound("Capabilities negotiation is already complete, command ignored")
+    for cap in args.get("enable", []):
+        if cap == "oob":
+            # qmp-spec.rst §2.2.1: only capabilities from the greeting may be enabled.
+            raise GenericError("Capability 'oob' not available")
+        raise GenericError(f"Parameter 'enable' does not accept value '{cap}'")
+    ctx.negotiated = True
+
+
+@command("query-commands")
+async def _query_commands(ctx: Context, args: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": name} for name in sorted(COMMANDS)]
+
+
+@command("query-version")
+async def _query_version(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    from appliance import __version__ as ours
+
+    return {"qemu": dict(QEMU_VERSION), "package": f"appliance {ours}".strip()}
+
+
+# --- the machine --------------------------------------------------------------------
+
+# Machine runstates -> QEMU RunState names (qapi/run-state.json).
+_STATUS = {
+    "created": "prelaunch",
+    "running": "running",
+    "paused": "paused",
+    "rebooting": "running",
+    "stopping": "shutdown",
+    "stopped": "shutdown",
+}
+
+
+@command("query-status")
+async def _query_status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    status = _STATUS.get(ctx.machine.runstate.value, "running")
+    # QEMU 7.2 still reports the deprecated 'singlestep' member.
+    return {"status": status, "running": status == "running", "singlestep": False}
+
+
+@command("query-name")
+async def _query_name(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    name = ctx.machine.config.name
+    return {"name": name} if name else {}
+
+
+@command("query-kvm")
+async def _query_kvm(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    return {"enabled": True, "present": True}
+
+
+@command("query-cpus-fast")
+async def _query_cpus_fast(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+    # vCPU threads are named "CPU n/KVM" (as QEMU names them); a paused
+    # machine has none running, and reports its main thread like QEMU's TCG.
+    threads = {t.name: t.native_id for t in threading.enumerate() if t.name.endswith("/KVM")}
+    main_tid = threading.main_thread().native_id or 0
+    out = []
+    for i in range(ctx.machine.config.num_cpus):
+        out.append({
+            "cpu-index": i,
+            "qom-path": f"/machine/unattached/device[{i}]",
+            "thread-id": threads.get(f"CPU {i}/KVM") or main_tid,
+            "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+            "target": "x86_64",
+        })
+    return out
+
+
+@command("stop")
+async def _stop(ctx: Context, args: dict[str, Any]) -> None:
+    await ctx.machine.pause()
+
+
+@command("cont")
+async def _cont(ctx: Context, args: dict[str, Any]) -> None:
+    await ctx.machine.resume()
+
+
+@command("system_reset")
+async def _system_reset(ctx: Context, args: dict[str, Any]) -> None:
+    ctx.machine.post_event("reset", HOST_RESET)
+
+
+@command("system_powerdown")
+async def _system_powerdown(ctx: Context, args: dict[str, Any]) -> None:
+    ctx.machine.powerdown()
+    ctx.emit("POWERDOWN")
+
+
+@command("quit")
+async def _quit(ctx: Context, args: dict[str, Any]) -> None:
+    # Posted, not awaited: the reply goes out before the SHUTDOWN event (as in QEMU).
+    ctx.machine.post_event("quit", HOST_QUIT)
+
+
+# Details the monitor posts, so machine events it caused are told apart from the guest's.
+HOST_RESET = "host-qmp-system-reset"
+HOST_QUIT = "host-qmp-quit"
+
+
+# --- network ------------------------------------------------------------------------
+
+
+@command("set_link", {"name": ("string", True), "up": ("boolean", True)})
+async def _set_link(ctx: Context, args: dict[str, Any]) -> None:
+    netops.set_link(ctx.machine, args["name"], args["up"])
+
+
+@command("object-add", {"qom-type": ("string", True), "id": ("string", True), "props": ("object", False)},
+         extra_args=True)
+async def _object_add(ctx: Context, args: dict[str, Any]) -> None:
+    props = dict(args)
+    kind = props.pop("qom-type")
+    ident = props.pop("id")
+    # Before QEMU 6.0 the properties came in a nested 'props' object.
+    props.update(props.pop("props", None) or {})
+    if kind != "filter-dump":
+        raise GenericError(f"Invalid parameter value for 'qom-type': object type '{kind}' is not supported "
+                           "(only filter-dump)")
+    await netops.add_capture(ctx.machine, ident, props)
+
+
+@command("object-del", {"id": ("string", True)})
+async def _object_del(ctx: Context, args: dict[str, Any]) -> None:
+    netops.del_capture(ctx.machine, args["id"])

@@ -1,0 +1,130 @@
+"""What QMP does to NICs at run time: carrier up/down and packet captures.
+
+The one module of the monitor that knows the machine's NIC specs
+(:class:`appliance.machine.devices.NicSpec`): a NIC is found by its
+``-device … id=`` or its ``-netdev id=`` (QEMU's ``set_link`` takes either),
+and a capture (``filter-dump``) is a pcap writer shared by the CapturingBackend
+of every queue pair of one NIC. Captures from ``-object`` and from
+``object-add`` live in the same place (the spec's ``captures``/``writers``,
+kept in step), so either kind can be deleted and the spec's ``close()``
+closes whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, ConfigError
+from appliance.qmp.errors import DeviceNotFound, GenericError
+
+
+def nic_specs(machine: Any) -> list[Any]:
+    from appliance.machine.devices import NicSpec
+
+    return [s for s in machine.config.devices if isinstance(s, NicSpec)]
+
+
+def nic_names(spec: Any) -> set[str]:
+    names = {spec.netdev.id}
+    prefix = "virtio-net "
+    if spec.name.startswith(prefix):
+        names.add(spec.name[len(prefix):])
+    return names
+
+
+def find_nic(machine: Any, name: str) -> Any:
+    """The NicSpec whose device or netdev is called ``name``.
+
+    :raises DeviceNotFound: When there is none.
+    """
+    for spec in nic_specs(machine):
+        if name in nic_names(spec):
+            return spec
+    raise DeviceNotFound(f"Device '{name}' not found")
+
+
+def set_link(machine: Any, name: str, up: bool) -> None:
+    spec = find_nic(machine, name)
+    if spec.device is None:
+        raise GenericError(f"Device '{name}' is not running")
+    spec.device.set_link(up)
+
+
+def _find_capture(machine: Any, ident: str) -> tuple[Any, int] | None:
+    for spec in nic_specs(machine):
+        for i, cfg in enumerate(spec.captures):
+            if cfg.id == ident:
+                return spec, i
+    return None
+
+
+async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
+    """Start a pcap of a NIC's netdev (``object-add`` with qom-type filter-dump).
+
+    :raises GenericError: On a duplicate id, a bad property or a file that cannot be opened.
+    """
+    from appliance.net.capture import CapturingBackend, open_capture
+    from appliance.nic.config import FilterDumpConfig
+
+    if _find_capture(machine, ident) is not None:
+        raise GenericError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
+    # Reuse the -object grammar so both paths check the same things.
+    parts = [f"filter-dump,id={ident}"]
+    for key, value in props.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        if not isinstance(value, (str, int)):
+            raise GenericError(f"Invalid parameter type for '{key}', expected: string")
+        text = str(value)
+        parts.append(f"{key}={text.replace(',', ',,')}")
+    try:
+        cfg = FilterDumpConfig.parse(",".join(parts))
+    except ConfigError as err:
+        raise GenericError(str(err).replace("-object filter-dump: ", "")) from None
+    spec = None
+    for candidate in nic_specs(machine):
+        if candidate.netdev.id == cfg.netdev:
+            spec = candidate
+    if spec is None:
+        raise GenericError(f"Property 'filter-dump.netdev' can't find value '{cfg.netdev}'")
+    if not spec.backends:
+        raise GenericError(f"netdev '{cfg.netdev}' is not open")
+    try:
+        writer = await asyncio.to_thread(open_capture, Path(cfg.file), maxlen=cfg.maxlen)
+    except (ApplianceError, OSError) as err:
+        raise GenericError(f"filter-dump: {err}") from None
+    # The device reads its backend list on every batch; swapping entries
+    # between batches (we are on the loop) wraps the next frame already.
+    if not all(isinstance(b, CapturingBackend) for b in spec.backends):
+        wrapped = [b if isinstance(b, CapturingBackend) else CapturingBackend(b) for b in spec.backends]
+        device = spec.device
+        if device is not None:
+            for i, b in enumerate(device.backends):
+                for old, new in zip(spec.backends, wrapped, strict=True):
+                    if b is old:
+                        device.backends[i] = new
+        spec.backends[:] = wrapped
+    for b in spec.backends:
+        b.writers.append(writer)
+    spec.captures.append(cfg)
+    spec.writers.append(writer)
+
+
+def del_capture(machine: Any, ident: str) -> None:
+    """Stop and close a capture (``object-del``); frames after this are not written.
+
+    :raises GenericError: When no capture has that id.
+    """
+    found = _find_capture(machine, ident)
+    if found is None:
+        raise GenericError(f"object '{ident}' not found")
+    spec, i = found
+    del spec.captures[i]
+    writer = spec.writers.pop(i)
+    for b in spec.backends:
+        writers = getattr(b, "writers", None)
+        if writers is not None and writer in writers:
+            writers.remove(writer)
+    writer.close()

@@ -1,0 +1,436 @@
+"""A QMP server for one :class:`~appliance.machine.machine.Machine` (QEMU's docs/interop/qmp-spec.rst).
+
+Every connection is a :class:`Session`: the server greets it (§2.2), accepts
+only ``qmp_capabilities`` until negotiation is done (§4), then runs commands
+one at a time in the order they arrive and echoes each ``id`` (§2.3).
+Events (§2.4.3) go to every negotiated session with a wall-clock timestamp.
+No out-of-band execution is offered, so the greeting lists no capabilities.
+
+Requests are a stream of JSON objects with or without newlines between
+them (qemu.qmp sends none), split by :class:`JsonSplitter` the way QEMU's
+json-streamer does: by bracket depth outside strings. Text that is not valid
+JSON gets a ``GenericError`` reply and the session goes on, as QEMU's does. Replies are
+written without waiting for the client to read them; a client that lets
+more than :data:`MAX_BACKLOG` bytes pile up is dropped rather than letting
+the VMM's memory grow.
+
+Message handling (:meth:`Session.handle`) is a pure function of the bytes
+received and the session state, so it is fuzzed directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ConfigError
+from appliance.machine.config import ChardevConfig
+from appliance.qmp import commands
+from appliance.qmp.errors import CommandError, CommandNotFound, GenericError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20          # one request; QEMU's JSON lexer stops tokens at 64 MiB, we stop lines far sooner
+MAX_BACKLOG = 16 << 20      # unread output per client before it is dropped
+MAX_DEPTH = 64              # nesting accepted in a request (QEMU's parser allows 1024; no command needs 3)
+
+_ALLOWED_KEYS = ("execute", "arguments", "id", "exec-oob", "control")
+
+
+def _reject_constant(name: str) -> Any:
+    # JSON has no NaN or Infinity; Python's decoder would accept them.
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """True if ``value`` nests deeper than ``limit``."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return False
+
+
+class JsonSplitter:
+    """Cuts a byte stream into top-level JSON texts by ``{}``/``[]`` depth outside strings.
+
+    Only the boundaries are found here; :meth:`Session.handle` parses each
+    piece. A piece longer than ``limit`` comes out as ``None`` (and the
+    splitter starts afresh), so no request can grow the buffer without bound.
+    """
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        buf = self._buf
+        for c in data:
+            if self._in_str:
+                buf.append(c)
+                if self._esc:
+                    self._esc = False
+                elif c == 0x5C:  # backslash
+                    self._esc = True
+                elif c == 0x22:  # closing quote
+                    self._in_str = False
+            elif c in b"{[":
+                self._depth += 1
+                buf.append(c)
+            elif c in b"}]":
+                self._depth -= 1
+                buf.append(c)
+                if self._depth <= 0:
+                    # A negative depth is a stray bracket: it goes out as an
+                    # invalid text to get its parse error.
+                    out.append(bytes(buf))
+                    self._reset()
+            elif c == 0x22:
+                self._in_str = True
+                buf.append(c)
+            elif c in b" \t\r\n":
+                if self._depth == 0 and buf:
+                    out.append(bytes(buf))  # a top-level scalar ends at white space
+                    self._reset()
+                elif buf:
+                    buf.append(c)
+            else:
+                buf.append(c)
+            if len(buf) > self.limit:
+                out.append(None)
+                self._reset()
+        return out
+
+
+def timestamp() -> dict[str, int]:
+    now = time.time_ns() // 1000
+    return {"seconds": now // 1_000_000, "microseconds": now % 1_000_000}
+
+
+class Session:
+    """One client connection.
+
+    :param monitor: the server it belongs to (machine, event fan-out).
+    """
+
+    def __init__(self, monitor: QmpServer, reader: asyncio.StreamReader | None = None,
+                 writer: asyncio.StreamWriter | None = None) -> None:
+        self.monitor = monitor
+        self.machine = monitor.machine
+        self.negotiated = False
+        self.reader = reader
+        self.writer = writer
+        self.closed = False
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        self.monitor.emit(event, data)
+
+    # --- messages -----------------------------------------------------------------
+
+    async def handle(self, line: bytes) -> dict[str, Any] | None:
+        """The reply to one request line (``None`` for a blank line); never raises.
+
+        Errors in the request become ``{"error": …}`` replies, as qmp-spec.rst
+        §2.4.2 describes; a bug in a command becomes a GenericError too, so a
+        client can never take the VMM down.
+        """
+        if not line.strip():
+            return None
+        ident: Any = None
+        has_id = False
+        try:
+            try:
+                text = line.decode("utf-8")
+                msg = json.loads(text, parse_constant=_reject_constant)
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise GenericError(f"JSON parse error, {_parse_reason(err)}") from None
+            if not isinstance(msg, dict):
+                raise GenericError("QMP input must be a JSON object")
+            if "id" in msg:
+                ident, has_id = msg["id"], True
+            if _depth(msg, MAX_DEPTH):
+                raise GenericError("JSON parse error, too many nested data structures")
+            result = await self._execute(msg)
+            reply: dict[str, Any] = {"return": {} if result is None else result}
+        except CommandError as err:
+            reply = {"error": err.to_json()}
+        except Exception as err:  # a bug of ours: the session and the VM go on
+            log.exception("QMP command failed")
+            reply = {"error": GenericError(f"internal error: {type(err).__name__}").to_json()}
+        if has_id:
+            reply["id"] = ident
+        return reply
+
+    async def _execute(self, msg: dict[str, Any]) -> Any:
+        for key in msg:
+            if key not in _ALLOWED_KEYS or key == "exec-oob" or key == "control":
+                # exec-oob is only valid once 'oob' is negotiated, which we never offer.
+                raise GenericError(f"QMP input member '{key}' is unexpected")
+        if "execute" not in msg:
+            raise GenericError("QMP input lacks member 'execute'")
+        name = msg["execute"]
+        if not isinstance(name, str):
+            raise GenericError("QMP input member 'execute' must be a string")
+        args = msg.get("arguments", {})
+        if not isinstance(args, dict):
+            raise GenericError("QMP input member 'arguments' must be an object")
+        if not self.negotiated and name != "qmp_capabilities":
+            raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
+        cmd = commands.lookup(name)
+        return await cmd.handler(self, commands.check_args(cmd, args))
+
+    # --- the stream ---------------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        writer = self.writer
+        if writer is None or self.closed or writer.is_closing():
+            return
+        text = json.dumps(obj, indent=4 if self.monitor.pretty else None)
+        writer.write(text.encode() + b"\r\n")
+        if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
+            log.warning("QMP client does not read its replies; dropping it")
+            self.closed = True
+            writer.transport.abort()
+
+    async def run(self) -> None:
+        """Greet the client and serve it until it hangs up."""
+        assert self.reader is not None and self.writer is not None
+        greeting = {"QMP": {"version": (await commands.COMMANDS["query-version"].handler(self, {})),
+                            "capabilities": []}}
+        self.send(greeting)
+        splitter = JsonSplitter()
+        try:
+            while not self.closed:
+                data = await self.reader.read(65536)
+                if not data:
+                    break  # an unfinished request at EOF has no one to answer
+                for piece in splitter.feed(data):
+                    if piece is None:
+                        reply: dict[str, Any] | None = {
+                            "error": GenericError("JSON parse error, request too long").to_json()
+                        }
+                    else:
+                        reply = await self.handle(piece)
+                    if reply is not None:
+                        self.send(reply)
+                    if self.closed:
+                        break
+                with contextlib.suppress(ConnectionError):
+                    await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.monitor.sessions.discard(self)
+        writer = self.writer
+        self.closed = True
+        if writer is None or writer.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), 1.0)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _parse_reason(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg.lower()
+    if isinstance(err, RecursionError):
+        return "too many nested data structures"
+    if isinstance(err, UnicodeDecodeError):
+        return "invalid UTF-8 sequence"
+    return str(err)
+
+
+class QmpServer:
+    """The monitor of ``machine``: listens, talks QMP, turns machine events into QMP events.
+
+    ::
+
+        server = QmpServer(machine)
+        await server.listen_unix(Path("qmp.sock"))
+        ...
+        await server.close()
+
+    :param pretty: indent replies and events (``-mon …,pretty=on``).
+    """
+
+    def __init__(self, machine: Any, *, pretty: bool = False) -> None:
+        self.machine = machine
+        self.pretty = pretty
+        self.sessions: set[Session] = set()
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unlink: list[Path] = []
+        self._connected = asyncio.Event()
+        machine.observers.append(self._on_machine)
+
+    # --- events -----------------------------------------------------------------
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        """Send ``event`` to every negotiated session (events before negotiation are not sent, §4)."""
+        msg: dict[str, Any] = {"event": event}
+        if data is not None:
+            msg["data"] = data
+        msg["timestamp"] = timestamp()
+        for s in list(self.sessions):
+            if s.negotiated:
+                s.send(msg)
+
+    def _on_machine(self, kind: str, detail: str) -> None:
+        if kind == "stop":
+            self.emit("STOP")
+        elif kind == "resume":
+            self.emit("RESUME")
+        elif kind == "poweroff":
+            self.emit("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        elif kind in ("reset", "shutdown"):
+            host = detail == commands.HOST_RESET
+            data = {"guest": not host, "reason": detail if host else "guest-reset"}
+            self.emit("SHUTDOWN" if self.machine.config.no_reboot else "RESET", data)
+        elif kind == "quit":
+            if detail == commands.HOST_QUIT:
+                reason = "host-qmp-quit"
+            elif detail.startswith("terminating on signal"):
+                reason = "host-signal"
+            else:
+                reason = "host-ui"
+            self.emit("SHUTDOWN", {"guest": False, "reason": reason})
+        elif kind == "error":
+            self.emit("SHUTDOWN", {"guest": False, "reason": "host-error"})
+
+    # --- sockets ----------------------------------------------------------------
+
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
+        session = Session(self, reader, writer)
+        self.sessions.add(session)
+        self._connected.set()
+        task = asyncio.ensure_future(session.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._serve(reader, writer)
+
+    async def listen_unix(self, path: Path) -> None:
+        """Accept clients on a unix socket at ``path`` (an old socket file there is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_socket():
+                path.unlink()
+        server = await asyncio.start_unix_server(self._on_connect, str(path), limit=MAX_LINE)
+        self._servers.append(server)
+        self._unlink.append(path)
+
+    async def listen_tcp(self, host: str | None, port: int) -> int:
+        """Accept clients on TCP ``host:port``; returns the port (useful with port 0)."""
+        server = await asyncio.start_server(self._on_connect, host or None, port, limit=MAX_LINE,
+                                            reuse_address=True)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def connect(self, chardev: ChardevConfig) -> None:
+        """Client mode (``server=off``): connect out and serve that one connection."""
+        if chardev.path is not None:
+            reader, writer = await asyncio.open_unix_connection(str(chardev.path), limit=MAX_LINE)
+        else:
+            reader, writer = await asyncio.open_connection(chardev.host, chardev.port, limit=MAX_LINE)
+        self._serve(reader, writer)
+
+    async def wait_for_client(self) -> None:
+        await self._connected.wait()
+
+    async def close(self) -> None:
+        """Stop listening, send what is queued (the SHUTDOWN event), hang up every client."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        for s in list(self.sessions):
+            await s.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for path in self._unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unlink.clear()
+        with contextlib.suppress(ValueError):
+            self.machine.observers.remove(self._on_machine)
+
+
+@dataclass(eq=False)
+class QmpSpec:
+    """A QMP monitor as a machine DeviceSpec (``-qmp``, ``-mon chardev=,mode=control``).
+
+    The machine hands itself over (``bind_machine``) before ``open()``, which
+    starts listening (and with ``wait=on`` waits for the first client, as
+    QEMU does); ``close()`` at the end flushes the SHUTDOWN event.
+    """
+
+    chardev: ChardevConfig
+    pretty: bool = False
+    name: str = "qmp"
+    machine: Any = field(default=None, repr=False)
+    server: QmpServer | None = field(default=None, repr=False)
+
+    def bind_machine(self, machine: Any) -> None:
+        self.machine = machine
+
+    async def open(self) -> None:
+        if self.machine is None:
+            raise ConfigError(f"{self.name}: no machine to monitor")
+        cd = self.chardev
+        server = QmpServer(self.machine, pretty=self.pretty)
+        self.server = server
+        try:
+            if not cd.server:
+                await server.connect(cd)
+            elif cd.path is not None:
+                await server.listen_unix(cd.path)
+            else:
+                assert cd.port is not None
+                await server.listen_tcp(cd.host, cd.port)
+        except OSError as err:
+            await server.close()
+            self.server = None
+            where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
+            raise ConfigError(f"{self.name}: cannot open socket '{where}': {err.strerror or err}") from None
+        if cd.server and cd.wait:
+            print(f"appliance run: {self.name}: waiting for connection on {cd.path or f'{cd.host}:{cd.port}'}",
+                  flush=True, file=sys.stderr)
+            await server.wait_for_client()
+
+    def attach(self, builder: Any, inst: Any) -> None:
+        pass  # nothing on the guest's side
+
+    async def close(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
