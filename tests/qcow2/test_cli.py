@@ -142,10 +142,6 @@ def test_check_corruption_exit_2_and_repair_all(tmp_path: Path) -> None:
     raw[0x20000 + 2 * data_cluster : 0x20000 + 2 * data_cluster + 2] = b"\0\0"
     p.write_bytes(bytes(raw))
     assert qemu_img("check", str(p), check=False).returncode == 2
-    r = img("check", "-r", "all", str(p), check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
-    check_clean(p)
-    qemu_io(p, "read -P 9 0 64k")
     assert img("check", str(p), check=False).returncode == 2
     r = img("check", "-r", "all", str(p), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
