@@ -129,6 +129,18 @@ async def compute_refs(img: Qcow2Image, res: CheckResult, *, with_refcount_struc
         from appliance.qcow2.snapops import _table_len
 
         w.inc(h.snapshots_offset, _table_len(img), "snapshot table")
+    bm_ext = h.ext(H.EXT_BITMAPS)
+    if bm_ext is not None and img.bitmaps:
+        from appliance.qcow2.bitmaps import parse_extension
+
+        _, size, off = parse_extension(bm_ext)
+        w.inc(off, size, "bitmap directory")
+        for b in img.bitmaps:
+            w.inc(b.table_offset, b.table_size * 8, f"bitmap '{b.name}' table")
+            raw = await img._pread(b.table_offset, b.table_size * 8)
+            for e in struct.unpack(f">{b.table_size}Q", raw):
+                if e & OFFSET_MASK:
+                    w.inc(e & OFFSET_MASK, cs, f"bitmap '{b.name}' data")
     if with_refcount_structs:
         w.inc(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
         for e in img._rt:

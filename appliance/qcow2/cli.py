@@ -280,6 +280,11 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
                                 "compression-type": H.COMPRESSION_NAMES[h.compression_type]}
         if h.version >= 3:
             data["lazy-refcounts"] = h.lazy_refcounts
+        if img.bitmaps:
+            from appliance.qcow2.bitmaps import flag_names
+
+            data["bitmaps"] = [{"flags": flag_names(b.flags), "name": b.name,
+                                "granularity": 1 << b.granularity_bits} for b in img.bitmaps]
         data["refcount-bits"] = h.refcount_bits
         if h.version >= 3:
             data["corrupt"] = h.corrupt
@@ -337,10 +342,26 @@ def _info_human(d: dict[str, Any], img: Any) -> str:
     if "format-specific" in d:
         text += "Format specific information:\n"
         for k, v in d["format-specific"]["data"].items():
-            if isinstance(v, bool):
-                v = "true" if v else "false"
-            text += f"    {k.replace('-', ' ')}: {v}\n"
+            text += _human_value(k.replace("-", " "), v, 4)
     return text
+
+
+def _human_value(key: str, v: Any, indent: int) -> str:
+    """qemu-img's nested 'key: value' layout for format-specific data."""
+    pad = " " * indent
+    if isinstance(v, bool):
+        return f"{pad}{key}: {'true' if v else 'false'}\n"
+    if isinstance(v, list):
+        out = f"{pad}{key}:\n"
+        for i, item in enumerate(v):
+            out += _human_value(f"[{i}]", item, indent + 4)
+        return out
+    if isinstance(v, dict):
+        out = f"{pad}{key}:\n"
+        for k2, v2 in v.items():
+            out += _human_value(k2, v2, indent + 4)
+        return out
+    return f"{pad}{key}: {v}\n"
 
 
 async def cmd_info(argv: list[str]) -> int:
@@ -453,11 +474,12 @@ async def cmd_check(argv: list[str]) -> int:
             if res.leaks:
                 print(f"\n{res.leaks} leaked clusters were found on the image.\n"
                       "This means waste of disk space, but no harm to data.")
-        if res.total_clusters:
-            t = res.total_clusters
-            print(f"{res.allocated_clusters}/{t} = {res.allocated_clusters * 100 / t:0.2f}% "
-                  f"allocated, {res.fragmented_clusters * 100 / t:0.2f}% fragmented, "
-                  f"{res.compressed_clusters * 100 / t:0.2f}% compressed clusters")
+        if res.total_clusters and res.allocated_clusters:
+            # As qemu-img: fragmentation and compression are shares of allocated clusters.
+            t, al = res.total_clusters, res.allocated_clusters
+            print(f"{al}/{t} = {al * 100 / t:0.2f}% allocated, "
+                  f"{res.fragmented_clusters * 100 / al:0.2f}% fragmented, "
+                  f"{res.compressed_clusters * 100 / al:0.2f}% compressed clusters")
         print(f"Image end offset: {res.image_end_offset}")
     if res.check_errors:
         return 1

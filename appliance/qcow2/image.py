@@ -179,6 +179,7 @@ class Qcow2Image:
         self.backing: Any = None
         self.backing_fmt: str | None = None
         self.snapshots: list[Snapshot] = []
+        self.bitmaps: list[Any] = []
         self._fd = -1
         self._dfd = -1
         self._direct = False
@@ -305,6 +306,7 @@ class Qcow2Image:
             raw = await self._pread(h.snapshots_offset, min(self.file_size - h.snapshots_offset,
                                                             64 << 20))
             self.snapshots, self._table_bytes = parse_snapshot_table(raw, h.nb_snapshots, cs)
+        await self._load_bitmaps()
         want = l2_cache_size
         if want is None:
             need = (-(-self.size // cs)) * self._stride * 8
@@ -317,10 +319,15 @@ class Qcow2Image:
                 raise CorruptImage("image is marked corrupt; it can only be opened read-only "
                                    "(or repaired with 'appliance img check -r all')")
             changed = False
-            if h.autoclear_features:
-                # We maintain neither bitmaps nor raw external data: clear the bits
-                # before the first write, as the spec demands of such writers.
-                h.autoclear_features = 0
+            keep = 0
+            if h.autoclear_features & H.AUTOCLEAR_BITMAPS and self.bitmaps:
+                # Bitmaps stay, marked possibly inconsistent (see bitmaps.py).
+                await self._mark_bitmaps_in_use()
+                keep = H.AUTOCLEAR_BITMAPS
+            if h.autoclear_features & ~keep:
+                # Anything else we do not maintain: clear the bits before the first
+                # write, as the spec demands of writers that do not know them.
+                h.autoclear_features &= keep
                 changed = True
             if h.dirty and repair_dirty:
                 from appliance.qcow2.check import rebuild_refcounts
@@ -346,6 +353,28 @@ class Qcow2Image:
                 self.path, h.backing_file, self.backing_fmt, cache=cache,
                 chain=chain + (os.path.realpath(self.path),),
             )
+
+    async def _load_bitmaps(self) -> None:
+        from appliance.qcow2 import bitmaps
+
+        data = self.header.ext(H.EXT_BITMAPS)
+        self.bitmaps = []
+        if data is None or not self.header.autoclear_features & H.AUTOCLEAR_BITMAPS:
+            return
+        nb, size, off = bitmaps.parse_extension(data)
+        if off % self._cs or off + size > self.file_size:
+            raise CorruptImage("bitmap directory lies outside the file", offset=off)
+        raw = await self._pread(off, size)
+        self.bitmaps = bitmaps.parse_directory(raw, off, nb)
+
+    async def _mark_bitmaps_in_use(self) -> None:
+        from appliance.qcow2.bitmaps import FLAG_IN_USE
+
+        for b in self.bitmaps:
+            if not b.flags & FLAG_IN_USE:
+                b.flags |= FLAG_IN_USE
+                await self._pwrite(b.entry_offset + 12, struct.pack(">I", b.flags))
+        await self._sync()
 
     def _build_meta_set(self) -> None:
         cs = self._cs

@@ -286,3 +286,30 @@ def test_check_counts_an_unreadable_refcount_block_as_corruption(tmp_path: Path)
     assert r.returncode == 0, r.stdout + r.stderr
     check_clean(p)
     qemu_io(p, "read -P 9 0 64k")
+
+
+def test_bitmaps_are_kept_marked_in_use_and_counted(tmp_path: Path) -> None:
+    """qemu-img made bitmaps: info matches, check counts their clusters, and after our
+    writes they stay referenced (no leaks), flagged in-use (possibly inconsistent)."""
+    p = tmp_path / "bm.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "64M")
+    qemu_io(p, "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", str(p), "b0")
+    qemu_img("bitmap", "--add", "-g", "512k", str(p), "b1")
+    qemu_io(p, "write -P 2 2M 1M")
+    ours, theirs = both_json("info", "--output=json", str(p))
+    assert _drop(ours, "actual-size") == _drop(theirs, "actual-size")
+    assert img("check", str(p)).stdout == qemu_img("check", str(p)).stdout
+    import asyncio
+
+    async def write() -> None:
+        im = await open_image(p, read_only=False, fmt="qcow2")
+        await im.writev(0, [memoryview(b"x" * 4096)])
+        await im.close()
+
+    asyncio.run(write())
+    r = qemu_img("check", str(p), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
+    flags = [b["flags"] for b in info["format-specific"]["data"]["bitmaps"]]
+    assert all("in-use" in f for f in flags)
