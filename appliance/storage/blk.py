@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Coroutine, Generator, Sequence
+from typing import Any
 
 from appliance.kvm.memory import GuestMemory
 from appliance.storage.backend import BlockBackend
@@ -112,6 +113,11 @@ class VirtioBlk(VirtioDevice):
         self._tasks: set[asyncio.Task[None]] = set()
         self._signal_pending: set[int] = set()
         self._generation = 0
+        # The queue queue_notify is draining (-1: none), and the requests that
+        # completed while it ran, published on the next loop turn; see _start.
+        self._draining = -1
+        self._deferred: list[tuple[int, Virtqueue, int, memoryview, int, int]] = []
+        self._deferred_pending = False
 
     # -- feature and config space ---------------------------------------------
 
@@ -180,8 +186,11 @@ class VirtioBlk(VirtioDevice):
         self._queues = []
         self._irqs = ()
         self._signal_pending.clear()
+        # Completions not yet published belong to the old rings (and hold views of guest RAM).
+        self._deferred = []
 
     async def quiesce(self) -> None:
+        self._complete_deferred()
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -201,6 +210,7 @@ class VirtioBlk(VirtioDevice):
             return
         limits = self.limits()
         loop = asyncio.get_running_loop()
+        self._draining = index
         try:
             while True:
                 while (chain := q.pop()) is not None:
@@ -210,7 +220,25 @@ class VirtioBlk(VirtioDevice):
         except QueueError as err:
             self.fail(str(err))
             return
+        finally:
+            self._draining = -1
+            if self._deferred and not self._deferred_pending:
+                self._deferred_pending = True
+                loop.call_soon(self._complete_deferred)
         self._signal(index)
+
+    def _complete_deferred(self) -> None:
+        self._deferred_pending = False
+        done, self._deferred = self._deferred, []
+        signal: set[int] = set()
+        for qi, q, head, status_buf, status, written in done:
+            if q.broken:
+                continue
+            status_buf[0] = status
+            q.push_used(head, written)
+            signal.add(qi)
+        for qi in signal:
+            self._signal(qi)
 
     def _start(
         self,
@@ -243,9 +271,22 @@ class VirtioBlk(VirtioDevice):
             q.push_used(chain.head, n + 1)
             return
         st["in_flight"] += 1
-        task = loop.create_task(
-            self._execute(qi, q, self._generation, chain.head, req)
-        )
+        coro = self._execute(qi, q, self._generation, chain.head, req)
+        # Run the request up to its first real wait now, as Python 3.12's
+        # eager tasks do: a page-cache read (RWF_NOWAIT on the loop) finishes
+        # here without a task (and is published on the next loop turn, see
+        # _complete_deferred), and pool or AIO work is submitted at kick time
+        # instead of a loop turn later. Only a request that does wait becomes a
+        # task, resuming where it stopped.
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            # _execute turns every failure into a status; this is a bug.
+            log.exception("virtio-blk queue %d: request failed to start", qi)
+            return
+        task = loop.create_task(_finish(_Started(coro, first)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -293,6 +334,11 @@ class VirtioBlk(VirtioDevice):
             st["in_flight"] -= 1
         if generation != self._generation or q.broken:
             return  # the device was reset meanwhile: these rings are gone
+        if qi == self._draining:
+            # Finished inside queue_notify: published on the next loop turn,
+            # all of this kick's together, as a task's completion would be.
+            self._deferred.append((qi, q, head, req.status_buf, status, written))
+            return
         req.status_buf[0] = status
         q.push_used(head, written)
         if qi not in self._signal_pending:
@@ -306,6 +352,39 @@ class VirtioBlk(VirtioDevice):
         q = self._queues[qi]
         if q is not None and q.needs_notification():
             self._irqs[qi].notify()
+
+
+class _Started:
+    """A coroutine that already ran to its first wait, as an awaitable that resumes it."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        # What ``yield from coro`` does, starting from the value it already
+        # yielded: what the task sends or throws (cancellation) goes on in.
+        coro, value = self.coro, self.first
+        self.first = None
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _finish(started: _Started) -> None:
+    await started
 
 
 def _scatter(views: Sequence[memoryview], data: bytes) -> None:
