@@ -236,6 +236,8 @@ class VirtioNet(VirtioDevice):
         self._queues: list[Virtqueue] = []
         self._irqs: list[Interrupt] = []
         self._rx_windows: list[RxWindow] = []
+        # Whether each pair's backend has our ready callback (None: not known).
+        self._rx_armed: list[bool | None] = [None] * self.pairs
         self._active_pairs = 1
         self._usable_pairs = 1
         self._ctrl_index = 2
@@ -318,10 +320,13 @@ class VirtioNet(VirtioDevice):
 
     def reset(self) -> None:
         for pair in range(self.pairs):
+            self._rx_armed[pair] = None
             try:
                 self.backends[pair].set_ready_callback(None)
             except RuntimeError:
                 pass
+            else:
+                self._rx_armed[pair] = False
         for q in self._queues:
             q.close()
         self._queues = []
@@ -348,8 +353,15 @@ class VirtioNet(VirtioDevice):
             )
 
     def _set_rx_armed(self, pair: int, armed: bool) -> None:
-        cb = (lambda p=pair: self._rx(p)) if armed and self._queues else None
+        armed = armed and bool(self._queues)
+        # Every rx kick re-arms: skip it when already armed, which saved the
+        # tap a remove_reader/add_reader pair (two epoll_ctl calls) per kick.
+        if self._rx_armed[pair] is armed:
+            return
+        cb = (lambda p=pair: self._rx(p)) if armed else None
+        self._rx_armed[pair] = None  # unknown if the backend raises
         self.backends[pair].set_ready_callback(cb)
+        self._rx_armed[pair] = armed
 
     # -- queue kicks --------------------------------------------------------
 
@@ -421,7 +433,7 @@ class VirtioNet(VirtioDevice):
             self._rx_batch(pair)
         except QueueError as err:
             guest_error_log.warning("virtio-net: rx queue %d broken: %s", 2 * pair, err)
-            self.backends[pair].set_ready_callback(None)
+            self._set_rx_armed(pair, False)
             self.fail(str(err))
 
     def _rx_batch(self, pair: int) -> None:
@@ -442,7 +454,7 @@ class VirtioNet(VirtioDevice):
                     # Out of buffers: pause the backend until the guest posts more
                     # (re-checking after re-arming, as §2.7.10 asks).
                     if not q.enable_notification() or not win.fill(q, want):
-                        backend.set_ready_callback(None)
+                        self._set_rx_armed(pair, False)
                         break
                 first = chains[0]
                 if mergeable:
