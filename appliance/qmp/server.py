@@ -68,29 +68,35 @@ class JsonSplitter:
     """Cuts a byte stream into top-level JSON texts by ``{}``/``[]`` depth outside strings.
 
     Only the boundaries are found here; :meth:`Session.handle` parses each
-    piece. A piece longer than ``limit`` comes out as ``None`` (and the
-    splitter starts afresh), so no request can grow the buffer without bound.
+    piece. A piece longer than ``limit`` comes out once as ``None`` and the
+    rest of it is skipped (its brackets still counted, so the next request
+    is found), so no request can grow the buffer without bound.
     """
 
     def __init__(self, limit: int = MAX_LINE) -> None:
         self.limit = limit
         self._buf = bytearray()
+        self._size = 0
         self._depth = 0
         self._in_str = False
         self._esc = False
+        self._skipping = False
 
-    def _reset(self) -> None:
+    def _end(self, out: list[bytes | None]) -> None:
+        if not self._skipping:
+            out.append(bytes(self._buf))
         self._buf.clear()
+        self._size = 0
         self._depth = 0
-        self._in_str = False
-        self._esc = False
+        self._in_str = self._esc = self._skipping = False
 
     def feed(self, data: bytes) -> list[bytes | None]:
         out: list[bytes | None] = []
-        buf = self._buf
         for c in data:
+            self._size += 1
+            if not self._skipping:
+                self._buf.append(c)
             if self._in_str:
-                buf.append(c)
                 if self._esc:
                     self._esc = False
                 elif c == 0x5C:  # backslash
@@ -99,29 +105,24 @@ class JsonSplitter:
                     self._in_str = False
             elif c in b"{[":
                 self._depth += 1
-                buf.append(c)
             elif c in b"}]":
                 self._depth -= 1
-                buf.append(c)
                 if self._depth <= 0:
                     # A negative depth is a stray bracket: it goes out as an
                     # invalid text to get its parse error.
-                    out.append(bytes(buf))
-                    self._reset()
+                    self._end(out)
             elif c == 0x22:
                 self._in_str = True
-                buf.append(c)
             elif c in b" \t\r\n":
-                if self._depth == 0 and buf:
-                    out.append(bytes(buf))  # a top-level scalar ends at white space
-                    self._reset()
-                elif buf:
-                    buf.append(c)
-            else:
-                buf.append(c)
-            if len(buf) > self.limit:
+                if self._depth == 0:
+                    self._buf = self._buf[:-1]
+                    self._size -= 1
+                    if self._size:
+                        self._end(out)  # a top-level scalar ends at white space
+            if self._size > self.limit and not self._skipping:
                 out.append(None)
-                self._reset()
+                self._skipping = True
+                self._buf.clear()
         return out
 
 

@@ -1,0 +1,206 @@
+"""The real qemu.qmp client drives a running test guest through our QMP server.
+
+In-process machines (``Machine`` built from an `appliance run` command line
+with ``-qmp``) for the commands, and a real `appliance run` process for the
+end of life: SHUTDOWN events and exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from appliance.cli.run import parse_args, to_config
+from appliance.kit import paths
+from appliance.machine.console import ConsoleTimeout
+from appliance.machine.machine import Machine
+from tests.conftest import ROOT, needs_kvm
+
+GUEST = paths().guest_elf
+pytestmark = [needs_kvm, pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")]
+
+async def ex(client: QMPClient, name: str, args: dict[str, Any] | None = None) -> Any:
+    """``client.execute`` typed as what it returns here: plain JSON values."""
+    return await client.execute(name, args)
+
+
+
+class Vm:
+    def __init__(self, vm: Machine, qmp: QMPClient, sock: Path) -> None:
+        self.vm = vm
+        self.qmp = qmp
+        self.sock = sock
+
+    async def guest(self, text: str, reply: str, timeout: float = 20) -> dict[str, str]:
+        self.vm.console.send(text + "\n")
+        m = await self.vm.console.expect(rf"(?m)^((?:{reply}|ERR)[^\r\n]*)\r?\n", timeout=timeout)
+        line = m.group(1)
+        assert not line.startswith("ERR"), f"{text!r} -> {line!r}"
+        return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+
+
+@asynccontextmanager
+async def machine(tmp_path: Path, *argv: str) -> AsyncIterator[Vm]:
+    sock = tmp_path / "qmp.sock"
+    config = to_config(parse_args(["-kernel", str(GUEST), "-qmp", f"unix:{sock},server=on,wait=off", *argv]))
+    config.serial = None
+    async with Machine(config) as vm:
+        await vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
+        client = QMPClient("test")
+        await client.connect(str(sock))
+        try:
+            yield Vm(vm, client, sock)
+        finally:
+            await client.disconnect()
+        vm.console.send("poweroff\n")
+        assert await asyncio.wait_for(vm.wait(), 20) == 0
+
+
+async def test_stop_pauses_the_vcpus_and_cont_resumes_them(tmp_path: Path) -> None:
+    async with machine(tmp_path) as m:
+        assert await ex(m.qmp, "query-status") == {"status": "running", "running": True, "singlestep": False}
+        with m.qmp.listener() as events:
+            await ex(m.qmp, "stop")
+            assert (await asyncio.wait_for(events.get(), 5))["event"] == "STOP"
+            assert (await ex(m.qmp, "query-status"))["status"] == "paused"
+            # A paused guest does not answer its console...
+            m.vm.console.send("echo still-here\n")
+            with pytest.raises(ConsoleTimeout):
+                await m.vm.console.expect(r"(?m)^still-here", timeout=0.5)
+            await ex(m.qmp, "cont")
+            assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+        # ...and answers once it runs again.
+        await m.vm.console.expect(r"(?m)^still-here", timeout=10)
+        assert (await ex(m.qmp, "query-status"))["running"] is True
+        cpus = await ex(m.qmp, "query-cpus-fast")
+        assert [c["cpu-index"] for c in cpus] == [0]
+
+
+async def test_set_link_down_and_up_is_seen_by_the_guest(tmp_path: Path) -> None:
+    async with machine(tmp_path, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,id=nic0") as m:
+        assert (await m.guest("net info", "NET info"))["link"] == "up"
+        await ex(m.qmp, "set_link", {"name": "nic0", "up": False})
+        assert (await m.guest("net info", "NET info"))["link"] == "down"
+        await ex(m.qmp, "set_link", {"name": "n0", "up": True})  # the netdev's name works too
+        assert (await m.guest("net info", "NET info"))["link"] == "up"
+
+
+async def test_capture_started_and_stopped_while_running_holds_only_what_passed_between(tmp_path: Path) -> None:
+    from scapy.layers.dhcp import DHCP
+    from scapy.layers.inet import ICMP
+    from scapy.utils import rdpcap
+
+    pcap = tmp_path / "live.pcap"
+    async with machine(tmp_path, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,id=nic0") as m:
+        # Traffic before the capture starts...
+        await m.guest("net ip 10.0.2.15 10.0.2.2", "NET ip")
+        assert (await m.guest("net ping 10.0.2.2 1", "NET ping done"))["received"] == "1"
+        await ex(m.qmp, "object-add", {"qom-type": "filter-dump", "id": "cap0", "netdev": "n0",
+                                           "file": str(pcap)})
+        lease = await m.guest("net dhcp", "NET dhcp")
+        assert lease["ip"] == "10.0.2.15"
+        await ex(m.qmp, "object-del", {"id": "cap0"})
+        # ...and after it stops is not in the file.
+        assert (await m.guest("net ping 10.0.2.2 2", "NET ping done"))["received"] == "2"
+        with pytest.raises(ExecuteError) as err:
+            await ex(m.qmp, "object-del", {"id": "cap0"})
+        assert "not found" in str(err.value)
+    frames = rdpcap(str(pcap))
+    dhcp = [p for p in frames if DHCP in p]
+    types: list[Any] = [dict[str, Any](o for o in p[DHCP].options if isinstance(o, tuple))["message-type"]
+                       for p in dhcp]
+    assert types == [1, 2, 3, 5]  # DISCOVER, OFFER, REQUEST, ACK: both directions
+    assert not any(ICMP in p for p in frames)
+
+
+async def test_malformed_json_gets_an_error_the_session_goes_on_and_the_vm_runs(tmp_path: Path) -> None:
+    async with machine(tmp_path) as m:
+        loop = asyncio.get_running_loop()
+        raw = socket.socket(socket.AF_UNIX)
+        raw.setblocking(False)
+        await loop.sock_connect(raw, str(m.sock))
+        reader, writer = await asyncio.open_unix_connection(sock=raw)
+        try:
+            assert "QMP" in json.loads(await reader.readline())
+
+            async def send(data: bytes) -> dict[str, Any]:
+                writer.write(data)
+                return dict(json.loads(await asyncio.wait_for(reader.readline(), 5)))
+
+            assert (await send(b'{"execute": "query-status"}'))["error"]["class"] == "CommandNotFound"
+            assert (await send(b'{"execute":"qmp_capabilities"}'))["return"] == {}
+            assert (await send(b'{"execute": "stop", "id": 1,}\n'))["error"]["class"] == "GenericError"
+            assert (await send(b'{"execute": query-status}'))["error"]["class"] == "GenericError"
+            assert (await send(b'"just a string"\n'))["error"]["desc"] == "QMP input must be a JSON object"
+            assert (await send(b'{"execute": "query-status", "id": 3}'))["return"]["status"] == "running"
+        finally:
+            writer.close()
+        assert (await m.guest("echo alive", "alive")) == {}
+
+
+async def test_system_reset_reboots_the_guest_with_a_host_reset_event(tmp_path: Path) -> None:
+    async with machine(tmp_path) as m:
+        with m.qmp.listener() as events:
+            await ex(m.qmp, "system_reset")
+            event = await asyncio.wait_for(events.get(), 5)
+        assert (event["event"], event["data"]) == ("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        await m.vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
+        assert m.vm.boots == 2
+
+
+# --- `appliance run` ------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def appliance_run(tmp_path: Path, *argv: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, QMPClient]]:
+    sock = tmp_path / "run.sock"
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / ".venv/bin/appliance"), "run", "-kernel", str(GUEST), "-serial", "stdio",
+        "-chardev", f"socket,id=mon0,path={sock},server=on,wait=off", "-mon", "chardev=mon0,mode=control",
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    client = QMPClient("run")
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readuntil(b"TESTGUEST-READY"), 30)
+        await client.connect(str(sock))
+        yield proc, client
+    finally:
+        # The server hangs up when the VM ends; qemu.qmp reports that as the EOF it is.
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_powerdown_then_guest_poweroff_ends_run_with_shutdown_event_and_exit_0(tmp_path: Path) -> None:
+    async with appliance_run(tmp_path) as (proc, qmp):
+        with qmp.listener() as events:
+            await ex(qmp, "system_powerdown")
+            assert (await asyncio.wait_for(events.get(), 5))["event"] == "POWERDOWN"
+            # The test guest polls and has no power-button handler: it powers off when told.
+            assert proc.stdin is not None
+            proc.stdin.write(b"poweroff\n")
+            event = await asyncio.wait_for(events.get(), 10)
+        assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_quit_ends_run_with_host_shutdown_event_and_exit_0(tmp_path: Path) -> None:
+    async with appliance_run(tmp_path) as (proc, qmp):
+        with qmp.listener() as events:
+            assert await ex(qmp, "quit") == {}
+            event = await asyncio.wait_for(events.get(), 10)
+        assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert not (tmp_path / "run.sock").exists()
