@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -363,6 +364,12 @@ class QmpServer:
         else:
             reader, writer = await asyncio.open_connection(chardev.host, chardev.port, limit=MAX_LINE)
         self._serve(reader, writer)
+
+    @property
+    def tcp_ports(self) -> list[int]:
+        """The TCP ports listened on (what ``tcp:HOST:0`` got)."""
+        return [int(sock.getsockname()[1]) for srv in self._servers for sock in srv.sockets
+                if sock.family in (socket.AF_INET, socket.AF_INET6)]
 
     async def wait_for_client(self) -> None:
         await self._connected.wait()

@@ -1,0 +1,89 @@
+"""`appliance run`'s -qmp, -qmp-pretty and -mon: what they build, and one-line refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cli.run import parse_args, to_config, usage
+from appliance.errors import ConfigError
+from appliance.qmp.server import QmpSpec
+from tests.qmp.fakes import FakeMachine
+
+
+def monitors(*argv: str) -> list[QmpSpec]:
+    devices = to_config(parse_args(["-kernel", "/dev/null", *argv])).devices
+    return [d for d in devices if isinstance(d, QmpSpec)]
+
+
+def test_qmp_unix_and_tcp_forms() -> None:
+    [u] = monitors("-qmp", "unix:/tmp/x.sock,server=on,wait=off")
+    assert (u.chardev.path, u.chardev.server, u.chardev.wait, u.pretty) == (Path("/tmp/x.sock"), True, False, False)
+    [t] = monitors("-qmp-pretty", "tcp:127.0.0.1:4444,server,nowait")
+    assert (t.chardev.host, t.chardev.port, t.chardev.server, t.chardev.wait, t.pretty) == (
+        "127.0.0.1", 4444, True, False, True)
+    [c] = monitors("-qmp", "unix:/tmp/y.sock")  # QEMU's default: connect out as a client
+    assert not c.chardev.server
+
+
+def test_mon_refers_to_a_chardev_given_later_on_the_line() -> None:
+    [m] = monitors("-mon", "chardev=m0,mode=control,pretty=on",
+                   "-chardev", "socket,id=m0,path=/tmp/m.sock,server=on,wait=off")
+    assert (m.chardev.path, m.pretty) == (Path("/tmp/m.sock"), True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-qmp", "stdio"], "-qmp: 'stdio' is not supported"),
+        (["-qmp", "tcp:localhost:http,server=on"], "port 'http' is not a number"),
+        (["-qmp", "unix:/tmp/q,server=maybe"], "server"),
+        (["-mon", "chardev=m0"], "mode 'readline' (the human monitor) is not supported"),
+        (["-mon", "chardev=m0,mode=control"], "-mon: chardev 'm0' not found"),
+        (["-chardev", "null,id=m0", "-mon", "m0,mode=control"], "a QMP monitor needs a socket"),
+        (["-monitor", "stdio"], "option '-monitor' is not supported"),
+    ],
+)
+def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        monitors(*argv)
+    assert message in str(err.value)
+
+
+def test_help_lists_qmp_and_mon() -> None:
+    text = usage()
+    assert "  -qmp unix:PATH" in text and "  -mon [chardev=]ID,mode=control" in text and "-qmp-pretty" in text
+
+
+def test_cli_refusal_exits_2_with_one_line() -> None:
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli.main", "run", "-kernel", "/dev/null",
+                           "-mon", "chardev=x"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "readline" in proc.stderr
+
+
+async def test_tcp_monitor_with_wait_on_holds_open_until_a_client_connects() -> None:
+    spec = to_config(parse_args(["-kernel", "/dev/null", "-qmp-pretty", "tcp:127.0.0.1:0,server=on"])).devices[0]
+    assert isinstance(spec, QmpSpec)
+    # Port 0 asks for any free port; read the real one off the server once it listens.
+    spec.bind_machine(FakeMachine())
+    opening = asyncio.ensure_future(spec.open())
+    for _ in range(100):
+        if spec.server is not None and spec.server.tcp_ports:
+            break
+        await asyncio.sleep(0.01)
+    assert spec.server is not None
+    [port] = spec.server.tcp_ports
+    await asyncio.sleep(0.1)
+    assert not opening.done()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(opening, 5)
+    greeting = json.loads(await reader.readuntil(b"}\r\n"))  # pretty: several lines
+    assert greeting["QMP"]["capabilities"] == []
+    writer.close()
+    await spec.close()
