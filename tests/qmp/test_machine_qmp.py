@@ -122,6 +122,22 @@ async def test_capture_started_and_stopped_while_running_holds_only_what_passed_
     assert not any(ICMP in p for p in frames)
 
 
+async def test_capture_from_the_command_line_can_be_stopped_through_qmp(tmp_path: Path) -> None:
+    from scapy.layers.dhcp import DHCP
+    from scapy.layers.inet import ICMP
+    from scapy.utils import rdpcap
+
+    pcap = tmp_path / "cmdline.pcap"
+    async with machine(tmp_path, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+                       "-object", f"filter-dump,id=f0,netdev=n0,file={pcap}") as m:
+        await m.guest("net dhcp", "NET dhcp")
+        await ex(m.qmp, "object-del", {"id": "f0"})
+        assert (await m.guest("net ping 10.0.2.2 2", "NET ping done"))["received"] == "2"
+    frames = rdpcap(str(pcap))
+    assert sum(DHCP in p for p in frames) == 4
+    assert not any(ICMP in p for p in frames)
+
+
 async def test_malformed_json_gets_an_error_the_session_goes_on_and_the_vm_runs(tmp_path: Path) -> None:
     async with machine(tmp_path) as m:
         loop = asyncio.get_running_loop()

@@ -216,3 +216,17 @@ async def test_two_clients_both_get_events_and_a_garbage_client_does_not_disturb
         await a.disconnect()
         await b.disconnect()
         await server.close()
+
+
+async def test_human_monitor_command_runs_the_common_words_and_answers_others_in_text() -> None:
+    s = session()
+
+    async def hmp(line: str) -> Any:
+        return (await ask(s, {"execute": "human-monitor-command", "arguments": {"command-line": line}}))["return"]
+
+    assert await hmp("info status") == "VM status: running\r\n"
+    assert await hmp("stop") == ""
+    assert await hmp("info status") == "VM status: paused\r\n"
+    assert await hmp("c") == ""
+    assert await hmp("info status") == "VM status: running\r\n"
+    assert await hmp("savevm x") == "unknown command: 'savevm x'\r\n"
