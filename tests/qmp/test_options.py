@@ -87,3 +87,29 @@ async def test_tcp_monitor_with_wait_on_holds_open_until_a_client_connects() -> 
     assert greeting["QMP"]["capabilities"] == []
     writer.close()
     await spec.close()
+
+
+async def test_client_mode_monitor_connects_out_and_greets(tmp_path: Path) -> None:
+    path = tmp_path / "listener.sock"
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    listener = await asyncio.start_unix_server(lambda r, w: accepted.put_nowait((r, w)), str(path))
+    [spec] = monitors("-qmp", f"unix:{path}")
+    spec.bind_machine(FakeMachine())
+    await spec.open()
+    try:
+        reader, writer = await asyncio.wait_for(accepted.get(), 5)
+        assert "QMP" in json.loads(await reader.readline())
+        writer.write(b'{"execute": "qmp_capabilities", "id": "a"}{"execute": "query-name", "id": "b"}')
+        assert json.loads(await reader.readline()) == {"return": {}, "id": "a"}
+        assert json.loads(await reader.readline()) == {"return": {"name": "fake"}, "id": "b"}
+        writer.close()
+    finally:
+        await spec.close()
+        listener.close()
+
+
+async def test_client_mode_monitor_with_nobody_listening_is_a_config_error(tmp_path: Path) -> None:
+    [spec] = monitors("-qmp", f"unix:{tmp_path / 'absent.sock'}")
+    spec.bind_machine(FakeMachine())
+    with pytest.raises(ConfigError, match="absent.sock"):
+        await spec.open()
