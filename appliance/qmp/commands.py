@@ -207,6 +207,34 @@ HOST_RESET = "host-qmp-system-reset"
 HOST_QUIT = "host-qmp-quit"
 
 
+@command("query-block")
+async def _query_block(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+    from appliance.machine.devices import BlkSpec
+
+    out = []
+    for spec in ctx.machine.config.devices:
+        if not isinstance(spec, BlkSpec):
+            continue
+        src = spec.source
+        ro = bool(spec.read_only or src.read_only)
+        fmt = src.fmt or "raw"
+        out.append({
+            "device": spec.name.removeprefix("virtio-blk "),
+            "qdev": spec.name,
+            "locked": False,
+            "removable": False,
+            "io-status": "ok",
+            "inserted": {
+                "file": str(src.path), "ro": ro, "drv": fmt, "encrypted": False,
+                "backing_file_depth": 0, "cache": {"writeback": src.cache != "writethrough",
+                                                    "direct": src.cache in ("none", "directsync"),
+                                                    "no-flush": src.cache == "unsafe"},
+                "image": {"filename": str(src.path), "format": fmt},
+            },
+        })
+    return out
+
+
 # --- network ------------------------------------------------------------------------
 
 

@@ -230,3 +230,17 @@ async def test_human_monitor_command_runs_the_common_words_and_answers_others_in
     assert await hmp("c") == ""
     assert await hmp("info status") == "VM status: running\r\n"
     assert await hmp("savevm x") == "unknown command: 'savevm x'\r\n"
+
+
+async def test_query_block_lists_the_disks_of_the_command_line(tmp_path: Path) -> None:
+    from appliance.cli.run import parse_args, to_config
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    s = session()
+    s.machine.config.devices = to_config(parse_args(
+        ["-kernel", "/dev/null", "-drive", f"file={disk},format=raw,id=root,readonly=on,cache=none"])).devices
+    [blk] = (await ask(s, {"execute": "query-block"}))["return"]
+    assert blk["device"] == "root"
+    assert blk["inserted"]["file"] == str(disk)
+    assert (blk["inserted"]["ro"], blk["inserted"]["drv"], blk["inserted"]["cache"]["direct"]) == (True, "raw", True)
