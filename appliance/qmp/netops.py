@@ -95,6 +95,10 @@ async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
         writer = await asyncio.to_thread(open_capture, Path(cfg.file), maxlen=cfg.maxlen)
     except (ApplianceError, OSError) as err:
         raise GenericError(f"filter-dump: {err}") from None
+    if not spec.backends:
+        # The machine ended while the file was being opened.
+        writer.close()
+        raise GenericError(f"netdev '{cfg.netdev}' is not open")
     # The device reads its backend list on every batch; swapping entries
     # between batches (we are on the loop) wraps the next frame already.
     if not all(isinstance(b, CapturingBackend) for b in spec.backends):
