@@ -181,9 +181,16 @@ class Console:
     def _push_input(self) -> None:
         with self._lock:
             self._input_scheduled = False
-            if self._uart is None or not self._input:
+            uart = self._uart
+            if uart is None or not self._input:
                 return
-            n = self._uart.receive(bytes(self._input))
+            data = bytes(self._input)
+        # Never hold our lock while taking the UART's: a vCPU thread holds the
+        # UART's lock when it calls back into us (guest_output, rx_drained),
+        # so taking them in the other order here deadlocks. Only this method
+        # removes from the front of the input, and it runs on the loop thread.
+        n = uart.receive(data)
+        with self._lock:
             del self._input[:n]
 
     def rx_drained(self) -> None:
