@@ -54,8 +54,14 @@ def main(argv: list[str]) -> int:
     except Qcow2Error as err:
         print(f"appliance img: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as qemu-img does,
+        # and keep the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as err:
-        print(f"appliance img: {err}", file=sys.stderr)
+        where = f"Could not open '{err.filename}': " if err.filename else ""
+        print(f"appliance img: {where}{err.strerror or err}", file=sys.stderr)
         return 1
 
 

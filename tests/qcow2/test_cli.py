@@ -313,3 +313,24 @@ def test_bitmaps_are_kept_marked_in_use_and_counted(tmp_path: Path) -> None:
     info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
     flags = [b["flags"] for b in info["format-specific"]["data"]["bitmaps"]]
     assert all("in-use" in f for f in flags)
+
+
+def test_closed_pipe_and_missing_file_give_no_traceback(tmp_path) -> None:
+    """`appliance img … | head` stops quietly; a missing image is named in one line."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nope.qcow2"
+    r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", "info", str(missing)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"appliance img: Could not open '{missing}': No such file or directory"
+    img = tmp_path / "a.qcow2"
+    subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", "create", "-f", "qcow2", str(img), "1G"],
+                   check=True, capture_output=True)
+    p = subprocess.Popen([sys.executable, "-m", "appliance.cli.main", "img", "map", "--output", "json", str(img)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    p.stdout.close()  # the reader goes away before the first line
+    _, err = p.communicate(timeout=60)
+    assert b"Traceback" not in err and b"Broken pipe" not in err
