@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,27 @@ from tests.net.netns import inside, namespace, ns_exec
 pytestmark = needs_root
 MAC = "52:54:00:00:aa:01"
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def nic_on_tap(
+    ifname: str, host_addr: str, *, vnet_hdr: bool = True
+) -> AsyncIterator[tuple[str, VirtioNet, FakeDriver]]:
+    """A namespace with tap ``ifname`` (host side ``host_addr``) under a virtio-net the fake driver runs."""
+    with namespace() as ns:
+        with inside(ns):
+            tap = Tap(ifname, vnet_hdr=vnet_hdr)
+            queues = await tap.open()
+        ns_exec(ns, "ip", "addr", "add", host_addr, "dev", ifname)
+        dev = VirtioNet(queues, bytes.fromhex(MAC.replace(":", "")))
+        drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20)
+        drv.activate()
+        try:
+            yield ns, dev, drv
+        finally:
+            dev.reset()
+            with inside(ns):
+                await tap.close()
 
 
 async def exchange(drv: FakeDriver, frame: bytes, want) -> Ether:
@@ -41,96 +64,60 @@ async def exchange(drv: FakeDriver, frame: bytes, want) -> Ether:
 
 @pytest.mark.parametrize("vnet_hdr", [True, False])
 async def test_guest_pings_host_through_tap(vnet_hdr: bool) -> None:
-    with namespace() as ns:
-        with inside(ns):
-            tap = Tap("nictap0", vnet_hdr=vnet_hdr)
-            queues = await tap.open()
-        ns_exec(ns, "ip", "addr", "add", "10.88.0.1/24", "dev", "nictap0")
-        dev = VirtioNet(queues, bytes.fromhex(MAC.replace(":", "")))
-        drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20)
-        drv.activate()
-        try:
-            arp = Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=MAC, psrc="10.88.0.2", pdst="10.88.0.1")
-            reply = await exchange(drv, bytes(arp), ARP)
-            assert reply[ARP].op == 2
-            ping = Ether(src=MAC, dst=reply[ARP].hwsrc) / IP(src="10.88.0.2", dst="10.88.0.1") / ICMP(id=3) / b"hello"
-            echo = await exchange(drv, bytes(ping), ICMP)
-            assert echo[ICMP].type == 0 and bytes(echo[ICMP].payload) == b"hello"
-            assert dev.stats[0].tx_frames == 2 and dev.stats[0].rx_frames >= 2
-        finally:
-            dev.reset()
-            with inside(ns):
-                await tap.close()
+    async with nic_on_tap("nictap0", "10.88.0.1/24", vnet_hdr=vnet_hdr) as (_ns, dev, drv):
+        arp = Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=MAC, psrc="10.88.0.2", pdst="10.88.0.1")
+        reply = await exchange(drv, bytes(arp), ARP)
+        assert reply[ARP].op == 2
+        ping = Ether(src=MAC, dst=reply[ARP].hwsrc) / IP(src="10.88.0.2", dst="10.88.0.1") / ICMP(id=3) / b"hello"
+        echo = await exchange(drv, bytes(ping), ICMP)
+        assert echo[ICMP].type == 0 and bytes(echo[ICMP].payload) == b"hello"
+        assert dev.stats[0].tx_frames == 2 and dev.stats[0].rx_frames >= 2
 
 
 async def test_malformed_vnet_headers_are_dropped_and_the_nic_keeps_working() -> None:
     """GSO claims the kernel refuses (bad gso_size, bad csum offsets) cost one frame each, nothing more."""
-    with namespace() as ns:
-        with inside(ns):
-            tap = Tap("nictap1", vnet_hdr=True)
-            queues = await tap.open()
-        ns_exec(ns, "ip", "addr", "add", "10.88.1.1/24", "dev", "nictap1")
-        dev = VirtioNet(queues, bytes.fromhex(MAC.replace(":", "")))
-        drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20)
-        drv.activate()
-        try:
-            frame = bytes(Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="10.88.1.2", dst="10.88.1.1") / (b"x" * 40))
-            bad_headers = [
-                C.HDR.pack(0, C.GSO_TCPV4, 0, 0, 0, 0, 0),              # TSO without NEEDS_CSUM and no MSS
-                C.HDR.pack(C.HDR_F_NEEDS_CSUM, 0, 0, 0, 60000, 16, 0),  # checksum start past the frame
-                C.HDR.pack(0, 0x7F, 54, 1400, 0, 0, 0),                 # unknown GSO type
-            ]
-            for h in bad_headers:
-                addr = drv.alloc(len(frame) + C.HDR_LEN)
-                drv.mem.write(addr, h + frame)
-                drv.queues[1].add_chain([(addr, C.HDR_LEN + len(frame), 0)])
-            drv.kick(1)
-            assert len(drv.queues[1].used()) == 3 and not dev.needs_reset
-            assert dev.stats[0].tx_dropped == 3
-            arp = Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=MAC, psrc="10.88.1.2", pdst="10.88.1.1")
-            reply = await exchange(drv, bytes(arp), ARP)
-            assert reply[ARP].op == 2
-        finally:
-            dev.reset()
-            with inside(ns):
-                await tap.close()
+    async with nic_on_tap("nictap1", "10.88.1.1/24") as (_ns, dev, drv):
+        frame = bytes(Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src="10.88.1.2", dst="10.88.1.1") / (b"x" * 40))
+        bad_headers = [
+            C.HDR.pack(0, C.GSO_TCPV4, 0, 0, 0, 0, 0),              # TSO without NEEDS_CSUM and no MSS
+            C.HDR.pack(C.HDR_F_NEEDS_CSUM, 0, 0, 0, 60000, 16, 0),  # checksum start past the frame
+            C.HDR.pack(0, 0x7F, 54, 1400, 0, 0, 0),                 # unknown GSO type
+        ]
+        for h in bad_headers:
+            addr = drv.alloc(len(frame) + C.HDR_LEN)
+            drv.mem.write(addr, h + frame)
+            drv.queues[1].add_chain([(addr, C.HDR_LEN + len(frame), 0)])
+        drv.kick(1)
+        assert len(drv.queues[1].used()) == 3 and not dev.needs_reset
+        assert dev.stats[0].tx_dropped == 3
+        arp = Ether(src=MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=MAC, psrc="10.88.1.2", pdst="10.88.1.1")
+        reply = await exchange(drv, bytes(arp), ARP)
+        assert reply[ARP].op == 2
 
 
 async def test_flood_without_rx_buffers_stays_in_the_kernel_queue(tmp_path: Path) -> None:
     """With no buffers posted we stop reading: the tap's own queue fills and drops, our memory does not grow."""
     import resource
 
-    with namespace() as ns:
-        with inside(ns):
-            tap = Tap("nictap2", vnet_hdr=True)
-            queues = await tap.open()
-        ns_exec(ns, "ip", "addr", "add", "10.88.2.1/24", "dev", "nictap2")
-        dev = VirtioNet(queues, bytes.fromhex(MAC.replace(":", "")))
-        drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20)
-        drv.activate()
-        try:
-            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            blast = tmp_path / "blast"
-            subprocess.run(["gcc", "-O2", "-o", str(blast), str(ROOT / "bench" / "tools" / "blast.c")], check=True)
-            flood = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", ns, str(blast), "nictap2", "1400", "1",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            )
-            out, _ = await flood.communicate()
-            counts = dict(kv.split("=") for kv in out.decode().split()[1:])
-            await asyncio.sleep(0.1)
-            assert dev.stats[0].rx_frames == 0
-            # The tap's queue took about a thousand frames; the kernel refused the
-            # rest at the sender. Nothing piled up in this process.
-            assert int(counts["sent"]) <= 5000 and int(counts["failed"]) > 10000
-            assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 20_000  # KiB
-            # Buffers arrive: the NIC delivers again.
-            rx = drv.alloc(2048)
-            drv.queues[0].add_chain([(rx, 2048, WRITE)])
-            drv.kick(0)
-            await drv.wait_used(0)
-            assert dev.stats[0].rx_frames == 1
-        finally:
-            dev.reset()
-            with inside(ns):
-                await tap.close()
+    blast = tmp_path / "blast"
+    subprocess.run(["gcc", "-O2", "-o", str(blast), str(ROOT / "bench" / "tools" / "blast.c")], check=True)
+    async with nic_on_tap("nictap2", "10.88.2.1/24") as (ns, dev, drv):
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flood = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, str(blast), "nictap2", "1400", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await flood.communicate()
+        counts = dict(kv.split("=") for kv in out.decode().split()[1:])
+        await asyncio.sleep(0.1)
+        assert dev.stats[0].rx_frames == 0
+        # The tap's queue took about a thousand frames; the kernel refused the
+        # rest at the sender. Nothing piled up in this process.
+        assert int(counts["sent"]) <= 5000 and int(counts["failed"]) > 10000
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 20_000  # KiB
+        # Buffers arrive: the NIC delivers again.
+        rx = drv.alloc(2048)
+        drv.queues[0].add_chain([(rx, 2048, WRITE)])
+        drv.kick(0)
+        await drv.wait_used(0)
+        assert dev.stats[0].rx_frames == 1
