@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_SRC = REPO_ROOT / "guest"
 BUSYBOX = Path("/bin/busybox")
+# ethtool -l/-L in the Linux guest (channels of a multiqueue virtio-net); busybox has none.
+ETHTOOL = Path("/usr/sbin/ethtool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,16 +152,21 @@ class Builder:
     def initramfs(self, pkg: debian.KernelPackage, tools_key: str) -> None:
         if not BUSYBOX.exists():
             raise KitError(f"{BUSYBOX} is missing (install busybox-static)")
+        if not ETHTOOL.exists():
+            raise KitError(f"{ETHTOOL} is missing (install ethtool)")
         root = self.work / "kernel" / f"root-{pkg.release}"
         key = digest(
-            "initramfs-v1", self.stamps.info("kernel").get("key", ""), tools_key,
-            BUSYBOX, Path(initramfs.__file__), Path(modules.__file__), Path(cpio.__file__),
+            "initramfs-v2", self.stamps.info("kernel").get("key", ""), tools_key,
+            BUSYBOX, ETHTOOL, *initramfs.shared_objects(ETHTOOL),
+            Path(initramfs.__file__), Path(modules.__file__), Path(cpio.__file__),
         )
 
         def build() -> dict[str, str]:
             tree = modules.ModuleTree(debian.modules_dir(root, pkg))
             order = tree.load_order(initramfs.WANTED_MODULES)
-            data = initramfs.build_initramfs(BUSYBOX, order, {"kitio": self.paths.kitio})
+            data = initramfs.build_initramfs(
+                BUSYBOX, order, {"kitio": self.paths.kitio}, {"usr/sbin/ethtool": ETHTOOL}
+            )
             write_atomic(self.paths.initramfs, data)
             return {"modules": ",".join(m.name for m in order)}
 

@@ -119,17 +119,47 @@ def busybox_applets(busybox: Path) -> list[str]:
     return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
 
 
-def build_initramfs(busybox: Path, modules: list[Module], extra_bins: dict[str, Path]) -> bytes:
+def shared_objects(program: Path) -> list[Path]:
+    """The shared libraries (and the dynamic loader) ``program`` loads, as ``ldd`` resolves them."""
+    try:
+        out = subprocess.run(["ldd", str(program)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise KitError(f"cannot list the libraries of {program}") from err
+    found: list[Path] = []
+    for line in out.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)";
+        # the vDSO has no file.
+        words = line.split()
+        path = words[2] if len(words) > 2 and words[1] == "=>" else words[0] if words else ""
+        if path.startswith("/"):
+            found.append(Path(path))
+    return found
+
+
+def build_initramfs(busybox: Path, modules: list[Module], extra_bins: dict[str, Path],
+                    dynamic_programs: dict[str, Path] | None = None) -> bytes:
     """The gzip-compressed newc cpio archive of the kit.
 
     :param busybox: a statically linked busybox binary.
     :param modules: modules in load order (as :meth:`ModuleTree.load_order` gives).
     :param extra_bins: name → file of more static programs to put in /bin.
+    :param dynamic_programs: install path (``usr/sbin/ethtool``) → host binary of dynamically
+        linked programs; their libraries go in at the paths the host's loader uses, so the
+        guest (same architecture, glibc-compatible kernel) runs them unchanged.
     """
     cpio = CpioWriter()
     dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/share", "usr/share/udhcpc",
             "etc/udhcpc", "dev", "proc", "sys", "tmp", "run", "mnt", "root", "etc", "etc/kit",
             "lib", "lib/modules", "var", "var/run"]
+    libraries: dict[str, Path] = {}
+    for program in (dynamic_programs or {}).values():
+        for lib in shared_objects(program):
+            libraries[str(lib).lstrip("/")] = lib
+    for name in [*libraries, *(dynamic_programs or {})]:
+        parent = Path(name).parent
+        while str(parent) != "." and str(parent) not in dirs:
+            dirs.append(str(parent))
+            parent = parent.parent
     for d in sorted(dirs):  # a parent must come before its children
         cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
     # The kernel opens /dev/console for init before devtmpfs is mounted.
@@ -139,9 +169,13 @@ def build_initramfs(busybox: Path, modules: list[Module], extra_bins: dict[str, 
     for applet in busybox_applets(busybox):
         if applet in ("bin/busybox", "init", "linuxrc") or applet.endswith("/init"):
             continue
+        if applet in (dynamic_programs or {}):
+            continue  # the real program replaces busybox's applet
         cpio.symlink(applet, "/bin/busybox")
     for name, path in sorted(extra_bins.items()):
         cpio.file(f"bin/{name}", path.read_bytes(), 0o755)
+    for name, path in sorted({**libraries, **(dynamic_programs or {})}.items()):
+        cpio.file(name, path.read_bytes(), 0o755)
     cpio.file("init", INIT.encode(), 0o755)
     cpio.file("etc/profile", PROFILE.encode())
     cpio.file("etc/hostname", b"kit\n")

@@ -10,6 +10,11 @@ When ``vnet_hdr_len`` is non-zero every frame in either direction starts with a
 ``struct virtio_net_hdr_v1`` of that length (virtio 1.2 §5.1.6), so offloads
 pass through untouched; otherwise frames are plain Ethernet and the device
 must not negotiate offloads.
+
+A backend whose queues are steered by the host (a multi-queue tap) may also
+have ``set_queue_enabled(enabled: bool)``: the device calls it when the guest
+changes how many queue pairs it runs, so the host stops handing frames to a
+queue nobody reads. Single-queue backends need not have it.
 """
 
 from __future__ import annotations

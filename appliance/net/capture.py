@@ -77,6 +77,11 @@ class CapturingBackend:
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
         self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
 
+    def set_queue_enabled(self, enabled: bool) -> None:
+        set_enabled = getattr(self.inner, "set_queue_enabled", None)
+        if set_enabled is not None:
+            set_enabled(enabled)
+
     def close(self) -> None:
         for w in self.writers:
             w.close()

@@ -86,6 +86,20 @@ def set_offload(fd: int, *, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: 
         raise TapError("tap refused the offload flags") from err
 
 
+def set_queue_attached(fd: int, attached: bool) -> None:
+    """Attach or detach one queue of a multi-queue tap (TUNSETQUEUE).
+
+    A detached queue keeps its fd but the kernel stops steering received frames
+    to it, so a guest that runs fewer queue pairs loses none of them.
+    """
+    ifr = struct.pack("16sH22x", b"", IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE)
+    try:
+        fcntl.ioctl(fd, TUNSETQUEUE, ifr)
+    except OSError as err:
+        raise TapError(f"tap refused to {'attach' if attached else 'detach'} a queue "
+                       f"({os.strerror(err.errno or 0)})") from err
+
+
 def tap_flags(fd: int) -> int:
     res = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
     return int(struct.unpack_from("H", res, IFNAMSIZ)[0])

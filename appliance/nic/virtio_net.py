@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from appliance.net.backend import FrameBackend
+from appliance.net.errors import NetError
 from appliance.nic import constants as C
 from appliance.virtio.device import Interrupt, VirtioDevice
 from appliance.virtio.errors import QueueError
@@ -301,8 +302,7 @@ class VirtioNet(VirtioDevice):
         gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
         self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if gso else (self.mtu or 1500) + 18)
         self._apply_offloads(self.driver_features)
-        for pair in range(self.pairs):
-            self._set_rx_armed(pair, pair < self._active_pairs)
+        self._run_pairs(self._active_pairs)
 
     async def quiesce(self) -> None:
         """Give back the rx buffers we hold but never filled.
@@ -351,6 +351,17 @@ class VirtioNet(VirtioDevice):
             b.set_offloads(
                 on(C.F_GUEST_CSUM), on(C.F_GUEST_TSO4), on(C.F_GUEST_TSO6), on(C.F_GUEST_ECN), on(C.F_GUEST_UFO)
             )
+
+    def _run_pairs(self, n: int) -> None:
+        """Serve the first ``n`` pairs (§5.1.6.5.5); the host stops steering frames to the rest."""
+        for pair in range(self.pairs):
+            set_enabled = getattr(self.backends[pair], "set_queue_enabled", None)
+            if set_enabled is not None:
+                try:
+                    set_enabled(pair < n)
+                except NetError as err:
+                    log.warning("virtio-net queue pair %d: %s", pair, err)
+            self._set_rx_armed(pair, pair < n)
 
     def _set_rx_armed(self, pair: int, armed: bool) -> None:
         armed = armed and bool(self._queues)
@@ -547,8 +558,7 @@ class VirtioNet(VirtioDevice):
             if len(arg) < 2 or not C.CTRL_MQ_VQ_PAIRS_MIN <= n <= self._usable_pairs:
                 return C.CTRL_ERR
             self._active_pairs = n
-            for pair in range(self.pairs):
-                self._set_rx_armed(pair, pair < n)
+            self._run_pairs(n)
             return C.CTRL_OK
         if cls == C.CTRL_GUEST_OFFLOADS and cmd == C.CTRL_GUEST_OFFLOADS_SET:
             if not self.has_feature(C.F_CTRL_GUEST_OFFLOADS) or len(arg) < 8:

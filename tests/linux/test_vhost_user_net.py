@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -88,6 +89,35 @@ async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
                 await g.poweroff()
             assert dev.stats[0].tx_frames > 0 and dev.stats[1].tx_frames > 0, dev.stats
             assert dev.stats[0].rx_frames + dev.stats[1].rx_frames >= 40
+
+
+async def test_guest_ethtool_channels_moves_all_traffic_to_the_remaining_pair(tmp_path: Path) -> None:
+    """``ethtool -L eth0 combined 1`` in the guest: QEMU's control queue turns it into
+    SET_VRING_ENABLE 0 for pair 1; frames the tap would have steered to that pair's queue
+    must reach the guest through pair 0 instead of being stranded (virtio 1.2 §5.1.6.5.5)."""
+    sock = tmp_path / "ch.sock"
+    with namespace() as ns:
+        async with daemon(ns, sock, "vhch0", queues=2) as dev:
+            ns_exec(ns, "ip", "addr", "add", "10.94.0.1/24", "dev", "vhch0")
+            async with TcgGuest(nic_args(sock, "52:54:00:12:34:5a", queues=2), machine="q35", smp=2) as g:
+                await g.run("ip link set eth0 up && ip addr add 10.94.0.2/24 dev eth0")
+                assert re.findall(r"Combined:\s+(\d+)", await g.run("ethtool -l eth0")) == ["2", "2"]
+                await g.run("ethtool -L eth0 combined 1")
+                assert re.findall(r"Combined:\s+(\d+)", await g.run("ethtool -l eth0")) == ["2", "1"]
+                await asyncio.sleep(0.5)
+                pair1 = (dev.stats[1].tx_frames, dev.stats[1].rx_frames)
+                rx0 = dev.stats[0].rx_frames
+                # Eight flows (one ICMP id each) from both CPUs: the tap hashes them over
+                # every attached queue, so a stranded queue would lose some replies.
+                out = await g.run(
+                    "for i in 1 2 3 4 5 6 7 8; do taskset $(( (i % 2) + 1 )) "
+                    "ping -c 5 -i 0.1 -W 3 10.94.0.1 >/tmp/p$i & done; wait; cat /tmp/p*",
+                    timeout=90,
+                )
+                await g.poweroff()
+            assert out.count("5 packets received") == 8, out
+            assert (dev.stats[1].tx_frames, dev.stats[1].rx_frames) == pair1, dev.stats
+            assert dev.stats[0].rx_frames - rx0 >= 40
 
 
 async def test_two_guests_on_one_bridge_move_100_mb_intact(tmp_path: Path) -> None:
