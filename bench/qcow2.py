@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--convert-size", default=None)
     ap.add_argument("--dir", default=None, help="scratch directory on the disk to test")
     ap.add_argument("--repeat", type=int, default=2, help="runs per tool; the best counts")
+    ap.add_argument("--only", default=None,
+                    help="regular expression: run only the cases whose name matches")
     a = ap.parse_args()
     if shutil.which("qemu-img") is None:
         print("qemu-img is not installed", file=sys.stderr)
@@ -94,9 +96,12 @@ def main() -> int:
     try:
         # Reads: one image, filled by QEMU, read by both tools.
         filled = work / "filled.qcow2"
-        fresh_qcow2(filled)
-        run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {IMAGE_SIZE}", str(filled)])
+        if any(not c[2] and _wanted(a.only, f"bench {c[0]}") for c in io_cases(a.quick)):
+            fresh_qcow2(filled)
+            run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {IMAGE_SIZE}", str(filled)])
         for name, bs, write, rand, qd, count in io_cases(a.quick):
+            if not _wanted(a.only, f"bench {name}"):
+                continue
             step = bs * PRIME if rand else bs
             common = ["-f", "qcow2", "-t", "none", "-c", str(count), "-d", str(qd),
                       "-s", str(bs), "-S", str(step)] + (["-w"] if write else [])
@@ -116,6 +121,9 @@ def main() -> int:
                          o_iops / q_iops))
             print(_fmt(rows[-1]), flush=True)
         # Convert.
+        conv_names = ("qcow2->raw", "raw->qcow2", "raw->qcow2 -c")
+        if not any(_wanted(a.only, f"convert {n}") for n in conv_names):
+            return _table(rows, work)
         size_text = a.convert_size or ("256M" if a.quick else "2G")
         size = _size(size_text)
         raw = work / "src.raw"
@@ -128,6 +136,8 @@ def main() -> int:
             ("raw->qcow2 -c", ["-c", "-f", "raw", "-O", "qcow2"], raw),
         ]
         for name, opts, src in conv:
+            if not _wanted(a.only, f"convert {name}"):
+                continue
             best = {"qemu": 1e9, "ours": 1e9}
             for _ in range(a.repeat + 1 if "-c" not in opts else 1):
                 for who in ("qemu", "ours"):
@@ -146,6 +156,15 @@ def main() -> int:
                 print(f"  !! {name}: output differs from the source: {chk.stdout.strip()}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return _table(rows, work)
+
+
+def _wanted(only: str | None, name: str) -> bool:
+    return only is None or re.search(only, name) is not None
+
+
+def _table(rows: list[tuple[str, str, str, float]], work: Path) -> int:
+    shutil.rmtree(work, ignore_errors=True)
     print()
     print(f"{'case':<34}{'qemu-img':>16}{'appliance':>16}{'ratio':>8}")
     for r in rows:

@@ -42,7 +42,7 @@ from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
 from appliance.qcow2.snapshot import Snapshot, parse_snapshot_table
 from appliance.storage.aio import IOCB_CMD_PREADV, IOCB_CMD_PWRITEV, LinuxAio
-from appliance.storage.io import buffer_address, zero_from
+from appliance.storage.io import buffer_address, fallocate, zero_from
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
@@ -60,6 +60,7 @@ K_COMPRESSED = 3  # ``host`` is the raw L2 entry
 IOV_MAX = 1024
 DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 ALIGN = 4096
+_RESERVE_CHUNK = 8 << 20  # file space reserved ahead of fresh clusters at a time
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -966,6 +967,10 @@ class Qcow2Image:
                         if host + n > self.file_size:
                             self.file_size = host + n
                     return n
+            elif hit is None and not self._lock.locked():
+                done = await self._fast_alloc_write(offset, bufs[0], n)
+                if done:
+                    return n
         sp = _Splitter(bufs)
         total = sp.total
         self._check_range(offset, total)
@@ -1010,6 +1015,88 @@ class Qcow2Image:
         if self._writethrough:
             await self.flush()
         return total
+
+    async def _fast_alloc_write(self, offset: int, buf: memoryview, n: int) -> bool:
+        """Allocate one cluster and write into it without planning, if the case is simple.
+
+        The case: a write inside one unallocated (or zero-flagged, host-less)
+        cluster that needs no copy-on-write, whose L2 table is cached and
+        already this image's own (COPIED), while nobody holds the lock, with
+        a free cluster at the allocator's hint. The refcount increment and
+        the in-flight registration happen here with no await in between, so
+        they are as atomic as under the lock; the L2 entry is published after
+        the data as in :meth:`_commit`. Returns False, having changed
+        nothing, when the case is not simple.
+        """
+        cb = self._cb
+        cs = self._cs
+        gc = offset >> cb
+        a = offset & (cs - 1)
+        if (self._ext or a + n > cs or offset < 0 or offset + n > self.size or n == 0
+                or gc in self._inflight or (self._lazy_dirty is False and self.header.lazy_refcounts
+                                            and self.header.version >= 3)):
+            return False
+        l1i = gc >> self._l2_bits
+        l1e = self._l1[l1i] if l1i < len(self._l1) else 0
+        l2off = l1e & OFFSET_MASK
+        t = self._l2.get(l2off) if l1e & COPIED else None
+        if t is None:
+            return False
+        i = gc & (self._l2_entries - 1)
+        e = t[i]
+        if e & OFFSET_MASK or e & COMPRESSED or not self._fill_is_zero(e, 0):
+            return False
+        c = self._free_hint
+        ti, bi = divmod(c, self._rb_entries)
+        blk = self._rb.get(ti)
+        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb:
+            return False
+        host = c << cb
+        fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
+        whole = n == cs or offset + n == self.size and a == 0
+        if not (fresh or whole):
+            return False  # the rest of a reused cluster must be zeroed: the planner does that
+        if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
+            return False
+        blk[bi] = 1
+        self._rb_dirty.add(ti)
+        self._rc_dirty = True
+        self._free_hint = c + 1
+        if host + cs > self._alloc_end:
+            self._alloc_end = host + cs
+        if fresh and (self._aio is not None or not whole):
+            self._reserve_space(host + cs)
+        inf = _Alloc(asyncio.get_running_loop().create_future(), host, fresh)
+        self._inflight[gc] = inf
+        ok = False
+        self._io_count += 1
+        try:
+            await self._data_write([buf], host + a, n)
+            if host + a + n > self._written_end:
+                self._written_end = host + a + n
+                if host + a + n > self.file_size:
+                    self.file_size = host + a + n
+            self._needs_sync = True
+            ok = True
+        finally:
+            self._io_count -= 1
+            if not ok:
+                self._pending_frees.append(c)
+                self._inflight.pop(gc, None)
+                inf.fut.set_result(None)
+        item = [gc, a, a + n, e, 0, host, -2, fresh]
+        if (self._lock.locked() or self._l1[l1i] != l1e or self._l2.get(l2off) is not t
+                or t[i] != e):
+            # Metadata moved while the data was in flight: publish the careful way.
+            async with self._lock:
+                await self._commit([item])
+            return True
+        t[i] = host | COPIED
+        self._l2_dirty.add(l2off)
+        del self._inflight[gc]
+        inf.ok = True
+        inf.fut.set_result(None)
+        return True
 
     async def _plan_write(self, offset: int, total: int) -> Any:
         """Map a write. Returns (segments, allocations) or a future to wait for.
@@ -1073,8 +1160,10 @@ class Qcow2Image:
                 need_new[k][5] = (start + k - i) << cb
                 # Never handed out before: the file reads zeroes there without our help.
                 need_new[k][7] = need_new[k][5] >= fresh
-            if need_new[i][7] and (need_new[i][1] or need_new[j - 1][2] < cs):
-                # Partial writes will skip their zero fills: back them with file space.
+            if need_new[i][7] and (self._aio is not None or need_new[i][1]
+                                   or need_new[j - 1][2] < cs):
+                # Partial writes will skip their zero fills, and kernel AIO only
+                # stays asynchronous inside the file: back them with file space.
                 self._reserve_space((start + j - i) << cb)
             i = j
         loop = asyncio.get_running_loop()
@@ -1131,9 +1220,11 @@ class Qcow2Image:
         """
         if end <= self._falloc_end or self._no_falloc:
             return
-        new_end = max(end, self._falloc_end + (2 << 20))
+        new_end = max(end, self._falloc_end + max(_RESERVE_CHUNK, 4 * self._cs))
         try:
-            os.posix_fallocate(self._fd, self._falloc_end, new_end - self._falloc_end)
+            # fallocate(2) itself: glibc's posix_fallocate would write zeroes
+            # where the file system cannot reserve space.
+            fallocate(self._fd, 0, self._falloc_end, new_end - self._falloc_end)
         except OSError:
             self._no_falloc = True
             return
