@@ -1,0 +1,138 @@
+"""The batched ring walk virtio-net uses (``Virtqueue.pop_buffers`` / ``push_used_heads``).
+
+The short path checks a lone descriptor against the region cached from the
+previous buffer; these tests hand it the descriptors a hostile driver would:
+straddling a region's end, in a hole between regions, wrapping the address
+space, of the wrong direction, and rings that lie about their indices.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.kvm.memory import GuestMemory, MemoryRegion
+from appliance.net.memory import MemoryLink
+from appliance.nic import constants as C
+from appliance.nic.virtio_net import VirtioNet
+from appliance.virtio.errors import QueueError
+from appliance.virtio.queue import Virtqueue
+from appliance.virtio.testing import WRITE, DriverQueue, FakeDriver, make_memory
+
+RAM = 1 << 20
+
+
+def two_region_memory() -> GuestMemory:
+    """1 MiB at 0 and 1 MiB at 2 MiB, with a 1 MiB hole between."""
+    return GuestMemory([MemoryRegion(0, bytearray(RAM)), MemoryRegion(2 * RAM, bytearray(RAM))])
+
+
+def queue(mem: GuestMemory, size: int = 16) -> tuple[DriverQueue, Virtqueue]:
+    dq = DriverQueue.at(mem, 0x1000, size)
+    return dq, dq.virtqueue()
+
+
+def test_lone_descriptors_come_back_as_views_of_guest_ram() -> None:
+    mem = make_memory(RAM)
+    mem.write(0x8000, b"frame-one")
+    dq, vq = queue(mem)
+    h1 = dq.add_chain([(0x8000, 9, 0)])
+    h2 = dq.add_chain([(0x9000, 100, 0)])
+    got = vq.pop_buffers(16, False)
+    assert [(h, n) for h, _, n in got] == [(h1, 9), (h2, 100)]
+    assert bytes(got[0][1][0]) == b"frame-one"
+    vq.push_used_heads([h1, h2])
+    assert dq.used() == [(h1, 0), (h2, 0)]
+
+
+def test_descriptor_straddling_the_region_end_is_returned_unused() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem)
+    good = dq.add_chain([(0x8000, 64, 0)])  # caches the region
+    bad = dq.add_chain([(RAM - 10, 20, 0)])
+    got = vq.pop_buffers(16, False)
+    assert [h for h, _, _ in got] == [good]
+    assert vq.invalid_chains == 1
+    assert dq.used() == [(bad, 0)]
+
+
+def test_descriptor_in_a_hole_between_regions_is_returned_unused() -> None:
+    mem = two_region_memory()
+    dq, vq = queue(mem)
+    dq.add_chain([(0x8000, 64, 0)])
+    bad = dq.add_chain([(RAM + 0x100, 64, 0)])
+    ok2 = dq.add_chain([(2 * RAM + 0x100, 64, 0)])  # the other region: walked, then cached
+    got = vq.pop_buffers(16, False)
+    assert [h for h, _, _ in got][1:] == [ok2]
+    assert vq.invalid_chains == 1
+    assert dq.used() == [(bad, 0)]
+
+
+def test_descriptor_wrapping_the_address_space_is_returned_unused() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem)
+    dq.add_chain([(0x8000, 64, 0)])
+    bad = dq.add_chain([(2**64 - 8, 0xFFFF, 0)])
+    assert len(vq.pop_buffers(16, False)) == 1
+    assert dq.used() == [(bad, 0)]
+
+
+def test_chain_of_the_other_direction_yields_no_buffers() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem)
+    h = dq.add_chain([(0x8000, 64, WRITE)])
+    assert vq.pop_buffers(16, False) == [(h, [], 0)]
+    h2 = dq.add_chain([(0x8000, 64, 0), (0x9000, 32, WRITE)])
+    ((head, views, n),) = vq.pop_buffers(16, True)
+    assert (head, n, [len(v) for v in views]) == (h2, 32, [32])
+
+
+def test_limit_leaves_the_rest_on_the_ring() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem)
+    heads = [dq.add_chain([(0x8000 + 0x100 * i, 64, 0)]) for i in range(5)]
+    assert [h for h, _, _ in vq.pop_buffers(2, False)] == heads[:2]
+    assert [h for h, _, _ in vq.pop_buffers(16, False)] == heads[2:]
+    assert vq.pop_buffers(16, False) == []
+
+
+def test_avail_index_too_far_ahead_breaks_the_queue() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem, size=8)
+    dq.set_avail_idx(9)
+    with pytest.raises(QueueError):
+        vq.pop_buffers(16, False)
+    assert vq.broken
+    assert vq.pop_buffers(16, False) == []
+
+
+def test_head_index_out_of_range_breaks_the_queue() -> None:
+    mem = make_memory(RAM)
+    dq, vq = queue(mem, size=8)
+    dq.claim(0)
+    mem.write_u16(dq.avail_addr + 4, 200)  # ring[0] names descriptor 200
+    dq.set_avail_idx(1)
+    with pytest.raises(QueueError):
+        vq.pop_buffers(16, False)
+    assert vq.broken
+
+
+def test_tx_batch_larger_than_a_ring_pass_sends_every_frame_in_order() -> None:
+    """200 frames through a 64-entry ring in four kicks go out in order, one used element each."""
+    link = MemoryLink(vnet_hdr_len=C.HDR_LEN)
+    dev = VirtioNet([link], bytes.fromhex("525400123456"))
+    drv = FakeDriver(dev, queue_size=64, mem_size=4 << 20)
+    drv.activate()
+    txq = drv.queues[1]
+    buf = drv.alloc(64 * 80)
+    sent = 0
+    while sent < 200:
+        for i in range(min(64, 200 - sent)):
+            frame = bytes(C.HDR_LEN) + (sent + i).to_bytes(4, "big") + bytes(56)
+            drv.mem.write(buf + 80 * i, frame)
+            txq.add_chain([(buf + 80 * i, len(frame), 0)])
+        drv.kick(1)
+        got = txq.used()
+        assert all(n == 0 for _, n in got)
+        sent += len(got)
+    assert [int.from_bytes(f[C.HDR_LEN : C.HDR_LEN + 4], "big") for f in link.sent] == list(range(200))
+    assert dev.stats[0].tx_frames == 200
