@@ -16,6 +16,9 @@ class Counters:
     tx_queue_drops: int = 0  # outgoing queue to the guest was full
     truncated: int = 0  # shorter than its headers say
     bad_checksum: int = 0
+    bad_vnet_hdr: int = 0  # a virtio-net header with flags or a GSO type we do not offer
+    rx_gso_frames: int = 0  # TSO segments from the guest (each taken as one TCP segment)
+    tx_gso_frames: int = 0  # TSO segments handed to the guest
     not_for_us: int = 0  # wrong MAC, unknown ethertype, spoofed source
     unsupported: int = 0  # protocol or option we do not handle
     frag_reassembled: int = 0

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.nat.frames import ETH_HLEN, IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
 from appliance.nat.ipv6 import build_ipv6
+from appliance.nic import constants as V
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -51,6 +52,10 @@ MAX_OOO_SEGMENTS = 256
 TIME_WAIT = 2.0
 ACK_EVERY = 8 * OUR_MSS
 HOST_WRITE_BATCH = 64 * 1024
+# Largest TSO segment toward the guest: the IP length fields are 16 bits
+# (IPv4 total length counts its own 20-byte header, IPv6 payload length does not).
+TSO_MAX_V4 = 65535 - 20 - 20
+TSO_MAX_V6 = 65535 - 20
 
 _TCP = struct.Struct("!HHIIHHHH")
 
@@ -252,9 +257,23 @@ class TcpConn:
         if n:
             frame += payload
         l4 = self._l4
+        net = self.net
+        if net.guest_csum:
+            # Checksum offload toward the guest (virtio 1.2 §5.1.6.4): the field holds the
+            # folded pseudo-header sum and NEEDS_CSUM says where the rest would go; a guest
+            # that only receives the segment never computes it. gso_size tells it how to cut
+            # a segment larger than its MSS, were it to forward it.
+            struct.pack_into("!H", frame, l4 + 16, (self._pseudo + hlen + n) % 0xFFFF or 0xFFFF)
+            if n > self.mss:
+                net.stats.tx_gso_frames += 1
+                hdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_TCPV6 if self._v6 else V.GSO_TCPV4,
+                                 l4 + hlen, self.mss, l4, 16, 0)  # fmt: skip
+            else:
+                hdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_NONE, 0, 0, l4, 16, 0)
+            return net.output(frame, hdr)
         total = self._pseudo + hlen + n + ones_sum(memoryview(frame)[l4:])
         struct.pack_into("!H", frame, l4 + 16, fold(total))
-        return self.net.output(frame)
+        return net.output(frame)
 
     def send_ack(self) -> None:
         self._emit(ACK, self.snd_nxt)
@@ -752,17 +771,24 @@ class TcpConn:
         wnd = min(self.snd_wnd, self.cwnd)
         sent = False
         mss = self.mss
+        # With TSO toward the guest one frame carries up to ~64 KiB, whole MSS multiples.
+        if net.guest_tso6 if self._v6 else net.guest_tso4:
+            seg_max = max((TSO_MAX_V6 if self._v6 else TSO_MAX_V4) // mss * mss, mss)
+        else:
+            seg_max = mss
         while True:
             if net.tx_space() < 4:
                 net.wait_tx_space(self, self.output)
                 break
             avail = data_end - self.snd_nxt
             room = self.snd_una + wnd - self.snd_nxt
-            k = min(mss, avail, room)
+            k = min(seg_max, avail, room)
             if k > 0:
                 # Sender-side silly window avoidance (RFC 9293 §3.8.6.2.1).
                 if k < mss and k < avail and self.snd_nxt > self.snd_una:
                     break
+                if k > mss and k < avail:
+                    k -= k % mss  # the tail of a TSO segment waits to fill a whole MSS
                 off = self._sndoff + (self.snd_nxt - self.snd_una)
                 flags = ACK | PSH if k == avail else ACK
                 if not self._emit(flags, self.snd_nxt, memoryview(self.sndbuf)[off : off + k]):

@@ -288,6 +288,7 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[Frame
         return [stream], stream
     from appliance.nat.stack import UserNetwork
 
-    user = UserNetwork(cfg.config)
+    # With virtio-net headers the NIC offers checksum/TSO offloads, which the stack takes and gives.
+    user = UserNetwork(cfg.config, vnet_hdr=True)
     await user.start()
     return [user], user

@@ -66,6 +66,27 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
                 assert "default via 10.0.2.2" in await g.run("ip route")
                 got = await g.run(f"wget -q -O - http://10.0.2.2:{http_port}/blob | sha256sum", timeout=180)
                 assert got.split()[0] == hashlib.sha256(blob).hexdigest()
+                # Upload: the guest's driver took our CSUM/HOST_TSO4 offer and sends 64 KiB segments.
+                got_up = hashlib.sha256()
+                up_done = asyncio.Event()
+
+                async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                    while chunk := await r.read(1 << 20):
+                        got_up.update(chunk)
+                    w.close()
+                    up_done.set()
+
+                srv = await asyncio.start_server(sink, "127.0.0.1", 0)
+                up_port = srv.sockets[0].getsockname()[1]
+                sent = await g.run(f"head -c 8388608 /dev/urandom | tee /tmp/up | nc 10.0.2.2 {up_port}; "
+                                   "sha256sum /tmp/up; rm /tmp/up", timeout=180)  # fmt: skip
+                await asyncio.wait_for(up_done.wait(), 30)
+                srv.close()
+                assert sent.split()[0] == got_up.hexdigest()
+                counters = stack.counters()  # type: ignore[attr-defined]
+                assert counters["rx_gso_frames"] > 0, "the guest never sent a TSO segment"
+                assert counters["tx_gso_frames"] > 0, "the guest never took a TSO segment"
+                assert counters["bad_vnet_hdr"] == 0 and counters["errors"] == 0
                 # Inbound: a host client reaches a guest listener through hostfwd.
                 await g.write("echo from-guest | nc -l -p 7000 > /tmp/in; echo NC-DONE\n")
                 await asyncio.sleep(1)

@@ -5,7 +5,10 @@ and checksum) so the stack is checked against something other than itself.
 It has what a guest needs to move bulk data over an imperfect link:
 go-back-N retransmission with a fixed-then-doubling timeout, fast retransmit
 on three duplicate ACKs, an out-of-order queue, window scaling and FIN both
-ways. ``Link`` can drop, duplicate and reorder frames in each direction.
+ways. ``Link`` can drop, duplicate and reorder frames in each direction,
+and with ``vnet=True`` plays a virtio-net driver that negotiated checksum and
+TCP segmentation offload: its TCP segments go out with a partial checksum and
+a ``virtio_net_hdr``, and segments from the stack are checked against theirs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ GUEST_IP = bytes([10, 0, 2, 15])
 GW_IP = bytes([10, 0, 2, 2])
 M32 = 0xFFFFFFFF
 FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+# virtio 1.2 §5.1.6: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+VNET_HDR = struct.Struct("<BBHHHHH")
+NEEDS_CSUM = 1
+GSO_TCPV4 = 1
 
 
 def csum(data: bytes) -> int:
@@ -66,8 +73,11 @@ def tcp_frame(
 class Link:
     """The wire between the test guest and the stack, optionally lossy in both directions."""
 
-    def __init__(self, net: UserNetwork, *, loss: float = 0.0, seed: int = 1) -> None:
+    def __init__(self, net: UserNetwork, *, loss: float = 0.0, seed: int = 1, vnet: bool = False) -> None:
         self.net = net
+        self.vnet = vnet
+        self.headers: list[tuple[int, int, int, int, int, int, int]] = []  # vnet headers seen from the stack
+        self.partial_from_stack = 0
         self.loss = loss
         self.rng = random.Random(seed)
         self._held_in: bytes | None = None
@@ -97,11 +107,38 @@ class Link:
             out.append(held)
         return out, None
 
+    def _offload(self, frame: bytes) -> bytes:
+        """What a driver with CSUM/HOST_TSO4 sends: the TCP checksum left partial, a header saying so."""
+        if frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            return bytes(VNET_HDR.size) + frame
+        ihl = (frame[14] & 15) * 4
+        total = int.from_bytes(frame[16:18], "big")
+        start = 14 + ihl
+        seg = bytearray(frame[start : 14 + total])
+        pseudo = struct.pack("!4s4sBBH", frame[26:30], frame[30:34], 0, 6, len(seg))
+        struct.pack_into("!H", seg, 16, ~csum(pseudo) & 0xFFFF)  # folded, not complemented
+        payload = len(seg) - (seg[12] >> 4) * 4
+        gso = GSO_TCPV4 if payload > 1460 else 0
+        hdr = VNET_HDR.pack(NEEDS_CSUM, gso, start + (seg[12] >> 4) * 4, 1460 if gso else 0, start, 16, 0)
+        return hdr + frame[:start] + bytes(seg)
+
     def to_stack(self, frame: bytes) -> None:
         frames, self._held_in = self._mangle(frame, self._held_in)
         for f in frames:
             self.sent += 1
-            self.net.send([memoryview(f)])
+            self.net.send([memoryview(self._offload(f) if self.vnet else f)])
+
+    def _complete(self, raw: bytes) -> bytes:
+        """Strip the stack's vnet header and finish a partial checksum, as a NIC forwarding it would."""
+        hdr = VNET_HDR.unpack_from(raw)
+        self.headers.append(hdr)
+        frame = bytearray(raw[VNET_HDR.size :])
+        flags, _gso, _hl, _gs, start, off, _nb = hdr
+        if flags & NEEDS_CSUM:
+            self.partial_from_stack += 1
+            c = csum(bytes(frame[start:]))
+            struct.pack_into("!H", frame, start + off, c or 0xFFFF)
+        return bytes(frame)
 
     def from_stack(self) -> list[bytes]:
         out: list[bytes] = []
@@ -110,6 +147,8 @@ class Link:
             if n < 0:
                 break
             frame = bytes(self._mv[:n])
+            if self.vnet:
+                frame = self._complete(frame)
             if self.drop_from_stack is not None and self.drop_from_stack(frame):
                 continue
             frames, self._held_out = self._mangle(frame, self._held_out)
@@ -158,6 +197,7 @@ class GuestTcp:
         self.on_data: Callable[[bytes], None] | None = None
         self.window_override: int | None = None
         self.probes_seen = 0
+        self.tso = False  # send segments of up to 64 KiB (a driver with HOST_TSO4), not the peer's MSS
         self.changed = asyncio.Event()
 
     # wire helpers
@@ -207,7 +247,7 @@ class GuestTcp:
         wnd = self.peer_wnd
         while self.snd_nxt < end:
             room = self.snd_una + wnd - self.snd_nxt
-            k = min(self.peer_mss, end - self.snd_nxt, room)
+            k = min(44 * 1460 if self.tso else self.peer_mss, end - self.snd_nxt, room)
             if k <= 0:
                 break
             off = self.snd_nxt - self._data_base()
@@ -380,10 +420,12 @@ class GuestTcp:
 class Guest:
     """The test guest: answers ARP, demultiplexes TCP and UDP, runs TCP timers."""
 
-    def __init__(self, net: UserNetwork, *, loss: float = 0.0, seed: int = 1, ip: bytes = GUEST_IP) -> None:
+    def __init__(
+        self, net: UserNetwork, *, loss: float = 0.0, seed: int = 1, ip: bytes = GUEST_IP, vnet: bool = False
+    ) -> None:
         self.net = net
         self.ip = ip
-        self.link = Link(net, loss=loss, seed=seed)
+        self.link = Link(net, loss=loss, seed=seed, vnet=vnet)
         self.tcp: dict[tuple[int, bytes, int], GuestTcp] = {}
         self.listeners: dict[int, list[GuestTcp]] = {}
         self.udp: list[tuple[bytes, int, int, bytes]] = []  # src, sport, dport, payload
