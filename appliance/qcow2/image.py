@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import logging
 import mmap
 import os
@@ -42,7 +43,7 @@ from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
 from appliance.qcow2.snapshot import Snapshot, parse_snapshot_table
 from appliance.storage.aio import IOCB_CMD_PREADV, IOCB_CMD_PWRITEV, LinuxAio
-from appliance.storage.io import buffer_address, fallocate, zero_from
+from appliance.storage.io import fallocate, zero_from
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
@@ -118,6 +119,49 @@ def _pwritev_full(fd: int, views: Sequence[Any], off: int) -> None:
             rest.append(mv[done:])
             done = 0
         views = rest
+
+
+def _aio_views(views: Sequence[Any]) -> bool:
+    """Whether kernel AIO can take the buffers' addresses (writable, contiguous views)."""
+    for v in views:
+        if type(v) is not memoryview or v.readonly or not v.c_contiguous:
+            return False
+    return True
+
+
+def _bounce_span(host: int, length: int) -> tuple[int, memoryview]:
+    start = host & ~(ALIGN - 1)
+    end = (host + length + ALIGN - 1) & ~(ALIGN - 1)
+    return start, memoryview(mmap.mmap(-1, end - start))
+
+
+def _bounce_read(fd: int, views: Sequence[memoryview], host: int) -> None:
+    """O_DIRECT refused the caller's buffers (unaligned): read via an aligned copy."""
+    length = sum(len(v) for v in views)
+    start, buf = _bounce_span(host, length)
+    _preadv_full(fd, [buf], start)
+    pos = host - start
+    for v in views:
+        v[:] = buf[pos : pos + len(v)]
+        pos += len(v)
+
+
+def _bounce_write(fd: int, views: Sequence[Any], host: int, length: int) -> None:
+    """O_DIRECT refused the caller's buffers or range (unaligned): write an aligned copy.
+
+    Bytes of the aligned span outside the request are read first; a concurrent
+    unaligned write to the same 4 KiB block could interleave, as with any
+    read-modify-write, but guests using O_DIRECT disks send aligned requests.
+    """
+    start, buf = _bounce_span(host, length)
+    if start != host or len(buf) != length:
+        _preadv_full(fd, [buf], start)
+    pos = host - start
+    for v in views:
+        mv = memoryview(v).cast("B")
+        buf[pos : pos + len(mv)] = mv
+        pos += len(mv)
+    _pwritev_full(fd, [buf], start)
 
 
 class _Splitter:
@@ -874,28 +918,36 @@ class Qcow2Image:
     async def _data_read(self, views: list[memoryview], host: int) -> None:
         """Read data cluster bytes: kernel AIO under O_DIRECT, else the thread pool."""
         aio = self._aio
-        if aio is not None and all(buffer_address(v) is not None for v in views):
-            want = sum(v.nbytes for v in views)
-            got = await aio.submit(IOCB_CMD_PREADV, self._dfd, views, host)
-            if got < want:  # past EOF: the rest of the cluster reads as zeroes
-                zero_from(views, got)
-            return
-        await _iorun(_preadv_full, self._dfd, views, host)
+        try:
+            if aio is not None and _aio_views(views):
+                want = sum(v.nbytes for v in views)
+                got = await aio.submit(IOCB_CMD_PREADV, self._dfd, views, host, eager=True)
+                if got < want:  # past EOF: the rest of the cluster reads as zeroes
+                    zero_from(views, got)
+                return
+            await _iorun(_preadv_full, self._dfd, views, host)
+        except OSError as err:
+            if err.errno != errno.EINVAL or not self._direct:
+                raise
+            await _iorun(_bounce_read, self._dfd, views, host)
 
     async def _data_write(self, views: list[Any], host: int, length: int) -> None:
         """Write data cluster bytes; AIO only inside the file, where io_submit does
         not block (extending O_DIRECT writes run synchronously in ext4)."""
         aio = self._aio
-        if (aio is not None and host + length <= self.file_size
-                and all(isinstance(v, memoryview) and buffer_address(v) is not None
-                        for v in views)):
-            done = await aio.submit(IOCB_CMD_PWRITEV, self._dfd, views, host)
-            if done == length:
+        try:
+            if aio is not None and host + length <= self.file_size and _aio_views(views):
+                done = await aio.submit(IOCB_CMD_PWRITEV, self._dfd, views, host, eager=True)
+                if done == length:
+                    return
+                rest = _Splitter(views).take(done, length - done)
+                await _iorun(_pwritev_full, self._dfd, rest, host + done)
                 return
-            rest = _Splitter(views).take(done, length - done)
-            await _iorun(_pwritev_full, self._dfd, rest, host + done)
-            return
-        await _iorun(_pwritev_full, self._dfd, views, host)
+            await _iorun(_pwritev_full, self._dfd, views, host)
+        except OSError as err:
+            if err.errno != errno.EINVAL or not self._direct:
+                raise
+            await _iorun(_bounce_write, self._dfd, views, host, length)
 
     async def _read_backing(self, start: int, length: int, views: list[memoryview]) -> None:
         bsize = self.backing.size

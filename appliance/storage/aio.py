@@ -114,16 +114,24 @@ class LinuxAio:
         self.loop.add_reader(self._efd, self._reap)
         self.closed = False
 
-    def submit(self, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int) -> asyncio.Future[int]:
+    def submit(self, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int, *,
+               eager: bool = False) -> asyncio.Future[int]:
         """Queue a read (``IOCB_CMD_PREADV``) or write (``IOCB_CMD_PWRITEV``).
 
         The future resolves to the byte count or raises :class:`OSError`.
         Buffers must be writable views (their addresses are taken) and meet
         the O_DIRECT alignment; the caller checks that.
+
+        :param eager: submit at once when this is the only request in the
+            context (a lone request then skips a loop turn; with others in
+            flight it still joins the next batched ``io_submit``).
         """
         fut: asyncio.Future[int] = self.loop.create_future()
         if self._free:
             self._fill(self._free.pop(), opcode, fd, bufs, offset, fut)
+            if eager and len(self._free) == self.depth - 1 and len(self._ready) == 1:
+                self._flush()
+                return fut
         else:
             self._waiting.append((opcode, fd, bufs, offset, fut))
         if not self._flush_scheduled:

@@ -245,3 +245,25 @@ async def test_concurrent_allocating_writes_land_and_leave_a_clean_image(
     info = qemu_img("check", "--output=json", str(p)).stdout
     end = int(info.split('"image-end-offset":')[1].split(",")[0])
     assert p.stat().st_size <= end + 64 * 1024
+
+
+@needs_qemu_img
+async def test_cache_none_takes_unaligned_buffers_and_offsets(tmp_path: Path) -> None:
+    """O_DIRECT refuses unaligned buffers and ranges; the engine bounces them instead."""
+    p = tmp_path / "u.qcow2"
+    await create_image(p, CreateOptions(size=4 * MiB))
+    img = await open_image(p, read_only=False, fmt="qcow2", cache="none")
+    model = bytearray(4 * MiB)
+    for off, n in ((4096, 8192), (70000, 3000), (65536 * 3 + 1, 65535), (4096, 8192)):
+        data = bytearray(os.urandom(n + 1))[1:]  # a view one byte into a bytearray
+        await img.writev(off, [memoryview(data)])
+        model[off : off + n] = data
+    got = bytearray(4 * MiB + 1)
+    await img.readv(0, [memoryview(got)[1:]])
+    assert got[1:] == model
+    small = bytearray(100)
+    await img.readv(70001, [memoryview(small)])
+    assert small == model[70001:70101]
+    await img.close()
+    check_clean(p)
+    assert oracle_raw(p, tmp_path) == bytes(model)
