@@ -9,7 +9,9 @@ Takes qemu-storage-daemon's syntax, so scripts written for it work unchanged::
 addr.path=/tmp/vu.sock,writable=on,num-queues=2
 
 A ``file`` node names an image file; a ``raw`` or ``qcow2`` node layers a
-format on a file node. Each export is one virtio-blk device behind one
+format on a file node. ``--blockdev`` is parsed and resolved by
+:mod:`appliance.storage.blockdev`, the same code as ``appliance run
+-blockdev``, and images are opened the same way (locks, ``aio=native``). Each export is one virtio-blk device behind one
 vhost-user socket; several exports run in one daemon. It runs until SIGTERM or
 SIGINT and removes its sockets on the way out.
 
@@ -21,16 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from appliance.cli.options import OptionDict, parse_bool, parse_option
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
+from appliance.storage.blockdev import (
+    BlockdevConfig,
+    OpenImage,
+    open_source,
+    parse_keyval_or_json,
+    resolve_blockdev,
+)
 
 USAGE = """\
 usage: appliance storage-daemon [options]
@@ -39,11 +46,15 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
 
   -h, --help             show this help and exit
   --blockdev [driver=]file,node-name=<name>,filename=<path>[,read-only=on|off]
-             [,cache.direct=on|off][,cache.no-flush=on|off][,aio=threads]
-             [,discard=ignore|unmap][,locking=on|off]
-                         an image file
+             [,cache.direct=on|off][,cache.no-flush=on|off][,aio=threads|native]
+             [,discard=ignore|unmap][,locking=on|off|auto]
+                         an image file (aio=native needs cache.direct=on)
   --blockdev [driver=]raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off]
+             [,discard=ignore|unmap]
                          a format layered on a file node
+  --blockdev [driver=]raw|qcow2,node-name=<name>,file.driver=file,
+             file.filename=<path>[,file.<file option>=...]
+                         the same with its file node written inline
   --export [type=]vhost-user-blk,id=<id>,node-name=<name>,addr.type=unix,
            addr.path=<socket>[,writable=on|off][,num-queues=<n>]
            [,logical-block-size=<bytes>][,serial=<str>]
@@ -53,93 +64,6 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
 Each --blockdev/--export also takes its JSON form, as qemu-storage-daemon does.
 Runs until SIGTERM or SIGINT.
 """
-
-
-@dataclass(frozen=True, slots=True)
-class BlockdevConfig:
-    """One ``--blockdev``."""
-
-    SYNTAX = "driver=file|raw|qcow2,node-name=<name>,filename=<path>|file=<node>,…"
-    driver: str
-    node_name: str
-    filename: str | None = None
-    file: str | None = None
-    read_only: bool = False
-    cache_direct: bool = False
-    no_flush: bool = False
-    discard: str = "ignore"
-    locking: bool = True
-
-    @classmethod
-    def parse(cls, text: str) -> BlockdevConfig:
-        o = _parse("--blockdev", text, implied="driver")
-        driver = o.require("driver")
-        node = o.require("node-name")
-        read_only = o.take_bool("read-only")
-        o.take("auto-read-only")  # only matters to QEMU's own reopen logic
-        for key in ("detect-zeroes", "force-share"):
-            v = o.take(key, "off")
-            if v != "off":
-                raise ConfigError(f"--blockdev: {key}={v} is not supported")
-        if driver == "file":
-            filename = o.require("filename")
-            direct = o.take_bool("cache.direct")
-            no_flush = o.take_bool("cache.no-flush")
-            aio = o.take("aio", "threads")
-            if aio != "threads":
-                raise ConfigError(f"--blockdev: aio={aio} is not supported (only aio=threads)")
-            discard = o.take("discard", "ignore") or "ignore"
-            if discard not in ("ignore", "unmap", "off", "on"):
-                raise ConfigError(f"--blockdev: discard={discard} is not ignore or unmap")
-            locking = _locking(o)
-            o.finish()
-            return cls(
-                driver, node, filename=filename, read_only=read_only, cache_direct=direct,
-                no_flush=no_flush, discard="unmap" if discard in ("unmap", "on") else "ignore",
-                locking=locking,
-            )
-        if driver in ("raw", "qcow2"):
-            file = o.require("file")
-            o.take("discard")  # format nodes pass discard to their file node
-            o.finish()
-            return cls(driver, node, file=file, read_only=read_only)
-        raise ConfigError(f"--blockdev: driver '{driver}' is not supported (file, raw, qcow2)")
-
-
-def _parse(option: str, text: str, *, implied: str) -> OptionDict:
-    """``key=val,…`` or, as qemu-storage-daemon also takes, a JSON object."""
-    if not text.lstrip().startswith("{"):
-        return parse_option(option, text, implied=implied)
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{option}: invalid JSON") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{option}: JSON value must be an object")
-    pairs: list[tuple[str, str]] = []
-
-    # Nested objects become dotted keys ({"cache": {"direct": true}} is
-    # cache.direct=on), as QEMU's keyval grammar defines them.
-    def flatten(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flatten(f"{prefix}{k}.", v)
-        elif isinstance(value, bool):
-            pairs.append((prefix[:-1], "on" if value else "off"))
-        elif isinstance(value, int | str):
-            pairs.append((prefix[:-1], str(value)))
-        else:
-            raise ConfigError(f"{option}: unsupported JSON value for '{prefix[:-1]}'")
-
-    flatten("", obj)
-    return OptionDict(option, pairs)
-
-
-def _locking(o: OptionDict) -> bool:
-    v = o.take("locking", "on") or "on"
-    if v == "auto":
-        return True
-    return parse_bool(v, "--blockdev locking")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +81,7 @@ class ExportConfig:
 
     @classmethod
     def parse(cls, text: str) -> ExportConfig:
-        o = _parse("--export", text, implied="type")
+        o = parse_keyval_or_json("--export", text, implied="type")
         kind = o.require("type")
         if kind != "vhost-user-blk":
             raise ConfigError(f"--export: type '{kind}' is not supported (vhost-user-blk)")
@@ -195,13 +119,10 @@ class DaemonConfig:
             if b.node_name in nodes:
                 raise ConfigError(f"--blockdev: duplicate node name '{b.node_name}'")
             nodes[b.node_name] = b
+        # qemu-storage-daemon opens every node at start-up, so a format node
+        # over a missing or wrong file node is an error even when unexported.
         for b in self.blockdevs:
-            if b.file is not None:
-                below = nodes.get(b.file)
-                if below is None:
-                    raise ConfigError(f"--blockdev: node '{b.file}' referenced by '{b.node_name}' does not exist")
-                if below.driver != "file":
-                    raise ConfigError(f"--blockdev: '{b.node_name}' must sit on a file node, not '{b.file}'")
+            resolve_blockdev(nodes, b.node_name, what="--blockdev", check_path=False)
         ids: set[str] = set()
         paths: set[str] = set()
         writers: set[str] = set()
@@ -215,7 +136,7 @@ class DaemonConfig:
             node = nodes.get(e.node_name)
             if node is None:
                 raise ConfigError(f"--export: node '{e.node_name}' does not exist")
-            if e.writable and (node.read_only or (node.file and nodes[node.file].read_only)):
+            if e.writable and resolve_blockdev(nodes, e.node_name, what="--export", check_path=False).read_only:
                 raise ConfigError(f"--export: '{e.id}' is writable but node '{e.node_name}' is read-only")
             if e.writable:
                 if e.node_name in writers:
@@ -248,7 +169,7 @@ def parse_args(argv: list[str]) -> DaemonConfig:
             value = argv[i]
             i += 1
         if name == "--blockdev":
-            cfg.blockdevs.append(BlockdevConfig.parse(value))
+            cfg.blockdevs.append(BlockdevConfig.parse(value, option="--blockdev", allow_json=True))
         elif name == "--export":
             cfg.exports.append(ExportConfig.parse(value))
         else:
@@ -281,7 +202,7 @@ class StorageDaemon:
         config.validate()
         self.config = config
         self.exports: dict[str, Export] = {}
-        self._backends: dict[str, BlockBackend] = {}
+        self._images: dict[str, OpenImage] = {}
 
     async def start(self) -> None:
         """Open every exported node and start listening.
@@ -307,25 +228,15 @@ class StorageDaemon:
             raise
 
     async def _open(self, node_name: str, *, write: bool) -> BlockBackend:
-        if node_name in self._backends:
-            return self._backends[node_name]
+        if node_name in self._images:
+            return self._images[node_name].backend
         nodes = {b.node_name: b for b in self.config.blockdevs}
-        node = nodes[node_name]
-        file = node if node.driver == "file" else nodes[node.file or ""]
-        read_only = not write or node.read_only or file.read_only
-        cache = "unsafe" if file.no_flush else ("none" if file.cache_direct else "writeback")
-        backend: BlockBackend
-        if node.driver == "qcow2":
-            backend = await _open_qcow2(file.filename or "", read_only=read_only, cache=cache)
-        else:
-            from appliance.storage.raw import open_raw
-
-            backend = await asyncio.to_thread(
-                open_raw, file.filename or "", read_only=read_only, cache=cache,
-                discard=file.discard, locking=file.locking,
-            )
-        self._backends[node_name] = backend
-        return backend
+        src = resolve_blockdev(nodes, node_name, what="--export", check_path=False)
+        if not write:
+            src = replace(src, read_only=True)
+        image = await open_source(src)
+        self._images[node_name] = image
+        return image.backend
 
     async def close(self) -> None:
         """Stop serving (removing the sockets) and close the images."""
@@ -333,10 +244,10 @@ class StorageDaemon:
             with contextlib.suppress(Exception):
                 await exp.server.close()
         self.exports.clear()
-        for backend in list(self._backends.values()):
+        for image in list(self._images.values()):
             with contextlib.suppress(Exception):
-                await backend.close()
-        self._backends.clear()
+                await image.close()
+        self._images.clear()
 
     async def __aenter__(self) -> StorageDaemon:
         await self.start()
@@ -344,15 +255,6 @@ class StorageDaemon:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-async def _open_qcow2(path: str, *, read_only: bool, cache: str) -> BlockBackend:
-    from pathlib import Path
-
-    from appliance.qcow2 import open_image
-
-    backend: BlockBackend = await open_image(Path(path), read_only=read_only, fmt="qcow2", cache=cache)
-    return backend
 
 
 def _make_device(e: ExportConfig, backend: BlockBackend) -> Any:

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
 from appliance.cli.options import OptionDict, parse_bool, parse_option
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
-from appliance.storage.errors import ReadOnlyError
+from appliance.storage.errors import BackendOpenError, ReadOnlyError
 
 QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("raw", "qcow2")
@@ -76,9 +77,10 @@ class ImageSource:
     snapshot: bool = False
     what: str = "-drive"
 
-    def validate(self) -> None:
+    def validate(self, *, check_path: bool = True) -> None:
         """Checks that need no file access but the path's existence.
 
+        :param check_path: also check that the file exists and is no directory.
         :raises ConfigError: When a value cannot work.
         """
         if self.fmt is not None and self.fmt not in FORMATS:
@@ -93,6 +95,8 @@ class ImageSource:
             raise ConfigError(f"{self.what}: aio=native is supported for raw images only")
         if self.discard not in ("ignore", "unmap"):
             raise ConfigError(f"{self.what}: invalid discard option '{self.discard}'")
+        if not check_path:
+            return
         if not self.path.exists():
             raise ConfigError(f"{self.what}: Could not open '{self.path}': No such file or directory")
         if self.path.is_dir():
@@ -192,18 +196,57 @@ def _locking(o: OptionDict, key: str) -> bool:
     return parse_bool(value, f"{o.option} {key}")
 
 
-# --- -blockdev ----------------------------------------------------------------------------
+# --- -blockdev / --blockdev -------------------------------------------------------------
+
+
+def parse_keyval_or_json(option: str, text: str, *, implied: str | None = None) -> OptionDict:
+    """QEMU's ``key=val,…`` or, as QEMU's ``-blockdev`` and qemu-storage-daemon take, a JSON object.
+
+    Nested JSON objects become dotted keys (``{"cache": {"direct": true}}`` is
+    ``cache.direct=on``), as QEMU's keyval grammar defines them.
+
+    :raises ConfigError: On invalid JSON or a value that is not a string,
+        number, boolean or object.
+    """
+    if not text.lstrip().startswith("{"):
+        return parse_option(option, text, implied=implied)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{option}: invalid JSON") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{option}: JSON value must be an object")
+    pairs: list[tuple[str, str]] = []
+
+    def flatten(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}{k}.", v)
+        elif isinstance(value, bool):
+            pairs.append((prefix[:-1], "on" if value else "off"))
+        elif isinstance(value, int | str):
+            pairs.append((prefix[:-1], str(value)))
+        else:
+            raise ConfigError(f"{option}: unsupported JSON value for '{prefix[:-1]}'")
+
+    flatten("", obj)
+    return OptionDict(option, pairs)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockdevConfig:
-    """One ``-blockdev``: a ``file`` node (an image file) or a ``raw``/``qcow2`` node over one."""
+    """One block node: a ``file`` node (an image file) or a ``raw``/``qcow2`` node over one.
+
+    The one parser behind ``appliance run -blockdev`` and ``appliance
+    storage-daemon --blockdev`` (the same grammar as QEMU's and
+    qemu-storage-daemon's, so both say the same about the same text).
+    """
 
     SYNTAX: ClassVar[str] = (
-        "driver=file,node-name=<name>,filename=<path>[,read-only=on|off][,cache.direct=on|off]"
+        "[driver=]file,node-name=<name>,filename=<path>[,read-only=on|off][,cache.direct=on|off]"
         "[,cache.no-flush=on|off][,aio=threads|native][,discard=ignore|unmap][,locking=on|off|auto]"
-        " | driver=raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off][,discard=…]"
-        " | driver=raw|qcow2,node-name=<name>,file.driver=file,file.filename=<path>[,file.<file option>=…]"
+        " | [driver=]raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off][,discard=…]"
+        " | [driver=]raw|qcow2,node-name=<name>,file.driver=file,file.filename=<path>[,file.<file option>=…]"
     )
     driver: str
     node_name: str
@@ -215,16 +258,20 @@ class BlockdevConfig:
     aio: str = "threads"
     discard: str = "ignore"
     locking: bool = True
+    # The option it came from (``-blockdev``/``--blockdev``), for later messages.
+    option: str = field(default="-blockdev", compare=False)
 
     @classmethod
-    def parse(cls, text: str, *, option: str = "-blockdev") -> BlockdevConfig:
-        """Parse the dotted key=value form (QEMU's JSON form is refused by name).
+    def parse(cls, text: str, *, option: str = "-blockdev", allow_json: bool = False) -> BlockdevConfig:
+        """Parse the text after ``option``.
 
+        :param allow_json: also take QEMU's JSON form (the storage daemon
+            does; ``appliance run`` refuses it by name).
         :raises ConfigError: On an unknown driver or key, or a bad value.
         """
-        if text.lstrip().startswith("{"):
+        if text.lstrip().startswith("{") and not allow_json:
             raise ConfigError(f"{option}: JSON syntax is not supported; use key=value")
-        o = parse_option(option, text)
+        o = parse_keyval_or_json(option, text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")
         _check_id(option, node)
@@ -232,53 +279,64 @@ class BlockdevConfig:
         o.option = what
         read_only = o.take_bool("read-only", False)
         o.take("auto-read-only")  # only steers QEMU's reopen logic
+        # Accepted at their defaults only: we never detect zeroes or share
+        # an image that another user has locked.
+        for key in ("detect-zeroes", "force-share"):
+            value = o.take(key, "off")
+            if value != "off":
+                raise ConfigError(f"{what}: {key}={value} is not supported")
         if driver == "file":
             filename = o.require("filename")
-            aio = o.take("aio", "threads") or "threads"
-            if aio not in AIO_MODES:
-                raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
             cfg = cls(
                 driver, node, filename=Path(filename), read_only=read_only,
                 cache_direct=o.take_bool("cache.direct", False),
-                no_flush=o.take_bool("cache.no-flush", False), aio=aio,
-                discard=_discard(o, what), locking=_locking(o, "locking"),
+                no_flush=o.take_bool("cache.no-flush", False), aio=_aio(o, "aio", what),
+                discard=_discard(o, what), locking=_locking(o, "locking"), option=option,
             )
             o.finish()
-            if cfg.aio == "native" and not cfg.cache_direct:
-                raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
+            cfg._check_aio(what)
             return cfg
         if driver in FORMATS:
             discard = _discard(o, what)
             if "file" not in o and "file.driver" in o:
-                return cls._inline_file(driver, node, read_only, discard, o)
+                return cls._inline_file(driver, node, read_only, discard, o, option)
             file = o.require("file")
             o.finish()
-            return cls(driver, node, file=file, read_only=read_only, discard=discard)
+            return cls(driver, node, file=file, read_only=read_only, discard=discard, option=option)
         raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
 
-
     @classmethod
-    def _inline_file(cls, driver: str, node: str, read_only: bool, discard: str, o: OptionDict) -> BlockdevConfig:
+    def _inline_file(
+        cls, driver: str, node: str, read_only: bool, discard: str, o: OptionDict, option: str
+    ) -> BlockdevConfig:
         """``driver=qcow2,file.driver=file,file.filename=…``: the file node written inside."""
         what = o.option
         inner = o.take("file.driver")
         if inner != "file":
             raise ConfigError(f"{what}: file.driver={inner} is not supported (file)")
-        aio = o.take("file.aio", "threads") or "threads"
-        if aio not in AIO_MODES:
-            raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
         cfg = cls(
             driver, node, filename=Path(o.require("file.filename")),
             read_only=read_only or o.take_bool("file.read-only", False),
             cache_direct=o.take_bool("file.cache.direct", False) or o.take_bool("cache.direct", False),
             no_flush=o.take_bool("file.cache.no-flush", False) or o.take_bool("cache.no-flush", False),
-            aio=aio, discard=discard if "file.discard" not in o else _discard_key(o, "file.discard", what),
-            locking=_locking(o, "file.locking"),
+            aio=_aio(o, "file.aio", what),
+            discard=discard if "file.discard" not in o else _discard_key(o, "file.discard", what),
+            locking=_locking(o, "file.locking"), option=option,
         )
         o.finish()
-        if cfg.aio == "native" and not cfg.cache_direct:
-            raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
+        cfg._check_aio(what)
         return cfg
+
+    def _check_aio(self, what: str) -> None:
+        if self.aio == "native" and not self.cache_direct:
+            raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
+
+
+def _aio(o: OptionDict, key: str, what: str) -> str:
+    aio = o.take(key, "threads") or "threads"
+    if aio not in AIO_MODES:
+        raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
+    return aio
 
 
 def _discard_key(o: OptionDict, key: str, what: str) -> str:
@@ -288,14 +346,19 @@ def _discard_key(o: OptionDict, key: str, what: str) -> str:
     return DISCARD_MODES[value]
 
 
-def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) -> ImageSource:
-    """The :class:`ImageSource` a device gets when it names node ``name``.
+def resolve_blockdev(
+    nodes: dict[str, BlockdevConfig], name: str, *, what: str, check_path: bool = True
+) -> ImageSource:
+    """The :class:`ImageSource` a device (or an export) gets when it names node ``name``.
 
+    :param check_path: also check that the image file exists (the storage
+        daemon leaves that to opening, where a missing file is a run-time error).
     :raises ConfigError: When the node or the file node below it is missing or wrong.
     """
     node = nodes.get(name)
     if node is None:
         raise ConfigError(f"{what}: no drive or block node named '{name}'")
+    label = f"{node.option} node-name={name}"
     if node.driver == "file":
         file, fmt = node, "raw"
     elif node.filename is not None:
@@ -303,9 +366,9 @@ def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) 
     else:
         below = nodes.get(node.file or "")
         if below is None:
-            raise ConfigError(f"-blockdev node-name={name}: file node '{node.file}' does not exist")
+            raise ConfigError(f"{label}: file node '{node.file}' does not exist")
         if below.driver != "file":
-            raise ConfigError(f"-blockdev node-name={name}: '{node.file}' is not a driver=file node")
+            raise ConfigError(f"{label}: '{node.file}' is not a driver=file node")
         file, fmt = below, node.driver
     assert file.filename is not None
     cache = "writeback"
@@ -316,10 +379,9 @@ def resolve_blockdev(nodes: dict[str, BlockdevConfig], name: str, *, what: str) 
     discard = "unmap" if node.discard == "unmap" or file.discard == "unmap" else "ignore"
     src = ImageSource(
         file.filename, fmt=fmt, read_only=node.read_only or file.read_only, cache=cache,
-        aio=file.aio, discard=discard, locking=file.locking,
-        what=f"-blockdev node-name={name}",
+        aio=file.aio, discard=discard, locking=file.locking, what=label,
     )
-    src.validate()
+    src.validate(check_path=check_path)
     return src
 
 
@@ -429,6 +491,24 @@ async def open_image_source(src: ImageSource, *, warn: Warn = _stderr) -> OpenIm
         raise ConfigError(f"{src.what}: {text or err}") from err
 
 
+async def open_source(src: ImageSource, *, warn: Warn = _stderr) -> OpenImage:
+    """Open ``src`` as :func:`open_image_source` does, but leave failures as storage errors.
+
+    For the storage daemon, where an image that cannot be opened is a
+    run-time failure (exit 1, as qemu-storage-daemon's) rather than a
+    command-line error.
+
+    :raises StorageError: (BackendOpenError, Qcow2Error…) When the image
+        cannot be opened, is locked by another user or is corrupt.
+    :raises ConfigError: When a value of ``src`` cannot work.
+    """
+    src.validate(check_path=False)
+    try:
+        return await _open(src, warn)
+    except OSError as err:
+        raise BackendOpenError(f"Could not open '{src.path}': {err.strerror or err}") from err
+
+
 async def _open(src: ImageSource, warn: Warn) -> OpenImage:
     fmt = src.fmt
     probed = False
@@ -502,5 +582,6 @@ def with_snapshot(src: ImageSource) -> ImageSource:
 
 __all__ = [
     "BlockdevConfig", "DriveConfig", "ImageSource", "OpenImage", "ProbedRawGuard",
-    "open_image_source", "probe_format", "probe_warning", "resolve_blockdev", "with_snapshot",
+    "open_image_source", "open_source", "parse_keyval_or_json", "probe_format", "probe_warning",
+    "resolve_blockdev", "with_snapshot",
 ]

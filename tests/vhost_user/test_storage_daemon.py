@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import signal
 import struct
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.cli.main import main as appliance_main
 from appliance.cli.storage_daemon import StorageDaemon, parse_args
@@ -217,3 +220,85 @@ def test_json_forms_parse_like_key_value(img: Path) -> None:
         parse_args(["--blockdev", "{nope"])
     with pytest.raises(ConfigError, match="invalid parameter 'colour'"):
         parse_args(["--blockdev", '{"driver": "file", "node-name": "f", "filename": "x", "colour": "red"}'])
+
+
+# --- one --blockdev parser for the daemon and `appliance run` ---------------------------
+
+_KEYS = ["driver", "node-name", "filename", "file", "read-only", "cache.direct", "cache.no-flush", "aio",
+         "discard", "locking", "detect-zeroes", "file.driver", "file.filename", "file.aio", "colour"]
+_VALUES = ["file", "raw", "qcow2", "nbd", "f", "g", "0bad", "x.img", "on", "off", "maybe", "auto",
+           "native", "threads", "unmap", "ignore", ""]
+
+
+def _outcome(option: str, text: str) -> str:
+    """What `appliance run` (``-blockdev``) or the daemon (``--blockdev``) makes of ``text``."""
+    from dataclasses import replace
+
+    from appliance.storage.blockdev import BlockdevConfig
+
+    try:
+        if option == "-blockdev":
+            cfg = BlockdevConfig.parse(text)  # as appliance.cli.run_devices calls it
+        else:
+            # --help skips the cross-node checks, leaving the parse alone.
+            cfg = parse_args(["--help", "--blockdev", text]).blockdevs[0]
+    except ConfigError as err:
+        return "error: " + str(err).replace(option, "OPT")
+    return repr(replace(cfg, option="OPT"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_VALUES)), max_size=6),
+       st.sampled_from(["", "file,", "qcow2,"]))
+def test_run_and_daemon_blockdev_accept_and_refuse_the_same_text(pairs: list[tuple[str, str]], lead: str) -> None:
+    """Any key=value text means the same to ``appliance run -blockdev`` and the daemon's ``--blockdev``."""
+    text = lead + ",".join(f"{k}={v}" for k, v in pairs)
+    assert _outcome("-blockdev", text) == _outcome("--blockdev", text)
+
+
+def test_daemon_parse_errors_are_the_run_parsers(img: Path) -> None:
+    """The daemon's --blockdev errors come from the same parser as `appliance run -blockdev`."""
+    for text, needle in [
+        ("driver=file,node-name=f,filename=x,aio=native", "--blockdev node-name=f: aio=native was specified, "
+                                                          "but it requires cache.direct=on"),
+        ("driver=nbd,node-name=f", "--blockdev: driver 'nbd' is not supported (file, raw or qcow2)"),
+        ("driver=qcow2,node-name=q,file.driver=nbd", "--blockdev node-name=q: file.driver=nbd is not supported"),
+        ("driver=file,node-name=1f,filename=x", "--blockdev: invalid id '1f'"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_args(["--blockdev", text])
+        assert needle in str(info.value)
+    with pytest.raises(ConfigError, match="--blockdev node-name=r: 'q' is not a driver=file node"):
+        parse_args(["--blockdev", f"driver=file,node-name=f,filename={img}",
+                    "--blockdev", "driver=raw,node-name=q,file=f", "--blockdev", "driver=raw,node-name=r,file=q"])
+
+
+async def test_inline_file_node_and_native_aio_are_served(tmp_path: Path, img: Path) -> None:
+    """``file.driver=file,file.filename=`` and ``aio=native,cache.direct=on`` work in the daemon as in run."""
+    with open(img, "r+b") as f:
+        f.write(b"inline!!")
+    s1, s2 = tmp_path / "in.sock", tmp_path / "aio.sock"
+    other = tmp_path / "b.img"
+    with open(other, "wb") as f:
+        f.truncate(4 << 20)
+    cfg = parse_args(
+        ["--blockdev", f"driver=raw,node-name=r,file.driver=file,file.filename={img}",
+         "--blockdev", f"driver=file,node-name=n,filename={other},cache.direct=on,aio=native",
+         "--export", f"type=vhost-user-blk,id=e1,node-name=r,addr.type=unix,addr.path={s1}",
+         "--export", f"type=vhost-user-blk,id=e2,node-name=n,addr.type=unix,addr.path={s2},writable=on"]
+    )
+    async with StorageDaemon(cfg) as d:
+        r, n = d.exports["e1"].backend, d.exports["e2"].backend
+        buf = bytearray(512)
+        assert await r.readv(0, [memoryview(buf)]) == 512 and buf[:8] == b"inline!!"
+        assert r.read_only
+        assert struct.unpack_from("<Q", d.exports["e2"].device.config_bytes())[0] == (4 << 20) // 512
+        assert getattr(n, "cache", None) == "none"
+        page = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        page[:] = b"\xa5" * 4096
+        assert await n.writev(8192, [memoryview(page)]) == 4096
+        await n.flush()
+        page.close()
+    with open(other, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"\xa5" * 4096
