@@ -8,11 +8,14 @@ nothing is ever silently ignored. Other packages add options with
 
 Exit status: 0 after the guest powers off (or resets with ``-no-reboot``, or
 the user quits), 1 when the VM fails, 2 for bad options.
+
+Start-up order matters for boot time: the command line is read and the VM is
+built and running (:meth:`Machine.boot_early`) before asyncio and the rest of
+the VMM are imported, so the guest boots while they load.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import logging
@@ -21,11 +24,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.cli.options import parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.kvm import layout
 from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
+
+if TYPE_CHECKING:
+    from appliance.machine.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -414,13 +421,21 @@ def pvm_warning(config: MachineConfig) -> str | None:
     )
 
 
-async def run_machine(config: MachineConfig) -> int:
-    """Run ``config`` until the guest ends; SIGINT/SIGTERM stop it with status 0."""
-    from appliance.machine.machine import Machine
+QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    machine = Machine(config)
+# While the main thread imports with the vCPUs already running, a vCPU thread
+# that exits to Python (console output) waits for the GIL up to the switch
+# interval (5 ms by default) at every exit. A short interval until the loop
+# runs keeps the guest's early output flowing; the default comes back then.
+BOOT_SWITCH_INTERVAL = 50e-6
+
+
+async def run_machine(machine: Machine) -> int:
+    """Run ``machine`` until the guest ends; SIGINT/SIGTERM/SIGHUP stop it with status 0."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in QUIT_SIGNALS:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, machine.post_event, "quit", f"terminating on signal {sig}")
     await machine.start()
@@ -428,6 +443,15 @@ async def run_machine(config: MachineConfig) -> int:
     if code != 0:
         print(f"{PROG}: {machine.exit_reason}", file=sys.stderr)
     return code
+
+
+def _boot_early(machine: Machine) -> None:
+    # A quit signal before the loop has its handlers becomes the same quit
+    # event, held until the loop runs (so a terminal in raw mode is restored).
+    for sig in QUIT_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: machine.post_event("quit", f"terminating on signal {signum}"))
+    sys.setswitchinterval(BOOT_SWITCH_INTERVAL)
+    machine.boot_early()
 
 
 def main(argv: list[str]) -> int:
@@ -450,15 +474,33 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         config.validate(max_cpus=kvm.max_vcpus)
+        warning = pvm_warning(config)
+        if warning:
+            print(f"{PROG}: {warning}", file=sys.stderr)
+        from appliance.machine.machine import Machine
+
+        machine = Machine(config, kvm=kvm)
+        switch_interval = sys.getswitchinterval()
+        try:
+            if machine.can_boot_early():
+                _boot_early(machine)
+            # Only now the loop and everything that comes with it.
+            import asyncio
+
+            return asyncio.run(_run_restoring(machine, switch_interval))
+        except ConfigError:
+            raise
+        except ApplianceError as err:
+            print(f"{PROG}: {err}", file=sys.stderr)
+            return 1
+        finally:
+            sys.setswitchinterval(switch_interval)
+            if machine.exit_code is None:
+                machine.abandon()  # boot_early ran but the loop never finished the machine
     finally:
         kvm.close()
-    warning = pvm_warning(config)
-    if warning:
-        print(f"{PROG}: {warning}", file=sys.stderr)
-    try:
-        return asyncio.run(run_machine(config))
-    except ConfigError:
-        raise
-    except ApplianceError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 1
+
+
+async def _run_restoring(machine: Machine, switch_interval: float) -> int:
+    sys.setswitchinterval(switch_interval)
+    return await run_machine(machine)

@@ -13,11 +13,10 @@ packages add what they need here, additively.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import os
-from pathlib import Path
+import zlib
 from typing import Any
 
 CDEF = """
@@ -252,24 +251,31 @@ def _load_ffi() -> Any:
     Parsing the declarations (pycparser) costs tens of milliseconds of every
     `appliance run`. cffi's out-of-line ABI mode serialises the parsed types
     into a small Python module; we generate it once into ``__pycache__`` (keyed
-    by the declarations' hash) and import that. Where that directory is not
-    writable, we parse in-line as before.
+    by the declarations' checksum) and import that, with its bytecode written
+    explicitly (PYTHONDONTWRITEBYTECODE would otherwise recompile it at every
+    start). Where that directory is not writable, we parse in-line as before.
     """
-    digest = hashlib.sha256(CDEF.encode()).hexdigest()[:16]
-    cache = Path(__file__).resolve().parent / "__pycache__" / f"kvm_abi_{digest}.py"
-    if not cache.exists():
-        try:
+    raw = CDEF.encode()
+    digest = f"{zlib.crc32(raw):08x}{len(raw):08x}"
+    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__", f"kvm_abi_{digest}.py")
+    try:
+        if not os.path.exists(cache):
             import cffi
 
             builder = cffi.FFI()
             builder.cdef(CDEF)
             builder.set_source(f"kvm_abi_{digest}", None)
-            cache.parent.mkdir(exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp"
             with contextlib.redirect_stdout(io.StringIO()):   # cffi says "generating …"
-                builder.emit_python_code(str(tmp))
+                builder.emit_python_code(tmp)
             os.replace(tmp, cache)
-        except Exception:
+        if not os.path.exists(importlib.util.cache_from_source(cache)):
+            import py_compile
+
+            py_compile.compile(cache, doraise=True)
+    except Exception:
+        if not os.path.exists(cache):
             import cffi
 
             inline = cffi.FFI()

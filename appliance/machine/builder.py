@@ -17,21 +17,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.devices.acpi_pm import AcpiPm, ResetRegister
 from appliance.devices.i8042 import I8042
 from appliance.devices.rtc import Rtc
 from appliance.devices.uart16550 import Uart16550
-from appliance.kvm import KvmError, layout
+from appliance.kvm import layout
 from appliance.kvm.boot import BootPlan, load_kernel
 from appliance.kvm.bus import BusDevice
 from appliance.kvm.memory import GuestMemory
 from appliance.kvm.system import Kvm
 from appliance.kvm.vcpu import Vcpu
-from appliance.kvm.vm import Vm
+from appliance.kvm.vm import PendingVm, Vm
 from appliance.machine.config import MachineConfig
-from appliance.machine.console import Console
+
+if TYPE_CHECKING:
+    from appliance.machine.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +84,28 @@ class MachineBuilder:
         self.console = console
         self.post_event = post_event
 
-    def build(self) -> Instance:
+    def start_vm(self) -> PendingVm:
+        """Allocate guest RAM and start making the KVM VM for it on a helper thread.
+
+        :raises KvmError: When the memory cannot be allocated.
+        """
+        return PendingVm.allocate(self.kvm, self.config.mem_size)
+
+    def build(self, pending: PendingVm | None = None) -> Instance:
         """A complete, not yet running VM with the kernel loaded into vCPU 0.
 
+        :param pending: from :meth:`start_vm`, when the caller started it
+            earlier; this method owns it from here, also on failure.
         :raises BootError: When the kernel or initrd cannot be loaded.
         :raises KvmError: When KVM refuses part of the set-up.
         """
         cfg = self.config
-        try:
-            memory = GuestMemory.anonymous(layout.ram_ranges(cfg.mem_size))
-        except OSError as err:
-            raise KvmError(f"cannot allocate {cfg.mem_size >> 20} MiB of guest memory") from err
+        if pending is None:
+            pending = self.start_vm()
+        memory = pending.memory
         vm: Vm | None = None
         try:
+            # Loading runs while KVM makes the VM.
             rsdp = self._build_acpi(memory)
             plan = load_kernel(
                 memory,
@@ -104,8 +115,7 @@ class MachineBuilder:
                 num_cpus=cfg.num_cpus,
                 rsdp_addr=rsdp,
             )
-            vm = Vm(self.kvm)
-            vm.set_memory(memory)
+            vm = pending.result()
             inst = self._attach_platform(vm, memory, plan)
             self.attach_pci(inst)
             self.attach_devices(inst)
@@ -118,6 +128,8 @@ class MachineBuilder:
         except BaseException:
             if vm is not None:
                 vm.close()
+            else:
+                pending.cancel()
             memory.close()
             raise
 

@@ -8,22 +8,35 @@ socket, file). Input from the backend or from :meth:`Console.send` goes into
 the UART's receive queue; what the UART cannot take yet waits here until the
 guest drains it.
 
+Before the loop exists (:meth:`Console.start_early`, the machine's pre-loop
+boot), output cannot wait for a loop turn: it is written straight to the
+backend from the vCPU thread, under the console lock so bytes keep their
+order, and recorded in the history. :meth:`Console.start` hands over to the
+loop path atomically; no byte is lost, repeated or reordered across it.
+
+Lock order: a vCPU thread holds the UART's lock when it calls
+:meth:`Console.guest_output` or :meth:`Console.rx_drained`, which take the
+console lock; so nothing may take the UART's lock while holding the console's
+(see :meth:`Console._push_input`).
+
 The console outlives reboots: the machine re-attaches it to each new UART.
+asyncio is imported only by the methods that run on the loop: the pre-loop
+boot must not wait for it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
-import termios
 import threading
-import tty
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+    import re
 
 from appliance.errors import ConfigError
 from appliance.machine.config import ChardevConfig
@@ -34,7 +47,7 @@ HISTORY_LIMIT = 4 << 20
 CTRL_A = 0x01
 
 
-class ConsoleTimeout(asyncio.TimeoutError):
+class ConsoleTimeout(TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
     """``expect`` ran out of time; ``output`` holds what the guest printed meanwhile."""
 
     def __init__(self, pattern: str, output: str) -> None:
@@ -55,6 +68,12 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+# A backend that can also run before the loop exists has ``open_sync() ->
+# writer`` (does what ``start`` would, synchronously, and returns a function
+# that writes output at once) and ``close_sync()`` (undoes it).
+DirectWriter = Callable[[bytes], None]
+
+
 class Console:
     """Guest console of one machine.
 
@@ -71,7 +90,9 @@ class Console:
         self._history = bytearray()
         self._base = 0          # absolute offset of _history[0]
         self._cursor = 0        # absolute offset where expect searches from
-        self._changed = asyncio.Event()
+        self._changed: asyncio.Event | None = None
+        # Set by start_early() until start() hands over to the loop.
+        self._direct: DirectWriter | None = None
         self._uart: UartSink | None = None
         self._input = bytearray()
         self._input_scheduled = False
@@ -79,10 +100,50 @@ class Console:
 
     # --- wiring -----------------------------------------------------------------
 
+    def start_early(self) -> bool:
+        """Deliver output before the loop exists; False when the backend cannot.
+
+        Output then goes to the backend synchronously on the vCPU thread that
+        produced it (as QEMU's chardevs write), until :meth:`start`. Only
+        backends that need nothing from the loop can (terminal, file, null);
+        a socket cannot.
+        """
+        if self._backend is None:
+            writer: DirectWriter = _discard
+        else:
+            open_sync = getattr(self._backend, "open_sync", None)
+            if open_sync is None:
+                return False
+            writer = open_sync()
+        with self._lock:
+            self._direct = writer
+        return True
+
+    def close_early(self) -> None:
+        """Undo :meth:`start_early` when the loop never came (start-up failed)."""
+        with self._lock:
+            self._direct = None
+        close_sync = getattr(self._backend, "close_sync", None)
+        if close_sync is not None:
+            close_sync()
+
     async def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
+        import asyncio
+
+        loop = loop or asyncio.get_running_loop()
+        if self._changed is None:
+            self._changed = asyncio.Event()
         if self._backend is not None:
             await self._backend.start(self)
+        with self._lock:
+            # The hand-over: output written directly so far is out and in the
+            # history; from here on it goes through _pending and the loop.
+            self._loop = loop
+            self._direct = None
+            schedule = bool(self._pending) and not self._flush_scheduled
+            self._flush_scheduled |= schedule
+        if schedule:
+            loop.call_soon(self._flush)
 
     def attach_uart(self, uart: UartSink | None) -> None:
         """Point input at a (new) UART, e.g. after a reboot; pending input is dropped."""
@@ -100,6 +161,16 @@ class Console:
     def guest_output(self, data: bytes) -> None:
         """Called on vCPU threads with bytes the guest transmitted."""
         with self._lock:
+            direct = self._direct
+            if direct is not None:
+                # No loop yet: out at once, in order (we hold the lock), and
+                # into the history for expect/output once the loop runs.
+                self._history += data
+                try:
+                    direct(data)
+                except Exception:
+                    log.exception("console backend write failed")
+                return
             self._pending += data
             if self._flush_scheduled or self._loop is None:
                 return
@@ -127,7 +198,8 @@ class Console:
                 self._backend.write(data)
             except Exception:
                 log.exception("console backend write failed")
-        self._changed.set()
+        if self._changed is not None:
+            self._changed.set()
 
     @property
     def output(self) -> str:
@@ -150,8 +222,13 @@ class Console:
         :returns: the match; the search position moves past it.
         :raises ConsoleTimeout: When ``timeout`` seconds pass without a match.
         """
+        import asyncio
+        import re
+
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         loop = asyncio.get_running_loop()
+        if self._changed is None:
+            self._changed = asyncio.Event()
         deadline = loop.time() + timeout
         while True:
             self._flush()
@@ -166,7 +243,7 @@ class Console:
             if remaining <= 0:
                 raise ConsoleTimeout(rx.pattern, text)
             self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     # --- host → guest --------------------------------------------------------------
@@ -206,7 +283,17 @@ class Console:
 # --- chardev backends ---------------------------------------------------------------
 
 
+def _discard(data: bytes) -> None:
+    pass
+
+
 class NullBackend:
+    def open_sync(self) -> DirectWriter:
+        return self.write
+
+    def close_sync(self) -> None:
+        pass
+
     async def start(self, console: Console) -> None:
         pass
 
@@ -223,21 +310,29 @@ class FileBackend:
         self._append = append
         self._fd = -1
 
+    def open_sync(self) -> DirectWriter:
+        if self._fd < 0:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if self._append else os.O_TRUNC)
+            try:
+                self._fd = os.open(self._path, flags, 0o644)
+            except OSError as err:
+                raise ConfigError(f"chardev file {self._path}: {os.strerror(err.errno or 0)}") from None
+        return self.write
+
+    def close_sync(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     async def start(self, console: Console) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if self._append else os.O_TRUNC)
-        try:
-            self._fd = os.open(self._path, flags, 0o644)
-        except OSError as err:
-            raise ConfigError(f"chardev file {self._path}: {os.strerror(err.errno or 0)}") from None
+        self.open_sync()
 
     def write(self, data: bytes) -> None:
         if self._fd >= 0:
             os.write(self._fd, data)
 
     async def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.close_sync()
 
 
 class StdioBackend:
@@ -254,17 +349,37 @@ class StdioBackend:
         self._console: Console | None = None
         self._escape = False
         self._reading = False
+        self._opened = False
+
+    def open_sync(self) -> DirectWriter:
+        """Put a terminal on stdin in raw mode; returns the output writer."""
+        if not self._opened:
+            self._opened = True
+            if os.isatty(0):
+                import termios
+                import tty
+
+                self._saved = termios.tcgetattr(0)
+                tty.setraw(0)
+                if self._signal:
+                    attrs = termios.tcgetattr(0)
+                    attrs[3] |= termios.ISIG
+                    termios.tcsetattr(0, termios.TCSANOW, attrs)
+        return self.write
+
+    def close_sync(self) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
+            self._saved = None
 
     async def start(self, console: Console) -> None:
+        import asyncio
+
         self._console = console
         loop = asyncio.get_running_loop()
-        if os.isatty(0):
-            self._saved = termios.tcgetattr(0)
-            tty.setraw(0)
-            if self._signal:
-                attrs = termios.tcgetattr(0)
-                attrs[3] |= termios.ISIG
-                termios.tcsetattr(0, termios.TCSANOW, attrs)
+        self.open_sync()
         try:
             loop.add_reader(0, self._on_input)
             self._reading = True
@@ -280,6 +395,8 @@ class StdioBackend:
         except OSError:
             data = b""
         if not data:
+            import asyncio
+
             asyncio.get_running_loop().remove_reader(0)
             self._reading = False
             return
@@ -318,19 +435,21 @@ class StdioBackend:
             sys.stdout.flush()
 
     async def close(self) -> None:
+        import asyncio
+
         if self._reading:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(0)
             self._reading = False
-        if self._saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
-            self._saved = None
+        self.close_sync()
 
 
 class SocketBackend:
     """A unix or TCP socket, as server (one client at a time) or client."""
 
     def __init__(self, cfg: ChardevConfig) -> None:
+        import asyncio
+
         self._cfg = cfg
         self._server: asyncio.AbstractServer | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -339,6 +458,8 @@ class SocketBackend:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, console: Console) -> None:
+        import asyncio
+
         self._console = console
         cfg = self._cfg
         try:
@@ -370,6 +491,8 @@ class SocketBackend:
             return
         self._writer = writer
         self._connected.set()
+        import asyncio
+
         task = asyncio.ensure_future(self._pump(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

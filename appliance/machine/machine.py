@@ -12,24 +12,35 @@ device callbacks report events with :meth:`Machine.post_event` from any
 thread; the machine acts on them on its loop: power off ends it with status
 0, a reset rebuilds the VM from its config (or ends it, with ``no_reboot``),
 an error ends it with status 1.
+
+:meth:`Machine.boot_early` is the pre-loop phase `appliance run` uses: it
+builds the VM and starts the vCPUs synchronously, before asyncio is even
+imported, so the guest boots while the rest of the VMM loads. Until
+:meth:`Machine.start` runs the loop, console output is written directly by
+the vCPU threads (:meth:`Console.start_early`) and machine events are held;
+``start`` then hands both over to the loop. This module therefore imports
+asyncio only inside the methods that run on the loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.kvm.system import Kvm
-from appliance.kvm.vcpu import VcpuExit
-from appliance.machine.builder import Instance, MachineBuilder
 from appliance.machine.config import MachineConfig
 from appliance.machine.console import Console, make_backend
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from appliance.kvm.vm import PendingVm
+    from appliance.machine.builder import Instance, MachineBuilder
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +102,14 @@ class Machine:
         self._builder: MachineBuilder | None = None
         self._event_task: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[tuple[int, str, str]] | None = None
-        # Serialises runstate changes: guest events, pause/resume.
-        self._lock = asyncio.Lock()
+        # Serialises runstate changes: guest events, pause/resume (made by start()).
+        self._lock: asyncio.Lock | None = None
+        # Events posted before the loop runs (boot_early), and the lock that
+        # makes "no loop yet: hold it" and the hand-over in start() atomic.
+        # Re-entrant: a signal handler on the main thread may post.
+        self._held: list[tuple[int, str, str]] = []
+        self._post_lock = threading.RLock()
+        self._early = False
         # Told on the loop what the machine is about to act on (the QMP
         # monitor turns it into events): (kind, detail) with kind one of
         # post_event's kinds, or "stop"/"resume" from pause()/resume().
@@ -105,21 +122,86 @@ class Machine:
         """The current boot's VM, memory, vCPUs and devices (None when not running)."""
         return self._inst
 
+    def can_boot_early(self) -> bool:
+        """Whether :meth:`boot_early` can run this config: nothing in it needs the loop first.
+
+        Device specs open on the loop and a socket console must listen or
+        connect there, so those machines boot in :meth:`start`.
+        """
+        return not self.config.devices and self.runstate is Runstate.CREATED and (
+            self.config.serial is None or self.config.serial.backend != "socket"
+        )
+
+    def boot_early(self) -> None:
+        """Build the VM and start its vCPUs now, before any event loop exists.
+
+        Console output is written straight to the backend meanwhile, and
+        power events wait for :meth:`start`, which must follow (on the loop
+        that will run the machine). On failure everything is undone.
+
+        :raises ConfigError: When the kernel is unusable or the console cannot open.
+        :raises KvmError: When KVM cannot run this VM.
+        """
+        if not self.can_boot_early():
+            raise RuntimeError("this machine needs the loop to boot (use start())")
+        if not self.console.start_early():
+            raise RuntimeError("this console needs the loop")
+        try:
+            if self._kvm is None:
+                self._kvm = Kvm()
+            from appliance.kvm.vm import PendingVm
+
+            # KVM makes the VM while the builder and the devices load.
+            pending = PendingVm.allocate(self._kvm, self.config.mem_size)
+            self._builder = self._make_builder()
+            self._set_state(Runstate.RUNNING)
+            self._early = True
+            self._boot(pending)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Tear down a machine :meth:`boot_early` started when :meth:`start` will not run."""
+        inst, threads = self._inst, self._threads
+        self._inst, self._threads = None, []
+        if inst is not None:
+            for vcpu in inst.vcpus:
+                vcpu.kick()
+            for t in threads:
+                t.join(5.0)
+            if not any(t.is_alive() for t in threads):
+                inst.close()
+        self.console.close_early()
+        if self._own_kvm and self._kvm is not None:
+            self._kvm.close()
+            self._kvm = None
+        self.runstate = Runstate.STOPPED
+
     async def start(self) -> None:
         """Open KVM, start the console backend, build the VM and run its vCPUs.
+
+        After :meth:`boot_early`, only the loop's part remains: the console
+        moves to the loop and events held meanwhile are acted on.
 
         :raises ConfigError: When the config or the kernel is unusable.
         :raises KvmError: When KVM cannot run this VM.
         """
-        self._set_state(Runstate.RUNNING)
-        self._loop = asyncio.get_running_loop()
+        import asyncio
+
+        if not self._early:
+            self._set_state(Runstate.RUNNING)
+        loop = asyncio.get_running_loop()
+        self._lock = asyncio.Lock()
         self._done = asyncio.Event()
         self._events = asyncio.Queue()
         try:
-            if self._kvm is None:
-                self._kvm = Kvm()
-            self._builder = MachineBuilder(self.config, self._kvm, self.console, self.post_event)
-            await self.console.start(self._loop)
+            if not self._early:
+                if self._kvm is None:
+                    self._kvm = Kvm()
+                self._builder = self._make_builder()
+            await self.console.start(loop)
+            self._open_loop(loop)
             for spec in self.config.devices:
                 # Specs that drive the machine itself (the QMP monitor) get it before open().
                 bind = getattr(spec, "bind_machine", None)
@@ -127,12 +209,25 @@ class Machine:
                     bind(self)
             for spec in self.config.devices:
                 await _maybe_await(getattr(spec, "open", None))
-            self._boot()
+            if not self._early:
+                self._boot()
         except BaseException:
             self.runstate = Runstate.STOPPING
+            self._open_loop(loop)
             await self._finish(EXIT_ERROR, "start failed")
             raise
         self._event_task = asyncio.ensure_future(self._event_loop())
+
+    def _open_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        # From here post_event goes to the loop; what was held goes first.
+        assert self._events is not None
+        with self._post_lock:
+            if self._loop is not None:
+                return
+            self._loop = loop
+            held, self._held = self._held, []
+        for event in held:
+            self._events.put_nowait(event)
 
     async def wait(self) -> int:
         """Wait until the machine ends; returns its exit status (0 after power-off)."""
@@ -148,11 +243,14 @@ class Machine:
         if self._done is not None:
             await self._done.wait()
         if self._event_task is not None:
+            import asyncio
+
             await asyncio.gather(self._event_task, return_exceptions=True)
         return self.exit_code if self.exit_code is not None else EXIT_OK
 
     async def pause(self) -> None:
         """Stop the vCPUs where they are (QMP ``stop``); devices and console stay up."""
+        assert self._lock is not None, "start() first"
         async with self._lock:
             if self.runstate is not Runstate.RUNNING:
                 return
@@ -162,6 +260,7 @@ class Machine:
 
     async def resume(self) -> None:
         """Let paused vCPUs run again (QMP ``cont``)."""
+        assert self._lock is not None, "start() first"
         async with self._lock:
             if self.runstate is not Runstate.PAUSED or self._inst is None:
                 return
@@ -182,11 +281,21 @@ class Machine:
             inst.pm.press_power_button()
 
     def post_event(self, kind: str, detail: str = "", generation: int | None = None) -> None:
-        """Report ``poweroff``/``reset``/``shutdown``/``error``/``quit``; callable from any thread."""
-        loop, events = self._loop, self._events
-        if loop is None or events is None:
-            return
+        """Report ``poweroff``/``reset``/``shutdown``/``error``/``quit``; callable from any thread.
+
+        Before :meth:`start` has the loop, events are held and delivered then.
+        """
         gen = self._generation if generation is None else generation
+        loop, events = self._loop, self._events
+        if loop is None:
+            with self._post_lock:
+                if self._loop is None:
+                    if self.runstate is not Runstate.STOPPED:
+                        self._held.append((gen, kind, detail))
+                    return
+                loop, events = self._loop, self._events
+        if events is None:
+            return
         try:
             loop.call_soon_threadsafe(events.put_nowait, (gen, kind, detail))
         except RuntimeError:
@@ -213,11 +322,17 @@ class Machine:
             raise RuntimeError(f"machine cannot go from {self.runstate.value} to {new.value}")
         self.runstate = new
 
-    def _boot(self) -> None:
+    def _make_builder(self) -> MachineBuilder:
+        from appliance.machine.builder import MachineBuilder
+
+        assert self._kvm is not None
+        return MachineBuilder(self.config, self._kvm, self.console, self.post_event)
+
+    def _boot(self, pending: PendingVm | None = None) -> None:
         assert self._builder is not None
         self._generation += 1
         gen = self._generation
-        inst = self._builder.build()
+        inst = self._builder.build(pending)
         self._inst = inst
         self.boots += 1
         self._start_threads(inst, gen)
@@ -233,6 +348,8 @@ class Machine:
             t.start()
 
     def _vcpu_main(self, inst: Instance, index: int, gen: int) -> None:
+        from appliance.kvm.vcpu import VcpuExit
+
         vcpu = inst.vcpus[index]
         try:
             result = vcpu.run(inst.vm.pio_bus, inst.vm.mmio_bus)
@@ -243,7 +360,7 @@ class Machine:
             self.post_event(result.kind, f"vCPU {index}: {result.detail}", gen)
 
     async def _event_loop(self) -> None:
-        assert self._events is not None
+        assert self._events is not None and self._lock is not None
         while self.runstate in _LIVE:
             gen, kind, detail = await self._events.get()
             async with self._lock:
@@ -310,6 +427,8 @@ class Machine:
             return True
         for vcpu in inst.vcpus:
             vcpu.kick()
+        import asyncio
+
         deadline = time.monotonic() + 5.0
         # Kicked threads leave within microseconds; polling spares a helper thread.
         while any(t.is_alive() for t in threads):
