@@ -54,7 +54,24 @@ int parse_u64(const char *s, uint64_t *out);
 int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 int snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 uint32_t crc32(uint32_t crc, const void *data, size_t n);
+
+/* ---- latency statistics (src/stats.c; free of the rest, so the host's
+ * tests compile it too) ---- */
 void sort_u32(uint32_t *a, size_t n);
+/* Up to `cap` samples are all kept; past that, reservoir sampling keeps a
+ * uniform sample of the whole run. n, sum and max count every sample. */
+struct latency {
+    uint32_t *samples;
+    uint64_t cap, n, kept, sum, max, rng;
+};
+void latency_init(struct latency *l, uint32_t *buf, uint64_t cap);
+void latency_add(struct latency *l, uint64_t value);
+/* Sorts the kept samples; call once, before latency_percentile. */
+void latency_finish(struct latency *l);
+/* Nearest rank: the smallest kept value with at least per_mille/1000 of the
+ * kept samples at or below it; 0 if there are none. */
+uint32_t latency_percentile(const struct latency *l, unsigned per_mille);
+uint64_t latency_mean(const struct latency *l);
 
 /* ---- console (16550 UART on COM1, polled) ---- */
 void uart_init(void);

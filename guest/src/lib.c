@@ -224,30 +224,3 @@ uint32_t crc32(uint32_t crc, const void *data, size_t n)
         crc = table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
     return ~crc;
 }
-
-/* Heapsort: no recursion, no extra memory. */
-void sort_u32(uint32_t *a, size_t n)
-{
-    for (size_t start = n / 2; start-- > 0;) {
-        for (size_t root = start;;) {
-            size_t child = 2 * root + 1;
-            if (child >= n) break;
-            if (child + 1 < n && a[child] < a[child + 1]) child++;
-            if (a[root] >= a[child]) break;
-            uint32_t t = a[root]; a[root] = a[child]; a[child] = t;
-            root = child;
-        }
-    }
-    for (size_t end = n; end-- > 1;) {
-        uint32_t t = a[0]; a[0] = a[end]; a[end] = t;
-        for (size_t root = 0;;) {
-            size_t child = 2 * root + 1;
-            if (child >= end) break;
-            if (child + 1 < end && a[child] < a[child + 1]) child++;
-            if (a[root] >= a[child]) break;
-            t = a[root]; a[root] = a[child]; a[child] = t;
-            root = child;
-        }
-    }
-}
-

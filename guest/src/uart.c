@@ -49,15 +49,20 @@ static void uart_putc(char c)
 
 void println(const char *fmt, ...)
 {
-    char buf[512];
+    /* One buffer, used under the console lock: long enough for `net recv`'s
+     * hex of a 2 KiB frame, and no deep stack on the APs, which print too. */
+    static char buf[4 * 1024 + 256];
     va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof(buf) - 1, fmt, ap);
-    va_end(ap);
-    if (n > (int)sizeof(buf) - 2)
-        n = (int)sizeof(buf) - 2;
-    buf[n++] = '\n';
     spin_lock(&console_lock);
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof(buf) - 2, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof(buf) - 3)
+        n = (int)sizeof(buf) - 3;
+    /* CR LF, as serial consoles send it: a terminal in raw mode (QEMU's
+     * -nographic, ours) would otherwise draw a staircase. */
+    buf[n++] = '\r';
+    buf[n++] = '\n';
     for (int i = 0; i < n; i++)
         uart_putc(buf[i]);
     spin_unlock(&console_lock);

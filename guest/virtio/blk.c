@@ -8,6 +8,7 @@
  *   blk flush                       BLK flush ok
  *   blk bench MODE BS QD SECONDS    MODE = read|write|randread|randwrite;
  *                                   BLK bench mode=... mbps=... iops=... p50_us=... p99_us=...
+ *                                   max_us=... mean_us=...
  * Errors are one line starting with ERR. crc32 is zlib's, so tests can compare. */
 #include "virtio.h"
 
@@ -59,7 +60,9 @@ static void grow_buffer(void)
         data_bytes = BIG_BUF;
     }
 }
+/* Latency samples in TSC cycles (see src/stats.c). */
 static uint32_t samples[MAX_SAMPLES];
+static struct latency lat;
 
 static int blk_init(void)
 {
@@ -207,11 +210,16 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
     uint32_t type = is_write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
     static uint16_t head_slot[BLK_MAX_QUEUES][VQ_MAX];
     uint64_t start_tsc[SLOTS];
+    /* Where each slot's request is (queue, head), so a used id that is not in
+     * flight — a device bug — is reported instead of timing another request. */
+    uint8_t slot_busy[SLOTS] = {0};
+    uint16_t slot_head[SLOTS];
     uint64_t per_queue[BLK_MAX_QUEUES] = {0};
-    uint64_t next_block = 0, ios = 0, nsamples = 0;
+    uint64_t next_block = 0, ios = 0;
     uint64_t t0 = rdtsc(), deadline = t0 + seconds * khz * 1000;
     unsigned inflight = 0;
     int stopping = 0;
+    latency_init(&lat, samples, MAX_SAMPLES);
     for (unsigned s = 0; s < qd; s++) {
         struct virtqueue *vq = &B.vqs[s % B.nq];
         uint64_t blk = is_rand ? next_rand() % blocks : next_block++ % blocks;
@@ -220,6 +228,8 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
         if (head < 0)
             break;
         head_slot[s % B.nq][head] = (uint16_t)s;
+        slot_head[s] = (uint16_t)head;
+        slot_busy[s] = 1;
         inflight++;
     }
     for (unsigned q = 0; q < B.nq; q++)
@@ -234,23 +244,23 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
             continue;
         }
         uint64_t now = rdtsc();
-        if (id >= vq->size) {
-            println("ERR blk device returned a bad descriptor id");
+        unsigned s = id < vq->size ? head_slot[q][id] : 0;
+        if (id >= vq->size || !slot_busy[s] || slot_head[s] != id || s % B.nq != q) {
+            println("ERR blk device returned descriptor id %u on queue %u, not in flight", id, q);
+            B.ready = 0;    /* the next command resets the device */
             return;
         }
-        unsigned s = head_slot[q][id];
         vq_free_chain(vq, (uint16_t)id);
+        slot_busy[s] = 0;
         inflight--;
         if (statuses[s]) {
             println("ERR blk bench I/O failed, status %d", statuses[s]);
+            B.ready = 0;
             return;
         }
         ios++;
         per_queue[q]++;
-        if (nsamples < MAX_SAMPLES) {
-            uint64_t c = now - start_tsc[s];
-            samples[nsamples++] = c > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)c;
-        }
+        latency_add(&lat, now - start_tsc[s]);
         if (now >= deadline)
             stopping = 1;
         if (!stopping) {
@@ -259,19 +269,28 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
             int head = submit(vq, s, type, blk * (bs / 512), data + s * bs, (uint32_t)bs);
             if (head < 0) {
                 println("ERR blk ring full");
+                B.ready = 0;
                 return;
             }
             head_slot[q][head] = (uint16_t)s;
+            slot_head[s] = (uint16_t)head;
+            slot_busy[s] = 1;
             inflight++;
             vq_kick(vq);
         }
+        /* Round robin: staying on a queue while it has completions would let
+         * a fast queue starve the others' polling and add that wait to their
+         * latencies. */
+        q = (q + 1) % B.nq;
     }
     uint64_t elapsed_us = (rdtsc() - t0) * 1000 / khz;
     if (!elapsed_us)
         elapsed_us = 1;
-    sort_u32(samples, nsamples);
-    uint64_t p50 = nsamples ? (uint64_t)samples[nsamples / 2] * 1000 / khz : 0;
-    uint64_t p99 = nsamples ? (uint64_t)samples[nsamples * 99 / 100] * 1000 / khz : 0;
+    latency_finish(&lat);
+    uint64_t p50 = (uint64_t)latency_percentile(&lat, 500) * 1000 / khz;
+    uint64_t p99 = (uint64_t)latency_percentile(&lat, 990) * 1000 / khz;
+    uint64_t max_us = lat.max * 1000 / khz;
+    uint64_t mean_us = latency_mean(&lat) * 1000 / khz;
     uint64_t kbps = ios * bs * 1000 / elapsed_us;   /* bytes/us * 1000 = KB/s (decimal) */
     uint64_t iops_x10 = ios * 10000000ull / elapsed_us;
     char pq[BLK_MAX_QUEUES * 21 + 1];
@@ -279,9 +298,10 @@ static void blk_bench(const char *mode, uint64_t bs, uint64_t qd, uint64_t secon
     for (unsigned i = 0; i < B.nq; i++)
         o += (size_t)snprintf(pq + o, sizeof(pq) - o, "%s%lu", i ? "," : "", per_queue[i]);
     println("BLK bench mode=%s bs=%lu qd=%lu seconds=%lu.%03lu ios=%lu mbps=%lu.%03lu "
-            "iops=%lu.%lu p50_us=%lu p99_us=%lu queues=%u per_queue=%s tsc_khz=%lu%s",
+            "iops=%lu.%lu p50_us=%lu p99_us=%lu max_us=%lu mean_us=%lu queues=%u per_queue=%s "
+            "tsc_khz=%lu%s",
             mode, bs, qd, elapsed_us / 1000000, (elapsed_us / 1000) % 1000, ios, kbps / 1000,
-            kbps % 1000, iops_x10 / 10, iops_x10 % 10, p50, p99, B.nq, pq, khz,
+            kbps % 1000, iops_x10 / 10, iops_x10 % 10, p50, p99, max_us, mean_us, B.nq, pq, khz,
             tsc_khz_measured() ? "" : " tsc=assumed");
 }
 
