@@ -32,7 +32,8 @@ static int better(const struct window *w, const struct window *best)
 
 /* Channel 2 in mode 0 (interrupt on terminal count) with the gate on: the
  * output goes low when the control word is written and high `ticks` clocks
- * after the count's high byte is. Returns 0 if port 0x61 shows no PIT. */
+ * after the count's high byte is. Returns 0 if port 0x61 shows no PIT or
+ * the output never rises. */
 static int ch2_window(uint16_t ticks, struct window *w)
 {
     uint8_t p61 = inb(0x61);
@@ -51,7 +52,7 @@ static int ch2_window(uint16_t ticks, struct window *w)
         if (high)
             break;                          /* it rose after `before`... */
         e0 = before;                        /* ...of the poll that still saw it low */
-        if (polls >= 50000000) {
+        if (e1 - s1 > 4000000000ull) {      /* >= 0.4 s at any rate we accept: stuck */
             outb(0x61, p61);
             return 0;
         }
@@ -91,7 +92,7 @@ static int ch0_window(struct window *w)
     last = s1;
     /* 50 ms, with reads far closer together than the counter's 55 ms period. */
     for (unsigned polls = 0; ticks < 59659 && polls < 10000000; polls++) {
-        if (polls == 10000 && !ticks)
+        if (polls == 1000 && !ticks)   /* a tick is 0.84 us; a read takes longer */
             return -1;
         uint16_t c = ch0_read(&e0, &e1);
         ticks += (uint16_t)(prev - c);      /* counts down; wraps modulo 65536 */
@@ -116,8 +117,8 @@ static uint64_t calibrate(void)
     int ch0 = 0, good = 0;
     for (int i = 0; i < MAX_TRIES && good < 3; i++) {
         int ok = ch0 ? ch0_window(&w) : ch2_window(59659, &w);     /* 50 ms */
-        if (!ok && !ch0 && i == 0) {
-            ch0 = 1;                        /* no port 0x61: try channel 0 */
+        if (!ok && !ch0) {
+            ch0 = 1;                        /* no port 0x61 (or stuck): channel 0 from now on */
             ok = ch0_window(&w);
         }
         if (ok < 0)
