@@ -14,12 +14,24 @@ Host sockets are asyncio transports driven by a small :class:`asyncio.Protocol`
 (the layer under asyncio streams), so bytes move between the socket and the
 TCP endpoint without extra tasks or copies, and flow control is the
 transport's own pause/resume.
+
+Connection setup is on the guest's critical path (a guest opening many short
+connections waits for each SYN-ACK), so an outbound connect to an address is a
+non-blocking ``connect()`` made while the SYN is handled. To loopback it has
+finished by the time ``connect()`` returns, so the socket is wrapped at once
+and the SYN-ACK leaves on the next loop turn; ``loop.create_connection`` took
+six or seven turns (task, ``wait_for``, writer wait, transport) for the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
+import select
+import socket
 import struct
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, cast
 
 from appliance.nat.config import HostForward
@@ -64,6 +76,12 @@ class _HostSide(asyncio.Protocol):
         t.set_write_buffer_limits(high=RCVBUF // 2, low=RCVBUF // 8)
         if self.fwd is not None:
             self.conn = self.nat._accepted(self, t, self.fwd)
+        elif self.conn is not None:
+            if self.conn.state != CONNECTING:
+                self.conn = None
+                t.abort()  # the guest gave up (RST) while we were connecting
+                return
+            self.nat._guard(self.conn.host_connected, cast(HostTransport, t))
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -95,6 +113,8 @@ class TcpNat:
         self._connecting = 0
         self._half_open: dict[TcpConn, None] = {}  # oldest first
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connects still in progress: their socket and timeout.
+        self._pending: dict[TcpConn, tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._servers: list[tuple[asyncio.Server, HostForward]] = []
         self._ack_set: dict[TcpConn, None] = {}
         self._ack_scheduled = False
@@ -190,9 +210,7 @@ class TcpNat:
             self._half_open[conn] = None
             st.tcp_conns += 1
             self._connecting += 1
-            task = self.net.loop.create_task(self._connect(conn, target))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start_connect(conn, target)
             return
         self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
 
@@ -228,29 +246,79 @@ class TcpNat:
             return None
         return ip_str(net.host_side(dst)), dport
 
-    async def _connect(self, conn: TcpConn, target: tuple[str, int]) -> None:
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = self.net.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, conn: TcpConn) -> None:
+        """The host connect failed: the guest's SYN is answered with RST, as a real host would."""
+        if conn.state == CONNECTING:
+            self.net.stats.tcp_refused += 1
+            conn.rcv_nxt = 1
+            conn._emit(RST | ACK, 0)
+            self.net.stats.tcp_rst_sent += 1
+            conn._finish()
+
+    def _start_connect(self, conn: TcpConn, target: tuple[str, int]) -> None:
+        host, port = target
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            self._spawn(self._connect_by_name(conn, target))  # a guestfwd target given by name
+            return
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(0):
+                loop = self.net.loop
+                timer = loop.call_later(CONNECT_TIMEOUT, self._connect_done, conn, sock, True)
+                self._pending[conn] = (sock, timer)
+                loop.add_writer(sock, self._connect_done, conn, sock, False)
+                return
+            err = 0
+        if err:
+            sock.close()
+            self._connecting -= 1
+            self._refuse(conn)
+            return
+        self._connect_done(conn, sock, False)
+
+    def _connect_done(self, conn: TcpConn, sock: socket.socket, timed_out: bool) -> None:
+        pending = self._pending.pop(conn, None)
+        if pending is not None:
+            self.net.loop.remove_writer(sock)
+            pending[1].cancel()
+        self._connecting -= 1
+        err = errno.ETIMEDOUT if timed_out else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err or conn.state != CONNECTING:
+            sock.close()
+            if err:
+                self._guard(self._refuse, conn)
+            return
+        # connection_made (next loop turn) answers the guest; the task only finishes the wrapping.
+        self._spawn(self._adopt(conn, sock))
+
+    async def _adopt(self, conn: TcpConn, sock: socket.socket) -> None:
+        try:
+            await self.net.loop.connect_accepted_socket(lambda: _HostSide(self, conn), sock)
+        except OSError:
+            sock.close()
+            self._refuse(conn)
+
+    async def _connect_by_name(self, conn: TcpConn, target: tuple[str, int]) -> None:
         loop = self.net.loop
         try:
-            transport, _ = await asyncio.wait_for(
+            await asyncio.wait_for(
                 loop.create_connection(lambda: _HostSide(self, conn), target[0], target[1]), CONNECT_TIMEOUT
             )
         except (TimeoutError, OSError):
+            self._refuse(conn)
+        finally:
             self._connecting -= 1
-            if conn.state == CONNECTING:
-                self.net.stats.tcp_refused += 1
-                conn.rcv_nxt = 1
-                conn._emit(RST | ACK, 0)
-                self.net.stats.tcp_rst_sent += 1
-                conn._finish()
-            return
-        except asyncio.CancelledError:
-            self._connecting -= 1
-            raise
-        self._connecting -= 1
-        if conn.state != CONNECTING:
-            transport.abort()  # the guest gave up (RST) while we were connecting
-            return
-        self._guard(conn.host_connected, cast(HostTransport, transport))
 
     # -- hostfwd=tcp -------------------------------------------------------
     async def listen(self, fwd: HostForward) -> None:
@@ -322,6 +390,12 @@ class TcpNat:
         return out
 
     def close(self) -> None:
+        for sock, timer in self._pending.values():
+            timer.cancel()
+            self.net.loop.remove_writer(sock)
+            sock.close()
+        self._connecting -= len(self._pending)
+        self._pending.clear()
         for conn in list(self.conns.values()):
             conn.abort(send_rst=False)
         for task in list(self._tasks):
