@@ -27,7 +27,7 @@ class ConsoleProcess:
     ::
 
         async with ConsoleProcess(["qemu-system-x86_64", ...]) as p:
-            await p.expect(r"TESTGUEST-READY cpus=(\\d+)")
+            await p.expect(r"TESTGUEST-READY cpus=(\\d+) mem=(\\d+)\\n")
             await p.write("poweroff\\n")
             assert await p.wait() == 0
 
@@ -142,6 +142,10 @@ class ConsoleProcess:
             self._eof = True
             self._changed.set()
 
+    def _search_end(self) -> int:
+        """Where :meth:`expect` stops searching: everything received so far."""
+        return len(self._buf)
+
     def tail(self) -> str:
         """The end of the console output and stderr, for error messages."""
         text = f"\n--- console (last {TAIL} chars) ---\n{self._buf[-TAIL:]}"
@@ -159,7 +163,7 @@ class ConsoleProcess:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            m = rx.search(self._buf, self._pos)
+            m = rx.search(self._buf, self._pos, self._search_end())
             if m is not None:
                 self._pos = m.end()
                 return m
@@ -191,6 +195,12 @@ class GuestConsole(ConsoleProcess):
     """
 
     READY = re.compile(r"TESTGUEST-READY cpus=(\d+) mem=(\d+)\n")
+
+    def _search_end(self) -> int:
+        # The guest answers in whole lines, so only whole lines are searched: a
+        # pattern ending in a number (``p99_us=(\d+)``) must not match while
+        # only the number's first digits have arrived.
+        return self._buf.rfind("\n") + 1
 
     async def ready(self, timeout: float = 30.0) -> tuple[int, int]:
         """Wait for the readiness line; returns ``(cpus, mem_mib)``."""
