@@ -230,13 +230,19 @@ def _guest_rows(a: argparse.Namespace, work: Path,
     base = work / "guest.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base)])
     raw.unlink()
-    results: dict[str, dict[str, tuple[float, float]]] = {}
-    for who in ("qemu", "ours"):
-        img = work / f"guest-{who}.qcow2"
-        shutil.copyfile(base, img)
-        os.sync()
-        results[who] = asyncio.run(_guest_bench(who, elf, img, wanted, a.seconds))
-        img.unlink()
+    results: dict[str, dict[str, tuple[float, float]]] = {"qemu": {}, "ours": {}}
+    # Alternate the two and keep each workload's best round: the machine is
+    # shared, and the best run is the least disturbed one.
+    for _ in range(a.repeat):
+        for who in ("qemu", "ours"):
+            img = work / f"guest-{who}.qcow2"
+            shutil.copyfile(base, img)
+            os.sync()
+            got = asyncio.run(_guest_bench(who, elf, img, wanted, a.seconds))
+            img.unlink()
+            for name, r in got.items():
+                if name not in results[who] or r[1] > results[who][name][1]:
+                    results[who][name] = r
     for name, _mode, bs, _qd in wanted:
         q, o = results["qemu"].get(name), results["ours"].get(name)
         if q is None or o is None:
