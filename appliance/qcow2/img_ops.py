@@ -12,6 +12,7 @@ import asyncio
 import mmap
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from appliance.errors import ConfigError
 from appliance.qcow2.backing import RawImage, open_any, resolve_backing
 from appliance.qcow2.cli import _open, _parser, chain_status, parse_o, parse_size_arg
 from appliance.qcow2.errors import Qcow2Error
-from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image
+from appliance.qcow2.image import (
+    K_COMPRESSED,
+    K_DATA,
+    K_UNALLOC,
+    K_ZERO,
+    Qcow2Image,
+    _Splitter,
+)
 
 CHUNK = 2 * 1024 * 1024
 
@@ -79,6 +87,57 @@ def _nonzero_runs(buf: memoryview, gran: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- convert
 
 
+class Concatenation:
+    """Several read-only images end to end, as ``convert`` sees more than one source.
+
+    Offers what :func:`convert` uses of a source: ``size``, ``readv`` and
+    ``block_status`` (each part's whole backing chain folded in, so the
+    concatenation itself has no backing file).
+    """
+
+    backing = None
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.starts: list[int] = []
+        pos = 0
+        for part in parts:
+            self.starts.append(pos)
+            pos += part.size
+        self.size = pos
+        self.read_only = True
+        self._direct = any(getattr(part, "_direct", False) for part in parts)
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[Any, int, int, int]]:
+        """(part, offset in part, length, offset in the request) covering the range."""
+        out = []
+        end = min(offset + length, self.size)
+        for part, base in zip(self.parts, self.starts, strict=True):
+            a, b = max(offset, base), min(end, base + part.size)
+            if a < b:
+                out.append((part, a - base, b - a, a - offset))
+        return out
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        sp = _Splitter(bufs)
+        n = 0
+        for part, local, length, at in self._pieces(offset, sp.total):
+            await part.readv(local, sp.take(at, length))
+            n += length
+        return n
+
+    async def block_status(self, offset: int, length: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        for part, local, n, at in self._pieces(offset, length):
+            for start, m, _, _, _, kind, _ in await chain_status(part, local, n):
+                out.append([kind, offset + at + start - local, m, -1])
+        return out
+
+    async def close(self) -> None:
+        for part in self.parts:
+            await part.close()
+
+
 async def cmd_convert(argv: list[str]) -> int:
     p = _parser("convert")
     p.add_argument("-f", dest="fmt")
@@ -98,9 +157,12 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
-    if len(a.files) != 2:
-        raise ConfigError("convert takes exactly one source and one destination here")
-    src_name, dst_name = a.files
+    if len(a.files) < 2:
+        raise ConfigError("Expecting one image file name")
+    *src_names, dst_name = a.files
+    if len(src_names) > 1 and a.backing:
+        raise Qcow2Error("Having a backing file for the target makes no sense when "
+                         "concatenating multiple input images")
     if a.out_fmt not in ("raw", "qcow2"):
         raise ConfigError(f"Unknown file format '{a.out_fmt}'")
     if a.compress and a.out_fmt != "qcow2":
@@ -114,7 +176,15 @@ async def cmd_convert(argv: list[str]) -> int:
     o: dict[str, str] = {}
     for t in a.options:
         o.update(parse_o(t))
-    src = await _open(src_name, a.fmt, read_only=True, cache=a.src_cache)
+    parts: list[Any] = []
+    try:
+        for name in src_names:
+            parts.append(await _open(name, a.fmt, read_only=True, cache=a.src_cache))
+    except BaseException:
+        for part in parts:
+            await part.close()
+        raise
+    src = parts[0] if len(parts) == 1 else Concatenation(parts)
     try:
         if not a.no_create:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
@@ -318,39 +388,70 @@ async def cmd_commit(argv: list[str]) -> int:
     p.add_argument("-r", dest="rate")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    top = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+    # qemu-img: -b implies -d, since the images between base and top are no
+    # longer valid afterwards and only the top's own data keeps it right.
+    empty_top = not a.keep and not a.base
+    top = await _open(a.filename, a.fmt or "qcow2", read_only=not empty_top, backing=False)
+    layers: list[Any] = [top]
+    base: Any = None
     try:
         if not isinstance(top, Qcow2Image) or not top.header.backing_file:
             raise Qcow2Error("Image does not have a backing file")
-        bpath = resolve_backing(top.path, top.header.backing_file)
-        if a.base and os.path.realpath(a.base) != os.path.realpath(bpath):
-            raise Qcow2Error("only committing into the immediate backing file is supported")
-        base = await open_any(bpath, top.header.backing_format, read_only=False, cache=a.cache)
-        top.backing = base
-        prog = _Progress(a.progress and not a.quiet, top.size)
-        size = min(top.size, base.size)
+        bpath, bfmt = await _find_base(layers, a.base, a.filename)
+        base = await open_any(bpath, bfmt, read_only=False, cache=a.cache)
+        for upper, lower in zip(layers, layers[1:] + [base], strict=True):
+            upper.backing = lower
+        prog = _Progress(a.progress and not a.quiet, top.size * len(layers))
         buf = memoryview(bytearray(CHUNK))
-        for kind, start, n, _ in await top.block_status(0, size):
-            if kind == K_ZERO:
-                await base.write_zeroes(start, n)
-            elif kind in (K_DATA, K_COMPRESSED):
-                s = start
-                while s < start + n:
-                    m = min(CHUNK, start + n - s)
-                    await top.readv(s, [buf[:m]])
-                    await base.writev(s, [buf[:m]])
-                    s += m
-            prog.add(n)
+        # Bottom layer first: what an upper layer holds lands in base last.
+        for layer in reversed(layers):
+            size = min(layer.size, base.size)
+            for kind, start, n, _ in await layer.block_status(0, size):
+                if kind == K_ZERO:
+                    await base.write_zeroes(start, n)
+                elif kind in (K_DATA, K_COMPRESSED):
+                    s = start
+                    while s < start + n:
+                        m = min(CHUNK, start + n - s)
+                        await layer.readv(s, [buf[:m]])
+                        await base.writev(s, [buf[:m]])
+                        s += m
+                prog.add(n)
         await base.flush()
-        if not a.keep:
+        if empty_top:
             await top.make_empty()
-        await top.flush()
+            await top.flush()
         prog.finish()
     finally:
-        await top.close()
+        # Closing a layer closes what it is linked to below it.
+        for layer in layers if base is None else layers[:1]:
+            await layer.close()
     if not a.quiet:
         print("Image committed.")
     return 0
+
+
+async def _find_base(layers: list[Any], base_name: str | None,
+                     top_name: str) -> tuple[Path, str | None]:
+    """Walk down from ``layers[0]`` to the commit target; open the layers in between.
+
+    Appends each intermediate image (read-only, unlinked) to ``layers`` and
+    returns the target's path and format. Without ``base_name`` the target is
+    the top's immediate backing file.
+    """
+    cur = layers[0]
+    want = os.path.realpath(base_name) if base_name else None
+    while True:
+        name = cur.header.backing_file if isinstance(cur, Qcow2Image) else None
+        if not name:
+            raise Qcow2Error(f"Did not find '{base_name}' in the backing chain of '{top_name}'")
+        path = resolve_backing(cur.path, name)
+        if want is None or name == base_name or os.path.realpath(path) == want:
+            return path, cur.header.backing_format
+        if len(layers) > 64:
+            raise Qcow2Error("backing chain is too deep")
+        cur = await _open(str(path), cur.header.backing_format, read_only=True, backing=False)
+        layers.append(cur)
 
 
 # ---------------------------------------------------------------- rebase

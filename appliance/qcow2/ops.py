@@ -73,8 +73,35 @@ async def _has_zero_clusters(img: Qcow2Image) -> bool:
     return False
 
 
+async def _change_refcount_order(img: Qcow2Image, order: int) -> None:
+    """Rewrite every refcount with ``2**order`` bits (amend -o refcount_bits). Under the lock.
+
+    The new table and blocks are built from the counts the metadata implies,
+    in fresh clusters past the end of the file, and the header switches width
+    and table in one write (check.rebuild_refcounts): a crash before that
+    write leaves the old structure in charge, after it the new one; the old
+    clusters are simply not counted any more.
+    """
+    from appliance.qcow2.check import CheckResult, compute_refs, rebuild_refcounts
+
+    res = CheckResult()
+    w = await compute_refs(img, res, with_refcount_structs=False)
+    if res.corruptions:
+        raise Qcow2Error("Cannot change the refcount width of an image with corruptions")
+    limit = (1 << (1 << order)) - 1
+    for c, n in enumerate(w.refs):
+        if n > limit:
+            raise Qcow2Error(f"Cannot decrease refcount entry width to {1 << order} bits: "
+                             f"Cluster at offset {c << img._cb:#x} has a refcount of {n}")
+    img.header.refcount_order = order
+    img._rc_order = order
+    img._rc_max = limit
+    img._rb_entries = img._cs * 8 // (1 << order)
+    await rebuild_refcounts(img)
+
+
 async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
-    """Change compat, lazy_refcounts, backing file or size of an existing image."""
+    """Change compat, lazy_refcounts, refcount_bits, backing file or size of an image."""
     img._check_writable()
     h = img.header
     compat = opts.pop("compat", None)
@@ -82,8 +109,22 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
     size = opts.pop("size", None)
     bfile = opts.pop("backing_file", None)
     bfmt = opts.pop("backing_fmt", None)
+    rbits = opts.pop("refcount_bits", None)
+    new_order = None
+    if rbits is not None:
+        try:
+            bits = int(rbits)
+        except ValueError:
+            bits = 0
+        if bits < 1 or bits > 64 or bits & (bits - 1):
+            raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+        new_order = bits.bit_length() - 1
+        v3 = compat in ("1.1", "v3") or (h.version >= 3 and compat not in ("0.10", "v2"))
+        if new_order != 4 and not v3:
+            raise Qcow2Error("Refcount widths other than 16 bits require compatibility level "
+                             "1.1 or above (use compat=1.1 or greater)")
     for k, v in list(opts.items()):
-        cur = {"cluster_size": str(h.cluster_size), "refcount_bits": str(h.refcount_bits),
+        cur = {"cluster_size": str(h.cluster_size),
                "compression_type": H.COMPRESSION_NAMES[h.compression_type],
                "extended_l2": "on" if h.extended_l2 else "off"}.get(k)
         if cur is None:
@@ -94,11 +135,11 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
         await img._flush_locked()
         if compat in ("1.1", "v3") and h.version == 2:
             h.version = 3
-            h.refcount_order = 4
             h.set_ext(H.EXT_FEATURE_TABLE, H.feature_table())
         elif compat in ("0.10", "v2") and h.version == 3:
-            if (h.lazy_refcounts and lazy != "off") or h.extended_l2 or h.compression_type \
-                    or h.refcount_order != 4:
+            if new_order is None and h.refcount_order != 4:
+                new_order = 4  # v2 knows only 16-bit refcounts: rewrite them first
+            if (h.lazy_refcounts and lazy != "off") or h.extended_l2 or h.compression_type:
                 raise Qcow2Error("Cannot downgrade an image with features that need compat=1.1")
             if await _has_zero_clusters(img):
                 raise Qcow2Error("Cannot downgrade an image with zero clusters")
@@ -108,6 +149,8 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
             h.set_ext(H.EXT_FEATURE_TABLE, None)
         elif compat not in (None, "1.1", "v3", "0.10", "v2"):
             raise ConfigError(f"Invalid compatibility level: '{compat}'")
+        if new_order is not None and new_order != h.refcount_order:
+            await _change_refcount_order(img, new_order)
         if lazy is not None:
             on = lazy in ("on", "yes", "true")
             if on and h.version < 3:

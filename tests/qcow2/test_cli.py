@@ -334,3 +334,101 @@ def test_closed_pipe_and_missing_file_give_no_traceback(tmp_path) -> None:
     p.stdout.close()  # the reader goes away before the first line
     _, err = p.communicate(timeout=60)
     assert b"Traceback" not in err and b"Broken pipe" not in err
+
+
+def test_amend_refcount_bits_rewrites_refcounts_like_qemu(chain: Path, tmp_path: Path) -> None:
+    """The chain's base (a snapshot, zero clusters) goes 16 -> 64 -> 2 -> 16 bits, and v3 -> v2
+    from 8 bits; qemu-img check stays clean, contents equal, and refusals match qemu-img's."""
+    base = tmp_path / "base.qcow2"
+    expect = oracle_raw(base, tmp_path)
+    mirror = tmp_path / "mirror.qcow2"
+    mirror.write_bytes(base.read_bytes())
+    for bits in ("64", "2", "16"):
+        img("amend", "-o", f"refcount_bits={bits}", str(base))
+        qemu_img("amend", "-o", f"refcount_bits={bits}", str(mirror))
+        for p in (base, mirror):
+            info = json.loads(qemu_img("info", "--output=json", str(p)).stdout)
+            assert info["format-specific"]["data"]["refcount-bits"] == int(bits)
+        check_clean(base)
+        assert oracle_raw(base, tmp_path) == expect
+        assert img("compare", str(base), str(mirror)).returncode == 0
+    # The snapshot holds a second reference to its clusters: one bit cannot count it.
+    r = img("amend", "-o", "refcount_bits=1", str(base), check=False)
+    q = qemu_img("amend", "-o", "refcount_bits=1", str(mirror), check=False)
+    assert r.returncode == q.returncode == 1
+    assert r.stderr.split(": ", 1)[1] == q.stderr.split(": ", 1)[1]
+    r = img("amend", "-o", "refcount_bits=3", str(base), check=False)
+    assert r.returncode == 1 and "must be a power of two" in r.stderr
+    # Going back to compat=0.10 needs 16 bits: the refcounts are rewritten on the way.
+    img("snapshot", "-d", "snap1", str(base))
+    img("amend", "-o", "refcount_bits=8", str(base))
+    flat = tmp_path / "flat.qcow2"
+    img("convert", "-O", "qcow2", "-o", "refcount_bits=8", str(base), str(flat))
+    img("amend", "-o", "compat=0.10", str(flat))
+    info = json.loads(qemu_img("info", "--output=json", str(flat)).stdout)
+    assert info["format-specific"]["data"]["compat"] == "0.10"
+    check_clean(flat)
+    assert oracle_raw(flat, tmp_path) == expect
+    v2 = tmp_path / "v2.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(v2), "1M")
+    r = img("amend", "-o", "refcount_bits=8", str(v2), check=False)
+    assert r.returncode == 1 and "compatibility level 1.1" in r.stderr
+
+
+def test_commit_b_reaches_down_the_chain_like_qemu(tmp_path: Path) -> None:
+    """base <- mid <- top; commit -b base top puts what mid and top hold into base (top's
+    zeroes as zeroes) and leaves top as it was, exactly as qemu-img does on a copy."""
+    for d in ("ours", "qemu"):
+        (tmp_path / d).mkdir()
+        b, m, t = (tmp_path / d / f"{n}.qcow2" for n in ("b", "m", "t"))
+        qemu_img("create", "-f", "qcow2", str(b), "4M")
+        qemu_io(b, "write -P 1 0 4M")
+        qemu_img("create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", str(m))
+        qemu_io(m, "write -P 2 0 1M", "write -z 1536k 64k")
+        qemu_img("create", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", str(t))
+        qemu_io(t, "write -P 3 512k 1M", "write -z 3M 64k", "write -P 4 1552k 4k")
+    top = tmp_path / "ours" / "t.qcow2"
+    expect = oracle_raw(top, tmp_path)
+    top_before = top.read_bytes()
+    assert "Image committed." in img("commit", "-b", str(tmp_path / "ours" / "b.qcow2"),
+                                     str(top)).stdout
+    qemu_img("commit", "-b", str(tmp_path / "qemu" / "b.qcow2"), str(tmp_path / "qemu" / "t.qcow2"))
+    assert top.read_bytes() == top_before
+    assert oracle_raw(top, tmp_path) == expect
+    for n in ("b", "m"):
+        ours, theirs = tmp_path / "ours" / f"{n}.qcow2", tmp_path / "qemu" / f"{n}.qcow2"
+        check_clean(ours)
+        assert oracle_raw(ours, tmp_path) == oracle_raw(theirs, tmp_path), n
+    r = img("commit", "-b", "nope.qcow2", str(top), check=False)
+    q = qemu_img("commit", "-b", "nope.qcow2", str(top), check=False)
+    assert r.returncode == q.returncode == 1
+    assert r.stderr.split(": ", 1)[1] == q.stderr.split(": ", 1)[1]
+
+
+def test_convert_concatenates_several_sources_like_qemu(chain: Path, tmp_path: Path) -> None:
+    """A qcow2 overlay (read through its chain), a raw file of an odd size and a small
+    qcow2 end to end: the output equals qemu-img's, plain and compressed."""
+    raw = tmp_path / "mid.raw"
+    raw.write_bytes(b"\x00" * 4096 + b"\x9c" * (3 * 65536 + 512) + b"\x00" * 8192)
+    small = tmp_path / "small.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", str(small), "96k")
+    qemu_io(small, "write -P 0x44 1k 20k")
+    srcs = [str(chain), str(raw), str(small)]
+    theirs = tmp_path / "theirs.raw"
+    qemu_img("convert", "-O", "raw", *srcs, str(theirs))
+    expect = theirs.read_bytes()
+    assert len(expect) == 10 * 1024 * 1024 + raw.stat().st_size + 96 * 1024
+    for opts in ([], ["-c"]):
+        out = tmp_path / f"ours{len(opts)}.qcow2"
+        img("convert", *opts, "-O", "qcow2", *srcs, str(out))
+        check_clean(out)
+        assert oracle_raw(out, tmp_path) == expect
+    flat = tmp_path / "ours.raw"
+    img("convert", "-O", "raw", *srcs, str(flat))
+    assert flat.read_bytes() == expect
+    r = img("convert", "-B", str(small), "-O", "qcow2", *srcs, str(tmp_path / "x.qcow2"),
+            check=False)
+    q = qemu_img("convert", "-B", str(small), "-O", "qcow2", *srcs, str(tmp_path / "y.qcow2"),
+                 check=False)
+    assert r.returncode == q.returncode == 1
+    assert r.stderr.split(": ", 1)[1] == q.stderr.split(": ", 1)[1]
