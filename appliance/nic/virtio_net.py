@@ -106,21 +106,43 @@ class RxWindow:
     ``readv``. Chains a frame did not fill stay for the next one; only the
     chains a frame used leave the window, so a small frame costs O(1) chain
     moves however many buffers a 64 KiB frame needs (§5.1.6.4.2).
+
+    Chains are taken from the ring a batch at a time into ``spare`` and move
+    into the window one by one as frames use it up: the window (and the iovec
+    list ``readv`` builds from it) stays as short as the largest frame needs,
+    while the ring is walked once per batch rather than once per frame.
     """
 
-    __slots__ = ("chains", "views", "room")
+    __slots__ = ("chains", "views", "room", "spare")
 
     def __init__(self) -> None:
         self.chains: deque[Buffers] = deque()
         self.views: list[memoryview] = []
         self.room = 0
+        self.spare: deque[Buffers] = deque()
 
-    def fill(self, q: Virtqueue, want: int, batch: int) -> bool:
-        """Take chains (``batch`` at a time) until ``want`` bytes fit; returns whether any buffer is ready."""
+    def __len__(self) -> int:
+        """Chains held (window and spare): all taken from the ring, none returned."""
+        return len(self.chains) + len(self.spare)
+
+    def fill(self, q: Virtqueue, want: int, batch: int, greedy: bool = False) -> bool:
+        """Make ``want`` bytes of buffers ready; returns whether any are.
+
+        :param batch: chains to take from the ring at a time.
+        :param greedy: put every chain taken straight into the window (without
+            mergeable buffers each frame has one chain, and no ``spare`` is kept).
+        """
+        spare = self.spare
         while self.room < want:
-            got = q.pop_buffers(batch, True)
-            if not got:
-                break
+            if spare:
+                got: Sequence[Buffers] = (spare.popleft(),)
+            else:
+                got = q.pop_buffers(batch, True)
+                if not got:
+                    break
+                if not greedy:
+                    spare.extend(got)
+                    got = (spare.popleft(),)
             for chain in got:
                 if chain[2] < C.HDR_LEN:
                     # Too small to hold even the header: hand it back unused.
@@ -158,6 +180,7 @@ class RxWindow:
         self.chains.clear()
         self.views.clear()
         self.room = 0
+        self.spare.clear()
 
 
 class RxFilter:
@@ -315,9 +338,9 @@ class VirtioNet(VirtioDevice):
         instead of leaking them.
         """
         for pair, win in enumerate(self._rx_windows):
-            if win.chains and 2 * pair < len(self._queues):
+            if len(win) and 2 * pair < len(self._queues):
                 q = self._queues[2 * pair]
-                q.last_avail_idx = (q.last_avail_idx - len(win.chains)) & 0xFFFF
+                q.last_avail_idx = (q.last_avail_idx - len(win)) & 0xFFFF
             win.clear()
 
     def reset(self) -> None:
@@ -465,16 +488,16 @@ class VirtioNet(VirtioDevice):
         flt = self.filter
         hdr_len = C.HDR_LEN
         want = self._max_rx_frame if mergeable else 1
-        batch = 1 if mergeable else RX_BATCH
+        greedy = not mergeable
         push_used = q.push_used
         views = win.views
         frames = nbytes = dropped = filtered = 0
         try:
             while True:
-                if win.room < want and not win.fill(q, want, batch):
+                if win.room < want and not win.fill(q, want, RX_BATCH, greedy):
                     # Out of buffers: pause the backend until the guest posts more
                     # (re-checking after re-arming, as §2.7.10 asks).
-                    if not q.enable_notification() or not win.fill(q, want, batch):
+                    if not q.enable_notification() or not win.fill(q, want, RX_BATCH, greedy):
                         self._set_rx_armed(pair, False)
                         break
                 head0, views0, len0 = chains[0]
