@@ -94,7 +94,11 @@ class IoPool:
                 res, exc = fn(*args), None
             except BaseException as err:  # handed to the awaiting coroutine
                 res, exc = None, err
+            # Let go of the arguments before the waiter resumes: they are often
+            # views of guest RAM, which cannot be unmapped while a view lives.
+            del fn, args
             ring.done.append((fut, res, exc))
+            del fut, res, exc
             try:
                 os.eventfd_write(ring.efd, 1)
             except OSError:
