@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -29,12 +28,15 @@ from typing import TYPE_CHECKING
 from appliance.cli.options import parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.kvm import layout
+from appliance.log import apply as apply_logging
+from appliance.log import configure as configure_logging
+from appliance.log import get_logger
 from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
 
 if TYPE_CHECKING:
     from appliance.machine.machine import Machine
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PROG = "appliance run"
 
@@ -459,10 +461,9 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(usage())
         return 0
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="appliance run: %(message)s",
-    )
+    # Applied when logging is first used (see appliance.log): a plain boot
+    # does not import it before the vCPUs run.
+    configure_logging(level="DEBUG" if args.verbose else "WARNING", format="appliance run: %(message)s")
     config = to_config(args)
     from appliance.kvm import KvmError
     from appliance.kvm.system import Kvm
@@ -484,6 +485,7 @@ def main(argv: list[str]) -> int:
         try:
             if machine.can_boot_early():
                 _boot_early(machine)
+            apply_logging()
             # Only now the loop and everything that comes with it.
             import asyncio
 

@@ -10,11 +10,12 @@ ones and writes are dropped, as on real hardware.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from appliance.log import get_logger
+
+log = get_logger(__name__)
 
 
 class BusDevice(Protocol):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import mmap
 import os
 import signal
@@ -29,8 +28,9 @@ from appliance.kvm.bus import Bus
 from appliance.kvm.ffi import ffi
 from appliance.kvm.system import CpuidEntry, ioctl
 from appliance.kvm.vm import Vm
+from appliance.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # A real-time signal nobody else uses: its only job is to interrupt KVM_RUN.
 KICK_SIGNAL = signal.SIGRTMIN + 3

@@ -11,7 +11,6 @@ dispatch of PIO/MMIO exits.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
@@ -22,8 +21,9 @@ from appliance.kvm.ffi import ffi
 from appliance.kvm.irq import GsiRouting
 from appliance.kvm.memory import GuestMemory
 from appliance.kvm.system import Kvm, ioctl
+from appliance.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Three pages just below the BIOS area at the top of 4 GiB, where no RAM or
 # MMIO of ours lives: KVM needs them for real-mode emulation on Intel hosts.

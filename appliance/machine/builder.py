@@ -14,7 +14,7 @@ machine makes thread-safe.
 
 from __future__ import annotations
 
-import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,12 +30,13 @@ from appliance.kvm.memory import GuestMemory
 from appliance.kvm.system import Kvm
 from appliance.kvm.vcpu import Vcpu
 from appliance.kvm.vm import PendingVm, Vm
+from appliance.log import get_logger
 from appliance.machine.config import MachineConfig
 
 if TYPE_CHECKING:
     from appliance.machine.console import Console
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # (kind, detail): kind is "poweroff", "reset" or "error".
 EventSink = Callable[[str, str], None]
@@ -53,6 +54,8 @@ class Instance:
     pm: AcpiPm
     pci: Any = None
     closers: list[Callable[[], None]] = field(default_factory=list)
+    # What build(defer=True) left for MachineBuilder.complete().
+    deferred: list[Callable[[], object]] = field(default_factory=list)
 
     def close(self) -> None:
         for closer in reversed(self.closers):
@@ -91,11 +94,15 @@ class MachineBuilder:
         """
         return PendingVm.allocate(self.kvm, self.config.mem_size)
 
-    def build(self, pending: PendingVm | None = None) -> Instance:
+    def build(self, pending: PendingVm | None = None, *, defer: bool = False) -> Instance:
         """A complete, not yet running VM with the kernel loaded into vCPU 0.
 
         :param pending: from :meth:`start_vm`, when the caller started it
             earlier; this method owns it from here, also on failure.
+        :param defer: leave loading the PCI bus model (an empty bus: the host
+            bridge) to :meth:`complete` or the guest's first config-port
+            access, whichever comes first, so the vCPUs can start sooner.
+            Only for configs without devices.
         :raises BootError: When the kernel or initrd cannot be loaded.
         :raises KvmError: When KVM refuses part of the set-up.
         """
@@ -117,7 +124,12 @@ class MachineBuilder:
             )
             vm = pending.result()
             inst = self._attach_platform(vm, memory, plan)
-            self.attach_pci(inst)
+            if defer and not cfg.devices:
+                lazy = _DeferredPci(self, inst)
+                self.register_config_ports(inst, lazy)
+                inst.deferred.append(lazy.load)
+            else:
+                self.attach_pci(inst)
             self.attach_devices(inst)
             for index in range(cfg.num_cpus):
                 vcpu = Vcpu(vm, index)
@@ -164,17 +176,29 @@ class MachineBuilder:
         Devices are plugged into ``inst.pci`` (an :class:`appliance.pci.bus.PciBus`);
         their BARs register on ``inst.vm.mmio_bus`` themselves.
         """
+        pci = self._make_pci(inst)
+        if isinstance(pci, ResetRegister):
+            inst.vm.pio_bus.register(layout.RESET_PORT, 1, pci)
+        else:
+            self.register_config_ports(inst, pci)
+
+    def _make_pci(self, inst: Instance) -> Any:
+        # The PciBus (set as inst.pci), or only the reset register in a build without PCI.
         reset = ResetRegister(lambda: self.post_event("reset", "reset register"))
         try:
             from appliance.pci.bus import PciBus
         except ImportError:
-            inst.vm.pio_bus.register(layout.RESET_PORT, 1, reset)
-            return
+            return reset
         pci = PciBus(inst.vm.mmio_bus)
         pci.on_reset_port = lambda value: reset.write(0, bytes([value]))
-        self.register_config_ports(inst, pci)
         inst.pci = pci
         inst.closers.append(pci.close)
+        return pci
+
+    def complete(self, inst: Instance) -> None:
+        """Do what :meth:`build` deferred; call it soon after the vCPUs started."""
+        while inst.deferred:
+            inst.deferred.pop(0)()
 
     def attach_devices(self, inst: Instance) -> None:
         """Plug in every :class:`~appliance.machine.config.DeviceSpec` of the config."""
@@ -184,3 +208,38 @@ class MachineBuilder:
     @staticmethod
     def register_config_ports(inst: Instance, device: BusDevice) -> None:
         inst.vm.pio_bus.register(layout.PCI_CONFIG_ADDRESS, 8, device)
+
+
+class _DeferredPci:
+    """Ports 0xCF8-0xCFF until the PCI bus model is loaded.
+
+    The bus is made by :meth:`load`: from :meth:`MachineBuilder.complete` on
+    the main thread, or by the guest's first access on a vCPU thread, under
+    a lock either way, so the guest sees the same bus from its first access.
+    """
+
+    def __init__(self, builder: MachineBuilder, inst: Instance) -> None:
+        self._builder = builder
+        self._inst = inst
+        self._lock = threading.Lock()
+        self._target: Any = None
+
+    def load(self) -> Any:
+        with self._lock:
+            if self._target is None:
+                self._target = self._builder._make_pci(self._inst)
+            return self._target
+
+    def read(self, offset: int, size: int) -> bytes:
+        target = self._target or self.load()
+        if isinstance(target, ResetRegister):
+            return b"\xff" * size
+        return bytes(target.read(offset, size))
+
+    def write(self, offset: int, data: bytes) -> None:
+        target = self._target or self.load()
+        if isinstance(target, ResetRegister):
+            if offset == layout.RESET_PORT - layout.PCI_CONFIG_ADDRESS and len(data) == 1:
+                target.write(0, data)
+            return
+        target.write(offset, data)

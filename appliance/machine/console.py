@@ -27,7 +27,6 @@ boot must not wait for it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -39,9 +38,10 @@ if TYPE_CHECKING:
     import re
 
 from appliance.errors import ConfigError
+from appliance.log import get_logger
 from appliance.machine.config import ChardevConfig
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 HISTORY_LIMIT = 4 << 20
 CTRL_A = 0x01

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import enum
 import inspect
-import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from appliance.kvm.system import Kvm
+from appliance.log import get_logger
 from appliance.machine.config import MachineConfig
 from appliance.machine.console import Console, make_backend
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from appliance.kvm.vm import PendingVm
     from appliance.machine.builder import Instance, MachineBuilder
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -200,6 +200,8 @@ class Machine:
                 if self._kvm is None:
                     self._kvm = Kvm()
                 self._builder = self._make_builder()
+            if self._early and self._inst is not None and self._builder is not None:
+                self._builder.complete(self._inst)
             await self.console.start(loop)
             self._open_loop(loop)
             for spec in self.config.devices:
@@ -332,7 +334,8 @@ class Machine:
         assert self._builder is not None
         self._generation += 1
         gen = self._generation
-        inst = self._builder.build(pending)
+        # Before the loop, what the guest does not need at once waits for start().
+        inst = self._builder.build(pending, defer=pending is not None)
         self._inst = inst
         self.boots += 1
         self._start_threads(inst, gen)

@@ -135,3 +135,46 @@ def test_abandon_undoes_boot_early(chatty_elf: Path) -> None:
     machine.abandon()
     assert machine.instance is None and backend.closed_sync
     assert machine.runstate is Runstate.STOPPED
+
+
+@needs_kvm
+def test_deferred_pci_bus_is_there_from_the_guests_first_access(chatty_elf: Path) -> None:
+    machine = Machine(MachineConfig(kernel=chatty_elf, serial=ChardevConfig("null")))
+    machine.boot_early()
+    inst = machine.instance
+    assert inst is not None and inst.pci is None  # not loaded yet
+    got: list[bytes] = []
+
+    def vcpu_probe() -> None:
+        # What a guest does first: select 00.0 register 0 and read vendor/device.
+        inst.vm.pio_bus.write(0xCF8, (1 << 31).to_bytes(4, "little"))
+        got.append(inst.vm.pio_bus.read(0xCFC, 4))
+
+    t = threading.Thread(target=vcpu_probe)
+    t.start()
+    t.join()
+    assert int.from_bytes(got[0], "little") & 0xFFFF == 0x8086
+    bus = inst.pci
+    assert bus is not None
+
+    async def run() -> int:
+        await machine.start()
+        assert inst.pci is bus, "start() must not make a second bus"
+        machine.post_event("quit", "done")
+        return await machine.wait()
+
+    assert asyncio.run(run()) == 0
+
+
+@needs_kvm
+def test_start_loads_the_deferred_pci_bus(chatty_elf: Path) -> None:
+    machine = Machine(MachineConfig(kernel=chatty_elf, serial=ChardevConfig("null")))
+    machine.boot_early()
+
+    async def run() -> int:
+        await machine.start()
+        assert machine.instance is not None and machine.instance.pci is not None
+        machine.post_event("quit", "done")
+        return await machine.wait()
+
+    assert asyncio.run(run()) == 0

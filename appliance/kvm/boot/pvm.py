@@ -20,7 +20,6 @@ gzip, xz, zstd or the legacy LZ4 Debian uses). Anything unreadable counts as
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from pathlib import Path
 
@@ -61,6 +60,8 @@ def _embedded_config(data: bytes) -> bytes | None:
     if end < 0:
         return None
     try:
+        import gzip  # only for Linux kernels; not on every boot's start-up path
+
         return gzip.decompress(data[start + len(IKCONFIG_START) : end])
     except (OSError, EOFError, zlib.error):
         return None
