@@ -73,10 +73,12 @@ def io_cases(quick: bool) -> list[tuple[str, int, bool, bool, int, int]]:
         for write in (False, True):
             for rand in (False, True):
                 for qd in (1, 32):
+                    # About half a second per run: shorter runs are mostly noise
+                    # on a shared machine.
                     if bs == 4096:
-                        count = 4000 if qd == 1 else 20000
+                        count = 6000 if qd == 1 else 30000
                     else:
-                        count = 2000 if qd == 1 else 6000
+                        count = 4000 if qd == 1 else 10000
                     if quick:
                         count //= 4
                     name = (f"{bs // 1024:>2}k {'write' if write else 'read '} "

@@ -875,9 +875,23 @@ class Qcow2Image:
             buf = bufs[0]
             hit = self._fast_host_of(offset, len(buf))
             if hit is not None:
+                host = hit[1]
+                aio = self._aio
                 self._io_count += 1
                 try:
-                    await self._data_read(list(bufs), hit[1])
+                    # _data_read inlined for the commonest request: one coroutine less.
+                    if (aio is not None and type(buf) is memoryview and not buf.readonly
+                            and buf.c_contiguous):
+                        try:
+                            got = await aio.submit(IOCB_CMD_PREADV, self._dfd, bufs, host,
+                                                   eager=True)
+                        except OSError:
+                            await self._data_read([buf], host)  # bounces what O_DIRECT refused
+                        else:
+                            if got < len(buf):
+                                zero_from([buf], got)
+                    else:
+                        await self._data_read([buf], host)
                 finally:
                     self._io_count -= 1
                 return len(buf)
@@ -1008,9 +1022,22 @@ class Qcow2Image:
             if hit is not None:
                 e, host = hit
                 if e & COPIED and (host >> self._cb) not in self._meta:
+                    buf = bufs[0]
+                    aio = self._aio
                     self._io_count += 1
                     try:
-                        await self._data_write(list(bufs), host, n)
+                        if (aio is not None and host + n <= self.file_size
+                                and type(buf) is memoryview and not buf.readonly
+                                and buf.c_contiguous):
+                            try:
+                                done = await aio.submit(IOCB_CMD_PWRITEV, self._dfd, bufs,
+                                                        host, eager=True)
+                            except OSError:
+                                done = 0
+                            if done != n:
+                                await self._data_write([buf[done:]], host + done, n - done)
+                        else:
+                            await self._data_write([buf], host, n)
                     finally:
                         self._io_count -= 1
                     self._needs_sync = True
