@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from appliance.kvm.memory import GuestMemory
@@ -294,3 +295,48 @@ async def test_page_aligned_guest_ram_goes_straight_to_o_direct(tmp_path: Path) 
         await rig.close()
         await backend.close()
         assert path.read_bytes()[64 * 512 : 64 * 512 + 8192] == pattern(8192, seed=9)
+
+
+class GatedBackend(MemoryBackend):
+    """Reads wait on a future the test resolves (the way pool work completes)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gates: list[asyncio.Future[None]] = []
+
+    async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        gate = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+        await gate
+        return await super().readv(offset, bufs)
+
+
+async def test_backend_completions_of_one_turn_raise_one_interrupt_in_that_turn() -> None:
+    """Eight reads wait in the backend; all finish at once: one interrupt, raised without a further loop turn."""
+    backend = GatedBackend(DISK_SIZE)
+    rig = BlkRig(backend, queue_size=64)
+    for i in range(8):
+        rig.submit(VIRTIO_BLK_T_IN, i, read_len=512, kick=False)
+    rig.drv.kick(0)
+    assert len(backend.gates) == 8 and rig.dev.in_flight == 8
+    for gate in backend.gates:
+        gate.set_result(None)
+    await asyncio.sleep(0)  # the gates' callbacks run: every request resumes and completes
+    assert rig.drv.queues[0].pending() == 8
+    assert rig.drv.interrupts[0].count == 1
+    await rig.dev.quiesce()
+    assert rig.dev.in_flight == 0
+
+
+async def test_a_cancelled_backend_wait_ends_the_request_and_quiesce_returns() -> None:
+    """A backend that gives up a wait (closing) drops that request; the device stays usable."""
+    backend = GatedBackend(DISK_SIZE)
+    rig = BlkRig(backend, queue_size=64)
+    rig.submit(VIRTIO_BLK_T_IN, 0, read_len=512)
+    backend.gates[0].cancel()
+    await asyncio.wait_for(rig.dev.quiesce(), 5)
+    assert rig.dev.in_flight == 0
+    assert rig.drv.queues[0].pending() == 0
+    rig.submit(VIRTIO_BLK_T_IN, 1, read_len=512)
+    backend.gates[1].set_result(None)
+    await rig.drv.wait_used(0, 1)
