@@ -21,9 +21,8 @@ import importlib
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from appliance.cli.options import parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
@@ -41,30 +40,34 @@ log = get_logger(__name__)
 PROG = "appliance run"
 
 
-@dataclass
 class RunArgs:
-    """Options gathered from the command line, before they become a :class:`MachineConfig`."""
+    """Options gathered from the command line, before they become a :class:`MachineConfig`.
 
-    kernel: Path | None = None
-    initrd: Path | None = None
-    append: str = ""
-    mem_size: int = 128 * layout.MiB
-    num_cpus: int = 1
-    name: str = ""
-    serials: list[str] = field(default_factory=list)
-    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
-    nographic: bool = False
-    no_reboot: bool = False
-    machine_type: str = "q35"
-    verbose: int = 0
-    # Options registered by other packages keep their raw values here, and
-    # put the devices they make (DeviceSpec objects) in ``devices``.
-    extra: dict[str, list[str]] = field(default_factory=dict)
-    devices: list[object] = field(default_factory=list)
+    Options registered by other packages keep their raw values in ``extra``,
+    and put the devices they make (DeviceSpec objects) in ``devices``.
+    """
+
+    def __init__(self) -> None:
+        self.kernel: Path | None = None
+        self.initrd: Path | None = None
+        self.append = ""
+        self.mem_size = 128 * layout.MiB
+        self.num_cpus = 1
+        self.name = ""
+        self.serials: list[str] = []
+        self.chardevs: dict[str, ChardevConfig] = {}
+        self.nographic = False
+        self.no_reboot = False
+        self.machine_type = "q35"
+        self.verbose = 0
+        self.extra: dict[str, list[str]] = {}
+        self.devices: list[object] = []
+
+    def __repr__(self) -> str:
+        return f"RunArgs({vars(self)!r})"
 
 
-@dataclass(frozen=True)
-class RunOption:
+class RunOption(NamedTuple):
     name: str
     metavar: str | None       # None: a flag without argument
     help: str

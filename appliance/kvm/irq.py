@@ -13,22 +13,20 @@ describes: ISA IRQ 0 (the PIT) arrives on IOAPIC pin 2, and pin 0 is unused
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from appliance.kvm import KvmError, layout
 from appliance.kvm import ffi as k
 from appliance.kvm.ffi import ffi
 
 
-@dataclass(frozen=True, slots=True)
-class IrqchipRoute:
+class IrqchipRoute(NamedTuple):
     gsi: int
     chip: int
     pin: int
 
 
-@dataclass(frozen=True, slots=True)
-class MsiRoute:
+class MsiRoute(NamedTuple):
     gsi: int
     address: int
     data: int

@@ -14,7 +14,6 @@ import bisect
 import mmap
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from appliance.errors import ApplianceError
 
@@ -33,7 +32,6 @@ class GuestMemoryError(ApplianceError):
         self.size = size
 
 
-@dataclass(eq=False)
 class MemoryRegion:
     """One contiguous range of guest physical memory backed by a buffer.
 
@@ -41,20 +39,33 @@ class MemoryRegion:
     :param buf: the backing buffer (an mmap, or any writable buffer in tests).
     :param user_addr: the front end's virtual address of the region (vhost-user
         translates vring addresses from it); equals ``start`` when unused.
+    :param private_anonymous: a MAP_PRIVATE|MAP_ANONYMOUS mapping: zeroing may
+        drop pages instead of writing them.
+
+    (A plain class rather than a dataclass: `appliance run` would import
+    dataclasses for it alone before its vCPUs start.)
     """
 
-    start: int
-    buf: mmap.mmap | bytearray
-    user_addr: int = -1
-    fd: int = -1
-    # A MAP_PRIVATE|MAP_ANONYMOUS mapping: zeroing may drop pages instead of writing them.
-    private_anonymous: bool = False
-    view: memoryview = field(init=False, repr=False)
+    def __init__(
+        self,
+        start: int,
+        buf: mmap.mmap | bytearray,
+        user_addr: int = -1,
+        fd: int = -1,
+        private_anonymous: bool = False,
+    ) -> None:
+        self.start = start
+        self.buf = buf
+        self.user_addr = start if user_addr < 0 else user_addr
+        self.fd = fd
+        self.private_anonymous = private_anonymous
+        self.view = memoryview(buf)
 
-    def __post_init__(self) -> None:
-        self.view = memoryview(self.buf)
-        if self.user_addr < 0:
-            self.user_addr = self.start
+    def __repr__(self) -> str:
+        return (
+            f"MemoryRegion(start={self.start:#x}, size={len(self.view):#x}, user_addr={self.user_addr:#x}, "
+            f"fd={self.fd}, private_anonymous={self.private_anonymous})"
+        )
 
     @property
     def size(self) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -91,8 +90,17 @@ def ioctl(fd: int, request: int, arg: object = 0, what: str = "") -> int:
         raise KvmError(f"{name} failed: {os.strerror(err.errno or 0)}") from err
 
 
-@dataclass(frozen=True, slots=True)
 class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``, as an immutable value.
+
+    A plain class (not a dataclass or NamedTuple: ``index`` would shadow
+    ``tuple.index``) so that `appliance run` does not import dataclasses
+    before its vCPUs run.
+    """
+
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+    _FIELDS = __slots__
+
     function: int
     index: int
     flags: int
@@ -100,6 +108,33 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    def __init__(self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int, edx: int) -> None:
+        setattr_ = object.__setattr__
+        setattr_(self, "function", function)
+        setattr_(self, "index", index)
+        setattr_(self, "flags", flags)
+        setattr_(self, "eax", eax)
+        setattr_(self, "ebx", ebx)
+        setattr_(self, "ecx", ecx)
+        setattr_(self, "edx", edx)
+
+    def _values(self) -> tuple[int, ...]:
+        return (self.function, self.index, self.flags, self.eax, self.ebx, self.ecx, self.edx)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CpuidEntry is immutable (cannot set {name})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuidEntry):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "CpuidEntry(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self._FIELDS) + ")"
 
 
 class Kvm:

@@ -18,8 +18,7 @@ import os
 import signal
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from appliance.kvm import KvmError
 from appliance.kvm import ffi as k
@@ -83,8 +82,7 @@ APIC_MODE_EXTINT = 0x7
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 
-@dataclass(frozen=True, slots=True)
-class VcpuExit:
+class VcpuExit(NamedTuple):
     """Why :meth:`Vcpu.run` returned.
 
     ``kind``: ``stopped`` (kicked), ``poweroff`` / ``reset`` (KVM system event),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.devices.acpi_pm import AcpiPm, ResetRegister
@@ -42,20 +41,23 @@ log = get_logger(__name__)
 EventSink = Callable[[str, str], None]
 
 
-@dataclass(eq=False)
 class Instance:
     """Everything that lives for one boot of the machine."""
 
-    vm: Vm
-    memory: GuestMemory
-    vcpus: list[Vcpu]
-    plan: BootPlan
-    uart: Uart16550
-    pm: AcpiPm
-    pci: Any = None
-    closers: list[Callable[[], None]] = field(default_factory=list)
-    # What build(defer=True) left for MachineBuilder.complete().
-    deferred: list[Callable[[], object]] = field(default_factory=list)
+    def __init__(
+        self, vm: Vm, memory: GuestMemory, vcpus: list[Vcpu], plan: BootPlan, uart: Uart16550, pm: AcpiPm,
+        pci: Any = None,
+    ) -> None:
+        self.vm = vm
+        self.memory = memory
+        self.vcpus = vcpus
+        self.plan = plan
+        self.uart = uart
+        self.pm = pm
+        self.pci = pci
+        self.closers: list[Callable[[], None]] = []
+        # What build(defer=True) left for MachineBuilder.complete().
+        self.deferred: list[Callable[[], object]] = []
 
     def close(self) -> None:
         for closer in reversed(self.closers):

@@ -8,7 +8,6 @@ naming the bad value. Only the builder turns config into devices.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -35,9 +34,37 @@ def host_memory() -> int:
     return 0
 
 
-@dataclass(frozen=True, slots=True)
-class ChardevConfig:
-    """Host side of a character device (the serial console).
+class Record:
+    """Equality and repr from ``__slots__``, as ``@dataclass`` would generate them.
+
+    The config classes are written out by hand: importing dataclasses (and
+    inspect with it) and generating each class cost `appliance run` ~10 ms
+    before its vCPUs can start.
+    """
+
+    __slots__ = ()
+
+    def _names(self) -> tuple[str, ...]:
+        return self.__slots__
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, k) for k in self._names())
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Record)
+        return self._values() == other._values()
+
+    # Defining __eq__ leaves __hash__ None: unhashable unless a subclass is immutable.
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._names())
+        return f"{type(self).__qualname__}({fields})"
+
+
+class ChardevConfig(Record):
+    """Host side of a character device (the serial console). Immutable.
 
     ``stdio``: this process's terminal (``mux``: Ctrl-A x quits, as with
     ``-nographic``; ``signal``: Ctrl-C stops the VMM). ``file``: output only.
@@ -50,16 +77,40 @@ class ChardevConfig:
         "stdio|null|file,path=<path>|socket,path=<path>|socket,host=<host>,port=<port>"
         "[,server=on|off][,wait=on|off]"
     )
+    __slots__ = ("backend", "id", "path", "host", "port", "server", "wait", "mux", "signal", "append")
     backend: Literal["stdio", "file", "socket", "null"]
-    id: str = ""
-    path: Path | None = None
-    host: str | None = None
-    port: int | None = None
-    server: bool = False
-    wait: bool = True
-    mux: bool = False
-    signal: bool = True
-    append: bool = False
+    id: str
+    path: Path | None
+    host: str | None
+    port: int | None
+    server: bool
+    wait: bool
+    mux: bool
+    signal: bool
+    append: bool
+
+    def __init__(
+        self,
+        backend: Literal["stdio", "file", "socket", "null"],
+        id: str = "",
+        path: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        server: bool = False,
+        wait: bool = True,
+        mux: bool = False,
+        signal: bool = True,
+        append: bool = False,
+    ) -> None:
+        values = (backend, id, path, host, port, server, wait, mux, signal, append)
+        for k, v in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field '{name}' (ChardevConfig is immutable)")
+
+    def __hash__(self) -> int:
+        return hash(self._values())
 
     def validate(self) -> None:
         if self.backend == "file" and self.path is None:
@@ -84,27 +135,57 @@ class DeviceSpec(Protocol):
     def attach(self, builder: MachineBuilder, inst: Instance) -> None: ...
 
 
-@dataclass(slots=True)
-class MachineConfig:
+class MachineConfig(Record):
     """A whole machine.
 
     :param kernel: PVH ELF, Linux bzImage or uncompressed vmlinux.
     :param serial: host side of COM1; ``None`` keeps the console to the
         Python API (:class:`~appliance.machine.console.Console`) only.
+    :param devices: DeviceSpec objects.
+    :param warnings: where to tell the user about things that are not errors (PVM warning).
     """
 
+    __slots__ = (
+        "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
+        "devices", "warnings",
+    )
     kernel: Path
-    initrd: Path | None = None
-    cmdline: str = ""
-    mem_size: int = DEFAULT_MEM
-    num_cpus: int = 1
-    name: str = ""
-    serial: ChardevConfig | None = None
-    no_reboot: bool = False
-    machine_type: Literal["q35", "pc", "microvm"] = "q35"
-    devices: list[Any] = field(default_factory=list)   # DeviceSpec objects
-    # Where to tell the user about things that are not errors (PVM warning).
-    warnings: list[str] = field(default_factory=list)
+    initrd: Path | None
+    cmdline: str
+    mem_size: int
+    num_cpus: int
+    name: str
+    serial: ChardevConfig | None
+    no_reboot: bool
+    machine_type: Literal["q35", "pc", "microvm"]
+    devices: list[Any]
+    warnings: list[str]
+
+    def __init__(
+        self,
+        kernel: Path,
+        initrd: Path | None = None,
+        cmdline: str = "",
+        mem_size: int = DEFAULT_MEM,
+        num_cpus: int = 1,
+        name: str = "",
+        serial: ChardevConfig | None = None,
+        no_reboot: bool = False,
+        machine_type: Literal["q35", "pc", "microvm"] = "q35",
+        devices: list[Any] | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
+        self.mem_size = mem_size
+        self.num_cpus = num_cpus
+        self.name = name
+        self.serial = serial
+        self.no_reboot = no_reboot
+        self.machine_type = machine_type
+        self.devices = [] if devices is None else devices
+        self.warnings = [] if warnings is None else warnings
 
     def validate(self, *, max_cpus: int = MAX_CPUS, host_mem: int | None = None) -> None:
         """Check everything that can be checked before touching /dev/kvm.

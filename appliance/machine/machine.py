@@ -25,7 +25,6 @@ asyncio only inside the methods that run on the loop.
 from __future__ import annotations
 
 import enum
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +51,7 @@ async def _maybe_await(fn: Any) -> None:
     if fn is None:
         return
     result = fn()
-    if inspect.isawaitable(result):
+    if hasattr(result, "__await__"):  # inspect.isawaitable, without importing inspect at start-up
         await result
 
 

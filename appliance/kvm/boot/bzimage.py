@@ -11,7 +11,7 @@ Header"), counted from the start of the file, which are also their offsets in
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from appliance.kvm.boot.errors import BootError
 
@@ -53,8 +53,7 @@ ENTRY_64_OFFSET = 0x200
 LOADER_TYPE_UNDEFINED = 0xFF      # "boot loader ID 0xFF: undefined" (boot.rst)
 
 
-@dataclass(frozen=True, slots=True)
-class SetupHeader:
+class SetupHeader(NamedTuple):
     """The fields of a bzImage's setup header that the loader acts on."""
 
     version: int

@@ -13,7 +13,7 @@ checked against the file before use.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from appliance.kvm.boot.errors import BootError
 
@@ -36,8 +36,7 @@ _PHDR64 = struct.Struct("<IIQQQQQQ")        # type, flags, offset, vaddr, paddr,
 _NHDR = struct.Struct("<III")
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """One PT_LOAD: ``filesz`` bytes from ``offset`` go to ``paddr``; the rest of ``memsz`` is zero."""
 
     offset: int
@@ -47,8 +46,7 @@ class Segment:
     memsz: int
 
 
-@dataclass(frozen=True, slots=True)
-class ElfImage:
+class ElfImage(NamedTuple):
     """What the loaders need from an ELF kernel."""
 
     is64: bool

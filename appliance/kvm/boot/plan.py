@@ -7,12 +7,10 @@ plan as plain data lets loaders be unit-tested without /dev/kvm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A segment register as KVM's ``struct kvm_segment`` describes it."""
 
     selector: int
@@ -29,8 +27,7 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class BootPlan:
+class BootPlan(NamedTuple):
     """Entry state for the boot processor.
 
     ``kind`` names the protocol: ``pvh`` enters 32-bit protected mode with paging
