@@ -419,7 +419,9 @@ class Virtqueue:
         want_flags = VIRTQ_DESC_F_WRITE if writable else 0
         rstart, rend, rview = self._buf_region
         append = out.append
-        for _ in range(min(limit, pending)):
+        taken = 0
+        # As pop(): chains handed back as invalid do not count towards the limit.
+        while taken < limit and last != seen:
             head = avail16[2 + (last & mask)]
             last = (last + 1) & 0xFFFF
             if head >= size:
@@ -432,6 +434,7 @@ class Virtqueue:
             addr, length, flags, _ = unpack(table, head << 4)
             if flags == want_flags and length and rstart <= addr and addr + length <= rend:
                 append((head, [rview[addr - rstart : addr - rstart + length]], length))
+                taken += 1
                 continue
             self._last_avail = last
             try:
@@ -447,6 +450,7 @@ class Virtqueue:
                 append((head, chain.writable, chain.writable_len))
             else:
                 append((head, chain.readable, chain.readable_len))
+            taken += 1
         self._last_avail = last
         return out
 
