@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from appliance.virtio import eventfd
+
 T = TypeVar("T")
 
 # Linux limits one preadv/pwritev to this many iovecs (UIO_MAXIOV).
@@ -68,10 +70,8 @@ class IoPool:
         return False
 
     def _drain(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
+        # eventfd helpers that keep the GIL: see appliance.virtio.eventfd.
+        eventfd.clear(self._efd)
         # Reset before draining: a worker that appends after this point sees
         # False and signals again; one that appended before is drained below.
         self._signalled = False
@@ -104,7 +104,7 @@ class IoPool:
                 self._done.append((fut, result, exc))
                 if not self._signalled:
                     self._signalled = True
-                    os.eventfd_write(self._efd, 1)
+                    eventfd.signal(self._efd)
             else:
                 try:
                     fut.get_loop().call_soon_threadsafe(_complete, fut, result, exc)
@@ -147,6 +147,7 @@ def _complete(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) 
 
 
 _pool: IoPool | None = None
+
 
 
 def io_pool() -> IoPool:

@@ -34,6 +34,7 @@ from appliance.pci.config import CAP_ID_VENDOR, BarKind
 from appliance.pci.device import PciDevice
 from appliance.pci.irq import MsiPlatform
 from appliance.pci.msix import Msix
+from appliance.virtio import eventfd
 from appliance.virtio.device import (
     STATUS_DEVICE_NEEDS_RESET,
     STATUS_DRIVER_OK,
@@ -631,10 +632,8 @@ class VirtioPciTransport(PciDevice):
         # readers just added see them on the next loop iteration.
 
     def _on_kick(self, index: int, efd: int, epoch: int) -> None:
-        try:
-            os.eventfd_read(efd)
-        except (BlockingIOError, OSError):
-            return
+        if eventfd.clear(efd):
+            return  # nothing pending (or the fd went away in a reset)
         if epoch != self._epoch or self.device.needs_reset:
             return
         self.kicks += 1

@@ -29,6 +29,7 @@ no locking is needed; fds we receive are ours to close.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import mmap
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.kvm.memory import GuestMemory, GuestMemoryError, MemoryRegion
+from appliance.virtio import eventfd
 from appliance.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -113,11 +115,10 @@ class CallInterrupt:
         if fd < 0:
             return
         self._ring.interrupts += 1
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError as err:
+        err = eventfd.signal(fd)
+        if err:
             # A full or closed eventfd is the front end's problem; never raise into the device.
-            log.debug("call eventfd write failed on ring %d: %s", self._ring.index, err)
+            log.debug("call eventfd write failed on ring %d: %s", self._ring.index, os.strerror(err))
 
 
 def map_regions(regions: Sequence[p.MemRegion], fds: Sequence[int]) -> GuestMemory:
@@ -563,11 +564,10 @@ class VhostUserBackend:
     # -- kicks, activation ---------------------------------------------------
 
     def _on_kick(self, ring: RingState) -> None:
-        try:
-            os.eventfd_read(ring.kick)
-        except BlockingIOError:
+        err = eventfd.clear(ring.kick)
+        if err == errno.EAGAIN:
             return
-        except OSError:
+        if err:
             # The fd went bad under us; stop watching rather than spin.
             self._unwatch(ring)
             return

@@ -1,0 +1,52 @@
+"""eventfd reads and writes for the event loop that keep the GIL.
+
+``os.eventfd_read``/``os.eventfd_write`` release the GIL around a syscall
+that takes well under a microsecond on an eventfd. Releasing it lets a thread
+that waits for the GIL (a block I/O pool thread whose ``preadv`` just
+returned) take it, and the loop then waits to get it back: a thread switch or
+two each way, at every kick, completion and interrupt of the data path.
+``ctypes.PyDLL`` calls keep the GIL, so these cost one syscall and nothing
+else; they are only for non-blocking eventfds (a blocking read here would
+stop every thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+_libc = ctypes.PyDLL(None, use_errno=True)
+_write = _libc.eventfd_write
+_write.argtypes = [ctypes.c_int, ctypes.c_uint64]
+_write.restype = ctypes.c_int
+_read = _libc.eventfd_read
+_read.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_read.restype = ctypes.c_int
+_sink = ctypes.c_uint64()
+_sink_ref = ctypes.byref(_sink)
+_get_errno = ctypes.get_errno
+_set_errno = ctypes.set_errno
+
+
+def signal(fd: int) -> int:
+    """Add 1 to the counter of eventfd ``fd``.
+
+    :returns: 0, or the errno (EAGAIN: the counter is full; EBADF…).
+    """
+    _set_errno(0)
+    if _write(fd, 1) == 0:
+        return 0
+    # glibc reports a short write (not an eventfd) as -1 without an errno.
+    return _get_errno() or errno.EIO
+
+
+def clear(fd: int) -> int:
+    """Read (and so reset) the counter of non-blocking eventfd ``fd``.
+
+    :returns: 0 when it was signalled, EAGAIN when it was not, or another errno.
+    """
+    _set_errno(0)
+    if _read(fd, _sink_ref) == 0:
+        return 0
+    # A short read (not an eventfd: a front end may pass anything) sets no errno.
+    return _get_errno() or errno.EIO
