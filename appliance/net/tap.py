@@ -31,7 +31,9 @@ class TapQueue:
     rx_frames: int = 0
     tx_frames: int = 0
     tx_dropped: int = 0
+    multi_queue: bool = False
     _reading: bool = False
+    _attached: bool = True
 
     def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
@@ -68,6 +70,12 @@ class TapQueue:
             return False
         self.tx_frames += 1
         return True
+
+    def set_queue_enabled(self, enabled: bool) -> None:
+        """Follow the guest's queue-pair count (``ethtool -L``): detach this queue while its pair is off."""
+        if self.multi_queue and self.fd >= 0 and enabled != self._attached:
+            tun.set_queue_attached(self.fd, enabled)
+            self._attached = enabled
 
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
         if self.vnet_hdr_len:
@@ -123,7 +131,7 @@ class Tap:
             for _ in range(self.queues_wanted):
                 fd, name = tun.open_tap(self.name or self.requested, vnet_hdr=self.vnet_hdr, multi_queue=multi)
                 self.name = name
-                self.queues.append(TapQueue(fd, tun.VNET_HDR_LEN if self.vnet_hdr else 0, multi))
+                self.queues.append(TapQueue(fd, tun.VNET_HDR_LEN if self.vnet_hdr else 0, multi_queue=multi))
             await self._link_up()
         except BaseException:
             await self.close()
