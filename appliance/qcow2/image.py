@@ -129,16 +129,16 @@ def _aio_views(views: Sequence[Any]) -> bool:
     return True
 
 
-def _bounce_span(host: int, length: int) -> tuple[int, memoryview]:
-    start = host & ~(ALIGN - 1)
-    end = (host + length + ALIGN - 1) & ~(ALIGN - 1)
+def _bounce_span(host: int, length: int, align: int) -> tuple[int, memoryview]:
+    start = host & ~(align - 1)
+    end = (host + length + align - 1) & ~(align - 1)
     return start, memoryview(mmap.mmap(-1, end - start))
 
 
 def _bounce_read(fd: int, views: Sequence[memoryview], host: int) -> None:
     """O_DIRECT refused the caller's buffers (unaligned): read via an aligned copy."""
     length = sum(len(v) for v in views)
-    start, buf = _bounce_span(host, length)
+    start, buf = _bounce_span(host, length, ALIGN)
     _preadv_full(fd, [buf], start)
     pos = host - start
     for v in views:
@@ -149,19 +149,26 @@ def _bounce_read(fd: int, views: Sequence[memoryview], host: int) -> None:
 def _bounce_write(fd: int, views: Sequence[Any], host: int, length: int) -> None:
     """O_DIRECT refused the caller's buffers or range (unaligned): write an aligned copy.
 
-    Bytes of the aligned span outside the request are read first; a concurrent
-    unaligned write to the same 4 KiB block could interleave, as with any
-    read-modify-write, but guests using O_DIRECT disks send aligned requests.
+    Sector-aligned ranges are written as they are from a page-aligned copy
+    (4 KiB sectors if 512 bytes are refused too). Bytes of the aligned span
+    outside an unaligned range are read first: that read-modify-write is why
+    the caller serializes unaligned writes (:meth:`Qcow2Image._data_write`).
     """
-    start, buf = _bounce_span(host, length)
-    if start != host or len(buf) != length:
-        _preadv_full(fd, [buf], start)
-    pos = host - start
-    for v in views:
-        mv = memoryview(v).cast("B")
-        buf[pos : pos + len(mv)] = mv
-        pos += len(mv)
-    _pwritev_full(fd, [buf], start)
+    for align in (512, ALIGN):
+        start, buf = _bounce_span(host, length, align)
+        if start != host or len(buf) != length:
+            _preadv_full(fd, [buf], start)
+        pos = host - start
+        for v in views:
+            mv = memoryview(v).cast("B")
+            buf[pos : pos + len(mv)] = mv
+            pos += len(mv)
+        try:
+            _pwritev_full(fd, [buf], start)
+            return
+        except OSError as err:
+            if err.errno != errno.EINVAL or align == ALIGN:
+                raise
 
 
 class _Splitter:
@@ -229,6 +236,7 @@ class Qcow2Image:
         self._dfd = -1
         self._direct = False
         self._lock = asyncio.Lock()
+        self._rmw_lock = asyncio.Lock()  # unaligned O_DIRECT writes, one at a time
         self._l1: list[int] = []
         self._l1_dirty = False
         self._l2: OrderedDict[int, list[int]] = OrderedDict()
@@ -961,7 +969,13 @@ class Qcow2Image:
         except OSError as err:
             if err.errno != errno.EINVAL or not self._direct:
                 raise
-            await _iorun(_bounce_write, self._dfd, views, host, length)
+            if (host | length) & 511:
+                # A read-modify-write of the sectors at the edges: two at once
+                # on neighbouring bytes would each put back the other's old bytes.
+                async with self._rmw_lock:
+                    await _iorun(_bounce_write, self._dfd, views, host, length)
+            else:
+                await _iorun(_bounce_write, self._dfd, views, host, length)
 
     async def _read_backing(self, start: int, length: int, views: list[memoryview]) -> None:
         bsize = self.backing.size

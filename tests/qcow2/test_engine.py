@@ -258,6 +258,11 @@ async def test_cache_none_takes_unaligned_buffers_and_offsets(tmp_path: Path) ->
         data = bytearray(os.urandom(n + 1))[1:]  # a view one byte into a bytearray
         await img.writev(off, [memoryview(data)])
         model[off : off + n] = data
+    # Neighbours inside the same sectors at once: each read-modify-write keeps the others.
+    pieces = [(300_000 + i * 100, bytes([i + 1]) * 100) for i in range(12)]
+    await asyncio.gather(*(img.writev(off, [memoryview(d)]) for off, d in pieces))
+    for off, d in pieces:
+        model[off : off + 100] = d
     got = bytearray(4 * MiB + 1)
     await img.readv(0, [memoryview(got)[1:]])
     assert got[1:] == model
