@@ -52,6 +52,10 @@ MAX_OOO_SEGMENTS = 256
 TIME_WAIT = 2.0
 ACK_EVERY = 8 * OUR_MSS
 HOST_WRITE_BATCH = 64 * 1024
+# How long the ACK of a guest's FIN may wait for our own FIN (RFC 9293 §3.8.6.3 allows
+# up to 0.5 s). The host end usually closes within a millisecond of seeing EOF, and
+# one FIN|ACK instead of ACK then FIN spares the guest a frame and an interrupt.
+FIN_ACK_DELAY = 0.02
 # Largest TSO segment toward the guest: the IP length fields are 16 bits
 # (IPv4 total length counts its own 20-byte header, IPv6 payload length does not).
 TSO_MAX_V4 = 65535 - 20 - 20
@@ -191,6 +195,7 @@ class TcpConn:
         self.probes = 0
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._delack: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.host_paused = False
         self.host_gone = False
@@ -758,12 +763,25 @@ class TcpConn:
         st = self.state
         if st == ESTABLISHED:
             self.state = CLOSE_WAIT
-        elif st == FIN_WAIT_1:
+            # The guest closed first: data or our FIN may carry this ACK.
+            self.output()
+            if self.rcv_nxt != self._acked_to and self._delack is None:
+                self._delack = self._loop.call_later(FIN_ACK_DELAY, self._delayed_ack)
+            return
+        if st == FIN_WAIT_1:
             self.state = CLOSING
         elif st == FIN_WAIT_2:
             self._enter_time_wait()
         self.send_ack()
         self.output()
+
+    def _delayed_ack(self) -> None:
+        self._delack = None
+        if self.state != CLOSED and self.rcv_nxt != self._acked_to:
+            try:
+                self.send_ack()
+            except Exception:  # noqa: BLE001 - a timer must not kill the loop
+                self.net._internal_error()
 
     # -- sending host data to the guest ------------------------------------
     def output(self) -> None:
@@ -845,6 +863,9 @@ class TcpConn:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._delack is not None:
+            self._delack.cancel()
+            self._delack = None
         self.flush_host()
         t = self.transport
         self.transport = None
