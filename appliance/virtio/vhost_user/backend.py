@@ -115,10 +115,14 @@ class CallInterrupt:
         if fd < 0:
             return
         self._ring.interrupts += 1
-        err = eventfd.signal(fd)
-        if err:
+        # os.eventfd_write drops the GIL (unlike appliance.virtio.eventfd): the
+        # write wakes the front end's vCPU thread, which often preempts us
+        # here for a while, and the I/O pool threads should run meanwhile.
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as err:
             # A full or closed eventfd is the front end's problem; never raise into the device.
-            log.debug("call eventfd write failed on ring %d: %s", self._ring.index, os.strerror(err))
+            log.debug("call eventfd write failed on ring %d: %s", self._ring.index, err)
 
 
 def map_regions(regions: Sequence[p.MemRegion], fds: Sequence[int]) -> GuestMemory:
