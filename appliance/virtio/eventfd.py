@@ -4,10 +4,12 @@
 that takes well under a microsecond on an eventfd. Releasing it lets a thread
 that waits for the GIL (a block I/O pool thread whose ``preadv`` just
 returned) take it, and the loop then waits to get it back: a thread switch or
-two each way, at every kick, completion and interrupt of the data path.
+two each way, at every kick and every pool completion of the data path.
 ``ctypes.PyDLL`` calls keep the GIL, so these cost one syscall and nothing
 else; they are only for non-blocking eventfds (a blocking read here would
-stop every thread).
+stop every thread). A write that wakes another process's thread (a vhost-user
+call fd) is better left to ``os.eventfd_write``: the woken thread often
+preempts the writer, and the GIL should not be held meanwhile.
 """
 
 from __future__ import annotations
