@@ -440,7 +440,8 @@ class VirtioNet(VirtioDevice):
         frames = nbytes = dropped = 0
         try:
             while True:
-                while batch := pop_buffers(TX_BATCH, False):
+                batch = pop_buffers(TX_BATCH, False)
+                if batch:
                     heads: list[int] = []
                     try:
                         for head, views, n in batch:
@@ -456,6 +457,10 @@ class VirtioNet(VirtioDevice):
                                 dropped += 1
                     finally:
                         push_used_heads(heads)
+                    if len(batch) == TX_BATCH:
+                        continue
+                # A short batch drained the ring as far as its avail index went;
+                # re-arm and look again (§2.7.10), without another empty pass.
                 if not q.enable_notification():
                     break
         finally:

@@ -411,6 +411,8 @@ class Virtqueue:
         # Guest-controlled: the avail index, bounded as in pop() (§2.7.13.3).
         seen = self._avail_seen = self._avail16[1]
         pending = (seen - last) & 0xFFFF
+        if pending == 0:
+            return out
         if pending > self.size:
             self.broken = True
             raise QueueError(f"avail index {seen} is {pending} entries ahead of {last} in a queue of {self.size}")
