@@ -1113,7 +1113,8 @@ class Qcow2Image:
         """Allocate one cluster and write into it without planning, if the case is simple.
 
         The case: a write inside one unallocated (or zero-flagged, host-less)
-        cluster that needs no copy-on-write, whose L2 table is cached and
+        cluster that needs no copy-on-write (nothing to keep around the write,
+        or the write covers the whole cluster), whose L2 table is cached and
         already this image's own (COPIED), while nobody holds the lock, with
         a free cluster at the allocator's hint. The refcount increment and
         the in-flight registration happen here with no await in between, so
@@ -1137,8 +1138,11 @@ class Qcow2Image:
             return False
         i = gc & (self._l2_entries - 1)
         e = t[i]
-        if e & OFFSET_MASK or e & COMPRESSED or not self._fill_is_zero(e, 0):
+        if e & OFFSET_MASK or e & COMPRESSED:
             return False
+        whole = n == cs or offset + n == self.size and a == 0
+        if not whole and not self._fill_is_zero(e, 0):
+            return False  # backing data to copy around the write: the planner does that
         c = self._free_hint
         ti, bi = divmod(c, self._rb_entries)
         blk = self._rb.get(ti)
@@ -1146,7 +1150,6 @@ class Qcow2Image:
             return False
         host = c << cb
         fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
-        whole = n == cs or offset + n == self.size and a == 0
         if not (fresh or whole):
             return False  # the rest of a reused cluster must be zeroed: the planner does that
         if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
@@ -1159,7 +1162,9 @@ class Qcow2Image:
             self._alloc_end = host + cs
         if fresh and (self._aio is not None or not whole):
             self._reserve_space(host + cs)
-        inf = _Alloc(asyncio.get_running_loop().create_future(), host, fresh)
+        # Other writes into this cluster may go straight to ``host`` meanwhile: the
+        # cluster reads as zeroes around them (fresh) or this write covers it all.
+        inf = _Alloc(asyncio.get_running_loop().create_future(), host, True)
         self._inflight[gc] = inf
         ok = False
         self._io_count += 1

@@ -272,3 +272,48 @@ async def test_cache_none_takes_unaligned_buffers_and_offsets(tmp_path: Path) ->
     await img.close()
     check_clean(p)
     assert oracle_raw(p, tmp_path) == bytes(model)
+
+
+@needs_qemu_img
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+async def test_whole_cluster_writes_over_a_backing_file_race_partial_ones(
+        tmp_path: Path, cache: str) -> None:
+    """An overlay over a raw base: whole-cluster writes, 4 KiB writes inside them and 4 KiB
+    writes into the next clusters, all at once: every cluster holds one write or the other
+    in each place, partly written clusters keep the base's bytes around the write."""
+    base = tmp_path / "b.raw"
+    base.write_bytes(b"\x77" * (8 * MiB))
+    p = tmp_path / "o.qcow2"
+    await create_image(p, CreateOptions(size=8 * MiB, backing_file="b.raw", backing_fmt="raw"))
+    img = await open_image(p, read_only=False, fmt="qcow2", cache=cache)
+    model = bytearray(b"\x77" * (8 * MiB))
+    await img.writev(0, [memoryview(bytes(4096))])  # the L2 table exists from here on
+    model[:4096] = bytes(4096)
+    either: list[tuple[int, bytes]] = []
+    for rnd in range(3):
+        whole, part = [], []
+        for k in range(8):
+            c = (rnd * 32 + k * 4 + 1) * 65536
+            m = mmap.mmap(-1, 65536)
+            m.write(bytes([rnd * 16 + k + 1]) * 65536)
+            whole.append(img.writev(c, [memoryview(m)]))
+            model[c : c + 65536] = m[:]
+            p4 = mmap.mmap(-1, 4096)
+            p4.write(bytes([0xA0 + k]) * 4096)
+            off = c + 65536 + (k % 16) * 4096  # the next cluster: partial, over the base
+            part.append(img.writev(off, [memoryview(p4)]))
+            model[off : off + 4096] = p4[:]
+            # And one inside the whole-cluster write: either may land last.
+            inside = c + (k % 16) * 4096
+            part.append(img.writev(inside, [memoryview(p4)]))
+            either.append((inside, p4[:]))
+        await asyncio.gather(*whole, *part)
+    out = mmap.mmap(-1, 8 * MiB)
+    await img.readv(0, [memoryview(out)])
+    for off, d in either:
+        assert out[off : off + 4096] in (d, model[off : off + 4096])
+        model[off : off + 4096] = out[off : off + 4096]
+    assert out[:] == model
+    await img.close()
+    check_clean(p)
+    assert oracle_raw(p, tmp_path) == bytes(model)
