@@ -33,6 +33,7 @@ from appliance.log import get_logger
 from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
 
 if TYPE_CHECKING:
+    from appliance.kvm.vm import PendingVm
     from appliance.machine.machine import Machine
 
 log = get_logger(__name__)
@@ -450,13 +451,13 @@ async def run_machine(machine: Machine) -> int:
     return code
 
 
-def _boot_early(machine: Machine) -> None:
+def _boot_early(machine: Machine, pending: PendingVm) -> None:
     # A quit signal before the loop has its handlers becomes the same quit
     # event, held until the loop runs (so a terminal in raw mode is restored).
     for sig in QUIT_SIGNALS:
         signal.signal(sig, lambda signum, _frame: machine.post_event("quit", f"terminating on signal {signum}"))
     sys.setswitchinterval(BOOT_SWITCH_INTERVAL)
-    machine.boot_early()
+    machine.boot_early(pending)
 
 
 def main(argv: list[str]) -> int:
@@ -470,24 +471,31 @@ def main(argv: list[str]) -> int:
     config = to_config(args)
     from appliance.kvm import KvmError
     from appliance.kvm.system import Kvm
+    from appliance.machine.machine import Machine, boots_early
 
     try:
         kvm = Kvm()
     except KvmError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
+    pending: PendingVm | None = None
     try:
+        if boots_early(config):
+            from appliance.kvm.vm import PendingVm
+
+            # KVM takes milliseconds for the in-kernel irqchip and PIT: start now.
+            pending = PendingVm(kvm)
         config.validate(max_cpus=kvm.max_vcpus)
         warning = pvm_warning(config)
         if warning:
             print(f"{PROG}: {warning}", file=sys.stderr)
-        from appliance.machine.machine import Machine
-
         machine = Machine(config, kvm=kvm)
         switch_interval = sys.getswitchinterval()
         try:
-            if machine.can_boot_early():
-                _boot_early(machine)
+            if pending is not None:
+                early = pending
+                pending = None  # boot_early owns it now
+                _boot_early(machine, early)
             apply_logging()
             # Only now the loop and everything that comes with it.
             import asyncio
@@ -503,6 +511,8 @@ def main(argv: list[str]) -> int:
             if machine.exit_code is None:
                 machine.abandon()  # boot_early ran but the loop never finished the machine
     finally:
+        if pending is not None:
+            pending.cancel()
         kvm.close()
 
 

@@ -201,20 +201,26 @@ class Vm:
 
 
 class PendingVm:
-    """A :class:`Vm` with ``memory`` registered, being made on a helper thread.
+    """A :class:`Vm` being made on a helper thread, then given its guest RAM.
 
     KVM takes milliseconds to create the in-kernel irqchip and PIT and to add
     a memory slot (measured on PVM: ~4 ms each, waiting in the kernel with
-    the GIL released), so a machine starts its VM first and loads the kernel,
-    builds ACPI tables or imports the rest of itself meanwhile. Guest RAM can
-    be written while the slot is being added.
+    the GIL released), so a machine starts its VM as early as it can, and
+    parses options, loads the kernel, builds ACPI tables or imports the rest
+    of itself meanwhile. The irqchip and PIT need no RAM: they start at once;
+    the slot is added when :meth:`give_memory` (or :meth:`allocate`) supplies
+    the RAM. Guest RAM can be written while the slot is being added.
 
     :param kvm: an open /dev/kvm (not closed with the VM).
-    :param memory: guest RAM to register.
+    :param memory: guest RAM to register, or ``None`` to give it later.
     """
 
-    def __init__(self, kvm: Kvm, memory: GuestMemory) -> None:
+    def __init__(self, kvm: Kvm, memory: GuestMemory | None = None) -> None:
         self.memory = memory
+        self._given = threading.Event()
+        if memory is not None:
+            self._given.set()
+        self._cancelled = False
         self._vm: Vm | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._make, args=(kvm,), name="vm setup", daemon=True)
@@ -222,7 +228,17 @@ class PendingVm:
 
     @classmethod
     def allocate(cls, kvm: Kvm, mem_size: int) -> PendingVm:
-        """Allocate ``mem_size`` bytes of guest RAM (laid out by :func:`layout.ram_ranges`) and start.
+        """Start a VM with ``mem_size`` bytes of guest RAM (see :meth:`allocate_memory`)."""
+        pending = cls(kvm)
+        try:
+            pending.allocate_memory(mem_size)
+        except BaseException:
+            pending.cancel()
+            raise
+        return pending
+
+    def allocate_memory(self, mem_size: int) -> GuestMemory:
+        """Allocate ``mem_size`` bytes of guest RAM (laid out by :func:`layout.ram_ranges`) and give it.
 
         :raises KvmError: When the memory cannot be allocated.
         """
@@ -230,25 +246,41 @@ class PendingVm:
             memory = GuestMemory.anonymous(layout.ram_ranges(mem_size))
         except OSError as err:
             raise KvmError(f"cannot allocate {mem_size >> 20} MiB of guest memory") from err
-        return cls(kvm, memory)
+        self.give_memory(memory)
+        return memory
+
+    def give_memory(self, memory: GuestMemory) -> None:
+        """The guest RAM to register (once)."""
+        if self._given.is_set():
+            raise KvmError("the VM already has its memory")
+        self.memory = memory
+        self._given.set()
 
     def _make(self, kvm: Kvm) -> None:
         try:
             vm = Vm(kvm)
             try:
-                vm.set_memory(self.memory)
+                self._given.wait()
+                if not self._cancelled:
+                    assert self.memory is not None
+                    vm.set_memory(self.memory)
             except BaseException:
                 vm.close()
                 raise
-            self._vm = vm
+            if self._cancelled:
+                vm.close()
+            else:
+                self._vm = vm
         except BaseException as err:
             self._error = err
 
     def result(self) -> Vm:
-        """The VM, once made (the caller owns it from here).
+        """The VM with its memory, once made (the caller owns it from here).
 
         :raises KvmError: What :class:`Vm` or :meth:`Vm.set_memory` raised.
         """
+        if not self._given.is_set():
+            raise KvmError("the VM was given no memory")
         self._thread.join()
         if self._error is not None:
             err, self._error = self._error, None
@@ -259,7 +291,9 @@ class PendingVm:
         return vm
 
     def cancel(self) -> None:
-        """Wait for the helper and close the VM if nobody took it."""
+        """Stop waiting for memory, wait for the helper and close the VM if nobody took it."""
+        self._cancelled = not self._given.is_set() or self._cancelled
+        self._given.set()
         self._thread.join()
         self._error = None
         if self._vm is not None:

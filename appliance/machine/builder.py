@@ -56,8 +56,6 @@ class Instance:
         self.pm = pm
         self.pci = pci
         self.closers: list[Callable[[], None]] = []
-        # What build(defer=True) left for MachineBuilder.complete().
-        self.deferred: list[Callable[[], object]] = []
 
     def close(self) -> None:
         for closer in reversed(self.closers):
@@ -102,16 +100,24 @@ class MachineBuilder:
         :param pending: from :meth:`start_vm`, when the caller started it
             earlier; this method owns it from here, also on failure.
         :param defer: leave loading the PCI bus model (an empty bus: the host
-            bridge) to :meth:`complete` or the guest's first config-port
-            access, whichever comes first, so the vCPUs can start sooner.
-            Only for configs without devices.
+            bridge) to the guest's first config-port access, so the vCPUs
+            start sooner and a guest that never probes PCI never pays for it.
+            Only for configs without devices (``inst.pci`` stays ``None``
+            until then).
         :raises BootError: When the kernel or initrd cannot be loaded.
         :raises KvmError: When KVM refuses part of the set-up.
         """
         cfg = self.config
         if pending is None:
             pending = self.start_vm()
+        elif pending.memory is None:
+            try:
+                pending.allocate_memory(cfg.mem_size)
+            except BaseException:
+                pending.cancel()
+                raise
         memory = pending.memory
+        assert memory is not None
         vm: Vm | None = None
         try:
             # Loading runs while KVM makes the VM.
@@ -127,9 +133,7 @@ class MachineBuilder:
             vm = pending.result()
             inst = self._attach_platform(vm, memory, plan)
             if defer and not cfg.devices:
-                lazy = _DeferredPci(self, inst)
-                self.register_config_ports(inst, lazy)
-                inst.deferred.append(lazy.load)
+                self.register_config_ports(inst, _DeferredPci(self, inst))
             else:
                 self.attach_pci(inst)
             self.attach_devices(inst)
@@ -197,10 +201,6 @@ class MachineBuilder:
         inst.closers.append(pci.close)
         return pci
 
-    def complete(self, inst: Instance) -> None:
-        """Do what :meth:`build` deferred; call it soon after the vCPUs started."""
-        while inst.deferred:
-            inst.deferred.pop(0)()
 
     def attach_devices(self, inst: Instance) -> None:
         """Plug in every :class:`~appliance.machine.config.DeviceSpec` of the config."""
@@ -213,11 +213,11 @@ class MachineBuilder:
 
 
 class _DeferredPci:
-    """Ports 0xCF8-0xCFF until the PCI bus model is loaded.
+    """Ports 0xCF8-0xCFF of a bus whose model is loaded on the guest's first access.
 
-    The bus is made by :meth:`load`: from :meth:`MachineBuilder.complete` on
-    the main thread, or by the guest's first access on a vCPU thread, under
-    a lock either way, so the guest sees the same bus from its first access.
+    :meth:`load` runs on the vCPU thread that makes that access, under a lock
+    (another vCPU waits for it), so every access sees the same bus; the first
+    one costs its importing.
     """
 
     def __init__(self, builder: MachineBuilder, inst: Instance) -> None:

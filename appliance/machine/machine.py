@@ -77,6 +77,15 @@ TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
 _LIVE = frozenset({Runstate.RUNNING, Runstate.PAUSED, Runstate.REBOOTING})
 
 
+def boots_early(config: MachineConfig) -> bool:
+    """Whether a machine of ``config`` can boot before the loop: nothing in it needs the loop first.
+
+    Device specs open on the loop and a socket console must listen or
+    connect there, so those machines boot in :meth:`Machine.start`.
+    """
+    return not config.devices and (config.serial is None or config.serial.backend != "socket")
+
+
 class Machine:
     """One VM built from ``config``.
 
@@ -122,41 +131,42 @@ class Machine:
         return self._inst
 
     def can_boot_early(self) -> bool:
-        """Whether :meth:`boot_early` can run this config: nothing in it needs the loop first.
+        """Whether :meth:`boot_early` can run this machine (see :func:`boots_early`)."""
+        return self.runstate is Runstate.CREATED and boots_early(self.config)
 
-        Device specs open on the loop and a socket console must listen or
-        connect there, so those machines boot in :meth:`start`.
-        """
-        return not self.config.devices and self.runstate is Runstate.CREATED and (
-            self.config.serial is None or self.config.serial.backend != "socket"
-        )
-
-    def boot_early(self) -> None:
+    def boot_early(self, pending: PendingVm | None = None) -> None:
         """Build the VM and start its vCPUs now, before any event loop exists.
 
         Console output is written straight to the backend meanwhile, and
         power events wait for :meth:`start`, which must follow (on the loop
         that will run the machine). On failure everything is undone.
 
+        :param pending: a VM already being made for this machine's KVM (with
+            or without its memory); this method owns it from here.
         :raises ConfigError: When the kernel is unusable or the console cannot open.
         :raises KvmError: When KVM cannot run this VM.
         """
-        if not self.can_boot_early():
+        if not self.can_boot_early() or not self.console.start_early():
+            if pending is not None:
+                pending.cancel()
             raise RuntimeError("this machine needs the loop to boot (use start())")
-        if not self.console.start_early():
-            raise RuntimeError("this console needs the loop")
         try:
             if self._kvm is None:
                 self._kvm = Kvm()
             from appliance.kvm.vm import PendingVm
 
             # KVM makes the VM while the builder and the devices load.
-            pending = PendingVm.allocate(self._kvm, self.config.mem_size)
+            if pending is None:
+                pending = PendingVm(self._kvm)
+            if pending.memory is None:
+                pending.allocate_memory(self.config.mem_size)
             self._builder = self._make_builder()
             self._set_state(Runstate.RUNNING)
             self._early = True
             self._boot(pending)
         except BaseException:
+            if pending is not None and self._inst is None:
+                pending.cancel()
             self.abandon()
             raise
 
@@ -199,8 +209,6 @@ class Machine:
                 if self._kvm is None:
                     self._kvm = Kvm()
                 self._builder = self._make_builder()
-            if self._early and self._inst is not None and self._builder is not None:
-                self._builder.complete(self._inst)
             await self.console.start(loop)
             self._open_loop(loop)
             for spec in self.config.devices:
