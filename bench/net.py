@@ -2,10 +2,12 @@
 """virtio-net benchmark, side by side with QEMU in one run (issue 5).
 
 (b) The Linux kit in QEMU TCG moves a TCP stream to and from a host inside a
-network namespace, once through our virtio-net (``appliance net-daemon`` over
-vhost-user on a tap) and once through QEMU's own virtio-net on the same kind
-of tap (``-netdev tap,vhost=off``). The guest CPU is emulated, so both sides
-pay the same guest cost; the ratio shows what our device path adds or saves.
+network namespace, once through our virtio-net (``appliance net-daemon``, in
+its own process, over vhost-user on a tap) and once through QEMU's own
+virtio-net on the same kind of tap (``-netdev tap,vhost=off``). The guest CPU
+is emulated, so both sides pay the same guest cost; the ratio shows what our
+device path adds or saves. Our side must use INTx (see one_run);
+``--qemu-intx`` puts QEMU's NIC on INTx too.
 
 (a) The test guest's ``net bench`` on ``appliance run`` against the same ELF on
 ``qemu-system-x86_64 -enable-kvm -M microvm,pcie=on`` with QEMU's own
@@ -14,7 +16,9 @@ virtio-net-pci on ``-netdev tap,vhost=off``: guest → tap frames/s at 64 and
 broadcast frames into the tap; the guest counts what it receives), and
 guest → tap Gbit/s with 64 KiB TSO frames.
 
-Run as root: ``.venv/bin/python bench/net.py [--mb 200] [--runs 3] [--seconds 5]``.
+Run as root: ``.venv/bin/python bench/net.py [--mb 200] [--runs 3] [--seconds 5] [--parts ab] [--qemu-intx]``.
+Loop-thread CPU per frame without a VM (steadier on a busy machine):
+``bench/tools/net_cpu.py``.
 The whole run happens inside a namespace this script creates and deletes.
 """
 
