@@ -388,11 +388,25 @@ class TcpConn:
         self._arm(self.rto)
 
     # -- host side events ------------------------------------------------
-    def host_connected(self, transport: HostTransport) -> None:
-        """The outbound connect succeeded: answer the guest's SYN."""
-        self.transport = transport
+    def host_connected(self) -> None:
+        """The outbound connect succeeded: answer the guest's SYN.
+
+        The socket's transport comes a loop turn or two later (:meth:`attach`);
+        whatever the guest sends before then waits in the host write queue.
+        """
         self.state = SYN_RCVD
         self._send_syn()
+
+    def attach(self, transport: HostTransport) -> None:
+        """The host socket's transport is ready: pass on what the guest already sent."""
+        self.transport = transport
+        self.flush_host()
+        if self.fin_received and not self.host_gone:
+            try:
+                if transport.can_write_eof():
+                    transport.write_eof()
+            except OSError:
+                pass
 
     def host_data(self, data: bytes) -> None:
         self.sndbuf += data
@@ -707,7 +721,7 @@ class TcpConn:
     # -- delivering guest data to the host ---------------------------------
     def _deliver(self, data: memoryview) -> None:
         self.rcv_nxt += len(data)
-        if self.transport is not None and not self.host_gone:
+        if not self.host_gone:
             # Segments of one batch from the guest go to the host socket in one write (one syscall).
             self._wq.append(data)
             self._wq_len += len(data)
@@ -718,9 +732,9 @@ class TcpConn:
 
     def flush_host(self) -> None:
         """Write what the guest sent in this batch to the host socket."""
-        if not self._wq:
-            return
         t = self.transport
+        if not self._wq or (t is None and not self.host_gone):
+            return  # nothing yet, or the transport is still being attached
         data = self._wq[0] if len(self._wq) == 1 else b"".join(self._wq)
         self._wq = []
         self._wq_len = 0
@@ -867,6 +881,8 @@ class TcpConn:
             self._delack.cancel()
             self._delack = None
         self.flush_host()
+        self._wq = []
+        self._wq_len = 0
         t = self.transport
         self.transport = None
         if t is not None:

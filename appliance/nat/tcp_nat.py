@@ -18,9 +18,11 @@ transport's own pause/resume.
 Connection setup is on the guest's critical path (a guest opening many short
 connections waits for each SYN-ACK), so an outbound connect to an address is a
 non-blocking ``connect()`` made while the SYN is handled. To loopback it has
-finished by the time ``connect()`` returns, so the socket is wrapped at once
-and the SYN-ACK leaves on the next loop turn; ``loop.create_connection`` took
-six or seven turns (task, ``wait_for``, writer wait, transport) for the same.
+finished by the time ``connect()`` returns, so the SYN-ACK is queued before
+the guest's frame is done with, and the socket's asyncio transport is attached
+a turn or two later (guest data arriving in between waits in the connection's
+host write queue); ``loop.create_connection`` took nine loop turns to the
+SYN-ACK (task, ``wait_for``, writer wait, transport).
 """
 
 from __future__ import annotations
@@ -77,11 +79,14 @@ class _HostSide(asyncio.Protocol):
         if self.fwd is not None:
             self.conn = self.nat._accepted(self, t, self.fwd)
         elif self.conn is not None:
-            if self.conn.state != CONNECTING:
+            conn = self.conn
+            if conn.state == CLOSED:
                 self.conn = None
                 t.abort()  # the guest gave up (RST) while we were connecting
                 return
-            self.nat._guard(self.conn.host_connected, cast(HostTransport, t))
+            if conn.state == CONNECTING:
+                self.nat._guard(conn.host_connected)  # a connect by name: answered only now
+            self.nat._guard(conn.attach, cast(HostTransport, t))
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -299,7 +304,8 @@ class TcpNat:
             if err:
                 self._guard(self._refuse, conn)
             return
-        # connection_made (next loop turn) answers the guest; the task only finishes the wrapping.
+        # The guest gets its SYN-ACK now; the transport is attached a turn or two later.
+        self._guard(conn.host_connected)
         self._spawn(self._adopt(conn, sock))
 
     async def _adopt(self, conn: TcpConn, sock: socket.socket) -> None:
@@ -307,7 +313,8 @@ class TcpNat:
             await self.net.loop.connect_accepted_socket(lambda: _HostSide(self, conn), sock)
         except OSError:
             sock.close()
-            self._refuse(conn)
+            if conn.transport is None and conn.state != CLOSED:
+                conn.abort(send_rst=True)
 
     async def _connect_by_name(self, conn: TcpConn, target: tuple[str, int]) -> None:
         loop = self.net.loop

@@ -22,23 +22,26 @@ def tcp_flags(frame: bytes) -> int:
     return frame[14 + 20 + 13] if len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == 6 else -1
 
 
-async def test_syn_to_a_loopback_listener_is_answered_within_three_loop_turns() -> None:
-    """A SYN-ACK reaches the guest's queue a couple of loop turns after the SYN (no resolver, no waits)."""
+async def test_syn_to_a_loopback_listener_is_answered_before_send_returns() -> None:
+    """A loopback connect finishes inside connect(), so the SYN-ACK is queued without a loop turn."""
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     try:
         with socket.socket() as lsock:
             lsock.bind(("127.0.0.1", 0))
             lsock.listen(8)
-            net.send([memoryview(syn(lsock.getsockname()[1]))])
-            turns = 0
-            got: list[bytes] = []
-            while not any(tcp_flags(f) == SYN | ACK for f in got) and turns < 50:
-                await asyncio.sleep(0)
-                turns += 1
-                got += drain(net)
-            assert any(tcp_flags(f) == SYN | ACK for f in got)
-            assert turns <= 3, f"SYN-ACK took {turns} loop turns"
+            for i in range(5):
+                net.send([memoryview(syn(lsock.getsockname()[1], sport=40100 + i))])
+                got = drain(net)
+                if net.tcp._pending:
+                    # The host kernel deferred the handshake (a loaded machine): it comes a bit later.
+                    async with asyncio.timeout(5):
+                        while not any(tcp_flags(f) == SYN | ACK for f in got):
+                            await asyncio.sleep(0.001)
+                            got += drain(net)
+                    continue
+                assert [tcp_flags(f) for f in got] == [SYN | ACK]
+            assert net.counters()["errors"] == 0
     finally:
         await net.stop()
 
@@ -101,3 +104,38 @@ async def test_stop_closes_connects_in_progress(monkeypatch) -> None:
         for c in fillers:
             c.close()
         lsock.close()
+
+
+async def test_data_and_fin_sent_before_the_host_transport_is_attached_reach_the_host() -> None:
+    """The guest answers the SYN-ACK with data and FIN in the same loop turn; the host still gets both."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    got = asyncio.get_running_loop().create_future()
+
+    async def reader(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.set_result(await r.read())  # up to EOF
+        w.close()
+
+    srv = await asyncio.start_server(reader, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        net.send([memoryview(syn(port, sport=40200))])
+        frames = drain(net)
+        if not frames:  # a deferred host handshake: nothing to race, wait for the SYN-ACK
+            async with asyncio.timeout(5):
+                while not frames:
+                    await asyncio.sleep(0.001)
+                    frames = drain(net)
+        sa = frames[0]
+        assert tcp_flags(sa) == SYN | ACK
+        their_seq = int.from_bytes(sa[38:42], "big")
+        ack = 0x10
+        net.send([memoryview(tcp_frame(GUEST_IP, 40200, GW_IP, port, 5001, their_seq + 1, ack, 0xFFFF))])
+        net.send([memoryview(tcp_frame(GUEST_IP, 40200, GW_IP, port, 5001, their_seq + 1, ack | 0x08, 0xFFFF,
+                                       b"early bytes"))])  # fmt: skip
+        net.send([memoryview(tcp_frame(GUEST_IP, 40200, GW_IP, port, 5012, their_seq + 1, ack | 0x01, 0xFFFF))])
+        assert await asyncio.wait_for(got, 5) == b"early bytes"
+        assert net.counters()["errors"] == 0
+    finally:
+        srv.close()
+        await net.stop()
