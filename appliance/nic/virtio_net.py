@@ -101,9 +101,9 @@ RX_BATCH = 64
 class RxWindow:
     """Receive buffers taken from the rx ring but not yet filled.
 
-    A frame's size is only known once it is read, so enough buffers for the
-    largest frame are kept ready, with their views in one flat list handed to
-    ``readv``. Chains a frame did not fill stay for the next one; only the
+    A frame's size is only known once it is read, so with mergeable buffers
+    enough of them for the largest frame are kept ready, with their views in
+    one flat list handed to ``readv``. Chains a frame did not fill stay for the next one; only the
     chains a frame used leave the window, so a small frame costs O(1) chain
     moves however many buffers a 64 KiB frame needs (§5.1.6.4.2).
 
@@ -125,12 +125,13 @@ class RxWindow:
         """Chains held (window and spare): all taken from the ring, none returned."""
         return len(self.chains) + len(self.spare)
 
-    def fill(self, q: Virtqueue, want: int, batch: int, greedy: bool = False) -> bool:
+    def fill(self, q: Virtqueue, want: int, batch: int, mergeable: bool = True) -> bool:
         """Make ``want`` bytes of buffers ready; returns whether any are.
 
         :param batch: chains to take from the ring at a time.
-        :param greedy: put every chain taken straight into the window (without
-            mergeable buffers each frame has one chain, and no ``spare`` is kept).
+        :param mergeable: keep ``views`` and the spare list; without mergeable
+            buffers every frame fills exactly the first chain, so whole batches
+            go straight into the window and ``views`` stays empty.
         """
         spare = self.spare
         while self.room < want:
@@ -140,7 +141,7 @@ class RxWindow:
                 got = q.pop_buffers(batch, True)
                 if not got:
                     break
-                if not greedy:
+                if mergeable:
                     spare.extend(got)
                     got = (spare.popleft(),)
             for chain in got:
@@ -149,7 +150,8 @@ class RxWindow:
                     q.push_used(chain[0], 0)
                     continue
                 self.chains.append(chain)
-                self.views.extend(chain[1])
+                if mergeable:
+                    self.views.extend(chain[1])
                 self.room += chain[2]
         return bool(self.chains)
 
@@ -493,16 +495,15 @@ class VirtioNet(VirtioDevice):
         flt = self.filter
         hdr_len = C.HDR_LEN
         want = self._max_rx_frame if mergeable else 1
-        greedy = not mergeable
         push_used = q.push_used
         views = win.views
         frames = nbytes = dropped = filtered = 0
         try:
             while True:
-                if win.room < want and not win.fill(q, want, RX_BATCH, greedy):
+                if win.room < want and not win.fill(q, want, RX_BATCH, mergeable):
                     # Out of buffers: pause the backend until the guest posts more
                     # (re-checking after re-arming, as §2.7.10 asks).
-                    if not q.enable_notification() or not win.fill(q, want, RX_BATCH, greedy):
+                    if not q.enable_notification() or not win.fill(q, want, RX_BATCH, mergeable):
                         self._set_rx_armed(pair, False)
                         break
                 head0, views0, len0 = chains[0]
@@ -544,7 +545,8 @@ class VirtioNet(VirtioDevice):
                     chains.popleft()
                     push_used(head0, n)
                     win.room -= len0
-                    del views[: len(views0)]
+                    if mergeable:
+                        del views[: len(views0)]
                 else:
                     win.consume(q, used, n)
                 frames += 1
