@@ -445,9 +445,9 @@ class Virtqueue:
                 self.invalid_chains += 1
                 guest_error_log.warning("virtqueue: dropping request: %s", err)
                 self.push_used(head, 0)
-                continue
-            finally:
                 rstart, rend, rview = self._buf_region
+                continue
+            rstart, rend, rview = self._buf_region
             if writable:
                 append((head, chain.writable, chain.writable_len))
             else:
