@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import select
 import socket
 import struct
@@ -267,9 +266,8 @@ class TcpNat:
 
     def _start_connect(self, conn: TcpConn, target: tuple[str, int]) -> None:
         host, port = target
-        try:
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        except ValueError:
+        family = _family_of(host)
+        if family is None:
             self._spawn(self._connect_by_name(conn, target))  # a guestfwd target given by name
             return
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -417,6 +415,17 @@ class TcpNat:
         for server, _ in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+
+def _family_of(host: str) -> socket.AddressFamily | None:
+    """The family of a numeric address, None for a name (inet_pton: ipaddress is ~10x slower here)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
 
 
 class _NullOwner:

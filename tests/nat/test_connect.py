@@ -9,7 +9,7 @@ import struct
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 
 from .conftest import drain
-from .peer import GUEST_IP, GW_IP, tcp_frame
+from .peer import GUEST_IP, GW_IP, Guest, tcp_frame
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 
@@ -139,3 +139,27 @@ async def test_data_and_fin_sent_before_the_host_transport_is_attached_reach_the
     finally:
         srv.close()
         await net.stop()
+
+
+async def test_guestfwd_target_given_by_name_is_connected_through_the_resolver() -> None:
+    """A guestfwd target named 'localhost' (not an address) still connects; the guest's data arrives."""
+    got = asyncio.get_running_loop().create_future()
+
+    async def reader(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.set_result(await r.read())
+        w.close()
+
+    srv = await asyncio.start_server(reader, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    net = UserNetwork(UserNetConfig.from_string(f"user,guestfwd=tcp:10.0.2.100:1234-tcp:localhost:{port}"))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            c = g.connect(bytes([10, 0, 2, 100]), 1234)
+            await c.wait(lambda: c.state == "ESTABLISHED" or c.reset, 10)
+            c.write(b"by name")
+            c.shutdown()
+            assert await asyncio.wait_for(got, 10) == b"by name"
+    finally:
+        await net.stop()
+        srv.close()
