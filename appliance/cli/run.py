@@ -429,12 +429,6 @@ def pvm_warning(config: MachineConfig) -> str | None:
 
 QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# While the main thread imports with the vCPUs already running, a vCPU thread
-# that exits to Python (console output) waits for the GIL up to the switch
-# interval (5 ms by default) at every exit. A short interval until the loop
-# runs keeps the guest's early output flowing; the default comes back then.
-BOOT_SWITCH_INTERVAL = 50e-6
-
 
 async def run_machine(machine: Machine) -> int:
     """Run ``machine`` until the guest ends; SIGINT/SIGTERM/SIGHUP stop it with status 0."""
@@ -456,7 +450,6 @@ def _boot_early(machine: Machine, pending: PendingVm) -> None:
     # event, held until the loop runs (so a terminal in raw mode is restored).
     for sig in QUIT_SIGNALS:
         signal.signal(sig, lambda signum, _frame: machine.post_event("quit", f"terminating on signal {signum}"))
-    sys.setswitchinterval(BOOT_SWITCH_INTERVAL)
     machine.boot_early(pending)
 
 
@@ -490,7 +483,6 @@ def main(argv: list[str]) -> int:
         if warning:
             print(f"{PROG}: {warning}", file=sys.stderr)
         machine = Machine(config, kvm=kvm)
-        switch_interval = sys.getswitchinterval()
         try:
             if pending is not None:
                 early = pending
@@ -500,14 +492,13 @@ def main(argv: list[str]) -> int:
             # Only now the loop and everything that comes with it.
             import asyncio
 
-            return asyncio.run(_run_restoring(machine, switch_interval))
+            return asyncio.run(run_machine(machine))
         except ConfigError:
             raise
         except ApplianceError as err:
             print(f"{PROG}: {err}", file=sys.stderr)
             return 1
         finally:
-            sys.setswitchinterval(switch_interval)
             if machine.exit_code is None:
                 machine.abandon()  # boot_early ran but the loop never finished the machine
     finally:
@@ -515,7 +506,3 @@ def main(argv: list[str]) -> int:
             pending.cancel()
         kvm.close()
 
-
-async def _run_restoring(machine: Machine, switch_interval: float) -> int:
-    sys.setswitchinterval(switch_interval)
-    return await run_machine(machine)
