@@ -415,8 +415,9 @@ class VirtioNet(VirtioDevice):
                 pair = index // 2
                 if pair < self._active_pairs:
                     # New rx buffers: take frames again (the backend was
-                    # paused if we ran out).
-                    self._set_rx_armed(pair, True)
+                    # paused if we ran out). _rx re-arms the backend only if
+                    # it drains it: under a flood the kick alone drives
+                    # receive, without an epoll_ctl pair per posted batch.
                     self._rx(pair)
             else:
                 self._tx(index // 2)
@@ -498,6 +499,7 @@ class VirtioNet(VirtioDevice):
         push_used = q.push_used
         views = win.views
         frames = nbytes = dropped = filtered = 0
+        drained = False
         try:
             while True:
                 if win.room < want and not win.fill(q, want, RX_BATCH, mergeable):
@@ -520,6 +522,7 @@ class VirtioNet(VirtioDevice):
                     if n >= 0:
                         n += hdr_len
                 if n < 0:
+                    drained = True
                     break
                 if n > room or n < hdr_len + 14:
                     # Larger than the posted buffers (or a runt): the tail is lost,
@@ -557,6 +560,9 @@ class VirtioNet(VirtioDevice):
             st.rx_bytes += nbytes
             st.rx_dropped += dropped
             st.rx_filtered += filtered
+        if drained and pair < self._active_pairs:
+            # Buffers left and nothing to read: wake us when frames come.
+            self._set_rx_armed(pair, True)
         if frames:
             self._notify(2 * pair)
 
