@@ -111,7 +111,7 @@ async def test_guest_ethtool_channels_moves_all_traffic_to_the_remaining_pair(tm
                 # every attached queue, so a stranded queue would lose some replies.
                 out = await g.run(
                     "for i in 1 2 3 4 5 6 7 8; do taskset $(( (i % 2) + 1 )) "
-                    "ping -c 5 -i 0.1 -W 3 10.94.0.1 >/tmp/p$i & done; wait; cat /tmp/p*",
+                    "ping -c 5 -i 0.2 -W 10 10.94.0.1 >/tmp/p$i & done; wait; cat /tmp/p*",
                     timeout=90,
                 )
                 await g.poweroff()
