@@ -58,29 +58,38 @@ class _Progress:
             sys.stdout.write("    (100.00/100%)\n")
 
 
+_FLAG = bytes([0] + [1] * 255)  # translate table: any non-zero byte to 1
+
+
 def _nonzero_runs(buf: memoryview, gran: int) -> list[tuple[int, int]]:
     """Byte ranges of ``buf`` holding non-zero ``gran``-sized blocks (merged).
 
-    Most data blocks have a non-zero first or last byte, which two index
-    operations find; only the rest get a full comparison.
+    A block whose first or last byte is non-zero holds data; two strided
+    slices find those for the whole buffer at C speed, so only blocks with
+    both ends zero get a full comparison (on ordinary data, a few a chunk).
     """
     n = len(buf)
+    full = n // gran
     zero = bytes(gran)
+    # data[i] == 1: block i holds data.
+    ends = (int.from_bytes(buf[: full * gran : gran], "little")
+            | int.from_bytes(buf[gran - 1 : full * gran : gran], "little"))
+    data = bytearray(ends.to_bytes(full, "little").translate(_FLAG))
+    i = data.find(0)
+    while i >= 0:
+        if buf[i * gran : (i + 1) * gran] != zero:
+            data[i] = 1
+        i = data.find(0, i + 1)
+    if full * gran < n:
+        data.append(buf[full * gran :] != zero[: n - full * gran])
     runs: list[tuple[int, int]] = []
-    pos = 0
-    start = -1
-    while pos < n:
-        end = min(n, pos + gran)
-        data = buf[pos] or buf[end - 1] or buf[pos:end] != zero[: end - pos]
-        if data:
-            if start < 0:
-                start = pos
-        elif start >= 0:
-            runs.append((start, pos))
-            start = -1
-        pos = end
-    if start >= 0:
-        runs.append((start, n))
+    i = data.find(1)
+    while i >= 0:
+        e = data.find(0, i)
+        if e < 0:
+            e = len(data)
+        runs.append((i * gran, min(n, e * gran)))
+        i = data.find(1, e)
     return runs
 
 
@@ -248,6 +257,10 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 s = e
         pos += n
     direct = getattr(src, "_direct", False) or getattr(dst, "_direct", False)
+    # Reads run in parallel, writes one at a time: buffered writes to one file
+    # serialize on the inode lock anyway, and several writers waiting there
+    # spin on it (measured ~8% of the CPU of a 2 GiB convert on 2 cores).
+    write_lock = asyncio.Lock()
 
     async def worker() -> None:
         buf = _aligned(CHUNK) if direct else memoryview(bytearray(CHUNK))
@@ -262,14 +275,15 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 await _write_compressed_chunk(dst, start, view)
             else:
                 runs = _nonzero_runs(view, gran) if gran else [(0, length)]
-                for a, b in runs:
-                    await dst.writev(start + a, [view[a:b]])
-                if explicit_zeroes:
-                    prev = 0
-                    for a, b in runs + [(length, length)]:
-                        if a > prev:
-                            await dst.write_zeroes(start + prev, a - prev, may_unmap=True)
-                        prev = b
+                async with write_lock:
+                    for a, b in runs:
+                        await dst.writev(start + a, [view[a:b]])
+                    if explicit_zeroes:
+                        prev = 0
+                        for a, b in runs + [(length, length)]:
+                            if a > prev:
+                                await dst.write_zeroes(start + prev, a - prev, may_unmap=True)
+                            prev = b
             prog.add(length)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
