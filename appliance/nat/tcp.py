@@ -43,6 +43,7 @@ RCVBUF = 512 * 1024
 RCV_WSCALE = 4  # 65535 << 4 covers RCVBUF
 SNDBUF = 512 * 1024
 INITIAL_RTO = 1.0
+TLP_MIN = 0.05  # tail loss probe floor (see _arm_retransmit)
 MIN_RTO = 0.2
 MAX_RTO = 60.0
 MAX_RETRIES = 10
@@ -56,6 +57,12 @@ HOST_WRITE_BATCH = 64 * 1024
 # up to 0.5 s). The host end usually closes within a millisecond of seeing EOF, and
 # one FIN|ACK instead of ACK then FIN spares the guest a frame and an interrupt.
 FIN_ACK_DELAY = 0.02
+# Delayed ACK for in-order data (RFC 9293 §3.8.6.3, RFC 1122 §4.2.3.2): ACK at least
+# every second full-sized segment, otherwise within this delay. ACKing every small
+# segment at once defeats the guest's Nagle algorithm: a Linux guest piping 1 KiB
+# writes (busybox nc) then sends 1 KiB segments, each costing its emulated CPU a
+# transmit, a kick and an ACK to take in.
+DELAYED_ACK = 0.002
 # Largest TSO segment toward the guest: the IP length fields are 16 bits
 # (IPv4 total length counts its own 20-byte header, IPv6 payload length does not).
 TSO_MAX_V4 = 65535 - 20 - 20
@@ -314,10 +321,12 @@ class TcpConn:
             self._arm(self.rto)
         else:
             # RFC 8985 §7.2 uses 2·SRTT. A guest on an emulated CPU answers in 0.1 ms or
-            # in 10 when busy, so the variance term is added too: with 2·SRTT alone a
-            # Linux guest in TCG downloading at full speed saw one spurious probe per
-            # ~6 segments (each answered with a duplicate ACK).
-            self._arm(min(max(2 * self.srtt, self.srtt + 4 * self.rttvar, 0.01), self.rto))
+            # in 10 when busy, so the variance term is added too, and the floor covers a
+            # Linux receiver whose reader lags: it then holds its ACK for its delayed-ACK
+            # timer (40 ms at least). With 2·SRTT alone a Linux guest in TCG downloading
+            # at full speed saw one spurious probe per ~6 segments, each answered with a
+            # duplicate ACK (three of them cut the congestion window as a fast retransmit).
+            self._arm(min(max(2 * self.srtt, self.srtt + 4 * self.rttvar, TLP_MIN), self.rto))
 
     def _disarm(self) -> None:
         self._deadline = 0.0
@@ -337,6 +346,12 @@ class TcpConn:
             if not self._tlp_done and self.state in _SYNCHRONIZED and self.snd_nxt > self.snd_una:
                 # Tail loss probe: resend the first unacked segment before the RTO proper.
                 self._tlp_done = True
+                if self.net.queued():
+                    # Frames still wait in our queue for guest rx buffers: the flight is
+                    # not lost, only undelivered, and a probe would queue behind it. The
+                    # RTO still covers a real loss.
+                    self._arm(self.rto)
+                    return
                 self._retransmit_una()
                 return
             self._timeout()
@@ -619,8 +634,9 @@ class TcpConn:
         self.probes = 0  # any acceptable ACK answers our probes, even with a zero window (as Linux)
         if ack > self.snd_una:
             self._ack_advance(ack)
-        elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and \
+        elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and wnd and \
                 self.snd_max > self.snd_una:  # fmt: skip
+            # A zero window's repeated ACKs answer our probes; they are not duplicate ACKs.
             self.dupacks += 1
             if self.dupacks == 3:
                 self._fast_retransmit()
@@ -670,7 +686,7 @@ class TcpConn:
                 self.cwnd = self.ssthresh  # full recovery (RFC 6582 §3.2 step 3)
                 self.dupacks = 0
             else:
-                self._retransmit_una()  # partial ACK: next hole
+                self._retransmit_una(whole=True)  # partial ACK: next hole
         else:
             self.dupacks = 0
             if self.cwnd < self.ssthresh:
@@ -701,9 +717,9 @@ class TcpConn:
         self.ssthresh = max(flight // 2, 2 * self.mss)
         self.cwnd = self.ssthresh + 3 * self.mss
         self.recover = self.snd_max
-        self._retransmit_una()
+        self._retransmit_una(whole=True)
 
-    def _retransmit_una(self) -> None:
+    def _retransmit_una(self, *, whole: bool = False) -> None:
         self.net.stats.tcp_retransmits += 1
         self.retransmits += 1
         self._rtt_seq = -1
@@ -714,7 +730,10 @@ class TcpConn:
                 self._arm(self.rto)  # found by the lossy test: a lost retransmitted FIN once stalled here
             return
         off = self._sndoff
-        k = min(self.mss, data_end - self.snd_una)
+        # A guest that drops a TSO frame (its receive buffer full) drops all of it, so loss
+        # recovery resends a whole frame: one MSS per partial ACK took ~44 round trips.
+        # A tail loss probe stays one MSS: it is often spurious.
+        k = min(self._seg_max() if whole else self.mss, data_end - self.snd_una)
         self._emit(ACK | PSH, self.snd_una, memoryview(self.sndbuf)[off : off + k])
         self._arm(self.rto)
 
@@ -789,6 +808,15 @@ class TcpConn:
         self.send_ack()
         self.output()
 
+    def end_of_batch(self) -> None:
+        """The guest's frames of this loop turn are handled: pass them to the host, ACK if due."""
+        self.flush_host()
+        pending = self.rcv_nxt - self._acked_to
+        if pending >= 2 * OUR_MSS:
+            self.send_ack()
+        elif pending > 0 and self._delack is None and self.state != CLOSED:
+            self._delack = self._loop.call_later(DELAYED_ACK, self._delayed_ack)
+
     def _delayed_ack(self) -> None:
         self._delack = None
         if self.state != CLOSED and self.rcv_nxt != self._acked_to:
@@ -798,6 +826,13 @@ class TcpConn:
                 self.net._internal_error()
 
     # -- sending host data to the guest ------------------------------------
+    def _seg_max(self) -> int:
+        """Largest segment: the guest's MSS, or with TSO toward it ~64 KiB in whole MSS multiples."""
+        mss = self.mss
+        if self.net.guest_tso6 if self._v6 else self.net.guest_tso4:
+            return max((TSO_MAX_V6 if self._v6 else TSO_MAX_V4) // mss * mss, mss)
+        return mss
+
     def output(self) -> None:
         st = self.state
         if st not in _CAN_SEND and not (st in (FIN_WAIT_1, CLOSING, LAST_ACK) and self.snd_nxt < self.snd_max):
@@ -807,11 +842,7 @@ class TcpConn:
         wnd = min(self.snd_wnd, self.cwnd)
         sent = False
         mss = self.mss
-        # With TSO toward the guest one frame carries up to ~64 KiB, whole MSS multiples.
-        if net.guest_tso6 if self._v6 else net.guest_tso4:
-            seg_max = max((TSO_MAX_V6 if self._v6 else TSO_MAX_V4) // mss * mss, mss)
-        else:
-            seg_max = mss
+        seg_max = self._seg_max()
         while True:
             if net.tx_space() < 4:
                 net.wait_tx_space(self, self.output)

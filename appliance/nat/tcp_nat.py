@@ -146,9 +146,7 @@ class TcpNat:
         conns, self._ack_set = self._ack_set, {}
         for conn in conns:
             if conn.state != CLOSED:
-                self._guard(conn.flush_host)
-                if conn.rcv_nxt != conn._acked_to:
-                    self._guard(conn.send_ack)
+                self._guard(conn.end_of_batch)
 
     def _guard(self, fn: object, *args: object) -> None:
         try:

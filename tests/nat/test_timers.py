@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nat import tcp as tcpmod
 from appliance.nat.tcp_nat import _NullOwner
 
-from .peer import GUEST_IP, GW_IP, Guest
+from .conftest import drain
+from .peer import GUEST_IP, GW_IP, Guest, tcp_frame
 
 
 async def test_tail_loss_probe_waits_for_the_rtt_variance_not_just_twice_srtt() -> None:
@@ -92,3 +94,99 @@ async def test_guest_fin_is_acked_within_the_delay_when_the_host_stays_open() ->
     finally:
         await net.stop()
         srv.close()
+
+
+async def _established_raw(net: UserNetwork, port: int, sport: int) -> int:
+    """Open a connection with raw frames (a loopback listener on ``port``); returns the stack's next seq."""
+    from .test_connect import syn, tcp_flags
+
+    net.send([memoryview(syn(port, sport=sport))])
+    async with asyncio.timeout(5):
+        while True:
+            frames = [f for f in drain(net) if tcp_flags(f) == tcpmod.SYN | tcpmod.ACK]
+            if frames:
+                break
+            await asyncio.sleep(0.001)
+    their = int.from_bytes(frames[0][38:42], "big") + 1
+    net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, their, tcpmod.ACK, 0xFFFF))])
+    return their
+
+
+async def test_small_segment_is_acked_after_the_delay_two_full_ones_at_once() -> None:
+    """RFC 1122 §4.2.3.2: ACK at least every second full-sized segment, otherwise after a short delay."""
+    from .test_connect import tcp_flags
+
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(4)
+        port = lsock.getsockname()[1]
+        try:
+            their = await _established_raw(net, port, 40300)
+            drain(net)
+            net.send([memoryview(tcp_frame(GUEST_IP, 40300, GW_IP, port, 5001, their, tcpmod.ACK | tcpmod.PSH,
+                                           0xFFFF, b"x" * 100))])  # fmt: skip
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert not [f for f in drain(net) if tcp_flags(f) >= 0], "a lone small segment is not acked at once"
+            await asyncio.sleep(tcpmod.DELAYED_ACK + 0.05)
+            assert [tcp_flags(f) for f in drain(net)] == [tcpmod.ACK]
+            seq = 5101
+            for _ in range(2):
+                net.send([memoryview(tcp_frame(GUEST_IP, 40300, GW_IP, port, seq, their, tcpmod.ACK, 0xFFFF,
+                                               b"y" * 1460))])  # fmt: skip
+                seq += 1460
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            acks = [f for f in drain(net) if tcp_flags(f) == tcpmod.ACK]
+            assert acks and int.from_bytes(acks[-1][42:46], "big") == seq
+        finally:
+            await net.stop()
+
+
+async def test_repeated_zero_window_acks_are_not_duplicate_acks() -> None:
+    """A guest answering with window 0 again and again must not trigger a fast retransmit."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    conn = tcpmod.TcpConn(net, _NullOwner(), GUEST_IP, 40000, GW_IP, 80, inbound=False)
+    conn.state = tcpmod.ESTABLISHED
+    conn.snd_una, conn.snd_nxt, conn.snd_max, conn.snd_wnd = 1, 1, 3000, 0
+    conn.sndbuf = bytearray(5000)
+    for _ in range(4):
+        conn._process_ack(1, 1, 0, 0, tcpmod.ACK)
+    assert conn.dupacks == 0 and net.counters()["tcp_retransmits"] == 0
+    conn._finish()
+
+
+async def test_loss_recovery_resends_a_whole_tso_frame_but_a_probe_one_mss() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()), vnet_hdr=True)
+    net.set_offloads(True, True, True, False, False)
+    conn = tcpmod.TcpConn(net, _NullOwner(), GUEST_IP, 40000, GW_IP, 80, inbound=False)
+    conn.mac = b"\x52\x54\x00\x12\x34\x56"
+    conn.state, conn.mss = tcpmod.ESTABLISHED, 1460
+    conn.sndbuf = bytearray(200_000)
+    conn.snd_una, conn.snd_nxt, conn.snd_max, conn.snd_wnd = 1, 150_001, 150_001, 1 << 20
+    conn._retransmit_una(whole=True)
+    conn._retransmit_una()
+    buf = memoryview(bytearray(70_000))
+    sizes = []
+    while net.recv_into([buf]) >= 0:
+        total = int.from_bytes(buf[12 + 16 : 12 + 18], "big")  # IPv4 total length after the vnet header
+        sizes.append(total - 40)
+    assert sizes == [65495 // 1460 * 1460, 1460]
+    conn._finish()
+
+
+async def test_tail_loss_probe_is_not_sent_while_our_queue_still_holds_frames() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    conn = tcpmod.TcpConn(net, _NullOwner(), GUEST_IP, 40000, GW_IP, 80, inbound=False)
+    conn.mac = b"\x52\x54\x00\x12\x34\x56"
+    conn.state, conn.mss = tcpmod.ESTABLISHED, 1460
+    conn.sndbuf = bytearray(10_000)
+    conn.snd_una, conn.snd_nxt, conn.snd_max, conn.snd_wnd = 1, 5001, 5001, 1 << 20
+    net.output(b"\0" * 60)  # a frame the guest has not taken yet
+    conn._deadline = time.monotonic() - 1
+    conn._on_timer()
+    assert net.counters()["tcp_retransmits"] == 0 and net.queued() == 1
+    assert conn._tlp_done and conn._deadline > time.monotonic()
+    conn._finish()
