@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,8 @@ def create_temporary_overlay(base: Path, base_fmt: str) -> Path:
         raise Qcow2Error(f"unknown image format '{base_fmt}'")
     data = build_image(CreateOptions(size=size, backing_file=str(base.resolve()),
                                      backing_fmt=base_fmt))
+    import tempfile
+
     fd, name = tempfile.mkstemp(prefix="appliance-snapshot-", suffix=".qcow2")
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -31,9 +31,8 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.qcow2 import header as H
 from appliance.qcow2.compress import compress as _compress
@@ -42,8 +41,15 @@ from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
 from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
 from appliance.qcow2.snapshot import Snapshot, parse_snapshot_table
-from appliance.storage.aio import IOCB_CMD_PREADV, IOCB_CMD_PWRITEV, LinuxAio
-from appliance.storage.io import fallocate, zero_from
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+# Kernel AIO opcodes (linux/aio_abi.h; appliance.storage.aio has the same).
+# appliance.storage.aio (ctypes, ~5 ms) is imported only by an O_DIRECT open,
+# so `appliance img` on the page cache does not pay for it at start-up.
+IOCB_CMD_PREADV = 7
+IOCB_CMD_PWRITEV = 8
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
@@ -70,6 +76,8 @@ def io_pool() -> ThreadPoolExecutor:
     """The shared, bounded pool that runs blocking file I/O."""
     global _POOL
     if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="qcow2-io")
     return _POOL
 
@@ -344,6 +352,8 @@ class Qcow2Image:
             self._dfd = self._fd
         if self._direct and aio != "threads":
             try:
+                from appliance.storage.aio import LinuxAio
+
                 self._aio = LinuxAio(depth=128)
             except OSError:
                 self._aio = None  # no kernel AIO here: the thread pool does it all
@@ -897,6 +907,8 @@ class Qcow2Image:
                             await self._data_read([buf], host)  # bounces what O_DIRECT refused
                         else:
                             if got < len(buf):
+                                from appliance.storage.io import zero_from
+
                                 zero_from([buf], got)
                     else:
                         await self._data_read([buf], host)
@@ -945,6 +957,8 @@ class Qcow2Image:
                 want = sum(v.nbytes for v in views)
                 got = await aio.submit(IOCB_CMD_PREADV, self._dfd, views, host, eager=True)
                 if got < want:  # past EOF: the rest of the cluster reads as zeroes
+                    from appliance.storage.io import zero_from
+
                     zero_from(views, got)
                 return
             await _iorun(_preadv_full, self._dfd, views, host)
@@ -1324,6 +1338,8 @@ class Qcow2Image:
         try:
             # fallocate(2) itself: glibc's posix_fallocate would write zeroes
             # where the file system cannot reserve space.
+            from appliance.storage.io import fallocate
+
             fallocate(self._fd, 0, self._falloc_end, new_end - self._falloc_end)
         except OSError:
             self._no_falloc = True
