@@ -45,3 +45,12 @@ def test_dense_data_is_one_run_and_zero_blocks_split_it() -> None:
     buf[2 * 4096 : 3 * 4096] = bytes(4096)
     buf[7 * 4096 :] = bytes(4096)
     assert _nonzero_runs(memoryview(buf), 4096) == [(0, 8192), (3 * 4096, 7 * 4096)]
+
+
+def test_engine_aio_opcodes_match_the_aio_module() -> None:
+    # image.py keeps its own copies so page-cache opens need not import ctypes.
+    from appliance.qcow2 import image
+    from appliance.storage import aio
+
+    assert (image.IOCB_CMD_PREADV, image.IOCB_CMD_PWRITEV) == (aio.IOCB_CMD_PREADV,
+                                                                aio.IOCB_CMD_PWRITEV)
