@@ -686,7 +686,7 @@ class TcpConn:
                 self.cwnd = self.ssthresh  # full recovery (RFC 6582 §3.2 step 3)
                 self.dupacks = 0
             else:
-                self._retransmit_una(whole=True)  # partial ACK: next hole
+                self._retransmit_una()  # partial ACK: next hole (whole frames here re-sent mostly duplicates)
         else:
             self.dupacks = 0
             if self.cwnd < self.ssthresh:
@@ -730,9 +730,9 @@ class TcpConn:
                 self._arm(self.rto)  # found by the lossy test: a lost retransmitted FIN once stalled here
             return
         off = self._sndoff
-        # A guest that drops a TSO frame (its receive buffer full) drops all of it, so loss
-        # recovery resends a whole frame: one MSS per partial ACK took ~44 round trips.
-        # A tail loss probe stays one MSS: it is often spurious.
+        # A guest that drops a TSO frame (its window full) drops all of it, so the fast
+        # retransmit resends a whole frame rather than one MSS of it. Partial ACKs and tail
+        # loss probes stay one MSS: the guest usually holds the rest out of order already.
         k = min(self._seg_max() if whole else self.mss, data_end - self.snd_una)
         self._emit(ACK | PSH, self.snd_una, memoryview(self.sndbuf)[off : off + k])
         self._arm(self.rto)
