@@ -850,9 +850,22 @@ class Qcow2Image:
                         if host & (cs - 1):
                             raise await self.mark_corrupt("data cluster offset is not aligned",
                                                           host)
-                        _append(out, K_DATA, pos, b - a, host + a)
-                    else:
-                        _append(out, K_UNALLOC, pos, b - a, -1)
+                        n = b - a
+                        if b == cs:
+                            # Whole clusters that follow at the next host offsets
+                            # (same flags) extend this extent: one comparison each,
+                            # which matters when convert maps a large image.
+                            j = gc & (l2n - 1)
+                            last = j + (table_end >> cb) - gc
+                            nxt = e + cs
+                            while j + 1 < last and t[j + 1] == nxt:
+                                j += 1
+                                nxt += cs
+                                n += cs
+                        _append(out, K_DATA, pos, n, host + a)
+                        pos += n
+                        continue
+                    _append(out, K_UNALLOC, pos, b - a, -1)
                 else:
                     if e & OFFSET_MASK & (cs - 1) and not e & COMPRESSED:
                         raise await self.mark_corrupt("data cluster offset is not aligned",
