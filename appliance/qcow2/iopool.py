@@ -30,6 +30,9 @@ class _Ring:
         self.done: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
             collections.deque())
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Set by the worker that writes the eventfd, cleared by the loop before it
+        # drains: finishing jobs wake the loop once per drain, not once each.
+        self.signalled = False
         loop.add_reader(self.efd, self._drain)
         weakref.finalize(self, os.close, self.efd)
 
@@ -38,6 +41,7 @@ class _Ring:
             os.eventfd_read(self.efd)
         except BlockingIOError:
             pass
+        self.signalled = False
         done = self.done
         while done:
             fut, res, exc = done.popleft()
@@ -99,10 +103,12 @@ class IoPool:
             del fn, args
             ring.done.append((fut, res, exc))
             del fut, res, exc
-            try:
-                os.eventfd_write(ring.efd, 1)
-            except OSError:
-                pass
+            if not ring.signalled:
+                ring.signalled = True
+                try:
+                    os.eventfd_write(ring.efd, 1)
+                except OSError:
+                    pass
 
 
 _POOL: IoPool | None = None
