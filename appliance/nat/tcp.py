@@ -346,12 +346,6 @@ class TcpConn:
             if not self._tlp_done and self.state in _SYNCHRONIZED and self.snd_nxt > self.snd_una:
                 # Tail loss probe: resend the first unacked segment before the RTO proper.
                 self._tlp_done = True
-                if self.net.queued():
-                    # Frames still wait in our queue for guest rx buffers: the flight is
-                    # not lost, only undelivered, and a probe would queue behind it. The
-                    # RTO still covers a real loss.
-                    self._arm(self.rto)
-                    return
                 self._retransmit_una()
                 return
             self._timeout()

@@ -175,18 +175,3 @@ async def test_loss_recovery_resends_a_whole_tso_frame_but_a_probe_one_mss() -> 
         sizes.append(total - 40)
     assert sizes == [65495 // 1460 * 1460, 1460]
     conn._finish()
-
-
-async def test_tail_loss_probe_is_not_sent_while_our_queue_still_holds_frames() -> None:
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    conn = tcpmod.TcpConn(net, _NullOwner(), GUEST_IP, 40000, GW_IP, 80, inbound=False)
-    conn.mac = b"\x52\x54\x00\x12\x34\x56"
-    conn.state, conn.mss = tcpmod.ESTABLISHED, 1460
-    conn.sndbuf = bytearray(10_000)
-    conn.snd_una, conn.snd_nxt, conn.snd_max, conn.snd_wnd = 1, 5001, 5001, 1 << 20
-    net.output(b"\0" * 60)  # a frame the guest has not taken yet
-    conn._deadline = time.monotonic() - 1
-    conn._on_timer()
-    assert net.counters()["tcp_retransmits"] == 0 and net.queued() == 1
-    assert conn._tlp_done and conn._deadline > time.monotonic()
-    conn._finish()
