@@ -12,7 +12,12 @@ runs its ``blk bench`` workloads (those of bench/blk.py) on each.
 
 The two tools alternate and each case keeps its best of ``--repeat`` runs: on
 a shared machine a single run swings by 2x either way. Process start-up
-(~0.08 s of Python imports against ~0.01 s) is part of the convert times.
+(~0.05 s of Python imports against ~0.01 s) is part of the convert times.
+Converts run both tools at their defaults, which match: source through the
+page cache (-T writeback), target -t unsafe (page cache, no flush at the end);
+strace shows neither side opening O_DIRECT or calling fsync/fdatasync. Both
+spend most of a convert in the kernel copying into fresh page-cache pages,
+whose cost on this VM swings 1-4x between runs for either tool.
 
 Usage: .venv/bin/python bench/qcow2.py [--quick] [--only REGEX] [--repeat N]
        [--convert-size 2G] [--compress-size 512M] [--seconds 2] [--dir DIR]
@@ -166,7 +171,8 @@ def _convert_rows(a: argparse.Namespace, work: Path,
     ]
     sources: dict[tuple[str, str], Path] = {}
     for name, opts, src_fmt, size_text in conv:
-        if not _wanted(a.only, f"convert {name}"):
+        # Filter on the printed case name ("convert 2G qcow2->raw").
+        if not _wanted(a.only, f"convert {size_text} {name}"):
             continue
         size = _size(size_text)
         src = sources.get((src_fmt, size_text))
