@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
@@ -389,6 +388,8 @@ async def cmd_info(argv: list[str]) -> int:
                 names.append(_info_dict(prev, names[i - 1])["full-backing-filename"])
             infos.append(_info_dict(layer, names[i]))
         if a.output == "json":
+            import json
+
             print(json.dumps(infos if a.backing_chain else infos[0], indent=4))
         else:
             print("\n".join(_info_human(d, layer) for d, layer in zip(infos, chain, strict=False)), end="")
@@ -459,6 +460,8 @@ async def cmd_check(argv: list[str]) -> int:
             d["fragmented-clusters"] = res.fragmented_clusters
         if res.compressed_clusters:
             d["compressed-clusters"] = res.compressed_clusters
+        import json
+
         print(json.dumps(d, indent=4))
     elif not a.quiet:
         if a.repair and (before.leaks or before.corruptions):
@@ -556,6 +559,8 @@ async def cmd_map(argv: list[str]) -> int:
                     continue
             rows.append(row)
         if a.output == "json":
+            import json
+
             lines = []
             for r in rows:
                 r.pop("_file")

@@ -418,12 +418,12 @@ class Qcow2Image:
             )
 
     async def _load_bitmaps(self) -> None:
-        from appliance.qcow2 import bitmaps
-
         data = self.header.ext(H.EXT_BITMAPS)
         self.bitmaps = []
         if data is None or not self.header.autoclear_features & H.AUTOCLEAR_BITMAPS:
             return
+        from appliance.qcow2 import bitmaps
+
         nb, size, off = bitmaps.parse_extension(data)
         if off % self._cs or off + size > self.file_size:
             raise CorruptImage("bitmap directory lies outside the file", offset=off)
