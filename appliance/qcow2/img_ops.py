@@ -30,6 +30,10 @@ from appliance.qcow2.image import (
 )
 
 CHUNK = 2 * 1024 * 1024
+# convert's unit of work (a read, a zero scan, a write): 8 MiB rather than 2
+# took a 2 GiB convert from ~0.3 to ~0.2 s of user CPU (a quarter of the pool
+# round trips and engine calls) and was faster in wall time both ways.
+CONVERT_CHUNK = 8 * 1024 * 1024
 
 
 def _aligned(n: int) -> memoryview:
@@ -242,7 +246,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     jobs: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
     pos = 0
     while pos < size:
-        n = min(CHUNK * 8, size - pos)
+        n = min(CONVERT_CHUNK * 4, size - pos)
         for start, length, _, _, _, kind, _ in await chain_status(src, pos, n):
             if kind in (K_UNALLOC, K_ZERO):
                 if explicit_zeroes:
@@ -252,7 +256,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             # Split data extents into chunks aligned to the target's clusters.
             s = start
             while s < start + length:
-                e = min(start + length, (s // CHUNK + 1) * CHUNK)
+                e = min(start + length, (s // CONVERT_CHUNK + 1) * CONVERT_CHUNK)
                 jobs.put_nowait((s, e - s))
                 s = e
         pos += n
@@ -263,7 +267,8 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     write_lock = asyncio.Lock()
 
     async def worker() -> None:
-        buf = _aligned(CHUNK) if direct else memoryview(bytearray(CHUNK))
+        buf = (_aligned(CONVERT_CHUNK) if direct
+               else memoryview(bytearray(CONVERT_CHUNK)))
         while True:
             job = jobs.get_nowait() if not jobs.empty() else None
             if job is None:
