@@ -1,17 +1,23 @@
 """`make demo`: boot the kit's test guest with `appliance run` and drive its console.
 
-Runs ``appliance run -kernel testguest.elf -smp 2 -m 256M -nographic`` as a
-child process, the way a user would, shows everything the guest prints, types
-``info`` and then ``poweroff`` on the serial console once the guest says it is
-ready, and reports the exit status and timings.
+Makes a qcow2 disk with ``appliance img create``, then runs ``appliance run``
+with two vCPUs, that disk on virtio-blk, a virtio-net NIC on the user-mode
+network (``-netdev user``) and a ``filter-dump`` capture of it, as a child
+process the way a user would. It shows everything the guest prints and types
+on the serial console: ``info``, a disk write and read-back, a DHCP lease and
+a ping of the gateway, then ``poweroff``. Afterwards ``appliance img check``
+checks the disk and tshark lists the captured frames. Nothing leaves the
+machine: DHCP and the gateway are answered by the user-mode stack itself.
 """
 
 from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,17 +81,52 @@ class Child:
         self.proc.stdin.flush()
 
 
+def _appliance(*args: str) -> None:
+    argv = [sys.executable, "-m", "appliance.cli.main", *args]
+    print("demo: $ appliance " + " ".join(args), flush=True)
+    subprocess.run(argv, check=True)
+
+
 def main() -> int:
     elf = _guest()
+    with tempfile.TemporaryDirectory(prefix="appliance-demo-") as tmp:
+        disk, pcap = Path(tmp) / "disk.qcow2", Path(tmp) / "nic.pcap"
+        _appliance("img", "create", "-f", "qcow2", str(disk), "64M")
+        code = _run(elf, disk, pcap)
+        if code == 0:
+            print(flush=True)
+            _appliance("img", "check", str(disk))
+            tshark = shutil.which("tshark")
+            if tshark:
+                print(f"demo: $ tshark -r {pcap}", flush=True)
+                subprocess.run([tshark, "-r", str(pcap)], check=False, stderr=subprocess.DEVNULL)
+    return code
+
+
+def _run(elf: Path, disk: Path, pcap: Path) -> int:
     argv = [sys.executable, "-m", "appliance.cli.main", "run", "-kernel", str(elf),
-            "-smp", "2", "-m", "256M", "-nographic", "-name", "demo"]
+            "-smp", "2", "-m", "256M", "-nographic", "-name", "demo",
+            "-drive", f"file={disk},format=qcow2,if=virtio",
+            "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+            "-object", f"filter-dump,id=cap0,netdev=n0,file={pcap}"]
     print("demo: $ appliance " + " ".join(argv[3:]), flush=True)
     child = Child(argv)
     ready = child.wait_for(READY)
     child.quiet(0.3)
-    print(f"\ndemo: guest ready after {ready * 1000:.0f} ms; typing 'info'", flush=True)
-    child.type("info")
-    child.quiet(0.5)
+    print(f"\ndemo: guest ready after {ready * 1000:.0f} ms", flush=True)
+    steps = [
+        ("info", b"INFO "),
+        ("blk info", b"BLK info"),
+        ("blk write 0 8 171", b"BLK write"),
+        ("blk read 0 8", b"BLK read"),
+        ("net dhcp", b"NET dhcp"),
+        ("net ping 10.0.2.2 2", b"NET ping done"),
+    ]
+    for line, answer in steps:
+        print(f"\ndemo: typing '{line}'", flush=True)
+        child.type(line)
+        child.wait_for(answer)
+        child.quiet(0.2)
     print("\ndemo: typing 'poweroff'", flush=True)
     child.type("poweroff")
     while child.pump(0.2) or child.proc.poll() is None:
