@@ -67,7 +67,7 @@ def gather(views: Sequence[memoryview], n: int) -> bytes:
     return bytes(out)
 
 
-def scatter(views: Sequence[memoryview], data: bytes) -> int:
+def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
     """Copy ``data`` into ``views`` in order; returns bytes written."""
     off = 0
     for v in views:
@@ -96,6 +96,9 @@ Buffers = tuple[int, list[memoryview], int]
 # batch, so a driver blocked on a full ring gets buffers back this often.
 TX_BATCH = 64
 RX_BATCH = 64
+# What VirtioNet._rx_staged says besides a delivered frame's length.
+_RX_DRAINED = -1
+_RX_HELD = -2
 
 
 class RxWindow:
@@ -270,6 +273,11 @@ class VirtioNet(VirtioDevice):
         self._usable_pairs = 1
         self._ctrl_index = 2
         self._max_rx_frame = 0
+        # Per pair: a host buffer for frames read while the guest has posted
+        # less than the largest frame needs, and the length of the frame held
+        # in it waiting for more buffers (0: none).
+        self._rx_stage: list[bytearray | None] = [None] * self.pairs
+        self._rx_pending: list[int] = [0] * self.pairs
 
     # -- feature and config space -------------------------------------------
 
@@ -328,6 +336,9 @@ class VirtioNet(VirtioDevice):
         self.filter.reset()
         gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
         self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if gso else (self.mtu or 1500) + 18)
+        # Staging buffers outlive a reset unless the largest frame changed.
+        self._rx_stage = [b if b is not None and len(b) == self._max_rx_frame else None for b in self._rx_stage]
+        self._rx_pending = [0] * self.pairs
         self._apply_offloads(self.driver_features)
         self._run_pairs(self._active_pairs)
 
@@ -337,13 +348,21 @@ class VirtioNet(VirtioDevice):
         They are the most recent chains taken from each rx ring, so moving the
         ring's next-avail index back by their number makes a rebuilt queue (a
         vhost-user front end stopping and restarting rings) offer them again
-        instead of leaking them.
+        instead of leaking them. A frame held for more buffers is dropped: the
+        rings it was waiting for are going away.
         """
         for pair, win in enumerate(self._rx_windows):
             if len(win) and 2 * pair < len(self._queues):
                 q = self._queues[2 * pair]
                 q.last_avail_idx = (q.last_avail_idx - len(win)) & 0xFFFF
             win.clear()
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        for pair, n in enumerate(self._rx_pending):
+            if n:
+                self.stats[pair].rx_dropped += 1
+                self._rx_pending[pair] = 0
 
     def reset(self) -> None:
         for pair in range(self.pairs):
@@ -359,6 +378,7 @@ class VirtioNet(VirtioDevice):
         self._queues = []
         self._irqs = []
         self._rx_windows = []
+        self._drop_pending()
         self._mem = None
         super().reset()
 
@@ -498,16 +518,33 @@ class VirtioNet(VirtioDevice):
         want = self._max_rx_frame if mergeable else 1
         push_used = q.push_used
         views = win.views
+        pending = self._rx_pending
         frames = nbytes = dropped = filtered = 0
         drained = False
         try:
             while True:
-                if win.room < want and not win.fill(q, want, RX_BATCH, mergeable):
-                    # Out of buffers: pause the backend until the guest posts more
-                    # (re-checking after re-arming, as §2.7.10 asks).
-                    if not q.enable_notification() or not win.fill(q, want, RX_BATCH, mergeable):
-                        self._set_rx_armed(pair, False)
-                        break
+                if win.room < want:
+                    if not win.fill(q, want, RX_BATCH, mergeable):
+                        # Out of buffers: pause the backend until the guest posts more
+                        # (re-checking after re-arming, as §2.7.10 asks).
+                        if not q.enable_notification() or not win.fill(q, want, RX_BATCH, mergeable):
+                            self._set_rx_armed(pair, False)
+                            break
+                    if mergeable and (win.room < want or pending[pair]):
+                        # Fewer buffers posted than the largest frame needs:
+                        # go through the staging buffer so a frame that does
+                        # not fit yet waits instead of being lost. A frame
+                        # already waiting there goes first, however much came.
+                        got = self._rx_staged(pair, q, win)
+                        if got > 0:
+                            frames += 1
+                            nbytes += got - hdr_len
+                        elif got == _RX_DRAINED:
+                            drained = True
+                            break
+                        elif got == _RX_HELD:
+                            break
+                        continue
                 head0, views0, len0 = chains[0]
                 if mergeable:
                     bufs = views
@@ -565,6 +602,64 @@ class VirtioNet(VirtioDevice):
             self._set_rx_armed(pair, True)
         if frames:
             self._notify(2 * pair)
+
+    def _rx_staged(self, pair: int, q: Virtqueue, win: RxWindow) -> int:
+        """Receive one frame through the pair's staging buffer.
+
+        Returns the frame's length (header included) once delivered, 0 if a
+        frame was dropped or filtered or more buffers have come (go on),
+        :data:`_RX_DRAINED` if the backend had nothing, or :data:`_RX_HELD`
+        if the frame waits for the guest to post buffers (backend paused).
+        """
+        hdr_len = C.HDR_LEN
+        st = self.stats[pair]
+        stage = self._rx_stage[pair]
+        if stage is None:
+            stage = self._rx_stage[pair] = bytearray(self._max_rx_frame)
+        n = self._rx_pending[pair]
+        if not n:
+            mv = memoryview(stage)
+            if self.passthrough_hdr:
+                n = self.backends[pair].recv_into([mv])
+            else:
+                n = self.backends[pair].recv_into([mv[hdr_len:]])
+                if n >= 0:
+                    n += hdr_len
+            if n < 0:
+                return _RX_DRAINED
+            if n > len(stage) or n < hdr_len + 14:
+                st.rx_dropped += 1
+                return 0
+            flt = self.filter
+            if not flt.promisc and not flt.accepts(bytes(stage[hdr_len : hdr_len + 6])):
+                st.rx_filtered += 1
+                return 0
+        if n > win.room:
+            self._rx_pending[pair] = 0
+            if len(win) >= q.size:
+                # Every buffer the ring can hold is posted and it still
+                # does not fit: it never will.
+                st.rx_dropped += 1
+                return 0
+            # Keep it and stop reading until the guest posts more; its next
+            # rx kick delivers this frame first. Re-check after re-arming
+            # (§2.7.10): buffers posted meanwhile send no kick.
+            self._rx_pending[pair] = n
+            if q.enable_notification():
+                return 0
+            self._set_rx_armed(pair, False)
+            return _RX_HELD
+        self._rx_pending[pair] = 0
+        used = win.count_chains(n)
+        if self.passthrough_hdr:
+            # The backend wrote num_buffers = 0 or 1; only we know how many we used.
+            stage[10] = used & 0xFF
+            stage[11] = used >> 8
+        else:
+            C.HDR.pack_into(stage, 0, 0, C.GSO_NONE, 0, 0, 0, 0, used)
+        scatter(win.views, memoryview(stage)[:n])
+        win.consume(q, used, n)
+        return n
 
     # -- control queue ------------------------------------------------------
 
