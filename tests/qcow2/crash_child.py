@@ -32,7 +32,7 @@ def _buffer(n: int, pat: int, aligned: bool) -> memoryview:
     return memoryview(m)
 
 
-async def main(path: str, seed: int, size: int, cache: str) -> None:
+async def main(path: str, seed: int, size: int, cache: str, align: int) -> None:
     img = await open_image(path, read_only=False, fmt="qcow2", cache=cache)  # type: ignore[arg-type]
     from appliance.qcow2.snapops import create_snapshot, delete_snapshot
 
@@ -40,8 +40,7 @@ async def main(path: str, seed: int, size: int, cache: str) -> None:
     r = 0
     while True:
         await asyncio.gather(*(img.writev(off, [_buffer(n, pat, direct)])
-                               for off, n, pat in round_writes(seed, r, size,
-                                                               4096 if direct else 1)))
+                               for off, n, pat in round_writes(seed, r, size, align)))
         if r % 6 == 3:
             await create_snapshot(img, f"s{r}")
         if r % 6 == 5 and r > 6:
@@ -53,4 +52,5 @@ async def main(path: str, seed: int, size: int, cache: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-                     sys.argv[4] if len(sys.argv) > 4 else "writeback"))
+                     sys.argv[4] if len(sys.argv) > 4 else "writeback",
+                     int(sys.argv[5]) if len(sys.argv) > 5 else 1))

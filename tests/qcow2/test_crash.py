@@ -23,22 +23,25 @@ SIZE = 24 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
-    "seed,cluster,lazy,cache",
-    [(s, c, lazy, cache) for s, (c, lazy, cache) in enumerate(
-        [(512, False, "writeback"), (512, False, "writeback"), (4096, False, "writeback"),
-         (65536, False, "writeback"), (4096, True, "writeback"), (512, True, "writeback"),
+    "seed,cluster,lazy,cache,align",
+    [(s, c, lazy, cache, align) for s, (c, lazy, cache, align) in enumerate(
+        [(512, False, "writeback", 1), (512, False, "writeback", 1),
+         (4096, False, "writeback", 1), (65536, False, "writeback", 1),
+         (4096, True, "writeback", 1), (512, True, "writeback", 1),
          # O_DIRECT: kernel AIO, file space reserved ahead of fresh clusters.
-         (65536, False, "none")]
+         (65536, False, "none", 4096),
+         # Cluster-aligned multi-cluster writes: whole runs allocated at once.
+         (4096, False, "writeback", 4096)]
         * int(os.environ.get("QCOW2_CRASH_REPEAT", "1")))],
 )
 async def test_kill_during_writes_leaves_a_consistent_image(
-    tmp_path: Path, seed: int, cluster: int, lazy: bool, cache: str
+    tmp_path: Path, seed: int, cluster: int, lazy: bool, cache: str, align: int
 ) -> None:
     p = tmp_path / "c.qcow2"
     await create_image(p, CreateOptions(size=SIZE, cluster_size=cluster, lazy_refcounts=lazy))
-    align = 4096 if cache == "none" else 1
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.qcow2.crash_child", str(p), str(seed), str(SIZE), cache],
+        [sys.executable, "-m", "tests.qcow2.crash_child", str(p), str(seed), str(SIZE), cache,
+         str(align)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     rnd = random.Random(seed)
