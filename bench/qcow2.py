@@ -203,17 +203,6 @@ def _convert_rows(a: argparse.Namespace, work: Path,
             print(f"  !! {name}: output differs from the source: {chk.stdout.strip()}")
 
 
-# The virtio-blk issue's guest workloads: (name, blk bench mode, block size, depth).
-GUEST_WORKLOADS = [
-    ("seq read 1M qd4", "read", 1 << 20, 4),
-    ("seq write 1M qd4", "write", 1 << 20, 4),
-    ("rand read 4K qd1", "randread", 4096, 1),
-    ("rand read 4K qd32", "randread", 4096, 32),
-    ("rand write 4K qd1", "randwrite", 4096, 1),
-    ("rand write 4K qd32", "randwrite", 4096, 32),
-]
-
-
 def _guest_rows(a: argparse.Namespace, work: Path,
                 rows: list[tuple[str, str, str, float]]) -> None:
     """The test guest's ``blk bench`` on a qcow2 disk: appliance run against QEMU + KVM.
@@ -224,7 +213,9 @@ def _guest_rows(a: argparse.Namespace, work: Path,
     its own copy of one fully allocated image, so reads hit data clusters and
     writes overwrite them; the two copies are byte-identical at the start.
     """
-    wanted = [w for w in GUEST_WORKLOADS if _wanted(a.only, f"guest {w[0]}")]
+    from blk import WORKLOADS  # the virtio-blk issue's workloads, as bench/blk.py runs them
+
+    wanted = [w for w in WORKLOADS if _wanted(a.only, f"guest {w[0]}")]
     if not wanted:
         return
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which("qemu-system-x86_64") is None:
