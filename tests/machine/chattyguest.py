@@ -9,10 +9,9 @@ hand-over from the pre-loop console to the loop, which is what it tests.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from tests.machine.tinyguest import pvh_elf
+from tests.machine.tinyguest import assemble
 
 COUNT = 64 * 160
 
@@ -72,12 +71,4 @@ def expected() -> bytes:
 
 
 def build(tmp: Path) -> Path:
-    src = tmp / "chatty.S"
-    src.write_text(ASM)
-    obj = tmp / "chatty.o"
-    binary = tmp / "chatty.bin"
-    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binary)], check=True)
-    elf = tmp / "chatty.elf"
-    elf.write_bytes(pvh_elf(binary.read_bytes()))
-    return elf
+    return assemble(tmp, "chatty", ASM)

@@ -72,13 +72,18 @@ def pvh_elf(code: bytes, entry: int = LOAD_ADDR) -> bytes:
     return bytes(out)
 
 
-def build(tmp: Path) -> Path:
-    src = tmp / "tiny.S"
-    src.write_text(ASM)
-    obj = tmp / "tiny.o"
-    binary = tmp / "tiny.bin"
+def assemble(tmp: Path, name: str, asm: str) -> Path:
+    """Assemble 32-bit ``asm`` (linked at ``LOAD_ADDR``) into ``tmp/NAME.elf``, a PVH ELF."""
+    src = tmp / f"{name}.S"
+    src.write_text(asm)
+    obj = tmp / f"{name}.o"
+    binary = tmp / f"{name}.bin"
     subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(binary)], check=True)
-    elf = tmp / "tiny.elf"
+    elf = tmp / f"{name}.elf"
     elf.write_bytes(pvh_elf(binary.read_bytes()))
     return elf
+
+
+def build(tmp: Path) -> Path:
+    return assemble(tmp, "tiny", ASM)

@@ -17,7 +17,7 @@ import pytest
 from appliance.cli.run import parse_args, to_config
 from appliance.machine.machine import Machine
 from tests.conftest import needs_kvm
-from tests.machine.tinyguest import have_toolchain, pvh_elf
+from tests.machine.tinyguest import assemble, have_toolchain
 
 pytestmark = [needs_kvm, pytest.mark.skipif(not have_toolchain(), reason="needs binutils (as, objcopy)")]
 
@@ -87,15 +87,7 @@ class RecorderSpec:
 
 @pytest.fixture(scope="module")
 def scan_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import subprocess
-
-    tmp = tmp_path_factory.mktemp("scan")
-    (tmp / "s.S").write_text(SCAN)
-    subprocess.run(["as", "--32", "-o", str(tmp / "s.o"), str(tmp / "s.S")], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp / "s.o"), str(tmp / "s.bin")], check=True)
-    elf = tmp / "scan.elf"
-    elf.write_bytes(pvh_elf((tmp / "s.bin").read_bytes()))
-    return elf
+    return assemble(tmp_path_factory.mktemp("scan"), "scan", SCAN)
 
 
 def parse_scan(values: list[int]) -> dict[int, tuple[int, int, int | None]]:
