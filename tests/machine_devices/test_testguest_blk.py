@@ -27,6 +27,7 @@ from appliance.kit import paths
 from appliance.machine.devices import BlkSpec
 from appliance.machine.machine import Machine
 from tests.conftest import needs_kvm
+from tests.machine.guest_replies import reply_fields
 
 GUEST = paths().guest_elf
 SECTOR = 512
@@ -62,7 +63,7 @@ class Guest:
     async def ok(self, text: str, timeout: float = 30) -> dict[str, str]:
         line = await self.cmd(text, timeout)
         assert line.startswith("BLK "), f"{text!r} -> {line!r}"
-        return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        return reply_fields(line)
 
     async def read_crc(self, sector: int, count: int) -> int:
         return int((await self.ok(f"blk read {sector} {count}"))["crc32"], 16)

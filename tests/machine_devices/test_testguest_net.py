@@ -20,6 +20,7 @@ from appliance.cli.run import parse_args, to_config
 from appliance.kit import paths
 from appliance.machine.machine import Machine
 from tests.conftest import needs_kvm, needs_root
+from tests.machine.guest_replies import ask
 from tests.net.netns import inside, namespace, ns_exec
 
 GUEST = paths().guest_elf
@@ -31,11 +32,7 @@ class Guest:
         self.vm = vm
 
     async def net(self, text: str, reply: str, timeout: float = 20) -> dict[str, str]:
-        self.vm.console.send(text + "\n")
-        m = await self.vm.console.expect(rf"(?m)^((?:NET {reply}|ERR)[^\r\n]*)\r?\n", timeout=timeout)
-        line = m.group(1)
-        assert not line.startswith("ERR"), f"{text!r} -> {line!r}"
-        return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        return await ask(self.vm, text, f"NET {reply}", timeout)
 
 
 @asynccontextmanager

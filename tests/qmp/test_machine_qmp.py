@@ -24,6 +24,7 @@ from appliance.kit import paths
 from appliance.machine.console import ConsoleTimeout
 from appliance.machine.machine import Machine
 from tests.conftest import ROOT, needs_kvm
+from tests.machine.guest_replies import ask
 
 GUEST = paths().guest_elf
 pytestmark = [needs_kvm, pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")]
@@ -41,11 +42,7 @@ class Vm:
         self.sock = sock
 
     async def guest(self, text: str, reply: str, timeout: float = 20) -> dict[str, str]:
-        self.vm.console.send(text + "\n")
-        m = await self.vm.console.expect(rf"(?m)^((?:{reply}|ERR)[^\r\n]*)\r?\n", timeout=timeout)
-        line = m.group(1)
-        assert not line.startswith("ERR"), f"{text!r} -> {line!r}"
-        return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        return await ask(self.vm, text, reply, timeout)
 
 
 @asynccontextmanager
