@@ -7,7 +7,12 @@ its own process, over vhost-user on a tap) and once through QEMU's own
 virtio-net on the same kind of tap (``-netdev tap,vhost=off``). The guest CPU
 is emulated, so both sides pay the same guest cost; the ratio shows what our
 device path adds or saves. Our side must use INTx (see one_run);
-``--qemu-intx`` puts QEMU's NIC on INTx too.
+``--qemu-intx`` puts QEMU's NIC on INTx too. Two guest workloads, the same on
+both sides (see WORKLOADS): ``nc``, busybox ``dd|nc`` with its 1 KiB writes
+(a per-segment test: the emulated guest CPU is the limit, ~30x below the
+other direction), and ``bulk``, the kit's ``kitnet`` with 256 KiB writes and
+reads (64 KiB TSO frames: the NIC's bulk path). Host → guest is timed until
+the guest closes after reading everything.
 
 (a) The test guest's ``net bench`` on ``appliance run`` against the same ELF on
 ``qemu-system-x86_64 -enable-kvm -M microvm,pcie=on`` with QEMU's own
@@ -16,7 +21,8 @@ virtio-net-pci on ``-netdev tap,vhost=off``: guest → tap frames/s at 64 and
 broadcast frames into the tap; the guest counts what it receives), and
 guest → tap Gbit/s with 64 KiB TSO frames.
 
-Run as root: ``.venv/bin/python bench/net.py [--mb 200] [--runs 3] [--seconds 5] [--parts ab] [--qemu-intx]``.
+Run as root: ``.venv/bin/python bench/net.py [--mb 40] [--bulk-mb 1024] [--workloads nc,bulk] [--runs 3]
+[--seconds 5] [--parts ab] [--qemu-intx]``.
 Loop-thread CPU per frame without a VM (steadier on a busy machine):
 ``bench/tools/net_cpu.py``.
 The whole run happens inside a namespace this script creates and deletes.
@@ -65,7 +71,12 @@ async def host_sink(port: int) -> tuple[asyncio.AbstractServer, asyncio.Future[t
 
 
 async def host_send(port: int, nbytes: int) -> float:
-    """Connect to the guest's listener and push ``nbytes``; returns seconds."""
+    """Connect to the guest's listener and push ``nbytes``; returns seconds.
+
+    The clock stops when the guest closes its end after reading our EOF, so
+    it covers delivery, not just the last megabytes queued in our socket
+    buffer (closing right after the last write measured only the latter).
+    """
     for _ in range(100):
         try:
             r, w = await asyncio.open_connection(GUEST_IP, port)
@@ -81,13 +92,27 @@ async def host_send(port: int, nbytes: int) -> float:
         w.write(chunk)
         await w.drain()
         sent += len(chunk)
+    w.write_eof()
+    await asyncio.wait_for(r.read(), 300)
+    secs = time.perf_counter() - t0
     w.close()
     await w.wait_closed()
-    await r.read()
-    return time.perf_counter() - t0
+    return secs
 
 
-async def one_run(kind: str, mb: int, tmp: Path, qemu_intx: bool = False) -> dict[str, float]:
+# (b) workloads: the guest side of each direction. Both VMMs run the same one.
+# "nc": busybox dd|nc moves 1 KiB per poll/read/write round, so each write
+# leaves as its own small TCP segment and the emulated guest CPU is the limit
+# (a per-segment cost test). "bulk": the kit's kitnet writes and reads 256 KiB
+# at a time, so the guest's stack builds 64 KiB TSO frames and the NIC's bulk
+# path is what is timed.
+WORKLOADS = {
+    "nc": ("dd if=/dev/zero bs=1M count={mb} 2>/dev/null | nc {host} {port}", "nc -l -p {port} > /dev/null"),
+    "bulk": ("kitnet send {host} {port} {mb}M", "kitnet recv {port} > /dev/null"),
+}
+
+
+async def one_run(kind: str, sizes: dict[str, int], tmp: Path, qemu_intx: bool = False) -> dict[str, float]:
     from appliance.kit.tcg import TcgGuest
 
     mac = "52:54:00:be:ec:01"
@@ -124,19 +149,25 @@ async def one_run(kind: str, mb: int, tmp: Path, qemu_intx: bool = False) -> dic
         subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP], check=True)
         async with TcgGuest(args, machine="q35") as g:
             await g.run(f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0")
-            # guest -> host
-            srv, done = await host_sink(5003)
-            await g.run(f"dd if=/dev/zero bs=1M count={mb} 2>/dev/null | nc {HOST_IP} 5003", timeout=600)
-            n, secs = await asyncio.wait_for(done, 60)
-            srv.close()
-            tx = n * 8 / secs / 1e9
-            # host -> guest
-            await g.write("nc -l -p 5004 > /dev/null; echo SINK-DONE\n")
-            secs = await host_send(5004, mb << 20)
-            await g.expect("SINK-DONE", 120)
-            rx = (mb << 20) * 8 / secs / 1e9
+            out: dict[str, float] = {}
+            port = 5003
+            for name, mb in sizes.items():
+                send_cmd, sink_cmd = WORKLOADS[name]
+                # guest -> host
+                port += 1
+                srv, done = await host_sink(port)
+                await g.run(send_cmd.format(mb=mb, host=HOST_IP, port=port), timeout=600)
+                n, secs = await asyncio.wait_for(done, 60)
+                srv.close()
+                out[f"{name}_guest_to_host_gbps"] = n * 8 / secs / 1e9
+                # host -> guest
+                port += 1
+                await g.write(sink_cmd.format(port=port) + "; echo SINK-DONE\n")
+                secs = await host_send(port, mb << 20)
+                await g.expect("SINK-DONE", 120)
+                out[f"{name}_host_to_guest_gbps"] = (mb << 20) * 8 / secs / 1e9
             await g.poweroff()
-        return {"guest_to_host_gbps": tx, "host_to_guest_gbps": rx}
+        return out
     finally:
         if daemon is not None:
             daemon.terminate()
@@ -211,31 +242,34 @@ async def inner_a(runs: int, seconds: int) -> None:
         print(f"{metric:<24}{a:>14.3f}{q:>14.3f}{(a / q if q else float('nan')):>8.2f}")
 
 
-async def inner(mb: int, runs: int, seconds: int, parts: str, qemu_intx: bool) -> None:
+async def inner(sizes: dict[str, int], runs: int, seconds: int, parts: str, qemu_intx: bool) -> None:
     if "a" in parts:
         await inner_a(runs, seconds)
     if "b" in parts:
-        await inner_b(mb, runs, qemu_intx)
+        await inner_b(sizes, runs, qemu_intx)
 
 
-async def inner_b(mb: int, runs: int, qemu_intx: bool) -> None:
+async def inner_b(sizes: dict[str, int], runs: int, qemu_intx: bool) -> None:
     tmp = Path("/tmp")
     results: dict[str, list[dict[str, float]]] = {"appliance": [], "qemu": []}
     for _ in range(runs):
         for kind in ("appliance", "qemu"):
-            results[kind].append(await one_run(kind, mb, tmp, qemu_intx))
+            results[kind].append(await one_run(kind, sizes, tmp, qemu_intx))
     irq = "both INTx" if qemu_intx else "appliance INTx, QEMU MSI-X"
-    print(f"\n(b) Linux kit in QEMU TCG, TCP through virtio-net, {mb} MiB, median of {runs} ({irq})")
-    print(f"{'metric':<24}{'appliance':>12}{'qemu':>12}{'ratio':>8}")
-    for metric in ("guest_to_host_gbps", "host_to_guest_gbps"):
+    what = ", ".join(f"{name} {mb} MiB" for name, mb in sizes.items())
+    print(f"\n(b) Linux kit in QEMU TCG, TCP through virtio-net ({what}), median of {runs} ({irq})")
+    print(f"{'metric':<28}{'appliance':>12}{'qemu':>12}{'ratio':>8}")
+    for metric in results["appliance"][0]:
         a = statistics.median(r[metric] for r in results["appliance"])
         q = statistics.median(r[metric] for r in results["qemu"])
-        print(f"{metric:<24}{a:>12.3f}{q:>12.3f}{a / q:>8.2f}")
+        print(f"{metric:<28}{a:>12.3f}{q:>12.3f}{a / q:>8.2f}")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=int, default=200)
+    p.add_argument("--mb", type=int, default=40, help="(b): MiB each way for the busybox nc workload")
+    p.add_argument("--bulk-mb", type=int, default=1024, help="(b): MiB each way for the kitnet bulk workload")
+    p.add_argument("--workloads", default="nc,bulk", help="(b): comma-separated, from: " + ", ".join(WORKLOADS))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--parts", default="ab", help="a: test guest under KVM, b: Linux in TCG")
@@ -244,7 +278,13 @@ def main() -> int:
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.inner:
-        asyncio.run(inner(a.mb, a.runs, a.seconds, a.parts, a.qemu_intx))
+        names = [w for w in a.workloads.split(",") if w]
+        unknown = [w for w in names if w not in WORKLOADS]
+        if unknown:
+            print(f"bench/net.py: unknown workload {unknown[0]!r}", file=sys.stderr)
+            return 2
+        sizes = {w: a.mb if w == "nc" else a.bulk_mb for w in names}
+        asyncio.run(inner(sizes, a.runs, a.seconds, a.parts, a.qemu_intx))
         return 0
     if os.geteuid() != 0:
         print("bench/net.py needs root (it makes a network namespace)", file=sys.stderr)
@@ -253,7 +293,8 @@ def main() -> int:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         return subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", "--mb", str(a.mb), "--runs", str(a.runs),
+            ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", "--mb", str(a.mb),
+             "--bulk-mb", str(a.bulk_mb), "--workloads", a.workloads, "--runs", str(a.runs),
              "--seconds", str(a.seconds), "--parts", a.parts] + (["--qemu-intx"] if a.qemu_intx else [])
         ).returncode
     finally:

@@ -4,7 +4,7 @@ Parts and what their stamp hashes:
 
 ``kernel``     Debian kernel package name and version → ``bzImage``, ``vmlinux``
                and the unpacked modules tree
-``tools``      ``guest/linux-tools`` sources and the compiler → ``kitio``
+``tools``      ``guest/linux-tools`` sources and the compiler → ``kitio``, ``kitnet``
 ``initramfs``  kernel stamp, busybox binary, ``tools`` stamp and this package's
                initramfs code → ``initramfs.cpio.gz``
 ``guest``      ``guest/`` sources and the compiler → ``testguest.elf``
@@ -44,6 +44,7 @@ class KitPaths:
     vmlinux: Path        # the same kernel, uncompressed ELF (from the bzImage payload)
     initramfs: Path      # gzip newc cpio: busybox, virtio modules, /init
     kitio: Path          # static block I/O benchmark (also inside the initramfs)
+    kitnet: Path         # static TCP bulk sender/sink (also inside the initramfs)
 
 
 def kit_dir() -> Path:
@@ -62,6 +63,7 @@ def paths(kitdir: Path | None = None) -> KitPaths:
         vmlinux=d / "vmlinux",
         initramfs=d / "initramfs.cpio.gz",
         kitio=d / "kitio",
+        kitnet=d / "kitnet",
     )
 
 
@@ -144,9 +146,10 @@ class Builder:
             out = self.work / "build"
             _make("tools", out)
             write_atomic(self.paths.kitio, (out / "kitio").read_bytes(), 0o755)
+            write_atomic(self.paths.kitnet, (out / "kitnet").read_bytes(), 0o755)
             return {}
 
-        self._part("tools", key, [self.paths.kitio], build)
+        self._part("tools", key, [self.paths.kitio, self.paths.kitnet], build)
         return key
 
     def initramfs(self, pkg: debian.KernelPackage, tools_key: str) -> None:
@@ -165,7 +168,8 @@ class Builder:
             tree = modules.ModuleTree(debian.modules_dir(root, pkg))
             order = tree.load_order(initramfs.WANTED_MODULES)
             data = initramfs.build_initramfs(
-                BUSYBOX, order, {"kitio": self.paths.kitio}, {"usr/sbin/ethtool": ETHTOOL}
+                BUSYBOX, order, {"kitio": self.paths.kitio, "kitnet": self.paths.kitnet},
+                {"usr/sbin/ethtool": ETHTOOL},
             )
             write_atomic(self.paths.initramfs, data)
             return {"modules": ",".join(m.name for m in order)}

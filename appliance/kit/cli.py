@@ -1,7 +1,7 @@
 """``appliance kit``: build the kit, or say where its parts are.
 
     appliance kit build [--force] [--guest-only | --linux-only]
-    appliance kit path [guest_elf|bzimage|vmlinux|initramfs|kitio|kitdir]
+    appliance kit path [guest_elf|bzimage|vmlinux|initramfs|kitio|kitnet|kitdir]
 """
 
 from __future__ import annotations
