@@ -72,6 +72,11 @@ class Uart16550:
     :param output: receives bytes the guest transmits.
     :param on_rx_drained: called (on a vCPU thread) when the guest has read
         the receive queue empty, so a host side holding more input can resume.
+    :param on_input_poll: called (on a vCPU thread, under the lock) when the
+        guest starts polling for input: a second read of LSR with nothing
+        received and nothing transmitted since the first. A driver writing
+        reads LSR once per byte (for THRE), so this marks a guest that has
+        finished its output and waits on the console.
     """
 
     def __init__(
@@ -79,10 +84,13 @@ class Uart16550:
         set_irq: Callable[[bool], None],
         output: Callable[[bytes], None],
         on_rx_drained: Callable[[], None] = lambda: None,
+        on_input_poll: Callable[[], None] = lambda: None,
     ) -> None:
         self._set_irq = set_irq
         self._output = output
         self._on_rx_drained = on_rx_drained
+        self._on_input_poll = on_input_poll
+        self._idle_lsr_reads = 0  # LSR reads with DR clear since the last THR write
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
         self._ier = 0
@@ -158,6 +166,10 @@ class Uart16550:
             lsr = LSR_THRE | LSR_TEMT | self._lsr_errors
             if self._rx:
                 lsr |= LSR_DR
+            else:
+                self._idle_lsr_reads += 1
+                if self._idle_lsr_reads == 2:
+                    self._on_input_poll()
             self._lsr_errors = 0
             return lsr
         if offset == MSR:
@@ -181,6 +193,7 @@ class Uart16550:
                 self._dll = value
                 return
             self.tx_bytes += 1
+            self._idle_lsr_reads = 0
             if self._mcr & MCR_LOOP:
                 if len(self._rx) < RX_CAPACITY:
                     self._rx.append(value)

@@ -163,7 +163,12 @@ class MachineBuilder:
         def irq_line(irq: int) -> Callable[[bool], None]:
             return lambda level: vm.set_irq_line(irq, level)
 
-        uart = Uart16550(irq_line(layout.UART_COM1_IRQ), self.console.guest_output, self.console.rx_drained)
+        uart = Uart16550(
+            irq_line(layout.UART_COM1_IRQ),
+            self.console.guest_output,
+            self.console.rx_drained,
+            self.console.input_polled,
+        )
         vm.pio_bus.register(layout.UART_COM1, 8, uart)
         pm = AcpiPm(lambda: self.post_event("poweroff", "ACPI S5"), irq_line(layout.SCI_IRQ))
         vm.pio_bus.register(layout.PM_BASE, 12, pm)

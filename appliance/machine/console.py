@@ -97,6 +97,8 @@ class Console:
         self._input = bytearray()
         self._input_scheduled = False
         self.on_quit: Callable[[], None] = lambda: None
+        # Called on a vCPU thread when the guest starts polling the UART for input.
+        self.on_input_poll: Callable[[], None] = lambda: None
 
     # --- wiring -----------------------------------------------------------------
 
@@ -269,6 +271,10 @@ class Console:
         n = uart.receive(data)
         with self._lock:
             del self._input[:n]
+
+    def input_polled(self) -> None:
+        """Called on a vCPU thread when the guest polls the UART for input (see Uart16550)."""
+        self.on_input_poll()
 
     def rx_drained(self) -> None:
         """Called on a vCPU thread when the guest emptied the UART receive queue."""

@@ -108,3 +108,37 @@ def test_wide_accesses_read_as_ones_and_are_ignored() -> None:
     assert h.uart.read(0, 2) == b"\xff\xff"
     h.uart.write(0, b"ab")
     assert bytes(h.out) == b""
+
+
+def test_input_poll_is_reported_once_output_stops_and_again_after_more_output() -> None:
+    polls: list[bytes] = []
+    out = bytearray()
+    uart = u.Uart16550(lambda level: None, out.extend, on_input_poll=lambda: polls.append(bytes(out)))
+
+    def putc(b: int) -> None:  # as a polled driver writes: LSR (THRE) then THR
+        assert uart.read(u.LSR, 1)[0] & u.LSR_THRE
+        uart.write(u.RBR_THR, bytes([b]))
+
+    for b in b"READY\n":
+        putc(b)
+    assert polls == [], "one LSR read per written byte is output, not a wait for input"
+    uart.read(u.LSR, 1)
+    assert polls == []
+    uart.read(u.LSR, 1)  # a second read with nothing written in between: polling for input
+    assert polls == [b"READY\n"]
+    for _ in range(10):
+        uart.read(u.LSR, 1)
+    assert len(polls) == 1, "reported once per wait, not per poll"
+    putc(ord(">"))
+    uart.read(u.LSR, 1)
+    uart.read(u.LSR, 1)
+    assert polls == [b"READY\n", b"READY\n>"]
+
+
+def test_lsr_reads_with_data_waiting_are_not_a_wait_for_input() -> None:
+    polls: list[int] = []
+    uart = u.Uart16550(lambda level: None, lambda data: None, on_input_poll=lambda: polls.append(1))
+    uart.receive(b"ab")
+    assert uart.read(u.LSR, 1)[0] & u.LSR_DR
+    assert uart.read(u.LSR, 1)[0] & u.LSR_DR
+    assert polls == []

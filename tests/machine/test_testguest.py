@@ -135,3 +135,18 @@ def test_cli_unix_socket_console_and_poweroff_exit_0(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert not os.path.exists(path)
+
+
+def test_wait_for_guest_returns_once_the_booted_guest_waits_on_its_console() -> None:
+    # `appliance run` gives an early-booted guest the interpreter to itself
+    # until it first polls for input: by then the readiness line is out.
+    machine = Machine(MachineConfig(kernel=GUEST, num_cpus=2))
+    machine.boot_early()
+    try:
+        t0 = time.monotonic()
+        assert machine.wait_for_guest(30)
+        assert time.monotonic() - t0 < 30
+        out = machine.console.output
+        assert "TESTGUEST-READY cpus=2 mem=128" in out, out
+    finally:
+        machine.abandon()
