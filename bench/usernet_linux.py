@@ -50,6 +50,16 @@ sys.path.insert(0, str(ROOT))
 
 MAC = "52:54:00:12:34:56"
 METRICS = ("guest_to_host_gbps", "host_to_guest_gbps", "connections_per_s")
+# The process whose CPU time is the stack's, per stack: ours is the net-daemon; libslirp runs
+# in QEMU's main thread (with the rest of QEMU's device emulation), passt is its own process.
+STACK_TASK: dict[str, str] = {}
+
+
+def cpu_seconds(task: str) -> float:
+    """utime + stime of a /proc task (``PID`` or ``PID/task/TID``), in seconds."""
+    with open(f"/proc/{task}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -97,17 +107,21 @@ async def _wait_for_path(path: Path, proc: subprocess.Popen[bytes], what: str) -
 
 
 @contextlib.asynccontextmanager
-async def stack(kind: str, fwd_port: int, tmp: Path, intx_all: bool) -> AsyncIterator[list[str]]:
+async def stack(
+    kind: str, fwd_port: int, tmp: Path, intx_all: bool, pcap: Path | None = None
+) -> AsyncIterator[list[str]]:
     """QEMU arguments for a NIC on the ``kind`` user-mode stack, with hostfwd to guest port 7000."""
     fwd = f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000"
     vec = ",vectors=0" if intx_all else ""
     if kind == "appliance":
         sock = tmp / "user.sock"
+        dump = ["--object", f"filter-dump,id=f0,netdev=u0,file={pcap / 'appliance.pcap'}"] if pcap else []
         proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli.main", "net-daemon", "--netdev", f"user,id=u0,{fwd}",
-             "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}"],
+             "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}", *dump],
             cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
+        STACK_TASK[kind] = str(proc.pid)
         try:
             await _wait_for_path(sock, proc, "appliance net-daemon")
             # vectors=0: QEMU 7.2 under TCG crashes in its MSI-X notifier path for
@@ -118,7 +132,8 @@ async def stack(kind: str, fwd_port: int, tmp: Path, intx_all: bool) -> AsyncIte
             proc.terminate()
             proc.wait()
     elif kind == "libslirp":
-        yield ["-netdev", f"user,id=n0,{fwd}", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}{vec}"]
+        dump = ["-object", f"filter-dump,id=f0,netdev=n0,file={pcap / 'libslirp.pcap'}"] if pcap else []
+        yield ["-netdev", f"user,id=n0,{fwd}", "-device", f"virtio-net-pci,netdev=n0,mac={MAC}{vec}", *dump]
     else:
         sock = tmp / "passt.sock"
         proc = subprocess.Popen(
@@ -126,6 +141,7 @@ async def stack(kind: str, fwd_port: int, tmp: Path, intx_all: bool) -> AsyncIte
              "-n", "24", "-g", "10.0.2.2", "--no-dhcpv6", "--no-ndp", "--no-ra"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        STACK_TASK[kind] = str(proc.pid)
         try:
             await _wait_for_path(sock, proc, "passt")
             yield ["-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
@@ -141,37 +157,49 @@ class Rig:
     def __init__(self, kind: str, guest: TcgGuest, sink: Sink, fwd_port: int) -> None:
         self.kind, self.g, self.sink, self.fwd_port = kind, guest, sink, fwd_port
 
-    async def measure(self, mb: int, conns: int) -> dict[str, float]:
+    async def measure(self, mb: int, conns: int, only: frozenset[str]) -> dict[str, float]:
         g, sink = self.g, self.sink
         gw = "10.0.2.2"
-        # guest -> host upload
-        await g.run(f"dd if=/dev/zero bs=1M count={mb} 2>/dev/null | nc {gw} {sink.port}", timeout=900)
-        n, secs = await asyncio.wait_for(sink.uploads.get(), 60)
-        up = n * 8 / secs / 1e9
-        # host -> guest through hostfwd
-        await g.write("nc -l -p 7000 > /dev/null; echo FWD-DONE\n")
-        await asyncio.sleep(1)
-        chunk = b"\0" * (1 << 20)
-        _r, w = await asyncio.open_connection("127.0.0.1", self.fwd_port)
-        t0 = time.perf_counter()
-        for _ in range(mb):
-            w.write(chunk)
-            await w.drain()
-        w.close()
-        await g.expect("FWD-DONE", 600)
-        down = (mb << 20) * 8 / (time.perf_counter() - t0) / 1e9
-        # connection setup rate, guest -> host
-        sink.accepts.clear()
-        await g.run(f"i=0; while [ $i -lt {conns} ]; do nc {gw} {sink.port} </dev/null; i=$((i+1)); done", timeout=600)
-        acc = sink.accepts
-        rate = (len(acc) - 1) / (acc[-1] - acc[0]) if len(acc) > 1 else 0.0
-        return {"guest_to_host_gbps": up, "host_to_guest_gbps": down, "connections_per_s": rate}
+        out: dict[str, float] = {}
+        if "guest_to_host_gbps" in only:
+            await g.run(f"dd if=/dev/zero bs=1M count={mb} 2>/dev/null | nc {gw} {sink.port}", timeout=900)
+            n, secs = await asyncio.wait_for(sink.uploads.get(), 60)
+            out["guest_to_host_gbps"] = n * 8 / secs / 1e9
+        if "host_to_guest_gbps" in only:
+            # host -> guest through hostfwd
+            await g.write("nc -l -p 7000 > /dev/null; echo FWD-DONE\n")
+            await asyncio.sleep(1)
+            chunk = b"\0" * (1 << 20)
+            _r, w = await asyncio.open_connection("127.0.0.1", self.fwd_port)
+            t0 = time.perf_counter()
+            for _ in range(mb):
+                w.write(chunk)
+                await w.drain()
+            w.close()
+            await g.expect("FWD-DONE", 600)
+            out["host_to_guest_gbps"] = (mb << 20) * 8 / (time.perf_counter() - t0) / 1e9
+        if "connections_per_s" in only:
+            # connection setup rate, guest -> host
+            sink.accepts.clear()
+            task = STACK_TASK.get(self.kind)
+            cpu0 = cpu_seconds(task) if task else 0.0
+            await g.run(
+                f"i=0; while [ $i -lt {conns} ]; do nc {gw} {sink.port} </dev/null; i=$((i+1)); done", timeout=600
+            )
+            acc = sink.accepts
+            out["connections_per_s"] = (len(acc) - 1) / (acc[-1] - acc[0]) if len(acc) > 1 else 0.0
+            if task:
+                out["stack_cpu_ms_per_conn"] = (cpu_seconds(task) - cpu0) * 1e3 / max(len(acc), 1)
+        return out
 
 
-async def main_async(mb: int, conns: int, rounds: int, intx_all: bool) -> None:
+async def main_async(
+    mb: int, conns: int, rounds: int, intx_all: bool, only: frozenset[str], pcap: Path | None, no_passt: bool
+) -> None:
     from appliance.kit.tcg import TcgGuest  # noqa: F811 - the runtime import (typing only above)
 
-    kinds = ["appliance", "libslirp"] + (["passt"] if shutil.which("passt") else [])
+    metrics = [m for m in METRICS if m in only]
+    kinds = ["appliance", "libslirp"] + (["passt"] if shutil.which("passt") and not no_passt else [])
     results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in kinds}
     with tempfile.TemporaryDirectory() as d:
         Path(d).chmod(0o1777)  # passt drops root to nobody before making its socket
@@ -185,19 +213,21 @@ async def main_async(mb: int, conns: int, rounds: int, intx_all: bool) -> None:
                 tmp = Path(d) / k
                 tmp.mkdir()
                 tmp.chmod(0o1777)
-                args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all))
+                args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all, pcap))
                 g = await ex.enter_async_context(TcgGuest(args, machine="q35"))
+                if k == "libslirp" and g.proc is not None:
+                    STACK_TASK[k] = f"{g.proc.pid}/task/{g.proc.pid}"  # QEMU's main thread
                 await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
                 rigs.append(Rig(k, g, sink, fwd_port))
             for rnd in range(rounds):
                 order = rigs[rnd % len(rigs) :] + rigs[: rnd % len(rigs)]
                 for rig in order:
                     try:
-                        results[rig.kind][rnd] = await rig.measure(mb, conns)
+                        results[rig.kind][rnd] = await rig.measure(mb, conns, only)
                     except Exception as err:  # noqa: BLE001 - one stack failing must not hide the others
                         print(f"{rig.kind}: round {rnd + 1} failed: {err!r}", file=sys.stderr)
                 print(f"round {rnd + 1}: " + "  ".join(
-                    f"{k}=" + "/".join(f"{results[k][rnd][m]:.3f}" for m in METRICS) for k in kinds if rnd in results[k]
+                    f"{k}=" + "/".join(f"{results[k][rnd][m]:.3f}" for m in metrics) for k in kinds if rnd in results[k]
                 ), file=sys.stderr, flush=True)  # fmt: skip
             for rig in rigs:
                 await rig.g.poweroff()
@@ -205,18 +235,24 @@ async def main_async(mb: int, conns: int, rounds: int, intx_all: bool) -> None:
     print(f"\nLinux kit in QEMU TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
     header = f"{'metric':<22}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
-    for metric in METRICS:
+    rows = metrics + (["stack_cpu_ms_per_conn"] if "connections_per_s" in metrics else [])
+    for metric in rows:
         vals = {
-            k: statistics.median(r[metric] for r in results[k].values()) if results[k] else float("nan") for k in kinds
+            k: statistics.median(r[metric] for r in results[k].values() if metric in r)
+            if any(metric in r for r in results[k].values())
+            else float("nan")
+            for k in kinds
         }
         row = f"{metric:<22}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
         for k in kinds[1:]:
             # Paired: the ratio within each round, then the median over rounds.
             ours = results["appliance"]
-            pairs = [ours[r][metric] / b[metric] for r, b in results[k].items() if r in ours and b[metric]]
+            pairs = [ours[r][metric] / b[metric] for r, b in results[k].items() if r in ours and b.get(metric)]
             row += f"{statistics.median(pairs) if pairs else float('nan'):>16.2f}"
         print(row)
-    if "passt" not in kinds:
+    if "connections_per_s" in metrics:
+        print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
+    if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
 
 
@@ -226,9 +262,18 @@ def main() -> int:
     p.add_argument("--conns", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--intx-all", action="store_true", help="give every NIC INTx (vectors=0), as ours must have")
+    p.add_argument("--only", default=",".join(METRICS), help="comma-separated metrics to measure")
+    p.add_argument("--no-passt", action="store_true", help="compare with libslirp only")
+    p.add_argument("--pcap", type=Path, help="capture each stack's frames to DIR/<stack>.pcap (filter-dump)")
     a = p.parse_args()
+    only = frozenset(a.only.split(","))
+    if not only <= set(METRICS):
+        p.error(f"--only: metrics are {', '.join(METRICS)}")
+    if a.pcap:
+        a.pcap.mkdir(parents=True, exist_ok=True)
+        a.pcap = a.pcap.resolve()
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all))
+    asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
     return 0
 
 

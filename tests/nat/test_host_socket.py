@@ -1,0 +1,163 @@
+"""HostSocket: the loop-driven host end of an outbound connection, checked against a plain socket pair."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
+from appliance.nat.tcp import CLOSED, ESTABLISHED
+
+
+class FakeConn:
+    """Records what a HostSocket reports, as TcpConn would receive it."""
+
+    def __init__(self) -> None:
+        self.state = ESTABLISHED
+        self.data = bytearray()
+        self.eof = False
+        self.lost: list[Exception | None] = []
+        self.drained = 0
+
+    def host_data(self, data: bytes) -> None:
+        self.data += data
+
+    def host_eof(self) -> None:
+        self.eof = True
+
+    def host_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+    def host_drained(self) -> None:
+        self.drained += 1
+
+
+async def until(pred, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.002)
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback pair with small kernel buffers, so our own buffer fills quickly."""
+    with socket.socket() as lsock:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        ours = socket.socket()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        ours.connect(lsock.getsockname())
+        peer, _ = lsock.accept()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    return ours, peer
+
+
+async def read_all(sock: socket.socket, until_eof: bool = True, limit: int = 1 << 30) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < limit:
+        chunk = await loop.sock_recv(sock, 1 << 20)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+async def test_data_both_ways_eof_and_close_flush_the_buffer() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    ours, peer = pair()
+    conn = FakeConn()
+    try:
+        hs = tcp_nat.HostSocket(net.tcp, conn, ours)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, b"from host")
+        await until(lambda: bytes(conn.data) == b"from host")
+        # More than the kernel takes at once: the rest waits in our buffer until the peer reads.
+        blob = bytes(range(256)) * (16 << 10)  # 4 MiB
+        hs.write(blob)
+        assert hs.get_write_buffer_size() > 0
+        hs.write_eof()  # waits for the buffer to drain
+        hs.close()  # still flushes first
+        got = await read_all(peer)
+        assert got == blob
+        await until(lambda: conn.lost == [None])
+        peer.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.02)
+        assert not conn.eof  # closed: nothing more is reported
+    finally:
+        peer.close()
+        await net.stop()
+
+
+async def test_a_full_buffer_is_reported_drained_once_the_peer_reads() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    ours, peer = pair()
+    conn = FakeConn()
+    try:
+        hs = tcp_nat.HostSocket(net.tcp, conn, ours)  # type: ignore[arg-type]
+        blob = b"x" * (tcp_nat.WRITE_HIGH * 8)
+        hs.write(blob)
+        assert hs.get_write_buffer_size() > tcp_nat.WRITE_HIGH
+        assert conn.drained == 0
+        got = await read_all(peer, limit=len(blob))
+        assert len(got) == len(blob)
+        await until(lambda: conn.drained == 1 and hs.get_write_buffer_size() == 0)
+    finally:
+        peer.close()
+        hs.abort()
+        await net.stop()
+
+
+async def test_host_eof_keeps_our_half_open_and_reset_is_reported_as_an_error() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    ours, peer = pair()
+    conn = FakeConn()
+    try:
+        hs = tcp_nat.HostSocket(net.tcp, conn, ours)  # type: ignore[arg-type]
+        peer.shutdown(socket.SHUT_WR)
+        await until(lambda: conn.eof)
+        hs.write(b"after eof")  # half-close: our direction still works
+        loop = asyncio.get_running_loop()
+        assert await loop.sock_recv(peer, 100) == b"after eof"
+        # The peer resets: our next write fails and is reported on a later turn, not inside write().
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()
+        await asyncio.sleep(0.02)
+        for _ in range(3):
+            hs.write(b"into a reset socket")
+            assert conn.lost == []
+            await asyncio.sleep(0.01)
+            if conn.lost:
+                break
+        await until(lambda: len(conn.lost) == 1)
+        assert isinstance(conn.lost[0], OSError)
+    finally:
+        await net.stop()
+
+
+async def test_pause_and_abort() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    ours, peer = pair()
+    conn = FakeConn()
+    try:
+        hs = tcp_nat.HostSocket(net.tcp, conn, ours)  # type: ignore[arg-type]
+        hs.pause_reading()
+        peer.send(b"held")
+        await asyncio.sleep(0.03)
+        assert conn.data == b""
+        hs.resume_reading()
+        await until(lambda: conn.data == b"held")
+        hs.write(b"y" * (8 << 20))
+        hs.abort()
+        assert hs.is_closing() and ours.fileno() == -1
+        conn.state = CLOSED
+        await asyncio.sleep(0.02)
+        assert conn.lost == []  # an abort is the caller's own doing: nothing reported
+    finally:
+        peer.close()
+        await net.stop()
