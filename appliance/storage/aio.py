@@ -21,7 +21,9 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from appliance.storage import io
 
@@ -57,6 +59,17 @@ class _Iocb(ctypes.Structure):
     ]
 
 
+# struct iocb as one pack (linux/aio_abi.h; x86-64 little-endian): data, key,
+# rw_flags, opcode, reqprio, fildes, buf, nbytes, offset, reserved2, flags,
+# resfd. One pack_into costs less than the dozen ctypes field stores it replaces.
+_IOCB = struct.Struct("<QIiHhIQQqQII")
+assert _IOCB.size == 64
+
+# A completion callback: ``done(token, result, error)`` with the byte count, or
+# 0 and the OSError.
+Done = Callable[[Any, int, "OSError | None"], None]
+
+
 class _IoEvent(ctypes.Structure):
     _fields_ = [
         ("data", ctypes.c_uint64),
@@ -73,6 +86,8 @@ class _Iovec(ctypes.Structure):
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
+
+_address = io.buffer_address
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _syscall = _libc.syscall
@@ -101,15 +116,25 @@ class LinuxAio:
         self._ctx = ctx.value
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._iocbs = (_Iocb * depth)()
+        self._iocb_bytes = memoryview(self._iocbs).cast("B")
         self._iovecs = [(_Iovec * _SLOT_IOVECS)() for _ in range(depth)]
+        self._iovec_q = [memoryview(v).cast("B").cast("Q") for v in self._iovecs]
+        self._iovec_addr = [ctypes.addressof(v) for v in self._iovecs]
         self._extra: list[ctypes.Array[_Iovec] | None] = [None] * depth
-        self._futures: list[asyncio.Future[int] | None] = [None] * depth
+        # Per slot: who to tell and what to tell them with (see Done).
+        self._done: list[Done | None] = [None] * depth
+        self._tokens: list[Any] = [None] * depth
+        # The buffers of each request in flight: the kernel writes into them
+        # until it completes, so they stay referenced (and mapped) until then.
+        self._bufs: list[Sequence[memoryview] | None] = [None] * depth
         self._free = list(range(depth - 1, -1, -1))
         self._events = (_IoEvent * depth)()
+        # struct io_event as 64-bit words: data, obj, res, res2.
+        self._event_q = memoryview(self._events).cast("B").cast("q")
         self._ptrs = (ctypes.c_void_p * depth)()
         self._slot_addr = [ctypes.addressof(self._iocbs[i]) for i in range(depth)]
         self._ready: list[int] = []  # filled slots not yet submitted
-        self._waiting: list[tuple[int, int, Sequence[memoryview], int, asyncio.Future[int]]] = []
+        self._waiting: list[tuple[int, int, Sequence[memoryview], list[int], int, Done, Any]] = []
         self._flush_scheduled = False
         self.loop.add_reader(self._efd, self._reap)
         self.closed = False
@@ -127,48 +152,76 @@ class LinuxAio:
             flight it still joins the next batched ``io_submit``).
         """
         fut: asyncio.Future[int] = self.loop.create_future()
+        self.start(opcode, fd, bufs, offset, _resolve, fut, eager=eager)
+        return fut
+
+    def start(self, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int,
+              done: Done, token: Any, *, eager: bool = False, align: int = 0) -> bool:
+        """:meth:`submit` without a future: ``done(token, result, error)`` is called on the loop.
+
+        The device data path uses this: a future, its callback and a
+        coroutine resumed per request cost more loop-thread CPU than the
+        request's own work. ``done`` is called from inside ``start`` only
+        when an eager submit is refused outright (a bad fd); ``eager`` as
+        in :meth:`submit`.
+
+        :param align: when set, queue nothing and return False unless the
+            offset and every buffer's address and length are multiples of it
+            (O_DIRECT's rule); the addresses are needed for the iocb anyway,
+            so checking here costs nothing extra.
+        """
+        if align:
+            if offset % align:
+                return False
+            addrs = []
+            for b in bufs:
+                a = _address(b)
+                if a is None or a % align or b.nbytes % align:
+                    return False
+                addrs.append(a)
+        else:
+            addrs = [_address(b) or 0 for b in bufs]
         if self._free:
-            self._fill(self._free.pop(), opcode, fd, bufs, offset, fut)
+            self._fill(self._free.pop(), opcode, fd, bufs, addrs, offset, done, token)
             if eager and len(self._free) == self.depth - 1 and len(self._ready) == 1:
                 self._flush()
-                return fut
+                return True
         else:
-            self._waiting.append((opcode, fd, bufs, offset, fut))
+            self._waiting.append((opcode, fd, bufs, addrs, offset, done, token))
         if not self._flush_scheduled:
             # All requests of one kick go into a single io_submit.
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        return fut
+        return True
 
     def _fill(
-        self, slot: int, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int,
-        fut: asyncio.Future[int],
+        self, slot: int, opcode: int, fd: int, bufs: Sequence[memoryview], addrs: list[int],
+        offset: int, done: Done, token: Any,
     ) -> None:
-        cb = self._iocbs[slot]
-        cb.aio_data = slot
-        cb.aio_fildes = fd
-        cb.aio_offset = offset
-        cb.aio_flags = IOCB_FLAG_RESFD
-        cb.aio_resfd = self._efd
         if len(bufs) == 1:
-            b = bufs[0]
-            cb.aio_lio_opcode = IOCB_CMD_PREAD if opcode == IOCB_CMD_PREADV else IOCB_CMD_PWRITE
-            cb.aio_buf = io.buffer_address(b) or 0
-            cb.aio_nbytes = b.nbytes
+            single = IOCB_CMD_PREAD if opcode == IOCB_CMD_PREADV else IOCB_CMD_PWRITE
+            _IOCB.pack_into(self._iocb_bytes, slot << 6, slot, 0, 0, single, 0, fd,
+                            addrs[0], bufs[0].nbytes, offset, 0, IOCB_FLAG_RESFD, self._efd)
         else:
             n = len(bufs)
             if n <= _SLOT_IOVECS:
-                iov = self._iovecs[slot]
+                iov = self._iovec_q[slot]
+                addr = self._iovec_addr[slot]
             else:
-                iov = (_Iovec * n)()
-                self._extra[slot] = iov
-            for i, b in enumerate(bufs):
-                iov[i].iov_base = io.buffer_address(b)
-                iov[i].iov_len = b.nbytes
-            cb.aio_lio_opcode = opcode
-            cb.aio_buf = ctypes.addressof(iov)
-            cb.aio_nbytes = n
-        self._futures[slot] = fut
+                extra = (_Iovec * n)()
+                self._extra[slot] = extra
+                iov = memoryview(extra).cast("B").cast("Q")
+                addr = ctypes.addressof(extra)
+            i = 0
+            for b, a in zip(bufs, addrs, strict=True):
+                iov[i] = a
+                iov[i + 1] = b.nbytes
+                i += 2
+            _IOCB.pack_into(self._iocb_bytes, slot << 6, slot, 0, 0, opcode, 0, fd,
+                            addr, n, offset, 0, IOCB_FLAG_RESFD, self._efd)
+        self._done[slot] = done
+        self._tokens[slot] = token
+        self._bufs[slot] = bufs
         self._ready.append(slot)
 
     def _flush(self) -> None:
@@ -194,20 +247,20 @@ class LinuxAio:
             self._complete(slot, -err)
 
     def _complete(self, slot: int, res: int) -> None:
-        fut = self._futures[slot]
-        self._futures[slot] = None
+        done = self._done[slot]
+        token = self._tokens[slot]
+        self._done[slot] = self._tokens[slot] = self._bufs[slot] = None
         self._extra[slot] = None
         if self._waiting:
-            opcode, fd, bufs, offset, wfut = self._waiting.pop(0)
-            self._fill(slot, opcode, fd, bufs, offset, wfut)
+            self._fill(slot, *self._waiting.pop(0))
         else:
             self._free.append(slot)
-        if fut is None or fut.cancelled():
+        if done is None:
             return
         if res >= 0:
-            fut.set_result(res)
+            done(token, res, None)
         else:
-            fut.set_exception(OSError(-res, os.strerror(-res)))
+            done(token, 0, OSError(-res, os.strerror(-res)))
 
     def _reap(self) -> None:
         try:
@@ -215,6 +268,7 @@ class LinuxAio:
         except BlockingIOError:
             pass
         events = self._events
+        ev = self._event_q
         while not self.closed:
             n = _syscall(
                 ctypes.c_long(_SYS_IO_GETEVENTS), ctypes.c_ulong(self._ctx), ctypes.c_long(0),
@@ -222,9 +276,12 @@ class LinuxAio:
             )
             if n <= 0:
                 break
-            for i in range(n):
-                ev = events[i]
-                self._complete(ev.data, ev.res)
+            # Copy the results out before completing any: a callback may
+            # submit, and the next io_getevents reuses the array.
+            got = [(ev[4 * i], ev[4 * i + 2]) for i in range(n)]
+            for slot, res in got:
+                if 0 <= slot < self.depth:
+                    self._complete(slot, res)
             if n < self.depth:
                 break
         if self._ready:
@@ -239,9 +296,23 @@ class LinuxAio:
             self.loop.remove_reader(self._efd)
         _syscall(ctypes.c_long(_SYS_IO_DESTROY), ctypes.c_ulong(self._ctx))
         os.close(self._efd)
-        for fut in self._futures:
-            if fut is not None and not fut.done():
-                fut.cancel()
-        for *_, wfut in self._waiting:
-            wfut.cancel()
+        pending = [(d, t) for d, t in zip(self._done, self._tokens, strict=True) if d is not None]
+        pending += [(d, t) for *_, d, t in self._waiting]
+        self._done = [None] * self.depth
+        self._tokens = [None] * self.depth
+        self._bufs = [None] * self.depth
         self._waiting.clear()
+        for done, token in pending:
+            if done is _resolve:
+                token.cancel()
+            else:
+                done(token, 0, OSError(errno.ECANCELED, "the AIO context was closed"))
+
+
+def _resolve(fut: asyncio.Future[int], res: int, err: OSError | None) -> None:
+    if fut.done():
+        return  # cancelled by its waiter
+    if err is None:
+        fut.set_result(res)
+    else:
+        fut.set_exception(err)

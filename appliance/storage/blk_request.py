@@ -52,7 +52,6 @@ class BlkLimits:
     max_write_zeroes_seg: int = 1
 
 
-@dataclass(frozen=True, slots=True)
 class BlkRequest:
     """One parsed request.
 
@@ -63,14 +62,35 @@ class BlkRequest:
     :param data_len: bytes in ``data``.
     :param status_buf: the one-byte status buffer.
     :param segments: ``(sector, num_sectors, flags)`` of DISCARD/WRITE_ZEROES.
+
+    A plain slotted class, treated as immutable: one is built per request,
+    and a frozen dataclass's ``__init__`` (``object.__setattr__`` per field)
+    cost several times as much.
     """
 
-    type: int
-    sector: int
-    data: tuple[memoryview, ...]
-    data_len: int
-    status_buf: memoryview
-    segments: tuple[tuple[int, int, int], ...] = ()
+    __slots__ = ("type", "sector", "data", "data_len", "status_buf", "segments")
+
+    def __init__(
+        self,
+        type: int,
+        sector: int,
+        data: tuple[memoryview, ...],
+        data_len: int,
+        status_buf: memoryview,
+        segments: tuple[tuple[int, int, int], ...] = (),
+    ) -> None:
+        self.type = type
+        self.sector = sector
+        self.data = data
+        self.data_len = data_len
+        self.status_buf = status_buf
+        self.segments = segments
+
+    def __repr__(self) -> str:
+        return (
+            f"BlkRequest(type={self.type}, sector={self.sector}, data_len={self.data_len}, "
+            f"segments={self.segments!r})"
+        )
 
     @classmethod
     def parse(cls, chain: DescriptorChain, limits: BlkLimits) -> BlkRequest:

@@ -77,8 +77,12 @@ class IoPool:
         self._signalled = False
         done = self._done
         while done:
-            fut, result, exc = done.popleft()
-            _complete(fut, result, exc)
+            target, result, exc = done.popleft()
+            if type(target) is tuple:
+                # A job from start(): (done, token).
+                target[0](target[1], result, exc)
+            else:
+                _complete(target, result, exc)
 
     def _worker(self) -> None:
         while True:
@@ -89,7 +93,7 @@ class IoPool:
                 self._idle -= 1
             if job is None:
                 return
-            fut, fn, args, local = job
+            target, fn, args, local = job
             result: Any = None
             exc: BaseException | None = None
             try:
@@ -101,16 +105,16 @@ class IoPool:
             # vhost-user) while any view of it lives.
             del job, fn, args
             if local:
-                self._done.append((fut, result, exc))
+                self._done.append((target, result, exc))
                 if not self._signalled:
                     self._signalled = True
                     eventfd.signal(self._efd)
             else:
                 try:
-                    fut.get_loop().call_soon_threadsafe(_complete, fut, result, exc)
+                    target.get_loop().call_soon_threadsafe(_complete, target, result, exc)
                 except RuntimeError:
                     pass  # that loop is closed; nobody waits any more
-            del fut, result, exc
+            del target, result, exc
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on a pool thread and await its result."""
@@ -118,10 +122,28 @@ class IoPool:
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((fut, fn, args, self._bind(loop)))
         if self._idle == 0 and len(self._threads) < self._max:
-            t = threading.Thread(target=self._worker, name="blk-io", daemon=True)
-            self._threads.append(t)
-            t.start()
+            self._spawn()
         return await fut
+
+    def start(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done, token: Any) -> bool:
+        """Run ``fn(*args)`` on a pool thread; ``done(token, result, error)`` follows on the loop.
+
+        :meth:`run` without a future or a coroutine, for the device data
+        path (see :meth:`appliance.storage.aio.LinuxAio.start`). Only for
+        the loop the pool delivers to: returns False (nothing started) when
+        it is bound to another live loop, and the caller uses :meth:`run`.
+        """
+        if not self._bind(asyncio.get_running_loop()):
+            return False
+        self._jobs.put(((done, token), fn, args, True))
+        if self._idle == 0 and len(self._threads) < self._max:
+            self._spawn()
+        return True
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._worker, name="blk-io", daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def shutdown(self) -> None:
         """Stop the threads once queued jobs are done."""
@@ -132,7 +154,9 @@ class IoPool:
         self._loop = None
 
 
-_Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[object, ...], bool]
+# A completion callback of IoPool.start: done(token, result, error).
+Done = Callable[[Any, Any, "BaseException | None"], None]
+_Job = tuple[Any, Callable[..., Any], tuple[object, ...], bool]
 
 
 def _complete(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

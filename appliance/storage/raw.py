@@ -28,8 +28,8 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from appliance.errors import ConfigError
 from appliance.storage import io
@@ -212,6 +212,33 @@ class RawBackend:
             bv.release()
             bounce.close()
 
+    def _direct_read(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        """:meth:`_do_read` for O_DIRECT that lets the kernel check alignment.
+
+        Guest buffers are nearly always aligned, and asking for each
+        buffer's address to check costs more than the kernel's own check:
+        an unaligned request fails with EINVAL before moving any data and
+        is then redone through the checked (bouncing) path.
+        """
+        try:
+            return io.preadv_full(self._fd, bufs, offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+        return self._do_read(offset, bufs)
+
+    def _direct_write(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        """:meth:`_do_write` for O_DIRECT; alignment as in :meth:`_direct_read`."""
+        try:
+            n = io.pwritev_full(self._fd, bufs, offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            return self._do_write(offset, bufs)
+        if self._sync_writes:
+            os.fdatasync(self._fd)
+        return n
+
     def _do_zero(self, offset: int, length: int, may_unmap: bool) -> None:
         if may_unmap and self.discard_mode == "unmap":
             try:
@@ -289,6 +316,43 @@ class RawBackend:
             self._native = False
             return None
         return self._aio
+
+    def start_rw(
+        self,
+        write: bool,
+        offset: int,
+        bufs: Sequence[memoryview],
+        done: Callable[[Any, int, BaseException | None], None],
+        token: Any,
+    ) -> bool:
+        """Start a read (or write) of ``bufs`` at ``offset`` without a coroutine.
+
+        ``done(token, nbytes, error)`` is called later on the running loop
+        (from inside this call only when the kernel refuses the request
+        outright): the byte count (a read is short only at
+        the end of the file; a write may be short only with native AIO, on a
+        full disk) or 0 and the :class:`OSError`. This is the data-path form
+        of :meth:`readv`/:meth:`writev` for virtio-blk: per request it saves
+        three coroutines, a future and its callback, about half the loop's
+        CPU for a 4 KiB request. Only O_DIRECT images take it: returns False
+        (nothing started) for the page cache (whose reads are served inline
+        by :meth:`readv`), a read-only image asked to write, a closed one, or
+        a pool bound to another loop; the caller then awaits
+        :meth:`readv`/:meth:`writev`.
+        """
+        if not self._direct or self._fd < 0 or not bufs or (write and self.read_only):
+            return False
+        if self._native and not (write and self._sync_writes):
+            aio = self._linux_aio()
+            if aio is not None and aio.start(
+                IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, self._fd, bufs, offset,
+                done, token, eager=True, align=self._align,
+            ):
+                return True
+            # Unaligned (bounce) or no AIO here: the thread pool does it.
+        pool = self._pool or io.io_pool()
+        fn = self._direct_write if write else self._direct_read
+        return pool.start(fn, (offset, bufs), done, token)
 
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
         self._check_open()
