@@ -3,8 +3,10 @@
 The guest talks to a real TCP implementation: three-way handshake, MSS and
 window scaling (RFC 7323 §2), cumulative ACKs, retransmission with an RTT
 estimate and exponential backoff (RFC 6298), fast retransmit on three
-duplicate ACKs with a NewReno-style congestion window (RFC 5681), an
-out-of-order queue bounded by the advertised window, FIN and RST both ways,
+duplicate ACKs with a NewReno-style congestion window (RFC 5681, RFC 6582),
+selective acknowledgements both ways (RFC 2018: holes the guest reports are
+resent at once, RFC 6675-style; our duplicate ACKs carry our out-of-order
+blocks), an out-of-order queue bounded by the advertised window, FIN and RST both ways,
 half-close, zero-window probing (RFC 9293 §3.8.6.1) and RST/SYN checks
 against blind injection (RFC 5961).
 
@@ -50,6 +52,9 @@ MAX_RETRIES = 10
 MAX_SYN_RETRIES = 5
 MAX_PROBES = 15
 MAX_OOO_SEGMENTS = 256
+MAX_SACK_BLOCKS = 16  # scoreboard entries kept (a guest reports at most 4 a segment)
+SACK_RTX_BURST = 4  # hole segments (each up to a TSO frame) resent per ACK in recovery
+SACK_PERMITTED = b"\x01\x01\x04\x02"  # NOP NOP SACK-permitted (RFC 2018 §2)
 TIME_WAIT = 2.0
 ACK_EVERY = 8 * OUR_MSS
 HOST_WRITE_BATCH = 64 * 1024
@@ -101,9 +106,11 @@ class Owner(Protocol):
     def ack_later(self, conn: TcpConn) -> None: ...
 
 
-def parse_options(opts: bytes) -> tuple[int | None, int | None]:
-    """(MSS, window scale) from SYN options (RFC 9293 §3.1, RFC 7323 §2.2); malformed → ignored."""
+def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None, bool]:
+    """(MSS, window scale, SACK permitted) from SYN options (RFC 9293 §3.1, RFC 7323 §2.2,
+    RFC 2018 §2); malformed → ignored."""
     mss = wscale = None
+    sack = False
     i = 0
     while i < len(opts):
         kind = opts[i]
@@ -121,8 +128,33 @@ def parse_options(opts: bytes) -> tuple[int | None, int | None]:
             mss = int.from_bytes(opts[i + 2 : i + 4], "big")
         elif kind == 3 and length == 3:
             wscale = min(opts[i + 2], 14)  # RFC 7323 §2.3: larger shifts are treated as 14
+        elif kind == 4 and length == 2:
+            sack = True
         i += length
-    return mss, wscale
+    return mss, wscale, sack
+
+
+def parse_sack(opts: bytes | memoryview) -> list[tuple[int, int]]:
+    """The (left, right) wire edges of a SACK option (RFC 2018 §3); malformed → none."""
+    i = 0
+    n = len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            break
+        if kind == 5 and length >= 10 and (length - 2) % 8 == 0:
+            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
+            return list(zip(edges[0::2], edges[1::2], strict=True))
+        i += length
+    return []
 
 
 def unwrap(wire: int, base: int, ref: int) -> int:
@@ -180,6 +212,11 @@ class TcpConn:
         self.ssthresh = 1 << 30
         self.dupacks = 0
         self.recover = 0
+        self.recovering = False  # in fast recovery until snd_una reaches ``recover``
+        self.sack_ok = False  # both ends sent SACK-permitted
+        self._sacked: list[list[int]] = []  # guest-reported [left, right) blocks above snd_una, sorted
+        self._rxt_next = 0  # recovery has resent the holes below this
+        self._ooo_last = -1  # our out-of-order segment received last (first SACK block, RFC 2018 §4)
         # Receive side: relative to the guest's ISN; its SYN is seq 0.
         self.irs = 0
         self.rcv_nxt = 0
@@ -288,7 +325,30 @@ class TcpConn:
         return net.output(frame)
 
     def send_ack(self) -> None:
-        self._emit(ACK, self.snd_nxt)
+        if self._ooo and self.sack_ok:
+            self._emit(ACK, self.snd_nxt, opts=self._sack_option())
+        else:
+            self._emit(ACK, self.snd_nxt)
+
+    def _sack_option(self) -> bytes:
+        """Our out-of-order data as SACK blocks, the latest segment's first (RFC 2018 §4)."""
+        ooo = self._ooo
+        ranges: list[list[int]] = []
+        for start in sorted(ooo):
+            end = start + len(ooo[start])
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        last = self._ooo_last
+        for i, (start, end) in enumerate(ranges):
+            if start <= last < end:
+                ranges.insert(0, ranges.pop(i))
+                break
+        ranges = ranges[:4]  # 2 + 4·8 bytes: the most that fits beside nothing else
+        base = self.irs
+        edges = [(base + e) & M32 for r in ranges for e in r]
+        return b"\x01\x01\x05" + bytes([2 + 8 * len(ranges)]) + struct.pack(f"!{len(edges)}I", *edges)
 
     def send_rst(self) -> None:
         self.net.stats.tcp_rst_sent += 1
@@ -298,6 +358,8 @@ class TcpConn:
         opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if self._v6 else OUR_MSS)
         if self.inbound or self.ws_ok:
             opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
+        if self.inbound or self.sack_ok:
+            opts += SACK_PERMITTED
         return opts
 
     def _send_syn(self) -> None:
@@ -378,6 +440,9 @@ class TcpConn:
         self.cwnd = self.mss
         self.dupacks = 0
         self.recover = self.snd_max
+        # RFC 2018 §8: the receiver may have dropped what it SACKed; start over from snd_una.
+        self.recovering = False
+        self._sacked.clear()
         self.snd_nxt = self.snd_una  # go back N
         self.output()
         if self.snd_nxt == self.snd_una:
@@ -448,7 +513,9 @@ class TcpConn:
             self.send_ack()
 
     # -- guest segments --------------------------------------------------
-    def input(self, seq_w: int, ack_w: int, flags: int, win: int, payload: memoryview, opts: bytes) -> None:
+    def input(
+        self, seq_w: int, ack_w: int, flags: int, win: int, payload: memoryview, opts: bytes | memoryview
+    ) -> None:
         st = self.state
         n = len(payload)
         if (
@@ -459,6 +526,7 @@ class TcpConn:
             and (ack_w - self.iss - self.snd_una) & M32 == 0
             and win << self.snd_shift == self.snd_wnd
             and not self._ooo
+            and not opts
             and self.rcv_nxt + n <= self._adv_edge
             and not self.host_gone
         ):
@@ -516,7 +584,7 @@ class TcpConn:
             self.snd_wnd = win << self.snd_shift
             self.snd_wl1, self.snd_wl2 = seq, ack
             self.output()
-        if not self._process_ack(ack, seq, win, n, flags):
+        if not self._process_ack(ack, seq, win, n, flags, opts):
             return
         if self.state == CLOSED:
             return
@@ -571,7 +639,7 @@ class TcpConn:
         self.net.stats.tcp_rst_sent += 1
         self._emit(RST, (ack_w - self.iss) & M32)
 
-    def _input_syn_sent(self, seq_w: int, ack_w: int, flags: int, win: int, opts: bytes) -> None:
+    def _input_syn_sent(self, seq_w: int, ack_w: int, flags: int, win: int, opts: bytes | memoryview) -> None:
         if flags & ACK and (ack_w - self.iss) & M32 != 1:
             if not flags & RST:
                 self._emit_rst_for(ack_w)
@@ -585,11 +653,12 @@ class TcpConn:
         self.irs = seq_w
         self.rcv_nxt = 1
         self._adv_edge = 1
-        mss, ws = parse_options(opts)
+        mss, ws, sack = parse_options(opts)
         self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
         if ws is not None:
             self.snd_shift = ws
             self.rcv_shift = RCV_WSCALE
+        self.sack_ok = sack
         self.snd_una = 1
         self.snd_nxt = max(self.snd_nxt, 1)
         self.snd_wnd = win << 0  # window in a SYN-ACK is never scaled (RFC 7323 §2.2)
@@ -608,15 +677,16 @@ class TcpConn:
         self.irs = seq_w
         self.rcv_nxt = 1
         self._adv_edge = 1
-        mss, ws = parse_options(opts)
+        mss, ws, sack = parse_options(opts)
         self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
+        self.sack_ok = sack
         if ws is not None:
             self.ws_ok = True
             self.snd_shift = ws
             self.rcv_shift = RCV_WSCALE
         self.snd_wnd = win
 
-    def _process_ack(self, ack: int, seq: int, win: int, n: int, flags: int) -> bool:
+    def _process_ack(self, ack: int, seq: int, win: int, n: int, flags: int, opts: bytes | memoryview = b"") -> bool:
         if ack > self.snd_max:
             if ack <= self._probe_end:
                 self.snd_max = self.snd_nxt = ack
@@ -626,17 +696,27 @@ class TcpConn:
                 return False
         wnd = win << self.snd_shift
         self.probes = 0  # any acceptable ACK answers our probes, even with a zero window (as Linux)
+        sacked = bool(opts) and self.sack_ok and ack >= self.snd_una and self._take_sack(opts, ack)
         if ack > self.snd_una:
             self._ack_advance(ack)
+            if self.state == CLOSED:
+                return True
         elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and wnd and \
-                self.snd_max > self.snd_una:  # fmt: skip
+                self.snd_max > self.snd_una and not sacked:  # fmt: skip
             # A zero window's repeated ACKs answer our probes; they are not duplicate ACKs.
             self.dupacks += 1
-            if self.dupacks == 3:
+            if self.dupacks == 3 and not self.recovering:
                 self._fast_retransmit()
             elif self.dupacks > 3:
                 self.cwnd += self.mss
                 self.output()
+        if self._sacked and self.snd_max > self.snd_una and self.state in _SYNCHRONIZED:
+            # The guest holds data above a hole. Segments through the virtio ring are never
+            # reordered, so a hole is a loss: resend it now rather than after three duplicate
+            # ACKs (a guest whose window moves sends none) or a timer (RFC 6675 §5, DupThresh 1).
+            if not self.recovering:
+                self._enter_recovery()
+            self._sack_retransmit()
         # RFC 9293 §3.10.7.4: take the window only from segments no older than the last update.
         if ack >= self.snd_una and (seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2)):
             opened = wnd > self.snd_wnd
@@ -675,10 +755,24 @@ class TcpConn:
                 self.srtt = 0.875 * self.srtt + 0.125 * r
             self._rtt_seq = -1
         self.rto = min(max(MIN_RTO, self.srtt + 4 * self.rttvar), MAX_RTO)
-        if self.dupacks >= 3:
+        if self._sacked:
+            # Blocks at or below the new snd_una are acknowledged now.
+            while self._sacked and self._sacked[0][1] <= ack:
+                del self._sacked[0]
+            if self._sacked and self._sacked[0][0] < ack:
+                self._sacked[0][0] = ack
+        if not self.recovering and self._tlp_done and ack < self.snd_max and not self._sacked:
+            # Our tail loss probe was answered with a partial ACK: more than the probed segment
+            # is missing (RFC 8985 §7.4). Recover as NewReno does, a segment per partial ACK,
+            # instead of a probe timer per segment.
+            self._enter_recovery()
+        if self.recovering:
             if ack >= self.recover:
                 self.cwnd = self.ssthresh  # full recovery (RFC 6582 §3.2 step 3)
                 self.dupacks = 0
+                self.recovering = False
+            elif self._sacked:
+                pass  # the caller resends the holes the guest reports
             else:
                 self._retransmit_una()  # partial ACK: next hole (whole frames here re-sent mostly duplicates)
         else:
@@ -707,11 +801,79 @@ class TcpConn:
         self.output()
 
     def _fast_retransmit(self) -> None:
+        self._enter_recovery()
+        self.cwnd = self.ssthresh + 3 * self.mss
+        self._retransmit_una(whole=True)
+
+    def _enter_recovery(self) -> None:
         flight = self.snd_max - self.snd_una
         self.ssthresh = max(flight // 2, 2 * self.mss)
-        self.cwnd = self.ssthresh + 3 * self.mss
+        self.cwnd = self.ssthresh
         self.recover = self.snd_max
-        self._retransmit_una(whole=True)
+        self.recovering = True
+        self._rxt_next = self.snd_una
+
+    def _take_sack(self, opts: bytes | memoryview, ack: int) -> bool:
+        """Add the guest's SACK blocks to the scoreboard; True if one was new."""
+        new = False
+        board = self._sacked
+        for lw, rw in parse_sack(opts):
+            left = unwrap(lw, self.iss, self.snd_una)
+            right = unwrap(rw, self.iss, self.snd_una)
+            if not ack < left < right <= self.snd_max:
+                continue  # stale, a D-SACK (RFC 2883) at or below the ACK, or beyond what we sent
+            for i, (bl, br) in enumerate(board):
+                if left <= br and right >= bl:  # overlaps or touches: merge
+                    if left < bl or right > br:
+                        new = True
+                    left, right = min(left, bl), max(right, br)
+                    board[i] = [left, right]
+                    # Swallow the following blocks this one now reaches.
+                    while i + 1 < len(board) and board[i + 1][0] <= right:
+                        board[i][1] = max(right, board[i + 1][1])
+                        del board[i + 1]
+                    break
+                if right < bl:
+                    board.insert(i, [left, right])
+                    new = True
+                    break
+            else:
+                board.append([left, right])
+                new = True
+        if len(board) > MAX_SACK_BLOCKS:
+            del board[MAX_SACK_BLOCKS:]  # the highest go first: only resending is delayed
+        return new
+
+    def _sack_retransmit(self) -> None:
+        """Resend the holes below the guest's highest SACK block not yet resent in this recovery."""
+        data_end = self._data_end()
+        start = max(self._rxt_next, self.snd_una)
+        seg_max = self._seg_max()
+        budget = SACK_RTX_BURST
+        net = self.net
+        for left, right in self._sacked:
+            if right <= start:
+                continue
+            while start < left and start < data_end and budget:
+                if net.tx_space() < 4:
+                    budget = 0  # our queue toward the guest is full; the next ACK goes on
+                    break
+                k = min(seg_max, left - start, data_end - start)
+                off = self._sndoff + (start - max(self.snd_una, 1))
+                if not self._emit(ACK, start, memoryview(self.sndbuf)[off : off + k]):
+                    budget = 0
+                    break
+                net.stats.tcp_retransmits += 1
+                self.retransmits += 1
+                start += k
+                budget -= 1
+            if not budget:
+                break
+            start = max(start, right)
+        if start > self._rxt_next:
+            self._rxt_next = start
+            self._rtt_seq = -1  # Karn: no RTT samples across resent data
+            self._arm(self.rto)
 
     def _retransmit_una(self, *, whole: bool = False) -> None:
         self.net.stats.tcp_retransmits += 1
@@ -761,6 +923,7 @@ class TcpConn:
             return
         if len(self._ooo) >= MAX_OOO_SEGMENTS:
             return
+        self._ooo_last = seq
         old = self._ooo.get(seq)
         if old is not None:
             self._ooo_bytes -= len(old)

@@ -386,7 +386,10 @@ class TcpNat:
         if conn is None:
             self._no_conn(ip, sport, dport, seq, ack, flags, win, seg[20:doff], len(seg) - doff, src_mac)
             return
-        opts = bytes(seg[20:doff]) if flags & SYN else b""
+        if flags & SYN:
+            opts: bytes | memoryview = bytes(seg[20:doff])
+        else:
+            opts = seg[20:doff] if doff > 20 and conn.sack_ok else b""  # SACK blocks
         conn.input(seq, ack, flags, win, seg[doff:], opts)
 
     def _no_conn(
