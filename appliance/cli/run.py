@@ -21,9 +21,8 @@ import importlib
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
+from appliance.bootpath import NamedTuple
 from appliance.cli.options import parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.kvm import layout
@@ -32,6 +31,7 @@ from appliance.log import configure as configure_logging
 from appliance.log import get_logger
 from appliance.machine.config import MIN_MEM, ChardevConfig, MachineConfig
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
 if TYPE_CHECKING:
     from appliance.kvm.vm import PendingVm
     from appliance.machine.machine import Machine
@@ -49,8 +49,8 @@ class RunArgs:
     """
 
     def __init__(self) -> None:
-        self.kernel: Path | None = None
-        self.initrd: Path | None = None
+        self.kernel: str | None = None
+        self.initrd: str | None = None
         self.append = ""
         self.mem_size = 128 * layout.MiB
         self.num_cpus = 1
@@ -100,12 +100,12 @@ def option(name: str, metavar: str | None, help: str) -> Callable[[Applier], App
 
 @option("-kernel", "bzImage|vmlinux|pvh.elf", "kernel to boot (Linux bzImage, ELF vmlinux or PVH ELF)")
 def _kernel(a: RunArgs, v: str) -> None:
-    a.kernel = Path(v)
+    a.kernel = v
 
 
 @option("-initrd", "file", "initial ram disk")
 def _initrd(a: RunArgs, v: str) -> None:
-    a.initrd = Path(v)
+    a.initrd = v
 
 
 @option("-append", "cmdline", "kernel command line")
@@ -173,7 +173,7 @@ def _chardev(a: RunArgs, v: str) -> None:
             "stdio", id=cid, signal=opts.take_bool("signal", True), mux=opts.take_bool("mux", False)
         )
     elif backend == "file":
-        cfg = ChardevConfig("file", id=cid, path=Path(opts.require("path")), append=opts.take_bool("append"))
+        cfg = ChardevConfig("file", id=cid, path=opts.require("path"), append=opts.take_bool("append"))
     elif backend == "null":
         cfg = ChardevConfig("null", id=cid)
     else:
@@ -261,7 +261,7 @@ def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | Non
     server = opts.take_bool("server", False)
     wait = opts.take_bool("wait", True)
     if path is not None:
-        return ChardevConfig("socket", id=cid, path=Path(path), server=server, wait=wait)
+        return ChardevConfig("socket", id=cid, path=path, server=server, wait=wait)
     if port is None:
         raise ConfigError(f"{opts.option}: socket needs 'path' or 'port'")
     try:
@@ -289,7 +289,7 @@ def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bo
             raise ConfigError(f"-serial: chardev '{rest}' not found")
         return cfg
     if kind == "file":
-        return ChardevConfig("file", path=Path(rest))
+        return ChardevConfig("file", path=rest)
     if kind == "unix":
         opts = parse_option("-serial", rest, implied="path", flags=("server", "wait"))
         cfg = _socket_chardev(opts, "", path=opts.require("path"), host=None, port=None)

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Protocol
 
 from appliance.log import get_logger
 
 log = get_logger(__name__)
 
 
-class BusDevice(Protocol):
-    """A device on a bus; ``offset`` is relative to the range it registered."""
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    def read(self, offset: int, size: int) -> bytes: ...
+    class BusDevice(Protocol):
+        """A device on a bus; ``offset`` is relative to the range it registered."""
 
-    def write(self, offset: int, data: bytes) -> None: ...
+        def read(self, offset: int, size: int) -> bytes: ...
+
+        def write(self, offset: int, data: bytes) -> None: ...
 
 
 class BusError(ValueError):

@@ -17,7 +17,10 @@ import importlib.util
 import io
 import os
 import zlib
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Any
 
 CDEF = """
     struct kvm_regs {

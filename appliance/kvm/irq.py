@@ -13,8 +13,8 @@ describes: ISA IRQ 0 (the PIT) arrives on IOAPIC pin 2, and pin 0 is unused
 from __future__ import annotations
 
 import threading
-from typing import NamedTuple
 
+from appliance.bootpath import NamedTuple
 from appliance.kvm import KvmError, layout
 from appliance.kvm import ffi as k
 from appliance.kvm.ffi import ffi

@@ -14,19 +14,24 @@ import errno
 import fcntl
 import os
 from functools import cached_property
-from pathlib import Path
-from typing import Literal
 
 from appliance.kvm import KvmError, KvmUnavailable
 from appliance.kvm import ffi as k
 from appliance.kvm.ffi import ffi
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from appliance.machine.config import StrPath
+
+    HostKind = Literal["hardware", "pvm", "unknown"]
+
 KVM_DEVICE = "/dev/kvm"
 
-HostKind = Literal["hardware", "pvm", "unknown"]
 
 
-def host_kind(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/proc/cpuinfo")) -> HostKind:
+def host_kind(sys_module: StrPath = "/sys/module", cpuinfo: StrPath = "/proc/cpuinfo") -> HostKind:
     """Whether this host's KVM is hardware (VMX/SVM) or PVM.
 
     PVM is recognised by the ``kvm_pvm`` module being loaded while the CPU
@@ -34,14 +39,16 @@ def host_kind(sys_module: Path = Path("/sys/module"), cpuinfo: Path = Path("/pro
     """
     try:
         flags: set[str] = set()
-        for line in cpuinfo.read_text().splitlines():
+        with open(cpuinfo) as f:
+            text = f.read()
+        for line in text.splitlines():
             if line.startswith("flags"):
                 flags.update(line.split(":", 1)[1].split())
                 break
     except OSError:
         flags = set()
     hw = bool(flags & {"vmx", "svm"})
-    pvm = (sys_module / "kvm_pvm").exists()
+    pvm = os.path.exists(os.path.join(sys_module, "kvm_pvm"))
     if pvm and not hw:
         return "pvm"
     if hw:

@@ -18,8 +18,8 @@ import os
 import signal
 import struct
 import threading
-from typing import Any, Literal, NamedTuple
 
+from appliance.bootpath import NamedTuple
 from appliance.kvm import KvmError
 from appliance.kvm import ffi as k
 from appliance.kvm.boot.plan import BootPlan, Segment
@@ -28,6 +28,10 @@ from appliance.kvm.ffi import ffi
 from appliance.kvm.system import CpuidEntry, ioctl
 from appliance.kvm.vm import Vm
 from appliance.log import get_logger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 log = get_logger(__name__)
 

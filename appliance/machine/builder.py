@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from appliance.devices.acpi_pm import AcpiPm, ResetRegister
 from appliance.devices.i8042 import I8042
@@ -24,7 +23,6 @@ from appliance.devices.rtc import Rtc
 from appliance.devices.uart16550 import Uart16550
 from appliance.kvm import layout
 from appliance.kvm.boot import BootPlan, load_kernel
-from appliance.kvm.bus import BusDevice
 from appliance.kvm.memory import GuestMemory
 from appliance.kvm.system import Kvm
 from appliance.kvm.vcpu import Vcpu
@@ -32,7 +30,11 @@ from appliance.kvm.vm import PendingVm, Vm
 from appliance.log import get_logger
 from appliance.machine.config import MachineConfig
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
 if TYPE_CHECKING:
+    from typing import Any
+
+    from appliance.kvm.bus import BusDevice
     from appliance.machine.console import Console
 
 log = get_logger(__name__)

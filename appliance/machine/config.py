@@ -8,13 +8,17 @@ naming the bad value. Only the builder turns config into devices.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from appliance.errors import ConfigError
 from appliance.kvm import layout
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
 if TYPE_CHECKING:
+    from typing import Any, ClassVar, Literal, Protocol
+
+    # A path as open() takes it: the CLI passes str, Python callers often pathlib.Path.
+    StrPath = str | os.PathLike[str]
+
     from appliance.machine.builder import Instance, MachineBuilder
 
 MIN_MEM = 2 * layout.MiB
@@ -80,7 +84,7 @@ class ChardevConfig(Record):
     __slots__ = ("backend", "id", "path", "host", "port", "server", "wait", "mux", "signal", "append")
     backend: Literal["stdio", "file", "socket", "null"]
     id: str
-    path: Path | None
+    path: StrPath | None
     host: str | None
     port: int | None
     server: bool
@@ -93,7 +97,7 @@ class ChardevConfig(Record):
         self,
         backend: Literal["stdio", "file", "socket", "null"],
         id: str = "",
-        path: Path | None = None,
+        path: StrPath | None = None,
         host: str | None = None,
         port: int | None = None,
         server: bool = False,
@@ -122,17 +126,18 @@ class ChardevConfig(Record):
                 raise ConfigError(f"chardev '{self.id or 'socket'}': port {self.port} is out of range")
 
 
-@runtime_checkable
-class DeviceSpec(Protocol):
-    """A device to plug into the machine, contributed by another package (disk, NIC…).
+if TYPE_CHECKING:
 
-    ``open()`` runs once when the machine starts (open backends, taps, files),
-    ``attach()`` on every boot (a reset rebuilds the VM), ``close()`` once at
-    the end. ``open``/``close`` may be coroutines or plain functions; any of
-    the three may be omitted except ``attach``.
-    """
+    class DeviceSpec(Protocol):
+        """A device to plug into the machine, contributed by another package (disk, NIC…).
 
-    def attach(self, builder: MachineBuilder, inst: Instance) -> None: ...
+        ``open()`` runs once when the machine starts (open backends, taps, files),
+        ``attach()`` on every boot (a reset rebuilds the VM), ``close()`` once at
+        the end. ``open``/``close`` may be coroutines or plain functions; any of
+        the three may be omitted except ``attach``.
+        """
+
+        def attach(self, builder: MachineBuilder, inst: Instance) -> None: ...
 
 
 class MachineConfig(Record):
@@ -149,8 +154,8 @@ class MachineConfig(Record):
         "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
         "devices", "warnings",
     )
-    kernel: Path
-    initrd: Path | None
+    kernel: StrPath
+    initrd: StrPath | None
     cmdline: str
     mem_size: int
     num_cpus: int
@@ -163,8 +168,8 @@ class MachineConfig(Record):
 
     def __init__(
         self,
-        kernel: Path,
-        initrd: Path | None = None,
+        kernel: StrPath,
+        initrd: StrPath | None = None,
         cmdline: str = "",
         mem_size: int = DEFAULT_MEM,
         num_cpus: int = 1,
@@ -206,7 +211,7 @@ class MachineConfig(Record):
         _check_file(self.kernel, "-kernel")
         if self.initrd is not None:
             _check_file(self.initrd, "-initrd")
-            size = self.initrd.stat().st_size
+            size = os.stat(self.initrd).st_size
             if size >= self.mem_size:
                 raise ConfigError(
                     f"-initrd {self.initrd}: {size // layout.MiB} MiB does not fit in "
@@ -218,10 +223,10 @@ class MachineConfig(Record):
             self.serial.validate()
 
 
-def _check_file(path: Path, option: str) -> None:
-    if not path.exists():
+def _check_file(path: StrPath, option: str) -> None:
+    if not os.path.exists(path):
         raise ConfigError(f"{option} {path}: no such file")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise ConfigError(f"{option} {path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{option} {path}: permission denied")

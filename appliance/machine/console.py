@@ -28,18 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    import asyncio
-    import re
 
 from appliance.errors import ConfigError
 from appliance.log import get_logger
 from appliance.machine.config import ChardevConfig
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    import asyncio
+    import re
+    from typing import Any, Protocol
 
 log = get_logger(__name__)
 
@@ -56,16 +58,17 @@ class ConsoleTimeout(TimeoutError):  # asyncio.TimeoutError is TimeoutError sinc
         self.output = output
 
 
-class UartSink(Protocol):
-    def receive(self, data: bytes) -> int: ...
+if TYPE_CHECKING:
 
+    class UartSink(Protocol):
+        def receive(self, data: bytes) -> int: ...
 
-class Backend(Protocol):
-    async def start(self, console: Console) -> None: ...
+    class Backend(Protocol):
+        async def start(self, console: Console) -> None: ...
 
-    def write(self, data: bytes) -> None: ...
+        def write(self, data: bytes) -> None: ...
 
-    async def close(self) -> None: ...
+        async def close(self) -> None: ...
 
 
 # A backend that can also run before the loop exists has ``open_sync() ->
@@ -471,10 +474,11 @@ class SocketBackend:
         try:
             if cfg.server:
                 if cfg.path is not None:
+                    path = os.fspath(cfg.path)
                     with contextlib.suppress(FileNotFoundError):
-                        if cfg.path.is_socket():
-                            cfg.path.unlink()
-                    self._server = await asyncio.start_unix_server(self._on_client, path=str(cfg.path))
+                        if stat.S_ISSOCK(os.lstat(path).st_mode):
+                            os.unlink(path)
+                    self._server = await asyncio.start_unix_server(self._on_client, path=path)
                 else:
                     self._server = await asyncio.start_server(self._on_client, cfg.host, cfg.port)
                 if cfg.wait:
@@ -533,7 +537,7 @@ class SocketBackend:
             t.cancel()
         if self._cfg.server and self._cfg.path is not None:
             with contextlib.suppress(OSError):
-                self._cfg.path.unlink()
+                os.unlink(self._cfg.path)
 
 
 def make_backend(cfg: ChardevConfig | None) -> Backend | None:

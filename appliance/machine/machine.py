@@ -25,18 +25,20 @@ asyncio only inside the methods that run on the loop.
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from appliance.kvm.system import Kvm
 from appliance.log import get_logger
 from appliance.machine.config import MachineConfig
 from appliance.machine.console import Console, make_backend
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
 if TYPE_CHECKING:
     import asyncio
+    from typing import Any
 
     from appliance.kvm.vm import PendingVm
     from appliance.machine.builder import Instance, MachineBuilder
@@ -479,7 +481,7 @@ class Machine:
         inst.close()
 
     def __repr__(self) -> str:
-        return f"<Machine {self.config.name or self.config.kernel.name} {self.runstate.value}>"
+        return f"<Machine {self.config.name or os.path.basename(self.config.kernel)} {self.runstate.value}>"
 
     def stats(self) -> dict[str, Any]:
         inst = self._inst

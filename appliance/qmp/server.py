@@ -421,7 +421,7 @@ class QmpSpec:
             if not cd.server:
                 await server.connect(cd)
             elif cd.path is not None:
-                await server.listen_unix(cd.path)
+                await server.listen_unix(Path(cd.path))
             else:
                 assert cd.port is not None
                 await server.listen_tcp(cd.host, cd.port)

@@ -47,7 +47,7 @@ def test_options_become_a_machine_config() -> None:
         "-name", "guest=vm1,debug-threads=on", "-no-reboot", "-enable-kvm", "-machine", "q35,accel=kvm",
         "-cpu", "host", "-display", "none", "-nographic",
     ]))
-    assert (cfg.kernel, cfg.initrd, cfg.cmdline) == (Path("k"), Path("i"), "console=ttyS0")
+    assert (cfg.kernel, cfg.initrd, cfg.cmdline) == ("k", "i", "console=ttyS0")
     assert (cfg.mem_size, cfg.num_cpus, cfg.name, cfg.no_reboot) == (1 << 30, 4, "vm1", True)
     assert cfg.serial is not None and cfg.serial.backend == "stdio" and cfg.serial.mux
 
@@ -56,9 +56,9 @@ def test_options_become_a_machine_config() -> None:
     ("spec", "expect"),
     [
         ("stdio", ("stdio", None, None, None, False, True)),
-        ("file:/tmp/x", ("file", Path("/tmp/x"), None, None, False, True)),
-        ("unix:/tmp/s,server=on,wait=off", ("socket", Path("/tmp/s"), None, None, True, False)),
-        ("unix:/tmp/s,server,nowait", ("socket", Path("/tmp/s"), None, None, True, False)),
+        ("file:/tmp/x", ("file", "/tmp/x", None, None, False, True)),
+        ("unix:/tmp/s,server=on,wait=off", ("socket", "/tmp/s", None, None, True, False)),
+        ("unix:/tmp/s,server,nowait", ("socket", "/tmp/s", None, None, True, False)),
         ("tcp:127.0.0.1:4444,server=on,wait=off", ("socket", None, "127.0.0.1", 4444, True, False)),
         ("tcp:127.0.0.1:4444", ("socket", None, "127.0.0.1", 4444, False, True)),
     ],

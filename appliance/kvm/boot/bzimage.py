@@ -11,8 +11,8 @@ Header"), counted from the start of the file, which are also their offsets in
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
+from appliance.bootpath import NamedTuple
 from appliance.kvm.boot.errors import BootError
 
 # Setup header field offsets (boot.rst; also offsets within boot_params).

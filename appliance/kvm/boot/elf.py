@@ -13,8 +13,8 @@ checked against the file before use.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
+from appliance.bootpath import NamedTuple
 from appliance.kvm.boot.errors import BootError
 
 ELF_MAGIC = b"\x7fELF"

@@ -21,8 +21,7 @@ do, leaving the low RAM between it and the kernel to the kernel's own use.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+import os
 
 from appliance.kvm import layout
 from appliance.kvm.boot import bzimage, cpu, params, pvh
@@ -33,14 +32,21 @@ from appliance.kvm.boot.plan import BootPlan
 from appliance.kvm.memory import GuestMemory, GuestMemoryError
 
 PAGE = 0x1000
-Protocol = Literal["auto", "pvh", "linux"]
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from appliance.machine.config import StrPath
+
+    Protocol = Literal["auto", "pvh", "linux"]
 
 
 def load_kernel(
     mem: GuestMemory,
-    kernel: Path,
+    kernel: StrPath,
     *,
-    initrd: Path | None,
+    initrd: StrPath | None,
     cmdline: str,
     num_cpus: int,
     rsdp_addr: int,
@@ -71,7 +77,7 @@ def load_kernel(
 
 
 def _load(
-    mem: GuestMemory, kernel: Path, data: bytes, initrd: Path | None, cmdline: str,
+    mem: GuestMemory, kernel: StrPath, data: bytes, initrd: StrPath | None, cmdline: str,
     rsdp_addr: int, protocol: Protocol,
 ) -> BootPlan:
     if is_elf(data):
@@ -91,7 +97,7 @@ def _load(
 
 
 def _load_pvh(
-    mem: GuestMemory, data: bytes, image: ElfImage, initrd: Path | None, cmdline: str,
+    mem: GuestMemory, data: bytes, image: ElfImage, initrd: StrPath | None, cmdline: str,
     rsdp_addr: int,
 ) -> BootPlan:
     assert image.pvh_entry is not None
@@ -109,7 +115,7 @@ def _load_pvh(
 
 
 def _load_vmlinux(
-    mem: GuestMemory, data: bytes, image: ElfImage, initrd: Path | None, cmdline: str,
+    mem: GuestMemory, data: bytes, image: ElfImage, initrd: StrPath | None, cmdline: str,
     rsdp_addr: int,
 ) -> BootPlan:
     entry = image.physical_entry()
@@ -132,7 +138,7 @@ def _load_vmlinux(
 
 
 def _load_bzimage(
-    mem: GuestMemory, data: bytes, initrd: Path | None, cmdline: str, rsdp_addr: int
+    mem: GuestMemory, data: bytes, initrd: StrPath | None, cmdline: str, rsdp_addr: int
 ) -> BootPlan:
     hdr = bzimage.parse_setup_header(data)
     kernel = memoryview(data)[hdr.setup_size :]
@@ -171,9 +177,10 @@ def _load_bzimage(
     )
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: StrPath, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except FileNotFoundError:
         raise BootError(f"{what} {path} does not exist") from None
     except OSError as err:
@@ -206,7 +213,7 @@ def _write_cmdline(mem: GuestMemory, cmdline: str, limit: int) -> None:
 
 
 def _load_initrd(
-    mem: GuestMemory, path: Path | None, kernel_end: int, *, addr_max: int
+    mem: GuestMemory, path: StrPath | None, kernel_end: int, *, addr_max: int
 ) -> tuple[int, int] | None:
     """Put the initrd page-aligned as high as allowed below ``addr_max`` and the MMIO hole.
 
@@ -216,7 +223,7 @@ def _load_initrd(
     if path is None:
         return None
     try:
-        size = Path(path).stat().st_size
+        size = os.stat(path).st_size
     except FileNotFoundError:
         raise BootError(f"initrd {path} does not exist") from None
     except OSError as err:

@@ -7,7 +7,11 @@ plan as plain data lets loaders be unit-tested without /dev/kvm.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from appliance.bootpath import NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from typing import Literal
 
 
 class Segment(NamedTuple):

@@ -21,10 +21,13 @@ gzip, xz, zstd or the legacy LZ4 Debian uses). Anything unreadable counts as
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 from appliance.errors import ApplianceError
 from appliance.kvm.boot import bzimage
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see appliance.bootpath)
+if TYPE_CHECKING:
+    from appliance.machine.config import StrPath
 
 PVM_SYNTHETIC_CPUID = bytes.fromhex("0f013c2550564dff0fa2")
 PVM_LOG_PREFIX = b"pvm-guest: "
@@ -33,7 +36,7 @@ IKCONFIG_END = b"IKCFG_ED"
 MAX_KERNEL_FILE = 512 << 20
 
 
-def kernel_is_pvm_capable(path: Path) -> bool:
+def kernel_is_pvm_capable(path: StrPath) -> bool:
     """Whether the kernel at ``path`` (bzImage or ELF vmlinux) has PVM guest support."""
     try:
         with open(path, "rb") as f:
