@@ -471,6 +471,23 @@ class Virtqueue:
         self._used_idx = idx
         self._unsignalled = True
 
+    def push_used_many(self, heads: list[int], lens: list[int]) -> None:
+        """:meth:`push_used` for each of ``heads`` with the written length at the same place in ``lens``.
+
+        The elements are stored in order and published by one index store.
+        """
+        if self.broken or not heads:
+            return
+        pack, used, mask = _USED_ELEM.pack_into, self._used, self._mask
+        idx = self._used_idx
+        for head, written in zip(heads, lens, strict=True):
+            pack(used, 4 + 8 * (idx & mask), head, written)
+            idx = (idx + 1) & 0xFFFF
+        # As push_used_heads: elements first, then one index store (§2.7.8).
+        self._used16[1] = idx
+        self._used_idx = idx
+        self._unsignalled = True
+
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call.
 
