@@ -190,6 +190,7 @@ class HostSocket:
         else:
             self._stop_reading()  # keep our half open: TCP half-close
             self._nat._guard(conn.host_eof)
+        self._nat.net.deliver_now()
 
     def _write_ready(self) -> None:
         try:
@@ -510,8 +511,9 @@ class TcpNat:
             if err:
                 self._guard(self._refuse, conn)
             return
-        # The guest gets its SYN-ACK now.
+        # The guest gets its SYN-ACK now (it waits in connect() for it).
         self._guard(conn.host_connected)
+        self.net.urgent()
         try:
             host = HostSocket(self, conn, sock)
         except OSError:

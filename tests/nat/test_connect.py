@@ -163,3 +163,34 @@ async def test_guestfwd_target_given_by_name_is_connected_through_the_resolver()
     finally:
         await net.stop()
         srv.close()
+
+
+async def test_syn_ack_reaches_the_device_before_send_returns() -> None:
+    """The guest waits in connect(): its SYN-ACK goes to the device inside send(), ahead of the
+    device's transmit-done interrupt, not on a later loop turn."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    calls: list[bool] = []
+    inside = False
+
+    def ready() -> None:
+        calls.append(inside)
+        drain(net)
+
+    net.set_ready_callback(ready)
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            for i in range(5):
+                inside = True
+                net.send([memoryview(syn(lsock.getsockname()[1], sport=40200 + i))])
+                inside = False
+                if net.tcp._pending:
+                    continue  # the host kernel deferred the handshake (a loaded machine)
+                assert calls and calls[-1] is True
+                break
+            else:
+                raise AssertionError("no connect finished inside connect()")
+    finally:
+        await net.stop()
