@@ -129,6 +129,31 @@ def _pwritev_full(fd: int, views: Sequence[Any], off: int) -> None:
         views = rest
 
 
+def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, n: int) -> None:
+    """Copy ``n`` bytes between files at the given offsets without a user-space copy.
+
+    copy_file_range, or, where the kernel or file system refuses it, pread and
+    pwrite; bytes the source no longer has (it shrank) are written as zeroes.
+    """
+    end = dst + n
+    try:
+        while dst < end:
+            done = os.copy_file_range(src_fd, dst_fd, end - dst, src, dst)
+            if done == 0:
+                break
+            src += done
+            dst += done
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                             errno.EBADF):
+            raise
+    while dst < end:
+        data = os.pread(src_fd, min(end - dst, 1 << 21), src) or bytes(min(end - dst, 1 << 21))
+        _pwritev_full(dst_fd, [data], dst)
+        src += len(data)
+        dst += len(data)
+
+
 def _aio_views(views: Sequence[Any]) -> bool:
     """Whether kernel AIO can take the buffers' addresses (writable, contiguous views)."""
     for v in views:
@@ -1226,7 +1251,23 @@ class Qcow2Image:
         inf.fut.set_result(None)
         return True
 
-    async def _fast_alloc_run(self, offset: int, buf: memoryview, n: int) -> bool:
+    async def write_from_file(self, offset: int, fd: int, src: int, n: int) -> bool:
+        """Copy ``n`` bytes at ``src`` of file ``fd`` into guest [offset, +n) in the kernel.
+
+        For ``convert``: the bytes go from the source's page cache into this
+        image's with copy_file_range (one copy, none through user space). Only
+        the :meth:`_fast_alloc_run` case (whole host-less clusters, buffered
+        I/O); returns False, having changed nothing, when the caller must read
+        the bytes and :meth:`writev` them instead.
+        """
+        self._check_writable()
+        if (n <= 0 or self._direct or self._aio is not None or self._writethrough
+                or self._lock.locked() or not self._l2):
+            return False
+        return await self._fast_alloc_run(offset, None, n, (fd, src))
+
+    async def _fast_alloc_run(self, offset: int, buf: memoryview | None, n: int,
+                              src: tuple[int, int] | None = None) -> bool:
         """Allocate a run of whole clusters and write into it with one pwritev.
 
         :meth:`_fast_alloc_write` for a large sequential write (convert,
@@ -1287,7 +1328,10 @@ class Qcow2Image:
         ok = False
         self._io_count += 1
         try:
-            await self._data_write([buf], host, n)
+            if src is None:
+                await self._data_write([buf], host, n)
+            else:
+                await _iorun(copy_range, src[0], src[1], self._dfd, host, n)
             if host + n > self._written_end:
                 self._written_end = host + n
                 if host + n > self.file_size:
