@@ -129,6 +129,7 @@ class VirtioBlk(VirtioDevice):
         # if it has one: reads and writes then skip coroutines and futures.
         self._start_rw = getattr(backend, "start_rw", None)
         self._signals_scheduled = False
+        self._limits: BlkLimits | None = None
 
     # -- feature and config space ---------------------------------------------
 
@@ -149,13 +150,28 @@ class VirtioBlk(VirtioDevice):
         return f
 
     def limits(self) -> BlkLimits:
-        """What requests are checked against (capacity read fresh)."""
-        return BlkLimits(
-            capacity_sectors=self.capacity_sectors,
-            read_only=self.read_only,
-            discard=self.discard,
-            write_zeroes=self.write_zeroes,
-        )
+        """What requests are checked against (capacity read fresh).
+
+        Rebuilt only when something it holds changed: it is consulted on
+        every kick, and building a frozen dataclass there cost more than
+        the comparison.
+        """
+        lim = self._limits
+        cap = self.capacity_sectors
+        if (
+            lim is None
+            or lim.capacity_sectors != cap
+            or lim.read_only != self.read_only
+            or lim.discard != self.discard
+            or lim.write_zeroes != self.write_zeroes
+        ):
+            lim = self._limits = BlkLimits(
+                capacity_sectors=cap,
+                read_only=self.read_only,
+                discard=self.discard,
+                write_zeroes=self.write_zeroes,
+            )
+        return lim
 
     def config_bytes(self) -> bytes:
         lim = self.limits()
@@ -329,6 +345,12 @@ class VirtioBlk(VirtioDevice):
             return  # the device was reset meanwhile: these rings are gone
         req.status_buf[0] = status
         q.push_used(head, written)
+        if not st["in_flight"]:
+            # Nothing else in flight on this queue can join the batch: tell
+            # the driver now rather than a loop turn later (at queue depth 1
+            # that turn is a good part of the request's latency).
+            self._signal(qi)
+            return
         if qi not in self._signal_pending:
             self._signal_pending.add(qi)
             if not self._signals_scheduled:
