@@ -19,7 +19,8 @@ Both parts alternate the two sides for ``--rounds`` rounds and keep each
 workload's best round: the machines are shared, and a neighbour's load lands on
 whichever side happens to be running.
 
-Usage: ``.venv/bin/python bench/blk.py [--seconds 3] [--size-mb 256] [--smp 2] [--queues 1] [--rounds 2]``
+Usage: ``.venv/bin/python bench/blk.py [--seconds 3] [--size-mb 256] [--smp 2] [--queues 1] [--rounds 2]
+[--aio threads|native] [--skip-a|--skip-b]``
 """
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ class Result:
     p99: float
 
 
-def daemon_argv(which: str, image: Path, sock: Path, queues: int) -> list[str]:
-    """Identical qemu-storage-daemon syntax for both daemons."""
+def daemon_argv(which: str, image: Path, sock: Path, queues: int, aio: str = "threads") -> list[str]:
+    """Identical qemu-storage-daemon syntax for both daemons.
+
+    ``aio`` is the file node's ``aio=`` (``threads``, QEMU's default: a thread
+    pool of preadv/pwritev; ``native``: Linux AIO, which O_DIRECT allows).
+    """
     args = [
-        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=on",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=on,aio={aio}",
         "--blockdev", "driver=raw,node-name=disk0,file=file0",
         "--export",
         f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
@@ -87,7 +92,7 @@ async def run_one(which: str, image: Path, workdir: Path, args: argparse.Namespa
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     proc = await asyncio.create_subprocess_exec(
-        *daemon_argv(which, image, sock, args.queues), cwd=ROOT,
+        *daemon_argv(which, image, sock, args.queues, args.aio), cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     results: dict[str, Result] = {}
@@ -253,7 +258,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 f.write(chunk)
         if not args.skip_b:
             print(f"(b) Linux kit in QEMU TCG, -smp {args.smp}, vhost-user-blk num-queues={args.queues}, "
-                  f"raw {args.size_mb} MiB image, cache.direct=on, {args.seconds:g} s per workload, "
+                  f"raw {args.size_mb} MiB image, cache.direct=on, aio={args.aio} (both daemons), "
+                  f"{args.seconds:g} s per workload, "
                   f"best of {args.rounds} alternating rounds")
             ours: dict[str, Result] = {}
             qemu: dict[str, Result] = {}
@@ -280,6 +286,8 @@ def main() -> int:
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best of each is kept")
+    ap.add_argument("--aio", choices=("threads", "native"), default="threads",
+                    help="(b): the file node's aio= for both daemons (default threads, QEMU's default)")
     ap.add_argument("--skip-a", action="store_true", help="only part (b)")
     ap.add_argument("--skip-b", action="store_true", help="only part (a)")
     ap.add_argument("--dir", default=None, help="where to put the image (default: $TMPDIR)")

@@ -221,16 +221,28 @@ class RawBackend:
         is then redone through the checked (bouncing) path.
         """
         try:
-            return io.preadv_full(self._fd, bufs, offset)
+            if len(bufs) > io.IOV_MAX:
+                return io.preadv_full(self._fd, bufs, offset)
+            # One syscall nearly always does it; preadv_full only for the rest.
+            n = os.preadv(self._fd, bufs, offset)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-        return self._do_read(offset, bufs)
+            return self._do_read(offset, bufs)
+        if n == 0 or n == (bufs[0].nbytes if len(bufs) == 1 else io.total_len(bufs)):
+            return n
+        return n + io.preadv_full(self._fd, io.advance(list(bufs), n), offset + n)
 
     def _direct_write(self, offset: int, bufs: Sequence[memoryview]) -> int:
         """:meth:`_do_write` for O_DIRECT; alignment as in :meth:`_direct_read`."""
         try:
-            n = io.pwritev_full(self._fd, bufs, offset)
+            if len(bufs) > io.IOV_MAX:
+                n = io.pwritev_full(self._fd, bufs, offset)
+            else:
+                n = os.pwritev(self._fd, bufs, offset)
+                total = bufs[0].nbytes if len(bufs) == 1 else io.total_len(bufs)
+                if n < total:
+                    n += io.pwritev_full(self._fd, io.advance(list(bufs), n), offset + n)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
