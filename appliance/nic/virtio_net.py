@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -112,14 +113,15 @@ class RxWindow:
     Under bulk TCP a Linux guest receives 64 KiB GSO frames into ~4 KiB
     buffers, ~17 chains a frame, and per-chain Python work was most of the
     loop's CPU on that path. So chains are kept as parallel lists (heads,
-    sizes, views) with running byte totals (``ends``): taking a batch from the
-    ring extends them with list comprehensions, ``bisect`` on ``ends`` says how
-    many chains a frame filled, ``readv`` gets one slice of the views (only as
-    many chains as the largest frame needs, so a small frame's iovec stays
-    short), and the used elements go back in one call.
+    sizes, views) with running byte totals (``ends``), consumed from index
+    ``pos`` (views from ``vpos``) and compacted when a batch is added: taking
+    a batch from the ring extends them with list comprehensions, ``bisect``
+    on ``ends`` says how many chains a frame filled, ``readv`` gets one slice
+    of the views (only as many chains as the largest frame needs, so a small
+    frame's iovec stays short), and the used elements go back in one call.
     """
 
-    __slots__ = ("heads", "sizes", "nviews", "views", "ends", "base", "flat")
+    __slots__ = ("heads", "sizes", "nviews", "views", "ends", "base", "pos", "vpos", "flat", "plain")
 
     def __init__(self) -> None:
         self.heads: list[int] = []
@@ -127,17 +129,23 @@ class RxWindow:
         self.nviews: list[int] = []        # views per chain (1 for nearly every chain)
         self.views: list[memoryview] = []  # every chain's views, in order
         self.ends: list[int] = []          # running byte total at the end of each chain
-        self.base = 0                      # running total before the first chain
-        self.flat = True                   # every chain held has exactly one view
+        self.base = 0                      # running total before the first chain held
+        self.pos = 0                       # first chain held (those before are used)
+        self.vpos = 0                      # its first view
+        self.flat = True                   # every chain in the lists has exactly one view
+        # Without mergeable buffers each frame fills one whole chain: those
+        # chains wait here as the ring gave them.
+        self.plain: deque[Buffers] = deque()
 
     def __len__(self) -> int:
         """Chains held: all taken from the ring, none returned."""
-        return len(self.heads)
+        return len(self.heads) - self.pos + len(self.plain)
 
     @property
     def room(self) -> int:
         """Bytes of buffers held."""
-        return self.ends[-1] - self.base if self.ends else 0
+        ends = self.ends
+        return ends[-1] - self.base if len(ends) > self.pos else 0
 
     def fill(self, q: Virtqueue, want: int, batch: int) -> bool:
         """Take chains from the ring, a batch at a time, until ``want`` bytes are held.
@@ -149,11 +157,18 @@ class RxWindow:
             if not got:
                 break
             self._add(q, got)
-        return bool(self.heads)
+        return len(self.heads) > self.pos
 
     def _add(self, q: Virtqueue, got: list[Buffers]) -> None:
-        sizes = [c[2] for c in got]
-        if min(sizes) < C.HDR_LEN:
+        heads, sizes, nviews, views, ends = self.heads, self.sizes, self.nviews, self.views, self.ends
+        if self.pos:
+            pos = self.pos
+            del heads[:pos], sizes[:pos], nviews[:pos], ends[:pos], views[: self.vpos]
+            self.pos = self.vpos = 0
+            if not heads:
+                self.flat = True
+        new_sizes = [c[2] for c in got]
+        if min(new_sizes) < C.HDR_LEN:
             # Too small to hold even the header: hand those back unused.
             for c in got:
                 if c[2] < C.HDR_LEN:
@@ -161,55 +176,43 @@ class RxWindow:
             got = [c for c in got if c[2] >= C.HDR_LEN]
             if not got:
                 return
-            sizes = [c[2] for c in got]
-        nviews = [len(c[1]) for c in got]
-        self.heads += [c[0] for c in got]
-        self.sizes += sizes
-        self.nviews += nviews
-        if max(nviews) == 1:
-            self.views += [c[1][0] for c in got]
+            new_sizes = [c[2] for c in got]
+        new_nviews = [len(c[1]) for c in got]
+        heads += [c[0] for c in got]
+        sizes += new_sizes
+        nviews += new_nviews
+        if max(new_nviews) == 1:
+            views += [c[1][0] for c in got]
         else:
             self.flat = False
             for c in got:
-                self.views += c[1]
-        ends = self.ends
-        totals = accumulate(sizes, initial=ends[-1] if ends else self.base)
+                views += c[1]
+        totals = accumulate(new_sizes, initial=ends[-1] if ends else self.base)
         next(totals)
         ends += totals
 
     def reach(self, nbytes: int) -> int:
         """How many chains from the front it takes to hold ``nbytes`` (at most all held)."""
-        return min(bisect_left(self.ends, self.base + nbytes) + 1, len(self.ends))
+        pos = self.pos
+        return min(bisect_left(self.ends, self.base + nbytes, pos) + 1, len(self.ends)) - pos
 
     def views_of(self, chains: int) -> list[memoryview]:
-        """The views of the first ``chains`` chains, in order."""
+        """The views of the first ``chains`` chains held, in order."""
+        vpos = self.vpos
         if self.flat:
-            return self.views[:chains]
-        return self.views[: sum(self.nviews[:chains])]
+            return self.views[vpos : vpos + chains]
+        return self.views[vpos : vpos + sum(self.nviews[self.pos : self.pos + chains])]
 
     def take(self, q: Virtqueue, used: int, n: int) -> None:
         """Return the first ``used`` chains to the driver holding ``n`` bytes (the last one the rest)."""
-        heads, sizes, nviews, ends = self.heads, self.sizes, self.nviews, self.ends
-        if used == 1:
-            # Nearly every frame that is not a GSO one: no slices.
-            q.push_used(heads[0], n)
-            self.base = ends[0]
-            if self.flat:
-                del self.views[0]
-            else:
-                del self.views[: nviews[0]]
-            del heads[0], sizes[0], nviews[0], ends[0]
-            if not heads:
-                self.flat = True
-            return
-        lens = sizes[:used]
-        lens[-1] = n - (ends[used - 2] - self.base if used > 1 else 0)
-        q.push_used_many(heads[:used], lens)
-        nv = used if self.flat else sum(nviews[:used])
-        self.base = ends[used - 1]
-        del heads[:used], sizes[:used], nviews[:used], ends[:used], self.views[:nv]
-        if not heads:
-            self.flat = True
+        pos, ends = self.pos, self.ends
+        stop = pos + used
+        lens = self.sizes[pos:stop]
+        lens[-1] = n - (ends[stop - 2] - self.base if used > 1 else 0)
+        q.push_used_many(self.heads[pos:stop], lens)
+        self.vpos += used if self.flat else sum(self.nviews[pos:stop])
+        self.base = ends[stop - 1]
+        self.pos = stop
 
     def clear(self) -> None:
         self.heads.clear()
@@ -217,8 +220,9 @@ class RxWindow:
         self.nviews.clear()
         self.views.clear()
         self.ends.clear()
-        self.base = 0
+        self.base = self.pos = self.vpos = 0
         self.flat = True
+        self.plain.clear()
 
 
 class RxFilter:
@@ -532,7 +536,10 @@ class VirtioNet(VirtioDevice):
         if not self._queues or self.needs_reset:
             return
         try:
-            self._rx_batch(pair)
+            if self.has_feature(C.F_MRG_RXBUF):
+                self._rx_batch(pair)
+            else:
+                self._rx_plain(pair)
         except QueueError as err:
             guest_error_log.warning("virtio-net: rx queue %d broken: %s", 2 * pair, err)
             self._set_rx_armed(pair, False)
@@ -543,30 +550,39 @@ class VirtioNet(VirtioDevice):
         backend = self.backends[pair]
         recv_into = backend.recv_into
         win = self._rx_windows[pair]
-        mergeable = self.has_feature(C.F_MRG_RXBUF)
         passthrough = self.passthrough_hdr
         flt = self.filter
         hdr_len = C.HDR_LEN
-        want = self._max_rx_frame if mergeable else 1
-        sizes = win.sizes
+        want = self._max_rx_frame
+        # The window's lists change in place only, so these stay its own.
+        heads, sizes, ends, views = win.heads, win.sizes, win.ends, win.views
+        push_used = q.push_used
         pending = self._rx_pending
         frames = nbytes = dropped = filtered = 0
         drained = False
+        # The window's place, kept in locals for the per-frame path and
+        # written back before any RxWindow method runs and on the way out.
+        pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
         try:
             while True:
-                if win.room < want:
-                    if not win.fill(q, want, RX_BATCH):
-                        # Out of buffers: pause the backend until the guest posts more
-                        # (re-checking after re-arming, as §2.7.10 asks).
-                        if not q.enable_notification() or not win.fill(q, want, RX_BATCH):
-                            self._set_rx_armed(pair, False)
-                            break
-                    if mergeable and (win.room < want or pending[pair]):
+                if len(ends) == pos or ends[-1] - base < want:
+                    win.pos, win.vpos, win.base = pos, vpos, base
+                    ok = win.fill(q, want, RX_BATCH)
+                    # Out of buffers: pause the backend until the guest posts more
+                    # (re-checking after re-arming, as §2.7.10 asks).
+                    if not ok:
+                        ok = q.enable_notification() and win.fill(q, want, RX_BATCH)
+                    pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
+                    if not ok:
+                        self._set_rx_armed(pair, False)
+                        break
+                    if win.room < want or pending[pair]:
                         # Fewer buffers posted than the largest frame needs:
                         # go through the staging buffer so a frame that does
                         # not fit yet waits instead of being lost. A frame
                         # already waiting there goes first, however much came.
                         got = self._rx_staged(pair, q, win)
+                        pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
                         if got > 0:
                             frames += 1
                             nbytes += got - hdr_len
@@ -576,16 +592,13 @@ class VirtioNet(VirtioDevice):
                         elif got == _RX_HELD:
                             break
                         continue
-                len0 = sizes[0]
-                if mergeable:
-                    # Only as many chains as the largest frame needs: a
-                    # small frame's iovec stays short.
-                    k = win.reach(want)
-                    bufs = win.views_of(k)
-                    room = win.ends[k - 1] - win.base
-                else:
-                    bufs = win.views_of(1)
-                    room = len0
+                len0 = sizes[pos]
+                # Only as many chains as the largest frame needs (the window
+                # holds at least that much here): a small frame's iovec
+                # stays short.
+                end = bisect_left(ends, base + want, pos) + 1
+                bufs = views[vpos : vpos + end - pos] if flat else win.views_of(end - pos)
+                room = ends[end - 1] - base
                 if passthrough:
                     n = recv_into(bufs)
                 else:
@@ -603,10 +616,10 @@ class VirtioNet(VirtioDevice):
                 if not flt.promisc and not flt.accepts(gather(skip_bytes(bufs, hdr_len), 6)):
                     filtered += 1
                     continue
-                used = 1 if n <= len0 else win.reach(n)
+                used = 1 if n <= len0 else bisect_left(ends, base + n, pos) + 1 - pos
                 if not passthrough:
                     scatter(bufs, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, used))
-                elif mergeable:
+                else:
                     # The tap wrote num_buffers = 0 or 1; only we know how many we used.
                     w0 = bufs[0]
                     if len(w0) >= hdr_len:
@@ -614,7 +627,81 @@ class VirtioNet(VirtioDevice):
                         w0[11] = used >> 8
                     else:
                         scatter(skip_bytes(bufs, 10), used.to_bytes(2, "little"))
-                win.take(q, used, n)
+                if used == 1 and flat:
+                    # Nearly every frame that is not a GSO one, inline.
+                    push_used(heads[pos], n)
+                    base = ends[pos]
+                    pos += 1
+                    vpos += 1
+                else:
+                    win.pos, win.vpos, win.base = pos, vpos, base
+                    win.take(q, used, n)
+                    pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
+                frames += 1
+                nbytes += n - hdr_len
+        finally:
+            win.pos, win.vpos, win.base = pos, vpos, base
+            st = self.stats[pair]
+            st.rx_frames += frames
+            st.rx_bytes += nbytes
+            st.rx_dropped += dropped
+            st.rx_filtered += filtered
+        if drained and pair < self._active_pairs:
+            # Buffers left and nothing to read: wake us when frames come.
+            self._set_rx_armed(pair, True)
+        if frames:
+            self._notify(2 * pair)
+
+    def _rx_plain(self, pair: int) -> None:
+        """Receive without mergeable buffers: each frame fills the first chain (§5.1.6.3.1)."""
+        q = self._queues[2 * pair]
+        recv_into = self.backends[pair].recv_into
+        plain = self._rx_windows[pair].plain
+        passthrough = self.passthrough_hdr
+        flt = self.filter
+        hdr_len = C.HDR_LEN
+        push_used = q.push_used
+        frames = nbytes = dropped = filtered = 0
+        drained = False
+        try:
+            while True:
+                if not plain:
+                    got = q.pop_buffers(RX_BATCH, True)
+                    if not got:
+                        # Out of buffers: pause the backend until the guest posts more
+                        # (re-checking after re-arming, as §2.7.10 asks).
+                        if not q.enable_notification() or not (got := q.pop_buffers(RX_BATCH, True)):
+                            self._set_rx_armed(pair, False)
+                            break
+                    for chain in got:
+                        if chain[2] < hdr_len:
+                            # Too small to hold even the header: hand it back unused.
+                            push_used(chain[0], 0)
+                        else:
+                            plain.append(chain)
+                    continue
+                head, bufs, room = plain[0]
+                if passthrough:
+                    n = recv_into(bufs)
+                else:
+                    n = recv_into(skip_bytes(bufs, hdr_len))
+                    if n >= 0:
+                        n += hdr_len
+                if n < 0:
+                    drained = True
+                    break
+                if n > room or n < hdr_len + 14:
+                    # Larger than the buffer (or a runt): the tail is lost, so
+                    # the frame is dropped and the buffer reused.
+                    dropped += 1
+                    continue
+                if not flt.promisc and not flt.accepts(gather(skip_bytes(bufs, hdr_len), 6)):
+                    filtered += 1
+                    continue
+                if not passthrough:
+                    scatter(bufs, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, 1))
+                plain.popleft()
+                push_used(head, n)
                 frames += 1
                 nbytes += n - hdr_len
         finally:
