@@ -129,12 +129,18 @@ def _pwritev_full(fd: int, views: Sequence[Any], off: int) -> None:
         views = rest
 
 
-def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, n: int) -> None:
+def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, n: int,
+               serialize: Any = None) -> None:
     """Copy ``n`` bytes between files at the given offsets without a user-space copy.
 
     copy_file_range, or, where the kernel or file system refuses it, pread and
     pwrite; bytes the source no longer has (it shrank) are written as zeroes.
+    ``serialize``: a lock held for the copy.
     """
+    if serialize is not None:
+        with serialize:
+            copy_range(src_fd, src, dst_fd, dst, n)
+        return
     end = dst + n
     try:
         while dst < end:
@@ -1251,23 +1257,27 @@ class Qcow2Image:
         inf.fut.set_result(None)
         return True
 
-    async def write_from_file(self, offset: int, fd: int, src: int, n: int) -> bool:
+    async def write_from_file(self, offset: int, fd: int, src: int, n: int,
+                              serialize: Any = None) -> bool:
         """Copy ``n`` bytes at ``src`` of file ``fd`` into guest [offset, +n) in the kernel.
 
         For ``convert``: the bytes go from the source's page cache into this
         image's with copy_file_range (one copy, none through user space). Only
         the :meth:`_fast_alloc_run` case (whole host-less clusters, buffered
         I/O); returns False, having changed nothing, when the caller must read
-        the bytes and :meth:`writev` them instead.
+        the bytes and :meth:`writev` them instead. ``serialize``: a
+        threading.Lock the copy holds in its pool thread, so that copies the
+        caller queues back to back run one at a time without a loop round
+        trip between them.
         """
         self._check_writable()
         if (n <= 0 or self._direct or self._aio is not None or self._writethrough
                 or self._lock.locked() or not self._l2):
             return False
-        return await self._fast_alloc_run(offset, None, n, (fd, src))
+        return await self._fast_alloc_run(offset, None, n, (fd, src, serialize))
 
     async def _fast_alloc_run(self, offset: int, buf: memoryview | None, n: int,
-                              src: tuple[int, int] | None = None) -> bool:
+                              src: tuple[int, int, Any] | None = None) -> bool:
         """Allocate a run of whole clusters and write into it with one pwritev.
 
         :meth:`_fast_alloc_write` for a large sequential write (convert,
@@ -1331,7 +1341,7 @@ class Qcow2Image:
             if src is None:
                 await self._data_write([buf], host, n)
             else:
-                await _iorun(copy_range, src[0], src[1], self._dfd, host, n)
+                await _iorun(copy_range, src[0], src[1], self._dfd, host, n, src[2])
             if host + n > self._written_end:
                 self._written_end = host + n
                 if host + n > self.file_size:

@@ -331,11 +331,13 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             return list(await _iorun(_copy_file_chunk, sfd, host, dst_fd, start, length, gran,
                                      file_lock))
         runs: list[tuple[int, int]] = await _iorun(_scan_file, sfd, host, length, gran)
-        async with write_lock:
-            for a, b in runs:
-                if not await dst.write_from_file(start + a, sfd, host + a, b - a):
-                    piece = memoryview(bytearray(b - a))
-                    await _iorun(copy_into, sfd, host + a, piece)
+        # The copies queue in the pool and take file_lock there one after the
+        # other: the next starts as one ends, not after a trip through the loop.
+        for a, b in runs:
+            if not await dst.write_from_file(start + a, sfd, host + a, b - a, file_lock):
+                piece = memoryview(bytearray(b - a))
+                await _iorun(copy_into, sfd, host + a, piece)
+                async with write_lock:
                     await dst.writev(start + a, [piece])
         return runs
 
