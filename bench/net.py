@@ -252,17 +252,23 @@ async def inner(sizes: dict[str, int], runs: int, seconds: int, parts: str, qemu
 async def inner_b(sizes: dict[str, int], runs: int, qemu_intx: bool) -> None:
     tmp = Path("/tmp")
     results: dict[str, list[dict[str, float]]] = {"appliance": [], "qemu": []}
-    for _ in range(runs):
-        for kind in ("appliance", "qemu"):
+    for i in range(runs):
+        # Alternate which side goes first, so a drift in the machine's load
+        # (other jobs on a shared host) does not always favour one side.
+        order = ("appliance", "qemu") if i % 2 == 0 else ("qemu", "appliance")
+        for kind in order:
             results[kind].append(await one_run(kind, sizes, tmp, qemu_intx))
     irq = "both INTx" if qemu_intx else "appliance INTx, QEMU MSI-X"
     what = ", ".join(f"{name} {mb} MiB" for name, mb in sizes.items())
     print(f"\n(b) Linux kit in QEMU TCG, TCP through virtio-net ({what}), median of {runs} ({irq})")
-    print(f"{'metric':<28}{'appliance':>12}{'qemu':>12}{'ratio':>8}")
+    print(f"{'metric (Gbit/s)':<28}{'appliance':>12}{'qemu':>12}{'ratio':>8}   "
+          f"{'appliance min-max':>18}{'qemu min-max':>16}")
     for metric in results["appliance"][0]:
-        a = statistics.median(r[metric] for r in results["appliance"])
-        q = statistics.median(r[metric] for r in results["qemu"])
-        print(f"{metric:<28}{a:>12.3f}{q:>12.3f}{a / q:>8.2f}")
+        av = [r[metric] for r in results["appliance"]]
+        qv = [r[metric] for r in results["qemu"]]
+        a, q = statistics.median(av), statistics.median(qv)
+        print(f"{metric.removesuffix('_gbps'):<28}{a:>12.3f}{q:>12.3f}{a / q:>8.2f}   "
+              f"{min(av):>8.3f}-{max(av):<9.3f}{min(qv):>7.3f}-{max(qv):.3f}")
 
 
 def main() -> int:
