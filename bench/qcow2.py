@@ -17,7 +17,18 @@ Converts run both tools at their defaults, which match: source through the
 page cache (-T writeback), target -t unsafe (page cache, no flush at the end);
 strace shows neither side opening O_DIRECT or calling fsync/fdatasync. Both
 spend most of a convert in the kernel copying into fresh page-cache pages,
-whose cost on this VM swings 1-4x between runs for either tool.
+whose cost on this VM swings 1-4x between runs for either tool: the guest
+reports freed memory to the host (virtio-balloon free page reporting), and a
+page the host took back costs a host fault on first touch. A run straight
+after a large file was deleted gets back pages still backed. So both tools
+write one output path (each run deletes the previous run's output, whoever
+wrote it) and the order flips every round; with separate outputs ours always
+followed qemu-img's run and was 2-3x slower in sys time for that alone.
+qemu-img reads into 2 MiB buffers and writes them (two copies, on two
+cores); ours scans the source through a read-only mapping for zero blocks
+and copies the data runs with copy_file_range (one copy, qemu-img's ``-C``
+mechanism, but keeping ``-S`` sparse detection), so it uses less CPU but
+has one core's worth of copying to do in series.
 
 Usage: .venv/bin/python bench/qcow2.py [--quick] [--only REGEX] [--repeat N]
        [--convert-size 2G] [--compress-size 512M] [--seconds 2] [--dir DIR]
