@@ -187,10 +187,13 @@ class HostSocket:
             return
         if data:
             self._nat._guard(conn.host_data, data)
+            self._nat.net.deliver_now()
         else:
-            self._stop_reading()  # keep our half open: TCP half-close
+            # The guest waits for this FIN: it goes to the device before we stop reading
+            # (keeping our half open: TCP half-close).
             self._nat._guard(conn.host_eof)
-        self._nat.net.deliver_now()
+            self._nat.net.deliver_now()
+            self._stop_reading()
 
     def _write_ready(self) -> None:
         try:
