@@ -9,6 +9,7 @@ stderr and exit status 2, like QEMU's option errors.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from appliance.errors import ConfigError
@@ -51,12 +52,37 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:
-        return int(module.main(rest) or 0)
+        code = int(module.main(rest) or 0)
     except ConfigError as err:
         print(f"appliance {name}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    if argv is None and getattr(module, "EXIT_WITHOUT_TEARDOWN", False):
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown.
+
+    For commands that have closed everything they own by the time they
+    return (`appliance run`: the VM, its files, sockets and threads): what
+    is left, clearing every module and collecting the heap, took ~12 ms of
+    the time from the guest's power-off to the exit status here. Only for
+    the process's own command (``argv is None``), never for callers in
+    the same interpreter.
+    """
+    if "logging" in sys.modules:
+        import logging
+
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 PROG = "appliance run"
+# Everything is closed when main() returns (see appliance.cli.main._exit_now).
+EXIT_WITHOUT_TEARDOWN = True
 
 
 class RunArgs:
