@@ -6,6 +6,9 @@ import asyncio
 import socket
 import struct
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nat import tcp as tcpmod
 from appliance.nat.tcp_nat import _NullOwner
@@ -155,3 +158,34 @@ def test_sack_option_parsing_is_bounded() -> None:
     assert tcpmod.parse_sack(b"\x05\x12" + bytes(8)) == []  # longer than the options
     assert tcpmod.parse_sack(b"\x01\x01\x05") == []
     assert tcpmod.parse_options(MSS_OPT + b"\x04\x02") == (1460, None, True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blocks=st.lists(st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF)), max_size=4),
+    junk=st.binary(max_size=12),
+    ack=st.integers(0, 60_000),
+)
+def test_hostile_sack_blocks_stay_bounded(blocks: list[tuple[int, int]], junk: bytes, ack: int) -> None:
+    """Any SACK option, well formed or not, leaves a sorted, bounded scoreboard inside the flight."""
+
+    async def run() -> None:
+        net = UserNetwork(UserNetConfig(nameservers=()))
+        conn = established(net, sack=True, sent=50_000)
+        edges = [e for b in blocks for e in b]
+        opts = b""
+        if edges:
+            opts = b"\x01\x01\x05" + bytes([2 + 4 * len(edges)]) + struct.pack(f"!{len(edges)}I", *edges)
+        for _ in range(3):
+            before = net.counters()["tcp_retransmits"]
+            guest_ack(conn, min(ack, 1 + 50_000), 3000, opts + junk)
+            board = conn._sacked
+            assert len(board) <= tcpmod.MAX_SACK_BLOCKS
+            assert all(conn.snd_una < left < right <= conn.snd_max for left, right in board)
+            assert all(a[1] < b[0] for a, b in zip(board, board[1:], strict=False))
+            assert net.counters()["tcp_retransmits"] - before <= tcpmod.SACK_RTX_BURST + 1
+            drain(net)
+        assert net.counters()["errors"] == 0
+        conn._finish()
+
+    asyncio.run(run())
