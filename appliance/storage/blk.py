@@ -1,11 +1,14 @@
 """virtio-blk: a BlockBackend presented to the guest as a disk (virtio 1.2 §5.2).
 
 A kick drains the queue: each chain is parsed (:mod:`blk_request`) and, if
-valid, executed as its own asyncio task, so many requests are in flight
-across the backend's thread pool at once. Completions write the status
-byte, go onto the used ring, and one deferred callback per loop iteration
-raises at most one interrupt for everything completed meanwhile (when the
-driver wants one: EVENT_IDX / NO_INTERRUPT). Queues are independent: each
+valid, started at once, so many requests are in flight across the backend's
+thread pool (or kernel AIO context) together. Reads and writes on a backend
+with a callback form (``start_rw``: O_DIRECT raw images) go through it with
+no coroutine or future per request; everything else runs as a coroutine
+stepped by the device (``_step``). Completions write the status byte and go
+onto the used ring; the interrupt for a batch of completions is raised once
+(when the driver wants one: EVENT_IDX / NO_INTERRUPT), at once when nothing
+else is in flight on that queue. Queues are independent: each
 has its own counters (``stats[i]``), which tests use to show that every
 queue carries I/O.
 
