@@ -66,8 +66,8 @@ _IOCB = struct.Struct("<QIiHhIQQqQII")
 assert _IOCB.size == 64
 
 # A completion callback: ``done(token, result, error)`` with the byte count, or
-# 0 and the OSError.
-Done = Callable[[Any, int, "OSError | None"], None]
+# 0 and the OSError (asyncio.CancelledError when the context closed first).
+Done = Callable[[Any, int, "BaseException | None"], None]
 
 
 class _IoEvent(ctypes.Structure):
@@ -306,10 +306,11 @@ class LinuxAio:
             if done is _resolve:
                 token.cancel()
             else:
-                done(token, 0, OSError(errno.ECANCELED, "the AIO context was closed"))
+                # As a waiter's future is cancelled: the request is dropped, not failed.
+                done(token, 0, asyncio.CancelledError())
 
 
-def _resolve(fut: asyncio.Future[int], res: int, err: OSError | None) -> None:
+def _resolve(fut: asyncio.Future[int], res: int, err: BaseException | None) -> None:
     if fut.done():
         return  # cancelled by its waiter
     if err is None:

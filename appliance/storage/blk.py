@@ -326,6 +326,11 @@ class VirtioBlk(VirtioDevice):
         st = self.stats[qi]
         st["in_flight"] -= 1
         self._finished()
+        if isinstance(err, asyncio.CancelledError):
+            # The backend closed under it (shutting down): left unanswered,
+            # as a cancelled coroutine's request is, so a front end that
+            # reconnects to a new back end gets it resubmitted (inflight area).
+            return
         if err is None and n >= req.data_len:
             if req.type == VIRTIO_BLK_T_IN:
                 st["read_bytes"] += n

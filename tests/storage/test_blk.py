@@ -402,3 +402,22 @@ async def test_kernel_errors_on_the_o_direct_data_path_give_ioerr(tmp_path: Path
         assert rig.dev.stats[0]["errors"] == 1 and rig.dev.in_flight == 0
         await rig.close()
         await backend.close()
+
+
+async def test_a_request_in_flight_when_native_aio_closes_is_left_unanswered(tmp_path: Path) -> None:
+    """Closing the backend (daemon shutdown) drops what it had in flight, as a
+    cancelled wait does: no IOERR reaches the guest, so a front end that
+    reconnects to a new back end gets the request resubmitted."""
+    path = tmp_path / "native.raw"
+    path.write_bytes(pattern(DISK_SIZE, seed=7))
+    backend = RawBackend(path, cache="none", aio="native")
+    rig = BlkRig(backend, mem=GuestMemory.anonymous([(0, 8 << 20)]))
+    rig.submit(VIRTIO_BLK_T_IN, 0, read_len=4096)
+    assert rig.dev.in_flight == 1
+    backend.close_now()  # io_destroy waits the read out; its completion is never reaped
+    assert rig.dev.in_flight == 0
+    await asyncio.wait_for(rig.dev.quiesce(), 5)
+    await asyncio.sleep(0.01)
+    assert rig.drv.queues[0].pending() == 0
+    assert rig.dev.stats[0]["errors"] == 0
+    await rig.close()
