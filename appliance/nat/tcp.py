@@ -27,6 +27,7 @@ import asyncio
 import os
 import struct
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.nat.frames import ETH_HLEN, IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
@@ -111,50 +112,43 @@ def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None, boo
     RFC 2018 §2); malformed → ignored."""
     mss = wscale = None
     sack = False
-    i = 0
-    while i < len(opts):
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(opts):
-            break
-        length = opts[i + 1]
-        if length < 2 or i + length > len(opts):
-            break
+    for kind, i, length in _options(opts):
         if kind == 2 and length == 4:
             mss = int.from_bytes(opts[i + 2 : i + 4], "big")
         elif kind == 3 and length == 3:
             wscale = min(opts[i + 2], 14)  # RFC 7323 §2.3: larger shifts are treated as 14
         elif kind == 4 and length == 2:
             sack = True
-        i += length
     return mss, wscale, sack
 
 
 def parse_sack(opts: bytes | memoryview) -> list[tuple[int, int]]:
     """The (left, right) wire edges of a SACK option (RFC 2018 §3); malformed → none."""
+    for kind, i, length in _options(opts):
+        if kind == 5 and length >= 10 and (length - 2) % 8 == 0:
+            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
+            return list(zip(edges[0::2], edges[1::2], strict=True))
+    return []
+
+
+def _options(opts: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
+    """(kind, offset, length) of each option before End of List or the first malformed one (RFC 9293 §3.1)."""
     i = 0
     n = len(opts)
     while i < n:
         kind = opts[i]
         if kind == 0:
-            break
+            return
         if kind == 1:
             i += 1
             continue
         if i + 1 >= n:
-            break
+            return
         length = opts[i + 1]
         if length < 2 or i + length > n:
-            break
-        if kind == 5 and length >= 10 and (length - 2) % 8 == 0:
-            edges = struct.unpack_from(f"!{(length - 2) // 4}I", opts, i + 2)
-            return list(zip(edges[0::2], edges[1::2], strict=True))
+            return
+        yield kind, i, length
         i += length
-    return []
 
 
 def unwrap(wire: int, base: int, ref: int) -> int:
