@@ -476,7 +476,7 @@ class SocketBackend:
                 if cfg.path is not None:
                     path = os.fspath(cfg.path)
                     with contextlib.suppress(FileNotFoundError):
-                        if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        if stat.S_ISSOCK(os.stat(path).st_mode):
                             os.unlink(path)
                     self._server = await asyncio.start_unix_server(self._on_client, path=path)
                 else:
