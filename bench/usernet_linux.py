@@ -53,13 +53,17 @@ METRICS = ("guest_to_host_gbps", "host_to_guest_gbps", "connections_per_s")
 # The process whose CPU time is the stack's, per stack: ours is the net-daemon; libslirp runs
 # in QEMU's main thread (with the rest of QEMU's device emulation), passt is its own process.
 STACK_TASK: dict[str, str] = {}
+# QEMU's main thread, per stack: for ours and passt it turns their interrupt eventfds into guest
+# interrupts (and takes passt's frames); its CPU is part of what a connection costs the host.
+QEMU_MAIN: dict[str, str] = {}
+# --profile: py-spy samples our net-daemon during the connection rows (collapsed stacks).
+PROFILE: list[Path] = []
 
 
 def cpu_seconds(task: str) -> float:
-    """utime + stime of a /proc task (``PID`` or ``PID/task/TID``), in seconds."""
-    with open(f"/proc/{task}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time a /proc task (``PID`` or ``PID/task/TID``) has run, in seconds (schedstat: ns, not ticks)."""
+    with open(f"/proc/{task}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def free_port() -> int:
@@ -183,13 +187,26 @@ class Rig:
             sink.accepts.clear()
             task = STACK_TASK.get(self.kind)
             cpu0 = cpu_seconds(task) if task else 0.0
+            qemu = QEMU_MAIN.get(self.kind)
+            qcpu0 = cpu_seconds(qemu) if qemu else 0.0
+            spy = None
+            if PROFILE and self.kind == "appliance" and task:
+                spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "1000",
+                           "-f", "raw", "-o", str(PROFILE[0]), "-p", task]  # fmt: skip
+                spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                await asyncio.sleep(0.5)
             await g.run(
                 f"i=0; while [ $i -lt {conns} ]; do nc {gw} {sink.port} </dev/null; i=$((i+1)); done", timeout=600
             )
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait()
             acc = sink.accepts
             out["connections_per_s"] = (len(acc) - 1) / (acc[-1] - acc[0]) if len(acc) > 1 else 0.0
             if task:
                 out["stack_cpu_ms_per_conn"] = (cpu_seconds(task) - cpu0) * 1e3 / max(len(acc), 1)
+            if qemu:
+                out["qemu_main_cpu_ms_per_conn"] = (cpu_seconds(qemu) - qcpu0) * 1e3 / max(len(acc), 1)
         return out
 
 
@@ -215,8 +232,10 @@ async def main_async(
                 tmp.chmod(0o1777)
                 args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all, pcap))
                 g = await ex.enter_async_context(TcgGuest(args, machine="q35"))
-                if k == "libslirp" and g.proc is not None:
-                    STACK_TASK[k] = f"{g.proc.pid}/task/{g.proc.pid}"  # QEMU's main thread
+                if g.proc is not None:
+                    QEMU_MAIN[k] = f"{g.proc.pid}/task/{g.proc.pid}"
+                    if k == "libslirp":
+                        STACK_TASK[k] = QEMU_MAIN[k]
                 await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
                 rigs.append(Rig(k, g, sink, fwd_port))
             for rnd in range(rounds):
@@ -233,9 +252,10 @@ async def main_async(
                 await rig.g.poweroff()
     nic = "INTx on every NIC" if intx_all else "ours INTx (vectors=0), others QEMU's default MSI-X"
     print(f"\nLinux kit in QEMU TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
-    header = f"{'metric':<22}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
+    header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
-    rows = metrics + (["stack_cpu_ms_per_conn"] if "connections_per_s" in metrics else [])
+    per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn"]
+    rows = metrics + (per_conn if "connections_per_s" in metrics else [])
     for metric in rows:
         vals = {
             k: statistics.median(r[metric] for r in results[k].values() if metric in r)
@@ -243,7 +263,7 @@ async def main_async(
             else float("nan")
             for k in kinds
         }
-        row = f"{metric:<22}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
+        row = f"{metric:<26}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
         for k in kinds[1:]:
             # Paired: the ratio within each round, then the median over rounds.
             ours = results["appliance"]
@@ -252,6 +272,7 @@ async def main_async(
         print(row)
     if "connections_per_s" in metrics:
         print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
+        print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
 
@@ -265,6 +286,7 @@ def main() -> int:
     p.add_argument("--only", default=",".join(METRICS), help="comma-separated metrics to measure")
     p.add_argument("--no-passt", action="store_true", help="compare with libslirp only")
     p.add_argument("--pcap", type=Path, help="capture each stack's frames to DIR/<stack>.pcap (filter-dump)")
+    p.add_argument("--profile", type=Path, help="py-spy our net-daemon in the connection rows (collapsed stacks)")
     a = p.parse_args()
     only = frozenset(a.only.split(","))
     if not only <= set(METRICS):
@@ -272,6 +294,8 @@ def main() -> int:
     if a.pcap:
         a.pcap.mkdir(parents=True, exist_ok=True)
         a.pcap = a.pcap.resolve()
+    if a.profile:
+        PROFILE.append(a.profile.resolve())
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
     return 0

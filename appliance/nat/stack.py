@@ -316,6 +316,11 @@ class UserNetwork:
             self.deliver_now()
         return True
 
+    @property
+    def in_send(self) -> bool:
+        """True while :meth:`send` is handling a guest frame."""
+        return self._in_send
+
     def urgent(self) -> None:
         """What was just queued answers something the guest waits on (a SYN-ACK to its connect()).
 

@@ -194,3 +194,83 @@ async def test_syn_ack_reaches_the_device_before_send_returns() -> None:
                 raise AssertionError("no connect finished inside connect()")
     finally:
         await net.stop()
+
+
+async def test_host_socket_is_watched_after_the_syn_ack_leaves() -> None:
+    """Inside send() the SYN-ACK goes to the device first; the socket is watched on the next loop turn."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    seen: list[int] = []
+
+    def ready() -> None:
+        seen.append(len(net.tcp._attaching))
+        drain(net)
+
+    net.set_ready_callback(ready)
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            for i in range(5):
+                net.send([memoryview(syn(lsock.getsockname()[1], sport=40300 + i))])
+                if net.tcp._pending:
+                    continue  # the host kernel deferred the handshake (a loaded machine)
+                assert seen and seen[-1] == 1, "the SYN-ACK left before the socket was watched"
+                conn = next(c for c in net.tcp.conns.values() if c.gport == 40300 + i)
+                assert conn.transport is None
+                await asyncio.sleep(0)
+                assert not net.tcp._attaching and conn.transport is not None
+                break
+            else:
+                raise AssertionError("no connect finished inside connect()")
+    finally:
+        await net.stop()
+
+
+async def test_guest_reset_before_the_socket_is_watched_closes_it() -> None:
+    """A RST right behind the SYN (same loop turn) ends the connection; the connected socket is closed."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            for i in range(5):
+                sport = 40400 + i
+                net.send([memoryview(syn(port, sport=sport))])
+                if not net.tcp._attaching:
+                    await asyncio.sleep(0.05)
+                    continue  # the host kernel deferred the handshake (a loaded machine)
+                sock = next(iter(net.tcp._attaching.values()))
+                frames = drain(net)
+                their_seq = int.from_bytes(frames[0][38:42], "big")
+                net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, their_seq + 1, RST, 0))])
+                assert not net.tcp.conns
+                await asyncio.sleep(0)
+                assert not net.tcp._attaching and sock.fileno() == -1
+                assert net.counters()["errors"] == 0
+                break
+            else:
+                raise AssertionError("no connect finished inside connect()")
+    finally:
+        await net.stop()
+
+
+async def test_stop_closes_sockets_not_yet_watched() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        for i in range(5):
+            net.send([memoryview(syn(lsock.getsockname()[1], sport=40500 + i))])
+            if net.tcp._attaching:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            await net.stop()
+            raise AssertionError("no connect finished inside connect()")
+        socks = list(net.tcp._attaching.values())
+        await net.stop()
+        assert not net.tcp._attaching and all(s.fileno() == -1 for s in socks)
