@@ -227,6 +227,18 @@ def test_bench_runs_and_leaves_a_clean_image(tmp_path: Path) -> None:
     assert "500 read requests" in r.stdout
 
 
+def test_bench_buffer_per_request_writes_the_pattern_from_every_slot(tmp_path: Path) -> None:
+    p = tmp_path / "b.qcow2"
+    img("create", "-q", "-f", "qcow2", str(p), "16M")
+    # 64 requests of 64 KiB from 16 slots, each slot with its own buffer: all carry the pattern.
+    img("bench", "-w", "-c", "64", "-d", "16", "-s", "64k", "--pattern=0x6c",
+        "--buffer-per-request", "-t", "none", "-i", "native", str(p))
+    check_clean(p)
+    qemu_io(p, "read -P 0x6c 0 4M", "read -P 0 4M 12M")
+    img("bench", "-c", "64", "-d", "16", "-s", "64k", "--buffer-per-request", "-t", "none",
+        "-i", "threads", str(p))
+
+
 def test_bad_option_value_exits_2_with_one_line(tmp_path: Path) -> None:
     r = img("create", "-f", "qcow2", "-o", "cluster_size=3k", str(tmp_path / "x"), "1M",
             check=False)
