@@ -184,14 +184,16 @@ class HostSocket:
             return
         if conn is None or conn.state == CLOSED:
             return
+        net = self._nat.net
+        net.hold()
         if data:
             self._nat._guard(conn.host_data, data)
-            self._nat.net.deliver_now()
+            net.release()
         else:
             # The guest waits for this FIN: it goes to the device before we stop reading
             # (keeping our half open: TCP half-close).
             self._nat._guard(conn.host_eof)
-            self._nat.net.deliver_now()
+            net.release()
             self._stop_reading()
 
     def _write_ready(self) -> None:

@@ -274,3 +274,47 @@ async def test_stop_closes_sockets_not_yet_watched() -> None:
         socks = list(net.tcp._attaching.values())
         await net.stop()
         assert not net.tcp._attaching and all(s.fileno() == -1 for s in socks)
+
+
+async def test_frames_from_a_host_event_reach_the_device_in_it_without_a_loop_callback() -> None:
+    """The host's data and then its EOF (our FIN) are each handed to the device inside the socket
+    event that produced them; no wake-up is left scheduled for a later turn."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    got: list[tuple[int, bool]] = []
+
+    def ready() -> None:
+        for f in drain(net):
+            got.append((tcp_flags(f), net._ready_scheduled))
+
+    net.set_ready_callback(ready)
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            net.send([memoryview(syn(port, sport=40700))])
+            async with asyncio.timeout(5):
+                while not got:
+                    await asyncio.sleep(0.001)
+            assert got[0][0] == SYN | ACK
+            conn = next(iter(net.tcp.conns.values()))
+            iss = conn.iss
+            net.send([memoryview(tcp_frame(GUEST_IP, 40700, GW_IP, port, 5001, iss + 1, ACK, 0xFFFF))])
+            host, _ = lsock.accept()
+            with host:
+                await asyncio.sleep(0.01)
+                got.clear()
+                host.sendall(b"hello")
+                async with asyncio.timeout(5):
+                    while not got:
+                        await asyncio.sleep(0)
+                assert got == [(ACK | 0x08, False)]
+                host.shutdown(socket.SHUT_WR)
+                async with asyncio.timeout(5):
+                    while len(got) < 2:
+                        await asyncio.sleep(0)
+                assert got[1] == (ACK | 0x01, False)
+                assert not net._ready_scheduled
+    finally:
+        await net.stop()
