@@ -485,8 +485,7 @@ class TcpNat:
         if family is None:
             self._spawn(self._connect_by_name(conn, target))  # a guestfwd target given by name
             return
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
         err = sock.connect_ex((host, port))
         if err == errno.EINPROGRESS:
             try:
