@@ -152,44 +152,48 @@ class RxWindow:
 
         Returns whether any chain is held.
         """
-        while self.room < want:
-            got = q.pop_buffers(batch, True)
-            if not got:
-                break
-            self._add(q, got)
-        return len(self.heads) > self.pos
-
-    def _add(self, q: Virtqueue, got: list[Buffers]) -> None:
         heads, sizes, nviews, views, ends = self.heads, self.sizes, self.nviews, self.views, self.ends
-        if self.pos:
-            pos = self.pos
-            del heads[:pos], sizes[:pos], nviews[:pos], ends[:pos], views[: self.vpos]
-            self.pos = self.vpos = 0
-            if not heads:
-                self.flat = True
-        new_sizes = [c[2] for c in got]
-        if min(new_sizes) < C.HDR_LEN:
-            # Too small to hold even the header: hand those back unused.
-            for c in got:
-                if c[2] < C.HDR_LEN:
-                    q.push_used(c[0], 0)
-            got = [c for c in got if c[2] >= C.HDR_LEN]
-            if not got:
-                return
-            new_sizes = [c[2] for c in got]
-        new_nviews = [len(c[1]) for c in got]
-        heads += [c[0] for c in got]
-        sizes += new_sizes
-        nviews += new_nviews
-        if max(new_nviews) == 1:
-            views += [c[1][0] for c in got]
-        else:
-            self.flat = False
-            for c in got:
-                views += c[1]
-        totals = accumulate(new_sizes, initial=ends[-1] if ends else self.base)
-        next(totals)
-        ends += totals
+        while self.room < want:
+            if self.pos:
+                pos = self.pos
+                del heads[:pos], sizes[:pos], nviews[:pos], ends[:pos], views[: self.vpos]
+                self.pos = self.vpos = 0
+                if not heads:
+                    self.flat = True
+            old = len(heads)
+            oldv = len(views)
+            # The ring's entries go straight onto the window's lists.
+            if not q.pop_buffers_into(batch, True, heads, sizes, views, nviews):
+                break
+            new_sizes = sizes[old:]
+            if min(new_sizes) < C.HDR_LEN:
+                self._drop_small(q, old, oldv)
+                new_sizes = sizes[old:]
+                if not new_sizes:
+                    continue
+            if self.flat and max(nviews[old:]) != 1:
+                self.flat = False
+            totals = accumulate(new_sizes, initial=ends[-1] if ends else self.base)
+            next(totals)
+            ends += totals
+        return len(heads) > self.pos
+
+    def _drop_small(self, q: Virtqueue, old: int, oldv: int) -> None:
+        """Hand back, unused, the chains from ``old`` on too small to hold even the header."""
+        heads, sizes, nviews, views = self.heads, self.sizes, self.nviews, self.views
+        got = list(zip(heads[old:], sizes[old:], nviews[old:], strict=True))
+        got_views = views[oldv:]
+        del heads[old:], sizes[old:], nviews[old:], views[oldv:]
+        at = 0
+        for head, size, nv in got:
+            if size < C.HDR_LEN:
+                q.push_used(head, 0)
+            else:
+                heads.append(head)
+                sizes.append(size)
+                nviews.append(nv)
+                views += got_views[at : at + nv]
+            at += nv
 
     def reach(self, nbytes: int) -> int:
         """How many chains from the front it takes to hold ``nbytes`` (at most all held)."""
