@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import time
+from typing import Any
 
 from appliance.errors import ConfigError
 from appliance.qcow2.cli import _open, _parser, parse_size_arg
@@ -82,17 +83,64 @@ async def cmd_bench(argv: list[str]) -> int:
 
         op = img.writev if a.write else img.readv
         flush_every = a.flush_interval
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        # Like qemu-img's bench_cb, a completion starts the next request: through
+        # the image's callback form (start_rw) where it takes the request,
+        # else as a coroutine.
+        start_rw = getattr(img, "start_rw", None)
+        tasks: set[asyncio.Task[None]] = set()
 
-        async def worker(buf: memoryview) -> None:
-            while state["issued"] < a.count:
-                state["issued"] += 1
-                await op(next_offset(), [buf])
-                state["done"] += 1
-                if flush_every and state["done"] % flush_every == 0:
-                    await img.flush()
+        def spawn(coro: Any) -> None:
+            task = loop.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def issue(buf: memoryview) -> None:
+            state["issued"] += 1
+            off = next_offset()
+            if start_rw is None or not start_rw(a.write, off, [buf], completed, buf):
+                spawn(slow(off, buf))
+
+        async def slow(off: int, buf: memoryview) -> None:
+            try:
+                n = await op(off, [buf])
+            except Exception as err:  # noqa: BLE001 - ends the run below
+                completed(buf, 0, err)
+            else:
+                completed(buf, n, None)
+
+        async def flush_then_next(buf: memoryview) -> None:
+            try:
+                await img.flush()
+            except Exception as err:  # noqa: BLE001 - ends the run below
+                if not finished.done():
+                    finished.set_exception(err)
+                return
+            following(buf)
+
+        def completed(buf: memoryview, n: int, err: BaseException | None) -> None:
+            if finished.done():
+                return
+            if err is not None:
+                finished.set_exception(err)
+                return
+            state["done"] += 1
+            if flush_every and state["done"] % flush_every == 0:
+                spawn(flush_then_next(buf))  # this slot waits for the flush
+            else:
+                following(buf)
+
+        def following(buf: memoryview) -> None:
+            if state["issued"] < a.count:
+                issue(buf)
+            elif state["done"] == a.count and not finished.done():
+                finished.set_result(None)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(b) for b in bufs))
+        for b in bufs:
+            issue(b)
+        await finished
         elapsed = time.perf_counter() - t0
         if not a.quiet:
             print(f"Run completed in {elapsed:.3f} seconds.")

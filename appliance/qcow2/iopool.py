@@ -27,8 +27,8 @@ class _Ring:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.done: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
-            collections.deque())
+        # (future or (callback, token), result, error) of each finished job.
+        self.done: collections.deque[tuple[Any, Any, BaseException | None]] = collections.deque()
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Set by the worker that writes the eventfd, cleared by the loop before it
         # drains: finishing jobs wake the loop once per drain, not once each.
@@ -45,6 +45,13 @@ class _Ring:
         done = self.done
         while done:
             fut, res, exc = done.popleft()
+            if type(fut) is tuple:  # a start() job: (callback, token)
+                try:
+                    fut[0](fut[1], res, exc)
+                except Exception as err:  # noqa: BLE001 - one bad callback must not strand the rest
+                    self.loop.call_exception_handler(
+                        {"message": "I/O pool completion callback failed", "exception": err})
+                continue
             if fut.cancelled():
                 continue
             if exc is not None:
@@ -78,6 +85,19 @@ class IoPool:
         if self._idle == 0 and len(self._threads) < self._max:
             self._spawn()
         return fut
+
+    def start(self, fn: Callable[..., Any], args: tuple[Any, ...],
+              done: Callable[[Any, Any, BaseException | None], None], token: Any) -> None:
+        """:meth:`submit` without a future: ``done(token, result, error)`` runs on the loop.
+
+        For the data path (:meth:`appliance.qcow2.image.Qcow2Image.start_rw`):
+        a future, its callback and the coroutine it resumes cost the loop
+        more than the request's own work.
+        """
+        ring = self._ring(asyncio.get_running_loop())
+        self._q.put((ring, (done, token), fn, args))
+        if self._idle == 0 and len(self._threads) < self._max:
+            self._spawn()
 
     def _spawn(self) -> None:
         with self._lock:
