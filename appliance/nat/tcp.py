@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.nat.frames import ETH_HLEN, IP_DF, IPPROTO_TCP, build_ipv4, fold, ones_sum
+from appliance.nat.frames import ETH_HLEN, ETH_P_IPV4, IP_DF, IPPROTO_TCP, fold, ones_sum
 from appliance.nat.ipv6 import build_ipv6
 from appliance.nic import constants as V
 
@@ -75,6 +75,11 @@ TSO_MAX_V4 = 65535 - 20 - 20
 TSO_MAX_V6 = 65535 - 20
 
 _TCP = struct.Struct("!HHIIHHHH")
+# Ethernet, IPv4 (20 bytes) and TCP headers of one segment toward an IPv4 guest (_emit).
+_ETH_IP4_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")
+_L4_V4 = ETH_HLEN + 20
+IP_TTL = 64
+_VHDR_CSUM_V4 = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_NONE, 0, 0, _L4_V4, 16, 0)
 
 CONNECTING, SYN_SENT, SYN_RCVD, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT, CLOSING, LAST_ACK, \
     TIME_WAIT_STATE, CLOSED = range(11)  # fmt: skip
@@ -187,6 +192,8 @@ class TcpConn:
         self._pseudo = int.from_bytes(rip, "big") + int.from_bytes(gip, "big") + IPPROTO_TCP
         self._v6 = len(gip) == 16
         self._l4 = ETH_HLEN + (40 if self._v6 else 20)  # where the TCP header starts in a frame
+        # The IPv4 header words that never change (with its own 20-byte length): see _emit.
+        self._ip_sum = 0x4500 + 20 + IP_DF + (IP_TTL << 8 | IPPROTO_TCP) + self._pseudo - IPPROTO_TCP
         self._loop = net.loop
         self.created = time.monotonic()
         # Send side: sequence numbers relative to our ISS; SYN is seq 0.
@@ -276,11 +283,6 @@ class TcpConn:
                 return False
         hlen = 20 + len(opts)
         n = len(payload)
-        if self._v6:
-            frame = build_ipv6(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n)
-        else:
-            frame = build_ipv4(mac, self.net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n,
-                               ident=self.net.next_ident(), frag=IP_DF)  # fmt: skip
         if flags & ACK:
             ack_wire = (self.irs + self.rcv_nxt) & M32
             self._acked_to = self.rcv_nxt
@@ -291,6 +293,36 @@ class TcpConn:
             self._adv_edge = max(self._adv_edge, self.rcv_nxt + win)
         else:
             win = self._window_field()
+        net = self.net
+        if not self._v6:
+            # Every header field of a segment to an IPv4 guest in one pack: the IP checksum is the
+            # connection's constant words (summed once) plus length and ident; with checksum offload
+            # the TCP field holds the folded pseudo-header sum (virtio 1.2 §5.1.6.4: the guest that
+            # only receives the segment never computes the rest).
+            tlen = hlen + n
+            ident = net.next_ident()
+            offload = net.guest_csum
+            hdr = _ETH_IP4_TCP.pack(
+                mac, net.host_mac, ETH_P_IPV4, 0x45, 0, 20 + tlen, ident, IP_DF, IP_TTL, IPPROTO_TCP,
+                fold(self._ip_sum + tlen + ident), self.rip, self.gip,
+                self.rport, self.gport, (self.iss + seq) & M32, ack_wire, (hlen << 10) | flags, win,
+                ((self._pseudo + tlen) % 0xFFFF or 0xFFFF) if offload else 0, 0,
+            )  # fmt: skip
+            if offload:
+                frame: bytes | bytearray = b"".join((hdr, opts, payload)) if tlen > 20 else hdr
+                if n > self.mss:
+                    net.stats.tx_gso_frames += 1
+                    vhdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_TCPV4, _L4_V4 + hlen, self.mss, _L4_V4, 16, 0)
+                    return net.output(frame, vhdr)
+                return net.output(frame, _VHDR_CSUM_V4)
+            frame = bytearray(hdr)
+            if opts:
+                frame += opts
+            if n:
+                frame += payload
+            struct.pack_into("!H", frame, _L4_V4 + 16, fold(self._pseudo + tlen + ones_sum(memoryview(frame)[_L4_V4:])))
+            return net.output(frame)
+        frame = build_ipv6(mac, net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n)
         frame += _TCP.pack(
             self.rport, self.gport, (self.iss + seq) & M32, ack_wire,
             (hlen << 10) | flags, win, 0, 0,
@@ -300,20 +332,16 @@ class TcpConn:
         if n:
             frame += payload
         l4 = self._l4
-        net = self.net
         if net.guest_csum:
-            # Checksum offload toward the guest (virtio 1.2 §5.1.6.4): the field holds the
-            # folded pseudo-header sum and NEEDS_CSUM says where the rest would go; a guest
-            # that only receives the segment never computes it. gso_size tells it how to cut
-            # a segment larger than its MSS, were it to forward it.
+            # Checksum offload toward the guest, as above. gso_size tells it how to cut a segment
+            # larger than its MSS, were it to forward it.
             struct.pack_into("!H", frame, l4 + 16, (self._pseudo + hlen + n) % 0xFFFF or 0xFFFF)
             if n > self.mss:
                 net.stats.tx_gso_frames += 1
-                hdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_TCPV6 if self._v6 else V.GSO_TCPV4,
-                                 l4 + hlen, self.mss, l4, 16, 0)  # fmt: skip
+                vhdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_TCPV6, l4 + hlen, self.mss, l4, 16, 0)
             else:
-                hdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_NONE, 0, 0, l4, 16, 0)
-            return net.output(frame, hdr)
+                vhdr = V.HDR.pack(V.HDR_F_NEEDS_CSUM, V.GSO_NONE, 0, 0, l4, 16, 0)
+            return net.output(frame, vhdr)
         total = self._pseudo + hlen + n + ones_sum(memoryview(frame)[l4:])
         struct.pack_into("!H", frame, l4 + 16, fold(total))
         return net.output(frame)
