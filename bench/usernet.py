@@ -78,8 +78,6 @@ class StackClock:
             orig = getattr(net, name)
             setattr(net, name, self._wrap(orig))
         net.tcp._flush_acks = self._wrap(net.tcp._flush_acks)  # type: ignore[method-assign]
-        # A connected socket is watched (HostSocket) from a callback of its own after the SYN-ACK.
-        net.tcp._attach = self._wrap(net.tcp._attach)  # type: ignore[method-assign]
         for cls, names in _HOST_CALLBACKS:
             for name in names:
                 setattr(cls, name, self._wrap_method(getattr(cls, name)))

@@ -331,7 +331,7 @@ class TcpNat:
         self._tasks: set[asyncio.Task[None]] = set()
         # Connects still in progress: their socket and timeout.
         self._pending: dict[TcpConn, tuple[socket.socket, asyncio.TimerHandle]] = {}
-        # Connected sockets whose connection has its SYN-ACK but no HostSocket yet (_attach).
+        # Connected host sockets whose connection is still in its handshake (watched from _attach).
         self._attaching: dict[TcpConn, socket.socket] = {}
         self._servers: list[tuple[asyncio.Server, HostForward]] = []
         self._ack_set: dict[TcpConn, None] = {}
@@ -345,9 +345,15 @@ class TcpNat:
             del self.conns[conn.key]
         self._ack_set.pop(conn, None)
         self._half_open.pop(conn, None)
+        sock = self._attaching.pop(conn, None)
+        if sock is not None:
+            sock.close()  # the handshake never completed
 
     def established(self, conn: TcpConn) -> None:
         self._half_open.pop(conn, None)
+        sock = self._attaching.pop(conn, None)
+        if sock is not None:
+            self._attach(conn, sock)
 
     def ack_later(self, conn: TcpConn) -> None:
         self._ack_set[conn] = None
@@ -521,37 +527,30 @@ class TcpNat:
             if err:
                 self._guard(self._refuse, conn)
             return
-        # The guest gets its SYN-ACK now (it waits in connect() for it).
-        self._guard(conn.host_connected)
-        net = self.net
-        if net.in_send:
-            # The SYN-ACK leaves when the guest's frame is done with, and the device then signals
-            # that frame's transmit; watching the socket (a setsockopt and an epoll_ctl, ~25-40 µs)
-            # can wait a loop turn instead of holding both up. Whatever the guest sends meanwhile
-            # waits in the connection's write queue; the host cannot send before we read.
-            self._attaching[conn] = sock
-            net.urgent()
-            net.loop.call_soon(self._attach, conn)
-            return
-        net.urgent()
+        # The guest gets its SYN-ACK now (it waits in connect() for it). The socket is watched
+        # (HostSocket: a setsockopt and an epoll_ctl) only once the guest completes the handshake,
+        # in the same turn as its ACK: nothing read from the host could be sent before that, and
+        # the SYN-ACK and the device's transmit-done signal for the SYN are not held up by it.
+        # Whatever the guest sends with or after its ACK finds the socket attached.
         self._attaching[conn] = sock
-        self._attach(conn)
+        self._guard(conn.host_connected)
+        self.net.urgent()
 
-    def _attach(self, conn: TcpConn) -> None:
-        sock = self._attaching.pop(conn, None)
-        if sock is None:
-            return  # closed meanwhile (stop())
-        if conn.state == CLOSED:
-            sock.close()  # the guest reset the connection before we watched the socket
-            return
+    def _attach(self, conn: TcpConn, sock: socket.socket) -> None:
         try:
             host = HostSocket(self, conn, sock)
         except OSError:
             sock.close()
-            if conn.state != CLOSED:
-                conn.abort(send_rst=True)
+            self.net.loop.call_soon(self._abort, conn)  # not from inside the connection's input
             return
         self._guard(conn.attach, host)
+
+    def _abort(self, conn: TcpConn) -> None:
+        if conn.state != CLOSED:
+            try:
+                conn.abort(send_rst=True)
+            except Exception:  # noqa: BLE001 - a loop callback must not raise
+                self.net._internal_error()
 
     async def _connect_by_name(self, conn: TcpConn, target: tuple[str, int]) -> None:
         loop = self.net.loop

@@ -196,8 +196,9 @@ async def test_syn_ack_reaches_the_device_before_send_returns() -> None:
         await net.stop()
 
 
-async def test_host_socket_is_watched_after_the_syn_ack_leaves() -> None:
-    """Inside send() the SYN-ACK goes to the device first; the socket is watched on the next loop turn."""
+async def test_host_socket_is_watched_once_the_guest_completes_the_handshake() -> None:
+    """Inside send() the SYN-ACK goes to the device with the socket not yet watched; the guest's
+    ACK attaches it, so data the guest sends with that ACK reaches the host."""
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     seen: list[int] = []
@@ -211,15 +212,23 @@ async def test_host_socket_is_watched_after_the_syn_ack_leaves() -> None:
         with socket.socket() as lsock:
             lsock.bind(("127.0.0.1", 0))
             lsock.listen(8)
+            port = lsock.getsockname()[1]
             for i in range(5):
-                net.send([memoryview(syn(lsock.getsockname()[1], sport=40300 + i))])
+                sport = 40300 + i
+                net.send([memoryview(syn(port, sport=sport))])
                 if net.tcp._pending:
                     continue  # the host kernel deferred the handshake (a loaded machine)
                 assert seen and seen[-1] == 1, "the SYN-ACK left before the socket was watched"
-                conn = next(c for c in net.tcp.conns.values() if c.gport == 40300 + i)
-                assert conn.transport is None
-                await asyncio.sleep(0)
+                conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
+                await asyncio.sleep(0.01)
+                assert conn.transport is None and conn.state_name == "SYN_RCVD"
+                ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
+                net.send([memoryview(ack)])
                 assert not net.tcp._attaching and conn.transport is not None
+                host, _ = lsock.accept()
+                with host:
+                    host.settimeout(5)
+                    assert await asyncio.to_thread(host.recv, 100) == b"with ack"
                 break
             else:
                 raise AssertionError("no connect finished inside connect()")
@@ -316,5 +325,37 @@ async def test_frames_from_a_host_event_reach_the_device_in_it_without_a_loop_ca
                         await asyncio.sleep(0)
                 assert got[1] == (ACK | 0x01, False)
                 assert not net._ready_scheduled
+    finally:
+        await net.stop()
+
+
+async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) -> None:
+    """If registering the host socket fails when the handshake completes, the guest gets a RST and
+    the socket is closed; the connection's input is not interrupted by it."""
+    closed: list[socket.socket] = []
+
+    def refuse(nat: object, conn: object, sock: socket.socket) -> None:
+        closed.append(sock)
+        raise OSError(12, "no memory for epoll")
+
+    monkeypatch.setattr(tcp_nat, "HostSocket", refuse)
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            net.send([memoryview(syn(port, sport=40800))])
+            async with asyncio.timeout(5):
+                while not (frames := drain(net)):
+                    await asyncio.sleep(0.001)
+            their_seq = int.from_bytes(frames[0][38:42], "big")
+            net.send([memoryview(tcp_frame(GUEST_IP, 40800, GW_IP, port, 5001, their_seq + 1, ACK, 0xFFFF))])
+            await asyncio.sleep(0)
+            flags = [tcp_flags(f) for f in drain(net)]
+            assert flags and flags[-1] & RST
+            assert not net.tcp.conns and closed and closed[0].fileno() == -1
+            assert net.counters()["errors"] == 0
     finally:
         await net.stop()
