@@ -22,6 +22,14 @@ except that ours has ``vectors=0`` (INTx): QEMU 7.2 under TCG crashes in its
 MSI-X notifier path when a vhost-user NIC starts. ``--intx-all`` gives the
 other stacks INTx too (a like-for-like NIC).
 
+CPU rows (connection runs): ``stack_cpu_ms_per_conn`` is the stack's own process
+or thread (our net-daemon; QEMU's main thread for libslirp; passt), and
+``qemu_main_cpu_ms_per_conn`` QEMU's main thread, which for ours and passt turns
+their interrupt eventfds into guest interrupts (each a wake-up of that thread).
+On a shared 2-core machine the guest's vCPU thread competes with both, so
+connection rate follows the sum of the two rows as much as latency.
+``--profile FILE`` samples our daemon with py-spy during the connection runs.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3]``
 """
 
