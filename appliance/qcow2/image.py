@@ -1307,7 +1307,9 @@ class Qcow2Image:
         self._free_hint = c + 1
         if host + cs > self._alloc_end:
             self._alloc_end = host + cs
-        if fresh and (self._aio is not None or not whole):
+        if fresh and (self._direct or not whole):
+            # O_DIRECT writes that extend the file run one at a time (ext4 takes
+            # the inode lock for them), from the pool as from kernel AIO.
             self._reserve_space(host + cs)
         # Other writes into this cluster may go straight to ``host`` meanwhile: the
         # cluster reads as zeroes around them (fresh) or this write covers it all.
@@ -1415,7 +1417,7 @@ class Qcow2Image:
         fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
         if end > self._alloc_end:
             self._alloc_end = end
-        if fresh and self._aio is not None:
+        if fresh and self._direct:
             self._reserve_space(end)
         loop = asyncio.get_running_loop()
         infs = [_Alloc(loop.create_future(), host + (j << cb), True) for j in range(k)]
@@ -1519,10 +1521,11 @@ class Qcow2Image:
                 need_new[k][5] = (start + k - i) << cb
                 # Never handed out before: the file reads zeroes there without our help.
                 need_new[k][7] = need_new[k][5] >= fresh
-            if need_new[i][7] and (self._aio is not None or need_new[i][1]
+            if need_new[i][7] and (self._direct or need_new[i][1]
                                    or need_new[j - 1][2] < cs):
-                # Partial writes will skip their zero fills, and kernel AIO only
-                # stays asynchronous inside the file: back them with file space.
+                # Partial writes will skip their zero fills, and O_DIRECT writes
+                # only run in parallel (under kernel AIO: asynchronously) inside
+                # the file: back them with file space.
                 self._reserve_space((start + j - i) << cb)
             i = j
         loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.qcow2 import Qcow2Backend, create_temporary_overlay, open_image
+from appliance.qcow2 import Qcow2Backend, Qcow2Image, create_temporary_overlay, open_image
 from appliance.qcow2.create import CreateOptions, create_image
 from appliance.storage.backend import BlockBackend
 from tests.conftest import needs_qemu_img
@@ -208,15 +208,17 @@ async def test_compressed_writes_respect_narrow_refcounts(tmp_path: Path) -> Non
 
 
 @needs_qemu_img
-@pytest.mark.parametrize("cache", ["none", "writeback"])
+@pytest.mark.parametrize("cache,aio", [("none", "native"), ("none", "threads"),
+                                       ("writeback", "native")])
 async def test_concurrent_allocating_writes_land_and_leave_a_clean_image(
-        tmp_path: Path, cache: str) -> None:
+        tmp_path: Path, cache: str, aio: str) -> None:
     """Batches of 16 disjoint writes at once (whole clusters, partial ones, several into
     one fresh cluster, rewrites of allocated ones): the data is all there, qemu-img check
-    is clean and the space reserved ahead of allocation is given back at close."""
+    is clean and the space reserved ahead of allocation is given back at close (under
+    O_DIRECT with kernel AIO or the pool alike)."""
     p = tmp_path / "w.qcow2"
     await create_image(p, CreateOptions(size=32 * MiB))
-    img = await open_image(p, read_only=False, fmt="qcow2", cache=cache)
+    img = await Qcow2Image.open(p, read_only=False, cache=cache, aio=aio)
     model = bytearray(32 * MiB)
     rnd = __import__("random").Random(11)
     for batch in range(12):
