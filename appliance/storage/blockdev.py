@@ -515,7 +515,10 @@ async def _open(src: ImageSource, warn: Warn) -> OpenImage:
     if fmt is None:
         fmt = await asyncio.to_thread(probe_format, src.path)
         probed = fmt == "raw"
-        if probed:
+        # QEMU warns only when the probed raw image itself will be written:
+        # not for readonly=on, nor under -snapshot (the image is then only
+        # read; the overlay takes the writes).
+        if probed and not src.read_only and not src.snapshot:
             warn(probe_warning(str(src.path)))
     locks: list[int] = []
     try:

@@ -49,6 +49,20 @@ async def test_probing_finds_qcow2_silently_and_warns_for_raw(raw: Path, qcow: P
         await r.close()
 
 
+@pytest.mark.parametrize("how", ["readonly", "snapshot"])
+async def test_probed_raw_that_is_never_written_opens_without_the_warning(raw: Path, how: str) -> None:
+    # QEMU's raw driver warns only when the probed image is opened writable:
+    # readonly=on and -snapshot (writes go to the overlay) open it silently.
+    said: list[str] = []
+    src = ImageSource(raw, read_only=how == "readonly", snapshot=how == "snapshot")
+    img = await open_image_source(src, warn=said.append)
+    try:
+        assert img.fmt == "raw"
+        assert said == []
+    finally:
+        await img.close()
+
+
 async def test_probed_raw_refuses_a_qcow2_header_in_block_0_only(raw: Path) -> None:
     img = await open_image_source(ImageSource(raw), warn=lambda _: None)
     try:
