@@ -104,7 +104,7 @@ class RawImage:
                 d = end
             d = min(d, end)
             if d > pos:
-                out.append([K_ZERO, pos, d - pos, -1])
+                out.append([K_ZERO, pos, d - pos, pos])  # a raw file maps 1:1, holes too
                 pos = d
                 if pos >= end:
                     break
@@ -154,7 +154,7 @@ async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: 
                    cache: str = "writeback", chain: tuple[str, ...] = (),
                    backing_override: Any = None, **kw: Any) -> Any:
     if fmt is None:
-        fmt = probe_format(path)
+        fmt = probe_format(path, warn=not read_only)
     if fmt == "raw":
         return await RawImage.open(path, read_only=read_only, cache=cache)
     if fmt == "qcow2":

@@ -37,6 +37,8 @@ class CheckResult:
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
     messages: list[str] = field(default_factory=list)
+    # (cluster, stored refcount, references found) of each leaked cluster.
+    leaked: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class _Walker:
@@ -182,13 +184,15 @@ async def check_image(img: Qcow2Image) -> CheckResult:
         for c in range(max(w.nclusters, 0)):
             ref = w.refs[c]
             stored = await stored_refcount(c)
-            if ref:
+            if ref or stored:
+                # qemu-img's image end counts leaked clusters too: they take file space.
                 highest = c
             if stored < ref:
                 res.corruptions += 1
                 res.messages.append(f"ERROR cluster {c} refcount={stored} reference={ref}")
             elif stored > ref:
                 res.leaks += 1
+                res.leaked.append((c, stored, ref))
                 res.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
         for l1i, e, off, t in w.l2_active:
             rc = await stored_refcount(off >> img._cb)
@@ -270,7 +274,16 @@ async def repair_image(img: Qcow2Image, mode: str) -> tuple[CheckResult, CheckRe
     from appliance.qcow2.snapops import fix_copied_flags
 
     before = await check_image(img)
-    if before.leaks or (mode == "all" and before.corruptions):
+    if before.leaks and not before.corruptions and not img.header.dirty:
+        # Only leaks: lower each leaked cluster's refcount where it is, as
+        # qemu-img does, so the refcount structures stay where they were
+        # and the image does not grow (a rebuild writes new ones at the end).
+        img._failed = False
+        async with img._lock:
+            for cluster, stored, ref in before.leaked:
+                await img._update_refcount(cluster, ref - stored)
+            await img._flush_locked()
+    elif before.leaks or (mode == "all" and before.corruptions):
         # Reading a broken structure marked the image failed; repairing is the way out.
         img._failed = False
         async with img._lock:

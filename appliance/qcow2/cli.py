@@ -20,9 +20,9 @@ from typing import Any
 
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
-from appliance.qcow2.backing import RawImage, open_any
+from appliance.qcow2.backing import open_any
 from appliance.qcow2.errors import Qcow2Error
-from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image
+from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
 
 USAGE = """usage: appliance img <command> [options]
 
@@ -212,6 +212,12 @@ async def cmd_create(argv: list[str]) -> int:
         from appliance.qcow2.backing import resolve_backing
 
         bpath = resolve_backing(Path(a.filename), opts.backing_file)
+        if opts.backing_fmt is None:
+            # qemu-img (since 6.1) refuses to write an image whose backing
+            # format would have to be probed on every open; it names the
+            # format it would have guessed.
+            guess = f"\nDetected format of {probe_format(bpath, warn=False)}." if bpath.exists() else ""
+            raise Qcow2Error(f"{a.filename}: Backing file specified without backing format{guess}")
         if size is None or not a.unsafe:
             try:
                 b = await _open(str(bpath), opts.backing_fmt, read_only=True)
@@ -409,6 +415,16 @@ def _is_qcow2(path: str) -> bool:
 # ---------------------------------------------------------------- check
 
 
+def _print_repairs(found: list[str]) -> None:
+    """What the first pass found, then each repair, on stderr (qemu-img's two passes)."""
+    for m in found:
+        print(m, file=sys.stderr)
+    for m in found:
+        if m.startswith(("Leaked cluster", "ERROR cluster")):
+            print(m.replace("Leaked cluster", "Repairing cluster")
+                  .replace("ERROR cluster", "Repairing cluster"), file=sys.stderr)
+
+
 async def cmd_check(argv: list[str]) -> int:
     from appliance.qcow2.check import check_image, repair_image
 
@@ -423,7 +439,10 @@ async def cmd_check(argv: list[str]) -> int:
     if a.fmt not in (None, "qcow2") or not _is_qcow2(a.filename):
         if not os.path.exists(a.filename):
             raise Qcow2Error(f"Could not open '{a.filename}': No such file or directory")
-        print("This image format does not support checks", file=sys.stderr)
+        if a.fmt is None and a.repair:
+            # -r opens the image writable, and a probed raw one warns then.
+            probe_format(a.filename)
+        print("appliance img: This image format does not support checks", file=sys.stderr)
         return 63
     try:
         img = await Qcow2Image.open(a.filename, read_only=a.repair is None, open_backing=False,
@@ -442,9 +461,17 @@ async def cmd_check(argv: list[str]) -> int:
         return 1
     await img.close()
     if a.output == "json":
-        d: dict[str, Any] = {"image-end-offset": res.image_end_offset,
-                             "total-clusters": res.total_clusters,
-                             "check-errors": res.check_errors}
+        # What was found goes to stderr in either output form, as with qemu-img.
+        if a.repair and (before.leaks or before.corruptions):
+            _print_repairs(before.messages)
+        for m in res.messages:
+            print(m, file=sys.stderr)
+        # Keys in the order qemu-img prints them (its dictionary's order).
+        d: dict[str, Any] = {"image-end-offset": res.image_end_offset}
+        if res.compressed_clusters:
+            d["compressed-clusters"] = res.compressed_clusters
+        d.update({"total-clusters": res.total_clusters,
+                  "check-errors": res.check_errors})
         if res.leaks:
             d["leaks"] = res.leaks
         if res.corruptions:
@@ -458,16 +485,12 @@ async def cmd_check(argv: list[str]) -> int:
         d["format"] = "qcow2"
         if res.fragmented_clusters:
             d["fragmented-clusters"] = res.fragmented_clusters
-        if res.compressed_clusters:
-            d["compressed-clusters"] = res.compressed_clusters
         import json
 
         print(json.dumps(d, indent=4))
     elif not a.quiet:
         if a.repair and (before.leaks or before.corruptions):
-            for m in before.messages:
-                print(m.replace("Leaked cluster", "Repairing cluster")
-                      .replace("ERROR cluster", "Repairing cluster"), file=sys.stderr)
+            _print_repairs(before.messages)
             print("The following inconsistencies were found and repaired:\n\n"
                   f"    {before.leaks_fixed} leaked clusters\n"
                   f"    {before.corruptions_fixed} corruptions\n\n"
@@ -502,26 +525,128 @@ async def cmd_check(argv: list[str]) -> int:
 # ---------------------------------------------------------------- map
 
 
-async def chain_status(img: Any, offset: int, length: int, depth: int = 0
-                       ) -> list[tuple[int, int, int, bool, bool, int, Any]]:
-    """(start, length, depth, present, zero/data kind, host, layer) through the chain.
+async def chain_status(img: Any, offset: int, length: int, depth: int = 0, *,
+                       detail: bool = False) -> list[tuple[int, int, int, bool, bool, int, Any]]:
+    """(start, length, depth, present, reads-as-zero, kind, (host, layer)) through the chain.
 
-    kind: K_DATA, K_ZERO, K_COMPRESSED, or K_UNALLOC (nothing anywhere: reads zero).
+    kind: K_DATA, K_ZERO, K_COMPRESSED, or K_UNALLOC (nothing anywhere: reads
+    zero). ``host`` is -1 where the layer keeps no host bytes.
+
+    :param detail: what ``map`` shows beyond what a copy needs: the host
+        offsets zero clusters keep, and data extents whose host bytes are a
+        hole in a metadata-preallocated image (qemu-img reports those as
+        both data and zero).
     """
     out: list[tuple[int, int, int, bool, bool, int, Any]] = []
     ext = await img.block_status(offset, length)
+    holes: bool | None = None if detail else False
     for kind, start, n, host in ext:
         if kind == K_UNALLOC:
             b = getattr(img, "backing", None)
             if b is not None and start < b.size:
                 m = min(n, b.size - start)
-                out.extend(await chain_status(b, start, m, depth + 1))
+                out.extend(await chain_status(b, start, m, depth + 1, detail=detail))
                 if m < n:
-                    out.append((start + m, n - m, depth, False, False, K_UNALLOC, None))
+                    out.extend(await _unallocated(img, start + m, n - m, depth, detail))
             else:
-                out.append((start, n, depth, False, False, K_UNALLOC, None))
+                out.extend(await _unallocated(img, start, n, depth, detail))
+        elif kind == K_ZERO and detail and isinstance(img, Qcow2Image):
+            for s, m, h in await _zero_hosts(img, start, n):
+                out.append((s, m, depth, True, True, kind, (h, img)))
+        elif kind == K_DATA and isinstance(img, Qcow2Image):
+            if holes is None:
+                holes = await _metadata_preallocated(img)
+            pieces = _file_holes(img._fd, host, n) if holes else [(0, n, False)]
+            for rel, m, zero in pieces:
+                out.append((start + rel, m, depth, True, zero, kind, (host + rel, img)))
         else:
-            out.append((start, n, depth, True, False, kind, (host, img)))
+            out.append((start, n, depth, True, kind == K_ZERO, kind, (host, img)))
+    return out
+
+
+async def _unallocated(img: Any, start: int, n: int, depth: int, detail: bool
+                       ) -> list[tuple[int, int, int, bool, bool, int, Any]]:
+    """Bytes no layer holds. With extended L2 entries an unallocated subcluster
+    can sit in a host cluster kept for its neighbours, and qemu-img map shows
+    that cluster's offset for it."""
+    if not (detail and isinstance(img, Qcow2Image) and img._ext):
+        return [(start, n, depth, False, False, K_UNALLOC, None)]
+    return [(s, m, depth, False, False, K_UNALLOC, (h, img) if h >= 0 else None)
+            for s, m, h in await _zero_hosts(img, start, n)]
+
+
+async def _zero_hosts(img: Qcow2Image, start: int, n: int) -> list[tuple[int, int, int]]:
+    """(start, length, host) pieces of an extent; host -1 where no cluster is kept.
+
+    A zero cluster (or subcluster) may keep its host cluster (qcow2.txt:
+    the zero flag with a non-zero offset), and qemu-img map shows that
+    offset.
+    """
+    from appliance.qcow2.image import OFFSET_MASK
+
+    out: list[tuple[int, int, int]] = []
+    cb, cs = img._cb, img._cs
+    pos, end = start, start + n
+    while pos < end:
+        gc = pos >> cb
+        nxt = min(end, (gc + 1) << cb)
+        e, _ = await img._entry(gc)
+        host = e & OFFSET_MASK
+        h = host + (pos & (cs - 1)) if host else -1
+        last = out[-1] if out else None
+        if last and last[0] + last[1] == pos and (
+                (h == -1 and last[2] == -1) or (h != -1 and last[2] != -1 and last[2] + last[1] == h)):
+            out[-1] = (last[0], last[1] + nxt - pos, last[2])
+        else:
+            out.append((pos, nxt - pos, h))
+        pos = nxt
+    return out
+
+
+async def _metadata_preallocated(img: Qcow2Image) -> bool:
+    """Whether many of the image's allocated clusters are holes in its file.
+
+    That is what preallocation=metadata leaves behind, and qemu-img then
+    looks through data clusters into the file to report holes as zero. The
+    test: clusters with a non-zero refcount clearly outnumber the clusters
+    the file system really holds (a margin of a ninth, and at least two).
+    """
+    cs = img._cs
+    try:
+        st = os.fstat(img._fd)
+    except OSError:
+        return False
+    held = st.st_blocks * 512 // cs
+    need = max(held * 10 // 9, held + 2)
+    counted = 0
+    for cluster in range(-(-st.st_size // cs)):
+        if await img.refcount(cluster):
+            counted += 1
+            if counted >= need:
+                return True
+    return False
+
+
+def _file_holes(fd: int, host: int, n: int) -> list[tuple[int, int, bool]]:
+    """(relative start, length, is-hole) pieces of the file bytes [host, host+n)."""
+    out: list[tuple[int, int, bool]] = []
+    pos, end = host, host + n
+    while pos < end:
+        try:
+            data = min(end, os.lseek(fd, pos, os.SEEK_DATA))
+        except OSError:
+            data = end  # ENXIO: nothing but hole up to EOF and past it
+        if data > pos:
+            out.append((pos - host, data - pos, True))
+            pos = data
+            if pos >= end:
+                break
+        try:
+            hole = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+        except OSError:
+            hole = end
+        out.append((pos - host, hole - pos, False))
+        pos = hole
     return out
 
 
@@ -539,13 +664,13 @@ async def cmd_map(argv: list[str]) -> int:
         start = parse_size_arg(a.start_offset)
         length = img.size - start if a.max_length is None else min(
             parse_size_arg(a.max_length), img.size - start)
-        items = await chain_status(img, start, max(0, length))
+        items = await chain_status(img, start, max(0, length), detail=True)
         rows: list[dict[str, Any]] = []
-        for s, n, depth, present, _, kind, hi in items:
+        for s, n, depth, present, zero, kind, hi in items:
             row: dict[str, Any] = {"start": s, "length": n, "depth": depth, "present": present,
-                                   "zero": kind in (K_ZERO, K_UNALLOC),
+                                   "zero": zero or kind == K_UNALLOC,
                                    "data": kind in (K_DATA, K_COMPRESSED)}
-            if kind == K_DATA or kind == K_ZERO and isinstance(hi and hi[1], RawImage):
+            if hi and hi[0] >= 0 and kind != K_COMPRESSED:
                 row["offset"] = hi[0]
             row["_file"] = str(hi[1].path) if hi else None
             if rows:
@@ -570,7 +695,13 @@ async def cmd_map(argv: list[str]) -> int:
         else:
             print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
             for r in rows:
-                if "offset" in r and r["data"]:
+                if r["data"] and "offset" not in r:
+                    # The human form names a file offset for every data row.
+                    sys.stdout.flush()
+                    print("appliance img: File contains external, encrypted or compressed clusters.",
+                          file=sys.stderr)
+                    return 1
+                if r["data"] and not r["zero"]:
                     print(f"{_hx(r['start']):<15} {_hx(r['length']):<15} {_hx(r['offset']):<15} "
                           f"{r['_file'] if r['_file'] else ''}")
     finally:

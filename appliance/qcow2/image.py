@@ -2020,15 +2020,20 @@ def _l2_off(l1e: int) -> int:
     return l1e & OFFSET_MASK
 
 
-def probe_format(path: str | os.PathLike[str]) -> str:
-    """'qcow2' if the file starts with the qcow2 magic, else 'raw' (with a warning)."""
+def probe_format(path: str | os.PathLike[str], *, warn: bool = True) -> str:
+    """'qcow2' if the file starts with the qcow2 magic, else 'raw'.
+
+    :param warn: log QEMU's warning when raw is guessed. QEMU gives it only
+        when the probed image is opened writable.
+    """
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == H.MAGIC:
         return "qcow2"
-    logging.getLogger("appliance.qcow2").warning(
-        "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
-        "         Automatically detecting the format is dangerous for raw images, write "
-        "operations on block 0 will be restricted.\n"
-        "         Specify the 'raw' format explicitly to remove the restrictions.", path)
+    if warn:
+        logging.getLogger("appliance.qcow2").warning(
+            "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+            "         Automatically detecting the format is dangerous for raw images, write "
+            "operations on block 0 will be restricted.\n"
+            "         Specify the 'raw' format explicitly to remove the restrictions.", path)
     return "raw"

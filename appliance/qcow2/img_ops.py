@@ -583,16 +583,13 @@ async def cmd_rebase(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     new_name = a.backing or None
+    if new_name and a.backing_fmt is None:
+        raise Qcow2Error(f"Could not change the backing file to '{new_name}': "
+                         "backing format must be specified")
     if a.unsafe:
         img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
         try:
-            fmt = a.backing_fmt
-            if new_name and fmt is None:
-                from appliance.qcow2.image import probe_format
-
-                bp = resolve_backing(img.path, new_name)
-                fmt = probe_format(bp) if bp.exists() else None
-            await _set_backing(img, new_name, fmt)
+            await _set_backing(img, new_name, a.backing_fmt)
         finally:
             await img.close()
         return 0

@@ -32,20 +32,21 @@ async def test_qcow2_backend_is_a_block_backend(tmp_path: Path) -> None:
     await img.close()
 
 
-async def test_probing_warns_only_for_raw(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                          ) -> None:
+async def test_probing_warns_only_for_raw_opened_writable(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     q = tmp_path / "a.qcow2"
     await create_image(q, CreateOptions(size=MiB))
     r = tmp_path / "a.raw"
     r.write_bytes(bytes(MiB))
     with caplog.at_level(logging.WARNING, logger="appliance.qcow2"):
-        a = await open_image(q, read_only=True)
-        assert not caplog.records
-        b = await open_image(r, read_only=True)
+        a = await open_image(q, read_only=False)
+        ro = await open_image(r, read_only=True)
+        assert not caplog.records  # QEMU, too, is silent for a read-only probed raw
+        b = await open_image(r, read_only=False)
         assert "probing guessed raw" in caplog.text
     assert isinstance(a, Qcow2Backend) and not isinstance(b, Qcow2Backend)
-    await a.close()
-    await b.close()
+    for img in (a, ro, b):
+        await img.close()
 
 
 async def test_temporary_overlay_keeps_the_base_unchanged(tmp_path: Path) -> None:

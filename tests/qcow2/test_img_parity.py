@@ -1,0 +1,120 @@
+"""`appliance img` prints what `qemu-img` prints for the cases scripts meet:
+raw holes and preallocated clusters in `map`, leaks repaired in place by
+`check -r`, backing formats that must be named, and the probing warning only
+where an image is opened for writing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, needs_qemu_img
+from tests.qcow2.helpers import qemu_img, qemu_io
+
+pytestmark = needs_qemu_img
+
+
+def img(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", *args], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def qimg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def same_stdout_and_rc(cwd: Path, *args: str) -> tuple[str, str]:
+    ours, theirs = img(*args, cwd=cwd), qimg(*args, cwd=cwd)
+    assert ours.stdout == theirs.stdout, f"{args}\nours:\n{ours.stdout}{ours.stderr}\nqemu-img:\n{theirs.stdout}"
+    assert ours.returncode == theirs.returncode, (args, ours.stderr, theirs.stderr)
+    return ours.stderr, theirs.stderr
+
+
+def test_map_of_a_raw_file_with_holes_names_their_offsets(tmp_path: Path) -> None:
+    p = tmp_path / "sp.raw"
+    qemu_img("create", "-f", "raw", str(p), "8M")
+    qemu_io(p, "write -P 5 1M 4k", fmt="raw")
+    for fmt in ([], ["-f", "raw"]):
+        same_stdout_and_rc(tmp_path, "map", *fmt, "--output", "json", "sp.raw")
+        same_stdout_and_rc(tmp_path, "map", *fmt, "sp.raw")
+
+
+def test_map_of_metadata_preallocation_shows_zero_data_and_kept_zero_clusters(tmp_path: Path) -> None:
+    p = tmp_path / "pm.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "preallocation=metadata", str(p), "8M")
+    # A zeroed cluster that keeps its host cluster, data, a zeroed and unmapped one.
+    qemu_io(p, "write -z 0 64k", "write -P 1 64k 64k", "write -z -u 128k 64k")
+    same_stdout_and_rc(tmp_path, "map", "--output", "json", "pm.qcow2")
+    same_stdout_and_rc(tmp_path, "map", "pm.qcow2")
+
+
+def test_map_of_subclusters_in_a_kept_cluster(tmp_path: Path) -> None:
+    p = tmp_path / "x.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=64k,extended_l2=on", str(p), "4M")
+    qemu_io(p, "write -P 7 0 100k", "write -z 1M 512k", "discard 2M 4k")
+    same_stdout_and_rc(tmp_path, "map", "--output", "json", "x.qcow2")
+
+
+def test_human_map_refuses_compressed_clusters_like_qemu_img(tmp_path: Path) -> None:
+    p = tmp_path / "z.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "8M")
+    qemu_io(p, "write -c -P 3 0 64k")
+    same_stdout_and_rc(tmp_path, "map", "--output", "json", "z.qcow2")
+    ours, _ = same_stdout_and_rc(tmp_path, "map", "z.qcow2")
+    assert "File contains external, encrypted or compressed clusters." in ours
+
+
+def leaky(tmp_path: Path, name: str) -> Path:
+    """An image with one leaked cluster: a snapshot that 1-bit refcounts cannot hold fails half way."""
+    p = tmp_path / name
+    qemu_img("create", "-f", "qcow2", "-o", "refcount_bits=1", str(p), "4M")
+    qemu_io(p, "write -P 7 0 100k")
+    assert qimg("snapshot", "-c", "s", name, cwd=tmp_path).returncode != 0
+    assert qimg("check", name, cwd=tmp_path).returncode == 3  # leaks
+    return p
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_check_repairs_leaks_in_place_as_qemu_img_does(tmp_path: Path, output: str) -> None:
+    (tmp_path / "q").mkdir()
+    (tmp_path / "o").mkdir()
+    leaky(tmp_path / "q", "l.qcow2")
+    shutil.copy(tmp_path / "q" / "l.qcow2", tmp_path / "o" / "l.qcow2")
+    size = (tmp_path / "o" / "l.qcow2").stat().st_size
+    for args in (["check", "--output", output, "l.qcow2"],
+                 ["check", "--output", output, "-r", "leaks", "l.qcow2"]):
+        ours, theirs = img(*args, cwd=tmp_path / "o"), qimg(*args, cwd=tmp_path / "q")
+        assert (ours.stdout, ours.stderr, ours.returncode) == (theirs.stdout, theirs.stderr, theirs.returncode)
+    # Repaired where it was: the image did not grow, and qemu-img finds it clean.
+    assert (tmp_path / "o" / "l.qcow2").stat().st_size == size
+    assert qimg("check", "l.qcow2", cwd=tmp_path / "o").returncode == 0
+
+
+def test_a_backing_file_without_its_format_is_refused(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "raw", str(tmp_path / "b.raw"), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", "b.raw", "-F", "raw", str(tmp_path / "t.qcow2"))
+    before = (tmp_path / "t.qcow2").read_bytes()
+    r = img("create", "-f", "qcow2", "-b", "b.raw", "n.qcow2", cwd=tmp_path)
+    assert r.returncode == 1 and not (tmp_path / "n.qcow2").exists()
+    assert "n.qcow2: Backing file specified without backing format\nDetected format of raw." in r.stderr
+    for unsafe in ([], ["-u"]):
+        r = img("rebase", *unsafe, "-b", "b.raw", "t.qcow2", cwd=tmp_path)
+        assert r.returncode == 1, r.stderr
+        assert "Could not change the backing file to 'b.raw': backing format must be specified" in r.stderr
+    assert (tmp_path / "t.qcow2").read_bytes() == before
+
+
+def test_probing_warns_only_where_the_raw_image_is_opened_for_writing(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+    for args in (["info", "r.raw"], ["map", "r.raw"], ["compare", "r.raw", "r.raw"]):
+        ours, theirs = same_stdout_and_rc(tmp_path, *args)
+        assert "probing guessed raw" not in ours + theirs
+    r = img("check", "-r", "all", "r.raw", cwd=tmp_path)
+    assert r.returncode == 63
+    assert "WARNING: Image format was not specified for 'r.raw' and probing guessed raw." in r.stderr
+    assert r.stderr.rstrip().endswith("This image format does not support checks")
