@@ -308,7 +308,8 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
             d["backing-filename"] = h.backing_file
         d["dirty-flag"] = h.dirty
     else:
-        d["virtual-size"] = img.size
+        # QEMU sizes a raw image in whole 512-byte sectors, a partial last one included.
+        d["virtual-size"] = -(-img.size // 512) * 512
         d["filename"] = filename
         d["format"] = "raw"
         d["actual-size"] = st.st_blocks * 512
@@ -737,10 +738,18 @@ async def cmd_snapshot(argv: list[str]) -> int:
                 print("Snapshot list:")
                 print(snapshot_table(img.snapshots), end="")
         elif a.create:
-            await snapops.create_snapshot(img, a.create)
+            try:
+                await snapops.create_snapshot(img, a.create)
+            except Qcow2Error as err:
+                raise Qcow2Error(f"Could not create snapshot '{a.create}': {err}") from err
         elif a.delete:
+            if snapops.find(img, a.delete) is None:
+                raise Qcow2Error(f"Could not delete snapshot '{a.delete}': snapshot not found")
             await snapops.delete_snapshot(img, a.delete)
         elif a.apply:
+            if snapops.find(img, a.apply) is None:
+                raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
+                                 "Failed to load snapshot: No such file or directory")
             await snapops.apply_snapshot(img, a.apply)
     finally:
         await img.close()
@@ -755,7 +764,9 @@ async def cmd_resize(argv: list[str]) -> int:
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("filename")
     p.add_argument("size")
-    a = p.parse_args(argv[:-1] + ["--", argv[-1]] if argv and argv[-1][:1] in "+-" else argv)
+    # The size comes last and may start with "-" (shrink by), which is not an option.
+    relative = argv and argv[-1][:1] in "+-" and "--" not in argv
+    a = p.parse_args(argv[:-1] + ["--", argv[-1]] if relative else argv)
     img = await _open(a.filename, a.fmt, read_only=False, backing=False)
     try:
         text = a.size
@@ -764,11 +775,13 @@ async def cmd_resize(argv: list[str]) -> int:
             new = img.size + delta if text[0] == "+" else img.size - delta
         else:
             new = parse_size_arg(text)
-        if new < 0:
+        if new <= 0:
             raise ConfigError("New image size must be positive")
         if new < img.size and not a.shrink:
-            print("appliance img: Use the --shrink option to perform a shrink operation.",
-                  file=sys.stderr)
+            print("appliance img: Use the --shrink option to perform a shrink operation.\n"
+                  "appliance img: warning: Shrinking an image will delete all data beyond the "
+                  "shrunken image's end. Before performing such an operation, make sure there "
+                  "is no important data there.", file=sys.stderr)
             return 1
         if isinstance(img, Qcow2Image):
             from appliance.qcow2.ops import resize

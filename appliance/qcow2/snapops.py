@@ -178,11 +178,12 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
 async def delete_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
     async with img._lock:
-        await img._flush_locked()
-        await _begin(img)
+        # Looked up before _begin: a name that is not there leaves the image untouched.
         snap = find(img, name)
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
+        await img._flush_locked()
+        await _begin(img)
         raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
         l1 = list(struct.unpack(f">{snap.l1_size}Q", raw))
         await _write_table(img, [s for s in img.snapshots if s is not snap])
@@ -201,11 +202,12 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
 async def apply_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
     async with img._lock:
-        await img._flush_locked()
-        await _begin(img)
+        # Looked up before _begin: a name that is not there leaves the image untouched.
         snap = find(img, name)
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
+        await img._flush_locked()
+        await _begin(img)
         cs, cb = img._cs, img._cb
         raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
         new_l1 = [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]

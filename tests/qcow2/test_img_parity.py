@@ -118,3 +118,23 @@ def test_probing_warns_only_where_the_raw_image_is_opened_for_writing(tmp_path: 
     assert r.returncode == 63
     assert "WARNING: Image format was not specified for 'r.raw' and probing guessed raw." in r.stderr
     assert r.stderr.rstrip().endswith("This image format does not support checks")
+
+
+def test_info_sizes_a_raw_file_in_whole_sectors(tmp_path: Path) -> None:
+    (tmp_path / "odd.raw").write_bytes(b"x" * 1000)
+    for args in (["info", "-f", "raw", "odd.raw"], ["info", "--output=json", "-f", "raw", "odd.raw"]):
+        ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+        assert ours.stdout.replace("disk size", "") .split("\n")[:3] == theirs.stdout.replace("disk size", "").split("\n")[:3]
+    assert '"virtual-size": 1024' in img("info", "--output=json", "-f", "raw", "odd.raw", cwd=tmp_path).stdout
+
+
+def test_snapshot_names_that_are_not_there_leave_the_image_untouched(tmp_path: Path) -> None:
+    p = tmp_path / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "4M")
+    before = p.read_bytes()
+    for flag, what in (("-a", "Could not apply snapshot 'nope': Failed to load snapshot: No such file or directory"),
+                       ("-d", "Could not delete snapshot 'nope': snapshot not found")):
+        r = img("snapshot", flag, "nope", "s.qcow2", cwd=tmp_path)
+        assert r.returncode == 1 and what in r.stderr
+    # Not even the dirty bit a snapshot operation sets while it runs.
+    assert p.read_bytes() == before
