@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -134,7 +135,7 @@ def main() -> int:
         print("qemu-img is not installed", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="qcow2-bench-", dir=a.dir or "/var/tmp"))
-    rows: list[tuple[str, str, str, float]] = []
+    rows: list[tuple[Any, ...]] = []
     try:
         _bench_rows(a, work, rows)
         _convert_rows(a, work, rows)
@@ -142,13 +143,13 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"{'case':<34}{'qemu':>16}{'appliance':>16}{'ratio':>8}")
+    print(f"{'case':<42}{'qemu':>16}{'appliance':>16}{'best':>8} {'median':>7}")
     for r in rows:
         print(_fmt(r))
     return 0
 
 
-def _bench_rows(a: argparse.Namespace, work: Path, rows: list[tuple[str, str, str, float]]) -> None:
+def _bench_rows(a: argparse.Namespace, work: Path, rows: list[tuple[Any, ...]]) -> None:
     """qemu-img bench against appliance img bench, each ``-i`` mode on both sides."""
     # Reads: one image, filled by QEMU, read by both tools.
     filled = work / "filled.qcow2"
@@ -178,10 +179,11 @@ def _bench_rows(a: argparse.Namespace, work: Path, rows: list[tuple[str, str, st
                             else ours("bench", *common, str(img)))
                     times[who].append(bench_seconds(argv))
             q_best, o_best = min(times["qemu"]), min(times["ours"])
+            med = _median(times["qemu"]) / _median(times["ours"])
             rows.append((label, f"{count / q_best:>9.0f} IOPS", f"{count / o_best:>9.0f} IOPS",
-                         q_best / o_best))
-            print(_fmt(rows[-1]) + f"   median {_median(times['qemu']) / _median(times['ours']):.2f}x"
-                  f"  qemu {_spread(times['qemu'])} ours {_spread(times['ours'])}", flush=True)
+                         q_best / o_best, f"{med:>7.2f}x"))
+            print(_fmt(rows[-1]) + f"  qemu {_spread(times['qemu'])} ours {_spread(times['ours'])}",
+                  flush=True)
 
 
 def _median(v: list[float]) -> float:
@@ -194,7 +196,7 @@ def _spread(v: list[float]) -> str:
 
 
 def _convert_rows(a: argparse.Namespace, work: Path,
-                  rows: list[tuple[str, str, str, float]]) -> None:
+                  rows: list[tuple[Any, ...]]) -> None:
     """qemu-img convert against appliance img convert, each with its default options."""
     plain_text = a.convert_size or ("256M" if a.quick else "2G")
     comp_text = a.compress_size or ("64M" if a.quick else "512M")
@@ -247,7 +249,7 @@ def _convert_rows(a: argparse.Namespace, work: Path,
 
 
 def _guest_rows(a: argparse.Namespace, work: Path,
-                rows: list[tuple[str, str, str, float]]) -> None:
+                rows: list[tuple[Any, ...]]) -> None:
     """The test guest's ``blk bench`` on a qcow2 disk: appliance run against QEMU + KVM.
 
     Both boot the same test guest with ``-drive file=X.qcow2,format=qcow2,
@@ -334,8 +336,9 @@ def _wanted(only: str | None, name: str) -> bool:
     return only is None or re.search(only, name) is not None
 
 
-def _fmt(r: tuple[str, str, str, float]) -> str:
-    return f"{r[0]:<34}{r[1]:>16}{r[2]:>16}{r[3]:>7.2f}x"
+def _fmt(r: tuple[Any, ...]) -> str:
+    """A table row: case, QEMU, ours, ratio of the best runs (and of the medians, bench rows)."""
+    return f"{r[0]:<42}{r[1]:>16}{r[2]:>16}{r[3]:>7.2f}x" + (f" {r[4]}" if len(r) > 4 else "")
 
 
 def _size(text: str) -> int:
