@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class RunArgs:
         self.chardevs: dict[str, ChardevConfig] = {}
         self.nographic = False
         self.no_reboot = False
+        self.nodefaults = False
+        self.start_paused = False
+        self.pidfile: str | None = None
         self.machine_type = "q35"
         self.verbose = 0
         self.extra: dict[str, list[str]] = {}
@@ -202,6 +206,40 @@ def _display(a: RunArgs, v: str) -> None:
 @option("-no-reboot", None, "exit instead of rebooting when the guest resets")
 def _no_reboot(a: RunArgs, v: str) -> None:
     a.no_reboot = True
+
+
+@option("-nodefaults", None, "no default devices: without -serial, no serial port either")
+def _nodefaults(a: RunArgs, v: str) -> None:
+    a.nodefaults = True
+
+
+@option("-no-user-config", None, "(accepted) no configuration files are ever read")
+def _no_user_config(a: RunArgs, v: str) -> None:
+    pass
+
+
+@option("-vga", "none", "VGA card (only 'none': there is no display)")
+def _vga(a: RunArgs, v: str) -> None:
+    if v != "none":
+        raise ConfigError(f"-vga: '{v}' is not supported (only 'none')")
+
+
+@option("-monitor", "none", "human monitor (only 'none'; use -qmp or -mon mode=control)")
+def _monitor(a: RunArgs, v: str) -> None:
+    if v != "none":
+        raise ConfigError(f"-monitor: '{v}' is not supported (only 'none'; QMP is -qmp)")
+
+
+@option("-S", None, "do not start the vCPUs until QMP 'cont' (status 'prelaunch')")
+def _start_paused(a: RunArgs, v: str) -> None:
+    a.start_paused = True
+
+
+@option("-pidfile", "file", "write the process ID to FILE (removed at exit)")
+def _pidfile(a: RunArgs, v: str) -> None:
+    if not v:
+        raise ConfigError("-pidfile: empty file name")
+    a.pidfile = v
 
 
 @option("-enable-kvm", None, "use KVM (always on)")
@@ -383,6 +421,8 @@ def to_config(args: RunArgs) -> MachineConfig:
         raise ConfigError("-serial: only one serial port (COM1) is supported")
     if args.serials:
         serial = parse_serial(args.serials[0], args.chardevs, nographic=args.nographic)
+    elif args.nodefaults:
+        serial = None
     else:
         # No display exists: the console goes to the terminal unless told otherwise.
         serial = ChardevConfig("stdio", mux=args.nographic, signal=not args.nographic)
@@ -397,6 +437,7 @@ def to_config(args: RunArgs) -> MachineConfig:
         no_reboot=args.no_reboot,
         machine_type=args.machine_type,  # type: ignore[arg-type]
         devices=list(args.devices),
+        start_paused=args.start_paused,
     )
 
 
@@ -471,6 +512,29 @@ def main(argv: list[str]) -> int:
     # does not import it before the vCPUs run.
     configure_logging(level="DEBUG" if args.verbose else "WARNING", format="appliance run: %(message)s")
     config = to_config(args)
+    if args.pidfile is not None:
+        write_pidfile(args.pidfile)
+    try:
+        return _run(config)
+    finally:
+        if args.pidfile is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pidfile)
+
+
+def write_pidfile(path: str) -> None:
+    """Write our PID to ``path`` (QEMU's -pidfile).
+
+    :raises ConfigError: When the file cannot be written.
+    """
+    try:
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as err:
+        raise ConfigError(f"-pidfile {path}: {err.strerror or err}") from err
+
+
+def _run(config: MachineConfig) -> int:
     from appliance.kvm import KvmError
     from appliance.kvm.system import Kvm
     from appliance.machine.machine import Machine, boots_early

@@ -148,11 +148,13 @@ class MachineConfig(Record):
         Python API (:class:`~appliance.machine.console.Console`) only.
     :param devices: DeviceSpec objects.
     :param warnings: where to tell the user about things that are not errors (PVM warning).
+    :param start_paused: build the machine but leave its vCPUs stopped until
+        QMP ``cont`` (QEMU's ``-S``; the machine is in "prelaunch").
     """
 
     __slots__ = (
         "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
-        "devices", "warnings",
+        "devices", "warnings", "start_paused",
     )
     kernel: StrPath
     initrd: StrPath | None
@@ -165,6 +167,7 @@ class MachineConfig(Record):
     machine_type: Literal["q35", "pc", "microvm"]
     devices: list[Any]
     warnings: list[str]
+    start_paused: bool
 
     def __init__(
         self,
@@ -179,6 +182,7 @@ class MachineConfig(Record):
         machine_type: Literal["q35", "pc", "microvm"] = "q35",
         devices: list[Any] | None = None,
         warnings: list[str] | None = None,
+        start_paused: bool = False,
     ) -> None:
         self.kernel = kernel
         self.initrd = initrd
@@ -191,6 +195,7 @@ class MachineConfig(Record):
         self.machine_type = machine_type
         self.devices = [] if devices is None else devices
         self.warnings = [] if warnings is None else warnings
+        self.start_paused = start_paused
 
     def validate(self, *, max_cpus: int = MAX_CPUS, host_mem: int | None = None) -> None:
         """Check everything that can be checked before touching /dev/kvm.

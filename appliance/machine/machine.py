@@ -67,7 +67,8 @@ class Runstate(enum.Enum):
 
 
 TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
-    Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.STOPPED}),
+    # PAUSED straight from CREATED: -S, the vCPUs wait for the first "cont".
+    Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.PAUSED, Runstate.STOPPED}),
     Runstate.RUNNING: frozenset({Runstate.PAUSED, Runstate.REBOOTING, Runstate.STOPPING}),
     Runstate.PAUSED: frozenset({Runstate.RUNNING, Runstate.REBOOTING, Runstate.STOPPING}),
     Runstate.REBOOTING: frozenset({Runstate.RUNNING, Runstate.STOPPING}),
@@ -85,7 +86,11 @@ def boots_early(config: MachineConfig) -> bool:
     Device specs open on the loop and a socket console must listen or
     connect there, so those machines boot in :meth:`Machine.start`.
     """
-    return not config.devices and (config.serial is None or config.serial.backend != "socket")
+    return (
+        not config.devices
+        and not config.start_paused
+        and (config.serial is None or config.serial.backend != "socket")
+    )
 
 
 class Machine:
@@ -101,6 +106,8 @@ class Machine:
         self.console = Console(make_backend(config.serial))
         self.console.on_quit = lambda: self.post_event("quit", "console escape")
         self.runstate = Runstate.CREATED
+        # Paused since start (-S) and never resumed: QMP's "prelaunch".
+        self.prelaunch = False
         self.boots = 0
         self.exit_code: int | None = None
         self.exit_reason = ""
@@ -216,8 +223,10 @@ class Machine:
         """
         import asyncio
 
+        paused = self.config.start_paused and not self._early
         if not self._early:
-            self._set_state(Runstate.RUNNING)
+            self._set_state(Runstate.PAUSED if paused else Runstate.RUNNING)
+            self.prelaunch = paused
         loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
         self._done = asyncio.Event()
@@ -237,7 +246,7 @@ class Machine:
             for spec in self.config.devices:
                 await _maybe_await(getattr(spec, "open", None))
             if not self._early:
-                self._boot()
+                self._boot(run=not paused)
         except BaseException:
             self.runstate = Runstate.STOPPING
             self._open_loop(loop)
@@ -295,6 +304,7 @@ class Machine:
                 vcpu.rearm()
             self._start_threads(self._inst, self._generation)
             self._set_state(Runstate.RUNNING)
+            self.prelaunch = False
             self._tell("resume", "")
 
     def reset(self) -> None:
@@ -356,7 +366,7 @@ class Machine:
         assert self._kvm is not None
         return MachineBuilder(self.config, self._kvm, self.console, self.post_event)
 
-    def _boot(self, pending: PendingVm | None = None) -> None:
+    def _boot(self, pending: PendingVm | None = None, *, run: bool = True) -> None:
         assert self._builder is not None
         self._generation += 1
         gen = self._generation
@@ -364,7 +374,10 @@ class Machine:
         inst = self._builder.build(pending, defer=pending is not None)
         self._inst = inst
         self.boots += 1
-        self._start_threads(inst, gen)
+        if run:
+            self._start_threads(inst, gen)
+        else:
+            self._threads = []
 
     def _start_threads(self, inst: Instance, gen: int) -> None:
         self._threads = []
@@ -426,6 +439,7 @@ class Machine:
             await self._end(EXIT_ERROR, f"reboot failed: {err}")
             return
         self._set_state(Runstate.RUNNING)
+        self.prelaunch = False
 
     async def _end(self, code: int, reason: str) -> None:
         self._set_state(Runstate.STOPPING)

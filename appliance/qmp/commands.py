@@ -141,7 +141,7 @@ _STATUS = {
 
 @command("query-status")
 async def _query_status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    status = _STATUS.get(ctx.machine.runstate.value, "running")
+    status = "prelaunch" if ctx.machine.prelaunch else _STATUS.get(ctx.machine.runstate.value, "running")
     # QEMU 7.2 still reports the deprecated 'singlestep' member.
     return {"status": status, "running": status == "running", "singlestep": False}
 

@@ -52,6 +52,17 @@ def test_options_become_a_machine_config() -> None:
     assert cfg.serial is not None and cfg.serial.backend == "stdio" and cfg.serial.mux
 
 
+def test_qemu_housekeeping_options_are_taken() -> None:
+    # What scripts written for QEMU put on every command line.
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-nodefaults", "-no-user-config", "-vga", "none", "-monitor", "none", "-S",
+    ]))
+    assert cfg.serial is None  # -nodefaults: no serial port unless -serial asks for one
+    assert cfg.start_paused
+    cfg = run.to_config(run.parse_args(["-kernel", "k", "-nodefaults", "-serial", "stdio"]))
+    assert cfg.serial is not None and cfg.serial.backend == "stdio" and not cfg.start_paused
+
+
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
@@ -93,6 +104,9 @@ def test_serial_chardev_reference() -> None:
         (["-kernel", "k", "-accel", "tcg"], "'tcg'"),
         (["-kernel", "k", "-cpu", "qemu64"], "'qemu64'"),
         (["-kernel", "k", "-display", "gtk"], "'gtk'"),
+        (["-kernel", "k", "-vga", "std"], "-vga: 'std'"),
+        (["-kernel", "k", "-monitor", "stdio"], "-monitor: 'stdio'"),
+        (["-kernel", "k", "-pidfile", ""], "-pidfile"),
         (["-kernel", "k", "-serial", "stdio", "-serial", "null"], "one serial"),
         (["-kernel", "k", "disk.img"], "'disk.img'"),
         (["-kernel"], "requires an argument"),

@@ -25,6 +25,7 @@ class FakeMachine:
     def __init__(self) -> None:
         self.config = FakeConfig()
         self.runstate = State.RUNNING
+        self.prelaunch = False
         self.observers: list[Any] = []
         self.posted: list[tuple[str, str]] = []
         self.powerdowns = 0

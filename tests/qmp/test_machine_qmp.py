@@ -217,3 +217,43 @@ async def test_quit_ends_run_with_host_shutdown_event_and_exit_0(tmp_path: Path)
         assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     assert not (tmp_path / "run.sock").exists()
+
+
+async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_as_long_as_the_run(
+    tmp_path: Path,
+) -> None:
+    sock, pidfile = tmp_path / "s.sock", tmp_path / "run.pid"
+    proc = await asyncio.create_subprocess_exec(
+        str(ROOT / ".venv/bin/appliance"), "run", "-kernel", str(GUEST), "-nodefaults", "-no-user-config",
+        "-vga", "none", "-monitor", "none", "-serial", "stdio", "-S", "-pidfile", str(pidfile),
+        "-qmp", f"unix:{sock},server=on,wait=off",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    client = QMPClient("prelaunch")
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not sock.exists():
+            assert proc.returncode is None and asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await client.connect(str(sock))
+        assert pidfile.read_text() == f"{proc.pid}\n"
+        assert await ex(client, "query-status") == {"status": "prelaunch", "running": False, "singlestep": False}
+        # Nothing runs: the guest prints nothing at all before "cont".
+        assert proc.stdout is not None
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(proc.stdout.read(1), 0.5)
+        with client.listener() as events:
+            await ex(client, "cont")
+            assert (await asyncio.wait_for(events.get(), 5))["event"] == "RESUME"
+        await asyncio.wait_for(proc.stdout.readuntil(b"TESTGUEST-READY"), 30)
+        assert (await ex(client, "query-status"))["status"] == "running"
+        assert proc.stdin is not None
+        proc.stdin.write(b"poweroff\n")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not pidfile.exists()

@@ -46,7 +46,7 @@ def test_mon_refers_to_a_chardev_given_later_on_the_line() -> None:
         (["-mon", "chardev=m0"], "mode 'readline' (the human monitor) is not supported"),
         (["-mon", "chardev=m0,mode=control"], "-mon: chardev 'm0' not found"),
         (["-chardev", "null,id=m0", "-mon", "m0,mode=control"], "a QMP monitor needs a socket"),
-        (["-monitor", "stdio"], "option '-monitor' is not supported"),
+        (["-monitor", "stdio"], "-monitor: 'stdio' is not supported"),
     ],
 )
 def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) -> None:
