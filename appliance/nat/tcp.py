@@ -1016,8 +1016,14 @@ class TcpConn:
         st = self.state
         if st not in _CAN_SEND and not (st in (FIN_WAIT_1, CLOSING, LAST_ACK) and self.snd_nxt < self.snd_max):
             return
-        net = self.net
         data_end = self._data_end()
+        if self.snd_nxt > data_end or (self.snd_nxt == data_end and not self.fin_queued):
+            # Nothing new to send (most calls: after an ACK, a FIN, a window update); what is in
+            # flight keeps its timer.
+            if self.snd_nxt > self.snd_una and self._deadline == 0.0:
+                self._arm_retransmit()
+            return
+        net = self.net
         wnd = min(self.snd_wnd, self.cwnd)
         sent = False
         mss = self.mss
