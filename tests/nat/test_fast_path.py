@@ -36,7 +36,7 @@ async def _connect(net: UserNetwork, port: int, hdr: bytes = b"") -> int:
             await asyncio.sleep(0.001)
     iss = int.from_bytes(frames[0][len(hdr) + 38 : len(hdr) + 42], "big")
     net.send([memoryview(hdr + tcp_frame(GUEST_IP, SPORT, GW_IP, port, 1001, iss + 1, ACK, 0xFFFF))])
-    await asyncio.sleep(0)  # the host socket is watched from the next loop turn
+    await asyncio.sleep(0)
     return iss
 
 
