@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import OptionDict, parse_bool, parse_option
+from appliance.cli.options import OptionDict, parse_bool, parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
 from appliance.storage.errors import BackendOpenError, ReadOnlyError
@@ -65,6 +65,8 @@ class ImageSource:
     :param fmt: ``raw``, ``qcow2`` or ``None`` (probe, warning when raw).
     :param snapshot: write into a temporary qcow2 overlay, discarded at close.
     :param what: the option it came from, to prefix error messages.
+    :param l2_cache_size: qcow2's L2 table cache in bytes (QEMU's
+        ``l2-cache-size``); None sizes it as QEMU does by default.
     """
 
     path: Path
@@ -76,6 +78,7 @@ class ImageSource:
     locking: bool = True
     snapshot: bool = False
     what: str = "-drive"
+    l2_cache_size: int | None = None
 
     def validate(self, *, check_path: bool = True) -> None:
         """Checks that need no file access but the path's existence.
@@ -95,6 +98,8 @@ class ImageSource:
             raise ConfigError(f"{self.what}: aio=native is supported for raw images only")
         if self.discard not in ("ignore", "unmap"):
             raise ConfigError(f"{self.what}: invalid discard option '{self.discard}'")
+        if self.l2_cache_size is not None and self.fmt == "raw":
+            raise ConfigError(f"{self.what}: l2-cache-size is a qcow2 option")
         if not check_path:
             return
         if not self.path.exists():
@@ -118,7 +123,7 @@ class DriveConfig:
     SYNTAX: ClassVar[str] = (
         "file=<path>[,format=raw|qcow2][,if=virtio|none][,id=<id>][,cache=none|writeback|"
         "writethrough|unsafe|directsync][,aio=threads|native][,readonly=on|off]"
-        "[,discard=ignore|unmap][,serial=<str>][,snapshot=on|off][,addr=<slot>]"
+        "[,discard=ignore|unmap][,serial=<str>][,snapshot=on|off][,addr=<slot>][,l2-cache-size=<size>]"
     )
     source: ImageSource
     interface: str = "virtio"
@@ -158,6 +163,7 @@ class DriveConfig:
             locking=_locking(o, "file.locking"),
             snapshot=o.take_bool("snapshot", False),
             what=f"{option} file={file}",
+            l2_cache_size=_l2_cache_size(o, "l2-cache-size", f"{option} file={file}"),
         )
         serial = o.take("serial", "") or ""
         addr = o.take("addr")
@@ -175,6 +181,17 @@ class DriveConfig:
         cfg = cls(source, interface, ident, serial, addr)
         cfg.source.validate()
         return cfg
+
+
+def _l2_cache_size(o: OptionDict, key: str, what: str) -> int | None:
+    """``l2-cache-size`` in bytes (a size with QEMU's suffixes), or None when not given."""
+    text = o.take(key)
+    if text is None:
+        return None
+    size = parse_size(text, f"{what} {key}")
+    if size < 1:
+        raise ConfigError(f"{what}: {key} must be positive")
+    return size
 
 
 def _check_id(option: str, ident: str) -> None:
@@ -246,6 +263,7 @@ class BlockdevConfig:
         "[driver=]file,node-name=<name>,filename=<path>[,read-only=on|off][,cache.direct=on|off]"
         "[,cache.no-flush=on|off][,aio=threads|native][,discard=ignore|unmap][,locking=on|off|auto]"
         " | [driver=]raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off][,discard=…]"
+        "[,l2-cache-size=<bytes> (qcow2)]"
         " | [driver=]raw|qcow2,node-name=<name>,file.driver=file,file.filename=<path>[,file.<file option>=…]"
     )
     driver: str
@@ -258,6 +276,7 @@ class BlockdevConfig:
     aio: str = "threads"
     discard: str = "ignore"
     locking: bool = True
+    l2_cache_size: int | None = None
     # The option it came from (``-blockdev``/``--blockdev``), for later messages.
     option: str = field(default="-blockdev", compare=False)
 
@@ -298,11 +317,13 @@ class BlockdevConfig:
             return cfg
         if driver in FORMATS:
             discard = _discard(o, what)
+            l2 = _l2_cache_size(o, "l2-cache-size", what) if driver == "qcow2" else None
             if "file" not in o and "file.driver" in o:
-                return cls._inline_file(driver, node, read_only, discard, o, option)
+                return replace(cls._inline_file(driver, node, read_only, discard, o, option), l2_cache_size=l2)
             file = o.require("file")
             o.finish()
-            return cls(driver, node, file=file, read_only=read_only, discard=discard, option=option)
+            return cls(driver, node, file=file, read_only=read_only, discard=discard, option=option,
+                       l2_cache_size=l2)
         raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
 
     @classmethod
@@ -379,7 +400,7 @@ def resolve_blockdev(
     discard = "unmap" if node.discard == "unmap" or file.discard == "unmap" else "ignore"
     src = ImageSource(
         file.filename, fmt=fmt, read_only=node.read_only or file.read_only, cache=cache,
-        aio=file.aio, discard=discard, locking=file.locking, what=label,
+        aio=file.aio, discard=discard, locking=file.locking, what=label, l2_cache_size=node.l2_cache_size,
     )
     src.validate(check_path=check_path)
     return src
@@ -537,7 +558,8 @@ async def _open(src: ImageSource, warn: Warn) -> OpenImage:
         else:
             if src.locking:
                 locks.append(await asyncio.to_thread(_lock, src.path, write=not src.read_only))
-            backend = await _open_qcow2(src.path, read_only=src.read_only, cache=src.cache)
+            backend = await _open_qcow2(src.path, read_only=src.read_only, cache=src.cache,
+                                        l2_cache_size=src.l2_cache_size)
             _set_discard(backend, src.discard)
     except BaseException:
         for fd in locks:
@@ -546,10 +568,11 @@ async def _open(src: ImageSource, warn: Warn) -> OpenImage:
     return OpenImage(src, backend, fmt, locks)
 
 
-async def _open_qcow2(path: Path, *, read_only: bool, cache: str) -> BlockBackend:
+async def _open_qcow2(path: Path, *, read_only: bool, cache: str, l2_cache_size: int | None = None) -> BlockBackend:
     from appliance.qcow2 import open_image
 
-    backend: BlockBackend = await open_image(path, read_only=read_only, fmt="qcow2", cache=cache)
+    backend: BlockBackend = await open_image(path, read_only=read_only, fmt="qcow2", cache=cache,
+                                             l2_cache_size=l2_cache_size)
     return backend
 
 
@@ -568,7 +591,7 @@ async def _open_snapshot(src: ImageSource, fmt: str, locks: list[int]) -> BlockB
         locks.append(await asyncio.to_thread(_lock, src.path, write=False))
     overlay = await asyncio.to_thread(create_temporary_overlay, src.path, fmt)
     try:
-        backend = await _open_qcow2(overlay, read_only=False, cache=src.cache)
+        backend = await _open_qcow2(overlay, read_only=False, cache=src.cache, l2_cache_size=src.l2_cache_size)
     finally:
         # The open descriptors keep the overlay alive; nothing is left behind
         # however the VMM ends.

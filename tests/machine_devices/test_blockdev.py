@@ -11,6 +11,7 @@ import pytest
 from appliance.errors import ConfigError
 from appliance.qcow2.create import CreateOptions, build_image
 from appliance.storage.blockdev import (
+    DriveConfig,
     ImageSource,
     ProbedRawGuard,
     open_image_source,
@@ -147,3 +148,40 @@ async def test_open_errors_are_config_errors_naming_the_option(tmp_path: Path) -
     bad.write_bytes(b"QFI\xfb" + bytes(100))
     with pytest.raises(ConfigError, match=r"^-drive file=x: "):
         await open_image_source(ImageSource(bad, fmt="qcow2", what="-drive file=x"))
+
+
+async def test_l2_cache_size_reaches_the_qcow2_engine_from_drive_and_blockdev(qcow: Path) -> None:
+    from appliance.qcow2 import Qcow2Image
+    from appliance.storage.blockdev import BlockdevConfig, DriveConfig, resolve_blockdev
+
+    drive = DriveConfig.parse(f"file={qcow},format=qcow2,l2-cache-size=128k")
+    nodes = {
+        "f": BlockdevConfig.parse(f"driver=file,node-name=f,filename={qcow}"),
+        "q": BlockdevConfig.parse("driver=qcow2,node-name=q,file=f,l2-cache-size=196608"),
+        "i": BlockdevConfig.parse(f"driver=qcow2,node-name=i,file.driver=file,file.filename={qcow},"
+                                  "l2-cache-size=262144"),
+    }
+    # 64 KiB clusters: the cache holds that many L2 tables.
+    for src, tables in ((drive.source, 2), (resolve_blockdev(nodes, "q", what="t"), 3),
+                        (resolve_blockdev(nodes, "i", what="t"), 4)):
+        img = await open_image_source(src)
+        try:
+            assert isinstance(img.backend, Qcow2Image)
+            assert img.backend._l2_cap == tables
+        finally:
+            await img.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("file=x.raw,format=raw,l2-cache-size=1M", "l2-cache-size is a qcow2 option"),
+        ("file=x.qcow2,format=qcow2,l2-cache-size=lots", "invalid size 'lots'"),
+        ("file=x.qcow2,format=qcow2,l2-cache-size=0", "must be positive"),
+    ],
+)
+def test_bad_l2_cache_sizes_are_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
+    for name in ("x.raw", "x.qcow2"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=message):
+        DriveConfig.parse(text.replace("x.", f"{tmp_path}/x."))
