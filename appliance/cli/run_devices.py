@@ -127,11 +127,12 @@ def plan_of(args: RunArgs) -> DevicePlan:
 @option(
     "-drive",
     "file=path[,format=raw|qcow2][,if=virtio|none][,id=][,cache=][,aio=][,readonly=][,discard=]"
-    "[,serial=][,snapshot=][,addr=]",
+    "[,serial=][,snapshot=][,addr=][,l2-cache-size=]",
     "a disk image; if=virtio (the default here: there is no IDE) makes a virtio-blk-pci disk, "
     "if=none leaves it for -device virtio-blk-pci,drive=ID; cache=none|writeback|writethrough|unsafe|"
     "directsync, aio=threads|native; without format= the image is probed (with QEMU's warning, and "
-    "a probed raw image's block 0 cannot be given a qcow2 header)",
+    "a probed raw image's block 0 cannot be given a qcow2 header); l2-cache-size= sizes a qcow2 "
+    "image's L2 table cache as QEMU's does",
 )
 def _drive(a: RunArgs, v: str) -> None:
     plan_of(a).add_drive(DriveConfig.parse(v))
@@ -156,7 +157,7 @@ for _letter in "abcd":
 
 @option(
     "-blockdev",
-    "driver=file,node-name=N,filename=PATH[,...] | driver=raw|qcow2,node-name=N,file=FILE-NODE",
+    "driver=file,node-name=N,filename=PATH[,...] | driver=raw|qcow2,node-name=N,file=FILE-NODE[,l2-cache-size=BYTES]",
     "a block node for -device virtio-blk-pci,drive=NODE (qcow2/raw over a file node, or a file node alone)",
 )
 def _blockdev(a: RunArgs, v: str) -> None:

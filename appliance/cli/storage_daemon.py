@@ -50,7 +50,7 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
              [,discard=ignore|unmap][,locking=on|off|auto]
                          an image file (aio=native needs cache.direct=on)
   --blockdev [driver=]raw|qcow2,node-name=<name>,file=<file-node>[,read-only=on|off]
-             [,discard=ignore|unmap]
+             [,discard=ignore|unmap][,l2-cache-size=<bytes> (qcow2)]
                          a format layered on a file node
   --blockdev [driver=]raw|qcow2,node-name=<name>,file.driver=file,
              file.filename=<path>[,file.<file option>=...]
