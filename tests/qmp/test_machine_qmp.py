@@ -174,7 +174,12 @@ async def test_system_reset_reboots_the_guest_with_a_host_reset_event(tmp_path: 
 
 
 @asynccontextmanager
-async def appliance_run(tmp_path: Path, *argv: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, QMPClient]]:
+async def appliance_run(
+    tmp_path: Path, *argv: str, booted: bool = True
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, QMPClient]]:
+    """`appliance run` of the test guest with a QMP monitor, connected once the
+    guest is ready (``booted``) or, without waiting for the guest, once the
+    monitor listens."""
     sock = tmp_path / "run.sock"
     proc = await asyncio.create_subprocess_exec(
         str(ROOT / ".venv/bin/appliance"), "run", "-kernel", str(GUEST), "-serial", "stdio",
@@ -184,7 +189,13 @@ async def appliance_run(tmp_path: Path, *argv: str) -> AsyncIterator[tuple[async
     client = QMPClient("run")
     try:
         assert proc.stdout is not None
-        await asyncio.wait_for(proc.stdout.readuntil(b"TESTGUEST-READY"), 30)
+        if booted:
+            await asyncio.wait_for(proc.stdout.readuntil(b"TESTGUEST-READY"), 30)
+        else:
+            deadline = asyncio.get_running_loop().time() + 30
+            while not sock.exists():
+                assert proc.returncode is None and asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
         await client.connect(str(sock))
         yield proc, client
     finally:
@@ -222,20 +233,9 @@ async def test_quit_ends_run_with_host_shutdown_event_and_exit_0(tmp_path: Path)
 async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_as_long_as_the_run(
     tmp_path: Path,
 ) -> None:
-    sock, pidfile = tmp_path / "s.sock", tmp_path / "run.pid"
-    proc = await asyncio.create_subprocess_exec(
-        str(ROOT / ".venv/bin/appliance"), "run", "-kernel", str(GUEST), "-nodefaults", "-no-user-config",
-        "-vga", "none", "-monitor", "none", "-serial", "stdio", "-S", "-pidfile", str(pidfile),
-        "-qmp", f"unix:{sock},server=on,wait=off",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )
-    client = QMPClient("prelaunch")
-    try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while not sock.exists():
-            assert proc.returncode is None and asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
-        await client.connect(str(sock))
+    pidfile = tmp_path / "run.pid"
+    argv = ("-nodefaults", "-no-user-config", "-vga", "none", "-monitor", "none", "-S", "-pidfile", str(pidfile))
+    async with appliance_run(tmp_path, *argv, booted=False) as (proc, client):
         assert pidfile.read_text() == f"{proc.pid}\n"
         assert await ex(client, "query-status") == {"status": "prelaunch", "running": False, "singlestep": False}
         # Nothing runs: the guest prints nothing at all before "cont".
@@ -250,10 +250,4 @@ async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_
         assert proc.stdin is not None
         proc.stdin.write(b"poweroff\n")
         assert await asyncio.wait_for(proc.wait(), 10) == 0
-    finally:
-        with contextlib.suppress(EOFError, ConnectionError):
-            await client.disconnect()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert not pidfile.exists()
