@@ -227,6 +227,16 @@ def test_bench_runs_and_leaves_a_clean_image(tmp_path: Path) -> None:
     assert "500 read requests" in r.stdout
 
 
+def test_bench_over_holes_finishes(tmp_path: Path) -> None:
+    """Reads of unallocated clusters complete without waiting; thousands in a row must
+    not nest the next request inside the last one's completion without end."""
+    p = tmp_path / "h.qcow2"
+    img("create", "-q", "-f", "qcow2", str(p), "64M")
+    for cache in ("writeback", "none"):
+        r = img("bench", "-c", "20000", "-d", "4", "-s", "4k", "-t", cache, str(p))
+        assert "Run completed in" in r.stdout
+
+
 def test_bench_buffer_per_request_writes_the_pattern_from_every_slot(tmp_path: Path) -> None:
     p = tmp_path / "b.qcow2"
     img("create", "-q", "-f", "qcow2", str(p), "16M")
