@@ -38,6 +38,7 @@ from appliance.qcow2 import header as H
 from appliance.qcow2.compress import compress as _compress
 from appliance.qcow2.compress import decompress as _decompress
 from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
+from appliance.qcow2.iopool import pool as _iopool
 from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
 from appliance.qcow2.snapshot import Snapshot, parse_snapshot_table
@@ -1013,10 +1014,8 @@ class Qcow2Image:
                 self._io_count -= 1
                 return False  # buffers O_DIRECT would refuse: readv/writev bounce them
         else:
-            from appliance.qcow2.iopool import pool
-
-            pool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host),
-                         self._rw_done, job)
+            _iopool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host),
+                            self._rw_done, job)
         return True
 
     def _rw_done(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
