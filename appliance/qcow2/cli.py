@@ -619,12 +619,19 @@ async def _metadata_preallocated(img: Qcow2Image) -> bool:
         return False
     held = st.st_blocks * 512 // cs
     need = max(held * 10 // 9, held + 2)
+    clusters = -(-st.st_size // cs)
+    per_block = img._rb_entries
     counted = 0
-    for cluster in range(-(-st.st_size // cs)):
-        if await img.refcount(cluster):
-            counted += 1
-            if counted >= need:
-                return True
+    # A whole refcount block at a time: a large image has millions of
+    # clusters but few blocks, and map must not take seconds for this.
+    for ti in range(min(len(img._rt), -(-clusters // per_block))):
+        blk = await img._refblock(ti)
+        if blk is None:
+            continue
+        live = blk[: clusters - ti * per_block] if (ti + 1) * per_block > clusters else blk
+        counted += len(live) - live.count(0)
+        if counted >= need:
+            return True
     return False
 
 
