@@ -155,6 +155,17 @@ class Concatenation:
             await part.close()
 
 
+def _snapshot_param(text: str) -> tuple[str | None, str | None]:
+    """(name, id) from ``convert -l``: ``snapshot.name=N,snapshot.id=I`` (either) or a bare name."""
+    if not text.startswith("snapshot."):
+        return text, None
+    o = parse_o(text)
+    extra = set(o) - {"snapshot.name", "snapshot.id"}
+    if extra:
+        raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
+    return o.get("snapshot.name"), o.get("snapshot.id")
+
+
 async def cmd_convert(argv: list[str]) -> int:
     p = _parser("convert")
     p.add_argument("-f", dest="fmt")
@@ -172,11 +183,15 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-m", dest="coroutines", type=int, default=8)
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("-l", dest="snapshot")
     p.add_argument("files", nargs="+")
     a = p.parse_args(argv)
     if len(a.files) < 2:
         raise ConfigError("Expecting one image file name")
     *src_names, dst_name = a.files
+    if a.snapshot is not None and len(src_names) > 1:
+        raise ConfigError("No support for concatenating multiple snapshot")
+    snap_name, snap_id = _snapshot_param(a.snapshot) if a.snapshot is not None else (None, None)
     if len(src_names) > 1 and a.backing:
         raise Qcow2Error("Having a backing file for the target makes no sense when "
                          "concatenating multiple input images")
@@ -197,6 +212,12 @@ async def cmd_convert(argv: list[str]) -> int:
     try:
         for name in src_names:
             parts.append(await _open(name, a.fmt, read_only=True, cache=a.src_cache))
+        if a.snapshot is not None:
+            from appliance.qcow2 import snapops
+
+            if not isinstance(parts[0], Qcow2Image):
+                raise Qcow2Error(f"Failed to load snapshot: '{src_names[0]}' has no internal snapshots")
+            await snapops.view_snapshot(parts[0], name=snap_name, ident=snap_id)
     except BaseException:
         for part in parts:
             await part.close()

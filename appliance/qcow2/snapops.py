@@ -199,6 +199,35 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
         img._build_meta_set()
 
 
+async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str | None = None) -> None:
+    """Make a read-only ``img`` read as its internal snapshot does (``convert -l``).
+
+    Only the in-memory L1 table changes, and nothing is written. The size
+    stays the image's current one, as with qemu-img: what lies beyond the
+    snapshot's tables reads as unallocated.
+
+    :param name: the snapshot's name; :param ident: its ID. Either may be
+        left out; given both, both must match.
+    :raises Qcow2Error: When the image is writable or no snapshot matches.
+    """
+    if not img.read_only:
+        raise Qcow2Error("a snapshot can only be viewed on an image opened read-only")
+    snap = None
+    for s in img.snapshots:
+        if (ident is None or s.id == ident) and (name is None or s.name == name):
+            snap = s
+            break
+    if snap is None:
+        raise Qcow2Error("Failed to load snapshot: Can't find snapshot")
+    async with img._lock:
+        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
+        if len(raw) != snap.l1_size * 8:
+            raise await img.mark_corrupt("snapshot L1 table lies past the end of the file",
+                                         snap.l1_table_offset)
+        img._l1 = [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
+        img._l2.clear()
+
+
 async def apply_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
     async with img._lock:
