@@ -103,6 +103,48 @@ def parse_o(text: str | None) -> dict[str, str]:
     return out
 
 
+# What `-o help` lists per format: the creation options this engine takes.
+CREATE_OPTIONS: dict[str, list[tuple[str, str, str]]] = {
+    "qcow2": [
+        ("backing_file", "str", "File name of the backing image"),
+        ("backing_fmt", "str", "Format of the backing image (raw or qcow2)"),
+        ("cluster_size", "size", "Cluster size, a power of two from 512 bytes to 2 MiB"),
+        ("compat", "str", "Version: 0.10 (v2) or 1.1 (v3)"),
+        ("compression_type", "str", "Compression of compressed clusters: zlib or zstd"),
+        ("extended_l2", "bool (on/off)", "Extended L2 entries: 32 subclusters per cluster"),
+        ("lazy_refcounts", "bool (on/off)", "Defer refcount updates (repaired on open after a crash)"),
+        ("preallocation", "str", "Preallocation: off, metadata, falloc or full"),
+        ("refcount_bits", "num", "Bits per reference count: 1, 2, 4, 8, 16, 32 or 64"),
+        ("size", "size", "Virtual disk size"),
+    ],
+    "raw": [
+        ("preallocation", "str", "Preallocation: off, falloc or full"),
+        ("size", "size", "Virtual disk size"),
+    ],
+}
+
+
+def wants_help(o: dict[str, str]) -> bool:
+    """Whether ``-o`` asked for the option list (``-o help`` or ``-o ?``)."""
+    return "help" in o or "?" in o
+
+
+AMEND_OPTIONS = ("backing_file", "backing_fmt", "compat", "lazy_refcounts", "refcount_bits", "size")
+
+
+def print_create_options(fmt: str, *, amend: bool = False) -> int:
+    """`-o help`: the options ``fmt`` takes (or, ``amend``, can change), laid out as qemu-img does."""
+    opts = CREATE_OPTIONS.get(fmt)
+    if opts is None or (amend and fmt != "qcow2"):
+        raise ConfigError(f"Unknown file format '{fmt}'" if opts is None
+                          else f"Format driver '{fmt}' does not support option amendment")
+    print(f"Amend options for '{fmt}':" if amend else f"Supported {fmt} options:")
+    for key, kind, text in opts:
+        if not amend or key in AMEND_OPTIONS:
+            print(f"  {f'{key}=<{kind}>':<22} - {text}")
+    return 0
+
+
 def _bool(v: str, what: str) -> bool:
     if v in ("on", "yes", "true"):
         return True
@@ -170,12 +212,16 @@ async def cmd_create(argv: list[str]) -> int:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-u", dest="unsafe", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("filename")
+    p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     a = p.parse_args(argv)
     o: dict[str, str] = {}
     for text in a.options:
         o.update(parse_o(text))
+    if wants_help(o):
+        return print_create_options(a.fmt)
+    if a.filename is None:
+        raise ConfigError("Expecting image file name")
     size = parse_size_arg(a.size) if a.size is not None else None
     if a.fmt == "raw":
         extra = set(o) - {"preallocation", "size"}
@@ -812,11 +858,15 @@ async def cmd_amend(argv: list[str]) -> int:
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--force", action="store_true")
-    p.add_argument("filename")
+    p.add_argument("filename", nargs="?")
     a = p.parse_args(argv)
     o: dict[str, str] = {}
     for t in a.options:
         o.update(parse_o(t))
+    if wants_help(o):
+        return print_create_options(a.fmt or "qcow2", amend=True)
+    if a.filename is None:
+        raise ConfigError("Expecting one image file name")
     if not o:
         raise ConfigError("Must specify options (-o)")
     img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)

@@ -19,7 +19,15 @@ from typing import Any
 
 from appliance.errors import ConfigError
 from appliance.qcow2.backing import RawImage, open_any, resolve_backing
-from appliance.qcow2.cli import _open, _parser, chain_status, parse_o, parse_size_arg
+from appliance.qcow2.cli import (
+    _open,
+    _parser,
+    chain_status,
+    parse_o,
+    parse_size_arg,
+    print_create_options,
+    wants_help,
+)
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.image import (
     K_COMPRESSED,
@@ -184,8 +192,10 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("-l", dest="snapshot")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*")
     a = p.parse_args(argv)
+    if any(wants_help(parse_o(t)) for t in a.options):
+        return print_create_options(a.out_fmt)
     if len(a.files) < 2:
         raise ConfigError("Expecting one image file name")
     *src_names, dst_name = a.files

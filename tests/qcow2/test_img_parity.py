@@ -165,3 +165,16 @@ def test_convert_from_a_missing_snapshot_fails_like_qemu_img(tmp_path: Path) -> 
         r = img("convert", "-O", "raw", "-l", param, "sn.qcow2", "o.raw", cwd=tmp_path)
         assert r.returncode == 1 and "Failed to load snapshot: Can't find snapshot" in r.stderr
         assert not (tmp_path / "o.raw").exists()
+
+
+@pytest.mark.parametrize("args", [["create", "-f", "qcow2", "-o", "help"], ["create", "-f", "raw", "-o", "?"],
+                                  ["convert", "-O", "qcow2", "-o", "help"], ["amend", "-f", "qcow2", "-o", "help"]])
+def test_o_help_lists_options_in_qemu_img_layout(tmp_path: Path, args: list[str]) -> None:
+    ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr
+    keys = [line.split("=")[0].strip() for line in ours.stdout.splitlines()[1:]]
+    assert keys and keys == sorted(keys)
+    # Every option we list is one qemu-img lists for that format and command, same heading.
+    assert ours.stdout.splitlines()[0] == theirs.stdout.splitlines()[0]
+    theirs_keys = {line.split("=")[0].strip() for line in theirs.stdout.splitlines()[1:] if "=<" in line}
+    assert set(keys) - {"preallocation"} <= theirs_keys  # raw's preallocation is its file layer's in QEMU
