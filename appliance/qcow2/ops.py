@@ -7,6 +7,7 @@ structure before the header points at it, then free the old one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
@@ -57,6 +58,15 @@ async def resize(img: Qcow2Image, new: int) -> None:
 
 
 async def _has_zero_clusters(img: Qcow2Image) -> bool:
+    return await _any_l2_entry(img, lambda v: bool(v & ZERO_FLAG and not v & COMPRESSED))
+
+
+async def _has_compressed_clusters(img: Qcow2Image) -> bool:
+    return await _any_l2_entry(img, lambda v: bool(v & COMPRESSED))
+
+
+async def _any_l2_entry(img: Qcow2Image, test: Callable[[int], bool]) -> bool:
+    """Whether an L2 entry of the active table or of any snapshot passes ``test``."""
     l1s = [img._l1]
     for s in img.snapshots:
         raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
@@ -68,7 +78,7 @@ async def _has_zero_clusters(img: Qcow2Image) -> bool:
                 continue
             t = await img._load_l2(off)
             for v in t[:: img._stride]:
-                if v & ZERO_FLAG and not v & COMPRESSED:
+                if test(v):
                     return True
     return False
 
@@ -137,12 +147,20 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
             h.version = 3
             h.set_ext(H.EXT_FEATURE_TABLE, H.feature_table())
         elif compat in ("0.10", "v2") and h.version == 3:
-            if new_order is None and h.refcount_order != 4:
-                new_order = 4  # v2 knows only 16-bit refcounts: rewrite them first
-            if (h.lazy_refcounts and lazy != "off") or h.extended_l2 or h.compression_type:
-                raise Qcow2Error("Cannot downgrade an image with features that need compat=1.1")
+            # v2 has 16-bit refcounts only; as qemu-img, rewriting them must be asked for.
+            if h.refcount_order != 4 and new_order != 4:
+                raise Qcow2Error("compat=0.10 requires refcount_bits=16")
+            if h.compression_type and await _has_compressed_clusters(img):
+                raise Qcow2Error("Cannot downgrade an image with zstd compression type and "
+                                 "existing compressed clusters")
+            # v2 knows no incompatible features; a dirty bit was settled by the flush
+            # above and zlib is v2's compression, so only the others stand in the way.
+            blocking = h.incompatible_features & ~(H.INCOMPAT_DIRTY | H.INCOMPAT_COMPRESSION)
+            if blocking:
+                raise Qcow2Error(f"Cannot downgrade an image with incompatible features {blocking:#x} set")
             if await _has_zero_clusters(img):
                 raise Qcow2Error("Cannot downgrade an image with zero clusters")
+            h.compression_type = 0
             h.version = 2
             h.compatible_features = h.autoclear_features = h.incompatible_features = 0
             h.extra_fields = b""

@@ -178,3 +178,28 @@ def test_o_help_lists_options_in_qemu_img_layout(tmp_path: Path, args: list[str]
     assert ours.stdout.splitlines()[0] == theirs.stdout.splitlines()[0]
     theirs_keys = {line.split("=")[0].strip() for line in theirs.stdout.splitlines()[1:] if "=<" in line}
     assert set(keys) - {"preallocation"} <= theirs_keys  # raw's preallocation is its file layer's in QEMU
+
+
+@pytest.mark.parametrize(
+    ("create", "compressed"),
+    [("refcount_bits=64", False), ("lazy_refcounts=on", False), ("extended_l2=on", False),
+     ("compression_type=zstd", False), ("compression_type=zstd", True)],
+)
+def test_amend_to_compat_0_10_refuses_and_allows_what_qemu_img_does(
+        tmp_path: Path, create: str, compressed: bool) -> None:
+    (tmp_path / "q").mkdir()
+    (tmp_path / "o").mkdir()
+    p = tmp_path / "q" / "d.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", create, str(p), "4M")
+    if compressed:
+        qemu_io(p, "write -c -P 1 0 64k")
+    qemu_io(p, "write -P 2 1M 64k")
+    shutil.copy(p, tmp_path / "o" / "d.qcow2")
+    ours = img("amend", "-o", "compat=0.10", "d.qcow2", cwd=tmp_path / "o")
+    theirs = qimg("amend", "-o", "compat=0.10", "d.qcow2", cwd=tmp_path / "q")
+    assert ours.returncode == theirs.returncode
+    assert ours.stderr.replace("appliance img: ", "") == theirs.stderr.replace("qemu-img: ", "")
+    assert qimg("check", "d.qcow2", cwd=tmp_path / "o").returncode == 0
+    assert qimg("compare", "q/d.qcow2", "o/d.qcow2", cwd=tmp_path).returncode == 0
+    info = [json.loads(qimg("info", "--output=json", f"{d}/d.qcow2", cwd=tmp_path).stdout) for d in "qo"]
+    assert info[0]["format-specific"]["data"]["compat"] == info[1]["format-specific"]["data"]["compat"]
