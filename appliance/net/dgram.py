@@ -1,12 +1,22 @@
-"""UDP links: one Ethernet frame per datagram, as QEMU's ``-netdev dgram`` and
-``-netdev socket,udp=`` send them, so appliances and QEMU VMs can be wired
-together (GNS3-style labs, labs spanning hosts).
+"""Datagram links: one Ethernet frame per datagram, as QEMU's ``-netdev dgram``
+and ``-netdev socket,udp=|mcast=`` send them, so appliances and QEMU VMs can be
+wired together (GNS3-style labs, labs spanning hosts).
+
+Three shapes, as QEMU has them: a UDP point-to-point link; a unix datagram
+socket pair (two paths on one host); and a UDP multicast group, a shared
+segment where every member receives every frame, its own included (the
+socket joins with multicast loopback on so that VMs on one host hear each
+other, as QEMU's does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import os
 import socket
+import stat
 from collections.abc import Callable, Sequence
 
 from appliance.net.errors import NetError
@@ -24,27 +34,97 @@ def _resolve(host: str, port: int) -> tuple[str, int]:
     return str(addr[0]), int(addr[1])
 
 
+Address = tuple[str, int] | str  # (host, port) for UDP, a path for a unix socket
+
+
+def _is_group(addr: Address | None) -> bool:
+    if not isinstance(addr, tuple):
+        return False
+    try:
+        return ipaddress.IPv4Address(addr[0]).is_multicast
+    except ValueError:
+        return False
+
+
 class DgramLink:
-    """A FrameBackend on a UDP socket; frames from peers other than ``remote`` are dropped."""
+    """A FrameBackend on a datagram socket.
+
+    :param local: where to bind: (host, port), or a unix socket path (an
+        old socket there is replaced); for a multicast ``remote``, the
+        interface address to use (port ignored), or None for any.
+    :param remote: where frames go: (host, port), a path, or a multicast
+        (group, port). On a point-to-point link frames from anyone else are
+        dropped (and counted); a multicast group takes frames from every member.
+    """
 
     vnet_hdr_len = 0
 
-    def __init__(self, local: tuple[str, int], remote: tuple[str, int] | None) -> None:
-        self.local = _resolve(*local)
-        self.remote = _resolve(*remote) if remote else None
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind(self.local)
-        except OSError as err:
-            self.sock.close()
-            raise NetError(f"cannot bind UDP {self.local[0]}:{self.local[1]}") from err
+    def __init__(self, local: Address | None, remote: Address | None) -> None:
+        self._unlink: str | None = None
+        self.multicast = _is_group(remote)
+        if self.multicast:
+            assert isinstance(remote, tuple) and not isinstance(local, str)
+            self.remote: Address | None = _resolve(*remote)
+            self.local: Address | None = None if local is None else _resolve(local[0], 0)
+            self.sock = self._join(self.remote, None if self.local is None else self.local[0])
+        elif isinstance(local, str):
+            if not isinstance(remote, str | None):
+                raise NetError("a unix datagram link needs a unix remote")
+            self.local, self.remote = local, remote
+            self.sock = self._bind_unix(local)
+        else:
+            if local is None or isinstance(remote, str):
+                raise NetError("a UDP link needs a local (host, port) and a UDP remote")
+            self.local = _resolve(*local)
+            self.remote = _resolve(*remote) if remote else None
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.sock.bind(self.local)
+            except OSError as err:
+                self.sock.close()
+                raise NetError(f"cannot bind UDP {self.local[0]}:{self.local[1]}") from err
         self.sock.setblocking(False)
         self._reading = False
         self.rx_frames = 0
         self.rx_foreign = 0
         self.tx_frames = 0
         self.tx_dropped = 0
+
+    @staticmethod
+    def _join(group: tuple[str, int], iface: str | None) -> socket.socket:
+        """A socket in multicast ``group`` (RFC 1112 host membership), on ``iface`` if given."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # Every VM of the segment on this host binds the same group and port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(group)
+            ifaddr = socket.inet_aton(iface or "0.0.0.0")
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group[0]) + ifaddr)
+            # Loopback on: members on this host hear each other (and themselves).
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+            if iface:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, ifaddr)
+        except OSError as err:
+            sock.close()
+            raise NetError(f"cannot join multicast group {group[0]}:{group[1]}: {err.strerror or err}") from err
+        return sock
+
+    def _bind_unix(self, path: str) -> socket.socket:
+        # A socket left by an earlier run is replaced, as QEMU does; any
+        # other file at that path is not ours to remove.
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise NetError(f"cannot bind unix datagram socket {path}: not a socket")
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(path)
+        except OSError as err:
+            sock.close()
+            raise NetError(f"cannot bind unix datagram socket {path}: {err.strerror or err}") from err
+        self._unlink = path
+        return sock
 
     def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
@@ -64,7 +144,7 @@ class DgramLink:
             except OSError:
                 # ICMP port unreachable from a peer that is not up yet.
                 return -1
-            if self.remote is not None and addr != self.remote:
+            if self.remote is not None and addr != self.remote and not self.multicast:
                 self.rx_foreign += 1
                 continue
             self.rx_frames += 1
@@ -95,3 +175,7 @@ class DgramLink:
                 except RuntimeError:
                     pass
             self.sock.close()
+        if self._unlink is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unlink)
+            self._unlink = None

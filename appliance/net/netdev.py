@@ -86,13 +86,33 @@ class BridgeNetdev:
 
 @dataclass(frozen=True, slots=True)
 class DgramNetdev:
+    """A datagram link: UDP (``(host, port)``) or a unix datagram socket (a path).
+
+    ``remote`` a multicast group makes it a shared segment: every member
+    gets every frame (``local`` then only names the interface address).
+    """
+
     SYNTAX: ClassVar[str] = (
         "dgram,id=str,local.type=inet,local.host=addr,local.port=port"
         "[,remote.type=inet,remote.host=addr,remote.port=port]"
+        " | dgram,id=str,local.type=unix,local.path=path,remote.type=unix,remote.path=path"
+        " | dgram,id=str,remote.type=inet,remote.host=mcast-group,remote.port=port[,local.type=inet,local.host=addr]"
     )
     id: str
-    local: tuple[str, int]
-    remote: tuple[str, int] | None
+    local: tuple[str, int] | str | None
+    remote: tuple[str, int] | str | None
+
+    @property
+    def multicast(self) -> bool:
+        return isinstance(self.remote, tuple) and is_multicast(self.remote[0])
+
+
+def is_multicast(host: str) -> bool:
+    """Whether ``host`` is an IPv4 multicast group (224.0.0.0/4)."""
+    try:
+        return ipaddress.IPv4Address(host).is_multicast
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,13 +219,34 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
     return _host(what, f"{prefix}.host", host or ""), _port(what, f"{prefix}.port", port)
 
 
+def _dgram_addr(what: str, opts: OptionDict, prefix: str) -> tuple[str, int] | str | None:
+    """``prefix.type=inet,…host,…port`` as (host, port), ``prefix.type=unix,…path`` as the path."""
+    if opts.get(f"{prefix}.type") == "unix":
+        opts.take(f"{prefix}.type")
+        path = opts.take(f"{prefix}.path")
+        if not path:
+            raise ConfigError(f"{what}: parameter '{prefix}.path' is missing")
+        opts.take(f"{prefix}.abstract")
+        return path
+    return _inet(what, opts, prefix, required=False)
+
+
 def _dgram(what: str, ident: str, opts: OptionDict) -> DgramNetdev:
-    local = _inet(what, opts, "local", required=True)
-    remote = _inet(what, opts, "remote", required=False)
-    assert local is not None
-    if remote is not None and remote[0] == "0.0.0.0":
+    remote = _dgram_addr(what, opts, "remote")
+    local = _dgram_addr(what, opts, "local")
+    cfg = DgramNetdev(ident, local, remote)
+    if cfg.multicast:
+        # QEMU: a multicast remote needs no local; a local names the interface to use.
+        if isinstance(local, str):
+            raise ConfigError(f"{what}: multicast only takes local.type=inet")
+        return cfg
+    if local is None:
+        raise ConfigError(f"{what}: parameter 'local.type' is missing")
+    if remote is not None and isinstance(remote, str) != isinstance(local, str):
+        raise ConfigError(f"{what}: remote and local types must be the same")
+    if isinstance(remote, tuple) and remote[0] == "0.0.0.0":
         raise ConfigError(f"{what}: remote.host is missing")
-    return DgramNetdev(ident, local, remote)
+    return cfg
 
 
 def _socket(what: str, ident: str, opts: OptionDict) -> DgramNetdev | StreamNetdev:
@@ -213,11 +254,19 @@ def _socket(what: str, ident: str, opts: OptionDict) -> DgramNetdev | StreamNetd
     listen = opts.take("listen")
     connect = opts.take("connect")
     localaddr = opts.take("localaddr")
-    if opts.take("mcast") is not None or opts.take("fd") is not None:
-        raise ConfigError(f"{what}: only udp=, listen= and connect= are supported")
-    chosen = [k for k, v in (("udp", udp), ("listen", listen), ("connect", connect)) if v is not None]
+    mcast = opts.take("mcast")
+    if opts.take("fd") is not None:
+        raise ConfigError(f"{what}: only udp=, mcast=, listen= and connect= are supported")
+    chosen = [k for k, v in (("udp", udp), ("mcast", mcast), ("listen", listen), ("connect", connect))
+              if v is not None]
     if len(chosen) != 1:
-        raise ConfigError(f"{what}: exactly one of udp=, listen=, connect= is needed")
+        raise ConfigError(f"{what}: exactly one of udp=, mcast=, listen=, connect= is needed")
+    if mcast is not None:
+        group = _hostport(what, "mcast", mcast)
+        if not is_multicast(group[0]):
+            raise ConfigError(f"{what}: mcast '{mcast}' is not a multicast address")
+        iface = None if localaddr is None else (_host(what, "localaddr", localaddr), 0)
+        return DgramNetdev(ident, iface, group)
     if udp is not None:
         if localaddr is None:
             raise ConfigError(f"{what}: udp= needs localaddr=")

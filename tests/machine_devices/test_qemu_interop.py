@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,28 @@ async def test_stream_link_appliance_listens_qemu_connects() -> None:
             "-device", "virtio-net-pci,netdev=s0"]
     theirs = qemu(f"stream,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port={port}")
     await asyncio.wait_for(ping_both_ways(ours, theirs), 90)
+
+
+async def test_unix_datagram_link_between_appliance_and_qemu(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+
+    def wire(local: object, remote: object) -> str:
+        return f"dgram,local.type=unix,local.path={local},remote.type=unix,remote.path={remote}"
+
+    ours = ["-netdev", wire(a, b).replace("dgram,", "dgram,id=l0,"), "-device", "virtio-net-pci,netdev=l0"]
+    await asyncio.wait_for(ping_both_ways(ours, qemu(wire(b, a))), 90)
+
+
+async def test_multicast_segment_shared_by_appliance_and_qemu_inside_a_namespace() -> None:
+    from tests.net.netns import inside, namespace, ns_exec
+
+    port = free_udp_ports(1)[0]
+    wire = (f"dgram,remote.type=inet,remote.host=239.255.77.3,remote.port={port},"
+            "local.type=inet,local.host=127.0.0.1,local.port=0")
+    with namespace() as ns:
+        ns_exec(ns, "ip", "link", "set", "lo", "up")
+        ns_exec(ns, "ip", "link", "set", "lo", "multicast", "on")
+        # This thread's sockets, and the QEMU it starts, live in the namespace.
+        with inside(ns):
+            ours = ["-netdev", wire.replace("dgram,", "dgram,id=m0,"), "-device", "virtio-net-pci,netdev=m0"]
+            await asyncio.wait_for(ping_both_ways(ours, qemu(wire)), 90)

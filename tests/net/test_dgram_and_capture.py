@@ -15,6 +15,7 @@ from scapy.utils import rdpcap
 
 from appliance.net.capture import CapturingBackend, open_capture
 from appliance.net.dgram import DgramLink
+from appliance.net.errors import NetError
 
 
 def free_udp_port() -> int:
@@ -184,3 +185,54 @@ async def test_stream_connect_side_reaches_a_listener_started_later(tmp_path: Pa
     finally:
         client.close()
         server.close()
+
+
+async def test_unix_datagram_pair_exchanges_frames_and_cleans_up(tmp_path: Path) -> None:
+    pa, pb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    (tmp_path / "a.sock").write_bytes(b"")  # not a socket: never removed for us
+    with pytest.raises(NetError, match="not a socket"):
+        DgramLink(pa, pb)
+    (tmp_path / "a.sock").unlink()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stale.bind(pb)  # a socket left by an earlier run is replaced, as QEMU does
+    stale.close()
+    a, b = DgramLink(pa, pb), DgramLink(pb, pa)
+    try:
+        frame = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src="52:54:00:00:00:01") / ARP(pdst="10.0.0.2"))
+        assert a.send([memoryview(frame)])
+        assert await pull(b) == frame
+        assert b.send([memoryview(frame[::-1])])
+        assert await pull(a) == frame[::-1]
+        # Only the peer's path is heard on a point-to-point link.
+        stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        stranger.bind(str(tmp_path / "c.sock"))
+        stranger.sendto(b"x" * 60, pb)
+        assert a.send([memoryview(frame)])
+        assert await pull(b) == frame and b.rx_foreign == 1
+        stranger.close()
+    finally:
+        a.close()
+        b.close()
+    assert not (tmp_path / "a.sock").exists() and not (tmp_path / "b.sock").exists()
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is needed for a test namespace")
+async def test_multicast_group_is_a_shared_segment_inside_a_namespace() -> None:
+    from tests.net.netns import inside, namespace, ns_exec
+
+    with namespace() as ns:
+        ns_exec(ns, "ip", "link", "set", "lo", "up")
+        ns_exec(ns, "ip", "link", "set", "lo", "multicast", "on")
+        group = ("239.255.77.1", free_udp_port())
+        with inside(ns):
+            links = [DgramLink(("127.0.0.1", 0), group) for _ in range(3)]
+        try:
+            frame = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src="52:54:00:00:00:07") / ARP(pdst="10.0.0.9"))
+            assert links[0].send([memoryview(frame)])
+            # Every member hears it, the sender too (loopback on, as QEMU's members do).
+            for link in links:
+                assert await pull(link) == frame
+            assert all(link.rx_foreign == 0 for link in links)
+        finally:
+            for link in links:
+                link.close()

@@ -41,6 +41,18 @@ def test_old_socket_udp_form_is_a_dgram_link() -> None:
     assert cfg == DgramNetdev("s", ("127.0.0.1", 5000), ("127.0.0.1", 5001))
 
 
+def test_dgram_unix_pair_and_multicast_groups_parse_as_qemu_spells_them() -> None:
+    cfg = parse_netdev("dgram,id=u,local.type=unix,local.path=/run/a.sock,remote.type=unix,remote.path=/run/b.sock")
+    assert cfg == DgramNetdev("u", "/run/a.sock", "/run/b.sock") and not cfg.multicast
+    cfg = parse_netdev("dgram,id=m,remote.type=inet,remote.host=230.0.0.1,remote.port=1234")
+    assert cfg == DgramNetdev("m", None, ("230.0.0.1", 1234)) and cfg.multicast
+    cfg = parse_netdev("dgram,id=m,remote.type=inet,remote.host=230.0.0.1,remote.port=1234,"
+                       "local.type=inet,local.host=127.0.0.1,local.port=0")
+    assert cfg == DgramNetdev("m", ("127.0.0.1", 0), ("230.0.0.1", 1234)) and cfg.multicast
+    cfg = parse_netdev("socket,id=s,mcast=230.0.0.1:1234,localaddr=127.0.0.1")
+    assert cfg == DgramNetdev("s", ("127.0.0.1", 0), ("230.0.0.1", 1234)) and cfg.multicast
+
+
 def test_socket_listen_and_connect_are_streams() -> None:
     assert parse_netdev("socket,id=s,listen=:7000") == StreamNetdev("s", ("0.0.0.0", 7000), listen=True)
     assert parse_netdev("socket,id=s,connect=127.0.0.1:7000") == StreamNetdev(
@@ -74,9 +86,16 @@ def test_user_netdev_takes_slirp_options() -> None:
         ("tap,id=n,vhost=on", "'vhost=on' is not supported"),
         ("tap,id=n,ifname=much-too-long-name0", "invalid ifname 'much-too-long-name0'"),
         ("tap,id=1bad", "invalid id '1bad'"),
-        ("dgram,id=d,local.type=unix,local.port=1", "local.type 'unix' is not supported"),
+        ("dgram,id=d,local.type=unix,local.port=1", "parameter 'local.path' is missing"),
+        ("dgram,id=d,local.type=vsock,local.port=1", "local.type 'vsock' is not supported"),
+        ("dgram,id=d,local.type=unix,local.path=/a,remote.type=inet,remote.host=h,remote.port=1",
+         "remote and local types must be the same"),
+        ("dgram,id=d,remote.type=inet,remote.host=10.0.0.1,remote.port=1", "parameter 'local.type' is missing"),
+        ("dgram,id=d,remote.type=inet,remote.host=230.0.0.1,remote.port=1,local.type=unix,local.path=/a",
+         "multicast only takes local.type=inet"),
+        ("socket,id=s,mcast=10.0.0.1:5", "mcast '10.0.0.1:5' is not a multicast address"),
         ("dgram,id=d,local.type=inet,local.port=99999", "invalid local.port '99999'"),
-        ("socket,id=s", "exactly one of udp=, listen=, connect= is needed"),
+        ("socket,id=s", "exactly one of udp=, mcast=, listen=, connect= is needed"),
         ("socket,id=s,udp=1.2.3.4:5", "udp= needs localaddr="),
         ("socket,id=s,connect=nohostport", "connect 'nohostport' is not HOST:PORT"),
         ("stream,id=x,addr.type=vsock", "addr.type 'vsock' is not supported"),
