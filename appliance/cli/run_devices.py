@@ -182,7 +182,8 @@ _RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
     "-device",
     "virtio-blk-pci,drive=ID[,num-queues=N][,queue-size=N][,serial=S][,addr=SLOT] | "
     "virtio-rng-pci[,rng=ID][,addr=SLOT] | virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
-    "[,host_mtu=N][,addr=SLOT]",
+    "[,host_mtu=N][,addr=SLOT][,rx_queue_size=N][,tx_queue_size=N][,csum|guest_csum|gso|host_tso4|host_tso6|"
+    "guest_tso4|guest_tso6|mrg_rxbuf|ctrl_vq|…|event_idx|indirect_desc=on|off]",
     "a virtio device on PCI, slots in command-line order (num-queues defaults to one per vCPU; "
     f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N)",
 )
@@ -395,6 +396,7 @@ def resolve(plan: DevicePlan) -> list[object]:
             addr = _address(nic.addr, what)
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
+                features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
                 name=f"virtio-net {nic.id or nic.netdev}",
             ))
             addrs.append(addr)

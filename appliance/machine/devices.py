@@ -204,6 +204,9 @@ class NicSpec:
         multiqueue tap has one fd per pair).
     :param captures: ``-object filter-dump`` s on this NIC's netdev; one pcap
         writer each, shared by every queue pair.
+    :param features_off: feature bits the command line turned off (``csum=off``, …).
+    :param rx_queue_size: of each receive queue (None: the device's default).
+    :param tx_queue_size: of each transmit queue (None: the device's default).
     """
 
     netdev: NetdevConfig
@@ -213,6 +216,9 @@ class NicSpec:
     addr: PciAddress | None = None
     name: str = "virtio-net"
     captures: list[FilterDumpConfig] = field(default_factory=list)
+    features_off: int = 0
+    rx_queue_size: int | None = None
+    tx_queue_size: int | None = None
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)
@@ -270,7 +276,9 @@ def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
     if not spec.backends:
         raise ConfigError(f"{spec.name}: the netdev was not opened")
     if spec.device is None:
-        spec.device = VirtioNet(spec.backends, spec.mac, mtu=spec.mtu)
+        spec.device = VirtioNet(spec.backends, spec.mac, mtu=spec.mtu, rx_queue_size=spec.rx_queue_size,
+                                tx_queue_size=spec.tx_queue_size)
+        spec.device.features_off = spec.features_off
     spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
 
 

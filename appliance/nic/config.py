@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import parse_option, parse_size
+from appliance.cli.options import OptionDict, parse_option, parse_size
 from appliance.errors import ConfigError
 from appliance.net.netdev import NetdevConfig, parse_netdev
+from appliance.nic import constants as C
+from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
 # Every NIC takes one PCI slot; bus 0 has 32, of which the host bridge and the
 # other devices of a lab VM take a few. 24 NICs per VM leaves room for disks.
@@ -23,6 +25,63 @@ MAX_NICS = 24
 MAX_QUEUE_PAIRS = 16
 DEFAULT_MAC_BASE = bytes.fromhex("525400123456")
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+
+
+# QEMU's virtio-net-pci properties that switch a feature bit (virtio 1.2 §5.1.3).
+FEATURE_PROPERTIES: dict[str, int] = {
+    "csum": C.F_CSUM, "guest_csum": C.F_GUEST_CSUM,
+    "guest_tso4": C.F_GUEST_TSO4, "guest_tso6": C.F_GUEST_TSO6, "guest_ecn": C.F_GUEST_ECN,
+    "guest_ufo": C.F_GUEST_UFO, "host_tso4": C.F_HOST_TSO4, "host_tso6": C.F_HOST_TSO6,
+    "host_ecn": C.F_HOST_ECN, "host_ufo": C.F_HOST_UFO, "mrg_rxbuf": C.F_MRG_RXBUF,
+    "status": C.F_STATUS, "ctrl_vq": C.F_CTRL_VQ, "ctrl_rx": C.F_CTRL_RX, "ctrl_vlan": C.F_CTRL_VLAN,
+    "guest_announce": C.F_GUEST_ANNOUNCE, "ctrl_mac_addr": C.F_CTRL_MAC_ADDR,
+    "ctrl_guest_offloads": C.F_CTRL_GUEST_OFFLOADS,
+    "event_idx": VIRTIO_F_EVENT_IDX, "indirect_desc": VIRTIO_F_INDIRECT_DESC,
+}
+# Properties QEMU has for features this device never offers: "off" is what it does anyway.
+ABSENT_FEATURES = ("gso", "ctrl_rx_extra", "rss", "hash", "guest_rsc_ext", "guest_uso4", "guest_uso6", "host_uso")
+
+# §5.1.3.1: a feature offered without the one it needs is not offered at all.
+_NEEDS: tuple[tuple[int, int], ...] = (
+    (C.F_GUEST_TSO4, 1 << C.F_GUEST_CSUM), (C.F_GUEST_TSO6, 1 << C.F_GUEST_CSUM),
+    (C.F_GUEST_UFO, 1 << C.F_GUEST_CSUM),
+    (C.F_GUEST_ECN, 1 << C.F_GUEST_TSO4 | 1 << C.F_GUEST_TSO6),
+    (C.F_HOST_TSO4, 1 << C.F_CSUM), (C.F_HOST_TSO6, 1 << C.F_CSUM), (C.F_HOST_UFO, 1 << C.F_CSUM),
+    (C.F_HOST_ECN, 1 << C.F_HOST_TSO4 | 1 << C.F_HOST_TSO6),
+    (C.F_CTRL_RX, 1 << C.F_CTRL_VQ), (C.F_CTRL_VLAN, 1 << C.F_CTRL_VQ),
+    (C.F_GUEST_ANNOUNCE, 1 << C.F_CTRL_VQ), (C.F_MQ, 1 << C.F_CTRL_VQ),
+    (C.F_CTRL_MAC_ADDR, 1 << C.F_CTRL_VQ), (C.F_CTRL_GUEST_OFFLOADS, 1 << C.F_CTRL_VQ),
+)
+
+
+def close_features_off(off: int) -> int:
+    """``off`` and every feature that needs one of them (with ECN: both it can stand on)."""
+    changed = True
+    while changed:
+        changed = False
+        for bit, need in _NEEDS:
+            if not off >> bit & 1 and (off & need) == need:
+                off |= 1 << bit
+                changed = True
+    return off
+
+
+def _features_off(opts: OptionDict) -> int:
+    off = 0
+    for name, bit in FEATURE_PROPERTIES.items():
+        if not opts.take_bool(name, True):
+            off |= 1 << bit
+    for name in ABSENT_FEATURES:
+        opts.take_bool(name, False)
+    return close_features_off(off)
+
+
+def _queue_size(opts: OptionDict, key: str, what: str) -> int | None:
+    size = opts.take_int(key, None)
+    # QEMU's bounds: a power of two from 256 to 1024.
+    if size is not None and (size < 256 or size > 1024 or size & (size - 1)):
+        raise ConfigError(f"{what}: {key}={size} must be a power of two from 256 to 1024")
+    return size
 
 
 def parse_mac(text: str, what: str) -> bytes:
@@ -43,7 +102,8 @@ def default_mac(index: int) -> bytes:
 class NicConfig:
     SYNTAX: ClassVar[str] = (
         "virtio-net-pci,netdev=id[,id=str][,mac=52:54:00:xx:xx:xx][,mq=on|off][,vectors=n]"
-        "[,host_mtu=n][,addr=slot[.fn]]"
+        "[,host_mtu=n][,addr=slot[.fn]][,rx_queue_size=n][,tx_queue_size=n]"
+        "[,csum|guest_csum|host_tso4|guest_tso4|…|mrg_rxbuf|ctrl_vq|event_idx|indirect_desc=on|off]"
     )
     netdev: str
     id: str | None = None
@@ -52,6 +112,9 @@ class NicConfig:
     vectors: int | None = None
     host_mtu: int | None = None
     addr: str | None = None
+    features_off: int = 0
+    rx_queue_size: int | None = None
+    tx_queue_size: int | None = None
 
     @classmethod
     def parse_device(cls, opts_text: str) -> NicConfig:
@@ -76,9 +139,16 @@ class NicConfig:
             vectors=vectors,
             host_mtu=mtu,
             addr=opts.take("addr"),
+            features_off=_features_off(opts),
+            rx_queue_size=_queue_size(opts, "rx_queue_size", what),
+            tx_queue_size=_queue_size(opts, "tx_queue_size", what),
         )
+        if cfg.mq and cfg.features_off >> C.F_CTRL_VQ & 1:
+            raise ConfigError(f"{what}: mq=on needs ctrl_vq (multiqueue is set up on the control queue)")
         for flag in ("romfile", "bootindex"):
             opts.take(flag)  # firmware-only; nothing boots from a NIC here
+        if not opts.take_bool("disable-legacy", True) or opts.take_bool("disable-modern", False):
+            raise ConfigError(f"{what}: only the modern (virtio 1.x) interface exists here")
         opts.finish()
         return cfg
 

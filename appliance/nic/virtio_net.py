@@ -269,6 +269,8 @@ class VirtioNet(VirtioDevice):
     :param mac: the NIC's MAC address (6 bytes).
     :param mtu: advertised MTU (VIRTIO_NET_F_MTU) or ``None``.
     :param queue_size: maximum size of each rx/tx queue.
+    :param rx_queue_size: of each receive queue, if not ``queue_size``.
+    :param tx_queue_size: of each transmit queue, if not ``queue_size``.
     """
 
     device_id: ClassVar[int] = VIRTIO_ID_NET
@@ -280,6 +282,8 @@ class VirtioNet(VirtioDevice):
         *,
         mtu: int | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        rx_queue_size: int | None = None,
+        tx_queue_size: int | None = None,
         link_up: bool = True,
         control_queue: bool = True,
     ) -> None:
@@ -296,7 +300,8 @@ class VirtioNet(VirtioDevice):
         # A vhost-user front end keeps the control queue to itself and tells
         # us which pairs run by starting and enabling their rings.
         self.control_queue = control_queue
-        self.queue_sizes = (queue_size,) * (2 * self.pairs) + ((CTRL_QUEUE_SIZE,) if control_queue else ())
+        pair = (rx_queue_size or queue_size, tx_queue_size or queue_size)
+        self.queue_sizes = pair * self.pairs + ((CTRL_QUEUE_SIZE,) if control_queue else ())
         vnet = {b.vnet_hdr_len for b in self.backends}
         if len(vnet) != 1 or vnet.pop() not in (0, C.HDR_LEN):
             raise ValueError("all backends must agree on a 0- or 12-byte virtio-net header")

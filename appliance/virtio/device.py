@@ -70,6 +70,10 @@ class VirtioDevice(abc.ABC):
     def max_queue_size(self, index: int) -> int:
         return self.queue_sizes[index]
 
+    # Bits the user turned off (QEMU's device properties: csum=off, event_idx=off, ...);
+    # the transport leaves them out of what it offers.
+    features_off: int = 0
+
     def device_features(self) -> int:
         """Feature bits offered; the base offers VERSION_1, INDIRECT_DESC and EVENT_IDX."""
         return (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)

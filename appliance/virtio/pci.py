@@ -342,7 +342,8 @@ class VirtioPciTransport(PciDevice):
             q.clear()
 
     def offered_features(self) -> int:
-        return (self.device.device_features() | 1 << VIRTIO_F_VERSION_1) & TRANSPORT_FEATURES
+        offered = (self.device.device_features() | 1 << VIRTIO_F_VERSION_1) & TRANSPORT_FEATURES
+        return offered & ~self.device.features_off | 1 << VIRTIO_F_VERSION_1
 
     def status(self) -> int:
         with self._lock:

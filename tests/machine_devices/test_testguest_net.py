@@ -149,3 +149,23 @@ async def test_two_vms_on_one_bridge_ping_each_other() -> None:
             assert (await a.net("net ping 10.8.0.2 2", "ping done"))["received"] == "2"
             assert (await b.net("net ping 10.8.0.1 2", "ping done"))["received"] == "2"
         assert ns_exec(ns, "ip", "-o", "link", "show", "master", "labbr0").strip() == ""
+
+
+async def test_feature_properties_turn_features_off_and_the_nic_still_works() -> None:
+    from appliance.nic import constants as C
+    from appliance.virtio.device import VIRTIO_F_EVENT_IDX
+
+    props = "csum=off,guest_csum=off,mrg_rxbuf=off,event_idx=off,rx_queue_size=1024,tx_queue_size=512"
+    async with guest("-netdev", "user,id=u0", "-device", f"virtio-net-pci,netdev=u0,{props}") as g:
+        lease = await g.net("net dhcp", "dhcp")
+        assert lease["ip"] == "10.0.2.15"
+        assert (await g.net("net ping 10.0.2.2 2", "ping done"))["received"] == "2"
+        spec = next(d for d in g.vm.config.devices if type(d).__name__ == "NicSpec")
+        dev = spec.device
+        # Left alone, the test guest takes CSUM and HOST_TSO4 (and MAC, STATUS, VERSION_1).
+        assert dev.driver_features >> C.F_MAC & 1 and dev.driver_features >> C.F_STATUS & 1
+        for bit in (C.F_CSUM, C.F_GUEST_CSUM, C.F_MRG_RXBUF, VIRTIO_F_EVENT_IDX,
+                    # offered only with the checksum offloads (virtio 1.2 §5.1.3.1)
+                    C.F_HOST_TSO4, C.F_HOST_TSO6, C.F_GUEST_TSO4, C.F_GUEST_TSO6):
+            assert not dev.driver_features >> bit & 1, bit
+        assert dev.max_queue_size(0) == 1024 and dev.max_queue_size(1) == 512

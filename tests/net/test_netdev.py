@@ -125,3 +125,28 @@ async def test_open_dgram_netdev_gives_one_backend() -> None:
             await open_netdev(cfg, queues=2)
     finally:
         owner.close()
+
+
+def test_nic_feature_properties_follow_qemu_and_the_spec_dependencies() -> None:
+    from appliance.nic import constants as C
+    from appliance.nic.config import NicConfig
+
+    nic = NicConfig.parse_device("virtio-net-pci,netdev=n0,guest_csum=off,ctrl_vq=off,gso=off")
+    off = nic.features_off
+    for bit in (C.F_GUEST_CSUM, C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_ECN, C.F_GUEST_UFO,
+                C.F_CTRL_VQ, C.F_CTRL_RX, C.F_CTRL_MAC_ADDR, C.F_MQ, C.F_CTRL_GUEST_OFFLOADS):
+        assert off >> bit & 1, bit
+    assert not off >> C.F_CSUM & 1 and not off >> C.F_HOST_TSO4 & 1
+    # ECN stays while either TSO it rides on stays.
+    assert not NicConfig.parse_device("virtio-net-pci,netdev=n0,host_tso4=off").features_off >> C.F_HOST_ECN & 1
+    both = NicConfig.parse_device("virtio-net-pci,netdev=n0,host_tso4=off,host_tso6=off").features_off
+    assert both >> C.F_HOST_ECN & 1
+    for text, message in (
+        ("virtio-net-pci,netdev=n0,mq=on,ctrl_vq=off", "mq=on needs ctrl_vq"),
+        ("virtio-net-pci,netdev=n0,rx_queue_size=300", "rx_queue_size=300 must be a power of two"),
+        ("virtio-net-pci,netdev=n0,tx_queue_size=2048", "tx_queue_size=2048"),
+        ("virtio-net-pci,netdev=n0,disable-modern=on", "only the modern"),
+        ("virtio-net-pci,netdev=n0,csum=maybe", "csum"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            NicConfig.parse_device(text)
