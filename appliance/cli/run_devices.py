@@ -25,6 +25,7 @@ from appliance.nic.config import MAX_NICS
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
 from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource, resolve_blockdev
+from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
 MAX_BLK_QUEUES = 64
 MAX_QUEUE_SIZE = 1024
@@ -34,13 +35,22 @@ MAX_QUEUE_SIZE = 1024
 class BlkDeviceConfig:
     """``-device virtio-blk-pci``."""
 
-    SYNTAX = "virtio-blk-pci,drive=<id|node>[,num-queues=n][,queue-size=n][,serial=str][,addr=slot][,id=str]"
+    SYNTAX = (
+        "virtio-blk-pci,drive=<id|node>[,num-queues=n][,queue-size=n][,serial=str][,addr=slot][,id=str]"
+        "[,logical_block_size=n][,physical_block_size=n][,discard=on|off][,write-zeroes=on|off]"
+        "[,event_idx=on|off][,indirect_desc=on|off]"
+    )
     drive: str
     num_queues: int | None = None
     queue_size: int = 256
     serial: str | None = None
     addr: str | None = None
     id: str | None = None
+    logical_block_size: int | None = None
+    physical_block_size: int | None = None
+    discard: bool = True
+    write_zeroes: bool = True
+    features_off: int = 0
 
     @classmethod
     def parse(cls, o: OptionDict) -> BlkDeviceConfig:
@@ -54,10 +64,37 @@ class BlkDeviceConfig:
             raise ConfigError(
                 f"{what}: queue-size={queue_size} must be a power of 2 between 2 and {MAX_QUEUE_SIZE}"
             )
-        cfg = cls(drive, num_queues, queue_size, o.take("serial"), _checked_addr(o, what), o.take("id"))
-        o.take("bootindex")  # firmware-only: there is no firmware to boot from a disk
+        logical = _block_size(o, "logical_block_size", what)
+        physical = _block_size(o, "physical_block_size", what)
+        if logical and physical and physical < logical:
+            raise ConfigError(f"{what}: physical_block_size={physical} is smaller than "
+                              f"logical_block_size={logical}")
+        features_off = 0
+        for name, bit in (("event_idx", VIRTIO_F_EVENT_IDX), ("indirect_desc", VIRTIO_F_INDIRECT_DESC)):
+            if not o.take_bool(name, True):
+                features_off |= 1 << bit
+        cfg = cls(drive, num_queues, queue_size, o.take("serial"), _checked_addr(o, what), o.take("id"),
+                  logical, physical, o.take_bool("discard", True), o.take_bool("write-zeroes", True),
+                  features_off)
+        # Firmware-only, or QEMU tuning with nothing to tune here: accepted as QEMU does.
+        for key in ("bootindex", "romfile"):
+            o.take(key)
+        for key in ("seg-max-adjust", "request-merging", "config-wce"):
+            o.take_bool(key, True)
+        if o.take_bool("scsi", False):
+            raise ConfigError(f"{what}: scsi=on (SCSI passthrough) is not supported")
+        if not o.take_bool("disable-legacy", True) or o.take_bool("disable-modern", False):
+            raise ConfigError(f"{what}: only the modern (virtio 1.x) interface exists here")
         o.finish()
         return cfg
+
+
+def _block_size(o: OptionDict, key: str, what: str) -> int | None:
+    size = o.take_int(key, None)
+    # QEMU's range for virtio-blk: a power of two from 512 bytes to 32 KiB.
+    if size is not None and (size < 512 or size > 32768 or size & (size - 1)):
+        raise ConfigError(f"{what}: {key}={size} must be a power of two from 512 to 32768")
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +390,8 @@ def resolve(plan: DevicePlan) -> list[object]:
                 src, num_queues=entry.num_queues, queue_size=entry.queue_size,
                 serial=entry.serial if entry.serial is not None else serial, addr=addr,
                 name=f"virtio-blk {entry.id or entry.drive}",
+                logical_block_size=entry.logical_block_size, physical_block_size=entry.physical_block_size,
+                discard=entry.discard, write_zeroes=entry.write_zeroes, features_off=entry.features_off,
             ))
             addrs.append(addr)
         elif isinstance(entry, RngDeviceConfig):

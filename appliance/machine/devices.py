@@ -116,6 +116,10 @@ class BlkSpec:
     :param source: the image and how to open it.
     :param num_queues: request queues; ``None`` means one per vCPU (QEMU's default).
     :param read_only: present the disk read-only (also when the image is writable).
+    :param logical_block_size: the block size the guest sees, if larger than
+        the image needs; :param physical_block_size: the one it is told to align to.
+    :param discard: offer DISCARD (when the image can); :param write_zeroes: offer WRITE_ZEROES.
+    :param features_off: transport feature bits turned off (event_idx=off, indirect_desc=off).
     """
 
     source: ImageSource
@@ -125,6 +129,11 @@ class BlkSpec:
     addr: PciAddress | None = None
     name: str = "virtio-blk"
     read_only: bool = False
+    logical_block_size: int | None = None
+    physical_block_size: int | None = None
+    discard: bool = True
+    write_zeroes: bool = True
+    features_off: int = 0
     image: OpenImage | None = field(default=None, repr=False)
     device: Any = field(default=None, repr=False)
     transport: Any = field(default=None, repr=False)
@@ -150,13 +159,22 @@ def attach_blk(builder: MachineBuilder, inst: Instance, spec: BlkSpec) -> None:
     if spec.image is None:
         raise ConfigError(f"{spec.name}: the disk was not opened")
     if spec.device is None:
-        spec.device = VirtioBlk(
-            spec.image.backend,
+        backend = spec.image.backend
+        if spec.logical_block_size and spec.logical_block_size > backend.logical_block_size:
+            # Raised, never lowered: a backend that needs larger blocks (O_DIRECT on 4K) keeps them.
+            backend.logical_block_size = spec.logical_block_size
+        dev = VirtioBlk(
+            backend,
             num_queues=spec.num_queues or builder.config.num_cpus,
             queue_size=spec.queue_size,
             serial=spec.serial,
             read_only=spec.read_only or spec.source.read_only,
+            physical_block_size=spec.physical_block_size,
         )
+        dev.discard = dev.discard and spec.discard
+        dev.write_zeroes = dev.write_zeroes and spec.write_zeroes
+        dev.features_off = spec.features_off
+        spec.device = dev
     spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
 
 

@@ -89,6 +89,8 @@ class VirtioBlk(VirtioDevice):
     :param queue_size: maximum size of each queue.
     :param serial: the GET_ID string (at most 20 bytes are returned).
     :param read_only: present the disk read-only even if the backend is writable.
+    :param physical_block_size: a physical block larger than the logical one
+        to report (VIRTIO_BLK_F_TOPOLOGY), so the guest aligns its I/O to it.
     """
 
     device_id = VIRTIO_ID_BLOCK
@@ -101,6 +103,7 @@ class VirtioBlk(VirtioDevice):
         queue_size: int = 256,
         serial: str = "",
         read_only: bool = False,
+        physical_block_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_queues < 1 or num_queues > 1024:
@@ -111,6 +114,7 @@ class VirtioBlk(VirtioDevice):
         self.read_only = read_only or backend.read_only
         self.discard = backend.supports_discard and not self.read_only
         self.write_zeroes = not self.read_only
+        self.physical_block_size = physical_block_size
         self.stats: list[dict[str, int]] = [dict.fromkeys(STAT_KEYS, 0) for _ in range(num_queues)]
         self._queues: list[Virtqueue | None] = []
         self._irqs: Sequence[Interrupt] = ()
@@ -150,7 +154,15 @@ class VirtioBlk(VirtioDevice):
             f |= 1 << VIRTIO_BLK_F_DISCARD
         if self.write_zeroes:
             f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        if self._physical_exp():
+            f |= 1 << VIRTIO_BLK_F_TOPOLOGY
         return f
+
+    def _physical_exp(self) -> int:
+        """log2(physical / logical block) for §5.2.4's topology, 0 when they are the same."""
+        bs = max(512, self.backend.logical_block_size)
+        phys = self.physical_block_size or 0
+        return (phys // bs).bit_length() - 1 if phys > bs else 0
 
     def limits(self) -> BlkLimits:
         """What requests are checked against (capacity read fresh).
@@ -185,7 +197,7 @@ class VirtioBlk(VirtioDevice):
             max(1, self.queue_sizes[0] - 2),  # seg_max: room for header and status
             0, 0, 0,  # geometry
             bs,
-            0, 0, 0, 0,  # topology
+            self._physical_exp(), 0, 0, 0,  # topology: physical_block_exp, alignment, min/opt io size
             0,  # writeback
             0,
             self.num_queues,

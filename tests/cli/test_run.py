@@ -324,3 +324,22 @@ def test_info_json_has_kind_and_limits() -> None:
         assert info["max_vcpus"] >= 1
     _ = appliance("info", "--bogus")
     assert _.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("props", "message"),
+    [
+        ("logical_block_size=1000", "logical_block_size=1000 must be a power of two"),
+        ("logical_block_size=4096,physical_block_size=512", "physical_block_size=512 is smaller"),
+        ("scsi=on", "scsi=on"),
+        ("disable-modern=on", "only the modern"),
+        ("event_idx=perhaps", "event_idx"),
+    ],
+)
+def test_bad_virtio_blk_properties_are_refused_by_name(tmp_path: Path, props: str, message: str) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    argv = ["-kernel", "k", "-drive", f"file={img},format=raw,if=none,id=d0",
+            "-device", f"virtio-blk-pci,drive=d0,{props}"]
+    with pytest.raises(ConfigError, match=message):
+        run.to_config(run.parse_args(argv))

@@ -145,7 +145,7 @@ BAD = [
     (["-device", "virtio-blk-pci,drive=d,queue-size=2048"], "queue-size=2048"),
     (["-device", "virtio-blk-pci,drive=d,addr=0x20"], "0x20"),
     (["-device", "virtio-blk-pci,drive=d,addr=zz"], "'zz'"),
-    (["-device", "virtio-blk-pci,drive=d,scsi=on"], "'scsi'"),
+    (["-device", "virtio-blk-pci,drive=d,scsi=on"], "scsi=on"),
     (["-device", "e1000,netdev=n"], "'e1000'"),
     (["-device", "virtio-rng-pci,rng=r9"], "'r9'"),
     (["-device", "virtio-rng-pci,max-bytes=1024"], "'max-bytes'"),

@@ -241,3 +241,31 @@ async def test_disk_works_again_after_a_guest_reset(tmp_path: Path) -> None:
         assert await g.read_crc(64, 64) == crc(data[64 * SECTOR : 128 * SECTOR])
         await g.ok("blk write 0 1 1")
     assert img.read_bytes()[:SECTOR] == b"\x01" * SECTOR
+
+
+async def test_device_properties_shape_what_the_guest_is_offered(tmp_path: Path) -> None:
+    from appliance.storage.blk import VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES
+    from appliance.virtio.device import VIRTIO_F_EVENT_IDX
+
+    img = tmp_path / "d.img"
+    data = raw_disk(img, 5)
+    drive = f"file={img},format=raw,if=none,id=d0,discard=unmap"
+    base = "virtio-blk-pci,drive=d0,num-queues=1"
+    async with guest("-drive", drive, "-device", base) as g:
+        plain = g.disks[0].transport.offered_features()
+    # Left alone, the device offers discard, write-zeroes and EVENT_IDX, and no topology.
+    assert plain >> VIRTIO_BLK_F_DISCARD & 1 and plain >> VIRTIO_BLK_F_WRITE_ZEROES & 1
+    assert plain >> VIRTIO_F_EVENT_IDX & 1 and not plain >> VIRTIO_BLK_F_TOPOLOGY & 1
+    props = ("discard=off,write-zeroes=off,event_idx=off,logical_block_size=4096,physical_block_size=16384,"
+             "config-wce=off,seg-max-adjust=on,romfile=")
+    async with guest("-drive", drive, "-device", f"{base},{props}") as g:
+        f = g.disks[0].transport.offered_features()
+        assert not f >> VIRTIO_BLK_F_DISCARD & 1 and not f >> VIRTIO_BLK_F_WRITE_ZEROES & 1
+        assert not f >> VIRTIO_F_EVENT_IDX & 1 and f >> VIRTIO_BLK_F_TOPOLOGY & 1
+        config = g.disks[0].device.config_bytes()
+        assert int.from_bytes(config[20:24], "little") == 4096  # blk_size
+        assert config[24] == 2  # physical_block_exp: 16 KiB = 4 KiB << 2
+        # The guest drives the disk as it was offered.
+        negotiated = int((await g.ok("blk info"))["features"], 16)
+        assert negotiated & ~f == 0
+        assert await g.read_crc(8, 16) == crc(data[8 * SECTOR : 24 * SECTOR])
