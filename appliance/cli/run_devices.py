@@ -101,14 +101,21 @@ def _block_size(o: OptionDict, key: str, what: str) -> int | None:
 class RngDeviceConfig:
     """``-device virtio-rng-pci``."""
 
-    SYNTAX = "virtio-rng-pci[,rng=<object id>][,addr=slot][,id=str]"
+    SYNTAX = "virtio-rng-pci[,rng=<object id>][,addr=slot][,id=str][,max-bytes=n][,period=ms]"
     rng: str | None = None
     addr: str | None = None
     id: str | None = None
+    max_bytes: int | None = None
+    period: int = 1 << 16
 
     @classmethod
     def parse(cls, o: OptionDict) -> RngDeviceConfig:
-        cfg = cls(o.take("rng"), _checked_addr(o, o.option), o.take("id"))
+        what = o.option
+        max_bytes = o.take_int("max-bytes", None, minimum=0)
+        period = o.take_int("period", 1 << 16, minimum=1) or 1 << 16
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"{what}: max-bytes must be positive")
+        cfg = cls(o.take("rng"), _checked_addr(o, what), o.take("id"), max_bytes, period)
         o.finish()
         return cfg
 
@@ -402,7 +409,8 @@ def resolve(plan: DevicePlan) -> list[object]:
                     raise ConfigError(f"{what}: rng object '{entry.rng}' not found")
                 filename = plan.rng_objects[entry.rng]
             addr = _address(entry.addr, what)
-            specs.append(RngSpec(filename, addr=addr, name=f"virtio-rng {entry.id or ''}".rstrip()))
+            specs.append(RngSpec(filename, addr=addr, name=f"virtio-rng {entry.id or ''}".rstrip(),
+                                 max_bytes=entry.max_bytes, period_ms=entry.period))
             addrs.append(addr)
         else:
             nic = entry[1]

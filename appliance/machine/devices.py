@@ -183,18 +183,20 @@ def attach_blk(builder: MachineBuilder, inst: Instance, spec: BlkSpec) -> None:
 
 @dataclass(eq=False)
 class RngSpec:
-    """A virtio-rng-pci entropy device reading ``filename``."""
+    """A virtio-rng-pci entropy device reading ``filename`` (at most ``max_bytes`` per ``period_ms``)."""
 
     filename: str = "/dev/urandom"
     addr: PciAddress | None = None
     name: str = "virtio-rng"
+    max_bytes: int | None = None
+    period_ms: int = 1 << 16
     device: Any = field(default=None, repr=False)
     transport: Any = field(default=None, repr=False)
 
     def open(self) -> None:
         from appliance.virtio.rng import VirtioRng
 
-        self.device = VirtioRng(self.filename)
+        self.device = VirtioRng(self.filename, max_bytes=self.max_bytes, period_ms=self.period_ms)
 
     def attach(self, builder: MachineBuilder, inst: Instance) -> None:
         attach_rng(builder, inst, self)

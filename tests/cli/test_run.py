@@ -343,3 +343,14 @@ def test_bad_virtio_blk_properties_are_refused_by_name(tmp_path: Path, props: st
             "-device", f"virtio-blk-pci,drive=d0,{props}"]
     with pytest.raises(ConfigError, match=message):
         run.to_config(run.parse_args(argv))
+
+
+def test_virtio_rng_takes_qemus_rate_limit() -> None:
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-object", "rng-random,id=r0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=r0,max-bytes=1024,period=1000",
+    ]))
+    spec = next(d for d in cfg.devices if type(d).__name__ == "RngSpec")
+    assert (spec.max_bytes, spec.period_ms) == (1024, 1000)
+    with pytest.raises(ConfigError, match="max-bytes"):
+        run.to_config(run.parse_args(["-kernel", "k", "-device", "virtio-rng-pci,max-bytes=0"]))

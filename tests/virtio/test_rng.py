@@ -67,3 +67,26 @@ def test_missing_source_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         VirtioRng(str(tmp_path / "nope"))
     assert "nope" in str(info.value)
+
+
+async def test_max_bytes_per_period_holds_the_rest_until_the_next_period() -> None:
+    import asyncio
+    import time
+
+    rng = VirtioRng(max_bytes=100, period_ms=300)
+    drv = FakeDriver(rng)
+    drv.activate()
+    q = drv.queues[0]
+    heads = [q.add_chain([(drv.alloc(64), 64, WRITE)]) for _ in range(4)]
+    start = time.monotonic()
+    drv.kick(0)
+    # 100 bytes this period: one full buffer and 36 bytes of the next.
+    assert q.used() == [(heads[0], 64), (heads[1], 36)]
+    drv.kick(0)  # asking again changes nothing until the period is over
+    assert q.used() == []
+    await asyncio.sleep(0.45)
+    got = q.used()
+    assert got == [(heads[2], 64), (heads[3], 36)] and time.monotonic() - start >= 0.3
+    assert rng.bytes_served == 200
+    rng.reset()
+    rng.close()
