@@ -224,8 +224,10 @@ _RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
 
 @option(
     "-device",
-    "virtio-blk-pci,drive=ID[,num-queues=N][,queue-size=N][,serial=S][,addr=SLOT] | "
-    "virtio-rng-pci[,rng=ID][,addr=SLOT] | virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
+    "virtio-blk-pci,drive=ID[,num-queues=N][,queue-size=N][,serial=S][,addr=SLOT][,logical_block_size=N]"
+    "[,physical_block_size=N][,discard=on|off][,write-zeroes=on|off][,event_idx=on|off] | "
+    "virtio-rng-pci[,rng=ID][,addr=SLOT][,max-bytes=N,period=MS] | "
+    "virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
     "[,host_mtu=N][,addr=SLOT][,rx_queue_size=N][,tx_queue_size=N][,csum|guest_csum|gso|host_tso4|host_tso6|"
     "guest_tso4|guest_tso6|mrg_rxbuf|ctrl_vq|…|event_idx|indirect_desc=on|off]",
     "a virtio device on PCI, slots in command-line order (num-queues defaults to one per vCPU; "
