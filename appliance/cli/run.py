@@ -64,6 +64,7 @@ class RunArgs:
         self.no_reboot = False
         self.nodefaults = False
         self.start_paused = False
+        self.rtc_localtime = False
         self.pidfile: str | None = None
         self.machine_type = "q35"
         self.verbose = 0
@@ -235,6 +236,23 @@ def _start_paused(a: RunArgs, v: str) -> None:
     a.start_paused = True
 
 
+@option("-rtc", "[base=utc|localtime][,clock=host][,driftfix=none|slew]",
+        "the CMOS clock: UTC (the default) or the host's local time; it follows the host's clock")
+def _rtc(a: RunArgs, v: str) -> None:
+    opts = parse_option("-rtc", v)
+    base = opts.take("base", "utc")
+    if base not in ("utc", "localtime"):
+        raise ConfigError(f"-rtc: base '{base}' is not supported (utc or localtime)")
+    clock = opts.take("clock", "host")
+    if clock != "host":
+        raise ConfigError(f"-rtc: clock '{clock}' is not supported (the clock always follows the host)")
+    # No periodic RTC interrupts are made, so there are no lost ticks to make up.
+    if opts.take("driftfix", "none") not in ("none", "slew"):
+        raise ConfigError("-rtc: driftfix must be none or slew")
+    opts.finish()
+    a.rtc_localtime = base == "localtime"
+
+
 @option("-pidfile", "file", "write the process ID to FILE (removed at exit)")
 def _pidfile(a: RunArgs, v: str) -> None:
     if not v:
@@ -259,11 +277,27 @@ def _accel(a: RunArgs, v: str) -> None:
 _MACHINES = {"q35": "q35", "pc": "pc", "microvm": "microvm"}
 
 
-@option("-machine", "q35|pc|microvm[,accel=kvm]", "machine type (all give the same ACPI PC platform)")
+# -machine properties for hardware this platform does not have: "off" is what it is.
+_ABSENT_MACHINE_PARTS = ("usb", "vmport", "smm", "hpet", "mem-merge", "x-option-roms")
+
+
+@option(
+    "-machine",
+    "q35|pc|microvm[,accel=kvm][,usb=off][,vmport=off][,smm=off][,hpet=off][,mem-merge=off]"
+    "[,kernel-irqchip=on][,dump-guest-core=on|off]",
+    "machine type (all give the same ACPI PC platform, with no USB, vmport, SMM or HPET; "
+    "dump-guest-core is accepted, guest RAM always appears in core dumps)",
+)
 def _machine(a: RunArgs, v: str) -> None:
     opts = parse_option("-machine", v, implied="type")
     kind = opts.take("type")
     accel = opts.take("accel")
+    for part in _ABSENT_MACHINE_PARTS:
+        if opts.take_bool(part, False):
+            raise ConfigError(f"-machine: {part}=on is not supported (this machine has none)")
+    if not opts.take_bool("kernel-irqchip", True):
+        raise ConfigError("-machine: kernel-irqchip=off is not supported (KVM's in-kernel irqchip is always used)")
+    opts.take_bool("dump-guest-core", True)
     opts.finish()
     if accel is not None and accel != "kvm":
         raise ConfigError(f"-machine: accel '{accel}' is not supported (only 'kvm')")
@@ -438,6 +472,7 @@ def to_config(args: RunArgs) -> MachineConfig:
         machine_type=args.machine_type,  # type: ignore[arg-type]
         devices=list(args.devices),
         start_paused=args.start_paused,
+        rtc_localtime=args.rtc_localtime,
     )
 
 

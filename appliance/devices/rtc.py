@@ -39,7 +39,9 @@ def _bcd(n: int) -> int:
 class Rtc:
     """A CMOS RTC (2 ports: index, data)."""
 
-    def __init__(self, mem_size: int = 0) -> None:
+    def __init__(self, mem_size: int = 0, *, localtime: bool = False) -> None:
+        # QEMU's -rtc base=localtime: the clock shows the host's local time (Windows guests want it).
+        self._now = time.localtime if localtime else time.gmtime
         self._lock = threading.Lock()
         self._index = 0
         self._ram = bytearray(128)
@@ -55,7 +57,7 @@ class Rtc:
         self._ram[0x5B], self._ram[0x5C], self._ram[0x5D] = high & 0xFF, (high >> 8) & 0xFF, (high >> 16) & 0xFF
 
     def _clock(self, reg: int) -> int | None:
-        t = time.gmtime()
+        t = self._now()
         value = {
             REG_SECONDS: t.tm_sec,
             REG_MINUTES: t.tm_min,

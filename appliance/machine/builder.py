@@ -177,7 +177,7 @@ class MachineBuilder:
         i8042 = I8042(lambda: self.post_event("reset", "i8042 reset line"))
         vm.pio_bus.register(layout.I8042_DATA, 1, i8042.data_port)
         vm.pio_bus.register(layout.I8042_CMD, 1, i8042.command_port)
-        vm.pio_bus.register(layout.RTC_PORT, 2, Rtc(self.config.mem_size))
+        vm.pio_bus.register(layout.RTC_PORT, 2, Rtc(self.config.mem_size, localtime=self.config.rtc_localtime))
         inst = Instance(vm=vm, memory=memory, vcpus=[], plan=plan, uart=uart, pm=pm)
         self.console.attach_uart(uart)
         inst.closers.append(lambda: self.console.attach_uart(None))

@@ -150,11 +150,12 @@ class MachineConfig(Record):
     :param warnings: where to tell the user about things that are not errors (PVM warning).
     :param start_paused: build the machine but leave its vCPUs stopped until
         QMP ``cont`` (QEMU's ``-S``; the machine is in "prelaunch").
+    :param rtc_localtime: the CMOS clock keeps the host's local time, not UTC.
     """
 
     __slots__ = (
         "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
-        "devices", "warnings", "start_paused",
+        "devices", "warnings", "start_paused", "rtc_localtime",
     )
     kernel: StrPath
     initrd: StrPath | None
@@ -168,6 +169,7 @@ class MachineConfig(Record):
     devices: list[Any]
     warnings: list[str]
     start_paused: bool
+    rtc_localtime: bool
 
     def __init__(
         self,
@@ -183,6 +185,7 @@ class MachineConfig(Record):
         devices: list[Any] | None = None,
         warnings: list[str] | None = None,
         start_paused: bool = False,
+        rtc_localtime: bool = False,
     ) -> None:
         self.kernel = kernel
         self.initrd = initrd
@@ -196,6 +199,7 @@ class MachineConfig(Record):
         self.devices = [] if devices is None else devices
         self.warnings = [] if warnings is None else warnings
         self.start_paused = start_paused
+        self.rtc_localtime = rtc_localtime
 
     def validate(self, *, max_cpus: int = MAX_CPUS, host_mem: int | None = None) -> None:
         """Check everything that can be checked before touching /dev/kvm.

@@ -354,3 +354,16 @@ def test_virtio_rng_takes_qemus_rate_limit() -> None:
     assert (spec.max_bytes, spec.period_ms) == (1024, 1000)
     with pytest.raises(ConfigError, match="max-bytes"):
         run.to_config(run.parse_args(["-kernel", "k", "-device", "virtio-rng-pci,max-bytes=0"]))
+
+
+def test_libvirt_style_machine_and_rtc_options_are_taken() -> None:
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-machine", "pc-q35-7.2,accel=kvm,usb=off,vmport=off,smm=off,dump-guest-core=off",
+        "-rtc", "base=localtime,driftfix=slew",
+    ]))
+    assert cfg.machine_type == "q35" and cfg.rtc_localtime
+    for argv, message in ((["-machine", "q35,usb=on"], "usb=on is not supported"),
+                          (["-rtc", "base=2006-06-17T16:01:21"], "base '2006-06-17T16:01:21'"),
+                          (["-rtc", "clock=vm"], "clock 'vm'")):
+        with pytest.raises(ConfigError, match=message):
+            run.to_config(run.parse_args(["-kernel", "k", *argv]))

@@ -49,6 +49,25 @@ def test_rtc_reports_host_utc_time_in_bcd() -> None:
     assert (hours >> 4) * 10 + (hours & 0xF) in (t.tm_hour, (t.tm_hour + 1) % 24)
 
 
+def test_rtc_base_localtime_shows_the_hosts_local_hour(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A zone far from UTC, so the two hours differ.
+    monkeypatch.setenv("TZ", "IST-5:30")  # POSIX form: needs no zoneinfo files
+    time.tzset()
+    try:
+        local, utc = Rtc(localtime=True), Rtc()
+
+        def hours(rtc: Rtc) -> int:
+            h = _cmos(rtc, 0x04)
+            return (h >> 4) * 10 + (h & 0xF)
+
+        # 5:30 ahead: the hours differ by 5 or 6 whatever the minute.
+        assert (hours(local) - hours(utc)) % 24 in (5, 6)
+        assert hours(local) in (time.localtime().tm_hour, (time.localtime().tm_hour + 1) % 24)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_rtc_memory_size_bytes_follow_guest_ram() -> None:
     rtc = Rtc(256 * layout.MiB)
     above16 = _cmos(rtc, 0x34) | _cmos(rtc, 0x35) << 8
