@@ -40,8 +40,9 @@ has one core's worth of copying to do in series.
 Usage: .venv/bin/python bench/qcow2.py [--quick] [--only REGEX] [--repeat N]
        [--aio native,threads] [--convert-size 2G] [--compress-size 512M] [--seconds 2] [--dir DIR]
 Case names: "bench 64k write seq  qd1  native", "convert 2G raw->qcow2", "guest rand read 4K qd32"…
-A full run takes ~9 minutes; under the shared bench lock run it in three parts
-(``--only '^bench'``, ``--only '^convert'``, ``--only '^guest'``).
+A full run takes ~12 minutes (bench 64k ~2, bench 4k ~5.5, convert ~1.5, guest
+~2.5 with --repeat 5); under the shared bench lock run it in parts
+(``--only '^bench 64k'``, ``'^bench  4k'``, ``'^convert'``, ``'^guest'``).
 """
 
 from __future__ import annotations
