@@ -13,7 +13,11 @@ format on a file node. ``--blockdev`` is parsed and resolved by
 :mod:`appliance.storage.blockdev`, the same code as ``appliance run
 -blockdev``, and images are opened the same way (locks, ``aio=native``). Each export is one virtio-blk device behind one
 vhost-user socket; several exports run in one daemon. It runs until SIGTERM or
-SIGINT and removes its sockets on the way out.
+SIGINT (or a QMP ``quit``) and removes its sockets on the way out.
+
+``--chardev socket,id=ID,path=P,server=on,wait=off --monitor chardev=ID``
+gives it qemu-storage-daemon's QMP monitor, so block nodes and exports can be
+added and removed at run time (:mod:`appliance.qmp.daemon_commands`).
 
 :class:`StorageDaemon` is the same thing as a Python object, for tests that
 want the daemon inside their own event loop.
@@ -27,9 +31,12 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from appliance.cli.options import parse_option
 from appliance.errors import ApplianceError, ConfigError
+from appliance.machine.config import ChardevConfig
 from appliance.storage.backend import BlockBackend
 from appliance.storage.blockdev import (
     BlockdevConfig,
@@ -59,10 +66,18 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
            addr.path=<socket>[,writable=on|off][,num-queues=<n>]
            [,logical-block-size=<bytes>][,serial=<str>]
                          serve a node as a vhost-user-blk device
+  --chardev socket,id=<id>,path=<path>[,server=on|off][,wait=on|off]
+  --chardev socket,id=<id>,host=<host>,port=<port>[,server=on|off][,wait=on|off]
+                         a socket for --monitor (server,nowait also accepted)
+  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
+                         a QMP monitor on that socket: qmp_capabilities,
+                         query-version, query-commands, query-named-block-nodes,
+                         query-block-exports, blockdev-add, blockdev-del,
+                         block-export-add, block-export-del, quit
   --pidfile <path>       write the daemon's pid to this file
 
 Each --blockdev/--export also takes its JSON form, as qemu-storage-daemon does.
-Runs until SIGTERM or SIGINT.
+Runs until SIGTERM, SIGINT or the QMP command quit.
 """
 
 
@@ -111,9 +126,20 @@ class DaemonConfig:
     exports: list[ExportConfig] = field(default_factory=list)
     pidfile: str | None = None
     help: bool = False
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    # (chardev id, pretty) per --monitor
+    monitors: list[tuple[str, bool]] = field(default_factory=list)
 
     def validate(self) -> None:
         """Cross-option checks: unique names, existing references, no conflicting writers."""
+        used: set[str] = set()
+        for cid, _ in self.monitors:
+            cd = self.chardevs.get(cid)
+            if cd is None:
+                raise ConfigError(f'--monitor chardev={cid}: chardev "{cid}" not found')
+            if cid in used:
+                raise ConfigError(f"--monitor chardev={cid}: Device '{cid}' is in use")
+            used.add(cid)
         nodes: dict[str, BlockdevConfig] = {}
         for b in self.blockdevs:
             if b.node_name in nodes:
@@ -144,7 +170,55 @@ class DaemonConfig:
                 writers.add(e.node_name)
 
 
-_OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile"}
+_OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile", "--chardev", "--monitor"}
+
+
+def parse_chardev(text: str) -> ChardevConfig:
+    """``--chardev socket,id=…``: the only backend a monitor can use here.
+
+    :raises ConfigError: On another backend, a missing id or address, a bad port.
+    """
+    o = parse_option("--chardev", text, implied="backend", flags=("server", "wait", "nowait", "nodelay"))
+    backend = o.require("backend")
+    cid = o.require("id")
+    if backend != "socket":
+        raise ConfigError(f"--chardev {text}: backend '{backend}' is not supported (socket)")
+    server = o.take_bool("server", False)
+    # 'nowait' is the spelling before QEMU 6.0's wait=off.
+    wait = o.take_bool("wait", True) and not o.take_bool("nowait", False)
+    o.take_bool("nodelay")
+    path = o.take("path")
+    host = o.take("host")
+    port = o.take("port")
+    o.finish()
+    if path is not None:
+        cfg = ChardevConfig("socket", id=cid, path=path, server=server, wait=wait)
+    elif port is not None:
+        try:
+            port_n = int(port, 10)
+        except ValueError:
+            raise ConfigError(f"--chardev {text}: port '{port}' is not a number") from None
+        cfg = ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait)
+    else:
+        raise ConfigError(f"--chardev {text}: socket needs 'path' or 'port'")
+    cfg.validate()
+    return cfg
+
+
+def parse_monitor(text: str) -> tuple[str, bool]:
+    """``--monitor [chardev=]ID[,mode=control][,pretty=on|off]`` → (chardev id, pretty).
+
+    qemu-storage-daemon's monitor is QMP only (mode defaults to control there).
+    """
+    o = parse_option("--monitor", text, implied="chardev", flags=("pretty",))
+    cid = o.require("chardev")
+    mode = o.take("mode", "control")
+    pretty = o.take_bool("pretty", False)
+    o.finish()
+    if mode != "control":
+        raise ConfigError(f"--monitor {text}: mode '{mode}' (the human monitor) is not supported; "
+                          "Only QMP is supported")
+    return cid, pretty
 
 
 def parse_args(argv: list[str]) -> DaemonConfig:
@@ -172,6 +246,13 @@ def parse_args(argv: list[str]) -> DaemonConfig:
             cfg.blockdevs.append(BlockdevConfig.parse(value, option="--blockdev", allow_json=True))
         elif name == "--export":
             cfg.exports.append(ExportConfig.parse(value))
+        elif name == "--chardev":
+            cd = parse_chardev(value)
+            if cd.id in cfg.chardevs:
+                raise ConfigError(f"--chardev {value}: duplicate id '{cd.id}'")
+            cfg.chardevs[cd.id] = cd
+        elif name == "--monitor":
+            cfg.monitors.append(parse_monitor(value))
         else:
             cfg.pidfile = value
     if not cfg.help:
@@ -189,6 +270,10 @@ class Export:
     server: Any
 
 
+class DaemonError(ApplianceError):
+    """A run-time request (a QMP command) the daemon refuses; the message is qemu-storage-daemon's."""
+
+
 class StorageDaemon:
     """The daemon as an object: open the nodes, serve the exports, close it all.
 
@@ -196,6 +281,12 @@ class StorageDaemon:
 
         async with StorageDaemon(parse_args([...])) as d:
             blk = d.exports["exp0"].device
+            await d.add_blockdev(BlockdevConfig.parse(...))
+            await d.add_export(ExportConfig(...))
+
+    Nodes are held as their configurations (``config.blockdevs``) and opened
+    when an export uses them, writable when a writable export does; the last
+    export of a node closes it again (a later export reopens it in its mode).
     """
 
     def __init__(self, config: DaemonConfig) -> None:
@@ -203,6 +294,13 @@ class StorageDaemon:
         self.config = config
         self.exports: dict[str, Export] = {}
         self._images: dict[str, OpenImage] = {}
+        # Set by quit (QMP), a signal, or anyone who wants the daemon to end.
+        self.stopped = asyncio.Event()
+
+    @property
+    def nodes(self) -> dict[str, BlockdevConfig]:
+        """Node name → configuration, in the order they were added."""
+        return {b.node_name: b for b in self.config.blockdevs}
 
     async def start(self) -> None:
         """Open every exported node and start listening.
@@ -211,32 +309,135 @@ class StorageDaemon:
             cannot be opened or a socket cannot be created; everything opened
             so far is closed again.
         """
-        from appliance.virtio.vhost_user import VhostUserBackend, VhostUserServer
-
         try:
             writable = {e.node_name for e in self.config.exports if e.writable}
             for e in self.config.exports:
-                backend = await self._open(e.node_name, write=e.node_name in writable)
-                device = _make_device(e, backend)
-                # Block requests may be replayed, so a restarted daemon can take
-                # over what a killed one had in flight.
-                server = VhostUserServer(e.path, VhostUserBackend(device, inflight=True))
-                await server.start()
-                self.exports[e.id] = Export(e, backend, device, server)
+                await self._serve_export(e, write=e.node_name in writable)
         except BaseException:
             await self.close()
             raise
 
+    async def _serve_export(self, e: ExportConfig, *, write: bool) -> Export:
+        from appliance.virtio.vhost_user import VhostUserBackend, VhostUserServer
+
+        opened = e.node_name not in self._images
+        backend = await self._open(e.node_name, write=write)
+        try:
+            device = _make_device(e, backend)
+            # Block requests may be replayed, so a restarted daemon can take
+            # over what a killed one had in flight.
+            server = VhostUserServer(e.path, VhostUserBackend(device, inflight=True))
+            await server.start()
+        except BaseException:
+            if opened:
+                await self._close_image(e.node_name)
+            raise
+        exp = Export(e, backend, device, server)
+        self.exports[e.id] = exp
+        return exp
+
     async def _open(self, node_name: str, *, write: bool) -> BlockBackend:
         if node_name in self._images:
             return self._images[node_name].backend
-        nodes = {b.node_name: b for b in self.config.blockdevs}
-        src = resolve_blockdev(nodes, node_name, what="--export", check_path=False)
+        src = resolve_blockdev(self.nodes, node_name, what="--export", check_path=False)
         if not write:
             src = replace(src, read_only=True)
         image = await open_source(src)
         self._images[node_name] = image
         return image.backend
+
+    async def _close_image(self, node_name: str) -> None:
+        image = self._images.pop(node_name, None)
+        if image is not None:
+            with contextlib.suppress(Exception):
+                await image.close()
+
+    # --- run-time changes (the QMP monitor) ------------------------------------------
+
+    def add_blockdev(self, node: BlockdevConfig) -> None:
+        """Add a node (``blockdev-add``); it is opened when exported.
+
+        :raises DaemonError: On a duplicate name or a missing or wrong file node.
+        """
+        nodes = self.nodes
+        if node.node_name in nodes:
+            raise DaemonError(f"Duplicate nodes with node-name='{node.node_name}'")
+        if node.file is not None:
+            if node.file not in nodes:
+                raise DaemonError(f"Cannot find device='{node.file}' nor node-name='{node.file}'")
+            nodes[node.node_name] = node
+            try:
+                resolve_blockdev(nodes, node.node_name, what="blockdev-add", check_path=False)
+            except ConfigError as err:
+                raise DaemonError(str(err).split(": ", 1)[-1]) from None
+        self.config.blockdevs.append(node)
+
+    async def del_blockdev(self, node_name: str) -> None:
+        """Remove a node (``blockdev-del``) that no export and no other node uses.
+
+        :raises DaemonError: With qemu-storage-daemon's messages.
+        """
+        if node_name not in self.nodes:
+            raise DaemonError(f"Failed to find node with node-name='{node_name}'")
+        if any(e.config.node_name == node_name for e in self.exports.values()):
+            raise DaemonError(f"Node {node_name} is in use")
+        if any(b.file == node_name for b in self.config.blockdevs):
+            raise DaemonError(f"Block device {node_name} is in use")
+        await self._close_image(node_name)
+        self.config.blockdevs = [b for b in self.config.blockdevs if b.node_name != node_name]
+
+    async def add_export(self, e: ExportConfig) -> Export:
+        """Serve a node on a new socket (``block-export-add``).
+
+        :raises DaemonError: On a duplicate id or socket, a missing node, a
+            writable export of a read-only node, or a socket that cannot be bound.
+        :raises StorageError: When the image cannot be opened.
+        """
+        if e.id in self.exports:
+            raise DaemonError(f"Block export id '{e.id}' is already in use")
+        node = self.nodes.get(e.node_name)
+        if node is None:
+            raise DaemonError(f"Cannot find device='' nor node-name='{e.node_name}'")
+        if any(x.config.path == e.path for x in self.exports.values()):
+            raise DaemonError(f"Socket {e.path} is already used by another export")
+        src = resolve_blockdev(self.nodes, e.node_name, what="block-export-add", check_path=False)
+        if e.writable and src.read_only:
+            raise DaemonError("Cannot export read-only node as writable")
+        image = self._images.get(e.node_name)
+        if e.writable and image is not None and image.backend.read_only:
+            # One open image per node: switching a read-only one to read-write
+            # under a running read-only export is not done.
+            raise DaemonError(f"Node {e.node_name} is open read-only for another export; "
+                              "delete that export first")
+        from appliance.virtio.vhost_user import VhostUserError
+
+        try:
+            exp = await self._serve_export(e, write=e.writable)
+        except VhostUserError as err:
+            cause = err.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err)
+            raise DaemonError(f"Failed to bind socket to {e.path}: {reason}") from err
+        self.config.exports.append(e)
+        return exp
+
+    async def del_export(self, ident: str) -> None:
+        """Stop serving an export (``block-export-del``): its socket goes, its front end is dropped.
+
+        :raises DaemonError: When there is no such export.
+        """
+        exp = self.exports.pop(ident, None)
+        if exp is None:
+            raise DaemonError(f"Export '{ident}' is not found")
+        self.config.exports = [e for e in self.config.exports if e.id != ident]
+        with contextlib.suppress(Exception):
+            await exp.server.close()
+        if not any(x.config.node_name == exp.config.node_name for x in self.exports.values()):
+            await self._close_image(exp.config.node_name)
+
+    def quit(self) -> None:
+        """End the daemon (``quit``): :func:`serve` returns 0 once the reply is out."""
+        # Later, not now: the reply to quit goes out before the monitor closes.
+        asyncio.get_running_loop().call_soon(self.stopped.set)
 
     async def close(self) -> None:
         """Stop serving (removing the sockets) and close the images."""
@@ -272,19 +473,61 @@ def _make_device(e: ExportConfig, backend: BlockBackend) -> Any:
     )
 
 
-async def serve(config: DaemonConfig) -> int:
-    """Run the daemon until SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+async def open_monitors(daemon: StorageDaemon) -> list[Any]:
+    """Start each ``--monitor`` as a QMP server over the daemon's command table.
+
+    :raises ConfigError: When a monitor socket cannot be opened.
+    """
+    from appliance.qmp.daemon_commands import COMMANDS
+    from appliance.qmp.server import QmpServer
+
+    servers: list[Any] = []
     try:
-        async with StorageDaemon(config):
+        for cid, pretty in daemon.config.monitors:
+            cd = daemon.config.chardevs[cid]
+            server = QmpServer(daemon, pretty=pretty, table=COMMANDS)
+            servers.append(server)
+            try:
+                if not cd.server:
+                    await server.connect(cd)
+                elif cd.path is not None:
+                    await server.listen_unix(Path(cd.path))
+                else:
+                    assert cd.port is not None
+                    await server.listen_tcp(cd.host, cd.port)
+            except OSError as err:
+                where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
+                raise ConfigError(f"--chardev id={cid}: cannot open socket '{where}': "
+                                  f"{err.strerror or err}") from None
+            if cd.server and cd.wait:
+                print(f"appliance storage-daemon: --chardev id={cid}: waiting for connection on "
+                      f"{cd.path or f'{cd.host}:{cd.port}'}", file=sys.stderr, flush=True)
+                await server.wait_for_client()
+    except BaseException:
+        for server in servers:
+            await server.close()
+        raise
+    return servers
+
+
+async def serve(config: DaemonConfig) -> int:
+    """Run the daemon until SIGTERM, SIGINT or QMP ``quit``."""
+    loop = asyncio.get_running_loop()
+    daemon = StorageDaemon(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stopped.set)
+    monitors: list[Any] = []
+    try:
+        async with daemon:
+            monitors = await open_monitors(daemon)
             if config.pidfile:
                 with open(config.pidfile, "w", encoding="ascii") as f:
                     f.write(f"{os.getpid()}\n")
-            await stop.wait()
+            await daemon.stopped.wait()
     finally:
+        for server in monitors:
+            with contextlib.suppress(Exception):
+                await server.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if config.pidfile:
@@ -298,8 +541,8 @@ def main(argv: list[str]) -> int:
     if cfg.help:
         sys.stdout.write(USAGE)
         return 0
-    if not cfg.exports:
-        raise ConfigError("no --export given; nothing to serve")
+    if not cfg.exports and not cfg.monitors:
+        raise ConfigError("no --export or --monitor given; nothing to serve")
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="appliance storage-daemon: %(message)s")

@@ -1,5 +1,9 @@
 """A QMP server for one :class:`~appliance.machine.machine.Machine` (QEMU's docs/interop/qmp-spec.rst).
 
+The command table is a parameter: the machine's (:data:`appliance.qmp.commands.COMMANDS`)
+by default, the storage daemon's (:mod:`appliance.qmp.daemon_commands`) for
+``appliance storage-daemon --monitor``.
+
 Every connection is a :class:`Session`: the server greets it (§2.2), accepts
 only ``qmp_capabilities`` until negotiation is done (§4), then runs commands
 one at a time in the order they arrive and echoes each ``id`` (§2.3).
@@ -201,7 +205,9 @@ class Session:
             raise GenericError("QMP input member 'arguments' must be an object")
         if not self.negotiated and name != "qmp_capabilities":
             raise CommandNotFound("Expecting capabilities negotiation with 'qmp_capabilities'")
-        cmd = commands.lookup(name)
+        cmd = self.monitor.table.get(name)
+        if cmd is None:
+            raise CommandNotFound(f"The command {name} has not been found")
         return await cmd.handler(self, commands.check_args(cmd, args))
 
     # --- the stream ---------------------------------------------------------------
@@ -220,7 +226,7 @@ class Session:
     async def run(self) -> None:
         """Greet the client and serve it until it hangs up."""
         assert self.reader is not None and self.writer is not None
-        greeting = {"QMP": {"version": (await commands.COMMANDS["query-version"].handler(self, {})),
+        greeting = {"QMP": {"version": (await self.monitor.table["query-version"].handler(self, {})),
                             "capabilities": []}}
         self.send(greeting)
         splitter = JsonSplitter()
@@ -281,17 +287,24 @@ class QmpServer:
         await server.close()
 
     :param pretty: indent replies and events (``-mon …,pretty=on``).
+    :param table: the commands offered (the machine's by default); handlers
+        get ``machine`` as ``ctx.machine``, whatever object it is. Machine
+        events become QMP events only when it has an ``observers`` list.
     """
 
-    def __init__(self, machine: Any, *, pretty: bool = False) -> None:
+    def __init__(self, machine: Any, *, pretty: bool = False,
+                 table: dict[str, commands.Command] | None = None) -> None:
         self.machine = machine
         self.pretty = pretty
+        self.table = commands.COMMANDS if table is None else table
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._unlink: list[Path] = []
         self._connected = asyncio.Event()
-        machine.observers.append(self._on_machine)
+        self._observers: list[Any] | None = getattr(machine, "observers", None)
+        if self._observers is not None:
+            self._observers.append(self._on_machine)
 
     # --- events -----------------------------------------------------------------
 
@@ -389,8 +402,9 @@ class QmpServer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._unlink.clear()
-        with contextlib.suppress(ValueError):
-            self.machine.observers.remove(self._on_machine)
+        if self._observers is not None:
+            with contextlib.suppress(ValueError):
+                self._observers.remove(self._on_machine)
 
 
 @dataclass(eq=False)

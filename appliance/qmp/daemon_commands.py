@@ -1,0 +1,311 @@
+"""The QMP commands of `appliance storage-daemon --monitor`, as qemu-storage-daemon 7.2 answers them.
+
+A second command table for :class:`~appliance.qmp.server.QmpServer` (same
+greeting, parser and sessions as `appliance run`'s monitor); ``ctx.machine``
+is the :class:`~appliance.cli.storage_daemon.StorageDaemon`. Argument names,
+reply members and error messages follow QEMU's qapi/block-core.json,
+qapi/block-export.json and what qemu-storage-daemon 7.2 replies to the same
+request (compared in tests/vhost_user/test_storage_daemon_qmp.py).
+
+Where we answer differently, and why:
+
+- ``blockdev-add`` checks that the image opens (and is qcow2 when it says so)
+  but holds it open only while an export uses it, as the command-line daemon
+  does; locks are taken then.
+- ``query-named-block-nodes`` lists the nodes that were named; a file node
+  written inline (``"file": {"driver": "file", …}``) is not listed under an
+  automatic ``#blockNNN`` name, and qcow2's ``format-specific`` member is left out.
+- ``block-export-add`` takes the vhost-user-blk export only, on a unix socket
+  (``addr.type=fd`` and iothreads are refused by name); one socket per export.
+- ``block-export-del`` ends the export at once in both modes: a vhost-user
+  front end is dropped, as qemu-storage-daemon 7.2 also does with ``safe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, ConfigError
+from appliance.qmp import commands
+from appliance.qmp.commands import Command, Context, Handler
+from appliance.qmp.errors import GenericError
+
+COMMANDS: dict[str, Command] = {
+    "qmp_capabilities": commands.COMMANDS["qmp_capabilities"],
+    "query-version": commands.COMMANDS["query-version"],
+}
+
+
+def command(
+    name: str, args: dict[str, tuple[str, bool]] | None = None, *, extra_args: bool = False
+) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(name, fn, dict(args or {}), extra_args)
+        return fn
+
+    return deco
+
+
+def _wellformed(ident: str) -> bool:
+    # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
+    return bool(ident) and ident[0].isascii() and ident[0].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in ident)
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Run a daemon operation, its refusals becoming GenericError replies."""
+    from appliance.cli.storage_daemon import DaemonError
+
+    try:
+        result = fn(*args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+    except DaemonError as err:
+        raise GenericError(str(err)) from None
+    except ApplianceError as err:
+        raise GenericError(str(err)) from None
+
+
+@command("query-commands")
+async def _query_commands(ctx: Context, args: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": name} for name in sorted(COMMANDS)]
+
+
+@command("quit")
+async def _quit(ctx: Context, args: dict[str, Any]) -> None:
+    ctx.machine.quit()
+
+
+# --- block nodes ----------------------------------------------------------------------
+
+_BOOL, _STR, _INT, _OBJ = "boolean", "string", "integer", "object"
+_CACHE = {"direct": _BOOL, "no-flush": _BOOL}
+_COMMON: dict[str, Any] = {
+    "driver": _STR, "node-name": _STR, "read-only": _BOOL, "auto-read-only": _BOOL,
+    "cache": _CACHE, "discard": _STR, "detect-zeroes": _STR, "force-share": _BOOL,
+}
+# BlockdevOptions members per driver (qapi/block-core.json) that --blockdev takes.
+_SCHEMA: dict[str, dict[str, Any]] = {
+    "file": {**_COMMON, "filename": _STR, "aio": _STR, "locking": _STR},
+    "raw": {**_COMMON, "file": "file"},
+    "qcow2": {**_COMMON, "file": "file", "l2-cache-size": _INT},
+}
+_PY = {_BOOL: bool, _STR: str, _INT: int}
+
+
+def _check_members(obj: dict[str, Any], schema: dict[str, Any], prefix: str) -> None:
+    """QEMU's input-visitor errors for unknown members and wrong JSON types."""
+    for key, value in obj.items():
+        name = prefix + key
+        kind = schema.get(key)
+        if kind is None:
+            raise GenericError(f"Parameter '{name}' is unexpected")
+        if kind == "file":
+            # BlockdevRef: a node name or a whole node written inline.
+            if isinstance(value, dict):
+                _check_node(value, f"{name}.")
+            elif not isinstance(value, str):
+                raise GenericError(f"Invalid parameter type for '{name}', expected: BlockdevRef")
+        elif isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise GenericError(f"Invalid parameter type for '{name}', expected: {_OBJ}")
+            _check_members(value, kind, f"{name}.")
+        elif not isinstance(value, _PY[kind]) or (kind == _INT and isinstance(value, bool)):
+            raise GenericError(f"Invalid parameter type for '{name}', expected: {kind}")
+
+
+def _check_node(obj: dict[str, Any], prefix: str) -> str:
+    driver = obj.get("driver")
+    if driver is None:
+        raise GenericError(f"Parameter '{prefix}driver' is missing")
+    if not isinstance(driver, str):
+        raise GenericError(f"Invalid parameter type for '{prefix}driver', expected: string")
+    schema = _SCHEMA.get(driver)
+    if schema is None:
+        raise GenericError(f"Driver '{driver}' is not supported here (file, raw, qcow2)")
+    _check_members(obj, schema, prefix)
+    for key in ("filename",) if driver == "file" else ("file",):
+        if key not in obj:
+            raise GenericError(f"Parameter '{prefix}{key}' is missing")
+    return driver
+
+
+def _probe(path: Path, *, write: bool, qcow2: bool) -> None:
+    """Open the image as blockdev-add does, to refuse what qemu-storage-daemon refuses then."""
+    try:
+        fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    except OSError as err:
+        raise GenericError(f"Could not open '{path}': {err.strerror}") from None
+    try:
+        if qcow2 and os.pread(fd, 4, 0) != b"QFI\xfb":
+            raise GenericError("Image is not in qcow2 format")
+    finally:
+        os.close(fd)
+
+
+@command("blockdev-add", {"driver": ("string", True)}, extra_args=True)
+async def _blockdev_add(ctx: Context, args: dict[str, Any]) -> None:
+    from appliance.storage.blockdev import BlockdevConfig, resolve_blockdev
+
+    driver = _check_node(args, "")
+    node_name = args.get("node-name")
+    if node_name is None:
+        raise GenericError("'node-name' must be specified for the root node")
+    if not _wellformed(node_name):
+        raise GenericError(f"Invalid node-name: '{node_name}'")
+    daemon = ctx.machine
+    try:
+        node = BlockdevConfig.parse(json.dumps(args), option="blockdev-add", allow_json=True)
+    except ConfigError as err:
+        # Without our "blockdev-add node-name=N: " prefix, as QEMU words it.
+        raise GenericError(str(err).split(": ", 1)[-1]) from None
+    await _call(daemon.add_blockdev, node)
+    try:
+        src = resolve_blockdev(daemon.nodes, node_name, what="blockdev-add", check_path=False)
+        await asyncio.to_thread(_probe, src.path, write=not src.read_only, qcow2=driver == "qcow2")
+    except BaseException:
+        await daemon.del_blockdev(node_name)
+        raise
+
+
+@command("blockdev-del", {"node-name": ("string", True)})
+async def _blockdev_del(ctx: Context, args: dict[str, Any]) -> None:
+    await _call(ctx.machine.del_blockdev, args["node-name"])
+
+
+def _file_size(path: Path) -> tuple[int, int]:
+    """(size, bytes allocated) of a file, zeros when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0, 0
+    return st.st_size, st.st_blocks * 512
+
+
+def _qcow2_geometry(path: Path) -> tuple[int, int]:
+    """(virtual size, cluster size) from a qcow2 header (QEMU's docs/interop/qcow2.txt)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return 0, 0
+    if len(head) < 32:
+        return 0, 0
+    cluster_bits = int.from_bytes(head[20:24], "big")
+    return int.from_bytes(head[24:32], "big"), (1 << cluster_bits) if 9 <= cluster_bits <= 21 else 0
+
+
+def _node_info(daemon: Any, name: str) -> dict[str, Any]:
+    from appliance.storage.blockdev import resolve_blockdev
+
+    node = daemon.nodes[name]
+    src = resolve_blockdev(daemon.nodes, name, what="query-named-block-nodes", check_path=False)
+    fmt = "file" if node.driver == "file" else node.driver
+    size, allocated = _file_size(src.path)
+    image: dict[str, Any] = {"virtual-size": size, "filename": str(src.path), "format": fmt,
+                             "actual-size": allocated, "dirty-flag": False}
+    if fmt == "qcow2":
+        image["virtual-size"], image["cluster-size"] = _qcow2_geometry(src.path)
+    zero = {k: 0 for k in ("iops_rd", "iops_wr", "iops", "bps_wr", "bps", "bps_rd", "write_threshold")}
+    return {
+        "node-name": name, "drv": node.driver, "file": str(src.path), "ro": src.read_only,
+        "image": image, "backing_file_depth": 0, "encrypted": False, "detect_zeroes": "off",
+        "cache": {"writeback": True, "direct": src.cache == "none", "no-flush": src.cache == "unsafe"},
+        **zero,
+    }
+
+
+@command("query-named-block-nodes", {"flat": ("boolean", False)})
+async def _query_named_block_nodes(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+    # Newest first, as QEMU lists its node list.
+    return [await asyncio.to_thread(_node_info, ctx.machine, n) for n in reversed(ctx.machine.nodes)]
+
+
+# --- exports --------------------------------------------------------------------------
+
+_MAX_LBS = 2 * 1024 * 1024  # QEMU's largest logical-block-size property value
+
+
+@command("block-export-add", {
+    "type": ("string", True), "id": ("string", True), "node-name": ("string", True),
+    "addr": ("object", False), "writable": ("boolean", False), "writethrough": ("boolean", False),
+    "iothread": ("string", False), "fixed-iothread": ("boolean", False),
+    "num-queues": ("integer", False), "logical-block-size": ("integer", False),
+})
+async def _block_export_add(ctx: Context, args: dict[str, Any]) -> None:
+    from appliance.cli.storage_daemon import ExportConfig
+
+    kind = args["type"]
+    if kind != "vhost-user-blk":
+        raise GenericError(f"Export type '{kind}' is not supported here (vhost-user-blk)")
+    addr = args.get("addr")
+    if addr is None:
+        raise GenericError("Parameter 'addr' is missing")
+    addr_type = addr.get("type")
+    if addr_type is None:
+        raise GenericError("Parameter 'addr.type' is missing")
+    if addr_type not in ("unix", "inet", "vsock", "fd"):
+        raise GenericError(f"Parameter 'addr.type' does not accept value '{addr_type}'")
+    allowed = {"unix": ("type", "path", "abstract", "tight"), "fd": ("type", "str")}.get(addr_type)
+    if allowed is None:
+        raise GenericError("Only socket address types 'unix' and 'fd' are supported")
+    for key in addr:
+        if key not in allowed:
+            raise GenericError(f"Parameter 'addr.{key}' is unexpected")
+    if addr_type == "fd":
+        raise GenericError("addr.type=fd is not supported here (unix)")
+    path = addr.get("path")
+    if path is None:
+        raise GenericError("Parameter 'addr.path' is missing")
+    if not isinstance(path, str):
+        raise GenericError("Invalid parameter type for 'addr.path', expected: string")
+    ident = args["id"]
+    if not _wellformed(ident):
+        raise GenericError("Invalid block export id")
+    if "iothread" in args:
+        raise GenericError(f'iothread "{args["iothread"]}" not found')
+    num_queues = args.get("num-queues", 1)
+    lbs = args.get("logical-block-size", 512)
+    daemon = ctx.machine
+    # The order of QEMU's checks: the id, the node, its mode, then the device's own options.
+    if ident in daemon.exports:
+        raise GenericError(f"Block export id '{ident}' is already in use")
+    if args["node-name"] not in daemon.nodes:
+        raise GenericError(f"Cannot find device='' nor node-name='{args['node-name']}'")
+    if lbs & (lbs - 1) or lbs <= 0:
+        raise GenericError(f"Property {ident}.logical-block-size doesn't take value '{lbs}', "
+                           "it's not a power of 2")
+    if not 512 <= lbs <= _MAX_LBS:
+        raise GenericError(f"Property {ident}.logical-block-size doesn't take value {lbs} "
+                           f"(minimum: 512, maximum: {_MAX_LBS})")
+    if lbs > 32768:
+        raise GenericError(f"logical-block-size {lbs} is more than this daemon's 32768")
+    if num_queues < 1:
+        raise GenericError("num-queues must be greater than 0")
+    if num_queues > 64:
+        raise GenericError(f"num-queues {num_queues} is more than this daemon's 64")
+    e = ExportConfig(ident, args["node-name"], path, bool(args.get("writable", False)), num_queues, lbs)
+    await _call(daemon.add_export, e)
+
+
+@command("block-export-del", {"id": ("string", True), "mode": ("string", False)})
+async def _block_export_del(ctx: Context, args: dict[str, Any]) -> None:
+    mode = args.get("mode", "safe")
+    if mode not in ("safe", "hard"):
+        raise GenericError(f"Parameter 'mode' does not accept value '{mode}'")
+    ident = args["id"]
+    await _call(ctx.machine.del_export, ident)
+    # After the reply, as qemu-storage-daemon sends it once the export is gone.
+    asyncio.get_running_loop().call_soon(ctx.emit, "BLOCK_EXPORT_DELETED", {"id": ident})
+
+
+@command("query-block-exports")
+async def _query_block_exports(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": "vhost-user-blk", "id": e.config.id, "node-name": e.config.node_name,
+             "shutting-down": False} for e in reversed(ctx.machine.exports.values())]
