@@ -1,0 +1,302 @@
+"""`appliance storage-daemon --chardev … --monitor …`: exports managed at run time over QMP.
+
+The real qemu.qmp client drives a real daemon process; the same requests go
+to qemu-storage-daemon (when installed) and the replies are compared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from appliance.cli.main import main as appliance_main
+from appliance.cli.storage_daemon import parse_args
+from appliance.errors import ConfigError
+from appliance.virtio.vhost_user import protocol as p
+from tests.vhost_user.frontend import FrontEnd
+
+QSD = shutil.which("qemu-storage-daemon")
+needs_qsd = pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon is not installed")
+OURS = [sys.executable, "-m", "appliance.cli.main", "storage-daemon"]
+
+VERSION_1 = 1 << 32
+PROTOCOL_FEATURES = 1 << 30
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    for name in ("a.img", "b.img"):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(8 << 20)
+    return tmp_path
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[str], qmp: QMPClient, sock: Path) -> None:
+        self.proc = proc
+        self.qmp = qmp
+        self.sock = sock
+
+    async def ex(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(name, args)
+
+    async def outcome(self, name: str, args: dict[str, Any] | None = None) -> tuple[str, Any]:
+        """("ok", return value) or (error class, description)."""
+        try:
+            return "ok", await self.qmp.execute(name, args)
+        except ExecuteError as err:
+            return err.error_class, err.error.error.desc
+
+    async def quit(self) -> int:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await self.qmp.execute("quit")
+        with contextlib.suppress(EOFError, ConnectionError):
+            await self.qmp.disconnect()
+        return await asyncio.to_thread(self.proc.wait, 10)
+
+
+@asynccontextmanager
+async def daemon(cmd: list[str], tmp: Path, *extra: str,
+                 chardev: str = "server=on,wait=off", monitor: str = "chardev=mon") -> AsyncIterator[Daemon]:
+    sock = tmp / f"qmp-{os.path.basename(cmd[0])}.sock"
+    proc = subprocess.Popen(
+        [*cmd, "--chardev", f"socket,id=mon,path={sock},{chardev}", "--monitor", monitor,
+         "--blockdev", f"driver=file,node-name=f0,filename={tmp / 'a.img'}", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no QMP socket"
+            await asyncio.sleep(0.02)
+        client = QMPClient("test")
+        await client.connect(str(sock))
+        yield Daemon(proc, client, sock)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _vu(ident: str, node: str, path: Path, **more: Any) -> dict[str, Any]:
+    return {"type": "vhost-user-blk", "id": ident, "node-name": node,
+            "addr": {"type": "unix", "path": str(path)}, **more}
+
+
+async def _features(path: Path) -> int:
+    fe = await FrontEnd.connect(str(path))
+    try:
+        return int.from_bytes(await fe.call(p.Request.GET_FEATURES), "little")
+    finally:
+        fe.close()
+
+
+async def test_exports_are_added_served_and_removed_over_qmp(images: Path) -> None:
+    vu = images / "vu1.sock"
+    async with daemon(OURS, images) as d:
+        # The nested JSON form of the file node, as scripts for qsd write it.
+        await d.ex("blockdev-add", {"driver": "raw", "node-name": "disk1",
+                                    "file": {"driver": "file", "filename": str(images / "b.img")}})
+        await d.ex("block-export-add", _vu("exp1", "disk1", vu, writable=True, **{"num-queues": 2}))
+        assert await d.ex("query-block-exports") == [
+            {"type": "vhost-user-blk", "id": "exp1", "node-name": "disk1", "shutting-down": False}]
+        nodes = {n["node-name"]: n for n in await d.ex("query-named-block-nodes")}
+        assert nodes["disk1"]["drv"] == "raw" and nodes["disk1"]["ro"] is False
+        assert nodes["disk1"]["image"]["virtual-size"] == 8 << 20
+        assert nodes["f0"]["file"] == str(images / "a.img")
+
+        # The socket speaks vhost-user: a virtio 1.x device with protocol features.
+        feats = await _features(vu)
+        assert feats & VERSION_1 and feats & PROTOCOL_FEATURES
+
+        assert await d.outcome("blockdev-del", {"node-name": "disk1"}) == ("GenericError", "Node disk1 is in use")
+        assert (await d.outcome("no-such-command"))[0] == "CommandNotFound"
+        with d.qmp.listener("BLOCK_EXPORT_DELETED") as events:
+            await d.ex("block-export-del", {"id": "exp1", "mode": "hard"})
+            event = await asyncio.wait_for(events.get(), 5)
+        assert event["data"] == {"id": "exp1"}
+        assert not vu.exists()
+        assert await d.ex("query-block-exports") == []
+        await d.ex("blockdev-del", {"node-name": "disk1"})
+        assert "disk1" not in {n["node-name"] for n in await d.ex("query-named-block-nodes")}
+
+        # A last export, left for quit to take down.
+        await d.ex("block-export-add", _vu("exp0", "f0", vu))
+        assert await d.quit() == 0
+        assert not vu.exists() and not d.sock.exists()
+
+
+async def test_old_chardev_spelling_and_pretty_monitor(images: Path) -> None:
+    sock = images / "qmp.sock"
+    proc = subprocess.Popen(
+        [*OURS, "--chardev", f"socket,id=mon,path={sock},server,nowait", "--monitor", "mon,mode=control,pretty=on"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():  # nowait: it listens without waiting for us
+            assert proc.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        # qemu.qmp cannot read indented replies (nor QEMU's), so plain JSON here.
+        dec = json.JSONDecoder()
+
+        async def message() -> dict[str, Any]:
+            buf = ""
+            while True:
+                buf += (await asyncio.wait_for(reader.read(4096), 5)).decode()
+                with contextlib.suppress(ValueError):
+                    obj, _ = dec.raw_decode(buf.strip())
+                    assert "\n    " in buf  # indented
+                    return dict(obj)
+
+        assert "QMP" in await message()
+        for name in ("qmp_capabilities", "query-version", "quit"):
+            writer.write(json.dumps({"execute": name}).encode())
+            reply = await message()
+            assert "return" in reply, reply
+        assert reply == {"return": {}}
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+        writer.close()
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_monitor_options_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = parse_args(["--chardev", "socket,id=m,path=/tmp/x.sock,server,nowait", "--monitor", "m"])
+    cd = cfg.chardevs["m"]
+    assert cd.server and not cd.wait and cfg.monitors == [("m", False)]
+    for argv, needle in [
+        (["--chardev", "socket,id=m,path=/s,server=on", "--monitor", "chardev=m,mode=readline"], "Only QMP"),
+        (["--monitor", "chardev=nope"], 'chardev "nope" not found'),
+        (["--chardev", "socket,id=m,path=/s", "--monitor", "m", "--monitor", "m"], "in use"),
+        (["--chardev", "stdio,id=m"], "backend 'stdio'"),
+        (["--chardev", "socket,id=m"], "needs 'path' or 'port'"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            parse_args(argv)
+    assert appliance_main(["storage-daemon", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--chardev" in out and "--monitor" in out and "block-export-add" in out
+
+
+# The same requests to both daemons: each step's outcome must agree (the
+# error class and message, or the return value's shape).
+def _script(tmp: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    return [
+        ("query-block-exports", None),
+        ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "f1"}),
+        ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
+        ("blockdev-add", {"driver": "file", "node-name": "fx", "filename": str(tmp / "missing.img")}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qx", "file": "f0"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "rx", "file": "nonode"}),
+        ("blockdev-add", {"driver": "file", "node-name": "fy"}),
+        ("blockdev-add", {"driver": "file", "node-name": "fz", "filename": "x", "bogus": 1}),
+        ("blockdev-add", {"driver": "raw", "node-name": "9bad", "file": "f1"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "ry", "file": "f1", "read-only": "on"}),
+        ("block-export-add", _vu("e1", "r1", tmp / "vu-{}.sock", writable=True,
+                                 **{"num-queues": 2, "logical-block-size": 4096})),
+        ("block-export-add", _vu("e1", "r1", tmp / "vu-{}-2.sock")),
+        ("block-export-add", _vu("e2", "nonode", tmp / "vu-{}-2.sock")),
+        ("block-export-add", _vu("e3", "f0", tmp / "vu-{}-3.sock", **{"num-queues": 0})),
+        ("block-export-add", _vu("e3", "f0", tmp / "vu-{}-3.sock", **{"logical-block-size": 1000})),
+        ("block-export-add", _vu("e3", "f0", tmp / "vu-{}-3.sock", **{"logical-block-size": 256})),
+        ("block-export-add", _vu("e3", "f0", tmp / "nodir" / "vu.sock")),
+        ("block-export-add", {"type": "vhost-user-blk", "id": "e3", "node-name": "f0"}),
+        ("block-export-add", _vu("9x", "f0", tmp / "vu-{}-3.sock")),
+        ("block-export-add", _vu("e3", "f0", tmp / "vu-{}-3.sock", writable="yes")),
+        ("query-block-exports", None),
+        ("query-named-block-nodes", None),
+        ("blockdev-del", {"node-name": "r1"}),
+        ("blockdev-del", {"node-name": "f1"}),
+        ("blockdev-del", {"node-name": "nonode"}),
+        ("block-export-del", {"id": "e1", "mode": "soft"}),
+        ("block-export-del", {"id": "nope"}),
+        ("block-export-del", {"id": "e1"}),
+        ("query-block-exports", None),
+        ("blockdev-del", {"node-name": "r1"}),
+        ("blockdev-del", {"node-name": "f1"}),
+        ("qmp_capabilities", None),
+        ("no-such-command", None),
+    ]
+
+
+def _shape(value: Any) -> Any:
+    """The JSON value with leaves replaced by their types (lists keep their length)."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shape(v) for v in value]
+    return type(value).__name__
+
+
+def _fill(args: dict[str, Any] | None, tag: str) -> dict[str, Any] | None:
+    if args is None:
+        return None
+    addr = args.get("addr")
+    if isinstance(addr, dict) and "path" in addr:
+        return {**args, "addr": {**addr, "path": addr["path"].replace("{}", tag)}}
+    return args
+
+
+async def _run_script(cmd: list[str], tmp: Path, tag: str) -> list[tuple[str, Any]]:
+    async with daemon(cmd, tmp) as d:
+        out = [await d.outcome(name, _fill(args, tag)) for name, args in _script(tmp)]
+        assert await d.quit() == 0
+    return out
+
+
+@needs_qsd
+async def test_replies_match_qemu_storage_daemon(images: Path) -> None:
+    assert QSD is not None
+    ours = await _run_script(OURS, images, "ours")
+    theirs = await _run_script([QSD], images, "qsd")
+    for (name, _), mine, real in zip(_script(images), ours, theirs, strict=True):
+        assert mine[0] == real[0], (name, mine, real)
+        if mine[0] != "ok":
+            assert mine[1] == real[1], (name, mine, real)
+        elif name == "query-named-block-nodes":
+            # qsd also lists the automatic file node of an inline "file" (none
+            # here) and qcow2's format-specific data (no qcow2 here).
+            assert [_shape(n) for n in mine[1]] == [_shape(n) for n in real[1]]
+            assert [(n["node-name"], n["drv"], n["file"], n["ro"]) for n in mine[1]] == \
+                   [(n["node-name"], n["drv"], n["file"], n["ro"]) for n in real[1]]
+        else:
+            assert mine[1] == real[1], (name, mine, real)
+
+
+@needs_qsd
+async def test_export_added_over_qmp_answers_like_qsds(images: Path) -> None:
+    assert QSD is not None
+    got = {}
+    for tag, cmd in (("ours", OURS), ("qsd", [QSD])):
+        vu = images / f"vu-{tag}.sock"
+        async with daemon(cmd, images) as d:
+            await d.ex("block-export-add", _vu("e", "f0", vu, writable=True))
+            got[tag] = await _features(vu)
+            assert await d.quit() == 0
+        assert not vu.exists()
+    # Both offer virtio 1.x and vhost-user protocol features.
+    for feats in got.values():
+        assert feats & VERSION_1 and feats & PROTOCOL_FEATURES
