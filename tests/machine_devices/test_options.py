@@ -148,7 +148,7 @@ BAD = [
     (["-device", "virtio-blk-pci,drive=d,scsi=on"], "scsi=on"),
     (["-device", "e1000,netdev=n"], "'e1000'"),
     (["-device", "virtio-rng-pci,rng=r9"], "'r9'"),
-    (["-device", "virtio-rng-pci,max-bytes=1024"], "'max-bytes'"),
+    (["-device", "virtio-rng-pci,max-bytes=-5"], "max-bytes"),
     (["-object", "memory-backend-ram,id=m,size=1G"], "memory-backend-ram"),
     (["-object", "rng-egd,id=r,chardev=c"], "rng-egd"),
     (["-object", "rng-random,id=r", "-object", "rng-random,id=r"], "duplicate id 'r'"),
