@@ -982,10 +982,13 @@ class Qcow2Image:
         future, its callback and two coroutines per request cost the loop
         more than the request's own work. ``done(token, nbytes, error)``
         follows on the loop, never from inside this call. Only the
-        commonest request goes this way: O_DIRECT, inside one plain data
-        cluster whose L2 table is cached, and for a write a cluster only
-        this image refers to (COPIED, not metadata) inside the file, the
-        cases :meth:`readv`/:meth:`writev` also serve without the lock.
+        commonest requests go this way: O_DIRECT, inside one plain data
+        cluster whose L2 table is cached (or a few such clusters in one host
+        run), and for a write clusters only this image refers to (COPIED,
+        not metadata) inside the file: requests that change no metadata. The
+        lookup and the submission happen with no await between them, and
+        clusters freed meanwhile stay unused until no request is in flight
+        (``_io_count``), as for readv/writev's own single-cluster fast paths.
         Anything else returns False with nothing started, and the caller
         awaits :meth:`readv`/:meth:`writev`.
         """
@@ -997,11 +1000,15 @@ class Qcow2Image:
         for b in bufs[1:]:
             n += b.nbytes
         hit = self._fast_host_of(offset, n) if n else None
-        if hit is None:
-            return False
-        e, host = hit
-        if write and (not e & COPIED or (host >> self._cb) in self._meta
-                      or host + n > self.file_size):
+        if hit is not None:
+            e, host = hit
+            if write and (not e & COPIED or (host >> self._cb) in self._meta):
+                return False
+        else:
+            host = self._fast_host_run(offset, n, write) if n else -1
+            if host < 0:
+                return False
+        if write and host + n > self.file_size:
             return False
         job = (done, token, n, bufs, write, offset, host)
         self._io_count += 1
@@ -1017,6 +1024,48 @@ class Qcow2Image:
             _iopool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host),
                             self._rw_done, job)
         return True
+
+    def _fast_host_run(self, offset: int, n: int, write: bool) -> int:
+        """Host offset of a request over a few plain data clusters laid out in one host
+        run (an image written in order, a converted one), or -1.
+
+        Each cluster as :meth:`_fast_host_of` wants it (L2 table cached, no
+        flags but COPIED, aligned) and, for a write, only this image's and not
+        metadata; at most 64 clusters, so the check stays cheaper than the
+        coroutine path it saves.
+        """
+        cb = self._cb
+        if self._ext or offset < 0 or offset + n > self.size:
+            return -1
+        gc = offset >> cb
+        last = (offset + n - 1) >> cb
+        if last - gc > 64:
+            return -1
+        mask = self._l2_entries - 1
+        first = -1
+        t: list[int] | None = None
+        tl1 = -1
+        for c in range(gc, last + 1):
+            l1i = c >> self._l2_bits
+            if l1i != tl1:
+                if l1i >= len(self._l1):
+                    return -1
+                t = self._l2.get(self._l1[l1i] & OFFSET_MASK)
+                if t is None:
+                    return -1
+                tl1 = l1i
+            assert t is not None
+            e = t[c & mask]
+            h = e & OFFSET_MASK
+            if not h or e & (COMPRESSED | ZERO_FLAG) or h & (self._cs - 1):
+                return -1
+            if write and (not e & COPIED or (h >> cb) in self._meta):
+                return -1
+            if first < 0:
+                first = h
+            elif h != first + ((c - gc) << cb):
+                return -1
+        return first + (offset & (self._cs - 1))
 
     def _rw_done(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
         """A :meth:`start_rw` request is over: what readv/writev do after their await."""

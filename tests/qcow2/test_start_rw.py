@@ -146,3 +146,48 @@ async def test_threads_unaligned_buffer_goes_the_bounce_way(tmp_path: Path) -> N
         await img.close()
     check_clean(p)
     qemu_io(p, "read -P 0x11 0 8k", "read -P 0x77 8k 4k", "read -P 0x11 12k 52k")
+
+
+@pytest.mark.parametrize("aio", ["native", "threads"])
+async def test_a_host_contiguous_run_of_clusters_goes_in_one_request(
+        tmp_path: Path, aio: str) -> None:
+    p = make(tmp_path, size="8M")
+    qemu_io(p, "write -P 0x21 0 512k")  # clusters 0-7 written in order: one host run
+    img = await Qcow2Image.open(p, read_only=False, cache="none", aio=aio)
+    try:
+        await img.readv(0, [aligned(4 * KiB)])
+        buf = aligned(256 * KiB)
+        # 4 KiB into cluster 1 up to 4 KiB into cluster 5, in two views.
+        assert await rw(img, False, 68 * KiB, [buf[:128 * KiB], buf[128 * KiB:]]) == (
+            256 * KiB, None)
+        assert bytes(buf) == b"\x21" * len(buf)
+        buf[:] = b"\x4d" * len(buf)
+        assert await rw(img, True, 68 * KiB, [buf]) == (256 * KiB, None)
+        await img.flush()
+        assert img._io_count == 0
+    finally:
+        await img.close()
+    check_clean(p)
+    qemu_io(p, "read -P 0x21 0 68k", "read -P 0x4d 68k 256k", "read -P 0x21 324k 188k")
+
+
+async def test_a_run_broken_anywhere_is_refused(tmp_path: Path) -> None:
+    p = make(tmp_path, size="8M")
+    # Cluster 2 is written last, so its host cluster is out of the run of 0, 1, 3.
+    qemu_io(p, "write -P 1 0 128k", "write -P 3 192k 64k", "write -P 2 128k 64k")
+    qemu_img("snapshot", "-c", "s", str(p))
+    qemu_io(p, "write -P 5 1M 128k")  # fresh clusters 16-17, after the snapshot: COPIED
+    img = await Qcow2Image.open(p, read_only=False, cache="none")
+    buf = aligned(256 * KiB)
+    try:
+        await img.readv(0, [buf[:4 * KiB]])
+        assert await rw(img, False, 0, [buf[:128 * KiB]]) == (128 * KiB, None)
+        assert await rw(img, False, 64 * KiB, [buf[:128 * KiB]]) is None  # 1 then 2: apart
+        assert await rw(img, False, 192 * KiB, [buf[:128 * KiB]]) is None  # 4 unallocated
+        assert await rw(img, True, 0, [buf[:128 * KiB]]) is None  # shared with the snapshot
+        assert await rw(img, True, 1 << 20, [buf[:128 * KiB]]) == (128 * KiB, None)
+        assert await rw(img, False, 0, [aligned(8 << 20)[: 66 * CS]]) is None  # too many
+        assert img._io_count == 0
+    finally:
+        await img.close()
+    check_clean(p)
