@@ -12,9 +12,12 @@ Where we answer differently, and why:
 - ``blockdev-add`` checks that the image opens (and is qcow2 when it says so)
   but holds it open only while an export uses it, as the command-line daemon
   does; locks are taken then.
-- ``query-named-block-nodes`` lists the nodes that were named; a file node
-  written inline (``"file": {"driver": "file", …}``) is not listed under an
-  automatic ``#blockNNN`` name, and qcow2's ``format-specific`` member is left out.
+- ``query-named-block-nodes`` gives each node's members with qemu-storage-daemon's
+  names and types (I/O limits all zero, no backing files, no encryption); a
+  file node written inline (``"file": {"driver": "file", …}``) is listed after
+  its format node as ``#blockNNN``, numbered by position rather than by QEMU's
+  counter; qcow2's ``format-specific`` has the header's members only (no
+  ``bitmaps``, ``data-file``).
 - ``block-export-add`` takes the vhost-user-blk export only, on a unix socket
   (``addr.type=fd`` and iothreads are refused by name); one socket per export.
 - ``block-export-del`` ends the export at once in both modes: a vhost-user
@@ -180,51 +183,84 @@ async def _blockdev_del(ctx: Context, args: dict[str, Any]) -> None:
 
 
 def _file_size(path: Path) -> tuple[int, int]:
-    """(size, bytes allocated) of a file, zeros when it is gone."""
+    """(size, bytes allocated) of a file as QEMU reports them, zeros when it is gone."""
     try:
         st = os.stat(path)
     except OSError:
         return 0, 0
-    return st.st_size, st.st_blocks * 512
+    # QEMU counts a file's length in whole 512-byte sectors.
+    return -(-st.st_size // 512) * 512, st.st_blocks * 512
 
 
-def _qcow2_geometry(path: Path) -> tuple[int, int]:
-    """(virtual size, cluster size) from a qcow2 header (QEMU's docs/interop/qcow2.txt)."""
+def _qcow2_info(path: Path) -> dict[str, Any]:
+    """The ``image`` members qemu-storage-daemon reads from a qcow2 header (docs/interop/qcow2.txt)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(32)
+            head = f.read(112)
     except OSError:
-        return 0, 0
-    if len(head) < 32:
-        return 0, 0
-    cluster_bits = int.from_bytes(head[20:24], "big")
-    return int.from_bytes(head[24:32], "big"), (1 << cluster_bits) if 9 <= cluster_bits <= 21 else 0
+        return {}
+    if len(head) < 72 or head[:4] != b"QFI\xfb":
+        return {}
+
+    def be(off: int, n: int) -> int:
+        return int.from_bytes(head[off:off + n], "big")
+
+    cluster_bits = be(20, 4)
+    out: dict[str, Any] = {"virtual-size": be(24, 8),
+                           "cluster-size": (1 << cluster_bits) if 9 <= cluster_bits <= 21 else 0}
+    data: dict[str, Any]
+    if be(4, 4) < 3 or len(head) < 104:
+        # Version 2 has no feature bits; refcounts are 16 bits wide.
+        data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
+    else:
+        incompatible, compatible = be(72, 8), be(80, 8)
+        header_length = be(100, 4)
+        zstd = header_length > 104 and len(head) > 104 and head[104] == 1
+        data = {
+            "compat": "1.1", "compression-type": "zstd" if zstd else "zlib",
+            "lazy-refcounts": bool(compatible & 1), "refcount-bits": 1 << min(be(96, 4), 6),
+            "corrupt": bool(incompatible & 2), "extended-l2": bool(incompatible & 16),
+        }
+    out["format-specific"] = {"type": "qcow2", "data": data}
+    return out
 
 
-def _node_info(daemon: Any, name: str) -> dict[str, Any]:
+def _node_info(daemon: Any, name: str, index: int) -> list[dict[str, Any]]:
+    """BlockDeviceInfo of a node, and of the file node written inside it if it has one."""
     from appliance.storage.blockdev import resolve_blockdev
 
     node = daemon.nodes[name]
     src = resolve_blockdev(daemon.nodes, name, what="query-named-block-nodes", check_path=False)
-    fmt = "file" if node.driver == "file" else node.driver
     size, allocated = _file_size(src.path)
-    image: dict[str, Any] = {"virtual-size": size, "filename": str(src.path), "format": fmt,
-                             "actual-size": allocated, "dirty-flag": False}
-    if fmt == "qcow2":
-        image["virtual-size"], image["cluster-size"] = _qcow2_geometry(src.path)
     zero = {k: 0 for k in ("iops_rd", "iops_wr", "iops", "bps_wr", "bps", "bps_rd", "write_threshold")}
-    return {
-        "node-name": name, "drv": node.driver, "file": str(src.path), "ro": src.read_only,
-        "image": image, "backing_file_depth": 0, "encrypted": False, "detect_zeroes": "off",
-        "cache": {"writeback": True, "direct": src.cache == "none", "no-flush": src.cache == "unsafe"},
-        **zero,
-    }
+
+    def info(node_name: str, drv: str) -> dict[str, Any]:
+        image: dict[str, Any] = {"virtual-size": size, "filename": str(src.path),
+                                 "format": drv, "actual-size": allocated, "dirty-flag": False}
+        if drv == "qcow2":
+            image.update(_qcow2_info(src.path))
+        return {
+            "node-name": node_name, "drv": drv, "file": str(src.path), "ro": src.read_only,
+            "image": image, "backing_file_depth": 0, "encrypted": False, "detect_zeroes": "off",
+            "cache": {"writeback": True, "direct": src.cache == "none", "no-flush": src.cache == "unsafe"},
+            **zero,
+        }
+
+    out = [info(name, node.driver)]
+    if node.driver != "file" and node.filename is not None:
+        # QEMU names such a node itself; scripts see it but cannot name it in blockdev-del.
+        out.append(info(f"#block{index:03d}", "file"))
+    return out
 
 
 @command("query-named-block-nodes", {"flat": ("boolean", False)})
 async def _query_named_block_nodes(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
     # Newest first, as QEMU lists its node list.
-    return [await asyncio.to_thread(_node_info, ctx.machine, n) for n in reversed(ctx.machine.nodes)]
+    names = list(ctx.machine.nodes)
+    out: list[dict[str, Any]] = []
+    for i in reversed(range(len(names))):
+        out += await asyncio.to_thread(_node_info, ctx.machine, names[i], i)
+    return out
 
 
 # --- exports --------------------------------------------------------------------------

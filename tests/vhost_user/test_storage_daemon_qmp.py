@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from appliance.cli.main import main as appliance_main
 from appliance.cli.storage_daemon import parse_args
 from appliance.errors import ConfigError
+from appliance.qcow2.create import CreateOptions, build_image
 from appliance.virtio.vhost_user import protocol as p
 from tests.vhost_user.frontend import FrontEnd
 
@@ -41,6 +42,9 @@ def images(tmp_path: Path) -> Path:
     for name in ("a.img", "b.img"):
         with open(tmp_path / name, "wb") as f:
             f.truncate(8 << 20)
+    # Lazy refcounts and 8-bit refcounts, so the header's feature members are not all defaults.
+    opts = CreateOptions(16 << 20, lazy_refcounts=True, refcount_bits=8)
+    (tmp_path / "c.qcow2").write_bytes(build_image(opts))
     return tmp_path
 
 
@@ -78,13 +82,17 @@ async def daemon(cmd: list[str], tmp: Path, *extra: str,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no QMP socket"
-            await asyncio.sleep(0.02)
         client = QMPClient("test")
-        await client.connect(str(sock))
+        deadline = time.monotonic() + 15
+        while True:
+            # The socket file appears at bind(), a moment before listen().
+            try:
+                await client.connect(str(sock))
+                break
+            except ConnectError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "no QMP socket"
+                await asyncio.sleep(0.02)
         yield Daemon(proc, client, sock)
     finally:
         if proc.poll() is None:
@@ -126,6 +134,17 @@ async def test_exports_are_added_served_and_removed_over_qmp(images: Path) -> No
         feats = await _features(vu)
         assert feats & VERSION_1 and feats & PROTOCOL_FEATURES
 
+        # A qcow2 node over a named file node, exported read-only beside it.
+        await d.ex("blockdev-add", {"driver": "file", "node-name": "qf", "filename": str(images / "c.qcow2")})
+        await d.ex("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "qf"})
+        await d.ex("block-export-add", _vu("expq", "q", images / "vuq.sock"))
+        assert [e["id"] for e in await d.ex("query-block-exports")] == ["expq", "exp1"]
+        assert await _features(images / "vuq.sock") & VERSION_1
+        assert await d.outcome("blockdev-del", {"node-name": "qf"}) == ("GenericError", "Block device qf is in use")
+        await d.ex("block-export-del", {"id": "expq"})
+        await d.ex("blockdev-del", {"node-name": "q"})
+        await d.ex("blockdev-del", {"node-name": "qf"})
+
         assert await d.outcome("blockdev-del", {"node-name": "disk1"}) == ("GenericError", "Node disk1 is in use")
         assert (await d.outcome("no-such-command"))[0] == "CommandNotFound"
         with d.qmp.listener("BLOCK_EXPORT_DELETED") as events:
@@ -151,10 +170,13 @@ async def test_old_chardev_spelling_and_pretty_monitor(images: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 15
-        while not sock.exists():  # nowait: it listens without waiting for us
-            assert proc.poll() is None and time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        reader, writer = await asyncio.open_unix_connection(str(sock))
+        while True:  # nowait: it listens without waiting for us
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
         # qemu.qmp cannot read indented replies (nor QEMU's), so plain JSON here.
         dec = json.JSONDecoder()
 
@@ -207,6 +229,8 @@ def _script(tmp: Path) -> list[tuple[str, dict[str, Any] | None]]:
         ("query-block-exports", None),
         ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
         ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "f1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q1",
+                          "file": {"driver": "file", "filename": str(tmp / "c.qcow2")}}),
         ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
         ("blockdev-add", {"driver": "file", "node-name": "fx", "filename": str(tmp / "missing.img")}),
         ("blockdev-add", {"driver": "qcow2", "node-name": "qx", "file": "f0"}),
@@ -277,11 +301,13 @@ async def test_replies_match_qemu_storage_daemon(images: Path) -> None:
         if mine[0] != "ok":
             assert mine[1] == real[1], (name, mine, real)
         elif name == "query-named-block-nodes":
-            # qsd also lists the automatic file node of an inline "file" (none
-            # here) and qcow2's format-specific data (no qcow2 here).
             assert [_shape(n) for n in mine[1]] == [_shape(n) for n in real[1]]
-            assert [(n["node-name"], n["drv"], n["file"], n["ro"]) for n in mine[1]] == \
-                   [(n["node-name"], n["drv"], n["file"], n["ro"]) for n in real[1]]
+            # The same nodes, but for the name QEMU gives an inline file node.
+            def key(n: dict[str, Any]) -> tuple[Any, ...]:
+                name = "#auto" if n["node-name"].startswith("#block") else n["node-name"]
+                return name, n["drv"], n["file"], n["ro"], n["cache"], n["image"]["virtual-size"]
+            assert [key(n) for n in mine[1]] == [key(n) for n in real[1]]
+            assert mine[1][0]["image"]["format-specific"] == real[1][0]["image"]["format-specific"]
         else:
             assert mine[1] == real[1], (name, mine, real)
 
