@@ -21,7 +21,7 @@ from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, RunArgs, option
 from appliance.errors import ConfigError
 from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
-from appliance.nic.config import MAX_NICS
+from appliance.nic.config import MAX_NICS, take_root_bus
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
 from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource, resolve_blockdev
@@ -121,6 +121,7 @@ class RngDeviceConfig:
 
 
 def _checked_addr(o: OptionDict, what: str) -> str | None:
+    take_root_bus(o, what)
     text = o.take("addr")
     _address(text, what)
     return text

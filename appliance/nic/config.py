@@ -84,6 +84,18 @@ def _queue_size(opts: OptionDict, key: str, what: str) -> int | None:
     return size
 
 
+# QEMU's names for bus 0: pcie.0 on q35 and microvm, pci.0 on pc. Every
+# machine here has the one bus 0, so either names it.
+ROOT_BUSES = ("pcie.0", "pci.0")
+
+
+def take_root_bus(opts: OptionDict, what: str) -> None:
+    """``bus=``: only the root bus exists (devices go on bus 0, no bridges)."""
+    bus = opts.take("bus")
+    if bus is not None and bus not in ROOT_BUSES:
+        raise ConfigError(f"{what}: Bus '{bus}' not found (only pcie.0 / pci.0)")
+
+
 def parse_mac(text: str, what: str) -> bytes:
     if not _MAC.match(text):
         raise ConfigError(f"{what}: invalid MAC address '{text}'")
@@ -131,6 +143,7 @@ class NicConfig:
         if mtu is not None and mtu > 65535:
             raise ConfigError(f"{what}: host_mtu={mtu} is larger than 65535")
         vectors = opts.take_int("vectors", None, minimum=0)
+        take_root_bus(opts, what)
         cfg = cls(
             netdev=netdev,
             id=opts.take("id"),

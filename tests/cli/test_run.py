@@ -368,3 +368,16 @@ def test_libvirt_style_machine_and_rtc_options_are_taken() -> None:
                           (["-rtc", "clock=vm"], "clock 'vm'")):
         with pytest.raises(ConfigError, match=message):
             run.to_config(run.parse_args(["-kernel", "k", *argv]))
+
+
+def test_devices_take_bus_0_by_either_of_qemus_names(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-drive", f"file={img},format=raw,if=none,id=d0", "-netdev", "user,id=n0",
+        "-device", "virtio-blk-pci,drive=d0,bus=pcie.0,addr=0x5", "-device", "virtio-net-pci,netdev=n0,bus=pci.0",
+        "-device", "virtio-rng-pci,bus=pcie.0",
+    ]))
+    assert len(cfg.devices) == 3
+    with pytest.raises(ConfigError, match="Bus 'pcie.1' not found"):
+        run.to_config(run.parse_args(["-kernel", "k", "-device", "virtio-rng-pci,bus=pcie.1"]))

@@ -185,3 +185,28 @@ def test_bad_l2_cache_sizes_are_refused_by_name(tmp_path: Path, text: str, messa
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ConfigError, match=message):
         DriveConfig.parse(text.replace("x.", f"{tmp_path}/x."))
+
+
+@pytest.mark.parametrize(
+    ("extra", "cache"),
+    [("cache.direct=on", "none"), ("cache=none,cache.direct=off", "writeback"),
+     ("cache.no-flush=on", "unsafe"), ("index=0,werror=report,rerror=report,detect-zeroes=off", "writeback"),
+     ("cache=unsafe,copy-on-read=off", "unsafe")],
+)
+def test_drive_takes_qemus_finer_cache_and_policy_options(tmp_path: Path, extra: str, cache: str) -> None:
+    (tmp_path / "d.raw").write_bytes(bytes(4096))
+    assert DriveConfig.parse(f"file={tmp_path}/d.raw,format=raw,{extra}").source.cache == cache
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [("cache.direct=on,cache.no-flush=on", "cache.no-flush=on is not supported"),
+     ("cache=writethrough,cache.direct=on", "cannot be combined"),
+     ("werror=stop", "werror=stop is not supported"), ("rerror=ignore", "rerror=ignore"),
+     ("detect-zeroes=unmap", "detect-zeroes=unmap"), ("copy-on-read=on", "copy-on-read=on"),
+     ("index=-1", "'index'")],
+)
+def test_drive_refuses_what_it_cannot_do_by_name(tmp_path: Path, extra: str, message: str) -> None:
+    (tmp_path / "d.raw").write_bytes(bytes(4096))
+    with pytest.raises(ConfigError, match=message):
+        DriveConfig.parse(f"file={tmp_path}/d.raw,format=raw,{extra}")

@@ -128,7 +128,7 @@ BAD = [
     (["-drive", "file={disk},aio=native"], "aio=native"),
     (["-drive", "file={disk},readonly=maybe"], "'maybe'"),
     (["-drive", "file={disk},discard=trim"], "discard option 'trim'"),
-    (["-drive", "file={disk},werror=stop"], "'werror'"),
+    (["-drive", "file={disk},werror=stop"], "werror=stop"),
     (["-drive", "file=/nonexistent.img"], "/nonexistent.img"),
     (["-drive", "format=raw"], "'file'"),
     (["-drive", "file={disk},id=9x"], "invalid id '9x'"),
