@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from appliance.cli.main import main as appliance_main
-from appliance.cli.storage_daemon import parse_args
+from appliance.cli.storage_daemon import StorageDaemon, parse_args
 from appliance.errors import ConfigError
 from appliance.qcow2.create import CreateOptions, build_image
+from appliance.qmp.daemon_commands import COMMANDS as DAEMON_COMMANDS
+from appliance.qmp.server import QmpServer, Session
 from appliance.virtio.vhost_user import protocol as p
 from tests.vhost_user.frontend import FrontEnd
 
@@ -326,3 +330,88 @@ async def test_export_added_over_qmp_answers_like_qsds(images: Path) -> None:
     # Both offer virtio 1.x and vhost-user protocol features.
     for feats in got.values():
         assert feats & VERSION_1 and feats & PROTOCOL_FEATURES
+
+
+# --- hostile clients ----------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["f0", "n1", "n2", "e1", "9x", "", "#block000"])
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-3, 1 << 40), _NAMES, st.text(max_size=8))
+
+
+def _requests(tmp: Path) -> st.SearchStrategy[list[tuple[str, dict[str, Any]]]]:
+    """Short scripts of mostly well-formed requests, each member sometimes of a wrong value or type."""
+
+    def often(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        # One value in ten of a wrong kind, so most requests get past the argument checks.
+        return st.integers(0, 9).flatmap(lambda i: _LEAF if i == 0 else good)
+
+    files = often(st.sampled_from([str(tmp / "a.img"), str(tmp / "b.img"), str(tmp / "c.qcow2"),
+                                   str(tmp / "gone"), str(tmp)]))
+    inline = st.fixed_dictionaries({"driver": often(st.just("file")), "filename": files},
+                                   optional={"aio": st.sampled_from(["threads", "native"]),
+                                             "cache": st.fixed_dictionaries({}, optional={"direct": _LEAF})})
+    names = often(st.sampled_from(["f0", "n1", "n2", "n3"]))
+    file_node = st.fixed_dictionaries(
+        {"driver": often(st.just("file")), "node-name": names, "filename": files},
+        optional={"read-only": often(st.booleans()),
+                  "cache": often(st.fixed_dictionaries({}, optional={"direct": often(st.booleans()),
+                                                                     "no-flush": often(st.booleans())})),
+                  "aio": st.sampled_from(["threads", "native", "x"]), "locking": st.sampled_from(["auto", "x"])},
+    )
+    format_node = st.fixed_dictionaries(
+        {"driver": often(st.sampled_from(["raw", "qcow2"])), "node-name": names,
+         "file": often(st.one_of(names, inline))},
+        optional={"read-only": often(st.booleans()), "l2-cache-size": often(st.just(1 << 20)),
+                  "discard": st.sampled_from(["unmap", "ignore", "x"])},
+    )
+    node = st.one_of(file_node, format_node, st.fixed_dictionaries({"driver": st.just("nbd"), "bogus": _LEAF}))
+    addr = often(st.fixed_dictionaries(
+        {"type": often(st.just("unix")),
+         "path": often(st.sampled_from([str(tmp / "s1.sock"), str(tmp / "s2.sock"), str(tmp / "no" / "s.sock")]))}))
+    export = st.fixed_dictionaries(
+        {"type": often(st.just("vhost-user-blk")), "id": often(st.sampled_from(["e1", "e2"])),
+         "node-name": often(st.sampled_from(["f0", "f0", "n1", "n2"])), "addr": addr},
+        optional={"writable": often(st.booleans()), "num-queues": often(st.integers(-1, 70)),
+                  "logical-block-size": often(st.sampled_from([512, 4096, 1000, 0, 1 << 16, 1 << 22]))},
+    )
+    export_del = st.tuples(st.just("block-export-del"), st.fixed_dictionaries(
+        {"id": often(st.sampled_from(["e1", "e2"]))}, optional={"mode": often(st.sampled_from(["safe", "hard"]))}))
+    request = st.one_of(
+        st.tuples(st.just("blockdev-add"), node),
+        st.tuples(st.just("blockdev-del"), st.fixed_dictionaries({"node-name": names})),
+        # Exports come and go more often than the rest, so they meet the other commands.
+        st.tuples(st.just("block-export-add"), export),
+        export_del,
+        st.tuples(st.just("block-export-add"), export),
+        export_del,
+        st.tuples(st.sampled_from(["query-block-exports", "query-named-block-nodes", "query-commands",
+                                   "query-version", "qmp_capabilities", "nope"]),
+                  st.fixed_dictionaries({}, optional={"flat": _LEAF})),
+    )
+    return st.lists(request, min_size=1, max_size=10)
+
+
+def test_fuzzed_requests_get_replies_and_leave_nothing_behind(images: Path) -> None:
+    """Any argument mix gets a QMP reply (never an internal error), and closing removes every socket."""
+
+    async def run(script: list[tuple[str, dict[str, Any]]]) -> None:
+        cfg = parse_args(["--blockdev", f"driver=file,node-name=f0,filename={images / 'a.img'}"])
+        async with StorageDaemon(cfg) as d:
+            session = Session(QmpServer(d, table=DAEMON_COMMANDS))
+            session.negotiated = True
+            for name, args in script:
+                reply = await session.handle(json.dumps({"execute": name, "arguments": args}).encode())
+                assert reply is not None
+                if "error" in reply:
+                    assert reply["error"]["class"] in ("GenericError", "CommandNotFound"), reply
+                    assert not reply["error"]["desc"].startswith("internal error"), (name, args, reply)
+                else:
+                    assert set(reply) == {"return"}
+        assert not list(images.glob("*.sock"))
+
+    @given(_requests(images))
+    @settings(max_examples=200, deadline=None)
+    def check(script: list[tuple[str, dict[str, Any]]]) -> None:
+        asyncio.run(run(script))
+
+    check()
