@@ -151,10 +151,18 @@ async def test_exports_are_added_served_and_removed_over_qmp(images: Path) -> No
 
         assert await d.outcome("blockdev-del", {"node-name": "disk1"}) == ("GenericError", "Node disk1 is in use")
         assert (await d.outcome("no-such-command"))[0] == "CommandNotFound"
-        with d.qmp.listener("BLOCK_EXPORT_DELETED") as events:
-            await d.ex("block-export-del", {"id": "exp1", "mode": "hard"})
-            event = await asyncio.wait_for(events.get(), 5)
-        assert event["data"] == {"id": "exp1"}
+        # A front end still attached is dropped with its export.
+        fe = await FrontEnd.connect(str(vu))
+        try:
+            await fe.negotiate()
+            with d.qmp.listener("BLOCK_EXPORT_DELETED") as events:
+                await d.ex("block-export-del", {"id": "exp1", "mode": "hard"})
+                event = await asyncio.wait_for(events.get(), 5)
+            assert event["data"] == {"id": "exp1"}
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(fe.sock, 1), 5) == b""
+        finally:
+            fe.close()
         assert not vu.exists()
         assert await d.ex("query-block-exports") == []
         await d.ex("blockdev-del", {"node-name": "disk1"})
