@@ -54,23 +54,29 @@ class FlowInfo:
     """One row of the flow table, like ``info usernet``."""
 
     proto: str  # "TCP", "TCP[HOST_FORWARD]", "UDP", "UDP[HOST_FORWARD]", "ICMP"
-    state: str
+    state: str  # the connection's state; "LISTEN" for a hostfwd listener
     host_addr: str  # the host-side socket (local or remote end, as QEMU shows)
     host_port: int
     guest_addr: str
     guest_port: int
     recv_q: int  # bytes waiting to go to the host
     send_q: int  # bytes waiting to go to the guest (including unacked)
+    fd: int = -1  # the host socket's descriptor (-1: none open)
+    label: str = ""  # QEMU's Protocol[State] column, when not derived from proto and state
 
     def line(self) -> str:
+        """The row as QEMU's ``info usernet`` prints it."""
+        label = self.label or (self.proto if "[" in self.proto or not self.state
+                               else f"{self.proto}[{self.state}]")
         return (
-            f"  {self.proto:<18} {self.state:<12} {self.host_addr:>15} {self.host_port:5d} "
-            f"{self.guest_addr:>15} {self.guest_port:5d} {self.recv_q:6d} {self.send_q:6d}"
+            f"  {label:<17} {self.fd:3d} {self.host_addr:>15} {self.host_port:5d} "
+            f"{self.guest_addr:>15} {self.guest_port:5d} {self.recv_q:5d} {self.send_q:5d}"
         )
 
 
-HEADER = "  Protocol[State]    FD-state     Source Address  Port   Dest. Address  Port RecvQ SendQ"
+HEADER = "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ"
 
 
-def format_flows(flows: list[FlowInfo]) -> str:
-    return "\n".join([HEADER, *(f.line() for f in flows)]) + "\n"
+def format_flows(flows: list[FlowInfo], eol: str = "\n") -> str:
+    """The table under QEMU's header (HMP ends lines with CRLF: ``eol="\\r\\n"``)."""
+    return eol.join([HEADER, *(f.line() for f in flows)]) + eol

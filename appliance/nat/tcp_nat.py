@@ -623,13 +623,21 @@ class TcpNat:
 
     def flows(self) -> list[FlowInfo]:
         out = []
+        # The hostfwd listeners first, as QEMU lists them (its HOST_FORWARD rows).
+        for server, fwd in self._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append(FlowInfo("TCP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
+                                    fwd.guest_port, 0, 0, fd=sock.fileno(), label="TCP[HOST_FORWARD]"))
         for c in self.conns.values():
+            label = f"TCP[{c.state_name}]"
+            fd = _fd_of(c.transport)
             if c.inbound:
                 out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, ip_str(c.rip), c.rport,
-                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue()))  # fmt: skip
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
             else:
                 out.append(FlowInfo("TCP", c.state_name, ip_str(c.rip), c.rport,
-                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue()))  # fmt: skip
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
         return out
 
     def close(self) -> None:
@@ -656,6 +664,19 @@ class TcpNat:
         for server, _ in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+
+def _fd_of(transport: object) -> int:
+    """The host socket's descriptor behind a connection's transport (-1 when closed or none)."""
+    fd = getattr(transport, "_fd", None)
+    if isinstance(fd, int):
+        return fd
+    get = getattr(transport, "get_extra_info", None)
+    sock = get("socket") if get is not None else None
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (OSError, ValueError):
+        return -1
 
 
 def _family_of(host: str) -> socket.AddressFamily | None:

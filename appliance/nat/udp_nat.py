@@ -190,18 +190,26 @@ class UdpNat:
 
     def flows(self) -> list[FlowInfo]:
         out = []
+        for sock, fwd in self._listeners:
+            host, port = sock.getsockname()[:2]
+            out.append(FlowInfo("UDP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
+                                fwd.guest_port, 0, 0, fd=sock.fileno(), label="UDP[HOST_FORWARD]"))
+        now = time.monotonic()
         for f in self._flows.values():
             gip, gport, rip, rport = f.key
+            try:
+                host = f.sock.getsockname()
+                fd = f.sock.fileno()
+            except OSError:
+                host, fd = ("?", 0), -1
             if f.inbound:
                 assert f.peer is not None
-                host = f.sock.getsockname()
-                out.append(FlowInfo("UDP[HOST_FORWARD]", "", host[0], host[1], ip_str(gip), gport, 0, 0))
+                out.append(FlowInfo("UDP[HOST_FORWARD]", "", host[0], host[1], ip_str(gip), gport, 0, 0, fd))
             else:
-                try:
-                    host = f.sock.getsockname()
-                except OSError:
-                    host = ("?", 0)
-                out.append(FlowInfo("UDP", f"{ip_str(rip)}:{rport}", host[0], host[1], ip_str(gip), gport, 0, 0))
+                # QEMU shows how long an idle flow has left before it is dropped.
+                left = max(0, int(IDLE_TIMEOUT - (now - f.last)))
+                out.append(FlowInfo("UDP", f"{ip_str(rip)}:{rport}", host[0], host[1], ip_str(gip), gport,
+                                    0, 0, fd, f"UDP[{left} sec]"))
         return out
 
     def close(self) -> None:

@@ -290,6 +290,8 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
         if what == "version":
             v = QEMU_VERSION
             return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
+        if what == "usernet":
+            return netops.usernet_info(ctx.machine)
     if word == "set_link" and len(words) == 3 and words[2] in ("on", "off"):
         netops.set_link(ctx.machine, words[1], words[2] == "on")
         return ""

@@ -45,6 +45,19 @@ def find_nic(machine: Any, name: str) -> Any:
     raise DeviceNotFound(f"Device '{name}' not found")
 
 
+def usernet_info(machine: Any) -> str:
+    """HMP ``info usernet``: every user-mode netdev's flow table, as QEMU prints it."""
+    from appliance.nat.stack import UserNetwork
+    from appliance.nat.stats import format_flows
+
+    out = []
+    for spec in nic_specs(machine):
+        if isinstance(spec.owner, UserNetwork):
+            # QEMU names the netdev as the hub port it hangs off (-1: no hub).
+            out.append(f"Hub -1 ({spec.netdev.id}):\r\n" + format_flows(spec.owner.flows(), "\r\n"))
+    return "".join(out)
+
+
 def set_link(machine: Any, name: str, up: bool) -> None:
     spec = find_nic(machine, name)
     if spec.device is None:

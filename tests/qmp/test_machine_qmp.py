@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from appliance.cli.run import parse_args, to_config
 from appliance.kit import paths
 from appliance.machine.console import ConsoleTimeout
 from appliance.machine.machine import Machine
-from tests.conftest import ROOT, needs_kvm
+from tests.conftest import ROOT, needs_kvm, needs_qemu
 from tests.machine.guest_replies import ask
 
 GUEST = paths().guest_elf
@@ -251,3 +252,51 @@ async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_
         proc.stdin.write(b"poweroff\n")
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     assert not pidfile.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _qemu_hmp(netdev: str, command: str, tmp_path: Path) -> str:
+    """What QEMU's own monitor answers ``command`` with, for a VM (never started) with ``netdev``."""
+    sock = tmp_path / "qemu-qmp.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-netdev", netdev,
+        "-device", "virtio-net-pci,netdev=n0", "-qmp", f"unix:{sock},server=on,wait=off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        client = QMPClient("qemu")
+        await client.connect(str(sock))
+        try:
+            return str(await client.execute("human-monitor-command", {"command-line": command}))
+        finally:
+            await client.disconnect()
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+@needs_qemu
+async def test_info_usernet_prints_qemus_table(tmp_path: Path) -> None:
+    ours_port, theirs_port = (free_port() for _ in range(2))
+    fwd = "hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=udp:127.0.0.1:{}-:53"
+    async with machine(tmp_path, "-netdev", "user,id=n0," + fwd.format(ours_port, ours_port),
+                       "-device", "virtio-net-pci,netdev=n0") as m:
+        ours = await ex(m.qmp, "human-monitor-command", {"command-line": "info usernet"})
+    theirs = await _qemu_hmp("user,id=n0," + fwd.format(theirs_port, theirs_port), "info usernet", tmp_path)
+
+    def shape(text: str, port: int) -> list[str]:
+        # Descriptor numbers and ports differ from process to process; the layout must not.
+        return [re.sub(r"^(  \S+) +\d+ ", r"\1 FD ", line).replace(str(port), "PORT")
+                for line in text.split("\r\n")]
+
+    assert shape(ours, ours_port) == shape(theirs, theirs_port)
+    assert ours.startswith("Hub -1 (n0):\r\n  Protocol[State]    FD  Source Address")
