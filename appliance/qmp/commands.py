@@ -152,6 +152,18 @@ async def _query_name(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {"name": name} if name else {}
 
 
+@command("x-query-usernet")
+async def _x_query_usernet(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    # QEMU 6.2's unstable command: the HMP text in a HumanReadableText object.
+    return {"human-readable-text": netops.usernet_info(ctx.machine)}
+
+
+@command("x-appliance-query-usernet")
+async def _x_appliance_query_usernet(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
+    # Ours: the counters (drops, errors) and the flows of every -netdev user, for scripts.
+    return netops.usernet_stats(ctx.machine)
+
+
 @command("query-kvm")
 async def _query_kvm(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {"enabled": True, "present": True}

@@ -58,6 +58,19 @@ def usernet_info(machine: Any) -> str:
     return "".join(out)
 
 
+def usernet_stats(machine: Any) -> list[dict[str, Any]]:
+    """Each user-mode netdev's counters (drops, errors, ...) and flow table, as JSON."""
+    from dataclasses import asdict
+
+    from appliance.nat.stack import UserNetwork
+
+    return [
+        {"netdev": spec.netdev.id, "counters": spec.owner.counters(),
+         "flows": [asdict(f) for f in spec.owner.flows()]}
+        for spec in nic_specs(machine) if isinstance(spec.owner, UserNetwork)
+    ]
+
+
 def set_link(machine: Any, name: str, up: bool) -> None:
     spec = find_nic(machine, name)
     if spec.device is None:

@@ -300,3 +300,19 @@ async def test_info_usernet_prints_qemus_table(tmp_path: Path) -> None:
 
     assert shape(ours, ours_port) == shape(theirs, theirs_port)
     assert ours.startswith("Hub -1 (n0):\r\n  Protocol[State]    FD  Source Address")
+
+
+async def test_usernet_counters_and_flows_are_queryable_as_json(tmp_path: Path) -> None:
+    port = free_port()
+    async with machine(tmp_path, "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
+                       "-device", "virtio-net-pci,netdev=n0") as m:
+        await m.guest("net dhcp", "NET dhcp")
+        [stats] = await ex(m.qmp, "x-appliance-query-usernet")
+        assert stats["netdev"] == "n0"
+        counters = stats["counters"]
+        assert counters["rx_frames"] >= 2 and counters["errors"] == 0  # DISCOVER and REQUEST at least
+        assert {"tx_queue_drops", "restricted", "tcp_rst_sent"} <= set(counters)
+        [listener] = [f for f in stats["flows"] if f["state"] == "LISTEN"]
+        assert (listener["host_port"], listener["guest_port"]) == (port, 22)
+        text = (await ex(m.qmp, "x-query-usernet"))["human-readable-text"]
+        assert text == await ex(m.qmp, "human-monitor-command", {"command-line": "info usernet"})
