@@ -98,6 +98,9 @@ Buffers = tuple[int, list[memoryview], int]
 # batch, so a driver blocked on a full ring gets buffers back this often.
 TX_BATCH = 64
 RX_BATCH = 64
+# Transmit batches of at most this many frames are followed by a receive pass
+# (see VirtioNet._tx): a conversation's few frames, not a flood.
+RX_AFTER_TX = 8
 # What VirtioNet._rx_staged says besides a delivered frame's length.
 _RX_DRAINED = -1
 _RX_HELD = -2
@@ -537,14 +540,16 @@ class VirtioNet(VirtioDevice):
             st.tx_frames += frames
             st.tx_bytes += nbytes
             st.tx_dropped += dropped
-        if frames and self._rx_armed[pair] and pair < self._active_pairs:
+        if 0 < frames <= RX_AFTER_TX and self._rx_armed[pair] and pair < self._active_pairs:
             # A tap write runs the host's stack in our call, so its answer (a
             # TCP ACK for what the guest sent, or the sender's next segments
             # for the guest's ACKs) is often queued already. Taking it now
             # puts both used rings ahead of either interrupt, so an INTx
             # driver handles both in one, and saves the loop turn it would
             # wait for: busybox nc guest->host took ~25-50% fewer guest
-            # interrupts and less daemon CPU per MiB.
+            # interrupts and less daemon CPU per MiB. Larger batches (a
+            # flood, which nobody answers) skip it: its failed read cost
+            # ~0.2 us a frame at 64-frame batches of 64 bytes.
             self._rx(pair)
         self._notify(2 * pair + 1)
 

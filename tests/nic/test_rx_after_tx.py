@@ -74,3 +74,18 @@ async def test_an_empty_transmit_kick_does_not_read() -> None:
     link.inbound.append(hdr(num_buffers=1) + eth(MAC))  # queued, not yet signalled
     drv.kick(1)  # no frames on the tx ring
     assert dev.stats[0].rx_frames == 0 and len(link.inbound) == 1
+
+
+async def test_a_large_transmit_batch_does_not_read() -> None:
+    """A flood's batches skip the receive pass (nobody answers a flood; the failed read is a cost per batch)."""
+    from appliance.nic.virtio_net import RX_AFTER_TX
+
+    dev, drv, link, order = make()
+    post_rx(drv, 0, 2048, count=4)
+    drv.kick(0)
+    for _ in range(RX_AFTER_TX + 1):
+        send_tx(drv, 1, hdr() + eth(bytes.fromhex("525400000001")))
+    drv.kick(1)
+    assert len(drv.queues[1].used()) == RX_AFTER_TX + 1
+    assert dev.stats[0].rx_frames == 0 and len(link.inbound) == RX_AFTER_TX + 1
+    assert order == [1]
