@@ -6,20 +6,30 @@ type=vhost-user-net`` puts a virtio-net device on a unix socket, and QEMU
 plugs it in with ``-chardev socket,id=c,path=P -netdev
 vhost-user,id=n,chardev=c,queues=N -device virtio-net-pci,netdev=n,mq=on``.
 QEMU keeps the control queue; we serve the data queues.
+
+``--chardev socket,id=ID,path=P,server=on,wait=off --monitor chardev=ID``
+(qemu-storage-daemon's syntax) adds a QMP monitor: the exports' NICs are
+observed and steered at run time with the same commands as `appliance run`'s
+NICs (:mod:`appliance.qmp.net_daemon_commands`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appliance.cli.options import parse_option
+from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
+from appliance.machine.config import ChardevConfig
 from appliance.net.backend import FrameBackend
 from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig
@@ -38,9 +48,19 @@ Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
   --object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
                                 capture the netdev's frames to a pcap (a file, a FIFO
                                 or a listening unix socket), as QEMU's filter-dump
+  --chardev socket,id=ID,path=PATH[,server=on|off][,wait=on|off]
+  --chardev socket,id=ID,host=HOST,port=PORT[,server=on|off][,wait=on|off]
+                                a socket for --monitor (server,nowait also accepted)
+  --monitor [chardev=]ID[,mode=control][,pretty=on|off]
+                                a QMP monitor on that socket: qmp_capabilities,
+                                query-version, query-commands, set_link (export or
+                                netdev id), object-add/object-del filter-dump,
+                                x-query-usernet, x-appliance-query-usernet,
+                                x-appliance-query-nics, human-monitor-command
+                                (info usernet, info version, set_link, quit), quit
   -h, --help                    show this help
 
-Runs until SIGINT or SIGTERM, then removes its sockets.
+Runs until SIGINT, SIGTERM or the QMP command quit, then removes its sockets.
 """
 
 
@@ -50,6 +70,18 @@ class NetExport:
     netdev: str
     path: str
     queues: int
+
+
+@dataclass
+class NetDaemonArgs:
+    """The whole command line."""
+
+    netdevs: dict[str, NetdevConfig] = field(default_factory=dict)
+    exports: list[NetExport] = field(default_factory=list)
+    dumps: list[FilterDumpConfig] = field(default_factory=list)
+    chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
+    # (chardev id, pretty) per --monitor
+    monitors: list[tuple[str, bool]] = field(default_factory=list)
 
 
 def parse_export(text: str) -> NetExport:
@@ -69,58 +101,89 @@ def parse_export(text: str) -> NetExport:
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport]]:
-    netdevs, exports, _ = parse_all(argv)
-    return netdevs, exports
+    a = parse_command_line(argv)
+    return a.netdevs, a.exports
 
 
 def parse_all(argv: list[str]) -> tuple[dict[str, NetdevConfig], list[NetExport], list[FilterDumpConfig]]:
-    netdevs: dict[str, NetdevConfig] = {}
-    exports: list[NetExport] = []
-    dumps: list[FilterDumpConfig] = []
+    a = parse_command_line(argv)
+    return a.netdevs, a.exports, a.dumps
+
+
+_OPTIONS = ("--netdev", "--export", "--object", "--chardev", "--monitor")
+
+
+def parse_command_line(argv: list[str]) -> NetDaemonArgs:
+    """Parse and cross-check the command line (``--opt value`` and ``--opt=value``).
+
+    :raises ConfigError: On an unknown option or a bad value, naming it.
+    """
+    a = NetDaemonArgs()
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
-        if name in ("--netdev", "--export", "--object"):
-            if eq:
-                value = inline
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise ConfigError(f"option '{name}' needs a value")
-            if name == "--netdev":
-                cfg = parse_netdev(value, "--netdev")
-                if cfg.id in netdevs:
-                    raise ConfigError(f"--netdev: duplicate id '{cfg.id}'")
-                netdevs[cfg.id] = cfg
-            elif name == "--object":
-                dumps.append(FilterDumpConfig.parse(value))
-            else:
-                exports.append(parse_export(value))
-        else:
+        if name not in _OPTIONS:
             raise ConfigError(f"unknown option '{arg}'")
+        if eq:
+            value = inline
+        elif i + 1 < len(argv):
+            i += 1
+            value = argv[i]
+        else:
+            raise ConfigError(f"option '{name}' needs a value")
+        if name == "--netdev":
+            cfg = parse_netdev(value, "--netdev")
+            if cfg.id in a.netdevs:
+                raise ConfigError(f"--netdev: duplicate id '{cfg.id}'")
+            a.netdevs[cfg.id] = cfg
+        elif name == "--object":
+            a.dumps.append(FilterDumpConfig.parse(value))
+        elif name == "--chardev":
+            cd = parse_chardev(value)
+            if cd.id in a.chardevs:
+                raise ConfigError(f"--chardev {value}: duplicate id '{cd.id}'")
+            a.chardevs[cd.id] = cd
+        elif name == "--monitor":
+            a.monitors.append(parse_monitor(value))
+        else:
+            a.exports.append(parse_export(value))
         i += 1
-    if not exports:
+    _validate(a)
+    return a
+
+
+def _validate(a: NetDaemonArgs) -> None:
+    if not a.exports:
         raise ConfigError("nothing to do: give at least one --export")
+    used: set[str] = set()
+    for cid, _ in a.monitors:
+        if cid not in a.chardevs:
+            raise ConfigError(f'--monitor chardev={cid}: chardev "{cid}" not found')
+        if cid in used:
+            raise ConfigError(f"--monitor chardev={cid}: Device '{cid}' is in use")
+        used.add(cid)
     ids = set()
-    for e in exports:
-        if e.netdev not in netdevs:
+    for e in a.exports:
+        if e.netdev not in a.netdevs:
             raise ConfigError(f"--export {e.id}: no netdev '{e.netdev}'")
         if e.id in ids:
             raise ConfigError(f"--export: duplicate id '{e.id}'")
         ids.add(e.id)
-        nd = netdevs[e.netdev]
+        nd = a.netdevs[e.netdev]
         if e.queues > 1 and not isinstance(nd, TapNetdev):
             raise ConfigError(f"--export {e.id}: queues={e.queues} needs a tap netdev")
-    used = [e.netdev for e in exports]
-    dup = {n for n in used if used.count(n) > 1}
+    used_nd = [e.netdev for e in a.exports]
+    dup = {n for n in used_nd if used_nd.count(n) > 1}
     if dup:
         raise ConfigError(f"--export: netdev '{dup.pop()}' is exported twice")
-    for d in dumps:
-        if d.netdev not in netdevs:
+    dump_ids: set[str] = set()
+    for d in a.dumps:
+        if d.netdev not in a.netdevs:
             raise ConfigError(f"--object filter-dump,id={d.id}: no netdev '{d.netdev}'")
-    return netdevs, exports, dumps
+        if d.id in dump_ids:
+            raise ConfigError(f"--object filter-dump,id={d.id}: duplicate id '{d.id}'")
+        dump_ids.add(d.id)
 
 
 async def _close(owner: Any) -> None:
@@ -133,57 +196,254 @@ async def _close(owner: Any) -> None:
             return
 
 
+class _LinkDown:
+    """A FrameBackend standing in for a NIC's own while its link is down.
+
+    QEMU's net layer drops what a link-down client sends or is sent
+    (net/net.c), so ``set_link … off`` is a pulled cable even for a vhost-user
+    front end that never reads our config space. Frames waiting on the host
+    side are read and dropped, so a level-triggered fd (a tap) does not keep
+    waking the device.
+    """
+
+    # A flood must not hold the loop: at most this many dropped per call.
+    DRAIN = 256
+
+    def __init__(self, inner: FrameBackend) -> None:
+        self.inner = inner
+        self.rx_dropped = 0
+        self.tx_dropped = 0
+
+    @property
+    def vnet_hdr_len(self) -> int:
+        return self.inner.vnet_hdr_len
+
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        self.inner.set_ready_callback(ready)
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        for _ in range(self.DRAIN):
+            if self.inner.recv_into(bufs) < 0:
+                break
+            self.rx_dropped += 1
+        return -1
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        # Gone without a trace, as QEMU reports a link-down send as done.
+        self.tx_dropped += 1
+        return True
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
+
+    def set_queue_enabled(self, enabled: bool) -> None:
+        set_enabled = getattr(self.inner, "set_queue_enabled", None)
+        if set_enabled is not None:
+            set_enabled(enabled)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(eq=False)
+class DaemonNic:
+    """One export: a virtio-net device on its netdev, behind its vhost-user socket.
+
+    Shaped like :class:`appliance.machine.devices.NicSpec` (``netdev``,
+    ``name``, ``owner``, ``backends``, ``device``, ``captures``, ``writers``),
+    so :mod:`appliance.qmp.netops` finds it by export or netdev id, captures
+    it and reads its user-mode stack the same way as a VM's NIC.
+    """
+
+    export: NetExport
+    netdev: NetdevConfig
+    mac: bytes
+    captures: list[FilterDumpConfig] = field(default_factory=list)
+    owner: Any = field(default=None, repr=False)
+    backends: list[Any] = field(default_factory=list, repr=False)
+    writers: list[Any] = field(default_factory=list, repr=False)
+    device: Any = field(default=None, repr=False)
+    server: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        # netops.nic_names: the export id is the device's name.
+        return f"virtio-net {self.export.id}"
+
+    @property
+    def link_up(self) -> bool:
+        return self.device is None or bool(self.device.link_up)
+
+    async def open(self) -> None:
+        """Open the netdev and its captures, make the device and listen on the socket."""
+        from appliance.net.capture import CapturingBackend, open_capture
+        from appliance.nic.virtio_net import VirtioNet
+        from appliance.virtio.vhost_user.backend import VhostUserBackend
+        from appliance.virtio.vhost_user.server import VhostUserServer
+
+        e = self.export
+        queues = e.queues
+        if isinstance(self.netdev, TapNetdev) and self.netdev.queues > queues:
+            queues = self.netdev.queues
+        backends, self.owner = await open_netdev(self.netdev, queues=queues)
+        for d in self.captures:
+            # One pcap per filter, shared by every queue pair of the netdev.
+            self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen))
+        if self.writers:
+            wrapped: list[FrameBackend] = []
+            for b in backends:
+                cap = CapturingBackend(b)
+                cap.writers = list(self.writers)
+                wrapped.append(cap)
+            backends = wrapped
+        self.backends = list(backends)
+        self.device = VirtioNet(self.backends, self.mac, control_queue=False)
+        self.server = VhostUserServer(e.path, VhostUserBackend(self.device))
+        await self.server.start()
+        log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(self.backends))
+
+    def set_link(self, up: bool) -> None:
+        """QMP ``set_link``: the device's status bit, and frames dropped both ways while down."""
+        device = self.device
+        if device is None:
+            return
+        device.set_link(up)
+        # The device reads its backend list on every batch (as netops' captures rely on).
+        for i, b in enumerate(self.backends):
+            device.backends[i] = b if up else _LinkDown(b)
+
+    async def close(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.close()
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                w.close()
+        self.writers.clear()
+        self.backends = []
+        self.device = None
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            await _close(owner)
+
+
+class NetDaemon:
+    """The daemon as an object: its NICs (``nics``, one per export) and its end.
+
+    ::
+
+        daemon = NetDaemon(netdevs, exports, dumps)
+        await daemon.start()
+        ...
+        await daemon.close()
+
+    The QMP monitor (:mod:`appliance.qmp.net_daemon_commands`) gets it as
+    its machine.
+    """
+
+    def __init__(
+        self,
+        netdevs: dict[str, NetdevConfig],
+        exports: list[NetExport],
+        dumps: list[FilterDumpConfig] | None = None,
+    ) -> None:
+        self.nics: list[DaemonNic] = []
+        for n, e in enumerate(exports):
+            mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, (0x56 + n) & 0xFF])
+            mine = [d for d in dumps or () if d.netdev == e.netdev]
+            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine))
+        # Set by quit (QMP), a signal, or anyone who wants the daemon to end.
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Serve every export; on a failure what was opened is closed again."""
+        try:
+            for nic in self.nics:
+                await nic.open()
+        except BaseException:
+            await self.close()
+            raise
+
+    def quit(self) -> None:
+        """End the daemon (QMP ``quit``) once the reply is out."""
+        asyncio.get_running_loop().call_soon(self.stopped.set)
+
+    async def close(self) -> None:
+        for nic in self.nics:
+            await nic.close()
+
+
+async def open_monitors(daemon: NetDaemon, chardevs: dict[str, ChardevConfig],
+                        monitors: list[tuple[str, bool]]) -> list[Any]:
+    """Start each ``--monitor`` as a QMP server over the net-daemon's command table.
+
+    :raises ConfigError: When a monitor socket cannot be opened.
+    """
+    from appliance.qmp.net_daemon_commands import COMMANDS
+    from appliance.qmp.server import QmpServer
+
+    servers: list[Any] = []
+    try:
+        for cid, pretty in monitors:
+            cd = chardevs[cid]
+            server = QmpServer(daemon, pretty=pretty, table=COMMANDS)
+            servers.append(server)
+            try:
+                if not cd.server:
+                    await server.connect(cd)
+                elif cd.path is not None:
+                    await server.listen_unix(Path(cd.path))
+                else:
+                    assert cd.port is not None
+                    await server.listen_tcp(cd.host, cd.port)
+            except OSError as err:
+                where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
+                raise ConfigError(f"--chardev id={cid}: cannot open socket '{where}': "
+                                  f"{err.strerror or err}") from None
+            if cd.server and cd.wait:
+                print(f"appliance net-daemon: --chardev id={cid}: waiting for connection on "
+                      f"{cd.path or f'{cd.host}:{cd.port}'}", file=sys.stderr, flush=True)
+                await server.wait_for_client()
+    except BaseException:
+        for server in servers:
+            await server.close()
+        raise
+    return servers
+
+
 async def serve(
     netdevs: dict[str, NetdevConfig],
     exports: list[NetExport],
     stop: asyncio.Event,
     dumps: list[FilterDumpConfig] | None = None,
+    *,
+    chardevs: dict[str, ChardevConfig] | None = None,
+    monitors: list[tuple[str, bool]] | None = None,
 ) -> None:
-    """Open every export's netdev, serve it until ``stop`` is set, then tear down."""
-    from appliance.net.capture import CapturingBackend, open_capture
-    from appliance.nic.virtio_net import VirtioNet
-    from appliance.virtio.vhost_user.backend import VhostUserBackend
-    from appliance.virtio.vhost_user.server import VhostUserServer
-
-    owners: list[Any] = []
-    servers: list[VhostUserServer] = []
+    """Open every export's netdev, serve it until ``stop`` is set (or QMP ``quit``), then tear down."""
+    daemon = NetDaemon(netdevs, exports, dumps)
+    servers: list[Any] = []
+    waiters: list[asyncio.Task[Any]] = []
     try:
-        for n, e in enumerate(exports):
-            cfg = netdevs[e.netdev]
-            queues = e.queues
-            if isinstance(cfg, TapNetdev) and cfg.queues > queues:
-                queues = cfg.queues
-            backends, owner = await open_netdev(cfg, queues=queues)
-            owners.append(owner)
-            mine = [d for d in dumps or () if d.netdev == e.netdev]
-            if mine:
-                # One pcap per filter, shared by every queue pair of the netdev.
-                writers = [await asyncio.to_thread(open_capture, d.file, maxlen=d.maxlen) for d in mine]
-                wrapped: list[FrameBackend] = []
-                for b in backends:
-                    cap = CapturingBackend(b)
-                    cap.writers.extend(writers)
-                    wrapped.append(cap)
-                backends = wrapped
-            mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, 0x56 + n])
-            device = VirtioNet(backends, mac, control_queue=False)
-            server = VhostUserServer(e.path, VhostUserBackend(device))
-            await server.start()
-            servers.append(server)
-            log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(backends))
-        await stop.wait()
+        await daemon.start()
+        servers = await open_monitors(daemon, chardevs or {}, monitors or [])
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.stopped.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for w in waiters:
+            w.cancel()
         for s in servers:
-            await s.close()
-        for o in owners:
-            await _close(o)
+            with contextlib.suppress(Exception):
+                await s.close()
+        await daemon.close()
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         sys.stdout.write(USAGE)
         return 0
-    netdevs, exports, dumps = parse_all(argv)
+    args = parse_command_line(argv)
     logging.basicConfig(level=logging.INFO, format="net-daemon: %(message)s")
 
     async def run() -> None:
@@ -191,7 +451,7 @@ def main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(netdevs, exports, stop, dumps)
+        await serve(args.netdevs, args.exports, stop, args.dumps, chardevs=args.chardevs, monitors=args.monitors)
 
     try:
         asyncio.run(run())

@@ -8,6 +8,12 @@ of every queue pair of one NIC. Captures from ``-object`` and from
 ``object-add`` live in the same place (the spec's ``captures``/``writers``,
 kept in step), so either kind can be deleted and the spec's ``close()``
 closes whatever is left.
+
+The functions take any object with a ``nics`` list of NicSpec-shaped NICs
+(``netdev``, ``name``, ``owner``, ``backends``, ``device``, ``captures``,
+``writers``) in place of a machine: that is how ``appliance net-daemon``'s
+monitor (:mod:`appliance.qmp.net_daemon_commands`) shares them. Such a NIC
+may have its own ``set_link(up)``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from appliance.qmp.errors import DeviceNotFound, GenericError
 
 def nic_specs(machine: Any) -> list[Any]:
     from appliance.machine.devices import NicSpec
+
+    nics = getattr(machine, "nics", None)
+    if isinstance(nics, list):
+        return list(nics)
 
     return [s for s in machine.config.devices if isinstance(s, NicSpec)]
 
@@ -75,7 +85,11 @@ def set_link(machine: Any, name: str, up: bool) -> None:
     spec = find_nic(machine, name)
     if spec.device is None:
         raise GenericError(f"Device '{name}' is not running")
-    spec.device.set_link(up)
+    own = getattr(spec, "set_link", None)
+    if own is not None:
+        own(up)
+    else:
+        spec.device.set_link(up)
 
 
 def _find_capture(machine: Any, ident: str) -> tuple[Any, int] | None:
