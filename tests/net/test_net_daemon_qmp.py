@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import struct
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -67,14 +68,14 @@ async def _wait_for(path: Path, proc: asyncio.subprocess.Process) -> None:
 
 @asynccontextmanager
 async def daemon(tmp_path: Path, *, chardev: str = "server=on,wait=off", monitor: str = "chardev=m0",
-                 netdev_id: str = "u0", client: bool = True) -> AsyncIterator[Daemon]:
+                 netdev_id: str = "u0", client: bool = True, extra: tuple[str, ...] = ()) -> AsyncIterator[Daemon]:
     port = free_port()
     mon = tmp_path / "qmp.sock"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "appliance.cli.main", "net-daemon",
         "--netdev", f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{port}-:22",
         "--export", f"type=vhost-user-net,id=e0,netdev={netdev_id},addr.type=unix,addr.path={tmp_path / 'vu.sock'}",
-        "--chardev", f"socket,id=m0,path={mon},{chardev}", "--monitor", monitor,
+        "--chardev", f"socket,id=m0,path={mon},{chardev}", "--monitor", monitor, *extra,
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -304,6 +305,26 @@ async def test_filter_dump_added_and_deleted_while_running_holds_only_what_passe
     assert reply[28:32] == socket.inet_aton("10.0.2.2")  # the sender: the gateway, not 10.0.2.3
 
 
+async def test_capture_from_the_command_line_is_stopped_by_object_del(tmp_path: Path) -> None:
+    pcap = tmp_path / "cli.pcap"
+    async with daemon(tmp_path, extra=("--object", f"filter-dump,id=f1,netdev=u0,file={pcap}")) as d:
+        guest = await Guest.attach(d.vu)
+        try:
+            await guest.send(arp_request())
+            assert len(await guest.arp_replies(5)) == 1
+            await ex(d.qmp, "object-del", {"id": "f1"})
+            size = pcap.stat().st_size
+            await guest.send(arp_request())
+            assert len(await guest.arp_replies(5)) == 1
+            assert pcap.stat().st_size == size
+            with pytest.raises(ExecuteError, match="can't find value 'nope'"):
+                await ex(d.qmp, "object-add", {"qom-type": "filter-dump", "id": "f2", "netdev": "nope",
+                                               "file": str(tmp_path / "x.pcap")})
+        finally:
+            guest.close()
+    assert len(_pcap_frames(pcap.read_bytes())) == 2
+
+
 @pytest.mark.parametrize(("chardev", "monitor"), [
     ("server=on,wait=off", "chardev=m0,mode=control"),
     ("server,nowait", "m0,pretty=on"),  # QEMU's spelling before 6.0; chardev= implied
@@ -355,6 +376,15 @@ def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) 
     export = ["--netdev", "user,id=u0", "--export", "type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path=p"]
     with pytest.raises(ConfigError, match=message):
         parse_command_line(export + argv)
+
+
+def test_help_names_the_monitor_options() -> None:
+    r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "net-daemon", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for word in ("--chardev socket,id=ID,path=PATH", "--monitor [chardev=]ID[,mode=control][,pretty=on|off]",
+                 "set_link", "x-appliance-query-usernet", "x-appliance-query-nics", "quit"):
+        assert word in r.stdout
 
 
 def test_monitor_options_parse() -> None:
