@@ -363,6 +363,38 @@ async def test_quit_replies_exits_0_and_removes_the_sockets(tmp_path: Path, char
     assert not d.vu.exists() and not d.mon.exists()
 
 
+async def test_tcp_monitor_and_hmp_quit(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "appliance.cli.main", "net-daemon", "--netdev", "user,id=u0",
+        "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={tmp_path / 'vu.sock'}",
+        "--chardev", f"socket,id=m0,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "m0",
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await _wait_for(tmp_path / "vu.sock", proc)
+        qmp = QMPClient("tcp")
+        for attempt in range(80):
+            try:
+                await qmp.connect(("127.0.0.1", port))
+                break
+            except Exception:
+                if attempt == 79:
+                    raise
+                await asyncio.sleep(0.025)
+        assert await ex(qmp, "set_link", {"name": "e0", "up": False}) == {}
+        with contextlib.suppress(EOFError, ConnectionError):
+            await ex(qmp, "human-monitor-command", {"command-line": "quit"})
+        with contextlib.suppress(EOFError, ConnectionError):
+            await qmp.disconnect()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert not (tmp_path / "vu.sock").exists()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--monitor", "m9"], 'chardev "m9" not found'),
     (["--chardev", "socket,id=m0,path=/tmp/x,server=on,wait=off", "--monitor", "m0,mode=readline"],
