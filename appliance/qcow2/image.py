@@ -1252,6 +1252,11 @@ class Qcow2Image:
                         if host + n > self.file_size:
                             self.file_size = host + n
                     return n
+            elif (self._inflight and n <= self._cs
+                  and (inf := self._inflight.get(offset >> self._cb)) is not None
+                  and inf.piggy and (offset & (self._cs - 1)) + n <= self._cs
+                  and 0 <= offset and offset + n <= self.size):
+                return await self._piggy_write(inf, offset, bufs)
             elif hit is None and not self._lock.locked():
                 if n > self._cs:
                     done = await self._fast_alloc_run(offset, bufs[0], n)
@@ -1303,6 +1308,32 @@ class Qcow2Image:
         if self._writethrough:
             await self.flush()
         return total
+
+    async def _piggy_write(self, inf: _Alloc, offset: int, bufs: Sequence[memoryview]) -> int:
+        """A write inside a fresh cluster whose allocating write is in flight.
+
+        What the planner does for it (a data segment at the allocation's host
+        cluster, done once that allocation is published, again if it failed),
+        without the lock and the plan: sequential small writes at queue depth
+        meet their cluster's allocation in flight most of the time.
+        """
+        buf = bufs[0]
+        n = len(buf)
+        host = inf.host + (offset & (self._cs - 1))
+        self._io_count += 1
+        try:
+            await self._data_write([buf], host, n)
+        finally:
+            self._io_count -= 1
+        self._needs_sync = True
+        if host + n > self._written_end:
+            self._written_end = host + n
+            if host + n > self.file_size:
+                self.file_size = host + n
+        await asyncio.shield(inf.fut)
+        if not inf.ok:
+            return await self.writev(offset, bufs)
+        return n
 
     async def _fast_alloc_write(self, offset: int, buf: memoryview, n: int) -> bool:
         """Allocate one cluster and write into it without planning, if the case is simple.

@@ -191,3 +191,31 @@ async def test_a_run_broken_anywhere_is_refused(tmp_path: Path) -> None:
     finally:
         await img.close()
     check_clean(p)
+
+
+@pytest.mark.parametrize("aio", ["native", "threads"])
+async def test_writes_riding_on_a_cluster_allocation_in_flight(tmp_path: Path, aio: str) -> None:
+    """16 writes into one fresh cluster at once: the first allocates it, the others put
+    their bytes at its host cluster meanwhile and finish once it is published."""
+    p = make(tmp_path)
+    img = await Qcow2Image.open(p, read_only=False, cache="none", aio=aio)
+    try:
+        await img.readv(0, [aligned(4 * KiB)])
+        # One allocation first, so the refcount block is cached and the next
+        # allocating write registers itself at once, before its first wait.
+        assert await img.writev(8 * CS, [aligned(4 * KiB)]) == 4 * KiB
+        bufs = []
+        for i in range(16):
+            b = aligned(4 * KiB)
+            b[:] = bytes([i + 1]) * len(b)
+            bufs.append(b)
+        got = await asyncio.gather(*(img.writev(i * 4 * KiB, [b]) for i, b in enumerate(bufs)))
+        assert got == [4 * KiB] * 16
+        assert img._inflight == {} and img._io_count == 0
+        await img.flush()
+    finally:
+        await img.close()
+    check_clean(p)
+    qemu_io(p, *(f"read -P {i + 1} {i * 4}k 4k" for i in range(16)))
+    mapped = qemu_img("map", "--output=json", str(p)).stdout
+    assert mapped.count('"data": true') == 2  # cluster 0 allocated once, and cluster 8
