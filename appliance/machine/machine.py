@@ -71,7 +71,7 @@ TRANSITIONS: dict[Runstate, frozenset[Runstate]] = {
     Runstate.CREATED: frozenset({Runstate.RUNNING, Runstate.PAUSED, Runstate.STOPPED}),
     Runstate.RUNNING: frozenset({Runstate.PAUSED, Runstate.REBOOTING, Runstate.STOPPING}),
     Runstate.PAUSED: frozenset({Runstate.RUNNING, Runstate.REBOOTING, Runstate.STOPPING}),
-    Runstate.REBOOTING: frozenset({Runstate.RUNNING, Runstate.STOPPING}),
+    Runstate.REBOOTING: frozenset({Runstate.RUNNING, Runstate.PAUSED, Runstate.STOPPING}),
     Runstate.STOPPING: frozenset({Runstate.STOPPED}),
     Runstate.STOPPED: frozenset(),
 }
@@ -246,7 +246,9 @@ class Machine:
             for spec in self.config.devices:
                 await _maybe_await(getattr(spec, "open", None))
             if not self._early:
-                self._boot(run=not paused)
+                # The monitor is already up: a "stop" or "cont" may have come
+                # while devices opened, and the runstate holds its answer.
+                self._boot(run=self.runstate is Runstate.RUNNING)
         except BaseException:
             self.runstate = Runstate.STOPPING
             self._open_loop(loop)
@@ -285,7 +287,10 @@ class Machine:
         return self.exit_code if self.exit_code is not None else EXIT_OK
 
     async def pause(self) -> None:
-        """Stop the vCPUs where they are (QMP ``stop``); devices and console stay up."""
+        """Stop the vCPUs where they are (QMP ``stop``); devices and console stay up.
+
+        Before the VM is built (its devices still opening) it will start paused.
+        """
         assert self._lock is not None, "start() first"
         async with self._lock:
             if self.runstate is not Runstate.RUNNING:
@@ -295,20 +300,29 @@ class Machine:
             self._tell("stop", "")
 
     async def resume(self) -> None:
-        """Let paused vCPUs run again (QMP ``cont``)."""
+        """Let paused vCPUs run again (QMP ``cont``).
+
+        Before the VM is built (``-S``, devices still opening) the vCPUs
+        will start with it instead: the answer is never lost.
+        """
         assert self._lock is not None, "start() first"
         async with self._lock:
-            if self.runstate is not Runstate.PAUSED or self._inst is None:
+            if self.runstate is not Runstate.PAUSED:
                 return
-            for vcpu in self._inst.vcpus:
-                vcpu.rearm()
-            self._start_threads(self._inst, self._generation)
+            if self._inst is not None:
+                for vcpu in self._inst.vcpus:
+                    vcpu.rearm()
+                self._start_threads(self._inst, self._generation)
             self._set_state(Runstate.RUNNING)
             self.prelaunch = False
             self._tell("resume", "")
 
     def reset(self) -> None:
-        """Reset the guest as its reset button would (a paused machine reboots running)."""
+        """Reset the guest as its reset button would.
+
+        A paused machine reboots running, except in prelaunch (``-S``), where
+        it stays waiting for ``cont`` as QEMU's does.
+        """
         self.post_event("reset", "reset by host")
 
     def powerdown(self) -> None:
@@ -433,13 +447,12 @@ class Machine:
         self._set_state(Runstate.REBOOTING)
         await self._teardown()
         try:
-            self._boot()
+            self._boot(run=not self.prelaunch)
         except Exception as err:
             log.error("reboot failed: %s", err)
             await self._end(EXIT_ERROR, f"reboot failed: {err}")
             return
-        self._set_state(Runstate.RUNNING)
-        self.prelaunch = False
+        self._set_state(Runstate.PAUSED if self.prelaunch else Runstate.RUNNING)
 
     async def _end(self, code: int, reason: str) -> None:
         self._set_state(Runstate.STOPPING)

@@ -150,3 +150,57 @@ def test_wait_for_guest_returns_once_the_booted_guest_waits_on_its_console() -> 
         assert "TESTGUEST-READY cpus=2 mem=128" in out, out
     finally:
         machine.abandon()
+
+
+class _SlowSpec:
+    """A device whose open() waits for the test: the window in which a monitor is up and the VM is not."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def open(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+
+    def attach(self, builder: object, inst: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_cont_while_devices_still_open_starts_the_vcpus_with_the_vm() -> None:
+    spec = _SlowSpec()
+    vm = Machine(MachineConfig(kernel=GUEST, start_paused=True, devices=[spec]))
+    starting = asyncio.ensure_future(vm.start())
+    try:
+        await asyncio.wait_for(spec.entered.wait(), 10)
+        assert vm.prelaunch and vm.instance is None
+        await vm.resume()  # libvirt's "cont" right after connecting: not lost
+        spec.release.set()
+        await asyncio.wait_for(starting, 10)
+        assert not vm.prelaunch
+        await vm.console.expect(READY, timeout=30)
+    finally:
+        spec.release.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await vm.stop()
+
+
+async def test_reset_in_prelaunch_stays_in_prelaunch() -> None:
+    vm = Machine(MachineConfig(kernel=GUEST, start_paused=True))
+    await vm.start()
+    try:
+        vm.reset()
+        for _ in range(100):
+            if vm.boots == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert vm.boots == 2 and vm.prelaunch  # rebuilt, still waiting for "cont" (as QEMU)
+        await asyncio.sleep(0.2)
+        assert "TESTGUEST-READY" not in vm.console.output
+        await vm.resume()
+        await vm.console.expect(READY, timeout=30)
+    finally:
+        await vm.stop()
