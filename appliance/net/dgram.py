@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import socket
 import stat
@@ -38,12 +37,9 @@ Address = tuple[str, int] | str  # (host, port) for UDP, a path for a unix socke
 
 
 def _is_group(addr: Address | None) -> bool:
-    if not isinstance(addr, tuple):
-        return False
-    try:
-        return ipaddress.IPv4Address(addr[0]).is_multicast
-    except ValueError:
-        return False
+    from appliance.net.netdev import is_multicast
+
+    return isinstance(addr, tuple) and is_multicast(addr[0])
 
 
 class DgramLink:
@@ -70,7 +66,10 @@ class DgramLink:
         elif isinstance(local, str):
             if not isinstance(remote, str | None):
                 raise NetError("a unix datagram link needs a unix remote")
-            self.local, self.remote = local, remote
+            # Absolute: recvmsg names the sender by the path it bound, which
+            # the filter compares with ours however either was spelled.
+            self.local = local
+            self.remote = None if remote is None else os.path.abspath(remote)
             self.sock = self._bind_unix(local)
         else:
             if local is None or isinstance(remote, str):
@@ -145,8 +144,9 @@ class DgramLink:
                 # ICMP port unreachable from a peer that is not up yet.
                 return -1
             if self.remote is not None and addr != self.remote and not self.multicast:
-                self.rx_foreign += 1
-                continue
+                if not (isinstance(addr, str) and addr and os.path.abspath(addr) == self.remote):
+                    self.rx_foreign += 1
+                    continue
             self.rx_frames += 1
             if flags & socket.MSG_TRUNC:
                 return max(n, sum(len(b) for b in bufs) + 1)

@@ -163,15 +163,16 @@ class Concatenation:
             await part.close()
 
 
-def _snapshot_param(text: str) -> tuple[str | None, str | None]:
-    """(name, id) from ``convert -l``: ``snapshot.name=N,snapshot.id=I`` (either) or a bare name."""
+def _snapshot_param(text: str) -> tuple[str | None, str | None, str | None]:
+    """(name, id, either) from ``convert -l``: ``snapshot.name=N,snapshot.id=I`` (one or both),
+    or a bare value, which is an ID or a name."""
     if not text.startswith("snapshot."):
-        return text, None
+        return None, None, text
     o = parse_o(text)
     extra = set(o) - {"snapshot.name", "snapshot.id"}
     if extra:
         raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
-    return o.get("snapshot.name"), o.get("snapshot.id")
+    return o.get("snapshot.name"), o.get("snapshot.id"), None
 
 
 async def cmd_convert(argv: list[str]) -> int:
@@ -201,7 +202,8 @@ async def cmd_convert(argv: list[str]) -> int:
     *src_names, dst_name = a.files
     if a.snapshot is not None and len(src_names) > 1:
         raise ConfigError("No support for concatenating multiple snapshot")
-    snap_name, snap_id = _snapshot_param(a.snapshot) if a.snapshot is not None else (None, None)
+    snap_name, snap_id, snap_either = (
+        _snapshot_param(a.snapshot) if a.snapshot is not None else (None, None, None))
     if len(src_names) > 1 and a.backing:
         raise Qcow2Error("Having a backing file for the target makes no sense when "
                          "concatenating multiple input images")
@@ -227,7 +229,7 @@ async def cmd_convert(argv: list[str]) -> int:
 
             if not isinstance(parts[0], Qcow2Image):
                 raise Qcow2Error(f"Failed to load snapshot: '{src_names[0]}' has no internal snapshots")
-            await snapops.view_snapshot(parts[0], name=snap_name, ident=snap_id)
+            await snapops.view_snapshot(parts[0], name=snap_name, ident=snap_id, either=snap_either)
     except BaseException:
         for part in parts:
             await part.close()

@@ -199,7 +199,8 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
         img._build_meta_set()
 
 
-async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str | None = None) -> None:
+async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str | None = None,
+                        either: str | None = None) -> None:
     """Make a read-only ``img`` read as its internal snapshot does (``convert -l``).
 
     Only the in-memory L1 table changes, and nothing is written. The size
@@ -207,16 +208,20 @@ async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str 
     snapshot's tables reads as unallocated.
 
     :param name: the snapshot's name; :param ident: its ID. Either may be
-        left out; given both, both must match.
+        left out; given both, both must match. :param either: an ID or,
+        failing that, a name (a bare ``-l`` value).
     :raises Qcow2Error: When the image is writable or no snapshot matches.
     """
     if not img.read_only:
         raise Qcow2Error("a snapshot can only be viewed on an image opened read-only")
     snap = None
-    for s in img.snapshots:
-        if (ident is None or s.id == ident) and (name is None or s.name == name):
-            snap = s
-            break
+    if either is not None:
+        snap = find(img, either)  # an ID first, then a name: qemu-img's order
+    else:
+        for s in img.snapshots:
+            if (ident is None or s.id == ident) and (name is None or s.name == name):
+                snap = s
+                break
     if snap is None:
         raise Qcow2Error("Failed to load snapshot: Can't find snapshot")
     async with img._lock:

@@ -60,7 +60,7 @@ class VirtioRng(VirtioDevice):
         self.filename = filename
         self.max_bytes = max_bytes
         self.period = period_ms / 1000
-        self._period_start = 0.0
+        self._period_start = float("-inf")  # the first request opens the first period
         self._quota = 0
         self._wakeup: asyncio.TimerHandle | None = None
         try:
@@ -142,6 +142,9 @@ class VirtioRng(VirtioDevice):
             self._wakeup = None
 
     def close(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

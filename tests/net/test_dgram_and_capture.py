@@ -236,3 +236,18 @@ async def test_multicast_group_is_a_shared_segment_inside_a_namespace() -> None:
         finally:
             for link in links:
                 link.close()
+
+
+async def test_unix_link_hears_its_peer_however_the_paths_are_spelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    a = DgramLink("a.sock", str(tmp_path / "b.sock"))  # relative here, absolute there
+    b = DgramLink(str(tmp_path / "b.sock"), "./a.sock")
+    try:
+        frame = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src="52:54:00:00:00:03") / ARP(pdst="10.0.0.3"))
+        assert a.send([memoryview(frame)]) and await pull(b) == frame
+        assert b.send([memoryview(frame)]) and await pull(a) == frame
+        assert a.rx_foreign == b.rx_foreign == 0
+    finally:
+        a.close()
+        b.close()

@@ -143,7 +143,7 @@ def test_snapshot_names_that_are_not_there_leave_the_image_untouched(tmp_path: P
     assert p.read_bytes() == before
 
 
-@pytest.mark.parametrize("param", ["s1", "snapshot.name=s1", "snapshot.id=1", "snapshot.id=1,snapshot.name=s1"])
+@pytest.mark.parametrize("param", ["s1", "1", "snapshot.name=s1", "snapshot.id=1", "snapshot.id=1,snapshot.name=s1"])
 def test_convert_from_an_internal_snapshot_matches_qemu_img(tmp_path: Path, param: str) -> None:
     p = tmp_path / "sn.qcow2"
     qemu_img("create", "-f", "qcow2", str(p), "8M")

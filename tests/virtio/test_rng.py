@@ -90,3 +90,18 @@ async def test_max_bytes_per_period_holds_the_rest_until_the_next_period() -> No
     assert rng.bytes_served == 200
     rng.reset()
     rng.close()
+
+
+async def test_the_first_request_opens_a_period_whatever_the_monotonic_clock_reads(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    monkeypatch.setattr(time, "monotonic", lambda: 5.0)  # a host booted seconds ago, period far longer
+    rng = VirtioRng(max_bytes=32, period_ms=1 << 16)
+    drv = FakeDriver(rng)
+    drv.activate()
+    head = drv.queues[0].add_chain([(drv.alloc(64), 64, WRITE)])
+    drv.kick(0)
+    assert drv.queues[0].used() == [(head, 32)]
+    rng.reset()
+    rng.close()
