@@ -461,15 +461,14 @@ class StorageDaemon:
 def _make_device(e: ExportConfig, backend: BlockBackend) -> Any:
     from appliance.storage.blk import VirtioBlk
 
-    if e.logical_block_size > backend.logical_block_size:
-        # The device reports the backend's block size (blk_size); an export
-        # asking for more raises it, as qemu-storage-daemon's option does.
-        backend.logical_block_size = e.logical_block_size
     return VirtioBlk(
         backend,
         num_queues=e.num_queues,
         read_only=not e.writable or backend.read_only,
         serial=e.serial or "",
+        # This export's own blk_size (qemu-storage-daemon's option): another
+        # export of the same node keeps its own.
+        logical_block_size=e.logical_block_size,
     )
 
 

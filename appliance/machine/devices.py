@@ -159,17 +159,15 @@ def attach_blk(builder: MachineBuilder, inst: Instance, spec: BlkSpec) -> None:
     if spec.image is None:
         raise ConfigError(f"{spec.name}: the disk was not opened")
     if spec.device is None:
-        backend = spec.image.backend
-        if spec.logical_block_size and spec.logical_block_size > backend.logical_block_size:
-            # Raised, never lowered: a backend that needs larger blocks (O_DIRECT on 4K) keeps them.
-            backend.logical_block_size = spec.logical_block_size
         dev = VirtioBlk(
-            backend,
+            spec.image.backend,
             num_queues=spec.num_queues or builder.config.num_cpus,
             queue_size=spec.queue_size,
             serial=spec.serial,
             read_only=spec.read_only or spec.source.read_only,
             physical_block_size=spec.physical_block_size,
+            # Raised, never lowered: a backend that needs larger blocks (O_DIRECT on 4K) keeps them.
+            logical_block_size=spec.logical_block_size,
         )
         dev.discard = dev.discard and spec.discard
         dev.write_zeroes = dev.write_zeroes and spec.write_zeroes

@@ -91,6 +91,9 @@ class VirtioBlk(VirtioDevice):
     :param read_only: present the disk read-only even if the backend is writable.
     :param physical_block_size: a physical block larger than the logical one
         to report (VIRTIO_BLK_F_TOPOLOGY), so the guest aligns its I/O to it.
+    :param logical_block_size: the block size to report (blk_size) when larger
+        than the backend's. It belongs to this device: another device on the
+        same backend keeps its own.
     """
 
     device_id = VIRTIO_ID_BLOCK
@@ -104,6 +107,7 @@ class VirtioBlk(VirtioDevice):
         serial: str = "",
         read_only: bool = False,
         physical_block_size: int | None = None,
+        logical_block_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_queues < 1 or num_queues > 1024:
@@ -115,6 +119,7 @@ class VirtioBlk(VirtioDevice):
         self.discard = backend.supports_discard and not self.read_only
         self.write_zeroes = not self.read_only
         self.physical_block_size = physical_block_size
+        self.logical_block_size = logical_block_size
         self.stats: list[dict[str, int]] = [dict.fromkeys(STAT_KEYS, 0) for _ in range(num_queues)]
         self._queues: list[Virtqueue | None] = []
         self._irqs: Sequence[Interrupt] = ()
@@ -158,9 +163,13 @@ class VirtioBlk(VirtioDevice):
             f |= 1 << VIRTIO_BLK_F_TOPOLOGY
         return f
 
+    def block_size(self) -> int:
+        """The logical block the guest is told of (§5.2.4 blk_size)."""
+        return max(512, self.backend.logical_block_size, self.logical_block_size or 0)
+
     def _physical_exp(self) -> int:
         """log2(physical / logical block) for §5.2.4's topology, 0 when they are the same."""
-        bs = max(512, self.backend.logical_block_size)
+        bs = self.block_size()
         phys = self.physical_block_size or 0
         return (phys // bs).bit_length() - 1 if phys > bs else 0
 
@@ -190,7 +199,7 @@ class VirtioBlk(VirtioDevice):
 
     def config_bytes(self) -> bytes:
         lim = self.limits()
-        bs = max(512, self.backend.logical_block_size)
+        bs = self.block_size()
         return BLK_CONFIG.pack(
             lim.capacity_sectors,
             0,  # size_max (feature not offered)

@@ -16,6 +16,7 @@ from appliance.storage.blk import (
     VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_WRITE_ZEROES,
+    VirtioBlk,
 )
 from appliance.storage.blk_request import (
     VIRTIO_BLK_T_DISCARD,
@@ -421,3 +422,13 @@ async def test_a_request_in_flight_when_native_aio_closes_is_left_unanswered(tmp
     assert rig.drv.queues[0].pending() == 0
     assert rig.dev.stats[0]["errors"] == 0
     await rig.close()
+
+
+def test_block_sizes_belong_to_each_device_not_to_the_shared_backend() -> None:
+    backend = MemoryBackend(1 << 20)
+    plain = VirtioBlk(backend)
+    big = VirtioBlk(backend, logical_block_size=4096, physical_block_size=16384)
+    assert backend.logical_block_size == 512  # untouched
+    assert int.from_bytes(plain.config_bytes()[20:24], "little") == 512
+    assert int.from_bytes(big.config_bytes()[20:24], "little") == 4096
+    assert big.config_bytes()[24] == 2 and plain.config_bytes()[24] == 0  # physical_block_exp
