@@ -277,7 +277,9 @@ def _accel(a: RunArgs, v: str) -> None:
 _MACHINES = {"q35": "q35", "pc": "pc", "microvm": "microvm"}
 
 
-# -machine properties for hardware this platform does not have: "off" is what it is.
+# -machine properties for what this platform does not have or do (no USB,
+# vmport, SMM, HPET or option ROMs; guest RAM is never offered to KSM):
+# "off" is what it is.
 _ABSENT_MACHINE_PARTS = ("usb", "vmport", "smm", "hpet", "mem-merge", "x-option-roms")
 
 
@@ -294,7 +296,7 @@ def _machine(a: RunArgs, v: str) -> None:
     accel = opts.take("accel")
     for part in _ABSENT_MACHINE_PARTS:
         if opts.take_bool(part, False):
-            raise ConfigError(f"-machine: {part}=on is not supported (this machine has none)")
+            raise ConfigError(f"-machine: {part}=on is not supported here")
     if not opts.take_bool("kernel-irqchip", True):
         raise ConfigError("-machine: kernel-irqchip=off is not supported (KVM's in-kernel irqchip is always used)")
     opts.take_bool("dump-guest-core", True)

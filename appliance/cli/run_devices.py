@@ -28,6 +28,7 @@ from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource,
 from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
 MAX_BLK_QUEUES = 64
+MAX_BLOCK_SIZE = 2 << 20
 MAX_QUEUE_SIZE = 1024
 
 
@@ -91,9 +92,9 @@ class BlkDeviceConfig:
 
 def _block_size(o: OptionDict, key: str, what: str) -> int | None:
     size = o.take_int(key, None)
-    # QEMU's range for virtio-blk: a power of two from 512 bytes to 32 KiB.
-    if size is not None and (size < 512 or size > 32768 or size & (size - 1)):
-        raise ConfigError(f"{what}: {key}={size} must be a power of two from 512 to 32768")
+    # QEMU's range for block sizes: a power of two from 512 bytes to 2 MiB.
+    if size is not None and (size < 512 or size > MAX_BLOCK_SIZE or size & (size - 1)):
+        raise ConfigError(f"{what}: {key}={size} must be a power of two from 512 to {MAX_BLOCK_SIZE}")
     return size
 
 

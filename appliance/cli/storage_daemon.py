@@ -113,8 +113,9 @@ class ExportConfig:
             raise ConfigError(f"--export: num-queues={num_queues} is more than 64")
         lbs = o.take_int("logical-block-size", 512, minimum=512)
         assert lbs is not None
-        if lbs & (lbs - 1) or lbs > 32768:
-            raise ConfigError(f"--export: logical-block-size={lbs} is not a power of two up to 32768")
+        # QEMU's range for block sizes: a power of two from 512 bytes to 2 MiB.
+        if lbs & (lbs - 1) or lbs > 2 << 20:
+            raise ConfigError(f"--export: logical-block-size={lbs} is not a power of two up to 2097152")
         serial = o.take("serial")
         o.finish()
         return cls(ident, node, path, writable, num_queues, lbs, serial)

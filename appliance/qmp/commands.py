@@ -154,7 +154,8 @@ async def _query_name(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("x-query-usernet")
 async def _x_query_usernet(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    # QEMU 6.2's unstable command: the HMP text in a HumanReadableText object.
+    # Ours (QEMU 7.2 has none): info usernet's text in the HumanReadableText
+    # object QEMU's other x-query-* commands answer with.
     return {"human-readable-text": netops.usernet_info(ctx.machine)}
 
 

@@ -320,8 +320,8 @@ async def _block_export_add(ctx: Context, args: dict[str, Any]) -> None:
     if not 512 <= lbs <= _MAX_LBS:
         raise GenericError(f"Property {ident}.logical-block-size doesn't take value {lbs} "
                            f"(minimum: 512, maximum: {_MAX_LBS})")
-    if lbs > 32768:
-        raise GenericError(f"logical-block-size {lbs} is more than this daemon's 32768")
+    if lbs > 2 << 20:
+        raise GenericError(f"logical-block-size {lbs} is more than 2097152 (QEMU's limit)")
     if num_queues < 1:
         raise GenericError("num-queues must be greater than 0")
     if num_queues > 64:

@@ -218,7 +218,9 @@ def _drive_cache(o: OptionDict, option: str) -> str:
 
 def _drive_policies(o: OptionDict, option: str) -> None:
     """Error and copy policies: what this machine does is QEMU's reporting default."""
-    for key, allowed in (("werror", ("report", "enospc")), ("rerror", ("report",))):
+    # QEMU's werror=enospc (its default) pauses the VM on a full disk; here
+    # every error goes to the guest, which is werror/rerror=report.
+    for key, allowed in (("werror", ("report",)), ("rerror", ("report",))):
         value = o.take(key)
         if value is not None and value not in allowed:
             raise ConfigError(f"{option}: {key}={value} is not supported (errors are reported to the guest)")
