@@ -31,7 +31,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from appliance.cli.options import parse_option
@@ -479,30 +478,14 @@ async def open_monitors(daemon: StorageDaemon) -> list[Any]:
     :raises ConfigError: When a monitor socket cannot be opened.
     """
     from appliance.qmp.daemon_commands import COMMANDS
-    from appliance.qmp.server import QmpServer
+    from appliance.qmp.server import open_qmp_server
 
     servers: list[Any] = []
     try:
         for cid, pretty in daemon.config.monitors:
-            cd = daemon.config.chardevs[cid]
-            server = QmpServer(daemon, pretty=pretty, table=COMMANDS)
-            servers.append(server)
-            try:
-                if not cd.server:
-                    await server.connect(cd)
-                elif cd.path is not None:
-                    await server.listen_unix(Path(cd.path))
-                else:
-                    assert cd.port is not None
-                    await server.listen_tcp(cd.host, cd.port)
-            except OSError as err:
-                where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
-                raise ConfigError(f"--chardev id={cid}: cannot open socket '{where}': "
-                                  f"{err.strerror or err}") from None
-            if cd.server and cd.wait:
-                print(f"appliance storage-daemon: --chardev id={cid}: waiting for connection on "
-                      f"{cd.path or f'{cd.host}:{cd.port}'}", file=sys.stderr, flush=True)
-                await server.wait_for_client()
+            servers.append(await open_qmp_server(
+                daemon, daemon.config.chardevs[cid], pretty=pretty, what=f"--chardev id={cid}",
+                prog="appliance storage-daemon", table=COMMANDS))
     except BaseException:
         for server in servers:
             await server.close()

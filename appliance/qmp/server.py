@@ -276,6 +276,41 @@ def _parse_reason(err: Exception) -> str:
     return str(err)
 
 
+async def open_qmp_server(target: Any, cd: ChardevConfig, *, pretty: bool, what: str, prog: str,
+                          table: dict[str, commands.Command] | None = None, wait: bool = True) -> QmpServer:
+    """A QMP server over ``target`` on socket chardev ``cd``: listening, or
+    connected out (``server=off``); with the chardev's ``wait=on`` (and
+    ``wait``), returned once a client is in.
+
+    :param what: the option it came from, for messages; :param prog: who says them.
+    :raises ConfigError: When the socket cannot be opened.
+    """
+    server = QmpServer(target, pretty=pretty, table=table)
+    try:
+        if not cd.server:
+            await server.connect(cd)
+        elif cd.path is not None:
+            await server.listen_unix(Path(cd.path))
+        else:
+            assert cd.port is not None
+            await server.listen_tcp(cd.host, cd.port)
+    except OSError as err:
+        await server.close()
+        where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
+        raise ConfigError(f"{what}: cannot open socket '{where}': {err.strerror or err}") from None
+    if wait:
+        await wait_for_first_client(server, cd, what=what, prog=prog)
+    return server
+
+
+async def wait_for_first_client(server: QmpServer, cd: ChardevConfig, *, what: str, prog: str) -> None:
+    """With ``wait=on`` on a listening chardev: say so and wait for the first client."""
+    if cd.server and cd.wait:
+        print(f"{prog}: {what}: waiting for connection on {cd.path or f'{cd.host}:{cd.port}'}",
+              flush=True, file=sys.stderr)
+        await server.wait_for_client()
+
+
 class QmpServer:
     """The monitor of ``machine``: listens, talks QMP, turns machine events into QMP events.
 
@@ -428,26 +463,10 @@ class QmpSpec:
     async def open(self) -> None:
         if self.machine is None:
             raise ConfigError(f"{self.name}: no machine to monitor")
-        cd = self.chardev
-        server = QmpServer(self.machine, pretty=self.pretty)
-        self.server = server
-        try:
-            if not cd.server:
-                await server.connect(cd)
-            elif cd.path is not None:
-                await server.listen_unix(Path(cd.path))
-            else:
-                assert cd.port is not None
-                await server.listen_tcp(cd.host, cd.port)
-        except OSError as err:
-            await server.close()
-            self.server = None
-            where = cd.path if cd.path is not None else f"{cd.host or ''}:{cd.port}"
-            raise ConfigError(f"{self.name}: cannot open socket '{where}': {err.strerror or err}") from None
-        if cd.server and cd.wait:
-            print(f"appliance run: {self.name}: waiting for connection on {cd.path or f'{cd.host}:{cd.port}'}",
-                  flush=True, file=sys.stderr)
-            await server.wait_for_client()
+        # Kept before any wait=on wait, so close() can end the wait.
+        self.server = await open_qmp_server(self.machine, self.chardev, pretty=self.pretty,
+                                            what=self.name, prog="appliance run", wait=False)
+        await wait_for_first_client(self.server, self.chardev, what=self.name, prog="appliance run")
 
     def attach(self, builder: Any, inst: Any) -> None:
         pass  # nothing on the guest's side
