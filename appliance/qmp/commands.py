@@ -60,15 +60,25 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
+Register = Callable[..., Callable[[Handler], Handler]]
 
-def command(
-    name: str, args: dict[str, tuple[str, bool]] | None = None, *, extra_args: bool = False
-) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = Command(name, fn, dict(args or {}), extra_args)
-        return fn
 
-    return deco
+def registry(table: dict[str, Command]) -> Register:
+    """A ``@command(name, args, extra_args=)`` decorator that fills ``table``."""
+
+    def command(
+        name: str, args: dict[str, tuple[str, bool]] | None = None, *, extra_args: bool = False
+    ) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            table[name] = Command(name, fn, dict(args or {}), extra_args)
+            return fn
+
+        return deco
+
+    return command
+
+
+command = registry(COMMANDS)
 
 
 def check_args(cmd: Command, args: dict[str, Any]) -> dict[str, Any]:

@@ -29,13 +29,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError, ConfigError
 from appliance.qmp import commands
-from appliance.qmp.commands import Command, Context, Handler
+from appliance.qmp.commands import Command, Context
 from appliance.qmp.errors import GenericError
 
 COMMANDS: dict[str, Command] = {
@@ -44,14 +43,7 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def command(
-    name: str, args: dict[str, tuple[str, bool]] | None = None, *, extra_args: bool = False
-) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = Command(name, fn, dict(args or {}), extra_args)
-        return fn
-
-    return deco
+command = commands.registry(COMMANDS)
 
 
 def _wellformed(ident: str) -> bool:

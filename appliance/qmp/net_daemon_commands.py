@@ -40,12 +40,7 @@ _SHARED = ("qmp_capabilities", "query-version", "set_link", "object-add", "objec
 COMMANDS: dict[str, Command] = {name: commands.COMMANDS[name] for name in _SHARED}
 
 
-def _command(name: str, args: dict[str, tuple[str, bool]] | None = None) -> Any:
-    def deco(fn: Any) -> Any:
-        COMMANDS[name] = Command(name, fn, dict(args or {}))
-        return fn
-
-    return deco
+_command = commands.registry(COMMANDS)
 
 
 @_command("query-commands")
