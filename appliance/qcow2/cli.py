@@ -258,24 +258,23 @@ async def cmd_create(argv: list[str]) -> int:
         from appliance.qcow2.backing import resolve_backing
 
         bpath = resolve_backing(Path(a.filename), opts.backing_file)
+        if size is None or not a.unsafe:
+            # As qemu-img: a backing file that cannot be opened is the first complaint.
+            try:
+                b = await _open(str(bpath), opts.backing_fmt, read_only=True)
+            except Qcow2Error as err:
+                if size is None or not a.unsafe:
+                    raise Qcow2Error(f"{a.filename}: {err}\nCould not open backing image.") from err
+            else:
+                if size is None:
+                    opts.size = b.size
+                await b.close()
         if opts.backing_fmt is None:
             # qemu-img (since 6.1) refuses to write an image whose backing
             # format would have to be probed on every open; it names the
             # format it would have guessed.
             guess = f"\nDetected format of {probe_format(bpath, warn=False)}." if bpath.exists() else ""
             raise Qcow2Error(f"{a.filename}: Backing file specified without backing format{guess}")
-        if size is None or not a.unsafe:
-            try:
-                b = await _open(str(bpath), opts.backing_fmt, read_only=True)
-            except Qcow2Error:
-                if size is None or not a.unsafe:
-                    raise
-            else:
-                if opts.backing_fmt is None:
-                    opts.backing_fmt = "qcow2" if isinstance(b, Qcow2Image) else "raw"
-                if size is None:
-                    opts.size = b.size
-                await b.close()
     elif size is None:
         raise ConfigError("Image creation needs a size parameter")
     if opts.backing_file and opts.preallocation != "off" and not opts.extended_l2:
