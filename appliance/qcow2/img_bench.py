@@ -49,15 +49,19 @@ async def cmd_bench(argv: list[str]) -> int:
         raise ConfigError("--pattern is only for write tests")
     if a.flush_interval and not a.write:
         raise ConfigError("--flush-interval is only available in write tests")
+    if a.flush_interval and a.flush_interval < a.depth:
+        raise ConfigError("Flush interval can't be smaller than depth")
     if a.aio not in ("threads", "native"):
         raise ConfigError(f"Invalid aio option: {a.aio}")
     kw = {"aio": a.aio} if a.aio == "threads" and (a.fmt or "qcow2") == "qcow2" else {}
     img = await _open(a.filename, a.fmt, read_only=not a.write, cache=a.cache, **kw)
     try:
         size = img.size
-        if not a.quiet:
-            print(f"Sending {a.count} {'write' if a.write else 'read'} requests, {bufsize} bytes "
-                  f"each, {a.depth} in parallel (starting at offset {offset}, step size {step})")
+        # qemu-img bench prints these under -q too (its -q quiets nothing here).
+        print(f"Sending {a.count} {'write' if a.write else 'read'} requests, {bufsize} bytes "
+              f"each, {a.depth} in parallel (starting at offset {offset}, step size {step})")
+        if a.flush_interval:
+            print(f"Sending flush every {a.flush_interval} requests")
         # qemu-img 7.2 (the baseline bench/qcow2.py runs) sends every request
         # from one buffer of -s bytes, filled before the clock starts (strace:
         # one iov_base for all requests in flight); 32 requests reading into
@@ -170,8 +174,7 @@ async def cmd_bench(argv: list[str]) -> int:
             issue(b)
         await finished
         elapsed = time.perf_counter() - t0
-        if not a.quiet:
-            print(f"Run completed in {elapsed:.3f} seconds.")
+        print(f"Run completed in {elapsed:.3f} seconds.")
     finally:
         await img.close()
     return 0

@@ -203,3 +203,17 @@ def test_amend_to_compat_0_10_refuses_and_allows_what_qemu_img_does(
     assert qimg("compare", "q/d.qcow2", "o/d.qcow2", cwd=tmp_path).returncode == 0
     info = [json.loads(qimg("info", "--output=json", f"{d}/d.qcow2", cwd=tmp_path).stdout) for d in "qo"]
     assert info[0]["format-specific"]["data"]["compat"] == info[1]["format-specific"]["data"]["compat"]
+
+
+@pytest.mark.parametrize("args", [["-c", "50", "-q"], ["-c", "50", "-d", "4", "-w", "--flush-interval=4"],
+                                  ["-c", "50", "-w", "--flush-interval=10"]])
+def test_bench_prints_and_refuses_what_qemu_img_bench_does(tmp_path: Path, args: list[str]) -> None:
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "b.qcow2"), "16M")
+    ours, theirs = img("bench", *args, "b.qcow2", cwd=tmp_path), qimg("bench", *args, "b.qcow2", cwd=tmp_path)
+
+    def shape(r: subprocess.CompletedProcess[str]) -> tuple[bool, list[str]]:
+        # A refused command line exits 2 here (the project's rule), 1 in qemu-img.
+        text = (r.stdout + r.stderr).replace("appliance img:", "qemu-img:")
+        return r.returncode == 0, [line.split(" in ")[0] for line in text.splitlines()]  # timings differ
+
+    assert shape(ours) == shape(theirs)
