@@ -151,8 +151,7 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
     async with img._lock:
         await img._flush_locked()
         await _begin(img)
-        if any(s.name == name for s in img.snapshots):
-            raise Qcow2Error(f"a snapshot named '{name}' already exists")
+        # Names need not be unique (qemu-img takes a second "s1"); IDs are.
         ids = [int(s.id) for s in img.snapshots if s.id.isdigit()]
         sid = str(max(ids, default=0) + 1)
         cs, cb = img._cs, img._cb

@@ -217,3 +217,19 @@ def test_bench_prints_and_refuses_what_qemu_img_bench_does(tmp_path: Path, args:
         return r.returncode == 0, [line.split(" in ")[0] for line in text.splitlines()]  # timings differ
 
     assert shape(ours) == shape(theirs)
+
+
+def test_a_second_snapshot_of_the_same_name_is_taken_as_qemu_img_takes_it(tmp_path: Path) -> None:
+    for d in ("q", "o"):
+        (tmp_path / d).mkdir()
+        qemu_img("create", "-f", "qcow2", str(tmp_path / d / "s.qcow2"), "4M")
+    for _ in range(2):
+        assert img("snapshot", "-c", "s1", "s.qcow2", cwd=tmp_path / "o").returncode == 0
+        assert qimg("snapshot", "-c", "s1", "s.qcow2", cwd=tmp_path / "q").returncode == 0
+
+    def ids_and_names(d: str) -> list[list[str]]:
+        lines = qimg("snapshot", "-l", "s.qcow2", cwd=tmp_path / d).stdout.splitlines()[2:]
+        return [line.split()[:2] for line in lines]
+
+    assert ids_and_names("o") == ids_and_names("q") == [["1", "s1"], ["2", "s1"]]
+    assert qimg("check", "s.qcow2", cwd=tmp_path / "o").returncode == 0
