@@ -254,10 +254,8 @@ def _guest_rows(a: argparse.Namespace, work: Path,
     """The test guest's ``blk bench`` on a qcow2 disk: appliance run against QEMU + KVM.
 
     Both boot the same test guest with ``-drive file=X.qcow2,format=qcow2,
-    if=virtio,cache=none``. QEMU gets ``aio=native``: our qcow2 engine uses
-    kernel AIO under O_DIRECT whatever ``aio=`` says (appliance.storage.blockdev
-    opens qcow2 with the engine's default and refuses ``aio=native`` for it),
-    so that is the same mode on both sides. Each side gets
+    if=virtio,cache=none,aio=native``: kernel AIO under O_DIRECT, the same mode
+    on both sides (QEMU's default would be threads). Each side gets
     its own copy of one fully allocated image, so reads hit data clusters and
     writes overwrite them; the two copies are byte-identical at the start.
     """
@@ -311,12 +309,12 @@ async def _guest_bench(who: str, elf: Path, img: Path, workloads: list[tuple[str
                        seconds: int) -> dict[str, tuple[float, float]]:
     from appliance.kit.console import GuestConsole
 
-    drive = f"file={img},format=qcow2,if=virtio,cache=none"
+    drive = f"file={img},format=qcow2,if=virtio,cache=none,aio=native"
     common = ["-kernel", str(elf), "-smp", "1", "-m", "128", "-nographic", "-no-reboot"]
     argv = ([PY, "-m", "appliance.cli.main", "run", "-M", "q35", *common, "-drive", drive]
             if who == "ours" else
             ["qemu-system-x86_64", "-enable-kvm", "-M", "q35", "-nodefaults", "-serial", "stdio",
-             *common, "-drive", drive + ",aio=native"])
+             *common, "-drive", drive])
     out: dict[str, tuple[float, float]] = {}
     async with GuestConsole(argv) as g:
         await g.ready(timeout=90)

@@ -25,7 +25,7 @@ __all__ = [
 
 async def open_image(path: Path, *, read_only: bool, fmt: str | None = None,
                      cache: str = "writeback", backing_override: Any = None,
-                     l2_cache_size: int | None = None) -> Any:
+                     l2_cache_size: int | None = None, aio: str | None = None) -> Any:
     """Open a disk image as a BlockBackend.
 
     :param fmt: "qcow2" or "raw"; ``None`` probes the file and warns, like QEMU.
@@ -39,6 +39,8 @@ async def open_image(path: Path, *, read_only: bool, fmt: str | None = None,
     from appliance.qcow2.backing import open_any
 
     kw: dict[str, Any] = {} if l2_cache_size is None else {"l2_cache_size": l2_cache_size}
+    if aio is not None:
+        kw["aio"] = aio  # threads or native, for O_DIRECT data I/O (the engine's default: native)
     return await open_any(path, fmt, read_only=read_only, cache=cache,
                           backing_override=backing_override, **kw)
 

@@ -94,8 +94,6 @@ class ImageSource:
             raise ConfigError(f"{self.what}: invalid aio option '{self.aio}' (threads or native)")
         if self.aio == "native" and self.cache not in ("none", "directsync"):
             raise ConfigError(f"{self.what}: aio=native was specified, but it requires cache.direct=on")
-        if self.aio == "native" and self.fmt == "qcow2":
-            raise ConfigError(f"{self.what}: aio=native is supported for raw images only")
         if self.discard not in ("ignore", "unmap"):
             raise ConfigError(f"{self.what}: invalid discard option '{self.discard}'")
         if self.l2_cache_size is not None and self.fmt == "raw":
@@ -596,7 +594,7 @@ async def _open(src: ImageSource, warn: Warn) -> OpenImage:
             if src.locking:
                 locks.append(await asyncio.to_thread(_lock, src.path, write=not src.read_only))
             backend = await _open_qcow2(src.path, read_only=src.read_only, cache=src.cache,
-                                        l2_cache_size=src.l2_cache_size)
+                                        l2_cache_size=src.l2_cache_size, aio=src.aio)
             _set_discard(backend, src.discard)
     except BaseException:
         for fd in locks:
@@ -605,11 +603,14 @@ async def _open(src: ImageSource, warn: Warn) -> OpenImage:
     return OpenImage(src, backend, fmt, locks)
 
 
-async def _open_qcow2(path: Path, *, read_only: bool, cache: str, l2_cache_size: int | None = None) -> BlockBackend:
+async def _open_qcow2(path: Path, *, read_only: bool, cache: str, l2_cache_size: int | None = None,
+                      aio: str = "threads") -> BlockBackend:
     from appliance.qcow2 import open_image
 
+    # aio= as QEMU means it: a thread pool (threads, its default) or kernel AIO
+    # (native), for the data I/O the engine does under O_DIRECT.
     backend: BlockBackend = await open_image(path, read_only=read_only, fmt="qcow2", cache=cache,
-                                             l2_cache_size=l2_cache_size)
+                                             l2_cache_size=l2_cache_size, aio=aio)
     return backend
 
 
@@ -628,7 +629,8 @@ async def _open_snapshot(src: ImageSource, fmt: str, locks: list[int]) -> BlockB
         locks.append(await asyncio.to_thread(_lock, src.path, write=False))
     overlay = await asyncio.to_thread(create_temporary_overlay, src.path, fmt)
     try:
-        backend = await _open_qcow2(overlay, read_only=False, cache=src.cache, l2_cache_size=src.l2_cache_size)
+        backend = await _open_qcow2(overlay, read_only=False, cache=src.cache, l2_cache_size=src.l2_cache_size,
+                                    aio=src.aio)
     finally:
         # The open descriptors keep the overlay alive; nothing is left behind
         # however the VMM ends.

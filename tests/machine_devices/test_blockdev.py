@@ -210,3 +210,22 @@ def test_drive_refuses_what_it_cannot_do_by_name(tmp_path: Path, extra: str, mes
     (tmp_path / "d.raw").write_bytes(bytes(4096))
     with pytest.raises(ConfigError, match=message):
         DriveConfig.parse(f"file={tmp_path}/d.raw,format=raw,{extra}")
+
+
+@pytest.mark.parametrize(("aio", "kernel_aio"), [("threads", False), ("native", True)])
+async def test_qcow2_honours_aio_as_qemu_means_it(tmp_path: Path, aio: str, kernel_aio: bool) -> None:
+    from appliance.qcow2 import Qcow2Image
+
+    q = tmp_path / "q.qcow2"
+    q.write_bytes(build_image(CreateOptions(size=1 << 20)))
+    src = DriveConfig.parse(f"file={q},format=qcow2,cache=none,aio={aio}").source
+    try:
+        img = await open_image_source(src)
+    except ConfigError as err:  # a file system without O_DIRECT
+        pytest.skip(f"O_DIRECT unavailable here: {err}")
+    try:
+        assert isinstance(img.backend, Qcow2Image)
+        # threads: QEMU's default, a pool of preadv/pwritev; native: a kernel AIO context.
+        assert (img.backend._aio is not None) == kernel_aio
+    finally:
+        await img.close()

@@ -158,7 +158,6 @@ BAD = [
     (["-blockdev", '{"driver":"file"}'], "JSON"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=nbd"], "file.driver=nbd"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename={disk},file.bogus=1"], "'file.bogus'"),
-    (["-drive", "file={disk},format=qcow2,cache=none,aio=native"], "raw images only"),
     (["-blockdev", "driver=qcow2,node-name=q,file=nofile", "-device", "virtio-blk-pci,drive=q"], "'nofile'"),
     (["-blockdev", "driver=raw,node-name=a,file=b", "-blockdev", "driver=raw,node-name=b,file=a",
       "-device", "virtio-blk-pci,drive=a"], "not a driver=file node"),
