@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,13 @@ def _probe(path: Path, *, write: bool, qcow2: bool) -> None:
     except OSError as err:
         raise GenericError(f"Could not open '{path}': {err.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISBLK(os.fstat(fd).st_mode):
+            # A directory opens read-only, and only reading it fails.
+            raise GenericError(f"'file' driver requires '{path}' to be a regular file")
         if qcow2 and os.pread(fd, 4, 0) != b"QFI\xfb":
             raise GenericError("Image is not in qcow2 format")
+    except OSError as err:
+        raise GenericError(f"Could not read '{path}': {err.strerror}") from None
     finally:
         os.close(fd)
 

@@ -423,3 +423,21 @@ def test_fuzzed_requests_get_replies_and_leave_nothing_behind(images: Path) -> N
         asyncio.run(run(script))
 
     check()
+
+
+def test_blockdev_add_of_a_directory_is_refused_as_qsd_refuses_it(images: Path) -> None:
+    """Found by the fuzzer above: a directory opened read-only, then reading it raised out."""
+
+    async def run() -> None:
+        cfg = parse_args(["--blockdev", f"driver=file,node-name=f0,filename={images / 'a.img'}"])
+        async with StorageDaemon(cfg) as d:
+            session = Session(QmpServer(d, table=DAEMON_COMMANDS))
+            session.negotiated = True
+            for args in ({"driver": "qcow2", "node-name": "n1", "read-only": True,
+                          "file": {"driver": "file", "filename": str(images)}},
+                         {"driver": "file", "node-name": "n2", "read-only": True, "filename": str(images)}):
+                reply = await session.handle(json.dumps({"execute": "blockdev-add", "arguments": args}).encode())
+                assert reply == {"error": {"class": "GenericError",
+                                           "desc": f"'file' driver requires '{images}' to be a regular file"}}
+
+    asyncio.run(run())
