@@ -10,8 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The property and fuzz tests draw the same examples on every run by default,
+# so `make test` (and CI) passes or fails on the code, not on a lucky draw;
+# HYPOTHESIS_PROFILE=explore draws fresh ones (what to run while hunting, and
+# whatever it finds is kept as a named test).
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def have_kvm() -> bool:
