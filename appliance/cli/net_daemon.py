@@ -276,7 +276,7 @@ class DaemonNic:
 
     async def open(self) -> None:
         """Open the netdev and its captures, make the device and listen on the socket."""
-        from appliance.net.capture import CapturingBackend, open_capture
+        from appliance.net.capture import open_capture, with_captures
         from appliance.nic.virtio_net import VirtioNet
         from appliance.virtio.vhost_user.backend import VhostUserBackend
         from appliance.virtio.vhost_user.server import VhostUserServer
@@ -289,14 +289,7 @@ class DaemonNic:
         for d in self.captures:
             # One pcap per filter, shared by every queue pair of the netdev.
             self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen))
-        if self.writers:
-            wrapped: list[FrameBackend] = []
-            for b in backends:
-                cap = CapturingBackend(b)
-                cap.writers = list(self.writers)
-                wrapped.append(cap)
-            backends = wrapped
-        self.backends = list(backends)
+        self.backends = with_captures(backends, self.writers)
         self.device = VirtioNet(self.backends, self.mac, control_queue=False)
         self.server = VhostUserServer(e.path, VhostUserBackend(self.device))
         await self.server.start()

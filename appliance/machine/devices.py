@@ -244,7 +244,7 @@ class NicSpec:
     transport: Any = field(default=None, repr=False)
 
     async def open(self) -> None:
-        from appliance.net.capture import CapturingBackend, open_capture
+        from appliance.net.capture import open_capture, with_captures
         from appliance.net.netdev import open_netdev
 
         what = f"-netdev {self.netdev.id}"
@@ -258,14 +258,7 @@ class NicSpec:
         except (ApplianceError, OSError) as err:
             await self.close()
             raise ConfigError(f"{what}: {err}") from err
-        if self.writers:
-            wrapped: list[Any] = []
-            for b in backends:
-                cap = CapturingBackend(b)
-                cap.writers = list(self.writers)
-                wrapped.append(cap)
-            backends = wrapped
-        self.backends = list(backends)
+        self.backends = with_captures(backends, self.writers)
 
     def attach(self, builder: MachineBuilder, inst: Instance) -> None:
         attach_nic(builder, inst, self)

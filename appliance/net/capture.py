@@ -14,7 +14,7 @@ import socket
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from appliance.net.backend import FrameBackend
 from appliance.net.errors import NetError
@@ -87,3 +87,16 @@ class CapturingBackend:
             w.close()
         self.writers.clear()
         self.inner.close()
+
+
+def with_captures(backends: Sequence[Any], writers: Sequence[Any]) -> list[Any]:
+    """``backends`` with every frame also written to ``writers`` (one pcap per
+    filter-dump, shared by all queue pairs of a netdev); unchanged without any."""
+    if not writers:
+        return list(backends)
+    wrapped = []
+    for b in backends:
+        cap = CapturingBackend(b)
+        cap.writers = list(writers)
+        wrapped.append(cap)
+    return wrapped
