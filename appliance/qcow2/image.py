@@ -511,11 +511,15 @@ class Qcow2Image:
                              kind=ErrorKind.READ_ONLY)
         asyncio.get_running_loop()
         await _iorun(_pwritev_full, self._fd, [data], off)
+        self._wrote(off + len(data))
+
+    def _wrote(self, end: int) -> None:
+        """Bytes up to ``end`` were written: a flush is owed, and the file may have grown."""
         self._needs_sync = True
-        if off + len(data) > self._written_end:
-            self._written_end = off + len(data)
-            if off + len(data) > self.file_size:
-                self.file_size = off + len(data)
+        if end > self._written_end:
+            self._written_end = end
+            if end > self.file_size:
+                self.file_size = end
 
     async def _sync(self) -> None:
         if self._unsafe:
@@ -1246,11 +1250,7 @@ class Qcow2Image:
                             await self._data_write([buf], host, n)
                     finally:
                         self._io_count -= 1
-                    self._needs_sync = True
-                    if host + n > self._written_end:
-                        self._written_end = host + n
-                        if host + n > self.file_size:
-                            self.file_size = host + n
+                    self._wrote(host + n)
                     return n
             elif (self._inflight and n <= self._cs
                   and (inf := self._inflight.get(offset >> self._cb)) is not None
@@ -1325,11 +1325,7 @@ class Qcow2Image:
             await self._data_write([buf], host, n)
         finally:
             self._io_count -= 1
-        self._needs_sync = True
-        if host + n > self._written_end:
-            self._written_end = host + n
-            if host + n > self.file_size:
-                self.file_size = host + n
+        self._wrote(host + n)
         await asyncio.shield(inf.fut)
         if not inf.ok:
             return await self.writev(offset, bufs)
@@ -1398,11 +1394,7 @@ class Qcow2Image:
         self._io_count += 1
         try:
             await self._data_write([buf], host + a, n)
-            if host + a + n > self._written_end:
-                self._written_end = host + a + n
-                if host + a + n > self.file_size:
-                    self.file_size = host + a + n
-            self._needs_sync = True
+            self._wrote(host + a + n)
             ok = True
         finally:
             self._io_count -= 1
@@ -1509,11 +1501,7 @@ class Qcow2Image:
                 await self._data_write([buf], host, n)
             else:
                 await _iorun(copy_range, src[0], src[1], self._dfd, host, n, src[2])
-            if host + n > self._written_end:
-                self._written_end = host + n
-                if host + n > self.file_size:
-                    self.file_size = host + n
-            self._needs_sync = True
+            self._wrote(host + n)
             ok = True
         finally:
             self._io_count -= 1
@@ -1711,11 +1699,7 @@ class Qcow2Image:
             await asyncio.gather(*fills)
         asyncio.get_running_loop()
         await self._data_write(views, host, length)
-        self._needs_sync = True
-        if host + length > self._written_end:
-            self._written_end = host + length
-            if host + length > self.file_size:
-                self.file_size = host + length
+        self._wrote(host + length)
 
     async def _read_old(self, gc: int, e: int, bm: int, a: int, b: int,
                         buf: memoryview) -> None:
