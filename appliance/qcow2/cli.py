@@ -703,6 +703,36 @@ def _file_holes(fd: int, host: int, n: int) -> list[tuple[int, int, bool]]:
     return out
 
 
+async def map_rows(img: Any, start: int, length: int) -> list[dict[str, Any]]:
+    """qemu-img map's rows for [start, start+length): start, length, depth,
+    present, zero, data, offset (where the bytes have one) and ``_file``
+    (the layer's path). Neighbours with the same flags and following host
+    offsets in the same file are one row, as qemu-img prints them;
+    compressed clusters (no offset) carry ``_compressed``."""
+    rows: list[dict[str, Any]] = []
+    for s, n, depth, present, zero, kind, hi in await chain_status(img, start, length,
+                                                                     detail=True):
+        row: dict[str, Any] = {"start": s, "length": n, "depth": depth, "present": present,
+                               "zero": zero or kind == K_UNALLOC,
+                               "data": kind in (K_DATA, K_COMPRESSED)}
+        if hi and hi[0] >= 0 and kind != K_COMPRESSED:
+            row["offset"] = hi[0]
+        row["_file"] = str(hi[1].path) if hi else None
+        row["_compressed"] = kind == K_COMPRESSED
+        if rows:
+            last = rows[-1]
+            same = all(last[k] == row[k] for k in ("depth", "present", "zero", "data"))
+            contiguous = ("offset" in last) == ("offset" in row) and (
+                "offset" not in row or last["offset"] + last["length"] == row["offset"])
+            if same and contiguous and last["start"] + last["length"] == s and (
+                    last["_file"] == row["_file"]):
+                last["length"] += n
+                last["_compressed"] = last["_compressed"] or row["_compressed"]
+                continue
+        rows.append(row)
+    return rows
+
+
 async def cmd_map(argv: list[str]) -> int:
     p = _parser("map")
     p.add_argument("-f", dest="fmt")
@@ -717,31 +747,14 @@ async def cmd_map(argv: list[str]) -> int:
         start = parse_size_arg(a.start_offset)
         length = img.size - start if a.max_length is None else min(
             parse_size_arg(a.max_length), img.size - start)
-        items = await chain_status(img, start, max(0, length), detail=True)
-        rows: list[dict[str, Any]] = []
-        for s, n, depth, present, zero, kind, hi in items:
-            row: dict[str, Any] = {"start": s, "length": n, "depth": depth, "present": present,
-                                   "zero": zero or kind == K_UNALLOC,
-                                   "data": kind in (K_DATA, K_COMPRESSED)}
-            if hi and hi[0] >= 0 and kind != K_COMPRESSED:
-                row["offset"] = hi[0]
-            row["_file"] = str(hi[1].path) if hi else None
-            if rows:
-                last = rows[-1]
-                same = all(last[k] == row[k] for k in ("depth", "present", "zero", "data"))
-                contiguous = ("offset" in last) == ("offset" in row) and (
-                    "offset" not in row or last["offset"] + last["length"] == row["offset"])
-                if same and contiguous and last["start"] + last["length"] == s and (
-                        last["_file"] == row["_file"]):
-                    last["length"] += n
-                    continue
-            rows.append(row)
+        rows = await map_rows(img, start, max(0, length))
         if a.output == "json":
             import json
 
             lines = []
             for r in rows:
                 r.pop("_file")
+                r.pop("_compressed")
                 body = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in r.items())
                 lines.append("{ " + body + "}")
             print("[" + ",\n".join(lines) + "]")

@@ -538,10 +538,15 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
             say("Strict mode: Image size mismatch!")
             return 1
         say("Warning: Image size mismatch!")
+    # qemu-img walks both images by block status and reports the first
+    # offset where status or contents differ: contents before the first
+    # status mismatch are compared first, so that is the order here too.
+    status_at = await _first_status_mismatch(i1, i2) if strict else None
+    limit = common if status_at is None else status_at
     b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
     pos = 0
-    while pos < common:
-        n = min(CHUNK, common - pos)
+    while pos < limit:
+        n = min(CHUNK, limit - pos)
         v1, v2 = memoryview(b1)[:n], memoryview(b2)[:n]
         await asyncio.gather(i1.readv(pos, [v1]), i2.readv(pos, [v2]))
         if not b1.startswith(v2):
@@ -549,6 +554,9 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
             say(f"Content mismatch at offset {pos + at}!")
             return 1
         pos += n
+    if status_at is not None:
+        say(f"Strict mode: Offset {status_at} block status mismatch!")
+        return 1
     bigger = i1 if i1.size > i2.size else i2
     zero = bytes(CHUNK)
     while pos < bigger.size:
@@ -562,6 +570,55 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
         pos += n
     say("Images are identical.")
     return 0
+
+
+async def _status_runs(img: Any) -> list[tuple[int, int, tuple[bool, bool, bool, bool]]]:
+    """(start, end, (allocated, data, zero, has-offset)) pieces of an image,
+    cut where QEMU's block-status answers end: at every L2 slice of a qcow2
+    image (the driver answers for one at a time) and around each compressed
+    cluster (the driver answers for those one by one)."""
+    from appliance.qcow2.cli import map_rows
+
+    cs = img._cs if isinstance(img, Qcow2Image) else 0
+    span = cs * (cs // (16 if img._ext else 8)) if cs else 0
+    out: list[tuple[int, int, tuple[bool, bool, bool, bool]]] = []
+    for r in await map_rows(img, 0, img.size):
+        st = (r["present"], r["data"], r["zero"], "offset" in r)
+        step = cs if r["_compressed"] else span
+        pos, end = r["start"], r["start"] + r["length"]
+        while pos < end:
+            nxt = min(end, (pos // step + 1) * step) if step else end
+            out.append((pos, nxt, st))
+            pos = nxt
+    return out
+
+
+async def _first_status_mismatch(i1: Any, i2: Any) -> int | None:
+    """The first offset where ``compare -s`` finds the block status differs.
+
+    As in qemu-img, the status of an answer that reaches the end of the
+    image carries an end-of-file flag: two images with the same data laid
+    out differently in their files differ for -s.
+    """
+    r1, r2 = await _status_runs(i1), await _status_runs(i2)
+    i = j = 0
+    pos = 0
+    while i < len(r1) and j < len(r2):
+        s1, e1, st1 = r1[i]
+        s2, e2, st2 = r2[j]
+        if (st1, e1 == i1.size) != (st2, e2 == i2.size):
+            return pos
+        # QEMU asks again at the end of the shorter answer.
+        pos = min(e1, e2)
+        if e1 == pos:
+            i += 1
+        else:
+            r1[i] = (pos, e1, st1)
+        if e2 == pos:
+            j += 1
+        else:
+            r2[j] = (pos, e2, st2)
+    return None
 
 
 def _first_diff(a: memoryview, b: memoryview) -> int:
