@@ -12,7 +12,7 @@ from collections.abc import Callable
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
 from appliance.qcow2.errors import Qcow2Error
-from appliance.qcow2.image import COMPRESSED, OFFSET_MASK, ZERO_FLAG, Qcow2Image
+from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2Image
 
 
 async def resize(img: Qcow2Image, new: int) -> None:
@@ -57,30 +57,73 @@ async def resize(img: Qcow2Image, new: int) -> None:
         img._build_meta_set()
 
 
-async def _has_zero_clusters(img: Qcow2Image) -> bool:
-    return await _any_l2_entry(img, lambda v: bool(v & ZERO_FLAG and not v & COMPRESSED))
-
-
 async def _has_compressed_clusters(img: Qcow2Image) -> bool:
     return await _any_l2_entry(img, lambda v: bool(v & COMPRESSED))
 
 
-async def _any_l2_entry(img: Qcow2Image, test: Callable[[int], bool]) -> bool:
-    """Whether an L2 entry of the active table or of any snapshot passes ``test``."""
+async def _l2_tables(img: Qcow2Image) -> dict[int, int]:
+    """Offset -> number of L1 entries (active and snapshots') naming it, per L2 table."""
     l1s = [img._l1]
     for s in img.snapshots:
         raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
         l1s.append(list(struct.unpack(f">{s.l1_size}Q", raw)))
+    users: dict[int, int] = {}
     for l1 in l1s:
         for e in l1:
             off = e & OFFSET_MASK
-            if not off:
-                continue
-            t = await img._load_l2(off)
-            for v in t[:: img._stride]:
-                if test(v):
-                    return True
+            if off:
+                users[off] = users.get(off, 0) + 1
+    return users
+
+
+async def _any_l2_entry(img: Qcow2Image, test: Callable[[int], bool]) -> bool:
+    """Whether an L2 entry of the active table or of any snapshot passes ``test``."""
+    for off in await _l2_tables(img):
+        t = await img._load_l2(off)
+        for v in t[:: img._stride]:
+            if test(v):
+                return True
     return False
+
+
+async def _expand_zero_clusters(img: Qcow2Image) -> None:
+    """Turn every zero cluster into one v2 can read (amend -o compat=0.10). Under the lock.
+
+    Version 2 has no zero flag (qcow2.txt, standard cluster descriptor bit
+    0), so: a zero cluster that keeps its host cluster gets zeroes written
+    there; one without, over a backing file, gets a new cluster of zeroes;
+    one without and with no backing file becomes unallocated, which reads
+    as zeroes anyway. An L2 table several L1 tables share is changed once,
+    and a new cluster in it counts once per user (its COPIED flag only when
+    there is one).
+    """
+    cs = img._cs
+    zero = bytes(cs)
+    for off, users in (await _l2_tables(img)).items():
+        table = await img._load_l2(off)
+        changed = False
+        for i, v in enumerate(table):
+            if not v & ZERO_FLAG or v & COMPRESSED:
+                continue
+            host = v & OFFSET_MASK
+            if host:
+                await img._pwrite(host, zero)
+                table[i] = v & ~ZERO_FLAG
+            elif not img.header.backing_file:
+                table[i] = 0
+            else:
+                c = await img._alloc_clusters(1)
+                if users > 1:
+                    await img._update_refcount(c, users - 1)
+                await img._pwrite(c * cs, zero)
+                table[i] = (c * cs) | (COPIED if users == 1 else 0)
+            changed = True
+        if changed:
+            # The zeroes and refcounts reach the disk before the entries naming them.
+            await img._flush_refcounts()
+            await img._sync()
+            await img._write_l2(off, table)
+    await img._sync()
 
 
 async def _change_refcount_order(img: Qcow2Image, order: int) -> None:
@@ -158,8 +201,7 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
             blocking = h.incompatible_features & ~(H.INCOMPAT_DIRTY | H.INCOMPAT_COMPRESSION)
             if blocking:
                 raise Qcow2Error(f"Cannot downgrade an image with incompatible features {blocking:#x} set")
-            if await _has_zero_clusters(img):
-                raise Qcow2Error("Cannot downgrade an image with zero clusters")
+            await _expand_zero_clusters(img)
             h.compression_type = 0
             h.version = 2
             h.compatible_features = h.autoclear_features = h.incompatible_features = 0

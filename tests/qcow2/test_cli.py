@@ -172,7 +172,7 @@ def test_convert_compare_commit_rebase_resize_amend(chain: Path, tmp_path: Path)
                                                             str(chain)).stdout))
     assert oracle_raw(chain, tmp_path) == expect
     check_clean(chain)
-    # Resize grow, then amend to v2 is refused (zero clusters), lazy refcounts on.
+    # Resize grow, then lazy refcounts on.
     img("resize", str(chain), "+3M")
     info = json.loads(qemu_img("info", "--output=json", str(chain)).stdout)
     assert info["virtual-size"] == 13 * 1024 * 1024

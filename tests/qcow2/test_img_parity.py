@@ -281,3 +281,45 @@ def test_compare_and_strict_compare_give_qemu_img_answers(tmp_path: Path,
                     rc = main(["img", *args])  # in-process: 200 runs
                 theirs = qimg(*args, cwd=tmp_path)
                 assert (out.getvalue(), rc) == (theirs.stdout, theirs.returncode), args
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_amend_to_compat_0_10_expands_zero_clusters_as_qemu_img_does(
+        tmp_path: Path, backed: bool) -> None:
+    # Zero clusters that keep their host cluster, ones that don't, over a
+    # backing file or not, in an L2 table a snapshot shares and in one it doesn't.
+    for d in "qo":
+        (tmp_path / d).mkdir()
+    q = tmp_path / "q"
+    if backed:
+        qemu_img("create", "-q", "-f", "qcow2", str(q / "b.qcow2"), "4M")
+        qemu_io(q / "b.qcow2", "write -P 9 0 4M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "-o",
+                 "cluster_size=4k", str(q / "d.qcow2"))
+    else:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(q / "d.qcow2"), "4M")
+    p = q / "d.qcow2"
+    qemu_io(p, "write -P 1 0 64k", "write -z 8k 8k", "write -z -u 32k 4k", "write -z 3M 16k")
+    qemu_img("snapshot", "-c", "s1", str(p))
+    qemu_io(p, "write -z 2M 8k", "write -P 2 2M 4k")
+    for f in q.iterdir():
+        shutil.copy(f, tmp_path / "o" / f.name)
+    before = (tmp_path / "before.raw")
+    qemu_img("convert", "-O", "raw", str(p), str(before))
+    ours = img("amend", "-o", "compat=0.10", "d.qcow2", cwd=tmp_path / "o")
+    theirs = qimg("amend", "-o", "compat=0.10", "d.qcow2", cwd=q)
+    assert (ours.returncode, ours.stderr) == (theirs.returncode, theirs.stderr) == (0, "")
+    for d in "qo":
+        assert qimg("check", "d.qcow2", cwd=tmp_path / d).returncode == 0
+        info = json.loads(qimg("info", "--output=json", "d.qcow2", cwd=tmp_path / d).stdout)
+        assert info["format-specific"]["data"]["compat"] == "0.10"
+        assert qimg("compare", "-F", "qcow2", "-f", "raw", "before.raw", f"{d}/d.qcow2",
+                    cwd=tmp_path).returncode == 0
+        # The snapshot's view survives too.
+        assert qimg("convert", "-l", "s1", "-O", "raw", "d.qcow2", "s1.raw",
+                    cwd=tmp_path / d).returncode == 0
+    assert (tmp_path / "q" / "s1.raw").read_bytes() == (tmp_path / "o" / "s1.raw").read_bytes()
+    same = [json.loads(qimg("map", "--output=json", "d.qcow2", cwd=tmp_path / d).stdout)
+            for d in "qo"]
+    strip = [[{k: v for k, v in e.items() if k != "offset"} for e in m] for m in same]
+    assert strip[0] == strip[1]
