@@ -13,6 +13,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,25 @@ class _Progress:
     def finish(self) -> None:
         if self.enabled:
             sys.stdout.write("    (100.00/100%)\n")
+
+
+class _RateLimit:
+    """convert -r: bytes a second, 0 for no limit. Each chunk waits until the
+    bytes before it have had their time."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.booked = 0
+        self.start = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        due = self.start + self.booked / self.rate
+        self.booked += n
+        wait = due - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
 
 _FLAG = bytes([0] + [1] * 255)  # translate table: any non-zero byte to 1
@@ -196,10 +216,29 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("-l", dest="snapshot")
+    p.add_argument("-C", dest="copy_offload", action="store_true")
+    p.add_argument("-r", dest="rate")
+    p.add_argument("--target-is-zero", action="store_true")
     p.add_argument("files", nargs="*")
     a = p.parse_args(argv)
     if any(wants_help(parse_o(t)) for t in a.options):
         return print_create_options(a.out_fmt)
+    if a.target_is_zero and not a.no_create:
+        raise ConfigError("--target-is-zero requires use of -n flag")
+    if a.copy_offload and a.compress:
+        raise ConfigError("Cannot enable copy offloading when -c is used")
+    if a.copy_offload and "-S" in argv:
+        raise ConfigError("Cannot enable copy offloading when -S is used")
+    rate = 0
+    if a.rate is not None:
+        try:
+            rate = parse_size_arg(a.rate)
+        except ConfigError:
+            rate = -1
+        if rate < 0:
+            raise ConfigError("Invalid rate limit specified. You may use k, M, G, T, P or E "
+                              "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
+                              "petabytes and exabytes.")
     if len(a.files) < 2:
         raise ConfigError("Expecting one image file name")
     *src_names, dst_name = a.files
@@ -243,10 +282,14 @@ async def cmd_convert(argv: list[str]) -> int:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
         try:
+            if a.target_is_zero and getattr(dst, "backing", None) is not None:
+                raise Qcow2Error("Cannot use --target-is-zero when the destination image "
+                                 "has a backing file")
             await convert(src, dst, compress=a.compress, sparse=sparse,
-                          explicit_zeroes=a.no_create or a.backing is not None,
+                          explicit_zeroes=(a.no_create and not a.target_is_zero
+                                           or a.backing is not None),
                           progress=a.progress and not a.quiet, workers=a.coroutines,
-                          file_copy=not a.force_share)
+                          file_copy=not a.force_share, rate=rate)
         finally:
             await dst.close()
     finally:
@@ -370,7 +413,7 @@ def _write_all(fd: int, pos: int, view: memoryview) -> None:
 
 async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
                   explicit_zeroes: bool = False, progress: bool = False,
-                  workers: int = 8, file_copy: bool = True) -> None:
+                  workers: int = 8, file_copy: bool = True, rate: int = 0) -> None:
     """Copy every byte of ``src`` into ``dst`` (same size or larger).
 
     With ``file_copy`` (not for sources others may be writing: ``-U``), data
@@ -381,6 +424,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     """
     size = min(src.size, dst.size)
     prog = _Progress(progress, size)
+    limit = _RateLimit(rate)
     qdst = isinstance(dst, Qcow2Image)
     cs = dst._cs if qdst else 4096
     gran = max(sparse, cs) if qdst else sparse
@@ -439,6 +483,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             if job is None:
                 return
             start, length, sfd, host = job
+            await limit.take(length)
             if sfd is not None:
                 runs = await file_chunk(start, length, sfd, host)
                 if explicit_zeroes:

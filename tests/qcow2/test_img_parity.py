@@ -323,3 +323,38 @@ def test_amend_to_compat_0_10_expands_zero_clusters_as_qemu_img_does(
             for d in "qo"]
     strip = [[{k: v for k, v in e.items() if k != "offset"} for e in m] for m in same]
     assert strip[0] == strip[1]
+
+
+@pytest.mark.parametrize("args", [
+    ["--target-is-zero", "-O", "raw", "s.qcow2", "t.raw"],
+    ["-r", "abc", "-O", "raw", "s.qcow2", "t.raw"],
+    ["-C", "-c", "-O", "qcow2", "s.qcow2", "t.qcow2"],
+    ["-C", "-S", "0", "-O", "raw", "s.qcow2", "t.raw"],
+])
+def test_convert_refuses_option_clashes_with_qemu_img_words(tmp_path: Path, args: list[str]) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "s.qcow2"), "1M")
+    ours, theirs = img("convert", *args, cwd=tmp_path), qimg("convert", *args, cwd=tmp_path)
+    # A refused command line exits 2 here (the project's rule), 1 in qemu-img; one line.
+    assert (ours.returncode, theirs.returncode) == (2, 1)
+    assert ours.stderr.replace("appliance img: ", "") == " ".join(
+        theirs.stderr.replace("qemu-img: ", "").split("\n")).rstrip() + "\n"
+
+
+def test_convert_target_is_zero_and_rate_limit(tmp_path: Path) -> None:
+    import time
+
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "s.qcow2"), "32M")
+    qemu_io(tmp_path / "s.qcow2", "write -P 3 0 32M", "write -z 1M 1M")
+    # -n --target-is-zero: the target's own bytes in the source's zero areas stay.
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "t.raw"), "32M")
+    qemu_io(tmp_path / "t.raw", "write -P 7 1M 4k", fmt="raw")
+    img("convert", "-n", "--target-is-zero", "-O", "raw", "s.qcow2", "t.raw", cwd=tmp_path)
+    assert (tmp_path / "t.raw").read_bytes()[1 << 20 : (1 << 20) + 4096] == b"\x07" * 4096
+    img("convert", "-n", "-O", "raw", "s.qcow2", "t.raw", cwd=tmp_path)
+    assert qimg("compare", "-f", "qcow2", "-F", "raw", "s.qcow2", "t.raw",
+                cwd=tmp_path).returncode == 0
+    # -r 16M: 32 MiB may not take much less than two seconds.
+    t0 = time.monotonic()
+    r = img("convert", "-r", "16M", "-O", "raw", "s.qcow2", "r.raw", cwd=tmp_path)
+    assert r.returncode == 0 and time.monotonic() - t0 >= 1.2
+    assert qimg("compare", "s.qcow2", "r.raw", cwd=tmp_path).returncode == 0
