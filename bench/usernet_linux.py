@@ -66,6 +66,8 @@ STACK_TASK: dict[str, str] = {}
 QEMU_MAIN: dict[str, str] = {}
 # --profile: py-spy samples our net-daemon during the connection rows (collapsed stacks).
 PROFILE: list[Path] = []
+# --cprofile: our net-daemon runs under cProfile for the whole run (stats written when it exits).
+CPROFILE: list[Path] = []
 
 
 def cpu_seconds(task: str) -> float:
@@ -128,8 +130,9 @@ async def stack(
     if kind == "appliance":
         sock = tmp / "user.sock"
         dump = ["--object", f"filter-dump,id=f0,netdev=u0,file={pcap / 'appliance.pcap'}"] if pcap else []
+        prof = ["-m", "cProfile", "-o", str(CPROFILE[0])] if CPROFILE else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli.main", "net-daemon", "--netdev", f"user,id=u0,{fwd}",
+            [sys.executable, *prof, "-m", "appliance.cli.main", "net-daemon", "--netdev", f"user,id=u0,{fwd}",
              "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}", *dump],
             cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -295,6 +298,7 @@ def main() -> int:
     p.add_argument("--no-passt", action="store_true", help="compare with libslirp only")
     p.add_argument("--pcap", type=Path, help="capture each stack's frames to DIR/<stack>.pcap (filter-dump)")
     p.add_argument("--profile", type=Path, help="py-spy our net-daemon in the connection rows (collapsed stacks)")
+    p.add_argument("--cprofile", type=Path, help="run our net-daemon under cProfile, stats to this file")
     a = p.parse_args()
     only = frozenset(a.only.split(","))
     if not only <= set(METRICS):
@@ -304,6 +308,8 @@ def main() -> int:
         a.pcap = a.pcap.resolve()
     if a.profile:
         PROFILE.append(a.profile.resolve())
+    if a.cprofile:
+        CPROFILE.append(a.cprofile.resolve())
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
     return 0

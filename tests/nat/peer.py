@@ -253,7 +253,7 @@ class GuestTcp:
             off = self.snd_nxt - self._data_base()
             self._send(ACK | PSH, self.snd_nxt, bytes(self.sndbuf[off : off + k]))
             self.snd_nxt += k
-        if self.fin_wanted and self.snd_nxt == end:
+        if self.fin_wanted and not self.fin_acked and self.snd_nxt == end:
             self._send(FIN | ACK, end)
             self.snd_nxt = end + 1
         if (self.snd_nxt > self.snd_una or self.snd_nxt < end) and not self.deadline:
