@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.cli import qemu_json
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
 from appliance.qcow2.backing import open_any
@@ -440,9 +441,7 @@ async def cmd_info(argv: list[str]) -> int:
                 names.append(_info_dict(prev, names[i - 1])["full-backing-filename"])
             infos.append(_info_dict(layer, names[i]))
         if a.output == "json":
-            import json
-
-            print(json.dumps(infos if a.backing_chain else infos[0], indent=4))
+            print(qemu_json.dumps(infos if a.backing_chain else infos[0]))
         else:
             print("\n".join(_info_human(d, layer) for d, layer in zip(infos, chain, strict=False)), end="")
     finally:
@@ -526,14 +525,13 @@ async def cmd_check(argv: list[str]) -> int:
             d["leaks-fixed"] = before.leaks_fixed
         if before.corruptions_fixed:
             d["corruptions-fixed"] = before.corruptions_fixed
-        d["allocated-clusters"] = res.allocated_clusters
+        if res.allocated_clusters:
+            d["allocated-clusters"] = res.allocated_clusters
         d["filename"] = a.filename
         d["format"] = "qcow2"
         if res.fragmented_clusters:
             d["fragmented-clusters"] = res.fragmented_clusters
-        import json
-
-        print(json.dumps(d, indent=4))
+        print(qemu_json.dumps(d))
     elif not a.quiet:
         if a.repair and (before.leaks or before.corruptions):
             _print_repairs(before.messages)

@@ -358,3 +358,25 @@ def test_convert_target_is_zero_and_rate_limit(tmp_path: Path) -> None:
     r = img("convert", "-r", "16M", "-O", "raw", "s.qcow2", "r.raw", cwd=tmp_path)
     assert r.returncode == 0 and time.monotonic() - t0 >= 1.2
     assert qimg("compare", "s.qcow2", "r.raw", cwd=tmp_path).returncode == 0
+
+
+def test_json_output_is_laid_out_as_qemu_img_lays_it_out(tmp_path: Path) -> None:
+    # Empty lists (a bitmap's flags), characters outside ASCII in names, and
+    # check's allocated-clusters, left out while nothing is allocated.
+    name = "b\u00e9\U0001F600.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / name), "16M")
+    qimg("bitmap", "--add", name, "b0", cwd=tmp_path)
+    qimg("bitmap", "--add", "-g", "128k", "--disable", name, "b1", cwd=tmp_path)
+    same_stdout_and_rc(tmp_path, "info", "--output", "json", name)
+    same_stdout_and_rc(tmp_path, "check", "--output", "json", name)
+    qemu_io(tmp_path / name, "write 0 64k")
+    same_stdout_and_rc(tmp_path, "check", "--output", "json", name)
+
+
+def test_qemu_json_writer_escapes_like_qemu() -> None:
+    from appliance.cli.qemu_json import dumps
+
+    assert dumps({"a": [], "b": {}, "c": [1, True, None]}) == (
+        '{\n    "a": [\n    ],\n    "b": {\n    },\n    "c": [\n        1,\n        true,\n'
+        '        null\n    ]\n}')
+    assert dumps("\u00e9\x7f\t\"\\\U0001F600") == '"\\u00E9\\u007F\\t\\"\\\\\\uD83D\\uDE00"'
