@@ -32,9 +32,27 @@ commands: create, info, check, map, convert, snapshot, resize, commit, rebase,
 """
 
 
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # type: ignore[override]
         raise ConfigError(message)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """Parse, then refuse unknown cache modes (-t the target's or the
+        image's, -T the source's) in qemu-img's words."""
+        a = super().parse_args(args, namespace)
+        for flag, what in (("-t", "cache option"), ("-T", "source cache option")):
+            action = self._option_string_actions.get(flag)
+            value = getattr(a, action.dest, None) if action else None
+            if value is not None and value not in CACHE_MODES:
+                if self.prog.endswith(" bench"):
+                    raise ConfigError("Invalid cache mode")
+                raise ConfigError(f"Invalid {what}: {value}")
+            if value == "off" and action is not None:
+                setattr(a, action.dest, "none")  # QEMU's other name for it
+        return a
 
 
 def _parser(prog: str) -> _Parser:
@@ -300,7 +318,10 @@ async def cmd_create(argv: list[str]) -> int:
         print(" ".join(parts))
     from appliance.qcow2.create import create_image
 
-    await create_image(a.filename, opts)
+    try:
+        await create_image(a.filename, opts)
+    except Qcow2Error as err:
+        raise Qcow2Error(f"{a.filename}: {err}") from err  # qemu-img names the file first
     return 0
 
 
@@ -476,6 +497,7 @@ async def cmd_check(argv: list[str]) -> int:
     p = _parser("check")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-r", dest="repair", choices=["leaks", "all"])
+    p.add_argument("-T", dest="src_cache", default="writeback")
     p.add_argument("--output", default="human", choices=["human", "json"])
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
@@ -867,6 +889,7 @@ async def cmd_amend(argv: list[str]) -> int:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-t", dest="cache", default="writeback")
     p.add_argument("--force", action="store_true")
     p.add_argument("filename", nargs="?")
     a = p.parse_args(argv)
@@ -879,7 +902,7 @@ async def cmd_amend(argv: list[str]) -> int:
         raise ConfigError("Expecting one image file name")
     if not o:
         raise ConfigError("Must specify options (-o)")
-    img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+    img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False, cache=a.cache)
     try:
         await amend(img, o)
     finally:

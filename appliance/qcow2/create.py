@@ -32,24 +32,36 @@ class CreateOptions:
 
 def build_image(opts: CreateOptions) -> bytes:
     """The bytes of an empty qcow2 image (before any preallocation)."""
-    cs = opts.cluster_size
-    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
-        raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
-    cb = cs.bit_length() - 1
-    rb = opts.refcount_bits
-    if rb < 1 or rb > 64 or rb & (rb - 1):
-        raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+    # Checked in qemu-img's order, with its words (the option parser's first).
+    v3 = "(use version=v3 or greater)"
     if opts.compat not in ("0.10", "1.1", "v2", "v3"):
-        raise Qcow2Error(f"Invalid compatibility level: '{opts.compat}'")
+        raise Qcow2Error(f"Parameter 'version' does not accept value '{opts.compat}'")
+    if opts.compression_type not in ("zlib", "zstd"):
+        raise Qcow2Error(f"Parameter 'compression-type' does not accept value "
+                         f"'{opts.compression_type}'")
     version = 2 if opts.compat in ("0.10", "v2") else 3
-    if version == 2 and (opts.lazy_refcounts or rb != 16 or opts.extended_l2
-                         or opts.compression_type != "zlib"):
-        raise Qcow2Error("this option requires compat=1.1 or later")
+    cs = opts.cluster_size
+    if opts.extended_l2 and version < 3:
+        raise Qcow2Error(f"Extended L2 entries are only supported with compatibility level 1.1 "
+                         f"and above {v3}")
     if opts.extended_l2 and cs < 16384:
         raise Qcow2Error("Extended L2 entries are only supported with cluster sizes of at "
                          "least 16384 bytes")
-    if opts.compression_type not in ("zlib", "zstd"):
-        raise Qcow2Error(f"Invalid compression type '{opts.compression_type}'")
+    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+        raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
+    cb = cs.bit_length() - 1
+    if opts.lazy_refcounts and version < 3:
+        raise Qcow2Error(f"Lazy refcounts only supported with compatibility level 1.1 and "
+                         f"above {v3}")
+    rb = opts.refcount_bits
+    if rb < 1 or rb > 64 or rb & (rb - 1):
+        raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+    if rb != 16 and version < 3:
+        raise Qcow2Error(f"Different refcount widths than 16 bits require compatibility level "
+                         f"1.1 or above {v3}")
+    if opts.compression_type != "zlib" and version < 3:
+        raise Qcow2Error(f"Non-zlib compression type is only supported with compatibility "
+                         f"level 1.1 and above {v3}")
     if opts.size < 0 or opts.size >= 1 << 63:
         raise Qcow2Error("Image size must be less than 8 EiB!")
     l2_entries = cs // (16 if opts.extended_l2 else 8)

@@ -34,7 +34,7 @@ async def cmd_bench(argv: list[str]) -> int:
     p.add_argument("-t", dest="cache", default="writeback")
     p.add_argument("-w", dest="write", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
-    p.add_argument("--pattern", type=lambda v: int(v, 0), default=None)
+    p.add_argument("--pattern", default=None)
     p.add_argument("--flush-interval", type=int, default=0)
     p.add_argument("--no-drain", action="store_true")
     p.add_argument("--buffer-per-request", dest="per_request", action="store_true")
@@ -45,6 +45,13 @@ async def cmd_bench(argv: list[str]) -> int:
     bufsize = parse_size_arg(a.bufsize)
     step = parse_size_arg(a.step) if a.step else bufsize
     offset = parse_size_arg(a.offset)
+    if a.pattern is not None:
+        try:
+            a.pattern = int(a.pattern, 0)
+        except ValueError:
+            a.pattern = -1
+        if not 0 <= a.pattern <= 0xFF:
+            raise ConfigError("Invalid pattern byte specified")
     if a.pattern is not None and not a.write:
         raise ConfigError("--pattern is only for write tests")
     if a.flush_interval and not a.write:
