@@ -337,8 +337,7 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
             d["backing-filename-format"] = h.backing_format
         if img.snapshots:
             d["snapshots"] = [
-                {
-                    "icount": s.icount if s.icount is not None else 0,
+                ({"icount": s.icount} if s.icount is not None else {}) | {
                     "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
                     "name": s.name,
                     "date-sec": s.date_sec,

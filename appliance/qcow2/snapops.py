@@ -164,8 +164,10 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
             await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
         await img._sync()
         sec, nsec = img.now()
-        snap = Snapshot(l1_off, len(l1), sid, name, sec, nsec, vm_clock_nsec, 0,
-                        disk_size=img.size, icount=None)
+        # QEMU stamps snapshots to the microsecond and records an instruction
+        # count of 0 when it runs without record/replay, as we always do.
+        snap = Snapshot(l1_off, len(l1), sid, name, sec, nsec // 1000 * 1000, vm_clock_nsec, 0,
+                        disk_size=img.size, icount=0)
         await _write_table(img, img.snapshots + [snap])
         img._l2.clear()
         await fix_copied_flags(img)

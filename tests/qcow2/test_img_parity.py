@@ -434,3 +434,14 @@ def test_bad_cache_modes_and_patterns_are_refused_in_qemu_img_words(tmp_path: Pa
     # A refused command line exits 2 here (the project's rule); qemu-img 1 (compare: 2).
     assert ours.returncode == 2 and theirs.returncode in (1, 2)
     assert _words(ours.stderr) == _words(theirs.stderr)
+
+
+def test_snapshots_we_take_list_like_qemu_img_ones(tmp_path: Path) -> None:
+    # icount 0 (QEMU without record/replay) and a date to the microsecond.
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "s.qcow2"), "1M")
+    qimg("snapshot", "-c", "theirs", "s.qcow2", cwd=tmp_path)
+    img("snapshot", "-c", "ours", "s.qcow2", cwd=tmp_path)
+    snaps = json.loads(qimg("info", "--output=json", "s.qcow2", cwd=tmp_path).stdout)["snapshots"]
+    assert [sorted(s) for s in snaps] == [sorted(snaps[0])] * 2
+    assert snaps[1]["icount"] == 0 and snaps[1]["date-nsec"] % 1000 == 0
+    same_stdout_and_rc(tmp_path, "info", "--output=json", "s.qcow2")
