@@ -75,6 +75,21 @@ class _Progress:
             sys.stdout.write("    (100.00/100%)\n")
 
 
+def _rate_arg(text: str | None) -> int:
+    """-r of convert and commit: bytes a second, 0 (or none given) for no limit."""
+    if text is None:
+        return 0
+    try:
+        rate = parse_size_arg(text)
+    except ConfigError:
+        rate = -1
+    if rate < 0:
+        raise ConfigError("Invalid rate limit specified. You may use k, M, G, T, P or E "
+                          "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
+                          "petabytes and exabytes.")
+    return rate
+
+
 class _RateLimit:
     """convert -r: bytes a second, 0 for no limit. Each chunk waits until the
     bytes before it have had their time."""
@@ -229,16 +244,7 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("Cannot enable copy offloading when -c is used")
     if a.copy_offload and "-S" in argv:
         raise ConfigError("Cannot enable copy offloading when -S is used")
-    rate = 0
-    if a.rate is not None:
-        try:
-            rate = parse_size_arg(a.rate)
-        except ConfigError:
-            rate = -1
-        if rate < 0:
-            raise ConfigError("Invalid rate limit specified. You may use k, M, G, T, P or E "
-                              "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
-                              "petabytes and exabytes.")
+    rate = _rate_arg(a.rate)
     if len(a.files) < 2:
         raise ConfigError("Expecting one image file name")
     *src_names, dst_name = a.files
@@ -693,6 +699,7 @@ async def cmd_commit(argv: list[str]) -> int:
     p.add_argument("-r", dest="rate")
     p.add_argument("filename")
     a = p.parse_args(argv)
+    rate = _rate_arg(a.rate)
     # qemu-img: -b implies -d, since the images between base and top are no
     # longer valid afterwards and only the top's own data keeps it right.
     empty_top = not a.keep and not a.base
@@ -701,12 +708,15 @@ async def cmd_commit(argv: list[str]) -> int:
     base: Any = None
     try:
         if not isinstance(top, Qcow2Image) or not top.header.backing_file:
+            if a.base:
+                raise Qcow2Error(f"Did not find '{a.base}' in the backing chain of '{a.filename}'")
             raise Qcow2Error("Image does not have a backing file")
         bpath, bfmt = await _find_base(layers, a.base, a.filename)
         base = await open_any(bpath, bfmt, read_only=False, cache=a.cache)
         for upper, lower in zip(layers, layers[1:] + [base], strict=True):
             upper.backing = lower
         prog = _Progress(a.progress and not a.quiet, top.size * len(layers))
+        limit = _RateLimit(rate)
         buf = memoryview(bytearray(CHUNK))
         # Bottom layer first: what an upper layer holds lands in base last.
         for layer in reversed(layers):
@@ -718,6 +728,7 @@ async def cmd_commit(argv: list[str]) -> int:
                     s = start
                     while s < start + n:
                         m = min(CHUNK, start + n - s)
+                        await limit.take(m)
                         await layer.readv(s, [buf[:m]])
                         await base.writev(s, [buf[:m]])
                         s += m
@@ -790,8 +801,11 @@ async def cmd_rebase(argv: list[str]) -> int:
     new: Any = None
     try:
         if new_name:
-            new = await open_any(resolve_backing(img.path, new_name), a.backing_fmt,
-                                 read_only=True, cache=a.src_cache)
+            try:
+                new = await _open(str(resolve_backing(img.path, new_name)), a.backing_fmt,
+                                  read_only=True, cache=a.src_cache)
+            except Qcow2Error as err:
+                raise Qcow2Error(f"Could not open new backing file '{new_name}': {err}") from err
         fmt = a.backing_fmt or (None if new is None else
                                 ("qcow2" if isinstance(new, Qcow2Image) else "raw"))
         prog = _Progress(a.progress and not a.quiet, img.size)

@@ -445,3 +445,15 @@ def test_snapshots_we_take_list_like_qemu_img_ones(tmp_path: Path) -> None:
     assert [sorted(s) for s in snaps] == [sorted(snaps[0])] * 2
     assert snaps[1]["icount"] == 0 and snaps[1]["date-nsec"] % 1000 == 0
     same_stdout_and_rc(tmp_path, "info", "--output=json", "s.qcow2")
+
+
+@pytest.mark.parametrize("args", [
+    ["commit", "-b", "nonexist", "a.qcow2"],
+    ["commit", "-r", "abc", "a.qcow2"],
+    ["rebase", "-b", "nonexist", "-F", "qcow2", "a.qcow2"],
+])
+def test_commit_and_rebase_refusals_match_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
+    ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+    assert ours.returncode in (1, 2) and theirs.returncode == 1
+    assert " ".join(_words(ours.stderr).split()) == " ".join(_words(theirs.stderr).split())
