@@ -55,10 +55,12 @@ MB = 1 << 20
 
 
 # Host socket events: asyncio protocol callbacks (hostfwd, names) and HostSocket's own
-# reader/writer (outbound connections to an address).
+# reader/writer (outbound connections to an address), called from the NAT's own epoll
+# (HostPoller._poll: its epoll_wait counts as stack time).
 _HOST_CALLBACKS = (
     (tcp_nat._HostSide, ("data_received", "eof_received", "connection_lost", "resume_writing")),
     (tcp_nat.HostSocket, ("_read_ready", "_write_ready", "_lost")),
+    (tcp_nat.HostPoller, ("_poll",)),
 )
 
 

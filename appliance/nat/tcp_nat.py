@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import struct
 from collections.abc import Coroutine
@@ -70,6 +71,86 @@ WRITE_HIGH = RCVBUF // 2  # host write buffer above this: the guest's window clo
 WRITE_LOW = RCVBUF // 8  # ... and reopens (host_drained) once it is down to this
 
 
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+
+
+class HostPoller:
+    """One epoll for the NAT's connected host sockets, itself a single reader on the loop.
+
+    Each host socket was a reader (and at times a writer) of its own on the
+    asyncio loop: every ``add_reader``/``remove_reader`` made a Handle, a
+    selector key and a dict update, and every event went through a Handle on
+    the ready queue. Here watching a socket is one ``epoll_ctl`` and a dict
+    entry, and one loop callback serves every socket that is ready. Level
+    triggered, as asyncio's selector: a socket that is not read stays ready.
+    Watchers are objects with ``_read_ready``/``_write_ready`` methods.
+    """
+
+    __slots__ = ("_loop", "_ep", "_fds", "_net")
+
+    def __init__(self, net: UserNetwork) -> None:
+        self._net = net
+        self._loop = net.loop
+        self._ep: select.epoll | None = select.epoll()
+        self._fds: dict[int, tuple[HostSocket, int]] = {}
+        self._loop.add_reader(self._ep.fileno(), self._poll)
+
+    def watch(self, fd: int, who: HostSocket, mask: int) -> None:
+        """Wait for ``mask`` (EPOLLIN, EPOLLOUT) on ``fd`` for ``who``; 0 stops watching it."""
+        ep = self._ep
+        if ep is None:
+            return
+        old = self._fds.get(fd)
+        if old is None:
+            if mask:
+                ep.register(fd, mask)
+                self._fds[fd] = (who, mask)
+        elif not mask:
+            del self._fds[fd]
+            ep.unregister(fd)
+        elif old[1] != mask:
+            ep.modify(fd, mask)
+            self._fds[fd] = (who, mask)
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def _poll(self) -> None:
+        ep = self._ep
+        if ep is None:
+            return
+        try:
+            events = ep.poll(0, 64)
+        except InterruptedError:
+            return
+        fds = self._fds
+        for fd, ev in events:
+            entry = fds.get(fd)
+            if entry is None:
+                continue  # stopped watching while an earlier event of this batch was handled
+            who, mask = entry
+            try:
+                # As asyncio's selector: hang-up and error wake both a reader and a writer.
+                if ev & ~EPOLLOUT and mask & EPOLLIN:
+                    who._read_ready()
+                    entry = fds.get(fd)
+                    if entry is None or entry[0] is not who:
+                        continue
+                    mask = entry[1]
+                if ev & ~EPOLLIN and mask & EPOLLOUT:
+                    who._write_ready()
+            except Exception:  # noqa: BLE001 - one socket's failure must not starve the others
+                self._net._internal_error()
+
+    def close(self) -> None:
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            self._loop.remove_reader(ep.fileno())
+            ep.close()
+        self._fds.clear()
+
+
 class HostSocket:
     """A connected host socket served by loop readers/writers for one :class:`TcpConn`.
 
@@ -83,11 +164,12 @@ class HostSocket:
     loop turn, as asyncio does, so it never re-enters the caller.
     """
 
-    __slots__ = ("_loop", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
+    __slots__ = ("_loop", "_poller", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
                  "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed")  # fmt: skip
 
     def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket) -> None:
         self._loop = nat.net.loop
+        self._poller = nat.poller()
         self._sock = sock
         self._fd = sock.fileno()
         self._conn: TcpConn | None = conn
@@ -104,8 +186,8 @@ class HostSocket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio: we already batch
         except OSError:
             pass
-        self._loop.add_reader(self._fd, self._read_ready)
         self._reading = True
+        self._poller.watch(self._fd, self, EPOLLIN)
 
     # -- HostTransport ---------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -122,8 +204,8 @@ class HostSocket:
             if n == len(data):
                 return
             data = memoryview(data)[n:]
-            self._loop.add_writer(self._fd, self._write_ready)
             self._writing = True
+            self._watch()
         self._wbuf += data
         if len(self._wbuf) > WRITE_HIGH:
             self._write_paused = True
@@ -146,13 +228,13 @@ class HostSocket:
         if not self._paused:
             self._paused = True
             if self._reading:
-                self._loop.remove_reader(self._fd)
+                self._watch()
 
     def resume_reading(self) -> None:
         if self._paused:
             self._paused = False
             if self._reading and not self._closing:
-                self._loop.add_reader(self._fd, self._read_ready)
+                self._watch()
 
     def close(self) -> None:
         """Stop reading, send what is buffered, then close (the connection hears ``host_lost(None)``)."""
@@ -210,8 +292,8 @@ class HostSocket:
             if self._write_paused and len(self._wbuf) <= WRITE_LOW:
                 self._drained()
             return
-        self._loop.remove_writer(self._fd)
         self._writing = False
+        self._watch()
         if self._closing:
             self._finalize(None)
             return
@@ -222,6 +304,15 @@ class HostSocket:
             self._drained()
 
     # -- internals -------------------------------------------------------
+    def _watch(self) -> None:
+        """Tell the poller what we wait for now (nothing once closed: the fd may be reused)."""
+        if self._closed:
+            return
+        mask = EPOLLIN if self._reading and not self._paused else 0
+        if self._writing:
+            mask |= EPOLLOUT
+        self._poller.watch(self._fd, self, mask)
+
     def _drained(self) -> None:
         self._write_paused = False
         conn = self._conn
@@ -239,7 +330,7 @@ class HostSocket:
         if self._reading:
             self._reading = False
             if not self._paused:
-                self._loop.remove_reader(self._fd)
+                self._watch()
 
     def _fail_later(self, err: OSError) -> None:
         # Raised inside a call from the connection: report on the next turn, never re-entering it.
@@ -256,11 +347,9 @@ class HostSocket:
     def _finalize(self, err: OSError | None) -> None:
         if self._closed:
             return
+        self._reading = self._writing = False
+        self._poller.watch(self._fd, self, 0)  # before close(): the number may be reused at once
         self._closed = True
-        self._stop_reading()
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
         self._wbuf.clear()
         self._sock.close()
         conn, self._conn = self._conn, None
@@ -334,10 +423,18 @@ class TcpNat:
         # Connected host sockets whose connection is still in its handshake (watched from _attach).
         self._attaching: dict[TcpConn, socket.socket] = {}
         self._servers: list[tuple[asyncio.Server, HostForward]] = []
+        self._poller: HostPoller | None = None
         self._ack_set: dict[TcpConn, None] = {}
         self._ack_scheduled = False
         self._next_port = 49152
         self._guestfwd = {(g.server.packed, g.port): (g.target_host, g.target_port) for g in net.config.guestfwd}
+
+    def poller(self) -> HostPoller:
+        """The epoll that serves the host sockets (made on first use, on the running loop)."""
+        p = self._poller
+        if p is None:
+            p = self._poller = HostPoller(self.net)
+        return p
 
     # -- Owner protocol --------------------------------------------------
     def forget(self, conn: TcpConn) -> None:
@@ -652,6 +749,8 @@ class TcpNat:
         self._attaching.clear()
         for conn in list(self.conns.values()):
             conn.abort(send_rst=False)
+        if self._poller is not None:
+            self._poller.close()
         for task in list(self._tasks):
             task.cancel()
         for server, _ in self._servers:

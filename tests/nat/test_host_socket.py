@@ -161,3 +161,59 @@ async def test_pause_and_abort() -> None:
     finally:
         peer.close()
         await net.stop()
+
+
+async def test_every_host_socket_is_served_by_one_epoll_and_leaves_it_when_closed() -> None:
+    """Sockets are watched through the NAT's own epoll (one loop reader), and a closed socket is no
+    longer watched, so its descriptor number can be reused by the next connection at once."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    loop = asyncio.get_running_loop()
+    readers_before = len(loop._selector.get_map())  # type: ignore[attr-defined]
+    pairs = [pair() for _ in range(4)]
+    conns = [FakeConn() for _ in pairs]
+    try:
+        socks = [tcp_nat.HostSocket(net.tcp, c, ours) for c, (ours, _) in zip(conns, pairs, strict=True)]  # type: ignore[arg-type]
+        poller = net.tcp.poller()
+        assert len(poller) == 4
+        assert len(loop._selector.get_map()) == readers_before + 1  # type: ignore[attr-defined]
+        for i, (_, peer) in enumerate(pairs):
+            peer.send(b"p%d" % i)
+        await until(lambda: all(bytes(c.data) == b"p%d" % i for i, c in enumerate(conns)))
+        socks[0].abort()
+        assert len(poller) == 3
+        ours, peer = pair()  # may take the number just freed
+        late = FakeConn()
+        tcp_nat.HostSocket(net.tcp, late, ours)  # type: ignore[arg-type]
+        peer.send(b"late")
+        await until(lambda: bytes(late.data) == b"late")
+        assert conns[0].data == b"p0"
+        peer.close()
+    finally:
+        for _, peer in pairs:
+            peer.close()
+        await net.stop()
+    assert net.tcp.poller()._ep is None  # closed with the stack
+
+
+async def test_a_failing_socket_callback_is_counted_and_the_others_are_still_served() -> None:
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    (a, pa), (b, pb) = pair(), pair()
+    ca, cb = FakeConn(), FakeConn()
+
+    def boom(data: bytes) -> None:
+        raise RuntimeError("bug")
+
+    ca.host_data = boom  # type: ignore[method-assign]
+    try:
+        tcp_nat.HostSocket(net.tcp, ca, a)  # type: ignore[arg-type]
+        tcp_nat.HostSocket(net.tcp, cb, b)  # type: ignore[arg-type]
+        pa.send(b"x")
+        pb.send(b"y")
+        await until(lambda: cb.data == b"y")
+        assert net.counters()["errors"] >= 1
+    finally:
+        pa.close()
+        pb.close()
+        await net.stop()
