@@ -27,8 +27,8 @@ from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2
 
 USAGE = """usage: appliance img <command> [options]
 
-commands: create, info, check, map, convert, snapshot, resize, commit, rebase,
-          compare, amend, bench   (same options as qemu-img)
+commands: create, info, check, map, measure, convert, snapshot, resize, commit,
+          rebase, compare, amend, bench   (same options as qemu-img)
 """
 
 
@@ -322,6 +322,96 @@ async def cmd_create(argv: list[str]) -> int:
         await create_image(a.filename, opts)
     except Qcow2Error as err:
         raise Qcow2Error(f"{a.filename}: {err}") from err  # qemu-img names the file first
+    return 0
+
+
+# ---------------------------------------------------------------- measure
+
+
+async def cmd_measure(argv: list[str]) -> int:
+    from appliance.qcow2 import measure as M
+
+    p = _parser("measure")
+    p.add_argument("--output", default="human", choices=["human", "json"])
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--size")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-l", dest="snapshot")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("filename", nargs="?")
+    a = p.parse_args(argv)
+    o: dict[str, str] = {}
+    for text in a.options:
+        o.update(parse_o(text))
+    if wants_help(o):
+        return print_create_options(a.out_fmt)
+    if a.size is not None and a.filename:
+        raise ConfigError("--size N cannot be used together with a filename.")
+    if a.size is None and not a.filename:
+        raise ConfigError("Either --size N or one filename must be specified.")
+    if a.snapshot is not None and not a.filename:
+        raise ConfigError("--snapshot is only valid with a filename.")
+    if a.out_fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"Unknown file format '{a.out_fmt}'")
+    src: Any = None
+    if a.filename:
+        src = await _open(a.filename, a.fmt, read_only=True)
+    try:
+        if src is not None and a.snapshot is not None:
+            from appliance.qcow2 import snapops
+            from appliance.qcow2.img_ops import _snapshot_param
+
+            name, ident, either = _snapshot_param(a.snapshot)
+            if not isinstance(src, Qcow2Image):
+                raise Qcow2Error(f"Failed to load snapshot: '{a.filename}' has no internal snapshots")
+            await snapops.view_snapshot(src, name=name, ident=ident, either=either)
+        size = src.size if src is not None else parse_size_arg(a.size)
+        if size >= 1 << 63:
+            raise ConfigError("Invalid image size specified. Must be between 0 and "
+                              f"{(1 << 63) - 1}.")
+        if a.out_fmt == "raw":
+            if o:
+                raise ConfigError(f"Invalid parameter '{sorted(o)[0]}'")
+            m = M.measure_raw(size, from_image=src is not None)
+        else:
+            if any(k.startswith("encrypt") for k in o):
+                raise Qcow2Error("Encrypted images are not supported here")
+            opts = _create_options(o, size)
+            version = 2 if opts.compat in ("0.10", "v2") else 3
+            if opts.compat not in ("0.10", "1.1", "v2", "v3"):
+                raise Qcow2Error(f"Parameter 'version' does not accept value '{opts.compat}'")
+            if version < 3 and opts.refcount_bits != 16:
+                raise Qcow2Error("Different refcount widths than 16 bits require compatibility "
+                                 "level 1.1 or above (use version=v3 or greater)")
+            cs, rb = opts.cluster_size, opts.refcount_bits
+            if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+                raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
+            if rb < 1 or rb > 64 or rb & (rb - 1):
+                raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+            data = None
+            if src is not None:
+                data = [(s, s + n) for s, n, _, present, zero, kind, _ in
+                        await chain_status(src, 0, size, detail=True)
+                        if present and not zero and kind in (K_DATA, K_COMPRESSED)]
+            bitmaps = None
+            if isinstance(src, Qcow2Image):
+                bitmaps = [(b.name, 1 << b.granularity_bits) for b in src.bitmaps]
+            m = M.measure_qcow2(size, cluster_size=cs, refcount_bits=rb, version=version,
+                                extended_l2=opts.extended_l2, preallocation=opts.preallocation,
+                                has_backing=bool(opts.backing_file), data=data, bitmaps=bitmaps)
+    finally:
+        if src is not None:
+            await src.close()
+    if a.output == "json":
+        d: dict[str, Any] = {} if m.bitmaps is None else {"bitmaps": m.bitmaps}
+        d |= {"required": m.required, "fully-allocated": m.fully_allocated}
+        print(qemu_json.dumps(d))
+    else:
+        print(f"required size: {m.required}")
+        print(f"fully allocated size: {m.fully_allocated}")
+        if m.bitmaps is not None:
+            print(f"bitmaps size: {m.bitmaps}")
     return 0
 
 
@@ -944,6 +1034,7 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "check": cmd_check,
     "map": cmd_map,
     "convert": cmd_convert,
+    "measure": cmd_measure,
     "snapshot": cmd_snapshot,
     "resize": cmd_resize,
     "commit": cmd_commit,

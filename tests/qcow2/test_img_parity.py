@@ -457,3 +457,23 @@ def test_commit_and_rebase_refusals_match_qemu_img(tmp_path: Path, args: list[st
     ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
     assert ours.returncode in (1, 2) and theirs.returncode == 1
     assert " ".join(_words(ours.stderr).split()) == " ".join(_words(theirs.stderr).split())
+
+
+def test_measure_gives_qemu_img_numbers(tmp_path: Path) -> None:
+    # Sources with data, zero clusters, compressed clusters, a bitmap, a
+    # backing chain and raw holes; targets of several shapes; --size alone.
+    names = _compare_images(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "bm.qcow2"), "16M")
+    qimg("bitmap", "--add", "bm.qcow2", "b0", cwd=tmp_path)
+    qimg("bitmap", "--add", "-g", "128k", "bm.qcow2", "b\u00e9-long-name", cwd=tmp_path)
+    targets = [["-O", "qcow2"], ["-O", "raw"], ["--output", "json", "-O", "qcow2"],
+               ["-O", "qcow2", "-o", "cluster_size=512"],
+               ["-O", "qcow2", "-o", "cluster_size=2M,refcount_bits=1"],
+               ["-O", "qcow2", "-o", "extended_l2=on,preallocation=full"],
+               ["-O", "qcow2", "-o", "compat=0.10"], ["-O", "qcow2", "-o", "backing_file=x"]]
+    for name in [*names, "bm.qcow2"]:
+        for t in targets:
+            same_stdout_and_rc(tmp_path, "measure", *t, name)
+    for size in ("0", "511", "1G", "100T"):
+        for t in targets[:5]:
+            same_stdout_and_rc(tmp_path, "measure", *t, "--size", size)
