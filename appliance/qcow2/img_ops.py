@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,17 +364,25 @@ def _thread_buffer(length: int) -> memoryview:
     return memoryview(buf)[:length]
 
 
-def _scan_file(fd: int, host: int, length: int, gran: int) -> list[tuple[int, int]]:
-    """:func:`_nonzero_runs` of file bytes, read into a buffer of the pool thread."""
-    if not gran:
-        return [(0, length)]
-    runs: list[tuple[int, int]] = []
+def _file_pieces(fd: int, host: int, length: int,
+                 gran: int) -> Iterator[tuple[int, memoryview, list[tuple[int, int]]]]:
+    """(offset, bytes, their data runs) of [host, host+length) of a file, a
+    cache-sized piece at a time in the pool thread's buffer (``gran`` > 0)."""
     step = max(gran, SCAN_SLICE // gran * gran)
     with _thread_buffer(min(length, step)) as buf:
         for off in range(0, length, step):
             view = buf[: min(step, length - off)]
             _read_file(fd, host + off, view)
-            _merge_runs(runs, off, _nonzero_runs(view, gran))
+            yield off, view, _nonzero_runs(view, gran)
+
+
+def _scan_file(fd: int, host: int, length: int, gran: int) -> list[tuple[int, int]]:
+    """:func:`_nonzero_runs` of file bytes."""
+    if not gran:
+        return [(0, length)]
+    runs: list[tuple[int, int]] = []
+    for off, _, piece in _file_pieces(fd, host, length, gran):
+        _merge_runs(runs, off, piece)
     return runs
 
 
@@ -389,25 +397,17 @@ def _merge_runs(runs: list[tuple[int, int]], off: int, more: list[tuple[int, int
 
 def _copy_file_chunk(src_fd: int, host: int, dst_fd: int, start: int, length: int,
                      gran: int, lock: threading.Lock) -> list[tuple[int, int]]:
-    """One convert chunk into a raw file, in one pool job.
-
-    Piece by piece: read, find the data runs, write them from the buffer while
-    it is still in the CPU cache.
-    """
+    """One convert chunk into a raw file, in one pool job: each piece's data
+    runs are written from the buffer while it is still in the CPU cache."""
     if not gran:
         copy_range(src_fd, host, dst_fd, start, length, lock)
         return [(0, length)]
     runs: list[tuple[int, int]] = []
-    step = max(gran, SCAN_SLICE // gran * gran)
-    with _thread_buffer(min(length, step)) as buf:
-        for off in range(0, length, step):
-            view = buf[: min(step, length - off)]
-            _read_file(src_fd, host + off, view)
-            piece = _nonzero_runs(view, gran)
-            with lock:
-                for a, b in piece:
-                    _write_all(dst_fd, start + off + a, view[a:b])
-            _merge_runs(runs, off, piece)
+    for off, view, piece in _file_pieces(src_fd, host, length, gran):
+        with lock:
+            for a, b in piece:
+                _write_all(dst_fd, start + off + a, view[a:b])
+        _merge_runs(runs, off, piece)
     return runs
 
 
