@@ -68,6 +68,8 @@ QEMU_MAIN: dict[str, str] = {}
 PROFILE: list[Path] = []
 # --cprofile: our net-daemon runs under cProfile for the whole run (stats written when it exits).
 CPROFILE: list[Path] = []
+# --daemon-tree: our net-daemon is imported from this source tree (A/B of two versions of the stack).
+DAEMON_TREE: list[Path] = []
 
 
 def cpu_seconds(task: str) -> float:
@@ -131,10 +133,11 @@ async def stack(
         sock = tmp / "user.sock"
         dump = ["--object", f"filter-dump,id=f0,netdev=u0,file={pcap / 'appliance.pcap'}"] if pcap else []
         prof = ["-m", "cProfile", "-o", str(CPROFILE[0])] if CPROFILE else []
+        tree = DAEMON_TREE[0] if DAEMON_TREE else ROOT
         proc = subprocess.Popen(
             [sys.executable, *prof, "-m", "appliance.cli.main", "net-daemon", "--netdev", f"user,id=u0,{fwd}",
              "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}", *dump],
-            cwd=ROOT, stdout=subprocess.DEVNULL,
+            cwd=tree, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(tree)},
         )  # fmt: skip
         STACK_TASK[kind] = str(proc.pid)
         try:
@@ -299,6 +302,7 @@ def main() -> int:
     p.add_argument("--pcap", type=Path, help="capture each stack's frames to DIR/<stack>.pcap (filter-dump)")
     p.add_argument("--profile", type=Path, help="py-spy our net-daemon in the connection rows (collapsed stacks)")
     p.add_argument("--cprofile", type=Path, help="run our net-daemon under cProfile, stats to this file")
+    p.add_argument("--daemon-tree", type=Path, help="run our net-daemon from this source tree (A/B runs)")
     a = p.parse_args()
     only = frozenset(a.only.split(","))
     if not only <= set(METRICS):
@@ -310,6 +314,8 @@ def main() -> int:
         PROFILE.append(a.profile.resolve())
     if a.cprofile:
         CPROFILE.append(a.cprofile.resolve())
+    if a.daemon_tree:
+        DAEMON_TREE.append(a.daemon_tree.resolve())
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
     return 0

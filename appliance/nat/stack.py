@@ -47,7 +47,6 @@ from appliance.nat.ipv6 import Ipv6, build_l4_v6
 from appliance.nat.stats import Counters, FlowInfo, format_flows
 from appliance.nat.tcp import SYN, TIME_WAIT_STATE
 from appliance.nat.tcp_nat import TcpNat
-from appliance.nat.timers import TimerHeap
 from appliance.nat.udp_nat import UdpNat
 from appliance.nic import constants as V
 
@@ -148,7 +147,6 @@ class UserNetwork:
         self._housekeeping: asyncio.TimerHandle | None = None
         self._last_log = 0.0
         self._closed = False
-        self.timers = TimerHeap(lambda: self.loop, self._internal_error)
         self.reassembler = Reassembler()
         self.icmp = Icmp(self)
         self.dhcp = DhcpServer(self)
@@ -229,7 +227,6 @@ class UserNetwork:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         self.tcp.close()
-        self.timers.close()
         self.udp.close()
         self.icmp.close()
         self.dns.close()

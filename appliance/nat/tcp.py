@@ -23,6 +23,7 @@ instead of growing a queue.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import time
@@ -193,7 +194,7 @@ class TcpConn:
         self._l4 = ETH_HLEN + (40 if self._v6 else 20)  # where the TCP header starts in a frame
         # The IPv4 header words that never change (with its own 20-byte length): see _emit.
         self._ip_sum = 0x4500 + 20 + IP_DF + (IP_TTL << 8 | IPPROTO_TCP) + self._pseudo - IPPROTO_TCP
-        self._timers = net.timers
+        self._loop = net.loop
         self.created = time.monotonic()
         # Send side: sequence numbers relative to our ISS; SYN is seq 0.
         self.iss = int.from_bytes(os.urandom(4), "big")
@@ -229,8 +230,7 @@ class TcpConn:
         self._acked_to = 0
         self._adv_edge = 0
         self.fin_received = False
-        # Timers: entries in the stack's TimerHeap. The retransmission entry is re-set lazily from
-        # ``_deadline``; ``_timer_at``/``_delack_at`` name the entry still wanted (0.0: none).
+        # Timers: one handle, re-armed lazily from a deadline.
         self.rto = INITIAL_RTO
         self.srtt = 0.0
         self.rttvar = 0.0
@@ -239,8 +239,9 @@ class TcpConn:
         self.retries = 0
         self.probes = 0
         self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._delack: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._delack_at = 0.0
         self.host_paused = False
         self.host_gone = False
         self._window_limited = False
@@ -392,10 +393,12 @@ class TcpConn:
 
     # -- timers ----------------------------------------------------------
     def _arm(self, delay: float) -> None:
-        self._deadline = deadline = time.monotonic() + delay
-        if not self._timer_at or self._timer_at > deadline:
-            self._timer_at = deadline
-            self._timers.call_at(deadline, self._on_timer)
+        self._deadline = time.monotonic() + delay
+        if self._timer is None or self._timer_at > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
 
     def _arm_retransmit(self) -> None:
         if self._tlp_done or self.srtt == 0.0:
@@ -412,15 +415,15 @@ class TcpConn:
     def _disarm(self) -> None:
         self._deadline = 0.0
 
-    def _on_timer(self, when: float) -> None:
-        if when != self._timer_at:
-            return  # an entry an earlier deadline replaced, or one from before _finish
-        self._timer_at = 0.0
+    def _on_timer(self) -> None:
+        self._timer = None
         if self._deadline == 0.0 or self.state == CLOSED:
             return
-        if time.monotonic() < self._deadline:
+        now = time.monotonic()
+        if now < self._deadline:
+            delay = self._deadline - now
             self._timer_at = self._deadline
-            self._timers.call_at(self._deadline, self._on_timer)
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
             return
         self._deadline = 0.0
         try:
@@ -974,8 +977,8 @@ class TcpConn:
             self.state = CLOSE_WAIT
             # The guest closed first: data or our FIN may carry this ACK.
             self.output()
-            if self.rcv_nxt != self._acked_to and not self._delack_at:
-                self._delay_ack(FIN_ACK_DELAY)
+            if self.rcv_nxt != self._acked_to and self._delack is None:
+                self._delack = self._loop.call_later(FIN_ACK_DELAY, self._delayed_ack)
             return
         if st == FIN_WAIT_1:
             self.state = CLOSING
@@ -990,17 +993,11 @@ class TcpConn:
         pending = self.rcv_nxt - self._acked_to
         if pending >= 2 * OUR_MSS:
             self.send_ack()
-        elif pending > 0 and not self._delack_at and self.state != CLOSED:
-            self._delay_ack(DELAYED_ACK)
+        elif pending > 0 and self._delack is None and self.state != CLOSED:
+            self._delack = self._loop.call_later(DELAYED_ACK, self._delayed_ack)
 
-    def _delay_ack(self, delay: float) -> None:
-        self._delack_at = when = time.monotonic() + delay
-        self._timers.call_at(when, self._delayed_ack)
-
-    def _delayed_ack(self, when: float) -> None:
-        if when != self._delack_at:
-            return
-        self._delack_at = 0.0
+    def _delayed_ack(self) -> None:
+        self._delack = None
         if self.state != CLOSED and self.rcv_nxt != self._acked_to:
             try:
                 self.send_ack()
@@ -1092,7 +1089,13 @@ class TcpConn:
 
     def _finish(self) -> None:
         self.state = CLOSED
-        self._deadline = self._timer_at = self._delack_at = 0.0  # their heap entries return at once
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._delack is not None:
+            self._delack.cancel()
+            self._delack = None
         self.flush_host()
         self._wq = []
         self._wq_len = 0
