@@ -7,6 +7,7 @@ Defaults are libslirp's: network 10.0.2.0/24, host (gateway) 10.0.2.2, DNS
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -45,7 +46,7 @@ class UserNetConfig:
         "[,hostname=name][,dhcpstart=addr][,dns=addr][,domainname=dom][,dnssearch=dom]..."
         "[,hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport]..."
         "[,guestfwd=tcp:server:port-tcp:host:port]...[,ipv6=on|off][,ipv6-net=addr[/len]]"
-        "[,ipv6-host=addr][,ipv6-dns=addr]"
+        "[,ipv6-host=addr][,ipv6-dns=addr][,tftp=dir][,bootfile=f][,tftp-server-name=name]"
     )
 
     net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.0.2.0/24")
@@ -63,6 +64,9 @@ class UserNetConfig:
     ipv6_host: ipaddress.IPv6Address = ipaddress.IPv6Address("fec0::2")
     ipv6_dns: ipaddress.IPv6Address = ipaddress.IPv6Address("fec0::3")
     id: str | None = None
+    tftp: str | None = None  # directory served read-only by TFTP at the host address
+    bootfile: str | None = None  # BOOTP file name offered to PXE clients
+    tftp_server_name: str | None = None  # DHCP option 66
     # Not a QEMU option: extra names the DNS proxy answers itself (Python API).
     hosts: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
     # Not a QEMU option: upstream resolvers; None = the host's /etc/resolv.conf.
@@ -118,6 +122,18 @@ class UserNetConfig:
         v6dns = _addr6_in(opts.take("ipv6-dns"), v6net, 3, "ipv6-dns", what)
         if v6host == v6dns:
             raise ConfigError(f"{what}: 'ipv6-host' and 'ipv6-dns' must differ")
+        tftp = opts.take("tftp")
+        if tftp is not None and not os.path.isdir(tftp):
+            raise ConfigError(f"{what}: tftp '{tftp}' is not a directory")
+        bootfile = opts.take("bootfile") or None
+        if bootfile is not None and len(bootfile.encode()) > 127:
+            raise ConfigError(f"{what}: bootfile '{bootfile}' is longer than 127 bytes")
+        server_name = opts.take("tftp-server-name") or None
+        if server_name is not None and len(server_name.encode()) > 255:
+            raise ConfigError(f"{what}: tftp-server-name is longer than 255 bytes")
+        for key in ("smb", "smbserver"):
+            if opts.take(key) is not None:
+                raise ConfigError(f"{what}: '{key}' is not supported (no Samba share here)")
         opts.finish()
         return cls(
             net=net,
@@ -135,6 +151,9 @@ class UserNetConfig:
             ipv6_host=v6host,
             ipv6_dns=v6dns,
             id=ident,
+            tftp=tftp,
+            bootfile=bootfile,
+            tftp_server_name=server_name,
         )
 
 

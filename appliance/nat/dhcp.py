@@ -40,6 +40,7 @@ OPT_REQUESTED_IP = 50
 OPT_LEASE_TIME = 51
 OPT_MSG_TYPE = 53
 OPT_SERVER_ID = 54
+OPT_TFTP_SERVER = 66
 OPT_DOMAIN_SEARCH = 119
 OPT_END = 255
 
@@ -170,7 +171,12 @@ class DhcpServer:
             opts += _option(OPT_DOMAIN, cfg.domainname.encode())
         if cfg.dnssearch:
             opts += _option(OPT_DOMAIN_SEARCH, encode_search(cfg.dnssearch))
+        if cfg.tftp_server_name:
+            opts += _option(OPT_TFTP_SERVER, cfg.tftp_server_name.encode())
         self._common = bytes(opts)
+        # PXE firmware reads the boot file from the BOOTP file field (RFC 951), as
+        # libslirp gives it; the next-server field already names us.
+        self._file = (cfg.bootfile or "").encode()[:127].ljust(128, b"\0")
 
     # -- the table -------------------------------------------------------
     def _offer(self, m: Message, lease: Lease | None) -> None:
@@ -272,7 +278,7 @@ class DhcpServer:
         head = _BOOTP.pack(
             2, 1, 6, 0, m.xid, 0, m.flags & 0x8000,
             m.ciaddr, ip or b"\0\0\0\0", self.server_ip, b"\0\0\0\0",
-            m.chaddr + bytes(10), bytes(64), bytes(128), MAGIC,
+            m.chaddr + bytes(10), bytes(64), self._file if msg_type != NAK else bytes(128), MAGIC,
         )  # fmt: skip
         opts = bytearray(_option(OPT_MSG_TYPE, bytes([msg_type])))
         opts += _option(OPT_SERVER_ID, self.server_ip)

@@ -47,6 +47,7 @@ from appliance.nat.ipv6 import Ipv6, build_l4_v6
 from appliance.nat.stats import Counters, FlowInfo, format_flows
 from appliance.nat.tcp import SYN, TIME_WAIT_STATE
 from appliance.nat.tcp_nat import TcpNat
+from appliance.nat.tftp import TFTP_PORT, TftpServer
 from appliance.nat.udp_nat import UdpNat
 from appliance.nic import constants as V
 
@@ -151,6 +152,8 @@ class UserNetwork:
         self.icmp = Icmp(self)
         self.dhcp = DhcpServer(self)
         self.dns = DnsProxy(self)
+        # TFTP answers at the host address (port 69) only when tftp= names a directory.
+        self.tftp = TftpServer(cfg.tftp, self._tftp_send) if cfg.tftp else None
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
         self.ipv6 = Ipv6(self) if cfg.ipv6 else None
@@ -230,6 +233,8 @@ class UserNetwork:
         self.udp.close()
         self.icmp.close()
         self.dns.close()
+        if self.tftp is not None:
+            self.tftp.close()
         self._out.clear()
         self._out_bytes = 0
 
@@ -240,6 +245,8 @@ class UserNetwork:
             self.udp.expire(now)
             self.icmp.expire(now)
             self.dns.expire(now)
+            if self.tftp is not None:
+                self.tftp.expire(now)
             self.tcp.expire(now)
         except Exception:  # noqa: BLE001 - housekeeping must outlive any bug
             self._internal_error()
@@ -680,6 +687,8 @@ class UserNetwork:
         sport, dport, payload = u
         if dport == SERVER_PORT and sport == CLIENT_PORT and len(ip.src) == 4:
             self.dhcp.input(payload)
+        elif dport == TFTP_PORT and self.tftp is not None and ip.dst == self.gateway_ip:
+            self.tftp.input(ip.src, sport, payload)
         elif ip.dst == self.dns_ip or (self.ipv6 is not None and ip.dst == self.ipv6.dns):
             if dport == DNS_PORT:
                 self.dns.input(ip.src, sport, ip.dst, payload)
@@ -687,6 +696,9 @@ class UserNetwork:
                 c.not_for_us += 1
         else:
             self.udp.input(ip.src, sport, ip.dst, dport, payload)
+
+    def _tftp_send(self, dst: bytes, dport: int, payload: bytes) -> None:
+        self.emit_udp(dst, dport, self.gateway_ip, TFTP_PORT, payload)
 
     def _internal_error(self) -> None:
         self.stats.errors += 1
