@@ -57,13 +57,22 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
          "--directory", str(tmp_path / "www")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    boot = os.urandom(200_000)
+    (tmp_path / "tftp").mkdir()
+    (tmp_path / "tftp" / "boot.bin").write_bytes(boot)
     sock = tmp_path / "user.sock"
     try:
-        async with user_daemon(sock, f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000") as stack:
+        async with user_daemon(sock, f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000,"
+                                     f"tftp={tmp_path / 'tftp'}") as stack:
             async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
                 out = await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
                 assert "10.0.2.15" in out
                 assert "default via 10.0.2.2" in await g.run("ip route")
+                # busybox's TFTP client, with and without a block size option.
+                for opt in ("", "-b 1400 "):
+                    got = await g.run(f"tftp -g {opt}-r /boot.bin -l /tmp/b 10.0.2.2 && "
+                                      "sha256sum /tmp/b; rm -f /tmp/b", timeout=60)
+                    assert got.split()[0] == hashlib.sha256(boot).hexdigest(), got
                 got = await g.run(f"wget -q -O - http://10.0.2.2:{http_port}/blob | sha256sum", timeout=180)
                 assert got.split()[0] == hashlib.sha256(blob).hexdigest()
                 # Upload: the guest's driver took our CSUM/HOST_TSO4 offer and sends 64 KiB segments.
