@@ -68,13 +68,14 @@ def _hostport(what: str, key: str, text: str, *, host_optional: bool = False) ->
 class TapNetdev:
     SYNTAX: ClassVar[str] = (
         "tap,id=str[,ifname=name][,br=bridge][,script=no][,downscript=no][,vnet_hdr=on|off]"
-        "[,queues=n][,vhost=off]"
+        "[,queues=n][,vhost=off] | tap,id=str,fd=h|fds=h:h..."
     )
     id: str
     ifname: str | None = None
     bridge: str | None = None
     vnet_hdr: bool = True
     queues: int = 1
+    fds: tuple[int, ...] = ()  # inherited tap queues (fd=, fds=)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +190,12 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
             raise ConfigError(f"{what}: {key}='{v}' is not supported; use {key}=no")
     if opts.take_bool("vhost", False):
         raise ConfigError(f"{what}: 'vhost=on' is not supported (no vhost-net here)")
-    for key in ("fd", "fds", "helper", "vhostfd", "vhostfds"):
+    for key in ("helper", "vhostfd", "vhostfds"):
         if opts.take(key) is not None:
             raise ConfigError(f"{what}: '{key}' is not supported")
+    fd, fds = opts.take("fd"), opts.take("fds")
+    if fd is not None or fds is not None:
+        return _tap_fds(what, ident, opts, fd, fds)
     queues = opts.take_int("queues", 1, minimum=1) or 1
     if queues > MAX_TAP_QUEUES:
         raise ConfigError(f"{what}: queues={queues} exceeds {MAX_TAP_QUEUES}")
@@ -202,6 +206,38 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
         vnet_hdr=opts.take_bool("vnet_hdr", True),
         queues=queues,
     )
+
+
+def _tap_fds(what: str, ident: str, opts: OptionDict, fd: str | None,
+             fds: str | None) -> TapNetdev:
+    """``fd=`` / ``fds=``: tap queues the caller opened (libvirt's way); the
+    tap's own settings come with them, so QEMU refuses those options beside."""
+    from appliance.net.errors import TapError
+    from appliance.net.tun import IFF_VNET_HDR, inspect_tap_fd
+
+    if fd is not None and fds is not None:
+        raise ConfigError(f"{what}: fd= and fds= are mutually exclusive")
+    key, text = ("fd", fd) if fd is not None else ("fds", fds or "")
+    for other in ("ifname", "br", "vnet_hdr", "queues"):
+        if opts.take(other) is not None:
+            raise ConfigError(f"{what}: {other}= is invalid with {key}=")
+    numbers: list[int] = []
+    for part in text.split(":") if key == "fds" else [text]:
+        if not part.isdigit():
+            raise ConfigError(f"{what}: {key}='{text}' is not a file descriptor number")
+        numbers.append(int(part))
+    if len(set(numbers)) != len(numbers) or len(numbers) > MAX_TAP_QUEUES:
+        raise ConfigError(f"{what}: {key}='{text}' must name 1 to {MAX_TAP_QUEUES} different fds")
+    try:
+        names, flags = zip(*(inspect_tap_fd(n) for n in numbers), strict=True)
+    except TapError as err:
+        raise ConfigError(f"{what}: {key}: {err}") from None
+    if len(set(names)) != 1:
+        raise ConfigError(f"{what}: {key}= fds belong to different taps ({', '.join(sorted(set(names)))})")
+    if len({f & IFF_VNET_HDR for f in flags}) != 1:
+        raise ConfigError(f"{what}: {key}= fds disagree about virtio-net headers")
+    return TapNetdev(ident, ifname=names[0], vnet_hdr=bool(flags[0] & IFF_VNET_HDR),
+                     queues=len(numbers), fds=tuple(numbers))
 
 
 def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[str, int] | None:
@@ -317,9 +353,13 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[Frame
         from appliance.net.tap import Tap
 
         if isinstance(cfg, TapNetdev):
+            if cfg.fds and queues > len(cfg.fds):
+                raise ConfigError(f"netdev '{cfg.id}' has {len(cfg.fds)} tap queue(s) (fds=); "
+                                  f"the NIC needs {queues}")
             if queues != cfg.queues and cfg.queues != 1:
                 queues = cfg.queues
-            tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr, bridge=cfg.bridge)
+            tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr, bridge=cfg.bridge,
+                      fds=cfg.fds)
         else:
             tap = Tap(None, queues=queues, bridge=cfg.bridge)
         backends: list[FrameBackend] = list(await tap.open())

@@ -108,16 +108,20 @@ class Tap:
 
     :param ifname: the tap to create or adopt; ``None`` picks ``tapN``.
     :param bridge: enslave the tap to this bridge and bring both up.
+    :param fds: queues someone else opened and handed us (``fd=``/``fds=``,
+        as libvirt does): used as they are, the link left to its owner.
     """
 
     def __init__(
-        self, ifname: str | None, *, queues: int = 1, vnet_hdr: bool = True, bridge: str | None = None
+        self, ifname: str | None, *, queues: int = 1, vnet_hdr: bool = True, bridge: str | None = None,
+        fds: tuple[int, ...] = (),
     ) -> None:
         self.requested = ifname or "tap%d"
-        self.queues_wanted = queues
+        self.queues_wanted = len(fds) or queues
         self.vnet_hdr = vnet_hdr
         self.bridge = bridge
-        self.owned = ifname is None or not link_exists(ifname)
+        self.fds = fds
+        self.owned = not fds and (ifname is None or not link_exists(ifname))
         self.name = ""
         self.queues: list[TapQueue] = []
 
@@ -126,6 +130,8 @@ class Tap:
 
         The tap is made in the network namespace of the calling thread.
         """
+        if self.fds:
+            return self._adopt_fds()
         multi = self.queues_wanted > 1
         try:
             for _ in range(self.queues_wanted):
@@ -136,6 +142,16 @@ class Tap:
         except BaseException:
             await self.close()
             raise
+        return self.queues
+
+    def _adopt_fds(self) -> list[TapQueue]:
+        for fd in self.fds:
+            self.name, flags = tun.inspect_tap_fd(fd)
+            # The fd's opener chose whether frames carry virtio-net headers.
+            hdr = self.vnet_hdr = bool(flags & tun.IFF_VNET_HDR)
+            tun.adopt_tap_fd(fd, vnet_hdr=hdr)
+            self.queues.append(TapQueue(fd, tun.VNET_HDR_LEN if hdr else 0,
+                                        multi_queue=bool(flags & tun.IFF_MULTI_QUEUE)))
         return self.queues
 
     async def _link_up(self) -> None:

@@ -67,6 +67,32 @@ def open_tap(ifname: str, *, vnet_hdr: bool, multi_queue: bool) -> tuple[int, st
     return fd, name
 
 
+def inspect_tap_fd(fd: int) -> tuple[str, int]:
+    """(interface name, IFF_* flags) of an inherited fd (``-netdev tap,fd=N``).
+
+    :raises TapError: when ``fd`` is not open or not attached to a tap.
+    """
+    try:
+        res = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError as err:
+        raise TapError(f"fd {fd} is not a tap device ({os.strerror(err.errno or 0)})") from err
+    flags = int(struct.unpack_from("H", res, IFNAMSIZ)[0])
+    if not flags & IFF_TAP:
+        raise TapError(f"fd {fd} is a tun device, not a tap")
+    return res[:IFNAMSIZ].split(b"\0", 1)[0].decode(), flags
+
+
+def adopt_tap_fd(fd: int, *, vnet_hdr: bool) -> None:
+    """Make an inherited tap fd ready for our reader: non-blocking, and with
+    the 12-byte virtio-net header our queues expect when it carries headers."""
+    os.set_blocking(fd, False)
+    if vnet_hdr:
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+        except OSError as err:
+            raise TapError(f"fd {fd}: cannot set the vnet header size") from err
+
+
 def set_offload(fd: int, *, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
     """Tell the tap which offloads the reader accepts (frames it may hand us unsegmented)."""
     flags = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from scapy.layers.inet import ICMP, IP
@@ -116,3 +117,49 @@ async def test_tap_to_missing_bridge_is_a_clear_error() -> None:
             with pytest.raises(TapError, match="bridge 'nosuchbr' does not exist"):
                 await tap.open()
             assert not link_exists("aptap2")
+
+
+async def test_tap_queues_handed_over_by_fd_carry_frames_and_stay_with_their_owner() -> None:
+    # -netdev tap,fd=N / fds=N:M: the caller (libvirt, a script) opened the
+    # queues; we learn the tap and its header mode from them and leave the link.
+    from appliance.errors import ConfigError
+    from appliance.net import tun
+    from appliance.net.netdev import TapNetdev, open_netdev, parse_netdev
+
+    with namespace() as ns:
+        with inside(ns):
+            fds = [tun.open_tap("byfd0", vnet_hdr=True, multi_queue=True)[0] for _ in range(2)]
+            plain, _ = tun.open_tap("plain0", vnet_hdr=False, multi_queue=False)
+        ns_exec(ns, "ip", "link", "set", "byfd0", "up")
+        ns_exec(ns, "ip", "addr", "add", "10.78.0.1/24", "dev", "byfd0")
+        cfg = parse_netdev(f"tap,id=t0,fds={fds[0]}:{fds[1]}")
+        assert isinstance(cfg, TapNetdev)
+        assert (cfg.ifname, cfg.queues, cfg.vnet_hdr) == ("byfd0", 2, True)
+        assert parse_netdev(f"tap,id=t1,fd={plain}").vnet_hdr is False  # type: ignore[union-attr]
+        with pytest.raises(ConfigError, match="ifname= is invalid with fd="):
+            parse_netdev(f"tap,id=t2,fd={plain},ifname=x")
+        with pytest.raises(ConfigError, match="different taps"):
+            parse_netdev(f"tap,id=t3,fds={fds[0]}:{plain}")
+        with pytest.raises(ConfigError, match="not a tap device"):
+            parse_netdev("tap,id=t4,fd=987")
+        with pytest.raises(ConfigError, match="not a file descriptor"):
+            parse_netdev("tap,id=t5,fd=abc")
+        with inside(ns):
+            backends, tap = await open_netdev(cfg, queues=2)
+        try:
+            assert not tap.owned and [q.fd for q in backends] == fds
+            arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+                op=1, hwsrc=GUEST_MAC, psrc="10.78.0.2", pdst="10.78.0.1")
+            assert backends[0].send([memoryview(bytes(VNET_HDR_LEN) + bytes(arp))])
+            got = []
+            for q in backends:  # the kernel may steer the reply to either queue
+                try:
+                    got.append(await answer(q, VNET_HDR_LEN, ARP))
+                except (TimeoutError, AssertionError):
+                    pass
+            assert any(r[ARP].op == 2 and r[ARP].psrc == "10.78.0.1" for r in got)
+        finally:
+            with inside(ns):
+                await tap.close()
+                assert link_exists("byfd0") is False  # its last fd closed: a non-persistent tap goes
+            os.close(plain)
