@@ -10,12 +10,13 @@ single-queue too.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from appliance.cli.options import OptionDict, parse_option
+from appliance.cli.options import OptionDict, parse_option, parse_size
 from appliance.errors import ConfigError
 from appliance.net.backend import FrameBackend
 
@@ -68,7 +69,7 @@ def _hostport(what: str, key: str, text: str, *, host_optional: bool = False) ->
 class TapNetdev:
     SYNTAX: ClassVar[str] = (
         "tap,id=str[,ifname=name][,br=bridge][,script=no][,downscript=no][,vnet_hdr=on|off]"
-        "[,queues=n][,vhost=off] | tap,id=str,fd=h|fds=h:h..."
+        "[,queues=n][,vhost=off][,sndbuf=bytes][,poll-us=n] | tap,id=str,fd=h|fds=h:h..."
     )
     id: str
     ifname: str | None = None
@@ -76,6 +77,7 @@ class TapNetdev:
     vnet_hdr: bool = True
     queues: int = 1
     fds: tuple[int, ...] = ()  # inherited tap queues (fd=, fds=)
+    sndbuf: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +195,18 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
     for key in ("helper", "vhostfd", "vhostfds"):
         if opts.take(key) is not None:
             raise ConfigError(f"{what}: '{key}' is not supported")
+    # poll-us= tunes vhost-net's busy polling; with no vhost there is none to tune.
+    opts.take_int("poll-us", 0, minimum=0)
+    sndbuf = opts.take("sndbuf")
+    sndbuf_bytes = None
+    if sndbuf is not None:
+        sndbuf_bytes = parse_size(sndbuf, f"{what}: sndbuf")
+        if sndbuf_bytes > 0x7FFFFFFF:
+            raise ConfigError(f"{what}: sndbuf={sndbuf} is larger than 2 GiB")
     fd, fds = opts.take("fd"), opts.take("fds")
     if fd is not None or fds is not None:
-        return _tap_fds(what, ident, opts, fd, fds)
+        cfg = _tap_fds(what, ident, opts, fd, fds)
+        return dataclasses.replace(cfg, sndbuf=sndbuf_bytes)
     queues = opts.take_int("queues", 1, minimum=1) or 1
     if queues > MAX_TAP_QUEUES:
         raise ConfigError(f"{what}: queues={queues} exceeds {MAX_TAP_QUEUES}")
@@ -205,6 +216,7 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
         bridge=_ifname(what, "br", opts.take("br")),
         vnet_hdr=opts.take_bool("vnet_hdr", True),
         queues=queues,
+        sndbuf=sndbuf_bytes,
     )
 
 
@@ -359,7 +371,7 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[Frame
             if queues != cfg.queues and cfg.queues != 1:
                 queues = cfg.queues
             tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr, bridge=cfg.bridge,
-                      fds=cfg.fds)
+                      fds=cfg.fds, sndbuf=cfg.sndbuf)
         else:
             tap = Tap(None, queues=queues, bridge=cfg.bridge)
         backends: list[FrameBackend] = list(await tap.open())

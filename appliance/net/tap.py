@@ -114,13 +114,14 @@ class Tap:
 
     def __init__(
         self, ifname: str | None, *, queues: int = 1, vnet_hdr: bool = True, bridge: str | None = None,
-        fds: tuple[int, ...] = (),
+        fds: tuple[int, ...] = (), sndbuf: int | None = None,
     ) -> None:
         self.requested = ifname or "tap%d"
         self.queues_wanted = len(fds) or queues
         self.vnet_hdr = vnet_hdr
         self.bridge = bridge
         self.fds = fds
+        self.sndbuf = sndbuf
         self.owned = not fds and (ifname is None or not link_exists(ifname))
         self.name = ""
         self.queues: list[TapQueue] = []
@@ -131,18 +132,26 @@ class Tap:
         The tap is made in the network namespace of the calling thread.
         """
         if self.fds:
-            return self._adopt_fds()
+            queues = self._adopt_fds()
+            self._set_sndbuf()
+            return queues
         multi = self.queues_wanted > 1
         try:
             for _ in range(self.queues_wanted):
                 fd, name = tun.open_tap(self.name or self.requested, vnet_hdr=self.vnet_hdr, multi_queue=multi)
                 self.name = name
                 self.queues.append(TapQueue(fd, tun.VNET_HDR_LEN if self.vnet_hdr else 0, multi_queue=multi))
+            self._set_sndbuf()
             await self._link_up()
         except BaseException:
             await self.close()
             raise
         return self.queues
+
+    def _set_sndbuf(self) -> None:
+        if self.sndbuf is not None:
+            for q in self.queues:
+                tun.set_sndbuf(q.fd, self.sndbuf)
 
     def _adopt_fds(self) -> list[TapQueue]:
         for fd in self.fds:

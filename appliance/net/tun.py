@@ -19,6 +19,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUNGETFEATURES = 0x800454CF
 TUNSETQUEUE = 0x400454D9
+TUNSETSNDBUF = 0x400454D4
 
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -110,6 +111,14 @@ def set_offload(fd: int, *, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: 
         fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
     except OSError as err:
         raise TapError("tap refused the offload flags") from err
+
+
+def set_sndbuf(fd: int, size: int) -> None:
+    """Bound the bytes of our frames the tap may hold unsent (``sndbuf=``; 0: no bound)."""
+    try:
+        fcntl.ioctl(fd, TUNSETSNDBUF, struct.pack("i", size or 0x7FFFFFFF))
+    except OSError as err:
+        raise TapError(f"tap refused sndbuf={size}") from err
 
 
 def set_queue_attached(fd: int, attached: bool) -> None:

@@ -136,6 +136,7 @@ async def test_tap_queues_handed_over_by_fd_carry_frames_and_stay_with_their_own
         assert isinstance(cfg, TapNetdev)
         assert (cfg.ifname, cfg.queues, cfg.vnet_hdr) == ("byfd0", 2, True)
         assert parse_netdev(f"tap,id=t1,fd={plain}").vnet_hdr is False  # type: ignore[union-attr]
+        assert parse_netdev(f"tap,id=t6,fd={plain},sndbuf=1M,poll-us=50").sndbuf == 1 << 20  # type: ignore[union-attr]
         with pytest.raises(ConfigError, match="ifname= is invalid with fd="):
             parse_netdev(f"tap,id=t2,fd={plain},ifname=x")
         with pytest.raises(ConfigError, match="different taps"):
@@ -163,3 +164,20 @@ async def test_tap_queues_handed_over_by_fd_carry_frames_and_stay_with_their_own
                 await tap.close()
                 assert link_exists("byfd0") is False  # its last fd closed: a non-persistent tap goes
             os.close(plain)
+
+
+async def test_sndbuf_reaches_the_tap() -> None:
+    import fcntl
+    import struct
+
+    with namespace() as ns:
+        with inside(ns):
+            tap = Tap("sb0", sndbuf=65536, queues=2)
+            qs = await tap.open()
+            try:
+                tungetsndbuf = 0x800454D3
+                for q in qs:
+                    got = struct.unpack("i", fcntl.ioctl(q.fd, tungetsndbuf, bytes(4)))[0]
+                    assert got == 65536
+            finally:
+                await tap.close()
