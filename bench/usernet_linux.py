@@ -169,6 +169,18 @@ async def stack(
             proc.wait()
 
 
+async def guest_irqs(g: TcgGuest) -> int:
+    """Interrupts the guest has taken from its virtio devices (all CPUs, all vectors)."""
+    text = await g.run("grep -i virtio /proc/interrupts")
+    total = 0
+    for line in text.splitlines():
+        for field in line.split()[1:]:
+            if not field.isdigit():
+                break
+            total += int(field)
+    return total
+
+
 class Rig:
     """One booted guest on one stack, with its sink and forward port."""
 
@@ -209,14 +221,17 @@ class Rig:
                            "-f", "raw", "-o", str(PROFILE[0]), "-p", task]  # fmt: skip
                 spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 await asyncio.sleep(0.5)
+            irq0 = await guest_irqs(g)
             await g.run(
                 f"i=0; while [ $i -lt {conns} ]; do nc {gw} {sink.port} </dev/null; i=$((i+1)); done", timeout=600
             )
+            irq1 = await guest_irqs(g)
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait()
             acc = sink.accepts
             out["connections_per_s"] = (len(acc) - 1) / (acc[-1] - acc[0]) if len(acc) > 1 else 0.0
+            out["guest_irqs_per_conn"] = (irq1 - irq0) / max(len(acc), 1)
             if task:
                 out["stack_cpu_ms_per_conn"] = (cpu_seconds(task) - cpu0) * 1e3 / max(len(acc), 1)
             if qemu:
@@ -268,7 +283,7 @@ async def main_async(
     print(f"\nLinux kit in QEMU TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
-    per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn"]
+    per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_irqs_per_conn"]
     rows = metrics + (per_conn if "connections_per_s" in metrics else [])
     for metric in rows:
         vals = {
@@ -287,6 +302,7 @@ async def main_async(
     if "connections_per_s" in metrics:
         print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
         print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
+        print("guest_irqs_per_conn: interrupts the guest took from virtio devices (/proc/interrupts) per connection")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
 
