@@ -88,7 +88,7 @@ def mac_str(mac: bytes) -> str:
 def ip_str(addr: bytes) -> str:
     if len(addr) == 16:
         return socket.inet_ntop(socket.AF_INET6, addr)
-    return ".".join(str(b) for b in addr)
+    return socket.inet_ntop(socket.AF_INET, addr)
 
 
 @dataclass(slots=True)

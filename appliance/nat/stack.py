@@ -590,14 +590,18 @@ class UserNetwork:
             or vihl != 0x45
             or proto != IPPROTO_TCP
             or frag & (IP_MF | IP_OFFMASK)
-            or offflags & SYN
             or src != self._last_src
             or smac != self.guest_mac
             or dmac != self.host_mac
         ):
             return False
         conn = self.tcp.conns.get((src, sport, dst, dport))
-        if conn is None or conn.state == TIME_WAIT_STATE:
+        if offflags & SYN:
+            # A SYN for a connection we have (a retransmission, or a new one over TIME-WAIT) goes the
+            # general way; one opening a connection is checked below and opened without an Ipv4.
+            if conn is not None:
+                return False
+        elif conn is None or conn.state == TIME_WAIT_STATE:
             return False
         doff = (offflags >> 12) * 4
         if not 40 <= total <= len(frame) - ETH_HLEN or doff < 20 or doff > total - 20:
@@ -607,6 +611,11 @@ class UserNetwork:
         seg = frame[ETH_HLEN + 20 : ETH_HLEN + total]
         if not self.l4_csum_trusted and not verify(seg, pseudo_sum(src, dst, IPPROTO_TCP, total - 20)):
             return False
+        if conn is None:
+            self.tcp.no_conn(
+                src, dst, sport, dport, seq, ack, offflags & 0x3F, win, seg[20:doff], total - 20 - doff, smac
+            )
+            return True
         conn.input(seq, ack, offflags & 0x3F, win, seg[doff:], seg[20:doff] if doff > 20 and conn.sack_ok else b"")
         return True
 

@@ -195,7 +195,6 @@ class TcpConn:
         # The IPv4 header words that never change (with its own 20-byte length): see _emit.
         self._ip_sum = 0x4500 + 20 + IP_DF + (IP_TTL << 8 | IPPROTO_TCP) + self._pseudo - IPPROTO_TCP
         self._loop = net.loop
-        self.created = time.monotonic()
         # Send side: sequence numbers relative to our ISS; SYN is seq 0.
         self.iss = int.from_bytes(os.urandom(4), "big")
         self.snd_una = 0

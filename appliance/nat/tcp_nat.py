@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import select
 import socket
 import struct
@@ -494,7 +495,7 @@ class TcpNat:
             conn._finish()
             conn = None
         if conn is None:
-            self._no_conn(ip, sport, dport, seq, ack, flags, win, seg[20:doff], len(seg) - doff, src_mac)
+            self.no_conn(ip.src, ip.dst, sport, dport, seq, ack, flags, win, seg[20:doff], len(seg) - doff, src_mac)
             return
         if flags & SYN:
             opts: bytes | memoryview = bytes(seg[20:doff])
@@ -502,18 +503,19 @@ class TcpNat:
             opts = seg[20:doff] if doff > 20 and conn.sack_ok else b""  # SACK blocks
         conn.input(seq, ack, flags, win, seg[doff:], opts)
 
-    def _no_conn(
-        self, ip: Ipv4, sport: int, dport: int, seq: int, ack: int, flags: int, win: int,
+    def no_conn(
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, win: int,
         opts: memoryview, datalen: int, src_mac: bytes,
     ) -> None:  # fmt: skip
+        """A checked segment from the guest that no connection has: a SYN opens one, else RST."""
         st = self.net.stats
         if flags & RST:
             return
         if flags & SYN and not flags & ACK:
-            target = self._target(ip.dst, dport)
+            target = self._target(dst, dport)
             if target is None:
                 st.restricted += 1
-                self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
+                self._reset_reply(src, dst, sport, dport, seq, ack, flags, datalen, src_mac)
                 return
             if len(self._half_open) >= MAX_HALF_OPEN:
                 # A SYN flood: forget the oldest half-open connection, as a SYN cache would.
@@ -525,7 +527,7 @@ class TcpNat:
             if sport == 0 or dport == 0:
                 st.tcp_bad += 1
                 return
-            conn = TcpConn(self.net, self, ip.src, sport, ip.dst, dport, inbound=False)
+            conn = TcpConn(self.net, self, src, sport, dst, dport, inbound=False)
             conn.mac = src_mac
             conn.accept_syn(seq, win, bytes(opts))
             self.conns[conn.key] = conn
@@ -534,13 +536,14 @@ class TcpNat:
             self._connecting += 1
             self._start_connect(conn, target)
             return
-        self._reset_reply(ip, sport, dport, seq, ack, flags, datalen, src_mac)
+        self._reset_reply(src, dst, sport, dport, seq, ack, flags, datalen, src_mac)
 
     def _reset_reply(
-        self, ip: Ipv4, sport: int, dport: int, seq: int, ack: int, flags: int, datalen: int, src_mac: bytes
-    ) -> None:
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, datalen: int,
+        src_mac: bytes,
+    ) -> None:  # fmt: skip
         """RST for a segment without a connection (RFC 9293 §3.10.7.1)."""
-        tmp = TcpConn(self.net, _NullOwner(), ip.src, sport, ip.dst, dport, inbound=False)
+        tmp = TcpConn(self.net, _NullOwner(), src, sport, dst, dport, inbound=False)
         tmp.mac = src_mac
         if flags & ACK:
             tmp.iss = ack
@@ -778,6 +781,7 @@ def _fd_of(transport: object) -> int:
         return -1
 
 
+@functools.lru_cache(maxsize=256)
 def _family_of(host: str) -> socket.AddressFamily | None:
     """The family of a numeric address, None for a name (inet_pton: ipaddress is ~10x slower here)."""
     for family in (socket.AF_INET, socket.AF_INET6):

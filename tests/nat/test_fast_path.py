@@ -21,6 +21,7 @@ from .peer import GUEST_IP, GW_IP, NEEDS_CSUM, VNET_HDR, tcp_frame
 
 SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
 SPORT = 40600
+MSS_1460 = struct.pack("!BBH", 2, 4, 1460)
 
 
 def _no_fast_path(frame: memoryview) -> bool:
@@ -132,3 +133,66 @@ async def test_segment_with_ip_options_or_from_a_new_mac_is_still_delivered(fast
     finally:
         lsock.close()
         await net.stop()
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+async def test_syns_that_open_connections_are_handled_as_the_general_path_handles_them(monkeypatch, vnet: bool) -> None:
+    """Once the guest is known, a SYN without a connection is checked and opened on the fast path: every
+    corrupted header byte of it, a SYN to a closed port and one to a listener give the same replies and
+    counters as on the general path."""
+    monkeypatch.setattr(os, "urandom", lambda n: bytes(range(7, 7 + n)))  # same ISS in both stacks
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(512)
+    port = lsock.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    nets = [UserNetwork(UserNetConfig(nameservers=()), vnet_hdr=vnet) for _ in range(2)]
+    hdr = VNET_HDR.pack(NEEDS_CSUM, 0, 0, 0, 34, 16, 0) if vnet else b""
+    nets[1]._tcp4_input = _no_fast_path  # type: ignore[method-assign]
+    taken = [0, 0]
+    real = [n._tcp4_input for n in nets]
+
+    def counting(i: int):  # type: ignore[no-untyped-def]
+        def inner(frame: memoryview) -> bool:
+            ok = real[i](frame)
+            taken[i] += ok
+            return ok
+
+        return inner
+
+    nets[0]._tcp4_input = counting(0)  # type: ignore[method-assign]
+    try:
+        for net in nets:
+            await net.start()
+            iss = await _connect(net, port, hdr)  # the guest's MAC and address are known from here on
+        # A duplicate ACK of that connection (no reply) after each SYN brings back the guest's MAC.
+        dup = hdr + tcp_frame(GUEST_IP, SPORT, GW_IP, port, 1001, iss + 1, ACK, 0xFFFF)
+        frames = []
+        for sport, dport in ((41000, port), (41001, closed_port)):
+            frames.append(hdr + tcp_frame(GUEST_IP, sport, GW_IP, dport, 7000, 0, SYN, 0xFFFF,
+                                          opts=struct.pack("!BBH", 2, 4, 1460)))  # fmt: skip
+        for off in range(58):
+            # A port of its own for each: a SYN taken by mistake opens a connection the other stack lacks.
+            good = tcp_frame(GUEST_IP, 41100 + off, GW_IP, port, 9000, 0, SYN, 0xFFFF, opts=MSS_1460)
+            bad = bytearray(good)
+            bad[off] ^= 0x41
+            frames += [hdr + bytes(bad), dup]
+        before = taken[0]
+        for i, f in enumerate(frames):
+            out = []
+            for net in nets:
+                net.send([memoryview(f)])
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                out.append(drain(net))
+            assert out[0] == out[1], f"frame {i}: different replies"
+            assert nets[0].counters() == nets[1].counters(), f"frame {i}: different counters"
+            assert sorted(nets[0].tcp.conns) == sorted(nets[1].tcp.conns), f"frame {i}: different connections"
+        assert taken[0] - before >= 40  # the good SYNs and every corruption the fast path lets through
+        assert nets[0].counters()["errors"] == 0
+    finally:
+        lsock.close()
+        for net in nets:
+            await net.stop()
