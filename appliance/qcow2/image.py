@@ -979,20 +979,22 @@ class Qcow2Image:
 
     def start_rw(self, write: bool, offset: int, bufs: Sequence[memoryview],
                  done: Callable[[Any, int, BaseException | None], None], token: Any) -> bool:
-        """Start a read (or an in-place write) with no coroutine; False if it cannot go so.
+        """Start a read or write with no coroutine; False if it cannot go so.
 
         The callback form of :meth:`readv`/:meth:`writev` that virtio-blk's
         data path and ``img bench`` use (as ``RawBackend.start_rw``): a
         future, its callback and two coroutines per request cost the loop
         more than the request's own work. ``done(token, nbytes, error)``
         follows on the loop, never from inside this call. Only the
-        commonest requests go this way: O_DIRECT, inside one plain data
-        cluster whose L2 table is cached (or a few such clusters in one host
-        run), and for a write clusters only this image refers to (COPIED,
-        not metadata) inside the file: requests that change no metadata. The
-        lookup and the submission happen with no await between them, and
-        clusters freed meanwhile stay unused until no request is in flight
-        (``_io_count``), as for readv/writev's own single-cluster fast paths.
+        commonest requests go this way, all O_DIRECT with the L2 tables
+        involved cached: inside one plain data cluster (or a few such
+        clusters in one host run), for a write clusters only this image
+        refers to (COPIED, not metadata) inside the file; and a write
+        inside one fresh cluster that :meth:`_start_alloc` allocates, or
+        that rides on such an allocation in flight. The lookup (and any
+        allocation) and the submission happen with no await between them,
+        and clusters freed meanwhile stay unused until no request is in
+        flight (``_io_count``), as for readv/writev's own fast paths.
         Anything else returns False with nothing started, and the caller
         awaits :meth:`readv`/:meth:`writev`.
         """
@@ -1001,33 +1003,196 @@ class Qcow2Image:
         if write and (self.read_only or self._failed or self._writethrough):
             return False
         n = bufs[0].nbytes
-        for b in bufs[1:]:
-            n += b.nbytes
-        hit = self._fast_host_of(offset, n) if n else None
+        if len(bufs) > 1:
+            for b in bufs[1:]:
+                n += b.nbytes
+        if not n:
+            return False
+        hit = self._fast_host_of(offset, n)
         if hit is not None:
             e, host = hit
             if write and (not e & COPIED or (host >> self._cb) in self._meta):
                 return False
+        elif (offset & (self._cs - 1)) + n <= self._cs:
+            return write and self._start_alloc(offset, bufs, n, done, token)
         else:
-            host = self._fast_host_run(offset, n, write) if n else -1
+            host = self._fast_host_run(offset, n, write)
             if host < 0:
                 return False
         if write and host + n > self.file_size:
             return False
-        job = (done, token, n, bufs, write, offset, host)
+        return self._submit(write, bufs, host, self._rw_done,
+                            (done, token, n, bufs, write, offset, host))
+
+    def _submit(self, write: bool, bufs: Sequence[memoryview], host: int,
+                cb: Callable[[Any, int, BaseException | None], None], job: Any) -> bool:
+        """Send one data request to kernel AIO or the pool; ``cb(job, nbytes, error)`` follows.
+
+        False, with nothing started, when kernel AIO would refuse the buffers
+        (O_DIRECT alignment): the coroutine path bounces them.
+        """
         self._io_count += 1
         aio = self._aio
         if aio is not None:
             # eager: a lone request goes to the kernel now, not a loop turn later.
             if not aio.start(IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, self._dfd, bufs,
-                             host, self._rw_done, job, eager=True,
-                             align=self.logical_block_size):
+                             host, cb, job, eager=True, align=self.logical_block_size):
                 self._io_count -= 1
-                return False  # buffers O_DIRECT would refuse: readv/writev bounce them
+                return False
         else:
-            _iopool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host),
-                            self._rw_done, job)
+            _iopool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host), cb, job)
         return True
+
+    def _start_alloc(self, offset: int, bufs: Sequence[memoryview], n: int,
+                     done: Callable[[Any, int, BaseException | None], None], token: Any) -> bool:
+        """:meth:`start_rw` for a write inside one cluster that has no host cluster yet.
+
+        The :meth:`_fast_alloc_write` case (nothing to copy around the
+        write, L2 table cached and this image's own, a free cluster at the
+        allocator's hint in a cached refcount block, nobody holding the
+        lock), done synchronously: the refcount is raised in the cache and
+        the cluster registered in flight before the data is submitted, and
+        :meth:`_alloc_done` publishes the L2 entry once the data is
+        written. Metadata reaches the disk later, from the write-back
+        caches in flush order (refcount blocks, L2, L1), so no metadata I/O
+        is issued here. A write into a cluster whose allocation is in
+        flight puts its bytes at that host cluster and finishes once the
+        allocation is published (:meth:`_piggy_write`'s case).
+        """
+        cb = self._cb
+        cs = self._cs
+        gc = offset >> cb
+        a = offset & (cs - 1)
+        if self._ext or offset < 0 or offset + n > self.size or self._lock.locked():
+            return False
+        inflight = self._inflight
+        if inflight:
+            inf = inflight.get(gc)
+            if inf is not None:
+                host = inf.host + a
+                if not inf.piggy or host + n > self.file_size:
+                    return False
+                return self._submit(True, bufs, host, self._piggy_done,
+                                    (done, token, n, bufs, offset, host, inf))
+        h = self.header
+        if h.lazy_refcounts and not self._lazy_dirty and h.version >= 3:
+            return False  # the dirty bit goes to the disk first: an await
+        l1i = gc >> self._l2_bits
+        if l1i >= len(self._l1):
+            return False
+        l1e = self._l1[l1i]
+        l2off = l1e & OFFSET_MASK
+        t = self._l2.get(l2off) if l1e & COPIED else None
+        if t is None:
+            return False
+        i = gc & (self._l2_entries - 1)
+        e = t[i]
+        if e & (OFFSET_MASK | COMPRESSED):
+            return False
+        whole = n == cs or offset + n == self.size and a == 0
+        if not whole and not self._fill_is_zero(e, 0):
+            return False  # backing data to copy around the write: the planner does that
+        c = self._free_hint
+        ti, bi = divmod(c, self._rb_entries)
+        blk = self._rb.get(ti)
+        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb:
+            return False
+        host = c << cb
+        fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
+        if not (fresh or whole):
+            return False  # the rest of a reused cluster must be zeroed: the planner does that
+        if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
+            return False
+        if fresh:
+            # Inside the file, the O_DIRECT write is asynchronous (see _reserve_space).
+            self._reserve_space(host + cs)
+        if host + a + n > self.file_size:
+            return False  # no file space reserved: the coroutine path extends the file
+        blk[bi] = 1
+        self._rb_dirty.add(ti)
+        self._rc_dirty = True
+        self._free_hint = c + 1
+        alloc_end = self._alloc_end
+        if host + cs > alloc_end:
+            self._alloc_end = host + cs
+        inf = _Alloc(asyncio.get_running_loop().create_future(), host, True)
+        inflight[gc] = inf
+        job = (done, token, n, bufs, offset, host + a, inf, gc, l1i, l1e, l2off, t, i, e, c, fresh)
+        if not self._submit(True, bufs, host + a, self._alloc_done, job):
+            # Nothing was awaited since the cluster was taken: give it straight back.
+            blk[bi] = 0
+            self._free_hint = c
+            self._alloc_end = alloc_end
+            del inflight[gc]
+            return False
+        return True
+
+    def _alloc_done(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
+        """The data of a :meth:`_start_alloc` write is written (or not): publish or undo."""
+        self._io_count -= 1
+        done, token, n, bufs, offset, host, inf, gc, l1i, l1e, l2off, table, i, e, c, fresh = job
+        t: list[int] = table
+        if err is None and got == n:
+            self._wrote(host + n)
+            base = host - (offset & (self._cs - 1))
+            if (not self._lock.locked() and l1i < len(self._l1) and self._l1[l1i] == l1e
+                    and self._l2.get(l2off) is t and t[i] == e):
+                t[i] = base | COPIED
+                self._l2_dirty.add(l2off)
+                del self._inflight[gc]
+                inf.ok = True
+                inf.fut.set_result(None)
+                done(token, n, None)
+                return
+            # Metadata moved while the data was in flight: publish the careful way.
+            a = offset & (self._cs - 1)
+            self._spawn(self._publish(
+                [gc, a, a + n, e, 0, base, -2, fresh], done, token, n))
+            return
+        # Deferred like any free: a write riding on this allocation may still
+        # be in flight to the cluster.
+        self._pending_frees.append(c)
+        self._inflight.pop(gc, None)
+        if not inf.fut.done():
+            inf.fut.set_result(None)
+        self._rw_failed((done, token, n, bufs, True, offset, host), got, err)
+
+    async def _publish(self, item: list[Any], done: Callable[[Any, int, BaseException | None], None],
+                       token: Any, n: int) -> None:
+        try:
+            async with self._lock:
+                await self._commit([item])
+        except Exception as err:  # noqa: BLE001 - handed to the caller's callback
+            done(token, 0, err)
+        else:
+            done(token, n, None)
+
+    def _piggy_done(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
+        """A write riding on an allocation in flight has its bytes written: wait for the allocation."""
+        self._io_count -= 1
+        done, token, n, bufs, offset, host, inf = job
+        if err is not None or got != n:
+            self._rw_failed((done, token, n, bufs, True, offset, host), got, err)
+            return
+        self._wrote(host + n)
+        if inf.fut.done():
+            self._piggy_settled(job)
+        else:
+            inf.fut.add_done_callback(lambda _f: self._piggy_settled(job))
+
+    def _piggy_settled(self, job: tuple[Any, ...]) -> None:
+        done, token, n, bufs, offset, host, inf = job
+        if inf.ok:
+            done(token, n, None)
+        else:
+            # The allocation failed: the bytes went nowhere. Write them again.
+            self._spawn(self._rw_again((done, token, n, bufs, True, offset, host)))
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a start_rw request's follow-up as a task :meth:`close` waits for."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     def _fast_host_run(self, offset: int, n: int, write: bool) -> int:
         """Host offset of a request over a few plain data clusters laid out in one host
@@ -1075,28 +1240,29 @@ class Qcow2Image:
         """A :meth:`start_rw` request is over: what readv/writev do after their await."""
         self._io_count -= 1
         done, token, n, bufs, write, offset, host = job
+        if err is None and got == n:
+            if write:
+                self._wrote(host + n)
+            done(token, n, None)
+            return
+        self._rw_failed(job, got, err)
+
+    def _rw_failed(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
+        done, token, n, bufs, write, offset, host = job
         if err is None and got < n:
             if not write:
                 # Past the end of the file: the rest of the cluster reads as zeroes.
                 from appliance.storage.io import zero_from
 
                 zero_from(bufs, got)
-                got = n
-            else:
-                err = OSError(errno.EIO, "short write")
-        if err is None:
-            if write:
-                self._needs_sync = True
-                if host + n > self._written_end:
-                    self._written_end = host + n
-            done(token, got, None)
-        elif isinstance(err, OSError) and not self._closed:
+                done(token, n, None)
+                return
+            err = OSError(errno.EIO, "short write")
+        if isinstance(err, OSError) and not self._closed:
             # EINVAL: O_DIRECT refused the buffers; a short write: ENOSPC at
             # its end. The coroutine path bounces, retries or raises the
             # error, as it would have had the request come that way.
-            task = asyncio.get_running_loop().create_task(self._rw_again(job))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
+            self._spawn(self._rw_again(job))
         else:
             done(token, 0, err)
 
