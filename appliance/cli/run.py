@@ -159,7 +159,8 @@ def _name(a: RunArgs, v: str) -> None:
 
 @option(
     "-serial",
-    "stdio|mon:stdio|file:path|unix:path[,server=on,wait=off]|tcp:host:port[,...]|chardev:id|null|none",
+    "stdio|mon:stdio|file:path|unix:path[,server=on,wait=off]|tcp:host:port[,...]|telnet:host:port[,...]"
+    "|chardev:id|null|none",
     "COM1's host side",
 )
 def _serial(a: RunArgs, v: str) -> None:
@@ -168,12 +169,14 @@ def _serial(a: RunArgs, v: str) -> None:
 
 @option("-chardev", "socket|stdio|file|null,id=id[,...]", "a character device for -serial chardev:id")
 def _chardev(a: RunArgs, v: str) -> None:
-    opts = parse_option("-chardev", v, implied="backend", flags=("server", "wait", "signal", "mux", "append"))
+    opts = parse_option("-chardev", v, implied="backend",
+                        flags=("server", "wait", "signal", "mux", "append", "telnet", "nodelay"))
     backend = opts.require("backend")
     cid = opts.require("id")
     if cid in a.chardevs:
         raise ConfigError(f"-chardev: duplicate id '{cid}'")
     if backend == "socket":
+        opts.take_bool("nodelay")
         cfg = _socket_chardev(opts, cid, path=opts.take("path"), host=opts.take("host"), port=opts.take("port"))
     elif backend == "stdio":
         cfg = ChardevConfig(
@@ -223,12 +226,6 @@ def _no_user_config(a: RunArgs, v: str) -> None:
 def _vga(a: RunArgs, v: str) -> None:
     if v != "none":
         raise ConfigError(f"-vga: '{v}' is not supported (only 'none')")
-
-
-@option("-monitor", "none", "human monitor (only 'none'; use -qmp or -mon mode=control)")
-def _monitor(a: RunArgs, v: str) -> None:
-    if v != "none":
-        raise ConfigError(f"-monitor: '{v}' is not supported (only 'none'; QMP is -qmp)")
 
 
 @option("-S", None, "do not start the vCPUs until QMP 'cont' (status 'prelaunch')")
@@ -330,21 +327,24 @@ def _debug(a: RunArgs, v: str) -> None:
 # --- -serial / -chardev -> ChardevConfig ---------------------------------------------------
 
 
-def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | None, port: str | None) -> ChardevConfig:
+def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | None, port: str | None,
+                    telnet: bool = False) -> ChardevConfig:
     from appliance.cli.options import OptionDict
 
     assert isinstance(opts, OptionDict)
     server = opts.take_bool("server", False)
     wait = opts.take_bool("wait", True)
+    telnet = opts.take_bool("telnet", telnet)
     if path is not None:
-        return ChardevConfig("socket", id=cid, path=path, server=server, wait=wait)
+        return ChardevConfig("socket", id=cid, path=path, server=server, wait=wait, telnet=telnet)
     if port is None:
         raise ConfigError(f"{opts.option}: socket needs 'path' or 'port'")
     try:
         port_n = int(port, 10)
     except ValueError:
         raise ConfigError(f"{opts.option}: port '{port}' is not a number") from None
-    return ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait)
+    return ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait,
+                         telnet=telnet)
 
 
 def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bool) -> ChardevConfig | None:
@@ -371,13 +371,14 @@ def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bo
         cfg = _socket_chardev(opts, "", path=opts.require("path"), host=None, port=None)
         opts.finish()
         return cfg
-    if kind == "tcp":
-        opts = parse_option("-serial", rest, implied="addr", flags=("server", "wait"))
+    if kind in ("tcp", "telnet"):
+        opts = parse_option("-serial", rest, implied="addr", flags=("server", "wait", "nodelay"))
         addr = opts.require("addr")
         host, colon, port = addr.rpartition(":")
         if not colon:
             raise ConfigError(f"-serial: '{addr}' is not host:port")
-        cfg = _socket_chardev(opts, "", path=None, host=host, port=port)
+        opts.take_bool("nodelay")
+        cfg = _socket_chardev(opts, "", path=None, host=host, port=port, telnet=kind == "telnet")
         opts.finish()
         return cfg
     raise ConfigError(f"-serial: '{kind}' is not supported")

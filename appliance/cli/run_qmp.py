@@ -1,10 +1,11 @@
-"""`appliance run` options for the QMP monitor, in QEMU's syntax.
+"""`appliance run` options for the monitors, in QEMU's syntax.
 
-``-qmp unix:PATH[,server=on|off][,wait=on|off]``, ``-qmp tcp:[HOST]:PORT[,…]``,
+QMP: ``-qmp unix:PATH[,server=on|off][,wait=on|off]``, ``-qmp tcp:[HOST]:PORT[,…]``,
 ``-qmp-pretty`` (the same, with indented JSON), and ``-mon
-[chardev=]ID,mode=control[,pretty=on|off]`` for a ``-chardev socket,id=ID,…``.
-Each becomes a :class:`~appliance.qmp.server.QmpSpec` in the machine's device
-list. The human monitor (HMP, ``mode=readline``, ``-monitor``) is refused by name.
+[chardev=]ID,mode=control[,pretty=on|off]`` for a ``-chardev socket,id=ID,…``;
+each becomes a :class:`~appliance.qmp.server.QmpSpec`. The human monitor:
+``-monitor tcp:…|telnet:…|unix:…|chardev:ID|none`` and ``-mon
+[chardev=]ID[,mode=readline]``, each a :class:`~appliance.qmp.hmp.HmpSpec`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,31 @@ def parse_qmp(spec: str, what: str = "-qmp") -> ChardevConfig:
     return cfg
 
 
+def _add_hmp(a: RunArgs, chardev: ChardevConfig, what: str) -> None:
+    from appliance.qmp.hmp import HmpSpec
+
+    a.devices.append(HmpSpec(chardev, telnet=chardev.telnet, name=what))
+
+
+@option("-monitor", "tcp:[HOST]:PORT[,server=on,wait=off] | telnet:… | unix:PATH[,…] | chardev:ID | none",
+        "the human monitor (HMP: a '(qemu)' prompt for stop, cont, set_link, info status, …)")
+def _monitor(a: RunArgs, v: str) -> None:
+    if v == "none":
+        return
+    kind, _, rest = v.partition(":")
+    if kind == "chardev":
+        a.extra.setdefault("-monitor chardev", []).append(rest)
+    elif kind == "telnet":
+        cfg = parse_qmp(f"tcp:{rest}", "-monitor")
+        _add_hmp(a, ChardevConfig("socket", id="-monitor", host=cfg.host, port=cfg.port,
+                                  server=cfg.server, wait=cfg.wait, telnet=True), "-monitor")
+    elif kind in ("tcp", "unix"):
+        _add_hmp(a, parse_qmp(v, "-monitor"), "-monitor")
+    else:
+        raise ConfigError(f"-monitor: '{v}' is not supported (tcp:, telnet:, unix:, chardev: or none; "
+                          "the serial console owns stdio)")
+
+
 def _add(a: RunArgs, chardev: ChardevConfig, pretty: bool, what: str) -> None:
     from appliance.qmp.server import QmpSpec
 
@@ -64,16 +90,16 @@ def _qmp_pretty(a: RunArgs, v: str) -> None:
     _add(a, parse_qmp(v, "-qmp-pretty"), True, "-qmp-pretty")
 
 
-@option("-mon", "[chardev=]ID,mode=control[,pretty=on|off]",
-        "a QMP monitor on -chardev socket,id=ID (mode=readline, the human monitor, is not supported)")
+@option("-mon", "[chardev=]ID[,mode=readline|control][,pretty=on|off]",
+        "a monitor on -chardev socket,id=ID: the human one (mode=readline, QEMU's default) or QMP")
 def _mon(a: RunArgs, v: str) -> None:
     opts = parse_option("-mon", v, implied="chardev", flags=("pretty",))
     opts.require("chardev")
     mode = opts.take("mode", "readline")
     opts.take_bool("pretty")
     opts.finish()
-    if mode != "control":
-        raise ConfigError(f"-mon: mode '{mode}' (the human monitor) is not supported; use mode=control")
+    if mode not in ("control", "readline"):
+        raise ConfigError(f"-mon: mode '{mode}' is not readline or control")
     a.extra.setdefault("-mon", []).append(v)
 
 
@@ -83,14 +109,25 @@ def finalize(a: RunArgs) -> None:
         opts = parse_option("-mon", v, implied="chardev", flags=("pretty",))
         cid = opts.require("chardev")
         pretty = opts.take_bool("pretty")
-        cfg = a.chardevs.get(cid)
-        if cfg is None:
-            raise ConfigError(f"-mon: chardev '{cid}' not found")
-        if cfg.backend != "socket":
-            raise ConfigError(f"-mon: chardev '{cid}' is '{cfg.backend}'; a QMP monitor needs a socket")
-        if f"chardev:{cid}" in a.serials:
-            raise ConfigError(f"-mon: chardev '{cid}' is already used by -serial")
-        _add(a, cfg, pretty, f"-mon chardev={cid}")
+        mode = opts.take("mode", "readline")
+        cfg = _monitor_chardev(a, cid, "-mon")
+        if mode == "control":
+            _add(a, cfg, pretty, f"-mon chardev={cid}")
+        else:
+            _add_hmp(a, cfg, f"-mon chardev={cid}")
+    for cid in a.extra.pop("-monitor chardev", []):
+        _add_hmp(a, _monitor_chardev(a, cid, "-monitor"), f"-monitor chardev:{cid}")
+
+
+def _monitor_chardev(a: RunArgs, cid: str, what: str) -> ChardevConfig:
+    cfg = a.chardevs.get(cid)
+    if cfg is None:
+        raise ConfigError(f"{what}: chardev '{cid}' not found")
+    if cfg.backend != "socket":
+        raise ConfigError(f"{what}: chardev '{cid}' is '{cfg.backend}'; a monitor needs a socket")
+    if f"chardev:{cid}" in a.serials:
+        raise ConfigError(f"{what}: chardev '{cid}' is already used by -serial")
+    return cfg
 
 
 if finalize not in FINALIZERS:

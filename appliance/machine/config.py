@@ -81,7 +81,8 @@ class ChardevConfig(Record):
         "stdio|null|file,path=<path>|socket,path=<path>|socket,host=<host>,port=<port>"
         "[,server=on|off][,wait=on|off]"
     )
-    __slots__ = ("backend", "id", "path", "host", "port", "server", "wait", "mux", "signal", "append")
+    __slots__ = ("backend", "id", "path", "host", "port", "server", "wait", "mux", "signal", "append",
+                 "telnet")
     backend: Literal["stdio", "file", "socket", "null"]
     id: str
     path: StrPath | None
@@ -92,6 +93,7 @@ class ChardevConfig(Record):
     mux: bool
     signal: bool
     append: bool
+    telnet: bool  # socket: speak telnet (RFC 854) to the client, as QEMU's telnet: chardevs
 
     def __init__(
         self,
@@ -105,8 +107,9 @@ class ChardevConfig(Record):
         mux: bool = False,
         signal: bool = True,
         append: bool = False,
+        telnet: bool = False,
     ) -> None:
-        values = (backend, id, path, host, port, server, wait, mux, signal, append)
+        values = (backend, id, path, host, port, server, wait, mux, signal, append, telnet)
         for k, v in zip(self.__slots__, values, strict=True):
             object.__setattr__(self, k, v)
 

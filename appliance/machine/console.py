@@ -503,18 +503,30 @@ class SocketBackend:
         self._connected.set()
         import asyncio
 
+        if self._cfg.telnet:
+            from appliance.machine.telnet import OFFER
+
+            writer.write(OFFER)
         task = asyncio.ensure_future(self._pump(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        telnet = None
+        if self._cfg.telnet:
+            from appliance.machine.telnet import TelnetInput
+
+            telnet = TelnetInput()
         try:
             while True:
                 data = await reader.read(4096)
                 if not data:
                     break
+                if telnet is not None:
+                    data = telnet.feed(data)
                 assert self._console is not None
-                self._console.send(data)
+                if data:
+                    self._console.send(data)
         except (ConnectionError, OSError):
             pass
         finally:

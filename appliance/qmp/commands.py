@@ -287,36 +287,11 @@ async def _object_del(ctx: Context, args: dict[str, Any]) -> None:
 
 # --- the human monitor, through QMP -----------------------------------------------------
 
-# HMP words -> (QMP command, how its arguments are read). qmp-shell -H and
-# scripts written for `virsh qemu-monitor-command --hmp` send these.
-_HMP_ALIASES = {"c": "cont", "q": "quit"}
-_HMP_SIMPLE = ("stop", "cont", "system_reset", "system_powerdown", "quit")
-
 
 @command("human-monitor-command", {"command-line": ("string", True), "cpu-index": ("integer", False)})
 async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
-    words = args["command-line"].split()
-    if not words:
-        return ""
-    word = _HMP_ALIASES.get(words[0], words[0])
-    if word in _HMP_SIMPLE and len(words) == 1:
-        await COMMANDS[word].handler(ctx, {})
-        return ""
-    if word == "info" and len(words) == 2:
-        what = words[1]
-        if what == "status":
-            status = (await _query_status(ctx, {}))["status"]
-            return f"VM status: {status}\r\n"
-        if what == "name":
-            name = ctx.machine.config.name
-            return f"{name}\r\n" if name else ""
-        if what == "version":
-            v = QEMU_VERSION
-            return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
-        if what == "usernet":
-            return netops.usernet_info(ctx.machine)
-    if word == "set_link" and len(words) == 3 and words[2] in ("on", "off"):
-        netops.set_link(ctx.machine, words[1], words[2] == "on")
-        return ""
-    # QEMU's HMP answers unknown commands in its output, not with a QMP error.
-    return f"unknown command: '{' '.join(words)}'\r\n"
+    # qmp-shell -H and `virsh qemu-monitor-command --hmp` send these; the
+    # socket monitor (-monitor) runs the same words.
+    from appliance.qmp import hmp
+
+    return await hmp.execute(ctx, args["command-line"])

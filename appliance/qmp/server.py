@@ -277,15 +277,17 @@ def _parse_reason(err: Exception) -> str:
 
 
 async def open_qmp_server(target: Any, cd: ChardevConfig, *, pretty: bool, what: str, prog: str,
-                          table: dict[str, commands.Command] | None = None, wait: bool = True) -> QmpServer:
+                          table: dict[str, commands.Command] | None = None, wait: bool = True,
+                          server: QmpServer | None = None) -> QmpServer:
     """A QMP server over ``target`` on socket chardev ``cd``: listening, or
     connected out (``server=off``); with the chardev's ``wait=on`` (and
     ``wait``), returned once a client is in.
 
     :param what: the option it came from, for messages; :param prog: who says them.
+    :param server: one made already (the human monitor's); by default a QMP one.
     :raises ConfigError: When the socket cannot be opened.
     """
-    server = QmpServer(target, pretty=pretty, table=table)
+    server = server or QmpServer(target, pretty=pretty, table=table)
     try:
         if not cd.server:
             await server.connect(cd)

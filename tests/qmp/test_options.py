@@ -43,9 +43,10 @@ def test_mon_refers_to_a_chardev_given_later_on_the_line() -> None:
         (["-qmp", "stdio"], "-qmp: 'stdio' is not supported"),
         (["-qmp", "tcp:localhost:http,server=on"], "port 'http' is not a number"),
         (["-qmp", "unix:/tmp/q,server=maybe"], "server"),
-        (["-mon", "chardev=m0"], "mode 'readline' (the human monitor) is not supported"),
+        (["-mon", "chardev=m0"], "-mon: chardev 'm0' not found"),
+        (["-mon", "m0,mode=bogus"], "mode 'bogus' is not readline or control"),
         (["-mon", "chardev=m0,mode=control"], "-mon: chardev 'm0' not found"),
-        (["-chardev", "null,id=m0", "-mon", "m0,mode=control"], "a QMP monitor needs a socket"),
+        (["-chardev", "null,id=m0", "-mon", "m0,mode=control"], "a monitor needs a socket"),
         (["-monitor", "stdio"], "-monitor: 'stdio' is not supported"),
     ],
 )
@@ -57,12 +58,13 @@ def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) 
 
 def test_help_lists_qmp_and_mon() -> None:
     text = usage()
-    assert "  -qmp unix:PATH" in text and "  -mon [chardev=]ID,mode=control" in text and "-qmp-pretty" in text
+    assert "  -qmp unix:PATH" in text and "-qmp-pretty" in text
+    assert "  -mon [chardev=]ID[,mode=readline|control]" in text and "  -monitor tcp:" in text
 
 
 def test_cli_refusal_exits_2_with_one_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "appliance.cli.main", "run", "-kernel", "/dev/null",
-                           "-mon", "chardev=x"], capture_output=True, text=True, timeout=30)
+                           "-mon", "chardev=x,mode=bogus"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "readline" in proc.stderr
 

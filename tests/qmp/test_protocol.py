@@ -229,7 +229,7 @@ async def test_human_monitor_command_runs_the_common_words_and_answers_others_in
     assert await hmp("info status") == "VM status: paused\r\n"
     assert await hmp("c") == ""
     assert await hmp("info status") == "VM status: running\r\n"
-    assert await hmp("savevm x") == "unknown command: 'savevm x'\r\n"
+    assert await hmp("savevm x") == "unknown command: 'savevm'\r\n"
 
 
 async def test_query_block_lists_the_disks_of_the_command_line(tmp_path: Path) -> None:

@@ -1,0 +1,442 @@
+"""The human monitor (HMP): QEMU's text commands, on a socket or through QMP.
+
+Lab tools drive QEMU through it: vrnetlab and GNS3 start VMs with
+``-monitor tcp:…,server,nowait`` or ``telnet:…`` and type ``stop``, ``cont``,
+``set_link``, ``info status`` at a ``(qemu)`` prompt; ``virsh
+qemu-monitor-command --hmp`` and ``qmp-shell -H`` send the same words through
+QMP's ``human-monitor-command``. Both end in :func:`execute`.
+
+On a socket the monitor behaves like QEMU's readline: it greets with a
+banner and ``(qemu) ``, echoes what is typed by redrawing the line (cursor
+back, the line, erase to the end), and on Enter prints ``\\r\\n``, the
+command's output and a new prompt. Scripts that wait for the prompt and
+skip the echo work unchanged. On ``telnet`` sockets it first offers what
+QEMU's telnet server offers (it will echo and suppress go-ahead, binary both
+ways) and drops the client's telnet commands from the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.errors import ApplianceError, ConfigError
+from appliance.machine import telnet
+from appliance.machine.config import ChardevConfig
+from appliance.machine.telnet import TelnetInput
+from appliance.qmp import commands, netops
+from appliance.qmp.server import QmpServer, open_qmp_server, wait_for_first_client
+
+log = logging.getLogger(__name__)
+
+PROMPT = b"(qemu) "
+_V = commands.QEMU_VERSION
+BANNER = (f"QEMU {_V['major']}.{_V['minor']}.{_V['micro']} monitor - type 'help' for more "
+          "information\r\n").encode()
+MAX_LINE = 4096  # QEMU's READLINE_CMD_BUF_SIZE
+_ESC_BACK = b"\x1b[D"
+_ERASE = b"\x1b[K"
+
+# name|alias -> (arguments, help), in QEMU's `help` layout and words.
+HELP = {
+    "cont|c": ("", "resume emulation"),
+    "help|?": ("[cmd]", "show the help"),
+    "hostfwd_add": ("[netdev_id] [tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport",
+                    "redirect TCP or UDP connections from host to guest (requires -net user)"),
+    "hostfwd_remove": ("[netdev_id] [tcp|udp]:[hostaddr]:hostport",
+                       "remove host-to-guest TCP or UDP redirection"),
+    "info": ("[subcommand]", "show various information about the system state"),
+    "object_add": ("[qom-type=]type,id=str[,prop=value][,...]", "create QOM object"),
+    "object_del": ("id", "destroy QOM object"),
+    "quit|q": ("", "quit the emulator"),
+    "set_link": ("name on|off", "change the link status of a network adapter"),
+    "stop|s": ("", "stop emulation"),
+    "system_powerdown": ("", "send system power down event"),
+    "system_reset": ("", "reset the system"),
+}
+INFO_HELP = {
+    "kvm": "show KVM information",
+    "name": "show the current VM name",
+    "network": "show the network state",
+    "status": "show the current VM status (running|paused)",
+    "usernet": "show user network stack connection states",
+    "version": "show the version of QEMU",
+}
+_NAMES = {alias: names for names in HELP for alias in names.split("|")}
+
+
+async def execute(ctx: Any, line: str) -> str:
+    """Run one HMP command line and return what QEMU would print (``\r\n`` line ends).
+
+    Errors come back as text, as QEMU's monitor prints them; nothing raises.
+    """
+    words = line.split()
+    if not words:
+        return ""
+    try:
+        return await _dispatch(ctx, words)
+    except ApplianceError as err:  # QMP's errors too: QEMU prints them after "Error: "
+        return f"Error: {err}\r\n"
+
+
+def _usage(word: str, problem: str) -> str:
+    return f"{problem}\r\nTry \"help {word}\" for more information\r\n"
+
+
+async def _dispatch(ctx: Any, words: list[str]) -> str:
+    names = _NAMES.get(words[0])
+    if names is None:
+        return f"unknown command: '{words[0]}'\r\n"
+    word, args = names.split("|")[0], words[1:]
+    if word in ("stop", "cont", "system_reset", "system_powerdown", "quit"):
+        if args:
+            return _usage(words[0], f"{names}: extraneous characters at the end of line")
+        await commands.COMMANDS[word].handler(ctx, {})
+        return ""
+    if word == "help":
+        return _help(args)
+    if word == "info":
+        return await _info(ctx, args)
+    if word == "set_link":
+        if not args:
+            return _usage(words[0], "set_link: string expected")
+        if len(args) < 2 or args[1] not in ("on", "off"):
+            return _usage(words[0], "Expected 'on' or 'off'")
+        netops.set_link(ctx.machine, args[0], args[1] == "on")
+        return ""
+    if word in ("hostfwd_add", "hostfwd_remove"):
+        if not args:
+            return _usage(words[0], f"{word}: string expected")
+        netdev_id, rule = (args[0], args[1]) if len(args) >= 2 else (None, args[0])
+        net = _user_net(ctx, netdev_id)
+        if isinstance(net, str):
+            return net
+        if word == "hostfwd_add":
+            return await _hostfwd_add(net, rule)
+        return _hostfwd_remove(net, rule)
+    if word == "object_add":
+        if not args:
+            return _usage(words[0], "object_add: string expected")
+        return await _object_add(ctx, args[0])
+    # object_del
+    if not args:
+        return _usage(words[0], "object_del: string expected")
+    netops.del_capture(ctx.machine, args[0])
+    return ""
+
+
+def _help(args: list[str]) -> str:
+    if args and args[0] == "info":
+        items = sorted(INFO_HELP.items())
+        if len(args) > 1:
+            items = [(k, v) for k, v in items if k == args[1]]
+            if not items:
+                return f"unknown command: 'info {args[1]}'\r\n"
+        return "".join(f"info {k}  -- {v}\r\n" for k, v in items)
+    rows = []
+    for names, (params, text) in sorted(HELP.items()):
+        if args and args[0] not in names.split("|"):
+            continue
+        rows.append(f"{names} {params} -- {text}\r\n" if params else f"{names}  -- {text}\r\n")
+    if args and not rows:
+        return f"unknown command: '{args[0]}'\r\n"
+    return "".join(rows)
+
+
+async def _info(ctx: Any, args: list[str]) -> str:
+    if not args:
+        return _help(["info"])
+    what = args[0]
+    if what == "status":
+        status = (await commands.COMMANDS["query-status"].handler(ctx, {}))["status"]
+        # QEMU says "paused (<reason>)" for every stopped state but a plain stop.
+        if status == "running":
+            return "VM status: running\r\n"
+        return "VM status: paused\r\n" if status == "paused" else f"VM status: paused ({status})\r\n"
+    if what == "name":
+        name = getattr(getattr(ctx.machine, "config", None), "name", "")
+        return f"{name}\r\n" if name else ""
+    if what == "version":
+        return f"{_V['major']}.{_V['minor']}.{_V['micro']}\r\n"
+    if what == "kvm":
+        return "kvm support: enabled\r\n"
+    if what == "usernet":
+        return netops.usernet_info(ctx.machine)
+    if what == "network":
+        return _network(ctx)
+    return f"unknown command: 'info {what}'\r\n"
+
+
+def _network(ctx: Any) -> str:
+    """``info network``: each NIC and the netdev it is wired to, in QEMU's lines."""
+    out = []
+    for spec in netops.nic_specs(ctx.machine):
+        dev = spec.device
+        name = spec.name.removeprefix("virtio-net ")
+        mac = getattr(dev, "mac", None)
+        mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
+        link = "" if dev is None or getattr(dev, "link_up", True) else " (link down)"
+        out.append(f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}{link}\r\n")
+        out.append(f" \\ {spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}\r\n")
+    return "".join(out)
+
+
+def _netdev_info(cfg: Any) -> str:
+    kind = type(cfg).__name__.removesuffix("Netdev").lower()
+    if kind == "user":
+        c = cfg.config
+        return f"user,net={c.net.network_address},restrict={'on' if c.restrict else 'off'}"
+    if kind == "tap":
+        return f"tap,ifname={cfg.ifname or ''},script=no,downscript=no"
+    return kind
+
+
+def _user_net(ctx: Any, netdev_id: str | None) -> Any:
+    """The user-mode network ``netdev_id`` names (the first without one), or QEMU's complaint."""
+    from appliance.nat.stack import UserNetwork
+
+    nets = [(s.netdev.id, s.owner) for s in netops.nic_specs(ctx.machine)
+            if isinstance(s.owner, UserNetwork)]
+    if netdev_id is not None:
+        for ident, net in nets:
+            if ident == netdev_id:
+                return net
+        return f"unrecognized netdev id '{netdev_id}'\r\n"
+    return nets[0][1] if nets else "user mode network stack not in use\r\n"
+
+
+async def _hostfwd_add(net: Any, rule: str) -> str:
+    try:
+        await net.add_hostfwd(rule)
+    except ConfigError as err:
+        reason = str(err).split(": ", 1)[-1]
+        return f"Invalid host forwarding rule '{rule}' ({reason})\r\n"
+    except (ApplianceError, OSError):
+        return f"Could not set up host forwarding rule '{rule}'\r\n"
+    return ""
+
+
+def _hostfwd_remove(net: Any, rule: str) -> str:
+    try:
+        found = net.remove_hostfwd(rule)
+    except ApplianceError:
+        return "invalid format\r\n"
+    return f"host forwarding rule for {rule} {'removed' if found else 'not found'}\r\n"
+
+
+async def _object_add(ctx: Any, spec: str) -> str:
+    from appliance.cli.options import parse_option
+
+    opts = parse_option("object_add", spec, implied="qom-type")
+    kind = opts.take("qom-type")
+    ident = opts.take("id")
+    if kind != "filter-dump":
+        return f"Error: Parameter 'qom-type' does not accept value '{kind}'\r\n"
+    if not ident:
+        return "Error: Parameter 'id' is missing\r\n"
+    await netops.add_capture(ctx.machine, ident, dict(opts))
+    return ""
+
+
+# --- the readline side --------------------------------------------------------------
+
+
+class LineEditor:
+    """Bytes typed at the monitor -> (echo, finished lines), as QEMU's readline shows them.
+
+    Characters go in at the cursor; backspace, the arrows (left/right move,
+    up/down walk the history), home/end, delete and Ctrl-A/Ctrl-E edit; CR
+    and LF each end a line; other control characters are ignored. After
+    each key the line is redrawn QEMU's way: the cursor back to the start,
+    the line, erase to the end, the cursor to its place.
+    """
+
+    HISTORY = 64
+
+    def __init__(self, *, telnet: bool = False) -> None:
+        self.buf = bytearray()
+        self.pos = 0
+        self._shown = b""  # the line as the client's screen has it
+        self._shown_pos = 0
+        self.history: list[bytes] = []
+        self._hist = 0  # == len(history): editing a new line
+        self._telnet = TelnetInput() if telnet else None
+        self._esc = bytearray()  # an escape sequence being read
+
+    def feed(self, data: bytes) -> tuple[bytes, list[str]]:
+        echo = bytearray()
+        lines: list[str] = []
+        if self._telnet is not None:
+            data = self._telnet.feed(data)
+        for b in data:
+            if self._esc:
+                self._esc.append(b)
+                if len(self._esc) == 2 and b not in (0x5B, 0x4F):
+                    self._esc.clear()  # ESC and something else: dropped
+                elif len(self._esc) > 2 and 0x40 <= b <= 0x7E or len(self._esc) > 16:
+                    self._key(bytes(self._esc))
+                    self._esc.clear()
+                    self._update(echo)
+                continue
+            if b == 0x1B:
+                self._esc.append(b)
+                continue
+            if b in (0x0D, 0x0A):
+                echo += b"\r\n"
+                line = bytes(self.buf)
+                lines.append(line.decode("utf-8", "replace"))
+                self._remember(line)
+                self.buf, self.pos, self._shown, self._shown_pos = bytearray(), 0, b"", 0
+                continue
+            if b in (0x7F, 0x08):
+                if self.pos:
+                    del self.buf[self.pos - 1]
+                    self.pos -= 1
+            elif b == 0x01:  # Ctrl-A
+                self.pos = 0
+            elif b == 0x05:  # Ctrl-E
+                self.pos = len(self.buf)
+            elif b >= 0x20 and len(self.buf) < MAX_LINE - 1:
+                self.buf.insert(self.pos, b)
+                self.pos += 1
+            self._update(echo)
+        return bytes(echo), lines
+
+    def _key(self, seq: bytes) -> None:
+        final = seq[-1:]
+        if final == b"D" and self.pos:
+            self.pos -= 1
+        elif final == b"C" and self.pos < len(self.buf):
+            self.pos += 1
+        elif final in (b"A", b"B"):
+            self._walk_history(-1 if final == b"A" else 1)
+        elif final == b"H" or seq == b"\x1b[1~":
+            self.pos = 0
+        elif final == b"F" or seq == b"\x1b[4~":
+            self.pos = len(self.buf)
+        elif seq == b"\x1b[3~" and self.pos < len(self.buf):
+            del self.buf[self.pos]
+
+    def _walk_history(self, step: int) -> None:
+        i = self._hist + step
+        if i < 0 or i > len(self.history):
+            return
+        self._hist = i
+        self.buf = bytearray(self.history[i] if i < len(self.history) else b"")
+        self.pos = len(self.buf)
+
+    def _remember(self, line: bytes) -> None:
+        if line:
+            if line in self.history:
+                self.history.remove(line)
+            self.history = (self.history + [line])[-self.HISTORY:]
+        self._hist = len(self.history)
+
+    def _update(self, echo: bytearray) -> None:
+        if bytes(self.buf) != self._shown:
+            echo += _ESC_BACK * self._shown_pos + self.buf + _ERASE
+            self._shown, self._shown_pos = bytes(self.buf), len(self.buf)
+        delta = self.pos - self._shown_pos
+        echo += (b"\x1b[C" * delta) if delta > 0 else _ESC_BACK * -delta
+        self._shown_pos = self.pos
+
+
+class HmpSession:
+    """One client at the ``(qemu)`` prompt."""
+
+    def __init__(self, monitor: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 *, telnet: bool) -> None:
+        self.monitor = monitor
+        self.machine = monitor.machine
+        self.negotiated = False  # QMP's: HMP clients never get QMP events
+        self.reader = reader
+        self.writer = writer
+        self.telnet = telnet
+        self.closed = False
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        self.monitor.emit(event, data)
+
+    async def run(self) -> None:
+        editor = LineEditor(telnet=self.telnet)
+        self.writer.write((telnet.OFFER if self.telnet else b"") + BANNER + PROMPT)
+        try:
+            while not self.closed:
+                data = await self.reader.read(4096)
+                if not data:
+                    break
+                echo, lines = editor.feed(data)
+                self.writer.write(echo)
+                for line in lines:
+                    if line.split() in (["quit"], ["q"]):
+                        self.closed = True
+                    out = await execute(self, line)
+                    self.writer.write(out.encode() + (b"" if self.closed else PROMPT))
+                    if self.closed:
+                        break
+                await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.monitor.sessions.discard(self)
+        self.closed = True
+        if self.writer.is_closing():
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.drain(), 1.0)
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+class HmpServer(QmpServer):
+    """Listens (or connects out) like the QMP server, but each client gets a ``(qemu)`` prompt."""
+
+    def __init__(self, machine: Any, *, telnet: bool = False) -> None:
+        super().__init__(machine)
+        self.telnet = telnet
+
+    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
+        session = HmpSession(self, reader, writer, telnet=self.telnet)
+        self.sessions.add(session)  # type: ignore[arg-type]  # closed alike
+        self._connected.set()
+        task = asyncio.ensure_future(session.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+@dataclass(eq=False)
+class HmpSpec:
+    """A human monitor as a machine DeviceSpec (``-monitor``, ``-mon mode=readline``)."""
+
+    chardev: ChardevConfig
+    telnet: bool = False
+    name: str = "-monitor"
+    machine: Any = field(default=None, repr=False)
+    server: HmpServer | None = field(default=None, repr=False)
+
+    def bind_machine(self, machine: Any) -> None:
+        self.machine = machine
+
+    async def open(self) -> None:
+        if self.machine is None:
+            raise ConfigError(f"{self.name}: no machine to monitor")
+        self.server = HmpServer(self.machine, telnet=self.telnet)
+        await open_qmp_server(self.machine, self.chardev, pretty=False, what=self.name,
+                              prog="appliance run", wait=False, server=self.server)
+        await wait_for_first_client(self.server, self.chardev, what=self.name, prog="appliance run")
+
+    def attach(self, builder: Any, inst: Any) -> None:
+        pass  # nothing on the guest's side
+
+    async def close(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            await server.close()
