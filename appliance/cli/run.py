@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class RunArgs:
         self.mem_size = 128 * layout.MiB
         self.num_cpus = 1
         self.name = ""
+        self.uuid = "00000000-0000-0000-0000-000000000000"
         self.serials: list[str] = []
         self.chardevs: dict[str, ChardevConfig] = {}
         self.nographic = False
@@ -248,6 +250,37 @@ def _rtc(a: RunArgs, v: str) -> None:
         raise ConfigError("-rtc: driftfix must be none or slew")
     opts.finish()
     a.rtc_localtime = base == "localtime"
+
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@option("-uuid", "%08x-%04x-%04x-%04x-%012x", "the machine's UUID (what QMP query-uuid and HMP info uuid answer)")
+def _uuid(a: RunArgs, v: str) -> None:
+    if not _UUID.match(v):
+        raise ConfigError(f"-uuid: '{v}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+    a.uuid = v.lower()
+
+
+@option("-boot", "[order=drives][,once=drives][,menu=on|off][,strict=on|off][,splash-time=ms]",
+        "(accepted) firmware boot order; a -kernel boot ignores it, as QEMU's does")
+def _boot(a: RunArgs, v: str) -> None:
+    opts = parse_option("-boot", v, implied="order")
+    for key in ("order", "once"):
+        drives = opts.take(key)
+        if drives is not None and not re.fullmatch(r"[a-p]*", drives):
+            raise ConfigError(f"-boot: invalid {key} '{drives}' (drive letters a-p)")
+    opts.take_bool("menu")
+    opts.take_bool("strict")
+    opts.take_int("splash-time", minimum=0)
+    opts.take_int("reboot-timeout", minimum=-1)
+    opts.take("splash")
+    opts.finish()
+
+
+@option("-no-hpet", None, "(accepted) no HPET: this platform has none")
+def _no_hpet(a: RunArgs, v: str) -> None:
+    pass
 
 
 @option("-pidfile", "file", "write the process ID to FILE (removed at exit)")
@@ -476,6 +509,7 @@ def to_config(args: RunArgs) -> MachineConfig:
         devices=list(args.devices),
         start_paused=args.start_paused,
         rtc_localtime=args.rtc_localtime,
+        uuid=args.uuid,
     )
 
 

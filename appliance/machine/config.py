@@ -158,7 +158,7 @@ class MachineConfig(Record):
 
     __slots__ = (
         "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
-        "devices", "warnings", "start_paused", "rtc_localtime",
+        "devices", "warnings", "start_paused", "rtc_localtime", "uuid",
     )
     kernel: StrPath
     initrd: StrPath | None
@@ -173,6 +173,7 @@ class MachineConfig(Record):
     warnings: list[str]
     start_paused: bool
     rtc_localtime: bool
+    uuid: str  # -uuid, what query-uuid answers; QEMU's all-zero one when not given
 
     def __init__(
         self,
@@ -189,6 +190,7 @@ class MachineConfig(Record):
         warnings: list[str] | None = None,
         start_paused: bool = False,
         rtc_localtime: bool = False,
+        uuid: str = "00000000-0000-0000-0000-000000000000",
     ) -> None:
         self.kernel = kernel
         self.initrd = initrd
@@ -203,6 +205,7 @@ class MachineConfig(Record):
         self.warnings = [] if warnings is None else warnings
         self.start_paused = start_paused
         self.rtc_localtime = rtc_localtime
+        self.uuid = uuid
 
     def validate(self, *, max_cpus: int = MAX_CPUS, host_mem: int | None = None) -> None:
         """Check everything that can be checked before touching /dev/kvm.

@@ -162,6 +162,12 @@ async def _query_name(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {"name": name} if name else {}
 
 
+@command("query-uuid")
+async def _query_uuid(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    uuid = getattr(ctx.machine.config, "uuid", None) or "00000000-0000-0000-0000-000000000000"
+    return {"UUID": uuid}
+
+
 @command("x-query-usernet")
 async def _x_query_usernet(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     # Ours (QEMU 7.2 has none): info usernet's text in the HumanReadableText

@@ -63,6 +63,7 @@ INFO_HELP = {
     "network": "show the network state",
     "status": "show the current VM status (running|paused)",
     "usernet": "show user network stack connection states",
+    "uuid": "show the current VM UUID",
     "version": "show the version of QEMU",
 }
 _NAMES = {alias: names for names in HELP for alias in names.split("|")}
@@ -163,6 +164,8 @@ async def _info(ctx: Any, args: list[str]) -> str:
         return f"{_V['major']}.{_V['minor']}.{_V['micro']}\r\n"
     if what == "kvm":
         return "kvm support: enabled\r\n"
+    if what == "uuid":
+        return f"{(await commands.COMMANDS['query-uuid'].handler(ctx, {}))['UUID']}\r\n"
     if what == "usernet":
         return netops.usernet_info(ctx.machine)
     if what == "network":

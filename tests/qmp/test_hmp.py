@@ -87,7 +87,8 @@ async def test_the_prompt_echo_and_answers_are_qemus(tmp_path: Path, kind: str) 
 @needs_guest
 async def test_hmp_commands_drive_the_running_guest(tmp_path: Path) -> None:
     port, fwd = free_port(), free_port()
-    async with machine(tmp_path, "-name", "lab1", "-netdev", "user,id=n0",
+    uuid = "6f3a2f5e-1234-4e8b-9c3d-123456789abc"
+    async with machine(tmp_path, "-name", "lab1", "-uuid", uuid, "-netdev", "user,id=n0",
                        "-device", "virtio-net-pci,netdev=n0,id=nic0",
                        "-chardev", f"socket,id=m0,host=127.0.0.1,port={port},server=on,wait=off",
                        "-mon", "chardev=m0") as m:
@@ -101,6 +102,8 @@ async def test_hmp_commands_drive_the_running_guest(tmp_path: Path) -> None:
             return out.split("\r\n", 1)[1].removesuffix("(qemu) ")
 
         assert await hmp("info name") == "lab1\r\n"
+        assert await hmp("info uuid") == f"{uuid}\r\n"
+        assert await ex(m.qmp, "query-uuid") == {"UUID": uuid}
         assert await hmp("stop") == ""
         assert await hmp("info status") == "VM status: paused\r\n"
         assert (await ex(m.qmp, "query-status"))["status"] == "paused"
