@@ -1006,21 +1006,37 @@ class Qcow2Image:
         if len(bufs) > 1:
             for b in bufs[1:]:
                 n += b.nbytes
-        if not n:
-            return False
-        hit = self._fast_host_of(offset, n)
-        if hit is not None:
-            e, host = hit
-            if write and (not e & COPIED or (host >> self._cb) in self._meta):
+        cs = self._cs
+        a = offset & (cs - 1)
+        if a + n <= cs and not self._ext:
+            # Inside one cluster (the commonest request): _fast_host_of's
+            # lookup inlined, its result shared with _start_alloc.
+            if not n or offset < 0 or offset + n > self.size:
                 return False
-        elif (offset & (self._cs - 1)) + n <= self._cs:
-            return write and self._start_alloc(offset, bufs, n, done, token)
+            gc = offset >> self._cb
+            l1i = gc >> self._l2_bits
+            if l1i >= len(self._l1):
+                return False
+            l1e = self._l1[l1i]
+            t = self._l2.get(l1e & OFFSET_MASK)
+            if t is None:
+                return False
+            i = gc & (self._l2_entries - 1)
+            e = t[i]
+            h = e & OFFSET_MASK
+            if not h:
+                return write and not e & COMPRESSED and self._start_alloc(
+                    offset, bufs, n, done, token, gc, a, l1i, l1e, t, i, e)
+            if e & (COMPRESSED | ZERO_FLAG) or h & (cs - 1):
+                return False
+            host = h + a
+            if write and (not e & COPIED or (h >> self._cb) in self._meta
+                          or host + n > self.file_size):
+                return False
         else:
-            host = self._fast_host_run(offset, n, write)
-            if host < 0:
+            host = self._fast_host_run(offset, n, write) if n else -1
+            if host < 0 or write and host + n > self.file_size:
                 return False
-        if write and host + n > self.file_size:
-            return False
         return self._submit(write, bufs, host, self._rw_done,
                             (done, token, n, bufs, write, offset, host))
 
@@ -1044,8 +1060,10 @@ class Qcow2Image:
         return True
 
     def _start_alloc(self, offset: int, bufs: Sequence[memoryview], n: int,
-                     done: Callable[[Any, int, BaseException | None], None], token: Any) -> bool:
-        """:meth:`start_rw` for a write inside one cluster that has no host cluster yet.
+                     done: Callable[[Any, int, BaseException | None], None], token: Any,
+                     gc: int, a: int, l1i: int, l1e: int, t: list[int], i: int, e: int) -> bool:
+        """:meth:`start_rw` for a write inside guest cluster ``gc`` (at ``a``), which
+        has no host cluster yet (L1 entry ``l1e``, its L2 table ``t``, entry ``t[i] == e``).
 
         The :meth:`_fast_alloc_write` case (nothing to copy around the
         write, L2 table cached and this image's own, a free cluster at the
@@ -1059,11 +1077,7 @@ class Qcow2Image:
         flight puts its bytes at that host cluster and finishes once the
         allocation is published (:meth:`_piggy_write`'s case).
         """
-        cb = self._cb
-        cs = self._cs
-        gc = offset >> cb
-        a = offset & (cs - 1)
-        if self._ext or offset < 0 or offset + n > self.size or self._lock.locked():
+        if self._lock.locked():
             return False
         inflight = self._inflight
         if inflight:
@@ -1074,21 +1088,14 @@ class Qcow2Image:
                     return False
                 return self._submit(True, bufs, host, self._piggy_done,
                                     (done, token, n, bufs, offset, host, inf))
+        if not l1e & COPIED:
+            return False
+        cb = self._cb
+        cs = self._cs
+        l2off = l1e & OFFSET_MASK
         h = self.header
         if h.lazy_refcounts and not self._lazy_dirty and h.version >= 3:
             return False  # the dirty bit goes to the disk first: an await
-        l1i = gc >> self._l2_bits
-        if l1i >= len(self._l1):
-            return False
-        l1e = self._l1[l1i]
-        l2off = l1e & OFFSET_MASK
-        t = self._l2.get(l2off) if l1e & COPIED else None
-        if t is None:
-            return False
-        i = gc & (self._l2_entries - 1)
-        e = t[i]
-        if e & (OFFSET_MASK | COMPRESSED):
-            return False
         whole = n == cs or offset + n == self.size and a == 0
         if not whole and not self._fill_is_zero(e, 0):
             return False  # backing data to copy around the write: the planner does that
@@ -1103,7 +1110,7 @@ class Qcow2Image:
             return False  # the rest of a reused cluster must be zeroed: the planner does that
         if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
             return False
-        if fresh:
+        if fresh and host + cs > self._falloc_end:
             # Inside the file, the O_DIRECT write is asynchronous (see _reserve_space).
             self._reserve_space(host + cs)
         if host + a + n > self.file_size:
@@ -1115,7 +1122,7 @@ class Qcow2Image:
         alloc_end = self._alloc_end
         if host + cs > alloc_end:
             self._alloc_end = host + cs
-        inf = _Alloc(asyncio.get_running_loop().create_future(), host, True)
+        inf = _Alloc(None, host, True)
         inflight[gc] = inf
         job = (done, token, n, bufs, offset, host + a, inf, gc, l1i, l1e, l2off, t, i, e, c, fresh)
         if not self._submit(True, bufs, host + a, self._alloc_done, job):
@@ -1140,8 +1147,7 @@ class Qcow2Image:
                 t[i] = base | COPIED
                 self._l2_dirty.add(l2off)
                 del self._inflight[gc]
-                inf.ok = True
-                inf.fut.set_result(None)
+                inf.settle(True)
                 done(token, n, None)
                 return
             # Metadata moved while the data was in flight: publish the careful way.
@@ -1153,8 +1159,7 @@ class Qcow2Image:
         # be in flight to the cluster.
         self._pending_frees.append(c)
         self._inflight.pop(gc, None)
-        if not inf.fut.done():
-            inf.fut.set_result(None)
+        inf.settle(False)
         self._rw_failed((done, token, n, bufs, True, offset, host), got, err)
 
     async def _publish(self, item: list[Any], done: Callable[[Any, int, BaseException | None], None],
@@ -1175,7 +1180,7 @@ class Qcow2Image:
             self._rw_failed((done, token, n, bufs, True, offset, host), got, err)
             return
         self._wrote(host + n)
-        if inf.fut.done():
+        if inf._settled:
             self._piggy_settled(job)
         else:
             inf.fut.add_done_callback(lambda _f: self._piggy_settled(job))
@@ -1457,8 +1462,8 @@ class Qcow2Image:
                         # may still be in flight to the cluster.
                         self._pending_frees.append(item[5] >> self._cb)
                     inf = self._inflight.pop(item[0], None)
-                    if inf is not None and not inf.fut.done():
-                        inf.fut.set_result(None)
+                    if inf is not None:
+                        inf.settle(False)
             raise
         finally:
             self._io_count -= 1
@@ -1554,7 +1559,7 @@ class Qcow2Image:
             self._reserve_space(host + cs)
         # Other writes into this cluster may go straight to ``host`` meanwhile: the
         # cluster reads as zeroes around them (fresh) or this write covers it all.
-        inf = _Alloc(asyncio.get_running_loop().create_future(), host, True)
+        inf = _Alloc(None, host, True)
         self._inflight[gc] = inf
         ok = False
         self._io_count += 1
@@ -1567,7 +1572,7 @@ class Qcow2Image:
             if not ok:
                 self._pending_frees.append(c)
                 self._inflight.pop(gc, None)
-                inf.fut.set_result(None)
+                inf.settle(False)
         item = [gc, a, a + n, e, 0, host, -2, fresh]
         if (self._lock.locked() or self._l1[l1i] != l1e or self._l2.get(l2off) is not t
                 or t[i] != e):
@@ -1578,8 +1583,7 @@ class Qcow2Image:
         t[i] = host | COPIED
         self._l2_dirty.add(l2off)
         del self._inflight[gc]
-        inf.ok = True
-        inf.fut.set_result(None)
+        inf.settle(True)
         return True
 
     async def write_from_file(self, offset: int, fd: int, src: int, n: int,
@@ -1656,8 +1660,7 @@ class Qcow2Image:
             self._alloc_end = end
         if fresh and self._direct:
             self._reserve_space(end)
-        loop = asyncio.get_running_loop()
-        infs = [_Alloc(loop.create_future(), host + (j << cb), True) for j in range(k)]
+        infs = [_Alloc(None, host + (j << cb), True) for j in range(k)]
         for j, inf in enumerate(infs):
             inflight[gc0 + j] = inf
         ok = False
@@ -1675,7 +1678,7 @@ class Qcow2Image:
                 self._pending_frees.extend(range(c, c + k))
                 for j, inf in enumerate(infs):
                     inflight.pop(gc0 + j, None)
-                    inf.fut.set_result(None)
+                    inf.settle(False)
         if (self._lock.locked() or self._l1[l1i] != l1e or self._l2.get(l2off) is not t
                 or t[i0 : i0 + k] != olds):
             # Metadata moved while the data was in flight: publish the careful way.
@@ -1688,8 +1691,7 @@ class Qcow2Image:
         self._l2_dirty.add(l2off)
         for j, inf in enumerate(infs):
             del inflight[gc0 + j]
-            inf.ok = True
-            inf.fut.set_result(None)
+            inf.settle(True)
         return True
 
     async def _plan_write(self, offset: int, total: int) -> Any:
@@ -1761,10 +1763,9 @@ class Qcow2Image:
                 # the file: back them with file space.
                 self._reserve_space((start + j - i) << cb)
             i = j
-        loop = asyncio.get_running_loop()
         for item in allocs:
             piggy = bool(item[7]) and self._fill_is_zero(item[3], item[4])
-            self._inflight[item[0]] = _Alloc(loop.create_future(), item[5], piggy)
+            self._inflight[item[0]] = _Alloc(None, item[5], piggy)
         # Turn allocations into segments (in guest order, merged when host-contiguous).
         if allocs:
             segments = self._segments_with_allocs(offset, end, segments, allocs)
@@ -1906,9 +1907,8 @@ class Qcow2Image:
         finally:
             for item in allocs:
                 inf = self._inflight.pop(item[0], None)
-                if inf is not None and not inf.fut.done():
-                    inf.ok = ok
-                    inf.fut.set_result(None)
+                if inf is not None and not inf._settled:
+                    inf.settle(ok)
         del cb
 
     def _free_entry(self, e: int) -> None:
@@ -2207,15 +2207,35 @@ class _Alloc:
 
     ``piggy``: the allocation writes only its own bytes into a fresh cluster,
     so other writes to the same cluster may put theirs at ``host`` meanwhile.
+    ``fut`` resolves once the allocation is published (``ok``) or given up;
+    made only when someone waits (most allocations finish unwatched).
     """
 
-    __slots__ = ("fut", "host", "piggy", "ok")
+    __slots__ = ("_fut", "host", "piggy", "ok", "_settled")
 
-    def __init__(self, fut: asyncio.Future[None], host: int, piggy: bool) -> None:
-        self.fut = fut
+    def __init__(self, fut: asyncio.Future[None] | None, host: int, piggy: bool) -> None:
+        self._fut = fut
         self.host = host
         self.piggy = piggy
         self.ok = False
+        self._settled = False
+
+    @property
+    def fut(self) -> asyncio.Future[None]:
+        f = self._fut
+        if f is None:
+            f = self._fut = asyncio.get_running_loop().create_future()
+            if self._settled:
+                f.set_result(None)
+        return f
+
+    def settle(self, ok: bool) -> None:
+        """The allocation is published (``ok``) or given up: wake whoever waits."""
+        self.ok = ok
+        self._settled = True
+        f = self._fut
+        if f is not None and not f.done():
+            f.set_result(None)
 
 
 def _append(out: list[list[int]], kind: int, start: int, length: int, host: int) -> None:

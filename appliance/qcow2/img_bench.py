@@ -82,17 +82,14 @@ async def cmd_bench(argv: list[str]) -> int:
         arena.write(bytes([a.pattern or 0]) * len(arena))
         whole = memoryview(arena)
         bufs = [whole[(i * stride if a.per_request else 0):][:bufsize] for i in range(slots)]
-        state = {"next": offset, "issued": 0, "done": 0, "depth": 0}
         limit = size - bufsize
-
-        def next_offset() -> int:
-            off = state["next"]
-            nxt = off + step
-            # qemu-img master: wrap inside the usable range (7.2 wrapped at the image end).
-            state["next"] = 0 if size <= bufsize else nxt % limit
-            return off
+        wrap = size <= bufsize
+        count = a.count
+        nxt = offset  # offset of the next request
+        issued = done = depth = 0
 
         op = img.writev if a.write else img.readv
+        write = a.write
         flush_every = a.flush_interval
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
@@ -110,10 +107,11 @@ async def cmd_bench(argv: list[str]) -> int:
             (zeroes read from a hole) starts the next one from inside this
             call: past a few levels of that the next goes round the loop.
             """
-            if state["depth"] >= 32:
+            nonlocal depth
+            if depth >= 32:
                 loop.call_soon(spawn, coro)
                 return
-            state["depth"] += 1
+            depth += 1
             try:
                 waited = coro.send(None)
             except StopIteration:
@@ -123,7 +121,7 @@ async def cmd_bench(argv: list[str]) -> int:
                     finished.set_exception(err)
                 return
             finally:
-                state["depth"] -= 1
+                depth -= 1
             if getattr(waited, "_asyncio_future_blocking", False):
                 # ``await future`` yields the future; the coroutine reads its result.
                 waited._asyncio_future_blocking = False
@@ -136,9 +134,15 @@ async def cmd_bench(argv: list[str]) -> int:
                     finished.set_exception(RuntimeError(f"bench awaited {waited!r}"))
 
         def issue(buf: memoryview) -> None:
-            state["issued"] += 1
-            off = next_offset()
-            if start_rw is None or not start_rw(a.write, off, [buf], completed, buf):
+            # Called from the previous request's completion: the time from
+            # there to the next submission is on every request's path, so
+            # this stays one flat function.
+            nonlocal issued, nxt
+            issued += 1
+            off = nxt
+            # qemu-img master: wrap inside the usable range (7.2 wrapped at the image end).
+            nxt = 0 if wrap else (off + step) % limit
+            if start_rw is None or not start_rw(write, off, [buf], completed, buf):
                 spawn(slow(off, buf))
 
         async def slow(off: int, buf: memoryview) -> None:
@@ -159,21 +163,24 @@ async def cmd_bench(argv: list[str]) -> int:
             following(buf)
 
         def completed(buf: memoryview, n: int, err: BaseException | None) -> None:
+            nonlocal done
             if finished.done():
                 return
             if err is not None:
                 finished.set_exception(err)
                 return
-            state["done"] += 1
-            if flush_every and state["done"] % flush_every == 0:
+            done += 1
+            if flush_every and done % flush_every == 0:
                 spawn(flush_then_next(buf))  # this slot waits for the flush
-            else:
-                following(buf)
+            elif issued < count:
+                issue(buf)
+            elif done == count:
+                finished.set_result(None)
 
         def following(buf: memoryview) -> None:
-            if state["issued"] < a.count:
+            if issued < count:
                 issue(buf)
-            elif state["done"] == a.count and not finished.done():
+            elif done == count and not finished.done():
                 finished.set_result(None)
 
         t0 = time.perf_counter()
