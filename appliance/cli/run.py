@@ -209,6 +209,12 @@ def _display(a: RunArgs, v: str) -> None:
         raise ConfigError(f"-display: '{kind}' is not supported (only 'none')")
 
 
+@option("-vnc", "none", "VNC server (only 'none': there is no display to serve)")
+def _vnc(a: RunArgs, v: str) -> None:
+    if v.split(",", 1)[0] != "none":
+        raise ConfigError(f"-vnc: '{v}' is not supported (only 'none': there is no display)")
+
+
 @option("-no-reboot", None, "exit instead of rebooting when the guest resets")
 def _no_reboot(a: RunArgs, v: str) -> None:
     a.no_reboot = True

@@ -383,15 +383,16 @@ def test_devices_take_bus_0_by_either_of_qemus_names(tmp_path: Path) -> None:
         run.to_config(run.parse_args(["-kernel", "k", "-device", "virtio-rng-pci,bus=pcie.1"]))
 
 
-def test_uuid_boot_and_no_hpet_are_taken_as_qemu_takes_them() -> None:
+def test_uuid_boot_no_hpet_and_vnc_none_are_taken_as_qemu_takes_them() -> None:
     cfg = run.to_config(run.parse_args([
         "-kernel", "k", "-uuid", "6F3A2F5E-1234-4E8B-9C3D-123456789ABC", "-boot", "order=cd,menu=on,strict=on",
-        "-boot", "c", "-no-hpet",
+        "-boot", "c", "-no-hpet", "-vnc", "none",
     ]))
     assert cfg.uuid == "6f3a2f5e-1234-4e8b-9c3d-123456789abc"
     assert run.to_config(run.parse_args(["-kernel", "k"])).uuid == "00000000-0000-0000-0000-000000000000"
     for argv, message in ((["-uuid", "6f3a2f5e"], "-uuid: '6f3a2f5e' is not a UUID"),
                           (["-boot", "order=z"], "invalid order 'z'"),
-                          (["-boot", "menu=maybe"], "menu")):
+                          (["-boot", "menu=maybe"], "menu"),
+                          (["-vnc", ":1"], "-vnc: ':1' is not supported")):
         with pytest.raises(ConfigError, match=message):
             run.to_config(run.parse_args(["-kernel", "k", *argv]))
