@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,10 @@ class RawImage:
         self._fd = fd
         self._dfd = direct_fd
         self.read_only = read_only
-        self.size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._regular = stat.S_ISREG(st.st_mode)
+        # A block device's size is where it ends; st_size is 0 for it.
+        self.size = st.st_size if self._regular else os.lseek(fd, 0, os.SEEK_END)
         self.backing = None
         self.snapshots: list[Any] = []
         self._unsafe = False
@@ -95,6 +99,8 @@ class RawImage:
     async def block_status(self, offset: int, length: int) -> list[list[int]]:
         from appliance.qcow2.image import K_DATA, K_ZERO
 
+        if not self._regular:
+            return [[K_DATA, offset, length, offset]]  # a device keeps no holes we could ask about
         out: list[list[int]] = []
         pos, end = offset, offset + length
         while pos < end:

@@ -477,3 +477,21 @@ def test_measure_gives_qemu_img_numbers(tmp_path: Path) -> None:
     for size in ("0", "511", "1G", "100T"):
         for t in targets[:5]:
             same_stdout_and_rc(tmp_path, "measure", *t, "--size", size)
+
+
+def test_a_block_device_is_measured_and_mapped_as_qemu_img_does(tmp_path: Path) -> None:
+    # A raw block device: its size is where it ends (st_size is 0) and it has no holes to report.
+    backing = tmp_path / "lo.img"
+    backing.write_bytes(b"\x07" * (1 << 20) + bytes(7 << 20))
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        for args in (["info", "-f", "raw", dev], ["map", "--output", "json", "-f", "raw", dev],
+                     ["measure", "-O", "qcow2", "-f", "raw", dev]):
+            same_stdout_and_rc(tmp_path, *args)
+        img("convert", "-f", "raw", "-O", "qcow2", dev, "c.qcow2", cwd=tmp_path)
+        assert qimg("compare", "-f", "raw", "-F", "qcow2", dev, "c.qcow2", cwd=tmp_path).returncode == 0
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
