@@ -296,6 +296,7 @@ class Qcow2Image:
         self._needs_sync = False
         self._failed = False
         self._closed = False
+        self._closing = False  # close() started: start_rw takes nothing more
         self._meta: set[int] = set()
         self._lazy_dirty = False
         self._comp_cache: tuple[int, bytes] | None = None
@@ -998,7 +999,7 @@ class Qcow2Image:
         Anything else returns False with nothing started, and the caller
         awaits :meth:`readv`/:meth:`writev`.
         """
-        if not self._direct or self._closed or not self._l2 or not bufs:
+        if not self._direct or self._closing or not self._l2 or not bufs:
             return False
         if write and (self.read_only or self._failed or self._writethrough):
             return False
@@ -2094,6 +2095,10 @@ class Qcow2Image:
     async def close(self) -> None:
         if self._closed:
             return
+        self._closing = True
+        # Outside the try: if this wait is cancelled, the descriptors stay open
+        # (a later close() finishes the job) rather than close under a request.
+        await self._drain()
         try:
             if not self.read_only and not self._failed:
                 async with self._lock:
@@ -2110,10 +2115,24 @@ class Qcow2Image:
                         await self._write_header()
                         await self._sync()
         finally:
-            self._closed = True
+            self._closed = self._closing = True
             self._close_fds()
             if self.backing is not None:
                 await self.backing.close()
+
+    async def _drain(self) -> None:
+        """Wait until no request is in flight: start_rw's pool and AIO jobs, the tasks
+        that follow some of them up (retries, publications), readv/writev calls.
+
+        A pool job holds the descriptor number, not the file: closed under it,
+        the number may already name another file when the job's syscall runs.
+        """
+        while self._retries or self._io_count:
+            if self._retries:
+                # asyncio.wait, not gather: cancelling close() must not cancel them.
+                await asyncio.wait(set(self._retries))
+            else:
+                await asyncio.sleep(0.001)
 
     def _close_fds(self) -> None:
         if self._aio is not None:
