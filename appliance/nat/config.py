@@ -31,12 +31,15 @@ class HostForward:
 
 @dataclass(frozen=True, slots=True)
 class GuestForward:
-    """One ``guestfwd=tcp:server:port-tcp:host:port``: guest connections to server:port reach host:port."""
+    """One ``guestfwd=tcp:server:port-tcp:host:port``: guest connections to server:port reach
+    host:port; or ``…-cmd:command``: each connection talks to a new run of ``command`` (its
+    standard input and output), as QEMU spawns one per connection."""
 
     server: ipaddress.IPv4Address
     port: int
     target_host: str
     target_port: int
+    command: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class UserNetConfig:
         "user[,id=str][,ipv4=on|off][,net=addr[/mask]][,host=addr][,restrict=on|off]"
         "[,hostname=name][,dhcpstart=addr][,dns=addr][,domainname=dom][,dnssearch=dom]..."
         "[,hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport]..."
-        "[,guestfwd=tcp:server:port-tcp:host:port]...[,ipv6=on|off][,ipv6-net=addr[/len]]"
+        "[,guestfwd=tcp:server:port-tcp:host:port|cmd:command]...[,ipv6=on|off][,ipv6-net=addr[/len]]"
         "[,ipv6-host=addr][,ipv6-dns=addr][,tftp=dir][,bootfile=f][,tftp-server-name=name]"
     )
 
@@ -242,11 +245,16 @@ def parse_hostfwd(text: str, default_guest: ipaddress.IPv4Address, what: str) ->
 
 
 def _parse_guestfwd(text: str, what: str) -> GuestForward:
-    m = re.fullmatch(r"(?:tcp)?:([0-9.]+):(\d+)-tcp:([^:]+):(\d+)", text)
+    cmd = re.fullmatch(r"(?:tcp)?:([0-9.]+):(\d+)-cmd:(.+)", text, re.S)
+    m = cmd or re.fullmatch(r"(?:tcp)?:([0-9.]+):(\d+)-tcp:([^:]+):(\d+)", text)
     if not m:
-        raise ConfigError(f"{what}: invalid guestfwd '{text}' (only tcp:addr:port-tcp:host:port)")
+        raise ConfigError(f"{what}: invalid guestfwd '{text}' "
+                          "(tcp:addr:port-tcp:host:port or tcp:addr:port-cmd:command)")
     try:
         server = ipaddress.IPv4Address(m.group(1))
     except ValueError:
         raise ConfigError(f"{what}: invalid guestfwd address '{m.group(1)}'") from None
-    return GuestForward(server, _port(m.group(2), "guestfwd", what), m.group(3), _port(m.group(4), "guestfwd", what))
+    port = _port(m.group(2), "guestfwd", what)
+    if cmd is not None:
+        return GuestForward(server, port, "", 0, command=cmd.group(3))
+    return GuestForward(server, port, m.group(3), _port(m.group(4), "guestfwd", what))

@@ -74,7 +74,7 @@ def test_parse_consumes_keys_from_a_shared_option_dict() -> None:
         ("user,restrict=maybe", "maybe"),
         ("user,hostname=bad_name!", "bad_name!"),
         ("user,dnssearch=..", ".."),
-        ("user,guestfwd=tcp:10.0.2.100:1-cmd:netcat", "guestfwd"),
+        ("user,guestfwd=tcp:10.0.2.100:1-chardev:c0", "guestfwd"),
         ("user,ipv6-net=zz::/64", "zz::/64"),
         ("user,ipv6-net=fd00::/64,ipv6-host=fd01::2", "fd01::2"),
         ("user,ipv6-net=fd00::/64,ipv6-prefix=fd00::", "mutually exclusive"),

@@ -352,6 +352,25 @@ async def test_guestfwd_sends_guest_connections_to_the_configured_host_service()
         srv.close()
 
 
+async def test_guestfwd_cmd_runs_the_command_for_each_connection() -> None:
+    # QEMU's guestfwd=…-cmd:: each connection talks to a new run of the command
+    # (stdin and stdout), and a comma in it is written doubled on the command line.
+    net = UserNetwork(UserNetConfig.from_string(
+        "user,guestfwd=tcp:10.0.2.100:1234-cmd:tr a-z A-Z; echo done,,ok"))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            for word in (b"first", b"second"):
+                c = g.connect(bytes([10, 0, 2, 100]), 1234)
+                await established(c)
+                c.write(word + b"\n")
+                c.shutdown()
+                await c.wait(lambda c=c: c.fin_rcvd, 10)
+                assert bytes(c.rx) == word.upper() + b"\ndone,ok\n"
+    finally:
+        await net.stop()
+
+
 async def test_restrict_on_refuses_outbound_tcp_but_keeps_hostfwd() -> None:
     sink = Sink()
     srv, port = await serve(sink.handler)
