@@ -6,8 +6,8 @@ side in the same process, so no guest CPU or virtio is in the path. Each row
 gives the measured rate (generator, stack, loopback peer and event loop
 sharing one core) and the stack-only rate: the work divided by the CPU time
 spent inside the stack itself (``send``, ``recv_into``, the end-of-batch
-ACK/write flush and the host-socket callbacks and readers; timers and the loop's own
-accept() work not counted), which is what a guest on other cores
+ACK/write flush, the host-socket callbacks and readers and the hostfwd listeners'
+accept(); timers not counted), which is what a guest on other cores
 could get at most, and is steady on a noisy machine. Outbound connections'
 host sockets are read by the stack's own reader (``HostSocket``), so since
 then their ``recv()`` syscalls count as stack time (asyncio's transport made
@@ -54,13 +54,14 @@ from tests.nat.peer import GW_IP, Guest  # noqa: E402
 MB = 1 << 20
 
 
-# Host socket events: asyncio protocol callbacks (hostfwd, names) and HostSocket's own
-# reader/writer (outbound connections to an address), called from the NAT's own epoll
-# (HostPoller._poll: its epoll_wait counts as stack time).
+# Host socket events: asyncio protocol callbacks (guestfwd names) and, on the NAT's own epoll
+# (HostPoller._poll: its epoll_wait counts as stack time), HostSocket's reader/writer and the
+# hostfwd listeners' accept() (asyncio's accept was loop work, not counted, before they moved).
 _HOST_CALLBACKS = (
     (tcp_nat._HostSide, ("data_received", "eof_received", "connection_lost", "resume_writing")),
     (tcp_nat.HostSocket, ("_read_ready", "_write_ready", "_lost")),
     (tcp_nat.HostPoller, ("_poll",)),
+    (tcp_nat._ListenSocket, ("_read_ready",)),
 )
 
 

@@ -40,7 +40,7 @@ import select
 import socket
 import struct
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
@@ -80,6 +80,13 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 
 
+class Watcher(Protocol):
+    """What :class:`HostPoller` calls when a watched descriptor is ready."""
+
+    def _read_ready(self) -> None: ...
+    def _write_ready(self) -> None: ...
+
+
 class HostPoller:
     """One epoll for the NAT's connected host sockets, itself a single reader on the loop.
 
@@ -98,10 +105,10 @@ class HostPoller:
         self._net = net
         self._loop = net.loop
         self._ep: select.epoll | None = select.epoll()
-        self._fds: dict[int, tuple[HostSocket, int]] = {}
+        self._fds: dict[int, tuple[Watcher, int]] = {}
         self._loop.add_reader(self._ep.fileno(), self._poll)
 
-    def watch(self, fd: int, who: HostSocket, mask: int) -> None:
+    def watch(self, fd: int, who: Watcher, mask: int) -> None:
         """Wait for ``mask`` (EPOLLIN, EPOLLOUT) on ``fd`` for ``who``; 0 stops watching it."""
         ep = self._ep
         if ep is None:
@@ -172,7 +179,7 @@ class HostSocket:
     __slots__ = ("_loop", "_poller", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
                  "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed")  # fmt: skip
 
-    def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket) -> None:
+    def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False) -> None:
         self._loop = nat.net.loop
         self._poller = nat.poller()
         self._sock = sock
@@ -180,7 +187,7 @@ class HostSocket:
         self._conn: TcpConn | None = conn
         self._nat = nat
         self._wbuf = bytearray()
-        self._paused = False
+        self._paused = paused
         self._closing = False
         self._closed = False
         self._eof_pending = False
@@ -192,7 +199,8 @@ class HostSocket:
         except OSError:
             pass
         self._reading = True
-        self._poller.watch(self._fd, self, EPOLLIN)
+        if not paused:
+            self._poller.watch(self._fd, self, EPOLLIN)
 
     # -- HostTransport ---------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -369,21 +377,106 @@ class HostSocket:
             self._nat._guard(conn.host_lost, None)
 
 
-class _HostSide(asyncio.Protocol):
-    __slots__ = ("conn", "nat", "fwd", "transport")
+ACCEPT_BURST = 32  # connections taken per readiness event of a listener
+ACCEPT_BACKOFF = 1.0  # out of descriptors: stop accepting this long (as asyncio's servers do)
 
-    def __init__(self, nat: TcpNat, conn: TcpConn | None = None, fwd: HostForward | None = None) -> None:
+
+class _Listener:
+    """The listening sockets of one ``hostfwd=tcp:`` rule, served by the NAT's epoll.
+
+    Bound as ``loop.create_server`` binds (every address ``getaddrinfo`` gives
+    for the host address, IPv6 sockets V6ONLY, SO_REUSEADDR), so it keeps the
+    ``sockets`` of an :class:`asyncio.Server`. An accepted socket goes straight
+    to a :class:`HostSocket`, not read until the guest completes the handshake:
+    no transport, protocol, or loop reader of its own.
+    """
+
+    def __init__(self, nat: TcpNat, fwd: HostForward, socks: list[socket.socket]) -> None:
+        self.fwd = fwd
+        self.sockets = socks
+        self._watchers = [_ListenSocket(nat, fwd, sock) for sock in socks]
+
+    def close(self) -> None:
+        for w in self._watchers:
+            w.close()
+        self.sockets = []
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+class _ListenSocket:
+    __slots__ = ("_nat", "_fwd", "_sock", "_fd", "_backoff")
+
+    def __init__(self, nat: TcpNat, fwd: HostForward, sock: socket.socket) -> None:
+        self._nat, self._fwd, self._sock, self._fd = nat, fwd, sock, sock.fileno()
+        self._backoff: asyncio.TimerHandle | None = None
+        nat.poller().watch(self._fd, self, EPOLLIN)
+
+    def _read_ready(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, peer = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Level-triggered: an accept that keeps failing would spin the loop.
+                    self._nat.poller().watch(self._fd, self, 0)
+                    self._backoff = self._nat.net.loop.call_later(ACCEPT_BACKOFF, self._resume)
+                return
+            self._nat._accept(sock, peer, self._fwd)
+
+    def _write_ready(self) -> None:
+        pass
+
+    def _resume(self) -> None:
+        self._backoff = None
+        self._nat.poller().watch(self._fd, self, EPOLLIN)
+
+    def close(self) -> None:
+        if self._backoff is not None:
+            self._backoff.cancel()
+        self._nat.poller().watch(self._fd, self, 0)
+        self._sock.close()
+
+
+def _bind_listeners(host: str | None, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` as ``loop.create_server(host, port, reuse_address=True)`` makes them."""
+    infos = socket.getaddrinfo(host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _name, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(100)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+class _HostSide(asyncio.Protocol):
+    """The asyncio protocol of a connection to a ``guestfwd`` target given by name."""
+
+    __slots__ = ("conn", "nat", "transport")
+
+    def __init__(self, nat: TcpNat, conn: TcpConn | None = None) -> None:
         self.nat = nat
         self.conn = conn
-        self.fwd = fwd
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=RCVBUF // 2, low=RCVBUF // 8)
-        if self.fwd is not None:
-            self.conn = self.nat._accepted(self, t, self.fwd)
-        elif self.conn is not None:
+        if self.conn is not None:
             conn = self.conn
             if conn.state == CLOSED:
                 self.conn = None
@@ -427,7 +520,7 @@ class TcpNat:
         self._pending: dict[TcpConn, tuple[socket.socket, asyncio.TimerHandle]] = {}
         # Connected host sockets whose connection is still in its handshake (watched from _attach).
         self._attaching: dict[TcpConn, socket.socket] = {}
-        self._servers: list[tuple[asyncio.Server, HostForward]] = []
+        self._servers: list[tuple[_Listener, HostForward]] = []
         self._poller: HostPoller | None = None
         self._ack_set: dict[TcpConn, None] = {}
         self._ack_scheduled = False
@@ -700,9 +793,8 @@ class TcpNat:
     # -- hostfwd=tcp -------------------------------------------------------
     async def listen(self, fwd: HostForward) -> None:
         try:
-            server = await self.net.loop.create_server(
-                lambda: _HostSide(self, None, fwd), fwd.host_addr or None, fwd.host_port, reuse_address=True
-            )
+            socks = _bind_listeners(fwd.host_addr or None, fwd.host_port)
+            server = _Listener(self, fwd, socks)
         except OSError as err:
             raise NatError(f"Could not set up host forwarding rule 'tcp:{fwd.host_addr}:{fwd.host_port}'") from err
         self._servers.append((server, fwd))
@@ -720,23 +812,27 @@ class TcpNat:
                 return True
         return False
 
-    def _accepted(self, side: _HostSide, transport: asyncio.Transport, fwd: HostForward) -> TcpConn | None:
+    def _accept(self, sock: socket.socket, peer: tuple[str, int], fwd: HostForward) -> None:
+        """A host connection to a ``hostfwd`` listener: open its connection toward the guest."""
         if len(self.conns) >= MAX_CONNS:
             self.net.stats.tcp_syn_dropped += 1
-            transport.abort()
-            return None
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+            sock.close()
+            return
         gip = fwd.guest_addr.packed
         port = int(peer[1]) or self._alloc_port(gip, fwd.guest_port)
         if (gip, fwd.guest_port, self.net.gateway_ip, port) in self.conns:
             port = self._alloc_port(gip, fwd.guest_port)
         conn = TcpConn(self.net, self, gip, fwd.guest_port, self.net.gateway_ip, port, inbound=True)
-        conn.transport = cast(HostTransport, transport)
-        transport.pause_reading()
+        try:
+            sock.setblocking(False)
+            # Not read until the guest answers our SYN (TcpConn resumes it when established).
+            conn.transport = HostSocket(self, conn, sock, paused=True)
+        except OSError:
+            sock.close()
+            return
         self.conns[conn.key] = conn
         self.net.stats.tcp_conns += 1
         self._guard(conn._send_syn)
-        return conn
 
     def _alloc_port(self, gip: bytes, gport: int) -> int:
         for _ in range(16384):

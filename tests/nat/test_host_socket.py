@@ -217,3 +217,67 @@ async def test_a_failing_socket_callback_is_counted_and_the_others_are_still_ser
         pa.close()
         pb.close()
         await net.stop()
+
+
+async def test_hostfwd_listener_is_on_the_nats_epoll_and_its_socket_is_not_read_before_the_handshake() -> None:
+    """A hostfwd listener adds no loop reader of its own; what the host client sends before the guest
+    answers our SYN waits in the kernel (the accepted socket is not watched) and arrives after it."""
+    from .peer import Guest
+
+    loop = asyncio.get_running_loop()
+    net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
+    readers_before = len(loop._selector.get_map())  # type: ignore[attr-defined]
+    await net.start()
+    try:
+        assert len(loop._selector.get_map()) == readers_before + 1  # the poller's epoll only
+        async with Guest(net) as g:
+            g.listen(7000)
+            held = []
+            real = g.handle
+
+            def hold_syn(frame: bytes) -> None:
+                held.append(frame)  # the guest does not answer yet
+
+            g.handle = hold_syn  # type: ignore[method-assign]
+            r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+            w.write(b"early bytes")
+            await until(lambda: bool(held))
+            (conn,) = net.tcp.conns.values()
+            assert conn.state_name == "SYN_SENT" and len(net.tcp.poller()) == 1  # the listener alone
+            g.handle = real  # type: ignore[method-assign]
+            for f in held:
+                real(f)
+            await until(lambda: bool(g.listeners[7000]) and g.listeners[7000][0].rx == b"early bytes")
+            w.close()
+    finally:
+        await net.stop()
+
+
+async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monkeypatch) -> None:
+    """EMFILE from accept() (level-triggered readiness would spin the loop) stops the listener for
+    ACCEPT_BACKOFF; the pending connection is accepted afterwards."""
+    monkeypatch.setattr(tcp_nat, "ACCEPT_BACKOFF", 0.05)
+    net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
+    await net.start()
+    try:
+        (listener, _fwd) = net.tcp._servers[0]
+        watcher = listener._watchers[0]
+        real_sock = watcher._sock
+        fails = [0]
+
+        class Emfile:
+            def accept(self) -> tuple[socket.socket, object]:
+                fails[0] += 1
+                raise OSError(24, "Too many open files")
+
+        watcher._sock = Emfile()  # type: ignore[assignment]
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        await until(lambda: fails[0] == 1)
+        assert len(net.tcp.poller()) == 0
+        await asyncio.sleep(0.01)
+        assert fails[0] == 1  # not retried while backing off
+        watcher._sock = real_sock
+        await until(lambda: len(net.tcp.conns) == 1)
+        w.close()
+    finally:
+        await net.stop()
