@@ -25,9 +25,10 @@ the loop for all of them) rather than by an asyncio transport: wrapping it with
 ``connect_accepted_socket`` took a task, a future, three more loop turns and
 ~40 µs of CPU a connection (``loop.create_connection`` took nine turns to the
 SYN-ACK), and a reader of its own on the loop cost more than the shared epoll
-(net-daemon CPU with a Linux guest ~0.53 -> ~0.50 ms a connection).
-Names (a ``guestfwd`` target) and ``hostfwd`` listeners still use asyncio
-transports.
+(net-daemon CPU with a Linux guest ~0.53 -> ~0.50 ms a connection). The
+``hostfwd`` listeners are on that epoll too, and hand accepted sockets to
+:class:`HostSocket` directly. Only a connect by name (a ``guestfwd`` target)
+still uses an asyncio transport.
 """
 
 from __future__ import annotations
