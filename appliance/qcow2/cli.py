@@ -27,7 +27,7 @@ from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2
 
 USAGE = """usage: appliance img <command> [options]
 
-commands: create, info, check, map, measure, convert, snapshot, resize, commit,
+commands: create, info, check, map, measure, convert, dd, snapshot, resize, commit,
           rebase, compare, amend, bench   (same options as qemu-img)
 """
 
@@ -254,7 +254,7 @@ async def cmd_create(argv: list[str]) -> int:
             print(f"Formatting '{a.filename}', fmt=raw size={size}")
         fd = os.open(a.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, -(-size // 512) * 512)  # whole sectors, as QEMU makes them
             mode = o.get("preallocation", "off")
             if mode == "falloc" and size:
                 os.posix_fallocate(fd, 0, size)
@@ -1010,6 +1010,10 @@ async def cmd_convert(argv: list[str]) -> int:
     return await _lazy("cmd_convert", argv)
 
 
+async def cmd_dd(argv: list[str]) -> int:
+    return await _lazy("cmd_dd", argv)
+
+
 async def cmd_commit(argv: list[str]) -> int:
     return await _lazy("cmd_commit", argv)
 
@@ -1034,6 +1038,7 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "check": cmd_check,
     "map": cmd_map,
     "convert": cmd_convert,
+    "dd": cmd_dd,
     "measure": cmd_measure,
     "snapshot": cmd_snapshot,
     "resize": cmd_resize,

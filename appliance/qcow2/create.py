@@ -62,6 +62,8 @@ def build_image(opts: CreateOptions) -> bytes:
     if opts.compression_type != "zlib" and version < 3:
         raise Qcow2Error(f"Non-zlib compression type is only supported with compatibility "
                          f"level 1.1 and above {v3}")
+    # Disks are whole 512-byte sectors: QEMU rounds a size like 15 up to 512.
+    opts.size = -(-opts.size // 512) * 512
     if opts.size < 0 or opts.size >= 1 << 63:
         raise Qcow2Error("Image size must be less than 8 EiB!")
     l2_entries = cs // (16 if opts.extended_l2 else 8)

@@ -307,7 +307,7 @@ async def _create_target(name: str, fmt: str, size: int, o: dict[str, str],
                          backing: str | None, backing_fmt: str | None) -> None:
     if fmt == "raw":
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, -(-size // 512) * 512)  # whole sectors, as QEMU makes them
         os.close(fd)
         return
     from appliance.qcow2.cli import _create_options
@@ -857,3 +857,74 @@ async def _set_backing(img: Any, name: str | None, fmt: str | None) -> None:
 
 
 __all__ = ["RawImage", "cmd_commit", "cmd_compare", "cmd_convert", "cmd_rebase", "convert"]
+
+
+# ---------------------------------------------------------------- dd
+
+_SUFFIX_HELP = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, "
+                "terabytes, petabytes and exabytes.")
+
+
+def _dd_number(key: str, text: str, low: int, high: int) -> int:
+    try:
+        n = parse_size_arg(text)
+    except ConfigError:
+        raise ConfigError(f"Invalid {key} specified. {_SUFFIX_HELP}") from None
+    if not low <= n <= high:
+        if key == "bs":
+            raise ConfigError(f"Invalid bs specified. Must be between {low} and {high}.")
+        raise ConfigError(f"Invalid {key} specified. {_SUFFIX_HELP}")
+    return n
+
+
+async def cmd_dd(argv: list[str]) -> int:
+    """qemu-img dd: copy ``count`` blocks of ``bs`` bytes after ``skip`` of them into a new image.
+
+    As qemu-img's, ``count`` counts from the start of the input (not from
+    ``skip``), and every byte is written, zeroes too.
+    """
+    p = _parser("dd")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-U", "--force-share", action="store_true")
+    p.add_argument("operands", nargs="*")
+    a = p.parse_args(argv)
+    ops: dict[str, str] = {}
+    for op in a.operands:
+        key, sep, value = op.partition("=")
+        if not sep or key not in ("bs", "count", "skip", "if", "of"):
+            raise ConfigError(f"unrecognized operand {key}")
+        ops[key] = value  # the last one counts, as in qemu-img
+    bs = _dd_number("bs", ops["bs"], 1, 2**31 - 1) if "bs" in ops else 512
+    count = _dd_number("count", ops["count"], 0, 2**63 - 1) if "count" in ops else None
+    skip = _dd_number("skip", ops["skip"], 0, 2**63 - 1) if "skip" in ops else 0
+    if not ops.get("if") or not ops.get("of"):
+        raise ConfigError("Must specify both input and output files")
+    if a.out_fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"Unknown file format '{a.out_fmt}'")
+    try:
+        src = await _open(ops["if"], a.fmt, read_only=True)
+    except Qcow2Error as err:
+        raise Qcow2Error(f"Could not open '{ops['if']}': {err}") from err
+    try:
+        size = src.size
+        if count is not None and count * bs < size:
+            size = count * bs
+        start = skip * bs
+        out_size = max(0, size - start)
+        await _create_target(ops["of"], a.out_fmt, out_size, {}, None, None)
+        dst = await open_any(ops["of"], a.out_fmt, read_only=False, cache="unsafe")
+        try:
+            buf = memoryview(bytearray(CONVERT_CHUNK))
+            pos = start
+            while pos < size:
+                n = min(CONVERT_CHUNK, size - pos)
+                await src.readv(pos, [buf[:n]])
+                await dst.writev(pos - start, [buf[:n]])
+                pos += n
+            await dst.flush()
+        finally:
+            await dst.close()
+    finally:
+        await src.close()
+    return 0

@@ -495,3 +495,52 @@ def test_a_block_device_is_measured_and_mapped_as_qemu_img_does(tmp_path: Path) 
         assert qimg("compare", "-f", "raw", "-F", "qcow2", dev, "c.qcow2", cwd=tmp_path).returncode == 0
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("ops", [
+    [], ["bs=64k", "count=10", "skip=2"], ["bs=3"], ["skip=100"], ["count=0"], ["bs=1M", "count=2", "skip=1"],
+    ["bs=1k", "count=1k"], ["bs=64k", "bs=1k", "skip=9"], ["-O", "qcow2", "bs=64k", "count=10", "skip=2"],
+    ["-O", "qcow2", "bs=3", "count=5"],
+])
+def test_dd_makes_what_qemu_img_dd_makes(tmp_path: Path, ops: list[str]) -> None:
+    for d in "qo":
+        (tmp_path / d).mkdir()
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / d / "s.qcow2"), "4M")
+        qemu_io(tmp_path / d / "s.qcow2", "write -P 3 0 1M", "write -P 5 2M 512k")
+    fmt = "qcow2" if "qcow2" in ops else "raw"
+    ours = img("dd", *ops, "if=s.qcow2", f"of=o.{fmt}", cwd=tmp_path / "o")
+    theirs = qimg("dd", *ops, "if=s.qcow2", f"of=o.{fmt}", cwd=tmp_path / "q")
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, ""), ours.stderr
+    if fmt == "raw":
+        assert (tmp_path / "o/o.raw").read_bytes() == (tmp_path / "q/o.raw").read_bytes()
+    else:
+        # Where clusters land in the file is the allocator's business; what maps where is not.
+        maps = [json.loads(qimg("map", "--output=json", "o.qcow2", cwd=tmp_path / d).stdout) for d in "oq"]
+        assert [[{k: v for k, v in e.items() if k != "offset"} for e in m] for m in maps][0] == \
+            [{k: v for k, v in e.items() if k != "offset"} for e in maps[1]]
+        assert qimg("check", "o.qcow2", cwd=tmp_path / "o").returncode == 0
+        assert qimg("compare", "q/o.qcow2", "o/o.qcow2", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("ops", [
+    ["bs=0"], ["bs=abc"], ["count=-1"], ["skip=abc"], ["bogus=1"], ["of=x.raw"], ["if=nonexist", "of=x.raw"],
+])
+def test_dd_refuses_what_qemu_img_dd_refuses(tmp_path: Path, ops: list[str]) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "s.qcow2"), "1M")
+    ops = [o if o.startswith(("if=", "of=")) or "if=nonexist" in ops else o for o in ops]
+    if not any(o.startswith("if=") for o in ops) and "of=x.raw" not in ops:
+        ops = [*ops, "if=s.qcow2", "of=x.raw"]
+    ours, theirs = img("dd", *ops, cwd=tmp_path), qimg("dd", *ops, cwd=tmp_path)
+    assert ours.returncode in (1, 2) and theirs.returncode == 1
+    assert " ".join(_words(ours.stderr).split()) == " ".join(_words(theirs.stderr).split())
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_rounds_a_size_up_to_whole_sectors(tmp_path: Path, fmt: str) -> None:
+    for d in "qo":
+        (tmp_path / d).mkdir()
+    ours = img("create", "-f", fmt, "x", "15", cwd=tmp_path / "o")
+    theirs = qimg("create", "-f", fmt, "x", "15", cwd=tmp_path / "q")
+    assert ours.stdout == theirs.stdout  # "size=15" said, 512 made
+    info = [json.loads(qimg("info", "--output=json", "-f", fmt, "x", cwd=tmp_path / d).stdout) for d in "qo"]
+    assert info[0]["virtual-size"] == info[1]["virtual-size"] == 512
