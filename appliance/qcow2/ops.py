@@ -22,6 +22,8 @@ async def resize(img: Qcow2Image, new: int) -> None:
         raise Qcow2Error("Can't resize an image which has snapshots")
     if new >= 1 << 63:
         raise Qcow2Error("Image size is too large")
+    if new % 512:
+        raise Qcow2Error("The new size must be a multiple of 512")
     cs, cb = img._cs, img._cb
     if new < img.size:
         first = -(-new // cs) * cs

@@ -544,3 +544,11 @@ def test_create_rounds_a_size_up_to_whole_sectors(tmp_path: Path, fmt: str) -> N
     assert ours.stdout == theirs.stdout  # "size=15" said, 512 made
     info = [json.loads(qimg("info", "--output=json", "-f", fmt, "x", cwd=tmp_path / d).stdout) for d in "qo"]
     assert info[0]["virtual-size"] == info[1]["virtual-size"] == 512
+
+
+@pytest.mark.parametrize("args", [["--shrink", "a.qcow2", "1000"], ["a.qcow2", "2000001"], ["a.qcow2", "+1"]])
+def test_resize_of_qcow2_to_part_of_a_sector_is_refused(tmp_path: Path, args: list[str]) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
+    ours, theirs = img("resize", *args, cwd=tmp_path), qimg("resize", *args, cwd=tmp_path)
+    assert (ours.returncode, _words(ours.stderr)) == (theirs.returncode, _words(theirs.stderr)) == (
+        1, "The new size must be a multiple of 512")
