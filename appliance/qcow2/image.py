@@ -308,6 +308,7 @@ class Qcow2Image:
         self._writethrough = False
         self._written_end = 0  # end of the highest byte we wrote
         self._aio: Any = None  # Linux AIO context for O_DIRECT data I/O
+        self._pool_ring: Any = None  # the I/O pool's completion side on our loop (start_rw)
         self._open_size = 0  # file size at open
         self._falloc_end = 0  # file space reserved ahead of allocation
         self.file_size = 0
@@ -500,7 +501,6 @@ class Qcow2Image:
     # ------------------------------------------------------------------ raw file I/O
 
     async def _pread(self, off: int, n: int) -> bytes:
-        asyncio.get_running_loop()
         data: bytes = await _iorun(os.pread, self._fd, n, off)
         if len(data) < n:
             data += bytes(n - len(data))
@@ -510,7 +510,6 @@ class Qcow2Image:
         if self._failed and off != 0:
             raise Qcow2Error("image is marked corrupt; refusing to write",
                              kind=ErrorKind.READ_ONLY)
-        asyncio.get_running_loop()
         await _iorun(_pwritev_full, self._fd, [data], off)
         self._wrote(off + len(data))
 
@@ -527,7 +526,6 @@ class Qcow2Image:
             # cache=unsafe (qemu-img convert's default): order writes, skip the barriers.
             self._needs_sync = False
             return
-        asyncio.get_running_loop()
         await _iorun(os.fdatasync, self._fd)
         self._needs_sync = False
 
@@ -1057,7 +1055,11 @@ class Qcow2Image:
                 self._io_count -= 1
                 return False
         else:
-            _iopool().start(os.pwritev if write else os.preadv, (self._dfd, bufs, host), cb, job)
+            pool = _iopool()
+            ring = self._pool_ring
+            if ring is None:
+                ring = self._pool_ring = pool.ring()
+            pool.start(os.pwritev if write else os.preadv, (self._dfd, bufs, host), cb, job, ring)
         return True
 
     def _start_alloc(self, offset: int, bufs: Sequence[memoryview], n: int,
@@ -1282,7 +1284,6 @@ class Qcow2Image:
             done(token, got, None)
 
     async def _read_extents(self, extents: list[list[int]], base: int, sp: _Splitter) -> None:
-        asyncio.get_running_loop()
         waits: list[Any] = []
         self._io_count += 1
         try:
@@ -1865,7 +1866,6 @@ class Qcow2Image:
                 fills.append(self._read_old(p[1], p[2], p[3], p[4], p[5], buf))
         if fills:
             await asyncio.gather(*fills)
-        asyncio.get_running_loop()
         await self._data_write(views, host, length)
         self._wrote(host + length)
 
@@ -2164,7 +2164,6 @@ class Qcow2Image:
             raise Qcow2Error("compressed writes must cover exactly one cluster")
         if len(data) < cs:
             data = data + bytes(cs - len(data))
-        asyncio.get_running_loop()
         blob = await _iorun(_compress, data,
                                           self.header.compression_type)
         if len(blob) >= cs - 512:

@@ -86,15 +86,25 @@ class IoPool:
             self._spawn()
         return fut
 
+    def ring(self) -> _Ring:
+        """The running loop's completion side, for :meth:`start`'s ``ring``."""
+        return self._ring(asyncio.get_running_loop())
+
     def start(self, fn: Callable[..., Any], args: tuple[Any, ...],
-              done: Callable[[Any, Any, BaseException | None], None], token: Any) -> None:
+              done: Callable[[Any, Any, BaseException | None], None], token: Any,
+              ring: _Ring | None = None) -> None:
         """:meth:`submit` without a future: ``done(token, result, error)`` runs on the loop.
 
         For the data path (:meth:`appliance.qcow2.image.Qcow2Image.start_rw`):
         a future, its callback and the coroutine it resumes cost the loop
         more than the request's own work.
+
+        :param ring: :meth:`ring` of the loop ``done`` runs on, kept by the
+            caller: asyncio.get_running_loop() makes a getpid() system call
+            each time (CPython checks the loop was not inherited by a fork).
         """
-        ring = self._ring(asyncio.get_running_loop())
+        if ring is None:
+            ring = self._ring(asyncio.get_running_loop())
         self._q.put((ring, (done, token), fn, args))
         if self._idle == 0 and len(self._threads) < self._max:
             self._spawn()
