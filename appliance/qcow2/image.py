@@ -27,6 +27,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from collections import OrderedDict
@@ -358,10 +359,13 @@ class Qcow2Image:
                     open_backing: bool, repair_dirty: bool, allow_corrupt: bool,
                     aio: str, chain: tuple[str, ...]) -> None:
         st = os.fstat(self._fd)
-        self.file_size = st.st_size
-        self._open_size = self._falloc_end = st.st_size
-        first = await self._pread(0, min(st.st_size, 1 << 21))
-        h = H.parse_header(first, st.st_size)
+        # An image on a block device (an LVM volume, say) is as long as the
+        # device: st_size is 0 there.
+        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self._fd, 0, os.SEEK_END)
+        self.file_size = size
+        self._open_size = self._falloc_end = size
+        first = await self._pread(0, min(size, 1 << 21))
+        h = H.parse_header(first, size)
         self.header = h
         self.size = h.size
         cs = h.cluster_size

@@ -552,3 +552,26 @@ def test_resize_of_qcow2_to_part_of_a_sector_is_refused(tmp_path: Path, args: li
     ours, theirs = img("resize", *args, cwd=tmp_path), qimg("resize", *args, cwd=tmp_path)
     assert (ours.returncode, _words(ours.stderr)) == (theirs.returncode, _words(theirs.stderr)) == (
         1, "The new size must be a multiple of 512")
+
+
+def test_a_qcow2_image_on_a_block_device_works_like_on_a_file(tmp_path: Path) -> None:
+    # An LVM-style volume holding a qcow2 image: st_size is 0, the device's end is the file's.
+    backing = tmp_path / "vol.img"
+    backing.write_bytes(bytes(64 << 20))
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        qemu_img("create", "-q", "-f", "qcow2", dev, "32M")
+        qemu_io(Path(dev), "write -P 9 1M 256k")
+        for args in (["info", dev], ["check", dev], ["map", "--output", "json", dev]):
+            same_stdout_and_rc(tmp_path, *args)
+        assert img("bench", "-w", "-c", "200", "-s", "64k", "-o", "4M", "--pattern", "7", dev,
+                   cwd=tmp_path).returncode == 0
+        assert qimg("check", dev, cwd=tmp_path).returncode == 0
+        assert "Pattern verification failed" not in subprocess.run(
+            ["qemu-io", "-c", "read -P 9 1M 256k", "-c", "read -P 7 4M 64k", dev],
+            capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
