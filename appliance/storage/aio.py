@@ -267,13 +267,27 @@ class LinuxAio:
             done(token, 0, OSError(-res, os.strerror(-res)))
 
     def _reap(self) -> None:
+        if self._ring_u32 is not None:
+            # Completions first, the eventfd after: a callback often submits the
+            # next request, and the read is then off that request's path (at
+            # queue depth 1 it is ~1 us of the ~9 between a wake-up and the
+            # next io_submit). Whatever completes before the read is in the
+            # ring for the second pass; whatever completes after it signals
+            # the eventfd again.
+            self._reap_ring()
+            if self.closed:
+                return
+            try:
+                os.eventfd_read(self._efd)
+            except BlockingIOError:
+                pass
+            if self._ring_u32 is not None:
+                self._reap_ring()
+                return
         try:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        if self._ring_u32 is not None:
-            self._reap_ring()
-            return
         events = self._events
         ev = self._event_q
         while not self.closed:
