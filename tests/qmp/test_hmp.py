@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.machine.telnet import TelnetInput
 from appliance.qmp.hmp import LineEditor
@@ -166,3 +168,16 @@ def test_telnet_input_drops_commands_across_reads() -> None:
     t = TelnetInput()
     data = b"a\xff\xfd\x01b\xff\xff\xff\xfa\x1f\x00\x50\xff\xf0c\xff\xf1d"
     assert b"".join(t.feed(data[i:i + 1]) for i in range(len(data))) == b"ab\xffcd"
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=20), telnet=st.booleans())
+def test_any_bytes_at_the_prompt_give_bounded_lines_and_never_raise(chunks: list[bytes], telnet: bool) -> None:
+    from appliance.qmp.hmp import MAX_LINE
+
+    editor = LineEditor(telnet=telnet)
+    for chunk in chunks:
+        echo, lines = editor.feed(chunk)
+        assert all(len(line.encode()) < MAX_LINE * 4 for line in lines)
+        assert len(editor.buf) < MAX_LINE and 0 <= editor.pos <= len(editor.buf)
+        assert len(echo) <= 8 * MAX_LINE * (len(chunk) + 1)
