@@ -32,6 +32,8 @@ DEFAULT_BLKSIZE = 512
 MAX_BLKSIZE = 1468
 MAX_SESSIONS = 20
 SESSION_TIMEOUT = 5.0  # seconds without a packet from the client (libslirp uses 5)
+DEFAULT_TIMEOUT = 1  # seconds before an unacknowledged packet is sent again (RFC 2349 may change it)
+MAX_RETRIES = 5
 _OP = struct.Struct("!H")
 _OP_BLOCK = struct.Struct("!HH")
 
@@ -44,9 +46,14 @@ class _Session:
     fd: int
     size: int
     blksize: int
+    timeout: int
+    oack: bytes  # what block 0 is: the options answer, or nothing
     block: int = 0  # the last block sent (0: the OACK, before any data)
     done: bool = False  # the last (short) block has been sent
-    last: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)  # the client's last packet
+    sent: bytes = b""  # the last packet sent, for retransmission
+    sent_at: float = 0.0
+    retries: int = 0
 
 
 @dataclass
@@ -143,29 +150,38 @@ class TftpServer:
             return
         try:
             st = os.fstat(fd)
+            # What was opened, not what was checked: a symlink swapped in
+            # between must not lead out of the root.
+            inside = self._inside(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
+            st, inside = None, False
+        if st is None or not inside or not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            self._error(key, E_NOT_FOUND, "File not found")
+            self._error(key, E_NOT_FOUND if inside else E_ACCESS,
+                        "File not found" if inside else "Access violation")
             return
-        answer, blksize = self._negotiate(opts, st.st_size)
-        s = _Session(fd, st.st_size, blksize)
+        answer, blksize, timeout = self._negotiate(opts, st.st_size)
+        s = _Session(fd, st.st_size, blksize, timeout, answer)
         self._sessions[key] = s
         self.stats.sessions += 1
         if answer:
-            self._send(key[0], key[1], _OP.pack(OACK) + answer)
+            self._transmit(key, s, _OP.pack(OACK) + answer)
         else:
             self._data(key, s, 1)
 
+    def _inside(self, real: str) -> bool:
+        root = os.path.realpath(self.root)
+        return real.startswith(root.rstrip("/") + "/")
+
     @staticmethod
-    def _negotiate(opts: list[str], size: int) -> tuple[bytes, int]:
-        """The OACK body for the options we take (RFC 2347), and the block size."""
+    def _negotiate(opts: list[str], size: int) -> tuple[bytes, int, int]:
+        """The OACK body for the options we take (RFC 2347), the block size and the timeout."""
         out = bytearray()
-        blksize = DEFAULT_BLKSIZE
+        blksize, timeout = DEFAULT_BLKSIZE, DEFAULT_TIMEOUT
         for k, v in zip(opts[::2], opts[1::2], strict=True):
             key = k.lower()
-            if not v.isdigit():
+            # Ten digits are more than any option takes; longer ones are not parsed.
+            if not v.isdigit() or len(v) > 10:
                 continue
             n = int(v)
             if key == "blksize" and n >= 8:
@@ -174,8 +190,9 @@ class TftpServer:
             elif key == "tsize":
                 out += b"tsize\0%d\0" % size
             elif key == "timeout" and 1 <= n <= 255:
+                timeout = n
                 out += b"timeout\0%d\0" % n
-        return bytes(out), blksize
+        return bytes(out), blksize, timeout
 
     def _ack(self, key: tuple[bytes, int], block: int) -> None:
         s = self._sessions.get(key)
@@ -183,18 +200,16 @@ class TftpServer:
             self._error(key, E_UNKNOWN_TID, "Unknown transfer ID")
             return
         s.last = time.monotonic()
-        wire = s.block & 0xFFFF
-        if block == wire:
-            if s.done:
-                self.stats.files_sent += 1
-                self._end(key)
-            else:
-                self._data(key, s, s.block + 1)
-        elif block == (wire - 1) & 0xFFFF and s.block > 0:
-            # The client did not see our last block and acknowledged the one
-            # before again: send it once more (RFC 1350 §2 leaves the
-            # retransmission to whichever side times out; this is the client).
-            self._data(key, s, s.block)
+        if block != s.block & 0xFFFF:
+            # A repeated ACK of the block before is not answered (RFC 1123
+            # §4.2.3.1: doing so doubles every later block, the Sorcerer's
+            # Apprentice); a lost block goes again on our own timeout.
+            return
+        if s.done:
+            self.stats.files_sent += 1
+            self._end(key)
+        else:
+            self._data(key, s, s.block + 1)
 
     def _data(self, key: tuple[bytes, int], s: _Session, block: int) -> None:
         try:
@@ -205,8 +220,13 @@ class TftpServer:
             return
         s.block = block
         s.done = len(chunk) < s.blksize
+        s.retries = 0
         # Block numbers past 65535 wrap to 0, as the common clients expect.
-        self._send(key[0], key[1], _OP_BLOCK.pack(DATA, block & 0xFFFF) + chunk)
+        self._transmit(key, s, _OP_BLOCK.pack(DATA, block & 0xFFFF) + chunk)
+
+    def _transmit(self, key: tuple[bytes, int], s: _Session, packet: bytes) -> None:
+        s.sent, s.sent_at = packet, time.monotonic()
+        self._send(key[0], key[1], packet)
 
     def _error(self, key: tuple[bytes, int], code: int, msg: str) -> None:
         self.stats.errors_sent += 1
@@ -219,8 +239,13 @@ class TftpServer:
 
     # -- housekeeping ---------------------------------------------------------
     def expire(self, now: float) -> None:
-        for key in [k for k, s in self._sessions.items() if now - s.last > SESSION_TIMEOUT]:
-            self._end(key)
+        """Resend what went unacknowledged for the session's timeout; drop silent clients."""
+        for key, s in list(self._sessions.items()):
+            if now - s.last > SESSION_TIMEOUT or s.retries >= MAX_RETRIES:
+                self._end(key)
+            elif now - s.sent_at >= s.timeout:
+                s.retries += 1
+                self._transmit(key, s, s.sent)
 
     def close(self) -> None:
         for key in list(self._sessions):

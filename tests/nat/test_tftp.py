@@ -100,14 +100,42 @@ async def test_options_are_answered_in_an_oack(tnet: UserNetwork) -> None:
     assert oack == b"\0\6tsize\x00300000\0blksize\x001468\0timeout\x003\0"
 
 
-async def test_a_lost_block_is_sent_again_on_a_repeated_ack(tnet: UserNetwork) -> None:
+async def test_a_lost_block_goes_again_on_our_timeout_not_on_a_repeated_ack(tnet: UserNetwork) -> None:
+    import time
+
     feed(tnet, udp(rrq("big.bin")))
     [b1] = answers(tnet)
     feed(tnet, udp(b"\0\4\0\1"))
     [b2] = answers(tnet)
     assert b2[:4] == b"\0\3\0\2"
-    feed(tnet, udp(b"\0\4\0\1"))  # block 2 never arrived: the client repeats its ACK
+    # Block 2 never arrived and the client repeats its ACK of block 1: no answer
+    # to that (RFC 1123 §4.2.3.1, the Sorcerer's Apprentice), but the block goes
+    # again once the timeout passes, and the transfer carries on.
+    feed(tnet, udp(b"\0\4\0\1"))
+    assert answers(tnet) == []
+    tftp = tnet.tftp
+    assert tftp is not None
+    tftp.expire(time.monotonic() + 1.5)
     assert answers(tnet) == [b2]
+    feed(tnet, udp(b"\0\4\0\2"))
+    assert answers(tnet)[0][:4] == b"\0\3\0\3"
+    # A client that stays silent is given up on after a few tries.
+    for i in range(10):
+        tftp.expire(time.monotonic() + 1.5 * (i + 2))
+    assert len(tftp) == 0
+
+
+async def test_absurd_option_values_are_ignored_and_leak_nothing(tnet: UserNetwork) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    for port in range(4000, 4015):
+        feed(tnet, udp(rrq("big.bin", "tsize", "0" * 4400, "blksize", "9" * 30), port))
+        [first] = answers(tnet, port)
+        assert first[:4] == b"\0\3\0\1"  # no option taken: plain data, no OACK
+    tftp = tnet.tftp
+    assert tftp is not None
+    tftp.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    assert tnet.counters()["errors"] == 0
 
 
 @pytest.mark.parametrize(("name", "code"), [
