@@ -37,7 +37,10 @@ import asyncio
 import contextlib
 import errno
 import functools
+import os
 import select
+import shlex
+import signal
 import socket
 import struct
 from collections.abc import Coroutine
@@ -68,6 +71,7 @@ MAX_CONNS = 1024
 MAX_CONNECTING = 64  # host connects in progress at once
 MAX_HALF_OPEN = 128  # guest handshakes not yet complete; beyond, the oldest is dropped (a SYN cache)
 CONNECT_TIMEOUT = 20.0
+MAX_COMMANDS = 16  # guestfwd=…-cmd: runs at once
 _TCP = struct.Struct("!HHIIHHHH")
 
 
@@ -162,6 +166,14 @@ class HostPoller:
             self._loop.remove_reader(ep.fileno())
             ep.close()
         self._fds.clear()
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a guestfwd command and what it started, unless it was reaped already (its
+    pid, and so its group id, could belong to someone else by then)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 class HostSocket:
@@ -526,6 +538,8 @@ class TcpNat:
         self._ack_set: dict[TcpConn, None] = {}
         self._ack_scheduled = False
         self._next_port = 49152
+        self._commands: dict[TcpConn, asyncio.subprocess.Process] = {}  # guestfwd cmd: runs
+        self._command_slots = 0  # of MAX_COMMANDS, taken from the SYN until the run is reaped
         self._guestfwd: dict[tuple[bytes, int], tuple[str, int] | str] = {
             (g.server.packed, g.port): g.command if g.command is not None else (g.target_host, g.target_port)
             for g in net.config.guestfwd
@@ -542,6 +556,9 @@ class TcpNat:
     def forget(self, conn: TcpConn) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+        proc = self._commands.get(conn)
+        if proc is not None:
+            _kill_group(proc)  # a guestfwd command outlives nothing of its connection
         self._ack_set.pop(conn, None)
         self._half_open.pop(conn, None)
         sock = self._attaching.pop(conn, None)
@@ -689,6 +706,11 @@ class TcpNat:
 
     def _start_connect(self, conn: TcpConn, target: tuple[str, int] | str) -> None:
         if isinstance(target, str):
+            if self._command_slots >= MAX_COMMANDS:
+                self._connecting -= 1
+                self._refuse(conn)
+                return
+            self._command_slots += 1  # taken now: the SYNs of one batch all arrive before any starts
             self._spawn(self._connect_command(conn, target))
             return
         host, port = target
@@ -758,27 +780,54 @@ class TcpNat:
                 self.net._internal_error()
 
     async def _connect_command(self, conn: TcpConn, command: str) -> None:
-        """guestfwd=…-cmd: the connection's host side is a new run of ``command``, its
-        standard input and output one end of a socket pair; it is reaped when it ends."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        """guestfwd=…-cmd: the connection's host side is a new run of ``command``.
+
+        As libslirp runs it: split into words like a shell would (no shell
+        runs it), standard input, output and error on one end of a socket
+        pair. Its process group is killed when the connection ends, and at
+        most :data:`MAX_COMMANDS` run at once, so a guest opening connection
+        after connection cannot pile up processes.
+        """
         try:
-            proc = await asyncio.create_subprocess_shell(command, stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                                         start_new_session=True)
+            await self._run_command(conn, command)
+        finally:
+            self._command_slots -= 1
+
+    async def _run_command(self, conn: TcpConn, command: str) -> None:
+        try:
+            argv = shlex.split(command)
+        except ValueError:
+            argv = []
+        if not argv:
+            self._connecting -= 1
+            self._refuse(conn)
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=theirs.fileno(),
+                start_new_session=True)
         except OSError:
-            ours.close()
             self._connecting -= 1
             self._refuse(conn)
             return
         finally:
             theirs.close()
-        ours.setblocking(False)
-        self._connect_done(conn, ours, False, connected=True)
+            if proc is None:
+                ours.close()
+        self._commands[conn] = proc
         try:
+            ours.setblocking(False)
+            self._connect_done(conn, ours, False, connected=True)
+            if conn.state == CLOSED:
+                _kill_group(proc)  # the guest gave up while the command started
             await proc.wait()
         except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _kill_group(proc)
             raise
+        finally:
+            self._commands.pop(conn, None)
 
     async def _connect_by_name(self, conn: TcpConn, target: tuple[str, int]) -> None:
         loop = self.net.loop

@@ -353,10 +353,11 @@ async def test_guestfwd_sends_guest_connections_to_the_configured_host_service()
 
 
 async def test_guestfwd_cmd_runs_the_command_for_each_connection() -> None:
-    # QEMU's guestfwd=…-cmd:: each connection talks to a new run of the command
-    # (stdin and stdout), and a comma in it is written doubled on the command line.
+    # QEMU's guestfwd=…-cmd:: each connection talks to a new run of the command,
+    # split into words as a shell would but run without one; its stdin, stdout
+    # and stderr are the connection. A comma is written doubled on the command line.
     net = UserNetwork(UserNetConfig.from_string(
-        "user,guestfwd=tcp:10.0.2.100:1234-cmd:tr a-z A-Z; echo done,,ok"))
+        "user,guestfwd=tcp:10.0.2.100:1234-cmd:sh -c 'tr a-z A-Z; echo done,,ok; echo oops >&2'"))
     await net.start()
     try:
         async with Guest(net) as g:
@@ -366,9 +367,47 @@ async def test_guestfwd_cmd_runs_the_command_for_each_connection() -> None:
                 c.write(word + b"\n")
                 c.shutdown()
                 await c.wait(lambda c=c: c.fin_rcvd, 10)
-                assert bytes(c.rx) == word.upper() + b"\ndone,ok\n"
+                assert bytes(c.rx) == word.upper() + b"\ndone,ok\noops\n"
     finally:
         await net.stop()
+
+
+async def test_guestfwd_cmd_processes_end_with_their_connection_and_are_capped() -> None:
+    import os
+    import subprocess
+
+    from appliance.nat.tcp_nat import MAX_COMMANDS
+
+    marker = f"appliance-guestfwd-{os.getpid()}"
+    net = UserNetwork(UserNetConfig.from_string(
+        f"user,guestfwd=tcp:10.0.2.100:1234-cmd:sh -c 'sleep 600; : {marker}'"))
+    await net.start()
+
+    def running() -> int:
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        return len(out.split())
+
+    try:
+        async with Guest(net) as g:
+            conns = [g.connect(bytes([10, 0, 2, 100]), 1234) for _ in range(MAX_COMMANDS + 2)]
+            for c in conns[:MAX_COMMANDS]:
+                await established(c)
+            for c in conns[MAX_COMMANDS:]:
+                await c.wait(lambda c=c: c.reset, 10)  # refused: too many running
+            assert running() == MAX_COMMANDS
+            conns[0].abort()  # a RST from the guest ends that one's command
+            for _ in range(100):
+                if running() == MAX_COMMANDS - 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert running() == MAX_COMMANDS - 1
+    finally:
+        await net.stop()
+    for _ in range(100):
+        if running() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert running() == 0  # none outlives the network
 
 
 async def test_restrict_on_refuses_outbound_tcp_but_keeps_hostfwd() -> None:
