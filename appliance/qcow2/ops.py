@@ -169,8 +169,9 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
     compat = opts.pop("compat", None)
     lazy = opts.pop("lazy_refcounts", None)
     size = opts.pop("size", None)
-    bfile = opts.pop("backing_file", None)
-    bfmt = opts.pop("backing_fmt", None)
+    if "backing_file" in opts or "backing_fmt" in opts:
+        # As qemu-img 7.2: changing the backing file is what rebase is for.
+        raise Qcow2Error("Cannot amend the backing file: you can use 'appliance img rebase' instead")
     rbits = opts.pop("refcount_bits", None)
     new_order = None
     if rbits is not None:
@@ -232,10 +233,6 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
                 h.compatible_features |= H.COMPAT_LAZY_REFCOUNTS
             else:
                 h.compatible_features &= ~H.COMPAT_LAZY_REFCOUNTS
-        if bfile is not None:
-            h.backing_file = bfile or None
-        if bfmt is not None:
-            h.set_ext(H.EXT_BACKING_FORMAT, bfmt.encode() if bfmt else None)
         await img._write_header()
         await img._sync()
     if size is not None:

@@ -387,6 +387,8 @@ def _words(stderr: str) -> str:
     lines = [ln.replace("qemu-img: ", "").replace("appliance img: ", "") for ln in stderr.splitlines()]
     if len(lines) == 2 and lines[1] == "This option is only supported for image creation":
         return f"{lines[0]}: this option is only supported for image creation"
+    if len(lines) == 2 and lines[1] == "You can use 'qemu-img rebase' instead.":
+        return f"{lines[0]}: you can use 'appliance img rebase' instead"
     return "\n".join(lines)
 
 
@@ -405,7 +407,7 @@ def test_create_refuses_bad_options_in_qemu_img_order_and_words(tmp_path: Path, 
 
 @pytest.mark.parametrize("opts", [
     "cluster_size=65536", "preallocation=off", "encrypt.format=luks", "lazy_refcounts=maybe",
-    "data_file=x", "compat=0.9", "lazy_refcounts=y",
+    "data_file=x", "compat=0.9", "lazy_refcounts=y", "backing_file=b.qcow2", "backing_fmt=raw",
 ])
 def test_amend_refuses_what_qemu_img_refuses(tmp_path: Path, opts: str) -> None:
     for d in "qo":
