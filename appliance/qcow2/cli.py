@@ -165,9 +165,9 @@ def print_create_options(fmt: str, *, amend: bool = False) -> int:
 
 
 def _bool(v: str, what: str) -> bool:
-    if v in ("on", "yes", "true"):
+    if v in ("on", "yes", "true", "y"):
         return True
-    if v in ("off", "no", "false"):
+    if v in ("off", "no", "false", "n"):
         return False
     raise ConfigError(f"Parameter '{what}' expects 'on' or 'off'")
 
@@ -209,9 +209,7 @@ def _create_options(o: dict[str, str], size: int | None) -> Any:
         elif k == "extended_l2":
             opts.extended_l2 = _bool(v, k)
         elif k == "preallocation":
-            if v not in ("off", "metadata", "falloc", "full"):
-                raise ConfigError(f"Parameter 'preallocation' does not accept value '{v}'")
-            opts.preallocation = v
+            opts.preallocation = v  # checked by create_image, after "Formatting…" as qemu-img does
         elif k == "backing_file":
             opts.backing_file = v
         elif k == "backing_fmt":
@@ -268,7 +266,10 @@ async def cmd_create(argv: list[str]) -> int:
         return 0
     if a.fmt != "qcow2":
         raise ConfigError(f"Unknown file format '{a.fmt}'")
-    opts = _create_options(o, size)
+    try:
+        opts = _create_options(o, size)
+    except ConfigError as err:
+        raise ConfigError(f"{a.filename}: {err}") from None  # qemu-img names the file first
     if a.backing is not None:
         opts.backing_file = a.backing
     if a.backing_fmt is not None:
@@ -328,6 +329,47 @@ async def cmd_create(argv: list[str]) -> int:
 # ---------------------------------------------------------------- measure
 
 
+def _measure_options(o: dict[str, str]) -> tuple[int, int, int, bool, str, bool]:
+    """(cluster size, refcount bits, version, extended L2, preallocation, backing file?) of
+    measure's -o, checked as qemu-img measure checks them: what does not change the sizes
+    (lazy_refcounts, compression_type, data_file…) is taken without a look."""
+    known = {"cluster_size", "compat", "refcount_bits", "extended_l2", "preallocation",
+             "backing_file", "backing_fmt", "lazy_refcounts", "compression_type", "data_file",
+             "data_file_raw", "size"}
+    for k in o:
+        if k.startswith("encrypt"):
+            raise Qcow2Error("Encrypted images are not supported here")
+        if k not in known:
+            raise ConfigError(f"Invalid parameter '{k}'")
+    for k in ("extended_l2", "lazy_refcounts", "data_file_raw"):
+        if k in o:
+            _bool(o[k], k)
+    ext_l2 = _bool(o["extended_l2"], "extended_l2") if "extended_l2" in o else False
+    cs = parse_size_arg(o["cluster_size"]) if "cluster_size" in o else 65536
+    if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
+        raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
+    if ext_l2 and cs < 16384:
+        raise Qcow2Error("Extended L2 entries are only supported with cluster sizes of at least "
+                         "16384 bytes")
+    compat = o.get("compat", "1.1")
+    if compat not in ("0.10", "1.1", "v2", "v3"):
+        raise Qcow2Error(f"Invalid compatibility level: '{compat}'")
+    version = 2 if compat in ("0.10", "v2") else 3
+    text = o.get("refcount_bits", "16")
+    if not text.isdigit():
+        raise ConfigError("Parameter 'refcount_bits' expects a number")
+    rb = int(text)
+    if rb < 1 or rb > 64 or rb & (rb - 1):
+        raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and rb != 16:
+        raise Qcow2Error("Different refcount widths than 16 bits require compatibility level 1.1 "
+                         "or above (use compat=1.1 or greater)")
+    prealloc = o.get("preallocation", "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise Qcow2Error(f"invalid parameter value: {prealloc}")
+    return cs, rb, version, ext_l2, prealloc, "backing_file" in o
+
+
 async def cmd_measure(argv: list[str]) -> int:
     from appliance.qcow2 import measure as M
 
@@ -371,24 +413,12 @@ async def cmd_measure(argv: list[str]) -> int:
             raise ConfigError("Invalid image size specified. Must be between 0 and "
                               f"{(1 << 63) - 1}.")
         if a.out_fmt == "raw":
-            if o:
-                raise ConfigError(f"Invalid parameter '{sorted(o)[0]}'")
+            for k in o:  # raw's creation options; neither changes what a raw file needs
+                if k not in ("size", "preallocation"):
+                    raise ConfigError(f"Invalid parameter '{k}'")
             m = M.measure_raw(size, from_image=src is not None)
         else:
-            if any(k.startswith("encrypt") for k in o):
-                raise Qcow2Error("Encrypted images are not supported here")
-            opts = _create_options(o, size)
-            version = 2 if opts.compat in ("0.10", "v2") else 3
-            if opts.compat not in ("0.10", "1.1", "v2", "v3"):
-                raise Qcow2Error(f"Parameter 'version' does not accept value '{opts.compat}'")
-            if version < 3 and opts.refcount_bits != 16:
-                raise Qcow2Error("Different refcount widths than 16 bits require compatibility "
-                                 "level 1.1 or above (use version=v3 or greater)")
-            cs, rb = opts.cluster_size, opts.refcount_bits
-            if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
-                raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
-            if rb < 1 or rb > 64 or rb & (rb - 1):
-                raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+            cs, rb, version, ext_l2, prealloc, backing = _measure_options(o)
             data = None
             if src is not None:
                 data = [(s, s + n) for s, n, _, present, zero, kind, _ in
@@ -398,8 +428,8 @@ async def cmd_measure(argv: list[str]) -> int:
             if isinstance(src, Qcow2Image):
                 bitmaps = [(b.name, 1 << b.granularity_bits) for b in src.bitmaps]
             m = M.measure_qcow2(size, cluster_size=cs, refcount_bits=rb, version=version,
-                                extended_l2=opts.extended_l2, preallocation=opts.preallocation,
-                                has_backing=bool(opts.backing_file), data=data, bitmaps=bitmaps)
+                                extended_l2=ext_l2, preallocation=prealloc, has_backing=backing,
+                                data=data, bitmaps=bitmaps)
     finally:
         if src is not None:
             await src.close()

@@ -34,6 +34,8 @@ def build_image(opts: CreateOptions) -> bytes:
     """The bytes of an empty qcow2 image (before any preallocation)."""
     # Checked in qemu-img's order, with its words (the option parser's first).
     v3 = "(use version=v3 or greater)"
+    if opts.preallocation not in ("off", "metadata", "falloc", "full"):
+        raise Qcow2Error(f"Parameter 'preallocation' does not accept value '{opts.preallocation}'")
     if opts.compat not in ("0.10", "1.1", "v2", "v3"):
         raise Qcow2Error(f"Parameter 'version' does not accept value '{opts.compat}'")
     if opts.compression_type not in ("zlib", "zstd"):

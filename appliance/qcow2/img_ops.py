@@ -221,7 +221,7 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("-S", dest="sparse", default="4k")
+    p.add_argument("-S", dest="sparse", default=None)
     p.add_argument("-t", dest="cache", default="unsafe")
     p.add_argument("-T", dest="src_cache", default="writeback")
     p.add_argument("-n", dest="no_create", action="store_true")
@@ -242,8 +242,10 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("--target-is-zero requires use of -n flag")
     if a.copy_offload and a.compress:
         raise ConfigError("Cannot enable copy offloading when -c is used")
-    if a.copy_offload and "-S" in argv:
+    if a.copy_offload and a.sparse is not None:
         raise ConfigError("Cannot enable copy offloading when -S is used")
+    if a.sparse is None:
+        a.sparse = "4k"
     rate = _rate_arg(a.rate)
     if len(a.files) < 2:
         raise ConfigError("Expecting one image file name")
@@ -288,7 +290,9 @@ async def cmd_convert(argv: list[str]) -> int:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
         try:
-            if a.target_is_zero and getattr(dst, "backing", None) is not None:
+            if a.target_is_zero and a.backing:
+                # -B names one; a target that has a backing file of its own is taken at
+                # its word, as qemu-img takes it.
                 raise Qcow2Error("Cannot use --target-is-zero when the destination image "
                                  "has a backing file")
             await convert(src, dst, compress=a.compress, sparse=sparse,
