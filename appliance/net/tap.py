@@ -132,8 +132,12 @@ class Tap:
         The tap is made in the network namespace of the calling thread.
         """
         if self.fds:
-            queues = self._adopt_fds()
-            self._set_sndbuf()
+            try:
+                queues = self._adopt_fds()
+                self._set_sndbuf()
+            except BaseException:
+                await self.close()
+                raise
             return queues
         multi = self.queues_wanted > 1
         try:

@@ -81,6 +81,9 @@ async def execute(ctx: Any, line: str) -> str:
         return await _dispatch(ctx, words)
     except ApplianceError as err:  # QMP's errors too: QEMU prints them after "Error: "
         return f"Error: {err}\r\n"
+    except Exception:  # noqa: BLE001 - a bug must not end the monitor
+        log.exception("human monitor: %r failed", line)
+        return "Error: internal error (see the log)\r\n"
 
 
 def _usage(word: str, problem: str) -> str:
@@ -383,6 +386,8 @@ class HmpSession:
                 await self.writer.drain()
         except (ConnectionError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - one client's trouble is not the VM's
+            log.exception("human monitor session failed")
         finally:
             await self.close()
 

@@ -42,7 +42,7 @@ async def qemu_monitor(kind: str) -> AsyncIterator[tuple[asyncio.StreamReader, a
         "-monitor", f"{kind}:127.0.0.1:{port},server=on,wait=off",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        for _ in range(100):
+        for _ in range(400):  # up to 20 s on a loaded machine
             with contextlib.suppress(OSError):
                 r, w = await asyncio.open_connection("127.0.0.1", port)
                 break
