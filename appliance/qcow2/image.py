@@ -1040,8 +1040,17 @@ class Qcow2Image:
             host = self._fast_host_run(offset, n, write) if n else -1
             if host < 0 or write and host + n > self.file_size:
                 return False
-        return self._submit(write, bufs, host, self._rw_done,
-                            (done, token, n, bufs, write, offset, host))
+        job = (done, token, n, bufs, write, offset, host)
+        aio = self._aio
+        if aio is None:
+            return self._submit(write, bufs, host, self._rw_done, job)
+        # _submit inlined: this call is on every request's path.
+        self._io_count += 1
+        if aio.start(IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, self._dfd, bufs, host,
+                     self._rw_done, job, eager=True, align=self.logical_block_size):
+            return True
+        self._io_count -= 1
+        return False
 
     def _submit(self, write: bool, bufs: Sequence[memoryview], host: int,
                 cb: Callable[[Any, int, BaseException | None], None], job: Any) -> bool:
@@ -1147,7 +1156,6 @@ class Qcow2Image:
         done, token, n, bufs, offset, host, inf, gc, l1i, l1e, l2off, table, i, e, c, fresh = job
         t: list[int] = table
         if err is None and got == n:
-            self._wrote(host + n)
             base = host - (offset & (self._cs - 1))
             if (not self._lock.locked() and l1i < len(self._l1) and self._l1[l1i] == l1e
                     and self._l2.get(l2off) is t and t[i] == e):
@@ -1155,8 +1163,14 @@ class Qcow2Image:
                 self._l2_dirty.add(l2off)
                 del self._inflight[gc]
                 inf.settle(True)
-                done(token, n, None)
+                try:
+                    done(token, n, None)
+                finally:
+                    # After done(): the caller's next request is submitted by now. Its
+                    # allocation did not need this (_alloc_end already covers the cluster).
+                    self._wrote(host + n)
                 return
+            self._wrote(host + n)
             # Metadata moved while the data was in flight: publish the careful way.
             a = offset & (self._cs - 1)
             self._spawn(self._publish(
