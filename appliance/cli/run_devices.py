@@ -84,8 +84,6 @@ class BlkDeviceConfig:
             o.take_bool(key, True)
         if o.take_bool("scsi", False):
             raise ConfigError(f"{what}: scsi=on (SCSI passthrough) is not supported")
-        if not o.take_bool("disable-legacy", True) or o.take_bool("disable-modern", False):
-            raise ConfigError(f"{what}: only the modern (virtio 1.x) interface exists here")
         o.finish()
         return cfg
 
@@ -242,6 +240,13 @@ def _device(a: RunArgs, v: str) -> None:
     driver = o.get("driver")
     if driver is None:
         raise ConfigError("-device: parameter 'driver' is missing")
+    if driver.endswith("-non-transitional"):
+        # Modern-only devices, which ours are: the same device under QEMU's other name.
+        base = driver.removesuffix("-non-transitional")
+        v = base + v[len(driver):] if v.startswith(driver) else v.replace(
+            f"driver={driver}", f"driver={base}", 1)
+        o = parse_option("-device", v, implied="driver")
+        driver = base
     plan = plan_of(a)
     if driver in _NIC_DRIVERS:
         plan.entries.append(("nic", NicConfig.parse_device(v)))

@@ -90,10 +90,21 @@ ROOT_BUSES = ("pcie.0", "pci.0")
 
 
 def take_root_bus(opts: OptionDict, what: str) -> None:
-    """``bus=``: only the root bus exists (devices go on bus 0, no bridges)."""
+    """``bus=``: only the root bus exists (devices go on bus 0, no bridges).
+
+    Also the legacy/modern switches every virtio PCI device takes: ours are
+    modern only (virtio 1.2 §4.1.2.1, device IDs 0x1040 + type), what QEMU
+    calls non-transitional, so only settings that agree are taken.
+    """
     bus = opts.take("bus")
     if bus is not None and bus not in ROOT_BUSES:
         raise ConfigError(f"{what}: Bus '{bus}' not found (only pcie.0 / pci.0)")
+    if opts.take("disable-legacy", "on") not in ("on", "auto", "true", "yes"):
+        raise ConfigError(f"{what}: disable-legacy=off: only the modern (virtio 1.x) interface "
+                          "exists here")
+    if opts.take_bool("disable-modern", False):
+        raise ConfigError(f"{what}: disable-modern=on: only the modern (virtio 1.x) interface "
+                          "exists here")
 
 
 def parse_mac(text: str, what: str) -> bytes:
@@ -178,7 +189,8 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
         opts.finish()
         return None, None
     model = opts.take("model", "virtio-net-pci")
-    if model not in ("virtio-net-pci", "virtio", "virtio-net"):
+    if model not in ("virtio-net-pci", "virtio", "virtio-net", "virtio-net-pci-non-transitional",
+                     "virtio-non-transitional"):
         raise ConfigError(f"-nic: model '{model}' is not supported (virtio-net-pci only)")
     mac_text = opts.take("mac")
     mac = parse_mac(mac_text, "-nic") if mac_text else None

@@ -396,3 +396,20 @@ def test_uuid_boot_no_hpet_and_vnc_none_are_taken_as_qemu_takes_them() -> None:
                           (["-vnc", ":1"], "-vnc: ':1' is not supported")):
         with pytest.raises(ConfigError, match=message):
             run.to_config(run.parse_args(["-kernel", "k", *argv]))
+
+
+def test_non_transitional_names_are_the_modern_only_devices_we_have(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1 << 20))
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-drive", f"file={img},format=raw,if=none,id=d0", "-netdev", "user,id=n0",
+        "-device", "driver=virtio-blk-pci-non-transitional,drive=d0,disable-legacy=on",
+        "-device", "virtio-net-pci-non-transitional,netdev=n0,disable-modern=off",
+        "-device", "virtio-rng-pci-non-transitional", "-nic", "user,model=virtio-net-pci-non-transitional",
+    ]))
+    assert len(cfg.devices) == 4
+    for argv, message in ((["-device", "virtio-rng-pci,disable-legacy=off"], "disable-legacy=off"),
+                          (["-device", "virtio-rng-pci,disable-modern=on"], "disable-modern=on"),
+                          (["-device", "virtio-rng-pci-transitional"], "'virtio-rng-pci-transitional'")):
+        with pytest.raises(ConfigError, match=message):
+            run.to_config(run.parse_args(["-kernel", "k", *argv]))
