@@ -28,7 +28,10 @@ or thread (our net-daemon; QEMU's main thread for libslirp; passt), and
 their interrupt eventfds into guest interrupts (each a wake-up of that thread).
 On a shared 2-core machine the guest's vCPU thread competes with both, so
 connection rate follows the sum of the two rows as much as latency.
-``--profile FILE`` samples our daemon with py-spy during the connection runs.
+``guest_irqs_per_conn`` counts the guest's virtio interrupts (/proc/interrupts).
+``--profile FILE`` samples our daemon with py-spy during the connection runs,
+``--cprofile FILE`` runs it under cProfile, and ``--daemon-tree DIR`` runs it
+from another source tree (A/B runs of two versions, each against libslirp).
 
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3]``
 """
