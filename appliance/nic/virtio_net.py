@@ -5,9 +5,11 @@ Each queue pair has its own :class:`~appliance.net.backend.FrameBackend` and is
 served on the loop from its own kicks: transmit drains the tx ring, receive
 pulls frames from the backend straight into the buffers the guest posted (the
 backend does ``readv`` on the guest's memoryviews), and each batch ends with
-at most one interrupt. When the guest has posted no receive buffers the
-backend is paused, so a flood from the host side waits in the backend's
-bounded queue (or the kernel's tap queue) instead of in our memory.
+at most one interrupt (on receive, the first frame of a batch may also be
+signalled on its own: see VirtioNet._rx). When the guest has posted no
+receive buffers the backend is paused, so a flood from the host side waits in
+the backend's bounded queue (or the kernel's tap queue) instead of in our
+memory.
 
 Offloads (checksum, TSO) are offered only when the backend carries
 virtio-net headers itself (a tap with IFF_VNET_HDR): then headers pass through
@@ -556,6 +558,16 @@ class VirtioNet(VirtioDevice):
     # -- receive ------------------------------------------------------------
 
     def _rx(self, pair: int) -> None:
+        # Each receive batch asks the ring whether the driver wants an
+        # interrupt right after its first frame, and again at its end
+        # (§2.7.10 decides both times). A driver that went idle waiting
+        # (Linux re-arms used_event when its poll runs dry) starts on that
+        # frame while we copy the rest, as it would behind QEMU's own NIC,
+        # which checks after every frame; one still polling does not ask, so
+        # this costs nothing then. Under bulk TCP from the host (batches of up
+        # to ~16 64 KiB frames, ~0.3 ms to copy) through net-daemon on INTx:
+        # kitnet host->guest 5.35 -> 5.72 Gbit/s median of 5 alternating
+        # pairs, 3.3 -> 4.5 guest interrupts per MiB.
         if not self._queues or self.needs_reset:
             return
         try:
@@ -609,6 +621,8 @@ class VirtioNet(VirtioDevice):
                         if got > 0:
                             frames += 1
                             nbytes += got - hdr_len
+                            if frames == 1:
+                                self._notify(2 * pair)
                         elif got == _RX_DRAINED:
                             drained = True
                             break
@@ -662,6 +676,8 @@ class VirtioNet(VirtioDevice):
                     pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
                 frames += 1
                 nbytes += n - hdr_len
+                if frames == 1:
+                    self._notify(2 * pair)
         finally:
             win.pos, win.vpos, win.base = pos, vpos, base
             st = self.stats[pair]
@@ -727,6 +743,8 @@ class VirtioNet(VirtioDevice):
                 push_used(head, n)
                 frames += 1
                 nbytes += n - hdr_len
+                if frames == 1:
+                    self._notify(2 * pair)
         finally:
             st = self.stats[pair]
             st.rx_frames += frames
