@@ -19,6 +19,7 @@ plain header on receive and strips it on transmit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
 from collections import deque
@@ -103,6 +104,10 @@ RX_BATCH = 64
 # Transmit batches of at most this many frames are followed by a receive pass
 # (see VirtioNet._tx): a conversation's few frames, not a flood.
 RX_AFTER_TX = 8
+# How long a transmit interrupt waits for the driver to reap the frames itself
+# (seconds; asyncio rounds a lone timer up to the next millisecond). See
+# VirtioNet._tx.
+TX_IRQ_DELAY = 0.0005
 # What VirtioNet._rx_staged says besides a delivered frame's length.
 _RX_DRAINED = -1
 _RX_HELD = -2
@@ -329,6 +334,8 @@ class VirtioNet(VirtioDevice):
         # in it waiting for more buffers (0: none).
         self._rx_stage: list[bytearray | None] = [None] * self.pairs
         self._rx_pending: list[int] = [0] * self.pairs
+        # Per pair: the timer that sends a deferred transmit interrupt.
+        self._tx_irq_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
 
     # -- feature and config space -------------------------------------------
 
@@ -416,6 +423,10 @@ class VirtioNet(VirtioDevice):
                 self._rx_pending[pair] = 0
 
     def reset(self) -> None:
+        for pair, timer in enumerate(self._tx_irq_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_irq_timers[pair] = None
         for pair in range(self.pairs):
             self._rx_armed[pair] = None
             try:
@@ -499,6 +510,28 @@ class VirtioNet(VirtioDevice):
     def _notify(self, index: int) -> None:
         if self._queues[index].needs_notification():
             self._irqs[index].notify()
+            pair = index // 2
+            if index % 2 == 0 and index < self._ctrl_index and self._tx_irq_timers[pair] is not None:
+                # A receive interrupt takes a deferred transmit one along
+                # (one INTx for both, as before the deferral).
+                self._tx_irq_timers[pair].cancel()  # type: ignore[union-attr]
+                self._tx_irq_timers[pair] = None
+                self._notify(index + 1)
+
+    def _tx_irq_later(self, pair: int) -> None:
+        if self._tx_irq_timers[pair] is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._notify(2 * pair + 1)
+            return
+        self._tx_irq_timers[pair] = loop.call_later(TX_IRQ_DELAY, self._tx_irq_due, pair)
+
+    def _tx_irq_due(self, pair: int) -> None:
+        self._tx_irq_timers[pair] = None
+        if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
+            self._notify(2 * pair + 1)
 
     # -- transmit -----------------------------------------------------------
 
@@ -542,6 +575,17 @@ class VirtioNet(VirtioDevice):
             st.tx_frames += frames
             st.tx_bytes += nbytes
             st.tx_dropped += dropped
+        # The transmit interrupt waits TX_IRQ_DELAY and then asks the ring
+        # again whether the driver still wants it (§2.7.10). Linux reaps
+        # finished transmits itself, on its next transmit and in its receive
+        # poll, and moves used_event past them, so most of these interrupts
+        # are then not needed; a receive interrupt sent meanwhile takes it
+        # along (_notify). Armed before the receive pass below, so an answer
+        # read there carries this batch's interrupt with it as before.
+        # busybox nc guest->host through net-daemon on INTx, quiet machine,
+        # 4 alternating pairs: 0.031-0.033 -> 0.035-0.037 Gbit/s, guest
+        # interrupts per MiB ~1300 -> ~600.
+        self._tx_irq_later(pair)
         if 0 < frames <= RX_AFTER_TX and self._rx_armed[pair] and pair < self._active_pairs:
             # A tap write runs the host's stack in our call, so its answer (a
             # TCP ACK for what the guest sent, or the sender's next segments
@@ -553,7 +597,6 @@ class VirtioNet(VirtioDevice):
             # flood, which nobody answers) skip it: its failed read cost
             # ~0.2 us a frame at 64-frame batches of 64 bytes.
             self._rx(pair)
-        self._notify(2 * pair + 1)
 
     # -- receive ------------------------------------------------------------
 

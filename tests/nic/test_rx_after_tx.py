@@ -4,11 +4,12 @@ kick, its used element ahead of the transmit interrupt."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from appliance.net.memory import MemoryLink
 from appliance.nic import constants as C
-from appliance.nic.virtio_net import VirtioNet
+from appliance.nic.virtio_net import TX_IRQ_DELAY, VirtioNet
 from appliance.virtio.testing import FakeDriver
 from tests.nic.test_virtio_net import MAC, eth, hdr, post_rx, send_tx
 
@@ -61,6 +62,7 @@ async def test_without_receive_buffers_the_answer_waits_for_them() -> None:
     drv.kick(1)
     assert len(drv.queues[1].used()) == 1
     assert len(link.inbound) == 1 and dev.stats[0].rx_frames == 0
+    await asyncio.sleep(TX_IRQ_DELAY + 0.05)  # the transmit interrupt is deferred
     assert order == [1]
     post_rx(drv, 0, 2048, count=4)
     drv.kick(0)
@@ -88,4 +90,5 @@ async def test_a_large_transmit_batch_does_not_read() -> None:
     drv.kick(1)
     assert len(drv.queues[1].used()) == RX_AFTER_TX + 1
     assert dev.stats[0].rx_frames == 0 and len(link.inbound) == RX_AFTER_TX + 1
+    await asyncio.sleep(TX_IRQ_DELAY + 0.05)  # the transmit interrupt is deferred
     assert order == [1]

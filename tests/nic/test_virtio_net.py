@@ -59,6 +59,8 @@ async def test_tx_strips_the_header_for_a_plain_backend() -> None:
     assert drv.queues[1].used() == [(head, 0)]
     assert link.sent == [frame]
     assert dev.stats[0].tx_frames == 1
+    # The transmit interrupt comes after TX_IRQ_DELAY (see test_tx_irq_delay.py).
+    await drv.interrupts[1].wait()
     assert drv.interrupts[1].count == 1
 
 
