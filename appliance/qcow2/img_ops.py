@@ -343,6 +343,7 @@ def _source_file(layer: Any, host: int, length: int) -> int | None:
 
 _scan_buffers = threading.local()
 SCAN_SLICE = 1 << 18  # read, scan and write a chunk in pieces that stay in the CPU cache
+SCAN_READ = 1 << 21  # a scan-only read (the data then goes file to file)
 
 
 def _read_file(fd: int, host: int, view: memoryview) -> None:
@@ -368,11 +369,11 @@ def _thread_buffer(length: int) -> memoryview:
     return memoryview(buf)[:length]
 
 
-def _file_pieces(fd: int, host: int, length: int,
-                 gran: int) -> Iterator[tuple[int, memoryview, list[tuple[int, int]]]]:
+def _file_pieces(fd: int, host: int, length: int, gran: int,
+                 piece: int = SCAN_SLICE) -> Iterator[tuple[int, memoryview, list[tuple[int, int]]]]:
     """(offset, bytes, their data runs) of [host, host+length) of a file, a
-    cache-sized piece at a time in the pool thread's buffer (``gran`` > 0)."""
-    step = max(gran, SCAN_SLICE // gran * gran)
+    ``piece`` at a time in the pool thread's buffer (``gran`` > 0)."""
+    step = max(gran, piece // gran * gran)
     with _thread_buffer(min(length, step)) as buf:
         for off in range(0, length, step):
             view = buf[: min(step, length - off)]
@@ -385,7 +386,9 @@ def _scan_file(fd: int, host: int, length: int, gran: int) -> list[tuple[int, in
     if not gran:
         return [(0, length)]
     runs: list[tuple[int, int]] = []
-    for off, _, piece in _file_pieces(fd, host, length, gran):
+    # Nothing is written from the buffer here, so it need not stay in the CPU
+    # cache: big reads, few system calls (each one a GIL hand-off).
+    for off, _, piece in _file_pieces(fd, host, length, gran, SCAN_READ):
         _merge_runs(runs, off, piece)
     return runs
 
@@ -439,7 +442,10 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     cs = dst._cs if qdst else 4096
     gran = max(sparse, cs) if qdst else sparse
     dst_fd = -1
-    if file_copy and not compress:
+    # Into a qcow2 image the bytes are read once and written from that buffer:
+    # scanning the source and then copying it file to file read it twice
+    # (measured ~10% slower for 1 GiB of random data).
+    if file_copy and not compress and not qdst:
         fd = getattr(dst, "_fd", -1)
         if not getattr(dst, "_direct", False) and getattr(dst, "_dfd", fd) == fd:
             dst_fd = fd
