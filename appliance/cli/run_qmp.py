@@ -52,7 +52,7 @@ def parse_qmp(spec: str, what: str = "-qmp") -> ChardevConfig:
 def _add_hmp(a: RunArgs, chardev: ChardevConfig, what: str) -> None:
     from appliance.qmp.hmp import HmpSpec
 
-    a.devices.append(HmpSpec(chardev, telnet=chardev.telnet, name=what))
+    a.devices.append(HmpSpec(chardev, name=what, telnet=chardev.telnet))
 
 
 @option("-monitor", "tcp:[HOST]:PORT[,server=on,wait=off] | telnet:… | unix:PATH[,…] | chardev:ID | none",

@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.errors import ApplianceError, ConfigError
 from appliance.machine import telnet
-from appliance.machine.config import ChardevConfig
 from appliance.machine.telnet import TelnetInput
 from appliance.qmp import commands, netops
-from appliance.qmp.server import QmpServer, open_qmp_server, wait_for_first_client
+from appliance.qmp.server import QmpServer, QmpSpec
 
 log = logging.getLogger(__name__)
 
@@ -410,41 +409,15 @@ class HmpServer(QmpServer):
         super().__init__(machine)
         self.telnet = telnet
 
-    def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
-        session = HmpSession(self, reader, writer, telnet=self.telnet)
-        self.sessions.add(session)  # type: ignore[arg-type]  # closed alike
-        self._connected.set()
-        task = asyncio.ensure_future(session.run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        return HmpSession(self, reader, writer, telnet=self.telnet)
 
 
 @dataclass(eq=False)
-class HmpSpec:
+class HmpSpec(QmpSpec):
     """A human monitor as a machine DeviceSpec (``-monitor``, ``-mon mode=readline``)."""
 
-    chardev: ChardevConfig
     telnet: bool = False
-    name: str = "-monitor"
-    machine: Any = field(default=None, repr=False)
-    server: HmpServer | None = field(default=None, repr=False)
 
-    def bind_machine(self, machine: Any) -> None:
-        self.machine = machine
-
-    async def open(self) -> None:
-        if self.machine is None:
-            raise ConfigError(f"{self.name}: no machine to monitor")
-        self.server = HmpServer(self.machine, telnet=self.telnet)
-        await open_qmp_server(self.machine, self.chardev, pretty=False, what=self.name,
-                              prog="appliance run", wait=False, server=self.server)
-        await wait_for_first_client(self.server, self.chardev, what=self.name, prog="appliance run")
-
-    def attach(self, builder: Any, inst: Any) -> None:
-        pass  # nothing on the guest's side
-
-    async def close(self) -> None:
-        server, self.server = self.server, None
-        if server is not None:
-            await server.close()
+    def _new_server(self) -> QmpServer | None:
+        return HmpServer(self.machine, telnet=self.telnet)

@@ -379,8 +379,12 @@ class QmpServer:
 
     # --- sockets ----------------------------------------------------------------
 
+    def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session:
+        """The session a new client gets (the human monitor's server makes another kind)."""
+        return Session(self, reader, writer)
+
     def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> asyncio.Task[None]:
-        session = Session(self, reader, writer)
+        session = self._session(reader, writer)
         self.sessions.add(session)
         self._connected.set()
         task = asyncio.ensure_future(session.run())
@@ -462,12 +466,17 @@ class QmpSpec:
     def bind_machine(self, machine: Any) -> None:
         self.machine = machine
 
+    def _new_server(self) -> QmpServer | None:
+        return None  # open_qmp_server's own: QMP
+
     async def open(self) -> None:
         if self.machine is None:
             raise ConfigError(f"{self.name}: no machine to monitor")
         # Kept before any wait=on wait, so close() can end the wait.
+        self.server = self._new_server()
         self.server = await open_qmp_server(self.machine, self.chardev, pretty=self.pretty,
-                                            what=self.name, prog="appliance run", wait=False)
+                                            what=self.name, prog="appliance run", wait=False,
+                                            server=self.server)
         await wait_for_first_client(self.server, self.chardev, what=self.name, prog="appliance run")
 
     def attach(self, builder: Any, inst: Any) -> None:
