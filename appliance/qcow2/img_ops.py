@@ -343,7 +343,6 @@ def _source_file(layer: Any, host: int, length: int) -> int | None:
 
 _scan_buffers = threading.local()
 SCAN_SLICE = 1 << 18  # read, scan and write a chunk in pieces that stay in the CPU cache
-SCAN_READ = 1 << 21  # a scan-only read (the data then goes file to file)
 
 
 def _read_file(fd: int, host: int, view: memoryview) -> None:
@@ -369,28 +368,16 @@ def _thread_buffer(length: int) -> memoryview:
     return memoryview(buf)[:length]
 
 
-def _file_pieces(fd: int, host: int, length: int, gran: int,
-                 piece: int = SCAN_SLICE) -> Iterator[tuple[int, memoryview, list[tuple[int, int]]]]:
+def _file_pieces(fd: int, host: int, length: int,
+                 gran: int) -> Iterator[tuple[int, memoryview, list[tuple[int, int]]]]:
     """(offset, bytes, their data runs) of [host, host+length) of a file, a
-    ``piece`` at a time in the pool thread's buffer (``gran`` > 0)."""
-    step = max(gran, piece // gran * gran)
+    cache-sized piece at a time in the pool thread's buffer (``gran`` > 0)."""
+    step = max(gran, SCAN_SLICE // gran * gran)
     with _thread_buffer(min(length, step)) as buf:
         for off in range(0, length, step):
             view = buf[: min(step, length - off)]
             _read_file(fd, host + off, view)
             yield off, view, _nonzero_runs(view, gran)
-
-
-def _scan_file(fd: int, host: int, length: int, gran: int) -> list[tuple[int, int]]:
-    """:func:`_nonzero_runs` of file bytes."""
-    if not gran:
-        return [(0, length)]
-    runs: list[tuple[int, int]] = []
-    # Nothing is written from the buffer here, so it need not stay in the CPU
-    # cache: big reads, few system calls (each one a GIL hand-off).
-    for off, _, piece in _file_pieces(fd, host, length, gran, SCAN_READ):
-        _merge_runs(runs, off, piece)
-    return runs
 
 
 def _merge_runs(runs: list[tuple[int, int]], off: int, more: list[tuple[int, int]]) -> None:
@@ -478,19 +465,9 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     file_lock = threading.Lock()  # the same, for copies a pool job makes into a raw file
 
     async def file_chunk(start: int, length: int, sfd: int, host: int) -> list[tuple[int, int]]:
-        if not qdst:
-            return list(await _iorun(_copy_file_chunk, sfd, host, dst_fd, start, length, gran,
-                                     file_lock))
-        runs: list[tuple[int, int]] = await _iorun(_scan_file, sfd, host, length, gran)
-        # The copies queue in the pool and take file_lock there one after the
-        # other: the next starts as one ends, not after a trip through the loop.
-        for a, b in runs:
-            if not await dst.write_from_file(start + a, sfd, host + a, b - a, file_lock):
-                piece = memoryview(bytearray(b - a))
-                await _iorun(copy_into, sfd, host + a, piece)
-                async with write_lock:
-                    await dst.writev(start + a, [piece])
-        return runs
+        # Only raw targets come here (dst_fd is set for those alone).
+        return list(await _iorun(_copy_file_chunk, sfd, host, dst_fd, start, length, gran,
+                                 file_lock))
 
     async def worker() -> None:
         buf: memoryview | None = None

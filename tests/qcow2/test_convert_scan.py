@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.qcow2.img_ops import _copy_file_chunk, _nonzero_runs, _scan_file
+from appliance.qcow2.img_ops import _copy_file_chunk, _nonzero_runs
 
 
 def _reference(buf: bytes, gran: int) -> list[tuple[int, int]]:
@@ -80,7 +80,6 @@ def test_file_chunk_copy_writes_the_data_runs_piece_by_piece(
         runs = _copy_file_chunk(src, host, dst, 0, length, 4096, threading.Lock())
         want = bytes(data[host : host + length]).ljust(length, b"\0")
         assert runs == _reference(want, 4096)
-        assert _scan_file(src, host, length, 4096) == runs
         got = os.pread(dst, length, 0).ljust(length, b"\0")
         assert got == want
     finally:
@@ -98,7 +97,6 @@ def test_a_source_that_shrank_reads_as_zeroes_not_sigbus(tmp_path: Path) -> None
         os.truncate(tmp_path / "src", 4096)
         runs = _copy_file_chunk(src, 0, dst, 0, 1 << 20, 4096, threading.Lock())
         assert runs == [(0, 4096)]
-        assert _scan_file(src, 0, 1 << 20, 4096) == [(0, 4096)]
         assert os.pread(dst, 8192, 0) == b"\x11" * 4096
     finally:
         os.close(src)
