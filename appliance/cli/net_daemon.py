@@ -21,7 +21,7 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from appliance.cli.options import parse_option
 from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
 from appliance.machine.config import ChardevConfig
-from appliance.net.backend import FrameBackend
+from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig
 
@@ -196,7 +196,7 @@ async def _close(owner: Any) -> None:
             return
 
 
-class _LinkDown:
+class _LinkDown(ForwardingBackend):
     """A FrameBackend standing in for a NIC's own while its link is down.
 
     QEMU's net layer drops what a link-down client sends or is sent
@@ -210,16 +210,9 @@ class _LinkDown:
     DRAIN = 256
 
     def __init__(self, inner: FrameBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rx_dropped = 0
         self.tx_dropped = 0
-
-    @property
-    def vnet_hdr_len(self) -> int:
-        return self.inner.vnet_hdr_len
-
-    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
-        self.inner.set_ready_callback(ready)
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         for _ in range(self.DRAIN):
@@ -232,17 +225,6 @@ class _LinkDown:
         # Gone without a trace, as QEMU reports a link-down send as done.
         self.tx_dropped += 1
         return True
-
-    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
-        self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
-
-    def set_queue_enabled(self, enabled: bool) -> None:
-        set_enabled = getattr(self.inner, "set_queue_enabled", None)
-        if set_enabled is not None:
-            set_enabled(enabled)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass(eq=False)

@@ -59,3 +59,35 @@ class FrameBackend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+class ForwardingBackend:
+    """A FrameBackend that hands everything to ``inner``: the base of wrappers
+    that change one part (a capture records frames, a pulled cable drops them)."""
+
+    def __init__(self, inner: FrameBackend) -> None:
+        self.inner = inner
+
+    @property
+    def vnet_hdr_len(self) -> int:
+        return self.inner.vnet_hdr_len
+
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        self.inner.set_ready_callback(ready)
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        return self.inner.recv_into(bufs)
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        return self.inner.send(bufs)
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
+
+    def set_queue_enabled(self, enabled: bool) -> None:
+        set_enabled = getattr(self.inner, "set_queue_enabled", None)
+        if set_enabled is not None:
+            set_enabled(enabled)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.net.backend import FrameBackend
+from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.errors import NetError
 from appliance.net.pcap import PcapWriter
 
@@ -43,25 +43,18 @@ def open_capture(path: Path, *, maxlen: int = 65535) -> PcapWriter:
     return PcapWriter(stream, snaplen=maxlen)
 
 
-class CapturingBackend:
+class CapturingBackend(ForwardingBackend):
     """A FrameBackend that forwards to ``inner`` and records frames to ``writers``."""
 
     def __init__(self, inner: FrameBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.writers: list[PcapWriter] = []
-
-    @property
-    def vnet_hdr_len(self) -> int:
-        return self.inner.vnet_hdr_len
 
     def _record(self, bufs: Sequence[memoryview], length: int) -> None:
         data = b"".join(bufs)[self.inner.vnet_hdr_len : length]
         for w in self.writers:
             w.write(data)
         self.writers = [w for w in self.writers if not w.closed]
-
-    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
-        self.inner.set_ready_callback(ready)
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         n = self.inner.recv_into(bufs)
@@ -73,14 +66,6 @@ class CapturingBackend:
         if self.writers:
             self._record(bufs, sum(len(b) for b in bufs))
         return self.inner.send(bufs)
-
-    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
-        self.inner.set_offloads(csum, tso4, tso6, ecn, ufo)
-
-    def set_queue_enabled(self, enabled: bool) -> None:
-        set_enabled = getattr(self.inner, "set_queue_enabled", None)
-        if set_enabled is not None:
-            set_enabled(enabled)
 
     def close(self) -> None:
         for w in self.writers:
