@@ -107,6 +107,14 @@ def parse_size_arg(text: str) -> int:
     return parse_size(t, "size", default_suffix="")
 
 
+def parse_o_all(texts: list[str]) -> dict[str, str]:
+    """Every ``-o`` given, later ones overriding earlier keys, as qemu-img merges them."""
+    out: dict[str, str] = {}
+    for text in texts:
+        out.update(parse_o(text))
+    return out
+
+
 def parse_o(text: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     if not text:
@@ -232,9 +240,7 @@ async def cmd_create(argv: list[str]) -> int:
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     a = p.parse_args(argv)
-    o: dict[str, str] = {}
-    for text in a.options:
-        o.update(parse_o(text))
+    o = parse_o_all(a.options)
     if wants_help(o):
         return print_create_options(a.fmt)
     if a.filename is None:
@@ -383,9 +389,7 @@ async def cmd_measure(argv: list[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename", nargs="?")
     a = p.parse_args(argv)
-    o: dict[str, str] = {}
-    for text in a.options:
-        o.update(parse_o(text))
+    o = parse_o_all(a.options)
     if wants_help(o):
         return print_create_options(a.out_fmt)
     if a.size is not None and a.filename:
@@ -1012,9 +1016,7 @@ async def cmd_amend(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("filename", nargs="?")
     a = p.parse_args(argv)
-    o: dict[str, str] = {}
-    for t in a.options:
-        o.update(parse_o(t))
+    o = parse_o_all(a.options)
     if wants_help(o):
         return print_create_options(a.fmt or "qcow2", amend=True)
     if a.filename is None:

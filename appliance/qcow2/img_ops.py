@@ -25,6 +25,7 @@ from appliance.qcow2.cli import (
     _parser,
     chain_status,
     parse_o,
+    parse_o_all,
     parse_size_arg,
     print_create_options,
     wants_help,
@@ -267,9 +268,7 @@ async def cmd_convert(argv: list[str]) -> int:
     sparse = parse_size_arg(a.sparse)
     if sparse and sparse % 512:
         raise ConfigError("Invalid buffer size for sparse output specified")
-    o: dict[str, str] = {}
-    for t in a.options:
-        o.update(parse_o(t))
+    o = parse_o_all(a.options)
     parts: list[Any] = []
     try:
         for name in src_names:
