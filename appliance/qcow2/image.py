@@ -1606,27 +1606,7 @@ class Qcow2Image:
         inf.settle(True)
         return True
 
-    async def write_from_file(self, offset: int, fd: int, src: int, n: int,
-                              serialize: Any = None) -> bool:
-        """Copy ``n`` bytes at ``src`` of file ``fd`` into guest [offset, +n) in the kernel.
-
-        For ``convert``: the bytes go from the source's page cache into this
-        image's with copy_file_range (one copy, none through user space). Only
-        the :meth:`_fast_alloc_run` case (whole host-less clusters, buffered
-        I/O); returns False, having changed nothing, when the caller must read
-        the bytes and :meth:`writev` them instead. ``serialize``: a
-        threading.Lock the copy holds in its pool thread, so that copies the
-        caller queues back to back run one at a time without a loop round
-        trip between them.
-        """
-        self._check_writable()
-        if (n <= 0 or self._direct or self._aio is not None or self._writethrough
-                or self._lock.locked() or not self._l2):
-            return False
-        return await self._fast_alloc_run(offset, None, n, (fd, src, serialize))
-
-    async def _fast_alloc_run(self, offset: int, buf: memoryview | None, n: int,
-                              src: tuple[int, int, Any] | None = None) -> bool:
+    async def _fast_alloc_run(self, offset: int, buf: memoryview, n: int) -> bool:
         """Allocate a run of whole clusters and write into it with one pwritev.
 
         :meth:`_fast_alloc_write` for a large sequential write (convert,
@@ -1686,10 +1666,7 @@ class Qcow2Image:
         ok = False
         self._io_count += 1
         try:
-            if src is None:
-                await self._data_write([buf], host, n)
-            else:
-                await _iorun(copy_range, src[0], src[1], self._dfd, host, n, src[2])
+            await self._data_write([buf], host, n)
             self._wrote(host + n)
             ok = True
         finally:

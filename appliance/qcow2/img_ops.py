@@ -37,7 +37,6 @@ from appliance.qcow2.image import (
     K_UNALLOC,
     K_ZERO,
     Qcow2Image,
-    _preadv_full,
     _Splitter,
     copy_range,
 )
@@ -511,10 +510,6 @@ async def _zero_gaps(dst: Any, start: int, length: int, runs: list[tuple[int, in
         if a > prev:
             await dst.write_zeroes(start + prev, a - prev, may_unmap=True)
         prev = b
-
-
-def copy_into(fd: int, off: int, view: memoryview) -> None:
-    _preadv_full(fd, [view], off)
 
 
 async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview) -> None:
