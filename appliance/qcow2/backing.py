@@ -17,6 +17,7 @@ from typing import Any
 from appliance.qcow2.errors import ErrorKind, Qcow2Error
 from appliance.qcow2.image import _preadv_full, _pwritev_full, probe_format
 from appliance.qcow2.iopool import run as _iorun
+from appliance.storage.formats import foreign_format_of, unsupported_message
 
 MAX_CHAIN_DEPTH = 64
 
@@ -160,6 +161,9 @@ async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: 
                    cache: str = "writeback", chain: tuple[str, ...] = (),
                    backing_override: Any = None, **kw: Any) -> Any:
     if fmt is None:
+        foreign = foreign_format_of(path)
+        if foreign is not None:
+            raise Qcow2Error(unsupported_message(path, foreign))
         fmt = probe_format(path, warn=not read_only)
     if fmt == "raw":
         return await RawImage.open(path, read_only=read_only, cache=cache)
@@ -168,4 +172,4 @@ async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: 
 
         return await Qcow2Image.open(path, read_only=read_only, cache=cache,
                                      backing_override=backing_override, _chain=chain, **kw)
-    raise Qcow2Error(f"unknown image format '{fmt}'")
+    raise Qcow2Error(f"Could not open '{os.fspath(path)}': Unknown driver '{fmt}'")

@@ -24,6 +24,7 @@ from appliance.qcow2 import header as H
 from appliance.qcow2.backing import open_any
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
+from appliance.storage.formats import foreign_format_of, unsupported_message
 
 USAGE = """usage: appliance img <command> [options]
 
@@ -256,19 +257,9 @@ async def cmd_create(argv: list[str]) -> int:
             raise ConfigError("Image creation needs a size parameter")
         if not a.quiet:
             print(f"Formatting '{a.filename}', fmt=raw size={size}")
-        fd = os.open(a.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, -(-size // 512) * 512)  # whole sectors, as QEMU makes them
-            mode = o.get("preallocation", "off")
-            if mode == "falloc" and size:
-                os.posix_fallocate(fd, 0, size)
-            elif mode == "full":
-                zero = bytes(1 << 20)
-                pos = 0
-                while pos < size:
-                    pos += os.pwrite(fd, zero[: min(len(zero), size - pos)], pos)
-        finally:
-            os.close(fd)
+        from appliance.qcow2.create import create_raw
+
+        create_raw(a.filename, size, o.get("preallocation", "off"))
         return 0
     if a.fmt != "qcow2":
         raise ConfigError(f"Unknown file format '{a.fmt}'")
@@ -429,7 +420,9 @@ async def cmd_measure(argv: list[str]) -> int:
                         await chain_status(src, 0, size, detail=True)
                         if present and not zero and kind in (K_DATA, K_COMPRESSED)]
             bitmaps = None
-            if isinstance(src, Qcow2Image):
+            # Only a version 3 source can carry persistent bitmaps; qemu-img
+            # leaves the line out for a version 2 one.
+            if isinstance(src, Qcow2Image) and src.header.version >= 3:
                 bitmaps = [(b.name, 1 << b.granularity_bits) for b in src.bitmaps]
             m = M.measure_qcow2(size, cluster_size=cs, refcount_bits=rb, version=version,
                                 extended_l2=ext_l2, preallocation=prealloc, has_backing=backing,
@@ -629,6 +622,9 @@ async def cmd_check(argv: list[str]) -> int:
     if a.fmt not in (None, "qcow2") or not _is_qcow2(a.filename):
         if not os.path.exists(a.filename):
             raise Qcow2Error(f"Could not open '{a.filename}': No such file or directory")
+        foreign = foreign_format_of(a.filename) if a.fmt is None else None
+        if foreign is not None:
+            raise Qcow2Error(unsupported_message(a.filename, foreign))
         if a.fmt is None and a.repair:
             # -r opens the image writable, and a probed raw one warns then.
             probe_format(a.filename)
@@ -939,7 +935,21 @@ async def cmd_snapshot(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     ro = not (a.apply or a.create or a.delete)
-    img = await _open(a.filename, a.fmt or "qcow2", read_only=ro, backing=False)
+    img = await _open(a.filename, a.fmt, read_only=ro, backing=False)
+    if not isinstance(img, Qcow2Image):
+        # A format without internal snapshots: an empty list, and each change
+        # refused in qemu-img's words (-a opens the image a second time there,
+        # so a probed raw image warns twice).
+        await img.close()
+        if a.create:
+            raise Qcow2Error(f"Could not create snapshot '{a.create}': -95 (Operation not supported)")
+        if a.delete:
+            raise Qcow2Error(f"Could not delete snapshot '{a.delete}': snapshot not found")
+        if a.apply:
+            if a.fmt is None:
+                probe_format(a.filename)
+            raise Qcow2Error(f"Could not apply snapshot '{a.apply}': Block driver does not support snapshots")
+        return 0
     try:
         if a.list or ro:
             if img.snapshots:

@@ -308,9 +308,9 @@ async def cmd_convert(argv: list[str]) -> int:
 async def _create_target(name: str, fmt: str, size: int, o: dict[str, str],
                          backing: str | None, backing_fmt: str | None) -> None:
     if fmt == "raw":
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fd, -(-size // 512) * 512)  # whole sectors, as QEMU makes them
-        os.close(fd)
+        from appliance.qcow2.create import create_raw
+
+        create_raw(name, size, o.get("preallocation", "off"))
         return
     from appliance.qcow2.cli import _create_options
     from appliance.qcow2.create import create_image

@@ -30,6 +30,7 @@ from appliance.cli.options import OptionDict, parse_bool, parse_option, parse_si
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
 from appliance.storage.errors import BackendOpenError, ReadOnlyError
+from appliance.storage.formats import PROBE_HEAD, foreign_format, foreign_format_of, unsupported_message
 
 QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("raw", "qcow2")
@@ -445,7 +446,7 @@ def resolve_blockdev(
 
 
 class ProbedRawGuard:
-    """A raw image whose format was guessed: writes that would give block 0 a qcow2 header fail.
+    """A raw image whose format was guessed: writes that would give block 0 an image header fail.
 
     Everything else passes straight to the backend underneath.
     """
@@ -462,20 +463,24 @@ class ProbedRawGuard:
         return await self.inner.readv(offset, bufs)
 
     async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
-        if offset < len(QCOW2_MAGIC):
+        if offset < PROBE_HEAD:
+            want = PROBE_HEAD - offset
             head = bytearray()
             for b in bufs:
-                head += b[: len(QCOW2_MAGIC) - len(head)]
-                if len(head) >= len(QCOW2_MAGIC):
+                head += b[: want - len(head)]
+                if len(head) >= want:
                     break
             # Bytes the write does not cover keep their old value.
-            current = bytearray(len(QCOW2_MAGIC))
-            if offset + len(head) < len(QCOW2_MAGIC):
+            current = bytearray(PROBE_HEAD)
+            if offset > 0 or len(head) < want:
                 await self.inner.readv(0, [memoryview(current)])
             current[offset : offset + len(head)] = head
-            if bytes(current[: len(QCOW2_MAGIC)]) == QCOW2_MAGIC:
+            # QEMU refuses the same writes: once block 0 carries a format's
+            # signature the next probe would open the disk as that format.
+            if current[: len(QCOW2_MAGIC)] == QCOW2_MAGIC or foreign_format(bytes(current)):
                 self.refused_writes += 1
-                raise ReadOnlyError("write to block 0 of a probed raw image refused (it would look like qcow2)")
+                raise ReadOnlyError("write to block 0 of a probed raw image refused "
+                                    "(it would look like another image format)")
         return await self.inner.writev(offset, bufs)
 
     async def flush(self) -> None:
@@ -512,7 +517,14 @@ class OpenImage:
 
 
 def probe_format(path: Path) -> str:
-    """``qcow2`` when the file starts with its magic, else ``raw``."""
+    """``qcow2`` when the file starts with its magic, else ``raw``.
+
+    :raises BackendOpenError: The file is in a format we do not implement
+        (VMDK, VHD, QED, ...), which must not be served as a raw disk.
+    """
+    foreign = foreign_format_of(path)
+    if foreign is not None:
+        raise BackendOpenError(unsupported_message(path, foreign))
     with open(path, "rb") as f:
         return "qcow2" if f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC else "raw"
 

@@ -15,9 +15,10 @@ from appliance.storage.blockdev import (
     ImageSource,
     ProbedRawGuard,
     open_image_source,
+    open_source,
     probe_warning,
 )
-from appliance.storage.errors import ReadOnlyError
+from appliance.storage.errors import BackendOpenError, ReadOnlyError
 
 
 @pytest.fixture
@@ -78,6 +79,34 @@ async def test_probed_raw_refuses_a_qcow2_header_in_block_0_only(raw: Path) -> N
         await img.close()
     data = raw.read_bytes()
     assert data[:4] == b"QFI\x00" and data[512:516] == b"QFI\xfb"
+
+
+@pytest.mark.parametrize(("offset", "sig"), [(0, b"KDMV"), (0, b"conectix"), (0, b"QED\x00"),
+                                           (0x40, b"\x7f\x10\xda\xbe"), (0, b"LUKS\xba\xbe")])
+async def test_probed_raw_refuses_any_image_signature_in_block_0(raw: Path, offset: int, sig: bytes) -> None:
+    # QEMU's rule: block 0 of a probed raw image may not start to look like
+    # any format, or the next probe would open the disk as that format.
+    img = await open_image_source(ImageSource(raw), warn=lambda _: None)
+    try:
+        b = img.backend
+        with pytest.raises(ReadOnlyError):
+            await b.writev(offset, [memoryview(bytearray(sig + bytes(512 - len(sig))))])
+        # the same bytes one sector further are plain data
+        assert await b.writev(512 + offset, [memoryview(bytearray(sig + bytes(512 - len(sig))))]) == 512
+    finally:
+        await img.close()
+    assert raw.read_bytes()[:512] == b"\x11" * 512
+
+
+async def test_probing_refuses_a_vmdk_instead_of_serving_it_raw(tmp_path: Path) -> None:
+    p = tmp_path / "d.vmdk"
+    p.write_bytes(b"KDMV" + bytes(1 << 16))
+    with pytest.raises(ConfigError, match=r"d.vmdk': image format 'vmdk' is not supported"):
+        await open_image_source(ImageSource(p), warn=lambda _: None)
+    with pytest.raises(BackendOpenError, match=r"image format 'vmdk' is not supported"):
+        await open_source(ImageSource(p), warn=lambda _: None)  # the storage daemon's door
+    img = await open_image_source(ImageSource(p, fmt="raw"))  # named raw: served as is
+    await img.close()
 
 
 async def test_explicit_raw_format_has_no_guard(raw: Path) -> None:

@@ -613,3 +613,54 @@ def test_target_is_zero_onto_a_target_with_its_own_backing_file(tmp_path: Path) 
     args = ["convert", "-n", "--target-is-zero", "-B", "b.qcow2", "-O", "qcow2", "b.qcow2", "t.qcow2"]
     ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
     assert ours.returncode != 0 and _words(ours.stderr) == _words(theirs.stderr)
+
+
+def test_snapshot_commands_on_a_raw_image_answer_as_qemu_img(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+    for op in (["-l"], ["-c", "s"], ["-a", "s"], ["-d", "s"]):
+        ours, theirs = same_stdout_and_rc(tmp_path, "snapshot", *op, "r.raw")
+        assert ours.replace("appliance img:", "qemu-img:") == theirs, op
+
+
+def test_measure_of_a_version_2_source_has_no_bitmaps_line(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(tmp_path / "v2.qcow2"), "32M")
+    out, _ = same_stdout_and_rc(tmp_path, "measure", "-O", "qcow2", "v2.qcow2")
+    assert "bitmaps" not in img("measure", "-O", "qcow2", "v2.qcow2", cwd=tmp_path).stdout
+    same_stdout_and_rc(tmp_path, "measure", "--output", "json", "-O", "qcow2", "v2.qcow2")
+
+
+@pytest.mark.parametrize("prealloc", ["off", "falloc", "full"])
+def test_raw_images_we_create_map_like_qemu_imgs_with_the_first_block_written(
+        tmp_path: Path, prealloc: str) -> None:
+    for tool, name in ((qimg, "q.raw"), (img, "a.raw")):
+        assert tool("create", "-q", "-f", "raw", "-o", f"preallocation={prealloc}", name, "1M",
+                    cwd=tmp_path).returncode == 0
+    maps = [qimg("map", "--output", "json", "-f", "raw", n, cwd=tmp_path).stdout for n in ("q.raw", "a.raw")]
+    assert maps[0] == maps[1]
+    assert ('"start": 0, "length": 4096' in maps[1]) is (prealloc != "full")
+    # convert into raw lays the target out the same way
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "e.qcow2"), "2M")
+    assert qimg("convert", "-O", "raw", "e.qcow2", "qc.raw", cwd=tmp_path).returncode == 0
+    assert img("convert", "-O", "raw", "e.qcow2", "ac.raw", cwd=tmp_path).returncode == 0
+    assert (qimg("map", "--output", "json", "-f", "raw", "qc.raw", cwd=tmp_path).stdout
+            == qimg("map", "--output", "json", "-f", "raw", "ac.raw", cwd=tmp_path).stdout)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("vmdk", "x.vmdk"), ("vpc", "x.vhd"), ("vhdx", "x.vhdx"),
+                                           ("vdi", "x.vdi"), ("qed", "x.qed"), ("parallels", "x.hdd")])
+def test_images_in_formats_we_do_not_implement_are_refused_by_name_not_read_as_raw(
+        tmp_path: Path, fmt: str, name: str) -> None:
+    qemu_img("create", "-f", fmt, str(tmp_path / name), "16M")
+    for cmd in (["info"], ["check"], ["map"], ["convert", "-O", "raw"]):
+        args = [*cmd, name] + (["out.raw"] if cmd[0] == "convert" else [])
+        r = img(*args, cwd=tmp_path)
+        assert r.returncode == 1, (cmd, r.stdout, r.stderr)
+        assert r.stderr.strip() == (f"appliance img: Could not open '{name}': image format '{fmt}' "
+                                    "is not supported (qcow2 and raw are); convert it with qemu-img "
+                                    "convert -O qcow2"), r.stderr
+        assert r.stdout == ""
+    # Named explicitly as raw, the bytes are served as they are, as QEMU does.
+    r = img("info", "-f", "raw", name, cwd=tmp_path)
+    assert r.returncode == 0 and "file format: raw" in r.stdout
+    assert img("info", "-f", "vmdkk", name, cwd=tmp_path).stderr.strip() == (
+        f"appliance img: Could not open '{name}': Unknown driver 'vmdkk'")
