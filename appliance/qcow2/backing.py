@@ -147,8 +147,8 @@ async def open_backing_file(overlay: Path, name: str, fmt: str | None, *, cache:
                             chain: tuple[str, ...]) -> Any:
     path = resolve_backing(overlay, name)
     if not path.exists():
-        raise Qcow2Error(f"could not open backing file '{path}': No such file or directory",
-                         kind=ErrorKind.IO)
+        raise Qcow2Error(f"Could not open '{overlay}': Could not open backing file: "
+                         f"Could not open '{path}': No such file or directory", kind=ErrorKind.IO)
     real = os.path.realpath(path)
     if real in chain:
         raise Qcow2Error(f"backing chain loop: '{path}' is its own backing file")

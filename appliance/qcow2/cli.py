@@ -21,7 +21,7 @@ from typing import Any
 from appliance.cli import qemu_json
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
-from appliance.qcow2.backing import open_any
+from appliance.qcow2.backing import open_any, resolve_backing
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
 from appliance.storage.formats import foreign_format_of, unsupported_message
@@ -636,6 +636,12 @@ async def cmd_check(argv: list[str]) -> int:
     except Qcow2Error as err:
         print(f"appliance img: Could not open '{a.filename}': {err}", file=sys.stderr)
         return 1
+    bname = img.header.backing_file
+    if bname and not resolve_backing(img.path, bname).exists():
+        # qemu-img check opens the whole chain, so a missing backing file stops it.
+        await img.close()
+        raise Qcow2Error(f"Could not open '{a.filename}': Could not open backing file: "
+                         f"Could not open '{resolve_backing(img.path, bname)}': No such file or directory")
     try:
         if a.repair:
             before, res = await repair_image(img, a.repair)

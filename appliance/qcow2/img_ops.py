@@ -693,7 +693,14 @@ async def cmd_commit(argv: list[str]) -> int:
                 raise Qcow2Error(f"Did not find '{a.base}' in the backing chain of '{a.filename}'")
             raise Qcow2Error("Image does not have a backing file")
         bpath, bfmt = await _find_base(layers, a.base, a.filename)
+        if not bpath.exists():
+            raise Qcow2Error(f"Could not open '{a.filename}': Could not open backing file: "
+                             f"Could not open '{bpath}': No such file or directory")
         base = await open_any(bpath, bfmt, read_only=False, cache=a.cache)
+        if top.size > base.size:
+            # qemu-img grows the base to the top's size first, or what the top
+            # holds past the base's end would be lost.
+            await _grow(base, top.size)
         for upper, lower in zip(layers, layers[1:] + [base], strict=True):
             upper.backing = lower
         prog = _Progress(a.progress and not a.quiet, top.size * len(layers))
@@ -726,6 +733,16 @@ async def cmd_commit(argv: list[str]) -> int:
     if not a.quiet:
         print("Image committed.")
     return 0
+
+
+async def _grow(img: Any, size: int) -> None:
+    if isinstance(img, Qcow2Image):
+        from appliance.qcow2.ops import resize
+
+        await resize(img, size)
+    else:
+        os.ftruncate(img._fd, size)
+        img.size = size
 
 
 async def _find_base(layers: list[Any], base_name: str | None,

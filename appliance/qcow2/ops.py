@@ -18,8 +18,12 @@ from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qc
 async def resize(img: Qcow2Image, new: int) -> None:
     """Grow (or, with the caller's consent, shrink) the virtual disk."""
     img._check_writable()
-    if img.snapshots:
-        raise Qcow2Error("Can't resize an image which has snapshots")
+    # Each snapshot keeps its own L1 table and its disk size (the extra data
+    # field version 3 requires, qcow2.txt "Snapshots"), and applying one puts
+    # that size back; version 2 did not require the field, so its snapshots
+    # cannot be trusted to bring their size along.
+    if img.snapshots and img.header.version < 3:
+        raise Qcow2Error("Can't resize a v2 image which has snapshots")
     if new >= 1 << 63:
         raise Qcow2Error("Image size is too large")
     if new % 512:
@@ -206,6 +210,12 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
             # v2 has 16-bit refcounts only; as qemu-img, rewriting them must be asked for.
             if h.refcount_order != 4 and new_order != 4:
                 raise Qcow2Error("compat=0.10 requires refcount_bits=16")
+            # v2 programs may ignore a snapshot's extra data: a snapshot of
+            # another size, or whose VM state needs more than 32 bits, would
+            # come back wrong there.
+            if any(sn.vm_state_size > 0xFFFFFFFF or (sn.disk_size or h.size) != h.size
+                   for sn in img.snapshots):
+                raise Qcow2Error("Internal snapshots prevent downgrade of image")
             if h.compression_type and await _has_compressed_clusters(img):
                 raise Qcow2Error("Cannot downgrade an image with zstd compression type and "
                                  "existing compressed clusters")

@@ -664,3 +664,66 @@ def test_images_in_formats_we_do_not_implement_are_refused_by_name_not_read_as_r
     assert r.returncode == 0 and "file format: raw" in r.stdout
     assert img("info", "-f", "vmdkk", name, cwd=tmp_path).stderr.strip() == (
         f"appliance img: Could not open '{name}': Unknown driver 'vmdkk'")
+
+
+def _twin_dirs(tmp_path: Path, make: list[list[str]], io: dict[str, list[str]]) -> tuple[Path, Path]:
+    """Two directories holding the same images, one for qemu-img and one for us."""
+    q, a = tmp_path / "q", tmp_path / "a"
+    for d in (q, a):  # made twice rather than copied: a copy would lose the holes
+        d.mkdir()
+        for args in make:
+            assert qimg(*args, cwd=d).returncode == 0, args
+        for name, cmds in io.items():
+            qemu_io(d / name, *cmds)
+    return q, a
+
+
+def _same_steps(q: Path, a: Path, steps: list[list[str]]) -> None:
+    for args in steps:
+        theirs, ours = qimg(*args, cwd=q), img(*args, cwd=a)
+        assert ours.stdout == theirs.stdout, (args, ours.stdout, theirs.stdout)
+        assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
+        assert ours.returncode == theirs.returncode, args
+
+
+def test_resize_of_an_image_with_snapshots_keeps_each_snapshots_size_as_qemu_img(tmp_path: Path) -> None:
+    q, a = _twin_dirs(tmp_path, [["create", "-f", "qcow2", "s.qcow2", "16M"]],
+                      {"s.qcow2": ["write -P 1 0 128k", "write -P 2 15M 64k"]})
+    _same_steps(q, a, [["snapshot", "-c", "small", "s.qcow2"], ["resize", "s.qcow2", "+1M"],
+                       ["snapshot", "-c", "big", "s.qcow2"], ["resize", "--shrink", "s.qcow2", "8M"],
+                       ["amend", "-o", "compat=0.10", "s.qcow2"],  # snapshots of other sizes
+                       ["snapshot", "-a", "big", "s.qcow2"]])
+    infos = [json.loads(tool("info", "--output", "json", "s.qcow2", cwd=d).stdout)
+             for tool, d in ((qimg, q), (img, a))]
+    for i in infos:
+        for sn in i["snapshots"]:
+            del sn["date-sec"], sn["date-nsec"]
+        del i["actual-size"]
+    assert infos[0] == infos[1]
+    assert infos[1]["virtual-size"] == 17 << 20
+    _same_steps(q, a, [["snapshot", "-a", "small", "s.qcow2"], ["snapshot", "-d", "big", "s.qcow2"],
+                       ["amend", "-o", "compat=0.10", "s.qcow2"],
+                       ["resize", "s.qcow2", "+1M"]])  # v2 with a snapshot: refused
+    assert qimg("compare", "-q", str(q / "s.qcow2"), str(a / "s.qcow2"), cwd=tmp_path).returncode == 0
+    assert qimg("check", str(a / "s.qcow2"), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_commit_grows_a_smaller_base_to_the_overlays_size(tmp_path: Path, base_fmt: str) -> None:
+    q, a = _twin_dirs(tmp_path, [["create", "-f", base_fmt, "b.img", "1M"],
+                                 ["create", "-f", "qcow2", "-b", "b.img", "-F", base_fmt, "t.qcow2", "3M"]],
+                      {"t.qcow2": ["write -P 9 2M 64k"]})
+    _same_steps(q, a, [["commit", "t.qcow2"], ["info", "--output", "json", "-f", base_fmt, "b.img"]])
+    assert qimg("compare", "-q", str(q / "b.img"), str(a / "b.img"), cwd=tmp_path).returncode == 0
+    data = qimg("convert", "-O", "raw", str(a / "b.img"), str(tmp_path / "out.raw"), cwd=tmp_path)
+    assert data.returncode == 0
+    assert (tmp_path / "out.raw").read_bytes()[2 << 20:(2 << 20) + 65536] == b"\x09" * 65536
+
+
+def test_a_missing_backing_file_stops_every_command_that_needs_it_in_qemu_imgs_words(tmp_path: Path) -> None:
+    q, a = _twin_dirs(tmp_path, [["create", "-f", "raw", "base.raw", "1M"],
+                                 ["create", "-f", "qcow2", "-u", "-b", "gone.raw", "-F", "raw", "d.qcow2", "1M"]],
+                      {})
+    _same_steps(q, a, [["check", "d.qcow2"], ["map", "d.qcow2"], ["convert", "-O", "raw", "d.qcow2", "o.raw"],
+                       ["compare", "d.qcow2", "base.raw"], ["commit", "d.qcow2"], ["info", "d.qcow2"],
+                       ["rebase", "-b", "base.raw", "-F", "raw", "d.qcow2"]])
