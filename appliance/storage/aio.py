@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from appliance.storage import io
+from appliance.storage import io, poll
 
 _SYS_IO_SETUP = 206
 _SYS_IO_DESTROY = 207
@@ -144,6 +144,18 @@ class LinuxAio:
         self._ring_u32, self._ring_q, self._ring_nr = _map_ring(self._ctx)
         self.loop.add_reader(self._efd, self._reap)
         self.closed = False
+        self.fd = self._efd
+        # Without the ring there is nothing to poll: completions come through io_getevents.
+        self._poller = poll.register(self, self.loop) if self._ring_u32 is not None else None
+
+    def in_flight(self) -> bool:
+        """Requests are in the kernel or in the ring unreaped (for :mod:`appliance.storage.poll`)."""
+        return len(self._free) < self.depth and self._ring_u32 is not None
+
+    def ring_ready(self) -> bool:
+        """The event ring holds a completion not yet reaped (no system call)."""
+        hdr = self._ring_u32
+        return hdr is not None and hdr[2] != hdr[3]
 
     def submit(self, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int, *,
                eager: bool = False) -> asyncio.Future[int]:
@@ -350,6 +362,9 @@ class LinuxAio:
             return
         self.closed = True
         self._ring_u32 = self._ring_q = None  # io_destroy unmaps it
+        if self._poller is not None:
+            poll.unregister(self, self.loop)
+            self._poller = None
         if not self.loop.is_closed():
             self.loop.remove_reader(self._efd)
         _syscall(ctypes.c_long(_SYS_IO_DESTROY), ctypes.c_ulong(self._ctx))

@@ -1,0 +1,293 @@
+"""The loop polls AIO completion rings before it blocks (appliance.storage.poll).
+
+Requests must complete with the right data whether the spin sees the
+completion or runs out and the loop blocks on the eventfd; the window must
+grow while waits are short and drop to 0 when they are long; other fds must
+still be served; the knob must take 0 and refuse bad values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import ConfigError
+from appliance.storage import poll
+from appliance.storage.aio import IOCB_CMD_PREADV, IOCB_CMD_PWRITEV, AioUnavailable, LinuxAio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_knob(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts from the default, whatever the environment says."""
+    monkeypatch.delenv(poll.ENV, raising=False)
+    monkeypatch.setattr(poll, "_max_ns", None)
+    yield
+
+
+class FakeRing:
+    """A poll source whose ring fills when the test says so; its fd is a pipe."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.pending = 0
+        self.filled = False
+        self.reaped: list[int] = []
+
+    @property
+    def fd(self) -> int:
+        return self.r
+
+    def in_flight(self) -> bool:
+        return self.pending > 0
+
+    def ring_ready(self) -> bool:
+        return self.filled
+
+    def reap(self) -> None:
+        try:
+            os.read(self.r, 64)
+        except BlockingIOError:
+            pass
+        if self.filled:
+            self.reaped.append(self.pending)
+            self.pending = 0
+            self.filled = False
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def _direct_file(tmp_path: Path, size: int) -> int:
+    p = tmp_path / "data"
+    p.write_bytes(bytes(range(256)) * (size // 256))
+    # Out of the page cache: O_DIRECT I/O on cached or dirty pages may finish inside io_submit.
+    with open(p, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        return os.open(p, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        pytest.skip("no O_DIRECT here")
+
+
+def _aio() -> LinuxAio:
+    try:
+        aio = LinuxAio(depth=8)
+    except AioUnavailable:
+        pytest.skip("no kernel AIO here")
+    if aio._ring_u32 is None:
+        aio.close()
+        pytest.skip("the kernel's event ring layout is not the known one")
+    return aio
+
+
+async def _run(aio: LinuxAio, opcode: int, fd: int, buf: memoryview, off: int) -> int:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def done(_t: object, res: int, err: BaseException | None) -> None:
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(res)
+
+    aio.start(opcode, fd, [buf], off, done, None, eager=True)
+    return await asyncio.wait_for(fut, 10)
+
+
+async def test_spin_catches_completions_and_data_is_right(tmp_path: Path) -> None:
+    """With a window far longer than a request, the spin sees the completions in the ring."""
+    poll.set_max_ns(poll.LIMIT_MAX_NS)
+    fd = _direct_file(tmp_path, 1 << 20)
+    aio = _aio()
+    poller = poll.poller_of(asyncio.get_running_loop())
+    assert poller is not None and aio in poller.sources
+    buf = memoryview(mmap.mmap(-1, 4096))
+    try:
+        for i in range(16):
+            buf[:] = bytes([i]) * 4096
+            assert await _run(aio, IOCB_CMD_PWRITEV, fd, buf, i * 4096) == 4096
+        for i in range(16):
+            assert await _run(aio, IOCB_CMD_PREADV, fd, buf, i * 4096) == 4096
+            assert bytes(buf) == bytes([i]) * 4096
+        assert poller.hits > 0
+    finally:
+        aio.close()
+        os.close(fd)
+    assert aio not in poller.sources
+
+
+async def test_requests_complete_when_the_spin_never_sees_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring that never shows the completion: every spin runs out and the eventfd wakes the loop."""
+    poll.set_max_ns(2_000_000)
+    fd = _direct_file(tmp_path, 1 << 20)
+    aio = _aio()
+    monkeypatch.setattr(aio, "ring_ready", lambda: False)
+    poller = poll.poller_of(asyncio.get_running_loop())
+    assert poller is not None
+    buf = memoryview(mmap.mmap(-1, 4096))
+    try:
+        for i in range(12):
+            poller.ns = poller.max_ns  # spin (and run out) whenever the loop would block
+            assert await _run(aio, IOCB_CMD_PREADV, fd, buf, i * 4096) == 4096
+            assert bytes(buf) == (bytes(range(256)) * 16)
+        assert poller.hits == 0
+    finally:
+        aio.close()
+        os.close(fd)
+
+
+@pytest.fixture
+def bare() -> Iterator[tuple[poll.LoopPoller, FakeRing]]:
+    """A poller on a selector of its own watching one fake ring: driven by hand, no loop."""
+    sel = selectors.DefaultSelector()
+    ring = FakeRing()
+    sel.register(ring.fd, selectors.EVENT_READ, "ring")
+    poller = poll.LoopPoller(sel, 10_000_000_000)
+    poller.sources.append(ring)
+    yield poller, ring
+    sel.close()
+    ring.close()
+
+
+def test_no_spin_without_requests_in_flight(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    poller, ring = bare
+    poller.ns = poller.max_ns
+    ring.filled = True  # not in flight: the ring is not looked at
+    assert poller.select(0.001) == []
+    assert poller.hits == poller.misses == 0
+
+
+def test_spin_returns_the_ring_fd_as_readable(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    """A completion seen in the ring makes its fd readable although nothing signalled it."""
+    poller, ring = bare
+    poller.ns = 1_000_000_000
+    ring.pending = 1
+    ring.filled = True
+    t0 = time.monotonic()
+    events = poller.select(None)
+    assert time.monotonic() - t0 < 0.5
+    assert [(key.fd, key.data, mask) for key, mask in events] == [
+        (ring.fd, "ring", selectors.EVENT_READ)]
+    assert poller.hits == 1 and poller.misses == 0
+
+
+def test_window_grows_to_a_short_wait(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    """Nothing was polled (window 0) and the wait took ~2 ms: the next window covers it."""
+    poller, ring = bare
+    ring.pending = 1
+    assert poller.select(0.002) == []
+    assert poller.ns >= 2_000_000
+    assert poller.hits == poller.misses == 0
+
+
+def test_window_drops_to_zero_after_a_long_wait(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    poller, ring = bare
+    poller.max_ns = poller.ns = 1_000_000
+    ring.pending = 1
+    assert poller.select(0.02) == []
+    assert poller.misses == 1 and poller.ns == 0
+    # With the window at 0 a long wait costs no spinning at all.
+    spun = poller.spun_ns
+    assert poller.select(0.02) == []
+    assert poller.spun_ns == spun and poller.ns == 0
+
+
+def test_a_missed_spin_still_returns_the_fd_when_it_is_signalled(
+        bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    """The ring never shows the completion but the eventfd is written: the blocking select gets it."""
+    poller, ring = bare
+    poller.ns = 1_000_000
+    ring.pending = 1
+    threading.Timer(0.01, lambda: os.write(ring.w, b"x")).start()
+    events = poller.select(5)
+    assert [key.fd for key, _ in events] == [ring.fd]
+    assert poller.misses == 1 and poller.hits == 0
+
+
+def test_other_fds_are_served_before_spinning(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    """An fd that is ready when the loop would block is returned, not kept waiting a window."""
+    poller, ring = bare
+    poller.ns = 1_000_000_000
+    ring.pending = 1  # in flight, never completes
+    r, w = os.pipe()
+    poller.selector.register(r, selectors.EVENT_READ, "other")
+    try:
+        os.write(w, b"ping")
+        t0 = time.monotonic()
+        events = poller.select(None)
+        assert time.monotonic() - t0 < 0.5
+        assert [key.data for key, _ in events] == ["other"]
+    finally:
+        poller.selector.unregister(r)
+        os.close(r)
+        os.close(w)
+
+
+def test_zero_turns_polling_off(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    poller, ring = bare
+    poller.max_ns = 0
+    ring.pending = 1
+    ring.filled = True
+    assert poller.select(0.002) == []
+    assert poller.hits == poller.misses == 0 and poller.ns == 0
+
+
+def test_set_max_ns_reaches_loops_already_polling(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        poller = poll.register(bare[1], loop)
+        assert poller is not None
+        poller.ns = poller.max_ns
+        poll.set_max_ns(0)
+        assert poller.max_ns == 0 and poller.ns == 0
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", "10000001", "1.5", "0x10"])
+def test_bad_values_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="poll-max-ns"):
+        poll.parse_max_ns(text)
+
+
+def test_environment_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(poll.ENV, "20000")
+    assert poll.max_ns() == 20000
+
+
+def test_bad_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(poll.ENV, "soon")
+    with pytest.raises(ConfigError, match=poll.ENV):
+        poll.max_ns()
+
+
+@pytest.mark.parametrize(("args", "env", "word"), [
+    (["--poll-max-ns", "abc"], {}, "--poll-max-ns"),
+    ([], {poll.ENV: "-5"}, poll.ENV),
+])
+def test_img_bench_refuses_bad_knob_with_exit_2(
+        tmp_path: Path, args: list[str], env: dict[str, str], word: str) -> None:
+    img = tmp_path / "x.raw"
+    img.write_bytes(bytes(1 << 16))
+    r = subprocess.run(
+        [sys.executable, "-m", "appliance.cli.main", "img", "bench", "-f", "raw", "-c", "1",
+         "-d", "1", "-t", "none", *args, str(img)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and word in r.stderr
