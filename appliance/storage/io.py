@@ -3,9 +3,10 @@
 Data moves between image files and guest RAM with ``os.preadv``/``os.pwritev``
 on memoryviews, so Python never copies the payload; the syscalls release the
 GIL, so a pool of threads keeps many requests in flight while the loop goes on
-(DESIGN.md §1). Everything here is synchronous and meant to run inside the pool
-through :func:`run_blocking`; the raw backend uses it and so may the qcow2
-engine for its data clusters.
+(DESIGN.md §1). The helpers here are synchronous and meant to run inside the
+pool (:func:`run_blocking`, :meth:`IoPool.start`). The raw backend and the
+qcow2 engine (``aio=threads``, metadata, converts) share one process-wide
+:class:`IoPool`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,151 +28,270 @@ T = TypeVar("T")
 
 # Linux limits one preadv/pwritev to this many iovecs (UIO_MAXIOV).
 IOV_MAX = 1024
-DEFAULT_WORKERS = 16
+# Every worker takes the GIL after each system call while the loop holds it
+# for most of its work: past a dozen the hand-offs cost more than the extra
+# parallelism gives. img bench 4k random reads, queue depth 32, -i threads:
+# 12 and 16 workers alike, 4-8 and 24-32 slower; 64 KiB reads the same from 12.
+DEFAULT_WORKERS = 12
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
+class _Ring:
+    """One event loop's side of the pool: its finished jobs and the eventfd that wakes it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the loop's selector holds this ring (its reader), not the reverse,
+        # so a dropped loop takes its ring, and the ring its eventfd, with it.
+        self._loop = weakref.ref(loop)
+        # (future or (done, token), result, error) of each finished job.
+        self.done: collections.deque[tuple[Any, Any, BaseException | None]] = (
+            collections.deque())
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Set by the worker that writes the eventfd, cleared by the loop before
+        # it drains: jobs finishing meanwhile wake the loop once, not once each.
+        self.signalled = False
+        loop.add_reader(self.efd, self._drain)
+        # A job holds its ring until it is delivered, so the eventfd cannot be
+        # closed (and its number reused) while a worker may still write it.
+        weakref.finalize(self, os.close, self.efd)
+
+    def _drain(self) -> None:
+        # eventfd helpers that keep the GIL: see appliance.virtio.eventfd.
+        eventfd.clear(self.efd)
+        # Reset before draining: a worker that appends after this point sees
+        # False and signals again; one that appended before is drained below.
+        self.signalled = False
+        done = self.done
+        while done:
+            target, result, exc = done.popleft()
+            if type(target) is tuple:  # a start() job: (done, token)
+                try:
+                    target[0](target[1], result, exc)
+                except Exception as err:  # noqa: BLE001 - one bad callback must not strand the rest
+                    loop = self._loop()
+                    if loop is not None:
+                        loop.call_exception_handler(
+                            {"message": "I/O pool completion callback failed", "exception": err})
+            elif not target.done():  # cancelled meanwhile: nobody waits
+                if exc is None:
+                    target.set_result(result)
+                else:
+                    target.set_exception(exc)
+
+
+class _Worker:
+    """A pool thread's wake-up: a lock it holds, and blocks on while idle."""
+
+    __slots__ = ("wake", "stop")
+
+    def __init__(self, stop: list[bool]) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.stop = stop  # its generation's flag, set by IoPool.shutdown
+
+
 class IoPool:
-    """A bounded pool of I/O threads whose completions reach the loop in batches.
+    """A bounded pool of I/O threads whose completions reach each loop in batches.
 
-    ``loop.run_in_executor`` costs a ``call_soon_threadsafe`` (a self-pipe
-    write and a loop wake-up) per job; at queue depth 32 that dominated a
-    4 KiB write (45 us against 17 us here). Workers append results to a
-    deque and write the pool's eventfd only when the loop has not been told
-    yet, so one wake-up completes every job finished meanwhile. Threads are
-    started on demand, up to ``workers``.
+    ``loop.run_in_executor`` costs a concurrent.futures.Future, its
+    condition variable and a ``call_soon_threadsafe`` (a self-pipe write and
+    a loop wake-up) per job. Here a job is a tuple on a deque; the worker runs
+    the call (the GIL released inside the system call), appends the outcome
+    to its loop's ring and writes the ring's eventfd only when the loop has
+    not been told yet, so one wake-up delivers every job finished meanwhile.
 
-    The pool delivers through the first live loop that used it; a job from
-    another loop falls back to ``call_soon_threadsafe``.
+    Every hand-off between threads costs a wake-up (~30 us on these VMs when
+    the other CPU sleeps) and, under the GIL, often a second one, so the pool
+    spends as few as it can: each idle worker sleeps on its own lock and a
+    submission wakes exactly one (the most recently idle, whose cache is
+    warm; a ``queue.SimpleQueue`` getter wakes the next blocked getter on its
+    way out, two threads per job). While a woken worker has not yet taken
+    its job, further submissions wake nobody: that worker wakes the next
+    idle one itself if jobs are left, so a burst of submissions from a loop
+    callback costs the loop one wake-up. A worker that finishes a job takes
+    the next one without sleeping. Threads start on demand, up to ``workers``.
     """
 
     def __init__(self, workers: int = DEFAULT_WORKERS) -> None:
         self._max = workers
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # (ring, future or (done, token), fn, args) waiting for a worker.
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._idle: list[_Worker] = []
+        # A worker has been woken (or started) and has not taken a job yet.
+        self._waking = False
         self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._lock = threading.Lock()
-        self._done: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = (
-            collections.deque()
-        )
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._signalled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = [False]
+        self._rings: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ring] = (
+            weakref.WeakKeyDictionary())
 
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> bool:
-        if self._loop is loop:
-            return True
-        if self._loop is None or self._loop.is_closed():
-            loop.add_reader(self._efd, self._drain)
-            self._loop = loop
-            return True
-        return False
+    def ring(self) -> _Ring:
+        """The running loop's completion side, to pass to :meth:`start`.
 
-    def _drain(self) -> None:
-        # eventfd helpers that keep the GIL: see appliance.virtio.eventfd.
-        eventfd.clear(self._efd)
-        # Reset before draining: a worker that appends after this point sees
-        # False and signals again; one that appended before is drained below.
-        self._signalled = False
-        done = self._done
-        while done:
-            target, result, exc = done.popleft()
-            if type(target) is tuple:
-                # A job from start(): (done, token).
-                target[0](target[1], result, exc)
-            else:
-                _complete(target, result, exc)
+        A caller that starts many jobs keeps it: ``asyncio.get_running_loop()``
+        makes a getpid() system call each time (CPython checks the loop was
+        not inherited by a fork).
+        """
+        return self._ring(asyncio.get_running_loop())
 
-    def _worker(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            job = self._jobs.get()
-            with self._lock:
-                self._idle -= 1
-            if job is None:
-                return
-            target, fn, args, local = job
-            result: Any = None
-            exc: BaseException | None = None
-            try:
-                result = fn(*args)
-            except BaseException as err:  # delivered to the awaiting coroutine
-                exc = err
-            # Drop the arguments before the waiter can resume: they are often
-            # views of guest RAM, and an mmap cannot be closed (or unmapped by
-            # vhost-user) while any view of it lives.
-            del job, fn, args
-            if local:
-                self._done.append((target, result, exc))
-                if not self._signalled:
-                    self._signalled = True
-                    eventfd.signal(self._efd)
-            else:
-                try:
-                    target.get_loop().call_soon_threadsafe(_complete, target, result, exc)
-                except RuntimeError:
-                    pass  # that loop is closed; nobody waits any more
-            del target, result, exc
+    def _ring(self, loop: asyncio.AbstractEventLoop) -> _Ring:
+        ring = self._rings.get(loop)
+        if ring is None:
+            ring = self._rings[loop] = _Ring(loop)
+        return ring
+
+    def submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on a pool thread; the returned future gets its outcome."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.append((self._ring(loop), fut, fn, args))
+        if not self._waking:
+            self._wake()
+        return fut
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on a pool thread and await its result."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fut, fn, args, self._bind(loop)))
-        if self._idle == 0 and len(self._threads) < self._max:
-            self._spawn()
-        return await fut
+        return await self.submit(fn, *args)
 
-    def start(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done, token: Any) -> bool:
+    def start(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done, token: Any,
+              ring: _Ring | None = None) -> bool:
         """Run ``fn(*args)`` on a pool thread; ``done(token, result, error)`` follows on the loop.
 
         :meth:`run` without a future or a coroutine, for the device data
-        path (see :meth:`appliance.storage.aio.LinuxAio.start`). Only for
-        the loop the pool delivers to: returns False (nothing started) when
-        it is bound to another live loop, and the caller uses :meth:`run`.
+        path (:meth:`appliance.storage.raw.RawBackend.start_rw`,
+        :meth:`appliance.qcow2.image.Qcow2Image.start_rw`): a future, its
+        callback and the coroutine it resumes cost the loop more than the
+        request's own work.
+
+        :param ring: :meth:`ring` of the loop ``done`` runs on (default: the
+            running loop's).
+        :returns: True (the job is queued).
         """
-        if not self._bind(asyncio.get_running_loop()):
-            return False
-        self._jobs.put(((done, token), fn, args, True))
-        if self._idle == 0 and len(self._threads) < self._max:
-            self._spawn()
+        if ring is None:
+            ring = self._ring(asyncio.get_running_loop())
+        self._jobs.append((ring, (done, token), fn, args))
+        if not self._waking:
+            self._wake()
         return True
 
-    def _spawn(self) -> None:
-        t = threading.Thread(target=self._worker, name="blk-io", daemon=True)
-        self._threads.append(t)
-        t.start()
+    def _wake(self) -> None:
+        """Wake an idle worker, or start one, for the job just queued."""
+        idle = self._idle
+        if idle:
+            try:
+                w = idle.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                pass
+            else:
+                self._waking = True
+                w.wake.release()
+                return
+        if len(self._threads) < self._max:
+            me = _Worker(self._stop)
+            t = threading.Thread(target=self._work, args=(me,), name="blk-io", daemon=True)
+            self._waking = True
+            try:
+                t.start()
+            except RuntimeError:  # no more threads: the running ones take the job
+                self._waking = False
+                if not self._threads:
+                    self._jobs.pop()
+                    raise
+                return
+            self._threads.append(t)
+
+    def _work(self, me: _Worker) -> None:
+        jobs = self._jobs
+        popleft = jobs.popleft
+        idle = self._idle
+        wait = me.wake.acquire
+        signal = eventfd.signal
+        stop = me.stop
+        self._waking = False
+        while True:
+            try:
+                ring, target, fn, args = popleft()
+            except IndexError:
+                if stop[0]:
+                    return
+                idle.append(me)
+                if not self._stay_idle(me, idle):
+                    continue
+                wait()
+                self._waking = False
+                continue
+            if jobs and not self._waking and idle:
+                self._wake()
+            try:
+                result, exc = fn(*args), None
+            except BaseException as err:  # delivered to the waiter
+                result, exc = None, err
+            # Drop the arguments before the waiter can resume: they are often
+            # views of guest RAM, and an mmap cannot be closed (or unmapped by
+            # vhost-user) while any view of it lives.
+            del fn, args
+            ring.done.append((target, result, exc))
+            del target, result, exc
+            if ring.signalled:
+                del ring
+                continue
+            ring.signalled = True
+            if jobs or stop[0]:
+                signal(ring.efd)
+                del ring
+                continue
+            # Nothing queued: idle first, then wake the loop with the GIL let go
+            # (os.eventfd_write), so that the loop, woken, takes the GIL at
+            # once instead of sleeping until this thread has gone to sleep.
+            # Back from the write this thread usually waits for the GIL while
+            # the loop runs the completion; the loop's next job then releases
+            # its lock with nobody blocked on it (no system call), and the
+            # loop's own sleep in the selector hands it the GIL: one wake-up
+            # for this thread per request instead of two.
+            idle.append(me)
+            stay = self._stay_idle(me, idle)
+            try:
+                os.eventfd_write(ring.efd, 1)
+            except OSError:
+                pass
+            del ring
+            if stay:
+                wait()
+                self._waking = False
+
+    def _stay_idle(self, me: _Worker, idle: list[_Worker]) -> bool:
+        """Whether ``me``, just put on ``idle``, should sleep now.
+
+        A job (or a shutdown) may have come between its last look at the
+        queue and the append, its submitter finding no idle worker to wake:
+        then ``me`` takes itself off the list and goes on, unless a
+        submitter took it off already and so will (or did) release its lock.
+        """
+        if not self._jobs and not me.stop[0]:
+            return True
+        try:
+            idle.remove(me)
+        except ValueError:
+            return True
+        return False
 
     def shutdown(self) -> None:
-        """Stop the threads once queued jobs are done."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._efd)
-        self._loop = None
+        """Stop the threads once the queued jobs are done (new jobs start new threads)."""
+        self._stop[0] = True
+        self._stop = [False]
+        self._threads = []
+        idle, self._idle = self._idle, []
+        for w in idle:
+            w.wake.release()
+        self._waking = False
 
 
 # A completion callback of IoPool.start: done(token, result, error).
 Done = Callable[[Any, Any, "BaseException | None"], None]
-_Job = tuple[Any, Callable[..., Any], tuple[object, ...], bool]
-
-
-def _complete(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    # A job can outlive the loop that awaited it (a test's loop closed
-    # mid-flight); nobody is left to tell.
-    if fut.done() or fut.get_loop().is_closed():
-        return
-    if exc is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(exc)
-
+_Job = tuple[_Ring, Any, Callable[..., Any], tuple[Any, ...]]
 
 _pool: IoPool | None = None
-
 
 
 def io_pool() -> IoPool:
