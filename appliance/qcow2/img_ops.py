@@ -810,6 +810,8 @@ async def cmd_rebase(argv: list[str]) -> int:
         old_buf = memoryview(bytearray(CHUNK))
         new_buf = memoryview(bytearray(CHUNK))
         cs = img._cs
+        zero = bytes(cs)
+        zeroes = img.header.version >= 3  # version 2 has no zero clusters
         for kind, start, n, _ in await img.block_status(0, img.size):
             if kind != K_UNALLOC:
                 prog.add(n)
@@ -825,12 +827,18 @@ async def cmd_rebase(argv: list[str]) -> int:
                     nv[k:] = bytes(m - k)
                 else:
                     nv[:] = bytes(m)
-                if ov != nv:
+                old = ov.tobytes()  # compared with memcmp (bytes.startswith), not item by item
+                if not old.startswith(nv):
                     pos = 0
                     while pos < m:
                         e = min(m, (s + pos) // cs * cs + cs - s)
-                        if ov[pos:e] != nv[pos:e]:
-                            await img.writev(s + pos, [ov[pos:e]])
+                        if not old[pos:e].startswith(nv[pos:e]):
+                            if zeroes and zero.startswith(ov[pos:e]):
+                                # As qemu-img: where the old view was zeroes a
+                                # zero cluster keeps it, no data is written.
+                                await _zero_over(img, new, s + pos, e - pos)
+                            else:
+                                await img.writev(s + pos, [ov[pos:e]])
                         pos = e
                 s += m
             prog.add(n)
@@ -842,6 +850,22 @@ async def cmd_rebase(argv: list[str]) -> int:
             await new.close()
         await img.close()
     return 0
+
+
+async def _zero_over(img: Qcow2Image, new: Any, offset: int, length: int) -> None:
+    """Zero a range of ``img`` so that it stays zeroes over the coming backing file ``new``.
+
+    The engine leaves unallocated clusters of an image with no backing file
+    as they are (they read as zeroes already); here they must become zero
+    clusters, because the new backing file is about to show through them.
+    """
+    saved = img.backing
+    if saved is None:
+        img.backing = new
+    try:
+        await img.write_zeroes(offset, length)
+    finally:
+        img.backing = saved
 
 
 async def _set_backing(img: Any, name: str | None, fmt: str | None) -> None:
