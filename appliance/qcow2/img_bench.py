@@ -211,4 +211,4 @@ def _print_poll_stats(loop: asyncio.AbstractEventLoop) -> None:
         return
     spins = p.hits + p.misses
     print(f"Completion polling: max {p.max_ns} ns, window {p.ns} ns, {p.hits} of {spins} "
-          f"spins saw a completion, {p.spun_ns / 1e6:.1f} ms spun")
+          f"spins saw a completion, {p.spun_ns / 1e6:.1f} ms spun, {p.contended} waits on a shared CPU")

@@ -20,6 +20,15 @@ flight (``waited`` is the whole wait, spinning and blocking):
 - nothing did but ``waited`` stayed within ``max_ns``: a window as long as
   ``waited`` (at least double the old one) would have caught it.
 
+Spinning pays only while a CPU would otherwise sit idle. On a shared CPU
+the scheduler charges the spin to the loop thread and makes it wait its
+turn later, so the poller stops as soon as it sees contention: the loop
+thread waited on a run queue since the last wait (``run_delay`` in
+``/proc/thread-self/schedstat``, one pread per wait while the device
+works), or a turn of the spin took long enough that the thread must have
+been off the CPU. It then blocks for a quiet spell (20 ms, doubling while
+contention returns right after each spell, up to 1 s).
+
 An idle loop never spins (nothing in flight). Other fds are checked once
 before each spin, so they wait at most one window. Each turn of the spin
 calls ``sched_yield``, which releases the GIL (other Python threads, such as
@@ -52,6 +61,14 @@ DEFAULT_MAX_NS = 100_000
 GROW_START_NS = 8_000
 # A longer window would hold the loop for time a user would notice.
 LIMIT_MAX_NS = 10_000_000
+# One turn of the spin is ~1 us; a turn this long means the thread was off the CPU.
+PREEMPTED_NS = 30_000
+# Runnable-but-waiting time since the last wait that says the CPU is shared
+# (kworkers finishing our own writes account for ~10-20 us).
+CONTENDED_NS = 100_000
+# No spinning for this long after the CPU was found shared, doubling up to the max.
+QUIET_NS = 20_000_000
+QUIET_MAX_NS = 1_000_000_000
 ENV = "APPLIANCE_POLL_MAX_NS"
 
 _now_ns = time.perf_counter_ns
@@ -161,7 +178,21 @@ class LoopPoller:
         self.ns = 0  # the current window
         self.hits = 0  # spins that saw a completion
         self.misses = 0  # spins that ran out and blocked
+        self.contended = 0  # waits not spun because another task wanted this CPU
         self.spun_ns = 0
+        # The loop thread's time spent runnable but not running (schedstat's
+        # run_delay): when it grows, this CPU is shared, and a spin only
+        # burns the slice the scheduler will then give to the other task.
+        self._quiet_until = 0  # no spinning before this (perf_counter_ns)
+        self._quiet_ns = QUIET_NS
+        self._stale = False
+        try:
+            self._schedstat: int | None = os.open("/proc/thread-self/schedstat",
+                                                  os.O_RDONLY | os.O_CLOEXEC)
+            self._run_delay = self._read_run_delay()
+        except (OSError, ValueError, IndexError):
+            self._schedstat = None
+            self._run_delay = 0
         # asyncio calls selector.select(timeout) once per loop turn.
         selector.select = self.select  # type: ignore[method-assign]
 
@@ -173,6 +204,8 @@ class LoopPoller:
             return self._select(timeout)
         t0 = _now_ns()
         ns = self.ns
+        if ns and (t0 < self._quiet_until or self._shared_cpu()):
+            ns = self.ns = 0
         if ns:
             events = self._select(0)
             if events:
@@ -180,14 +213,20 @@ class LoopPoller:
             end = t0 + ns
             if timeout is not None:
                 end = min(end, t0 + int(timeout * 1e9))
+            now = t0
             while True:
                 for s in busy:
                     if s.ring_ready():
                         self.hits += 1
                         self.spun_ns += _now_ns() - t0
                         return self._ready(s)
+                last = now
                 now = _now_ns()
                 if now >= end:
+                    break
+                if now - last > PREEMPTED_NS:
+                    # Off the CPU for a while: someone else needs it; stop and block.
+                    self._back_off(now)
                     break
                 _sched_yield()
             self.misses += 1
@@ -195,13 +234,52 @@ class LoopPoller:
             if timeout is not None:
                 timeout = max(0.0, timeout - (now - t0) / 1e9)
         events = self._select(timeout)
-        waited = _now_ns() - t0
-        if waited > self.max_ns:
+        now = _now_ns()
+        waited = now - t0
+        if waited > self.max_ns or now < self._quiet_until:
             self.ns = 0
         elif ns < self.max_ns:
             # The wait, wake-up included, is the window that would have caught it.
             self.ns = min(self.max_ns, max(GROW_START_NS, 2 * ns, waited))
         return events
+
+    def _read_run_delay(self) -> int:
+        assert self._schedstat is not None
+        return int(os.pread(self._schedstat, 96, 0).split()[1])
+
+    def _shared_cpu(self) -> bool:
+        """Did the loop thread wait for a CPU since the last look? (~1.4 us, while the device works)"""
+        if self._schedstat is None:
+            return False
+        try:
+            delay = self._read_run_delay()
+        except (OSError, ValueError, IndexError):
+            return False
+        grew = delay - self._run_delay
+        self._run_delay = delay
+        if self._stale:
+            self._stale = False  # what piled up while not polling says nothing now
+            return False
+        if grew > CONTENDED_NS:
+            self._back_off(_now_ns())
+            return True
+        return False
+
+    def _back_off(self, now: int) -> None:
+        """Another task wants this CPU: block instead of spinning for a while.
+
+        The quiet spell doubles while contention comes back as soon as it
+        ends, and starts again from QUIET_NS otherwise: a CPU-bound
+        neighbour keeps polling off, a passing one costs little.
+        """
+        self.contended += 1
+        self.ns = 0
+        if now < self._quiet_until + self._quiet_ns:
+            self._quiet_ns = min(2 * self._quiet_ns, QUIET_MAX_NS)
+        else:
+            self._quiet_ns = QUIET_NS
+        self._quiet_until = now + self._quiet_ns
+        self._stale = True
 
     def _ready(self, source: PollSource) -> Events:
         """What the selector would have returned: the source's fd readable."""

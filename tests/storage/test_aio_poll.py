@@ -109,13 +109,21 @@ async def _run(aio: LinuxAio, opcode: int, fd: int, buf: memoryview, off: int) -
     return await asyncio.wait_for(fut, 10)
 
 
-async def test_spin_catches_completions_and_data_is_right(tmp_path: Path) -> None:
+def _ignore_contention(poller: poll.LoopPoller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spin even on a busy test machine: these tests are about the ring, not the neighbours."""
+    monkeypatch.setattr(poller, "_schedstat", None)
+    monkeypatch.setattr(poll, "PREEMPTED_NS", 10**12)
+
+
+async def test_spin_catches_completions_and_data_is_right(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a window far longer than a request, the spin sees the completions in the ring."""
     poll.set_max_ns(poll.LIMIT_MAX_NS)
     fd = _direct_file(tmp_path, 1 << 20)
     aio = _aio()
     poller = poll.poller_of(asyncio.get_running_loop())
     assert poller is not None and aio in poller.sources
+    _ignore_contention(poller, monkeypatch)
     buf = memoryview(mmap.mmap(-1, 4096))
     try:
         for i in range(16):
@@ -153,13 +161,14 @@ async def test_requests_complete_when_the_spin_never_sees_them(
 
 
 @pytest.fixture
-def bare() -> Iterator[tuple[poll.LoopPoller, FakeRing]]:
+def bare(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[poll.LoopPoller, FakeRing]]:
     """A poller on a selector of its own watching one fake ring: driven by hand, no loop."""
     sel = selectors.DefaultSelector()
     ring = FakeRing()
     sel.register(ring.fd, selectors.EVENT_READ, "ring")
     poller = poll.LoopPoller(sel, 10_000_000_000)
     poller.sources.append(ring)
+    _ignore_contention(poller, monkeypatch)
     yield poller, ring
     sel.close()
     ring.close()
@@ -291,3 +300,57 @@ def test_img_bench_refuses_bad_knob_with_exit_2(
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=60)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and word in r.stderr
+
+
+def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
+        bare: tuple[poll.LoopPoller, FakeRing], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop thread waited on a run queue since the last wait: no spin, even with the ring ready."""
+    poller, ring = bare
+    delay = [0]
+    monkeypatch.setattr(poller, "_schedstat", -1)
+    monkeypatch.setattr(poller, "_read_run_delay", lambda: delay[0])
+    poller._run_delay = 0
+    poller.ns = 1_000_000_000
+    ring.pending = 1
+    ring.filled = True
+    delay[0] = 5 * poll.CONTENDED_NS
+    assert poller.select(0.001) == []
+    assert poller.contended == 1 and poller.hits == 0 and poller.ns == 0
+    # Inside the quiet spell a short wait does not grow the window back.
+    assert poller.select(0.001) == []
+    assert poller.ns == 0 and poller.hits == 0
+    # After it, with the CPU to ourselves again, the spin is back.
+    poller._quiet_until = 0
+    poller.ns = 1_000_000_000
+    assert [key.fd for key, _ in poller.select(0.001)] == [ring.fd]
+    assert poller.hits == 1 and poller.contended == 1
+
+
+def test_a_spin_that_lost_the_cpu_blocks_instead(
+        bare: tuple[poll.LoopPoller, FakeRing], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A turn of the spin that took longer than PREEMPTED_NS ends the spin and starts a quiet spell."""
+    poller, ring = bare
+    monkeypatch.setattr(poll, "PREEMPTED_NS", 30_000)
+    clock = [10**12]
+
+    def now() -> int:
+        clock[0] += 1_000 if clock[0] < 10**12 + 50_000 else poll.PREEMPTED_NS * 2
+        return clock[0]
+
+    monkeypatch.setattr(poll, "_now_ns", now)
+    poller.ns = 1_000_000_000
+    ring.pending = 1  # never completes
+    assert poller.select(0.001) == []
+    assert poller.contended == 1 and poller.misses == 1 and poller.ns == 0
+    assert poller._quiet_until > clock[0] - poll.PREEMPTED_NS * 4
+
+
+def test_contention_that_keeps_coming_back_lengthens_the_quiet_spell(
+        bare: tuple[poll.LoopPoller, FakeRing]) -> None:
+    poller = bare[0]
+    poller._back_off(10**12)
+    first = poller._quiet_ns
+    poller._back_off(poller._quiet_until + 1)
+    assert poller._quiet_ns == 2 * first
+    poller._back_off(poller._quiet_until + 10 * poller._quiet_ns)
+    assert poller._quiet_ns == poll.QUIET_NS
