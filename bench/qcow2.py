@@ -37,8 +37,14 @@ and copies the data runs with copy_file_range (one copy, qemu-img's ``-C``
 mechanism, but keeping ``-S`` sparse detection), so it uses less CPU but
 has one core's worth of copying to do in series.
 
+Our side polls the AIO completion ring before blocking (appliance.storage.poll,
+on by default like QEMU's iothread poll-max-ns); ``--poll-ab`` runs ours a
+second time with ``--poll-max-ns 0`` in the same alternation and prints that
+row too, ``--poll-max-ns N`` sets the ceiling for ours.
+
 Usage: .venv/bin/python bench/qcow2.py [--quick] [--only REGEX] [--repeat N]
        [--aio native,threads] [--convert-size 2G] [--compress-size 512M] [--seconds 2] [--dir DIR]
+       [--poll-max-ns N] [--poll-ab]
 Case names: "bench 64k write seq  qd1  native", "convert 2G raw->qcow2", "guest rand read 4K qd32"…
 A full run takes ~12 minutes (bench 64k ~2, bench 4k ~5.5, convert ~1.5, guest
 ~2.5 with --repeat 5); under the shared bench lock run it in parts
@@ -129,6 +135,10 @@ def main() -> int:
                     help="regular expression: run only the cases whose name matches")
     ap.add_argument("--aio", default="native,threads",
                     help="bench cases: -i modes to run, comma-separated; both tools get the same one")
+    ap.add_argument("--poll-max-ns", default=None,
+                    help="bench cases: pass --poll-max-ns to ours (completion polling ceiling, 0 = off)")
+    ap.add_argument("--poll-ab", action="store_true",
+                    help="bench cases: also run ours with polling off, alternating, and print that row too")
     ap.add_argument("--seconds", type=int, default=2, help="per guest blk bench workload")
     ap.add_argument("--guest-size-mb", type=int, default=256, help="guest blk bench disk")
     a = ap.parse_args()
@@ -167,24 +177,30 @@ def _bench_rows(a: argparse.Namespace, work: Path, rows: list[tuple[Any, ...]]) 
             step = bs * PRIME if rand else bs
             common = ["-f", "qcow2", "-t", "none", "-i", mode, "-c", str(count), "-d", str(qd),
                       "-s", str(bs), "-S", str(step)] + (["-w"] if write else [])
-            times: dict[str, list[float]] = {"qemu": [], "ours": []}
+            poll_args = {"ours": [] if a.poll_max_ns is None else ["--poll-max-ns", a.poll_max_ns],
+                         "ours, no polling": ["--poll-max-ns", "0"]}
+            tools = ["qemu", "ours"] + (["ours, no polling"] if a.poll_ab else [])
+            times: dict[str, list[float]] = {who: [] for who in tools}
             for r in range(a.repeat):
                 # Alternate who goes first: the disk's speed drifts between runs.
-                for who in (("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")):
+                for who in (tools if r % 2 == 0 else tools[::-1]):
                     if write:
-                        img = work / f"w-{who}.qcow2"
+                        img = work / f"w-{who.replace(', ', '-').replace(' ', '-')}.qcow2"
                         fresh_qcow2(img)
                     else:
                         img = filled
                     argv = (["qemu-img", "bench", *common, str(img)] if who == "qemu"
-                            else ours("bench", *common, str(img)))
+                            else ours("bench", *common, *poll_args[who], str(img)))
                     times[who].append(bench_seconds(argv))
-            q_best, o_best = min(times["qemu"]), min(times["ours"])
-            med = _median(times["qemu"]) / _median(times["ours"])
-            rows.append((label, f"{count / q_best:>9.0f} IOPS", f"{count / o_best:>9.0f} IOPS",
-                         q_best / o_best, f"{med:>7.2f}x"))
-            print(_fmt(rows[-1]) + f"  qemu {_spread(times['qemu'])} ours {_spread(times['ours'])}",
-                  flush=True)
+            q_best = min(times["qemu"])
+            for who in tools[1:]:
+                o_best = min(times[who])
+                med = _median(times["qemu"]) / _median(times[who])
+                rows.append((label + ("" if who == "ours" else " (no polling)"),
+                             f"{count / q_best:>9.0f} IOPS", f"{count / o_best:>9.0f} IOPS",
+                             q_best / o_best, f"{med:>7.2f}x"))
+                print(_fmt(rows[-1]) + f"  qemu {_spread(times['qemu'])} ours {_spread(times[who])}",
+                      flush=True)
 
 
 def _median(v: list[float]) -> float:
