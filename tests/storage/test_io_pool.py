@@ -229,3 +229,31 @@ async def test_run_from_many_coroutines_at_once(workers: int) -> None:
     assert results == [i * i for i in range(400)]
     assert len(pool._threads) <= workers
     pool.shutdown()
+
+
+async def test_a_worker_is_asleep_or_idle_before_it_wakes_the_loop() -> None:
+    """With nothing queued, a worker puts itself on the idle list before it writes the
+    loop's eventfd: the loop, woken, never has to wait for that worker to go idle, and
+    the job its callback starts finds the worker ready to take it."""
+    pool = io.IoPool(workers=1)
+    ring = pool.ring()
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    idle_seen: list[int] = []
+    count = 0
+
+    def done(token: object, result: int, err: BaseException | None) -> None:
+        nonlocal count
+        assert err is None
+        idle_seen.append(len(pool._idle))
+        count += 1
+        if count < 300:
+            pool.start(os.getpid, (), done, None, ring)
+        else:
+            finished.set_result(None)
+
+    pool.start(os.getpid, (), done, None, ring)
+    await asyncio.wait_for(finished, 30)
+    assert idle_seen == [1] * 300
+    assert len(pool._threads) == 1
+    pool.shutdown()
