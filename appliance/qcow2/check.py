@@ -1,11 +1,12 @@
-"""Consistency check and repair (what ``qemu-img check`` does for qcow2).
+"""Refcounts computed from the metadata, and a refcount structure rebuilt from them.
 
-The check walks every reference (header, L1 tables, L2 tables, data and
-compressed clusters, refcount table and blocks, snapshot table) and compares
-the reference count it computes with the one stored. Repair rebuilds the whole
-refcount structure from the computed counts in fresh clusters past the end of
-the file, then points the header at it: the old structure is never edited in
-place, so a crash during repair leaves the old (consistent or leaky) one.
+The engine uses these to repair a dirty (lazy refcounts) image on open and to
+change the refcount width (amend): every reference (header, L1 and L2 tables,
+data and compressed clusters, snapshot table, bitmaps) is counted, and a new
+refcount table and blocks are written in fresh clusters past the end of the
+file before the header points at them, so a crash leaves the old structure in
+charge. ``qemu-img check`` itself, with its messages and repairs, is
+:mod:`appliance.qcow2.check_flow`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
-from appliance.qcow2.errors import CorruptImage
-from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
+from appliance.qcow2.image import COMPRESSED, OFFSET_MASK
 from appliance.qcow2.refcount import encode_block
 
 if TYPE_CHECKING:
@@ -157,64 +157,6 @@ async def compute_refs(img: Qcow2Image, res: CheckResult, *, with_refcount_struc
     return w
 
 
-async def check_image(img: Qcow2Image) -> CheckResult:
-    """Compare computed and stored refcounts and the COPIED flags. Read-only."""
-    res = CheckResult()
-    if not img.read_only and not img._failed:
-        await img.flush()
-    async with img._lock:
-        w = await compute_refs(img, res)
-        stored_max = len(img._rt) * img._rb_entries
-        highest = 0
-        bad_blocks: set[int] = set()
-
-        async def stored_refcount(c: int) -> int:
-            ti = c // img._rb_entries
-            if c >= stored_max or ti in bad_blocks:
-                return 0
-            try:
-                return await img.refcount(c)
-            except CorruptImage as err:
-                # An unreadable refcount block is one corruption, not one per cluster.
-                bad_blocks.add(ti)
-                res.corruptions += 1
-                res.messages.append(f"ERROR refcount block {ti}: {err}")
-                return 0
-
-        for c in range(max(w.nclusters, 0)):
-            ref = w.refs[c]
-            stored = await stored_refcount(c)
-            if ref or stored:
-                # qemu-img's image end counts leaked clusters too: they take file space.
-                highest = c
-            if stored < ref:
-                res.corruptions += 1
-                res.messages.append(f"ERROR cluster {c} refcount={stored} reference={ref}")
-            elif stored > ref:
-                res.leaks += 1
-                res.leaked.append((c, stored, ref))
-                res.messages.append(f"Leaked cluster {c} refcount={stored} reference={ref}")
-        for l1i, e, off, t in w.l2_active:
-            rc = await stored_refcount(off >> img._cb)
-            if (rc == 1) != bool(e & COPIED):
-                res.corruptions += 1
-                res.messages.append(
-                    f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}")
-            for i in range(0, len(t), img._stride):
-                le = t[i]
-                host = le & OFFSET_MASK
-                if le & COMPRESSED or not host or host & (img._cs - 1):
-                    continue
-                rc2 = await stored_refcount(host >> img._cb)
-                if (rc2 == 1) != bool(le & COPIED):
-                    res.corruptions += 1
-                    res.messages.append(
-                        f"ERROR OFLAG_COPIED data cluster: l2_entry={le:x} refcount={rc2}")
-        res.image_end_offset = (highest + 1) * img._cs
-        res.total_clusters = -(-img.size // img._cs)
-    return res
-
-
 async def rebuild_refcounts(img: Qcow2Image) -> None:
     """Replace the refcount table and blocks with ones computed from the metadata."""
     res = CheckResult()
@@ -262,46 +204,3 @@ async def rebuild_refcounts(img: Qcow2Image) -> None:
     img._pending_frees.clear()
     img._free_hint = 1
     img._build_meta_set()
-
-
-def after_rebuild(before: CheckResult, mode: str) -> bool:
-    """Whether a repair in ``mode`` rebuilt the refcounts (so a dirty bit may go)."""
-    return bool(before.leaks or mode == "all")
-
-
-async def repair_image(img: Qcow2Image, mode: str) -> tuple[CheckResult, CheckResult]:
-    """Check, repair (``leaks`` or ``all``), check again. Returns (before, after)."""
-    from appliance.qcow2.snapops import fix_copied_flags
-
-    before = await check_image(img)
-    if before.leaks and not before.corruptions and not img.header.dirty:
-        # Only leaks: lower each leaked cluster's refcount where it is, as
-        # qemu-img does, so the refcount structures stay where they were
-        # and the image does not grow (a rebuild writes new ones at the end).
-        img._failed = False
-        async with img._lock:
-            for cluster, stored, ref in before.leaked:
-                await img._update_refcount(cluster, ref - stored)
-            await img._flush_locked()
-    elif before.leaks or (mode == "all" and before.corruptions):
-        # Reading a broken structure marked the image failed; repairing is the way out.
-        img._failed = False
-        async with img._lock:
-            await rebuild_refcounts(img)
-            if mode == "all":
-                img._l2.clear()
-                await fix_copied_flags(img)
-            await img._flush_locked()
-    if img.header.dirty and after_rebuild(before, mode):
-        img.header.incompatible_features &= ~H.INCOMPAT_DIRTY
-        await img._write_header()
-        await img._sync()
-    after = await check_image(img)
-    before.leaks_fixed = max(0, before.leaks - after.leaks)
-    before.corruptions_fixed = max(0, before.corruptions - after.corruptions)
-    if mode == "all" and img.header.corrupt and after.corruptions == 0:
-        img.header.incompatible_features &= ~H.INCOMPAT_CORRUPT
-        img._failed = False
-        await img._write_header()
-        await img._sync()
-    return before, after

@@ -597,18 +597,8 @@ def _is_qcow2(path: str) -> bool:
 # ---------------------------------------------------------------- check
 
 
-def _print_repairs(found: list[str]) -> None:
-    """What the first pass found, then each repair, on stderr (qemu-img's two passes)."""
-    for m in found:
-        print(m, file=sys.stderr)
-    for m in found:
-        if m.startswith(("Leaked cluster", "ERROR cluster")):
-            print(m.replace("Leaked cluster", "Repairing cluster")
-                  .replace("ERROR cluster", "Repairing cluster"), file=sys.stderr)
-
-
 async def cmd_check(argv: list[str]) -> int:
-    from appliance.qcow2.check import check_image, repair_image
+    from appliance.qcow2.check_flow import FIX_MODES, check_pass
 
     p = _parser("check")
     p.add_argument("-f", dest="fmt")
@@ -642,75 +632,95 @@ async def cmd_check(argv: list[str]) -> int:
         await img.close()
         raise Qcow2Error(f"Could not open '{a.filename}': Could not open backing file: "
                          f"Could not open '{resolve_backing(img.path, bname)}': No such file or directory")
+    fix = FIX_MODES[a.repair]
     try:
-        if a.repair:
-            before, res = await repair_image(img, a.repair)
-        else:
-            before = res = await check_image(img)
-    except Qcow2Error as err:
-        print(f"appliance img: Check failed: {err}", file=sys.stderr)
+        # qemu-img's img_check: one pass (repairing what -r allows); when it
+        # repaired anything, say so and check again without repairing.
+        res = await check_pass(img, fix)
+        _say(res.messages)
+        # Like qemu-img's buffered stdout, the report comes after every stderr line.
+        summary = ""
+        if not res.failed and (res.corruptions_fixed or res.leaks_fixed):
+            if a.output == "human" and not a.quiet:
+                summary = ("The following inconsistencies were found and repaired:\n\n"
+                           f"    {res.leaks_fixed} leaked clusters\n"
+                           f"    {res.corruptions_fixed} corruptions\n\n"
+                           "Double checking the fixed image now...\n")
+            fixed = res.leaks_fixed, res.corruptions_fixed
+            res = await check_pass(img, 0)
+            _say(res.messages)
+            res.leaks_fixed, res.corruptions_fixed = fixed
+    finally:
         await img.close()
+    if res.failed:
+        print(f"appliance img: Check failed: {os.strerror(res.failed)}", file=sys.stderr)
         return 1
-    await img.close()
+    sys.stderr.flush()
+    print(summary, end="")
     if a.output == "json":
-        # What was found goes to stderr in either output form, as with qemu-img.
-        if a.repair and (before.leaks or before.corruptions):
-            _print_repairs(before.messages)
-        for m in res.messages:
-            print(m, file=sys.stderr)
-        # Keys in the order qemu-img prints them (its dictionary's order).
-        d: dict[str, Any] = {"image-end-offset": res.image_end_offset}
-        if res.compressed_clusters:
-            d["compressed-clusters"] = res.compressed_clusters
-        d.update({"total-clusters": res.total_clusters,
-                  "check-errors": res.check_errors})
-        if res.leaks:
-            d["leaks"] = res.leaks
-        if res.corruptions:
-            d["corruptions"] = res.corruptions
-        if before.leaks_fixed:
-            d["leaks-fixed"] = before.leaks_fixed
-        if before.corruptions_fixed:
-            d["corruptions-fixed"] = before.corruptions_fixed
-        if res.allocated_clusters:
-            d["allocated-clusters"] = res.allocated_clusters
-        d["filename"] = a.filename
-        d["format"] = "qcow2"
-        if res.fragmented_clusters:
-            d["fragmented-clusters"] = res.fragmented_clusters
-        print(qemu_json.dumps(d))
+        print(qemu_json.dumps(_check_json(res, a.filename)))
     elif not a.quiet:
-        if a.repair and (before.leaks or before.corruptions):
-            _print_repairs(before.messages)
-            print("The following inconsistencies were found and repaired:\n\n"
-                  f"    {before.leaks_fixed} leaked clusters\n"
-                  f"    {before.corruptions_fixed} corruptions\n\n"
-                  "Double checking the fixed image now...")
-        for m in res.messages:
-            print(m, file=sys.stderr)
-        if not res.corruptions and not res.leaks and not res.check_errors:
-            print("No errors were found on the image.")
-        else:
-            if res.corruptions:
-                print(f"\n{res.corruptions} errors were found on the image.\n"
-                      "Data may be corrupted, or further writes to the image may corrupt it.")
-            if res.leaks:
-                print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                      "This means waste of disk space, but no harm to data.")
-        if res.total_clusters and res.allocated_clusters:
-            # As qemu-img: fragmentation and compression are shares of allocated clusters.
-            t, al = res.total_clusters, res.allocated_clusters
-            print(f"{al}/{t} = {al * 100 / t:0.2f}% allocated, "
-                  f"{res.fragmented_clusters * 100 / al:0.2f}% fragmented, "
-                  f"{res.compressed_clusters * 100 / al:0.2f}% compressed clusters")
-        print(f"Image end offset: {res.image_end_offset}")
+        _check_human(res)
     if res.check_errors:
+        print("appliance img: Check failed", file=sys.stderr)
         return 1
     if res.corruptions:
         return 2
     if res.leaks:
         return 3
     return 0
+
+
+def _say(lines: list[str]) -> None:
+    for m in lines:
+        print(m, file=sys.stderr)
+
+
+def _check_json(res: Any, filename: str) -> dict[str, Any]:
+    # qemu-img prints a QDict: its keys come out in the order of their hash
+    # buckets, one fixed order, whichever keys are present.
+    d: dict[str, Any] = {"image-end-offset": res.image_end_offset}
+    if res.compressed_clusters:
+        d["compressed-clusters"] = res.compressed_clusters
+    d["total-clusters"] = res.total_clusters
+    if res.corruptions:
+        d["corruptions"] = res.corruptions
+    if res.corruptions_fixed:
+        d["corruptions-fixed"] = res.corruptions_fixed
+    d["check-errors"] = res.check_errors
+    if res.leaks:
+        d["leaks"] = res.leaks
+    if res.leaks_fixed:
+        d["leaks-fixed"] = res.leaks_fixed
+    if res.allocated_clusters:
+        d["allocated-clusters"] = res.allocated_clusters
+    d["filename"] = filename
+    d["format"] = "qcow2"
+    if res.fragmented_clusters:
+        d["fragmented-clusters"] = res.fragmented_clusters
+    return d
+
+
+def _check_human(res: Any) -> None:
+    if not res.corruptions and not res.leaks and not res.check_errors:
+        print("No errors were found on the image.")
+    else:
+        if res.corruptions:
+            print(f"\n{res.corruptions} errors were found on the image.\n"
+                  "Data may be corrupted, or further writes to the image may corrupt it.")
+        if res.leaks:
+            print(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                  "This means waste of disk space, but no harm to data.")
+        if res.check_errors:
+            print(f"\n{res.check_errors} internal errors have occurred during the check.")
+    if res.total_clusters and res.allocated_clusters:
+        # As qemu-img: fragmentation and compression are shares of allocated clusters.
+        t, al = res.total_clusters, res.allocated_clusters
+        print(f"{al}/{t} = {al * 100 / t:0.2f}% allocated, "
+              f"{res.fragmented_clusters * 100 / al:0.2f}% fragmented, "
+              f"{res.compressed_clusters * 100 / al:0.2f}% compressed clusters")
+    if res.image_end_offset:
+        print(f"Image end offset: {res.image_end_offset}")
 
 
 # ---------------------------------------------------------------- map
