@@ -1,10 +1,14 @@
 """Persistent dirty bitmaps (qcow2.txt, "Bitmaps"): kept, never maintained.
 
-We do not track guest writes in bitmaps, so a writable open marks every
-bitmap ``in_use`` (flag bit 0: "may be inconsistent"), exactly what QEMU does
-while it has an image open, and leaves the autoclear bit set: the bitmaps stay
+We do not track guest writes in bitmaps. When guest-visible data first
+changes (a write, discard, zeroing, resize or snapshot switch), every bitmap
+with the ``auto`` flag, the ones that must follow each write, is marked
+``in_use`` (flag bit 0: "may be inconsistent"), as QEMU marks them while it
+has an image open, and the autoclear bit stays set: the bitmaps stay
 referenced and refcounted (no leaks), and QEMU reports them as inconsistent
-instead of silently trusting stale data. ``check`` counts their clusters.
+instead of trusting stale data. Disabled bitmaps, and every bitmap of an
+image opened writable whose data did not change (check -r, amend, snapshot
+-c/-d, rebase -u), stay valid. ``check`` counts their clusters.
 """
 
 from __future__ import annotations

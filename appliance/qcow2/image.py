@@ -296,6 +296,10 @@ class Qcow2Image:
         self._retries: set[asyncio.Task[None]] = set()  # start_rw requests gone the slow way
         self._needs_sync = False
         self._failed = False
+        # Enabled persistent bitmaps not yet marked in_use: the first change
+        # of guest data marks them (see bitmaps.py), so opening an image
+        # writable without changing its data leaves them valid.
+        self._bm_pending = False
         self._closed = False
         self._closing = False  # close() started: start_rw takes nothing more
         self._meta: set[int] = set()
@@ -423,8 +427,9 @@ class Qcow2Image:
             changed = False
             keep = 0
             if h.autoclear_features & H.AUTOCLEAR_BITMAPS and self.bitmaps:
-                # Bitmaps stay, marked possibly inconsistent (see bitmaps.py).
-                await self._mark_bitmaps_in_use()
+                # Bitmaps stay; tracking ones are marked possibly inconsistent
+                # when guest data first changes (see bitmaps.py).
+                self._bm_pending = True
                 keep = H.AUTOCLEAR_BITMAPS
             if h.autoclear_features & ~keep:
                 # Anything else we do not maintain: clear the bits before the first
@@ -469,11 +474,19 @@ class Qcow2Image:
         raw = await self._pread(off, size)
         self.bitmaps = bitmaps.parse_directory(raw, off, nb)
 
-    async def _mark_bitmaps_in_use(self) -> None:
-        from appliance.qcow2.bitmaps import FLAG_IN_USE
+    async def guest_data_changes(self) -> None:
+        """Called before guest-visible data first changes: mark tracking bitmaps in_use."""
+        if self._bm_pending:
+            self._bm_pending = False
+            await self._mark_bitmaps_in_use()
 
+    async def _mark_bitmaps_in_use(self) -> None:
+        from appliance.qcow2.bitmaps import FLAG_AUTO, FLAG_IN_USE
+
+        # Only 'auto' bitmaps must follow every write (qcow2.txt, bitmap
+        # directory entry flags); a disabled one stays valid as it is.
         for b in self.bitmaps:
-            if not b.flags & FLAG_IN_USE:
+            if b.flags & FLAG_AUTO and not b.flags & FLAG_IN_USE:
                 b.flags |= FLAG_IN_USE
                 await self._pwrite(b.entry_offset + 12, struct.pack(">I", b.flags))
         await self._sync()
@@ -1003,7 +1016,7 @@ class Qcow2Image:
         """
         if not self._direct or self._closing or not self._l2 or not bufs:
             return False
-        if write and (self.read_only or self._failed or self._writethrough):
+        if write and (self.read_only or self._failed or self._writethrough or self._bm_pending):
             return False
         n = bufs[0].nbytes
         if len(bufs) > 1:
@@ -1417,6 +1430,8 @@ class Qcow2Image:
 
     async def writev(self, offset: int, bufs: Sequence[memoryview]) -> int:
         self._check_writable()
+        if self._bm_pending:
+            await self.guest_data_changes()
         if len(bufs) == 1 and self._l2 and not self._writethrough:
             n = len(bufs[0])
             hit = self._fast_host_of(offset, n)
@@ -1924,6 +1939,7 @@ class Qcow2Image:
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        await self.guest_data_changes()
         await self._zero_whole(offset, length, "discard")
 
     async def make_empty(self, offset: int = 0, length: int | None = None) -> None:
@@ -1931,11 +1947,13 @@ class Qcow2Image:
         self._check_writable()
         if length is None:
             length = self.size - offset
+        await self.guest_data_changes()
         await self._zero_whole(offset, length, "empty")
 
     async def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         self._check_writable()
         self._check_range(offset, length)
+        await self.guest_data_changes()
         cs = self._cs
         end = offset + length
         first = -(-offset // cs) * cs

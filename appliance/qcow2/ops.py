@@ -28,6 +28,7 @@ async def resize(img: Qcow2Image, new: int) -> None:
         raise Qcow2Error("Image size is too large")
     if new % 512:
         raise Qcow2Error("The new size must be a multiple of 512")
+    await img.guest_data_changes()  # bitmaps no longer cover the disk
     cs, cb = img._cs, img._cb
     if new < img.size:
         first = -(-new // cs) * cs

@@ -236,6 +236,7 @@ async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str 
 
 async def apply_snapshot(img: Qcow2Image, name: str) -> None:
     img._check_writable()
+    await img.guest_data_changes()
     async with img._lock:
         # Looked up before _begin: a name that is not there leaves the image untouched.
         snap = find(img, name)

@@ -758,3 +758,31 @@ def test_safe_rebase_of_a_version_2_image_without_backing_keeps_the_guest_view(t
     assert img("rebase", "-b", "new.raw", "-F", "raw", "v2.qcow2", cwd=tmp_path).returncode == 0
     assert qimg("compare", "v2.qcow2", "zero.raw", cwd=tmp_path).returncode == 0
     assert qimg("check", "v2.qcow2", cwd=tmp_path).returncode == 0
+
+
+def _bitmap_flags(p: Path) -> dict[str, list[str]]:
+    info = json.loads(qimg("info", "--output=json", str(p), cwd=p.parent).stdout)
+    return {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
+
+
+def test_bitmaps_stay_valid_until_guest_data_changes_and_disabled_ones_stay_valid(tmp_path: Path) -> None:
+    p = tmp_path / "bm.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "16M")
+    qemu_io(p, "write -P 1 0 1M")
+    for args in (["--add", "bm.qcow2", "live"], ["--add", "--disable", "bm.qcow2", "frozen"]):
+        assert qimg("bitmap", *args, cwd=tmp_path).returncode == 0
+    before = _bitmap_flags(p)
+    assert before == {"live": ["auto"], "frozen": []}
+    # Opened writable, data unchanged: as qemu-img leaves them.
+    for args in (["snapshot", "-c", "s", "bm.qcow2"], ["check", "-r", "all", "bm.qcow2"],
+                 ["amend", "-o", "lazy_refcounts=on", "bm.qcow2"], ["snapshot", "-d", "s", "bm.qcow2"],
+                 ["rebase", "-u", "-b", "", "bm.qcow2"]):
+        assert img(*args, cwd=tmp_path).returncode == 0, args
+        assert _bitmap_flags(p) == before, args
+    # A data change we do not track: the tracking bitmap is marked, the disabled one is not.
+    qemu_img("create", "-f", "raw", str(tmp_path / "new.raw"), "16M")
+    assert img("rebase", "-b", "new.raw", "-F", "raw", "bm.qcow2", cwd=tmp_path).returncode == 0
+    assert _bitmap_flags(p) == before  # rebase over zeroes onto zeroes wrote nothing
+    assert img("resize", "bm.qcow2", "+1M", cwd=tmp_path).returncode == 0
+    assert _bitmap_flags(p) == {"live": ["in-use", "auto"], "frozen": []}
+    assert qimg("check", "bm.qcow2", cwd=tmp_path).returncode == 0
