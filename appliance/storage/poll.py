@@ -157,9 +157,13 @@ def register(source: PollSource, loop: asyncio.AbstractEventLoop) -> LoopPoller 
 
 
 def unregister(source: PollSource, loop: asyncio.AbstractEventLoop) -> None:
+    """Stop polling ``source``; the loop's selector is its own again once no source is left."""
     poller = _pollers.get(loop)
     if poller is not None and source in poller.sources:
         poller.sources.remove(source)
+        if not poller.sources:
+            del _pollers[loop]
+            poller.detach()
 
 
 def poller_of(loop: asyncio.AbstractEventLoop) -> LoopPoller | None:
@@ -193,8 +197,18 @@ class LoopPoller:
         except (OSError, ValueError, IndexError):
             self._schedstat = None
             self._run_delay = 0
-        # asyncio calls selector.select(timeout) once per loop turn.
+        # asyncio calls selector.select(timeout) once per loop turn and has no
+        # public hook there; the instance attribute shadows the class's method
+        # until detach() removes it.
         selector.select = self.select  # type: ignore[method-assign]
+
+    def detach(self) -> None:
+        """Give the selector its own ``select`` back and close the schedstat fd."""
+        if self.selector.__dict__.get("select") == self.select:
+            del self.selector.__dict__["select"]
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+            self._schedstat = None
 
     def select(self, timeout: float | None = None) -> Events:
         if (timeout is not None and timeout <= 0) or not self.max_ns:

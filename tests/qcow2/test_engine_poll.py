@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,9 @@ async def test_qd1_writes_and_reads_are_right_with_polling_on_and_off(
         poller = poll.poller_of(asyncio.get_running_loop())
         assert poller is not None
         # Spin even on a busy test machine (the poller would rightly back off there).
-        monkeypatch.setattr(poller, "_schedstat", None)
+        if poller._schedstat is not None:
+            os.close(poller._schedstat)
+            poller._schedstat = None
         monkeypatch.setattr(poll, "PREEMPTED_NS", 10**12)
         for i, c in enumerate(clusters):  # allocating
             assert await rw(img, True, c * CS, aligned(CS, i + 1)) == CS

@@ -111,7 +111,9 @@ async def _run(aio: LinuxAio, opcode: int, fd: int, buf: memoryview, off: int) -
 
 def _ignore_contention(poller: poll.LoopPoller, monkeypatch: pytest.MonkeyPatch) -> None:
     """Spin even on a busy test machine: these tests are about the ring, not the neighbours."""
-    monkeypatch.setattr(poller, "_schedstat", None)
+    if poller._schedstat is not None:
+        os.close(poller._schedstat)
+        poller._schedstat = None
     monkeypatch.setattr(poll, "PREEMPTED_NS", 10**12)
 
 
@@ -137,6 +139,9 @@ async def test_spin_catches_completions_and_data_is_right(
         aio.close()
         os.close(fd)
     assert aio not in poller.sources
+    # The last source gone, the loop's selector is its own again.
+    assert poll.poller_of(asyncio.get_running_loop()) is None
+    assert "select" not in poller.selector.__dict__
 
 
 async def test_requests_complete_when_the_spin_never_sees_them(
@@ -170,6 +175,7 @@ def bare(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[poll.LoopPoller, Fak
     poller.sources.append(ring)
     _ignore_contention(poller, monkeypatch)
     yield poller, ring
+    poller.detach()
     sel.close()
     ring.close()
 
@@ -266,6 +272,7 @@ def test_set_max_ns_reaches_loops_already_polling(bare: tuple[poll.LoopPoller, F
         poll.set_max_ns(0)
         assert poller.max_ns == 0 and poller.ns == 0
     finally:
+        poll.unregister(bare[1], loop)
         loop.close()
 
 
@@ -307,7 +314,7 @@ def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
     """The loop thread waited on a run queue since the last wait: no spin, even with the ring ready."""
     poller, ring = bare
     delay = [0]
-    monkeypatch.setattr(poller, "_schedstat", -1)
+    poller._schedstat = os.open(os.devnull, os.O_RDONLY)  # read through the fake below
     monkeypatch.setattr(poller, "_read_run_delay", lambda: delay[0])
     poller._run_delay = 0
     poller.ns = 1_000_000_000
