@@ -234,8 +234,12 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-C", dest="copy_offload", action="store_true")
     p.add_argument("-r", dest="rate")
     p.add_argument("--target-is-zero", action="store_true")
+    p.add_argument("--bitmaps", action="store_true")
+    p.add_argument("--skip-broken-bitmaps", action="store_true")
     p.add_argument("files", nargs="*")
     a = p.parse_args(argv)
+    if a.skip_broken_bitmaps and not a.bitmaps:
+        raise ConfigError("Use of --skip-broken-bitmaps requires --bitmaps")
     if any(wants_help(parse_o(t)) for t in a.options):
         return print_create_options(a.out_fmt)
     if a.target_is_zero and not a.no_create:
@@ -284,6 +288,8 @@ async def cmd_convert(argv: list[str]) -> int:
         raise
     src = parts[0] if len(parts) == 1 else Concatenation(parts)
     try:
+        if a.bitmaps:
+            _check_bitmaps(parts, a.skip_broken_bitmaps)
         if not a.no_create:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
@@ -293,16 +299,54 @@ async def cmd_convert(argv: list[str]) -> int:
                 # its word, as qemu-img takes it.
                 raise Qcow2Error("Cannot use --target-is-zero when the destination image "
                                  "has a backing file")
+            if a.bitmaps and not (isinstance(dst, Qcow2Image) and dst.header.version >= 3):
+                raise Qcow2Error(f"Format driver '{a.out_fmt}' does not support bitmaps")
             await convert(src, dst, compress=a.compress, sparse=sparse,
                           explicit_zeroes=(a.no_create and not a.target_is_zero
                                            or a.backing is not None),
                           progress=a.progress and not a.quiet, workers=a.coroutines,
                           file_copy=not a.force_share, rate=rate)
+            if a.bitmaps:
+                await _copy_bitmaps(parts[0], dst, a.skip_broken_bitmaps)
         finally:
             await dst.close()
     finally:
         await src.close()
     return 0
+
+
+def _check_bitmaps(parts: list[Any], skip_broken: bool) -> None:
+    """qemu-img's checks before a convert --bitmaps copies anything."""
+    from appliance.qcow2.bitmaps import FLAG_IN_USE
+
+    if len(parts) > 1:
+        raise Qcow2Error("Copying bitmaps only possible with single source")
+    src = parts[0]
+    if not isinstance(src, Qcow2Image) or src.header.version < 3:
+        raise Qcow2Error("Source lacks bitmap support")
+    for b in src.bitmaps:
+        if b.flags & FLAG_IN_USE and not skip_broken:
+            raise Qcow2Error(f"Cannot copy inconsistent bitmap '{b.name}'\n"
+                             "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' "
+                             "to delete it")
+
+
+async def _copy_bitmaps(src: Qcow2Image, dst: Qcow2Image, skip_broken: bool) -> None:
+    """Copy the source's persistent bitmaps, enabled ones staying enabled."""
+    from appliance.qcow2.bitmaps import FLAG_AUTO, FLAG_IN_USE, add_bitmaps, read_bits
+
+    items = []
+    for b in src.bitmaps:
+        if b.flags & FLAG_IN_USE:
+            if skip_broken:
+                print(f"appliance img: warning: Skipping inconsistent bitmap '{b.name}'",
+                      file=sys.stderr)
+            continue
+        items.append((b.name, b.granularity_bits, b.flags & FLAG_AUTO, bytes(await read_bits(src, b))))
+    if items:
+        await dst.flush()
+        async with dst._lock:
+            await add_bitmaps(dst, items)
 
 
 async def _create_target(name: str, fmt: str, size: int, o: dict[str, str],
