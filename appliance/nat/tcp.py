@@ -1061,6 +1061,9 @@ class TcpConn:
                         self.state = FIN_WAIT_1
                     elif self.state == CLOSE_WAIT:
                         self.state = LAST_ACK
+                        # The guest closed first: all it sends back is the ACK of this FIN, which
+                        # only ends our LAST-ACK (RFC 9293 §3.6) and need not wake the device.
+                        net.quiet_tx += 1
             break
         if self.snd_nxt > self.snd_una:
             if self._deadline == 0.0:

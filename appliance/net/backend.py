@@ -89,5 +89,10 @@ class ForwardingBackend:
         if set_enabled is not None:
             set_enabled(enabled)
 
+    def take_quiet_tx(self) -> int:
+        """The inner backend's count of guest frames nothing waits on (a user-mode stack's), else 0."""
+        take = getattr(self.inner, "take_quiet_tx", None)
+        return int(take()) if take is not None else 0
+
     def close(self) -> None:
         self.inner.close()

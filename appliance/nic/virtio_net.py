@@ -116,6 +116,13 @@ TX_IRQ_DELAY = 0.0005
 # cost the emulated guest an INTx and the front end a wake-up. Kept under the
 # tests' 50 ms "past the delay" margin.
 TX_IRQ_LAZY = 0.02
+# Frames the backend expects from the guest that nothing waits on (its
+# take_quiet_tx: the ACK of a FIN that answered the guest's own) are left for
+# the guest's next kick: the transmit ring asks for a kick only past them
+# (avail_event, §2.7.10). At most this many, and the ring is looked at after
+# TX_QUIET_WAIT whatever comes.
+TX_QUIET_MAX = 8
+TX_QUIET_WAIT = 0.02
 TX_SMALL_FRAME = 128
 TX_LAZY_FRAMES = 16
 # What VirtioNet._rx_staged says besides a delivered frame's length.
@@ -349,6 +356,8 @@ class VirtioNet(VirtioDevice):
         # interrupt (-1: a larger frame or too many).
         self._tx_irq_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_irq_lazy: list[bool] = [False] * self.pairs
+        # Per pair: the timer that looks at a transmit ring whose kicks skip quiet frames.
+        self._tx_quiet_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_small: list[int] = [0] * self.pairs
 
     # -- feature and config space -------------------------------------------
@@ -442,6 +451,10 @@ class VirtioNet(VirtioDevice):
                 timer.cancel()
                 self._tx_irq_timers[pair] = None
         self._tx_small = [0] * self.pairs
+        for pair, timer in enumerate(self._tx_quiet_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_quiet_timers[pair] = None
         for pair in range(self.pairs):
             self._rx_armed[pair] = None
             try:
@@ -555,10 +568,36 @@ class VirtioNet(VirtioDevice):
         if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
             self._notify(2 * pair + 1)
 
+    def _tx_skip_quiet(self, pair: int) -> None:
+        """Let the guest's next frames that nothing waits on go without a kick (see TX_QUIET_MAX)."""
+        take = getattr(self.backends[pair], "take_quiet_tx", None)
+        n = take() if take is not None else 0
+        if n <= 0 or self._tx_quiet_timers[pair] is not None:
+            return
+        q = self._queues[2 * pair + 1]
+        last = q.last_avail_idx
+        if not q.event_idx or q.avail_idx() != last:
+            return  # no avail_event, or the guest sent already and its kick is on the way
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        q.set_avail_event(last + min(n, TX_QUIET_MAX))
+        self._tx_quiet_timers[pair] = loop.call_later(TX_QUIET_WAIT, self._tx_quiet_due, pair)
+
+    def _tx_quiet_due(self, pair: int) -> None:
+        self._tx_quiet_timers[pair] = None
+        if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
+            self.queue_notify(2 * pair + 1)
+
     # -- transmit -----------------------------------------------------------
 
     def _tx(self, pair: int) -> None:
         q = self._queues[2 * pair + 1]
+        quiet = self._tx_quiet_timers[pair]
+        if quiet is not None:
+            quiet.cancel()  # this pass re-arms kicks for every frame
+            self._tx_quiet_timers[pair] = None
         # The per-frame loop runs on locals and counts into locals: at ~1 us a
         # frame, attribute lookups and method calls are most of the cost.
         send = self.backends[pair].send
@@ -642,11 +681,16 @@ class VirtioNet(VirtioDevice):
         # pairs, 3.3 -> 4.5 guest interrupts per MiB.
         if not self._queues or self.needs_reset:
             return
+        st = self.stats[pair]
+        delivered = st.rx_frames
         try:
             if self.has_feature(C.F_MRG_RXBUF):
                 self._rx_batch(pair)
             else:
                 self._rx_plain(pair)
+            if st.rx_frames != delivered:
+                # What the guest answers to these frames may be known to need nothing from us.
+                self._tx_skip_quiet(pair)
         except QueueError as err:
             guest_error_log.warning("virtio-net: rx queue %d broken: %s", 2 * pair, err)
             self._set_rx_armed(pair, False)

@@ -1,0 +1,122 @@
+"""Quiet frames: guest frames the backend expects and nothing waits on (take_quiet_tx)
+go without a kick. After a receive pass the transmit ring's avail_event is moved past
+them (§2.7.10), so the driver's next frame after them kicks as usual; the ring is
+looked at after TX_QUIET_WAIT whatever comes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from appliance.net.memory import MemoryLink
+from appliance.nic import constants as C
+from appliance.nic import virtio_net
+from appliance.nic.virtio_net import TX_QUIET_MAX, VirtioNet
+from appliance.virtio.testing import FakeDriver
+from tests.nic.test_virtio_net import MAC, OTHER, eth, hdr, post_rx, send_tx
+
+ACK = hdr() + eth(OTHER, b"a" * 40)
+
+
+class QuietLink(MemoryLink):
+    """A backend that expects ``quiet`` frames after each frame it hands the guest."""
+
+    def __init__(self, quiet: int) -> None:
+        super().__init__(vnet_hdr_len=C.HDR_LEN)
+        self.quiet = quiet
+
+    def take_quiet_tx(self) -> int:
+        n, self.quiet = self.quiet, 0
+        return n
+
+
+def make(quiet: int = 1, *, event_idx: bool = True) -> tuple[VirtioNet, FakeDriver, QuietLink]:
+    link = QuietLink(0)
+    dev = VirtioNet([link], MAC)
+    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=event_idx)
+    drv.activate()
+    post_rx(drv, 0, 2048, count=8)
+    drv.kick(0)
+    link.quiet = quiet
+    return dev, drv, link
+
+
+async def deliver(drv: FakeDriver, link: QuietLink) -> None:
+    """The backend hands the guest a frame (our FIN, say): a receive pass."""
+    link.inject(hdr(num_buffers=1) + eth(MAC))
+    await drv.wait_used(0)
+
+
+async def test_after_a_receive_pass_the_kick_waits_past_the_quiet_frame() -> None:
+    dev, drv, link = make(quiet=1)
+    send_tx(drv, 1, ACK)
+    drv.kick(1)  # an earlier frame: avail_event is re-armed at 1
+    assert drv.queues[1].avail_event == 1
+    await deliver(drv, link)
+    assert drv.queues[1].avail_event == 2
+    dev.reset()
+
+
+async def test_a_quiet_frame_is_taken_after_the_wait_without_a_kick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(virtio_net, "TX_QUIET_WAIT", 0.01)
+    dev, drv, link = make(quiet=1)
+    await deliver(drv, link)
+    send_tx(drv, 1, ACK)  # the driver sees avail_event 1 and does not kick
+    await drv.wait_used(1, timeout=2.0)
+    assert len(link.sent) == 1
+    assert drv.queues[1].avail_event == 1  # kicks for every frame again
+
+
+async def test_the_next_kick_takes_the_quiet_frame_and_ends_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(virtio_net, "TX_QUIET_WAIT", 30.0)
+    dev, drv, link = make(quiet=1)
+    await deliver(drv, link)
+    send_tx(drv, 1, ACK)  # quiet: no kick
+    send_tx(drv, 1, hdr() + eth(OTHER))  # the next one kicks
+    drv.kick(1)
+    assert len(link.sent) == 2 and drv.queues[1].avail_event == 2
+    assert dev._tx_quiet_timers[0] is None
+
+
+async def test_frames_already_sent_are_not_skipped() -> None:
+    """The driver published before the receive pass: its kick is on the way, avail_event stays."""
+    dev, drv, link = make(quiet=1)
+    send_tx(drv, 1, ACK)
+    await deliver(drv, link)
+    assert drv.queues[1].avail_event == 0
+    drv.kick(1)
+    assert len(link.sent) == 1
+
+
+async def test_at_most_tx_quiet_max_frames_are_skipped() -> None:
+    dev, drv, link = make(quiet=TX_QUIET_MAX + 5)
+    await deliver(drv, link)
+    assert drv.queues[1].avail_event == TX_QUIET_MAX
+    dev.reset()
+
+
+async def test_without_event_idx_nothing_is_skipped() -> None:
+    dev, drv, link = make(quiet=1, event_idx=False)
+    await deliver(drv, link)
+    assert dev._tx_quiet_timers[0] is None
+    assert link.quiet == 0
+
+
+async def test_a_pass_that_delivers_nothing_leaves_the_count() -> None:
+    dev, drv, link = make(quiet=1)
+    send_tx(drv, 1, ACK)
+    drv.kick(1)  # its receive pass finds nothing to deliver
+    assert link.quiet == 1 and drv.queues[1].avail_event == 1
+    await deliver(drv, link)
+    assert link.quiet == 0 and drv.queues[1].avail_event == 2
+    dev.reset()
+
+
+async def test_a_reset_cancels_the_wait() -> None:
+    dev, drv, link = make(quiet=1)
+    await deliver(drv, link)
+    assert dev._tx_quiet_timers[0] is not None
+    dev.reset()
+    assert dev._tx_quiet_timers[0] is None
+    await asyncio.sleep(0)
