@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,7 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--target-is-zero", action="store_true")
     p.add_argument("--bitmaps", action="store_true")
     p.add_argument("--skip-broken-bitmaps", action="store_true")
+    p.add_argument("--salvage", action="store_true")
     p.add_argument("files", nargs="*")
     a = p.parse_args(argv)
     if a.skip_broken_bitmaps and not a.bitmaps:
@@ -248,6 +249,8 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("Cannot enable copy offloading when -c is used")
     if a.copy_offload and a.sparse is not None:
         raise ConfigError("Cannot enable copy offloading when -S is used")
+    if a.copy_offload and a.salvage:
+        raise ConfigError("Cannot use copy offloading in salvaging mode")
     if a.sparse is None:
         a.sparse = "4k"
     rate = _rate_arg(a.rate)
@@ -305,7 +308,8 @@ async def cmd_convert(argv: list[str]) -> int:
                           explicit_zeroes=(a.no_create and not a.target_is_zero
                                            or a.backing is not None),
                           progress=a.progress and not a.quiet, workers=a.coroutines,
-                          file_copy=not a.force_share, rate=rate)
+                          file_copy=not a.force_share and not a.salvage, rate=rate,
+                          salvage=None if not a.salvage else (lambda m: None) if a.quiet else _warn)
             if a.bitmaps:
                 await _copy_bitmaps(parts[0], dst, a.skip_broken_bitmaps)
         finally:
@@ -455,8 +459,13 @@ def _write_all(fd: int, pos: int, view: memoryview) -> None:
 
 async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
                   explicit_zeroes: bool = False, progress: bool = False,
-                  workers: int = 8, file_copy: bool = True, rate: int = 0) -> None:
+                  workers: int = 8, file_copy: bool = True, rate: int = 0,
+                  salvage: Callable[[str], None] | None = None) -> None:
     """Copy every byte of ``src`` into ``dst`` (same size or larger).
+
+    With ``salvage`` (qemu-img --salvage) a read that fails is retried one
+    512-byte sector at a time, and each sector that still fails is written as
+    zeroes after ``salvage`` is told about it.
 
     With ``file_copy`` (not for sources others may be writing: ``-U``), data
     held in a buffered source file goes to a buffered target in the kernel:
@@ -530,7 +539,15 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 buf = (_aligned(CONVERT_CHUNK) if direct
                        else memoryview(bytearray(CONVERT_CHUNK)))
             view = buf[:length]
-            await src.readv(start, [view])
+            if salvage is None:
+                try:
+                    await src.readv(start, [view])
+                except (Qcow2Error, OSError) as err:
+                    # qemu-img's words; what broke is the image's business (check).
+                    raise Qcow2Error(f"error while reading at byte {start}: "
+                                     "Input/output error") from err
+            else:
+                await _read_salvaging(src, start, view, salvage)
             if compress:
                 await _write_compressed_chunk(dst, start, view)
             else:
@@ -545,6 +562,25 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     await dst.flush()
     prog.finish()
+
+
+def _warn(message: str) -> None:
+    print(f"appliance img: warning: {message}", file=sys.stderr)
+
+
+async def _read_salvaging(src: Any, start: int, view: memoryview, warn: Callable[[str], None]) -> None:
+    try:
+        await src.readv(start, [view])
+        return
+    except (Qcow2Error, OSError):
+        pass
+    for off in range(0, len(view), 512):
+        sector = view[off:off + 512]
+        try:
+            await src.readv(start + off, [sector])
+        except (Qcow2Error, OSError):
+            warn(f"error while reading offset {start + off}: Input/output error")
+            sector[:] = bytes(len(sector))
 
 
 async def _zero_gaps(dst: Any, start: int, length: int, runs: list[tuple[int, int]]) -> None:

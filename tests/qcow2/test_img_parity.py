@@ -849,3 +849,24 @@ def test_convert_bitmaps_refusals_are_qemu_imgs(tmp_path: Path) -> None:
         assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
     r = img("convert", "--skip-broken-bitmaps", "-O", "qcow2", "s.qcow2", "o5.qcow2", cwd=tmp_path)
     assert r.returncode == 2 and "requires --bitmaps" in r.stderr
+
+
+def test_convert_salvage_turns_unreadable_sectors_into_zeroes_as_qemu_img(tmp_path: Path) -> None:
+    p = tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1M")
+    qemu_io(p, "write -c -P 7 0 64k", "write -c -P 8 64k 64k", "write -P 9 128k 64k")
+    raw = bytearray(p.read_bytes())
+    l1 = int.from_bytes(raw[40:48], "big")
+    l2 = int.from_bytes(raw[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+    coff = int.from_bytes(raw[l2:l2 + 8], "big") & ((1 << 54) - 1)
+    raw[coff:coff + 64] = b"\xff" * 64  # the first compressed cluster no longer inflates
+    p.write_bytes(bytes(raw))
+    for args in (["-O", "raw", "c.qcow2", "o.raw"], ["--salvage", "-O", "raw", "c.qcow2", "o.raw"]):
+        ours, theirs = img("convert", *args, cwd=tmp_path), qimg("convert", *args, cwd=tmp_path)
+        assert ours.returncode == theirs.returncode, args
+        assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
+    assert qimg("convert", "--salvage", "-O", "raw", "c.qcow2", "q.raw", cwd=tmp_path).returncode == 0
+    assert img("convert", "--salvage", "-q", "-O", "raw", "c.qcow2", "a.raw", cwd=tmp_path).stderr == ""
+    data = (tmp_path / "a.raw").read_bytes()
+    assert data == (tmp_path / "q.raw").read_bytes()
+    assert data[:65536] == bytes(65536) and data[65536:131072] == b"\x08" * 65536
