@@ -184,12 +184,14 @@ class LoopPoller:
         self.misses = 0  # spins that ran out and blocked
         self.contended = 0  # waits not spun because another task wanted this CPU
         self.spun_ns = 0
-        # The loop thread's time spent runnable but not running (schedstat's
-        # run_delay): when it grows, this CPU is shared, and a spin only
-        # burns the slice the scheduler will then give to the other task.
         self._quiet_until = 0  # no spinning before this (perf_counter_ns)
         self._quiet_ns = QUIET_NS
         self._stale = False
+        # The loop thread's time spent runnable but not running (schedstat's
+        # run_delay): when it grows, this CPU is shared, and a spin only
+        # burns the slice the scheduler will then give to the other task.
+        # /proc/thread-self is the thread that opens it: register() runs on
+        # the loop's thread (LinuxAio is made there).
         try:
             self._schedstat: int | None = os.open("/proc/thread-self/schedstat",
                                                   os.O_RDONLY | os.O_CLOEXEC)

@@ -361,3 +361,24 @@ def test_contention_that_keeps_coming_back_lengthens_the_quiet_spell(
     assert poller._quiet_ns == 2 * first
     poller._back_off(poller._quiet_until + 10 * poller._quiet_ns)
     assert poller._quiet_ns == poll.QUIET_NS
+
+
+async def test_raw_backend_with_native_aio_polls_by_default(tmp_path: Path) -> None:
+    """Not only the qcow2 engine: any LinuxAio user (the raw backend, aio=native) is polled."""
+    from tests.storage.backends import make_raw_native
+
+    b = await make_raw_native(tmp_path, 1 << 20)
+    buf = memoryview(mmap.mmap(-1, 4096))
+    try:
+        buf[:] = b"\xa5" * 4096
+        assert await b.writev(8192, [buf]) == 4096
+        buf[:] = bytes(4096)
+        assert await b.readv(8192, [buf]) == 4096
+        assert bytes(buf) == b"\xa5" * 4096
+        poller = poll.poller_of(asyncio.get_running_loop())
+        if poller is None:
+            pytest.skip("no kernel AIO (or its ring) here")
+        assert poller.max_ns == poll.DEFAULT_MAX_NS
+    finally:
+        await b.close()
+    assert poll.poller_of(asyncio.get_running_loop()) is None
