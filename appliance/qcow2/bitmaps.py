@@ -150,3 +150,38 @@ async def add_bitmaps(img: Any, items: list[tuple[str, int, int, bytes]]) -> Non
     await img._sync()
     img.bitmaps = parse_directory(bytes(directory), d_off, len(entries))
     img._build_meta_set()
+
+
+async def replace_bitmaps(img: Any, items: list[tuple[str, int, int, bytes]]) -> None:
+    """Make ``items`` the image's whole set of bitmaps (none: the extension goes).
+
+    The new structures are written and the header switched before the old
+    directory, tables and data clusters are released, so a crash in between
+    only leaks them.
+    """
+    cs = img._cs
+    old: list[int] = []
+    h = img.header
+    ext = h.ext(H.EXT_BITMAPS)
+    if ext is not None:
+        _, size, off = parse_extension(ext)
+        old += range(off // cs, -(-(off + size) // cs))
+        for b in img.bitmaps:
+            old += range(b.table_offset // cs, -(-(b.table_offset + b.table_size * 8) // cs))
+            raw = await img._pread(b.table_offset, b.table_size * 8)
+            old += [e_off // cs for e in struct.unpack(f">{b.table_size}Q", raw)
+                    if (e_off := e & _TABLE_OFFSET)]
+    async with img._lock:
+        await img._flush_locked()
+        if items:
+            await add_bitmaps(img, items)
+        else:
+            h.set_ext(H.EXT_BITMAPS, None)
+            h.autoclear_features &= ~H.AUTOCLEAR_BITMAPS
+            await img._write_header()
+            await img._sync()
+            img.bitmaps = []
+        for c in sorted(set(old)):
+            await img._update_refcount(c, -1)
+        await img._flush_locked()
+        img._build_meta_set()

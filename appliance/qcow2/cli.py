@@ -29,7 +29,7 @@ from appliance.storage.formats import foreign_format_of, unsupported_message
 USAGE = """usage: appliance img <command> [options]
 
 commands: create, info, check, map, measure, convert, dd, snapshot, resize, commit,
-          rebase, compare, amend, bench   (same options as qemu-img)
+          rebase, compare, amend, bitmap, bench   (same options as qemu-img)
 """
 
 
@@ -1084,6 +1084,12 @@ async def cmd_compare(argv: list[str]) -> int:
     return await _lazy("cmd_compare", argv)
 
 
+async def cmd_bitmap(argv: list[str]) -> int:
+    from appliance.qcow2.bitmap_cmd import cmd_bitmap as bitmap
+
+    return int(await bitmap(argv))
+
+
 async def cmd_bench(argv: list[str]) -> int:
     from appliance.qcow2.img_bench import cmd_bench as bench
 
@@ -1104,5 +1110,6 @@ COMMANDS: dict[str, Callable[[list[str]], Any]] = {
     "rebase": cmd_rebase,
     "compare": cmd_compare,
     "amend": cmd_amend,
+    "bitmap": cmd_bitmap,
     "bench": cmd_bench,
 }

@@ -870,3 +870,36 @@ def test_convert_salvage_turns_unreadable_sectors_into_zeroes_as_qemu_img(tmp_pa
     data = (tmp_path / "a.raw").read_bytes()
     assert data == (tmp_path / "q.raw").read_bytes()
     assert data[:65536] == bytes(65536) and data[65536:131072] == b"\x08" * 65536
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd (qemu-utils) is not installed")
+def test_bitmap_command_does_what_qemu_img_bitmap_does(tmp_path: Path) -> None:
+    make = [["create", "-f", "qcow2", "i.qcow2", "32M"], ["bitmap", "--add", "i.qcow2", "live"],
+            ["create", "-f", "qcow2", "other.qcow2", "32M"], ["bitmap", "--add", "-g", "1M", "other.qcow2", "o"]]
+    q, a = _twin_dirs(tmp_path, make, {"i.qcow2": ["write -P 1 0 100k", "write -P 2 9M 64k"],
+                                        "other.qcow2": ["write -P 3 20M 4k"]})
+    _same_steps(q, a, [
+        ["bitmap", "--add", "i.qcow2", "live"],  # exists
+        ["bitmap", "--remove", "i.qcow2", "nope"],
+        ["bitmap", "--add", "-g", "1000", "i.qcow2", "bad"],
+        ["bitmap", "--add", "-g", "128k", "--disable", "--merge", "live", "i.qcow2", "copy"],
+        ["bitmap", "--add", "-g", "4k", "i.qcow2", "fine"],
+        ["bitmap", "--merge", "live", "i.qcow2", "fine"],
+        ["bitmap", "--merge", "o", "-b", "other.qcow2", "-F", "qcow2", "i.qcow2", "fine"],
+        ["bitmap", "--add", "i.qcow2", "gone"], ["bitmap", "--remove", "i.qcow2", "gone"],
+        ["bitmap", "--add", "i.qcow2", "wiped"], ["bitmap", "--merge", "live", "i.qcow2", "wiped"],
+        ["bitmap", "--clear", "--disable", "i.qcow2", "wiped"],
+    ])
+    infos = [json.loads(qimg("info", "--output=json", "i.qcow2", cwd=d).stdout)["format-specific"]["data"]
+             for d in (q, a)]
+    assert infos[0]["bitmaps"] == infos[1]["bitmaps"]
+    assert qimg("check", "i.qcow2", cwd=a).returncode == 0
+    for name in ("live", "copy", "fine", "wiped"):
+        assert (_dirty_map(a / "i.qcow2", name, tmp_path / "a.sock")
+                == _dirty_map(q / "i.qcow2", name, tmp_path / "q.sock")), name
+    # The last bitmap removed takes the extension with it.
+    for name in ("live", "copy", "fine", "wiped"):
+        assert img("bitmap", "--remove", "i.qcow2", name, cwd=a).returncode == 0
+    assert "bitmaps" not in json.loads(qimg("info", "--output=json", "i.qcow2", cwd=a).stdout)[
+        "format-specific"]["data"]
+    assert qimg("check", "i.qcow2", cwd=a).returncode == 0
