@@ -1049,8 +1049,10 @@ async def cmd_amend(argv: list[str]) -> int:
         raise ConfigError("Expecting one image file name")
     if not o:
         raise ConfigError("Must specify options (-o)")
-    img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False, cache=a.cache)
+    img = await _open(a.filename, a.fmt, read_only=False, backing=False, cache=a.cache)
     try:
+        if not isinstance(img, Qcow2Image):
+            raise Qcow2Error("Format driver 'raw' does not support option amendment")
         await amend(img, o)
     finally:
         await img.close()

@@ -195,8 +195,7 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
         if k in ("data_file", "data_file_raw"):
             raise Qcow2Error("data-file can only be set for images that use an external data file")
         if k in _CREATE_ONLY or k.startswith("encrypt."):
-            # qemu-img says this over two lines; one here.
-            raise Qcow2Error(f"Invalid parameter '{k}': this option is only supported for "
+            raise Qcow2Error(f"Invalid parameter '{k}'\nThis option is only supported for "
                              "image creation")
         raise ConfigError(f"Invalid parameter '{k}'")
     if lazy is not None:

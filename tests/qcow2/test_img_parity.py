@@ -903,3 +903,12 @@ def test_bitmap_command_does_what_qemu_img_bitmap_does(tmp_path: Path) -> None:
     assert "bitmaps" not in json.loads(qimg("info", "--output=json", "i.qcow2", cwd=a).stdout)[
         "format-specific"]["data"]
     assert qimg("check", "i.qcow2", cwd=a).returncode == 0
+
+
+def test_amend_of_a_raw_image_is_refused_as_qemu_img_refuses_it(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "q.qcow2"), "1M")
+    for args in (["-o", "size=2M", "r.raw"], ["-f", "raw", "-o", "size=2M", "q.qcow2"]):
+        ours, theirs = img("amend", *args, cwd=tmp_path), qimg("amend", *args, cwd=tmp_path)
+        assert ours.returncode == theirs.returncode == 1, (args, ours.stderr)
+        assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
