@@ -215,7 +215,14 @@ class LoopPoller:
     def select(self, timeout: float | None = None) -> Events:
         if (timeout is not None and timeout <= 0) or not self.max_ns:
             return self._select(timeout)
-        busy = [s for s in self.sources if s.in_flight()]
+        busy = []
+        for s in self.sources:
+            if s.in_flight():
+                if s.ring_ready():
+                    # Completed already (inside io_submit, or while callbacks
+                    # ran): no need to ask the kernel or look at the CPU.
+                    return self._ready(s)
+                busy.append(s)
         if not busy:
             return self._select(timeout)
         t0 = _now_ns()

@@ -189,17 +189,30 @@ def test_no_spin_without_requests_in_flight(bare: tuple[poll.LoopPoller, FakeRin
 
 
 def test_spin_returns_the_ring_fd_as_readable(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
-    """A completion seen in the ring makes its fd readable although nothing signalled it."""
+    """A completion seen in the ring while spinning makes its fd readable although nothing signalled it."""
     poller, ring = bare
     poller.ns = 1_000_000_000
     ring.pending = 1
-    ring.filled = True
+    threading.Timer(0.005, lambda: setattr(ring, "filled", True)).start()
     t0 = time.monotonic()
     events = poller.select(None)
     assert time.monotonic() - t0 < 0.5
     assert [(key.fd, key.data, mask) for key, mask in events] == [
         (ring.fd, "ring", selectors.EVENT_READ)]
     assert poller.hits == 1 and poller.misses == 0
+
+
+def test_a_completion_already_in_the_ring_is_returned_at_once(
+        bare: tuple[poll.LoopPoller, FakeRing], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing to wait for: no spin, no look at the CPU, not even with the window at 0."""
+    poller, ring = bare
+    monkeypatch.setattr(poller, "_shared_cpu", lambda: pytest.fail("looked at the CPU"))
+    ring.pending = 1
+    ring.filled = True
+    for ns in (0, 1_000_000):
+        poller.ns = ns
+        assert [key.fd for key, _ in poller.select(None)] == [ring.fd]
+    assert poller.hits == poller.misses == 0
 
 
 def test_window_grows_to_a_short_wait(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
@@ -311,7 +324,7 @@ def test_img_bench_refuses_bad_knob_with_exit_2(
 
 def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
         bare: tuple[poll.LoopPoller, FakeRing], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop thread waited on a run queue since the last wait: no spin, even with the ring ready."""
+    """The loop thread waited on a run queue since the last wait: it blocks instead of spinning."""
     poller, ring = bare
     delay = [0]
     poller._schedstat = os.open(os.devnull, os.O_RDONLY)  # read through the fake below
@@ -319,17 +332,19 @@ def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
     poller._run_delay = 0
     poller.ns = 1_000_000_000
     ring.pending = 1
-    ring.filled = True
     delay[0] = 5 * poll.CONTENDED_NS
-    assert poller.select(0.001) == []
-    assert poller.contended == 1 and poller.hits == 0 and poller.ns == 0
+    t0 = time.monotonic()
+    assert poller.select(0.002) == []
+    assert time.monotonic() - t0 < 0.5
+    assert poller.contended == 1 and poller.hits == poller.misses == 0 and poller.ns == 0
     # Inside the quiet spell a short wait does not grow the window back.
     assert poller.select(0.001) == []
-    assert poller.ns == 0 and poller.hits == 0
+    assert poller.ns == 0 and poller.hits == poller.misses == 0
     # After it, with the CPU to ourselves again, the spin is back.
     poller._quiet_until = 0
     poller.ns = 1_000_000_000
-    assert [key.fd for key, _ in poller.select(0.001)] == [ring.fd]
+    threading.Timer(0.005, lambda: setattr(ring, "filled", True)).start()
+    assert [key.fd for key, _ in poller.select(1)] == [ring.fd]
     assert poller.hits == 1 and poller.contended == 1
 
 
