@@ -35,7 +35,8 @@ exits and interrupts), and ``guest_irqs_per_conn`` counts the guest's virtio int
 ``--cprofile FILE`` runs it under cProfile, and ``--daemon-tree DIR`` runs it
 from another source tree (A/B runs of two versions, each against libslirp).
 
-Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3]``
+Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3]``;
+``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ PROFILE: list[Path] = []
 CPROFILE: list[Path] = []
 # --daemon-tree: our net-daemon is imported from this source tree (A/B of two versions of the stack).
 DAEMON_TREE: list[Path] = []
+# --compare-tree: a second net-daemon from this tree, measured beside ours as stack "ours-b"
+# (paired A/B rounds on the same noisy machine, each also against libslirp).
+COMPARE_TREE: list[Path] = []
 
 
 def cpu_seconds(task: str) -> float:
@@ -136,11 +140,11 @@ async def stack(
     """QEMU arguments for a NIC on the ``kind`` user-mode stack, with hostfwd to guest port 7000."""
     fwd = f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000"
     vec = ",vectors=0" if intx_all else ""
-    if kind == "appliance":
+    if kind in ("appliance", "ours-b"):
         sock = tmp / "user.sock"
-        dump = ["--object", f"filter-dump,id=f0,netdev=u0,file={pcap / 'appliance.pcap'}"] if pcap else []
+        dump = ["--object", f"filter-dump,id=f0,netdev=u0,file={pcap / (kind + '.pcap')}"] if pcap else []
         prof = ["-m", "cProfile", "-o", str(CPROFILE[0])] if CPROFILE else []
-        tree = DAEMON_TREE[0] if DAEMON_TREE else ROOT
+        tree = COMPARE_TREE[0] if kind == "ours-b" else DAEMON_TREE[0] if DAEMON_TREE else ROOT
         proc = subprocess.Popen(
             [sys.executable, *prof, "-m", "appliance.cli.main", "net-daemon", "--netdev", f"user,id=u0,{fwd}",
              "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}", *dump],
@@ -257,6 +261,8 @@ async def main_async(
 
     metrics = [m for m in METRICS if m in only]
     kinds = ["appliance", "libslirp"] + (["passt"] if shutil.which("passt") and not no_passt else [])
+    if COMPARE_TREE:
+        kinds.insert(1, "ours-b")
     results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in kinds}
     with tempfile.TemporaryDirectory() as d:
         Path(d).chmod(0o1777)  # passt drops root to nobody before making its socket
@@ -336,6 +342,7 @@ def main() -> int:
     p.add_argument("--profile", type=Path, help="py-spy our net-daemon in the connection rows (collapsed stacks)")
     p.add_argument("--cprofile", type=Path, help="run our net-daemon under cProfile, stats to this file")
     p.add_argument("--daemon-tree", type=Path, help="run our net-daemon from this source tree (A/B runs)")
+    p.add_argument("--compare-tree", type=Path, help="also run a net-daemon from this tree, as stack ours-b")
     a = p.parse_args()
     only = frozenset(a.only.split(","))
     if not only <= set(METRICS):
@@ -349,6 +356,8 @@ def main() -> int:
         CPROFILE.append(a.cprofile.resolve())
     if a.daemon_tree:
         DAEMON_TREE.append(a.daemon_tree.resolve())
+    if a.compare_tree:
+        COMPARE_TREE.append(a.compare_tree.resolve())
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
     return 0
