@@ -645,23 +645,37 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
             print(msg)
 
     common = min(i1.size, i2.size)
-    if i1.size != i2.size:
-        if strict:
-            say("Strict mode: Image size mismatch!")
-            return 1
-        say("Warning: Image size mismatch!")
+    if i1.size != i2.size and strict:
+        say("Strict mode: Image size mismatch!")
+        return 1
     # qemu-img walks both images by block status and reports the first
     # offset where status or contents differ: contents before the first
     # status mismatch are compared first, so that is the order here too.
     status_at = await _first_status_mismatch(i1, i2) if strict else None
     limit = common if status_at is None else status_at
     b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
+    zero = bytes(CHUNK)
+    # Stretches the block status says read as zeroes are not read: both
+    # zero is equal, one zero needs only the other side's bytes.
+    z1, z2 = _ZeroRuns(await _zero_runs(i1, limit)), _ZeroRuns(await _zero_runs(i2, limit))
     pos = 0
     while pos < limit:
-        n = min(CHUNK, limit - pos)
+        zero1, end1 = z1.at(pos)
+        zero2, end2 = z2.at(pos)
+        n = min(CHUNK, limit - pos, end1 - pos, end2 - pos)
+        if zero1 and zero2:
+            pos = min(limit, end1, end2)
+            continue
         v1, v2 = memoryview(b1)[:n], memoryview(b2)[:n]
-        await asyncio.gather(i1.readv(pos, [v1]), i2.readv(pos, [v2]))
-        if not b1.startswith(v2):
+        if zero1:
+            v1 = memoryview(zero)[:n]
+            await i2.readv(pos, [v2])
+        elif zero2:
+            v2 = memoryview(zero)[:n]
+            await i1.readv(pos, [v1])
+        else:
+            await asyncio.gather(i1.readv(pos, [v1]), i2.readv(pos, [v2]))
+        if not v1.tobytes().startswith(v2) if zero1 or zero2 else not b1.startswith(v2):
             at = _first_diff(v1, v2)
             say(f"Content mismatch at offset {pos + at}!")
             return 1
@@ -669,10 +683,17 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
     if status_at is not None:
         say(f"Strict mode: Offset {status_at} block status mismatch!")
         return 1
+    if i1.size != i2.size:
+        # Only once the common part is equal: the rest of the bigger image must read as zeroes.
+        say("Warning: Image size mismatch!")
     bigger = i1 if i1.size > i2.size else i2
-    zero = bytes(CHUNK)
+    zb = _ZeroRuns(await _zero_runs(bigger, bigger.size))
     while pos < bigger.size:
-        n = min(CHUNK, bigger.size - pos)
+        known, end = zb.at(pos)
+        if known:
+            pos = end
+            continue
+        n = min(CHUNK, bigger.size - pos, end - pos)
         v1 = memoryview(b1)[:n]
         await bigger.readv(pos, [v1])
         if not zero.startswith(v1):
@@ -682,6 +703,40 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
         pos += n
     say("Images are identical.")
     return 0
+
+
+async def _zero_runs(img: Any, limit: int) -> list[tuple[int, int]]:
+    """Merged [start, end) stretches below ``limit`` that read as zeroes through the chain."""
+    from appliance.qcow2.cli import chain_status
+
+    out: list[tuple[int, int]] = []
+    if limit <= 0:
+        return out
+    for start, n, _, _, reads_zero, kind, _ in await chain_status(img, 0, limit):
+        if not (reads_zero or kind == K_UNALLOC):  # unallocated through the chain: zeroes
+            continue
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], start + n)
+        else:
+            out.append((start, start + n))
+    return out
+
+
+class _ZeroRuns:
+    """Walks sorted zero stretches: at(pos) -> (reads zero, where that answer ends)."""
+
+    def __init__(self, runs: list[tuple[int, int]]) -> None:
+        self.runs = runs
+        self.i = 0
+
+    def at(self, pos: int) -> tuple[bool, int]:
+        runs = self.runs
+        while self.i < len(runs) and runs[self.i][1] <= pos:
+            self.i += 1
+        if self.i == len(runs):
+            return False, 1 << 63
+        s, e = runs[self.i]
+        return (True, e) if s <= pos else (False, s)
 
 
 async def _status_runs(img: Any) -> list[tuple[int, int, tuple[bool, bool, bool, bool]]]:

@@ -912,3 +912,27 @@ def test_amend_of_a_raw_image_is_refused_as_qemu_img_refuses_it(tmp_path: Path) 
         ours, theirs = img("amend", *args, cwd=tmp_path), qimg("amend", *args, cwd=tmp_path)
         assert ours.returncode == theirs.returncode == 1, (args, ours.stderr)
         assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
+
+
+def test_compare_skips_nothing_it_must_read_and_orders_messages_as_qemu_img(tmp_path: Path) -> None:
+    # Zero clusters, unallocated ranges, data, zeroes written as data, a
+    # bigger image with data or zeroes past the common end, raw and qcow2.
+    specs = {
+        "data.qcow2": ("8M", ["write -P 1 1M 64k"]),
+        "zflag.qcow2": ("8M", ["write -z 1M 64k"]),
+        "empty.qcow2": ("8M", []),
+        "zdata.qcow2": ("8M", ["write -P 0 1M 64k"]),
+        "late.qcow2": ("8M", ["write -P 2 7M 4k"]),
+        "bigtail.qcow2": ("12M", ["write -P 3 9M 4k"]),
+        "bigzero.qcow2": ("12M", ["write -z 9M 64k"]),
+    }
+    for name, (size, cmds) in specs.items():
+        qemu_img("create", "-f", "qcow2", str(tmp_path / name), size)
+        if cmds:
+            qemu_io(tmp_path / name, *cmds)
+    qemu_img("create", "-f", "raw", str(tmp_path / "hole.raw"), "8M")
+    names = [*specs, "hole.raw"]
+    for x in names:
+        for y in names:
+            for strict in ([], ["-s"]):
+                same_stdout_and_rc(tmp_path, "compare", *strict, x, y)
