@@ -947,13 +947,22 @@ async def cmd_rebase(argv: list[str]) -> int:
         cs = img._cs
         zero = bytes(cs)
         zeroes = img.header.version >= 3  # version 2 has no zero clusters
+        # Where the old view and the new backing file both read as zeroes
+        # (by their block status) nothing needs reading.
+        zold = _ZeroRuns(await _zero_runs(img, img.size))
+        znew = _ZeroRuns(await _zero_runs(new, min(new.size, img.size)) if new is not None else [])
         for kind, start, n, _ in await img.block_status(0, img.size):
             if kind != K_UNALLOC:
                 prog.add(n)
                 continue
             s = start
             while s < start + n:
-                m = min(CHUNK, start + n - s)
+                zo, eo = zold.at(s)
+                zn, en = znew.at(s) if new is not None and s < new.size else (True, 1 << 63)
+                m = min(CHUNK, start + n - s, eo - s, en - s)
+                if zo and zn:
+                    s += m
+                    continue
                 ov, nv = old_buf[:m], new_buf[:m]
                 await img.readv(s, [ov])
                 if new is not None and s < new.size:
