@@ -949,6 +949,7 @@ async def cmd_rebase(argv: list[str]) -> int:
         zeroes = img.header.version >= 3  # version 2 has no zero clusters
         # Where the old view and the new backing file both read as zeroes
         # (by their block status) nothing needs reading.
+        gran = cs // 32 if img._ext else cs
         zold = _ZeroRuns(await _zero_runs(img, img.size))
         znew = _ZeroRuns(await _zero_runs(new, min(new.size, img.size)) if new is not None else [])
         for kind, start, n, _ in await img.block_status(0, img.size):
@@ -959,10 +960,12 @@ async def cmd_rebase(argv: list[str]) -> int:
             while s < start + n:
                 zo, eo = zold.at(s)
                 zn, en = znew.at(s) if new is not None and s < new.size else (True, 1 << 63)
-                m = min(CHUNK, start + n - s, eo - s, en - s)
-                if zo and zn:
-                    s += m
+                lim = min(eo, en)
+                if zo and zn and lim // gran * gran > s:
+                    s = min(start + n, lim // gran * gran)
                     continue
+                # Whole clusters (subclusters) at a time, so zeroes can stay zero clusters.
+                m = min(CHUNK, start + n - s, -(-lim // gran) * gran - s)
                 ov, nv = old_buf[:m], new_buf[:m]
                 await img.readv(s, [ov])
                 if new is not None and s < new.size:
