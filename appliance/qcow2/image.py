@@ -1144,7 +1144,7 @@ class Qcow2Image:
         extend = False
         if fresh and host + cs > self._falloc_end:
             aio = self._aio
-            if self._regular and aio is not None and not aio.in_flight():
+            if whole and self._regular and aio is not None and not aio.in_flight():
                 # Nothing else in flight: write past the end of the file, as
                 # QEMU does. ext4 runs an O_DIRECT write that extends the file
                 # inside io_submit, with written extents: the loop waits out
@@ -1153,7 +1153,10 @@ class Qcow2Image:
                 # kworker does at completion for space reserved ahead (64k
                 # write qd1 ~130 -> ~110 us a request). With requests in
                 # flight that wait would hold them all up, so space is
-                # reserved ahead and the write stays asynchronous.
+                # reserved ahead and the write stays asynchronous. Only for
+                # a whole cluster: the next writes into the rest of a
+                # partly written one would lie past the end of the file too,
+                # off this fast path.
                 extend = True
                 if host + a + n > self._falloc_end:
                     self._falloc_end = host + a + n
