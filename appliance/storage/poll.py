@@ -158,6 +158,8 @@ def register(source: PollSource, loop: asyncio.AbstractEventLoop) -> LoopPoller 
             return None
         poller = LoopPoller(selector, max_ns())
         _pollers[loop] = poller
+        # A source never unregistered (its owner not closed) must not keep the fd open.
+        weakref.finalize(loop, poller.detach)
     poller.sources.append(source)
     return poller
 
