@@ -182,11 +182,39 @@ def _bool(v: str, what: str) -> bool:
 
 
 async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "writeback",
-                backing: bool = True, **kw: Any) -> Any:
+                backing: bool = True, share: bool = False, **kw: Any) -> Any:
+    """Open an image for a command; locked as qemu-img locks it unless ``share`` (-U)."""
     if not os.path.exists(path):
         raise Qcow2Error(f"Could not open '{path}': No such file or directory")
-    return await open_any(path, fmt, read_only=read_only, cache=cache,
-                          backing_override=None if backing else False, **kw)
+    img = await open_any(path, fmt, read_only=read_only, cache=cache,
+                         backing_override=None if backing else False, **kw)
+    if not share:
+        try:
+            lock_for_command(img, path, write=not read_only)
+        except BaseException:
+            await img.close()
+            raise
+    return img
+
+
+def lock_for_command(img: Any, path: str, *, write: bool) -> None:
+    """Take QEMU's permission locks on ``img`` (storage.locking), in qemu-img's words.
+
+    A VM (ours or QEMU's) writing the image refuses every command without
+    -U; one reading it refuses writers. The locks go with the image's fd.
+    """
+    from appliance.storage.errors import ImageLockedError
+    from appliance.storage.locking import lock_image
+
+    fd = getattr(img, "_fd", -1)
+    if fd < 0:
+        return
+    try:
+        lock_image(fd, path, write=write)
+    except ImageLockedError as err:
+        what = str(err).split(":")[0]
+        raise Qcow2Error(f"Could not open '{path}': {what}\n"
+                         f"Is another process using the image [{path}]?") from None
 
 
 def _chain(img: Any) -> list[Any]:
@@ -393,7 +421,7 @@ async def cmd_measure(argv: list[str]) -> int:
         raise ConfigError(f"Unknown file format '{a.out_fmt}'")
     src: Any = None
     if a.filename:
-        src = await _open(a.filename, a.fmt, read_only=True)
+        src = await _open(a.filename, a.fmt, read_only=True, share=a.force_share)
     try:
         if src is not None and a.snapshot is not None:
             from appliance.qcow2 import snapops
@@ -567,7 +595,7 @@ async def cmd_info(argv: list[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain)
+    img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain, share=a.force_share)
     try:
         infos = []
         names = [a.filename]
@@ -626,6 +654,12 @@ async def cmd_check(argv: list[str]) -> int:
     except Qcow2Error as err:
         print(f"appliance img: Could not open '{a.filename}': {err}", file=sys.stderr)
         return 1
+    if not a.force_share:
+        try:
+            lock_for_command(img, a.filename, write=a.repair is not None)
+        except BaseException:
+            await img.close()
+            raise
     bname = img.header.backing_file
     if bname and not resolve_backing(img.path, bname).exists():
         # qemu-img check opens the whole chain, so a missing backing file stops it.
@@ -897,7 +931,7 @@ async def cmd_map(argv: list[str]) -> int:
     p.add_argument("--max-length")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    img = await _open(a.filename, a.fmt, read_only=True)
+    img = await _open(a.filename, a.fmt, read_only=True, share=a.force_share)
     try:
         start = parse_size_arg(a.start_offset)
         length = img.size - start if a.max_length is None else min(
@@ -951,7 +985,7 @@ async def cmd_snapshot(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     ro = not (a.apply or a.create or a.delete)
-    img = await _open(a.filename, a.fmt, read_only=ro, backing=False)
+    img = await _open(a.filename, a.fmt, read_only=ro, backing=False, share=a.force_share and ro)
     if not isinstance(img, Qcow2Image):
         # A format without internal snapshots: an empty list, and each change
         # refused in qemu-img's words (-a opens the image a second time there,

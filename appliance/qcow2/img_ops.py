@@ -278,7 +278,8 @@ async def cmd_convert(argv: list[str]) -> int:
     parts: list[Any] = []
     try:
         for name in src_names:
-            parts.append(await _open(name, a.fmt, read_only=True, cache=a.src_cache))
+            parts.append(await _open(name, a.fmt, read_only=True, cache=a.src_cache,
+                                     share=a.force_share))
         if a.snapshot is not None:
             from appliance.qcow2 import snapops
 
@@ -296,6 +297,13 @@ async def cmd_convert(argv: list[str]) -> int:
         if not a.no_create:
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
+        try:
+            from appliance.qcow2.cli import lock_for_command
+
+            lock_for_command(dst, dst_name, write=True)
+        except BaseException:
+            await dst.close()
+            raise
         try:
             if a.target_is_zero and a.backing:
                 # -B names one; a target that has a backing file of its own is taken at
@@ -624,8 +632,8 @@ async def cmd_compare(argv: list[str]) -> int:
     p.add_argument("file2")
     a = p.parse_args(argv)
     try:
-        i1 = await _open(a.file1, a.fmt1, read_only=True, cache=a.cache)
-        i2 = await _open(a.file2, a.fmt2, read_only=True, cache=a.cache)
+        i1 = await _open(a.file1, a.fmt1, read_only=True, cache=a.cache, share=a.force_share)
+        i2 = await _open(a.file2, a.fmt2, read_only=True, cache=a.cache, share=a.force_share)
     except Qcow2Error as err:
         print(f"appliance img: {err}", file=sys.stderr)
         return 2
@@ -1072,7 +1080,7 @@ async def cmd_dd(argv: list[str]) -> int:
     if a.out_fmt not in ("raw", "qcow2"):
         raise ConfigError(f"Unknown file format '{a.out_fmt}'")
     try:
-        src = await _open(ops["if"], a.fmt, read_only=True)
+        src = await _open(ops["if"], a.fmt, read_only=True, share=a.force_share)
     except Qcow2Error as err:
         raise Qcow2Error(f"Could not open '{ops['if']}': {err}") from err
     try:

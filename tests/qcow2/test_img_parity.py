@@ -936,3 +936,27 @@ def test_compare_skips_nothing_it_must_read_and_orders_messages_as_qemu_img(tmp_
         for y in names:
             for strict in ([], ["-s"]):
                 same_stdout_and_rc(tmp_path, "compare", *strict, x, y)
+
+
+@pytest.mark.parametrize("holder_writes", [True, False])
+def test_commands_respect_qemus_image_locks_as_qemu_img_does(tmp_path: Path, holder_writes: bool) -> None:
+    from appliance.storage.locking import lock_image
+
+    p = tmp_path / "busy.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "16M")
+    # Another user of the image, holding QEMU's lock bytes (a VM writing it, or reading it).
+    fd = os.open(p, os.O_RDWR if holder_writes else os.O_RDONLY)
+    try:
+        lock_image(fd, str(p), write=holder_writes)
+        for args in (["info", "busy.qcow2"], ["info", "-U", "busy.qcow2"], ["check", "busy.qcow2"],
+                     ["map", "busy.qcow2"], ["snapshot", "-l", "busy.qcow2"], ["resize", "busy.qcow2", "+1M"],
+                     ["snapshot", "-c", "s", "busy.qcow2"], ["convert", "-O", "raw", "busy.qcow2", "o.raw"],
+                     ["convert", "-U", "-O", "raw", "busy.qcow2", "o.raw"], ["check", "-r", "all", "busy.qcow2"]):
+            ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+            assert ours.returncode == theirs.returncode, (args, ours.stderr, theirs.stderr)
+            assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
+            # each side's resize/snapshot must have done the same to the image
+            assert qimg("info", "-U", "--output=json", "busy.qcow2", cwd=tmp_path).returncode == 0
+    finally:
+        os.close(fd)
+    assert img("info", "busy.qcow2", cwd=tmp_path).returncode == 0  # the locks went with the fd
