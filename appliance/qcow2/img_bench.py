@@ -69,7 +69,8 @@ async def cmd_bench(argv: list[str]) -> int:
     else:
         poll.max_ns()  # a bad $APPLIANCE_POLL_MAX_NS is refused before the image opens
     kw = {"aio": a.aio} if a.aio == "threads" and (a.fmt or "qcow2") == "qcow2" else {}
-    img = await _open(a.filename, a.fmt, read_only=not a.write, cache=a.cache, **kw)
+    img = await _open(a.filename, a.fmt, read_only=not a.write, cache=a.cache,
+                      share=a.force_share, **kw)
     try:
         size = img.size
         # qemu-img bench prints these under -q too (its -q quiets nothing here).
