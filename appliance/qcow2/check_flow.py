@@ -33,10 +33,11 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
+from appliance.qcow2.check import CheckResult
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from appliance.qcow2.refcount import decode_block, encode_block
 
@@ -58,20 +59,9 @@ _IMRT_LIMIT = 1 << 31  # QEMU refuses images of more clusters (INT_MAX)
 
 
 @dataclass
-class CheckReport:
-    """One check pass: BdrvCheckResult plus the lines qemu-img writes to stderr."""
+class CheckReport(CheckResult):
+    """One check pass: QEMU's BdrvCheckResult, with the lines qemu-img writes to stderr."""
 
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list[str] = field(default_factory=list)
     # Set when the pass stopped early (qemu-img: "Check failed: <strerror>").
     failed: int = 0
 
