@@ -174,12 +174,16 @@ async def preallocate(img: object, mode: str) -> None:
     cs, cb = img._cs, img._cb
     nclusters = -(-img.size // cs)
     async with img._lock:
+        # Laid out as qemu-img lays them out: for metadata each L2 table
+        # before its data; for falloc/full one contiguous data run first and
+        # the L2 tables after it.
+        run = await img._alloc_clusters(nclusters) if mode != "metadata" and nclusters else None
         gc = 0
         while gc < nclusters:
             l1i = gc >> img._l2_bits
             n = min(nclusters - gc, img._l2_entries - (gc & (img._l2_entries - 1)))
             l2off, t = await img._l2_for_write(l1i)
-            start = await img._alloc_clusters(n)
+            start = run + gc if run is not None else await img._alloc_clusters(n)
             for k in range(n):
                 i = ((gc + k) & (img._l2_entries - 1)) * img._stride
                 t[i] = ((start + k) << cb) | COPIED
@@ -220,7 +224,13 @@ async def preallocate(img: object, mode: str) -> None:
                 d = pos
             if d >= end:
                 break
-            n = min(len(zero), end - d)
+            # ...and only up to where data starts again: the hole may be short
+            # (a partly written metadata cluster) with an L2 table right after it.
+            try:
+                nxt = os.lseek(img._fd, d, os.SEEK_DATA)
+            except OSError:
+                nxt = end
+            n = min(len(zero), end - d, nxt - d)  # d is in a hole, so nxt > d
             os.pwrite(img._fd, zero[:n], d)
             pos = d + n
     img.file_size = max(end, img.file_size)

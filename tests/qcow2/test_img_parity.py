@@ -960,3 +960,21 @@ def test_commands_respect_qemus_image_locks_as_qemu_img_does(tmp_path: Path, hol
     finally:
         os.close(fd)
     assert img("info", "busy.qcow2", cwd=tmp_path).returncode == 0  # the locks went with the fd
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("size", ["4M", "1G"])
+def test_preallocated_images_are_allocated_like_qemu_imgs(tmp_path: Path, mode: str, size: str) -> None:
+    # preallocation=full once zero-filled past the first hole over the L2
+    # table, leaving every cluster leaked and the disk unallocated.
+    for tool, name in ((qimg, "q.qcow2"), (img, "a.qcow2")):
+        assert tool("create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}", name, size,
+                    cwd=tmp_path).returncode == 0
+    r = qimg("check", "a.qcow2", cwd=tmp_path)
+    assert r.returncode == 0 and "No errors" in r.stdout, r.stdout
+    maps = [json.loads(qimg("map", "--output=json", n, cwd=tmp_path).stdout) for n in ("q.qcow2", "a.qcow2")]
+    shape = [[(e["start"], e["length"], e["present"], e["zero"], e["data"]) for e in m] for m in maps]
+    if mode != "metadata":  # one contiguous run of data in both
+        assert len(maps[0]) == len(maps[1]) == 1
+    assert shape[0] == shape[1]
+    assert (tmp_path / "a.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
