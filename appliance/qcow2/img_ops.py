@@ -317,7 +317,8 @@ async def cmd_convert(argv: list[str]) -> int:
                                            or a.backing is not None),
                           progress=a.progress and not a.quiet, workers=a.coroutines,
                           file_copy=not a.force_share and not a.salvage, rate=rate,
-                          salvage=None if not a.salvage else (lambda m: None) if a.quiet else _warn)
+                          salvage=None if not a.salvage else (lambda m: None) if a.quiet else _warn,
+                          top_only=a.backing is not None)
             if a.bitmaps:
                 await _copy_bitmaps(parts[0], dst, a.skip_broken_bitmaps)
         finally:
@@ -468,8 +469,12 @@ def _write_all(fd: int, pos: int, view: memoryview) -> None:
 async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
                   explicit_zeroes: bool = False, progress: bool = False,
                   workers: int = 8, file_copy: bool = True, rate: int = 0,
-                  salvage: Callable[[str], None] | None = None) -> None:
+                  salvage: Callable[[str], None] | None = None, top_only: bool = False) -> None:
     """Copy every byte of ``src`` into ``dst`` (same size or larger).
+
+    With ``top_only`` (a target with a backing file of its own, qemu-img
+    convert -B) only what the source's top image holds is copied: what it
+    leaves to its backing file is left to the target's, as qemu-img does.
 
     With ``salvage`` (qemu-img --salvage) a read that fails is retried one
     512-byte sector at a time, and each sector that still fails is written as
@@ -486,7 +491,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     limit = _RateLimit(rate)
     qdst = isinstance(dst, Qcow2Image)
     cs = dst._cs if qdst else 4096
-    gran = max(sparse, cs) if qdst else sparse
+    gran = (max(sparse, cs) if qdst else sparse) if sparse else 0
     dst_fd = -1
     # Into a qcow2 image the bytes are read once and written from that buffer:
     # scanning the source and then copying it file to file read it twice
@@ -499,8 +504,12 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     pos = 0
     while pos < size:
         n = min(CONVERT_CHUNK * 4, size - pos)
-        for start, length, _, _, _, kind, where in await chain_status(src, pos, n):
-            if kind in (K_UNALLOC, K_ZERO):
+        for start, length, _, _, _, kind, where in await _extents(src, pos, n, top_only):
+            if kind == K_BACKING:
+                prog.add(length)  # left to the target's own backing file
+                continue
+            # -S 0 means no sparse output at all: zeroes are written as data too.
+            if kind in (K_UNALLOC, K_ZERO) and sparse:
                 if explicit_zeroes:
                     await dst.write_zeroes(start, length, may_unmap=True)
                 prog.add(length)
@@ -557,7 +566,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             else:
                 await _read_salvaging(src, start, view, salvage)
             if compress:
-                await _write_compressed_chunk(dst, start, view)
+                await _write_compressed_chunk(dst, start, view, sparse=bool(sparse))
             else:
                 runs = _nonzero_runs(view, gran) if gran else [(0, length)]
                 async with write_lock:
@@ -570,6 +579,24 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     await dst.flush()
     prog.finish()
+
+
+K_BACKING = -1  # an extent a top-only convert leaves to the target's backing file
+
+
+async def _extents(src: Any, pos: int, n: int, top_only: bool) -> list[tuple[int, int, int, bool, bool, int, Any]]:
+    """What convert copies of [pos, pos+n): the whole chain's view, or only the top image's."""
+    if not top_only:
+        return await chain_status(src, pos, n)
+    has_backing = getattr(src, "backing", None) is not None
+    out: list[tuple[int, int, int, bool, bool, int, Any]] = []
+    for kind, start, length, _ in await src.block_status(pos, n):
+        if kind == K_UNALLOC:
+            # Unallocated over a backing file: the backing file's business;
+            # with none, it reads as zeroes, which the target must be told.
+            kind = K_BACKING if has_backing else K_ZERO
+        out.append((start, length, 0, True, kind == K_ZERO, kind, None))
+    return out
 
 
 def _warn(message: str) -> None:
@@ -600,7 +627,9 @@ async def _zero_gaps(dst: Any, start: int, length: int, runs: list[tuple[int, in
         prev = b
 
 
-async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview) -> None:
+async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview,
+                                  sparse: bool = True) -> None:
+    """Compress whole clusters of ``view`` into ``dst``; zero ones only without ``sparse`` (-S 0)."""
     cs = dst._cs
     pos = 0
     zero = bytes(cs)
@@ -611,7 +640,7 @@ async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview)
         piece = view[pos : pos + n]
         if head or (n < cs and off + n < dst.size):
             await dst.writev(off, [piece])
-        elif not zero.startswith(piece):
+        elif not sparse or not zero.startswith(piece):
             await dst.write_compressed(off, bytes(piece))
         pos += n
 

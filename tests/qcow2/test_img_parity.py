@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -978,3 +979,38 @@ def test_preallocated_images_are_allocated_like_qemu_imgs(tmp_path: Path, mode: 
         assert len(maps[0]) == len(maps[1]) == 1
     assert shape[0] == shape[1]
     assert (tmp_path / "a.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
+
+
+def _map_shape(path: Path) -> list[tuple[int, int, tuple[bool, bool, int, bool]]]:
+    """map --output=json with extents of the same kind merged (host offsets aside)."""
+    out: list[list[Any]] = []
+    for e in json.loads(qimg("map", "--output=json", str(path), cwd=path.parent).stdout):
+        k = (e["zero"], e["data"], e["depth"], e["present"])
+        if out and out[-1][2] == k and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], k])
+    return [(s, n, k) for s, n, k in out]
+
+
+@pytest.mark.parametrize("opts", [["-O", "qcow2", "-S", "0"], ["-O", "raw", "-S", "0"],
+                                  ["-O", "qcow2", "-S", "0", "-c"],
+                                  ["-O", "qcow2", "-B", "base.raw", "-F", "raw"],
+                                  ["-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2"],
+                                  ["-O", "qcow2", "-c", "-B", "base.raw", "-F", "raw"]])
+@pytest.mark.parametrize("src", ["top.qcow2", "base.raw"])
+def test_convert_allocates_the_target_as_qemu_img_for_S0_and_B(tmp_path: Path, opts: list[str], src: str) -> None:
+    # -S 0 writes zeroes as data; -B copies only what the source's top image
+    # holds and leaves the rest to the target's backing file.
+    make = [["create", "-f", "raw", "base.raw", "8M"],
+            ["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "mid.qcow2"],
+            ["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"]]
+    q, a = _twin_dirs(tmp_path, make, {"top.qcow2": ["write -P 3 0 4k", "write -z 2M 64k", "discard 5M 64k"]})
+    for d in (q, a):
+        qemu_io(d / "base.raw", "write -P 1 0 1M", "write -P 2 5M 64k", fmt="raw")
+        qemu_io(d / "mid.qcow2", "write -P 4 3M 64k")
+    assert qimg("convert", *opts, src, "out.img", cwd=q).returncode == 0
+    r = img("convert", *opts, src, "out.img", cwd=a)
+    assert r.returncode == 0, r.stderr
+    assert _map_shape(a / "out.img") == _map_shape(q / "out.img")
+    assert qimg("compare", "-q", str(q / "out.img"), str(a / "out.img"), cwd=tmp_path).returncode == 0
