@@ -1035,6 +1035,9 @@ async def cmd_resize(argv: list[str]) -> int:
     # The size comes last and may start with "-" (shrink by), which is not an option.
     relative = argv and argv[-1][:1] in "+-" and "--" not in argv
     a = p.parse_args(argv[:-1] + ["--", argv[-1]] if relative else argv)
+    prealloc = a.preallocation
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise Qcow2Error(f"Invalid preallocation mode '{prealloc}'")
     img = await _open(a.filename, a.fmt, read_only=False, backing=False)
     try:
         text = a.size
@@ -1051,12 +1054,27 @@ async def cmd_resize(argv: list[str]) -> int:
                   "shrunken image's end. Before performing such an operation, make sure there "
                   "is no important data there.", file=sys.stderr)
             return 1
+        if prealloc != "off" and new < img.size:
+            raise Qcow2Error("Preallocation can only be used for growing images")
+        old = img.size
         if isinstance(img, Qcow2Image):
+            from appliance.qcow2.create import preallocate
             from appliance.qcow2.ops import resize
 
             await resize(img, new)
+            if prealloc != "off" and new > old:
+                await preallocate(img, prealloc, first=-(-old // img._cs))
         else:
+            if prealloc == "metadata":
+                raise Qcow2Error("Unsupported preallocation mode: metadata")
             os.ftruncate(img._fd, new)
+            if new > old and prealloc == "falloc":
+                os.posix_fallocate(img._fd, old, new - old)
+            elif new > old and prealloc == "full":
+                zero = bytes(1 << 20)
+                pos = old
+                while pos < new:
+                    pos += os.pwrite(img._fd, zero[:min(len(zero), new - pos)], pos)
     finally:
         await img.close()
     if not a.quiet:

@@ -164,75 +164,62 @@ async def create_image(path: str | os.PathLike[str], opts: CreateOptions) -> Non
             await img.close()
 
 
-async def preallocate(img: object, mode: str) -> None:
-    """Allocate L2 tables and data clusters for the whole disk (metadata|falloc|full)."""
+async def preallocate(img: object, mode: str, first: int = 0) -> None:
+    """Allocate L2 tables and data clusters (metadata|falloc|full) from guest cluster ``first`` on.
+
+    ``first`` > 0 is a resize's new tail; the clusters there are unallocated.
+    """
     from appliance.qcow2.image import COPIED, Qcow2Image
 
     assert isinstance(img, Qcow2Image)
     if mode not in ("metadata", "falloc", "full"):
         raise Qcow2Error(f"Invalid preallocation mode: '{mode}'")
     cs, cb = img._cs, img._cb
-    nclusters = -(-img.size // cs)
+    total = -(-img.size // cs)
+    count = max(0, total - first)
     async with img._lock:
         # Laid out as qemu-img lays them out: for metadata each L2 table
         # before its data; for falloc/full one contiguous data run first and
         # the L2 tables after it.
-        run = await img._alloc_clusters(nclusters) if mode != "metadata" and nclusters else None
-        gc = 0
-        while gc < nclusters:
+        run = await img._alloc_clusters(count) if mode != "metadata" and count else None
+        gc = first
+        while gc < total:
             l1i = gc >> img._l2_bits
-            n = min(nclusters - gc, img._l2_entries - (gc & (img._l2_entries - 1)))
+            n = min(total - gc, img._l2_entries - (gc & (img._l2_entries - 1)))
             l2off, t = await img._l2_for_write(l1i)
-            start = run + gc if run is not None else await img._alloc_clusters(n)
+            start = run + gc - first if run is not None else await img._alloc_clusters(n)
             for k in range(n):
                 i = ((gc + k) & (img._l2_entries - 1)) * img._stride
                 t[i] = ((start + k) << cb) | COPIED
                 if img._ext:
-                    t[i + 1] = 0xFFFFFFFF
+                    # Host cluster kept, every subcluster still unallocated
+                    # (qcow2.txt, extended L2 bitmap): reads keep going to the
+                    # backing file, which is why QEMU allows preallocating an
+                    # overlay only with extended L2 entries.
+                    t[i + 1] = 0
             img._l2_dirty.add(l2off)
             gc += n
         await img._flush_locked()
-    end = img.file_size
-    for off in [img.header.l1_table_offset]:
-        del off
+    # The allocator hands out clusters up to the last one counted; the file
+    # must reach that far even where nothing was written.
     last = 0
-    # The allocator hands out clusters up to this point; make the file that long.
     c = 0
     while True:
-        rc = await img.refcount(c)
-        if rc:
+        if await img.refcount(c):
             last = c
-        if c > (img.file_size >> cb) + nclusters + 16:
+        if c > (img.file_size >> cb) + count + 16:
             break
         c += 1
     end = (last + 1) << cb
-    if mode == "metadata":
-        os.ftruncate(img._fd, max(end, img.file_size))
-    elif mode == "falloc":
-        os.posix_fallocate(img._fd, 0, end)
-    else:
+    os.ftruncate(img._fd, max(end, img.file_size))
+    if run is not None and mode == "falloc":
+        os.posix_fallocate(img._fd, run << cb, count << cb)
+    elif run is not None:
+        # full: the new data run holds written zeroes (no file holes).
         zero = bytes(1 << 20)
-        pos = img.file_size
-        os.ftruncate(img._fd, max(end, img.file_size))
-        pos = 0
-        while pos < end:
-            n = min(len(zero), end - pos)
-            # Only fill where the file has no data yet (holes past the metadata).
-            try:
-                d = os.lseek(img._fd, pos, os.SEEK_HOLE)
-            except OSError:
-                d = pos
-            if d >= end:
-                break
-            # ...and only up to where data starts again: the hole may be short
-            # (a partly written metadata cluster) with an L2 table right after it.
-            try:
-                nxt = os.lseek(img._fd, d, os.SEEK_DATA)
-            except OSError:
-                nxt = end
-            n = min(len(zero), end - d, nxt - d)  # d is in a hole, so nxt > d
-            os.pwrite(img._fd, zero[:n], d)
-            pos = d + n
+        pos, stop = run << cb, (run + count) << cb
+        while pos < stop:
+            pos += os.pwrite(img._fd, zero[:min(len(zero), stop - pos)], pos)
     img.file_size = max(end, img.file_size)
 
 

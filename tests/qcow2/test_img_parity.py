@@ -1014,3 +1014,29 @@ def test_convert_allocates_the_target_as_qemu_img_for_S0_and_B(tmp_path: Path, o
     assert r.returncode == 0, r.stderr
     assert _map_shape(a / "out.img") == _map_shape(q / "out.img")
     assert qimg("compare", "-q", str(q / "out.img"), str(a / "out.img"), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_preallocated_overlay_with_extended_l2_keeps_showing_its_backing_file(tmp_path: Path, mode: str) -> None:
+    # Preallocated clusters keep every subcluster unallocated: an overlay made
+    # that way read zeroes over its backing file before.
+    qemu_img("create", "-f", "raw", str(tmp_path / "base.raw"), "4M")
+    qemu_io(tmp_path / "base.raw", "write -P 7 0 4M", fmt="raw")
+    for tool, name in ((qimg, "q.qcow2"), (img, "a.qcow2")):
+        assert tool("create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}",
+                    "-b", "base.raw", "-F", "raw", name, cwd=tmp_path).returncode == 0
+    assert qimg("compare", "a.qcow2", "base.raw", cwd=tmp_path).returncode == 0
+    assert qimg("check", "a.qcow2", cwd=tmp_path).returncode == 0
+    assert _map_shape(tmp_path / "a.qcow2") == _map_shape(tmp_path / "q.qcow2")
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full", "bogus"])
+def test_resize_preallocation_does_what_qemu_img_does(tmp_path: Path, fmt: str, mode: str) -> None:
+    q, a = _twin_dirs(tmp_path, [["create", "-f", fmt, "i.img", "4M"]], {"i.img": ["write -P 1 0 64k"]}
+                      if fmt == "qcow2" else {})
+    for args in (["-f", fmt, f"--preallocation={mode}", "i.img", "+4M"],
+                 ["-f", fmt, "--shrink", f"--preallocation={mode}", "i.img", "2M"]):
+        _same_steps(q, a, [["resize", *args]])
+    assert _map_shape(a / "i.img") == _map_shape(q / "i.img")
+    assert qimg("compare", "-q", str(q / "i.img"), str(a / "i.img"), cwd=tmp_path).returncode == 0
