@@ -39,7 +39,7 @@ class BlkDeviceConfig:
     SYNTAX = (
         "virtio-blk-pci,drive=<id|node>[,num-queues=n][,queue-size=n][,serial=str][,addr=slot][,id=str]"
         "[,logical_block_size=n][,physical_block_size=n][,discard=on|off][,write-zeroes=on|off]"
-        "[,event_idx=on|off][,indirect_desc=on|off]"
+        "[,event_idx=on|off][,indirect_desc=on|off][,iothread=id]"
     )
     drive: str
     num_queues: int | None = None
@@ -52,6 +52,7 @@ class BlkDeviceConfig:
     discard: bool = True
     write_zeroes: bool = True
     features_off: int = 0
+    iothread: str | None = None
 
     @classmethod
     def parse(cls, o: OptionDict) -> BlkDeviceConfig:
@@ -76,7 +77,7 @@ class BlkDeviceConfig:
                 features_off |= 1 << bit
         cfg = cls(drive, num_queues, queue_size, o.take("serial"), _checked_addr(o, what), o.take("id"),
                   logical, physical, o.take_bool("discard", True), o.take_bool("write-zeroes", True),
-                  features_off)
+                  features_off, o.take("iothread"))
         # Firmware-only, or QEMU tuning with nothing to tune here: accepted as QEMU does.
         for key in ("bootindex", "romfile"):
             o.take(key)
@@ -139,6 +140,8 @@ class DevicePlan:
     blockdevs: dict[str, BlockdevConfig] = field(default_factory=dict)
     netdevs: dict[str, object] = field(default_factory=dict)
     rng_objects: dict[str, str] = field(default_factory=dict)
+    # -object iothread: id -> its poll-max-ns (None: QEMU's default)
+    iothreads: dict[str, int | None] = field(default_factory=dict)
     dumps: list[object] = field(default_factory=list)
     snapshot: bool = False
     net_none: bool = False
@@ -263,8 +266,10 @@ def _device(a: RunArgs, v: str) -> None:
 
 @option(
     "-object",
-    "rng-random,id=ID,filename=PATH | rng-builtin,id=ID | filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]",
-    "an entropy source for virtio-rng-pci, or a pcap capture of a netdev",
+    "rng-random,id=ID,filename=PATH | rng-builtin,id=ID | filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]"
+    " | iothread,id=ID[,poll-max-ns=NS]",
+    "an entropy source for virtio-rng-pci, a pcap capture of a netdev, or an I/O thread for "
+    "virtio-blk-pci,iothread=ID (its poll-max-ns bounds how long disk completions are polled for)",
 )
 def _object(a: RunArgs, v: str) -> None:
     from appliance.nic.config import FilterDumpConfig
@@ -275,8 +280,12 @@ def _object(a: RunArgs, v: str) -> None:
     if kind == "filter-dump":
         plan.dumps.append(FilterDumpConfig.parse(v))
         return
+    if kind == "iothread":
+        _iothread(plan, o)
+        return
     if kind not in ("rng-random", "rng-builtin"):
-        raise ConfigError(f"-object: type '{kind}' is not supported (rng-random, rng-builtin, filter-dump)")
+        raise ConfigError(f"-object: type '{kind}' is not supported "
+                          "(rng-random, rng-builtin, filter-dump, iothread)")
     o.take("qom-type")
     o.option = f"-object {kind}"
     ident = o.require("id")
@@ -287,6 +296,27 @@ def _object(a: RunArgs, v: str) -> None:
     if not filename:
         raise ConfigError(f"-object {kind}: filename is empty")
     plan.rng_objects[ident] = filename
+
+
+def _iothread(plan: DevicePlan, o: OptionDict) -> None:
+    """``-object iothread``: the disks naming it share one event loop here
+    (every device has its own thread already, DESIGN.md §1); what carries
+    over is poll-max-ns, the bound on polling disk completions
+    (storage.poll). QEMU's other tuning knobs are taken and have nothing to
+    tune."""
+    from appliance.storage import poll
+
+    o.take("qom-type")
+    o.option = "-object iothread"
+    ident = o.require("id")
+    text = o.take("poll-max-ns")
+    value = None if text is None else poll.parse_max_ns(text, "-object iothread,poll-max-ns")
+    for key in ("poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"):
+        o.take_int(key, None, minimum=0)
+    o.finish()
+    if ident in plan.iothreads or ident in plan.rng_objects:
+        raise ConfigError(f"-object: duplicate id '{ident}'")
+    plan.iothreads[ident] = value
 
 
 @option(
@@ -357,6 +387,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     writers: dict[str, str] = {}
     macs = 0
     nics = 0
+    poll_ceilings: list[int] = []
 
     def claim(name: str, by: str) -> None:
         if name in used_drives:
@@ -387,6 +418,13 @@ def resolve(plan: DevicePlan) -> list[object]:
             addrs.append(addr)
         elif isinstance(entry, BlkDeviceConfig):
             what = "-device virtio-blk-pci"
+            if entry.iothread is not None:
+                if entry.iothread not in plan.iothreads:
+                    raise ConfigError(f"{what}: Property 'virtio-blk-device.iothread' can't find "
+                                      f"value '{entry.iothread}'")
+                ns = plan.iothreads[entry.iothread]
+                if ns is not None:
+                    poll_ceilings.append(ns)
             drive = plan.drives.get(entry.drive)
             if drive is not None:
                 if drive.interface != "none":
@@ -466,6 +504,11 @@ def resolve(plan: DevicePlan) -> list[object]:
         plan_slots(addrs)
     except PciError as err:
         raise ConfigError(f"-device: {err}") from None
+    if poll_ceilings:
+        from appliance.storage import poll
+
+        # One loop serves every disk here: the widest window any iothread allows.
+        poll.set_max_ns(max(poll_ceilings))
     return specs
 
 

@@ -92,6 +92,26 @@ def test_rng_with_object_and_default(tmp_path: Path) -> None:
     assert (a.filename, a.addr, b.filename) == ("/dev/random", PciAddress(7, 0), "/dev/urandom")
 
 
+def test_iothread_objects_are_taken_and_their_poll_max_ns_bounds_disk_polling(disk: Path) -> None:
+    from appliance.storage import poll
+
+    before = poll.max_ns()
+    try:
+        (blk,) = devices("-object", "iothread,id=io0,poll-max-ns=32768,poll-grow=2,aio-max-batch=8",
+                         "-object", "iothread,id=io1",
+                         "-drive", f"file={disk},format=raw,if=none,id=d0",
+                         "-device", "virtio-blk-pci,drive=d0,iothread=io0")
+        assert isinstance(blk, BlkSpec)
+        assert poll.max_ns() == 32768
+        # an iothread without poll-max-ns leaves the default alone
+        poll.set_max_ns(before)
+        devices("-object", "iothread,id=io1", "-drive", f"file={disk},format=raw,if=none,id=d0",
+                "-device", "virtio-blk-pci,drive=d0,iothread=io1")
+        assert poll.max_ns() == before
+    finally:
+        poll.set_max_ns(before)
+
+
 def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
     a, b, c = devices(
         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,host_mtu=9000",
@@ -152,6 +172,11 @@ BAD = [
     (["-object", "memory-backend-ram,id=m,size=1G"], "memory-backend-ram"),
     (["-object", "rng-egd,id=r,chardev=c"], "rng-egd"),
     (["-object", "rng-random,id=r", "-object", "rng-random,id=r"], "duplicate id 'r'"),
+    (["-object", "iothread,id=io", "-object", "iothread,id=io"], "duplicate id 'io'"),
+    (["-object", "iothread,id=io,poll-max-ns=-1"], "'-1'"),
+    (["-object", "iothread,id=io,poll-max-ns=99999999999"], "99999999999"),
+    (["-drive", "file={disk},if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,iothread=nope"],
+     "can't find value 'nope'"),
     (["-blockdev", "driver=nbd,node-name=n"], "'nbd'"),
     (["-blockdev", "driver=file,filename={disk}"], "'node-name'"),
     (["-blockdev", "driver=file,node-name=f,filename={disk},aio=native"], "cache.direct"),
