@@ -173,7 +173,7 @@ BAD = [
     (["-object", "rng-egd,id=r,chardev=c"], "rng-egd"),
     (["-object", "rng-random,id=r", "-object", "rng-random,id=r"], "duplicate id 'r'"),
     (["-object", "iothread,id=io", "-object", "iothread,id=io"], "duplicate id 'io'"),
-    (["-object", "iothread,id=io,poll-max-ns=-1"], "'-1'"),
+    (["-object", "iothread,id=io,poll-max-ns=-1"], "-1 is out of range"),
     (["-object", "iothread,id=io,poll-max-ns=99999999999"], "99999999999"),
     (["-drive", "file={disk},if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,iothread=nope"],
      "can't find value 'nope'"),
