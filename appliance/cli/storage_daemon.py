@@ -63,8 +63,11 @@ Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
                          the same with its file node written inline
   --export [type=]vhost-user-blk,id=<id>,node-name=<name>,addr.type=unix,
            addr.path=<socket>[,writable=on|off][,num-queues=<n>]
-           [,logical-block-size=<bytes>][,serial=<str>]
+           [,logical-block-size=<bytes>][,serial=<str>][,iothread=<id>]
                          serve a node as a vhost-user-blk device
+  --object iothread,id=<id>[,poll-max-ns=<ns>]
+                         an I/O thread for exports; its poll-max-ns bounds how
+                         long disk completions are polled for (default 100000)
   --chardev socket,id=<id>,path=<path>[,server=on|off][,wait=on|off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on|off][,wait=on|off]
                          a socket for --monitor (server,nowait also accepted)
@@ -92,6 +95,7 @@ class ExportConfig:
     num_queues: int = 1
     logical_block_size: int = 512
     serial: str | None = None
+    iothread: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ExportConfig:
@@ -116,8 +120,10 @@ class ExportConfig:
         if lbs & (lbs - 1) or lbs > 2 << 20:
             raise ConfigError(f"--export: logical-block-size={lbs} is not a power of two up to 2097152")
         serial = o.take("serial")
+        iothread = o.take("iothread")
+        o.take_bool("fixed-iothread", False)
         o.finish()
-        return cls(ident, node, path, writable, num_queues, lbs, serial)
+        return cls(ident, node, path, writable, num_queues, lbs, serial, iothread)
 
 
 @dataclass(slots=True)
@@ -129,6 +135,8 @@ class DaemonConfig:
     chardevs: dict[str, ChardevConfig] = field(default_factory=dict)
     # (chardev id, pretty) per --monitor
     monitors: list[tuple[str, bool]] = field(default_factory=list)
+    # --object iothread: id -> poll-max-ns (None: the default)
+    iothreads: dict[str, int | None] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Cross-option checks: unique names, existing references, no conflicting writers."""
@@ -159,6 +167,8 @@ class DaemonConfig:
             if e.path in paths:
                 raise ConfigError(f"--export: socket '{e.path}' is used twice")
             paths.add(e.path)
+            if e.iothread is not None and e.iothread not in self.iothreads:
+                raise ConfigError(f'--export: iothread "{e.iothread}" not found')
             node = nodes.get(e.node_name)
             if node is None:
                 raise ConfigError(f"--export: node '{e.node_name}' does not exist")
@@ -170,7 +180,28 @@ class DaemonConfig:
                 writers.add(e.node_name)
 
 
-_OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile", "--chardev", "--monitor"}
+_OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile", "--chardev", "--monitor", "--object"}
+
+
+def parse_object(text: str, iothreads: dict[str, int | None]) -> None:
+    """``--object iothread,id=ID[,poll-max-ns=NS]``: exports naming it share our one
+    loop; its poll-max-ns bounds how long disk completions are polled for
+    (storage.poll). QEMU's other iothread knobs are taken with nothing to tune."""
+    from appliance.storage import poll
+
+    o = parse_option("--object", text, implied="qom-type")
+    kind = o.require("qom-type")
+    if kind != "iothread":
+        raise ConfigError(f"--object: type '{kind}' is not supported (iothread)")
+    ident = o.require("id")
+    ns_text = o.take("poll-max-ns")
+    ns = None if ns_text is None else poll.parse_max_ns(ns_text, "--object iothread,poll-max-ns")
+    for key in ("poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"):
+        o.take_int(key, None, minimum=0)
+    o.finish()
+    if ident in iothreads:
+        raise ConfigError(f"--object: duplicate id '{ident}'")
+    iothreads[ident] = ns
 
 
 def parse_chardev(text: str) -> ChardevConfig:
@@ -253,6 +284,8 @@ def parse_args(argv: list[str]) -> DaemonConfig:
             cfg.chardevs[cd.id] = cd
         elif name == "--monitor":
             cfg.monitors.append(parse_monitor(value))
+        elif name == "--object":
+            parse_object(value, cfg.iothreads)
         else:
             cfg.pidfile = value
     if not cfg.help:
@@ -292,6 +325,12 @@ class StorageDaemon:
     def __init__(self, config: DaemonConfig) -> None:
         config.validate()
         self.config = config
+        ceilings = [config.iothreads[e.iothread] for e in config.exports if e.iothread is not None]
+        if any(ns is not None for ns in ceilings):
+            from appliance.storage import poll
+
+            # One loop serves every export: the widest window any iothread allows.
+            poll.set_max_ns(max(ns for ns in ceilings if ns is not None))
         self.exports: dict[str, Export] = {}
         self._images: dict[str, OpenImage] = {}
         # Set by quit (QMP), a signal, or anyone who wants the daemon to end.

@@ -83,6 +83,14 @@ def test_help_lists_blockdev_and_export(capsys: pytest.CaptureFixture[str]) -> N
             "node 'g' does not exist",
         ),
         (["--export"], "requires an argument"),
+        (
+            ["--blockdev", "driver=file,node-name=f,filename=x",
+             "--export", "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/s,iothread=io9"],
+            'iothread "io9" not found',
+        ),
+        (["--object", "secret,id=s0,data=x"], "type 'secret'"),
+        (["--object", "iothread,id=io0,poll-max-ns=x"], "'x'"),
+        (["--object", "iothread,id=io0", "--object", "iothread,id=io0"], "duplicate id 'io0'"),
         (["--blockdev", "file,node-name=f,filename=x,detect-zeroes=unmap"], "detect-zeroes=unmap"),
         ([], "no --export"),
     ],
@@ -116,6 +124,25 @@ def test_equals_form_and_cache_options_parse(img: Path) -> None:
     b, e = cfg.blockdevs[0], cfg.exports[0]
     assert (b.cache_direct, b.discard) == (True, "unmap")
     assert (e.writable, e.num_queues, e.logical_block_size) == (True, 4, 4096)
+
+
+def test_iothread_object_and_export_iothread_set_the_polling_bound(img: Path) -> None:
+    from appliance.cli.storage_daemon import StorageDaemon
+    from appliance.storage import poll
+
+    before = poll.max_ns()
+    cfg = parse_args(
+        ["--object", "iothread,id=io0,poll-max-ns=20000,poll-grow=2", "--object", "iothread,id=io1",
+         f"--blockdev=driver=file,node-name=f,filename={img}",
+         "--export=type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/tmp/x,iothread=io0"]
+    )
+    assert cfg.iothreads == {"io0": 20000, "io1": None}
+    assert cfg.exports[0].iothread == "io0"
+    try:
+        StorageDaemon(cfg)
+        assert poll.max_ns() == 20000
+    finally:
+        poll.set_max_ns(before)
 
 
 def _capacity(cfg: bytes) -> int:
