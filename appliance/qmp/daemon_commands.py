@@ -19,7 +19,8 @@ Where we answer differently, and why:
   counter; qcow2's ``format-specific`` has the header's members only (no
   ``bitmaps``, ``data-file``).
 - ``block-export-add`` takes the vhost-user-blk export only, on a unix socket
-  (``addr.type=fd`` and iothreads are refused by name); one socket per export.
+  (``addr.type=fd`` is refused by name; ``iothread`` must name an ``--object
+  iothread``); one socket per export.
 - ``block-export-del`` ends the export at once in both modes: a vhost-user
   front end is dropped, as qemu-storage-daemon 7.2 also does with ``safe``.
 """
@@ -302,11 +303,11 @@ async def _block_export_add(ctx: Context, args: dict[str, Any]) -> None:
     ident = args["id"]
     if not _wellformed(ident):
         raise GenericError("Invalid block export id")
-    if "iothread" in args:
+    daemon = ctx.machine
+    if "iothread" in args and args["iothread"] not in daemon.config.iothreads:
         raise GenericError(f'iothread "{args["iothread"]}" not found')
     num_queues = args.get("num-queues", 1)
     lbs = args.get("logical-block-size", 512)
-    daemon = ctx.machine
     # The order of QEMU's checks: the id, the node, its mode, then the device's own options.
     if ident in daemon.exports:
         raise GenericError(f"Block export id '{ident}' is already in use")
