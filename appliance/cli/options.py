@@ -90,6 +90,8 @@ def parse_option(
     :param flags: keys allowed bare (``server`` → ``server=on``; ``nowait`` → ``wait=off``).
     :raises ConfigError: on a malformed pair.
     """
+    if text.lstrip().startswith("{"):
+        return OptionDict(option, json_pairs(option, text))
     flagset = set(flags)
     pairs: list[tuple[str, str]] = []
     for idx, part in enumerate(split_option(text)):
@@ -109,6 +111,49 @@ def parse_option(
         else:
             raise ConfigError(f"{option}: invalid parameter '{part}'")
     return OptionDict(option, pairs)
+
+
+def json_pairs(option: str, text: str) -> list[tuple[str, str]]:
+    """QEMU's JSON form of an option (``-device '{"driver": …}'``, as libvirt
+    writes -device, -netdev, -object and -blockdev) as ``key=value`` pairs.
+
+    Nested objects become dotted keys (``{"cache": {"direct": true}}`` is
+    ``cache.direct=on``) and a list repeats its key, one pair per element
+    (``{"hostfwd": [{"str": "tcp::22-:22"}]}``, QAPI's list of strings, too),
+    the shapes QEMU's keyval grammar gives them.
+
+    :raises ConfigError: On invalid JSON or a value that is not a string,
+        number, boolean, list or object.
+    """
+    import json
+
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{option}: invalid JSON") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{option}: JSON value must be an object")
+    pairs: list[tuple[str, str]] = []
+
+    def flatten(key: str, value: object) -> None:
+        if isinstance(value, dict):
+            if key and set(value) == {"str"}:
+                flatten(key, value["str"])  # QAPI's String wrapper
+                return
+            for k, v in value.items():
+                flatten(f"{key}.{k}" if key else str(k), v)
+        elif isinstance(value, list):
+            for v in value:
+                flatten(key, v)
+        elif isinstance(value, bool):
+            pairs.append((key, "on" if value else "off"))
+        elif isinstance(value, int | str):
+            pairs.append((key, str(value)))
+        else:
+            raise ConfigError(f"{option}: unsupported JSON value for '{key}'")
+
+    flatten("", obj)
+    return pairs
 
 
 _TRUE = {"on", "yes", "true", "y"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -253,37 +252,8 @@ def _locking(o: OptionDict, key: str) -> bool:
 
 
 def parse_keyval_or_json(option: str, text: str, *, implied: str | None = None) -> OptionDict:
-    """QEMU's ``key=val,…`` or, as QEMU's ``-blockdev`` and qemu-storage-daemon take, a JSON object.
-
-    Nested JSON objects become dotted keys (``{"cache": {"direct": true}}`` is
-    ``cache.direct=on``), as QEMU's keyval grammar defines them.
-
-    :raises ConfigError: On invalid JSON or a value that is not a string,
-        number, boolean or object.
-    """
-    if not text.lstrip().startswith("{"):
-        return parse_option(option, text, implied=implied)
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{option}: invalid JSON") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{option}: JSON value must be an object")
-    pairs: list[tuple[str, str]] = []
-
-    def flatten(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flatten(f"{prefix}{k}.", v)
-        elif isinstance(value, bool):
-            pairs.append((prefix[:-1], "on" if value else "off"))
-        elif isinstance(value, int | str):
-            pairs.append((prefix[:-1], str(value)))
-        else:
-            raise ConfigError(f"{option}: unsupported JSON value for '{prefix[:-1]}'")
-
-    flatten("", obj)
-    return OptionDict(option, pairs)
+    """QEMU's ``key=val,…`` or its JSON form (cli.options.parse_option takes both)."""
+    return parse_option(option, text, implied=implied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,12 +290,11 @@ class BlockdevConfig:
     def parse(cls, text: str, *, option: str = "-blockdev", allow_json: bool = False) -> BlockdevConfig:
         """Parse the text after ``option``.
 
-        :param allow_json: also take QEMU's JSON form (the storage daemon
-            does; ``appliance run`` refuses it by name).
+        Both QEMU's ``key=value`` form and its JSON form are taken.
+
         :raises ConfigError: On an unknown driver or key, or a bad value.
         """
-        if text.lstrip().startswith("{") and not allow_json:
-            raise ConfigError(f"{option}: JSON syntax is not supported; use key=value")
+        del allow_json  # JSON is QEMU's for -blockdev too (libvirt writes it)
         o = parse_keyval_or_json(option, text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")

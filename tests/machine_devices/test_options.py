@@ -112,6 +112,26 @@ def test_iothread_objects_are_taken_and_their_poll_max_ns_bounds_disk_polling(di
         poll.set_max_ns(before)
 
 
+def test_libvirts_json_options_are_taken_as_their_key_value_forms(tmp_path: Path, qcow: Path) -> None:
+    # libvirt writes -device, -netdev, -object and -blockdev as JSON.
+    pcap = tmp_path / "c.pcap"
+    blk, rng, nic = devices(
+        "-blockdev", f'{{"driver":"file","filename":"{qcow}","node-name":"s","auto-read-only":true,'
+                     '"discard":"unmap"}',
+        "-blockdev", '{"node-name":"f","read-only":false,"driver":"qcow2","file":"s"}',
+        "-device", '{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"f","id":"d0","bootindex":1}',
+        "-object", '{"qom-type":"rng-random","id":"r0","filename":"/dev/urandom"}',
+        "-device", '{"driver":"virtio-rng-pci","rng":"r0","id":"rng0","addr":"0x5"}',
+        "-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::2222-:22"},{"str":"udp::53-:53"}]}',
+        "-device", '{"driver":"virtio-net-pci","netdev":"n0","id":"net0","mac":"52:54:00:12:34:56","addr":"0x3"}',
+        "-object", f'{{"qom-type":"filter-dump","id":"f0","netdev":"n0","file":"{pcap}"}}',
+    )
+    assert isinstance(blk, BlkSpec) and blk.addr == PciAddress(4, 0)
+    assert isinstance(rng, RngSpec) and rng.addr == PciAddress(5, 0)
+    assert isinstance(nic, NicSpec) and nic.addr == PciAddress(3, 0)
+    assert [(f.host_port, f.guest_port) for f in nic.netdev.config.hostfwd] == [(2222, 22), (53, 53)]
+
+
 def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
     a, b, c = devices(
         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,host_mtu=9000",
@@ -180,7 +200,10 @@ BAD = [
     (["-blockdev", "driver=nbd,node-name=n"], "'nbd'"),
     (["-blockdev", "driver=file,filename={disk}"], "'node-name'"),
     (["-blockdev", "driver=file,node-name=f,filename={disk},aio=native"], "cache.direct"),
-    (["-blockdev", '{"driver":"file"}'], "JSON"),
+    (["-blockdev", '{"driver":"file"}'], "'node-name'"),
+    (["-blockdev", '{"driver":"file",'], "invalid JSON"),
+    (["-device", '["virtio-net-pci"]'], "is not supported"),
+    (["-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::99999-:22"}]}'], "'99999'"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=nbd"], "file.driver=nbd"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename={disk},file.bogus=1"], "'file.bogus'"),
     (["-blockdev", "driver=qcow2,node-name=q,file=nofile", "-device", "virtio-blk-pci,drive=q"], "'nofile'"),
