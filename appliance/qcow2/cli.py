@@ -541,9 +541,14 @@ def snapshot_table(snaps: list[Any]) -> str:
     for s in snaps:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
         icount = "" if s.icount is None else str(s.icount)
-        lines.append(f"{s.id:<9} {s.name:<16} {size_to_str(s.vm_state_size):>8}{date:>20}"
+        lines.append(f"{_pad(s.id, 9)} {_pad(s.name, 16)} {size_to_str(s.vm_state_size):>8}{date:>20}"
                      f"{_fmt_clock(s.vm_clock_nsec):>13}{icount:>11}")
     return "\n".join(lines) + "\n"
+
+
+def _pad(text: str, width: int) -> str:
+    """Left-justified to ``width`` bytes of UTF-8, as qemu-img's printf pads."""
+    return text + " " * max(0, width - len(text.encode()))
 
 
 def _info_human(d: dict[str, Any], img: Any) -> str:

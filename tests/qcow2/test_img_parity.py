@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1040,3 +1041,15 @@ def test_resize_preallocation_does_what_qemu_img_does(tmp_path: Path, fmt: str, 
         _same_steps(q, a, [["resize", *args]])
     assert _map_shape(a / "i.img") == _map_shape(q / "i.img")
     assert qimg("compare", "-q", str(q / "i.img"), str(a / "i.img"), cwd=tmp_path).returncode == 0
+
+
+def test_snapshot_table_pads_names_by_bytes_as_qemu_img(tmp_path: Path) -> None:
+    p = tmp_path / "s.qcow2"
+    qemu_img("create", "-f", "qcow2", str(p), "1M")
+    for name in ("ünïcødé", "a-name-longer-than-the-tag-column", "plain"):
+        assert qimg("snapshot", "-c", name, "s.qcow2", cwd=tmp_path).returncode == 0
+    ours, theirs = (tool("snapshot", "-l", "s.qcow2", cwd=tmp_path).stdout for tool in (img, qimg))
+    # The dates can tick between the two runs; the layout may not.
+    date = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    assert date.sub("D", ours) == date.sub("D", theirs)
+    assert "ünïcødé           0 B" in ours  # 16 bytes of tag column, as printf pads
