@@ -186,8 +186,14 @@ async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "wr
     """Open an image for a command; locked as qemu-img locks it unless ``share`` (-U)."""
     if not os.path.exists(path):
         raise Qcow2Error(f"Could not open '{path}': No such file or directory")
-    img = await open_any(path, fmt, read_only=read_only, cache=cache,
-                         backing_override=None if backing else False, **kw)
+    try:
+        img = await open_any(path, fmt, read_only=read_only, cache=cache,
+                             backing_override=None if backing else False, **kw)
+    except Qcow2Error as err:
+        if str(err).startswith("Could not open"):
+            raise
+        # qemu-img names the image it could not open first.
+        raise Qcow2Error(f"Could not open '{path}': {err}", kind=err.kind) from err
     if not share:
         try:
             lock_for_command(img, path, write=not read_only)

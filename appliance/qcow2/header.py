@@ -224,8 +224,7 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
     if h.incompatible_features & INCOMPAT_DATA_FILE:
         raise UnsupportedImage("external data files (incompatible feature bit 2) are not supported")
     if unknown:
-        names = _feature_names(data, h, unknown)
-        raise UnsupportedImage(f"unsupported incompatible qcow2 features: {names}")
+        raise UnsupportedImage(f"Unsupported qcow2 feature(s): {_feature_names(data, h, unknown)}")
     if h.refcount_order > 6:
         raise Qcow2Error(f"refcount order {h.refcount_order} is out of range (0 to 6)")
     if crypt != 0:
@@ -300,10 +299,15 @@ def _feature_names(data: bytes, h: Header, bits: int) -> str:
             for i in range(0, len(blob) - 47, 48):
                 if blob[i] == 0:
                     table[blob[i + 1]] = blob[i + 2 : i + 48].rstrip(b"\0").decode("utf-8", "replace")
+    # As QEMU reports them: the names the image's feature table gives, then
+    # whatever is left as one hexadecimal mask.
     out = []
-    for bit in range(64):
-        if bits >> bit & 1:
-            out.append(table.get(bit, f"bit {bit}"))
+    for bit in sorted(table):
+        if bit < 64 and bits >> bit & 1:
+            out.append(table[bit])
+            bits &= ~(1 << bit)
+    if bits:
+        out.append(f"Unknown incompatible feature: {bits:x}")
     return ", ".join(out)
 
 
