@@ -116,6 +116,8 @@ TX_IRQ_DELAY = 0.0005
 # cost the emulated guest an INTx and the front end a wake-up. Kept under the
 # tests' 50 ms "past the delay" margin.
 TX_IRQ_LAZY = 0.02
+TX_SMALL_FRAME = 128
+TX_LAZY_FRAMES = 16
 # Frames the backend expects from the guest that nothing waits on (its
 # take_quiet_tx: the ACK of a FIN that answered the guest's own) are left for
 # the guest's next kick: the transmit ring asks for a kick only past them
@@ -123,8 +125,6 @@ TX_IRQ_LAZY = 0.02
 # TX_QUIET_WAIT whatever comes.
 TX_QUIET_MAX = 8
 TX_QUIET_WAIT = 0.02
-TX_SMALL_FRAME = 128
-TX_LAZY_FRAMES = 16
 # What VirtioNet._rx_staged says besides a delivered frame's length.
 _RX_DRAINED = -1
 _RX_HELD = -2
