@@ -280,13 +280,15 @@ async def cmd_create(argv: list[str]) -> int:
         return print_create_options(a.fmt)
     if a.filename is None:
         raise ConfigError("Expecting image file name")
-    size = parse_size_arg(a.size) if a.size is not None else None
+    if a.size is not None and "size" in o:
+        raise Qcow2Error(f"{a.filename}: The image size must be specified only once")
+    # The size comes positionally or as -o size=, either way.
+    size_text = a.size if a.size is not None else o.get("size")
+    size = parse_size_arg(size_text) if size_text is not None else None
     if a.fmt == "raw":
         extra = set(o) - {"preallocation", "size"}
         if extra:
             raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
-        if size is None:
-            size = parse_size_arg(o["size"]) if "size" in o else None
         if size is None:
             raise ConfigError("Image creation needs a size parameter")
         if not a.quiet:

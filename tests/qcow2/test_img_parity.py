@@ -1053,3 +1053,18 @@ def test_snapshot_table_pads_names_by_bytes_as_qemu_img(tmp_path: Path) -> None:
     date = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
     assert date.sub("D", ours) == date.sub("D", theirs)
     assert "ünïcødé           0 B" in ours  # 16 bytes of tag column, as printf pads
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "qcow2", "-o", "size=1M", "t.qcow2"],
+    ["-f", "qcow2", "-o", "size=1M", "t.qcow2", "2M"],
+    ["-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "-o", "size=32M", "t.qcow2"],
+    ["-f", "raw", "-o", "size=2M", "t.qcow2"],
+])
+def test_create_takes_the_size_from_o_size_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    q, a = _twin_dirs(tmp_path, [["create", "-f", "qcow2", "b.qcow2", "16M"]], {})
+    _same_steps(q, a, [["create", *args]])
+    infos = [qimg("info", "--output=json", "t.qcow2", cwd=d) for d in (q, a)]
+    assert infos[0].returncode == infos[1].returncode
+    if infos[0].returncode == 0:
+        assert json.loads(infos[0].stdout)["virtual-size"] == json.loads(infos[1].stdout)["virtual-size"]
