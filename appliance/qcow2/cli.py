@@ -56,6 +56,43 @@ class _Parser(argparse.ArgumentParser):
         return a
 
 
+def _without_objects(argv: list[str]) -> list[str]:
+    """qemu-img's --object (secrets, throttle groups…): nothing here uses one, so
+    each is taken and left aside."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--object":
+            next(it, None)
+        elif not arg.startswith("--object="):
+            out.append(arg)
+    return out
+
+
+def _image_opts(cmd: str, argv: list[str]) -> list[str]:
+    """--image-opts: image arguments given as option strings (``driver=qcow2,
+    file.filename=x.qcow2``) become the file name, and the driver -f when -f
+    is not given. Other keys (cache, aio, l2-cache-size…) tune what has
+    nothing to tune here."""
+    argv = [a for a in argv if a != "--image-opts"]
+    out: list[str] = []
+    driver: str | None = None
+    for arg in argv:
+        if not arg.startswith("-") and "=" in arg:
+            keys = dict(kv.split("=", 1) for kv in arg.split(",") if "=" in kv)
+            path = keys.get("file.filename", keys.get("filename"))
+            if path is not None:
+                d = keys.get("driver")
+                if d is not None and driver is None:
+                    driver = "raw" if d == "file" else d
+                out.append(path)
+                continue
+        out.append(arg)
+    if driver is not None and "-f" not in out and cmd != "compare":
+        out = ["-f", driver, *out]
+    return out
+
+
 def _parser(prog: str) -> _Parser:
     return _Parser(prog=f"appliance img {prog}", add_help=True, allow_abbrev=False)
 
@@ -68,6 +105,9 @@ def main(argv: list[str]) -> int:
     handler = COMMANDS.get(cmd)
     if handler is None:
         raise ConfigError(f"Command not found: {cmd}")
+    rest = _without_objects(rest)
+    if "--image-opts" in rest:
+        rest = _image_opts(cmd, rest)
     try:
         return int(asyncio.run(handler(rest)))
     except Qcow2Error as err:

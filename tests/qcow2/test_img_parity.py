@@ -1068,3 +1068,17 @@ def test_create_takes_the_size_from_o_size_as_qemu_img(tmp_path: Path, args: lis
     assert infos[0].returncode == infos[1].returncode
     if infos[0].returncode == 0:
         assert json.loads(infos[0].stdout)["virtual-size"] == json.loads(infos[1].stdout)["virtual-size"]
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "--image-opts", "driver=qcow2,file.filename=i.qcow2"],
+    ["info", "--image-opts", "driver=qcow2,file.driver=file,file.filename=i.qcow2,cache.direct=off"],
+    ["map", "--output=json", "--image-opts", "file.filename=i.qcow2"],
+    ["check", "--image-opts", "driver=qcow2,file.filename=i.qcow2"],
+    ["info", "--object", "secret,id=s0,data=x", "i.qcow2"],
+    ["convert", "--image-opts", "-O", "raw", "driver=qcow2,file.filename=i.qcow2", "o.raw"],
+])
+def test_image_opts_and_object_are_taken_as_qemu_img_takes_them(tmp_path: Path, args: list[str]) -> None:
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "i.qcow2"), "4M")
+    qemu_io(tmp_path / "i.qcow2", "write -P 1 0 64k")
+    same_stdout_and_rc(tmp_path, *args)
