@@ -352,10 +352,12 @@ def _machine(a: RunArgs, v: str) -> None:
 OPTIONS["-M"] = RunOption("-M", OPTIONS["-machine"].metavar, "same as -machine", _machine)
 
 
-@option("-cpu", "host", "CPU model (only 'host': what KVM supports)")
+@option("-cpu", "host[,migratable=on|off]", "CPU model (only 'host': what KVM supports)")
 def _cpu(a: RunArgs, v: str) -> None:
     opts = parse_option("-cpu", v, implied="model")
     model = opts.require("model")
+    # libvirt's default for host-passthrough; there is no migration to keep it for.
+    opts.take_bool("migratable", True)
     opts.finish()
     if model not in ("host", "max"):
         raise ConfigError(f"-cpu: model '{model}' is not supported (only 'host')")
