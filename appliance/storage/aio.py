@@ -38,6 +38,9 @@ IOCB_CMD_PREADV = 7
 IOCB_CMD_PWRITEV = 8
 IOCB_FLAG_RESFD = 1
 
+# A one-buffer vectored request goes as its plain form (no iovec array to fill).
+_SINGLE = {IOCB_CMD_PREADV: IOCB_CMD_PREAD, IOCB_CMD_PWRITEV: IOCB_CMD_PWRITE}
+
 # Iovecs preallocated per slot; longer requests get their own array.
 _SLOT_IOVECS = 64
 
@@ -188,6 +191,33 @@ class LinuxAio:
             (O_DIRECT's rule); the addresses are needed for the iocb anyway,
             so checking here costs nothing extra.
         """
+        free = self._free
+        if len(bufs) == 1 and free and opcode in _SINGLE:
+            # The commonest request (one buffer, a free slot) in one flat
+            # piece: at queue depth 1 everything from a completion to the
+            # next io_submit is on each request's path.
+            b = bufs[0]
+            a = _address(b)
+            n = b.nbytes
+            if align:
+                if a is None or a % align or n % align or offset % align:
+                    return False
+            elif a is None:
+                a = 0
+            slot = free.pop()
+            _IOCB.pack_into(self._iocb_bytes, slot << 6, slot, 0, 0, _SINGLE[opcode], 0, fd,
+                            a, n, offset, 0, IOCB_FLAG_RESFD, self._efd)
+            self._done[slot] = done
+            self._tokens[slot] = token
+            self._bufs[slot] = bufs
+            ready = self._ready
+            ready.append(slot)
+            if eager and len(ready) == 1 and len(free) == self.depth - 1:
+                self._flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return True
         if align:
             if offset % align:
                 return False
