@@ -59,6 +59,17 @@ class _Ring:
         # closed (and its number reused) while a worker may still write it.
         weakref.finalize(self, os.close, self.efd)
 
+    def here(self) -> bool:
+        """Is this ring's loop the one running on the calling thread?
+
+        The test a caller that keeps its ring makes before reusing it, with
+        no system call (``asyncio.get_running_loop()`` makes a getpid()):
+        one loop at a time runs on a thread, and asyncio's loops record
+        which (a loop without that record never matches).
+        """
+        loop = self._loop()
+        return loop is not None and getattr(loop, "_thread_id", None) == threading.get_ident()
+
     def _drain(self) -> None:
         done = self.done
         if self.pending > len(done):

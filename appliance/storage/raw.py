@@ -107,6 +107,9 @@ class RawBackend:
         self.cache = cache
         self.discard_mode = "unmap" if discard in ("unmap", "on") else "ignore"
         self._pool = pool
+        # The pool's completion side on the loop of the last start_rw (and that pool).
+        self._pool_ring: Any = None
+        self._ring_pool: Any = None
         self._direct = cache in ("none", "directsync")
         self._sync_writes = cache in ("writethrough", "directsync")
         self._rmw_lock = threading.Lock()
@@ -364,7 +367,12 @@ class RawBackend:
             # Unaligned (bounce) or no AIO here: the thread pool does it.
         pool = self._pool or io.io_pool()
         fn = self._direct_write if write else self._direct_read
-        return pool.start(fn, (offset, bufs), done, token)
+        ring = self._pool_ring
+        if ring is None or self._ring_pool is not pool or not ring.here():
+            # pool.start() would look the ring up per request, a getpid() each.
+            ring = self._pool_ring = pool.ring()
+            self._ring_pool = pool
+        return pool.start(fn, (offset, bufs), done, token, ring)
 
     async def readv(self, offset: int, bufs: Sequence[memoryview]) -> int:
         self._check_open()

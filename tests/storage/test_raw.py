@@ -200,3 +200,33 @@ async def test_aio_native_queues_beyond_its_depth(image: Path) -> None:
         for v in views:
             v.release()
         ram.close()
+
+
+async def test_start_rw_through_the_pool_looks_its_ring_up_once_per_loop(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cache=none, aio=threads: start_rw keeps the pool's completion side for its
+    loop instead of looking it up per request (a getpid() system call each),
+    and every request still completes on the loop with the right bytes."""
+    import asyncio
+
+    from appliance.storage import io
+
+    pool = io.io_pool()
+    lookups = []
+    real_ring = pool.ring
+    monkeypatch.setattr(pool, "ring", lambda: lookups.append(1) or real_ring())
+    b = RawBackend(image, cache="none", aio="threads")
+    buf = memoryview(mmap.mmap(-1, 4096))
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(8):
+            buf[:] = bytes([i + 1]) * 4096
+            fut = loop.create_future()
+            assert b.start_rw(True, i * 4096, [buf], lambda f, n, e: f.set_result((n, e)), fut)
+            assert await fut == (4096, None)
+        assert len(lookups) == 1
+    finally:
+        await b.close()
+    with open(image, "rb") as f:
+        data = f.read(8 * 4096)
+    assert data == b"".join(bytes([i + 1]) * 4096 for i in range(8))
