@@ -1125,7 +1125,8 @@ class Qcow2Image:
         cs = self._cs
         l2off = l1e & OFFSET_MASK
         h = self.header
-        if h.lazy_refcounts and not self._lazy_dirty and h.version >= 3:
+        if (h.compatible_features & H.COMPAT_LAZY_REFCOUNTS and not self._lazy_dirty
+                and h.version >= 3):
             return False  # the dirty bit goes to the disk first: an await
         whole = n == cs or offset + n == self.size and a == 0
         if not whole and not self._fill_is_zero(e, 0):

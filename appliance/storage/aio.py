@@ -381,6 +381,16 @@ class LinuxAio:
                 self._ring_u32 = self._ring_q = None
                 self._reap()
                 return
+            if tail == head + 1:
+                # One completion (queue depth 1: every pass): no list to build.
+                base = 4 + 4 * head
+                slot = words[base]
+                res = words[base + 2]
+                hdr[2] = tail
+                budget -= 1
+                if 0 <= slot < self.depth:
+                    self._complete(slot, res)
+                continue
             got = []
             while head != tail:
                 base = 4 + 4 * head  # 32-byte header, 32-byte io_event: data, obj, res, res2
