@@ -101,6 +101,12 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        from appliance import __version__
+
+        # qemu-img's first line shape, for scripts that read the version.
+        print(f"appliance img version {__version__} (qemu-img 7.2 compatible)")
+        return 0
     cmd, rest = argv[0], argv[1:]
     handler = COMMANDS.get(cmd)
     if handler is None:

@@ -1082,3 +1082,10 @@ def test_image_opts_and_object_are_taken_as_qemu_img_takes_them(tmp_path: Path, 
     qemu_img("create", "-f", "qcow2", str(tmp_path / "i.qcow2"), "4M")
     qemu_io(tmp_path / "i.qcow2", "write -P 1 0 64k")
     same_stdout_and_rc(tmp_path, *args)
+
+
+def test_version_is_answered_like_qemu_img(tmp_path: Path) -> None:
+    for flag in ("--version", "-V"):
+        r = img(flag, cwd=tmp_path)
+        assert r.returncode == 0 and re.match(r"appliance img version \S+ \(qemu-img 7\.2 compatible\)$",
+                                              r.stdout.splitlines()[0]), r.stdout
