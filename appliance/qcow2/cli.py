@@ -249,6 +249,24 @@ async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "wr
     return img
 
 
+def refuse_if_in_use(path: str) -> None:
+    """Before (re)creating ``path``: refuse, as qemu-img does, if another process uses it."""
+    from appliance.storage.errors import ImageLockedError
+    from appliance.storage.locking import lock_image
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # nothing there (or not ours to read): nothing to protect
+    try:
+        lock_image(fd, path, write=True)
+    except ImageLockedError as err:
+        what = str(err).split(":")[0]
+        raise Qcow2Error(f"{path}: {what}\nIs another process using the image [{path}]?") from None
+    finally:
+        os.close(fd)
+
+
 def lock_for_command(img: Any, path: str, *, write: bool) -> None:
     """Take QEMU's permission locks on ``img`` (storage.locking), in qemu-img's words.
 
@@ -328,6 +346,7 @@ async def cmd_create(argv: list[str]) -> int:
         raise ConfigError("Expecting image file name")
     if a.size is not None and "size" in o:
         raise Qcow2Error(f"{a.filename}: The image size must be specified only once")
+    refuse_if_in_use(a.filename)
     # The size comes positionally or as -o size=, either way.
     size_text = a.size if a.size is not None else o.get("size")
     size = parse_size_arg(size_text) if size_text is not None else None

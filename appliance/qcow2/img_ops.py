@@ -261,6 +261,10 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("No support for concatenating multiple snapshot")
     snap_name, snap_id, snap_either = (
         _snapshot_param(a.snapshot) if a.snapshot is not None else (None, None, None))
+    # -o backing_file= names the target's backing file as -B does.
+    a.backing = a.backing or o_backing(a.options)
+    if a.backing and a.out_fmt == "raw":
+        raise Qcow2Error("Backing file not supported for file format 'raw'")
     if len(src_names) > 1 and a.backing:
         raise Qcow2Error("Having a backing file for the target makes no sense when "
                          "concatenating multiple input images")
@@ -295,6 +299,14 @@ async def cmd_convert(argv: list[str]) -> int:
         if a.bitmaps:
             _check_bitmaps(parts, a.skip_broken_bitmaps)
         if not a.no_create:
+            from appliance.qcow2.cli import refuse_if_in_use
+
+            # As qemu-img: a target another process uses is refused before it is touched.
+            try:
+                refuse_if_in_use(dst_name)
+            except Qcow2Error as err:
+                raise Qcow2Error(str(err).replace(f"{dst_name}: ", f"{dst_name}: error while "
+                                                  f"converting {a.out_fmt}: ", 1)) from None
             await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
         try:
@@ -305,6 +317,8 @@ async def cmd_convert(argv: list[str]) -> int:
             await dst.close()
             raise
         try:
+            if a.no_create and dst.size < src.size:
+                raise Qcow2Error("output file is smaller than input file")
             if a.target_is_zero and a.backing:
                 # -B names one; a target that has a backing file of its own is taken at
                 # its word, as qemu-img takes it.
@@ -326,6 +340,13 @@ async def cmd_convert(argv: list[str]) -> int:
     finally:
         await src.close()
     return 0
+
+
+def o_backing(options: list[str]) -> str | None:
+    """The backing_file an -o list names, if any."""
+    from appliance.qcow2.cli import parse_o_all
+
+    return parse_o_all(options).get("backing_file") or None
 
 
 def _check_bitmaps(parts: list[Any], skip_broken: bool) -> None:

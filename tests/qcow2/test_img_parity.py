@@ -1089,3 +1089,36 @@ def test_version_is_answered_like_qemu_img(tmp_path: Path) -> None:
         r = img(flag, cwd=tmp_path)
         assert r.returncode == 0 and re.match(r"appliance img version \S+ \(qemu-img 7\.2 compatible\)$",
                                               r.stdout.splitlines()[0]), r.stdout
+
+
+def test_create_and_convert_refuse_a_target_in_use_before_touching_it(tmp_path: Path) -> None:
+    from appliance.storage.locking import lock_image
+
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "src.qcow2"), "4M")
+    qemu_io(tmp_path / "src.qcow2", "write -P 3 0 64k")
+    busy = tmp_path / "busy.qcow2"
+    qemu_img("create", "-f", "qcow2", str(busy), "16M")
+    before = busy.read_bytes()
+    fd = os.open(busy, os.O_RDWR)
+    try:
+        lock_image(fd, str(busy), write=True)  # a VM writing it
+        for args in (["create", "-f", "qcow2", "busy.qcow2", "1M"],
+                     ["convert", "-O", "raw", "src.qcow2", "busy.qcow2"]):
+            r = img(*args, cwd=tmp_path)
+            assert r.returncode == 1 and 'Failed to get "write" lock' in r.stderr, (args, r.stderr)
+            assert busy.read_bytes() == before, args
+    finally:
+        os.close(fd)
+
+
+def test_convert_backing_rules_and_short_targets_as_qemu_img(tmp_path: Path) -> None:
+    make = [["create", "-f", "qcow2", "b.qcow2", "16M"],
+            ["create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"],
+            ["create", "-f", "qcow2", "small.qcow2", "8M"]]
+    q, a = _twin_dirs(tmp_path, make, {"b.qcow2": ["write -P 1 0 16M"], "t.qcow2": ["write -z 2M 64k"]})
+    _same_steps(q, a, [["convert", "-O", "raw", "-B", "b.qcow2", "-F", "qcow2", "t.qcow2", "o1.raw"],
+                       ["convert", "-O", "qcow2", "-o", "backing_file=b.qcow2,backing_fmt=qcow2", "t.qcow2",
+                        "o2.qcow2"],
+                       ["convert", "-n", "-O", "qcow2", "t.qcow2", "small.qcow2"]])
+    assert qimg("compare", "o2.qcow2", "t.qcow2", cwd=a).returncode == 0
+    assert _map_shape(a / "o2.qcow2") == _map_shape(q / "o2.qcow2")
