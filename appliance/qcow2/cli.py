@@ -69,26 +69,56 @@ def _without_objects(argv: list[str]) -> list[str]:
     return out
 
 
+# Keys of an --image-opts string that change nothing here (caching, AIO mode,
+# locking, cache sizes: the engine decides those) besides the file and driver.
+_IMAGE_OPTS_TAKEN = frozenset({
+    "driver", "file.driver", "file.filename", "filename", "read-only", "auto-read-only",
+    "cache.direct", "cache.no-flush", "file.aio", "file.locking", "file.cache.direct",
+    "l2-cache-size", "refcount-cache-size", "cache-size", "discard", "detect-zeroes",
+    "force-share", "node-name", "file.node-name", "lazy-refcounts", "overlap-check",
+})
+
+
 def _image_opts(cmd: str, argv: list[str]) -> list[str]:
     """--image-opts: image arguments given as option strings (``driver=qcow2,
-    file.filename=x.qcow2``) become the file name, and the driver -f when -f
-    is not given. Other keys (cache, aio, l2-cache-size…) tune what has
-    nothing to tune here."""
+    file.filename=x.qcow2``; ``,,`` is a literal comma) become the file name,
+    and the driver -f. Keys that tune what has nothing to tune here are
+    taken; any other is refused, as QEMU refuses an option its driver lacks.
+    """
+    from appliance.cli.options import split_option
+
     argv = [a for a in argv if a != "--image-opts"]
+    if "-f" in argv:
+        raise ConfigError("--image-opts and --format are mutually exclusive")
     out: list[str] = []
     driver: str | None = None
     for arg in argv:
-        if not arg.startswith("-") and "=" in arg:
-            keys = dict(kv.split("=", 1) for kv in arg.split(",") if "=" in kv)
-            path = keys.get("file.filename", keys.get("filename"))
-            if path is not None:
-                d = keys.get("driver")
-                if d is not None and driver is None:
-                    driver = "raw" if d == "file" else d
-                out.append(path)
-                continue
-        out.append(arg)
-    if driver is not None and "-f" not in out and cmd != "compare":
+        prefix = ""
+        body = arg
+        if cmd == "dd" and arg[:3] in ("if=", "of="):
+            prefix, body = arg[:3], arg[3:]  # dd's operand holds the option string
+        if arg.startswith("-") or "=" not in body or (cmd == "dd" and not prefix):
+            out.append(arg)
+            continue
+        keys: dict[str, str] = {}
+        for kv in split_option(body):
+            k, eq, v = kv.partition("=")
+            if not eq:
+                raise ConfigError(f"--image-opts: invalid parameter '{kv}'")
+            keys[k] = v
+        path = keys.get("file.filename", keys.get("filename"))
+        if path is None:
+            out.append(arg)
+            continue
+        d = keys.get("driver")
+        extra = sorted(set(keys) - _IMAGE_OPTS_TAKEN)
+        if extra:
+            raise Qcow2Error(f"Could not open '{body}': Block format '{d or 'raw'}' does not support "
+                             f"the option '{extra[0]}'")
+        if d is not None and driver is None and prefix != "of=":
+            driver = "raw" if d == "file" else d
+        out.append(prefix + path)
+    if driver is not None and cmd != "compare":
         out = ["-f", driver, *out]
     return out
 

@@ -1122,3 +1122,18 @@ def test_convert_backing_rules_and_short_targets_as_qemu_img(tmp_path: Path) -> 
                        ["convert", "-n", "-O", "qcow2", "t.qcow2", "small.qcow2"]])
     assert qimg("compare", "o2.qcow2", "t.qcow2", cwd=a).returncode == 0
     assert _map_shape(a / "o2.qcow2") == _map_shape(q / "o2.qcow2")
+
+
+def test_image_opts_escapes_commas_and_refuses_what_qemu_img_refuses(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "io.img"), "1M")
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "io.img,x"), "2M")
+    for args in (["info", "--image-opts", "driver=qcow2,file.filename=io.img,,x"],
+                 ["info", "--image-opts", "driver=qcow2,file.filename=io.img,bogus=1"],
+                 ["info", "-f", "qcow2", "--image-opts", "driver=qcow2,file.filename=io.img"]):
+        ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+        assert ours.stdout == theirs.stdout, args
+        assert ours.stderr.replace("appliance img:", "qemu-img:") == theirs.stderr, args
+        assert (ours.returncode == 0) == (theirs.returncode == 0), args
+    r = img("dd", "--image-opts", "if=driver=qcow2,file.filename=io.img,,x", "of=o.raw", "bs=64k", "count=1",
+            cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "o.raw").stat().st_size == 65536, r.stderr
