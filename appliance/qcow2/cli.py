@@ -142,9 +142,9 @@ def main(argv: list[str]) -> int:
     if handler is None:
         raise ConfigError(f"Command not found: {cmd}")
     rest = _without_objects(rest)
-    if "--image-opts" in rest:
-        rest = _image_opts(cmd, rest)
     try:
+        if "--image-opts" in rest:
+            rest = _image_opts(cmd, rest)
         return int(asyncio.run(handler(rest)))
     except Qcow2Error as err:
         print(f"appliance img: {err}", file=sys.stderr)
