@@ -18,6 +18,9 @@ from appliance.qcow2 import bitmaps as B
 from appliance.qcow2.errors import Qcow2Error
 
 _OPS = ("add", "remove", "clear", "enable", "disable", "merge")
+MAX_NAME = 1023  # bytes of a bitmap's name (qcow2.txt, bitmap directory entry)
+MAX_BITS = 0x20000000  # bits of one bitmap (QEMU's BME_MAX_PHYS_SIZE)
+MAX_TABLE = 0x8000000  # entries of one bitmap table (QEMU's BME_MAX_TABLE_SIZE)
 
 
 class _Ordered(argparse.Action):
@@ -113,15 +116,28 @@ async def _apply(img: Any, maps: list[list[Any]], op: str, value: Any, name: str
 
     m = _find(maps, name)
     if op == "add":
+        if not name:
+            raise _Op(op, name, "Bitmap name cannot be empty")
+        if len(name.encode()) > MAX_NAME:
+            raise _Op(op, name, f"Name length exceeds maximum ({MAX_NAME} characters)")
         if m is not None:
             raise _Op(op, name, f"Bitmap already exists: {name}")
-        gran = (parse_size_arg(a.granularity) if a.granularity is not None
-                else default_granularity(img._cs))
+        gran = parse_size_arg(a.granularity) if a.granularity is not None else 0
+        gran = gran or default_granularity(img._cs)  # -g 0 means the default, as in QEMU
         if gran < 512 or gran & (gran - 1):
             raise _Op(op, name, "Granularity must be power of 2 and at least 512")
         if gran > 1 << 31:
             raise _Op(op, name, "Granularity must be at most 2147483648")
         gbits = gran.bit_length() - 1
+        # qcow2.txt's limits on one bitmap (QEMU's BME_MAX_PHYS_SIZE and
+        # BME_MAX_TABLE_SIZE): past them QEMU refuses to open the image.
+        if img.size > MAX_BITS << gbits or img.size > (MAX_TABLE * img._cs) << gbits:
+            raise _Op(op, name, f"Can't make bitmap '{name}' persistent: Too much space will be "
+                                "occupied by the bitmap. Use larger granularity")
+        if img.size == 0:
+            raise _Op(op, name, f"Can't make bitmap '{name}' persistent: the disk is empty")
+        if len(maps) >= 65535:
+            raise _Op(op, name, "Too many persistent bitmaps")
         maps.append([name, gbits, B.FLAG_AUTO, bytearray(B.bitmap_bytes(img.size, gbits))])
         return
     if m is None:
@@ -141,6 +157,8 @@ async def _apply(img: Any, maps: list[list[Any]], op: str, value: Any, name: str
             src = _find(maps, value)
             if src is None:
                 raise _Op(op, name, f"Dirty bitmap '{value}' not found")
+            if src[2] & B.FLAG_IN_USE:
+                raise _Op(op, name, f"Bitmap '{value}' is inconsistent and cannot be used")
             _merge_bits(m[3], m[1], bytes(src[3]), src[1], img.size)
             return
         other = await _open(a.source_file, a.source_fmt, read_only=True, backing=False)
@@ -148,6 +166,8 @@ async def _apply(img: Any, maps: list[list[Any]], op: str, value: Any, name: str
             sb = next((b for b in getattr(other, "bitmaps", []) if b.name == value), None)
             if sb is None:
                 raise _Op(op, name, f"Dirty bitmap '{value}' not found")
+            if sb.flags & B.FLAG_IN_USE:
+                raise _Op(op, name, f"Bitmap '{value}' is inconsistent and cannot be used")
             _merge_bits(m[3], m[1], bytes(await B.read_bits(other, sb)), sb.granularity_bits,
                         img.size)
         finally:

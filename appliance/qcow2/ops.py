@@ -28,6 +28,12 @@ async def resize(img: Qcow2Image, new: int) -> None:
         raise Qcow2Error("Image size is too large")
     if new % 512:
         raise Qcow2Error("The new size must be a multiple of 512")
+    from appliance.qcow2.bitmaps import FLAG_IN_USE
+
+    for b in img.bitmaps:
+        # QEMU would have to resize it and cannot trust it: refused as QEMU refuses it.
+        if b.flags & FLAG_IN_USE:
+            raise Qcow2Error(f"Bitmap '{b.name}' is inconsistent and cannot be used")
     await img.guest_data_changes()  # bitmaps no longer cover the disk
     cs, cb = img._cs, img._cb
     if new < img.size:

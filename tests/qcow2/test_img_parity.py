@@ -1137,3 +1137,36 @@ def test_image_opts_escapes_commas_and_refuses_what_qemu_img_refuses(tmp_path: P
     r = img("dd", "--image-opts", "if=driver=qcow2,file.filename=io.img,,x", "of=o.raw", "bs=64k", "count=1",
             cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "o.raw").stat().st_size == 65536, r.stderr
+
+
+def test_bitmap_add_refuses_what_qemu_could_not_open_and_inconsistent_bitmaps_stay_out(tmp_path: Path) -> None:
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "n.qcow2"), "16M")
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "z.qcow2"), "0")
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "big.qcow2"), "8T")
+    for args, needle in ((["--add", "n.qcow2", ""], "Bitmap name cannot be empty"),
+                         (["--add", "n.qcow2", "x" * 1024], "Name length exceeds maximum (1023 characters)"),
+                         (["--add", "-g", "512", "big.qcow2", "b"], "Too much space will be occupied"),
+                         (["--add", "z.qcow2", "b"], "the disk is empty")):
+        r = img("bitmap", *args, cwd=tmp_path)
+        assert r.returncode == 1 and needle in r.stderr, (args, r.stderr)
+    assert img("bitmap", "--add", "-g", "0", "n.qcow2", "dflt", cwd=tmp_path).returncode == 0
+    assert _bitmap_flags(tmp_path / "n.qcow2") == {"dflt": ["auto"]}
+    for name in ("n.qcow2", "big.qcow2", "z.qcow2"):
+        assert qimg("check", name, cwd=tmp_path).returncode == 0, name
+    # An inconsistent bitmap is not merged from and blocks a resize, as in qemu-img.
+    p = tmp_path / "n.qcow2"
+    assert img("bitmap", "--add", "n.qcow2", "dst", cwd=tmp_path).returncode == 0
+    from appliance.qcow2.header import EXT_BITMAPS, parse_header
+
+    raw = bytearray(p.read_bytes())
+    ext = parse_header(bytes(raw[:65536])).ext(EXT_BITMAPS)
+    assert ext is not None
+    d_off = int.from_bytes(ext[16:24], "big")  # the live directory (old ones linger in freed clusters)
+    nb = raw.find(b"dflt", d_off)  # the entry's flags sit 24 bytes before its name
+    raw[nb - 24 + 15] |= 1  # flags (big-endian u32 at +12): set in_use
+    p.write_bytes(bytes(raw))
+    assert "in-use" in _bitmap_flags(p)["dflt"]
+    r = img("bitmap", "--merge", "dflt", "n.qcow2", "dst", cwd=tmp_path)
+    assert r.returncode == 1 and "Bitmap 'dflt' is inconsistent and cannot be used" in r.stderr
+    r = img("resize", "n.qcow2", "+1M", cwd=tmp_path)
+    assert r.returncode == 1 and "Bitmap 'dflt' is inconsistent and cannot be used" in r.stderr
