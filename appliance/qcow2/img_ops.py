@@ -326,6 +326,8 @@ async def cmd_convert(argv: list[str]) -> int:
                                  "has a backing file")
             if a.bitmaps and not (isinstance(dst, Qcow2Image) and dst.header.version >= 3):
                 raise Qcow2Error(f"Format driver '{a.out_fmt}' does not support bitmaps")
+            if a.bitmaps:
+                _check_target_bitmaps(parts[0], dst, a.skip_broken_bitmaps)
             await convert(src, dst, compress=a.compress, sparse=sparse,
                           explicit_zeroes=(a.no_create and not a.target_is_zero
                                            or a.backing is not None),
@@ -365,9 +367,25 @@ def _check_bitmaps(parts: list[Any], skip_broken: bool) -> None:
                              "to delete it")
 
 
+def _check_target_bitmaps(src: Qcow2Image, dst: Qcow2Image, skip_broken: bool) -> None:
+    """Before any data moves: a bitmap name the target (-n) has already, or a
+    target of another size, would stop the copy (qemu-img's words); better
+    to stop while the target is untouched."""
+    from appliance.qcow2.bitmaps import FLAG_IN_USE
+
+    names = [b.name for b in src.bitmaps if not (skip_broken and b.flags & FLAG_IN_USE)]
+    have = {b.name for b in dst.bitmaps}
+    for name in names:
+        if name in have:
+            raise Qcow2Error(f"Failed to create bitmap {name}: Bitmap already exists: {name}")
+    if names and dst.size != src.size:
+        raise Qcow2Error(f"Failed to populate bitmap {names[0]}: Bitmaps are of different sizes "
+                         f"(destination size is {dst.size}, source size is {src.size}) and can't be merged")
+
+
 async def _copy_bitmaps(src: Qcow2Image, dst: Qcow2Image, skip_broken: bool) -> None:
     """Copy the source's persistent bitmaps, enabled ones staying enabled."""
-    from appliance.qcow2.bitmaps import FLAG_AUTO, FLAG_IN_USE, add_bitmaps, read_bits
+    from appliance.qcow2.bitmaps import FLAG_AUTO, FLAG_IN_USE, add_bitmaps, read_bits, replace_bitmaps
 
     items = []
     for b in src.bitmaps:
@@ -377,8 +395,15 @@ async def _copy_bitmaps(src: Qcow2Image, dst: Qcow2Image, skip_broken: bool) -> 
                       file=sys.stderr)
             continue
         items.append((b.name, b.granularity_bits, b.flags & FLAG_AUTO, bytes(await read_bits(src, b))))
-    if items:
-        await dst.flush()
+    if not items:
+        return
+    # A target that existed (-n) keeps its own bitmaps (_check_target_bitmaps
+    # made sure none is in the way).
+    kept = [(b.name, b.granularity_bits, b.flags, bytes(await read_bits(dst, b))) for b in dst.bitmaps]
+    await dst.flush()
+    if kept:
+        await replace_bitmaps(dst, kept + items)
+    else:
         async with dst._lock:
             await add_bitmaps(dst, items)
 

@@ -764,7 +764,7 @@ def test_safe_rebase_of_a_version_2_image_without_backing_keeps_the_guest_view(t
 
 def _bitmap_flags(p: Path) -> dict[str, list[str]]:
     info = json.loads(qimg("info", "--output=json", str(p), cwd=p.parent).stdout)
-    return {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
+    return {b["name"]: b["flags"] for b in info["format-specific"]["data"].get("bitmaps", [])}
 
 
 def test_bitmaps_stay_valid_until_guest_data_changes_and_disabled_ones_stay_valid(tmp_path: Path) -> None:
@@ -1170,3 +1170,21 @@ def test_bitmap_add_refuses_what_qemu_could_not_open_and_inconsistent_bitmaps_st
     assert r.returncode == 1 and "Bitmap 'dflt' is inconsistent and cannot be used" in r.stderr
     r = img("resize", "n.qcow2", "+1M", cwd=tmp_path)
     assert r.returncode == 1 and "Bitmap 'dflt' is inconsistent and cannot be used" in r.stderr
+
+
+def test_convert_bitmaps_into_an_existing_target_as_qemu_img(tmp_path: Path) -> None:
+    make = [["create", "-f", "qcow2", "s.qcow2", "64M"], ["bitmap", "--add", "s.qcow2", "small"],
+            ["create", "-f", "qcow2", "big.qcow2", "1G"],
+            ["create", "-f", "qcow2", "same.qcow2", "64M"], ["bitmap", "--add", "same.qcow2", "small"],
+            ["create", "-f", "qcow2", "other.qcow2", "64M"], ["bitmap", "--add", "other.qcow2", "other"]]
+    q, a = _twin_dirs(tmp_path, make, {"s.qcow2": ["write 0 64k"]})
+    _same_steps(q, a, [["convert", "-n", "--bitmaps", "-O", "qcow2", "s.qcow2", "big.qcow2"],
+                       ["convert", "-n", "--bitmaps", "-O", "qcow2", "s.qcow2", "same.qcow2"],
+                       ["convert", "-n", "--bitmaps", "-O", "qcow2", "s.qcow2", "other.qcow2"]])
+    for name in ("big.qcow2", "same.qcow2", "other.qcow2"):
+        assert qimg("check", name, cwd=a).returncode == 0, name
+        assert set(_bitmap_flags(a / name)) == set(_bitmap_flags(q / name)), name
+    # The copied bitmap is consistent; the target's own tracking bitmap saw
+    # writes we do not track, so it is marked in-use (qemu-img tracks them).
+    assert _bitmap_flags(a / "other.qcow2") == {"other": ["in-use", "auto"], "small": ["auto"]}
+    assert _bitmap_flags(a / "same.qcow2") == {"small": ["auto"]}  # refused before any write
