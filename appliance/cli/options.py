@@ -129,13 +129,17 @@ def json_pairs(option: str, text: str) -> list[tuple[str, str]]:
 
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ConfigError(f"{option}: invalid JSON") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{option}: JSON value must be an object")
     pairs: list[tuple[str, str]] = []
 
     def flatten(key: str, value: object) -> None:
+        if value is None:
+            return  # libvirt's "backing": null: the key left unset
+        if key.count(".") > 16:
+            raise ConfigError(f"{option}: JSON nested too deeply at '{key}'")
         if isinstance(value, dict):
             if key and set(value) == {"str"}:
                 flatten(key, value["str"])  # QAPI's String wrapper
@@ -154,6 +158,11 @@ def json_pairs(option: str, text: str) -> list[tuple[str, str]]:
 
     flatten("", obj)
     return pairs
+
+
+def keyval_text(pairs: list[tuple[str, str]]) -> str:
+    """``pairs`` back as QEMU's ``key=value,…`` text (a comma in a value doubled)."""
+    return ",".join(f"{k}={v.replace(',', ',,')}" for k, v in pairs)
 
 
 _TRUE = {"on", "yes", "true", "y"}

@@ -237,8 +237,11 @@ _RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
     f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N)",
 )
 def _device(a: RunArgs, v: str) -> None:
+    from appliance.cli.options import json_pairs, keyval_text
     from appliance.nic.config import NicConfig
 
+    if v.lstrip().startswith("{"):
+        v = keyval_text(json_pairs("-device", v))  # the rest reads key=value text
     o = parse_option("-device", v, implied="driver")
     driver = o.get("driver")
     if driver is None:

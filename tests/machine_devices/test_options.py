@@ -118,12 +118,13 @@ def test_libvirts_json_options_are_taken_as_their_key_value_forms(tmp_path: Path
     blk, rng, nic = devices(
         "-blockdev", f'{{"driver":"file","filename":"{qcow}","node-name":"s","auto-read-only":true,'
                      '"discard":"unmap"}',
-        "-blockdev", '{"node-name":"f","read-only":false,"driver":"qcow2","file":"s"}',
+        "-blockdev", '{"node-name":"f","read-only":false,"driver":"qcow2","file":"s","backing":null}',
         "-device", '{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x4","drive":"f","id":"d0","bootindex":1}',
         "-object", '{"qom-type":"rng-random","id":"r0","filename":"/dev/urandom"}',
         "-device", '{"driver":"virtio-rng-pci","rng":"r0","id":"rng0","addr":"0x5"}',
         "-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::2222-:22"},{"str":"udp::53-:53"}]}',
-        "-device", '{"driver":"virtio-net-pci","netdev":"n0","id":"net0","mac":"52:54:00:12:34:56","addr":"0x3"}',
+        "-device", '{"driver":"virtio-net-pci-non-transitional","netdev":"n0","id":"net0",'
+                   '"mac":"52:54:00:12:34:56","addr":"0x3"}',
         "-object", f'{{"qom-type":"filter-dump","id":"f0","netdev":"n0","file":"{pcap}"}}',
     )
     assert isinstance(blk, BlkSpec) and blk.addr == PciAddress(4, 0)
@@ -204,6 +205,7 @@ BAD = [
     (["-blockdev", '{"driver":"file",'], "invalid JSON"),
     (["-device", '["virtio-net-pci"]'], "is not supported"),
     (["-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::99999-:22"}]}'], "'99999'"),
+    (["-device", '{"a":' * 3000 + "1" + "}" * 3000], "invalid JSON"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=nbd"], "file.driver=nbd"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename={disk},file.bogus=1"], "'file.bogus'"),
     (["-blockdev", "driver=qcow2,node-name=q,file=nofile", "-device", "virtio-blk-pci,drive=q"], "'nofile'"),
