@@ -1172,6 +1172,8 @@ async def cmd_resize(argv: list[str]) -> int:
             await resize(img, new)
             if prealloc != "off" and new > old:
                 await preallocate(img, prealloc, first=-(-old // img._cs))
+            if new > old and img.header.backing_file:
+                await _zero_over_backing(img, old, new)
         else:
             if prealloc == "metadata":
                 raise Qcow2Error("Unsupported preallocation mode: metadata")
@@ -1188,6 +1190,26 @@ async def cmd_resize(argv: list[str]) -> int:
     if not a.quiet:
         print("Image resized.")
     return 0
+
+
+async def _zero_over_backing(img: Qcow2Image, old: int, new: int) -> None:
+    """A grown overlay reads zeroes in its new area, as QEMU makes it, even
+    where its backing file is longer: that stretch gets zero clusters."""
+    from appliance.qcow2.backing import open_backing_file
+
+    backing = await open_backing_file(img.path, img.header.backing_file or "",
+                                      img.header.backing_format, cache="writeback", chain=())
+    try:
+        end = min(new, backing.size)
+        if end > old:
+            saved = img.backing
+            img.backing = backing  # zero flags (and partial-cluster copies) need it
+            try:
+                await img.write_zeroes(old, end - old)
+            finally:
+                img.backing = saved
+    finally:
+        await backing.close()
 
 
 async def cmd_amend(argv: list[str]) -> int:

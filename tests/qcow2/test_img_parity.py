@@ -1188,3 +1188,18 @@ def test_convert_bitmaps_into_an_existing_target_as_qemu_img(tmp_path: Path) -> 
     # writes we do not track, so it is marked in-use (qemu-img tracks them).
     assert _bitmap_flags(a / "other.qcow2") == {"other": ["in-use", "auto"], "small": ["auto"]}
     assert _bitmap_flags(a / "same.qcow2") == {"small": ["auto"]}  # refused before any write
+
+
+@pytest.mark.parametrize("ext", ["off", "on"])
+@pytest.mark.parametrize("mode", ["off", "metadata", "falloc", "full"])
+def test_a_grown_overlay_reads_zeroes_where_its_longer_backing_file_has_data(
+        tmp_path: Path, ext: str, mode: str) -> None:
+    make = [["create", "-f", "qcow2", "b.qcow2", "8M"],
+            ["create", "-f", "qcow2", "-o", f"extended_l2={ext}", "-b", "b.qcow2", "-F", "qcow2", "ov.qcow2", "4M"]]
+    q, a = _twin_dirs(tmp_path, make, {"b.qcow2": ["write -P 1 0 8M"]})
+    _same_steps(q, a, [["resize", f"--preallocation={mode}", "ov.qcow2", "8M"]])
+    assert qimg("compare", "-q", str(q / "ov.qcow2"), str(a / "ov.qcow2"), cwd=tmp_path).returncode == 0
+    assert qimg("check", "ov.qcow2", cwd=a).returncode == 0
+    r = subprocess.run(["qemu-io", "-c", "read -P 0 4M 4M", "-c", "read -P 1 0 4M", str(a / "ov.qcow2")],
+                       capture_output=True, text=True)
+    assert "failed" not in r.stdout + r.stderr
