@@ -43,7 +43,13 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """Parse, then refuse unknown cache modes (-t the target's or the
         image's, -T the source's) in qemu-img's words."""
-        a = super().parse_args(args, namespace)
+        return self._checked(super().parse_args(args, namespace))
+
+    def parse_intermixed_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As :meth:`parse_args`, with options also after the file names (getopt's way)."""
+        return self._checked(super().parse_intermixed_args(args, namespace))
+
+    def _checked(self, a: Any) -> Any:
         for flag, what in (("-t", "cache option"), ("-T", "source cache option")):
             action = self._option_string_actions.get(flag)
             value = getattr(a, action.dest, None) if action else None
@@ -193,12 +199,14 @@ def parse_o_all(texts: list[str]) -> dict[str, str]:
 
 
 def parse_o(text: str | None) -> dict[str, str]:
+    from appliance.cli.options import split_option
+
     out: dict[str, str] = {}
     if not text:
         return out
-    for part in text.split(","):
+    for part in split_option(text):  # ",," is a literal comma (a file name may hold one)
         if not part:
-            continue
+            raise ConfigError(f"Invalid option list: {text}")
         if "=" in part:
             k, v = part.split("=", 1)
         else:
@@ -384,6 +392,8 @@ async def cmd_create(argv: list[str]) -> int:
         extra = set(o) - {"preallocation", "size"}
         if extra:
             raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
+        if o.get("preallocation", "off") not in ("off", "falloc", "full"):
+            raise Qcow2Error(f"{a.filename}: Unsupported preallocation mode: {o['preallocation']}")
         if size is None:
             raise ConfigError("Image creation needs a size parameter")
         if not a.quiet:
@@ -415,7 +425,7 @@ async def cmd_create(argv: list[str]) -> int:
                     raise Qcow2Error(f"{a.filename}: {err}\nCould not open backing image.") from err
             else:
                 if size is None:
-                    opts.size = b.size
+                    opts.size = -(-b.size // 512) * 512  # whole sectors, as qemu-img takes it
                 await b.close()
         if opts.backing_fmt is None:
             # qemu-img (since 6.1) refuses to write an image whose backing

@@ -238,7 +238,7 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--skip-broken-bitmaps", action="store_true")
     p.add_argument("--salvage", action="store_true")
     p.add_argument("files", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     if a.skip_broken_bitmaps and not a.bitmaps:
         raise ConfigError("Use of --skip-broken-bitmaps requires --bitmaps")
     if any(wants_help(parse_o(t)) for t in a.options):

@@ -1203,3 +1203,18 @@ def test_a_grown_overlay_reads_zeroes_where_its_longer_backing_file_has_data(
     r = subprocess.run(["qemu-io", "-c", "read -P 0 4M 4M", "-c", "read -P 1 0 4M", str(a / "ov.qcow2")],
                        capture_output=True, text=True)
     assert "failed" not in r.stdout + r.stderr
+
+
+def test_option_lists_sector_sizes_and_late_options_as_qemu_img(tmp_path: Path) -> None:
+    (tmp_path / "c1.img").write_bytes(bytes(196616))  # not a whole number of sectors
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "s.qcow2"), "1M")
+    qemu_io(tmp_path / "s.qcow2", "write -P 5 0 64k")
+    for args in (["create", "-f", "qcow2", "-o", "size=1M,", "x1.qcow2"],
+                 ["create", "-f", "raw", "-o", "preallocation=metadata", "x2.raw", "1M"]):
+        r = img(*args, cwd=tmp_path)
+        assert r.returncode in (1, 2) and not (tmp_path / args[-1 if args[-1] != "1M" else -2]).exists(), args
+    same_stdout_and_rc(tmp_path, "create", "-q", "-f", "qcow2", "-b", "c1.img", "-F", "raw", "x3.qcow2")
+    assert json.loads(qimg("info", "--output=json", "x3.qcow2", cwd=tmp_path).stdout)["virtual-size"] == 197120
+    # options after the file names, as getopt lets qemu-img take them
+    assert img("convert", "s.qcow2", "-O", "raw", "o.raw", cwd=tmp_path).returncode == 0
+    assert qimg("compare", "-q", "s.qcow2", "o.raw", cwd=tmp_path).returncode == 0
