@@ -168,7 +168,7 @@ def _serial(a: RunArgs, v: str) -> None:
     a.serials.append(v)
 
 
-@option("-chardev", "socket|stdio|file|null,id=id[,...]", "a character device for -serial chardev:id")
+@option("-chardev", "socket|stdio|file|null|pty,id=id[,...]", "a character device for -serial chardev:id")
 def _chardev(a: RunArgs, v: str) -> None:
     opts = parse_option("-chardev", v, implied="backend",
                         flags=("server", "wait", "signal", "mux", "append", "telnet", "nodelay"))
@@ -187,6 +187,8 @@ def _chardev(a: RunArgs, v: str) -> None:
         cfg = ChardevConfig("file", id=cid, path=opts.require("path"), append=opts.take_bool("append"))
     elif backend == "null":
         cfg = ChardevConfig("null", id=cid)
+    elif backend == "pty":
+        cfg = ChardevConfig("pty", id=cid)
     else:
         raise ConfigError(f"-chardev: backend '{backend}' is not supported")
     opts.finish()
@@ -397,6 +399,8 @@ def parse_serial(spec: str, chardevs: dict[str, ChardevConfig], *, nographic: bo
         return None
     if spec == "null":
         return ChardevConfig("null")
+    if spec == "pty":
+        return ChardevConfig("pty", id="serial0")
     if spec in ("stdio", "mon:stdio"):
         mux = nographic or spec == "mon:stdio"
         return ChardevConfig("stdio", mux=mux, signal=not mux)

@@ -74,16 +74,17 @@ class ChardevConfig(Record):
     ``-nographic``; ``signal``: Ctrl-C stops the VMM). ``file``: output only.
     ``socket``: a unix (``path``) or TCP (``host``/``port``) socket, as a server
     (one client at a time; output is dropped while none is connected) or a client.
-    ``null``: nothing.
+    ``null``: nothing. ``pty``: a new pseudo-terminal, its name printed at start
+    (``screen /dev/pts/N``), as QEMU's ``-serial pty``.
     """
 
     SYNTAX: ClassVar[str] = (
-        "stdio|null|file,path=<path>|socket,path=<path>|socket,host=<host>,port=<port>"
+        "stdio|null|pty|file,path=<path>|socket,path=<path>|socket,host=<host>,port=<port>"
         "[,server=on|off][,wait=on|off]"
     )
     __slots__ = ("backend", "id", "path", "host", "port", "server", "wait", "mux", "signal", "append",
                  "telnet")
-    backend: Literal["stdio", "file", "socket", "null"]
+    backend: Literal["stdio", "file", "socket", "null", "pty"]
     id: str
     path: StrPath | None
     host: str | None
@@ -97,7 +98,7 @@ class ChardevConfig(Record):
 
     def __init__(
         self,
-        backend: Literal["stdio", "file", "socket", "null"],
+        backend: Literal["stdio", "file", "socket", "null", "pty"],
         id: str = "",
         path: StrPath | None = None,
         host: str | None = None,

@@ -552,9 +552,78 @@ class SocketBackend:
                 os.unlink(self._cfg.path)
 
 
+class PtyBackend:
+    """A new pseudo-terminal; a terminal program on its other end is the console.
+
+    The name goes to stderr at start, in QEMU's words ("char device redirected
+    to /dev/pts/N (label ID)"). We keep the terminal end open ourselves, so
+    output before anyone attaches is buffered by the kernel up to its limit
+    and dropped past it rather than blocking the VM.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._master = -1
+        self._slave = -1
+        self._console: Console | None = None
+        self.name = ""
+
+    def open_sync(self) -> DirectWriter:
+        if self._master < 0:
+            import tty
+
+            self._master, self._slave = os.openpty()
+            tty.setraw(self._slave)  # bytes as they are, as QEMU sets its pty
+            os.set_blocking(self._master, False)
+            os.set_inheritable(self._master, False)
+            os.set_inheritable(self._slave, False)
+            self.name = os.ttyname(self._slave)
+            print(f"char device redirected to {self.name} (label {self._label or 'serial0'})",
+                  file=sys.stderr, flush=True)
+        return self.write
+
+    def close_sync(self) -> None:
+        for fd in (self._master, self._slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._master = self._slave = -1
+
+    async def start(self, console: Console) -> None:
+        import asyncio
+
+        self._console = console
+        self.open_sync()
+        asyncio.get_running_loop().add_reader(self._master, self._on_input)
+
+    def _on_input(self) -> None:
+        try:
+            data = os.read(self._master, 4096)
+        except (BlockingIOError, OSError):
+            return
+        if data and self._console is not None:
+            self._console.send(data)
+
+    def write(self, data: bytes) -> None:
+        if self._master < 0:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._master, data)  # nobody reading and the buffer full: dropped
+
+    async def close(self) -> None:
+        import asyncio
+
+        if self._master >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._master)
+        self.close_sync()
+
+
 def make_backend(cfg: ChardevConfig | None) -> Backend | None:
     if cfg is None:
         return None
+    if cfg.backend == "pty":
+        return PtyBackend(cfg.id)
     if cfg.backend == "stdio":
         return StdioBackend(mux=cfg.mux, signal=cfg.signal)
     if cfg.backend == "file":

@@ -96,7 +96,7 @@ def test_serial_chardev_reference() -> None:
         (["-kernel", "k", "-m", "64,slots=2"], "'slots'"),
         (["-kernel", "k", "-m", "lots"], "-m"),
         (["-kernel", "k", "-frobnicate"], "'-frobnicate'"),
-        (["-kernel", "k", "-serial", "pty"], "'pty'"),
+        (["-kernel", "k", "-serial", "vc"], "'vc'"),
         (["-kernel", "k", "-serial", "chardev:nope"], "'nope'"),
         (["-kernel", "k", "-chardev", "socket,id=a,path=/x,websocket=on"], "'websocket'"),
         (["-kernel", "k", "-machine", "virt"], "'virt'"),

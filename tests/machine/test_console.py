@@ -89,3 +89,50 @@ async def test_unix_socket_server_passes_bytes_both_ways(tmp_path: Path) -> None
     writer.close()
     await c.close()
     assert not path.exists()
+
+
+async def test_pty_chardev_names_its_terminal_and_passes_bytes_both_ways(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import re
+
+    from appliance.cli.run import parse_serial
+    from appliance.machine.console import make_backend
+
+    cfg = parse_serial("pty", {}, nographic=False)
+    assert cfg is not None and cfg.backend == "pty"
+    c = Console(make_backend(cfg))
+    await c.start()
+    m = re.search(r"char device redirected to (/dev/pts/\d+) \(label serial0\)", capsys.readouterr().err)
+    assert m, "QEMU's line names the terminal"
+    fd = os.open(m.group(1), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        uart = FakeUart(room=100)
+        c.attach_uart(uart)
+        c.guest_output(b"login: ")
+        got = b""
+        for _ in range(500):
+            try:
+                got += os.read(fd, 100)
+            except BlockingIOError:
+                pass
+            if got == b"login: ":
+                break
+            await asyncio.sleep(0.01)
+        assert got == b"login: "
+        os.write(fd, b"root\r")
+        for _ in range(500):
+            if uart.got:
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(uart.got) == b"root\r"  # raw: no line discipline between
+    finally:
+        os.close(fd)
+        await c.close()
+
+
+def test_chardev_pty_parses() -> None:
+    from appliance.cli.run import parse_args
+
+    a = parse_args(["-chardev", "pty,id=charserial0", "-serial", "chardev:charserial0", "-kernel", "/bin/true"])
+    assert a.chardevs["charserial0"].backend == "pty"
