@@ -173,3 +173,21 @@ async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: 
         return await Qcow2Image.open(path, read_only=read_only, cache=cache,
                                      backing_override=backing_override, _chain=chain, **kw)
     raise Qcow2Error(f"Could not open '{os.fspath(path)}': Unknown driver '{fmt}'")
+
+
+async def zero_over_backing(img: Any, backing: Any, offset: int, length: int) -> None:
+    """Zero a range of qcow2 ``img`` so it reads zeroes over ``backing`` too.
+
+    The engine leaves an unallocated cluster of an image with no backing file
+    as it is (it reads as zeroes already); with ``backing`` about to show
+    through (a safe rebase onto it, a grown overlay over a longer one), the
+    range must hold zero clusters, and a partial cluster copies the rest from
+    ``backing``. ``img``'s own backing file, when it has one open, is used.
+    """
+    saved = img.backing
+    if saved is None:
+        img.backing = backing
+    try:
+        await img.write_zeroes(offset, length)
+    finally:
+        img.backing = saved

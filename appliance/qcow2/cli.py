@@ -299,10 +299,15 @@ def refuse_if_in_use(path: str) -> None:
     try:
         lock_image(fd, path, write=True)
     except ImageLockedError as err:
-        what = str(err).split(":")[0]
-        raise Qcow2Error(f"{path}: {what}\nIs another process using the image [{path}]?") from None
+        raise _lock_refused(err, path, f"{path}: ") from None
     finally:
         os.close(fd)
+
+
+def _lock_refused(err: Exception, path: str, lead: str) -> Qcow2Error:
+    """A lock conflict (storage.locking) in qemu-img's two lines."""
+    what = str(err).split(":")[0]  # 'Failed to get [shared] "write" lock'
+    return Qcow2Error(f"{lead}{what}\nIs another process using the image [{path}]?")
 
 
 def lock_for_command(img: Any, path: str, *, write: bool) -> None:
@@ -320,9 +325,7 @@ def lock_for_command(img: Any, path: str, *, write: bool) -> None:
     try:
         lock_image(fd, path, write=write)
     except ImageLockedError as err:
-        what = str(err).split(":")[0]
-        raise Qcow2Error(f"Could not open '{path}': {what}\n"
-                         f"Is another process using the image [{path}]?") from None
+        raise _lock_refused(err, path, f"Could not open '{path}': ") from None
 
 
 def _chain(img: Any) -> list[Any]:
@@ -1205,19 +1208,14 @@ async def cmd_resize(argv: list[str]) -> int:
 async def _zero_over_backing(img: Qcow2Image, old: int, new: int) -> None:
     """A grown overlay reads zeroes in its new area, as QEMU makes it, even
     where its backing file is longer: that stretch gets zero clusters."""
-    from appliance.qcow2.backing import open_backing_file
+    from appliance.qcow2.backing import open_backing_file, zero_over_backing
 
     backing = await open_backing_file(img.path, img.header.backing_file or "",
                                       img.header.backing_format, cache="writeback", chain=())
     try:
         end = min(new, backing.size)
         if end > old:
-            saved = img.backing
-            img.backing = backing  # zero flags (and partial-cluster copies) need it
-            try:
-                await img.write_zeroes(old, end - old)
-            finally:
-                img.backing = saved
+            await zero_over_backing(img, backing, old, end - old)
     finally:
         await backing.close()
 

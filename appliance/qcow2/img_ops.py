@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError
-from appliance.qcow2.backing import RawImage, open_any, resolve_backing
+from appliance.qcow2.backing import RawImage, open_any, resolve_backing, zero_over_backing
 from appliance.qcow2.cli import (
     _open,
     _parser,
@@ -1066,7 +1066,7 @@ async def cmd_rebase(argv: list[str]) -> int:
                             if zeroes and zero.startswith(ov[pos:e]):
                                 # As qemu-img: where the old view was zeroes a
                                 # zero cluster keeps it, no data is written.
-                                await _zero_over(img, new, s + pos, e - pos)
+                                await zero_over_backing(img, new, s + pos, e - pos)
                             else:
                                 await img.writev(s + pos, [ov[pos:e]])
                         pos = e
@@ -1080,22 +1080,6 @@ async def cmd_rebase(argv: list[str]) -> int:
             await new.close()
         await img.close()
     return 0
-
-
-async def _zero_over(img: Qcow2Image, new: Any, offset: int, length: int) -> None:
-    """Zero a range of ``img`` so that it stays zeroes over the coming backing file ``new``.
-
-    The engine leaves unallocated clusters of an image with no backing file
-    as they are (they read as zeroes already); here they must become zero
-    clusters, because the new backing file is about to show through them.
-    """
-    saved = img.backing
-    if saved is None:
-        img.backing = new
-    try:
-        await img.write_zeroes(offset, length)
-    finally:
-        img.backing = saved
 
 
 async def _set_backing(img: Any, name: str | None, fmt: str | None) -> None:
