@@ -302,21 +302,12 @@ def _object(a: RunArgs, v: str) -> None:
 
 
 def _iothread(plan: DevicePlan, o: OptionDict) -> None:
-    """``-object iothread``: the disks naming it share one event loop here
-    (every device has its own thread already, DESIGN.md §1); what carries
-    over is poll-max-ns, the bound on polling disk completions
-    (storage.poll). QEMU's other tuning knobs are taken and have nothing to
-    tune."""
+    """``-object iothread`` (storage.poll.parse_iothread)."""
     from appliance.storage import poll
 
     o.take("qom-type")
     o.option = "-object iothread"
-    ident = o.require("id")
-    text = o.take("poll-max-ns")
-    value = None if text is None else poll.parse_max_ns(text, "-object iothread,poll-max-ns")
-    for key in ("poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"):
-        o.take_int(key, None, minimum=0)
-    o.finish()
+    ident, value = poll.parse_iothread(o)
     if ident in plan.iothreads or ident in plan.rng_objects:
         raise ConfigError(f"-object: duplicate id '{ident}'")
     plan.iothreads[ident] = value
@@ -390,7 +381,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     writers: dict[str, str] = {}
     macs = 0
     nics = 0
-    poll_ceilings: list[int] = []
+    poll_ceilings: list[int | None] = []
 
     def claim(name: str, by: str) -> None:
         if name in used_drives:
@@ -425,9 +416,7 @@ def resolve(plan: DevicePlan) -> list[object]:
                 if entry.iothread not in plan.iothreads:
                     raise ConfigError(f"{what}: Property 'virtio-blk-device.iothread' can't find "
                                       f"value '{entry.iothread}'")
-                ns = plan.iothreads[entry.iothread]
-                if ns is not None:
-                    poll_ceilings.append(ns)
+                poll_ceilings.append(plan.iothreads[entry.iothread])
             drive = plan.drives.get(entry.drive)
             if drive is not None:
                 if drive.interface != "none":
@@ -507,11 +496,9 @@ def resolve(plan: DevicePlan) -> list[object]:
         plan_slots(addrs)
     except PciError as err:
         raise ConfigError(f"-device: {err}") from None
-    if poll_ceilings:
-        from appliance.storage import poll
+    from appliance.storage import poll
 
-        # One loop serves every disk here: the widest window any iothread allows.
-        poll.set_max_ns(max(poll_ceilings))
+    poll.bound_by_iothreads(poll_ceilings)
     return specs
 
 

@@ -184,21 +184,15 @@ _OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile", "--chardev", "--mo
 
 
 def parse_object(text: str, iothreads: dict[str, int | None]) -> None:
-    """``--object iothread,id=ID[,poll-max-ns=NS]``: exports naming it share our one
-    loop; its poll-max-ns bounds how long disk completions are polled for
-    (storage.poll). QEMU's other iothread knobs are taken with nothing to tune."""
+    """``--object iothread,id=ID[,poll-max-ns=NS]`` (storage.poll.parse_iothread)."""
     from appliance.storage import poll
 
     o = parse_option("--object", text, implied="qom-type")
     kind = o.require("qom-type")
     if kind != "iothread":
         raise ConfigError(f"--object: type '{kind}' is not supported (iothread)")
-    ident = o.require("id")
-    ns_text = o.take("poll-max-ns")
-    ns = None if ns_text is None else poll.parse_max_ns(ns_text, "--object iothread,poll-max-ns")
-    for key in ("poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max"):
-        o.take_int(key, None, minimum=0)
-    o.finish()
+    o.option = "--object iothread"
+    ident, ns = poll.parse_iothread(o)
     if ident in iothreads:
         raise ConfigError(f"--object: duplicate id '{ident}'")
     iothreads[ident] = ns
@@ -325,12 +319,9 @@ class StorageDaemon:
     def __init__(self, config: DaemonConfig) -> None:
         config.validate()
         self.config = config
-        ceilings = [config.iothreads[e.iothread] for e in config.exports if e.iothread is not None]
-        if any(ns is not None for ns in ceilings):
-            from appliance.storage import poll
+        from appliance.storage import poll
 
-            # One loop serves every export: the widest window any iothread allows.
-            poll.set_max_ns(max(ns for ns in ceilings if ns is not None))
+        poll.bound_by_iothreads([config.iothreads[e.iothread] for e in config.exports if e.iothread])
         self.exports: dict[str, Export] = {}
         self._images: dict[str, OpenImage] = {}
         # Set by quit (QMP), a signal, or anyone who wants the daemon to end.

@@ -56,7 +56,7 @@ import selectors
 import time
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from appliance.errors import ConfigError
 
@@ -319,3 +319,33 @@ class LoopPoller:
         except (KeyError, ValueError):
             return self._select(0)
         return [(key, selectors.EVENT_READ)]
+
+
+# QEMU's iothread knobs with nothing to tune here: the engine's loop decides.
+_IOTHREAD_TAKEN = ("poll-grow", "poll-shrink", "aio-max-batch", "thread-pool-min", "thread-pool-max")
+
+
+def parse_iothread(o: Any) -> tuple[str, int | None]:
+    """An ``iothread`` object's options (cli.options.OptionDict, the type
+    already taken): its id and poll-max-ns (None: the default).
+
+    Devices naming an iothread share our one loop (every device has its own
+    thread already, DESIGN.md §1); what carries over is poll-max-ns.
+
+    :raises ConfigError: On a missing id, a bad value or an unknown key.
+    """
+    ident: str = o.require("id")
+    text = o.take("poll-max-ns")
+    value = None if text is None else parse_max_ns(text, f"{o.option},poll-max-ns")
+    for key in _IOTHREAD_TAKEN:
+        o.take_int(key, None, minimum=0)
+    o.finish()
+    return ident, value
+
+
+def bound_by_iothreads(values: list[int | None]) -> None:
+    """Set the ceiling from the iothreads the devices name: one loop serves
+    them all, so the widest window any of them allows (none set: unchanged)."""
+    given = [v for v in values if v is not None]
+    if given:
+        set_max_ns(max(given))
