@@ -188,11 +188,19 @@ async def rebuild_refcounts(img: Qcow2Image) -> None:
         table[b] = (start + tclusters + b) << cb
     for b, chunk in blocks.items():
         await img._pwrite(table[b], encode_block(chunk, img._rc_order))
-    await img._pwrite(start << cb, struct.pack(f">{len(table)}Q", *table))
+    await switch_refcount_table(img, table, start << cb, tclusters, blocks)
+
+
+async def switch_refcount_table(img: Qcow2Image, table: list[int], offset: int, clusters: int,
+                                blocks: dict[int, list[int]]) -> None:
+    """Write a new refcount table whose blocks are on disk already, point the
+    header at it (one write, between barriers) and drop the engine's state of
+    the old structure. ``blocks``: decoded blocks to keep cached ({} for none).
+    """
+    await img._pwrite(offset, struct.pack(f">{len(table)}Q", *table))
     await img._sync()
     h = img.header
-    h.refcount_table_offset = start << cb
-    h.refcount_table_clusters = tclusters
+    h.refcount_table_offset, h.refcount_table_clusters = offset, clusters
     await img._write_header()
     await img._sync()
     img._rt = table

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
-from appliance.qcow2.check import CheckResult
+from appliance.qcow2.check import CheckResult, switch_refcount_table
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from appliance.qcow2.refcount import decode_block, encode_block
 
@@ -480,22 +480,8 @@ async def _rebuild(img: Qcow2Image, p: _Pass) -> None:
         rt_off, _ = alloc(n, 0)
         if not await write_blocks(rt_off >> cb, (rt_off >> cb) + n):
             break
-    await img._pwrite(rt_off, struct.pack(f">{len(table)}Q", *table))
-    await img._sync()
-    h = img.header
-    h.refcount_table_offset, h.refcount_table_clusters = rt_off, n
-    await img._write_header()
-    await img._sync()
-    img._rt = table
-    img._rb = {}
-    img._rb_dirty.clear()
-    img._rt_dirty = False
-    img._rt_reloc = None
-    img._rc_dirty = False
-    img._pending_frees.clear()
-    img._free_hint = 1
     img.file_size = max(img.file_size, _file_len(img))
-    img._build_meta_set()
+    await switch_refcount_table(img, table, rt_off, n, {})
 
 
 async def _check_copied(img: Qcow2Image, res: CheckReport, fix: int, stored: _Stored) -> None:
