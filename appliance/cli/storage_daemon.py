@@ -41,7 +41,6 @@ from appliance.storage.blockdev import (
     BlockdevConfig,
     OpenImage,
     open_source,
-    parse_keyval_or_json,
     resolve_blockdev,
 )
 
@@ -99,7 +98,7 @@ class ExportConfig:
 
     @classmethod
     def parse(cls, text: str) -> ExportConfig:
-        o = parse_keyval_or_json("--export", text, implied="type")
+        o = parse_option("--export", text, implied="type")
         kind = o.require("type")
         if kind != "vhost-user-blk":
             raise ConfigError(f"--export: type '{kind}' is not supported (vhost-user-blk)")
@@ -268,7 +267,7 @@ def parse_args(argv: list[str]) -> DaemonConfig:
             value = argv[i]
             i += 1
         if name == "--blockdev":
-            cfg.blockdevs.append(BlockdevConfig.parse(value, option="--blockdev", allow_json=True))
+            cfg.blockdevs.append(BlockdevConfig.parse(value, option="--blockdev"))
         elif name == "--export":
             cfg.exports.append(ExportConfig.parse(value))
         elif name == "--chardev":

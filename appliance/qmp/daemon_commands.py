@@ -163,7 +163,7 @@ async def _blockdev_add(ctx: Context, args: dict[str, Any]) -> None:
         raise GenericError(f"Invalid node-name: '{node_name}'")
     daemon = ctx.machine
     try:
-        node = BlockdevConfig.parse(json.dumps(args), option="blockdev-add", allow_json=True)
+        node = BlockdevConfig.parse(json.dumps(args), option="blockdev-add")
     except ConfigError as err:
         # Without our "blockdev-add node-name=N: " prefix, as QEMU words it.
         raise GenericError(str(err).split(": ", 1)[-1]) from None

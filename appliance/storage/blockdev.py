@@ -251,11 +251,6 @@ def _locking(o: OptionDict, key: str) -> bool:
 # --- -blockdev / --blockdev -------------------------------------------------------------
 
 
-def parse_keyval_or_json(option: str, text: str, *, implied: str | None = None) -> OptionDict:
-    """QEMU's ``key=val,…`` or its JSON form (cli.options.parse_option takes both)."""
-    return parse_option(option, text, implied=implied)
-
-
 @dataclass(frozen=True, slots=True)
 class BlockdevConfig:
     """One block node: a ``file`` node (an image file) or a ``raw``/``qcow2`` node over one.
@@ -287,15 +282,14 @@ class BlockdevConfig:
     option: str = field(default="-blockdev", compare=False)
 
     @classmethod
-    def parse(cls, text: str, *, option: str = "-blockdev", allow_json: bool = False) -> BlockdevConfig:
+    def parse(cls, text: str, *, option: str = "-blockdev") -> BlockdevConfig:
         """Parse the text after ``option``.
 
         Both QEMU's ``key=value`` form and its JSON form are taken.
 
         :raises ConfigError: On an unknown driver or key, or a bad value.
         """
-        del allow_json  # JSON is QEMU's for -blockdev too (libvirt writes it)
-        o = parse_keyval_or_json(option, text, implied="driver")
+        o = parse_option(option, text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")
         _check_id(option, node)
@@ -628,6 +622,6 @@ def with_snapshot(src: ImageSource) -> ImageSource:
 
 __all__ = [
     "BlockdevConfig", "DriveConfig", "ImageSource", "OpenImage", "ProbedRawGuard",
-    "open_image_source", "open_source", "parse_keyval_or_json", "probe_format", "probe_warning",
+    "open_image_source", "open_source", "probe_format", "probe_warning",
     "resolve_blockdev", "with_snapshot",
 ]
