@@ -261,8 +261,9 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("No support for concatenating multiple snapshot")
     snap_name, snap_id, snap_either = (
         _snapshot_param(a.snapshot) if a.snapshot is not None else (None, None, None))
+    o = parse_o_all(a.options)
     # -o backing_file= names the target's backing file as -B does.
-    a.backing = a.backing or o_backing(a.options)
+    a.backing = a.backing or o.get("backing_file") or None
     if a.backing and a.out_fmt == "raw":
         raise Qcow2Error("Backing file not supported for file format 'raw'")
     if len(src_names) > 1 and a.backing:
@@ -278,7 +279,6 @@ async def cmd_convert(argv: list[str]) -> int:
     sparse = parse_size_arg(a.sparse)
     if sparse and sparse % 512:
         raise ConfigError("Invalid buffer size for sparse output specified")
-    o = parse_o_all(a.options)
     parts: list[Any] = []
     try:
         for name in src_names:
@@ -342,13 +342,6 @@ async def cmd_convert(argv: list[str]) -> int:
     finally:
         await src.close()
     return 0
-
-
-def o_backing(options: list[str]) -> str | None:
-    """The backing_file an -o list names, if any."""
-    from appliance.qcow2.cli import parse_o_all
-
-    return parse_o_all(options).get("backing_file") or None
 
 
 def _check_bitmaps(parts: list[Any], skip_broken: bool) -> None:
@@ -790,8 +783,6 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
 
 async def _zero_runs(img: Any, limit: int) -> list[tuple[int, int]]:
     """Merged [start, end) stretches below ``limit`` that read as zeroes through the chain."""
-    from appliance.qcow2.cli import chain_status
-
     out: list[tuple[int, int]] = []
     if limit <= 0:
         return out
