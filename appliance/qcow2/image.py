@@ -318,6 +318,9 @@ class Qcow2Image:
         self._open_size = 0  # file size at open
         self._falloc_end = 0  # file space reserved ahead of allocation
         self.file_size = 0
+        # The start_rw completions as bound once: a bound method made per request adds up.
+        self._rw_done_cb = self._rw_done
+        self._alloc_done_cb = self._alloc_done
 
     # ------------------------------------------------------------------ open
 
@@ -1062,7 +1065,7 @@ class Qcow2Image:
         # _submit inlined: this call is on every request's path.
         self._io_count += 1
         if aio.start(IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, self._dfd, bufs, host,
-                     self._rw_done, job, eager=True, align=self.logical_block_size):
+                     self._rw_done_cb, job, eager=True, align=self.logical_block_size):
             return True
         self._io_count -= 1
         return False
@@ -1137,7 +1140,7 @@ class Qcow2Image:
         if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb:
             return False
         host = c << cb
-        fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
+        fresh = host >= self._written_end and host >= self._alloc_end and host >= self._open_size
         if not (fresh or whole):
             return False  # the rest of a reused cluster must be zeroed: the planner does that
         if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
@@ -1175,7 +1178,7 @@ class Qcow2Image:
         if aio is not None:
             # _submit inlined, as in start_rw.
             self._io_count += 1
-            if aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done, job,
+            if aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
                          eager=True, align=self.logical_block_size):
                 return True
             self._io_count -= 1
@@ -1212,7 +1215,13 @@ class Qcow2Image:
                 finally:
                     # After done(): the caller's next request is submitted by now. Its
                     # allocation did not need this (_alloc_end already covers the cluster).
-                    self._wrote(host + n)
+                    # _wrote inlined.
+                    self._needs_sync = True
+                    end = host + n
+                    if end > self._written_end:
+                        self._written_end = end
+                        if end > self.file_size:
+                            self.file_size = end
                 return
             self._wrote(host + n)
             # Metadata moved while the data was in flight: publish the careful way.
@@ -1312,7 +1321,13 @@ class Qcow2Image:
         done, token, n, bufs, write, offset, host = job
         if err is None and got == n:
             if write:
-                self._wrote(host + n)
+                # _wrote inlined.
+                self._needs_sync = True
+                end = host + n
+                if end > self._written_end:
+                    self._written_end = end
+                    if end > self.file_size:
+                        self.file_size = end
             done(token, n, None)
             return
         self._rw_failed(job, got, err)

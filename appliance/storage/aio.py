@@ -91,6 +91,8 @@ class _Timespec(ctypes.Structure):
 
 
 _address = io.buffer_address
+_addressof = ctypes.addressof
+_from_buffer = ctypes.c_char.from_buffer
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _syscall = _libc.syscall
@@ -197,13 +199,15 @@ class LinuxAio:
             # piece: at queue depth 1 everything from a completion to the
             # next io_submit is on each request's path.
             b = bufs[0]
-            a = _address(b)
-            n = b.nbytes
-            if align:
-                if a is None or a % align or n % align or offset % align:
+            try:
+                a = _addressof(_from_buffer(b))  # io.buffer_address inlined
+            except (TypeError, ValueError):
+                if align:
                     return False
-            elif a is None:
                 a = 0
+            n = b.nbytes
+            if align and (a % align or n % align or offset % align):
+                return False
             slot = free.pop()
             _IOCB.pack_into(self._iocb_bytes, slot << 6, slot, 0, 0, _SINGLE[opcode], 0, fd,
                             a, n, offset, 0, IOCB_FLAG_RESFD, self._efd)
@@ -211,10 +215,17 @@ class LinuxAio:
             self._tokens[slot] = token
             self._bufs[slot] = bufs
             ready = self._ready
-            ready.append(slot)
-            if eager and len(ready) == 1 and len(free) == self.depth - 1:
+            if eager and not ready and len(free) == self.depth - 1 and not self.closed:
+                # The lone request in the context: _flush for one iocb, inlined.
+                ptrs = self._ptrs
+                ptrs[0] = self._slot_addr[slot]
+                if _syscall(_C_IO_SUBMIT, self._c_ctx, _C_ONE, ptrs) == 1:
+                    return True
+                ready.append(slot)  # refused or interrupted: _flush sorts it out
                 self._flush()
-            elif not self._flush_scheduled:
+                return True
+            ready.append(slot)
+            if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
             return True
@@ -223,10 +234,10 @@ class LinuxAio:
                 return False
             addrs = []
             for b in bufs:
-                a = _address(b)
-                if a is None or a % align or b.nbytes % align:
+                addr = _address(b)
+                if addr is None or addr % align or b.nbytes % align:
                     return False
-                addrs.append(a)
+                addrs.append(addr)
         else:
             addrs = [_address(b) or 0 for b in bufs]
         if self._free:
@@ -389,7 +400,16 @@ class LinuxAio:
                 hdr[2] = tail
                 budget -= 1
                 if 0 <= slot < self.depth:
-                    self._complete(slot, res)
+                    done = self._done[slot]
+                    if res >= 0 and done is not None and not self._waiting:
+                        # _complete inlined for the commonest completion.
+                        token = self._tokens[slot]
+                        self._done[slot] = self._tokens[slot] = self._bufs[slot] = None
+                        self._extra[slot] = None
+                        self._free.append(slot)
+                        done(token, res, None)
+                    else:
+                        self._complete(slot, res)
                 continue
             got = []
             while head != tail:
@@ -437,6 +457,7 @@ class LinuxAio:
 
 
 _C_IO_SUBMIT = ctypes.c_long(_SYS_IO_SUBMIT)
+_C_ONE = ctypes.c_long(1)
 _AIO_RING_MAGIC = 0xA10A10A1
 _AIO_RING_HEADER = 32
 
