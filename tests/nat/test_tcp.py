@@ -126,6 +126,46 @@ async def test_connection_refused_becomes_rst(net: UserNetwork) -> None:
     assert net.tcp.conns == {}
 
 
+async def test_host_side_accepts_only_once_the_guest_completes_its_handshake(net: UserNetwork) -> None:
+    # The host socket's final handshake ACK waits for the guest's ACK, so the loopback
+    # server's accept() does not run inside our connect() ahead of the guest's SYN-ACK.
+    accepted: list[float] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(asyncio.get_running_loop().time())
+        await r.read()
+        w.close()
+
+    srv, port = await serve(handler)
+    try:
+        async with Guest(net) as g:
+            held: list[bytes] = []
+            to_stack = g.link.to_stack
+
+            def hold_handshake_ack(frame: bytes) -> None:
+                if not held and frame[47] == 0x10:  # the first pure ACK: the end of the guest's handshake
+                    held.append(frame)
+                    return
+                to_stack(frame)
+
+            g.link.to_stack = hold_handshake_ack  # type: ignore[method-assign]
+            c = g.connect(GW_IP, port)
+            await established(c)
+            async with asyncio.timeout(5):
+                while not held:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert accepted == []  # the host connection is still in its handshake
+            to_stack(held[0])
+            async with asyncio.timeout(5):
+                while not accepted:
+                    await asyncio.sleep(0.01)
+            c.shutdown()
+            await c.wait(lambda: c.fin_rcvd and c.fin_acked, 10)
+    finally:
+        srv.close()
+
+
 async def test_hostfwd_connection_reaches_guest_listener_both_ways(net: UserNetwork) -> None:
     async with Guest(net) as g:
         accepted = g.listen(7777)
