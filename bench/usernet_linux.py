@@ -29,7 +29,9 @@ their interrupt eventfds into guest interrupts (each a wake-up of that thread).
 On a shared 2-core machine the guest's vCPU thread competes with both, so
 connection rate follows the sum of the two rows as much as latency.
 ``guest_vcpu_cpu_ms_per_conn`` is the guest's TCG vCPU thread (the guest's own work, its
-exits and interrupts), and ``guest_irqs_per_conn`` counts the guest's virtio interrupts
+exits and interrupts), ``guest_vcpu_wait_ms_per_conn`` the time that thread was runnable but
+had no host CPU (a busy machine: wall time per connection minus the two is the guest's idle
+time, waiting for the stack), and ``guest_irqs_per_conn`` counts the guest's virtio interrupts
 (/proc/interrupts).
 ``--profile FILE`` samples our daemon with py-spy during the connection runs,
 ``--cprofile FILE`` runs it under cProfile, and ``--daemon-tree DIR`` runs it
@@ -87,6 +89,12 @@ def cpu_seconds(task: str) -> float:
     """CPU time a /proc task (``PID`` or ``PID/task/TID``) has run, in seconds (schedstat: ns, not ticks)."""
     with open(f"/proc/{task}/schedstat", encoding="ascii") as f:
         return int(f.read().split()[0]) / 1e9
+
+
+def runq_wait_seconds(task: str) -> float:
+    """Time a /proc task spent runnable but waiting for a CPU, in seconds (schedstat's second field)."""
+    with open(f"/proc/{task}/schedstat", encoding="ascii") as f:
+        return int(f.read().split()[1]) / 1e9
 
 
 def free_port() -> int:
@@ -228,6 +236,7 @@ class Rig:
             qcpu0 = cpu_seconds(qemu) if qemu else 0.0
             vcpu = VCPU.get(self.kind)
             vcpu0 = cpu_seconds(vcpu) if vcpu else 0.0
+            vwait0 = runq_wait_seconds(vcpu) if vcpu else 0.0
             spy = None
             if PROFILE and self.kind == "appliance" and task:
                 spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "1000",
@@ -251,6 +260,7 @@ class Rig:
                 out["qemu_main_cpu_ms_per_conn"] = (cpu_seconds(qemu) - qcpu0) * 1e3 / max(len(acc), 1)
             if vcpu:
                 out["guest_vcpu_cpu_ms_per_conn"] = (cpu_seconds(vcpu) - vcpu0) * 1e3 / max(len(acc), 1)
+                out["guest_vcpu_wait_ms_per_conn"] = (runq_wait_seconds(vcpu) - vwait0) * 1e3 / max(len(acc), 1)
         return out
 
 
@@ -305,7 +315,7 @@ async def main_async(
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
     per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_vcpu_cpu_ms_per_conn",
-                "guest_irqs_per_conn"]
+                "guest_vcpu_wait_ms_per_conn", "guest_irqs_per_conn"]
     rows = metrics + (per_conn if "connections_per_s" in metrics else [])
     for metric in rows:
         vals = {
@@ -325,6 +335,7 @@ async def main_async(
         print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
         print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
         print("guest_vcpu_cpu_ms_per_conn: CPU of the guest's TCG vCPU thread (the guest's own work and its exits)")
+        print("guest_vcpu_wait_ms_per_conn: time the vCPU thread was runnable but waited for a host CPU")
         print("guest_irqs_per_conn: interrupts the guest took from virtio devices (/proc/interrupts) per connection")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
