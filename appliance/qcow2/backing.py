@@ -154,7 +154,16 @@ async def open_backing_file(overlay: Path, name: str, fmt: str | None, *, cache:
         raise Qcow2Error(f"backing chain loop: '{path}' is its own backing file")
     if len(chain) >= MAX_CHAIN_DEPTH:
         raise Qcow2Error(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
-    return await open_any(path, fmt, read_only=True, cache=cache, chain=chain)
+    try:
+        return await open_any(path, fmt, read_only=True, cache=cache, chain=chain)
+    except Qcow2Error as err:
+        # A file missing further down is named under each image above it, as
+        # QEMU nests its messages: 'Could not open backing file: ' a level.
+        lead = f"Could not open '{path}': Could not open backing file: "
+        if not str(err).startswith(lead):
+            raise
+        raise Qcow2Error(f"Could not open '{overlay}': Could not open backing file: "
+                         f"Could not open backing file: {str(err)[len(lead):]}", kind=err.kind) from err
 
 
 async def open_any(path: str | os.PathLike[str], fmt: str | None, *, read_only: bool,

