@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
+from appliance.qcow2 import snapshot_check
 from appliance.qcow2.check import CheckResult, switch_refcount_table
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from appliance.qcow2.refcount import decode_block, encode_block
@@ -558,6 +559,14 @@ async def _count(stored: _Stored, c: int, blocks: dict[int, Sequence[int]]) -> i
     return 0 if blk is _ZERO else blk[c % E]
 
 
+def _merge(res: CheckReport, part: CheckReport) -> None:
+    res.corruptions += part.corruptions
+    res.leaks += part.leaks
+    res.check_errors += part.check_errors
+    res.corruptions_fixed += part.corruptions_fixed
+    res.leaks_fixed += part.leaks_fixed
+
+
 async def check_pass(img: Qcow2Image, fix: int) -> CheckReport:
     """One bdrv_check of a qcow2 image: count, compare, repair what ``fix`` allows."""
     res = CheckReport()
@@ -573,6 +582,15 @@ async def check_pass(img: Qcow2Image, fix: int) -> CheckReport:
     async with img._lock:
         if fix:
             await img._flush_locked()
+        # check's own reading of the snapshot table (an image opened in check mode has it
+        # unread); its counts join the result after the refcount pass, as in qemu-img.
+        snap = CheckReport(messages=res.messages)
+        if img.check_mode:
+            err = await snapshot_check.read_for_check(img, snap, fix)
+            if err:
+                _merge(res, snap)
+                res.failed = err
+                return res
         rebuild = [False]
         try:
             p = await _calculate(img, res, fix, rebuild, nb)
@@ -611,12 +629,18 @@ async def check_pass(img: Qcow2Image, fix: int) -> CheckReport:
                     highest = await _compare(img, res, fix, rebuild, p, stored)
             await _check_copied(img, res, fix, stored)
             res.image_end_offset = (highest + 1) * img._cs
+            if img.check_mode:
+                err = await snapshot_check.fix_for_check(img, snap, fix)
+                if err:
+                    raise _Failed(err)
         except _Failed as err:
+            _merge(res, snap)
             res.failed = err.err
             return res
         finally:
             if fix:
                 await img._flush_locked()
+    _merge(res, snap)
     if fix and not res.check_errors and not res.corruptions:
         h = img.header
         if h.incompatible_features & (H.INCOMPAT_DIRTY | H.INCOMPAT_CORRUPT):

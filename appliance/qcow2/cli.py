@@ -38,7 +38,30 @@ CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # type: ignore[override]
-        raise ConfigError(message)
+        raise ConfigError(self._qemu_words(message))
+
+    def _qemu_words(self, message: str) -> str:
+        """argparse's complaint in qemu-img's words where qemu-img has its own."""
+        cmd = self.prog.rsplit(" ", 1)[-1]
+        if message.startswith("unrecognized arguments: "):
+            extra = message.removeprefix("unrecognized arguments: ").split()
+            if extra[0].startswith("-"):
+                return f"unrecognized option '{extra[0]}'"
+            return f"Unexpected argument: {extra[0]}" if cmd == "create" else "Expecting one image file name"
+        if message.startswith("the following arguments are required: "):
+            missing = message.removeprefix("the following arguments are required: ")
+            if cmd == "compare":
+                return "Expecting two image file names"
+            if missing == "size" and cmd == "resize":
+                return "Not enough arguments"
+            if missing.startswith("filename"):
+                return "Expecting one image file name"
+        if message.startswith("argument --output: invalid choice"):
+            return "--output must be used with human or json as argument."
+        if message.startswith("argument -r: invalid choice: ") and cmd == "check":
+            value = message.removeprefix("argument -r: invalid choice: ").split(" (")[0].strip("'")
+            return f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}"
+        return message
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         """Parse, then refuse unknown cache modes (-t the target's or the
@@ -1152,17 +1175,26 @@ def _hx(v: int) -> str:
 async def cmd_snapshot(argv: list[str]) -> int:
     from appliance.qcow2 import snapops
 
+    class _One(argparse.Action):
+        """-l/-a/-c/-d: one action a command, as qemu-img takes them."""
+
+        def __call__(self, parser: Any, ns: Any, value: Any, option: Any = None) -> None:
+            if getattr(ns, "_acted", False):
+                raise ConfigError("Cannot mix '-l', '-a', '-c', '-d'")
+            ns._acted = True
+            setattr(ns, self.dest, True if value == [] else value)
+
     p = _parser("snapshot")
     p.add_argument("-f", dest="fmt")
-    p.add_argument("-l", dest="list", action="store_true")
-    p.add_argument("-a", dest="apply")
-    p.add_argument("-c", dest="create")
-    p.add_argument("-d", dest="delete")
+    p.add_argument("-l", dest="list", action=_One, nargs=0)
+    p.add_argument("-a", dest="apply", action=_One)
+    p.add_argument("-c", dest="create", action=_One)
+    p.add_argument("-d", dest="delete", action=_One)
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    ro = not (a.apply or a.create or a.delete)
+    ro = a.apply is None and a.create is None and a.delete is None
     refuse_unopenable(a.filename)
     refuse_missing_backing(a.filename, a.fmt)
     img = await _open(a.filename, a.fmt, read_only=ro, backing=False, share=a.force_share and ro)
@@ -1171,30 +1203,31 @@ async def cmd_snapshot(argv: list[str]) -> int:
         # refused in qemu-img's words (-a opens the image a second time there,
         # so a probed raw image warns twice).
         await img.close()
-        if a.create:
+        if a.create is not None:
             raise Qcow2Error(f"Could not create snapshot '{a.create}': -95 (Operation not supported)")
-        if a.delete:
+        if a.delete is not None:
             raise Qcow2Error(f"Could not delete snapshot '{a.delete}': snapshot not found")
-        if a.apply:
+        if a.apply is not None:
             if a.fmt is None:
                 probe_format(a.filename)
             raise Qcow2Error(f"Could not apply snapshot '{a.apply}': Block driver does not support snapshots")
         return 0
     try:
-        if a.list or ro:
+        if a.list:  # no action at all lists nothing, as in qemu-img
             if img.snapshots:
                 print("Snapshot list:")
                 print(snapshot_table(img.snapshots), end="")
-        elif a.create:
+        elif a.create is not None:
             try:
                 await snapops.create_snapshot(img, a.create)
             except Qcow2Error as err:
                 raise Qcow2Error(f"Could not create snapshot '{a.create}': {err}") from err
-        elif a.delete:
-            if snapops.find(img, a.delete) is None:
+        elif a.delete is not None:
+            # qemu-img deletes by name only (an id is not looked up here).
+            if not any(s.name == a.delete for s in img.snapshots):
                 raise Qcow2Error(f"Could not delete snapshot '{a.delete}': snapshot not found")
             await snapops.delete_snapshot(img, a.delete)
-        elif a.apply:
+        elif a.apply is not None:
             if snapops.find(img, a.apply) is None:
                 raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
                                  "Failed to load snapshot: No such file or directory")

@@ -306,6 +306,7 @@ class Qcow2Image:
         self._lazy_dirty = False
         self._comp_cache: tuple[int, bytes] | None = None
         self._table_bytes: int | None = None  # snapshot table length as last written
+        self.check_mode = False  # see open()
         self._comp_tail = 0  # host byte offset where the next compressed cluster may go
         self._alloc_end = 0  # end of the highest cluster ever allocated
         self._no_falloc = False
@@ -337,6 +338,7 @@ class Qcow2Image:
         repair_dirty: bool = True,
         allow_corrupt: bool = False,
         aio: str = "native",
+        check_mode: bool = False,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Image:
         """Open an image.
@@ -345,9 +347,12 @@ class Qcow2Image:
             or an already open BlockBackend to use instead.
         :param l2_cache_size: bytes of L2 cache (QEMU's l2-cache-size); default covers
             the whole disk up to 32 MiB.
+        :param check_mode: for ``check``: the snapshot table is left unread (as QEMU's
+            BDRV_O_CHECK), for :mod:`appliance.qcow2.snapshot_check` to read and repair.
         :raises Qcow2Error: When the file is not an image we can open safely.
         """
         self = cls()
+        self.check_mode = check_mode
         self.path = Path(path)
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -374,7 +379,7 @@ class Qcow2Image:
         self._open_size = self._falloc_end = size
         self._regular = stat.S_ISREG(st.st_mode)  # a block device cannot grow
         first = await self._pread(0, min(size, 1 << 21))
-        h = H.parse_header(first, size)
+        h = H.parse_header(first, size, check_mode=self.check_mode)
         self.header = h
         self.size = h.size
         cs = h.cluster_size
@@ -413,7 +418,7 @@ class Qcow2Image:
         n_rt = h.refcount_table_clusters * cs // 8
         raw = await self._pread(h.refcount_table_offset, n_rt * 8)
         self._rt = list(struct.unpack(f">{n_rt}Q", raw))
-        if h.nb_snapshots:
+        if h.nb_snapshots and not self.check_mode:
             raw = await self._pread(h.snapshots_offset, min(self.file_size - h.snapshots_offset,
                                                             64 << 20))
             self.snapshots, self._table_bytes = parse_snapshot_table(raw, h.nb_snapshots, cs)
@@ -1178,8 +1183,14 @@ class Qcow2Image:
         if aio is not None:
             # _submit inlined, as in start_rw.
             self._io_count += 1
-            if aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
-                         eager=True, align=self.logical_block_size):
+            if extend:
+                # The kernel runs it inside the system call either way (see
+                # _extend_alone): pwritev costs the loop less than io_submit.
+                if aio.start_sync(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a,
+                                  self._alloc_done_cb, job, self.logical_block_size):
+                    return True
+            elif aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
+                           eager=True, align=self.logical_block_size):
                 return True
             self._io_count -= 1
             submitted = False

@@ -105,8 +105,13 @@ async def _end(img: Qcow2Image) -> None:
         await img._sync()
 
 
-async def _write_table(img: Qcow2Image, snaps: list[Snapshot]) -> None:
-    """Write a new snapshot table and point the header at it; free the old one."""
+async def _write_table(img: Qcow2Image, snaps: list[Snapshot], *, lenient: bool = False) -> bool:
+    """Write a new snapshot table and point the header at it; free the old one.
+
+    :param lenient: for check's repair of a damaged table: old clusters that hold no
+        reference (or lie where no refcount reaches) are left alone, and False is returned
+        when any were, instead of the image being marked corrupt.
+    """
     cs, cb = img._cs, img._cb
     h = img.header
     blob = b"".join(s.serialize(h.version) for s in snaps)
@@ -125,9 +130,17 @@ async def _write_table(img: Qcow2Image, snaps: list[Snapshot]) -> None:
     await img._sync()
     img.snapshots = snaps
     img._table_bytes = len(blob)
+    freed_all = True
+    new_clusters = range(new_off >> cb, (new_off + len(blob) + cs - 1) >> cb) if snaps else range(0)
     for c in range(old_off >> cb, (old_off >> cb) + old_n):
+        # A damaged table may have spanned clusters nothing counted, which the new one took.
+        if lenient and (c in new_clusters or c >= len(img._rt) * img._rb_entries
+                        or await img.refcount(c) <= 0):
+            freed_all = False
+            continue
         await img._update_refcount(c, -1)
     await img._flush_refcounts()
+    return freed_all
 
 
 def _table_len(img: Qcow2Image) -> int:
