@@ -286,7 +286,7 @@ class IoPool:
         each): the loop does not wait for them.
         """
         ring.pinned = True  # tried once a burst, pinned or not
-        if self._pinned:
+        if self._pinned or not ring.here():  # the caller must be the loop's thread
             return
         try:
             free = os.sched_getaffinity(0)

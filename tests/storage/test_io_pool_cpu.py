@@ -125,3 +125,36 @@ def test_a_loop_closed_mid_burst_leaves_its_thread_unpinned(closed_before_done: 
     assert (seen["closed"] == seen["before"]) is closed_before_done
     assert seen["after"] == seen["before"]
     pool.shutdown()
+
+
+async def test_jobs_started_from_another_thread_pin_nobody() -> None:
+    """start() with a loop's ring from a thread that is not the loop's leaves both threads be."""
+    before = _cpus()
+    pool = io.IoPool(workers=3)
+    ring = pool.ring()
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    got: list[object] = []
+
+    def done(token: object, result: object, exc: BaseException | None) -> None:
+        got.append(token)
+        if len(got) == io.PIN_DEPTH + 2:
+            all_done.set_result(None)
+
+    seen: dict[str, set[int]] = {}
+
+    def other() -> None:
+        for i in range(io.PIN_DEPTH + 2):
+            pool.start(gate.wait, (10,), done, i, ring)
+        seen["other"] = _cpus()
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(10)
+    assert seen["other"] == before
+    assert _cpus() == before
+    gate.set()
+    await asyncio.wait_for(all_done, 10)
+    assert sorted(got) == list(range(io.PIN_DEPTH + 2))  # type: ignore[type-var]
+    pool.shutdown()
