@@ -2,15 +2,18 @@
 
 At qd1 every request's latency includes whatever the loop does between a
 completion and the next submission, so a chain of start_rw requests, each
-started from the previous one's callback, must cost one io_submit each and
-nothing else: completions come from the event ring (no io_getevents), an
-allocating write's metadata waits in the write-back caches for the flush.
+started from the previous one's callback, must cost one system call each
+and nothing else: reads one io_submit (completions come from the event
+ring, no io_getevents); allocating writes past the end of the file, which
+the kernel runs synchronously anyway, one pwritev; their metadata waits in
+the write-back caches for the flush.
 """
 
 from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,7 @@ async def chain(img: Qcow2Image, write: bool, buf: memoryview, first: int) -> in
     return state["taken"]
 
 
-async def test_qd1_requests_cost_one_io_submit_each(tmp_path: Path,
+async def test_qd1_requests_cost_one_system_call_each(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     p = tmp_path / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", str(p), "16M")
@@ -78,6 +81,19 @@ async def test_qd1_requests_cost_one_io_submit_each(tmp_path: Path,
         return int(real(nr, *args))
 
     monkeypatch.setattr(aio_mod, "_syscall", counting)
+    plain: Counter[str] = Counter()
+    real_pwritev, real_preadv = os.pwritev, os.preadv
+
+    def pwritev(*args: Any) -> int:
+        plain["pwritev"] += 1
+        return real_pwritev(*args)
+
+    def preadv(*args: Any) -> int:
+        plain["preadv"] += 1
+        return real_preadv(*args)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "preadv", preadv)
     # Metadata and file-space calls: none may happen per request.
     other: list[str] = []
     real_iorun, real_falloc = image_mod._iorun, io_mod.fallocate
@@ -100,16 +116,17 @@ async def test_qd1_requests_cost_one_io_submit_each(tmp_path: Path,
         ring = img._aio._ring_u32 is not None
         calls.clear()
         other.clear()
+        plain.clear()
         assert await chain(img, True, aligned(CS, 0x5A), CS) == N
-        assert calls[aio_mod._SYS_IO_SUBMIT] == N
-        if ring:
-            assert calls[aio_mod._SYS_IO_GETEVENTS] == 0
+        assert plain == {"pwritev": N}
+        assert sum(calls.values()) == 0
         assert img._inflight == {} and img._io_count == 0
         assert other == []
         calls.clear()
+        plain.clear()
         back = aligned(CS, 0)
         assert await chain(img, False, back, CS) == N
-        assert calls[aio_mod._SYS_IO_SUBMIT] == N
+        assert calls[aio_mod._SYS_IO_SUBMIT] == N and not plain
         if ring:
             assert calls[aio_mod._SYS_IO_GETEVENTS] == 0
         assert bytes(back) == b"\x5a" * CS
@@ -120,3 +137,36 @@ async def test_qd1_requests_cost_one_io_submit_each(tmp_path: Path,
     check_clean(p)
     out = qemu_io(p, f"read -P 0x5a {CS} {N * CS}")
     assert "Pattern verification failed" not in out
+
+
+async def test_a_failed_synchronous_write_is_done_again_the_careful_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pwritev refusing an allocating write past the end (ENOSPC here) gives the
+    cluster back and the request goes the coroutine way; nothing leaks."""
+    p = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", str(p), "16M")
+    img = await Qcow2Image.open(p, read_only=False, cache="none", aio="native")
+    real = os.pwritev
+    failed: list[int] = []
+
+    def once(fd: int, bufs: Any, off: int) -> int:
+        if not failed:
+            failed.append(off)
+            raise OSError(28, "No space left on device")
+        return real(fd, bufs, off)
+
+    try:
+        assert await img.writev(0, [aligned(CS, 0x99)]) == CS
+        monkeypatch.setattr(os, "pwritev", once)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[int, BaseException | None]] = loop.create_future()
+        assert img.start_rw(True, CS, [aligned(CS, 0x77)], lambda _t, n, e: fut.set_result((n, e)),
+                            None)
+        assert await asyncio.wait_for(fut, 30) == (CS, None)
+        assert failed
+        monkeypatch.setattr(os, "pwritev", real)
+        await img.flush()
+    finally:
+        await img.close()
+    check_clean(p)
+    qemu_io(p, f"read -P 0x77 {CS} {CS}")
