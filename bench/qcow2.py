@@ -22,7 +22,12 @@ time inside the timed run (strace: 6 fdatasync and 2 pwrite64 among the
 4000 io_submit of 64k rand qd1), where ours keeps them in its write-back
 caches until the flush (same order: refcounts, L2, L1, barriers between),
 worth ~1% of a run. Both issue one io_submit per request and read
-completions from the ring (no io_getevents).
+completions from the ring (no io_getevents), except that ours sends a lone
+whole-cluster write past the end of the file (every write of the write
+rows at qd1) as a plain pwritev: ext4 runs such a write synchronously inside
+io_submit too, so both wait out the device in the system call, and the same
+bytes reach the same place in the file (strace: one pwritev2 a request, no
+io_submit, for 64k seq write qd1).
 
 The last part boots the test guest on a qcow2 disk under ``appliance run``
 and under ``qemu-system-x86_64 -enable-kvm -M q35`` (QEMU's qcow2 driver) and
