@@ -308,9 +308,14 @@ class IoPool:
         if self._pinned != key:
             return
         self._pinned = 0
+        tid = self._pinned_tid
         try:
-            # By thread id: a loop's end may be noticed on another thread.
-            os.sched_setaffinity(self._pinned_tid, self._free)
+            if tid == threading.get_native_id():
+                os.sched_setaffinity(0, self._free)
+            elif os.path.exists(f"/proc/self/task/{tid}"):
+                # A loop's end noticed on another thread (a worker, or the
+                # collector): by thread id, when that thread is still ours.
+                os.sched_setaffinity(tid, self._free)
         except OSError:
             pass  # the thread is gone
         self._cpus = self._free
