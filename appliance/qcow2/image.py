@@ -316,6 +316,9 @@ class Qcow2Image:
         self._written_end = 0  # end of the highest byte we wrote
         self._aio: Any = None  # Linux AIO context for O_DIRECT data I/O
         self._pool_ring: Any = None  # the I/O pool's completion side on our loop (start_rw)
+        # O_DIRECT writes past the end of the file run inside the system call (ext4):
+        # start_rw sends a lone one as pwritev (LinuxAio.start_sync).
+        self._sync_extend = False
         self._open_size = 0  # file size at open
         self._falloc_end = 0  # file space reserved ahead of allocation
         self.file_size = 0
@@ -405,9 +408,10 @@ class Qcow2Image:
             self._dfd = self._fd
         if self._direct and aio != "threads":
             try:
-                from appliance.storage.aio import LinuxAio
+                from appliance.storage.aio import LinuxAio, extends_synchronously
 
                 self._aio = LinuxAio(depth=128)
+                self._sync_extend = extends_synchronously(self._dfd)
             except OSError:
                 self._aio = None  # no kernel AIO here: the thread pool does it all
         self._writethrough = cache in ("writethrough", "directsync")
@@ -1183,7 +1187,7 @@ class Qcow2Image:
         if aio is not None:
             # _submit inlined, as in start_rw.
             self._io_count += 1
-            if extend:
+            if extend and self._sync_extend:
                 # The kernel runs it inside the system call either way (see
                 # _extend_alone): pwritev costs the loop less than io_submit.
                 if aio.start_sync(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a,

@@ -5,8 +5,8 @@ completion and the next submission, so a chain of start_rw requests, each
 started from the previous one's callback, must cost one system call each
 and nothing else: reads one io_submit (completions come from the event
 ring, no io_getevents); allocating writes past the end of the file, which
-the kernel runs synchronously anyway, one pwritev; their metadata waits in
-the write-back caches for the flush.
+ext4 runs synchronously anyway, one pwritev (elsewhere one io_submit);
+their metadata waits in the write-back caches for the flush.
 """
 
 from __future__ import annotations
@@ -118,8 +118,11 @@ async def test_qd1_requests_cost_one_system_call_each(tmp_path: Path,
         other.clear()
         plain.clear()
         assert await chain(img, True, aligned(CS, 0x5A), CS) == N
-        assert plain == {"pwritev": N}
-        assert sum(calls.values()) == 0
+        if img._sync_extend:  # ext4: the kernel would run them inside io_submit anyway
+            assert plain == {"pwritev": N}
+            assert sum(calls.values()) == 0
+        else:
+            assert not plain and calls[aio_mod._SYS_IO_SUBMIT] == N
         assert img._inflight == {} and img._io_count == 0
         assert other == []
         calls.clear()
@@ -146,6 +149,9 @@ async def test_a_failed_synchronous_write_is_done_again_the_careful_way(
     p = tmp_path / "a.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", str(p), "16M")
     img = await Qcow2Image.open(p, read_only=False, cache="none", aio="native")
+    if not img._sync_extend:
+        await img.close()
+        pytest.skip("writes past the end of the file go through io_submit on this file system")
     real = os.pwritev
     failed: list[int] = []
 
