@@ -35,8 +35,9 @@ class RawImage:
         self.read_only = read_only
         st = os.fstat(fd)
         self._regular = stat.S_ISREG(st.st_mode)
-        # A block device's size is where it ends; st_size is 0 for it.
-        self.size = st.st_size if self._regular else os.lseek(fd, 0, os.SEEK_END)
+        # A block device's size is where it ends; st_size is 0 for it. QEMU
+        # counts a file in whole sectors: the end of the last one reads as zeroes.
+        self.size = -(-st.st_size // 512) * 512 if self._regular else os.lseek(fd, 0, os.SEEK_END)
         self.backing = None
         self.snapshots: list[Any] = []
         self._unsafe = False

@@ -213,6 +213,15 @@ def parse_size_arg(text: str) -> int:
     return parse_size(t, "size", default_suffix="")
 
 
+def size_arg(text: str, what: str) -> int:
+    """A size on the command line; a bad one in qemu-img's words for ``what``."""
+    try:
+        return parse_size_arg(text)
+    except ConfigError:
+        raise ConfigError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for "
+                          "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+
+
 def parse_o_all(texts: list[str]) -> dict[str, str]:
     """Every ``-o`` given, later ones overriding earlier keys, as qemu-img merges them."""
     out: dict[str, str] = {}
@@ -292,6 +301,9 @@ async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "wr
                 backing: bool = True, share: bool = False, **kw: Any) -> Any:
     """Open an image for a command; locked as qemu-img locks it unless ``share`` (-U)."""
     refuse_unopenable(path)
+    dirty = not read_only and fmt in (None, "qcow2") and _dirty(path)
+    if dirty:
+        kw["repair_dirty"] = False  # repaired below, in qemu-img's words
     try:
         img = await open_any(path, fmt, read_only=read_only, cache=cache,
                              backing_override=None if backing else False, **kw)
@@ -301,15 +313,49 @@ async def _open(path: str, fmt: str | None, *, read_only: bool, cache: str = "wr
         if str(err).startswith(f"could not open '{path}'"):
             # The file layer's own words under the image's, as QEMU nests them.
             raise Qcow2Error(f"Could not open '{path}': C{str(err)[1:]}", kind=err.kind) from err
+        text = str(err)
+        if text.startswith("not a qcow2 image") and probe_format(path, warn=False) != "qcow2":
+            text = "Image is not in qcow2 format"  # -f qcow2 on another format, in QEMU's words
         # qemu-img names the image it could not open first.
-        raise Qcow2Error(f"Could not open '{path}': {err}", kind=err.kind) from err
+        raise Qcow2Error(f"Could not open '{path}': {text}", kind=err.kind) from err
     if not share:
         try:
             lock_for_command(img, path, write=not read_only)
         except BaseException:
             await img.close()
             raise
+    if dirty and isinstance(img, Qcow2Image):
+        try:
+            await _repair_dirty(img)
+        except BaseException:
+            await img.close()
+            raise
     return img
+
+
+def _dirty(path: str) -> bool:
+    """Whether ``path`` is a qcow2 image with its dirty bit set (lazy refcounts
+    left behind by a crash)."""
+    try:
+        with open(path, "rb") as f:
+            h = H.parse_header(f.read(2 << 20), check_mode=True)
+    except (OSError, ValueError, Qcow2Error):
+        return False
+    return bool(h.dirty)
+
+
+async def _repair_dirty(img: Qcow2Image) -> None:
+    """QEMU opens a dirty image for writing only after a check that repairs
+    everything (qcow2_do_open), which prints what it finds and repairs."""
+    from appliance.qcow2.check_flow import FIX_MODES, check_pass
+
+    res = await check_pass(img, FIX_MODES["all"])
+    _say(res.messages)
+    if res.failed or res.check_errors or res.corruptions:
+        raise Qcow2Error(f"Could not open '{img.path}': Could not repair dirty image")
+    img.header.incompatible_features &= ~H.INCOMPAT_DIRTY
+    await img._write_header()
+    await img._sync()
 
 
 def refuse_unopenable(path: str) -> None:
@@ -458,7 +504,15 @@ async def cmd_create(argv: list[str]) -> int:
     refuse_if_in_use(a.filename)
     # The size comes positionally or as -o size=, either way.
     size_text = a.size if a.size is not None else o.get("size")
-    size = parse_size_arg(size_text) if size_text is not None else None
+    size: int | None
+    if a.size is not None:
+        if a.size.startswith("-"):
+            raise ConfigError(f"unrecognized option '{a.size}'")  # getopt's reading of it
+        size = size_arg(a.size, "image size")
+        if size >= 1 << 63:
+            raise ConfigError(f"Invalid image size specified. Must be between 0 and {(1 << 63) - 1}.")
+    else:
+        size = parse_size_arg(size_text) if size_text is not None else None
     if a.fmt == "raw":
         extra = set(o) - {"preallocation", "size"}
         if extra:
@@ -618,7 +672,7 @@ async def cmd_measure(argv: list[str]) -> int:
             if not isinstance(src, Qcow2Image):
                 raise Qcow2Error(f"Failed to load snapshot: '{a.filename}' has no internal snapshots")
             await snapops.view_snapshot(src, name=name, ident=ident, either=either)
-        size = src.size if src is not None else parse_size_arg(a.size)
+        size = src.size if src is not None else size_arg(a.size, "image size")
         if size >= 1 << 63:
             raise ConfigError("Invalid image size specified. Must be between 0 and "
                               f"{(1 << 63) - 1}.")
@@ -744,6 +798,8 @@ def _info_human(d: dict[str, Any], img: Any) -> str:
            f"disk size: {size_to_str(d['actual-size'])}"]
     if "cluster-size" in d:
         out.append(f"cluster_size: {d['cluster-size']}")
+    if d.get("dirty-flag"):
+        out.append("cleanly shut down: no")
     if "backing-filename" in d:
         bf = d["backing-filename"]
         if d["full-backing-filename"] != bf:
@@ -841,6 +897,8 @@ async def cmd_check(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.fmt not in (None, "qcow2") or not _is_qcow2(a.filename):
         refuse_unopenable(a.filename)
+        if a.fmt == "qcow2" and probe_format(a.filename, warn=False) != "qcow2":
+            raise Qcow2Error(f"Could not open '{a.filename}': Image is not in qcow2 format")
         foreign = foreign_format_of(a.filename) if a.fmt is None else None
         if foreign is not None:
             raise Qcow2Error(unsupported_message(a.filename, foreign))
@@ -1134,10 +1192,14 @@ async def cmd_map(argv: list[str]) -> int:
     a = p.parse_args(argv)
     img = await _open(a.filename, a.fmt, read_only=True, share=a.force_share)
     try:
-        start = parse_size_arg(a.start_offset)
+        start = size_arg(a.start_offset, "start offset")
         length = img.size - start if a.max_length is None else min(
-            parse_size_arg(a.max_length), img.size - start)
+            size_arg(a.max_length, "max length"), img.size - start)
         rows = await map_rows(img, start, max(0, length))
+        if length <= 0:
+            # qemu-img's one row for a start at or past the end: nothing there, not even zeroes.
+            rows = [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False,
+                     "data": False, "_file": None, "_compressed": False}]
         if a.output == "json":
             import json
 
@@ -1256,11 +1318,16 @@ async def cmd_resize(argv: list[str]) -> int:
     img = await _open(a.filename, a.fmt, read_only=False, backing=False)
     try:
         text = a.size
-        if text[0] in "+-":
-            delta = parse_size_arg(text[1:])
-            new = img.size + delta if text[0] == "+" else img.size - delta
-        else:
-            new = parse_size_arg(text)
+        try:
+            if text[0] in "+-":
+                delta = parse_size_arg(text[1:])
+                new = img.size + delta if text[0] == "+" else img.size - delta
+            else:
+                new = parse_size_arg(text)
+        except ConfigError:
+            raise ConfigError("Parameter 'size' expects a non-negative number below 2^64 Optional suffix "
+                              "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes, "
+                              "respectively.") from None
         if new <= 0:
             raise ConfigError("New image size must be positive")
         if new < img.size and not a.shrink:

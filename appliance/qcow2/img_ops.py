@@ -9,6 +9,7 @@ for all-zero blocks (``-S``, default 4 KiB) that need not be written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import mmap
 import os
 import sys
@@ -63,7 +64,7 @@ class _Progress:
     def add(self, n: int) -> None:
         if not self.enabled:
             return
-        self.done += n
+        self.done = min(self.total, self.done + n)  # convert -c counts a cluster's zero part twice
         pct = self.done * 100.0 / self.total
         if pct - self.shown >= 1.0 or self.done >= self.total:
             self.shown = pct
@@ -343,7 +344,7 @@ async def cmd_convert(argv: list[str]) -> int:
                           progress=a.progress and not a.quiet, workers=a.coroutines,
                           file_copy=not a.force_share and not a.salvage, rate=rate,
                           salvage=None if not a.salvage else (lambda m: None) if a.quiet else _warn,
-                          top_only=a.backing is not None)
+                          top_only=a.backing is not None, in_order=not a.out_of_order)
             if a.bitmaps:
                 await _copy_bitmaps(parts[0], dst, a.skip_broken_bitmaps)
         finally:
@@ -517,8 +518,14 @@ def _write_all(fd: int, pos: int, view: memoryview) -> None:
 async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
                   explicit_zeroes: bool = False, progress: bool = False,
                   workers: int = 8, file_copy: bool = True, rate: int = 0,
-                  salvage: Callable[[str], None] | None = None, top_only: bool = False) -> None:
+                  salvage: Callable[[str], None] | None = None, top_only: bool = False,
+                  in_order: bool = True) -> None:
     """Copy every byte of ``src`` into ``dst`` (same size or larger).
+
+    Into a qcow2 image the writes go in disk order unless ``in_order`` is
+    off (qemu-img convert -W), so its clusters are laid out as qemu-img lays
+    them out; with ``compress`` every target cluster holding data is
+    compressed whole, its zero part too, as qemu-img does.
 
     With ``top_only`` (a target with a backing file of its own, qemu-img
     convert -B) only what the source's top image holds is copied: what it
@@ -548,7 +555,9 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
         fd = getattr(dst, "_fd", -1)
         if not getattr(dst, "_direct", False) and getattr(dst, "_dfd", fd) == fd:
             dst_fd = fd
-    jobs: asyncio.Queue[tuple[int, int, int | None, int] | None] = asyncio.Queue()
+    jobs: asyncio.Queue[tuple[int, int, int | None, int, int] | None] = asyncio.Queue()
+    order: list[int] = []  # each job's start, in disk order
+    compress_end = 0
     pos = 0
     while pos < size:
         n = min(CONVERT_CHUNK * 4, size - pos)
@@ -566,11 +575,18 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             if dst_fd >= 0 and kind == K_DATA and where is not None:
                 host = where[0]
                 sfd = _source_file(where[1], host, length)
+            if compress:
+                # Whole target clusters: a neighbour's run in the same cluster is already there.
+                e = min(size, -(-(start + length) // cs) * cs)
+                start = max(start // cs * cs, compress_end)
+                length = e - start
+                compress_end = max(compress_end, e)
             # Split data extents into chunks aligned to the target's clusters.
             s = start
             while s < start + length:
                 e = min(start + length, (s // CONVERT_CHUNK + 1) * CONVERT_CHUNK)
-                jobs.put_nowait((s, e - s, sfd, host + s - start))
+                jobs.put_nowait((s, e - s, sfd, host + s - start, len(order)))
+                order.append(s)
                 s = e
         pos += n
     direct = getattr(src, "_direct", False) or getattr(dst, "_direct", False)
@@ -578,6 +594,11 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     # serialize on the inode lock anyway, and several writers waiting there
     # spin on it (measured ~8% of the CPU of a 2 GiB convert on 2 cores).
     write_lock = asyncio.Lock()
+    # qemu-img writes in disk order (unless -W): a qcow2 target's clusters
+    # are then allocated in that order whichever read finishes first.
+    ordered = qdst and in_order and not compress
+    turn = asyncio.Condition()
+    next_write = [0]
     file_lock = threading.Lock()  # the same, for copies a pool job makes into a raw file
 
     async def file_chunk(start: int, length: int, sfd: int, host: int) -> list[tuple[int, int]]:
@@ -591,7 +612,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             job = jobs.get_nowait() if not jobs.empty() else None
             if job is None:
                 return
-            start, length, sfd, host = job
+            start, length, sfd, host, seq = job
             await limit.take(length)
             if sfd is not None:
                 runs = await file_chunk(start, length, sfd, host)
@@ -617,16 +638,41 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 await _write_compressed_chunk(dst, start, view, sparse=bool(sparse))
             else:
                 runs = _nonzero_runs(view, gran) if gran else [(0, length)]
+                if ordered:
+                    async with turn:
+                        await turn.wait_for(functools.partial(_is_turn, next_write, seq))
                 async with write_lock:
                     for a, b in runs:
+                        if qdst:
+                            await _l2_ahead(dst, start + a)
                         await dst.writev(start + a, [view[a:b]])
                     if explicit_zeroes:
                         await _zero_gaps(dst, start, length, runs)
+                if ordered:
+                    async with turn:
+                        next_write[0] += 1
+                        turn.notify_all()
             prog.add(length)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     await dst.flush()
     prog.finish()
+
+
+def _is_turn(next_write: list[int], seq: int) -> bool:
+    return next_write[0] == seq
+
+
+async def _l2_ahead(dst: Qcow2Image, offset: int) -> None:
+    """Give ``dst`` the L2 table for ``offset`` before its first data cluster
+    there, as QEMU allocates them: a converted image then has each table
+    ahead of the data it maps, where data first and table after would count
+    as fragmented in ``check`` and lay the file out unlike qemu-img's."""
+    l1i = offset >> dst._cb >> dst._l2_bits
+    if l1i < len(dst._l1) and not dst._l1[l1i]:
+        async with dst._lock:
+            if not dst._l1[l1i]:
+                await dst._l2_for_write(l1i)
 
 
 K_BACKING = -1  # an extent a top-only convert leaves to the target's backing file
@@ -687,8 +733,10 @@ async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview,
         n = min(cs - head, len(view) - pos)
         piece = view[pos : pos + n]
         if head or (n < cs and off + n < dst.size):
+            await _l2_ahead(dst, off)
             await dst.writev(off, [piece])
         elif not sparse or not zero.startswith(piece):
+            await _l2_ahead(dst, off)
             await dst.write_compressed(off, bytes(piece))
         pos += n
 
@@ -906,7 +954,11 @@ async def cmd_commit(argv: list[str]) -> int:
 
     refuse_unopenable(a.filename)
     refuse_missing_backing(a.filename, a.fmt or "qcow2")
-    top = await _open(a.filename, a.fmt or "qcow2", read_only=not empty_top, backing=False)
+    from appliance.qcow2.image import probe_format
+
+    if a.fmt is None and not empty_top and probe_format(a.filename, warn=False) == "raw":
+        probe_format(a.filename)  # qemu-img opens it writable either way: the probing warning
+    top = await _open(a.filename, a.fmt, read_only=not empty_top, backing=False)
     layers: list[Any] = [top]
     base: Any = None
     try:
@@ -996,6 +1048,20 @@ async def _find_base(layers: list[Any], base_name: str | None,
 # ---------------------------------------------------------------- rebase
 
 
+# Every format name qemu-img 7.2 knows ('Supported formats' in its --help):
+# rebase records any of them as a backing format, as qemu-img does.
+QEMU_FORMATS = frozenset(
+    "blkdebug blklogwrites blkverify bochs cloop compress copy-before-write copy-on-read dmg "
+    "file ftp ftps gluster host_cdrom host_device http https iscsi iser luks nbd nfs null-aio "
+    "null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication "
+    "snapshot-access ssh throttle vdi vhdx vmdk vpc vvfat".split())
+
+
+def _known_format(fmt: str | None) -> None:
+    if fmt is not None and fmt not in QEMU_FORMATS:
+        raise Qcow2Error(f"Invalid format name: '{fmt}'")
+
+
 async def cmd_rebase(argv: list[str]) -> int:
     p = _parser("rebase")
     p.add_argument("-f", dest="fmt")
@@ -1004,11 +1070,13 @@ async def cmd_rebase(argv: list[str]) -> int:
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-u", dest="unsafe", action="store_true")
-    p.add_argument("-b", dest="backing", required=True)
+    p.add_argument("-b", dest="backing")
     p.add_argument("-F", dest="backing_fmt")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename")
     a = p.parse_args(argv)
+    if a.backing is None and not a.unsafe:
+        raise ConfigError("Must specify backing file (-b) or use unsafe mode (-u)")
     new_name = a.backing or None
     if new_name and a.backing_fmt is None:
         raise Qcow2Error(f"Could not change the backing file to '{new_name}': "
@@ -1016,6 +1084,7 @@ async def cmd_rebase(argv: list[str]) -> int:
     if a.unsafe:
         img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
         try:
+            _known_format(a.backing_fmt)
             await _set_backing(img, new_name, a.backing_fmt)
         finally:
             await img.close()
@@ -1023,6 +1092,7 @@ async def cmd_rebase(argv: list[str]) -> int:
     img = await _open(a.filename, a.fmt or "qcow2", read_only=False, cache=a.cache)
     new: Any = None
     try:
+        _known_format(a.backing_fmt)
         if new_name:
             try:
                 new = await _open(str(resolve_backing(img.path, new_name)), a.backing_fmt,

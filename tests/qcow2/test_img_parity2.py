@@ -130,3 +130,109 @@ def test_a_missing_backing_file_anywhere_down_the_chain_stops_commands_that_open
     q, o = both(tmp_path, _lost_chain, *args)
     for name in ("top.qcow2", "s/nb.qcow2"):
         assert (q / name).read_bytes() == (o / name).read_bytes()
+
+
+def _one_line(stderr: str) -> str:
+    """qemu-img's message as ours gives it: one line, no program name, no --help hint."""
+    lines = [ln.removeprefix("qemu-img: ").removeprefix("appliance img: ") for ln in stderr.splitlines()
+             if not ln.startswith("Try 'qemu-img --help'")]
+    return " ".join(lines)
+
+
+def _image(d: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "a.qcow2", "4M", cwd=d)
+    qimg("create", "-q", "-f", "raw", "r.raw", "1M", cwd=d)
+
+
+@pytest.mark.parametrize("args", [
+    ["info"], ["info", "a.qcow2", "r.raw"], ["check", "-r", "bogus", "a.qcow2"], ["map", "--output=xml", "a.qcow2"],
+    ["info", "--bogus", "a.qcow2"], ["create", "-f", "qcow2", "n.qcow2", "1M", "extra"], ["resize", "a.qcow2"],
+    ["compare", "a.qcow2"], ["create", "-f", "qcow2", "n.qcow2", "1x"], ["create", "-f", "qcow2", "n.qcow2", "9E"],
+    ["create", "-f", "qcow2", "n.qcow2", "-1"], ["measure", "-O", "raw", "--size", "1x"],
+    ["map", "--start-offset=x", "a.qcow2"], ["map", "--max-length=-1", "a.qcow2"], ["resize", "a.qcow2", "1x"],
+    ["snapshot", "-l", "-c", "s", "a.qcow2"], ["snapshot", "-c", "x", "-c", "y", "a.qcow2"], ["rebase", "a.qcow2"],
+])
+def test_refused_command_lines_in_qemu_imgs_words(tmp_path: Path, args: list[str]) -> None:
+    # The project's exit code for a refused command line is 2 (qemu-img's 1).
+    _image(tmp_path)
+    ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
+    assert (ours.returncode, theirs.returncode) == (2, 1)
+    assert _one_line(ours.stderr) == _one_line(theirs.stderr)
+    assert ours.stdout == theirs.stdout == ""
+
+
+def _snapshotted(d: Path) -> None:
+    _image(d)
+    qimg("snapshot", "-c", "s1", "a.qcow2", cwd=d)
+
+
+@pytest.mark.parametrize("args", [
+    ["snapshot", "-d", "1", "a.qcow2"], ["snapshot", "-c", "", "a.qcow2"], ["snapshot", "-a", "", "a.qcow2"],
+    ["snapshot", "a.qcow2"], ["map", "-f", "qcow2", "r.raw"], ["check", "-f", "qcow2", "r.raw"], ["commit", "r.raw"],
+    ["rebase", "-u", "-b", "r.raw", "-F", "bogus", "a.qcow2"], ["rebase", "-u", "-b", "", "-F", "bogus", "a.qcow2"],
+    ["rebase", "-u", "-b", "r.raw", "-F", "vmdk", "a.qcow2"], ["rebase", "-u", "a.qcow2"],
+])
+def test_snapshot_rebase_and_format_answers_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    # -d takes a name only (not an id); -c '' makes a snapshot named ''; no
+    # action lists nothing; -F takes any format QEMU knows and refuses others.
+    q, o = both(tmp_path, _snapshotted, *args)
+    ids = [[ln.split()[:2] for ln in qimg("snapshot", "-l", "a.qcow2", cwd=d).stdout.splitlines()[2:]]
+           for d in (q, o)]
+    assert ids[0] == ids[1]
+    infos = [qimg("info", "-U", "a.qcow2", cwd=d).stdout for d in (q, o)]
+    assert [ln for ln in infos[0].splitlines() if "backing" in ln] == [
+        ln for ln in infos[1].splitlines() if "backing" in ln]
+
+
+def _dirty(d: Path) -> None:
+    # A writer killed with lazy refcounts on leaves the dirty bit and refcounts behind.
+    qimg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "a.qcow2", "4M", cwd=d)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 128k", "-c", "sigraise 9", "a.qcow2"],
+                   cwd=d, capture_output=True)
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "a.qcow2"], ["resize", "a.qcow2", "8M"], ["amend", "-o", "lazy_refcounts=off", "a.qcow2"],
+    ["snapshot", "-c", "s", "a.qcow2"], ["rebase", "-u", "-b", "", "a.qcow2"],
+])
+def test_a_dirty_image_opened_for_writing_is_repaired_saying_what_qemu_img_says(
+        tmp_path: Path, args: list[str]) -> None:
+    # info says 'cleanly shut down: no'; a writer first runs the repairing check
+    # QEMU runs on open and prints its findings.
+    q, o = both(tmp_path, _dirty, *args)
+    checks = [qimg("check", "a.qcow2", cwd=d) for d in (q, o)]
+    assert (checks[0].stdout, checks[0].returncode) == (checks[1].stdout, checks[1].returncode)
+
+
+def _odd_raw(d: Path) -> None:
+    (d / "odd.raw").write_bytes(b"abcdefgh" * 125)  # 1000 bytes: not whole sectors
+    (d / "one.raw").write_bytes(b"x")
+    qimg("create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", "top.qcow2", cwd=d)
+    qimg("create", "-q", "-f", "qcow2", "a.qcow2", "1M", cwd=d)
+
+
+@pytest.mark.parametrize("args", [
+    ["map", "--output=json", "odd.raw"], ["map", "--output=json", "-f", "raw", "--start-offset=512", "odd.raw"],
+    ["map", "--output=json", "top.qcow2"], ["compare", "top.qcow2", "odd.raw"], ["compare", "-s", "odd.raw", "one.raw"],
+    ["map", "--output=json", "--start-offset=512", "one.raw"], ["map", "--output=json", "--start-offset=2M", "a.qcow2"],
+    ["map", "--output=json", "--start-offset=1M", "a.qcow2"],
+])
+def test_a_raw_file_counts_in_whole_sectors_and_maps_past_the_end_as_qemu_img(
+        tmp_path: Path, args: list[str]) -> None:
+    both(tmp_path, _odd_raw, *args)
+
+
+def _convert_source(d: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=16k,extended_l2=on", "a.qcow2", "8M", cwd=d)
+    qemu_io(d / "a.qcow2", "write -P 1 0 100k", "write -z 1M 64k", "write -P 2 2M 1k", "write -P 3 5M 1M")
+
+
+@pytest.mark.parametrize("opts", [[], ["-c"], ["-o", "cluster_size=4k"], ["-c", "-o", "compression_type=zstd"]])
+def test_convert_lays_out_the_target_as_qemu_img_does(tmp_path: Path, opts: list[str]) -> None:
+    # Each L2 table ahead of the data it maps, writes in disk order, and with
+    # -c every cluster holding data compressed whole (a partial one too):
+    # check's fragmentation and compression figures come out the same.
+    q, o = both(tmp_path, _convert_source, "convert", "-O", "qcow2", *opts, "a.qcow2", "b.qcow2")
+    checks = [qimg("check", "b.qcow2", cwd=d).stdout for d in (q, o)]
+    assert checks[0] == checks[1]
+    assert qimg("compare", "q/b.qcow2", "o/b.qcow2", cwd=tmp_path).returncode == 0
