@@ -12,6 +12,7 @@ import asyncio
 import functools
 import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError
+from appliance.qcow2 import header as H
 from appliance.qcow2.backing import RawImage, open_any, resolve_backing, zero_over_backing
 from appliance.qcow2.cli import (
     _open,
@@ -42,6 +44,7 @@ from appliance.qcow2.image import (
     copy_range,
 )
 from appliance.qcow2.iopool import run as _iorun
+from appliance.qcow2.refcount import encode_block
 
 CHUNK = 2 * 1024 * 1024
 # convert's unit of work (a read, a zero scan, a write): 8 MiB rather than 2
@@ -214,7 +217,30 @@ def _snapshot_param(text: str) -> tuple[str | None, str | None, str | None]:
     return o.get("snapshot.name"), o.get("snapshot.id"), None
 
 
+def _target_opts(text: str, a: Any, argv: list[str]) -> tuple[str, str]:
+    """--target-image-opts: the target named by an option string
+    (``driver=qcow2,file.filename=t.qcow2``), into an image that must exist (-n)."""
+    from appliance.cli.options import split_option
+    from appliance.qcow2.image import probe_format
+
+    if not a.no_create:
+        raise ConfigError("--target-image-opts requires use of -n flag")
+    if any(x == "-O" or x.startswith("-O") and len(x) > 2 for x in argv):
+        raise ConfigError("--image-opts and --format are mutually exclusive")
+    keys = dict(kv.partition("=")[::2] for kv in split_option(text))
+    path = keys.get("file.filename", keys.get("filename"))
+    if "=" not in text or not path:
+        raise Qcow2Error(f"Could not open '{text}': Cannot find device='{text}' nor node-name='{text}'")
+    driver = keys.get("driver")
+    if driver is None:
+        driver = probe_format(path, warn=False) if os.path.exists(path) else "raw"
+    return path, "raw" if driver == "file" else driver
+
+
 async def cmd_convert(argv: list[str]) -> int:
+    target_opts = "--target-image-opts" in argv
+    if target_opts:
+        argv = [x for x in argv if x != "--target-image-opts"]
     p = _parser("convert")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-O", dest="out_fmt", default="raw")
@@ -256,8 +282,10 @@ async def cmd_convert(argv: list[str]) -> int:
         a.sparse = "4k"
     rate = _rate_arg(a.rate)
     if len(a.files) < 2:
-        raise ConfigError("Expecting one image file name")
+        raise ConfigError("Must specify image file name")
     *src_names, dst_name = a.files
+    if target_opts:
+        dst_name, a.out_fmt = _target_opts(dst_name, a, argv)
     if a.snapshot is not None and len(src_names) > 1:
         raise ConfigError("No support for concatenating multiple snapshot")
     snap_name, snap_id, snap_either = (
@@ -270,6 +298,9 @@ async def cmd_convert(argv: list[str]) -> int:
     if len(src_names) > 1 and a.backing:
         raise Qcow2Error("Having a backing file for the target makes no sense when "
                          "concatenating multiple input images")
+    if a.backing and not a.no_create and not (a.backing_fmt or o.get("backing_fmt")):
+        # qemu-img (since 6.1) will not write a backing file whose format must be probed.
+        raise Qcow2Error("Use of backing file requires explicit backing format")
     if a.out_fmt not in ("raw", "qcow2"):
         raise ConfigError(f"Unknown file format '{a.out_fmt}'")
     if a.compress and a.out_fmt != "qcow2":
@@ -961,6 +992,7 @@ async def cmd_commit(argv: list[str]) -> int:
     top = await _open(a.filename, a.fmt, read_only=not empty_top, backing=False)
     layers: list[Any] = [top]
     base: Any = None
+    whole = False  # the top emptied by laying it out afresh
     try:
         if not isinstance(top, Qcow2Image) or not top.header.backing_file:
             if a.base:
@@ -985,7 +1017,8 @@ async def cmd_commit(argv: list[str]) -> int:
             size = min(layer.size, base.size)
             for kind, start, n, _ in await layer.block_status(0, size):
                 if kind == K_ZERO:
-                    await base.write_zeroes(start, n)
+                    # QEMU's commit job writes zeroes with leave to unmap them.
+                    await base.write_zeroes(start, n, may_unmap=True)
                 elif kind in (K_DATA, K_COMPRESSED):
                     s = start
                     while s < start + n:
@@ -997,16 +1030,63 @@ async def cmd_commit(argv: list[str]) -> int:
                 prog.add(n)
         await base.flush()
         if empty_top:
-            await top.make_empty()
+            whole = _can_empty_completely(top)
+            if not whole:
+                await top.make_empty()
             await top.flush()
         prog.finish()
     finally:
         # Closing a layer closes what it is linked to below it.
         for layer in layers if base is None else layers[:1]:
             await layer.close()
+    if empty_top and whole:
+        await _iorun(_empty_completely, a.filename)
     if not a.quiet:
         print("Image committed.")
     return 0
+
+
+def _can_empty_completely(img: Any) -> bool:
+    """Whether QEMU would empty ``img`` by laying it out afresh (make_completely_empty):
+    version 3, no snapshots, bitmaps, encryption or data file, and room for its
+    first clusters in one refcount block."""
+    if not isinstance(img, Qcow2Image):
+        return False
+    h = img.header
+    cs = img._cs
+    l1_clusters = -(-h.l1_size * 8 // cs)
+    return (h.version >= 3 and not img.snapshots and h.ext(H.EXT_BITMAPS) is None
+            and not h.crypt_method and not h.incompatible_features & H.INCOMPAT_DATA_FILE
+            and 3 + l1_clusters <= cs * 8 // h.refcount_bits)
+
+
+def _empty_completely(path: str) -> None:
+    """Empty a closed qcow2 image as QEMU's make_completely_empty does: the
+    refcount table in cluster 1, its one block in cluster 2, a zeroed L1 table
+    from cluster 3, and the file cut after it. The dirty bit covers the
+    rewrite: a crash half way leaves refcounts a repair rebuilds."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        first = os.pread(fd, 2 << 20, 0)
+        h = H.parse_header(first, check_mode=True)
+        cs = h.cluster_size
+        l1_clusters = -(-h.l1_size * 8 // cs)
+        n = 3 + l1_clusters
+        incompat = h.incompatible_features
+        os.pwrite(fd, struct.pack(">Q", incompat | H.INCOMPAT_DIRTY), 72)
+        os.fsync(fd)
+        os.pwrite(fd, bytes(cs * (n - 1)), cs)
+        os.pwrite(fd, struct.pack(">Q", 2 * cs), cs)
+        os.pwrite(fd, encode_block([1] * n + [0] * (cs * 8 // h.refcount_bits - n), h.refcount_order), 2 * cs)
+        os.fsync(fd)
+        os.pwrite(fd, struct.pack(">QQI", 3 * cs, cs, 1), 40)  # L1 table, refcount table, its size
+        os.fsync(fd)
+        os.ftruncate(fd, n * cs)
+        os.fsync(fd)
+        os.pwrite(fd, struct.pack(">Q", incompat & ~H.INCOMPAT_DIRTY), 72)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _grow(img: Any, size: int) -> None:
