@@ -317,7 +317,7 @@ class Qcow2Image:
         self._aio: Any = None  # Linux AIO context for O_DIRECT data I/O
         self._pool_ring: Any = None  # the I/O pool's completion side on our loop (start_rw)
         # O_DIRECT writes past the end of the file run inside the system call (ext4):
-        # start_rw sends a lone one as pwritev (LinuxAio.start_sync).
+        # start_rw runs a lone one itself as pwritev (_start_alloc).
         self._sync_extend = False
         self._open_size = 0  # file size at open
         self._falloc_end = 0  # file space reserved ahead of allocation
@@ -325,6 +325,7 @@ class Qcow2Image:
         # The start_rw completions as bound once: a bound method made per request adds up.
         self._rw_done_cb = self._rw_done
         self._alloc_done_cb = self._alloc_done
+        self._sync_told_cb = self._sync_told
 
     # ------------------------------------------------------------------ open
 
@@ -1180,21 +1181,50 @@ class Qcow2Image:
         alloc_end = self._alloc_end
         if host + cs > alloc_end:
             self._alloc_end = host + cs
+        aio = self._aio
+        if extend and self._sync_extend and aio is not None and not aio.closed:
+            # The kernel runs it inside the system call either way (see
+            # _extend_alone): a plain pwritev here spares the loop the iocb,
+            # the event ring and the eventfd. The data is on its way to the
+            # disk when it returns and nothing was awaited since the lookup,
+            # so the L2 entry goes into the cache at once (after the
+            # refcount, like _alloc_done; both reach the disk at the flush,
+            # refcounts first): no allocation is left in flight (no _Alloc,
+            # no _alloc_done), only the caller's callback waits for the loop.
+            try:
+                got = os.pwritev(self._dfd, bufs, host + a)
+            except OSError:
+                got = -1
+            if got == n:
+                t[i] = host | COPIED
+                self._l2_dirty.add(l2off)
+                # _wrote inlined.
+                self._needs_sync = True
+                end = host + a + n
+                if end > self._written_end:
+                    self._written_end = end
+                    if end > self.file_size:
+                        self.file_size = end
+                # In flight until told, for the writes a kick starts after this
+                # one: they reserve file space ahead (_reserve_space) and go
+                # out together, rather than one synchronous write after another.
+                self._io_count += 1
+                aio.later(self._sync_told_cb, (done, token), n)
+                return True
+            # Refused (O_DIRECT alignment, ENOSPC) or short: the cluster goes
+            # back as _alloc_done gives back a failed one (deferred, as any
+            # free) and the request is done again the careful way.
+            self._pending_frees.append(c)
+            self._spawn(self._rw_again((done, token, n, bufs, True, offset, host + a)))
+            return True
         inf = _Alloc(None, host, True)
         inflight[gc] = inf
         job = (done, token, n, bufs, offset, host + a, inf, gc, l1i, l1e, l2off, t, i, e, c, fresh)
-        aio = self._aio
         if aio is not None:
             # _submit inlined, as in start_rw.
             self._io_count += 1
-            if extend and self._sync_extend:
-                # The kernel runs it inside the system call either way (see
-                # _extend_alone): pwritev costs the loop less than io_submit.
-                if aio.start_sync(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a,
-                                  self._alloc_done_cb, job, self.logical_block_size):
-                    return True
-            elif aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
-                           eager=True, align=self.logical_block_size):
+            if aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
+                         eager=True, align=self.logical_block_size):
                 return True
             self._io_count -= 1
             submitted = False
@@ -1208,6 +1238,11 @@ class Qcow2Image:
             del inflight[gc]
             return False
         return True
+
+    def _sync_told(self, job: tuple[Any, ...], n: int, err: BaseException | None) -> None:
+        """The loop tells a synchronous allocating write's caller (see _start_alloc)."""
+        self._io_count -= 1
+        job[0](job[1], n, err)
 
     def _alloc_done(self, job: tuple[Any, ...], got: int, err: BaseException | None) -> None:
         """The data of a :meth:`_start_alloc` write is written (or not): publish or undo."""

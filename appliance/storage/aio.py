@@ -315,6 +315,17 @@ class LinuxAio:
             self.loop.call_soon(self._reap_sync)
         return True
 
+    def later(self, done: Done, token: Any, res: int) -> None:
+        """Tell ``done(token, res, None)`` from the loop, in order with :meth:`start_sync`'s
+        requests: for a caller that ran its request itself (qcow2.image's
+        synchronous allocating write). A callback told may start the next
+        request, which joins the same pass.
+        """
+        self._sync_done.append((done, token, res, None))
+        if not self._sync_reaping and not self._sync_scheduled:
+            self._sync_scheduled = True
+            self.loop.call_soon(self._reap_sync)
+
     def _reap_sync(self) -> None:
         """Tell start_sync's requests they are done, in order: each callback may
         start the next, which joins this pass (up to ``depth`` of them a pass)."""

@@ -78,6 +78,7 @@ QUIET_MAX_NS = 250_000_000
 ENV = "APPLIANCE_POLL_MAX_NS"
 
 _now_ns = time.perf_counter_ns
+_EVENT_READ = selectors.EVENT_READ
 _sched_yield = os.sched_yield
 
 Events = list[tuple[selectors.SelectorKey, int]]
@@ -185,6 +186,9 @@ class LoopPoller:
     def __init__(self, selector: selectors.BaseSelector, max_ns: int) -> None:
         self.selector = selector
         self._select: Callable[[float | None], Events] = selector.select
+        keys = getattr(selector, "_fd_to_key", None)
+        self._fd_to_key: dict[int, selectors.SelectorKey] | None = (
+            keys if isinstance(keys, dict) else None)
         self.sources: list[PollSource] = []
         self.max_ns = max_ns
         self.ns = 0  # the current window
@@ -314,11 +318,17 @@ class LoopPoller:
 
     def _ready(self, source: PollSource) -> Events:
         """What the selector would have returned: the source's fd readable."""
-        try:
-            key = self.selector.get_key(source.fd)
-        except (KeyError, ValueError):
-            return self._select(0)
-        return [(key, selectors.EVENT_READ)]
+        # The selector's own fd-to-key map (what its select reads too): one
+        # dict lookup where get_key goes through half a dozen Python calls
+        # (~0.6 us), on the way from every polled completion to its callback.
+        keys = self._fd_to_key
+        key = keys.get(source.fd) if keys is not None else None
+        if key is None:
+            try:
+                key = self.selector.get_key(source.fd)
+            except (KeyError, ValueError):
+                return self._select(0)
+        return [(key, _EVENT_READ)]
 
 
 # QEMU's iothread knobs with nothing to tune here: the engine's loop decides.
