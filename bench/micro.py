@@ -15,6 +15,12 @@ Cases:
   blk      VirtioBlk 4 KiB read (page cache) and write at queue depth 1 on a raw
            file: kick to used element, wall time and the event-loop thread's
            CPU time (us per request; wall time swings with machine load)
+  conn     A guest TCP connection through VirtioNet and the user-mode stack
+           (event index, checksum offload, mergeable buffers, as a Linux
+           guest): SYN -> SYN-ACK, ACK, FIN -> FIN+ACK, final ACK, to a
+           loopback sink in another process that closes on EOF (busybox
+           `nc HOST PORT </dev/null`); us per connection, wall and the loop
+           thread's CPU less the fake driver's own
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import argparse
 import asyncio
 import os
 import socket
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from appliance.nic import constants as C  # noqa: E402
 from appliance.nic.virtio_net import VirtioNet  # noqa: E402
 from appliance.storage.blk import VirtioBlk  # noqa: E402
 from appliance.storage.blk_request import HEADER, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT  # noqa: E402
@@ -197,12 +206,182 @@ def bench_blk_write(total: int) -> tuple[float, float]:
     return asyncio.run(_blk(total, VIRTIO_BLK_T_OUT))
 
 
+SINK = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+    c.close()
+"""
+
+_GUEST_MAC = bytes.fromhex("525400123456")
+_GUEST_IP = bytes([10, 0, 2, 15])
+_GW_IP = bytes([10, 0, 2, 2])
+_ETH_IP_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")
+# A Linux SYN's options: MSS 1460, SACK permitted, timestamps, window scale 7.
+_SYN_OPTS = bytes.fromhex("020405b40402080a000000010000000001030307")
+
+
+def _guest_frame(
+    host_mac: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, opts: bytes = b"", ident: int = 0
+) -> bytes:
+    """What a Linux guest with checksum offload transmits: NEEDS_CSUM header, partial TCP sum."""
+    from appliance.nat.frames import fold
+
+    tlen = 20 + len(opts)
+    total = 20 + tlen
+    ipsum = 0x4500 + total + ident + 0x4000 + (64 << 8 | 6)
+    ipsum += sum(int.from_bytes(x[i : i + 2], "big") for x in (_GUEST_IP, _GW_IP) for i in (0, 2))
+    pseudo = sum(int.from_bytes(x[i : i + 2], "big") for x in (_GUEST_IP, _GW_IP) for i in (0, 2)) + 6 + tlen
+    hdr = _ETH_IP_TCP.pack(
+        host_mac,
+        _GUEST_MAC,
+        0x0800,
+        0x45,
+        0,
+        total,
+        ident,
+        0x4000,
+        64,
+        6,
+        fold(ipsum),
+        _GUEST_IP,
+        _GW_IP,
+        sport,
+        dport,
+        seq & 0xFFFFFFFF,
+        ack & 0xFFFFFFFF,
+        (tlen << 10) | flags,
+        64240,
+        fold(pseudo) ^ 0xFFFF or 0xFFFF,
+        0,
+    )
+    vhdr = C.HDR.pack(C.HDR_F_NEEDS_CSUM, C.GSO_NONE, 0, 0, 34, 16, 0)
+    return vhdr + hdr + opts
+
+
+async def _conn(total: int) -> tuple[float, float]:
+    from appliance.nat.stack import UserNetwork
+    from appliance.nat.tcp import ACK, FIN, SYN
+
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        net = UserNetwork(vnet_hdr=True)
+        await net.start()
+        dev = VirtioNet([net], _GUEST_MAC, control_queue=False)
+        drv = FakeDriver(dev, queue_size=256, mem_size=16 << 20, event_idx=True)
+        irq = FutureInterrupt()
+        drv.interrupts[0] = irq  # type: ignore[call-overload]  # any Interrupt will do
+        drv.activate()
+        rxq, txq = drv.queues
+        host_mac = net.host_mac
+        rx_bufs: dict[int, int] = {}
+        for _ in range(200):
+            a = drv.alloc(2048)
+            rx_bufs[rxq.add_chain([(a, 2048, WRITE)])] = a
+        tx_buf = [drv.alloc(256) for _ in range(256)]
+        tx_i = 0
+        loop = asyncio.get_running_loop()
+        driver_cpu = 0.0
+        last_kick = 0
+
+        def transmit(frame: bytes) -> None:
+            # As Linux's virtqueue_kick_prepare: a kick only when the avail index passes avail_event.
+            nonlocal tx_i, last_kick, driver_cpu
+            c = time.thread_time()
+            txq.used()
+            txq.set_used_event(txq.last_used)
+            a = tx_buf[tx_i % 256]
+            tx_i += 1
+            drv.mem.write(a, frame)
+            txq.add_chain([(a, len(frame), 0)])
+            new = txq.next_avail
+            kick = ((new - txq.avail_event - 1) & 0xFFFF) < ((new - last_kick) & 0xFFFF)
+            driver_cpu += time.thread_time() - c
+            if kick:
+                last_kick = new
+                drv.kick(1)
+
+        async def receive() -> tuple[int, int, int]:
+            """The next frame for the guest: (flags, seq, ack) of its TCP header."""
+            nonlocal driver_cpu
+            while not rxq.pending():
+                irq.fut = loop.create_future()
+                c = time.thread_time()
+                rxq.set_used_event(rxq.last_used)
+                driver_cpu += time.thread_time() - c
+                if rxq.pending():
+                    break
+                await irq.fut
+            c = time.thread_time()
+            (head, n), *rest = rxq.used()
+            assert not rest, rest
+            a = rx_bufs[head]
+            _seq, _ack = struct.unpack_from("!II", drv.mem.read(a + 12 + 34 + 4, 8))
+            fl = drv.mem.read(a + 12 + 34 + 13, 1)[0]
+            rx_bufs[rxq.add_chain([(a, 2048, WRITE)])] = a
+            rxq.set_used_event(rxq.last_used)
+            driver_cpu += time.thread_time() - c
+            return fl, _seq, _ack
+
+        warm = 50
+        t0 = c0 = 0.0
+        for i in range(total + warm):
+            if i == warm:
+                t0, c0, driver_cpu = loop.time(), time.thread_time(), 0.0
+            sport = 30000 + i % 20000
+            isn = 1000 + i * 7
+            c = time.thread_time()
+            syn = _guest_frame(host_mac, sport, port, isn, 0, SYN, _SYN_OPTS)
+            driver_cpu += time.thread_time() - c
+            transmit(syn)
+            fl, iss, _ = await receive()
+            assert fl == SYN | ACK, fl
+            c = time.thread_time()
+            f1 = _guest_frame(host_mac, sport, port, isn + 1, iss + 1, ACK)
+            f2 = _guest_frame(host_mac, sport, port, isn + 1, iss + 1, FIN | ACK)
+            driver_cpu += time.thread_time() - c
+            transmit(f1)
+            await asyncio.sleep(0)  # nc's connect() returns, then it reads stdin and shuts down
+            transmit(f2)
+            fl, _, _ = await receive()
+            assert fl & FIN, fl
+            c = time.thread_time()
+            f3 = _guest_frame(host_mac, sport, port, isn + 2, iss + 2, ACK)
+            driver_cpu += time.thread_time() - c
+            transmit(f3)
+        wall = (loop.time() - t0) / total * 1e6
+        cpu = (time.thread_time() - c0 - driver_cpu) / total * 1e6
+        await asyncio.sleep(0.05)
+        assert not net.tcp.conns or len(net.tcp.conns) <= 1, len(net.tcp.conns)
+        dev.reset()
+        await net.stop()
+        drv.mem.close()
+    finally:
+        sink.kill()
+        sink.wait()
+    return wall, cpu
+
+
+def bench_conn(total: int) -> tuple[float, float]:
+    return asyncio.run(_conn(total))
+
+
 CASES: dict[str, tuple[Callable[[int], float | tuple[float, float]], int]] = {
     "pop": (bench_pop, 100_000),
     "net-tx": (bench_net_tx, 100_000),
     "net-rx": (bench_net_rx, 50_000),
     "blk-read": (bench_blk_read, 5_000),
     "blk-write": (bench_blk_write, 5_000),
+    "conn": (bench_conn, 1_000),
 }
 
 

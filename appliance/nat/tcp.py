@@ -24,10 +24,12 @@ instead of growing a queue.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 import time
 from collections.abc import Iterator
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.nat.frames import ETH_HLEN, ETH_P_IPV4, IP_DF, IPPROTO_TCP, fold, ones_sum
@@ -117,13 +119,28 @@ def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None, boo
     RFC 2018 §2); malformed → ignored."""
     mss = wscale = None
     sack = False
-    for kind, i, length in _options(opts):
+    # _options inlined: this runs for every SYN, and the generator was most of its cost.
+    i = 0
+    n = len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            break
         if kind == 2 and length == 4:
-            mss = int.from_bytes(opts[i + 2 : i + 4], "big")
+            mss = opts[i + 2] << 8 | opts[i + 3]
         elif kind == 3 and length == 3:
             wscale = min(opts[i + 2], 14)  # RFC 7323 §2.3: larger shifts are treated as 14
         elif kind == 4 and length == 2:
             sack = True
+        i += length
     return mss, wscale, sack
 
 
@@ -154,6 +171,99 @@ def _options(opts: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
             return
         yield kind, i, length
         i += length
+
+
+RTX_TIMER, ACK_TIMER = 0, 1  # the two timers of a connection (ConnTimers entries)
+# ConnTimers keeps at most this many entries, or this many per connection, before
+# dropping the stale ones (a SYN flood leaves one behind per aborted connection).
+_TIMER_SLACK = 1024
+_TIMER_PER_CONN = 8
+
+
+class ConnTimers:
+    """The retransmission and delayed-ACK timers of every connection of one network, on one loop timer.
+
+    A connection used to hold two asyncio timer handles, made and cancelled
+    per connection: a short one (a guest's ``nc`` to a loopback server) made
+    and cancelled four, each a Handle, a heap push with Python comparisons
+    and a cancelled entry the loop pops later. Here a timer is a tuple in a
+    heap and a field on the connection saying when it is due
+    (``_timer_at``/``_delack_at``); cancelling is clearing that field, and an
+    entry whose connection no longer wants it at that time is dropped when it
+    comes up. The loop holds one handle for the earliest wanted entry, so
+    many short connections share it instead of each making its own.
+    """
+
+    __slots__ = ("_net", "_heap", "_seq", "_handle", "_handle_at")
+
+    def __init__(self, net: UserNetwork) -> None:
+        self._net = net
+        self._heap: list[tuple[float, int, list[TcpConn | None], int]] = []
+        self._seq = itertools.count()  # ties in time: first armed, first run (conns do not compare)
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, when: float, conn: TcpConn, kind: int) -> None:
+        """Run ``conn``'s timer ``kind`` at ``when`` (time.monotonic) if it still says ``when`` then."""
+        heap = self._heap
+        heappush(heap, (when, next(self._seq), conn._cell, kind))
+        if len(heap) > _TIMER_SLACK and len(heap) > _TIMER_PER_CONN * (len(self._net.tcp.conns) + 1):
+            self._compact()
+        if self._handle is None or when < self._handle_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = self._net.loop
+        self._handle_at = when
+        self._handle = loop.call_at(loop.time() + (when - time.monotonic()), self._run)
+
+    def _compact(self) -> None:
+        heap = [e for e in self._heap if _wanted(e)]
+        heapify(heap)
+        self._heap = heap
+
+    def _run(self) -> None:
+        self._handle = None
+        heap = self._heap
+        now = time.monotonic()
+        while heap:
+            entry = heap[0]
+            if not _wanted(entry):
+                heappop(heap)  # cancelled or moved earlier: nothing to run
+                continue
+            if entry[0] > now:
+                break
+            heappop(heap)
+            conn = entry[2][0]
+            if conn is None:
+                continue  # not reached: _wanted said it has one
+            try:
+                if entry[3] == RTX_TIMER:
+                    conn._on_timer()
+                else:
+                    conn._delayed_ack()
+            except Exception:  # noqa: BLE001 - one connection's failure must not stop the others' timers
+                self._net._internal_error()
+        if heap:
+            self._arm(heap[0][0])
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._heap.clear()
+
+
+def _wanted(entry: tuple[float, int, list[TcpConn | None], int]) -> bool:
+    conn = entry[2][0]
+    if conn is None:
+        return False
+    return (conn._timer_at if entry[3] == RTX_TIMER else conn._delack_at) == entry[0]
 
 
 def unwrap(wire: int, base: int, ref: int) -> int:
@@ -238,9 +348,11 @@ class TcpConn:
         self.retries = 0
         self.probes = 0
         self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._delack: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        # Our entries in net.conn_timers point to this cell, emptied when we finish: a finished
+        # connection is not kept alive by them until they come up.
+        self._cell: list[TcpConn | None] = [self]
+        self._timer_at = 0.0  # when our entry in net.conn_timers fires (0: none)
+        self._delack_at = 0.0  # when the delayed ACK's entry fires (0: none)
         self.host_paused = False
         self.host_gone = False
         self._window_limited = False
@@ -392,12 +504,11 @@ class TcpConn:
 
     # -- timers ----------------------------------------------------------
     def _arm(self, delay: float) -> None:
-        self._deadline = time.monotonic() + delay
-        if self._timer is None or self._timer_at > self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
+        self._deadline = d = time.monotonic() + delay
+        at = self._timer_at
+        if at == 0.0 or at > d:
+            self._timer_at = d
+            self.net.conn_timers.add(d, self, RTX_TIMER)
 
     def _arm_retransmit(self) -> None:
         if self._tlp_done or self.srtt == 0.0:
@@ -415,14 +526,13 @@ class TcpConn:
         self._deadline = 0.0
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer_at = 0.0
         if self._deadline == 0.0 or self.state == CLOSED:
             return
         now = time.monotonic()
         if now < self._deadline:
-            delay = self._deadline - now
             self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
+            self.net.conn_timers.add(self._deadline, self, RTX_TIMER)
             return
         self._deadline = 0.0
         try:
@@ -557,6 +667,19 @@ class TcpConn:
             self._deliver(payload)
             if self.rcv_nxt - self._acked_to >= ACK_EVERY:
                 self.send_ack()
+            return
+        if (
+            st == LAST_ACK
+            and flags == ACK
+            and not n
+            and (seq_w - self.irs - self.rcv_nxt) & M32 == 0
+            and self.snd_nxt == self.snd_max == self._data_end() + 1
+            and (ack_w - self.iss - self.snd_max) & M32 == 0
+        ):
+            # The ACK of our FIN, after the guest closed first: all LAST-ACK waits for (RFC 9293
+            # §3.10.7.4, "LAST-ACK STATE"). Exactly at RCV.NXT and SND.MAX, so every check of the
+            # general path holds; nothing it would update matters once the connection is gone.
+            self._finish()
             return
         if st == CONNECTING:
             if flags & RST:
@@ -976,8 +1099,9 @@ class TcpConn:
             self.state = CLOSE_WAIT
             # The guest closed first: data or our FIN may carry this ACK.
             self.output()
-            if self.rcv_nxt != self._acked_to and self._delack is None:
-                self._delack = self._loop.call_later(FIN_ACK_DELAY, self._delayed_ack)
+            if self.rcv_nxt != self._acked_to and self._delack_at == 0.0:
+                self._delack_at = at = time.monotonic() + FIN_ACK_DELAY
+                self.net.conn_timers.add(at, self, ACK_TIMER)
             return
         if st == FIN_WAIT_1:
             self.state = CLOSING
@@ -992,11 +1116,12 @@ class TcpConn:
         pending = self.rcv_nxt - self._acked_to
         if pending >= 2 * OUR_MSS:
             self.send_ack()
-        elif pending > 0 and self._delack is None and self.state != CLOSED:
-            self._delack = self._loop.call_later(DELAYED_ACK, self._delayed_ack)
+        elif pending > 0 and self._delack_at == 0.0 and self.state != CLOSED:
+            self._delack_at = at = time.monotonic() + DELAYED_ACK
+            self.net.conn_timers.add(at, self, ACK_TIMER)
 
     def _delayed_ack(self) -> None:
-        self._delack = None
+        self._delack_at = 0.0
         if self.state != CLOSED and self.rcv_nxt != self._acked_to:
             try:
                 self.send_ack()
@@ -1091,20 +1216,22 @@ class TcpConn:
 
     def _finish(self) -> None:
         self.state = CLOSED
-        self._deadline = 0.0
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._delack is not None:
-            self._delack.cancel()
-            self._delack = None
+        # Their entries in net.conn_timers are dropped when they come up.
+        self._deadline = self._timer_at = self._delack_at = 0.0
+        self._cell[0] = None
         self.flush_host()
         self._wq = []
         self._wq_len = 0
         t = self.transport
         self.transport = None
         if t is not None:
-            t.close()
+            if self.net._in_send:
+                # A guest frame ended it: usually the ACK of our FIN, which waits for the guest's
+                # next kick and so is handled in the same pass as its next SYN. The socket's
+                # teardown (epoll_ctl, close) comes after that pass, not ahead of the SYN-ACK.
+                self._loop.call_soon(t.close)
+            else:
+                t.close()
         self.sndbuf = bytearray()
         self._ooo.clear()
         self._ooo_bytes = 0
