@@ -14,7 +14,10 @@ both sides (see WORKLOADS): ``nc``, busybox ``dd|nc`` with its 1 KiB writes
 (a per-segment test: the emulated guest CPU is the limit, ~30x below the
 other direction), and ``bulk``, the kit's ``kitnet`` with 256 KiB writes and
 reads (64 KiB TSO frames: the NIC's bulk path). Host → guest is timed until
-the guest closes after reading everything.
+the guest closes after reading everything. For host → guest the table also
+splits the guest vCPU thread's time while the host sends: running, waiting for
+a host CPU (a busy machine), and idle (the guest waiting for frames, which is
+the NIC's side of the pipeline).
 
 (a) The test guest's ``net bench`` on ``appliance run`` against the same ELF on
 ``qemu-system-x86_64 -enable-kvm -M microvm,pcie=on`` with QEMU's own
@@ -135,6 +138,19 @@ async def guest_nic_interrupts(g: TcgGuest) -> int:
     return total
 
 
+def _schedstat(task: str) -> tuple[float, float]:
+    """(CPU time, run-queue wait) of a /proc task, in seconds."""
+    with open(f"/proc/{task}/schedstat", encoding="ascii") as f:
+        run, wait = f.read().split()[:2]
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def _vcpu_task(pid: int) -> str:
+    """The TCG vCPU thread of a booted single-CPU QEMU: its busiest thread but main."""
+    tasks = [f"{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
+    return max(tasks, key=lambda t: _schedstat(t)[0])
+
+
 async def one_run(kind: str, sizes: dict[str, int], tmp: Path) -> dict[str, float]:
     from appliance.kit.tcg import TcgGuest
 
@@ -179,6 +195,7 @@ async def one_run(kind: str, sizes: dict[str, int], tmp: Path) -> dict[str, floa
         subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP], check=True)
         async with TcgGuest(args, machine="q35") as g:
             await g.run(f"ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0")
+            vcpu = _vcpu_task(g.proc.pid) if g.proc is not None else None
             out: dict[str, float] = {}
             port = 5003
             for name, mb in sizes.items():
@@ -196,9 +213,18 @@ async def one_run(kind: str, sizes: dict[str, int], tmp: Path) -> dict[str, floa
                 port += 1
                 irqs = await guest_nic_interrupts(g)
                 await g.write(sink_cmd.format(port=port) + "; echo SINK-DONE\n")
+                v0 = _schedstat(vcpu) if vcpu else (0.0, 0.0)
                 secs = await host_send(port, mb << 20)
+                v1 = _schedstat(vcpu) if vcpu else (0.0, 0.0)
                 await g.expect("SINK-DONE", 120)
                 out[f"{name}_host_to_guest_gbps"] = (mb << 20) * 8 / secs / 1e9
+                if vcpu:
+                    # Where the guest's time went while the host sent: running, waiting for a host
+                    # CPU, or idle (waiting for frames from the NIC).
+                    run, wait = v1[0] - v0[0], v1[1] - v0[1]
+                    out[f"{name}_host_to_guest_vcpu_run_pct"] = 100 * run / secs
+                    out[f"{name}_host_to_guest_vcpu_wait_pct"] = 100 * wait / secs
+                    out[f"{name}_host_to_guest_vcpu_idle_pct"] = 100 * max(0.0, secs - run - wait) / secs
                 out[f"{name}_host_to_guest_irq_per_mib"] = (await guest_nic_interrupts(g) - irqs) / mb
             await g.poweroff()
         return out
@@ -297,7 +323,7 @@ async def inner_b(sizes: dict[str, int], runs: int, intx_column: bool) -> None:
     print(f"\n(b) Linux kit in QEMU TCG, TCP through virtio-net ({what}), median of {runs}; "
           "appliance on INTx (QEMU 7.2 bug, see one_run), qemu on MSI-X"
           + (", qemu-intx on INTx" if intx_column else ""))
-    for unit, suffix in (("Gbit/s", "_gbps"), ("guest irq/MiB", "_irq_per_mib")):
+    for unit, suffix in (("Gbit/s", "_gbps"), ("guest irq/MiB", "_irq_per_mib"), ("vCPU % of time", "_pct")):
         head = f"{f'metric ({unit})':<28}"
         for k in kinds:
             head += f"{k:>12}" + ("" if k == "appliance" else f"{'ratio':>7}")
