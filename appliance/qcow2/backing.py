@@ -138,7 +138,42 @@ def _punch(fd: int, offset: int, length: int) -> None:
         raise OSError(ctypes.get_errno(), "fallocate")
 
 
+def json_target(name: str) -> tuple[str, str | None] | None:
+    """(file name, driver) of a ``json:{...}`` pseudo-filename (QEMU's options
+    as JSON, nested or with dotted keys), or None for a plain name or one
+    naming no file.
+
+    :raises Qcow2Error: When the JSON does not parse.
+    """
+    if not name.startswith("json:"):
+        return None
+    import json
+
+    try:
+        tree = json.loads(name[5:])
+    except ValueError as err:
+        raise Qcow2Error(f"Could not open '{name}': Could not parse the JSON options: {err}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", tree)
+    path = flat.get("file.filename", flat.get("filename"))
+    if not isinstance(path, str):
+        return None
+    driver = flat.get("driver")
+    return path, (str(driver) if driver is not None else None)
+
+
 def resolve_backing(overlay: Path, name: str) -> Path:
+    target = json_target(name)
+    if target is not None:
+        return Path(target[0])  # QEMU opens a JSON filename's file as given, not next to the overlay
     if os.path.isabs(name) or ":" in name.split("/")[0] and name.startswith("file:"):
         return Path(name.removeprefix("file:"))
     return Path(os.path.join(os.path.dirname(str(overlay)), name))

@@ -21,7 +21,7 @@ from typing import Any
 from appliance.cli import qemu_json
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
-from appliance.qcow2.backing import open_any, resolve_backing
+from appliance.qcow2.backing import json_target, open_any, resolve_backing
 from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
 from appliance.storage.formats import foreign_format_of, unsupported_message
@@ -152,6 +152,32 @@ def _image_opts(cmd: str, argv: list[str]) -> list[str]:
     return out
 
 
+def _json_filenames(argv: list[str]) -> list[str]:
+    """Image arguments given as ``json:{...}`` (QEMU's options as JSON) become the
+    file they name, and their driver -f unless one is given: what qemu-img
+    shows and does for the common form."""
+    from appliance.qcow2.backing import json_target
+
+    out: list[str] = []
+    driver: str | None = None
+    for i, arg in enumerate(argv):
+        # A backing file name (-b, -B) stays JSON: the image records it as given.
+        target = json_target(arg) if arg.startswith("json:") and (i == 0 or argv[i - 1] not in (
+            "-b", "-B")) else None
+        if target is None:
+            out.append(arg)
+            continue
+        path, d = target
+        if not os.path.exists(path):
+            raise Qcow2Error(f"Could not open '{arg}': Could not open '{path}': No such file or directory")
+        if d is not None and driver is None:
+            driver = "raw" if d == "file" else d
+        out.append(path)
+    if driver is not None and "-f" not in out:
+        out = ["-f", driver, *out]
+    return out
+
+
 def _parser(prog: str) -> _Parser:
     return _Parser(prog=f"appliance img {prog}", add_help=True, allow_abbrev=False)
 
@@ -172,11 +198,15 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"Command not found: {cmd}")
     rest = _without_objects(rest)
     try:
+        if any(x.startswith("json:") for x in rest):
+            rest = _json_filenames(rest)
         if "--image-opts" in rest:
             rest = _image_opts(cmd, rest)
         return int(asyncio.run(handler(rest)))
     except Qcow2Error as err:
-        print(f"appliance img: {err}", file=sys.stderr)
+        # qemu-img's hint naming a detected format ends without a newline.
+        hint = "\nDetected format of " in str(err)
+        print(f"appliance img: {err}", file=sys.stderr, end="" if hint else "\n")
         return 1
     except BrokenPipeError:
         # The reader went away (``| head``): stop quietly, as qemu-img does,
@@ -516,11 +546,11 @@ async def cmd_create(argv: list[str]) -> int:
     if a.fmt == "raw":
         extra = set(o) - {"preallocation", "size"}
         if extra:
-            raise ConfigError(f"Invalid parameter '{sorted(extra)[0]}'")
+            raise ConfigError(f"{a.filename}: Invalid parameter '{sorted(extra)[0]}'")
         if o.get("preallocation", "off") not in ("off", "falloc", "full"):
             raise Qcow2Error(f"{a.filename}: Unsupported preallocation mode: {o['preallocation']}")
         if size is None:
-            raise ConfigError("Image creation needs a size parameter")
+            raise ConfigError(f"{a.filename}: Image creation needs a size parameter")
         if not a.quiet:
             print(f"Formatting '{a.filename}', fmt=raw size={size}")
         from appliance.qcow2.create import create_raw
@@ -562,7 +592,7 @@ async def cmd_create(argv: list[str]) -> int:
             guess = f"\nDetected format of {probe_format(bpath, warn=False)}." if bpath.exists() else ""
             raise Qcow2Error(f"{a.filename}: Backing file specified without backing format{guess}")
     elif size is None:
-        raise ConfigError("Image creation needs a size parameter")
+        raise ConfigError(f"{a.filename}: Image creation needs a size parameter")
     if opts.backing_file and opts.preallocation != "off" and not opts.extended_l2:
         raise Qcow2Error("Backing file and preallocation can only be used at the same time "
                          "if extended_l2 is on")
@@ -577,7 +607,7 @@ async def cmd_create(argv: list[str]) -> int:
         if "compat" in o:
             parts.append(f"compat={opts.compat}")
         if opts.backing_file:
-            parts.append(f"backing_file={opts.backing_file}")
+            parts.append(f"backing_file={opts.backing_file.replace(',', ',,')}")  # QEMU's option escaping
             if opts.backing_fmt:
                 parts.append(f"backing_fmt={opts.backing_fmt}")
         parts.append(f"lazy_refcounts={'on' if opts.lazy_refcounts else 'off'}")
@@ -756,7 +786,8 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
         if h.backing_file:
             from appliance.qcow2.backing import resolve_backing
 
-            d["full-backing-filename"] = str(resolve_backing(Path(filename), h.backing_file))
+            d["full-backing-filename"] = (h.backing_file if h.backing_file.startswith("json:")
+                                          else str(resolve_backing(Path(filename), h.backing_file)))
             d["backing-filename"] = h.backing_file
         d["dirty-flag"] = h.dirty
     else:
@@ -861,7 +892,9 @@ async def cmd_info(argv: list[str]) -> int:
         for i, layer in enumerate(chain):
             if i > 0:
                 prev = chain[i - 1]
-                names.append(_info_dict(prev, names[i - 1])["full-backing-filename"])
+                below = _info_dict(prev, names[i - 1])["full-backing-filename"]
+                target = json_target(below)
+                names.append(below if target is None else target[0])
             infos.append(_info_dict(layer, names[i]))
         if a.output == "json":
             print(qemu_json.dumps(infos if a.backing_chain else infos[0]))

@@ -152,6 +152,7 @@ def _image(d: Path) -> None:
     ["map", "--start-offset=x", "a.qcow2"], ["map", "--max-length=-1", "a.qcow2"], ["resize", "a.qcow2", "1x"],
     ["snapshot", "-l", "-c", "s", "a.qcow2"], ["snapshot", "-c", "x", "-c", "y", "a.qcow2"], ["rebase", "a.qcow2"],
     ["convert", "--target-image-opts", "a.qcow2", "driver=qcow2,file.filename=r.raw"], ["convert", "a.qcow2"],
+    ["create", "-f", "raw", "-o", "cluster_size=64k", "n.raw", "1M"], ["create", "-f", "qcow2", "n.qcow2"],
 ])
 def test_refused_command_lines_in_qemu_imgs_words(tmp_path: Path, args: list[str]) -> None:
     # The project's exit code for a refused command line is 2 (qemu-img's 1).
@@ -263,3 +264,36 @@ def test_commit_and_convert_targets_end_as_qemu_imgs(tmp_path: Path, args: list[
         checks = [qimg("check", name, cwd=d).stdout for d in (q, o)]
         assert checks[0] == checks[1], name
         assert qimg("compare", f"q/{name}", f"o/{name}", cwd=tmp_path).returncode == 0
+
+
+def _json(driver: str, name: str) -> str:
+    import json
+
+    return "json:" + json.dumps({"driver": driver, "file": {"driver": "file", "filename": name}},
+                                separators=(",", ":"))
+
+
+def _json_backed(d: Path) -> None:
+    (d / "sub").mkdir()
+    qimg("create", "-q", "-f", "raw", "jb.raw", "4M", cwd=d)
+    qemu_io(d / "jb.raw", "write -P 1 0 1M", fmt="raw")
+    qimg("create", "-q", "-f", "qcow2", "-b", _json("raw", "jb.raw"), "-F", "raw", "sub/j.qcow2", cwd=d)
+    # From d: the JSON names its file relative to the working directory.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 64k", "sub/j.qcow2"], cwd=d,
+                   check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "--backing-chain", "sub/j.qcow2"], ["info", "--output=json", "sub/j.qcow2"],
+    ["map", "--output=json", "sub/j.qcow2"], ["compare", "sub/j.qcow2", "jb.raw"], ["commit", "sub/j.qcow2"],
+    ["create", "-f", "qcow2", "-b", _json("raw", "jb.raw"), "-F", "raw", "n.qcow2"],
+    ["create", "-f", "qcow2", "-b", _json("raw", "jb.raw"), "n.qcow2"],
+    ["info", _json("qcow2", "sub/j.qcow2")], ["info", _json("qcow2", "nothere")],
+    ["snapshot", "-l", _json("qcow2", "sub/j.qcow2")],
+])
+def test_json_filenames_as_images_and_backing_files(tmp_path: Path, args: list[str]) -> None:
+    # A backing file recorded as json:{...} is opened from what it names (not
+    # next to the overlay) and shown as recorded; an image argument in that
+    # form is the file it names. Commas in the Formatting line are doubled.
+    q, o = both(tmp_path, _json_backed, *args)
+    assert qimg("compare", "q/jb.raw", "o/jb.raw", cwd=tmp_path).returncode == 0
