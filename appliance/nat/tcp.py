@@ -77,6 +77,7 @@ TSO_MAX_V4 = 65535 - 20 - 20
 TSO_MAX_V6 = 65535 - 20
 
 _TCP = struct.Struct("!HHIIHHHH")
+_LINUX_SYN_OPTS = struct.Struct("!HH4s8s3sB")  # see parse_options
 # Ethernet, IPv4 (20 bytes) and TCP headers of one segment toward an IPv4 guest (_emit).
 _ETH_IP4_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIHHHH")
 _L4_V4 = ETH_HLEN + 20
@@ -117,6 +118,11 @@ class Owner(Protocol):
 def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None, bool]:
     """(MSS, window scale, SACK permitted) from SYN options (RFC 9293 §3.1, RFC 7323 §2.2,
     RFC 2018 §2); malformed → ignored."""
+    if len(opts) == 20:
+        # Linux's SYN options (MSS, SACK-permitted, timestamps, NOP, window scale) in one unpack.
+        kinds, mss_, mid, _ts, tail, ws = _LINUX_SYN_OPTS.unpack(opts)
+        if kinds == 0x0204 and mid == b"\x04\x02\x08\x0a" and tail == b"\x01\x03\x03":
+            return mss_, min(ws, 14), True
     mss = wscale = None
     sack = False
     # _options inlined: this runs for every SYN, and the generator was most of its cost.
