@@ -1072,10 +1072,10 @@ class Qcow2Image:
         aio = self._aio
         if aio is None:
             return self._submit(write, bufs, host, self._rw_done, job)
-        # _submit inlined: this call is on every request's path.
+        # _submit inlined: this call is on every request's path (eager and align positional).
         self._io_count += 1
         if aio.start(IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, self._dfd, bufs, host,
-                     self._rw_done_cb, job, eager=True, align=self.logical_block_size):
+                     self._rw_done_cb, job, True, self.logical_block_size):
             return True
         self._io_count -= 1
         return False

@@ -155,6 +155,8 @@ class LinuxAio:
         self._event_q = memoryview(self._events).cast("B").cast("q")
         self._ptrs = (ctypes.c_void_p * depth)()
         self._slot_addr = [ctypes.addressof(self._iocbs[i]) for i in range(depth)]
+        # Each slot's iocb pointer as a one-entry array: a lone submission passes it as is.
+        self._slot_ptrs = [(ctypes.c_void_p * 1)(a) for a in self._slot_addr]
         self._ready: list[int] = []  # filled slots not yet submitted
         self._ring_u32: memoryview | None = None
         self._ring_q: memoryview | None = None
@@ -201,7 +203,7 @@ class LinuxAio:
         return fut
 
     def start(self, opcode: int, fd: int, bufs: Sequence[memoryview], offset: int,
-              done: Done, token: Any, *, eager: bool = False, align: int = 0) -> bool:
+              done: Done, token: Any, eager: bool = False, align: int = 0) -> bool:
         """:meth:`submit` without a future: ``done(token, result, error)`` is called on the loop.
 
         The device data path uses this: a future, its callback and a
@@ -214,6 +216,8 @@ class LinuxAio:
             offset and every buffer's address and length are multiples of it
             (O_DIRECT's rule); the addresses are needed for the iocb anyway,
             so checking here costs nothing extra.
+            ``eager`` and ``align`` may come positionally: a keyword call costs
+            more, and this is on every request's path.
         """
         free = self._free
         if len(bufs) == 1 and free and opcode in _SINGLE:
@@ -239,9 +243,7 @@ class LinuxAio:
             ready = self._ready
             if eager and not ready and len(free) == self.depth - 1 and not self.closed:
                 # The lone request in the context: _flush for one iocb, inlined.
-                ptrs = self._ptrs
-                ptrs[0] = self._slot_addr[slot]
-                if _syscall(_C_IO_SUBMIT, self._c_ctx, _C_ONE, ptrs) == 1:
+                if _syscall(_C_IO_SUBMIT, self._c_ctx, _C_ONE, self._slot_ptrs[slot]) == 1:
                     return True
                 ready.append(slot)  # refused or interrupted: _flush sorts it out
                 self._flush()
