@@ -272,6 +272,20 @@ def _wanted(entry: tuple[float, int, list[TcpConn | None], int]) -> bool:
     return (conn._timer_at if entry[3] == RTX_TIMER else conn._delack_at) == entry[0]
 
 
+def _syn_option_bytes(v6: bool, wscale: bool, sack: bool) -> bytes:
+    opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if v6 else OUR_MSS)
+    if wscale:
+        opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
+    if sack:
+        opts += SACK_PERMITTED
+    return opts
+
+
+# Our SYN's options by (IPv6, window scaling, SACK): the same few bytes for every connection.
+_BOOLS = (False, True)
+_SYN_OPTIONS = {(v6, ws, sack): _syn_option_bytes(v6, ws, sack) for v6 in _BOOLS for ws in _BOOLS for sack in _BOOLS}
+
+
 def unwrap(wire: int, base: int, ref: int) -> int:
     """The unbounded sequence number closest to ``ref`` whose wire form is ``wire``."""
     d = (wire - base - ref) & M32
@@ -494,12 +508,7 @@ class TcpConn:
         self._emit(RST | ACK, self.snd_nxt)
 
     def _syn_options(self) -> bytes:
-        opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if self._v6 else OUR_MSS)
-        if self.inbound or self.ws_ok:
-            opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
-        if self.inbound or self.sack_ok:
-            opts += SACK_PERMITTED
-        return opts
+        return _SYN_OPTIONS[self._v6, self.inbound or self.ws_ok, self.inbound or self.sack_ok]
 
     def _send_syn(self) -> None:
         flags = SYN if self.state == SYN_SENT else SYN | ACK

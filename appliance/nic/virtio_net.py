@@ -399,6 +399,7 @@ class VirtioNet(VirtioDevice):
         self._usable_pairs = 1
         self._ctrl_index = 2
         self._max_rx_frame = 0
+        self._mrg_rxbuf = False  # negotiated (set at activation)
         # Per pair: a host buffer for frames read while the guest has posted
         # less than the largest frame needs, and the length of the frame held
         # in it waiting for more buffers (0: none).
@@ -473,6 +474,7 @@ class VirtioNet(VirtioDevice):
         # Staging buffers outlive a reset unless the largest frame changed.
         self._rx_stage = [b if b is not None and len(b) == self._max_rx_frame else None for b in self._rx_stage]
         self._rx_pending = [0] * self.pairs
+        self._mrg_rxbuf = self.has_feature(C.F_MRG_RXBUF)
         self._apply_offloads(self.driver_features)
         self._run_pairs(self._active_pairs)
 
@@ -747,7 +749,7 @@ class VirtioNet(VirtioDevice):
         st = self.stats[pair]
         delivered = st.rx_frames
         try:
-            if self.has_feature(C.F_MRG_RXBUF):
+            if self._mrg_rxbuf:
                 self._rx_batch(pair)
             else:
                 self._rx_plain(pair)
@@ -862,9 +864,10 @@ class VirtioNet(VirtioDevice):
             st = self.stats[pair]
             st.rx_frames += frames
             st.rx_bytes += nbytes
-            st.rx_dropped += dropped
-            st.rx_filtered += filtered
-        if drained and pair < self._active_pairs:
+            if dropped or filtered:
+                st.rx_dropped += dropped
+                st.rx_filtered += filtered
+        if drained and pair < self._active_pairs and not self._rx_armed[pair]:
             # Buffers left and nothing to read: wake us when frames come.
             self._set_rx_armed(pair, True)
         if frames:
