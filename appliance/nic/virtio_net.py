@@ -20,6 +20,7 @@ plain header on receive and strips it on transmit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from bisect import bisect_left
 from collections import deque
@@ -125,6 +126,8 @@ TX_LAZY_FRAMES = 16
 # TX_QUIET_WAIT whatever comes.
 TX_QUIET_MAX = 8
 TX_QUIET_WAIT = 0.02
+# The longest transmit chain taken: a header and the largest GSO frame.
+_MAX_TX_CHAIN = C.HDR_LEN + C.MAX_GSO_FRAME
 # What VirtioNet._rx_staged says besides a delivered frame's length.
 _RX_DRAINED = -1
 _RX_HELD = -2
@@ -562,7 +565,7 @@ class VirtioNet(VirtioDevice):
         # tap a remove_reader/add_reader pair (two epoll_ctl calls) per kick.
         if self._rx_armed[pair] is armed:
             return
-        cb = (lambda p=pair: self._rx(p)) if armed else None
+        cb = functools.partial(self._rx, pair) if armed else None  # no Python frame of its own
         self._rx_armed[pair] = None  # unknown if the backend raises
         self.backends[pair].set_ready_callback(cb)
         self._rx_armed[pair] = armed
@@ -655,7 +658,7 @@ class VirtioNet(VirtioDevice):
         pop_buffers, push_used_heads = q.pop_buffers, q.push_used_heads
         passthrough = self.passthrough_hdr
         hdr_len = C.HDR_LEN
-        max_len = C.HDR_LEN + C.MAX_GSO_FRAME
+        max_len = _MAX_TX_CHAIN
         frames = nbytes = dropped = 0
         small = self._tx_small[pair]
         try:
@@ -690,7 +693,8 @@ class VirtioNet(VirtioDevice):
             st = self.stats[pair]
             st.tx_frames += frames
             st.tx_bytes += nbytes
-            st.tx_dropped += dropped
+            if dropped:
+                st.tx_dropped += dropped
         # The transmit interrupt waits TX_IRQ_DELAY and then asks the ring
         # again whether the driver still wants it (§2.7.10). Linux reaps
         # finished transmits itself, on its next transmit and in its receive

@@ -603,8 +603,10 @@ class Virtqueue:
             return False
         self._unsignalled = False
         # Our used-idx store must be visible before we read the driver's
-        # used_event/flags, or we could miss the interrupt it asks for.
-        _full_fence()
+        # used_event/flags, or we could miss the interrupt it asks for
+        # (_full_fence, inlined: this runs for every interrupt).
+        _fence_lock.acquire()
+        _fence_lock.release()
         if self.event_idx:
             used_event = self._avail16[self._used_event_i]
             new, old = self._used_idx, self._signalled_used
