@@ -97,6 +97,8 @@ async def cmd_bitmap(argv: list[str]) -> int:
     img = await _open(filename, a.fmt, read_only=False, backing=False)
     try:
         if not isinstance(img, Qcow2Image) or img.header.version < 3:
+            if ops[0][0] != "add":  # no bitmap can be there to change
+                raise _Op(ops[0][0], name, f"Dirty bitmap '{name}' not found")
             what = ("Cannot store dirty bitmaps in qcow2 v2 files" if isinstance(img, Qcow2Image)
                     else "Operation not supported")
             raise _Op(ops[0][0], name, f"Can't make bitmap '{name}' persistent: {what}")

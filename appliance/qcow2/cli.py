@@ -1316,7 +1316,9 @@ async def cmd_snapshot(argv: list[str]) -> int:
             try:
                 await snapops.create_snapshot(img, a.create)
             except Qcow2Error as err:
-                raise Qcow2Error(f"Could not create snapshot '{a.create}': {err}") from err
+                # A refcount that would overflow is QEMU's EINVAL there.
+                why = "-22 (Invalid argument)" if "would overflow" in str(err) else str(err)
+                raise Qcow2Error(f"Could not create snapshot '{a.create}': {why}") from err
         elif a.delete is not None:
             # qemu-img deletes by name only (an id is not looked up here).
             if not any(s.name == a.delete for s in img.snapshots):

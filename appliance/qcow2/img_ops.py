@@ -1025,6 +1025,8 @@ async def cmd_commit(argv: list[str]) -> int:
                         m = min(CHUNK, start + n - s)
                         await limit.take(m)
                         await layer.readv(s, [buf[:m]])
+                        if isinstance(base, Qcow2Image):
+                            await _l2_ahead(base, s)
                         await base.writev(s, [buf[:m]])
                         s += m
                 prog.add(n)
@@ -1318,6 +1320,8 @@ async def cmd_dd(argv: list[str]) -> int:
             while pos < size:
                 n = min(CONVERT_CHUNK, size - pos)
                 await src.readv(pos, [buf[:n]])
+                if isinstance(dst, Qcow2Image):
+                    await _l2_ahead(dst, pos - start)
                 await dst.writev(pos - start, [buf[:n]])
                 pos += n
             await dst.flush()

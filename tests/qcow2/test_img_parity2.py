@@ -297,3 +297,24 @@ def test_json_filenames_as_images_and_backing_files(tmp_path: Path, args: list[s
     # form is the file it names. Commas in the Formatting line are doubled.
     q, o = both(tmp_path, _json_backed, *args)
     assert qimg("compare", "q/jb.raw", "o/jb.raw", cwd=tmp_path).returncode == 0
+
+
+def _narrow(d: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", "a.qcow2", "16M", cwd=d)
+    qemu_io(d / "a.qcow2", "write -P 1 0 3M")
+    qimg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "16M", cwd=d)
+
+
+@pytest.mark.parametrize("args", [
+    ["snapshot", "-c", "s", "a.qcow2"], ["bitmap", "--remove", "v2.qcow2", "b0"],
+    ["bitmap", "--clear", "v2.qcow2", "b0"],
+    ["dd", "-O", "qcow2", "if=a.qcow2", "of=o.qcow2", "bs=64k", "skip=3"],
+])
+def test_refcount_overflow_v2_bitmaps_and_dd_targets_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    # A 1-bit refcount that would overflow is QEMU's EINVAL; a version 2 image
+    # has no bitmap to change; dd's qcow2 target gets its L2 table first.
+    q, o = both(tmp_path, _narrow, *args)
+    for name in ("a.qcow2", "o.qcow2"):
+        if (q / name).exists():
+            checks = [qimg("check", name, cwd=d) for d in (q, o)]
+            assert (checks[0].stdout, checks[0].returncode) == (checks[1].stdout, checks[1].returncode)
