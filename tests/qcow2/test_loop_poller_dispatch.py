@@ -182,3 +182,35 @@ async def test_other_fds_ready_together_go_back_to_the_loop(ring: PipeRing) -> N
         os.close(r2)
         os.close(w2)
         poll.unregister(ring, loop)
+
+
+async def test_another_fd_waking_the_wait_goes_to_the_loop(ring: PipeRing) -> None:
+    """Blocked with a request in flight, woken by some other fd: its reader runs the
+    loop's way and the source's reader does not run at all."""
+    loop = asyncio.get_running_loop()
+    poller = await _registered(ring)
+    poller.ns = 0
+    poller.max_ns = 1
+    r2, w2 = os.pipe()
+    seen: list[tuple[str, bool]] = []
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def other() -> None:
+        seen.append(("other", _inside_select()))
+        os.read(r2, 64)
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(ring.fd, lambda: seen.append(("ring", _inside_select())))
+    loop.add_reader(r2, other)
+    try:
+        ring.pending = 1
+        threading.Timer(0.01, lambda: os.write(w2, b"y")).start()
+        await asyncio.wait_for(fut, 5)
+        assert seen == [("other", False)]
+    finally:
+        loop.remove_reader(ring.fd)
+        loop.remove_reader(r2)
+        os.close(r2)
+        os.close(w2)
+        poll.unregister(ring, loop)
