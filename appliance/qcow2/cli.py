@@ -508,6 +508,8 @@ def _create_options(o: dict[str, str], size: int | None) -> Any:
             opts.backing_fmt = v
         elif k == "size":
             opts.size = parse_size_arg(v)
+        elif k == "nocow":
+            _bool(v, k)  # the file layer's btrfs flag: taken, nothing here to set it on
         else:
             raise ConfigError(f"Invalid parameter '{k}'")
     return opts
@@ -544,15 +546,23 @@ async def cmd_create(argv: list[str]) -> int:
     else:
         size = parse_size_arg(size_text) if size_text is not None else None
     if a.fmt == "raw":
-        extra = set(o) - {"preallocation", "size"}
+        extra = set(o) - {"preallocation", "size", "nocow"}
         if extra:
             raise ConfigError(f"{a.filename}: Invalid parameter '{sorted(extra)[0]}'")
+        if "nocow" in o:
+            try:
+                _bool(o["nocow"], "nocow")
+            except ConfigError as err:
+                raise ConfigError(f"{a.filename}: {err}") from None
         if o.get("preallocation", "off") not in ("off", "falloc", "full"):
             raise Qcow2Error(f"{a.filename}: Unsupported preallocation mode: {o['preallocation']}")
         if size is None:
             raise ConfigError(f"{a.filename}: Image creation needs a size parameter")
         if not a.quiet:
-            print(f"Formatting '{a.filename}', fmt=raw size={size}")
+            tail = "".join(f" {k}={o[k]}" for k in ("nocow", "preallocation") if k in o)
+            if "nocow" in o:
+                tail = tail.replace(f"nocow={o['nocow']}", f"nocow={'on' if _bool(o['nocow'], 'nocow') else 'off'}")
+            print(f"Formatting '{a.filename}', fmt=raw size={size}{tail}")
         from appliance.qcow2.create import create_raw
 
         try:
@@ -612,6 +622,8 @@ async def cmd_create(argv: list[str]) -> int:
                 parts.append(f"backing_fmt={opts.backing_fmt}")
         parts.append(f"lazy_refcounts={'on' if opts.lazy_refcounts else 'off'}")
         parts.append(f"refcount_bits={opts.refcount_bits}")
+        if "nocow" in o:
+            parts.append(f"nocow={'on' if _bool(o['nocow'], 'nocow') else 'off'}")
         print(" ".join(parts))
     from appliance.qcow2.create import create_image
 

@@ -318,3 +318,11 @@ def test_refcount_overflow_v2_bitmaps_and_dd_targets_as_qemu_img(tmp_path: Path,
         if (q / name).exists():
             checks = [qimg("check", name, cwd=d) for d in (q, o)]
             assert (checks[0].stdout, checks[0].returncode) == (checks[1].stdout, checks[1].returncode)
+
+
+@pytest.mark.parametrize("args", [
+    ["create", "-f", "raw", "-o", "nocow=on,preallocation=falloc", "n.raw", "1M"],
+    ["create", "-f", "qcow2", "-o", "nocow=off,preallocation=metadata", "n.qcow2", "1M"],
+])
+def test_create_takes_nocow_and_says_so_as_qemu_img(tmp_path: Path, args: list[str]) -> None:
+    both(tmp_path, lambda d: None, *args)
