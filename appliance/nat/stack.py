@@ -45,7 +45,7 @@ from appliance.nat.icmp import Icmp
 from appliance.nat.ipv4 import Reassembler
 from appliance.nat.ipv6 import Ipv6, build_l4_v6
 from appliance.nat.stats import Counters, FlowInfo, format_flows
-from appliance.nat.tcp import SYN, TIME_WAIT_STATE, ConnTimers
+from appliance.nat.tcp import SYN, TIME_WAIT_STATE
 from appliance.nat.tcp_nat import TcpNat
 from appliance.nat.tftp import TFTP_PORT, TftpServer
 from appliance.nat.udp_nat import UdpNat
@@ -157,7 +157,6 @@ class UserNetwork:
         # TFTP answers at the host address (port 69) only when tftp= names a directory.
         self.tftp = TftpServer(cfg.tftp, self._tftp_send) if cfg.tftp else None
         self.udp = UdpNat(self)
-        self.conn_timers = ConnTimers(self)
         self.tcp = TcpNat(self)
         self.ipv6 = Ipv6(self) if cfg.ipv6 else None
         if self.ipv6 is not None:
@@ -233,7 +232,6 @@ class UserNetwork:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         self.tcp.close()
-        self.conn_timers.close()
         self.udp.close()
         self.icmp.close()
         self.dns.close()

@@ -24,12 +24,10 @@ instead of growing a queue.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import struct
 import time
 from collections.abc import Iterator
-from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.nat.frames import ETH_HLEN, ETH_P_IPV4, IP_DF, IPPROTO_TCP, fold, ones_sum
@@ -179,99 +177,6 @@ def _options(opts: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
         i += length
 
 
-RTX_TIMER, ACK_TIMER = 0, 1  # the two timers of a connection (ConnTimers entries)
-# ConnTimers keeps at most this many entries, or this many per connection, before
-# dropping the stale ones (a SYN flood leaves one behind per aborted connection).
-_TIMER_SLACK = 1024
-_TIMER_PER_CONN = 8
-
-
-class ConnTimers:
-    """The retransmission and delayed-ACK timers of every connection of one network, on one loop timer.
-
-    A connection used to hold two asyncio timer handles, made and cancelled
-    per connection: a short one (a guest's ``nc`` to a loopback server) made
-    and cancelled four, each a Handle, a heap push with Python comparisons
-    and a cancelled entry the loop pops later. Here a timer is a tuple in a
-    heap and a field on the connection saying when it is due
-    (``_timer_at``/``_delack_at``); cancelling is clearing that field, and an
-    entry whose connection no longer wants it at that time is dropped when it
-    comes up. The loop holds one handle for the earliest wanted entry, so
-    many short connections share it instead of each making its own.
-    """
-
-    __slots__ = ("_net", "_heap", "_seq", "_handle", "_handle_at")
-
-    def __init__(self, net: UserNetwork) -> None:
-        self._net = net
-        self._heap: list[tuple[float, int, list[TcpConn | None], int]] = []
-        self._seq = itertools.count()  # ties in time: first armed, first run (conns do not compare)
-        self._handle: asyncio.TimerHandle | None = None
-        self._handle_at = 0.0
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def add(self, when: float, conn: TcpConn, kind: int) -> None:
-        """Run ``conn``'s timer ``kind`` at ``when`` (time.monotonic) if it still says ``when`` then."""
-        heap = self._heap
-        heappush(heap, (when, next(self._seq), conn._cell, kind))
-        if len(heap) > _TIMER_SLACK and len(heap) > _TIMER_PER_CONN * (len(self._net.tcp.conns) + 1):
-            self._compact()
-        if self._handle is None or when < self._handle_at:
-            self._arm(when)
-
-    def _arm(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        loop = self._net.loop
-        self._handle_at = when
-        self._handle = loop.call_at(loop.time() + (when - time.monotonic()), self._run)
-
-    def _compact(self) -> None:
-        heap = [e for e in self._heap if _wanted(e)]
-        heapify(heap)
-        self._heap = heap
-
-    def _run(self) -> None:
-        self._handle = None
-        heap = self._heap
-        now = time.monotonic()
-        while heap:
-            entry = heap[0]
-            if not _wanted(entry):
-                heappop(heap)  # cancelled or moved earlier: nothing to run
-                continue
-            if entry[0] > now:
-                break
-            heappop(heap)
-            conn = entry[2][0]
-            if conn is None:
-                continue  # not reached: _wanted said it has one
-            try:
-                if entry[3] == RTX_TIMER:
-                    conn._on_timer()
-                else:
-                    conn._delayed_ack()
-            except Exception:  # noqa: BLE001 - one connection's failure must not stop the others' timers
-                self._net._internal_error()
-        if heap:
-            self._arm(heap[0][0])
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._heap.clear()
-
-
-def _wanted(entry: tuple[float, int, list[TcpConn | None], int]) -> bool:
-    conn = entry[2][0]
-    if conn is None:
-        return False
-    return (conn._timer_at if entry[3] == RTX_TIMER else conn._delack_at) == entry[0]
-
-
 def _syn_option_bytes(v6: bool, wscale: bool, sack: bool) -> bytes:
     opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if v6 else OUR_MSS)
     if wscale:
@@ -368,11 +273,9 @@ class TcpConn:
         self.retries = 0
         self.probes = 0
         self._deadline = 0.0
-        # Our entries in net.conn_timers point to this cell, emptied when we finish: a finished
-        # connection is not kept alive by them until they come up.
-        self._cell: list[TcpConn | None] = [self]
-        self._timer_at = 0.0  # when our entry in net.conn_timers fires (0: none)
-        self._delack_at = 0.0  # when the delayed ACK's entry fires (0: none)
+        self._timer: asyncio.TimerHandle | None = None
+        self._delack: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.host_paused = False
         self.host_gone = False
         self._window_limited = False
@@ -519,11 +422,12 @@ class TcpConn:
 
     # -- timers ----------------------------------------------------------
     def _arm(self, delay: float) -> None:
-        self._deadline = d = time.monotonic() + delay
-        at = self._timer_at
-        if at == 0.0 or at > d:
-            self._timer_at = d
-            self.net.conn_timers.add(d, self, RTX_TIMER)
+        self._deadline = time.monotonic() + delay
+        if self._timer is None or self._timer_at > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
 
     def _arm_retransmit(self) -> None:
         if self._tlp_done or self.srtt == 0.0:
@@ -541,13 +445,14 @@ class TcpConn:
         self._deadline = 0.0
 
     def _on_timer(self) -> None:
-        self._timer_at = 0.0
+        self._timer = None
         if self._deadline == 0.0 or self.state == CLOSED:
             return
         now = time.monotonic()
         if now < self._deadline:
+            delay = self._deadline - now
             self._timer_at = self._deadline
-            self.net.conn_timers.add(self._deadline, self, RTX_TIMER)
+            self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
             return
         self._deadline = 0.0
         try:
@@ -1114,9 +1019,8 @@ class TcpConn:
             self.state = CLOSE_WAIT
             # The guest closed first: data or our FIN may carry this ACK.
             self.output()
-            if self.rcv_nxt != self._acked_to and self._delack_at == 0.0:
-                self._delack_at = at = time.monotonic() + FIN_ACK_DELAY
-                self.net.conn_timers.add(at, self, ACK_TIMER)
+            if self.rcv_nxt != self._acked_to and self._delack is None:
+                self._delack = self._loop.call_later(FIN_ACK_DELAY, self._delayed_ack)
             return
         if st == FIN_WAIT_1:
             self.state = CLOSING
@@ -1131,12 +1035,11 @@ class TcpConn:
         pending = self.rcv_nxt - self._acked_to
         if pending >= 2 * OUR_MSS:
             self.send_ack()
-        elif pending > 0 and self._delack_at == 0.0 and self.state != CLOSED:
-            self._delack_at = at = time.monotonic() + DELAYED_ACK
-            self.net.conn_timers.add(at, self, ACK_TIMER)
+        elif pending > 0 and self._delack is None and self.state != CLOSED:
+            self._delack = self._loop.call_later(DELAYED_ACK, self._delayed_ack)
 
     def _delayed_ack(self) -> None:
-        self._delack_at = 0.0
+        self._delack = None
         if self.state != CLOSED and self.rcv_nxt != self._acked_to:
             try:
                 self.send_ack()
@@ -1231,9 +1134,13 @@ class TcpConn:
 
     def _finish(self) -> None:
         self.state = CLOSED
-        # Their entries in net.conn_timers are dropped when they come up.
-        self._deadline = self._timer_at = self._delack_at = 0.0
-        self._cell[0] = None
+        self._deadline = 0.0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._delack is not None:
+            self._delack.cancel()
+            self._delack = None
         self.flush_host()
         self._wq = []
         self._wq_len = 0

@@ -24,7 +24,7 @@ import functools
 import logging
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
@@ -131,59 +131,6 @@ _MAX_TX_CHAIN = C.HDR_LEN + C.MAX_GSO_FRAME
 # What VirtioNet._rx_staged says besides a delivered frame's length.
 _RX_DRAINED = -1
 _RX_HELD = -2
-
-
-class LazyTimer:
-    """A one-shot timer that is cheap to stop and to start again later.
-
-    The device's transmit interrupt and quiet-frame timers are started and
-    stopped a few times for each short guest connection; an asyncio timer
-    handle made and cancelled each time cost a Handle, a heap push with Python
-    comparisons and a cancelled entry for the loop to pop. Here stopping only
-    clears ``due``, and starting again for a time no earlier than the handle
-    already on the loop keeps that handle: when it fires it runs the callback
-    if it is due, waits again if ``due`` moved later, and does nothing if it
-    was stopped. Only an earlier start replaces the handle.
-    """
-
-    __slots__ = ("_fn", "_arg", "due", "_handle", "_handle_at")
-
-    def __init__(self, fn: Callable[[int], None], arg: int) -> None:
-        self._fn = fn
-        self._arg = arg
-        self.due = 0.0  # loop time it is due at; 0: stopped
-        self._handle: asyncio.TimerHandle | None = None
-        self._handle_at = 0.0
-
-    def start(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
-        self.due = due = loop.time() + delay
-        if self._handle is None or self._handle_at > due:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._handle_at = due
-            self._handle = loop.call_at(due, self._fire, loop)
-
-    def stop(self) -> None:
-        self.due = 0.0
-
-    def close(self) -> None:
-        """Stop, and take the handle off the loop too (a device reset)."""
-        self.due = 0.0
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._handle = None
-        due = self.due
-        if not due:
-            return
-        if due > self._handle_at:
-            self._handle_at = due
-            self._handle = loop.call_at(due, self._fire, loop)
-            return
-        self.due = 0.0
-        self._fn(self._arg)
 
 
 class RxWindow:
@@ -411,10 +358,10 @@ class VirtioNet(VirtioDevice):
         # Per pair: the timer that sends a deferred transmit interrupt, whether
         # it is the lazy one, and the small frames used since the last transmit
         # interrupt (-1: a larger frame or too many).
-        self._tx_irq = [LazyTimer(self._tx_irq_due, pair) for pair in range(self.pairs)]
+        self._tx_irq_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_irq_lazy: list[bool] = [False] * self.pairs
         # Per pair: the timer that looks at a transmit ring whose kicks skip quiet frames.
-        self._tx_quiet = [LazyTimer(self._tx_quiet_due, pair) for pair in range(self.pairs)]
+        self._tx_quiet_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_small: list[int] = [0] * self.pairs
 
     # -- feature and config space -------------------------------------------
@@ -503,17 +450,16 @@ class VirtioNet(VirtioDevice):
                 self.stats[pair].rx_dropped += 1
                 self._rx_pending[pair] = 0
 
-    @property
-    def _tx_quiet_timers(self) -> list[LazyTimer | None]:
-        """Per pair, the quiet-frame timer while it runs (else None)."""
-        return [t if t.due else None for t in self._tx_quiet]
-
     def reset(self) -> None:
-        for timer in self._tx_irq:
-            timer.close()
+        for pair, timer in enumerate(self._tx_irq_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_irq_timers[pair] = None
         self._tx_small = [0] * self.pairs
-        for timer in self._tx_quiet:
-            timer.close()
+        for pair, timer in enumerate(self._tx_quiet_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_quiet_timers[pair] = None
         for pair in range(self.pairs):
             self._rx_armed[pair] = None
             try:
@@ -599,29 +545,31 @@ class VirtioNet(VirtioDevice):
             self._tx_small[index // 2] = 0
         if self._queues[index].needs_notification():
             self._irqs[index].notify()
-            if index % 2 == 0 and index < self._ctrl_index:
-                timer = self._tx_irq[index // 2]
-                if timer.due:
-                    # A receive interrupt takes a deferred transmit one along
-                    # (one INTx for both, as before the deferral).
-                    timer.stop()
-                    self._notify(index + 1)
+            pair = index // 2
+            if index % 2 == 0 and index < self._ctrl_index and self._tx_irq_timers[pair] is not None:
+                # A receive interrupt takes a deferred transmit one along
+                # (one INTx for both, as before the deferral).
+                self._tx_irq_timers[pair].cancel()  # type: ignore[union-attr]
+                self._tx_irq_timers[pair] = None
+                self._notify(index + 1)
 
     def _tx_irq_later(self, pair: int, lazy: bool) -> None:
-        timer = self._tx_irq[pair]
-        if timer.due and (lazy or not self._tx_irq_lazy[pair]):
-            return  # the pending one comes at least as soon
-        # (Or a larger frame came: the lazy wait is over, the timer starts again sooner.)
+        timer = self._tx_irq_timers[pair]
+        if timer is not None:
+            if lazy or not self._tx_irq_lazy[pair]:
+                return  # the pending one comes at least as soon
+            timer.cancel()  # a larger frame came: the lazy wait is over
+            self._tx_irq_timers[pair] = None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            timer.stop()
             self._notify(2 * pair + 1)
             return
         self._tx_irq_lazy[pair] = lazy
-        timer.start(loop, TX_IRQ_LAZY if lazy else TX_IRQ_DELAY)
+        self._tx_irq_timers[pair] = loop.call_later(TX_IRQ_LAZY if lazy else TX_IRQ_DELAY, self._tx_irq_due, pair)
 
     def _tx_irq_due(self, pair: int) -> None:
+        self._tx_irq_timers[pair] = None
         if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
             self._notify(2 * pair + 1)
 
@@ -629,7 +577,7 @@ class VirtioNet(VirtioDevice):
         """Let the guest's next frames that nothing waits on go without a kick (see TX_QUIET_MAX)."""
         take = getattr(self.backends[pair], "take_quiet_tx", None)
         n = take() if take is not None else 0
-        if n <= 0 or self._tx_quiet[pair].due:
+        if n <= 0 or self._tx_quiet_timers[pair] is not None:
             return
         q = self._queues[2 * pair + 1]
         last = q.last_avail_idx
@@ -640,9 +588,10 @@ class VirtioNet(VirtioDevice):
         except RuntimeError:
             return
         q.set_avail_event(last + min(n, TX_QUIET_MAX))
-        self._tx_quiet[pair].start(loop, TX_QUIET_WAIT)
+        self._tx_quiet_timers[pair] = loop.call_later(TX_QUIET_WAIT, self._tx_quiet_due, pair)
 
     def _tx_quiet_due(self, pair: int) -> None:
+        self._tx_quiet_timers[pair] = None
         if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
             self.queue_notify(2 * pair + 1)
 
@@ -650,8 +599,10 @@ class VirtioNet(VirtioDevice):
 
     def _tx(self, pair: int) -> None:
         q = self._queues[2 * pair + 1]
-        # This pass re-arms kicks for every frame: no quiet frames to look for.
-        self._tx_quiet[pair].stop()
+        quiet = self._tx_quiet_timers[pair]
+        if quiet is not None:
+            quiet.cancel()  # this pass re-arms kicks for every frame
+            self._tx_quiet_timers[pair] = None
         # The per-frame loop runs on locals and counts into locals: at ~1 us a
         # frame, attribute lookups and method calls are most of the cost.
         send = self.backends[pair].send
