@@ -645,6 +645,11 @@ class Qcow2Image:
         """
         if ti >= len(self._rt):
             await self._grow_reftable(ti)
+            made = self._rb.get(ti)
+            if made is not None:
+                # The new table's clusters reached this block's range, so placing the table
+                # made the block already: starting it again would drop their counts.
+                return made
         blk = [0] * self._rb_entries
         self._rb[ti] = blk
         c = await self._alloc_clusters(1)
