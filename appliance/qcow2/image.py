@@ -1120,7 +1120,10 @@ class Qcow2Image:
         lock), done synchronously: the refcount is raised in the cache and
         the cluster registered in flight before the data is submitted, and
         :meth:`_alloc_done` publishes the L2 entry once the data is
-        written. Metadata reaches the disk later, from the write-back
+        written (a lone whole cluster past the end of a file the kernel
+        extends synchronously is written right here with pwritev and
+        published at once, nothing left in flight but the caller's
+        callback). Metadata reaches the disk later, from the write-back
         caches in flush order (refcount blocks, L2, L1), so no metadata I/O
         is issued here. A write into a cluster whose allocation is in
         flight puts its bytes at that host cluster and finishes once the
@@ -1229,7 +1232,7 @@ class Qcow2Image:
             # _submit inlined, as in start_rw.
             self._io_count += 1
             if aio.start(IOCB_CMD_PWRITEV, self._dfd, bufs, host + a, self._alloc_done_cb, job,
-                         eager=True, align=self.logical_block_size):
+                         True, self.logical_block_size):
                 return True
             self._io_count -= 1
             submitted = False
