@@ -317,11 +317,27 @@ class UserNetwork:
         self.stats.rx_frames += 1
         self._in_send = self._held = True
         try:
-            view = memoryview(frame)
             if not self.vnet_hdr_len:
-                self._input(view)
-            elif (inner := self._strip_vnet_hdr(view)) is not None:
-                self._input(inner)
+                self._input(memoryview(frame))
+            elif len(frame) < V.HDR_LEN:
+                self.stats.truncated += 1
+            else:
+                # The transmit header (virtio 1.2 §5.1.6.2). We end TCP here rather than forward
+                # segments, so a TSO frame needs no splitting: it is one TCP segment however large,
+                # and gso_size does not matter. What the header changes is the checksum: with
+                # NEEDS_CSUM the L4 checksum field holds only the pseudo-header sum, so TCP/UDP
+                # checksums are not verified for that frame (nor with DATA_VALID); the bytes come
+                # straight from guest memory, there is no wire to corrupt them. Only flags and
+                # gso_type steer anything, read from our copy (inline: this is every frame).
+                flags = frame[0]
+                gso_type = frame[1]
+                if flags & ~_TX_FLAGS or gso_type & ~V.GSO_ECN not in _TX_GSO:
+                    self.stats.bad_vnet_hdr += 1
+                else:
+                    if gso_type:
+                        self.stats.rx_gso_frames += 1
+                    self.l4_csum_trusted = bool(flags)
+                    self._input(memoryview(frame)[V.HDR_LEN :])
         except Exception:  # noqa: BLE001 - no guest input may escape the frame boundary
             self._internal_error()
         finally:
@@ -387,29 +403,6 @@ class UserNetwork:
                 self._ready()
             except Exception:  # noqa: BLE001 - a device bug must not surface in our caller (send())
                 self._internal_error()
-
-    def _strip_vnet_hdr(self, frame: memoryview) -> memoryview | None:
-        """Check a transmit header (virtio 1.2 §5.1.6.2) and return the Ethernet frame after it.
-
-        We end TCP here rather than forward segments, so a TSO frame needs no
-        splitting: it is one TCP segment however large, and ``gso_size`` does
-        not matter. What the header changes is the checksum: with NEEDS_CSUM
-        the L4 checksum field holds only the pseudo-header sum, so TCP/UDP
-        checksums are not verified for that frame (nor with DATA_VALID). The
-        bytes come straight from guest memory; there is no wire to corrupt them.
-        """
-        if len(frame) < V.HDR_LEN:
-            self.stats.truncated += 1
-            return None
-        # Guest-controlled: copied out once; only flags and gso_type steer anything.
-        flags, gso_type, _hdr_len, _gso_size, _cs, _co, _nb = V.HDR.unpack_from(frame)
-        if flags & ~_TX_FLAGS or gso_type & ~V.GSO_ECN not in _TX_GSO:
-            self.stats.bad_vnet_hdr += 1
-            return None
-        if gso_type:
-            self.stats.rx_gso_frames += 1
-        self.l4_csum_trusted = bool(flags)
-        return frame[V.HDR_LEN :]
 
     # -- output helpers used by the protocol modules ---------------------
     def output(self, frame: bytes | bytearray, vnet_hdr: bytes | None = None) -> bool:

@@ -1147,13 +1147,7 @@ class TcpConn:
         t = self.transport
         self.transport = None
         if t is not None:
-            if self.net._in_send:
-                # A guest frame ended it: usually the ACK of our FIN, which waits for the guest's
-                # next kick and so is handled in the same pass as its next SYN. The socket's
-                # teardown (epoll_ctl, close) comes after that pass, not ahead of the SYN-ACK.
-                self._loop.call_soon(t.close)
-            else:
-                t.close()
+            t.close()
         self.sndbuf = bytearray()
         self._ooo.clear()
         self._ooo_bytes = 0
