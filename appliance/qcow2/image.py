@@ -2104,7 +2104,8 @@ class Qcow2Image:
         if last < end:
             await self._write_zero_bytes(last, end - last)
         if self.header.version < 3:
-            if self.backing is None and may_unmap:
+            if self.backing is None:
+                # No zero flag, and nothing below to show through: as QEMU, a discard.
                 await self._zero_whole(first, last - first, "discard")
                 return
             # No zero flag in v2: write real zeroes.
@@ -2145,14 +2146,19 @@ class Qcow2Image:
             await self.flush()
 
     async def _zero_locked(self, gc0: int, gc1: int, mode: str) -> None:
+        # As QEMU's qcow2 driver: on version 3, write-zeroes ("zero", "unmap") leaves every
+        # cluster reading zero in this layer (the zero flag, or all-zero subclusters), taking
+        # an L2 table where none is; a discard does that for clusters that were allocated or
+        # that a backing file would show through, and leaves unallocated ones alone.
         has_backing = self.backing is not None
         v3 = self.header.version >= 3
+        zeroing = mode in ("zero", "unmap") and v3
         gc = gc0
         while gc < gc1:
             l1i = gc >> self._l2_bits
             table_end = min(gc1, (l1i + 1) << self._l2_bits)
             l1e = self._l1[l1i] if l1i < len(self._l1) else 0
-            if not l1e & OFFSET_MASK and (mode in ("discard", "empty") or not has_backing):
+            if not l1e & OFFSET_MASK and not zeroing and (mode == "empty" or not (has_backing and v3)):
                 gc = table_end
                 continue
             await self._mark_lazy_dirty()
@@ -2174,18 +2180,20 @@ class Qcow2Image:
                 elif self._ext:
                     if keep:
                         new_e, new_bm = e | COPIED, EXT_ALL_ZERO
-                    elif has_backing or mode != "discard":
-                        new_e, new_bm = 0, EXT_ALL_ZERO if has_backing else 0
+                    elif zeroing or has_backing or e & (OFFSET_MASK | COMPRESSED):
+                        new_e, new_bm = 0, EXT_ALL_ZERO
                     else:
-                        new_e, new_bm = 0, 0
+                        new_e, new_bm = e, bm  # a discard of what reads zero already
                     t[i + 1] = new_bm
                 else:
                     if keep:
                         new_e = host | COPIED | ZERO_FLAG
-                    elif has_backing and v3:
+                    elif not v3:
+                        new_e = 0
+                    elif zeroing or has_backing or e & (OFFSET_MASK | COMPRESSED):
                         new_e = ZERO_FLAG
                     else:
-                        new_e = 0
+                        new_e = e  # a discard of what reads zero already
                 if new_e == e and (not self._ext or bm == t[i + 1]):
                     continue
                 t[i] = new_e
