@@ -25,5 +25,10 @@ def pool() -> IoPool:
 
 
 def run(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-    """Run a blocking call in the I/O pool; await the returned future."""
-    return io_pool().submit(fn, *args)
+    """Run a blocking call in the I/O pool; await the returned future.
+
+    These are metadata I/O and the bulk paths (convert, compare, commit copies):
+    they never start a pinned burst, which suits only the small data requests
+    of :meth:`IoPool.start`.
+    """
+    return io_pool().submit(fn, *args, pin=False)
