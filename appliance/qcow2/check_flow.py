@@ -586,7 +586,7 @@ async def check_pass(img: Qcow2Image, fix: int) -> CheckReport:
         # unread); its counts join the result after the refcount pass, as in qemu-img.
         snap = CheckReport(messages=res.messages)
         if img.check_mode:
-            err = await snapshot_check.read_for_check(img, snap, fix)
+            err = await snapshot_check.read_for_check(img, snap, bool(fix & FIX_ERRORS))
             if err:
                 _merge(res, snap)
                 res.failed = err
@@ -630,7 +630,7 @@ async def check_pass(img: Qcow2Image, fix: int) -> CheckReport:
             await _check_copied(img, res, fix, stored)
             res.image_end_offset = (highest + 1) * img._cs
             if img.check_mode:
-                err = await snapshot_check.fix_for_check(img, snap, fix)
+                err = await snapshot_check.fix_for_check(img, snap, bool(fix & FIX_ERRORS))
                 if err:
                     raise _Failed(err)
         except _Failed as err:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from appliance.qcow2.errors import CorruptImage
 
-_ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
+ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes
 MAX_SNAPSHOTS = 65536
 
 
@@ -37,7 +37,7 @@ class Snapshot:
             extra += struct.pack(">Q", (1 << 64) - 1 if self.icount is None else self.icount)
         extra += self.extra_unknown
         idb, nameb = self.id.encode(), self.name.encode()
-        out = _ENTRY.pack(
+        out = ENTRY.pack(
             self.l1_table_offset, self.l1_size, len(idb), len(nameb), self.date_sec,
             self.date_nsec, self.vm_clock_nsec, min(self.vm_state_size, 0xFFFFFFFF), len(extra),
         ) + bytes(extra) + idb + nameb
@@ -57,11 +57,11 @@ def parse_snapshot_table(data: bytes, count: int, cluster_size: int
     out: list[Snapshot] = []
     pos = 0
     for _ in range(count):
-        if pos + _ENTRY.size > len(data):
+        if pos + ENTRY.size > len(data):
             raise CorruptImage("snapshot table is truncated")
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
-         extra_len) = _ENTRY.unpack_from(data, pos)
-        pos += _ENTRY.size
+         extra_len) = ENTRY.unpack_from(data, pos)
+        pos += ENTRY.size
         if extra_len > 1024 or pos + extra_len + id_len + name_len > len(data):
             raise CorruptImage("snapshot table entry runs past the table")
         extra = data[pos : pos + extra_len]

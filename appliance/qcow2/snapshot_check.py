@@ -27,15 +27,12 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.qcow2.snapshot import MAX_SNAPSHOTS, Snapshot
+from appliance.qcow2.snapshot import ENTRY, MAX_SNAPSHOTS, Snapshot
 
 if TYPE_CHECKING:
     from appliance.qcow2.check import CheckResult
     from appliance.qcow2.image import Qcow2Image
 
-FIX_ERRORS = 2  # as check_flow's -r all bit
-
-_ENTRY = struct.Struct(">QIHHIIQII")
 MAX_EXTRA = 1024  # bytes of extra data per entry QEMU accepts
 MAX_TABLE = 64 << 20  # bytes of table QEMU accepts
 _INT_MAX = (1 << 31) - 1
@@ -87,8 +84,8 @@ def _read_entries(img: Qcow2Image, f: _File, offset: int, count: int, repair: bo
         table_len = -(-table_len // 8) * 8
         offset = -(-offset // 8) * 8
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
-         extra_len) = _ENTRY.unpack(f.read(offset, _ENTRY.size))
-        offset += _ENTRY.size
+         extra_len) = ENTRY.unpack(f.read(offset, ENTRY.size))
+        offset += ENTRY.size
         truncate = False
         if extra_len > MAX_EXTRA:
             if not repair:
@@ -118,7 +115,7 @@ def _read_entries(img: Qcow2Image, f: _File, offset: int, count: int, repair: bo
         offset += id_len
         sn.name = f.read(offset, name_len).decode("utf-8", "replace")
         offset += name_len
-        table_len += _ENTRY.size + kept + id_len + name_len
+        table_len += ENTRY.size + kept + id_len + name_len
         if table_len > MAX_TABLE or offset - start > _INT_MAX:
             left = count - i
             if not repair:
@@ -134,14 +131,13 @@ def _read_entries(img: Qcow2Image, f: _File, offset: int, count: int, repair: bo
     return snaps, extras, offset - start
 
 
-async def read_for_check(img: Qcow2Image, res: CheckResult, fix: int) -> int:
+async def read_for_check(img: Qcow2Image, res: CheckResult, repair: bool) -> int:
     """Read the snapshot table into ``img`` as check does; 0, or the errno that fails the check.
 
     Counts go to ``res`` (corruptions the table rewrite of :func:`fix_for_check` repairs);
     messages go to ``res.messages`` in qemu-img's words and order.
     """
     h = img.header
-    repair = bool(fix & FIX_ERRORS)
     raw = os.pread(img._fd, 12, 60)  # the header's count and offset, as on disk now
     nb, off = struct.unpack(">IQ", raw.ljust(12, b"\0"))
     reduced = [0]
@@ -154,7 +150,7 @@ async def read_for_check(img: Qcow2Image, res: CheckResult, fix: int) -> int:
     err = 0
     if nb > MAX_SNAPSHOTS:
         problem, err = "snapshot table too large", errno.EFBIG
-    elif nb and (_INT64_MAX - nb * _ENTRY.size < off or off % img._cs):
+    elif nb and (_INT64_MAX - nb * ENTRY.size < off or off % img._cs):
         problem, err = "snapshot table offset invalid", errno.EINVAL
     if err:
         res.check_errors += 1
@@ -207,9 +203,9 @@ async def read_for_check(img: Qcow2Image, res: CheckResult, fix: int) -> int:
     return 0
 
 
-async def fix_for_check(img: Qcow2Image, res: CheckResult, fix: int) -> int:
+async def fix_for_check(img: Qcow2Image, res: CheckResult, repair: bool) -> int:
     """After the refcount pass: rewrite the table when reading it found something to repair."""
-    if not (res.corruptions and fix & FIX_ERRORS):
+    if not (res.corruptions and repair):
         return 0
     from appliance.qcow2.snapops import _write_table
 

@@ -4,27 +4,17 @@ messages for missing files and backing files)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, needs_qemu_img
+from tests.conftest import needs_qemu_img
 from tests.qcow2.helpers import qemu_io
+from tests.qcow2.test_img_parity import img, qimg
 
 pytestmark = needs_qemu_img
-
-
-def img(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.cli.main", "img", *args], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def qimg(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def both(tmp_path: Path, setup: Callable[[Path], None], *args: str) -> tuple[Path, Path]:
