@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
@@ -546,12 +547,23 @@ class VirtioNet(VirtioDevice):
         if self._queues[index].needs_notification():
             self._irqs[index].notify()
             pair = index // 2
-            if index % 2 == 0 and index < self._ctrl_index and self._tx_irq_timers[pair] is not None:
-                # A receive interrupt takes a deferred transmit one along
-                # (one INTx for both, as before the deferral).
-                self._tx_irq_timers[pair].cancel()  # type: ignore[union-attr]
-                self._tx_irq_timers[pair] = None
-                self._notify(index + 1)
+            if index % 2 == 0 and index < self._ctrl_index:
+                if self._tx_irq_timers[pair] is not None:
+                    # A receive interrupt takes a deferred transmit one along
+                    # (one INTx for both, as before the deferral).
+                    self._tx_irq_timers[pair].cancel()  # type: ignore[union-attr]
+                    self._tx_irq_timers[pair] = None
+                    self._notify(index + 1)
+                # The guest may be waiting on these frames, and the thread our
+                # signal wakes to interrupt it (QEMU's main loop for a vhost-user
+                # front end, a halted vCPU) is often queued on this CPU behind the
+                # rest of our pass: perf sched on a 2-CPU host, busybox nc
+                # connections through net-daemon --netdev user, QEMU's main thread
+                # was woken onto our CPU in 120 of 207 wake-ups, 10% of them
+                # waiting over 0.6 ms. Yielding lets it run first: 169 -> 178
+                # connections/s (4 paired rounds), guest CPU per connection 5.47
+                # -> 5.24 ms (it halts less often).
+                os.sched_yield()
 
     def _tx_irq_later(self, pair: int, lazy: bool) -> None:
         timer = self._tx_irq_timers[pair]

@@ -156,10 +156,13 @@ async def test_host_side_accepts_only_once_the_guest_completes_its_handshake(net
                     await asyncio.sleep(0.01)
             await asyncio.sleep(0.1)
             assert accepted == []  # the host connection is still in its handshake
+            released = asyncio.get_running_loop().time()
             to_stack(held[0])
             async with asyncio.timeout(5):
                 while not accepted:
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.005)
+            # Then at once: unasked, Linux sent that ACK ~100 ms later here (delayed ACK).
+            assert accepted[0] - released < 0.05
             c.shutdown()
             await c.wait(lambda: c.fin_rcvd and c.fin_acked, 10)
     finally:
