@@ -112,3 +112,39 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
     finally:
         web.terminate()
         web.wait()
+
+
+async def test_ipv6_slaac_echo_and_tcp_to_host_loopback(tmp_path: Path) -> None:
+    # The guest's own kernel configures itself from our router advertisement (SLAAC in
+    # QEMU's default fec0::/64), pings the router and fetches over TCP/IPv6 from a server
+    # the test runs on the host's ::1, reached as fec0::2 (as 10.0.2.2 reaches 127.0.0.1).
+    blob = os.urandom(300_000)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "blob").write_bytes(blob)
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "::1", "--directory", str(tmp_path / "www")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    sock = tmp_path / "user.sock"
+    try:
+        async with user_daemon(sock, "") as stack:
+            async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
+                await g.run("ip link set eth0 up")
+                addr = ""
+                for _ in range(50):  # router solicitation, advertisement, then duplicate address detection
+                    addr = await g.run("ip -6 addr show dev eth0 scope site")
+                    if "fec0::5054:ff:fe12:3456/64" in addr and "tentative" not in addr:
+                        break
+                    await asyncio.sleep(0.2)
+                assert "fec0::5054:ff:fe12:3456/64" in addr and "tentative" not in addr, addr
+                assert "default via fe80::2 dev eth0" in await g.run("ip -6 route")
+                assert " 0% packet loss" in await g.run("ping -6 -c 2 fec0::2", timeout=30)
+                got = await g.run(f"wget -q -O - http://[fec0::2]:{port}/blob | sha256sum", timeout=120)
+                assert got.split()[0] == hashlib.sha256(blob).hexdigest()
+                counters = stack.counters()  # type: ignore[attr-defined]
+                assert counters["errors"] == 0
+                await g.poweroff()
+    finally:
+        web.terminate()
+        web.wait()
