@@ -272,7 +272,7 @@ class DaemonNic:
             # One pcap per filter, shared by every queue pair of the netdev.
             self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen))
         self.backends = with_captures(backends, self.writers)
-        self.device = VirtioNet(self.backends, self.mac, control_queue=False)
+        self.device = VirtioNet(self.backends, self.mac, control_queue=False, yield_after_rx_irq=True)
         self.server = VhostUserServer(e.path, VhostUserBackend(self.device))
         await self.server.start()
         log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(self.backends))

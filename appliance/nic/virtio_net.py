@@ -317,6 +317,7 @@ class VirtioNet(VirtioDevice):
         tx_queue_size: int | None = None,
         link_up: bool = True,
         control_queue: bool = True,
+        yield_after_rx_irq: bool = False,
     ) -> None:
         super().__init__()
         if not backends:
@@ -331,6 +332,10 @@ class VirtioNet(VirtioDevice):
         # A vhost-user front end keeps the control queue to itself and tells
         # us which pairs run by starting and enabling their rings.
         self.control_queue = control_queue
+        # For a front end in another process (vhost-user): see _notify. In-process vCPUs take
+        # the GIL from the loop thread, and yielding after each interrupt cost the KVM test
+        # guest ~85% of its receive frame rate (bench/net.py (a): 221k -> 36k frames/s).
+        self.yield_after_rx_irq = yield_after_rx_irq
         pair = (rx_queue_size or queue_size, tx_queue_size or queue_size)
         self.queue_sizes = pair * self.pairs + ((CTRL_QUEUE_SIZE,) if control_queue else ())
         vnet = {b.vnet_hdr_len for b in self.backends}
@@ -554,16 +559,16 @@ class VirtioNet(VirtioDevice):
                     self._tx_irq_timers[pair].cancel()  # type: ignore[union-attr]
                     self._tx_irq_timers[pair] = None
                     self._notify(index + 1)
-                # The guest may be waiting on these frames, and the thread our
-                # signal wakes to interrupt it (QEMU's main loop for a vhost-user
-                # front end, a halted vCPU) is often queued on this CPU behind the
-                # rest of our pass: perf sched on a 2-CPU host, busybox nc
-                # connections through net-daemon --netdev user, QEMU's main thread
-                # was woken onto our CPU in 120 of 207 wake-ups, 10% of them
-                # waiting over 0.6 ms. Yielding lets it run first: 169 -> 178
-                # connections/s (4 paired rounds), guest CPU per connection 5.47
-                # -> 5.24 ms (it halts less often).
-                os.sched_yield()
+                if self.yield_after_rx_irq:
+                    # The guest may be waiting on these frames, and the thread our
+                    # signal wakes to interrupt it (QEMU's main loop, for a vhost-user
+                    # front end) is often queued on this CPU behind the rest of our
+                    # pass: perf sched on a 2-CPU host, busybox nc connections through
+                    # net-daemon --netdev user, QEMU's main thread was woken onto our
+                    # CPU in 120 of 207 wake-ups, 10% of them waiting over 0.6 ms.
+                    # Yielding lets it run first: 169 -> 178 connections/s (4 paired
+                    # rounds), guest CPU per connection 5.47 -> 5.24 ms (it halts less).
+                    os.sched_yield()
 
     def _tx_irq_later(self, pair: int, lazy: bool) -> None:
         timer = self._tx_irq_timers[pair]
