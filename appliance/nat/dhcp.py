@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 SERVER_PORT = 67
 CLIENT_PORT = 68
 POOL_SIZE = 16
+# How long a DECLINEd address stays out of the pool (dnsmasq waits 600 s too):
+# long enough for whoever holds it to be noticed, short enough that a guest
+# declining every address cannot empty the pool for good.
+DECLINE_HOLD = 600.0
 MAGIC = b"\x63\x82\x53\x63"
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # RFC 2131 §2, figure 1
 
@@ -159,7 +163,7 @@ class DhcpServer:
             if a not in (int(cfg.host), int(cfg.dns))
         ]
         self.leases: dict[bytes, Lease] = {}
-        self._declined: set[bytes] = set()
+        self._declined: dict[bytes, float] = {}  # address → when it may be leased again
         opts = bytearray()
         opts += _option(OPT_SUBNET, cfg.net.netmask.packed)
         opts += _option(OPT_ROUTER, cfg.host.packed)
@@ -212,7 +216,7 @@ class DhcpServer:
 
     def _decline(self, m: Message, lease: Lease | None) -> None:
         if lease is not None:
-            self._declined.add(lease.ip)
+            self._declined[lease.ip] = self._now() + DECLINE_HOLD
         self.leases.pop(m.chaddr, None)
 
     def _inform(self, m: Message, lease: Lease | None) -> None:
@@ -242,10 +246,17 @@ class DhcpServer:
         if m is None:
             self.net.stats.dhcp_bad += 1
             return
+        now = self._now()
         lease = self.leases.get(m.chaddr)
-        if lease is not None and lease.expires < self._now():
+        if lease is not None and lease.expires < now:
             del self.leases[m.chaddr]
             lease = None
+        if lease is None and len(self.leases) >= len(self.pool):
+            # Lapsed entries of other clients go before a new one can be made: a guest
+            # inventing client addresses would otherwise grow the table each time an
+            # offer lapsed. Live entries hold distinct pool addresses, so at most
+            # len(pool) remain.
+            self.leases = {k: le for k, le in self.leases.items() if le.expires >= now}
         state = lease.state if lease is not None else LeaseState.FREE
         self.TRANSITIONS.get((state, m.msg_type), DhcpServer._ignore)(self, m, lease)
 
@@ -255,9 +266,14 @@ class DhcpServer:
         return time.monotonic()
 
     def _free(self, ip: bytes) -> bool:
-        if ip not in self.pool or ip in self._declined:
+        if ip not in self.pool:
             return False
         now = self._now()
+        held = self._declined.get(ip)
+        if held is not None:
+            if held > now:
+                return False
+            del self._declined[ip]
         return not any(le.ip == ip and le.expires >= now for le in self.leases.values())
 
     def _allocate(self, requested: bytes | None) -> bytes | None:

@@ -26,6 +26,9 @@ TYPE_A = 1
 TYPE_AAAA = 28
 TYPE_ANY = 255
 CLASS_IN = 1
+CLASS_ANY = 255
+MAX_NAME = 255
+_OPCODE = 0x7800  # RFC 1035 §4.1.1: 0 is a standard query
 
 
 def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
@@ -47,13 +50,18 @@ def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
 
 
 def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
-    """(id, flags, name, qtype, qclass, end offset) of a one-question query, or None."""
+    """(id, flags, name, qtype, qclass, end offset) of a one-question query, or None.
+
+    The name is in lower case with a dot or backslash inside a label escaped
+    by a backslash (RFC 1035 §5.1), and other bytes beyond ASCII as ``\\xNN``:
+    the label ``gateway.lab`` must not read as the two labels of a local name.
+    """
     if len(msg) < _HEADER.size:
         return None
     qid, flags, qd, _an, _ns, _ar = _HEADER.unpack_from(msg)
     if flags & 0x8000 or qd != 1:
         return None
-    labels: list[str] = []
+    labels: list[bytes] = []
     i = _HEADER.size
     while True:
         if i >= len(msg):
@@ -64,14 +72,17 @@ def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
             break
         if n & 0xC0 or i + 1 + n > len(msg):
             return None  # a query's only name cannot be compressed
-        labels.append(msg[i + 1 : i + 1 + n].decode("ascii", "replace").lower())
+        labels.append(msg[i + 1 : i + 1 + n])
         i += 1 + n
-        if len(labels) > 127:
-            return None
+        if i - _HEADER.size > MAX_NAME - 1:
+            return None  # RFC 1035 §2.3.4: 255 octets at most, the final zero included
     if i + 4 > len(msg):
         return None
     qtype, qclass = struct.unpack_from("!HH", msg, i)
-    return qid, flags, ".".join(labels), qtype, qclass, i + 4
+    name = ".".join(
+        lab.replace(b"\\", b"\\\\").replace(b".", b"\\.").decode("ascii", "backslashreplace").lower() for lab in labels
+    )
+    return qid, flags, name, qtype, qclass, i + 4
 
 
 def answer(
@@ -137,12 +148,15 @@ class DnsProxy:
         if q is None:
             c.dns_dropped += 1
             return
-        qid, flags, name, qtype, _qclass, qend = q
-        addr = self.local.get(name)
-        if addr is not None:
-            c.dns_local += 1
-            self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype, self.local6.get(name)))
-            return
+        qid, flags, name, qtype, qclass, qend = q
+        # Local names are class IN addresses for standard queries; anything else
+        # (an UPDATE, class CHAOS) is the upstream's to answer or refuse.
+        if not flags & _OPCODE and qclass in (CLASS_IN, CLASS_ANY):
+            addr = self.local.get(name)
+            if addr is not None:
+                c.dns_local += 1
+                self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype, self.local6.get(name)))
+                return
         self._forward(src, sport, dst, msg, qid)
 
     def _forward(self, src: bytes, sport: int, dst: bytes, msg: bytes, qid: int) -> None:

@@ -1,8 +1,8 @@
 """IPv4 fragment reassembly (RFC 791 §3.2, RFC 815) with bounded memory.
 
 Limits, each enforced before any byte is stored: at most ``MAX_DATAGRAMS``
-datagrams in progress, ``MAX_BYTES`` buffered over all of them, 65535 bytes per
-datagram, and ``TIMEOUT`` seconds for a datagram to complete (Linux uses 30 s).
+datagrams in progress, ``MAX_BYTES`` buffered over all of them, 65535 bytes and
+``MAX_FRAGMENTS`` pieces per datagram, and ``TIMEOUT`` seconds for a datagram to complete (Linux uses 30 s).
 Overlapping fragments drop the whole datagram, the policy Linux adopted for
 IPv4 and RFC 5722 mandates for IPv6: overlaps only serve to evade filters.
 An exact duplicate fragment (same offset and length) is harmless and ignored.
@@ -18,6 +18,10 @@ from appliance.nat.frames import IP_MF, IP_OFFMASK, Ipv4
 MAX_DATAGRAMS = 64
 MAX_BYTES = 1 << 20
 MAX_DATAGRAM = 65535
+# Fragments held for one datagram. A 64 KiB datagram over a 1280-byte MTU is 52;
+# more only come from a sender cutting tiny pieces, each costing an overlap check
+# and an object several times its size (FreeBSD's maxfragsperpacket is 16).
+MAX_FRAGMENTS = 64
 TIMEOUT = 30.0
 
 
@@ -88,6 +92,9 @@ class Reassembler:
             return None
         old = p.pieces.get(offset)
         if old is not None and len(old) == len(data):
+            return None
+        if len(p.pieces) >= MAX_FRAGMENTS:
+            self._drop(key)
             return None
         for o, d in p.pieces.items():
             if o < end and offset < o + len(d):

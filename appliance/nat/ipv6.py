@@ -93,6 +93,16 @@ def build_l4_v6(
     return frame
 
 
+def _options_ok(opts: memoryview | bytes) -> bool:
+    """Whether every NDP option has a nonzero length and fits (RFC 4861 §4.6: length 0 is invalid)."""
+    i = 0
+    while i < len(opts):
+        if i + 2 > len(opts) or opts[i + 1] == 0:
+            return False
+        i += opts[i + 1] * 8
+    return i == len(opts)
+
+
 class Ipv6:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
@@ -144,16 +154,20 @@ class Ipv6:
         if kind == NEIGHBOR_SOLICIT:
             self._neighbor_solicit(pkt, src_mac)
         elif kind == ROUTER_SOLICIT:
-            if pkt.ttl != 255:
-                st.not_for_us += 1  # RFC 4861 §6.1.1: only from the link itself
+            # RFC 4861 §6.1.1: only from the link itself (hop limit 255), code 0, 8 bytes
+            # or more, and every option with a length above zero.
+            if pkt.ttl != 255 or msg[1] != 0 or len(msg) < 8 or not _options_ok(msg[8:]):
+                st.not_for_us += 1
                 return
             self.send_ra(pkt.src, src_mac)
+        elif kind == ECHO_REQUEST and len(msg) < 8:
+            st.truncated += 1  # RFC 4443 §4.1: identifier and sequence number are not optional
         elif kind == ECHO_REQUEST and pkt.dst in self.local:
             st.icmp_echo_local += 1
             reply = bytearray(msg)
             reply[0] = ECHO_REPLY
             self._send_icmp(pkt.dst, pkt.src, src_mac, reply)
-        elif kind == ECHO_REQUEST and len(msg) >= 8:
+        elif kind == ECHO_REQUEST:
             if self.net.config.restrict:
                 st.restricted += 1
             elif not self.net.routable(pkt.dst):
@@ -167,7 +181,7 @@ class Ipv6:
 
     def _neighbor_solicit(self, pkt: Ipv4, src_mac: bytes) -> None:
         msg = pkt.payload
-        if len(msg) < 24 or pkt.ttl != 255:
+        if len(msg) < 24 or pkt.ttl != 255 or msg[1] != 0 or not _options_ok(msg[24:]):
             self.net.stats.not_for_us += 1  # RFC 4861 §7.1.1
             return
         target = bytes(msg[8:24])

@@ -144,8 +144,13 @@ class TftpServer:
             self._error(key, E_ACCESS, "Access violation")
             return
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            # Only a regular file is opened: opening a FIFO or a device below the
+            # root is already an action on it. What was opened is checked again.
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) if regular else -1
         except OSError:
+            fd = -1
+        if fd < 0:
             self._error(key, E_NOT_FOUND, "File not found")
             return
         try:
@@ -157,8 +162,7 @@ class TftpServer:
             st, inside = None, False
         if st is None or not inside or not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            self._error(key, E_NOT_FOUND if inside else E_ACCESS,
-                        "File not found" if inside else "Access violation")
+            self._error(key, E_NOT_FOUND if inside else E_ACCESS, "File not found" if inside else "Access violation")
             return
         answer, blksize, timeout = self._negotiate(opts, st.st_size)
         s = _Session(fd, st.st_size, blksize, timeout, answer)
@@ -178,8 +182,12 @@ class TftpServer:
         """The OACK body for the options we take (RFC 2347), the block size and the timeout."""
         out = bytearray()
         blksize, timeout = DEFAULT_BLKSIZE, DEFAULT_TIMEOUT
+        seen: set[str] = set()
         for k, v in zip(opts[::2], opts[1::2], strict=True):
             key = k.lower()
+            if key in seen:
+                continue  # RFC 2347: an option is named once; the first one counts
+            seen.add(key)
             # Ten digits are more than any option takes; longer ones are not parsed.
             if not v.isdigit() or len(v) > 10:
                 continue
