@@ -57,7 +57,8 @@ Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
                                 netdev id), object-add/object-del filter-dump,
                                 x-query-usernet, x-appliance-query-usernet,
                                 x-appliance-query-nics, human-monitor-command
-                                (info usernet, info version, set_link, quit), quit
+                                (info usernet, info version, set_link,
+                                hostfwd_add, hostfwd_remove, quit), quit
   -h, --help                    show this help
 
 Runs until SIGINT, SIGTERM or the QMP command quit, then removes its sockets.

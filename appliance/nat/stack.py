@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import struct
 import time
@@ -19,9 +20,10 @@ from collections.abc import Callable, Sequence
 
 from appliance.errors import ConfigError
 from appliance.nat import arp
-from appliance.nat.config import HostForward, UserNetConfig, parse_hostfwd
+from appliance.nat.config import HostForward, UserNetConfig, inet_aton, parse_hostfwd, qemu_strtoi
 from appliance.nat.dhcp import CLIENT_PORT, SERVER_PORT, DhcpServer
 from appliance.nat.dns import DNS_PORT, DnsProxy
+from appliance.nat.errors import NatError
 from appliance.nat.frames import (
     ETH_HLEN,
     ETH_P_ARP,
@@ -177,42 +179,52 @@ class UserNetwork:
         self._loop = asyncio.get_running_loop()
         try:
             for fwd in self.config.hostfwd:
-                if fwd.proto == "udp":
-                    self.udp.listen(fwd)
-                else:
-                    await self.tcp.listen(fwd)
+                await self._listen(fwd)
         except BaseException:
             await self.stop()
             raise
         self._housekeeping = self._loop.call_later(1.0, self._tick)
 
+    async def _listen(self, fwd: HostForward) -> None:
+        try:
+            if fwd.proto == "udp":
+                self.udp.listen(fwd)
+            else:
+                await self.tcp.listen(fwd)
+        except NatError as err:
+            # QEMU names the rule as it was written.
+            raise NatError(f"Could not set up host forwarding rule '{fwd.rule}'") from err.__cause__
+
     async def add_hostfwd(self, rule: str) -> HostForward:
         """Add a forward at run time, like QEMU's ``hostfwd_add`` (same rule syntax).
 
-        :raises ConfigError: when the rule is malformed.
+        :raises HostfwdError: when the rule is malformed (QEMU's reason in ``detail``).
         :raises NatError: when its host port cannot be bound.
         """
         fwd = parse_hostfwd(rule, self.config.dhcpstart, "hostfwd_add")
-        if fwd.proto == "udp":
-            self.udp.listen(fwd)
-        else:
-            await self.tcp.listen(fwd)
+        await self._listen(fwd)
         return fwd
 
     def remove_hostfwd(self, rule: str) -> bool:
         """Remove a forward, like QEMU's ``hostfwd_remove [tcp|udp]:[hostaddr]:hostport``.
 
+        Read as QEMU reads it: the address by ``inet_aton``, the port a whole
+        decimal C int (``0x10`` is a bad format; ``99999`` is simply not found).
+
         :returns: False when no such forward exists.
         :raises ConfigError: when the rule is malformed.
         """
+        bad = ConfigError(f"hostfwd_remove: invalid format '{rule}'")
         proto, sep, rest = rule.partition(":")
         if not sep or proto not in ("tcp", "udp", ""):
-            proto, rest = "tcp", rule
-        addr, sep, port_text = rest.rpartition(":")
-        if not port_text.isdigit():
-            raise ConfigError(f"hostfwd_remove: invalid rule '{rule}'")
+            raise bad
+        addr_text, sep, port_text = rest.partition(":")
+        addr = inet_aton(addr_text) if addr_text else 0
+        port = qemu_strtoi(port_text, 10) if sep else None
+        if addr is None or port is None:
+            raise bad
         nat = self.udp if proto == "udp" else self.tcp
-        return nat.unlisten(addr, int(port_text))
+        return nat.unlisten(str(ipaddress.IPv4Address(addr)), port)
 
     async def stop(self) -> None:
         self.close()
@@ -571,7 +583,9 @@ class UserNetwork:
             c.not_for_us += 1
             return
         body = frame[ETH_HLEN:]
-        if ethertype == ETH_P_IPV4:
+        if ethertype in (ETH_P_IPV4, ETH_P_ARP) and not self.config.ipv4:
+            c.unsupported += 1  # ipv4=off, as libslirp without in_enabled
+        elif ethertype == ETH_P_IPV4:
             self._ipv4_input(body, src_mac)
         elif ethertype == ETH_P_ARP:
             self._arp_input(body, src_mac)

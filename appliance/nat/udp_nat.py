@@ -120,7 +120,6 @@ class UdpNat:
     def listen(self, fwd: HostForward) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((fwd.host_addr or "0.0.0.0", fwd.host_port))
             sock.setblocking(False)
         except OSError as err:

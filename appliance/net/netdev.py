@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from appliance.cli.options import OptionDict, parse_option, parse_size
+from appliance.cli.options import OptionDict, parse_option, parse_size, split_option
 from appliance.errors import ConfigError
 from appliance.net.backend import FrameBackend
 
@@ -144,14 +144,21 @@ TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
 def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
-    :param implicit_id: the id for a netdev made by ``-nic`` (which takes no
-        ``id=`` of its own); it may use names a user cannot.
+    :param implicit_id: the id for a netdev made by ``-nic`` (an ``id=`` given
+        there is accepted, as QEMU does, but this one is kept); it may use names
+        a user cannot.
     :raises ConfigError: naming the bad type, key or value.
     """
-    opts = parse_option(option, text, implied="type")
+    flags: tuple[str, ...] = ()
+    if not text.lstrip().startswith("{") and split_option(text)[0] in ("user", "type=user"):
+        from appliance.nat.config import KEYS
+
+        flags = KEYS  # QEMU's option parser takes a bare key as key=on, "nokey" as key=off
+    opts = parse_option(option, text, implied="type", flags=flags)
     if implicit_id is not None:
-        if "id" in opts:
-            raise ConfigError(f"{option}: invalid parameter 'id'")
+        # QEMU's -nic takes id= (it names the netdev); the NIC here refers to its netdev by
+        # the implicit id, so a given one is accepted and that name kept.
+        opts.take("id")
         opts["id"] = implicit_id
     kind = opts.take("type")
     if kind is None:

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError
 from appliance.machine import telnet
 from appliance.machine.telnet import TelnetInput
 from appliance.qmp import commands, netops
@@ -113,7 +113,9 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
     if word in ("hostfwd_add", "hostfwd_remove"):
         if not args:
             return _usage(words[0], f"{word}: string expected")
-        netdev_id, rule = (args[0], args[1]) if len(args) >= 2 else (None, args[0])
+        if len(args) > 2:
+            return _usage(words[0], f"{word}: extraneous characters at the end of line")
+        netdev_id, rule = (args[0], args[1]) if len(args) == 2 else (None, args[0])
         net = _user_net(ctx, netdev_id)
         if isinstance(net, str):
             return net
@@ -203,22 +205,25 @@ def _user_net(ctx: Any, netdev_id: str | None) -> Any:
     """The user-mode network ``netdev_id`` names (the first without one), or QEMU's complaint."""
     from appliance.nat.stack import UserNetwork
 
-    nets = [(s.netdev.id, s.owner) for s in netops.nic_specs(ctx.machine)
-            if isinstance(s.owner, UserNetwork)]
+    specs = netops.nic_specs(ctx.machine)
+    nets = [(s.netdev.id, s.owner) for s in specs if isinstance(s.owner, UserNetwork)]
     if netdev_id is not None:
         for ident, net in nets:
             if ident == netdev_id:
                 return net
+        if any(s.netdev.id == netdev_id for s in specs):
+            return "invalid device specified\r\n"  # a netdev, but not a user one
         return f"unrecognized netdev id '{netdev_id}'\r\n"
     return nets[0][1] if nets else "user mode network stack not in use\r\n"
 
 
 async def _hostfwd_add(net: Any, rule: str) -> str:
+    from appliance.nat.config import HostfwdError
+
     try:
         await net.add_hostfwd(rule)
-    except ConfigError as err:
-        reason = str(err).split(": ", 1)[-1]
-        return f"Invalid host forwarding rule '{rule}' ({reason})\r\n"
+    except HostfwdError as err:
+        return f"{err.detail}\r\n"
     except (ApplianceError, OSError):
         return f"Could not set up host forwarding rule '{rule}'\r\n"
     return ""

@@ -22,8 +22,8 @@ Where we answer differently from QEMU, and why:
 - ``x-appliance-query-nics`` is ours: each export's socket, MAC, link and
   per-queue frame/byte/drop counters.
 - ``human-monitor-command`` knows ``info usernet``, ``info version``,
-  ``set_link NAME on|off`` and ``quit``; anything else is answered as QEMU's
-  HMP answers an unknown command.
+  ``set_link NAME on|off``, ``hostfwd_add``, ``hostfwd_remove`` and ``quit``;
+  anything else is answered as QEMU's HMP answers an unknown command.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
         if words[1] == "version":
             v = commands.QEMU_VERSION
             return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
+    if words[0] in ("hostfwd_add", "hostfwd_remove"):
+        from appliance.qmp import hmp
+
+        return await hmp.execute(ctx, args["command-line"])  # the daemon's NICs stand in for the VM's
     if len(words) == 3 and words[0] == "set_link" and words[2] in ("on", "off"):
         netops.set_link(ctx.machine, words[1], words[2] == "on")
         return ""

@@ -204,7 +204,7 @@ BAD = [
     (["-blockdev", '{"driver":"file"}'], "'node-name'"),
     (["-blockdev", '{"driver":"file",'], "invalid JSON"),
     (["-device", '["virtio-net-pci"]'], "is not supported"),
-    (["-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::99999-:22"}]}'], "'99999'"),
+    (["-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::99999-:22"}]}'], "tcp::99999-:22"),
     (["-device", '{"a":' * 3000 + "1" + "}" * 3000], "invalid JSON"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=nbd"], "file.driver=nbd"),
     (["-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename={disk},file.bogus=1"], "'file.bogus'"),

@@ -30,18 +30,18 @@ def test_all_options_parse() -> None:
     c = UserNetConfig.from_string(
         "user,id=n0,hostname=guest1,domainname=lab.test,dnssearch=a.test,dnssearch=b.test,restrict=on,"
         "hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22,hostfwd=udp::6000-:53,hostfwd=::8080-:80,"
-        "guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:5555,ipv6=off,ipv6-net=fd00::/64"
+        "guestfwd=tcp:10.0.2.100:1234-tcp:127.0.0.1:5555,ipv6=off"
     )
     assert c.id == "n0" and c.hostname == "guest1" and c.domainname == "lab.test"
     assert c.dnssearch == ("a.test", "b.test") and c.restrict and not c.ipv6
-    assert c.ipv6_net == ipaddress.IPv6Network("fd00::/64")
+    assert c.ipv6_net == ipaddress.IPv6Network("fec0::/64")
     f0, f1, f2 = c.hostfwd
     assert (f0.proto, f0.host_addr, f0.host_port, str(f0.guest_addr), f0.guest_port) == (
         "tcp", "127.0.0.1", 2222, "10.0.2.15", 22,
     )  # fmt: skip
     assert (f1.proto, f1.host_addr, f1.host_port, str(f1.guest_addr), f1.guest_port) == (
         "udp",
-        "",
+        "0.0.0.0",  # QEMU's INADDR_ANY: IPv4 only
         6000,
         "10.0.2.15",
         53,
@@ -63,25 +63,26 @@ def test_parse_consumes_keys_from_a_shared_option_dict() -> None:
         ("user,net=10.0.2.0/33", "net"),
         ("user,net=banana", "banana"),
         ("user,host=10.0.3.2", "10.0.3.2"),
-        ("user,dns=10.0.2.2", "must differ"),
-        ("user,dhcpstart=10.0.2.255", "10.0.2.255"),
-        ("user,hostfwd=tcp:127.0.0.1:22", "hostfwd"),
-        ("user,hostfwd=sctp::1-:2", "hostfwd"),
-        ("user,hostfwd=tcp::70000-:22", "70000"),
-        ("user,hostfwd=tcp::22-:0", "'0'"),
-        ("user,hostfwd=tcp:1.2.3:22-:22", "1.2.3"),
-        ("user,hostfwd=tcp::22-10.0.2:22", "10.0.2"),
-        ("user,restrict=maybe", "maybe"),
-        ("user,hostname=bad_name!", "bad_name!"),
-        ("user,dnssearch=..", ".."),
-        ("user,guestfwd=tcp:10.0.2.100:1-chardev:c0", "guestfwd"),
-        ("user,ipv6-net=zz::/64", "zz::/64"),
+        ("user,dns=10.0.2.2", "DNS must be different from host"),
+        ("user,dhcpstart=10.0.2.3", "DHCP must be different from host and DNS"),
+        ("user,hostfwd=tcp:127.0.0.1:22", "'tcp:127.0.0.1:22' (Bad host port separator)"),
+        ("user,hostfwd=sctp::1-:2", "'sctp::1-:2' (Bad protocol name)"),
+        ("user,hostfwd=tcp::22-:0", "'tcp::22-:0' (Bad guest port)"),
+        ("user,hostfwd=tcp:1.2.3.4.5:22-:22", "'tcp:1.2.3.4.5:22-:22' (Bad host address)"),
+        ("user,hostfwd=tcp::22-10.0.2.300:22", "'tcp::22-10.0.2.300:22' (Bad guest address)"),
+        ("user,restrict=ON", "'ON'"),
+        ("user,domainname=", "domainname"),
+        ("user,hostname=" + "h" * 256, "hostname"),
+        ("user,ipv6-net=zz::/64", "zz::"),
+        ("user,ipv6-net=fd00::/127", "between 0 and 126"),
         ("user,ipv6-net=fd00::/64,ipv6-host=fd01::2", "fd01::2"),
-        ("user,ipv6-net=fd00::/64,ipv6-prefix=fd00::", "mutually exclusive"),
-        ("user,ipv6-dns=fec0::2", "must differ"),
-        ("user,tftp=/nonexistent/tftp-root", "tftp"),
+        ("user,ipv6=off,ipv6-net=fd00::/64", "IPv6 disabled"),
+        ("user,ipv4=off,ipv6=off", "IPv4 and IPv6 disabled"),
+        ("user,ipv4=off,net=10.0.3.0/24", "IPv4 disabled"),
+        ("user,net=10.0.3.0/255.0.255.0", "non-contiguous"),
+        ("user,guestfwd=tcp:10.0.2.2:1-cmd:cat", "Conflicting/invalid"),
         ("user,smb=/srv", "smb"),
-        ("user,ipv4=off", "ipv4"),
+        ("user,smbserver=x", "smbserver=x"),
         ("tap,ifname=x", "tap"),
     ],
 )

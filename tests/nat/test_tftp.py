@@ -182,9 +182,9 @@ async def test_without_tftp_port_69_is_ordinary_nat(net: UserNetwork) -> None:
     assert net.tftp is None
 
 
-def test_tftp_option_must_name_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not a directory"):
-        UserNetConfig.from_string(f"user,tftp={tmp_path / 'nope'}")
+def test_tftp_option_takes_a_missing_directory_as_qemu_does(tmp_path: Path) -> None:
+    # QEMU 7.2 starts with tftp= naming nothing; its requests then fail one by one.
+    assert UserNetConfig.from_string(f"user,tftp={tmp_path / 'nope'}").tftp == str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="smb"):
         UserNetConfig.from_string("user,smb=/tmp")
 
