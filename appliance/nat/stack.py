@@ -178,8 +178,12 @@ class UserNetwork:
         """
         self._loop = asyncio.get_running_loop()
         try:
-            for fwd in self.config.hostfwd:
+            # QEMU sets the rules up last first (its list is built by prepending), so of two
+            # rules that clash the earlier one is the one refused; the tables keep the given order.
+            for fwd in reversed(self.config.hostfwd):
                 await self._listen(fwd)
+            self.tcp._servers.reverse()
+            self.udp._listeners.reverse()
         except BaseException:
             await self.stop()
             raise

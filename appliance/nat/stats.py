@@ -68,8 +68,9 @@ class FlowInfo:
         """The row as QEMU's ``info usernet`` prints it."""
         label = self.label or (self.proto if "[" in self.proto or not self.state
                                else f"{self.proto}[{self.state}]")
+        host = "*" if self.host_addr == "0.0.0.0" else self.host_addr  # libslirp's INADDR_ANY
         return (
-            f"  {label:<17} {self.fd:3d} {self.host_addr:>15} {self.host_port:5d} "
+            f"  {label:<17} {self.fd:3d} {host:>15} {self.host_port:5d} "
             f"{self.guest_addr:>15} {self.guest_port:5d} {self.recv_q:5d} {self.send_q:5d}"
         )
 
