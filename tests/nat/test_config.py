@@ -98,3 +98,61 @@ def test_ipv6_addresses_follow_the_prefix_and_take_qemus_spellings() -> None:
     assert (str(c.ipv6_host), str(c.ipv6_dns)) == ("fd00:1::2", "fd00:1::3")
     c = UserNetConfig.from_string("user,ipv6-prefix=fd00:2::,ipv6-prefixlen=48,ipv6-host=fd00:2::1,ipv6-dns=fd00:2::53")
     assert str(c.ipv6_net) == "fd00:2::/48" and str(c.ipv6_host) == "fd00:2::1" and str(c.ipv6_dns) == "fd00:2::53"
+
+
+@pytest.mark.parametrize(
+    ("text", "net", "host", "dns", "dhcp"),
+    [
+        # A bare address takes its class's mask and the defaults are ORed in under it
+        # (QEMU net_slirp_init), so 10.0.3.0 is 10.0.0.0/8 with the usual 10.0.2.x addresses.
+        ("user,net=10.0.3.0", "10.0.0.0/8", "10.0.2.2", "10.0.2.3", "10.0.2.15"),
+        ("user,net=172.16.5.0", "172.16.0.0/12", "172.16.2.2", "172.16.2.3", "172.16.2.15"),
+        ("user,net=192.168.76.0", "192.168.0.0/16", "192.168.2.2", "192.168.2.3", "192.168.2.15"),
+        ("user,net=10.0.3.5/24", "10.0.3.0/24", "10.0.3.2", "10.0.3.3", "10.0.3.15"),
+        ("user,net=10.0.3.0/4", "0.0.0.0/4", "0.0.2.2", "0.0.2.3", "0.0.2.15"),
+        ("user,net=10.1", "10.0.0.0/8", "10.0.2.2", "10.0.2.3", "10.0.2.15"),  # inet_aton's short form
+        ("user,host=10.0.2.0,dns=10.9.9.9", "10.0.2.0/24", "10.0.2.0", "10.9.9.9", "10.0.2.15"),
+    ],
+)
+def test_addresses_are_derived_as_qemu_derives_them(text: str, net: str, host: str, dns: str, dhcp: str) -> None:
+    c = UserNetConfig.from_string(text)
+    assert (str(c.net), str(c.host), str(c.dns), str(c.dhcpstart)) == (net, host, dns, dhcp)
+
+
+def test_ipv6_defaults_are_the_prefix_with_its_last_byte_ored() -> None:
+    c = UserNetConfig.from_string("user,ipv6-net=fd00::1/64")
+    assert (str(c.ipv6_net), str(c.ipv6_host), str(c.ipv6_dns)) == ("fd00::/64", "fd00::3", "fd00::3")
+    c = UserNetConfig.from_string("user,ipv6-net=fd00::/0")  # 0 means the default 64
+    assert c.ipv6_net.prefixlen == 64
+
+
+def test_ports_and_addresses_read_as_c_reads_them() -> None:
+    [f] = UserNetConfig.from_string("user,hostfwd=tcp:0x7f000001:0x8ae-10.1:010").hostfwd
+    assert (f.host_addr, f.host_port, str(f.guest_addr), f.guest_port) == ("127.0.0.1", 2222, "10.0.0.1", 8)
+    [f] = UserNetConfig.from_string("user,hostfwd=::-:+22").hostfwd
+    assert (f.proto, f.host_addr, f.host_port, f.guest_port) == ("tcp", "0.0.0.0", 0, 22)
+
+
+def test_bare_keys_are_on_and_no_keys_off_for_netdev_user() -> None:
+    from appliance.net.netdev import UserNetdev, parse_netdev
+
+    cfg = parse_netdev("user,id=n0,restrict,noipv6")
+    assert isinstance(cfg, UserNetdev) and cfg.config.restrict and not cfg.config.ipv6
+
+
+async def test_ipv4_off_drops_the_guests_ipv4_and_arp() -> None:
+    from scapy.layers.l2 import ARP, Ether
+
+    from appliance.nat import UserNetwork
+    from tests.nat.conftest import GUEST_MAC, drain, feed
+
+    arp = bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.15",
+                                                                   pdst="10.0.2.2"))
+    for ipv4, answered in ((True, True), (False, False)):
+        net = UserNetwork(UserNetConfig.from_string(f"user,ipv4={'on' if ipv4 else 'off'}"))
+        await net.start()
+        try:
+            feed(net, arp)
+            assert bool(drain(net)) is answered
+        finally:
+            await net.stop()
