@@ -17,6 +17,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from appliance.errors import ConfigError
 from appliance.nat import arp
@@ -207,6 +208,9 @@ class UserNetwork:
         """
         fwd = parse_hostfwd(rule, self.config.dhcpstart, "hostfwd_add")
         await self._listen(fwd)
+        # libslirp lists its sockets newest first: the new rule heads ``info usernet``.
+        table: list[Any] = self.udp._listeners if fwd.proto == "udp" else self.tcp._servers
+        table.insert(0, table.pop())
         return fwd
 
     def remove_hostfwd(self, rule: str) -> bool:

@@ -316,7 +316,7 @@ def test_a_refusal_through_the_cli_exits_2_with_one_line() -> None:
 
 # --- HMP hostfwd_add / hostfwd_remove through QMP human-monitor-command ------------------------
 
-# {a} {b} {c}: free ports (each side its own, mapped back before comparing).
+# {a}…{e}: free ports (each side its own, mapped back before comparing).
 HMP_LINES = [
     "hostfwd_add tcp::{a}-:22",
     "hostfwd_add tcp::{a}-:22",
@@ -331,6 +331,11 @@ HMP_LINES = [
     "hostfwd_add tcp::{c}-:0",
     "hostfwd_add",
     "hostfwd_add n0 tcp::{c}-:22 extra",
+    "hostfwd_add n1 tcp:127.0.0.1:{d}-10.0.2.20:80",
+    "hostfwd_add n1 udp::{e}-:53",
+    "info usernet",
+    "hostfwd_remove n1 tcp:127.0.0.1:{d}",
+    "hostfwd_remove n1 udp::{e}",
     "hostfwd_remove tcp::{a}",
     "hostfwd_remove tcp::{a}",
     "hostfwd_remove n0 tcp::{b}",
@@ -364,6 +369,7 @@ async def _hmp_session(sock: str, ports: dict[str, int]) -> list[str]:
         for line in HMP_LINES:
             r = await client.execute("human-monitor-command", {"command-line": line.format(**ports)})
             assert isinstance(r, str)
+            r = re.sub(r"(HOST_FORWARD\]) +\d+ ", r"\1 FD ", r)  # descriptor numbers are the host's
             out.append(re.sub(r"\d+", lambda m: back.get(m.group(0), m.group(0)), r))
         await client.execute("quit")
     finally:
@@ -374,8 +380,8 @@ async def _hmp_session(sock: str, ports: dict[str, int]) -> list[str]:
 
 async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
     qsock, osock = str(tmp_path / "qemu.qmp"), str(tmp_path / "ours.qmp")
-    qports = {k: free_port() for k in "abc"}
-    oports = {k: free_port() for k in "abc"}
+    qports = {k: free_port() for k in "abcde"}
+    oports = {k: free_port() for k in "abcde"}
     qemu = await asyncio.create_subprocess_exec(
         QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", "user,id=n0",
         "-netdev", "user,id=n1", "-netdev", "hubport,id=hub0,hubid=0",
