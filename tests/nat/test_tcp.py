@@ -627,7 +627,7 @@ async def test_hostfwd_added_and_removed_at_run_time(net: UserNetwork) -> None:
         accepted = g.listen(8080)
         fwd = await net.add_hostfwd("tcp:127.0.0.1:0-:8080")
         assert fwd.guest_port == 8080
-        port = net.tcp.listener_ports()[-1]
+        port = net.tcp.listener_ports()[0]  # the newest first, as libslirp lists them
         r, w = await asyncio.open_connection("127.0.0.1", port)
         async with asyncio.timeout(5):
             while not accepted:
