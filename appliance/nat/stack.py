@@ -231,6 +231,8 @@ class UserNetwork:
         port = qemu_strtoi(port_text, 10) if sep else None
         if addr is None or port is None:
             raise bad
+        if port == 0:
+            return False  # libslirp matches the bound port, which is never 0
         nat = self.udp if proto == "udp" else self.tcp
         return nat.unlisten(str(ipaddress.IPv4Address(addr)), port)
 

@@ -169,9 +169,13 @@ _QMP_SCRIPT = b"".join(json.dumps(c).encode() + b"\n" for c in (
 ))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free for both TCP and UDP on every address (good enough: loopback tests)."""
-    for _ in range(50):
+    """A port free for both TCP and UDP on every address, never the same one twice in a run
+    (QEMU and ours run side by side and each rule needs a port of its own)."""
+    for _ in range(100):
         with socket.socket() as t:
             t.bind(("0.0.0.0", 0))
             port = t.getsockname()[1]
@@ -180,7 +184,9 @@ def free_port() -> int:
                     u.bind(("0.0.0.0", port))
             except OSError:
                 continue
-        return port
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
     raise RuntimeError("no free port")
 
 
@@ -316,7 +322,7 @@ def test_a_refusal_through_the_cli_exits_2_with_one_line() -> None:
 
 # --- HMP hostfwd_add / hostfwd_remove through QMP human-monitor-command ------------------------
 
-# {a}…{e}: free ports (each side its own, mapped back before comparing).
+# {a}…{g}: free ports (each side its own, mapped back before comparing).
 HMP_LINES = [
     "hostfwd_add tcp::{a}-:22",
     "hostfwd_add tcp::{a}-:22",
@@ -349,6 +355,14 @@ HMP_LINES = [
     "hostfwd_remove tcp::0x10",
     "hostfwd_remove tcp::99999",
     "hostfwd_remove",
+    "hostfwd_add tcp::0-:22",
+    "hostfwd_remove tcp::0",
+    "hostfwd_remove udp::-1",
+    "hostfwd_add tcp::{f}-:22",
+    "hostfwd_remove tcp:0.0.0.0:{f}",
+    "hostfwd_add tcp:127.0.0.1:{g}-:22",
+    "hostfwd_remove tcp::{g}",
+    "hostfwd_remove tcp:127.1:{g}",
 ]
 
 
@@ -380,8 +394,8 @@ async def _hmp_session(sock: str, ports: dict[str, int]) -> list[str]:
 
 async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
     qsock, osock = str(tmp_path / "qemu.qmp"), str(tmp_path / "ours.qmp")
-    qports = {k: free_port() for k in "abcde"}
-    oports = {k: free_port() for k in "abcde"}
+    qports = {k: free_port() for k in "abcdefg"}
+    oports = {k: free_port() for k in "abcdefg"}
     qemu = await asyncio.create_subprocess_exec(
         QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", "user,id=n0",
         "-netdev", "user,id=n1", "-netdev", "hubport,id=hub0,hubid=0",
