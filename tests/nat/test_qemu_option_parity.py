@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -217,11 +218,16 @@ def _rows(table: str, ports: set[int]) -> list[tuple[str, ...]]:
     return out
 
 
+def _no_core() -> None:
+    # A too-long bootfile= makes QEMU 7.2 crash; its core must not land in the work tree.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 async def run_qemu(opts: str, ports: set[int]) -> Outcome:
     proc = await asyncio.create_subprocess_exec(
         QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", f"user,id=n0,{opts}",
         "-qmp", "stdio", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, preexec_fn=_no_core)
     try:
         out, err = await asyncio.wait_for(proc.communicate(_QMP_SCRIPT), 20)
     finally:
@@ -283,6 +289,8 @@ def _reason(qemu_message: str) -> str:
 def test_user_netdev_options_as_qemu_takes_them(
     opts: str, fact: str | None, outcomes: dict[str, tuple[str, Outcome, Outcome]]
 ) -> None:
+    if opts.startswith("smb=") and Path("/usr/sbin/smbd").exists():
+        pytest.skip("with Samba installed QEMU takes smb=; there is no Samba share here")
     text, qemu, ours = outcomes[opts]
     assert ours.accepted == qemu.accepted, f"{text}: QEMU {qemu!r}, ours {ours!r}"
     if qemu.accepted:
