@@ -337,6 +337,8 @@ def _nic(a: RunArgs, v: str) -> None:
     if netdev is None or nic is None:
         plan.net_none = True
         return
+    if netdev.id in plan.netdevs:  # -nic id= names the netdev, as -netdev id= does
+        raise ConfigError(f"-nic: duplicate id '{netdev.id}'")
     plan.netdevs[netdev.id] = netdev
     plan.entries.append(("nic", nic))
 

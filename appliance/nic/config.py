@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import OptionDict, parse_option, parse_size
+from appliance.cli.options import OptionDict, parse_option, parse_size, split_option
 from appliance.errors import ConfigError
 from appliance.net.netdev import NetdevConfig, parse_netdev
 from appliance.nic import constants as C
@@ -180,9 +180,15 @@ class NicConfig:
 def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | None]:
     """``-nic TYPE[,netdev options][,model=virtio-net-pci][,mac=…]`` (``-nic none`` → no NIC).
 
-    The netdev gets the id ``__nic{index}``, which no ``-device`` can name.
+    The netdev is named by ``id=`` as in QEMU (so ``hostfwd_add ID …`` finds it), else it gets
+    ``__nic{index}``, which no ``-device`` can name.
     """
-    opts = parse_option("-nic", text, implied="type")
+    flags: tuple[str, ...] = ()
+    if not text.lstrip().startswith("{") and split_option(text)[0] in ("user", "type=user"):
+        from appliance.nat.config import KEYS
+
+        flags = KEYS  # as under -netdev: a bare key is key=on, "nokey" key=off
+    opts = parse_option("-nic", text, implied="type", flags=flags)
     kind = opts.get("type")
     if kind == "none":
         opts.take("type")
@@ -195,15 +201,15 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     mac_text = opts.take("mac")
     mac = parse_mac(mac_text, "-nic") if mac_text else None
     addr = opts.take("addr")
-    ident = f"__nic{index}"
+    given = opts.get("id")
     parts = [str(kind)] + [
         f"{k}={v.replace(',', ',,')}"
         for k, vs in opts.repeated.items()
         if k not in ("type", "model", "mac", "addr")
         for v in vs
     ]
-    netdev = parse_netdev(",".join(parts), "-nic", implicit_id=ident)
-    return netdev, NicConfig(netdev=ident, mac=mac, addr=addr, mq=getattr(netdev, "queues", 1) > 1)
+    netdev = parse_netdev(",".join(parts), "-nic", implicit_id=None if given is not None else f"__nic{index}")
+    return netdev, NicConfig(netdev=netdev.id, mac=mac, addr=addr, mq=getattr(netdev, "queues", 1) > 1)
 
 
 @dataclass(frozen=True, slots=True)

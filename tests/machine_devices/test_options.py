@@ -225,6 +225,8 @@ BAD = [
     (["-netdev", "user,id=n0", "-object", "filter-dump,id=f,netdev=n0,file=/tmp/x.pcap"], "has no NIC"),
     (["-net", "user"], "-net"),
     (["-nic", "user,model=e1000"], "e1000"),
+    (["-netdev", "user,id=n0", "-nic", "user,id=n0"], "duplicate id 'n0'"),
+    (["-nic", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),
     (["-drive", "file={disk},addr=3", "-device", "virtio-rng-pci,addr=3"], "03.0"),
 ]
 

@@ -50,6 +50,23 @@ def test_nic_user_with_hostfwd() -> None:
     assert isinstance(nd, UserNetdev) and nd.id == "__nic1" and nic is not None and nic.netdev == "__nic1"
 
 
+def test_nic_id_names_its_netdev_as_in_qemu() -> None:
+    # QEMU's -nic id= is the netdev's id: hostfwd_add ID … and info network name it.
+    nd, nic = parse_nic("user,id=wan,hostfwd=tcp::2222-:22", 2)
+    assert isinstance(nd, UserNetdev) and nd.id == "wan" and nic is not None and nic.netdev == "wan"
+    nd, nic = parse_nic("tap,id=t0,ifname=tap3,script=no,downscript=no", 0)
+    assert nd == TapNetdev("t0", ifname="tap3") and nic is not None and nic.netdev == "t0"
+    with pytest.raises(ConfigError, match="id"):
+        parse_nic("user,id=1bad", 0)
+
+
+def test_nic_user_takes_bare_keys_as_netdev_user_does() -> None:
+    nd, _ = parse_nic("user,restrict", 0)
+    assert isinstance(nd, UserNetdev) and nd.config.restrict
+    nd, _ = parse_nic("user,norestrict", 0)
+    assert isinstance(nd, UserNetdev) and not nd.config.restrict
+
+
 def test_nic_none_and_bad_model() -> None:
     assert parse_nic("none", 0) == (None, None)
     with pytest.raises(ConfigError, match="model 'e1000' is not supported"):
