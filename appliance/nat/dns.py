@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 DNS_PORT = 53
 PER_SERVER_TIMEOUT = 2.0
 MAX_PENDING = 512
+# The largest query forwarded. A question is at most 255 + 16 bytes; with an
+# EDNS OPT record (cookies, padding: RFC 7830 pads to 468) queries stay far
+# below this. Held for every pending query, so it bounds their memory too.
+MAX_QUERY = 4096
 _HEADER = struct.Struct("!HHHHHH")
 TYPE_A = 1
 TYPE_AAAA = 28
@@ -168,7 +172,7 @@ class DnsProxy:
             c.dns_dropped += 1
             return
         self._expire(time.monotonic())
-        if len(self._pending) >= MAX_PENDING:
+        if len(self._pending) >= MAX_PENDING or len(msg) > MAX_QUERY:
             c.dns_dropped += 1
             return
         if self._sock is None:

@@ -974,3 +974,24 @@ async def test_arp_with_odd_lengths_and_opcodes_never_escapes(arps) -> None:
         assert reply[20:22] == b"\0\2" and reply[28:32] == GW_IP
     finally:
         await net.stop()
+
+
+async def test_dns_pending_queries_hold_bounded_memory() -> None:
+    """Finding: a 60 KB 'query' (one valid question, then padding) was kept whole while pending.
+
+    512 of them (one unfragmented UDP frame each: nothing checks a guest's frame
+    against the MTU) pinned 30 MB for the query timeout. Queries above
+    ``MAX_QUERY`` bytes are dropped; normal ones still go through.
+    """
+    net, upstream, transport = await dns_setup()
+    try:
+        big = dns_msg(qname(b"www", b"example", b"com"), ar=1, extra=b"\0" * 60000)
+        for i in range(dnsmod.MAX_PENDING):
+            feed(net, udp_frame(GUEST_IP, 1024 + i, DNS_IP, 53, big))
+        held = sum(len(q.wire) for q in net.dns._pending.values())
+        assert held <= dnsmod.MAX_PENDING * dnsmod.MAX_QUERY
+        await normal_dns_query(net, upstream)
+        assert_clean(net)
+    finally:
+        await net.stop()
+        transport.close()
