@@ -109,7 +109,10 @@ class Reassembler:
         p.size += len(data)
         self._bytes += len(data)
         if offset == 0:
-            p.first = ip
+            # Its header, copied: a view would pin the guest's whole frame (any
+            # padding after the IP total length) with only ``data`` counted.
+            p.first = Ipv4(ip.src, ip.dst, ip.proto, ip.ttl, ip.ident, 0, ip.tos, memoryview(bytes(ip.header)),
+                           memoryview(b""))  # fmt: skip
         if p.total is None or p.size != p.total or p.first is None:
             return None
         # No overlaps and the sizes add up, so the pieces tile [0, total) exactly.
