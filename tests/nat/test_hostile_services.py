@@ -1023,3 +1023,63 @@ async def test_fragment_reassembly_does_not_pin_padded_frames() -> None:
     finally:
         tracemalloc.stop()
         await net.stop()
+
+
+async def test_memory_and_tables_stay_bounded_under_a_storm_of_every_service(tmp_path: Path) -> None:
+    """DHCP from ever new MACs, DNS for ever new names, TFTP sessions, NS from ever new
+    IPv6 sources, ARP for ever new addresses and fragment starts, interleaved."""
+    import gc
+    import tracemalloc
+
+    (tmp_path / "f").write_bytes(os.urandom(5000))
+    net, upstream, transport = await dns_setup()
+    tnet = await new_net(f"user,tftp={tmp_path}")
+    rng = random.Random(1)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(6000):
+            k = i % 6
+            if k == 0:
+                msg = opt(53, bytes([rng.choice([1, 3, 4, 7, 8])])) + opt(50, rng.choice(POOL_ADDRS)) + b"\xff"
+                mac = b"\x02\x00" + rng.getrandbits(32).to_bytes(4, "big")
+                feed(net, dhcp_to_server(bootp(msg, chaddr=mac, ciaddr=rng.choice(POOL_ADDRS))))
+            elif k == 1:
+                query = dns_msg(qname(b"x%d" % rng.getrandbits(30), b"com"))
+                feed(net, udp_frame(GUEST_IP, rng.randrange(1024, 65535), DNS_IP, 53, query))
+            elif k == 2:
+                rrq = b"\0\1f\0octet\0blksize\0%d\0" % rng.randrange(8, 2000)
+                feed(tnet, udp_frame(GUEST_IP, rng.randrange(1024, 65535), GW_IP, 69, rrq))
+            elif k == 3:
+                src = bytes.fromhex("fec0" + "00" * 6) + rng.getrandbits(64).to_bytes(8, "big")
+                ns = struct.pack("!BBHI16s", 135, 0, 0, 0, ROUTER6)
+                feed(net, ipv6_frame(src, solicited(ROUTER6), 58, ns, icmp_len=24))
+            elif k == 4:
+                spa = bytes([10, 0, 2, rng.randrange(4, 255)])
+                body = struct.pack("!HHBBH", 1, 0x800, 6, 4, 1) + GUEST_MAC + spa + bytes(6) + GW_IP
+                feed(net, eth(BCAST_MAC, GUEST_MAC, 0x0806, body))
+            else:
+                feed(net, frag_frame(rng.getrandbits(16), rng.randrange(0, 8000) * 8, bytes(64), True))
+            if i % 500 == 0:
+                drain(net)
+                drain(tnet)
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        drain(net)
+        drain(tnet)
+        upstream.got.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+        assert grown < 4 << 20, f"heap grew by {grown} bytes"
+        assert len(net.dhcp.leases) <= dhcpmod.POOL_SIZE and net.dns.pending() <= dnsmod.MAX_PENDING
+        assert len(net.arp_table) <= arpmod.MAX_ENTRIES and len(net.reassembler) <= ipv4mod.MAX_DATAGRAMS
+        assert tnet.tftp is not None and len(tnet.tftp) <= tftpmod.MAX_SESSIONS
+        assert_clean(net)
+        assert_clean(tnet)
+        await normal_dns_query(net, upstream)
+    finally:
+        tracemalloc.stop()
+        await tnet.stop()
+        await net.stop()
+        transport.close()
