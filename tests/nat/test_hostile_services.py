@@ -657,15 +657,15 @@ async def test_arbitrary_fragment_sequences_stay_bounded_and_never_escape(
 
 
 async def _ping_gateway_fragmented(net: UserNetwork, data: bytes, ident: int, order: list[int] | None = None,
-                                   dup: list[int] = ()) -> None:  # type: ignore[assignment]  # fmt: skip
+                                   dup: list[int] = (), step: int = 1480) -> None:  # type: ignore[assignment]  # fmt: skip
     msg = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x42, 1) + data)
     struct.pack_into("!H", msg, 2, csum(bytes(msg)))
-    pieces = [(off, bytes(msg[off : off + 1480])) for off in range(0, len(msg), 1480)]
+    pieces = [(off, bytes(msg[off : off + step])) for off in range(0, len(msg), step)]
     order = order if order is not None else list(range(len(pieces)))
     drain(net)
     for i in [*order, *dup]:
         off, chunk = pieces[i]
-        feed(net, frag_frame(ident, off, chunk, off + 1480 < len(msg)))
+        feed(net, frag_frame(ident, off, chunk, off + step < len(msg)))
     replies = drain(net)
     # The reply (its size over the MTU) comes back in fragments: put them together.
     body = b"".join(f[34:] for f in replies if f[12:14] == b"\x08\x00" and f[23] == 1)
@@ -710,6 +710,17 @@ async def test_tiny_fragment_flood_caps_pieces_per_datagram() -> None:
         assert net.counters()["frag_dropped"] >= 1
         assert spent < 5.0
         await _ping_gateway_fragmented(net, bytes(2000), ident=2)
+        assert_clean(net)
+    finally:
+        await net.stop()
+
+
+async def test_largest_echo_in_1232_byte_fragments_is_answered() -> None:
+    """A 65507-byte echo over a 1280-byte MTU path is 54 fragments: within ``MAX_FRAGMENTS``."""
+    net = await new_net()
+    try:
+        await _ping_gateway_fragmented(net, os.urandom(65507 - 8), ident=5, step=1232)
+        assert net.counters()["frag_reassembled"] == 1
         assert_clean(net)
     finally:
         await net.stop()
