@@ -103,6 +103,16 @@ def _options_ok(opts: memoryview | bytes) -> bool:
     return i == len(opts)
 
 
+def _has_option(opts: memoryview | bytes, kind: int) -> bool:
+    """Whether NDP options already checked by :func:`_options_ok` hold one of ``kind``."""
+    i = 0
+    while i < len(opts):
+        if opts[i] == kind:
+            return True
+        i += opts[i + 1] * 8
+    return False
+
+
 class Ipv6:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
@@ -125,7 +135,12 @@ class Ipv6:
             st.truncated += 1
             return
         if pkt.src == bytes(16):
-            st.not_for_us += 1  # duplicate address detection probes need no answer from us
+            # A host without an address yet: its Router Solicitation is answered to all
+            # nodes (RFC 4861 §6.2.6); duplicate address detection probes need no answer.
+            if pkt.proto == IPPROTO_ICMPV6 and len(pkt.payload) >= 1 and pkt.payload[0] == ROUTER_SOLICIT:
+                self._icmp(pkt, src_mac)
+            else:
+                st.not_for_us += 1
             return
         if not self.guest_source_ok(pkt.src):
             st.not_for_us += 1
@@ -158,6 +173,12 @@ class Ipv6:
             # or more, and every option with a length above zero.
             if pkt.ttl != 255 or msg[1] != 0 or len(msg) < 8 or not _options_ok(msg[8:]):
                 st.not_for_us += 1
+                return
+            if pkt.src == bytes(16):
+                if _has_option(msg[8:], 1):
+                    st.not_for_us += 1  # §6.1.1: no source link-layer address without a source address
+                    return
+                self.send_ra(ALL_NODES, multicast_mac(ALL_NODES))
                 return
             self.send_ra(pkt.src, src_mac)
         elif kind == ECHO_REQUEST and len(msg) < 8:

@@ -1094,3 +1094,25 @@ async def test_memory_and_tables_stay_bounded_under_a_storm_of_every_service(tmp
         await tnet.stop()
         await net.stop()
         transport.close()
+
+
+async def test_router_solicitation_from_the_unspecified_address_gets_a_multicast_advertisement() -> None:
+    """Finding: an RS from :: (a host before its link-local address is ready) was dropped unanswered.
+
+    RFC 4861 §6.2.6: such a solicitation is answered to all nodes (ff02::1);
+    one carrying a source link-layer address option is invalid (§6.1.1).
+    """
+    net = await new_net()
+    try:
+        rs = struct.pack("!BBHI", 133, 0, 0, 0)
+        feed(net, ipv6_frame(bytes(16), ALL_ROUTERS, 58, rs, icmp_len=len(rs)))
+        [ra] = drain(net)
+        assert ra[:6] == b"\x33\x33\x00\x00\x00\x01" and ra[38:54] == bytes.fromhex("ff02" + "00" * 13 + "01")
+        assert ra[54] == 134 and ra[21] == 255
+        rs_slla = rs + b"\x01\x01" + GUEST_MAC
+        feed(net, ipv6_frame(bytes(16), ALL_ROUTERS, 58, rs_slla, icmp_len=len(rs_slla)))
+        assert drain(net) == []
+        assert len(net.arp_table) == 0  # nothing learned from an unspecified source
+        assert_clean(net)
+    finally:
+        await net.stop()
