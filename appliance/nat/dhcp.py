@@ -215,8 +215,12 @@ class DhcpServer:
         self.leases.pop(m.chaddr, None)
 
     def _decline(self, m: Message, lease: Lease | None) -> None:
-        if lease is not None:
-            self._declined[lease.ip] = self._now() + DECLINE_HOLD
+        # RFC 2131 §4.3.3: the address in use is the one the DECLINE names (option 50); one
+        # naming another address than the client's lease says nothing about that lease.
+        if lease is None or m.requested not in (None, lease.ip):
+            self.net.stats.dhcp_bad += 1
+            return
+        self._declined[lease.ip] = self._now() + DECLINE_HOLD
         self.leases.pop(m.chaddr, None)
 
     def _inform(self, m: Message, lease: Lease | None) -> None:

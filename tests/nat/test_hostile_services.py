@@ -1116,3 +1116,19 @@ async def test_router_solicitation_from_the_unspecified_address_gets_a_multicast
         assert_clean(net)
     finally:
         await net.stop()
+
+
+async def test_dhcp_decline_of_another_address_leaves_the_lease_alone() -> None:
+    """Finding: a DECLINE naming 10.0.2.20 (option 50) took away the client's lease of 10.0.2.15 and
+    held 10.0.2.15 out of the pool; the address declined is the one the message names (RFC 2131 §4.3.3)."""
+    net = await new_net()
+    try:
+        ip = normal_dhcp_exchange(net)
+        other = bytes([10, 0, 2, 20])
+        feed(net, dhcp_to_server(bootp(opt(53, b"\4") + opt(50, other) + opt(54, GW_IP) + b"\xff")))
+        assert net.dhcp.leases[GUEST_MAC].ip == ip and net.dhcp._declined == {}
+        feed(net, dhcp_to_server(bootp(opt(53, b"\4") + opt(50, ip) + opt(54, GW_IP) + b"\xff")))
+        assert GUEST_MAC not in net.dhcp.leases and ip in net.dhcp._declined
+        assert_clean(net)
+    finally:
+        await net.stop()
