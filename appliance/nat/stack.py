@@ -586,7 +586,9 @@ class UserNetwork:
             c.truncated += 1
             return
         dst_mac, src_mac, ethertype = _ETH.unpack_from(frame)
-        if src_mac[0] & 1:
+        if src_mac[0] & 1 or src_mac == self.host_mac:
+            # A group address cannot send, and our own is not the guest's: learnt as the guest's
+            # MAC it would send every reply back to ourselves.
             c.not_for_us += 1
             return
         if dst_mac != self.host_mac and dst_mac != b"\xff\xff\xff\xff\xff\xff" and dst_mac[:2] != b"\x33\x33":

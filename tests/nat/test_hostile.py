@@ -446,3 +446,34 @@ async def test_memory_stays_bounded_under_mixed_floods() -> None:
     finally:
         tracemalloc.stop()
         await net.stop()
+
+
+async def test_frames_sent_from_the_gateways_own_mac_are_dropped_and_not_learnt() -> None:
+    # A guest that spoofs the gateway's MAC as its source must not become "the guest" at that
+    # address: the stack would then address every reply to itself.
+    net = UserNetwork(UserNetConfig.from_string("user,id=n0"))
+    await net.start()
+    sent: list[bytes] = []
+    net.set_ready_callback(lambda: _take_all(net, sent))
+    try:
+        spoof = Ether(src="52:55:0a:00:02:02", dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc="52:55:0a:00:02:02", psrc="10.0.2.15", pdst="10.0.2.2"
+        )
+        net.send([memoryview(bytes(spoof))])
+        await asyncio.sleep(0.01)
+        assert sent == [] and net.counters()["not_for_us"] == 1
+        assert net.arp_table.lookup(bytes([10, 0, 2, 15])) is None
+        real = Ether(src="52:54:00:12:34:56", dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc="52:54:00:12:34:56", psrc="10.0.2.15", pdst="10.0.2.2"
+        )
+        net.send([memoryview(bytes(real))])
+        await asyncio.sleep(0.01)
+        assert len(sent) == 1 and Ether(sent[0])[ARP].op == 2 and Ether(sent[0]).dst == "52:54:00:12:34:56"
+    finally:
+        await net.stop()
+
+
+def _take_all(net: UserNetwork, out: list[bytes]) -> None:
+    buf = bytearray(2048)
+    while (n := net.recv_into([memoryview(buf)])) > 0:
+        out.append(bytes(buf[:n]))
