@@ -213,10 +213,10 @@ class UserNetConfig:
         hostname = opts.take("hostname")
         server_name = opts.take("tftp-server-name")
         for key, value in (("domainname", domain), ("hostname", hostname), ("tftp-server-name", server_name)):
-            if value is not None and len(value.encode()) > 255:
+            if value is not None and len(raw_bytes(value)) > 255:
                 raise ConfigError(f"{what}: '{key}' parameter cannot exceed 255 bytes")
         bootfile = opts.take("bootfile") or None
-        if bootfile is not None and len(bootfile.encode()) > 127:
+        if bootfile is not None and len(raw_bytes(bootfile)) > 127:
             # libslirp asserts on it and QEMU dies; refused here instead.
             raise ConfigError(f"{what}: bootfile '{bootfile[:40]}…' is longer than 127 bytes")
         search = _search_list(opts.take_all("dnssearch"))
@@ -302,6 +302,12 @@ def qemu_strtoi(text: str, base: int) -> int | None:
     if value is None or rest or not -(1 << 31) <= value < (1 << 31):
         return None
     return value
+
+
+def raw_bytes(text: str) -> bytes:
+    """The bytes a command-line value was given as: Python reads bytes that are not UTF-8 as
+    lone surrogates (PEP 383), and QEMU takes and sends the bytes themselves."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _c_int(n: int) -> int:

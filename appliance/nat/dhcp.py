@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from appliance.nat.config import raw_bytes
 from appliance.nat.frames import BROADCAST_MAC, build_udp
 
 if TYPE_CHECKING:
@@ -170,17 +171,17 @@ class DhcpServer:
         opts += _option(OPT_DNS, cfg.dns.packed)
         opts += _option(OPT_BROADCAST, cfg.net.broadcast_address.packed)
         if cfg.hostname:
-            opts += _option(OPT_HOSTNAME, cfg.hostname.encode())
+            opts += _option(OPT_HOSTNAME, raw_bytes(cfg.hostname))
         if cfg.domainname:
-            opts += _option(OPT_DOMAIN, cfg.domainname.encode())
+            opts += _option(OPT_DOMAIN, raw_bytes(cfg.domainname))
         if cfg.dnssearch:
             opts += _option(OPT_DOMAIN_SEARCH, encode_search(cfg.dnssearch))
         if cfg.tftp_server_name:
-            opts += _option(OPT_TFTP_SERVER, cfg.tftp_server_name.encode())
+            opts += _option(OPT_TFTP_SERVER, raw_bytes(cfg.tftp_server_name))
         self._common = bytes(opts)
         # PXE firmware reads the boot file from the BOOTP file field (RFC 951), as
         # libslirp gives it; the next-server field already names us.
-        self._file = (cfg.bootfile or "").encode()[:127].ljust(128, b"\0")
+        self._file = raw_bytes(cfg.bootfile or "")[:127].ljust(128, b"\0")
 
     # -- the table -------------------------------------------------------
     def _offer(self, m: Message, lease: Lease | None) -> None:

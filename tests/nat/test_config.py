@@ -156,3 +156,21 @@ async def test_ipv4_off_drops_the_guests_ipv4_and_arp() -> None:
             assert bool(drain(net)) is answered
         finally:
             await net.stop()
+
+
+async def test_non_utf8_command_line_bytes_in_names_are_sent_as_given() -> None:
+    """A byte that is not UTF-8 on the command line (read as a lone surrogate) is counted and
+    sent as that byte, not a traceback; 256 such bytes are one too many, as QEMU counts them."""
+    from appliance.nat import UserNetwork
+
+    raw = b"h\xff".decode("utf-8", "surrogateescape")
+    cfg = UserNetConfig.from_string(f"user,hostname={raw},domainname={raw},tftp-server-name={raw},bootfile={raw}")
+    net = UserNetwork(cfg)
+    await net.start()
+    try:
+        assert b"\x0c\x02h\xff" in net.dhcp._common and b"\x0f\x02h\xff" in net.dhcp._common
+        assert net.dhcp._file.startswith(b"h\xff\0")
+    finally:
+        await net.stop()
+    with pytest.raises(ConfigError, match="'hostname' parameter cannot exceed 255 bytes"):
+        UserNetConfig.from_string("user,hostname=" + "\udcff" * 256)
