@@ -25,8 +25,9 @@ _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 MAX_TAP_QUEUES = 16
 
 
-def _check_id(what: str, ident: str) -> str:
-    if not _ID.match(ident) and not ident.startswith("__nic"):
+def _check_id(what: str, ident: str, implicit: str | None = None) -> str:
+    # Only the id -nic makes for itself may be outside QEMU's identifiers (``__nicN``).
+    if not _ID.match(ident) and ident != implicit:
         raise ConfigError(f"{what}: invalid id '{ident}'")
     return ident
 
@@ -170,11 +171,11 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
     if kind == "user":
         from appliance.nat.config import UserNetConfig
 
-        ident = _check_id(what, opts.require("id"))
+        ident = _check_id(what, opts.require("id"), implicit_id)
         opts["id"] = ident
         opts["type"] = "user"
         return UserNetdev(ident, UserNetConfig.parse(opts))
-    ident = _check_id(what, opts.require("id"))
+    ident = _check_id(what, opts.require("id"), implicit_id)
     cfg: NetdevConfig
     if kind == "tap":
         cfg = _tap(what, ident, opts)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError
-from appliance.net.netdev import TapNetdev, UserNetdev
+from appliance.net.netdev import TapNetdev, UserNetdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig, NicConfig, default_mac, parse_nic
 
 
@@ -80,3 +80,14 @@ def test_filter_dump() -> None:
         FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0")
     with pytest.raises(ConfigError, match="queue 'rx' is not supported"):
         FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0,file=x,queue=rx")
+
+
+@pytest.mark.parametrize("option", ["-nic", "-netdev"])
+def test_an_id_a_user_gives_must_be_a_qemu_identifier_even_if_it_looks_implicit(option: str) -> None:
+    """QEMU refuses ``id=__nic1`` (Parameter 'id' expects an identifier); only the id ``-nic``
+    makes for itself may take that form, else ``-nic user,id=__nic1 -nic user`` clashed."""
+    with pytest.raises(ConfigError, match="invalid id '__nic1'"):
+        if option == "-nic":
+            parse_nic("user,id=__nic1", 0)
+        else:
+            parse_netdev("user,id=__nic1")
