@@ -310,6 +310,16 @@ def raw_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _c_long(n: int) -> int:
+    """What ``strtol`` returns for ``n``: out of range, LONG_MIN or LONG_MAX (ERANGE)."""
+    return max(-(1 << 63), min(n, (1 << 63) - 1))
+
+
+def _int_of_strtol(n: int | None) -> int | None:
+    """``int x = strtol(…)`` as QEMU 7.2 writes it: clamped to a long, then cut to a C int."""
+    return None if n is None else _c_int(_c_long(n))
+
+
 def _c_int(n: int) -> int:
     return ((n + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
@@ -375,7 +385,7 @@ def _parse_net(text: str, what: str) -> tuple[int, int]:
         if rest:
             mask = _aton(mask_text, f"{what}: net={text}: Failed to parse netmask (trailing chars)")
         else:
-            bits = _c_int(shift or 0)
+            bits = _c_int(_c_long(shift or 0))
             if not 4 <= bits <= 32:
                 raise ConfigError(f"{what}: net={text}: Invalid netmask provided (must be in range 4-32)")
             mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
@@ -427,7 +437,7 @@ def parse_hostfwd(text: str, default_guest: ipaddress.IPv4Address, what: str) ->
     hport_text, sep, rest = rest.partition("-")
     if not sep:
         raise bad("Bad host port separator")
-    hport = _strtol_whole(hport_text[:255], 0)
+    hport = _int_of_strtol(_strtol_whole(hport_text[:255], 0))
     if hport is None or not 0 <= hport <= 65535:
         raise bad("Bad host port")
     gaddr, sep, gport_text = rest.partition(":")
@@ -436,7 +446,7 @@ def parse_hostfwd(text: str, default_guest: ipaddress.IPv4Address, what: str) ->
     guest = inet_aton(gaddr[:255]) if gaddr else 0
     if guest is None:
         raise bad("Bad guest address")
-    gport = _strtol_whole(gport_text, 0)
+    gport = _int_of_strtol(_strtol_whole(gport_text, 0))
     if gport is None or not 1 <= gport <= 65535:
         raise bad("Bad guest port")
     return HostForward(
@@ -462,7 +472,7 @@ def _parse_guestfwd(text: str, net: ipaddress.IPv4Network, host: int, dns: int, 
     if server is None:
         raise invalid
     port_text, sep, target = rest.partition("-")
-    port = _strtol_whole(port_text[:255], 10) if sep else None
+    port = _int_of_strtol(_strtol_whole(port_text[:255], 10)) if sep else None
     if port is None or not 1 <= port <= 65535:
         raise invalid
     netaddr, mask = int(net.network_address), int(net.netmask)

@@ -174,3 +174,28 @@ async def test_non_utf8_command_line_bytes_in_names_are_sent_as_given() -> None:
         await net.stop()
     with pytest.raises(ConfigError, match="'hostname' parameter cannot exceed 255 bytes"):
         UserNetConfig.from_string("user,hostname=" + "\udcff" * 256)
+
+
+@pytest.mark.parametrize(
+    ("text", "port_or_net"),
+    [
+        ("hostfwd=tcp::4294967318-:4294967318", (22, 22)),  # strtol's long, kept in a C int: 22
+        ("hostfwd=udp::18446744073709551638-:22", None),  # strtol clamps to LONG_MAX: int -1
+        ("guestfwd=tcp:10.0.2.100:4294967318-cmd:true", 22),
+        ("net=10.0.0.0/4294967304", "10.0.0.0/8"),
+        ("net=10.0.0.0/18446744073709551624", None),  # clamped, then -1: not 4-32
+    ],
+)
+def test_out_of_range_numbers_wrap_or_clamp_as_qemu_7_2_reads_them(text: str, port_or_net: object) -> None:
+    """Each checked against qemu-system-x86_64 7.2 (``info usernet`` / its refusal)."""
+    if port_or_net is None:
+        with pytest.raises(ConfigError):
+            UserNetConfig.from_string("user," + text)
+        return
+    c = UserNetConfig.from_string("user," + text)
+    if text.startswith("hostfwd"):
+        assert (c.hostfwd[0].host_port, c.hostfwd[0].guest_port) == port_or_net
+    elif text.startswith("guestfwd"):
+        assert c.guestfwd[0].port == port_or_net
+    else:
+        assert str(c.net) == port_or_net
