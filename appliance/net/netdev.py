@@ -142,6 +142,20 @@ NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
 TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
 
 
+def user_flags(text: str) -> tuple[str, ...]:
+    """The keys of ``-netdev user`` taken bare (QEMU's option parser reads ``key`` as key=on and
+    ``nokey`` as key=off) when ``text`` is a user netdev: first word ``user``, or ``type=user``
+    wherever it stands (``id=n0,type=user,restrict``); none otherwise."""
+    if text.lstrip().startswith("{"):
+        return ()
+    parts = split_option(text)
+    if parts[0] != "user" and "type=user" not in parts:
+        return ()
+    from appliance.nat.config import KEYS
+
+    return KEYS
+
+
 def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
@@ -150,12 +164,7 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         a user cannot.
     :raises ConfigError: naming the bad type, key or value.
     """
-    flags: tuple[str, ...] = ()
-    if not text.lstrip().startswith("{") and split_option(text)[0] in ("user", "type=user"):
-        from appliance.nat.config import KEYS
-
-        flags = KEYS  # QEMU's option parser takes a bare key as key=on, "nokey" as key=off
-    opts = parse_option(option, text, implied="type", flags=flags)
+    opts = parse_option(option, text, implied="type", flags=user_flags(text))
     if implicit_id is not None:
         # QEMU's -nic takes id= (it names the netdev); the NIC here refers to its netdev by
         # the implicit id, so a given one is accepted and that name kept.

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import OptionDict, parse_option, parse_size, split_option
+from appliance.cli.options import OptionDict, parse_option, parse_size
 from appliance.errors import ConfigError
-from appliance.net.netdev import NetdevConfig, parse_netdev
+from appliance.net.netdev import NetdevConfig, parse_netdev, user_flags
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 
@@ -183,12 +183,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     The netdev is named by ``id=`` as in QEMU (so ``hostfwd_add ID …`` finds it), else it gets
     ``__nic{index}``, which no ``-device`` can name.
     """
-    flags: tuple[str, ...] = ()
-    if not text.lstrip().startswith("{") and split_option(text)[0] in ("user", "type=user"):
-        from appliance.nat.config import KEYS
-
-        flags = KEYS  # as under -netdev: a bare key is key=on, "nokey" key=off
-    opts = parse_option("-nic", text, implied="type", flags=flags)
+    opts = parse_option("-nic", text, implied="type", flags=user_flags(text))  # as under -netdev
     kind = opts.get("type")
     if kind == "none":
         opts.take("type")

@@ -91,3 +91,13 @@ def test_an_id_a_user_gives_must_be_a_qemu_identifier_even_if_it_looks_implicit(
             parse_nic("user,id=__nic1", 0)
         else:
             parse_netdev("user,id=__nic1")
+
+
+@pytest.mark.parametrize("text", ["id=n0,type=user,restrict", "id=n0,type=user,norestrict,restrict"])
+def test_bare_user_keys_are_taken_wherever_type_user_stands(text: str) -> None:
+    """QEMU 7.2 takes ``-netdev id=n0,type=user,restrict`` (and ``-nic model=…,type=user,restrict``)
+    as restrict=on, with its short-form warning; the type need not come first."""
+    nd = parse_netdev(text)
+    assert isinstance(nd, UserNetdev) and nd.config.restrict
+    nd2, _nic = parse_nic("model=virtio-net-pci," + text.removeprefix("id=n0,"), 0)
+    assert isinstance(nd2, UserNetdev) and nd2.config.restrict
