@@ -140,7 +140,7 @@ class DnsProxy:
         if cfg.domainname:
             for table in (self.local, self.local6):
                 for name, packed in list(table.items()):
-                    table[f"{name}.{cfg.domainname.lower()}"] = packed
+                    table[f"{name}.{cfg.domainname.lower().rstrip('.')}"] = packed
         self._sock: socket.socket | None = None
         self._pending: dict[int, _Query] = {}
         self._next_id = int.from_bytes(os.urandom(2), "big")

@@ -430,3 +430,17 @@ async def test_ready_callback_is_paused_by_none_and_fires_when_set_again(net: Us
     feed(net, to_gw(IP(src=GUEST, dst="10.0.2.2") / ICMP(type=8, id=1, seq=2)))
     await asyncio.sleep(0.01)
     assert calls == [1, 1]
+
+
+async def test_dns_local_names_under_a_domainname_given_with_its_trailing_dot() -> None:
+    """``domainname=lab.test.`` (absolute, as resolv.conf users write it) still makes
+    ``gateway.lab.test`` local, as before QEMU's any-text domainname was taken as given."""
+    net = UserNetwork(dataclasses.replace(UserNetConfig.from_string("user,domainname=Lab.Test."),
+                                          nameservers=(("127.0.0.1", 9),)))
+    await net.start()
+    try:
+        feed(net, dns_query("gateway.lab.test", 7))
+        [reply] = [Ether(f) for f in drain(net)]
+        assert reply[DNS].id == 7 and reply[DNS].an[0].rdata == "10.0.2.2"
+    finally:
+        await net.stop()
