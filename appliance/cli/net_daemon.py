@@ -259,6 +259,7 @@ class DaemonNic:
 
     async def open(self) -> None:
         """Open the netdev and its captures, make the device and listen on the socket."""
+        from appliance.nat import UserNetwork
         from appliance.net.capture import open_capture, with_captures
         from appliance.nic.virtio_net import VirtioNet
         from appliance.virtio.vhost_user.backend import VhostUserBackend
@@ -269,6 +270,8 @@ class DaemonNic:
         if isinstance(self.netdev, TapNetdev) and self.netdev.queues > queues:
             queues = self.netdev.queues
         backends, self.owner = await open_netdev(self.netdev, queues=queues)
+        if isinstance(self.owner, UserNetwork):
+            self.owner.yield_after_host_wakeup = True  # a process of its own: see UserNetwork
         for d in self.captures:
             # One pcap per filter, shared by every queue pair of the netdev.
             self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen))

@@ -148,6 +148,10 @@ class UserNetwork:
         self._kick_pending = False
         # Guest frames expected next that nothing waits on (see take_quiet_tx).
         self.quiet_tx = 0
+        # Give the CPU up after waking a host peer the guest waits on (HostSocket._shutdown).
+        # For a stack in its own process (net-daemon): with our own VM's vCPU threads in the
+        # process, os.sched_yield() hands them the GIL for up to a switch interval.
+        self.yield_after_host_wakeup = False
         self._ident = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeping: asyncio.TimerHandle | None = None

@@ -364,10 +364,11 @@ class HostSocket:
         except OSError as err:
             self._fail_later(err)
             return
-        # The peer now reads our EOF and usually answers by closing, which the guest waits
-        # for: if the scheduler queued the peer on this CPU, let it run before the rest of
-        # this pass (see VirtioNet._notify).
-        os.sched_yield()
+        if self._nat.net.yield_after_host_wakeup:
+            # The peer now reads our EOF and usually answers by closing, which the guest waits
+            # for: if the scheduler queued the peer on this CPU, let it run before the rest of
+            # this pass (see VirtioNet._notify).
+            os.sched_yield()
 
     def _stop_reading(self) -> None:
         if self._reading:

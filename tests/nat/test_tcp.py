@@ -688,3 +688,28 @@ async def test_hostfwd_transfer_completes_with_5pct_drop_dup_reorder_each_way(ne
         assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
         assert h.digest() == hashlib.sha256(up).digest()
         w.close()
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+async def test_shutting_the_host_socket_down_yields_only_in_a_stack_of_its_own(
+    net: UserNetwork, own_process: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # net-daemon gives the CPU to the host peer it just sent our EOF to; in a VM's own process
+    # the yield would hand the GIL to its vCPU threads instead.
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    net.yield_after_host_wakeup = own_process
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    try:
+        async with Guest(net) as g:
+            c = g.connect(GW_IP, port)
+            await established(c)
+            c.write(b"x")
+            c.shutdown()
+            await asyncio.wait_for(sink.done.wait(), 10)
+            await c.wait(lambda: c.fin_rcvd, 10)
+    finally:
+        srv.close()
+    assert sink.n == 1
+    assert yields == ([1] if own_process else [])
