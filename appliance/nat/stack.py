@@ -17,7 +17,6 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from appliance.errors import ConfigError
 from appliance.nat import arp
@@ -184,11 +183,10 @@ class UserNetwork:
         self._loop = asyncio.get_running_loop()
         try:
             # QEMU sets the rules up last first (its list is built by prepending), so of two
-            # rules that clash the earlier one is the one refused; the tables keep the given order.
+            # rules that clash the earlier one is the one refused; each goes to the head of its
+            # table, which so keeps the given order.
             for fwd in reversed(self.config.hostfwd):
                 await self._listen(fwd)
-            self.tcp._servers.reverse()
-            self.udp._listeners.reverse()
         except BaseException:
             await self.stop()
             raise
@@ -197,9 +195,9 @@ class UserNetwork:
     async def _listen(self, fwd: HostForward) -> None:
         try:
             if fwd.proto == "udp":
-                self.udp.listen(fwd)
+                self.udp.listen(fwd, first=True)
             else:
-                await self.tcp.listen(fwd)
+                await self.tcp.listen(fwd, first=True)
         except NatError as err:
             # QEMU names the rule as it was written.
             raise NatError(f"Could not set up host forwarding rule '{fwd.rule}'") from err.__cause__
@@ -211,10 +209,7 @@ class UserNetwork:
         :raises NatError: when its host port cannot be bound.
         """
         fwd = parse_hostfwd(rule, self.config.dhcpstart, "hostfwd_add")
-        await self._listen(fwd)
-        # libslirp lists its sockets newest first: the new rule heads ``info usernet``.
-        table: list[Any] = self.udp._listeners if fwd.proto == "udp" else self.tcp._servers
-        table.insert(0, table.pop())
+        await self._listen(fwd)  # libslirp lists its sockets newest first: it heads ``info usernet``
         return fwd
 
     def remove_hostfwd(self, rule: str) -> bool:

@@ -882,13 +882,14 @@ class TcpNat:
             self._connecting -= 1
 
     # -- hostfwd=tcp -------------------------------------------------------
-    async def listen(self, fwd: HostForward) -> None:
+    async def listen(self, fwd: HostForward, *, first: bool = False) -> None:
+        """Bind ``fwd``'s host port; ``first`` puts it at the head of the table (see UserNetwork)."""
         try:
             socks = _bind_listeners(fwd.host_addr or None, fwd.host_port)
             server = _Listener(self, fwd, socks)
         except OSError as err:
             raise NatError(f"Could not set up host forwarding rule 'tcp:{fwd.host_addr}:{fwd.host_port}'") from err
-        self._servers.append((server, fwd))
+        self._servers.insert(0 if first else len(self._servers), (server, fwd))
 
     def listener_ports(self) -> list[int]:
         return [s.sockets[0].getsockname()[1] for s, _ in self._servers if s.sockets]

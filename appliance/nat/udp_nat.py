@@ -117,7 +117,8 @@ class UdpNat:
             self.net.emit_ipv4(gip, rip, IPPROTO_ICMP, port_unreachable(gip, gport, rip, rport, flow.last_len))
 
     # -- hostfwd=udp -----------------------------------------------------
-    def listen(self, fwd: HostForward) -> None:
+    def listen(self, fwd: HostForward, *, first: bool = False) -> None:
+        """Bind ``fwd``'s host port; ``first`` puts it at the head of the table (see UserNetwork)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.bind((fwd.host_addr or "0.0.0.0", fwd.host_port))
@@ -125,7 +126,7 @@ class UdpNat:
         except OSError as err:
             sock.close()
             raise NatError(f"Could not set up host forwarding rule 'udp:{fwd.host_addr}:{fwd.host_port}'") from err
-        self._listeners.append((sock, fwd))
+        self._listeners.insert(0 if first else len(self._listeners), (sock, fwd))
         self.net.loop.add_reader(sock.fileno(), self._listener_readable, sock, fwd)
 
     def listener_ports(self) -> list[int]:
