@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, RunArgs, option
@@ -26,6 +27,9 @@ from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
 from appliance.storage.blockdev import BlockdevConfig, DriveConfig, ImageSource, resolve_blockdev
 from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+
+if TYPE_CHECKING:
+    from appliance.net.netdev import NetdevConfig
 
 MAX_BLK_QUEUES = 64
 MAX_BLOCK_SIZE = 2 << 20
@@ -320,10 +324,13 @@ def _iothread(plan: DevicePlan, o: OptionDict) -> None:
 def _netdev(a: RunArgs, v: str) -> None:
     from appliance.net.netdev import parse_netdev
 
-    cfg = parse_netdev(v)
-    plan = plan_of(a)
+    _add_netdev(plan_of(a), parse_netdev(v), "-netdev")
+
+
+def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str) -> None:
+    """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
-        raise ConfigError(f"-netdev: duplicate id '{cfg.id}'")
+        raise ConfigError(f"{option}: duplicate id '{cfg.id}'")
     plan.netdevs[cfg.id] = cfg
 
 
@@ -337,9 +344,7 @@ def _nic(a: RunArgs, v: str) -> None:
     if netdev is None or nic is None:
         plan.net_none = True
         return
-    if netdev.id in plan.netdevs:  # -nic id= names the netdev, as -netdev id= does
-        raise ConfigError(f"-nic: duplicate id '{netdev.id}'")
-    plan.netdevs[netdev.id] = netdev
+    _add_netdev(plan, netdev, "-nic")
     plan.entries.append(("nic", nic))
 
 

@@ -218,14 +218,13 @@ class HostSocket:
         if not paused:
             self._poller.watch(self._fd, self, EPOLLIN)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def eof_sent(self) -> bool:
-        """Our FIN went to the host peer (shutdown(SHUT_WR) done)."""
-        return self._eof_sent
+    def complete_handshake(self) -> None:
+        """Send the handshake's last ACK, held back in TcpNat._start_connect (TCP_QUICKACK), unless
+        our FIN already carried it or the socket is gone."""
+        if self._closed or self._eof_sent:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     # -- HostTransport ---------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -738,7 +737,7 @@ class TcpNat:
             return
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
         with contextlib.suppress(OSError):
-            # The host handshake's last ACK waits for the guest's (see _host_ack): Linux holds the
+            # The host handshake's last ACK waits for the guest's (see _attach): Linux holds the
             # ACK of a SYN-ACK on a socket in delayed-ACK ("pingpong") mode. To loopback that
             # ACK is what wakes the listening process, which then ran on this core inside
             # connect(), ahead of the guest's SYN-ACK: with the other core busy (a TCG vCPU)
@@ -796,22 +795,12 @@ class TcpNat:
             self.net.loop.call_soon(self._abort, conn)  # not from inside the connection's input
             return
         if sock.family != socket.AF_UNIX:  # a guestfwd command's socketpair has no TCP options
-            self.net.loop.call_soon(self._host_ack, host, sock)
+            # The guest completed its handshake: so does the host socket, and the peer's accept()
+            # returns (left alone, Linux sent that ACK as a delayed ACK ~0.1 s later here). After
+            # this pass: a FIN from the guest in it went out already and carried the ACK, so the
+            # peer wakes once for both (~1 in 6 busybox nc connections through net-daemon, TCG).
+            self.net.loop.call_soon(host.complete_handshake)
         self._guard(conn.attach, host)
-
-    def _host_ack(self, host: HostSocket, sock: socket.socket) -> None:
-        """The guest completed its handshake: so does the host socket (the ACK held back in
-        _start_connect goes out and the peer's accept() returns; left alone, Linux sent it as a
-        delayed ACK ~0.1 s later here).
-
-        Called after the pass that brought the guest's ACK. A FIN from the guest in that pass
-        went out already, carrying the ACK with it, so the peer wakes once for both (the case
-        in ~1 of 6 busybox nc connections through net-daemon with a TCG guest).
-        """
-        if host.closed or host.eof_sent:
-            return
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def _abort(self, conn: TcpConn) -> None:
         if conn.state != CLOSED:
