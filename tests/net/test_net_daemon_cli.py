@@ -75,6 +75,7 @@ def test_the_daemon_runs_on_libuvs_loop(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     monkeypatch.setattr(net_daemon, "serve", fake_serve)
     sock = tmp_path / "n.sock"
-    argv = ["--netdev", "user,id=u0", "--export", f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}"]
+    export = f"type=vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path={sock}"
+    argv = ["--netdev", "user,id=u0", "--export", export]
     assert net_daemon.main(argv) == 0
     assert len(seen) == 1 and isinstance(seen[0], uvloop.Loop)
