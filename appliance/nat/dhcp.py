@@ -1,15 +1,34 @@
 """DHCP server (RFC 2131, options from RFC 2132; domain search RFC 3397).
 
-Leases are keyed by the client's MAC. What to do with a message is looked up
-in ``TRANSITIONS`` by (lease state, message type), so the whole protocol is
-readable in one table. The pool is 16 addresses from ``dhcpstart``, as in
-libslirp.
+Leases are keyed by the client's MAC, as in libslirp (a client identifier,
+option 61, is neither used nor echoed, as there). What to do with a message is
+looked up in ``TRANSITIONS`` by (lease state, message type), so the whole
+protocol is readable in one table. The pool is 16 addresses from
+``dhcpstart``, as in libslirp.
+
+Where RFC 2131 leaves a choice the server does what libslirp (QEMU 7.2's
+``-netdev user``) does: a BOOTP request (no message type) is answered with an
+ACK, a REQUEST naming neither an address nor a ``ciaddr`` gets the client's
+binding or a new one, an INIT-REBOOT REQUEST for a free pool address is
+granted, a NAK carries the message "requested address not available", and
+``restrict=on`` leaves the router and DNS options out. A message relayed
+through a BOOTP relay (``giaddr`` set) is answered by broadcast to the client
+port as libslirp does: the relay is on the guest's own link, so the client
+hears it. Beyond libslirp, and as RFC 2131 asks: replies are addressed by
+§4.1 (unicast to ``ciaddr`` or to ``yiaddr``/``chaddr`` unless the BROADCAST
+flag is set), a REQUEST naming another server is not answered, DHCPINFORM is
+answered, a released or lapsed client gets its old address back (§4.3.1),
+options come in the order of the client's parameter request list (RFC 2132
+§9.8) and replies stay within 576 bytes or the client's maximum message size
+(option 57), using the ``file`` and ``sname`` fields (option 52) when the
+options field is full.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import struct
 import time
 from collections.abc import Callable
@@ -22,6 +41,8 @@ from appliance.nat.frames import BROADCAST_MAC, build_udp
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
+log = logging.getLogger(__name__)
+
 SERVER_PORT = 67
 CLIENT_PORT = 68
 POOL_SIZE = 16
@@ -29,10 +50,26 @@ POOL_SIZE = 16
 # long enough for whoever holds it to be noticed, short enough that a guest
 # declining every address cannot empty the pool for good.
 DECLINE_HOLD = 600.0
+# Clients whose lapsed or released address is remembered (RFC 2131 §4.3.1 "the
+# client's previous address"); bounded, a guest can invent any number of MACs.
+HISTORY_SIZE = 64
 MAGIC = b"\x63\x82\x53\x63"
 _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # RFC 2131 §2, figure 1
+_FIXED = _BOOTP.size - 4  # the BOOTP header before the magic cookie
+_SNAME_AT, _FILE_AT = 44, 108
+# RFC 2131 §2: a client must accept a 576-byte datagram; more only when it says
+# so with option 57. We never send more than fits one Ethernet frame.
+MIN_MESSAGE = 576
+MAX_MESSAGE = 1500
+_IP_UDP = 28
+BOOTP_MINIMUM = 300  # RFC 1542 §3.1.1: some relays and clients drop shorter BOOTP messages
+ZERO = b"\0\0\0\0"
+BROADCAST_IP = b"\xff\xff\xff\xff"
+FLAG_BROADCAST = 0x8000
+NAK_MESSAGE = b"requested address not available"
+UEFI_HTTP_CLASS = b"HTTPClient"  # UEFI 2.x §24.7.2: the vendor class an HTTP boot server answers with
 
-DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
+BOOTP, DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(0, 9)
 
 OPT_PAD = 0
 OPT_SUBNET = 1
@@ -43,11 +80,20 @@ OPT_DOMAIN = 15
 OPT_BROADCAST = 28
 OPT_REQUESTED_IP = 50
 OPT_LEASE_TIME = 51
+OPT_OVERLOAD = 52
 OPT_MSG_TYPE = 53
 OPT_SERVER_ID = 54
+OPT_PARAMS = 55
+OPT_MESSAGE = 56
+OPT_MAX_SIZE = 57
+OPT_VENDOR_CLASS = 60
 OPT_TFTP_SERVER = 66
 OPT_DOMAIN_SEARCH = 119
 OPT_END = 255
+# Options that may be cut into several instances (RFC 3396), also across the
+# options, file and sname fields. RFC 3397 §3 asks clients of option 119 to
+# join them; a client may not expect it of any other option that fits in one.
+_SPLITTABLE = frozenset({OPT_DOMAIN_SEARCH})
 
 
 class LeaseState(enum.Enum):
@@ -72,49 +118,77 @@ class Message:
     flags: int
     ciaddr: bytes
     chaddr: bytes
-    msg_type: int
+    msg_type: int  # BOOTP (0) for a message without option 53 (RFC 1534 §2)
     requested: bytes | None
     server_id: bytes | None
+    giaddr: bytes = ZERO
+    params: bytes = b""  # option 55, the client's parameter request list
+    max_size: int = MIN_MESSAGE  # option 57, at least 576 (RFC 2132 §9.10)
 
 
-def parse(payload: bytes | memoryview) -> Message | None:
-    """A BOOTREQUEST from an Ethernet client, or None (RFC 2131 §2, RFC 2132 §9.6)."""
-    if len(payload) < _BOOTP.size:
-        return None
-    op, htype, hlen, _hops, xid, _secs, flags, ciaddr, _yi, _si, _gi, chaddr, _s, _f, magic = _BOOTP.unpack_from(
-        payload
-    )
-    if op != 1 or htype != 1 or hlen != 6 or magic != MAGIC:
-        return None
-    opts: dict[int, bytes] = {}
-    data = bytes(payload[_BOOTP.size :])
+def _scan(field: bytes, opts: dict[int, bytes]) -> bool:
+    """Add one field's options to ``opts``; False if an option runs past the field."""
     i = 0
-    while i < len(data):
-        code = data[i]
+    while i < len(field):
+        code = field[i]
         if code == OPT_PAD:
             i += 1
             continue
-        if code == OPT_END or i + 1 >= len(data):
-            break
-        n = data[i + 1]
-        value = data[i + 2 : i + 2 + n]
+        if code == OPT_END:
+            return True
+        if i + 1 >= len(field):
+            return False
+        n = field[i + 1]
+        value = field[i + 2 : i + 2 + n]
         if len(value) != n:
-            return None
+            return False
         opts[code] = opts.get(code, b"") + value  # RFC 3396: repeated options concatenate
         i += 2 + n
-    mt = opts.get(OPT_MSG_TYPE)
-    if mt is None or len(mt) != 1:
+    return True
+
+
+def parse(payload: bytes | memoryview) -> Message | None:
+    """A BOOTREQUEST from an Ethernet client, or None (RFC 2131 §2, RFC 2132 §9.3, §9.6)."""
+    if len(payload) < _FIXED:
+        return None
+    data = bytes(payload)
+    fields = _BOOTP.unpack_from(data.ljust(_BOOTP.size, b"\0"))
+    op, htype, hlen, _hops, xid, _secs, flags, ciaddr, _yi, _si, giaddr, chaddr, sname, file, magic = fields
+    if op != 1 or htype != 1 or hlen != 6:
+        return None
+    opts: dict[int, bytes] = {}
+    if magic == MAGIC:
+        if not _scan(data[_BOOTP.size :], opts):
+            return None
+        overload = opts.get(OPT_OVERLOAD, b"")
+        # RFC 2131 §4.1: the options field first, then file, then sname.
+        if len(overload) == 1 and overload[0] & 1 and not _scan(file, opts):
+            return None
+        if len(overload) == 1 and overload[0] & 2 and not _scan(sname, opts):
+            return None
+        mt = opts.get(OPT_MSG_TYPE)
+        if mt is not None and len(mt) != 1:
+            return None
+        msg_type = mt[0] if mt is not None else BOOTP
+    else:
+        msg_type = BOOTP  # an RFC 951 client: its vendor area is not RFC 1497 options
+    if msg_type not in (BOOTP, DISCOVER, REQUEST, DECLINE, RELEASE, INFORM):
         return None
     req = opts.get(OPT_REQUESTED_IP)
     sid = opts.get(OPT_SERVER_ID)
+    size = opts.get(OPT_MAX_SIZE, b"")
+    max_size = int.from_bytes(size, "big") if len(size) == 2 else 0
     return Message(
         xid,
         flags,
         ciaddr,
         chaddr[:6],
-        mt[0],
+        msg_type,
         req if req is not None and len(req) == 4 else None,
         sid if sid is not None and len(sid) == 4 else None,
+        giaddr,
+        opts.get(OPT_PARAMS, b""),
+        min(max(max_size, MIN_MESSAGE), MAX_MESSAGE),
     )
 
 
@@ -148,6 +222,53 @@ def _option(code: int, value: bytes) -> bytes:
     return b"".join(bytes([code, len(p)]) + p for p in parts)
 
 
+def _pack(options: list[tuple[int, bytes]], room: list[int]) -> tuple[list[bytearray], list[int]]:
+    """Lay ``options`` out in order over fields of ``room`` bytes each (END not counted).
+
+    An option goes whole into the current field or, when it is too long for what is
+    left, into a later one (never back to an earlier field, so that the pieces of a
+    split option stay in order: RFC 3396 §7). Options in ``_SPLITTABLE`` are cut
+    to fill each field. Returns the fields and the codes that did not fit.
+    """
+    fields = [bytearray() for _ in room]
+    left = list(room)
+    dropped: list[int] = []
+    f = 0
+    for code, value in options:
+        if code in _SPLITTABLE and value:
+            plan: list[tuple[int, int]] = []
+            spare = list(left)
+            g, rest = f, len(value)
+            while rest and g < len(room):
+                if spare[g] <= 2:
+                    g += 1
+                    continue
+                take = min(255, spare[g] - 2, rest)
+                plan.append((g, take))
+                spare[g] -= 2 + take
+                rest -= take
+            if rest:
+                dropped.append(code)
+                continue
+            at = 0
+            for g, take in plan:
+                fields[g] += bytes([code, take]) + value[at : at + take]
+                at += take
+            left, f = spare, plan[-1][0]
+            continue
+        enc = _option(code, value)
+        g = f
+        while g < len(room) and left[g] < len(enc):
+            g += 1
+        if g == len(room):
+            dropped.append(code)
+            continue
+        fields[g] += enc
+        left[g] -= len(enc)
+        f = g
+    return fields, dropped
+
+
 Action = Callable[["DhcpServer", Message, "Lease | None"], None]
 
 
@@ -165,27 +286,35 @@ class DhcpServer:
         ]
         self.leases: dict[bytes, Lease] = {}
         self._declined: dict[bytes, float] = {}  # address → when it may be leased again
-        opts = bytearray()
-        opts += _option(OPT_SUBNET, cfg.net.netmask.packed)
-        opts += _option(OPT_ROUTER, cfg.host.packed)
-        opts += _option(OPT_DNS, cfg.dns.packed)
-        opts += _option(OPT_BROADCAST, cfg.net.broadcast_address.packed)
+        self._previous: dict[bytes, bytes] = {}  # MAC → address of a released or lapsed lease
+        # The configured options in libslirp's order (53 and 54 come first in every reply);
+        # the broadcast address (28) is ours, libslirp does not send it.
+        common: list[tuple[int, bytes]] = [(OPT_SUBNET, cfg.net.netmask.packed)]
+        if not cfg.restrict:  # as libslirp: a restricted guest is given no way out
+            common += [(OPT_ROUTER, cfg.host.packed), (OPT_DNS, cfg.dns.packed)]
+        common.append((OPT_BROADCAST, cfg.net.broadcast_address.packed))
+        self._before_lease = len(common)
         if cfg.hostname:
-            opts += _option(OPT_HOSTNAME, raw_bytes(cfg.hostname))
+            common.append((OPT_HOSTNAME, raw_bytes(cfg.hostname)))
         if cfg.domainname:
-            opts += _option(OPT_DOMAIN, raw_bytes(cfg.domainname))
-        if cfg.dnssearch:
-            opts += _option(OPT_DOMAIN_SEARCH, encode_search(cfg.dnssearch))
+            common.append((OPT_DOMAIN, raw_bytes(cfg.domainname)))
         if cfg.tftp_server_name:
-            opts += _option(OPT_TFTP_SERVER, raw_bytes(cfg.tftp_server_name))
-        self._common = bytes(opts)
+            common.append((OPT_TFTP_SERVER, raw_bytes(cfg.tftp_server_name)))
+        if cfg.dnssearch:
+            common.append((OPT_DOMAIN_SEARCH, encode_search(cfg.dnssearch)))
+        bootfile = raw_bytes(cfg.bootfile or "")
+        if bootfile.startswith(b"http://"):
+            common.append((OPT_VENDOR_CLASS, UEFI_HTTP_CLASS))  # UEFI HTTP boot, as libslirp
+        self._options = common
+        self._common = b"".join(_option(c, v) for c, v in common)
         # PXE firmware reads the boot file from the BOOTP file field (RFC 951), as
         # libslirp gives it; the next-server field already names us.
-        self._file = raw_bytes(cfg.bootfile or "")[:127].ljust(128, b"\0")
+        self._file = bootfile[:127].ljust(128, b"\0")
+        self._warned: set[int] = set()
 
     # -- the table -------------------------------------------------------
     def _offer(self, m: Message, lease: Lease | None) -> None:
-        ip = lease.ip if lease is not None else self._allocate(m.requested)
+        ip = lease.ip if lease is not None else self._allocate(m.chaddr, m.requested)
         if ip is None:
             return  # pool exhausted: stay silent, the client retries (RFC 2131 §4.3.1)
         self.leases[m.chaddr] = Lease(m.chaddr, ip, LeaseState.OFFERED, self._now() + 60)
@@ -193,12 +322,13 @@ class DhcpServer:
 
     def _request(self, m: Message, lease: Lease | None) -> None:
         if m.server_id is not None and m.server_id != self.server_ip:
+            # SELECTING, and the client chose another server (RFC 2131 §4.3.2).
             if lease is not None and lease.state is LeaseState.OFFERED:
-                del self.leases[m.chaddr]  # the client chose another server
+                self._forget(m.chaddr)
             return
-        wanted = m.requested or (m.ciaddr if m.ciaddr != b"\0\0\0\0" else None)
+        wanted = m.requested or (m.ciaddr if m.ciaddr != ZERO else None)
         if wanted is None:
-            self._nak(m)
+            self._bootp(m, lease)  # libslirp's answer to a client that remembers nothing
             return
         if lease is not None and lease.ip == wanted:
             ip: bytes | None = wanted
@@ -209,11 +339,21 @@ class DhcpServer:
         if ip is None:
             self._nak(m)
             return
-        self.leases[m.chaddr] = Lease(m.chaddr, ip, LeaseState.BOUND, self._now() + self.net.config.lease_time)
-        self._reply(m, ACK, ip)
+        self._bind(m, ip, ACK)
+
+    def _bootp(self, m: Message, lease: Lease | None) -> None:
+        """A BOOTP client, or a REQUEST naming no address: its binding or a new one, ACKed (libslirp)."""
+        ip = lease.ip if lease is not None else self._allocate(m.chaddr, None)
+        if ip is None:
+            return
+        self._bind(m, ip, ACK)
 
     def _release(self, m: Message, lease: Lease | None) -> None:
-        self.leases.pop(m.chaddr, None)
+        # RFC 2131 §4.3.4: the address released is ciaddr; it must be this client's.
+        if lease is None or m.ciaddr not in (ZERO, lease.ip):
+            self.net.stats.dhcp_bad += 1
+            return
+        self._forget(m.chaddr)
 
     def _decline(self, m: Message, lease: Lease | None) -> None:
         # RFC 2131 §4.3.3: the address in use is the one the DECLINE names (option 50); one
@@ -223,9 +363,10 @@ class DhcpServer:
             return
         self._declined[lease.ip] = self._now() + DECLINE_HOLD
         self.leases.pop(m.chaddr, None)
+        self._previous.pop(m.chaddr, None)
 
     def _inform(self, m: Message, lease: Lease | None) -> None:
-        self._reply(m, ACK, None)  # RFC 2131 §4.3.5: no yiaddr, no lease time
+        self._reply(m, ACK, None, inform=True)  # RFC 2131 §4.3.5: no yiaddr, no lease time
 
     def _ignore(self, m: Message, lease: Lease | None) -> None:
         self.net.stats.dhcp_bad += 1
@@ -237,6 +378,9 @@ class DhcpServer:
         (LeaseState.FREE, REQUEST): _request,
         (LeaseState.OFFERED, REQUEST): _request,
         (LeaseState.BOUND, REQUEST): _request,
+        (LeaseState.FREE, BOOTP): _bootp,
+        (LeaseState.OFFERED, BOOTP): _bootp,
+        (LeaseState.BOUND, BOOTP): _bootp,
         (LeaseState.OFFERED, RELEASE): _release,
         (LeaseState.BOUND, RELEASE): _release,
         (LeaseState.OFFERED, DECLINE): _decline,
@@ -254,14 +398,15 @@ class DhcpServer:
         now = self._now()
         lease = self.leases.get(m.chaddr)
         if lease is not None and lease.expires < now:
-            del self.leases[m.chaddr]
+            self._forget(m.chaddr)
             lease = None
         if lease is None and len(self.leases) >= len(self.pool):
             # Lapsed entries of other clients go before a new one can be made: a guest
             # inventing client addresses would otherwise grow the table each time an
             # offer lapsed. Live entries hold distinct pool addresses, so at most
             # len(pool) remain.
-            self.leases = {k: le for k, le in self.leases.items() if le.expires >= now}
+            for mac in [k for k, le in self.leases.items() if le.expires < now]:
+                self._forget(mac)
         state = lease.state if lease is not None else LeaseState.FREE
         self.TRANSITIONS.get((state, m.msg_type), DhcpServer._ignore)(self, m, lease)
 
@@ -269,6 +414,16 @@ class DhcpServer:
     @staticmethod
     def _now() -> float:
         return time.monotonic()
+
+    def _forget(self, mac: bytes) -> None:
+        """Drop a client's lease, remembering a bound address for when it comes back."""
+        lease = self.leases.pop(mac, None)
+        if lease is None or lease.state is not LeaseState.BOUND:
+            return
+        self._previous.pop(mac, None)
+        self._previous[mac] = lease.ip
+        if len(self._previous) > HISTORY_SIZE:
+            del self._previous[next(iter(self._previous))]
 
     def _free(self, ip: bytes) -> bool:
         if ip not in self.pool:
@@ -281,46 +436,88 @@ class DhcpServer:
             del self._declined[ip]
         return not any(le.ip == ip and le.expires >= now for le in self.leases.values())
 
-    def _allocate(self, requested: bytes | None) -> bytes | None:
-        if requested is not None and self._free(requested):
-            return requested
+    def _allocate(self, mac: bytes, requested: bytes | None) -> bytes | None:
+        # RFC 2131 §4.3.1: the client's previous address, else the one it asks for, else a new one.
+        previous = self._previous.get(mac)
+        for ip in (previous, requested):
+            if ip is not None and self._free(ip):
+                return ip
         for ip in self.pool:
             if self._free(ip):
                 return ip
         return None
 
+    def _bind(self, m: Message, ip: bytes, msg_type: int) -> None:
+        self.leases[m.chaddr] = Lease(m.chaddr, ip, LeaseState.BOUND, self._now() + self.net.config.lease_time)
+        self._previous.pop(m.chaddr, None)
+        self._reply(m, msg_type, ip)
+
     def _nak(self, m: Message) -> None:
-        self._send(m, self._build(m, NAK, None), broadcast=True)
+        self._send(m, self._build(m, NAK, None), None, NAK)
 
-    def _reply(self, m: Message, msg_type: int, ip: bytes | None) -> None:
-        self._send(m, self._build(m, msg_type, ip), broadcast=bool(m.flags & 0x8000), yiaddr=ip)
+    def _reply(self, m: Message, msg_type: int, ip: bytes | None, *, inform: bool = False) -> None:
+        self._send(m, self._build(m, msg_type, ip, inform=inform), ip, msg_type)
 
-    def _build(self, m: Message, msg_type: int, ip: bytes | None) -> bytes:
-        head = _BOOTP.pack(
-            2, 1, 6, 0, m.xid, 0, m.flags & 0x8000,
-            m.ciaddr, ip or b"\0\0\0\0", self.server_ip, b"\0\0\0\0",
-            m.chaddr + bytes(10), bytes(64), self._file if msg_type != NAK else bytes(128), MAGIC,
-        )  # fmt: skip
-        opts = bytearray(_option(OPT_MSG_TYPE, bytes([msg_type])))
-        opts += _option(OPT_SERVER_ID, self.server_ip)
-        if msg_type != NAK:
-            if ip is not None:
-                opts += _option(OPT_LEASE_TIME, struct.pack("!I", self.net.config.lease_time))
-            opts += self._common
-        opts.append(OPT_END)
-        body = head + opts
-        return body + bytes(max(0, 300 - len(body)))  # BOOTP minimum (RFC 1542 §3.1.1)
-
-    def _send(self, m: Message, body: bytes, *, broadcast: bool, yiaddr: bytes | None = None) -> None:
-        src = self.server_ip
-        if m.ciaddr != b"\0\0\0\0" and not broadcast:
-            dst_ip, dst_mac = m.ciaddr, m.chaddr
-        elif broadcast or yiaddr is None:
-            dst_ip, dst_mac = b"\xff\xff\xff\xff", BROADCAST_MAC
+    def _build(self, m: Message, msg_type: int, ip: bytes | None, *, inform: bool = False) -> bytes:
+        """A BOOTREPLY with the fields of RFC 2131 §4.3.1 table 3."""
+        head = [MAGIC, _option(OPT_MSG_TYPE, bytes([msg_type])), _option(OPT_SERVER_ID, self.server_ip)]
+        if msg_type == NAK:
+            opts: list[tuple[int, bytes]] = [(OPT_MESSAGE, NAK_MESSAGE)]
         else:
-            dst_ip, dst_mac = yiaddr, m.chaddr  # RFC 2131 §4.1: unicast to chaddr/yiaddr
+            opts = list(self._options)
+            if not inform:
+                lease = (OPT_LEASE_TIME, struct.pack("!I", self.net.config.lease_time))
+                opts.insert(self._before_lease, lease)
+            if m.params:
+                # RFC 2132 §9.8: requested options first, in the client's order; the rest
+                # after them (RFC 2131 §4.3.1: the server MAY send options not asked for).
+                rank = {code: i for i, code in reversed(list(enumerate(m.params)))}
+                opts.sort(key=lambda o: rank.get(o[0], len(rank)))
+        file = self._file if msg_type != NAK else bytes(128)
+        # The room in the options field: what the client accepts (576 unless option 57
+        # says more) less the IP/UDP and BOOTP headers, the cookie, our two options and END.
+        main = m.max_size - _IP_UDP - _BOOTP.size - sum(len(h) for h in head[1:]) - 1
+        fields, dropped = _pack(opts, [main])
+        sname = bytes(64)
+        if dropped:
+            # RFC 2131 §4.1: spill into file (unless it names a boot file) and sname,
+            # announced by option 52 (3 bytes) in the options field; each ends with END.
+            spill = [127] if not file.strip(b"\0") else []
+            wide, still = _pack(opts, [main - 3, *spill, 63])
+            if any(wide[1:]):
+                fields, dropped = wide, still
+                if spill:
+                    file = bytes(wide[1] + b"\xff").ljust(128, b"\0")
+                sname = bytes(wide[-1] + b"\xff").ljust(64, b"\0")
+                fields = [bytearray(_option(OPT_OVERLOAD, b"\x03" if spill else b"\x02")) + wide[0]]
+        for code in dropped:
+            if code not in self._warned:
+                self._warned.add(code)
+                log.warning("DHCP reply too long for the client: option %d left out", code)
+        yiaddr = ip if ip is not None and msg_type != NAK else ZERO
+        ciaddr = m.ciaddr if msg_type == ACK else ZERO
+        siaddr = self.server_ip if msg_type != NAK else ZERO
+        fixed = _BOOTP.pack(
+            2, 1, 6, 0, m.xid, 0, m.flags & FLAG_BROADCAST, ciaddr, yiaddr, siaddr, m.giaddr,
+            m.chaddr + bytes(10), sname, file, b"",
+        )[:_FIXED]  # fmt: skip
+        body = fixed + b"".join(head) + fields[0] + b"\xff"
+        return body + bytes(max(0, BOOTP_MINIMUM - len(body)))
+
+    def _send(self, m: Message, body: bytes, yiaddr: bytes | None, msg_type: int) -> None:
+        # RFC 2131 §4.1, in its order. A relayed message (giaddr set) is broadcast to the
+        # client port as libslirp does, not sent to the relay: it is on the guest's link.
+        if m.giaddr != ZERO or msg_type == NAK:
+            dst_ip, dst_mac = BROADCAST_IP, BROADCAST_MAC
+        elif m.ciaddr != ZERO:
+            dst_ip, dst_mac = m.ciaddr, m.chaddr
+        elif m.flags & FLAG_BROADCAST or yiaddr is None:
+            dst_ip, dst_mac = BROADCAST_IP, BROADCAST_MAC
+        else:
+            dst_ip, dst_mac = yiaddr, m.chaddr
         frame = build_udp(
-            dst_mac, self.net.host_mac, src, SERVER_PORT, dst_ip, CLIENT_PORT, body, ident=self.net.next_ident()
-        )
+            dst_mac, self.net.host_mac, self.server_ip, SERVER_PORT, dst_ip, CLIENT_PORT, body,
+            ident=self.net.next_ident(),
+        )  # fmt: skip
         self.net.stats.dhcp_replies += 1
         self.net.output(frame)

@@ -129,6 +129,7 @@ class UserNetwork:
         self._net_int = int(cfg.net.network_address)
         self._mask_int = int(cfg.net.netmask)
         self._bcast = cfg.net.broadcast_address.packed
+        self._dhcp_dsts = (self.gateway_ip, b"\xff\xff\xff\xff")
         self.guest_mac: bytes | None = None
         self._last_src = b""
         self.arp_table = arp.ArpTable()
@@ -725,7 +726,9 @@ class UserNetwork:
                 c.truncated += 1
             return
         sport, dport, payload = u
-        if dport == SERVER_PORT and sport == CLIENT_PORT and len(ip.src) == 4:
+        if dport == SERVER_PORT and len(ip.src) == 4 and (sport == CLIENT_PORT or ip.dst in self._dhcp_dsts):
+            # A BOOTP relay sends from port 67; libslirp answers whatever reaches port 67
+            # of the gateway or the broadcast address.
             self.dhcp.input(payload)
         elif dport == TFTP_PORT and self.tftp is not None and ip.dst == self.gateway_ip:
             self.tftp.input(ip.src, sport, payload)
