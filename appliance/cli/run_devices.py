@@ -132,6 +132,7 @@ def _checked_addr(o: OptionDict, what: str) -> str | None:
 
 
 # One entry per PCI device, in command-line order.
+# A NIC entry is (the option that made it, its NicConfig).
 PlanEntry = DriveConfig | BlkDeviceConfig | RngDeviceConfig | tuple[str, object]
 
 
@@ -259,7 +260,7 @@ def _device(a: RunArgs, v: str) -> None:
         driver = base
     plan = plan_of(a)
     if driver in _NIC_DRIVERS:
-        plan.entries.append(("nic", NicConfig.parse_device(v)))
+        plan.entries.append((f"-device {driver}", NicConfig.parse_device(v)))
         return
     o.take("driver")
     o.option = f"-device {driver}"
@@ -345,7 +346,7 @@ def _nic(a: RunArgs, v: str) -> None:
         plan.net_none = True
         return
     _add_netdev(plan, netdev, "-nic")
-    plan.entries.append(("nic", nic))
+    plan.entries.append(("-nic", nic))
 
 
 @option("-net", "none", "no NICs (which is also the default: no NIC is made unless asked for)")
@@ -461,7 +462,7 @@ def resolve(plan: DevicePlan) -> list[object]:
         else:
             nic = entry[1]
             assert isinstance(nic, NicConfig)
-            what = "-device virtio-net-pci" if not nic.netdev.startswith("__nic") else "-nic"
+            what = entry[0]  # the option that made the NIC, for its errors
             nics += 1
             if nics > MAX_NICS:
                 raise ConfigError(f"{what}: more than {MAX_NICS} NICs (the limit of one VM)")

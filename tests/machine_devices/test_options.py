@@ -251,6 +251,18 @@ def test_too_many_nics_are_refused() -> None:
     assert len(devices(*argv[: 2 * MAX_NICS])) == MAX_NICS
 
 
+@pytest.mark.parametrize(
+    ("last", "option"),
+    [(["-nic", "user,id=wan"], "-nic"), (["-netdev", "user,id=wan", "-device", "virtio-net-pci,netdev=wan"],
+                                          "-device virtio-net-pci")],
+)
+def test_a_nic_error_names_the_option_that_made_the_nic(last: list[str], option: str) -> None:
+    # A -nic with id= names its netdev itself (QEMU), so the netdev's name does not tell.
+    argv = ["-nic", "user"] * MAX_NICS + last
+    with pytest.raises(ConfigError, match=f"^{option}: more than {MAX_NICS} NICs"):
+        devices(*argv)
+
+
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "appliance.cli.main", "run", "-kernel", "/dev/null",
