@@ -1,14 +1,19 @@
 """DNS proxy at the ``dns=`` address (RFC 1035): local names answered here, the rest forwarded.
 
 Upstream servers come from the host's ``/etc/resolv.conf`` (IPv4 entries), or
-from the config for tests. Each forwarded query gets a fresh transaction id of
-ours, so ids chosen by the guest can neither collide with each other nor be
-used to inject answers; pending queries are bounded and time out.
+from the config for tests. Each forwarded query gets a fresh random
+transaction id of ours, so ids chosen by the guest can neither collide with
+each other nor be used to inject answers, and an answer must carry the
+question asked; pending queries are bounded and time out. An answer larger
+than the guest can take (512 bytes, or the size its EDNS0 OPT record gives:
+RFC 1035 §4.2.1, RFC 6891 §6.2.5) reaches it truncated with TC set, as a
+resolver sends it, so that it asks again over TCP (TCP to ``dns=``:53 is
+spliced to the first upstream, as libslirp connects it to the host's DNS).
 """
 
 from __future__ import annotations
 
-import os
+import secrets
 import socket
 import struct
 import time
@@ -28,11 +33,16 @@ MAX_QUERY = 4096
 _HEADER = struct.Struct("!HHHHHH")
 TYPE_A = 1
 TYPE_AAAA = 28
+TYPE_OPT = 41
 TYPE_ANY = 255
 CLASS_IN = 1
 CLASS_ANY = 255
 MAX_NAME = 255
 _OPCODE = 0x7800  # RFC 1035 §4.1.1: 0 is a standard query
+FLAG_TC = 0x0200
+UDP_PLAIN = 512  # RFC 1035 §4.2.1: the most a client without EDNS0 takes over UDP
+UDP_OURS = 1232  # the payload size our own answers advertise (DNS flag day 2020)
+RCODE_BADVERS = 16  # RFC 6891 §6.1.3, carried in the OPT record's extended RCODE
 
 
 def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
@@ -89,36 +99,111 @@ def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
     return qid, flags, name, qtype, qclass, i + 4
 
 
+def _skip_name(msg: bytes, i: int) -> int | None:
+    """The offset after the (possibly compressed) name at ``i``, or None if it runs out."""
+    while i < len(msg):
+        n = msg[i]
+        if n & 0xC0 == 0xC0:
+            return i + 2 if i + 2 <= len(msg) else None
+        if n & 0xC0:
+            return None  # RFC 6891 §5: the other label types are gone
+        i += 1 + n
+        if n == 0:
+            return i
+    return None
+
+
+def find_opt(msg: bytes, start: int) -> tuple[bytes, int, int] | None:
+    """The OPT record of a message whose question ends at ``start``: (record, payload size, version).
+
+    RFC 6891 §6.1.1: the record in the additional section whose type is 41;
+    None when there is none or the records do not parse.
+    """
+    if len(msg) < _HEADER.size:
+        return None
+    _id, _fl, _qd, an, ns, ar = _HEADER.unpack_from(msg)
+    i = start
+    for k in range(an + ns + ar):
+        at = i
+        j = _skip_name(msg, i)
+        if j is None or j + 10 > len(msg):
+            return None
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, j)
+        i = j + 10 + rdlen
+        if i > len(msg):
+            return None
+        if rtype == TYPE_OPT and k >= an + ns and j == at + 1:  # the owner is the root
+            return msg[at:i], max(rclass, UDP_PLAIN), (ttl >> 16) & 0xFF
+    return None
+
+
 def answer(
-    msg: bytes, qend: int, qid: int, flags: int, addr: bytes | None, qtype: int, addr6: bytes | None = None
+    msg: bytes,
+    qend: int,
+    qid: int,
+    flags: int,
+    addr: bytes | None,
+    qtype: int,
+    addr6: bytes | None = None,
+    *,
+    edns: tuple[bytes, int, int] | None = None,
 ) -> bytes:
-    """A response echoing the question with an A and/or AAAA record (or none: NODATA)."""
+    """A response echoing the question with an A and/or AAAA record (or none: NODATA).
+
+    With ``edns`` (the query's OPT record) the response carries an OPT record of
+    ours (RFC 6891 §7), or only that with BADVERS for an EDNS version above 0 (§6.1.3).
+    """
     rd = flags & 0x0100
     records = b""
     count = 0
-    if addr is not None and qtype in (TYPE_A, TYPE_ANY):
+    badvers = edns is not None and edns[2] > 0
+    if addr is not None and qtype in (TYPE_A, TYPE_ANY) and not badvers:
         records += struct.pack("!HHHIH", 0xC00C, TYPE_A, CLASS_IN, 3600, 4) + addr
         count += 1
-    if addr6 is not None and qtype in (TYPE_AAAA, TYPE_ANY):
+    if addr6 is not None and qtype in (TYPE_AAAA, TYPE_ANY) and not badvers:
         records += struct.pack("!HHHIH", 0xC00C, TYPE_AAAA, CLASS_IN, 3600, 16) + addr6
         count += 1
-    head = _HEADER.pack(qid, 0x8400 | 0x0080 | rd, 1, count, 0, 0)
-    return head + msg[_HEADER.size : qend] + records
+    opt = b""
+    if edns is not None:
+        ext = (RCODE_BADVERS >> 4) << 24 if badvers else 0
+        opt = b"\0" + struct.pack("!HHIH", TYPE_OPT, UDP_OURS, ext, 0)
+    head = _HEADER.pack(qid, 0x8400 | 0x0080 | rd, 1, count, 0, 1 if opt else 0)
+    return head + msg[_HEADER.size : qend] + records + opt
+
+
+def truncated(reply: bytes, question: bytes) -> bytes:
+    """What a resolver sends when the answer does not fit (RFC 1035 §4.1.1, RFC 2181 §9):
+    the header with TC set, the question, and the OPT record if the answer has one
+    (RFC 6891 §7), so that the client asks again over TCP."""
+    qid, flags, _qd, _an, _ns, _ar = _HEADER.unpack_from(reply)
+    found = find_opt(reply, _HEADER.size + len(question))
+    opt = found[0] if found is not None else b""
+    return _HEADER.pack(qid, flags | FLAG_TC, 1, 0, 0, 1 if opt else 0) + question + opt
 
 
 class _Query:
     """A forwarded query: who asked, with which id, and where it was sent."""
 
-    __slots__ = ("guest", "gport", "qid", "dns_ip", "wire", "server", "deadline")
+    __slots__ = ("guest", "gport", "qid", "dns_ip", "wire", "question", "limit", "server", "deadline")
 
-    def __init__(self, guest: bytes, gport: int, qid: int, dns_ip: bytes, wire: bytes) -> None:
+    def __init__(self, guest: bytes, gport: int, qid: int, dns_ip: bytes, wire: bytes, qend: int, limit: int) -> None:
         self.guest = guest
         self.gport = gport
         self.qid = qid
         self.dns_ip = dns_ip
         self.wire = wire  # the query with our transaction id
+        self.question = wire[_HEADER.size : qend]
+        self.limit = limit  # the largest UDP answer the guest takes
         self.server = 0
         self.deadline = 0.0
+
+    def answered_by(self, data: bytes) -> bool:
+        """The answer is to our question (RFC 5452 §9.1), compared without case (RFC 4343)."""
+        q = self.question
+        if int.from_bytes(data[4:6], "big") == 0:
+            return data[3] & 0x0F != 0  # an error may come without the question (RFC 1035 §4.1.1)
+        got = data[_HEADER.size : _HEADER.size + len(q)]
+        return got[:-4].lower() == q[:-4].lower() and got[-4:] == q[-4:]
 
 
 class DnsProxy:
@@ -143,7 +228,6 @@ class DnsProxy:
                     table[f"{name}.{cfg.domainname.lower().rstrip('.')}"] = packed
         self._sock: socket.socket | None = None
         self._pending: dict[int, _Query] = {}
-        self._next_id = int.from_bytes(os.urandom(2), "big")
 
     def input(self, src: bytes, sport: int, dst: bytes, payload: memoryview) -> None:
         c = self.net.stats
@@ -153,17 +237,19 @@ class DnsProxy:
             c.dns_dropped += 1
             return
         qid, flags, name, qtype, qclass, qend = q
+        edns = find_opt(msg, qend)
         # Local names are class IN addresses for standard queries; anything else
         # (an UPDATE, class CHAOS) is the upstream's to answer or refuse.
         if not flags & _OPCODE and qclass in (CLASS_IN, CLASS_ANY):
             addr = self.local.get(name)
             if addr is not None:
                 c.dns_local += 1
-                self._reply(src, sport, dst, answer(msg, qend, qid, flags, addr, qtype, self.local6.get(name)))
+                reply = answer(msg, qend, qid, flags, addr, qtype, self.local6.get(name), edns=edns)
+                self._reply(src, sport, dst, reply)
                 return
-        self._forward(src, sport, dst, msg, qid)
+        self._forward(src, sport, dst, msg, qid, qend, edns[1] if edns is not None else UDP_PLAIN)
 
-    def _forward(self, src: bytes, sport: int, dst: bytes, msg: bytes, qid: int) -> None:
+    def _forward(self, src: bytes, sport: int, dst: bytes, msg: bytes, qid: int, qend: int, limit: int) -> None:
         c = self.net.stats
         if self.net.config.restrict:
             c.restricted += 1  # restrict=on: nothing reaches the host's resolvers (local names still answer)
@@ -183,14 +269,15 @@ class DnsProxy:
                 return
             self._sock.setblocking(False)
             self.net.loop.add_reader(self._sock.fileno(), self._readable)
+        # A random id (RFC 5452 §4.3): one that counts up tells an off-path forger the next.
         for _ in range(8):
-            our_id = self._next_id = (self._next_id + 1) & 0xFFFF
+            our_id = secrets.randbits(16)
             if our_id not in self._pending:
                 break
         else:
             c.dns_dropped += 1
             return
-        q = _Query(src, sport, qid, dst, struct.pack("!H", our_id) + msg[2:])
+        q = _Query(src, sport, qid, dst, struct.pack("!H", our_id) + msg[2:], qend, limit)
         self._pending[our_id] = q
         c.dns_forwarded += 1
         self._send(our_id, q, time.monotonic())
@@ -217,10 +304,12 @@ class DnsProxy:
                 continue
             our_id = int.from_bytes(data[:2], "big")
             p = self._pending.get(our_id)
-            if p is None or self.servers[p.server] != (peer[0], peer[1]):
+            if p is None or self.servers[p.server] != (peer[0], peer[1]) or not p.answered_by(data):
                 self.net.stats.dns_dropped += 1
                 continue
             del self._pending[our_id]
+            if len(data) > p.limit:
+                data = truncated(data, p.question)
             self._reply(p.guest, p.gport, p.dns_ip, struct.pack("!H", p.qid) + data[2:])
 
     def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
