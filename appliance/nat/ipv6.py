@@ -216,7 +216,7 @@ class Ipv6:
         """A Router Advertisement (RFC 4861 §4.2) with prefix, MTU and RDNSS options."""
         ra = bytearray(struct.pack("!BBHBBHII", ROUTER_ADVERT, 0, 0, 64, 0, ROUTER_LIFETIME, 0, 0))
         ra += struct.pack("!BB6s", 1, 1, self.net.host_mac)  # source link-layer address
-        ra += struct.pack("!BBHI", 5, 1, 0, 1500)  # MTU
+        ra += struct.pack("!BBHI", 5, 1, 0, self.net.mtu)  # MTU: the link's (UserNetwork.set_mtu)
         ra += struct.pack(
             "!BBBBIII16s", 3, 4, self.prefix.prefixlen, 0xC0, VALID_LIFETIME, PREFERRED_LIFETIME, 0,
             self.prefix.network_address.packed,

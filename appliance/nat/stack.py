@@ -59,7 +59,7 @@ DEFAULT_QUEUE_LIMIT = 2048
 # Bytes the stack may hold for the guest: with TSO toward the guest a frame may
 # be 64 KiB, so the frame count alone no longer bounds memory.
 DEFAULT_QUEUE_BYTES = 4 << 20
-MTU = 1500  # the guest's link MTU: what our TCP MSS and IPv4 fragmentation assume
+MTU = 1500  # the guest's link MTU unless its NIC says otherwise (UserNetwork.set_mtu)
 _LOOPBACK = b"\x7f\x00\x00\x01"
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
@@ -118,6 +118,8 @@ class UserNetwork:
         self.guest_csum = False
         self.guest_tso4 = False
         self.guest_tso6 = False
+        # The guest link's MTU: IPv4 datagrams toward the guest above it are fragmented (set_mtu).
+        self.mtu = MTU
         # The frame being handled came with a partial or host-trusted L4 checksum.
         self.l4_csum_trusted = False
         cfg = self.config
@@ -295,6 +297,19 @@ class UserNetwork:
         self.guest_csum = on
         self.guest_tso4 = on and tso4
         self.guest_tso6 = on and tso6
+
+    def set_mtu(self, mtu: int) -> None:
+        """The guest link's MTU, as its NIC has it (``host_mtu=``, or a vhost-user front end's
+        NET_SET_MTU): no frame toward the guest carries more, except TSO segments the guest
+        accepted (virtio 1.2 §5.1.6.3: with VIRTIO_NET_F_MTU the device passes nothing larger
+        with gso_type NONE). Datagrams above it are fragmented and the router advertisement
+        announces it. TCP needs nothing: its segments follow the MSS the guest derives from it.
+
+        :raises ValueError: Below IPv4's minimum (RFC 791: 68) or above 65535.
+        """
+        if not 68 <= mtu <= 0xFFFF:
+            raise ValueError(f"MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         if not self._out:
@@ -507,7 +522,7 @@ class UserNetwork:
             return False
         frame = build_ipv4(mac, self.host_mac, src, dst, proto, len(payload), ident=self.next_ident(), frag=0)
         frame += payload
-        if len(frame) > ETH_HLEN + MTU:
+        if len(frame) > ETH_HLEN + self.mtu:
             return self._output_fragments(frame)
         return self.output(frame)
 
@@ -523,7 +538,7 @@ class UserNetwork:
             msg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
             return self.output(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
         frame = build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident())
-        if len(frame) > ETH_HLEN + MTU:
+        if len(frame) > ETH_HLEN + self.mtu:
             return self._output_fragments(frame)
         return self.output(frame)
 
@@ -534,7 +549,7 @@ class UserNetwork:
         would otherwise be dropped by the guest's driver.
         """
         payload = memoryview(frame)[ETH_HLEN + 20 :]
-        step = (MTU - 20) // 8 * 8
+        step = (self.mtu - 20) // 8 * 8
         count = -(-len(payload) // step)
         if self.tx_space() < count:
             self.stats.tx_queue_drops += 1  # all or nothing: a partial datagram is useless

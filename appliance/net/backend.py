@@ -89,6 +89,12 @@ class ForwardingBackend:
         if set_enabled is not None:
             set_enabled(enabled)
 
+    def set_mtu(self, mtu: int) -> None:
+        """The guest link's MTU, for an inner backend that builds frames itself (the user-mode stack)."""
+        set_mtu = getattr(self.inner, "set_mtu", None)
+        if set_mtu is not None:
+            set_mtu(mtu)
+
     def take_quiet_tx(self) -> int:
         """The inner backend's count of guest frames nothing waits on (a user-mode stack's), else 0."""
         take = getattr(self.inner, "take_quiet_tx", None)

@@ -346,6 +346,8 @@ class VirtioNet(VirtioDevice):
         if len(vnet) != 1 or vnet.pop() not in (0, C.HDR_LEN):
             raise ValueError("all backends must agree on a 0- or 12-byte virtio-net header")
         self.passthrough_hdr = self.backends[0].vnet_hdr_len == C.HDR_LEN
+        if mtu is not None:
+            self._tell_mtu(mtu)
         self.filter = RxFilter(self.mac)
         self.stats = [QueueStats() for _ in range(self.pairs)]
         self.ctrl_errors = 0
@@ -408,6 +410,26 @@ class VirtioNet(VirtioDevice):
             mac[offset : offset + len(data)] = data
             self.mac = bytes(mac)
             self.filter.mac = self.mac
+
+    def set_mtu(self, mtu: int | None) -> None:
+        """The link MTU a vhost-user front end set (NET_SET_MTU: QEMU's ``host_mtu=``, which it
+        offers the guest itself), or None for none (Ethernet's 1500); frames from the next
+        activation are sized for it.
+
+        :raises ValueError: Outside 68..65535 (the front end is told it is not supported).
+        """
+        if mtu is not None and not 68 <= mtu <= 0xFFFF:
+            raise ValueError(f"MTU {mtu} is outside 68..65535")
+        self.mtu = mtu
+        self._tell_mtu(mtu or 1500)
+
+    def _tell_mtu(self, mtu: int) -> None:
+        # A backend that builds frames itself (the user-mode stack) must keep them within the
+        # guest's MTU (§5.1.4.2); a tap's MTU is its host side's business.
+        for b in self.backends:
+            set_mtu = getattr(b, "set_mtu", None)
+            if set_mtu is not None:
+                set_mtu(mtu)
 
     def set_link(self, up: bool) -> None:
         """Carrier up or down (QMP ``set_link``); the guest hears a config change."""

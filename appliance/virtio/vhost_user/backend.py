@@ -228,6 +228,15 @@ class VhostUserBackend:
         self.protocol_features = PROTOCOL_FEATURES | (
             1 << p.ProtocolFeature.INFLIGHT_SHMFD if inflight else 0
         )
+        # A device with a link MTU (virtio-net) takes the front end's (NET_SET_MTU: QEMU sends
+        # its host_mtu= there, and without NET_MTU offered keeps it to itself, so a user-mode
+        # stack behind us would build frames the guest's MTU does not allow). The device's own
+        # is put back when the front end goes.
+        self._set_device_mtu = getattr(device, "set_mtu", None)
+        self._device_mtu = getattr(device, "mtu", None)
+        self._mtu_changed = False
+        if self._set_device_mtu is not None:
+            self.protocol_features |= 1 << p.ProtocolFeature.NET_MTU
         self._inflight: InflightArea | None = None
         self.num_queues = device.num_queues if num_queues is None else num_queues
         self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
@@ -372,6 +381,17 @@ class VhostUserBackend:
             self._inflight.close()
         self._inflight = area
         await self._reconcile()
+
+    async def _net_set_mtu(self, value: object, _fds: list[int]) -> None:
+        assert isinstance(value, int)
+        if self._set_device_mtu is None or not self._c.protocol_features >> p.ProtocolFeature.NET_MTU & 1:
+            raise ProtocolError("NET_MTU was not negotiated")
+        try:
+            self._set_device_mtu(value)
+        except ValueError as err:
+            # QEMU reports "<n>Bytes MTU not supported by the backend" and does not start.
+            raise ProtocolError(str(err)) from err
+        self._mtu_changed = True
 
     async def _get_queue_num(self, _v: object, _fds: list[int]) -> Reply:
         return Reply(p.u64(self.num_queues))
@@ -686,6 +706,9 @@ class VhostUserBackend:
         for ring in self._c.rings:
             self._stop_ring(ring)
         self.device.reset()
+        if self._mtu_changed and self._set_device_mtu is not None:
+            self._mtu_changed = False
+            self._set_device_mtu(self._device_mtu)
         if self._c.mem is not None:
             unmap(self._c.mem)
         if self._inflight is not None:
@@ -735,6 +758,7 @@ _HANDLERS: dict[p.Request, _Handler] = {
     p.Request.GET_MAX_MEM_SLOTS: VhostUserBackend._get_max_mem_slots,
     p.Request.ADD_MEM_REG: VhostUserBackend._add_mem_reg,
     p.Request.REM_MEM_REG: VhostUserBackend._rem_mem_reg,
+    p.Request.NET_SET_MTU: VhostUserBackend._net_set_mtu,
     p.Request.GET_INFLIGHT_FD: VhostUserBackend._get_inflight_fd,
     p.Request.SET_INFLIGHT_FD: VhostUserBackend._set_inflight_fd,
     p.Request.SET_STATUS: VhostUserBackend._refuse,

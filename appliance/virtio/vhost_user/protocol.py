@@ -273,6 +273,7 @@ def decode(request: int, payload: bytes) -> Payload:
             | Request.SET_PROTOCOL_FEATURES
             | Request.SET_LOG_BASE
             | Request.SET_STATUS
+            | Request.NET_SET_MTU
         ):
             if len(payload) < 8:
                 raise ProtocolError(f"{req.name} payload is {len(payload)} bytes, expected 8")
