@@ -10,6 +10,7 @@ these sockets the request is dropped and counted, as libslirp does.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -38,18 +39,53 @@ def echo_reply(request: bytes | memoryview) -> bytes:
     return bytes(msg)
 
 
-def port_unreachable(gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> bytes:
-    """Destination unreachable, code 3, quoting the guest's datagram header (RFC 792).
+# Destination Unreachable codes (RFC 792; ICMPv6: RFC 4443 §3.1).
+NET_UNREACHABLE = 0
+HOST_UNREACHABLE = 1
+PORT_UNREACHABLE = 3
+DEST_UNREACHABLE_V6 = 1
+V6_NO_ROUTE = 0
+V6_ADDRESS_UNREACHABLE = 3
+V6_PORT_UNREACHABLE = 4
+IPPROTO_ICMPV6 = 58
 
-    The quoted IP and UDP headers are rebuilt from the flow: the guest matches
-    the error to its socket by addresses and ports, which is all they carry.
+# A host socket's routing errors, as the codes a router would have sent the guest.
+_ROUTING_ERRORS = {
+    errno.ENETUNREACH: (NET_UNREACHABLE, V6_NO_ROUTE),
+    errno.EHOSTUNREACH: (HOST_UNREACHABLE, V6_ADDRESS_UNREACHABLE),
+}
+
+
+def routing_error(err: int | None) -> bool:
+    """Whether a host socket's ``err`` means the destination cannot be reached (not a refusal)."""
+    return err in _ROUTING_ERRORS
+
+
+def dest_unreachable(code: int, gip: bytes, rip: bytes, proto: int, l4_head: bytes, length: int) -> bytes:
+    """Destination Unreachable for a guest datagram, quoting its IP header and first 8 bytes (RFC 792).
+
+    The quoted header is rebuilt from the flow: the guest matches the error to its
+    socket by addresses, protocol and the ports (and, for TCP, the sequence number)
+    in those 8 bytes, which is all they need to carry (RFC 1122 §3.2.2.1).
     """
-    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + length, 0, 0, 64, IPPROTO_UDP, 0, gip, rip)
-    quoted = quoted[:10] + struct.pack("!H", checksum(quoted)) + quoted[12:]
-    quoted += struct.pack("!HHHH", gport, rport, 8 + length, 0)
-    msg = bytearray(struct.pack("!BBHI", DEST_UNREACHABLE, 3, 0, 0) + quoted)
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, min(20 + length, 0xFFFF), 0, 0, 64, proto, 0, gip, rip)
+    quoted = quoted[:10] + struct.pack("!H", checksum(quoted)) + quoted[12:] + l4_head[:8]
+    msg = bytearray(struct.pack("!BBHI", DEST_UNREACHABLE, code, 0, 0) + quoted)
     struct.pack_into("!H", msg, 2, checksum(msg))
     return bytes(msg)
+
+
+def dest_unreachable_v6(code: int, gip: bytes, rip: bytes, proto: int, l4_head: bytes, length: int) -> bytearray:
+    """ICMPv6 Destination Unreachable quoting a rebuilt IPv6 header and the first 8 bytes of the
+    guest's packet (RFC 4443 §3.1); the caller fills in the checksum with its pseudo-header."""
+    quoted = struct.pack("!IHBB16s16s", 6 << 28, min(length, 0xFFFF), proto, 64, gip, rip) + l4_head[:8]
+    return bytearray(struct.pack("!BBHI", DEST_UNREACHABLE_V6, code, 0, 0) + quoted)
+
+
+def port_unreachable(gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> bytes:
+    """Port unreachable for a guest UDP datagram of ``length`` payload bytes (RFC 792)."""
+    udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
+    return dest_unreachable(PORT_UNREACHABLE, gip, rip, IPPROTO_UDP, udp, 8 + length)
 
 
 class _PingFlow:
@@ -121,8 +157,30 @@ class Icmp:
         try:
             flow.sock.sendto(msg, (ip_str(self.net.host_side(dst)), 0))
             c.icmp_echo_forwarded += 1
-        except OSError:
+        except OSError as err:
             c.udp_dropped += 1
+            self.unreachable(err.errno, src, dst, IPPROTO_ICMPV6 if len(dst) == 16 else IPPROTO_ICMP, msg, len(msg))
+
+    def unreachable(self, err: int | None, gip: bytes, rip: bytes, proto: int, l4_head: bytes, length: int) -> bool:
+        """Tell the guest that ``rip`` cannot be reached, when a host socket's ``err`` says so.
+
+        The host's routing table is the guest's next hop: no route there ends the guest's
+        connect() or ping at once, as libslirp's error to the guest does, instead of a
+        refusal or silence. ``l4_head`` is the guest's transport header (8 bytes are quoted).
+        """
+        codes = _ROUTING_ERRORS.get(err) if err is not None else None
+        if codes is None:
+            return False
+        # From the gateway: it is the router that had no way on (RFC 1812 §4.3.2.3).
+        net = self.net
+        net.stats.icmp_unreachable_sent += 1
+        if len(gip) == 16:
+            if net.ipv6 is not None:
+                msg = dest_unreachable_v6(codes[1], gip, rip, proto, l4_head, length)
+                net.ipv6.emit_icmp(net.ipv6.router, gip, msg)
+            return True
+        net.emit_ipv4(gip, net.gateway_ip, IPPROTO_ICMP, dest_unreachable(codes[0], gip, rip, proto, l4_head, length))
+        return True
 
     def _readable(self, flow: _PingFlow) -> None:
         for _ in range(64):

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_TCP, Ipv4, ip_str, pseudo_sum, verify
+from appliance.nat.icmp import routing_error
 from appliance.nat.stats import FlowInfo
 from appliance.nat.tcp import (
     ACK,
@@ -712,14 +713,23 @@ class TcpNat:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refuse(self, conn: TcpConn) -> None:
-        """The host connect failed: the guest's SYN is answered with RST, as a real host would."""
-        if conn.state == CONNECTING:
-            self.net.stats.tcp_refused += 1
+    def _refuse(self, conn: TcpConn, err: int | None = None) -> None:
+        """The host connect failed with ``err``: the guest's SYN is answered with RST, as a real
+        host would, or, when the host has no route there, with ICMP unreachable from the gateway
+        (the guest's connect() then fails with the host's reason, as with libslirp)."""
+        if conn.state != CONNECTING:
+            return
+        self.net.stats.tcp_refused += 1
+        if routing_error(err):
+            # The quoted TCP header's first 8 bytes: the ports and the SYN's sequence number,
+            # which the guest checks against its connecting socket's (Linux: tcp_v4_err).
+            head = struct.pack("!HHI", conn.gport, conn.rport, conn.irs)
+            self.net.icmp.unreachable(err, conn.gip, conn.rip, IPPROTO_TCP, head, 20)
+        else:
             conn.rcv_nxt = 1
             conn._emit(RST | ACK, 0)
             self.net.stats.tcp_rst_sent += 1
-            conn._finish()
+        conn._finish()
 
     def _start_connect(self, conn: TcpConn, target: tuple[str, int] | str) -> None:
         if isinstance(target, str):
@@ -759,7 +769,7 @@ class TcpNat:
         if err:
             sock.close()
             self._connecting -= 1
-            self._refuse(conn)
+            self._refuse(conn, err)
             return
         self._connect_done(conn, sock, False, connected=True)
 
@@ -776,7 +786,7 @@ class TcpNat:
         if err or conn.state != CONNECTING:
             sock.close()
             if err:
-                self._guard(self._refuse, conn)
+                self._guard(self._refuse, conn, err)
             return
         # The guest gets its SYN-ACK now (it waits in connect() for it). The socket is watched
         # (HostSocket: a setsockopt and an epoll_ctl) only once the guest completes the handshake,

@@ -10,13 +10,14 @@ client appear to come from the gateway address with the client's port.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
-from appliance.nat.frames import IPPROTO_ICMP, ip_str
-from appliance.nat.icmp import port_unreachable
+from appliance.nat.frames import IPPROTO_ICMP, IPPROTO_UDP, ip_str
+from appliance.nat.icmp import V6_PORT_UNREACHABLE, dest_unreachable_v6, port_unreachable
 from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
@@ -73,9 +74,10 @@ class UdpNat:
             try:
                 sock.setblocking(False)
                 sock.connect((ip_str(target), dport))
-            except OSError:
+            except OSError as err:
                 sock.close()
                 c.udp_dropped += 1
+                self._unreachable(err, key, len(payload))
                 return
             flow = self._flows[key] = _Flow(key, sock, None, False)
             c.udp_flows += 1
@@ -91,8 +93,14 @@ class UdpNat:
         except ConnectionRefusedError:
             c.udp_dropped += 1
             self._refused(flow)
-        except OSError:
+        except OSError as err:
             c.udp_dropped += 1
+            self._unreachable(err, key, len(payload))
+
+    def _unreachable(self, err: OSError, key: FlowKey, length: int) -> None:
+        gip, gport, rip, rport = key
+        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
+        self.net.icmp.unreachable(err.errno, gip, rip, IPPROTO_UDP, udp, 8 + length)
 
     def _readable(self, flow: _Flow) -> None:
         gip, gport, rip, rport = flow.key
@@ -113,8 +121,14 @@ class UdpNat:
     def _refused(self, flow: _Flow) -> None:
         """Tell the guest, as the host was told, that nobody listens there (RFC 792, RFC 1122 §3.2.2.1)."""
         gip, gport, rip, rport = flow.key
-        if len(gip) == 4 and not flow.inbound:
+        if flow.inbound:
+            return
+        if len(gip) == 4:
             self.net.emit_ipv4(gip, rip, IPPROTO_ICMP, port_unreachable(gip, gport, rip, rport, flow.last_len))
+        elif self.net.ipv6 is not None:
+            udp = struct.pack("!HHHH", gport, rport, 8 + flow.last_len, 0)
+            msg = dest_unreachable_v6(V6_PORT_UNREACHABLE, gip, rip, IPPROTO_UDP, udp, 8 + flow.last_len)
+            self.net.ipv6.emit_icmp(rip, gip, msg)
 
     # -- hostfwd=udp -----------------------------------------------------
     def listen(self, fwd: HostForward, *, first: bool = False) -> None:

@@ -1,5 +1,7 @@
 """A real Linux guest pings past the gateway: `net-daemon --netdev user` forwards through ping sockets.
 
+And where the host has no route, the guest is told so (ICMP unreachable from the gateway).
+
 The daemon runs inside a network namespace the test makes (ping sockets need
 ``net.ipv4.ping_group_range``, which is per namespace and closed on this
 host); 192.0.2.1 on that namespace's loopback is the only host the guest
@@ -76,9 +78,14 @@ async def test_guest_ping_beyond_the_gateway_is_answered_by_the_host(ping_ns: st
             out = await g.run("ping -c 2 -W 5 -s 3000 192.0.2.1", timeout=60)
             assert "2 packets received" in out, out
             assert all("3008 bytes from" in line for line in _rtt_lines(out)), out
-            # No route in the namespace: the request leaves, nothing answers, nothing breaks.
+            # No route in the namespace: the gateway says so (ICMP net unreachable), and the
+            # guest's connect() ends at once with the host's reason, as on QEMU's libslirp.
             out = await g.run("ping -c 1 -W 2 198.51.100.7", timeout=30, check=False)
             assert "0 packets received" in out, out
+            t0 = time.monotonic()
+            out = await g.run("nc 198.51.100.7 80 </dev/null", timeout=30, check=False)
+            assert "Network is unreachable" in out, out
+            assert time.monotonic() - t0 < 10
             assert "1 packets received" in await g.run("ping -c 1 -W 5 10.0.2.2", timeout=30)
             await g.poweroff()
     finally:

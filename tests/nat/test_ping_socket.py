@@ -124,3 +124,83 @@ def test_echo_requests_go_out_through_ping_sockets_and_come_back_with_the_guests
     v6 = sorted((r["id"], r["src"], r["seq"], r["data"]) for r in out["replies"] if r["v"] == 6)
     assert v6 == [(0x5555, "fec0::2", 2, "six"), (0x6666, "2001:db8::1", 3, "far6")]
     assert out["forwarded"] == 5  # the echo to the gateway (fec0::2) is answered by the stack
+
+
+# Runs inside the namespace, which has no route but its loopback: traffic to 198.51.100.7 and
+# 2001:db8:ffff::7 cannot leave. Prints the ICMP errors the guest got, as JSON.
+NO_ROUTE_DRIVER = r"""
+import asyncio, json
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6, IPerror6
+from scapy.layers.l2 import Ether
+from appliance.nat import UserNetConfig, UserNetwork
+from tests.nat.conftest import GUEST_MAC, GW_MAC, drain, feed
+
+def guest(pkt):
+    return bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / pkt)
+
+def csum_ok(frame, layer):
+    again = frame.copy()
+    field = "chksum" if layer is ICMP else "cksum"
+    delattr(again[layer], field)
+    return getattr(Ether(bytes(again))[layer], field) == getattr(frame[layer], field)
+
+async def main():
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    far, far6 = "198.51.100.7", "2001:db8:ffff::7"
+    feed(net, guest(IP(src="10.0.2.15", dst=far) / UDP(sport=5353, dport=53) / b"query"))
+    feed(net, guest(IP(src="10.0.2.15", dst=far) / TCP(sport=40000, dport=80, flags="S", seq=123456789)))
+    feed(net, guest(IP(src="10.0.2.15", dst=far) / ICMP(type=8, id=9, seq=1) / b"ping"))
+    feed(net, guest(IPv6(src="fec0::15", dst=far6) / UDP(sport=5354, dport=53) / b"query6"))
+    feed(net, guest(IPv6(src="fec0::15", dst=far6) / TCP(sport=40001, dport=80, flags="S", seq=987654321)))
+    errors = []
+    for _ in range(200):
+        for f in (Ether(x) for x in drain(net)):
+            if ICMP in f and f[ICMP].type == 3:
+                inner = f[IPerror]
+                l4 = {6: TCPerror, 17: UDPerror}.get(inner.proto)
+                errors.append({"v": 4, "src": f[IP].src, "code": f[ICMP].code, "proto": inner.proto,
+                               "dst": inner.dst, "sport": f[l4].sport if l4 else None,
+                               "seq": f[TCPerror].seq if inner.proto == 6 else None, "csum_ok": csum_ok(f, ICMP)})
+            elif ICMPv6DestUnreach in f:
+                inner = f[IPerror6]
+                errors.append({"v": 6, "src": f[IPv6].src, "code": f[ICMPv6DestUnreach].code, "proto": inner.nh,
+                               "dst": inner.dst, "sport": int.from_bytes(bytes(inner.payload)[:2], "big"),
+                               "csum_ok": csum_ok(f, ICMPv6DestUnreach)})
+            elif TCP in f:
+                errors.append({"v": 0, "tcp_flags": str(f[TCP].flags)})
+        if len(errors) >= 5:
+            break
+        await asyncio.sleep(0.01)
+    counters = net.counters()
+    await net.stop()
+    print(json.dumps({"errors": errors, "sent": counters["icmp_unreachable_sent"],
+                      "refused": counters["tcp_refused"], "rst": counters["tcp_rst_sent"]}))
+
+asyncio.run(main())
+"""
+
+
+def test_no_route_on_the_host_comes_back_as_icmp_unreachable_from_the_gateway(ping_ns: str) -> None:
+    # As libslirp does: the guest's connect() fails with "Network is unreachable" at once,
+    # instead of "Connection refused" (RST) or a UDP/ping that is never answered.
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ping_ns, sys.executable, "-c", NO_ROUTE_DRIVER],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = sorted((e["v"], e["proto"], e["sport"], e["code"], e["src"], e["dst"]) for e in out["errors"] if e["v"])
+    assert got == [
+        (4, 1, None, 0, "10.0.2.2", "198.51.100.7"),  # net unreachable (RFC 792 code 0)
+        (4, 6, 40000, 0, "10.0.2.2", "198.51.100.7"),
+        (4, 17, 5353, 0, "10.0.2.2", "198.51.100.7"),
+        (6, 6, 40001, 0, "fec0::2", "2001:db8:ffff::7"),  # no route to destination (RFC 4443 code 0)
+        (6, 17, 5354, 0, "fec0::2", "2001:db8:ffff::7"),
+    ]
+    [tcp4] = [e for e in out["errors"] if e["v"] == 4 and e["proto"] == 6]
+    assert tcp4["seq"] == 123456789  # the guest matches the error to its SYN by this
+    assert all(e["csum_ok"] for e in out["errors"] if e["v"])
+    assert not [e for e in out["errors"] if e["v"] == 0], "no RST as well as the error"
+    assert out["sent"] == 5 and out["refused"] == 2 and out["rst"] == 0
