@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPerror6, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from appliance.nat import UserNetConfig, UserNetwork
@@ -361,6 +362,22 @@ async def test_udp_to_a_closed_host_port_returns_icmp_port_unreachable(net: User
     again = Ether(bytes(err))
     del again[ICMP].chksum
     assert Ether(bytes(again))[ICMP].chksum == err[ICMP].chksum
+
+
+async def test_udp_over_ipv6_to_a_closed_host_port_returns_icmpv6_port_unreachable(net: UserNetwork) -> None:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind(("::1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    feed(net, to_gw(IPv6(src="fec0::15", dst="fec0::2") / UDP(sport=3457, dport=port) / b"anyone6?"))
+    [err] = await wait_frames(net, lambda p: ICMPv6DestUnreach in p)
+    assert err[ICMPv6DestUnreach].code == 4  # port unreachable (RFC 4443 §3.1)
+    assert err[IPv6].src == "fec0::2" and err[IPv6].dst == "fec0::15"
+    assert err[IPerror6].src == "fec0::15" and err[IPerror6].dst == "fec0::2"
+    assert bytes(err[IPerror6].payload)[:4] == struct.pack("!HH", 3457, port)
+    again = Ether(bytes(err))
+    del again[ICMPv6DestUnreach].cksum
+    assert Ether(bytes(again))[ICMPv6DestUnreach].cksum == err[ICMPv6DestUnreach].cksum
 
 
 async def collect(net: UserNetwork, enough, timeout: float = 5.0) -> list[Ether]:
