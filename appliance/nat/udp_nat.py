@@ -112,7 +112,9 @@ class UdpNat:
             except ConnectionRefusedError:
                 self._refused(flow)  # the host got "port unreachable" for an earlier datagram
                 continue
-            except OSError:
+            except OSError as err:
+                if not flow.inbound:  # an earlier datagram met no route on the way
+                    self._unreachable(err, flow.key, flow.last_len)
                 continue
             flow.last = time.monotonic()
             flow.rx += len(data)

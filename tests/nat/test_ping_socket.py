@@ -93,6 +93,15 @@ def ping_ns() -> Iterator[str]:
         _ip("-n", name, "link", "set", "lo", "up")
         _ip("-n", name, "addr", "add", "192.0.2.1/32", "dev", "lo")
         _ip("-n", name, "addr", "add", "2001:db8::1/128", "dev", "lo")
+        # An on-link network where nothing answers ARP: 203.0.113.99 is unreachable after one
+        # 100 ms probe (the host's "no route to host" case, as against "no route" at all).
+        _ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+        _ip("-n", name, "addr", "add", "203.0.113.254/24", "dev", "v0")
+        _ip("-n", name, "link", "set", "v1", "up")
+        _ip("-n", name, "link", "set", "v0", "up")
+        for key, value in (("mcast_solicit", "1"), ("retrans_time_ms", "100")):
+            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", f"net.ipv4.neigh.v0.{key}={value}"],
+                           check=True, capture_output=True)  # fmt: skip
         subprocess.run(
             ["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
             check=True, capture_output=True,
@@ -154,6 +163,10 @@ async def main():
     feed(net, guest(IP(src="10.0.2.15", dst=far) / ICMP(type=8, id=9, seq=1) / b"ping"))
     feed(net, guest(IPv6(src="fec0::15", dst=far6) / UDP(sport=5354, dport=53) / b"query6"))
     feed(net, guest(IPv6(src="fec0::15", dst=far6) / TCP(sport=40001, dport=80, flags="S", seq=987654321)))
+    # On-link, never answers ARP: the host's connect() fails later, asynchronously. (A UDP
+    # socket hears nothing then: Linux sends no ICMP to itself about its own datagrams.)
+    near = "203.0.113.99"
+    feed(net, guest(IP(src="10.0.2.15", dst=near) / TCP(sport=40002, dport=80, flags="S", seq=55555)))
     errors = []
     for _ in range(200):
         for f in (Ether(x) for x in drain(net)):
@@ -170,7 +183,7 @@ async def main():
                                "csum_ok": csum_ok(f, ICMPv6DestUnreach)})
             elif TCP in f:
                 errors.append({"v": 0, "tcp_flags": str(f[TCP].flags)})
-        if len(errors) >= 5:
+        if len(errors) >= 6:
             break
         await asyncio.sleep(0.01)
     counters = net.counters()
@@ -195,12 +208,13 @@ def test_no_route_on_the_host_comes_back_as_icmp_unreachable_from_the_gateway(pi
     assert got == [
         (4, 1, None, 0, "10.0.2.2", "198.51.100.7"),  # net unreachable (RFC 792 code 0)
         (4, 6, 40000, 0, "10.0.2.2", "198.51.100.7"),
+        (4, 6, 40002, 1, "10.0.2.2", "203.0.113.99"),  # host unreachable (code 1), found out later
         (4, 17, 5353, 0, "10.0.2.2", "198.51.100.7"),
         (6, 6, 40001, 0, "fec0::2", "2001:db8:ffff::7"),  # no route to destination (RFC 4443 code 0)
         (6, 17, 5354, 0, "fec0::2", "2001:db8:ffff::7"),
     ]
-    [tcp4] = [e for e in out["errors"] if e["v"] == 4 and e["proto"] == 6]
-    assert tcp4["seq"] == 123456789  # the guest matches the error to its SYN by this
+    seqs = {e["sport"]: e["seq"] for e in out["errors"] if e["v"] == 4 and e["proto"] == 6}
+    assert seqs == {40000: 123456789, 40002: 55555}  # the guest matches the error to its SYN by these
     assert all(e["csum_ok"] for e in out["errors"] if e["v"])
     assert not [e for e in out["errors"] if e["v"] == 0], "no RST as well as the error"
-    assert out["sent"] == 5 and out["refused"] == 2 and out["rst"] == 0
+    assert out["sent"] == 6 and out["refused"] == 3 and out["rst"] == 0
