@@ -226,7 +226,7 @@ class Ipv6:
 
     def _send_icmp(self, src: bytes, dst: bytes, dst_mac: bytes, msg: bytearray, *, hop: int = 64) -> None:
         frame = build_l4_v6(dst_mac, self.net.host_mac, src, dst, IPPROTO_ICMPV6, msg, 2, hop=hop)
-        self.net.output(frame)
+        self.net.output_v6(frame)
 
     def emit_icmp(self, src: bytes, dst: bytes, msg: bytearray) -> None:
         mac = self.net.mac_for(dst)

@@ -61,6 +61,7 @@ DEFAULT_QUEUE_LIMIT = 2048
 DEFAULT_QUEUE_BYTES = 4 << 20
 MTU = 1500  # the guest's link MTU unless its NIC says otherwise (UserNetwork.set_mtu)
 _LOOPBACK = b"\x7f\x00\x00\x01"
+_IPPROTO_FRAGMENT = 44  # IPv6 Fragment header (RFC 8200 §4.5)
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
 _ETH = struct.Struct("!6s6sH")
@@ -155,6 +156,7 @@ class UserNetwork:
         # process, os.sched_yield() hands them the GIL for up to a switch interval.
         self.yield_after_host_wakeup = False
         self._ident = 0
+        self._ident6 = 0  # IPv6 fragment identification (RFC 8200 §4.5)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self._last_log = 0.0
@@ -536,7 +538,7 @@ class UserNetwork:
             return False
         if len(dst) == 16:
             msg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-            return self.output(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
+            return self.output_v6(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
         frame = build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident())
         if len(frame) > ETH_HLEN + self.mtu:
             return self._output_fragments(frame)
@@ -561,6 +563,37 @@ class UserNetwork:
             more = IP_MF if off + step < len(payload) else 0
             piece = build_ipv4(bytes(frame[:6]), self.host_mac, hdr[12:16], hdr[16:20], hdr[9], len(chunk),
                                ident=ident, frag=more | off // 8)  # fmt: skip
+            piece += chunk
+            self.output(piece)
+        return True
+
+    def output_v6(self, frame: bytearray) -> bool:
+        """Queue an IPv6 packet, split into fragments when it exceeds the guest's MTU.
+
+        Only the source fragments in IPv6 (RFC 8200 §4.5): an answer larger than the link,
+        such as a big EDNS0 DNS reply over UDP, would otherwise be dropped by the guest's
+        driver. The fragment header follows the IPv6 header (our packets carry no other
+        extension headers), each piece but the last holds a multiple of 8 bytes, and all
+        share one identification.
+        """
+        if len(frame) <= ETH_HLEN + self.mtu:
+            return self.output(frame)
+        l3 = ETH_HLEN
+        payload = memoryview(frame)[l3 + 40 :]
+        step = (self.mtu - 48) // 8 * 8
+        count = -(-len(payload) // step)
+        if self.tx_space() < count:
+            self.stats.tx_queue_drops += 1  # all or nothing: a partial packet is useless
+            return False
+        self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF
+        head = bytes(frame[: l3 + 40])
+        next_header = head[l3 + 6]
+        for off in range(0, len(payload), step):
+            chunk = payload[off : off + step]
+            more = 1 if off + step < len(payload) else 0
+            piece = bytearray(head)
+            struct.pack_into("!HB", piece, l3 + 4, 8 + len(chunk), _IPPROTO_FRAGMENT)
+            piece += struct.pack("!BBHI", next_header, 0, off | more, self._ident6)  # off is a multiple of 8
             piece += chunk
             self.output(piece)
         return True
