@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 from appliance.cli.options import parse_option
 from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
@@ -419,11 +417,7 @@ def main(argv: list[str]) -> int:
         await serve(args.netdevs, args.exports, stop, args.dumps, chardevs=args.chardevs, monitors=args.monitors)
 
     try:
-        # libuv's loop: an eventfd kick reaches the device ~50 us sooner than through
-        # asyncio's pure-Python selector loop (guest ping to the gateway over -netdev user,
-        # QEMU TCG: minimum RTT 0.39 -> 0.34 ms), and every frame's pass is one loop turn.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run())
+        asyncio.run(run())
     except ApplianceError as err:
         if isinstance(err, ConfigError):
             raise
