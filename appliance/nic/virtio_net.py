@@ -25,7 +25,7 @@ import logging
 import os
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 from appliance.net.backend import FrameBackend
 from appliance.net.errors import NetError
 from appliance.nic import constants as C
-from appliance.virtio.device import Interrupt, VirtioDevice
+from appliance.virtio.device import VIRTIO_F_VERSION_1, Interrupt, VirtioDevice
 from appliance.virtio.errors import QueueError
 from appliance.virtio.queue import guest_error_log
 
@@ -84,6 +84,31 @@ def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
         v[:take] = data[off : off + take]
         off += take
     return off
+
+
+def _lengthen_header(send: Callable[[Sequence[memoryview]], bool]) -> Callable[[Sequence[memoryview]], bool]:
+    """``send`` for a legacy driver's 10-byte header: the backend gets the 12-byte one it takes."""
+
+    def send_legacy(views: Sequence[memoryview]) -> bool:
+        hdr = memoryview(gather(views, C.HDR_LEN - 2) + bytes(2))
+        return send([hdr, *skip_bytes(views, C.HDR_LEN - 2)])
+
+    return send_legacy
+
+
+def _shorten_header(recv_into: Callable[[Sequence[memoryview]], int]) -> Callable[[Sequence[memoryview]], int]:
+    """``recv_into`` for a legacy driver's 10-byte header: the backend's 12-byte one loses
+    num_buffers, which only mergeable buffers have."""
+    hdr = memoryview(bytearray(C.HDR_LEN))
+
+    def recv_legacy(bufs: Sequence[memoryview]) -> int:
+        n = recv_into([hdr, *skip_bytes(bufs, C.HDR_LEN - 2)])
+        if n < 0:
+            return n
+        scatter(bufs, hdr[: C.HDR_LEN - 2])
+        return n - 2
+
+    return recv_legacy
 
 
 @dataclass
@@ -362,6 +387,9 @@ class VirtioNet(VirtioDevice):
         self._ctrl_index = 2
         self._max_rx_frame = 0
         self._mrg_rxbuf = False  # negotiated (set at activation)
+        # The header the driver lays out: 12 bytes, or 10 for a legacy driver without
+        # VIRTIO_NET_F_MRG_RXBUF (virtio 1.2 §5.1.6.1: no num_buffers field then).
+        self._hdr_len = C.HDR_LEN
         # Per pair: a host buffer for frames read while the guest has posted
         # less than the largest frame needs, and the length of the frame held
         # in it waiting for more buffers (0: none).
@@ -457,6 +485,10 @@ class VirtioNet(VirtioDevice):
         self._rx_stage = [b if b is not None and len(b) == self._max_rx_frame else None for b in self._rx_stage]
         self._rx_pending = [0] * self.pairs
         self._mrg_rxbuf = self.has_feature(C.F_MRG_RXBUF)
+        # QEMU's disable-modern=on,mrg_rxbuf=off: a legacy driver's 10-byte header. Only the
+        # paths without mergeable buffers (_tx, _rx_plain) can meet it.
+        legacy_short = not (self.has_feature(VIRTIO_F_VERSION_1) or self._mrg_rxbuf)
+        self._hdr_len = C.HDR_LEN - 2 if legacy_short else C.HDR_LEN
         self._apply_offloads(self.driver_features)
         self._run_pairs(self._active_pairs)
 
@@ -648,10 +680,12 @@ class VirtioNet(VirtioDevice):
             self._tx_quiet_timers[pair] = None
         # The per-frame loop runs on locals and counts into locals: at ~1 us a
         # frame, attribute lookups and method calls are most of the cost.
-        send = self.backends[pair].send
+        send: Callable[[Sequence[memoryview]], bool] = self.backends[pair].send
         pop_buffers, push_used_heads = q.pop_buffers, q.push_used_heads
         passthrough = self.passthrough_hdr
-        hdr_len = C.HDR_LEN
+        hdr_len = self._hdr_len
+        if passthrough and hdr_len != C.HDR_LEN:
+            send = _lengthen_header(send)
         max_len = _MAX_TX_CHAIN
         frames = nbytes = dropped = 0
         small = self._tx_small[pair]
@@ -880,11 +914,14 @@ class VirtioNet(VirtioDevice):
     def _rx_plain(self, pair: int) -> None:
         """Receive without mergeable buffers: each frame fills the first chain (§5.1.6.3.1)."""
         q = self._queues[2 * pair]
-        recv_into = self.backends[pair].recv_into
+        recv_into: Callable[[Sequence[memoryview]], int] = self.backends[pair].recv_into
         plain = self._rx_windows[pair].plain
         passthrough = self.passthrough_hdr
         flt = self.filter
-        hdr_len = C.HDR_LEN
+        hdr_len = self._hdr_len
+        if passthrough and hdr_len != C.HDR_LEN:
+            recv_into = _shorten_header(recv_into)
+        own_hdr = C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, 1)[:hdr_len]
         push_used = q.push_used
         frames = nbytes = dropped = filtered = 0
         drained = False
@@ -924,7 +961,7 @@ class VirtioNet(VirtioDevice):
                     filtered += 1
                     continue
                 if not passthrough:
-                    scatter(bufs, C.HDR.pack(0, C.GSO_NONE, 0, 0, 0, 0, 1))
+                    scatter(bufs, own_hdr)
                 plain.popleft()
                 push_used(head, n)
                 frames += 1
