@@ -16,7 +16,9 @@ dropped and counted.
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from appliance.nat.frames import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4, fold, ones_sum, verify
@@ -38,6 +40,11 @@ NEIGHBOR_ADVERT = 136
 LINK_LOCAL_ROUTER = ipaddress.IPv6Address("fe80::2").packed
 ALL_NODES = ipaddress.IPv6Address("ff02::1").packed
 ROUTER_LIFETIME = 1800
+# Unsolicited advertisements (RFC 4861 §6.2.1 defaults): a random interval between
+# MinRtrAdvInterval (0.33 x Max) and MaxRtrAdvInterval, so the router lifetime above
+# (3 x Max) never runs out on a guest that solicited only once, at boot.
+MAX_RTR_ADV_INTERVAL = 600.0
+MIN_RTR_ADV_INTERVAL = 198.0
 VALID_LIFETIME = 86400
 PREFERRED_LIFETIME = 14400
 
@@ -121,6 +128,15 @@ class Ipv6:
         self.router = cfg.ipv6_host.packed
         self.dns = cfg.ipv6_dns.packed
         self.local = {self.router, self.dns, LINK_LOCAL_ROUTER}
+        # When the next unsolicited advertisement is due; None until the guest shows it
+        # speaks IPv6 (any packet of its), so a guest that never does sees none.
+        self.next_ra: float | None = None
+
+    def expire(self, now: float) -> None:
+        """Housekeeping: the periodic unsolicited Router Advertisement (RFC 4861 §6.2.4)."""
+        if self.next_ra is not None and now >= self.next_ra:
+            self.next_ra = now + random.uniform(MIN_RTR_ADV_INTERVAL, MAX_RTR_ADV_INTERVAL)
+            self.send_ra(ALL_NODES, multicast_mac(ALL_NODES))
 
     def in_prefix(self, addr: bytes) -> bool:
         return ipaddress.IPv6Address(addr) in self.prefix
@@ -134,6 +150,10 @@ class Ipv6:
         if pkt is None:
             st.truncated += 1
             return
+        if self.next_ra is None:
+            # A guest that was up before us (a daemon restarted under it) solicits no more:
+            # it gets the next advertisement within MaxRtrAdvInterval all the same.
+            self.next_ra = time.monotonic() + random.uniform(MIN_RTR_ADV_INTERVAL, MAX_RTR_ADV_INTERVAL)
         if pkt.src == bytes(16):
             # A host without an address yet: its Router Solicitation is answered to all
             # nodes (RFC 4861 §6.2.6); duplicate address detection probes need no answer.

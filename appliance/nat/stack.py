@@ -275,6 +275,8 @@ class UserNetwork:
             self.dns.expire(now)
             if self.tftp is not None:
                 self.tftp.expire(now)
+            if self.ipv6 is not None:
+                self.ipv6.expire(now)
             self.tcp.expire(now)
         except Exception:  # noqa: BLE001 - housekeeping must outlive any bug
             self._internal_error()

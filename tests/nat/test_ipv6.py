@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from scapy.layers.inet import TCP, UDP
@@ -64,6 +65,30 @@ async def test_router_solicitation_gets_an_advertisement_with_slaac_prefix_and_r
     assert pi.prefix == "fec0::" and pi.prefixlen == 64 and pi.A == 1 and pi.L == 1
     assert ra[ICMPv6NDOptRDNSS].dns == ["fec0::3"]
     assert ra[ICMPv6NDOptSrcLLAddr].lladdr == GW_MAC
+
+
+async def test_router_advertisements_repeat_unsolicited_once_the_guest_speaks_ipv6(net: UserNetwork) -> None:
+    # The router lifetime is 1800 s and Linux solicits only when its link comes up: without
+    # advertisements of our own (RFC 4861 §6.2.4) a guest's IPv6 default route dies after 30 min.
+    assert net.ipv6 is not None
+    now = time.monotonic()
+    net.ipv6.expire(now + 100_000)
+    assert drain(net) == []  # a guest that never spoke IPv6 hears nothing
+    rs = Ether(src=GUEST_MAC, dst="33:33:00:00:00:02") / IPv6(src=LL6, dst="ff02::2", hlim=255) / ICMPv6ND_RS()
+    feed(net, bytes(rs))
+    assert len(drain(net)) == 1  # the solicited one
+    due = net.ipv6.next_ra
+    assert due is not None and now + 198 <= due <= time.monotonic() + 600
+    net.ipv6.expire(due - 1)
+    assert drain(net) == []
+    for _ in range(2):
+        due = net.ipv6.next_ra
+        assert due is not None
+        net.ipv6.expire(due)
+        [ra] = [Ether(f) for f in drain(net)]
+        assert ra[Ether].dst == "33:33:00:00:00:01" and ra[IPv6].dst == "ff02::1" and ra[IPv6].hlim == 255
+        assert ra[ICMPv6ND_RA].routerlifetime == 1800 and ra[ICMPv6NDOptPrefixInfo].prefix == "fec0::"
+        assert net.ipv6.next_ra is not None and due + 198 <= net.ipv6.next_ra <= due + 600
 
 
 async def test_neighbor_solicitation_for_router_is_answered(net: UserNetwork) -> None:
