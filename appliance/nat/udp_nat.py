@@ -23,7 +23,10 @@ from appliance.nat.stats import FlowInfo
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
-IDLE_TIMEOUT = 120.0
+# As libslirp (SO_EXPIRE, SO_EXPIREFAST): a flow lives 240 s past its last datagram, but one
+# to port 53 only 10 s past an answer, so a resolver's one-query source ports do not fill the table.
+IDLE_TIMEOUT = 240.0
+ANSWERED_DNS_TIMEOUT = 10.0
 MAX_FLOWS = 512
 _BATCH = 64
 
@@ -31,13 +34,14 @@ FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip (as t
 
 
 class _Flow:
-    __slots__ = ("key", "sock", "peer", "last", "inbound", "rx", "tx", "last_len")
+    __slots__ = ("key", "sock", "peer", "last", "timeout", "inbound", "rx", "tx", "last_len")
 
     def __init__(self, key: FlowKey, sock: socket.socket, peer: tuple[str, int] | None, inbound: bool) -> None:
         self.key = key
         self.sock = sock
         self.peer = peer  # None: connected socket; else sendto this address (hostfwd)
         self.last = time.monotonic()
+        self.timeout = IDLE_TIMEOUT
         self.inbound = inbound
         self.rx = 0
         self.tx = 0
@@ -83,6 +87,7 @@ class UdpNat:
             c.udp_flows += 1
             self.net.loop.add_reader(sock.fileno(), self._readable, flow)
         flow.last = time.monotonic()
+        flow.timeout = IDLE_TIMEOUT
         try:
             if flow.peer is None:
                 flow.sock.send(payload)
@@ -117,6 +122,7 @@ class UdpNat:
                     self._unreachable(err, flow.key, flow.last_len)
                 continue
             flow.last = time.monotonic()
+            flow.timeout = ANSWERED_DNS_TIMEOUT if rport == 53 else IDLE_TIMEOUT
             flow.rx += len(data)
             self.net.emit_udp(gip, gport, rip, rport, data)
 
@@ -198,7 +204,7 @@ class UdpNat:
             flow.sock.close()
 
     def expire(self, now: float) -> None:
-        for flow in [f for f in self._flows.values() if now - f.last > IDLE_TIMEOUT]:
+        for flow in [f for f in self._flows.values() if now - f.last > f.timeout]:
             self._close(flow)
 
     def __len__(self) -> int:
@@ -223,7 +229,7 @@ class UdpNat:
                 out.append(FlowInfo("UDP[HOST_FORWARD]", "", host[0], host[1], ip_str(gip), gport, 0, 0, fd))
             else:
                 # QEMU shows how long an idle flow has left before it is dropped.
-                left = max(0, int(IDLE_TIMEOUT - (now - f.last)))
+                left = max(0, int(f.timeout - (now - f.last)))
                 out.append(FlowInfo("UDP", f"{ip_str(rip)}:{rport}", host[0], host[1], ip_str(gip), gport,
                                     0, 0, fd, f"UDP[{left} sec]"))
         return out

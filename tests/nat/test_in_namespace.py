@@ -1,10 +1,14 @@
-"""Guest echo requests forwarded through the host's unprivileged ping sockets.
+"""The user-mode stack where it needs a network namespace of its own.
 
-``net.ipv4.ping_group_range`` is per network namespace. The host's own range
-here forbids these sockets (tests/nat/test_services.py covers that case), so
-the forwarding path runs in a namespace this test makes, with the range
-opened and 192.0.2.1 and 2001:db8::1 on its loopback as the host to reach. The
-stack runs in a child process inside it, driven with scapy-built frames.
+- Guest echo requests forwarded through the host's unprivileged ping sockets:
+  ``net.ipv4.ping_group_range`` is per namespace, and the host's own range here
+  forbids them (tests/nat/test_services.py covers that case).
+- Host routing errors (no route; an on-link address nobody answers) told to the
+  guest as ICMP unreachable.
+- UDP flows to port 53, which needs a loopback port 53 nobody else holds.
+
+The namespace has 192.0.2.1 and 2001:db8::1 on its loopback as hosts to reach;
+the stack runs in a child process inside it, driven with scapy-built frames.
 """
 
 from __future__ import annotations
@@ -218,3 +222,54 @@ def test_no_route_on_the_host_comes_back_as_icmp_unreachable_from_the_gateway(pi
     assert all(e["csum_ok"] for e in out["errors"] if e["v"])
     assert not [e for e in out["errors"] if e["v"] == 0], "no RST as well as the error"
     assert out["sent"] == 6 and out["refused"] == 3 and out["rst"] == 0
+
+
+DNS_FLOW_DRIVER = r"""
+import asyncio, json, socket, time
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from appliance.nat import UserNetConfig, UserNetwork, udp_nat
+from tests.nat.conftest import GUEST_MAC, GW_MAC, drain, feed
+
+async def main():
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns.bind(("127.0.0.1", 53))  # free: this namespace is the test's own
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 5353))
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    for port, srv in ((53, dns), (5353, other)):
+        feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src="10.0.2.15", dst="10.0.2.2")
+                        / UDP(sport=40000 + port, dport=port) / b"q"))
+        data, peer = srv.recvfrom(100)
+        srv.sendto(b"a", peer)
+    for _ in range(500):  # both answers in: each flow has had its reply
+        await asyncio.sleep(0.01)
+        drain(net)
+        if all(f.rx for f in net.udp._flows.values()):
+            break
+    now = time.monotonic()
+    rows = sorted(f.label for f in net.udp.flows())
+    net.udp.expire(now + udp_nat.ANSWERED_DNS_TIMEOUT + 1)
+    after_dns = sorted(k[3] for k in net.udp._flows)
+    net.udp.expire(now + udp_nat.IDLE_TIMEOUT + 1)
+    print(json.dumps({"rows": rows, "after_dns": after_dns, "after_idle": len(net.udp._flows)}))
+    await net.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_an_answered_flow_to_port_53_expires_after_10_s_others_after_240(ping_ns: str) -> None:
+    # libslirp's SO_EXPIREFAST and SO_EXPIRE: a resolver's one-query source ports would
+    # otherwise hold a host socket each for 4 minutes.
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ping_ns, sys.executable, "-c", DNS_FLOW_DRIVER],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    left = sorted(int(label.removeprefix("UDP[").removesuffix(" sec]")) for label in out["rows"])
+    assert 9 <= left[0] <= 10 and 239 <= left[1] <= 240, out  # what info usernet shows
+    assert out["after_dns"] == [5353]
+    assert out["after_idle"] == 0
