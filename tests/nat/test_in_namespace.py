@@ -89,6 +89,16 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def _run(ns: str, driver: str) -> dict:
+    """Run a driver script inside the namespace; what it printed last, as JSON."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", driver],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture
 def ping_ns() -> Iterator[str]:
     name = f"appl-ping-{os.getpid()}"
@@ -116,12 +126,7 @@ def ping_ns() -> Iterator[str]:
 
 
 def test_echo_requests_go_out_through_ping_sockets_and_come_back_with_the_guests_identifier(ping_ns: str) -> None:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ping_ns, sys.executable, "-c", DRIVER],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run(ping_ns, DRIVER)
     assert out["unpermitted"] == 0
     v4 = sorted((r["id"], r["src"], r["dst"], r["type"], r["seq"], r["data"]) for r in out["replies"] if r["v"] == 4)
     # The kernel's ping socket rewrites the identifier to its own; the guest gets its own back,
@@ -202,12 +207,7 @@ asyncio.run(main())
 def test_no_route_on_the_host_comes_back_as_icmp_unreachable_from_the_gateway(ping_ns: str) -> None:
     # As libslirp does: the guest's connect() fails with "Network is unreachable" at once,
     # instead of "Connection refused" (RST) or a UDP/ping that is never answered.
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ping_ns, sys.executable, "-c", NO_ROUTE_DRIVER],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run(ping_ns, NO_ROUTE_DRIVER)
     got = sorted((e["v"], e["proto"], e["sport"], e["code"], e["src"], e["dst"]) for e in out["errors"] if e["v"])
     assert got == [
         (4, 1, None, 0, "10.0.2.2", "198.51.100.7"),  # net unreachable (RFC 792 code 0)
@@ -263,12 +263,7 @@ asyncio.run(main())
 def test_an_answered_flow_to_port_53_expires_after_10_s_others_after_240(ping_ns: str) -> None:
     # libslirp's SO_EXPIREFAST and SO_EXPIRE: a resolver's one-query source ports would
     # otherwise hold a host socket each for 4 minutes.
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ping_ns, sys.executable, "-c", DNS_FLOW_DRIVER],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run(ping_ns, DNS_FLOW_DRIVER)
     left = sorted(int(label.removeprefix("UDP[").removesuffix(" sec]")) for label in out["rows"])
     assert 9 <= left[0] <= 10 and 239 <= left[1] <= 240, out  # what info usernet shows
     assert out["after_dns"] == [5353]

@@ -17,17 +17,9 @@ from scapy.layers.l2 import Ether
 
 from appliance.nat import UserNetwork
 
-from .conftest import GUEST_MAC, GW_MAC, drain, feed
+from .conftest import GUEST_MAC, GW_MAC, feed
 from .test_ipv6 import GUEST6, ROUTER6, needs_v6
-
-
-async def _frames(net: UserNetwork, enough, timeout: float = 5.0) -> list[Ether]:
-    got: list[Ether] = []
-    async with asyncio.timeout(timeout):
-        while not enough(got):
-            got += [Ether(f) for f in drain(net)]
-            await asyncio.sleep(0.005)
-    return got
+from .test_services import collect
 
 
 @needs_v6
@@ -44,7 +36,7 @@ async def test_a_udp_answer_larger_than_the_mtu_arrives_in_fragments_that_reasse
         answers = [os.urandom(4000), os.urandom(1000)]
         for data in answers:
             await loop.sock_sendto(srv, data, peer)
-        got = await _frames(net, lambda fs: sum(1 for f in fs if IPv6 in f) >= 4)
+        got = await collect(net, lambda fs: sum(1 for f in fs if IPv6 in f) >= 4)
         pieces = [f for f in got if IPv6ExtHdrFragment in f]
         assert len(pieces) == 3  # 4000 bytes + 8 of UDP header over a 1500-byte link
         assert all(len(f) - 14 <= 1500 for f in got)
