@@ -11,6 +11,7 @@ DEB_PACKAGES=(
   qemu-utils qemu-system-x86 qemu-system-common
   acpica-tools iproute2 nftables tcpdump tshark
   passt ethtool
+  isc-dhcp-client dhcpcd-base
 )
 
 missing=()

@@ -1,0 +1,247 @@
+"""DHCP and DNS clients we did not write, against our stack: ISC dhclient, dhcpcd and busybox
+udhcpc/nslookup run in a network namespace made by the test.
+
+The client's end of a veth pair is in the namespace; the other end is read and
+written with an AF_PACKET socket by a :class:`UserNetwork` in this process, so
+the namespace's interface plays the guest's NIC. The clients' scripts only log
+what they were given (nothing on the host is configured by them); traffic
+stays on the veth pair, and DNS goes to a resolver this test runs on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from appliance.nat import UserNetConfig, UserNetwork
+from tests.conftest import needs_root
+from tests.net.netns import inside, namespace, sh
+
+pytestmark = needs_root
+
+MAC = "52:54:00:12:34:56"
+MAC_BYTES = bytes.fromhex(MAC.replace(":", ""))
+IP15 = bytes([10, 0, 2, 15])
+OPTIONS = "hostname=vm1,domainname=lab.test,dnssearch=lab.test,dnssearch=example.test"
+
+
+def needs(program: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(shutil.which(program) is None, reason=f"{program} is not installed")
+
+
+@dataclasses.dataclass
+class Wire:
+    net: UserNetwork
+    ns: str
+    ifname: str
+    tmp: Path
+
+    def run(self, *args: str, timeout: float = 30.0) -> str:
+        """A command in the namespace; its output (stdout and stderr)."""
+        p = subprocess.run(["ip", "netns", "exec", self.ns, *args], capture_output=True, text=True,
+                           timeout=timeout, check=False)  # fmt: skip
+        return p.stdout + p.stderr
+
+    async def arun(self, *args: str, timeout: float = 30.0) -> str:
+        return await asyncio.to_thread(self.run, *args, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def wire(tmp: Path, options: str = OPTIONS, nameservers: tuple[tuple[str, int], ...] = ()) -> AsyncIterator[Wire]:
+    """Our stack on one end of a veth pair whose other end (``ifname``, MAC 52:54:00:12:34:56)
+    is in a new namespace."""
+    cfg = dataclasses.replace(UserNetConfig.from_string("user," + options), nameservers=nameservers)
+    with namespace() as ns:
+        ifname = "c" + ns[-8:]
+        sh("ip", "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", "stack0")
+        sh("ip", "-n", ns, "link", "set", ifname, "address", MAC)
+        for dev in ("lo", ifname, "stack0"):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.stack0.disable_ipv6=1")
+        # The stack checks UDP checksums: veth would leave them to an offload that never comes.
+        sh("ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off")
+        with inside(ns):
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        sock.bind(("stack0", 0))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        buf = memoryview(bytearray(65536))
+        w = Wire(UserNetwork(cfg), ns, ifname, tmp)
+
+        def to_client() -> None:
+            while (n := w.net.recv_into([buf])) >= 0:
+                with contextlib.suppress(OSError):
+                    sock.send(buf[:n])
+
+        def from_client() -> None:
+            for _ in range(64):
+                try:
+                    frame = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                w.net.send([memoryview(frame)])
+            to_client()
+
+        async def restart() -> None:
+            """A new stack on the same wire, as when QEMU is started again."""
+            await w.net.stop()
+            w.net = UserNetwork(cfg)
+            await w.net.start()
+            w.net.set_ready_callback(to_client)
+
+        await w.net.start()
+        w.net.set_ready_callback(to_client)
+        w.restart = restart  # type: ignore[attr-defined]
+        loop.add_reader(sock.fileno(), from_client)
+        try:
+            yield w
+        finally:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+            await w.net.stop()
+
+
+def log_script(path: Path, log: Path, variables: str, apply: str = "") -> Path:
+    """A client hook script that appends ``variables`` to ``log``, then runs ``apply`` (in the
+    namespace: it is the client's)."""
+    path.write_text(f'#!/bin/sh\necho "{variables}" >> {log}\n{apply}\nexit 0\n')
+    path.chmod(0o755)
+    return path
+
+
+# dhclient leaves addresses to its script; RELEASE and renewals go out from the leased address.
+DHCLIENT_APPLY = """case "$reason" in
+BOUND|RENEW|REBIND|REBOOT) ip -4 addr flush dev "$interface"; ip addr add "$new_ip_address/24" dev "$interface" ;;
+RELEASE|EXPIRE|FAIL|STOP) ip -4 addr flush dev "$interface" ;;
+esac"""
+
+
+def lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@needs("dhclient")
+async def test_isc_dhclient_lease_options_release_and_init_reboot(tmp_path: Path) -> None:
+    log = tmp_path / "events"
+    script = log_script(tmp_path / "hook", log, "$reason ip=$new_ip_address server=$new_dhcp_server_identifier "
+                        "lease=$new_dhcp_lease_time router=$new_routers dns=$new_domain_name_servers "
+                        "domain=$new_domain_name search=$new_domain_search host=$new_host_name "
+                        "bcast=$new_broadcast_address mask=$new_subnet_mask", DHCLIENT_APPLY)  # fmt: skip
+    common = ["-sf", str(script), "-lf", str(tmp_path / "leases"), "-pf", str(tmp_path / "pid")]
+    async with wire(tmp_path) as w:
+        # -1: one try; dhclient forks once bound, the pid file says where it went.
+        out = await w.arun("dhclient", "-v", "-1", *common, w.ifname)
+        assert "bound to 10.0.2.15" in out, out
+        bound = next(ln for ln in lines(log) if ln.startswith("BOUND "))
+        for want in ("ip=10.0.2.15", "server=10.0.2.2", "lease=86400", "router=10.0.2.2", "dns=10.0.2.3",
+                     "domain=lab.test", "search=lab.test. example.test.", "host=vm1", "bcast=10.0.2.255",
+                     "mask=255.255.255.0"):  # fmt: skip
+            assert want in bound, (want, bound)
+        # -r: RELEASE (and the running dhclient stops); the lease is gone from our table. As
+        # dhcpcd below, the address goes right after the datagram: 10.0.2.2 is resolved first.
+        await w.arun("ip", "neigh", "replace", "10.0.2.2", "lladdr", "52:55:0a:00:02:02", "dev", w.ifname)
+        out = await w.arun("dhclient", "-v", "-r", *common, w.ifname)
+        assert "DHCPRELEASE of 10.0.2.15" in out, out
+        async with asyncio.timeout(5):
+            while MAC_BYTES in w.net.dhcp.leases:
+                await asyncio.sleep(0.05)
+        out = await w.arun("dhclient", "-v", "-1", *common, w.ifname)
+        assert "bound to 10.0.2.15" in out, out
+        await w.arun("dhclient", "-x", *common, w.ifname)
+        # A new stack (QEMU restarted): dhclient asks for its remembered address (INIT-REBOOT) and keeps it.
+        await w.restart()  # type: ignore[attr-defined]
+        out = await w.arun("dhclient", "-v", "-1", *common, w.ifname)
+        assert "DHCPREQUEST for 10.0.2.15" in out and "bound to 10.0.2.15" in out, out
+        assert "DHCPDISCOVER" not in out, out
+        await w.arun("dhclient", "-x", *common, w.ifname)
+
+
+@needs("dhcpcd")
+async def test_dhcpcd_lease_options_rebind_and_release(tmp_path: Path) -> None:
+    log = tmp_path / "events"
+    script = log_script(tmp_path / "hook", log, "$reason ip=$new_ip_address router=$new_routers "
+                        "dns=$new_domain_name_servers domain=$new_domain_name search=$new_domain_search "
+                        "host=$new_host_name lease=$new_dhcp_lease_time bcast=$new_broadcast_address")  # fmt: skip
+    opts = ["-4", "-f", "/dev/null", "-c", str(script), "--noarp"]
+    for o in ("routers", "domain_name_servers", "domain_name", "domain_search", "host_name", "broadcast_address"):
+        opts += ["-o", o]
+    async with wire(tmp_path) as w:
+        lease_file = Path(f"/var/lib/dhcpcd/{w.ifname}.lease")
+        try:
+            await w.arun("dhcpcd", *opts, w.ifname)  # goes to the background, bound or about to be
+            async with asyncio.timeout(20):
+                while not any(ln.startswith("BOUND ") for ln in lines(log)):
+                    await asyncio.sleep(0.05)
+            bound = next(ln for ln in lines(log) if ln.startswith("BOUND "))
+            for want in ("ip=10.0.2.15", "router=10.0.2.2", "dns=10.0.2.3", "domain=lab.test",
+                         "search=lab.test example.test", "host=vm1", "lease=86400", "bcast=10.0.2.255"):  # fmt: skip
+                assert want in bound, (want, bound)
+            first = w.net.dhcp.leases[MAC_BYTES].expires
+            await w.arun("dhcpcd", "-4", "-n", w.ifname)  # rebind: REQUESTs for its address, ACKed
+            async with asyncio.timeout(10):
+                while w.net.dhcp.leases[MAC_BYTES].expires == first:
+                    await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):  # the daemon is done with the rebind before it is told to release
+                while not any(ln.startswith(("RENEW ", "REBIND ")) for ln in lines(log)):
+                    await asyncio.sleep(0.05)
+            # dhcpcd sends its RELEASE once and drops the address right after: with 10.0.2.2 not
+            # yet in the neighbour table the datagram can be lost while ARP resolves it.
+            await w.arun("ip", "neigh", "replace", "10.0.2.2", "lladdr", "52:55:0a:00:02:02", "dev", w.ifname)
+            await w.arun("dhcpcd", "-4", "-k", w.ifname)  # release, and the daemon stops
+            async with asyncio.timeout(10):
+                while MAC_BYTES in w.net.dhcp.leases:
+                    await asyncio.sleep(0.05)
+            assert lines(log)[-1].startswith("STOPPED"), lines(log)
+        finally:
+            await w.arun("dhcpcd", "-4", "-x", w.ifname)
+            lease_file.unlink(missing_ok=True)
+
+
+async def test_busybox_udhcpc_with_broadcast_flag_and_nslookup(tmp_path: Path) -> None:
+    """busybox udhcpc -B from the host's busybox, then nslookup of the gateway's names (A and
+    AAAA, any case) and of a forwarded name answered by a resolver on loopback."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed")
+
+    class Resolver(asyncio.DatagramProtocol):
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+            # One A record (192.0.2.7) for an A question, NODATA otherwise.
+            qend = data.index(b"\0", 12) + 5
+            is_a = data[qend - 4 : qend - 2] == b"\0\1"
+            rr = b"\xc0\x0c\0\1\0\1\0\0\0\x3c\0\4" + bytes([192, 0, 2, 7]) if is_a else b""
+            head = data[:2] + b"\x81\x80" + b"\0\1" + (b"\0\1" if is_a else b"\0\0") + b"\0\0\0\0"
+            self.transport.sendto(head + data[12:qend] + rr, addr)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Resolver, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    log = tmp_path / "events"
+    script = log_script(tmp_path / "hook", log, "$1 ip=$ip router=$router dns=$dns domain=$domain search=$search")
+    try:
+        async with wire(tmp_path, nameservers=(("127.0.0.1", port),)) as w:
+            out = await w.arun(busybox, "udhcpc", "-B", "-q", "-n", "-t", "3", "-O", "search", "-s", str(script),
+                               "-i", w.ifname)  # fmt: skip
+            assert "lease of 10.0.2.15 obtained" in out, out
+            assert any(ln.startswith("bound ip=10.0.2.15 router=10.0.2.2 dns=10.0.2.3 domain=lab.test "
+                                     "search=lab.test example.test") for ln in lines(log)), lines(log)  # fmt: skip
+            await w.arun("ip", "addr", "add", "10.0.2.15/24", "dev", w.ifname)
+            out = await w.arun(busybox, "nslookup", "GateWay", "10.0.2.3")
+            assert "Address: 10.0.2.2" in out and "Address: fec0::2" in out, out
+            out = await w.arun(busybox, "nslookup", "-type=AAAA", "dns.LAB.test", "10.0.2.3")
+            assert "Address: fec0::3" in out, out
+            out = await w.arun(busybox, "nslookup", "-type=A", "www.example.test", "10.0.2.3")
+            assert "Address: 192.0.2.7" in out, out
+    finally:
+        transport.close()
