@@ -261,6 +261,11 @@ class Rig:
             if vcpu:
                 out["guest_vcpu_cpu_ms_per_conn"] = (cpu_seconds(vcpu) - vcpu0) * 1e3 / max(len(acc), 1)
                 out["guest_vcpu_wait_ms_per_conn"] = (runq_wait_seconds(vcpu) - vwait0) * 1e3 / max(len(acc), 1)
+                if out["connections_per_s"] > 0:
+                    # What is left of a connection's wall time: the guest halted, waiting on the stack.
+                    out["guest_idle_ms_per_conn"] = max(0.0, 1e3 / out["connections_per_s"]
+                                                        - out["guest_vcpu_cpu_ms_per_conn"]
+                                                        - out["guest_vcpu_wait_ms_per_conn"])  # fmt: skip
         return out
 
 
@@ -315,7 +320,7 @@ async def main_async(
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
     per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_vcpu_cpu_ms_per_conn",
-                "guest_vcpu_wait_ms_per_conn", "guest_irqs_per_conn"]
+                "guest_vcpu_wait_ms_per_conn", "guest_idle_ms_per_conn", "guest_irqs_per_conn"]
     rows = metrics + (per_conn if "connections_per_s" in metrics else [])
     for metric in rows:
         vals = {
@@ -336,6 +341,7 @@ async def main_async(
         print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
         print("guest_vcpu_cpu_ms_per_conn: CPU of the guest's TCG vCPU thread (the guest's own work and its exits)")
         print("guest_vcpu_wait_ms_per_conn: time the vCPU thread was runnable but waited for a host CPU")
+        print("guest_idle_ms_per_conn: the rest of a connection's wall time: the guest halted, waiting on the stack")
         print("guest_irqs_per_conn: interrupts the guest took from virtio devices (/proc/interrupts) per connection")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
