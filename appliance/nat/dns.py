@@ -42,6 +42,7 @@ _OPCODE = 0x7800  # RFC 1035 §4.1.1: 0 is a standard query
 FLAG_TC = 0x0200
 UDP_PLAIN = 512  # RFC 1035 §4.2.1: the most a client without EDNS0 takes over UDP
 UDP_OURS = 1232  # the payload size our own answers advertise (DNS flag day 2020)
+RCODE_SERVFAIL = 2
 RCODE_BADVERS = 16  # RFC 6891 §6.1.3, carried in the OPT record's extended RCODE
 
 
@@ -171,6 +172,18 @@ def answer(
     return head + msg[_HEADER.size : qend] + records + opt
 
 
+def failure(query: bytes, qend: int, qid: int, rcode: int) -> bytes:
+    """An answer-less response with ``rcode`` (RFC 1035 §4.1.1) echoing the question, with an
+    OPT record when the query had one (RFC 6891 §7)."""
+    flags = int.from_bytes(query[2:4], "big")
+    head = _HEADER.pack(qid, 0x8000 | (flags & (_OPCODE | 0x0100)) | 0x0080 | rcode, 1, 0, 0, 0)
+    found = find_opt(query, qend)
+    if found is None:
+        return head + query[_HEADER.size : qend]
+    opt = b"\0" + struct.pack("!HHIH", TYPE_OPT, UDP_OURS, 0, 0)
+    return head[:-2] + b"\0\1" + query[_HEADER.size : qend] + opt
+
+
 def truncated(reply: bytes, question: bytes) -> bytes:
     """What a resolver sends when the answer does not fit (RFC 1035 §4.1.1, RFC 2181 §9):
     the header with TC set, the question, and the OPT record if the answer has one
@@ -255,7 +268,10 @@ class DnsProxy:
             c.restricted += 1  # restrict=on: nothing reaches the host's resolvers (local names still answer)
             return
         if not self.servers:
+            # No resolver to ask: say so now (as a resolver whose upstreams all fail does)
+            # rather than leave the guest waiting out its timeouts.
             c.dns_dropped += 1
+            self._reply(src, sport, dst, failure(msg, qend, qid, RCODE_SERVFAIL))
             return
         self._expire(time.monotonic())
         if len(self._pending) >= MAX_PENDING or len(msg) > MAX_QUERY:
@@ -324,6 +340,8 @@ class DnsProxy:
             else:
                 del self._pending[k]
                 self.net.stats.dns_dropped += 1
+                qend = _HEADER.size + len(q.question)
+                self._reply(q.guest, q.gport, q.dns_ip, failure(q.wire, qend, q.qid, RCODE_SERVFAIL))
 
     def expire(self, now: float) -> None:
         self._expire(now)

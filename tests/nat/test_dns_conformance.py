@@ -230,3 +230,39 @@ async def test_tcp_to_the_dns_address_on_another_port_is_refused() -> None:
             await c2.wait(lambda: c2.reset, 10)
     finally:
         await net.stop()
+
+
+async def test_query_with_no_upstream_gets_servfail_at_once() -> None:
+    """No resolver configured (an empty resolv.conf): RCODE 2 with the question and the guest's
+    id, an OPT record for an EDNS query (was: silence, the guest waited out its timeouts)."""
+    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=()))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            s = Setup(net, Resolver(bytes), g, 0)
+            a = await ask(s, q("www.example", 0x5151), timeout=1)
+            assert (a.id, a.qr, a.rcode, a.ancount, a.arcount) == (0x5151, 1, 2, 0, 0)
+            assert a.qd[0].qname == b"www.example." and a.rd == 1
+            a = await ask(s, q("www.example", 0x5152, edns=1232), timeout=1)
+            assert a.rcode == 2 and opt_of(a) is not None
+    finally:
+        await net.stop()
+
+
+async def test_query_whose_upstreams_stay_silent_gets_servfail(monkeypatch) -> None:
+    from appliance.nat import dns as dnsmod
+
+    monkeypatch.setattr(dnsmod, "PER_SERVER_TIMEOUT", 0.05)
+    loop = asyncio.get_running_loop()
+    silent, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    port = silent.get_extra_info("sockname")[1]
+    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=(("127.0.0.1", port),) * 2))
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            a = await ask(Setup(net, Resolver(bytes), g, port), q("slow.example", 0x6161), timeout=5)
+            assert (a.id, a.rcode, a.qd[0].qname) == (0x6161, 2, b"slow.example.")
+            assert net.dns.pending() == 0
+    finally:
+        await net.stop()
+        silent.close()
