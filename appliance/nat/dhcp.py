@@ -314,6 +314,11 @@ class DhcpServer:
 
     # -- the table -------------------------------------------------------
     def _offer(self, m: Message, lease: Lease | None) -> None:
+        if lease is not None and lease.state is LeaseState.BOUND:
+            # RFC 2131 §4.3.1: the client's current binding. It stays bound: a DISCOVER
+            # alone does not give the address up (it may still be in use).
+            self._reply(m, OFFER, lease.ip)
+            return
         ip = lease.ip if lease is not None else self._allocate(m.chaddr, m.requested)
         if ip is None:
             return  # pool exhausted: stay silent, the client retries (RFC 2131 §4.3.1)

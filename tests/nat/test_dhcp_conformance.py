@@ -418,3 +418,19 @@ async def test_client_options_overloaded_into_file_and_sname_are_read(net: UserN
 async def test_server_ignores_its_own_and_other_servers_replies(net: UserNetwork) -> None:
     for t in (2, 5, 6, 9, 0x10):
         nothing(net, bootp(opt(53, bytes([t]))))
+
+
+async def test_discover_from_a_bound_client_keeps_its_binding(monkeypatch) -> None:
+    """A bound client that DISCOVERs again is offered its address and stays bound (was: the
+    binding became a 60-second offer, and another client got the address a minute later)."""
+    clock = [1000.0]
+    monkeypatch.setattr(dhcpmod.DhcpServer, "_now", staticmethod(lambda: clock[0]))
+    net = await new_net()
+    try:
+        lease(net)
+        assert one(net, bootp(opt(53, b"\1"), xid=50)).yiaddr == IP15
+        clock[0] += 61
+        assert one(net, bootp(opt(53, b"\1"), mac=MAC2), mac=MAC2).yiaddr == IP16
+        assert net.dhcp.leases[MAC].state is dhcpmod.LeaseState.BOUND
+    finally:
+        await net.stop()
