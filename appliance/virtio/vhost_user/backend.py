@@ -478,7 +478,13 @@ class VhostUserBackend:
 
     def _ring(self, index: int) -> RingState:
         if index >= len(self._c.rings):
-            raise ProtocolError(f"ring {index} does not exist")
+            # QEMU's -netdev vhost-user,queues=N checks N queue pairs against GET_QUEUE_NUM,
+            # which counts rings (vhost-user.rst), so it sets up pairs we do not serve; a guest
+            # loses what it sends on them. Say what to change.
+            raise ProtocolError(
+                f"ring {index} does not exist: this export serves {len(self._c.rings)} rings"
+                " (start the front end with no more queues than that)"
+            )
         return self._c.rings[index]
 
     async def _set_vring_num(self, value: object, _fds: list[int]) -> None:
