@@ -745,7 +745,14 @@ class TcpNat:
         if family is None:
             self._spawn(self._connect_by_name(conn, target))  # a guestfwd target given by name
             return
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
+        except OSError as exc:
+            # Out of descriptors (EMFILE), say: refused like any failed connect, and the
+            # connect slot given back, or enough of these would stop every later connection.
+            self._connecting -= 1
+            self._refuse(conn, exc.errno)
+            return
         with contextlib.suppress(OSError):
             # The host handshake's last ACK waits for the guest's (see _attach): Linux holds the
             # ACK of a SYN-ACK on a socket in delayed-ACK ("pingpong") mode. To loopback that

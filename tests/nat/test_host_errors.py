@@ -1,0 +1,34 @@
+"""Host resources that fail under a guest connection: the guest is told, and nothing leaks."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from appliance.nat import UserNetwork
+
+from .conftest import GUEST_MAC, GW_MAC, drain, feed
+
+
+async def test_a_host_socket_that_cannot_be_made_refuses_the_syn_and_frees_its_connect_slot(
+    net: UserNetwork, monkeypatch
+) -> None:
+    # Out of descriptors (EMFILE: a guest holding ~1000 connections under the default limit of
+    # 1024) is the host's failure, not the guest's: its SYN is refused, and the connect slot is
+    # given back, or after MAX_CONNECTING such SYNs no connection could ever be opened again.
+    def no_descriptors(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    syn = Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src="10.0.2.15", dst="10.0.2.2") / TCP(
+        sport=41000, dport=9, flags="S", seq=1000
+    )
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", no_descriptors)
+        feed(net, bytes(syn))
+    [rst] = [Ether(f) for f in drain(net) if TCP in Ether(f)]
+    assert rst[TCP].flags == "RA" and rst[TCP].ack == 1001 and rst[TCP].dport == 41000
+    assert net.counters()["errors"] == 0
+    assert net.tcp._connecting == 0 and not net.tcp.conns
