@@ -245,3 +245,47 @@ async def test_busybox_udhcpc_with_broadcast_flag_and_nslookup(tmp_path: Path) -
             assert "Address: 192.0.2.7" in out, out
     finally:
         transport.close()
+
+
+NETWORKD = Path("/lib/systemd/systemd-networkd")
+# systemd-networkd run by hand in the namespace with a mount namespace of its own: its config
+# and state directories are private tmpfs, and a read-only /sys tells it (as in a container)
+# that no udev will announce the link.
+NETWORKD_RUN = """set -e
+mount -o remount,bind,ro /sys
+mount -t tmpfs tmpfs /etc/systemd/network
+mount -t tmpfs tmpfs /run/systemd
+mkdir -p /run/systemd/netif
+chown systemd-network:systemd-network /run/systemd/netif
+printf '[Match]\\nName=%s\\n[Network]\\nDHCP=ipv4\\nIPv6AcceptRA=no\\nLinkLocalAddressing=no\\n' "$1" \\
+    > /etc/systemd/network/10-test.network
+exec /lib/systemd/systemd-networkd
+"""
+
+
+@pytest.mark.skipif(not NETWORKD.exists() or shutil.which("unshare") is None, reason="no systemd-networkd")
+async def test_systemd_networkd_lease_and_release_on_stop(tmp_path: Path) -> None:
+    async with wire(tmp_path) as w:
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", w.ns, "unshare", "-m", "--propagation", "private",
+            "sh", "-c", NETWORKD_RUN, "networkd", w.ifname,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(20):
+                while not (MAC_BYTES in w.net.dhcp.leases and "10.0.2.15/24" in await w.arun("ip", "-4", "addr")):
+                    await asyncio.sleep(0.1)
+            assert w.net.dhcp.leases[MAC_BYTES].state.value == "bound"
+            async with asyncio.timeout(10):
+                while "default via 10.0.2.2" not in await w.arun("ip", "-4", "route"):
+                    await asyncio.sleep(0.1)
+            # As for dhcpcd: the RELEASE goes out just before the address goes away.
+            await w.arun("ip", "neigh", "replace", "10.0.2.2", "lladdr", "52:55:0a:00:02:02", "dev", w.ifname)
+            proc.terminate()  # networkd sends a RELEASE as it stops (SendRelease= is on)
+            async with asyncio.timeout(10):
+                while MAC_BYTES in w.net.dhcp.leases:
+                    await asyncio.sleep(0.05)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
