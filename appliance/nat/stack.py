@@ -555,7 +555,7 @@ class UserNetwork:
         payload = memoryview(frame)[ETH_HLEN + 20 :]
         step = (self.mtu - 20) // 8 * 8
         count = -(-len(payload) // step)
-        if self.tx_space() < count:
+        if not self._room_for(count, len(payload) + count * (ETH_HLEN + 20)):
             self.stats.tx_queue_drops += 1  # all or nothing: a partial datagram is useless
             return False
         hdr = bytes(frame[ETH_HLEN : ETH_HLEN + 20])
@@ -568,6 +568,14 @@ class UserNetwork:
             piece += chunk
             self.output(piece)
         return True
+
+    def _room_for(self, count: int, size: int) -> bool:
+        """Whether ``count`` fragments of ``size`` bytes in all fit toward the guest now.
+
+        :meth:`tx_space` counts frames of a 1500-byte MTU; on a larger link (host_mtu=9000)
+        fragments are bigger, and the bytes decide.
+        """
+        return self.tx_space() >= count and self.tx_bytes_space() >= size
 
     def output_v6(self, frame: bytearray) -> bool:
         """Queue an IPv6 packet, split into fragments when it exceeds the guest's MTU.
@@ -584,7 +592,7 @@ class UserNetwork:
         payload = memoryview(frame)[l3 + 40 :]
         step = (self.mtu - 48) // 8 * 8
         count = -(-len(payload) // step)
-        if self.tx_space() < count:
+        if not self._room_for(count, len(payload) + count * (ETH_HLEN + 48)):
             self.stats.tx_queue_drops += 1  # all or nothing: a partial packet is useless
             return False
         self._ident6 = (self._ident6 + 1) & 0xFFFFFFFF

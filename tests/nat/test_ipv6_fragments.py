@@ -8,14 +8,16 @@ driver drops it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 
+import pytest
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6
 from scapy.layers.l2 import Ether
 
-from appliance.nat import UserNetwork
+from appliance.nat import UserNetConfig, UserNetwork
 
 from .conftest import GUEST_MAC, GW_MAC, feed
 from .test_ipv6 import GUEST6, ROUTER6, needs_v6
@@ -55,3 +57,21 @@ async def test_a_udp_answer_larger_than_the_mtu_arrives_in_fragments_that_reasse
         assert bytes(small[UDP].payload) == answers[1]  # one that fits goes whole
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("dst", [GUEST6, "10.0.2.15"])
+async def test_a_packet_in_fragments_is_queued_whole_or_not_at_all_on_a_jumbo_link(dst: str) -> None:
+    # With host_mtu=9000 each fragment is ~9 KB, more than the 1514-byte frames tx_space()
+    # counts in: near the byte limit the first fragments were queued and the rest dropped,
+    # which the guest holds for its reassembly timeout and then throws away.
+    net = UserNetwork(UserNetConfig(nameservers=()), queue_bytes=100_000)
+    net.set_mtu(9000)
+    addr = ipaddress.ip_address(dst).packed
+    net.learn_neighbor(addr, bytes.fromhex(GUEST_MAC.replace(":", "")))
+    assert net.output(bytearray(85_000))  # the guest is behind: 15 000 bytes of room left
+    assert net.tx_space() >= 4
+    src = ipaddress.ip_address(ROUTER6 if len(addr) == 16 else "10.0.2.2").packed
+    net.emit_udp(addr, 7001, src, 53, os.urandom(30_000))  # four ~9 KB fragments
+    queued = net.queued() - 1
+    assert queued in (0, 4), f"{queued} of 4 fragments queued"
+    net.close()
