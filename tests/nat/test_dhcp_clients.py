@@ -289,3 +289,59 @@ async def test_systemd_networkd_lease_and_release_on_stop(tmp_path: Path) -> Non
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+
+
+def dns_answer(query: bytes, count: int) -> bytes:
+    """``count`` A records (192.0.2.1…) for an A question, NODATA for any other."""
+    qend = query.index(b"\0", 12) + 5
+    is_a = query[qend - 4 : qend - 2] == b"\0\1"
+    n = count if is_a else 0
+    rrs = b"".join(b"\xc0\x0c\0\1\0\1\0\0\0\x3c\0\4" + bytes([192, 0, 2, i + 1]) for i in range(n))
+    return query[:2] + b"\x81\x80\0\1" + n.to_bytes(2, "big") + b"\0\0\0\0" + query[12:qend] + rrs
+
+
+async def test_glibc_resolver_gets_local_names_and_falls_back_to_tcp_on_tc(tmp_path: Path) -> None:
+    """glibc's stub resolver (getent) in the namespace with 10.0.2.3 as its nameserver: the gateway's
+    names in both families, and an answer too big for 512 bytes that reaches it truncated, so it
+    asks again over TCP to 10.0.2.3:53 and gets all 60 addresses from the loopback resolver."""
+
+    class Udp(asyncio.DatagramProtocol):
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+            self.transport.sendto(dns_answer(data, 60), addr)
+
+    async def tcp(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                n = int.from_bytes(await r.readexactly(2), "big")
+                reply = dns_answer(await r.readexactly(n), 60)
+                w.write(len(reply).to_bytes(2, "big") + reply)
+                await w.drain()
+        w.close()
+
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(tcp, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", port))
+    try:
+        async with wire(tmp_path, nameservers=(("127.0.0.1", port),)) as w:
+            # `ip netns exec` puts /etc/netns/NAME/resolv.conf over /etc/resolv.conf for what it runs.
+            conf = Path("/etc/netns") / w.ns
+            conf.mkdir(parents=True)
+            try:
+                (conf / "resolv.conf").write_text("nameserver 10.0.2.3\noptions timeout:2 attempts:2\n")
+                await w.arun("ip", "addr", "add", "10.0.2.15/24", "dev", w.ifname)
+                out = await w.arun("getent", "ahosts", "gateway")
+                assert "10.0.2.2" in out and "fec0::2" in out, out
+                out = await w.arun("getent", "ahostsv4", "big.example.test")
+                assert len({ln.split()[0] for ln in out.splitlines()}) == 60, out
+                assert w.net.counters()["tcp_conns"] >= 1  # the retry over TCP went through the stack
+            finally:
+                shutil.rmtree(conf)
+                with contextlib.suppress(OSError):
+                    conf.parent.rmdir()  # only if no one else keeps a namespace's files there
+    finally:
+        transport.close()
+        server.close()
