@@ -49,6 +49,10 @@ V6_ADDRESS_UNREACHABLE = 3
 V6_PORT_UNREACHABLE = 4
 IPPROTO_ICMPV6 = 58
 
+# What socket() says when this host will not give us ping sockets at all (net.ipv4.ping_group_range
+# excludes our group, or no kernel support), as against a passing shortage such as EMFILE.
+_NO_PING_SOCKETS = {errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT}
+
 # A host socket's routing errors, as the codes a router would have sent the guest.
 _ROUTING_ERRORS = {
     errno.ENETUNREACH: (NET_UNREACHABLE, V6_NO_ROUTE),
@@ -146,7 +150,10 @@ class Icmp:
                     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
                 else:
                     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-            except OSError:
+            except OSError as err:
+                if err.errno not in _NO_PING_SOCKETS:
+                    c.udp_dropped += 1  # out of descriptors, say: this request only
+                    return
                 self._allowed = False  # ping_group_range excludes us; do not retry per packet
                 c.icmp_unpermitted += 1
                 return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 
 from appliance.nat import UserNetwork
@@ -32,3 +32,23 @@ async def test_a_host_socket_that_cannot_be_made_refuses_the_syn_and_frees_its_c
     assert rst[TCP].flags == "RA" and rst[TCP].ack == 1001 and rst[TCP].dport == 41000
     assert net.counters()["errors"] == 0
     assert net.tcp._connecting == 0 and not net.tcp.conns
+
+
+async def test_a_ping_socket_that_fails_for_want_of_descriptors_is_tried_again_next_time(
+    net: UserNetwork, monkeypatch
+) -> None:
+    # Only a refusal (ping_group_range: EACCES) says ping sockets are not for us; running out
+    # of descriptors once must not turn echo forwarding off for the rest of the VM's life.
+    tries = []
+
+    def no_descriptors(*args: object, **kwargs: object) -> socket.socket:
+        tries.append(args)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    echo = Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src="10.0.2.15", dst="192.0.2.1") / ICMP(type=8, id=7, seq=1)
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", no_descriptors)
+        feed(net, bytes(echo))
+        feed(net, bytes(echo))
+    assert len(tries) == 2
+    assert net.counters()["icmp_unpermitted"] == 0 and net.counters()["errors"] == 0
