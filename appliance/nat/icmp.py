@@ -178,7 +178,7 @@ class Icmp:
         codes = _ROUTING_ERRORS.get(err) if err is not None else None
         if codes is None:
             return False
-        # From the gateway: it is the router that had no way on (RFC 1812 §4.3.2.3).
+        # From the gateway: it is the router that had no way on (RFC 1812 §4.3.2.4).
         net = self.net
         net.stats.icmp_unreachable_sent += 1
         if len(gip) == 16:

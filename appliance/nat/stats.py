@@ -36,7 +36,7 @@ class Counters:
     udp_flows: int = 0
     udp_dropped: int = 0
     tcp_conns: int = 0
-    tcp_refused: int = 0  # host connect failed → RST to the guest
+    tcp_refused: int = 0  # host connect failed → RST to the guest (ICMP unreachable: no route)
     tcp_syn_dropped: int = 0  # connection limits (SYN flood)
     tcp_rst_sent: int = 0
     tcp_retransmits: int = 0
