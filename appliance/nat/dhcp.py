@@ -196,12 +196,18 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
     """RFC 3397 §2: DNS-encoded names, later ones compressed against earlier ones.
 
     Pointers are offsets into the concatenated option data (RFC 3397 §2,
-    "the pointer is relative to the start of the option data").
+    "the pointer is relative to the start of the option data"). As libslirp:
+    names keep the case they were given and only suffixes equal byte for byte
+    are shared, and a name with an empty label ("a..b", ".") is left out with
+    a warning (one trailing dot is the root, as usual).
     """
     out = bytearray()
     seen: dict[tuple[str, ...], int] = {}
     for name in domains:
-        labels = tuple(lab.lower() for lab in name.split(".") if lab)
+        labels = tuple(name[:-1].split(".") if name.endswith(".") else name.split("."))
+        if any(not lab or len(lab) > 63 for lab in labels):
+            log.warning("dnssearch '%s' is not a domain name; left out of the search list", name)
+            continue
         for i in range(len(labels)):
             suffix = labels[i:]
             if suffix in seen:
@@ -209,7 +215,7 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
                 break
             if len(out) < 0x3FFF:
                 seen[suffix] = len(out)
-            lab = labels[i].encode("ascii")
+            lab = labels[i].encode("ascii", "surrogateescape")
             out += bytes([len(lab)]) + lab
         else:
             out.append(0)
@@ -300,8 +306,9 @@ class DhcpServer:
             common.append((OPT_DOMAIN, raw_bytes(cfg.domainname)))
         if cfg.tftp_server_name:
             common.append((OPT_TFTP_SERVER, raw_bytes(cfg.tftp_server_name)))
-        if cfg.dnssearch:
-            common.append((OPT_DOMAIN_SEARCH, encode_search(cfg.dnssearch)))
+        search = encode_search(cfg.dnssearch)
+        if search:
+            common.append((OPT_DOMAIN_SEARCH, search))
         bootfile = raw_bytes(cfg.bootfile or "")
         if bootfile.startswith(b"http://"):
             common.append((OPT_VENDOR_CLASS, UEFI_HTTP_CLASS))  # UEFI HTTP boot, as libslirp

@@ -366,6 +366,21 @@ async def test_http_bootfile_adds_the_uefi_http_vendor_class_as_libslirp() -> No
         await net.stop()
 
 
+def test_search_list_keeps_case_and_leaves_out_names_with_empty_labels_as_libslirp() -> None:
+    """Was: lower-cased (so Ok.Test and ok.test shared bytes) and "x..y" sent as x.y, "." as the root."""
+    enc = dhcpmod.encode_search(("Ok.Test", "ok.test", "b.ok.test", "x..y", "a.b.", "."))
+    assert enc == b"\x02Ok\x04Test\x00\x02ok\x04test\x00\x01b\xc0\x09\x01a\x01b\x00"
+    assert dhcpmod.encode_search(("x..y",)) == b""
+
+
+async def test_search_list_of_only_bad_names_sends_no_option_119() -> None:
+    net = await new_net("dnssearch=x..y")
+    try:
+        assert 119 not in one(net, bootp(opt(53, b"\1"))).opts
+    finally:
+        await net.stop()
+
+
 def long_search(n: int) -> str:
     return ",".join(f"dnssearch=d{i:02d}.some-rather-long-domain-name-{i}.example.test" for i in range(n))
 

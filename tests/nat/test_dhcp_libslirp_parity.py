@@ -154,6 +154,8 @@ OPTION_SETS = [
     "dnssearch=a.example.test,dnssearch=b.example.test,dnssearch=example.test",
     "restrict=on,net=192.168.76.0/24,dhcpstart=192.168.76.100",
     "bootfile=http://10.0.2.2/boot.efi",
+    "dnssearch=Ok.Test,dnssearch=ok.test,dnssearch=b.ok.test,dnssearch=x..y,dnssearch=a.b.,dnssearch=.",
+    "dnssearch=x..y",
 ]
 
 
