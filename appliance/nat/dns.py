@@ -9,6 +9,11 @@ than the guest can take (512 bytes, or the size its EDNS0 OPT record gives:
 RFC 1035 §4.2.1, RFC 6891 §6.2.5) reaches it truncated with TC set, as a
 resolver sends it, so that it asks again over TCP (TCP to ``dns=``:53 is
 spliced to the first upstream, as libslirp connects it to the host's DNS).
+With no upstream, or none answering, the guest gets SERVFAIL at once.
+
+Unlike libslirp, which only forwards (UDP and TCP, any port, to the host's
+resolver), the gateway's names are answered here, over UDP only: a TCP
+query for them goes upstream like any other.
 """
 
 from __future__ import annotations
