@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nat import dhcp as dhcpmod
@@ -447,5 +449,36 @@ async def test_discover_from_a_bound_client_keeps_its_binding(monkeypatch) -> No
         clock[0] += 61
         assert one(net, bootp(opt(53, b"\1"), mac=MAC2), mac=MAC2).yiaddr == IP16
         assert net.dhcp.leases[MAC].state is dhcpmod.LeaseState.BOUND
+    finally:
+        await net.stop()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    msg_type=st.sampled_from([1, 3, 8, 0]),
+    params=st.binary(max_size=40),
+    size=st.integers(0, 0xFFFF),
+    overload=st.integers(0, 4),
+    file=st.binary(max_size=128),
+    sname=st.binary(max_size=64),
+    flags=st.sampled_from([0, 0x8000, 0xFFFF]),
+    ciaddr=st.sampled_from([ZERO, IP15, IP20, BCAST]),
+    giaddr=st.sampled_from([ZERO, bytes([10, 0, 2, 50])]),
+)
+async def test_any_request_list_size_and_overload_gives_a_well_formed_reply_within_the_size(
+    msg_type: int, params: bytes, size: int, overload: int, file: bytes, sname: bytes, flags: int,
+    ciaddr: bytes, giaddr: bytes,
+) -> None:  # fmt: skip
+    net = await new_net(long_search(9) + ",hostname=vm1,domainname=lab.test")
+    try:
+        body = opt(55, params) + opt(57, size.to_bytes(2, "big")) + opt(52, bytes([overload]))
+        if msg_type:
+            body = opt(53, bytes([msg_type])) + body
+        feed(net, frame(bootp(body, flags=flags, ciaddr=ciaddr, giaddr=giaddr, file=file, sname=sname)))
+        for r in replies(net):  # Reply() checks every option stays in its field and each field ends
+            limit = min(size, 1500) if size >= 576 else 576  # one Ethernet frame at most
+            assert r.ip_len <= limit and r.opts[53] and r.opts[54] == GW
+            assert len(r.body) >= 300
+        assert net.counters()["errors"] == 0
     finally:
         await net.stop()
