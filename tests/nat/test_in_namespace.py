@@ -266,6 +266,6 @@ def test_an_answered_flow_to_port_53_expires_after_10_s_others_after_240(ping_ns
     # otherwise hold a host socket each for 4 minutes.
     out = _run(ping_ns, DNS_FLOW_DRIVER)
     left = sorted(int(label.removeprefix("UDP[").removesuffix(" sec]")) for label in out["rows"])
-    assert 9 <= left[0] <= 10 and 239 <= left[1] <= 240, out  # what info usernet shows
+    assert 5 <= left[0] <= 10 and 235 <= left[1] <= 240, out  # what info usernet shows (a busy host may lag)
     assert out["after_dns"] == [5353]
     assert out["after_idle"] == 0
