@@ -849,7 +849,12 @@ class TcpNat:
             self._connecting -= 1
             self._refuse(conn)
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:  # out of descriptors: refused, and the connect slot given back
+            self._connecting -= 1
+            self._refuse(conn)
+            return
         proc = None
         try:
             proc = await asyncio.create_subprocess_exec(

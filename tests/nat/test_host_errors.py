@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 
-from appliance.nat import UserNetwork
+from appliance.nat import UserNetConfig, UserNetwork
 
 from .conftest import GUEST_MAC, GW_MAC, drain, feed
 
@@ -52,3 +53,29 @@ async def test_a_ping_socket_that_fails_for_want_of_descriptors_is_tried_again_n
         feed(net, bytes(echo))
     assert len(tries) == 2
     assert net.counters()["icmp_unpermitted"] == 0 and net.counters()["errors"] == 0
+
+
+async def test_a_guestfwd_command_without_descriptors_for_its_socketpair_refuses_the_syn(monkeypatch) -> None:
+    net = UserNetwork(UserNetConfig.from_string("user,guestfwd=tcp:10.0.2.100:1234-cmd:cat"))
+    await net.start()
+    try:
+
+        def no_descriptors(*args: object, **kwargs: object) -> tuple[socket.socket, socket.socket]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(socket, "socketpair", no_descriptors)
+        syn = Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src="10.0.2.15", dst="10.0.2.100") / TCP(
+            sport=41001, dport=1234, flags="S", seq=2000
+        )
+        feed(net, bytes(syn))
+        got: list[Ether] = []
+        for _ in range(200):  # the command starts in a task
+            await asyncio.sleep(0.01)
+            got += [f for f in map(Ether, drain(net)) if TCP in f]
+            if got:
+                break
+        monkeypatch.undo()
+        assert [str(f[TCP].flags) for f in got] == ["RA"]
+        assert net.tcp._connecting == 0 and not net.tcp.conns
+    finally:
+        await net.stop()
