@@ -9,7 +9,7 @@ protocol is readable in one table. The pool is 16 addresses from
 Where RFC 2131 leaves a choice the server does what libslirp (QEMU 7.2's
 ``-netdev user``) does: a BOOTP request (no message type) is answered with an
 ACK, a REQUEST naming neither an address nor a ``ciaddr`` gets the client's
-binding or a new one, an INIT-REBOOT REQUEST for a free pool address is
+binding or a new one, a renewal (``ciaddr``) of a free pool address is
 granted, a NAK carries the message "requested address not available", and
 ``restrict=on`` leaves the router and DNS options out. A message relayed
 through a BOOTP relay (``giaddr`` set) is answered by broadcast to the client
@@ -21,7 +21,9 @@ answered, a released or lapsed client gets its old address back (§4.3.1),
 options come in the order of the client's parameter request list (RFC 2132
 §9.8) and replies stay within 576 bytes or the client's maximum message size
 (option 57), using the ``file`` and ``sname`` fields (option 52) when the
-options field is full.
+options field is full. An INIT-REBOOT REQUEST for an address this server
+never leased to the client is NAKed (libslirp grants it if free; RFC 2131
+§4.3.2 would stay silent, which leaves the client waiting out its retries).
 """
 
 from __future__ import annotations
@@ -342,10 +344,16 @@ class DhcpServer:
         if wanted is None:
             self._bootp(m, lease)  # libslirp's answer to a client that remembers nothing
             return
+        init_reboot = m.requested is not None and m.server_id is None and m.ciaddr == ZERO
         if lease is not None and lease.ip == wanted:
             ip: bytes | None = wanted
+        elif init_reboot and self._previous.get(m.chaddr) != wanted:
+            # RFC 2131 §4.3.2: an address remembered from elsewhere (or from before a restart) is
+            # "incorrect" here; the NAK sends the client to DISCOVER, where it gets the address
+            # this server gives it (10.0.2.15 for the first guest, where hostfwd points).
+            ip = None
         elif self._free(wanted) and (lease is None or lease.state is not LeaseState.BOUND):
-            ip = wanted  # INIT-REBOOT or a REQUEST for an address we did not offer but can give
+            ip = wanted  # its released address, a lapsed offer taken up, or a renewal after a restart
         else:
             ip = None
         if ip is None:

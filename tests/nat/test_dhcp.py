@@ -93,22 +93,30 @@ async def test_request_for_foreign_address_is_nakked(net: UserNetwork) -> None:
     assert nak[IP].dst == "255.255.255.255"
 
 
-async def test_init_reboot_request_for_free_pool_address_is_acked(net: UserNetwork) -> None:
+async def test_init_reboot_request_for_an_address_never_leased_to_the_client_is_nakked(net: UserNetwork) -> None:
     feed(net, dhcp_frame(GUEST_MAC, "request", extra=[("requested_addr", "10.0.2.20")]))
+    [(nak, o)] = replies(net)
+    assert o["message-type"] == (6,)
+    assert nak[BOOTP].yiaddr == "0.0.0.0"
+
+
+async def test_selecting_request_for_free_pool_address_is_acked(net: UserNetwork) -> None:
+    feed(net, dhcp_frame(GUEST_MAC, "request", extra=[("requested_addr", "10.0.2.20"), ("server_id", "10.0.2.2")]))
     [(ack, o)] = replies(net)
     assert o["message-type"] == (5,)
     assert ack[BOOTP].yiaddr == "10.0.2.20"
 
 
 async def test_release_frees_the_address_for_another_client(net: UserNetwork) -> None:
-    feed(net, dhcp_frame(GUEST_MAC, "request", extra=[("requested_addr", "10.0.2.15")]))
+    sel = [("requested_addr", "10.0.2.15"), ("server_id", "10.0.2.2")]
+    feed(net, dhcp_frame(GUEST_MAC, "request", extra=sel))
     replies(net)
-    feed(net, dhcp_frame("52:54:00:00:00:09", "request", xid=9, extra=[("requested_addr", "10.0.2.15")]))
+    feed(net, dhcp_frame("52:54:00:00:00:09", "request", xid=9, extra=sel))
     assert replies(net)[0][1]["message-type"] == (6,)  # taken
     feed(net, dhcp_frame(GUEST_MAC, "release", ciaddr="10.0.2.15", src="10.0.2.15",
                          extra=[("server_id", "10.0.2.2")]))  # fmt: skip
     assert replies(net) == []
-    feed(net, dhcp_frame("52:54:00:00:00:09", "request", xid=9, extra=[("requested_addr", "10.0.2.15")]))
+    feed(net, dhcp_frame("52:54:00:00:00:09", "request", xid=9, extra=sel))
     assert replies(net)[0][1]["message-type"] == (5,)
 
 

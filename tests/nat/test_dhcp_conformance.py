@@ -232,11 +232,27 @@ async def test_init_reboot_for_the_clients_own_lease_is_acked(net: UserNetwork) 
     assert r.type == dhcpmod.ACK and r.yiaddr == IP15
 
 
-async def test_init_reboot_for_a_free_pool_address_is_acked_as_libslirp(net: UserNetwork) -> None:
-    """RFC 2131 would have a server with no record of the client stay silent; libslirp grants a
-    free pool address (a guest that remembers its address across a restart of QEMU keeps it)."""
+async def test_init_reboot_for_an_address_never_leased_to_the_client_is_nakked(net: UserNetwork) -> None:
+    """RFC 2131 §4.3.2: an INIT-REBOOT for an address this server did not lease to the client
+    (remembered from another network, or from before a restart) gets a NAK, and the client then
+    DISCOVERs the address it is given here. libslirp grants a free pool address instead (was so)."""
     r = one(net, bootp(opt(53, b"\3") + opt(50, IP20)))
-    assert r.type == dhcpmod.ACK and r.yiaddr == IP20
+    assert r.type == dhcpmod.NAK
+    assert MAC not in net.dhcp.leases and one(net, bootp(opt(53, b"\1"))).yiaddr == IP15
+
+
+async def test_init_reboot_for_the_clients_released_address_is_acked(net: UserNetwork) -> None:
+    lease(net)
+    nothing(net, bootp(opt(53, b"\7") + opt(54, GW), ciaddr=IP15), src=IP15, dst=GW)
+    r = one(net, bootp(opt(53, b"\3") + opt(50, IP15)))
+    assert r.type == dhcpmod.ACK and r.yiaddr == IP15
+
+
+async def test_renewal_of_a_free_pool_address_after_a_restart_is_acked_as_libslirp(net: UserNetwork) -> None:
+    """RENEWING/REBINDING (ciaddr, no option 50/54) with no record here, as after QEMU restarts
+    under a running guest: the address is free, so the guest keeps it."""
+    r = one(net, bootp(opt(53, b"\3"), ciaddr=IP20), src=IP20, dst=GW)
+    assert r.type == dhcpmod.ACK and r.yiaddr == IP20 and r.dst == IP20
 
 
 async def test_bound_client_asking_for_another_address_is_nakked(net: UserNetwork) -> None:

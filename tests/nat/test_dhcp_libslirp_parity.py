@@ -9,7 +9,8 @@ libslirp's order when the client sends no parameter request list. Deliberate
 differences, each checked on its own in ``test_dhcp_conformance``: libslirp
 broadcasts every reply and zeroes flags/ciaddr/giaddr, puts 255.255.255.255 in
 a NAK's yiaddr and leaves option 54 out of it, ignores option 54 naming another
-server, DHCPINFORM and DECLINE, and sends no option 28. Only loopback is used;
+server, DHCPINFORM and DECLINE, grants an INIT-REBOOT for any free pool address
+(we NAK one never leased to the client), and sends no option 28. Only loopback is used;
 no frame asks libslirp to reach anything beyond itself.
 """
 
@@ -138,7 +139,8 @@ SCENARIO: list[tuple[str, bytes, dict[str, object]]] = [
     ("init-reboot, own", bootp(opt(53, b"\3") + opt(50, IP15), xid=6), {}),
     ("init-reboot, outside the pool", bootp(opt(53, b"\3") + opt(50, bytes([10, 0, 2, 99])), xid=7), {}),
     ("init-reboot, another's", bootp(opt(53, b"\3") + opt(50, IP15), mac=MAC2, xid=8), {"mac": MAC2}),
-    ("init-reboot, free pool address", bootp(opt(53, b"\3") + opt(50, IP20), mac=MAC2, xid=9), {"mac": MAC2}),
+    ("renewing a free pool address", bootp(opt(53, b"\3"), mac=MAC2, xid=9, ciaddr=IP20),
+     {"mac": MAC2, "src": IP20, "dst": GW}),
     ("request naming nothing", bootp(opt(53, b"\3"), mac=MAC3, xid=10), {"mac": MAC3}),
     ("bootp", bootp(b"", mac=MAC3, xid=11, magic=False), {"mac": MAC3}),
     ("relayed", bootp(opt(53, b"\1"), xid=12, giaddr=bytes([10, 0, 2, 50])),

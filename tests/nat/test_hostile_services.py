@@ -266,7 +266,7 @@ async def test_dhcp_decline_storm_does_not_take_the_pool_forever(monkeypatch) ->
     monkeypatch.setattr(dhcpmod.DhcpServer, "_now", staticmethod(lambda: clock[0]))
     try:
         for ip in POOL_ADDRS[: dhcpmod.POOL_SIZE]:
-            feed(net, dhcp_to_server(bootp(opt(53, b"\3") + opt(50, ip) + b"\xff")))
+            feed(net, dhcp_to_server(bootp(opt(53, b"\3") + opt(50, ip) + opt(54, GW_IP) + b"\xff")))
             feed(net, dhcp_to_server(bootp(opt(53, b"\4") + opt(50, ip) + opt(54, GW_IP) + b"\xff")))
         drain(net)
         feed(net, dhcp_to_server(bootp(opt(53, b"\1") + b"\xff")))
