@@ -60,9 +60,8 @@ _BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s4s")  # RFC 2131 §2, figure 1
 _FIXED = _BOOTP.size - 4  # the BOOTP header before the magic cookie
 _SNAME_AT, _FILE_AT = 44, 108
 # RFC 2131 §2: a client must accept a 576-byte datagram; more only when it says
-# so with option 57. We never send more than fits one Ethernet frame.
+# so with option 57, and never more than the guest's link carries in one frame.
 MIN_MESSAGE = 576
-MAX_MESSAGE = 1500
 _IP_UDP = 28
 BOOTP_MINIMUM = 300  # RFC 1542 §3.1.1: some relays and clients drop shorter BOOTP messages
 ZERO = b"\0\0\0\0"
@@ -190,7 +189,7 @@ def parse(payload: bytes | memoryview) -> Message | None:
         sid if sid is not None and len(sid) == 4 else None,
         giaddr,
         opts.get(OPT_PARAMS, b""),
-        min(max(max_size, MIN_MESSAGE), MAX_MESSAGE),
+        max(max_size, MIN_MESSAGE),
     )
 
 
@@ -496,7 +495,8 @@ class DhcpServer:
         file = self._file if msg_type != NAK else bytes(128)
         # The room in the options field: what the client accepts (576 unless option 57
         # says more) less the IP/UDP and BOOTP headers, the cookie, our two options and END.
-        main = m.max_size - _IP_UDP - _BOOTP.size - sum(len(h) for h in head[1:]) - 1
+        size = min(m.max_size, max(MIN_MESSAGE, self.net.mtu))
+        main = size - _IP_UDP - _BOOTP.size - sum(len(h) for h in head[1:]) - 1
         fields, dropped = _pack(opts, [main])
         sname = bytes(64)
         if dropped:

@@ -430,6 +430,21 @@ async def test_max_message_size_lets_the_reply_grow_without_overload() -> None:
         await net.stop()
 
 
+async def test_max_message_size_is_held_to_the_guest_links_mtu() -> None:
+    """Option 57 says what the client takes; one frame on the guest's link is what it can get
+    (set_mtu: host_mtu= or a vhost-user front end's MTU). Was: up to 1500 whatever the MTU."""
+    net = await new_net(long_search(20))
+    try:
+        net.set_mtu(1000)
+        r = one(net, bootp(opt(53, b"\1") + opt(57, struct.pack("!H", 9000))))
+        assert 576 < r.ip_len <= 1000
+        net.set_mtu(9000)
+        r = one(net, bootp(opt(53, b"\1") + opt(57, struct.pack("!H", 9000))))
+        assert r.ip_len > 1000 and 52 not in r.opts and 119 in r.opts
+    finally:
+        await net.stop()
+
+
 async def test_search_list_that_fits_nowhere_is_left_out_and_the_rest_is_sent() -> None:
     net = await new_net(long_search(14) + ",bootfile=pxe.0")
     try:
@@ -492,7 +507,7 @@ async def test_any_request_list_size_and_overload_gives_a_well_formed_reply_with
             body = opt(53, bytes([msg_type])) + body
         feed(net, frame(bootp(body, flags=flags, ciaddr=ciaddr, giaddr=giaddr, file=file, sname=sname)))
         for r in replies(net):  # Reply() checks every option stays in its field and each field ends
-            limit = min(size, 1500) if size >= 576 else 576  # one Ethernet frame at most
+            limit = min(size, 1500) if size >= 576 else 576  # one frame at most (MTU 1500)
             assert r.ip_len <= limit and r.opts[53] and r.opts[54] == GW
             assert len(r.body) >= 300
         assert net.counters()["errors"] == 0
