@@ -177,8 +177,9 @@ def _options(opts: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
         i += length
 
 
-def _syn_option_bytes(v6: bool, wscale: bool, sack: bool) -> bytes:
-    opts = struct.pack("!BBH", 2, 4, OUR_MSS - 20 if v6 else OUR_MSS)
+def _syn_option_bytes(v6: bool, wscale: bool, sack: bool, mss: int = OUR_MSS) -> bytes:
+    """``mss``: the IPv4 figure (the link MTU less 40); IPv6 headers take 20 bytes more."""
+    opts = struct.pack("!BBH", 2, 4, mss - 20 if v6 else mss)
     if wscale:
         opts += struct.pack("!BBBB", 1, 3, 3, RCV_WSCALE)
     if sack:
@@ -411,7 +412,19 @@ class TcpConn:
         self._emit(RST | ACK, self.snd_nxt)
 
     def _syn_options(self) -> bytes:
-        return _SYN_OPTIONS[self._v6, self.inbound or self.ws_ok, self.inbound or self.sack_ok]
+        ws, sack = self.inbound or self.ws_ok, self.inbound or self.sack_ok
+        mtu = self.net.mtu
+        if mtu == OUR_MSS + 40:
+            return _SYN_OPTIONS[self._v6, ws, sack]
+        # The MSS we announce fits the guest's link (RFC 9293 §3.7.1): a jumbo host_mtu lets a
+        # guest without TSO send larger segments, a smaller one keeps them inside the link.
+        return _syn_option_bytes(self._v6, ws, sack, mtu - 40)
+
+    def _peer_mss(self, mss: int | None) -> int:
+        """The segment size we send in: the guest's MSS (536 where it gave none) within the
+        link's MTU, the smaller of the two (RFC 9293 §3.7.1)."""
+        link = self.net.mtu - (60 if self._v6 else 40)
+        return max(64, min(mss or DEFAULT_GUEST_MSS, link))
 
     def _send_syn(self) -> None:
         flags = SYN if self.state == SYN_SENT else SYN | ACK
@@ -718,7 +731,7 @@ class TcpConn:
         self.rcv_nxt = 1
         self._adv_edge = 1
         mss, ws, sack = parse_options(opts)
-        self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
+        self.mss = self._peer_mss(mss)
         if ws is not None:
             self.snd_shift = ws
             self.rcv_shift = RCV_WSCALE
@@ -742,7 +755,7 @@ class TcpConn:
         self.rcv_nxt = 1
         self._adv_edge = 1
         mss, ws, sack = parse_options(opts)
-        self.mss = max(64, min(mss or DEFAULT_GUEST_MSS, OUR_MSS * 44))
+        self.mss = self._peer_mss(mss)
         self.sack_ok = sack
         if ws is not None:
             self.ws_ok = True

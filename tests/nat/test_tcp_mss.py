@@ -1,0 +1,57 @@
+"""The MSS we announce and the segments we send follow the guest link's MTU (RFC 9293 §3.7.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from appliance.nat import UserNetConfig, UserNetwork
+
+from .conftest import GUEST_MAC, GW_MAC, feed
+from .test_services import collect
+
+
+def _mss_of(pkt: Ether) -> int | None:
+    return next((v for k, v in pkt[TCP].options if k == "MSS"), None)
+
+
+async def _connect(net: UserNetwork, guest_mss: int, port: int, sport: int) -> Ether:
+    syn = IP(src="10.0.2.15", dst="10.0.2.2") / TCP(sport=sport, dport=port, flags="S", seq=1000,
+                                                    options=[("MSS", guest_mss)])  # fmt: skip
+    feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / syn))
+    [synack] = [f for f in await collect(net, lambda fs: any(TCP in f for f in fs)) if TCP in f]
+    assert synack[TCP].flags == "SA"
+    ack = IP(src="10.0.2.15", dst="10.0.2.2") / TCP(sport=sport, dport=port, flags="A", seq=1001,
+                                                    ack=synack[TCP].seq + 1, window=65535)  # fmt: skip
+    feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / ack))
+    return synack
+
+
+async def test_announced_mss_follows_the_link_mtu_and_segments_stay_inside_it() -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    for mtu, guest_mss, announced, largest in ((1500, 8960, 1460, 1460), (9000, 8960, 8960, 8960),
+                                               (1400, 1460, 1360, 1360)):  # fmt: skip
+        net = UserNetwork(UserNetConfig(nameservers=()))
+        await net.start()
+        try:
+            net.set_mtu(mtu)
+            synack = await _connect(net, guest_mss, port, 40000 + mtu % 1000)
+            assert _mss_of(synack) == announced
+            conn, _ = await asyncio.wait_for(loop.sock_accept(srv), 5)
+            with conn:
+                conn.sendall(b"d" * 30000)
+                data = await collect(net, lambda fs: sum(len(f[TCP].payload) for f in fs if TCP in f) >= 8000)
+            sizes = [len(f[TCP].payload) for f in data if TCP in f and len(f[TCP].payload)]
+            assert max(sizes) == largest, (mtu, sizes)
+            assert all(len(f) <= 14 + mtu for f in data)
+        finally:
+            await net.stop()
+    srv.close()
