@@ -27,6 +27,10 @@ ECHO_REPLY_V6 = 129
 DEST_UNREACHABLE = 3
 IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 64
+# ICMP errors to the guest are rate limited (RFC 4443 §2.4(f) MUST, RFC 1812 §4.3.2.8 SHOULD):
+# a token bucket with Linux's defaults (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst).
+ERRORS_PER_SEC = 1000.0
+ERRORS_BURST = 50.0
 
 
 def echo_reply(request: bytes | memoryview) -> bytes:
@@ -107,6 +111,8 @@ class Icmp:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
         self._flows: dict[tuple[bytes, int, bytes], _PingFlow] = {}
+        self._tokens = ERRORS_BURST
+        self._refilled = time.monotonic()
         self._allowed = True
 
     def input(self, ip: Ipv4) -> None:
@@ -176,7 +182,7 @@ class Icmp:
         refusal or silence. ``l4_head`` is the guest's transport header (8 bytes are quoted).
         """
         codes = _ROUTING_ERRORS.get(err) if err is not None else None
-        if codes is None:
+        if codes is None or not self.error_allowed():
             return False
         # From the gateway: it is the router that had no way on (RFC 1812 §4.3.2.4).
         net = self.net
@@ -187,6 +193,17 @@ class Icmp:
                 net.ipv6.emit_icmp(net.ipv6.router, gip, msg)
             return True
         net.emit_ipv4(gip, net.gateway_ip, IPPROTO_ICMP, dest_unreachable(codes[0], gip, rip, proto, l4_head, length))
+        return True
+
+    def error_allowed(self) -> bool:
+        """Take a token for one ICMP error to the guest; False (counted) when the bucket is empty."""
+        now = time.monotonic()
+        self._tokens = min(ERRORS_BURST, self._tokens + (now - self._refilled) * ERRORS_PER_SEC)
+        self._refilled = now
+        if self._tokens < 1.0:
+            self.net.stats.icmp_errors_limited += 1
+            return False
+        self._tokens -= 1.0
         return True
 
     def _readable(self, flow: _PingFlow) -> None:

@@ -28,6 +28,7 @@ class Counters:
     icmp_echo_forwarded: int = 0
     icmp_unpermitted: int = 0  # host forbids unprivileged ping sockets
     icmp_unreachable_sent: int = 0  # host had no route: told the guest (net/host unreachable)
+    icmp_errors_limited: int = 0  # ICMP errors to the guest held back by the rate limit
     dhcp_replies: int = 0
     dhcp_bad: int = 0
     dns_local: int = 0

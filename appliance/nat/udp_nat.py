@@ -129,7 +129,7 @@ class UdpNat:
     def _refused(self, flow: _Flow) -> None:
         """Tell the guest, as the host was told, that nobody listens there (RFC 792, RFC 1122 §3.2.2.1)."""
         gip, gport, rip, rport = flow.key
-        if flow.inbound:
+        if flow.inbound or not self.net.icmp.error_allowed():
             return
         if len(gip) == 4:
             self.net.emit_ipv4(gip, rip, IPPROTO_ICMP, port_unreachable(gip, gport, rip, rport, flow.last_len))

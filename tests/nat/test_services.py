@@ -464,3 +464,27 @@ async def test_dns_local_names_under_a_domainname_given_with_its_trailing_dot() 
         assert reply[DNS].id == 7 and reply[DNS].an[0].rdata == "10.0.2.2"
     finally:
         await net.stop()
+
+
+async def test_icmp_errors_to_the_guest_are_rate_limited(net: UserNetwork) -> None:
+    # RFC 4443 §2.4(f) (MUST for ICMPv6), RFC 1812 §4.3.2.8: a token bucket with Linux's
+    # defaults, 50 at once and 1000 a second after.
+    import errno
+
+    from appliance.nat import icmp
+
+    feed(net, arp_request("10.0.2.2"))  # the guest's MAC, for the errors' frames
+    drain(net)
+    udp = struct.pack("!HHHH", 5000, 53, 9, 0)
+    t0 = time.monotonic()
+    sent = sum(
+        net.icmp.unreachable(errno.ENETUNREACH, bytes([10, 0, 2, 15]), bytes([198, 51, 100, 7]), 17, udp, 9)
+        for _ in range(200)
+    )
+    elapsed = time.monotonic() - t0
+    assert icmp.ERRORS_BURST <= sent <= icmp.ERRORS_BURST + elapsed * icmp.ERRORS_PER_SEC + 1
+    frames = [Ether(f) for f in drain(net) if Ether(f).haslayer(ICMP)]
+    assert len(frames) == sent
+    assert net.counters()["icmp_errors_limited"] == 200 - sent
+    await asyncio.sleep(0.02)  # 20 more tokens by now
+    assert net.icmp.unreachable(errno.EHOSTUNREACH, bytes([10, 0, 2, 15]), bytes([198, 51, 100, 7]), 17, udp, 9)
