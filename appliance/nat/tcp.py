@@ -773,12 +773,22 @@ class TcpConn:
                 return False
         wnd = win << self.snd_shift
         self.probes = 0  # any acceptable ACK answers our probes, even with a zero window (as Linux)
+        old_wnd = self.snd_wnd
+        # RFC 9293 §3.10.7.4: take the window only from segments no older than the last update,
+        # and take it before the ACK advances: what _ack_advance sends must fit the window this
+        # ACK gives, not the last one (a guest whose buffer fills shrinks it, and Linux drops
+        # what lands beyond: 48-87 retransmissions per 8 MB without guest TSO).
+        update = ack >= self.snd_una and (seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2))
+        if update:
+            self.snd_wnd = wnd
+            self.snd_wl1, self.snd_wl2 = seq, ack
         sacked = bool(opts) and self.sack_ok and ack >= self.snd_una and self._take_sack(opts, ack)
-        if ack > self.snd_una:
+        advanced = ack > self.snd_una
+        if advanced:
             self._ack_advance(ack)
             if self.state == CLOSED:
                 return True
-        elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == self.snd_wnd and wnd and \
+        elif ack == self.snd_una and n == 0 and not flags & FIN and wnd == old_wnd and wnd and \
                 self.snd_max > self.snd_una and not sacked:  # fmt: skip
             # A zero window's repeated ACKs answer our probes; they are not duplicate ACKs.
             self.dupacks += 1
@@ -794,18 +804,14 @@ class TcpConn:
             if not self.recovering:
                 self._enter_recovery()
             self._sack_retransmit()
-        # RFC 9293 §3.10.7.4: take the window only from segments no older than the last update.
-        if ack >= self.snd_una and (seq > self.snd_wl1 or (seq == self.snd_wl1 and ack >= self.snd_wl2)):
-            opened = wnd > self.snd_wnd
-            self.snd_wnd = wnd
-            self.snd_wl1, self.snd_wl2 = seq, ack
+        if update:
             if not wnd and self.snd_nxt > self.snd_una and self.state in _CAN_SEND:
                 # The window shrank to zero under data in flight: take it back and probe instead of
                 # letting retransmissions time the connection out (RFC 9293 §3.8.6.1).
                 self.snd_nxt = self.snd_una
                 self.dupacks = 0
                 self._disarm()
-            if opened or not wnd:
+            if not wnd or (wnd > old_wnd and not advanced):
                 self.output()  # send more, or arm the persist timer (RFC 9293 §3.8.6.1)
         return True
 

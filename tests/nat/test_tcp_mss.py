@@ -10,7 +10,7 @@ from scapy.layers.l2 import Ether
 
 from appliance.nat import UserNetConfig, UserNetwork
 
-from .conftest import GUEST_MAC, GW_MAC, feed
+from .conftest import GUEST_MAC, GW_MAC, drain, feed
 from .test_services import collect
 
 
@@ -55,3 +55,37 @@ async def test_announced_mss_follows_the_link_mtu_and_segments_stay_inside_it() 
         finally:
             await net.stop()
     srv.close()
+
+
+async def test_an_ack_that_shrinks_the_window_is_obeyed_by_what_that_ack_releases() -> None:
+    # The window an ACK carries applies to what the ACK lets us send (RFC 9293 §3.10.7.4): it was
+    # taken after the ACK's own output, so a guest filling up (window shrinking) got segments
+    # beyond its right edge, which Linux drops (helper-48: 48-87 retransmissions per 8 MB).
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    try:
+        synack = await _connect(net, 1460, port, 41000)
+        conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(srv), 5)
+        with conn:
+            conn.sendall(b"w" * 60000)
+            first = await collect(net, lambda fs: sum(len(f[TCP].payload) for f in fs if TCP in f) >= 14600)
+            iss = synack[TCP].seq
+            top = max(f[TCP].seq - iss - 1 + len(f[TCP].payload) for f in first if TCP in f)
+            # The guest takes the first segment and has 2000 bytes of room left.
+            ack = iss + 1 + 1460
+            feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / IP(src="10.0.2.15", dst="10.0.2.2")
+                            / TCP(sport=41000, dport=port, flags="A", seq=1001, ack=ack, window=2000)))  # fmt: skip
+            await asyncio.sleep(0.05)
+            after = [f for f in (Ether(x) for x in drain(net)) if TCP in f and len(f[TCP].payload)]
+            edge = ack - iss - 1 + 2000
+            beyond = [(f[TCP].seq - iss - 1, len(f[TCP].payload)) for f in after
+                      if f[TCP].seq - iss - 1 + len(f[TCP].payload) > max(edge, top)]  # fmt: skip
+            assert not beyond, f"sent past the guest's window edge {edge}: {beyond}"
+    finally:
+        await net.stop()
+        srv.close()
