@@ -12,10 +12,11 @@ Rows: guest→host TCP throughput (the guest uploads to a loopback sink via
 ``hostfwd``), and guest→host TCP connection setup rate.
 
 The guest's emulated CPU does most of the work, so on a shared machine the
-numbers follow the load. To keep the comparison paired, all guests boot
-first and stay up, and each round measures every stack back to back (the
-order rotates each round); the table gives per-stack medians over rounds and
-the median of the per-round ratios.
+numbers follow the load. To keep the comparison paired, each round boots one
+guest per stack and measures every stack back to back; the table gives
+per-stack medians over rounds and the median of the per-round ratios. The
+boot and measuring order rotates each round, and guests are not reused
+across rounds: the first QEMU of a set runs the same kit 3-5% slower.
 
 NIC settings: each stack gets QEMU's ``virtio-net-pci`` with its defaults,
 except that ours has ``vectors=0`` (INTx): QEMU 7.2 under TCG crashes in its
@@ -281,40 +282,46 @@ async def main_async(
     results: dict[str, dict[int, dict[str, float]]] = {k: {} for k in kinds}
     with tempfile.TemporaryDirectory() as d:
         Path(d).chmod(0o1777)  # passt drops root to nobody before making its socket
-        async with contextlib.AsyncExitStack() as ex:
-            rigs: list[Rig] = []
-            for k in kinds:
-                sink = Sink()
-                await sink.start()
-                ex.callback(sink.close)
-                fwd_port = free_port()
-                tmp = Path(d) / k
-                tmp.mkdir()
-                tmp.chmod(0o1777)
-                args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all, pcap))
-                g = await ex.enter_async_context(TcgGuest(args, machine="q35"))
-                if g.proc is not None:
-                    QEMU_MAIN[k] = f"{g.proc.pid}/task/{g.proc.pid}"
-                    if k == "libslirp":
-                        STACK_TASK[k] = QEMU_MAIN[k]
-                await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
-                if g.proc is not None:
-                    # The single TCG vCPU thread has run the boot: it is the busiest thread but main.
-                    tasks = [f"{g.proc.pid}/task/{t}" for t in os.listdir(f"/proc/{g.proc.pid}/task")]
-                    VCPU[k] = max((t for t in tasks if t != QEMU_MAIN[k]), key=cpu_seconds)
-                rigs.append(Rig(k, g, sink, fwd_port))
-            for rnd in range(rounds):
-                order = rigs[rnd % len(rigs) :] + rigs[: rnd % len(rigs)]
-                for rig in order:
+
+        async def boot(k: str, rnd: int, ex: contextlib.AsyncExitStack) -> Rig:
+            sink = Sink()
+            await sink.start()
+            ex.callback(sink.close)
+            fwd_port = free_port()
+            tmp = Path(d) / f"{k}-{rnd}"
+            tmp.mkdir()
+            tmp.chmod(0o1777)
+            args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all, pcap))
+            g = await ex.enter_async_context(TcgGuest(args, machine="q35"))
+            if g.proc is not None:
+                QEMU_MAIN[k] = f"{g.proc.pid}/task/{g.proc.pid}"
+                if k == "libslirp":
+                    STACK_TASK[k] = QEMU_MAIN[k]
+            await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
+            if g.proc is not None:
+                # The single TCG vCPU thread has run the boot: it is the busiest thread but main.
+                tasks = [f"{g.proc.pid}/task/{t}" for t in os.listdir(f"/proc/{g.proc.pid}/task")]
+                VCPU[k] = max((t for t in tasks if t != QEMU_MAIN[k]), key=cpu_seconds)
+            return Rig(k, g, sink, fwd_port)
+
+        for rnd in range(rounds):
+            # Every round boots its own guests, first the stack measured first, in an order that
+            # rotates: the same guest kit runs 3-5% slower in the first QEMU booted of a set
+            # (an A/A run of one tree against itself showed it), which with fixed guests was
+            # always ours.
+            order = kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]
+            async with contextlib.AsyncExitStack() as ex:
+                rigs = [await boot(k, rnd, ex) for k in order]
+                for rig in rigs:
                     try:
                         results[rig.kind][rnd] = await rig.measure(mb, conns, only)
                     except Exception as err:  # noqa: BLE001 - one stack failing must not hide the others
                         print(f"{rig.kind}: round {rnd + 1} failed: {err!r}", file=sys.stderr)
-                print(f"round {rnd + 1}: " + "  ".join(
-                    f"{k}=" + "/".join(f"{results[k][rnd][m]:.3f}" for m in metrics) for k in kinds if rnd in results[k]
-                ), file=sys.stderr, flush=True)  # fmt: skip
-            for rig in rigs:
-                await rig.g.poweroff()
+                for rig in rigs:
+                    await rig.g.poweroff()
+            print(f"round {rnd + 1}: " + "  ".join(
+                f"{k}=" + "/".join(f"{results[k][rnd][m]:.3f}" for m in metrics) for k in kinds if rnd in results[k]
+            ), file=sys.stderr, flush=True)  # fmt: skip
     nic = "INTx on every NIC" if intx_all else "ours INTx (vectors=0), others QEMU's default MSI-X"
     print(f"\nLinux kit in QEMU TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
