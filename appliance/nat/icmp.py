@@ -90,12 +90,6 @@ def dest_unreachable_v6(code: int, gip: bytes, rip: bytes, proto: int, l4_head: 
     return bytearray(struct.pack("!BBHI", DEST_UNREACHABLE_V6, code, 0, 0) + quoted)
 
 
-def port_unreachable(gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> bytes:
-    """Port unreachable for a guest UDP datagram of ``length`` payload bytes (RFC 792)."""
-    udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
-    return dest_unreachable(PORT_UNREACHABLE, gip, rip, IPPROTO_UDP, udp, 8 + length)
-
-
 class _PingFlow:
     __slots__ = ("guest", "ident", "dst", "sock", "last")
 
@@ -182,17 +176,37 @@ class Icmp:
         refusal or silence. ``l4_head`` is the guest's transport header (8 bytes are quoted).
         """
         codes = _ROUTING_ERRORS.get(err) if err is not None else None
-        if codes is None or not self.error_allowed():
+        if codes is None:
             return False
         # From the gateway: it is the router that had no way on (RFC 1812 §4.3.2.4).
         net = self.net
+        router6 = net.ipv6.router if net.ipv6 is not None else None
+        if not self._send_error(codes, net.gateway_ip, router6, gip, rip, proto, l4_head, length):
+            return False
         net.stats.icmp_unreachable_sent += 1
+        return True
+
+    def port_unreachable(self, gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> None:
+        """Nobody listens at ``rip:rport`` for the guest's UDP datagram of ``length`` payload bytes
+        (the host was told so): said from that address, as the host there would (RFC 792,
+        RFC 4443 §3.1, RFC 1122 §3.2.2.1)."""
+        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
+        codes = (PORT_UNREACHABLE, V6_PORT_UNREACHABLE)
+        self._send_error(codes, rip, rip, gip, rip, IPPROTO_UDP, udp, 8 + length)
+
+    def _send_error(
+        self, codes: tuple[int, int], src: bytes, src6: bytes | None, gip: bytes, rip: bytes, proto: int,
+        l4_head: bytes, length: int,
+    ) -> bool:  # fmt: skip
+        """One Destination Unreachable to the guest (v4 code, v6 code), within the rate limit."""
+        if not self.error_allowed():
+            return False
+        net = self.net
         if len(gip) == 16:
-            if net.ipv6 is not None:
-                msg = dest_unreachable_v6(codes[1], gip, rip, proto, l4_head, length)
-                net.ipv6.emit_icmp(net.ipv6.router, gip, msg)
+            if net.ipv6 is not None and src6 is not None:
+                net.ipv6.emit_icmp(src6, gip, dest_unreachable_v6(codes[1], gip, rip, proto, l4_head, length))
             return True
-        net.emit_ipv4(gip, net.gateway_ip, IPPROTO_ICMP, dest_unreachable(codes[0], gip, rip, proto, l4_head, length))
+        net.emit_ipv4(gip, src, IPPROTO_ICMP, dest_unreachable(codes[0], gip, rip, proto, l4_head, length))
         return True
 
     def error_allowed(self) -> bool:

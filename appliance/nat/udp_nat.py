@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
-from appliance.nat.frames import IPPROTO_ICMP, IPPROTO_UDP, ip_str
-from appliance.nat.icmp import V6_PORT_UNREACHABLE, dest_unreachable_v6, port_unreachable
+from appliance.nat.frames import IPPROTO_UDP, ip_str
 from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
@@ -127,16 +126,10 @@ class UdpNat:
             self.net.emit_udp(gip, gport, rip, rport, data)
 
     def _refused(self, flow: _Flow) -> None:
-        """Tell the guest, as the host was told, that nobody listens there (RFC 792, RFC 1122 §3.2.2.1)."""
-        gip, gport, rip, rport = flow.key
-        if flow.inbound or not self.net.icmp.error_allowed():
-            return
-        if len(gip) == 4:
-            self.net.emit_ipv4(gip, rip, IPPROTO_ICMP, port_unreachable(gip, gport, rip, rport, flow.last_len))
-        elif self.net.ipv6 is not None:
-            udp = struct.pack("!HHHH", gport, rport, 8 + flow.last_len, 0)
-            msg = dest_unreachable_v6(V6_PORT_UNREACHABLE, gip, rip, IPPROTO_UDP, udp, 8 + flow.last_len)
-            self.net.ipv6.emit_icmp(rip, gip, msg)
+        """Tell the guest, as the host was told, that nobody listens there."""
+        if not flow.inbound:
+            gip, gport, rip, rport = flow.key
+            self.net.icmp.port_unreachable(gip, gport, rip, rport, flow.last_len)
 
     # -- hostfwd=udp -----------------------------------------------------
     def listen(self, fwd: HostForward, *, first: bool = False) -> None:
