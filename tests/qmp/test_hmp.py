@@ -141,10 +141,23 @@ async def test_telnet_serial_console_reaches_the_guest(tmp_path: Path) -> None:
     from appliance.machine.machine import Machine
 
     port = free_port()
+    # server (wait=on, QEMU's default): the guest starts only once a client is
+    # on, so nothing it prints before our connect is dropped. With nowait a
+    # loaded machine could let the guest print its banner before we were on.
     config = to_config(parse_args(["-kernel", str(GUEST), "-nodefaults",
-                                   "-serial", f"telnet:127.0.0.1:{port},server,nowait"]))
+                                   "-serial", f"telnet:127.0.0.1:{port},server"]))
+
+    async def client() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        for _ in range(200):
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("the telnet chardev never listened")
+
+    connecting = asyncio.ensure_future(client())
     async with Machine(config) as vm:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        r, w = await asyncio.wait_for(connecting, 5)
         assert await asyncio.wait_for(r.readexactly(12), 5) == \
             b"\xff\xfb\x01\xff\xfb\x03\xff\xfb\x00\xff\xfd\x00"
         await asyncio.wait_for(r.readuntil(b"TESTGUEST-READY"), 30)
