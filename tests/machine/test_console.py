@@ -71,12 +71,15 @@ def test_ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one() -> None:
 
 async def test_unix_socket_server_passes_bytes_both_ways(tmp_path: Path) -> None:
     path = tmp_path / "s"
-    c = Console(SocketBackend(ChardevConfig("socket", path=path, server=True, wait=False)))
+    backend = SocketBackend(ChardevConfig("socket", path=path, server=True, wait=False))
+    c = Console(backend)
     await c.start()
     uart = FakeUart(room=100)
     c.attach_uart(uart)
     reader, writer = await asyncio.open_unix_connection(str(path))
-    await asyncio.sleep(0.02)
+    # Output with no client is dropped (wait=off, as QEMU): print once the server has taken
+    # us, a few loop turns after our connect() returned (a fixed 20 ms could be too few).
+    await asyncio.wait_for(backend._connected.wait(), 10)
     c.guest_output(b"hello\n")
     assert await asyncio.wait_for(reader.readline(), 10) == b"hello\n"
     writer.write(b"typed")
