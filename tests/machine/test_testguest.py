@@ -112,11 +112,15 @@ def test_cli_unix_socket_console_and_poweroff_exit_0(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 15
-        while not path.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "socket never appeared"
-            time.sleep(0.05)
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(str(path))
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                break
+            except OSError:  # not there yet, or bound and not yet listening
+                s.close()
+                assert time.monotonic() < deadline and proc.poll() is None, "socket never listened"
+                time.sleep(0.05)
         f = s.makefile("rwb", buffering=0)
         s.settimeout(20)
         lines = []

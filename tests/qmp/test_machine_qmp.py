@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from appliance.cli.run import parse_args, to_config
 from appliance.kit import paths
@@ -192,12 +192,17 @@ async def appliance_run(
         assert proc.stdout is not None
         if booted:
             await asyncio.wait_for(proc.stdout.readuntil(b"TESTGUEST-READY"), 30)
+            await client.connect(str(sock))
         else:
+            # The socket file appears at bind(), a moment before listen(): try until it takes us.
             deadline = asyncio.get_running_loop().time() + 30
-            while not sock.exists():
-                assert proc.returncode is None and asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
-        await client.connect(str(sock))
+            while True:
+                try:
+                    await client.connect(str(sock))
+                    break
+                except ConnectError:
+                    assert proc.returncode is None and asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
         yield proc, client
     finally:
         # The server hangs up when the VM ends; qemu.qmp reports that as the EOF it is.
