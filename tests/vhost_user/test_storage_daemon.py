@@ -191,7 +191,14 @@ def test_daemon_process_serves_until_sigterm_and_removes_its_socket(tmp_path: Pa
             time.sleep(0.05)
 
         async def probe() -> int:
-            fe = await FrontEnd.connect(str(sock), mem_size=1 << 20)
+            # The file appears at bind(), a moment before listen(): try until it takes us.
+            while True:
+                try:
+                    fe = await FrontEnd.connect(str(sock), mem_size=1 << 20)
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "the socket never listened"
+                    await asyncio.sleep(0.05)
             n = int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little")
             fe.close()
             return n
