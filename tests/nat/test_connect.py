@@ -48,7 +48,9 @@ async def test_syn_to_a_loopback_listener_is_answered_before_send_returns() -> N
 
 async def test_connect_that_never_completes_times_out_into_rst(monkeypatch) -> None:
     """A listener whose accept queue is full drops SYNs; after CONNECT_TIMEOUT the guest gets a RST."""
-    monkeypatch.setattr(tcp_nat, "CONNECT_TIMEOUT", 0.3)
+    # Well above the 0.1 s before the pending check: a stall of the test past the timeout would
+    # let it fire first (its timer is due before the check's is run).
+    monkeypatch.setattr(tcp_nat, "CONNECT_TIMEOUT", 1.0)
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     lsock = socket.socket()
@@ -67,7 +69,7 @@ async def test_connect_that_never_completes_times_out_into_rst(monkeypatch) -> N
         await asyncio.sleep(0.1)
         assert not [f for f in drain(net) if tcp_flags(f) >= 0], "nothing is sent while the connect is pending"
         assert net.tcp._pending, "the connect is in progress"
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)  # the timeout's timer is due first, whatever the test's delay
         flags = [tcp_flags(f) for f in drain(net)]
         assert RST | ACK in flags
         c = net.counters()

@@ -256,7 +256,9 @@ async def test_hostfwd_listener_is_on_the_nats_epoll_and_its_socket_is_not_read_
 async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monkeypatch) -> None:
     """EMFILE from accept() (level-triggered readiness would spin the loop) stops the listener for
     ACCEPT_BACKOFF; the pending connection is accepted afterwards."""
-    monkeypatch.setattr(tcp_nat, "ACCEPT_BACKOFF", 0.05)
+    # 0.5 s, not 0.05: the "not retried" check 10 ms after the failure must come before the
+    # backoff ends even when a loaded machine holds the test up (0.05 s left a 40 ms margin).
+    monkeypatch.setattr(tcp_nat, "ACCEPT_BACKOFF", 0.5)
     net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
     await net.start()
     try:
