@@ -48,6 +48,12 @@ async def test_a_submission_wakes_exactly_one_idle_worker() -> None:
     for _ in range(3):
         before = {t: _voluntary_switches(t) for t in tids}
         ran = await pool.run(threading.get_native_id)
+        # Its result can reach us before it blocks again (which is what counts its switch):
+        # wait for that, then a moment for any other worker a wrong hand-off woke.
+        deadline = time.monotonic() + 10
+        while _voluntary_switches(ran) == before[ran]:
+            assert time.monotonic() < deadline, "the worker that ran never went back to sleep"
+            await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
         woke = [t for t in tids if _voluntary_switches(t) != before[t]]
         assert woke == [ran]
