@@ -6,7 +6,9 @@ addresses (RFC 4861 §7.2.4), answers Router Solicitations with a Router
 Advertisement carrying the prefix with the autonomous flag, so the guest
 configures itself by SLAAC (RFC 4862 §5.5), and the DNS server address
 (RDNSS, RFC 8106); and it answers echo requests to its own addresses
-(RFC 4443 §4.1). TCP and UDP over IPv6 go through the same NAT as IPv4.
+(RFC 4443 §4.1). TCP and UDP over IPv6 go through the same NAT as IPv4;
+UDP to the DHCPv6 servers' group (ff02::1:2) reaches the stateless server in
+:mod:`appliance.nat.dhcp6`.
 
 Addresses: the router is ``ipv6-host`` (default ``prefix::2``, link-local
 ``fe80::2``), DNS is ``ipv6-dns`` (default ``prefix::3``). Extension headers are not followed: packets carrying them are
@@ -39,6 +41,7 @@ NEIGHBOR_ADVERT = 136
 
 LINK_LOCAL_ROUTER = ipaddress.IPv6Address("fe80::2").packed
 ALL_NODES = ipaddress.IPv6Address("ff02::1").packed
+ALL_DHCP_SERVERS = ipaddress.IPv6Address("ff02::1:2").packed  # RFC 8415 §7.1
 ROUTER_LIFETIME = 1800
 # Unsolicited advertisements (RFC 4861 §6.2.1 defaults): a random interval between
 # MinRtrAdvInterval (0.33 x Max) and MaxRtrAdvInterval, so the router lifetime above
@@ -169,8 +172,9 @@ class Ipv6:
         if pkt.proto == IPPROTO_ICMPV6:
             self._icmp(pkt, src_mac)
         elif pkt.proto in (IPPROTO_TCP, IPPROTO_UDP):
-            if pkt.dst[0] == 0xFF or pkt.dst[:8] == LINK_LOCAL_ROUTER[:8] and pkt.dst != LINK_LOCAL_ROUTER:
-                st.not_for_us += 1
+            if (pkt.dst[0] == 0xFF and not (pkt.dst == ALL_DHCP_SERVERS and pkt.proto == IPPROTO_UDP)
+                    or pkt.dst[:8] == LINK_LOCAL_ROUTER[:8] and pkt.dst != LINK_LOCAL_ROUTER):  # fmt: skip
+                st.not_for_us += 1  # the one group we take is the DHCPv6 servers' (dhcp6.py)
                 return
             self.net.l4_input(pkt, src_mac)
         else:

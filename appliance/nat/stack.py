@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from appliance.errors import ConfigError
-from appliance.nat import arp
+from appliance.nat import arp, dhcp6
 from appliance.nat.config import HostForward, UserNetConfig, inet_aton, parse_hostfwd, qemu_strtoi
 from appliance.nat.dhcp import CLIENT_PORT, SERVER_PORT, DhcpServer
 from appliance.nat.dns import DNS_PORT, DnsProxy
@@ -170,6 +170,10 @@ class UserNetwork:
         self.udp = UdpNat(self)
         self.tcp = TcpNat(self)
         self.ipv6 = Ipv6(self) if cfg.ipv6 else None
+        # Stateless DHCPv6 (Information-request) at ff02::1:2 and the router, only with IPv6 on.
+        self.dhcp6 = dhcp6.Dhcp6Server(self) if self.ipv6 is not None else None
+        # TFTP at the host address of either family, as libslirp (the DHCPv6 boot URL names the v6 one).
+        self._tftp_dsts = {self.gateway_ip} | ({self.ipv6.router} if self.ipv6 is not None else set())
         if self.ipv6 is not None:
             self.local_ips |= self.ipv6.local
 
@@ -788,7 +792,9 @@ class UserNetwork:
             # A BOOTP relay sends from port 67; libslirp answers whatever reaches port 67
             # of the gateway or the broadcast address.
             self.dhcp.input(payload)
-        elif dport == TFTP_PORT and self.tftp is not None and ip.dst == self.gateway_ip:
+        elif dport == dhcp6.SERVER_PORT and self.dhcp6 is not None and ip.dst in self.dhcp6.addresses:
+            self.dhcp6.input(ip.src, sport, payload)  # a local service: restrict=on keeps it, as DHCPv4
+        elif dport == TFTP_PORT and self.tftp is not None and ip.dst in self._tftp_dsts:
             self.tftp.input(ip.src, sport, payload)
         elif ip.dst == self.dns_ip or (self.ipv6 is not None and ip.dst == self.ipv6.dns):
             if dport == DNS_PORT:
@@ -799,7 +805,8 @@ class UserNetwork:
             self.udp.input(ip.src, sport, ip.dst, dport, payload)
 
     def _tftp_send(self, dst: bytes, dport: int, payload: bytes) -> None:
-        self.emit_udp(dst, dport, self.gateway_ip, TFTP_PORT, payload)
+        src = self.ipv6.router if len(dst) == 16 and self.ipv6 is not None else self.gateway_ip
+        self.emit_udp(dst, dport, src, TFTP_PORT, payload)
 
     def _internal_error(self) -> None:
         self.stats.errors += 1

@@ -31,6 +31,8 @@ class Counters:
     icmp_errors_limited: int = 0  # ICMP errors to the guest held back by the rate limit
     dhcp_replies: int = 0
     dhcp_bad: int = 0
+    dhcp6_replies: int = 0  # DHCPv6 Replies to Information-requests
+    dhcp6_bad: int = 0  # malformed DHCPv6 messages, or ones asking for addresses
     dns_local: int = 0
     dns_forwarded: int = 0
     dns_dropped: int = 0

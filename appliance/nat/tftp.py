@@ -2,9 +2,10 @@
 
 What network boot needs from the user-mode network, as libslirp offers it:
 a guest's PXE firmware or boot loader fetches files below ``tftp=`` from
-the gateway, UDP port 69 (RFC 1350). Only reads in octet mode; the blksize,
-tsize and timeout options (RFC 2347, 2348, 2349) are negotiated, since boot
-loaders ask for them. Replies leave from port 69 as libslirp's do: clients
+the gateway (over IPv6 from the router address ``ipv6-host``, which the
+DHCPv6 Boot File URL names), UDP port 69 (RFC 1350). Only reads in octet
+mode; the blksize, tsize and timeout options (RFC 2347, 2348, 2349) are
+negotiated, since boot loaders ask for them. Replies leave from port 69 as libslirp's do: clients
 lock onto whatever port answers their request first.
 
 The guest is hostile: file names are confined to the root (no ``..``
