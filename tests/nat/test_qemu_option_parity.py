@@ -375,16 +375,18 @@ HMP_LINES = [
 
 
 async def _hmp_session(sock: str, ports: dict[str, int]) -> list[str]:
-    from qemu.qmp import QMPClient
+    from qemu.qmp import ConnectError, QMPClient
 
+    client = QMPClient("parity")
+    # The socket file appears at bind(), a moment before listen(): try until it takes us.
     for _ in range(300):
-        if os.path.exists(sock):
+        try:
+            await client.connect(sock)
             break
-        await asyncio.sleep(0.05)
+        except ConnectError:
+            await asyncio.sleep(0.05)
     else:
         raise AssertionError(f"no monitor on {sock}")
-    client = QMPClient("parity")
-    await client.connect(sock)
     back = {str(v): "{" + k + "}" for k, v in ports.items()}
     out = []
     try:
