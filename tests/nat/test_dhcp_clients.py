@@ -200,6 +200,11 @@ async def test_dhcpcd_lease_options_rebind_and_release(tmp_path: Path) -> None:
             async with asyncio.timeout(10):
                 while MAC_BYTES in w.net.dhcp.leases:
                     await asyncio.sleep(0.05)
+            # `dhcpcd -k` returns once it has told the daemon; the daemon's last hook (STOPPED)
+            # runs after the RELEASE we just saw, in its own time.
+            deadline = asyncio.get_running_loop().time() + 10
+            while not lines(log)[-1].startswith("STOPPED") and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
             assert lines(log)[-1].startswith("STOPPED"), lines(log)
         finally:
             await w.arun("dhcpcd", "-4", "-x", w.ifname)
