@@ -31,6 +31,10 @@ MAX_FLOWS = 64
 # a token bucket with Linux's defaults (net.ipv4.icmp_msgs_per_sec, icmp_msgs_burst).
 ERRORS_PER_SEC = 1000.0
 ERRORS_BURST = 50.0
+# RFC 4443 §2.4(c): an ICMPv6 error quotes as much of the invoking packet as fits without the
+# error exceeding the IPv6 minimum MTU (1280): what is left after our IPv6 header (40), the
+# ICMPv6 header (8) and the quoted packet's IPv6 header (40) is its upper-layer part.
+QUOTE_V6 = 1280 - 40 - 8 - 40
 
 
 def echo_reply(request: bytes | memoryview) -> bytes:
@@ -83,10 +87,11 @@ def dest_unreachable(code: int, gip: bytes, rip: bytes, proto: int, l4_head: byt
     return bytes(msg)
 
 
-def dest_unreachable_v6(code: int, gip: bytes, rip: bytes, proto: int, l4_head: bytes, length: int) -> bytearray:
-    """ICMPv6 Destination Unreachable quoting a rebuilt IPv6 header and the first 8 bytes of the
-    guest's packet (RFC 4443 §3.1); the caller fills in the checksum with its pseudo-header."""
-    quoted = struct.pack("!IHBB16s16s", 6 << 28, min(length, 0xFFFF), proto, 64, gip, rip) + l4_head[:8]
+def dest_unreachable_v6(code: int, gip: bytes, rip: bytes, proto: int, l4: bytes, length: int) -> bytearray:
+    """ICMPv6 Destination Unreachable (RFC 4443 §3.1) quoting a rebuilt IPv6 header and as much
+    of the guest's upper-layer packet ``l4`` (of ``length`` bytes in all) as is known, up to
+    :data:`QUOTE_V6` bytes; the caller fills in the checksum with its pseudo-header."""
+    quoted = struct.pack("!IHBB16s16s", 6 << 28, min(length, 0xFFFF), proto, 64, gip, rip) + l4[:QUOTE_V6]
     return bytearray(struct.pack("!BBHI", DEST_UNREACHABLE_V6, code, 0, 0) + quoted)
 
 
@@ -173,7 +178,9 @@ class Icmp:
 
         The host's routing table is the guest's next hop: no route there ends the guest's
         connect() or ping at once, as libslirp's error to the guest does, instead of a
-        refusal or silence. ``l4_head`` is the guest's transport header (8 bytes are quoted).
+        refusal or silence. ``l4_head`` is the guest's transport header and as much of what
+        followed as is known: ICMP quotes 8 bytes of it (RFC 792), ICMPv6 up to
+        :data:`QUOTE_V6` (RFC 4443 §2.4(c)).
         """
         codes = _ROUTING_ERRORS.get(err) if err is not None else None
         if codes is None:
@@ -186,11 +193,11 @@ class Icmp:
         net.stats.icmp_unreachable_sent += 1
         return True
 
-    def port_unreachable(self, gip: bytes, gport: int, rip: bytes, rport: int, length: int) -> None:
-        """Nobody listens at ``rip:rport`` for the guest's UDP datagram of ``length`` payload bytes
-        (the host was told so): said from that address, as the host there would (RFC 792,
-        RFC 4443 §3.1, RFC 1122 §3.2.2.1)."""
-        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
+    def port_unreachable(self, gip: bytes, gport: int, rip: bytes, rport: int, length: int, head: bytes = b"") -> None:
+        """Nobody listens at ``rip:rport`` for the guest's UDP datagram of ``length`` payload bytes,
+        which began with ``head`` (the host was told so): said from that address, as the host
+        there would (RFC 792, RFC 4443 §3.1, RFC 1122 §3.2.2.1)."""
+        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0) + head
         codes = (PORT_UNREACHABLE, V6_PORT_UNREACHABLE)
         self._send_error(codes, rip, rip, gip, rip, IPPROTO_UDP, udp, 8 + length)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_UDP, ip_str
+from appliance.nat.icmp import QUOTE_V6
 from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
@@ -28,12 +29,16 @@ IDLE_TIMEOUT = 240.0
 ANSWERED_DNS_TIMEOUT = 10.0
 MAX_FLOWS = 512
 _BATCH = 64
+# What an ICMPv6 error quotes of a datagram after its UDP header (RFC 4443 §2.4(c)). A v6 flow
+# keeps that much of its last datagram for the errors the host reports later (at most
+# 512 x 1184 bytes); ICMP quotes only 8 bytes (RFC 792), which the flow's key rebuilds.
+_QUOTE_UDP6 = QUOTE_V6 - 8
 
 FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip (as the guest sees it), remote port
 
 
 class _Flow:
-    __slots__ = ("key", "sock", "peer", "last", "timeout", "inbound", "rx", "tx", "last_len")
+    __slots__ = ("key", "sock", "peer", "last", "timeout", "inbound", "rx", "tx", "last_len", "last_head")
 
     def __init__(self, key: FlowKey, sock: socket.socket, peer: tuple[str, int] | None, inbound: bool) -> None:
         self.key = key
@@ -45,6 +50,7 @@ class _Flow:
         self.rx = 0
         self.tx = 0
         self.last_len = 0
+        self.last_head = b""  # the start of the last datagram sent, for ICMPv6 errors (v6 flows)
 
 
 class UdpNat:
@@ -80,7 +86,7 @@ class UdpNat:
             except OSError as err:
                 sock.close()
                 c.udp_dropped += 1
-                self._unreachable(err, key, len(payload))
+                self._unreachable(err, key, len(payload), bytes(payload[:_QUOTE_UDP6]))
                 return
             flow = self._flows[key] = _Flow(key, sock, None, False)
             c.udp_flows += 1
@@ -94,16 +100,19 @@ class UdpNat:
                 flow.sock.sendto(payload, flow.peer)
             flow.tx += len(payload)
             flow.last_len = len(payload)
+            if len(src) == 16:
+                flow.last_head = bytes(payload[:_QUOTE_UDP6])
         except ConnectionRefusedError:
             c.udp_dropped += 1
-            self._refused(flow)
+            self._refused(flow)  # about an earlier datagram (the host heard so since)
         except OSError as err:
             c.udp_dropped += 1
-            self._unreachable(err, key, len(payload))
+            self._unreachable(err, key, len(payload), bytes(payload[:_QUOTE_UDP6]))
 
-    def _unreachable(self, err: OSError, key: FlowKey, length: int) -> None:
+    def _unreachable(self, err: OSError, key: FlowKey, length: int, head: bytes) -> None:
+        """No route for the guest's datagram of ``length`` bytes that began with ``head``."""
         gip, gport, rip, rport = key
-        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0)
+        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0) + head
         self.net.icmp.unreachable(err.errno, gip, rip, IPPROTO_UDP, udp, 8 + length)
 
     def _readable(self, flow: _Flow) -> None:
@@ -118,7 +127,7 @@ class UdpNat:
                 continue
             except OSError as err:
                 if not flow.inbound:  # an earlier datagram met no route on the way
-                    self._unreachable(err, flow.key, flow.last_len)
+                    self._unreachable(err, flow.key, flow.last_len, flow.last_head)
                 continue
             flow.last = time.monotonic()
             flow.timeout = ANSWERED_DNS_TIMEOUT if rport == 53 else IDLE_TIMEOUT
@@ -129,7 +138,7 @@ class UdpNat:
         """Tell the guest, as the host was told, that nobody listens there."""
         if not flow.inbound:
             gip, gport, rip, rport = flow.key
-            self.net.icmp.port_unreachable(gip, gport, rip, rport, flow.last_len)
+            self.net.icmp.port_unreachable(gip, gport, rip, rport, flow.last_len, flow.last_head)
 
     # -- hostfwd=udp -----------------------------------------------------
     def listen(self, fwd: HostForward, *, first: bool = False) -> None:
