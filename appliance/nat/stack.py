@@ -311,7 +311,10 @@ class UserNetwork:
         NET_SET_MTU): no frame toward the guest carries more, except TSO segments the guest
         accepted (virtio 1.2 §5.1.6.3: with VIRTIO_NET_F_MTU the device passes nothing larger
         with gso_type NONE). Datagrams above it are fragmented and the router advertisement
-        announces it. TCP needs nothing: its segments follow the MSS the guest derives from it.
+        announces it. TCP follows it too: the MSS our SYNs announce is the MTU less the IP and TCP
+        headers, and no segment we send exceeds the link, whatever MSS the guest announced
+        (RFC 9293 §3.7.1, the smaller of the two). Both are fixed when a connection opens:
+        connections already open keep the MTU they opened with.
 
         :raises ValueError: Below IPv4's minimum (RFC 791: 68) or above 65535.
         """
