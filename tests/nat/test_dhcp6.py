@@ -244,6 +244,14 @@ async def test_ipv6_off_does_not_answer() -> None:
         await net.stop()
 
 
+async def test_ipv4_off_still_answers() -> None:
+    net = await new_net("user,ipv4=off")
+    try:
+        assert one_reply(net, info_request())[DHCP6OptDNSServers].dnsservers == ["fec0::3"]
+    finally:
+        await net.stop()
+
+
 @pytest.mark.parametrize(
     "msg",
     [

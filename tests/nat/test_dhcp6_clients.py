@@ -1,11 +1,12 @@
-"""A DHCPv6 client we did not write against our stack: ISC dhclient in stateless mode (-S), which
-sends an Information-request, in a namespace made by the test (the harness of test_dhcp_clients:
-the stack on one end of a veth pair, the client's interface in the namespace). Its script only
-logs what it was given; nothing leaves the veth pair."""
+"""DHCPv6 clients we did not write against our stack: ISC dhclient in stateless mode (-S) and
+dhcpcd --inform6, each of which sends an Information-request, in a namespace made by the test
+(the harness of test_dhcp_clients: the stack on one end of a veth pair, the client's interface
+in the namespace). Their scripts only log what they were given; nothing leaves the veth pair."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from tests.conftest import needs_root
@@ -47,3 +48,26 @@ async def test_isc_dhclient_stateless_information_request_gets_dns_and_search_li
             assert w.net.counters()["dhcp6_bad"] == 0
         finally:
             await w.arun("dhclient", "-x", *common, w.ifname)
+
+
+@needs("dhcpcd")
+async def test_dhcpcd_inform6_gets_dns_and_search_list(tmp_path: Path) -> None:
+    log = tmp_path / "events"
+    script = log_script(tmp_path / "hook", log, "$reason dns=$new_dhcp6_name_servers "
+                        "search=$new_dhcp6_domain_search")  # fmt: skip
+    async with wire(tmp_path) as w:
+        lease = Path(f"/var/lib/dhcpcd/{w.ifname}.lease6")
+        await link_local_ready(w)
+        try:
+            # -1 -B: one exchange in the foreground, and dhcpcd exits once its hook has run. With no
+            # configuration file it asks only for what -o names (its Option Request option).
+            out = await w.arun("timeout", "25", "dhcpcd", "-6", "--inform6", "-1", "-B", "-f", "/dev/null",
+                               "-o", "dhcp6_name_servers", "-o", "dhcp6_domain_search", "-c", str(script),
+                               w.ifname, timeout=35)  # fmt: skip
+            informed = [ln for ln in lines(log) if ln.startswith("INFORM6 ")]
+            assert informed == ["INFORM6 dns=fec0::3 search=lab.test example.test"], (lines(log), out)
+            assert w.net.counters()["dhcp6_replies"] >= 1
+        finally:
+            await w.arun("dhcpcd", "-6", "-x", w.ifname)
+            with contextlib.suppress(OSError):
+                lease.unlink()
