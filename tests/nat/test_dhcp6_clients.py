@@ -61,9 +61,11 @@ async def test_dhcpcd_inform6_gets_dns_and_search_list(tmp_path: Path) -> None:
         try:
             # -1 -B: one exchange in the foreground, and dhcpcd exits once its hook has run. With no
             # configuration file it asks only for what -o names (its Option Request option).
-            out = await w.arun("timeout", "25", "dhcpcd", "-6", "--inform6", "-1", "-B", "-f", "/dev/null",
-                               "-o", "dhcp6_name_servers", "-o", "dhcp6_domain_search", "-c", str(script),
-                               w.ifname, timeout=35)  # fmt: skip
+            # --noipv6rs: a router advertisement handled first would end a one-shot run before the
+            # Information-request (dhcpcd delays it up to a second) is answered.
+            out = await w.arun("timeout", "25", "dhcpcd", "-6", "--inform6", "--noipv6rs", "-1", "-B",
+                               "-f", "/dev/null", "-o", "dhcp6_name_servers", "-o", "dhcp6_domain_search",
+                               "-c", str(script), w.ifname, timeout=35)  # fmt: skip
             informed = [ln for ln in lines(log) if ln.startswith("INFORM6 ")]
             assert informed == ["INFORM6 dns=fec0::3 search=lab.test example.test"], (lines(log), out)
             assert w.net.counters()["dhcp6_replies"] >= 1
