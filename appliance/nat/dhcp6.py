@@ -23,6 +23,9 @@ id, and carries:
   ``tftp://[router]/bootfile``, when both ``tftp=`` and ``bootfile=`` are set
   (libslirp sends it whenever asked, with "(null)" for a missing file name).
 
+Like DHCPv4 it is a local service that ``restrict=on`` keeps (libslirp drops
+every UDPv6 datagram of a restricted guest, DHCPv6 and DNS included).
+
 The guest is hostile. A request is dropped, counted in ``dhcp6_bad``, when an
 option runs past the end of the message or leaves 1 to 3 stray bytes, when it
 carries an IA option (IA_NA, IA_TA, IA_PD, or a bare IA Address as libslirp
