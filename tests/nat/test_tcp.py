@@ -140,31 +140,43 @@ async def test_host_side_accepts_only_once_the_guest_completes_its_handshake(net
     try:
         async with Guest(net) as g:
             held: list[bytes] = []
+            sport = [b""]  # this round's connection's source port
             to_stack = g.link.to_stack
 
             def hold_handshake_ack(frame: bytes) -> None:
-                if not held and frame[47] == 0x10:  # the first pure ACK: the end of the guest's handshake
+                # The first pure ACK of this round's connection: the end of the guest's handshake.
+                if not held and frame[47] == 0x10 and frame[34:36] == sport[0]:
                     held.append(frame)
                     return
                 to_stack(frame)
 
             g.link.to_stack = hold_handshake_ack  # type: ignore[method-assign]
-            c = g.connect(GW_IP, port)
-            await established(c)
-            async with asyncio.timeout(5):
-                while not held:
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
-            assert accepted == []  # the host connection is still in its handshake
-            released = asyncio.get_running_loop().time()
-            to_stack(held[0])
-            async with asyncio.timeout(5):
-                while not accepted:
-                    await asyncio.sleep(0.005)
+            delays: list[float] = []
+            # Up to three connections, the quickest counted: a loaded machine can hold this
+            # process up past 50 ms once, where a delayed ACK would be late every time.
+            for _ in range(3):
+                held.clear()
+                accepted.clear()
+                c = g.connect(GW_IP, port)
+                sport[0] = c.lport.to_bytes(2, "big")
+                await established(c)
+                async with asyncio.timeout(5):
+                    while not held:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)
+                assert accepted == []  # the host connection is still in its handshake
+                released = asyncio.get_running_loop().time()
+                to_stack(held[0])
+                async with asyncio.timeout(5):
+                    while not accepted:
+                        await asyncio.sleep(0.005)
+                delays.append(accepted[0] - released)
+                c.shutdown()
+                await c.wait(lambda c=c: c.fin_rcvd and c.fin_acked, 10)
+                if delays[-1] < 0.05:
+                    break
             # Then at once: unasked, Linux sent that ACK ~100 ms later here (delayed ACK).
-            assert accepted[0] - released < 0.05
-            c.shutdown()
-            await c.wait(lambda: c.fin_rcvd and c.fin_acked, 10)
+            assert min(delays) < 0.05, delays
     finally:
         srv.close()
 
