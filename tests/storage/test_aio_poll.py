@@ -191,12 +191,12 @@ def test_no_spin_without_requests_in_flight(bare: tuple[poll.LoopPoller, FakeRin
 def test_spin_returns_the_ring_fd_as_readable(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
     """A completion seen in the ring while spinning makes its fd readable although nothing signalled it."""
     poller, ring = bare
-    poller.ns = 1_000_000_000
+    poller.ns = 5_000_000_000
     ring.pending = 1
     threading.Timer(0.005, lambda: setattr(ring, "filled", True)).start()
     t0 = time.monotonic()
     events = poller.select(None)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.5
     assert [(key.fd, key.data, mask) for key, mask in events] == [
         (ring.fd, "ring", selectors.EVENT_READ)]
     assert poller.hits == 1 and poller.misses == 0
@@ -251,7 +251,7 @@ def test_a_missed_spin_still_returns_the_fd_when_it_is_signalled(
 def test_other_fds_are_served_before_spinning(bare: tuple[poll.LoopPoller, FakeRing]) -> None:
     """An fd that is ready when the loop would block is returned, not kept waiting a window."""
     poller, ring = bare
-    poller.ns = 1_000_000_000
+    poller.ns = 5_000_000_000
     ring.pending = 1  # in flight, never completes
     r, w = os.pipe()
     poller.selector.register(r, selectors.EVENT_READ, "other")
@@ -259,7 +259,7 @@ def test_other_fds_are_served_before_spinning(bare: tuple[poll.LoopPoller, FakeR
         os.write(w, b"ping")
         t0 = time.monotonic()
         events = poller.select(None)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 2.5
         assert [key.data for key, _ in events] == ["other"]
     finally:
         poller.selector.unregister(r)
@@ -330,12 +330,12 @@ def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
     poller._schedstat = os.open(os.devnull, os.O_RDONLY)  # read through the fake below
     monkeypatch.setattr(poller, "_read_run_delay", lambda: delay[0])
     poller._run_delay = 0
-    poller.ns = 1_000_000_000
+    poller.ns = 5_000_000_000
     ring.pending = 1
     delay[0] = 5 * poll.CONTENDED_NS
     t0 = time.monotonic()
     assert poller.select(0.002) == []
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.5
     assert poller.contended == 1 and poller.hits == poller.misses == 0 and poller.ns == 0
     # Inside the quiet spell a short wait does not grow the window back.
     assert poller.select(0.001) == []
