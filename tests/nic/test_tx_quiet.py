@@ -87,7 +87,7 @@ async def test_a_quiet_frame_is_taken_after_the_wait_without_a_kick(monkeypatch:
     dev, drv, link = make(quiet=1)
     await deliver(drv, link)
     send_quiet(drv, ACK)  # the driver sees avail_event 1 and does not kick (unless the wait is over)
-    await drv.wait_used(1, timeout=2.0)
+    await drv.wait_used(1, timeout=10.0)
     assert len(link.sent) == 1
     assert drv.queues[1].avail_event == 1  # kicks for every frame again
 
@@ -158,5 +158,5 @@ async def test_by_default_a_quiet_frame_is_taken_before_a_slow_guest_opens_its_n
     dev, drv, link = make(quiet=1)
     await deliver(drv, link)
     send_quiet(drv, ACK)  # quiet: no kick, unless the wait is over already
-    await drv.wait_used(1, timeout=2.0)
+    await drv.wait_used(1, timeout=10.0)
     assert len(link.sent) == 1
