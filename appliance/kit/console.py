@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +20,31 @@ from typing import IO, Self
 from appliance.kit.errors import TcgError, TcgTimeout
 
 TAIL = 3000  # characters of console output quoted in errors
+
+
+def _threads(pid: int) -> str:
+    """Where each thread of a process that should have answered is: a hang's first clue
+    (a thread blocked in a read of a vhost-user socket, say, shows syscall 0 and its fd)."""
+    lines = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as err:
+        return f"({err.strerror})"
+    for tid in tids:
+        parts = []
+        for name in ("comm", "wchan", "syscall"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/{name}", encoding="ascii", errors="replace") as f:
+                    parts.append(f.read().strip()[:80] or "-")
+            except OSError:
+                parts.append("?")
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "?"
+        lines.append(f"{tid} {parts[0]} {state} {parts[1]} [{parts[2]}]")
+    return "\n".join(lines)
 
 
 class ConsoleProcess:
@@ -151,6 +177,8 @@ class ConsoleProcess:
         text = f"\n--- console (last {TAIL} chars) ---\n{self._buf[-TAIL:]}"
         if err := self.stderr.strip():
             text += f"\n--- stderr ---\n{err[-TAIL:]}"
+        if self.proc is not None and self.proc.returncode is None:
+            text += f"\n--- threads (name state wchan syscall) ---\n{_threads(self.proc.pid)}"
         return text
 
     async def expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
