@@ -9,7 +9,12 @@ installed. Only loopback services this script starts are contacted.
 
 Rows: guest→host TCP throughput (the guest uploads to a loopback sink via
 10.0.2.2), host→guest TCP throughput (a host client pushes through
-``hostfwd``), and guest→host TCP connection setup rate.
+``hostfwd``), guest→host TCP connection setup rate (busybox ``nc`` to the sink,
+one process a connection), and host→guest connection rate through ``hostfwd``
+(a host client connects, sends one byte and its FIN, and reads the byte back to
+EOF, one connection at a time; in the guest one persistent ``nc -ll`` runs a
+forked ``cat`` for each). The client speaks first because passt (Debian 12's)
+leaves an inbound connection half-open until the host side sends data.
 
 The guest's emulated CPU does most of the work, so on a shared machine the
 numbers follow the load. To keep the comparison paired, each round boots one
@@ -66,7 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MAC = "52:54:00:12:34:56"
-METRICS = ("guest_to_host_gbps", "host_to_guest_gbps", "connections_per_s")
+METRICS = ("guest_to_host_gbps", "host_to_guest_gbps", "connections_per_s", "hostfwd_connections_per_s")
 # The process whose CPU time is the stack's, per stack: ours is the net-daemon; libslirp runs
 # in QEMU's main thread (with the rest of QEMU's device emulation), passt is its own process.
 STACK_TASK: dict[str, str] = {}
@@ -267,7 +272,41 @@ class Rig:
                     out["guest_idle_ms_per_conn"] = max(0.0, 1e3 / out["connections_per_s"]
                                                         - out["guest_vcpu_cpu_ms_per_conn"]
                                                         - out["guest_vcpu_wait_ms_per_conn"])  # fmt: skip
+        if "hostfwd_connections_per_s" in only:
+            out["hostfwd_connections_per_s"] = await self.hostfwd_rate(conns)
         return out
+
+    async def hostfwd_rate(self, conns: int) -> float:
+        """Host -> guest connections per second through the stack's forward to guest port 7000."""
+
+        async def one() -> bool:
+            r, w = await asyncio.open_connection("127.0.0.1", self.fwd_port)
+            try:
+                w.write(b"x")
+                w.write_eof()
+                return await asyncio.wait_for(r.read(), 30) == b"x"
+            except ConnectionResetError:
+                return False  # nothing listens in the guest (yet): its RST, passed on
+            finally:
+                w.close()
+
+        # A persistent listener (-ll): each connection gets a forked cat, which echoes and exits.
+        await self.g.run("nc -ll -p 7000 -e cat >/dev/null 2>&1 &")
+        for _ in range(200):
+            if await one():  # the stack accepts before the guest listens: EOF, no byte
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("the guest's nc -ll never answered through hostfwd")
+        t0 = time.perf_counter()
+        answered = 0
+        for _ in range(conns):
+            answered += await one()
+        secs = time.perf_counter() - t0
+        await self.g.run("killall nc")
+        if answered != conns:
+            raise RuntimeError(f"{conns - answered} of {conns} hostfwd connections got no answer")
+        return conns / secs
 
 
 async def main_async(
