@@ -194,7 +194,7 @@ class HostSocket:
     """
 
     __slots__ = ("_loop", "_poller", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
-                 "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed")  # fmt: skip
+                 "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed", "_read_on_resume")  # fmt: skip
 
     def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False) -> None:
         self._loop = nat.net.loop
@@ -205,6 +205,8 @@ class HostSocket:
         self._nat = nat
         self._wbuf = bytearray()
         self._paused = paused
+        # Created paused: a hostfwd connection waiting for the guest's SYN-ACK (see resume_reading).
+        self._read_on_resume = paused
         self._closing = False
         self._closed = False
         self._eof_pending = False
@@ -273,6 +275,38 @@ class HostSocket:
             self._paused = False
             if self._reading and not self._closing:
                 self._watch()
+                if self._read_on_resume:
+                    self._read_on_resume = False
+                    if self._nat.net.in_send:
+                        self._read_inline()
+
+    def _read_inline(self) -> None:
+        """Read in the guest's pass that completed a hostfwd handshake.
+
+        The host client connected before our SYN went out and has often written (and closed)
+        since: read here, that reaches the guest in the same batch as the handshake's ACK, one
+        interrupt, instead of after a poll and a loop turn (~70 us later, a second interrupt;
+        busybox nc -ll in a TCG guest behind net-daemon). Two reads: the data, then often its FIN.
+        """
+        for _ in range(2):
+            conn = self._conn
+            if conn is None or conn.state == CLOSED or not self._reading or self._paused or self._closing:
+                return
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._fail_later(err)  # never host_lost inside the connection's own input
+                return
+            if data:
+                self._nat._guard(conn.host_data, data)
+            else:
+                self._nat._guard(conn.host_eof)
+                self._stop_reading()
+            self._nat.net.urgent()
+            if not data:
+                return
 
     def close(self) -> None:
         """Stop reading, send what is buffered, then close (the connection hears ``host_lost(None)``)."""

@@ -725,3 +725,41 @@ async def test_shutting_the_host_socket_down_yields_only_in_a_stack_of_its_own(
         srv.close()
     assert sink.n == 1
     assert yields == ([1] if own_process else [])
+
+
+async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(net: UserNetwork) -> None:
+    # A host client that writes (and closes) at once: what it sent is read in the guest's pass
+    # that completes the handshake, so it reaches the guest in the same batch as the ACK (one
+    # interrupt) instead of a loop turn later.
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        to_stack = g.link.to_stack
+        with_ack: list[bytes] = []
+
+        def watch_syn_ack(frame: bytes) -> None:
+            to_stack(frame)
+            tcp = len(frame) > 47 and frame[12:14] == b"\x08\x00" and frame[23] == 6
+            if tcp and frame[47] == 0x12 and frame[34:36] == (7777).to_bytes(2, "big"):
+                # Everything the stack queued while handling the SYN-ACK, before any loop turn.
+                frames = g.link.from_stack()
+                with_ack.extend(frames)
+                for f in frames:
+                    g.handle(f)
+
+        g.link.to_stack = watch_syn_ack  # type: ignore[method-assign]
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        w.write(b"hello guest")
+        w.write_eof()
+        async with asyncio.timeout(10):
+            while not accepted:
+                await asyncio.sleep(0.01)
+        gc = accepted[0]
+        await gc.wait(lambda: gc.fin_rcvd)
+        assert gc.read() == b"hello guest"
+        payloads = [f[14 + 20 + (f[46] >> 4) * 4 :] for f in with_ack if f[12:14] == b"\x08\x00" and f[23] == 6]
+        assert b"hello guest" in payloads, with_ack
+        # The host's FIN came along too (flags of the data segment or one after it).
+        assert any(f[47] & 0x01 for f in with_ack), with_ack
+        gc.shutdown()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
