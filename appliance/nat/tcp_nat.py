@@ -479,6 +479,16 @@ class _ListenSocket:
         nat.poller().watch(self._fd, self, EPOLLIN)
 
     def _read_ready(self) -> None:
+        # The SYNs of this burst go to the device when it ends, in this callback, not from a
+        # call_soon a loop turn later: the guest is waiting in accept() for them.
+        net = self._nat.net
+        net.hold()
+        try:
+            self._accept_burst()
+        finally:
+            net.release()
+
+    def _accept_burst(self) -> None:
         for _ in range(ACCEPT_BURST):
             try:
                 sock, peer = self._sock.accept()

@@ -763,3 +763,30 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(n
         gc.shutdown()
         assert await asyncio.wait_for(r.read(), 10) == b""
         w.close()
+
+
+async def test_hostfwd_syn_goes_to_the_device_in_the_accepting_callback(net: UserNetwork) -> None:
+    # The guest waits in accept(): the SYN for a forwarded connection is handed to the device
+    # while the listener's event is handled, not from a call_soon a loop turn later.
+    import inspect
+
+    from appliance.nat.tcp_nat import _ListenSocket
+
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        port = net.tcp.listener_ports()[0]
+        wake = g.link.ready.set
+        from_listener: list[bool] = []
+
+        def ready() -> None:
+            from_listener.append(any(isinstance(f.frame.f_locals.get("self"), _ListenSocket) for f in inspect.stack()))
+            wake()
+
+        net.set_ready_callback(ready)
+        for n in (1, 2):  # the first also resolves the guest's MAC (ARP)
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(10):
+                while len(accepted) < n:
+                    await asyncio.sleep(0.01)
+            w.close()
+        assert any(from_listener), from_listener
