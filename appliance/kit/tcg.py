@@ -138,8 +138,13 @@ class TcgGuest(ConsoleProcess):
         if self.wait_ready:
             await self.expect(re.escape(READY_LINE), self.boot_timeout)
 
-    async def poweroff(self, timeout: float = 30.0) -> int:
-        """Power the guest off from its shell; returns QEMU's exit status (0 on success)."""
+    async def poweroff(self, timeout: float = 90.0) -> int:
+        """Power the guest off from its shell; returns QEMU's exit status (0 on success).
+
+        It takes well under a second; the long default is for the rare stall of a whole TCG
+        guest on a loaded host (one CI run saw the guest's RCU watchdog report 21 s without
+        a CPU, then a poweroff slower than 30 s), which is not what a test is checking.
+        """
         await self.write("sync; poweroff -f\n")
         return await self.wait(timeout)
 
