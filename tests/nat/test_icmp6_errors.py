@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 
@@ -69,3 +70,33 @@ async def test_port_unreachable_quotes_the_datagram_up_to_1280_bytes(net: UserNe
     again = Ether(raw)
     del again[ICMPv6DestUnreach].cksum
     assert Ether(bytes(again))[ICMPv6DestUnreach].cksum == err[ICMPv6DestUnreach].cksum
+
+
+@needs_v6
+async def test_a_refusal_heard_on_the_next_send_quotes_the_datagram_it_was_about(net: UserNetwork) -> None:
+    # The host hears "port unreachable" for the first datagram and says so when the second is
+    # sent (which is then dropped): the error quotes the first, its length and bytes, not the second.
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind(("::1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    first, second = b"\x01" * 100, b"\x02" * 300
+    for data in (first, second):
+        feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / IPv6(src=GUEST6, dst="fec0::2")
+                        / UDP(sport=3458, dport=port) / data))  # fmt: skip
+        if data is first:
+            # Until the host has heard (an error pending on the flow's socket, not yet read),
+            # without a loop turn: the second send is then the one that reports it.
+            [flow] = net.udp._flows.values()
+            waiter = select.poll()
+            waiter.register(flow.sock.fileno(), 0)
+            assert waiter.poll(5000), "the host never heard the refusal"
+    async with asyncio.timeout(5):
+        errors: list[Ether] = []
+        while not errors:
+            errors = [p for p in map(Ether, drain(net)) if ICMPv6DestUnreach in p]
+            await asyncio.sleep(0.005)
+    [err] = errors
+    raw = bytes(err)
+    assert err[IPerror6].plen == 8 + len(first)
+    assert raw[14 + 40 + 8 + 40 + 8 :] == first
