@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from appliance.kit.console import ConsoleProcess
@@ -10,6 +12,13 @@ from appliance.kit.errors import TcgTimeout
 
 async def test_wait_timeout_names_each_thread_and_its_state() -> None:
     async with ConsoleProcess(["sleep", "30"]) as p:
+        assert p.proc is not None
+        # On a loaded machine the child may still be starting: wait until it sleeps.
+        for _ in range(500):
+            with open(f"/proc/{p.proc.pid}/syscall", encoding="ascii") as f:
+                if f.read().startswith("230 "):
+                    break
+            await asyncio.sleep(0.02)
         with pytest.raises(TcgTimeout) as err:
             await p.wait(0.2)
     text = str(err.value)
