@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +31,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 30) -> None:
+    """Return once ``proc`` (a server the test started) accepts connections on ``host``:``port``.
+
+    It binds a moment after it starts; a guest that reaches it sooner would be refused.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, f"the server for {host}:{port} exited ({proc.returncode})"
+            assert time.monotonic() < deadline, f"nothing listened on {host}:{port} in {timeout:g} s"
+            time.sleep(0.05)
+
+
+async def guest_listens(g: TcgGuest, port: int, timeout: float = 30) -> None:
+    """Return once a TCP listener on ``port`` is up in the guest (busybox ``netstat -ltn``)."""
+    deadline = time.monotonic() + timeout
+    while f":{port} " not in await g.run("netstat -ltn"):
+        assert time.monotonic() < deadline, f"nothing listened on guest port {port} in {timeout:g} s"
+        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -62,6 +87,7 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
     (tmp_path / "tftp" / "boot.bin").write_bytes(boot)
     sock = tmp_path / "user.sock"
     try:
+        wait_listening(web, "127.0.0.1", http_port)
         async with user_daemon(sock, f"hostfwd=tcp:127.0.0.1:{fwd_port}-:7000,"
                                      f"tftp={tmp_path / 'tftp'}") as stack:
             async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
@@ -96,9 +122,12 @@ async def test_lease_http_download_and_hostfwd(tmp_path: Path) -> None:
                 assert counters["rx_gso_frames"] > 0, "the guest never sent a TSO segment"
                 assert counters["tx_gso_frames"] > 0, "the guest never took a TSO segment"
                 assert counters["bad_vnet_hdr"] == 0 and counters["errors"] == 0
-                # Inbound: a host client reaches a guest listener through hostfwd.
-                await g.write("echo from-guest | nc -l -p 7000 > /tmp/in; echo NC-DONE\n")
-                await asyncio.sleep(1)
+                # Inbound: a host client reaches a guest listener through hostfwd, once it
+                # listens (before, the forward's SYN would be refused and the host see EOF).
+                # Started from a subshell, as no job of the console shell's own (see
+                # test_user_net_dhcp), which stays free to ask netstat.
+                await g.run("( (echo from-guest | nc -l -p 7000 > /tmp/in; echo NC-DONE) & )")
+                await guest_listens(g, 7000)
                 r, w = await asyncio.open_connection("127.0.0.1", fwd_port)
                 w.write(b"from-host\n")
                 await w.drain()
@@ -128,6 +157,7 @@ async def test_ipv6_slaac_echo_and_tcp_to_host_loopback(tmp_path: Path) -> None:
     )  # fmt: skip
     sock = tmp_path / "user.sock"
     try:
+        wait_listening(web, "::1", port)
         async with user_daemon(sock, "") as stack:
             async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
                 await g.run("ip link set eth0 up")

@@ -137,8 +137,9 @@ async def test_two_guests_on_one_bridge_move_100_mb_intact(tmp_path: Path) -> No
                 await b.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=100 2>/dev/null", timeout=120)
                 sent = (await b.run("sha256sum /tmp/blob", timeout=120)).split()[0]
                 await a.write("nc -l -p 5001 > /tmp/got; echo RECEIVED-DONE\n")
-                await asyncio.sleep(0.5)
-                await b.run("nc 10.93.0.1 5001 < /tmp/blob", timeout=240)
+                # a's nc may not listen yet: b's connect is then refused (nothing reaches a's
+                # one-shot nc) and b tries again.
+                await b.run("until nc 10.93.0.1 5001 < /tmp/blob; do sleep 0.2; done", timeout=240)
                 await a.expect("RECEIVED-DONE", 240)
                 got = (await a.run("sha256sum /tmp/got", timeout=120)).split()[0]
                 assert got == sent
