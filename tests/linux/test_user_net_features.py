@@ -40,7 +40,7 @@ from appliance.kit.tcg import TcgGuest
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from tests.conftest import needs_qemu
-from tests.linux.test_user_net import free_port
+from tests.linux.test_user_net import free_port, wait_listening
 
 pytestmark = needs_qemu
 
@@ -103,6 +103,8 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
         for addr in ("127.0.0.1", "::1")
     ]
     try:
+        for proc, addr in zip(procs, ("127.0.0.1", "::1"), strict=True):
+            wait_listening(proc, addr, port)
         yield port, hashlib.sha256(blob).hexdigest()
     finally:
         for proc in procs:
