@@ -104,7 +104,12 @@ async def test_guest_ethtool_channels_moves_all_traffic_to_the_remaining_pair(tm
                 assert re.findall(r"Combined:\s+(\d+)", await g.run("ethtool -l eth0")) == ["2", "2"]
                 await g.run("ethtool -L eth0 combined 1")
                 assert re.findall(r"Combined:\s+(\d+)", await g.run("ethtool -l eth0")) == ["2", "1"]
-                await asyncio.sleep(0.5)
+                # Pair 1 is counted from when the device serves pair 0 alone (QEMU's SET_VRING_ENABLE
+                # 0 has been handled), not after a fixed 0.5 s that a loaded machine could outlast.
+                deadline = asyncio.get_running_loop().time() + 10
+                while not (dev._active_pairs == 1 and len(dev._queues) == 2):
+                    assert asyncio.get_running_loop().time() < deadline, "pair 1 was never disabled"
+                    await asyncio.sleep(0.01)
                 pair1 = (dev.stats[1].tx_frames, dev.stats[1].rx_frames)
                 rx0 = dev.stats[0].rx_frames
                 # Eight flows (one ICMP id each) from both CPUs: the tap hashes them over
