@@ -14,6 +14,15 @@ from .conftest import GUEST_MAC, GW_MAC, drain, feed
 from .test_services import collect
 
 
+def _listener(backlog: int) -> tuple[socket.socket, int]:
+    """A non-blocking loopback TCP server the guest's connections reach through 10.0.2.2, and its port."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(backlog)
+    srv.setblocking(False)
+    return srv, srv.getsockname()[1]
+
+
 def _mss_of(pkt: Ether) -> int | None:
     return next((v for k, v in pkt[TCP].options if k == "MSS"), None)
 
@@ -31,11 +40,7 @@ async def _connect(net: UserNetwork, guest_mss: int, port: int, sport: int) -> E
 
 
 async def test_announced_mss_follows_the_link_mtu_and_segments_stay_inside_it() -> None:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    srv.setblocking(False)
-    port = srv.getsockname()[1]
+    srv, port = _listener(4)
     loop = asyncio.get_running_loop()
     for mtu, guest_mss, announced, largest in ((1500, 8960, 1460, 1460), (9000, 8960, 8960, 8960),
                                                (1400, 1460, 1360, 1360)):  # fmt: skip
@@ -61,11 +66,7 @@ async def test_an_ack_that_shrinks_the_window_is_obeyed_by_what_that_ack_release
     # The window an ACK carries applies to what the ACK lets us send (RFC 9293 §3.10.7.4): it was
     # taken after the ACK's own output, so a guest filling up (window shrinking) got segments
     # beyond its right edge, which Linux drops (helper-48: 48-87 retransmissions per 8 MB).
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    srv.setblocking(False)
-    port = srv.getsockname()[1]
+    srv, port = _listener(1)
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     try:
