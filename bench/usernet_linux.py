@@ -19,7 +19,11 @@ leaves an inbound connection half-open until the host side sends data.
 The guest's emulated CPU does most of the work, so on a shared machine the
 numbers follow the load. To keep the comparison paired, each round boots one
 guest per stack and measures every stack back to back; the table gives
-per-stack medians over rounds and the median of the per-round ratios. The
+per-stack medians over rounds and the median of the per-round ratios. Within a
+round the connection rows run in ``--chunks`` parts per stack, the stacks
+taking turns, so that a slow second of the machine falls on all of them (a
+connection rate measured in one piece per stack moved by 10-30% from one
+stack's turn to the next on this machine). The
 boot and measuring order rotates each round, and guests are not reused
 across rounds: the first QEMU of a set runs the same kit 3-5% slower.
 
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -60,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,12 +122,19 @@ class Sink:
         self.uploads: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
         self.accepts: list[float] = []
         self.server: asyncio.AbstractServer | None = None
+        # Sampled at the first accept and at accept number probe_at: CPU counters over exactly
+        # the span the connection rate is measured over (first to last accept).
+        self.probe: Callable[[], tuple[float, ...]] | None = None
+        self.probe_at = 0
+        self.samples: list[tuple[float, ...]] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.accepts.append(time.perf_counter())
+        if self.probe is not None and len(self.accepts) in (1, self.probe_at):
+            self.samples.append(self.probe())
         n, first = 0, 0.0
         while chunk := await r.read(1 << 20):
             if not n:
@@ -211,8 +223,11 @@ class Rig:
 
     def __init__(self, kind: str, guest: TcgGuest, sink: Sink, fwd_port: int) -> None:
         self.kind, self.g, self.sink, self.fwd_port = kind, guest, sink, fwd_port
+        self.conn_totals: dict[str, float] = {}  # summed over the connection chunks (conn_chunk)
+        self.fwd_totals = [0, 0.0]  # hostfwd connections, seconds (fwd_chunk)
 
-    async def measure(self, mb: int, conns: int, only: frozenset[str]) -> dict[str, float]:
+    async def measure(self, mb: int, only: frozenset[str]) -> dict[str, float]:
+        """The throughput rows."""
         g, sink = self.g, self.sink
         gw = "10.0.2.2"
         out: dict[str, float] = {}
@@ -233,85 +248,128 @@ class Rig:
             w.close()
             await g.expect("FWD-DONE", 600)
             out["host_to_guest_gbps"] = (mb << 20) * 8 / (time.perf_counter() - t0) / 1e9
-        if "connections_per_s" in only:
-            # connection setup rate, guest -> host
-            sink.accepts.clear()
-            task = STACK_TASK.get(self.kind)
-            cpu0 = cpu_seconds(task) if task else 0.0
-            qemu = QEMU_MAIN.get(self.kind)
-            qcpu0 = cpu_seconds(qemu) if qemu else 0.0
-            vcpu = VCPU.get(self.kind)
-            vcpu0 = cpu_seconds(vcpu) if vcpu else 0.0
-            vwait0 = runq_wait_seconds(vcpu) if vcpu else 0.0
-            spy = None
-            if PROFILE and self.kind == "appliance" and task:
-                spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "1000",
-                           "-f", "raw", "-o", str(PROFILE[0]), "-p", task]  # fmt: skip
-                spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                await asyncio.sleep(0.5)
-            irq0 = await guest_irqs(g)
-            await g.run(
-                f"i=0; while [ $i -lt {conns} ]; do nc {gw} {sink.port} </dev/null; i=$((i+1)); done", timeout=600
-            )
-            irq1 = await guest_irqs(g)
-            if spy is not None:
-                spy.send_signal(2)
-                spy.wait()
-            acc = sink.accepts
-            out["connections_per_s"] = (len(acc) - 1) / (acc[-1] - acc[0]) if len(acc) > 1 else 0.0
-            out["guest_irqs_per_conn"] = (irq1 - irq0) / max(len(acc), 1)
-            if task:
-                out["stack_cpu_ms_per_conn"] = (cpu_seconds(task) - cpu0) * 1e3 / max(len(acc), 1)
-            if qemu:
-                out["qemu_main_cpu_ms_per_conn"] = (cpu_seconds(qemu) - qcpu0) * 1e3 / max(len(acc), 1)
-            if vcpu:
-                out["guest_vcpu_cpu_ms_per_conn"] = (cpu_seconds(vcpu) - vcpu0) * 1e3 / max(len(acc), 1)
-                out["guest_vcpu_wait_ms_per_conn"] = (runq_wait_seconds(vcpu) - vwait0) * 1e3 / max(len(acc), 1)
-                if out["connections_per_s"] > 0:
-                    # What is left of a connection's wall time: the guest halted, waiting on the stack.
-                    out["guest_idle_ms_per_conn"] = max(0.0, 1e3 / out["connections_per_s"]
-                                                        - out["guest_vcpu_cpu_ms_per_conn"]
-                                                        - out["guest_vcpu_wait_ms_per_conn"])  # fmt: skip
-        if "hostfwd_connections_per_s" in only:
-            out["hostfwd_connections_per_s"] = await self.hostfwd_rate(conns)
         return out
 
-    async def hostfwd_rate(self, conns: int) -> float:
-        """Host -> guest connections per second through the stack's forward to guest port 7000."""
+    async def conn_chunk(self, conns: int) -> None:
+        """``conns`` guest -> host connections (busybox ``nc`` to the sink, one process each),
+        added to this rig's totals: the rate counts first to last accept of each chunk."""
+        g, sink, acc = self.g, self.sink, self.conn_totals
+        task, qemu, vcpu = STACK_TASK.get(self.kind), QEMU_MAIN.get(self.kind), VCPU.get(self.kind)
 
-        async def one() -> bool:
-            r, w = await asyncio.open_connection("127.0.0.1", self.fwd_port)
-            try:
-                w.write(b"x")
-                w.write_eof()
-                return await asyncio.wait_for(r.read(), 30) == b"x"
-            except ConnectionResetError:
-                return False  # nothing listens in the guest (yet): its RST, passed on
-            finally:
-                w.close()
+        def probe() -> tuple[float, ...]:
+            return (cpu_seconds(task) if task else 0.0, cpu_seconds(qemu) if qemu else 0.0,
+                    cpu_seconds(vcpu) if vcpu else 0.0, runq_wait_seconds(vcpu) if vcpu else 0.0)  # fmt: skip
 
-        # A persistent listener (-ll): each connection gets a forked cat, which echoes and exits.
+        spy = None
+        if PROFILE and self.kind == "appliance" and task and not acc:  # the first chunk of a round
+            spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "1000",
+                       "-f", "raw", "-o", str(PROFILE[0]), "-p", task]  # fmt: skip
+            spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(0.5)
+        irq0 = await guest_irqs(g)
+        sink.accepts.clear()
+        sink.samples.clear()
+        sink.probe, sink.probe_at = probe, conns
+        try:
+            await g.run(
+                f"i=0; while [ $i -lt {conns} ]; do nc 10.0.2.2 {sink.port} </dev/null; i=$((i+1)); done", timeout=600
+            )
+        finally:
+            sink.probe = None
+        irq1 = await guest_irqs(g)
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait()
+        t = sink.accepts
+        if len(t) != conns or len(sink.samples) != 2:
+            raise RuntimeError(f"{len(t)} of {conns} guest connections reached the sink")
+        first, last = sink.samples
+        add = {
+            "intervals": len(t) - 1, "secs": t[-1] - t[0], "irqs": irq1 - irq0, "conns": len(t),
+            "stack_cpu": last[0] - first[0], "qemu_cpu": last[1] - first[1],
+            "vcpu_cpu": last[2] - first[2], "vcpu_wait": last[3] - first[3],
+        }  # fmt: skip
+        for k, v in add.items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    def conn_results(self) -> dict[str, float]:
+        """The connection rows from the chunks run so far (CPU rows per connection, in ms)."""
+        acc, out = self.conn_totals, dict[str, float]()
+        if not acc:
+            return out
+        n = acc["intervals"]  # the CPU rows span first to last accept: one interval a connection
+        out["connections_per_s"] = n / acc["secs"]
+        out["guest_irqs_per_conn"] = acc["irqs"] / acc["conns"]
+        if STACK_TASK.get(self.kind):
+            out["stack_cpu_ms_per_conn"] = acc["stack_cpu"] * 1e3 / n
+        if QEMU_MAIN.get(self.kind):
+            out["qemu_main_cpu_ms_per_conn"] = acc["qemu_cpu"] * 1e3 / n
+        if VCPU.get(self.kind):
+            out["guest_vcpu_cpu_ms_per_conn"] = acc["vcpu_cpu"] * 1e3 / n
+            out["guest_vcpu_wait_ms_per_conn"] = acc["vcpu_wait"] * 1e3 / n
+            # What is left of a connection's wall time: the guest halted, waiting on the stack.
+            out["guest_idle_ms_per_conn"] = max(0.0, 1e3 / out["connections_per_s"]
+                                                - out["guest_vcpu_cpu_ms_per_conn"]
+                                                - out["guest_vcpu_wait_ms_per_conn"])  # fmt: skip
+        return out
+
+    async def _fwd_one(self) -> bool:
+        r, w = await asyncio.open_connection("127.0.0.1", self.fwd_port)
+        try:
+            w.write(b"x")
+            w.write_eof()
+            return await asyncio.wait_for(r.read(), 30) == b"x"
+        except ConnectionResetError:
+            return False  # nothing listens in the guest (yet): its RST, passed on
+        finally:
+            w.close()
+
+    async def start_fwd_listener(self) -> None:
+        """A persistent guest listener on port 7000 (-ll): each connection gets a forked cat,
+        which echoes and exits."""
         await self.g.run("nc -ll -p 7000 -e cat >/dev/null 2>&1 &")
         for _ in range(200):
-            if await one():  # the stack accepts before the guest listens: EOF, no byte
-                break
+            if await self._fwd_one():  # the stack accepts before the guest listens: EOF, no byte
+                return
             await asyncio.sleep(0.05)
-        else:
-            raise RuntimeError("the guest's nc -ll never answered through hostfwd")
+        raise RuntimeError("the guest's nc -ll never answered through hostfwd")
+
+    async def fwd_chunk(self, conns: int) -> None:
+        """``conns`` host -> guest connections through the stack's forward to guest port 7000,
+        one at a time, added to this rig's totals."""
         t0 = time.perf_counter()
         answered = 0
         for _ in range(conns):
-            answered += await one()
+            answered += await self._fwd_one()
         secs = time.perf_counter() - t0
-        await self.g.run("killall nc")
         if answered != conns:
             raise RuntimeError(f"{conns - answered} of {conns} hostfwd connections got no answer")
-        return conns / secs
+        self.fwd_totals[0] += conns
+        self.fwd_totals[1] += secs
+
+    async def stop_fwd_listener(self) -> None:
+        await self.g.run("killall nc")
+
+
+async def interleaved(rigs: list[Rig], chunks: int, run: Callable[[Rig], Awaitable[None]], failed: set[str]) -> None:
+    """Run ``run`` on every rig, ``chunks`` times over, the rigs taking turns (in an order that
+    rotates): a connection rate follows the machine's load from second to second, and taking
+    turns gives every stack the same share of its slow and quick moments."""
+    for c in range(chunks):
+        for rig in rigs[c % len(rigs) :] + rigs[: c % len(rigs)]:
+            if rig.kind in failed:
+                continue
+            try:
+                await run(rig)
+            except Exception as err:  # noqa: BLE001 - one stack failing must not hide the others
+                print(f"{rig.kind}: {err!r}", file=sys.stderr)
+                failed.add(rig.kind)
 
 
 async def main_async(
-    mb: int, conns: int, rounds: int, intx_all: bool, only: frozenset[str], pcap: Path | None, no_passt: bool
-) -> None:
+    mb: int, conns: int, rounds: int, intx_all: bool, only: frozenset[str], pcap: Path | None, no_passt: bool,
+    chunks: int = 4,
+) -> None:  # fmt: skip
     from appliance.kit.tcg import TcgGuest  # noqa: F811 - the runtime import (typing only above)
 
     metrics = [m for m in METRICS if m in only]
@@ -351,11 +409,28 @@ async def main_async(
             order = kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]
             async with contextlib.AsyncExitStack() as ex:
                 rigs = [await boot(k, rnd, ex) for k in order]
+                failed: set[str] = set()
                 for rig in rigs:
                     try:
-                        results[rig.kind][rnd] = await rig.measure(mb, conns, only)
+                        results[rig.kind][rnd] = await rig.measure(mb, only)
                     except Exception as err:  # noqa: BLE001 - one stack failing must not hide the others
                         print(f"{rig.kind}: round {rnd + 1} failed: {err!r}", file=sys.stderr)
+                        failed.add(rig.kind)
+                per_chunk = max(2, conns // chunks)
+                if "connections_per_s" in only:
+                    await interleaved(rigs, chunks, functools.partial(Rig.conn_chunk, conns=per_chunk), failed)
+                if "hostfwd_connections_per_s" in only:
+                    await interleaved(rigs, 1, Rig.start_fwd_listener, failed)
+                    await interleaved(rigs, chunks, functools.partial(Rig.fwd_chunk, conns=per_chunk), failed)
+                    await interleaved(rigs, 1, Rig.stop_fwd_listener, failed)
+                for rig in rigs:
+                    if rig.kind in failed:
+                        results[rig.kind].pop(rnd, None)
+                        continue
+                    got = results[rig.kind][rnd]
+                    got.update(rig.conn_results())
+                    if rig.fwd_totals[0]:
+                        got["hostfwd_connections_per_s"] = rig.fwd_totals[0] / rig.fwd_totals[1]
                 for rig in rigs:
                     await rig.g.poweroff()
             print(f"round {rnd + 1}: " + "  ".join(
@@ -398,6 +473,8 @@ def main() -> int:
     p.add_argument("--mb", type=int, default=32)
     p.add_argument("--conns", type=int, default=50)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--chunks", type=int, default=4,
+                   help="split each round's connections into this many runs per stack, the stacks taking turns")
     p.add_argument("--intx-all", action="store_true", help="give every NIC INTx (vectors=0), as ours must have")
     p.add_argument("--only", default=",".join(METRICS), help="comma-separated metrics to measure")
     p.add_argument("--no-passt", action="store_true", help="compare with libslirp only")
@@ -422,7 +499,7 @@ def main() -> int:
     if a.compare_tree:
         COMPARE_TREE.append(a.compare_tree.resolve())
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt))
+    asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt, a.chunks))
     return 0
 
 
