@@ -171,6 +171,58 @@ async def test_host_side_accepts_once_the_guests_syn_ack_is_out_without_its_ack(
         lst.close()
 
 
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+async def test_guest_fin_to_a_peer_done_sending_leaves_after_the_guests_pass(net: UserNetwork) -> None:
+    # A hostfwd client that sent its request and its FIN waits only for our FIN; it goes out a
+    # loop turn after the guest's frames are handled (and the guest signalled), so the woken
+    # client does not run ahead of the rest of the stack's pass.
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        client = socket.create_connection(("127.0.0.1", net.tcp.listener_ports()[0]), timeout=5)
+        try:
+            client.sendall(b"q")
+            client.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(10):
+                while not accepted:
+                    await asyncio.sleep(0.005)
+            gc = accepted[0]
+            await gc.wait(lambda: gc.fin_rcvd and gc.read() == b"q")
+            gc.shutdown()  # the guest's FIN: handled (net.send) before this returns
+            assert not _readable(client)
+            async with asyncio.timeout(5):
+                while not _readable(client):
+                    await asyncio.sleep(0)
+            assert client.recv(16) == b""
+            await gc.wait(lambda: gc.fin_acked)
+        finally:
+            client.close()
+
+
+async def test_guest_fin_to_a_peer_still_sending_leaves_inside_the_guests_pass(net: UserNetwork) -> None:
+    # A peer that has not closed answers our FIN with its own, which the guest waits for: that
+    # FIN is not held back to the end of the pass.
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    try:
+        async with Guest(net) as g:
+            c = g.connect(GW_IP, lst.getsockname()[1])
+            await established(c)
+            lst.settimeout(5)
+            peer, _ = lst.accept()
+            with peer:
+                c.shutdown()
+                assert _readable(peer)  # no loop turn since the guest's FIN
+                assert peer.recv(16) == b""
+                peer.close()
+                await c.wait(lambda: c.fin_rcvd and c.fin_acked, 10)
+    finally:
+        lst.close()
+
+
 async def test_hostfwd_connection_reaches_guest_listener_both_ways(net: UserNetwork) -> None:
     async with Guest(net) as g:
         accepted = g.listen(7777)
