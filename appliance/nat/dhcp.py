@@ -199,14 +199,16 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
     Pointers are offsets into the concatenated option data (RFC 3397 §2,
     "the pointer is relative to the start of the option data"). As libslirp:
     names keep the case they were given and only suffixes equal byte for byte
-    are shared, and a name with an empty label ("a..b", ".") is left out with
-    a warning (one trailing dot is the root, as usual).
+    are shared, and a name with an empty label ("a..b", "."), a label over 63
+    bytes or more than 255 bytes in all (RFC 1035 §2.3.4) is left out with a
+    warning (one trailing dot is the root, as usual). Labels go out as the bytes
+    they were given (UTF-8 for a non-ASCII name), as QEMU passes them on.
     """
     out = bytearray()
-    seen: dict[tuple[str, ...], int] = {}
+    seen: dict[tuple[bytes, ...], int] = {}
     for name in domains:
-        labels = tuple(name[:-1].split(".") if name.endswith(".") else name.split("."))
-        if any(not lab or len(lab) > 63 for lab in labels):
+        labels = tuple(raw_bytes(lab) for lab in (name[:-1] if name.endswith(".") else name).split("."))
+        if any(not lab or len(lab) > 63 for lab in labels) or sum(len(lab) + 1 for lab in labels) + 1 > 255:
             log.warning("dnssearch '%s' is not a domain name; left out of the search list", name)
             continue
         for i in range(len(labels)):
@@ -216,8 +218,7 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
                 break
             if len(out) < 0x3FFF:
                 seen[suffix] = len(out)
-            lab = labels[i].encode("ascii", "surrogateescape")
-            out += bytes([len(lab)]) + lab
+            out += bytes([len(labels[i])]) + labels[i]
         else:
             out.append(0)
     return bytes(out)

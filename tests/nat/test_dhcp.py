@@ -77,6 +77,16 @@ def test_domain_search_uses_rfc3397_compression() -> None:
     assert enc == b"\x07example\x04test\x00" + b"\x03lab\xc0\x00"
 
 
+def test_domain_search_names_go_out_as_their_bytes_and_overlong_ones_are_left_out() -> None:
+    # A non-ASCII name goes out as its UTF-8 bytes, as QEMU passes the command line's bytes on;
+    # a name over 255 bytes on the wire (RFC 1035 §2.3.4) or with a 64-byte label is dropped.
+    assert encode_search(("exämple.test",)) == b"\x08ex\xc3\xa4mple\x04test\x00"
+    long_name = ".".join(["a" * 63] * 4)  # 4 x 64 + 1 = 257 bytes encoded
+    assert encode_search((long_name, "a" * 64 + ".test", "ok.test")) == b"\x02ok\x04test\x00"
+    fits = ".".join(["a" * 63] * 3 + ["b" * 61])  # 3 x 64 + 62 + 1 = 255
+    assert len(encode_search((fits,))) == 255
+
+
 async def test_leases_are_per_mac_and_stable(net: UserNetwork) -> None:
     feed(net, dhcp_frame(GUEST_MAC, "discover"))
     feed(net, dhcp_frame("52:54:00:00:00:02", "discover", xid=2))
