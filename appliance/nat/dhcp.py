@@ -201,8 +201,9 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
     names keep the case they were given and only suffixes equal byte for byte
     are shared, and a name with an empty label ("a..b", "."), a label over 63
     bytes or more than 255 bytes in all (RFC 1035 §2.3.4) is left out with a
-    warning (one trailing dot is the root, as usual). Labels go out as the bytes
-    they were given (UTF-8 for a non-ASCII name), as QEMU passes them on.
+    warning (one trailing dot is the root, as usual). Labels are the names' bytes
+    (``raw_bytes``), so no name makes this raise; which names get here is
+    ``config._search_list``'s choice (as libslirp, none when one is not ASCII).
     """
     out = bytearray()
     seen: dict[tuple[bytes, ...], int] = {}
