@@ -47,8 +47,9 @@ time, waiting for the stack), and ``guest_irqs_per_conn`` counts the guest's vir
 ``--cprofile FILE`` runs it under cProfile, and ``--daemon-tree DIR`` runs it
 from another source tree (A/B runs of two versions, each against libslirp).
 
-Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3]``;
+Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
+The issue's table comes from ``--rounds 6 --conns 200``.
 """
 
 from __future__ import annotations
