@@ -394,17 +394,15 @@ class HostSocket:
     def _after_pass(self) -> bool:
         """Whether our FIN (or close) to the peer should wait for the end of the guest's pass.
 
-        When the peer has finished sending, or we are closing, nothing the guest waits for
-        comes of it (the peer's answer is its close(), or an EOF nobody reads); but waking the
-        peer inside the guest's pass puts it on this CPU ahead of the rest of the pass (the
-        calls that interrupt the guest wake QEMU's main thread, which preempts us, and the
-        peer runs before we get the CPU back). A hostfwd client that reads to EOF and then
-        connects again found our accept() ~0.4 ms behind its connect() (ftrace, busybox
-        nc -ll -e cat in a TCG guest); a loop turn later, we are asleep when it connects and
-        take the connection at once. A peer still sending gets our FIN at once: its own FIN,
-        which the guest waits for, answers it.
+        When the peer has finished sending, its answer to our FIN is only its close(), which
+        the guest does not wait for; but waking it now, inside the guest's pass, puts it on
+        this CPU ahead of the rest of the pass (the calls that interrupt the guest wake QEMU's
+        main thread, which preempts us, and the peer runs before we get the CPU back). A
+        hostfwd client that reads to EOF and then connects again found our accept() ~0.4 ms
+        behind its connect() (ftrace, busybox nc -ll -e cat in a TCG guest); a loop turn
+        later, we are asleep when it connects and take the connection at once.
         """
-        return self._nat.net.in_send and (self._closing or not self._reading)
+        return not self._reading and self._nat.net.in_send
 
     def _shutdown_now(self) -> None:
         if self._closed:
