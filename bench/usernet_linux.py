@@ -328,8 +328,7 @@ class Rig:
     async def start_fwd_listener(self) -> None:
         """A persistent guest listener on port 7000 (-ll): each connection gets a forked cat,
         which echoes and exits."""
-        # stdin from /dev/null: a background job keeps the console as its stdin otherwise, and
-        # a guest's shell once ended (init then powered off) right after the killall below.
+        # stdin from /dev/null: a background job would share the console with the shell.
         await self.g.run("nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &")
         for _ in range(200):
             if await self._fwd_one():  # the stack accepts before the guest listens: EOF, no byte
@@ -437,9 +436,10 @@ async def main_async(
                 for rig in rigs:
                     if rig.g.returncode is not None:
                         # Seen in about one round in ten (any stack) after its last command
-                        # (killall nc) returned, while nc -ll ran with the console as its stdin: the
+                        # (killall nc) returned: a blank line (ash's at end of input), then the
                         # kernel's "Power down" with no poweroff sent, i.e. the kit's console shell
-                        # ended and init powered off. Reported; its numbers (all taken) stand.
+                        # read EOF and init powered off. Cause not found (nc -ll reading /dev/null
+                        # did not change it). Reported; its numbers (all taken) stand.
                         print(f"{rig.kind}: guest exited by itself ({rig.g.returncode}){rig.g.tail()[-400:]}",
                               file=sys.stderr)  # fmt: skip
                         continue
