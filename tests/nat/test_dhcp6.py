@@ -8,6 +8,7 @@ messages get: nothing, and one counter each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import struct
 from collections.abc import AsyncIterator
@@ -56,17 +57,21 @@ SERVER_DUID = struct.pack("!HH", 3, 1) + bytes.fromhex(GW_MAC.replace(":", ""))
 CLIENT_DUID = DUID_LL(lladdr=GUEST_MAC)
 
 
-async def new_net(options: str = "user") -> UserNetwork:
+@contextlib.asynccontextmanager
+async def running(options: str = "user") -> AsyncIterator[UserNetwork]:
+    """A started stack with these ``-netdev user`` options (no upstream resolvers), stopped after."""
     n = UserNetwork(dataclasses.replace(UserNetConfig.from_string(options), nameservers=()))
     await n.start()
-    return n
+    try:
+        yield n
+    finally:
+        await n.stop()
 
 
 @pytest.fixture
 async def net() -> AsyncIterator[UserNetwork]:
-    n = await new_net()
-    yield n
-    await n.stop()
+    async with running() as n:
+        yield n
 
 
 def frame(msg: Packet | bytes, *, src: str = LL6, dst: str = ALL_DHCP, sport: int = 546, dport: int = 547) -> bytes:
@@ -149,47 +154,32 @@ async def test_without_client_identifier_the_reply_has_none(net: UserNetwork) ->
 
 
 async def test_options_are_sent_only_when_requested() -> None:
-    net = await new_net("user,dnssearch=lab.test,tftp=/srv,bootfile=boot.efi")
-    try:
+    async with running("user,dnssearch=lab.test,tftp=/srv,bootfile=boot.efi") as net:
         assert set(options_of(one_reply(net, info_request(oro=None)))) == {1, 2}
         assert set(options_of(one_reply(net, info_request(oro=[23])))) == {1, 2, 23}
         assert set(options_of(one_reply(net, info_request(oro=[24, 59])))) == {1, 2, 24, 59}
         assert set(options_of(one_reply(net, info_request(oro=[7, 32, 82, 0xFFFF])))) == {1, 2}
         assert set(options_of(one_reply(net, info_request(oro=[])))) == {1, 2}
-    finally:
-        await net.stop()
 
 
 async def test_domain_search_list_is_dnssearch_uncompressed() -> None:
-    net = await new_net("user,domainname=ignored.test,dnssearch=lab.test,dnssearch=example.lab.test")
-    try:
+    async with running("user,domainname=ignored.test,dnssearch=lab.test,dnssearch=example.lab.test") as net:
         r = one_reply(net, info_request())
         assert r[DHCP6OptDNSDomains].dnsdomains == ["lab.test.", "example.lab.test."]
         # RFC 8415 §10: no compression, so the shared suffix is written out twice.
         assert options_of(r)[24] == b"\3lab\4test\0\7example\3lab\4test\0"
-    finally:
-        await net.stop()
 
 
 async def test_domain_search_list_falls_back_to_domainname() -> None:
-    net = await new_net("user,domainname=lab.test")
-    try:
+    async with running("user,domainname=lab.test") as net:
         assert options_of(one_reply(net, info_request()))[24] == b"\3lab\4test\0"
-    finally:
-        await net.stop()
 
 
 async def test_domain_search_list_leaves_out_names_with_empty_labels() -> None:
-    net = await new_net("user,dnssearch=a..b,dnssearch=ok.test.")
-    try:
+    async with running("user,dnssearch=a..b,dnssearch=ok.test.") as net:
         assert options_of(one_reply(net, info_request()))[24] == b"\2ok\4test\0"
-    finally:
-        await net.stop()
-    net = await new_net("user,dnssearch=a..b")
-    try:
+    async with running("user,dnssearch=a..b") as net:
         assert 24 not in options_of(one_reply(net, info_request()))  # nothing left: no option
-    finally:
-        await net.stop()
 
 
 @pytest.mark.parametrize(
@@ -203,53 +193,38 @@ async def test_domain_search_list_leaves_out_names_with_empty_labels() -> None:
     ],
 )
 async def test_boot_file_url_needs_tftp_and_bootfile(options: str, url: bytes | None) -> None:
-    net = await new_net("user," + options)
-    try:
+    async with running("user," + options) as net:
         opts = options_of(one_reply(net, info_request()))
         assert opts.get(59) == url
         if url is not None:
             assert one_reply(net, info_request())[DHCP6OptBootFileUrl].optdata == url
-    finally:
-        await net.stop()
 
 
 async def test_custom_ipv6_dns_is_the_dns_server() -> None:
-    net = await new_net("user,ipv6-net=fd00::/64,ipv6-dns=fd00::53")
-    try:
+    async with running("user,ipv6-net=fd00::/64,ipv6-dns=fd00::53") as net:
         r = one_reply(net, info_request())
         assert r[DHCP6OptDNSServers].dnsservers == ["fd00::53"] and r[IPv6].src == "fd00::2"
-    finally:
-        await net.stop()
 
 
 async def test_restrict_on_still_answers_without_dns_as_dhcpv4() -> None:
     """DHCP is a local service: restrict=on keeps it, and leaves the DNS server out as the DHCPv4
     server leaves out options 3 and 6 (libslirp drops every guest UDPv6 datagram under restrict)."""
-    net = await new_net("user,restrict=on,dnssearch=lab.test")
-    try:
+    async with running("user,restrict=on,dnssearch=lab.test") as net:
         opts = options_of(one_reply(net, info_request()))
         assert set(opts) == {1, 2, 24}
         assert net.counters()["restricted"] == 0
-    finally:
-        await net.stop()
 
 
 async def test_ipv6_off_does_not_answer() -> None:
-    net = await new_net("user,ipv6=off")
-    try:
+    async with running("user,ipv6=off") as net:
         assert net.dhcp6 is None
         feed(net, frame(info_request()))
         assert replies(net) == []
-    finally:
-        await net.stop()
 
 
 async def test_ipv4_off_still_answers() -> None:
-    net = await new_net("user,ipv4=off")
-    try:
+    async with running("user,ipv4=off") as net:
         assert one_reply(net, info_request())[DHCP6OptDNSServers].dnsservers == ["fec0::3"]
-    finally:
-        await net.stop()
 
 
 @pytest.mark.parametrize(
@@ -380,8 +355,7 @@ def test_any_message_gets_one_well_formed_reply_or_one_counted_drop(messages: li
 
 
 async def _storm(messages: list[bytes]) -> None:
-    net = await new_net("user,dnssearch=lab.test,tftp=/srv,bootfile=f")
-    try:
+    async with running("user,dnssearch=lab.test,tftp=/srv,bootfile=f") as net:
         keys = ("dhcp6_replies", "dhcp6_bad", "not_for_us", "unsupported")
         for msg in messages:
             before = net.counters()
@@ -398,8 +372,6 @@ async def _storm(messages: list[bytes]) -> None:
                 opts = options_of(r)
                 assert opts[2] == SERVER_DUID
                 assert set(opts) <= {1, 2, 23, 24, 59}
-    finally:
-        await net.stop()
 
 
 # -- TFTP over IPv6, where the Boot File URL points -------------------------------------------
@@ -407,8 +379,7 @@ async def _storm(messages: list[bytes]) -> None:
 
 async def test_tftp_answers_at_the_router_address_the_boot_url_names(tmp_path: Path) -> None:
     (tmp_path / "boot.efi").write_bytes(b"EFI" * 100)
-    net = await new_net(f"user,tftp={tmp_path},bootfile=boot.efi")
-    try:
+    async with running(f"user,tftp={tmp_path},bootfile=boot.efi") as net:
         url = one_reply(net, info_request())[DHCP6OptBootFileUrl].optdata
         assert url == b"tftp://[fec0::2]/boot.efi"
         feed(net, bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / IPv6(src=GUEST6, dst="fec0::2")
@@ -416,5 +387,3 @@ async def test_tftp_answers_at_the_router_address_the_boot_url_names(tmp_path: P
         [data] = [Ether(f) for f in drain(net)]
         assert data[IPv6].src == "fec0::2" and data[IPv6].dst == GUEST6 and data[UDP].sport == 69
         assert bytes(data[UDP].payload) == b"\0\3\0\1" + b"EFI" * 100
-    finally:
-        await net.stop()
