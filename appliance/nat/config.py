@@ -310,6 +310,16 @@ def raw_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def domain_labels(name: str) -> tuple[bytes, ...] | None:
+    """``name``'s labels as the bytes they were given (one trailing dot is the root), or None
+    when it is no domain name on the wire: an empty label ("a..b", "."), a label over 63 bytes,
+    or over 255 bytes encoded (RFC 1035 §2.3.4)."""
+    labels = tuple(raw_bytes(lab) for lab in (name[:-1] if name.endswith(".") else name).split("."))
+    if any(not lab or len(lab) > 63 for lab in labels) or sum(len(lab) + 1 for lab in labels) + 1 > 255:
+        return None
+    return labels
+
+
 def _c_long(n: int) -> int:
     """What ``strtol`` returns for ``n``: out of range, LONG_MIN or LONG_MAX (ERANGE)."""
     return max(-(1 << 63), min(n, (1 << 63) - 1))

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from appliance.nat.config import raw_bytes
+from appliance.nat.config import domain_labels, raw_bytes
 from appliance.nat.frames import BROADCAST_MAC, build_udp
 
 if TYPE_CHECKING:
@@ -202,14 +202,14 @@ def encode_search(domains: tuple[str, ...]) -> bytes:
     are shared, and a name with an empty label ("a..b", "."), a label over 63
     bytes or more than 255 bytes in all (RFC 1035 §2.3.4) is left out with a
     warning (one trailing dot is the root, as usual). Labels are the names' bytes
-    (``raw_bytes``), so no name makes this raise; which names get here is
+    (``domain_labels``), so no name makes this raise; which names get here is
     ``config._search_list``'s choice (as libslirp, none when one is not ASCII).
     """
     out = bytearray()
     seen: dict[tuple[bytes, ...], int] = {}
     for name in domains:
-        labels = tuple(raw_bytes(lab) for lab in (name[:-1] if name.endswith(".") else name).split("."))
-        if any(not lab or len(lab) > 63 for lab in labels) or sum(len(lab) + 1 for lab in labels) + 1 > 255:
+        labels = domain_labels(name)
+        if labels is None:
             log.warning("dnssearch '%s' is not a domain name; left out of the search list", name)
             continue
         for i in range(len(labels)):

@@ -40,7 +40,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.nat.config import raw_bytes
+from appliance.nat.config import domain_labels, raw_bytes
 from appliance.nat.ipv6 import ALL_DHCP_SERVERS, LINK_LOCAL_ROUTER
 
 if TYPE_CHECKING:
@@ -84,13 +84,11 @@ def encode_domains(names: tuple[str, ...] | list[str]) -> bytes:
     """
     out = bytearray()
     for name in names:
-        labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
-        enc = [raw_bytes(lab) for lab in labels]
-        wire = b"".join(bytes([len(e)]) + e for e in enc) + b"\0"
-        if any(not e or len(e) > 63 for e in enc) or len(wire) > 255:
+        labels = domain_labels(name)
+        if labels is None:
             log.warning("'%s' is not a domain name; left out of the DHCPv6 search list", name)
             continue
-        out += wire
+        out += b"".join(bytes([len(lab)]) + lab for lab in labels) + b"\0"
     return bytes(out)
 
 
