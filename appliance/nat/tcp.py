@@ -200,6 +200,18 @@ def unwrap(wire: int, base: int, ref: int) -> int:
     return ref + d
 
 
+_ISS_BATCH = struct.Struct("!256I")
+_iss_pool: list[int] = []
+
+
+def _new_iss() -> int:
+    """A random initial sequence number (RFC 9293 §3.4.1, RFC 6528: unpredictable), drawn from
+    urandom in batches rather than by a getrandom() call on the path of every guest SYN."""
+    if not _iss_pool:
+        _iss_pool.extend(_ISS_BATCH.unpack(os.urandom(_ISS_BATCH.size)))
+    return _iss_pool.pop()
+
+
 class TcpConn:
     """One guest-facing TCP connection.
 
@@ -232,7 +244,7 @@ class TcpConn:
         self._ip_sum = 0x4500 + 20 + IP_DF + (IP_TTL << 8 | IPPROTO_TCP) + self._pseudo - IPPROTO_TCP
         self._loop = net.loop
         # Send side: sequence numbers relative to our ISS; SYN is seq 0.
-        self.iss = int.from_bytes(os.urandom(4), "big")
+        self.iss = _new_iss()
         self.snd_una = 0
         self.snd_nxt = 0
         self.snd_max = 0

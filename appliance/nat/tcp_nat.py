@@ -63,6 +63,7 @@ from appliance.nat.tcp import (
     RCVBUF,
     RST,
     SYN,
+    SYN_RCVD,
     SYN_SENT,
     TIME_WAIT_STATE,
     HostTransport,
@@ -197,7 +198,11 @@ class HostSocket:
     __slots__ = ("_loop", "_poller", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
                  "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed", "_read_on_resume")  # fmt: skip
 
-    def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False) -> None:
+    def __init__(
+        self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False, nodelay: bool = False
+    ) -> None:
+        """``nodelay``: TCP_NODELAY is already set (a spare socket, or one accepted from a listener
+        that has it: Linux accepted sockets inherit it)."""
         self._loop = nat.net.loop
         self._poller = nat.poller()
         self._sock = sock
@@ -214,10 +219,9 @@ class HostSocket:
         self._eof_sent = False
         self._writing = False
         self._write_paused = False
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio: we already batch
-        except OSError:
-            pass
+        if not nodelay:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio: we already batch
         self._reading = True
         if not paused:
             self._poller.watch(self._fd, self, EPOLLIN)
@@ -546,6 +550,8 @@ def _bind_listeners(host: str | None, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
             sock.bind(addr)
             sock.listen(100)
             sock.setblocking(False)
@@ -614,6 +620,9 @@ class TcpNat:
         # Connected host sockets whose connection is still in its handshake (watched from _attach).
         self._attaching: dict[TcpConn, socket.socket] = {}
         self._servers: list[tuple[_Listener, HostForward]] = []
+        # A socket per address family made ahead for the next outbound connection (_refill_spare).
+        self._spare: dict[socket.AddressFamily, socket.socket] = {}
+        self._closed = False
         self._poller: HostPoller | None = None
         self._ack_set: dict[TcpConn, None] = {}
         self._ack_scheduled = False
@@ -648,8 +657,8 @@ class TcpNat:
     def established(self, conn: TcpConn) -> None:
         self._half_open.pop(conn, None)
         sock = self._attaching.pop(conn, None)
-        if sock is not None:
-            self._attach(conn, sock)
+        if sock is not None:  # the guest answered before _after_syn_ack ran
+            self._attach(conn, sock, nodelay=sock.family != socket.AF_UNIX)
 
     def ack_later(self, conn: TcpConn) -> None:
         self._ack_set[conn] = None
@@ -807,21 +816,16 @@ class TcpNat:
         if family is None:
             self._spawn(self._connect_by_name(conn, target))  # a guestfwd target given by name
             return
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
-        except OSError as exc:
-            # Out of descriptors (EMFILE), say: refused like any failed connect, and the
-            # connect slot given back, or enough of these would stop every later connection.
-            self._connecting -= 1
-            self._refuse(conn, exc.errno)
-            return
-        with contextlib.suppress(OSError):
-            # The host handshake's last ACK waits for the SYN-ACK (see _connect_done): Linux holds the
-            # ACK of a SYN-ACK on a socket in delayed-ACK ("pingpong") mode. To loopback that
-            # ACK is what wakes the listening process, which then ran on this core inside
-            # connect(), ahead of the guest's SYN-ACK: with the other core busy (a TCG vCPU)
-            # connect() took ~150 us instead of ~45.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+        sock = self._spare.pop(family, None)
+        if sock is None:
+            try:
+                sock = _new_host_socket(family)
+            except OSError as exc:
+                # Out of descriptors (EMFILE), say: refused like any failed connect, and the
+                # connect slot given back, or enough of these would stop every later connection.
+                self._connecting -= 1
+                self._refuse(conn, exc.errno)
+                return
         err = sock.connect_ex((host, port))
         if err == errno.EINPROGRESS:
             try:
@@ -857,26 +861,41 @@ class TcpNat:
             if err:
                 self._guard(self._refuse, conn, err)
             return
-        # The guest gets its SYN-ACK now (it waits in connect() for it). The socket is watched
-        # (HostSocket: a setsockopt and an epoll_ctl) only once the guest completes the handshake,
-        # in the same turn as its ACK: nothing read from the host could be sent before that, and
-        # the SYN-ACK and the device's transmit-done signal for the SYN are not held up by it.
-        # Whatever the guest sends with or after its ACK finds the socket attached.
+        # The guest gets its SYN-ACK now (it waits in connect() for it). The rest of the set-up
+        # waits for the next loop turn (_after_syn_ack), when the SYN-ACK is with the device.
         self._attaching[conn] = sock
         self._guard(conn.host_connected)
         self.net.urgent()
-        if sock.family != socket.AF_UNIX:  # a guestfwd command's socketpair has no TCP options
-            # The host handshake's last ACK (held in _start_connect) goes out on the next loop
-            # turn, after the SYN-ACK has been handed to the device. The peer's accept() then
-            # runs (on this core: the other is the guest's) while the guest takes its SYN-ACK.
-            # Released at the guest's ACK instead, it ran between the guest's ACK and its FIN,
-            # and every busybox nc connection through net-daemon waited ~0.2 ms more for our
-            # FIN (the guest halted 0.36 ms a connection, against 0.13 ms this way).
-            self.net.loop.call_soon(_complete_handshake, sock)
+        self.net.loop.call_soon(self._after_syn_ack, conn, sock)
 
-    def _attach(self, conn: TcpConn, sock: socket.socket) -> None:
+    def _after_syn_ack(self, conn: TcpConn, sock: socket.socket) -> None:
+        """What a connection's host side needs once the guest has its SYN-ACK, done while the guest
+        takes it: the guest's answer (its ACK, and often its data or FIN with it) then finds the
+        socket watched, and its pass is that much shorter."""
+        if sock.family != socket.AF_UNIX:  # a guestfwd command's socketpair has no TCP options
+            # The host handshake's last ACK (held since _new_host_socket) goes out now. The peer's
+            # accept() then runs (on this core: the other is the guest's) while the guest takes
+            # its SYN-ACK. Released at the guest's ACK instead, it ran between the guest's ACK
+            # and its FIN, and every busybox nc connection through net-daemon waited ~0.2 ms
+            # more for our FIN (the guest halted 0.36 ms a connection, against 0.13 ms this way).
+            _complete_handshake(sock)
+            self._refill_spare(sock.family)
+        if self._attaching.get(conn) is sock and conn.state == SYN_RCVD:
+            # Watched from now: what the host sends before the guest's ACK waits in the
+            # connection's send buffer (TcpConn.output sends nothing before ESTABLISHED).
+            del self._attaching[conn]
+            self._attach(conn, sock, nodelay=sock.family != socket.AF_UNIX)
+
+    def _refill_spare(self, family: socket.AddressFamily) -> None:
+        """Keep a socket of ``family`` made ahead for the next guest connection: socket() and its
+        two options cost that connection's SYN ~40 us otherwise, while the guest waits."""
+        if family not in self._spare and not self._closed:
+            with contextlib.suppress(OSError):  # out of descriptors: the next SYN makes its own
+                self._spare[family] = _new_host_socket(family)
+
+    def _attach(self, conn: TcpConn, sock: socket.socket, *, nodelay: bool = False) -> None:
         try:
-            host = HostSocket(self, conn, sock)
+            host = HostSocket(self, conn, sock, nodelay=nodelay)
         except OSError:
             sock.close()
             self.net.loop.call_soon(self._abort, conn)  # not from inside the connection's input
@@ -993,7 +1012,7 @@ class TcpNat:
         try:
             sock.setblocking(False)
             # Not read until the guest answers our SYN (TcpConn resumes it when established).
-            conn.transport = HostSocket(self, conn, sock, paused=True)
+            conn.transport = HostSocket(self, conn, sock, paused=True, nodelay=True)
         except OSError:
             sock.close()
             return
@@ -1038,6 +1057,10 @@ class TcpNat:
         return out
 
     def close(self) -> None:
+        self._closed = True
+        for sock in self._spare.values():
+            sock.close()
+        self._spare.clear()
         for sock, timer in self._pending.values():
             timer.cancel()
             self.net.loop.remove_writer(sock)
@@ -1063,6 +1086,21 @@ class TcpNat:
         for server, _ in self._servers:
             await server.wait_closed()
         self._servers.clear()
+
+
+def _new_host_socket(family: socket.AddressFamily) -> socket.socket:
+    """A non-blocking TCP socket for a guest connection's host side, its options set before connect()."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no FIONBIO ioctl after
+    with contextlib.suppress(OSError):
+        # The host handshake's last ACK waits for the SYN-ACK (see _after_syn_ack): Linux holds the
+        # ACK of a SYN-ACK on a socket in delayed-ACK ("pingpong") mode. To loopback that
+        # ACK is what wakes the listening process, which then ran on this core inside
+        # connect(), ahead of the guest's SYN-ACK: with the other core busy (a TCG vCPU)
+        # connect() took ~150 us instead of ~45.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio: we already batch
+    return sock
 
 
 def _complete_handshake(sock: socket.socket) -> None:

@@ -198,16 +198,27 @@ async def test_syn_ack_reaches_the_device_before_send_returns() -> None:
         await net.stop()
 
 
-async def test_host_socket_is_watched_once_the_guest_completes_the_handshake() -> None:
-    """Inside send() the SYN-ACK goes to the device with the socket not yet watched; the guest's
-    ACK attaches it, so data the guest sends with that ACK reaches the host."""
+def payload(frame: bytes) -> bytes:
+    """The TCP payload of an IPv4 frame to the guest."""
+    ihl = (frame[14] & 0x0F) * 4
+    total = int.from_bytes(frame[16:18], "big")
+    doff = (frame[14 + ihl + 12] >> 4) * 4
+    return bytes(frame[14 + ihl + doff : 14 + total])
+
+
+async def test_host_socket_is_watched_a_loop_turn_after_the_syn_ack() -> None:
+    """Inside send() the SYN-ACK goes to the device with the socket not yet watched; on the next
+    loop turn it is, before the guest's ACK. What the host sends meanwhile waits for that ACK
+    (nothing but the SYN-ACK before it), then reaches the guest; data the guest sends with its
+    ACK reaches the host."""
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     seen: list[int] = []
+    to_guest: list[bytes] = []
 
     def ready() -> None:
         seen.append(len(net.tcp._attaching))
-        drain(net)
+        to_guest.extend(drain(net))
 
     net.set_ready_callback(ready)
     try:
@@ -217,23 +228,68 @@ async def test_host_socket_is_watched_once_the_guest_completes_the_handshake() -
             port = lsock.getsockname()[1]
             for i in range(5):
                 sport = 40300 + i
+                to_guest.clear()
                 net.send([memoryview(syn(port, sport=sport))])
                 if net.tcp._pending:
                     continue  # the host kernel deferred the handshake (a loaded machine)
                 assert seen and seen[-1] == 1, "the SYN-ACK left before the socket was watched"
                 conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
-                await asyncio.sleep(0.01)
-                assert conn.transport is None and conn.state_name == "SYN_RCVD"
-                ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
-                net.send([memoryview(ack)])
-                assert not net.tcp._attaching and conn.transport is not None
+                assert conn.transport is None
+                await asyncio.sleep(0)
+                assert conn.transport is not None and not net.tcp._attaching
+                assert conn.state_name == "SYN_RCVD"
                 host, _ = lsock.accept()
                 with host:
+                    host.sendall(b"early")
+                    async with asyncio.timeout(5):
+                        while conn.send_queue() < 5:
+                            await asyncio.sleep(0.001)
+                    assert [tcp_flags(f) for f in to_guest] == [SYN | ACK], "data went out before the ACK"
+                    ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
+                    net.send([memoryview(ack)])
+                    async with asyncio.timeout(5):
+                        while b"early" not in [payload(f) for f in to_guest]:
+                            await asyncio.sleep(0.001)
                     host.settimeout(5)
                     assert await asyncio.to_thread(host.recv, 100) == b"with ack"
                 break
             else:
                 raise AssertionError("no connect finished inside connect()")
+            assert net.counters()["errors"] == 0
+    finally:
+        await net.stop()
+
+
+async def test_guest_ack_in_the_syn_ack_turn_attaches_the_socket() -> None:
+    """A guest ACK handled before the loop turns (in the SYN's own batch, as a host-driven peer can)
+    attaches the socket itself; the deferred set-up then leaves it alone."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    await net.start()
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            for i in range(5):
+                sport = 40350 + i
+                net.send([memoryview(syn(port, sport=sport))])
+                if net.tcp._pending:
+                    continue
+                conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
+                ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"x")
+                net.send([memoryview(ack)])
+                transport = conn.transport
+                assert transport is not None and conn.state_name == "ESTABLISHED"
+                await asyncio.sleep(0)
+                assert conn.transport is transport
+                host, _ = lsock.accept()
+                with host:
+                    host.settimeout(5)
+                    assert await asyncio.to_thread(host.recv, 100) == b"x"
+                break
+            else:
+                raise AssertionError("no connect finished inside connect()")
+            assert net.counters()["errors"] == 0
     finally:
         await net.stop()
 
@@ -332,11 +388,11 @@ async def test_frames_from_a_host_event_reach_the_device_in_it_without_a_loop_ca
 
 
 async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) -> None:
-    """If registering the host socket fails when the handshake completes, the guest gets a RST and
-    the socket is closed; the connection's input is not interrupted by it."""
+    """If registering the host socket fails (a loop turn after the SYN-ACK), the guest gets a RST
+    and the socket is closed; the guest's ACK then finds no connection and is answered by RST."""
     closed: list[socket.socket] = []
 
-    def refuse(nat: object, conn: object, sock: socket.socket) -> None:
+    def refuse(nat: object, conn: object, sock: socket.socket, **_kw: object) -> None:
         closed.append(sock)
         raise OSError(12, "no memory for epoll")
 
@@ -352,12 +408,16 @@ async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) 
             async with asyncio.timeout(5):
                 while not (frames := drain(net)):
                     await asyncio.sleep(0.001)
+            assert tcp_flags(frames[0]) == SYN | ACK
             their_seq = int.from_bytes(frames[0][38:42], "big")
+            async with asyncio.timeout(5):
+                while not (frames := frames[1:] + drain(net)):
+                    await asyncio.sleep(0.001)
+            assert tcp_flags(frames[-1]) & RST
+            assert not net.tcp.conns and closed and closed[0].fileno() == -1
             net.send([memoryview(tcp_frame(GUEST_IP, 40800, GW_IP, port, 5001, their_seq + 1, ACK, 0xFFFF))])
             await asyncio.sleep(0)
-            flags = [tcp_flags(f) for f in drain(net)]
-            assert flags and flags[-1] & RST
-            assert not net.tcp.conns and closed and closed[0].fileno() == -1
+            assert [tcp_flags(f) for f in drain(net)] == [RST]
             assert net.counters()["errors"] == 0
     finally:
         await net.stop()
