@@ -271,11 +271,14 @@ class HostSocket:
         if self._paused:
             self._paused = False
             if self._reading and not self._closing:
-                self._watch()
                 if self._read_on_resume:
                     self._read_on_resume = False
                     if self._nat.net.in_send:
+                        # Read before watching: a client that has sent and closed needs no
+                        # epoll_ctl at all (watched, then unwatched at its EOF, in one pass).
                         self._read_inline()
+                if self._reading and not self._paused and not self._closing:
+                    self._watch()
 
     def _read_inline(self) -> None:
         """Read in the guest's pass that completed a hostfwd handshake.

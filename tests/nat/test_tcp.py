@@ -14,6 +14,7 @@ import pytest
 
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nat import tcp as tcpmod
+from appliance.nat import tcp_nat
 
 from .peer import GW_IP, Guest, GuestTcp
 
@@ -776,19 +777,32 @@ async def test_shutting_the_host_socket_down_yields_only_in_a_stack_of_its_own(
     assert yields == ([1] if own_process else [])
 
 
-async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(net: UserNetwork) -> None:
+async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(
+    net: UserNetwork, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A host client that writes (and closes) at once: what it sent is read in the guest's pass
     # that completes the handshake, so it reaches the guest in the same batch as the ACK (one
-    # interrupt) instead of a loop turn later.
+    # interrupt) instead of a loop turn later; its socket, read to EOF, is never put in the epoll.
     async with Guest(net) as g:
         accepted = g.listen(7777)
         to_stack = g.link.to_stack
         with_ack: list[bytes] = []
+        watched: list[bool] = []
+        registered: list[int] = []  # descriptors the NAT's epoll was asked to watch for something
+        watch = tcp_nat.HostPoller.watch
+
+        def counting_watch(self: tcp_nat.HostPoller, fd: int, who: object, mask: int) -> None:
+            if mask:
+                registered.append(fd)
+            watch(self, fd, who, mask)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(tcp_nat.HostPoller, "watch", counting_watch)
 
         def watch_syn_ack(frame: bytes) -> None:
             to_stack(frame)
             tcp = len(frame) > 47 and frame[12:14] == b"\x08\x00" and frame[23] == 6
             if tcp and frame[47] == 0x12 and frame[34:36] == (7777).to_bytes(2, "big"):
+                watched.extend(c.transport._fd in registered for c in net.tcp.conns.values())  # type: ignore[union-attr]
                 # Everything the stack queued while handling the SYN-ACK, before any loop turn.
                 frames = g.link.from_stack()
                 with_ack.extend(frames)
@@ -809,6 +823,7 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(n
         assert b"hello guest" in payloads, with_ack
         # The host's FIN came along too (flags of the data segment or one after it).
         assert any(f[47] & 0x01 for f in with_ack), with_ack
+        assert watched == [False]
         gc.shutdown()
         assert await asyncio.wait_for(r.read(), 10) == b""
         w.close()
