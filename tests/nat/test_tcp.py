@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from appliance.nat import UserNetConfig, UserNetwork
+from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 from appliance.nat import tcp as tcpmod
-from appliance.nat import tcp_nat
 
 from .peer import GW_IP, Guest, GuestTcp
 
