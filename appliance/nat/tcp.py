@@ -1038,6 +1038,11 @@ class TcpConn:
         self.fin_received = True
         self.rcv_nxt += 1
         self.flush_host()
+        st = self.state
+        if st == ESTABLISHED:
+            # Before the host hears of it: the host's EOF may come back inside write_eof (a
+            # socket read inline), and our FIN then leaves from CLOSE-WAIT.
+            self.state = CLOSE_WAIT
         t = self.transport
         if t is not None and not self.host_gone:
             try:
@@ -1045,9 +1050,9 @@ class TcpConn:
                     t.write_eof()
             except OSError:
                 pass
-        st = self.state
+        if self.state == CLOSED:
+            return
         if st == ESTABLISHED:
-            self.state = CLOSE_WAIT
             # The guest closed first: data or our FIN may carry this ACK.
             self.output()
             if self.rcv_nxt != self._acked_to and self._delack is None:

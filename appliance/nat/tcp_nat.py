@@ -419,11 +419,16 @@ class HostSocket:
         except OSError as err:
             self._fail_later(err)
             return
-        if self._nat.net.yield_after_host_wakeup:
+        net = self._nat.net
+        if net.yield_after_host_wakeup:
             # The peer now reads our EOF and usually answers by closing, which the guest waits
             # for: if the scheduler queued the peer on this CPU, let it run before the rest of
             # this pass (see VirtioNet._notify).
             os.sched_yield()
+            if self._reading and net.in_send:
+                # It has often closed by now: its FIN then goes to the guest with this pass's
+                # frames, not after the rest of the pass and a poll of the host sockets.
+                self._read_inline()
 
     def _stop_reading(self) -> None:
         if self._reading:

@@ -11,7 +11,7 @@ from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 from .conftest import drain
 from .peer import GUEST_IP, GW_IP, Guest, tcp_frame
 
-SYN, ACK, RST = 0x02, 0x10, 0x04
+SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
 
 
 def syn(port: int, sport: int = 40100) -> bytes:
@@ -420,4 +420,44 @@ async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) 
             assert [tcp_flags(f) for f in drain(net)] == [RST]
             assert net.counters()["errors"] == 0
     finally:
+        await net.stop()
+
+
+async def test_peer_closing_while_we_yield_has_its_fin_in_the_guests_pass(monkeypatch) -> None:
+    """In net-daemon our FIN to the host yields the CPU to the peer (yield_after_host_wakeup). A peer
+    that closed meanwhile has its EOF read at once: the guest gets our FIN with the frames of the
+    pass that took its own FIN, not after a poll of the host sockets on a later turn."""
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    net.yield_after_host_wakeup = True
+    await net.start()
+    peer: list[socket.socket] = []
+    monkeypatch.setattr(tcp_nat.os, "sched_yield", lambda: [s.close() for s in peer])  # the peer runs
+    to_guest: list[bytes] = []
+
+    def ready() -> None:
+        to_guest.extend(drain(net))
+
+    net.set_ready_callback(ready)
+    try:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            port = lsock.getsockname()[1]
+            sport = 40900
+            net.send([memoryview(syn(port, sport=sport))])
+            async with asyncio.timeout(5):
+                while not to_guest:
+                    await asyncio.sleep(0.001)
+            conn = next(iter(net.tcp.conns.values()))
+            await asyncio.sleep(0)  # the socket is watched now
+            peer.append(lsock.accept()[0])
+            net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK, 0xFFFF))])
+            to_guest.clear()
+            net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | FIN, 0xFFFF))])
+            assert [tcp_flags(f) for f in to_guest] == [FIN | ACK]
+            assert conn.state_name == "LAST_ACK"
+            assert net.counters()["errors"] == 0
+    finally:
+        for s in peer:
+            s.close()
         await net.stop()
