@@ -560,7 +560,10 @@ class TcpConn:
 
     def host_data(self, data: bytes) -> None:
         self.sndbuf += data
-        if self.send_queue() >= SNDBUF and not self.host_paused and self.transport is not None:
+        # Before the guest's ACK nothing can be sent: one read is held (a server's greeting), and
+        # the rest waits in the host kernel, so half-open connections buffer little here.
+        full = self.send_queue() >= SNDBUF or self.state == SYN_RCVD
+        if full and not self.host_paused and self.transport is not None:
             self.host_paused = True
             self.transport.pause_reading()
         self.output()
@@ -673,6 +676,9 @@ class TcpConn:
             self.snd_wnd = win << self.snd_shift
             self.snd_wl1, self.snd_wl2 = seq, ack
             self.output()
+            if self.host_paused and self.transport is not None:  # held since a read before this ACK
+                self.host_paused = False
+                self.transport.resume_reading()
         if not self._process_ack(ack, seq, win, n, flags, opts):
             return
         if self.state == CLOSED:

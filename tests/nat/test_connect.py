@@ -245,10 +245,16 @@ async def test_host_socket_is_watched_a_loop_turn_after_the_syn_ack() -> None:
                         while conn.send_queue() < 5:
                             await asyncio.sleep(0.001)
                     assert [tcp_flags(f) for f in to_guest] == [SYN | ACK], "data went out before the ACK"
+                    assert conn.host_paused, "a half-open connection reads once, then leaves the rest to the host"
                     ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
                     net.send([memoryview(ack)])
                     async with asyncio.timeout(5):
                         while b"early" not in [payload(f) for f in to_guest]:
+                            await asyncio.sleep(0.001)
+                    assert not conn.host_paused
+                    host.sendall(b"later")
+                    async with asyncio.timeout(5):
+                        while b"later" not in [payload(f) for f in to_guest]:
                             await asyncio.sleep(0.001)
                     host.settimeout(5)
                     assert await asyncio.to_thread(host.recv, 100) == b"with ack"
