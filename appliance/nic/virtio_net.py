@@ -403,6 +403,9 @@ class VirtioNet(VirtioDevice):
         # Per pair: the timer that looks at a transmit ring whose kicks skip quiet frames.
         self._tx_quiet_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_small: list[int] = [0] * self.pairs
+        # Inside _tx's ring loop: a quiet request waits for the loop's re-arm (_tx_skip_quiet).
+        self._in_tx: list[bool] = [False] * self.pairs
+        self._tx_quiet_deferred: list[bool] = [False] * self.pairs
 
     # -- feature and config space -------------------------------------------
 
@@ -520,6 +523,8 @@ class VirtioNet(VirtioDevice):
                 timer.cancel()
                 self._tx_irq_timers[pair] = None
         self._tx_small = [0] * self.pairs
+        self._in_tx = [False] * self.pairs
+        self._tx_quiet_deferred = [False] * self.pairs
         for pair, timer in enumerate(self._tx_quiet_timers):
             if timer is not None:
                 timer.cancel()
@@ -650,6 +655,12 @@ class VirtioNet(VirtioDevice):
 
     def _tx_skip_quiet(self, pair: int) -> None:
         """Let the guest's next frames that nothing waits on go without a kick (see TX_QUIET_MAX)."""
+        if self._in_tx[pair]:
+            # Frames delivered from inside the transmit loop (the answer to a guest frame, sent
+            # before that frame's pass ends): the loop re-arms kicks at the next index when the
+            # ring runs dry, which would undo the skip; it is applied after that (_tx).
+            self._tx_quiet_deferred[pair] = True
+            return
         take = getattr(self.backends[pair], "take_quiet_tx", None)
         n = take() if take is not None else 0
         if n <= 0 or self._tx_quiet_timers[pair] is not None:
@@ -689,6 +700,7 @@ class VirtioNet(VirtioDevice):
         max_len = _MAX_TX_CHAIN
         frames = nbytes = dropped = 0
         small = self._tx_small[pair]
+        self._in_tx[pair] = True
         try:
             while True:
                 batch = pop_buffers(TX_BATCH, False)
@@ -717,12 +729,16 @@ class VirtioNet(VirtioDevice):
                 if not q.enable_notification():
                     break
         finally:
+            self._in_tx[pair] = False
             self._tx_small[pair] = small
             st = self.stats[pair]
             st.tx_frames += frames
             st.tx_bytes += nbytes
             if dropped:
                 st.tx_dropped += dropped
+        if self._tx_quiet_deferred[pair]:
+            self._tx_quiet_deferred[pair] = False
+            self._tx_skip_quiet(pair)
         # The transmit interrupt waits TX_IRQ_DELAY and then asks the ring
         # again whether the driver still wants it (§2.7.10). Linux reaps
         # finished transmits itself, on its next transmit and in its receive
