@@ -281,12 +281,14 @@ class HostSocket:
                     self._watch()
 
     def _read_inline(self) -> None:
-        """Read in the guest's pass that completed a hostfwd handshake.
+        """Read inside a guest's pass, where the peer has likely sent already.
 
-        The host client connected before our SYN went out and has often written (and closed)
-        since: read here, that reaches the guest in the same batch as the handshake's ACK, one
-        interrupt, instead of after a poll and a loop turn (~70 us later, a second interrupt;
-        busybox nc -ll in a TCG guest behind net-daemon). Two reads: the data, then often its FIN.
+        Two such passes: the one that completes a hostfwd handshake (the host client connected
+        before our SYN went out and has often written, and closed, since) and the one that
+        shut the socket down after the guest's FIN (the peer ran while we yielded, and closed).
+        What is read reaches the guest in that pass's batch, one interrupt, instead of after a
+        poll and a loop turn (~70 us later, a second interrupt; busybox nc -ll in a TCG guest
+        behind net-daemon). Two reads: the data, then often its FIN.
         """
         for _ in range(2):
             conn = self._conn

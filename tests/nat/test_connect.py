@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 
@@ -22,28 +24,35 @@ def tcp_flags(frame: bytes) -> int:
     return frame[14 + 20 + 13] if len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == 6 else -1
 
 
-async def test_syn_to_a_loopback_listener_is_answered_before_send_returns() -> None:
-    """A loopback connect finishes inside connect(), so the SYN-ACK is queued without a loop turn."""
+@contextlib.asynccontextmanager
+async def stack_and_listener() -> AsyncIterator[tuple[UserNetwork, socket.socket, int]]:
+    """A started stack and a loopback listener for its guest's connections; both closed after."""
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
     try:
         with socket.socket() as lsock:
             lsock.bind(("127.0.0.1", 0))
             lsock.listen(8)
-            for i in range(5):
-                net.send([memoryview(syn(lsock.getsockname()[1], sport=40100 + i))])
-                got = drain(net)
-                if net.tcp._pending:
-                    # The host kernel deferred the handshake (a loaded machine): it comes a bit later.
-                    async with asyncio.timeout(5):
-                        while not any(tcp_flags(f) == SYN | ACK for f in got):
-                            await asyncio.sleep(0.001)
-                            got += drain(net)
-                    continue
-                assert [tcp_flags(f) for f in got] == [SYN | ACK]
-            assert net.counters()["errors"] == 0
+            yield net, lsock, lsock.getsockname()[1]
     finally:
         await net.stop()
+
+
+async def test_syn_to_a_loopback_listener_is_answered_before_send_returns() -> None:
+    """A loopback connect finishes inside connect(), so the SYN-ACK is queued without a loop turn."""
+    async with stack_and_listener() as (net, lsock, port):
+        for i in range(5):
+            net.send([memoryview(syn(port, sport=40100 + i))])
+            got = drain(net)
+            if net.tcp._pending:
+                # The host kernel deferred the handshake (a loaded machine): it comes a bit later.
+                async with asyncio.timeout(5):
+                    while not any(tcp_flags(f) == SYN | ACK for f in got):
+                        await asyncio.sleep(0.001)
+                        got += drain(net)
+                continue
+            assert [tcp_flags(f) for f in got] == [SYN | ACK]
+        assert net.counters()["errors"] == 0
 
 
 async def test_connect_that_never_completes_times_out_into_rst(monkeypatch) -> None:
@@ -170,32 +179,25 @@ async def test_guestfwd_target_given_by_name_is_connected_through_the_resolver()
 async def test_syn_ack_reaches_the_device_before_send_returns() -> None:
     """The guest waits in connect(): its SYN-ACK goes to the device inside send(), ahead of the
     device's transmit-done interrupt, not on a later loop turn."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    calls: list[bool] = []
-    inside = False
+    async with stack_and_listener() as (net, lsock, port):
+        calls: list[bool] = []
+        inside = False
 
-    def ready() -> None:
-        calls.append(inside)
-        drain(net)
+        def ready() -> None:
+            calls.append(inside)
+            drain(net)
 
-    net.set_ready_callback(ready)
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            for i in range(5):
-                inside = True
-                net.send([memoryview(syn(lsock.getsockname()[1], sport=40200 + i))])
-                inside = False
-                if net.tcp._pending:
-                    continue  # the host kernel deferred the handshake (a loaded machine)
-                assert calls and calls[-1] is True
-                break
-            else:
-                raise AssertionError("no connect finished inside connect()")
-    finally:
-        await net.stop()
+        net.set_ready_callback(ready)
+        for i in range(5):
+            inside = True
+            net.send([memoryview(syn(port, sport=40200 + i))])
+            inside = False
+            if net.tcp._pending:
+                continue  # the host kernel deferred the handshake (a loaded machine)
+            assert calls and calls[-1] is True
+            break
+        else:
+            raise AssertionError("no connect finished inside connect()")
 
 
 def payload(frame: bytes) -> bytes:
@@ -211,123 +213,99 @@ async def test_host_socket_is_watched_a_loop_turn_after_the_syn_ack() -> None:
     loop turn it is, before the guest's ACK. What the host sends meanwhile waits for that ACK
     (nothing but the SYN-ACK before it), then reaches the guest; data the guest sends with its
     ACK reaches the host."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    seen: list[int] = []
-    to_guest: list[bytes] = []
+    async with stack_and_listener() as (net, lsock, port):
+        seen: list[int] = []
+        to_guest: list[bytes] = []
 
-    def ready() -> None:
-        seen.append(len(net.tcp._attaching))
-        to_guest.extend(drain(net))
+        def ready() -> None:
+            seen.append(len(net.tcp._attaching))
+            to_guest.extend(drain(net))
 
-    net.set_ready_callback(ready)
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
-            for i in range(5):
-                sport = 40300 + i
-                to_guest.clear()
-                net.send([memoryview(syn(port, sport=sport))])
-                if net.tcp._pending:
-                    continue  # the host kernel deferred the handshake (a loaded machine)
-                assert seen and seen[-1] == 1, "the SYN-ACK left before the socket was watched"
-                conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
-                assert conn.transport is None
-                await asyncio.sleep(0)
-                assert conn.transport is not None and not net.tcp._attaching
-                assert conn.state_name == "SYN_RCVD"
-                host, _ = lsock.accept()
-                with host:
-                    host.sendall(b"early")
-                    async with asyncio.timeout(5):
-                        while conn.send_queue() < 5:
-                            await asyncio.sleep(0.001)
-                    assert [tcp_flags(f) for f in to_guest] == [SYN | ACK], "data went out before the ACK"
-                    assert conn.host_paused, "a half-open connection reads once, then leaves the rest to the host"
-                    ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
-                    net.send([memoryview(ack)])
-                    async with asyncio.timeout(5):
-                        while b"early" not in [payload(f) for f in to_guest]:
-                            await asyncio.sleep(0.001)
-                    assert not conn.host_paused
-                    host.sendall(b"later")
-                    async with asyncio.timeout(5):
-                        while b"later" not in [payload(f) for f in to_guest]:
-                            await asyncio.sleep(0.001)
-                    host.settimeout(5)
-                    assert await asyncio.to_thread(host.recv, 100) == b"with ack"
-                break
-            else:
-                raise AssertionError("no connect finished inside connect()")
-            assert net.counters()["errors"] == 0
-    finally:
-        await net.stop()
+        net.set_ready_callback(ready)
+        for i in range(5):
+            sport = 40300 + i
+            to_guest.clear()
+            net.send([memoryview(syn(port, sport=sport))])
+            if net.tcp._pending:
+                continue  # the host kernel deferred the handshake (a loaded machine)
+            assert seen and seen[-1] == 1, "the SYN-ACK left before the socket was watched"
+            conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
+            assert conn.transport is None
+            await asyncio.sleep(0)
+            assert conn.transport is not None and not net.tcp._attaching
+            assert conn.state_name == "SYN_RCVD"
+            host, _ = lsock.accept()
+            with host:
+                host.sendall(b"early")
+                async with asyncio.timeout(5):
+                    while conn.send_queue() < 5:
+                        await asyncio.sleep(0.001)
+                assert [tcp_flags(f) for f in to_guest] == [SYN | ACK], "data went out before the ACK"
+                assert conn.host_paused, "a half-open connection reads once, then leaves the rest to the host"
+                ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"with ack")
+                net.send([memoryview(ack)])
+                async with asyncio.timeout(5):
+                    while b"early" not in [payload(f) for f in to_guest]:
+                        await asyncio.sleep(0.001)
+                assert not conn.host_paused
+                host.sendall(b"later")
+                async with asyncio.timeout(5):
+                    while b"later" not in [payload(f) for f in to_guest]:
+                        await asyncio.sleep(0.001)
+                host.settimeout(5)
+                assert await asyncio.to_thread(host.recv, 100) == b"with ack"
+            break
+        else:
+            raise AssertionError("no connect finished inside connect()")
+        assert net.counters()["errors"] == 0
 
 
 async def test_guest_ack_in_the_syn_ack_turn_attaches_the_socket() -> None:
     """A guest ACK handled before the loop turns (in the SYN's own batch, as a host-driven peer can)
     attaches the socket itself; the deferred set-up then leaves it alone."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
-            for i in range(5):
-                sport = 40350 + i
-                net.send([memoryview(syn(port, sport=sport))])
-                if net.tcp._pending:
-                    continue
-                conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
-                ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"x")
-                net.send([memoryview(ack)])
-                transport = conn.transport
-                assert transport is not None and conn.state_name == "ESTABLISHED"
-                await asyncio.sleep(0)
-                assert conn.transport is transport
-                host, _ = lsock.accept()
-                with host:
-                    host.settimeout(5)
-                    assert await asyncio.to_thread(host.recv, 100) == b"x"
-                break
-            else:
-                raise AssertionError("no connect finished inside connect()")
-            assert net.counters()["errors"] == 0
-    finally:
-        await net.stop()
+    async with stack_and_listener() as (net, lsock, port):
+        for i in range(5):
+            sport = 40350 + i
+            net.send([memoryview(syn(port, sport=sport))])
+            if net.tcp._pending:
+                continue
+            conn = next(c for c in net.tcp.conns.values() if c.gport == sport)
+            ack = tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, conn.iss + 1, ACK | 0x08, 0xFFFF, b"x")
+            net.send([memoryview(ack)])
+            transport = conn.transport
+            assert transport is not None and conn.state_name == "ESTABLISHED"
+            await asyncio.sleep(0)
+            assert conn.transport is transport
+            host, _ = lsock.accept()
+            with host:
+                host.settimeout(5)
+                assert await asyncio.to_thread(host.recv, 100) == b"x"
+            break
+        else:
+            raise AssertionError("no connect finished inside connect()")
+        assert net.counters()["errors"] == 0
 
 
 async def test_guest_reset_before_the_socket_is_watched_closes_it() -> None:
     """A RST right behind the SYN (same loop turn) ends the connection; the connected socket is closed."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
-            for i in range(5):
-                sport = 40400 + i
-                net.send([memoryview(syn(port, sport=sport))])
-                if not net.tcp._attaching:
-                    await asyncio.sleep(0.05)
-                    continue  # the host kernel deferred the handshake (a loaded machine)
-                sock = next(iter(net.tcp._attaching.values()))
-                frames = drain(net)
-                their_seq = int.from_bytes(frames[0][38:42], "big")
-                net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, their_seq + 1, RST, 0))])
-                assert not net.tcp.conns
-                await asyncio.sleep(0)
-                assert not net.tcp._attaching and sock.fileno() == -1
-                assert net.counters()["errors"] == 0
-                break
-            else:
-                raise AssertionError("no connect finished inside connect()")
-    finally:
-        await net.stop()
+    async with stack_and_listener() as (net, lsock, port):
+        for i in range(5):
+            sport = 40400 + i
+            net.send([memoryview(syn(port, sport=sport))])
+            if not net.tcp._attaching:
+                await asyncio.sleep(0.05)
+                continue  # the host kernel deferred the handshake (a loaded machine)
+            sock = next(iter(net.tcp._attaching.values()))
+            frames = drain(net)
+            their_seq = int.from_bytes(frames[0][38:42], "big")
+            net.send([memoryview(tcp_frame(GUEST_IP, sport, GW_IP, port, 5001, their_seq + 1, RST, 0))])
+            assert not net.tcp.conns
+            await asyncio.sleep(0)
+            assert not net.tcp._attaching and sock.fileno() == -1
+            assert net.counters()["errors"] == 0
+            break
+        else:
+            raise AssertionError("no connect finished inside connect()")
 
 
 async def test_stop_closes_sockets_not_yet_watched() -> None:
@@ -352,45 +330,37 @@ async def test_stop_closes_sockets_not_yet_watched() -> None:
 async def test_frames_from_a_host_event_reach_the_device_in_it_without_a_loop_callback() -> None:
     """The host's data and then its EOF (our FIN) are each handed to the device inside the socket
     event that produced them; no wake-up is left scheduled for a later turn."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    got: list[tuple[int, bool]] = []
+    async with stack_and_listener() as (net, lsock, port):
+        got: list[tuple[int, bool]] = []
 
-    def ready() -> None:
-        for f in drain(net):
-            got.append((tcp_flags(f), net._ready_scheduled))
+        def ready() -> None:
+            for f in drain(net):
+                got.append((tcp_flags(f), net._ready_scheduled))
 
-    net.set_ready_callback(ready)
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
-            net.send([memoryview(syn(port, sport=40700))])
+        net.set_ready_callback(ready)
+        net.send([memoryview(syn(port, sport=40700))])
+        async with asyncio.timeout(5):
+            while not got:
+                await asyncio.sleep(0.001)
+        assert got[0][0] == SYN | ACK
+        conn = next(iter(net.tcp.conns.values()))
+        iss = conn.iss
+        net.send([memoryview(tcp_frame(GUEST_IP, 40700, GW_IP, port, 5001, iss + 1, ACK, 0xFFFF))])
+        host, _ = lsock.accept()
+        with host:
+            await asyncio.sleep(0.01)
+            got.clear()
+            host.sendall(b"hello")
             async with asyncio.timeout(5):
                 while not got:
-                    await asyncio.sleep(0.001)
-            assert got[0][0] == SYN | ACK
-            conn = next(iter(net.tcp.conns.values()))
-            iss = conn.iss
-            net.send([memoryview(tcp_frame(GUEST_IP, 40700, GW_IP, port, 5001, iss + 1, ACK, 0xFFFF))])
-            host, _ = lsock.accept()
-            with host:
-                await asyncio.sleep(0.01)
-                got.clear()
-                host.sendall(b"hello")
-                async with asyncio.timeout(5):
-                    while not got:
-                        await asyncio.sleep(0)
-                assert got == [(ACK | 0x08, False)]
-                host.shutdown(socket.SHUT_WR)
-                async with asyncio.timeout(5):
-                    while len(got) < 2:
-                        await asyncio.sleep(0)
-                assert got[1] == (ACK | 0x01, False)
-                assert not net._ready_scheduled
-    finally:
-        await net.stop()
+                    await asyncio.sleep(0)
+            assert got == [(ACK | 0x08, False)]
+            host.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(5):
+                while len(got) < 2:
+                    await asyncio.sleep(0)
+            assert got[1] == (ACK | 0x01, False)
+            assert not net._ready_scheduled
 
 
 async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) -> None:
@@ -403,52 +373,39 @@ async def test_socket_that_cannot_be_watched_resets_the_connection(monkeypatch) 
         raise OSError(12, "no memory for epoll")
 
     monkeypatch.setattr(tcp_nat, "HostSocket", refuse)
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    await net.start()
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
-            net.send([memoryview(syn(port, sport=40800))])
-            async with asyncio.timeout(5):
-                while not (frames := drain(net)):
-                    await asyncio.sleep(0.001)
-            assert tcp_flags(frames[0]) == SYN | ACK
-            their_seq = int.from_bytes(frames[0][38:42], "big")
-            async with asyncio.timeout(5):
-                while not (frames := frames[1:] + drain(net)):
-                    await asyncio.sleep(0.001)
-            assert tcp_flags(frames[-1]) & RST
-            assert not net.tcp.conns and closed and closed[0].fileno() == -1
-            net.send([memoryview(tcp_frame(GUEST_IP, 40800, GW_IP, port, 5001, their_seq + 1, ACK, 0xFFFF))])
-            await asyncio.sleep(0)
-            assert [tcp_flags(f) for f in drain(net)] == [RST]
-            assert net.counters()["errors"] == 0
-    finally:
-        await net.stop()
+    async with stack_and_listener() as (net, lsock, port):
+        net.send([memoryview(syn(port, sport=40800))])
+        async with asyncio.timeout(5):
+            while not (frames := drain(net)):
+                await asyncio.sleep(0.001)
+        assert tcp_flags(frames[0]) == SYN | ACK
+        their_seq = int.from_bytes(frames[0][38:42], "big")
+        async with asyncio.timeout(5):
+            while not (frames := frames[1:] + drain(net)):
+                await asyncio.sleep(0.001)
+        assert tcp_flags(frames[-1]) & RST
+        assert not net.tcp.conns and closed and closed[0].fileno() == -1
+        net.send([memoryview(tcp_frame(GUEST_IP, 40800, GW_IP, port, 5001, their_seq + 1, ACK, 0xFFFF))])
+        await asyncio.sleep(0)
+        assert [tcp_flags(f) for f in drain(net)] == [RST]
+        assert net.counters()["errors"] == 0
 
 
 async def test_peer_closing_while_we_yield_has_its_fin_in_the_guests_pass(monkeypatch) -> None:
     """In net-daemon our FIN to the host yields the CPU to the peer (yield_after_host_wakeup). A peer
     that closed meanwhile has its EOF read at once: the guest gets our FIN with the frames of the
     pass that took its own FIN, not after a poll of the host sockets on a later turn."""
-    net = UserNetwork(UserNetConfig(nameservers=()))
-    net.yield_after_host_wakeup = True
-    await net.start()
-    peer: list[socket.socket] = []
-    monkeypatch.setattr(tcp_nat.os, "sched_yield", lambda: [s.close() for s in peer])  # the peer runs
-    to_guest: list[bytes] = []
+    async with stack_and_listener() as (net, lsock, port):
+        net.yield_after_host_wakeup = True
+        peer: list[socket.socket] = []
+        monkeypatch.setattr(tcp_nat.os, "sched_yield", lambda: [s.close() for s in peer])  # the peer runs
+        to_guest: list[bytes] = []
 
-    def ready() -> None:
-        to_guest.extend(drain(net))
+        def ready() -> None:
+            to_guest.extend(drain(net))
 
-    net.set_ready_callback(ready)
-    try:
-        with socket.socket() as lsock:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            port = lsock.getsockname()[1]
+        net.set_ready_callback(ready)
+        try:
             sport = 40900
             net.send([memoryview(syn(port, sport=sport))])
             async with asyncio.timeout(5):
@@ -463,7 +420,6 @@ async def test_peer_closing_while_we_yield_has_its_fin_in_the_guests_pass(monkey
             assert [tcp_flags(f) for f in to_guest] == [FIN | ACK]
             assert conn.state_name == "LAST_ACK"
             assert net.counters()["errors"] == 0
-    finally:
-        for s in peer:
-            s.close()
-        await net.stop()
+        finally:
+            for s in peer:
+                s.close()

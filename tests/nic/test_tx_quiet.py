@@ -40,8 +40,10 @@ class QuietLink(MemoryLink):
         return n
 
 
-def make(quiet: int = 1, *, event_idx: bool = True) -> tuple[VirtioNet, FakeDriver, QuietLink]:
-    link = QuietLink(0)
+def make(
+    quiet: int = 1, *, event_idx: bool = True, link: QuietLink | None = None
+) -> tuple[VirtioNet, FakeDriver, QuietLink]:
+    link = link if link is not None else QuietLink(0)
     dev = VirtioNet([link], MAC)
     drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=event_idx)
     drv.activate()
@@ -178,12 +180,7 @@ class AnsweringLink(QuietLink):
 async def test_an_answer_delivered_inside_the_transmit_pass_still_skips_the_quiet_frame() -> None:
     # The transmit loop re-arms kicks at the next index when the ring runs dry; a skip asked
     # for by a receive pass inside it is applied after that, not overwritten by it.
-    link = AnsweringLink(0)
-    dev = VirtioNet([link], MAC)
-    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=True)
-    drv.activate()
-    post_rx(drv, 0, 2048, count=8)
-    drv.kick(0)
+    dev, drv, link = make(quiet=0, link=AnsweringLink(0))
     send_tx(drv, 1, ACK)  # the guest's FIN, say
     drv.kick(1)
     assert len(link.sent) == 1 and drv.queues[0].used_idx == 1  # answered inside the pass
