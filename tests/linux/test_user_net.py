@@ -23,14 +23,9 @@ from appliance.virtio.vhost_user.backend import VhostUserBackend
 from appliance.virtio.vhost_user.server import VhostUserServer
 from tests.conftest import needs_qemu
 from tests.linux.test_vhost_user_net import nic_args
+from tests.ports import free_port
 
 pytestmark = needs_qemu
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float = 30) -> None:

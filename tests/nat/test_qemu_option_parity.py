@@ -20,7 +20,6 @@ import json
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from appliance.nat.stack import UserNetwork
 from appliance.nat.stats import format_flows
 from appliance.net.netdev import UserNetdev, parse_netdev
 from tests.conftest import needs_qemu
+from tests.ports import free_port
 
 pytestmark = needs_qemu
 
@@ -168,27 +168,6 @@ _QMP_SCRIPT = b"".join(json.dumps(c).encode() + b"\n" for c in (
     {"execute": "human-monitor-command", "arguments": {"command-line": "info usernet"}},
     {"execute": "quit"},
 ))
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP on every address, never the same one twice in a run
-    (QEMU and ours run side by side and each rule needs a port of its own)."""
-    for _ in range(100):
-        with socket.socket() as t:
-            t.bind(("0.0.0.0", 0))
-            port = t.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no free port")
 
 
 def _fill(opts: str, ports: dict[str, int]) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
@@ -27,12 +29,6 @@ def fields(line: str) -> dict[str, str]:
     words = line.split()
     assert words[0] == "KITNET", line
     return dict(w.split("=", 1) for w in words[1:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def connect_retrying(kitnet: Path, port: int, size: str, bs: str) -> subprocess.CompletedProcess[str]:

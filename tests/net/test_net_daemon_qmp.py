@@ -29,16 +29,11 @@ from appliance.errors import ConfigError
 from appliance.virtio.testing import WRITE, DriverQueue
 from appliance.virtio.vhost_user import protocol as p
 from tests.conftest import ROOT, needs_qemu
+from tests.ports import free_port
 from tests.vhost_user.frontend import FrontEnd
 
 GUEST_MAC = bytes.fromhex("525400123456")
 HDR = 12  # virtio_net_hdr_v1 (virtio 1.2 §5.1.6): VERSION_1 always has num_buffers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def ex(client: QMPClient | None, name: str, args: dict[str, Any] | None = None) -> Any:

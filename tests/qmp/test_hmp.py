@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,15 +17,10 @@ from hypothesis import strategies as st
 from appliance.machine.telnet import TelnetInput
 from appliance.qmp.hmp import LineEditor
 from tests.conftest import needs_kvm, needs_qemu
+from tests.ports import free_port
 from tests.qmp.test_machine_qmp import GUEST, ex, machine
 
 needs_guest = pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _read_prompt(r: asyncio.StreamReader, timeout: float = 10) -> bytes:

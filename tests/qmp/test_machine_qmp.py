@@ -26,6 +26,7 @@ from appliance.machine.console import ConsoleTimeout
 from appliance.machine.machine import Machine
 from tests.conftest import ROOT, needs_kvm, needs_qemu
 from tests.machine.guest_replies import ask
+from tests.ports import free_port
 
 GUEST = paths().guest_elf
 pytestmark = [needs_kvm, pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")]
@@ -33,7 +34,6 @@ pytestmark = [needs_kvm, pytest.mark.skipif(not GUEST.exists(), reason="test gue
 async def ex(client: QMPClient, name: str, args: dict[str, Any] | None = None) -> Any:
     """``client.execute`` typed as what it returns here: plain JSON values."""
     return await client.execute(name, args)
-
 
 
 class Vm:
@@ -257,12 +257,6 @@ async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_
         proc.stdin.write(b"poweroff\n")
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     assert not pidfile.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _qemu_hmp(netdev: str, command: str, tmp_path: Path) -> str:
