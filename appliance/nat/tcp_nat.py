@@ -198,11 +198,10 @@ class HostSocket:
     __slots__ = ("_loop", "_poller", "_sock", "_fd", "_conn", "_nat", "_wbuf", "_reading", "_paused", "_closing",
                  "_eof_pending", "_eof_sent", "_writing", "_write_paused", "_closed", "_read_on_resume")  # fmt: skip
 
-    def __init__(
-        self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False, nodelay: bool = False
-    ) -> None:
-        """``nodelay``: TCP_NODELAY is already set (a spare socket, or one accepted from a listener
-        that has it: Linux accepted sockets inherit it)."""
+    def __init__(self, nat: TcpNat, conn: TcpConn, sock: socket.socket, *, paused: bool = False) -> None:
+        """``sock`` comes with its options set: TCP_NODELAY (as asyncio: we already batch) from
+        _new_host_socket, or inherited from a hostfwd listener that has it, as Linux's accepted
+        sockets inherit it; a guestfwd command's socketpair has no TCP options."""
         self._loop = nat.net.loop
         self._poller = nat.poller()
         self._sock = sock
@@ -219,9 +218,6 @@ class HostSocket:
         self._eof_sent = False
         self._writing = False
         self._write_paused = False
-        if not nodelay:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio: we already batch
         self._reading = True
         if not paused:
             self._poller.watch(self._fd, self, EPOLLIN)
@@ -668,7 +664,7 @@ class TcpNat:
         self._half_open.pop(conn, None)
         sock = self._attaching.pop(conn, None)
         if sock is not None:  # the guest answered before _after_syn_ack ran
-            self._attach(conn, sock, nodelay=sock.family != socket.AF_UNIX)
+            self._attach(conn, sock)
 
     def ack_later(self, conn: TcpConn) -> None:
         self._ack_set[conn] = None
@@ -894,7 +890,7 @@ class TcpNat:
             # Watched from now: what the host sends before the guest's ACK waits in the
             # connection's send buffer (TcpConn.output sends nothing before ESTABLISHED).
             del self._attaching[conn]
-            self._attach(conn, sock, nodelay=sock.family != socket.AF_UNIX)
+            self._attach(conn, sock)
 
     def _refill_spare(self, family: socket.AddressFamily) -> None:
         """Keep a socket of ``family`` made ahead for the next guest connection: socket() and its
@@ -903,9 +899,9 @@ class TcpNat:
             with contextlib.suppress(OSError):  # out of descriptors: the next SYN makes its own
                 self._spare[family] = _new_host_socket(family)
 
-    def _attach(self, conn: TcpConn, sock: socket.socket, *, nodelay: bool = False) -> None:
+    def _attach(self, conn: TcpConn, sock: socket.socket) -> None:
         try:
-            host = HostSocket(self, conn, sock, nodelay=nodelay)
+            host = HostSocket(self, conn, sock)
         except OSError:
             sock.close()
             self.net.loop.call_soon(self._abort, conn)  # not from inside the connection's input
@@ -1022,7 +1018,7 @@ class TcpNat:
         try:
             sock.setblocking(False)
             # Not read until the guest answers our SYN (TcpConn resumes it when established).
-            conn.transport = HostSocket(self, conn, sock, paused=True, nodelay=True)
+            conn.transport = HostSocket(self, conn, sock, paused=True)
         except OSError:
             sock.close()
             return

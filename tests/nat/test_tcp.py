@@ -853,3 +853,25 @@ async def test_hostfwd_syn_goes_to_the_device_in_the_accepting_callback(net: Use
                     await asyncio.sleep(0.01)
             w.close()
         assert any(from_listener), from_listener
+
+
+async def test_host_sockets_of_both_directions_have_tcp_nodelay(net: UserNetwork) -> None:
+    # HostSocket sets no options itself: an outbound socket gets TCP_NODELAY where it is made,
+    # a hostfwd one from its listener (Linux's accepted sockets inherit it).
+    sink = Sink()
+    srv, port = await serve(sink.handler)
+    try:
+        async with Guest(net) as g:
+            c = g.connect(GW_IP, port)
+            await established(c)
+            accepted = g.listen(7777)
+            r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+            async with asyncio.timeout(10):
+                while not accepted:
+                    await asyncio.sleep(0.01)
+            socks = [conn.transport._sock for conn in net.tcp.conns.values()]  # type: ignore[union-attr]
+            assert len(socks) == 2
+            assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+            w.close()
+    finally:
+        srv.close()
