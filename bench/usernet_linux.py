@@ -60,7 +60,6 @@ import contextlib
 import functools
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,10 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# The hostfwd port is bound by the stack's own process, so it is picked ahead, from below the
+# kernel's ephemeral range (a bind(0) port could go to any connection's source port meanwhile).
+from tests.ports import free_port  # noqa: E402
 
 MAC = "52:54:00:12:34:56"
 METRICS = ("guest_to_host_gbps", "host_to_guest_gbps", "connections_per_s", "hostfwd_connections_per_s")
@@ -109,17 +112,11 @@ def runq_wait_seconds(task: str) -> float:
         return int(f.read().split()[1]) / 1e9
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Sink:
     """Loopback TCP sink: times each upload from first byte to EOF, counts connections."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # the kernel's pick, known once start() has bound it
         self.uploads: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
         self.accepts: list[float] = []
         self.server: asyncio.AbstractServer | None = None
@@ -130,7 +127,8 @@ class Sink:
         self.samples: list[tuple[float, ...]] = []
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.accepts.append(time.perf_counter())
