@@ -28,9 +28,11 @@ boot and measuring order rotates each round, and guests are not reused
 across rounds: the first QEMU of a set runs the same kit 3-5% slower.
 
 NIC settings: each stack gets QEMU's ``virtio-net-pci`` with its defaults,
-except that ours has ``vectors=0`` (INTx): QEMU 7.2 under TCG crashes in its
-MSI-X notifier path when a vhost-user NIC starts. ``--intx-all`` gives the
-other stacks INTx too (a like-for-like NIC).
+except that on QEMU 7.x ours has ``vectors=0`` (INTx): QEMU 7.2 under TCG
+crashes in its MSI-X notifier path when a vhost-user NIC starts. ``--intx-all``
+gives the other stacks INTx too (a like-for-like NIC). ``--qemu-root DIR`` runs
+every guest on another QEMU, such as bookworm-backports' (unpacked by
+``bench/tools/qemu_backport.py``), where ours has MSI-X like the others.
 
 CPU rows (connection runs): ``stack_cpu_ms_per_conn`` is the stack's own process
 or thread (our net-daemon; QEMU's main thread for libslirp; passt), and
@@ -98,6 +100,29 @@ DAEMON_TREE: list[Path] = []
 # --compare-tree: a second net-daemon from this tree, measured beside ours as stack "ours-b"
 # (paired A/B rounds on the same noisy machine, each also against libslirp).
 COMPARE_TREE: list[Path] = []
+# --qemu-root: the QEMU every guest runs on (binary, firmware directories), and whether our
+# vhost-user NIC can have MSI-X on it (QEMU 8.0 or later; see ours_gets_msix).
+QEMU_BINARY: list[str] = ["qemu-system-x86_64"]
+QEMU_FIRMWARE: list[Path] = []
+OURS_MSIX: list[bool] = [False]
+
+
+def qemu_version(binary: str) -> tuple[int, int]:
+    """``(major, minor)`` from ``BINARY --version`` ("QEMU emulator version 10.0.2 (…)")."""
+    out = subprocess.run([binary, "--version"], check=True, capture_output=True, text=True).stdout
+    words = out.split()
+    number = words[words.index("version") + 1] if "version" in words else "0.0"
+    major, _, rest = number.partition(".")
+    return int(major), int(rest.partition(".")[0] or 0)
+
+
+def ours_gets_msix(version: tuple[int, int]) -> bool:
+    """QEMU 7.2 installs MSI-X vector notifiers for any virtio-pci device that has a guest
+    notifier mask, and under TCG (no irqfd) its unmask then reads a NULL irqfd table: a
+    segfault as soon as a vhost-user NIC starts. QEMU 8.0 skips them when the mask is off
+    ("virtio-pci: add support for configure interrupt"), which vhost_net_start does for
+    vhost-user; 10.0.2 (bookworm-backports) runs our NIC with MSI-X."""
+    return version >= (8, 0)
 
 
 def cpu_seconds(task: str) -> float:
@@ -178,10 +203,11 @@ async def stack(
         STACK_TASK[kind] = str(proc.pid)
         try:
             await _wait_for_path(sock, proc, "appliance net-daemon")
-            # vectors=0: QEMU 7.2 under TCG crashes in its MSI-X notifier path for
-            # vhost-user NICs (see tests/linux/test_vhost_user_net.py).
+            # vectors=0 unless the QEMU is fixed (ours_gets_msix): QEMU 7.2 under TCG crashes
+            # in its MSI-X notifier path for vhost-user NICs.
+            ours_vec = vec if OURS_MSIX[0] else ",vectors=0"
             yield ["-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
-                   "-device", f"virtio-net-pci,netdev=n0,mac={MAC},vectors=0"]  # fmt: skip
+                   "-device", f"virtio-net-pci,netdev=n0,mac={MAC}{ours_vec}"]  # fmt: skip
         finally:
             proc.terminate()
             proc.wait()
@@ -389,7 +415,8 @@ async def main_async(
             tmp.mkdir()
             tmp.chmod(0o1777)
             args = await ex.enter_async_context(stack(k, fwd_port, tmp, intx_all, pcap))
-            g = await ex.enter_async_context(TcgGuest(args, machine="q35"))
+            g = await ex.enter_async_context(TcgGuest(
+                args, machine="q35", qemu=QEMU_BINARY[0], firmware_dirs=tuple(QEMU_FIRMWARE)))
             if g.proc is not None:
                 QEMU_MAIN[k] = f"{g.proc.pid}/task/{g.proc.pid}"
                 if k == "libslirp":
@@ -445,8 +472,14 @@ async def main_async(
             print(f"round {rnd + 1}: " + "  ".join(
                 f"{k}=" + "/".join(f"{results[k][rnd][m]:.3f}" for m in metrics) for k in kinds if rnd in results[k]
             ), file=sys.stderr, flush=True)  # fmt: skip
-    nic = "INTx on every NIC" if intx_all else "ours INTx (vectors=0), others QEMU's default MSI-X"
-    print(f"\nLinux kit in QEMU TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
+    if intx_all:
+        nic = "INTx on every NIC"
+    elif OURS_MSIX[0]:
+        nic = "MSI-X on every NIC (QEMU's default)"
+    else:
+        nic = "ours INTx (vectors=0), others QEMU's default MSI-X"
+    major, minor = qemu_version(QEMU_BINARY[0])
+    print(f"\nLinux kit in QEMU {major}.{minor} TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
     per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_vcpu_cpu_ms_per_conn",
@@ -484,7 +517,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunks", type=int, default=4,
                    help="split each round's connections into this many runs per stack, the stacks taking turns")
-    p.add_argument("--intx-all", action="store_true", help="give every NIC INTx (vectors=0), as ours must have")
+    p.add_argument("--intx-all", action="store_true",
+                   help="give every NIC INTx (vectors=0), as ours must have on QEMU 7.x")
     p.add_argument("--only", default=",".join(METRICS), help="comma-separated metrics to measure")
     p.add_argument("--no-passt", action="store_true", help="compare with libslirp only")
     p.add_argument("--pcap", type=Path, help="capture each stack's frames to DIR/<stack>.pcap (filter-dump)")
@@ -492,6 +526,8 @@ def main() -> int:
     p.add_argument("--cprofile", type=Path, help="run our net-daemon under cProfile, stats to this file")
     p.add_argument("--daemon-tree", type=Path, help="run our net-daemon from this source tree (A/B runs)")
     p.add_argument("--compare-tree", type=Path, help="also run a net-daemon from this tree, as stack ours-b")
+    p.add_argument("--qemu-root", type=Path,
+                   help="run every guest on the QEMU unpacked in DIR (bench/tools/qemu_backport.py makes one)")
     a = p.parse_args()
     only = frozenset(a.only.split(","))
     if not only <= set(METRICS):
@@ -507,6 +543,14 @@ def main() -> int:
         DAEMON_TREE.append(a.daemon_tree.resolve())
     if a.compare_tree:
         COMPARE_TREE.append(a.compare_tree.resolve())
+    if a.qemu_root:
+        binary = a.qemu_root.resolve() / "usr/bin/qemu-system-x86_64"
+        if not binary.is_file():
+            p.error(f"--qemu-root: no {binary}")
+        share = a.qemu_root.resolve() / "usr/share"
+        QEMU_BINARY[0] = str(binary)
+        QEMU_FIRMWARE.extend((share / "seabios", share / "qemu"))
+    OURS_MSIX[0] = ours_gets_msix(qemu_version(QEMU_BINARY[0]))
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt, a.chunks))
     return 0

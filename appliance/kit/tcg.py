@@ -74,6 +74,9 @@ class TcgGuest(ConsoleProcess):
         the boot yourself with :meth:`expect`).
     :param console_log: also write everything the console prints to this file.
     :param kit: kit paths; the kit is built (if out of date) when omitted.
+    :param qemu: the QEMU binary (default: ``qemu-system-x86_64`` on ``PATH``).
+    :param firmware_dirs: directories QEMU searches for its BIOS and option
+        ROMs (``-L``), for a QEMU unpacked outside ``/usr``.
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class TcgGuest(ConsoleProcess):
         wait_ready: bool = True,
         console_log: Path | None = None,
         kit: KitPaths | None = None,
+        qemu: str = QEMU,
+        firmware_dirs: tuple[Path, ...] = (),
     ) -> None:
         super().__init__(console_log=console_log)
         self.extra_args = list(extra_args or [])
@@ -100,6 +105,8 @@ class TcgGuest(ConsoleProcess):
         self.boot_timeout = boot_timeout
         self.wait_ready = wait_ready
         self.kit = kit
+        self.qemu = qemu
+        self.firmware_dirs = firmware_dirs
         self._counter = itertools.count(1)
         self._shell_ready = False
 
@@ -112,8 +119,9 @@ class TcgGuest(ConsoleProcess):
         if khz:
             words.append(f"tsc_early_khz={khz}")
         cmdline = " ".join(w for w in (*words, self.append) if w)
-        argv = [
-            QEMU, "-accel", "tcg", "-M", self.machine, "-m", f"{self.memory_mb}M",
+        argv = [self.qemu, *(a for d in self.firmware_dirs for a in ("-L", str(d)))]
+        argv += [
+            "-accel", "tcg", "-M", self.machine, "-m", f"{self.memory_mb}M",
             "-smp", str(self.smp), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "stdio", "-no-reboot",
             "-kernel", str(kit.bzimage), "-initrd", str(kit.initramfs), "-append", cmdline,
@@ -127,8 +135,8 @@ class TcgGuest(ConsoleProcess):
 
     async def start(self) -> None:
         """Start QEMU (building the kit first if needed) and wait for readiness."""
-        if shutil.which(QEMU) is None:
-            raise TcgError(f"{QEMU} is not installed")
+        if shutil.which(self.qemu) is None:
+            raise TcgError(f"{self.qemu} is not installed")
         kit = self.kit
         if kit is None:
             kit = paths()
