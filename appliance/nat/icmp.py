@@ -73,6 +73,13 @@ def routing_error(err: int | None) -> bool:
     return err in _ROUTING_ERRORS
 
 
+def udp_quote(sport: int, dport: int, length: int, head: bytes) -> bytes:
+    """The guest's UDP header rebuilt for an ICMP error to quote, followed by ``head``, the first
+    payload bytes kept of its datagram of ``length`` payload bytes (the checksum is left 0:
+    the quote only names the flow, RFC 792 and RFC 4443 §2.4(c))."""
+    return struct.pack("!HHHH", sport, dport, 8 + length, 0) + head
+
+
 def dest_unreachable(code: int, gip: bytes, rip: bytes, proto: int, l4_head: bytes, length: int) -> bytes:
     """Destination Unreachable for a guest datagram, quoting its IP header and first 8 bytes (RFC 792).
 
@@ -197,9 +204,8 @@ class Icmp:
         """Nobody listens at ``rip:rport`` for the guest's UDP datagram of ``length`` payload bytes,
         which began with ``head`` (the host was told so): said from that address, as the host
         there would (RFC 792, RFC 4443 §3.1, RFC 1122 §3.2.2.1)."""
-        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0) + head
         codes = (PORT_UNREACHABLE, V6_PORT_UNREACHABLE)
-        self._send_error(codes, rip, rip, gip, rip, IPPROTO_UDP, udp, 8 + length)
+        self._send_error(codes, rip, rip, gip, rip, IPPROTO_UDP, udp_quote(gport, rport, length, head), 8 + length)
 
     def _send_error(
         self, codes: tuple[int, int], src: bytes, src6: bytes | None, gip: bytes, rip: bytes, proto: int,

@@ -10,14 +10,13 @@ client appear to come from the gateway address with the client's port.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_UDP, ip_str
-from appliance.nat.icmp import QUOTE_V6
+from appliance.nat.icmp import QUOTE_V6, udp_quote
 from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
@@ -112,8 +111,7 @@ class UdpNat:
     def _unreachable(self, err: OSError, key: FlowKey, length: int, head: bytes) -> None:
         """No route for the guest's datagram of ``length`` bytes that began with ``head``."""
         gip, gport, rip, rport = key
-        udp = struct.pack("!HHHH", gport, rport, 8 + length, 0) + head
-        self.net.icmp.unreachable(err.errno, gip, rip, IPPROTO_UDP, udp, 8 + length)
+        self.net.icmp.unreachable(err.errno, gip, rip, IPPROTO_UDP, udp_quote(gport, rport, length, head), 8 + length)
 
     def _readable(self, flow: _Flow) -> None:
         gip, gport, rip, rport = flow.key
