@@ -81,8 +81,8 @@ async def test_connect_that_never_completes_times_out_into_rst(monkeypatch) -> N
         await asyncio.sleep(1.0)  # the timeout's timer is due first, whatever the test's delay
         flags = [tcp_flags(f) for f in drain(net)]
         assert RST | ACK in flags
-        c = net.counters()
-        assert c["tcp_refused"] == 1 and c["errors"] == 0
+        counts = net.counters()
+        assert counts["tcp_refused"] == 1 and counts["errors"] == 0
         assert not net.tcp._pending and net.tcp._connecting == 0 and not net.tcp.conns
     finally:
         for c in fillers:
@@ -398,7 +398,11 @@ async def test_peer_closing_while_we_yield_has_its_fin_in_the_guests_pass(monkey
     async with stack_and_listener() as (net, lsock, port):
         net.yield_after_host_wakeup = True
         peer: list[socket.socket] = []
-        monkeypatch.setattr(tcp_nat.os, "sched_yield", lambda: [s.close() for s in peer])  # the peer runs
+        def peer_runs() -> None:  # what our yield lets the peer do: close
+            for s in peer:
+                s.close()
+
+        monkeypatch.setattr(tcp_nat.os, "sched_yield", peer_runs)
         to_guest: list[bytes] = []
 
         def ready() -> None:
@@ -423,3 +427,33 @@ async def test_peer_closing_while_we_yield_has_its_fin_in_the_guests_pass(monkey
         finally:
             for s in peer:
                 s.close()
+
+
+async def test_ecn_setup_syn_gets_a_plain_syn_ack_and_ece_data_is_taken() -> None:
+    """A guest that asks for ECN (SYN with ECE and CWR, RFC 3168 §6.1.1) gets a SYN-ACK without
+    ECE, the answer of a host that does not do ECN, and its data with ECE set still arrives."""
+    ece, cwr, psh = 0x40, 0x80, 0x08
+    async with stack_and_listener() as (net, lsock, port):
+        opts = struct.pack("!BBH", 2, 4, 1460)
+        net.send([memoryview(tcp_frame(GUEST_IP, 40950, GW_IP, port, 5000, 0, SYN | ece | cwr, 0xFFFF, opts=opts))])
+        got = drain(net)
+        async with asyncio.timeout(5):
+            while not got:
+                await asyncio.sleep(0.001)
+                got += drain(net)
+        assert [tcp_flags(f) for f in got] == [SYN | ACK]
+        iss = struct.unpack_from("!I", got[0], 14 + 20 + 4)[0]
+        data = tcp_frame(GUEST_IP, 40950, GW_IP, port, 5001, iss + 1, ACK | psh | ece, 0xFFFF, b"hello")
+        net.send([memoryview(data)])
+        loop = asyncio.get_running_loop()
+        lsock.setblocking(False)
+        peer, _ = await loop.sock_accept(lsock)
+        with peer:
+            async with asyncio.timeout(5):
+                assert await loop.sock_recv(peer, 100) == b"hello"
+                acks = drain(net)
+                while not acks:  # the data's ACK goes with the stack's next flush
+                    await asyncio.sleep(0.001)
+                    acks += drain(net)
+        assert [tcp_flags(f) for f in acks] == [ACK]
+        assert net.counters()["errors"] == 0 and net.counters()["tcp_bad"] == 0
