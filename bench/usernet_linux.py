@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import shutil
@@ -344,8 +345,12 @@ class Rig:
             w.write(b"x")
             w.write_eof()
             return await asyncio.wait_for(r.read(), 30) == b"x"
-        except ConnectionResetError:
-            return False  # nothing listens in the guest (yet): its RST, passed on
+        except OSError as err:
+            # Nothing listens in the guest (yet): its RST, passed on, can beat our write_eof()
+            # (shutdown() then fails with ENOTCONN) or our write.
+            if err.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
+                return False
+            raise
         finally:
             w.close()
 
