@@ -555,7 +555,10 @@ def main() -> int:
         share = a.qemu_root.resolve() / "usr/share"
         QEMU_BINARY[0] = str(binary)
         QEMU_FIRMWARE.extend((share / "seabios", share / "qemu"))
-    OURS_MSIX[0] = ours_gets_msix(qemu_version(QEMU_BINARY[0]))
+    try:
+        OURS_MSIX[0] = ours_gets_msix(qemu_version(QEMU_BINARY[0]))
+    except (OSError, subprocess.CalledProcessError) as err:
+        p.error(f"cannot run {QEMU_BINARY[0]} --version: {err}")
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt, a.chunks))
     return 0
