@@ -101,10 +101,12 @@ DAEMON_TREE: list[Path] = []
 # --compare-tree: a second net-daemon from this tree, measured beside ours as stack "ours-b"
 # (paired A/B rounds on the same noisy machine, each also against libslirp).
 COMPARE_TREE: list[Path] = []
-# --qemu-root: the QEMU every guest runs on (binary, firmware directories), and whether our
-# vhost-user NIC can have MSI-X on it (QEMU 8.0 or later; see ours_gets_msix).
-QEMU_BINARY: list[str] = ["qemu-system-x86_64"]
+# --qemu-root: the QEMU every guest runs on (binary, firmware directories; set by main), its
+# (major, minor) version, and whether our vhost-user NIC can have MSI-X on it (QEMU 8.0 or later;
+# see ours_gets_msix).
+QEMU_BINARY: list[str] = []
 QEMU_FIRMWARE: list[Path] = []
+QEMU_VERSION: list[tuple[int, int]] = []
 OURS_MSIX: list[bool] = [False]
 
 
@@ -483,7 +485,7 @@ async def main_async(
         nic = "MSI-X on every NIC (QEMU's default)"
     else:
         nic = "ours INTx (vectors=0), others QEMU's default MSI-X"
-    major, minor = qemu_version(QEMU_BINARY[0])
+    major, minor = QEMU_VERSION[0]
     print(f"\nLinux kit in QEMU {major}.{minor} TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
     header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
     print(header)
@@ -548,6 +550,9 @@ def main() -> int:
         DAEMON_TREE.append(a.daemon_tree.resolve())
     if a.compare_tree:
         COMPARE_TREE.append(a.compare_tree.resolve())
+    from appliance.kit.tcg import QEMU  # the system's QEMU, the one TcgGuest runs by default
+
+    QEMU_BINARY.append(QEMU)
     if a.qemu_root:
         binary = a.qemu_root.resolve() / "usr/bin/qemu-system-x86_64"
         if not binary.is_file():
@@ -556,9 +561,10 @@ def main() -> int:
         QEMU_BINARY[0] = str(binary)
         QEMU_FIRMWARE.extend((share / "seabios", share / "qemu"))
     try:
-        OURS_MSIX[0] = ours_gets_msix(qemu_version(QEMU_BINARY[0]))
+        QEMU_VERSION.append(qemu_version(QEMU_BINARY[0]))
     except (OSError, subprocess.CalledProcessError) as err:
         p.error(f"cannot run {QEMU_BINARY[0]} --version: {err}")
+    OURS_MSIX[0] = ours_gets_msix(QEMU_VERSION[0])
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main_async(a.mb, a.conns, a.rounds, a.intx_all, only, a.pcap, a.no_passt, a.chunks))
     return 0
