@@ -23,10 +23,13 @@ from tests.vhost_user.device import UpperDevice
 from tests.vhost_user.frontend import FrontEnd
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[tuple[VhostUserServer, UpperDevice, str]]:
+@pytest.fixture(params=[False, True], ids=["gil-kept", "single-threaded"])
+async def served(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[VhostUserServer, UpperDevice, str]]:
+    """Both ways of reading kicks: the ctypes read that keeps the GIL, and the net daemon's."""
     dev = UpperDevice(num_queues=2)
-    server = VhostUserServer(tmp_path / "vu.sock", VhostUserBackend(dev))
+    server = VhostUserServer(tmp_path / "vu.sock", VhostUserBackend(dev, single_threaded=request.param))
     await server.start()
     yield server, dev, str(server.path)
     await server.close()
