@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""CPU of each pass of a guest→host TCP connection through virtio-net and ``-netdev user``, without a VM.
+
+With a Linux guest in QEMU TCG (``bench/usernet_linux.py``) our net-daemon spends
+~1 ms of CPU per busybox ``nc`` connection, against ~0.1 ms per connection in
+``bench/usernet.py``, which drives the stack from the host in batches with its
+caches warm. The difference is not more work: between two of the daemon's passes
+the guest's emulation runs for milliseconds and evicts what they touch, so each
+pass starts cold. This tool replays one connection at a time through the fake
+guest driver, VirtioNet and UserNetwork, to a sink process on loopback, and
+copies ``--evict-mib`` MiB before each pass (``--warm``: not). Only the passes
+are timed, with ``time.thread_time`` (this thread's CPU: its syscalls
+included, the sink's time excluded).
+
+Passes: ``syn`` (the SYN's kick until its SYN-ACK is in the receive ring: the host
+connect included), ``after`` (the loop turn the SYN pass leaves: the host
+handshake's held ACK, the socket watched), ``ack`` (the guest's ACK), ``fin``
+(the guest's FIN: our shutdown, and the sink's FIN when it comes within the
+pass). The guest waits on ``syn`` and ``fin``.
+
+    .venv/bin/python bench/tools/conn_passes.py [--conns 300] [--warm] [--evict-mib 48]
+
+Pin it to one CPU (``taskset -c 1``) for steadier numbers: the sink then runs
+when we yield to it, as a TCG guest's host server does on a 2-CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from appliance.nat import UserNetConfig, UserNetwork  # noqa: E402
+from appliance.nic import constants as C  # noqa: E402
+from appliance.nic.virtio_net import VirtioNet  # noqa: E402
+from appliance.virtio.testing import WRITE, FakeDriver  # noqa: E402
+from tests.nat.peer import GUEST_IP, GUEST_MAC, GW_IP, tcp_frame  # noqa: E402
+
+# A loopback server that reads each connection to EOF and closes it (as the bench's sink).
+SINK = """
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(64)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+    c.close()
+"""
+FIN, SYN, ACK = 0x01, 0x02, 0x10
+# The SYN's options as Linux sends them: MSS 1460, SACK permitted, window scale 7.
+SYN_OPTIONS = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"
+PASSES = ("syn", "after", "ack", "fin")
+RX_BUF = 2048
+TX_SLOTS = 256
+
+
+class Rig:
+    """The fake driver's side of a virtio-net NIC whose backend is a UserNetwork."""
+
+    def __init__(self, net: UserNetwork) -> None:
+        # As the net-daemon makes it (a process of its own: it yields to the threads it wakes).
+        self.dev = VirtioNet([net], GUEST_MAC, control_queue=False, yield_after_rx_irq=True)
+        self.drv = FakeDriver(self.dev, queue_size=256, mem_size=64 << 20, event_idx=True)
+        self.drv.activate()
+        self.rx_bufs: dict[int, int] = {}
+        self._post_rx(64)
+        self.drv.kick(0)
+        self._tx_base = self.drv.alloc(TX_SLOTS * 4096)
+        self._tx_n = 0
+
+    def _post_rx(self, n: int) -> None:
+        for _ in range(n):
+            addr = self.drv.alloc(RX_BUF)
+            self.rx_bufs[self.drv.queues[0].add_chain([(addr, RX_BUF, WRITE)])] = addr
+
+    def queue_tx(self, frame: bytes) -> None:
+        """Put a frame on the transmit ring without kicking (the kick is what is timed)."""
+        addr = self._tx_base + (self._tx_n % TX_SLOTS) * 4096
+        self._tx_n += 1
+        data = bytes(C.HDR_LEN) + frame
+        self.drv.mem.write(addr, data)
+        self.drv.queues[1].add_chain([(addr, len(data), 0)])
+        self.drv.queues[1].used()  # reap earlier frames' slots
+
+    def received(self) -> list[bytes]:
+        out = []
+        for head, n in self.drv.queues[0].used():
+            out.append(bytes(self.drv.mem.read(self.rx_bufs.pop(head), n))[C.HDR_LEN :])
+        self._post_rx(len(out))
+        return out
+
+
+def tcp_of(frame: bytes) -> tuple[int, int]:
+    """(sequence number, flags) of an IPv4 TCP frame."""
+    ihl = (frame[14] & 15) * 4
+    seq, _, off = struct.unpack_from("!IIH", frame, 14 + ihl + 4)
+    return seq, off & 0x3F
+
+
+async def run(conns: int, evict_mib: int) -> tuple[dict[str, list[float]], int]:
+    """Time each pass of ``conns`` connections; returns the times and how many FINs came inline."""
+    evict_a, evict_b = bytearray(evict_mib << 20), bytearray(evict_mib << 20)
+
+    def evict() -> None:
+        if evict_mib:
+            evict_a[:] = evict_b
+
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE)
+    assert sink.stdout is not None
+    port = int(sink.stdout.readline())
+    net = UserNetwork(UserNetConfig(nameservers=()))
+    net.yield_after_host_wakeup = True
+    await net.start()
+    rig = Rig(net)
+    cpu = time.thread_time
+    times: dict[str, list[float]] = {p: [] for p in PASSES}
+    inline = 0
+
+    def timed_kick(name: str) -> None:
+        evict()
+        t = cpu()
+        rig.drv.kick(1)
+        times[name].append(cpu() - t)
+
+    try:
+        for i in range(conns):
+            sport = 20000 + i % 40000
+            rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1000, 0, SYN, 64240, opts=SYN_OPTIONS))
+            timed_kick("syn")
+            got = rig.received()
+            if not got or tcp_of(got[-1])[1] != SYN | ACK:
+                raise RuntimeError(f"connection {i}: no SYN-ACK ({got!r})")
+            iss = tcp_of(got[-1])[0]
+            t = cpu()
+            await asyncio.sleep(0)  # the loop turn the SYN pass scheduled
+            times["after"].append(cpu() - t)
+            rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1001, iss + 1, ACK, 64240))
+            timed_kick("ack")
+            await asyncio.sleep(0.0005)  # a guest takes about this long to send its FIN
+            rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1001, iss + 1, FIN | ACK, 64240))
+            timed_kick("fin")
+            got = rig.received()
+            inline += bool(got)
+            for _ in range(500):
+                if got:
+                    break
+                await asyncio.sleep(0.0002)
+                got = rig.received()
+            if not got or not tcp_of(got[-1])[1] & FIN:
+                raise RuntimeError(f"connection {i}: no FIN from the host side ({got!r})")
+            rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1002, iss + 2, ACK, 64240))
+            await asyncio.sleep(0.003)  # the quiet ACK's wait (TX_QUIET_WAIT) and the socket's close
+    finally:
+        await net.stop()
+        sink.kill()
+        sink.wait()
+    return times, inline
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conns", type=int, default=300, help="connections, one at a time")
+    ap.add_argument("--evict-mib", type=int, default=48, help="MiB copied before each pass")
+    ap.add_argument("--warm", action="store_true", help="copy nothing before the passes")
+    a = ap.parse_args()
+    if a.conns < 1 or a.evict_mib < 0:
+        ap.error("--conns must be at least 1 and --evict-mib not negative")
+    evict = 0 if a.warm else a.evict_mib
+    times, inline = asyncio.run(run(a.conns, evict))
+    print(f"{a.conns} connections, {'warm' if not evict else f'{evict} MiB copied before each pass'}")
+    print(f"{'pass':<8}{'median us':>12}{'p90 us':>10}")
+    for name in PASSES:
+        v = sorted(times[name])
+        print(f"{name:<8}{statistics.median(v) * 1e6:>12.0f}{v[len(v) * 9 // 10] * 1e6:>10.0f}")
+    total = sum(statistics.median(times[p]) for p in PASSES)
+    print(f"{'sum':<8}{total * 1e6:>12.0f}")
+    print(f"the sink's FIN came inside the fin pass for {inline} of {a.conns}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
