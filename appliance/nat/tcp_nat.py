@@ -472,6 +472,9 @@ class HostSocket:
 
 ACCEPT_BURST = 32  # connections taken per readiness event of a listener
 ACCEPT_BACKOFF = 1.0  # out of descriptors: stop accepting this long (as asyncio's servers do)
+# struct tcp_info (linux/tcp.h): on a listening socket, tcpi_unacked is its accept queue's length.
+_TCPI_UNACKED = 24
+_U32 = struct.Struct("=I")
 
 
 class _Listener:
@@ -499,10 +502,22 @@ class _Listener:
 
 
 class _ListenSocket:
-    __slots__ = ("_nat", "_fwd", "_sock", "_fd", "_backoff")
+    """One listening socket of a ``hostfwd`` rule.
+
+    The accept of a forwarded connection is on its critical path (the host client waits for the
+    guest's answer), and with a TCG guest it runs with cold caches: the guest's emulation ran in
+    between. ``socket.accept()`` converts the listener's family and type to enums for the new
+    socket object, and a burst that ends when accept() raises EAGAIN raises and catches an
+    exception: accepting one connection that way took a median ~60-70 us after a 48 MiB copy,
+    against ~35 us for asking the accept queue's length (TCP_INFO) and taking that many with the
+    socket module's own ``_accept()`` (what ``accept()`` wraps) and the family looked up once.
+    """
+
+    __slots__ = ("_nat", "_fwd", "_sock", "_fd", "_backoff", "_family")
 
     def __init__(self, nat: TcpNat, fwd: HostForward, sock: socket.socket) -> None:
         self._nat, self._fwd, self._sock, self._fd = nat, fwd, sock, sock.fileno()
+        self._family = sock.family
         self._backoff: asyncio.TimerHandle | None = None
         nat.poller().watch(self._fd, self, EPOLLIN)
 
@@ -517,9 +532,10 @@ class _ListenSocket:
             net.release()
 
     def _accept_burst(self) -> None:
-        for _ in range(ACCEPT_BURST):
+        listener = self._sock
+        for _ in range(self._queued()):
             try:
-                sock, peer = self._sock.accept()
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as err:
@@ -528,7 +544,19 @@ class _ListenSocket:
                     self._nat.poller().watch(self._fd, self, 0)
                     self._backoff = self._nat.net.loop.call_later(ACCEPT_BACKOFF, self._resume)
                 return
-            self._nat._accept(sock, peer, self._fwd)
+            self._nat._accept(socket.socket(self._family, socket.SOCK_STREAM, 0, fd), peer, self._fwd)
+
+    def _queued(self) -> int:
+        """How many accept()s this readiness event gets: the accept queue's length, at least one
+        (a connection reset meanwhile leaves it short) and at most ACCEPT_BURST; ACCEPT_BURST
+        where TCP_INFO does not say (the loop then ends at EAGAIN)."""
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
+        except OSError:
+            return ACCEPT_BURST
+        if len(info) < _TCPI_UNACKED + 4:
+            return ACCEPT_BURST
+        return min(max(_U32.unpack_from(info, _TCPI_UNACKED)[0], 1), ACCEPT_BURST)
 
     def _write_ready(self) -> None:
         pass

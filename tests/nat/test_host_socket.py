@@ -268,7 +268,10 @@ async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monke
         fails = [0]
 
         class Emfile:
-            def accept(self) -> tuple[socket.socket, object]:
+            def getsockopt(self, *args: int) -> bytes:
+                return real_sock.getsockopt(*args)
+
+            def _accept(self) -> tuple[int, object]:
                 fails[0] += 1
                 raise OSError(24, "Too many open files")
 
@@ -283,3 +286,48 @@ async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monke
         w.close()
     finally:
         await net.stop()
+
+
+async def test_queued_hostfwd_connections_are_taken_without_an_accept_that_fails() -> None:
+    """A listener takes as many connections as its accept queue holds (TCP_INFO) in one event, and
+    no accept() runs into EAGAIN: with a TCG guest's cold caches the raise and catch cost more
+    than the accept (see _ListenSocket)."""
+    from .peer import Guest
+
+    net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
+    await net.start()
+    try:
+        (listener, _fwd) = net.tcp._servers[0]
+        watcher = listener._watchers[0]
+        real_sock = watcher._sock
+        calls: list[str] = []
+
+        class Counting:
+            def getsockopt(self, *args: int) -> bytes:
+                return real_sock.getsockopt(*args)
+
+            def _accept(self) -> tuple[int, object]:
+                try:
+                    got: tuple[int, object] = real_sock._accept()  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    calls.append("EAGAIN")
+                    raise
+                calls.append("ok")
+                return got
+
+        watcher._sock = Counting()  # type: ignore[assignment]
+        async with Guest(net) as g:
+            accepted = g.listen(7000)
+            port = net.tcp.listener_ports()[0]
+            # Queued before the loop looks at the listener: blocking connects complete in the kernel.
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+            try:
+                await until(lambda: len(accepted) == 5)
+                assert calls == ["ok"] * 5
+            finally:
+                for c in clients:
+                    c.close()
+                watcher._sock = real_sock
+    finally:
+        await net.stop()
+
