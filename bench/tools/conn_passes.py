@@ -42,21 +42,9 @@ from appliance.nat import UserNetConfig, UserNetwork  # noqa: E402
 from appliance.nic import constants as C  # noqa: E402
 from appliance.nic.virtio_net import VirtioNet  # noqa: E402
 from appliance.virtio.testing import WRITE, FakeDriver  # noqa: E402
+from bench.micro import SINK  # noqa: E402  (a loopback server that reads each connection to EOF)
 from tests.nat.peer import GUEST_IP, GUEST_MAC, GW_IP, tcp_frame  # noqa: E402
 
-# A loopback server that reads each connection to EOF and closes it (as the bench's sink).
-SINK = """
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(64)
-print(s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    while c.recv(65536):
-        pass
-    c.close()
-"""
 FIN, SYN, ACK = 0x01, 0x02, 0x10
 # The SYN's options as Linux sends them: MSS 1460, SACK permitted, window scale 7.
 SYN_OPTIONS = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"

@@ -229,7 +229,7 @@ async def test_hostfwd_listener_is_on_the_nats_epoll_and_its_socket_is_not_read_
     readers_before = len(loop._selector.get_map())  # type: ignore[attr-defined]
     await net.start()
     try:
-        assert len(loop._selector.get_map()) == readers_before + 1  # the poller's epoll only
+        assert len(loop._selector.get_map()) == readers_before + 1  # type: ignore[attr-defined]  # the poller's epoll only
         async with Guest(net) as g:
             g.listen(7000)
             held = []
@@ -253,6 +253,23 @@ async def test_hostfwd_listener_is_on_the_nats_epoll_and_its_socket_is_not_read_
         await net.stop()
 
 
+class _ListenerStandIn:
+    """Stands in for a hostfwd listener's socket: TCP_INFO from the real one; ``_accept`` is the test's."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+
+    def getsockopt(self, level: int, option: int, buflen: int) -> bytes:
+        return self.real.getsockopt(level, option, buflen)
+
+
+def _listen_watcher(net: UserNetwork) -> tuple[tcp_nat._ListenSocket, socket.socket]:
+    """The first hostfwd listener's watcher and its real socket."""
+    (listener, _fwd) = net.tcp._servers[0]
+    watcher = listener._watchers[0]
+    return watcher, watcher._sock
+
+
 async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monkeypatch) -> None:
     """EMFILE from accept() (level-triggered readiness would spin the loop) stops the listener for
     ACCEPT_BACKOFF; the pending connection is accepted afterwards."""
@@ -262,20 +279,15 @@ async def test_a_listener_out_of_descriptors_pauses_accepting_then_resumes(monke
     net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
     await net.start()
     try:
-        (listener, _fwd) = net.tcp._servers[0]
-        watcher = listener._watchers[0]
-        real_sock = watcher._sock
+        watcher, real_sock = _listen_watcher(net)
         fails = [0]
 
-        class Emfile:
-            def getsockopt(self, *args: int) -> bytes:
-                return real_sock.getsockopt(*args)
-
+        class Emfile(_ListenerStandIn):
             def _accept(self) -> tuple[int, object]:
                 fails[0] += 1
                 raise OSError(24, "Too many open files")
 
-        watcher._sock = Emfile()  # type: ignore[assignment]
+        watcher._sock = Emfile(real_sock)  # type: ignore[assignment]
         r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
         await until(lambda: fails[0] == 1)
         assert len(net.tcp.poller()) == 0
@@ -297,15 +309,10 @@ async def test_queued_hostfwd_connections_are_taken_without_an_accept_that_fails
     net = UserNetwork(UserNetConfig.from_string("user,hostfwd=tcp:127.0.0.1:0-:7000"))
     await net.start()
     try:
-        (listener, _fwd) = net.tcp._servers[0]
-        watcher = listener._watchers[0]
-        real_sock = watcher._sock
+        watcher, real_sock = _listen_watcher(net)
         calls: list[str] = []
 
-        class Counting:
-            def getsockopt(self, *args: int) -> bytes:
-                return real_sock.getsockopt(*args)
-
+        class Counting(_ListenerStandIn):
             def _accept(self) -> tuple[int, object]:
                 try:
                     got: tuple[int, object] = real_sock._accept()  # type: ignore[attr-defined]
@@ -315,7 +322,7 @@ async def test_queued_hostfwd_connections_are_taken_without_an_accept_that_fails
                 calls.append("ok")
                 return got
 
-        watcher._sock = Counting()  # type: ignore[assignment]
+        watcher._sock = Counting(real_sock)  # type: ignore[assignment]
         async with Guest(net) as g:
             accepted = g.listen(7000)
             port = net.tcp.listener_ports()[0]
