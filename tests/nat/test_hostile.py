@@ -24,7 +24,7 @@ from appliance.nat import tcp as tcpmod
 
 from .conftest import GUEST_MAC, GW_MAC, drain
 from .peer import GUEST_IP, GW_IP, Guest, csum, eth, ip_packet, tcp_frame
-from .test_tcp import MB, Sink, established, serve
+from .test_tcp import MB, Sink, connected_to_sink, established, serve
 
 GUEST_MAC_B = bytes.fromhex(GUEST_MAC.replace(":", ""))
 GW_MAC_B = bytes.fromhex(GW_MAC.replace(":", ""))
@@ -383,20 +383,17 @@ async def test_zero_window_forever_connections_stay_bounded_while_others_work(mo
 async def test_out_of_order_flood_is_bounded() -> None:
     net = make_net()
     await net.start()
-    sink = Sink()
-    srv, port = await serve(sink.handler)
     try:
-        async with Guest(net) as g:
-            c = g.connect(GW_IP, port)
-            await established(c)
+        async with connected_to_sink(net) as (g, c, sink):
             rng = random.Random(6)
             for _ in range(3000):
                 off = rng.randrange(2, 400_000)
                 g.link.to_stack(
                     tcp_frame(
-                        GUEST_IP, c.lport, GW_IP, port, c.iss + c.snd_nxt + off, c.irs + c.rcv_nxt, 16, 4096, b"q" * 100
+                        GUEST_IP, c.lport, GW_IP, c.rport, c.iss + c.snd_nxt + off, c.irs + c.rcv_nxt, 16, 4096,
+                        b"q" * 100,
                     )
-                )
+                )  # fmt: skip
             [conn] = net.tcp.conns.values()
             assert len(conn._ooo) <= tcpmod.MAX_OOO_SEGMENTS
             assert conn._ooo_bytes <= tcpmod.RCVBUF
@@ -405,7 +402,6 @@ async def test_out_of_order_flood_is_bounded() -> None:
             await asyncio.wait_for(sink.done.wait(), 10)
         assert_clean(net)
     finally:
-        srv.close()
         await net.stop()
 
 

@@ -23,7 +23,7 @@ from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nic import constants as V
 
 from .peer import GUEST_IP, GUEST_MAC, GW_IP, GW_MAC, VNET_HDR, Guest, csum, eth, ip_packet, tcp_frame
-from .test_tcp import MB, Sink, established, serve
+from .test_tcp import MB, Sink, connected_to_sink, serve
 
 
 async def offload_net(*, csum_on: bool = True, tso: bool = True) -> UserNetwork:
@@ -43,12 +43,9 @@ async def test_tso_both_ways_moves_8mb_each_way_with_matching_sha256() -> None:
     sink = Sink()
     down = os.urandom(8 * MB)
     sink.eof_then = down
-    srv, port = await serve(sink.handler)
     up = os.urandom(8 * MB)
     try:
-        async with Guest(net, vnet=True) as g:
-            c = g.connect(GW_IP, port)
-            await established(c)
+        async with connected_to_sink(net, sink, vnet=True) as (g, c, _sink):
             c.tso = True
             h = hashlib.sha256()
             c.on_data = h.update
@@ -67,7 +64,6 @@ async def test_tso_both_ways_moves_8mb_each_way_with_matching_sha256() -> None:
         assert c_["rx_gso_frames"] > 0 and c_["tx_gso_frames"] > 0
         assert c_["bad_checksum"] == 0 and c_["errors"] == 0
     finally:
-        srv.close()
         await net.stop()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import select
@@ -56,6 +57,23 @@ async def net() -> AsyncIterator[UserNetwork]:
 async def established(c: GuestTcp) -> None:
     await c.wait(lambda: c.state == "ESTABLISHED" or c.reset, 10)
     assert c.state == "ESTABLISHED"
+
+
+@contextlib.asynccontextmanager
+async def connected_to_sink(
+    net: UserNetwork, sink: Sink | None = None, *, vnet: bool = False
+) -> AsyncIterator[tuple[Guest, GuestTcp, Sink]]:
+    """A test guest on ``net`` with an established connection to ``sink`` (a new one by default)
+    served on loopback through the gateway; the server is closed after, the guest stopped."""
+    sink = sink if sink is not None else Sink()
+    srv, port = await serve(sink.handler)
+    try:
+        async with Guest(net, vnet=vnet) as g:
+            c = g.connect(GW_IP, port)
+            await established(c)
+            yield g, c, sink
+    finally:
+        srv.close()
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -760,18 +778,11 @@ async def test_shutting_the_host_socket_down_yields_only_in_a_stack_of_its_own(
     yields: list[int] = []
     monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
     net.yield_after_host_wakeup = own_process
-    sink = Sink()
-    srv, port = await serve(sink.handler)
-    try:
-        async with Guest(net) as g:
-            c = g.connect(GW_IP, port)
-            await established(c)
-            c.write(b"x")
-            c.shutdown()
-            await asyncio.wait_for(sink.done.wait(), 10)
-            await c.wait(lambda: c.fin_rcvd, 10)
-    finally:
-        srv.close()
+    async with connected_to_sink(net) as (_g, c, sink):
+        c.write(b"x")
+        c.shutdown()
+        await asyncio.wait_for(sink.done.wait(), 10)
+        await c.wait(lambda: c.fin_rcvd, 10)
     assert sink.n == 1
     assert yields == ([1] if own_process else [])
 
@@ -858,20 +869,13 @@ async def test_hostfwd_syn_goes_to_the_device_in_the_accepting_callback(net: Use
 async def test_host_sockets_of_both_directions_have_tcp_nodelay(net: UserNetwork) -> None:
     # HostSocket sets no options itself: an outbound socket gets TCP_NODELAY where it is made,
     # a hostfwd one from its listener (Linux's accepted sockets inherit it).
-    sink = Sink()
-    srv, port = await serve(sink.handler)
-    try:
-        async with Guest(net) as g:
-            c = g.connect(GW_IP, port)
-            await established(c)
-            accepted = g.listen(7777)
-            r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
-            async with asyncio.timeout(10):
-                while not accepted:
-                    await asyncio.sleep(0.01)
-            socks = [conn.transport._sock for conn in net.tcp.conns.values()]  # type: ignore[union-attr]
-            assert len(socks) == 2
-            assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
-            w.close()
-    finally:
-        srv.close()
+    async with connected_to_sink(net) as (g, _c, _sink):
+        accepted = g.listen(7777)
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        async with asyncio.timeout(10):
+            while not accepted:
+                await asyncio.sleep(0.01)
+        socks = [conn.transport._sock for conn in net.tcp.conns.values()]  # type: ignore[union-attr]
+        assert len(socks) == 2
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
+        w.close()
