@@ -123,6 +123,10 @@ def tcp_of(frame: bytes) -> tuple[int, int]:
     return seq, off & 0x3F
 
 
+def has_fin(frames: list[bytes]) -> bool:
+    return any(tcp_of(f)[1] & FIN for f in frames)
+
+
 def tcp_ports(frame: bytes) -> tuple[int, int]:
     """(source port, destination port) of an IPv4 TCP frame."""
     ihl = (frame[14] & 15) * 4
@@ -148,14 +152,33 @@ async def frames_until(rig: Rig, done: Callable[[list[bytes]], bool], what: str)
     raise RuntimeError(f"no {what} ({got!r})")
 
 
+class PassClock:
+    """This thread's CPU in each pass, by name, with ``evict_mib`` MiB copied before each kick."""
+
+    def __init__(self, names: tuple[str, ...], evict_mib: int) -> None:
+        self.times: dict[str, list[float]] = {p: [] for p in names}
+        self._a, self._b = bytearray(evict_mib << 20), bytearray(evict_mib << 20)
+
+    def evict(self) -> None:
+        if self._a:
+            self._a[:] = self._b
+
+    def kick(self, rig: Rig, name: str) -> None:
+        """The transmit ring's kick: the guest's queued frames taken, all the stack does with them."""
+        self.evict()
+        t = time.thread_time()
+        rig.drv.kick(1)
+        self.times[name].append(time.thread_time() - t)
+
+    async def turn(self, name: str) -> None:
+        """One loop turn: the callbacks the last pass scheduled."""
+        t = time.thread_time()
+        await asyncio.sleep(0)
+        self.times[name].append(time.thread_time() - t)
+
+
 async def run(conns: int, evict_mib: int) -> tuple[dict[str, list[float]], int]:
     """Time each pass of ``conns`` connections; returns the times and how many FINs came inline."""
-    evict_a, evict_b = bytearray(evict_mib << 20), bytearray(evict_mib << 20)
-
-    def evict() -> None:
-        if evict_mib:
-            evict_a[:] = evict_b
-
     sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE)
     assert sink.stdout is not None
     port = int(sink.stdout.readline())
@@ -163,49 +186,34 @@ async def run(conns: int, evict_mib: int) -> tuple[dict[str, list[float]], int]:
     net.yield_after_host_wakeup = True
     await net.start()
     rig = Rig(net)
-    cpu = time.thread_time
-    times: dict[str, list[float]] = {p: [] for p in PASSES}
+    clock = PassClock(PASSES, evict_mib)
     inline = 0
-
-    def timed_kick(name: str) -> None:
-        evict()
-        t = cpu()
-        rig.drv.kick(1)
-        times[name].append(cpu() - t)
-
     try:
         for i in range(conns):
             sport = 20000 + i % 40000
             rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1000, 0, SYN, 64240, opts=SYN_OPTIONS))
-            timed_kick("syn")
+            clock.kick(rig, "syn")
             got = rig.received()
             if not got or tcp_of(got[-1])[1] != SYN | ACK:
                 raise RuntimeError(f"connection {i}: no SYN-ACK ({got!r})")
             iss = tcp_of(got[-1])[0]
-            t = cpu()
-            await asyncio.sleep(0)  # the loop turn the SYN pass scheduled
-            times["after"].append(cpu() - t)
+            await clock.turn("after")  # the loop turn the SYN pass scheduled
             rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1001, iss + 1, ACK, 64240))
-            timed_kick("ack")
+            clock.kick(rig, "ack")
             await asyncio.sleep(0.0005)  # a guest takes about this long to send its FIN
             rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1001, iss + 1, FIN | ACK, 64240))
-            timed_kick("fin")
-            got = rig.received()
-            inline += bool(got)
-            for _ in range(500):
-                if got:
-                    break
-                await asyncio.sleep(0.0002)
-                got = rig.received()
-            if not got or not tcp_of(got[-1])[1] & FIN:
-                raise RuntimeError(f"connection {i}: no FIN from the host side ({got!r})")
+            clock.kick(rig, "fin")
+            came = has_fin(rig.received())
+            inline += came
+            if not came:
+                await frames_until(rig, has_fin, f"FIN from the host side, connection {i}")
             rig.queue_tx(tcp_frame(GUEST_IP, sport, GW_IP, port, 1002, iss + 2, ACK, 64240))
             await asyncio.sleep(0.003)  # the quiet ACK's wait (TX_QUIET_WAIT) and the socket's close
     finally:
         await net.stop()
         sink.kill()
         sink.wait()
-    return times, inline
+    return clock.times, inline
 
 
 def arp_announce() -> bytes:
@@ -216,14 +224,8 @@ def arp_announce() -> bytes:
 
 async def run_hostfwd(conns: int, evict_mib: int) -> dict[str, list[float]]:
     """Time each pass of ``conns`` hostfwd connections."""
-    evict_a, evict_b = bytearray(evict_mib << 20), bytearray(evict_mib << 20)
-
-    def evict() -> None:
-        if evict_mib:
-            evict_a[:] = evict_b
-
+    clock = PassClock(HOSTFWD_PASSES, evict_mib)
     cpu = time.thread_time
-    times: dict[str, list[float]] = {p: [] for p in HOSTFWD_PASSES}
     accept_cpu: list[float] = []
     real_ready = tcp_nat._ListenSocket._read_ready
 
@@ -242,46 +244,34 @@ async def run_hostfwd(conns: int, evict_mib: int) -> dict[str, list[float]]:
     )  # fmt: skip
     assert client.stdin is not None and client.stdout is not None
     rig = Rig(net)
-
-    def timed_kick(name: str) -> None:
-        evict()
-        t = cpu()
-        rig.drv.kick(1)
-        times[name].append(cpu() - t)
-
-    async def timed_turn(name: str) -> None:
-        t = cpu()
-        await asyncio.sleep(0)
-        times[name].append(cpu() - t)
-
     try:
         rig.queue_tx(arp_announce())
         rig.drv.kick(1)
         await frames_until(rig, bool, "ARP reply")
         for i in range(conns):
-            evict()
+            clock.evict()
             accept_cpu.clear()
             client.stdin.write(b"go\n")
             syn = (await frames_until(rig, lambda f: bool(f) and tcp_of(f[-1])[1] == SYN, "SYN"))[-1]
-            times["accept"].append(sum(accept_cpu))
+            clock.times["accept"].append(sum(accept_cpu))
             iss, _ = tcp_of(syn)
             cport, _ = tcp_ports(syn)
             g = 5000 * i  # the guest's ISS
             rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g, iss + 1, SYN | ACK, 64240,
                                    opts=b"\x02\x04\x05\xb4"))  # fmt: skip
-            timed_kick("synack")
+            clock.kick(rig, "synack")
             # The client's byte and FIN: in the pass or soon after.
-            await frames_until(rig, lambda f: any(tcp_of(x)[1] & FIN for x in f), "client FIN")
+            await frames_until(rig, has_fin, "client FIN")
             rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g + 1, iss + 3, ACK, 64240))
-            timed_kick("ack")
+            clock.kick(rig, "ack")
             await asyncio.sleep(0.0005)
             rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g + 1, iss + 3, PSH | ACK, 64240, b"x"))
-            timed_kick("data")
-            await timed_turn("flush")
+            clock.kick(rig, "data")
+            await clock.turn("flush")
             await asyncio.sleep(0.0005)
             rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g + 2, iss + 3, FIN | ACK, 64240))
-            timed_kick("fin")
-            await timed_turn("close")
+            clock.kick(rig, "fin")
+            await clock.turn("close")
             echo = await asyncio.wait_for(client.stdout.readline(), 5)
             if echo != b"x\n":
                 raise RuntimeError(f"connection {i}: the client read {echo!r}")
@@ -292,7 +282,7 @@ async def run_hostfwd(conns: int, evict_mib: int) -> dict[str, list[float]]:
         client.kill()
         await client.wait()
         await net.stop()
-    return times
+    return clock.times
 
 
 def main() -> int:
