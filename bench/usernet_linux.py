@@ -252,7 +252,13 @@ class Rig:
     def __init__(self, kind: str, guest: TcgGuest, sink: Sink, fwd_port: int) -> None:
         self.kind, self.g, self.sink, self.fwd_port = kind, guest, sink, fwd_port
         self.conn_totals: dict[str, float] = {}  # summed over the connection chunks (conn_chunk)
-        self.fwd_totals = [0, 0.0]  # hostfwd connections, seconds (fwd_chunk)
+        self.fwd_totals: dict[str, float] = {}  # summed over the hostfwd chunks (fwd_chunk)
+
+    def probe(self) -> tuple[float, ...]:
+        """CPU seconds of the stack, QEMU's main thread and the vCPU thread, and the vCPU's run-queue wait."""
+        task, qemu, vcpu = STACK_TASK.get(self.kind), QEMU_MAIN.get(self.kind), VCPU.get(self.kind)
+        return (cpu_seconds(task) if task else 0.0, cpu_seconds(qemu) if qemu else 0.0,
+                cpu_seconds(vcpu) if vcpu else 0.0, runq_wait_seconds(vcpu) if vcpu else 0.0)  # fmt: skip
 
     async def measure(self, mb: int, only: frozenset[str]) -> dict[str, float]:
         """The throughput rows."""
@@ -282,12 +288,7 @@ class Rig:
         """``conns`` guest -> host connections (busybox ``nc`` to the sink, one process each),
         added to this rig's totals: the rate counts first to last accept of each chunk."""
         g, sink, acc = self.g, self.sink, self.conn_totals
-        task, qemu, vcpu = STACK_TASK.get(self.kind), QEMU_MAIN.get(self.kind), VCPU.get(self.kind)
-
-        def probe() -> tuple[float, ...]:
-            return (cpu_seconds(task) if task else 0.0, cpu_seconds(qemu) if qemu else 0.0,
-                    cpu_seconds(vcpu) if vcpu else 0.0, runq_wait_seconds(vcpu) if vcpu else 0.0)  # fmt: skip
-
+        task = STACK_TASK.get(self.kind)
         spy = None
         if PROFILE and self.kind == "appliance" and task and not acc:  # the first chunk of a round
             spy_cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "-r", "1000",
@@ -297,7 +298,7 @@ class Rig:
         irq0 = await guest_irqs(g)
         sink.accepts.clear()
         sink.samples.clear()
-        sink.probe, sink.probe_at = probe, conns
+        sink.probe, sink.probe_at = self.probe, conns
         try:
             await g.run(
                 f"i=0; while [ $i -lt {conns} ]; do nc 10.0.2.2 {sink.port} </dev/null; i=$((i+1)); done", timeout=600
@@ -312,33 +313,33 @@ class Rig:
         if len(t) != conns or len(sink.samples) != 2:
             raise RuntimeError(f"{len(t)} of {conns} guest connections reached the sink")
         first, last = sink.samples
-        add = {
-            "intervals": len(t) - 1, "secs": t[-1] - t[0], "irqs": irq1 - irq0, "conns": len(t),
-            "stack_cpu": last[0] - first[0], "qemu_cpu": last[1] - first[1],
-            "vcpu_cpu": last[2] - first[2], "vcpu_wait": last[3] - first[3],
-        }  # fmt: skip
-        for k, v in add.items():
-            acc[k] = acc.get(k, 0.0) + v
+        _accumulate(acc, len(t) - 1, t[-1] - t[0], irq1 - irq0, len(t), first, last)
 
     def conn_results(self) -> dict[str, float]:
         """The connection rows from the chunks run so far (CPU rows per connection, in ms)."""
-        acc, out = self.conn_totals, dict[str, float]()
+        return self._per_conn(self.conn_totals, "connections_per_s", "")
+
+    def fwd_results(self) -> dict[str, float]:
+        """The hostfwd rows from the chunks run so far (CPU rows per connection, in ms)."""
+        return self._per_conn(self.fwd_totals, "hostfwd_connections_per_s", "hostfwd_")
+
+    def _per_conn(self, acc: dict[str, float], rate: str, prefix: str) -> dict[str, float]:
+        out = dict[str, float]()
         if not acc:
             return out
-        n = acc["intervals"]  # the CPU rows span first to last accept: one interval a connection
-        out["connections_per_s"] = n / acc["secs"]
-        out["guest_irqs_per_conn"] = acc["irqs"] / acc["conns"]
+        n = acc["intervals"]  # the CPU rows span the timed interval: one interval a connection
+        out[rate] = n / acc["secs"]
+        out[prefix + "guest_irqs_per_conn"] = acc["irqs"] / acc["conns"]
         if STACK_TASK.get(self.kind):
-            out["stack_cpu_ms_per_conn"] = acc["stack_cpu"] * 1e3 / n
+            out[prefix + "stack_cpu_ms_per_conn"] = acc["stack_cpu"] * 1e3 / n
         if QEMU_MAIN.get(self.kind):
-            out["qemu_main_cpu_ms_per_conn"] = acc["qemu_cpu"] * 1e3 / n
+            out[prefix + "qemu_main_cpu_ms_per_conn"] = acc["qemu_cpu"] * 1e3 / n
         if VCPU.get(self.kind):
-            out["guest_vcpu_cpu_ms_per_conn"] = acc["vcpu_cpu"] * 1e3 / n
-            out["guest_vcpu_wait_ms_per_conn"] = acc["vcpu_wait"] * 1e3 / n
+            vcpu_cpu, vcpu_wait = acc["vcpu_cpu"] * 1e3 / n, acc["vcpu_wait"] * 1e3 / n
+            out[prefix + "guest_vcpu_cpu_ms_per_conn"] = vcpu_cpu
+            out[prefix + "guest_vcpu_wait_ms_per_conn"] = vcpu_wait
             # What is left of a connection's wall time: the guest halted, waiting on the stack.
-            out["guest_idle_ms_per_conn"] = max(0.0, 1e3 / out["connections_per_s"]
-                                                - out["guest_vcpu_cpu_ms_per_conn"]
-                                                - out["guest_vcpu_wait_ms_per_conn"])  # fmt: skip
+            out[prefix + "guest_idle_ms_per_conn"] = max(0.0, 1e3 / out[rate] - vcpu_cpu - vcpu_wait)
         return out
 
     async def _fwd_one(self) -> bool:
@@ -370,18 +371,37 @@ class Rig:
     async def fwd_chunk(self, conns: int) -> None:
         """``conns`` host -> guest connections through the stack's forward to guest port 7000,
         one at a time, added to this rig's totals."""
+        irq0 = await guest_irqs(self.g)
+        first = self.probe()
         t0 = time.perf_counter()
         answered = 0
         for _ in range(conns):
             answered += await self._fwd_one()
         secs = time.perf_counter() - t0
+        last = self.probe()
+        irq1 = await guest_irqs(self.g)
         if answered != conns:
             raise RuntimeError(f"{conns - answered} of {conns} hostfwd connections got no answer")
-        self.fwd_totals[0] += conns
-        self.fwd_totals[1] += secs
+        # The interrupts count a few for the two shell commands around the run.
+        _accumulate(self.fwd_totals, conns, secs, irq1 - irq0, conns, first, last)
 
     async def stop_fwd_listener(self) -> None:
         await self.g.run("killall nc")
+
+
+def _accumulate(
+    acc: dict[str, float], intervals: int, secs: float, irqs: int, conns: int,
+    first: tuple[float, ...], last: tuple[float, ...],
+) -> None:  # fmt: skip
+    """Add one chunk of connections to ``acc``: the rate's intervals and seconds, the guest's
+    interrupts, and the CPU (Rig.probe) spent between ``first`` and ``last``."""
+    add = {
+        "intervals": intervals, "secs": secs, "irqs": irqs, "conns": conns,
+        "stack_cpu": last[0] - first[0], "qemu_cpu": last[1] - first[1],
+        "vcpu_cpu": last[2] - first[2], "vcpu_wait": last[3] - first[3],
+    }  # fmt: skip
+    for k, v in add.items():
+        acc[k] = acc.get(k, 0.0) + v
 
 
 async def interleaved(rigs: list[Rig], chunks: int, run: Callable[[Rig], Awaitable[None]], failed: set[str]) -> None:
@@ -463,8 +483,7 @@ async def main_async(
                         continue
                     got = results[rig.kind][rnd]
                     got.update(rig.conn_results())
-                    if rig.fwd_totals[0]:
-                        got["hostfwd_connections_per_s"] = rig.fwd_totals[0] / rig.fwd_totals[1]
+                    got.update(rig.fwd_results())
                 for rig in rigs:
                     if rig.g.returncode is not None:
                         # Seen in about one round in ten (any stack) after its last command
@@ -487,11 +506,13 @@ async def main_async(
         nic = "ours INTx (vectors=0), others QEMU's default MSI-X"
     major, minor = QEMU_VERSION[0]
     print(f"\nLinux kit in QEMU {major}.{minor} TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
-    header = f"{'metric':<26}" + "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
-    print(header)
     per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_vcpu_cpu_ms_per_conn",
                 "guest_vcpu_wait_ms_per_conn", "guest_idle_ms_per_conn", "guest_irqs_per_conn"]
     rows = metrics + (per_conn if "connections_per_s" in metrics else [])
+    rows += ["hostfwd_" + m for m in per_conn] if "hostfwd_connections_per_s" in metrics else []
+    width = max(26, *(len(m) + 1 for m in rows))
+    names = "".join(f"{k:>12}" for k in kinds) + "".join(f"{'ours/' + k:>16}" for k in kinds[1:])
+    print(f"{'metric':<{width}}" + names)
     for metric in rows:
         vals = {
             k: statistics.median(r[metric] for r in results[k].values() if metric in r)
@@ -499,7 +520,7 @@ async def main_async(
             else float("nan")
             for k in kinds
         }
-        row = f"{metric:<26}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
+        row = f"{metric:<{width}}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
         for k in kinds[1:]:
             # Paired: the ratio within each round, then the median over rounds.
             ours = results["appliance"]
@@ -513,6 +534,8 @@ async def main_async(
         print("guest_vcpu_wait_ms_per_conn: time the vCPU thread was runnable but waited for a host CPU")
         print("guest_idle_ms_per_conn: the rest of a connection's wall time: the guest halted, waiting on the stack")
         print("guest_irqs_per_conn: interrupts the guest took from virtio devices (/proc/interrupts) per connection")
+    if "hostfwd_connections_per_s" in metrics:
+        print("hostfwd_*: the same rows over the hostfwd connections (a few interrupts are two shell commands')")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
 
