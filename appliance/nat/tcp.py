@@ -558,8 +558,11 @@ class TcpConn:
             except OSError:
                 pass
 
-    def host_data(self, data: bytes) -> None:
+    def host_data(self, data: bytes, eof: bool = False) -> None:
+        """Bytes from the host socket; ``eof``: its FIN came right after them (one segment takes both)."""
         self.sndbuf += data
+        if eof:
+            self.fin_queued = True
         # Before the guest's ACK nothing can be sent: one read is held (a server's greeting), and
         # the rest waits in the host kernel, so half-open connections buffer little here.
         full = self.send_queue() >= SNDBUF or self.state == SYN_RCVD
@@ -762,10 +765,14 @@ class TcpConn:
         self._disarm()
         self.state = ESTABLISHED
         self.rto = INITIAL_RTO
-        self.send_ack()
         if self.transport is not None:
+            # What the host client has sent is often read here (HostSocket._read_inline) and
+            # carries the ACK of the guest's SYN, as Linux's connect() does with data waiting
+            # (RFC 9293 §3.10.7.3 lets the ACK go with data): one frame, not an ACK and then data.
             self.transport.resume_reading()
         self.output()
+        if self._acked_to != self.rcv_nxt:
+            self.send_ack()
 
     def accept_syn(self, seq_w: int, win: int, opts: bytes) -> None:
         """Record the guest's SYN for an outbound connection."""
@@ -991,7 +998,9 @@ class TcpConn:
         # retransmit resends a whole frame rather than one MSS of it. Partial ACKs and tail
         # loss probes stay one MSS: the guest usually holds the rest out of order already.
         k = min(self._seg_max() if whole else self.mss, data_end - self.snd_una)
-        self._emit(ACK | PSH, self.snd_una, memoryview(self.sndbuf)[off : off + k])
+        # The last bytes went with our FIN (output): so do they again.
+        fin = FIN if self.snd_una + k == data_end and self.snd_max > data_end and k <= self.mss else 0
+        self._emit(ACK | PSH | fin, self.snd_una, memoryview(self.sndbuf)[off : off + k])
         self._arm(self.rto)
 
     # -- delivering guest data to the host ---------------------------------
@@ -1127,28 +1136,27 @@ class TcpConn:
                     k -= k % mss  # the tail of a TSO segment waits to fill a whole MSS
                 off = self._sndoff + (self.snd_nxt - self.snd_una)
                 flags = ACK | PSH if k == avail else ACK
-                if not self._emit(flags, self.snd_nxt, memoryview(self.sndbuf)[off : off + k]):
+                # The host's last bytes carry its FIN, as Linux sends them: one frame for the
+                # guest to take instead of two. Not on a TSO frame: a guest that forwards it
+                # resegments it, and the FIN then relies on its GSO clearing it on all but the
+                # last piece.
+                fin = FIN if k == avail and self.fin_queued and k <= mss else 0
+                if not self._emit(flags | fin, self.snd_nxt, memoryview(self.sndbuf)[off : off + k]):
                     break
                 if self._rtt_seq < 0 and self.snd_nxt >= self.snd_max:
                     self._rtt_seq, self._rtt_time = self.snd_nxt + k, time.monotonic()
                 self.snd_nxt += k
                 sent = True
+                if fin:
+                    self._fin_sent(data_end)
+                    break
                 if self.snd_nxt > self.snd_max:
                     self.snd_max = self.snd_nxt
                 continue
             if avail == 0 and self.fin_queued and self.snd_nxt == data_end and room >= 0:
                 if self._emit(FIN | ACK, data_end):
-                    self.snd_nxt = data_end + 1
-                    if self.snd_nxt > self.snd_max:
-                        self.snd_max = self.snd_nxt
                     sent = True
-                    if self.state == ESTABLISHED:
-                        self.state = FIN_WAIT_1
-                    elif self.state == CLOSE_WAIT:
-                        self.state = LAST_ACK
-                        # The guest closed first: all it sends back is the ACK of this FIN, which
-                        # only ends our LAST-ACK (RFC 9293 §3.6) and need not wake the device.
-                        net.quiet_tx += 1
+                    self._fin_sent(data_end)
             break
         if self.snd_nxt > self.snd_una:
             if self._deadline == 0.0:
@@ -1157,6 +1165,19 @@ class TcpConn:
             self._arm(max(self.rto, MIN_RTO))  # persist timer
         if sent:
             self._acked_to = self.rcv_nxt
+
+    def _fin_sent(self, data_end: int) -> None:
+        """Our FIN went out, after the last byte at ``data_end``."""
+        self.snd_nxt = data_end + 1
+        if self.snd_nxt > self.snd_max:
+            self.snd_max = self.snd_nxt
+        if self.state == ESTABLISHED:
+            self.state = FIN_WAIT_1
+        elif self.state == CLOSE_WAIT:
+            self.state = LAST_ACK
+            # The guest closed first: all it sends back is the ACK of this FIN, which
+            # only ends our LAST-ACK (RFC 9293 §3.6) and need not wake the device.
+            self.net.quiet_tx += 1
 
     # -- teardown --------------------------------------------------------
     def _enter_time_wait(self) -> None:

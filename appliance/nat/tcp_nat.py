@@ -284,27 +284,37 @@ class HostSocket:
         shut the socket down after the guest's FIN (the peer ran while we yielded, and closed).
         What is read reaches the guest in that pass's batch, one interrupt, instead of after a
         poll and a loop turn (~70 us later, a second interrupt; busybox nc -ll in a TCG guest
-        behind net-daemon). Two reads: the data, then often its FIN.
+        behind net-daemon). Two reads, the data and then often its FIN, both read before the
+        connection hears of them: data and FIN then go in one segment.
         """
+        conn = self._conn
+        if conn is None or conn.state == CLOSED or not self._reading or self._paused or self._closing:
+            return
+        chunks: list[bytes] = []
+        eof = False
+        err: OSError | None = None
         for _ in range(2):
-            conn = self._conn
-            if conn is None or conn.state == CLOSED or not self._reading or self._paused or self._closing:
-                return
             try:
                 data = self._sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                self._fail_later(err)  # never host_lost inside the connection's own input
-                return
-            if data:
-                self._nat._guard(conn.host_data, data)
-            else:
-                self._nat._guard(conn.host_eof)
-                self._stop_reading()
-            self._nat.net.urgent()
+                break
+            except OSError as e:
+                err = e
+                break
             if not data:
-                return
+                eof = True
+                break
+            chunks.append(data)
+        if chunks:
+            self._nat._guard(conn.host_data, chunks[0] if len(chunks) == 1 else b"".join(chunks), eof)
+        elif eof:
+            self._nat._guard(conn.host_eof)
+        if eof:
+            self._stop_reading()
+        if chunks or eof:
+            self._nat.net.urgent()
+        if err is not None:
+            self._fail_later(err)  # never host_lost inside the connection's own input
 
     def close(self) -> None:
         """Stop reading, send what is buffered, then close (the connection hears ``host_lost(None)``)."""

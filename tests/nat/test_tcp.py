@@ -16,7 +16,7 @@ import pytest
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 from appliance.nat import tcp as tcpmod
 
-from .peer import GW_IP, Guest, GuestTcp
+from .peer import ACK, FIN, GW_IP, PSH, Guest, GuestTcp
 
 MB = 1 << 20
 
@@ -793,6 +793,7 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(
     # A host client that writes (and closes) at once: what it sent is read in the guest's pass
     # that completes the handshake, so it reaches the guest in the same batch as the ACK (one
     # interrupt) instead of a loop turn later; its socket, read to EOF, is never put in the epoll.
+    # The ACK, the data and the FIN are one segment (RFC 9293 §3.10.7.3 lets the ACK carry them).
     async with Guest(net) as g:
         accepted = g.listen(7777)
         to_stack = g.link.to_stack
@@ -829,14 +830,48 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(
         gc = accepted[0]
         await gc.wait(lambda: gc.fin_rcvd)
         assert gc.read() == b"hello guest"
-        payloads = [f[14 + 20 + (f[46] >> 4) * 4 :] for f in with_ack if f[12:14] == b"\x08\x00" and f[23] == 6]
-        assert b"hello guest" in payloads, with_ack
-        # The host's FIN came along too (flags of the data segment or one after it).
-        assert any(f[47] & 0x01 for f in with_ack), with_ack
+        segments = [(f[47], _payload(f)) for f in with_ack if f[12:14] == b"\x08\x00" and f[23] == 6]
+        assert segments == [(ACK | PSH | FIN, b"hello guest")], with_ack
         assert watched == [False]
         gc.shutdown()
         assert await asyncio.wait_for(r.read(), 10) == b""
         w.close()
+
+
+async def test_hostfwd_segment_with_data_and_fin_is_resent_whole(net: UserNetwork) -> None:
+    # The host's data and FIN went in one segment; when the guest loses it, what is resent
+    # (the tail loss probe, then the RTO's go-back-N) carries both again.
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        sent: list[tuple[int, bytes]] = []
+
+        def drop_first_data_fin(frame: bytes) -> bool:
+            if frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[36:38] == (7777).to_bytes(2, "big"):
+                if _payload(frame):
+                    sent.append((frame[47], _payload(frame)))
+                    return len(sent) == 1
+            return False
+
+        g.link.drop_from_stack = drop_first_data_fin
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        w.write(b"once more")
+        w.write_eof()
+        async with asyncio.timeout(10):
+            while not accepted or not accepted[0].fin_rcvd:
+                await asyncio.sleep(0.01)
+        gc = accepted[0]
+        assert gc.read() == b"once more"
+        assert len(sent) >= 2, sent
+        assert all(flags & FIN and data == b"once more" for flags, data in sent), sent
+        gc.shutdown()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+
+
+def _payload(frame: bytes) -> bytes:
+    """The TCP payload of an IPv4 frame without options in its IP header."""
+    total = int.from_bytes(frame[16:18], "big")
+    return frame[14 + 20 + (frame[46] >> 4) * 4 : 14 + total]
 
 
 async def test_hostfwd_syn_goes_to_the_device_in_the_accepting_callback(net: UserNetwork) -> None:
