@@ -305,6 +305,8 @@ class HostSocket:
                 eof = True
                 break
             chunks.append(data)
+            if len(data) == RECV_SIZE:
+                break  # more is queued: a stream, which the poller reads (host_data pauses it)
         if chunks:
             self._nat._guard(conn.host_data, chunks[0] if len(chunks) == 1 else b"".join(chunks), eof)
         elif eof:

@@ -868,6 +868,55 @@ async def test_hostfwd_segment_with_data_and_fin_is_resent_whole(net: UserNetwor
         w.close()
 
 
+async def test_hostfwd_stream_and_fin_sent_before_the_handshake_reach_the_guest_whole(net: UserNetwork) -> None:
+    # The pass that completes the handshake reads the start of the stream inline (a greeting is
+    # read with its FIN); the rest comes through the poller, paced by the guest's window, and the
+    # FIN comes once, after the last byte.
+    blob = os.urandom(3 * tcp_nat.RECV_SIZE)
+    async with Guest(net) as g:
+        accepted = g.listen(7777)
+        to_stack = g.link.to_stack
+        queued: list[int] = []
+        fins: list[bytes] = []
+
+        def watch_syn_ack(frame: bytes) -> None:
+            to_stack(frame)
+            if frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[47] == 0x12:
+                queued.extend(c.send_queue() for c in net.tcp.conns.values())
+
+        g.link.to_stack = watch_syn_ack  # type: ignore[method-assign]
+        # The first SYN is lost: the client has written all and closed when the guest answers
+        # the one resent (INITIAL_RTO later).
+        syns: list[bytes] = []
+
+        def drop_first_syn(frame: bytes) -> bool:
+            if frame[12:14] == b"\x08\x00" and frame[23] == 6:
+                if frame[47] & FIN:
+                    fins.append(frame)
+                if frame[47] == 0x02:
+                    syns.append(frame)
+                    return len(syns) == 1
+            return False
+
+        g.link.drop_from_stack = drop_first_syn
+        r, w = await asyncio.open_connection("127.0.0.1", net.tcp.listener_ports()[0])
+        w.write(blob)
+        await w.drain()
+        w.write_eof()
+        async with asyncio.timeout(20):
+            while not accepted or not accepted[0].fin_rcvd:
+                await asyncio.sleep(0.01)
+        gc = accepted[0]
+        assert gc.read() == blob
+        assert len(syns) == 2
+        assert len(queued) == 1 and 0 < queued[0] < len(blob), queued  # some read inline, not all
+        # One FIN, after the last byte (on that byte's segment only if read together).
+        assert len(fins) == 1 and (_payload(fins[0]) == b"" or _payload(fins[0]).endswith(blob[-16:])), fins
+        gc.shutdown()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+
+
 def _payload(frame: bytes) -> bytes:
     """The TCP payload of an IPv4 frame without options in its IP header."""
     total = int.from_bytes(frame[16:18], "big")
