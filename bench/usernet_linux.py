@@ -44,7 +44,8 @@ connection rate follows the sum of the two rows as much as latency.
 exits and interrupts), ``guest_vcpu_wait_ms_per_conn`` the time that thread was runnable but
 had no host CPU (a busy machine: wall time per connection minus the two is the guest's idle
 time, waiting for the stack), and ``guest_irqs_per_conn`` counts the guest's virtio interrupts
-(/proc/interrupts).
+(/proc/interrupts). The ``hostfwd_*`` rows are the same over the hostfwd connections (their
+interrupts include a few from the two shell commands that read the counts).
 ``--profile FILE`` samples our daemon with py-spy during the connection runs,
 ``--cprofile FILE`` runs it under cProfile, and ``--daemon-tree DIR`` runs it
 from another source tree (A/B runs of two versions, each against libslirp).
