@@ -22,11 +22,11 @@ pass). The guest waits on ``syn`` and ``fin``.
 ``bench/usernet_linux.py``'s hostfwd row makes them (a client process connects,
 sends one byte and its FIN, and reads the guest's echo to EOF). Passes: ``accept``
 (the listener's event: the accept and our SYN toward the guest), ``synack`` (the
-guest's SYN-ACK: our ACK, and the client's byte and FIN read and passed on),
-``ack`` (the guest's ACK of them), ``data`` (the guest's echo), ``flush`` (the
-loop turn after it: the echo written to the client, our ACK), ``fin`` (the
-guest's FIN) and ``close`` (the turn after it: the client's socket closed). The
-client waits on all but ``ack`` and ``flush``.
+guest's SYN-ACK: the client's byte and FIN read and passed on, with our ACK, in one
+segment), ``data`` (the guest's echo, which ACKs that segment, as a Linux guest
+sends it), ``flush`` (the loop turn after it: the echo written to the client),
+``fin`` (the guest's FIN) and ``close`` (the turn after it: the client's socket
+closed). The client waits on all but ``flush``.
 
     .venv/bin/python bench/tools/conn_passes.py [--conns 300] [--warm] [--evict-mib 48] [--hostfwd]
 
@@ -60,7 +60,7 @@ FIN, SYN, PSH, ACK = 0x01, 0x02, 0x08, 0x10
 # The SYN's options as Linux sends them: MSS 1460, SACK permitted, window scale 7.
 SYN_OPTIONS = b"\x02\x04\x05\xb4\x04\x02\x01\x03\x03\x07"
 PASSES = ("syn", "after", "ack", "fin")
-HOSTFWD_PASSES = ("accept", "synack", "ack", "data", "flush", "fin", "close")
+HOSTFWD_PASSES = ("accept", "synack", "data", "flush", "fin", "close")
 GUEST_PORT = 7000
 # The hostfwd client: a connection per line read, as usernet_linux.py's (one byte, its FIN, read to EOF).
 CLIENT = """
@@ -262,9 +262,7 @@ async def run_hostfwd(conns: int, evict_mib: int) -> dict[str, list[float]]:
             clock.kick(rig, "synack")
             # The client's byte and FIN: in the pass or soon after.
             await frames_until(rig, has_fin, "client FIN")
-            rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g + 1, iss + 3, ACK, 64240))
-            clock.kick(rig, "ack")
-            await asyncio.sleep(0.0005)
+            # A Linux guest sends no ACK of its own for them: it goes with the echo.
             rig.queue_tx(tcp_frame(GUEST_IP, GUEST_PORT, GW_IP, cport, g + 1, iss + 3, PSH | ACK, 64240, b"x"))
             clock.kick(rig, "data")
             await clock.turn("flush")
