@@ -19,7 +19,8 @@ leaves an inbound connection half-open until the host side sends data.
 The guest's emulated CPU does most of the work, so on a shared machine the
 numbers follow the load. To keep the comparison paired, each round boots one
 guest per stack and measures every stack back to back; the table gives
-per-stack medians over rounds and the median of the per-round ratios. Within a
+per-stack medians over rounds and the median of the per-round ratios; with more than two rounds,
+each rate's per-round ratios follow as median, mean ± standard error and the rounds at or above 1. Within a
 round the connection rows run in ``--chunks`` parts per stack, the stacks
 taking turns, so that a slow second of the machine falls on all of them (a
 connection rate measured in one piece per stack moved by 10-30% from one
@@ -390,6 +391,12 @@ class Rig:
         await self.g.run("killall nc")
 
 
+def _paired_ratios(results: dict[str, dict[int, dict[str, float]]], kind: str, metric: str) -> list[float]:
+    """Ours over ``kind`` for ``metric``, round by round (the rounds both finished)."""
+    ours = results["appliance"]
+    return [ours[r][metric] / b[metric] for r, b in results[kind].items() if r in ours and b.get(metric)]
+
+
 def _accumulate(
     acc: dict[str, float], intervals: int, secs: float, irqs: int, conns: int,
     first: tuple[float, ...], last: tuple[float, ...],
@@ -524,10 +531,19 @@ async def main_async(
         row = f"{metric:<{width}}" + "".join(f"{vals[k]:>12.3f}" for k in kinds)
         for k in kinds[1:]:
             # Paired: the ratio within each round, then the median over rounds.
-            ours = results["appliance"]
-            pairs = [ours[r][metric] / b[metric] for r, b in results[k].items() if r in ours and b.get(metric)]
+            pairs = _paired_ratios(results, k, metric)
             row += f"{statistics.median(pairs) if pairs else float('nan'):>16.2f}"
         print(row)
+    if rounds > 2:
+        # How far the rates' ratios can be trusted: they move several percent from round to round.
+        print("\nper-round ratios of the rates: median, mean ± standard error, rounds at or above 1")
+        for metric in metrics:
+            for k in kinds[1:]:
+                pairs = _paired_ratios(results, k, metric)
+                if len(pairs) > 2:
+                    se = statistics.stdev(pairs) / len(pairs) ** 0.5
+                    mid, mean, above = statistics.median(pairs), statistics.mean(pairs), sum(p >= 1 for p in pairs)
+                    print(f"  {metric} ours/{k}: {mid:.3f}, {mean:.3f} ± {se:.3f}, {above} of {len(pairs)}")
     if "connections_per_s" in metrics:
         print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
         print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
