@@ -552,7 +552,7 @@ async def main_async(
         print("guest_idle_ms_per_conn: the rest of a connection's wall time: the guest halted, waiting on the stack")
         print("guest_irqs_per_conn: interrupts the guest took from virtio devices (/proc/interrupts) per connection")
     if "hostfwd_connections_per_s" in metrics:
-        print("hostfwd_*: the same rows over the hostfwd connections (a few interrupts are two shell commands')")
+        print("hostfwd_*: the same rows over the hostfwd connections (a few interrupts: the shell commands that count)")
     if "passt" not in kinds and not no_passt:
         print("passt: not installed (apt-get install passt) — not compared")
 
