@@ -54,6 +54,11 @@ def ip_packet(src: bytes, dst: bytes, proto: int, payload: bytes, ident: int = 0
     return bytes(hdr) + payload
 
 
+def tcp_flags(frame: bytes) -> int:
+    """The TCP flags of an IPv4 frame without IP options, or -1 when it is not one."""
+    return frame[14 + 20 + 13] if len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == 6 else -1
+
+
 def eth(dst: bytes, src: bytes, ethertype: int, body: bytes) -> bytes:
     return dst + src + struct.pack("!H", ethertype) + body
 

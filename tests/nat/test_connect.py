@@ -11,17 +11,13 @@ from collections.abc import AsyncIterator
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 
 from .conftest import drain
-from .peer import GUEST_IP, GW_IP, Guest, tcp_frame
+from .peer import GUEST_IP, GW_IP, Guest, tcp_flags, tcp_frame
 
 SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
 
 
 def syn(port: int, sport: int = 40100) -> bytes:
     return tcp_frame(GUEST_IP, sport, GW_IP, port, 5000, 0, SYN, 0xFFFF, opts=struct.pack("!BBH", 2, 4, 1460))
-
-
-def tcp_flags(frame: bytes) -> int:
-    return frame[14 + 20 + 13] if len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == 6 else -1
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ import pytest
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 from appliance.nat import tcp as tcpmod
 
-from .peer import ACK, FIN, GW_IP, PSH, Guest, GuestTcp
+from .peer import ACK, FIN, GW_IP, PSH, SYN, Guest, GuestTcp, tcp_flags
 
 MB = 1 << 20
 
@@ -733,7 +733,8 @@ async def test_lost_fin_and_lost_fin_retransmissions_are_sent_again(net: UserNet
         dropped = []
 
         def drop_first_fins(frame: bytes) -> bool:
-            is_fin = frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[14 + 20 + 13] & 0x01
+            flags = tcp_flags(frame)
+            is_fin = flags >= 0 and flags & FIN
             if is_fin and len(dropped) < 3:
                 dropped.append(frame)
                 return True
@@ -811,8 +812,7 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(
 
         def watch_syn_ack(frame: bytes) -> None:
             to_stack(frame)
-            tcp = len(frame) > 47 and frame[12:14] == b"\x08\x00" and frame[23] == 6
-            if tcp and frame[47] == 0x12 and frame[34:36] == (7777).to_bytes(2, "big"):
+            if tcp_flags(frame) == SYN | ACK and frame[34:36] == (7777).to_bytes(2, "big"):
                 watched.extend(c.transport._fd in registered for c in net.tcp.conns.values())  # type: ignore[union-attr]
                 # Everything the stack queued while handling the SYN-ACK, before any loop turn.
                 frames = g.link.from_stack()
@@ -830,7 +830,7 @@ async def test_hostfwd_data_written_before_the_handshake_goes_out_with_its_ack(
         gc = accepted[0]
         await gc.wait(lambda: gc.fin_rcvd)
         assert gc.read() == b"hello guest"
-        segments = [(f[47], _payload(f)) for f in with_ack if f[12:14] == b"\x08\x00" and f[23] == 6]
+        segments = [(tcp_flags(f), _payload(f)) for f in with_ack if tcp_flags(f) >= 0]
         assert segments == [(ACK | PSH | FIN, b"hello guest")], with_ack
         assert watched == [False]
         gc.shutdown()
@@ -846,9 +846,9 @@ async def test_hostfwd_segment_with_data_and_fin_is_resent_whole(net: UserNetwor
         sent: list[tuple[int, bytes]] = []
 
         def drop_first_data_fin(frame: bytes) -> bool:
-            if frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[36:38] == (7777).to_bytes(2, "big"):
+            if tcp_flags(frame) >= 0 and frame[36:38] == (7777).to_bytes(2, "big"):
                 if _payload(frame):
-                    sent.append((frame[47], _payload(frame)))
+                    sent.append((tcp_flags(frame), _payload(frame)))
                     return len(sent) == 1
             return False
 
@@ -881,7 +881,7 @@ async def test_hostfwd_stream_and_fin_sent_before_the_handshake_reach_the_guest_
 
         def watch_syn_ack(frame: bytes) -> None:
             to_stack(frame)
-            if frame[12:14] == b"\x08\x00" and frame[23] == 6 and frame[47] == 0x12:
+            if tcp_flags(frame) == SYN | ACK:
                 queued.extend(c.send_queue() for c in net.tcp.conns.values())
 
         g.link.to_stack = watch_syn_ack  # type: ignore[method-assign]
@@ -890,10 +890,11 @@ async def test_hostfwd_stream_and_fin_sent_before_the_handshake_reach_the_guest_
         syns: list[bytes] = []
 
         def drop_first_syn(frame: bytes) -> bool:
-            if frame[12:14] == b"\x08\x00" and frame[23] == 6:
-                if frame[47] & FIN:
+            flags = tcp_flags(frame)
+            if flags >= 0:
+                if flags & FIN:
                     fins.append(frame)
-                if frame[47] == 0x02:
+                if flags == SYN:
                     syns.append(frame)
                     return len(syns) == 1
             return False

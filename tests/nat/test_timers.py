@@ -11,7 +11,7 @@ from appliance.nat import tcp as tcpmod
 from appliance.nat.tcp_nat import _NullOwner
 
 from .conftest import drain
-from .peer import GUEST_IP, GW_IP, Guest, tcp_frame
+from .peer import GUEST_IP, GW_IP, Guest, tcp_flags, tcp_frame
 
 
 async def test_tail_loss_probe_waits_for_the_rtt_variance_not_just_twice_srtt() -> None:
@@ -35,10 +35,6 @@ async def test_tail_loss_probe_never_waits_longer_than_the_rto() -> None:
     conn._finish()
 
 
-def _tcp_flags(frame: bytes) -> int:
-    return frame[14 + 20 + 13] if frame[12:14] == b"\x08\x00" and frame[23] == 6 else -1
-
-
 async def test_guest_fin_is_acked_together_with_our_fin_when_the_host_closes_at_once() -> None:
     """Guest closes first, the host closes on EOF: the guest sees one FIN|ACK, no separate ACK."""
     from .test_tcp import serve
@@ -53,7 +49,7 @@ async def test_guest_fin_is_acked_together_with_our_fin_when_the_host_closes_at_
     try:
         async with Guest(net) as g:
             seen: list[int] = []
-            g.link.drop_from_stack = lambda f: seen.append(_tcp_flags(f)) and False  # type: ignore[func-returns-value]
+            g.link.drop_from_stack = lambda f: seen.append(tcp_flags(f)) and False  # type: ignore[func-returns-value]
             c = g.connect(GW_IP, port)
             await c.wait(lambda: c.state == "ESTABLISHED")
             seen.clear()
