@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Every key of -netdev user; QEMU's option parser also takes each bare ("restrict" is
 # restrict=on, "noipv6" is ipv6=off), with a deprecation warning.
-KEYS = ("ipv4", "ipv6", "net", "host", "restrict", "hostname", "dhcpstart", "dns", "domainname",
+KEYS = ("ipv4", "ipv6", "net", "ip", "host", "restrict", "hostname", "dhcpstart", "dns", "domainname",
         "dnssearch", "hostfwd", "guestfwd", "ipv6-net", "ipv6-prefix", "ipv6-prefixlen", "ipv6-host",
         "ipv6-dns", "tftp", "bootfile", "tftp-server-name", "smb", "smbserver")
 
@@ -126,9 +126,13 @@ class UserNetConfig:
         if kind != "user":
             raise ConfigError(f"{what}: type '{kind}' is not user")
         ident = opts.take("id")
-        ipv4 = _bool(opts, "ipv4", True)
-        ipv6 = _bool(opts, "ipv6", True)
-        restrict = _bool(opts, "restrict", False)
+        given4 = _bool(opts, "ipv4", None)
+        given6 = _bool(opts, "ipv6", None)
+        # As QEMU's net_init_slirp: naming one family on (and not the other) means that
+        # family only; naming one off leaves the other on.
+        ipv4 = given4 is not False and not (given6 is True and given4 is None)
+        ipv6 = given6 is not False and not (given4 is True and given6 is None)
+        restrict = bool(_bool(opts, "restrict", False))
         v6plen_text = opts.take("ipv6-prefixlen")
         v6plen = 0
         if v6plen_text is not None:
@@ -151,6 +155,9 @@ class UserNetConfig:
                                       f"not '{plen_text}' (ipv6-net={v6net})")
                 v6plen = n
         vnet, vhost, vdns, vdhcp = opts.take("net"), opts.take("host"), opts.take("dns"), opts.take("dhcpstart")
+        legacy_ip = opts.take("ip")  # QEMU's old spelling of net=ADDR/24; net= wins over it
+        if vnet is None and legacy_ip is not None:
+            vnet = f"{legacy_ip}/24"
         v6host, v6dns = opts.take("ipv6-host"), opts.take("ipv6-dns")
         if not ipv4 and (vnet is not None or vhost is not None or vdns is not None):
             raise ConfigError(f"{what}: IPv4 disabled but netmask/host/dns provided")
@@ -162,7 +169,12 @@ class UserNetConfig:
         net, mask = 0x0A000200, 0xFFFFFF00
         host, dhcp, dns = 0x0A000202, 0x0A00020F, 0x0A000203
         if vnet is not None:
-            net, mask = _parse_net(vnet, what)
+            try:
+                net, mask = _parse_net(vnet, what)
+            except ConfigError as err:
+                if vnet == f"{legacy_ip}/24":
+                    raise ConfigError(str(err).replace(f"net={vnet}:", f"ip={legacy_ip}:", 1)) from None
+                raise
             host = net | (0x0202 & ~mask)
             dhcp = net | (0x020F & ~mask)
             dns = net | (0x0203 & ~mask)
@@ -402,7 +414,7 @@ def _parse_net(text: str, what: str) -> tuple[int, int]:
     return addr & mask, mask
 
 
-def _bool(opts: OptionDict, key: str, default: bool) -> bool:
+def _bool(opts: OptionDict, key: str, default: bool | None) -> bool | None:
     """QEMU's boolean option values (case matters there: ``ON`` is refused)."""
     value = opts.take(key)
     if value is None:

@@ -199,3 +199,28 @@ def test_out_of_range_numbers_wrap_or_clamp_as_qemu_7_2_reads_them(text: str, po
         assert c.guestfwd[0].port == port_or_net
     else:
         assert str(c.net) == port_or_net
+
+
+@pytest.mark.parametrize(
+    ("text", "ipv4", "ipv6"),
+    [
+        ("user", True, True),
+        ("user,ipv4=on", True, False),  # one family named on, the other not named: only it
+        ("user,ipv6=on", False, True),
+        ("user,ipv4=on,ipv6=on", True, True),
+        ("user,ipv4=off", False, True),  # one named off: the other stays on
+        ("user,ipv6=off", True, False),
+        ("user,ipv4=off,ipv6=on", False, True),
+    ],
+)
+def test_ipv4_and_ipv6_flags_combine_as_qemu_does(text: str, ipv4: bool, ipv6: bool) -> None:
+    c = UserNetConfig.from_string(text)
+    assert (c.ipv4, c.ipv6) == (ipv4, ipv6)
+
+
+def test_legacy_ip_is_net_with_24_bits_and_net_wins() -> None:
+    c = UserNetConfig.from_string("user,ip=10.0.3.9")
+    assert str(c.net) == "10.0.3.0/24" and str(c.host) == "10.0.3.2" and str(c.dhcpstart) == "10.0.3.15"
+    assert str(UserNetConfig.from_string("user,ip=10.0.3.0,net=10.0.4.0/24").net) == "10.0.4.0/24"
+    with pytest.raises(ConfigError, match="ip=bogus"):
+        UserNetConfig.from_string("user,ip=bogus")

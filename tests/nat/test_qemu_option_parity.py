@@ -112,6 +112,18 @@ CASES: list[tuple[str, str | None]] = [
     ("ipv4=off,ipv6=off", None),
     ("ipv4=off,net=10.0.3.0/24", None),
     ("ipv6=off,ipv6-net=fd00::/64", None),
+    # One family named on and the other not named: that family only (net_init_slirp).
+    ("ipv4=on,ipv6-net=fd00::/64", None),
+    ("ipv6=on,net=10.0.3.0/24", None),
+    ("ipv6=on,dns=10.0.2.4", None),
+    ("ipv4=on,ipv6=on,net=10.0.3.0/24,ipv6-net=fd00::/64", None),
+    ("ipv6=on,ipv4=off", None),
+    # The legacy ip= is net=ADDR/24; net= wins over it.
+    ("ip=10.0.3.0,hostfwd=tcp::{p0}-:22", None),
+    ("ip=10.0.3.7,hostfwd=tcp::{p0}-:22", None),
+    ("ip=10.0.3.0,net=10.0.4.0/24,hostfwd=tcp::{p0}-:22", None),
+    ("ip=bogus", None),
+    ("ipv4=off,ip=10.0.3.0", None),
     ("ipv6-net=fd00::/64", None),
     ("ipv6-net=fd00::", None),
     ("ipv6-net=fd00::/129", None),
