@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from appliance.nat.frames import IPPROTO_ICMP, IPPROTO_UDP, Ipv4, checksum, ip_str, verify
+from appliance.nat.stats import FlowInfo
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -267,8 +268,19 @@ class Icmp:
         for flow in [f for f in self._flows.values() if now - f.last > IDLE_TIMEOUT]:
             self._close(flow)
 
-    def flows(self) -> list[tuple[bytes, int, bytes]]:
-        return list(self._flows)
+    def flows(self) -> list[FlowInfo]:
+        """The ping sockets, newest first, with the seconds each has left before it is closed."""
+        out = []
+        now = time.monotonic()
+        for f in reversed(self._flows.values()):
+            try:
+                host, fd = f.sock.getsockname()[:2], f.sock.fileno()
+            except OSError:
+                host, fd = ("0.0.0.0", 0), -1
+            left = max(0, int(IDLE_TIMEOUT - (now - f.last)))
+            out.append(FlowInfo("ICMP", "", str(host[0]), 0, ip_str(f.guest), 0, 0, 0, fd, f"ICMP[{left} sec]",
+                                guest_started=True, peer_addr=ip_str(f.dst)))
+        return out
 
     def close(self) -> None:
         for flow in list(self._flows.values()):

@@ -59,7 +59,7 @@ class FlowInfo:
 
     proto: str  # "TCP", "TCP[HOST_FORWARD]", "UDP", "UDP[HOST_FORWARD]", "ICMP"
     state: str  # the connection's state; "LISTEN" for a hostfwd listener
-    host_addr: str  # the host-side socket (local or remote end, as QEMU shows)
+    host_addr: str  # our host socket's own address ("0.0.0.0" when none is open)
     host_port: int
     guest_addr: str
     guest_port: int
@@ -67,15 +67,27 @@ class FlowInfo:
     send_q: int  # bytes waiting to go to the guest (including unacked)
     fd: int = -1  # the host socket's descriptor (-1: none open)
     label: str = ""  # QEMU's Protocol[State] column, when not derived from proto and state
+    # A flow the guest started: the far end as the guest addresses it (10.0.2.2 for the host).
+    guest_started: bool = False
+    peer_addr: str = ""
+    peer_port: int = 0
 
     def line(self) -> str:
-        """The row as QEMU's ``info usernet`` prints it."""
+        """The row as QEMU's ``info usernet`` prints it (libslirp's ``slirp_connection_info``):
+        a flow the guest started reads guest → peer, a forwarded one host socket → guest."""
         label = self.label or (self.proto if "[" in self.proto or not self.state
                                else f"{self.proto}[{self.state}]")
-        host = "*" if self.host_addr == "0.0.0.0" else self.host_addr  # libslirp's INADDR_ANY
+        if self.guest_started:
+            src, sport, dst, dport = self.guest_addr, self.guest_port, self.peer_addr, self.peer_port
+        else:
+            src, sport, dst, dport = self.host_addr, self.host_port, self.guest_addr, self.guest_port
+        src = "*" if src == "0.0.0.0" else src  # libslirp's INADDR_ANY
+        if self.proto == "ICMP":  # no ports
+            return (f"  {label:<17} {self.fd:3d} {src:>15}  -    {dst:>15}  -    "
+                    f"{self.recv_q:5d} {self.send_q:5d}")
         return (
-            f"  {label:<17} {self.fd:3d} {host:>15} {self.host_port:5d} "
-            f"{self.guest_addr:>15} {self.guest_port:5d} {self.recv_q:5d} {self.send_q:5d}"
+            f"  {label:<17} {self.fd:3d} {src:>15} {sport:5d} "
+            f"{dst:>15} {dport:5d} {self.recv_q:5d} {self.send_q:5d}"
         )
 
 

@@ -1084,22 +1084,24 @@ class TcpNat:
         """Nothing periodic: every connection runs its own timer."""
 
     def flows(self) -> list[FlowInfo]:
+        """Connections newest first, then the listeners (in the order listen() keeps), as libslirp lists its sockets."""
         out = []
-        # The hostfwd listeners first, as QEMU lists them (its HOST_FORWARD rows).
+        for c in reversed(self.conns.values()):
+            label = f"TCP[{c.state_name}]"
+            fd = _fd_of(c.transport)
+            host, port = _sockname_of(c.transport)
+            if c.inbound:
+                out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, host, port,
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
+            else:
+                out.append(FlowInfo("TCP", c.state_name, host, port, ip_str(c.gip), c.gport,
+                                    c.recv_queue(), c.send_queue(), fd, label,
+                                    guest_started=True, peer_addr=ip_str(c.rip), peer_port=c.rport))  # fmt: skip
         for server, fwd in self._servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 out.append(FlowInfo("TCP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
                                     fwd.guest_port, 0, 0, fd=sock.fileno(), label="TCP[HOST_FORWARD]"))
-        for c in self.conns.values():
-            label = f"TCP[{c.state_name}]"
-            fd = _fd_of(c.transport)
-            if c.inbound:
-                out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, ip_str(c.rip), c.rport,
-                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
-            else:
-                out.append(FlowInfo("TCP", c.state_name, ip_str(c.rip), c.rport,
-                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
         return out
 
     def close(self) -> None:
@@ -1153,6 +1155,21 @@ def _complete_handshake(sock: socket.socket) -> None:
     """Send the host handshake's held last ACK (a delayed ACK otherwise: ~0.1 s later here)."""
     with contextlib.suppress(OSError):  # closed meanwhile (the guest reset the connection)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+def _sockname_of(transport: object) -> tuple[str, int]:
+    """The address of the host socket behind a connection's transport (``0.0.0.0``, 0 when closed or none)."""
+    sock = getattr(transport, "_sock", None)
+    if sock is None:
+        get = getattr(transport, "get_extra_info", None)
+        sock = get("socket") if get is not None else None
+    try:
+        name = sock.getsockname() if sock is not None else None
+    except (OSError, ValueError):
+        name = None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return "0.0.0.0", 0  # also a guestfwd command's socketpair (AF_UNIX)
 
 
 def _fd_of(transport: object) -> int:

@@ -211,27 +211,27 @@ class UdpNat:
         return len(self._flows)
 
     def flows(self) -> list[FlowInfo]:
+        """Flows newest first, then the hostfwd listeners, as libslirp lists its sockets. A datagram
+        arriving on a listener is served through that listener's socket, shown once (its row)."""
         out = []
-        for sock, fwd in self._listeners:
-            host, port = sock.getsockname()[:2]
-            out.append(FlowInfo("UDP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
-                                fwd.guest_port, 0, 0, fd=sock.fileno(), label="UDP[HOST_FORWARD]"))
         now = time.monotonic()
-        for f in self._flows.values():
+        for f in reversed(self._flows.values()):
+            if f.inbound:
+                continue
             gip, gport, rip, rport = f.key
             try:
                 host = f.sock.getsockname()
                 fd = f.sock.fileno()
             except OSError:
-                host, fd = ("?", 0), -1
-            if f.inbound:
-                assert f.peer is not None
-                out.append(FlowInfo("UDP[HOST_FORWARD]", "", host[0], host[1], ip_str(gip), gport, 0, 0, fd))
-            else:
-                # QEMU shows how long an idle flow has left before it is dropped.
-                left = max(0, int(f.timeout - (now - f.last)))
-                out.append(FlowInfo("UDP", f"{ip_str(rip)}:{rport}", host[0], host[1], ip_str(gip), gport,
-                                    0, 0, fd, f"UDP[{left} sec]"))
+                host, fd = ("0.0.0.0", 0), -1
+            # QEMU shows how long an idle flow has left before it is dropped.
+            left = max(0, int(f.timeout - (now - f.last)))
+            out.append(FlowInfo("UDP", "", str(host[0]), int(host[1]), ip_str(gip), gport, 0, 0, fd,
+                                f"UDP[{left} sec]", guest_started=True, peer_addr=ip_str(rip), peer_port=rport))
+        for sock, fwd in self._listeners:
+            host, port = sock.getsockname()[:2]
+            out.append(FlowInfo("UDP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
+                                fwd.guest_port, 0, 0, fd=sock.fileno(), label="UDP[HOST_FORWARD]"))
         return out
 
     def close(self) -> None:

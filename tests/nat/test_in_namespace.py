@@ -78,9 +78,11 @@ async def main():
     else:
         big_reply = None
     counters = net.counters()
+    icmp_rows = [ln for ln in net.info().splitlines() if ln.startswith("  ICMP[")]
     await net.stop()
     print(json.dumps({"replies": replies, "big": big_reply, "big_ok": whole == b"z" * 3000,
-                      "forwarded": counters["icmp_echo_forwarded"], "unpermitted": counters["icmp_unpermitted"]}))
+                      "forwarded": counters["icmp_echo_forwarded"], "unpermitted": counters["icmp_unpermitted"],
+                      "icmp_rows": icmp_rows}))
 
 asyncio.run(main())
 """
@@ -143,6 +145,11 @@ def test_echo_requests_go_out_through_ping_sockets_and_come_back_with_the_guests
     v6 = sorted((r["id"], r["src"], r["seq"], r["data"]) for r in out["replies"] if r["v"] == 6)
     assert v6 == [(0x5555, "fec0::2", 2, "six"), (0x6666, "2001:db8::1", 3, "far6")]
     assert out["forwarded"] == 5  # the echo to the gateway (fec0::2) is answered by the stack
+    # info usernet lists each ping socket as libslirp does: seconds left, guest -> destination, no ports.
+    rows = [r.split() for r in out["icmp_rows"]]
+    assert all(r[1] == "sec]" and 20 <= int(r[0].removeprefix("ICMP[")) <= 30 for r in rows), out["icmp_rows"]
+    v4_rows = sorted((r[3], r[4], r[5], r[6]) for r in rows if ":" not in r[5])
+    assert v4_rows == [("10.0.2.15", "-", "127.0.0.1", "-")] + 3 * [("10.0.2.15", "-", "192.0.2.1", "-")], rows
 
 
 # Runs inside the namespace, which has no route but its loopback: traffic to 198.51.100.7 and

@@ -564,17 +564,48 @@ async def test_connection_to_an_unused_lan_address_is_reset(net: UserNetwork) ->
         await c.wait(lambda: c.reset, 5)
 
 
-async def test_info_lists_established_flows(net: UserNetwork) -> None:
+async def test_info_rows_read_as_libslirps(net: UserNetwork) -> None:
+    """libslirp's slirp_connection_info: a flow the guest started reads guest -> the address it
+    used; a hostfwd connection reads the accepted socket's own address -> guest; both above the
+    listeners; a datagram on a UDP forward adds no row of its own."""
+    await net.add_hostfwd("udp:127.0.0.1:0-:5353")
+    udp_port = net.udp._listeners[0][0].getsockname()[1]
     sink = Sink()
     srv, port = await serve(sink.handler)
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
     async with Guest(net) as g:
         c = g.connect(GW_IP, port)
         await established(c)
-        text = net.info()
-        assert "Protocol[State]" in text.splitlines()[0]
-        [row] = [line for line in text.splitlines()[1:] if "ESTABLISHED" in line]
-        assert "10.0.2.15" in row and str(port) in row
+        g.send_udp(GW_IP, 40000, echo.getsockname()[1], b"x")
+        accepted = g.listen(7777)
+        hp = net.tcp.listener_ports()[0]
+        _r, w = await asyncio.open_connection("127.0.0.1", hp)
+        async with asyncio.timeout(10):
+            while not accepted or accepted[0].state != "ESTABLISHED":
+                await asyncio.sleep(0.01)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.sendto(b"q", ("127.0.0.1", udp_port))
+        async with asyncio.timeout(10):
+            while not g.udp or len(net.udp._flows) < 2:  # the guest's flow and the forwarded one
+                await asyncio.sleep(0.01)
+        lines = net.info().splitlines()
+        rows = [ln.split() for ln in lines[1:]]
+        assert lines[0].startswith("  Protocol[State]")
+        kinds = [r[0] for r in rows]
+        assert kinds == ["TCP[ESTABLISHED]", "TCP[ESTABLISHED]", "TCP[HOST_FORWARD]", kinds[3], "UDP[HOST_FORWARD]"]
+        assert kinds[3].startswith("UDP[") and rows[3][1] == "sec]", lines
+        fwd_row, out_row = rows[0], rows[1]  # newest first: the hostfwd connection came second
+        assert fwd_row[2:6] == ["127.0.0.1", str(hp), "10.0.2.15", "7777"], lines
+        assert out_row[2:6] == ["10.0.2.15", str(c.lport), "10.0.2.2", str(port)], lines
+        assert rows[2][2:6] == ["127.0.0.1", str(hp), "10.0.2.15", "7777"]
+        udp_row = rows[3]
+        assert udp_row[3:7] == ["10.0.2.15", "40000", "10.0.2.2", str(echo.getsockname()[1])], lines
+        assert rows[4][2:6] == ["127.0.0.1", str(udp_port), "10.0.2.15", "5353"], lines
         c.abort()
+        w.close()
+        client.close()
+    echo.close()
     srv.close()
 
 
