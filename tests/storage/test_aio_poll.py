@@ -14,7 +14,6 @@ import os
 import selectors
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +44,9 @@ class FakeRing:
         self.pending = 0
         self.filled = False
         self.reaped: list[int] = []
+        self.looks = 0  # calls of ring_ready()
+        self.fill_at = 0  # fill the ring at this look (0: only when the test sets filled)
+        self.signal_at = 0  # write the pipe at this look (0: never)
 
     @property
     def fd(self) -> int:
@@ -54,7 +56,22 @@ class FakeRing:
         return self.pending > 0
 
     def ring_ready(self) -> bool:
+        self.looks += 1
+        if self.fill_at and self.looks >= self.fill_at:
+            self.filled = True
+        if self.signal_at and self.looks == self.signal_at:
+            os.write(self.w, b"x")  # the eventfd's wake-up, without the ring showing it
         return self.filled
+
+    def fill_on_look(self, n: int) -> None:
+        """Show the completion from the ``n``-th look on: select() looks once before it
+        spins, so n >= 2 lands it inside the spin whatever the machine's speed (a timer
+        thread racing the spin did not, on a loaded machine)."""
+        self.looks, self.fill_at = 0, n
+
+    def signal_on_look(self, n: int) -> None:
+        """Write the pipe at the ``n``-th look (n >= 2: during the spin), never filling the ring."""
+        self.looks, self.signal_at = 0, n
 
     def reap(self) -> None:
         try:
@@ -203,9 +220,9 @@ def test_spin_returns_the_ring_fd_as_readable(bare: tuple[poll.LoopPoller, FakeR
     poller, ring = bare
     poller.ns = 5_000_000_000
     ring.pending = 1
-    threading.Timer(0.005, lambda: setattr(ring, "filled", True)).start()
+    ring.fill_on_look(3)
     t0 = time.monotonic()
-    events = poller.select(None)
+    events = poller.select(5)  # (a poller that did not spin would sleep it out and return nothing)
     assert time.monotonic() - t0 < 2.5
     assert [(key.fd, key.data, mask) for key, mask in events] == [
         (ring.fd, "ring", selectors.EVENT_READ)]
@@ -252,7 +269,7 @@ def test_a_missed_spin_still_returns_the_fd_when_it_is_signalled(
     poller, ring = bare
     poller.ns = 1_000_000
     ring.pending = 1
-    threading.Timer(0.01, lambda: os.write(ring.w, b"x")).start()
+    ring.signal_on_look(2)
     events = poller.select(5)
     assert [key.fd for key, _ in events] == [ring.fd]
     assert poller.misses == 1 and poller.hits == 0
@@ -336,6 +353,9 @@ def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
         bare: tuple[poll.LoopPoller, FakeRing], monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop thread waited on a run queue since the last wait: it blocks instead of spinning."""
     poller, ring = bare
+    # Quiet spells far longer than this test: a preempted test thread must not outlast one.
+    monkeypatch.setattr(poll, "QUIET_NS", 60 * 10**9)
+    monkeypatch.setattr(poll, "QUIET_MAX_NS", 60 * 10**9)
     delay = [0]
     poller._schedstat = os.open(os.devnull, os.O_RDONLY)  # read through the fake below
     monkeypatch.setattr(poller, "_read_run_delay", lambda: delay[0])
@@ -353,7 +373,7 @@ def test_a_shared_cpu_stops_spinning_for_a_quiet_spell(
     # After it, with the CPU to ourselves again, the spin is back.
     poller._quiet_until = 0
     poller.ns = 1_000_000_000
-    threading.Timer(0.005, lambda: setattr(ring, "filled", True)).start()
+    ring.fill_on_look(3)
     assert [key.fd for key, _ in poller.select(1)] == [ring.fd]
     assert poller.hits == 1 and poller.contended == 1
 
