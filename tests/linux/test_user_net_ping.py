@@ -85,7 +85,9 @@ async def test_guest_ping_beyond_the_gateway_is_answered_by_the_host(ping_ns: st
             t0 = time.monotonic()
             out = await g.run("nc 198.51.100.7 80 </dev/null", timeout=30, check=False)
             assert "Network is unreachable" in out, out
-            assert time.monotonic() - t0 < 10
+            # At once, not after SYN retries (minutes); the bound leaves room for a TCG guest
+            # held off the CPU by a loaded machine.
+            assert time.monotonic() - t0 < 25
             assert "1 packets received" in await g.run("ping -c 1 -W 5 10.0.2.2", timeout=30)
             await g.poweroff()
     finally:

@@ -65,6 +65,9 @@ async def test_host_reset_and_stop(tiny_elf: Path) -> None:
 
 async def test_expect_timeout_says_what_was_printed(tiny_elf: Path) -> None:
     async with Machine(MachineConfig(kernel=tiny_elf)) as vm:
+        async with asyncio.timeout(10):  # booted (read without consuming it), whatever the load
+            while "TINY-READY" not in vm.console.output:
+                await asyncio.sleep(0.01)
         with pytest.raises(ConsoleTimeout) as info:
             await vm.console.expect("NEVER", timeout=0.5)
         assert "TINY-READY" in info.value.output

@@ -35,8 +35,23 @@ async def _started_and_idle(pool: io.IoPool, n: int) -> list[int]:
     while len(pool._idle) < n:
         assert time.monotonic() < deadline, "workers never went idle"
         await asyncio.sleep(0.005)
-    await asyncio.sleep(0.05)  # each is past its append and asleep on its lock
-    return sorted(set(tids))
+    # Each past its append and asleep on its lock: sleeping, and not switching, twice in a row
+    # (a fixed pause was not enough for a worker held off the CPU on a loaded machine).
+    ids = sorted(set(tids))
+    last: list[int] = []
+    while True:
+        now = [_voluntary_switches(t) for t in ids]
+        if now == last and all(_state(t) == "S" for t in ids):
+            return ids
+        assert time.monotonic() < deadline, "workers never went to sleep"
+        last = now
+        await asyncio.sleep(0.02)
+
+
+def _state(tid: int) -> str:
+    """The thread's scheduler state letter (proc(5): the field after the parenthesised name)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 async def test_a_submission_wakes_exactly_one_idle_worker() -> None:
