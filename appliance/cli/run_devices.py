@@ -151,6 +151,7 @@ class DevicePlan:
     snapshot: bool = False
     net_none: bool = False
     nic_count: int = 0
+    hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
     drive_count: int = 0
 
     def add_drive(self, drive: DriveConfig) -> None:
@@ -349,14 +350,52 @@ def _nic(a: RunArgs, v: str) -> None:
     plan.entries.append(("-nic", nic))
 
 
-@option("-net", "none", "no NICs (which is also the default: no NIC is made unless asked for)")
+@option(
+    "-net", "nic[,model=virtio-net-pci][,macaddr=][,addr=][,netdev=ID] | TYPE[,netdev options] | none",
+    "QEMU's legacy NIC and back end, joined on hub 0 (one of each); or none: no NICs (the default)",
+)
 def _net(a: RunArgs, v: str) -> None:
-    o = parse_option("-net", v, implied="type")
-    kind = o.take("type")
-    o.finish()
-    if kind != "none":
-        raise ConfigError(f"-net: '{kind}' is not supported (use -nic, or -netdev with -device)")
-    plan_of(a).net_none = True
+    from appliance.net.netdev import parse_netdev, user_flags
+    from appliance.nic.config import parse_legacy_nic
+
+    plan = plan_of(a)
+    o = parse_option("-net", v, implied="type", flags=user_flags(v))
+    kind = o.get("type")
+    if kind == "none":
+        o.take("type")
+        o.finish()
+        plan.net_none = True
+    elif kind == "nic":
+        plan.entries.append(("-net nic", parse_legacy_nic(v)))
+    else:
+        # A back end on hub 0: named by id=, else anonymously as QEMU does (#netN).
+        implicit = None if o.get("id") is not None else f"#net{len(plan.hub_backends)}"
+        netdev = parse_netdev(v, "-net", implicit_id=implicit)
+        _add_netdev(plan, netdev, "-net")
+        plan.hub_backends.append(netdev.id)
+
+
+def _join_hub(plan: DevicePlan) -> None:
+    """Give a hub-0 ``-net nic`` the hub's back end: QEMU's hub forwards every frame to every
+    other port, which for one NIC and one back end is a straight link. More on one hub would
+    need that broadcast, which is not here: refused, as a NIC with nothing behind it is."""
+    from appliance.nic.config import HUB0, NicConfig
+
+    hub = [i for i, e in enumerate(plan.entries)
+           if isinstance(e, tuple) and isinstance(e[1], NicConfig) and e[1].netdev == HUB0]
+    if not hub:
+        return
+    if len(hub) > 1:
+        raise ConfigError(f"-net nic: hub 0 has {len(hub)} NICs; one NIC per hub is supported "
+                          "(give each its own -nic, or -netdev and -device)")
+    if not plan.hub_backends:
+        raise ConfigError("-net nic: hub 0 is not connected to host network (add -net user, -net tap, …)")
+    if len(plan.hub_backends) > 1:
+        raise ConfigError(f"-net: hub 0 has {len(plan.hub_backends)} back ends; one per hub is supported "
+                          "(give each its own -nic, or -netdev and -device)")
+    entry = plan.entries[hub[0]]
+    assert isinstance(entry, tuple) and isinstance(entry[1], NicConfig)
+    plan.entries[hub[0]] = (entry[0], replace(entry[1], netdev=plan.hub_backends[0]))
 
 
 # --- resolving ----------------------------------------------------------------------------
@@ -382,6 +421,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     """
     from appliance.nic.config import FilterDumpConfig, NicConfig, default_mac
 
+    _join_hub(plan)
     specs: list[object] = []
     addrs: list[PciAddress | None] = []
     used_drives: dict[str, str] = {}
@@ -491,7 +531,7 @@ def resolve(plan: DevicePlan) -> list[object]:
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
-                name=f"virtio-net {nic.id or nic.netdev}",
+                name=f"virtio-net {nic.id or nic.netdev}", hub=0 if nic.netdev in plan.hub_backends else -1,
             ))
             addrs.append(addr)
     for d in plan.dumps:

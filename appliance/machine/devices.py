@@ -225,6 +225,7 @@ class NicSpec:
     :param features_off: feature bits the command line turned off (``csum=off``, …).
     :param rx_queue_size: of each receive queue (None: the device's default).
     :param tx_queue_size: of each transmit queue (None: the device's default).
+    :param hub: the QEMU hub of a ``-net`` back end (0), shown by ``info usernet``; -1 for none.
     """
 
     netdev: NetdevConfig
@@ -237,6 +238,7 @@ class NicSpec:
     features_off: int = 0
     rx_queue_size: int | None = None
     tx_queue_size: int | None = None
+    hub: int = -1  # QEMU's hub the netdev hangs off (0 for -net; -1: none)
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)

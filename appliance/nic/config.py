@@ -177,6 +177,39 @@ class NicConfig:
         return cfg
 
 
+def check_model(model: str | None, what: str) -> None:
+    """A NIC ``model=`` of ``-nic`` or ``-net nic``: QEMU's virtio-net names only.
+
+    :raises ConfigError: naming any other model (e1000, rtl8139, …).
+    """
+    if model not in ("virtio-net-pci", "virtio", "virtio-net", "virtio-net-pci-non-transitional",
+                     "virtio-non-transitional"):
+        raise ConfigError(f"{what}: model '{model}' is not supported (virtio-net-pci only)")
+
+
+def parse_legacy_nic(text: str) -> NicConfig:
+    """``-net nic[,model=virtio][,macaddr=…][,addr=…][,vectors=n][,netdev=ID][,id=…]`` (QEMU's
+    legacy NIC). Without ``netdev=`` it joins hub 0: its netdev is :data:`HUB0` until resolved.
+    QEMU's default model on a PC is e1000; virtio-net-pci is the one NIC here, so it is ours.
+    """
+    opts = parse_option("-net", text, implied="type")
+    kind = opts.take("type")
+    assert kind == "nic"
+    check_model(opts.take("model", "virtio-net-pci"), "-net nic")
+    mac_text = opts.take("macaddr")
+    mac = parse_mac(mac_text, "-net nic") if mac_text else None
+    addr = opts.take("addr")
+    vectors = opts.take_int("vectors", None, minimum=0)
+    netdev = opts.take("netdev")
+    ident = opts.take("id")
+    opts.finish()
+    return NicConfig(netdev=netdev or HUB0, id=ident, mac=mac, addr=addr, vectors=vectors)
+
+
+# The netdev of a -net nic on hub 0, until the hub's back end is known (no id can be this).
+HUB0 = "#hub0"
+
+
 def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | None]:
     """``-nic TYPE[,netdev options][,model=virtio-net-pci][,mac=…]`` (``-nic none`` → no NIC).
 
@@ -189,10 +222,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
         opts.take("type")
         opts.finish()
         return None, None
-    model = opts.take("model", "virtio-net-pci")
-    if model not in ("virtio-net-pci", "virtio", "virtio-net", "virtio-net-pci-non-transitional",
-                     "virtio-non-transitional"):
-        raise ConfigError(f"-nic: model '{model}' is not supported (virtio-net-pci only)")
+    check_model(opts.take("model", "virtio-net-pci"), "-nic")
     mac_text = opts.take("mac")
     mac = parse_mac(mac_text, "-nic") if mac_text else None
     addr = opts.take("addr")

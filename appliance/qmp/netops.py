@@ -63,8 +63,9 @@ def usernet_info(machine: Any) -> str:
     out = []
     for spec in nic_specs(machine):
         if isinstance(spec.owner, UserNetwork):
-            # QEMU names the netdev as the hub port it hangs off (-1: no hub).
-            out.append(f"Hub -1 ({spec.netdev.id}):\r\n" + format_flows(spec.owner.flows(), "\r\n"))
+            # QEMU names the netdev with the hub it hangs off (-1: no hub; 0 for -net).
+            hub = getattr(spec, "hub", -1)
+            out.append(f"Hub {hub} ({spec.netdev.id}):\r\n" + format_flows(spec.owner.flows(), "\r\n"))
     return "".join(out)
 
 

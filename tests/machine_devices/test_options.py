@@ -147,6 +147,20 @@ def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
     assert c.queues == 4 and [f.id for f in c.captures] == ["f0"] and a.captures == []
 
 
+def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
+    for argv in (("-net", "nic,model=virtio,macaddr=52:54:00:aa:bb:01", "-net", "user,hostfwd=tcp::2222-:22"),
+                 ("-net", "user,hostfwd=tcp::2222-:22,id=wan", "-net", "nic,macaddr=52:54:00:aa:bb:01,addr=5")):
+        [nic] = devices(*argv)
+        assert isinstance(nic, NicSpec) and nic.mac.hex(":") == "52:54:00:aa:bb:01"
+        assert [(f.host_port, f.guest_port) for f in nic.netdev.config.hostfwd] == [(2222, 22)]
+    [nic] = devices("-net", "user,id=wan", "-net", "nic,addr=5")
+    assert nic.netdev.config.id == "wan" and nic.addr == PciAddress(5, 0)
+    assert nic.hub == 0  # info usernet heads its table "Hub 0 (wan):", as QEMU does
+    # netdev= skips the hub, as in QEMU.
+    [nic] = devices("-netdev", "user,id=u0", "-net", "nic,model=virtio-net-pci,netdev=u0")
+    assert nic.netdev.config.id == "u0" and nic.hub == -1
+
+
 def test_net_none_and_nic_none_make_no_nic() -> None:
     assert devices("-net", "none") == []
     assert devices("-nic", "none") == []
@@ -223,7 +237,13 @@ BAD = [
     (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01"], "multicast"),
     (["-object", "filter-dump,id=f,netdev=ghost,file=/tmp/x.pcap"], "'ghost'"),
     (["-netdev", "user,id=n0", "-object", "filter-dump,id=f,netdev=n0,file=/tmp/x.pcap"], "has no NIC"),
-    (["-net", "user"], "-net"),
+    (["-net", "nic"], "hub 0 is not connected"),
+    (["-net", "nic", "-net", "nic", "-net", "user"], "hub 0 has 2 NICs"),
+    (["-net", "user", "-net", "tap,ifname=t0", "-net", "nic"], "hub 0 has 2 back ends"),
+    (["-net", "nic,model=e1000", "-net", "user"], "'e1000'"),
+    (["-net", "nic,name=n1", "-net", "user"], "'name'"),
+    (["-net", "nic,macaddr=zz", "-net", "user"], "'zz'"),
+    (["-net", "nic,netdev=ghost"], "'ghost'"),
     (["-nic", "user,model=e1000"], "e1000"),
     (["-netdev", "user,id=n0", "-nic", "user,id=n0"], "duplicate id 'n0'"),
     (["-nic", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),

@@ -130,6 +130,15 @@ async def test_nic_works_again_after_a_guest_reset() -> None:
         assert (await g.net("net ping 10.0.2.2 1", "ping done"))["received"] == "1"
 
 
+async def test_legacy_net_nic_and_net_user_pair_on_hub_0() -> None:
+    """QEMU's ``-net nic -net user``: the NIC and the back end meet on hub 0, here a straight link."""
+    async with guest("-net", "nic,model=virtio,macaddr=52:54:00:00:00:43", "-net", "user") as g:
+        assert (await g.net("net info", "info"))["mac"] == "52:54:00:00:00:43"
+        lease = await g.net("net dhcp", "dhcp")
+        assert (lease["ip"], lease["router"]) == ("10.0.2.15", "10.0.2.2")
+        assert (await g.net("net ping 10.0.2.2 1", "ping done"))["received"] == "1"
+
+
 @needs_root
 async def test_two_vms_on_one_bridge_ping_each_other() -> None:
     """``-netdev bridge,br=`` and ``-nic bridge``: each VM gets its own tap enslaved to the
