@@ -133,9 +133,15 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
     return ""
 
 
-def _help(args: list[str]) -> str:
+def help_text(args: list[str], only: frozenset[str] | None = None) -> str:
+    """What ``help`` prints (a monitor with fewer commands than a VM's passes ``only``)."""
+    return _help(args, only)
+
+
+def _help(args: list[str], only: frozenset[str] | None = None) -> str:
+    """``help [cmd]`` / ``help info [what]``; ``only``: the command and info names a monitor has."""
     if args and args[0] == "info":
-        items = sorted(INFO_HELP.items())
+        items = sorted((k, v) for k, v in INFO_HELP.items() if only is None or f"info {k}" in only)
         if len(args) > 1:
             items = [(k, v) for k, v in items if k == args[1]]
             if not items:
@@ -144,6 +150,8 @@ def _help(args: list[str]) -> str:
     rows = []
     for names, (params, text) in sorted(HELP.items()):
         if args and args[0] not in names.split("|"):
+            continue
+        if only is not None and names.split("|")[0] not in only:
             continue
         rows.append(f"{names} {params} -- {text}\r\n" if params else f"{names}  -- {text}\r\n")
     if args and not rows:

@@ -21,8 +21,8 @@ Where we answer differently from QEMU, and why:
   dropping is what its guest notices.
 - ``x-appliance-query-nics`` is ours: each export's socket, MAC, link and
   per-queue frame/byte/drop counters.
-- ``human-monitor-command`` knows ``info usernet``, ``info version``,
-  ``set_link NAME on|off``, ``hostfwd_add``, ``hostfwd_remove`` and ``quit``;
+- ``human-monitor-command`` knows ``info usernet``, ``info network``, ``info version``,
+  ``set_link NAME on|off``, ``hostfwd_add``, ``hostfwd_remove``, ``help`` and ``quit``;
   anything else is answered as QEMU's HMP answers an unknown command.
 """
 
@@ -78,6 +78,11 @@ async def _query_nics(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]
     return [nic_info(nic) for nic in ctx.machine.nics]
 
 
+# What the daemon's human-monitor-command runs (and its help lists).
+_HMP_HAS = frozenset({"help", "hostfwd_add", "hostfwd_remove", "info", "quit", "set_link",
+                      "info network", "info usernet", "info version"})
+
+
 @_command("human-monitor-command", {"command-line": ("string", True), "cpu-index": ("integer", False)})
 async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
     words = args["command-line"].split()
@@ -92,6 +97,14 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
         if words[1] == "version":
             v = commands.QEMU_VERSION
             return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
+    if words[0] in ("help", "?"):
+        from appliance.qmp import hmp
+
+        return hmp.help_text(words[1:], _HMP_HAS)
+    if words == ["info", "network"]:
+        from appliance.qmp import hmp
+
+        return await hmp.execute(ctx, "info network")
     if words[0] in ("hostfwd_add", "hostfwd_remove"):
         from appliance.qmp import hmp
 

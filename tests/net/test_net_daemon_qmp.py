@@ -194,6 +194,25 @@ async def test_info_usernet_prints_qemus_table(tmp_path: Path) -> None:
     assert shape(ours, port) == shape(theirs, theirs_port)
 
 
+@needs_qemu
+async def test_help_and_info_network_answer_as_qemus(tmp_path: Path) -> None:
+    """The daemon's usage errors point at ``help hostfwd_add``: it answers with QEMU's line."""
+    from tests.qmp.test_machine_qmp import _qemu_hmp
+
+    async with daemon(tmp_path, netdev_id="n0") as d:
+        hmp = {c: await ex(d.qmp, "human-monitor-command", {"command-line": c})
+               for c in ("help hostfwd_add", "help hostfwd_remove", "help", "info network", "help stop")}
+    for i, c in enumerate(("help hostfwd_add", "help hostfwd_remove")):
+        (tmp_path / str(i)).mkdir()
+        assert hmp[c] == await _qemu_hmp("user,id=n0", c, tmp_path / str(i)), c
+    listed = {line.split()[0] for line in hmp["help"].split("\r\n") if line}
+    assert {"hostfwd_add", "hostfwd_remove", "info", "set_link", "quit|q", "help|?"} <= listed
+    assert "stop|s" not in listed and hmp["help stop"] == "unknown command: 'stop'\r\n"  # no run states here
+    lines = hmp["info network"].split("\r\n")
+    assert re.fullmatch(r"e0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:[0-9a-f:]{8}", lines[0]), lines
+    assert lines[1] == " \\ n0: index=0,type=user,net=10.0.2.0,restrict=off", lines
+
+
 async def test_info_usernet_lists_the_hostfwd_listener(tmp_path: Path) -> None:
     async with daemon(tmp_path) as d:
         text = await ex(d.qmp, "human-monitor-command", {"command-line": "info usernet"})
