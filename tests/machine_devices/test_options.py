@@ -11,6 +11,7 @@ import pytest
 from appliance.cli.run import parse_args, to_config
 from appliance.errors import ConfigError
 from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
+from appliance.net.netdev import UserNetdev
 from appliance.nic.config import MAX_NICS
 from appliance.pci.allocator import PciAddress
 
@@ -129,7 +130,7 @@ def test_libvirts_json_options_are_taken_as_their_key_value_forms(tmp_path: Path
     )
     assert isinstance(blk, BlkSpec) and blk.addr == PciAddress(4, 0)
     assert isinstance(rng, RngSpec) and rng.addr == PciAddress(5, 0)
-    assert isinstance(nic, NicSpec) and nic.addr == PciAddress(3, 0)
+    assert isinstance(nic, NicSpec) and nic.addr == PciAddress(3, 0) and isinstance(nic.netdev, UserNetdev)
     assert [(f.host_port, f.guest_port) for f in nic.netdev.config.hostfwd] == [(2222, 22), (53, 53)]
 
 
@@ -151,14 +152,15 @@ def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
     for argv in (("-net", "nic,model=virtio,macaddr=52:54:00:aa:bb:01", "-net", "user,hostfwd=tcp::2222-:22"),
                  ("-net", "user,hostfwd=tcp::2222-:22,id=wan", "-net", "nic,macaddr=52:54:00:aa:bb:01,addr=5")):
         [nic] = devices(*argv)
-        assert isinstance(nic, NicSpec) and nic.mac.hex(":") == "52:54:00:aa:bb:01"
+        assert isinstance(nic, NicSpec) and isinstance(nic.netdev, UserNetdev)
+        assert nic.mac.hex(":") == "52:54:00:aa:bb:01"
         assert [(f.host_port, f.guest_port) for f in nic.netdev.config.hostfwd] == [(2222, 22)]
     [nic] = devices("-net", "user,id=wan", "-net", "nic,addr=5")
-    assert nic.netdev.config.id == "wan" and nic.addr == PciAddress(5, 0)
+    assert isinstance(nic, NicSpec) and nic.netdev.id == "wan" and nic.addr == PciAddress(5, 0)
     assert nic.hub == 0  # info usernet heads its table "Hub 0 (wan):", as QEMU does
     # netdev= skips the hub, as in QEMU.
     [nic] = devices("-netdev", "user,id=u0", "-net", "nic,model=virtio-net-pci,netdev=u0")
-    assert nic.netdev.config.id == "u0" and nic.hub == -1
+    assert isinstance(nic, NicSpec) and nic.netdev.id == "u0" and nic.hub == -1
 
 
 def test_net_none_and_nic_none_make_no_nic() -> None:
