@@ -152,6 +152,7 @@ class DevicePlan:
     net_none: bool = False
     nic_count: int = 0
     hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
+    net_ids: set[str] = field(default_factory=set)  # id= of -net options
     drive_count: int = 0
 
     def add_drive(self, drive: DriveConfig) -> None:
@@ -366,23 +367,36 @@ def _net(a: RunArgs, v: str) -> None:
         o.finish()
         plan.net_none = True
     elif kind == "nic":
-        plan.entries.append(("-net nic", parse_legacy_nic(v)))
+        nic = parse_legacy_nic(v)
+        _claim_net_id(plan, nic.id)
+        plan.entries.append(("-net nic", nic))
     else:
-        # A back end on hub 0: named by id=, else anonymously as QEMU does (#netN).
-        implicit = None if o.get("id") is not None else f"#net{len(plan.hub_backends)}"
-        netdev = parse_netdev(v, "-net", implicit_id=implicit)
+        # A back end on hub 0: named by id=, else given a name no option can write (QEMU's are
+        # "#net" and a number too).
+        given = o.get("id")
+        _claim_net_id(plan, given)
+        netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{len(plan.hub_backends)}")
         _add_netdev(plan, netdev, "-net")
         plan.hub_backends.append(netdev.id)
+
+
+def _claim_net_id(plan: DevicePlan, ident: str | None) -> None:
+    """-net options share one id namespace (QEMU's "net" option group), NICs and back ends alike."""
+    if ident is None:
+        return
+    if ident in plan.net_ids:
+        raise ConfigError(f"-net: Duplicate ID '{ident}' for net")
+    plan.net_ids.add(ident)
 
 
 def _join_hub(plan: DevicePlan) -> None:
     """Give a hub-0 ``-net nic`` the hub's back end: QEMU's hub forwards every frame to every
     other port, which for one NIC and one back end is a straight link. More on one hub would
     need that broadcast, which is not here: refused, as a NIC with nothing behind it is."""
-    from appliance.nic.config import HUB0, NicConfig
+    from appliance.nic.config import NicConfig
 
     hub = [i for i, e in enumerate(plan.entries)
-           if isinstance(e, tuple) and isinstance(e[1], NicConfig) and e[1].netdev == HUB0]
+           if isinstance(e, tuple) and isinstance(e[1], NicConfig) and e[1].hub]
     if not hub:
         return
     if len(hub) > 1:
@@ -447,7 +461,11 @@ def resolve(plan: DevicePlan) -> list[object]:
             )
         writers[key] = by
 
-    for entry in plan.entries:
+    # QEMU's board makes the NICs of -nic and -net nic while it builds the machine, before any
+    # -device or -drive if=virtio: they take the first free slots and default MACs, wherever
+    # they stand on the command line (so eth0 is the same NIC as under QEMU).
+    board_nics = [e for e in plan.entries if isinstance(e, tuple) and e[0] in ("-nic", "-net nic")]
+    for entry in board_nics + [e for e in plan.entries if not any(e is b for b in board_nics)]:
         if isinstance(entry, DriveConfig):
             assert entry.id is not None
             what = f"-drive {entry.id}"
@@ -509,6 +527,10 @@ def resolve(plan: DevicePlan) -> list[object]:
             netdev = plan.netdevs.get(nic.netdev)
             if netdev is None:
                 raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
+            if nic.netdev in plan.hub_backends and not nic.hub:
+                # A -net back end is plugged into hub 0 already (QEMU's words for it).
+                raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
+                                  f"'{nic.netdev}', it's in use")
             if nic.netdev in used_netdevs:
                 raise ConfigError(f"{what}: netdev '{nic.netdev}' is already used by another NIC")
             used_netdevs.add(nic.netdev)
@@ -531,7 +553,7 @@ def resolve(plan: DevicePlan) -> list[object]:
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
-                name=f"virtio-net {nic.id or nic.netdev}", hub=0 if nic.netdev in plan.hub_backends else -1,
+                name=f"virtio-net {nic.id or nic.netdev}", hub=0 if nic.hub else -1,
             ))
             addrs.append(addr)
     for d in plan.dumps:

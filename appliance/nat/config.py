@@ -156,7 +156,8 @@ class UserNetConfig:
                 v6plen = n
         vnet, vhost, vdns, vdhcp = opts.take("net"), opts.take("host"), opts.take("dns"), opts.take("dhcpstart")
         legacy_ip = opts.take("ip")  # QEMU's old spelling of net=ADDR/24; net= wins over it
-        if vnet is None and legacy_ip is not None:
+        from_ip = vnet is None and legacy_ip is not None
+        if from_ip:
             vnet = f"{legacy_ip}/24"
         v6host, v6dns = opts.take("ipv6-host"), opts.take("ipv6-dns")
         if not ipv4 and (vnet is not None or vhost is not None or vdns is not None):
@@ -172,7 +173,7 @@ class UserNetConfig:
             try:
                 net, mask = _parse_net(vnet, what)
             except ConfigError as err:
-                if vnet == f"{legacy_ip}/24":
+                if from_ip:
                     raise ConfigError(str(err).replace(f"net={vnet}:", f"ip={legacy_ip}:", 1)) from None
                 raise
             host = net | (0x0202 & ~mask)

@@ -1084,7 +1084,9 @@ class TcpNat:
         """Nothing periodic: every connection runs its own timer."""
 
     def flows(self) -> list[FlowInfo]:
-        """Connections newest first, then the listeners (in the order listen() keeps), as libslirp lists its sockets."""
+        """Connections newest first, then the listeners newest first. libslirp lists all its sockets
+        newest first, so a listener added at run time (hostfwd_add) heads its table; here it heads
+        the listeners only."""
         out = []
         for c in reversed(self.conns.values()):
             label = f"TCP[{c.state_name}]"

@@ -211,7 +211,8 @@ class UdpNat:
         return len(self._flows)
 
     def flows(self) -> list[FlowInfo]:
-        """Flows newest first, then the hostfwd listeners, as libslirp lists its sockets. A datagram
+        """Flows newest first, then the hostfwd listeners newest first (a listener added at run
+        time heads libslirp's whole table, here the listeners only). A datagram
         arriving on a listener is served through that listener's socket, shown once (its row)."""
         out = []
         now = time.monotonic()

@@ -138,6 +138,7 @@ class NicConfig:
     features_off: int = 0
     rx_queue_size: int | None = None
     tx_queue_size: int | None = None
+    hub: bool = False  # a -net nic on hub 0: ``netdev`` is the hub's back end, filled in when known
 
     @classmethod
     def parse_device(cls, opts_text: str) -> NicConfig:
@@ -189,7 +190,7 @@ def check_model(model: str | None, what: str) -> None:
 
 def parse_legacy_nic(text: str) -> NicConfig:
     """``-net nic[,model=virtio][,macaddr=…][,addr=…][,vectors=n][,netdev=ID][,id=…]`` (QEMU's
-    legacy NIC). Without ``netdev=`` it joins hub 0: its netdev is :data:`HUB0` until resolved.
+    legacy NIC). Without ``netdev=`` it joins hub 0 (``hub``; its netdev is filled in when resolved).
     QEMU's default model on a PC is e1000; virtio-net-pci is the one NIC here, so it is ours.
     """
     opts = parse_option("-net", text, implied="type")
@@ -203,11 +204,7 @@ def parse_legacy_nic(text: str) -> NicConfig:
     netdev = opts.take("netdev")
     ident = opts.take("id")
     opts.finish()
-    return NicConfig(netdev=netdev or HUB0, id=ident, mac=mac, addr=addr, vectors=vectors)
-
-
-# The netdev of a -net nic on hub 0, until the hub's back end is known (no id can be this).
-HUB0 = "#hub0"
+    return NicConfig(netdev=netdev or "", id=ident, mac=mac, addr=addr, vectors=vectors, hub=netdev is None)
 
 
 def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | None]:

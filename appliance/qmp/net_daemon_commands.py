@@ -101,6 +101,10 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
         from appliance.qmp import hmp
 
         return hmp.help_text(words[1:], _HMP_HAS)
+    if words == ["info"]:
+        from appliance.qmp import hmp
+
+        return hmp.help_text(["info"], _HMP_HAS)
     if words == ["info", "network"]:
         from appliance.qmp import hmp
 

@@ -135,7 +135,7 @@ def test_libvirts_json_options_are_taken_as_their_key_value_forms(tmp_path: Path
 
 
 def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
-    a, b, c = devices(
+    b, a, c = devices(  # the -nic first, as QEMU's board makes it before any -device
         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,host_mtu=9000",
         "-nic", "user,mac=52:54:00:aa:bb:cc",
         "-netdev", "tap,id=t0,queues=4", "-device", "virtio-net-pci,netdev=t0,mq=on,vectors=10",
@@ -146,6 +146,20 @@ def test_nics_get_qemu_default_macs_and_captures(tmp_path: Path) -> None:
     assert b.mac.hex(":") == "52:54:00:aa:bb:cc"
     assert c.mac.hex(":") == "52:54:00:12:34:57"
     assert c.queues == 4 and [f.id for f in c.captures] == ["f0"] and a.captures == []
+
+
+def test_board_nics_come_before_device_nics_as_in_qemu() -> None:
+    """QEMU 7.2, -M pc: ``-netdev user,id=d -device virtio-net-pci,netdev=d -nic user,model=virtio``
+    puts the -nic NIC at slot 2 with 52:54:00:12:34:56 and the -device one after it with …:57
+    (``info pci``, ``info network``); -drive if=virtio is a -device too."""
+    first, second = devices("-netdev", "user,id=d", "-device", "virtio-net-pci,netdev=d",
+                            "-net", "nic,model=virtio", "-net", "user")
+    assert isinstance(first, NicSpec) and isinstance(second, NicSpec)
+    assert (first.netdev.id, first.mac.hex(":")) == ("#net0", "52:54:00:12:34:56")
+    assert (second.netdev.id, second.mac.hex(":")) == ("d", "52:54:00:12:34:57")
+    nic, other = devices("-netdev", "user,id=d", "-device", "virtio-net-pci,netdev=d", "-nic", "user")
+    assert isinstance(nic, NicSpec) and isinstance(other, NicSpec)
+    assert nic.mac.hex(":") == "52:54:00:12:34:56" and other.netdev.id == "d"
 
 
 def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
@@ -246,6 +260,11 @@ BAD = [
     (["-net", "nic,name=n1", "-net", "user"], "'name'"),
     (["-net", "nic,macaddr=zz", "-net", "user"], "'zz'"),
     (["-net", "nic,netdev=ghost"], "'ghost'"),
+    # A -net back end is on hub 0 already: no NIC can take it directly (QEMU's words).
+    (["-net", "user,id=a", "-device", "virtio-net-pci,netdev=a"], "can't take value 'a', it's in use"),
+    (["-net", "user,id=a", "-net", "nic,netdev=a"], "it's in use"),
+    (["-net", "user", "-device", "virtio-net-pci,netdev=#hub0"], "'#hub0' not found"),
+    (["-net", "nic,id=a", "-net", "user,id=a"], "Duplicate ID 'a' for net"),
     (["-nic", "user,model=e1000"], "e1000"),
     (["-netdev", "user,id=n0", "-nic", "user,id=n0"], "duplicate id 'n0'"),
     (["-nic", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),

@@ -224,3 +224,6 @@ def test_legacy_ip_is_net_with_24_bits_and_net_wins() -> None:
     assert str(UserNetConfig.from_string("user,ip=10.0.3.0,net=10.0.4.0/24").net) == "10.0.4.0/24"
     with pytest.raises(ConfigError, match="ip=bogus"):
         UserNetConfig.from_string("user,ip=bogus")
+    # net= given: its own value is the one named, whatever ip= says.
+    with pytest.raises(ConfigError, match="net=bogus/24"):
+        UserNetConfig.from_string("user,ip=bogus,net=bogus/24")

@@ -201,13 +201,15 @@ async def test_help_and_info_network_answer_as_qemus(tmp_path: Path) -> None:
 
     async with daemon(tmp_path, netdev_id="n0") as d:
         hmp = {c: await ex(d.qmp, "human-monitor-command", {"command-line": c})
-               for c in ("help hostfwd_add", "help hostfwd_remove", "help", "info network", "help stop")}
+               for c in ("help hostfwd_add", "help hostfwd_remove", "help", "info network", "help stop", "info")}
     for i, c in enumerate(("help hostfwd_add", "help hostfwd_remove")):
         (tmp_path / str(i)).mkdir()
         assert hmp[c] == await _qemu_hmp("user,id=n0", c, tmp_path / str(i)), c
     listed = {line.split()[0] for line in hmp["help"].split("\r\n") if line}
     assert {"hostfwd_add", "hostfwd_remove", "info", "set_link", "quit|q", "help|?"} <= listed
     assert "stop|s" not in listed and hmp["help stop"] == "unknown command: 'stop'\r\n"  # no run states here
+    # Bare "info" lists its subcommands, as QEMU's does; only the ones the daemon has.
+    assert [ln.split()[1] for ln in hmp["info"].split("\r\n") if ln] == ["network", "usernet", "version"]
     lines = hmp["info network"].split("\r\n")
     assert re.fullmatch(r"e0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:[0-9a-f:]{8}", lines[0]), lines
     assert lines[1] == " \\ n0: index=0,type=user,net=10.0.2.0,restrict=off", lines
