@@ -14,12 +14,13 @@ replaces the plan with the machine's DeviceSpecs, in command-line order.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.cli.options import OptionDict, parse_option
-from appliance.cli.run import FINALIZERS, RunArgs, option
+from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
 from appliance.errors import ConfigError
 from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
 from appliance.nic.config import MAX_NICS, take_root_bus
@@ -556,6 +557,13 @@ def resolve(plan: DevicePlan) -> list[object]:
                 name=f"virtio-net {nic.id or nic.netdev}", hub=0 if nic.hub else -1,
             ))
             addrs.append(addr)
+    # QEMU warns of these and runs; a netdev is opened with its NIC here, so these stay closed.
+    unused = [n for n in plan.netdevs if n not in used_netdevs]
+    if any(n in plan.hub_backends for n in unused):
+        print(f"{PROG}: warning: hub 0 with no nics (its back end is not started)", file=sys.stderr)
+    for n in unused:
+        if n not in plan.hub_backends:
+            print(f"{PROG}: warning: netdev {n} has no peer (not started)", file=sys.stderr)
     for d in plan.dumps:
         assert isinstance(d, FilterDumpConfig)
         if d.netdev not in plan.netdevs:

@@ -177,6 +177,13 @@ def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
     assert isinstance(nic, NicSpec) and nic.netdev.id == "u0" and nic.hub == -1
 
 
+def test_netdevs_without_a_nic_are_warned_of_as_qemu_does(capsys: pytest.CaptureFixture[str]) -> None:
+    assert devices("-net", "user", "-netdev", "user,id=x") == []
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["appliance run: warning: hub 0 with no nics (its back end is not started)",
+                   "appliance run: warning: netdev x has no peer (not started)"]
+
+
 def test_net_none_and_nic_none_make_no_nic() -> None:
     assert devices("-net", "none") == []
     assert devices("-nic", "none") == []
