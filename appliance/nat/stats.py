@@ -67,7 +67,8 @@ class FlowInfo:
     send_q: int  # bytes waiting to go to the guest (including unacked)
     fd: int = -1  # the host socket's descriptor (-1: none open)
     label: str = ""  # QEMU's Protocol[State] column, when not derived from proto and state
-    # A flow the guest started: the far end as the guest addresses it (10.0.2.2 for the host).
+    # The far end: for a flow the guest started, as the guest addresses it (10.0.2.2 for the
+    # host); for a forwarded connection, the outside client.
     guest_started: bool = False
     peer_addr: str = ""
     peer_port: int = 0

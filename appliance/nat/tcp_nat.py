@@ -1091,10 +1091,12 @@ class TcpNat:
         for c in reversed(self.conns.values()):
             label = f"TCP[{c.state_name}]"
             fd = _fd_of(c.transport)
-            host, port = _sockname_of(c.transport)
+            host, port = _address_of(c.transport)
             if c.inbound:
+                client, cport = _address_of(c.transport, peer=True)  # the outside end (JSON only)
                 out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, host, port,
-                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label))  # fmt: skip
+                                    ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label,
+                                    peer_addr=client, peer_port=cport))  # fmt: skip
             else:
                 out.append(FlowInfo("TCP", c.state_name, host, port, ip_str(c.gip), c.gport,
                                     c.recv_queue(), c.send_queue(), fd, label,
@@ -1159,14 +1161,15 @@ def _complete_handshake(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-def _sockname_of(transport: object) -> tuple[str, int]:
-    """The address of the host socket behind a connection's transport (``0.0.0.0``, 0 when closed or none)."""
+def _address_of(transport: object, peer: bool = False) -> tuple[str, int]:
+    """The host socket's own address behind a connection's transport, or its peer's (``0.0.0.0``, 0
+    when closed or none)."""
     sock = getattr(transport, "_sock", None)
     if sock is None:
         get = getattr(transport, "get_extra_info", None)
         sock = get("socket") if get is not None else None
     try:
-        name = sock.getsockname() if sock is not None else None
+        name = (sock.getpeername() if peer else sock.getsockname()) if sock is not None else None
     except (OSError, ValueError):
         name = None
     if isinstance(name, tuple) and len(name) >= 2:

@@ -599,6 +599,9 @@ async def test_info_rows_read_as_libslirps(net: UserNetwork) -> None:
         assert fwd_row[2:6] == ["127.0.0.1", str(hp), "10.0.2.15", "7777"], lines
         assert out_row[2:6] == ["10.0.2.15", str(c.lport), "10.0.2.2", str(port)], lines
         assert rows[2][2:6] == ["127.0.0.1", str(hp), "10.0.2.15", "7777"]
+        # The JSON rows also name the outside client of the forwarded connection.
+        [fwd_flow] = [f for f in net.flows() if f.proto == "TCP[HOST_FORWARD]" and f.state == "ESTABLISHED"]
+        assert (fwd_flow.peer_addr, fwd_flow.peer_port) == w.get_extra_info("sockname")[:2]
         udp_row = rows[3]
         assert udp_row[3:7] == ["10.0.2.15", "40000", "10.0.2.2", str(echo.getsockname()[1])], lines
         assert rows[4][2:6] == ["127.0.0.1", str(udp_port), "10.0.2.15", "5353"], lines
