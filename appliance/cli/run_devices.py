@@ -554,7 +554,9 @@ def resolve(plan: DevicePlan) -> list[object]:
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
-                name=f"virtio-net {nic.id or nic.netdev}", hub=0 if nic.hub else -1,
+                # Without an id, QEMU's name for it (model.N, N counting the NICs made before
+                # it): what info network shows and set_link takes.
+                name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}", hub=0 if nic.hub else -1,
             ))
             addrs.append(addr)
     # QEMU warns of these and runs; a netdev is opened with its NIC here, so these stay closed.

@@ -92,6 +92,23 @@ async def test_set_link_down_and_up_is_seen_by_the_guest(tmp_path: Path) -> None
         assert (await m.guest("net info", "NET info"))["link"] == "up"
 
 
+async def test_nics_without_an_id_have_qemus_names_in_board_order(tmp_path: Path) -> None:
+    """QEMU 7.2 names a NIC without an id by its model and a count (virtio-net-pci.0, .1, …), the
+    -nic ones first as its board makes them: ``info network`` shows those names and ``set_link``
+    takes them."""
+    async with machine(tmp_path, "-netdev", "user,id=u0", "-device", "virtio-net-pci,netdev=u0",
+                       "-nic", "user,model=virtio,id=n1") as m:
+        text = await ex(m.qmp, "human-monitor-command", {"command-line": "info network"})
+        lines = text.split("\r\n")
+        assert lines[0].startswith("virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56")
+        assert lines[1] == " \\ n1: index=0,type=user,net=10.0.2.0,restrict=off"
+        assert lines[2].startswith("virtio-net-pci.1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:57")
+        assert lines[3] == " \\ u0: index=0,type=user,net=10.0.2.0,restrict=off"
+        await ex(m.qmp, "set_link", {"name": "virtio-net-pci.0", "up": False})
+        assert "virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56 (link down)" in (
+            await ex(m.qmp, "human-monitor-command", {"command-line": "info network"}))
+
+
 async def test_capture_started_and_stopped_while_running_holds_only_what_passed_between(tmp_path: Path) -> None:
     from scapy.layers.dhcp import DHCP
     from scapy.layers.inet import ICMP
