@@ -153,6 +153,7 @@ class DevicePlan:
     net_none: bool = False
     nic_count: int = 0
     hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
+    hub_nic_port: int = 0  # the hub port of the -net nic: ports are numbered in command-line order
     net_ids: set[str] = field(default_factory=set)  # id= of -net options
     drive_count: int = 0
 
@@ -370,6 +371,8 @@ def _net(a: RunArgs, v: str) -> None:
     elif kind == "nic":
         nic = parse_legacy_nic(v)
         _claim_net_id(plan, nic.id)
+        if nic.hub:
+            plan.hub_nic_port = len(plan.hub_backends)
         plan.entries.append(("-net nic", nic))
     else:
         # A back end on hub 0: named by id=, else given a name no option can write (QEMU's are
@@ -556,7 +559,8 @@ def resolve(plan: DevicePlan) -> list[object]:
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
                 # Without an id, QEMU's name for it (model.N, N counting the NICs made before
                 # it): what info network shows and set_link takes.
-                name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}", hub=0 if nic.hub else -1,
+                name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
+                hub=0 if nic.hub else -1, hub_port=plan.hub_nic_port,
             ))
             addrs.append(addr)
     # QEMU warns of these and runs; a netdev is opened with its NIC here, so these stay closed.

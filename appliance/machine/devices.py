@@ -239,6 +239,7 @@ class NicSpec:
     rx_queue_size: int | None = None
     tx_queue_size: int | None = None
     hub: int = -1  # QEMU's hub the netdev hangs off (0 for -net; -1: none)
+    hub_port: int = 0  # on a hub, the NIC's port (its back end has the other of 0 and 1)
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)

@@ -194,8 +194,16 @@ def _network(ctx: Any) -> str:
         mac = getattr(dev, "mac", None)
         mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
         link = "" if dev is None or getattr(dev, "link_up", True) else " (link down)"
-        out.append(f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}{link}\r\n")
-        out.append(f" \\ {spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}\r\n")
+        nic = f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}{link}"
+        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}"
+        if getattr(spec, "hub", -1) == 0:
+            # A -net pair: both hang off hub 0, its ports listed newest first as QEMU does.
+            ports = {spec.hub_port: nic, 1 - spec.hub_port: netdev}
+            out.append("hub 0\r\n")
+            out.extend(f" \\ hub0port{p}: {ports[p]}\r\n" for p in (1, 0))
+            continue
+        out.append(f"{nic}\r\n")
+        out.append(f" \\ {netdev}\r\n")
     return "".join(out)
 
 

@@ -109,6 +109,31 @@ async def test_nics_without_an_id_have_qemus_names_in_board_order(tmp_path: Path
             await ex(m.qmp, "human-monitor-command", {"command-line": "info network"}))
 
 
+async def _qemu_info_network(*argv: str) -> str:
+    """QEMU's own ``info network`` for a PC (never started) made with ``argv``."""
+    script = b"".join(json.dumps(c).encode() + b"\n" for c in (
+        {"execute": "qmp_capabilities"},
+        {"execute": "human-monitor-command", "arguments": {"command-line": "info network"}},
+        {"execute": "quit"}))
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-M", "pc", *argv, "-qmp", "stdio",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(script), 30)
+    [text] = [json.loads(ln)["return"] for ln in out.decode().splitlines() if '"return": "' in ln]
+    return str(text)
+
+
+@needs_qemu
+@pytest.mark.parametrize("argv", [("-net", "nic,model=virtio", "-net", "user"),
+                                  ("-net", "user", "-net", "nic,model=virtio")])
+async def test_info_network_shows_a_net_pair_on_hub_0_as_qemu_does(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    async with machine(tmp_path, *argv) as m:
+        ours = await ex(m.qmp, "human-monitor-command", {"command-line": "info network"})
+    theirs = await _qemu_info_network(*argv)
+    # QEMU's anonymous back end is "#net" and a counter of its own; ours counts from 0.
+    assert re.sub(r"#net\d+", "#net", ours) == re.sub(r"#net\d+", "#net", theirs)
+
+
 async def test_capture_started_and_stopped_while_running_holds_only_what_passed_between(tmp_path: Path) -> None:
     from scapy.layers.dhcp import DHCP
     from scapy.layers.inet import ICMP
