@@ -468,8 +468,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     # QEMU's board makes the NICs of -nic and -net nic while it builds the machine, before any
     # -device or -drive if=virtio: they take the first free slots and default MACs, wherever
     # they stand on the command line (so eth0 is the same NIC as under QEMU).
-    board_nics = [e for e in plan.entries if isinstance(e, tuple) and e[0] in ("-nic", "-net nic")]
-    for entry in board_nics + [e for e in plan.entries if not any(e is b for b in board_nics)]:
+    for entry in sorted(plan.entries, key=lambda e: not (isinstance(e, tuple) and e[0] in ("-nic", "-net nic"))):
         if isinstance(entry, DriveConfig):
             assert entry.id is not None
             what = f"-drive {entry.id}"

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from appliance.nat.frames import IPPROTO_ICMP, IPPROTO_UDP, Ipv4, checksum, ip_str, verify
-from appliance.nat.stats import FlowInfo
+from appliance.nat.stats import FlowInfo, sock_address
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -273,13 +273,9 @@ class Icmp:
         out = []
         now = time.monotonic()
         for f in reversed(self._flows.values()):
-            try:
-                host, fd = f.sock.getsockname()[:2], f.sock.fileno()
-            except OSError:
-                host, fd = ("0.0.0.0", 0), -1
             left = max(0, int(IDLE_TIMEOUT - (now - f.last)))
-            out.append(FlowInfo("ICMP", "", str(host[0]), 0, ip_str(f.guest), 0, 0, 0, fd, f"ICMP[{left} sec]",
-                                guest_started=True, peer_addr=ip_str(f.dst)))
+            out.append(FlowInfo("ICMP", "", sock_address(f.sock)[0], 0, ip_str(f.guest), 0, 0, 0, f.sock.fileno(),
+                                f"ICMP[{left} sec]", guest_started=True, peer_addr=ip_str(f.dst)))
         return out
 
     def close(self) -> None:

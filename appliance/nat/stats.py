@@ -7,6 +7,7 @@ and operators can tell "the guest sent garbage" from "the host was slow".
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -90,6 +91,18 @@ class FlowInfo:
             f"  {label:<17} {self.fd:3d} {src:>15} {sport:5d} "
             f"{dst:>15} {dport:5d} {self.recv_q:5d} {self.send_q:5d}"
         )
+
+
+def sock_address(sock: Any, peer: bool = False) -> tuple[str, int]:
+    """A host socket's own address (or its peer's) for a flow row: ``0.0.0.0``, 0 when it is
+    closed, not an IP socket (a guestfwd command's socketpair), or none."""
+    try:
+        name = (sock.getpeername() if peer else sock.getsockname()) if sock is not None else None
+    except (OSError, ValueError):
+        name = None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), int(name[1])
+    return "0.0.0.0", 0
 
 
 HEADER = "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ"

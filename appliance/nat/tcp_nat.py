@@ -48,13 +48,13 @@ import signal
 import socket
 import struct
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_TCP, Ipv4, ip_str, pseudo_sum, verify
 from appliance.nat.icmp import routing_error
-from appliance.nat.stats import FlowInfo
+from appliance.nat.stats import FlowInfo, sock_address
 from appliance.nat.tcp import (
     ACK,
     CLOSED,
@@ -1090,10 +1090,11 @@ class TcpNat:
         out = []
         for c in reversed(self.conns.values()):
             label = f"TCP[{c.state_name}]"
-            fd = _fd_of(c.transport)
-            host, port = _address_of(c.transport)
+            sock = _sock_of(c.transport)
+            fd = _fd_of(c.transport, sock)
+            host, port = sock_address(sock)
             if c.inbound:
-                client, cport = _address_of(c.transport, peer=True)  # the outside end (JSON only)
+                client, cport = sock_address(sock, peer=True)  # the outside end (JSON only)
                 out.append(FlowInfo("TCP[HOST_FORWARD]", c.state_name, host, port,
                                     ip_str(c.gip), c.gport, c.recv_queue(), c.send_queue(), fd, label,
                                     peer_addr=client, peer_port=cport))  # fmt: skip
@@ -1161,29 +1162,22 @@ def _complete_handshake(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
-def _address_of(transport: object, peer: bool = False) -> tuple[str, int]:
-    """The host socket's own address behind a connection's transport, or its peer's (``0.0.0.0``, 0
-    when closed or none)."""
+def _sock_of(transport: object) -> Any:
+    """The host socket behind a connection's transport (a HostSocket's, or an asyncio transport's
+    socket or its TransportSocket); None when there is none."""
     sock = getattr(transport, "_sock", None)
     if sock is None:
         get = getattr(transport, "get_extra_info", None)
         sock = get("socket") if get is not None else None
-    try:
-        name = (sock.getpeername() if peer else sock.getsockname()) if sock is not None else None
-    except (OSError, ValueError):
-        name = None
-    if isinstance(name, tuple) and len(name) >= 2:
-        return str(name[0]), int(name[1])
-    return "0.0.0.0", 0  # also a guestfwd command's socketpair (AF_UNIX)
+    return sock
 
 
-def _fd_of(transport: object) -> int:
-    """The host socket's descriptor behind a connection's transport (-1 when closed or none)."""
+def _fd_of(transport: object, sock: Any) -> int:
+    """The host socket's descriptor behind a connection's transport (``sock``: its socket, from
+    :func:`_sock_of`); -1 when closed or none."""
     fd = getattr(transport, "_fd", None)
     if isinstance(fd, int):
         return fd
-    get = getattr(transport, "get_extra_info", None)
-    sock = get("socket") if get is not None else None
     try:
         return int(sock.fileno()) if sock is not None else -1
     except (OSError, ValueError):

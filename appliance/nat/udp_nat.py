@@ -17,7 +17,7 @@ from appliance.nat.config import HostForward
 from appliance.nat.errors import NatError
 from appliance.nat.frames import IPPROTO_UDP, ip_str
 from appliance.nat.icmp import QUOTE_V6, udp_quote
-from appliance.nat.stats import FlowInfo
+from appliance.nat.stats import FlowInfo, sock_address
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -220,14 +220,10 @@ class UdpNat:
             if f.inbound:
                 continue
             gip, gport, rip, rport = f.key
-            try:
-                host = f.sock.getsockname()
-                fd = f.sock.fileno()
-            except OSError:
-                host, fd = ("0.0.0.0", 0), -1
+            host = sock_address(f.sock)
             # QEMU shows how long an idle flow has left before it is dropped.
             left = max(0, int(f.timeout - (now - f.last)))
-            out.append(FlowInfo("UDP", "", str(host[0]), int(host[1]), ip_str(gip), gport, 0, 0, fd,
+            out.append(FlowInfo("UDP", "", host[0], host[1], ip_str(gip), gport, 0, 0, f.sock.fileno(),
                                 f"UDP[{left} sec]", guest_started=True, peer_addr=ip_str(rip), peer_port=rport))
         for sock, fwd in self._listeners:
             host, port = sock.getsockname()[:2]

@@ -100,7 +100,7 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
         await commands.COMMANDS[word].handler(ctx, {})
         return ""
     if word == "help":
-        return _help(args)
+        return help_text(args)
     if word == "info":
         return await _info(ctx, args)
     if word == "set_link":
@@ -134,12 +134,8 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
 
 
 def help_text(args: list[str], only: frozenset[str] | None = None) -> str:
-    """What ``help`` prints (a monitor with fewer commands than a VM's passes ``only``)."""
-    return _help(args, only)
-
-
-def _help(args: list[str], only: frozenset[str] | None = None) -> str:
-    """``help [cmd]`` / ``help info [what]``; ``only``: the command and info names a monitor has."""
+    """What ``help [cmd]`` / ``help info [what]`` prints; ``only``: the command and info names of a
+    monitor with fewer commands than a VM's."""
     if args and args[0] == "info":
         items = sorted((k, v) for k, v in INFO_HELP.items() if only is None or f"info {k}" in only)
         if len(args) > 1:
@@ -161,7 +157,7 @@ def _help(args: list[str], only: frozenset[str] | None = None) -> str:
 
 async def _info(ctx: Any, args: list[str]) -> str:
     if not args:
-        return _help(["info"])
+        return help_text(["info"])
     what = args[0]
     if what == "status":
         status = (await commands.COMMANDS["query-status"].handler(ctx, {}))["status"]

@@ -97,21 +97,12 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
         if words[1] == "version":
             v = commands.QEMU_VERSION
             return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
-    if words[0] in ("help", "?"):
-        from appliance.qmp import hmp
+    from appliance.qmp import hmp
 
-        return hmp.help_text(words[1:], _HMP_HAS)
-    if words == ["info"]:
-        from appliance.qmp import hmp
-
-        return hmp.help_text(["info"], _HMP_HAS)
-    if words == ["info", "network"]:
-        from appliance.qmp import hmp
-
-        return await hmp.execute(ctx, "info network")
-    if words[0] in ("hostfwd_add", "hostfwd_remove"):
-        from appliance.qmp import hmp
-
+    if words[0] in ("help", "?") or words == ["info"]:
+        # Bare "info" lists its subcommands, as "help info" does.
+        return hmp.help_text(words[1:] if words[0] != "info" else words, _HMP_HAS)
+    if words == ["info", "network"] or words[0] in ("hostfwd_add", "hostfwd_remove"):
         return await hmp.execute(ctx, args["command-line"])  # the daemon's NICs stand in for the VM's
     if len(words) == 3 and words[0] == "set_link" and words[2] in ("on", "off"):
         netops.set_link(ctx.machine, words[1], words[2] == "on")
