@@ -72,6 +72,25 @@ the other). These paired ``--compare-tree`` runs changed nothing beyond the roun
 
 The cyclic GC ran 7 gen-0 collections, 1.2 ms in all, over a run of ~400 connections.
 
+Later measurements (2026-11-27, second session):
+- Of the two passes the guest waits on, ~320 us (SYN) and ~300 us (FIN) of CPU when cold
+  (``bench/tools/conn_passes.py``), the kernel takes a large share: a cold ``connect()`` to the
+  loopback sink with its ``getpeername()`` took 132 us (76 us warm), and the FIN pass's
+  ``shutdown()`` 98 us (46 us warm). The loopback handshake and the sink's wake-up run inside
+  those calls, in our thread, as they do in QEMU's main thread for libslirp.
+- The sink's close came inside the FIN pass (read after the yield) for 289 of 300 connections
+  in a TCG run, so a second pass for the host's FIN is rare.
+- In a fast phase (400 connections, ``--pcap``), the medians, ours against libslirp, were:
+  SYN to SYN-ACK 256 against 516 us; SYN-ACK to the guest's ACK 622 against 410 us (the way
+  back to the guest and out again); the guest's FIN to our FIN 263 against 221 us.
+- Single rounds of the connection row alone (``--rounds 1 --only connections_per_s``) read
+  1.01-1.02 three times, while the 6-round table reads ~0.96. The first round boots and
+  measures the stacks in the same order every time, so a single round is not a fair
+  comparison; the table's rotation is.
+- ``perf record -a`` with the sched tracepoints silently missed most switches of one QEMU's
+  vCPU thread in one run (its summed run time came to 0.9 s of a ~2.3 s span). Check a thread's
+  summed run time against the bench's own CPU rows before trusting such a trace.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
