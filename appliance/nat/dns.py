@@ -1,7 +1,10 @@
 """DNS proxy at the ``dns=`` address (RFC 1035): local names answered here, the rest forwarded.
 
-Upstream servers come from the host's ``/etc/resolv.conf`` (IPv4 entries), or
-from the config for tests. Each forwarded query gets a fresh random
+Upstream servers come from the host's ``/etc/resolv.conf`` (IPv4 and IPv6
+entries, in its order), or from the config for tests. A resolv.conf naming none
+means the name server on the local machine (resolv.conf(5)), 127.0.0.1:53, which
+is where libslirp sends the guest's queries when the host names none either.
+Each forwarded query gets a fresh random
 transaction id of ours, so ids chosen by the guest can neither collide with
 each other nor be used to inject answers, and an answer must carry the
 question asked; pending queries are bounded and time out. An answer larger
@@ -23,7 +26,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -52,21 +55,32 @@ RCODE_BADVERS = 16  # RFC 6891 §6.1.3, carried in the OPT record's extended RCO
 
 
 def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
-    """IPv4 ``nameserver`` lines of a resolv.conf (resolv.conf(5))."""
+    """The ``nameserver`` lines of a resolv.conf, IPv4 and IPv6, in file order (resolv.conf(5)).
+
+    An IPv6 link-local entry keeps its zone (``fe80::1%eth0``). A file that names none, or no
+    file at all, means the local machine's name server, as it does for the host's own resolver.
+    """
     servers: list[tuple[str, int]] = []
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
-        return servers
+        text = ""
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                socket.inet_aton(parts[1])
-            except OSError:
-                continue
+        if len(parts) >= 2 and parts[0] == "nameserver" and upstream_address(parts[1], DNS_PORT) is not None:
             servers.append((parts[1], DNS_PORT))
-    return servers
+    return servers or [("127.0.0.1", DNS_PORT)]
+
+
+def upstream_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]] | None:
+    """The socket family and address of a numeric upstream (IPv4, or IPv6 with an optional
+    ``%zone``), or None when ``host`` is not one (a name, or a zone no interface has)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return None
+    family, _, _, _, addr = found[0]
+    return family, addr
 
 
 def parse_question(msg: bytes) -> tuple[int, int, str, int, int, int] | None:
@@ -228,7 +242,11 @@ class DnsProxy:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
         cfg = net.config
-        self.servers = list(cfg.nameservers) if cfg.nameservers is not None else host_nameservers()
+        wanted = list(cfg.nameservers) if cfg.nameservers is not None else host_nameservers()
+        # Each upstream with where its queries go; one socket per address family, made when
+        # a query first goes to a server of that family.
+        self._upstreams = [(s, a) for s in wanted if (a := upstream_address(*s)) is not None]
+        self.servers = [s for s, _ in self._upstreams]
         self.local: dict[str, bytes] = {}
         for name in ("gateway", "_gateway", "host"):
             self.local[name] = cfg.host.packed
@@ -244,7 +262,7 @@ class DnsProxy:
             for table in (self.local, self.local6):
                 for name, packed in list(table.items()):
                     table[f"{name}.{cfg.domainname.lower().rstrip('.')}"] = packed
-        self._sock: socket.socket | None = None
+        self._socks: dict[socket.AddressFamily, socket.socket] = {}
         self._pending: dict[int, _Query] = {}
 
     def input(self, src: bytes, sport: int, dst: bytes, payload: memoryview) -> None:
@@ -282,14 +300,6 @@ class DnsProxy:
         if len(self._pending) >= MAX_PENDING or len(msg) > MAX_QUERY:
             c.dns_dropped += 1
             return
-        if self._sock is None:
-            try:
-                self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            except OSError:
-                c.dns_dropped += 1
-                return
-            self._sock.setblocking(False)
-            self.net.loop.add_reader(self._sock.fileno(), self._readable)
         # A random id (RFC 5452 §4.3): one that counts up tells an off-path forger the next.
         for _ in range(8):
             our_id = secrets.randbits(16)
@@ -305,18 +315,30 @@ class DnsProxy:
 
     def _send(self, our_id: int, q: _Query, now: float) -> None:
         """Send (or resend) a query to its current upstream server."""
-        assert self._sock is not None
         q.deadline = now + PER_SERVER_TIMEOUT
+        family, addr = self._upstreams[q.server][1]
         try:
-            self._sock.sendto(q.wire, self.servers[q.server])
+            self._socket(family).sendto(q.wire, addr)
         except OSError:
+            # Unanswered, it moves on to the next server when its deadline passes.
             self.net.stats.dns_dropped += 1
 
-    def _readable(self) -> None:
-        assert self._sock is not None
+    def _socket(self, family: socket.AddressFamily) -> socket.socket:
+        sock = self._socks.get(family)
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            self.net.loop.add_reader(sock.fileno(), self._readable, family)
+            self._socks[family] = sock
+        return sock
+
+    def _readable(self, family: socket.AddressFamily) -> None:
+        sock = self._socks.get(family)
+        if sock is None:
+            return
         for _ in range(64):
             try:
-                data, peer = self._sock.recvfrom(65535)
+                data, peer = sock.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -325,13 +347,19 @@ class DnsProxy:
                 continue
             our_id = int.from_bytes(data[:2], "big")
             p = self._pending.get(our_id)
-            if p is None or self.servers[p.server] != (peer[0], peer[1]) or not p.answered_by(data):
+            if p is None or not self._from_server(p.server, family, peer) or not p.answered_by(data):
                 self.net.stats.dns_dropped += 1
                 continue
             del self._pending[our_id]
             if len(data) > p.limit:
                 data = truncated(data, p.question)
             self._reply(p.guest, p.gport, p.dns_ip, struct.pack("!H", p.qid) + data[2:])
+
+    def _from_server(self, server: int, family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
+        """Whether ``peer`` is the upstream the query went to (its address and port; for IPv6
+        also its zone, which recvfrom gives as part of a link-local address)."""
+        want_family, want = self._upstreams[server][1]
+        return want_family == family and want[:2] == peer[:2]
 
     def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
         self.net.emit_udp(guest, gport, dns_ip, DNS_PORT, msg)
@@ -355,10 +383,10 @@ class DnsProxy:
         return len(self._pending)
 
     def close(self) -> None:
-        if self._sock is not None:
+        for sock in self._socks.values():
             try:
-                self.net.loop.remove_reader(self._sock.fileno())
+                self.net.loop.remove_reader(sock.fileno())
             except (ValueError, OSError):
                 pass
-            self._sock.close()
-            self._sock = None
+            sock.close()
+        self._socks.clear()

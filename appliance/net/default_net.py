@@ -301,7 +301,12 @@ async def serve(state: Path, stop: asyncio.Event) -> None:
     dhcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, BRIDGE.encode())
     dhcp_sock.bind(("0.0.0.0", dhcpmsg.SERVER_PORT))
     dhcp_t, _ = await loop.create_datagram_endpoint(lambda: DhcpResponder(db), sock=dhcp_sock)
-    upstream = [s for s in dnsmsg.host_nameservers() if not s[0].startswith("127.")]
+    # Its forwarder speaks IPv4 only; a loopback resolver (the default when resolv.conf names
+    # none) is left out as before.
+    upstream = [
+        s for s in dnsmsg.host_nameservers()
+        if (a := dnsmsg.upstream_address(*s)) is not None and a[0] == socket.AF_INET and not s[0].startswith("127.")
+    ]
     dns_t, _ = await loop.create_datagram_endpoint(
         lambda: DnsResponder(db, upstream), local_addr=(str(GATEWAY), dnsmsg.DNS_PORT)
     )

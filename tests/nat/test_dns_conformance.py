@@ -233,8 +233,9 @@ async def test_tcp_to_the_dns_address_on_another_port_is_refused() -> None:
 
 
 async def test_query_with_no_upstream_gets_servfail_at_once() -> None:
-    """No resolver configured (an empty resolv.conf): RCODE 2 with the question and the guest's
-    id, an OPT record for an EDNS query (was: silence, the guest waited out its timeouts)."""
+    """No upstream at all (``nameservers=()``; a resolv.conf naming none means the local
+    machine's, see test_dns_upstreams): RCODE 2 with the question and the guest's id, an OPT
+    record for an EDNS query (was: silence, the guest waited out its timeouts)."""
     net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=()))
     await net.start()
     try:
