@@ -151,9 +151,6 @@ class UserNetwork:
         self._kick_pending = False
         # Guest frames expected next that nothing waits on (see take_quiet_tx).
         self.quiet_tx = 0
-        # The device's way to take such frames at once (set_tx_poll_callback).
-        self._tx_poll: Callable[[], None] | None = None
-        self._tx_poll_scheduled = False
         # Give the CPU up after waking a host peer the guest waits on (HostSocket._shutdown).
         # For a stack in its own process (net-daemon): with our own VM's vCPU threads in the
         # process, os.sched_yield() hands them the GIL for up to a switch interval.
@@ -404,34 +401,13 @@ class UserNetwork:
     def take_quiet_tx(self) -> int:
         """How many of the guest's next frames are expected to need no prompt handling (and forget it).
 
-        Two such frames: the ACK that completes a connection the guest opened (it
-        answers our SYN-ACK; the host side is connected already), and the ACK of our
-        FIN when the guest closed first, which just ends the connection here. A NIC
+        A TCP connection the guest closed first is answered with our FIN, and the
+        guest's only reply is its ACK, which just ends the connection here. A NIC
         may let such frames wait for the next one the guest sends, sparing the
-        guest a notification and itself a wake-up; it then sets a way to take them
-        at once (:meth:`set_tx_poll_callback`) for when something does wait on one.
+        guest a notification and itself a wake-up.
         """
         n, self.quiet_tx = self.quiet_tx, 0
         return n
-
-    def set_tx_poll_callback(self, poll: Callable[[], None] | None) -> None:
-        """How the device takes the guest's transmitted frames now, those it lets wait without a
-        kick included (see :meth:`take_quiet_tx`); None when it has no such wait."""
-        self._tx_poll = poll
-
-    def want_guest_frames(self) -> None:
-        """Something here waits on a frame the guest may have sent without a kick: have the
-        device take what the guest sent on the next loop turn, not when its wait ends."""
-        if self._tx_poll is not None and not self._tx_poll_scheduled and self._loop is not None:
-            self._tx_poll_scheduled = True
-            self._loop.call_soon(self._poll_guest_tx)
-
-    def _poll_guest_tx(self) -> None:
-        # A loop turn of its own: never inside the connection callback that asked for it.
-        self._tx_poll_scheduled = False
-        poll = self._tx_poll
-        if poll is not None:
-            poll()
 
     def hold(self) -> None:
         """Frames queued from now until :meth:`release` go to the device in one batch at the release."""

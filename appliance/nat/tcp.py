@@ -546,10 +546,6 @@ class TcpConn:
         """
         self.state = SYN_RCVD
         self._send_syn()
-        # The guest's ACK of this SYN-ACK only moves us to ESTABLISHED (RFC 9293 §3.5): the
-        # host side is connected already. The data or FIN the guest sends next comes with a
-        # kick of its own; a host that speaks first asks for the ACK then (host_data).
-        self.net.quiet_tx += 1
 
     def attach(self, transport: HostTransport) -> None:
         """The host socket's transport is ready: pass on what the guest already sent."""
@@ -567,9 +563,6 @@ class TcpConn:
         self.sndbuf += data
         if eof:
             self.fin_queued = True
-        if self.state == SYN_RCVD:
-            # Nothing goes out before the guest's ACK, which may sit unkicked (host_connected).
-            self.net.want_guest_frames()
         # Before the guest's ACK nothing can be sent: one read is held (a server's greeting), and
         # the rest waits in the host kernel, so half-open connections buffer little here.
         full = self.send_queue() >= SNDBUF or self.state == SYN_RCVD
@@ -580,8 +573,6 @@ class TcpConn:
 
     def host_eof(self) -> None:
         self.fin_queued = True
-        if self.state == SYN_RCVD:
-            self.net.want_guest_frames()
         self.output()
 
     def host_lost(self, exc: Exception | None) -> None:

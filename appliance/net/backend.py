@@ -100,11 +100,5 @@ class ForwardingBackend:
         take = getattr(self.inner, "take_quiet_tx", None)
         return int(take()) if take is not None else 0
 
-    def set_tx_poll_callback(self, poll: Callable[[], None] | None) -> None:
-        """For an inner backend with quiet frames: how the device takes them at once."""
-        set_poll = getattr(self.inner, "set_tx_poll_callback", None)
-        if set_poll is not None:
-            set_poll(poll)
-
     def close(self) -> None:
         self.inner.close()

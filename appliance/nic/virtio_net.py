@@ -494,10 +494,6 @@ class VirtioNet(VirtioDevice):
         self._hdr_len = C.HDR_LEN - 2 if legacy_short else C.HDR_LEN
         self._apply_offloads(self.driver_features)
         self._run_pairs(self._active_pairs)
-        for pair, backend in enumerate(self.backends):
-            set_poll = getattr(backend, "set_tx_poll_callback", None)
-            if set_poll is not None:
-                set_poll(functools.partial(self._tx_poll_now, pair))
 
     async def quiesce(self) -> None:
         """Give back the rx buffers we hold but never filled.
@@ -533,10 +529,6 @@ class VirtioNet(VirtioDevice):
             if timer is not None:
                 timer.cancel()
                 self._tx_quiet_timers[pair] = None
-        for backend in self.backends:
-            set_poll = getattr(backend, "set_tx_poll_callback", None)
-            if set_poll is not None:
-                set_poll(None)
         for pair in range(self.pairs):
             self._rx_armed[pair] = None
             try:
@@ -683,12 +675,6 @@ class VirtioNet(VirtioDevice):
             return
         q.set_avail_event(last + min(n, TX_QUIET_MAX))
         self._tx_quiet_timers[pair] = loop.call_later(TX_QUIET_WAIT, self._tx_quiet_due, pair)
-
-    def _tx_poll_now(self, pair: int) -> None:
-        """The backend waits on a frame the guest may have sent without a kick: if kicks are
-        being skipped (_tx_skip_quiet), end the wait now and take what the guest sent."""
-        if self._tx_quiet_timers[pair] is not None and self._queues and not self.needs_reset:
-            self.queue_notify(2 * pair + 1)  # _tx cancels the wait
 
     def _tx_quiet_due(self, pair: int) -> None:
         self._tx_quiet_timers[pair] = None
