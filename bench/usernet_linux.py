@@ -87,6 +87,10 @@ Later measurements (2026-11-27, second session):
   1.01-1.02 three times, while the 6-round table reads ~0.96. The first round boots and
   measures the stacks in the same order every time, so a single round is not a fair
   comparison; the table's rotation is.
+- Not kicking for the guest's handshake ACK (transmit kicks 831 -> 609 over 300 connections)
+  measured 0.960 ± 0.033 (10 rounds, new over old) and 0.981 ± 0.030 (6 rounds, old over new)
+  in two paired runs: no gain either way. It was reverted, because it also delays a guest that
+  sends its first request with the handshake ACK (TCP_QUICKACK cleared before connect()).
 - ``perf record -a`` with the sched tracepoints silently missed most switches of one QEMU's
   vCPU thread in one run (its summed run time came to 0.9 s of a ~2.3 s span). Check a thread's
   summed run time against the bench's own CPU rows before trusting such a trace.
