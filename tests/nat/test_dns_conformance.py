@@ -185,9 +185,11 @@ async def test_local_answer_to_an_edns_query_carries_an_opt_record(setup: Setup)
     assert setup.resolver.got == []
 
 
-async def test_tcp_query_to_the_dns_address_reaches_the_upstream_as_libslirp() -> None:
+@pytest.mark.parametrize("upstream", ["127.0.0.1", "::1"])
+async def test_tcp_query_to_the_dns_address_reaches_the_upstream_as_libslirp(upstream: str) -> None:
     """libslirp connects TCP to its DNS address to the host's resolver: a client told TC=1
-    asks again over TCP (RFC 7766), two-byte length and all, and the id comes back."""
+    asks again over TCP (RFC 7766), two-byte length and all, and the id comes back. The
+    resolver may be an IPv6 one (test_dns_upstreams)."""
     got: list[bytes] = []
 
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -199,9 +201,9 @@ async def test_tcp_query_to_the_dns_address_reaches_the_upstream_as_libslirp() -
         await w.drain()
         w.close()
 
-    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    srv = await asyncio.start_server(serve, upstream, 0)
     port = srv.sockets[0].getsockname()[1]
-    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=(("127.0.0.1", port),)))
+    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=((upstream, port),)))
     await net.start()
     try:
         async with Guest(net) as g:

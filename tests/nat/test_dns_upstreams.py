@@ -1,5 +1,6 @@
 """Where the DNS forwarder sends queries: the host's resolv.conf read as its resolver reads it,
-IPv6 upstreams, and moving from one family's server to the other's.
+IPv6 upstreams, and moving from one family's server to the other's (TCP to an IPv6 upstream:
+test_dns_conformance).
 
 Upstreams here are resolvers this test runs on 127.0.0.1 and ::1; no other resolver is
 contacted. resolv.conf files are written to the test's own directory.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import struct
 from pathlib import Path
 
 from scapy.layers.dns import DNS
@@ -19,7 +19,7 @@ from appliance.nat import dns as dnsmod
 from appliance.nat.dns import host_nameservers
 
 from .peer import Guest
-from .test_dns_conformance import DNS_IP, Resolver, Setup, ask, many_a, q
+from .test_dns_conformance import Resolver, Setup, ask, many_a, q
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -127,33 +127,3 @@ async def test_answer_from_another_ipv6_port_is_dropped(monkeypatch) -> None:  #
         transport.close()
         forger_t.close()
 
-
-async def test_tcp_query_to_the_dns_address_reaches_an_ipv6_upstream() -> None:
-    got: list[bytes] = []
-
-    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        n = struct.unpack("!H", await r.readexactly(2))[0]
-        query = DNS(await r.readexactly(n))
-        got.append(bytes(query))
-        reply = bytes(many_a(query, 3))
-        w.write(struct.pack("!H", len(reply)) + reply)
-        await w.drain()
-        w.close()
-
-    srv = await asyncio.start_server(serve, "::1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    net = UserNetwork(dataclasses.replace(UserNetConfig(), nameservers=(("::1", port),)))
-    await net.start()
-    try:
-        async with Guest(net) as g:
-            c = g.connect(DNS_IP, 53)
-            query = bytes(q("tcp6.example", 0x4646))
-            c.write(struct.pack("!H", len(query)) + query)
-            await c.wait(lambda: c.fin_rcvd, 10)
-            data = c.read()
-            a = DNS(data[2 : 2 + struct.unpack("!H", data[:2])[0]])
-            assert (a.id, a.ancount) == (0x4646, 3)
-            assert len(got) == 1
-    finally:
-        await net.stop()
-        srv.close()
