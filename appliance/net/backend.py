@@ -65,8 +65,18 @@ class ForwardingBackend:
     """A FrameBackend that hands everything to ``inner``: the base of wrappers
     that change one part (a capture records frames, a pulled cable drops them)."""
 
+    # Only for an inner backend that has it (the user-mode stack): how many frames it holds
+    # for the guest, which spares virtio-net a read that would find none.
+    queued: Callable[[], int]
+
     def __init__(self, inner: FrameBackend) -> None:
         self.inner = inner
+        # The inner method itself, not a wrapper: the device looks it up once a pass and calls
+        # it after each frame. A backend without it leaves the attribute unset, so the device
+        # reads until a read comes back empty, as it does for the backend alone.
+        queued = getattr(inner, "queued", None)
+        if queued is not None:
+            self.queued = queued
 
     @property
     def vnet_hdr_len(self) -> int:
