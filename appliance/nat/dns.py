@@ -3,7 +3,9 @@
 Upstream servers come from the host's ``/etc/resolv.conf`` (IPv4 and IPv6
 entries, in its order), or from the config for tests. A resolv.conf naming none
 means the name server on the local machine (resolv.conf(5)), 127.0.0.1:53, which
-is where libslirp sends the guest's queries when the host names none either.
+is where libslirp sends the guest's queries when the host names none either. The
+file is read again when it changes (a laptop joining another network, a VPN coming
+up), looked at no more than once a second, as libslirp does.
 Each forwarded query gets a fresh random
 transaction id of ours, so ids chosen by the guest can neither collide with
 each other nor be used to inject answers, and an answer must carry the
@@ -21,6 +23,7 @@ query for them goes upstream like any other.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import struct
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
 DNS_PORT = 53
+RESOLV_CONF = "/etc/resolv.conf"
+RESOLV_CHECK = 1.0  # seconds between looks at whether resolv.conf changed
 PER_SERVER_TIMEOUT = 2.0
 MAX_PENDING = 512
 # The largest query forwarded. A question is at most 255 + 16 bytes; with an
@@ -54,7 +59,7 @@ RCODE_SERVFAIL = 2
 RCODE_BADVERS = 16  # RFC 6891 §6.1.3, carried in the OPT record's extended RCODE
 
 
-def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+def host_nameservers(path: str = RESOLV_CONF, port: int = DNS_PORT) -> list[tuple[str, int]]:
     """The ``nameserver`` lines of a resolv.conf, IPv4 and IPv6, in file order (resolv.conf(5)).
 
     An IPv6 link-local entry keeps its zone (``fe80::1%eth0``). A file that names none, or no
@@ -67,9 +72,9 @@ def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
         text = ""
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver" and upstream_address(parts[1], DNS_PORT) is not None:
-            servers.append((parts[1], DNS_PORT))
-    return servers or [("127.0.0.1", DNS_PORT)]
+        if len(parts) >= 2 and parts[0] == "nameserver" and upstream_address(parts[1], port) is not None:
+            servers.append((parts[1], port))
+    return servers or [("127.0.0.1", port)]
 
 
 def upstream_address(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]] | None:
@@ -216,7 +221,7 @@ def truncated(reply: bytes, question: bytes) -> bytes:
 class _Query:
     """A forwarded query: who asked, with which id, and where it was sent."""
 
-    __slots__ = ("guest", "gport", "qid", "dns_ip", "wire", "question", "limit", "server", "deadline")
+    __slots__ = ("guest", "gport", "qid", "dns_ip", "wire", "question", "limit", "upstreams", "server", "deadline")
 
     def __init__(self, guest: bytes, gport: int, qid: int, dns_ip: bytes, wire: bytes, qend: int, limit: int) -> None:
         self.guest = guest
@@ -226,6 +231,9 @@ class _Query:
         self.wire = wire  # the query with our transaction id
         self.question = wire[_HEADER.size : qend]
         self.limit = limit  # the largest UDP answer the guest takes
+        # The upstream list the query started with (a resolv.conf change makes a new one) and
+        # its place in it.
+        self.upstreams: list[tuple[tuple[str, int], tuple[socket.AddressFamily, tuple[Any, ...]]]] = []
         self.server = 0
         self.deadline = 0.0
 
@@ -242,11 +250,16 @@ class DnsProxy:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
         cfg = net.config
-        wanted = list(cfg.nameservers) if cfg.nameservers is not None else host_nameservers()
-        # Each upstream with where its queries go; one socket per address family, made when
-        # a query first goes to a server of that family.
-        self._upstreams = [(s, a) for s in wanted if (a := upstream_address(*s)) is not None]
-        self.servers = [s for s, _ in self._upstreams]
+        # None: the host's resolv.conf, read again when it changes (_refresh).
+        self._from_host = cfg.nameservers is None
+        self._resolv_seen: tuple[int, int, int] | None = None
+        self._resolv_checked = -RESOLV_CHECK
+        self._upstreams: list[tuple[tuple[str, int], tuple[socket.AddressFamily, tuple[Any, ...]]]] = []
+        self.servers: list[tuple[str, int]] = []
+        if self._from_host:
+            self._refresh(time.monotonic())
+        else:
+            self._use(list(cfg.nameservers or ()))
         self.local: dict[str, bytes] = {}
         for name in ("gateway", "_gateway", "host"):
             self.local[name] = cfg.host.packed
@@ -264,6 +277,31 @@ class DnsProxy:
                     table[f"{name}.{cfg.domainname.lower().rstrip('.')}"] = packed
         self._socks: dict[socket.AddressFamily, socket.socket] = {}
         self._pending: dict[int, _Query] = {}
+
+    def _use(self, servers: list[tuple[str, int]]) -> None:
+        # Each upstream with where its queries go; one socket per address family, made when
+        # a query first goes to a server of that family.
+        self._upstreams = [(s, a) for s in servers if (a := upstream_address(*s)) is not None]
+        self.servers = [s for s, _ in self._upstreams]
+
+    def _refresh(self, now: float) -> None:
+        """Take the host's resolv.conf again if it changed since we last read it."""
+        if not self._from_host or now - self._resolv_checked < RESOLV_CHECK:
+            return
+        self._resolv_checked = now
+        try:
+            st = os.stat(RESOLV_CONF)
+            seen: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            seen = None
+        if seen != self._resolv_seen or not self._upstreams:
+            self._resolv_seen = seen
+            self._use(host_nameservers(RESOLV_CONF))
+
+    def first_server(self) -> tuple[str, int] | None:
+        """The upstream a TCP connection to the DNS address goes to (the first, as libslirp)."""
+        self._refresh(time.monotonic())
+        return self.servers[0] if self.servers else None
 
     def input(self, src: bytes, sport: int, dst: bytes, payload: memoryview) -> None:
         c = self.net.stats
@@ -290,13 +328,15 @@ class DnsProxy:
         if self.net.config.restrict:
             c.restricted += 1  # restrict=on: nothing reaches the host's resolvers (local names still answer)
             return
+        now = time.monotonic()
+        self._refresh(now)
         if not self.servers:
             # No resolver to ask: say so now (as a resolver whose upstreams all fail does)
             # rather than leave the guest waiting out its timeouts.
             c.dns_dropped += 1
             self._reply(src, sport, dst, failure(msg, qend, qid, RCODE_SERVFAIL))
             return
-        self._expire(time.monotonic())
+        self._expire(now)
         if len(self._pending) >= MAX_PENDING or len(msg) > MAX_QUERY:
             c.dns_dropped += 1
             return
@@ -309,6 +349,7 @@ class DnsProxy:
             c.dns_dropped += 1
             return
         q = _Query(src, sport, qid, dst, struct.pack("!H", our_id) + msg[2:], qend, limit)
+        q.upstreams = self._upstreams
         self._pending[our_id] = q
         c.dns_forwarded += 1
         self._send(our_id, q, time.monotonic())
@@ -316,7 +357,7 @@ class DnsProxy:
     def _send(self, our_id: int, q: _Query, now: float) -> None:
         """Send (or resend) a query to its current upstream server."""
         q.deadline = now + PER_SERVER_TIMEOUT
-        family, addr = self._upstreams[q.server][1]
+        family, addr = q.upstreams[q.server][1]
         try:
             self._socket(family).sendto(q.wire, addr)
         except OSError:
@@ -347,7 +388,7 @@ class DnsProxy:
                 continue
             our_id = int.from_bytes(data[:2], "big")
             p = self._pending.get(our_id)
-            if p is None or not self._from_server(p.server, family, peer) or not p.answered_by(data):
+            if p is None or not _from_server(p, family, peer) or not p.answered_by(data):
                 self.net.stats.dns_dropped += 1
                 continue
             del self._pending[our_id]
@@ -355,19 +396,13 @@ class DnsProxy:
                 data = truncated(data, p.question)
             self._reply(p.guest, p.gport, p.dns_ip, struct.pack("!H", p.qid) + data[2:])
 
-    def _from_server(self, server: int, family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
-        """Whether ``peer`` is the upstream the query went to (its address and port; for IPv6
-        also its zone, which recvfrom gives as part of a link-local address)."""
-        want_family, want = self._upstreams[server][1]
-        return want_family == family and want[:2] == peer[:2]
-
     def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
         self.net.emit_udp(guest, gport, dns_ip, DNS_PORT, msg)
 
     def _expire(self, now: float) -> None:
         """Move unanswered queries on to the next upstream server (as resolv.conf(5)); then drop them."""
         for k, q in [(k, q) for k, q in self._pending.items() if q.deadline < now]:
-            if q.server + 1 < len(self.servers):
+            if q.server + 1 < len(q.upstreams):
                 q.server += 1
                 self._send(k, q, now)
             else:
@@ -390,3 +425,10 @@ class DnsProxy:
                 pass
             sock.close()
         self._socks.clear()
+
+
+def _from_server(q: _Query, family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:
+    """Whether ``peer`` is the upstream ``q`` went to last (its address and port; for IPv6 also
+    its zone, which recvfrom gives as part of a link-local address)."""
+    want_family, want = q.upstreams[q.server][1]
+    return want_family == family and want[:2] == peer[:2]

@@ -818,9 +818,7 @@ class TcpNat:
         if net.config.restrict:
             return None
         if dst == net.dns_ip or (net.ipv6 is not None and dst == net.ipv6.dns):
-            if dport == 53 and net.dns.servers:
-                return net.dns.servers[0]
-            return None
+            return net.dns.first_server() if dport == 53 else None
         if not net.routable(dst):
             return None
         return ip_str(net.host_side(dst)), dport

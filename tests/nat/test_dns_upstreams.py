@@ -127,3 +127,33 @@ async def test_answer_from_another_ipv6_port_is_dropped(monkeypatch) -> None:  #
         transport.close()
         forger_t.close()
 
+
+
+async def test_a_changed_resolv_conf_is_read_again(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A host that changes networks rewrites resolv.conf: later queries go to the new server
+    (libslirp reads it again too). Was: the servers of the daemon's start, for good."""
+    a_transport, a, port = await start_resolver("127.0.0.1")
+    loop = asyncio.get_running_loop()
+    b_transport, b = await loop.create_datagram_endpoint(
+        lambda: Resolver(lambda query: bytes(many_a(query, 1))), local_addr=("::1", port)
+    )
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\n")
+    monkeypatch.setattr(dnsmod, "RESOLV_CONF", str(conf))
+    monkeypatch.setattr(dnsmod, "RESOLV_CHECK", 0.0)
+    real = dnsmod.host_nameservers
+    monkeypatch.setattr(dnsmod, "host_nameservers", lambda path: real(path, port))  # the test's resolvers' port
+    net = UserNetwork(UserNetConfig())  # no nameservers given: the host's resolv.conf
+    await net.start()
+    try:
+        async with Guest(net) as g:
+            s = Setup(net, a, g, port)
+            assert (await ask(s, q("first.example", 0x1111))).ancount == 2  # from the IPv4 one
+            conf.write_text("# another network\nnameserver ::1\n")
+            assert (await ask(s, q("second.example", 0x2222))).ancount == 1  # from the IPv6 one
+            assert [r.qd[0].qname for r in a.got] == [b"first.example."]
+            assert [r.qd[0].qname for r in b.got] == [b"second.example."]
+    finally:
+        await net.stop()
+        a_transport.close()
+        b_transport.close()
