@@ -5,11 +5,10 @@ entries, in its order), or from the config for tests. A resolv.conf naming none
 means the name server on the local machine (resolv.conf(5)), 127.0.0.1:53, which
 is where libslirp sends the guest's queries when the host names none either. The
 file is read again when it changes (a laptop joining another network, a VPN coming
-up), looked at no more than once a second, as libslirp does.
-Each forwarded query gets a fresh random
-transaction id of ours, so ids chosen by the guest can neither collide with
-each other nor be used to inject answers, and an answer must carry the
-question asked; pending queries are bounded and time out. An answer larger
+up), looked at no more than once a second, as libslirp does. Each forwarded
+query gets a fresh random transaction id of ours, so ids chosen by the guest can
+neither collide with each other nor be used to inject answers, and an answer must
+carry the question asked; pending queries are bounded and time out. An answer larger
 than the guest can take (512 bytes, or the size its EDNS0 OPT record gives:
 RFC 1035 §4.2.1, RFC 6891 §6.2.5) reaches it truncated with TC set, as a
 resolver sends it, so that it asks again over TCP (TCP to ``dns=``:53 is
@@ -57,6 +56,8 @@ UDP_PLAIN = 512  # RFC 1035 §4.2.1: the most a client without EDNS0 takes over 
 UDP_OURS = 1232  # the payload size our own answers advertise (DNS flag day 2020)
 RCODE_SERVFAIL = 2
 RCODE_BADVERS = 16  # RFC 6891 §6.1.3, carried in the OPT record's extended RCODE
+# An upstream as configured, (host, port), with the family and address its queries go to.
+_Upstream = tuple[tuple[str, int], tuple[socket.AddressFamily, tuple[Any, ...]]]
 
 
 def host_nameservers(path: str = RESOLV_CONF, port: int = DNS_PORT) -> list[tuple[str, int]]:
@@ -233,7 +234,7 @@ class _Query:
         self.limit = limit  # the largest UDP answer the guest takes
         # The upstream list the query started with (a resolv.conf change makes a new one) and
         # its place in it.
-        self.upstreams: list[tuple[tuple[str, int], tuple[socket.AddressFamily, tuple[Any, ...]]]] = []
+        self.upstreams: list[_Upstream] = []
         self.server = 0
         self.deadline = 0.0
 
@@ -254,7 +255,7 @@ class DnsProxy:
         self._from_host = cfg.nameservers is None
         self._resolv_seen: tuple[int, int, int] | None = None
         self._resolv_checked = -RESOLV_CHECK
-        self._upstreams: list[tuple[tuple[str, int], tuple[socket.AddressFamily, tuple[Any, ...]]]] = []
+        self._upstreams: list[_Upstream] = []
         self.servers: list[tuple[str, int]] = []
         if self._from_host:
             self._refresh(time.monotonic())
@@ -352,7 +353,7 @@ class DnsProxy:
         q.upstreams = self._upstreams
         self._pending[our_id] = q
         c.dns_forwarded += 1
-        self._send(our_id, q, time.monotonic())
+        self._send(our_id, q, now)
 
     def _send(self, our_id: int, q: _Query, now: float) -> None:
         """Send (or resend) a query to its current upstream server."""
