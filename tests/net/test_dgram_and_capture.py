@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -13,9 +14,16 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
+from appliance.nat import UserNetConfig, UserNetwork
 from appliance.net.capture import CapturingBackend, open_capture
 from appliance.net.dgram import DgramLink
 from appliance.net.errors import NetError
+from appliance.net.memory import MemoryLink
+from appliance.nic import constants as C
+from appliance.nic.virtio_net import VirtioNet
+from appliance.virtio.testing import FakeDriver
+from tests.nat.peer import GUEST_IP, GUEST_MAC, GW_IP
+from tests.nic.test_virtio_net import post_rx, send_tx
 
 
 def free_udp_port() -> int:
@@ -257,15 +265,6 @@ async def test_capture_of_the_user_stack_reads_no_further_than_the_stack_itself(
     """The user-mode stack tells virtio-net how many frames it holds (queued()), sparing a read
     that finds none; a capture in between passes that on. Was: under filter-dump the NIC
     read once more per receive batch and got nothing."""
-    import struct
-
-    from appliance.nat import UserNetConfig, UserNetwork
-    from appliance.net.memory import MemoryLink
-    from appliance.nic import constants as C
-    from appliance.nic.virtio_net import VirtioNet
-    from appliance.virtio.testing import WRITE, FakeDriver
-    from tests.nat.peer import GUEST_IP, GUEST_MAC, GW_IP
-
     assert not hasattr(CapturingBackend(MemoryLink()), "queued")  # nothing to pass on: read to empty
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
@@ -282,16 +281,12 @@ async def test_capture_of_the_user_stack_reads_no_further_than_the_stack_itself(
     drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=True)
     drv.activate()
     try:
-        for _ in range(8):
-            drv.queues[0].add_chain([(drv.alloc(2048), 2048, WRITE)])
+        post_rx(drv, 0, 2048, count=8)
         drv.kick(0)
         reads.clear()  # the buffers' kick: a read with nothing queued yet, as without a capture
         # The guest asks for the gateway's MAC: one answer, and nothing after it.
         arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, GUEST_MAC, GUEST_IP, bytes(6), GW_IP)
-        frame = bytes(C.HDR_LEN) + b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + arp
-        addr = drv.alloc(len(frame))
-        drv.mem.write(addr, frame)
-        drv.queues[1].add_chain([(addr, len(frame), 0)])
+        send_tx(drv, 1, bytes(C.HDR_LEN) + b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + arp)
         drv.kick(1)
         await drv.wait_used(0)
         await asyncio.sleep(0.05)  # any loop turn a read would come in
