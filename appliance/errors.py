@@ -13,6 +13,8 @@ Each package derives its own typed errors from :class:`ApplianceError`::
      ├── machine.ConfigError (command-line and config validation; exit code 2)
      └── qmp.QmpError
 
+    HelpRequested (not an error: an option's ``help`` value, printed, exit status 0)
+
 Messages are one short sentence; causes are chained with ``raise … from``.
 """
 
@@ -26,3 +28,13 @@ class ConfigError(ApplianceError):
 
     The CLI prints the message on one line and exits with status 2.
     """
+
+
+class HelpRequested(Exception):
+    """An option given ``help`` (``-netdev help``, ``-nic model=help``): QEMU prints the
+    choices on standard output and exits with status 0. The CLI does the same with
+    the text this carries."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text

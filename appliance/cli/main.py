@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, HelpRequested
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("appliance.cli.run", "boot a VM (qemu-kvm style options)"),
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"appliance {name}: {err}", file=sys.stderr)
         return 2
+    except HelpRequested as shown:
+        sys.stdout.write(shown.text)
+        return 0
     except KeyboardInterrupt:
         return 130
     if argv is None and getattr(module, "EXIT_WITHOUT_TEARDOWN", False):

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from appliance.errors import ConfigError
+from appliance.log import get_logger
+
+log = get_logger(__name__)
 
 
 class OptionDict(dict[str, str]):
@@ -82,12 +85,16 @@ def split_option(text: str) -> list[str]:
 
 
 def parse_option(
-    option: str, text: str, *, implied: str | None = None, flags: Iterable[str] = ()
+    option: str, text: str, *, implied: str | None = None, flags: Iterable[str] = (),
+    warn_flags: bool = False,
 ) -> OptionDict:
     """Parse ``text`` of ``option`` (e.g. ``-drive``).
 
     :param implied: key for a leading bare value (``-netdev tap,id=n0`` → ``type=tap``).
     :param flags: keys allowed bare (``server`` → ``server=on``; ``nowait`` → ``wait=off``).
+    :param warn_flags: warn of each bare flag, as QEMU does for options it parses as
+        QemuOpts since 6.0 (``-netdev``, ``-nic``); its legacy chardev strings
+        (``-serial tcp::4444,server,nowait``) it takes silently.
     :raises ConfigError: on a malformed pair.
     """
     if text.lstrip().startswith("{"):
@@ -104,10 +111,12 @@ def parse_option(
             pairs.append((implied, part))
         elif part == "" and idx > 0:
             continue
-        elif part in flagset:
-            pairs.append((part, "on"))
-        elif part.startswith("no") and part[2:] in flagset:
-            pairs.append((part[2:], "off"))
+        elif part in flagset or (part.startswith("no") and part[2:] in flagset):
+            key, value = (part, "on") if part in flagset else (part[2:], "off")
+            pairs.append((key, value))
+            if warn_flags:
+                log.warning("%s %s: warning: short-form boolean option '%s' deprecated; use %s=%s",
+                            option, text, part, key, value)
         else:
             raise ConfigError(f"{option}: invalid parameter '{part}'")
     return OptionDict(option, pairs)

@@ -145,6 +145,8 @@ class DevicePlan:
     drives: dict[str, DriveConfig] = field(default_factory=dict)
     blockdevs: dict[str, BlockdevConfig] = field(default_factory=dict)
     netdevs: dict[str, object] = field(default_factory=dict)
+    # Each netdev's option as typed ("-nic user,hostfwd=…"): what its start-up errors name, as QEMU's do.
+    netdev_origin: dict[str, str] = field(default_factory=dict)
     rng_objects: dict[str, str] = field(default_factory=dict)
     # -object iothread: id -> its poll-max-ns (None: QEMU's default)
     iothreads: dict[str, int | None] = field(default_factory=dict)
@@ -329,14 +331,15 @@ def _iothread(plan: DevicePlan, o: OptionDict) -> None:
 def _netdev(a: RunArgs, v: str) -> None:
     from appliance.net.netdev import parse_netdev
 
-    _add_netdev(plan_of(a), parse_netdev(v), "-netdev")
+    _add_netdev(plan_of(a), parse_netdev(v), "-netdev", v)
 
 
-def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str) -> None:
+def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str, text: str) -> None:
     """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
         raise ConfigError(f"{option}: duplicate id '{cfg.id}'")
     plan.netdevs[cfg.id] = cfg
+    plan.netdev_origin[cfg.id] = f"{option} {text}"
 
 
 @option("-nic", "TYPE[,netdev options][,model=virtio-net-pci][,mac=][,addr=] | none", "a NIC and its netdev in one")
@@ -349,7 +352,7 @@ def _nic(a: RunArgs, v: str) -> None:
     if netdev is None or nic is None:
         plan.net_none = True
         return
-    _add_netdev(plan, netdev, "-nic")
+    _add_netdev(plan, netdev, "-nic", v)
     plan.entries.append(("-nic", nic))
 
 
@@ -380,7 +383,7 @@ def _net(a: RunArgs, v: str) -> None:
         given = o.get("id")
         _claim_net_id(plan, given)
         netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{len(plan.hub_backends)}")
-        _add_netdev(plan, netdev, "-net")
+        _add_netdev(plan, netdev, "-net", v)
         plan.hub_backends.append(netdev.id)
 
 
@@ -560,6 +563,7 @@ def resolve(plan: DevicePlan) -> list[object]:
                 # it): what info network shows and set_link takes.
                 name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
                 hub=0 if nic.hub else -1, hub_port=plan.hub_nic_port,
+                origin=plan.netdev_origin.get(nic.netdev, ""),
             ))
             addrs.append(addr)
     # QEMU warns of these and runs; a netdev is opened with its NIC here, so these stay closed.

@@ -226,6 +226,7 @@ class NicSpec:
     :param rx_queue_size: of each receive queue (None: the device's default).
     :param tx_queue_size: of each transmit queue (None: the device's default).
     :param hub: the QEMU hub of a ``-net`` back end (0), shown by ``info usernet``; -1 for none.
+    :param origin: the netdev's option as typed (``-nic user,hostfwd=…``), for its errors.
     """
 
     netdev: NetdevConfig
@@ -240,6 +241,7 @@ class NicSpec:
     tx_queue_size: int | None = None
     hub: int = -1  # QEMU's hub the netdev hangs off (0 for -net; -1: none)
     hub_port: int = 0  # on a hub, the NIC's port (its back end has the other of 0 and 1)
+    origin: str = ""  # the netdev's option as typed, which its start-up errors name (QEMU's way)
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)
@@ -250,7 +252,7 @@ class NicSpec:
         from appliance.net.capture import open_capture, with_captures
         from appliance.net.netdev import open_netdev
 
-        what = f"-netdev {self.netdev.id}"
+        what = self.origin or f"-netdev {self.netdev.id}"
         try:
             backends, self.owner = await open_netdev(self.netdev, queues=self.queues)
             for c in self.captures:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from appliance.cli.options import OptionDict, parse_option, parse_size, split_option
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, HelpRequested
 from appliance.net.backend import FrameBackend
 
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
@@ -140,6 +140,7 @@ class UserNetdev:
 NetdevConfig = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
 NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
 TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
+HELP_ORDER = ("socket", "stream", "dgram", "tap", "user", "bridge")  # as `-netdev help` lists them
 
 
 def user_flags(text: str) -> tuple[str, ...]:
@@ -156,6 +157,21 @@ def user_flags(text: str) -> tuple[str, ...]:
     return KEYS
 
 
+def _check_user_json(option: str, text: str) -> None:
+    """The JSON form's member types, for ``user`` (libvirt writes -netdev as JSON); the
+    other types are taken as the key=value form takes them."""
+    import json
+
+    from appliance.nat.config import check_json
+
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # parse_option names it
+    if isinstance(obj, dict) and obj.get("type") == "user":
+        check_json(option, obj)
+
+
 def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
@@ -164,7 +180,12 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         a user cannot.
     :raises ConfigError: naming the bad type, key or value.
     """
-    opts = parse_option(option, text, implied="type", flags=user_flags(text))
+    if text in ("help", "?") and implicit_id is None:
+        # QEMU's list, in its order, of the types it has and we have too.
+        raise HelpRequested("Available netdev backend types:\n" + "".join(f"{t}\n" for t in HELP_ORDER))
+    if text.lstrip().startswith("{"):
+        _check_user_json(option, text)
+    opts = parse_option(option, text, implied="type", flags=user_flags(text), warn_flags=True)
     if implicit_id is not None:
         # QEMU's -nic takes id= (it names the netdev); the NIC here refers to its netdev by
         # the implicit id, so a given one is accepted and that name kept.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from appliance.cli.options import OptionDict, parse_option, parse_size
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, HelpRequested
 from appliance.net.netdev import NetdevConfig, parse_netdev, user_flags
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
@@ -178,11 +178,17 @@ class NicConfig:
         return cfg
 
 
+# What `model=help` lists: the names QEMU lists that are ours (QEMU's list has every NIC it emulates).
+HELP_MODELS = ("virtio-net-pci", "virtio-net-pci-non-transitional")
+
+
 def check_model(model: str | None, what: str) -> None:
     """A NIC ``model=`` of ``-nic`` or ``-net nic``: QEMU's virtio-net names only.
 
     :raises ConfigError: naming any other model (e1000, rtl8139, …).
     """
+    if model in ("help", "?"):
+        raise HelpRequested("Supported NIC models:\n" + "".join(f"{m}\n" for m in HELP_MODELS))
     if model not in ("virtio-net-pci", "virtio", "virtio-net", "virtio-net-pci-non-transitional",
                      "virtio-non-transitional"):
         raise ConfigError(f"{what}: model '{model}' is not supported (virtio-net-pci only)")
@@ -213,7 +219,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     The netdev is named by ``id=`` as in QEMU (so ``hostfwd_add ID …`` finds it), else it gets
     ``__nic{index}``, which no ``-device`` can name.
     """
-    opts = parse_option("-nic", text, implied="type", flags=user_flags(text))  # as under -netdev
+    opts = parse_option("-nic", text, implied="type", flags=user_flags(text), warn_flags=True)  # as under -netdev
     kind = opts.get("type")
     if kind == "none":
         opts.take("type")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ INFO_HELP = {
     "version": "show the version of QEMU",
 }
 _NAMES = {alias: names for names in HELP for alias in names.split("|")}
+_COMMAND = re.compile(r"\s*(\S*)(.*)", re.DOTALL)
 
 
 async def execute(ctx: Any, line: str) -> str:
@@ -73,16 +75,67 @@ async def execute(ctx: Any, line: str) -> str:
 
     Errors come back as text, as QEMU's monitor prints them; nothing raises.
     """
-    words = line.split()
-    if not words:
+    name, rest = _COMMAND.match(line).groups()  # type: ignore[union-attr]  # matches any text
+    if not name:
         return ""
+    words = hmp_words(rest)
     try:
-        return await _dispatch(ctx, words)
+        if _NAMES.get(name) == "object_add":
+            # Its argument is the rest of the line as typed (QEMU's "S" argument type).
+            if not rest.strip():
+                return _usage(name, "object_add: string expected")
+            return await _object_add(ctx, rest.strip())
+        if words is None:
+            if name not in _NAMES:
+                return f"unknown command: '{name}'\r\n"
+            return _usage(name, f"{_NAMES[name].split('|')[0]}: string expected")
+        return await _dispatch(ctx, [name, *words])
     except ApplianceError as err:  # QMP's errors too: QEMU prints them after "Error: "
         return f"Error: {err}\r\n"
     except Exception:  # noqa: BLE001 - a bug must not end the monitor
         log.exception("human monitor: %r failed", line)
         return "Error: internal error (see the log)\r\n"
+
+
+def hmp_words(text: str) -> list[str] | None:
+    """The arguments of a command line as QEMU's monitor reads its string arguments
+    (monitor/hmp.c, get_str): words split at white space, where a word that starts
+    with a double quote runs to the closing quote, spaces included, and takes the
+    escapes \\n, \\r, \\\\, \\' and \\". None for an unterminated quote or another
+    escape, which QEMU refuses as "string expected"."""
+    words: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i].isspace():
+            i += 1
+        if i == n:
+            return words
+        if text[i] != '"':
+            j = i
+            while j < n and not text[j].isspace():
+                j += 1
+            words.append(text[i:j])
+            i = j
+            continue
+        out: list[str] = []
+        i += 1
+        while i < n and text[i] != '"':
+            if text[i] == "\\":
+                code = text[i + 1 : i + 2]
+                if code not in _ESCAPES:
+                    return None
+                out.append(_ESCAPES[code])
+                i += 2
+            else:
+                out.append(text[i])
+                i += 1
+        if i == n:
+            return None  # no closing quote
+        words.append("".join(out))
+        i += 1
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
 
 
 def _usage(word: str, problem: str) -> str:
@@ -108,6 +161,8 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
             return _usage(words[0], "set_link: string expected")
         if len(args) < 2 or args[1] not in ("on", "off"):
             return _usage(words[0], "Expected 'on' or 'off'")
+        if len(args) > 2:
+            return _usage(words[0], "set_link: extraneous characters at the end of line")
         netops.set_link(ctx.machine, args[0], args[1] == "on")
         return ""
     if word in ("hostfwd_add", "hostfwd_remove"):
@@ -122,13 +177,11 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
         if word == "hostfwd_add":
             return await _hostfwd_add(net, rule)
         return _hostfwd_remove(net, rule)
-    if word == "object_add":
-        if not args:
-            return _usage(words[0], "object_add: string expected")
-        return await _object_add(ctx, args[0])
     # object_del
     if not args:
         return _usage(words[0], "object_del: string expected")
+    if len(args) > 1:
+        return _usage(words[0], "object_del: extraneous characters at the end of line")
     netops.del_capture(ctx.machine, args[0])
     return ""
 
@@ -159,6 +212,8 @@ async def _info(ctx: Any, args: list[str]) -> str:
     if not args:
         return help_text(["info"])
     what = args[0]
+    if len(args) > 1 and what in INFO_HELP:  # no info subcommand takes an argument
+        return _usage(f"info {what}", f"{what}: extraneous characters at the end of line")
     if what == "status":
         status = (await commands.COMMANDS["query-status"].handler(ctx, {}))["status"]
         # QEMU says "paused (<reason>)" for every stopped state but a plain stop.

@@ -30,7 +30,7 @@ from appliance.errors import ApplianceError
 from appliance.nat.stack import UserNetwork
 from appliance.nat.stats import format_flows
 from appliance.net.netdev import UserNetdev, parse_netdev
-from tests.conftest import needs_qemu
+from tests.conftest import needs_kvm, needs_qemu
 from tests.ports import free_port
 
 pytestmark = needs_qemu
@@ -362,6 +362,16 @@ HMP_LINES = [
     "hostfwd_add tcp:127.0.0.1:{g}-:22",
     "hostfwd_remove tcp::{g}",
     "hostfwd_remove tcp:127.1:{g}",
+    # Arguments as QEMU's monitor reads them: a quoted word, its escapes, and too many words.
+    'hostfwd_add n0 "tcp:127.0.0.1:{h}-:22"',
+    'hostfwd_remove "n0" "tcp:127.0.0.1:{h}"',
+    'hostfwd_add "tcp::{h}-:22',
+    'hostfwd_add "tcp::{h}\\q-:22"',
+    'hostfwd_add n0 "tcp::{h}-:2\\"2"',
+    "info usernet extra",
+    "info version 1",
+    "set_link x on extra",
+    "set_link x",
 ]
 
 
@@ -395,8 +405,8 @@ async def _hmp_session(sock: str, ports: dict[str, int]) -> list[str]:
 
 async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
     qsock, osock = str(tmp_path / "qemu.qmp"), str(tmp_path / "ours.qmp")
-    qports = {k: free_port() for k in "abcdefg"}
-    oports = {k: free_port() for k in "abcdefg"}
+    qports = {k: free_port() for k in "abcdefgh"}
+    oports = {k: free_port() for k in "abcdefgh"}
     qemu = await asyncio.create_subprocess_exec(
         QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", "user,id=n0",
         "-netdev", "user,id=n1", "-netdev", "hubport,id=hub0,hubid=0",
@@ -424,3 +434,87 @@ async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
                     await p.wait()
     for line, w, g in zip(HMP_LINES, want, got, strict=True):
         assert g == w, f"{line}: QEMU {w!r}, ours {g!r}"
+
+
+# --- the JSON form (libvirt writes -netdev as JSON) --------------------------------------------
+
+JSON_CASES = [
+    '{"type":"user","id":"n0","hostfwd":["tcp::1-:22"]}',
+    '{"type":"user","id":"n0","hostfwd":"tcp::1-:22"}',
+    '{"type":"user","id":"n0","hostfwd":[{"x":"tcp::1-:22"}]}',
+    '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::1-:22","x":1}]}',
+    '{"type":"user","id":"n0","hostfwd":[{"str":5}]}',
+    '{"type":"user","id":"n0","restrict":"on"}',
+    '{"type":"user","id":"n0","restrict":1}',
+    '{"type":"user","id":"n0","ipv6-prefixlen":"64"}',
+    '{"type":"user","id":"n0","ipv6-prefixlen":true}',
+    '{"type":"user","id":"n0","ipv6-net":"fec1::/64"}',
+    '{"type":"user","id":"n0","dnssearch":["example.com"]}',
+    '{"type":"user","id":"n0","hostname":7}',
+    '{"type":"user","id":5}',
+    '{"type":"user","id":"n0","bogus":1}',
+    '{"type":"user","id":"n0","restrict":"on","bogus":1}',
+]
+
+
+@pytest.mark.parametrize("text", JSON_CASES)
+def test_json_netdev_member_types_as_qemus(text: str) -> None:
+    """QAPI's visitor takes no string for a boolean or a number and wants a list of String
+    objects for hostfwd/dnssearch: both refuse each of these with the same reason."""
+    qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", text,
+                           "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True, timeout=20)
+    assert qemu.returncode != 0, qemu
+    reason = _reason(qemu.stderr.decode())
+    with pytest.raises(ApplianceError) as err:
+        parse_netdev(text)
+    assert str(err.value) == f"-netdev: {reason}"
+
+
+def test_json_netdev_quapi_shapes_are_taken() -> None:
+    cfg = parse_netdev('{"type":"user","id":"n0","hostfwd":[{"str":"tcp:127.0.0.1:2222-:22"}],'
+                       '"restrict":true,"ipv6-prefixlen":64,"dnssearch":[{"str":"example.com"}]}')
+    assert isinstance(cfg, UserNetdev)
+    assert cfg.config.restrict and cfg.config.dnssearch == ("example.com",)
+    assert [f.host_port for f in cfg.config.hostfwd] == [2222]
+
+
+def test_netdev_help_lists_qemus_names_in_its_order() -> None:
+    theirs = subprocess.run([QEMU, "-netdev", "help"], capture_output=True, text=True, timeout=20)
+    for option in ("help", "?"):
+        r = subprocess.run([*APPLIANCE, "run", "-netdev", option], capture_output=True, text=True,
+                           timeout=30, cwd=ROOT)
+        assert (r.returncode, r.stderr) == (0, ""), r
+        head, *ours = r.stdout.splitlines()
+        assert head == theirs.stdout.splitlines()[0] == "Available netdev backend types:"
+        assert "user" in ours and "tap" in ours
+        assert ours == [t for t in theirs.stdout.splitlines()[1:] if t in ours]
+
+
+def test_short_form_booleans_warn_as_qemu_does(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        cfg = parse_netdev("user,id=n0,restrict,noipv6")
+    assert isinstance(cfg, UserNetdev) and cfg.config.restrict and not cfg.config.ipv6
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert "short-form boolean option 'restrict' deprecated; use restrict=on" in said[0]
+    assert "short-form boolean option 'noipv6' deprecated; use ipv6=off" in said[1]
+    qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev",
+                           "user,id=n0,restrict", "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True,
+                          timeout=20)
+    assert b"short-form boolean option 'restrict' deprecated" in qemu.stderr
+
+
+@needs_kvm
+def test_a_hostfwd_that_cannot_bind_is_named_by_the_option_as_typed() -> None:
+    """QEMU names the option as typed (not an internal netdev id); 192.0.2.1 (TEST-NET-1) is no
+    address of this host, so the bind fails and nothing is sent."""
+    from tests.qmp.test_machine_qmp import GUEST
+
+    if not GUEST.exists():
+        pytest.skip("test guest not built (appliance kit build)")
+    nic = "user,hostfwd=tcp:192.0.2.1:15555-:22"
+    r = subprocess.run([*APPLIANCE, "run", "-kernel", str(GUEST), "-display", "none", "-nic", nic],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 2, r
+    assert r.stderr == (f"appliance run: -nic {nic}: Could not set up host forwarding rule "
+                        "'tcp:192.0.2.1:15555-:22'\n")
