@@ -67,7 +67,8 @@ INFO_HELP = {
     "version": "show the version of QEMU",
 }
 _NAMES = {alias: names for names in HELP for alias in names.split("|")}
-_COMMAND = re.compile(r"\s*(\S*)(.*)", re.DOTALL)
+_SPACE = " \t\n\v\f\r"  # C's isspace(), which QEMU's monitor splits at
+_COMMAND = re.compile(r"[ \t\n\v\f\r]*([^ \t\n\v\f\r]*)(.*)", re.DOTALL)
 
 
 async def execute(ctx: Any, line: str) -> str:
@@ -82,9 +83,9 @@ async def execute(ctx: Any, line: str) -> str:
     try:
         if _NAMES.get(name) == "object_add":
             # Its argument is the rest of the line as typed (QEMU's "S" argument type).
-            if not rest.strip():
+            if not rest.strip(_SPACE):
                 return _usage(name, "object_add: string expected")
-            return await _object_add(ctx, rest.strip())
+            return await _object_add(ctx, rest.strip(_SPACE))
         if words is None:
             if name not in _NAMES:
                 return f"unknown command: '{name}'\r\n"
@@ -106,13 +107,13 @@ def hmp_words(text: str) -> list[str] | None:
     words: list[str] = []
     i, n = 0, len(text)
     while True:
-        while i < n and text[i].isspace():
+        while i < n and text[i] in _SPACE:
             i += 1
         if i == n:
             return words
         if text[i] != '"':
             j = i
-            while j < n and not text[j].isspace():
+            while j < n and text[j] not in _SPACE:
                 j += 1
             words.append(text[i:j])
             i = j

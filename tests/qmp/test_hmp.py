@@ -189,3 +189,27 @@ def test_any_bytes_at_the_prompt_give_bounded_lines_and_never_raise(chunks: list
         assert all(len(line.encode()) < MAX_LINE * 4 for line in lines)
         assert len(editor.buf) < MAX_LINE and 0 <= editor.pos <= len(editor.buf)
         assert len(echo) <= 8 * MAX_LINE * (len(chunk) + 1)
+
+
+def test_arguments_are_read_as_qemus_get_str_reads_them() -> None:
+    from appliance.qmp.hmp import hmp_words
+
+    assert hmp_words(' n0  "tcp::1-:22" ') == ["n0", "tcp::1-:22"]
+    assert hmp_words(r'"a b\"c\\d\n\r\'"x') == ["a b\"c\\d\n\r'", "x"]  # a word may follow a quote
+    assert hmp_words('a"b" c') == ['a"b"', "c"]  # a quote inside a word is a character
+    assert hmp_words('"open') is None
+    assert hmp_words(r'"\q"') is None
+    assert hmp_words('"ends in a backslash\\') is None
+    assert hmp_words("") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_command_line_splits_or_is_refused_and_never_raises(text: str) -> None:
+    from appliance.qmp.hmp import hmp_words
+
+    words = hmp_words(text)
+    if '"' not in text:
+        assert words == [w for w in re.split("[ \t\n\v\f\r]+", text) if w]  # C's isspace()
+    elif words is not None:
+        assert sum(len(w) for w in words) <= len(text)
