@@ -53,14 +53,14 @@ class OptionDict(dict[str, str]):
     def require(self, key: str) -> str:
         v = self.pop(key, None)
         if v is None:
-            raise ConfigError(f"{self.option}: parameter '{key}' is missing")
+            raise ConfigError(f"{self.option}: Parameter '{key}' is missing")
         return v
 
     def finish(self) -> None:
         """Refuse any key nobody consumed, naming it."""
         if self:
             key = next(iter(self))
-            raise ConfigError(f"{self.option}: invalid parameter '{key}'")
+            raise ConfigError(f"{self.option}: Invalid parameter '{key}'")
 
 
 def split_option(text: str) -> list[str]:
@@ -105,7 +105,7 @@ def parse_option(
         if "=" in part:
             k, v = part.split("=", 1)
             if not k:
-                raise ConfigError(f"{option}: invalid parameter '{part}'")
+                raise ConfigError(f"{option}: Invalid parameter '{part}'")
             pairs.append((k, v))
         elif idx == 0 and implied is not None:
             pairs.append((implied, part))
@@ -118,7 +118,7 @@ def parse_option(
                 log.warning("%s %s: warning: short-form boolean option '%s' deprecated; use %s=%s",
                             option, text, part, key, value)
         else:
-            raise ConfigError(f"{option}: invalid parameter '{part}'")
+            raise ConfigError(f"{option}: Invalid parameter '{part}'")
     return OptionDict(option, pairs)
 
 

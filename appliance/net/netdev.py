@@ -296,12 +296,12 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
     port = opts.take(f"{prefix}.port")
     if kind is None and host is None and port is None:
         if required:
-            raise ConfigError(f"{what}: parameter '{prefix}.type' is missing")
+            raise ConfigError(f"{what}: Parameter '{prefix}.type' is missing")
         return None
     if kind != "inet":
         raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use inet)")
     if port is None:
-        raise ConfigError(f"{what}: parameter '{prefix}.port' is missing")
+        raise ConfigError(f"{what}: Parameter '{prefix}.port' is missing")
     return _host(what, f"{prefix}.host", host or ""), _port(what, f"{prefix}.port", port)
 
 
@@ -311,7 +311,7 @@ def _dgram_addr(what: str, opts: OptionDict, prefix: str) -> tuple[str, int] | s
         opts.take(f"{prefix}.type")
         path = opts.take(f"{prefix}.path")
         if not path:
-            raise ConfigError(f"{what}: parameter '{prefix}.path' is missing")
+            raise ConfigError(f"{what}: Parameter '{prefix}.path' is missing")
         opts.take(f"{prefix}.abstract")
         return path
     return _inet(what, opts, prefix, required=False)
@@ -327,7 +327,7 @@ def _dgram(what: str, ident: str, opts: OptionDict) -> DgramNetdev:
             raise ConfigError(f"{what}: multicast only takes local.type=inet")
         return cfg
     if local is None:
-        raise ConfigError(f"{what}: parameter 'local.type' is missing")
+        raise ConfigError(f"{what}: Parameter 'local.type' is missing")
     if remote is not None and isinstance(remote, str) != isinstance(local, str):
         raise ConfigError(f"{what}: remote and local types must be the same")
     if isinstance(remote, tuple) and remote[0] == "0.0.0.0":
@@ -383,7 +383,7 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
         address = opts.require("addr.path")
         opts.take("addr.abstract")
     elif kind is None:
-        raise ConfigError(f"{what}: parameter 'addr.type' is missing")
+        raise ConfigError(f"{what}: Parameter 'addr.type' is missing")
     else:
         raise ConfigError(f"{what}: addr.type '{kind}' is not supported (use inet or unix)")
     return StreamNetdev(ident, address, listen=server, reconnect=float(reconnect or 1))

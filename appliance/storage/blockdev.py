@@ -141,7 +141,7 @@ class DriveConfig:
         o = parse_option(option, text)
         file = o.take("file")
         if file is None or file == "":
-            raise ConfigError(f"{option}: parameter 'file' is missing (empty drives are not supported)")
+            raise ConfigError(f"{option}: Parameter 'file' is missing (empty drives are not supported)")
         interface = o.take("if", "virtio") or "virtio"
         if interface not in INTERFACES:
             raise ConfigError(f"{option}: interface if={interface} is not supported (virtio or none)")

@@ -25,7 +25,7 @@ def test_leading_value_takes_the_implied_key() -> None:
 def test_unconsumed_key_is_refused_by_name() -> None:
     opts = parse_option("-drive", "file=x.img,bogus=1")
     opts.take("file")
-    with pytest.raises(ConfigError, match="invalid parameter 'bogus'"):
+    with pytest.raises(ConfigError, match="Invalid parameter 'bogus'"):
         opts.finish()
 
 

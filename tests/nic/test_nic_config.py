@@ -26,11 +26,11 @@ def test_default_macs_follow_qemu() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("virtio-net-pci", "parameter 'netdev' is missing"),
+        ("virtio-net-pci", "Parameter 'netdev' is missing"),
         ("virtio-net-pci,netdev=n,mac=zz:54:00:aa:bb:cc", "invalid MAC address 'zz:54:00:aa:bb:cc'"),
         ("virtio-net-pci,netdev=n,mac=01:00:5e:00:00:01", "is multicast"),
         ("virtio-net-pci,netdev=n,host_mtu=20", "'host_mtu' must be at least 68"),
-        ("virtio-net-pci,netdev=n,frob=1", "invalid parameter 'frob'"),
+        ("virtio-net-pci,netdev=n,frob=1", "Invalid parameter 'frob'"),
         ("e1000,netdev=n", "'e1000' is not a NIC"),
     ],
 )
@@ -76,7 +76,7 @@ def test_nic_none_and_bad_model() -> None:
 def test_filter_dump() -> None:
     cfg = FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0,file=/tmp/x.pcap,maxlen=128")
     assert cfg == FilterDumpConfig("f0", "n0", Path("/tmp/x.pcap"), 128)
-    with pytest.raises(ConfigError, match="parameter 'file' is missing"):
+    with pytest.raises(ConfigError, match="Parameter 'file' is missing"):
         FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0")
     with pytest.raises(ConfigError, match="queue 'rx' is not supported"):
         FilterDumpConfig.parse("filter-dump,id=f0,netdev=n0,file=x,queue=rx")

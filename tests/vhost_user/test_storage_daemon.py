@@ -47,7 +47,7 @@ def test_help_lists_blockdev_and_export(capsys: pytest.CaptureFixture[str]) -> N
     ("argv", "needle"),
     [
         (["--nbd-server", "addr.type=unix"], "unrecognized option '--nbd-server"),
-        (["--blockdev", "driver=file,node-name=f,filename=x,colour=blue"], "invalid parameter 'colour'"),
+        (["--blockdev", "driver=file,node-name=f,filename=x,colour=blue"], "Invalid parameter 'colour'"),
         (["--blockdev", "driver=nbd,node-name=f"], "driver 'nbd'"),
         (["--blockdev", "driver=file,filename=x"], "'node-name' is missing"),
         (["--blockdev", "driver=file,node-name=f,filename=x,aio=native"], "aio=native"),
@@ -252,7 +252,7 @@ def test_json_forms_parse_like_key_value(img: Path) -> None:
     assert (e.path, e.writable, e.num_queues) == ("/tmp/j.sock", True, 2)
     with pytest.raises(ConfigError, match="invalid JSON"):
         parse_args(["--blockdev", "{nope"])
-    with pytest.raises(ConfigError, match="invalid parameter 'colour'"):
+    with pytest.raises(ConfigError, match="Invalid parameter 'colour'"):
         parse_args(["--blockdev", '{"driver": "file", "node-name": "f", "filename": "x", "colour": "red"}'])
 
 
