@@ -278,7 +278,9 @@ class DaemonNic:
         self.backends = with_captures(backends, self.writers)
         self.device = VirtioNet(self.backends, self.mac, control_queue=False, yield_after_rx_irq=True)
         # Nothing else here runs Python threads: kicks are read letting the GIL go (cheaper cold).
-        self.server = VhostUserServer(e.path, VhostUserBackend(self.device, single_threaded=True))
+        # GET_QUEUE_NUM answers queue pairs, as QEMU's netdev and DPDK's virtio-user read it.
+        self.server = VhostUserServer(e.path, VhostUserBackend(self.device, queue_num=len(self.backends),
+                                                               single_threaded=True))
         await self.server.start()
         log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(self.backends))
 

@@ -503,7 +503,19 @@ class VirtioNet(VirtioDevice):
         vhost-user front end stopping and restarting rings) offer them again
         instead of leaking them. A frame held for more buffers is dropped: the
         rings it was waiting for are going away.
+
+        A transmit interrupt still deferred (TX_IRQ_DELAY, TX_IRQ_LAZY) is sent
+        now: a rebuilt queue starts out taking every used entry as signalled,
+        so a driver waiting on its used_event for those completions would
+        otherwise never hear of them (QEMU forgets its last signalled index
+        when a vhost back end stops, for the same reason).
         """
+        for pair, timer in enumerate(self._tx_irq_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_irq_timers[pair] = None
+                if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
+                    self._notify(2 * pair + 1)
         for pair, win in enumerate(self._rx_windows):
             if len(win) and 2 * pair < len(self._queues):
                 q = self._queues[2 * pair]

@@ -94,8 +94,8 @@ class RingState:
     kicks: int = 0
     interrupts: int = 0
 
-    def close_fds(self) -> None:
-        for name in ("kick", "call", "err"):
+    def close_fds(self, *, keep_err: bool = False) -> None:
+        for name in ("kick", "call") if keep_err else ("kick", "call", "err"):
             _close(getattr(self, name))
             setattr(self, name, -1)
 
@@ -214,8 +214,12 @@ class VhostUserBackend:
 
     :param device: the device model; it is activated with queues built from
         the front end's rings and reset when the front end goes away.
-    :param num_queues: how many queues to announce (GET_QUEUE_NUM); defaults
-        to the device's queue count.
+    :param num_queues: how many rings the front end may set up; defaults to the
+        device's queue count.
+    :param queue_num: what GET_QUEUE_NUM answers (default ``num_queues``). The
+        spec says "queues"; QEMU's vhost-user netdev and DPDK's virtio-user
+        compare the answer with their queue *pairs*, so a net device answers
+        its pairs (answering rings let them ask for twice the pairs we serve).
     :param inflight: offer INFLIGHT_SHMFD, so requests in flight when this
         process dies are resubmitted by the next one (block devices; not for
         virtio-net, whose requests must not be replayed).
@@ -229,6 +233,7 @@ class VhostUserBackend:
         device: VirtioDevice,
         *,
         num_queues: int | None = None,
+        queue_num: int | None = None,
         inflight: bool = False,
         single_threaded: bool = False,
     ) -> None:
@@ -248,6 +253,7 @@ class VhostUserBackend:
             self.protocol_features |= 1 << p.ProtocolFeature.NET_MTU
         self._inflight: InflightArea | None = None
         self.num_queues = device.num_queues if num_queues is None else num_queues
+        self.queue_num = self.num_queues if queue_num is None else queue_num
         self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
         self._active: tuple[int, ...] = ()
         self._queues: list[Virtqueue] = []
@@ -403,7 +409,7 @@ class VhostUserBackend:
         self._mtu_changed = True
 
     async def _get_queue_num(self, _v: object, _fds: list[int]) -> Reply:
-        return Reply(p.u64(self.num_queues))
+        return Reply(p.u64(self.queue_num))
 
     async def _set_owner(self, _v: object, _fds: list[int]) -> None:
         self._c.owner = True
@@ -538,6 +544,10 @@ class VhostUserBackend:
             _close(ring.kick)
             ring.kick = -1
         if fd < 0:
+            # The front end would poll (no kick fd, "polling should be used instead"): the
+            # ring is stopped, not left started with nothing to wake it.
+            ring.started = False
+            await self._reconcile()
             raise ProtocolError("polling rings (no kick fd) are not supported")
         os.set_blocking(fd, False)
         try:
@@ -625,9 +635,11 @@ class VhostUserBackend:
             except (OSError, ValueError):
                 pass
 
-    def _stop_ring(self, ring: RingState) -> None:
+    def _stop_ring(self, ring: RingState, *, keep_err: bool = True) -> None:
+        # The error fd outlives a stop: QEMU sends SET_VRING_ERR once, when it sets the
+        # ring up (vhost_virtqueue_init), and then stops and restarts it at every reboot.
         self._unwatch(ring)
-        ring.close_fds()
+        ring.close_fds(keep_err=keep_err)
         ring.started = False
 
     def _wanted(self) -> tuple[int, ...]:
@@ -693,8 +705,13 @@ class VhostUserBackend:
         event_idx = self.device.has_feature(VIRTIO_F_EVENT_IDX)
         indirect = self.device.has_feature(VIRTIO_F_INDIRECT_DESC)
         region = None
-        if self._inflight is not None and self._inflight.queue_size == n:
-            region = self._inflight.region(ring.index)
+        if self._inflight is not None:
+            if self._inflight.queue_size == n:
+                region = self._inflight.region(ring.index)
+            else:
+                # The area's slots are laid out for queue_size descriptors (GET_INFLIGHT_FD).
+                log.warning("ring %d has %d descriptors, the inflight area %d: not tracked",
+                            ring.index, n, self._inflight.queue_size)
         q: Virtqueue
         if region is not None:
             q = TrackedQueue(mem, n, desc, avail, used, region=region, event_idx=event_idx, indirect=indirect)
@@ -716,20 +733,29 @@ class VhostUserBackend:
     # -- teardown ------------------------------------------------------------
 
     async def reset(self) -> None:
-        """Stop every ring and forget the negotiation (RESET_OWNER, disconnect)."""
-        await self._deactivate()
-        for ring in self._c.rings:
-            self._stop_ring(ring)
-        self.device.reset()
-        if self._mtu_changed and self._set_device_mtu is not None:
-            self._mtu_changed = False
-            self._set_device_mtu(self._device_mtu)
-        if self._c.mem is not None:
-            unmap(self._c.mem)
-        if self._inflight is not None:
-            self._inflight.close()
-            self._inflight = None
-        self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
+        """Stop every ring and forget the negotiation (RESET_DEVICE, disconnect).
+
+        The connection state is replaced even when the device fails to quiesce, so the next
+        front end never meets this one's rings, fds or memory.
+        """
+        try:
+            await self._deactivate()
+        finally:
+            for ring in self._c.rings:
+                self._stop_ring(ring, keep_err=False)
+            try:
+                self.device.reset()
+                if self._mtu_changed and self._set_device_mtu is not None:
+                    self._mtu_changed = False
+                    self._set_device_mtu(self._device_mtu)
+            finally:
+                self._active, self._queues = (), []
+                if self._c.mem is not None:
+                    unmap(self._c.mem)
+                if self._inflight is not None:
+                    self._inflight.close()
+                    self._inflight = None
+                self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
 
     async def disconnect(self) -> None:
         """The front end went away: stop rings, unmap memory, be ready for the next one."""

@@ -125,9 +125,11 @@ REPLYING = frozenset(
         Request.GET_MAX_MEM_SLOTS,
         Request.GET_INFLIGHT_FD,
         Request.GET_STATUS,
-        Request.SET_LOG_BASE,
     }
 )
+# SET_LOG_BASE replies only once LOG_SHMFD is negotiated, which this back end never offers
+# (no LOG_ALL: no migration's dirty log); without it a reply would be one the front end
+# never reads, and every later answer would be taken for the one before it.
 
 
 @dataclass(frozen=True, slots=True)
