@@ -95,6 +95,18 @@ Later measurements (2026-11-27, second session):
   vCPU thread in one run (its summed run time came to 0.9 s of a ~2.3 s span). Check a thread's
   summed run time against the bench's own CPU rows before trusting such a trace.
 
+Wake-ups on this host (2026-11-27, third session; ``/tmp``-style C probes, two processes on
+eventfds): this machine is itself a guest (cpuidle ``haltpoll`` with ``guest_halt_poll_ns=0``),
+so an idle CPU halts at once and waking a thread there goes through the hypervisor. A
+``write()`` that wakes a reader on the idle CPU took a median 8.8 us of the writer's time, and
+a round trip between the two CPUs 70-77 us, against 8 us with both on one CPU. Our way back to
+the guest has one such wake-up more than libslirp's (our call eventfd wakes QEMU's main thread,
+which then wakes the vCPU), twice per connection; with the main thread's own 50-85 us that is
+~0.2 ms a connection, what our faster passes win back. Two tables from the same code that day
+read 1.03 and 1.02 (``--rounds 6``, connections and hostfwd; mean ± standard error 1.005 ±
+0.058 and 1.036 ± 0.022) and 1.00 and 1.00 (``--rounds 12 --no-passt``; 1.021 ± 0.029 and 1.021
+± 0.035).
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
