@@ -95,7 +95,7 @@ Later measurements (2026-11-27, second session):
   vCPU thread in one run (its summed run time came to 0.9 s of a ~2.3 s span). Check a thread's
   summed run time against the bench's own CPU rows before trusting such a trace.
 
-Wake-ups on this host (2026-11-27, third session; ``/tmp``-style C probes, two processes on
+Wake-ups on this host (2026-11-27, third session; small C probes, two processes on
 eventfds): this machine is itself a guest (cpuidle ``haltpoll`` with ``guest_halt_poll_ns=0``),
 so an idle CPU halts at once and waking a thread there goes through the hypervisor. A
 ``write()`` that wakes a reader on the idle CPU took a median 8.8 us of the writer's time, and
