@@ -65,6 +65,19 @@ Runs until SIGINT, SIGTERM or the QMP command quit, then removes its sockets.
 """
 
 
+def announced_queue_num(pairs: int) -> int | None:
+    """What an export of ``pairs`` queue pairs answers to GET_QUEUE_NUM (None: its ring count).
+
+    QEMU's vhost-user netdev (``vhost_user_start``) and DPDK's virtio-user take the answer
+    as queue pairs and refuse a ``queues=`` above it. With several pairs the device offers
+    MQ and the guest drives every pair QEMU made, so the answer must be the pairs: answering
+    rings let ``queues=4`` start on a 2-pair export, and the guest's traffic on the pairs we
+    do not have was lost. With one pair there is no MQ: the guest drives pair 0 alone and
+    QEMU starts only its rings, so the ring count (2) is answered, and ``queues=2`` starts.
+    """
+    return pairs if pairs > 1 else None
+
+
 @dataclass(frozen=True)
 class NetExport:
     id: str
@@ -278,9 +291,9 @@ class DaemonNic:
         self.backends = with_captures(backends, self.writers)
         self.device = VirtioNet(self.backends, self.mac, control_queue=False, yield_after_rx_irq=True)
         # Nothing else here runs Python threads: kicks are read letting the GIL go (cheaper cold).
-        # GET_QUEUE_NUM answers queue pairs, as QEMU's netdev and DPDK's virtio-user read it.
-        self.server = VhostUserServer(e.path, VhostUserBackend(self.device, queue_num=len(self.backends),
-                                                               single_threaded=True))
+        backend = VhostUserBackend(self.device, queue_num=announced_queue_num(len(self.backends)),
+                                   single_threaded=True)
+        self.server = VhostUserServer(e.path, backend)
         await self.server.start()
         log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(self.backends))
 

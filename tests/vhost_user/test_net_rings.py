@@ -1,5 +1,5 @@
 """virtio-net over vhost-user as front ends other than our tests' drive it: GET_QUEUE_NUM in
-queue pairs, and completions signalled across a ring rebuild."""
+queue pairs for a multiqueue export, and completions signalled across a ring rebuild."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.cli.net_daemon import announced_queue_num
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nic import constants as C
 from appliance.nic import virtio_net
@@ -20,19 +21,39 @@ from tests.net.test_net_daemon_qmp import daemon
 from tests.vhost_user.frontend import FrontEnd
 
 
-async def test_net_daemon_answers_get_queue_num_in_queue_pairs(tmp_path: Path) -> None:
+async def _queue_num(path: str) -> int:
+    fe = await FrontEnd.connect(path)
+    try:
+        proto = int.from_bytes(await fe.call(p.Request.GET_PROTOCOL_FEATURES), "little")
+        assert proto >> p.ProtocolFeature.MQ & 1
+        fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(proto))
+        return int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little")
+    finally:
+        fe.close()
+
+
+async def test_a_multiqueue_export_answers_get_queue_num_in_queue_pairs(tmp_path: Path) -> None:
     """QEMU's vhost-user netdev (vhost_user_start) and DPDK's virtio-user compare the answer with
-    their queue pairs; answering rings (2 for one pair) let ``queues=2`` start, and the second
-    pair's rings were then refused without a word (QEMU sends them without NEED_REPLY)."""
+    their queue pairs. Answering rings (4 for two pairs) let ``queues=4`` start on a two-pair
+    export, whose guest (offered MQ) then sent on rings the back end had refused without a
+    word (QEMU sends them without NEED_REPLY)."""
+    stacks = [UserNetwork(UserNetConfig(nameservers=()), vnet_hdr=True) for _ in range(2)]
+    dev = VirtioNet(stacks, bytes.fromhex("525400123456"), control_queue=False)
+    assert dev.device_features() >> C.F_MQ & 1
+    server = VhostUserServer(tmp_path / "mq.sock", VhostUserBackend(dev, queue_num=announced_queue_num(2)))
+    await server.start()
+    try:
+        assert await _queue_num(str(server.path)) == 2
+    finally:
+        await server.close()
+
+
+async def test_a_one_pair_export_lets_qemu_ask_for_two(tmp_path: Path) -> None:
+    """With one pair the device offers no MQ, the guest drives pair 0 alone and QEMU starts only
+    its rings: the daemon answers its 2 rings, so ``-netdev vhost-user,queues=2`` starts
+    (tests/linux/test_user_net_features.py runs that guest)."""
     async with daemon(tmp_path, client=False):
-        fe = await FrontEnd.connect(str(tmp_path / "vu.sock"))
-        try:
-            proto = int.from_bytes(await fe.call(p.Request.GET_PROTOCOL_FEATURES), "little")
-            assert proto >> p.ProtocolFeature.MQ & 1
-            fe.send(p.Request.SET_PROTOCOL_FEATURES, p.u64(proto))
-            assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 1
-        finally:
-            fe.close()
+        assert await _queue_num(str(tmp_path / "vu.sock")) == 2
 
 
 @pytest.fixture
