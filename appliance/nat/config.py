@@ -50,7 +50,7 @@ _JSON_MEMBERS: dict[str, str] = {
     "smb": "string", "smbserver": "string", "hostfwd": "String list", "guestfwd": "String list",
     "tftp-server-name": "string",
 }
-_JSON_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "boolean": bool, "integer": int}
+_JSON_TYPES: dict[str, type] = {"string": str, "boolean": bool, "integer": int}
 
 
 def check_json(option: str, obj: dict[str, object]) -> None:
