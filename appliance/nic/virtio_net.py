@@ -513,9 +513,7 @@ class VirtioNet(VirtioDevice):
         for pair, timer in enumerate(self._tx_irq_timers):
             if timer is not None:
                 timer.cancel()
-                self._tx_irq_timers[pair] = None
-                if self._queues and not self.needs_reset and 2 * pair + 1 < len(self._queues):
-                    self._notify(2 * pair + 1)
+                self._tx_irq_due(pair)
         for pair, win in enumerate(self._rx_windows):
             if len(win) and 2 * pair < len(self._queues):
                 q = self._queues[2 * pair]

@@ -79,13 +79,13 @@ async def execute(ctx: Any, line: str) -> str:
     name, rest = _COMMAND.match(line).groups()  # type: ignore[union-attr]  # matches any text
     if not name:
         return ""
-    words = hmp_words(rest)
     try:
         if _NAMES.get(name) == "object_add":
             # Its argument is the rest of the line as typed (QEMU's "S" argument type).
             if not rest.strip(_SPACE):
                 return _usage(name, "object_add: string expected")
             return await _object_add(ctx, rest.strip(_SPACE))
+        words = hmp_words(rest)
         if words is None:
             if name not in _NAMES:
                 return f"unknown command: '{name}'\r\n"

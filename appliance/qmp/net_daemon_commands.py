@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from appliance.qmp import commands, netops
+from appliance.qmp import commands
 from appliance.qmp.commands import Command, Context
 
 # The NIC commands are the machine monitor's own handlers: netops reads the daemon's NICs.
@@ -91,12 +91,6 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
     if words in (["quit"], ["q"]):
         ctx.machine.quit()
         return ""
-    if len(words) == 2 and words[0] == "info":
-        if words[1] == "usernet":
-            return netops.usernet_info(ctx.machine)
-        if words[1] == "version":
-            v = commands.QEMU_VERSION
-            return f"{v['major']}.{v['minor']}.{v['micro']}\r\n"
     from appliance.qmp import hmp
 
     if words[0] in ("help", "?") or words == ["info"]:

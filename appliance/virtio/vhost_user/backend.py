@@ -218,8 +218,8 @@ class VhostUserBackend:
         device's queue count.
     :param queue_num: what GET_QUEUE_NUM answers (default ``num_queues``). The
         spec says "queues"; QEMU's vhost-user netdev and DPDK's virtio-user
-        compare the answer with their queue *pairs*, so a net device answers
-        its pairs (answering rings let them ask for twice the pairs we serve).
+        compare the answer with their queue *pairs* (the net daemon's choice:
+        ``appliance.cli.net_daemon.announced_queue_num``).
     :param inflight: offer INFLIGHT_SHMFD, so requests in flight when this
         process dies are resubmitted by the next one (block devices; not for
         virtio-net, whose requests must not be replayed).
