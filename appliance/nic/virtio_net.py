@@ -39,7 +39,7 @@ from appliance.virtio.queue import guest_error_log
 
 if TYPE_CHECKING:
     from appliance.kvm.memory import GuestMemory
-    from appliance.virtio.queue import Virtqueue
+    from appliance.virtio.queue import DescriptorChain, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -1068,22 +1068,32 @@ class VirtioNet(VirtioDevice):
 
     def _ctrl(self) -> None:
         q = self._queues[self._ctrl_index]
-        while (chain := q.pop()) is not None:
-            ack = C.CTRL_ERR
-            if chain.readable_len >= 2 and chain.writable_len >= 1:
-                data = gather(chain.readable, min(chain.readable_len, 8 + 6 * 2 * MAC_TABLE_ENTRIES + 16))
-                try:
-                    ack = self._ctrl_command(data[0], data[1], data[2:])
-                except (ValueError, IndexError):
-                    ack = C.CTRL_ERR
-            if ack != C.CTRL_OK:
-                self.ctrl_errors += 1
-            if chain.writable_len >= 1:
-                # The ack is the last device-writable byte (§5.1.6.5).
-                last = chain.writable[-1]
-                last[len(last) - 1] = ack
-            q.push_used(chain.head, 1 if chain.writable_len else 0)
+        while True:
+            while (chain := q.pop()) is not None:
+                self._ctrl_answer(q, chain)
+            # Ask for the next command's kick (avail_event, §2.7.10). Linux notifies only when
+            # asked and then spins until the answer is there, and its set_rx_mode sends
+            # commands in a row: left at its first value, avail_event is stepped past by the
+            # first command only, and the guest would spin on the second for ever.
+            if not q.enable_notification():
+                break
         self._notify(self._ctrl_index)
+
+    def _ctrl_answer(self, q: Virtqueue, chain: DescriptorChain) -> None:
+        ack = C.CTRL_ERR
+        if chain.readable_len >= 2 and chain.writable_len >= 1:
+            data = gather(chain.readable, min(chain.readable_len, 8 + 6 * 2 * MAC_TABLE_ENTRIES + 16))
+            try:
+                ack = self._ctrl_command(data[0], data[1], data[2:])
+            except (ValueError, IndexError):
+                ack = C.CTRL_ERR
+        if ack != C.CTRL_OK:
+            self.ctrl_errors += 1
+        if chain.writable_len >= 1:
+            # The ack is the last device-writable byte (§5.1.6.5).
+            last = chain.writable[-1]
+            last[len(last) - 1] = ack
+        q.push_used(chain.head, 1 if chain.writable_len else 0)
 
     def _ctrl_command(self, cls: int, cmd: int, arg: bytes) -> int:
         if cls == C.CTRL_RX and self.has_feature(C.F_CTRL_RX):

@@ -21,6 +21,7 @@ from appliance.virtio.queue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
     Virtqueue,
 )
 
@@ -80,6 +81,8 @@ class DriverQueue:
         self._chains: dict[int, list[int]] = {}
         self.next_avail = 0
         self.last_used = 0
+        # The avail index at the last kick decision (kick_wanted).
+        self._decided = 0
 
     @staticmethod
     def ring_bytes(size: int) -> int:
@@ -119,6 +122,19 @@ class DriverQueue:
         self.mem.write_u16(self.avail_addr + 4 + 2 * slot, head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         self.mem.write_u16(self.avail_addr + 2, self.next_avail)
+
+    def kick_wanted(self) -> bool:
+        """Whether a driver that honours the device's suppression notifies now, for the chains
+        published since the last decision (as Linux's ``virtqueue_kick_prepare`` decides).
+
+        With EVENT_IDX: only if the avail index stepped past the device's ``avail_event``
+        on the way (§2.7.10); without: unless the device set VIRTQ_USED_F_NO_NOTIFY (§2.7.7).
+        """
+        old, new = self._decided, self.next_avail
+        self._decided = new
+        if self.event_idx:
+            return (new - self.avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        return not self.mem.read_u16(self.used_addr) & VIRTQ_USED_F_NO_NOTIFY
 
     def set_avail_idx(self, idx: int) -> None:
         self.next_avail = idx & 0xFFFF
@@ -248,6 +264,14 @@ class FakeDriver:
 
     def kick(self, index: int = 0) -> None:
         self.device.queue_notify(index)
+
+    def kick_if_wanted(self, index: int = 0) -> bool:
+        """Notify queue ``index`` only if the device asked for it (:meth:`DriverQueue.kick_wanted`),
+        as a real driver does; returns whether it did. :meth:`kick` notifies regardless."""
+        if not self.queues[index].kick_wanted():
+            return False
+        self.device.queue_notify(index)
+        return True
 
     async def wait_used(self, index: int, count: int = 1, timeout: float = 5.0) -> None:
         """Wait until queue ``index`` has at least ``count`` uncollected used elements."""

@@ -135,6 +135,45 @@ async def test_frame_larger_than_buffers_without_mergeable_is_dropped() -> None:
     assert dev.stats[0].rx_dropped == 1
 
 
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+async def test_control_commands_in_a_row_each_get_their_kick(event_idx: bool) -> None:
+    """A Linux driver notifies the control queue only when the device asks for it (§2.7.10)
+    and then spins until the answer is there; its set_rx_mode sends PROMISC, ALLMULTI and
+    MAC_TABLE_SET one after another. Each must be asked for: with EVENT_IDX the device has
+    to move avail_event on, or the second command is never kicked and the guest spins for
+    ever (avail_event stayed at 0, which only the first command steps past)."""
+    dev = VirtioNet([MemoryLink()], MAC)
+    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=event_idx)
+    drv.activate()
+    ctrl = 2
+    ack = drv.alloc(1)
+    table = (1).to_bytes(4, "little") + OTHER + bytes(4)
+    commands = [(C.CTRL_RX, C.CTRL_RX_PROMISC, b"\x01"), (C.CTRL_RX, C.CTRL_RX_ALLMULTI, b"\x00"),
+                (C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, table)] * 30  # past the 64-entry ring's wrap
+    for i, (cls, cmd, arg) in enumerate(commands):
+        a = drv.alloc(2 + len(arg))
+        drv.mem.write(a, bytes([cls, cmd]) + arg)
+        drv.mem.write(ack, b"\xff")
+        head = drv.queues[ctrl].add_chain([(a, 2 + len(arg), 0), (ack, 1, WRITE)])
+        assert drv.kick_if_wanted(ctrl), f"command {i}: the device did not ask for its kick"
+        assert drv.queues[ctrl].used() == [(head, 1)], f"command {i} not answered"
+        assert drv.mem.read(ack, 1)[0] == C.CTRL_OK
+    assert dev.filter.promisc and not dev.filter.allmulti and dev.filter.uni == {OTHER}
+
+
+async def test_transmits_in_a_row_each_get_their_kick_with_event_idx() -> None:
+    """The same for the transmit queue: each frame sent after the last was taken is asked for."""
+    dev = VirtioNet([MemoryLink()], MAC)
+    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=True)
+    drv.activate()
+    link = dev.backends[0]
+    for i in range(100):
+        head = send_tx(drv, 1, hdr() + eth(OTHER, bytes([i]) * 60))
+        assert drv.kick_if_wanted(1), f"frame {i}: the device did not ask for its kick"
+        assert drv.queues[1].used() == [(head, 0)]
+    assert len(link.sent) == 100  # type: ignore[attr-defined]
+
+
 async def test_rx_filter_drops_other_unicast_once_promisc_is_off() -> None:
     dev, drv, (link,) = make()
     ctrl = 2
