@@ -249,6 +249,18 @@ async def test_event_idx_suppresses_interrupts_until_used_event(backend: BlockBa
     assert q.avail_event == 2
 
 
+async def test_requests_in_a_row_each_get_their_kick_with_event_idx(backend: BlockBackend) -> None:
+    """A driver that notifies only when asked (§2.7.10) still has every request taken: after
+    each drain the device moves avail_event to the next request."""
+    rig = BlkRig(backend, event_idx=True)
+    for i in range(100):  # past the ring's wrap
+        head, _, status = rig.submit(VIRTIO_BLK_T_OUT, i, payload=pattern(512, i), kick=False)
+        assert rig.drv.kick_if_wanted(0), f"request {i}: the device did not ask for its kick"
+        await rig.drv.wait_used(0)
+        assert rig.drv.queues[0].used()[0][0] == head
+        assert rig.mem.read(status, 1)[0] == VIRTIO_BLK_S_OK
+
+
 async def test_config_space_describes_the_disk(backend: BlockBackend) -> None:
     rig = BlkRig(backend, num_queues=2)
     cfg = rig.config()

@@ -105,3 +105,16 @@ async def test_the_first_request_opens_a_period_whatever_the_monotonic_clock_rea
     assert drv.queues[0].used() == [(head, 32)]
     rng.reset()
     rng.close()
+
+
+def test_requests_in_a_row_each_get_their_kick_with_event_idx() -> None:
+    """A driver that notifies only when asked (§2.7.10) still has every request served."""
+    rng = VirtioRng()
+    drv = FakeDriver(rng, queue_size=16, event_idx=True)
+    drv.activate()
+    for i in range(40):  # past the ring's wrap
+        buf = drv.alloc(16)
+        head = drv.queues[0].add_chain([(buf, 16, WRITE)])
+        assert drv.kick_if_wanted(0), f"request {i}: the device did not ask for its kick"
+        assert drv.queues[0].used() == [(head, 16)]
+    rng.close()
