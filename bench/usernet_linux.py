@@ -107,6 +107,13 @@ read 1.03 and 1.02 (``--rounds 6``, connections and hostfwd; mean ± standard er
 0.058 and 1.036 ± 0.022) and 1.00 and 1.00 (``--rounds 12 --no-passt``; 1.021 ± 0.029 and 1.021
 ± 0.035).
 
+Compiled stack (2026-11-27, fourth session): ``appliance/nat/tcp.py``, ``tcp_nat.py`` and
+``ipv4.py`` built with mypyc (``frames.py`` does not build: mypyc's dataclass support has no
+``memoryview`` annotation) took ``bench/tools/conn_passes.py``'s four passes from 851-907 to
+819-837 us of CPU cold, and changed nothing warm (438 against 449 us): the passes' time is in the
+kernel calls, the device path and the caches, not in the TCP code. Not pursued. The day's table
+(``--rounds 6 --conns 200``) read 1.02 (0.979 ± 0.043) and 0.95 (0.959 ± 0.028).
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
