@@ -21,7 +21,6 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from appliance.cli.options import parse_option
 from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
 from appliance.machine.config import ChardevConfig
-from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig
 
@@ -210,37 +208,6 @@ async def _close(owner: Any) -> None:
             return
 
 
-class _LinkDown(ForwardingBackend):
-    """A FrameBackend standing in for a NIC's own while its link is down.
-
-    QEMU's net layer drops what a link-down client sends or is sent
-    (net/net.c), so ``set_link … off`` is a pulled cable even for a vhost-user
-    front end that never reads our config space. Frames waiting on the host
-    side are read and dropped, so a level-triggered fd (a tap) does not keep
-    waking the device.
-    """
-
-    # A flood must not hold the loop: at most this many dropped per call.
-    DRAIN = 256
-
-    def __init__(self, inner: FrameBackend) -> None:
-        super().__init__(inner)
-        self.rx_dropped = 0
-        self.tx_dropped = 0
-
-    def recv_into(self, bufs: Sequence[memoryview]) -> int:
-        for _ in range(self.DRAIN):
-            if self.inner.recv_into(bufs) < 0:
-                break
-            self.rx_dropped += 1
-        return -1
-
-    def send(self, bufs: Sequence[memoryview]) -> bool:
-        # Gone without a trace, as QEMU reports a link-down send as done.
-        self.tx_dropped += 1
-        return True
-
-
 @dataclass(eq=False)
 class DaemonNic:
     """One export: a virtio-net device on its netdev, behind its vhost-user socket.
@@ -303,9 +270,6 @@ class DaemonNic:
         if device is None:
             return
         device.set_link(up)
-        # The device reads its backend list on every batch (as netops' captures rely on).
-        for i, b in enumerate(self.backends):
-            device.backends[i] = b if up else _LinkDown(b)
 
     async def close(self) -> None:
         server, self.server = self.server, None

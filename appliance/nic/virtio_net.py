@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
 
-from appliance.net.backend import FrameBackend
+from appliance.net.backend import FrameBackend, LinkDownBackend
 from appliance.net.errors import NetError
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_VERSION_1, Interrupt, VirtioDevice
@@ -72,6 +72,10 @@ def gather(views: Sequence[memoryview], n: int) -> bytes:
             break
         out += v[: n - len(out)]
     return bytes(out)
+
+
+def _macs(table: bytes) -> set[bytes]:
+    return {table[i : i + 6] for i in range(0, len(table), 6)}
 
 
 def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
@@ -307,6 +311,10 @@ class RxFilter:
         self.nobcast = False
         self.uni: set[bytes] = set()
         self.multi: set[bytes] = set()
+        # More addresses than MAC_TABLE_ENTRIES: that whole class passes (QEMU's
+        # uni_overflow/multi_overflow), since Linux sends every address it has.
+        self.uni_overflow = False
+        self.multi_overflow = False
 
     def accepts(self, dst: bytes) -> bool:
         if self.promisc:
@@ -316,10 +324,10 @@ class RxFilter:
         if dst[0] & 1:
             if self.nomulti:
                 return False
-            return self.allmulti or dst in self.multi
+            return self.allmulti or self.multi_overflow or dst in self.multi
         if self.nouni:
             return False
-        return self.alluni or dst == self.mac or dst in self.uni
+        return self.alluni or self.uni_overflow or dst == self.mac or dst in self.uni
 
 
 class VirtioNet(VirtioDevice):
@@ -356,8 +364,11 @@ class VirtioNet(VirtioDevice):
         self.backends = list(backends)
         self.pairs = len(backends)
         self.mac = bytes(mac)
+        # What a reset goes back to (a MAC the guest set lasts until then, as in QEMU).
+        self.configured_mac = self.mac
         self.mtu = mtu
         self.link_up = link_up
+        self._gate_backends()
         # A vhost-user front end keeps the control queue to itself and tells
         # us which pairs run by starting and enabling their rings.
         self.control_queue = control_queue
@@ -463,10 +474,25 @@ class VirtioNet(VirtioDevice):
                 set_mtu(mtu)
 
     def set_link(self, up: bool) -> None:
-        """Carrier up or down (QMP ``set_link``); the guest hears a config change."""
+        """Carrier up or down (QMP ``set_link``): the guest hears a config change, and frames
+        stop both ways while it is down.
+
+        A Linux guest only turns its carrier off; its receive path does not look at it. QEMU's
+        net layer drops what a link-down NIC sends or is sent (net/net.c), so ours does too:
+        each pair's backend is swapped for a LinkDownBackend around it until the link is up.
+        The device reads ``backends`` on every batch, so the swap takes the next frame.
+        """
         if up != self.link_up:
             self.link_up = up
+            self._gate_backends()
             self.on_config_change()
+
+    def _gate_backends(self) -> None:
+        for i, b in enumerate(self.backends):
+            if self.link_up and isinstance(b, LinkDownBackend):
+                self.backends[i] = b.inner
+            elif not self.link_up and not isinstance(b, LinkDownBackend):
+                self.backends[i] = LinkDownBackend(b)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -554,6 +580,8 @@ class VirtioNet(VirtioDevice):
         self._rx_windows = []
         self._drop_pending()
         self._mem = None
+        self.mac = self.configured_mac
+        self.filter.mac = self.mac
         super().reset()
 
     def close(self) -> None:
@@ -1081,11 +1109,18 @@ class VirtioNet(VirtioDevice):
 
     def _ctrl_answer(self, q: Virtqueue, chain: DescriptorChain) -> None:
         ack = C.CTRL_ERR
-        if chain.readable_len >= 2 and chain.writable_len >= 1:
-            data = gather(chain.readable, min(chain.readable_len, 8 + 6 * 2 * MAC_TABLE_ENTRIES + 16))
+        n = chain.readable_len
+        if n >= 2 and chain.writable_len >= 1:
+            cls, cmd = gather(chain.readable, 2)
+            arg = skip_bytes(chain.readable, 2)
             try:
-                ack = self._ctrl_command(data[0], data[1], data[2:])
-            except (ValueError, IndexError):
+                if cls == C.CTRL_MAC and cmd == C.CTRL_MAC_TABLE_SET:
+                    ack = self._mac_table_set(arg, n - 2)
+                else:
+                    ack = self._ctrl_command(cls, cmd, gather(arg, min(n - 2, 16)))
+            except Exception:
+                # Every command is answered: the driver spins until it is (virtnet_send_command).
+                log.exception("virtio-net: control command %d/%d failed", cls, cmd)
                 ack = C.CTRL_ERR
         if ack != C.CTRL_OK:
             self.ctrl_errors += 1
@@ -1106,12 +1141,6 @@ class VirtioNet(VirtioDevice):
             if cmd == C.CTRL_MAC_ADDR_SET and self.has_feature(C.F_CTRL_MAC_ADDR) and len(arg) >= 6:
                 self.mac = bytes(arg[:6])
                 self.filter.mac = self.mac
-                return C.CTRL_OK
-            if cmd == C.CTRL_MAC_TABLE_SET and self.has_feature(C.F_CTRL_RX):
-                # Two tables: le32 count then count MACs, unicast first (§5.1.6.5.2).
-                uni, off = self._mac_table(arg, 0)
-                multi, off = self._mac_table(arg, off)
-                self.filter.uni, self.filter.multi = uni, multi
                 return C.CTRL_OK
             return C.CTRL_ERR
         if cls == C.CTRL_MQ and cmd == C.CTRL_MQ_VQ_PAIRS_SET and self.has_feature(C.F_MQ):
@@ -1137,13 +1166,31 @@ class VirtioNet(VirtioDevice):
             return C.CTRL_ERR
         return C.CTRL_ERR
 
-    @staticmethod
-    def _mac_table(arg: bytes, off: int) -> tuple[set[bytes], int]:
-        if len(arg) < off + 4:
-            raise ValueError("short MAC table")
-        # Guest-controlled count: bounded by our table size and the payload.
-        count = int.from_bytes(arg[off : off + 4], "little")
-        if count > MAC_TABLE_ENTRIES or len(arg) < off + 4 + 6 * count:
-            raise ValueError("MAC table too large")
-        macs = {bytes(arg[off + 4 + 6 * i : off + 10 + 6 * i]) for i in range(count)}
-        return macs, off + 4 + 6 * count
+    def _mac_table_set(self, arg: list[memoryview], n: int) -> int:
+        """VIRTIO_NET_CTRL_MAC_TABLE_SET: two tables, each a le32 count and that many MACs,
+        unicast first (§5.1.6.5.2), in the ``n`` bytes of ``arg``.
+
+        Linux sends every address the interface has, with no cap (virtnet_set_rx_mode).
+        Beyond MAC_TABLE_ENTRIES in all, the class that does not fit passes whole and the
+        answer is OK, as QEMU's filter does; a table longer than the command is an error and
+        leaves the filter as it was.
+        """
+        if not self.has_feature(C.F_CTRL_RX):
+            return C.CTRL_ERR
+        # Guest-controlled: both counts, checked against the command's length before any read.
+        if n < 4:
+            return C.CTRL_ERR
+        ucount = int.from_bytes(gather(arg, 4), "little")
+        rest = n - 4 - 6 * ucount
+        if rest < 4:
+            return C.CTRL_ERR
+        mtable = skip_bytes(arg, 4 + 6 * ucount)
+        mcount = int.from_bytes(gather(mtable, 4), "little")
+        if 6 * mcount > rest - 4:
+            return C.CTRL_ERR
+        f = self.filter
+        f.uni_overflow = ucount > MAC_TABLE_ENTRIES
+        f.uni = set() if f.uni_overflow else _macs(gather(skip_bytes(arg, 4), 6 * ucount))
+        f.multi_overflow = (0 if f.uni_overflow else ucount) + mcount > MAC_TABLE_ENTRIES
+        f.multi = set() if f.multi_overflow else _macs(gather(skip_bytes(mtable, 4), 6 * mcount))
+        return C.CTRL_OK

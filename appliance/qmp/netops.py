@@ -106,6 +106,7 @@ async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
 
     :raises GenericError: On a duplicate id, a bad property or a file that cannot be opened.
     """
+    from appliance.net.backend import LinkDownBackend
     from appliance.net.capture import CapturingBackend, open_capture
     from appliance.nic.config import FilterDumpConfig
 
@@ -150,6 +151,8 @@ async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
                 for old, new in zip(spec.backends, wrapped, strict=True):
                     if b is old:
                         device.backends[i] = new
+                    elif isinstance(b, LinkDownBackend) and b.inner is old:
+                        b.inner = new  # the link is down: the capture starts with it back up
         spec.backends[:] = wrapped
     for b in spec.backends:
         b.writers.append(writer)

@@ -174,6 +174,114 @@ async def test_transmits_in_a_row_each_get_their_kick_with_event_idx() -> None:
     assert len(link.sent) == 100  # type: ignore[attr-defined]
 
 
+def ctrl_command(drv: FakeDriver, cls: int, cmd: int, arg: bytes, ctrl: int = 2) -> int:
+    """Send one control command the way Linux does (kick only if asked) and return its ack."""
+    a, ack = drv.alloc(2 + len(arg)), drv.alloc(1)
+    drv.mem.write(a, bytes([cls, cmd]) + arg)
+    drv.mem.write(ack, b"\xff")
+    head = drv.queues[ctrl].add_chain([(a, 2 + len(arg), 0), (ack, 1, WRITE)])
+    drv.kick_if_wanted(ctrl)
+    assert drv.queues[ctrl].used() == [(head, 1)], "command not answered"
+    return drv.mem.read(ack, 1)[0]
+
+
+def mac_tables(uni: list[bytes], multi: list[bytes]) -> bytes:
+    return (len(uni).to_bytes(4, "little") + b"".join(uni) + len(multi).to_bytes(4, "little")
+            + b"".join(multi))
+
+
+async def test_mac_table_beyond_64_entries_lets_that_class_through() -> None:
+    """Linux sends every address it has (macvlans, VLANs, multicast groups) with no cap;
+    past 64 in all the class that does not fit passes whole and the answer is OK, as in
+    QEMU, where we used to refuse the table and keep filtering to the old one."""
+    dev, drv, (link,) = make()
+    assert ctrl_command(drv, C.CTRL_RX, C.CTRL_RX_PROMISC, b"\x00") == C.CTRL_OK
+    uni = [bytes([0x02, 0, 0, 0, 0, i]) for i in range(100)]
+    multi = [bytes([0x01, 0, 0x5E, 0, 0, i]) for i in range(3)]
+    assert ctrl_command(drv, C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, mac_tables(uni, multi)) == C.CTRL_OK
+    f = dev.filter
+    assert f.uni_overflow and not f.multi_overflow and f.multi == set(multi)
+    assert f.accepts(bytes.fromhex("0200000000ff")) and not f.accepts(bytes.fromhex("01005e0000ff"))
+    # 60 unicast fit, but 60 + 10 multicast do not: the multicast class passes.
+    uni, multi = uni[:60], [bytes([0x01, 0, 0x5E, 0, 1, i]) for i in range(10)]
+    assert ctrl_command(drv, C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, mac_tables(uni, multi)) == C.CTRL_OK
+    assert not f.uni_overflow and f.uni == set(uni) and f.multi_overflow
+    assert f.accepts(bytes.fromhex("01005e00ffff")) and not f.accepts(bytes.fromhex("0200000000ff"))
+    # A count longer than the command is refused and leaves the filter as it was.
+    bad = (70).to_bytes(4, "little") + b"".join(uni)
+    assert ctrl_command(drv, C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, bad) == C.CTRL_ERR
+    assert f.uni == set(uni) and f.multi_overflow
+    # Within 64 in all, both tables filter again.
+    assert ctrl_command(drv, C.CTRL_MAC, C.CTRL_MAC_TABLE_SET, mac_tables([OTHER], multi[:2])) == C.CTRL_OK
+    assert not f.uni_overflow and not f.multi_overflow and f.uni == {OTHER}
+    post_rx(drv, 0, 2048, count=2)
+    drv.kick(0)
+    link.inject(eth(bytes.fromhex("0200000000ff")))  # filtered
+    link.inject(eth(OTHER))
+    await drv.wait_used(0)
+    await asyncio.sleep(0.01)
+    assert len(drv.queues[0].used()) == 1 and dev.stats[0].rx_filtered == 1
+
+
+async def test_a_failing_control_command_is_still_answered() -> None:
+    """Linux spins until its command comes back (virtnet_send_command, with rtnl held or in
+    atomic context): a command whose handling raises is answered with an error instead of
+    being left unanswered, and the queue keeps working."""
+
+    class Refusing(MemoryLink):
+        refuse = False
+
+        def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+            if self.refuse:
+                raise RuntimeError("the host refused the offloads")
+
+    link = Refusing(vnet_hdr_len=C.HDR_LEN)
+    dev = VirtioNet([link], MAC)
+    drv = FakeDriver(dev, queue_size=64, mem_size=8 << 20, event_idx=True)
+    drv.activate()
+    link.refuse = True
+    assert dev.has_feature(C.F_CTRL_GUEST_OFFLOADS)
+    offloads = (1 << C.F_GUEST_CSUM).to_bytes(8, "little")
+    assert ctrl_command(drv, C.CTRL_GUEST_OFFLOADS, C.CTRL_GUEST_OFFLOADS_SET, offloads) == C.CTRL_ERR
+    assert not dev.needs_reset
+    assert ctrl_command(drv, C.CTRL_RX, C.CTRL_RX_PROMISC, b"\x00") == C.CTRL_OK
+
+
+async def test_reset_brings_back_the_configured_mac() -> None:
+    """A MAC the guest set (CTRL_MAC_ADDR_SET) lasts until the device is reset; then the
+    configured one is back in config space, for the next driver to read (QEMU's
+    virtio_net_reset does the same)."""
+    dev, drv, _ = make()
+    assert ctrl_command(drv, C.CTRL_MAC, C.CTRL_MAC_ADDR_SET, OTHER) == C.CTRL_OK
+    assert dev.config_bytes()[:6] == OTHER and dev.filter.mac == OTHER
+    dev.reset()
+    assert dev.config_bytes()[:6] == MAC and dev.filter.mac == MAC
+
+
+async def test_link_down_drops_frames_both_ways() -> None:
+    """set_link off is a pulled cable, as in QEMU (net/net.c drops what a link-down NIC sends
+    or is sent): a Linux guest only turns its carrier off and still takes what arrives."""
+    dev, drv, (link,) = make()
+    post_rx(drv, 0, 2048, count=4)
+    drv.kick(0)
+    dev.set_link(False)
+    assert not dev.config_bytes()[6] & C.S_LINK_UP
+    head = send_tx(drv, 1, hdr() + eth(OTHER))
+    drv.kick(1)
+    assert drv.queues[1].used() == [(head, 0)]  # taken and dropped
+    link.inject(eth(MAC, b"down" * 20))
+    await asyncio.sleep(0.02)
+    assert link.sent == [] and drv.queues[0].used() == []
+    dev.set_link(True)
+    send_tx(drv, 1, hdr() + eth(OTHER))
+    drv.kick(1)
+    assert link.sent == [eth(OTHER)]
+    link.inject(eth(MAC, b"up" * 20))
+    await drv.wait_used(0)
+    ((_, n),) = drv.queues[0].used()
+    assert n == C.HDR_LEN + 14 + 40  # the frame sent while down is gone
+
+
 async def test_rx_filter_drops_other_unicast_once_promisc_is_off() -> None:
     dev, drv, (link,) = make()
     ctrl = 2
