@@ -247,6 +247,9 @@ class VirtioBlk(VirtioDevice):
                 self._idle = asyncio.get_running_loop().create_future()
             await self._idle
 
+    def busy(self) -> bool:
+        return self._running > 0
+
     @property
     def in_flight(self) -> int:
         """Requests handed to the backend and not yet completed, all queues."""

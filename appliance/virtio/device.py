@@ -109,6 +109,10 @@ class VirtioDevice(abc.ABC):
     async def quiesce(self) -> None:  # noqa: B027
         """Wait until no request is in flight (before guest memory is unmapped)."""
 
+    def busy(self) -> bool:
+        """Whether requests are in flight, which :meth:`quiesce` would wait for."""
+        return False
+
     def reset(self) -> None:
         """Drop all queue state; the transport calls this on a status write of 0.
 

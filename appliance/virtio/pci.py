@@ -338,6 +338,7 @@ class VirtioPciTransport(PciDevice):
         self._isr = 0
         self._needs_reset = False
         self._reset_pending = False
+        self._reset_task: asyncio.Task[None] | None = None  # a reset waiting for the device to go quiet
         for q in self._queues:
             q.clear()
 
@@ -654,9 +655,32 @@ class VirtioPciTransport(PciDevice):
             self._finish_reset()
             return
         self._reset_pending = True
-        self._to_loop(self._finish_reset)
+        self._to_loop(self._begin_reset)
 
-    def _finish_reset(self) -> None:
+    def _begin_reset(self) -> None:
+        """On the loop: doorbells off, then the reset once nothing is in flight.
+
+        Linux's vp_reset writes 0 and polls the status until it reads 0, and takes that to
+        mean the device has stopped writing to guest memory: it then frees the rings and the
+        buffers. A virtio-blk read still in flight must land before the status reads 0, not
+        in pages the guest has since reused (QEMU drains the disk in its reset the same way).
+        """
+        epoch = self._epoch
+        self._stop_doorbells()
+        if not self.device.busy():
+            self._finish_reset()
+            return
+        self._reset_task = self.loop.create_task(self._reset_when_quiet(epoch))
+
+    async def _reset_when_quiet(self, epoch: int) -> None:
+        try:
+            await self.device.quiesce()
+        except Exception:
+            log.exception("%s: quiesce before reset failed", self.name)
+        if epoch == self._epoch and not self._closed:
+            self._finish_reset()
+
+    def _stop_doorbells(self) -> None:
         for efd in self._readers:
             try:
                 self.loop.remove_reader(efd)
@@ -670,6 +694,9 @@ class VirtioPciTransport(PciDevice):
                 if q.efd >= 0:
                     os.close(q.efd)
                     q.efd = -1
+
+    def _finish_reset(self) -> None:
+        self._stop_doorbells()
         self._call_device(self.device.reset)
         with self._lock:
             self._active = False

@@ -75,11 +75,13 @@ class FillDevice(VirtioDevice):
 
 
 class Rig:
-    def __init__(self, loop: asyncio.AbstractEventLoop, platform: FakePlatform | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, platform: FakePlatform | None = None, dev: FillDevice | None = None
+    ) -> None:
         self.plat = platform or FakePlatform()
         self.mem = make_memory(1 << 20)
         self.pci = PciBus(self.plat.mmio_bus)
-        self.dev = FillDevice()
+        self.dev = dev or FillDevice()
         self.t = VirtioPciTransport(self.dev, mem=self.mem, platform=self.plat, loop=loop)
         self.slot = self.pci.add(self.t).slot
         self.guest = GuestPci(self.pci, self.plat)
@@ -219,6 +221,52 @@ async def test_device_fail_sets_needs_reset_and_sends_config_interrupt(rig: Rig)
     resets = rig.dev.resets
     rig.drv.reset()
     assert rig.drv.status == 0 and rig.dev.resets == resets + 1 and not rig.dev.needs_reset
+
+
+class InFlightDevice(FillDevice):
+    """A device with a request in flight until ``landed`` is set (a slow disk read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed = asyncio.Event()
+        self.events: list[str] = []
+
+    def busy(self) -> bool:
+        return not self.landed.is_set()
+
+    async def quiesce(self) -> None:
+        self.events.append("quiesce")
+        await self.landed.wait()
+        self.events.append("landed")
+
+    def reset(self) -> None:
+        self.events.append("reset")
+        super().reset()
+
+
+async def test_status_reads_0_only_once_nothing_is_in_flight() -> None:
+    """Linux's vp_reset writes 0 and polls until the status reads 0, then frees the rings and
+    buffers: a request still in flight must land before that, not in pages freed meanwhile."""
+    dev = InFlightDevice()
+    rig = Rig(asyncio.get_running_loop(), dev=dev)
+    await asyncio.to_thread(rig.init)
+    await rig.active()
+    dev.events.clear()  # the driver's own reset at the start of init
+    await asyncio.to_thread(rig.drv.set_status, 0)
+    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(lambda: rig.drv.status) != 0
+    assert dev.events == ["quiesce"] and rig.plat.ioeventfds == {}  # doorbells off at once
+    dev.landed.set()
+    for _ in range(500):
+        if await asyncio.to_thread(lambda: rig.drv.status) == 0:
+            break
+        await asyncio.sleep(0.002)
+    assert dev.events == ["quiesce", "landed", "reset"]
+    # And the device comes back up.
+    rig.queues = [lay_out_queue(rig.mem, 0x10000 * (i + 1), 16) for i in range(2)]
+    dev.activations = 0
+    await asyncio.to_thread(rig.init)
+    await rig.active()
 
 
 async def test_reset_from_a_vcpu_thread_waits_for_the_loop_and_drops_doorbells(rig: Rig) -> None:
