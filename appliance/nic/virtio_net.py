@@ -74,6 +74,26 @@ def gather(views: Sequence[memoryview], n: int) -> bytes:
     return bytes(out)
 
 
+def _is_tcp(views: Sequence[memoryview], off: int) -> bool:
+    """Whether the Ethernet frame at ``off`` in ``views`` carries TCP over IPv4 or IPv6.
+
+    Only TCP's small segments (ACKs, SYNs, FINs) may wait TX_IRQ_LAZY for their transmit
+    interrupt: their peer answers, and the answer's receive interrupt reaps them. A UDP
+    sender may hear nothing back, and Linux 6.10 and later (byte queue limits in
+    virtio_net) stop the queue until the completions are reaped: each stop would cost
+    the whole lazy wait.
+    """
+    head = views[0] if views else b""
+    if len(head) < off + 24:
+        head = gather(views, off + 24)
+        if len(head) < off + 24:
+            return False
+    ethertype = head[off + 12 : off + 14]
+    if ethertype == b"\x08\x00":
+        return head[off + 23] == 6
+    return ethertype == b"\x86\xdd" and head[off + 20] == 6
+
+
 def _macs(table: bytes) -> set[bytes]:
     return {table[i : i + 6] for i in range(0, len(table), 6)}
 
@@ -139,9 +159,9 @@ RX_AFTER_TX = 8
 # (seconds; asyncio rounds a lone timer up to the next millisecond). See
 # VirtioNet._tx.
 TX_IRQ_DELAY = 0.0005
-# The transmit interrupt for a few small frames (at most TX_LAZY_FRAMES of at
-# most TX_SMALL_FRAME bytes with their header: TCP ACKs, SYNs, FINs, DNS
-# queries) waits longer: nothing in the guest waits for those buffers (a TCP
+# The transmit interrupt for a few small TCP segments (at most TX_LAZY_FRAMES of at
+# most TX_SMALL_FRAME bytes with their header: ACKs, SYNs, FINs; see _is_tcp)
+# waits longer: nothing in the guest waits for those buffers (a TCP
 # sender's small queues wait for its data segments, which are not small), its
 # next transmit or receive interrupt reaps them, and the interrupt alone would
 # cost the emulated guest an INTx and the front end a wake-up. Kept under the
@@ -748,7 +768,8 @@ class VirtioNet(VirtioDevice):
                         for head, views, n in batch:
                             heads.append(head)
                             if small >= 0:
-                                small = small + 1 if n <= TX_SMALL_FRAME and small < TX_LAZY_FRAMES else -1
+                                small = (small + 1 if n <= TX_SMALL_FRAME and small < TX_LAZY_FRAMES
+                                         and _is_tcp(views, hdr_len) else -1)
                             # Guest-controlled: n, the chain's readable bytes.
                             if n < hdr_len or n > max_len:
                                 dropped += 1

@@ -16,7 +16,9 @@ from appliance.nic.virtio_net import TX_LAZY_FRAMES, TX_SMALL_FRAME, VirtioNet
 from appliance.virtio.testing import FakeDriver
 from tests.nic.test_virtio_net import MAC, OTHER, eth, hdr, post_rx, send_tx
 
-SMALL = hdr() + eth(OTHER, b"a" * 40)  # 66 bytes: a pure TCP ACK's size
+# 66 bytes: a pure TCP ACK's size (IPv4, protocol 6), and a UDP datagram of the same size.
+SMALL = hdr() + eth(OTHER, bytes(9) + b"\x06" + b"a" * 30)
+SMALL_UDP = hdr() + eth(OTHER, bytes(9) + b"\x11" + b"a" * 30)
 LARGE = hdr() + eth(OTHER, b"d" * 1000)
 WELL_PAST_DELAY = 0.2
 
@@ -47,6 +49,26 @@ async def test_a_small_frame_waits_for_the_lazy_delay() -> None:
     await asyncio.sleep(WELL_PAST_DELAY)
     assert drv.interrupts[1].count == 0
     dev.reset()
+
+
+async def test_a_small_tcp_segment_over_ipv6_waits_for_the_lazy_delay_too() -> None:
+    dev, drv, link = make()
+    send_tx(drv, 1, hdr() + OTHER + MAC + b"\x86\xdd" + bytes(6) + b"\x06" + b"a" * 40)
+    drv.kick(1)
+    await asyncio.sleep(WELL_PAST_DELAY)
+    assert len(link.sent) == 1 and drv.interrupts[1].count == 0
+    dev.reset()
+
+
+async def test_a_small_udp_datagram_is_signalled_after_the_short_delay() -> None:
+    """Nothing may answer a UDP sender, and Linux 6.10 and later stop a virtio_net queue
+    (byte queue limits) until they reap its completions: the lazy wait would hold the
+    sender's next datagram for all of it."""
+    dev, drv, link = make()
+    send_tx(drv, 1, SMALL_UDP)
+    drv.kick(1)
+    await drv.interrupts[1].wait(1.0)
+    assert drv.interrupts[1].count == 1
 
 
 async def test_a_large_frame_is_signalled_after_the_short_delay() -> None:
