@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from appliance.kvm.memory import GuestMemory
-from appliance.pci.config import CAP_ID_VENDOR, BarKind
+from appliance.pci.config import CAP_ID_VENDOR, COMMAND, COMMAND_BUS_MASTER, BarKind
 from appliance.pci.device import PciDevice
 from appliance.pci.irq import MsiPlatform
 from appliance.pci.msix import Msix
@@ -240,9 +240,33 @@ class VirtioPciTransport(PciDevice):
             CAP_PCI_CFG, 0, 0, extra=bytes(4), bar=0, writable=True
         )
         self.watch_config(self._pci_cfg + 16, 4, self._pci_cfg_data_written)
+        self._bus_master = False
+        self.watch_config(COMMAND, 2, self._command_written)
 
         device.on_config_change = self._config_changed
         device.on_needs_reset = self._needs_reset_raised
+
+    def _command_written(self) -> None:
+        """Bus mastering turned off stops a running device, as a reset does.
+
+        Linux turns it off for every device at kexec (pci_device_shutdown), and kernels
+        before 6.14 do not reset virtio devices on the way down: the memory the rings and
+        buffers lie in belongs to the next kernel. QEMU stops the device then too (it
+        clears DRIVER_OK); the next driver resets it before use either way.
+        """
+        master = bool(self.config.get(COMMAND, 2) & COMMAND_BUS_MASTER)
+        was, self._bus_master = self._bus_master, master
+        if was and not master:
+            # On the loop: this runs under the config lock, which the status path may take
+            # inside the transport's own lock.
+            self._to_loop(self._stop_for_bus_master)
+
+    def _stop_for_bus_master(self) -> None:
+        with self._lock:
+            if self._bus_master or not self._status & STATUS_DRIVER_OK:
+                return
+            log.info("%s: bus mastering turned off; device stopped", self.name)
+            self._start_reset()
 
     # -- capabilities ---------------------------------------------------------------
 

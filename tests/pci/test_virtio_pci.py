@@ -269,6 +269,28 @@ async def test_status_reads_0_only_once_nothing_is_in_flight() -> None:
     await rig.active()
 
 
+async def test_bus_mastering_turned_off_stops_a_running_device(rig: Rig) -> None:
+    """Linux turns bus mastering off at kexec (pci_device_shutdown) without resetting a virtio
+    device first (before 6.14): the device must stop using guest memory then, as QEMU's does."""
+    command = rig.guest.cfg_read(rig.slot, 0x04, 2)
+    rig.guest.cfg_write(rig.slot, 0x04, command | 0x4, 2)  # pci_set_master
+    await asyncio.to_thread(rig.init)
+    await rig.active()
+    resets = rig.dev.resets
+    await asyncio.to_thread(rig.guest.cfg_write, rig.slot, 0x04, command & ~0x4, 2)
+    for _ in range(500):
+        if rig.dev.resets > resets:
+            break
+        await asyncio.sleep(0.002)
+    assert rig.dev.resets == resets + 1 and rig.drv.status == 0
+    assert rig.plat.ioeventfds == {}
+    # Turning it off again while stopped, or with the device never started, does nothing.
+    rig.guest.cfg_write(rig.slot, 0x04, command | 0x4, 2)
+    rig.guest.cfg_write(rig.slot, 0x04, command & ~0x4, 2)
+    await asyncio.sleep(0.02)
+    assert rig.dev.resets == resets + 1
+
+
 async def test_reset_from_a_vcpu_thread_waits_for_the_loop_and_drops_doorbells(rig: Rig) -> None:
     await asyncio.to_thread(rig.init)
     await rig.active()
