@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
 from appliance.errors import ConfigError
-from appliance.machine.devices import BlkSpec, NicSpec, RngSpec
+from appliance.machine.devices import BlkSpec, NicSpec, PeerlessNetdevSpec, RngSpec
 from appliance.nic.config import MAX_NICS, take_root_bus
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
@@ -566,13 +566,16 @@ def resolve(plan: DevicePlan) -> list[object]:
                 origin=plan.netdev_origin.get(nic.netdev, ""),
             ))
             addrs.append(addr)
-    # QEMU warns of these and runs; a netdev is opened with its NIC here, so these stay closed.
+    # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec);
+    # a -net back end left without a NIC stays closed here.
     unused = [n for n in plan.netdevs if n not in used_netdevs]
     if any(n in plan.hub_backends for n in unused):
         print(f"{PROG}: warning: hub 0 with no nics (its back end is not started)", file=sys.stderr)
     for n in unused:
         if n not in plan.hub_backends:
-            print(f"{PROG}: warning: netdev {n} has no peer (not started)", file=sys.stderr)
+            print(f"{PROG}: warning: netdev {n} has no peer", file=sys.stderr)
+            specs.append(PeerlessNetdevSpec(plan.netdevs[n], origin=plan.netdev_origin.get(n, ""),  # type: ignore[arg-type]
+                                            name=f"netdev {n}"))
     for d in plan.dumps:
         assert isinstance(d, FilterDumpConfig)
         if d.netdev not in plan.netdevs:

@@ -286,6 +286,26 @@ class NicSpec:
                 await result
 
 
+@dataclass(eq=False)
+class PeerlessNetdevSpec(NicSpec):
+    """A ``-netdev`` that no NIC uses: opened all the same, with no device in front of it.
+
+    QEMU opens every netdev at start-up and only warns of one without a peer, so a user
+    network binds its hostfwd ports, ``info usernet`` lists it and ``hostfwd_add`` reaches
+    it. What it would send to a guest is dropped (the stack's queue is bounded), and a
+    connection forwarded in gets no answer from a guest, as in QEMU.
+    """
+
+    mac: bytes = b""
+    link_up: bool = True
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None:
+        return  # nothing on the PCI bus
+
+    def set_link(self, up: bool) -> None:
+        self.link_up = up  # QEMU takes set_link for a netdev alone too
+
+
 def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
     from appliance.nic.virtio_net import VirtioNet
 
@@ -298,4 +318,7 @@ def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
     spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
 
 
-__all__ = ["BlkSpec", "NicSpec", "RngSpec", "attach_blk", "attach_nic", "attach_rng", "fresh_queue", "plug_virtio"]
+__all__ = [
+    "BlkSpec", "NicSpec", "PeerlessNetdevSpec", "RngSpec",
+    "attach_blk", "attach_nic", "attach_rng", "fresh_queue", "plug_virtio",
+]

@@ -238,9 +238,17 @@ async def _info(ctx: Any, args: list[str]) -> str:
 
 
 def _network(ctx: Any) -> str:
-    """``info network``: each NIC and the netdev it is wired to, in QEMU's lines."""
-    out = []
-    for spec in netops.nic_specs(ctx.machine):
+    """``info network``: each NIC and the netdev it is wired to, in QEMU's lines; a netdev
+    without a NIC alone on its line, ahead of them (QEMU opens netdevs before NICs and
+    lists them in that order)."""
+    from appliance.machine.devices import PeerlessNetdevSpec
+
+    specs = netops.nic_specs(ctx.machine)
+    out = [f"{s.netdev.id}: index=0,type={_netdev_info(s.netdev)}\r\n"
+           for s in specs if isinstance(s, PeerlessNetdevSpec)]
+    for spec in specs:
+        if isinstance(spec, PeerlessNetdevSpec):
+            continue
         dev = spec.device
         name = spec.name.removeprefix("virtio-net ")
         mac = getattr(dev, "mac", None)

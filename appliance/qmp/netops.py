@@ -83,7 +83,12 @@ def usernet_stats(machine: Any) -> list[dict[str, Any]]:
 
 
 def set_link(machine: Any, name: str, up: bool) -> None:
+    from appliance.machine.devices import PeerlessNetdevSpec
+
     spec = find_nic(machine, name)
+    if isinstance(spec, PeerlessNetdevSpec):
+        spec.set_link(up)
+        return
     if spec.device is None:
         raise GenericError(f"Device '{name}' is not running")
     own = getattr(spec, "set_link", None)

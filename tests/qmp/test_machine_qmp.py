@@ -301,12 +301,13 @@ async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_
     assert not pidfile.exists()
 
 
-async def _qemu_hmp(netdev: str, command: str, tmp_path: Path) -> str:
-    """What QEMU's own monitor answers ``command`` with, for a VM (never started) with ``netdev``."""
+async def _qemu_hmp(netdev: str, command: str | list[str], tmp_path: Path, *, nic: bool = True) -> Any:
+    """What QEMU's own monitor answers ``command`` with (a list: each, in turn), for a VM
+    (never started) with ``netdev``, and a NIC on it unless ``nic`` is False."""
     sock = tmp_path / "qemu-qmp.sock"
     proc = await asyncio.create_subprocess_exec(
         "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-netdev", netdev,
-        "-device", "virtio-net-pci,netdev=n0", "-qmp", f"unix:{sock},server=on,wait=off",
+        *(["-device", "virtio-net-pci,netdev=n0"] if nic else []), "-qmp", f"unix:{sock},server=on,wait=off",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -317,7 +318,9 @@ async def _qemu_hmp(netdev: str, command: str, tmp_path: Path) -> str:
         client = QMPClient("qemu")
         await client.connect(str(sock))
         try:
-            return str(await client.execute("human-monitor-command", {"command-line": command}))
+            answers = [str(await client.execute("human-monitor-command", {"command-line": c}))
+                       for c in ([command] if isinstance(command, str) else command)]
+            return answers[0] if isinstance(command, str) else answers
         finally:
             await client.disconnect()
     finally:
@@ -341,6 +344,30 @@ async def test_info_usernet_prints_qemus_table(tmp_path: Path) -> None:
 
     assert shape(ours, ours_port) == shape(theirs, theirs_port)
     assert ours.startswith("Hub -1 (n0):\r\n  Protocol[State]    FD  Source Address")
+
+
+@needs_qemu
+async def test_a_netdev_without_a_nic_is_opened_as_qemu_opens_it(tmp_path: Path) -> None:
+    """QEMU opens a -netdev that no NIC uses and only warns: its hostfwd port takes
+    connections, info usernet and info network list it, hostfwd_add and set_link reach it."""
+    ours_port, theirs_port, added = (free_port() for _ in range(3))
+    commands = ["info usernet", "info network", f"hostfwd_add n0 tcp:127.0.0.1:{added}-:80", "set_link n0 off"]
+    async with machine(tmp_path, "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ours_port}-:22") as m:
+        ours = [await ex(m.qmp, "human-monitor-command", {"command-line": c}) for c in commands]
+        with socket.create_connection(("127.0.0.1", ours_port), timeout=5):
+            pass  # the port is bound and listening
+        with socket.create_connection(("127.0.0.1", added), timeout=5):
+            pass
+    theirs = await _qemu_hmp(f"user,id=n0,hostfwd=tcp:127.0.0.1:{theirs_port}-:22",
+                             [c.replace(str(added), "0") for c in commands], tmp_path, nic=False)
+
+    def shape(text: str, port: int) -> list[str]:
+        return [re.sub(r"^(  \S+) +\d+ ", r"\1 FD ", line).replace(str(port), "PORT")
+                for line in text.split("\r\n")]
+
+    assert shape(ours[0], ours_port) == shape(theirs[0], theirs_port)
+    assert ours[0].startswith("Hub -1 (n0):\r\n")
+    assert ours[1:] == theirs[1:] == ["n0: index=0,type=user,net=10.0.2.0,restrict=off\r\n", "", ""]
 
 
 async def test_usernet_counters_and_flows_are_queryable_as_json(tmp_path: Path) -> None:
