@@ -529,7 +529,12 @@ class VirtioNet(VirtioDevice):
         self._active_pairs = 1 if self.control_queue else min(self.pairs, len(queues) // 2)
         self.filter.reset()
         gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
-        self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if gso else (self.mtu or 1500) + 18)
+        # Without VIRTIO_NET_F_MTU a Linux driver lets its MTU be raised to 64 KiB, and with
+        # mergeable buffers it takes a frame of any size across several (§5.1.6.4.2): jumbo
+        # frames from a tap on a 9000-byte bridge, or a socket netdev, arrive whole, as they
+        # do through QEMU's NIC.
+        jumbo = gso or (self.mtu is None and self.has_feature(C.F_MRG_RXBUF))
+        self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if jumbo else (self.mtu or 1500) + 18)
         # Staging buffers outlive a reset unless the largest frame changed.
         self._rx_stage = [b if b is not None and len(b) == self._max_rx_frame else None for b in self._rx_stage]
         self._rx_pending = [0] * self.pairs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 
 import pytest
@@ -121,6 +122,23 @@ async def test_mergeable_buffers_carry_a_gso_frame_across_chains() -> None:
     link.inject(hdr() + eth(MAC))
     await drv.wait_used(0, 1)
     assert drv.queues[0].used()[0][0] == bufs[3][0]
+
+
+async def test_a_jumbo_frame_from_a_headerless_backend_spans_mergeable_buffers() -> None:
+    """No GSO and no VIRTIO_NET_F_MTU: Linux lets its MTU go up to 64 KiB and takes a 9000-byte
+    frame (a tap on a jumbo bridge, a socket netdev) across mergeable buffers, as QEMU gives it."""
+    dev, drv, (link,) = make()
+    assert dev.has_feature(C.F_MRG_RXBUF) and not dev.has_feature(C.F_GUEST_TSO4)
+    bufs = post_rx(drv, 0, 4096, count=20)
+    drv.kick(0)
+    frame = eth(MAC, os.urandom(9000 - 14))
+    link.inject(frame)
+    await drv.wait_used(0, 3)
+    used = drv.queues[0].used()
+    assert [h for h, _ in used] == [h for h, _ in bufs[:3]]
+    data = b"".join(drv.mem.read(a, n) for (_, a), (_, n) in zip(bufs, used, strict=False))
+    assert struct.unpack_from("<H", data, 10)[0] == 3 and data[C.HDR_LEN :] == frame
+    assert dev.stats[0].rx_dropped == 0
 
 
 async def test_frame_larger_than_buffers_without_mergeable_is_dropped() -> None:
