@@ -563,7 +563,7 @@ def resolve(plan: DevicePlan) -> list[object]:
                 # it): what info network shows and set_link takes.
                 name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
                 hub=0 if nic.hub else -1, hub_port=plan.hub_nic_port,
-                origin=plan.netdev_origin.get(nic.netdev, ""),
+                origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=list(plan.netdevs).index(nic.netdev),
             ))
             addrs.append(addr)
     # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec);
@@ -574,13 +574,16 @@ def resolve(plan: DevicePlan) -> list[object]:
     for n in unused:
         if n not in plan.hub_backends:
             print(f"{PROG}: warning: netdev {n} has no peer", file=sys.stderr)
-            specs.append(PeerlessNetdevSpec(plan.netdevs[n], origin=plan.netdev_origin.get(n, ""),  # type: ignore[arg-type]
-                                            name=f"netdev {n}"))
+            captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == n]
+            specs.append(PeerlessNetdevSpec(
+                plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
+                captures=captures, netdev_order=list(plan.netdevs).index(n),
+            ))
     for d in plan.dumps:
         assert isinstance(d, FilterDumpConfig)
         if d.netdev not in plan.netdevs:
             raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' not found")
-        if d.netdev not in used_netdevs:
+        if d.netdev in plan.hub_backends and d.netdev not in used_netdevs:
             raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' has no NIC")
     try:
         plan_slots(addrs)

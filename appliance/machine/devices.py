@@ -242,6 +242,9 @@ class NicSpec:
     hub: int = -1  # QEMU's hub the netdev hangs off (0 for -net; -1: none)
     hub_port: int = 0  # on a hub, the NIC's port (its back end has the other of 0 and 1)
     origin: str = ""  # the netdev's option as typed, which its start-up errors name (QEMU's way)
+    # Where the netdev came on the command line: QEMU lists user networks (info usernet) and
+    # picks hostfwd_add's default in that order, not in the NICs' order.
+    netdev_order: int = 0
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)

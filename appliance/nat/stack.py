@@ -306,6 +306,12 @@ class UserNetwork:
         self.guest_tso4 = on and tso4
         self.guest_tso6 = on and tso6
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame we hand the guest without segmentation offload: one at our MTU
+        (virtio-net sizes its receive room by it)."""
+        return ETH_HLEN + self.mtu
+
     def set_mtu(self, mtu: int) -> None:
         """The guest link's MTU, as its NIC has it (``host_mtu=``, or a vhost-user front end's
         NET_SET_MTU): no frame toward the guest carries more, except TSO segments the guest

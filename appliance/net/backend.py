@@ -82,6 +82,11 @@ class ForwardingBackend:
     def vnet_hdr_len(self) -> int:
         return self.inner.vnet_hdr_len
 
+    @property
+    def max_frame(self) -> int | None:
+        """The inner backend's largest frame toward the guest, if it says (the user-mode stack)."""
+        return getattr(self.inner, "max_frame", None)
+
     def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
         self.inner.set_ready_callback(ready)
 

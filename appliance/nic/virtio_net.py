@@ -180,6 +180,8 @@ TX_LAZY_FRAMES = 16
 # its SYN-ACK; at 20 ms it nearly always was.
 TX_QUIET_MAX = 8
 TX_QUIET_WAIT = 0.002
+# An Ethernet frame at the default MTU of 1500, without its FCS.
+ETH_FRAME = 1514
 # The longest transmit chain taken: a header and the largest GSO frame.
 _MAX_TX_CHAIN = C.HDR_LEN + C.MAX_GSO_FRAME
 # What VirtioNet._rx_staged says besides a delivered frame's length.
@@ -529,11 +531,16 @@ class VirtioNet(VirtioDevice):
         self._active_pairs = 1 if self.control_queue else min(self.pairs, len(queues) // 2)
         self.filter.reset()
         gso = any(self.has_feature(b) for b in (C.F_GUEST_TSO4, C.F_GUEST_TSO6, C.F_GUEST_UFO))
-        # Without VIRTIO_NET_F_MTU a Linux driver lets its MTU be raised to 64 KiB, and with
-        # mergeable buffers it takes a frame of any size across several (§5.1.6.4.2): jumbo
-        # frames from a tap on a 9000-byte bridge, or a socket netdev, arrive whole, as they
-        # do through QEMU's NIC.
-        jumbo = gso or (self.mtu is None and self.has_feature(C.F_MRG_RXBUF))
+        # Without VIRTIO_NET_F_MTU negotiated a Linux driver lets its MTU be raised to 64 KiB,
+        # and with mergeable buffers it takes a frame of any size across several (§5.1.6.4.2):
+        # jumbo frames from a tap on a 9000-byte bridge, or a socket netdev, arrive whole, as
+        # they do through QEMU's NIC. (The receive iovec then spans up to 64 KiB of buffers;
+        # the kernel fills only what the frame needs.)
+        # A backend that says how large its frames get (the user-mode stack: its MTU) is not
+        # given room for more.
+        limits = [getattr(b, "max_frame", None) for b in self.backends]
+        large = any(m is None or m > ETH_FRAME for m in limits)
+        jumbo = gso or (large and not self.has_feature(C.F_MTU) and self.has_feature(C.F_MRG_RXBUF))
         self._max_rx_frame = C.HDR_LEN + (C.MAX_GSO_FRAME if jumbo else (self.mtu or 1500) + 18)
         # Staging buffers outlive a reset unless the largest frame changed.
         self._rx_stage = [b if b is not None and len(b) == self._max_rx_frame else None for b in self._rx_stage]
@@ -1144,9 +1151,11 @@ class VirtioNet(VirtioDevice):
                     ack = self._mac_table_set(arg, n - 2)
                 else:
                     ack = self._ctrl_command(cls, cmd, gather(arg, min(n - 2, 16)))
-            except Exception:
+            except Exception as err:
                 # Every command is answered: the driver spins until it is (virtnet_send_command).
-                log.exception("virtio-net: control command %d/%d failed", cls, cmd)
+                # Rate-limited: the guest may send the command again and again.
+                guest_error_log.warning("virtio-net: control command %d/%d failed: %r", cls, cmd, err)
+                log.debug("control command %d/%d failed", cls, cmd, exc_info=True)
                 ack = C.CTRL_ERR
         if ack != C.CTRL_OK:
             self.ctrl_errors += 1

@@ -238,12 +238,13 @@ async def _info(ctx: Any, args: list[str]) -> str:
 
 
 def _network(ctx: Any) -> str:
-    """``info network``: each NIC and the netdev it is wired to, in QEMU's lines; a netdev
-    without a NIC alone on its line, ahead of them (QEMU opens netdevs before NICs and
-    lists them in that order)."""
+    """``info network``: each NIC and the netdev it is wired to, in QEMU's lines and order:
+    hub 0 first (QEMU prints its hubs ahead of the rest), then each netdev without a NIC
+    alone on its line (QEMU opens netdevs before NICs), then the NICs."""
     from appliance.machine.devices import PeerlessNetdevSpec
 
     specs = netops.nic_specs(ctx.machine)
+    hubs: list[str] = []
     out = [f"{s.netdev.id}: index=0,type={_netdev_info(s.netdev)}\r\n"
            for s in specs if isinstance(s, PeerlessNetdevSpec)]
     for spec in specs:
@@ -259,12 +260,12 @@ def _network(ctx: Any) -> str:
         if getattr(spec, "hub", -1) == 0:
             # A -net pair: both hang off hub 0, its ports listed newest first as QEMU does.
             ports = {spec.hub_port: nic, 1 - spec.hub_port: netdev}
-            out.append("hub 0\r\n")
-            out.extend(f" \\ hub0port{p}: {ports[p]}\r\n" for p in (1, 0))
+            hubs.append("hub 0\r\n")
+            hubs.extend(f" \\ hub0port{p}: {ports[p]}\r\n" for p in (1, 0))
             continue
         out.append(f"{nic}\r\n")
         out.append(f" \\ {netdev}\r\n")
-    return "".join(out)
+    return "".join(hubs + out)
 
 
 def _netdev_info(cfg: Any) -> str:
@@ -281,7 +282,7 @@ def _user_net(ctx: Any, netdev_id: str | None) -> Any:
     """The user-mode network ``netdev_id`` names (the first without one), or QEMU's complaint."""
     from appliance.nat.stack import UserNetwork
 
-    specs = netops.nic_specs(ctx.machine)
+    specs = netops.user_net_specs(ctx.machine)
     nets = [(s.netdev.id, s.owner) for s in specs if isinstance(s.owner, UserNetwork)]
     if netdev_id is not None:
         for ident, net in nets:

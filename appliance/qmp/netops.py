@@ -55,13 +55,19 @@ def find_nic(machine: Any, name: str) -> Any:
     raise DeviceNotFound(f"Device '{name}' not found")
 
 
+def user_net_specs(machine: Any) -> list[Any]:
+    """The NICs (and NIC-less netdevs) in their netdevs' command-line order, which is QEMU's
+    order of user networks (a net-daemon's exports keep theirs)."""
+    return sorted(nic_specs(machine), key=lambda s: getattr(s, "netdev_order", 0))
+
+
 def usernet_info(machine: Any) -> str:
     """HMP ``info usernet``: every user-mode netdev's flow table, as QEMU prints it."""
     from appliance.nat.stack import UserNetwork
     from appliance.nat.stats import format_flows
 
     out = []
-    for spec in nic_specs(machine):
+    for spec in user_net_specs(machine):
         if isinstance(spec.owner, UserNetwork):
             # QEMU names the netdev with the hub it hangs off (-1: no hub; 0 for -net).
             hub = getattr(spec, "hub", -1)
@@ -78,7 +84,7 @@ def usernet_stats(machine: Any) -> list[dict[str, Any]]:
     return [
         {"netdev": spec.netdev.id, "counters": spec.owner.counters(),
          "flows": [asdict(f) for f in spec.owner.flows()]}
-        for spec in nic_specs(machine) if isinstance(spec.owner, UserNetwork)
+        for spec in user_net_specs(machine) if isinstance(spec.owner, UserNetwork)
     ]
 
 

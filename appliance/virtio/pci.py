@@ -247,12 +247,13 @@ class VirtioPciTransport(PciDevice):
         device.on_needs_reset = self._needs_reset_raised
 
     def _command_written(self) -> None:
-        """Bus mastering turned off stops a running device, as a reset does.
+        """Bus mastering turned off stops a running device: we reset it.
 
         Linux turns it off for every device at kexec (pci_device_shutdown), and kernels
         before 6.14 do not reset virtio devices on the way down: the memory the rings and
-        buffers lie in belongs to the next kernel. QEMU stops the device then too (it
-        clears DRIVER_OK); the next driver resets it before use either way.
+        buffers lie in belongs to the next kernel. QEMU stops the device then too, by
+        clearing DRIVER_OK (its status then still reads the other bits, where ours reads
+        0); the next driver resets the device before use either way.
         """
         master = bool(self.config.get(COMMAND, 2) & COMMAND_BUS_MASTER)
         was, self._bus_master = self._bus_master, master
@@ -679,9 +680,9 @@ class VirtioPciTransport(PciDevice):
             self._finish_reset()
             return
         self._reset_pending = True
-        self._to_loop(self._begin_reset)
+        self._to_loop(self._begin_reset, self._epoch)
 
-    def _begin_reset(self) -> None:
+    def _begin_reset(self, epoch: int) -> None:
         """On the loop: doorbells off, then the reset once nothing is in flight.
 
         Linux's vp_reset writes 0 and polls the status until it reads 0, and takes that to
@@ -689,7 +690,8 @@ class VirtioPciTransport(PciDevice):
         buffers. A virtio-blk read still in flight must land before the status reads 0, not
         in pages the guest has since reused (QEMU drains the disk in its reset the same way).
         """
-        epoch = self._epoch
+        if epoch != self._epoch or self._closed:
+            return  # closed (or reset by close) since it was asked for
         self._stop_doorbells()
         if not self.device.busy():
             self._finish_reset()
@@ -735,6 +737,8 @@ class VirtioPciTransport(PciDevice):
             return
         self._closed = True
         self._epoch += 1
+        if self._reset_task is not None:
+            self._reset_task.cancel()
         self._finish_reset()
         if self.msix is not None:
             self.msix.close()

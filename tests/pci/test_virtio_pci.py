@@ -284,7 +284,7 @@ async def test_bus_mastering_turned_off_stops_a_running_device(rig: Rig) -> None
         await asyncio.sleep(0.002)
     assert rig.dev.resets == resets + 1 and rig.drv.status == 0
     assert rig.plat.ioeventfds == {}
-    # Turning it off again while stopped, or with the device never started, does nothing.
+    # Turning it off again with the device stopped does nothing.
     rig.guest.cfg_write(rig.slot, 0x04, command | 0x4, 2)
     rig.guest.cfg_write(rig.slot, 0x04, command & ~0x4, 2)
     await asyncio.sleep(0.02)

@@ -301,13 +301,18 @@ async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_
     assert not pidfile.exists()
 
 
-async def _qemu_hmp(netdev: str, command: str | list[str], tmp_path: Path, *, nic: bool = True) -> Any:
+async def _qemu_hmp(
+    netdev: str, command: str | list[str], tmp_path: Path, *, nic: bool = True, argv: list[str] | None = None
+) -> Any:
     """What QEMU's own monitor answers ``command`` with (a list: each, in turn), for a VM
-    (never started) with ``netdev``, and a NIC on it unless ``nic`` is False."""
+    (never started) with ``netdev``, and a NIC on it unless ``nic`` is False (``argv``: these
+    options instead)."""
     sock = tmp_path / "qemu-qmp.sock"
+    if argv is None:
+        argv = ["-netdev", netdev, *(["-device", "virtio-net-pci,netdev=n0"] if nic else [])]
     proc = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-netdev", netdev,
-        *(["-device", "virtio-net-pci,netdev=n0"] if nic else []), "-qmp", f"unix:{sock},server=on,wait=off",
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", *argv,
+        "-qmp", f"unix:{sock},server=on,wait=off",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
@@ -368,6 +373,49 @@ async def test_a_netdev_without_a_nic_is_opened_as_qemu_opens_it(tmp_path: Path)
     assert shape(ours[0], ours_port) == shape(theirs[0], theirs_port)
     assert ours[0].startswith("Hub -1 (n0):\r\n")
     assert ours[1:] == theirs[1:] == ["n0: index=0,type=user,net=10.0.2.0,restrict=off\r\n", "", ""]
+
+
+@needs_qemu
+async def test_user_networks_are_listed_in_their_netdevs_order_as_qemu_lists_them(tmp_path: Path) -> None:
+    """QEMU lists user networks (info usernet) in the order their -netdev options came, and
+    hostfwd_add without a netdev id goes to the first of them, whatever order the NICs
+    take; a -net hub comes first in info network, a NIC-less netdev next, then the NICs."""
+    def argv(ports: list[int]) -> list[str]:
+        return ["-netdev", f"user,id=a,hostfwd=tcp:127.0.0.1:{ports[0]}-:22",
+                "-netdev", f"user,id=b,hostfwd=tcp:127.0.0.1:{ports[1]}-:22",
+                "-netdev", f"user,id=c,hostfwd=tcp:127.0.0.1:{ports[2]}-:22",
+                "-device", "virtio-net-pci,netdev=b,mac=52:54:00:12:34:57",
+                "-device", "virtio-net-pci,netdev=a,mac=52:54:00:12:34:58",
+                "-net", "nic,model=virtio-net-pci,macaddr=52:54:00:12:34:59", "-net", "user"]
+
+    ours_ports, theirs_ports = [free_port() for _ in range(4)], [free_port() for _ in range(4)]
+    commands = ["info usernet", "info network", "hostfwd_add tcp:127.0.0.1:{}-:80", "info usernet"]
+    async with machine(tmp_path, *argv(ours_ports)) as m:
+        ours = [await ex(m.qmp, "human-monitor-command", {"command-line": c.format(ours_ports[3])})
+                for c in commands]
+    theirs = await _qemu_hmp("", [c.format(theirs_ports[3]) for c in commands], tmp_path, argv=argv(theirs_ports))
+
+    def named(text: str) -> str:
+        return re.sub(r"#net\d+", "#netN", text)  # QEMU numbers the names it makes at random
+
+    def heads(text: str) -> list[str]:
+        return [line for line in named(text).split("\r\n") if line.startswith("Hub ")]
+
+    assert heads(ours[0]) == heads(theirs[0]) == ["Hub -1 (a):", "Hub -1 (b):", "Hub -1 (c):", "Hub 0 (#netN):"]
+    assert named(ours[1]) == named(theirs[1])
+    assert ours[2] == theirs[2] == ""
+
+    def forwards(text: str, port: int) -> list[str]:
+        # The added rule lands in the first network's table (a), as in QEMU.
+        table, rows = "", []
+        for line in text.split("\r\n"):
+            if line.startswith("Hub "):
+                table = line
+            elif f" {port} " in f" {line} ".replace(f":{port}", f" {port} "):
+                rows.append(table)
+        return rows
+
+    assert forwards(ours[3], ours_ports[3]) == forwards(theirs[3], theirs_ports[3]) == ["Hub -1 (a):"]
 
 
 async def test_usernet_counters_and_flows_are_queryable_as_json(tmp_path: Path) -> None:
