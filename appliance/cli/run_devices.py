@@ -337,7 +337,9 @@ def _netdev(a: RunArgs, v: str) -> None:
 def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str, text: str) -> None:
     """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
-        raise ConfigError(f"{option}: duplicate id '{cfg.id}'")
+        # QEMU's words; -nic's own netdev is not "for netdev" in them.
+        kind = " for netdev" if option == "-netdev" else ""
+        raise ConfigError(f"{option} {text}: Duplicate ID '{cfg.id}'{kind}")
     plan.netdevs[cfg.id] = cfg
     plan.netdev_origin[cfg.id] = f"{option} {text}"
 

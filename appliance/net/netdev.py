@@ -28,7 +28,8 @@ MAX_TAP_QUEUES = 16
 def _check_id(what: str, ident: str, implicit: str | None = None) -> str:
     # Only the id -nic makes for itself may be outside QEMU's identifiers (``__nicN``).
     if not _ID.match(ident) and ident != implicit:
-        raise ConfigError(f"{what}: invalid id '{ident}'")
+        # QEMU's words, with the id in the option shown (QEMU shows the whole option).
+        raise ConfigError(f"{what},id={ident}: Parameter 'id' expects an identifier")
     return ident
 
 

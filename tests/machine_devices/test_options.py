@@ -255,7 +255,7 @@ BAD = [
       "-device", "virtio-blk-pci,drive=a"], "not a driver=file node"),
     (["-blockdev", "driver=file,node-name=f,filename={disk}", "-blockdev", "driver=file,node-name=f,filename={disk}"],
      "duplicate node name 'f'"),
-    (["-netdev", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),
+    (["-netdev", "user,id=n0", "-netdev", "user,id=n0"], "Duplicate ID 'n0'"),
     (["-netdev", "carrier-pigeon,id=n0"], "carrier-pigeon"),
     (["-device", "virtio-net-pci,netdev=nope"], "'nope'"),
     (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"],
@@ -277,8 +277,8 @@ BAD = [
     (["-net", "user", "-device", "virtio-net-pci,netdev=#hub0"], "'#hub0' not found"),
     (["-net", "nic,id=a", "-net", "user,id=a"], "Duplicate ID 'a' for net"),
     (["-nic", "user,model=e1000"], "e1000"),
-    (["-netdev", "user,id=n0", "-nic", "user,id=n0"], "duplicate id 'n0'"),
-    (["-nic", "user,id=n0", "-netdev", "user,id=n0"], "duplicate id 'n0'"),
+    (["-netdev", "user,id=n0", "-nic", "user,id=n0"], "Duplicate ID 'n0'"),
+    (["-nic", "user,id=n0", "-netdev", "user,id=n0"], "Duplicate ID 'n0'"),
     (["-drive", "file={disk},addr=3", "-device", "virtio-rng-pci,addr=3"], "03.0"),
 ]
 

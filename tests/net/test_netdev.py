@@ -85,7 +85,7 @@ def test_user_netdev_takes_slirp_options() -> None:
         ("tap,id=n,script=/etc/qemu-ifup", "script='/etc/qemu-ifup' is not supported"),
         ("tap,id=n,vhost=on", "'vhost=on' is not supported"),
         ("tap,id=n,ifname=much-too-long-name0", "invalid ifname 'much-too-long-name0'"),
-        ("tap,id=1bad", "invalid id '1bad'"),
+        ("tap,id=1bad", "id=1bad: Parameter 'id' expects an identifier"),
         ("dgram,id=d,local.type=unix,local.port=1", "Parameter 'local.path' is missing"),
         ("dgram,id=d,local.type=vsock,local.port=1", "local.type 'vsock' is not supported"),
         ("dgram,id=d,local.type=unix,local.path=/a,remote.type=inet,remote.host=h,remote.port=1",

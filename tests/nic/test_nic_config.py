@@ -86,7 +86,7 @@ def test_filter_dump() -> None:
 def test_an_id_a_user_gives_must_be_a_qemu_identifier_even_if_it_looks_implicit(option: str) -> None:
     """QEMU refuses ``id=__nic1`` (Parameter 'id' expects an identifier); only the id ``-nic``
     makes for itself may take that form, else ``-nic user,id=__nic1 -nic user`` clashed."""
-    with pytest.raises(ConfigError, match="invalid id '__nic1'"):
+    with pytest.raises(ConfigError, match="id=__nic1: Parameter 'id' expects an identifier"):
         if option == "-nic":
             parse_nic("user,id=__nic1", 0)
         else:
