@@ -568,25 +568,24 @@ def resolve(plan: DevicePlan) -> list[object]:
                 origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=list(plan.netdevs).index(nic.netdev),
             ))
             addrs.append(addr)
-    # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec);
-    # a -net back end left without a NIC stays closed here.
+    # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec):
+    # alone, or on hub 0 (a -net back end without a -net nic).
     unused = [n for n in plan.netdevs if n not in used_netdevs]
     if any(n in plan.hub_backends for n in unused):
-        print(f"{PROG}: warning: hub 0 with no nics (its back end is not started)", file=sys.stderr)
+        print(f"{PROG}: warning: hub 0 with no nics", file=sys.stderr)
     for n in unused:
         if n not in plan.hub_backends:
             print(f"{PROG}: warning: netdev {n} has no peer", file=sys.stderr)
-            captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == n]
-            specs.append(PeerlessNetdevSpec(
-                plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
-                captures=captures, netdev_order=list(plan.netdevs).index(n),
-            ))
+        captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == n]
+        specs.append(PeerlessNetdevSpec(
+            plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
+            captures=captures, netdev_order=list(plan.netdevs).index(n),
+            hub=0 if n in plan.hub_backends else -1,
+        ))
     for d in plan.dumps:
         assert isinstance(d, FilterDumpConfig)
         if d.netdev not in plan.netdevs:
             raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' not found")
-        if d.netdev in plan.hub_backends and d.netdev not in used_netdevs:
-            raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' has no NIC")
     try:
         plan_slots(addrs)
     except PciError as err:

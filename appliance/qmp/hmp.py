@@ -245,8 +245,14 @@ def _network(ctx: Any) -> str:
 
     specs = netops.nic_specs(ctx.machine)
     hubs: list[str] = []
-    out = [f"{s.netdev.id}: index=0,type={_netdev_info(s.netdev)}\r\n"
-           for s in specs if isinstance(s, PeerlessNetdevSpec)]
+    out: list[str] = []
+    for spec in specs:
+        if isinstance(spec, PeerlessNetdevSpec):
+            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}\r\n"
+            if spec.hub == 0:
+                hubs.append(f"hub 0\r\n \\ hub0port0: {line}")  # the hub's only port
+            else:
+                out.append(line)
     for spec in specs:
         if isinstance(spec, PeerlessNetdevSpec):
             continue

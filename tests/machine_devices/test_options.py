@@ -178,14 +178,15 @@ def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
 
 
 def test_netdevs_without_a_nic_are_warned_of_as_qemu_does(capsys: pytest.CaptureFixture[str]) -> None:
-    """QEMU warns of a netdev without a peer and opens it all the same (a user network's
-    hostfwd ports are bound); a -net back end without a NIC stays closed here."""
-    [alone] = devices("-net", "user", "-netdev", "user,id=x,hostfwd=tcp::2222-:22",
-                      "-object", "filter-dump,id=f,netdev=x,file=/tmp/x.pcap")
-    assert isinstance(alone, PeerlessNetdevSpec) and alone.netdev.id == "x"
+    """QEMU warns of a netdev without a peer, and of hub 0 without a NIC, and opens the
+    netdevs all the same (a user network's hostfwd ports are bound)."""
+    hub, alone = devices("-net", "user", "-netdev", "user,id=x,hostfwd=tcp::2222-:22",
+                         "-object", "filter-dump,id=f,netdev=x,file=/tmp/x.pcap")
+    assert isinstance(hub, PeerlessNetdevSpec) and hub.hub == 0
+    assert isinstance(alone, PeerlessNetdevSpec) and alone.netdev.id == "x" and alone.hub == -1
     assert [c.id for c in alone.captures] == ["f"]  # QEMU takes a filter on it too
     err = capsys.readouterr().err.splitlines()
-    assert err == ["appliance run: warning: hub 0 with no nics (its back end is not started)",
+    assert err == ["appliance run: warning: hub 0 with no nics",
                    "appliance run: warning: netdev x has no peer"]
 
 

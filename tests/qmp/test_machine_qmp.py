@@ -376,6 +376,27 @@ async def test_a_netdev_without_a_nic_is_opened_as_qemu_opens_it(tmp_path: Path)
 
 
 @needs_qemu
+async def test_a_net_back_end_without_a_nic_is_opened_on_hub_0_as_qemu_opens_it(tmp_path: Path) -> None:
+    """``-net user`` with no ``-net nic``: QEMU warns "hub 0 with no nics" and opens the
+    back end on the hub all the same."""
+    ours_port, theirs_port = free_port(), free_port()
+    commands = ["info network", "info usernet"]
+    async with machine(tmp_path, "-net", f"user,hostfwd=tcp:127.0.0.1:{ours_port}-:22") as m:
+        ours = [await ex(m.qmp, "human-monitor-command", {"command-line": c}) for c in commands]
+        with socket.create_connection(("127.0.0.1", ours_port), timeout=5):
+            pass
+    theirs = await _qemu_hmp("", commands, tmp_path, argv=["-net", f"user,hostfwd=tcp:127.0.0.1:{theirs_port}-:22"])
+
+    def shape(text: str, port: int) -> list[str]:
+        text = re.sub(r"#net\d+", "#netN", text).replace(str(port), "PORT")  # QEMU's random names
+        return [re.sub(r"^(  \S+) +\d+ ", r"\1 FD ", line) for line in text.split("\r\n")]
+
+    assert shape(ours[0], ours_port) == shape(theirs[0], theirs_port)
+    assert shape(ours[1], ours_port) == shape(theirs[1], theirs_port)
+    assert ours[0].startswith("hub 0\r\n \\ hub0port0: #net")
+
+
+@needs_qemu
 async def test_user_networks_are_listed_in_their_netdevs_order_as_qemu_lists_them(tmp_path: Path) -> None:
     """QEMU lists user networks (info usernet) in the order their -netdev options came, and
     hostfwd_add without a netdev id goes to the first of them, whatever order the NICs
