@@ -112,7 +112,9 @@ Compiled stack (2026-11-27, fourth session): ``appliance/nat/tcp.py``, ``tcp_nat
 ``memoryview`` annotation) took ``bench/tools/conn_passes.py``'s four passes from 851-907 to
 819-837 us of CPU cold, and changed nothing warm (438 against 449 us): the passes' time is in the
 kernel calls, the device path and the caches, not in the TCP code. Not pursued. The day's table
-(``--rounds 6 --conns 200``) read 1.02 (0.979 ± 0.043) and 0.95 (0.959 ± 0.028).
+(``--rounds 6 --conns 200``) read 1.02 (0.979 ± 0.043) and 0.95 (0.959 ± 0.028); a second,
+in a fast phase of the machine (~168 connections/s), 1.00 (1.016 ± 0.026) and 0.98
+(0.973 ± 0.016).
 
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
