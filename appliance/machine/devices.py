@@ -300,13 +300,12 @@ class PeerlessNetdevSpec(NicSpec):
     """
 
     mac: bytes = b""
-    link_up: bool = True
 
     def attach(self, builder: MachineBuilder, inst: Instance) -> None:
         return  # nothing on the PCI bus
 
     def set_link(self, up: bool) -> None:
-        self.link_up = up  # QEMU takes set_link for a netdev alone too
+        """QEMU takes set_link for a netdev alone too; with no NIC there is no carrier to change."""
 
 
 def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:

@@ -692,10 +692,10 @@ class VirtioPciTransport(PciDevice):
         """
         if epoch != self._epoch or self._closed:
             return  # closed (or reset by close) since it was asked for
-        self._stop_doorbells()
         if not self.device.busy():
-            self._finish_reset()
+            self._finish_reset()  # which takes the doorbells off itself
             return
+        self._stop_doorbells()
         self._reset_task = self.loop.create_task(self._reset_when_quiet(epoch))
 
     async def _reset_when_quiet(self, epoch: int) -> None:
