@@ -74,9 +74,6 @@ _TX_FLAGS = V.HDR_F_NEEDS_CSUM | V.HDR_F_DATA_VALID
 _TX_GSO = (V.GSO_NONE, V.GSO_TCPV4, V.GSO_TCPV6)
 
 
-# How far back rx_quiet can be asked about, in frames handed over.
-_QUIET_RX_KEPT = 64
-
 class UserNetwork:
     """The outside world of one guest NIC: a router, DHCP and DNS server, and NAT.
 
@@ -154,9 +151,6 @@ class UserNetwork:
         self._kick_pending = False
         # Guest frames expected next that nothing waits on (see take_quiet_tx).
         self.quiet_tx = 0
-        # Frames for the guest that nothing in it waits on (see quiet_output), by their number
-        # in the order taken: stats.tx_frames once recv_into has handed them over.
-        self._quiet_rx: collections.deque[int] = collections.deque()
         # Give the CPU up after waking a host peer the guest waits on (HostSocket._shutdown).
         # For a stack in its own process (net-daemon): with our own VM's vCPU threads in the
         # process, os.sched_yield() hands them the GIL for up to a switch interval.
@@ -275,7 +269,6 @@ class UserNetwork:
             self.tftp.close()
         self._out.clear()
         self._out_bytes = 0
-        self._quiet_rx.clear()
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -421,30 +414,6 @@ class UserNetwork:
         """
         n, self.quiet_tx = self.quiet_tx, 0
         return n
-
-    def quiet_output(self) -> None:
-        """The frame just queued (by a successful :meth:`output`) is one nothing in the guest waits on.
-
-        Our ACK of the FIN that answered ours only ends the guest's LAST-ACK (RFC 9293 §3.6):
-        its application has closed. A NIC may deliver such a frame without an interrupt of its
-        own, leaving it for the guest's next one (see :meth:`rx_quiet`).
-        """
-        if self._out:
-            q = self._quiet_rx
-            while q and q[0] <= self.stats.tx_frames - _QUIET_RX_KEPT:
-                q.popleft()  # a NIC that never asks must not make this grow
-            q.append(self.stats.tx_frames + len(self._out))
-
-    def rx_quiet(self, n: int) -> bool:
-        """Whether the last ``n`` frames :meth:`recv_into` handed over (at most ``_QUIET_RX_KEPT``)
-        were all quiet ones."""
-        q = self._quiet_rx
-        if not q or not 0 < n <= _QUIET_RX_KEPT:
-            return False
-        taken = self.stats.tx_frames
-        while q and q[0] <= taken - _QUIET_RX_KEPT:
-            q.popleft()
-        return all(i in q for i in range(taken - n + 1, taken + 1))
 
     def hold(self) -> None:
         """Frames queued from now until :meth:`release` go to the device in one batch at the release."""

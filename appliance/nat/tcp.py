@@ -393,11 +393,11 @@ class TcpConn:
         struct.pack_into("!H", frame, l4 + 16, fold(total))
         return net.output(frame)
 
-    def send_ack(self) -> bool:
-        """ACK what we have received; False when the frame could not be queued."""
+    def send_ack(self) -> None:
         if self._ooo and self.sack_ok:
-            return self._emit(ACK, self.snd_nxt, opts=self._sack_option())
-        return self._emit(ACK, self.snd_nxt)
+            self._emit(ACK, self.snd_nxt, opts=self._sack_option())
+        else:
+            self._emit(ACK, self.snd_nxt)
 
     def _sack_option(self) -> bytes:
         """Our out-of-order data as SACK blocks, the latest segment's first (RFC 2018 §4)."""
@@ -1077,12 +1077,7 @@ class TcpConn:
             self.state = CLOSING
         elif st == FIN_WAIT_2:
             self._enter_time_wait()
-            # Our FIN was acknowledged, so this FIN came from a guest already in LAST-ACK: its
-            # application has closed, and this ACK only ends the connection there.
-            if self.send_ack():
-                self.net.quiet_output()
-        else:
-            self.send_ack()
+        self.send_ack()
         self.output()
 
     def end_of_batch(self) -> None:

@@ -68,8 +68,6 @@ class ForwardingBackend:
     # Only for an inner backend that has it (the user-mode stack): how many frames it holds
     # for the guest, which spares virtio-net a read that would find none.
     queued: Callable[[], int]
-    # Likewise: whether the last n frames it handed over were ones nothing in the guest waits on.
-    rx_quiet: Callable[[int], bool]
 
     def __init__(self, inner: FrameBackend) -> None:
         self.inner = inner
@@ -79,9 +77,6 @@ class ForwardingBackend:
         queued = getattr(inner, "queued", None)
         if queued is not None:
             self.queued = queued
-        rx_quiet = getattr(inner, "rx_quiet", None)
-        if rx_quiet is not None:
-            self.rx_quiet = rx_quiet
 
     @property
     def vnet_hdr_len(self) -> int:

@@ -180,16 +180,6 @@ TX_LAZY_FRAMES = 16
 # its SYN-ACK; at 20 ms it nearly always was.
 TX_QUIET_MAX = 8
 TX_QUIET_WAIT = 0.002
-# Frames for the guest that nothing in it waits on (the backend's rx_quiet: our
-# ACK of a FIN from a guest in LAST-ACK, whose application has closed) are put
-# in the receive ring without an interrupt of their own: the guest's next one
-# takes them along, or this timer's, well inside the guest's retransmission
-# timeout for its FIN (at least 200 ms in Linux). Through hostfwd (a host client
-# that closes first) that interrupt used to come while the next connection was
-# being opened, and cost QEMU's main thread a wake-up on the CPU our daemon and
-# the client share. At most RX_QUIET_MAX frames in a batch are asked about.
-RX_QUIET_WAIT = 0.02
-RX_QUIET_MAX = 4
 # An Ethernet frame at the default MTU of 1500, without its FCS.
 ETH_FRAME = 1514
 # The longest transmit chain taken: a header and the largest GSO frame.
@@ -445,8 +435,6 @@ class VirtioNet(VirtioDevice):
         self._tx_irq_lazy: list[bool] = [False] * self.pairs
         # Per pair: the timer that looks at a transmit ring whose kicks skip quiet frames.
         self._tx_quiet_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
-        # Per pair: the timer that sends the interrupt quiet receive frames went without.
-        self._rx_quiet_timers: list[asyncio.TimerHandle | None] = [None] * self.pairs
         self._tx_small: list[int] = [0] * self.pairs
         # Inside _tx's ring loop: a quiet request waits for the loop's re-arm (_tx_skip_quiet).
         self._in_tx: list[bool] = [False] * self.pairs
@@ -584,10 +572,6 @@ class VirtioNet(VirtioDevice):
             if timer is not None:
                 timer.cancel()
                 self._tx_irq_due(pair)
-        for pair, timer in enumerate(self._rx_quiet_timers):
-            if timer is not None:
-                timer.cancel()
-                self._rx_quiet_due(pair)
         for pair, win in enumerate(self._rx_windows):
             if len(win) and 2 * pair < len(self._queues):
                 q = self._queues[2 * pair]
@@ -609,11 +593,10 @@ class VirtioNet(VirtioDevice):
         self._tx_small = [0] * self.pairs
         self._in_tx = [False] * self.pairs
         self._tx_quiet_deferred = [False] * self.pairs
-        for timers in (self._tx_quiet_timers, self._rx_quiet_timers):
-            for pair, timer in enumerate(timers):
-                if timer is not None:
-                    timer.cancel()
-                    timers[pair] = None
+        for pair, timer in enumerate(self._tx_quiet_timers):
+            if timer is not None:
+                timer.cancel()
+                self._tx_quiet_timers[pair] = None
         for pair in range(self.pairs):
             self._rx_armed[pair] = None
             try:
@@ -861,33 +844,6 @@ class VirtioNet(VirtioDevice):
             # ~0.2 us a frame at 64-frame batches of 64 bytes.
             self._rx(pair)
 
-    def _rx_notify(self, pair: int, taken: int) -> None:
-        """Signal the frames just put in the pair's receive ring, unless the ``taken`` frames last
-        read from its backend were all ones nothing in the guest waits on (RX_QUIET_WAIT)."""
-        if 0 < taken <= RX_QUIET_MAX:
-            quiet = getattr(self.backends[pair], "rx_quiet", None)
-            if quiet is not None and quiet(taken):
-                if self._rx_quiet_timers[pair] is None:
-                    try:
-                        loop = asyncio.get_running_loop()
-                    except RuntimeError:
-                        pass
-                    else:
-                        self._rx_quiet_timers[pair] = loop.call_later(RX_QUIET_WAIT, self._rx_quiet_due, pair)
-                        return
-                else:
-                    return
-        timer = self._rx_quiet_timers[pair]
-        if timer is not None:
-            timer.cancel()  # this interrupt takes the quiet frames along
-            self._rx_quiet_timers[pair] = None
-        self._notify(2 * pair)
-
-    def _rx_quiet_due(self, pair: int) -> None:
-        self._rx_quiet_timers[pair] = None
-        if self._queues and not self.needs_reset and 2 * pair < len(self._queues):
-            self._notify(2 * pair)
-
     def _rx_may_wait(self, pair: int) -> bool:
         """Whether the pair's backend may hold frames for the guest: False only when it can
         tell (``queued()``, as the user-mode stack's) that it holds none."""
@@ -942,9 +898,6 @@ class VirtioNet(VirtioDevice):
         queued = getattr(backend, "queued", None)
         frames = nbytes = dropped = filtered = 0
         drained = False
-        # A frame through the staging buffer may have been read in an earlier pass, so what
-        # the backend handed over last is not this batch's: such a batch is always signalled.
-        staged = False
         # The window's place, kept in locals for the per-frame path and
         # written back before any RxWindow method runs and on the way out.
         pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
@@ -967,13 +920,12 @@ class VirtioNet(VirtioDevice):
                         # not fit yet waits instead of being lost. A frame
                         # already waiting there goes first, however much came.
                         got = self._rx_staged(pair, q, win)
-                        staged = True
                         pos, vpos, base, flat = win.pos, win.vpos, win.base, win.flat
                         if got > 0:
                             frames += 1
                             nbytes += got - hdr_len
                             if frames == 1:
-                                self._rx_notify(pair, 0)
+                                self._notify(2 * pair)
                         elif got == _RX_DRAINED:
                             drained = True
                             break
@@ -1028,7 +980,7 @@ class VirtioNet(VirtioDevice):
                 frames += 1
                 nbytes += n - hdr_len
                 if frames == 1:
-                    self._rx_notify(pair, 0 if staged else 1 + dropped + filtered)
+                    self._notify(2 * pair)
                 if queued is not None and not queued():
                     drained = True
                     break
@@ -1044,7 +996,7 @@ class VirtioNet(VirtioDevice):
             # Buffers left and nothing to read: wake us when frames come.
             self._set_rx_armed(pair, True)
         if frames:
-            self._rx_notify(pair, 0 if staged else frames + dropped + filtered)
+            self._notify(2 * pair)
 
     def _rx_plain(self, pair: int) -> None:
         """Receive without mergeable buffers: each frame fills the first chain (§5.1.6.3.1)."""
@@ -1102,7 +1054,7 @@ class VirtioNet(VirtioDevice):
                 frames += 1
                 nbytes += n - hdr_len
                 if frames == 1:
-                    self._rx_notify(pair, 1 + dropped + filtered)
+                    self._notify(2 * pair)
         finally:
             st = self.stats[pair]
             st.rx_frames += frames
@@ -1113,7 +1065,7 @@ class VirtioNet(VirtioDevice):
             # Buffers left and nothing to read: wake us when frames come.
             self._set_rx_armed(pair, True)
         if frames:
-            self._rx_notify(pair, frames + dropped + filtered)
+            self._notify(2 * pair)
 
     def _rx_staged(self, pair: int, q: Virtqueue, win: RxWindow) -> int:
         """Receive one frame through the pair's staging buffer.
