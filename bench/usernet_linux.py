@@ -116,7 +116,6 @@ kernel calls, the device path and the caches, not in the TCP code. Not pursued. 
 in a fast phase of the machine (~168 connections/s), 1.00 (1.016 ± 0.026) and 0.98
 (0.973 ± 0.016).
 
-
 An interrupt fewer that made hostfwd slower (2026-11-27, fifth session; 4d4fce8, reverted in
 8445e3f). Our ACK of the FIN a hostfwd guest sends from LAST-ACK was put in the receive ring
 without an interrupt, for the next connection's SYN to take along. Interrupts per hostfwd
@@ -125,6 +124,7 @@ connection fell from 2.99 to 2.05, but the guest's idle time per connection rose
 0.033, new over old) and guest→host 1.015 (0.997 ± 0.036). That ACK lets the guest tear the old
 connection down while the host client opens the next; deferred, the teardown waits behind the
 SYN. This agrees with the held FIN-WAIT-2 ACK above.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
