@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.nat.frames import ip_str
+from appliance.nat.stats import FlowInfo, sock_address
+from appliance.nat.udp_nat import ANSWERED_DNS_TIMEOUT, IDLE_TIMEOUT, MAX_FLOWS, udp_label
+
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
 
@@ -247,6 +251,18 @@ class _Query:
         return got[:-4].lower() == q[:-4].lower() and got[-4:] == q[-4:]
 
 
+class _Asker:
+    """A guest resolver's source port, as ``info usernet`` shows it: libslirp opens a UDP socket
+    for each guest port that queries the DNS address, so QEMU lists one row for each, with the
+    UDP flows' timeouts (240 s from a query, 10 s from an answer)."""
+
+    __slots__ = ("created", "last", "timeout")
+
+    def __init__(self, now: float) -> None:
+        self.created = self.last = now
+        self.timeout = IDLE_TIMEOUT
+
+
 class DnsProxy:
     def __init__(self, net: UserNetwork) -> None:
         self.net = net
@@ -278,6 +294,7 @@ class DnsProxy:
                     table[f"{name}.{cfg.domainname.lower().rstrip('.')}"] = packed
         self._socks: dict[socket.AddressFamily, socket.socket] = {}
         self._pending: dict[int, _Query] = {}
+        self._askers: dict[tuple[bytes, int, bytes], _Asker] = {}
 
     def _use(self, servers: list[tuple[str, int]]) -> None:
         # Each upstream with where its queries go; one socket per address family, made when
@@ -353,6 +370,7 @@ class DnsProxy:
         q.upstreams = self._upstreams
         self._pending[our_id] = q
         c.dns_forwarded += 1
+        self._asked(src, sport, dst, now, IDLE_TIMEOUT)
         self._send(our_id, q, now)
 
     def _send(self, our_id: int, q: _Query, now: float) -> None:
@@ -398,7 +416,35 @@ class DnsProxy:
             self._reply(p.guest, p.gport, p.dns_ip, struct.pack("!H", p.qid) + data[2:])
 
     def _reply(self, guest: bytes, gport: int, dns_ip: bytes, msg: bytes) -> None:
+        self._asked(guest, gport, dns_ip, time.monotonic(), ANSWERED_DNS_TIMEOUT)
         self.net.emit_udp(guest, gport, dns_ip, DNS_PORT, msg)
+
+    def _asked(self, guest: bytes, gport: int, dns_ip: bytes, now: float, timeout: float) -> None:
+        key = (guest, gport, dns_ip)
+        # Kept in order of last use, so the first is the one to drop when full (a guest
+        # querying from every port it has must not make this table grow).
+        a = self._askers.pop(key, None)
+        if a is None:
+            if len(self._askers) >= MAX_FLOWS:
+                del self._askers[next(iter(self._askers))]
+            a = _Asker(now)
+        a.last = now
+        a.timeout = timeout
+        self._askers[key] = a
+
+    def flows(self) -> list[tuple[float, FlowInfo]]:
+        """A row for each guest port that asked lately (see :class:`_Asker`), with when it first
+        did. The socket shown is the one its queries go out on, when one is open."""
+        now = time.monotonic()
+        rows = []
+        for (guest, gport, dns_ip), a in self._askers.items():
+            sock = self._socks.get(socket.AF_INET6 if len(guest) == 16 else socket.AF_INET)
+            host = sock_address(sock)
+            rows.append((a.created, FlowInfo("UDP", "", host[0], host[1], ip_str(guest), gport, 0, 0,
+                                             sock.fileno() if sock is not None else -1,
+                                             udp_label(a.timeout - (now - a.last)), guest_started=True,
+                                             peer_addr=ip_str(dns_ip), peer_port=DNS_PORT)))
+        return rows
 
     def _expire(self, now: float) -> None:
         """Move unanswered queries on to the next upstream server (as resolv.conf(5)); then drop them."""
@@ -414,6 +460,8 @@ class DnsProxy:
 
     def expire(self, now: float) -> None:
         self._expire(now)
+        for key in [k for k, a in self._askers.items() if now - a.last > a.timeout]:
+            del self._askers[key]
 
     def pending(self) -> int:
         return len(self._pending)
@@ -426,6 +474,7 @@ class DnsProxy:
                 pass
             sock.close()
         self._socks.clear()
+        self._askers.clear()
 
 
 def _from_server(q: _Query, family: socket.AddressFamily, peer: tuple[Any, ...]) -> bool:

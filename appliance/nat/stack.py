@@ -827,7 +827,7 @@ class UserNetwork:
     # -- observability ---------------------------------------------------
     def flows(self) -> list[FlowInfo]:
         """The flow table (``info usernet``)."""
-        return self.tcp.flows() + self.udp.flows() + self.icmp.flows()
+        return self.tcp.flows() + self.udp.flows(self.dns.flows()) + self.icmp.flows()
 
     def info(self) -> str:
         """The flow table as text, like QEMU's ``info usernet``."""

@@ -36,14 +36,19 @@ _QUOTE_UDP6 = QUOTE_V6 - 8
 FlowKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, remote ip (as the guest sees it), remote port
 
 
+def udp_label(left: float) -> str:
+    """QEMU's Protocol[State] for a UDP flow: how long it has left before it is dropped if idle."""
+    return f"UDP[{max(0, int(left))} sec]"
+
+
 class _Flow:
-    __slots__ = ("key", "sock", "peer", "last", "timeout", "inbound", "rx", "tx", "last_len", "last_head")
+    __slots__ = ("key", "sock", "peer", "created", "last", "timeout", "inbound", "rx", "tx", "last_len", "last_head")
 
     def __init__(self, key: FlowKey, sock: socket.socket, peer: tuple[str, int] | None, inbound: bool) -> None:
         self.key = key
         self.sock = sock
         self.peer = peer  # None: connected socket; else sendto this address (hostfwd)
-        self.last = time.monotonic()
+        self.created = self.last = time.monotonic()
         self.timeout = IDLE_TIMEOUT
         self.inbound = inbound
         self.rx = 0
@@ -210,21 +215,26 @@ class UdpNat:
     def __len__(self) -> int:
         return len(self._flows)
 
-    def flows(self) -> list[FlowInfo]:
+    def flows(self, others: list[tuple[float, FlowInfo]] | None = None) -> list[FlowInfo]:
         """Flows newest first, then the hostfwd listeners newest first (a listener added at run
         time heads libslirp's whole table, here the listeners only). A datagram
-        arriving on a listener is served through that listener's socket, shown once (its row)."""
-        out = []
+        arriving on a listener is served through that listener's socket, shown once (its row).
+
+        :param others: more guest flows with their creation times (the DNS proxy's), placed
+            among ours by age, as libslirp lists all its UDP sockets in one table.
+        """
+        rows = list(others or ())
         now = time.monotonic()
         for f in reversed(self._flows.values()):
             if f.inbound:
                 continue
             gip, gport, rip, rport = f.key
             host = sock_address(f.sock)
-            # QEMU shows how long an idle flow has left before it is dropped.
-            left = max(0, int(f.timeout - (now - f.last)))
-            out.append(FlowInfo("UDP", "", host[0], host[1], ip_str(gip), gport, 0, 0, f.sock.fileno(),
-                                f"UDP[{left} sec]", guest_started=True, peer_addr=ip_str(rip), peer_port=rport))
+            rows.append((f.created, FlowInfo("UDP", "", host[0], host[1], ip_str(gip), gport, 0, 0, f.sock.fileno(),
+                                             udp_label(f.timeout - (now - f.last)), guest_started=True,
+                                             peer_addr=ip_str(rip), peer_port=rport)))
+        rows.sort(key=lambda r: r[0], reverse=True)
+        out = [info for _, info in rows]
         for sock, fwd in self._listeners:
             host, port = sock.getsockname()[:2]
             out.append(FlowInfo("UDP[HOST_FORWARD]", "LISTEN", str(host), int(port), str(fwd.guest_addr),
