@@ -24,11 +24,13 @@ Rows:
 - host→guest TCP (hostfwd): a host client pushes to a guest listener.
 - connection setup rate, guest→host and host→guest (hostfwd): handshake, FIN both ways.
 
-Part 2 is ``bench/usernet_linux.py``: the Linux kit in QEMU TCG with
-``appliance net-daemon --netdev user`` (vhost-user-net) against QEMU's own
-``-netdev user`` (libslirp) and passt, on the same guest.
+Part 2 follows in the same run: ``bench/usernet_linux.py`` (its own process), the Linux
+kit in QEMU TCG with ``appliance net-daemon --netdev user`` (vhost-user-net) against
+QEMU's own ``-netdev user`` (libslirp) and passt, on the same guest, with the ratios.
+``--host-only`` stops after part 1; ``--rounds``, ``--linux-conns``, ``--linux-mb`` and
+``--no-passt`` go to part 2 (the issue's table: ``--rounds 6 --linux-conns 200``).
 
-Usage: ``.venv/bin/python bench/usernet.py [--mb 64] [--conns 300]``
+Usage: ``.venv/bin/python bench/usernet.py [--mb 64] [--conns 300] [--host-only] [--rounds 3]``
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -298,11 +301,27 @@ async def hostfwd_rate(n: int) -> tuple[float, float]:
     return n / dt, n / max(clock.t, 1e-9)
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--mb", type=int, default=64, help="bytes per throughput run (MiB)")
     ap.add_argument("--conns", type=int, default=300, help="connections per rate run")
-    args = ap.parse_args()
+    ap.add_argument("--host-only", action="store_true", help="part 1 only: no Linux guest, no libslirp or passt")
+    ap.add_argument("--rounds", type=int, default=3, help="part 2: rounds, one guest per stack each")
+    ap.add_argument("--linux-conns", type=int, default=50, help="part 2: connections per rate row and round")
+    ap.add_argument("--linux-mb", type=int, default=32, help="part 2: MiB per throughput row")
+    ap.add_argument("--no-passt", action="store_true", help="part 2: compare with libslirp only")
+    return ap.parse_args()
+
+
+def linux_part(args: argparse.Namespace) -> int:
+    """Part 2 in a process of its own (it runs QEMU guests and our net-daemon); its exit status."""
+    cmd = [sys.executable, str(ROOT / "bench" / "usernet_linux.py"), "--rounds", str(args.rounds),
+           "--conns", str(args.linux_conns), "--mb", str(args.linux_mb)] + (["--no-passt"] if args.no_passt else [])
+    print(f"\npart 2, with a Linux guest: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
+async def host_part(args: argparse.Namespace) -> None:
     size = args.mb * MB
     rows = [
         ("guest→host TCP (MSS 1460)", "MB/s", await upload(size, 1460)),
@@ -317,9 +336,16 @@ async def main() -> None:
     print(f"{'workload (stack driven from the host)':<40} {'measured':>10} {'stack-only':>11}  unit")
     for name, unit, (rate, ceiling) in rows:
         scale = 1e6 if unit == "MB/s" else 1
-        print(f"{name:<40} {rate / scale:>10.1f} {ceiling / scale:>11.1f}  {unit}")
-    print("libslirp / passt side by side with a Linux guest: bench/usernet_linux.py")
+        print(f"{name:<40} {rate / scale:>10.1f} {ceiling / scale:>11.1f}  {unit}", flush=True)
+
+
+def main() -> int:
+    args = parse_args()
+    asyncio.run(host_part(args))
+    if args.host_only:
+        return 0
+    return linux_part(args)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())
