@@ -165,11 +165,17 @@ async def scenario(side):
     srv = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
     side.names[str(port)] = "SINK"
+
+    async def connect(sport):
+        # The guest's handshake (its ISN 1000); the next sequence number it acknowledges.
+        side.send(tcp(sport, "10.0.2.2", port, "S", 1000, 0))
+        [sa] = [f for f in await side.recv() if f[TCP].flags & 0x12 == 0x12]
+        side.send(tcp(sport, "10.0.2.2", port, "A", 1001, sa[TCP].seq + 1))
+        return sa[TCP].seq + 1
+
     # The host closes first, after 10 bytes the guest has not acknowledged.
-    side.send(tcp(41000, "10.0.2.2", port, "S", 1000, 0))
-    [sa] = [f for f in await side.recv() if f[TCP].flags & 0x12 == 0x12]
-    side.send(tcp(41000, "10.0.2.2", port, "A", 1001, sa[TCP].seq + 1))
-    side.send(tcp(41000, "10.0.2.2", port, "PA", 1001, sa[TCP].seq + 1, b"hello"))
+    ours = await connect(41000)
+    side.send(tcp(41000, "10.0.2.2", port, "PA", 1001, ours, b"hello"))
     await side.recv()
     await step("established")
     accepted[-1].write(b"x" * 10)
@@ -180,11 +186,9 @@ async def scenario(side):
     await side.recv()
     await step("host closed, acked")
     # The guest closes first; then the host sends 20 bytes and closes.
-    side.send(tcp(42000, "10.0.2.2", port, "S", 1000, 0))
-    [sa] = [f for f in await side.recv() if f[TCP].flags & 0x12 == 0x12]
-    side.send(tcp(42000, "10.0.2.2", port, "A", 1001, sa[TCP].seq + 1))
+    ours = await connect(42000)
     await side.recv()
-    side.send(tcp(42000, "10.0.2.2", port, "FA", 1001, sa[TCP].seq + 1))
+    side.send(tcp(42000, "10.0.2.2", port, "FA", 1001, ours))
     await side.recv()
     await step("guest closed")
     accepted[-1].write(b"y" * 20)
