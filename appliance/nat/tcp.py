@@ -111,6 +111,7 @@ class Owner(Protocol):
     def forget(self, conn: TcpConn) -> None: ...
     def established(self, conn: TcpConn) -> None: ...
     def ack_later(self, conn: TcpConn) -> None: ...
+    def time_wait(self, conn: TcpConn) -> None: ...
 
 
 def parse_options(opts: bytes | memoryview) -> tuple[int | None, int | None, bool]:
@@ -1185,6 +1186,7 @@ class TcpConn:
         self._arm(TIME_WAIT)
         if self.transport is not None:
             self.transport.close()
+        self.owner.time_wait(self)
 
     def abort(self, *, send_rst: bool) -> None:
         if send_rst and self.state not in (CONNECTING, CLOSED):

@@ -660,6 +660,8 @@ class TcpNat:
         self.conns: dict[tuple[bytes, int, bytes, int], TcpConn] = {}
         self._connecting = 0
         self._half_open: dict[TcpConn, None] = {}  # oldest first
+        # Connections in TIME-WAIT, oldest first: the ones a full table gives up (_make_room).
+        self._time_wait: dict[TcpConn, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Connects still in progress: their socket and timeout.
         self._pending: dict[TcpConn, tuple[socket.socket, asyncio.TimerHandle]] = {}
@@ -696,9 +698,25 @@ class TcpNat:
             _kill_group(proc)  # a guestfwd command outlives nothing of its connection
         self._ack_set.pop(conn, None)
         self._half_open.pop(conn, None)
+        self._time_wait.pop(conn, None)
         sock = self._attaching.pop(conn, None)
         if sock is not None:
             sock.close()  # the handshake never completed
+
+    def time_wait(self, conn: TcpConn) -> None:
+        self._time_wait[conn] = None
+
+    def _make_room(self) -> bool:
+        """Whether the table has room for one more connection, after giving up the oldest in
+        TIME-WAIT if it is full. Such a connection holds no host socket, and it only waits out
+        a FIN the guest might send again; a full table would instead drop new SYNs until it
+        expired. Linux gives up TIME-WAIT sockets past tcp_max_tw_buckets the same way."""
+        if len(self.conns) < MAX_CONNS:
+            return True
+        if not self._time_wait:
+            return False
+        next(iter(self._time_wait))._finish()
+        return len(self.conns) < MAX_CONNS
 
     def established(self, conn: TcpConn) -> None:
         self._half_open.pop(conn, None)
@@ -774,7 +792,7 @@ class TcpNat:
                 # A SYN flood: forget the oldest half-open connection, as a SYN cache would.
                 st.tcp_syn_dropped += 1
                 next(iter(self._half_open)).abort(send_rst=False)
-            if self._connecting >= MAX_CONNECTING or len(self.conns) >= MAX_CONNS:
+            if self._connecting >= MAX_CONNECTING or not self._make_room():
                 st.tcp_syn_dropped += 1
                 return
             if sport == 0 or dport == 0:
@@ -1044,7 +1062,7 @@ class TcpNat:
 
     def _accept(self, sock: socket.socket, peer: tuple[str, int], fwd: HostForward) -> None:
         """A host connection to a ``hostfwd`` listener: open its connection toward the guest."""
-        if len(self.conns) >= MAX_CONNS:
+        if not self._make_room():
             self.net.stats.tcp_syn_dropped += 1
             sock.close()
             return
@@ -1196,6 +1214,9 @@ def _family_of(host: str) -> socket.AddressFamily | None:
 
 class _NullOwner:
     def forget(self, conn: TcpConn) -> None:
+        pass
+
+    def time_wait(self, conn: TcpConn) -> None:
         pass
 
     def established(self, conn: TcpConn) -> None:

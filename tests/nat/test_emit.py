@@ -25,6 +25,9 @@ class _Owner:
     def ack_later(self, conn: tcpmod.TcpConn) -> None:
         pass
 
+    def time_wait(self, conn: tcpmod.TcpConn) -> None:
+        pass
+
 
 @settings(max_examples=150, deadline=None)
 @given(
