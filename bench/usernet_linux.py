@@ -124,6 +124,9 @@ connection fell from 2.99 to 2.05, but the guest's idle time per connection rose
 0.033, new over old) and guest→host 1.015 (0.997 ± 0.036). That ACK lets the guest tear the old
 connection down while the host client opens the next; deferred, the teardown waits behind the
 SYN. This agrees with the held FIN-WAIT-2 ACK above.
+The day's table (``bench/usernet.py --rounds 6 --linux-conns 200``, a slow phase of the machine,
+140-170 connections/s) read 0.96 (0.971 ± 0.024) on connections and 1.06 (1.048 ± 0.032)
+through hostfwd; throughput 1.63x guest→host and 2.00x host→guest.
 
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
