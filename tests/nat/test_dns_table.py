@@ -57,5 +57,6 @@ async def test_a_guest_asking_from_every_port_does_not_grow_the_table(net: UserN
 async def test_closing_the_stack_forgets_them(net: UserNetwork) -> None:
     feed(net, query(5003))
     drain(net)
+    assert dns_rows(net)
     net.dns.close()
     assert dns_rows(net) == []

@@ -10,22 +10,18 @@ with its tw_buckets limit, the oldest one goes instead.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
-from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
+from appliance.nat import UserNetwork, tcp_nat
 
 from .peer import GW_IP, Guest
 
 
-@pytest.fixture
-async def net(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[UserNetwork]:
+@pytest.fixture(autouse=True)
+def _small_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table of 8 (the stack reads MAX_CONNS when a connection comes; ``net`` is conftest's)."""
     monkeypatch.setattr(tcp_nat, "MAX_CONNS", 8)
-    n = UserNetwork(UserNetConfig(nameservers=()))
-    await n.start()
-    yield n
-    await n.stop()
 
 
 async def test_a_full_table_of_time_wait_connections_takes_new_ones(net: UserNetwork) -> None:
