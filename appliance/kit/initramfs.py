@@ -10,7 +10,9 @@ them to init):
 ``appliance.script=<base64>``  run the decoded shell script, print
                                ``APPLIANCE-KIT-SCRIPT-EXIT <status>``, power off
 
-Every boot prints ``APPLIANCE-KIT-READY`` once the modules are loaded.
+Every boot prints ``APPLIANCE-KIT-READY`` once the modules are loaded. The kit
+powers off with ``kit-poweroff`` (its shell has it too), which takes the
+network links down first: see :data:`KIT_POWEROFF`.
 """
 
 from __future__ import annotations
@@ -66,14 +68,32 @@ if [ -n "$script" ]; then
     echo "$script" | base64 -d > /run/kit-script.sh
     sh /run/kit-script.sh
     echo "APPLIANCE-KIT-SCRIPT-EXIT $?"
-    sync
-    poweroff -f
+    kit-poweroff
 fi
 case "$action" in
-    poweroff) sync; poweroff -f ;;
+    poweroff) kit-poweroff ;;
     shell) setsid cttyhack sh -l ;;
     *) echo "kit: unknown appliance.action=$action, starting a shell"; setsid cttyhack sh -l ;;
 esac
+kit-poweroff
+"""
+
+# Why the links go down before power-off: at shutdown, Linux 6.1.y (from the
+# stable backport of "virtio: break and reset virtio devices on device_shutdown()")
+# marks every virtqueue broken and then resets the device. A transmit after that
+# on a queue where the device had completed buffers the driver had not yet
+# reclaimed never ends: virtio_net's reclaim loop (start_xmit, and
+# virtnet_poll_cleantx) repeats while virtqueue_enable_cb_delayed() reports more
+# used buffers, and virtqueue_get_buf() on a broken queue returns none. Mainline
+# fixed it in 2026 ("virtio_ring: fix infinite loop in virtnet_poll_cleantx when
+# device is broken"); the Debian 6.1 kernel the kit boots does not have the fix.
+# The sender can be anything still running, such as the kernel's own IPv6 DAD or
+# MLD work. The CPU it spins on never runs the shutdown again, so QEMU never
+# exits. A link that is down sends nothing, and its NAPI is off.
+KIT_POWEROFF = r"""#!/bin/sh
+for dev in /sys/class/net/*; do
+    ip link set "${dev##*/}" down 2>/dev/null
+done
 sync
 poweroff -f
 """
@@ -183,6 +203,7 @@ def build_initramfs(busybox: Path, modules: list[Module], extra_bins: dict[str, 
     cpio.file("etc/group", b"root:x:0:\n")
     cpio.file("etc/resolv.conf", b"")
     cpio.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
+    cpio.file("sbin/kit-poweroff", KIT_POWEROFF.encode(), 0o755)
     # Debian's busybox-static looks for its default script here.
     cpio.symlink("etc/udhcpc/default.script", "/usr/share/udhcpc/default.script")
     for mod in modules:

@@ -152,8 +152,10 @@ class TcgGuest(ConsoleProcess):
         It takes well under a second; the long default is for the rare stall of a whole TCG
         guest on a loaded host (one CI run saw the guest's RCU watchdog report 21 s without
         a CPU, then a poweroff slower than 30 s), which is not what a test is checking.
+        ``kit-poweroff`` takes the network links down first (see
+        :data:`appliance.kit.initramfs.KIT_POWEROFF`).
         """
-        await self.write("sync; poweroff -f\n")
+        await self.write("kit-poweroff\n")
         return await self.wait(timeout)
 
     # -- shell -------------------------------------------------------------
