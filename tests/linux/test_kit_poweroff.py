@@ -32,10 +32,11 @@ FLOOD = "for i in 1 2 3 4; do ping -q -i 0.001 -s 1000 10.0.2.99 >/dev/null 2>&1
 
 
 # One boot misses the race often enough (about two in five) that three boots
-# are needed for this test to catch a regression.
+# are needed for this test to catch a regression. On q35, as the tests that met
+# it: on microvm, three boots with a plain poweroff did not hang.
 @pytest.mark.parametrize("boot", [1, 2, 3])
 async def test_poweroff_while_transmitting(tmp_path: Path, boot: int) -> None:
-    async with daemon(tmp_path, free_port()) as nic, TcgGuest(qemu_args(tmp_path, Case(""))) as g:
+    async with daemon(tmp_path, free_port()) as nic, TcgGuest(qemu_args(tmp_path, Case("")), machine="q35") as g:
         await g.run("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0"
                     " && arp -s 10.0.2.99 52:54:00:00:00:99")  # fmt: skip
         await g.run(FLOOD)

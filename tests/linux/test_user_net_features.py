@@ -211,11 +211,10 @@ def rings(nic: DaemonNic) -> str:
 async def poweroff(g: TcgGuest, nic: DaemonNic) -> None:
     """``g.poweroff`` whose timeout also says what our side of the NIC looked like then.
 
-    A guest in the ``mrg_rxbuf=off`` case has hung here once in ~10 full runs of the suite
-    (and in 2 of ~700 runs of that case alone on a loaded host): a kworker sending an IPv6
-    DAD or MLD frame spins in virtio_net's start_xmit reclaim loop from ~5 s after boot, and
-    the shell never gets the CPU back. The one such run with this state recorded found the
-    device reset by then. What this prints is for the next one.
+    A guest here once hung at poweroff in about ten full runs of the suite: the kernel's IPv6
+    DAD or MLD work sent a frame after the shutdown had broken the virtqueues, and virtio_net's
+    reclaim loop spun forever. The kit now takes its links down before powering off
+    (tests/linux/test_kit_poweroff.py); should a guest hang here again, this shows our side.
     """
     try:
         await g.poweroff()
