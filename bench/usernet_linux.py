@@ -128,6 +128,14 @@ The day's table (``bench/usernet.py --rounds 6 --linux-conns 200``, a slow phase
 140-170 connections/s) read 0.96 (0.971 ± 0.024) on connections and 1.06 (1.048 ± 0.032)
 through hostfwd; throughput 1.63x guest→host and 2.00x host→guest.
 
+Frames per connection (2026-11-27, sixth session; ``--pcap``, 100 connections of each kind).
+Guest→host, ours: guest SYN, our SYN-ACK, guest ACK, guest FIN, our FIN, guest ACK (2 frames
+to the guest); libslirp sends its ACK of the guest's FIN apart from its FIN (3). Hostfwd, ours:
+our SYN, guest SYN-ACK, our data with FIN and the ACK, the guest's echo, its FIN, our ACK (2 to
+the guest); libslirp 11 frames, 5 to the guest. Nothing is left to merge. The day's table, in a
+slow phase (host-driven connections at 2556/s against 4469/s the day before), read 1.04 (1.020
+± 0.040) on connections and 0.98 (0.986 ± 0.033) through hostfwd; throughput 1.59x and 1.93x.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
