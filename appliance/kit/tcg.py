@@ -149,11 +149,12 @@ class TcgGuest(ConsoleProcess):
     async def poweroff(self, timeout: float = 90.0) -> int:
         """Power the guest off from its shell; returns QEMU's exit status (0 on success).
 
-        It takes well under a second; the long default is for the rare stall of a whole TCG
-        guest on a loaded host (one CI run saw the guest's RCU watchdog report 21 s without
-        a CPU, then a poweroff slower than 30 s), which is not what a test is checking.
-        ``kit-poweroff`` takes the network links down first (see
-        :data:`appliance.kit.initramfs.KIT_POWEROFF`).
+        It takes well under a second. ``kit-poweroff`` takes the network links down first
+        (see :data:`appliance.kit.initramfs.KIT_POWEROFF`): a plain ``poweroff -f`` could hang
+        for good in the guest's virtio_net. The long default is for a whole TCG guest stalled
+        on a loaded host, which is not what a test is checking. (The one CI run that raised
+        it, with the guest's RCU watchdog reporting 21 s without a CPU, was most likely that
+        hang: it shows the same report.)
         """
         await self.write("kit-poweroff\n")
         return await self.wait(timeout)
