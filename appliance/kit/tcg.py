@@ -152,9 +152,9 @@ class TcgGuest(ConsoleProcess):
         It takes well under a second. ``kit-poweroff`` takes the network links down first
         (see :data:`appliance.kit.initramfs.KIT_POWEROFF`): a plain ``poweroff -f`` could hang
         for good in the guest's virtio_net. The long default is for a whole TCG guest stalled
-        on a loaded host, which is not what a test is checking. (The one CI run that raised
-        it, with the guest's RCU watchdog reporting 21 s without a CPU, was most likely that
-        hang: it shows the same report.)
+        on a loaded host, which is not what a test is checking. (The CI run that raised it
+        from 30 s, whose guest's RCU watchdog reported its kthread starved 21 s, may have
+        been that hang: the hang's runs print the same report.)
         """
         await self.write("kit-poweroff\n")
         return await self.wait(timeout)
