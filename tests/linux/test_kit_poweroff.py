@@ -40,5 +40,5 @@ async def test_poweroff_while_transmitting(tmp_path: Path, boot: int) -> None:
         await g.run("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0"
                     " && arp -s 10.0.2.99 52:54:00:00:00:99")  # fmt: skip
         await g.run(FLOOD)
-        assert nic.owner.counters()["not_for_us"] > 500, "the guest is not flooding its NIC"
+        assert nic.owner.counters()["not_for_us"] > 200, "the guest is not flooding its NIC"
         assert await g.poweroff(timeout=30) == 0
