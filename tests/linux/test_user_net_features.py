@@ -211,7 +211,7 @@ def rings(nic: DaemonNic) -> str:
 async def poweroff(g: TcgGuest, nic: DaemonNic) -> None:
     """``g.poweroff`` whose timeout also says what our side of the NIC looked like then.
 
-    A guest here once hung at poweroff in about ten full runs of the suite: the kernel's IPv6
+    A guest here hung at poweroff in about one full run of the suite in ten: the kernel's IPv6
     DAD or MLD work sent a frame after the shutdown had broken the virtqueues, and virtio_net's
     reclaim loop spun forever. The kit now takes its links down before powering off
     (tests/linux/test_kit_poweroff.py); should a guest hang here again, this shows our side.
