@@ -135,6 +135,38 @@ async def test_successor_resubmits_inflight_requests_in_fetch_order(served) -> N
     fe.close()
 
 
+async def test_a_base_at_the_avail_index_does_not_skip_unfetched_requests(served) -> None:  # type: ignore[no-untyped-def]
+    """Cloud Hypervisor reconnects with SET_VRING_BASE at the guest's avail index. The dead
+    back end had fetched one request of two: that one is resubmitted, and the one it never
+    fetched is served after it, not skipped."""
+    server, dev, path = served
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    fd, size, area = await _get_area(fe)
+    q = DriverQueue.at(fe.mem, fe.alloc(DriverQueue.ring_bytes(SIZE), 4096), SIZE)
+    heads, dsts = [], []
+    for text in (b"fetched", b"waiting"):
+        src, dst = fe.alloc(8), fe.alloc(8)
+        fe.mem.write(src, text)
+        heads.append(q.add_chain([(src, len(text), 0), (dst, len(text), WRITE)]))
+        dsts.append(dst)
+    HDR.pack_into(area, 0, 0, 1, SIZE, 0, 0)
+    DESC.pack_into(area, 16 + 16 * heads[0], 1, 0, 1)
+    assert await fe.acked(p.Request.SET_INFLIGHT_FD, p.inflight(size, 0, 2, SIZE), [fd]) == 0
+    await _setup_ring(fe, q, 2)
+    fe.kick(0)
+    got: list[tuple[int, int]] = []
+    for _ in range(2):
+        if len(got) < 2:
+            await fe.wait_call(0)
+            got += q.used()
+    assert got == [(heads[0], 7), (heads[1], 7)]
+    assert fe.mem.read(dsts[1], 7) == b"WAITING"
+    assert await fe.get_vring_base(0) == 2
+    os.close(fd)
+    fe.close()
+
+
 async def test_a_crash_during_the_used_update_is_repaired(served) -> None:  # type: ignore[no-untyped-def]
     """The used index moved but the record did not: the last batch completed."""
     server, dev, path = served

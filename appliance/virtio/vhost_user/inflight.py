@@ -127,6 +127,9 @@ class TrackedQueue(Virtqueue):
         super().__init__(mem, size, desc_addr, avail_addr, used_addr, event_idx=event_idx, indirect=indirect)
         self._region = region
         self._resubmit: list[int] = []
+        # Where the next fetch is when the area carries a previous back end's state (see the
+        # last_avail_idx setter); None for a fresh area.
+        self._recovered_avail: int | None = None
         _features, version, desc_num, last_batch, used = _HEADER.unpack_from(region, 0)
         if version != _VERSION or desc_num != size:
             # A fresh or mismatched area: start it over for this ring.
@@ -157,8 +160,10 @@ class TrackedQueue(Virtqueue):
         self._resubmit = [head for _, head in pending]
         if self._resubmit:
             log.warning("resubmitting %d requests a previous back end left in flight", len(self._resubmit))
-            # Those requests sit between the used index and here.
-            self.last_avail_idx = (ring_used + len(self._resubmit)) & 0xFFFF
+        # Every request fetched before ours is either completed (below the used index) or in
+        # flight (resubmitted now), so the next fetch is the one after those.
+        self._recovered_avail = (ring_used + len(self._resubmit)) & 0xFFFF
+        Virtqueue.last_avail_idx.fset(self, self._recovered_avail)  # type: ignore[attr-defined]
 
     @property
     def resubmitting(self) -> int:
@@ -183,10 +188,17 @@ class TrackedQueue(Virtqueue):
 
     @last_avail_idx.setter
     def last_avail_idx(self, value: int) -> None:
-        if value == self.used_idx:
-            # After a back-end crash QEMU restores the base to the used index;
-            # the requests being resubmitted were fetched past it.
-            value += len(self._resubmit)
+        recovered = self._recovered_avail
+        if recovered is not None:
+            # The front end's SET_VRING_BASE after a back-end crash is a guess: QEMU restores
+            # it to the used index, Cloud Hypervisor sends the guest's avail index, which
+            # would skip requests published but never fetched. The area knows better
+            # (libvhost-user decides the same way).
+            self._recovered_avail = None
+            if value != recovered:
+                log.info("ring base %d from the front end, %d from the inflight area: using the area's",
+                         value, recovered)
+            value = recovered
         Virtqueue.last_avail_idx.fset(self, value)  # type: ignore[attr-defined]
 
     def pop(self) -> DescriptorChain | None:
