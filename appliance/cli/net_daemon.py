@@ -97,7 +97,7 @@ class NetDaemonArgs:
 
 
 def parse_export(text: str) -> NetExport:
-    opts = parse_option("--export", text)
+    opts = parse_option("--export", text, implied="type")  # [type=]vhost-user-net, as qemu-storage-daemon
     kind = opts.require("type")
     if kind != "vhost-user-net":
         raise ConfigError(f"--export: type '{kind}' is not supported (use vhost-user-net)")
@@ -382,8 +382,19 @@ async def serve(
         await daemon.close()
 
 
+def wants_help(argv: list[str]) -> bool:
+    """-h or --help where an option may stand (not as another option's value, e.g. a path)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            return True
+        i += 2 if arg in _OPTIONS else 1
+    return False
+
+
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
+    if wants_help(argv):
         sys.stdout.write(USAGE)
         return 0
     args = parse_command_line(argv)

@@ -43,6 +43,8 @@ class OptionDict(dict[str, str]):
         if v is None:
             return default
         try:
+            if "_" in v:  # Python's digit separator; QEMU's strtoull stops there
+                raise ValueError(v)
             n = int(v, 0)
         except ValueError:
             raise ConfigError(f"{self.option}: '{key}' expects a number, got '{v}'") from None
@@ -199,8 +201,15 @@ def parse_size(value: str, what: str, *, default_suffix: str = "") -> int:
     num = v[:-1] if v[-1].isalpha() else v
     if suffix not in _SUFFIX:
         raise ConfigError(f"{what}: invalid size '{value}'")
+    # QEMU's qemu_strtosz: decimal digits with an optional fraction, or 0x hex without a
+    # fraction or suffix; no sign, no digit separators (which Python's int/float take).
+    hex_form = num[:2].lower() == "0x"
+    if not num[:1].isdigit() or not all(c.isdigit() or c == "." for c in num) and not hex_form:
+        raise ConfigError(f"{what}: invalid size '{value}'")
+    if hex_form and (num is not v or "." in num):
+        raise ConfigError(f"{what}: invalid size '{value}'")
     try:
-        n = float(num) if "." in num else int(num, 10)
+        n = int(num, 16) if hex_form else float(num) if "." in num else int(num, 10)
     except ValueError:
         raise ConfigError(f"{what}: invalid size '{value}'") from None
     if n < 0:

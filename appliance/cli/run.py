@@ -134,18 +134,39 @@ def _mem(a: RunArgs, v: str) -> None:
 @option("-smp", "[cpus=]n[,cores=,threads=,sockets=,maxcpus=]", "number of vCPUs and their topology")
 def _smp(a: RunArgs, v: str) -> None:
     opts = parse_option("-smp", v, implied="cpus")
-    cpus = opts.take_int("cpus")
-    topo = [opts.take_int(k, 1, minimum=1) or 1 for k in ("sockets", "dies", "cores", "threads")]
-    maxcpus = opts.take_int("maxcpus")
+    cpus = opts.take_int("cpus", minimum=1)
+    maxcpus = opts.take_int("maxcpus", minimum=1)
+    sockets, dies, clusters, cores, threads = (
+        opts.take_int(k, minimum=1) for k in ("sockets", "dies", "clusters", "cores", "threads"))
     opts.finish()
-    product = topo[0] * topo[1] * topo[2] * topo[3]
-    if cpus is None:
-        cpus = product
-    if cpus < 1:
-        raise ConfigError(f"-smp {v}: the number of vCPUs must be at least 1")
-    if any(k in v for k in ("sockets=", "cores=", "threads=", "dies=")) and product < cpus:
-        raise ConfigError(f"-smp {v}: topology {product} is smaller than cpus={cpus}")
-    if maxcpus is not None and maxcpus != cpus:
+    if clusters not in (None, 1):
+        raise ConfigError(f"-smp {v}: clusters not supported by this machine's CPU topology")
+    dies = dies or 1
+    # The values left out follow from the others as in QEMU 7.2 (hw/core/machine-smp.c, machine
+    # types from 6.2 on: cores before sockets, threads last).
+    if cpus is None and maxcpus is None:
+        sockets, cores, threads = sockets or 1, cores or 1, threads or 1
+    else:
+        maxcpus = maxcpus or cpus or 1
+        if cores is None:
+            sockets, threads = sockets or 1, threads or 1
+            cores = maxcpus // (sockets * dies * threads)
+        elif sockets is None:
+            threads = threads or 1
+            sockets = maxcpus // (dies * cores * threads)
+        if threads is None:
+            threads = maxcpus // (sockets * dies * cores)
+    product = sockets * dies * cores * threads
+    maxcpus = maxcpus or product
+    cpus = cpus or maxcpus
+    topology = f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads})"
+    if product != maxcpus:
+        raise ConfigError(f"-smp {v}: Invalid CPU topology: product of the hierarchy must match maxcpus: "
+                          f"{topology} != maxcpus ({maxcpus})")
+    if maxcpus < cpus:
+        raise ConfigError(f"-smp {v}: Invalid CPU topology: maxcpus must be equal to or greater than smp: "
+                          f"{topology} == maxcpus ({maxcpus}) < smp_cpus ({cpus})")
+    if maxcpus != cpus:
         raise ConfigError(f"-smp {v}: maxcpus other than cpus (CPU hotplug) is not supported")
     a.num_cpus = cpus
 
@@ -389,7 +410,7 @@ def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | Non
         port_n = int(port, 10)
     except ValueError:
         raise ConfigError(f"{opts.option}: port '{port}' is not a number") from None
-    return ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait,
+    return ChardevConfig("socket", id=cid, host=host or "", port=port_n, server=server, wait=wait,
                          telnet=telnet)
 
 
@@ -590,8 +611,26 @@ def _boot_early(machine: Machine, pending: PendingVm) -> None:
     machine.wait_for_guest(GUEST_HEAD_START)
 
 
+def wants_help(argv: list[str]) -> bool:
+    """-h, -help or --help where an option may stand; ``-append --help`` is a kernel command line."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("-") or word == "-":
+            return False  # parse_args refuses the line here
+        name = "-" + word.lstrip("-")
+        if name in ("-h", "-help"):
+            return True
+        opt = OPTIONS.get(name)
+        if opt is None:
+            _load_option_modules()
+            opt = OPTIONS.get(name)
+        i += 2 if opt is not None and opt.metavar is not None else 1
+    return False
+
+
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help", "-help") for a in argv):
+    if wants_help(argv):
         sys.stdout.write(usage())
         return 0
     args = parse_args(argv)

@@ -44,7 +44,7 @@ def parse_qmp(spec: str, what: str = "-qmp") -> ChardevConfig:
             port_n = int(port, 10)
         except ValueError:
             raise ConfigError(f"{what}: port '{port}' is not a number") from None
-        cfg = ChardevConfig("socket", id=what, host=host.strip("[]") or None, port=port_n, server=server, wait=wait)
+        cfg = ChardevConfig("socket", id=what, host=host.strip("[]"), port=port_n, server=server, wait=wait)
     cfg.validate()
     return cfg
 

@@ -222,7 +222,7 @@ def parse_chardev(text: str) -> ChardevConfig:
             port_n = int(port, 10)
         except ValueError:
             raise ConfigError(f"--chardev {text}: port '{port}' is not a number") from None
-        cfg = ChardevConfig("socket", id=cid, host=host or None, port=port_n, server=server, wait=wait)
+        cfg = ChardevConfig("socket", id=cid, host=host or "", port=port_n, server=server, wait=wait)
     else:
         raise ConfigError(f"--chardev {text}: socket needs 'path' or 'port'")
     cfg.validate()
@@ -529,12 +529,20 @@ async def serve(config: DaemonConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopped.set)
     monitors: list[Any] = []
+    wrote_pid = False
     try:
         async with daemon:
             monitors = await open_monitors(daemon)
             if config.pidfile:
-                with open(config.pidfile, "w", encoding="ascii") as f:
-                    f.write(f"{os.getpid()}\n")
+                try:
+                    with open(config.pidfile, "w", encoding="ascii") as f:
+                        f.write(f"{os.getpid()}\n")
+                except OSError as err:
+                    # A runtime failure, as qemu-storage-daemon reports it (exit 1).
+                    print(f"appliance storage-daemon: cannot create PID file {config.pidfile}: "
+                          f"{err.strerror or err}", file=sys.stderr)
+                    return 1
+                wrote_pid = True
             await daemon.stopped.wait()
     finally:
         for server in monitors:
@@ -542,7 +550,8 @@ async def serve(config: DaemonConfig) -> int:
                 await server.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        if config.pidfile:
+        if wrote_pid and config.pidfile:
+            # Only our own file: one we could not write may be somebody else's.
             with contextlib.suppress(OSError):
                 os.unlink(config.pidfile)
     return 0

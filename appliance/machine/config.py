@@ -121,6 +121,8 @@ class ChardevConfig(Record):
         return hash(self._values())
 
     def validate(self) -> None:
+        # A socket's host may be empty, as in QEMU's tcp::PORT: a server listens on every
+        # address, a client connects to localhost.
         if self.backend == "file" and self.path is None:
             raise ConfigError(f"chardev '{self.id or 'file'}': 'path' is missing")
         if self.backend == "socket":

@@ -487,7 +487,7 @@ class SocketBackend:
                 if cfg.path is not None:
                     reader, writer = await asyncio.open_unix_connection(str(cfg.path))
                 else:
-                    reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
+                    reader, writer = await asyncio.open_connection(cfg.host or "localhost", cfg.port)
                 await self._on_client(reader, writer, keep=False)
         except OSError as err:
             where = cfg.path if cfg.path is not None else f"{cfg.host}:{cfg.port}"

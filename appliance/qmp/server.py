@@ -416,7 +416,7 @@ class QmpServer:
         if chardev.path is not None:
             reader, writer = await asyncio.open_unix_connection(str(chardev.path), limit=MAX_LINE)
         else:
-            reader, writer = await asyncio.open_connection(chardev.host, chardev.port, limit=MAX_LINE)
+            reader, writer = await asyncio.open_connection(chardev.host or "localhost", chardev.port, limit=MAX_LINE)
         self._serve(reader, writer)
 
     @property

@@ -91,8 +91,8 @@ def test_serial_chardev_reference() -> None:
     ("argv", "message"),
     [
         (["-kernel", "k", "-smp", "abc"], "-smp"),
-        (["-kernel", "k", "-smp", "0"], "-smp 0"),
-        (["-kernel", "k", "-smp", "4,sockets=1,cores=2"], "topology"),
+        (["-kernel", "k", "-smp", "0"], "-smp: .cpus. must be at least 1, got .0."),
+        (["-kernel", "k", "-smp", "2,sockets=2,cores=2"], "topology"),
         (["-kernel", "k", "-m", "64,slots=2"], "'slots'"),
         (["-kernel", "k", "-m", "lots"], "-m"),
         (["-kernel", "k", "-frobnicate"], "'-frobnicate'"),
@@ -123,6 +123,51 @@ def test_help_lists_every_option() -> None:
     text = run.usage()
     for name in run.OPTIONS:
         assert name in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "helps"),
+    [
+        (["-h"], True),
+        (["-m", "1G", "--help"], True),
+        (["-nographic", "-help"], True),
+        # As in QEMU, an option's value is its value even when it reads like -h.
+        (["-kernel", "k", "-append", "--help"], False),
+        (["-name", "-h"], False),
+    ],
+)
+def test_help_only_where_an_option_stands(argv: list[str], helps: bool) -> None:
+    assert run.wants_help(argv) is helps
+
+
+@pytest.mark.parametrize(
+    ("smp", "cpus"),
+    [
+        ("2", 2),
+        ("4,sockets=2", 4),  # cores follow: 2
+        ("sockets=2,cores=2", 4),
+        ("cpus=2,sockets=1,cores=2,threads=1,clusters=1", 2),
+        ("2,sockets=2,cores=2", "product of the hierarchy must match maxcpus: sockets (2) * dies (1) * cores (2) "
+                                "* threads (0) != maxcpus (2)"),
+        ("3,sockets=2", "sockets (2) * dies (1) * cores (1) * threads (1) != maxcpus (3)"),
+        ("2,maxcpus=1", "maxcpus must be equal to or greater than smp"),
+        ("1_0", "'cpus' expects a number, got '1_0'"),
+    ],
+)
+def test_smp_topology_as_qemu_7_2_works_it_out(smp: str, cpus: int | str) -> None:
+    """Left-out values follow from the rest and the product must be the vCPU count, with QEMU's
+    messages (checked against qemu-system-x86_64 -machine q35 -smp ...)."""
+    if isinstance(cpus, int):
+        assert run.to_config(run.parse_args(["-kernel", "k", "-smp", smp])).num_cpus == cpus
+    else:
+        with pytest.raises(ConfigError, match=cpus.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+            run.to_config(run.parse_args(["-kernel", "k", "-smp", smp]))
+
+
+@pytest.mark.parametrize("size", ["1_024", "+512", ".5G", "512 M", "0x10M"])
+def test_memory_sizes_python_reads_but_qemu_does_not_are_refused(size: str) -> None:
+    with pytest.raises(ConfigError, match="invalid size"):
+        run.to_config(run.parse_args(["-kernel", "k", "-m", size]))
 
 
 # --- the command --------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from appliance.cli.net_daemon import NetExport, parse_args
+from appliance.cli.net_daemon import NetExport, parse_args, parse_export, wants_help
 from appliance.errors import ConfigError
 
 
@@ -59,3 +59,14 @@ def test_help_names_the_options() -> None:
         [sys.executable, "-m", "appliance.cli.main", "net-daemon", "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and "--netdev" in r.stdout and "vhost-user-net" in r.stdout
+
+
+def test_export_type_may_be_implied() -> None:
+    """``--export vhost-user-net,id=...`` as qemu-storage-daemon takes its exports."""
+    assert parse_export("vhost-user-net,id=e0,netdev=u0,addr.type=unix,addr.path=/tmp/s") == NetExport(
+        "e0", "u0", "/tmp/s", 1)
+
+
+def test_help_is_not_taken_from_an_option_value() -> None:
+    assert wants_help(["--netdev", "user,id=u0", "--help"])
+    assert not wants_help(["--netdev", "--help"])

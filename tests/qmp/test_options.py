@@ -13,6 +13,7 @@ import pytest
 from appliance.cli.run import parse_args, to_config, usage
 from appliance.errors import ConfigError
 from appliance.qmp.server import QmpSpec
+from tests.ports import free_port
 from tests.qmp.fakes import FakeMachine
 
 
@@ -87,6 +88,30 @@ async def test_tcp_monitor_with_wait_on_holds_open_until_a_client_connects() -> 
     await asyncio.wait_for(opening, 5)
     greeting = json.loads(await reader.readuntil(b"}\r\n"))  # pretty: several lines
     assert greeting["QMP"]["capabilities"] == []
+    writer.close()
+    await spec.close()
+
+
+@pytest.mark.parametrize("option", ["-qmp", "-serial", "-monitor"])
+def test_tcp_without_a_host_listens_on_every_address(option: str) -> None:
+    """QEMU's tcp::PORT (and a socket chardev with port= alone) leaves the host out: a server
+    listens on every address. It used to be refused."""
+    config = to_config(parse_args(["-kernel", "/dev/null", option, "tcp::4444,server=on,wait=off"]))
+    text = repr(config)
+    assert "port=4444" in text and "host=''" in text
+
+
+async def test_tcp_monitor_without_a_host_greets_a_loopback_client() -> None:
+    port = free_port()
+    spec = to_config(parse_args(["-kernel", "/dev/null", "-qmp", f"tcp::{port},server=on,wait=off"])).devices[0]
+    assert isinstance(spec, QmpSpec)
+    spec.bind_machine(FakeMachine())
+    await spec.open()
+    assert spec.server is not None
+    assert set(spec.server.tcp_ports) == {port}  # every address: IPv4 and IPv6 alike
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    greeting = json.loads(await asyncio.wait_for(reader.readline(), 5))
+    assert "QMP" in greeting
     writer.close()
     await spec.close()
 

@@ -115,6 +115,24 @@ def test_missing_image_exits_1_with_one_line(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "s").exists()
 
 
+def test_unwritable_pidfile_exits_1_with_one_line(
+    tmp_path: Path, img: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As qemu-storage-daemon: a runtime failure (exit 1), its socket removed again, and a
+    file that is in the way is not ours to delete."""
+    blocker = tmp_path / "d"
+    blocker.write_text("not ours\n")
+    rc, _, err = _run(
+        ["--pidfile", str(blocker / "x.pid"), "--blockdev", f"driver=file,node-name=f,filename={img}",
+         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={tmp_path / 's'}"],
+        capsys,
+    )
+    assert rc == 1
+    assert "cannot create PID file" in err and str(blocker / "x.pid") in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+    assert blocker.read_text() == "not ours\n"
+
+
 def test_equals_form_and_cache_options_parse(img: Path) -> None:
     cfg = parse_args(
         [f"--blockdev=driver=file,node-name=f,filename={img},cache.direct=on,aio=threads,discard=unmap",
