@@ -24,7 +24,8 @@ from appliance.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
 MAX_NICS = 24
 MAX_QUEUE_PAIRS = 16
 DEFAULT_MAC_BASE = bytes.fromhex("525400123456")
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+# QEMU's qdev MAC property takes ":" or "-" between the six bytes.
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 
 
 # QEMU's virtio-net-pci properties that switch a feature bit (virtio 1.2 §5.1.3).
@@ -40,6 +41,8 @@ FEATURE_PROPERTIES: dict[str, int] = {
 }
 # Properties QEMU has for features this device never offers: "off" is what it does anyway.
 ABSENT_FEATURES = ("gso", "ctrl_rx_extra", "rss", "hash", "guest_rsc_ext", "guest_uso4", "guest_uso6", "host_uso")
+
+_DEVICE_FLAGS = ("mq", "disable-legacy", "disable-modern", *FEATURE_PROPERTIES, *ABSENT_FEATURES)
 
 # §5.1.3.1: a feature offered without the one it needs is not offered at all.
 _NEEDS: tuple[tuple[int, int], ...] = (
@@ -110,7 +113,7 @@ def take_root_bus(opts: OptionDict, what: str) -> None:
 def parse_mac(text: str, what: str) -> bytes:
     if not _MAC.match(text):
         raise ConfigError(f"{what}: invalid MAC address '{text}'")
-    mac = bytes.fromhex(text.replace(":", ""))
+    mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
     if mac[0] & 1:
         raise ConfigError(f"{what}: MAC address '{text}' is multicast")
     return mac
@@ -143,7 +146,8 @@ class NicConfig:
     @classmethod
     def parse_device(cls, opts_text: str) -> NicConfig:
         """Parse the text after ``-device`` (the driver must be virtio-net-pci)."""
-        opts = parse_option("-device", opts_text, implied="driver")
+        # Bare boolean properties (``mq`` for ``mq=on``) are taken, with QEMU 7.2's deprecation warning.
+        opts = parse_option("-device", opts_text, implied="driver", flags=_DEVICE_FLAGS, warn_flags=True)
         driver = opts.take("driver")
         if driver not in ("virtio-net-pci", "virtio-net"):
             raise ConfigError(f"-device: '{driver}' is not a NIC")
@@ -159,7 +163,7 @@ class NicConfig:
         cfg = cls(
             netdev=netdev,
             id=opts.take("id"),
-            mac=parse_mac(mac_text, what) if mac_text else None,
+            mac=parse_mac(mac_text, what) if mac_text is not None else None,
             mq=opts.take_bool("mq", False),
             vectors=vectors,
             host_mtu=mtu,
@@ -204,7 +208,7 @@ def parse_legacy_nic(text: str) -> NicConfig:
     assert kind == "nic"
     check_model(opts.take("model", "virtio-net-pci"), "-net nic")
     mac_text = opts.take("macaddr")
-    mac = parse_mac(mac_text, "-net nic") if mac_text else None
+    mac = parse_mac(mac_text, "-net nic") if mac_text is not None else None
     addr = opts.take("addr")
     vectors = opts.take_int("vectors", None, minimum=0)
     netdev = opts.take("netdev")
@@ -227,7 +231,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
         return None, None
     check_model(opts.take("model", "virtio-net-pci"), "-nic")
     mac_text = opts.take("mac")
-    mac = parse_mac(mac_text, "-nic") if mac_text else None
+    mac = parse_mac(mac_text, "-nic") if mac_text is not None else None
     addr = opts.take("addr")
     given = opts.get("id")
     parts = [str(kind)] + [

@@ -58,6 +58,10 @@ def probe_warning(path: str) -> str:
     )
 
 
+# -drive keys QEMU takes bare (``readonly`` for ``readonly=on``).
+_DRIVE_FLAGS = ("readonly", "read-only", "snapshot", "copy-on-read", "cache.direct", "cache.no-flush")
+
+
 @dataclass(frozen=True, slots=True)
 class ImageSource:
     """One image to open, with file-level options (QEMU's format node over its file node).
@@ -138,7 +142,8 @@ class DriveConfig:
 
         :raises ConfigError: On an unknown key or a bad value, naming it.
         """
-        o = parse_option(option, text)
+        # Bare booleans (``readonly`` for ``readonly=on``), with QEMU 7.2's deprecation warning.
+        o = parse_option(option, text, flags=_DRIVE_FLAGS, warn_flags=True)
         file = o.take("file")
         if file is None or file == "":
             raise ConfigError(f"{option}: Parameter 'file' is missing (empty drives are not supported)")

@@ -258,3 +258,9 @@ async def test_qcow2_honours_aio_as_qemu_means_it(tmp_path: Path, aio: str, kern
         assert (img.backend._aio is not None) == kernel_aio
     finally:
         await img.close()
+
+
+def test_bare_booleans_as_qemu_takes_them(raw: Path) -> None:
+    """``-drive ...,readonly,snapshot``: QEMU 7.2 reads bare keys as on (with a warning)."""
+    cfg = DriveConfig.parse(f"file={raw},format=raw,if=none,id=d0,readonly,snapshot")
+    assert (cfg.source.read_only, cfg.source.snapshot) == (True, True)

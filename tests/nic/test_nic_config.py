@@ -18,6 +18,11 @@ def test_device_options() -> None:
     assert cfg == NicConfig("n0", mac=bytes.fromhex("525400aabbcc"), mq=True, vectors=10, host_mtu=9000, addr="0x5")
 
 
+def test_mac_bytes_may_be_split_by_dashes() -> None:
+    """As QEMU's qdev MAC property."""
+    assert NicConfig.parse_device("virtio-net-pci,netdev=n,mac=52-54-00-aa-bb-cc").mac == bytes.fromhex("525400aabbcc")
+
+
 def test_default_macs_follow_qemu() -> None:
     assert default_mac(0).hex(":") == "52:54:00:12:34:56"
     assert default_mac(1).hex(":") == "52:54:00:12:34:57"
@@ -29,6 +34,8 @@ def test_default_macs_follow_qemu() -> None:
         ("virtio-net-pci", "Parameter 'netdev' is missing"),
         ("virtio-net-pci,netdev=n,mac=zz:54:00:aa:bb:cc", "invalid MAC address 'zz:54:00:aa:bb:cc'"),
         ("virtio-net-pci,netdev=n,mac=01:00:5e:00:00:01", "is multicast"),
+        ("virtio-net-pci,netdev=n,mac=", "invalid MAC address ''"),  # QEMU: doesn't take value ''
+        ("virtio-net-pci,netdev=n,mac=52:54:0:12:34:56", "invalid MAC address"),
         ("virtio-net-pci,netdev=n,host_mtu=20", "'host_mtu' must be at least 68"),
         ("virtio-net-pci,netdev=n,frob=1", "Invalid parameter 'frob'"),
         ("e1000,netdev=n", "'e1000' is not a NIC"),
@@ -101,3 +108,9 @@ def test_bare_user_keys_are_taken_wherever_type_user_stands(text: str) -> None:
     assert isinstance(nd, UserNetdev) and nd.config.restrict
     nd2, _nic = parse_nic("model=virtio-net-pci," + text.removeprefix("id=n0,"), 0)
     assert isinstance(nd2, UserNetdev) and nd2.config.restrict
+
+
+def test_bare_boolean_properties_as_qemu_takes_them() -> None:
+    """``-device virtio-net-pci,netdev=n,mq``: QEMU 7.2 reads a bare property as on (with a warning)."""
+    cfg = NicConfig.parse_device("virtio-net-pci,netdev=n,mq,nocsum")
+    assert cfg.mq and cfg == NicConfig.parse_device("virtio-net-pci,netdev=n,mq=on,csum=off")
