@@ -57,6 +57,7 @@ class DgramLink:
 
     def __init__(self, local: Address | None, remote: Address | None) -> None:
         self._unlink: str | None = None
+        self._remote_abstract: bytes | None = None
         self.multicast = _is_group(remote)
         if self.multicast:
             assert isinstance(remote, tuple) and not isinstance(local, str)
@@ -69,7 +70,9 @@ class DgramLink:
             # Absolute: recvmsg names the sender by the path it bound, which
             # the filter compares with ours however either was spelled.
             self.local = local
-            self.remote = None if remote is None else os.path.abspath(remote)
+            # An abstract name (leading NUL) is no path; Python reports a sender's as bytes.
+            self.remote = None if remote is None else remote if remote.startswith("\0") else os.path.abspath(remote)
+            self._remote_abstract = remote.encode() if remote is not None and remote.startswith("\0") else None
             self.sock = self._bind_unix(local)
         else:
             if local is None or isinstance(remote, str):
@@ -112,17 +115,19 @@ class DgramLink:
     def _bind_unix(self, path: str) -> socket.socket:
         # A socket left by an earlier run is replaced, as QEMU does; any
         # other file at that path is not ours to remove.
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise NetError(f"cannot bind unix datagram socket {path}: not a socket")
-            os.unlink(path)
+        abstract = path.startswith("\0")  # no file: nothing to replace or remove
+        if not abstract:
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    raise NetError(f"cannot bind unix datagram socket {path}: not a socket")
+                os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(path)
         except OSError as err:
             sock.close()
             raise NetError(f"cannot bind unix datagram socket {path}: {err.strerror or err}") from err
-        self._unlink = path
+        self._unlink = None if abstract else path
         return sock
 
     def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
@@ -143,14 +148,21 @@ class DgramLink:
             except OSError:
                 # ICMP port unreachable from a peer that is not up yet.
                 return -1
-            if self.remote is not None and addr != self.remote and not self.multicast:
-                if not (isinstance(addr, str) and addr and os.path.abspath(addr) == self.remote):
-                    self.rx_foreign += 1
-                    continue
+            if (self.remote is not None and addr != self.remote and not self.multicast
+                    and not self._is_remote_unix(addr)):
+                self.rx_foreign += 1
+                continue
             self.rx_frames += 1
             if flags & socket.MSG_TRUNC:
                 return max(n, sum(len(b) for b in bufs) + 1)
             return n
+
+    def _is_remote_unix(self, addr: object) -> bool:
+        """The unix peer however the kernel names it: an abstract name comes as bytes, a path as
+        it was bound (maybe relative)."""
+        if isinstance(addr, bytes):
+            return addr == self._remote_abstract
+        return isinstance(addr, str) and bool(addr) and os.path.abspath(addr) == self.remote
 
     def send(self, bufs: Sequence[memoryview]) -> bool:
         if self.remote is None:

@@ -49,9 +49,14 @@ def _port(what: str, key: str, text: str) -> int:
     return n
 
 
-def _host(what: str, key: str, text: str) -> str:
+def _host(what: str, key: str, text: str, *, v6: bool = False) -> str:
     if text in ("", "localhost"):
         return "127.0.0.1" if text == "localhost" else "0.0.0.0"
+    if v6 and ":" in text:
+        try:
+            return str(ipaddress.IPv6Address(text.strip("[]")))
+        except ValueError:
+            raise ConfigError(f"{what}: invalid {key} '{text}'") from None
     try:
         ipaddress.IPv4Address(text)
     except ValueError:
@@ -306,6 +311,16 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
     return _host(what, f"{prefix}.host", host or ""), _port(what, f"{prefix}.port", port)
 
 
+def _unix_address(what: str, opts: OptionDict, prefix: str, path: str) -> str:
+    """A unix socket path; with ``abstract=on`` Linux's abstract namespace (unix(7)), which Python
+    spells with a leading NUL. QEMU's ``tight=on`` (its default) is the only form: the address is
+    the name's own length, as Python binds it."""
+    abstract = opts.take_bool(f"{prefix}.abstract", False)
+    if not opts.take_bool(f"{prefix}.tight", True):
+        raise ConfigError(f"{what}: {prefix}.tight=off is not supported")
+    return "\0" + path if abstract else path
+
+
 def _dgram_addr(what: str, opts: OptionDict, prefix: str) -> tuple[str, int] | str | None:
     """``prefix.type=inet,…host,…port`` as (host, port), ``prefix.type=unix,…path`` as the path."""
     if opts.get(f"{prefix}.type") == "unix":
@@ -313,8 +328,7 @@ def _dgram_addr(what: str, opts: OptionDict, prefix: str) -> tuple[str, int] | s
         path = opts.take(f"{prefix}.path")
         if not path:
             raise ConfigError(f"{what}: Parameter '{prefix}.path' is missing")
-        opts.take(f"{prefix}.abstract")
-        return path
+        return _unix_address(what, opts, prefix, path)
     return _inet(what, opts, prefix, required=False)
 
 
@@ -375,14 +389,13 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
     if kind == "inet":
         host = opts.take("addr.host") or ""
         port = opts.require("addr.port")
-        address = (_host(what, "addr.host", host), _port(what, "addr.port", port))
+        address = (_host(what, "addr.host", host, v6=True), _port(what, "addr.port", port))
         if not server and address[0] == "0.0.0.0":
             raise ConfigError(f"{what}: addr.host is missing")
         for key in ("addr.numeric", "addr.to", "addr.ipv4", "addr.ipv6"):
             opts.take(key)
     elif kind == "unix":
-        address = opts.require("addr.path")
-        opts.take("addr.abstract")
+        address = _unix_address(what, opts, "addr", opts.require("addr.path"))
     elif kind is None:
         raise ConfigError(f"{what}: Parameter 'addr.type' is missing")
     else:

@@ -51,14 +51,16 @@ class StreamLink:
         self.rx_errors = 0
 
     def _family(self) -> int:
-        return socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        if isinstance(self.address, str):
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
 
     async def start(self) -> None:
         """Bind the listener (errors surface now) and start accepting or connecting."""
         if self.listen:
             srv = socket.socket(self._family(), socket.SOCK_STREAM)
             try:
-                if srv.family == socket.AF_INET:
+                if srv.family != socket.AF_UNIX:
                     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 srv.bind(self.address)
                 srv.listen(1)
@@ -73,8 +75,9 @@ class StreamLink:
 
     def _describe(self) -> str:
         if isinstance(self.address, str):
-            return self.address
-        return f"{self.address[0]}:{self.address[1]}"
+            return "@" + self.address[1:] if self.address.startswith("\0") else self.address
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,7 +105,7 @@ class StreamLink:
 
     def _attach(self, s: socket.socket) -> None:
         s.setblocking(False)
-        if s.family == socket.AF_INET:
+        if s.family != socket.AF_UNIX:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = s
         self._buf.clear()

@@ -294,3 +294,54 @@ async def test_capture_of_the_user_stack_reads_no_further_than_the_stack_itself(
     finally:
         dev.reset()
         await net.stop()
+
+
+async def test_stream_and_dgram_take_abstract_unix_names_and_ipv6(tmp_path: Path) -> None:
+    """``addr.abstract=on`` is Linux's abstract namespace (QEMU's tight form: no file at all), and
+    a stream's ``addr.host`` may be IPv6, as QEMU 7.2 takes them."""
+    from appliance.net.netdev import DgramNetdev, StreamNetdev, parse_netdev
+    from appliance.net.stream import StreamLink
+
+    name = f"appliance-test-{tmp_path.name}"
+    cfg = parse_netdev(f"stream,id=s0,server=on,addr.type=unix,addr.path={name},addr.abstract=on", "-netdev")
+    assert isinstance(cfg, StreamNetdev) and cfg.address == "\0" + name
+    listener = StreamLink(cfg.address, listen=True)
+    await listener.start()
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        peer.connect("\0" + name)
+        frame = bytes(Ether(src="52:54:00:00:00:09") / IP(dst="10.9.9.9") / ICMP())
+        peer.sendall(len(frame).to_bytes(4, "big") + frame)
+        assert await pull(listener) == frame
+    finally:
+        peer.close()
+        listener.close()
+    assert not Path(name).exists()
+
+    d = parse_netdev(f"dgram,id=d0,local.type=unix,local.path={name}-a,local.abstract=on,"
+                     f"remote.type=unix,remote.path={name}-b,remote.abstract=on", "-netdev")
+    assert isinstance(d, DgramNetdev) and (d.local, d.remote) == ("\0" + name + "-a", "\0" + name + "-b")
+    a, b = DgramLink(d.local, d.remote), DgramLink(d.remote, d.local)
+    try:
+        assert a.send([memoryview(frame)])
+        assert await pull(b) == frame
+    finally:
+        a.close()
+        b.close()
+
+    v6 = parse_netdev("stream,id=s1,server=on,addr.type=inet,addr.host=::1,addr.port=0", "-netdev")
+    assert isinstance(v6, StreamNetdev) and v6.address == ("::1", 0)
+    listener = StreamLink(v6.address, listen=True)
+    try:
+        await listener.start()
+    except NetError:
+        pytest.skip("no IPv6 loopback on this host")
+    assert listener._server is not None
+    port = listener._server.getsockname()[1]
+    peer = socket.create_connection(("::1", port))
+    try:
+        peer.sendall(len(frame).to_bytes(4, "big") + frame)
+        assert await pull(listener) == frame
+    finally:
+        peer.close()
+        listener.close()
