@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from appliance.bootpath import NamedTuple
 from appliance.cli.options import parse_option, parse_size
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError, ConfigError, HelpRequested
 from appliance.kvm import layout
 from appliance.log import apply as apply_logging
 from appliance.log import configure as configure_logging
@@ -322,6 +322,13 @@ def _pidfile(a: RunArgs, v: str) -> None:
     a.pidfile = v
 
 
+@option("-version", None, "print the version and exit")
+def _version(a: RunArgs, v: str) -> None:
+    from appliance import __version__
+
+    raise HelpRequested(f"appliance run version {__version__} (qemu-system-x86_64 7.2 style command line)\n")
+
+
 @option("-enable-kvm", None, "use KVM (always on)")
 def _enable_kvm(a: RunArgs, v: str) -> None:
     pass
@@ -329,6 +336,8 @@ def _enable_kvm(a: RunArgs, v: str) -> None:
 
 @option("-accel", "kvm", "accelerator (only 'kvm')")
 def _accel(a: RunArgs, v: str) -> None:
+    if v in ("help", "?"):
+        raise HelpRequested("Accelerators supported in appliance:\nkvm\n")
     opts = parse_option("-accel", v, implied="accel")
     accel = opts.require("accel")
     opts.finish()
@@ -337,6 +346,13 @@ def _accel(a: RunArgs, v: str) -> None:
 
 
 _MACHINES = {"q35": "q35", "pc": "pc", "microvm": "microvm"}
+
+_MACHINE_HELP = (
+    "Supported machines are:\n"
+    "microvm              microvm: the same ACPI PC platform here\n"
+    "pc                   pc: the same ACPI PC platform here (pc-i440fx-* names are taken too)\n"
+    "q35                  Standard PC with PCIe and ACPI (default; pc-q35-* names are taken too)\n"
+)
 
 
 # -machine properties for what this platform does not have or do (no USB,
@@ -353,6 +369,8 @@ _ABSENT_MACHINE_PARTS = ("usb", "vmport", "smm", "hpet", "mem-merge", "x-option-
     "dump-guest-core is accepted, guest RAM always appears in core dumps)",
 )
 def _machine(a: RunArgs, v: str) -> None:
+    if v in ("help", "?") or v.split(",", 1)[0] in ("help", "?"):
+        raise HelpRequested(_MACHINE_HELP)
     opts = parse_option("-machine", v, implied="type")
     kind = opts.take("type")
     accel = opts.take("accel")
@@ -377,6 +395,9 @@ OPTIONS["-M"] = RunOption("-M", OPTIONS["-machine"].metavar, "same as -machine",
 
 @option("-cpu", "host[,migratable=on|off]", "CPU model (only 'host': what KVM supports)")
 def _cpu(a: RunArgs, v: str) -> None:
+    if v in ("help", "?"):
+        raise HelpRequested("Available CPUs:\n"
+                            "x86 host                  KVM's own CPUID, what this host offers (max: the same)\n")
     opts = parse_option("-cpu", v, implied="model")
     model = opts.require("model")
     # libvirt's default for host-passthrough; there is no migration to keep it for.

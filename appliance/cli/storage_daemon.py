@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.cli.options import parse_option
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError, ConfigError, HelpRequested
 from appliance.machine.config import ChardevConfig
 from appliance.storage.backend import BlockBackend
 from appliance.storage.blockdev import (
@@ -50,6 +50,7 @@ usage: appliance storage-daemon [options]
 Serves block devices to other VMMs over vhost-user (qemu-storage-daemon syntax).
 
   -h, --help             show this help and exit
+  -V, --version          show the version and exit
   --blockdev [driver=]file,node-name=<name>,filename=<path>[,read-only=on|off]
              [,cache.direct=on|off][,cache.no-flush=on|off][,aio=threads|native]
              [,discard=ignore|unmap][,locking=on|off|auto]
@@ -258,6 +259,11 @@ def parse_args(argv: list[str]) -> DaemonConfig:
         if arg in ("-h", "--help"):
             cfg.help = True
             continue
+        if arg in ("-V", "--version"):
+            from appliance import __version__
+
+            raise HelpRequested(f"appliance storage-daemon version {__version__} "
+                                "(qemu-storage-daemon 7.2 style command line)\n")
         name, eq, value = arg.partition("=")
         if name not in _OPTIONS_WITH_VALUE:
             raise ConfigError(f"unrecognized option '{arg}'")

@@ -458,3 +458,22 @@ def test_non_transitional_names_are_the_modern_only_devices_we_have(tmp_path: Pa
                           (["-device", "virtio-rng-pci-transitional"], "'virtio-rng-pci-transitional'")):
         with pytest.raises(ConfigError, match=message):
             run.to_config(run.parse_args(["-kernel", "k", *argv]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["-machine", "help"], "Supported machines are:\nmicrovm"),
+        (["-M", "?"], "q35 "),
+        (["-cpu", "help"], "Available CPUs:\nx86 host"),
+        (["-accel", "help"], "kvm\n"),
+        (["-version"], "appliance run version "),
+        (["--version"], "appliance run version "),
+    ],
+)
+def test_help_values_and_version_print_and_exit_0(argv: list[str], needle: str) -> None:
+    """As QEMU: ``-machine help`` and the like list what there is, and ``-version`` prints it."""
+    proc = subprocess.run([*APPLIANCE, "run", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert needle in proc.stdout

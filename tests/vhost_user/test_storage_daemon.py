@@ -354,3 +354,10 @@ async def test_inline_file_node_and_native_aio_are_served(tmp_path: Path, img: P
     with open(other, "rb") as f:
         f.seek(8192)
         assert f.read(4096) == b"\xa5" * 4096
+
+
+def test_version_prints_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-storage-daemon's -V/--version."""
+    for flag in ("-V", "--version"):
+        rc, out, err = _run([flag], capsys)
+        assert (rc, err) == (0, "") and out.startswith("appliance storage-daemon version ")
