@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
 from appliance.errors import ConfigError
-from appliance.machine.devices import BlkSpec, NicSpec, PeerlessNetdevSpec, RngSpec
+from appliance.machine.devices import BlkSpec, BlockNames, NicSpec, PeerlessNetdevSpec, RngSpec
 from appliance.nic.config import MAX_NICS, take_root_bus
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
@@ -157,11 +157,13 @@ class DevicePlan:
     hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
     hub_nic_port: int = 0  # the hub port of the -net nic: ports are numbered in command-line order
     net_ids: set[str] = field(default_factory=set)  # id= of -net options
-    drive_count: int = 0
+    drive_count: dict[str, int] = field(default_factory=dict)  # -drive options per interface
 
     def add_drive(self, drive: DriveConfig) -> None:
-        ident = drive.id or f"{drive.interface}{self.drive_count}"
-        self.drive_count += 1
+        # QEMU names a drive without an id by its interface and its unit there: virtio0, none0, ...
+        unit = self.drive_count.get(drive.interface, 0)
+        self.drive_count[drive.interface] = unit + 1
+        ident = drive.id or f"{drive.interface}{unit}"
         if ident in self.drives or ident in self.blockdevs:
             raise ConfigError(f"-drive: duplicate ID '{ident}' for drive")
         drive = replace(drive, id=ident)
@@ -433,6 +435,35 @@ def _address(text: str | None, what: str) -> PciAddress | None:
         raise ConfigError(f"{what}: {err}") from None
 
 
+def _qom_paths(entries: list[PlanEntry]) -> list[str]:
+    """Each entry's QOM path as QEMU 7.2 gives it ("" for the board's NICs, which are no peripherals).
+
+    A ``-device`` with an id is ``/machine/peripheral/ID``; the others are
+    ``/machine/peripheral-anon/device[N]``, numbered over the ``-device``
+    options in order and then over the ``-drive if=virtio`` disks, whose
+    devices QEMU makes after every ``-device``.
+    """
+    paths = [""] * len(entries)
+    anonymous: list[int] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, DriveConfig):
+            continue
+        if isinstance(entry, tuple):
+            if not entry[0].startswith("-device"):
+                continue  # -nic, -net nic
+            ident = getattr(entry[1], "id", None)
+        else:
+            ident = entry.id
+        if ident:
+            paths[i] = f"/machine/peripheral/{ident}"
+        else:
+            anonymous.append(i)
+    anonymous += [i for i, entry in enumerate(entries) if isinstance(entry, DriveConfig)]
+    for n, i in enumerate(anonymous):
+        paths[i] = f"/machine/peripheral-anon/device[{n}]"
+    return paths
+
+
 def resolve(plan: DevicePlan) -> list[object]:
     """The DeviceSpecs of ``plan`` in command-line order.
 
@@ -453,6 +484,8 @@ def resolve(plan: DevicePlan) -> list[object]:
     macs = 0
     nics = 0
     poll_ceilings: list[int | None] = []
+    qom_paths = _qom_paths(plan.entries)
+    drive_order = {ident: i for i, ident in enumerate(plan.drives)}
 
     def claim(name: str, by: str) -> None:
         if name in used_drives:
@@ -473,7 +506,8 @@ def resolve(plan: DevicePlan) -> list[object]:
     # QEMU's board makes the NICs of -nic and -net nic while it builds the machine, before any
     # -device or -drive if=virtio: they take the first free slots and default MACs, wherever
     # they stand on the command line (so eth0 is the same NIC as under QEMU).
-    for entry in sorted(plan.entries, key=lambda e: not (isinstance(e, tuple) and e[0] in ("-nic", "-net nic"))):
+    for index, entry in sorted(enumerate(plan.entries),
+                               key=lambda ie: not (isinstance(ie[1], tuple) and ie[1][0] in ("-nic", "-net nic"))):
         if isinstance(entry, DriveConfig):
             assert entry.id is not None
             what = f"-drive {entry.id}"
@@ -482,7 +516,9 @@ def resolve(plan: DevicePlan) -> list[object]:
             check_writer(src, what)
             addr = _address(entry.addr, what)
             specs.append(BlkSpec(src, num_queues=None, serial=entry.serial, addr=addr,
-                                 name=f"virtio-blk {entry.id}"))
+                                 name=f"virtio-blk {entry.id}",
+                                 names=BlockNames(drive=entry.id, qom_path=qom_paths[index],
+                                                  order=drive_order[entry.id])))
             addrs.append(addr)
         elif isinstance(entry, BlkDeviceConfig):
             what = "-device virtio-blk-pci"
@@ -500,9 +536,13 @@ def resolve(plan: DevicePlan) -> list[object]:
                     )
                 src = _with_global_snapshot(drive.source, plan.snapshot)
                 serial = drive.serial
+                names = BlockNames(drive=entry.drive, qom_path=qom_paths[index], order=drive_order[entry.drive])
             else:
                 src = resolve_blockdev(plan.blockdevs, entry.drive, what=f"{what},drive={entry.drive}")
                 serial = ""
+                # QEMU makes this disk's backend when it makes the device, after every -drive's.
+                names = BlockNames(node_name=entry.drive, driver=plan.blockdevs[entry.drive].driver,
+                                   qom_path=qom_paths[index], order=len(plan.drives) + index)
             claim(entry.drive, what)
             check_writer(src, f"{what},drive={entry.drive}")
             addr = _address(entry.addr, what)
@@ -512,6 +552,7 @@ def resolve(plan: DevicePlan) -> list[object]:
                 name=f"virtio-blk {entry.id or entry.drive}",
                 logical_block_size=entry.logical_block_size, physical_block_size=entry.physical_block_size,
                 discard=entry.discard, write_zeroes=entry.write_zeroes, features_off=entry.features_off,
+                names=names,
             ))
             addrs.append(addr)
         elif isinstance(entry, RngDeviceConfig):

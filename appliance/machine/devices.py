@@ -109,6 +109,29 @@ def plug_virtio(
 # --- virtio-blk ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class BlockNames:
+    """What QEMU 7.2's ``query-block`` calls a disk, as the command line gave it.
+
+    :param drive: the ``-drive`` id (QEMU's BlockBackend name); "" for a
+        ``-blockdev`` node's disk, whose backend QEMU leaves unnamed.
+    :param node_name: the ``-blockdev`` node's name; "" for a ``-drive``,
+        whose nodes QEMU names itself (``#block123``).
+    :param driver: that node's driver (``file`` for a bare file node, which
+        QEMU reports as such); "" for the image's format.
+    :param qom_path: the device's QOM path (``/machine/peripheral/ID``, or
+        ``/machine/peripheral-anon/device[N]`` without an id); "" if unknown.
+    :param order: where QEMU lists it: its ``-drive`` backends first, in
+        option order, then those the devices make, in device order.
+    """
+
+    drive: str = ""
+    node_name: str = ""
+    driver: str = ""
+    qom_path: str = ""
+    order: int = 0
+
+
 @dataclass(eq=False)
 class BlkSpec:
     """A virtio-blk-pci disk.
@@ -120,6 +143,7 @@ class BlkSpec:
         the image needs; :param physical_block_size: the one it is told to align to.
     :param discard: offer DISCARD (when the image can); :param write_zeroes: offer WRITE_ZEROES.
     :param features_off: transport feature bits turned off (event_idx=off, indirect_desc=off).
+    :param names: how the monitor's ``query-block`` names it.
     """
 
     source: ImageSource
@@ -134,6 +158,7 @@ class BlkSpec:
     discard: bool = True
     write_zeroes: bool = True
     features_off: int = 0
+    names: BlockNames = field(default_factory=BlockNames)
     image: OpenImage | None = field(default=None, repr=False)
     device: Any = field(default=None, repr=False)
     transport: Any = field(default=None, repr=False)

@@ -11,7 +11,9 @@ The machine's runstate is a small table (``TRANSITIONS``). vCPU threads and
 device callbacks report events with :meth:`Machine.post_event` from any
 thread; the machine acts on them on its loop: power off ends it with status
 0, a reset rebuilds the VM from its config (or ends it, with ``no_reboot``),
-an error ends it with status 1.
+an error ends it with status 1. The host's own requests (the monitor's
+``system_reset`` and ``quit``) go through :meth:`Machine.request`, which
+waits until the machine has acted on them.
 
 :meth:`Machine.boot_early` is the pre-loop phase `appliance run` uses: it
 builds the VM and starts the vCPUs synchronously, before asyncio is even
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 
     from appliance.kvm.vm import PendingVm
     from appliance.machine.builder import Instance, MachineBuilder
+
+    # (boot generation or None for "the current one", kind, detail, the host's
+    # request waiting for it to be acted on)
+    _Event = tuple[int | None, str, str, asyncio.Future[None] | None]
 
 log = get_logger(__name__)
 
@@ -118,13 +124,15 @@ class Machine:
         self._generation = 0
         self._builder: MachineBuilder | None = None
         self._event_task: asyncio.Task[None] | None = None
-        self._events: asyncio.Queue[tuple[int, str, str]] | None = None
+        self._events: asyncio.Queue[_Event] | None = None
+        # The host request being acted on (request()), answered once it is done.
+        self._request: asyncio.Future[None] | None = None
         # Serialises runstate changes: guest events, pause/resume (made by start()).
         self._lock: asyncio.Lock | None = None
         # Events posted before the loop runs (boot_early), and the lock that
         # makes "no loop yet: hold it" and the hand-over in start() atomic.
         # Re-entrant: a signal handler on the main thread may post.
-        self._held: list[tuple[int, str, str]] = []
+        self._held: list[_Event] = []
         self._post_lock = threading.RLock()
         self._early = False
         # Set when the guest first waits on its console or posts an event (wait_for_guest).
@@ -292,6 +300,10 @@ class Machine:
         Before the VM is built (its devices still opening) it will start paused.
         """
         assert self._lock is not None, "start() first"
+        if self.runstate not in _LIVE:
+            # Ending: the lock is held until the devices (the monitor too) are
+            # closed, and the monitor waits for this command's reply.
+            return
         async with self._lock:
             if self.runstate is not Runstate.RUNNING:
                 return
@@ -306,6 +318,8 @@ class Machine:
         will start with it instead: the answer is never lost.
         """
         assert self._lock is not None, "start() first"
+        if self.runstate not in _LIVE:
+            return  # ending (see pause())
         async with self._lock:
             if self.runstate is not Runstate.PAUSED:
                 return
@@ -320,10 +334,29 @@ class Machine:
     def reset(self) -> None:
         """Reset the guest as its reset button would.
 
-        A paused machine reboots running, except in prelaunch (``-S``), where
-        it stays waiting for ``cont`` as QEMU's does.
+        A running machine reboots running; a paused one is rebuilt and left
+        in prelaunch, waiting for :meth:`resume` (QMP ``cont``), as QEMU's is.
         """
         self.post_event("reset", "reset by host")
+
+    async def request(self, kind: str, detail: str) -> None:
+        """Act on ``kind`` (as :meth:`post_event` takes it) for the host, and return once done.
+
+        For the monitor's ``system_reset`` and ``quit``: QEMU's main loop acts
+        on them before the command's reply goes out, so its RESET or SHUTDOWN
+        event comes first, and a reset VM's new state is what the next
+        command sees. Observers are told, and a reset has rebuilt the VM,
+        when this returns; a request that ends the machine returns before
+        the devices (the monitor among them) close. Call it on the loop.
+        """
+        import asyncio
+
+        if self._events is None or self.runstate not in _LIVE:
+            return  # not started, or ending: nothing to act on
+        done = asyncio.get_running_loop().create_future()
+        # Not tied to a boot: a reset the guest made meanwhile does not cancel the host's.
+        self._events.put_nowait((None, kind, detail, done))
+        await done
 
     def powerdown(self) -> None:
         """Press the ACPI power button; the guest decides what to do."""
@@ -342,14 +375,14 @@ class Machine:
             with self._post_lock:
                 if self._loop is None:
                     if self.runstate is not Runstate.STOPPED:
-                        self._held.append((gen, kind, detail))
+                        self._held.append((gen, kind, detail, None))
                     self._guest_waits.set()
                     return
                 loop, events = self._loop, self._events
         if events is None:
             return
         try:
-            loop.call_soon_threadsafe(events.put_nowait, (gen, kind, detail))
+            loop.call_soon_threadsafe(events.put_nowait, (gen, kind, detail, None))
         except RuntimeError:
             pass  # loop closed
 
@@ -418,14 +451,23 @@ class Machine:
     async def _event_loop(self) -> None:
         assert self._events is not None and self._lock is not None
         while self.runstate in _LIVE:
-            gen, kind, detail = await self._events.get()
-            async with self._lock:
-                await self._handle(gen, kind, detail)
+            gen, kind, detail, self._request = await self._events.get()
+            try:
+                async with self._lock:
+                    await self._handle(gen, kind, detail)
+            finally:
+                self._answer_request()
 
-    async def _handle(self, gen: int, kind: str, detail: str) -> None:
+    def _answer_request(self) -> None:
+        """Let the host request being acted on (:meth:`request`) return."""
+        done, self._request = self._request, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    async def _handle(self, gen: int | None, kind: str, detail: str) -> None:
         if self.runstate not in _LIVE:
             return
-        if gen != self._generation and kind != "quit":
+        if gen is not None and gen != self._generation and kind != "quit":
             return  # from a boot already torn down
         log.debug("machine event %s: %s", kind, detail)
         self._tell(kind, detail)
@@ -444,21 +486,30 @@ class Machine:
 
     async def _reboot(self, detail: str) -> None:
         log.info("rebooting: %s", detail)
+        # QEMU's main loop (main_loop_should_exit) leaves a VM that was not
+        # running in prelaunch after a reset: paused or -S, it waits for "cont".
+        paused = self.runstate is Runstate.PAUSED
         self._set_state(Runstate.REBOOTING)
         await self._teardown()
         try:
-            self._boot(run=not self.prelaunch)
+            self._boot(run=not paused)
         except Exception as err:
             log.error("reboot failed: %s", err)
             await self._end(EXIT_ERROR, f"reboot failed: {err}")
             return
-        self._set_state(Runstate.PAUSED if self.prelaunch else Runstate.RUNNING)
+        self.prelaunch = paused
+        self._set_state(Runstate.PAUSED if paused else Runstate.RUNNING)
 
     async def _end(self, code: int, reason: str) -> None:
         self._set_state(Runstate.STOPPING)
+        # A host request that ends the machine has been acted on: its monitor
+        # command answers while the monitor closes.
+        self._answer_request()
         await self._finish(code, reason)
 
     async def _finish(self, code: int, reason: str) -> None:
+        # Before the monitor closes, so the commands waiting on them can answer.
+        self._answer_queued_requests()
         await self._teardown()
         for spec in self.config.devices:
             try:
@@ -474,6 +525,14 @@ class Machine:
         self.runstate = Runstate.STOPPED
         if self._done is not None:
             self._done.set()
+
+    def _answer_queued_requests(self) -> None:
+        """Host requests still queued when the machine ends have nothing left to act on."""
+        events = self._events
+        while events is not None and not events.empty():
+            done = events.get_nowait()[3]
+            if done is not None and not done.done():
+                done.set_result(None)
 
     async def _stop_threads(self) -> bool:
         """Kick every vCPU out of KVM_RUN and wait for its thread; False if one hangs."""

@@ -216,7 +216,9 @@ async def _cont(ctx: Context, args: dict[str, Any]) -> None:
 
 @command("system_reset")
 async def _system_reset(ctx: Context, args: dict[str, Any]) -> None:
-    ctx.machine.post_event("reset", HOST_RESET)
+    # Done before the reply, as in QEMU 7.2: the RESET event comes first, and a
+    # VM that was paused is in prelaunch when the next command asks.
+    await ctx.machine.request("reset", HOST_RESET)
 
 
 @command("system_powerdown")
@@ -227,8 +229,10 @@ async def _system_powerdown(ctx: Context, args: dict[str, Any]) -> None:
 
 @command("quit")
 async def _quit(ctx: Context, args: dict[str, Any]) -> None:
-    # Posted, not awaited: the reply goes out before the SHUTDOWN event (as in QEMU).
-    ctx.machine.post_event("quit", HOST_QUIT)
+    # QEMU 7.2 sends the SHUTDOWN event, then this reply, then hangs up: the
+    # machine tells the monitor before it closes it, and the monitor lets
+    # this command answer before it hangs up (QmpServer.close).
+    await ctx.machine.request("quit", HOST_QUIT)
 
 
 # Details the monitor posts, so machine events it caused are told apart from the guest's.
@@ -238,30 +242,16 @@ HOST_QUIT = "host-qmp-quit"
 
 @command("query-block")
 async def _query_block(ctx: Context, args: dict[str, Any]) -> list[dict[str, Any]]:
-    from appliance.machine.devices import BlkSpec
+    import asyncio
 
-    out = []
-    for spec in ctx.machine.config.devices:
-        if not isinstance(spec, BlkSpec):
-            continue
-        src = spec.source
-        ro = bool(spec.read_only or src.read_only)
-        fmt = src.fmt or "raw"
-        out.append({
-            "device": spec.name.removeprefix("virtio-blk "),
-            "qdev": spec.name,
-            "locked": False,
-            "removable": False,
-            "io-status": "ok",
-            "inserted": {
-                "file": str(src.path), "ro": ro, "drv": fmt, "encrypted": False,
-                "backing_file_depth": 0, "cache": {"writeback": src.cache != "writethrough",
-                                                    "direct": src.cache in ("none", "directsync"),
-                                                    "no-flush": src.cache == "unsafe"},
-                "image": {"filename": str(src.path), "format": fmt},
-            },
-        })
-    return out
+    from appliance.machine.devices import BlkSpec
+    from appliance.qmp.block_info import block_info
+
+    disks = [spec for spec in ctx.machine.config.devices if isinstance(spec, BlkSpec)]
+    # In QEMU's order: its block backends' (the -drive ones first), not the PCI slots'.
+    disks.sort(key=lambda spec: spec.names.order)
+    # Each entry reads its image's file (size, qcow2 header): off the loop.
+    return [await asyncio.to_thread(block_info, spec, i) for i, spec in enumerate(disks)]
 
 
 # --- network ------------------------------------------------------------------------
@@ -300,4 +290,17 @@ async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
     # socket monitor (-monitor) runs the same words.
     from appliance.qmp import hmp
 
+    if "cpu-index" in args:
+        check_cpu_index(args["cpu-index"], ctx.machine.config.num_cpus)
     return await hmp.execute(ctx, args["command-line"])
+
+
+def check_cpu_index(index: int, cpus: int) -> None:
+    """human-monitor-command's ``cpu-index`` checked as QEMU 7.2 checks it (qmp_human_monitor_command).
+
+    :raises GenericError: When it names none of the ``cpus`` vCPUs.
+    """
+    # QEMU hands the 64-bit argument to monitor_set_cpu()'s int: only the low 32 bits count.
+    index = (index + (1 << 31)) % (1 << 32) - (1 << 31)
+    if not 0 <= index < cpus:
+        raise GenericError("Parameter 'cpu-index' expects a CPU number")

@@ -36,6 +36,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError, ConfigError
 from appliance.qmp import commands
+from appliance.qmp.block_info import image_info
 from appliance.qmp.commands import Command, Context
 from appliance.qmp.errors import GenericError
 
@@ -181,66 +182,19 @@ async def _blockdev_del(ctx: Context, args: dict[str, Any]) -> None:
     await _call(ctx.machine.del_blockdev, args["node-name"])
 
 
-def _file_size(path: Path) -> tuple[int, int]:
-    """(size, bytes allocated) of a file as QEMU reports them, zeros when it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0, 0
-    # QEMU counts a file's length in whole 512-byte sectors.
-    return -(-st.st_size // 512) * 512, st.st_blocks * 512
-
-
-def _qcow2_info(path: Path) -> dict[str, Any]:
-    """The ``image`` members qemu-storage-daemon reads from a qcow2 header (docs/interop/qcow2.txt)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(112)
-    except OSError:
-        return {}
-    if len(head) < 72 or head[:4] != b"QFI\xfb":
-        return {}
-
-    def be(off: int, n: int) -> int:
-        return int.from_bytes(head[off:off + n], "big")
-
-    cluster_bits = be(20, 4)
-    out: dict[str, Any] = {"virtual-size": be(24, 8),
-                           "cluster-size": (1 << cluster_bits) if 9 <= cluster_bits <= 21 else 0}
-    data: dict[str, Any]
-    if be(4, 4) < 3 or len(head) < 104:
-        # Version 2 has no feature bits; refcounts are 16 bits wide.
-        data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}
-    else:
-        incompatible, compatible = be(72, 8), be(80, 8)
-        header_length = be(100, 4)
-        zstd = header_length > 104 and len(head) > 104 and head[104] == 1
-        data = {
-            "compat": "1.1", "compression-type": "zstd" if zstd else "zlib",
-            "lazy-refcounts": bool(compatible & 1), "refcount-bits": 1 << min(be(96, 4), 6),
-            "corrupt": bool(incompatible & 2), "extended-l2": bool(incompatible & 16),
-        }
-    out["format-specific"] = {"type": "qcow2", "data": data}
-    return out
-
-
 def _node_info(daemon: Any, name: str, index: int) -> list[dict[str, Any]]:
     """BlockDeviceInfo of a node, and of the file node written inside it if it has one."""
     from appliance.storage.blockdev import resolve_blockdev
 
     node = daemon.nodes[name]
     src = resolve_blockdev(daemon.nodes, name, what="query-named-block-nodes", check_path=False)
-    size, allocated = _file_size(src.path)
     zero = {k: 0 for k in ("iops_rd", "iops_wr", "iops", "bps_wr", "bps", "bps_rd", "write_threshold")}
 
     def info(node_name: str, drv: str) -> dict[str, Any]:
-        image: dict[str, Any] = {"virtual-size": size, "filename": str(src.path),
-                                 "format": drv, "actual-size": allocated, "dirty-flag": False}
-        if drv == "qcow2":
-            image.update(_qcow2_info(src.path))
         return {
             "node-name": node_name, "drv": drv, "file": str(src.path), "ro": src.read_only,
-            "image": image, "backing_file_depth": 0, "encrypted": False, "detect_zeroes": "off",
+            "image": image_info(src.path, drv), "backing_file_depth": 0, "encrypted": False,
+            "detect_zeroes": "off",
             "cache": {"writeback": True, "direct": src.cache == "none", "no-flush": src.cache == "unsafe"},
             **zero,
         }
@@ -336,8 +290,9 @@ async def _block_export_del(ctx: Context, args: dict[str, Any]) -> None:
         raise GenericError(f"Parameter 'mode' does not accept value '{mode}'")
     ident = args["id"]
     await _call(ctx.machine.del_export, ident)
-    # After the reply, as qemu-storage-daemon sends it once the export is gone.
-    asyncio.get_running_loop().call_soon(ctx.emit, "BLOCK_EXPORT_DELETED", {"id": ident})
+    # Before the reply, as qemu-storage-daemon 7.2 sends it: the export is gone
+    # by the time the command returns.
+    ctx.emit("BLOCK_EXPORT_DELETED", {"id": ident})
 
 
 @command("query-block-exports")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,34 +67,65 @@ INFO_HELP = {
 }
 _NAMES = {alias: names for names in HELP for alias in names.split("|")}
 _SPACE = " \t\n\v\f\r"  # C's isspace(), which QEMU's monitor splits at
-_COMMAND = re.compile(r"[ \t\n\v\f\r]*([^ \t\n\v\f\r]*)(.*)", re.DOTALL)
 
 
-async def execute(ctx: Any, line: str) -> str:
+async def execute(ctx: Any, line: str, *, only: frozenset[str] | None = None) -> str:
     """Run one HMP command line and return what QEMU would print (``\r\n`` line ends).
 
     Errors come back as text, as QEMU's monitor prints them; nothing raises.
+
+    :param only: the commands (and ``info`` subcommands, as ``"info NAME"``)
+        of a monitor with fewer than a VM's; the others are unknown to it.
     """
-    name, rest = _COMMAND.match(line).groups()  # type: ignore[union-attr]  # matches any text
+    name, end = command_name(line)
     if not name:
         return ""
+    names = _NAMES.get(name)
+    if names is None or not _has(only, names.split("|")[0]):
+        return _unknown(line, end)
+    word, rest = names.split("|")[0], line[end:]
     try:
-        if _NAMES.get(name) == "object_add":
+        if word == "object_add":
             # Its argument is the rest of the line as typed (QEMU's "S" argument type).
             if not rest.strip(_SPACE):
                 return _usage(name, "object_add: string expected")
             return await _object_add(ctx, rest.strip(_SPACE))
+        if word == "info":
+            return await _info(ctx, line, end, only)
         words = hmp_words(rest)
         if words is None:
-            if name not in _NAMES:
-                return f"unknown command: '{name}'\r\n"
-            return _usage(name, f"{_NAMES[name].split('|')[0]}: string expected")
-        return await _dispatch(ctx, [name, *words])
+            return _usage(name, f"{word}: string expected")
+        return await _dispatch(ctx, [name, *words], only)
     except ApplianceError as err:  # QMP's errors too: QEMU prints them after "Error: "
         return f"Error: {err}\r\n"
     except Exception:  # noqa: BLE001 - a bug must not end the monitor
         log.exception("human monitor: %r failed", line)
         return "Error: internal error (see the log)\r\n"
+
+
+def command_name(line: str, start: int = 0) -> tuple[str, int]:
+    """The command name in ``line`` from ``start``, and the index just past it.
+
+    Read as QEMU's get_command_name (monitor/hmp.c) reads it: white space
+    skipped, then up to white space or ``/`` (``x/4i``); no quoting.
+    """
+    i, n = start, len(line)
+    while i < n and line[i] in _SPACE:
+        i += 1
+    j = i
+    while j < n and line[j] not in _SPACE and line[j] != "/":
+        j += 1
+    return line[i:j], j
+
+
+def _unknown(line: str, end: int) -> str:
+    # QEMU quotes the line from its very start (white space included) to the
+    # end of the name it does not know: "unknown command: 'info  bogus'".
+    return f"unknown command: '{line[:end]}'\r\n"
+
+
+def _has(only: frozenset[str] | None, name: str) -> bool:
+    return only is None or name in only
 
 
 def hmp_words(text: str) -> list[str] | None:
@@ -143,10 +173,8 @@ def _usage(word: str, problem: str) -> str:
     return f"{problem}\r\nTry \"help {word}\" for more information\r\n"
 
 
-async def _dispatch(ctx: Any, words: list[str]) -> str:
-    names = _NAMES.get(words[0])
-    if names is None:
-        return f"unknown command: '{words[0]}'\r\n"
+async def _dispatch(ctx: Any, words: list[str], only: frozenset[str] | None) -> str:
+    names = _NAMES[words[0]]
     word, args = names.split("|")[0], words[1:]
     if word in ("stop", "cont", "system_reset", "system_powerdown", "quit"):
         if args:
@@ -154,9 +182,7 @@ async def _dispatch(ctx: Any, words: list[str]) -> str:
         await commands.COMMANDS[word].handler(ctx, {})
         return ""
     if word == "help":
-        return help_text(args)
-    if word == "info":
-        return await _info(ctx, args)
+        return help_text(args, only)
     if word == "set_link":
         if not args:
             return _usage(words[0], "set_link: string expected")
@@ -209,11 +235,14 @@ def help_text(args: list[str], only: frozenset[str] | None = None) -> str:
     return "".join(rows)
 
 
-async def _info(ctx: Any, args: list[str]) -> str:
-    if not args:
-        return help_text(["info"])
-    what = args[0]
-    if len(args) > 1 and what in INFO_HELP:  # no info subcommand takes an argument
+async def _info(ctx: Any, line: str, end: int, only: frozenset[str] | None) -> str:
+    """``info`` and its subcommand, whose name is read like a command's (QEMU's sub_table)."""
+    what, end = command_name(line, end)
+    if not what:
+        return help_text(["info"], only)
+    if what not in INFO_HELP or not _has(only, f"info {what}"):
+        return _unknown(line, end)
+    if line[end:].strip(_SPACE):  # no info subcommand takes an argument
         return _usage(f"info {what}", f"{what}: extraneous characters at the end of line")
     if what == "status":
         status = (await commands.COMMANDS["query-status"].handler(ctx, {}))["status"]
@@ -232,9 +261,7 @@ async def _info(ctx: Any, args: list[str]) -> str:
         return f"{(await commands.COMMANDS['query-uuid'].handler(ctx, {}))['UUID']}\r\n"
     if what == "usernet":
         return netops.usernet_info(ctx.machine)
-    if what == "network":
-        return _network(ctx)
-    return f"unknown command: 'info {what}'\r\n"
+    return _network(ctx)  # "network", the last of INFO_HELP
 
 
 def _network(ctx: Any) -> str:

@@ -85,21 +85,16 @@ _HMP_HAS = frozenset({"help", "hostfwd_add", "hostfwd_remove", "info", "quit", "
 
 @_command("human-monitor-command", {"command-line": ("string", True), "cpu-index": ("integer", False)})
 async def _hmp(ctx: Context, args: dict[str, Any]) -> str:
-    words = args["command-line"].split()
-    if not words:
-        return ""
-    if words in (["quit"], ["q"]):
-        ctx.machine.quit()
-        return ""
     from appliance.qmp import hmp
 
-    if words[0] in ("help", "?") or words == ["info"]:
-        # Bare "info" lists its subcommands, as "help info" does.
-        return hmp.help_text(words[1:] if words[0] != "info" else words, _HMP_HAS)
-    if words[0] in ("hostfwd_add", "hostfwd_remove", "set_link") or (
-            words[0] == "info" and f"info {words[1]}" in _HMP_HAS):
-        # The VM monitor's parsing and answers (quoted words, usage errors); the daemon's NICs
-        # stand in for the VM's.
-        return await hmp.execute(ctx, args["command-line"])
-    # QEMU's HMP answers unknown commands in its output, not with a QMP error.
-    return f"unknown command: '{' '.join(words)}'\r\n"
+    if "cpu-index" in args:
+        commands.check_cpu_index(args["cpu-index"], 0)  # no vCPUs here, as QEMU's -machine none
+    line = args["command-line"]
+    name, end = hmp.command_name(line)
+    if name in ("quit", "q") and hmp.hmp_words(line[end:]) == []:
+        ctx.machine.quit()
+        return ""
+    # The VM monitor's parsing and answers (quoted words, usage errors, unknown commands as
+    # QEMU's HMP words them, in its output rather than as a QMP error), for the commands the
+    # daemon has; its NICs stand in for the VM's.
+    return await hmp.execute(ctx, line, only=_HMP_HAS)

@@ -12,7 +12,9 @@ No out-of-band execution is offered, so the greeting lists no capabilities.
 
 Requests are a stream of JSON objects with or without newlines between
 them (qemu.qmp sends none), split by :class:`JsonSplitter` the way QEMU's
-json-streamer does: by bracket depth outside strings. Text that is not valid
+json-streamer does: by bracket depth outside strings. QEMU's parser also
+takes single-quoted strings (``{'execute':'query-status'}``, as shell
+scripts write them), so ours does. Text that is not valid
 JSON gets a ``GenericError`` reply and the session goes on, as QEMU's does. Replies are
 written without waiting for the client to read them; a client that lets
 more than :data:`MAX_BACKLOG` bytes pile up is dropped rather than letting
@@ -29,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -72,6 +75,12 @@ def _depth(value: Any, limit: int) -> bool:
 class JsonSplitter:
     """Cuts a byte stream into top-level JSON texts by ``{}``/``[]`` depth outside strings.
 
+    Strings are QEMU's (qobject/json-lexer.c): in double or single quotes,
+    the other quote plain inside. A top-level scalar ends at white space or
+    where an object or array begins, as QEMU's lexer ends a token there: junk
+    typed before a request (``xyz{"execute": …}``) gets its own error and
+    the request still runs.
+
     Only the boundaries are found here; :meth:`Session.handle` parses each
     piece. A piece longer than ``limit`` comes out once as ``None`` and the
     rest of it is skipped (its brackets still counted, so the next request
@@ -83,7 +92,7 @@ class JsonSplitter:
         self._buf = bytearray()
         self._size = 0
         self._depth = 0
-        self._in_str = False
+        self._quote = 0  # the open string's quote character, 0 outside strings
         self._esc = False
         self._skipping = False
 
@@ -93,21 +102,24 @@ class JsonSplitter:
         self._buf.clear()
         self._size = 0
         self._depth = 0
-        self._in_str = self._esc = self._skipping = False
+        self._quote = 0
+        self._esc = self._skipping = False
 
     def feed(self, data: bytes) -> list[bytes | None]:
         out: list[bytes | None] = []
         for c in data:
+            if c in b"{[" and not self._quote and self._depth == 0 and self._size:
+                self._end(out)  # the top-level scalar before it ends here
             self._size += 1
             if not self._skipping:
                 self._buf.append(c)
-            if self._in_str:
+            if self._quote:
                 if self._esc:
                     self._esc = False
                 elif c == 0x5C:  # backslash
                     self._esc = True
-                elif c == 0x22:  # closing quote
-                    self._in_str = False
+                elif c == self._quote:
+                    self._quote = 0
             elif c in b"{[":
                 self._depth += 1
             elif c in b"}]":
@@ -116,8 +128,8 @@ class JsonSplitter:
                     # A negative depth is a stray bracket: it goes out as an
                     # invalid text to get its parse error.
                     self._end(out)
-            elif c == 0x22:
-                self._in_str = True
+            elif c in b"\"'":
+                self._quote = c
             elif c in b" \t\r\n":
                 if self._depth == 0:
                     self._buf = self._buf[:-1]
@@ -129,6 +141,49 @@ class JsonSplitter:
                 self._skipping = True
                 self._buf.clear()
         return out
+
+
+_STRING_SPECIAL = re.compile(r"[\"'\\]")
+
+
+def standard_json(text: str) -> str:
+    """``text`` with QEMU's JSON extensions rewritten as standard JSON, for Python's parser.
+
+    QEMU's lexer (qobject/json-lexer.c) also takes strings in single quotes,
+    where ``"`` needs no escape, and the escape ``\\'`` in any string. Only
+    quotes and backslashes are looked at, so a long request costs little.
+    """
+    if "'" not in text:
+        return text
+    out: list[str] = []
+    done = 0  # text[:done] is in out
+    quote = ""  # the open string's quote, "" outside strings
+    escaped = -1  # the index of the character after a backslash
+    for m in _STRING_SPECIAL.finditer(text):
+        i = m.start()
+        if i == escaped:
+            continue
+        c = text[i]
+        replacement = None
+        if c == "\\":
+            escaped = i + 1
+            if quote and text[i + 1:i + 2] == "'":
+                out += (text[done:i], "'")
+                done = i + 2
+            continue
+        if not quote:
+            quote = c
+            replacement = '"'
+        elif c == quote:
+            quote = ""
+            replacement = '"'
+        elif quote == "'":
+            replacement = '\\"'  # a double quote inside single quotes
+        if replacement is not None:
+            out += (text[done:i], replacement)
+            done = i + 1
+    out.append(text[done:])
+    return "".join(out)
 
 
 def timestamp() -> dict[str, int]:
@@ -150,6 +205,9 @@ class Session:
         self.reader = reader
         self.writer = writer
         self.closed = False
+        # Clear while a request is being answered (QmpServer.close waits for it).
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
         self.monitor.emit(event, data)
@@ -169,7 +227,7 @@ class Session:
         has_id = False
         try:
             try:
-                text = line.decode("utf-8")
+                text = standard_json(line.decode("utf-8"))
                 msg = json.loads(text, parse_constant=_reject_constant)
             except (UnicodeDecodeError, ValueError, RecursionError) as err:
                 raise GenericError(f"JSON parse error, {_parse_reason(err)}") from None
@@ -236,14 +294,11 @@ class Session:
                 if not data:
                     break  # an unfinished request at EOF has no one to answer
                 for piece in splitter.feed(data):
-                    if piece is None:
-                        reply: dict[str, Any] | None = {
-                            "error": GenericError("JSON parse error, request too long").to_json()
-                        }
-                    else:
-                        reply = await self.handle(piece)
-                    if reply is not None:
-                        self.send(reply)
+                    self.idle.clear()
+                    try:
+                        await self._answer(piece)
+                    finally:
+                        self.idle.set()
                     if self.closed:
                         break
                 with contextlib.suppress(ConnectionError):
@@ -252,6 +307,14 @@ class Session:
             pass
         finally:
             await self.close()
+
+    async def _answer(self, piece: bytes | None) -> None:
+        if piece is None:
+            reply: dict[str, Any] | None = {"error": GenericError("JSON parse error, request too long").to_json()}
+        else:
+            reply = await self.handle(piece)
+        if reply is not None:
+            self.send(reply)
 
     async def close(self) -> None:
         self.monitor.sessions.discard(self)
@@ -419,6 +482,21 @@ class QmpServer:
             reader, writer = await asyncio.open_connection(chardev.host or "localhost", chardev.port, limit=MAX_LINE)
         self._serve(reader, writer)
 
+    async def _commands_answered(self, timeout: float = 1.0) -> None:
+        """Wait (a little) for the sessions' commands under way to send their replies.
+
+        As QEMU's monitor_cleanup waits for its dispatcher: the ``quit`` or
+        ``system_reset`` that ended the VM still gets its reply, after the
+        SHUTDOWN event. A command stuck on something else is not waited for long.
+        """
+        waits = [asyncio.ensure_future(s.idle.wait()) for s in self.sessions
+                 if isinstance(s, Session) and not s.idle.is_set()]
+        if not waits:
+            return
+        _, late = await asyncio.wait(waits, timeout=timeout)
+        for w in late:
+            w.cancel()
+
     @property
     def tcp_ports(self) -> list[int]:
         """The TCP ports listened on (what ``tcp:HOST:0`` got)."""
@@ -429,10 +507,12 @@ class QmpServer:
         await self._connected.wait()
 
     async def close(self) -> None:
-        """Stop listening, send what is queued (the SHUTDOWN event), hang up every client."""
+        """Stop listening, let commands under way answer, send what is queued (the
+        SHUTDOWN event), hang up every client."""
         for server in self._servers:
             server.close()
         self._servers.clear()
+        await self._commands_answered()
         for s in list(self.sessions):
             await s.close()
         for task in list(self._tasks):

@@ -199,12 +199,14 @@ async def test_help_and_info_network_answer_as_qemus(tmp_path: Path) -> None:
     """The daemon's usage errors point at ``help hostfwd_add``: it answers with QEMU's line."""
     from tests.qmp.test_machine_qmp import _qemu_hmp
 
+    # Unknown commands are named as QEMU names them: the line up to the end of the name.
+    like_qemu = ("help hostfwd_add", "help hostfwd_remove", "foo bar", "  foo/x bar", "info  nothing x",
+                 "quit x", "set_link")
     async with daemon(tmp_path, netdev_id="n0") as d:
         hmp = {c: await ex(d.qmp, "human-monitor-command", {"command-line": c})
-               for c in ("help hostfwd_add", "help hostfwd_remove", "help", "info network", "help stop", "info")}
-    for i, c in enumerate(("help hostfwd_add", "help hostfwd_remove")):
-        (tmp_path / str(i)).mkdir()
-        assert hmp[c] == await _qemu_hmp("user,id=n0", c, tmp_path / str(i)), c
+               for c in ("help", "info network", "help stop", "info", *like_qemu)}
+    assert [hmp[c] for c in like_qemu] == await _qemu_hmp("user,id=n0", list(like_qemu), tmp_path)
+    assert hmp["foo bar"] == "unknown command: 'foo'\r\n"
     listed = {line.split()[0] for line in hmp["help"].split("\r\n") if line}
     assert {"hostfwd_add", "hostfwd_remove", "info", "set_link", "quit|q", "help|?"} <= listed
     assert "stop|s" not in listed and hmp["help stop"] == "unknown command: 'stop'\r\n"  # no run states here
@@ -254,6 +256,10 @@ async def test_counters_flows_and_nic_stats_as_json_and_unknown_commands_refused
         assert (err.value.error_class, err.value.error.error.desc) == ("DeviceNotFound", "Device 'nope' not found")
         assert await ex(d.qmp, "human-monitor-command", {"command-line": "info nothing"}) == \
             "unknown command: 'info nothing'\r\n"
+        # No vCPUs to name: QEMU's answer for a machine without them.
+        with pytest.raises(ExecuteError) as err:
+            await ex(d.qmp, "human-monitor-command", {"command-line": "info version", "cpu-index": 0})
+        assert err.value.error.error.desc == "Parameter 'cpu-index' expects a CPU number"
         assert (await ex(d.qmp, "query-version"))["qemu"]["major"] == 7
 
 

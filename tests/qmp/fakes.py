@@ -48,5 +48,8 @@ class FakeMachine:
         self.posted.append((kind, detail))
         self._tell(kind, detail)
 
+    async def request(self, kind: str, detail: str = "") -> None:
+        self.post_event(kind, detail)
+
     def powerdown(self) -> None:
         self.powerdowns += 1

@@ -54,7 +54,9 @@ async def qemu_monitor(kind: str) -> AsyncIterator[tuple[asyncio.StreamReader, a
 TYPED = [b"info status\n", b"bogus word\n", b"ab\x7fc\n", b"\x1b[Ainfo kvm\n", b"help stop\n",
          b"xy\x1b[D\x1b[Dz\x1b[C\x1b[3~\n", b"help info status\n", b"info bogus\n", b"set_link\n",
          b"set_link a\n", b"system_reset now\n", b"help nonexist\n", b"object_del x\n",
-         b"info status x\n", b"object_del a b\n", b'hostfwd_add "tcp::1-:22\n', b'object_del "x\\y"\n']
+         b"info status x\n", b"object_del a b\n", b'hostfwd_add "tcp::1-:22\n', b'object_del "x\\y"\n',
+         # QEMU quotes an unknown name from the line's start, reads names without quotes, stops them at "/".
+         b"  bogus word\n", b"info  bogus x\n", b'info "status\n', b"bogus/x y\n", b"quit x\n"]
 
 
 def _same(text: bytes) -> bytes:

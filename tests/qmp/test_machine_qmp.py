@@ -213,6 +213,195 @@ async def test_system_reset_reboots_the_guest_with_a_host_reset_event(tmp_path: 
         assert m.vm.boots == 2
 
 
+# --- compared with QEMU 7.2 over a raw socket -------------------------------------------------
+
+
+@asynccontextmanager
+async def qemu_process(tmp_path: Path, *argv: str, paused: bool = False) -> AsyncIterator[Path]:
+    """QEMU 7.2 (a q35 PC under KVM, no devices but ``argv``'s) with a QMP socket, until the block ends."""
+    sock = tmp_path / "qemu-qmp.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "q35,accel=kvm", "-nodefaults", "-display", "none",
+        *(["-S"] if paused else []), *argv, "-qmp", f"unix:{sock},server=on,wait=off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(400):
+            if sock.exists():
+                break
+            assert proc.returncode is None, "QEMU did not start"
+            await asyncio.sleep(0.05)
+        yield sock
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+def _said(msg: dict[str, Any]) -> str:
+    """One message as the comparisons see it: the event or the reply, with no timestamp."""
+    if "event" in msg:
+        return f"event {msg['event']} {json.dumps(msg.get('data'), sort_keys=True)}"
+    if "error" in msg:
+        return f"error {msg['error']['class']} {msg['error']['desc']}"
+    return f"return {json.dumps(msg['return'], sort_keys=True)}"
+
+
+class RawClient:
+    """A QMP client that reads line by line, as a shell script would."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    async def line(self) -> bytes:
+        """The next line, or b"" once the server has hung up."""
+        loop = asyncio.get_running_loop()
+        while b"\n" not in self.buf:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), 10)
+            except ConnectionResetError:
+                # QEMU hangs up with a reset when a byte it never read is left (the request's
+                # newline); what it sent before is read first all the same.
+                data = b""
+            if not data:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, json.dumps(obj).encode() + b"\n")
+
+
+async def raw_exchange(sock: Path, requests: list[dict[str, Any]], *, until_eof: bool = False) -> list[list[str]]:
+    """What a client reading line by line gets for each request in turn: the events that came
+    before its reply, then the reply (and "EOF" after the last one, with ``until_eof``)."""
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(raw, str(sock))
+        client = RawClient(raw)
+        assert "QMP" in json.loads(await client.line())
+        await client.send({"execute": "qmp_capabilities"})
+        assert json.loads(await client.line()) == {"return": {}}
+        out: list[list[str]] = []
+        for request in requests:
+            await client.send(request)
+            got: list[str] = []
+            while not got or got[-1].startswith("event "):
+                got.append(_said(json.loads(await client.line())))
+            out.append(got)
+        if until_eof:
+            while line := await client.line():
+                out[-1].append(_said(json.loads(line)))
+            out[-1].append("EOF")
+        return out
+
+
+@needs_qemu
+async def test_system_reset_of_a_paused_vm_leaves_it_in_prelaunch_as_qemus(tmp_path: Path) -> None:
+    """QEMU's main loop puts a VM that was not running in prelaunch after a reset: it waits
+    for ``cont``, which sends RESUME. The RESET event comes before the command's reply."""
+    script: list[dict[str, Any]] = [{"execute": c} for c in
+                                    ("stop", "system_reset", "query-status", "stop", "query-status", "cont")]
+    async with machine(tmp_path) as m:
+        ours = await raw_exchange(m.sock, script)
+        # Rebuilt at the reset, the guest boots only once "cont" lets it run.
+        await m.vm.console.expect(r"TESTGUEST-READY[^\n]*\n", timeout=30)
+        assert m.vm.boots == 2
+        assert (await ex(m.qmp, "query-status"))["status"] == "running"
+    async with qemu_process(tmp_path) as sock:
+        theirs = await raw_exchange(sock, script)
+    prelaunch = 'return {"running": false, "singlestep": false, "status": "prelaunch"}'
+    assert ours == theirs == [
+        ["event STOP null", "return {}"],
+        ['event RESET {"guest": false, "reason": "host-qmp-system-reset"}', "return {}"],
+        [prelaunch], ["return {}"], [prelaunch],
+        ["event RESUME null", "return {}"],
+    ]
+
+
+async def _outcomes(client: QMPClient, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    out: list[Any] = []
+    for name, args in requests:
+        try:
+            out.append(("ok", await client.execute(name, args)))
+        except ExecuteError as err:
+            out.append((err.error_class, err.error.error.desc))
+    return out
+
+
+@needs_qemu
+async def test_human_monitor_command_checks_cpu_index_as_qemu_does(tmp_path: Path) -> None:
+    # One vCPU on both; QEMU reads the index as a C int, so 2**32 is CPU 0.
+    requests = [("human-monitor-command", {"command-line": "info kvm", "cpu-index": i})
+                for i in (0, 1, 5, -1, 1 << 32)]
+    async with machine(tmp_path) as m:
+        ours = await _outcomes(m.qmp, requests)
+    async with qemu_process(tmp_path, paused=True) as sock:
+        client = QMPClient("qemu")
+        await client.connect(str(sock))
+        try:
+            theirs = await _outcomes(client, requests)
+        finally:
+            await client.disconnect()
+    bad = ("GenericError", "Parameter 'cpu-index' expects a CPU number")
+    assert ours == theirs == [("ok", "kvm support: enabled\r\n"), bad, bad, bad, ("ok", "kvm support: enabled\r\n")]
+
+
+def _disk_argv(where: Path) -> list[str]:
+    """Disks of every kind query-block tells apart, their images made in ``where``."""
+    from appliance.qcow2.create import CreateOptions, build_image
+
+    where.mkdir()
+    for name in ("d1.img", "f0.img", "f1.img"):
+        with open(where / name, "wb") as f:
+            f.truncate(8 << 20)
+    (where / "q.qcow2").write_bytes(build_image(CreateOptions(16 << 20)))
+    return [
+        "-drive", f"file={where / 'd1.img'},format=raw,if=none,id=d1,cache=writethrough",
+        "-device", "virtio-rng-pci",
+        "-blockdev", f"driver=file,node-name=f0,filename={where / 'f0.img'}",
+        "-device", "virtio-blk-pci,drive=f0",
+        "-drive", f"file={where / 'q.qcow2'},if=virtio,readonly=on,cache=unsafe",
+        "-blockdev", f"driver=file,node-name=f1,filename={where / 'f1.img'}",
+        "-blockdev", "driver=raw,node-name=r1,file=f1",
+        "-device", "virtio-blk-pci,drive=r1,id=vd1",
+        "-device", "virtio-blk-pci,drive=d1,id=blk1",
+    ]
+
+
+@needs_qemu
+async def test_query_block_answers_as_qemus(tmp_path: Path) -> None:
+    """Names (the drive id or "", the QOM path of the device, with or without an id), the order
+    (-drive backends first) and every member QEMU reports, with its values where they are not
+    the host's (QEMU's own node names and the bytes a file takes on disk)."""
+    async with machine(tmp_path, *_disk_argv(tmp_path / "ours")) as m:
+        ours = await ex(m.qmp, "query-block")
+    async with qemu_process(tmp_path, *_disk_argv(tmp_path / "qemu"), paused=True) as sock:
+        client = QMPClient("qemu")
+        await client.connect(str(sock))
+        try:
+            theirs = await ex(client, "query-block")
+        finally:
+            await client.disconnect()
+
+    def same(info: dict[str, Any], where: Path) -> dict[str, Any]:
+        text = json.dumps(info, sort_keys=True).replace(str(where), "DIR")
+        text = re.sub(r'"#block\d+"', '"#blockN"', text)
+        return dict(json.loads(re.sub(r'"actual-size": \d+', '"actual-size": 0', text)))
+
+    assert [same(b, tmp_path / "ours") for b in ours] == [same(b, tmp_path / "qemu") for b in theirs]
+    assert [(b["device"], b["qdev"]) for b in ours] == [
+        ("d1", "/machine/peripheral/blk1/virtio-backend"),
+        ("virtio0", "/machine/peripheral-anon/device[2]/virtio-backend"),
+        ("", "/machine/peripheral-anon/device[1]/virtio-backend"),
+        ("", "/machine/peripheral/vd1/virtio-backend"),
+    ]
+    assert ours[1]["inserted"]["image"]["virtual-size"] == 16 << 20
+
+
 # --- `appliance run` ------------------------------------------------------------------
 
 
@@ -276,6 +465,20 @@ async def test_quit_ends_run_with_host_shutdown_event_and_exit_0(tmp_path: Path)
         assert (event["event"], event["data"]) == ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     assert not (tmp_path / "run.sock").exists()
+
+
+@needs_qemu
+@pytest.mark.parametrize(("command", "argv", "reason"), [("quit", (), "host-qmp-quit"),
+                                                        ("system_reset", ("-no-reboot",), "host-qmp-system-reset")])
+async def test_the_shutdown_event_comes_before_the_reply_and_the_hang_up_as_in_qemu(
+    tmp_path: Path, command: str, argv: tuple[str, ...], reason: str,
+) -> None:
+    async with appliance_run(tmp_path, *argv) as (proc, _):
+        ours = await raw_exchange(tmp_path / "run.sock", [{"execute": command}], until_eof=True)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    async with qemu_process(tmp_path, *argv) as sock:
+        theirs = await raw_exchange(sock, [{"execute": command}], until_eof=True)
+    assert ours == theirs == [[f'event SHUTDOWN {{"guest": false, "reason": "{reason}"}}', "return {}", "EOF"]]
 
 
 async def test_dash_S_holds_the_vcpus_in_prelaunch_until_cont_and_pidfile_lives_as_long_as_the_run(

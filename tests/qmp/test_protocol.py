@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from qemu.qmp import ExecuteError, QMPClient
 
 from appliance.qmp.server import JsonSplitter, QmpServer, Session
+from tests.conftest import needs_qemu
 from tests.qmp.fakes import FakeMachine
 
 
@@ -112,6 +113,92 @@ def test_splitter_finds_objects_without_newlines_and_across_chunks() -> None:
     ]
 
 
+def test_splitter_knows_single_quoted_strings_and_ends_a_scalar_where_an_object_begins() -> None:
+    """As QEMU's json-lexer: '…' is a string too (a "}" in it ends nothing), and junk before
+    a request ends where the request's "{" begins, so the request still comes out whole."""
+    sp = JsonSplitter()
+    text = (b"{'execute':'a','id':'}\\'{\"'}xyz{\"execute\":\"b\"}5[1]\x01{'x':\"'}\"}"
+            b'"s"{"execute":"c"}')
+    pieces: list[bytes | None] = []
+    for i in range(len(text)):
+        pieces += sp.feed(text[i : i + 1])
+    assert pieces == [b"{'execute':'a','id':'}\\'{\"'}", b"xyz", b'{"execute":"b"}', b"5", b"[1]", b"\x01",
+                      b"{'x':\"'}\"}", b'"s"', b'{"execute":"c"}']
+
+
+async def test_single_quoted_strings_are_read_as_qemu_reads_them() -> None:
+    s = session()
+    assert (await ask(s, b"{'execute':'query-status'}"))["return"]["status"] == "running"
+    reply = await ask(s, b"{'execute':'nope','id':{'k':['a\"b\\'c}', \"d\\'e\"], 'u':'\\u0041\\n'}}")
+    assert reply["id"] == {"k": ["a\"b'c}", "d'e"], "u": "A\n"}
+    assert reply["error"]["class"] == "CommandNotFound"
+    # Unterminated, or a bad escape: a parse error as before.
+    for bad in (b"{'execute':'query-status}", b"{'execute':'query-status\\x'}"):
+        assert (await ask(s, bad))["error"]["desc"].startswith("JSON parse error")
+
+
+# Requests after junk or in single quotes, each followed by a marker request whose reply
+# ends what it got. The junk's own error is worded differently from QEMU's (xyz: QEMU
+# says "invalid keyword 'xyz'", ours "expecting value"); its class, and all the rest, agree.
+_SENT = [
+    b"{'execute':'nope','id':'a\"b\\'c}'}",
+    b'{"execute":"nope","id":"a\\\'b"}',
+    b"{'execute':'nope','id':{'k':['x','y\"'],'u':'\\u0041\\n'}}",
+    b'xyz{"execute":"nope","id":1}',
+    b'5{"execute":"nope","id":2}',
+    b'\x01{"execute":"nope","id":3}',
+    b'"s"[1]{"execute":"nope","id":4}',
+    b"{'execute':'qmp_capabilities','id':'}'}{'execute':'nope','id':5}",
+]
+
+
+async def _replies_to(path: Path) -> list[list[tuple[Any, ...]]]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        await asyncio.wait_for(reader.readline(), 10)  # the greeting
+        writer.write(b'{"execute":"qmp_capabilities"}\n')
+        await asyncio.wait_for(reader.readline(), 10)
+        out = []
+        for data in _SENT:
+            writer.write(data + b'\n{"execute":"nope","id":"end"}\n')
+            got: list[tuple[Any, ...]] = []
+            while (reply := json.loads(await asyncio.wait_for(reader.readline(), 10))).get("id") != "end":
+                error = reply.get("error", {})
+                junk = "id" not in reply and error.get("desc", "").startswith("JSON parse error")
+                got.append((reply.get("id"), error.get("class"), None if junk else error.get("desc")))
+            out.append(got)
+        return out
+    finally:
+        writer.close()
+
+
+@needs_qemu
+async def test_single_quotes_and_junk_before_a_request_are_answered_as_qemu_answers_them(tmp_path: Path) -> None:
+    machine, server, path = await serve(tmp_path)
+    try:
+        ours = await _replies_to(path)
+    finally:
+        await server.close()
+    sock = tmp_path / "qemu.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+        "-qmp", f"unix:{sock},server=on,wait=off",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(400):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        theirs = await _replies_to(sock)
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert ours == theirs
+    nope = ("CommandNotFound", "The command nope has not been found")
+    assert ours[0] == [("a\"b'c}", *nope)]
+    assert ours[3] == [(None, "GenericError", None), (1, *nope)]  # the junk's error, then the request
+
+
 def test_splitter_bounds_an_endless_request() -> None:
     sp = JsonSplitter(limit=100)
     out = sp.feed(b'{"execute": "stop", "id": "' + b"x" * 500 + b'"}\n')
@@ -137,6 +224,29 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
+def _single_quoted(value: Any) -> str:
+    """``value`` as JSON with every string in single quotes, QEMU's way ("" plain, ' escaped)."""
+    if isinstance(value, str):
+        return "'" + json.dumps(value)[1:-1].replace('\\"', '"').replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_single_quoted(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_single_quoted(k)}:{_single_quoted(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_any_value_written_with_single_quotes_reads_back_the_same(value: Any) -> None:
+    from appliance.qmp.server import standard_json
+
+    text = _single_quoted(value)
+    assert json.loads(standard_json(text)) == value
+    # Split as one request, whatever quotes and brackets its strings hold.
+    pieces = JsonSplitter().feed(f'{{"id":{text}}} '.encode())
+    assert [json.loads(standard_json(p.decode())) for p in pieces if p is not None] == [{"id": value}]
+
+
 _names = st.sampled_from(["qmp_capabilities", "query-status", "set_link", "object-add", "object-del",
                           "query-cpus-fast", "stop", "cont", "query-name", "nope"])
 
@@ -242,5 +352,9 @@ async def test_query_block_lists_the_disks_of_the_command_line(tmp_path: Path) -
         ["-kernel", "/dev/null", "-drive", f"file={disk},format=raw,id=root,readonly=on,cache=none"])).devices
     [blk] = (await ask(s, {"execute": "query-block"}))["return"]
     assert blk["device"] == "root"
+    # QEMU makes the device of an if=virtio drive itself, without an id.
+    assert blk["qdev"] == "/machine/peripheral-anon/device[0]/virtio-backend"
     assert blk["inserted"]["file"] == str(disk)
     assert (blk["inserted"]["ro"], blk["inserted"]["drv"], blk["inserted"]["cache"]["direct"]) == (True, "raw", True)
+    # Scripts read the size here (compared member by member with QEMU's in test_machine_qmp).
+    assert blk["inserted"]["image"]["virtual-size"] == 1 << 20

@@ -275,6 +275,8 @@ def _script(tmp: Path) -> list[tuple[str, dict[str, Any] | None]]:
         ("blockdev-del", {"node-name": "f1"}),
         ("qmp_capabilities", None),
         ("no-such-command", None),
+        # qemu-storage-daemon has no human monitor at all.
+        ("human-monitor-command", {"command-line": "foo bar"}),
     ]
 
 
@@ -338,6 +340,35 @@ async def test_export_added_over_qmp_answers_like_qsds(images: Path) -> None:
     # Both offer virtio 1.x and vhost-user protocol features.
     for feats in got.values():
         assert feats & VERSION_1 and feats & PROTOCOL_FEATURES
+
+
+async def _raw_export_del(cmd: list[str], tmp: Path, tag: str) -> list[dict[str, Any]]:
+    """What a client reading line by line gets for a block-export-del, event and reply, in order."""
+    async with daemon(cmd, tmp) as d:
+        await d.ex("block-export-add", _vu("e1", "f0", tmp / f"vu-{tag}.sock"))
+        await d.qmp.disconnect()  # qsd's monitor socket takes one client at a time
+        reader, writer = await asyncio.open_unix_connection(str(d.sock))
+        try:
+            await asyncio.wait_for(reader.readline(), 10)  # the greeting
+            writer.write(b'{"execute": "qmp_capabilities"}\n')
+            await asyncio.wait_for(reader.readline(), 10)
+            writer.write(b'{"execute": "block-export-del", "arguments": {"id": "e1"}, "id": 1}\n')
+            got = [json.loads(await asyncio.wait_for(reader.readline(), 10))]
+            if "event" in got[0]:
+                got.append(json.loads(await asyncio.wait_for(reader.readline(), 10)))
+        finally:
+            writer.close()
+    for msg in got:
+        msg.pop("timestamp", None)
+    return got
+
+
+@needs_qsd
+async def test_block_export_deleted_comes_before_the_reply_as_from_qsd(images: Path) -> None:
+    assert QSD is not None
+    ours = await _raw_export_del(OURS, images, "ours")
+    theirs = await _raw_export_del([QSD], images, "qsd")
+    assert ours == theirs == [{"event": "BLOCK_EXPORT_DELETED", "data": {"id": "e1"}}, {"return": {}, "id": 1}]
 
 
 # --- hostile clients ----------------------------------------------------------------------
