@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, HelpRequested
 from appliance.machine.devices import BlkSpec, BlockNames, NicSpec, PeerlessNetdevSpec, RngSpec
 from appliance.nic.config import MAX_NICS, take_root_bus
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
@@ -137,6 +137,13 @@ def _checked_addr(o: OptionDict, what: str) -> str | None:
 PlanEntry = DriveConfig | BlkDeviceConfig | RngDeviceConfig | tuple[str, object]
 
 
+def _check_identifier(option: str, ident: str) -> None:
+    # QEMU's id_wellformed: a letter, then letters, digits, '-', '.' and '_'.
+    if not (ident[:1].isascii() and ident[:1].isalpha()) or not all(
+            c.isascii() and (c.isalnum() or c in "-._") for c in ident):
+        raise ConfigError(f"{option}: Parameter 'id' expects an identifier")
+
+
 @dataclass
 class DevicePlan:
     """Everything the device options said, before references are resolved."""
@@ -158,6 +165,24 @@ class DevicePlan:
     hub_nic_port: int = 0  # the hub port of the -net nic: ports are numbered in command-line order
     net_ids: set[str] = field(default_factory=set)  # id= of -net options
     drive_count: dict[str, int] = field(default_factory=dict)  # -drive options per interface
+    device_ids: set[str] = field(default_factory=set)  # id= of -device options
+    object_ids: set[str] = field(default_factory=set)  # id= of -object options: one QOM namespace
+
+    def add_device_id(self, ident: str | None) -> None:
+        """QEMU's qdev ids: well-formed (id_wellformed) and one device each."""
+        if ident is None:
+            return
+        _check_identifier("-device", ident)
+        if ident in self.device_ids:
+            raise ConfigError(f"-device: Duplicate ID '{ident}' for device")
+        self.device_ids.add(ident)
+
+    def add_object_id(self, ident: str) -> None:
+        """Every -object kind shares one set of ids, as QOM's /objects container does."""
+        _check_identifier("-object", ident)
+        if ident in self.object_ids:
+            raise ConfigError(f"-object: Duplicate ID '{ident}' for object")
+        self.object_ids.add(ident)
 
     def add_drive(self, drive: DriveConfig) -> None:
         # QEMU names a drive without an id by its interface and its unit there: virtio0, none0, ...
@@ -236,6 +261,12 @@ def _snapshot(a: RunArgs, v: str) -> None:
 _NIC_DRIVERS = ("virtio-net-pci", "virtio-net")
 _BLK_DRIVERS = ("virtio-blk-pci", "virtio-blk")
 _RNG_DRIVERS = ("virtio-rng-pci", "virtio-rng")
+# QEMU's -device help, for the devices there are here.
+_DEVICE_HELP = (
+    'Storage devices:\nname "virtio-blk-pci", bus PCI, alias "virtio-blk"\n\n'
+    'Network devices:\nname "virtio-net-pci", bus PCI, alias "virtio-net"\n\n'
+    'Misc devices:\nname "virtio-rng-pci", bus PCI, alias "virtio-rng"\n'
+)
 
 
 @option(
@@ -255,6 +286,8 @@ def _device(a: RunArgs, v: str) -> None:
 
     if v.lstrip().startswith("{"):
         v = keyval_text(json_pairs("-device", v))  # the rest reads key=value text
+    if v in ("help", "?"):
+        raise HelpRequested(_DEVICE_HELP)
     o = parse_option("-device", v, implied="driver")
     driver = o.get("driver")
     if driver is None:
@@ -267,6 +300,7 @@ def _device(a: RunArgs, v: str) -> None:
         o = parse_option("-device", v, implied="driver")
         driver = base
     plan = plan_of(a)
+    plan.add_device_id(o.get("id"))
     if driver in _NIC_DRIVERS:
         plan.entries.append((f"-device {driver}", NicConfig.parse_device(v)))
         return
@@ -294,7 +328,9 @@ def _object(a: RunArgs, v: str) -> None:
     o = parse_option("-object", v, implied="qom-type")
     kind = o.get("qom-type")
     if kind == "filter-dump":
-        plan.dumps.append(FilterDumpConfig.parse(v))
+        dump = FilterDumpConfig.parse(v)
+        plan.add_object_id(dump.id)
+        plan.dumps.append(dump)
         return
     if kind == "iothread":
         _iothread(plan, o)
@@ -307,8 +343,7 @@ def _object(a: RunArgs, v: str) -> None:
     ident = o.require("id")
     filename = o.take("filename", "/dev/urandom") if kind == "rng-random" else "/dev/urandom"
     o.finish()
-    if ident in plan.rng_objects:
-        raise ConfigError(f"-object: duplicate id '{ident}'")
+    plan.add_object_id(ident)
     if not filename:
         raise ConfigError(f"-object {kind}: filename is empty")
     plan.rng_objects[ident] = filename
@@ -321,8 +356,7 @@ def _iothread(plan: DevicePlan, o: OptionDict) -> None:
     o.take("qom-type")
     o.option = "-object iothread"
     ident, value = poll.parse_iothread(o)
-    if ident in plan.iothreads or ident in plan.rng_objects:
-        raise ConfigError(f"-object: duplicate id '{ident}'")
+    plan.add_object_id(ident)
     plan.iothreads[ident] = value
 
 

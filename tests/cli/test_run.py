@@ -467,6 +467,7 @@ def test_non_transitional_names_are_the_modern_only_devices_we_have(tmp_path: Pa
         (["-M", "?"], "q35 "),
         (["-cpu", "help"], "Available CPUs:\nx86 host"),
         (["-accel", "help"], "kvm\n"),
+        (["-device", "help"], 'Network devices:\nname "virtio-net-pci", bus PCI, alias "virtio-net"\n'),
         (["-version"], "appliance run version "),
         (["--version"], "appliance run version "),
     ],
