@@ -21,7 +21,7 @@ from appliance.net.errors import NetError
 from appliance.net.pcap import PcapWriter
 
 
-def open_capture(path: Path, *, maxlen: int = 65535) -> PcapWriter:
+def open_capture(path: Path, *, maxlen: int = 65536) -> PcapWriter:
     """Open ``path`` for capture: a unix socket is connected to, anything else written."""
     try:
         st = os.stat(path)

@@ -250,7 +250,7 @@ class FilterDumpConfig:
     id: str
     netdev: str
     file: Path
-    maxlen: int = 65535
+    maxlen: int = 65536  # QEMU's filter-dump default (net/dump.c)
 
     @classmethod
     def parse(cls, text: str) -> FilterDumpConfig:
@@ -265,7 +265,7 @@ class FilterDumpConfig:
         netdev = opts.require("netdev")
         file = Path(opts.require("file"))
         maxlen_text = opts.take("maxlen")
-        maxlen = parse_size(maxlen_text, f"{what} maxlen") if maxlen_text else 65535
+        maxlen = parse_size(maxlen_text, f"{what} maxlen") if maxlen_text else 65536
         if not 14 <= maxlen <= 0x7FFFFFFF:
             raise ConfigError(f"{what}: maxlen '{maxlen_text}' is out of range")
         queue = opts.take("queue")

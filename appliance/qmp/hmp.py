@@ -275,7 +275,7 @@ def _network(ctx: Any) -> str:
     out: list[str] = []
     for spec in specs:
         if isinstance(spec, PeerlessNetdevSpec):
-            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}\r\n"
+            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}{_filters(spec)}\r\n"
             if spec.hub == 0:
                 hubs.append(f"hub 0\r\n \\ hub0port0: {line}")  # the hub's only port
             else:
@@ -287,9 +287,9 @@ def _network(ctx: Any) -> str:
         name = spec.name.removeprefix("virtio-net ")
         mac = getattr(dev, "mac", None)
         mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
-        link = "" if dev is None or getattr(dev, "link_up", True) else " (link down)"
-        nic = f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}{link}"
-        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}"
+        # QEMU 7.2 shows no carrier state here (set_link leaves the line as it was).
+        nic = f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}"
+        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}{_filters(spec)}"
         if getattr(spec, "hub", -1) == 0:
             # A -net pair: both hang off hub 0, its ports listed newest first as QEMU does.
             ports = {spec.hub_port: nic, 1 - spec.hub_port: netdev}
@@ -299,6 +299,17 @@ def _network(ctx: Any) -> str:
         out.append(f"{nic}\r\n")
         out.append(f" \\ {netdev}\r\n")
     return "".join(hubs + out)
+
+
+def _filters(spec: Any) -> str:
+    """The netdev's filter-dump objects, in QEMU's block under its line (net.c print_net_client:
+    each filter's QOM properties, in the order QEMU 7.2 lists them for filter-dump)."""
+    captures = getattr(spec, "captures", None)
+    if not captures:
+        return ""
+    return "\r\nfilters:" + "".join(
+        f"\r\n  - {c.id}: type=filter-dump,file={c.file},maxlen={c.maxlen},position=tail,status=on,"
+        f"insert=behind,netdev={c.netdev},queue=all" for c in captures)
 
 
 def _netdev_info(cfg: Any) -> str:
