@@ -546,13 +546,17 @@ def to_config(args: RunArgs) -> MachineConfig:
         raise ConfigError("-kernel is required (the appliance has no firmware to boot disks)")
     if len(args.serials) > 1:
         raise ConfigError("-serial: only one serial port (COM1) is supported")
+    stdio_monitor = any(getattr(getattr(d, "chardev", None), "backend", None) == "stdio" for d in args.devices)
     if args.serials:
         serial = parse_serial(args.serials[0], args.chardevs, nographic=args.nographic)
-    elif args.nodefaults:
+    elif args.nodefaults or (stdio_monitor and not args.nographic):
+        # With QMP on stdio the console has nowhere to go, as QEMU's default vc with no display.
         serial = None
     else:
         # No display exists: the console goes to the terminal unless told otherwise.
         serial = ChardevConfig("stdio", mux=args.nographic, signal=not args.nographic)
+    if stdio_monitor and (args.nographic or (serial is not None and serial.backend == "stdio")):
+        raise ConfigError("cannot use stdio by multiple character devices")
     return MachineConfig(
         kernel=args.kernel,
         initrd=args.initrd,

@@ -17,7 +17,7 @@ from appliance.cli.run import FINALIZERS, RunArgs, option
 from appliance.errors import ConfigError
 from appliance.machine.config import ChardevConfig
 
-_SOCKET_FORMS = "unix:PATH[,server=on|off][,wait=on|off] | tcp:[HOST]:PORT[,server=on|off][,wait=on|off]"
+_SOCKET_FORMS = "unix:PATH[,server=on|off][,wait=on|off] | tcp:[HOST]:PORT[,server=on|off][,wait=on|off] | stdio"
 
 
 def parse_qmp(spec: str, what: str = "-qmp") -> ChardevConfig:
@@ -25,6 +25,9 @@ def parse_qmp(spec: str, what: str = "-qmp") -> ChardevConfig:
 
     :raises ConfigError: On anything but a unix or tcp socket, or a bad address.
     """
+    if spec == "stdio":
+        # The process's own stdin/stdout, as QEMU scripts drive it (-display none -qmp stdio).
+        return ChardevConfig("stdio", id=what, signal=False)
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("unix", "tcp"):
         raise ConfigError(f"{what}: '{spec}' is not supported (unix:PATH or tcp:HOST:PORT)")
@@ -110,7 +113,7 @@ def finalize(a: RunArgs) -> None:
         cid = opts.require("chardev")
         pretty = opts.take_bool("pretty")
         mode = opts.take("mode", "readline")
-        cfg = _monitor_chardev(a, cid, "-mon")
+        cfg = _monitor_chardev(a, cid, "-mon", control=mode == "control")
         if mode == "control":
             _add(a, cfg, pretty, f"-mon chardev={cid}")
         else:
@@ -119,12 +122,15 @@ def finalize(a: RunArgs) -> None:
         _add_hmp(a, _monitor_chardev(a, cid, "-monitor"), f"-monitor chardev:{cid}")
 
 
-def _monitor_chardev(a: RunArgs, cid: str, what: str) -> ChardevConfig:
+def _monitor_chardev(a: RunArgs, cid: str, what: str, *, control: bool = False) -> ChardevConfig:
     cfg = a.chardevs.get(cid)
     if cfg is None:
         raise ConfigError(f"{what}: chardev '{cid}' not found")
+    if cfg.backend == "stdio" and control:
+        return cfg  # QMP on the process's stdin/stdout
     if cfg.backend != "socket":
-        raise ConfigError(f"{what}: chardev '{cid}' is '{cfg.backend}'; a monitor needs a socket")
+        raise ConfigError(f"{what}: chardev '{cid}' is '{cfg.backend}'; a monitor needs a socket"
+                          + (" (or stdio for mode=control)" if cfg.backend == "stdio" else ""))
     if f"chardev:{cid}" in a.serials:
         raise ConfigError(f"{what}: chardev '{cid}' is already used by -serial")
     return cfg

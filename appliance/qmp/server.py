@@ -352,6 +352,13 @@ async def open_qmp_server(target: Any, cd: ChardevConfig, *, pretty: bool, what:
     """
     server = server or QmpServer(target, pretty=pretty, table=table)
     try:
+        if cd.backend == "stdio":
+            try:
+                await server.serve_stdio()
+            except OSError as err:
+                await server.close()
+                raise ConfigError(f"{what}: {err}") from None
+            return server
         if not cd.server:
             await server.connect(cd)
         elif cd.path is not None:
@@ -473,6 +480,17 @@ class QmpServer:
                                             reuse_address=True)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
+
+    async def serve_stdio(self) -> None:
+        """One session on the process's stdin and stdout (``-qmp stdio``)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+            transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout)
+        except ValueError as err:  # a regular file: asyncio takes pipes, sockets and terminals
+            raise OSError(f"stdin/stdout: {err}") from None
+        self._serve(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     async def connect(self, chardev: ChardevConfig) -> None:
         """Client mode (``server=off``): connect out and serve that one connection."""

@@ -13,6 +13,7 @@ import pytest
 from appliance.cli.run import parse_args, to_config, usage
 from appliance.errors import ConfigError
 from appliance.qmp.server import QmpSpec
+from tests.conftest import needs_kvm
 from tests.ports import free_port
 from tests.qmp.fakes import FakeMachine
 
@@ -41,7 +42,7 @@ def test_mon_refers_to_a_chardev_given_later_on_the_line() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["-qmp", "stdio"], "-qmp: 'stdio' is not supported"),
+        (["-qmp", "file:/tmp/q"], "-qmp: 'file:/tmp/q' is not supported"),
         (["-qmp", "tcp:localhost:http,server=on"], "port 'http' is not a number"),
         (["-qmp", "unix:/tmp/q,server=maybe"], "server"),
         (["-mon", "chardev=m0"], "-mon: chardev 'm0' not found"),
@@ -140,3 +141,35 @@ async def test_client_mode_monitor_with_nobody_listening_is_a_config_error(tmp_p
     spec.bind_machine(FakeMachine())
     with pytest.raises(ConfigError, match="absent.sock"):
         await spec.open()
+
+
+def test_qmp_on_stdio_takes_the_console_s_place() -> None:
+    """``-qmp stdio`` leaves the serial console without a terminal (QEMU's default vc has no
+    display either); stdio for both is refused with QEMU's words."""
+    [q] = monitors("-display", "none", "-qmp", "stdio")
+    assert q.chardev.backend == "stdio"
+    [m] = monitors("-chardev", "stdio,id=m0", "-mon", "m0,mode=control")
+    assert m.chardev.backend == "stdio"
+    assert to_config(parse_args(["-kernel", "/dev/null", "-qmp", "stdio"])).serial is None
+    for clash in (["-nographic"], ["-serial", "stdio"]):
+        with pytest.raises(ConfigError, match="cannot use stdio by multiple character devices"):
+            to_config(parse_args(["-kernel", "/dev/null", "-qmp", "stdio", *clash]))
+
+
+@needs_kvm
+def test_qmp_on_stdio_drives_a_vm_as_qemu_scripts_do() -> None:
+    from appliance.kit import paths
+
+    guest = paths().guest_elf
+    if not guest.exists():
+        pytest.skip("test guest not built (appliance kit build)")
+    script = "\n".join(['{"execute":"qmp_capabilities"}', "{'execute':'query-status'}", '{"execute":"quit"}'])
+    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli.main", "run", "-kernel", str(guest), "-m", "64",
+                             "-display", "none", "-qmp", "stdio"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(script + "\n", timeout=60)
+    assert proc.returncode == 0, err
+    replies = [json.loads(line) for line in out.splitlines()]
+    assert "QMP" in replies[0] and replies[1] == {"return": {}}
+    assert replies[2]["return"]["status"] == "running"
+    assert replies[3]["event"] == "SHUTDOWN" and replies[4] == {"return": {}}
