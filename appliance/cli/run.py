@@ -57,6 +57,7 @@ class RunArgs:
         self.append = ""
         self.mem_size = 128 * layout.MiB
         self.num_cpus = 1
+        self.topology: tuple[int, int, int, int] | None = None
         self.name = ""
         self.uuid = "00000000-0000-0000-0000-000000000000"
         self.serials: list[str] = []
@@ -169,6 +170,7 @@ def _smp(a: RunArgs, v: str) -> None:
     if maxcpus != cpus:
         raise ConfigError(f"-smp {v}: maxcpus other than cpus (CPU hotplug) is not supported")
     a.num_cpus = cpus
+    a.topology = (sockets, dies, cores, threads)
 
 
 @option("-name", "[guest=]name[,debug-threads=on|off]", "VM name (vCPU threads are always named)")
@@ -563,6 +565,7 @@ def to_config(args: RunArgs) -> MachineConfig:
         cmdline=args.append,
         mem_size=args.mem_size,
         num_cpus=args.num_cpus,
+        topology=args.topology,
         name=args.name,
         serial=serial,
         no_reboot=args.no_reboot,

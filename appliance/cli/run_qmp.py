@@ -94,7 +94,8 @@ def _qmp_pretty(a: RunArgs, v: str) -> None:
 
 
 @option("-mon", "[chardev=]ID[,mode=readline|control][,pretty=on|off]",
-        "a monitor on -chardev socket,id=ID: the human one (mode=readline, QEMU's default) or QMP")
+        "a monitor on -chardev socket,id=ID: the human one (mode=readline, QEMU's default) or QMP "
+        "(mode=control, also on -chardev stdio)")
 def _mon(a: RunArgs, v: str) -> None:
     opts = parse_option("-mon", v, implied="chardev", flags=("pretty",))
     opts.require("chardev")

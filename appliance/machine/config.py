@@ -161,7 +161,7 @@ class MachineConfig(Record):
 
     __slots__ = (
         "kernel", "initrd", "cmdline", "mem_size", "num_cpus", "name", "serial", "no_reboot", "machine_type",
-        "devices", "warnings", "start_paused", "rtc_localtime", "uuid",
+        "devices", "warnings", "start_paused", "rtc_localtime", "uuid", "topology",
     )
     kernel: StrPath
     initrd: StrPath | None
@@ -177,6 +177,9 @@ class MachineConfig(Record):
     start_paused: bool
     rtc_localtime: bool
     uuid: str  # -uuid, what query-uuid answers; QEMU's all-zero one when not given
+    # -smp's (sockets, dies, cores, threads), as QEMU reports it (query-cpus-fast); None: one
+    # socket of num_cpus cores, QEMU 7.2's default for a plain -smp N.
+    topology: tuple[int, int, int, int] | None
 
     def __init__(
         self,
@@ -194,6 +197,7 @@ class MachineConfig(Record):
         start_paused: bool = False,
         rtc_localtime: bool = False,
         uuid: str = "00000000-0000-0000-0000-000000000000",
+        topology: tuple[int, int, int, int] | None = None,
     ) -> None:
         self.kernel = kernel
         self.initrd = initrd
@@ -209,6 +213,7 @@ class MachineConfig(Record):
         self.start_paused = start_paused
         self.rtc_localtime = rtc_localtime
         self.uuid = uuid
+        self.topology = topology
 
     def validate(self, *, max_cpus: int = MAX_CPUS, host_mem: int | None = None) -> None:
         """Check everything that can be checked before touching /dev/kvm.

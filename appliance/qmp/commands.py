@@ -192,13 +192,23 @@ async def _query_cpus_fast(ctx: Context, args: dict[str, Any]) -> list[dict[str,
     # machine has none running, and reports its main thread like QEMU's TCG.
     threads = {t.name: t.native_id for t in threading.enumerate() if t.name.endswith("/KVM")}
     main_tid = threading.main_thread().native_id or 0
+    config = ctx.machine.config
+    _sockets, dies, cores, threads_per_core = config.topology or (1, 1, config.num_cpus, 1)
     out = []
-    for i in range(ctx.machine.config.num_cpus):
+    for i in range(config.num_cpus):
+        # QEMU numbers vCPUs thread-fastest (x86 topology: socket > die > core > thread); its
+        # board makes one other device between the first vCPU and the rest.
+        props = {"core-id": i // threads_per_core % cores, "thread-id": i % threads_per_core,
+                 "socket-id": i // (threads_per_core * cores * dies)}
+        if dies > 1:  # in QEMU's order of the keys
+            socket_id = props.pop("socket-id")
+            props["die-id"] = i // (threads_per_core * cores) % dies
+            props["socket-id"] = socket_id
         out.append({
             "cpu-index": i,
-            "qom-path": f"/machine/unattached/device[{i}]",
+            "qom-path": f"/machine/unattached/device[{i if i == 0 else i + 1}]",
             "thread-id": threads.get(f"CPU {i}/KVM") or main_tid,
-            "props": {"core-id": 0, "thread-id": 0, "socket-id": i},
+            "props": props,
             "target": "x86_64",
         })
     return out

@@ -83,6 +83,30 @@ async def test_stop_pauses_the_vcpus_and_cont_resumes_them(tmp_path: Path) -> No
         assert [c["cpu-index"] for c in cpus] == [0]
 
 
+async def _qemu_cpus(smp: str) -> list[dict[str, Any]]:
+    """QEMU's own query-cpus-fast on a q35 PC made with ``-smp smp`` (never started)."""
+    script = b"".join(json.dumps(c).encode() + b"\n" for c in (
+        {"execute": "qmp_capabilities"}, {"execute": "query-cpus-fast"}, {"execute": "quit"}))
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-M", "q35", "-smp", smp, "-qmp", "stdio",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(script), 30)
+    [cpus] = [json.loads(ln)["return"] for ln in out.decode().splitlines() if '"return": [' in ln]
+    return list(cpus)
+
+
+@needs_qemu
+@pytest.mark.parametrize("smp", ["2", "4,sockets=2", "4,dies=2,threads=2"])
+async def test_query_cpus_fast_gives_qemus_topology_and_paths(tmp_path: Path, smp: str) -> None:
+    async with machine(tmp_path, "-smp", smp) as m:
+        ours = await ex(m.qmp, "query-cpus-fast")
+    theirs = await _qemu_cpus(smp)
+    # thread-id is each process's own thread.
+    assert [{k: v for k, v in c.items() if k != "thread-id"} for c in ours] == [
+        {k: v for k, v in c.items() if k != "thread-id"} for c in theirs]
+    assert [list(c["props"]) for c in ours] == [list(c["props"]) for c in theirs]
+
+
 async def test_set_link_down_and_up_is_seen_by_the_guest(tmp_path: Path) -> None:
     async with machine(tmp_path, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,id=nic0") as m:
         assert (await m.guest("net info", "NET info"))["link"] == "up"
