@@ -76,6 +76,10 @@ async def test_negotiation_offers_protocol_features_mq_and_config(served) -> Non
     assert body == p.config(0, 8, 0, b"UPPERCFG")
     assert await fe.acked(p.Request.SET_CONFIG, p.config(0, 2, 0, b"up")) == 0
     assert dev.config == bytearray(b"upPERCFG")
+    # Flags other than front end (0) and migration (1) are refused, not acknowledged and dropped.
+    assert await fe.acked(p.Request.SET_CONFIG, p.config(0, 2, 0x8, b"xx")) != 0
+    assert dev.config == bytearray(b"upPERCFG")
+    assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2  # still connected
     fe.close()
 
 

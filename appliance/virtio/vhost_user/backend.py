@@ -603,6 +603,10 @@ class VhostUserBackend:
 
     async def _set_config(self, value: object, _fds: list[int]) -> None:
         assert isinstance(value, p.ConfigAccess)
+        # vhost-user.rst: the flags say who writes, the front end (0) or a migration (1);
+        # anything else is refused rather than acknowledged and dropped.
+        if value.flags not in (0, 1):
+            raise ProtocolError(f"SET_CONFIG flags {value.flags:#x} are not defined")
         self.device.write_config(value.offset, value.data)
 
     # -- refused -------------------------------------------------------------
