@@ -83,16 +83,16 @@ async def test_stop_pauses_the_vcpus_and_cont_resumes_them(tmp_path: Path) -> No
         assert [c["cpu-index"] for c in cpus] == [0]
 
 
-async def _qemu_cpus(smp: str) -> list[dict[str, Any]]:
-    """QEMU's own query-cpus-fast on a q35 PC made with ``-smp smp`` (never started)."""
+async def _qemu_returns(machine_type: str, argv: tuple[str, ...], command: dict[str, Any]) -> Any:
+    """What QEMU's own QMP answers ``command`` with, on a PC (never started) made with ``argv``."""
     script = b"".join(json.dumps(c).encode() + b"\n" for c in (
-        {"execute": "qmp_capabilities"}, {"execute": "query-cpus-fast"}, {"execute": "quit"}))
+        {"execute": "qmp_capabilities"}, {**command, "id": "asked"}, {"execute": "quit"}))
     proc = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-M", "q35", "-smp", smp, "-qmp", "stdio",
+        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-M", machine_type, *argv, "-qmp", "stdio",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     out, _ = await asyncio.wait_for(proc.communicate(script), 30)
-    [cpus] = [json.loads(ln)["return"] for ln in out.decode().splitlines() if '"return": [' in ln]
-    return list(cpus)
+    [answer] = [msg["return"] for msg in map(json.loads, out.decode().splitlines()) if msg.get("id") == "asked"]
+    return answer
 
 
 @needs_qemu
@@ -100,7 +100,7 @@ async def _qemu_cpus(smp: str) -> list[dict[str, Any]]:
 async def test_query_cpus_fast_gives_qemus_topology_and_paths(tmp_path: Path, smp: str) -> None:
     async with machine(tmp_path, "-smp", smp) as m:
         ours = await ex(m.qmp, "query-cpus-fast")
-    theirs = await _qemu_cpus(smp)
+    theirs = await _qemu_returns("q35", ("-smp", smp), {"execute": "query-cpus-fast"})
     # thread-id is each process's own thread.
     assert [{k: v for k, v in c.items() if k != "thread-id"} for c in ours] == [
         {k: v for k, v in c.items() if k != "thread-id"} for c in theirs]
@@ -135,16 +135,8 @@ async def test_nics_without_an_id_have_qemus_names_in_board_order(tmp_path: Path
 
 async def _qemu_info_network(*argv: str) -> str:
     """QEMU's own ``info network`` for a PC (never started) made with ``argv``."""
-    script = b"".join(json.dumps(c).encode() + b"\n" for c in (
-        {"execute": "qmp_capabilities"},
-        {"execute": "human-monitor-command", "arguments": {"command-line": "info network"}},
-        {"execute": "quit"}))
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-M", "pc", *argv, "-qmp", "stdio",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    out, _ = await asyncio.wait_for(proc.communicate(script), 30)
-    [text] = [json.loads(ln)["return"] for ln in out.decode().splitlines() if '"return": "' in ln]
-    return str(text)
+    return str(await _qemu_returns("pc", argv, {"execute": "human-monitor-command",
+                                                "arguments": {"command-line": "info network"}}))
 
 
 @needs_qemu
