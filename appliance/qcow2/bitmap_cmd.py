@@ -68,7 +68,7 @@ def _merge_bits(dst: bytearray, dst_gbits: int, src: bytes, src_gbits: int, size
 
 
 async def cmd_bitmap(argv: list[str]) -> int:
-    from appliance.qcow2.cli import _open, _parser
+    from appliance.qcow2.cli import _open, _parser, cvtnum
     from appliance.qcow2.image import Qcow2Image
 
     p = _parser("bitmap")
@@ -83,6 +83,8 @@ async def cmd_bitmap(argv: list[str]) -> int:
     p.add_argument("-f", dest="fmt")
     p.add_argument("names", nargs="*")
     a = p.parse_args(argv)
+    if a.granularity is not None:
+        a.granularity = cvtnum("granularity", a.granularity)  # as qemu-img reads -g
     ops: list[tuple[str, Any]] = getattr(a, "ops", None) or []
     if len(a.names) != 2:
         raise ConfigError("Expecting filename and bitmap name")
@@ -114,7 +116,7 @@ async def cmd_bitmap(argv: list[str]) -> int:
 
 
 async def _apply(img: Any, maps: list[list[Any]], op: str, value: Any, name: str, a: Any) -> None:
-    from appliance.qcow2.cli import _open, parse_size_arg
+    from appliance.qcow2.cli import _open
 
     m = _find(maps, name)
     if op == "add":
@@ -124,7 +126,7 @@ async def _apply(img: Any, maps: list[list[Any]], op: str, value: Any, name: str
             raise _Op(op, name, f"Name length exceeds maximum ({MAX_NAME} characters)")
         if m is not None:
             raise _Op(op, name, f"Bitmap already exists: {name}")
-        gran = parse_size_arg(a.granularity) if a.granularity is not None else 0
+        gran = a.granularity or 0
         gran = gran or default_granularity(img._cs)  # -g 0 means the default, as in QEMU
         if gran < 512 or gran & (gran - 1):
             raise _Op(op, name, "Granularity must be power of 2 and at least 512")

@@ -3,7 +3,8 @@
 Subcommands, options, human output and JSON field names follow qemu-img so
 scripts written against it keep working. Exit codes: 0 success, 1 failure;
 ``check`` returns 2 for corruptions and 3 for leaks only; ``compare`` returns
-1 for a mismatch and 2 for an error. Bad option values raise ConfigError (2).
+1 for a mismatch, 2 when an image will not open, 3 when a block status and 4
+when a read fails. Bad option values raise ConfigError (2).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from appliance.cli import qemu_json
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
 from appliance.qcow2.backing import json_target, open_any, resolve_backing
-from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.errors import ErrorKind, Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
+from appliance.qcow2.qemu_numbers import INT64_MAX, NumberError, strtosz, strtou64
 from appliance.storage.formats import foreign_format_of, unsupported_message
 
 USAGE = """usage: appliance img <command> [options]
@@ -37,6 +39,12 @@ CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse as GNU getopt_long reads qemu-img's command lines: options may
+    come between and after the file names (getopt permutes), and a long
+    option may be cut to any prefix that names only one."""
+
+    _extra: tuple[str, ...] = ()  # the arguments nothing took, for error()
+
     def error(self, message: str) -> Any:  # type: ignore[override]
         raise ConfigError(self._qemu_words(message))
 
@@ -44,10 +52,13 @@ class _Parser(argparse.ArgumentParser):
         """argparse's complaint in qemu-img's words where qemu-img has its own."""
         cmd = self.prog.rsplit(" ", 1)[-1]
         if message.startswith("unrecognized arguments: "):
-            extra = message.removeprefix("unrecognized arguments: ").split()
+            extra = self._extra or ("",)
             if extra[0].startswith("-"):
                 return f"unrecognized option '{extra[0]}'"
             return f"Unexpected argument: {extra[0]}" if cmd == "create" else "Expecting one image file name"
+        if message.startswith("ambiguous option: "):
+            # getopt_long's answer to a prefix of several long options.
+            return f"unrecognized option '{message.removeprefix('ambiguous option: ').split(' could match ')[0]}'"
         if message.startswith("the following arguments are required: "):
             missing = message.removeprefix("the following arguments are required: ")
             if cmd == "compare":
@@ -58,19 +69,23 @@ class _Parser(argparse.ArgumentParser):
                 return "Expecting one image file name"
         if message.startswith("argument --output: invalid choice"):
             return "--output must be used with human or json as argument."
-        if message.startswith("argument -r: invalid choice: ") and cmd == "check":
-            value = message.removeprefix("argument -r: invalid choice: ").split(" (")[0].strip("'")
+        if message.startswith("argument -r/--repair: invalid choice: ") and cmd == "check":
+            value = message.removeprefix("argument -r/--repair: invalid choice: ").split(" (")[0].strip("'")
             return f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}"
         return message
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """Parse, then refuse unknown cache modes (-t the target's or the
+        """Parse with options anywhere among the file names (getopt's
+        permutation), then refuse unknown cache modes (-t the target's or the
         image's, -T the source's) in qemu-img's words."""
-        return self._checked(super().parse_args(args, namespace))
+        a, extra = super().parse_known_intermixed_args(args, namespace)
+        if extra:
+            self._extra = tuple(extra)  # an empty one would not survive the message's split
+            self.error("unrecognized arguments: " + " ".join(extra))
+        return self._checked(a)
 
     def parse_intermixed_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        """As :meth:`parse_args`, with options also after the file names (getopt's way)."""
-        return self._checked(super().parse_intermixed_args(args, namespace))
+        return self.parse_args(args, namespace)
 
     def _checked(self, a: Any) -> Any:
         for flag, what in (("-t", "cache option"), ("-T", "source cache option")):
@@ -179,7 +194,22 @@ def _json_filenames(argv: list[str]) -> list[str]:
 
 
 def _parser(prog: str) -> _Parser:
-    return _Parser(prog=f"appliance img {prog}", add_help=True, allow_abbrev=False)
+    p = _Parser(prog=f"appliance img {prog}", add_help=True, allow_abbrev=True)
+    # main() takes these two out before a command parses its line; known here
+    # too, a prefix of several long options is as ambiguous as in qemu-img
+    # (info --o: --object or --output).
+    p.add_argument("--object", help=argparse.SUPPRESS)
+    if prog != "create":
+        p.add_argument("--image-opts", action=_Unabbreviated, nargs=0, help=argparse.SUPPRESS)
+    return p
+
+
+class _Unabbreviated(argparse.Action):
+    """--image-opts changes how the other arguments read, before they are
+    parsed (main): cut short, it arrives too late for that."""
+
+    def __call__(self, parser: Any, ns: Any, value: Any, option: Any = None) -> None:
+        raise ConfigError("--image-opts must be spelled out in full")
 
 
 def main(argv: list[str]) -> int:
@@ -232,24 +262,58 @@ def size_to_str(val: int) -> str:
     return f"{val / (1 << (i * 10)):0.3g} {suffixes[i]}B"
 
 
-def parse_size_arg(text: str) -> int:
-    from appliance.cli.options import parse_size
-
-    t = text.strip()
-    if t.lower().endswith("b") and len(t) > 1 and t[-2].isalpha():
-        t = t[:-1]
-    if t and t[-1] in "bB":
-        t = t[:-1]
-    return parse_size(t, "size", default_suffix="")
+_SUFFIX_HINT = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, "
+                "terabytes, petabytes and exabytes.")
 
 
-def size_arg(text: str, what: str) -> int:
-    """A size on the command line; a bad one in qemu-img's words for ``what``."""
+def cvtnum(what: str, text: str, low: int = 0, high: int = INT64_MAX) -> int:
+    """A size argument, as qemu-img's cvtnum_full takes it (QEMU's size syntax,
+    qemu_numbers.strtosz), refused in its words for ``what``."""
     try:
-        return parse_size_arg(text)
-    except ConfigError:
-        raise ConfigError(f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for "
-                          "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.") from None
+        n = strtosz(text)
+    except NumberError as err:
+        if not err.out_of_range:
+            raise ConfigError(f"Invalid {what} specified. {_SUFFIX_HINT}") from None
+        n = -1
+    if not low <= n <= high:
+        raise ConfigError(f"Invalid {what} specified. Must be between {low} and {high}.")
+    return n
+
+
+def option_size(key: str, text: str) -> int:
+    """A size given in ``-o`` (QemuOpts' parse_option_size), refused in its words."""
+    try:
+        return strtosz(text)
+    except NumberError as err:
+        if err.out_of_range:
+            raise ConfigError(f"Value '{text}' is out of range for parameter '{key}'") from None
+        raise ConfigError(f"Parameter '{key}' expects a non-negative number below 2^64 Optional "
+                          "suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and "
+                          "exabytes, respectively.") from None
+
+
+def option_number(key: str, text: str) -> int:
+    """A number given in ``-o`` (QemuOpts' parse_option_number: C's strtoull,
+    base 0), refused in its words."""
+    try:
+        return strtou64(text)
+    except NumberError as err:
+        if err.out_of_range:
+            raise ConfigError(f"Value '{text}' is too large for parameter '{key}'") from None
+        raise ConfigError(f"Parameter '{key}' expects a number") from None
+
+
+def count_arg(text: str, high: int, message: str, *, low: int = 0) -> int:
+    """A count on the command line (qemu_strtoul or qemu_strtoi, base 0) from
+    ``low`` to ``high``; ``message`` (qemu-img's words) for anything else. A
+    negative one wraps past ``high``, as C's strtoul makes it."""
+    try:
+        n = strtou64(text)
+    except NumberError:
+        n = -1
+    if not low <= n <= high:
+        raise ConfigError(message)
+    return n
 
 
 def parse_o_all(texts: list[str]) -> dict[str, str]:
@@ -484,18 +548,21 @@ def _chain(img: Any) -> list[Any]:
 
 
 def _create_options(o: dict[str, str], size: int | None) -> Any:
+    """qcow2's creation options as QEMU's option parser takes them: each name
+    known, sizes, numbers and booleans well formed, in the order given. Values
+    the driver checks (compat, preallocation…) are checked by create_image."""
     from appliance.qcow2.create import CreateOptions
 
     opts = CreateOptions(size=size or 0)
     for k, v in list(o.items()):
         if k == "cluster_size":
-            opts.cluster_size = parse_size_arg(v)
+            opts.cluster_size = option_size(k, v)
         elif k == "compat":
             opts.compat = v
         elif k == "lazy_refcounts":
             opts.lazy_refcounts = _bool(v, k)
         elif k == "refcount_bits":
-            opts.refcount_bits = int(v)
+            opts.refcount_bits = option_number(k, v)
         elif k == "compression_type":
             opts.compression_type = v
         elif k == "extended_l2":
@@ -507,12 +574,30 @@ def _create_options(o: dict[str, str], size: int | None) -> Any:
         elif k == "backing_fmt":
             opts.backing_fmt = v
         elif k == "size":
-            opts.size = parse_size_arg(v)
+            opts.size = option_size(k, v)
         elif k == "nocow":
             _bool(v, k)  # the file layer's btrfs flag: taken, nothing here to set it on
         else:
             raise ConfigError(f"Invalid parameter '{k}'")
     return opts
+
+
+RAW_CREATE_KEYS = ("preallocation", "size", "nocow")
+
+
+def raw_create_options(o: dict[str, str]) -> int | None:
+    """raw's creation options as QEMU's option parser takes them; the size
+    given as ``-o size=``, if any. The preallocation mode is the file
+    driver's to check (create_raw), after qemu-img's "Formatting…" line."""
+    size = None
+    for k, v in o.items():
+        if k not in RAW_CREATE_KEYS:
+            raise ConfigError(f"Invalid parameter '{k}'")
+        if k == "size":
+            size = option_size(k, v)
+        elif k == "nocow":
+            _bool(v, k)
+    return size
 
 
 async def cmd_create(argv: list[str]) -> int:
@@ -535,27 +620,24 @@ async def cmd_create(argv: list[str]) -> int:
         raise Qcow2Error(f"{a.filename}: The image size must be specified only once")
     refuse_if_in_use(a.filename)
     # The size comes positionally or as -o size=, either way.
-    size_text = a.size if a.size is not None else o.get("size")
-    size: int | None
+    size: int | None = None
     if a.size is not None:
-        if a.size.startswith("-"):
+        if a.size.startswith("-") and "--" not in argv:
             raise ConfigError(f"unrecognized option '{a.size}'")  # getopt's reading of it
-        size = size_arg(a.size, "image size")
-        if size >= 1 << 63:
-            raise ConfigError(f"Invalid image size specified. Must be between 0 and {(1 << 63) - 1}.")
-    else:
-        size = parse_size_arg(size_text) if size_text is not None else None
+        size = cvtnum("image size", a.size)
+    if a.fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"{a.filename}: Unknown file format '{a.fmt}'")
+    try:
+        # qemu-img names the file first.
+        if a.fmt == "raw":
+            given = raw_create_options(o)
+        else:
+            opts = _create_options(o, size)
+            given = opts.size if "size" in o else None
+    except ConfigError as err:
+        raise ConfigError(f"{a.filename}: {err}") from None
+    size = size if given is None else given
     if a.fmt == "raw":
-        extra = set(o) - {"preallocation", "size", "nocow"}
-        if extra:
-            raise ConfigError(f"{a.filename}: Invalid parameter '{sorted(extra)[0]}'")
-        if "nocow" in o:
-            try:
-                _bool(o["nocow"], "nocow")
-            except ConfigError as err:
-                raise ConfigError(f"{a.filename}: {err}") from None
-        if o.get("preallocation", "off") not in ("off", "falloc", "full"):
-            raise Qcow2Error(f"{a.filename}: Unsupported preallocation mode: {o['preallocation']}")
         if size is None:
             raise ConfigError(f"{a.filename}: Image creation needs a size parameter")
         if not a.quiet:
@@ -570,12 +652,6 @@ async def cmd_create(argv: list[str]) -> int:
         except Qcow2Error as err:
             raise Qcow2Error(f"{a.filename}: {err}") from err
         return 0
-    if a.fmt != "qcow2":
-        raise ConfigError(f"Unknown file format '{a.fmt}'")
-    try:
-        opts = _create_options(o, size)
-    except ConfigError as err:
-        raise ConfigError(f"{a.filename}: {err}") from None  # qemu-img names the file first
     if a.backing is not None:
         opts.backing_file = a.backing
     if a.backing_fmt is not None:
@@ -621,7 +697,8 @@ async def cmd_create(argv: list[str]) -> int:
             if opts.backing_fmt:
                 parts.append(f"backing_fmt={opts.backing_fmt}")
         parts.append(f"lazy_refcounts={'on' if opts.lazy_refcounts else 'off'}")
-        parts.append(f"refcount_bits={opts.refcount_bits}")
+        rb = opts.refcount_bits  # printed as QEMU prints a number option: a signed 64-bit one
+        parts.append(f"refcount_bits={rb - (1 << 64) if rb >> 63 else rb}")
         if "nocow" in o:
             parts.append(f"nocow={'on' if _bool(o['nocow'], 'nocow') else 'off'}")
         print(" ".join(parts))
@@ -653,7 +730,7 @@ def _measure_options(o: dict[str, str]) -> tuple[int, int, int, bool, str, bool]
         if k in o:
             _bool(o[k], k)
     ext_l2 = _bool(o["extended_l2"], "extended_l2") if "extended_l2" in o else False
-    cs = parse_size_arg(o["cluster_size"]) if "cluster_size" in o else 65536
+    cs = option_size("cluster_size", o["cluster_size"]) if "cluster_size" in o else 65536
     if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
         raise Qcow2Error("Cluster size must be a power of two between 512 and 2048k")
     if ext_l2 and cs < 16384:
@@ -663,10 +740,7 @@ def _measure_options(o: dict[str, str]) -> tuple[int, int, int, bool, str, bool]
     if compat not in ("0.10", "1.1", "v2", "v3"):
         raise Qcow2Error(f"Invalid compatibility level: '{compat}'")
     version = 2 if compat in ("0.10", "v2") else 3
-    text = o.get("refcount_bits", "16")
-    if not text.isdigit():
-        raise ConfigError("Parameter 'refcount_bits' expects a number")
-    rb = int(text)
+    rb = option_number("refcount_bits", o.get("refcount_bits", "16"))
     if rb < 1 or rb > 64 or rb & (rb - 1):
         raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
     if version < 3 and rb != 16:
@@ -691,6 +765,7 @@ async def cmd_measure(argv: list[str]) -> int:
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("filename", nargs="?")
     a = p.parse_args(argv)
+    given = cvtnum("image size", a.size) if a.size is not None else 0
     o = parse_o_all(a.options)
     if wants_help(o):
         return print_create_options(a.out_fmt)
@@ -714,10 +789,7 @@ async def cmd_measure(argv: list[str]) -> int:
             if not isinstance(src, Qcow2Image):
                 raise Qcow2Error(f"Failed to load snapshot: '{a.filename}' has no internal snapshots")
             await snapops.view_snapshot(src, name=name, ident=ident, either=either)
-        size = src.size if src is not None else size_arg(a.size, "image size")
-        if size >= 1 << 63:
-            raise ConfigError("Invalid image size specified. Must be between 0 and "
-                              f"{(1 << 63) - 1}.")
+        size = src.size if src is not None else given
         if a.out_fmt == "raw":
             for k in o:  # raw's creation options; neither changes what a raw file needs
                 if k not in ("size", "preallocation"):
@@ -880,7 +952,7 @@ def _human_value(key: str, v: Any, indent: int) -> str:
 
 async def cmd_info(argv: list[str]) -> int:
     p = _parser("info")
-    p.add_argument("-f", dest="fmt")
+    p.add_argument("-f", "--format", dest="fmt")  # qemu-img info has the long name too
     p.add_argument("--output", default="human", choices=["human", "json"])
     p.add_argument("--backing-chain", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
@@ -932,8 +1004,8 @@ async def cmd_check(argv: list[str]) -> int:
     from appliance.qcow2.check_flow import FIX_MODES, check_pass
 
     p = _parser("check")
-    p.add_argument("-f", dest="fmt")
-    p.add_argument("-r", dest="repair", choices=["leaks", "all"])
+    p.add_argument("-f", "--format", dest="fmt")  # qemu-img check has the long name too
+    p.add_argument("-r", "--repair", dest="repair", choices=["leaks", "all"])
     p.add_argument("-T", dest="src_cache", default="writeback")
     p.add_argument("--output", default="human", choices=["human", "json"])
     p.add_argument("-q", dest="quiet", action="store_true")
@@ -1228,18 +1300,18 @@ async def map_rows(img: Any, start: int, length: int) -> list[dict[str, Any]]:
 
 async def cmd_map(argv: list[str]) -> int:
     p = _parser("map")
-    p.add_argument("-f", dest="fmt")
+    p.add_argument("-f", "--format", dest="fmt")  # qemu-img map has the long name too
     p.add_argument("--output", default="human", choices=["human", "json"])
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("--start-offset", default="0")
     p.add_argument("--max-length")
     p.add_argument("filename")
     a = p.parse_args(argv)
+    start = cvtnum("start offset", a.start_offset)
+    most = cvtnum("max length", a.max_length) if a.max_length is not None else None
     img = await _open(a.filename, a.fmt, read_only=True, share=a.force_share)
     try:
-        start = size_arg(a.start_offset, "start offset")
-        length = img.size - start if a.max_length is None else min(
-            size_arg(a.max_length, "max length"), img.size - start)
+        length = img.size - start if most is None else min(most, img.size - start)
         rows = await map_rows(img, start, max(0, length))
         if length <= 0:
             # qemu-img's one row for a start at or past the end: nothing there, not even zeroes.
@@ -1340,7 +1412,14 @@ async def cmd_snapshot(argv: list[str]) -> int:
             if snapops.find(img, a.apply) is None:
                 raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
                                  "Failed to load snapshot: No such file or directory")
-            await snapops.apply_snapshot(img, a.apply)
+            try:
+                await snapops.apply_snapshot(img, a.apply)
+            except Qcow2Error as err:
+                if err.kind is not ErrorKind.RANGE:
+                    raise
+                # A refcount that would overflow is QEMU's EINVAL there too.
+                raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
+                                 "Failed to load snapshot: Invalid argument") from err
     finally:
         await img.close()
     return 0
@@ -1360,21 +1439,16 @@ async def cmd_resize(argv: list[str]) -> int:
     prealloc = a.preallocation
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise Qcow2Error(f"Invalid preallocation mode '{prealloc}'")
+    # As qemu-img: one sign is taken off, the rest is an option's size value,
+    # checked before the image is opened.
+    sign = a.size[:1] if a.size[:1] in ("+", "-") else ""
+    amount = option_size("size", a.size[len(sign):])
     refuse_unopenable(a.filename)
     refuse_missing_backing(a.filename, a.fmt)
     img = await _open(a.filename, a.fmt, read_only=False, backing=False)
     try:
-        text = a.size
-        try:
-            if text[0] in "+-":
-                delta = parse_size_arg(text[1:])
-                new = img.size + delta if text[0] == "+" else img.size - delta
-            else:
-                new = parse_size_arg(text)
-        except ConfigError:
-            raise ConfigError("Parameter 'size' expects a non-negative number below 2^64 Optional suffix "
-                              "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes, "
-                              "respectively.") from None
+        new = {"+": img.size + amount, "-": img.size - amount}.get(sign, amount)
+        new = (new + (1 << 63)) % (1 << 64) - (1 << 63)  # qemu-img's int64_t arithmetic
         if new <= 0:
             raise ConfigError("New image size must be positive")
         if new < img.size and not a.shrink:
@@ -1447,15 +1521,26 @@ async def cmd_amend(argv: list[str]) -> int:
         raise ConfigError("Expecting one image file name")
     if not o:
         raise ConfigError("Must specify options (-o)")
-    refuse_unopenable(a.filename)
-    refuse_missing_backing(a.filename, a.fmt)
-    img = await _open(a.filename, a.fmt, read_only=False, backing=False, cache=a.cache)
+    from appliance.qcow2.img_ops import _Progress
+
+    # qemu-img starts its progress before it opens the image: from here a
+    # failure still ends the line, and once the options were taken (the 0
+    # printed) it shows 100 whatever became of the work.
+    prog = _Progress(a.progress and not a.quiet, 1, start=False)
     try:
-        if not isinstance(img, Qcow2Image):
-            raise Qcow2Error("Format driver 'raw' does not support option amendment")
-        await amend(img, o)
+        refuse_unopenable(a.filename)
+        refuse_missing_backing(a.filename, a.fmt)
+        img = await _open(a.filename, a.fmt, read_only=False, backing=False, cache=a.cache)
+        try:
+            if not isinstance(img, Qcow2Image):
+                raise Qcow2Error("Format driver 'raw' does not support option amendment")
+            await amend(img, o, progress=prog.set)
+        finally:
+            if prog.touched:
+                prog.set(100.0)
+            await img.close()
     finally:
-        await img.close()
+        prog.end()
     return 0
 
 

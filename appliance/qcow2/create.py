@@ -138,10 +138,18 @@ def create_raw(path: str | os.PathLike[str], size: int, preallocation: str = "of
     Like QEMU's file driver it writes the first block (4 KiB, or the whole
     file if smaller) so the file has an allocated block to probe O_DIRECT
     alignment on; ``qemu-img map`` and the disk size show that block.
+
+    :raises Qcow2Error: for a preallocation mode QEMU does not know (before
+        the file is touched) or one a raw file cannot have (``metadata``:
+        after it is created empty, as QEMU's file driver leaves it).
     """
+    if preallocation not in ("off", "metadata", "falloc", "full"):
+        raise Qcow2Error(f"invalid parameter value: {preallocation}")
     size = -(-size // 512) * 512
     fd = _create_file(path)
     try:
+        if preallocation == "metadata":
+            raise Qcow2Error("Unsupported preallocation mode: metadata")
         os.ftruncate(fd, size)
         if preallocation == "falloc" and size:
             os.posix_fallocate(fd, 0, size)

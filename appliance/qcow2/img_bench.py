@@ -1,10 +1,11 @@
 """``appliance img bench``: qemu-img bench's workload on our engine.
 
 Same options and output as qemu-img bench: ``-c`` requests of ``-s`` bytes,
-``-d`` in flight, starting at ``-o`` and advancing by ``-S`` (wrapping inside
-the image), reads unless ``-w``, ``-t none`` for O_DIRECT. Like qemu-img 7.2
-every request uses one buffer of ``-s`` bytes (``--buffer-per-request``, ours
-only, gives each of the ``-d`` slots its own). The clock runs from the first
+``-d`` in flight, starting at ``-o`` and advancing by ``-S`` (wrapping at the
+image's end; a request that runs past it fails the run, as in qemu-img 7.2),
+reads unless ``-w``, ``-t none`` for O_DIRECT. Like qemu-img 7.2 every
+request uses one buffer of ``-s`` bytes (``--buffer-per-request``, ours only,
+gives each of the ``-d`` slots its own). The clock runs from the first
 request to the last completion, after the image is open and the buffer filled.
 """
 
@@ -16,14 +17,16 @@ import time
 from typing import Any
 
 from appliance.errors import ConfigError
-from appliance.qcow2.cli import _open, _parser, parse_size_arg
+from appliance.qcow2.cli import _open, _parser, count_arg, cvtnum
+from appliance.qcow2.errors import ErrorKind, Qcow2Error
+from appliance.qcow2.qemu_numbers import INT_MAX
 from appliance.storage import poll
 
 
 async def cmd_bench(argv: list[str]) -> int:
     p = _parser("bench")
-    p.add_argument("-c", dest="count", type=int, default=75000)
-    p.add_argument("-d", dest="depth", type=int, default=64)
+    p.add_argument("-c", dest="count", default="75000")
+    p.add_argument("-d", dest="depth", default="64")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-n", dest="native", action="store_true")
     # Our default under -t none is kernel AIO (-i native); -i threads uses the pool.
@@ -36,7 +39,7 @@ async def cmd_bench(argv: list[str]) -> int:
     p.add_argument("-w", dest="write", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("--pattern", default=None)
-    p.add_argument("--flush-interval", type=int, default=0)
+    p.add_argument("--flush-interval", default="0")
     p.add_argument("--no-drain", action="store_true")
     p.add_argument("--buffer-per-request", dest="per_request", action="store_true")
     # Ours: the ceiling of the AIO completion polling window (appliance.storage.poll).
@@ -44,18 +47,18 @@ async def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--poll-stats", action="store_true")
     p.add_argument("filename")
     a = p.parse_args(argv)
-    if a.count < 1 or a.depth < 1:
-        raise ConfigError("Invalid request count or queue depth")
-    bufsize = parse_size_arg(a.bufsize)
-    step = parse_size_arg(a.step) if a.step else bufsize
-    offset = parse_size_arg(a.offset)
+    # As qemu-img reads them: C numbers (0x…, 0…) for counts, QEMU sizes for bytes.
+    a.count = count_arg(a.count, INT_MAX, "Invalid request count specified")
+    a.depth = count_arg(a.depth, INT_MAX, "Invalid queue depth specified")
+    offset = cvtnum("offset", a.offset)
+    bufsize = cvtnum("buffer size", a.bufsize, 0, INT_MAX)
+    step = cvtnum("step_size", a.step, 0, INT_MAX) if a.step is not None else bufsize
     if a.pattern is not None:
-        try:
-            a.pattern = int(a.pattern, 0)
-        except ValueError:
-            a.pattern = -1
-        if not 0 <= a.pattern <= 0xFF:
-            raise ConfigError("Invalid pattern byte specified")
+        a.pattern = count_arg(a.pattern, 0xFF, "Invalid pattern byte specified")
+    a.flush_interval = count_arg(a.flush_interval, INT_MAX, "Invalid flush interval specified")
+    if a.depth < 1:
+        # qemu-img waits for ever on no requests in flight; refused here.
+        raise ConfigError("Invalid request count or queue depth")
     if a.pattern is not None and not a.write:
         raise ConfigError("--pattern is only for write tests")
     if a.flush_interval and not a.write:
@@ -91,17 +94,18 @@ async def cmd_bench(argv: list[str]) -> int:
         arena.write(bytes([a.pattern or 0]) * len(arena))
         whole = memoryview(arena)
         bufs = [whole[(i * stride if a.per_request else 0):][:bufsize] for i in range(slots)]
-        limit = size - bufsize
-        wrap = size <= bufsize
+        last = size - bufsize  # the last offset a whole request fits at
         count = a.count
         nxt = offset  # offset of the next request
         issued = done = depth = 0
+        pending = 0  # requests and flushes not yet answered: waited for when the run fails
 
         op = img.writev if a.write else img.readv
         write = a.write
         flush_every = a.flush_interval
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
+        quiet: asyncio.Future[None] = loop.create_future()  # nothing pending after a failure
         # Like qemu-img's bench_cb, a completion starts the next request: through
         # the image's callback form (start_rw) where it takes the request,
         # else as a coroutine.
@@ -146,12 +150,17 @@ async def cmd_bench(argv: list[str]) -> int:
             # Called from the previous request's completion: the time from
             # there to the next submission is on every request's path, so
             # this stays one flat function.
-            nonlocal issued, nxt
+            nonlocal issued, nxt, pending
             issued += 1
+            pending += 1
             off = nxt
-            # qemu-img master: wrap inside the usable range (7.2 wrapped at the image end).
-            nxt = 0 if wrap else (off + step) % limit
-            if start_rw is None or not start_rw(write, off, [buf], completed, buf):
+            # qemu-img 7.2 wraps at the image end (later versions inside the
+            # range a whole request fits in), and QEMU's block layer fails a
+            # request that runs past the end with EIO.
+            nxt = (off + step) % size if size else 0
+            if off > last:
+                completed(buf, 0, _past_end(off))
+            elif start_rw is None or not start_rw(write, off, [buf], completed, buf):
                 spawn(slow(off, buf))
 
         async def slow(off: int, buf: memoryview) -> None:
@@ -163,23 +172,40 @@ async def cmd_bench(argv: list[str]) -> int:
                 completed(buf, n, None)
 
         async def flush_then_next(buf: memoryview) -> None:
+            nonlocal pending
             try:
                 await img.flush()
             except Exception as err:  # noqa: BLE001 - ends the run below
-                if not finished.done():
-                    finished.set_exception(err)
+                pending -= 1
+                failed(err)
+                return
+            pending -= 1
+            if finished.done():
+                settle()
                 return
             following(buf)
 
+        def failed(err: BaseException) -> None:
+            if not finished.done():
+                finished.set_exception(err)
+            settle()
+
+        def settle() -> None:
+            if not pending and not quiet.done():
+                quiet.set_result(None)
+
         def completed(buf: memoryview, n: int, err: BaseException | None) -> None:
-            nonlocal done
+            nonlocal done, pending
+            pending -= 1
             if finished.done():
+                settle()
                 return
             if err is not None:
-                finished.set_exception(err)
+                failed(err)
                 return
             done += 1
             if flush_every and done % flush_every == 0:
+                pending += 1
                 spawn(flush_then_next(buf))  # this slot waits for the flush
             elif issued < count:
                 issue(buf)
@@ -194,8 +220,20 @@ async def cmd_bench(argv: list[str]) -> int:
 
         t0 = time.perf_counter()
         for b in bufs:
+            if finished.done():
+                break  # the first request failed: start no more
             issue(b)
-        await finished
+        if not count:
+            finished.set_result(None)
+        try:
+            await finished
+        except (Qcow2Error, OSError) as err:
+            # qemu-img's bench_cb: the first request that fails ends the run.
+            # Those still under way are let finish before the image closes.
+            settle()
+            await quiet
+            why = err.strerror if isinstance(err, OSError) and err.strerror else "Input/output error"
+            raise Qcow2Error(f"Failed request: {why}", kind=getattr(err, "kind", ErrorKind.IO)) from err
         elapsed = time.perf_counter() - t0
         print(f"Run completed in {elapsed:.3f} seconds.")
         if a.poll_stats:
@@ -203,6 +241,10 @@ async def cmd_bench(argv: list[str]) -> int:
     finally:
         await img.close()
     return 0
+
+
+def _past_end(offset: int) -> Qcow2Error:
+    return Qcow2Error(f"request at {offset} runs past the end of the image", kind=ErrorKind.RANGE)
 
 
 def _print_poll_stats(loop: asyncio.AbstractEventLoop) -> None:

@@ -27,13 +27,14 @@ from appliance.qcow2.cli import (
     _open,
     _parser,
     chain_status,
+    count_arg,
+    cvtnum,
     parse_o,
     parse_o_all,
-    parse_size_arg,
     print_create_options,
     wants_help,
 )
-from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.errors import ErrorKind, Qcow2Error
 from appliance.qcow2.image import (
     K_COMPRESSED,
     K_DATA,
@@ -44,6 +45,7 @@ from appliance.qcow2.image import (
     copy_range,
 )
 from appliance.qcow2.iopool import run as _iorun
+from appliance.qcow2.qemu_numbers import INT_MAX
 from appliance.qcow2.refcount import encode_block
 
 CHUNK = 2 * 1024 * 1024
@@ -57,41 +59,84 @@ def _aligned(n: int) -> memoryview:
     return memoryview(mmap.mmap(-1, max(4096, (n + 4095) & ~4095)))[:n]
 
 
+def _f32(x: float) -> float:
+    """``x`` as a C float holds it: qemu-img keeps its progress in one."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
+
+
 class _Progress:
-    def __init__(self, enabled: bool, total: int) -> None:
+    """qemu-img's -p (QEMU util/qemu-progress.c): ``    (P/100%)\r`` with P
+    to two decimals, printed at 0 and at 100 and whenever it passed the last
+    printed figure by more than ``min_skip`` points; a newline at the end.
+
+    The figure is kept in a C float as QEMU keeps it, so sums of many steps
+    come out in the same digits. Unless ``start`` is off, the 0 is printed
+    at once: the commands print it before any work.
+    """
+
+    def __init__(self, enabled: bool, total: int, *, min_skip: float = 1.0,
+                 start: bool = True) -> None:
         self.enabled = enabled
         self.total = max(1, total)
         self.done = 0
-        self.shown = -1.0
+        self.min_skip = _f32(min_skip)
+        self.current = 0.0
+        self.last = 0.0
+        self.touched = False  # set() was called: a figure is (or, disabled, would be) shown
+        if start:
+            self.set(0.0)
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes of ``total`` done (convert's reckoning: the share done so far)."""
+        self.done += n
+        self.set(100.0 * self.done / self.total)
 
     def add(self, n: int) -> None:
+        """``n`` more bytes of ``total`` done, as a step (compare's reckoning)."""
+        self.step(_f32(_f32(_f32(n) / _f32(self.total)) * 100))
+
+    def step(self, delta: float) -> None:
+        """``delta`` more points: qemu_progress_print(delta, 100)."""
+        self.set(_f32(self.current + _f32(_f32(_f32(delta) / 100) * 100)))
+
+    def set(self, pct: float) -> None:
+        """The figure is now ``pct``: qemu_progress_print(pct, 0)."""
+        self.touched = True
         if not self.enabled:
             return
-        self.done = min(self.total, self.done + n)  # convert -c counts a cluster's zero part twice
-        pct = self.done * 100.0 / self.total
-        if pct - self.shown >= 1.0 or self.done >= self.total:
-            self.shown = pct
-            sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+        cur = self.current = min(100.0, _f32(pct))
+        if cur > _f32(self.last + self.min_skip) or cur in (0.0, 100.0):
+            self.last = cur
+            sys.stdout.write(f"    ({cur:3.2f}/100%)\r")
             sys.stdout.flush()
 
     def finish(self) -> None:
+        """The end of a command that completed: 100 once more, then the newline."""
+        self.set(100.0)
+        self.end()
+
+    def end(self) -> None:
         if self.enabled:
-            sys.stdout.write("    (100.00/100%)\n")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _rate_arg(text: str | None) -> int:
     """-r of convert and commit: bytes a second, 0 (or none given) for no limit."""
-    if text is None:
-        return 0
-    try:
-        rate = parse_size_arg(text)
-    except ConfigError:
-        rate = -1
-    if rate < 0:
-        raise ConfigError("Invalid rate limit specified. You may use k, M, G, T, P or E "
-                          "suffixes for kilobytes, megabytes, gigabytes, terabytes, "
-                          "petabytes and exabytes.")
-    return rate
+    return 0 if text is None else cvtnum("rate limit", text)
+
+
+MAX_SPARSE = 16 << 20  # qemu-img's MAX_BUF_SECTORS, in bytes
+
+
+def _sparse_arg(text: str) -> int:
+    """convert -S: whole sectors up to qemu-img's largest buffer, 0 for no sparse detection."""
+    n = cvtnum("buffer size for sparse output", text)
+    if n % 512 or n > MAX_SPARSE:
+        raise ConfigError("Invalid buffer size for sparse output specified. Valid sizes are "
+                          f"multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse "
+                          "detection (fully allocates output).")
+    return n
 
 
 class _RateLimit:
@@ -238,10 +283,8 @@ def _target_opts(text: str, a: Any, argv: list[str]) -> tuple[str, str]:
 
 
 async def cmd_convert(argv: list[str]) -> int:
-    target_opts = "--target-image-opts" in argv
-    if target_opts:
-        argv = [x for x in argv if x != "--target-image-opts"]
     p = _parser("convert")
+    p.add_argument("--target-image-opts", dest="target_opts", action="store_true")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-O", dest="out_fmt", default="raw")
     p.add_argument("-c", dest="compress", action="store_true")
@@ -254,7 +297,7 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("-n", dest="no_create", action="store_true")
     p.add_argument("-B", dest="backing")
     p.add_argument("-F", dest="backing_fmt")
-    p.add_argument("-m", dest="coroutines", type=int, default=8)
+    p.add_argument("-m", dest="coroutines", default="8")
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-U", "--force-share", action="store_true")
     p.add_argument("-l", dest="snapshot")
@@ -266,6 +309,11 @@ async def cmd_convert(argv: list[str]) -> int:
     p.add_argument("--salvage", action="store_true")
     p.add_argument("files", nargs="*")
     a = p.parse_intermixed_args(argv)
+    # The values qemu-img checks as it reads its options, before anything else.
+    coroutines = count_arg(a.coroutines, 16, "Invalid number of coroutines. Allowed number of "
+                           "coroutines is between 1 and 16", low=1)
+    sparse = _sparse_arg(a.sparse) if a.sparse is not None else 4096
+    rate = _rate_arg(a.rate)
     if a.skip_broken_bitmaps and not a.bitmaps:
         raise ConfigError("Use of --skip-broken-bitmaps requires --bitmaps")
     if any(wants_help(parse_o(t)) for t in a.options):
@@ -278,11 +326,22 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError("Cannot enable copy offloading when -S is used")
     if a.copy_offload and a.salvage:
         raise ConfigError("Cannot use copy offloading in salvaging mode")
-    if a.sparse is None:
-        a.sparse = "4k"
-    rate = _rate_arg(a.rate)
     if len(a.files) < 2:
         raise ConfigError("Must specify image file name")
+    # qemu-img starts its progress here: a failure from now on still ends the line.
+    prog = _Progress(a.progress and not a.quiet, 1)
+    try:
+        await _convert_files(a, argv, a.target_opts, prog, sparse=sparse, rate=rate,
+                             coroutines=coroutines)
+        prog.set(100.0)
+    finally:
+        prog.end()
+    return 0
+
+
+async def _convert_files(a: Any, argv: list[str], target_opts: bool, prog: _Progress, *,
+                         sparse: int, rate: int, coroutines: int) -> None:
+    """convert's work once its command line is read: open, create, copy."""
     *src_names, dst_name = a.files
     if target_opts:
         dst_name, a.out_fmt = _target_opts(dst_name, a, argv)
@@ -305,12 +364,6 @@ async def cmd_convert(argv: list[str]) -> int:
         raise ConfigError(f"Unknown file format '{a.out_fmt}'")
     if a.compress and a.out_fmt != "qcow2":
         raise ConfigError("Compression not supported for this file format")
-    if not 1 <= a.coroutines <= 16:
-        raise ConfigError("Invalid number of coroutines. Allowed number of coroutines is "
-                          "between 1 and 16")
-    sparse = parse_size_arg(a.sparse)
-    if sparse and sparse % 512:
-        raise ConfigError("Invalid buffer size for sparse output specified")
     parts: list[Any] = []
     try:
         for name in src_names:
@@ -333,6 +386,7 @@ async def cmd_convert(argv: list[str]) -> int:
         if not a.no_create:
             from appliance.qcow2.cli import refuse_if_in_use
 
+            _target_options(a.out_fmt, o)
             # As qemu-img: a target another process uses is refused before it is touched.
             try:
                 refuse_if_in_use(dst_name)
@@ -342,8 +396,7 @@ async def cmd_convert(argv: list[str]) -> int:
             try:
                 await _create_target(dst_name, a.out_fmt, src.size, o, a.backing, a.backing_fmt)
             except Qcow2Error as err:
-                if not str(err).startswith("Could not create"):
-                    raise
+                # Whatever the format's creation refuses, in qemu-img's words for convert.
                 raise Qcow2Error(f"{dst_name}: error while converting {a.out_fmt}: {err}") from None
         else:
             from appliance.qcow2.cli import refuse_unopenable
@@ -372,7 +425,7 @@ async def cmd_convert(argv: list[str]) -> int:
             await convert(src, dst, compress=a.compress, sparse=sparse,
                           explicit_zeroes=(a.no_create and not a.target_is_zero
                                            or a.backing is not None),
-                          progress=a.progress and not a.quiet, workers=a.coroutines,
+                          progress=prog, workers=coroutines,
                           file_copy=not a.force_share and not a.salvage, rate=rate,
                           salvage=None if not a.salvage else (lambda m: None) if a.quiet else _warn,
                           top_only=a.backing is not None, in_order=not a.out_of_order)
@@ -382,7 +435,6 @@ async def cmd_convert(argv: list[str]) -> int:
             await dst.close()
     finally:
         await src.close()
-    return 0
 
 
 def _check_bitmaps(parts: list[Any], skip_broken: bool) -> None:
@@ -442,8 +494,21 @@ async def _copy_bitmaps(src: Qcow2Image, dst: Qcow2Image, skip_broken: bool) -> 
             await add_bitmaps(dst, items)
 
 
+def _target_options(fmt: str, o: dict[str, str]) -> None:
+    """The target's -o as QEMU's option parser takes them, before anything is
+    created (qemu-img's words, no file name); each format's own checks of
+    the values come when it is created."""
+    from appliance.qcow2.cli import _create_options, raw_create_options
+
+    if fmt == "raw":
+        raw_create_options(o)
+    else:
+        _create_options(dict(o), 0)
+
+
 async def _create_target(name: str, fmt: str, size: int, o: dict[str, str],
                          backing: str | None, backing_fmt: str | None) -> None:
+    _target_options(fmt, o)
     if fmt == "raw":
         from appliance.qcow2.create import create_raw
 
@@ -547,7 +612,7 @@ def _write_all(fd: int, pos: int, view: memoryview) -> None:
 
 
 async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4096,
-                  explicit_zeroes: bool = False, progress: bool = False,
+                  explicit_zeroes: bool = False, progress: _Progress | None = None,
                   workers: int = 8, file_copy: bool = True, rate: int = 0,
                   salvage: Callable[[str], None] | None = None, top_only: bool = False,
                   in_order: bool = True) -> None:
@@ -573,7 +638,7 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
     through a user-space buffer).
     """
     size = min(src.size, dst.size)
-    prog = _Progress(progress, size)
+    prog = progress or _Progress(False, size)
     limit = _RateLimit(rate)
     qdst = isinstance(dst, Qcow2Image)
     cs = dst._cs if qdst else 4096
@@ -588,19 +653,18 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
             dst_fd = fd
     jobs: asyncio.Queue[tuple[int, int, int | None, int, int] | None] = asyncio.Queue()
     order: list[int] = []  # each job's start, in disk order
+    to_copy = 0
     compress_end = 0
     pos = 0
     while pos < size:
         n = min(CONVERT_CHUNK * 4, size - pos)
         for start, length, _, _, _, kind, where in await _extents(src, pos, n, top_only):
             if kind == K_BACKING:
-                prog.add(length)  # left to the target's own backing file
-                continue
+                continue  # left to the target's own backing file
             # -S 0 means no sparse output at all: zeroes are written as data too.
             if kind in (K_UNALLOC, K_ZERO) and sparse:
                 if explicit_zeroes:
                     await dst.write_zeroes(start, length, may_unmap=True)
-                prog.add(length)
                 continue
             host, sfd = -1, None
             if dst_fd >= 0 and kind == K_DATA and where is not None:
@@ -618,8 +682,11 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 e = min(start + length, (s // CONVERT_CHUNK + 1) * CONVERT_CHUNK)
                 jobs.put_nowait((s, e - s, sfd, host + s - start, len(order)))
                 order.append(s)
+                to_copy += e - s
                 s = e
         pos += n
+    # As qemu-img's, the progress counts the bytes to copy, each chunk as it starts.
+    prog.total = max(1, to_copy)
     direct = getattr(src, "_direct", False) or getattr(dst, "_direct", False)
     # Reads run in parallel, writes one at a time: buffered writes to one file
     # serialize on the inode lock anyway, and several writers waiting there
@@ -645,12 +712,13 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                 return
             start, length, sfd, host, seq = job
             await limit.take(length)
+            for piece in range(0, length, CHUNK):  # qemu-img's 2 MiB reads, each counted as it starts
+                prog.advance(min(CHUNK, length - piece))
             if sfd is not None:
                 runs = await file_chunk(start, length, sfd, host)
                 if explicit_zeroes:
                     async with write_lock:
                         await _zero_gaps(dst, start, length, runs)
-                prog.add(length)
                 continue
             if buf is None:
                 buf = (_aligned(CONVERT_CHUNK) if direct
@@ -683,11 +751,9 @@ async def convert(src: Any, dst: Any, *, compress: bool = False, sparse: int = 4
                     async with turn:
                         next_write[0] += 1
                         turn.notify_all()
-            prog.add(length)
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     await dst.flush()
-    prog.finish()
 
 
 def _is_turn(next_write: list[int], seq: int) -> bool:
@@ -775,7 +841,19 @@ async def _write_compressed_chunk(dst: Qcow2Image, start: int, view: memoryview,
 # ---------------------------------------------------------------- compare
 
 
+class CompareError(Qcow2Error):
+    """compare could not finish; ``status`` is qemu-img's exit code for it
+    (3: a block status failed, 4: a read failed)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, kind=ErrorKind.IO)
+        self.status = status
+
+
 async def cmd_compare(argv: list[str]) -> int:
+    """qemu-img compare. Exit codes as qemu-img documents them: 0 the same,
+    1 different, 2 an image would not open, 3 a block status failed, 4 a read
+    failed (a refused command line stays the project's 2)."""
     p = _parser("compare")
     p.add_argument("-f", dest="fmt1")
     p.add_argument("-F", dest="fmt2")
@@ -787,27 +865,48 @@ async def cmd_compare(argv: list[str]) -> int:
     p.add_argument("file1")
     p.add_argument("file2")
     a = p.parse_args(argv)
+    # qemu-img starts its progress before it opens anything (min_skip 2).
+    prog = _Progress(a.progress and not a.quiet, 1, min_skip=2.0, start=False)
     try:
-        i1 = await _open(a.file1, a.fmt1, read_only=True, cache=a.cache, share=a.force_share)
-        i2 = await _open(a.file2, a.fmt2, read_only=True, cache=a.cache, share=a.force_share)
-    except Qcow2Error as err:
-        print(f"appliance img: {err}", file=sys.stderr)
-        return 2
-    try:
-        return await compare(i1, i2, strict=a.strict, quiet=a.quiet)
-    except Qcow2Error as err:
-        print(f"appliance img: {err}", file=sys.stderr)
-        return 2
+        try:
+            i1 = await _open(a.file1, a.fmt1, read_only=True, cache=a.cache, share=a.force_share)
+        except Qcow2Error as err:
+            print(f"appliance img: {err}", file=sys.stderr)
+            return 2
+        try:
+            i2 = await _open(a.file2, a.fmt2, read_only=True, cache=a.cache, share=a.force_share)
+        except Qcow2Error as err:
+            await i1.close()
+            print(f"appliance img: {err}", file=sys.stderr)
+            return 2
+        try:
+            return await compare(i1, i2, strict=a.strict, quiet=a.quiet,
+                                 names=(a.file1, a.file2), progress=prog)
+        except CompareError as err:
+            print(f"appliance img: {err}", file=sys.stderr)
+            return err.status
+        finally:
+            await i1.close()
+            await i2.close()
     finally:
-        await i1.close()
-        await i2.close()
+        prog.end()
 
 
-async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False) -> int:
+async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False,
+                  names: tuple[str, str] = ("image 1", "image 2"),
+                  progress: _Progress | None = None) -> int:
+    """0 when ``i1`` and ``i2`` read the same (what the bigger one holds past the
+    other's end reading as zeroes), 1 when not, saying where as qemu-img does.
+
+    :raises CompareError: when a block status or a read of either fails.
+    """
     def say(msg: str) -> None:
         if not quiet:
             print(msg)
 
+    prog = progress or _Progress(False, 1)
+    prog.total = max(i1.size, i2.size, 1)
+    prog.set(0.0)
     common = min(i1.size, i2.size)
     if i1.size != i2.size and strict:
         say("Strict mode: Image size mismatch!")
@@ -815,58 +914,142 @@ async def compare(i1: Any, i2: Any, *, strict: bool = False, quiet: bool = False
     # qemu-img walks both images by block status and reports the first
     # offset where status or contents differ: contents before the first
     # status mismatch are compared first, so that is the order here too.
-    status_at = await _first_status_mismatch(i1, i2) if strict else None
+    status_at = await _first_status_mismatch(i1, i2, names) if strict else None
     limit = common if status_at is None else status_at
     b1, b2 = bytearray(CHUNK), bytearray(CHUNK)
     zero = bytes(CHUNK)
     # Stretches the block status says read as zeroes are not read: both
     # zero is equal, one zero needs only the other side's bytes.
-    z1, z2 = _ZeroRuns(await _zero_runs(i1, limit)), _ZeroRuns(await _zero_runs(i2, limit))
+    z1 = _ZeroRuns(await _checked_zero_runs(i1, limit, names[0]))
+    z2 = _ZeroRuns(await _checked_zero_runs(i2, limit, names[1]))
+    reader = _CompareReader((i1, i2), names)
     pos = 0
     while pos < limit:
         zero1, end1 = z1.at(pos)
         zero2, end2 = z2.at(pos)
         n = min(CHUNK, limit - pos, end1 - pos, end2 - pos)
         if zero1 and zero2:
-            pos = min(limit, end1, end2)
+            nxt = min(limit, end1, end2)
+            prog.add(nxt - pos)
+            pos = nxt
             continue
         v1, v2 = memoryview(b1)[:n], memoryview(b2)[:n]
         if zero1:
             v1 = memoryview(zero)[:n]
-            await i2.readv(pos, [v2])
+            n = await reader.read((1,), pos, [v2])
         elif zero2:
             v2 = memoryview(zero)[:n]
-            await i1.readv(pos, [v1])
+            n = await reader.read((0,), pos, [v1])
         else:
-            await asyncio.gather(i1.readv(pos, [v1]), i2.readv(pos, [v2]))
-        if not v1.tobytes().startswith(v2) if zero1 or zero2 else not b1.startswith(v2):
+            n = await reader.read((0, 1), pos, [v1, v2])
+        v1, v2 = v1[:n], v2[:n]
+        if not v1.tobytes().startswith(v2) if zero1 or zero2 else not b1[:n].startswith(v2):
             at = _first_diff(v1, v2)
             say(f"Content mismatch at offset {pos + at}!")
             return 1
         pos += n
+        prog.add(n)
     if status_at is not None:
         say(f"Strict mode: Offset {status_at} block status mismatch!")
         return 1
     if i1.size != i2.size:
         # Only once the common part is equal: the rest of the bigger image must read as zeroes.
         say("Warning: Image size mismatch!")
-    bigger = i1 if i1.size > i2.size else i2
-    zb = _ZeroRuns(await _zero_runs(bigger, bigger.size))
+    side = 0 if i1.size > i2.size else 1
+    bigger = (i1, i2)[side]
+    zb = _ZeroRuns(await _checked_zero_runs(bigger, bigger.size, names[side]))
     while pos < bigger.size:
         known, end = zb.at(pos)
         if known:
+            prog.add(end - pos)
             pos = end
             continue
         n = min(CHUNK, bigger.size - pos, end - pos)
         v1 = memoryview(b1)[:n]
-        await bigger.readv(pos, [v1])
+        n = await reader.read((side,), pos, [v1])
+        v1 = v1[:n]
         if not zero.startswith(v1):
             at = _first_diff(v1, memoryview(zero)[:n])
             say(f"Content mismatch at offset {pos + at}!")
             return 1
         pos += n
+        prog.add(n)
     say("Images are identical.")
     return 0
+
+
+async def _checked_zero_runs(img: Any, limit: int, name: str) -> list[tuple[int, int]]:
+    """:func:`_zero_runs`, a failure of the block status in qemu-img's words."""
+    try:
+        return await _zero_runs(img, limit)
+    except (Qcow2Error, OSError) as err:
+        raise CompareError(f"Sector allocation test failed for {name}", 3) from err
+
+
+class _CompareReader:
+    """compare's reads; one that fails is named as qemu-img names it: the start
+    of the piece qemu-img would have been reading (its pieces end where a
+    block status answer of either image ends, and are 2 MiB at most)."""
+
+    def __init__(self, imgs: tuple[Any, Any], names: tuple[str, str]) -> None:
+        self.imgs = imgs
+        self.names = names
+        self._cuts: list[int] | None = None
+
+    async def read(self, sides: tuple[int, ...], pos: int, views: list[memoryview]) -> int:
+        """Fill ``views`` (one for each image in ``sides``) from ``pos``; how
+        many bytes were read: all, or those before the piece qemu-img would
+        fail on, so that a mismatch before it is still reported first.
+
+        :raises CompareError: when the piece that fails starts at ``pos``.
+        """
+        results = await asyncio.gather(
+            *(self.imgs[i].readv(pos, [v]) for i, v in zip(sides, views, strict=True)),
+            return_exceptions=True)
+        failed = [(i, r) for i, r in zip(sides, results, strict=True) if isinstance(r, BaseException)]
+        if not failed:
+            return len(views[0])
+        for _, r in failed:
+            if not isinstance(r, (Qcow2Error, OSError)):
+                raise r
+        where = []
+        for i, r in failed:
+            at = await self._first_bad(self.imgs[i], pos, len(views[sides.index(i)]))
+            where.append((await self._piece_start(at), i, r))
+        start, i, err = min(where, key=lambda w: (w[0], w[1]))
+        if start > pos:
+            # Everything before that piece reads: take it again, whole.
+            for side, v in zip(sides, views, strict=True):
+                await self.imgs[side].readv(pos, [v[:start - pos]])
+            return start - pos
+        why = err.strerror if isinstance(err, OSError) and err.strerror else "Input/output error"
+        raise CompareError(f"Error while reading offset {start} of {self.names[i]}: {why}", 4) from err
+
+    async def _first_bad(self, img: Any, pos: int, n: int) -> int:
+        """Where in [pos, pos+n) the first piece that will not read starts."""
+        step = getattr(img, "_cs", 65536)
+        buf = memoryview(bytearray(step))
+        at = pos // step * step
+        while at < pos + n:
+            first = max(at, pos)
+            try:
+                await img.readv(first, [buf[:min(at + step, pos + n) - first]])
+            except (Qcow2Error, OSError):
+                return first
+            at += step
+        return pos
+
+    async def _piece_start(self, at: int) -> int:
+        if self._cuts is None:
+            cuts = {0}
+            for img in self.imgs:
+                try:
+                    cuts.update(e for _, e, _ in await _status_runs(img))
+                except (Qcow2Error, OSError):
+                    pass  # then the cuts of the other image, or none
+            self._cuts = sorted(cuts)
+        base = max(c for c in self._cuts if c <= at)
+        return base + (at - base) // CHUNK * CHUNK
 
 
 async def _zero_runs(img: Any, limit: int) -> list[tuple[int, int]]:
@@ -922,14 +1105,20 @@ async def _status_runs(img: Any) -> list[tuple[int, int, tuple[bool, bool, bool,
     return out
 
 
-async def _first_status_mismatch(i1: Any, i2: Any) -> int | None:
+async def _first_status_mismatch(i1: Any, i2: Any, names: tuple[str, str]) -> int | None:
     """The first offset where ``compare -s`` finds the block status differs.
 
     As in qemu-img, the status of an answer that reaches the end of the
     image carries an end-of-file flag: two images with the same data laid
     out differently in their files differ for -s.
     """
-    r1, r2 = await _status_runs(i1), await _status_runs(i2)
+    runs = []
+    for img, name in zip((i1, i2), names, strict=True):
+        try:
+            runs.append(await _status_runs(img))
+        except (Qcow2Error, OSError) as err:
+            raise CompareError(f"Sector allocation test failed for {name}", 3) from err
+    r1, r2 = runs
     i = j = 0
     pos = 0
     while i < len(r1) and j < len(r2):
@@ -1163,14 +1352,26 @@ async def cmd_rebase(argv: list[str]) -> int:
     if new_name and a.backing_fmt is None:
         raise Qcow2Error(f"Could not change the backing file to '{new_name}': "
                          "backing format must be specified")
-    if a.unsafe:
-        img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
-        try:
-            _known_format(a.backing_fmt)
-            await _set_backing(img, new_name, a.backing_fmt)
-        finally:
-            await img.close()
-        return 0
+    # qemu-img starts its progress here: a failure from now on still ends the line.
+    prog = _Progress(a.progress and not a.quiet, 1, min_skip=2.0)
+    try:
+        if a.unsafe:
+            img = await _open(a.filename, a.fmt or "qcow2", read_only=False, backing=False)
+            try:
+                _known_format(a.backing_fmt)
+                await _set_backing(img, new_name, a.backing_fmt)
+            finally:
+                await img.close()
+        else:
+            await _rebase_safely(a, new_name, prog)
+        prog.set(100.0)
+    finally:
+        prog.end()
+    return 0
+
+
+async def _rebase_safely(a: Any, new_name: str | None, prog: _Progress) -> None:
+    """Rebase with a copy into the image of whatever reads differently through the new backing file."""
     img = await _open(a.filename, a.fmt or "qcow2", read_only=False, cache=a.cache)
     new: Any = None
     try:
@@ -1186,7 +1387,11 @@ async def cmd_rebase(argv: list[str]) -> int:
                                  f"{once_named(err)}") from err
         fmt = a.backing_fmt or (None if new is None else
                                 ("qcow2" if isinstance(new, Qcow2Image) else "raw"))
-        prog = _Progress(a.progress and not a.quiet, img.size)
+        # qemu-img's progress: one step for each 2 MiB piece it looks at.
+        sectors = img.size // 512
+        piece = _f32(100 / _f32(sectors // min(sectors, CHUNK // 512))) if sectors else 0.0
+        old_size = getattr(img.backing, "size", 0)
+        cuts = (old_size, new.size if new is not None else 0)
         old_buf = memoryview(bytearray(CHUNK))
         new_buf = memoryview(bytearray(CHUNK))
         cs = img._cs
@@ -1199,7 +1404,6 @@ async def cmd_rebase(argv: list[str]) -> int:
         znew = _ZeroRuns(await _zero_runs(new, min(new.size, img.size)) if new is not None else [])
         for kind, start, n, _ in await img.block_status(0, img.size):
             if kind != K_UNALLOC:
-                prog.add(n)
                 continue
             s = start
             while s < start + n:
@@ -1233,15 +1437,28 @@ async def cmd_rebase(argv: list[str]) -> int:
                                 await img.writev(s + pos, [ov[pos:e]])
                         pos = e
                 s += m
-            prog.add(n)
+            for _ in range(_pieces(start, n, cuts)):
+                prog.step(piece)
         await img.flush()
         await _set_backing(img, new_name, fmt)
-        prog.finish()
     finally:
         if new is not None:
             await new.close()
         await img.close()
-    return 0
+
+
+def _pieces(start: int, n: int, cuts: tuple[int, ...]) -> int:
+    """How many reads qemu-img's rebase makes of an unallocated stretch: 2 MiB
+    at most, each cut short at the end of either backing file."""
+    count, pos, end = 0, start, start + n
+    while pos < end:
+        m = min(CHUNK, end - pos)
+        for c in cuts:
+            if pos < c < pos + m:
+                m = c - pos
+        pos += m
+        count += 1
+    return count
 
 
 async def _set_backing(img: Any, name: str | None, fmt: str | None) -> None:
@@ -1258,21 +1475,6 @@ __all__ = ["RawImage", "cmd_commit", "cmd_compare", "cmd_convert", "cmd_rebase",
 
 
 # ---------------------------------------------------------------- dd
-
-_SUFFIX_HELP = ("You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, "
-                "terabytes, petabytes and exabytes.")
-
-
-def _dd_number(key: str, text: str, low: int, high: int) -> int:
-    try:
-        n = parse_size_arg(text)
-    except ConfigError:
-        raise ConfigError(f"Invalid {key} specified. {_SUFFIX_HELP}") from None
-    if not low <= n <= high:
-        if key == "bs":
-            raise ConfigError(f"Invalid bs specified. Must be between {low} and {high}.")
-        raise ConfigError(f"Invalid {key} specified. {_SUFFIX_HELP}")
-    return n
 
 
 async def cmd_dd(argv: list[str]) -> int:
@@ -1293,9 +1495,9 @@ async def cmd_dd(argv: list[str]) -> int:
         if not sep or key not in ("bs", "count", "skip", "if", "of"):
             raise ConfigError(f"unrecognized operand {key}")
         ops[key] = value  # the last one counts, as in qemu-img
-    bs = _dd_number("bs", ops["bs"], 1, 2**31 - 1) if "bs" in ops else 512
-    count = _dd_number("count", ops["count"], 0, 2**63 - 1) if "count" in ops else None
-    skip = _dd_number("skip", ops["skip"], 0, 2**63 - 1) if "skip" in ops else 0
+    bs = cvtnum("bs", ops["bs"], 1, INT_MAX) if "bs" in ops else 512
+    count = cvtnum("count", ops["count"]) if "count" in ops else None
+    skip = cvtnum("skip", ops["skip"]) if "skip" in ops else 0
     if not ops.get("if") or not ops.get("of"):
         raise ConfigError("Must specify both input and output files")
     if a.out_fmt not in ("raw", "qcow2"):

@@ -210,14 +210,44 @@ async def _change_refcount_order(img: Qcow2Image, order: int) -> None:
 # qemu-img create options amend refuses by name, and QEMU's spellings of a boolean.
 _CREATE_ONLY = frozenset({"cluster_size", "compression_type", "extended_l2", "preallocation",
                           "encryption", "encrypt"})
+# What qcow2's amend takes (QCOW_COMMON_OPTIONS in QEMU's block/qcow2.c).
+_AMEND_KEYS = frozenset({"compat", "size", "lazy_refcounts", "refcount_bits", "backing_file",
+                         "backing_fmt", "data_file", "data_file_raw"})
 _BOOLS = {"on": True, "yes": True, "true": True, "y": True,
           "off": False, "no": False, "false": False, "n": False}
 
 
-async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
-    """Change compat, lazy_refcounts, refcount_bits, backing file or size of an image."""
+def _quiet(pct: float) -> None:
+    """No progress to report."""
+
+
+async def amend(img: Qcow2Image, opts: dict[str, str],
+                progress: Callable[[float], None] | None = None) -> None:
+    """Change compat, lazy_refcounts, refcount_bits, backing file or size of an image.
+
+    :param progress: told how far the work is (0 to 100) where qemu-img's
+        qcow2 driver tells it, from once the options are taken: ``amend -p``.
+    """
+    from appliance.qcow2.cli import option_number, option_size
+
     img._check_writable()
     h = img.header
+    new_size = 0
+    # QEMU's option parser first: names, sizes, numbers and booleans, in the order given.
+    for k, v in opts.items():
+        if k == "size":
+            new_size = option_size(k, v)
+        elif k == "refcount_bits":
+            option_number(k, v)
+        elif k == "lazy_refcounts" and v not in _BOOLS:
+            raise Qcow2Error("Parameter 'lazy_refcounts' expects 'on' or 'off'")
+        elif k in _CREATE_ONLY or k.startswith("encrypt."):
+            raise Qcow2Error(f"Invalid parameter '{k}'\nThis option is only supported for "
+                             "image creation")
+        elif k not in _AMEND_KEYS:
+            raise ConfigError(f"Invalid parameter '{k}'")
+    tell = progress or _quiet
+    tell(0.0)
     compat = opts.pop("compat", None)
     lazy = opts.pop("lazy_refcounts", None)
     size = opts.pop("size", None)
@@ -227,10 +257,7 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
     rbits = opts.pop("refcount_bits", None)
     new_order = None
     if rbits is not None:
-        try:
-            bits = int(rbits)
-        except ValueError:
-            bits = 0
+        bits = option_number("refcount_bits", rbits)
         if bits < 1 or bits > 64 or bits & (bits - 1):
             raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
         new_order = bits.bit_length() - 1
@@ -238,21 +265,16 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
         if new_order != 4 and not v3:
             raise Qcow2Error("Refcount widths other than 16 bits require compatibility level "
                              "1.1 or above (use compat=1.1 or greater)")
-    for k in opts:
-        if k in ("data_file", "data_file_raw"):
-            raise Qcow2Error("data-file can only be set for images that use an external data file")
-        if k in _CREATE_ONLY or k.startswith("encrypt."):
-            raise Qcow2Error(f"Invalid parameter '{k}'\nThis option is only supported for "
-                             "image creation")
-        raise ConfigError(f"Invalid parameter '{k}'")
-    if lazy is not None:
-        if lazy not in _BOOLS:
-            raise Qcow2Error("Parameter 'lazy_refcounts' expects 'on' or 'off'")
+    if opts:  # data_file or data_file_raw: what is left
+        raise Qcow2Error("data-file can only be set for images that use an external data file")
     async with img._lock:
         await img._flush_locked()
         if compat in ("1.1", "v3") and h.version == 2:
+            tell(0.0)  # qemu-img's upgrade reports its two steps
             h.version = 3
             h.set_ext(H.EXT_FEATURE_TABLE, H.feature_table())
+            tell(50.0)
+            tell(100.0)
         elif compat in ("0.10", "v2") and h.version == 3:
             # v2 has 16-bit refcounts only; as qemu-img, rewriting them must be asked for.
             if h.refcount_order != 4 and new_order != 4:
@@ -277,10 +299,13 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
             h.compatible_features = h.autoclear_features = h.incompatible_features = 0
             h.extra_fields = b""
             h.set_ext(H.EXT_FEATURE_TABLE, None)
+            tell(100.0)
         elif compat not in (None, "1.1", "v3", "0.10", "v2"):
             raise Qcow2Error(f"Unknown compatibility level {compat}")
         if new_order is not None and new_order != h.refcount_order:
+            tell(0.0)
             await _change_refcount_order(img, new_order)
+            tell(100.0)
         if lazy is not None:
             on = _BOOLS[lazy]
             if on and h.version < 3:
@@ -293,6 +318,4 @@ async def amend(img: Qcow2Image, opts: dict[str, str]) -> None:
         await img._write_header()
         await img._sync()
     if size is not None:
-        from appliance.qcow2.cli import parse_size_arg
-
-        await resize(img, parse_size_arg(size))
+        await resize(img, new_size)

@@ -12,7 +12,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from appliance.qcow2 import header as H
-from appliance.qcow2.errors import Qcow2Error
+from appliance.qcow2.errors import CorruptImage, Qcow2Error
 from appliance.qcow2.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -21,23 +21,32 @@ if TYPE_CHECKING:
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
 
 
-async def _tree_refs(img: Qcow2Image, l1: list[int], delta: int) -> None:
-    """Add ``delta`` to every L2 table and data cluster reachable from ``l1``."""
+async def _tree_refs(img: Qcow2Image, l1: list[int], delta: int,
+                     counted: list[int] | None = None) -> None:
+    """Add ``delta`` to every L2 table and data cluster reachable from ``l1``.
+
+    :param counted: each cluster whose count changed is appended, so that a
+        failure half way (a count that would overflow) can be taken back.
+    """
     cb = img._cb
+    done = counted if counted is not None else []
     for e in l1:
         off = e & OFFSET_MASK
         if not off:
             continue
         table = list(await img._load_l2(off))
         await img._update_refcount(off >> cb, delta)
+        done.append(off >> cb)
         for i in range(0, len(table), img._stride):
             le = table[i]
             if le & COMPRESSED:
                 coff, csize = img._compressed_span(le)
                 for c in range(coff >> cb, ((coff + csize - 1) >> cb) + 1):
                     await img._update_refcount(c, delta)
+                    done.append(c)
             elif le & OFFSET_MASK:
                 await img._update_refcount((le & OFFSET_MASK) >> cb, delta)
+                done.append((le & OFFSET_MASK) >> cb)
 
 
 async def fix_copied_flags(img: Qcow2Image) -> None:
@@ -105,6 +114,34 @@ async def _end(img: Qcow2Image) -> None:
         await img._sync()
 
 
+async def _take_back(img: Qcow2Image, raised: list[int]) -> None:
+    """An operation failed before anything on disk pointed at what it had
+    counted (the snapshot table and the header are as they were): drop each
+    reference it added, newest first, and end the dirty span. The image is
+    then as it was, where qemu-img leaves the extra counts as leaks (and, for
+    a snapshot's clusters, COPIED flags that no longer match).
+
+    Should that fail too (the file failing under us), the dirty bit stays
+    set, and the next writable open repairs the refcounts, as after a crash;
+    the first failure is the one reported.
+    """
+    try:
+        for c in reversed(raised):
+            await img._update_refcount(c, -1)
+        await _end(img)
+    except (Qcow2Error, OSError):
+        pass
+
+
+async def _read_l1(img: Qcow2Image, snap: Snapshot) -> list[int]:
+    """A snapshot's L1 table, its entries without the COPIED flag."""
+    raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
+    if len(raw) != snap.l1_size * 8:
+        raise CorruptImage(f"snapshot {snap.id}'s L1 table lies past the end of the file",
+                           offset=snap.l1_table_offset)
+    return [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
+
+
 async def _write_table(img: Qcow2Image, snaps: list[Snapshot], *, lenient: bool = False) -> bool:
     """Write a new snapshot table and point the header at it; free the old one.
 
@@ -170,12 +207,19 @@ async def create_snapshot(img: Qcow2Image, name: str, *, vm_clock_nsec: int = 0)
         cs, cb = img._cs, img._cb
         l1 = [e & ~COPIED for e in img._l1]
         n = -(-len(l1) * 8 // cs)
-        l1_off = (await img._alloc_clusters(n)) << cb if n else 0
-        await _tree_refs(img, img._l1, +1)
-        await img._flush_refcounts()
-        if l1:
-            await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
-        await img._sync()
+        raised: list[int] = []  # clusters counted once more, until the table names the snapshot
+        try:
+            first = await img._alloc_clusters(n) if n else 0
+            raised.extend(range(first, first + n))
+            l1_off = first << cb
+            await _tree_refs(img, img._l1, +1, raised)
+            await img._flush_refcounts()
+            if l1:
+                await img._pwrite(l1_off, struct.pack(f">{len(l1)}Q", *l1))
+            await img._sync()
+        except Exception:
+            await _take_back(img, raised)
+            raise
         sec, nsec = img.now()
         # QEMU stamps snapshots to the microsecond and records an instruction
         # count of 0 when it runs without record/replay, as we always do.
@@ -197,9 +241,11 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
         await img._flush_locked()
+        l1 = await _read_l1(img, snap)
         await _begin(img)
-        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
-        l1 = list(struct.unpack(f">{snap.l1_size}Q", raw))
+        # From the table's rewrite on, a failure leaves the dirty bit set: the
+        # counts may then be above what the tables hold, and the next
+        # writable open repairs them.
         await _write_table(img, [s for s in img.snapshots if s is not snap])
         await _tree_refs(img, l1, -1)
         cb = img._cb
@@ -256,22 +302,28 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
         if snap is None:
             raise Qcow2Error(f"snapshot '{name}' not found")
         await img._flush_locked()
-        await _begin(img)
         cs, cb = img._cs, img._cb
-        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
-        new_l1 = [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
+        new_l1 = await _read_l1(img, snap)
+        await _begin(img)
         h = img.header
         size = snap.disk_size if snap.disk_size else h.size
         need = -(-size // (cs * img._l2_entries))
         if len(new_l1) < need:
             new_l1 += [0] * (need - len(new_l1))
-        await _tree_refs(img, new_l1, +1)
-        n = -(-len(new_l1) * 8 // cs)
-        l1_off = (await img._alloc_clusters(n)) << cb if n else 0
-        await img._flush_refcounts()
-        if new_l1:
-            await img._pwrite(l1_off, struct.pack(f">{len(new_l1)}Q", *new_l1))
-        await img._sync()
+        raised: list[int] = []  # clusters counted once more, until the header names the new L1
+        try:
+            await _tree_refs(img, new_l1, +1, raised)
+            n = -(-len(new_l1) * 8 // cs)
+            first = await img._alloc_clusters(n) if n else 0
+            raised.extend(range(first, first + n))
+            l1_off = first << cb
+            await img._flush_refcounts()
+            if new_l1:
+                await img._pwrite(l1_off, struct.pack(f">{len(new_l1)}Q", *new_l1))
+            await img._sync()
+        except Exception:
+            await _take_back(img, raised)
+            raise
         old_l1, old_off, old_size = img._l1, h.l1_table_offset, h.l1_size
         h.l1_table_offset, h.l1_size, h.size = l1_off, len(new_l1), size
         await img._write_header()

@@ -1209,10 +1209,13 @@ def test_option_lists_sector_sizes_and_late_options_as_qemu_img(tmp_path: Path) 
     (tmp_path / "c1.img").write_bytes(bytes(196616))  # not a whole number of sectors
     qemu_img("create", "-f", "qcow2", str(tmp_path / "s.qcow2"), "1M")
     qemu_io(tmp_path / "s.qcow2", "write -P 5 0 64k")
-    for args in (["create", "-f", "qcow2", "-o", "size=1M,", "x1.qcow2"],
-                 ["create", "-f", "raw", "-o", "preallocation=metadata", "x2.raw", "1M"]):
-        r = img(*args, cwd=tmp_path)
-        assert r.returncode in (1, 2) and not (tmp_path / args[-1 if args[-1] != "1M" else -2]).exists(), args
+    r = img("create", "-f", "qcow2", "-o", "size=1M,", "x1.qcow2", cwd=tmp_path)
+    assert r.returncode == 2 and not (tmp_path / "x1.qcow2").exists()
+    # QEMU's file driver creates the file before it refuses the mode: it is left empty.
+    ours, theirs = same_stdout_and_rc(tmp_path, "create", "-f", "raw", "-o", "preallocation=metadata",
+                                      "x2.raw", "1M")
+    assert ours.replace("appliance img", "qemu-img") == theirs
+    assert (tmp_path / "x2.raw").stat().st_size == 0
     same_stdout_and_rc(tmp_path, "create", "-q", "-f", "qcow2", "-b", "c1.img", "-F", "raw", "x3.qcow2")
     assert json.loads(qimg("info", "--output=json", "x3.qcow2", cwd=tmp_path).stdout)["virtual-size"] == 197120
     # options after the file names, as getopt lets qemu-img take them
