@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from appliance.errors import ConfigError
 from appliance.log import get_logger
+from appliance.qcow2.qemu_numbers import NumberError, strtosz
 
 log = get_logger(__name__)
 
@@ -189,29 +190,21 @@ def parse_bool(value: str, what: str) -> bool:
     raise ConfigError(f"{what}: '{value}' is not on or off")
 
 
-_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-
-
 def parse_size(value: str, what: str, *, default_suffix: str = "") -> int:
-    """Parse ``512M``, ``1G``, ``4096`` (QEMU size syntax; decimals allowed with a suffix)."""
-    v = value.strip()
-    if not v:
-        raise ConfigError(f"{what}: size is empty")
-    suffix = v[-1].lower() if v[-1].isalpha() else default_suffix.lower()
-    num = v[:-1] if v[-1].isalpha() else v
-    if suffix not in _SUFFIX:
-        raise ConfigError(f"{what}: invalid size '{value}'")
-    # QEMU's qemu_strtosz: decimal digits with an optional fraction, or 0x hex without a
-    # fraction or suffix; no sign, no digit separators (which Python's int/float take).
-    hex_form = num[:2].lower() == "0x"
-    if not num[:1].isdigit() or not all(c.isdigit() or c == "." for c in num) and not hex_form:
-        raise ConfigError(f"{what}: invalid size '{value}'")
-    if hex_form and (num is not v or "." in num):
-        raise ConfigError(f"{what}: invalid size '{value}'")
+    """A size in QEMU's syntax (``qemu_strtosz``): ``4096``, ``512M``, ``1.5G``, ``0x1000``.
+
+    ``default_suffix`` is ``-m``'s legacy form: QEMU first checks the text as
+    a byte size, then appends the suffix when it ends in a digit, so ``-m 64``
+    is 64 MiB and ``-m 1.5`` is refused as QEMU refuses it.
+    """
+    def warn(message: str) -> None:
+        log.warning("%s %s: warning: %s", what, value, message)
+
     try:
-        n = int(num, 16) if hex_form else float(num) if "." in num else int(num, 10)
-    except ValueError:
-        raise ConfigError(f"{what}: invalid size '{value}'") from None
-    if n < 0:
-        raise ConfigError(f"{what}: invalid size '{value}'")
-    return int(n * _SUFFIX[suffix])
+        size = strtosz(value, warn=warn)
+        if default_suffix and value[-1:].isdigit():
+            size = strtosz(value + default_suffix, warn=warn)
+    except NumberError:
+        raise ConfigError(f"{what}: invalid size '{value}' (a non-negative number below 2^64, "
+                          f"with an optional suffix k, M, G, T, P or E)") from None
+    return size

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 
 U64 = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1
@@ -88,11 +89,15 @@ def strtou64(text: str) -> int:
     return value
 
 
-def strtosz(text: str, *, warn: bool = True) -> int:
+def _img_warning(message: str) -> None:
+    print(f"appliance img: warning: {message}", file=sys.stderr)
+
+
+def strtosz(text: str, *, warn: Callable[[str], None] | None = _img_warning) -> int:
     """``qemu_strtosz(text, NULL)``: a size in bytes (see the module's docstring).
 
     A hexadecimal number with a suffix is taken, with QEMU's deprecation
-    warning on stderr unless ``warn`` is off.
+    warning passed to ``warn`` (qemu-img's form on stderr by default).
 
     :raises NumberError: for anything else (``out_of_range`` past 2**64 - 1).
     """
@@ -122,9 +127,8 @@ def strtosz(text: str, *, warn: bool = True) -> int:
             end += 1  # "1." and "1.k": strtod converts nothing, the point is skipped
     shift = _SUFFIX_SHIFT.get(text[end:end + 1].upper(), -1)
     if shift >= 0:
-        if hexa and warn:
-            print(f"appliance img: warning: Using a multiplier suffix on hex numbers is "
-                  f"deprecated: {text}", file=sys.stderr)
+        if hexa and warn is not None:
+            warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
         end += 1
     if end < len(text):
         raise NumberError(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from appliance.cli import run
 from appliance.errors import ConfigError
 from appliance.kvm import layout
-from tests.conftest import needs_kvm
+from tests.conftest import needs_kvm, needs_qemu
 from tests.machine import tinyguest
 from tests.machine.procio import Lines
 
@@ -164,10 +165,30 @@ def test_smp_topology_as_qemu_7_2_works_it_out(smp: str, cpus: int | str) -> Non
             run.to_config(run.parse_args(["-kernel", "k", "-smp", smp]))
 
 
-@pytest.mark.parametrize("size", ["1_024", "+512", ".5G", "512 M", "0x10M"])
-def test_memory_sizes_python_reads_but_qemu_does_not_are_refused(size: str) -> None:
-    with pytest.raises(ConfigError, match="invalid size"):
-        run.to_config(run.parse_args(["-kernel", "k", "-m", size]))
+def _qemu_memory(size: str) -> int | None:
+    """What qemu-system-x86_64 makes of ``-m size``: the guest's RAM in bytes, or None if refused."""
+    out = subprocess.run(
+        ["qemu-system-x86_64", "-machine", "none", "-display", "none", "-S", "-m", size, "-qmp", "stdio"],
+        input=b'{"execute":"qmp_capabilities"}{"execute":"query-memory-size-summary"}{"execute":"quit"}',
+        capture_output=True, timeout=30)
+    for line in out.stdout.splitlines():
+        if b"base-memory" in line:
+            return int(json.loads(line)["return"]["base-memory"])
+    return None
+
+
+@needs_qemu
+@pytest.mark.parametrize("size", ["1_024", "+512", ".5G", "512 M", "0x10M", "0x20", "0.5G", "1.5", "1e3", "64MB",
+                                  "-0", "0x", "64 ", " 64", "1.5g", "65536k", "33554432b"])
+def test_memory_sizes_as_qemu_reads_them(size: str) -> None:
+    """``-m`` is a byte size first and a bare number of MiB after (qemu-system-x86_64 7.2 is the
+    oracle): ``+512`` and ``0x20`` are taken, ``1.5`` and ``.5G`` are not."""
+    expected = _qemu_memory(size)
+    if expected is None:
+        with pytest.raises(ConfigError, match="invalid size"):
+            run.to_config(run.parse_args(["-kernel", "k", "-m", size]))
+    else:
+        assert run.to_config(run.parse_args(["-kernel", "k", "-m", size])).mem_size == expected
 
 
 # --- the command --------------------------------------------------------------------

@@ -25,7 +25,7 @@ K, M = 1 << 10, 1 << 20
     ("18446744073709551615", (1 << 64) - 1),
 ])
 def test_sizes_qemu_img_takes(text: str, value: int) -> None:
-    assert strtosz(text, warn=False) == value
+    assert strtosz(text, warn=None) == value
 
 
 @pytest.mark.parametrize("text", [
@@ -35,7 +35,7 @@ def test_sizes_qemu_img_takes(text: str, value: int) -> None:
 ])
 def test_text_qemu_img_refuses_as_a_size(text: str) -> None:
     with pytest.raises(NumberError) as err:
-        strtosz(text, warn=False)
+        strtosz(text, warn=None)
     assert not err.value.out_of_range
 
 
@@ -46,7 +46,7 @@ def test_text_qemu_img_refuses_as_a_size(text: str) -> None:
 def test_sizes_past_64_bits_are_out_of_range(text: str) -> None:
     # qemu-img words these "Must be between …" rather than "You may use k, M, …".
     with pytest.raises(NumberError) as err:
-        strtosz(text, warn=False)
+        strtosz(text, warn=None)
     assert err.value.out_of_range
 
 
