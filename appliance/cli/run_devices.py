@@ -278,7 +278,8 @@ _DEVICE_HELP = (
     "[,host_mtu=N][,addr=SLOT][,rx_queue_size=N][,tx_queue_size=N][,csum|guest_csum|gso|host_tso4|host_tso6|"
     "guest_tso4|guest_tso6|mrg_rxbuf|ctrl_vq|…|event_idx|indirect_desc=on|off]",
     "a virtio device on PCI, slots in command-line order (num-queues defaults to one per vCPU; "
-    f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N)",
+    f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N; "
+    "DRIVER,help lists a driver's properties)",
 )
 def _device(a: RunArgs, v: str) -> None:
     from appliance.cli.options import json_pairs, keyval_text
@@ -288,6 +289,7 @@ def _device(a: RunArgs, v: str) -> None:
         v = keyval_text(json_pairs("-device", v))  # the rest reads key=value text
     if v in ("help", "?"):
         raise HelpRequested(_DEVICE_HELP)
+    _device_property_help(v)
     o = parse_option("-device", v, implied="driver")
     driver = o.get("driver")
     if driver is None:
@@ -312,6 +314,24 @@ def _device(a: RunArgs, v: str) -> None:
         plan.entries.append(RngDeviceConfig.parse(o))
     else:
         raise ConfigError(f"-device: driver '{driver}' is not supported")
+
+
+def _device_property_help(v: str) -> None:
+    """``-device DRIVER,help`` (or ``?`` among its options): the driver's properties, as QEMU lists them."""
+    from appliance.cli.device_help import device_help
+    from appliance.cli.options import split_option
+
+    parts = split_option(v)
+    if not any(p in ("help", "?") for p in parts[1:]):
+        return
+    driver = parts[0]
+    for p in parts:
+        if p.startswith("driver="):
+            driver = p.removeprefix("driver=")
+    text = device_help(driver)
+    if text is None:
+        raise ConfigError(f"-device: driver '{driver}' is not supported")
+    raise HelpRequested(text)
 
 
 @option(

@@ -1,0 +1,107 @@
+"""``-device DRIVER,help``: the properties a device takes here, listed as QEMU 7.2 lists them.
+
+Each row is (name, QOM type, description, default as JSON). Names, types and
+defaults are QEMU's for the same driver (``qemu-system-x86_64 -device
+DRIVER,help``), so a script that reads QEMU's list reads ours; only the
+properties our parsers accept are listed, and tests/cli/test_device_help.py
+holds both facts against the installed QEMU. A default of 65535 or 4294967295
+is QEMU's "chosen at start" (one queue per vCPU, a vector per queue), as here.
+"""
+
+from __future__ import annotations
+
+Row = tuple[str, str, str | None, str | None]
+
+PROPERTIES: dict[str, tuple[Row, ...]] = {
+    "virtio-blk-pci": (
+        ('addr', 'int32', 'PCI slot, with an optional function: 06 or 06.0', '-1'),
+        ('bootindex', 'int32', None, None),
+        ('config-wce', 'bool', 'on/off', 'true'),
+        ('disable-legacy', 'OnOffAuto', 'on/off/auto', '"auto"'),
+        ('disable-modern', 'bool', None, 'false'),
+        ('discard', 'bool', 'on/off', 'true'),
+        ('drive', 'str', 'the -drive id or -blockdev node-name it serves', None),
+        ('event_idx', 'bool', 'on/off', 'true'),
+        ('indirect_desc', 'bool', 'on/off', 'true'),
+        ('iothread', 'link<iothread>', None, None),
+        ('logical_block_size', 'size', 'a power of two from 512 B to 2 MiB', '0'),
+        ('num-queues', 'uint16', None, '65535'),
+        ('physical_block_size', 'size', 'a power of two from 512 B to 2 MiB', '0'),
+        ('queue-size', 'uint16', None, '256'),
+        ('request-merging', 'bool', 'on/off', 'true'),
+        ('romfile', 'str', None, None),
+        ('scsi', 'bool', 'on/off', 'false'),
+        ('seg-max-adjust', 'bool', None, 'true'),
+        ('serial', 'str', None, None),
+        ('write-zeroes', 'bool', 'on/off', 'true'),
+    ),
+    "virtio-net-pci": (
+        ('addr', 'int32', 'PCI slot, with an optional function: 06 or 06.0', '-1'),
+        ('bootindex', 'int32', None, None),
+        ('csum', 'bool', 'on/off', 'true'),
+        ('ctrl_guest_offloads', 'bool', 'on/off', 'true'),
+        ('ctrl_mac_addr', 'bool', 'on/off', 'true'),
+        ('ctrl_rx', 'bool', 'on/off', 'true'),
+        ('ctrl_rx_extra', 'bool', 'on/off', 'true'),
+        ('ctrl_vlan', 'bool', 'on/off', 'true'),
+        ('ctrl_vq', 'bool', 'on/off', 'true'),
+        ('disable-legacy', 'OnOffAuto', 'on/off/auto', '"auto"'),
+        ('disable-modern', 'bool', None, 'false'),
+        ('event_idx', 'bool', 'on/off', 'true'),
+        ('gso', 'bool', 'on/off', 'true'),
+        ('guest_announce', 'bool', 'on/off', 'true'),
+        ('guest_csum', 'bool', 'on/off', 'true'),
+        ('guest_ecn', 'bool', 'on/off', 'true'),
+        ('guest_rsc_ext', 'bool', 'on/off', 'false'),
+        ('guest_tso4', 'bool', 'on/off', 'true'),
+        ('guest_tso6', 'bool', 'on/off', 'true'),
+        ('guest_ufo', 'bool', 'on/off', 'true'),
+        ('hash', 'bool', 'on/off', 'false'),
+        ('host_ecn', 'bool', 'on/off', 'true'),
+        ('host_mtu', 'uint16', None, '0'),
+        ('host_tso4', 'bool', 'on/off', 'true'),
+        ('host_tso6', 'bool', 'on/off', 'true'),
+        ('host_ufo', 'bool', 'on/off', 'true'),
+        ('indirect_desc', 'bool', 'on/off', 'true'),
+        ('mac', 'str', 'its MAC address, such as 52:54:00:12:34:56', None),
+        ('mq', 'bool', 'on/off', 'false'),
+        ('mrg_rxbuf', 'bool', 'on/off', 'true'),
+        ('netdev', 'str', 'the id of the -netdev it is wired to', None),
+        ('romfile', 'str', None, None),
+        ('rss', 'bool', 'on/off', 'false'),
+        ('rx_queue_size', 'uint16', None, '256'),
+        ('status', 'bool', 'on/off', 'true'),
+        ('tx_queue_size', 'uint16', None, '256'),
+        ('vectors', 'uint32', None, '4294967295'),
+    ),
+    "virtio-rng-pci": (
+        ('addr', 'int32', 'PCI slot, with an optional function: 06 or 06.0', '-1'),
+        ('disable-legacy', 'OnOffAuto', 'on/off/auto', '"auto"'),
+        ('disable-modern', 'bool', None, 'false'),
+        ('max-bytes', 'uint64', None, '9223372036854775807'),
+        ('period', 'uint32', None, '65536'),
+        ('rng', 'link<rng-backend>', None, None),
+    ),
+}
+
+# QEMU's other names for the same devices.
+ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-net": "virtio-net-pci", "virtio-rng": "virtio-rng-pci"}
+
+
+def property_line(name: str, qom_type: str, description: str | None, default: str | None) -> str:
+    """One row, in QEMU's layout: the type after ``=``, then the description from column 24."""
+    line = f"  {name}=<{qom_type}>"
+    if description is None and default is None:
+        return line
+    line = line.ljust(24) + " - " + (description or "")
+    return line + (f" (default: {default})" if default is not None else "")
+
+
+def device_help(driver: str) -> str | None:
+    """The text of ``-device DRIVER,help``, or None for a driver that is not here."""
+    name = ALIASES.get(driver.removesuffix("-non-transitional"), driver.removesuffix("-non-transitional"))
+    rows = PROPERTIES.get(name)
+    if rows is None:
+        return None
+    lines = sorted(property_line(*row) for row in rows)
+    return f"{name} options:\n" + "\n".join(lines) + "\n"

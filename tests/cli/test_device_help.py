@@ -1,0 +1,89 @@
+"""``-device DRIVER,help`` lists what our parsers take, in QEMU 7.2's names, types and defaults.
+
+qemu-system-x86_64 is the oracle: every property it lists for a driver is
+either taken by ``appliance run -device`` (and then listed by ours, with
+QEMU's type and default) or refused by name (and then not listed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.cli import run
+from appliance.cli.device_help import PROPERTIES, device_help
+from appliance.errors import ConfigError, HelpRequested
+from tests.conftest import needs_qemu
+
+# What each driver needs besides the property tried.
+REQUIRED = {"virtio-net-pci": "netdev=n", "virtio-blk-pci": "drive=d", "virtio-rng-pci": ""}
+_ROW = re.compile(r"  ([^=]+)=<(.*)>(?:\s+- (.*?))?(?: \(default: (.*)\))?$")
+
+
+def qemu_properties(driver: str) -> dict[str, tuple[str, str | None]]:
+    """name -> (type, default) from qemu-system-x86_64 -device DRIVER,help."""
+    out = subprocess.run(["qemu-system-x86_64", "-device", f"{driver},help"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    rows = {}
+    for line in out.splitlines()[1:]:
+        m = _ROW.match(line)
+        assert m is not None, line
+        rows[m.group(1)] = (m.group(2), m.group(4))
+    return rows
+
+
+def taken(driver: str, name: str, default: str | None, image: Path) -> bool:
+    """Whether ``appliance run -device DRIVER,NAME=...`` gets past NAME (its value may still be
+    refused: QEMU's default of an address or a MAC is no value one writes)."""
+    value = json.loads(default) if default is not None else "x"
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    device = ",".join(x for x in (driver, REQUIRED[driver], f"{name}={value}") if x)
+    argv = ["-kernel", "k", "-netdev", "user,id=n", "-drive", f"if=none,id=d,file={image},format=raw",
+            "-device", device]
+    try:
+        run.to_config(run.parse_args(argv))
+    except ConfigError as err:
+        return f"Invalid parameter '{name}'" not in str(err)
+    return True
+
+
+@needs_qemu
+@pytest.mark.parametrize("driver", sorted(PROPERTIES))
+def test_listed_exactly_what_we_take_with_qemus_types_and_defaults(driver: str, tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(65536))
+    qemu = qemu_properties(driver)
+    ours = {row[0]: (row[1], row[3]) for row in PROPERTIES[driver]}
+    for name, (qom_type, default) in ours.items():
+        assert qemu.get(name) == (qom_type, default), name
+    takes = {name for name, (_t, default) in qemu.items() if taken(driver, name, default, image)}
+    assert takes == set(ours)
+
+
+def test_help_among_the_options_prints_the_list_under_the_drivers_own_name() -> None:
+    for text in ("virtio-net,help", "virtio-net-pci,netdev=n,?", "driver=virtio-net-pci,help"):
+        with pytest.raises(HelpRequested) as shown:
+            run.parse_args(["-device", text])
+        assert str(shown.value) == device_help("virtio-net-pci")
+    listed = str(device_help("virtio-blk-pci")).splitlines()
+    assert listed[0] == "virtio-blk-pci options:"
+    assert listed[1:] == sorted(listed[1:])
+    assert "  serial=<str>" in listed
+    assert "  queue-size=<uint16>    -  (default: 256)" in listed
+
+
+def test_help_for_a_driver_that_is_not_here_is_a_usage_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "appliance.cli.main", "run", "-device", "e1000,help"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "appliance run: -device: driver 'e1000' is not supported"
+    shown = subprocess.run([sys.executable, "-m", "appliance.cli.main", "run", "-device", "virtio-rng,help"],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("virtio-rng-pci options:\n  addr=<int32>")
