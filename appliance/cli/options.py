@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from appliance.errors import ConfigError
 from appliance.log import get_logger
-from appliance.qcow2.qemu_numbers import NumberError, strtosz
+from appliance.qemu_numbers import NumberError, strtosz
 
 log = get_logger(__name__)
 

@@ -25,7 +25,7 @@ from appliance.qcow2 import header as H
 from appliance.qcow2.backing import json_target, open_any, resolve_backing
 from appliance.qcow2.errors import ErrorKind, Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
-from appliance.qcow2.qemu_numbers import INT64_MAX, NumberError, strtosz, strtou64
+from appliance.qemu_numbers import INT64_MAX, NumberError, strtosz, strtou64
 from appliance.storage.formats import foreign_format_of, unsupported_message
 
 USAGE = """usage: appliance img <command> [options]

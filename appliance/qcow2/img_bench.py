@@ -19,7 +19,7 @@ from typing import Any
 from appliance.errors import ConfigError
 from appliance.qcow2.cli import _open, _parser, count_arg, cvtnum
 from appliance.qcow2.errors import ErrorKind, Qcow2Error
-from appliance.qcow2.qemu_numbers import INT_MAX
+from appliance.qemu_numbers import INT_MAX
 from appliance.storage import poll
 
 

@@ -45,8 +45,8 @@ from appliance.qcow2.image import (
     copy_range,
 )
 from appliance.qcow2.iopool import run as _iorun
-from appliance.qcow2.qemu_numbers import INT_MAX
 from appliance.qcow2.refcount import encode_block
+from appliance.qemu_numbers import INT_MAX
 
 CHUNK = 2 * 1024 * 1024
 # convert's unit of work (a read, a zero scan, a write): 8 MiB rather than 2

@@ -1,4 +1,4 @@
-"""QEMU's number syntax for qemu-img arguments (appliance.qcow2.qemu_numbers).
+"""QEMU's number syntax for qemu-img arguments (appliance.qemu_numbers).
 
 Every value below is what qemu-img 7.2 made of the text (measure --size and
 bench -o print the number it read; create -o refcount_bits= the option's).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.qcow2.qemu_numbers import NumberError, strtosz, strtou64
+from appliance.qemu_numbers import NumberError, strtosz, strtou64
 
 K, M = 1 << 10, 1 << 20
 
