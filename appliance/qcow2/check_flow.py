@@ -52,6 +52,7 @@ FIX_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+_INT64_MAX = (1 << 63) - 1
 REFT_RESERVED_MASK = 0x1FF
 BITMAP_ALL_ALLOC = 0xFFFFFFFF
 BITMAP_ALL_ZERO = 0xFFFFFFFF << 32
@@ -338,7 +339,9 @@ class _Stored:
         off = img._rt[ti] & REFT_OFFSET_MASK
         if not off:
             return _ZERO
-        if off & (img._cs - 1):
+        if off & (img._cs - 1) or off > _INT64_MAX - img._cs:
+            # Unaligned, or past the largest offset a file can have (a
+            # reserved bit set): unreadable, as QEMU's read of it fails (EIO).
             return None
         cached = self.blocks.get(off)
         if cached is None:

@@ -303,6 +303,9 @@ class Qcow2Image:
         self._closed = False
         self._closing = False  # close() started: start_rw takes nothing more
         self._meta: set[int] = set()
+        # (structure, offset) pairs already checked against the other metadata
+        # before a write (see _guard_meta_write).
+        self._meta_ok: set[tuple[str, int]] = set()
         self._lazy_dirty = False
         self._comp_cache: tuple[int, bytes] | None = None
         self._table_bytes: int | None = None  # snapshot table length as last written
@@ -529,10 +532,67 @@ class Qcow2Image:
             n = max(1, -(-(self._table_bytes or 1) // cs))
             m.update(range(h.snapshots_offset // cs, h.snapshots_offset // cs + n))
         self._meta = m
+        self._meta_ok.clear()
+
+    def _overlap_name(self, first: int, n: int, own: str) -> str | None:
+        """The structure other than ``own`` that clusters [first, first+n) hold, in
+        QEMU's words (qcow2_check_metadata_overlap), or None.
+
+        qcow2.txt ("Host cluster management") gives every cluster one use; an image
+        made elsewhere may break that, and a write through one structure would then
+        overwrite another. Slow (scans the tables): callers cache what passed.
+        """
+        cs, cb = self._cs, self._cb
+        h = self.header
+        last = first + n
+
+        def hit(off: int, length: int) -> bool:
+            return length > 0 and off >> cb < last and (off + length - 1) >> cb >= first
+
+        if own != "qcow2_header" and first == 0:
+            return "qcow2_header"
+        if own != "active L1 table" and hit(h.l1_table_offset, h.l1_size * 8):
+            return "active L1 table"
+        if own != "refcount table" and hit(h.refcount_table_offset,
+                                           h.refcount_table_clusters * cs):
+            return "refcount table"
+        if own != "snapshot table" and h.nb_snapshots and hit(h.snapshots_offset,
+                                                               self._table_bytes or 1):
+            return "snapshot table"
+        if own != "refcount block" and any(
+                e & OFFSET_MASK and first <= (e & OFFSET_MASK) >> cb < last for e in self._rt):
+            return "refcount block"
+        if own != "active L2 table" and any(
+                e & OFFSET_MASK and first <= (e & OFFSET_MASK) >> cb < last for e in self._l1):
+            return "active L2 table"
+        if own != "inactive L1 table":
+            for s in self.snapshots:
+                if hit(s.l1_table_offset, s.l1_size * 8):
+                    return "inactive L1 table"
+        return None
+
+    async def _guard_meta_write(self, off: int, length: int, own: str) -> None:
+        """Before writing metadata ``own`` at ``off``: refuse, marking the image
+        corrupt as QEMU does, when those clusters hold another structure."""
+        if self.check_mode or (own, off) in self._meta_ok:
+            # check -r rewrites what it found damaged under its own rules, as
+            # QEMU's repair does.
+            return
+        cb = self._cb
+        name = self._overlap_name(off >> cb, ((off + length - 1) >> cb) - (off >> cb) + 1, own)
+        if name is not None:
+            raise await self.mark_corrupt(
+                f"Preventing invalid write on metadata (overlaps with {name})", off)
+        self._meta_ok.add((own, off))
 
     # ------------------------------------------------------------------ raw file I/O
 
     async def _pread(self, off: int, n: int) -> bytes:
+        if off + n > (1 << 63) - 1:
+            # A table offset from a damaged image with reserved high bits set:
+            # no file reaches there (os.pread would overflow).
+            raise CorruptImage(f"metadata offset {off:#x} lies past the largest file offset",
+                               offset=off)
         data: bytes = await _iorun(os.pread, self._fd, n, off)
         if len(data) < n:
             data += bytes(n - len(data))
@@ -701,6 +761,18 @@ class Qcow2Image:
                     await self._new_refblock(ti)
         if run_start + n > (1 << 56) >> self._cb:
             raise Qcow2Error("image file would grow past 64 PiB", kind=ErrorKind.RANGE)
+        # check -r allocates only after its refcount repair, under its own rules
+        # (a damaged snapshot table's clusters may be reused): no guard there.
+        meta = () if self.check_mode else self._meta
+        for i in range(run_start, run_start + n):
+            if i in meta:
+                # A cluster some table uses, counted 0 (a damaged refcount, or a
+                # refcount block read from the wrong place): handing it out would
+                # overwrite that table. QEMU's overlap check stops the write the
+                # same way, and marks the image corrupt.
+                name = self._overlap_name(i, 1, "") or "metadata"
+                raise await self.mark_corrupt(
+                    f"Preventing invalid write on metadata (overlaps with {name})", i << self._cb)
         for i in range(run_start, run_start + n):
             await self._update_refcount(i, 1)
         end = (run_start + n) << self._cb
@@ -746,6 +818,7 @@ class Qcow2Image:
             self._rb_dirty.clear()
             for ti in dirty:
                 off = self._rt[ti] & OFFSET_MASK
+                await self._guard_meta_write(off, self._cs, "refcount block")
                 await self._pwrite(off, encode_block(self._rb[ti], self._rc_order))
             if dirty or self._needs_sync:
                 await self._sync()
@@ -767,6 +840,8 @@ class Qcow2Image:
             elif self._rt_dirty:
                 self._rt_dirty = False
                 raw = struct.pack(f">{len(self._rt)}Q", *self._rt)
+                await self._guard_meta_write(self.header.refcount_table_offset, len(raw),
+                                             "refcount table")
                 await self._pwrite(self.header.refcount_table_offset, raw)
                 await self._sync()
 
@@ -799,6 +874,7 @@ class Qcow2Image:
         if self._rc_dirty and not self._lazy_dirty:
             await self._flush_refcounts()
         self._l2_dirty.discard(off)
+        await self._guard_meta_write(off, self._cs, "active L2 table")
         await self._pwrite(off, self._l2_fmt.pack(*table))
 
     async def _l2_for_write(self, l1i: int) -> tuple[int, list[int]]:
@@ -921,8 +997,9 @@ class Qcow2Image:
                     host = e & OFFSET_MASK
                     if host:
                         if host & (cs - 1):
-                            raise await self.mark_corrupt("data cluster offset is not aligned",
-                                                          host)
+                            raise await self.mark_corrupt(
+                                f"Cluster allocation offset {host:#x} unaligned "
+                                f"(L2 offset: {off:#x}, L2 index: {i // stride:#x})", host)
                         n = b - a
                         if b == cs:
                             # Whole clusters that follow at the next host offsets
@@ -941,8 +1018,15 @@ class Qcow2Image:
                     _append(out, K_UNALLOC, pos, b - a, -1)
                 else:
                     if e & OFFSET_MASK & (cs - 1) and not e & COMPRESSED:
-                        raise await self.mark_corrupt("data cluster offset is not aligned",
-                                                      e & OFFSET_MASK)
+                        raise await self.mark_corrupt(
+                            f"Cluster allocation offset {e & OFFSET_MASK:#x} unaligned "
+                            f"(L2 offset: {off:#x}, L2 index: {i // stride:#x})", e & OFFSET_MASK)
+                    if e & ZERO_FLAG and not e & COMPRESSED and not ext and self.header.version < 3:
+                        # Bit 0 is reserved in version 2 (qcow2.txt, "Standard Cluster
+                        # Descriptor"): QEMU's reads fail on it and mark the image corrupt.
+                        raise await self.mark_corrupt(
+                            "Zero cluster entry found in pre-v3 image "
+                            f"(L2 offset: {off:#x}, L2 index: {i // stride:#x})", off)
                     self._classify(gc, e, t[i + 1] if ext else 0, a, b, out)
                 pos = (gc << cb) + b
         return out
@@ -1155,8 +1239,8 @@ class Qcow2Image:
         c = self._free_hint
         ti, bi = divmod(c, self._rb_entries)
         blk = self._rb.get(ti)
-        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb:
-            return False
+        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb or c in self._meta:
+            return False  # (metadata counted 0: _alloc_clusters refuses it)
         host = c << cb
         fresh = host >= self._written_end and host >= self._alloc_end and host >= self._open_size
         if not (fresh or whole):
@@ -1678,8 +1762,8 @@ class Qcow2Image:
         c = self._free_hint
         ti, bi = divmod(c, self._rb_entries)
         blk = self._rb.get(ti)
-        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb:
-            return False
+        if blk is None or blk[bi] or c + 1 > (1 << 56) >> cb or c in self._meta:
+            return False  # (metadata counted 0: _alloc_clusters refuses it)
         host = c << cb
         fresh = host >= max(self._written_end, self._alloc_end, self._open_size)
         if not (fresh or whole):
@@ -1767,7 +1851,7 @@ class Qcow2Image:
         ti, bi = divmod(c, self._rb_entries)
         blk = self._rb.get(ti)
         if (blk is None or bi + k > len(blk) or any(blk[bi : bi + k])
-                or c + k > (1 << 56) >> cb):
+                or c + k > (1 << 56) >> cb or not self._meta.isdisjoint(range(c, c + k))):
             return False
         if l2off not in self._l2_dirty and len(self._l2_dirty) >= self._l2_cap // 2:
             return False
@@ -2229,11 +2313,14 @@ class Qcow2Image:
                 await self._sync()
             if self._l1_dirty:
                 self._l1_dirty = False
+                await self._guard_meta_write(self.header.l1_table_offset, len(self._l1) * 8,
+                                             "active L1 table")
                 await self._pwrite(self.header.l1_table_offset,
                                    struct.pack(f">{len(self._l1)}Q", *self._l1))
                 await self._sync()
             if self._pending_frees and self._io_count == 0:
                 frees, self._pending_frees = self._pending_frees, []
+                self._meta_ok.clear()
                 for c in frees:
                     self._meta.discard(c)
                     await self._update_refcount(c, -1)

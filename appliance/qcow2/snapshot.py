@@ -37,6 +37,10 @@ class Snapshot:
             extra += struct.pack(">Q", (1 << 64) - 1 if self.icount is None else self.icount)
         extra += self.extra_unknown
         idb, nameb = self.id.encode(), self.name.encode()
+        if len(idb) > 0xFFFF or len(nameb) > 0xFFFF:
+            # Both lengths are 16-bit fields (qcow2.txt, "Snapshots"); a name read
+            # from a damaged table may have grown when its bad bytes were replaced.
+            raise CorruptImage(f"snapshot {self.id[:20]!r} has an ID or name too long to store")
         out = ENTRY.pack(
             self.l1_table_offset, self.l1_size, len(idb), len(nameb), self.date_sec,
             self.date_nsec, self.vm_clock_nsec, min(self.vm_state_size, 0xFFFFFFFF), len(extra),
@@ -62,7 +66,11 @@ def parse_snapshot_table(data: bytes, count: int, cluster_size: int
         (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
          extra_len) = ENTRY.unpack_from(data, pos)
         pos += ENTRY.size
-        if extra_len > 1024 or pos + extra_len + id_len + name_len > len(data):
+        if extra_len > 1024:
+            # QEMU's words (qcow2_do_read_snapshots); check -r all drops the excess.
+            raise CorruptImage(f"Too much extra metadata in snapshot table entry {len(out)}\n"
+                               "You can force-remove this extra metadata with qemu-img check -r all")
+        if pos + extra_len + id_len + name_len > len(data):
             raise CorruptImage("snapshot table entry runs past the table")
         extra = data[pos : pos + extra_len]
         pos += extra_len

@@ -27,6 +27,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from appliance.qcow2.errors import Qcow2Error
 from appliance.qcow2.snapshot import ENTRY, MAX_SNAPSHOTS, Snapshot
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ async def read_for_check(img: Qcow2Image, res: CheckResult, repair: bool) -> int
     err = 0
     if nb > MAX_SNAPSHOTS:
         problem, err = "snapshot table too large", errno.EFBIG
-    elif nb and (_INT64_MAX - nb * ENTRY.size < off or off % img._cs):
+    elif _INT64_MAX - nb * ENTRY.size < off or off % img._cs:
+        # Even with no entries: QEMU validates the offset whatever the count.
         problem, err = "snapshot table offset invalid", errno.EINVAL
     if err:
         res.check_errors += 1
@@ -217,6 +219,12 @@ async def fix_for_check(img: Qcow2Image, res: CheckResult, repair: bool) -> int:
         res.check_errors += 1
         res.messages.append(f"ERROR failed to update snapshot table: {e.strerror}")
         return e.errno or errno.EIO
+    except Qcow2Error as e:
+        # The table could not be rewritten (an entry that cannot be stored, or the
+        # new table's place overlapping metadata): the check fails, as qemu-img's does.
+        res.check_errors += 1
+        res.messages.append(f"ERROR failed to update snapshot table: {e}")
+        return errno.EIO
     res.corruptions_fixed += res.corruptions
     res.corruptions = 0
     return 0

@@ -63,7 +63,7 @@ async def test_l1_table_past_eof_is_corrupt(tmp_path: Path) -> None:
 
 async def test_unaligned_refcount_table_is_corrupt(tmp_path: Path) -> None:
     data = put(image(), 48, ">Q", CS + 8)  # refcount_table_offset
-    with pytest.raises(CorruptImage, match="not cluster-aligned"):
+    with pytest.raises(CorruptImage, match="Reference count table offset invalid"):
         await open_bytes(tmp_path, bytes(data))
 
 
@@ -75,13 +75,13 @@ async def test_unknown_incompatible_feature_is_named(tmp_path: Path) -> None:
 
 async def test_refcount_order_out_of_range(tmp_path: Path) -> None:
     data = put(image(), 96, ">I", 7)
-    with pytest.raises(Qcow2Error, match="refcount order"):
+    with pytest.raises(Qcow2Error, match="Reference count entry width too large"):
         await open_bytes(tmp_path, bytes(data))
 
 
 async def test_huge_virtual_size_with_small_l1_is_refused(tmp_path: Path) -> None:
     data = put(image(), 24, ">Q", 1 << 62)
-    with pytest.raises(CorruptImage, match="L1 table is too small"):
+    with pytest.raises(Qcow2Error, match="Image is too big"):
         await open_bytes(tmp_path, bytes(data))
 
 
@@ -95,7 +95,7 @@ async def test_header_extension_running_past_cluster(tmp_path: Path) -> None:
     data = image()
     # First extension after the 112-byte header: claim 1 MiB of data.
     put(data, 112, ">II", 0x12345678, 1 << 20)
-    with pytest.raises(Qcow2Error, match="header extension"):
+    with pytest.raises(Qcow2Error, match="Header extension too large"):
         await open_bytes(tmp_path, bytes(data))
 
 
@@ -275,7 +275,7 @@ def test_edge_case_refcount_table_pointing_into_itself() -> None:
     data[48:56] = bytes([
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  # refcount_table_offset = 0
     ])
-    with pytest.raises(CorruptImage, match="refcount table"):
+    with pytest.raises(CorruptImage, match="Reference count table lies in the header"):
         parse_header(bytes(data[:CS]), len(data))
 
 
@@ -286,7 +286,7 @@ def test_edge_case_backing_name_past_cluster() -> None:
         0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,  # backing_file_offset = 64 KiB
         0x00, 0x00, 0x00, 0x10,                          # backing_file_size = 16
     ])
-    with pytest.raises(Qcow2Error, match="backing file name"):
+    with pytest.raises(Qcow2Error, match="Backing file name too long"):
         parse_header(bytes(data[:CS]), len(data))
 
 
