@@ -190,12 +190,21 @@ def _validate(a: NetDaemonArgs) -> None:
     if dup:
         raise ConfigError(f"--export: netdev '{dup.pop()}' is exported twice")
     dump_ids: set[str] = set()
+    lists: dict[str, list[FilterDumpConfig]] = {}
     for d in a.dumps:
         if d.netdev not in a.netdevs:
-            raise ConfigError(f"--object filter-dump,id={d.id}: no netdev '{d.netdev}'")
+            # QEMU's words for -object filter-dump (netfilter_complete), with the option named.
+            raise ConfigError(f"--object filter-dump,id={d.id}: Parameter 'netdev' expects a network backend id")
         if d.id in dump_ids:
             raise ConfigError(f"--object filter-dump,id={d.id}: duplicate id '{d.id}'")
+        captures = lists.setdefault(d.netdev, [])
+        try:
+            captures.insert(d.place(captures, dump_ids), d)
+        except ConfigError as err:
+            raise ConfigError(f"--object filter-dump,id={d.id}: {err}") from None
         dump_ids.add(d.id)
+    # Each netdev's filters in the order of its filter list (position=, insert=), as QEMU keeps them.
+    a.dumps = [d for captures in lists.values() for d in captures]
 
 
 async def _close(owner: Any) -> None:
@@ -254,7 +263,8 @@ class DaemonNic:
             self.owner.yield_after_host_wakeup = True  # a process of its own: see UserNetwork
         for d in self.captures:
             # One pcap per filter, shared by every queue pair of the netdev.
-            self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen))
+            self.writers.append(await asyncio.to_thread(open_capture, Path(d.file), maxlen=d.maxlen,
+                                                        queue=d.queue, status=d.status))
         self.backends = with_captures(backends, self.writers)
         self.device = VirtioNet(self.backends, self.mac, control_queue=False, yield_after_rx_irq=True)
         # Nothing else here runs Python threads: kicks are read letting the GIL go (cheaper cold).

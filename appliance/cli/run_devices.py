@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
@@ -527,9 +527,10 @@ def resolve(plan: DevicePlan) -> list[object]:
     :raises ConfigError: On a dangling or doubly used reference, a slot
         clash, too many NICs, or one file written by two devices.
     """
-    from appliance.nic.config import FilterDumpConfig, NicConfig, default_mac
+    from appliance.nic.config import NicConfig, default_mac
 
     _join_hub(plan)
+    dumps = order_dumps(plan)
     specs: list[object] = []
     addrs: list[PciAddress | None] = []
     used_drives: dict[str, str] = {}
@@ -651,7 +652,7 @@ def resolve(plan: DevicePlan) -> list[object]:
             if mac is None:
                 mac = default_mac(macs)
                 macs += 1
-            captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == nic.netdev]
+            captures = dumps.get(nic.netdev, [])
             addr = _address(nic.addr, what)
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
@@ -671,16 +672,12 @@ def resolve(plan: DevicePlan) -> list[object]:
     for n in unused:
         if n not in plan.hub_backends:
             print(f"{PROG}: warning: netdev {n} has no peer", file=sys.stderr)
-        captures = [d for d in plan.dumps if isinstance(d, FilterDumpConfig) and d.netdev == n]
+        captures = dumps.get(n, [])
         specs.append(PeerlessNetdevSpec(
             plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
             captures=captures, netdev_order=list(plan.netdevs).index(n),
             hub=0 if n in plan.hub_backends else -1,
         ))
-    for d in plan.dumps:
-        assert isinstance(d, FilterDumpConfig)
-        if d.netdev not in plan.netdevs:
-            raise ConfigError(f"-object filter-dump,id={d.id}: netdev '{d.netdev}' not found")
     try:
         plan_slots(addrs)
     except PciError as err:
@@ -689,6 +686,29 @@ def resolve(plan: DevicePlan) -> list[object]:
 
     poll.bound_by_iothreads(poll_ceilings)
     return specs
+
+
+def order_dumps(plan: DevicePlan) -> dict[str, list[Any]]:
+    """Each netdev's filter-dumps in the order of its filter list, as QEMU 7.2 makes them: in
+    command-line order, after every netdev and before any device (qemu_create_late_backends),
+    each put where its ``position``/``insert`` say.
+
+    :raises ConfigError: for a netdev or a ``position=id=`` that names nothing, in QEMU's words.
+    """
+    from appliance.nic.config import FilterDumpConfig
+
+    others = plan.object_ids - {d.id for d in plan.dumps if isinstance(d, FilterDumpConfig)}
+    made: set[str] = set()
+    lists: dict[str, list[Any]] = {}
+    for d in plan.dumps:
+        assert isinstance(d, FilterDumpConfig)
+        if d.netdev not in plan.netdevs:
+            # netfilter_complete; QEMU names no option with it.
+            raise ConfigError("Parameter 'netdev' expects a network backend id")
+        captures = lists.setdefault(d.netdev, [])
+        captures.insert(d.place(captures, others | made), d)
+        made.add(d.id)
+    return lists
 
 
 def _with_global_snapshot(src: ImageSource, snapshot: bool) -> ImageSource:

@@ -283,14 +283,20 @@ class NicSpec:
         what = self.origin or f"-netdev {self.netdev.id}"
         try:
             backends, self.owner = await open_netdev(self.netdev, queues=self.queues)
-            for c in self.captures:
-                self.writers.append(await asyncio.to_thread(open_capture, Path(c.file), maxlen=c.maxlen))
         except ConfigError:
             await self.close()
             raise
         except (ApplianceError, OSError) as err:
             await self.close()
             raise ConfigError(f"{what}: {err}") from err
+        for c in self.captures:
+            try:
+                self.writers.append(await asyncio.to_thread(
+                    open_capture, Path(c.file), maxlen=c.maxlen, queue=c.queue, status=c.status))
+            except (ApplianceError, OSError) as err:
+                await self.close()
+                # A filter's own error, not its netdev's: QEMU prints net/dump.c's words alone.
+                raise ConfigError(str(err)) from err
         self.backends = with_captures(backends, self.writers)
 
     def attach(self, builder: MachineBuilder, inst: Instance) -> None:

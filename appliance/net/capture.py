@@ -21,8 +21,29 @@ from appliance.net.errors import NetError
 from appliance.net.pcap import PcapWriter
 
 
-def open_capture(path: Path, *, maxlen: int = 65536) -> PcapWriter:
-    """Open ``path`` for capture: a unix socket is connected to, anything else written."""
+class Capture(PcapWriter):
+    """One filter-dump's pcap, with which directions it records (QEMU's ``queue=``) and whether
+    it records at all (``status=``).
+
+    :param to_netdev: frames the device hands the netdev (the guest's transmissions), QEMU's
+        ``queue=rx``: "packets sent to the netdev" (qemu-options.hx, -object filter-*).
+    :param from_netdev: frames the netdev hands the device (what the guest receives), ``queue=tx``.
+    """
+
+    def __init__(self, stream: BinaryIO, *, snaplen: int, to_netdev: bool = True, from_netdev: bool = True,
+                 on: bool = True) -> None:
+        super().__init__(stream, snaplen=snaplen)
+        self.to_netdev = to_netdev
+        self.from_netdev = from_netdev
+        self.on = on
+
+
+def open_capture(path: Path, *, maxlen: int = 65536, queue: str = "all", status: bool = True) -> Capture:
+    """Open ``path`` for capture: a unix socket is connected to, anything else written.
+
+    A file is made as QEMU's net/dump.c makes it (O_CREAT|O_TRUNC, mode 0644) and its errors
+    are worded as QEMU words them ("net dump: can't open PATH: REASON").
+    """
     try:
         st = os.stat(path)
         is_sock = stat.S_ISSOCK(st.st_mode)
@@ -37,10 +58,12 @@ def open_capture(path: Path, *, maxlen: int = 65536) -> PcapWriter:
             s.close()
         else:
             # A FIFO opens only when a reader is there, as with QEMU.
-            stream = open(path, "wb")  # noqa: SIM115 - owned by the writer
+            fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+            stream = os.fdopen(fd, "wb")
     except OSError as err:
-        raise NetError(f"cannot open capture file '{path}'") from err
-    return PcapWriter(stream, snaplen=maxlen)
+        raise NetError(f"net dump: can't open {path}: {err.strerror or err}") from err
+    return Capture(stream, snaplen=maxlen, to_netdev=queue in ("all", "rx"),
+                   from_netdev=queue in ("all", "tx"), on=status)
 
 
 class CapturingBackend(ForwardingBackend):
@@ -50,21 +73,25 @@ class CapturingBackend(ForwardingBackend):
         super().__init__(inner)
         self.writers: list[PcapWriter] = []
 
-    def _record(self, bufs: Sequence[memoryview], length: int) -> None:
-        data = b"".join(bufs)[self.inner.vnet_hdr_len : length]
+    def _record(self, bufs: Sequence[memoryview], length: int, *, to_netdev: bool) -> None:
+        data: bytes | None = None
         for w in self.writers:
+            if not getattr(w, "on", True) or not getattr(w, "to_netdev" if to_netdev else "from_netdev", True):
+                continue
+            if data is None:
+                data = b"".join(bufs)[self.inner.vnet_hdr_len : length]
             w.write(data)
         self.writers = [w for w in self.writers if not w.closed]
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int:
         n = self.inner.recv_into(bufs)
         if n > 0 and self.writers:
-            self._record(bufs, min(n, sum(len(b) for b in bufs)))
+            self._record(bufs, min(n, sum(len(b) for b in bufs)), to_netdev=False)
         return n
 
     def send(self, bufs: Sequence[memoryview]) -> bool:
         if self.writers:
-            self._record(bufs, sum(len(b) for b in bufs))
+            self._record(bufs, sum(len(b) for b in bufs), to_netdev=True)
         return self.inner.send(bufs)
 
     def close(self) -> None:

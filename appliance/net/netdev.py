@@ -111,6 +111,7 @@ class DgramNetdev:
     id: str
     local: tuple[str, int] | str | None
     remote: tuple[str, int] | str | None
+    form: str = field(default="dgram", compare=False)  # "socket" for -netdev socket,udp=|mcast=
 
     @property
     def multicast(self) -> bool:
@@ -135,6 +136,7 @@ class StreamNetdev:
     address: tuple[str, int] | str
     listen: bool
     reconnect: float = 1.0
+    form: str = field(default="stream", compare=False)  # "socket" for -netdev socket,listen=|connect=
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,10 @@ class UserNetdev:
 NetdevConfig = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
 NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
 TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
+# QEMU 7.2's NetClientDriver on Linux (qapi/net.json): a type outside it QEMU's QAPI refuses in its
+# own words; one inside it that is not ours is refused as not supported.
+QEMU_TYPES = frozenset({"none", "nic", "user", "tap", "l2tpv3", "socket", "stream", "dgram", "vde", "bridge",
+                        "hubport", "netmap", "vhost-user", "vhost-vdpa"})
 HELP_ORDER = ("socket", "stream", "dgram", "tap", "user", "bridge")  # as `-netdev help` lists them
 
 
@@ -200,6 +206,8 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
     kind = opts.take("type")
     if kind is None:
         raise ConfigError(f"{option}: netdev type is missing")
+    if kind not in QEMU_TYPES:
+        raise ConfigError(f"{option}: Parameter 'type' does not accept value '{kind}'")
     if kind not in TYPES:
         raise ConfigError(f"{option}: netdev type '{kind}' is not supported")
     what = f"{option} {kind}"
@@ -306,9 +314,12 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
         return None
     if kind != "inet":
         raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use inet)")
+    # InetSocketAddress's host and port are both mandatory (qapi/sockets.json); "" is any address.
+    if host is None:
+        raise ConfigError(f"{what}: Parameter '{prefix}.host' is missing")
     if port is None:
         raise ConfigError(f"{what}: Parameter '{prefix}.port' is missing")
-    return _host(what, f"{prefix}.host", host or ""), _port(what, f"{prefix}.port", port)
+    return _host(what, f"{prefix}.host", host), _port(what, f"{prefix}.port", port)
 
 
 def _unix_address(what: str, opts: OptionDict, prefix: str, path: str) -> str:
@@ -341,12 +352,14 @@ def _dgram(what: str, ident: str, opts: OptionDict) -> DgramNetdev:
         if isinstance(local, str):
             raise ConfigError(f"{what}: multicast only takes local.type=inet")
         return cfg
+    # QEMU 7.2 net/dgram.c's checks and words: only a multicast group goes without local=, and
+    # nothing goes without remote= (frames would have nowhere to go).
     if local is None:
-        raise ConfigError(f"{what}: Parameter 'local.type' is missing")
+        raise ConfigError(f"{what}: dgram requires local= parameter")
     if remote is not None and isinstance(remote, str) != isinstance(local, str):
         raise ConfigError(f"{what}: remote and local types must be the same")
-    if isinstance(remote, tuple) and remote[0] == "0.0.0.0":
-        raise ConfigError(f"{what}: remote.host is missing")
+    if remote is None:
+        raise ConfigError(f"{what}: type=inet or type=unix requires remote parameter")
     return cfg
 
 
@@ -367,18 +380,21 @@ def _socket(what: str, ident: str, opts: OptionDict) -> DgramNetdev | StreamNetd
         if not is_multicast(group[0]):
             raise ConfigError(f"{what}: mcast '{mcast}' is not a multicast address")
         iface = None if localaddr is None else (_host(what, "localaddr", localaddr), 0)
-        return DgramNetdev(ident, iface, group)
+        return DgramNetdev(ident, iface, group, form="socket")
     if udp is not None:
         if localaddr is None:
             raise ConfigError(f"{what}: udp= needs localaddr=")
+        # QEMU's parse_host_port() reads an empty host as INADDR_ANY, in every one of these.
         return DgramNetdev(ident, _hostport(what, "localaddr", localaddr, host_optional=True),
-                           _hostport(what, "udp", udp))
+                           _hostport(what, "udp", udp, host_optional=True), form="socket")
     if localaddr is not None:
         raise ConfigError(f"{what}: localaddr= goes only with udp=")
     if listen is not None:
-        return StreamNetdev(ident, _hostport(what, "listen", listen, host_optional=True), listen=True)
+        return StreamNetdev(ident, _hostport(what, "listen", listen, host_optional=True), listen=True,
+                            form="socket")
     assert connect is not None
-    return StreamNetdev(ident, _hostport(what, "connect", connect), listen=False)
+    return StreamNetdev(ident, _hostport(what, "connect", connect, host_optional=True), listen=False,
+                        form="socket")
 
 
 def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
@@ -387,11 +403,10 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
     kind = opts.take("addr.type")
     address: tuple[str, int] | str
     if kind == "inet":
-        host = opts.take("addr.host") or ""
+        # InetSocketAddress: host and port mandatory (qapi/sockets.json); "" is any address.
+        host = opts.require("addr.host")
         port = opts.require("addr.port")
         address = (_host(what, "addr.host", host, v6=True), _port(what, "addr.port", port))
-        if not server and address[0] == "0.0.0.0":
-            raise ConfigError(f"{what}: addr.host is missing")
         for key in ("addr.numeric", "addr.to", "addr.ipv4", "addr.ipv6"):
             opts.take(key)
     elif kind == "unix":

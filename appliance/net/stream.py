@@ -36,6 +36,7 @@ class StreamLink:
     def __init__(self, address: tuple[str, int] | str, *, listen: bool, reconnect: float = 1.0) -> None:
         self.address = address
         self.listen = listen
+        self.peer: tuple[str, int] | str | None = None  # the connected peer's address
         self.reconnect = reconnect
         self.sock: socket.socket | None = None
         self._server: socket.socket | None = None
@@ -108,6 +109,11 @@ class StreamLink:
         if s.family != socket.AF_UNIX:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = s
+        try:
+            # What info network names (QEMU's info_str): the peer while one is connected.
+            self.peer = s.getpeername()
+        except OSError:
+            self.peer = None
         self._buf.clear()
         self._arm()
 
@@ -121,6 +127,7 @@ class StreamLink:
                 self._reading = False
             self.sock.close()
             self.sock = None
+        self.peer = None
         self._buf.clear()
 
     def _arm(self) -> None:

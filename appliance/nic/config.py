@@ -9,11 +9,12 @@ from run to run and match what the same command line gives under QEMU.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import OptionDict, parse_option, parse_size
+from appliance.cli.options import OptionDict, parse_option
 from appliance.errors import ConfigError, HelpRequested
 from appliance.net.netdev import NetdevConfig, parse_netdev, user_flags
 from appliance.nic import constants as C
@@ -26,6 +27,8 @@ MAX_QUEUE_PAIRS = 16
 DEFAULT_MAC_BASE = bytes.fromhex("525400123456")
 # QEMU's qdev MAC property takes ":" or "-" between the six bytes.
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.' and '_'.
+_IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 
 # QEMU's virtio-net-pci properties that switch a feature bit (virtio 1.2 §5.1.3).
@@ -244,13 +247,37 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     return netdev, NicConfig(netdev=netdev.id, mac=mac, addr=addr, mq=getattr(netdev, "queues", 1) > 1)
 
 
+# QEMU 7.2's netfilter properties (net/filter.c, qapi/net.json NetFilterDirection): which of the
+# netdev's queues the filter hangs on, where in the netdev's filter list it goes, and whether it runs.
+FILTER_QUEUES = ("all", "rx", "tx")
+FILTER_INSERTS = ("behind", "before")
+MAXLEN_DEFAULT = 65536  # net/filter-dump.c filter_dump_instance_init
+U32_MAX = 0xFFFFFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class FilterDumpConfig:
-    SYNTAX: ClassVar[str] = "filter-dump,id=str,netdev=id,file=path[,maxlen=bytes]"
+    """``-object filter-dump`` (QEMU 7.2 net/filter-dump.c on net/dump.c's pcap writer).
+
+    ``queue``: ``all`` records both directions; ``rx`` only what is sent to the netdev (the
+    guest's transmissions), ``tx`` only what the netdev sends (what the guest receives), as
+    qemu-options.hx words them. ``status=off`` opens the file (pcap header only) and records
+    nothing. ``position``/``insert`` order the netdev's filter list (``info network``); dumps
+    change no frame, so the order changes no file.
+    """
+
+    SYNTAX: ClassVar[str] = (
+        "filter-dump,id=str,netdev=id,file=path[,maxlen=bytes][,queue=all|rx|tx][,status=on|off]"
+        "[,position=head|tail|id=<id>][,insert=behind|before]"
+    )
     id: str
     netdev: str
     file: Path
-    maxlen: int = 65536  # QEMU's filter-dump default (net/dump.c)
+    maxlen: int = MAXLEN_DEFAULT
+    queue: str = "all"
+    status: bool = True
+    position: str = "tail"
+    insert: str = "behind"
 
     @classmethod
     def parse(cls, text: str) -> FilterDumpConfig:
@@ -263,16 +290,82 @@ class FilterDumpConfig:
         opts.option = what
         ident = opts.require("id")
         netdev = opts.require("netdev")
-        file = Path(opts.require("file"))
+        file = opts.require("file")
         maxlen_text = opts.take("maxlen")
-        maxlen = parse_size(maxlen_text, f"{what} maxlen") if maxlen_text else 65536
-        if not 14 <= maxlen <= 0x7FFFFFFF:
-            raise ConfigError(f"{what}: maxlen '{maxlen_text}' is out of range")
-        queue = opts.take("queue")
-        if queue not in (None, "all"):
-            raise ConfigError(f"{what}: queue '{queue}' is not supported (both directions are captured)")
-        if opts.take("position") not in (None, "tail", "head"):
-            raise ConfigError(f"{what}: invalid position")
-        opts.take("status")
+        maxlen = MAXLEN_DEFAULT
+        if maxlen_text is not None:
+            maxlen = parse_u32(maxlen_text, what, "maxlen")
+        cfg = cls.make(what, ident, netdev, file, maxlen=maxlen, queue=opts.take("queue", "all"),
+                       status=opts.take("status", "on"), position=opts.take("position", "tail"),
+                       insert=opts.take("insert", "behind"))
         opts.finish()
-        return cls(ident, netdev, file, maxlen)
+        return cfg
+
+    @classmethod
+    def make(cls, what: str, ident: str, netdev: str, file: str, *, maxlen: int = MAXLEN_DEFAULT,
+             queue: str | None = "all", status: str | None = "on", position: str | None = "tail",
+             insert: str | None = "behind") -> FilterDumpConfig:
+        """Check the properties as QEMU 7.2 checks them, with its words; ``what`` locates the
+        errors QEMU locates (the option; QMP locates none: ``""``), the others it prints alone.
+
+        :raises ConfigError: naming the bad property.
+        """
+        def at(message: str) -> str:
+            return f"{what}: {message}" if what else message
+
+        queue, status = queue or "", status or ""
+        position, insert = position or "", insert or ""
+        if not _IDENT.fullmatch(ident):
+            raise ConfigError(at("Parameter 'id' expects an identifier"))
+        if maxlen == 0:
+            # filter_dump_set_maxlen: any uint32 but 0.
+            raise ConfigError("Property 'filter-dump.maxlen' doesn't take value '0'")
+        if queue not in FILTER_QUEUES:
+            raise ConfigError(at(f"Parameter 'queue' does not accept value '{queue}'"))
+        if insert not in FILTER_INSERTS:
+            raise ConfigError(at(f"Parameter 'insert' does not accept value '{insert}'"))
+        if status not in ("on", "off"):
+            raise ConfigError("Invalid value for netfilter status, should be 'on' or 'off'")
+        if position not in ("head", "tail") and not position.startswith("id="):
+            raise ConfigError("Parameter 'position' expects 'head', 'tail' or 'id=<id>'")
+        if not file:
+            # Path("") would be "."; QEMU open()s the empty name and reports ENOENT.
+            raise ConfigError("net dump: can't open : No such file or directory")
+        return cls(ident, netdev, Path(file), maxlen, queue, status == "on", position, insert)
+
+    def place(self, captures: Sequence[FilterDumpConfig], objects: Collection[str] = ()) -> int:
+        """Where this filter goes in its netdev's list ``captures`` (netfilter_complete).
+
+        :param objects: the ids of every object made before this one (any netdev, any type).
+        :raises ConfigError: when ``position=id=X`` names no filter there, as QEMU words it.
+        """
+        if self.position == "head":
+            return 0
+        if self.position == "tail":
+            return len(captures)
+        ref = self.position[3:]
+        for i, c in enumerate(captures):
+            if c.id == ref:
+                return i if self.insert == "before" else i + 1
+        if ref in objects:
+            raise ConfigError(f"filter '{ref}' belongs to a different netdev")
+        raise ConfigError(f"filter '{ref}' not found")
+
+
+def parse_u32(text: str, what: str, key: str) -> int:
+    """A uint32 property of ``-object`` as QEMU 7.2's option visitor reads it: C's strtoull with
+    base 0 (``0x`` hex, a leading ``0`` octal), no sign, no size suffix.
+
+    :raises ConfigError: in QEMU's words.
+    """
+    from appliance.qemu_numbers import NumberError, strtou64
+
+    try:
+        if "-" in text or not text.strip():
+            raise NumberError(text)
+        value = strtou64(text)
+    except NumberError:
+        raise ConfigError(f"{what}: Parameter '{key}' expects a uint64 value") from None
+    if value > U32_MAX:
+        raise ConfigError(f"{what}: Parameter '{key}' expects uint32_t")
+    return value

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,7 +276,7 @@ def _network(ctx: Any) -> str:
     out: list[str] = []
     for spec in specs:
         if isinstance(spec, PeerlessNetdevSpec):
-            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}{_filters(spec)}\r\n"
+            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev, spec.owner)}{_filters(spec)}\r\n"
             if spec.hub == 0:
                 hubs.append(f"hub 0\r\n \\ hub0port0: {line}")  # the hub's only port
             else:
@@ -289,7 +290,7 @@ def _network(ctx: Any) -> str:
         mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
         # QEMU 7.2 shows no carrier state here (set_link leaves the line as it was).
         nic = f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}"
-        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev)}{_filters(spec)}"
+        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev, spec.owner)}{_filters(spec)}"
         if getattr(spec, "hub", -1) == 0:
             # A -net pair: both hang off hub 0, its ports listed newest first as QEMU does.
             ports = {spec.hub_port: nic, 1 - spec.hub_port: netdev}
@@ -308,18 +309,60 @@ def _filters(spec: Any) -> str:
     if not captures:
         return ""
     return "\r\nfilters:" + "".join(
-        f"\r\n  - {c.id}: type=filter-dump,file={c.file},maxlen={c.maxlen},position=tail,status=on,"
-        f"insert=behind,netdev={c.netdev},queue=all" for c in captures)
+        f"\r\n  - {c.id}: type=filter-dump,file={c.file},maxlen={c.maxlen},position={c.position},"
+        f"status={'on' if c.status else 'off'},insert={c.insert},netdev={c.netdev},queue={c.queue}"
+        for c in captures)
 
 
-def _netdev_info(cfg: Any) -> str:
-    kind = type(cfg).__name__.removesuffix("Netdev").lower()
-    if kind == "user":
-        c = cfg.config
-        return f"user,net={c.net.network_address},restrict={'on' if c.restrict else 'off'}"
-    if kind == "tap":
-        return f"tap,ifname={cfg.ifname or ''},script=no,downscript=no"
-    return kind
+# QEMU's default bridge helper (qemu-options.hx, -netdev bridge): QEMU 7.2 names it in the bridge's
+# line; the appliance bridges its taps itself and runs no helper.
+BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
+
+
+def _netdev_info(cfg: Any, owner: Any = None) -> str:
+    """``TYPE,INFO`` as QEMU 7.2's print_net_client writes a netdev (its type, then the netdev's
+    info_str, with the comma even when that is empty): net/tap.c, net/dgram.c, net/socket.c,
+    net/stream.c and net/slirp.c each set their own. ``owner`` is the open netdev, for what
+    only it knows (the kernel's tap name, a stream's peer)."""
+    from appliance.net.netdev import BridgeNetdev, DgramNetdev, StreamNetdev, TapNetdev
+
+    if isinstance(cfg, TapNetdev):
+        if cfg.fds:
+            return f"tap,fd={cfg.fds[0]}"
+        name = getattr(owner, "name", "") or cfg.ifname or ""
+        return f"tap,ifname={name},script=no,downscript=no"
+    if isinstance(cfg, BridgeNetdev):
+        return f"tap,helper={BRIDGE_HELPER},br={cfg.bridge}"  # QEMU's bridge is a tap
+    if isinstance(cfg, DgramNetdev):
+        return f"{cfg.form},{_dgram_info(cfg)}"
+    if isinstance(cfg, StreamNetdev):
+        return f"{cfg.form},{_stream_info(cfg, getattr(owner, 'peer', None))}"
+    c = cfg.config
+    return f"user,net={c.net.network_address},restrict={'on' if c.restrict else 'off'}"
+
+
+def _hostport(addr: Any) -> str:
+    return addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+
+
+def _dgram_info(cfg: Any) -> str:
+    if cfg.multicast:
+        return f"socket: mcast={_hostport(cfg.remote)}" if cfg.form == "socket" else f"mcast={_hostport(cfg.remote)}"
+    if cfg.form == "socket":
+        return f"socket: udp={_hostport(cfg.remote)}"  # net_socket_udp_init names the peer only
+    sep = ":" if isinstance(cfg.local, str) else "/"  # net/dgram.c: "udp=%s:%s" for unix paths
+    return f"udp={_hostport(cfg.local)}{sep}{_hostport(cfg.remote)}"
+
+
+def _stream_info(cfg: Any, peer: Any) -> str:
+    """Nothing until a peer is there; then net/socket.c's or net/stream.c's words for it."""
+    if peer is None:
+        return ""
+    if cfg.form == "socket":
+        return f"socket: {'connection from' if cfg.listen else 'connect to'} {_hostport(peer)}"
+    if isinstance(cfg.address, str):
+        return f"unix:{cfg.address}"
+    return f"tcp:{_hostport(peer)}"
 
 
 def _user_net(ctx: Any, netdev_id: str | None) -> Any:
@@ -368,7 +411,11 @@ async def _object_add(ctx: Any, spec: str) -> str:
         return f"Error: Parameter 'qom-type' does not accept value '{kind}'\r\n"
     if not ident:
         return "Error: Parameter 'id' is missing\r\n"
-    await netops.add_capture(ctx.machine, ident, dict(opts))
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", ident):
+        # QEMU's id_wellformed() check, with the hint HMP prints under it.
+        return ("Error: Parameter 'id' expects an identifier\r\n"
+                "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\r\n")
+    await netops.add_capture(ctx.machine, ident, dict(opts), hmp=True)
     return ""
 
 

@@ -112,42 +112,79 @@ def _find_capture(machine: Any, ident: str) -> tuple[Any, int] | None:
     return None
 
 
-async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
+# filter-dump's string properties (net/filter.c, net/filter-dump.c); maxlen is its one number.
+_DUMP_STRINGS = ("netdev", "file", "queue", "status", "position", "insert")
+
+
+def _dump_config(ident: str, props: dict[str, Any], *, hmp: bool) -> Any:
+    """``object-add``'s properties checked as QEMU 7.2's QMP (typed JSON) or HMP ``object_add``
+    (keyval text) checks them, in its words.
+
+    :raises GenericError: naming the bad property.
+    """
+    from appliance.nic.config import MAXLEN_DEFAULT, U32_MAX, FilterDumpConfig
+    from appliance.qemu_numbers import NumberError, strtou64
+
+    for key, value in props.items():
+        if key != "maxlen" and key not in _DUMP_STRINGS:
+            raise GenericError(f"Parameter '{key}' is unexpected")
+        if key != "maxlen" and not isinstance(value, str):
+            raise GenericError(f"Invalid parameter type for '{key}', expected: string")
+    maxlen = props.get("maxlen", MAXLEN_DEFAULT)
+    if isinstance(maxlen, str):
+        # HMP's keyval: qemu_strtou64 with base 0; QMP takes no string for a number.
+        if not hmp:
+            raise GenericError("Parameter 'maxlen' expects uint64")
+        try:
+            if "-" in maxlen or not maxlen.strip():
+                raise NumberError(maxlen)
+            maxlen = strtou64(maxlen)
+        except NumberError:
+            raise GenericError("Parameter 'maxlen' expects integer") from None
+    elif isinstance(maxlen, bool) or not isinstance(maxlen, int):
+        raise GenericError("Parameter 'maxlen' expects uint64")
+    if not 0 <= maxlen <= U32_MAX:
+        raise GenericError("Parameter 'maxlen' expects uint32_t")
+    for key in ("netdev", "file"):
+        if key not in props:
+            raise GenericError(f"Parameter '{key}' is missing")
+    try:
+        return FilterDumpConfig.make("", ident, props["netdev"], props["file"], maxlen=maxlen,
+                                     **{k: props[k] for k in ("queue", "status", "position", "insert")
+                                        if k in props})
+    except ConfigError as err:
+        raise GenericError(str(err)) from None
+
+
+async def add_capture(machine: Any, ident: str, props: dict[str, Any], *, hmp: bool = False) -> None:
     """Start a pcap of a NIC's netdev (``object-add`` with qom-type filter-dump).
 
+    :param hmp: the properties are HMP ``object_add``'s text, not QMP's JSON values.
     :raises GenericError: On a duplicate id, a bad property or a file that cannot be opened.
     """
     from appliance.net.backend import LinkDownBackend
     from appliance.net.capture import CapturingBackend, open_capture
-    from appliance.nic.config import FilterDumpConfig
 
     if _find_capture(machine, ident) is not None:
         raise GenericError(f"attempt to add duplicate property '{ident}' to object (type 'container')")
-    # Reuse the -object grammar so both paths check the same things.
-    parts = [f"filter-dump,id={ident}"]
-    for key, value in props.items():
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        if not isinstance(value, (str, int)):
-            raise GenericError(f"Invalid parameter type for '{key}', expected: string")
-        text = str(value)
-        parts.append(f"{key}={text.replace(',', ',,')}")
-    try:
-        cfg = FilterDumpConfig.parse(",".join(parts))
-    except ConfigError as err:
-        raise GenericError(str(err).replace("-object filter-dump: ", "")) from None
+    cfg = _dump_config(ident, props, hmp=hmp)
     spec = None
     for candidate in nic_specs(machine):
         if candidate.netdev.id == cfg.netdev:
             spec = candidate
     if spec is None:
-        raise GenericError(f"Property 'filter-dump.netdev' can't find value '{cfg.netdev}'")
+        raise GenericError("Parameter 'netdev' expects a network backend id")
+    try:
+        index = cfg.place(spec.captures, {c.id for s in nic_specs(machine) for c in s.captures})
+    except ConfigError as err:
+        raise GenericError(str(err)) from None
     if not spec.backends:
         raise GenericError(f"netdev '{cfg.netdev}' is not open")
     try:
-        writer = await asyncio.to_thread(open_capture, Path(cfg.file), maxlen=cfg.maxlen)
+        writer = await asyncio.to_thread(open_capture, Path(cfg.file), maxlen=cfg.maxlen, queue=cfg.queue,
+                                         status=cfg.status)
     except (ApplianceError, OSError) as err:
-        raise GenericError(f"filter-dump: {err}") from None
+        raise GenericError(str(err)) from None
     if not spec.backends:
         # The machine ended while the file was being opened.
         writer.close()
@@ -167,8 +204,10 @@ async def add_capture(machine: Any, ident: str, props: dict[str, Any]) -> None:
         spec.backends[:] = wrapped
     for b in spec.backends:
         b.writers.append(writer)
-    spec.captures.append(cfg)
-    spec.writers.append(writer)
+    # captures and writers stay index for index (del_capture); the list's order is QEMU's
+    # filter order, which info network shows.
+    spec.captures.insert(index, cfg)
+    spec.writers.insert(index, writer)
 
 
 def del_capture(machine: Any, ident: str) -> None:

@@ -417,7 +417,8 @@ async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
                                 f"addr.path={tmp_path / f'v{i}'}"]
     ours = await asyncio.create_subprocess_exec(
         *APPLIANCE, "net-daemon", "--netdev", "user,id=n0", "--netdev", "user,id=n1",
-        "--netdev", "dgram,id=hub0,local.type=inet,local.host=127.0.0.1,local.port=0", *exports,
+        "--netdev", "dgram,id=hub0,local.type=inet,local.host=127.0.0.1,local.port=0,remote.type=inet,"
+        "remote.host=127.0.0.1,remote.port=9", *exports,
         "--chardev", f"socket,id=m,path={osock},server=on,wait=off", "--monitor", "chardev=m",
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

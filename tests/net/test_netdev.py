@@ -90,11 +90,11 @@ def test_user_netdev_takes_slirp_options() -> None:
         ("dgram,id=d,local.type=vsock,local.port=1", "local.type 'vsock' is not supported"),
         ("dgram,id=d,local.type=unix,local.path=/a,remote.type=inet,remote.host=h,remote.port=1",
          "remote and local types must be the same"),
-        ("dgram,id=d,remote.type=inet,remote.host=10.0.0.1,remote.port=1", "Parameter 'local.type' is missing"),
+        ("dgram,id=d,remote.type=inet,remote.host=10.0.0.1,remote.port=1", "dgram requires local= parameter"),
         ("dgram,id=d,remote.type=inet,remote.host=230.0.0.1,remote.port=1,local.type=unix,local.path=/a",
          "multicast only takes local.type=inet"),
         ("socket,id=s,mcast=10.0.0.1:5", "mcast '10.0.0.1:5' is not a multicast address"),
-        ("dgram,id=d,local.type=inet,local.port=99999", "invalid local.port '99999'"),
+        ("dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=99999", "invalid local.port '99999'"),
         ("socket,id=s", "exactly one of udp=, mcast=, listen=, connect= is needed"),
         ("socket,id=s,udp=1.2.3.4:5", "udp= needs localaddr="),
         ("socket,id=s,connect=nohostport", "connect 'nohostport' is not HOST:PORT"),
@@ -117,7 +117,8 @@ def test_any_netdev_text_parses_or_is_a_config_error(kind: str, rest: str) -> No
 
 
 async def test_open_dgram_netdev_gives_one_backend() -> None:
-    cfg = parse_netdev("dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=0")
+    cfg = parse_netdev("dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=0,"
+                       "remote.type=inet,remote.host=127.0.0.1,remote.port=9")
     backends, owner = await open_netdev(cfg)
     try:
         assert len(backends) == 1 and backends[0].vnet_hdr_len == 0
