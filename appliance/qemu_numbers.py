@@ -97,6 +97,24 @@ def strtou64(text: str) -> int:
     return value
 
 
+def strtoi64(text: str) -> int:
+    """``qemu_strtoi64(text, NULL, 0)``: all of ``text`` a C ``long long`` (base 0), what
+    QEMU's keyval visitor reads an integer property with (``-device …,speed=N``).
+
+    :raises NumberError: when something is left over or nothing converts
+        (``out_of_range`` outside int64 with nothing left over).
+    """
+    value, end, overflowed = _strtoull(text, 0, 0)
+    if end == 0 or end < len(text):
+        raise NumberError(text)
+    negative = text.lstrip(_C_SPACE).startswith("-")
+    # _strtoull wraps a "-" modulo 2**64; strtoll wants the magnitude within int64.
+    magnitude = -value & U64 if negative else value
+    if overflowed or magnitude > INT64_MAX + negative:
+        raise NumberError(text, out_of_range=True)
+    return -magnitude if negative else magnitude
+
+
 def _img_warning(message: str) -> None:
     print(f"appliance img: warning: {message}", file=sys.stderr)
 

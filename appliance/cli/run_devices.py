@@ -275,7 +275,8 @@ _DEVICE_HELP = (
     "[,physical_block_size=N][,discard=on|off][,write-zeroes=on|off][,event_idx=on|off] | "
     "virtio-rng-pci[,rng=ID][,addr=SLOT][,max-bytes=N,period=MS] | "
     "virtio-net-pci,netdev=ID[,mac=][,mq=on][,vectors=N]"
-    "[,host_mtu=N][,addr=SLOT][,rx_queue_size=N][,tx_queue_size=N][,csum|guest_csum|gso|host_tso4|host_tso6|"
+    "[,host_mtu=N][,addr=SLOT][,rx_queue_size=N][,tx_queue_size=N][,speed=MBPS][,duplex=half|full]"
+    "[,csum|guest_csum|gso|host_tso4|host_tso6|"
     "guest_tso4|guest_tso6|mrg_rxbuf|ctrl_vq|…|event_idx|indirect_desc=on|off]",
     "a virtio device on PCI, slots in command-line order (num-queues defaults to one per vCPU; "
     f"at most {MAX_NICS} NICs; multiqueue NICs need mq=on and a tap with queues=N; "
@@ -657,6 +658,7 @@ def resolve(plan: DevicePlan) -> list[object]:
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
+                speed=nic.speed, duplex=nic.duplex,
                 # Without an id, QEMU's name for it (model.N, N counting the NICs made before
                 # it): what info network shows and set_link takes.
                 name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
@@ -703,8 +705,10 @@ def order_dumps(plan: DevicePlan) -> dict[str, list[Any]]:
     for d in plan.dumps:
         assert isinstance(d, FilterDumpConfig)
         if d.netdev not in plan.netdevs:
-            # netfilter_complete; QEMU names no option with it.
-            raise ConfigError("Parameter 'netdev' expects a network backend id")
+            # netfilter_complete's words; QEMU names no option with them, we name the value
+            # (the project's rule for bad input).
+            raise ConfigError(f"-object filter-dump,id={d.id},netdev={d.netdev}: "
+                              "Parameter 'netdev' expects a network backend id")
         captures = lists.setdefault(d.netdev, [])
         captures.insert(d.place(captures, others | made), d)
         made.add(d.id)

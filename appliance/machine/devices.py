@@ -250,6 +250,8 @@ class NicSpec:
     :param features_off: feature bits the command line turned off (``csum=off``, …).
     :param rx_queue_size: of each receive queue (None: the device's default).
     :param tx_queue_size: of each transmit queue (None: the device's default).
+    :param speed: link speed in Mbit/s the guest is told (None: unknown).
+    :param duplex: ``"half"`` or ``"full"`` (None: unknown).
     :param hub: the QEMU hub of a ``-net`` back end (0), shown by ``info usernet``; -1 for none.
     :param origin: the netdev's option as typed (``-nic user,hostfwd=…``), for its errors.
     """
@@ -264,6 +266,8 @@ class NicSpec:
     features_off: int = 0
     rx_queue_size: int | None = None
     tx_queue_size: int | None = None
+    speed: int | None = None
+    duplex: str | None = None
     hub: int = -1  # QEMU's hub the netdev hangs off (0 for -net; -1: none)
     hub_port: int = 0  # on a hub, the NIC's port (its back end has the other of 0 and 1)
     origin: str = ""  # the netdev's option as typed, which its start-up errors name (QEMU's way)
@@ -346,7 +350,7 @@ def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
         raise ConfigError(f"{spec.name}: the netdev was not opened")
     if spec.device is None:
         spec.device = VirtioNet(spec.backends, spec.mac, mtu=spec.mtu, rx_queue_size=spec.rx_queue_size,
-                                tx_queue_size=spec.tx_queue_size)
+                                tx_queue_size=spec.tx_queue_size, speed=spec.speed, duplex=spec.duplex)
         spec.device.features_off = spec.features_off
     spec.transport = plug_virtio(builder, inst, spec.device, addr=spec.addr, name=spec.name)
 

@@ -45,7 +45,11 @@ FEATURE_PROPERTIES: dict[str, int] = {
 # Properties QEMU has for features this device never offers: "off" is what it does anyway.
 ABSENT_FEATURES = ("gso", "ctrl_rx_extra", "rss", "hash", "guest_rsc_ext", "guest_uso4", "guest_uso6", "host_uso")
 
-_DEVICE_FLAGS = ("mq", "disable-legacy", "disable-modern", *FEATURE_PROPERTIES, *ABSENT_FEATURES)
+# QEMU reads any bare key as ``key=on``; speed and duplex then refuse "on" in their own words.
+_DEVICE_FLAGS = ("mq", "disable-legacy", "disable-modern", "speed", "duplex", *FEATURE_PROPERTIES,
+                 *ABSENT_FEATURES)
+DUPLEXES = ("half", "full")
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 # §5.1.3.1: a feature offered without the one it needs is not offered at all.
 _NEEDS: tuple[tuple[int, int], ...] = (
@@ -90,6 +94,35 @@ def _queue_size(opts: OptionDict, key: str, what: str) -> int | None:
     return size
 
 
+def _take_int32(opts: OptionDict, key: str) -> int | None:
+    """A qdev int32 property as QEMU 7.2's keyval visitor reads it (``qemu_strtoi64``, base 0:
+    ``0x`` hex, a leading ``0`` octal, a sign), with its words for what it refuses."""
+    from appliance.qemu_numbers import NumberError, strtoi64
+
+    text = opts.take(key)
+    if text is None:
+        return None
+    try:
+        value = strtoi64(text)
+    except NumberError:
+        raise ConfigError(f"{opts.option}: Parameter '{key}' expects integer") from None
+    if not INT32_MIN <= value <= INT32_MAX:
+        raise ConfigError(f"{opts.option}: Parameter '{key}' expects int32_t")
+    return value
+
+
+def _speed_duplex(opts: OptionDict, what: str) -> tuple[int | None, str | None]:
+    """``speed=`` (Mbit/s) and ``duplex=half|full``, checked as virtio_net_device_realize does:
+    duplex first, then a speed below -1 (QEMU's "unknown", the default). Returns None for unknown."""
+    speed = _take_int32(opts, "speed")
+    duplex = opts.take("duplex")
+    if duplex is not None and duplex not in DUPLEXES:
+        raise ConfigError(f"{what}: 'duplex' must be 'half' or 'full'")
+    if speed is not None and speed < -1:
+        raise ConfigError(f"{what}: 'speed' must be between 0 and INT_MAX")
+    return (None if speed is None or speed < 0 else speed), duplex
+
+
 # QEMU's names for bus 0: pcie.0 on q35 and microvm, pci.0 on pc. Every
 # machine here has the one bus 0, so either names it.
 ROOT_BUSES = ("pcie.0", "pci.0")
@@ -131,7 +164,7 @@ def default_mac(index: int) -> bytes:
 class NicConfig:
     SYNTAX: ClassVar[str] = (
         "virtio-net-pci,netdev=id[,id=str][,mac=52:54:00:xx:xx:xx][,mq=on|off][,vectors=n]"
-        "[,host_mtu=n][,addr=slot[.fn]][,rx_queue_size=n][,tx_queue_size=n]"
+        "[,host_mtu=n][,addr=slot[.fn]][,rx_queue_size=n][,tx_queue_size=n][,speed=mbps][,duplex=half|full]"
         "[,csum|guest_csum|host_tso4|guest_tso4|…|mrg_rxbuf|ctrl_vq|event_idx|indirect_desc=on|off]"
     )
     netdev: str
@@ -144,6 +177,9 @@ class NicConfig:
     features_off: int = 0
     rx_queue_size: int | None = None
     tx_queue_size: int | None = None
+    # VIRTIO_NET_F_SPEED_DUPLEX (virtio 1.2 §5.1.4): offered when either is known, as in QEMU.
+    speed: int | None = None  # Mbit/s; None: unknown (QEMU's speed=-1)
+    duplex: str | None = None  # "half" | "full"; None: unknown
     hub: bool = False  # a -net nic on hub 0: ``netdev`` is the hub's back end, filled in when known
 
     @classmethod
@@ -162,6 +198,7 @@ class NicConfig:
         if mtu is not None and mtu > 65535:
             raise ConfigError(f"{what}: host_mtu={mtu} is larger than 65535")
         vectors = opts.take_int("vectors", None, minimum=0)
+        speed, duplex = _speed_duplex(opts, what)
         take_root_bus(opts, what)
         cfg = cls(
             netdev=netdev,
@@ -174,6 +211,8 @@ class NicConfig:
             features_off=_features_off(opts),
             rx_queue_size=_queue_size(opts, "rx_queue_size", what),
             tx_queue_size=_queue_size(opts, "tx_queue_size", what),
+            speed=speed,
+            duplex=duplex,
         )
         if cfg.mq and cfg.features_off >> C.F_CTRL_VQ & 1:
             raise ConfigError(f"{what}: mq=on needs ctrl_vq (multiqueue is set up on the control queue)")

@@ -361,6 +361,9 @@ class VirtioNet(VirtioDevice):
     :param queue_size: maximum size of each rx/tx queue.
     :param rx_queue_size: of each receive queue, if not ``queue_size``.
     :param tx_queue_size: of each transmit queue, if not ``queue_size``.
+    :param speed: link speed in Mbit/s, or ``None`` for unknown.
+    :param duplex: ``"half"``, ``"full"`` or ``None`` for unknown. With either known the
+        device offers VIRTIO_NET_F_SPEED_DUPLEX, as QEMU's ``speed=``/``duplex=`` do.
     """
 
     device_id: ClassVar[int] = VIRTIO_ID_NET
@@ -377,8 +380,16 @@ class VirtioNet(VirtioDevice):
         link_up: bool = True,
         control_queue: bool = True,
         yield_after_rx_irq: bool = False,
+        speed: int | None = None,
+        duplex: str | None = None,
     ) -> None:
         super().__init__()
+        if speed is not None and not 0 <= speed <= 0x7FFFFFFF:
+            raise ValueError("speed must be from 0 to INT_MAX Mbit/s")
+        if duplex not in (None, "half", "full"):
+            raise ValueError("duplex must be 'half' or 'full'")
+        self.speed = speed
+        self.duplex = duplex
         if not backends:
             raise ValueError("virtio-net needs at least one backend")
         if len(mac) != 6:
@@ -451,6 +462,8 @@ class VirtioNet(VirtioDevice):
             f |= 1 << C.F_MQ
         if self.mtu is not None:
             f |= 1 << C.F_MTU
+        if self.speed is not None or self.duplex is not None:
+            f |= 1 << C.F_SPEED_DUPLEX
         if self.passthrough_hdr:
             for bit in (
                 C.F_CSUM, C.F_GUEST_CSUM, C.F_CTRL_GUEST_OFFLOADS,
@@ -461,11 +474,17 @@ class VirtioNet(VirtioDevice):
         return f
 
     def config_bytes(self) -> bytes:
-        # §5.1.4: mac[6], status, max_virtqueue_pairs, mtu.
+        # §5.1.4: mac[6], status, max_virtqueue_pairs, mtu, then speed and duplex, which
+        # (as in QEMU) the config space only reaches to when SPEED_DUPLEX is offered.
         status = C.S_LINK_UP if self.link_up else 0
-        return self.mac + status.to_bytes(2, "little") + self.pairs.to_bytes(2, "little") + (
+        cfg = self.mac + status.to_bytes(2, "little") + self.pairs.to_bytes(2, "little") + (
             (self.mtu or 1500).to_bytes(2, "little")
         )
+        if self.speed is None and self.duplex is None:
+            return cfg
+        speed = C.SPEED_UNKNOWN if self.speed is None else self.speed
+        duplex = {"half": C.DUPLEX_HALF, "full": C.DUPLEX_FULL, None: C.DUPLEX_UNKNOWN}[self.duplex]
+        return cfg + speed.to_bytes(4, "little") + bytes([duplex])
 
     def write_config(self, offset: int, data: bytes) -> None:
         # Legacy drivers without CTRL_MAC_ADDR set the MAC by writing config (§5.1.4.2).

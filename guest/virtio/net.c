@@ -2,6 +2,7 @@
  * the `net` commands:
  *
  *   net info                       NET info mac=... mtu=... link=up|down features=0x...
+ *                                  ... speed=MBPS|unknown duplex=half|full|unknown
  *   net use N                      pick the N-th virtio-net device (default 0)
  *   net ip A.B.C.D [GW]            our address (the responder answers ARP for it,
  *                                  ICMP echo to it, UDP to port 7 is echoed)
@@ -25,6 +26,7 @@
 #define VIRTIO_NET_F_HOST_TSO4 11
 #define VIRTIO_NET_F_MAC    5
 #define VIRTIO_NET_F_STATUS 16
+#define VIRTIO_NET_F_SPEED_DUPLEX 63
 #define NET_HDR 12
 #define RXBUF   2048
 #define NRX     128
@@ -151,7 +153,8 @@ static int net_init(void)
     }
     if (virtio_negotiate(&N.dev, (1ull << VIRTIO_NET_F_MAC) | (1ull << VIRTIO_NET_F_STATUS) |
                                      (1ull << VIRTIO_NET_F_MTU) | (1ull << VIRTIO_NET_F_CSUM) |
-                                     (1ull << VIRTIO_NET_F_HOST_TSO4))) {
+                                     (1ull << VIRTIO_NET_F_HOST_TSO4) |
+                                     (1ull << VIRTIO_NET_F_SPEED_DUPLEX))) {
         println("ERR net feature negotiation failed");
         return -1;
     }
@@ -765,11 +768,23 @@ static void cmd_net(int argc, char **argv, const char *rest)
         uint16_t st = N.dev.features & (1ull << VIRTIO_NET_F_STATUS) ? mmio_read16(N.dev.devcfg + 6) : 1;
         char ip[16];
         fmt_ip(ip, N.ip);
+        /* §5.1.4: le32 speed at 12 and u8 duplex at 16 once SPEED_DUPLEX is negotiated; as
+         * Linux's virtnet_update_settings, a speed past INT_MAX or a duplex other than 0 or 1
+         * is unknown. */
+        char speed[12] = "unknown";
+        const char *duplex = "unknown";
+        if (N.dev.features & (1ull << VIRTIO_NET_F_SPEED_DUPLEX)) {
+            uint32_t mbps = mmio_read32(N.dev.devcfg + 12);
+            uint8_t d = mmio_read8(N.dev.devcfg + 16);
+            if (mbps <= 0x7fffffffu)
+                snprintf(speed, sizeof speed, "%u", mbps);
+            duplex = d == 0 ? "half" : d == 1 ? "full" : "unknown";
+        }
         println("NET info mac=%02x:%02x:%02x:%02x:%02x:%02x mtu=%u link=%s ip=%s features=0x%lx "
-                "rx_frames=%lu tx_frames=%lu rx_dropped=%lu pci=%02x:%02x.%x",
+                "rx_frames=%lu tx_frames=%lu rx_dropped=%lu pci=%02x:%02x.%x speed=%s duplex=%s",
                 N.mac[0], N.mac[1], N.mac[2], N.mac[3], N.mac[4], N.mac[5], N.mtu,
                 st & 1 ? "up" : "down", ip, N.dev.features, N.rx_frames, N.tx_frames,
-                N.rx_dropped, N.dev.bus, N.dev.dev, N.dev.fn);
+                N.rx_dropped, N.dev.bus, N.dev.dev, N.dev.fn, speed, duplex);
     } else if (!strcmp(sub, "ip")) {
         uint32_t ip, gw = 0;
         if (argc < 3 || argc > 4 || parse_ip(argv[2], &ip) || (argc == 4 && parse_ip(argv[3], &gw))) {

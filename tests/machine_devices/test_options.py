@@ -270,7 +270,7 @@ BAD = [
     (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t"], "mq=on"),
     (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t,mq=on,vectors=3"], "vectors=3"),
     (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01"], "multicast"),
-    (["-object", "filter-dump,id=f,netdev=ghost,file=/tmp/x.pcap"], "'ghost'"),
+    (["-object", "filter-dump,id=f,netdev=ghost,file=/tmp/x.pcap"], "netdev=ghost"),
     (["-net", "nic"], "hub 0 is not connected"),
     (["-net", "nic", "-net", "nic", "-net", "user"], "hub 0 has 2 NICs"),
     (["-net", "user", "-net", "tap,ifname=t0", "-net", "nic"], "hub 0 has 2 back ends"),
