@@ -124,6 +124,8 @@ async def compute_refs(img: Qcow2Image, res: CheckResult, *, with_refcount_struc
     w.inc(h.l1_table_offset, h.l1_size * 8, "L1 table")
     await w.walk_l1(img._l1, True)
     for s in img.snapshots:
+        if s.l1_problem(cs) is not None:
+            continue  # unreadable: QEMU's check skips it too (and reports it)
         w.inc(s.l1_table_offset, s.l1_size * 8, f"snapshot {s.id} L1 table")
         raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
         await w.walk_l1(list(struct.unpack(f">{s.l1_size}Q", raw)), False)

@@ -23,7 +23,7 @@ from appliance.cli import qemu_json
 from appliance.errors import ConfigError
 from appliance.qcow2 import header as H
 from appliance.qcow2.backing import json_target, open_any, resolve_backing
-from appliance.qcow2.errors import ErrorKind, Qcow2Error
+from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
 from appliance.qcow2.image import K_COMPRESSED, K_DATA, K_UNALLOC, K_ZERO, Qcow2Image, probe_format
 from appliance.qemu_numbers import INT64_MAX, NumberError, strtosz, strtou64
 from appliance.storage.formats import foreign_format_of, unsupported_message
@@ -863,6 +863,12 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
             data["bitmaps"] = [{"flags": flag_names(b.flags), "name": b.name,
                                 "granularity": 1 << b.granularity_bits} for b in img.bitmaps]
         data["refcount-bits"] = h.refcount_bits
+        if h.encrypted:
+            from appliance.qcow2.crypto_info import encrypt_info
+
+            enc = encrypt_info(img._fd, h)
+            if enc is not None:
+                data["encrypt"] = enc
         if h.version >= 3:
             data["corrupt"] = h.corrupt
             data["extended-l2"] = h.extended_l2
@@ -873,6 +879,8 @@ def _info_dict(img: Any, filename: str) -> dict[str, Any]:
             d["full-backing-filename"] = (h.backing_file if h.backing_file.startswith("json:")
                                           else str(resolve_backing(Path(filename), h.backing_file)))
             d["backing-filename"] = h.backing_file
+        if h.encrypted:
+            d["encrypted"] = True
         d["dirty-flag"] = h.dirty
     else:
         # QEMU sizes a raw image in whole 512-byte sectors, a partial last one included.
@@ -911,6 +919,8 @@ def _info_human(d: dict[str, Any], img: Any) -> str:
     out = [f"image: {d['filename']}", f"file format: {d['format']}",
            f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)",
            f"disk size: {size_to_str(d['actual-size'])}"]
+    if d.get("encrypted"):
+        out.append("encrypted: yes")
     if "cluster-size" in d:
         out.append(f"cluster_size: {d['cluster-size']}")
     if d.get("dirty-flag"):
@@ -945,7 +955,7 @@ def _human_value(key: str, v: Any, indent: int) -> str:
     if isinstance(v, dict):
         out = f"{pad}{key}:\n"
         for k2, v2 in v.items():
-            out += _human_value(k2, v2, indent + 4)
+            out += _human_value(k2.replace("-", " "), v2, indent + 4)
         return out
     return f"{pad}{key}: {v}\n"
 
@@ -959,7 +969,9 @@ async def cmd_info(argv: list[str]) -> int:
     p.add_argument("filename")
     a = p.parse_args(argv)
     try:
-        img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain, share=a.force_share)
+        # Metadata only (QEMU's BDRV_O_NO_IO): an encrypted image opens here alone.
+        img = await _open(a.filename, a.fmt, read_only=True, backing=a.backing_chain,
+                          share=a.force_share, metadata_only=True)
     except Qcow2Error as err:
         # qemu-img info opens each layer of --backing-chain on its own, so a
         # missing one is named as a missing image, not as a backing file.
@@ -1400,20 +1412,32 @@ async def cmd_snapshot(argv: list[str]) -> int:
             try:
                 await snapops.create_snapshot(img, a.create)
             except Qcow2Error as err:
-                # A refcount that would overflow is QEMU's EINVAL there.
+                # A refcount that would overflow is QEMU's EINVAL there; a write
+                # its overlap check stops (a damaged snapshot entry), EIO.
                 why = "-22 (Invalid argument)" if "would overflow" in str(err) else str(err)
+                if isinstance(err, CorruptImage) and str(err).startswith("Preventing invalid write"):
+                    print(f"qcow2: Marking image as corrupt: {err}; further corruption events "
+                          "will be suppressed", file=sys.stderr)
+                    why = "-5 (Input/output error)"
                 raise Qcow2Error(f"Could not create snapshot '{a.create}': {why}") from err
         elif a.delete is not None:
             # qemu-img deletes by name only (an id is not looked up here).
             if not any(s.name == a.delete for s in img.snapshots):
                 raise Qcow2Error(f"Could not delete snapshot '{a.delete}': snapshot not found")
-            await snapops.delete_snapshot(img, a.delete)
+            try:
+                await snapops.delete_snapshot(img, a.delete)
+            except snapops.SnapshotL1Invalid as err:
+                raise Qcow2Error(f"Could not delete snapshot '{a.delete}': {err}") from err
         elif a.apply is not None:
             if snapops.find(img, a.apply) is None:
                 raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
                                  "Failed to load snapshot: No such file or directory")
             try:
                 await snapops.apply_snapshot(img, a.apply)
+            except snapops.SnapshotL1Invalid as err:
+                print(f"appliance img: {err}", file=sys.stderr)
+                raise Qcow2Error(f"Could not apply snapshot '{a.apply}': "
+                                 f"Failed to load snapshot: {os.strerror(err.errno)}") from err
             except Qcow2Error as err:
                 if err.kind is not ErrorKind.RANGE:
                     raise

@@ -36,6 +36,9 @@ EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 
+_KNOWN_EXT = frozenset({EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO,
+                        EXT_DATA_FILE})
+
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -138,6 +141,10 @@ class Header:
         data = self.ext(EXT_BACKING_FORMAT)
         return None if data is None else data.decode("utf-8", "replace")
 
+    @property
+    def encrypted(self) -> bool:
+        return self.crypt_method != 0 or self.ext(EXT_CRYPTO) is not None
+
     def compat_name(self) -> str:
         return "0.10" if self.version == 2 else "1.1"
 
@@ -221,10 +228,8 @@ def parse_header(data: bytes, file_size: int | None = None, *, check_mode: bool 
             raise Qcow2Error("qcow2 header too short")
         if h.header_length > min(len(data), cs):
             raise Qcow2Error("qcow2 header exceeds cluster size")
-        if h.header_length % 8:
-            # qcow2.txt ("Header", header_length) demands a multiple of 8; QEMU
-            # does not check, and starts the extensions unaligned.
-            raise Qcow2Error(f"invalid header length {h.header_length}")
+        # qcow2.txt ("Header", header_length) demands a multiple of 8; QEMU does
+        # not check, and reads the extensions from where the header ends, as we do.
         if h.header_length > V3_HEADER_LEN:
             h.compression_type = data[V3_HEADER_LEN]
             h.extra_fields = bytes(data[V3_HEADER_LEN + 1 : h.header_length]).rstrip(b"\0")
@@ -239,8 +244,8 @@ def parse_header(data: bytes, file_size: int | None = None, *, check_mode: bool 
         raise Qcow2Error("Reference count entry width too large; may not exceed 64 bits")
     if crypt > 2:
         raise UnsupportedImage(f"Unsupported encryption method {crypt}")
-    if crypt != 0:
-        raise UnsupportedImage("encrypted qcow2 images are not supported")
+    # Methods 1 (AES) and 2 (LUKS) parse: the image opens for ``info`` only (the
+    # engine refuses any other open, as QEMU does without a key secret).
     if h.incompatible_features & INCOMPAT_COMPRESSION:
         if h.compression_type not in COMPRESSION_NAMES or h.compression_type == 0:
             raise UnsupportedImage(f"unknown compression type {h.compression_type}")
@@ -264,8 +269,11 @@ def parse_header(data: bytes, file_size: int | None = None, *, check_mode: bool 
         raise Qcow2Error("Image is too big")
     if needed > h.l1_size:
         raise CorruptImage("L1 table is too small")
-    _check_table(h.l1_table_offset, h.l1_size * 8, cs, file_size, "Active L1 table",
-                 MAX_L1_BYTES, allow_empty=True)
+    # QEMU opens an image whose L1 table lies in the header cluster or past the end
+    # of the file: the table then reads as the header's bytes or as zeroes, check
+    # reports it, and the overlap checks stop writes that would hit other tables.
+    _check_table(h.l1_table_offset, h.l1_size * 8, cs, None, "Active L1 table",
+                 MAX_L1_BYTES, allow_empty=True, in_header_ok=True)
     # Header extensions follow the header, up to the end of the first cluster.
     pos = h.header_length
     end = min(len(data), cs)
@@ -275,17 +283,21 @@ def parse_header(data: bytes, file_size: int | None = None, *, check_mode: bool 
             raise Qcow2Error("header extension area runs past the first cluster")
         kind, length = _EXT.unpack_from(data, pos)
         pos += 8
+        if pos + length > end:
+            # Checked before the type, as QEMU does: an end marker with a length
+            # past the cluster (an unaligned header_length reads one from the
+            # padding and the next extension) is refused too.
+            raise Qcow2Error("Header extension too large")
         if kind == EXT_END:
             break
-        if pos + length > end:
-            raise Qcow2Error("Header extension too large")
-        if kind in seen and kind != 0:
+        if kind in seen and kind in _KNOWN_EXT:
+            # QEMU keeps every copy of an extension it does not know (and writes
+            # them all back); of a known one it would take the last, which we
+            # do not guess at.
             raise Qcow2Error(f"header extension 0x{kind:08x} appears twice")
         seen.add(kind)
         h.extensions.append((kind, bytes(data[pos : pos + length])))
         pos += (length + 7) & ~7
-    if h.ext(EXT_CRYPTO) is not None:
-        raise UnsupportedImage("encrypted qcow2 images are not supported")
     if bf_off:
         if bf_size > MAX_BACKING_NAME or bf_off + bf_size > end:
             raise Qcow2Error("Backing file name too long")
@@ -294,18 +306,19 @@ def parse_header(data: bytes, file_size: int | None = None, *, check_mode: bool 
 
 
 def _check_table(off: int, length: int, cs: int, file_size: int | None, what: str,
-                 limit: int, allow_empty: bool = False) -> None:
+                 limit: int, allow_empty: bool = False, in_header_ok: bool = False) -> None:
     """A table's place, checked as QEMU's qcow2_validate_table checks it (too large,
     unaligned, or ending past the largest offset: "<what> offset invalid"), and
-    more strictly: a table in the header cluster or past the end of the file is
-    refused here, where QEMU opens the image and fails (or reads zeroes) later."""
+    more strictly: a table in the header cluster (unless ``in_header_ok``) or past
+    the end of the file (when ``file_size`` is given) is refused here, where QEMU
+    opens the image and fails (or reads zeroes) later."""
     if length > limit:
         raise Qcow2Error(f"{what} too large")
     if off % cs or off > (1 << 63) - 1 - length:
         raise CorruptImage(f"{what} offset invalid", offset=off)
     if length == 0 and allow_empty:
         return
-    if off == 0:
+    if off == 0 and not in_header_ok:
         raise CorruptImage(f"{what} lies in the header cluster", offset=off)
     if file_size is not None and off + length > file_size:
         raise CorruptImage(f"{what} at {off:#x} lies past the end of the file", offset=off)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.qcow2 import header as H
 from appliance.qcow2.compress import compress as _compress
 from appliance.qcow2.compress import decompress as _decompress
-from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error
+from appliance.qcow2.errors import CorruptImage, ErrorKind, Qcow2Error, UnsupportedImage
 from appliance.qcow2.iopool import pool as _iopool
 from appliance.qcow2.iopool import run as _iorun
 from appliance.qcow2.refcount import decode_block, encode_block
@@ -243,6 +243,14 @@ class _Splitter:
         return out
 
 
+def _too_large(err: OSError, off: int) -> Qcow2Error:
+    """A write the file cannot take where it lands (EFBIG: an offset from damaged
+    metadata past the file system's largest file), as a typed error. Other
+    OSErrors stay as they are: callers tell ENOSPC and EIO apart by errno."""
+    return Qcow2Error(f"write at offset {off:#x} failed: {err.strerror}", kind=ErrorKind.RANGE,
+                      offset=off)
+
+
 def _zero_views(views: Sequence[memoryview]) -> None:
     for v in views:
         n = len(v)
@@ -310,6 +318,7 @@ class Qcow2Image:
         self._comp_cache: tuple[int, bytes] | None = None
         self._table_bytes: int | None = None  # snapshot table length as last written
         self.check_mode = False  # see open()
+        self.metadata_only = False  # see open()
         self._comp_tail = 0  # host byte offset where the next compressed cluster may go
         self._alloc_end = 0  # end of the highest cluster ever allocated
         self._no_falloc = False
@@ -346,6 +355,7 @@ class Qcow2Image:
         allow_corrupt: bool = False,
         aio: str = "native",
         check_mode: bool = False,
+        metadata_only: bool = False,
         _chain: tuple[str, ...] = (),
     ) -> Qcow2Image:
         """Open an image.
@@ -356,10 +366,13 @@ class Qcow2Image:
             the whole disk up to 32 MiB.
         :param check_mode: for ``check``: the snapshot table is left unread (as QEMU's
             BDRV_O_CHECK), for :mod:`appliance.qcow2.snapshot_check` to read and repair.
+        :param metadata_only: for ``info``: an encrypted image opens too (QEMU's
+            BDRV_O_NO_IO); its data must then not be read or written.
         :raises Qcow2Error: When the file is not an image we can open safely.
         """
         self = cls()
         self.check_mode = check_mode
+        self.metadata_only = metadata_only
         self.path = Path(path)
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -387,6 +400,9 @@ class Qcow2Image:
         self._regular = stat.S_ISREG(st.st_mode)  # a block device cannot grow
         first = await self._pread(0, min(size, 1 << 21))
         h = H.parse_header(first, size, check_mode=self.check_mode)
+        if h.encrypted and not self.metadata_only:
+            # We hold no key and decrypt nothing: QEMU's words without a secret.
+            raise UnsupportedImage("Parameter 'encrypt.key-secret' is required for cipher")
         self.header = h
         self.size = h.size
         cs = h.cluster_size
@@ -437,7 +453,7 @@ class Qcow2Image:
             want = min(max(need, 1 << 20), DEFAULT_L2_CACHE_MAX)
         self._l2_cap = max(2, want // cs)
         self._build_meta_set()
-        self._free_hint = 1
+        self._free_hint = 0  # cluster 0 too: a header counted 0 is caught, as in QEMU
         if not self.read_only:
             if h.corrupt and not allow_corrupt:
                 raise CorruptImage("image is marked corrupt; it can only be opened read-only "
@@ -526,8 +542,10 @@ class Qcow2Image:
             if e & OFFSET_MASK:
                 m.add((e & OFFSET_MASK) >> self._cb)
         for s in self.snapshots:
-            m.update(range(s.l1_table_offset // cs, (s.l1_table_offset + s.l1_size * 8 + cs - 1)
-                           // cs))
+            # An oversized table (damaged entry) counts up to QEMU's L1 size limit:
+            # its clusters past that are never read, and the set stays small.
+            length = min(s.l1_size * 8, H.MAX_L1_BYTES + cs)
+            m.update(range(s.l1_table_offset // cs, (s.l1_table_offset + length + cs - 1) // cs))
         if h.nb_snapshots:
             n = max(1, -(-(self._table_bytes or 1) // cs))
             m.update(range(h.snapshots_offset // cs, h.snapshots_offset // cs + n))
@@ -602,7 +620,12 @@ class Qcow2Image:
         if self._failed and off != 0:
             raise Qcow2Error("image is marked corrupt; refusing to write",
                              kind=ErrorKind.READ_ONLY)
-        await _iorun(_pwritev_full, self._fd, [data], off)
+        try:
+            await _iorun(_pwritev_full, self._fd, [data], off)
+        except OSError as err:
+            if err.errno == errno.EFBIG:
+                raise _too_large(err, off) from err
+            raise
         self._wrote(off + len(data))
 
     def _wrote(self, end: int) -> None:
@@ -672,6 +695,21 @@ class Qcow2Image:
             if blk is None:
                 return 0
         return blk[bi]
+
+    async def _release_table(self, off: int, length: int) -> None:
+        """Drop the count a replaced table (an L1) held on each of its clusters.
+
+        A damaged image may have put the table in the header cluster or past the
+        end of the file, where it held no count of its own: those clusters are
+        left alone (QEMU takes the header's count to 0 there; a later allocation
+        would then hand the header out).
+        """
+        cb = self._cb
+        if length <= 0:
+            return
+        for c in range(off >> cb, ((off + length - 1) >> cb) + 1):
+            if c and await self.refcount(c) > 0:
+                await self._update_refcount(c, -1)
 
     async def _update_refcount(self, cluster: int, delta: int) -> None:
         ti, bi = divmod(cluster, self._rb_entries)
@@ -854,9 +892,8 @@ class Qcow2Image:
             return t
         if off % self._cs:
             raise await self.mark_corrupt(f"L2 table offset {off:#x} is not cluster-aligned", off)
-        if off + self._cs > self.file_size:
-            raise await self.mark_corrupt(f"L2 table at {off:#x} lies past the end of the file",
-                                          off)
+        # An L2 table past the end of the file reads as zeroes (_pread pads), as in
+        # QEMU, whose file layer reads zeroes there; check reports the table.
         raw = await self._pread(off, self._cs)
         t = self._l2.get(off)
         if t is not None:
@@ -874,8 +911,12 @@ class Qcow2Image:
         if self._rc_dirty and not self._lazy_dirty:
             await self._flush_refcounts()
         self._l2_dirty.discard(off)
-        await self._guard_meta_write(off, self._cs, "active L2 table")
-        await self._pwrite(off, self._l2_fmt.pack(*table))
+        try:
+            await self._guard_meta_write(off, self._cs, "active L2 table")
+            await self._pwrite(off, self._l2_fmt.pack(*table))
+        except BaseException:
+            self._l2_dirty.add(off)  # still owed: the next flush fails again
+            raise
 
     async def _l2_for_write(self, l1i: int) -> tuple[int, list[int]]:
         """The L2 table for ``l1i``, allocated or copied so it may be modified."""
@@ -1555,6 +1596,8 @@ class Qcow2Image:
                 return
             await _iorun(_pwritev_full, self._dfd, views, host)
         except OSError as err:
+            if err.errno == errno.EFBIG:
+                raise _too_large(err, host) from err
             if err.errno != errno.EINVAL or not self._direct:
                 raise
             if (host | length) & 511:
@@ -2313,10 +2356,16 @@ class Qcow2Image:
                 await self._sync()
             if self._l1_dirty:
                 self._l1_dirty = False
-                await self._guard_meta_write(self.header.l1_table_offset, len(self._l1) * 8,
-                                             "active L1 table")
-                await self._pwrite(self.header.l1_table_offset,
-                                   struct.pack(f">{len(self._l1)}Q", *self._l1))
+                try:
+                    await self._guard_meta_write(self.header.l1_table_offset,
+                                                 len(self._l1) * 8, "active L1 table")
+                    await self._pwrite(self.header.l1_table_offset,
+                                       struct.pack(f">{len(self._l1)}Q", *self._l1))
+                except BaseException:
+                    # Not on disk (an L1 table past the largest file, say): every
+                    # later flush must fail too, never report the data safe.
+                    self._l1_dirty = True
+                    raise
                 await self._sync()
             if self._pending_frees and self._io_count == 0:
                 frees, self._pending_frees = self._pending_frees, []

@@ -65,9 +65,7 @@ async def resize(img: Qcow2Image, new: int) -> None:
             await img._write_header()
             await img._sync()
             img._l1 = new_l1
-            if old_size:
-                for c in range(old_off >> cb, ((old_off + old_size * 8 - 1) >> cb) + 1):
-                    await img._update_refcount(c, -1)
+            await img._release_table(old_off, old_size * 8)
             await img._flush_refcounts()
         else:
             h.size = new
@@ -119,6 +117,8 @@ async def _l2_tables(img: Qcow2Image) -> dict[int, int]:
     """Offset -> number of L1 entries (active and snapshots') naming it, per L2 table."""
     l1s = [img._l1]
     for s in img.snapshots:
+        if s.l1_problem(img._cs) is not None:
+            continue  # a table that cannot be loaded names no L2 table
         raw = await img._pread(s.l1_table_offset, s.l1_size * 8)
         l1s.append(list(struct.unpack(f">{s.l1_size}Q", raw)))
     users: dict[int, int] = {}

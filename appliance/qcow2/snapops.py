@@ -21,6 +21,18 @@ if TYPE_CHECKING:
 from appliance.qcow2.image import COMPRESSED, COPIED, OFFSET_MASK
 
 
+class SnapshotL1Invalid(CorruptImage):
+    """A snapshot entry whose L1 table cannot be loaded (unaligned, too large).
+
+    QEMU opens such an image; only the operations that load the table fail.
+    ``errno`` is what QEMU fails them with (``-a``: "Failed to load snapshot: ...").
+    """
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
 async def _tree_refs(img: Qcow2Image, l1: list[int], delta: int,
                      counted: list[int] | None = None) -> None:
     """Add ``delta`` to every L2 table and data cluster reachable from ``l1``.
@@ -134,11 +146,14 @@ async def _take_back(img: Qcow2Image, raised: list[int]) -> None:
 
 
 async def _read_l1(img: Qcow2Image, snap: Snapshot) -> list[int]:
-    """A snapshot's L1 table, its entries without the COPIED flag."""
+    """A snapshot's L1 table, its entries without the COPIED flag.
+
+    :raises SnapshotL1Invalid: When the entry's table is unaligned or too large.
+    """
+    bad = snap.l1_problem(img._cs)
+    if bad is not None:
+        raise SnapshotL1Invalid(*bad)
     raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
-    if len(raw) != snap.l1_size * 8:
-        raise CorruptImage(f"snapshot {snap.id}'s L1 table lies past the end of the file",
-                           offset=snap.l1_table_offset)
     return [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
 
 
@@ -248,11 +263,7 @@ async def delete_snapshot(img: Qcow2Image, name: str) -> None:
         # writable open repairs them.
         await _write_table(img, [s for s in img.snapshots if s is not snap])
         await _tree_refs(img, l1, -1)
-        cb = img._cb
-        if snap.l1_size:
-            for c in range(snap.l1_table_offset >> cb,
-                           ((snap.l1_table_offset + snap.l1_size * 8 - 1) >> cb) + 1):
-                await img._update_refcount(c, -1)
+        await img._release_table(snap.l1_table_offset, snap.l1_size * 8)
         img._l2.clear()
         await fix_copied_flags(img)
         await _end(img)
@@ -284,12 +295,11 @@ async def view_snapshot(img: Qcow2Image, *, name: str | None = None, ident: str 
                 break
     if snap is None:
         raise Qcow2Error("Failed to load snapshot: Can't find snapshot")
+    bad = snap.l1_problem(img._cs)
+    if bad is not None:
+        raise SnapshotL1Invalid(f"Failed to load snapshot: {bad[0]}", bad[1])
     async with img._lock:
-        raw = await img._pread(snap.l1_table_offset, snap.l1_size * 8)
-        if len(raw) != snap.l1_size * 8:
-            raise await img.mark_corrupt("snapshot L1 table lies past the end of the file",
-                                         snap.l1_table_offset)
-        img._l1 = [e & ~COPIED for e in struct.unpack(f">{snap.l1_size}Q", raw)]
+        img._l1 = await _read_l1(img, snap)
         img._l2.clear()
 
 
@@ -331,9 +341,7 @@ async def apply_snapshot(img: Qcow2Image, name: str) -> None:
         img._l1 = new_l1
         img.size = size
         await _tree_refs(img, old_l1, -1)
-        if old_size:
-            for c in range(old_off >> cb, ((old_off + old_size * 8 - 1) >> cb) + 1):
-                await img._update_refcount(c, -1)
+        await img._release_table(old_off, old_size * 8)
         img._l2.clear()
         await fix_copied_flags(img)
         await _end(img)
