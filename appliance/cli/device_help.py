@@ -99,6 +99,44 @@ def property_line(name: str, qom_type: str, description: str | None, default: st
     return line + (f" (default: {default})" if default is not None else "")
 
 
+# What QEMU's strict JSON visitor wants for each QOM type (qobject-input-visitor.c); any type
+# not named here is read from a string. Unsigned and size properties go through its uint64
+# reader, whose refusal is worded apart.
+_JSON_KIND = {"bool": "boolean", "int32": "integer", "int64": "integer", "uint16": "uint64",
+              "uint32": "uint64", "uint64": "uint64", "size": "uint64"}
+
+
+def check_json_types(obj: dict[str, object]) -> None:
+    """``-device {…}``: each known property's JSON value must have its QOM type's JSON type, as
+    QEMU checks it (a ``"speed": "1000"`` that key=value text would take is refused).
+
+    :raises ConfigError: naming the property and the type it wants, in QEMU's words.
+    """
+    from appliance.errors import ConfigError
+
+    driver = obj.get("driver")
+    if not isinstance(driver, str):
+        return
+    driver = driver.removesuffix("-non-transitional")
+    rows = {row[0]: row[1] for row in PROPERTIES.get(ALIASES.get(driver, driver), ())}
+    for key, value in obj.items():
+        qom_type = rows.get(key)
+        if qom_type is None or value is None or key == "addr":
+            continue  # (addr's setter takes a string, as libvirt writes it, or a number)
+        kind = _JSON_KIND.get(qom_type, "string")
+        if kind == "boolean":
+            ok = isinstance(value, bool)
+        elif kind == "string":
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok:
+            continue
+        if kind == "uint64":
+            raise ConfigError(f"-device: Parameter '{key}' expects uint64")
+        raise ConfigError(f"-device: Invalid parameter type for '{key}', expected: {kind}")
+
+
 def device_help(driver: str) -> str | None:
     """The text of ``-device DRIVER,help``, or None for a driver that is not here."""
     name = ALIASES.get(driver.removesuffix("-non-transitional"), driver.removesuffix("-non-transitional"))

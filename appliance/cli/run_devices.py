@@ -287,6 +287,16 @@ def _device(a: RunArgs, v: str) -> None:
     from appliance.nic.config import NicConfig
 
     if v.lstrip().startswith("{"):
+        import json
+
+        from appliance.cli.device_help import check_json_types
+
+        try:
+            obj = json.loads(v)
+        except (ValueError, RecursionError):
+            obj = None  # json_pairs words the refusal
+        if isinstance(obj, dict):
+            check_json_types(obj)
         v = keyval_text(json_pairs("-device", v))  # the rest reads key=value text
     if v in ("help", "?"):
         raise HelpRequested(_DEVICE_HELP)

@@ -87,3 +87,46 @@ def test_help_for_a_driver_that_is_not_here_is_a_usage_error() -> None:
                            capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0
     assert shown.stdout.startswith("virtio-rng-pci options:\n  addr=<int32>")
+
+
+JSON_DEVICES = [
+    '{"driver":"virtio-net-pci","netdev":"n","speed":"1000"}',
+    '{"driver":"virtio-net-pci","netdev":"n","speed":1000.5}',
+    '{"driver":"virtio-net-pci","netdev":"n","mq":"on"}',
+    '{"driver":"virtio-net-pci","netdev":"n","mq":1}',
+    '{"driver":"virtio-net-pci","netdev":"n","mac":5}',
+    '{"driver":"virtio-net-pci","netdev":"n","disable-legacy":true}',
+    '{"driver":"virtio-net","netdev":"n","rx_queue_size":"256"}',
+    '{"driver":"virtio-blk-pci","drive":"d","num-queues":"2"}',
+    '{"driver":"virtio-blk-pci","drive":"d","logical_block_size":"4k"}',
+    '{"driver":"virtio-rng-pci","max-bytes":"1024","period":1000}',
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("device", JSON_DEVICES)
+def test_json_values_of_the_wrong_type_are_refused_in_qemus_words(device: str, tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(65536))
+    drive = f"if=none,id=d,file={image},format=raw"
+    theirs = subprocess.run(
+        ["qemu-system-x86_64", "-M", "q35", "-nodefaults", "-display", "none", "-S", "-netdev", "user,id=n",
+         "-drive", drive, "-device", device, "-qmp", "stdio"],
+        input='{"execute":"qmp_capabilities"}{"execute":"quit"}', capture_output=True, text=True, timeout=30)
+    assert theirs.returncode == 1
+    expected = theirs.stderr.strip().splitlines()[-1].split("}: ", 1)[1]
+    with pytest.raises(ConfigError) as refused:
+        run.to_config(run.parse_args(["-kernel", "k", "-netdev", "user,id=n", "-drive", drive, "-device", device]))
+    assert str(refused.value) == f"-device: {expected}"
+
+
+def test_libvirts_json_device_types_are_taken() -> None:
+    # What libvirt writes: addr as a string, numbers as numbers, booleans as booleans.
+    cfg = run.to_config(run.parse_args([
+        "-kernel", "k", "-netdev", "user,id=n",
+        "-device", '{"driver":"virtio-net-pci","netdev":"n","id":"net0","mac":"52:54:00:12:34:56",'
+                   '"addr":"0x3","mq":false,"rx_queue_size":512,"host_mtu":1400,"speed":1000,"duplex":"full"}',
+        "-device", '{"driver":"virtio-rng-pci","addr":4,"max-bytes":1024,"period":1000}']))
+    nic, rng = cfg.devices
+    assert (nic.addr.slot, nic.mtu, nic.duplex) == (3, 1400, "full")  # type: ignore[attr-defined]
+    assert (rng.addr.slot, rng.max_bytes, rng.period_ms) == (4, 1024, 1000)  # type: ignore[attr-defined]
