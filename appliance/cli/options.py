@@ -181,6 +181,12 @@ _TRUE = {"on", "yes", "true", "y"}
 _FALSE = {"off", "no", "false", "n"}
 
 
+def is_identifier(ident: str) -> bool:
+    """QEMU's id_wellformed: an ASCII letter, then ASCII letters, digits, '-', '.' and '_'."""
+    return ident[:1].isascii() and ident[:1].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in ident)
+
+
 def parse_bool(value: str, what: str) -> bool:
     v = value.lower()
     if v in _TRUE:

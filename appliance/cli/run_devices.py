@@ -138,9 +138,9 @@ PlanEntry = DriveConfig | BlkDeviceConfig | RngDeviceConfig | tuple[str, object]
 
 
 def _check_identifier(option: str, ident: str) -> None:
-    # QEMU's id_wellformed: a letter, then letters, digits, '-', '.' and '_'.
-    if not (ident[:1].isascii() and ident[:1].isalpha()) or not all(
-            c.isascii() and (c.isalnum() or c in "-._") for c in ident):
+    from appliance.cli.options import is_identifier
+
+    if not is_identifier(ident):
         raise ConfigError(f"{option}: Parameter 'id' expects an identifier")
 
 

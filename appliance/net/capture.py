@@ -71,12 +71,12 @@ class CapturingBackend(ForwardingBackend):
 
     def __init__(self, inner: FrameBackend) -> None:
         super().__init__(inner)
-        self.writers: list[PcapWriter] = []
+        self.writers: list[Capture] = []
 
     def _record(self, bufs: Sequence[memoryview], length: int, *, to_netdev: bool) -> None:
         data: bytes | None = None
         for w in self.writers:
-            if not getattr(w, "on", True) or not getattr(w, "to_netdev" if to_netdev else "from_netdev", True):
+            if not w.on or not (w.to_netdev if to_netdev else w.from_netdev):
                 continue
             if data is None:
                 data = b"".join(bufs)[self.inner.vnet_hdr_len : length]

@@ -16,18 +16,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from appliance.cli.options import OptionDict, parse_option, parse_size, split_option
+from appliance.cli.options import OptionDict, is_identifier, parse_option, parse_size, split_option
 from appliance.errors import ConfigError, HelpRequested
 from appliance.net.backend import FrameBackend
 
-_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+# Netdev ids are QEMU identifiers of at most this many characters.
+_ID_MAX = 128
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 MAX_TAP_QUEUES = 16
 
 
 def _check_id(what: str, ident: str, implicit: str | None = None) -> str:
     # Only the id -nic makes for itself may be outside QEMU's identifiers (``__nicN``).
-    if not _ID.match(ident) and ident != implicit:
+    if not (is_identifier(ident) and len(ident) <= _ID_MAX) and ident != implicit:
         # QEMU's words, with the id in the option shown (QEMU shows the whole option).
         raise ConfigError(f"{what},id={ident}: Parameter 'id' expects an identifier")
     return ident

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.options import OptionDict, parse_option
+from appliance.cli.options import OptionDict, is_identifier, parse_option
 from appliance.errors import ConfigError, HelpRequested
 from appliance.net.netdev import NetdevConfig, parse_netdev, user_flags
 from appliance.nic import constants as C
@@ -28,7 +28,6 @@ DEFAULT_MAC_BASE = bytes.fromhex("525400123456")
 # QEMU's qdev MAC property takes ":" or "-" between the six bytes.
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 # QEMU's id_wellformed(): a letter, then letters, digits, '-', '.' and '_'.
-_IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 
 # QEMU's virtio-net-pci properties that switch a feature bit (virtio 1.2 §5.1.3).
@@ -354,7 +353,7 @@ class FilterDumpConfig:
 
         queue, status = queue or "", status or ""
         position, insert = position or "", insert or ""
-        if not _IDENT.fullmatch(ident):
+        if not is_identifier(ident):
             raise ConfigError(at("Parameter 'id' expects an identifier"))
         if maxlen == 0:
             # filter_dump_set_maxlen: any uint32 but 0.

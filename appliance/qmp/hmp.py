@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,7 +401,7 @@ def _hostfwd_remove(net: Any, rule: str) -> str:
 
 
 async def _object_add(ctx: Any, spec: str) -> str:
-    from appliance.cli.options import parse_option
+    from appliance.cli.options import is_identifier, parse_option
 
     opts = parse_option("object_add", spec, implied="qom-type")
     kind = opts.take("qom-type")
@@ -411,7 +410,7 @@ async def _object_add(ctx: Any, spec: str) -> str:
         return f"Error: Parameter 'qom-type' does not accept value '{kind}'\r\n"
     if not ident:
         return "Error: Parameter 'id' is missing\r\n"
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", ident):
+    if not is_identifier(ident):
         # QEMU's id_wellformed() check, with the hint HMP prints under it.
         return ("Error: Parameter 'id' expects an identifier\r\n"
                 "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\r\n")
