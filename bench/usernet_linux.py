@@ -342,10 +342,12 @@ class Rig:
         self.fwd_totals: dict[str, float] = {}  # summed over the hostfwd chunks (fwd_chunk)
 
     def probe(self) -> tuple[float, ...]:
-        """CPU seconds of the stack, QEMU's main thread and the vCPU thread, and the vCPU's run-queue wait."""
+        """CPU seconds of the stack, QEMU's main thread and the vCPU thread, then the run-queue
+        wait of the vCPU thread, the stack and QEMU's main thread."""
         task, qemu, vcpu = STACK_TASK.get(self.kind), QEMU_MAIN.get(self.kind), VCPU.get(self.kind)
         return (cpu_seconds(task) if task else 0.0, cpu_seconds(qemu) if qemu else 0.0,
-                cpu_seconds(vcpu) if vcpu else 0.0, runq_wait_seconds(vcpu) if vcpu else 0.0)  # fmt: skip
+                cpu_seconds(vcpu) if vcpu else 0.0, runq_wait_seconds(vcpu) if vcpu else 0.0,
+                runq_wait_seconds(task) if task else 0.0, runq_wait_seconds(qemu) if qemu else 0.0)  # fmt: skip
 
     async def measure(self, mb: int, only: frozenset[str]) -> dict[str, float]:
         """The throughput rows."""
@@ -419,8 +421,10 @@ class Rig:
         out[prefix + "guest_irqs_per_conn"] = acc["irqs"] / acc["conns"]
         if STACK_TASK.get(self.kind):
             out[prefix + "stack_cpu_ms_per_conn"] = acc["stack_cpu"] * 1e3 / n
+            out[prefix + "stack_wait_ms_per_conn"] = acc["stack_wait"] * 1e3 / n
         if QEMU_MAIN.get(self.kind):
             out[prefix + "qemu_main_cpu_ms_per_conn"] = acc["qemu_cpu"] * 1e3 / n
+            out[prefix + "qemu_main_wait_ms_per_conn"] = acc["qemu_wait"] * 1e3 / n
         if VCPU.get(self.kind):
             vcpu_cpu, vcpu_wait = acc["vcpu_cpu"] * 1e3 / n, acc["vcpu_wait"] * 1e3 / n
             out[prefix + "guest_vcpu_cpu_ms_per_conn"] = vcpu_cpu
@@ -492,6 +496,7 @@ def _accumulate(
         "intervals": intervals, "secs": secs, "irqs": irqs, "conns": conns,
         "stack_cpu": last[0] - first[0], "qemu_cpu": last[1] - first[1],
         "vcpu_cpu": last[2] - first[2], "vcpu_wait": last[3] - first[3],
+        "stack_wait": last[4] - first[4], "qemu_wait": last[5] - first[5],
     }  # fmt: skip
     for k, v in add.items():
         acc[k] = acc.get(k, 0.0) + v
@@ -599,8 +604,9 @@ async def main_async(
         nic = "ours INTx (vectors=0), others QEMU's default MSI-X"
     major, minor = QEMU_VERSION[0]
     print(f"\nLinux kit in QEMU {major}.{minor} TCG, {mb} MiB transfers, {conns} connections, {rounds} rounds; {nic}")
-    per_conn = ["stack_cpu_ms_per_conn", "qemu_main_cpu_ms_per_conn", "guest_vcpu_cpu_ms_per_conn",
-                "guest_vcpu_wait_ms_per_conn", "guest_idle_ms_per_conn", "guest_irqs_per_conn"]
+    per_conn = ["stack_cpu_ms_per_conn", "stack_wait_ms_per_conn", "qemu_main_cpu_ms_per_conn",
+                "qemu_main_wait_ms_per_conn", "guest_vcpu_cpu_ms_per_conn", "guest_vcpu_wait_ms_per_conn",
+                "guest_idle_ms_per_conn", "guest_irqs_per_conn"]
     rows = metrics + (per_conn if "connections_per_s" in metrics else [])
     rows += ["hostfwd_" + m for m in per_conn] if "hostfwd_connections_per_s" in metrics else []
     width = max(26, *(len(m) + 1 for m in rows))
@@ -631,7 +637,9 @@ async def main_async(
                     print(f"  {metric} ours/{k}: {mid:.3f}, {mean:.3f} ± {se:.3f}, {above} of {len(pairs)}")
     if "connections_per_s" in metrics:
         print("stack_cpu_ms_per_conn: CPU of our net-daemon, of QEMU's main thread (libslirp), of passt")
+        print("stack_wait_ms_per_conn: time the stack's process or thread was runnable but waited for a host CPU")
         print("qemu_main_cpu_ms_per_conn: CPU of QEMU's main thread (for libslirp the same as its stack row)")
+        print("qemu_main_wait_ms_per_conn: time QEMU's main thread was runnable but waited for a host CPU")
         print("guest_vcpu_cpu_ms_per_conn: CPU of the guest's TCG vCPU thread (the guest's own work and its exits)")
         print("guest_vcpu_wait_ms_per_conn: time the vCPU thread was runnable but waited for a host CPU")
         print("guest_idle_ms_per_conn: the rest of a connection's wall time: the guest halted, waiting on the stack")
