@@ -57,6 +57,13 @@ MAX_SACK_BLOCKS = 16  # scoreboard entries kept (a guest reports at most 4 a seg
 SACK_RTX_BURST = 4  # hole segments (each up to a TSO frame) resent per ACK in recovery
 SACK_PERMITTED = b"\x01\x01\x04\x02"  # NOP NOP SACK-permitted (RFC 2018 §2)
 TIME_WAIT = 2.0
+# FIN-WAIT-2 is the one state no timer of ours ends: the host closed, the guest acknowledged our
+# FIN, and only the guest's own FIN (or RST) finishes the connection. A guest that never sends
+# it (rebooted, or an application that never closes) would keep the connection and its host
+# socket for the life of the stack. RFC 9293 sets no limit; BSD-derived stacks, libslirp among
+# them, give up after 10 minutes without a segment from the peer, and Linux resets an orphaned
+# FIN-WAIT-2 socket after tcp_fin_timeout. Same here: silent that long, it is reset.
+FIN_WAIT_2_TIMEOUT = 600.0
 ACK_EVERY = 8 * OUR_MSS
 HOST_WRITE_BATCH = 64 * 1024
 # How long the ACK of a guest's FIN may wait for our own FIN (RFC 9293 §3.8.6.3 allows
@@ -495,6 +502,9 @@ class TcpConn:
         if self.state == TIME_WAIT_STATE:
             self._finish()
             return
+        if self.state == FIN_WAIT_2:
+            self.abort(send_rst=True)  # silent for FIN_WAIT_2_TIMEOUT
+            return
         flight = self.snd_nxt - self.snd_una
         if flight == 0 and self.state in _CAN_SEND and self.snd_wnd == 0 and self.send_queue():
             self._probe()
@@ -640,6 +650,8 @@ class TcpConn:
         if st == SYN_SENT:
             self._input_syn_sent(seq_w, ack_w, flags, win, opts)
             return
+        if st == FIN_WAIT_2:
+            self._arm(FIN_WAIT_2_TIMEOUT)  # the guest is alive: its silence is counted from now
         seq = unwrap(seq_w, self.irs, self.rcv_nxt)
         n = len(payload)
         if flags & SYN and st == SYN_RCVD and seq == 0:
@@ -902,6 +914,7 @@ class TcpConn:
         if fin_acked:
             if self.state == FIN_WAIT_1:
                 self.state = FIN_WAIT_2
+                self._arm(FIN_WAIT_2_TIMEOUT)
             elif self.state == CLOSING:
                 self._enter_time_wait()
             elif self.state == LAST_ACK:

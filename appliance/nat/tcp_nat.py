@@ -702,6 +702,16 @@ class TcpNat:
         sock = self._attaching.pop(conn, None)
         if sock is not None:
             sock.close()  # the handshake never completed
+        pending = self._pending.pop(conn, None)
+        if pending is not None:
+            # The guest gave up (its RST, or the SYN cache let it go) while the host connect was
+            # still under way: its socket and connect slot go now, not at CONNECT_TIMEOUT (64
+            # abandoned connects to a silent address would otherwise refuse every SYN for 20 s).
+            sock, timer = pending
+            timer.cancel()
+            self.net.loop.remove_writer(sock)
+            sock.close()
+            self._connecting -= 1
 
     def time_wait(self, conn: TcpConn) -> None:
         self._time_wait[conn] = None

@@ -189,7 +189,11 @@ class UdpNat:
             flow = self._flows.get(key)
             if flow is None or flow.peer != peer:
                 if flow is not None:
-                    self._flows.pop(key)
+                    # Another client on the same port, or a flow the guest opened from the
+                    # forwarded port to this client's port (a WireGuard or RTP endpoint talks
+                    # from its one port both ways): replaced. The latter has a socket of its
+                    # own, closed here; taken out of the table only, it stayed open and read.
+                    self._close(flow)
                 elif len(self._flows) >= MAX_FLOWS:
                     self._close(min(self._flows.values(), key=lambda f: f.last))
                 flow = self._flows[key] = _Flow(key, sock, peer, True)
