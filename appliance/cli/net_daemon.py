@@ -5,7 +5,10 @@ the same options as ``appliance run -netdev`` (QEMU's syntax), ``--export
 type=vhost-user-net`` puts a virtio-net device on a unix socket, and QEMU
 plugs it in with ``-chardev socket,id=c,path=P -netdev
 vhost-user,id=n,chardev=c,queues=N -device virtio-net-pci,netdev=n,mq=on``.
-QEMU keeps the control queue; we serve the data queues.
+QEMU keeps the control queue; we serve the data queues. Front ends come and go
+(QEMU killed and started again on the socket): a ``user`` netdev then ends what
+the gone guest held, as QEMU's own ``-netdev user`` ends with QEMU
+(:meth:`DaemonNic._front_end_gone`).
 
 ``--chardev socket,id=ID,path=P,server=on,wait=off --monitor chardev=ID``
 (qemu-storage-daemon's syntax) adds a QMP monitor: the exports' NICs are
@@ -270,9 +273,18 @@ class DaemonNic:
         # Nothing else here runs Python threads: kicks are read letting the GIL go (cheaper cold).
         backend = VhostUserBackend(self.device, queue_num=announced_queue_num(len(self.backends)),
                                    single_threaded=True)
-        self.server = VhostUserServer(e.path, backend)
+        self.server = VhostUserServer(e.path, backend, on_disconnect=self._front_end_gone)
         await self.server.start()
         log.info("export %s: netdev %s on %s (%d queue pairs)", e.id, e.netdev, e.path, len(self.backends))
+
+    def _front_end_gone(self) -> None:
+        """The front end disconnected: its VMM exited (killed, powered off, restarted), taking the
+        guest with it. A user-mode stack ends that guest's connections and forgets its leases
+        (:meth:`appliance.nat.UserNetwork.guest_gone`), as QEMU's own ``-netdev user`` ends with
+        QEMU; a tap or socket netdev keeps nothing of a guest's."""
+        gone = getattr(self.owner, "guest_gone", None)
+        if gone is not None:
+            gone()
 
     def set_link(self, up: bool) -> None:
         """QMP ``set_link``: the device's status bit, and frames dropped both ways while down."""

@@ -270,6 +270,32 @@ class UserNetwork:
         self._out.clear()
         self._out_bytes = 0
 
+    def guest_gone(self) -> None:
+        """The guest went away for good (its VMM exited): end what was the guest's.
+
+        libslirp lives in QEMU's process: when QEMU dies the kernel closes its sockets, every
+        host peer sees its connection end at once, and the next QEMU starts on a new stack. A
+        stack that outlives its VMM (net-daemon, whose front ends come and go) does the same
+        here. Without it the host peers of the guest's TCP connections (a client reading
+        from the guest through a forward, a server the guest was connected to) waited forever,
+        their sockets held and listed, or with data in flight toward the guest until the
+        retransmissions gave up, minutes later; and a guest with another MAC was given
+        10.0.2.16, not 10.0.2.15 where hostfwd rules point. So the guest's TCP connections are
+        closed (the host sockets as the kernel closes a dead process's), its UDP and ping flows
+        too, what waits for it is dropped, and its leases and neighbours are forgotten, as a
+        new libslirp would have none. The forwarding listeners stay.
+        """
+        for conn in list(self.tcp.conns.values()):
+            conn.abort(send_rst=False)
+        self.udp.expire(float("inf"))  # every flow, however recent
+        self.icmp.close()
+        self._out.clear()
+        self._out_bytes = 0
+        self._space_waiters.clear()
+        self.dhcp = DhcpServer(self)
+        self.arp_table = arp.ArpTable()
+        self.guest_mac = None
+
     def _tick(self) -> None:
         now = time.monotonic()
         try:

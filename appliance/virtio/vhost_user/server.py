@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.virtio.vhost_user import protocol as p
@@ -39,11 +40,20 @@ class VhostUserServer:
     :param path: the unix socket path (an existing file there is replaced, as
         QEMU does).
     :param backend: the device glue; reused across front ends.
+    :param on_disconnect: called once each front end has gone and the back end is cleaned up
+        (the net daemon ends what its user-mode stack held for that front end's guest).
     """
 
-    def __init__(self, path: str | os.PathLike[str], backend: VhostUserBackend) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        backend: VhostUserBackend,
+        *,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.backend = backend
+        self.on_disconnect = on_disconnect
         self.connections = 0
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +124,11 @@ class VhostUserServer:
                 self._conn = None
                 conn.close()
                 await asyncio.shield(self.backend.disconnect())
+                if self.on_disconnect is not None:
+                    try:
+                        self.on_disconnect()
+                    except Exception:
+                        log.exception("cleaning up after a front end failed")
 
     async def _session(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
