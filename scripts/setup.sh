@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   acpica-tools iproute2 nftables tcpdump tshark
   passt ethtool
   isc-dhcp-client dhcpcd-base
+  dpdk-dev
 )
 
 missing=()
