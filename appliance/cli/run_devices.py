@@ -353,9 +353,11 @@ def _device_property_help(v: str) -> None:
     "virtio-blk-pci,iothread=ID (its poll-max-ns bounds how long disk completions are polled for)",
 )
 def _object(a: RunArgs, v: str) -> None:
+    from appliance.cli.json_types import OBJECT, check_text
     from appliance.nic.config import FilterDumpConfig
 
     plan = plan_of(a)
+    check_text("-object", v, OBJECT)
     o = parse_option("-object", v, implied="qom-type")
     kind = o.get("qom-type")
     if kind == "filter-dump":

@@ -185,8 +185,10 @@ _OPTIONS_WITH_VALUE = {"--blockdev", "--export", "--pidfile", "--chardev", "--mo
 
 def parse_object(text: str, iothreads: dict[str, int | None]) -> None:
     """``--object iothread,id=ID[,poll-max-ns=NS]`` (storage.poll.parse_iothread)."""
+    from appliance.cli.json_types import OBJECT, check_text
     from appliance.storage import poll
 
+    check_text("--object", text, OBJECT)
     o = parse_option("--object", text, implied="qom-type")
     kind = o.require("qom-type")
     if kind != "iothread":

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from appliance.cli.json_types import Union, check_text
 from appliance.cli.options import OptionDict, is_identifier, parse_option, parse_size, split_option
 from appliance.errors import ConfigError, HelpRequested
 from appliance.net.backend import FrameBackend
@@ -155,6 +156,30 @@ QEMU_TYPES = frozenset({"none", "nic", "user", "tap", "l2tpv3", "socket", "strea
                         "hubport", "netmap", "vhost-user", "vhost-vdpa"})
 HELP_ORDER = ("socket", "stream", "dgram", "tap", "user", "bridge")  # as `-netdev help` lists them
 
+# SocketAddress (qapi/sockets.json), for stream's addr and dgram's local and remote.
+_SOCKET_ADDRESS = Union("type", {"type": "string"}, {
+    "inet": {"host": "string", "port": "string", "numeric": "boolean", "to": "uint16",
+             "ipv4": "boolean", "ipv6": "boolean", "keep-alive": "boolean", "mptcp": "boolean"},
+    "unix": {"path": "string", "abstract": "boolean", "tight": "boolean"},
+    "vsock": {"cid": "string", "port": "string"},
+    "fd": {"str": "string"},
+})
+# Netdev (qapi/net.json, QEMU 7.2), its members in QAPI's order, for the types here and
+# vhost-user: what type the JSON form's members must have (cli.json_types). user has its own,
+# closed table (nat.config.check_json). stream's reconnect is 8.0's member (7.2 has none).
+NETDEV = Union("type", {"id": "string", "type": "string"}, {
+    "tap": {"ifname": "string", "fd": "string", "fds": "string", "script": "string",
+            "downscript": "string", "br": "string", "helper": "string", "sndbuf": "size",
+            "vnet_hdr": "boolean", "vhost": "boolean", "vhostfd": "string", "vhostfds": "string",
+            "vhostforce": "boolean", "queues": "uint32", "poll-us": "uint32"},
+    "socket": {"fd": "string", "listen": "string", "connect": "string", "mcast": "string",
+               "localaddr": "string", "udp": "string"},
+    "stream": {"addr": _SOCKET_ADDRESS, "server": "boolean", "reconnect": "integer"},
+    "dgram": {"local": _SOCKET_ADDRESS, "remote": _SOCKET_ADDRESS},
+    "bridge": {"br": "string", "helper": "string"},
+    "vhost-user": {"chardev": "string", "vhostforce": "boolean", "queues": "integer"},
+})
+
 
 def user_flags(text: str) -> tuple[str, ...]:
     """The keys of ``-netdev user`` taken bare (QEMU's option parser reads ``key`` as key=on and
@@ -197,6 +222,7 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         # QEMU's list, in its order, of the types it has and we have too.
         raise HelpRequested("Available netdev backend types:\n" + "".join(f"{t}\n" for t in HELP_ORDER))
     if text.lstrip().startswith("{"):
+        check_text(option, text, NETDEV)
         _check_user_json(option, text)
     opts = parse_option(option, text, implied="type", flags=user_flags(text), warn_flags=True)
     if implicit_id is not None:

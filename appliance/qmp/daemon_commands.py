@@ -92,7 +92,8 @@ _COMMON: dict[str, Any] = {
 _SCHEMA: dict[str, dict[str, Any]] = {
     "file": {**_COMMON, "filename": _STR, "aio": _STR, "locking": _STR},
     "raw": {**_COMMON, "file": "file"},
-    "qcow2": {**_COMMON, "file": "file", "l2-cache-size": _INT},
+    # "backing": null (libvirt's: no backing file) only; a backing node is refused later.
+    "qcow2": {**_COMMON, "file": "file", "backing": "backing", "l2-cache-size": _INT},
 }
 _PY = {_BOOL: bool, _STR: str, _INT: int}
 
@@ -104,12 +105,14 @@ def _check_members(obj: dict[str, Any], schema: dict[str, Any], prefix: str) -> 
         kind = schema.get(key)
         if kind is None:
             raise GenericError(f"Parameter '{name}' is unexpected")
-        if kind == "file":
-            # BlockdevRef: a node name or a whole node written inline.
+        if kind in ("file", "backing"):
+            # BlockdevRef(OrNull): a node name or a whole node written inline (or null); QEMU
+            # names the member without its path here.
             if isinstance(value, dict):
                 _check_node(value, f"{name}.")
-            elif not isinstance(value, str):
-                raise GenericError(f"Invalid parameter type for '{name}', expected: BlockdevRef")
+            elif not isinstance(value, str) and not (value is None and kind == "backing"):
+                alternate = "BlockdevRef" if kind == "file" else "BlockdevRefOrNull"
+                raise GenericError(f"Invalid parameter type for '{key}', expected: {alternate}")
         elif isinstance(kind, dict):
             if not isinstance(value, dict):
                 raise GenericError(f"Invalid parameter type for '{name}', expected: {_OBJ}")

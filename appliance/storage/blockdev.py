@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
+from appliance.cli.json_types import Alternate, Union, check_text
 from appliance.cli.options import OptionDict, parse_bool, parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
@@ -37,6 +38,31 @@ CACHE_MODES = ("none", "writeback", "writethrough", "unsafe", "directsync")
 AIO_MODES = ("threads", "native")
 DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 INTERFACES = ("virtio", "none")
+
+# BlockdevOptions (qapi/block-core.json, QEMU 7.2), its members in QAPI's order, for the
+# drivers -blockdev takes: what type the JSON form's members must have (cli.json_types). An
+# inline "file" or "backing" is a node of its own, checked against the same table.
+BLOCKDEV = Union("driver", {
+    "driver": "string", "node-name": "string", "discard": "string",
+    "cache": {"direct": "boolean", "no-flush": "boolean"}, "read-only": "boolean",
+    "auto-read-only": "boolean", "force-share": "boolean", "detect-zeroes": "string",
+}, {})
+_FILE_REF = Alternate("BlockdevRef", BLOCKDEV)
+BLOCKDEV.branches.update({
+    "file": {"filename": "string", "pr-manager": "string", "locking": "string", "aio": "string",
+             "aio-max-batch": "integer", "drop-cache": "boolean", "x-check-cache-dropped": "boolean"},
+    "raw": {"file": _FILE_REF, "offset": "integer", "size": "integer"},
+    "qcow2": {
+        "file": _FILE_REF, "backing": Alternate("BlockdevRefOrNull", BLOCKDEV, null=True),
+        "lazy-refcounts": "boolean", "pass-discard-request": "boolean",
+        "pass-discard-snapshot": "boolean", "pass-discard-other": "boolean",
+        "overlap-check": Alternate("Qcow2OverlapChecks", {}), "cache-size": "integer",
+        "l2-cache-size": "integer", "l2-cache-entry-size": "integer",
+        "refcount-cache-size": "integer", "cache-clean-interval": "integer",
+        "data-file": _FILE_REF,
+    },
+})
+
 # BLOCK_PROBE_BUF_SIZE in QEMU: the bytes a probe looks at, and that a guest
 # may not rewrite into another format's header on a probed raw image.
 PROBE_BYTES = 512
@@ -294,6 +320,7 @@ class BlockdevConfig:
 
         :raises ConfigError: On an unknown driver or key, or a bad value.
         """
+        check_text(option, text, BLOCKDEV)
         o = parse_option(option, text, implied="driver")
         driver = o.require("driver")
         node = o.require("node-name")

@@ -241,7 +241,7 @@ def _script(tmp: Path) -> list[tuple[str, dict[str, Any] | None]]:
         ("query-block-exports", None),
         ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
         ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "f1"}),
-        ("blockdev-add", {"driver": "qcow2", "node-name": "q1",
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q1", "backing": None,  # as libvirt writes it
                           "file": {"driver": "file", "filename": str(tmp / "c.qcow2")}}),
         ("blockdev-add", {"driver": "file", "node-name": "f1", "filename": str(tmp / "b.img")}),
         ("blockdev-add", {"driver": "file", "node-name": "fx", "filename": str(tmp / "missing.img")}),
@@ -251,6 +251,9 @@ def _script(tmp: Path) -> list[tuple[str, dict[str, Any] | None]]:
         ("blockdev-add", {"driver": "file", "node-name": "fz", "filename": "x", "bogus": 1}),
         ("blockdev-add", {"driver": "raw", "node-name": "9bad", "file": "f1"}),
         ("blockdev-add", {"driver": "raw", "node-name": "ry", "file": "f1", "read-only": "on"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qy", "file": "f1", "backing": 5}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qy", "file": {"driver": "file", "filename": 5},
+                          "backing": None}),
         ("block-export-add", _vu("e1", "r1", tmp / "vu-{}.sock", writable=True,
                                  **{"num-queues": 2, "logical-block-size": 4096})),
         ("block-export-add", _vu("e1", "r1", tmp / "vu-{}-2.sock")),
