@@ -466,6 +466,12 @@ class DnsProxy:
     def pending(self) -> int:
         return len(self._pending)
 
+    def forget_queries(self) -> None:
+        """The guest went away (:meth:`UserNetwork.guest_gone`): drop its queries still waiting
+        for an upstream and the rows of its resolver's ports. The upstream sockets stay."""
+        self._pending.clear()
+        self._askers.clear()
+
     def close(self) -> None:
         for sock in self._socks.values():
             try:

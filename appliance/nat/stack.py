@@ -282,19 +282,36 @@ class UserNetwork:
         retransmissions gave up, minutes later; and a guest with another MAC was given
         10.0.2.16, not 10.0.2.15 where hostfwd rules point. So the guest's TCP connections are
         closed (the host sockets as the kernel closes a dead process's), its UDP and ping flows
-        too, what waits for it is dropped, and its leases and neighbours are forgotten, as a
-        new libslirp would have none. The forwarding listeners stay.
+        too, what waits for it is dropped (frames, DNS queries, TFTP transfers, fragments), and
+        its leases and neighbours are forgotten, as a new libslirp would have none. The
+        forwarding listeners stay.
         """
         for conn in list(self.tcp.conns.values()):
             conn.abort(send_rst=False)
         self.udp.expire(float("inf"))  # every flow, however recent
         self.icmp.close()
+        # Its resolver's queries (an answer would go to the next guest at that address) and its
+        # ports listed as UDP flows; its TFTP transfers (a file held open, blocks resent to it);
+        # its half-reassembled datagrams (a next guest's fragment with the same id would meet them).
+        self.dns.forget_queries()
+        if self.tftp is not None:
+            self.tftp.close()
+        self.reassembler.expire(float("inf"))
+        if self.ipv6 is not None:
+            # Unsolicited Router Advertisements start again when a guest speaks IPv6 (Ipv6.input):
+            # sent on to no one, they piled up in the queue for the next guest the whole time.
+            self.ipv6.next_ra = None
         self._out.clear()
         self._out_bytes = 0
         self._space_waiters.clear()
+        self.quiet_tx = 0  # the ACKs it owed will not come: the next guest's frames are not them
         self.dhcp = DhcpServer(self)
         self.arp_table = arp.ArpTable()
         self.guest_mac = None
+        # Forgotten with the table: left set, a next guest at the same address whose first frame
+        # set guest_mac (a DHCP request from 0.0.0.0) was never entered in the new table from its
+        # IP packets, and every answer to it went out behind an ARP request until it answered one.
+        self._last_src = b""
 
     def _tick(self) -> None:
         now = time.monotonic()

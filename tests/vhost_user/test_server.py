@@ -501,3 +501,78 @@ async def test_a_kick_fd_withheld_stops_the_ring_rather_than_leave_it_deaf(serve
     assert server.backend.active_queues == ()
     assert not server.backend.rings[0].started
     fe.close()
+
+
+async def test_on_disconnect_runs_once_for_each_front_end_however_it_goes(tmp_path: Path) -> None:
+    """A clean close, a protocol error, an EOF in the middle of a message and the server's own
+    stop each end one front end: the callback runs once for each, after the back end is cleaned
+    up and before the next front end is served."""
+    seen: list[bool] = []
+    server: VhostUserServer | None = None
+
+    def gone() -> None:
+        assert server is not None
+        seen.append(server.connected)
+
+    server = VhostUserServer(tmp_path / "d.sock", VhostUserBackend(UpperDevice()), on_disconnect=gone)
+    await server.start()
+    path = str(server.path)
+    try:
+        fe = await FrontEnd.connect(path)
+        assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+        fe.close()
+        await _until(lambda: len(seen) == 1)
+        fe = await FrontEnd.connect(path)
+        fe.send_raw(struct.pack("<III", p.Request.GET_FEATURES, 0x2, 0))  # bad version
+        with pytest.raises(ConnectionResetError):
+            await fe.recv_reply()
+        fe.close()
+        await _until(lambda: len(seen) == 2)
+        fe = await FrontEnd.connect(path)
+        fe.send_raw(struct.pack("<II", p.Request.GET_FEATURES, 0x1))  # half a header
+        fe.close()
+        await _until(lambda: len(seen) == 3)
+        fe = await FrontEnd.connect(path)
+        assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+    finally:
+        await server.close()
+    fe.close()
+    assert seen == [False] * 4
+    assert server.connections == 4
+
+
+class _SlowCleanup(VhostUserBackend):
+    """A back end whose clean-up after a front end takes until ``done`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(UpperDevice())
+        self.done = asyncio.Event()
+
+    async def disconnect(self) -> None:
+        await self.done.wait()
+        await super().disconnect()
+
+
+async def test_on_disconnect_runs_when_the_server_stops_during_the_clean_up(tmp_path: Path) -> None:
+    """The front end went and the server is stopped while the back end is still cleaning up after
+    it: that front end is gone all the same, and its callback still runs (once)."""
+    calls = 0
+
+    def gone() -> None:
+        nonlocal calls
+        calls += 1
+
+    backend = _SlowCleanup()
+    server = VhostUserServer(tmp_path / "s.sock", backend, on_disconnect=gone)
+    await server.start()
+    fe = await FrontEnd.connect(str(server.path))
+    assert int.from_bytes(await fe.call(p.Request.GET_QUEUE_NUM), "little") == 2
+    fe.close()
+    await _until(lambda: not server.connected and server.connections == 1)
+    await asyncio.sleep(0.01)  # in the clean-up now
+    closing = asyncio.create_task(server.close())
+    await asyncio.sleep(0.01)
+    backend.done.set()
+    await closing
+    await asyncio.sleep(0.01)
+    assert calls == 1

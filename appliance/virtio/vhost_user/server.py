@@ -41,7 +41,8 @@ class VhostUserServer:
         QEMU does).
     :param backend: the device glue; reused across front ends.
     :param on_disconnect: called once each front end has gone and the back end is cleaned up
-        (the net daemon ends what its user-mode stack held for that front end's guest).
+        (the net daemon ends what its user-mode stack held for that front end's guest); when
+        :meth:`close` interrupts that clean-up, at once.
     """
 
     def __init__(
@@ -123,12 +124,19 @@ class VhostUserServer:
             finally:
                 self._conn = None
                 conn.close()
-                await asyncio.shield(self.backend.disconnect())
-                if self.on_disconnect is not None:
-                    try:
-                        self.on_disconnect()
-                    except Exception:
-                        log.exception("cleaning up after a front end failed")
+                try:
+                    await asyncio.shield(self.backend.disconnect())
+                finally:
+                    # Also when close() cancels us during the clean-up: the front end is gone all
+                    # the same, and its owner hears of it only here.
+                    self._front_end_gone()
+
+    def _front_end_gone(self) -> None:
+        if self.on_disconnect is not None:
+            try:
+                self.on_disconnect()
+            except Exception:
+                log.exception("cleaning up after a front end failed")
 
     async def _session(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
