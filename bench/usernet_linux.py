@@ -136,6 +136,15 @@ the guest); libslirp 11 frames, 5 to the guest. Nothing is left to merge. The da
 slow phase (host-driven connections at 2556/s against 4469/s the day before), read 1.04 (1.020
 ± 0.040) on connections and 0.98 (0.986 ± 0.033) through hostfwd; throughput 1.59x and 1.93x.
 
+Run-queue waits (2026-11-28; ``stack_wait_ms_per_conn`` and ``qemu_main_wait_ms_per_conn``,
+schedstat's second field). In the day's table (6 rounds, a slow phase, ~55 connections/s) our
+daemon waited 0.81 ms a connection for a CPU against 0.39 ms for libslirp's thread (QEMU's main
+thread), and 1.13 against 0.34 ms through hostfwd, where the host client is the bench's own Python
+process on the same CPU. QEMU's main thread waited no longer with ours (0.33 against 0.39 ms).
+The guest's idle time per connection was 1.33 against 0.74 ms. Part of a pass's latency is this
+queueing behind the other host processes on the CPU the TCG vCPU leaves free; the 100 us EEVDF slice
+above, which lets a woken daemon preempt sooner, changed nothing beyond noise over 20 rounds.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
