@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from appliance.nat import UserNetConfig, UserNetwork, tcp_nat
 
-from .conftest import drain
+from .conftest import drain, full_listener
 from .peer import GUEST_IP, GW_IP, Guest, tcp_flags, tcp_frame
 
 SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
@@ -58,59 +58,31 @@ async def test_connect_that_never_completes_times_out_into_rst(monkeypatch) -> N
     monkeypatch.setattr(tcp_nat, "CONNECT_TIMEOUT", 1.0)
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
-    lsock = socket.socket()
-    fillers: list[socket.socket] = []
     try:
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(0)
-        port = lsock.getsockname()[1]
-        for _ in range(3):  # fill the accept queue; further SYNs are dropped by the host kernel
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex(("127.0.0.1", port))
-            fillers.append(c)
-        await asyncio.sleep(0.05)
-        net.send([memoryview(syn(port))])
-        await asyncio.sleep(0.1)
-        assert not [f for f in drain(net) if tcp_flags(f) >= 0], "nothing is sent while the connect is pending"
-        assert net.tcp._pending, "the connect is in progress"
-        await asyncio.sleep(1.0)  # the timeout's timer is due first, whatever the test's delay
-        flags = [tcp_flags(f) for f in drain(net)]
-        assert RST | ACK in flags
-        counts = net.counters()
-        assert counts["tcp_refused"] == 1 and counts["errors"] == 0
-        assert not net.tcp._pending and net.tcp._connecting == 0 and not net.tcp.conns
+        async with full_listener() as port:
+            net.send([memoryview(syn(port))])
+            await asyncio.sleep(0.1)
+            assert not [f for f in drain(net) if tcp_flags(f) >= 0], "nothing is sent while the connect is pending"
+            assert net.tcp._pending, "the connect is in progress"
+            await asyncio.sleep(1.0)  # the timeout's timer is due first, whatever the test's delay
+            flags = [tcp_flags(f) for f in drain(net)]
+            assert RST | ACK in flags
+            counts = net.counters()
+            assert counts["tcp_refused"] == 1 and counts["errors"] == 0
+            assert not net.tcp._pending and net.tcp._connecting == 0 and not net.tcp.conns
     finally:
-        for c in fillers:
-            c.close()
-        lsock.close()
         await net.stop()
 
 
 async def test_stop_closes_connects_in_progress(monkeypatch) -> None:
     net = UserNetwork(UserNetConfig(nameservers=()))
     await net.start()
-    lsock = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(0)
-        port = lsock.getsockname()[1]
-        for _ in range(3):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex(("127.0.0.1", port))
-            fillers.append(c)
-        await asyncio.sleep(0.05)
+    async with full_listener() as port:
         net.send([memoryview(syn(port))])
         assert net.tcp._pending
         socks = [s for s, _ in net.tcp._pending.values()]
         await net.stop()
         assert not net.tcp._pending and all(s.fileno() == -1 for s in socks)
-    finally:
-        for c in fillers:
-            c.close()
-        lsock.close()
 
 
 async def test_data_and_fin_sent_before_the_host_transport_is_attached_reach_the_host() -> None:

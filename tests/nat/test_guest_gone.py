@@ -22,7 +22,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from appliance.nat import UserNetConfig, UserNetwork
 
-from .conftest import GUEST_MAC, GW_MAC, drain, feed
+from .conftest import GUEST_MAC, GW_MAC, drain, feed, full_listener
 from .peer import GW_IP, Guest
 from .test_dhcp import dhcp_frame
 from .test_long_run import GUEST_ISS, MSS_OPT, SYN, Wire
@@ -181,18 +181,7 @@ async def test_guest_gone_frees_host_connects_still_in_progress_once(net: UserNe
     """A connect the gone guest started is still waiting on the host (the server's accept queue is
     full): its socket and slot go with the guest, counted back once, and no timer is left to
     count them back again."""
-    lsock = socket.socket()
-    fillers: list[socket.socket] = []
-    try:
-        lsock.bind(("127.0.0.1", 0))
-        lsock.listen(0)
-        port = lsock.getsockname()[1]
-        for _ in range(3):  # the host kernel drops further SYNs to it
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex(("127.0.0.1", port))
-            fillers.append(c)
-        await asyncio.sleep(0.05)
+    async with full_listener() as port:
         w = Wire(net)
         for gport in (20000, 20001):
             w.tcp(gport, port, GUEST_ISS, 0, SYN, opts=MSS_OPT)
@@ -204,7 +193,3 @@ async def test_guest_gone_frees_host_connects_still_in_progress_once(net: UserNe
         await asyncio.sleep(0.05)
         assert net.tcp._connecting == 0
         assert net.counters()["errors"] == 0
-    finally:
-        lsock.close()
-        for c in fillers:
-            c.close()

@@ -37,7 +37,7 @@ from appliance.nat import ipv4 as ipv4mod
 from appliance.nat import tcp as tcpmod
 from appliance.nat import tftp as tftpmod
 
-from .conftest import drain
+from .conftest import drain, full_listener
 from .peer import GUEST_IP, GUEST_MAC, GW_IP, GW_MAC, csum, eth, ip_packet, tcp_frame
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -552,18 +552,7 @@ async def test_connect_the_guest_gave_up_on_frees_its_slot_at_once(monkeypatch: 
     monkeypatch.setattr(tcp_nat, "CONNECT_TIMEOUT", 30.0)
     async with started() as net:
         w = Wire(net)
-        lsock = socket.socket()
-        fillers: list[socket.socket] = []
-        try:
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(0)
-            port = lsock.getsockname()[1]
-            for _ in range(3):  # fill the accept queue: the host kernel drops further SYNs
-                c = socket.socket()
-                c.setblocking(False)
-                c.connect_ex(("127.0.0.1", port))
-                fillers.append(c)
-            await asyncio.sleep(0.05)
+        async with full_listener() as port:
             fds = len(os.listdir("/proc/self/fd"))
             w.tcp(20000, port, GUEST_ISS, 0, SYN, opts=MSS_OPT)
             await asyncio.sleep(0.05)
@@ -573,10 +562,6 @@ async def test_connect_the_guest_gave_up_on_frees_its_slot_at_once(monkeypatch: 
             await asyncio.sleep(0.01)
             assert len(os.listdir("/proc/self/fd")) <= fds
             assert net.counters()["errors"] == 0
-        finally:
-            lsock.close()
-            for c in fillers:
-                c.close()
 
 
 # -- hostfwd TCP ---------------------------------------------------------------------
