@@ -10,7 +10,8 @@ it is refused, or taken, as the key=value form does.
 
 A table is data: a member's type is one of the names in :data:`SCALARS`, a ``dict`` (a struct
 whose members are checked in order), :class:`Union` (a struct with a discriminator choosing more
-members), :class:`Alternate` (QAPI's alternate: one of several JSON types) or :class:`List`.
+members), :class:`Alternate` (QAPI's alternate: one of several JSON types) or :class:`List`;
+:class:`Required` marks a member QAPI does not make optional.
 
 On the boot path of `appliance run` (options parsing): standard library ``json`` only.
 """
@@ -59,6 +60,16 @@ class List:
         self.item = item
 
 
+class Required:
+    """A mandatory member: QAPI's visitor finds it missing at its place in the member order, so
+    a wrong type further on is not reported before it."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: object) -> None:
+        self.kind = kind
+
+
 class _Refusal(Exception):
     pass
 
@@ -66,7 +77,7 @@ class _Refusal(Exception):
 def check(option: str, obj: object, spec: object, *, closed: bool = False) -> None:
     """Refuse ``obj`` (parsed JSON) as QEMU refuses it when a member in ``spec`` has the wrong JSON
     type, or a discriminator is missing (or, with ``closed``, when a top-level member is not in
-    ``spec``: for a table that holds every member QEMU has).
+    ``spec``, at every level: for a table that holds every member QEMU has).
 
     :raises ConfigError: ``"{option}: "`` and QEMU's words.
     """
@@ -101,18 +112,18 @@ def _struct(obj: object, spec: object, prefix: str, *, closed: bool) -> None:
     if isinstance(spec, Union):
         for key, kind in spec.base.items():
             if key in obj:
-                _value(obj[key], kind, key, prefix + key)
+                _value(obj[key], kind, key, prefix + key, closed=closed)
             elif key == spec.tag:
                 raise _Refusal(f"Parameter '{prefix}{key}' is missing")
         tag = obj[spec.tag]
         branch = spec.branches.get(tag) if isinstance(tag, str) else None
         if branch is None:
             return  # a type not here: its parser refuses it
-        _members(obj, branch, prefix)
+        _members(obj, branch, prefix, closed=closed)
         known: dict[str, object] = {**spec.base, **branch}
     else:
         assert isinstance(spec, dict)
-        _members(obj, spec, prefix)
+        _members(obj, spec, prefix, closed=closed)
         known = spec
     if closed:
         for key in obj:
@@ -120,14 +131,18 @@ def _struct(obj: object, spec: object, prefix: str, *, closed: bool) -> None:
                 raise _Refusal(f"Parameter '{prefix}{key}' is unexpected")
 
 
-def _members(obj: dict[str, object], spec: dict[str, object], prefix: str) -> None:
+def _members(obj: dict[str, object], spec: dict[str, object], prefix: str, *, closed: bool) -> None:
     for key, kind in spec.items():
         if key in obj:
-            _value(obj[key], kind, key, prefix + key)
+            _value(obj[key], kind, key, prefix + key, closed=closed)
+        elif isinstance(kind, Required):
+            raise _Refusal(f"Parameter '{prefix}{key}' is missing")
 
 
-def _value(value: object, kind: object, name: str, full: str) -> None:
+def _value(value: object, kind: object, name: str, full: str, *, closed: bool) -> None:
     """One member: ``name`` is its own name, ``full`` its path (QEMU uses each in some errors)."""
+    if isinstance(kind, Required):
+        kind = kind.kind
     if isinstance(kind, str):
         _scalar(value, kind, name, full)
     elif isinstance(kind, Alternate):
@@ -135,17 +150,17 @@ def _value(value: object, kind: object, name: str, full: str) -> None:
             return
         if not isinstance(value, dict):
             raise _bad_type(name, kind.name)
-        _struct(value, kind.struct, full + ".", closed=False)
+        _struct(value, kind.struct, full + ".", closed=closed)
     elif isinstance(kind, List):
         if not isinstance(value, list):
             raise _bad_type(full, "array")
         for i, item in enumerate(value):
             # An element has no name of its own: QEMU's errors that use it say 'null'.
-            _value(item, kind.item, "null", f"{full}[{i}]")
+            _value(item, kind.item, "null", f"{full}[{i}]", closed=closed)
     else:
         if not isinstance(value, dict):
             raise _bad_type(full, "object")
-        _struct(value, kind, full + ".", closed=False)
+        _struct(value, kind, full + ".", closed=closed)
 
 
 def _scalar(value: object, kind: str, name: str, full: str) -> None:

@@ -37,58 +37,6 @@ KEYS = ("ipv4", "ipv6", "net", "ip", "host", "restrict", "hostname", "dhcpstart"
         "ipv6-dns", "tftp", "bootfile", "tftp-server-name", "smb", "smbserver")
 
 
-# NetdevUserOptions' members in QAPI's order (qapi/net.json) and their JSON types, for the JSON
-# form of -netdev: QEMU's QAPI visitor takes no string for a boolean or a number there, and
-# wants each member of a list of strings as a String object ({"str": "tcp::22-:22"}). The
-# key=value form's alias ipv6-net is not a member.
-_JSON_MEMBERS: dict[str, str] = {
-    "id": "string", "type": "string",
-    "hostname": "string", "restrict": "boolean", "ipv4": "boolean", "ipv6": "boolean",
-    "ip": "string", "net": "string", "host": "string", "tftp": "string", "bootfile": "string",
-    "dhcpstart": "string", "dns": "string", "dnssearch": "String list", "domainname": "string",
-    "ipv6-prefix": "string", "ipv6-prefixlen": "integer", "ipv6-host": "string", "ipv6-dns": "string",
-    "smb": "string", "smbserver": "string", "hostfwd": "String list", "guestfwd": "String list",
-    "tftp-server-name": "string",
-}
-_JSON_TYPES: dict[str, type] = {"string": str, "boolean": bool, "integer": int}
-
-
-def check_json(option: str, obj: dict[str, object]) -> None:
-    """Refuse a JSON ``-netdev user`` that QEMU's QAPI visitor refuses, with its words
-    (its first complaint: members in schema order, then any unknown one).
-
-    :raises ConfigError: naming the member and the type it needs.
-    """
-
-    def bad(name: str, want: str) -> ConfigError:
-        return ConfigError(f"{option}: Invalid parameter type for '{name}', expected: {want}")
-
-    for key, kind in _JSON_MEMBERS.items():
-        if key not in obj:
-            continue
-        value = obj[key]
-        if kind != "String list":
-            # bool is an int to Python; QAPI keeps them apart.
-            if not isinstance(value, _JSON_TYPES[kind]) or (kind == "integer" and isinstance(value, bool)):
-                raise bad(key, kind)
-            continue
-        if not isinstance(value, list):
-            raise bad(key, "array")
-        for i, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise bad(f"{key}[{i}]", "object")
-            if "str" not in item:
-                raise ConfigError(f"{option}: Parameter '{key}[{i}].str' is missing")
-            if not isinstance(item["str"], str):
-                raise bad(f"{key}[{i}].str", "string")
-            for extra in item:
-                if extra != "str":
-                    raise ConfigError(f"{option}: Parameter '{key}[{i}].{extra}' is unexpected")
-    for key in obj:
-        if key not in _JSON_MEMBERS:
-            raise ConfigError(f"{option}: Parameter '{key}' is unexpected")
-
-
 class HostfwdError(ConfigError):
     """A ``hostfwd`` rule QEMU calls invalid; ``detail`` is QEMU's own line for it."""
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from appliance.cli.json_types import Union, check_text
+from appliance.cli.json_types import List, Required, Union, check_text
 from appliance.cli.options import OptionDict, is_identifier, parse_option, parse_size, split_option
 from appliance.errors import ConfigError, HelpRequested
 from appliance.net.backend import FrameBackend
@@ -164,9 +164,21 @@ _SOCKET_ADDRESS = Union("type", {"type": "string"}, {
     "vsock": {"cid": "string", "port": "string"},
     "fd": {"str": "string"},
 })
+# NetdevUserOptions: QEMU wants each item of a list of strings as a String object
+# ({"str": "tcp::22-:22"}); the key=value form's alias ipv6-net is not a member.
+_STRINGS = List({"str": Required("string")})
+_USER: dict[str, object] = {
+    "hostname": "string", "restrict": "boolean", "ipv4": "boolean", "ipv6": "boolean",
+    "ip": "string", "net": "string", "host": "string", "tftp": "string", "bootfile": "string",
+    "dhcpstart": "string", "dns": "string", "dnssearch": _STRINGS, "domainname": "string",
+    "ipv6-prefix": "string", "ipv6-prefixlen": "integer", "ipv6-host": "string", "ipv6-dns": "string",
+    "smb": "string", "smbserver": "string", "hostfwd": _STRINGS, "guestfwd": _STRINGS,
+    "tftp-server-name": "string",
+}
 # Netdev (qapi/net.json, QEMU 7.2), its members in QAPI's order, for the types here and
-# vhost-user: what type the JSON form's members must have (cli.json_types). user has its own,
-# closed table (nat.config.check_json). stream's reconnect is 8.0's member (7.2 has none).
+# vhost-user: what type the JSON form's members must have (cli.json_types). Each branch holds all
+# of 7.2's members, so the check is closed (an unknown one is refused in QEMU's words). stream's
+# reconnect is 8.0's member (7.2 has none).
 NETDEV = Union("type", {"id": "string", "type": "string"}, {
     "tap": {"ifname": "string", "fd": "string", "fds": "string", "script": "string",
             "downscript": "string", "br": "string", "helper": "string", "sndbuf": "size",
@@ -178,6 +190,7 @@ NETDEV = Union("type", {"id": "string", "type": "string"}, {
     "dgram": {"local": _SOCKET_ADDRESS, "remote": _SOCKET_ADDRESS},
     "bridge": {"br": "string", "helper": "string"},
     "vhost-user": {"chardev": "string", "vhostforce": "boolean", "queues": "integer"},
+    "user": _USER,
 })
 
 
@@ -195,21 +208,6 @@ def user_flags(text: str) -> tuple[str, ...]:
     return KEYS
 
 
-def _check_user_json(option: str, text: str) -> None:
-    """The JSON form's member types, for ``user`` (libvirt writes -netdev as JSON); the
-    other types are taken as the key=value form takes them."""
-    import json
-
-    from appliance.nat.config import check_json
-
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return  # parse_option names it
-    if isinstance(obj, dict) and obj.get("type") == "user":
-        check_json(option, obj)
-
-
 def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
@@ -222,8 +220,7 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         # QEMU's list, in its order, of the types it has and we have too.
         raise HelpRequested("Available netdev backend types:\n" + "".join(f"{t}\n" for t in HELP_ORDER))
     if text.lstrip().startswith("{"):
-        check_text(option, text, NETDEV)
-        _check_user_json(option, text)
+        check_text(option, text, NETDEV, closed=True)
     opts = parse_option(option, text, implied="type", flags=user_flags(text), warn_flags=True)
     if implicit_id is not None:
         # QEMU's -nic takes id= (it names the netdev); the NIC here refers to its netdev by

@@ -82,59 +82,24 @@ async def _quit(ctx: Context, args: dict[str, Any]) -> None:
 
 # --- block nodes ----------------------------------------------------------------------
 
-_BOOL, _STR, _INT, _OBJ = "boolean", "string", "integer", "object"
-_CACHE = {"direct": _BOOL, "no-flush": _BOOL}
-_COMMON: dict[str, Any] = {
-    "driver": _STR, "node-name": _STR, "read-only": _BOOL, "auto-read-only": _BOOL,
-    "cache": _CACHE, "discard": _STR, "detect-zeroes": _STR, "force-share": _BOOL,
-}
-# BlockdevOptions members per driver (qapi/block-core.json) that --blockdev takes.
-_SCHEMA: dict[str, dict[str, Any]] = {
-    "file": {**_COMMON, "filename": _STR, "aio": _STR, "locking": _STR},
-    "raw": {**_COMMON, "file": "file"},
-    # "backing": null (libvirt's: no backing file) only; a backing node is refused later.
-    "qcow2": {**_COMMON, "file": "file", "backing": "backing", "l2-cache-size": _INT},
-}
-_PY = {_BOOL: bool, _STR: str, _INT: int}
+_DRIVERS = ("file", "raw", "qcow2")
 
 
-def _check_members(obj: dict[str, Any], schema: dict[str, Any], prefix: str) -> None:
-    """QEMU's input-visitor errors for unknown members and wrong JSON types."""
-    for key, value in obj.items():
-        name = prefix + key
-        kind = schema.get(key)
-        if kind is None:
-            raise GenericError(f"Parameter '{name}' is unexpected")
-        if kind in ("file", "backing"):
-            # BlockdevRef(OrNull): a node name or a whole node written inline (or null); QEMU
-            # names the member without its path here.
-            if isinstance(value, dict):
-                _check_node(value, f"{name}.")
-            elif not isinstance(value, str) and not (value is None and kind == "backing"):
-                alternate = "BlockdevRef" if kind == "file" else "BlockdevRefOrNull"
-                raise GenericError(f"Invalid parameter type for '{key}', expected: {alternate}")
-        elif isinstance(kind, dict):
-            if not isinstance(value, dict):
-                raise GenericError(f"Invalid parameter type for '{name}', expected: {_OBJ}")
-            _check_members(value, kind, f"{name}.")
-        elif not isinstance(value, _PY[kind]) or (kind == _INT and isinstance(value, bool)):
-            raise GenericError(f"Invalid parameter type for '{name}', expected: {kind}")
+def _check_node(obj: dict[str, Any]) -> None:
+    """QEMU's input-visitor refusals (wrong JSON types, missing or unknown members at any level),
+    then ours for a driver we do not have, inline nodes included."""
+    from appliance.cli.json_types import check
+    from appliance.storage.blockdev import BLOCKDEV
 
-
-def _check_node(obj: dict[str, Any], prefix: str) -> str:
-    driver = obj.get("driver")
-    if driver is None:
-        raise GenericError(f"Parameter '{prefix}driver' is missing")
-    if not isinstance(driver, str):
-        raise GenericError(f"Invalid parameter type for '{prefix}driver', expected: string")
-    schema = _SCHEMA.get(driver)
-    if schema is None:
-        raise GenericError(f"Driver '{driver}' is not supported here (file, raw, qcow2)")
-    _check_members(obj, schema, prefix)
-    for key in ("filename",) if driver == "file" else ("file",):
-        if key not in obj:
-            raise GenericError(f"Parameter '{prefix}{key}' is missing")
-    return driver
+    try:
+        check("blockdev-add", obj, BLOCKDEV, closed=True)
+    except ConfigError as err:
+        raise GenericError(str(err).split(": ", 1)[1]) from None
+    node: Any = obj
+    while isinstance(node, dict):
+        if node["driver"] not in _DRIVERS:
+            raise GenericError(f"Driver '{node['driver']}' is not supported here ({', '.join(_DRIVERS)})")
+        node = node.get("file")
 
 
 def _probe(path: Path, *, write: bool, qcow2: bool) -> None:
@@ -159,7 +124,8 @@ def _probe(path: Path, *, write: bool, qcow2: bool) -> None:
 async def _blockdev_add(ctx: Context, args: dict[str, Any]) -> None:
     from appliance.storage.blockdev import BlockdevConfig, resolve_blockdev
 
-    driver = _check_node(args, "")
+    _check_node(args)
+    driver = args["driver"]
     node_name = args.get("node-name")
     if node_name is None:
         raise GenericError("'node-name' must be specified for the root node")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.cli.json_types import Alternate, Union, check_text
+from appliance.cli.json_types import Alternate, Required, Union, check_text
 from appliance.cli.options import OptionDict, parse_bool, parse_option, parse_size
 from appliance.errors import ApplianceError, ConfigError
 from appliance.storage.backend import BlockBackend
@@ -48,15 +48,18 @@ BLOCKDEV = Union("driver", {
     "auto-read-only": "boolean", "force-share": "boolean", "detect-zeroes": "string",
 }, {})
 _FILE_REF = Alternate("BlockdevRef", BLOCKDEV)
+_OVERLAP_FLAGS: dict[str, object] = {"template": "string", **dict.fromkeys((
+    "main-header", "active-l1", "active-l2", "refcount-table", "refcount-block", "snapshot-table",
+    "inactive-l1", "inactive-l2", "bitmap-directory"), "boolean")}
 BLOCKDEV.branches.update({
-    "file": {"filename": "string", "pr-manager": "string", "locking": "string", "aio": "string",
+    "file": {"filename": Required("string"), "pr-manager": "string", "locking": "string", "aio": "string",
              "aio-max-batch": "integer", "drop-cache": "boolean", "x-check-cache-dropped": "boolean"},
-    "raw": {"file": _FILE_REF, "offset": "integer", "size": "integer"},
+    "raw": {"file": Required(_FILE_REF), "offset": "integer", "size": "integer"},
     "qcow2": {
-        "file": _FILE_REF, "backing": Alternate("BlockdevRefOrNull", BLOCKDEV, null=True),
+        "file": Required(_FILE_REF), "backing": Alternate("BlockdevRefOrNull", BLOCKDEV, null=True),
         "lazy-refcounts": "boolean", "pass-discard-request": "boolean",
         "pass-discard-snapshot": "boolean", "pass-discard-other": "boolean",
-        "overlap-check": Alternate("Qcow2OverlapChecks", {}), "cache-size": "integer",
+        "overlap-check": Alternate("Qcow2OverlapChecks", _OVERLAP_FLAGS), "cache-size": "integer",
         "l2-cache-size": "integer", "l2-cache-entry-size": "integer",
         "refcount-cache-size": "integer", "cache-clean-interval": "integer",
         "data-file": _FILE_REF,

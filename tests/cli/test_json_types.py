@@ -194,6 +194,11 @@ CASES: list[tuple[str, str, str]] = [
     ("-blockdev", f'{{{_QCOW2},"cache-clean-interval":9223372036854775808}}', bad("cache-clean-interval", "integer")),
     ("-blockdev", '{"driver":"file","node-name":"a","filename":"x","drop-cache":"on"}', bad("drop-cache", "boolean")),
     ("-blockdev", '{"node-name":"a","filename":"x"}', "Parameter 'driver' is missing"),
+    # a mandatory member is missed at its place in QAPI's order, before a bad type after it
+    ("-blockdev", '{"driver":"file","node-name":"a","aio":5}', "Parameter 'filename' is missing"),
+    ("-blockdev", '{"driver":"raw","node-name":"a","offset":"x"}', "Parameter 'file' is missing"),
+    ("-blockdev", '{"driver":"qcow2","node-name":"a","file":{"driver":"file","locking":1}}',
+     "Parameter 'file.filename' is missing"),
     ("-blockdev", '{"node-name":5}', "Parameter 'driver' is missing"),  # driver comes first
     ("-object", '{"qom-type":"iothread","id":"i","poll-max-ns":null}', bad("poll-max-ns", "integer")),
     ("-object", '{"qom-type":"memory-backend-ram","id":"m","size":-1,"dump":"x"}', bad("dump", "boolean")),

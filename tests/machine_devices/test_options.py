@@ -250,7 +250,7 @@ BAD = [
     (["-blockdev", "driver=nbd,node-name=n"], "'nbd'"),
     (["-blockdev", "driver=file,filename={disk}"], "'node-name'"),
     (["-blockdev", "driver=file,node-name=f,filename={disk},aio=native"], "cache.direct"),
-    (["-blockdev", '{"driver":"file"}'], "'node-name'"),
+    (["-blockdev", '{"driver":"file"}'], "Parameter 'filename' is missing"),
     (["-blockdev", '{"driver":"file",'], "invalid JSON"),
     (["-device", '["virtio-net-pci"]'], "is not supported"),
     (["-netdev", '{"type":"user","id":"n0","hostfwd":[{"str":"tcp::99999-:22"}]}'], "tcp::99999-:22"),
