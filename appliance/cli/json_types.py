@@ -197,7 +197,8 @@ _MEMORY_BACKEND: dict[str, object] = {  # MemoryBackendProperties
     "x-use-canonical-path-for-ramblock-id": "boolean",
 }
 
-# ObjectOptions (qapi/qom.json) for the qom-types -object and --object take or QEMU users pass
+# ObjectOptions (qapi/qom.json, QEMU 7.2), every member of each branch (checked closed), for the
+# qom-types -object and --object take or QEMU users pass
 # to them most (memory backends, refused later as not supported).
 OBJECT = Union("qom-type", {"qom-type": "string", "id": "string"}, {
     "iothread": {  # EventLoopBaseProperties, then IothreadProperties

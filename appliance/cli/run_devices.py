@@ -357,7 +357,7 @@ def _object(a: RunArgs, v: str) -> None:
     from appliance.nic.config import FilterDumpConfig
 
     plan = plan_of(a)
-    check_text("-object", v, OBJECT)
+    check_text("-object", v, OBJECT, closed=True)
     o = parse_option("-object", v, implied="qom-type")
     kind = o.get("qom-type")
     if kind == "filter-dump":

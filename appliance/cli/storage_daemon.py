@@ -188,7 +188,7 @@ def parse_object(text: str, iothreads: dict[str, int | None]) -> None:
     from appliance.cli.json_types import OBJECT, check_text
     from appliance.storage import poll
 
-    check_text("--object", text, OBJECT)
+    check_text("--object", text, OBJECT, closed=True)
     o = parse_option("--object", text, implied="qom-type")
     kind = o.require("qom-type")
     if kind != "iothread":

@@ -39,6 +39,13 @@ AIO_MODES = ("threads", "native")
 DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 INTERFACES = ("virtio", "none")
 
+# BlockdevDriver (qapi/block-core.json, QEMU 7.2 on Linux): a driver QEMU has and we do not is
+# refused as not supported, any other name in QAPI's words.
+QEMU_DRIVERS = frozenset((
+    "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read "
+    "dmg file snapshot-access ftp ftps gluster host_cdrom host_device http https iscsi luks nbd nfs "
+    "null-aio null-co nvme parallels preallocate qcow qcow2 qed quorum raw rbd replication ssh "
+    "throttle vdi vhdx vmdk vpc vvfat").split())
 # BlockdevOptions (qapi/block-core.json, QEMU 7.2), its members in QAPI's order, for the
 # drivers -blockdev takes: what type the JSON form's members must have (cli.json_types). An
 # inline "file" or "backing" is a node of its own, checked against the same table.
@@ -284,6 +291,31 @@ def _locking(o: OptionDict, key: str) -> bool:
 
 # --- -blockdev / --blockdev -------------------------------------------------------------
 
+# QEMU's keyval input visitor reads a boolean member from these words only (qapi_bool_parse).
+_QAPI_TRUE, _QAPI_FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
+
+
+def _member_bool(o: OptionDict, key: str, default: bool = False) -> bool:
+    """A boolean member of the key=value form, refused in the keyval visitor's words."""
+    value = o.take(key)
+    if value is None:
+        return default
+    if value in _QAPI_TRUE or value in _QAPI_FALSE:
+        return value in _QAPI_TRUE
+    raise ConfigError(f"{o.option}: Parameter '{key}' expects 'on' or 'off', not '{value}'")
+
+
+def _member_enum(o: OptionDict, key: str, values: tuple[str, ...], default: str) -> str:
+    """An enum member (BlockdevAioOptions, BlockdevDiscardOptions, OnOffAuto, …): only its
+    names, as QAPI takes them, refused in the visitor's words."""
+    value = o.take(key)
+    if value is None:
+        return default
+    if value not in values:
+        raise ConfigError(f"{o.option}: Parameter '{key}' does not accept value '{value}'")
+    return value
+
+
 
 @dataclass(frozen=True, slots=True)
 class BlockdevConfig:
@@ -330,53 +362,63 @@ class BlockdevConfig:
         _check_id(option, node)
         what = f"{option} node-name={node}"
         o.option = what
-        read_only = o.take_bool("read-only", False)
-        o.take("auto-read-only")  # only steers QEMU's reopen logic
-        # Accepted at their defaults only: we never detect zeroes or share
-        # an image that another user has locked.
-        for key in ("detect-zeroes", "force-share"):
-            value = o.take(key, "off")
-            if value != "off":
-                raise ConfigError(f"{what}: {key}={value} is not supported")
+        # The base members (BlockdevOptions), then the driver's.
+        discard = _member_enum(o, "discard", ("ignore", "unmap"), "ignore")
+        cache_direct = _member_bool(o, "cache.direct")
+        no_flush = _member_bool(o, "cache.no-flush")
+        read_only = _member_bool(o, "read-only")
+        _member_bool(o, "auto-read-only")  # only steers QEMU's reopen logic
+        # Accepted at their defaults only: we never share an image that another user has locked,
+        # nor detect zeroes.
+        if _member_bool(o, "force-share"):
+            raise ConfigError(f"{what}: force-share=on is not supported")
+        detect = _member_enum(o, "detect-zeroes", ("off", "on", "unmap"), "off")
+        if detect != "off":
+            raise ConfigError(f"{what}: detect-zeroes={detect} is not supported")
         if driver == "file":
             filename = o.require("filename")
             cfg = cls(
-                driver, node, filename=Path(filename), read_only=read_only,
-                cache_direct=o.take_bool("cache.direct", False),
-                no_flush=o.take_bool("cache.no-flush", False), aio=_aio(o, "aio", what),
-                discard=_discard(o, what), locking=_locking(o, "locking"), option=option,
+                driver, node, filename=Path(filename), read_only=read_only, cache_direct=cache_direct,
+                no_flush=no_flush, aio=_member_enum(o, "aio", AIO_MODES, "threads"), discard=discard,
+                locking=_member_enum(o, "locking", ("on", "off", "auto"), "auto") != "off", option=option,
             )
             o.finish()
             cfg._check_aio(what)
             return cfg
         if driver in FORMATS:
-            discard = _discard(o, what)
             l2 = _l2_cache_size(o, "l2-cache-size", what) if driver == "qcow2" else None
             if "file" not in o and "file.driver" in o:
-                return replace(cls._inline_file(driver, node, read_only, discard, o, option), l2_cache_size=l2)
+                inline = cls._inline_file(driver, node, read_only, discard, o, option, cache_direct, no_flush)
+                return replace(inline, l2_cache_size=l2)
             file = o.require("file")
             o.finish()
+            # A format node's cache.* (libvirt writes them on both nodes) is taken; its I/O is its
+            # file node's, opened with that node's own cache mode, as in QEMU.
             return cls(driver, node, file=file, read_only=read_only, discard=discard, option=option,
-                       l2_cache_size=l2)
-        raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
+                       l2_cache_size=l2, cache_direct=cache_direct, no_flush=no_flush)
+        if driver in QEMU_DRIVERS:
+            raise ConfigError(f"{option}: driver '{driver}' is not supported (file, raw or qcow2)")
+        raise ConfigError(f"{option}: Parameter 'driver' does not accept value '{driver}'")
 
     @classmethod
     def _inline_file(
-        cls, driver: str, node: str, read_only: bool, discard: str, o: OptionDict, option: str
+        cls, driver: str, node: str, read_only: bool, discard: str, o: OptionDict, option: str,
+        cache_direct: bool, no_flush: bool,
     ) -> BlockdevConfig:
-        """``driver=qcow2,file.driver=file,file.filename=…``: the file node written inside."""
+        """``driver=qcow2,file.driver=file,file.filename=…``: the file node written inside, which
+        inherits the format node's cache.* and read-only unless it sets its own."""
         what = o.option
         inner = o.take("file.driver")
         if inner != "file":
             raise ConfigError(f"{what}: file.driver={inner} is not supported (file)")
         cfg = cls(
             driver, node, filename=Path(o.require("file.filename")),
-            read_only=read_only or o.take_bool("file.read-only", False),
-            cache_direct=o.take_bool("file.cache.direct", False) or o.take_bool("cache.direct", False),
-            no_flush=o.take_bool("file.cache.no-flush", False) or o.take_bool("cache.no-flush", False),
-            aio=_aio(o, "file.aio", what),
-            discard=discard if "file.discard" not in o else _discard_key(o, "file.discard", what),
-            locking=_locking(o, "file.locking"), option=option,
+            read_only=read_only or _member_bool(o, "file.read-only", read_only),
+            cache_direct=_member_bool(o, "file.cache.direct", cache_direct),
+            no_flush=_member_bool(o, "file.cache.no-flush", no_flush),
+            aio=_member_enum(o, "file.aio", AIO_MODES, "threads"),
+            discard=_member_enum(o, "file.discard", ("ignore", "unmap"), discard),
+            locking=_member_enum(o, "file.locking", ("on", "off", "auto"), "auto") != "off", option=option,
         )
         o.finish()
         cfg._check_aio(what)
@@ -385,20 +427,6 @@ class BlockdevConfig:
     def _check_aio(self, what: str) -> None:
         if self.aio == "native" and not self.cache_direct:
             raise ConfigError(f"{what}: aio=native was specified, but it requires cache.direct=on")
-
-
-def _aio(o: OptionDict, key: str, what: str) -> str:
-    aio = o.take(key, "threads") or "threads"
-    if aio not in AIO_MODES:
-        raise ConfigError(f"{what}: invalid aio option '{aio}' (threads or native)")
-    return aio
-
-
-def _discard_key(o: OptionDict, key: str, what: str) -> str:
-    value = o.take(key, "ignore") or "ignore"
-    if value not in DISCARD_MODES:
-        raise ConfigError(f"{what}: invalid discard option '{value}' (ignore or unmap)")
-    return DISCARD_MODES[value]
 
 
 def resolve_blockdev(

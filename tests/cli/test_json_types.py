@@ -7,6 +7,7 @@ Each refusal here is also asked of the real qemu-system-x86_64, whose first erro
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -204,6 +205,14 @@ CASES: list[tuple[str, str, str]] = [
     ("-object", '{"qom-type":"memory-backend-ram","id":"m","size":-1,"dump":"x"}', bad("dump", "boolean")),
     ("-object", '{"qom-type":"memory-backend-ram","id":"m","size":1.0}', "Parameter 'size' expects uint64"),
     ("-object", '{"id":"x"}', "Parameter 'qom-type' is missing"),
+    # each branch's table holds all of QEMU 7.2's members, so an unknown one is QEMU's refusal
+    ("-object", '{"qom-type":"iothread","id":"i","bogus":1}', "Parameter 'bogus' is unexpected"),
+    ("-object", '{"qom-type":"rng-random","id":"r","filename":"/dev/urandom","x":1}',
+     "Parameter 'x' is unexpected"),
+    ("-netdev", '{"type":"user","id":"n","bogus":1}', "Parameter 'bogus' is unexpected"),
+    ("-netdev", '{"type":"tap","id":"n","bogus":1}', "Parameter 'bogus' is unexpected"),
+    ("-netdev", '{"type":"stream","id":"n","addr":{"type":"unix","path":"/s","x":1}}',
+     "Parameter 'addr.x' is unexpected"),
 ]
 
 
@@ -272,6 +281,25 @@ def test_libvirts_file_and_format_nodes(tmp_path: Path) -> None:
     assert (src.path, src.discard, src.read_only) == (image, "unmap", False)
 
 
+def test_libvirts_cache_none_on_both_nodes(tmp_path: Path) -> None:
+    """libvirt's <driver cache='none'/> puts the cache object on the format node too."""
+    image = tmp_path / "d.qcow2"
+    image.write_bytes(b"")
+    cache = '"cache":{"direct":true,"no-flush":false}'
+    storage = BlockdevConfig.parse(
+        f'{{"driver":"file","filename":"{image}","node-name":"libvirt-1-storage",{cache},'
+        '"auto-read-only":true,"discard":"unmap","aio":"native"}')
+    fmt = BlockdevConfig.parse(
+        f'{{"node-name":"libvirt-1-format","read-only":false,{cache},"driver":"qcow2",'
+        '"file":"libvirt-1-storage","backing":null}')
+    src = resolve_blockdev({n.node_name: n for n in (storage, fmt)}, "libvirt-1-format",
+                           what="-device", check_path=False)
+    assert (src.fmt, src.cache, src.aio) == ("qcow2", "none", "native")
+    # The key=value form, as a user copies it from QEMU's docs.
+    kv = BlockdevConfig.parse("driver=qcow2,node-name=q,file=libvirt-1-storage,cache.direct=on,cache.no-flush=off")
+    assert (kv.cache_direct, kv.no_flush, kv.file) == (True, False, "libvirt-1-storage")
+
+
 def test_inline_file_nodes_and_cache_objects() -> None:
     cfg = BlockdevConfig.parse(
         '{"driver":"qcow2","node-name":"a","read-only":true,"l2-cache-size":1048576,'
@@ -325,3 +353,37 @@ def test_the_storage_daemon_refuses_as_qemu_storage_daemon(option: str, text: st
     assert ours.returncode == 2
     assert (ours.stderr.rstrip("\n").removeprefix(f"appliance storage-daemon: {option}: ")
             == theirs.stderr.splitlines()[0].removeprefix(f"qemu-storage-daemon: {option} {text}: "))
+
+
+# The key=value form's enum and boolean members, refused in the keyval visitor's words (ours
+# names the bad boolean too: ", not 'x'" after QEMU's line).
+KEYVAL_CASES = [
+    ("-blockdev", f"driver=file,node-name=a,filename={F},aio=x", "Parameter 'aio' does not accept value 'x'"),
+    ("-blockdev", f"driver=file,node-name=a,filename={F},discard=on",
+     "Parameter 'discard' does not accept value 'on'"),
+    ("-blockdev", f"driver=file,node-name=a,filename={F},locking=x",
+     "Parameter 'locking' does not accept value 'x'"),
+    ("-blockdev", f"driver=file,node-name=a,filename={F},detect-zeroes=x",
+     "Parameter 'detect-zeroes' does not accept value 'x'"),
+    ("-blockdev", "driver=nope,node-name=a", "Parameter 'driver' does not accept value 'nope'"),
+    ("-blockdev", f"driver=file,node-name=a,filename={F},auto-read-only=x",
+     "Parameter 'auto-read-only' expects 'on' or 'off'"),
+    ("-blockdev", f"driver=file,node-name=a,filename={F},cache.no-flush=2",
+     "Parameter 'cache.no-flush' expects 'on' or 'off'"),
+    ("-blockdev", "driver=file,node-name=a", "Parameter 'filename' is missing"),
+]
+
+
+def _ours_keyval(option: str, text: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        run.to_config(run.parse_args(["-kernel", "k", option, text]))
+    message = str(err.value).split(": ", 1)[1]
+    return re.sub(r", not '[^']*'$", "", message)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed")
+def test_keyval_enum_and_bool_members_are_refused_in_qemus_words() -> None:
+    with ThreadPoolExecutor(8) as pool:
+        said = list(pool.map(lambda case: _qemu(case[0], case[1]), KEYVAL_CASES))
+    assert [got for got in said] == [want for _, _, want in KEYVAL_CASES]
+    assert [_ours_keyval(option, text) for option, text, _ in KEYVAL_CASES] == [w for _, _, w in KEYVAL_CASES]

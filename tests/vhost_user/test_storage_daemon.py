@@ -51,7 +51,7 @@ def test_help_lists_blockdev_and_export(capsys: pytest.CaptureFixture[str]) -> N
         (["--blockdev", "driver=nbd,node-name=f"], "driver 'nbd'"),
         (["--blockdev", "driver=file,filename=x"], "'node-name' is missing"),
         (["--blockdev", "driver=file,node-name=f,filename=x,aio=native"], "aio=native"),
-        (["--blockdev", "driver=file,node-name=f,filename=x,read-only=maybe"], "'maybe' is not on or off"),
+        (["--blockdev", "driver=file,node-name=f,filename=x,read-only=maybe"], "'on' or 'off', not 'maybe'"),
         (["--blockdev", "driver=raw,node-name=r,file=nothere"], "'nothere'"),
         (
             ["--blockdev", "driver=file,node-name=f,filename=x", "--blockdev", "driver=file,node-name=f,filename=y"],
