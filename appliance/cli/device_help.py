@@ -86,6 +86,39 @@ PROPERTIES: dict[str, tuple[Row, ...]] = {
     ),
 }
 
+# The rest of each driver's properties in QEMU 7.2 (compat knobs, PCIe capabilities, features
+# we do not have): named, and refused as not supported here, where a name QEMU does not know is
+# refused in QEMU's words ("Property 'virtio-net-pci.x' not found").
+_PCI_COMMON = ("acpi-index aer any_layout ats failover_pair_id ioeventfd iommu_platform migrate-extra "
+               "modern-pio-notify multifunction notify_on_empty packed page-per-vq queue_reset rombar "
+               "romsize use-disabled-flag use-started virtio-backend virtio-pci-bus-master-bug-migration "
+               "x-ats-page-aligned x-disable-legacy-check x-disable-pcie x-ignore-backend-features "
+               "x-pcie-deverr-init x-pcie-extcap-init x-pcie-flr-init x-pcie-lnkctl-init "
+               "x-pcie-lnksta-dllla x-pcie-pm-init")
+QEMU_ONLY: dict[str, frozenset[str]] = {
+    "virtio-blk-pci": frozenset((_PCI_COMMON + " account-failed account-invalid backend_defaults class cyls "
+                                 "discard_granularity heads lcyls lheads lsecs max-discard-sectors "
+                                 "max-write-zeroes-sectors min_io_size opt_io_size "
+                                 "report-discard-granularity rerror secs share-rw vectors werror "
+                                 "write-cache x-enable-wce-if-config-wce").split()),
+    "virtio-net-pci": frozenset((_PCI_COMMON + " failover rsc_interval tx x-mtu-bypass-backend x-txburst "
+                                 "x-txtimer").split()),
+    "virtio-rng-pci": frozenset((_PCI_COMMON + " event_idx indirect_desc romfile vectors").split()),
+}
+
+
+def unknown_property(driver: str, keys: list[str]) -> str | None:
+    """QEMU's refusal of the first of ``keys`` that ``driver`` (one of ours, by any of its
+    names) does not have at all, or None. ``id`` and ``bus`` are qdev's own, not properties."""
+    typename = ALIASES.get(driver, driver)
+    base = typename.removesuffix("-non-transitional")
+    known = {row[0] for row in PROPERTIES.get(base, ())} | QEMU_ONLY.get(base, frozenset())
+    for key in keys:
+        if key not in known and key not in ("driver", "id", "bus"):
+            return f"Property '{typename}.{key}' not found"
+    return None
+
+
 # QEMU's other names for the same devices.
 ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-net": "virtio-net-pci", "virtio-rng": "virtio-rng-pci"}
 

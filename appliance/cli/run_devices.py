@@ -305,6 +305,12 @@ def _device(a: RunArgs, v: str) -> None:
     driver = o.get("driver")
     if driver is None:
         raise ConfigError("-device: parameter 'driver' is missing")
+    if driver.removesuffix("-non-transitional") in _NIC_DRIVERS + _BLK_DRIVERS + _RNG_DRIVERS:
+        from appliance.cli.device_help import unknown_property
+
+        missing = unknown_property(driver, list(o))
+        if missing is not None:
+            raise ConfigError(f"-device: {missing}")
     if driver.endswith("-non-transitional"):
         # Modern-only devices, which ours are: the same device under QEMU's other name.
         base = driver.removesuffix("-non-transitional")
