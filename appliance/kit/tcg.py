@@ -53,6 +53,16 @@ def host_tsc_khz() -> int | None:
     return None
 
 
+# Every emulated instruction costs, so boot work no test looks at is turned off: the boot-time
+# self-tests of each crypto algorithm, the patching of speculation mitigations into the kernel's
+# text (each patch throws away translated code), the LSMs and audit, and the timer IRQ and TSC
+# checks. Measured over 5 paired boots on q35: 5.75 -> 5.23 s to the readiness line. The kernel
+# itself is the kit's uncompressed vmlinux, entered through its PVH note (QEMU loads an ELF
+# -kernel that has one), which saves decompressing the bzImage in TCG: 4.79 -> 4.13 s more.
+FAST_BOOT = ("mitigations=off", "cryptomgr.notests", "security=none", "audit=0", "tsc=reliable",
+             "no_timer_check")
+
+
 class TcgGuest(ConsoleProcess):
     """A QEMU TCG VM running the Linux kit, driven through its serial console.
 
@@ -114,7 +124,7 @@ class TcgGuest(ConsoleProcess):
 
     def qemu_argv(self, kit: KitPaths) -> list[str]:
         """The QEMU command line this guest runs."""
-        words = ["console=ttyS0 quiet panic=-1"]
+        words = ["console=ttyS0 quiet panic=-1", *FAST_BOOT]
         khz = host_tsc_khz() if self.machine.startswith("microvm") else None
         if khz:
             words.append(f"tsc_early_khz={khz}")
@@ -124,7 +134,8 @@ class TcgGuest(ConsoleProcess):
             "-accel", "tcg", "-M", self.machine, "-m", f"{self.memory_mb}M",
             "-smp", str(self.smp), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "stdio", "-no-reboot",
-            "-kernel", str(kit.bzimage), "-initrd", str(kit.initramfs), "-append", cmdline,
+            "-kernel", str(kit.vmlinux if kit.vmlinux.exists() else kit.bzimage),
+            "-initrd", str(kit.initramfs), "-append", cmdline,
         ]
         if self.shared_memory:
             argv += [

@@ -35,3 +35,16 @@ async def test_a_missing_qemu_binary_is_named(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-qemu")
     with pytest.raises(TcgError, match="no-such-qemu is not installed"):
         await TcgGuest(qemu=missing, kit=_kit(tmp_path)).start()
+
+
+def test_the_uncompressed_kernel_boots_when_the_kit_has_it_with_the_fast_boot_words(tmp_path: Path) -> None:
+    from appliance.kit.tcg import FAST_BOOT
+
+    kit = _kit(tmp_path)
+    argv = TcgGuest().qemu_argv(kit)
+    assert argv[argv.index("-kernel") + 1] == str(kit.bzimage)  # no vmlinux here
+    kit.vmlinux.write_bytes(b"\x7fELF")
+    argv = TcgGuest(append="appliance.action=poweroff").qemu_argv(kit)
+    assert argv[argv.index("-kernel") + 1] == str(kit.vmlinux)
+    words = argv[argv.index("-append") + 1].split()
+    assert set(FAST_BOOT) <= set(words) and words[-1] == "appliance.action=poweroff"

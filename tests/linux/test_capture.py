@@ -55,7 +55,7 @@ async def test_pcap_holds_arp_ping_and_tcp_in_order(tmp_path: Path) -> None:
                             "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
                             "echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6")
                 await g.run(f"ip addr add {GUEST}/24 dev eth0 && ip link set eth0 up")
-                assert "2 packets received" in await g.run(f"ping -c 2 -W 3 {HOST}", timeout=30)
+                assert "2 packets received" in await g.run(f"ping -c 2 -i 0.2 -W 3 {HOST}", timeout=30)
                 await g.run(f"head -c 102400 /dev/zero | nc {HOST} 5005", timeout=60)
                 n, _digest = (await asyncio.to_thread(sink.stdout.readline)).split()
                 assert int(n) == 102400

@@ -234,7 +234,7 @@ async def exercise(g: TcgGuest, nic: DaemonNic, web: tuple[int, str], fwd_port: 
     """Lease, ping, download, hostfwd stream in, upload: each checked."""
     out = await guest(g, nic, "udhcpc -i eth0 -n -q -t 5")
     assert "lease of 10.0.2.15 obtained" in out, out
-    assert " 0% packet loss" in await guest(g, nic, "ping -c 2 -W 5 10.0.2.2")
+    assert " 0% packet loss" in await guest(g, nic, "ping -c 2 -i 0.2 -W 5 10.0.2.2")
     http_port, want = web
     got = await guest(g, nic, f"wget -q -O - http://10.0.2.2:{http_port}/blob | sha256sum")
     assert got.split()[0] == want, "HTTP download through the NAT"

@@ -70,12 +70,12 @@ async def test_guest_ping_beyond_the_gateway_is_answered_by_the_host(ping_ns: st
             time.sleep(0.05)
         async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
             assert "10.0.2.15" in await g.run("udhcpc -i eth0 -n -q -t 5", timeout=60)
-            out = await g.run("ping -c 3 -W 5 192.0.2.1", timeout=60)
+            out = await g.run("ping -c 3 -i 0.2 -W 5 192.0.2.1", timeout=60)
             assert len(_rtt_lines(out)) == 3, out
             assert "3 packets received" in out
             # 3000 bytes of payload: the guest's fragments are reassembled, sent as one echo, and
             # the reply is fragmented back to the guest's MTU.
-            out = await g.run("ping -c 2 -W 5 -s 3000 192.0.2.1", timeout=60)
+            out = await g.run("ping -c 2 -i 0.2 -W 5 -s 3000 192.0.2.1", timeout=60)
             assert "2 packets received" in out, out
             assert all("3008 bytes from" in line for line in _rtt_lines(out)), out
             # No route in the namespace: the gateway says so (ICMP net unreachable), and the

@@ -66,7 +66,7 @@ async def test_linux_guest_pings_the_namespace_host(tmp_path: Path) -> None:
             ns_exec(ns, "ip", "addr", "add", "10.91.0.1/24", "dev", "vhnet0")
             async with TcgGuest(nic_args(sock, "52:54:00:12:34:56"), machine="q35") as g:
                 await g.run("ip link set eth0 up && ip addr add 10.91.0.2/24 dev eth0")
-                out = await g.run("ping -c 3 -W 2 10.91.0.1", timeout=30)
+                out = await g.run("ping -c 3 -i 0.2 -W 2 10.91.0.1", timeout=30)
                 assert "3 packets received" in out
                 await g.poweroff()
             assert dev.stats[0].tx_frames >= 3 and dev.stats[0].rx_frames >= 3
@@ -138,7 +138,7 @@ async def test_two_guests_on_one_bridge_move_100_mb_intact(tmp_path: Path) -> No
             async with TcgGuest(a_args, machine="q35") as a, TcgGuest(b_args, machine="q35") as b:
                 await a.run("ip link set eth0 up && ip addr add 10.93.0.1/24 dev eth0")
                 await b.run("ip link set eth0 up && ip addr add 10.93.0.2/24 dev eth0")
-                assert "0% packet loss" in await b.run("ping -c 2 -W 3 10.93.0.1", timeout=30)
+                assert "0% packet loss" in await b.run("ping -c 2 -i 0.2 -W 3 10.93.0.1", timeout=30)
                 await b.run("dd if=/dev/urandom of=/tmp/blob bs=1M count=100 2>/dev/null", timeout=120)
                 sent = (await b.run("sha256sum /tmp/blob", timeout=120)).split()[0]
                 await a.write("nc -l -p 5001 > /tmp/got; echo RECEIVED-DONE\n")
