@@ -39,6 +39,8 @@ AIO_MODES = ("threads", "native")
 DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 INTERFACES = ("virtio", "none")
 
+_MANDATORY = {"file": ("filename",), "raw": ("file",), "qcow2": ("file",)}
+
 # BlockdevDriver (qapi/block-core.json, QEMU 7.2 on Linux): a driver QEMU has and we do not is
 # refused as not supported, any other name in QAPI's words.
 QEMU_DRIVERS = frozenset((
@@ -358,7 +360,15 @@ class BlockdevConfig:
         check_text(option, text, BLOCKDEV)
         o = parse_option(option, text, implied="driver")
         driver = o.require("driver")
-        node = o.require("node-name")
+        node = o.get("node-name")
+        if node is None:
+            # QEMU's visitor finds a missing member of the driver's first; the root node's name
+            # is checked after (bdrv_open).
+            for key in _MANDATORY.get(driver, ()):
+                if key not in o and f"{key}.driver" not in o:
+                    raise ConfigError(f"{option}: Parameter '{key}' is missing")
+            raise ConfigError(f"{option}: 'node-name' must be specified for the root node")
+        o.take("node-name")
         _check_id(option, node)
         what = f"{option} node-name={node}"
         o.option = what

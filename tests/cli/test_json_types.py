@@ -371,6 +371,11 @@ KEYVAL_CASES = [
     ("-blockdev", f"driver=file,node-name=a,filename={F},cache.no-flush=2",
      "Parameter 'cache.no-flush' expects 'on' or 'off'"),
     ("-blockdev", "driver=file,node-name=a", "Parameter 'filename' is missing"),
+    # the root node's name is checked after the driver's own mandatory members
+    ("-blockdev", "driver=file", "Parameter 'filename' is missing"),
+    ("-blockdev", "driver=qcow2,read-only=on", "Parameter 'file' is missing"),
+    ("-blockdev", f"driver=file,filename={F}", "'node-name' must be specified for the root node"),
+    ("-blockdev", f'{{"driver":"file","filename":"{F}"}}', "'node-name' must be specified for the root node"),
 ]
 
 

@@ -49,7 +49,7 @@ def test_help_lists_blockdev_and_export(capsys: pytest.CaptureFixture[str]) -> N
         (["--nbd-server", "addr.type=unix"], "unrecognized option '--nbd-server"),
         (["--blockdev", "driver=file,node-name=f,filename=x,colour=blue"], "Invalid parameter 'colour'"),
         (["--blockdev", "driver=nbd,node-name=f"], "driver 'nbd'"),
-        (["--blockdev", "driver=file,filename=x"], "'node-name' is missing"),
+        (["--blockdev", "driver=file,filename=x"], "'node-name' must be specified for the root node"),
         (["--blockdev", "driver=file,node-name=f,filename=x,aio=native"], "aio=native"),
         (["--blockdev", "driver=file,node-name=f,filename=x,read-only=maybe"], "'on' or 'off', not 'maybe'"),
         (["--blockdev", "driver=raw,node-name=r,file=nothere"], "'nothere'"),
