@@ -37,7 +37,7 @@ class OptionDict(dict[str, str]):
         v = self.pop(key, None)
         if v is None:
             return default
-        return parse_bool(v, f"{self.option} {key}")
+        return parse_bool(v, self.option, key)
 
     def take_int(self, key: str, default: int | None = None, *, minimum: int | None = None) -> int | None:
         v = self.pop(key, None)
@@ -187,13 +187,14 @@ def is_identifier(ident: str) -> bool:
         c.isascii() and (c.isalnum() or c in "-._") for c in ident)
 
 
-def parse_bool(value: str, what: str) -> bool:
-    v = value.lower()
-    if v in _TRUE:
+def parse_bool(value: str, option: str, key: str) -> bool:
+    """A boolean as QEMU's option parsers read it (qapi_bool_parse: these words, in lower case
+    only), refused in their words with the bad value after them."""
+    if value in _TRUE:
         return True
-    if v in _FALSE:
+    if value in _FALSE:
         return False
-    raise ConfigError(f"{what}: '{value}' is not on or off")
+    raise ConfigError(f"{option}: Parameter '{key}' expects 'on' or 'off', not '{value}'")
 
 
 def parse_size(value: str, what: str, *, default_suffix: str = "") -> int:

@@ -328,6 +328,21 @@ def _tap_fds(what: str, ident: str, opts: OptionDict, fd: str | None,
                      queues=len(numbers), fds=tuple(numbers))
 
 
+# SocketAddressType (qapi/sockets.json).
+_SOCKET_TYPES = ("inet", "unix", "vsock", "fd")
+
+
+def _address_type(what: str, kind: str | None, prefix: str, supported: str) -> None:
+    """Refuse a SocketAddress ``type`` that is missing, not QAPI's (in its words, which name the
+    member without its path) or not one of ``supported``."""
+    if kind is None:
+        raise ConfigError(f"{what}: Parameter '{prefix}.type' is missing")
+    if kind not in _SOCKET_TYPES:
+        raise ConfigError(f"{what}: Parameter 'type' does not accept value '{kind}'")
+    if kind not in supported.split(" or "):
+        raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use {supported})")
+
+
 def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[str, int] | None:
     kind = opts.take(f"{prefix}.type")
     host = opts.take(f"{prefix}.host")
@@ -336,8 +351,7 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
         if required:
             raise ConfigError(f"{what}: Parameter '{prefix}.type' is missing")
         return None
-    if kind != "inet":
-        raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use inet)")
+    _address_type(what, kind, prefix, "inet")
     # InetSocketAddress's host and port are both mandatory (qapi/sockets.json); "" is any address.
     if host is None:
         raise ConfigError(f"{what}: Parameter '{prefix}.host' is missing")
@@ -398,7 +412,8 @@ def _socket(what: str, ident: str, opts: OptionDict) -> DgramNetdev | StreamNetd
     chosen = [k for k, v in (("udp", udp), ("mcast", mcast), ("listen", listen), ("connect", connect))
               if v is not None]
     if len(chosen) != 1:
-        raise ConfigError(f"{what}: exactly one of udp=, mcast=, listen=, connect= is needed")
+        opts.finish()  # an unknown key first, as QEMU's option parser refuses it
+        raise ConfigError(f"{what}: exactly one of listen=, connect=, mcast= or udp= is required")
     if mcast is not None:
         group = _hostport(what, "mcast", mcast)
         if not is_multicast(group[0]):
@@ -435,10 +450,11 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
             opts.take(key)
     elif kind == "unix":
         address = _unix_address(what, opts, "addr", opts.require("addr.path"))
-    elif kind is None:
-        raise ConfigError(f"{what}: Parameter 'addr.type' is missing")
+    elif kind is None and not any(key.startswith("addr.") for key in opts):
+        raise ConfigError(f"{what}: Parameter 'addr' is missing")
     else:
-        raise ConfigError(f"{what}: addr.type '{kind}' is not supported (use inet or unix)")
+        _address_type(what, kind, "addr", "inet or unix")
+        raise AssertionError(kind)  # inet and unix are read above
     return StreamNetdev(ident, address, listen=server, reconnect=float(reconnect or 1))
 
 

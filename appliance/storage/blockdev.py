@@ -250,8 +250,8 @@ def _drive_cache(o: OptionDict, option: str) -> str:
     base = {"none": (True, False), "writeback": (False, False), "unsafe": (False, True)}.get(mode)
     if base is None:
         raise ConfigError(f"{option}: cache={mode} cannot be combined with cache.direct/cache.no-flush")
-    d = base[0] if direct is None else parse_bool(direct, f"{option} cache.direct")
-    n = base[1] if no_flush is None else parse_bool(no_flush, f"{option} cache.no-flush")
+    d = base[0] if direct is None else parse_bool(direct, option, "cache.direct")
+    n = base[1] if no_flush is None else parse_bool(no_flush, option, "cache.no-flush")
     if d and n:
         raise ConfigError(f"{option}: cache.direct=on with cache.no-flush=on is not supported")
     return "none" if d else "unsafe" if n else "writeback"
@@ -288,24 +288,10 @@ def _locking(o: OptionDict, key: str) -> bool:
     value = o.take(key, "auto") or "auto"
     if value == "auto":
         return True
-    return parse_bool(value, f"{o.option} {key}")
+    return parse_bool(value, o.option, key)
 
 
 # --- -blockdev / --blockdev -------------------------------------------------------------
-
-# QEMU's keyval input visitor reads a boolean member from these words only (qapi_bool_parse).
-_QAPI_TRUE, _QAPI_FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
-
-
-def _member_bool(o: OptionDict, key: str, default: bool = False) -> bool:
-    """A boolean member of the key=value form, refused in the keyval visitor's words."""
-    value = o.take(key)
-    if value is None:
-        return default
-    if value in _QAPI_TRUE or value in _QAPI_FALSE:
-        return value in _QAPI_TRUE
-    raise ConfigError(f"{o.option}: Parameter '{key}' expects 'on' or 'off', not '{value}'")
-
 
 def _member_enum(o: OptionDict, key: str, values: tuple[str, ...], default: str) -> str:
     """An enum member (BlockdevAioOptions, BlockdevDiscardOptions, OnOffAuto, …): only its
@@ -374,13 +360,13 @@ class BlockdevConfig:
         o.option = what
         # The base members (BlockdevOptions), then the driver's.
         discard = _member_enum(o, "discard", ("ignore", "unmap"), "ignore")
-        cache_direct = _member_bool(o, "cache.direct")
-        no_flush = _member_bool(o, "cache.no-flush")
-        read_only = _member_bool(o, "read-only")
-        _member_bool(o, "auto-read-only")  # only steers QEMU's reopen logic
+        cache_direct = o.take_bool("cache.direct")
+        no_flush = o.take_bool("cache.no-flush")
+        read_only = o.take_bool("read-only")
+        o.take_bool("auto-read-only")  # only steers QEMU's reopen logic
         # Accepted at their defaults only: we never share an image that another user has locked,
         # nor detect zeroes.
-        if _member_bool(o, "force-share"):
+        if o.take_bool("force-share"):
             raise ConfigError(f"{what}: force-share=on is not supported")
         detect = _member_enum(o, "detect-zeroes", ("off", "on", "unmap"), "off")
         if detect != "off":
@@ -423,9 +409,9 @@ class BlockdevConfig:
             raise ConfigError(f"{what}: file.driver={inner} is not supported (file)")
         cfg = cls(
             driver, node, filename=Path(o.require("file.filename")),
-            read_only=read_only or _member_bool(o, "file.read-only", read_only),
-            cache_direct=_member_bool(o, "file.cache.direct", cache_direct),
-            no_flush=_member_bool(o, "file.cache.no-flush", no_flush),
+            read_only=read_only or o.take_bool("file.read-only", read_only),
+            cache_direct=o.take_bool("file.cache.direct", cache_direct),
+            no_flush=o.take_bool("file.cache.no-flush", no_flush),
             aio=_member_enum(o, "file.aio", AIO_MODES, "threads"),
             discard=_member_enum(o, "file.discard", ("ignore", "unmap"), discard),
             locking=_member_enum(o, "file.locking", ("on", "off", "auto"), "auto") != "off", option=option,

@@ -355,7 +355,7 @@ def test_the_storage_daemon_refuses_as_qemu_storage_daemon(option: str, text: st
             == theirs.stderr.splitlines()[0].removeprefix(f"qemu-storage-daemon: {option} {text}: "))
 
 
-# The key=value form's enum and boolean members, refused in the keyval visitor's words (ours
+# The key=value forms' enum and boolean members, refused in QEMU's words (ours
 # names the bad boolean too: ", not 'x'" after QEMU's line).
 KEYVAL_CASES = [
     ("-blockdev", f"driver=file,node-name=a,filename={F},aio=x", "Parameter 'aio' does not accept value 'x'"),
@@ -376,6 +376,14 @@ KEYVAL_CASES = [
     ("-blockdev", "driver=qcow2,read-only=on", "Parameter 'file' is missing"),
     ("-blockdev", f"driver=file,filename={F}", "'node-name' must be specified for the root node"),
     ("-blockdev", f'{{"driver":"file","filename":"{F}"}}', "'node-name' must be specified for the root node"),
+    # -netdev's key=value forms
+    ("-netdev", "tap,id=n,vhost=maybe", "Parameter 'vhost' expects 'on' or 'off'"),
+    ("-netdev", "socket,id=n", "exactly one of listen=, connect=, mcast= or udp= is required"),
+    ("-netdev", "socket,id=n,bogus=1", "Invalid parameter 'bogus'"),
+    ("-netdev", "stream,id=n", "Parameter 'addr' is missing"),
+    ("-netdev", "stream,id=n,addr.path=/x", "Parameter 'addr.type' is missing"),
+    ("-netdev", "stream,id=n,addr.type=bogus", "Parameter 'type' does not accept value 'bogus'"),
+    ("-netdev", "dgram,id=n,local.type=bogus", "Parameter 'type' does not accept value 'bogus'"),
 ]
 
 

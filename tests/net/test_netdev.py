@@ -95,7 +95,7 @@ def test_user_netdev_takes_slirp_options() -> None:
          "multicast only takes local.type=inet"),
         ("socket,id=s,mcast=10.0.0.1:5", "mcast '10.0.0.1:5' is not a multicast address"),
         ("dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port=99999", "invalid local.port '99999'"),
-        ("socket,id=s", "exactly one of udp=, mcast=, listen=, connect= is needed"),
+        ("socket,id=s", "exactly one of listen=, connect=, mcast= or udp= is required"),
         ("socket,id=s,udp=1.2.3.4:5", "udp= needs localaddr="),
         ("socket,id=s,connect=nohostport", "connect 'nohostport' is not HOST:PORT"),
         ("stream,id=x,addr.type=vsock", "addr.type 'vsock' is not supported"),
