@@ -1350,6 +1350,14 @@ async def cmd_rebase(argv: list[str]) -> int:
         raise ConfigError("Must specify backing file (-b) or use unsafe mode (-u)")
     new_name = a.backing or None
     if new_name and a.backing_fmt is None:
+        if not a.unsafe:
+            # A safe rebase opens the new backing file (named relative to the image) first.
+            target = os.path.join(os.path.dirname(a.filename), new_name)
+            try:
+                os.close(os.open(target, os.O_RDONLY))
+            except OSError as err:
+                raise Qcow2Error(f"Could not open new backing file '{new_name}': "
+                                 f"Could not open '{target}': {err.strerror}") from None
         raise Qcow2Error(f"Could not change the backing file to '{new_name}': "
                          "backing format must be specified")
     # qemu-img starts its progress here: a failure from now on still ends the line.

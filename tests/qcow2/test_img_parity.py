@@ -487,9 +487,15 @@ def test_snapshots_we_take_list_like_qemu_img_ones(tmp_path: Path) -> None:
     ["commit", "-b", "nonexist", "a.qcow2"],
     ["commit", "-r", "abc", "a.qcow2"],
     ["rebase", "-b", "nonexist", "-F", "qcow2", "a.qcow2"],
+    # a safe rebase opens the new backing file (relative to the image) before it asks for -F
+    ["rebase", "-b", "nonexist", "a.qcow2"],
+    ["rebase", "-b", "nonexist", "sub/a.qcow2"],
+    ["rebase", "-u", "-b", "nonexist", "sub/a.qcow2"],
 ])
 def test_commit_and_rebase_refusals_match_qemu_img(tmp_path: Path, args: list[str]) -> None:
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
+    (tmp_path / "sub").mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "sub" / "a.qcow2"), "1M")
     ours, theirs = img(*args, cwd=tmp_path), qimg(*args, cwd=tmp_path)
     assert ours.returncode in (1, 2) and theirs.returncode == 1
     assert " ".join(_words(ours.stderr).split()) == " ".join(_words(theirs.stderr).split())
