@@ -197,10 +197,14 @@ class DriveConfig:
         ident = o.take("id")
         if ident is not None:
             _check_id(option, ident)
+        if "readonly" in o:  # QEMU renames the legacy key before it reads it
+            if "read-only" in o:
+                raise ConfigError(f"{option}: 'read-only' and its alias 'readonly' can't be used at the same time")
+            o["read-only"] = o.pop("readonly")
         source = ImageSource(
             Path(file),
             fmt=o.take("format"),
-            read_only=o.take_bool("readonly", False) or o.take_bool("read-only", False),
+            read_only=o.take_bool("read-only", False),
             cache=_drive_cache(o, option),
             aio=o.take("aio", "threads") or "",
             discard=_discard(o, option),

@@ -376,6 +376,11 @@ KEYVAL_CASES = [
     ("-blockdev", "driver=qcow2,read-only=on", "Parameter 'file' is missing"),
     ("-blockdev", f"driver=file,filename={F}", "'node-name' must be specified for the root node"),
     ("-blockdev", f'{{"driver":"file","filename":"{F}"}}', "'node-name' must be specified for the root node"),
+    # -drive's legacy readonly is read as read-only, and not both
+    ("-drive", f"file={F},readonly=maybe", "Parameter 'read-only' expects 'on' or 'off'"),
+    ("-drive", f"file={F},readonly=on,read-only=on",
+     "'read-only' and its alias 'readonly' can't be used at the same time"),
+    ("-drive", f"file={F},snapshot=2", "Parameter 'snapshot' expects 'on' or 'off'"),
     # -netdev's key=value forms
     ("-netdev", "tap,id=n,vhost=maybe", "Parameter 'vhost' expects 'on' or 'off'"),
     ("-netdev", "socket,id=n", "exactly one of listen=, connect=, mcast= or udp= is required"),
