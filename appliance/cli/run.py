@@ -196,9 +196,12 @@ def _chardev(a: RunArgs, v: str) -> None:
     opts = parse_option("-chardev", v, implied="backend",
                         flags=("server", "wait", "signal", "mux", "append", "telnet", "nodelay"))
     backend = opts.require("backend")
-    cid = opts.require("id")
+    cid = opts.get("id")
+    if cid is None:
+        raise ConfigError("-chardev: chardev: no id specified")
+    opts.take("id")
     if cid in a.chardevs:
-        raise ConfigError(f"-chardev: duplicate id '{cid}'")
+        raise ConfigError(f"-chardev: Duplicate ID '{cid}' for chardev")
     if backend == "socket":
         opts.take_bool("nodelay")
         cfg = _socket_chardev(opts, cid, path=opts.take("path"), host=opts.take("host"), port=opts.take("port"))
@@ -207,7 +210,10 @@ def _chardev(a: RunArgs, v: str) -> None:
             "stdio", id=cid, signal=opts.take_bool("signal", True), mux=opts.take_bool("mux", False)
         )
     elif backend == "file":
-        cfg = ChardevConfig("file", id=cid, path=opts.require("path"), append=opts.take_bool("append"))
+        path = opts.take("path")
+        if path is None:
+            raise ConfigError("-chardev: chardev: file: no filename given")
+        cfg = ChardevConfig("file", id=cid, path=path, append=opts.take_bool("append"))
     elif backend == "null":
         cfg = ChardevConfig("null", id=cid)
     elif backend == "pty":
@@ -428,7 +434,8 @@ def _socket_chardev(opts: object, cid: str, *, path: str | None, host: str | Non
     if path is not None:
         return ChardevConfig("socket", id=cid, path=path, server=server, wait=wait, telnet=telnet)
     if port is None:
-        raise ConfigError(f"{opts.option}: socket needs 'path' or 'port'")
+        # QEMU's words for -chardev (a host without a port, or neither); ours name both.
+        raise ConfigError(f"{opts.option}: chardev: socket: no port given (needs 'path' or 'port')")
     try:
         port_n = int(port, 10)
     except ValueError:
@@ -545,6 +552,9 @@ def to_config(args: RunArgs) -> MachineConfig:
     for finish in FINALIZERS:
         finish(args)
     if args.kernel is None:
+        for given, name in ((args.append, "-append"), (args.initrd, "-initrd")):
+            if given:
+                raise ConfigError(f"{name} only allowed with -kernel option")
         raise ConfigError("-kernel is required (the appliance has no firmware to boot disks)")
     if len(args.serials) > 1:
         raise ConfigError("-serial: only one serial port (COM1) is supported")

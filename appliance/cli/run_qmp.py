@@ -98,12 +98,14 @@ def _qmp_pretty(a: RunArgs, v: str) -> None:
         "(mode=control, also on -chardev stdio)")
 def _mon(a: RunArgs, v: str) -> None:
     opts = parse_option("-mon", v, implied="chardev", flags=("pretty",))
-    opts.require("chardev")
+    chardev = opts.take("chardev")
     mode = opts.take("mode", "readline")
     opts.take_bool("pretty")
     opts.finish()
     if mode not in ("control", "readline"):
-        raise ConfigError(f"-mon: mode '{mode}' is not readline or control")
+        raise ConfigError(f"-mon: Parameter 'mode' does not accept value '{mode}'")
+    if chardev is None:
+        raise ConfigError("-mon: Parameter 'chardev' is missing")
     a.extra.setdefault("-mon", []).append(v)
 
 

@@ -381,6 +381,11 @@ KEYVAL_CASES = [
     ("-drive", f"file={F},readonly=on,read-only=on",
      "'read-only' and its alias 'readonly' can't be used at the same time"),
     ("-drive", f"file={F},snapshot=2", "Parameter 'snapshot' expects 'on' or 'off'"),
+    # -chardev and -mon
+    ("-chardev", "null", "chardev: no id specified"),
+    ("-chardev", "file,id=c", "chardev: file: no filename given"),
+    ("-mon", "bogus=1", "Invalid parameter 'bogus'"),
+    ("-mon", "mode=bogus", "Parameter 'mode' does not accept value 'bogus'"),
     # -netdev's key=value forms
     ("-netdev", "tap,id=n,vhost=maybe", "Parameter 'vhost' expects 'on' or 'off'"),
     ("-netdev", "socket,id=n", "exactly one of listen=, connect=, mcast= or udp= is required"),
