@@ -135,6 +135,10 @@ def _mem(a: RunArgs, v: str) -> None:
 @option("-smp", "[cpus=]n[,cores=,threads=,sockets=,maxcpus=]", "number of vCPUs and their topology")
 def _smp(a: RunArgs, v: str) -> None:
     opts = parse_option("-smp", v, implied="cpus")
+    for key in opts:
+        if key not in ("cpus", "maxcpus", "sockets", "dies", "clusters", "cores", "threads"):
+            # SMPConfiguration's members (qapi/machine.json): QEMU's visitor words.
+            raise ConfigError(f"-smp: Parameter 'smp.{key}' is unexpected")
     cpus = opts.take_int("cpus", minimum=1)
     maxcpus = opts.take_int("maxcpus", minimum=1)
     sockets, dies, clusters, cores, threads = (
