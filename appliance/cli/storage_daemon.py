@@ -101,11 +101,17 @@ class ExportConfig:
     def parse(cls, text: str) -> ExportConfig:
         o = parse_option("--export", text, implied="type")
         kind = o.require("type")
+        if kind not in ("nbd", "vhost-user-blk", "fuse", "vduse-blk"):  # BlockExportType, QEMU 7.2
+            raise ConfigError(f"--export: Parameter 'type' does not accept value '{kind}'")
         if kind != "vhost-user-blk":
             raise ConfigError(f"--export: type '{kind}' is not supported (vhost-user-blk)")
         ident = o.require("id")
         node = o.require("node-name")
+        if not any(key.startswith("addr.") for key in o):
+            raise ConfigError("--export: Parameter 'addr' is missing")
         addr_type = o.require("addr.type")
+        if addr_type not in ("inet", "unix", "vsock", "fd"):  # SocketAddressType
+            raise ConfigError(f"--export: Parameter 'type' does not accept value '{addr_type}'")
         if addr_type != "unix":
             raise ConfigError(f"--export: addr.type={addr_type} is not supported (unix)")
         path = o.require("addr.path")

@@ -344,6 +344,10 @@ def test_the_checker_takes_what_matches_and_leaves_unknown_members() -> None:
     ("--blockdev", f'{{{_FILE},"cache":{{"direct":"on"}}}}'),
     ("--blockdev", '{"driver":"qcow2","node-name":"a","file":{"driver":"file","filename":"x","locking":false}}'),
     ("--object", '{"qom-type":"iothread","id":"i","poll-max-ns":"5"}'),
+    ("--export", "type=bogus,id=e,node-name=a"),
+    ("--export", "type=vhost-user-blk,id=e,node-name=a"),
+    ("--export", "type=vhost-user-blk,id=e,node-name=a,addr.type=bogus"),
+    ("--export", "type=vhost-user-blk,id=e,node-name=a,addr.path=/x"),
 ])
 def test_the_storage_daemon_refuses_as_qemu_storage_daemon(option: str, text: str) -> None:
     import sys
