@@ -145,6 +145,11 @@ The guest's idle time per connection was 1.33 against 0.74 ms. Part of a pass's 
 queueing behind the other host processes on the CPU the TCG vCPU leaves free; the 100 us EEVDF slice
 above, which lets a woken daemon preempt sooner, changed nothing beyond noise over 20 rounds.
 
+The kit's faster boot (2026-11-28, second session: PVH entry, no crypto self-tests, no mitigation
+patching; appliance/kit/tcg.py) left the stacks' rows where they were: two tables that day read
+1.02 and 0.98 on connections (means 1.004 ± 0.021 and 1.000 ± 0.030) and 0.99 and 1.05 through
+hostfwd. passt's host→guest row rose from 0.234 to 0.28-0.31 Gbit/s (not looked into).
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
