@@ -200,10 +200,9 @@ def _chardev(a: RunArgs, v: str) -> None:
     opts = parse_option("-chardev", v, implied="backend",
                         flags=("server", "wait", "signal", "mux", "append", "telnet", "nodelay"))
     backend = opts.require("backend")
-    cid = opts.get("id")
+    cid = opts.take("id")
     if cid is None:
         raise ConfigError("-chardev: chardev: no id specified")
-    opts.take("id")
     if cid in a.chardevs:
         raise ConfigError(f"-chardev: Duplicate ID '{cid}' for chardev")
     if backend == "socket":

@@ -99,6 +99,8 @@ class ExportConfig:
 
     @classmethod
     def parse(cls, text: str) -> ExportConfig:
+        from appliance.net.netdev import SOCKET_TYPES
+
         o = parse_option("--export", text, implied="type")
         kind = o.require("type")
         if kind not in ("nbd", "vhost-user-blk", "fuse", "vduse-blk"):  # BlockExportType, QEMU 7.2
@@ -110,7 +112,7 @@ class ExportConfig:
         if not any(key.startswith("addr.") for key in o):
             raise ConfigError("--export: Parameter 'addr' is missing")
         addr_type = o.require("addr.type")
-        if addr_type not in ("inet", "unix", "vsock", "fd"):  # SocketAddressType
+        if addr_type not in SOCKET_TYPES:
             raise ConfigError(f"--export: Parameter 'type' does not accept value '{addr_type}'")
         if addr_type != "unix":
             raise ConfigError(f"--export: addr.type={addr_type} is not supported (unix)")

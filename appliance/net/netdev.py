@@ -329,18 +329,18 @@ def _tap_fds(what: str, ident: str, opts: OptionDict, fd: str | None,
 
 
 # SocketAddressType (qapi/sockets.json).
-_SOCKET_TYPES = ("inet", "unix", "vsock", "fd")
+SOCKET_TYPES = tuple(_SOCKET_ADDRESS.branches)
 
 
-def _address_type(what: str, kind: str | None, prefix: str, supported: str) -> None:
+def _address_type(what: str, kind: str | None, prefix: str, supported: tuple[str, ...]) -> None:
     """Refuse a SocketAddress ``type`` that is missing, not QAPI's (in its words, which name the
     member without its path) or not one of ``supported``."""
     if kind is None:
         raise ConfigError(f"{what}: Parameter '{prefix}.type' is missing")
-    if kind not in _SOCKET_TYPES:
+    if kind not in SOCKET_TYPES:
         raise ConfigError(f"{what}: Parameter 'type' does not accept value '{kind}'")
-    if kind not in supported.split(" or "):
-        raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use {supported})")
+    if kind not in supported:
+        raise ConfigError(f"{what}: {prefix}.type '{kind}' is not supported (use {' or '.join(supported)})")
 
 
 def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[str, int] | None:
@@ -351,7 +351,7 @@ def _inet(what: str, opts: OptionDict, prefix: str, *, required: bool) -> tuple[
         if required:
             raise ConfigError(f"{what}: Parameter '{prefix}.type' is missing")
         return None
-    _address_type(what, kind, prefix, "inet")
+    _address_type(what, kind, prefix, ("inet",))
     # InetSocketAddress's host and port are both mandatory (qapi/sockets.json); "" is any address.
     if host is None:
         raise ConfigError(f"{what}: Parameter '{prefix}.host' is missing")
@@ -453,7 +453,7 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
     elif kind is None and not any(key.startswith("addr.") for key in opts):
         raise ConfigError(f"{what}: Parameter 'addr' is missing")
     else:
-        _address_type(what, kind, "addr", "inet or unix")
+        _address_type(what, kind, "addr", ("inet", "unix"))
         raise AssertionError(kind)  # inet and unix are read above
     return StreamNetdev(ident, address, listen=server, reconnect=float(reconnect or 1))
 

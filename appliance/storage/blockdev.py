@@ -39,8 +39,6 @@ AIO_MODES = ("threads", "native")
 DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
 INTERFACES = ("virtio", "none")
 
-_MANDATORY = {"file": ("filename",), "raw": ("file",), "qcow2": ("file",)}
-
 # BlockdevDriver (qapi/block-core.json, QEMU 7.2 on Linux): a driver QEMU has and we do not is
 # refused as not supported, any other name in QAPI's words.
 QEMU_DRIVERS = frozenset((
@@ -297,6 +295,11 @@ def _locking(o: OptionDict, key: str) -> bool:
 
 # --- -blockdev / --blockdev -------------------------------------------------------------
 
+# QAPI enums of -blockdev members: BlockdevDiscardOptions, OnOffAuto (file's locking).
+_DISCARD = ("ignore", "unmap")
+_ON_OFF_AUTO = ("on", "off", "auto")
+
+
 def _member_enum(o: OptionDict, key: str, values: tuple[str, ...], default: str) -> str:
     """An enum member (BlockdevAioOptions, BlockdevDiscardOptions, OnOffAuto, …): only its
     names, as QAPI takes them, refused in the visitor's words."""
@@ -306,7 +309,6 @@ def _member_enum(o: OptionDict, key: str, values: tuple[str, ...], default: str)
     if value not in values:
         raise ConfigError(f"{o.option}: Parameter '{key}' does not accept value '{value}'")
     return value
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,20 +352,19 @@ class BlockdevConfig:
         check_text(option, text, BLOCKDEV)
         o = parse_option(option, text, implied="driver")
         driver = o.require("driver")
-        node = o.get("node-name")
+        node = o.take("node-name")
         if node is None:
-            # QEMU's visitor finds a missing member of the driver's first; the root node's name
-            # is checked after (bdrv_open).
-            for key in _MANDATORY.get(driver, ()):
-                if key not in o and f"{key}.driver" not in o:
+            # QEMU's visitor finds a missing member of the driver's first (the table's Required
+            # ones); the root node's name is checked after (bdrv_open).
+            for key, kind in BLOCKDEV.branches.get(driver, {}).items():
+                if isinstance(kind, Required) and key not in o and f"{key}.driver" not in o:
                     raise ConfigError(f"{option}: Parameter '{key}' is missing")
             raise ConfigError(f"{option}: 'node-name' must be specified for the root node")
-        o.take("node-name")
         _check_id(option, node)
         what = f"{option} node-name={node}"
         o.option = what
         # The base members (BlockdevOptions), then the driver's.
-        discard = _member_enum(o, "discard", ("ignore", "unmap"), "ignore")
+        discard = _member_enum(o, "discard", _DISCARD, "ignore")
         cache_direct = o.take_bool("cache.direct")
         no_flush = o.take_bool("cache.no-flush")
         read_only = o.take_bool("read-only")
@@ -380,7 +381,7 @@ class BlockdevConfig:
             cfg = cls(
                 driver, node, filename=Path(filename), read_only=read_only, cache_direct=cache_direct,
                 no_flush=no_flush, aio=_member_enum(o, "aio", AIO_MODES, "threads"), discard=discard,
-                locking=_member_enum(o, "locking", ("on", "off", "auto"), "auto") != "off", option=option,
+                locking=_member_enum(o, "locking", _ON_OFF_AUTO, "auto") != "off", option=option,
             )
             o.finish()
             cfg._check_aio(what)
@@ -417,8 +418,8 @@ class BlockdevConfig:
             cache_direct=o.take_bool("file.cache.direct", cache_direct),
             no_flush=o.take_bool("file.cache.no-flush", no_flush),
             aio=_member_enum(o, "file.aio", AIO_MODES, "threads"),
-            discard=_member_enum(o, "file.discard", ("ignore", "unmap"), discard),
-            locking=_member_enum(o, "file.locking", ("on", "off", "auto"), "auto") != "off", option=option,
+            discard=_member_enum(o, "file.discard", _DISCARD, discard),
+            locking=_member_enum(o, "file.locking", _ON_OFF_AUTO, "auto") != "off", option=option,
         )
         o.finish()
         cfg._check_aio(what)
