@@ -150,6 +150,39 @@ patching; appliance/kit/tcg.py) left the stacks' rows where they were: two table
 1.02 and 0.98 on connections (means 1.004 ± 0.021 and 1.000 ± 0.030) and 0.99 and 1.05 through
 hostfwd. passt's host→guest row rose from 0.234 to 0.28-0.31 Gbit/s (not looked into).
 
+Where the daemon's CPU goes per loop callback (2026-11-28, third session; 300 busybox ``nc``
+connections, a slow phase of the machine at ~56 connections/s, each callback of the event loop
+timed with ``time.thread_time`` by a ``sitecustomize`` wrapper instead of cProfile, which
+inflates the small calls). A connection cost 1.83 ms of loop CPU:
+- 2.6 kick passes of ~370 us each; the SYN's ``TcpNat.no_conn`` took 345 us, of which
+  ``_start_connect`` (the loopback ``connect()``) took 236 us;
+- 5.9 ``epoll`` waits of ~42 us each (the selector's Python included);
+- the deferred passes that the guest does not wait on: ``_after_syn_ack`` 188 us, the
+  ``_tx_quiet_due`` look at the transmit ring 196 us, and the host socket's ``close()`` 39 us.
+
+``perf record`` (cpu-clock) put 74% of the daemon's CPU in libpython and 20% in the kernel. The
+same day ``bench/tools/conn_passes.py`` read 1537 us cold and 751-868 us warm for its four passes,
+against 851-907 and 438-449 us the day before. An older tree (79c8ac7) read the same as this
+one side by side, so the machine, not the code, had slowed.
+
+Scheduler settings for our daemon alone were also tried, on one guest, in alternating
+60-connection chunks, 6 of each. Against the default:
+- SCHED_FIFO read 0.92;
+- pinned to CPU 0, 1.02;
+- nice -10, 0.96.
+
+Nothing beat the default beyond the chunks' ±15%. FIFO was slower because the daemon then holds
+the CPU that QEMU's main thread and the host's server also need, and both of them are on the
+guest's critical path.
+
+ftrace on this host does not record a CPU's switch from idle to the task it has just woken: the
+sched_switch events from swapper are missing on one CPU, and perf's sched tracepoints lose the
+same ones. So a wake-up's latency cannot be read from a trace here. The day's table (6 rounds)
+read 1.00 (1.005 ± 0.015) on connections and 1.01 (1.023 ± 0.032) through hostfwd, and 1.37x
+and 1.44x on throughput. The guest idled 1.19 ms a connection against 0.68 ms. Its vCPU used
+15.06 ms against 15.56 ms: fewer interrupts make up for the longer idle, as in the earlier
+tables.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
