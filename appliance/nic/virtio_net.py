@@ -537,6 +537,11 @@ class VirtioNet(VirtioDevice):
 
     # -- lifecycle ----------------------------------------------------------
 
+    def discards_when_disabled(self, index: int) -> bool:
+        # The transmit queues (odd, below the control queue; §5.1.2): what a guest sent on a pair
+        # its front end has turned off is dropped, not held until the pair comes back.
+        return index & 1 == 1 and index < 2 * self.pairs
+
     def activate(
         self, mem: GuestMemory, queues: Sequence[Virtqueue], interrupts: Sequence[Interrupt]
     ) -> None:

@@ -113,6 +113,13 @@ class VirtioDevice(abc.ABC):
         """Whether requests are in flight, which :meth:`quiesce` would wait for."""
         return False
 
+    def discards_when_disabled(self, index: int) -> bool:
+        """Whether queue ``index``, while its front end has it disabled, is emptied into the used
+        ring without being acted on (vhost-user.rst "Ring states": a started but disabled ring is
+        processed without side effects, which a network device does by discarding what the
+        guest transmits). Other queues are left alone until enabled."""
+        return False
+
     def reset(self) -> None:
         """Drop all queue state; the transport calls this on a status write of 0.
 

@@ -200,7 +200,8 @@ def rings(nic: DaemonNic) -> str:
     server = nic.server
     out = [f"\nvhost-user connections={server.connections} connected={server._conn is not None}"]
     for r in server.backend.rings:
-        out.append(f"ring {r.index}: started={r.started} enabled={r.enabled} kicks={r.kicks} interrupts={r.interrupts}")
+        out.append(f"ring {r.index}: started={r.started} enabled={r.enabled} kicks={r.kicks}"
+                   f" interrupts={r.interrupts} discarded={r.discarded}")
     dev = nic.device
     for i, q in enumerate(dev._queues if dev is not None else []):
         out.append(f"queue {i}: avail={q.avail_idx()} next_avail={q.last_avail_idx} used={q.used_idx} "

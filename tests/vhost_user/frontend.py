@@ -115,7 +115,9 @@ class FrontEnd:
         assert await self.acked(p.Request.SET_MEM_TABLE, p.mem_table([self.region]), [self.memfd]) == 0
         return feats
 
-    async def start_ring(self, index: int, size: int = 64, base: int = 0, *, event_idx: bool = False) -> DriverQueue:
+    async def start_ring(
+        self, index: int, size: int = 64, base: int = 0, *, event_idx: bool = False, enable: bool = True
+    ) -> DriverQueue:
         ring_base = self.alloc(DriverQueue.ring_bytes(size), 4096)
         q = DriverQueue.at(self.mem, ring_base, size, event_idx=event_idx)
         if base:
@@ -131,7 +133,8 @@ class FrontEnd:
         kick = os.eventfd(0, os.EFD_NONBLOCK)
         assert await self.acked(p.Request.SET_VRING_CALL, p.u64(index), [call]) == 0
         assert await self.acked(p.Request.SET_VRING_KICK, p.u64(index), [kick]) == 0
-        assert await self.acked(p.Request.SET_VRING_ENABLE, p.vring_state(index, 1)) == 0
+        if enable:
+            assert await self.acked(p.Request.SET_VRING_ENABLE, p.vring_state(index, 1)) == 0
         self.queues[index], self.kicks[index], self.calls[index] = q, kick, call
         return q
 

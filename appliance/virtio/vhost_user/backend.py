@@ -12,10 +12,13 @@ Ring life cycle (vhost-user.rst "Ring states"): a ring starts when its kick fd
 arrives and stops on GET_VRING_BASE, which answers with the next avail index to
 process. The device is handed the leading run of rings that are started *and*
 enabled (SET_VRING_ENABLE, or all of them when protocol features were not
-negotiated). The spec would have a started but disabled ring processed
-"without side effects"; not processing it at all is the same for a guest,
-which only uses the rings its front end enabled (virtio-net's extra queue
-pairs stay disabled until the driver asks for them).
+negotiated). A started but disabled ring is to be processed "without side
+effects". A ring its front end switches off while it runs, of a kind the device
+names (virtio-net's transmit rings, see :meth:`VirtioDevice.discards_when_disabled`),
+has every buffer taken and given back unread: frames a guest queued on a queue
+pair that was turned off (``ethtool -L`` to fewer pairs) are dropped, not sent
+when the pair comes back. Any other disabled ring, and a ring not yet enabled
+since it started, waits for its SET_VRING_ENABLE.
 
 With INFLIGHT_SHMFD (block devices) each ring is a
 :class:`~appliance.virtio.vhost_user.inflight.TrackedQueue`, which records
@@ -68,6 +71,8 @@ PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 64
 
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 §2.7: split ring sizes are powers of two up to 32768.
+# Buffers a disabled ring gives back per pop (_discard), as the device takes them per pass.
+_DISCARD_BATCH = 64
 
 
 def _close(fd: int) -> None:
@@ -93,6 +98,9 @@ class RingState:
     started: bool = False
     kicks: int = 0
     interrupts: int = 0
+    discarded: int = 0  # buffers given back unread while the ring was disabled
+    # Disabled by SET_VRING_ENABLE while it ran enabled (see _set_vring_enable).
+    switched_off: bool = False
 
     def close_fds(self, *, keep_err: bool = False) -> None:
         for name in ("kick", "call") if keep_err else ("kick", "call", "err"):
@@ -257,6 +265,8 @@ class VhostUserBackend:
         self._c = _Connection(rings=[RingState(i) for i in range(self.num_queues)])
         self._active: tuple[int, ...] = ()
         self._queues: list[Virtqueue] = []
+        # Started but disabled rings that are emptied without being acted on, by ring index.
+        self._discarding: dict[int, Virtqueue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.errors = 0
         device.on_needs_reset = self._signal_error
@@ -578,6 +588,11 @@ class VhostUserBackend:
         ring = self._ring(value.index)
         if value.num > 1:
             raise ProtocolError(f"SET_VRING_ENABLE value {value.num} is not 0 or 1")
+        # Only a ring switched off while it ran is emptied (_discards). A ring also starts
+        # disabled, until its front end enables it after SET_VRING_KICK (Cloud Hypervisor, our
+        # tests; QEMU restores the enable state first): what the guest queued in that moment, a
+        # first DHCP DISCOVER, is sent once the ring is enabled, not dropped.
+        ring.switched_off = ring.enabled and not value.num and ring.started
         ring.enabled = bool(value.num)
         await self._reconcile()
 
@@ -631,6 +646,64 @@ class VhostUserBackend:
             except Exception:  # the device must not take the loop down
                 log.exception("device failed handling a notify on queue %d", ring.index)
                 self.device.fail("notify handler raised")
+        elif ring.index in self._discarding:
+            self._discard(ring)
+
+    def _discard(self, ring: RingState) -> None:
+        """Give back every buffer of a disabled ring unread, and interrupt if the driver asks."""
+        q = self._discarding[ring.index]
+        try:
+            while True:
+                batch = q.pop_buffers(_DISCARD_BATCH, False)
+                if batch:
+                    q.push_used_heads([head for head, _views, _n in batch])
+                    ring.discarded += len(batch)
+                    if len(batch) == _DISCARD_BATCH:
+                        continue
+                if not q.enable_notification():
+                    break
+        except QueueError as err:
+            # Guest-controlled: a broken ring is left alone, as the device leaves its own.
+            log.warning("disabled ring %d broken, no longer emptied: %s", ring.index, err)
+            self._stop_discarding(ring.index)
+            return
+        if q.needs_notification():
+            CallInterrupt(ring).notify()
+
+    def _discards(self, ring: RingState) -> bool:
+        return (
+            self._c.mem is not None
+            and self._c.features_set
+            and ring.started
+            and ring.switched_off
+            and ring.addr is not None
+            and ring.num > 0
+            and self._inflight is None
+            and self.device.discards_when_disabled(ring.index)
+        )
+
+    def _sync_discarding(self) -> None:
+        """Empty the disabled rings that :meth:`_discards` names, and only those."""
+        for i in [i for i in self._discarding if not self._discards(self._c.rings[i])]:
+            self._stop_discarding(i)
+        mem = self._c.mem
+        for ring in self._c.rings:
+            if ring.index in self._discarding or not self._discards(ring):
+                continue
+            assert mem is not None
+            try:
+                self._discarding[ring.index] = self._build_queue(mem, ring)
+            except (GuestMemoryError, QueueError) as err:
+                log.warning("disabled ring %d is not in guest memory: %s", ring.index, err)
+                continue
+            self._discard(ring)  # what the driver queued before it was disabled
+
+    def _stop_discarding(self, index: int) -> None:
+        q = self._discarding.pop(index, None)
+        if q is not None:
+            # Where the device (or GET_VRING_BASE) takes over from.
+            self._c.rings[index].base = int(q.last_avail_idx) & 0xFFFF
+            q.close()
 
     def _unwatch(self, ring: RingState) -> None:
         if ring.kick >= 0 and self._loop is not None:
@@ -643,8 +716,9 @@ class VhostUserBackend:
         # The error fd outlives a stop: QEMU sends SET_VRING_ERR once, when it sets the
         # ring up (vhost_virtqueue_init), and then stops and restarts it at every reboot.
         self._unwatch(ring)
+        self._stop_discarding(ring.index)
         ring.close_fds(keep_err=keep_err)
-        ring.started = False
+        ring.started = ring.switched_off = False
 
     def _wanted(self) -> tuple[int, ...]:
         """The contiguous run of started, enabled, fully described rings from ring 0."""
@@ -659,6 +733,8 @@ class VhostUserBackend:
 
     async def _deactivate(self) -> None:
         """Quiesce the device and save each live ring's next avail index."""
+        for i in list(self._discarding):
+            self._stop_discarding(i)  # their views go before the memory they point into
         if not self._active:
             return
         # Kicks that arrive while we wait are not passed on, so the avail
@@ -675,8 +751,13 @@ class VhostUserBackend:
 
     async def _reconcile(self) -> None:
         wanted = self._wanted()
-        if wanted == self._active:
-            return
+        if wanted != self._active:
+            await self._activate(wanted)
+        self._sync_discarding()
+
+    async def _activate(self, wanted: tuple[int, ...]) -> None:
+        # _deactivate also stops emptying the disabled rings, saving where each got to: a ring
+        # enabled since continues from there (its base).
         await self._deactivate()
         if not wanted:
             return
