@@ -20,6 +20,7 @@ from appliance.virtio.vhost_user import VhostUserBackend, VhostUserServer
 from appliance.virtio.vhost_user import protocol as p
 from tests.net.test_net_daemon_qmp import daemon
 from tests.vhost_user.frontend import FrontEnd
+from tests.vhost_user.test_server import _until
 
 
 async def _queue_num(path: str) -> int:
@@ -130,6 +131,14 @@ def _send_arp(fe: FrontEnd, ring: int) -> int:
     return head
 
 
+async def _both_pairs_running(path: str) -> FrontEnd:
+    fe = await FrontEnd.connect(path)
+    await fe.negotiate()
+    for i in range(4):
+        await fe.start_ring(i)
+    return fe
+
+
 async def _settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0.01)
@@ -143,11 +152,8 @@ async def test_a_pair_switched_off_has_its_transmits_discarded_not_sent_later(
     pairs (ethtool -L) gets back the frames it queued on the pair QEMU switched off, and they are
     not sent when the pair comes back."""
     path, stacks = two_pairs
-    fe = await FrontEnd.connect(path)
+    fe = await _both_pairs_running(path)
     try:
-        await fe.negotiate()
-        for i in range(4):
-            await fe.start_ring(i)
         for i in (2, 3):
             assert await fe.acked(p.Request.SET_VRING_ENABLE, p.vring_state(i, 0)) == 0
         before = stacks[1].stats.rx_frames
@@ -161,10 +167,7 @@ async def test_a_pair_switched_off_has_its_transmits_discarded_not_sent_later(
         await _settle()
         assert stacks[1].stats.rx_frames == before  # the discarded frame is not replayed
         head = _send_arp(fe, 3)
-        for _ in range(200):
-            if stacks[1].stats.rx_frames > before:
-                break
-            await asyncio.sleep(0.005)
+        await _until(lambda: stacks[1].stats.rx_frames > before)
         assert stacks[1].stats.rx_frames == before + 1
         assert [h for h, _ in fe.queues[3].used()] == [head]
         # Switched off again and stopped: GET_VRING_BASE counts the discarded buffer too.
@@ -195,10 +198,7 @@ async def test_a_ring_not_yet_enabled_keeps_what_the_guest_queued(
         assert fe.queues[1].pending() == 0
         assert stacks[0].stats.rx_frames == before
         assert await fe.acked(p.Request.SET_VRING_ENABLE, p.vring_state(1, 1)) == 0
-        for _ in range(200):
-            if fe.queues[1].pending():
-                break
-            await asyncio.sleep(0.005)
+        await _until(lambda: fe.queues[1].pending() > 0)
         assert fe.queues[1].used() == [(head, 0)]
         assert stacks[0].stats.rx_frames == before + 1
     finally:
@@ -209,11 +209,8 @@ async def test_a_broken_switched_off_ring_is_left_alone(two_pairs: tuple[str, li
     """Guest-controlled: an avail index further ahead than the ring is long, on a ring being
     emptied while disabled, stops the emptying (logged); the pairs still enabled go on."""
     path, stacks = two_pairs
-    fe = await FrontEnd.connect(path)
+    fe = await _both_pairs_running(path)
     try:
-        await fe.negotiate()
-        for i in range(4):
-            await fe.start_ring(i)
         assert await fe.acked(p.Request.SET_VRING_ENABLE, p.vring_state(3, 0)) == 0
         fe.queues[3].set_avail_idx(1000)  # 1000 entries pending in a ring of 64
         fe.kick(3)
@@ -221,10 +218,7 @@ async def test_a_broken_switched_off_ring_is_left_alone(two_pairs: tuple[str, li
         assert fe.queues[3].pending() == 0
         before = stacks[0].stats.rx_frames
         head = _send_arp(fe, 1)
-        for _ in range(200):
-            if fe.queues[1].pending():
-                break
-            await asyncio.sleep(0.005)
+        await _until(lambda: fe.queues[1].pending() > 0)
         assert fe.queues[1].used() == [(head, 0)]
         assert stacks[0].stats.rx_frames == before + 1
         assert await fe.get_vring_base(3) == 0  # nothing was taken from it
