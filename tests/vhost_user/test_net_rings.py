@@ -1,5 +1,6 @@
 """virtio-net over vhost-user as front ends other than our tests' drive it: GET_QUEUE_NUM in
-queue pairs for a multiqueue export, and completions signalled across a ring rebuild."""
+queue pairs for a multiqueue export, completions signalled across a ring rebuild, and a queue
+pair switched off while it runs (its transmits given back unread)."""
 
 from __future__ import annotations
 
