@@ -181,7 +181,9 @@ same ones. So a wake-up's latency cannot be read from a trace here. The day's ta
 read 1.00 (1.005 ± 0.015) on connections and 1.01 (1.023 ± 0.032) through hostfwd, and 1.37x
 and 1.44x on throughput. The guest idled 1.19 ms a connection against 0.68 ms. Its vCPU used
 15.06 ms against 15.56 ms: fewer interrupts make up for the longer idle, as in the earlier
-tables.
+tables. A second table that day, after the vhost-user change for switched-off rings (which this
+benchmark's QEMU never makes), read 1.00 (1.004 ± 0.024) and 0.95 (0.973 ± 0.036); throughput
+1.50x and 1.77x.
 
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.

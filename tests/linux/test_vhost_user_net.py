@@ -30,15 +30,19 @@ pytestmark = [needs_root, needs_qemu]
 
 @contextlib.asynccontextmanager
 async def daemon(
-    ns: str, sock: Path, ifname: str, queues: int = 1, netdev: NetdevConfig | None = None
+    ns: str, sock: Path, ifname: str, queues: int = 1, netdev: NetdevConfig | None = None,
+    servers: list[VhostUserServer] | None = None,
 ) -> AsyncIterator[VirtioNet]:
-    """Our net-daemon, in this process: a vhost-user-net export of a tap made inside ``ns``."""
+    """Our net-daemon, in this process: a vhost-user-net export of a tap made inside ``ns``
+    (its server appended to ``servers``, for a test that looks at the rings)."""
     cfg = netdev or TapNetdev("n0", ifname=ifname, queues=queues)
     with inside(ns):
         backends, tap = await open_netdev(cfg, queues=queues)
     dev = VirtioNet(backends, bytes.fromhex("525400123456"), control_queue=False)
     server = VhostUserServer(sock, VhostUserBackend(dev))
     await server.start()
+    if servers is not None:
+        servers.append(server)
     try:
         yield dev
     finally:
@@ -94,10 +98,13 @@ async def test_two_queue_pairs_both_carry_traffic(tmp_path: Path) -> None:
 async def test_guest_ethtool_channels_moves_all_traffic_to_the_remaining_pair(tmp_path: Path) -> None:
     """``ethtool -L eth0 combined 1`` in the guest: QEMU's control queue turns it into
     SET_VRING_ENABLE 0 for pair 1; frames the tap would have steered to that pair's queue
-    must reach the guest through pair 0 instead of being stranded (virtio 1.2 §5.1.6.5.5)."""
+    must reach the guest through pair 0 instead of being stranded (virtio 1.2 §5.1.6.5.5). Pair
+    1's transmit ring, switched off while it ran, is from then on emptied unread (vhost-user.rst
+    "Ring states")."""
     sock = tmp_path / "ch.sock"
+    servers: list[VhostUserServer] = []
     with namespace() as ns:
-        async with daemon(ns, sock, "vhch0", queues=2) as dev:
+        async with daemon(ns, sock, "vhch0", queues=2, servers=servers) as dev:
             ns_exec(ns, "ip", "addr", "add", "10.94.0.1/24", "dev", "vhch0")
             async with TcgGuest(nic_args(sock, "52:54:00:12:34:5a", queues=2), machine="q35", smp=2) as g:
                 await g.run("ip link set eth0 up && ip addr add 10.94.0.2/24 dev eth0")
@@ -110,6 +117,9 @@ async def test_guest_ethtool_channels_moves_all_traffic_to_the_remaining_pair(tm
                 while not (dev._active_pairs == 1 and len(dev._queues) == 2):
                     assert asyncio.get_running_loop().time() < deadline, "pair 1 was never disabled"
                     await asyncio.sleep(0.01)
+                rings = servers[0].backend.rings
+                assert [(r.started, r.enabled, r.switched_off) for r in rings[2:4]] == [(True, False, True)] * 2
+                assert 3 in servers[0].backend._discarding  # the transmit ring; the receive ring waits
                 pair1 = (dev.stats[1].tx_frames, dev.stats[1].rx_frames)
                 rx0 = dev.stats[0].rx_frames
                 # Eight flows (one ICMP id each) from both CPUs: the tap hashes them over
