@@ -208,6 +208,16 @@ def user_flags(text: str) -> tuple[str, ...]:
     return KEYS
 
 
+def _require_id_first(option: str, text: str) -> None:
+    """QEMU looks for the id before the type or any other key: ``-netdev bogus,help`` and
+    ``-netdev user,help`` are both refused for the missing id."""
+    parts = split_option(text)
+    if any(p.startswith("id=") for p in parts):
+        return
+    kind = parts[0] if "=" not in parts[0] else next((p[5:] for p in parts if p.startswith("type=")), "")
+    raise ConfigError(f"{option}{' ' + kind if kind else ''}: Parameter 'id' is missing")
+
+
 def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None = None) -> NetdevConfig:
     """Parse ``TYPE,id=…,…``.
 
@@ -221,6 +231,8 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         raise HelpRequested("Available netdev backend types:\n" + "".join(f"{t}\n" for t in HELP_ORDER))
     if text.lstrip().startswith("{"):
         check_text(option, text, NETDEV, closed=True)
+    elif implicit_id is None:
+        _require_id_first(option, text)
     opts = parse_option(option, text, implied="type", flags=user_flags(text), warn_flags=True)
     if implicit_id is not None:
         # QEMU's -nic takes id= (it names the netdev); the NIC here refers to its netdev by
@@ -229,7 +241,7 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         opts["id"] = implicit_id
     kind = opts.take("type")
     if kind is None:
-        raise ConfigError(f"{option}: netdev type is missing")
+        raise ConfigError(f"{option}: Parameter 'type' is missing")
     if kind not in QEMU_TYPES:
         raise ConfigError(f"{option}: Parameter 'type' does not accept value '{kind}'")
     if kind not in TYPES:

@@ -491,6 +491,20 @@ def test_netdev_help_lists_qemus_names_in_its_order() -> None:
         assert ours == [t for t in theirs.stdout.splitlines()[1:] if t in ours]
 
 
+@pytest.mark.parametrize("text", ["user,help", "bogus", "bogus,help", "type=user", "tap,foo=1", "id=n0",
+                                  "bogus,id=n0", "user,id=n0,help", "user,id=1x"])
+def test_whole_netdev_refusals_name_qemus_first_complaint(text: str) -> None:
+    """QEMU asks for the id before it reads the type or any other key; the reason after its
+    ``-netdev TEXT:`` prefix must be ours too."""
+    qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", text,
+                           "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True, timeout=20)
+    assert qemu.returncode == 1, qemu
+    reason = _reason(qemu.stderr.decode())
+    with pytest.raises(ApplianceError) as err:
+        parse_netdev(text)
+    assert str(err.value).endswith(": " + reason), (text, reason, str(err.value))
+
+
 def test_short_form_booleans_warn_as_qemu_does(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING"):
         cfg = parse_netdev("user,id=n0,restrict,noipv6")
