@@ -104,14 +104,17 @@ def parse_option(
         return OptionDict(option, json_pairs(option, text))
     flagset = set(flags)
     pairs: list[tuple[str, str]] = []
+    # QEMU reads a leading word as the implied key's value when a comma comes before any '='
+    # in the raw text: ``user,,id=n0`` is type 'user,id=n0', not a key 'user,id'.
+    implied_first = implied is not None and ("," in text.split("=", 1)[0] or "=" not in text)
     for idx, part in enumerate(split_option(text)):
-        if "=" in part:
+        if idx == 0 and implied is not None and implied_first:
+            pairs.append((implied, part))
+        elif "=" in part:
             k, v = part.split("=", 1)
             if not k:
                 raise ConfigError(f"{option}: Invalid parameter '{part}'")
             pairs.append((k, v))
-        elif idx == 0 and implied is not None:
-            pairs.append((implied, part))
         elif part == "" and idx > 0:
             continue
         elif part in flagset or (part.startswith("no") and part[2:] in flagset):

@@ -104,7 +104,9 @@ class UserNetConfig:
     # Not a QEMU option: upstream resolvers; None = the host's /etc/resolv.conf.
     nameservers: tuple[tuple[str, int], ...] | None = None
     lease_time: int = 86400
-    host_mac: bytes = b"\x52\x55\x0a\x00\x02\x02"
+    # Not a QEMU option: the MAC of the stack's IPv4 frames; None = libslirp's, 52:55 and the
+    # host address (special_mac).
+    host_mac: bytes | None = None
 
     @classmethod
     def from_string(cls, text: str, option: str = "-netdev") -> UserNetConfig:

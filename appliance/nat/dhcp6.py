@@ -41,6 +41,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from appliance.nat.config import domain_labels, raw_bytes
+from appliance.nat.frames import special_mac
 from appliance.nat.ipv6 import ALL_DHCP_SERVERS, LINK_LOCAL_ROUTER
 
 if TYPE_CHECKING:
@@ -118,7 +119,8 @@ class Dhcp6Server:
         # Where a client may send: the multicast group, and the router (unicast, as libslirp
         # takes it at its host address; its link-local address too).
         self.addresses = frozenset({ALL_DHCP_SERVERS, self.router, LINK_LOCAL_ROUTER})
-        self.duid = struct.pack("!HH6s", DUID_LL, HWTYPE_ETHERNET, net.host_mac)
+        # The router's own MAC, the one its Replies come from (special_mac).
+        self.duid = struct.pack("!HH6s", DUID_LL, HWTYPE_ETHERNET, special_mac(self.router))
         self._server_id = option(OPT_SERVERID, self.duid)
         self._dns = None if cfg.restrict else option(OPT_DNS_SERVERS, cfg.ipv6_dns.packed)
         search = encode_domains(cfg.dnssearch or ((cfg.domainname,) if cfg.domainname else ()))

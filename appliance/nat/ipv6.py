@@ -23,7 +23,17 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from appliance.nat.frames import ETH_HLEN, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4, fold, ones_sum, verify
+from appliance.nat.frames import (
+    ETH_HLEN,
+    ETH_P_IPV6,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Ipv4,
+    fold,
+    ones_sum,
+    special_mac,
+    verify,
+)
 
 if TYPE_CHECKING:
     from appliance.nat.stack import UserNetwork
@@ -232,14 +242,14 @@ class Ipv6:
         target = bytes(msg[8:24])
         if target not in self.local:
             return
-        opt = struct.pack("!BB6s", 2, 1, self.net.host_mac)  # target link-layer address
+        opt = struct.pack("!BB6s", 2, 1, special_mac(target))  # target link-layer address
         na = struct.pack("!BBHI16s", NEIGHBOR_ADVERT, 0, 0, 0xE0000000, target) + opt  # Router|Solicited|Override
         self._send_icmp(target, pkt.src, src_mac, bytearray(na), hop=255)
 
     def send_ra(self, dst: bytes, dst_mac: bytes) -> None:
         """A Router Advertisement (RFC 4861 §4.2) with prefix, MTU and RDNSS options."""
         ra = bytearray(struct.pack("!BBHBBHII", ROUTER_ADVERT, 0, 0, 64, 0, ROUTER_LIFETIME, 0, 0))
-        ra += struct.pack("!BB6s", 1, 1, self.net.host_mac)  # source link-layer address
+        ra += struct.pack("!BB6s", 1, 1, special_mac(LINK_LOCAL_ROUTER))  # source link-layer address
         ra += struct.pack("!BBHI", 5, 1, 0, self.net.mtu)  # MTU: the link's (UserNetwork.set_mtu)
         ra += struct.pack(
             "!BBBBIII16s", 3, 4, self.prefix.prefixlen, 0xC0, VALID_LIFETIME, PREFERRED_LIFETIME, 0,
@@ -249,7 +259,7 @@ class Ipv6:
         self._send_icmp(LINK_LOCAL_ROUTER, dst, dst_mac, ra, hop=255)
 
     def _send_icmp(self, src: bytes, dst: bytes, dst_mac: bytes, msg: bytearray, *, hop: int = 64) -> None:
-        frame = build_l4_v6(dst_mac, self.net.host_mac, src, dst, IPPROTO_ICMPV6, msg, 2, hop=hop)
+        frame = build_l4_v6(dst_mac, special_mac(src), src, dst, IPPROTO_ICMPV6, msg, 2, hop=hop)
         self.net.output_v6(frame)
 
     def emit_icmp(self, src: bytes, dst: bytes, msg: bytearray) -> None:
@@ -261,5 +271,5 @@ class Ipv6:
         """Ask for a guest address's MAC (RFC 4861 §7.2.2)."""
         group = solicited_node(target)
         ns = struct.pack("!BBHI16s", NEIGHBOR_SOLICIT, 0, 0, 0, target)
-        ns += struct.pack("!BB6s", 1, 1, self.net.host_mac)
+        ns += struct.pack("!BB6s", 1, 1, special_mac(self.router))
         self._send_icmp(self.router, group, multicast_mac(group), bytearray(ns), hop=255)

@@ -41,6 +41,7 @@ from appliance.nat.frames import (
     parse_ipv4,
     parse_udp,
     pseudo_sum,
+    special_mac,
     verify,
 )
 from appliance.nat.icmp import Icmp
@@ -61,6 +62,7 @@ DEFAULT_QUEUE_LIMIT = 2048
 DEFAULT_QUEUE_BYTES = 4 << 20
 MTU = 1500  # the guest's link MTU unless its NIC says otherwise (UserNetwork.set_mtu)
 _LOOPBACK = b"\x7f\x00\x00\x01"
+_SPECIAL_MAC_PREFIXES = (b"\x52\x55", b"\x52\x56")  # special_mac's
 _IPPROTO_FRAGMENT = 44  # IPv6 Fragment header (RFC 8200 §4.5)
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
@@ -125,7 +127,9 @@ class UserNetwork:
         self.l4_csum_trusted = False
         cfg = self.config
         self.stats = Counters()
-        self.host_mac = cfg.host_mac
+        # libslirp sends every IPv4 frame from the host address's MAC, whichever address it
+        # comes from, and answers ARP for each address with that address's own (_arp_input).
+        self.host_mac = cfg.host_mac or special_mac(cfg.host.packed)
         self.gateway_ip = cfg.host.packed
         self.dns_ip = cfg.dns.packed
         self.local_ips = {self.gateway_ip, self.dns_ip} | {g.server.packed for g in cfg.guestfwd}
@@ -596,7 +600,7 @@ class UserNetwork:
             return False
         if len(dst) == 16:
             msg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-            return self.output_v6(build_l4_v6(mac, self.host_mac, src, dst, IPPROTO_UDP, msg, 6))
+            return self.output_v6(build_l4_v6(mac, special_mac(src), src, dst, IPPROTO_UDP, msg, 6))
         frame = build_udp(mac, self.host_mac, src, sport, dst, dport, payload, ident=self.next_ident())
         if len(frame) > ETH_HLEN + self.mtu:
             return self._output_fragments(frame)
@@ -700,12 +704,15 @@ class UserNetwork:
             c.truncated += 1
             return
         dst_mac, src_mac, ethertype = _ETH.unpack_from(frame)
-        if src_mac[0] & 1 or src_mac == self.host_mac:
-            # A group address cannot send, and our own is not the guest's: learnt as the guest's
-            # MAC it would send every reply back to ourselves.
+        if src_mac[0] & 1 or src_mac == self.host_mac or src_mac[:2] in _SPECIAL_MAC_PREFIXES:
+            # A group address cannot send, and ours are not the guest's: learnt as the guest's
+            # MAC one would send every reply back to ourselves.
             c.not_for_us += 1
             return
-        if dst_mac != self.host_mac and dst_mac != b"\xff\xff\xff\xff\xff\xff" and dst_mac[:2] != b"\x33\x33":
+        if (dst_mac != self.host_mac and dst_mac[:2] not in _SPECIAL_MAC_PREFIXES
+                and dst_mac != b"\xff\xff\xff\xff\xff\xff" and dst_mac[:2] != b"\x33\x33"):
+            # Any 52:55 or 52:56 MAC is one of the emulated addresses' (special_mac): a guest may
+            # send to 10.0.2.3's own, learnt from ARP or set by hand.
             c.not_for_us += 1
             return
         body = frame[ETH_HLEN:]
@@ -781,7 +788,7 @@ class UserNetwork:
                 self.tcp.address_resolved(a.spa)
         if a.op == arp.ARP_REQUEST and a.tpa in self.local_ips:
             self.stats.arp_replies += 1
-            self.output(arp.reply_for(a.sha, a.spa, self.host_mac, a.tpa))
+            self.output(arp.reply_for(a.sha, a.spa, special_mac(a.tpa), a.tpa))
 
     def _ipv4_input(self, body: memoryview, src_mac: bytes) -> None:
         c = self.stats

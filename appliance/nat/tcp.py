@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.nat.frames import ETH_HLEN, ETH_P_IPV4, IP_DF, IPPROTO_TCP, fold, ones_sum
+from appliance.nat.frames import ETH_HLEN, ETH_P_IPV4, IP_DF, IPPROTO_TCP, fold, ones_sum, special_mac
 from appliance.nat.ipv6 import build_ipv6
 from appliance.nic import constants as V
 
@@ -377,7 +377,7 @@ class TcpConn:
                 frame += payload
             struct.pack_into("!H", frame, _L4_V4 + 16, fold(self._pseudo + tlen + ones_sum(memoryview(frame)[_L4_V4:])))
             return net.output(frame)
-        frame = build_ipv6(mac, net.host_mac, self.rip, self.gip, IPPROTO_TCP, hlen + n)
+        frame = build_ipv6(mac, special_mac(self.rip), self.rip, self.gip, IPPROTO_TCP, hlen + n)
         frame += _TCP.pack(
             self.rport, self.gport, (self.iss + seq) & M32, ack_wire,
             (hlen << 10) | flags, win, 0, 0,

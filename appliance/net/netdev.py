@@ -211,9 +211,11 @@ def user_flags(text: str) -> tuple[str, ...]:
 def _require_id_first(option: str, text: str) -> None:
     """QEMU looks for the id before the type or any other key: ``-netdev bogus,help`` and
     ``-netdev user,help`` are both refused for the missing id."""
-    parts = split_option(text)
-    if any(p.startswith("id=") for p in parts):
+    # QEMU finds the id even in a doubled-comma value (``-netdev user,,id=n0`` is then refused
+    # for its type 'user,id=n0'), so the search splits on every comma.
+    if any(p.startswith("id=") for p in text.split(",")):
         return
+    parts = split_option(text)
     kind = parts[0] if "=" not in parts[0] else next((p[5:] for p in parts if p.startswith("type=")), "")
     raise ConfigError(f"{option}{' ' + kind if kind else ''}: Parameter 'id' is missing")
 

@@ -47,7 +47,9 @@ from scapy.packet import Packet
 from appliance.nat import UserNetConfig, UserNetwork
 from appliance.nat import dhcp6 as dhcp6mod
 
-from .conftest import GUEST_MAC, GW_MAC, drain, feed
+from .conftest import GUEST_MAC, drain, feed
+
+GW_MAC = "52:56:00:00:00:02"  # fec0::2's (special_mac), as libslirp's IPv6 frames come from
 
 LL6 = "fe80::5054:ff:fe12:3456"
 GUEST6 = "fec0::5054:ff:fe12:3456"

@@ -492,7 +492,8 @@ def test_netdev_help_lists_qemus_names_in_its_order() -> None:
 
 
 @pytest.mark.parametrize("text", ["user,help", "bogus", "bogus,help", "type=user", "tap,foo=1", "id=n0",
-                                  "bogus,id=n0", "user,id=n0,help", "user,id=1x"])
+                                  "bogus,id=n0", "user,id=n0,help", "user,id=1x", "user,,id=n0",
+                                  "user,,x"])
 def test_whole_netdev_refusals_name_qemus_first_complaint(text: str) -> None:
     """QEMU asks for the id before it reads the type or any other key; the reason after its
     ``-netdev TEXT:`` prefix must be ours too."""
