@@ -55,7 +55,9 @@ Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
   --monitor [chardev=]ID[,mode=control][,pretty=on|off]
                                 a QMP monitor on that socket: qmp_capabilities,
                                 query-version, query-commands, set_link (export or
-                                netdev id), object-add/object-del filter-dump,
+                                netdev id; off drops frames both ways, while the
+                                carrier a QEMU guest sees stays QEMU's own),
+                                object-add/object-del filter-dump,
                                 x-query-usernet, x-appliance-query-usernet,
                                 x-appliance-query-nics, human-monitor-command
                                 (info usernet, info version, set_link,

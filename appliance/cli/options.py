@@ -24,6 +24,8 @@ class OptionDict(dict[str, str]):
         self.repeated: dict[str, list[str]] = {}
         for k, v in pairs:
             self.repeated.setdefault(k, []).append(v)
+            if k == "id" and k in self:
+                continue  # QemuOpts takes the first id= (opts_parse_id), any other key's last value
             self[k] = v
 
     def take(self, key: str, default: str | None = None) -> str | None:

@@ -515,8 +515,10 @@ class VirtioNet(VirtioDevice):
                 set_mtu(mtu)
 
     def set_link(self, up: bool) -> None:
-        """Carrier up or down (QMP ``set_link``): the guest hears a config change, and frames
-        stop both ways while it is down.
+        """Carrier up or down (QMP ``set_link``): frames stop both ways while it is down, and the
+        guest hears a config change where the config space is ours (`appliance run`, or a
+        vhost-user front end that reads it over GET_CONFIG; QEMU's vhost-user-net keeps its own,
+        so its guest keeps its carrier and only loses the frames).
 
         A Linux guest only turns its carrier off; its receive path does not look at it. QEMU's
         net layer drops what a link-down NIC sends or is sent (net/net.c), so ours does too:

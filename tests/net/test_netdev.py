@@ -68,6 +68,14 @@ def test_stream_unix_and_inet() -> None:
     assert cfg == StreamNetdev("x", ("127.0.0.1", 9000), listen=False, reconnect=2.0)
 
 
+def test_first_id_wins_as_in_qemuopts() -> None:
+    """QEMU takes the first ``id=`` of an option (``info network`` lists n0 for
+    ``-netdev user,id=n0,id=n1``), and the last value of any other repeated key."""
+    cfg = parse_netdev("user,id=n0,id=n1,hostname=a,hostname=b")
+    assert cfg.id == "n0"
+    assert cfg.config.hostname == "b"  # type: ignore[attr-defined]
+
+
 def test_user_netdev_takes_slirp_options() -> None:
     cfg = parse_netdev("user,id=u,hostfwd=tcp::2222-:22,net=10.1.0.0/24")
     assert isinstance(cfg, UserNetdev) and cfg.id == "u"
