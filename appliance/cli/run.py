@@ -63,6 +63,7 @@ class RunArgs:
         self.serials: list[str] = []
         self.chardevs: dict[str, ChardevConfig] = {}
         self.nographic = False
+        self.monitor_given = False  # -monitor, -qmp or -mon: -nographic then muxes no monitor in
         self.no_reboot = False
         self.nodefaults = False
         self.start_paused = False
@@ -189,7 +190,7 @@ def _name(a: RunArgs, v: str) -> None:
     "-serial",
     "stdio|mon:stdio|file:path|unix:path[,server=on,wait=off]|tcp:host:port[,...]|telnet:host:port[,...]"
     "|chardev:id|null|none",
-    "COM1's host side",
+    "COM1's host side (mon:stdio: the terminal, shared with the human monitor as with -nographic)",
 )
 def _serial(a: RunArgs, v: str) -> None:
     a.serials.append(v)
@@ -228,7 +229,8 @@ def _chardev(a: RunArgs, v: str) -> None:
     a.chardevs[cid] = cfg
 
 
-@option("-nographic", None, "no display; the serial console goes to stdio (Ctrl-A x quits)")
+@option("-nographic", None, "no display; the serial console goes to stdio (Ctrl-A x quits), and with no "
+        "other monitor the human monitor too (Ctrl-A c switches to it and back; Ctrl-A h lists the keys)")
 def _nographic(a: RunArgs, v: str) -> None:
     a.nographic = True
 
@@ -572,6 +574,14 @@ def to_config(args: RunArgs) -> MachineConfig:
         serial = ChardevConfig("stdio", mux=args.nographic, signal=not args.nographic)
     if stdio_monitor and (args.nographic or (serial is not None and serial.backend == "stdio")):
         raise ConfigError("cannot use stdio by multiple character devices")
+    mon_stdio = args.serials == ["mon:stdio"] or (
+        args.nographic and not args.monitor_given and args.serials in ([], ["stdio"]))
+    if mon_stdio and serial is not None and serial.backend == "stdio" and serial.mux:
+        # QEMU's mon:stdio, which -nographic means when no monitor is given: the human monitor
+        # shares the terminal with the console, Ctrl-A c switching between them.
+        from appliance.qmp.hmp import MuxMonitorSpec
+
+        args.devices.append(MuxMonitorSpec())
     return MachineConfig(
         kernel=args.kernel,
         initrd=args.initrd,

@@ -61,6 +61,7 @@ def _add_hmp(a: RunArgs, chardev: ChardevConfig, what: str) -> None:
 @option("-monitor", "tcp:[HOST]:PORT[,server=on,wait=off] | telnet:… | unix:PATH[,…] | chardev:ID | none",
         "the human monitor (HMP: a '(qemu)' prompt for stop, cont, set_link, info status, …)")
 def _monitor(a: RunArgs, v: str) -> None:
+    a.monitor_given = True
     if v == "none":
         return
     kind, _, rest = v.partition(":")
@@ -74,7 +75,8 @@ def _monitor(a: RunArgs, v: str) -> None:
         _add_hmp(a, parse_qmp(v, "-monitor"), "-monitor")
     else:
         raise ConfigError(f"-monitor: '{v}' is not supported (tcp:, telnet:, unix:, chardev: or none; "
-                          "the serial console owns stdio)")
+                          "the serial console owns stdio: -nographic or -serial mon:stdio, then "
+                          "Ctrl-A c, gives the monitor there)")
 
 
 def _add(a: RunArgs, chardev: ChardevConfig, pretty: bool, what: str) -> None:
@@ -85,11 +87,13 @@ def _add(a: RunArgs, chardev: ChardevConfig, pretty: bool, what: str) -> None:
 
 @option("-qmp", _SOCKET_FORMS, "a QMP monitor (JSON) on a socket; server=on,wait=off to listen without waiting")
 def _qmp(a: RunArgs, v: str) -> None:
+    a.monitor_given = True
     _add(a, parse_qmp(v), False, "-qmp")
 
 
 @option("-qmp-pretty", _SOCKET_FORMS, "same as -qmp, with indented JSON")
 def _qmp_pretty(a: RunArgs, v: str) -> None:
+    a.monitor_given = True
     _add(a, parse_qmp(v, "-qmp-pretty"), True, "-qmp-pretty")
 
 
@@ -97,6 +101,7 @@ def _qmp_pretty(a: RunArgs, v: str) -> None:
         "a monitor on -chardev socket,id=ID: the human one (mode=readline, QEMU's default) or QMP "
         "(mode=control, also on -chardev stdio)")
 def _mon(a: RunArgs, v: str) -> None:
+    a.monitor_given = True
     opts = parse_option("-mon", v, implied="chardev", flags=("pretty",))
     chardev = opts.take("chardev")
     mode = opts.take("mode", "readline")

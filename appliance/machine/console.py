@@ -70,6 +70,15 @@ if TYPE_CHECKING:
 
         async def close(self) -> None: ...
 
+    class MuxMonitor(Protocol):
+        """The human monitor sharing a muxed stdio (Ctrl-A c gives it the keyboard)."""
+
+        def focus_in(self) -> None: ...
+
+        def focus_out(self) -> None: ...
+
+        def feed(self, data: bytes) -> None: ...
+
 
 # A backend that can also run before the loop exists has ``open_sync() ->
 # writer`` (does what ``start`` would, synchronously, and returns a function
@@ -149,6 +158,21 @@ class Console:
             self._flush_scheduled |= schedule
         if schedule:
             loop.call_soon(self._flush)
+
+    def attach_monitor(self, monitor: MuxMonitor) -> bool:
+        """Share the console's stdio with ``monitor`` (``-nographic``, ``-serial mon:stdio``);
+        False when the console is not a muxed stdio."""
+        if isinstance(self._backend, StdioBackend) and self._backend.mux:
+            self._backend.monitor = monitor
+            return True
+        return False
+
+    def write_host(self, data: bytes) -> None:
+        """Bytes for the terminal that are not the guest's (the muxed monitor's): past the
+        console's history, so ``expect`` never sees them. Called on the loop."""
+        self._flush()  # the guest's output so far first, in the order the terminal got it
+        if self._backend is not None:
+            self._backend.write(data)
 
     def attach_uart(self, uart: UartSink | None) -> None:
         """Point input at a (new) UART, e.g. after a reboot; pending input is dropped."""
@@ -347,12 +371,16 @@ class FileBackend:
 class StdioBackend:
     """This process's stdin/stdout; a terminal is put in raw mode while the VM runs.
 
-    With ``mux`` (``-nographic``) Ctrl-A x quits and Ctrl-A Ctrl-A sends one
-    Ctrl-A, as in QEMU; with ``signal`` off, Ctrl-C goes to the guest.
+    With ``mux`` (``-nographic``) the keys of QEMU's mux chardev work: Ctrl-A x quits,
+    Ctrl-A c switches the keyboard between the guest and the human monitor (if one is
+    attached), Ctrl-A h lists them and Ctrl-A Ctrl-A sends one Ctrl-A; with ``signal``
+    off, Ctrl-C goes to the guest.
     """
 
     def __init__(self, *, mux: bool = False, signal: bool = True) -> None:
-        self._mux = mux
+        self.mux = mux
+        self.monitor: MuxMonitor | None = None
+        self._on_monitor = False
         self._signal = signal and not mux
         self._saved: list[Any] | None = None
         self._console: Console | None = None
@@ -409,26 +437,54 @@ class StdioBackend:
             asyncio.get_running_loop().remove_reader(0)
             self._reading = False
             return
-        if self._mux:
-            data = self._demux(data)
-        if data:
+        if self.mux:
+            self._demux(data)
+        else:
             self._console.send(data)
 
-    def _demux(self, data: bytes) -> bytes:
+    def _demux(self, data: bytes) -> None:
         out = bytearray()
         for b in data:
             if self._escape:
                 self._escape = False
                 if b == ord("x"):
                     assert self._console is not None
+                    self.write(b"QEMU: Terminated\n\r")  # QEMU's words, which scripts wait for
                     self._console.on_quit()
                 elif b == CTRL_A:
                     out.append(CTRL_A)
+                elif b == ord("c") and self.monitor is not None:
+                    self._deliver(out)  # what came before the switch, to where it was typed
+                    out = bytearray()
+                    self._on_monitor = not self._on_monitor
+                    if self._on_monitor:
+                        self.monitor.focus_in()
+                    else:
+                        self.monitor.focus_out()
+                elif b == ord("h"):
+                    self.write(self._mux_help())
             elif b == CTRL_A:
                 self._escape = True
             else:
                 out.append(b)
-        return bytes(out)
+        self._deliver(out)
+
+    def _deliver(self, data: bytearray) -> None:
+        if not data:
+            return
+        if self._on_monitor and self.monitor is not None:
+            self.monitor.feed(bytes(data))
+        else:
+            assert self._console is not None
+            self._console.send(bytes(data))
+
+    def _mux_help(self) -> bytes:
+        """QEMU's Ctrl-A h list (chardev/char-mux.c), the keys we have."""
+        keys = [("h   ", "print this help"), ("x   ", "exit emulator")]
+        if self.monitor is not None:
+            keys.append(("c   ", "switch between console and monitor"))
+        keys.append(("C-a ", "sends C-a"))
+        return b"\n\r" + b"".join(f"C-a {k} {what}\n\r".encode() for k, what in keys)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

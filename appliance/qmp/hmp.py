@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import ApplianceError
@@ -593,3 +594,86 @@ class HmpSpec(QmpSpec):
 
     def _new_server(self) -> QmpServer | None:
         return HmpServer(self.machine, telnet=self.telnet)
+
+
+class MuxMonitor:
+    """The human monitor on the console's stdio (``-nographic``, ``-serial mon:stdio``).
+
+    QEMU's mux chardev gives the keyboard to the guest at start; Ctrl-A c hands it here (the
+    console backend calls :meth:`focus_in`), and back. The first switch prints the banner,
+    each one a fresh prompt; switching away ends the line. Guest output keeps going to the
+    terminal meanwhile. Commands run one at a time, in the order typed.
+    """
+
+    def __init__(self, machine: Any, write: Callable[[bytes], None]) -> None:
+        self.machine = machine
+        self.negotiated = False  # as HmpSession: no QMP events here
+        self._write = write
+        self._editor = LineEditor()
+        self._greeted = False
+        self._lines: asyncio.Queue[str] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def emit(self, event: str, data: dict[str, Any] | None = None) -> None:
+        pass  # a human monitor shows no QMP events
+
+    def focus_in(self) -> None:
+        # QEMU restarts the line being edited (its history stays) and shows the prompt.
+        self._editor.buf, self._editor.pos = bytearray(), 0
+        self._editor._shown, self._editor._shown_pos = b"", 0
+        self._write((b"" if self._greeted else BANNER) + PROMPT)
+        self._greeted = True
+
+    def focus_out(self) -> None:
+        self._write(b"\r\n")
+
+    def feed(self, data: bytes) -> None:
+        echo, lines = self._editor.feed(data)
+        if echo:
+            self._write(echo)
+        for line in lines:
+            self._lines.put_nowait(line)
+        if lines and self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while not self._lines.empty():
+                line = self._lines.get_nowait()
+                out = await execute(self, line)
+                self._write(out.encode() + PROMPT)
+        finally:
+            self._worker = None
+
+    async def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
+
+
+@dataclass(eq=False)
+class MuxMonitorSpec:
+    """:class:`MuxMonitor` as a machine DeviceSpec: attached to the machine's console when the
+    machine opens its devices (its serial console must be a muxed stdio)."""
+
+    machine: Any = field(default=None, repr=False)
+    monitor: MuxMonitor | None = field(default=None, repr=False)
+
+    def bind_machine(self, machine: Any) -> None:
+        self.machine = machine
+
+    def open(self) -> None:
+        console = self.machine.console
+        monitor = MuxMonitor(self.machine, console.write_host)
+        if console.attach_monitor(monitor):
+            self.monitor = monitor
+
+    def attach(self, builder: Any, inst: Any) -> None:
+        pass  # nothing on the guest's side
+
+    async def close(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            await monitor.close()

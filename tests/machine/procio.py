@@ -34,6 +34,23 @@ class Lines:
                     raise AssertionError(f"output ended before {needle!r}")
                 self.buf += data
 
+    def through(self, needle: bytes) -> bytes:
+        """Read up to and including ``needle`` (a prompt need not end a line); returns that much."""
+        deadline = time.monotonic() + self.timeout
+        while needle not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {needle!r} in time; got {self.buf[-300:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                data = os.read(self.fd, 65536)
+                if not data:
+                    raise AssertionError(f"output ended before {needle!r}; got {self.buf[-300:]!r}")
+                self.buf += data
+        end = self.buf.index(needle) + len(needle)
+        got, self.buf = self.buf[:end], self.buf[end:]
+        return got
+
     def rest(self) -> bytes:
         os.set_blocking(self.fd, True)
         data = self.buf

@@ -57,16 +57,55 @@ async def test_input_waits_until_the_uart_drains() -> None:
     assert bytes(uart.got) == b"abcdef"
 
 
-def test_ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one() -> None:
+async def test_ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one(capfd: pytest.CaptureFixture[str]) -> None:
     quits: list[int] = []
     c = Console()
+    await c.start()
+    uart = FakeUart(room=100)
+    c.attach_uart(uart)
     c.on_quit = lambda: quits.append(1)
     b = StdioBackend(mux=True)
     b._console = c
-    assert b._demux(b"ab\x01\x01c") == b"ab\x01c"
-    assert b._demux(b"\x01") == b""
-    assert b._demux(b"x") == b""
+    b._demux(b"ab\x01\x01c")
+    b._demux(b"\x01")
+    b._demux(b"x")
+    assert bytes(uart.got) == b"ab\x01c"
     assert quits == [1]
+    assert capfd.readouterr().out == "QEMU: Terminated\n\r"
+
+
+class Keys:
+    """A muxed monitor that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.log: list[object] = []
+
+    def focus_in(self) -> None:
+        self.log.append("in")
+
+    def focus_out(self) -> None:
+        self.log.append("out")
+
+    def feed(self, data: bytes) -> None:
+        self.log.append(data)
+
+
+async def test_ctrl_a_c_moves_the_keyboard_between_guest_and_monitor(capfd: pytest.CaptureFixture[str]) -> None:
+    c = Console()
+    await c.start()
+    uart = FakeUart(room=100)
+    c.attach_uart(uart)
+    keys = Keys()
+    b = StdioBackend(mux=True)
+    b._console = c
+    assert c.attach_monitor(keys) is False  # not this console's backend
+    b.monitor = keys
+    b._demux(b"ls\x01cinfo\x01")
+    b._demux(b"\x01 x\x01cpwd")
+    assert bytes(uart.got) == b"lspwd"
+    assert keys.log == ["in", b"info", b"\x01 x", "out"]
+    b._demux(b"\x01h")
+    assert "C-a c    switch between console and monitor" in capfd.readouterr().out
 
 
 async def test_unix_socket_server_passes_bytes_both_ways(tmp_path: Path) -> None:
