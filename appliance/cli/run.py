@@ -572,7 +572,7 @@ def to_config(args: RunArgs) -> MachineConfig:
     else:
         # No display exists: the console goes to the terminal unless told otherwise.
         serial = ChardevConfig("stdio", mux=args.nographic, signal=not args.nographic)
-    if stdio_monitor and (args.nographic or (serial is not None and serial.backend == "stdio")):
+    if stdio_monitor and serial is not None and serial.backend == "stdio":
         raise ConfigError("cannot use stdio by multiple character devices")
     mon_stdio = args.serials == ["mon:stdio"] or (
         args.nographic and not args.monitor_given and args.serials in ([], ["stdio"]))

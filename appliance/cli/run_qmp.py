@@ -58,7 +58,7 @@ def _add_hmp(a: RunArgs, chardev: ChardevConfig, what: str) -> None:
     a.devices.append(HmpSpec(chardev, name=what, telnet=chardev.telnet))
 
 
-@option("-monitor", "tcp:[HOST]:PORT[,server=on,wait=off] | telnet:… | unix:PATH[,…] | chardev:ID | none",
+@option("-monitor", "stdio | tcp:[HOST]:PORT[,server=on,wait=off] | telnet:… | unix:PATH[,…] | chardev:ID | none",
         "the human monitor (HMP: a '(qemu)' prompt for stop, cont, set_link, info status, …)")
 def _monitor(a: RunArgs, v: str) -> None:
     a.monitor_given = True
@@ -71,12 +71,10 @@ def _monitor(a: RunArgs, v: str) -> None:
         cfg = parse_qmp(f"tcp:{rest}", "-monitor")
         _add_hmp(a, ChardevConfig("socket", id="-monitor", host=cfg.host, port=cfg.port,
                                   server=cfg.server, wait=cfg.wait, telnet=True), "-monitor")
-    elif kind in ("tcp", "unix"):
+    elif kind in ("tcp", "unix", "stdio"):
         _add_hmp(a, parse_qmp(v, "-monitor"), "-monitor")
     else:
-        raise ConfigError(f"-monitor: '{v}' is not supported (tcp:, telnet:, unix:, chardev: or none; "
-                          "the serial console owns stdio: -nographic or -serial mon:stdio, then "
-                          "Ctrl-A c, gives the monitor there)")
+        raise ConfigError(f"-monitor: '{v}' is not supported (stdio, tcp:, telnet:, unix:, chardev: or none)")
 
 
 def _add(a: RunArgs, chardev: ChardevConfig, pretty: bool, what: str) -> None:
@@ -121,24 +119,34 @@ def finalize(a: RunArgs) -> None:
         cid = opts.require("chardev")
         pretty = opts.take_bool("pretty")
         mode = opts.take("mode", "readline")
-        cfg = _monitor_chardev(a, cid, "-mon", control=mode == "control")
         if mode == "control":
-            _add(a, cfg, pretty, f"-mon chardev={cid}")
+            _add(a, _monitor_chardev(a, cid, "-mon", control=True), pretty, f"-mon chardev={cid}")
         else:
-            _add_hmp(a, cfg, f"-mon chardev={cid}")
+            _readline_monitor(a, cid, "-mon", f"-mon chardev={cid}")
     for cid in a.extra.pop("-monitor chardev", []):
-        _add_hmp(a, _monitor_chardev(a, cid, "-monitor"), f"-monitor chardev:{cid}")
+        _readline_monitor(a, cid, "-monitor", f"-monitor chardev:{cid}")
+
+
+def _readline_monitor(a: RunArgs, cid: str, what: str, name: str) -> None:
+    shared = a.chardevs.get(cid)
+    if shared is not None and shared.backend == "stdio" and shared.mux and f"chardev:{cid}" in a.serials:
+        # QEMU's documented mux (-chardev stdio,mux=on,id=C -serial chardev:C -mon chardev=C):
+        # the console and the monitor share the terminal, Ctrl-A c between them.
+        from appliance.qmp.hmp import MuxMonitorSpec
+
+        a.devices.append(MuxMonitorSpec())
+        return
+    _add_hmp(a, _monitor_chardev(a, cid, what), name)
 
 
 def _monitor_chardev(a: RunArgs, cid: str, what: str, *, control: bool = False) -> ChardevConfig:
     cfg = a.chardevs.get(cid)
     if cfg is None:
         raise ConfigError(f"{what}: chardev '{cid}' not found")
-    if cfg.backend == "stdio" and control:
-        return cfg  # QMP on the process's stdin/stdout
+    if cfg.backend == "stdio":
+        return cfg  # a monitor on the process's stdin/stdout
     if cfg.backend != "socket":
-        raise ConfigError(f"{what}: chardev '{cid}' is '{cfg.backend}'; a monitor needs a socket"
-                          + (" (or stdio for mode=control)" if cfg.backend == "stdio" else ""))
+        raise ConfigError(f"{what}: chardev '{cid}' is '{cfg.backend}'; a monitor needs a socket or stdio")
     if f"chardev:{cid}" in a.serials:
         raise ConfigError(f"{what}: chardev '{cid}' is already used by -serial")
     return cfg

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -581,9 +582,33 @@ class HmpServer(QmpServer):
     def __init__(self, machine: Any, *, telnet: bool = False) -> None:
         super().__init__(machine)
         self.telnet = telnet
+        self._saved_tty: list[Any] | None = None
 
     def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
         return HmpSession(self, reader, writer, telnet=self.telnet)
+
+    async def serve_stdio(self) -> None:
+        """``-monitor stdio``: a terminal is put in raw mode (Ctrl-C still a signal), as QEMU's
+        stdio chardev does, so that the prompt's own line editing and echo are the only ones."""
+        if os.isatty(0) and self._saved_tty is None:
+            import termios
+            import tty
+
+            self._saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+            attrs = termios.tcgetattr(0)
+            attrs[3] |= termios.ISIG
+            termios.tcsetattr(0, termios.TCSANOW, attrs)
+        await super().serve_stdio()
+
+    async def close(self) -> None:
+        await super().close()
+        saved, self._saved_tty = self._saved_tty, None
+        if saved is not None:
+            import termios
+
+            with contextlib.suppress(OSError):
+                termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 @dataclass(eq=False)

@@ -43,8 +43,11 @@ def _end(p: subprocess.Popen[bytes]) -> None:
     p.communicate(timeout=10)
 
 
-@pytest.mark.parametrize("how", [["-nographic"], ["-display", "none", "-serial", "mon:stdio"]],
-                         ids=["nographic", "mon-stdio"])
+@pytest.mark.parametrize("how", [
+    ["-nographic"],
+    ["-display", "none", "-serial", "mon:stdio"],
+    ["-display", "none", "-chardev", "stdio,mux=on,id=c0", "-serial", "chardev:c0", "-mon", "chardev=c0"],
+], ids=["nographic", "mon-stdio", "chardev-mux"])
 def test_ctrl_a_c_opens_the_monitor_and_the_guest_keeps_the_keyboard_after(how: list[str]) -> None:
     port = free_port()
     p = _run(*how, "-netdev", f"user,id=u0,hostfwd=tcp:127.0.0.1:{port}-:22",
@@ -52,7 +55,7 @@ def test_ctrl_a_c_opens_the_monitor_and_the_guest_keeps_the_keyboard_after(how: 
     try:
         assert p.stdout is not None
         out = Lines(p.stdout, timeout=60)
-        out.through(b"TESTGUEST-READY")
+        out.until(b"TESTGUEST-READY")  # the whole line: the rest would land amid the prompt
         _type(p, b"\x01c")
         assert out.through(b"(qemu) ").endswith(b"monitor - type 'help' for more information\r\n(qemu) ")
         _type(p, b"info usernet\r")
@@ -84,7 +87,7 @@ def test_ctrl_a_c_goes_nowhere_when_another_monitor_is_given() -> None:
     try:
         assert p.stdout is not None
         out = Lines(p.stdout, timeout=60)
-        out.through(b"TESTGUEST-READY")
+        out.until(b"TESTGUEST-READY")  # the whole line: the rest would land amid the prompt
         _type(p, b"\x01h")
         assert b"switch between console and monitor" not in out.through(b"C-a C-a  sends C-a\n\r")
         _type(p, b"\x01cecho still-guest\r")
@@ -94,3 +97,26 @@ def test_ctrl_a_c_goes_nowhere_when_another_monitor_is_given() -> None:
         assert b"(qemu)" not in out.rest()
     finally:
         _end(p)
+
+
+def test_monitor_stdio_is_a_prompt_of_its_own() -> None:
+    """``-monitor stdio`` with the console elsewhere: QEMU's banner and prompt at once, the typed
+    line echoed as its readline does, the answer, and ``quit`` ends the VM."""
+    p = _run("-display", "none", "-nodefaults", "-nic", "user", "-monitor", "stdio")
+    try:
+        assert p.stdout is not None
+        out = Lines(p.stdout, timeout=60)
+        assert out.through(b"(qemu) ").endswith(b"monitor - type 'help' for more information\r\n(qemu) ")
+        _type(p, b"info network\r")
+        got = out.through(b"(qemu) ")
+        assert b"info network\x1b[K\r\n" in got and b"type=user,net=10.0.2.0,restrict=off" in got
+        _type(p, b"quit\r")
+        assert p.wait(timeout=20) == 0
+    finally:
+        _end(p)
+
+
+def test_monitor_stdio_and_the_console_cannot_both_have_stdio() -> None:
+    r = subprocess.run([*APPLIANCE, "run", "-kernel", str(GUEST), "-nographic", "-monitor", "stdio"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.strip().endswith("cannot use stdio by multiple character devices")

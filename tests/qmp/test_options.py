@@ -49,7 +49,7 @@ def test_mon_refers_to_a_chardev_given_later_on_the_line() -> None:
         (["-mon", "m0,mode=bogus"], "Parameter 'mode' does not accept value 'bogus'"),
         (["-mon", "chardev=m0,mode=control"], "-mon: chardev 'm0' not found"),
         (["-chardev", "null,id=m0", "-mon", "m0,mode=control"], "a monitor needs a socket"),
-        (["-monitor", "stdio"], "-monitor: 'stdio' is not supported"),
+        (["-monitor", "pty"], "-monitor: 'pty' is not supported"),
     ],
 )
 def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) -> None:
@@ -61,7 +61,7 @@ def test_bad_monitor_options_are_refused_by_name(argv: list[str], message: str) 
 def test_help_lists_qmp_and_mon() -> None:
     text = usage()
     assert "  -qmp unix:PATH" in text and "-qmp-pretty" in text
-    assert "  -mon [chardev=]ID[,mode=readline|control]" in text and "  -monitor tcp:" in text
+    assert "  -mon [chardev=]ID[,mode=readline|control]" in text and "  -monitor stdio | tcp:" in text
 
 
 def test_cli_refusal_exits_2_with_one_line() -> None:
