@@ -409,6 +409,15 @@ def _netdev(a: RunArgs, v: str) -> None:
     _add_netdev(plan_of(a), parse_netdev(v), "-netdev", v)
 
 
+def _netdev_order(plan: DevicePlan) -> dict[str, int]:
+    """Each netdev's place in the order QEMU makes them (net_init_clients): every -netdev, then
+    every -nic, then every -net, each kind in command-line order. ``info usernet`` lists user
+    networks so, and ``hostfwd_add`` without an id takes the first."""
+    rank = {"-netdev": 0, "-nic": 1, "-net": 2}
+    ids = sorted(plan.netdevs, key=lambda n: rank.get(plan.netdev_origin.get(n, "").split(" ", 1)[0], 0))
+    return {n: i for i, n in enumerate(ids)}
+
+
 def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str, text: str) -> None:
     """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
@@ -554,6 +563,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     addrs: list[PciAddress | None] = []
     used_drives: dict[str, str] = {}
     used_netdevs: set[str] = set()
+    order = _netdev_order(plan)
     writers: dict[str, str] = {}
     macs = 0
     nics = 0
@@ -681,7 +691,7 @@ def resolve(plan: DevicePlan) -> list[object]:
                 # it): what info network shows and set_link takes.
                 name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
                 hub=0 if nic.hub else -1, hub_port=plan.hub_nic_port,
-                origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=list(plan.netdevs).index(nic.netdev),
+                origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=order[nic.netdev],
             ))
             addrs.append(addr)
     # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec):
@@ -695,7 +705,7 @@ def resolve(plan: DevicePlan) -> list[object]:
         captures = dumps.get(n, [])
         specs.append(PeerlessNetdevSpec(
             plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
-            captures=captures, netdev_order=list(plan.netdevs).index(n),
+            captures=captures, netdev_order=order[n],
             hub=0 if n in plan.hub_backends else -1,
         ))
     try:

@@ -107,7 +107,7 @@ def test_serial_chardev_reference() -> None:
         (["-kernel", "k", "-cpu", "qemu64"], "'qemu64'"),
         (["-kernel", "k", "-display", "gtk"], "'gtk'"),
         (["-kernel", "k", "-vga", "std"], "-vga: 'std'"),
-        (["-kernel", "k", "-monitor", "stdio"], "-monitor: 'stdio'"),
+        (["-kernel", "k", "-monitor", "vc"], "-monitor: 'vc' is not supported"),
         (["-kernel", "k", "-pidfile", ""], "-pidfile"),
         (["-kernel", "k", "-serial", "stdio", "-serial", "null"], "one serial"),
         (["-kernel", "k", "disk.img"], "'disk.img'"),

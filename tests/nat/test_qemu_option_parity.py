@@ -437,6 +437,38 @@ async def test_hmp_hostfwd_commands_answer_as_qemus(tmp_path: Path) -> None:
         assert g == w, f"{line}: QEMU {w!r}, ours {g!r}"
 
 
+def _usernet_hubs(argv: list[str]) -> list[str]:
+    """The ``Hub N (id):`` headings of ``info usernet``, in order, from a VM started paused with
+    QMP on stdio (the commands of ``_QMP_SCRIPT``'s kind: capabilities, the HMP line, quit)."""
+    script = b"".join(json.dumps(c).encode() + b"\n" for c in (
+        {"execute": "qmp_capabilities"},
+        {"execute": "human-monitor-command", "arguments": {"command-line": "info usernet"}},
+        {"execute": "quit"},
+    ))
+    r = subprocess.run([*argv, "-S", "-display", "none", "-nodefaults", "-qmp", "stdio"], input=script,
+                       capture_output=True, timeout=60, cwd=ROOT)
+    texts = [m["return"] for m in map(json.loads, r.stdout.splitlines()) if isinstance(m.get("return"), str)]
+    assert len(texts) == 1, r
+    return re.findall(r"^Hub -?\d+ \(\w+\):", texts[0], flags=re.M)
+
+
+@needs_kvm
+def test_usernet_lists_netdev_then_nic_then_net_as_qemu_makes_them() -> None:
+    """QEMU makes every -netdev, then every -nic, then every -net (net_init_clients), whatever
+    their order on the line: ``info usernet`` lists the user networks so."""
+    from tests.qmp.test_machine_qmp import GUEST
+
+    if not GUEST.exists():
+        pytest.skip("test guest not built (appliance kit build)")
+    p = [free_port() for _ in range(3)]
+    line = ["-net", "nic,model=virtio", "-net", f"user,id=a,hostfwd=tcp:127.0.0.1:{p[0]}-:22",
+            "-nic", f"user,id=c,hostfwd=tcp:127.0.0.1:{p[1]}-:22",
+            "-netdev", f"user,id=b,hostfwd=tcp:127.0.0.1:{p[2]}-:22", "-device", "virtio-net-pci,netdev=b"]
+    theirs = _usernet_hubs([QEMU, "-M", "pc", *line])
+    assert theirs == ["Hub -1 (b):", "Hub -1 (c):", "Hub 0 (a):"]
+    assert _usernet_hubs([*APPLIANCE, "run", "-kernel", str(GUEST), *line]) == theirs
+
+
 # --- the JSON form (libvirt writes -netdev as JSON) --------------------------------------------
 
 JSON_CASES = [
