@@ -368,6 +368,32 @@ class FileBackend:
         self.close_sync()
 
 
+def raw_terminal(*, signals: bool) -> list[Any] | None:
+    """Put a terminal on stdin in raw mode, as QEMU's stdio chardev does (``signals``: Ctrl-C
+    and Ctrl-Z still act on the process); returns what restore_terminal needs, or None if
+    stdin is no terminal."""
+    if not os.isatty(0):
+        return None
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    if signals:
+        attrs = termios.tcgetattr(0)
+        attrs[3] |= termios.ISIG
+        termios.tcsetattr(0, termios.TCSANOW, attrs)
+    return saved
+
+
+def restore_terminal(saved: list[Any] | None) -> None:
+    if saved is not None:
+        import termios
+
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
 class StdioBackend:
     """This process's stdin/stdout; a terminal is put in raw mode while the VM runs.
 
@@ -392,24 +418,12 @@ class StdioBackend:
         """Put a terminal on stdin in raw mode; returns the output writer."""
         if not self._opened:
             self._opened = True
-            if os.isatty(0):
-                import termios
-                import tty
-
-                self._saved = termios.tcgetattr(0)
-                tty.setraw(0)
-                if self._signal:
-                    attrs = termios.tcgetattr(0)
-                    attrs[3] |= termios.ISIG
-                    termios.tcsetattr(0, termios.TCSANOW, attrs)
+            self._saved = raw_terminal(signals=self._signal)
         return self.write
 
     def close_sync(self) -> None:
-        if self._saved is not None:
-            import termios
-
-            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
-            self._saved = None
+        saved, self._saved = self._saved, None
+        restore_terminal(saved)
 
     async def start(self, console: Console) -> None:
         import asyncio

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.errors import ApplianceError
 from appliance.machine import telnet
+from appliance.machine.console import raw_terminal, restore_terminal
 from appliance.machine.telnet import TelnetInput
 from appliance.qmp import commands, netops
 from appliance.qmp.server import QmpServer, QmpSpec
@@ -484,6 +484,11 @@ class LineEditor:
             self._update(echo)
         return bytes(echo), lines
 
+    def restart(self) -> None:
+        """Start a new, empty line (the one being typed is dropped; the history stays)."""
+        self.buf, self.pos, self._shown, self._shown_pos = bytearray(), 0, b"", 0
+        self._hist = len(self.history)
+
     def _key(self, seq: bytes) -> None:
         final = seq[-1:]
         if final == b"D" and self.pos:
@@ -590,25 +595,14 @@ class HmpServer(QmpServer):
     async def serve_stdio(self) -> None:
         """``-monitor stdio``: a terminal is put in raw mode (Ctrl-C still a signal), as QEMU's
         stdio chardev does, so that the prompt's own line editing and echo are the only ones."""
-        if os.isatty(0) and self._saved_tty is None:
-            import termios
-            import tty
-
-            self._saved_tty = termios.tcgetattr(0)
-            tty.setraw(0)
-            attrs = termios.tcgetattr(0)
-            attrs[3] |= termios.ISIG
-            termios.tcsetattr(0, termios.TCSANOW, attrs)
+        if self._saved_tty is None:
+            self._saved_tty = raw_terminal(signals=True)
         await super().serve_stdio()
 
     async def close(self) -> None:
         await super().close()
         saved, self._saved_tty = self._saved_tty, None
-        if saved is not None:
-            import termios
-
-            with contextlib.suppress(OSError):
-                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        restore_terminal(saved)
 
 
 @dataclass(eq=False)
@@ -643,9 +637,7 @@ class MuxMonitor:
         pass  # a human monitor shows no QMP events
 
     def focus_in(self) -> None:
-        # QEMU restarts the line being edited (its history stays) and shows the prompt.
-        self._editor.buf, self._editor.pos = bytearray(), 0
-        self._editor._shown, self._editor._shown_pos = b"", 0
+        self._editor.restart()  # as QEMU's readline_restart: the line gone, its history kept
         self._write((b"" if self._greeted else BANNER) + PROMPT)
         self._greeted = True
 
