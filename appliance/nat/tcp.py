@@ -1047,8 +1047,14 @@ class TcpConn:
             return
         if len(self._ooo) >= MAX_OOO_SEGMENTS:
             return
-        self._ooo_last = seq
         old = self._ooo.get(seq)
+        held = self._ooo_bytes - (len(old) if old is not None else 0)
+        if held + len(data) > RCVBUF:
+            # Segments that overlap each other each fit the window, but not all together: a
+            # guest starting 256 of them a byte apart would have us hold 256 windows. What does
+            # not fit is dropped, as past the window; the guest sends it again.
+            return
+        self._ooo_last = seq
         if old is not None:
             self._ooo_bytes -= len(old)
         self._ooo[seq] = bytes(data)

@@ -405,6 +405,32 @@ async def test_out_of_order_flood_is_bounded() -> None:
         await net.stop()
 
 
+async def test_overlapping_out_of_order_segments_stay_within_the_receive_buffer() -> None:
+    """Found by fuzzing: 60 KB segments starting a byte apart each fit the window, but 256 of
+    them held 15 MB for one connection. What the out-of-order queue holds stays within one
+    receive buffer, and the connection still carries the real data after."""
+    net = make_net()
+    await net.start()
+    try:
+        async with connected_to_sink(net) as (g, c, sink):
+            for i in range(100, 400):  # past the real data below, which then leaves a gap before them
+                g.link.to_stack(
+                    tcp_frame(
+                        GUEST_IP, c.lport, GW_IP, c.rport, c.iss + c.snd_nxt + i, c.irs + c.rcv_nxt, 16, 0xFFFF,
+                        bytes(60000),
+                    )
+                )  # fmt: skip
+            [conn] = net.tcp.conns.values()
+            assert 0 < conn._ooo_bytes <= tcpmod.RCVBUF
+            c.write(b"real data")
+            c.shutdown()
+            await asyncio.wait_for(sink.done.wait(), 10)
+        assert sink.n == len(b"real data")
+        assert_clean(net)
+    finally:
+        await net.stop()
+
+
 async def test_memory_stays_bounded_under_mixed_floods() -> None:
     """Fragments, SYNs, junk TCP and UDP from a hostile guest: the stack's heap growth stays small."""
     import gc
