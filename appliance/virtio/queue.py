@@ -259,6 +259,21 @@ class Virtqueue:
 
     # -- consuming requests ------------------------------------------------
 
+    def _check_offered(self, seen: int) -> None:
+        """Refuse an avail index that offers more chains than the ring holds, counting those taken
+        and not yet used: a driver has at most ``size`` outstanding (each needs a descriptor of
+        its own), so more means heads offered again while in flight. Unchecked, each would be
+        one more request under way, without end (QEMU: "Virtqueue size exceeded").
+
+        :raises QueueError: and the ring is broken from then on.
+        """
+        outstanding = (seen - self._used_idx) & 0xFFFF
+        if outstanding > self.size:
+            self.broken = True
+            taken = (self._last_avail - self._used_idx) & 0xFFFF
+            raise QueueError(f"avail index {seen} offers {outstanding} chains with {taken} in flight, "
+                             f"in a queue of {self.size}")
+
     def has_available(self) -> bool:
         return not self.broken and self.avail_idx() != self._last_avail
 
@@ -274,18 +289,11 @@ class Virtqueue:
         while not self.broken:
             last = self._last_avail
             if last == self._avail_seen:
-                # Guest-controlled: the avail index; it may only run ahead of
-                # what we consumed by at most the queue size (§2.7.13.3).
+                # Guest-controlled: the avail index (§2.7.13.3, _check_offered).
                 seen = self._avail_seen = self._avail16[1]
-                pending = (seen - last) & 0xFFFF
-                if pending == 0:
+                if seen == last:
                     return None
-                if pending > self.size:
-                    self.broken = True
-                    raise QueueError(
-                        f"avail index {seen} is {pending} entries ahead of "
-                        f"{last} in a queue of {self.size}"
-                    )
+                self._check_offered(seen)
             head = self._avail16[2 + (last & self._mask)]
             self._last_avail = (last + 1) & 0xFFFF
             if head >= self.size:
@@ -417,12 +425,9 @@ class Virtqueue:
         last = self._last_avail
         # Guest-controlled: the avail index, bounded as in pop() (§2.7.13.3).
         seen = self._avail_seen = self._avail16[1]
-        pending = (seen - last) & 0xFFFF
-        if pending == 0:
+        if seen == last:
             return out
-        if pending > self.size:
-            self.broken = True
-            raise QueueError(f"avail index {seen} is {pending} entries ahead of {last} in a queue of {self.size}")
+        self._check_offered(seen)
         avail16, table, mask, size = self._avail16, self._desc, self._mask, self.size
         unpack = _DESC.unpack_from
         want_flags = VIRTQ_DESC_F_WRITE if writable else 0
@@ -497,7 +502,7 @@ class Virtqueue:
         pending = (seen - last) & 0xFFFF
         n = min(limit, pending)
         rstart, rend, rview = self._buf_region
-        if 0 < n and pending <= self.size and rend:
+        if 0 < n and (seen - self._used_idx) & 0xFFFF <= self.size and rend:
             size = self.size
             start = last & self._mask
             stop = start + n
