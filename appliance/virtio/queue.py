@@ -46,6 +46,12 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 
 MAX_QUEUE_SIZE = 32768
+# Chains a device takes in one pass over a ring whose used entries it gives back as it goes,
+# before the loop's other work gets a turn (the pass then goes on from a loop callback). A
+# driver refilling the ring as fast as it drains would otherwise hold the loop, and every
+# other device, NIC and monitor with it (QEMU's virtio-net has tx_burst=256 for this). Found
+# by fuzzing: 200 000 frames in one transmit pass.
+PASS_BUDGET = 1024
 # An indirect table longer than this is refused. Linux sizes its tables by the
 # device's seg_max (at most the queue size); 1024 matches QEMU's own ceiling.
 MAX_INDIRECT_DESCRIPTORS = 1024

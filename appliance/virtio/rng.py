@@ -25,7 +25,7 @@ from appliance.errors import ConfigError
 from appliance.kvm.memory import GuestMemory
 from appliance.virtio.device import Interrupt, VirtioDevice
 from appliance.virtio.errors import QueueError
-from appliance.virtio.queue import Virtqueue, guest_error_log
+from appliance.virtio.queue import PASS_BUDGET, Virtqueue, guest_error_log
 
 VIRTIO_ID_ENTROPY = 4
 MAX_BYTES_PER_REQUEST = 64 * 1024
@@ -82,6 +82,7 @@ class VirtioRng(VirtioDevice):
         q = self._queue
         if index != 0 or q is None or self.needs_reset:
             return
+        budget = PASS_BUDGET
         try:
             while True:
                 while self._allowance() and (chain := q.pop()) is not None:
@@ -90,6 +91,15 @@ class VirtioRng(VirtioDevice):
                     self.bytes_served += n
                     self._quota -= n
                     q.push_used(chain.head, n)
+                    budget -= 1
+                    if budget <= 0:
+                        break
+                if budget <= 0:
+                    try:
+                        asyncio.get_running_loop().call_soon(self.queue_notify, 0)  # the rest later
+                        break
+                    except RuntimeError:
+                        budget = PASS_BUDGET  # no loop to come back from: go on
                 if not self._allowance():
                     self._wait_for_next_period()
                     break

@@ -48,7 +48,7 @@ from appliance.virtio.device import (
     VirtioDevice,
 )
 from appliance.virtio.errors import QueueError
-from appliance.virtio.queue import Virtqueue
+from appliance.virtio.queue import PASS_BUDGET, Virtqueue
 from appliance.virtio.vhost_user import protocol as p
 from appliance.virtio.vhost_user.errors import MemoryMapError, ProtocolError
 from appliance.virtio.vhost_user.inflight import InflightArea, TrackedQueue
@@ -652,12 +652,17 @@ class VhostUserBackend:
     def _discard(self, ring: RingState) -> None:
         """Give back every buffer of a disabled ring unread, and interrupt if the driver asks."""
         q = self._discarding[ring.index]
+        budget = PASS_BUDGET
         try:
             while True:
                 batch = q.pop_buffers(_DISCARD_BATCH, False)
                 if batch:
                     q.push_used_heads([head for head, _views, _n in batch])
                     ring.discarded += len(batch)
+                    budget -= len(batch)
+                    if budget <= 0:
+                        asyncio.get_running_loop().call_soon(self._discard_again, ring)  # the rest later
+                        break
                     if len(batch) == _DISCARD_BATCH:
                         continue
                 if not q.enable_notification():
@@ -669,6 +674,10 @@ class VhostUserBackend:
             return
         if q.needs_notification():
             CallInterrupt(ring).notify()
+
+    def _discard_again(self, ring: RingState) -> None:
+        if self._discarding.get(ring.index) is not None:
+            self._discard(ring)
 
     def _discards(self, ring: RingState) -> bool:
         return (
