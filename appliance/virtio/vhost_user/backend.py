@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -133,6 +134,21 @@ class CallInterrupt:
             log.debug("call eventfd write failed on ring %d: %s", self._ring.index, err)
 
 
+def seal_against_shrinking(fd: int) -> bool:
+    """Forbid the front end to shrink the memfd behind guest memory (F_SEAL_SHRINK), where the
+    file allows it: a page cut off under our mapping is a SIGBUS at the next touch, which no
+    Python code survives. QEMU's memory-backend-memfd seals its own (seal=on, its default); a
+    memfd made without MFD_ALLOW_SEALING, or a file on tmpfs or hugetlbfs, cannot be sealed,
+    the same exposure libvhost-user and DPDK have. True if the seal holds."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not seals & fcntl.F_SEAL_SHRINK:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
+
+
 def map_regions(regions: Sequence[p.MemRegion], fds: Sequence[int]) -> GuestMemory:
     """Map each region from its fd into a new :class:`GuestMemory`.
 
@@ -146,6 +162,8 @@ def map_regions(regions: Sequence[p.MemRegion], fds: Sequence[int]) -> GuestMemo
         for region, fd in zip(regions, fds, strict=True):
             if region.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                 raise MemoryMapError(f"mmap offset {region.mmap_offset:#x} is not page aligned")
+            if not seal_against_shrinking(fd):
+                log.debug("region at %#x: its file cannot be sealed against shrinking", region.guest_addr)
             try:
                 buf = mmap.mmap(
                     fd,

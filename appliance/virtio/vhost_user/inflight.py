@@ -14,6 +14,7 @@ up to 64); its layout is ours to choose, since only we read it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -53,9 +54,12 @@ class InflightArea:
         :raises ProtocolError: when the sizes are unreasonable.
         """
         size = cls._check(num_queues, queue_size)
-        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The front end keeps this fd across our restarts; sealed, it cannot shrink the file
+            # under our mapping (a SIGBUS here), nor grow it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
