@@ -24,32 +24,27 @@ class Lines:
                 line, self.buf = self.buf.split(b"\n", 1)
                 if needle in line:
                     return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no line with {needle!r} in time")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                data = os.read(self.fd, 65536)
-                if not data:
-                    raise AssertionError(f"output ended before {needle!r}")
-                self.buf += data
+            self._read_more(deadline, needle)
 
     def through(self, needle: bytes) -> bytes:
         """Read up to and including ``needle`` (a prompt need not end a line); returns that much."""
         deadline = time.monotonic() + self.timeout
         while needle not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {needle!r} in time; got {self.buf[-300:]!r}")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                data = os.read(self.fd, 65536)
-                if not data:
-                    raise AssertionError(f"output ended before {needle!r}; got {self.buf[-300:]!r}")
-                self.buf += data
+            self._read_more(deadline, needle)
         end = self.buf.index(needle) + len(needle)
         got, self.buf = self.buf[:end], self.buf[end:]
         return got
+
+    def _read_more(self, deadline: float, needle: bytes) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {needle!r} in time; got {self.buf[-300:]!r}")
+        ready, _, _ = select.select([self.fd], [], [], left)
+        if ready:
+            data = os.read(self.fd, 65536)
+            if not data:
+                raise AssertionError(f"output ended before {needle!r}; got {self.buf[-300:]!r}")
+            self.buf += data
 
     def rest(self) -> bytes:
         os.set_blocking(self.fd, True)
