@@ -185,6 +185,13 @@ tables. A second table that day, after the vhost-user change for switched-off ri
 benchmark's QEMU never makes), read 1.00 (1.004 ± 0.024) and 0.95 (0.973 ± 0.036); throughput
 1.50x and 1.77x.
 
+2026-11-28, fourth session (libslirp's MACs for the emulated addresses, transmit passes capped
+at PASS_BUDGET chains; neither touches a connection's frames), in a slow phase of the machine
+(host-driven connections at 1274/s against 2397/s the session before): 0.97 (0.973 ± 0.022)
+on connections and 1.05 (1.044 ± 0.031) through hostfwd; throughput 1.33x and 1.47x. The guest
+idled 1.72 ms a connection against 1.00 ms, and our daemon waited 0.94 ms for a CPU against
+0.44 ms for QEMU's main thread.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.
