@@ -108,7 +108,7 @@ def parse_option(
     pairs: list[tuple[str, str]] = []
     # QEMU reads a leading word as the implied key's value when a comma comes before any '='
     # in the raw text: ``user,,id=n0`` is type 'user,id=n0', not a key 'user,id'.
-    implied_first = implied is not None and ("," in text.split("=", 1)[0] or "=" not in text)
+    implied_first = "," in text.split("=", 1)[0] or "=" not in text
     for idx, part in enumerate(split_option(text)):
         if idx == 0 and implied is not None and implied_first:
             pairs.append((implied, part))

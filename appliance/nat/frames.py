@@ -81,11 +81,16 @@ def pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return int.from_bytes(src, "big") + int.from_bytes(dst, "big") + proto + length
 
 
+SPECIAL_MAC4 = b"\x52\x55"  # special_mac's first two bytes for an IPv4 address
+SPECIAL_MAC6 = b"\x52\x56"  # and for an IPv6 one
+SPECIAL_MAC_PREFIXES = (SPECIAL_MAC4, SPECIAL_MAC6)
+
+
 def special_mac(addr: bytes) -> bytes:
     """The MAC of an address the stack emulates, as libslirp gives it (and so as guests and their
     users know it): 52:55 and the four bytes of an IPv4 address (10.0.2.3 is 52:55:0a:00:02:03),
     52:56 and the last four of an IPv6 one (fe80::2 is 52:56:00:00:00:02)."""
-    return (b"\x52\x55" + addr) if len(addr) == 4 else (b"\x52\x56" + addr[12:16])
+    return (SPECIAL_MAC4 + addr) if len(addr) == 4 else (SPECIAL_MAC6 + addr[12:16])
 
 
 def mac_str(mac: bytes) -> str:

@@ -34,6 +34,7 @@ from appliance.nat.frames import (
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    SPECIAL_MAC_PREFIXES,
     Ipv4,
     build_ipv4,
     build_udp,
@@ -62,7 +63,6 @@ DEFAULT_QUEUE_LIMIT = 2048
 DEFAULT_QUEUE_BYTES = 4 << 20
 MTU = 1500  # the guest's link MTU unless its NIC says otherwise (UserNetwork.set_mtu)
 _LOOPBACK = b"\x7f\x00\x00\x01"
-_SPECIAL_MAC_PREFIXES = (b"\x52\x55", b"\x52\x56")  # special_mac's
 _IPPROTO_FRAGMENT = 44  # IPv6 Fragment header (RFC 8200 §4.5)
 _LOOPBACK6 = bytes(15) + b"\x01"
 _LOG_INTERVAL = 10.0
@@ -704,12 +704,12 @@ class UserNetwork:
             c.truncated += 1
             return
         dst_mac, src_mac, ethertype = _ETH.unpack_from(frame)
-        if src_mac[0] & 1 or src_mac == self.host_mac or src_mac[:2] in _SPECIAL_MAC_PREFIXES:
+        if src_mac[0] & 1 or src_mac == self.host_mac or src_mac[:2] in SPECIAL_MAC_PREFIXES:
             # A group address cannot send, and ours are not the guest's: learnt as the guest's
             # MAC one would send every reply back to ourselves.
             c.not_for_us += 1
             return
-        if (dst_mac != self.host_mac and dst_mac[:2] not in _SPECIAL_MAC_PREFIXES
+        if (dst_mac != self.host_mac and dst_mac[:2] not in SPECIAL_MAC_PREFIXES
                 and dst_mac != b"\xff\xff\xff\xff\xff\xff" and dst_mac[:2] != b"\x33\x33"):
             # Any 52:55 or 52:56 MAC is one of the emulated addresses' (special_mac): a guest may
             # send to 10.0.2.3's own, learnt from ARP or set by hand.

@@ -729,15 +729,6 @@ class VirtioNet(VirtioDevice):
                     # rounds), guest CPU per connection 5.47 -> 5.24 ms (it halts less).
                     os.sched_yield()
 
-    def _later(self, index: int) -> bool:
-        """Go on with queue ``index`` from a loop callback (a pass's budget is spent); False
-        outside a loop, where the pass just goes on."""
-        try:
-            asyncio.get_running_loop().call_soon(self.queue_notify, index)
-        except RuntimeError:
-            return False
-        return True
-
     def _tx_irq_later(self, pair: int, lazy: bool) -> None:
         timer = self._tx_irq_timers[pair]
         if timer is not None:
@@ -831,7 +822,7 @@ class VirtioNet(VirtioDevice):
                         push_used_heads(heads)
                     if len(batch) == TX_BATCH:
                         budget -= TX_BATCH
-                        if budget <= 0 and self._later(2 * pair + 1):
+                        if budget <= 0 and self.notify_later(2 * pair + 1):
                             break
                         continue
                 # A short batch drained the ring as far as its avail index went;
@@ -1173,7 +1164,7 @@ class VirtioNet(VirtioDevice):
             while (chain := q.pop()) is not None:
                 self._ctrl_answer(q, chain)
                 budget -= 1
-                if budget <= 0 and self._later(self._ctrl_index):
+                if budget <= 0 and self.notify_later(self._ctrl_index):
                     self._notify(self._ctrl_index)
                     return
             # Ask for the next command's kick (avail_event, §2.7.10). Linux notifies only when

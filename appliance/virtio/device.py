@@ -113,6 +113,17 @@ class VirtioDevice(abc.ABC):
         """Whether requests are in flight, which :meth:`quiesce` would wait for."""
         return False
 
+    def notify_later(self, index: int) -> bool:
+        """Go on with queue ``index`` from a loop callback, as a kick would (a pass has spent its
+        PASS_BUDGET); False outside an event loop, where the pass just goes on."""
+        import asyncio
+
+        try:
+            asyncio.get_running_loop().call_soon(self.queue_notify, index)
+        except RuntimeError:
+            return False
+        return True
+
     def discards_when_disabled(self, index: int) -> bool:
         """Whether queue ``index``, while its front end has it disabled, is emptied into the used
         ring without being acted on (vhost-user.rst "Ring states": a started but disabled ring is

@@ -95,11 +95,9 @@ class VirtioRng(VirtioDevice):
                     if budget <= 0:
                         break
                 if budget <= 0:
-                    try:
-                        asyncio.get_running_loop().call_soon(self.queue_notify, 0)  # the rest later
-                        break
-                    except RuntimeError:
-                        budget = PASS_BUDGET  # no loop to come back from: go on
+                    if self.notify_later(0):
+                        break  # the rest from a loop callback
+                    budget = PASS_BUDGET  # no loop to come back from: go on
                 if not self._allowance():
                     self._wait_for_next_period()
                     break
