@@ -32,7 +32,7 @@ from appliance.cli.options import parse_option
 from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
 from appliance.machine.config import ChardevConfig
-from appliance.net.netdev import NetdevConfig, TapNetdev, open_netdev, parse_netdev
+from appliance.net.netdev import HubportNetdev, NetdevConfig, TapNetdev, open_netdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,9 @@ def parse_command_line(argv: list[str]) -> NetDaemonArgs:
             raise ConfigError(f"option '{name}' needs a value")
         if name == "--netdev":
             cfg = parse_netdev(value, "--netdev")
+            if isinstance(cfg, HubportNetdev):
+                # Each export is one vhost-user NIC on one back end; there is no hub between them.
+                raise ConfigError(f"--netdev {value}: netdev type 'hubport' is not supported by net-daemon")
             if cfg.id in a.netdevs:
                 raise ConfigError(f"--netdev: duplicate id '{cfg.id}'")
             a.netdevs[cfg.id] = cfg

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 from appliance.cli.options import OptionDict, parse_option
 from appliance.cli.run import FINALIZERS, PROG, RunArgs, option
 from appliance.errors import ConfigError, HelpRequested
-from appliance.machine.devices import BlkSpec, BlockNames, NicSpec, PeerlessNetdevSpec, RngSpec
+from appliance.machine.devices import (
+    BlkSpec,
+    BlockNames,
+    HubNetdevSpec,
+    HubSpec,
+    NicSpec,
+    PeerlessNetdevSpec,
+    RngSpec,
+)
 from appliance.nic.config import MAX_NICS, take_root_bus
 from appliance.pci.allocator import PciAddress, parse_pci_address, plan_slots
 from appliance.pci.errors import PciError
@@ -162,7 +170,9 @@ class DevicePlan:
     net_none: bool = False
     nic_count: int = 0
     hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
-    hub_nic_port: int = 0  # the hub port of the -net nic: ports are numbered in command-line order
+    # Every -net option on hub 0 in command-line order, the order QEMU gives them ports: a -net
+    # nic as its index in ``entries``, a -net back end as its netdev id.
+    hub_items: list[int | str] = field(default_factory=list)
     net_ids: set[str] = field(default_factory=set)  # id= of -net options
     drive_count: dict[str, int] = field(default_factory=dict)  # -drive options per interface
     device_ids: set[str] = field(default_factory=set)  # id= of -device options
@@ -461,7 +471,7 @@ def _net(a: RunArgs, v: str) -> None:
         nic = parse_legacy_nic(v)
         _claim_net_id(plan, nic.id)
         if nic.hub:
-            plan.hub_nic_port = len(plan.hub_backends)
+            plan.hub_items.append(len(plan.entries))
         plan.entries.append(("-net nic", nic))
     else:
         # A back end on hub 0: named by id=, else given a name no option can write (QEMU's are
@@ -471,6 +481,7 @@ def _net(a: RunArgs, v: str) -> None:
         netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{len(plan.hub_backends)}")
         _add_netdev(plan, netdev, "-net", v)
         plan.hub_backends.append(netdev.id)
+        plan.hub_items.append(netdev.id)
 
 
 def _claim_net_id(plan: DevicePlan, ident: str | None) -> None:
@@ -482,27 +493,98 @@ def _claim_net_id(plan: DevicePlan, ident: str | None) -> None:
     plan.net_ids.add(ident)
 
 
-def _join_hub(plan: DevicePlan) -> None:
-    """Give a hub-0 ``-net nic`` the hub's back end: QEMU's hub forwards every frame to every
-    other port, which for one NIC and one back end is a straight link. More on one hub would
-    need that broadcast, which is not here: refused, as a NIC with nothing behind it is."""
+@dataclass
+class HubLayout:
+    """The hubs of a command line and who is on which port (QEMU's net/hub.c)."""
+
+    hubs: list[Any] = field(default_factory=list)  # in the order QEMU makes them
+    nic_ports: dict[int, Any] = field(default_factory=dict)  # a -net nic's entry index -> its port
+    netdev_ports: dict[str, Any] = field(default_factory=dict)  # a back end's id -> the port it is peer of
+    hubport_ports: dict[str, Any] = field(default_factory=dict)  # a -netdev hubport's id -> its port
+    pair_port: int = 0  # a -net nic and -net back end alone on hub 0: the NIC's port (0 or 1)
+
+
+def _plan_hubs(plan: DevicePlan, order: dict[str, int]) -> HubLayout:
+    """Make the hubs, their ports numbered in QEMU's order (every ``-netdev hubport``, then each
+    ``-nic hubport``, then the ``-net`` options), and find each port's peer.
+
+    One ``-net nic`` and one ``-net`` back end alone on hub 0, the common legacy line, stay a
+    straight link: the NIC gets the back end itself, with its offloads, which is what a hub of
+    two ports forwards anyway. Anything else goes through :class:`appliance.net.hub.Hub`.
+    """
+    from appliance.net.hub import Hub
+    from appliance.net.netdev import HubportNetdev
     from appliance.nic.config import NicConfig
 
-    hub = [i for i, e in enumerate(plan.entries)
-           if isinstance(e, tuple) and isinstance(e[1], NicConfig) and e[1].hub]
-    if not hub:
-        return
-    if len(hub) > 1:
-        raise ConfigError(f"-net nic: hub 0 has {len(hub)} NICs; one NIC per hub is supported "
-                          "(give each its own -nic, or -netdev and -device)")
-    if not plan.hub_backends:
-        raise ConfigError("-net nic: hub 0 is not connected to host network (add -net user, -net tap, …)")
-    if len(plan.hub_backends) > 1:
-        raise ConfigError(f"-net: hub 0 has {len(plan.hub_backends)} back ends; one per hub is supported "
-                          "(give each its own -nic, or -netdev and -device)")
-    entry = plan.entries[hub[0]]
-    assert isinstance(entry, tuple) and isinstance(entry[1], NicConfig)
-    plan.entries[hub[0]] = (entry[0], replace(entry[1], netdev=plan.hub_backends[0]))
+    layout = HubLayout()
+    hubs: dict[int, Hub] = {}
+
+    def hub(hubid: int) -> Hub:
+        if hubid not in hubs:
+            hubs[hubid] = Hub(hubid)
+            layout.hubs.append(hubs[hubid])
+        return hubs[hubid]
+
+    hubports = sorted((n for n, c in plan.netdevs.items() if isinstance(c, HubportNetdev)), key=order.__getitem__)
+    nics = [i for i in plan.hub_items if isinstance(i, int)]
+    pair = (len(plan.hub_items) == 2 and len(nics) == 1
+            and not any(getattr(plan.netdevs[n], "hubid", None) == 0 for n in hubports))
+    for ident in hubports:
+        cfg = plan.netdevs[ident]
+        assert isinstance(cfg, HubportNetdev)
+        port = hub(cfg.hubid).add_port(ident)
+        layout.hubport_ports[ident] = port
+        if cfg.netdev is None:
+            continue
+        origin = plan.netdev_origin.get(ident, f"-netdev {ident}")
+        peer = plan.netdevs.get(cfg.netdev)
+        # QEMU looks the peer up as it makes the port: one made later is not found yet.
+        if peer is None or order[cfg.netdev] > order[ident]:
+            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' not found")
+        if isinstance(peer, HubportNetdev):
+            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' is a hub port; joining two hubs "
+                              "port to port is not supported")
+        if cfg.netdev in layout.netdev_ports:
+            # QEMU 7.2 aborts on this (an assertion in qemu_net_client_setup).
+            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' is already the peer of hub port "
+                              f"{layout.netdev_ports[cfg.netdev].name}")
+        layout.netdev_ports[cfg.netdev] = port
+    if pair:
+        index = nics[0]
+        entry = plan.entries[index]
+        assert isinstance(entry, tuple) and isinstance(entry[1], NicConfig)
+        backend = next(i for i in plan.hub_items if isinstance(i, str))
+        plan.entries[index] = (entry[0], replace(entry[1], netdev=backend))
+        layout.pair_port = plan.hub_items.index(index)
+        return layout
+    for item in plan.hub_items:
+        port = hub(0).add_port()
+        if isinstance(item, int):
+            layout.nic_ports[item] = port
+        else:
+            layout.netdev_ports[item] = port
+    return layout
+
+
+def _hub_warnings(layout: HubLayout, nic_ports: set[Any], plan: DevicePlan) -> None:
+    """QEMU's net_hub_check_clients: hubs newest first, each one's ports newest first."""
+    from appliance.net.netdev import BridgeNetdev, DgramNetdev, StreamNetdev, TapNetdev, UserNetdev
+
+    host = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
+    peers = {id(port): ident for ident, port in layout.netdev_ports.items()}
+    for hub in reversed(layout.hubs):
+        has_nic = has_host = False
+        for port in reversed(hub.ports):
+            if port in nic_ports:
+                has_nic = True
+            elif id(port) in peers:
+                has_host = has_host or isinstance(plan.netdevs[peers[id(port)]], host)
+            else:
+                print(f"{PROG}: warning: hub port {port.name} has no peer", file=sys.stderr)
+        if has_host and not has_nic:
+            print(f"{PROG}: warning: hub {hub.id} with no nics", file=sys.stderr)
+        if has_nic and not has_host:
+            print(f"{PROG}: warning: hub {hub.id} is not connected to host network", file=sys.stderr)
 
 
 # --- resolving ----------------------------------------------------------------------------
@@ -555,15 +637,23 @@ def resolve(plan: DevicePlan) -> list[object]:
     :raises ConfigError: On a dangling or doubly used reference, a slot
         clash, too many NICs, or one file written by two devices.
     """
+    from appliance.net.netdev import HubportNetdev, Unplugged
     from appliance.nic.config import NicConfig, default_mac
 
-    _join_hub(plan)
+    order = _netdev_order(plan)
+    layout = _plan_hubs(plan, order)
     dumps = order_dumps(plan)
+    for ident, captures in dumps.items():
+        cfg = plan.netdevs[ident]
+        if isinstance(cfg, HubportNetdev) and cfg.netdev is not None:
+            raise ConfigError(f"-object filter-dump,id={captures[0].id},netdev={ident}: hub port '{ident}' "
+                              f"has netdev '{cfg.netdev}' for its peer; capture on '{cfg.netdev}'")
     specs: list[object] = []
     addrs: list[PciAddress | None] = []
     used_drives: dict[str, str] = {}
     used_netdevs: set[str] = set()
-    order = _netdev_order(plan)
+    nic_ports: set[Any] = set()  # hub ports with a NIC on them
+    unplugged: list[str] = []  # NICs without a netdev, by name
     writers: dict[str, str] = {}
     macs = 0
     nics = 0
@@ -657,17 +747,37 @@ def resolve(plan: DevicePlan) -> list[object]:
             nics += 1
             if nics > MAX_NICS:
                 raise ConfigError(f"{what}: more than {MAX_NICS} NICs (the limit of one VM)")
-            netdev = plan.netdevs.get(nic.netdev)
-            if netdev is None:
-                raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
-            if nic.netdev in plan.hub_backends and not nic.hub:
-                # A -net back end is plugged into hub 0 already (QEMU's words for it).
-                raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
-                                  f"'{nic.netdev}', it's in use")
-            if nic.netdev in used_netdevs:
-                raise ConfigError(f"{what}: netdev '{nic.netdev}' is already used by another NIC")
-            used_netdevs.add(nic.netdev)
+            # Without an id, QEMU's name for it (model.N, N counting the NICs made before
+            # it): what info network shows and set_link takes.
+            name = nic.id or f"virtio-net-pci.{nics - 1}"
+            port = layout.nic_ports.get(index)
+            netdev: Any
+            if port is not None:
+                netdev = HubportNetdev(port.name, port.hub.id)  # a -net nic: a port of hub 0
+            elif not nic.netdev and not nic.hub:
+                netdev = Unplugged()  # -device virtio-net-pci with no netdev=
+                unplugged.append(name)
+            else:
+                netdev = plan.netdevs.get(nic.netdev)
+                if netdev is None:
+                    raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
+                if (nic.netdev in plan.hub_backends or nic.netdev in layout.netdev_ports) and not nic.hub \
+                        or isinstance(netdev, HubportNetdev) and netdev.netdev is not None:
+                    # The netdev is a hub port's peer already, or the hub port has a back end
+                    # for its peer (QEMU's words for both).
+                    raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
+                                      f"'{nic.netdev}', it's in use")
+                if nic.netdev in used_netdevs:
+                    raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
+                                      f"'{nic.netdev}', it's in use")
+                used_netdevs.add(nic.netdev)
+                if isinstance(netdev, HubportNetdev):
+                    port = layout.hubport_ports[nic.netdev]
+            if port is not None:
+                nic_ports.add(port)
             queues = int(getattr(netdev, "queues", 1) or 1)
+            if port is not None and nic.mq:
+                raise ConfigError(f"{what}: mq=on needs a multiqueue tap; a hub port has one queue")
             if queues > 1 and not nic.mq:
                 raise ConfigError(
                     f"{what}: netdev '{nic.netdev}' has queues={queues}; add mq=on to use them"
@@ -681,33 +791,39 @@ def resolve(plan: DevicePlan) -> list[object]:
             if mac is None:
                 mac = default_mac(macs)
                 macs += 1
-            captures = dumps.get(nic.netdev, [])
+            captures = dumps.get(netdev.id, [])
             addr = _address(nic.addr, what)
             specs.append(NicSpec(
                 netdev, mac, queues=queues, mtu=nic.host_mtu, addr=addr, captures=captures,  # type: ignore[arg-type]
                 features_off=nic.features_off, rx_queue_size=nic.rx_queue_size, tx_queue_size=nic.tx_queue_size,
                 speed=nic.speed, duplex=nic.duplex,
-                # Without an id, QEMU's name for it (model.N, N counting the NICs made before
-                # it): what info network shows and set_link takes.
-                name=f"virtio-net {nic.id or f'virtio-net-pci.{nics - 1}'}",
-                hub=0 if nic.hub else -1, hub_port=plan.hub_nic_port,
-                origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=order[nic.netdev],
+                name=f"virtio-net {name}",
+                hub=port.hub.id if port is not None else 0 if nic.hub else -1, hub_port=layout.pair_port,
+                origin=plan.netdev_origin.get(nic.netdev, ""), netdev_order=order.get(netdev.id, len(order)),
+                port=port,
             ))
             addrs.append(addr)
-    # QEMU warns of these and runs, with the netdev open all the same (PeerlessNetdevSpec):
-    # alone, or on hub 0 (a -net back end without a -net nic).
-    unused = [n for n in plan.netdevs if n not in used_netdevs]
-    if any(n in plan.hub_backends for n in unused):
-        print(f"{PROG}: warning: hub 0 with no nics", file=sys.stderr)
-    for n in unused:
-        if n not in plan.hub_backends:
+    # QEMU warns of these and runs, with the netdev open all the same: its hubs' loose ends
+    # first, then each netdev and NIC without a peer, in the order they were made.
+    _hub_warnings(layout, nic_ports, plan)
+    for n in sorted(plan.netdevs, key=order.__getitem__):
+        cfg = plan.netdevs[n]
+        if n in used_netdevs or (isinstance(cfg, HubportNetdev) and cfg.netdev is not None):
+            continue
+        if n not in layout.netdev_ports:
             print(f"{PROG}: warning: netdev {n} has no peer", file=sys.stderr)
-        captures = dumps.get(n, [])
-        specs.append(PeerlessNetdevSpec(
-            plan.netdevs[n], origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
-            captures=captures, netdev_order=order[n],
-            hub=0 if n in plan.hub_backends else -1,
+        if isinstance(cfg, HubportNetdev):
+            continue  # a port with nothing on it: its hub lists it
+        spec_type = HubNetdevSpec if n in layout.netdev_ports else PeerlessNetdevSpec
+        hub_port = layout.netdev_ports.get(n)
+        specs.append(spec_type(
+            cfg, origin=plan.netdev_origin.get(n, ""), name=f"netdev {n}",  # type: ignore[arg-type]
+            captures=dumps.get(n, []), netdev_order=order[n],
+            hub=hub_port.hub.id if hub_port is not None else -1, port=hub_port,
         ))
+    for name in unplugged:
+        print(f"{PROG}: warning: nic {name} has no peer", file=sys.stderr)
+    specs.extend(HubSpec(hub, name=f"hub {hub.id}") for hub in layout.hubs)
     try:
         plan_slots(addrs)
     except PciError as err:

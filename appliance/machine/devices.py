@@ -274,6 +274,8 @@ class NicSpec:
     # Where the netdev came on the command line: QEMU lists user networks (info usernet) and
     # picks hostfwd_add's default in that order, not in the NICs' order.
     netdev_order: int = 0
+    # A NIC on a hub (appliance.net.hub): the HubPort it reads and writes, in place of a netdev.
+    port: Any = field(default=None, repr=False)
     owner: Any = field(default=None, repr=False)
     backends: list[Any] = field(default_factory=list, repr=False)
     writers: list[Any] = field(default_factory=list, repr=False)
@@ -282,11 +284,10 @@ class NicSpec:
 
     async def open(self) -> None:
         from appliance.net.capture import open_capture, with_captures
-        from appliance.net.netdev import open_netdev
 
         what = self.origin or f"-netdev {self.netdev.id}"
         try:
-            backends, self.owner = await open_netdev(self.netdev, queues=self.queues)
+            backends, self.owner = await self._open_backends()
         except ConfigError:
             await self.close()
             raise
@@ -302,6 +303,18 @@ class NicSpec:
                 # A filter's own error, not its netdev's: QEMU prints net/dump.c's words alone.
                 raise ConfigError(str(err)) from err
         self.backends = with_captures(backends, self.writers)
+
+    async def _open_backends(self) -> tuple[list[Any], Any]:
+        from appliance.net.backend import UnpluggedBackend
+        from appliance.net.netdev import Unplugged, open_netdev
+
+        if self.port is not None:
+            side = self.port.connect_nic()
+            return [side], side
+        if isinstance(self.netdev, Unplugged):
+            cable = UnpluggedBackend()
+            return [cable], cable
+        return await open_netdev(self.netdev, queues=self.queues)
 
     def attach(self, builder: MachineBuilder, inst: Instance) -> None:
         attach_nic(builder, inst, self)
@@ -343,6 +356,44 @@ class PeerlessNetdevSpec(NicSpec):
         """QEMU takes set_link for a netdev alone too; with no NIC there is no carrier to change."""
 
 
+@dataclass(eq=False)
+class HubNetdevSpec(PeerlessNetdevSpec):
+    """A host back end behind a hub port (``-net user`` beside other ``-net`` options, or the
+    ``netdev=`` of a ``-netdev hubport``): opened without virtio-net headers, its frames go to
+    every other port of the hub."""
+
+    async def _open_backends(self) -> tuple[list[Any], Any]:
+        from appliance.net.netdev import open_netdev
+
+        return await open_netdev(self.netdev, vnet_hdr=False)
+
+    async def open(self) -> None:
+        await super().open()
+        # Captures wrap the back end, so they see what it sends and is sent, as on a NIC's.
+        self.port.connect_backend(self.backends[0])
+
+    def set_link(self, up: bool) -> None:
+        """QEMU's link-down netdev neither sends nor is sent anything (net/net.c)."""
+        if self.port.backend is not None:
+            self.port.backend.link_up = up
+
+    async def close(self) -> None:
+        self.port.disconnect()
+        await super().close()
+
+
+@dataclass(eq=False)
+class HubSpec:
+    """One QEMU hub, for the monitor (``info network`` lists it); its ports' peers are the
+    NicSpecs and HubNetdevSpecs that name them, each of which connects itself."""
+
+    hub: Any
+    name: str = "hub"
+
+    def attach(self, builder: MachineBuilder, inst: Instance) -> None:
+        return  # a hub is host-side only
+
+
 def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
     from appliance.nic.virtio_net import VirtioNet
 
@@ -356,6 +407,6 @@ def attach_nic(builder: MachineBuilder, inst: Instance, spec: NicSpec) -> None:
 
 
 __all__ = [
-    "BlkSpec", "NicSpec", "PeerlessNetdevSpec", "RngSpec",
+    "BlkSpec", "HubNetdevSpec", "HubSpec", "NicSpec", "PeerlessNetdevSpec", "RngSpec",
     "attach_blk", "attach_nic", "attach_rng", "fresh_queue", "plug_virtio",
 ]

@@ -119,6 +119,32 @@ class ForwardingBackend:
         self.inner.close()
 
 
+class UnpluggedBackend:
+    """The FrameBackend of a NIC with no netdev: nothing arrives, and what the guest sends is
+    gone (QEMU drops a peerless NIC's frames the same way, after its "has no peer" warning)."""
+
+    vnet_hdr_len = 0
+
+    def __init__(self) -> None:
+        self.tx_dropped = 0
+
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        return
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        return -1
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        self.tx_dropped += 1
+        return True
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        return
+
+    def close(self) -> None:
+        return
+
+
 class LinkDownBackend(ForwardingBackend):
     """A FrameBackend standing in for a NIC's own while its link is down.
 

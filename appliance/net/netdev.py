@@ -67,6 +67,19 @@ def _host(what: str, key: str, text: str, *, v6: bool = False) -> str:
     return text
 
 
+def _int32(what: str, key: str, text: str) -> int:
+    """An int32 property as QEMU's visitor reads one (qemu_strtoi64, base 0, then the range)."""
+    from appliance.qemu_numbers import NumberError, strtoi64
+
+    try:
+        n = strtoi64(text)
+    except NumberError:
+        raise ConfigError(f"{what}: Parameter '{key}' expects an int64 value") from None
+    if not -(2**31) <= n < 2**31:
+        raise ConfigError(f"{what}: Parameter '{key}' expects int32_t")
+    return n
+
+
 def _hostport(what: str, key: str, text: str, *, host_optional: bool = False) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or (not host and not host_optional):
@@ -147,14 +160,33 @@ class UserNetdev:
     config: Any = field(compare=False)
 
 
-NetdevConfig = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
-NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user"]
-TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user")
+@dataclass(frozen=True, slots=True)
+class HubportNetdev:
+    """A port of QEMU's hub ``hubid`` (:mod:`appliance.net.hub`), with ``netdev`` as its peer, or
+    the NIC that names it, or nothing."""
+
+    SYNTAX: ClassVar[str] = "hubport,id=str,hubid=n[,netdev=id]"
+    id: str
+    hubid: int
+    netdev: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unplugged:
+    """What a NIC without a netdev has (QEMU warns "nic … has no peer" and runs it): a cable
+    to nowhere. No option makes one."""
+
+    id: str = ""
+
+
+NetdevConfig = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev | HubportNetdev | Unplugged
+NetdevType = Literal["tap", "bridge", "dgram", "socket", "stream", "user", "hubport"]
+TYPES: tuple[str, ...] = ("tap", "bridge", "dgram", "socket", "stream", "user", "hubport")
 # QEMU 7.2's NetClientDriver on Linux (qapi/net.json): a type outside it QEMU's QAPI refuses in its
 # own words; one inside it that is not ours is refused as not supported.
 QEMU_TYPES = frozenset({"none", "nic", "user", "tap", "l2tpv3", "socket", "stream", "dgram", "vde", "bridge",
                         "hubport", "netmap", "vhost-user", "vhost-vdpa"})
-HELP_ORDER = ("socket", "stream", "dgram", "tap", "user", "bridge")  # as `-netdev help` lists them
+HELP_ORDER = ("socket", "stream", "dgram", "hubport", "tap", "user", "bridge")  # as `-netdev help` lists them
 
 # SocketAddress (qapi/sockets.json), for stream's addr and dgram's local and remote.
 _SOCKET_ADDRESS = Union("type", {"type": "string"}, {
@@ -190,6 +222,7 @@ NETDEV = Union("type", {"id": "string", "type": "string"}, {
     "dgram": {"local": _SOCKET_ADDRESS, "remote": _SOCKET_ADDRESS},
     "bridge": {"br": "string", "helper": "string"},
     "vhost-user": {"chardev": "string", "vhostforce": "boolean", "queues": "integer"},
+    "hubport": {"hubid": "int32", "netdev": "string"},
     "user": _USER,
 })
 
@@ -250,6 +283,8 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         raise ConfigError(f"{option}: netdev type '{kind}' is not supported")
     what = f"{option} {kind}"
     opts.option = what
+    if kind == "hubport" and option == "-net":
+        raise ConfigError(f"{what}: network backend 'hubport' is only supported with -netdev/-nic")
     if kind == "user":
         from appliance.nat.config import UserNetConfig
 
@@ -269,6 +304,8 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
         cfg = _dgram(what, ident, opts)
     elif kind == "socket":
         cfg = _socket(what, ident, opts)
+    elif kind == "hubport":
+        cfg = HubportNetdev(ident, _int32(what, "hubid", opts.require("hubid")), opts.take("netdev"))
     else:
         cfg = _stream(what, ident, opts)
     opts.finish()
@@ -472,8 +509,11 @@ def _stream(what: str, ident: str, opts: OptionDict) -> StreamNetdev:
     return StreamNetdev(ident, address, listen=server, reconnect=float(reconnect or 1))
 
 
-async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[FrameBackend], Any]:
+async def open_netdev(cfg: NetdevConfig, *, queues: int = 1, vnet_hdr: bool = True) -> tuple[list[FrameBackend], Any]:
     """Open ``cfg`` as ``queues`` backends (one per queue pair).
+
+    :param vnet_hdr: False for a back end on a hub, whose frames carry no virtio-net header
+        (a tap is then opened without IFF_VNET_HDR, the user network builds plain frames).
 
     :returns: the backends and an owner object whose ``close()`` (sync or
         async) releases what was made (tap, sockets, the user-mode stack).
@@ -491,10 +531,10 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[Frame
                                   f"the NIC needs {queues}")
             if queues != cfg.queues and cfg.queues != 1:
                 queues = cfg.queues
-            tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr, bridge=cfg.bridge,
-                      fds=cfg.fds, sndbuf=cfg.sndbuf)
+            tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr and vnet_hdr,
+                      bridge=cfg.bridge, fds=cfg.fds, sndbuf=cfg.sndbuf)
         else:
-            tap = Tap(None, queues=queues, bridge=cfg.bridge)
+            tap = Tap(None, queues=queues, bridge=cfg.bridge, vnet_hdr=vnet_hdr)
         backends: list[FrameBackend] = list(await tap.open())
         return backends, tap
     if isinstance(cfg, DgramNetdev):
@@ -508,9 +548,11 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1) -> tuple[list[Frame
         stream = StreamLink(cfg.address, listen=cfg.listen, reconnect=cfg.reconnect)
         await stream.start()
         return [stream], stream
+    if not isinstance(cfg, UserNetdev):
+        raise ConfigError(f"netdev '{cfg.id}' is a hub port or nothing; it has no host side to open")
     from appliance.nat.stack import UserNetwork
 
     # With virtio-net headers the NIC offers checksum/TSO offloads, which the stack takes and gives.
-    user = UserNetwork(cfg.config, vnet_hdr=True)
+    user = UserNetwork(cfg.config, vnet_hdr=vnet_hdr)
     await user.start()
     return [user], user

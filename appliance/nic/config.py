@@ -162,7 +162,7 @@ def default_mac(index: int) -> bytes:
 @dataclass(frozen=True, slots=True)
 class NicConfig:
     SYNTAX: ClassVar[str] = (
-        "virtio-net-pci,netdev=id[,id=str][,mac=52:54:00:xx:xx:xx][,mq=on|off][,vectors=n]"
+        "virtio-net-pci[,netdev=id][,id=str][,mac=52:54:00:xx:xx:xx][,mq=on|off][,vectors=n]"
         "[,host_mtu=n][,addr=slot[.fn]][,rx_queue_size=n][,tx_queue_size=n][,speed=mbps][,duplex=half|full]"
         "[,csum|guest_csum|host_tso4|guest_tso4|…|mrg_rxbuf|ctrl_vq|event_idx|indirect_desc=on|off]"
     )
@@ -191,7 +191,11 @@ class NicConfig:
             raise ConfigError(f"-device: '{driver}' is not a NIC")
         what = f"-device {driver}"
         opts.option = what
-        netdev = opts.require("netdev")
+        # QEMU makes a NIC without netdev= too, warning that it "has no peer": its cable goes nowhere.
+        netdev = opts.take("netdev")
+        if netdev == "":
+            raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't find value ''")
+        netdev = netdev or ""
         mac_text = opts.take("mac")
         mtu = opts.take_int("host_mtu", None, minimum=68)
         if mtu is not None and mtu > 65535:

@@ -268,30 +268,26 @@ async def _info(ctx: Any, line: str, end: int, only: frozenset[str] | None) -> s
 
 def _network(ctx: Any) -> str:
     """``info network``: each NIC and the netdev it is wired to, in QEMU's lines and order:
-    hub 0 first (QEMU prints its hubs ahead of the rest), then each netdev without a NIC
-    alone on its line (QEMU opens netdevs before NICs), then the NICs."""
-    from appliance.machine.devices import PeerlessNetdevSpec
+    the hubs first, newest first (QEMU prints its hubs ahead of the rest), each hub's ports
+    newest first; then each netdev without a NIC alone on its line (QEMU opens netdevs before
+    NICs), then the NICs."""
+    from appliance.machine.devices import HubNetdevSpec, PeerlessNetdevSpec
+    from appliance.net.netdev import Unplugged
 
     specs = netops.nic_specs(ctx.machine)
     hubs: list[str] = []
     out: list[str] = []
     for spec in specs:
-        if isinstance(spec, PeerlessNetdevSpec):
-            line = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev, spec.owner)}{_filters(spec)}\r\n"
-            if spec.hub == 0:
-                hubs.append(f"hub 0\r\n \\ hub0port0: {line}")  # the hub's only port
-            else:
-                out.append(line)
+        if isinstance(spec, PeerlessNetdevSpec) and not isinstance(spec, HubNetdevSpec):
+            out.append(f"{_netdev_line(spec)}\r\n")
     for spec in specs:
-        if isinstance(spec, PeerlessNetdevSpec):
+        if isinstance(spec, PeerlessNetdevSpec) or getattr(spec, "port", None) is not None:
+            continue  # on a hub: listed with it
+        nic = _nic_line(spec)
+        if isinstance(spec.netdev, Unplugged):
+            out.append(f"{nic}\r\n")
             continue
-        dev = spec.device
-        name = spec.name.removeprefix("virtio-net ")
-        mac = getattr(dev, "mac", None)
-        mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
-        # QEMU 7.2 shows no carrier state here (set_link leaves the line as it was).
-        nic = f"{name}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}"
-        netdev = f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev, spec.owner)}{_filters(spec)}"
+        netdev = _netdev_line(spec)
         if getattr(spec, "hub", -1) == 0:
             # A -net pair: both hang off hub 0, its ports listed newest first as QEMU does.
             ports = {spec.hub_port: nic, 1 - spec.hub_port: netdev}
@@ -300,7 +296,28 @@ def _network(ctx: Any) -> str:
             continue
         out.append(f"{nic}\r\n")
         out.append(f" \\ {netdev}\r\n")
+    for hub in reversed(netops.hubs(ctx.machine)):
+        hubs.append(f"hub {hub.id}\r\n")
+        for port in reversed(hub.ports):
+            peer = next((s for s in specs if getattr(s, "port", None) is port), None)
+            if peer is None:
+                hubs.append(f" \\ {port.name}\r\n")
+            elif isinstance(peer, HubNetdevSpec):
+                hubs.append(f" \\ {port.name}: {_netdev_line(peer)}\r\n")
+            else:
+                hubs.append(f" \\ {port.name}: {_nic_line(peer)}\r\n")
     return "".join(hubs + out)
+
+
+def _nic_line(spec: Any) -> str:
+    mac = getattr(spec.device, "mac", None)
+    mac_text = ":".join(f"{b:02x}" for b in mac) if isinstance(mac, bytes | bytearray) else "?"
+    # QEMU 7.2 shows no carrier state here (set_link leaves the line as it was).
+    return f"{spec.name.removeprefix('virtio-net ')}: index=0,type=nic,model=virtio-net-pci,macaddr={mac_text}"
+
+
+def _netdev_line(spec: Any) -> str:
+    return f"{spec.netdev.id}: index=0,type={_netdev_info(spec.netdev, spec.owner)}{_filters(spec)}"
 
 
 def _filters(spec: Any) -> str:

@@ -36,8 +36,16 @@ def nic_specs(machine: Any) -> list[Any]:
     return [s for s in machine.config.devices if isinstance(s, NicSpec)]
 
 
+def hubs(machine: Any) -> list[Any]:
+    """The machine's hubs (appliance.net.hub.Hub) in the order they were made; a net-daemon has none."""
+    from appliance.machine.devices import HubSpec
+
+    config = getattr(machine, "config", None)
+    return [s.hub for s in getattr(config, "devices", ()) if isinstance(s, HubSpec)]
+
+
 def nic_names(spec: Any) -> set[str]:
-    names = {spec.netdev.id}
+    names = {spec.netdev.id} - {""}
     prefix = "virtio-net "
     if spec.name.startswith(prefix):
         names.add(spec.name[len(prefix):])

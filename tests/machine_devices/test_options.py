@@ -10,7 +10,7 @@ import pytest
 
 from appliance.cli.run import parse_args, to_config
 from appliance.errors import ConfigError
-from appliance.machine.devices import BlkSpec, NicSpec, PeerlessNetdevSpec, RngSpec
+from appliance.machine.devices import BlkSpec, HubNetdevSpec, HubSpec, NicSpec, PeerlessNetdevSpec, RngSpec
 from appliance.net.netdev import UserNetdev
 from appliance.nic.config import MAX_NICS
 from appliance.pci.allocator import PciAddress
@@ -180,9 +180,10 @@ def test_legacy_net_nic_takes_the_hub_back_end_in_either_order() -> None:
 def test_netdevs_without_a_nic_are_warned_of_as_qemu_does(capsys: pytest.CaptureFixture[str]) -> None:
     """QEMU warns of a netdev without a peer, and of hub 0 without a NIC, and opens the
     netdevs all the same (a user network's hostfwd ports are bound)."""
-    hub, alone = devices("-net", "user", "-netdev", "user,id=x,hostfwd=tcp::2222-:22",
-                         "-object", "filter-dump,id=f,netdev=x,file=/tmp/x.pcap")
-    assert isinstance(hub, PeerlessNetdevSpec) and hub.hub == 0
+    alone, on_hub, hub = devices("-net", "user", "-netdev", "user,id=x,hostfwd=tcp::2222-:22",
+                                 "-object", "filter-dump,id=f,netdev=x,file=/tmp/x.pcap")
+    assert isinstance(on_hub, HubNetdevSpec) and on_hub.hub == 0 and on_hub.port in hub.hub.ports
+    assert isinstance(hub, HubSpec) and [p.name for p in hub.hub.ports] == ["hub0port0"]
     assert isinstance(alone, PeerlessNetdevSpec) and alone.netdev.id == "x" and alone.hub == -1
     assert [c.id for c in alone.captures] == ["f"]  # QEMU takes a filter on it too
     err = capsys.readouterr().err.splitlines()
@@ -266,14 +267,17 @@ BAD = [
     (["-netdev", "carrier-pigeon,id=n0"], "carrier-pigeon"),
     (["-device", "virtio-net-pci,netdev=nope"], "'nope'"),
     (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n0"],
-     "already used"),
+     "can't take value 'n0', it's in use"),
     (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t"], "mq=on"),
     (["-netdev", "tap,id=t,queues=2", "-device", "virtio-net-pci,netdev=t,mq=on,vectors=3"], "vectors=3"),
     (["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,mac=01:00:00:00:00:01"], "multicast"),
     (["-object", "filter-dump,id=f,netdev=ghost,file=/tmp/x.pcap"], "netdev=ghost"),
-    (["-net", "nic"], "hub 0 is not connected"),
-    (["-net", "nic", "-net", "nic", "-net", "user"], "hub 0 has 2 NICs"),
-    (["-net", "user", "-net", "tap,ifname=t0", "-net", "nic"], "hub 0 has 2 back ends"),
+    (["-netdev", "user,id=u", "-netdev", "hubport,id=h0,hubid=0,netdev=u",
+      "-netdev", "hubport,id=h1,hubid=0,netdev=u"], "netdev 'u' is already the peer of hub port h0"),
+    (["-netdev", "hubport,id=h0,hubid=0", "-netdev", "hubport,id=h1,hubid=1,netdev=h0"], "is a hub port"),
+    (["-netdev", "hubport,id=h0,hubid=0", "-device", "virtio-net-pci,netdev=h0,mq=on"], "one queue"),
+    (["-netdev", "user,id=u", "-netdev", "hubport,id=h0,hubid=0,netdev=u",
+      "-object", "filter-dump,id=f,netdev=h0,file=/tmp/x.pcap"], "capture on 'u'"),
     (["-net", "nic,model=e1000", "-net", "user"], "'e1000'"),
     (["-net", "nic,name=n1", "-net", "user"], "'name'"),
     (["-net", "nic,macaddr=zz", "-net", "user"], "'zz'"),

@@ -1,0 +1,264 @@
+"""QEMU's hubs: ``-net`` (hub 0) and ``-netdev hubport,hubid=N``.
+
+A hub is a repeater. Every frame one port hands it goes out of every other
+port unchanged, as QEMU's net/hub.c forwards it, so any number of NICs and
+host back ends can share one segment: two ``-net nic`` and a ``-net user``
+give both NICs the user network and each other.
+
+Each port has at most one peer:
+
+* a NIC, which pulls its frames from the port through the FrameBackend
+  interface (:meth:`HubPort.connect_nic`); a bounded queue holds what the NIC
+  has not taken yet, and what does not fit is dropped and counted;
+* a host back end (a user network, tap, socket…), which the hub reads from
+  when it is ready and hands frames to with ``send`` (:meth:`HubPort.connect_backend`);
+* nothing: what the hub sends there is lost, as in QEMU.
+
+Like QEMU's hub ports, a port carries no virtio-net header: its back end is
+opened without one and its NIC negotiates no offloads, so every frame is
+a plain Ethernet frame whatever its destination.
+
+Flow control follows QEMU's ``net_hub_port_can_receive``: a back end is read
+only while some other port can take a frame; when every NIC queue is full
+and no other back end is on the hub, the back end is paused (its own bounded
+queue or the kernel's then drops) and resumed as soon as a NIC takes a frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from appliance.log import get_logger
+from appliance.net.backend import FrameBackend
+from appliance.net.errors import NetError
+
+log = get_logger(__name__)
+
+# Frames a NIC's port holds for it: one receive ring's worth (QEMU's default queue size).
+NIC_QUEUE = 256
+# Frames read from one back end per wake-up before the loop's other work runs.
+PULL_BUDGET = 64
+# Largest frame taken from a back end: a 64 KiB jumbo frame (there is no segmentation offload).
+MAX_FRAME = 65535
+
+
+class HubError(NetError):
+    """A port was connected twice."""
+
+
+class Hub:
+    """One hub: its ports in the order they were made (QEMU numbers them that way)."""
+
+    def __init__(self, hubid: int) -> None:
+        self.id = hubid
+        self.ports: list[HubPort] = []
+
+    def add_port(self, name: str | None = None) -> HubPort:
+        """A new port; unnamed ports are ``hub<N>port<K>``, K counting this hub's ports so far."""
+        port = HubPort(self, name or f"hub{self.id}port{len(self.ports)}")
+        self.ports.append(port)
+        return port
+
+    def forward(self, source: HubPort, frame: bytes) -> None:
+        for port in self.ports:
+            if port is not source:
+                port.deliver(frame)
+
+    def has_room(self, source: HubPort) -> bool:
+        """Whether any port but ``source`` can take a frame now."""
+        return any(port.has_room() for port in self.ports if port is not source)
+
+    def room_made(self) -> None:
+        """A NIC took a frame: back ends paused for want of room may be read again."""
+        for port in self.ports:
+            port.resume()
+
+
+class HubPort:
+    """One port of a :class:`Hub` and its peer, once connected."""
+
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub = hub
+        self.name = name
+        self.nic: NicSide | None = None
+        self.backend: BackendSide | None = None
+        self.dropped = 0  # frames for a peerless port, or for a NIC with a full queue
+
+    def connect_nic(self) -> NicSide:
+        """The FrameBackend a NIC on this port reads and writes."""
+        self._check_free()
+        self.nic = NicSide(self)
+        self.hub.room_made()  # a back end paused while no port could take its frames reads again
+        return self.nic
+
+    def connect_backend(self, backend: FrameBackend) -> BackendSide:
+        """Put ``backend`` (opened without virtio-net headers) behind this port and start reading it."""
+        if backend.vnet_hdr_len:
+            raise HubError(f"hub port {self.name}: its back end carries virtio-net headers")
+        self._check_free()
+        self.backend = BackendSide(self, backend)
+        return self.backend
+
+    def _check_free(self) -> None:
+        if self.nic is not None or self.backend is not None:
+            raise HubError(f"hub port {self.name} is already in use")
+
+    def disconnect(self) -> None:
+        if self.backend is not None:
+            self.backend.stop()
+        self.nic = None
+        self.backend = None
+
+    def deliver(self, frame: bytes) -> None:
+        """A frame from another port, for this port's peer."""
+        if self.nic is not None:
+            self.nic.put(frame)
+        elif self.backend is not None:
+            self.backend.put(frame)
+        else:
+            self.dropped += 1
+
+    def has_room(self) -> bool:
+        if self.nic is not None:
+            return self.nic.has_room()
+        # A back end takes every frame (it drops what its host side cannot); a peerless port
+        # takes none, as QEMU's qemu_can_send_packet says for a port without a peer.
+        return self.backend is not None
+
+    def resume(self) -> None:
+        if self.backend is not None:
+            self.backend.resume()
+
+
+class NicSide:
+    """A NIC's view of its hub port: a FrameBackend without virtio-net headers."""
+
+    vnet_hdr_len = 0
+
+    def __init__(self, port: HubPort) -> None:
+        self.port = port
+        self._queue: deque[bytes] = deque()
+        self._ready: Callable[[], None] | None = None
+        self._wake_scheduled = False
+
+    # -- the hub's side --------------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return len(self._queue) < NIC_QUEUE
+
+    def put(self, frame: bytes) -> None:
+        if len(self._queue) >= NIC_QUEUE:
+            self.port.dropped += 1
+            return
+        self._queue.append(frame)
+        self._wake()
+
+    def _wake(self) -> None:
+        # From the loop, never from inside the sender's pass: a NIC's transmit must not run
+        # another NIC's receive (or its own) in the middle of it.
+        if self._ready is None or self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        asyncio.get_running_loop().call_soon(self._call_ready)
+
+    def _call_ready(self) -> None:
+        self._wake_scheduled = False
+        if self._ready is not None and self._queue:
+            self._ready()
+
+    # -- FrameBackend ----------------------------------------------------------------------
+
+    def set_ready_callback(self, ready: Callable[[], None] | None) -> None:
+        self._ready = ready
+        if ready is not None and self._queue:
+            self._wake()
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        if not self._queue:
+            return -1
+        was_full = len(self._queue) >= NIC_QUEUE
+        frame = self._queue.popleft()
+        off = 0
+        for view in bufs:
+            if off >= len(frame):
+                break
+            take = min(len(view), len(frame) - off)
+            view[:take] = frame[off : off + take]
+            off += take
+        if was_full:
+            self.port.hub.room_made()
+        return len(frame)
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        self.port.hub.forward(self.port, b"".join(bufs))
+        return True
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
+        return  # no headers, so no offloads to tell anyone of
+
+    def close(self) -> None:
+        self._ready = None
+        self._queue.clear()
+        if self.port.nic is self:
+            self.port.nic = None
+
+
+class BackendSide:
+    """A host back end behind a hub port: read when it is ready, written with each frame for it."""
+
+    def __init__(self, port: HubPort, backend: FrameBackend) -> None:
+        self.port = port
+        self.backend = backend
+        self._buf = bytearray(MAX_FRAME)
+        self._view = memoryview(self._buf)
+        self._paused = False
+        self._stopped = False
+        self._pull_scheduled = False
+        self.oversized = 0  # frames longer than MAX_FRAME, dropped
+        self.link_up = True  # set_link off: nothing goes either way (what comes in is read and dropped)
+        backend.set_ready_callback(self._pull)
+
+    def put(self, frame: bytes) -> None:
+        if not self._stopped and self.link_up:
+            self.backend.send([memoryview(frame)])
+
+    def _pull(self) -> None:
+        self._pull_scheduled = False
+        if self._stopped or self._paused:
+            return
+        hub = self.port.hub
+        for _ in range(PULL_BUDGET):
+            if not hub.has_room(self.port):
+                self._paused = True
+                self.backend.set_ready_callback(None)
+                return
+            n = self.backend.recv_into([self._view])
+            if n < 0:
+                return
+            if n > MAX_FRAME:
+                self.oversized += 1
+                continue
+            if not self.link_up:
+                continue
+            hub.forward(self.port, bytes(self._view[:n]))
+        # More may wait; read on after the loop's other work.
+        if not self._pull_scheduled:
+            self._pull_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pull)
+
+    def resume(self) -> None:
+        if self._paused and not self._stopped:
+            self._paused = False
+            self.backend.set_ready_callback(self._pull)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.backend.set_ready_callback(None)
+
+
+__all__ = ["MAX_FRAME", "NIC_QUEUE", "PULL_BUDGET", "BackendSide", "Hub", "HubError", "HubPort", "NicSide"]

@@ -1,0 +1,109 @@
+"""Hubs side by side with qemu-system-x86_64 7.2: the same command lines give the same
+warnings, the same ``info network`` and ``info usernet``, and the same refusals.
+
+QEMU's default NIC for ``-net nic`` on a PC is e1000; these lines ask for virtio-net so that
+both name their NICs alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.cli.run import parse_args, to_config
+from appliance.errors import ApplianceError
+from tests.conftest import needs_kvm, needs_qemu
+from tests.qmp.test_machine_qmp import GUEST, _qemu_hmp, ex, machine
+
+QEMU = "qemu-system-x86_64"
+_QUIT = b"".join(json.dumps(c).encode() + b"\n" for c in ({"execute": "qmp_capabilities"}, {"execute": "quit"}))
+
+LINES = [
+    "-net nic,model=virtio -net nic,model=virtio -net user",
+    "-net user -net nic,model=virtio -net user,id=u2 -net nic,model=virtio",
+    "-netdev hubport,id=h0,hubid=1 -device virtio-net-pci,netdev=h0 -netdev user,id=u "
+    "-netdev hubport,id=h1,hubid=1,netdev=u -netdev hubport,id=h2,hubid=1",
+    "-device virtio-net-pci",
+    "-device virtio-net-pci,id=lonely",
+    "-netdev hubport,id=h0,hubid=2 -netdev hubport,id=h1,hubid=1 -net nic,model=virtio -net user",
+    "-netdev hubport,id=h0,hubid=0 -net nic,model=virtio -net user,id=x",
+    "-net user -net user",
+    "-net nic,model=virtio",
+    "-netdev hubport,id=h0,hubid=-1",
+    '-netdev {"type":"hubport","id":"h0","hubid":3}',
+    "-netdev user,id=u -netdev hubport,id=h0,hubid=0x10,netdev=u",
+]
+
+
+def _argv(line: str) -> list[str]:
+    # The JSON form is one argument; the rest split on spaces.
+    if "{" in line:
+        head, _, body = line.partition(" ")
+        return [head, body]
+    return line.split()
+
+
+def _qemu(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", *argv, "-qmp", "stdio"],
+                          input=_QUIT, capture_output=True, timeout=30)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"#net\d+", "#netN", text)  # the names QEMU makes up for -net back ends
+
+
+@needs_qemu
+@pytest.mark.parametrize("line", LINES)
+def test_hub_warnings_are_qemus(line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = _argv(line)
+    theirs = [ln.split(": ", 1)[1] for ln in _qemu(argv).stderr.decode().splitlines() if ": warning: " in ln]
+    to_config(parse_args(["-kernel", "/dev/null", *argv]))
+    ours = [ln.split(": ", 1)[1] for ln in capsys.readouterr().err.splitlines()]
+    assert ours == theirs
+
+
+@needs_kvm
+@needs_qemu
+@pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")
+@pytest.mark.parametrize("line", LINES)
+async def test_info_network_and_usernet_are_qemus(line: str, tmp_path: Path) -> None:
+    argv = _argv(line)
+    commands = ["info network", "info usernet"]
+    async with machine(tmp_path, *argv) as m:
+        ours = [await ex(m.qmp, "human-monitor-command", {"command-line": c}) for c in commands]
+    theirs = await _qemu_hmp("", commands, tmp_path, argv=argv)
+    assert [_norm(t) for t in ours] == [_norm(t) for t in theirs]
+
+
+REFUSED = [
+    "-netdev hubport,id=h0",
+    "-netdev hubport,hubid=1",
+    "-netdev hubport,id=h0,hubid=abc",
+    "-netdev hubport,id=h0,hubid=",
+    "-netdev hubport,id=h0,hubid=4294967296",
+    "-netdev hubport,id=h0,hubid=-2147483649",
+    "-netdev hubport,id=h0,hubid=0,netdev=nope",
+    "-netdev hubport,id=h0,hubid=0,netdev=",
+    "-netdev hubport,id=h0,hubid=0,netdev=u -netdev user,id=u",
+    "-netdev user,id=u -netdev hubport,id=h0,hubid=0,netdev=u,foo=1",
+    "-net hubport,hubid=0",
+    "-device virtio-net-pci,netdev=",
+    "-netdev user,id=u -netdev hubport,id=h0,hubid=0,netdev=u -device virtio-net-pci,netdev=u",
+    "-netdev hubport,id=h0,hubid=0 -device virtio-net-pci,netdev=h0 -device virtio-net-pci,netdev=h0",
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("line", REFUSED)
+def test_hub_refusals_give_qemus_reason(line: str) -> None:
+    argv = _argv(line)
+    qemu = _qemu(argv)
+    assert qemu.returncode == 1, qemu
+    reason = qemu.stderr.decode().splitlines()[-1].split(": ", 2)[-1]
+    with pytest.raises(ApplianceError) as err:
+        to_config(parse_args(["-kernel", "/dev/null", *argv]))
+    assert str(err.value).endswith(": " + reason), (line, reason, str(err.value))
