@@ -9,6 +9,7 @@ test namespace (the guest pings the host, the host gets a UDP echo from the gues
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -178,3 +179,78 @@ async def test_feature_properties_turn_features_off_and_the_nic_still_works() ->
                     C.F_HOST_TSO4, C.F_HOST_TSO6, C.F_GUEST_TSO4, C.F_GUEST_TSO6):
             assert not dev.driver_features >> bit & 1, bit
         assert dev.max_queue_size(0) == 1024 and dev.max_queue_size(1) == 512
+
+
+async def test_two_nics_and_a_user_network_share_hub_0() -> None:
+    """``-net nic -net nic -net user``: QEMU's hub gives both NICs the user network. Each gets
+    its own lease (they differ by MAC) and pings the gateway; a hub port carries no virtio-net
+    header, so neither NIC is offered checksum offload."""
+    async with guest("-net", "nic,model=virtio", "-net", "nic,model=virtio,macaddr=52:54:00:00:00:44",
+                     "-net", "user") as g:
+        for which, ip, mac in ((0, "10.0.2.15", "52:54:00:12:34:56"), (1, "10.0.2.16", "52:54:00:00:00:44")):
+            await g.net(f"net use {which}", "use")
+            info = await g.net("net info", "info")
+            assert info["mac"] == mac and info["link"] == "up"
+            assert int(info["features"], 16) & 1 == 0  # VIRTIO_NET_F_CSUM
+            assert (await g.net("net dhcp", "dhcp"))["ip"] == ip
+            assert (await g.net("net ping 10.0.2.2 2", "ping done"))["received"] == "2"
+
+
+async def test_a_hubport_repeats_the_guests_frames_to_every_back_end() -> None:
+    """``-netdev hubport``: hub 1 joins the NIC, a user network and a UDP link to this test. The
+    test sees the guest's DHCP exchange go by, and a host it plays on the UDP side pings the
+    guest through the hub."""
+    from scapy.layers.dhcp import DHCP
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import ARP, Ether
+
+    mine, theirs = free_udp_ports(2)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", mine))
+    sock.settimeout(10)
+    dgram = (f"dgram,id=d,local.type=inet,local.host=127.0.0.1,local.port={theirs},"
+             f"remote.type=inet,remote.host=127.0.0.1,remote.port={mine}")
+    guest_mac = "52:54:00:00:00:45"
+    try:
+        async with guest("-netdev", "hubport,id=p0,hubid=1", "-device", f"virtio-net-pci,netdev=p0,mac={guest_mac}",
+                         "-netdev", "user,id=u", "-netdev", "hubport,id=p1,hubid=1,netdev=u",
+                         "-netdev", dgram, "-netdev", "hubport,id=p2,hubid=1,netdev=d") as g:
+            assert (await g.net("net dhcp", "dhcp"))["ip"] == "10.0.2.15"
+            seen = []
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    seen.append(Ether(sock.recv(2048)))
+            dhcp = [(p[Ether].src, p[DHCP].options[0][1]) for p in seen if DHCP in p]
+            # DISCOVER and REQUEST from the guest, OFFER and ACK from the user network.
+            assert [t for _, t in dhcp] == [1, 2, 3, 5]
+            assert {src for src, _ in dhcp} == {guest_mac, "52:55:0a:00:02:02"}
+            sock.setblocking(True)
+
+            host_mac = "02:00:00:00:00:99"
+            loop = asyncio.get_running_loop()
+            sock.sendto(bytes(Ether(src=host_mac, dst="ff:ff:ff:ff:ff:ff") /
+                              ARP(op=1, hwsrc=host_mac, psrc="10.0.2.99", pdst="10.0.2.15")), ("127.0.0.1", theirs))
+            sock.sendto(bytes(Ether(src=host_mac, dst=guest_mac) / IP(src="10.0.2.99", dst="10.0.2.15") /
+                              ICMP(id=7, seq=1) / b"hub"), ("127.0.0.1", theirs))
+            replies: list[Ether] = []
+            while not any(ICMP in p and p[ICMP].type == 0 for p in replies):
+                replies.append(Ether(await loop.run_in_executor(None, sock.recv, 2048)))
+            arp = next(p for p in replies if ARP in p and p[ARP].op == 2)
+            echo = next(p for p in replies if ICMP in p and p[ICMP].type == 0)
+            assert (arp.src, arp[ARP].psrc, arp.dst) == (guest_mac, "10.0.2.15", host_mac)
+            assert (echo[IP].dst, echo[ICMP].id, bytes(echo[ICMP].payload)) == ("10.0.2.99", 7, b"hub")
+    finally:
+        sock.close()
+
+
+async def test_a_nic_without_a_netdev_runs_with_nothing_on_its_cable() -> None:
+    """QEMU warns "nic virtio-net-pci.0 has no peer" and runs: the guest sees a NIC whose
+    frames go nowhere."""
+    async with guest("-device", "virtio-net-pci") as g:
+        info = await g.net("net info", "info")
+        assert info["mac"] == "52:54:00:12:34:56" and info["link"] == "up"
+        await g.net("net ip 10.9.0.1", "ip")
+        g.vm.console.send("net ping 10.9.0.2 1\n")
+        await g.vm.console.expect(r"ERR net ping: no ARP reply from 10\.9\.0\.2", timeout=20)
+        assert (await g.net("net info", "info"))["tx_frames"] != "0"
