@@ -67,7 +67,7 @@ PROPERTIES: dict[str, tuple[Row, ...]] = {
         ('mac', 'str', 'its MAC address, such as 52:54:00:12:34:56', None),
         ('mq', 'bool', 'on/off', 'false'),
         ('mrg_rxbuf', 'bool', 'on/off', 'true'),
-        ('netdev', 'str', 'the id of the -netdev it is wired to', None),
+        ('netdev', 'str', 'the id of the -netdev it is wired to (none: a NIC with no peer)', None),
         ('romfile', 'str', None, None),
         ('rss', 'bool', 'on/off', 'false'),
         ('rx_queue_size', 'uint16', None, '256'),

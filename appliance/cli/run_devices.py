@@ -410,8 +410,8 @@ def _iothread(plan: DevicePlan, o: OptionDict) -> None:
 
 
 @option(
-    "-netdev", "tap|bridge|dgram|socket|stream|user,id=ID[,...]",
-    "a host network back end for -device virtio-net-pci",
+    "-netdev", "tap|bridge|dgram|socket|stream|user,id=ID[,...] | hubport,id=ID,hubid=N[,netdev=ID]",
+    "a host network back end for -device virtio-net-pci, or a port of hub N (frames repeated to every port)",
 )
 def _netdev(a: RunArgs, v: str) -> None:
     from appliance.net.netdev import parse_netdev
@@ -454,7 +454,7 @@ def _nic(a: RunArgs, v: str) -> None:
 
 @option(
     "-net", "nic[,model=virtio-net-pci][,macaddr=][,addr=][,netdev=ID] | TYPE[,netdev options] | none",
-    "QEMU's legacy NIC and back end, joined on hub 0 (one of each); or none: no NICs (the default)",
+    "QEMU's legacy NICs and back ends, all joined on hub 0; or none: no NICs (the default)",
 )
 def _net(a: RunArgs, v: str) -> None:
     from appliance.net.netdev import parse_netdev, user_flags

@@ -73,7 +73,7 @@ async def test_user_net_dhcp_and_ping_are_captured_in_order(tmp_path: Path) -> N
         assert (lease["ip"], lease["router"]) == ("10.0.2.15", "10.0.2.2")
         done = await g.net("net ping 10.0.2.2 2", "ping done")
         assert done["received"] == "2"
-    kinds = []
+    kinds: list[str] = []
     for p in rdpcap(str(pcap)):
         kind = "dhcp" if DHCP in p else "arp" if ARP in p else "icmp" if ICMP in p else None
         if kind and (not kinds or kinds[-1] != kind):
