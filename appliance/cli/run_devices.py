@@ -168,7 +168,7 @@ class DevicePlan:
     dumps: list[object] = field(default_factory=list)
     snapshot: bool = False
     net_none: bool = False
-    nic_count: int = 0
+    net_names: int = 0  # names made for -nic and -net back ends without id= (#net0, #net1, …)
     hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
     # Every -net option on hub 0 in command-line order, the order QEMU gives them ports: a -net
     # nic as its index in ``entries``, a -net back end as its netdev id.
@@ -443,8 +443,8 @@ def _nic(a: RunArgs, v: str) -> None:
     from appliance.nic.config import parse_nic
 
     plan = plan_of(a)
-    netdev, nic = parse_nic(v, plan.nic_count)
-    plan.nic_count += 1
+    netdev, nic = parse_nic(v, plan.net_names)
+    plan.net_names += 1
     if netdev is None or nic is None:
         plan.net_none = True
         return
@@ -478,7 +478,8 @@ def _net(a: RunArgs, v: str) -> None:
         # "#net" and a number too).
         given = o.get("id")
         _claim_net_id(plan, given)
-        netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{len(plan.hub_backends)}")
+        netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{plan.net_names}")
+        plan.net_names += given is None
         _add_netdev(plan, netdev, "-net", v)
         plan.hub_backends.append(netdev.id)
         plan.hub_items.append(netdev.id)

@@ -28,7 +28,7 @@ MAX_TAP_QUEUES = 16
 
 
 def _check_id(what: str, ident: str, implicit: str | None = None) -> str:
-    # Only the id -nic makes for itself may be outside QEMU's identifiers (``__nicN``).
+    # Only the id -nic or -net makes for itself may be outside QEMU's identifiers (``#netN``).
     if not (is_identifier(ident) and len(ident) <= _ID_MAX) and ident != implicit:
         # QEMU's words, with the id in the option shown (QEMU shows the whole option).
         raise ConfigError(f"{what},id={ident}: Parameter 'id' expects an identifier")

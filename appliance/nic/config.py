@@ -266,7 +266,8 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     """``-nic TYPE[,netdev options][,model=virtio-net-pci][,mac=…]`` (``-nic none`` → no NIC).
 
     The netdev is named by ``id=`` as in QEMU (so ``hostfwd_add ID …`` finds it), else it gets
-    ``__nic{index}``, which no ``-device`` can name.
+    ``#net{index}``, a name of QEMU's kind (its own are ``#net`` and a number) that no option
+    can write, so no ``-device`` can name it.
     """
     opts = parse_option("-nic", text, implied="type", flags=user_flags(text), warn_flags=True)  # as under -netdev
     kind = opts.get("type")
@@ -285,7 +286,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
         if k not in ("type", "model", "mac", "addr")
         for v in vs
     ]
-    netdev = parse_netdev(",".join(parts), "-nic", implicit_id=None if given is not None else f"__nic{index}")
+    netdev = parse_netdev(",".join(parts), "-nic", implicit_id=None if given is not None else f"#net{index}")
     return netdev, NicConfig(netdev=netdev.id, mac=mac, addr=addr, mq=getattr(netdev, "queues", 1) > 1)
 
 

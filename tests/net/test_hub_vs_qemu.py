@@ -36,6 +36,8 @@ LINES = [
     "-netdev hubport,id=h0,hubid=-1",
     '-netdev {"type":"hubport","id":"h0","hubid":3}',
     "-netdev user,id=u -netdev hubport,id=h0,hubid=0x10,netdev=u",
+    "-nic user,model=virtio -net nic,model=virtio",
+    "-nic hubport,hubid=0,model=virtio -net user",
 ]
 
 

@@ -52,13 +52,13 @@ def test_bad_device_options(text: str, message: str) -> None:
 
 def test_nic_shorthand_makes_netdev_and_device() -> None:
     nd, nic = parse_nic("tap,ifname=tap3,script=no,downscript=no,model=virtio-net-pci,mac=52:54:00:00:00:09", 0)
-    assert nd == TapNetdev("__nic0", ifname="tap3")
-    assert nic == NicConfig("__nic0", mac=bytes.fromhex("525400000009"))
+    assert nd == TapNetdev("#net0", ifname="tap3")
+    assert nic == NicConfig("#net0", mac=bytes.fromhex("525400000009"))
 
 
 def test_nic_user_with_hostfwd() -> None:
     nd, nic = parse_nic("user,hostfwd=tcp::2222-:22", 1)
-    assert isinstance(nd, UserNetdev) and nd.id == "__nic1" and nic is not None and nic.netdev == "__nic1"
+    assert isinstance(nd, UserNetdev) and nd.id == "#net1" and nic is not None and nic.netdev == "#net1"
 
 
 def test_nic_id_names_its_netdev_as_in_qemu() -> None:
@@ -95,13 +95,13 @@ def test_filter_dump() -> None:
 
 @pytest.mark.parametrize("option", ["-nic", "-netdev"])
 def test_an_id_a_user_gives_must_be_a_qemu_identifier_even_if_it_looks_implicit(option: str) -> None:
-    """QEMU refuses ``id=__nic1`` (Parameter 'id' expects an identifier); only the id ``-nic``
-    makes for itself may take that form, else ``-nic user,id=__nic1 -nic user`` clashed."""
-    with pytest.raises(ConfigError, match="id=__nic1: Parameter 'id' expects an identifier"):
+    """QEMU refuses ``id=#net1`` (Parameter 'id' expects an identifier); only the id ``-nic``
+    makes for itself may take that form, else ``-nic user,id=#net1 -nic user`` clashed."""
+    with pytest.raises(ConfigError, match="id=#net1: Parameter 'id' expects an identifier"):
         if option == "-nic":
-            parse_nic("user,id=__nic1", 0)
+            parse_nic("user,id=#net1", 0)
         else:
-            parse_netdev("user,id=__nic1")
+            parse_netdev("user,id=#net1")
 
 
 @pytest.mark.parametrize("text", ["id=n0,type=user,restrict", "id=n0,type=user,norestrict,restrict"])
