@@ -373,7 +373,8 @@ class HubNetdevSpec(PeerlessNetdevSpec):
         self.port.connect_backend(self.backends[0])
 
     def set_link(self, up: bool) -> None:
-        """QEMU's link-down netdev neither sends nor is sent anything (net/net.c)."""
+        """QEMU's link-down netdev neither sends nor is sent anything (net/net.c); its hub
+        port keeps a link state of its own."""
         if self.port.backend is not None:
             self.port.backend.link_up = up
 

@@ -85,6 +85,9 @@ class HubPort:
         self.nic: NicSide | None = None
         self.backend: BackendSide | None = None
         self.dropped = 0  # frames for a peerless port, or for a NIC with a full queue
+        # set_link off on the port or on its back end: nothing passes it either way, as a
+        # link-down client of QEMU's neither sends nor is sent (net/net.c).
+        self.link_up = True
 
     def connect_nic(self) -> NicSide:
         """The FrameBackend a NIC on this port reads and writes."""
@@ -113,6 +116,8 @@ class HubPort:
 
     def deliver(self, frame: bytes) -> None:
         """A frame from another port, for this port's peer."""
+        if not self.link_up:
+            return
         if self.nic is not None:
             self.nic.put(frame)
         elif self.backend is not None:
@@ -195,7 +200,8 @@ class NicSide:
         return len(frame)
 
     def send(self, bufs: Sequence[memoryview]) -> bool:
-        self.port.hub.forward(self.port, b"".join(bufs))
+        if self.port.link_up:
+            self.port.hub.forward(self.port, b"".join(bufs))
         return True
 
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:
@@ -220,7 +226,7 @@ class BackendSide:
         self._stopped = False
         self._pull_scheduled = False
         self.oversized = 0  # frames longer than MAX_FRAME, dropped
-        self.link_up = True  # set_link off: nothing goes either way (what comes in is read and dropped)
+        self.link_up = True  # the back end's own link (set_link on its netdev), apart from the port's
         backend.set_ready_callback(self._pull)
 
     def put(self, frame: bytes) -> None:
@@ -243,7 +249,7 @@ class BackendSide:
             if n > MAX_FRAME:
                 self.oversized += 1
                 continue
-            if not self.link_up:
+            if not (self.link_up and self.port.link_up):
                 continue
             hub.forward(self.port, bytes(self._view[:n]))
         # More may wait; read on after the loop's other work.

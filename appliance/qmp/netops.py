@@ -99,7 +99,16 @@ def usernet_stats(machine: Any) -> list[dict[str, Any]]:
 def set_link(machine: Any, name: str, up: bool) -> None:
     from appliance.machine.devices import PeerlessNetdevSpec
 
-    spec = find_nic(machine, name)
+    try:
+        spec = find_nic(machine, name)
+    except DeviceNotFound:
+        # A hub port no NIC or back end names: QEMU takes it (a port with nothing on it, or
+        # a -netdev hubport whose netdev= is the back end).
+        port = next((p for hub in hubs(machine) for p in hub.ports if p.name == name), None)
+        if port is None:
+            raise
+        port.link_up = up
+        return
     if isinstance(spec, PeerlessNetdevSpec):
         spec.set_link(up)
         return

@@ -163,6 +163,14 @@ async def test_link_down_on_a_back_end_stops_frames_both_ways() -> None:
         with pytest.raises(TimeoutError):
             peer.recv(2048)
         side.link_up = True
+        port.link_up = False  # the port's own link cuts it as well
+        nic.send([memoryview(frame(4))])
+        peer.send(frame(5))
+        await settle(rounds=20)
+        assert take(nic) is None
+        with pytest.raises(TimeoutError):
+            peer.recv(2048)
+        port.link_up = True
         peer.send(frame(3))
         await settle(lambda: nic.queued())
         assert take_all(nic) == [frame(3)]

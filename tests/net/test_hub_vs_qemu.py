@@ -109,3 +109,51 @@ def test_hub_refusals_give_qemus_reason(line: str) -> None:
     with pytest.raises(ApplianceError) as err:
         to_config(parse_args(["-kernel", "/dev/null", *argv]))
     assert str(err.value).endswith(": " + reason), (line, reason, str(err.value))
+
+
+HUB_1 = ["-netdev", "hubport,id=p0,hubid=1", "-device", "virtio-net-pci,netdev=p0",
+         "-netdev", "user,id=u", "-netdev", "hubport,id=p1,hubid=1,netdev=u",
+         "-netdev", "hubport,id=p2,hubid=1"]
+
+
+@needs_kvm
+@needs_qemu
+@pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")
+async def test_set_link_takes_hub_ports_and_cuts_a_back_end_off_its_hub(tmp_path: Path) -> None:
+    """QEMU's set_link takes every port's name, the peerless one's too. A back end set down
+    neither sends to the hub nor is sent anything: the guest's ping of the gateway goes
+    unanswered until it is up again."""
+    from qemu.qmp import ExecuteError
+
+    from tests.qmp.test_machine_qmp import qemu_process
+
+    names = ["p0", "p1", "p2", "u", "virtio-net-pci.0", "nope"]
+
+    async def answers(client: object) -> list[str]:
+        out = []
+        for name in names:
+            try:
+                await client.execute("set_link", {"name": name, "up": True})  # type: ignore[attr-defined]
+                out.append("ok")
+            except ExecuteError as err:
+                out.append(str(err.error.error.desc))
+        return out
+
+    from qemu.qmp import QMPClient
+
+    async with qemu_process(tmp_path, *HUB_1, paused=True) as sock:
+        client = QMPClient("qemu")
+        await client.connect(str(sock))
+        theirs = await answers(client)
+        await client.disconnect()
+    async with machine(tmp_path, *HUB_1) as m:
+        assert await answers(m.qmp) == theirs == ["ok"] * 5 + ["Device 'nope' not found"]
+        assert (await m.guest("net dhcp", "NET dhcp"))["ip"] == "10.0.2.15"
+        await ex(m.qmp, "set_link", {"name": "u", "up": False})
+        m.vm.console.send("net ping 10.0.2.2 1\n")
+        await m.vm.console.expect(r"ERR net ping: no ARP reply from 10\.0\.2\.2", timeout=20)
+        await ex(m.qmp, "set_link", {"name": "p1", "up": True})  # the port's own link: u stays down
+        m.vm.console.send("net ping 10.0.2.2 1\n")
+        await m.vm.console.expect(r"ERR net ping: no ARP reply from 10\.0\.2\.2", timeout=20)
+        await ex(m.qmp, "set_link", {"name": "u", "up": True})
+        assert (await m.guest("net ping 10.0.2.2 1", "NET ping done"))["received"] == "1"
