@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -100,6 +101,8 @@ class TapNetdev:
     queues: int = 1
     fds: tuple[int, ...] = ()  # inherited tap queues (fd=, fds=)
     sndbuf: int | None = None
+    script: str | None = None  # run with the tap's name once it is up (None: none)
+    downscript: str | None = None  # run with its name before it goes
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +315,23 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
     return cfg
 
 
+# QEMU's default tap scripts (DEFAULT_NETWORK_SCRIPT, DEFAULT_NETWORK_DOWN_SCRIPT), shipped by
+# Debian's qemu-system-common: the up script brings the tap up and puts it on the bridge the
+# default route leaves by, if that is a bridge.
+DEFAULT_SCRIPT = "/etc/qemu-ifup"
+DEFAULT_DOWNSCRIPT = "/etc/qemu-ifdown"
+
+
+def _script(value: str | None, default: str) -> str | None:
+    """A tap's ``script=``/``downscript=``: "no" or "" for none; left out, QEMU's default, which
+    QEMU runs whether it is there or not (failing without it); here it runs when installed."""
+    if value is None:
+        return default if os.path.isfile(default) else None
+    return None if value in ("", "no") else value
+
+
 def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
-    for key in ("script", "downscript"):
-        v = opts.take(key)
-        if v not in (None, "no", ""):
-            raise ConfigError(f"{what}: {key}='{v}' is not supported; use {key}=no")
+    script, downscript = opts.take("script"), opts.take("downscript")
     if opts.take_bool("vhost", False):
         raise ConfigError(f"{what}: 'vhost=on' is not supported (no vhost-net here)")
     for key in ("helper", "vhostfd", "vhostfds"):
@@ -332,6 +347,10 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
             raise ConfigError(f"{what}: sndbuf={sndbuf} is larger than 2 GiB")
     fd, fds = opts.take("fd"), opts.take("fds")
     if fd is not None or fds is not None:
+        # The fd's opener set the tap up: QEMU runs no script for it and takes none.
+        for key, value in (("script", script), ("downscript", downscript)):
+            if value is not None:
+                raise ConfigError(f"{what}: {key}= is invalid with {'fd' if fd is not None else 'fds'}=")
         cfg = _tap_fds(what, ident, opts, fd, fds)
         return dataclasses.replace(cfg, sndbuf=sndbuf_bytes)
     queues = opts.take_int("queues", 1, minimum=1) or 1
@@ -344,6 +363,8 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
         vnet_hdr=opts.take_bool("vnet_hdr", True),
         queues=queues,
         sndbuf=sndbuf_bytes,
+        script=_script(script, DEFAULT_SCRIPT),
+        downscript=_script(downscript, DEFAULT_DOWNSCRIPT),
     )
 
 
@@ -532,7 +553,8 @@ async def open_netdev(cfg: NetdevConfig, *, queues: int = 1, vnet_hdr: bool = Tr
             if queues != cfg.queues and cfg.queues != 1:
                 queues = cfg.queues
             tap = Tap(cfg.ifname, queues=max(queues, cfg.queues), vnet_hdr=cfg.vnet_hdr and vnet_hdr,
-                      bridge=cfg.bridge, fds=cfg.fds, sndbuf=cfg.sndbuf)
+                      bridge=cfg.bridge, fds=cfg.fds, sndbuf=cfg.sndbuf, script=cfg.script,
+                      downscript=cfg.downscript)
         else:
             tap = Tap(None, queues=queues, bridge=cfg.bridge, vnet_hdr=vnet_hdr)
         backends: list[FrameBackend] = list(await tap.open())

@@ -103,6 +103,22 @@ def link_exists(ifname: str) -> bool:
         return any(line.split(":", 1)[0].strip() == ifname for line in f.readlines()[2:])
 
 
+async def run_script(script: str, ifname: str) -> None:
+    """``script IFNAME``, waited for, as QEMU's launch_script runs a tap's scripts.
+
+    :raises TapError: "network script … failed with status N", N being the wait status as
+        QEMU prints it (an exit code times 256; 256 when it cannot be run at all).
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(script, ifname, stdin=asyncio.subprocess.DEVNULL)
+        code = await proc.wait()
+    except OSError:
+        code = 1  # QEMU's child exits 1 when execv fails
+    if code:
+        status = code << 8 if code > 0 else -code  # a signal: its number, as waitpid has it
+        raise TapError(f"network script {script} failed with status {status}")
+
+
 class Tap:
     """A tap device with ``queues`` fds; owned taps are deleted on close.
 
@@ -110,12 +126,19 @@ class Tap:
     :param bridge: enslave the tap to this bridge and bring both up.
     :param fds: queues someone else opened and handed us (``fd=``/``fds=``,
         as libvirt does): used as they are, the link left to its owner.
+    :param script: run as ``script IFNAME`` once the tap is up (QEMU's ``script=``); a
+        failure fails the open, in QEMU's words.
+    :param downscript: run as ``downscript IFNAME`` on close, while the tap still exists.
     """
 
     def __init__(
         self, ifname: str | None, *, queues: int = 1, vnet_hdr: bool = True, bridge: str | None = None,
-        fds: tuple[int, ...] = (), sndbuf: int | None = None,
+        fds: tuple[int, ...] = (), sndbuf: int | None = None, script: str | None = None,
+        downscript: str | None = None,
     ) -> None:
+        self.script = script
+        self.downscript = downscript
+        self._down_due = False  # the up script ran, so the down script runs at close
         self.requested = ifname or "tap%d"
         self.queues_wanted = len(fds) or queues
         self.vnet_hdr = vnet_hdr
@@ -147,6 +170,9 @@ class Tap:
                 self.queues.append(TapQueue(fd, tun.VNET_HDR_LEN if self.vnet_hdr else 0, multi_queue=multi))
             self._set_sndbuf()
             await self._link_up()
+            if self.script is not None:
+                await run_script(self.script, self.name)
+            self._down_due = self.downscript is not None
         except BaseException:
             await self.close()
             raise
@@ -186,6 +212,12 @@ class Tap:
             raise TapError(f"cannot bring up tap '{self.name}'") from err
 
     async def close(self) -> None:
+        if self._down_due and self.downscript is not None:
+            self._down_due = False
+            try:
+                await run_script(self.downscript, self.name)
+            except TapError as err:
+                log.warning("%s", err)  # QEMU reports it and goes on closing
         for q in self.queues:
             q.close()
         self.queues.clear()

@@ -348,7 +348,7 @@ def _netdev_info(cfg: Any, owner: Any = None) -> str:
         if cfg.fds:
             return f"tap,fd={cfg.fds[0]}"
         name = getattr(owner, "name", "") or cfg.ifname or ""
-        return f"tap,ifname={name},script=no,downscript=no"
+        return f"tap,ifname={name},script={cfg.script or 'no'},downscript={cfg.downscript or 'no'}"
     if isinstance(cfg, BridgeNetdev):
         return f"tap,helper={BRIDGE_HELPER},br={cfg.bridge}"  # QEMU's bridge is a tap
     if isinstance(cfg, DgramNetdev):

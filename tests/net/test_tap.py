@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
+import subprocess
 
 import pytest
 from scapy.layers.inet import ICMP, IP
@@ -181,3 +184,83 @@ async def test_sndbuf_reaches_the_tap() -> None:
                     assert got == 65536
             finally:
                 await tap.close()
+
+
+def _scripts(tmp_path, up_exit: int = 0):
+    """An up script and a down script that log their argument and whether the tap exists."""
+    log = tmp_path / "scripts.log"
+    up, down = tmp_path / "up.sh", tmp_path / "down.sh"
+    for path, word, code in ((up, "up", up_exit), (down, "down", 0)):
+        path.write_text(f'#!/bin/sh\necho "{word} $# $1 $(ip -o link show "$1" | grep -c UP)" >> {log}\nexit {code}\n')
+        path.chmod(0o755)
+    return up, down, log
+
+
+async def test_the_up_and_down_scripts_run_with_the_taps_name_as_qemus_do(tmp_path) -> None:
+    """QEMU's ``script=`` runs once the tap is made (once for all its queues), ``downscript=``
+    as it goes, while the tap is still there; each gets the tap's name and nothing else."""
+    up, down, log = _scripts(tmp_path)
+    with namespace() as ns:
+        with inside(ns):
+            tap = Tap("sctap0", queues=2, script=str(up), downscript=str(down))
+            await tap.open()
+            assert log.read_text() == "up 1 sctap0 1\n"
+            await tap.close()
+        assert log.read_text() == "up 1 sctap0 1\ndown 1 sctap0 1\n"
+        assert "sctap0" not in ns_exec(ns, "ip", "link")
+
+
+@pytest.mark.parametrize(("exit_code", "status"), [(3, 768), (None, 256)])
+async def test_a_failing_up_script_fails_the_tap_in_qemus_words(tmp_path, exit_code, status) -> None:
+    """QEMU prints the wait status: an exit code times 256, and 256 for a script it cannot run.
+    The tap is gone again and its down script does not run."""
+    from appliance.net.errors import TapError
+
+    up, down, log = _scripts(tmp_path, exit_code or 0)
+    script = str(up) if exit_code is not None else str(tmp_path / "missing.sh")
+    with namespace() as ns:
+        with inside(ns):
+            tap = Tap("sctap1", script=script, downscript=str(down))
+            with pytest.raises(TapError, match=f"^network script {script} failed with status {status}$"):
+                await tap.open()
+        assert "sctap1" not in ns_exec(ns, "ip", "link")
+    assert "down" not in (log.read_text() if log.exists() else "")
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="qemu-system-x86_64 is not installed")
+@pytest.mark.parametrize("scripts", ["given", "default", "failing"])
+async def test_tap_scripts_in_info_network_and_failures_are_qemus(tmp_path, scripts) -> None:
+    """The same -netdev tap under QEMU 7.2 and here, in one namespace: ``info network`` names
+    the scripts that ran (QEMU's defaults when none is given), and a failing script's
+    complaint is QEMU's."""
+    from appliance.errors import ConfigError
+    from appliance.machine.devices import NicSpec
+    from appliance.net.netdev import parse_netdev
+    from appliance.qmp.hmp import _netdev_info
+
+    up, down, _ = _scripts(tmp_path, 5 if scripts == "failing" else 0)
+    text = "tap,id=n0,ifname=sctap2" + ("" if scripts == "default" else f",script={up},downscript={down}")
+    quit_ = b"".join(json.dumps(c).encode() + b"\n" for c in (
+        {"execute": "qmp_capabilities"},
+        {"execute": "human-monitor-command", "arguments": {"command-line": "info network"}},
+        {"execute": "quit"}))
+    with namespace() as ns:
+        qemu = subprocess.run(["ip", "netns", "exec", ns, "qemu-system-x86_64", "-M", "none", "-nodefaults",
+                               "-display", "none", "-S", "-netdev", text, "-qmp", "stdio"],
+                              input=quit_, capture_output=True, timeout=30)
+        spec = NicSpec(parse_netdev(text), b"\x52\x54\x00\x12\x34\x56", origin=f"-netdev {text}")
+        with inside(ns):
+            if scripts == "failing":
+                with pytest.raises(ConfigError) as err:
+                    await spec.open()
+                assert qemu.returncode == 1
+                assert str(err.value) == qemu.stderr.decode().splitlines()[-1].split(": ", 1)[1]
+                return
+            await spec.open()
+            try:
+                ours = f"n0: index=0,type={_netdev_info(spec.netdev, spec.owner)}"
+            finally:
+                await spec.close()
+    replies = [json.loads(line) for line in qemu.stdout.decode().splitlines()]
+    [theirs] = [m["return"] for m in replies if m.get("return")]
+    assert ours == theirs.rstrip("\r\n")
