@@ -91,18 +91,20 @@ def split_option(text: str) -> list[str]:
 
 def parse_option(
     option: str, text: str, *, implied: str | None = None, flags: Iterable[str] = (),
-    warn_flags: bool = False,
+    warn_flags: bool = False, json: bool = True,
 ) -> OptionDict:
     """Parse ``text`` of ``option`` (e.g. ``-drive``).
 
     :param implied: key for a leading bare value (``-netdev tap,id=n0`` → ``type=tap``).
     :param flags: keys allowed bare (``server`` → ``server=on``; ``nowait`` → ``wait=off``).
     :param warn_flags: warn of each bare flag, as QEMU does for options it parses as
-        QemuOpts since 6.0 (``-netdev``, ``-nic``); its legacy chardev strings
+        QemuOpts since 6.0 (``-netdev``, ``-nic``), and take any bare word as one, to be
+        refused by name if no key of the option has it; its legacy chardev strings
         (``-serial tcp::4444,server,nowait``) it takes silently.
+    :param json: read ``{…}`` as QEMU's JSON form (False for an option that has none, ``-nic``).
     :raises ConfigError: on a malformed pair.
     """
-    if text.lstrip().startswith("{"):
+    if json and text.lstrip().startswith("{"):
         return OptionDict(option, json_pairs(option, text))
     flagset = set(flags)
     pairs: list[tuple[str, str]] = []
@@ -119,11 +121,14 @@ def parse_option(
             pairs.append((k, v))
         elif part == "" and idx > 0:
             continue
-        elif part in flagset or (part.startswith("no") and part[2:] in flagset):
-            key, value = (part, "on") if part in flagset else (part[2:], "off")
+        elif part in flagset or (part.startswith("no") and part[2:] in flagset) or warn_flags:
+            # QemuOpts reads any bare word as a boolean (``nokey`` as key=off) and checks the
+            # key later with the rest: ``id=n0,user`` is refused for its missing type.
+            on = part in flagset or not (part.startswith("no") and len(part) > 2)
+            key, value = (part, "on") if on else (part[2:], "off")
             pairs.append((key, value))
             if warn_flags:
-                log.warning("%s %s: warning: short-form boolean option '%s' deprecated; use %s=%s",
+                log.warning("%s %s: warning: short-form boolean option '%s' deprecated\nPlease use %s=%s instead",
                             option, text, part, key, value)
         else:
             raise ConfigError(f"{option}: Invalid parameter '{part}'")

@@ -28,7 +28,9 @@ _IFNAME = re.compile(r"^[^\s/:]{1,15}$")
 MAX_TAP_QUEUES = 16
 
 
-def _check_id(what: str, ident: str, implicit: str | None = None) -> str:
+def _check_id(what: str, ident: str, implicit: str | None = None, is_json: bool = False) -> str:
+    if is_json:
+        return ident  # QEMU 7.2 checks the id of the key=value form only (QemuOpts' id rules)
     # Only the id -nic or -net makes for itself may be outside QEMU's identifiers (``#netN``).
     if not (is_identifier(ident) and len(ident) <= _ID_MAX) and ident != implicit:
         # QEMU's words, with the id in the option shown (QEMU shows the whole option).
@@ -267,7 +269,8 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
     if text in ("help", "?") and implicit_id is None:
         # QEMU's list, in its order, of the types it has and we have too.
         raise HelpRequested("Available netdev backend types:\n" + "".join(f"{t}\n" for t in HELP_ORDER))
-    if text.lstrip().startswith("{"):
+    is_json = text.lstrip().startswith("{")
+    if is_json:
         check_text(option, text, NETDEV, closed=True)
     elif implicit_id is None:
         _require_id_first(option, text)
@@ -291,11 +294,11 @@ def parse_netdev(text: str, option: str = "-netdev", *, implicit_id: str | None 
     if kind == "user":
         from appliance.nat.config import UserNetConfig
 
-        ident = _check_id(what, opts.require("id"), implicit_id)
+        ident = _check_id(what, opts.require("id"), implicit_id, is_json)
         opts["id"] = ident
         opts["type"] = "user"
         return UserNetdev(ident, UserNetConfig.parse(opts))
-    ident = _check_id(what, opts.require("id"), implicit_id)
+    ident = _check_id(what, opts.require("id"), implicit_id, is_json)
     cfg: NetdevConfig
     if kind == "tap":
         cfg = _tap(what, ident, opts)

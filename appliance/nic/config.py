@@ -269,8 +269,11 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
     ``#net{index}``, a name of QEMU's kind (its own are ``#net`` and a number) that no option
     can write, so no ``-device`` can name it.
     """
-    opts = parse_option("-nic", text, implied="type", flags=user_flags(text), warn_flags=True)  # as under -netdev
+    # As under -netdev, except that -nic has no JSON form: "{…" is read as key=value text.
+    opts = parse_option("-nic", text, implied="type", flags=user_flags(text), warn_flags=True, json=False)
     kind = opts.get("type")
+    if kind is not None and kind.lstrip().startswith("{"):
+        raise ConfigError(f"-nic: Parameter 'type' does not accept value '{kind}'")
     if kind == "none":
         opts.take("type")
         opts.finish()

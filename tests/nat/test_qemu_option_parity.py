@@ -525,14 +525,15 @@ def test_netdev_help_lists_qemus_names_in_its_order() -> None:
 
 @pytest.mark.parametrize("text", ["user,help", "bogus", "bogus,help", "type=user", "tap,foo=1", "id=n0",
                                   "bogus,id=n0", "user,id=n0,help", "user,id=1x", "user,,id=n0",
-                                  "user,,x"])
+                                  "user,,x", "id=n0,user", "id=n0,tap", "id=n0,type=user,foo",
+                                  "id=n0,type=user,nofoo"])
 def test_whole_netdev_refusals_name_qemus_first_complaint(text: str) -> None:
     """QEMU asks for the id before it reads the type or any other key; the reason after its
     ``-netdev TEXT:`` prefix must be ours too."""
     qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev", text,
                            "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True, timeout=20)
     assert qemu.returncode == 1, qemu
-    reason = _reason(qemu.stderr.decode())
+    reason = _reason([ln for ln in qemu.stderr.decode().splitlines() if ln.startswith("qemu-system")][-1])
     with pytest.raises(ApplianceError) as err:
         parse_netdev(text)
     assert str(err.value).endswith(": " + reason), (text, reason, str(err.value))
@@ -544,12 +545,12 @@ def test_short_form_booleans_warn_as_qemu_does(caplog: pytest.LogCaptureFixture)
     assert isinstance(cfg, UserNetdev) and cfg.config.restrict and not cfg.config.ipv6
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2
-    assert "short-form boolean option 'restrict' deprecated; use restrict=on" in said[0]
-    assert "short-form boolean option 'noipv6' deprecated; use ipv6=off" in said[1]
+    assert "short-form boolean option 'restrict' deprecated\nPlease use restrict=on instead" in said[0]
+    assert "short-form boolean option 'noipv6' deprecated\nPlease use ipv6=off instead" in said[1]
     qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev",
                            "user,id=n0,restrict", "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True,
                           timeout=20)
-    assert b"short-form boolean option 'restrict' deprecated" in qemu.stderr
+    assert b"short-form boolean option 'restrict' deprecated\nPlease use restrict=on instead" in qemu.stderr
 
 
 @needs_kvm
@@ -566,3 +567,26 @@ def test_a_hostfwd_that_cannot_bind_is_named_by_the_option_as_typed() -> None:
     assert r.returncode == 2, r
     assert r.stderr == (f"appliance run: -nic {nic}: Could not set up host forwarding rule "
                         "'tcp:192.0.2.1:15555-:22'\n")
+
+
+@pytest.mark.parametrize("text", ['{"type":"user"}', '{"type":"user","id":"x"}'])
+def test_nic_has_no_json_form_as_in_qemu(text: str) -> None:
+    """QEMU reads ``-nic {…}`` as key=value text: its type is the text up to the first comma."""
+    from appliance.nic.config import parse_nic
+
+    qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-nic", text,
+                           "-qmp", "stdio"], input=_QMP_SCRIPT, capture_output=True, timeout=20)
+    assert qemu.returncode == 1, qemu
+    with pytest.raises(ApplianceError) as err:
+        parse_nic(text, 0)
+    assert str(err.value).endswith(": " + _reason(qemu.stderr.decode().splitlines()[-1]))
+
+
+def test_a_json_netdev_id_is_not_held_to_the_key_value_rules_as_in_qemu() -> None:
+    qemu = subprocess.run([QEMU, "-nodefaults", "-display", "none", "-S", "-M", "none", "-netdev",
+                           '{"type":"user","id":"0bad"}', "-qmp", "stdio"], input=_QMP_SCRIPT,
+                          capture_output=True, timeout=20)
+    assert qemu.returncode == 0, qemu
+    assert parse_netdev('{"type":"user","id":"0bad"}').id == "0bad"
+    with pytest.raises(ApplianceError, match="Parameter 'id' expects an identifier"):
+        parse_netdev("user,id=0bad")
