@@ -15,7 +15,7 @@ import pytest
 from scapy.layers.l2 import Ether
 
 from appliance.net.dgram import DgramLink
-from appliance.net.hub import NIC_QUEUE, Hub, HubError, NicSide
+from appliance.net.hub import NIC_QUEUE, NIC_QUEUE_BYTES, Hub, HubError, NicSide
 
 SRC = "52:54:00:12:34:56"
 
@@ -189,3 +189,18 @@ async def test_a_port_takes_one_peer_and_no_virtio_net_headers() -> None:
 
     with pytest.raises(HubError, match="virtio-net headers"):
         hub.add_port().connect_backend(WithHeaders())  # type: ignore[arg-type]
+
+
+async def test_a_nic_that_reads_nothing_holds_at_most_its_byte_bound_of_big_frames() -> None:
+    """A guest sending 64 KiB frames to a NIC that posts no buffers: the port keeps
+    NIC_QUEUE_BYTES' worth and drops the rest, whatever the frame count."""
+    hub = Hub(0)
+    sink = hub.add_port()
+    stuck = sink.connect_nic()
+    source = hub.add_port().connect_nic()
+    big = bytes(65000)
+    for _ in range(NIC_QUEUE):
+        source.send([memoryview(big)])
+    held = stuck.queued()
+    assert held * len(big) <= NIC_QUEUE_BYTES + len(big) and held < NIC_QUEUE
+    assert sink.dropped == NIC_QUEUE - held
