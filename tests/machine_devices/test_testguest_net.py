@@ -181,12 +181,18 @@ async def test_feature_properties_turn_features_off_and_the_nic_still_works() ->
         assert dev.max_queue_size(0) == 1024 and dev.max_queue_size(1) == 512
 
 
-async def test_two_nics_and_a_user_network_share_hub_0() -> None:
+async def test_two_nics_and_a_user_network_share_hub_0(tmp_path: Path) -> None:
     """``-net nic -net nic -net user``: QEMU's hub gives both NICs the user network. Each gets
     its own lease (they differ by MAC) and pings the gateway; a hub port carries no virtio-net
-    header, so neither NIC is offered checksum offload."""
+    header, so neither NIC is offered checksum offload. A filter-dump on the user network
+    records both NICs' exchanges."""
+    from scapy.layers.dhcp import DHCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import rdpcap
+
+    pcap = tmp_path / "hub.pcap"
     async with guest("-net", "nic,model=virtio", "-net", "nic,model=virtio,macaddr=52:54:00:00:00:44",
-                     "-net", "user") as g:
+                     "-net", "user,id=u", "-object", f"filter-dump,id=f,netdev=u,file={pcap}") as g:
         for which, ip, mac in ((0, "10.0.2.15", "52:54:00:12:34:56"), (1, "10.0.2.16", "52:54:00:00:00:44")):
             await g.net(f"net use {which}", "use")
             info = await g.net("net info", "info")
@@ -194,6 +200,8 @@ async def test_two_nics_and_a_user_network_share_hub_0() -> None:
             assert int(info["features"], 16) & 1 == 0  # VIRTIO_NET_F_CSUM
             assert (await g.net("net dhcp", "dhcp"))["ip"] == ip
             assert (await g.net("net ping 10.0.2.2 2", "ping done"))["received"] == "2"
+    requests = {p[Ether].src for p in rdpcap(str(pcap)) if DHCP in p and p[DHCP].options[0][1] == 3}
+    assert requests == {"52:54:00:12:34:56", "52:54:00:00:00:44"}
 
 
 async def test_a_hubport_repeats_the_guests_frames_to_every_back_end() -> None:
