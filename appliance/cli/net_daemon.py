@@ -10,6 +10,10 @@ QEMU keeps the control queue; we serve the data queues. Front ends come and go
 the gone guest held, as QEMU's own ``-netdev user`` ends with QEMU
 (:meth:`DaemonNic._front_end_gone`).
 
+``--netdev hubport,id=P,hubid=N[,netdev=B]`` ports join exports and back ends on
+one segment (:mod:`appliance.net.hub`): the guests of several front ends then share
+one user network, something QEMU's per-VM libslirp cannot give them.
+
 ``--chardev socket,id=ID,path=P,server=on,wait=off --monitor chardev=ID``
 (qemu-storage-daemon's syntax) adds a QMP monitor: the exports' NICs are
 observed and steered at run time with the same commands as `appliance run`'s
@@ -44,6 +48,11 @@ Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
 
   --netdev TYPE,id=ID,...       a host network backend, as for 'appliance run -netdev':
                                 tap, bridge, dgram, socket, stream, user
+  --netdev hubport,id=ID,hubid=N[,netdev=ID]
+                                a port of hub N: export the port, or give it a back end;
+                                every frame goes out of every other port, so several
+                                front ends' guests share one segment (one user network,
+                                each guest its own lease, or a tap or a UDP link)
   --export type=vhost-user-net,id=ID,netdev=ID,addr.type=unix,addr.path=PATH[,queues=N]
                                 serve netdev ID on a unix socket with N queue pairs
   --object filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]
@@ -151,9 +160,6 @@ def parse_command_line(argv: list[str]) -> NetDaemonArgs:
             raise ConfigError(f"option '{name}' needs a value")
         if name == "--netdev":
             cfg = parse_netdev(value, "--netdev")
-            if isinstance(cfg, HubportNetdev):
-                # Each export is one vhost-user NIC on one back end; there is no hub between them.
-                raise ConfigError(f"--netdev {value}: netdev type 'hubport' is not supported by net-daemon")
             if cfg.id in a.netdevs:
                 raise ConfigError(f"--netdev: duplicate id '{cfg.id}'")
             a.netdevs[cfg.id] = cfg
@@ -183,6 +189,7 @@ def _validate(a: NetDaemonArgs) -> None:
         if cid in used:
             raise ConfigError(f"--monitor chardev={cid}: Device '{cid}' is in use")
         used.add(cid)
+    peers = _hub_peers(a.netdevs)
     ids = set()
     for e in a.exports:
         if e.netdev not in a.netdevs:
@@ -191,6 +198,10 @@ def _validate(a: NetDaemonArgs) -> None:
             raise ConfigError(f"--export: duplicate id '{e.id}'")
         ids.add(e.id)
         nd = a.netdevs[e.netdev]
+        if e.netdev in peers or isinstance(nd, HubportNetdev) and nd.netdev is not None:
+            # A hub port has one peer: its back end, or the export's device (QEMU's words).
+            raise ConfigError(f"--export {e.id}: Property 'virtio-net-device.netdev' can't take value "
+                              f"'{e.netdev}', it's in use")
         if e.queues > 1 and not isinstance(nd, TapNetdev):
             raise ConfigError(f"--export {e.id}: queues={e.queues} needs a tap netdev")
     used_nd = [e.netdev for e in a.exports]
@@ -211,8 +222,37 @@ def _validate(a: NetDaemonArgs) -> None:
         except ConfigError as err:
             raise ConfigError(f"--object filter-dump,id={d.id}: {err}") from None
         dump_ids.add(d.id)
+    for d in a.dumps:
+        nd = a.netdevs[d.netdev]
+        if isinstance(nd, HubportNetdev) and nd.netdev is not None:
+            raise ConfigError(f"--object filter-dump,id={d.id}: hub port '{d.netdev}' has netdev "
+                              f"'{nd.netdev}' for its peer; capture on '{nd.netdev}'")
     # Each netdev's filters in the order of its filter list (position=, insert=), as QEMU keeps them.
     a.dumps = [d for captures in lists.values() for d in captures]
+
+
+def _hub_peers(netdevs: dict[str, NetdevConfig]) -> dict[str, str]:
+    """Each back end a ``--netdev hubport,netdev=`` joins to its hub: back end id -> port id.
+
+    :raises ConfigError: for a peer that is missing (or comes later, as QEMU looks it up when it
+        makes the port), is itself a hub port, or is taken by another port.
+    """
+    peers: dict[str, str] = {}
+    seen: set[str] = set()
+    for ident, cfg in netdevs.items():
+        seen.add(ident)
+        if not isinstance(cfg, HubportNetdev) or cfg.netdev is None:
+            continue
+        what = f"--netdev hubport,id={ident}"
+        if cfg.netdev not in seen or cfg.netdev == ident:
+            raise ConfigError(f"{what}: netdev '{cfg.netdev}' not found")
+        if isinstance(netdevs[cfg.netdev], HubportNetdev):
+            raise ConfigError(f"{what}: netdev '{cfg.netdev}' is a hub port; joining two hubs "
+                              "port to port is not supported")
+        if cfg.netdev in peers:
+            raise ConfigError(f"{what}: netdev '{cfg.netdev}' is already the peer of hub port {peers[cfg.netdev]}")
+        peers[cfg.netdev] = ident
+    return peers
 
 
 async def _close(owner: Any) -> None:
@@ -244,6 +284,7 @@ class DaemonNic:
     writers: list[Any] = field(default_factory=list, repr=False)
     device: Any = field(default=None, repr=False)
     server: Any = field(default=None, repr=False)
+    port: Any = field(default=None, repr=False)  # on a hub (appliance.net.hub): the HubPort it uses
 
     @property
     def name(self) -> str:
@@ -266,7 +307,11 @@ class DaemonNic:
         queues = e.queues
         if isinstance(self.netdev, TapNetdev) and self.netdev.queues > queues:
             queues = self.netdev.queues
-        backends, self.owner = await open_netdev(self.netdev, queues=queues)
+        if self.port is not None:
+            side = self.port.connect_nic()
+            backends, self.owner = [side], side
+        else:
+            backends, self.owner = await open_netdev(self.netdev, queues=queues)
         if isinstance(self.owner, UserNetwork):
             self.owner.yield_after_host_wakeup = True  # a process of its own: see UserNetwork
         for d in self.captures:
@@ -334,17 +379,41 @@ class NetDaemon:
         exports: list[NetExport],
         dumps: list[FilterDumpConfig] | None = None,
     ) -> None:
+        from appliance.machine.devices import HubNetdevSpec
+        from appliance.net.hub import Hub
+
+        # Hubs join exports and back ends on one segment: several front ends' guests on one
+        # user network (each its own lease), or beside a tap or a UDP link.
+        self.hubs: list[Hub] = []
+        ports: dict[str, Any] = {}
+        by_id: dict[int, Hub] = {}
+        for ident, cfg in netdevs.items():
+            if isinstance(cfg, HubportNetdev):
+                if cfg.hubid not in by_id:
+                    by_id[cfg.hubid] = Hub(cfg.hubid)
+                    self.hubs.append(by_id[cfg.hubid])
+                ports[ident] = by_id[cfg.hubid].add_port(ident)
+        # The back ends behind hub ports, opened before the exports and closed after them; the
+        # monitor finds them beside the exports (info usernet, hostfwd_add, set_link, captures).
+        self.hub_netdevs: list[HubNetdevSpec] = []
+        for back_end, port_id in _hub_peers(netdevs).items():
+            port = ports[port_id]
+            self.hub_netdevs.append(HubNetdevSpec(
+                netdevs[back_end], name=f"netdev {back_end}", hub=port.hub.id, port=port,
+                captures=[d for d in dumps or () if d.netdev == back_end]))
         self.nics: list[DaemonNic] = []
         for n, e in enumerate(exports):
             mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, (0x56 + n) & 0xFF])
             mine = [d for d in dumps or () if d.netdev == e.netdev]
-            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine))
+            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine, port=ports.get(e.netdev)))
         # Set by quit (QMP), a signal, or anyone who wants the daemon to end.
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Serve every export; on a failure what was opened is closed again."""
         try:
+            for spec in self.hub_netdevs:
+                await spec.open()
             for nic in self.nics:
                 await nic.open()
         except BaseException:
@@ -358,6 +427,8 @@ class NetDaemon:
     async def close(self) -> None:
         for nic in self.nics:
             await nic.close()
+        for spec in self.hub_netdevs:
+            await spec.close()
 
 
 async def open_monitors(daemon: NetDaemon, chardevs: dict[str, ChardevConfig],

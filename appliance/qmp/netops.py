@@ -31,15 +31,18 @@ def nic_specs(machine: Any) -> list[Any]:
 
     nics = getattr(machine, "nics", None)
     if isinstance(nics, list):
-        return list(nics)
+        # A net-daemon: its exports, then the back ends behind its hub ports.
+        return list(nics) + list(getattr(machine, "hub_netdevs", []))
 
     return [s for s in machine.config.devices if isinstance(s, NicSpec)]
 
 
 def hubs(machine: Any) -> list[Any]:
-    """The machine's hubs (appliance.net.hub.Hub) in the order they were made; a net-daemon has none."""
+    """The machine's hubs (appliance.net.hub.Hub) in the order they were made."""
     from appliance.machine.devices import HubSpec
 
+    if isinstance(getattr(machine, "hubs", None), list):
+        return list(machine.hubs)  # a net-daemon's
     config = getattr(machine, "config", None)
     return [s.hub for s in getattr(config, "devices", ()) if isinstance(s, HubSpec)]
 

@@ -38,6 +38,23 @@ def test_export_and_netdev_parse() -> None:
         ),
         (["--export", "type=vhost-user-net,id=e,netdev=n,addr.type=inet,addr.path=p"], "addr.type 'inet'"),
         (["--netdev"], "needs a value"),
+        # Hubs: a port has one peer, which must come before it and be a back end.
+        (["--netdev", "hubport,id=p,hubid=0,netdev=u", "--netdev", "user,id=u",
+          "--export", "type=vhost-user-net,id=e,netdev=p,addr.type=unix,addr.path=s"], "netdev 'u' not found"),
+        (["--netdev", "user,id=u", "--netdev", "hubport,id=p,hubid=0,netdev=u",
+          "--export", "type=vhost-user-net,id=e,netdev=u,addr.type=unix,addr.path=s"], "can't take value 'u'"),
+        (["--netdev", "user,id=u", "--netdev", "hubport,id=p,hubid=0,netdev=u",
+          "--export", "type=vhost-user-net,id=e,netdev=p,addr.type=unix,addr.path=s"], "can't take value 'p'"),
+        (["--netdev", "user,id=u", "--netdev", "hubport,id=p,hubid=0,netdev=u",
+          "--netdev", "hubport,id=q,hubid=1,netdev=u",
+          "--export", "type=vhost-user-net,id=e,netdev=q,addr.type=unix,addr.path=s"], "peer of hub port p"),
+        (["--netdev", "hubport,id=p,hubid=0", "--netdev", "hubport,id=q,hubid=1,netdev=p",
+          "--export", "type=vhost-user-net,id=e,netdev=p,addr.type=unix,addr.path=s"], "is a hub port"),
+        (["--netdev", "hubport,id=p,hubid=0",
+          "--export", "type=vhost-user-net,id=e,netdev=p,addr.type=unix,addr.path=s,queues=2"], "needs a tap"),
+        (["--netdev", "user,id=u", "--netdev", "hubport,id=p,hubid=0,netdev=u", "--netdev", "hubport,id=q,hubid=0",
+          "--export", "type=vhost-user-net,id=e,netdev=q,addr.type=unix,addr.path=s",
+          "--object", "filter-dump,id=f,netdev=p,file=/tmp/x.pcap"], "capture on 'u'"),
     ],
 )
 def test_bad_command_lines_are_config_errors(argv: list[str], message: str) -> None:

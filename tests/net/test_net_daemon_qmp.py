@@ -449,3 +449,46 @@ def test_monitor_options_parse() -> None:
     cd = a.chardevs["m0"]
     assert (cd.path, cd.server, cd.wait) == ("/tmp/q.sock", True, False)
     assert a.monitors == [("m0", True)]
+
+
+async def test_a_hubs_user_network_is_observed_and_steered_from_the_monitor(tmp_path: Path) -> None:
+    """``--netdev hubport``: info network lists the hub with its exports and back end, the user
+    network behind the hub is in info usernet (as "Hub 0") and takes hostfwd_add, and set_link
+    takes the ports' names."""
+    mon, port = tmp_path / "qmp.sock", free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "appliance.cli.main", "net-daemon",
+        "--netdev", "user,id=u", "--netdev", "hubport,id=up,hubid=0,netdev=u",
+        "--netdev", "hubport,id=pa,hubid=0", "--netdev", "hubport,id=pb,hubid=0",
+        "--export", f"type=vhost-user-net,id=ea,netdev=pa,addr.type=unix,addr.path={tmp_path / 'a.sock'}",
+        "--export", f"type=vhost-user-net,id=eb,netdev=pb,addr.type=unix,addr.path={tmp_path / 'b.sock'}",
+        "--chardev", f"socket,id=m0,path={mon},server=on,wait=off", "--monitor", "chardev=m0",
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    qmp = QMPClient("test")
+    try:
+        await _wait_for(mon, proc)
+        await asyncio.sleep(0.1)  # the socket file exists a moment before listen()
+        await qmp.connect(str(mon))
+
+        async def hmp(line: str) -> str:
+            return str(await qmp.execute("human-monitor-command", {"command-line": line}))
+
+        network = (await hmp("info network")).split("\r\n")
+        assert network[0] == "hub 0"
+        assert network[1].startswith(" \\ pb: eb: index=0,type=nic,model=virtio-net-pci,macaddr=")
+        assert network[2].startswith(" \\ pa: ea: index=0,type=nic")
+        assert network[3] == " \\ up: u: index=0,type=user,net=10.0.2.0,restrict=off"
+        assert await hmp(f"hostfwd_add u tcp:127.0.0.1:{port}-:22") == ""
+        usernet = await hmp("info usernet")
+        assert usernet.startswith("Hub 0 (u):\r\n") and f"{port}" in usernet
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the forward listens; no guest answers behind it
+        for name in ("u", "up", "pa", "ea"):
+            await qmp.execute("set_link", {"name": name, "up": False})
+            await qmp.execute("set_link", {"name": name, "up": True})
+    finally:
+        with contextlib.suppress(Exception):
+            await qmp.disconnect()
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
