@@ -47,7 +47,9 @@ usage: appliance net-daemon [options]
 Serve virtio-net devices to vhost-user front ends (QEMU, Cloud Hypervisor).
 
   --netdev TYPE,id=ID,...       a host network backend, as for 'appliance run -netdev':
-                                tap, bridge, dgram, socket, stream, user
+                                tap, bridge, dgram, socket, stream, user (a tap runs
+                                script=/downscript=, QEMU's /etc/qemu-ifup and
+                                /etc/qemu-ifdown when none is given; script=no for none)
   --netdev hubport,id=ID,hubid=N[,netdev=ID]
                                 a port of hub N: export the port, or give it a back end;
                                 every frame goes out of every other port, so several

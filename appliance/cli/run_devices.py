@@ -420,11 +420,23 @@ def _netdev(a: RunArgs, v: str) -> None:
 
 
 def _netdev_order(plan: DevicePlan) -> dict[str, int]:
-    """Each netdev's place in the order QEMU makes them (net_init_clients): every -netdev, then
-    every -nic, then every -net, each kind in command-line order. ``info usernet`` lists user
-    networks so, and ``hostfwd_add`` without an id takes the first."""
-    rank = {"-netdev": 0, "-nic": 1, "-net": 2}
-    ids = sorted(plan.netdevs, key=lambda n: rank.get(plan.netdev_origin.get(n, "").split(" ", 1)[0], 0))
+    """Each netdev's place in the order QEMU makes them (net_init_clients): the "modern"
+    -netdevs first (the JSON form, and stream and dgram in any form: netdev_is_modern), then
+    the other -netdevs, every -nic, and every -net, each kind in command-line order. ``info
+    usernet`` lists user networks so, ``hostfwd_add`` without an id takes the first, and a
+    hub port finds only the netdevs made before it."""
+    from appliance.net.netdev import DgramNetdev, StreamNetdev
+
+    def rank(ident: str) -> int:
+        option, _, text = plan.netdev_origin.get(ident, "").partition(" ")
+        if option == "-netdev":
+            cfg = plan.netdevs[ident]
+            modern = text.lstrip().startswith("{") or (
+                isinstance(cfg, StreamNetdev | DgramNetdev) and cfg.form != "socket")
+            return 0 if modern else 1
+        return {"-nic": 2, "-net": 3}.get(option, 1)
+
+    ids = sorted(plan.netdevs, key=rank)
     return {n: i for i, n in enumerate(ids)}
 
 
@@ -600,6 +612,14 @@ def _address(text: str | None, what: str) -> PciAddress | None:
         raise ConfigError(f"{what}: {err}") from None
 
 
+def _board_rank(entry: PlanEntry) -> int:
+    """When QEMU makes a NIC: those of -nic first (its nic pass fills nd_table), then those of
+    -net nic (the net pass), then every -device and -drive in command-line order."""
+    if isinstance(entry, tuple) and entry[0] in ("-nic", "-net nic"):
+        return 0 if entry[0] == "-nic" else 1
+    return 2
+
+
 def _qom_paths(entries: list[PlanEntry]) -> list[str]:
     """Each entry's QOM path as QEMU 7.2 gives it ("" for the board's NICs, which are no peripherals).
 
@@ -682,7 +702,7 @@ def resolve(plan: DevicePlan) -> list[object]:
     # -device or -drive if=virtio: they take the first free slots and default MACs, wherever
     # they stand on the command line (so eth0 is the same NIC as under QEMU).
     for index, entry in sorted(enumerate(plan.entries),
-                               key=lambda ie: not (isinstance(ie[1], tuple) and ie[1][0] in ("-nic", "-net nic"))):
+                               key=lambda ie: _board_rank(ie[1])):
         if isinstance(entry, DriveConfig):
             assert entry.id is not None
             what = f"-drive {entry.id}"

@@ -15,13 +15,21 @@ Each port has at most one peer:
 * nothing: what the hub sends there is lost, as in QEMU.
 
 Like QEMU's hub ports, a port carries no virtio-net header: its back end is
-opened without one and its NIC negotiates no offloads, so every frame is
-a plain Ethernet frame whatever its destination.
+opened without one (a tap fd handed over with one has it stripped and
+added back, :class:`HeaderlessBackend`) and its NIC negotiates no offloads,
+so every frame is a plain Ethernet frame whatever its destination.
+
+Frames a port hands the hub while the hub is still handing out another (a
+user network that answers inside ``send``) wait until that one has gone out
+of every port, as QEMU's net queue holds a packet sent while delivering:
+each port sees frames in the order the hub took them, and no back end's
+``send`` is entered again from inside itself.
 
 Flow control follows QEMU's ``net_hub_port_can_receive``: a back end is read
-only while some other port can take a frame; when every NIC queue is full
-and no other back end is on the hub, the back end is paused (its own bounded
-queue or the kernel's then drops) and resumed as soon as a NIC takes a frame.
+only while some other port can take a frame (a port with nothing on it takes
+every frame and loses it); when every NIC queue is full and no other back end
+is on the hub, the back end is paused (its own bounded queue or the kernel's
+then drops) and resumed as soon as a NIC takes a frame.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from appliance.log import get_logger
-from appliance.net.backend import FrameBackend
+from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.errors import NetError
 
 log = get_logger(__name__)
@@ -57,6 +65,8 @@ class Hub:
     def __init__(self, hubid: int) -> None:
         self.id = hubid
         self.ports: list[HubPort] = []
+        self._forwarding = False
+        self._held: deque[tuple[HubPort, bytes]] = deque()  # handed in while forwarding
 
     def add_port(self, name: str | None = None) -> HubPort:
         """A new port; unnamed ports are ``hub<N>port<K>``, K counting this hub's ports so far."""
@@ -65,9 +75,21 @@ class Hub:
         return port
 
     def forward(self, source: HubPort, frame: bytes) -> None:
-        for port in self.ports:
-            if port is not source:
-                port.deliver(frame)
+        if self._forwarding:
+            self._held.append((source, frame))  # bounded: each back end reads PULL_BUDGET a pass
+            return
+        self._forwarding = True
+        try:
+            while True:
+                for port in self.ports:
+                    if port is not source:
+                        port.deliver(frame)
+                if not self._held:
+                    break
+                source, frame = self._held.popleft()
+        finally:
+            self._forwarding = False
+            self._held.clear()
 
     def has_room(self, source: HubPort) -> bool:
         """Whether any port but ``source`` can take a frame now."""
@@ -100,9 +122,10 @@ class HubPort:
         return self.nic
 
     def connect_backend(self, backend: FrameBackend) -> BackendSide:
-        """Put ``backend`` (opened without virtio-net headers) behind this port and start reading it."""
+        """Put ``backend`` behind this port and start reading it (one with virtio-net headers,
+        as a tap fd someone else opened may have, loses them on the way in)."""
         if backend.vnet_hdr_len:
-            raise HubError(f"hub port {self.name}: its back end carries virtio-net headers")
+            backend = HeaderlessBackend(backend)
         self._check_free()
         self.backend = BackendSide(self, backend)
         return self.backend
@@ -131,9 +154,9 @@ class HubPort:
     def has_room(self) -> bool:
         if self.nic is not None:
             return self.nic.has_room()
-        # A back end takes every frame (it drops what its host side cannot); a peerless port
-        # takes none, as QEMU's qemu_can_send_packet says for a port without a peer.
-        return self.backend is not None
+        # A back end takes every frame (it drops what its host side cannot), and so does a
+        # port with no peer, losing it: QEMU's qemu_can_send_packet is true without a peer.
+        return True
 
     def resume(self) -> None:
         if self.backend is not None:
@@ -221,6 +244,26 @@ class NicSide:
             self.port.nic = None
 
 
+class HeaderlessBackend(ForwardingBackend):
+    """A back end with virtio-net headers, seen without them: its header is dropped from what
+    it hands in and a zero one (a whole frame, checksum done) put before what it is sent.
+    With no offloads set, a tap hands over no segmentation or checksum work in its headers."""
+
+    vnet_hdr_len = 0
+
+    def __init__(self, inner: FrameBackend) -> None:
+        super().__init__(inner)
+        self._hdr = memoryview(bytearray(inner.vnet_hdr_len))
+        self._zero = memoryview(bytes(inner.vnet_hdr_len))
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int:
+        n = self.inner.recv_into([self._hdr, *bufs])
+        return n if n < 0 else max(0, n - len(self._hdr))
+
+    def send(self, bufs: Sequence[memoryview]) -> bool:
+        return self.inner.send([self._zero, *bufs])
+
+
 class BackendSide:
     """A host back end behind a hub port: read when it is ready, written with each frame for it."""
 
@@ -276,5 +319,5 @@ class BackendSide:
 
 __all__ = [
     "MAX_FRAME", "NIC_QUEUE", "NIC_QUEUE_BYTES", "PULL_BUDGET",
-    "BackendSide", "Hub", "HubError", "HubPort", "NicSide",
+    "BackendSide", "HeaderlessBackend", "Hub", "HubError", "HubPort", "NicSide",
 ]

@@ -359,10 +359,16 @@ def _tap(what: str, ident: str, opts: OptionDict) -> TapNetdev:
     queues = opts.take_int("queues", 1, minimum=1) or 1
     if queues > MAX_TAP_QUEUES:
         raise ConfigError(f"{what}: queues={queues} exceeds {MAX_TAP_QUEUES}")
+    bridge = _ifname(what, "br", opts.take("br"))
+    if bridge is not None:
+        # QEMU's default up script would move the tap to the default route's bridge; br= says
+        # which bridge, so the defaults are left out (a script given is still run).
+        script = "no" if script is None else script
+        downscript = "no" if downscript is None else downscript
     return TapNetdev(
         ident,
         ifname=_ifname(what, "ifname", opts.take("ifname")),
-        bridge=_ifname(what, "br", opts.take("br")),
+        bridge=bridge,
         vnet_hdr=opts.take_bool("vnet_hdr", True),
         queues=queues,
         sndbuf=sndbuf_bytes,

@@ -401,6 +401,10 @@ class VirtioNet(VirtioDevice):
         self.configured_mac = self.mac
         self.mtu = mtu
         self.link_up = link_up
+        # The far side's link (set_link on a -net pair's back end or its hub port): frames stop
+        # as for link_up, but the guest keeps its carrier, as QEMU leaves a NIC's own link alone
+        # when its peer is a hub port.
+        self.peer_link_up = True
         self._gate_backends()
         # A vhost-user front end keeps the control queue to itself and tells
         # us which pairs run by starting and enabling their rings.
@@ -530,11 +534,18 @@ class VirtioNet(VirtioDevice):
             self._gate_backends()
             self.on_config_change()
 
+    def set_peer_link(self, up: bool) -> None:
+        """The far side's link up or down: frames stop both ways, the carrier stays as it is."""
+        if up != self.peer_link_up:
+            self.peer_link_up = up
+            self._gate_backends()
+
     def _gate_backends(self) -> None:
+        passing = self.link_up and self.peer_link_up
         for i, b in enumerate(self.backends):
-            if self.link_up and isinstance(b, LinkDownBackend):
+            if passing and isinstance(b, LinkDownBackend):
                 self.backends[i] = b.inner
-            elif not self.link_up and not isinstance(b, LinkDownBackend):
+            elif not passing and not isinstance(b, LinkDownBackend):
                 self.backends[i] = LinkDownBackend(b)
 
     # -- lifecycle ----------------------------------------------------------

@@ -47,8 +47,16 @@ def hubs(machine: Any) -> list[Any]:
     return [s.hub for s in getattr(config, "devices", ()) if isinstance(s, HubSpec)]
 
 
+def _pair_ports(spec: Any) -> tuple[str, str] | None:
+    """A -net pair's hub port names (the NIC's, the back end's); None for any other NIC."""
+    if getattr(spec, "hub", -1) != 0 or getattr(spec, "port", None) is not None or not hasattr(spec, "hub_port"):
+        return None
+    return f"hub0port{spec.hub_port}", f"hub0port{1 - spec.hub_port}"
+
+
 def nic_names(spec: Any) -> set[str]:
     names = {spec.netdev.id} - {""}
+    names.update(_pair_ports(spec) or ())
     prefix = "virtio-net "
     if spec.name.startswith(prefix):
         names.add(spec.name[len(prefix):])
@@ -117,6 +125,12 @@ def set_link(machine: Any, name: str, up: bool) -> None:
         return
     if spec.device is None:
         raise GenericError(f"Device '{name}' is not running")
+    pair = _pair_ports(spec)
+    if pair is not None and name in (spec.netdev.id, pair[1]):
+        # The back end of a -net pair, or its hub port: QEMU changes a NIC's link only when the
+        # named client's peer is that NIC; here it is a hub port, so only the frames stop.
+        spec.device.set_peer_link(up)
+        return
     own = getattr(spec, "set_link", None)
     if own is not None:
         own(up)

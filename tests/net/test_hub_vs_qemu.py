@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -34,7 +35,12 @@ LINES = [
     "-net user -net user",
     "-net nic,model=virtio",
     "-netdev hubport,id=h0,hubid=-1",
-    '-netdev {"type":"hubport","id":"h0","hubid":3}',
+    """-netdev '{"type":"hubport","id":"h0","hubid":3}'""",
+    # QEMU makes JSON -netdevs first: a hub port finds one written after it, and warns in that order.
+    """-netdev hubport,id=h,hubid=1,netdev=u -netdev '{"type":"user","id":"u"}'""",
+    """-netdev hubport,id=a,hubid=1 -netdev '{"type":"hubport","id":"b","hubid":1}'""",
+    # -nic NICs are made before -net nic ones: their names and MACs come first.
+    "-net nic,model=virtio -net user -nic user,model=virtio",
     "-netdev user,id=u -netdev hubport,id=h0,hubid=0x10,netdev=u",
     "-nic user,model=virtio -net nic,model=virtio",
     "-nic hubport,hubid=0,model=virtio -net user",
@@ -42,11 +48,7 @@ LINES = [
 
 
 def _argv(line: str) -> list[str]:
-    # The JSON form is one argument; the rest split on spaces.
-    if "{" in line:
-        head, _, body = line.partition(" ")
-        return [head, body]
-    return line.split()
+    return shlex.split(line)  # a JSON option is one quoted word
 
 
 def _qemu(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -157,3 +159,43 @@ async def test_set_link_takes_hub_ports_and_cuts_a_back_end_off_its_hub(tmp_path
         await m.vm.console.expect(r"ERR net ping: no ARP reply from 10\.0\.2\.2", timeout=20)
         await ex(m.qmp, "set_link", {"name": "u", "up": True})
         assert (await m.guest("net ping 10.0.2.2 1", "NET ping done"))["received"] == "1"
+
+
+@needs_kvm
+@needs_qemu
+@pytest.mark.skipif(not GUEST.exists(), reason="test guest not built (appliance kit build)")
+async def test_set_link_on_a_net_pair_follows_which_side_is_named(tmp_path: Path) -> None:
+    """``-net nic -net user`` (a straight link here, hub 0 in QEMU): both hub port names are
+    taken. The NIC's port, or the NIC, takes its carrier down; the back end's port, or the back
+    end, only stops the frames (QEMU changes a NIC's link only when the named client's peer is
+    that NIC, and the back end's peer is a hub port)."""
+    from qemu.qmp import QMPClient
+
+    from tests.qmp.test_machine_qmp import qemu_process
+
+    pair = ["-net", "nic,model=virtio", "-net", "user,id=u"]
+    names = ["hub0port0", "hub0port1", "u", "virtio-net-pci.0"]
+    async with qemu_process(tmp_path, *pair, paused=True) as sock:
+        client = QMPClient("qemu")
+        await client.connect(str(sock))
+        for name in names:
+            await client.execute("set_link", {"name": name, "up": True})  # each taken, or this raises
+        await client.disconnect()
+
+    async def cut() -> None:
+        m.vm.console.send("net ping 10.0.2.2 1\n")
+        await m.vm.console.expect(r"ERR net ping: no ARP reply from 10\.0\.2\.2", timeout=20)
+
+    async with machine(tmp_path, *pair) as m:
+        assert (await m.guest("net dhcp", "NET dhcp"))["ip"] == "10.0.2.15"
+        for far in ("hub0port1", "u"):
+            await ex(m.qmp, "set_link", {"name": far, "up": False})
+            assert (await m.guest("net info", "NET info"))["link"] == "up"
+            await cut()
+            await ex(m.qmp, "set_link", {"name": far, "up": True})
+            assert (await m.guest("net ping 10.0.2.2 1", "NET ping done"))["received"] == "1"
+        for near in ("hub0port0", "virtio-net-pci.0"):
+            await ex(m.qmp, "set_link", {"name": near, "up": False})
+            assert (await m.guest("net info", "NET info"))["link"] == "down"
+            await ex(m.qmp, "set_link", {"name": near, "up": True})
+            assert (await m.guest("net info", "NET info"))["link"] == "up"

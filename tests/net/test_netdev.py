@@ -160,3 +160,22 @@ def test_nic_feature_properties_follow_qemu_and_the_spec_dependencies() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             NicConfig.parse_device(text)
+
+
+def test_tap_scripts_default_to_qemus_unless_br_names_the_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU runs /etc/qemu-ifup and /etc/qemu-ifdown when no script= is given (here: when they
+    are installed); ours put the tap on br= itself, which the default up script would undo."""
+    from appliance.net import netdev
+
+    monkeypatch.setattr(netdev.os.path, "isfile", lambda p: p in (netdev.DEFAULT_SCRIPT, netdev.DEFAULT_DOWNSCRIPT))
+    cfg = parse_netdev("tap,id=t,ifname=t0")
+    assert (cfg.script, cfg.downscript) == ("/etc/qemu-ifup", "/etc/qemu-ifdown")  # type: ignore[union-attr]
+    cfg = parse_netdev("tap,id=t,ifname=t0,br=lab0")
+    assert (cfg.script, cfg.downscript) == (None, None)  # type: ignore[union-attr]
+    cfg = parse_netdev("tap,id=t,ifname=t0,br=lab0,script=/x/up")
+    assert (cfg.script, cfg.downscript) == ("/x/up", None)  # type: ignore[union-attr]
+    cfg = parse_netdev("tap,id=t,ifname=t0,script=no,downscript=")
+    assert (cfg.script, cfg.downscript) == (None, None)  # type: ignore[union-attr]
+    monkeypatch.setattr(netdev.os.path, "isfile", lambda p: False)
+    cfg = parse_netdev("tap,id=t,ifname=t0")
+    assert (cfg.script, cfg.downscript) == (None, None)  # type: ignore[union-attr]
