@@ -287,6 +287,8 @@ class DaemonNic:
     device: Any = field(default=None, repr=False)
     server: Any = field(default=None, repr=False)
     port: Any = field(default=None, repr=False)  # on a hub (appliance.net.hub): the HubPort it uses
+    # On a hub: the back ends beside it (HubNetdevSpec), told when this export's guest goes.
+    hub_peers: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def name(self) -> str:
@@ -334,6 +336,17 @@ class DaemonNic:
         guest with it. A user-mode stack ends that guest's connections and forgets its leases
         (:meth:`appliance.nat.UserNetwork.guest_gone`), as QEMU's own ``-netdev user`` ends with
         QEMU; a tap or socket netdev keeps nothing of a guest's."""
+        if self.port is not None:
+            # A hub's user network serves other guests too: only this one's flows end.
+            side = self.owner
+            for spec in self.hub_peers:
+                left = getattr(spec.owner, "guest_left", None)
+                for mac in list(getattr(side, "guest_macs", ())):
+                    if left is not None:
+                        left(mac)
+            if side is not None:
+                side.guest_macs.clear()
+            return
         gone = getattr(self.owner, "guest_gone", None)
         if gone is not None:
             gone()
@@ -407,7 +420,9 @@ class NetDaemon:
         for n, e in enumerate(exports):
             mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, (0x56 + n) & 0xFF])
             mine = [d for d in dumps or () if d.netdev == e.netdev]
-            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine, port=ports.get(e.netdev)))
+            port = ports.get(e.netdev)
+            peers = [s for s in self.hub_netdevs if port is not None and s.port.hub is port.hub]
+            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine, port=port, hub_peers=peers))
         # Set by quit (QMP), a signal, or anyone who wants the daemon to end.
         self.stopped = asyncio.Event()
 

@@ -32,6 +32,13 @@ class ArpTable:
     def lookup(self, ip: bytes) -> bytes | None:
         return self._map.get(ip)
 
+    def forget_mac(self, mac: bytes) -> list[bytes]:
+        """Drop every address ``mac`` had; returns them."""
+        gone = [ip for ip, m in self._map.items() if m == mac]
+        for ip in gone:
+            del self._map[ip]
+        return gone
+
     def __len__(self) -> int:
         return len(self._map)
 

@@ -268,6 +268,11 @@ class Icmp:
         for flow in [f for f in self._flows.values() if now - f.last > IDLE_TIMEOUT]:
             self._close(flow)
 
+    def close_guest(self, ips: set[bytes]) -> None:
+        """Close the ping sockets of a guest at any of ``ips``."""
+        for flow in [f for f in self._flows.values() if f.guest in ips]:
+            self._close(flow)
+
     def flows(self) -> list[FlowInfo]:
         """The ping sockets, newest first, with the seconds each has left before it is closed."""
         out = []

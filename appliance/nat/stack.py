@@ -317,6 +317,26 @@ class UserNetwork:
         # IP packets, and every answer to it went out behind an ARP request until it answered one.
         self._last_src = b""
 
+    def guest_left(self, mac: bytes) -> None:
+        """One of several guests on this network is gone (its front end left a net-daemon hub
+        the network is on): what :meth:`guest_gone` does for all, for its addresses alone.
+
+        Its TCP connections end (their host peers see the close), its UDP and ping flows
+        close, and its neighbour entries go. Its lease stays, so the same VM back gets the
+        same address; the other guests' flows, and what waits for them, are untouched.
+        """
+        ips = set(self.arp_table.forget_mac(mac))
+        lease = self.dhcp.leases.get(mac)
+        if lease is not None:
+            ips.add(lease.ip)
+        for conn in [c for c in self.tcp.conns.values() if c.key[0] in ips]:
+            conn.abort(send_rst=False)
+        self.udp.close_guest(ips)
+        self.icmp.close_guest(ips)
+        if self.guest_mac == mac:
+            self.guest_mac = None
+            self._last_src = b""
+
     def _tick(self) -> None:
         now = time.monotonic()
         try:

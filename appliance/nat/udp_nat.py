@@ -216,6 +216,11 @@ class UdpNat:
         for flow in [f for f in self._flows.values() if now - f.last > f.timeout]:
             self._close(flow)
 
+    def close_guest(self, ips: set[bytes]) -> None:
+        """Close the flows of a guest at any of ``ips`` (one of several that has gone)."""
+        for flow in [f for f in self._flows.values() if f.key[0] in ips]:
+            self._close(flow)
+
     def __len__(self) -> int:
         return len(self._flows)
 

@@ -49,6 +49,8 @@ log = get_logger(__name__)
 # pins 2 MiB per port, not 16.
 NIC_QUEUE = 256
 NIC_QUEUE_BYTES = 2 << 20
+# Source MACs remembered per NIC: a guest has one or a few; a spoofing one is bounded.
+GUEST_MACS = 16
 # Frames read from one back end per wake-up before the loop's other work runs.
 PULL_BUDGET = 64
 # Largest frame taken from a back end: a 64 KiB jumbo frame (there is no segmentation offload).
@@ -172,6 +174,9 @@ class NicSide:
         self.port = port
         self._queue: deque[bytes] = deque()
         self._bytes = 0
+        # The source MACs this NIC's guest has sent from (the last few): who it was, for a
+        # shared user network to forget when the guest goes (UserNetwork.guest_left).
+        self.guest_macs: dict[bytes, None] = {}
         self._ready: Callable[[], None] | None = None
         self._wake_scheduled = False
 
@@ -229,8 +234,14 @@ class NicSide:
         return len(frame)
 
     def send(self, bufs: Sequence[memoryview]) -> bool:
+        frame = b"".join(bufs)
+        mac = frame[6:12]
+        if mac not in self.guest_macs:
+            self.guest_macs[mac] = None
+            if len(self.guest_macs) > GUEST_MACS:
+                del self.guest_macs[next(iter(self.guest_macs))]  # the oldest
         if self.port.link_up:
-            self.port.hub.forward(self.port, b"".join(bufs))
+            self.port.hub.forward(self.port, frame)
         return True
 
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool, ecn: bool, ufo: bool) -> None:

@@ -2,7 +2,8 @@
 
 ``--netdev hubport`` puts both vhost-user exports and a ``user`` back end on hub 0: each
 guest gets its own lease, they reach each other on the segment, and both reach a service
-the test started on host loopback through 10.0.2.2. QEMU's ``-netdev user`` is one
+the test started on host loopback through 10.0.2.2. When one guest's QEMU is killed, its
+connections end and the other guest's carry on. QEMU's ``-netdev user`` is one
 libslirp per VM and cannot do this. Only loopback services the test starts are contacted.
 """
 
@@ -55,10 +56,35 @@ async def test_two_guests_share_one_user_network_through_a_hub(tmp_path: Path) -
             assert " 0% packet loss" in await b.run(f"ping -c 2 -W 5 {leases[0]}", timeout=60)
             for name, g in (("a", a), ("b", b)):
                 await g.run(f"echo from-{name} | nc 10.0.2.2 {port}", timeout=60)
+            assert sorted(s.strip() for s in seen) == [b"from-a", b"from-b"]
+
+            # Each guest holds an idle connection to the host; guest a's QEMU is killed. Its
+            # connection ends at once (the hub's user network forgets that guest), b's stays.
+            held: asyncio.Queue[tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+            async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                await held.put((await r.readline(), r, w))
+
+            holder = await asyncio.start_server(hold, "127.0.0.1", 0)
+            hold_port = holder.sockets[0].getsockname()[1]
+            conns = {}
+            for name, g in (("a", a), ("b", b)):
+                await g.run(f"( ( (echo {name}; sleep 600) | nc 10.0.2.2 {hold_port} >/dev/null) & )")
+                line, r, w = await asyncio.wait_for(held.get(), 30)
+                conns[line.strip()] = (r, w)
+            assert a.proc is not None
+            a.proc.kill()
+            await a.proc.wait()
+            assert await asyncio.wait_for(conns[b"a"][0].read(), 5) == b""  # EOF within 5 s
+            await asyncio.sleep(1)
+            assert not conns[b"b"][0].at_eof()
+            assert " 0% packet loss" in await b.run("ping -c 1 -W 5 10.0.2.2", timeout=60)
+            for _, w in conns.values():
+                w.close()
+            holder.close()
         user = daemon.hub_netdevs[0].owner
         assert isinstance(user, UserNetwork)
         assert user.counters()["errors"] == 0
     finally:
         server.close()
         await daemon.close()
-    assert sorted(s.strip() for s in seen) == [b"from-a", b"from-b"]
