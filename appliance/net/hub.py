@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from appliance.log import get_logger
-from appliance.net.backend import ForwardingBackend, FrameBackend
+from appliance.net.backend import ForwardingBackend, FrameBackend, scatter
 from appliance.net.errors import NetError
 
 log = get_logger(__name__)
@@ -222,13 +222,7 @@ class NicSide:
         was_full = not self.has_room()
         frame = self._queue.popleft()
         self._bytes -= len(frame)
-        off = 0
-        for view in bufs:
-            if off >= len(frame):
-                break
-            take = min(len(view), len(frame) - off)
-            view[:take] = frame[off : off + take]
-            off += take
+        scatter(bufs, frame)
         if was_full:
             self.port.hub.room_made()
         return len(frame)

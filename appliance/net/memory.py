@@ -11,6 +11,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from appliance.net.backend import scatter
+
 
 class MemoryLink:
     """Host side of a NIC held in Python: ``inject()`` frames in, read ``sent`` out."""
@@ -48,13 +50,7 @@ class MemoryLink:
         if not self.inbound:
             return -1
         frame = self.inbound.popleft()
-        off = 0
-        for b in bufs:
-            if off >= len(frame):
-                break
-            take = min(len(b), len(frame) - off)
-            b[:take] = frame[off : off + take]
-            off += take
+        scatter(bufs, frame)
         return len(frame)
 
     def send(self, bufs: Sequence[memoryview]) -> bool:

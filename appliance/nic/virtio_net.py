@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
 
-from appliance.net.backend import FrameBackend, LinkDownBackend
+from appliance.net.backend import FrameBackend, LinkDownBackend, scatter
 from appliance.net.errors import NetError
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_VERSION_1, Interrupt, VirtioDevice
@@ -96,18 +96,6 @@ def _is_tcp(views: Sequence[memoryview], off: int) -> bool:
 
 def _macs(table: bytes) -> set[bytes]:
     return {table[i : i + 6] for i in range(0, len(table), 6)}
-
-
-def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
-    """Copy ``data`` into ``views`` in order; returns bytes written."""
-    off = 0
-    for v in views:
-        if off >= len(data):
-            break
-        take = min(len(v), len(data) - off)
-        v[:take] = data[off : off + take]
-        off += take
-    return off
 
 
 def _lengthen_header(send: Callable[[Sequence[memoryview]], bool]) -> Callable[[Sequence[memoryview]], bool]:
