@@ -684,10 +684,13 @@ def main(argv: list[str]) -> int:
     if wants_help(argv):
         sys.stdout.write(usage())
         return 0
-    args = parse_args(argv)
     # Applied when logging is first used (see appliance.log): a plain boot
-    # does not import it before the vCPUs run.
-    configure_logging(level="DEBUG" if args.verbose else "WARNING", format="appliance run: %(message)s")
+    # does not import it before the vCPUs run. Set before the options are read, so that
+    # their warnings (a short-form boolean) carry the program's name, as QEMU's do.
+    configure_logging(level="WARNING", format=f"{PROG}: %(message)s")
+    args = parse_args(argv)
+    if args.verbose:
+        configure_logging(level="DEBUG", format=f"{PROG}: %(message)s", force=True)
     config = to_config(args)
     if args.pidfile is not None:
         write_pidfile(args.pidfile)
