@@ -112,8 +112,8 @@ class HubPort:
         self.nic: NicSide | None = None
         self.backend: BackendSide | None = None
         self.dropped = 0  # frames for a peerless port, or for a NIC with a full queue
-        # set_link off on the port or on its back end: nothing passes it either way, as a
-        # link-down client of QEMU's neither sends nor is sent (net/net.c).
+        # set_link off on the port: nothing passes it either way, as a link-down client of
+        # QEMU's neither sends nor is sent (net/net.c). Its back end has a link of its own.
         self.link_up = True
 
     def connect_nic(self) -> NicSide:
