@@ -443,8 +443,10 @@ def _netdev_order(plan: DevicePlan) -> dict[str, int]:
 def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str, text: str) -> None:
     """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
-        # QEMU's words; -nic's own netdev is not "for netdev" in them.
-        kind = " for netdev" if option == "-netdev" else ""
+        # QEMU's words: two of one option group clash as QemuOpts ("for netdev", "for nic");
+        # across groups the net layer finds the clash, and says no group.
+        before = plan.netdev_origin.get(cfg.id, "").split(" ", 1)[0]
+        kind = f" for {option[1:]}" if option == before and option in ("-netdev", "-nic") else ""
         raise ConfigError(f"{option} {text}: Duplicate ID '{cfg.id}'{kind}")
     plan.netdevs[cfg.id] = cfg
     plan.netdev_origin[cfg.id] = f"{option} {text}"
@@ -552,7 +554,7 @@ def _plan_hubs(plan: DevicePlan, order: dict[str, int]) -> HubLayout:
         origin = plan.netdev_origin.get(ident, f"-netdev {ident}")
         peer = plan.netdevs.get(cfg.netdev)
         # QEMU looks the peer up as it makes the port: one made later is not found yet.
-        if peer is None or order[cfg.netdev] > order[ident]:
+        if peer is None or order[cfg.netdev] >= order[ident]:
             raise ConfigError(f"{origin}: netdev '{cfg.netdev}' not found")
         if isinstance(peer, HubportNetdev):
             raise ConfigError(f"{origin}: netdev '{cfg.netdev}' is a hub port; joining two hubs "
@@ -769,8 +771,11 @@ def resolve(plan: DevicePlan) -> list[object]:
             if nics > MAX_NICS:
                 raise ConfigError(f"{what}: more than {MAX_NICS} NICs (the limit of one VM)")
             # Without an id, QEMU's name for it (model.N, N counting the NICs made before
-            # it): what info network shows and set_link takes.
-            name = nic.id or f"virtio-net-pci.{nics - 1}"
+            # it): what info network shows and set_link takes. A -net nic's id= names its
+            # option, not its NIC, in QEMU.
+            name = (entry[0] != "-net nic" and nic.id) or f"virtio-net-pci.{nics - 1}"
+            if entry[0] == "-net nic" and nic.id in plan.netdevs:
+                raise ConfigError(f"{what}: Duplicate ID '{nic.id}'")  # the net layer's clash
             port = layout.nic_ports.get(index)
             netdev: Any
             if port is not None:
@@ -781,6 +786,9 @@ def resolve(plan: DevicePlan) -> list[object]:
             else:
                 netdev = plan.netdevs.get(nic.netdev)
                 if netdev is None:
+                    if what.startswith("-device"):  # qdev's words for its netdev property
+                        raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't find value "
+                                          f"'{nic.netdev}'")
                     raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
                 if (nic.netdev in plan.hub_backends or nic.netdev in layout.netdev_ports) and not nic.hub \
                         or isinstance(netdev, HubportNetdev) and netdev.netdev is not None:

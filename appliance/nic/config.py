@@ -145,12 +145,24 @@ def take_root_bus(opts: OptionDict, what: str) -> None:
                           "exists here")
 
 
-def parse_mac(text: str, what: str) -> bytes:
+def parse_mac(text: str, what: str, form: str = "-device") -> bytes:
+    """A NIC's MAC, refused in the words QEMU 7.2 uses for ``form``'s:
+
+    - ``-device`` (qdev's MAC property): "Property 'virtio-net-device.mac' doesn't take value
+      …"; a multicast address is taken, as QEMU takes it (Linux's driver then makes up one);
+    - ``-nic`` and ``-net`` (net_parse_macaddr): "invalid syntax for ethernet address", and a
+      multicast address is refused. Their reason names no value: ``what`` should be the
+      option as typed, which does.
+    """
     if not _MAC.match(text):
-        raise ConfigError(f"{what}: invalid MAC address '{text}'")
+        if form == "-device":
+            raise ConfigError(f"{what}: Property 'virtio-net-device.mac' doesn't take value '{text}'")
+        raise ConfigError(f"{what}: invalid syntax for ethernet address")
     mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
-    if mac[0] & 1:
-        raise ConfigError(f"{what}: MAC address '{text}' is multicast")
+    if mac[0] & 1 and form != "-device":
+        # -net nic's check in net_init_nic words it with the reason; -nic's (net_param_nic) without.
+        tail = " (odd 1st byte)" if form == "-net" else ""
+        raise ConfigError(f"{what}: NIC cannot have multicast MAC address{tail}")
     return mac
 
 
@@ -253,7 +265,7 @@ def parse_legacy_nic(text: str) -> NicConfig:
     assert kind == "nic"
     check_model(opts.take("model", "virtio-net-pci"), "-net nic")
     mac_text = opts.take("macaddr")
-    mac = parse_mac(mac_text, "-net nic") if mac_text is not None else None
+    mac = parse_mac(mac_text, f"-net {text}", "-net") if mac_text is not None else None
     addr = opts.take("addr")
     vectors = opts.take_int("vectors", None, minimum=0)
     netdev = opts.take("netdev")
@@ -280,7 +292,7 @@ def parse_nic(text: str, index: int) -> tuple[NetdevConfig | None, NicConfig | N
         return None, None
     check_model(opts.take("model", "virtio-net-pci"), "-nic")
     mac_text = opts.take("mac")
-    mac = parse_mac(mac_text, "-nic") if mac_text is not None else None
+    mac = parse_mac(mac_text, f"-nic {text}", "-nic") if mac_text is not None else None
     addr = opts.take("addr")
     given = opts.get("id")
     parts = [str(kind)] + [

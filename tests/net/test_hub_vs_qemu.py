@@ -44,6 +44,10 @@ LINES = [
     "-netdev user,id=u -netdev hubport,id=h0,hubid=0x10,netdev=u",
     "-nic user,model=virtio -net nic,model=virtio",
     "-nic hubport,hubid=0,model=virtio -net user",
+    # A -net nic's id names its option, not its NIC.
+    "-net nic,model=virtio,id=n1 -net user",
+    # qdev's MAC property takes a multicast address.
+    "-device virtio-net-pci,mac=01:00:00:00:00:01",
 ]
 
 
@@ -98,6 +102,16 @@ REFUSED = [
     "-device virtio-net-pci,netdev=",
     "-netdev user,id=u -netdev hubport,id=h0,hubid=0,netdev=u -device virtio-net-pci,netdev=u",
     "-netdev hubport,id=h0,hubid=0 -device virtio-net-pci,netdev=h0 -device virtio-net-pci,netdev=h0",
+    "-netdev hubport,id=n0,hubid=0,netdev=n0",
+    "-device virtio-net-pci,netdev=h0",
+    "-nic user,model=virtio,id=h0 -nic user,model=virtio,id=h0",
+    "-netdev user,id=h1 -net nic,model=virtio,id=h1",
+    "-net nic,model=virtio,id=h1 -netdev user,id=h1",
+    "-device virtio-net-pci,mac=zz:00:00:00:00:00",
+    "-nic user,model=virtio,mac=zz:00:00:00:00:00",
+    "-nic user,model=virtio,mac=01:00:00:00:00:01",
+    "-net nic,model=virtio,macaddr=52:54:00:12:34",
+    "-net nic,model=virtio,macaddr=01:00:00:00:00:01",
 ]
 
 
