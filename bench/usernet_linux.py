@@ -192,6 +192,12 @@ on connections and 1.05 (1.044 ± 0.031) through hostfwd; throughput 1.33x and 1
 idled 1.72 ms a connection against 1.00 ms, and our daemon waited 0.94 ms for a CPU against
 0.44 ms for QEMU's main thread.
 
+2026-11-28, fifth session (hubs, tap scripts and option parity; nothing on a single export's
+path), in a slow phase of the machine (guest vCPU 16.7 ms a connection against 15.1 ms the
+session before): 0.94 (0.944 ± 0.020) on connections and 0.99 (0.991 ± 0.026) through hostfwd;
+throughput 1.25x and 1.67x. The guest idled 1.53 ms a connection against 0.78 ms, and our
+daemon waited 0.91 ms for a CPU against 0.39 ms for QEMU's main thread.
+
 Usage: ``.venv/bin/python bench/usernet_linux.py [--mb 32] [--conns 50] [--rounds 3] [--chunks 4]``;
 ``--compare-tree DIR`` adds a second net-daemon (stack ``ours-b``) from another tree, paired round by round.
 The issue's table comes from ``--rounds 6 --conns 200``.

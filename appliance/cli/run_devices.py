@@ -174,6 +174,10 @@ class DevicePlan:
     # nic as its index in ``entries``, a -net back end as its netdev id.
     hub_items: list[int | str] = field(default_factory=list)
     net_ids: set[str] = field(default_factory=set)  # id= of -net options
+    # Clashes QEMU finds only as it makes the netdevs (ids shared across option kinds): raised
+    # when the plan is resolved, after every option has been read, as QEMU's come after its
+    # option parsing.
+    late_errors: list[str] = field(default_factory=list)
     drive_count: dict[str, int] = field(default_factory=dict)  # -drive options per interface
     device_ids: set[str] = field(default_factory=set)  # id= of -device options
     object_ids: set[str] = field(default_factory=set)  # id= of -object options: one QOM namespace
@@ -425,29 +429,40 @@ def _netdev_order(plan: DevicePlan) -> dict[str, int]:
     the other -netdevs, every -nic, and every -net, each kind in command-line order. ``info
     usernet`` lists user networks so, ``hostfwd_add`` without an id takes the first, and a
     hub port finds only the netdevs made before it."""
-    from appliance.net.netdev import DgramNetdev, StreamNetdev
-
     def rank(ident: str) -> int:
         option, _, text = plan.netdev_origin.get(ident, "").partition(" ")
-        if option == "-netdev":
-            cfg = plan.netdevs[ident]
-            modern = text.lstrip().startswith("{") or (
-                isinstance(cfg, StreamNetdev | DgramNetdev) and cfg.form != "socket")
-            return 0 if modern else 1
-        return {"-nic": 2, "-net": 3}.get(option, 1)
+        return _creation_rank(option, text, plan.netdevs[ident])
 
     ids = sorted(plan.netdevs, key=rank)
     return {n: i for i, n in enumerate(ids)}
 
 
+def _creation_rank(option: str, text: str, cfg: object) -> int:
+    """When QEMU makes a netdev of ``option``: 0 a modern -netdev, 1 another -netdev, 2 -nic, 3 -net."""
+    from appliance.net.netdev import DgramNetdev, StreamNetdev
+
+    if option == "-netdev":
+        modern = text.lstrip().startswith("{") or (
+            isinstance(cfg, StreamNetdev | DgramNetdev) and cfg.form != "socket")
+        return 0 if modern else 1
+    return {"-nic": 2, "-net": 3}.get(option, 1)
+
+
 def _add_netdev(plan: DevicePlan, cfg: NetdevConfig, option: str, text: str) -> None:
     """One table of netdev ids for -netdev and -nic (whose id= names its netdev, as in QEMU)."""
     if cfg.id in plan.netdevs:
-        # QEMU's words: two of one option group clash as QemuOpts ("for netdev", "for nic");
-        # across groups the net layer finds the clash, and says no group.
-        before = plan.netdev_origin.get(cfg.id, "").split(" ", 1)[0]
-        kind = f" for {option[1:]}" if option == before and option in ("-netdev", "-nic") else ""
-        raise ConfigError(f"{option} {text}: Duplicate ID '{cfg.id}'{kind}")
+        # QEMU's words: two of one QemuOpts group clash as it reads them ("for netdev", "for
+        # nic"). Across groups, or with a modern -netdev (JSON, stream, dgram), the net layer
+        # finds the clash as it makes the second of them, blamed in its words.
+        first = plan.netdev_origin.get(cfg.id, "")
+        first_option, _, first_text = first.partition(" ")
+        then = _creation_rank(first_option, first_text, plan.netdevs[cfg.id])
+        now = _creation_rank(option, text, cfg)
+        if now == then and now in (1, 2):
+            raise ConfigError(f"{option} {text}: Duplicate ID '{cfg.id}' for {option[1:]}")
+        blamed = f"{option} {text}" if now >= then else first
+        plan.late_errors.append(f"{blamed}: Duplicate ID '{cfg.id}'")
+        return
     plan.netdevs[cfg.id] = cfg
     plan.netdev_origin[cfg.id] = f"{option} {text}"
 
@@ -663,6 +678,8 @@ def resolve(plan: DevicePlan) -> list[object]:
     from appliance.net.netdev import HubportNetdev, Unplugged
     from appliance.nic.config import NicConfig, default_mac
 
+    if plan.late_errors:
+        raise ConfigError(plan.late_errors[0])
     order = _netdev_order(plan)
     layout = _plan_hubs(plan, order)
     dumps = order_dumps(plan)

@@ -213,3 +213,29 @@ async def test_set_link_on_a_net_pair_follows_which_side_is_named(tmp_path: Path
             assert (await m.guest("net info", "NET info"))["link"] == "down"
             await ex(m.qmp, "set_link", {"name": near, "up": True})
             assert (await m.guest("net info", "NET info"))["link"] == "up"
+
+
+CROSS_GROUP_DUPLICATES = [
+    "-net user,id=h1 -netdev user,id=h1",
+    "-nic user,model=virtio,id=h0 -netdev user,id=h0",
+    "-netdev user,id=h0 -nic user,model=virtio,id=h0",
+    """-netdev user,id=h0 -netdev '{"type":"user","id":"h0"}'""",
+    """-netdev '{"type":"user","id":"h0"}' -netdev '{"type":"user","id":"h0"}'""",
+    "-netdev user,id=h0 -netdev dgram,id=h0,local.type=inet,local.host=127.0.0.1,local.port=0,"
+    "remote.type=inet,remote.host=127.0.0.1,remote.port=9",
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize("line", CROSS_GROUP_DUPLICATES)
+def test_an_id_shared_across_option_kinds_is_blamed_on_the_option_qemu_blames(line: str) -> None:
+    """Two options of one kind clash as QEMU reads them ("for netdev"); across kinds, or with
+    a JSON, stream or dgram -netdev, QEMU finds the clash as it makes the second netdev, in its
+    own order, and names that option."""
+    argv = _argv(line)
+    qemu = _qemu(argv)
+    assert qemu.returncode == 1, qemu
+    theirs = qemu.stderr.decode().splitlines()[-1].split(": ", 1)[1]
+    with pytest.raises(ApplianceError) as err:
+        to_config(parse_args(["-kernel", "/dev/null", *argv]))
+    assert str(err.value) == theirs
