@@ -23,18 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 
-def scatter(views: Sequence[memoryview], data: bytes | memoryview) -> int:
-    """Copy ``data`` into ``views`` in order, as far as they hold it; returns the bytes copied."""
-    off = 0
-    for v in views:
-        if off >= len(data):
-            break
-        take = min(len(v), len(data) - off)
-        v[:take] = data[off : off + take]
-        off += take
-    return off
-
-
 @runtime_checkable
 class FrameBackend(Protocol):
     @property

@@ -38,8 +38,9 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from appliance.iovec import scatter
 from appliance.log import get_logger
-from appliance.net.backend import ForwardingBackend, FrameBackend, scatter
+from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.errors import NetError
 
 log = get_logger(__name__)

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from appliance.net.backend import scatter
+from appliance.iovec import scatter
 
 
 class MemoryLink:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
 
-from appliance.net.backend import FrameBackend, LinkDownBackend, scatter
+from appliance.iovec import scatter
+from appliance.net.backend import FrameBackend, LinkDownBackend
 from appliance.net.errors import NetError
 from appliance.nic import constants as C
 from appliance.virtio.device import VIRTIO_F_VERSION_1, Interrupt, VirtioDevice

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from appliance.iovec import scatter
 from appliance.kvm.memory import GuestMemory
 from appliance.storage.backend import BlockBackend
 from appliance.storage.blk_request import (
@@ -322,7 +323,7 @@ class VirtioBlk(VirtioDevice):
             return
         if req.type == VIRTIO_BLK_T_GET_ID:
             n = min(ID_BYTES, req.data_len)
-            _scatter(req.data, self.serial.ljust(ID_BYTES, b"\0")[:n])
+            scatter(req.data, self.serial.ljust(ID_BYTES, b"\0")[:n])
             req.status_buf[0] = VIRTIO_BLK_S_OK
             q.push_used(chain.head, n + 1)
             return
@@ -535,13 +536,3 @@ class VirtioBlk(VirtioDevice):
         q = self._queues[qi]
         if q is not None and q.needs_notification():
             self._irqs[qi].notify()
-
-
-def _scatter(views: Sequence[memoryview], data: bytes) -> None:
-    pos = 0
-    for v in views:
-        if pos >= len(data):
-            break
-        n = min(len(v), len(data) - pos)
-        v[:n] = data[pos : pos + n]
-        pos += n
