@@ -36,6 +36,7 @@ from appliance.cli.options import parse_option
 from appliance.cli.storage_daemon import parse_chardev, parse_monitor
 from appliance.errors import ApplianceError, ConfigError
 from appliance.machine.config import ChardevConfig
+from appliance.net.hub import join_hubports
 from appliance.net.netdev import HubportNetdev, NetdevConfig, TapNetdev, open_netdev, parse_netdev
 from appliance.nic.config import FilterDumpConfig
 
@@ -191,7 +192,7 @@ def _validate(a: NetDaemonArgs) -> None:
         if cid in used:
             raise ConfigError(f"--monitor chardev={cid}: Device '{cid}' is in use")
         used.add(cid)
-    peers = _hub_peers(a.netdevs)
+    _, _, peers = join_hubports(a.netdevs.items(), _hubport_option)
     ids = set()
     for e in a.exports:
         if e.netdev not in a.netdevs:
@@ -233,28 +234,8 @@ def _validate(a: NetDaemonArgs) -> None:
     a.dumps = [d for captures in lists.values() for d in captures]
 
 
-def _hub_peers(netdevs: dict[str, NetdevConfig]) -> dict[str, str]:
-    """Each back end a ``--netdev hubport,netdev=`` joins to its hub: back end id -> port id.
-
-    :raises ConfigError: for a peer that is missing (or comes later, as QEMU looks it up when it
-        makes the port), is itself a hub port, or is taken by another port.
-    """
-    peers: dict[str, str] = {}
-    seen: set[str] = set()
-    for ident, cfg in netdevs.items():
-        seen.add(ident)
-        if not isinstance(cfg, HubportNetdev) or cfg.netdev is None:
-            continue
-        what = f"--netdev hubport,id={ident}"
-        if cfg.netdev not in seen or cfg.netdev == ident:
-            raise ConfigError(f"{what}: netdev '{cfg.netdev}' not found")
-        if isinstance(netdevs[cfg.netdev], HubportNetdev):
-            raise ConfigError(f"{what}: netdev '{cfg.netdev}' is a hub port; joining two hubs "
-                              "port to port is not supported")
-        if cfg.netdev in peers:
-            raise ConfigError(f"{what}: netdev '{cfg.netdev}' is already the peer of hub port {peers[cfg.netdev]}")
-        peers[cfg.netdev] = ident
-    return peers
+def _hubport_option(ident: str) -> str:
+    return f"--netdev hubport,id={ident}"
 
 
 async def _close(owner: Any) -> None:
@@ -338,14 +319,13 @@ class DaemonNic:
         QEMU; a tap or socket netdev keeps nothing of a guest's."""
         if self.port is not None:
             # A hub's user network serves other guests too: only this one's flows end.
-            side = self.owner
+            macs = getattr(self.owner, "guest_macs", {})
             for spec in self.hub_peers:
                 left = getattr(spec.owner, "guest_left", None)
-                for mac in list(getattr(side, "guest_macs", ())):
-                    if left is not None:
+                if left is not None:
+                    for mac in macs:
                         left(mac)
-            if side is not None:
-                side.guest_macs.clear()
+            macs.clear()
             return
         gone = getattr(self.owner, "guest_gone", None)
         if gone is not None:
@@ -395,34 +375,23 @@ class NetDaemon:
         dumps: list[FilterDumpConfig] | None = None,
     ) -> None:
         from appliance.machine.devices import HubNetdevSpec
-        from appliance.net.hub import Hub
 
         # Hubs join exports and back ends on one segment: several front ends' guests on one
         # user network (each its own lease), or beside a tap or a UDP link.
-        self.hubs: list[Hub] = []
-        ports: dict[str, Any] = {}
-        by_id: dict[int, Hub] = {}
-        for ident, cfg in netdevs.items():
-            if isinstance(cfg, HubportNetdev):
-                if cfg.hubid not in by_id:
-                    by_id[cfg.hubid] = Hub(cfg.hubid)
-                    self.hubs.append(by_id[cfg.hubid])
-                ports[ident] = by_id[cfg.hubid].add_port(ident)
+        self.hubs, ports, back_ends = join_hubports(netdevs.items(), _hubport_option)
         # The back ends behind hub ports, opened before the exports and closed after them; the
         # monitor finds them beside the exports (info usernet, hostfwd_add, set_link, captures).
-        self.hub_netdevs: list[HubNetdevSpec] = []
-        for back_end, port_id in _hub_peers(netdevs).items():
-            port = ports[port_id]
-            self.hub_netdevs.append(HubNetdevSpec(
-                netdevs[back_end], name=f"netdev {back_end}", hub=port.hub.id, port=port,
-                captures=[d for d in dumps or () if d.netdev == back_end]))
+        self.hub_netdevs = [
+            HubNetdevSpec(netdevs[ident], name=f"netdev {ident}", hub=port.hub.id, port=port,
+                          captures=[d for d in dumps or () if d.netdev == ident])
+            for ident, port in back_ends.items()]
         self.nics: list[DaemonNic] = []
         for n, e in enumerate(exports):
             mac = bytes([0x52, 0x54, 0x00, 0x12, 0x35, (0x56 + n) & 0xFF])
             mine = [d for d in dumps or () if d.netdev == e.netdev]
-            port = ports.get(e.netdev)
-            peers = [s for s in self.hub_netdevs if port is not None and s.port.hub is port.hub]
-            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine, port=port, hub_peers=peers))
+            on = ports.get(e.netdev)
+            beside = [s for s in self.hub_netdevs if on is not None and s.port.hub is on.hub]
+            self.nics.append(DaemonNic(e, netdevs[e.netdev], mac, mine, port=on, hub_peers=beside))
         # Set by quit (QMP), a signal, or anyone who wants the daemon to end.
         self.stopped = asyncio.Event()
 

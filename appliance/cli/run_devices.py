@@ -169,7 +169,6 @@ class DevicePlan:
     snapshot: bool = False
     net_none: bool = False
     net_names: int = 0  # names made for -nic and -net back ends without id= (#net0, #net1, …)
-    hub_backends: list[str] = field(default_factory=list)  # netdev ids of -net TYPE (hub 0)
     # Every -net option on hub 0 in command-line order, the order QEMU gives them ports: a -net
     # nic as its index in ``entries``, a -net back end as its netdev id.
     hub_items: list[int | str] = field(default_factory=list)
@@ -181,6 +180,11 @@ class DevicePlan:
     drive_count: dict[str, int] = field(default_factory=dict)  # -drive options per interface
     device_ids: set[str] = field(default_factory=set)  # id= of -device options
     object_ids: set[str] = field(default_factory=set)  # id= of -object options: one QOM namespace
+
+    @property
+    def hub_backends(self) -> list[str]:
+        """The netdev ids of the -net back ends (on hub 0)."""
+        return [i for i in self.hub_items if isinstance(i, str)]
 
     def add_device_id(self, ident: str | None) -> None:
         """QEMU's qdev ids: well-formed (id_wellformed) and one device each."""
@@ -510,7 +514,6 @@ def _net(a: RunArgs, v: str) -> None:
         netdev = parse_netdev(v, "-net", implicit_id=None if given is not None else f"#net{plan.net_names}")
         plan.net_names += given is None
         _add_netdev(plan, netdev, "-net", v)
-        plan.hub_backends.append(netdev.id)
         plan.hub_items.append(netdev.id)
 
 
@@ -542,43 +545,15 @@ def _plan_hubs(plan: DevicePlan, order: dict[str, int]) -> HubLayout:
     straight link: the NIC gets the back end itself, with its offloads, which is what a hub of
     two ports forwards anyway. Anything else goes through :class:`appliance.net.hub.Hub`.
     """
-    from appliance.net.hub import Hub
-    from appliance.net.netdev import HubportNetdev
+    from appliance.net.hub import Hub, join_hubports
     from appliance.nic.config import NicConfig
 
     layout = HubLayout()
-    hubs: dict[int, Hub] = {}
-
-    def hub(hubid: int) -> Hub:
-        if hubid not in hubs:
-            hubs[hubid] = Hub(hubid)
-            layout.hubs.append(hubs[hubid])
-        return hubs[hubid]
-
-    hubports = sorted((n for n, c in plan.netdevs.items() if isinstance(c, HubportNetdev)), key=order.__getitem__)
+    made = sorted(plan.netdevs, key=order.__getitem__)
+    layout.hubs, layout.hubport_ports, layout.netdev_ports = join_hubports(
+        ((n, plan.netdevs[n]) for n in made), lambda n: plan.netdev_origin.get(n, f"-netdev {n}"))
     nics = [i for i in plan.hub_items if isinstance(i, int)]
-    pair = (len(plan.hub_items) == 2 and len(nics) == 1
-            and not any(getattr(plan.netdevs[n], "hubid", None) == 0 for n in hubports))
-    for ident in hubports:
-        cfg = plan.netdevs[ident]
-        assert isinstance(cfg, HubportNetdev)
-        port = hub(cfg.hubid).add_port(ident)
-        layout.hubport_ports[ident] = port
-        if cfg.netdev is None:
-            continue
-        origin = plan.netdev_origin.get(ident, f"-netdev {ident}")
-        peer = plan.netdevs.get(cfg.netdev)
-        # QEMU looks the peer up as it makes the port: one made later is not found yet.
-        if peer is None or order[cfg.netdev] >= order[ident]:
-            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' not found")
-        if isinstance(peer, HubportNetdev):
-            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' is a hub port; joining two hubs "
-                              "port to port is not supported")
-        if cfg.netdev in layout.netdev_ports:
-            # QEMU 7.2 aborts on this (an assertion in qemu_net_client_setup).
-            raise ConfigError(f"{origin}: netdev '{cfg.netdev}' is already the peer of hub port "
-                              f"{layout.netdev_ports[cfg.netdev].name}")
-        layout.netdev_ports[cfg.netdev] = port
+    pair = len(plan.hub_items) == 2 and len(nics) == 1 and not any(h.id == 0 for h in layout.hubs)
     if pair:
         index = nics[0]
         entry = plan.entries[index]
@@ -587,8 +562,13 @@ def _plan_hubs(plan: DevicePlan, order: dict[str, int]) -> HubLayout:
         plan.entries[index] = (entry[0], replace(entry[1], netdev=backend))
         layout.pair_port = plan.hub_items.index(index)
         return layout
+    hub0 = next((h for h in layout.hubs if h.id == 0), None)
+    if hub0 is None and plan.hub_items:
+        hub0 = Hub(0)
+        layout.hubs.append(hub0)
     for item in plan.hub_items:
-        port = hub(0).add_port()
+        assert hub0 is not None
+        port = hub0.add_port()
         if isinstance(item, int):
             layout.nic_ports[item] = port
         else:
@@ -601,14 +581,14 @@ def _hub_warnings(layout: HubLayout, nic_ports: set[Any], plan: DevicePlan) -> N
     from appliance.net.netdev import BridgeNetdev, DgramNetdev, StreamNetdev, TapNetdev, UserNetdev
 
     host = TapNetdev | BridgeNetdev | DgramNetdev | StreamNetdev | UserNetdev
-    peers = {id(port): ident for ident, port in layout.netdev_ports.items()}
+    peers = {port: ident for ident, port in layout.netdev_ports.items()}
     for hub in reversed(layout.hubs):
         has_nic = has_host = False
         for port in reversed(hub.ports):
             if port in nic_ports:
                 has_nic = True
-            elif id(port) in peers:
-                has_host = has_host or isinstance(plan.netdevs[peers[id(port)]], host)
+            elif port in peers:
+                has_host = has_host or isinstance(plan.netdevs[peers[port]], host)
             else:
                 print(f"{PROG}: warning: hub port {port.name} has no peer", file=sys.stderr)
         if has_host and not has_nic:
@@ -807,13 +787,11 @@ def resolve(plan: DevicePlan) -> list[object]:
                         raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't find value "
                                           f"'{nic.netdev}'")
                     raise ConfigError(f"{what}: netdev '{nic.netdev}' not found")
-                if (nic.netdev in plan.hub_backends or nic.netdev in layout.netdev_ports) and not nic.hub \
-                        or isinstance(netdev, HubportNetdev) and netdev.netdev is not None:
+                if ((nic.netdev in plan.hub_backends or nic.netdev in layout.netdev_ports) and not nic.hub
+                        or isinstance(netdev, HubportNetdev) and netdev.netdev is not None
+                        or nic.netdev in used_netdevs):
                     # The netdev is a hub port's peer already, or the hub port has a back end
-                    # for its peer (QEMU's words for both).
-                    raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
-                                      f"'{nic.netdev}', it's in use")
-                if nic.netdev in used_netdevs:
+                    # for its peer, or another NIC has it (QEMU's words for each).
                     raise ConfigError(f"{what}: Property 'virtio-net-device.netdev' can't take value "
                                       f"'{nic.netdev}', it's in use")
                 used_netdevs.add(nic.netdev)

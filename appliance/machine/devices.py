@@ -367,19 +367,15 @@ class HubNetdevSpec(PeerlessNetdevSpec):
 
         return await open_netdev(self.netdev, vnet_hdr=False)
 
-    link_up: bool = True
-
     async def open(self) -> None:
         await super().open()
         # Captures wrap the back end, so they see what it sends and is sent, as on a NIC's.
-        self.port.connect_backend(self.backends[0]).link_up = self.link_up
+        self.port.connect_backend(self.backends[0])
 
     def set_link(self, up: bool) -> None:
         """QEMU's link-down netdev neither sends nor is sent anything (net/net.c); its hub
         port keeps a link state of its own. Taken before the back end is open too."""
-        self.link_up = up
-        if self.port.backend is not None:
-            self.port.backend.link_up = up
+        self.port.backend_link_up = up
 
     async def close(self) -> None:
         self.port.disconnect()

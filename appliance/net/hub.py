@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+from appliance.errors import ConfigError
 from appliance.iovec import scatter
 from appliance.log import get_logger
 from appliance.net.backend import ForwardingBackend, FrameBackend
 from appliance.net.errors import NetError
+from appliance.net.netdev import HubportNetdev
 
 log = get_logger(__name__)
 
@@ -104,6 +106,43 @@ class Hub:
             port.resume()
 
 
+def join_hubports(
+    netdevs: Iterable[tuple[str, object]], where: Callable[[str], str],
+) -> tuple[list[Hub], dict[str, HubPort], dict[str, HubPort]]:
+    """Make the hubs and ports of the ``hubport`` netdevs among ``netdevs`` (id and config, in
+    the order QEMU makes them) and find the back end each port's ``netdev=`` names.
+
+    :param where: a hub port's id -> the option to name in its errors.
+    :returns: the hubs in the order they were made, each hub port id's port, and each back
+        end id's port.
+    :raises ConfigError: for a ``netdev=`` not made before its port (QEMU looks it up as it
+        makes the port), one that is a hub port itself, or one another port has already.
+    """
+    hubs: dict[int, Hub] = {}
+    ports: dict[str, HubPort] = {}
+    peers: dict[str, HubPort] = {}
+    made: dict[str, object] = {}
+    for ident, cfg in netdevs:
+        if isinstance(cfg, HubportNetdev):
+            if cfg.hubid not in hubs:
+                hubs[cfg.hubid] = Hub(cfg.hubid)
+            ports[ident] = hubs[cfg.hubid].add_port(ident)
+            if cfg.netdev is not None:
+                peer = made.get(cfg.netdev)
+                if peer is None:
+                    raise ConfigError(f"{where(ident)}: netdev '{cfg.netdev}' not found")
+                if isinstance(peer, HubportNetdev):
+                    raise ConfigError(f"{where(ident)}: netdev '{cfg.netdev}' is a hub port; joining two "
+                                      "hubs port to port is not supported")
+                if cfg.netdev in peers:
+                    # QEMU 7.2 aborts on this (an assertion in qemu_net_client_setup).
+                    raise ConfigError(f"{where(ident)}: netdev '{cfg.netdev}' is already the peer of hub "
+                                      f"port {peers[cfg.netdev].name}")
+                peers[cfg.netdev] = ports[ident]
+        made[ident] = cfg
+    return list(hubs.values()), ports, peers
+
+
 class HubPort:
     """One port of a :class:`Hub` and its peer, once connected."""
 
@@ -113,9 +152,12 @@ class HubPort:
         self.nic: NicSide | None = None
         self.backend: BackendSide | None = None
         self.dropped = 0  # frames for a peerless port, or for a NIC with a full queue
-        # set_link off on the port: nothing passes it either way, as a link-down client of
-        # QEMU's neither sends nor is sent (net/net.c). Its back end has a link of its own.
+        # set_link off: nothing passes either way, as a link-down client of QEMU's neither sends
+        # nor is sent (net/net.c). The port and its back end each have a link of their own
+        # (set_link on the port's name, on the back end's); the back end's is kept here too, so
+        # it holds from before the back end is open.
         self.link_up = True
+        self.backend_link_up = True
 
     def connect_nic(self) -> NicSide:
         """The FrameBackend a NIC on this port reads and writes."""
@@ -276,17 +318,15 @@ class BackendSide:
     def __init__(self, port: HubPort, backend: FrameBackend) -> None:
         self.port = port
         self.backend = backend
-        self._buf = bytearray(MAX_FRAME)
-        self._view = memoryview(self._buf)
+        self._view = memoryview(bytearray(MAX_FRAME))
         self._paused = False
         self._stopped = False
         self._pull_scheduled = False
         self.oversized = 0  # frames longer than MAX_FRAME, dropped
-        self.link_up = True  # the back end's own link (set_link on its netdev), apart from the port's
         backend.set_ready_callback(self._pull)
 
     def put(self, frame: bytes) -> None:
-        if not self._stopped and self.link_up:
+        if not self._stopped and self.port.backend_link_up:
             self.backend.send([memoryview(frame)])
 
     def _pull(self) -> None:
@@ -305,7 +345,7 @@ class BackendSide:
             if n > MAX_FRAME:
                 self.oversized += 1
                 continue
-            if not (self.link_up and self.port.link_up):
+            if not (self.port.backend_link_up and self.port.link_up):
                 continue
             hub.forward(self.port, bytes(self._view[:n]))
         # More may wait; read on after the loop's other work.
@@ -325,5 +365,5 @@ class BackendSide:
 
 __all__ = [
     "MAX_FRAME", "NIC_QUEUE", "NIC_QUEUE_BYTES", "PULL_BUDGET",
-    "BackendSide", "HeaderlessBackend", "Hub", "HubError", "HubPort", "NicSide",
+    "BackendSide", "HeaderlessBackend", "Hub", "HubError", "HubPort", "NicSide", "join_hubports",
 ]

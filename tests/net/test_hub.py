@@ -251,8 +251,8 @@ async def test_link_down_on_a_back_end_stops_frames_both_ways() -> None:
     nic = hub.add_port().connect_nic()
     port = hub.add_port()
     with udp_peer() as (peer, link):
-        side = port.connect_backend(link)
-        side.link_up = False
+        port.connect_backend(link)
+        port.backend_link_up = False
         nic.send([memoryview(frame(1))])
         peer.send(frame(2))
         await settle(rounds=20)
@@ -260,7 +260,7 @@ async def test_link_down_on_a_back_end_stops_frames_both_ways() -> None:
         peer.settimeout(0.2)
         with pytest.raises(TimeoutError):
             peer.recv(2048)
-        side.link_up = True
+        port.backend_link_up = True
         port.link_up = False  # the port's own link cuts it as well
         nic.send([memoryview(frame(4))])
         peer.send(frame(5))
